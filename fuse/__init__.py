@@ -1,0 +1,1 @@
+"""FUSE frontend (every volume as a file); arrives with the FUSE issue."""

@@ -1,0 +1,148 @@
+"""Records and fragments: how one logical block is stored (docs/FORMAT.md, "Fragments").
+
+A block is lz4-compressed when that saves at least 1/8 (else stored raw), giving the *stored
+payload*. The payload is cut into k equal chunks (zero-padded), zfec adds m parity chunks,
+and each chunk becomes a fragment: a 32-byte header and the chunk, padded to whole sectors.
+Fragment i of a record goes to extent i of its segment, all at the same column offset, so a
+record is always a full stripe: parity is never read-modified-written.
+
+Fragment header (little-endian):
+    0  u64  xxh3-64 of bytes [8, 32 + chunk_len)  -- covers the rest of the header and the chunk
+    8  4s   magic b"SDFG"
+    12 u8   fragment index   13 u8 k   14 u8 m   15 u8 flags (bit 0: lz4)
+    16 u32  stored payload length
+    20 u32  reserved (0)
+    24 u64  xxh3-64 of the whole stored payload (the record hash; also in the block map)
+
+The record hash in the header ties a fragment to the map entry that points at it, so a stale
+fragment from an earlier life of the extent never passes for live data (invariant 4).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import lz4.block
+import xxhash
+import zfec
+
+from pool.layout import SECTOR
+
+HEADER = struct.Struct("<Q4sBBBBIIQ")
+HEADER_SIZE = HEADER.size  # 32
+MAGIC = b"SDFG"
+FLAG_LZ4 = 1
+
+_xxh3 = xxhash.xxh3_64_intdigest
+_encoders: dict[tuple[int, int], zfec.Encoder] = {}
+_decoders: dict[tuple[int, int], zfec.Decoder] = {}
+
+
+def chunk_length(plen: int, k: int) -> int:
+    return -(-plen // k)
+
+
+def fragment_units(plen: int, k: int) -> int:
+    """Sectors one fragment of a record with a ``plen``-byte payload occupies."""
+    return -(-(HEADER_SIZE + chunk_length(plen, k)) // SECTOR)
+
+
+def worst_case_units(block_size: int, k: int) -> int:
+    return fragment_units(block_size, k)
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedRecord:
+    plen: int
+    flags: int
+    rhash: int
+    units: int
+    fragments: list[bytearray]  # k + m of them, each units * SECTOR bytes
+
+
+def compress(data: bytes | memoryview) -> tuple[bytes | memoryview, int]:
+    """The stored payload for ``data`` and its flags: lz4 if it saves at least 1/8."""
+    packed = lz4.block.compress(data, store_size=False)
+    if len(packed) <= len(data) - len(data) // 8:
+        return packed, FLAG_LZ4
+    return data, 0
+
+
+def encode(data: bytes | memoryview, k: int, m: int, compressible: bool) -> EncodedRecord:
+    payload, flags = compress(data) if compressible else (data, 0)
+    return stripe(payload, flags, k, m)
+
+
+def stripe(payload: bytes | memoryview, flags: int, k: int, m: int) -> EncodedRecord:
+    """Cut a stored payload into k data + m parity fragments, each with its header."""
+    plen = len(payload)
+    rhash = _xxh3(payload)
+    clen = chunk_length(plen, k)
+    units = -(-(HEADER_SIZE + clen) // SECTOR)
+    size = units * SECTOR
+    if k == 1:
+        chunks: list[bytes | memoryview] = [payload] * (1 + m)
+    else:
+        view = memoryview(payload)
+        data_chunks = [bytes(view[i * clen:(i + 1) * clen]) for i in range(k)]
+        last = data_chunks[-1]
+        if len(last) < clen:
+            data_chunks[-1] = last + bytes(clen - len(last))
+        enc = _encoders.get((k, m))
+        if enc is None:
+            enc = _encoders[(k, m)] = zfec.Encoder(k, k + m)
+        parity = enc.encode(tuple(data_chunks), tuple(range(k, k + m))) if m else []
+        chunks = [*data_chunks, *parity]
+    frags = []
+    for i, chunk in enumerate(chunks):
+        frag = bytearray(size)
+        end = HEADER_SIZE + len(chunk)
+        frag[HEADER_SIZE:end] = chunk
+        HEADER.pack_into(frag, 0, 0, MAGIC, i, k, m, flags, plen, 0, rhash)
+        struct.pack_into("<Q", frag, 0, _xxh3(memoryview(frag)[8:end]))
+        frags.append(frag)
+    return EncodedRecord(plen, flags, rhash, units, frags)
+
+
+def check_fragment(frag: bytes | memoryview, index: int, k: int, m: int, plen: int,
+                   rhash: int) -> memoryview | None:
+    """The chunk carried by ``frag`` if it verifies as fragment ``index`` of this record."""
+    view = memoryview(frag)
+    if len(view) < HEADER_SIZE:
+        return None
+    fhash, magic, idx, fk, fm, _flags, fplen, _res, frhash = HEADER.unpack_from(view, 0)
+    clen = chunk_length(plen, k)
+    end = HEADER_SIZE + clen
+    if (magic != MAGIC or idx != index or fk != k or fm != m or fplen != plen
+            or frhash != rhash or len(view) < end):
+        return None
+    if _xxh3(view[8:end]) != fhash:
+        return None
+    return view[HEADER_SIZE:end]
+
+
+def reassemble(chunks: dict[int, memoryview], k: int, m: int, plen: int) -> bytes:
+    """The stored payload from any k verified chunks (index -> chunk)."""
+    if k == 1:
+        return bytes(next(iter(chunks.values()))[:plen])
+    if all(i in chunks for i in range(k)):
+        return b"".join(chunks[i] for i in range(k))[:plen]
+    nums = tuple(sorted(chunks))[:k]
+    dec = _decoders.get((k, m))
+    if dec is None:
+        dec = _decoders[(k, m)] = zfec.Decoder(k, k + m)
+    parts = dec.decode(tuple(bytes(chunks[i]) for i in nums), nums)
+    return b"".join(parts)[:plen]
+
+
+def payload_ok(payload: bytes, rhash: int) -> bool:
+    return _xxh3(payload) == rhash
+
+
+def expand(payload: bytes, flags: int, block_size: int) -> bytes:
+    """The logical block from its stored payload."""
+    if flags & FLAG_LZ4:
+        out: bytes = lz4.block.decompress(payload, uncompressed_size=block_size)
+        return out
+    return payload

@@ -1,0 +1,197 @@
+"""Devices: the things a pool is made of.
+
+A device is a fixed-size, byte-addressed store with blocking ``pread``/``pwrite``/``sync``/
+``discard``. The pool calls these from worker threads (never from the trio event loop).
+Implementations:
+
+- ``FileDevice``: a regular file or a block device (O_CLOEXEC, buffered I/O, fdatasync;
+  discard punches a hole in a file or issues BLKDISCARD on a block device).
+- ``MemoryDevice``: a RAM disk; the crash suite rebuilds post-crash device images in memory.
+
+Wrappers that record writes or inject faults live in ``pool.faults``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+import threading
+from typing import Protocol
+
+from pool.errors import DeviceError
+
+# <linux/fs.h>: _IO(0x12, 119) and _IOR(0x12, 114, size_t)
+_BLKDISCARD = 0x1277
+_BLKGETSIZE64 = 0x80081272
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+class Device(Protocol):
+    """What the pool needs of a device. All methods may block; call them from threads."""
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+    def pread(self, offset: int, length: int) -> bytes: ...
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
+
+    def sync(self) -> None: ...
+
+    def discard(self, offset: int, length: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class FileDevice:
+    """A plain file or a block device opened read-write."""
+
+    def __init__(self, path: str, *, create_size: int | None = None) -> None:
+        self._path = os.path.abspath(path)
+        flags = os.O_RDWR | os.O_CLOEXEC
+        if create_size is not None:
+            flags |= os.O_CREAT
+        try:
+            self._fd = os.open(self._path, flags, 0o600)
+        except OSError as e:
+            raise DeviceError(f"cannot open device {path}: {e.strerror}") from e
+        st = os.fstat(self._fd)
+        self._is_block = stat.S_ISBLK(st.st_mode)
+        if not self._is_block and not stat.S_ISREG(st.st_mode):
+            os.close(self._fd)
+            raise DeviceError(f"{path} is neither a regular file nor a block device")
+        if create_size is not None and not self._is_block and st.st_size < create_size:
+            os.ftruncate(self._fd, create_size)
+        self._size = self._probe_size()
+        self._closed = False
+
+    def _probe_size(self) -> int:
+        if self._is_block:
+            buf = fcntl.ioctl(self._fd, _BLKGETSIZE64, b"\0" * 8)
+            return int(struct.unpack("<Q", buf)[0])
+        return os.fstat(self._fd).st_size
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def pread(self, offset: int, length: int) -> bytes:
+        try:
+            data = os.pread(self._fd, length, offset)
+        except OSError as e:
+            raise DeviceError(f"read of {length} bytes at {offset} on {self._path} failed: "
+                              f"{e.strerror}") from e
+        if len(data) < length:
+            # A file shorter than its label says (truncated) reads short: that is an error,
+            # not zeros, or a truncated member would pass for an empty one.
+            raise DeviceError(f"short read on {self._path}: {len(data)} of {length} bytes "
+                              f"at {offset}")
+        return data
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(self._fd, view, offset)
+                view = view[n:]
+                offset += n
+        except OSError as e:
+            raise DeviceError(f"write at {offset} on {self._path} failed: {e.strerror}") from e
+
+    def sync(self) -> None:
+        try:
+            os.fdatasync(self._fd)
+        except OSError as e:
+            raise DeviceError(f"fdatasync of {self._path} failed: {e.strerror}") from e
+
+    def discard(self, offset: int, length: int) -> None:
+        try:
+            if self._is_block:
+                fcntl.ioctl(self._fd, _BLKDISCARD, struct.pack("<QQ", offset, length))
+            else:
+                _fallocate(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset,
+                           length)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
+                return  # discard is advisory: a device that cannot do it keeps the bytes
+            raise DeviceError(f"discard on {self._path} failed: {e.strerror}") from e
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+
+    def __repr__(self) -> str:
+        return f"FileDevice({self._path!r})"
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    fn = libc.fallocate
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if fn(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class MemoryDevice:
+    """A RAM disk. Thread-safe; used to rebuild post-crash images quickly."""
+
+    def __init__(self, size: int, *, path: str = "mem", data: bytes | bytearray | None = None):
+        self._buf = bytearray(data) if data is not None else bytearray(size)
+        if len(self._buf) != size:
+            self._buf.extend(bytes(size - len(self._buf)))
+        self._path = path
+        self._lock = threading.Lock()
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def size(self) -> int:
+        return len(self._buf)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        if offset < 0 or offset + length > len(self._buf):
+            raise DeviceError(f"read beyond end of {self._path}")
+        with self._lock:
+            return bytes(self._buf[offset:offset + length])
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        if offset < 0 or offset + n > len(self._buf):
+            raise DeviceError(f"write beyond end of {self._path}")
+        with self._lock:
+            self._buf[offset:offset + n] = data
+
+    def sync(self) -> None:
+        return None
+
+    def discard(self, offset: int, length: int) -> None:
+        with self._lock:
+            self._buf[offset:offset + length] = bytes(length)
+
+    def close(self) -> None:
+        return None
+
+    def image(self) -> bytes:
+        with self._lock:
+            return bytes(self._buf)
+
+    def __repr__(self) -> str:
+        return f"MemoryDevice({self._path!r})"

@@ -1,0 +1,886 @@
+"""A pool: member devices, their extents, segments of records, and the metadata that ties
+them together.
+
+Invariants this module owns (numbers from shared/DESIGN.md):
+
+1. Durability: ``commit`` returns only after every record referenced by the committed ops
+   and the journal entry (or checkpoint) describing them are synced on every member.
+2. Atomic metadata: a commit is one journal entry or one superblock flip; replay takes
+   whole entries only (``MetaStore``).
+3. No in-place overwrite: records go to never-used space at the end of open segments;
+   extents of a freed segment are reused only after the freeing commit is durable and no
+   read that might still use them is in flight; checkpoint blobs go to free units.
+4. Checksums: every fragment and metadata blob is verified on read (``records``,
+   ``MetaStore``); a record that cannot be verified raises ``MediumError``.
+5. Redundancy: records use their profile's k + m columns on distinct members; metadata is
+   mirrored on every member.
+
+State machine of a Pool object: OPEN -> (commit failure) -> FAILED -> CLOSED, or
+OPEN -> CLOSED (``close``/``destroy``). FAILED refuses all I/O (like SQLite's ERROR state):
+after an ambiguous metadata write the only safe way on is a re-import.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import trio
+
+from pool import codec, records
+from pool.device import Device
+from pool.errors import (
+    DeviceError,
+    ImportFailed,
+    InvalidArgument,
+    MediumError,
+    NoSpace,
+    PoolFailed,
+    StorageError,
+)
+from pool.layout import (
+    DEFAULT_EXTENT,
+    LABEL_SIZE,
+    SB_OFFSET,
+    SB_SLOT_SIZE,
+    SB_SLOTS,
+    SECTOR,
+    Label,
+    Layout,
+    new_uuid,
+)
+from pool.metastore import Loc, MetaStore, Superblock
+from pool.state import (
+    ENTRY,
+    HOLE,
+    MemberInfo,
+    Op,
+    PoolState,
+    Segment,
+    iter_ops,
+    op_json,
+    op_map_set,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_INDEX = ENTRY.__class__("<IIIIIQ")  # map id, page, unit, units, length, hash
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """Redundancy profile: k data fragments + m parity fragments per record."""
+
+    k: int
+    m: int
+
+    @staticmethod
+    def parse(text: str) -> Profile:
+        t = text.strip().lower()
+        if t == "plain":
+            return Profile(1, 0)
+        if mt := re.fullmatch(r"mirror:(\d+)", t):
+            n = int(mt.group(1))
+            if not 2 <= n <= 16:
+                raise InvalidArgument(f"mirror:N needs 2 <= N <= 16, got {text!r}")
+            return Profile(1, n - 1)
+        if mt := re.fullmatch(r"ec:(\d+)\+(\d+)", t):
+            k, m = int(mt.group(1)), int(mt.group(2))
+            if not (2 <= k <= 32 and 1 <= m <= 16):
+                raise InvalidArgument(f"ec:K+M needs 2 <= K <= 32 and 1 <= M <= 16, got "
+                                      f"{text!r}")
+            return Profile(k, m)
+        raise InvalidArgument(f"unknown redundancy profile {text!r}: use plain, mirror:N "
+                              f"or ec:K+M")
+
+    @property
+    def width(self) -> int:
+        return self.k + self.m
+
+    def __str__(self) -> str:
+        if self.k == 1:
+            return "plain" if self.m == 0 else f"mirror:{self.m + 1}"
+        return f"ec:{self.k}+{self.m}"
+
+
+@dataclass(frozen=True, slots=True)
+class MemberStatus:
+    index: int
+    uuid: str
+    path: str
+    state: str                # online | missing
+    size: int
+    extents: int
+    free_extents: int
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatistics:
+    name: str
+    uuid: str
+    state: str                # online | degraded | failed
+    profile: str
+    extent_size: int
+    members: tuple[MemberStatus, ...]
+    capacity_bytes: int       # all extents of present members
+    allocated_bytes: int      # extents held by segments
+    free_bytes: int           # extents free now (excludes frees awaiting commit)
+    live_bytes: int           # device bytes held by live records (all fragments)
+    reserved_bytes: int       # promised to buffered writes not yet written
+    segments: int
+    txg: int
+    generation: int
+    commits: int
+    checkpoints: int
+    records_written: int
+    records_read: int
+    degraded_reads: int
+    repaired_fragments: int
+    unreadable_records: int
+
+
+class Pool:
+    """An imported pool. Build one with ``Pool.create`` or ``Pool.open``."""
+
+    def __init__(self, state: PoolState, layout: Layout, devices: list[Device | None],
+                 meta: MetaStore, superblock: Superblock | None) -> None:
+        self.state = state
+        self.layout = layout
+        self.devices = devices
+        self.meta = meta
+        self._sb_gen = superblock.generation if superblock else 0
+        self._page_locs: dict[tuple[int, int], Loc] = {}
+        self._free: list[set[int]] = [set() for _ in state.members]
+        self._pending_free: list[tuple[int, int]] = []   # freed by uncommitted ops
+        self._releasable: list[tuple[int, int]] = []     # committed, waiting for readers
+        self._open: dict[tuple[int, int], Segment] = {}
+        self._pins: dict[int, int] = {}
+        self._pending: list[Op] = []
+        self._applied = 0
+        self._committed = 0
+        self._commit_lock = trio.Lock()
+        self._dirty_devices: set[int] = set()
+        self._failed: str | None = None
+        self._closed = False
+        self._reads_in_flight = 0
+        self._reserved = 0
+        self._limiters = [trio.CapacityLimiter(4) for _ in devices]
+        self._cpu = trio.CapacityLimiter(2)
+        self._counters = dict.fromkeys(
+            ("commits", "checkpoints", "records_written", "records_read", "degraded_reads",
+             "repaired_fragments", "unreadable_records"), 0)
+
+    # ==== creation and import =============================================================
+    @classmethod
+    async def create(cls, name: str, devices: Sequence[Device], *, profile: str = "plain",
+                     extent_size: int = DEFAULT_EXTENT, meta_size: int | None = None,
+                     force: bool = False) -> Pool:
+        """Make a new pool on ``devices`` (their current contents are overwritten).
+
+        Devices that carry a storaged label are refused unless ``force`` is given.
+        """
+        _check_name(name)
+        prof = Profile.parse(profile)
+        if not devices:
+            raise InvalidArgument("a pool needs at least one device")
+        if prof.width > len(devices):
+            raise InvalidArgument(f"profile {prof} needs {prof.width} devices, only "
+                                  f"{len(devices)} given")
+        paths = [d.path for d in devices]
+        if len(set(paths)) != len(paths):
+            raise InvalidArgument("the same device is listed twice")
+        layout = Layout.choose(min(d.size for d in devices), extent_size, meta_size)
+        if not force:
+            await _run(_refuse_labelled, list(devices))
+        pool_uuid = new_uuid()
+        members = [MemberInfo(new_uuid(), i, d.size, layout.n_extents(d.size))
+                   for i, d in enumerate(devices)]
+        state = PoolState(pool_uuid, name, extent_size, str(prof), members)
+        devs: list[Device | None] = list(devices)
+        pool = cls(state, layout, devs, MetaStore(layout, devs, pool_uuid), None)
+        pool._free = [set(range(mi.n_extents)) for mi in members]
+
+        def write_labels() -> None:
+            for mi, dev in zip(members, devices, strict=True):
+                # Clear old superblocks/journal so nothing of a previous life is replayed.
+                dev.pwrite(SB_OFFSET, bytes(layout.pages_offset - SB_OFFSET))
+                _write_label(dev, pool._label(mi))
+        await _run(write_labels)
+        await pool._checkpoint()
+        log.info("created pool %s (%s) on %d devices, profile %s, extent size %d",
+                 name, pool_uuid, len(devices), prof, extent_size)
+        return pool
+
+    @classmethod
+    async def open(cls, devices: Sequence[Device], *, name: str | None = None) -> Pool:
+        """Import a pool from its member devices (any order, members may be missing).
+
+        Refuses, changing nothing, when a device is unlabelled, truncated, of another pool,
+        or a stale member, and when the members present cannot serve every segment.
+        """
+        found = await _run(_read_labels, list(devices))
+        by_pool: dict[str, list[tuple[Device, Label]]] = {}
+        for dev, lab in found:
+            by_pool.setdefault(lab.pool_uuid, []).append((dev, lab))
+        if name is not None:
+            chosen = {u: v for u, v in by_pool.items() if v[0][1].pool_name == name}
+            if not chosen:
+                raise ImportFailed(f"no device given belongs to a pool named {name!r}")
+            others = [d.path for u, v in by_pool.items() if u not in chosen for d, _ in v]
+            if others:
+                raise ImportFailed(f"{', '.join(others)}: belongs to another pool, not "
+                                   f"{name!r}")
+            by_pool = chosen
+        if len(by_pool) != 1:
+            desc = "; ".join(f"{v[0][1].pool_name} ({u}): " + ", ".join(d.path for d, _ in v)
+                             for u, v in by_pool.items())
+            raise ImportFailed(f"the devices belong to {len(by_pool)} pools: {desc}")
+        pool_uuid, members = next(iter(by_pool.items()))
+        loaded = await _run(_load_pool, pool_uuid, members)
+        pool = cls(loaded.state, loaded.layout, loaded.devices, loaded.meta, loaded.superblock)
+        pool._page_locs = loaded.page_locs
+        await pool._finish_import(loaded.replayed)
+        log.info("imported pool %s (%s): generation %d, txg %d, %d journal entries replayed",
+                 pool.name, pool.uuid, pool.state.generation, pool.state.txg,
+                 len(loaded.replayed))
+        return pool
+
+    def _label(self, mi: MemberInfo) -> Label:
+        return Label(self.state.uuid, self.state.name, mi.uuid, mi.index,
+                     self.state.generation, mi.size, self.layout)
+
+    async def _finish_import(self, replayed: list[tuple[int, bytes]]) -> None:
+        for txg, payload in replayed:
+            for op in iter_ops(payload):
+                self.state.apply(op)
+            self.state.txg = txg
+        used = {e for seg in self.state.segments.values() for e in seg.extents}
+        self._free = [{e for e in range(mi.n_extents) if (mi.index, e) not in used}
+                      for mi in self.state.members]
+        for mi in self.state.members:
+            want = "online" if self.devices[mi.index] is not None else "missing"
+            if mi.state != want:
+                self._do(op_json(op="member_state", index=mi.index, state=want))
+        self._reap()
+        await self._checkpoint()
+
+    # ==== small helpers ===================================================================
+    def _do(self, op: Op) -> None:
+        self.state.apply(op)
+        self._pending.append(op)
+        self._applied += 1
+
+    def _check_ok(self) -> None:
+        if self._closed:
+            raise StorageError(f"pool {self.state.name} is closed")
+        if self._failed is not None:
+            raise PoolFailed(f"pool {self.state.name} stopped after a failed metadata write "
+                             f"({self._failed}); export and re-import it")
+
+    async def _on_devices(self, fn: Callable[[Device], None],
+                          which: Sequence[int] | None = None) -> None:
+        """Run ``fn(device)`` for each chosen present member, in parallel threads."""
+        idx = [i for i in (which if which is not None else range(len(self.devices)))
+               if self.devices[i] is not None]
+        async with trio.open_nursery() as nursery:
+            for i in idx:
+                dev = self.devices[i]
+                assert dev is not None
+                nursery.start_soon(_run_limited, self._limiters[i], fn, dev)
+
+    @property
+    def name(self) -> str:
+        return self.state.name
+
+    @property
+    def uuid(self) -> str:
+        return self.state.uuid
+
+    @property
+    def default_profile(self) -> Profile:
+        return Profile.parse(self.state.profile)
+
+    # ==== metadata objects and maps (used by the volumes layer) ============================
+    def objects(self) -> dict[int, dict[str, Any]]:
+        return dict(self.state.objects)
+
+    def put_object(self, value: dict[str, Any], obj_id: int | None = None) -> int:
+        self._check_ok()
+        if obj_id is None:
+            obj_id = self.state.next_id
+        self._do(op_json(op="obj_put", id=obj_id, value=value))
+        return obj_id
+
+    def delete_object(self, obj_id: int) -> None:
+        self._check_ok()
+        self._do(op_json(op="obj_del", id=obj_id))
+
+    def create_map(self) -> int:
+        self._check_ok()
+        map_id = self.state.next_id
+        self._do(op_json(op="map_new", id=map_id))
+        return map_id
+
+    def delete_map(self, map_id: int) -> None:
+        """Drop a map and every record reference it holds (the space returns at commit)."""
+        self._check_ok()
+        self._do(op_json(op="map_del", id=map_id))
+        self._reap()
+
+    def clear_map_range(self, map_id: int, start: int, count: int) -> None:
+        from pool.state import op_map_clear
+        self._check_ok()
+        self._do(op_map_clear(map_id, start, count))
+        self._reap()
+
+    def is_mapped(self, map_id: int, block: int) -> bool:
+        return self.state.maps[map_id].get(block) is not None
+
+    def mapped_blocks(self, map_id: int, start: int, end: int) -> list[int]:
+        return [b for b, _ in self.state.maps[map_id].items(start, end)]
+
+    def mapped_count(self, map_id: int) -> int:
+        return self.state.maps[map_id].mapped()
+
+    def stored_bytes(self, map_id: int) -> int:
+        """Device bytes (all fragments) held by the records of a map."""
+        total = 0
+        for _b, raw in self.state.maps[map_id].items():
+            seg_id, _o, plen, _f, _h = ENTRY.unpack(raw)
+            seg = self.state.segments[seg_id]
+            total += codec.fragment_units(plen, seg.k) * SECTOR * (seg.k + seg.m)
+        return total
+
+    # ==== space ===========================================================================
+    def record_cost(self, block_size: int, prof: Profile) -> int:
+        """Worst-case device bytes one block of this profile can take."""
+        return codec.worst_case_units(block_size, prof.k) * SECTOR * prof.width
+
+    def available_bytes(self) -> int:
+        free = sum(len(f) for i, f in enumerate(self._free) if self.devices[i] is not None)
+        room = sum((self.layout.extent_size // SECTOR - s.fill) * SECTOR * (s.k + s.m)
+                   for s in self._open.values())
+        return free * self.layout.extent_size + room - self._reserved
+
+    def reserve(self, nbytes: int) -> None:
+        """Promise space to a buffered write, or raise NoSpace (invariant 8)."""
+        if nbytes > self.available_bytes():
+            raise NoSpace(f"pool {self.state.name} is out of space")
+        self._reserved += nbytes
+
+    def unreserve(self, nbytes: int) -> None:
+        self._reserved = max(0, self._reserved - nbytes)
+
+    def _room(self, prof: tuple[int, int], units: int) -> Segment:
+        seg = self._open.get(prof)
+        cap = self.layout.extent_size // SECTOR
+        if seg is not None and seg.fill + units <= cap:
+            return seg
+        if seg is not None:
+            del self._open[prof]
+            if seg.live == 0:
+                self.state.emptied.add(seg.id)
+            self._reap()
+        seg = self._new_segment(*prof)
+        self._open[prof] = seg
+        return seg
+
+    def _new_segment(self, k: int, m: int) -> Segment:
+        candidates = sorted(
+            (i for i, f in enumerate(self._free) if f and self.devices[i] is not None),
+            key=lambda i: (-len(self._free[i]), i))
+        if len(candidates) < k + m:
+            raise NoSpace(f"pool {self.state.name}: no room for a new {Profile(k, m)} segment "
+                          f"(needs free extents on {k + m} distinct devices, "
+                          f"{len(candidates)} have some)")
+        chosen = sorted(candidates[:k + m])
+        extents = []
+        for i in chosen:
+            e = min(self._free[i])
+            self._free[i].discard(e)
+            extents.append([i, e])
+        seg_id = self.state.next_id
+        self._do(op_json(op="seg_new", id=seg_id, k=k, m=m, extents=extents,
+                         birth=self.state.txg + 1))
+        return self.state.segments[seg_id]
+
+    def _reap(self) -> None:
+        """Free segments that hold no live record and can take no more."""
+        open_ids = {s.id for s in self._open.values()}
+        for seg_id in sorted(self.state.emptied):
+            if seg_id in open_ids or self._pins.get(seg_id):
+                continue
+            seg = self.state.segments.get(seg_id)
+            if seg is None or seg.live:
+                self.state.emptied.discard(seg_id)
+                continue
+            self._do(op_json(op="seg_free", id=seg_id))
+            self._pending_free.extend(seg.extents)
+
+    def _release_extents(self) -> None:
+        if self._reads_in_flight or not self._releasable:
+            return
+        for idx, e in self._releasable:
+            if idx < len(self._free):
+                self._free[idx].add(e)
+        self._releasable = []
+
+    # ==== the data path ===================================================================
+    async def write_blocks(self, map_id: int, prof: Profile, compress: bool,
+                           items: Sequence[tuple[int, bytes | None]]) -> None:
+        """Store blocks as new records (``None`` unmaps) and point the map at them.
+
+        The change is in memory until the next ``commit``; the records are written (not
+        synced) before the map moves, so a commit never references unwritten data.
+        """
+        self._check_ok()
+        if map_id not in self.state.maps:
+            raise StorageError(f"map {map_id} does not exist")
+        blocks = [b for b, d in items if d is not None]
+        datas = [d for _b, d in items if d is not None]
+        encoded = await trio.to_thread.run_sync(records.encode_all, datas, prof.k, prof.m,
+                                                compress, limiter=self._cpu)
+        self._check_ok()
+        placed: list[tuple[int, Segment, int, codec.EncodedRecord]] = []
+        writes: dict[int, list[tuple[Device, int, bytes]]] = {}
+        pinned: list[int] = []
+        try:
+            key = (prof.k, prof.m)
+            for block, rec in zip(blocks, encoded, strict=True):
+                seg = self._room(key, rec.units)
+                if not pinned or pinned[-1] != seg.id:
+                    self._pins[seg.id] = self._pins.get(seg.id, 0) + 1
+                    pinned.append(seg.id)
+                placed.append((block, seg, seg.fill, rec))
+                seg.fill += rec.units
+            # One write per column per run of records that landed in the same segment.
+            i = 0
+            while i < len(placed):
+                j = i
+                while j < len(placed) and placed[j][1] is placed[i][1]:
+                    j += 1
+                seg, off = placed[i][1], placed[i][2]
+                for c, (idx, ext) in enumerate(seg.extents):
+                    dev = self.devices[idx]
+                    if dev is None:
+                        continue
+                    data = b"".join(placed[x][3].fragments[c] for x in range(i, j))
+                    writes.setdefault(idx, []).append(
+                        (dev, self.layout.extent_offset(ext) + off * SECTOR, data))
+                i = j
+            async with trio.open_nursery() as nursery:
+                for idx, wl in writes.items():
+                    nursery.start_soon(_run_limited, self._limiters[idx],
+                                       records.write_columns, wl)
+            self._dirty_devices.update(writes)
+            self._check_ok()
+            for block, seg, off, rec in placed:
+                self._do(op_map_set(map_id, block, ENTRY.pack(seg.id, off, rec.plen,
+                                                              rec.flags, rec.rhash)))
+            for block, data in items:
+                if data is None:
+                    self._do(op_map_set(map_id, block, HOLE))
+            self._counters["records_written"] += len(placed)
+        finally:
+            for seg_id in pinned:
+                self._pins[seg_id] -= 1
+                if not self._pins[seg_id]:
+                    del self._pins[seg_id]
+            self._reap()
+
+    async def read_blocks(self, map_id: int, blocks: Sequence[int],
+                          block_size: int) -> list[bytes | None]:
+        """The logical content of each block (``None`` for a hole), verified."""
+        self._check_ok()
+        bmap = self.state.maps[map_id]
+        plans: list[records.RecordPlan] = []
+        for slot, block in enumerate(blocks):
+            raw = bmap.get(block)
+            if raw is None:
+                continue
+            seg_id, off, plen, flags, rhash = ENTRY.unpack(raw)
+            seg = self.state.segments[seg_id]
+            cols = tuple(self._column(idx, ext) for idx, ext in seg.extents)
+            plans.append(records.RecordPlan(slot, seg_id, off,
+                                            codec.fragment_units(plen, seg.k), seg.k, seg.m,
+                                            plen, flags, rhash, cols))
+        result: list[bytes | None] = [None] * len(blocks)
+        if not plans:
+            return result
+        self._reads_in_flight += 1
+        try:
+            out = await trio.to_thread.run_sync(records.read_records, plans, block_size,
+                                                limiter=self._cpu)
+        finally:
+            self._reads_in_flight -= 1
+            self._release_extents()
+        self._counters["records_read"] += len(plans)
+        self._counters["degraded_reads"] += out.degraded
+        if out.repairs:
+            await self._repair(out.repairs)
+        if out.failures:
+            self._counters["unreadable_records"] += len(out.failures)
+            slot, why = next(iter(out.failures.items()))
+            log.error("pool %s: unreadable block %d of map %d: %s", self.state.name,
+                      blocks[slot], map_id, why)
+            raise MediumError(f"block {blocks[slot]}: {why}")
+        for slot, data in out.payloads.items():
+            result[slot] = data
+        return result
+
+    def _column(self, idx: int, ext: int) -> tuple[Device | None, int, str]:
+        dev = self.devices[idx]
+        name = dev.path if dev is not None else f"member {idx} (missing)"
+        return (dev, self.layout.extent_offset(ext), name)
+
+    async def _repair(self, repairs: Sequence[records.Repair]) -> None:
+        # Heal only fragments of segments that still exist: a segment freed meanwhile
+        # may not be reused yet (reads in flight hold frees back), but it is not ours.
+        live = [r for r in repairs if r.segment in self.state.segments]
+        done = await trio.to_thread.run_sync(records.apply_repairs, live)
+        self._counters["repaired_fragments"] += done
+        for r in live:
+            for i, dev in enumerate(self.devices):
+                if dev is r.device:
+                    self._dirty_devices.add(i)
+        if done:
+            log.warning("pool %s: rewrote %d bad fragment(s) from redundancy",
+                        self.state.name, done)
+
+    # ==== commit ==========================================================================
+    async def commit(self) -> None:
+        """Make everything applied so far durable (group commit: concurrent callers share)."""
+        target = self._applied
+        async with self._commit_lock:
+            self._check_ok()
+            if self._committed >= target:
+                return
+            for seg in self._open.values():
+                self._do(op_json(op="seg_fill", id=seg.id, fill=seg.fill))
+            payload_len = sum(len(op) for op in self._pending)
+            if self.meta.journal_room(payload_len) and (
+                    self.meta.journal_head < self.layout.journal_size // 2):
+                await self._journal_commit()
+            else:
+                await self._checkpoint_locked()
+
+    async def _journal_commit(self) -> None:
+        ops, covered, freed_here = self._pending, self._applied, len(self._pending_free)
+        self._pending = []
+        txg = self.state.txg + 1
+        payload = b"".join(ops)
+        try:
+            await self._sync_data()
+            await _run(self.meta.append, txg, payload)
+            await self._on_devices(lambda d: d.sync())
+        except (DeviceError, OSError) as e:
+            self._failed = f"journal commit {txg}: {e}"
+            log.error("pool %s: %s", self.state.name, self._failed)
+            raise PoolFailed(f"pool {self.state.name}: commit failed: {e}") from e
+        self.state.txg = txg
+        self._after_commit(covered, freed_here)
+        self._counters["commits"] += 1
+
+    def _after_commit(self, covered: int, freed_here: int) -> None:
+        """Ops up to ``covered`` are durable; so are the first ``freed_here`` frees."""
+        self._committed = covered
+        self._releasable.extend(self._pending_free[:freed_here])
+        del self._pending_free[:freed_here]
+        self._release_extents()
+
+    async def _sync_data(self) -> None:
+        dirty = sorted(self._dirty_devices)
+        self._dirty_devices.clear()
+        if dirty:
+            await self._on_devices(lambda d: d.sync(), dirty)
+
+    async def _checkpoint(self) -> None:
+        async with self._commit_lock:
+            await self._checkpoint_locked()
+
+    async def _checkpoint_locked(self) -> None:
+        """Write changed pages and a new superblock (see MetaStore for the protocol)."""
+        self._check_ok()
+        st = self.state
+        ops_covered = self._applied
+        self._pending = []
+        # Frees of segments made by ops up to here become reusable after this commit; ops
+        # applied while we await belong to the next commit.
+        freed_here = len(self._pending_free)
+        txg = st.txg + 1
+        st.txg = txg
+        st.generation = self._sb_gen + 1
+        state_blob = st.to_json()
+        page_keys: list[tuple[int, int]] = []
+        page_blobs: list[bytes] = []
+        new_locs = dict(self._page_locs)
+        for map_id, bmap in st.maps.items():
+            for pidx in sorted(bmap.dirty):
+                page = bmap.pages.get(pidx)
+                if page is None:
+                    new_locs.pop((map_id, pidx), None)
+                else:
+                    page_keys.append((map_id, pidx))
+                    page_blobs.append(bytes(page))
+            bmap.dirty.clear()
+        dropped = set(st.dropped_maps)
+        st.dropped_maps.clear()
+        for key in [k for k in new_locs if k[0] in dropped]:
+            del new_locs[key]
+        taken = bytearray(self.meta.bitmap)
+        try:
+            await self._sync_data()
+            written = await _run(self.meta.write_blobs, page_blobs, taken)
+            new_locs.update(zip(page_keys, written, strict=True))
+            index = b"".join(_INDEX.pack(mid, p, loc.unit, loc.units, loc.length, loc.hash)
+                             for (mid, p), loc in sorted(new_locs.items()))
+            state_loc, index_loc = await _run(self.meta.write_blobs, [state_blob, index],
+                                              taken)
+            await self._on_devices(lambda d: d.sync())
+            sb = Superblock(st.uuid, st.generation, txg, state_loc, index_loc)
+            await _run(self.meta.write_superblock, sb)
+            await self._on_devices(lambda d: d.sync())
+        except (DeviceError, OSError, NoSpace) as e:
+            self._failed = f"checkpoint {st.generation}: {e}"
+            log.error("pool %s: %s", st.name, self._failed)
+            raise PoolFailed(f"pool {st.name}: checkpoint failed: {e}") from e
+        # The new superblock is durable: the old checkpoint's blobs may now be reused.
+        bitmap = bytearray(self.meta.n_units)
+        for loc in (*new_locs.values(), state_loc, index_loc):
+            bitmap[loc.unit:loc.unit + loc.units] = b"\1" * loc.units
+        self.meta.bitmap = bitmap
+        self.meta.journal_head = 0
+        self._page_locs = new_locs
+        self._sb_gen = st.generation
+        self._after_commit(ops_covered, freed_here)
+        self._counters["checkpoints"] += 1
+
+    # ==== lifecycle =======================================================================
+    async def close(self) -> None:
+        """Commit everything (checkpoint) and release the devices."""
+        if self._closed:
+            return
+        try:
+            if self._failed is None:
+                self._open.clear()
+                self._reap()
+                await self._checkpoint()
+        finally:
+            self._closed = True
+            for dev in self.devices:
+                if dev is not None:
+                    dev.close()
+
+    async def destroy(self) -> None:
+        """Wipe labels and superblocks of every present member; data is not zeroed."""
+        self._closed = True
+
+        def wipe(dev: Device) -> None:
+            dev.pwrite(0, bytes(LABEL_SIZE))
+            dev.pwrite(SB_OFFSET, bytes(SB_SLOTS * SB_SLOT_SIZE))
+            dev.pwrite(dev.size - LABEL_SIZE, bytes(LABEL_SIZE))
+            dev.sync()
+        await self._on_devices(wipe)
+        for dev in self.devices:
+            if dev is not None:
+                dev.close()
+        log.info("destroyed pool %s (%s)", self.state.name, self.state.uuid)
+
+    async def add_device(self, dev: Device) -> None:
+        """Grow the pool by one member (gets a label and a copy of the metadata)."""
+        self._check_ok()
+        if any(d is not None and d.path == dev.path for d in self.devices):
+            raise InvalidArgument(f"{dev.path} is already a member of pool {self.state.name}")
+        n_ext = self.layout.n_extents(dev.size)
+        if n_ext < 1:
+            need = self.layout.data_offset + self.layout.extent_size + LABEL_SIZE
+            raise InvalidArgument(f"{dev.path} is too small for this pool's layout "
+                                  f"(needs at least {need} bytes)")
+        await _run(_refuse_labelled, [dev])
+        async with self._commit_lock:
+            idx = len(self.state.members)
+            mi = MemberInfo(new_uuid(), idx, dev.size, n_ext)
+
+            def prepare() -> None:
+                dev.pwrite(SB_OFFSET, bytes(self.layout.pages_offset - SB_OFFSET))
+                self.meta.copy_used_units(dev)
+                _write_label(dev, Label(self.state.uuid, self.state.name, mi.uuid, idx,
+                                        self.state.generation + 1, dev.size, self.layout))
+                dev.sync()
+            await _run(prepare)
+            self._do(op_json(op="member_add", uuid=mi.uuid, index=idx, size=dev.size,
+                             n_extents=n_ext))
+            self.devices.append(dev)
+            self.meta.devices.append(dev)
+            self._limiters.append(trio.CapacityLimiter(4))
+            self._free.append(set(range(n_ext)))
+            await self._checkpoint_locked()
+        log.info("pool %s: added %s as member %d (%d extents)", self.state.name, dev.path,
+                 idx, n_ext)
+
+    # ==== status ==========================================================================
+    def statistics(self) -> PoolStatistics:
+        st = self.state
+        ext = self.layout.extent_size
+        members = tuple(
+            MemberStatus(mi.index, mi.uuid,
+                         (d.path if (d := self.devices[mi.index]) is not None else ""),
+                         "online" if self.devices[mi.index] is not None else "missing",
+                         mi.size, mi.n_extents, len(self._free[mi.index]))
+            for mi in st.members)
+        present = [m for m in members if m.state == "online"]
+        live = sum(s.live * SECTOR * (s.k + s.m) for s in st.segments.values())
+        state = ("failed" if self._failed else
+                 "degraded" if len(present) < len(members) else "online")
+        return PoolStatistics(
+            st.name, st.uuid, state, st.profile, ext, members,
+            sum(m.extents for m in present) * ext,
+            sum(len(s.extents) for s in st.segments.values()) * ext,
+            sum(m.free_extents for m in present) * ext,
+            live, self._reserved, len(st.segments), st.txg, st.generation,
+            **self._counters)
+
+    def health(self) -> list[str]:
+        """Plain-language warnings about redundancy right now."""
+        out = []
+        missing = [mi.index for mi in self.state.members if self.devices[mi.index] is None]
+        if missing:
+            out.append(f"members missing: {', '.join(map(str, missing))}")
+            at_risk = sum(1 for s in self.state.segments.values()
+                          if sum(1 for i, _ in s.extents if self.devices[i] is None) > s.m)
+            if at_risk:
+                out.append(f"{at_risk} segment(s) have more fragments missing than their "
+                           f"parity covers: reads of their records will fail")
+        return out
+
+
+# ==== blocking helpers (run in threads) ====================================================
+async def _run(fn: Callable[..., T], *args: Any) -> T:
+    return await trio.to_thread.run_sync(lambda: fn(*args))
+
+
+async def _run_limited(limiter: trio.CapacityLimiter, fn: Callable[[T], Any],
+                       arg: T) -> None:
+    await trio.to_thread.run_sync(fn, arg, limiter=limiter)
+
+
+def _check_name(name: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+        raise InvalidArgument(f"invalid pool name {name!r}: use 1-64 letters, digits, "
+                              f"'_', '.', '-', starting with a letter or digit")
+
+
+def _write_label(dev: Device, label: Label) -> None:
+    raw = label.encode()
+    dev.pwrite(0, raw)
+    dev.pwrite(label.device_size - LABEL_SIZE, raw)
+
+
+def _read_label(dev: Device) -> Label:
+    """The device's label, from the primary copy or else the backup at the end."""
+    errors = []
+    for where, off in (("primary", 0), ("backup", dev.size - LABEL_SIZE)):
+        try:
+            label = Label.decode(dev.pread(off, LABEL_SIZE))
+        except DeviceError as e:
+            errors.append(f"{where}: {e.message}")
+            continue
+        if label.device_size > dev.size:
+            raise ImportFailed(f"{dev.path} is truncated: its label says {label.device_size} "
+                               f"bytes but the device has {dev.size}")
+        return label
+    raise ImportFailed(f"{dev.path} is not a storaged pool member ({'; '.join(errors)})")
+
+
+def _refuse_labelled(devices: list[Device]) -> None:
+    for dev in devices:
+        try:
+            label = _read_label(dev)
+        except ImportFailed:
+            continue
+        raise InvalidArgument(f"{dev.path} is already member {label.index} of pool "
+                              f"{label.pool_name!r} ({label.pool_uuid}); destroy that pool "
+                              f"first")
+
+
+def _read_labels(devices: list[Device]) -> list[tuple[Device, Label]]:
+    return [(dev, _read_label(dev)) for dev in devices]
+
+
+@dataclass
+class _Loaded:
+    state: PoolState
+    layout: Layout
+    devices: list[Device | None]
+    meta: MetaStore
+    superblock: Superblock
+    page_locs: dict[tuple[int, int], Loc]
+    replayed: list[tuple[int, bytes]]
+
+
+def _load_pool(pool_uuid: str, found: list[tuple[Device, Label]]) -> _Loaded:
+    """Read superblocks, state, pages and journal of a pool; check the members."""
+    layout = found[0][1].layout
+    name = found[0][1].pool_name
+    for dev, lab in found:
+        if lab.layout != layout:
+            raise ImportFailed(f"{dev.path}: its label's layout differs from the other "
+                               f"members of pool {name}")
+    newest: dict[str, int] = {}
+    best: Superblock | None = None
+    for dev, _lab in found:
+        sbs = MetaStore.read_superblocks(dev, pool_uuid)
+        newest[dev.path] = max((sb.generation for sb in sbs), default=-1)
+        for sb in sbs:
+            if best is None or sb.generation > best.generation:
+                best = sb
+    if best is None:
+        raise ImportFailed(f"pool {name}: no intact superblock on any device given")
+    state = PoolState.from_json(MetaStore(layout, [d for d, _ in found],
+                                          pool_uuid).read_blob(best.state))
+    devices: list[Device | None] = [None] * len(state.members)
+    by_uuid = {mi.uuid: mi for mi in state.members}
+    for dev, lab in found:
+        mi = by_uuid.get(lab.device_uuid)
+        if mi is None or mi.index != lab.index:
+            raise ImportFailed(f"{dev.path}: labelled as member {lab.index} of pool {name}, "
+                               f"but the pool's metadata does not list it (a device added "
+                               f"when a crash interrupted, or from another copy of the pool)")
+        behind = best.generation - newest[dev.path]
+        if mi.state != "online" or behind > 1:
+            why = " and the pool has run without it" if mi.state != "online" else ""
+            raise ImportFailed(
+                f"{dev.path} is a stale member {mi.index} of pool {name}: its newest "
+                f"superblock is generation {newest[dev.path]}, the pool's is "
+                f"{best.generation}{why}; it missed writes. Import without it (the pool runs "
+                f"degraded) and resilver")
+        other = devices[mi.index]
+        if other is not None:
+            raise ImportFailed(f"{dev.path} and {other.path} both claim to be member "
+                               f"{mi.index} of pool {name}")
+        devices[mi.index] = dev
+    meta = MetaStore(layout, devices, pool_uuid)
+    meta.mark_used(best.state)
+    meta.mark_used(best.index)
+    index = meta.read_blob(best.index)
+    page_locs: dict[tuple[int, int], Loc] = {}
+    for off in range(0, len(index), _INDEX.size):
+        mid, pidx, unit, units, length, h = _INDEX.unpack_from(index, off)
+        loc = Loc(unit, units, length, h)
+        meta.mark_used(loc)
+        page_locs[(mid, pidx)] = loc
+        state.maps[mid].load_page(pidx, meta.read_blob(loc))
+    short = [s for s in state.segments.values()
+             if sum(1 for i, _ in s.extents if devices[i] is not None) < s.k]
+    if short:
+        # Metadata is intact (it is on every member), so the pool imports; reads of records
+        # in these segments fail with EIO naming the missing members.
+        missing = sorted({i for s in short for i, _ in s.extents if devices[i] is None})
+        log.error("pool %s: %d segment(s) have fewer than k fragments present; records in "
+                  "them are unreadable until members %s return", name, len(short),
+                  ", ".join(map(str, missing)))
+    replayed = meta.read_journal(best.txg)
+    return _Loaded(state, layout, devices, meta, best, page_locs, replayed)

@@ -1,0 +1,161 @@
+"""Blocking record I/O: writing stripes and reading records back verified.
+
+These functions run in worker threads; they touch devices and pure codec code only, never
+the pool's in-memory state (the event loop prepares plans and applies results).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from pool import codec
+from pool.device import Device
+from pool.errors import DeviceError
+from pool.layout import SECTOR
+
+
+@dataclass(frozen=True, slots=True)
+class RecordPlan:
+    """Everything needed to read one record: where its k + m fragments are."""
+
+    slot: int                     # position in the caller's request
+    segment: int
+    offset: int                   # sectors into each extent
+    units: int
+    k: int
+    m: int
+    plen: int
+    flags: int
+    rhash: int
+    columns: tuple[tuple[Device | None, int, str], ...]  # (device, extent byte offset, name)
+
+
+@dataclass(frozen=True, slots=True)
+class Repair:
+    """A fragment that failed verification on a present device, with its good bytes."""
+
+    segment: int
+    index: int
+    device: Device
+    offset: int                   # absolute byte offset on the device
+    data: bytes
+
+
+@dataclass
+class ReadOutcome:
+    payloads: dict[int, bytes] = field(default_factory=dict)    # slot -> logical block
+    repairs: list[Repair] = field(default_factory=list)
+    failures: dict[int, str] = field(default_factory=dict)      # slot -> why unreadable
+    degraded: int = 0             # records that needed parity (or another mirror)
+
+
+def encode_all(datas: Sequence[bytes], k: int, m: int,
+               compress: bool) -> list[codec.EncodedRecord]:
+    return [codec.encode(d, k, m, compress) for d in datas]
+
+
+def write_columns(writes: Sequence[tuple[Device, int, bytes]]) -> None:
+    for dev, offset, data in writes:
+        dev.pwrite(offset, data)
+
+
+def _frag_bytes(col: tuple[Device | None, int, str], offset: int, units: int) -> bytes | None:
+    dev, base, _name = col
+    if dev is None:
+        return None
+    try:
+        return dev.pread(base + offset * SECTOR, units * SECTOR)
+    except DeviceError:
+        return None
+
+
+def read_records(plans: Sequence[RecordPlan], block_size: int) -> ReadOutcome:
+    """Read and verify records; coalesce runs of adjacent records of one segment."""
+    out = ReadOutcome()
+    i = 0
+    while i < len(plans):
+        j = i + 1
+        while (j < len(plans) and plans[j].segment == plans[i].segment
+               and plans[j].offset == plans[j - 1].offset + plans[j - 1].units):
+            j += 1
+        _read_run(plans[i:j], block_size, out)
+        i = j
+    return out
+
+
+def _read_run(run: Sequence[RecordPlan], block_size: int, out: ReadOutcome) -> None:
+    first = run[0]
+    k = first.k
+    total = sum(p.units for p in run)
+    columns: list[memoryview | None] = []
+    for c in range(k):
+        raw = _frag_bytes(first.columns[c], first.offset, total)
+        columns.append(memoryview(raw) if raw is not None else None)
+    pos = 0
+    for p in run:
+        size = p.units * SECTOR
+        chunks: dict[int, memoryview] = {}
+        for c in range(k):
+            col = columns[c]
+            if col is None:
+                continue
+            chunk = codec.check_fragment(col[pos:pos + size], c, k, p.m, p.plen, p.rhash)
+            if chunk is not None:
+                chunks[c] = chunk
+        pos += size
+        if len(chunks) == k:
+            payload = codec.reassemble(chunks, k, p.m, p.plen)
+            if codec.payload_ok(payload, p.rhash):
+                out.payloads[p.slot] = codec.expand(payload, p.flags, block_size)
+                continue
+        _read_slow(p, block_size, chunks, out)
+
+
+def _read_slow(p: RecordPlan, block_size: int, chunks: dict[int, memoryview],
+               out: ReadOutcome) -> None:
+    """Some data fragment was bad or missing: use parity/mirrors, then heal."""
+    n = p.k + p.m
+    bad: list[int] = [c for c in range(p.k) if c not in chunks]
+    for c in range(p.k, n):
+        if len(chunks) >= p.k:
+            break
+        raw = _frag_bytes(p.columns[c], p.offset, p.units)
+        chunk = (codec.check_fragment(raw, c, p.k, p.m, p.plen, p.rhash)
+                 if raw is not None else None)
+        if chunk is None:
+            bad.append(c)
+        else:
+            chunks[c] = chunk
+    if len(chunks) < p.k:
+        missing = [p.columns[c][2] for c in range(n) if c not in chunks]
+        out.failures[p.slot] = (
+            f"record in segment {p.segment} at sector {p.offset}: only {len(chunks)} of the "
+            f"{p.k} fragments it needs verified; bad or missing on: {', '.join(missing)}")
+        return
+    payload = codec.reassemble(chunks, p.k, p.m, p.plen)
+    if not codec.payload_ok(payload, p.rhash):
+        out.failures[p.slot] = (f"record in segment {p.segment} at sector {p.offset}: "
+                                f"fragments verify but the record checksum does not")
+        return
+    out.payloads[p.slot] = codec.expand(payload, p.flags, block_size)
+    out.degraded += 1
+    if bad:
+        good = codec.stripe(payload, p.flags, p.k, p.m)
+        for c in bad:
+            dev, base, _name = p.columns[c]
+            if dev is not None:
+                out.repairs.append(Repair(p.segment, c, dev, base + p.offset * SECTOR,
+                                          bytes(good.fragments[c])))
+
+
+def apply_repairs(repairs: Sequence[Repair]) -> int:
+    """Rewrite bad fragments with their rebuilt bytes; returns how many were written."""
+    done = 0
+    for r in repairs:
+        try:
+            r.device.pwrite(r.offset, r.data)
+            done += 1
+        except DeviceError:
+            continue
+    return done

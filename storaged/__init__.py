@@ -1,0 +1,1 @@
+"""storaged: the daemon, its config, control API, admin CLI and metrics."""

@@ -1,0 +1,333 @@
+"""Thin volumes: the Volume API that every frontend (NBD, iSCSI, FUSE) calls.
+
+A volume is a virtual size cut into blocks (default 64 KiB); each block is either a hole
+(reads as zeros, takes no space) or a record in the pool. Writes land in a per-volume write
+buffer and are acknowledged from there, like a disk's volatile write cache (DESIGN §4);
+``flush`` writes the buffer out as records and commits the pool, after which every write
+acknowledged before the flush was called is durable (invariant 1). A FUA write is durable
+when it returns.
+
+Concurrency: all methods may be called concurrently. A write that covers part of a block
+reads the block, patches it and puts it back under that block's lock, so concurrent
+overlapping writes never lose each other's bytes; whole-block writes take no lock unless a
+partial write of the same block is in progress.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from pool.errors import InvalidArgument, NotFound, ReadOnly, StorageError
+from pool.pool import Pool, Profile
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+log = logging.getLogger(__name__)
+
+MIN_BLOCK = 4096
+MAX_BLOCK = 1024 * 1024
+DEFAULT_BLOCK = 64 * 1024
+WRITEBACK_BYTES = 32 * 1024 * 1024   # buffered bytes per volume before writeback starts
+WRITEBACK_BATCH = 256                # blocks per pool write call
+_MISSING = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A run of a volume's address space that is all data or all hole."""
+
+    offset: int
+    length: int
+    allocated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeStatistics:
+    name: str
+    size: int
+    block_size: int
+    profile: str
+    compression: bool
+    read_only: bool
+    mapped_bytes: int      # logical bytes of blocks that hold data (committed or buffered)
+    stored_bytes: int      # device bytes of the volume's records (all fragments)
+    dirty_bytes: int       # bytes in the write buffer, not yet written to the pool
+    reads: int
+    writes: int
+    bytes_read: int
+    bytes_written: int
+    flushes: int
+    trims: int
+
+
+class Volume:
+    """One thin volume. Obtain it from ``VolumeManager``; never construct it directly."""
+
+    def __init__(self, pool: Pool, obj_id: int, meta: dict[str, Any]) -> None:
+        self._pool = pool
+        self._obj_id = obj_id
+        self._meta = meta
+        self._map: int = meta["map"]
+        self.name: str = meta["name"]
+        self.size: int = meta["size"]
+        self.block_size: int = meta["block_size"]
+        self.profile = Profile.parse(meta["profile"])
+        self.compression: bool = meta["compression"]
+        self.read_only = False
+        self._zero = bytes(self.block_size)
+        self._cost = pool.record_cost(self.block_size, self.profile)
+        self._dirty: dict[int, bytes | None] = {}
+        self._inflight: dict[int, bytes | None] = {}
+        self._dirty_data = 0          # blocks in _dirty holding data (each reserved)
+        self._locks: dict[int, trio.Lock] = {}
+        self._wb_lock = trio.Lock()
+        self._deleted = False
+        self._stats = dict.fromkeys(("reads", "writes", "bytes_read", "bytes_written",
+                                     "flushes", "trims"), 0)
+
+    # ---- checks ---------------------------------------------------------------------------
+    def _check(self, offset: int, length: int, *, write: bool) -> None:
+        if self._deleted:
+            raise NotFound(f"volume {self.name} was deleted")
+        if write and self.read_only:
+            raise ReadOnly(f"volume {self.name} is read-only")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise InvalidArgument(f"range {offset}+{length} is outside volume {self.name} "
+                                  f"of {self.size} bytes")
+
+    def _blocks(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
+        """(block, start within block, end within block) for each block the range touches."""
+        bs = self.block_size
+        end = offset + length
+        b = offset // bs
+        while b * bs < end:
+            lo = max(offset - b * bs, 0)
+            hi = min(end - b * bs, bs)
+            yield b, lo, hi
+            b += 1
+
+    # ---- reads ----------------------------------------------------------------------------
+    async def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset``; holes read as zeros. Never unverified bytes."""
+        self._check(offset, length, write=False)
+        if length == 0:
+            return b""
+        spans = list(self._blocks(offset, length))
+        buffered: dict[int, bytes | None] = {}
+        need: list[int] = []
+        for b, _lo, _hi in spans:
+            v = self._dirty.get(b, _MISSING)
+            if v is _MISSING:
+                v = self._inflight.get(b, _MISSING)
+            if v is _MISSING:
+                need.append(b)
+            else:
+                buffered[b] = v  # type: ignore[assignment]
+        fetched = dict(zip(need, await self._pool.read_blocks(self._map, need,
+                                                              self.block_size),
+                           strict=True)) if need else {}
+        parts = []
+        for b, lo, hi in spans:
+            v = buffered[b] if b in buffered else fetched[b]
+            if v is None:
+                parts.append(self._zero[:hi - lo])
+            elif lo == 0 and hi == self.block_size:
+                parts.append(v)
+            else:
+                parts.append(v[lo:hi])
+        self._stats["reads"] += 1
+        self._stats["bytes_read"] += length
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _current(self, b: int) -> bytes:
+        """A block's present content (under its lock) as full bytes."""
+        v = self._dirty.get(b, _MISSING)
+        if v is _MISSING:
+            v = self._inflight.get(b, _MISSING)
+        if v is _MISSING:
+            v = (await self._pool.read_blocks(self._map, [b], self.block_size))[0]
+        return self._zero if v is None else v  # type: ignore[return-value]
+
+    # ---- writes ---------------------------------------------------------------------------
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, *,
+                    fua: bool = False) -> None:
+        """Write ``data`` at ``offset``; with ``fua``, durable when this returns."""
+        self._check(offset, len(data), write=True)
+        view = memoryview(data)
+        await self._update(offset, len(data), lambda lo, hi, pos: view[pos:pos + hi - lo],
+                           reserve=True)
+        self._stats["writes"] += 1
+        self._stats["bytes_written"] += len(data)
+        if fua:
+            await self.flush()
+        else:
+            await self._maybe_writeback()
+
+    async def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
+        """Zero a range. Whole zero blocks become holes and give their space back."""
+        self._check(offset, length, write=True)
+        await self._update(offset, length, lambda lo, hi, pos: self._zero[:hi - lo],
+                           reserve=False)
+        self._stats["writes"] += 1
+        if fua:
+            await self.flush()
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        """Discard a range: it reads as zeros afterwards and its space is released."""
+        await self.write_zeroes(offset, length, fua=fua)
+        self._stats["trims"] += 1
+
+    async def _update(self, offset: int, length: int, piece: Any, *, reserve: bool) -> None:
+        bs = self.block_size
+        spans = list(self._blocks(offset, length))
+        # Reserve space for every block up front, so a full pool fails the write before it
+        # changes anything (invariant 8) and a buffered write can always be written back.
+        # Zeroing needs none (it frees space), so trim works on a full pool.
+        need = sum(1 for b, _lo, _hi in spans if self._dirty.get(b) is None) if reserve else 0
+        self._pool.reserve(need * self._cost)
+        reserved = need
+        try:
+            pos = 0
+            for b, lo, hi in spans:
+                chunk = piece(lo, hi, pos)
+                pos += hi - lo
+                last = b == (self.size - 1) // bs
+                full = lo == 0 and (hi == bs or (last and b * bs + hi == self.size))
+                if full and b not in self._locks:
+                    reserved -= self._put(b, bytes(chunk) if hi == bs
+                                          else bytes(chunk) + self._zero[hi:], reserved)
+                    continue
+                lock = self._locks.setdefault(b, trio.Lock())
+                try:
+                    async with lock:
+                        base = bytearray(await self._current(b))
+                        base[lo:hi] = chunk
+                        reserved -= self._put(b, bytes(base), reserved)
+                finally:
+                    if self._locks.get(b) is lock and not lock.statistics().tasks_waiting:
+                        del self._locks[b]
+        finally:
+            self._pool.unreserve(reserved * self._cost)
+
+    def _put(self, b: int, content: bytes, reserved: int) -> int:
+        """Buffer a block's new content; returns how many reservations it consumed."""
+        new: bytes | None = None if content == self._zero else content
+        old = self._dirty.get(b, _MISSING)
+        had_data = old is not _MISSING and old is not None
+        used = 0
+        if new is not None and not had_data:
+            if reserved > 0:
+                used = 1
+            else:  # zeroing left data in a partial block, or a concurrent write took ours
+                self._pool.reserve(self._cost)
+            self._dirty_data += 1
+        elif new is None and had_data:
+            self._dirty_data -= 1
+            self._pool.unreserve(self._cost)
+        self._dirty[b] = new
+        return used
+
+    async def _maybe_writeback(self) -> None:
+        if self._dirty_data * self.block_size >= WRITEBACK_BYTES:
+            await self._writeback()
+
+    async def _writeback(self) -> None:
+        """Write buffered blocks to the pool as records (not yet committed)."""
+        async with self._wb_lock:
+            while self._dirty:
+                batch = self._dirty
+                self._dirty = {}
+                self._inflight = batch
+                data_blocks = self._dirty_data
+                self._dirty_data = 0
+                try:
+                    items = sorted(batch.items())
+                    for i in range(0, len(items), WRITEBACK_BATCH):
+                        await self._pool.write_blocks(self._map, self.profile,
+                                                      self.compression,
+                                                      items[i:i + WRITEBACK_BATCH])
+                except BaseException:
+                    # Nothing acknowledged is dropped: put back what was not overwritten.
+                    for b, v in batch.items():
+                        if b in self._dirty:
+                            if v is not None:
+                                self._pool.unreserve(self._cost)
+                        else:
+                            self._dirty[b] = v
+                            if v is not None:
+                                self._dirty_data += 1
+                    raise
+                finally:
+                    self._inflight = {}
+                self._pool.unreserve(data_blocks * self._cost)
+
+    async def flush(self) -> None:
+        """Make every write acknowledged before this call durable (invariant 1)."""
+        if self._deleted:
+            raise NotFound(f"volume {self.name} was deleted")
+        await self._writeback()
+        await self._pool.commit()
+        self._stats["flushes"] += 1
+
+    # ---- allocation map -------------------------------------------------------------------
+    async def allocation(self, offset: int, length: int) -> list[Extent]:
+        """Runs of data and holes covering [offset, offset + length), block-granular."""
+        self._check(offset, length, write=False)
+        if length == 0:
+            return []
+        bs = self.block_size
+        first, last = offset // bs, (offset + length - 1) // bs
+        mapped = set(self._pool.mapped_blocks(self._map, first, last + 1))
+        for layer in (self._inflight, self._dirty):
+            for b, v in layer.items():
+                if first <= b <= last:
+                    if v is None:
+                        mapped.discard(b)
+                    else:
+                        mapped.add(b)
+        out: list[Extent] = []
+        for b in range(first, last + 1):
+            lo = max(b * bs, offset)
+            hi = min((b + 1) * bs, offset + length)
+            alloc = b in mapped
+            if out and out[-1].allocated == alloc:
+                prev = out[-1]
+                out[-1] = Extent(prev.offset, hi - prev.offset, alloc)
+            else:
+                out.append(Extent(lo, hi - lo, alloc))
+        return out
+
+    # ---- status ---------------------------------------------------------------------------
+    def statistics(self) -> VolumeStatistics:
+        mapped = set(self._pool.mapped_blocks(self._map, 0, -(-self.size // self.block_size)))
+        for layer in (self._inflight, self._dirty):
+            for b, v in layer.items():
+                if v is None:
+                    mapped.discard(b)
+                else:
+                    mapped.add(b)
+        return VolumeStatistics(
+            self.name, self.size, self.block_size, str(self.profile), self.compression,
+            self.read_only, min(len(mapped) * self.block_size, self.size),
+            self._pool.stored_bytes(self._map), self._dirty_data * self.block_size,
+            **self._stats)
+
+    def _drop(self) -> None:
+        """Forget buffered writes (the volume is being deleted)."""
+        self._pool.unreserve(self._dirty_data * self._cost)
+        self._dirty.clear()
+        self._dirty_data = 0
+        self._deleted = True
+
+
+def check_block_size(bs: int) -> None:
+    if bs & (bs - 1) or not MIN_BLOCK <= bs <= MAX_BLOCK:
+        raise InvalidArgument(f"block size must be a power of two from 4K to 1M, got {bs}")
+
+
+__all__ = ["DEFAULT_BLOCK", "Extent", "StorageError", "Volume", "VolumeStatistics"]
