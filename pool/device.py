@@ -13,6 +13,8 @@ Wrappers that record writes or inject faults live in ``pool.faults``.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import os
@@ -136,12 +138,11 @@ class FileDevice:
         return f"FileDevice({self._path!r})"
 
 
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    import ctypes
-    import ctypes.util
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    fn = libc.fallocate
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    fn = _libc.fallocate
     fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     if fn(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()

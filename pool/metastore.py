@@ -27,7 +27,7 @@ import lz4.block
 import xxhash
 
 from pool.device import Device
-from pool.errors import DeviceError, StorageError
+from pool.errors import DeviceError, NoSpace, StorageError
 from pool.layout import PAGE_UNIT, SB_OFFSET, SB_SLOT_SIZE, SB_SLOTS, SECTOR, Layout
 
 SB_MAGIC = b"SDSUPER1"
@@ -144,7 +144,6 @@ class MetaStore:
         if pos < 0:
             pos = taken.find(want)
         if pos < 0:
-            from pool.errors import NoSpace
             raise NoSpace("the metadata area is full; the pool needs a bigger metadata area "
                           "or fewer snapshots/volumes")
         taken[pos:pos + units] = b"\1" * units

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -62,6 +62,7 @@ from pool.state import (
     Segment,
     iter_ops,
     op_json,
+    op_map_clear,
     op_map_set,
 )
 
@@ -331,7 +332,6 @@ class Pool:
         self._reap()
 
     def clear_map_range(self, map_id: int, start: int, count: int) -> None:
-        from pool.state import op_map_clear
         self._check_ok()
         self._do(op_map_clear(map_id, start, count))
         self._reap()
@@ -480,8 +480,8 @@ class Pool:
             for block, seg, off, rec in placed:
                 self._do(op_map_set(map_id, block, ENTRY.pack(seg.id, off, rec.plen,
                                                               rec.flags, rec.rhash)))
-            for block, data in items:
-                if data is None:
+            for block, maybe in items:
+                if maybe is None:
                     self._do(op_map_set(map_id, block, HOLE))
             self._counters["records_written"] += len(placed)
         finally:

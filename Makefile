@@ -1,0 +1,52 @@
+# storaged — two commands do everything on a fresh Debian machine:
+#   make run    install what is missing, then start storaged on a demo pool under ./.storaged
+#   make test   install what is missing, then run lint, types, layer contracts and the tests
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STATE_DIR ?= .storaged
+# Debian packages the project and its tests use (pyfuse3 builds against libfuse3).
+DEBS := libfuse3-dev pkg-config fuse3 qemu-utils qemu-block-extra libnbd-bin fio libiscsi-bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint typecheck contracts pytest system-deps venv bench-engine clean
+
+system-deps:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+$(STAMP): pyproject.toml | system-deps
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: system-deps $(STAMP)
+
+run: venv
+	$(BIN)/python -m storaged --state-dir $(STATE_DIR) --demo
+
+lint: venv
+	$(BIN)/ruff check .
+
+typecheck: venv
+	$(BIN)/mypy
+
+contracts: venv
+	$(BIN)/lint-imports
+
+pytest: venv
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test: lint typecheck contracts pytest
+
+bench-engine: venv
+	$(BIN)/python -m benchmarks.engine
+
+clean:
+	rm -rf $(VENV) $(STATE_DIR) .pytest_cache .mypy_cache .ruff_cache .hypothesis
