@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -159,6 +159,7 @@ class Pool:
         self._releasable: list[tuple[int, int]] = []     # committed, waiting for readers
         self._open: dict[tuple[int, int], Segment] = {}
         self._pins: dict[int, int] = {}
+        self._fill_moved: set[int] = set()   # segments whose fill changed since last commit
         self._pending: list[Op] = []
         self._applied = 0
         self._committed = 0
@@ -168,6 +169,7 @@ class Pool:
         self._closed = False
         self._reads_in_flight = 0
         self._reserved = 0
+        self._caches: list[Callable[[], Awaitable[None]]] = []
         self._limiters = [trio.CapacityLimiter(4) for _ in devices]
         self._cpu = trio.CapacityLimiter(2)
         self._counters = dict.fromkeys(
@@ -456,6 +458,7 @@ class Pool:
                     pinned.append(seg.id)
                 placed.append((block, seg, seg.fill, rec))
                 seg.fill += rec.units
+                self._fill_moved.add(seg.id)
             # One write per column per run of records that landed in the same segment.
             i = 0
             while i < len(placed):
@@ -558,8 +561,11 @@ class Pool:
             self._check_ok()
             if self._committed >= target:
                 return
-            for seg in self._open.values():
-                self._do(op_json(op="seg_fill", id=seg.id, fill=seg.fill))
+            for seg_id in sorted(self._fill_moved):
+                seg = self.state.segments.get(seg_id)
+                if seg is not None:
+                    self._do(op_json(op="seg_fill", id=seg.id, fill=seg.fill))
+            self._fill_moved.clear()
             payload_len = sum(len(op) for op in self._pending)
             if self.meta.journal_room(payload_len) and (
                     self.meta.journal_head < self.layout.journal_size // 2):
@@ -659,12 +665,19 @@ class Pool:
         self._counters["checkpoints"] += 1
 
     # ==== lifecycle =======================================================================
+    def add_cache(self, writeback: Callable[[], Awaitable[None]]) -> None:
+        """Register an upper layer's write cache: ``close`` awaits ``writeback`` first, so
+        writes acknowledged into it are written out before the final checkpoint."""
+        self._caches.append(writeback)
+
     async def close(self) -> None:
-        """Commit everything (checkpoint) and release the devices."""
+        """Write back registered caches, commit everything (checkpoint), release devices."""
         if self._closed:
             return
         try:
             if self._failed is None:
+                for writeback in self._caches:
+                    await writeback()
                 self._open.clear()
                 self._reap()
                 await self._checkpoint()

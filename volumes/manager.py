@@ -35,6 +35,11 @@ class VolumeManager:
         for obj_id, meta in pool.objects().items():
             if meta.get("type") == "volume":
                 self._volumes[meta["name"]] = Volume(pool, obj_id, meta)
+        pool.add_cache(self._writeback_all)
+
+    async def _writeback_all(self) -> None:
+        for name in self.names():
+            await self._volumes[name]._writeback()
 
     def names(self) -> list[str]:
         return sorted(self._volumes)
