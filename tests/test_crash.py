@@ -15,6 +15,7 @@ import random
 from dataclasses import dataclass
 
 import pytest
+import trio
 
 from pool import FileDevice, MemoryDevice, Pool
 from pool.checker import check
@@ -47,10 +48,7 @@ async def _record_workload(tmp: str, seed: int, profile: str) -> tuple[
     await vol.write(0, initial)
     await vol.flush()
     await pool.close()
-    base = []
-    for p in paths:
-        with open(p, "rb") as f:
-            base.append(f.read())
+    base = [await trio.Path(p).read_bytes() for p in paths]
     log = WriteLog()
     devs2 = [RecordingDevice(FileDevice(p), i, log) for i, p in enumerate(paths)]
     pool = await Pool.open(devs2)
