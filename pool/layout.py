@@ -79,7 +79,7 @@ class Layout:
             # 1/32 of the smallest member, at least 4 MiB, at most 8 GiB.
             meta_size = min(max(smallest_device // 32, 4 * MiB), 8192 * MiB)
         meta_size = align_up(meta_size, PAGE_UNIT * 4)
-        journal = max(align_up(meta_size // 4, PAGE_UNIT), 256 * 1024)
+        journal = min(max(align_up(meta_size // 4, PAGE_UNIT), 256 * 1024), 64 * MiB)
         pages = max(meta_size - journal, 256 * 1024)
         layout = Layout(extent_size, journal, pages)
         if layout.n_extents(smallest_device) < 1:

@@ -226,18 +226,40 @@ class MetaStore:
     def read_journal(self, after_txg: int) -> list[tuple[int, bytes]]:
         """Entries after checkpoint txg ``after_txg``, up to the first gap or torn entry."""
         size = self.layout.journal_size
-        images: list[bytes] = []
-        for dev in self.present():
-            try:
-                images.append(dev.pread(self.layout.journal_offset, size))
-            except DeviceError:
-                continue
+        devices = self.present()
+        windows: dict[int, tuple[int, bytes]] = {}   # device -> (start, bytes)
+
+        def window(i: int, pos: int) -> tuple[int, bytes] | None:
+            """A slice of device i's journal holding pos (read in steps of 4 MiB)."""
+            cur = windows.get(i)
+            if cur is None or not cur[0] <= pos < cur[0] + len(cur[1]) - _JHDR.size:
+                try:
+                    n = min(4 << 20, size - pos)
+                    cur = (pos, devices[i].pread(self.layout.journal_offset + pos, n))
+                except DeviceError:
+                    return None
+                windows[i] = cur
+            return cur
+
         out: list[tuple[int, bytes]] = []
         pos, want = 0, after_txg + 1
         while pos + _JHDR.size <= size:
             found = None
-            for img in images:
-                entry = self._parse_entry(img, pos, want)
+            for i in range(len(devices)):
+                w = window(i, pos)
+                if w is None:
+                    continue
+                start, img = w
+                _m, _t, _x, plen, _r, _d = _JHDR.unpack_from(img, pos - start)
+                if pos - start + _JHDR.size + plen > len(img) and pos + _JHDR.size + plen <= size:
+                    # A big entry runs past the window: read it whole.
+                    try:
+                        img = devices[i].pread(self.layout.journal_offset + pos,
+                                               _JHDR.size + plen)
+                        start = pos
+                    except DeviceError:
+                        continue
+                entry = self._parse_entry(img, pos - start, want)
                 if entry is not None:
                     found = entry
                     break

@@ -32,7 +32,8 @@ BLOCK = 4096
 class Flush:
     start: int               # log position when the flush was requested
     end: int                 # log position when it returned
-    content: bytes           # the volume's content it made durable
+    content: bytes           # volume v's content it made durable
+    scratch: bytes | None    # volume w's content, None when w did not exist
 
 
 async def _record_workload(tmp: str, seed: int, profile: str) -> tuple[
@@ -53,13 +54,34 @@ async def _record_workload(tmp: str, seed: int, profile: str) -> tuple[
     devs2 = [RecordingDevice(FileDevice(p), i, log) for i, p in enumerate(paths)]
     pool = await Pool.open(devs2)
     model = bytearray(initial + bytes(VOL_SIZE - len(initial)))
-    flushes = [Flush(0, 0, bytes(model))]
-    vol = VolumeManager(pool).get("v")
-    for step in range(60):
+    scratch: bytes | None = None
+    flushes = [Flush(0, 0, bytes(model), None)]
+    vm = VolumeManager(pool)
+    vol = vm.get("v")
+    for step in range(70):
         op = rng.random()
         off = rng.randrange(0, VOL_SIZE // 512) * 512
         n = min(rng.choice([512, 4096, 8192, 20000, 65536]), VOL_SIZE - off)
-        if op < 0.55:
+        if step % 12 == 5:
+            # Create (and fill) or delete a second volume: map_new/map_del, segment frees
+            # and reuse of freed extents all happen under the crash points.
+            start = log.mark(f"scratch {step} start")
+            if scratch is None:
+                w = await vm.create("w", VOL_SIZE // 2, block_size=BLOCK, compression=False)
+                created = log.mark(f"scratch {step} created")
+                # A commit for w does not write back v's buffer: v stays as last flushed.
+                flushes.append(Flush(start, created, flushes[-1].content,
+                                     bytes(VOL_SIZE // 2)))
+                start = created
+                scratch = os.urandom(VOL_SIZE // 2)
+                await w.write(0, scratch)
+                await w.flush()
+            else:
+                await vm.delete("w")
+                scratch = None
+            flushes.append(Flush(start, log.mark(f"scratch {step} end"), flushes[-1].content,
+                                 scratch))
+        elif op < 0.55:
             data = (os.urandom(n) if rng.random() < 0.6
                     else bytes([rng.randrange(256)]) * n)
             await vol.write(off, data)
@@ -70,24 +92,27 @@ async def _record_workload(tmp: str, seed: int, profile: str) -> tuple[
         elif op < 0.95:
             start = log.mark(f"flush {step} start")
             await vol.flush()
-            flushes.append(Flush(start, log.mark(f"flush {step} end"), bytes(model)))
+            flushes.append(Flush(start, log.mark(f"flush {step} end"), bytes(model),
+                                 scratch))
         else:
             start = log.mark(f"reopen {step} start")
             await pool.close()
             devs2 = [RecordingDevice(FileDevice(p), i, log) for i, p in enumerate(paths)]
             pool = await Pool.open(devs2)
-            vol = VolumeManager(pool).get("v")
-            flushes.append(Flush(start, log.mark(f"reopen {step} end"), bytes(model)))
+            vm = VolumeManager(pool)
+            vol = vm.get("v")
+            flushes.append(Flush(start, log.mark(f"reopen {step} end"), bytes(model),
+                                 scratch))
     start = log.mark("final close start")
     await pool.close()
-    flushes.append(Flush(start, log.mark("final close end"), bytes(model)))
+    flushes.append(Flush(start, log.mark("final close end"), bytes(model), scratch))
     return CrashSimulator(base, log), flushes, bytes(model)
 
 
-def _allowed(flushes: list[Flush], pos: int) -> list[bytes]:
+def _allowed(flushes: list[Flush], pos: int) -> list[tuple[bytes, bytes | None]]:
     done = [f for f in flushes if f.end < pos]
-    allowed = [done[-1].content]
-    allowed += [f.content for f in flushes if f.start < pos <= f.end]
+    allowed = [(done[-1].content, done[-1].scratch)]
+    allowed += [(f.content, f.scratch) for f in flushes if f.start < pos <= f.end]
     return allowed
 
 
@@ -108,9 +133,11 @@ async def test_crash_states_recover_last_flush(tmp_path: object, seed: int,
         pool = await Pool.open(devs)
         report = await check(pool)
         assert report.ok, f"crash at {cs.position} ({cs.variant}): {report.render()}"
-        content = await VolumeManager(pool).get("v").read(0, VOL_SIZE)
+        vm = VolumeManager(pool)
+        content = await vm.get("v").read(0, VOL_SIZE)
+        scratch = await vm.get("w").read(0, VOL_SIZE // 2) if "w" in vm.names() else None
         allowed = _allowed(flushes, cs.position)
-        assert content in allowed, (
+        assert (content, scratch) in allowed, (
             f"crash at log position {cs.position} ({cs.variant}): volume matches none of "
             f"the {len(allowed)} states allowed (last completed flush or one in progress)")
         await pool.close()
