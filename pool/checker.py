@@ -127,13 +127,13 @@ async def check(pool: Pool, *, deep: bool = False) -> CheckReport:
         for block, raw in bmap.items():
             n_records += 1
             seg_id, off, plen, _flags, _rh = ENTRY.unpack(raw)
-            seg = st.segments.get(seg_id)
-            if seg is None:
+            target = st.segments.get(seg_id)
+            if target is None:
                 problems.append(f"map {map_id} block {block} points to segment {seg_id}, "
                                 f"which does not exist")
                 continue
-            units = codec.fragment_units(plen, seg.k)
-            if plen <= 0 or off + units > seg.fill:
+            units = codec.fragment_units(plen, target.k)
+            if plen <= 0 or off + units > target.fill:
                 problems.append(f"map {map_id} block {block} points past the written part of "
                                 f"segment {seg_id} (sectors {off}+{units}, fill {seg.fill})")
             live[seg_id] += units
