@@ -86,9 +86,19 @@ async def _record_workload(tmp: str, seed: int, profile: str) -> tuple[
                     else bytes([rng.randrange(256)]) * n)
             await vol.write(off, data)
             model[off:off + n] = data
-        elif op < 0.7:
+        elif op < 0.62:
             await vol.trim(off, n)
             model[off:off + n] = bytes(n)
+        elif op < 0.68:
+            await vol.write_zeroes(off, n)
+            model[off:off + n] = bytes(n)
+        elif op < 0.74:
+            # FUA: durable when acknowledged (invariant 1) -- a flush point of its own.
+            data = os.urandom(n)
+            start = log.mark(f"fua {step} start")
+            await vol.write(off, data, fua=True)
+            model[off:off + n] = data
+            flushes.append(Flush(start, log.mark(f"fua {step} end"), bytes(model), scratch))
         elif op < 0.95:
             start = log.mark(f"flush {step} start")
             await vol.flush()
