@@ -844,9 +844,11 @@ def _load_pool(pool_uuid: str, found: list[tuple[Device, Label]]) -> _Loaded:
                                f"members of pool {name}")
     newest: dict[str, int] = {}
     best: Superblock | None = None
-    for dev, _lab in found:
+    for dev, lab in found:
         sbs = MetaStore.read_superblocks(dev, pool_uuid)
-        newest[dev.path] = max((sb.generation for sb in sbs), default=-1)
+        # A member added at generation g carries g in its label and a synced copy of the
+        # metadata of g - 1 even if the crash took its first superblock.
+        newest[dev.path] = max([sb.generation for sb in sbs] + [lab.generation - 1])
         for sb in sbs:
             if best is None or sb.generation > best.generation:
                 best = sb

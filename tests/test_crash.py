@@ -18,6 +18,7 @@ import pytest
 import trio
 
 from pool import FileDevice, MemoryDevice, Pool
+from pool.errors import ImportFailed
 from pool.checker import check
 from pool.faults import RecordingDevice, WriteLog
 from tests.crashsim import CrashSimulator
@@ -154,3 +155,56 @@ async def test_crash_states_recover_last_flush(tmp_path: object, seed: int,
         n_states += 1
     assert n_states >= 3 * len(syncs)
     print(f"{profile}: {n_states} crash states checked ({len(syncs)} sync points)")
+
+
+async def test_crash_during_add_device(tmp_path: object) -> None:
+    """Invariant 2 for membership changes: a crash at any point of add_device leaves a pool
+    that imports either without the new device (it is refused as not listed, and the pool
+    imports from the old members) or with it, and all flushed data reads back."""
+    tmp = str(tmp_path)
+    paths = [os.path.join(tmp, f"d{i}") for i in range(4)]
+    devs = [FileDevice(p, create_size=DEV_SIZE) for p in paths[:3]]
+    FileDevice(paths[3], create_size=DEV_SIZE).close()
+    pool = await Pool.create("grow", devs, profile="ec:2+1", extent_size=64 << 10,
+                             meta_size=1 << 20)
+    vol = await VolumeManager(pool).create("v", VOL_SIZE, block_size=BLOCK)
+    before = os.urandom(VOL_SIZE)
+    await vol.write(0, before)
+    await vol.flush()
+    await pool.close()
+    base = [await trio.Path(p).read_bytes() for p in paths]
+    log = WriteLog()
+    pool = await Pool.open([RecordingDevice(FileDevice(p), i, log)
+                            for i, p in enumerate(paths[:3])])
+    added_at = log.mark("add start")
+    await pool.add_device(RecordingDevice(FileDevice(paths[3]), 3, log))
+    added = log.mark("add end")
+    vol = VolumeManager(pool).get("v")
+    after = os.urandom(VOL_SIZE)
+    await vol.write(0, after)
+    await vol.flush()
+    flushed = log.mark("flush end")
+    await pool.close()
+    sim = CrashSimulator(base, log)
+    rng = random.Random(7)
+    outcomes = {"with": 0, "without": 0}
+    for cs in sim.states(sim.sync_points() + sim.write_points(), rng):
+        mem = [MemoryDevice(len(img), path=f"grow{i}", data=img)
+               for i, img in enumerate(cs.images)]
+        try:
+            pool = await Pool.open(mem)
+            outcomes["with"] += 1
+            assert len(pool.statistics().members) == 4
+        except ImportFailed as e:
+            assert cs.position <= added, f"new member refused after add completed: {e}"
+            assert "does not list it" in e.message or "not a storaged pool member" in e.message
+            pool = await Pool.open(mem[:3])
+            outcomes["without"] += 1
+        assert cs.position > added_at or len(pool.statistics().members) == 3
+        report = await check(pool)
+        assert report.ok, f"crash at {cs.position} ({cs.variant}): {report.render()}"
+        content = await VolumeManager(pool).get("v").read(0, VOL_SIZE)
+        expected = [after] if cs.position > flushed else [before, after]
+        assert content in expected, f"crash at {cs.position} ({cs.variant}): wrong data"
+        await pool.close()
+    assert outcomes["with"] and outcomes["without"], outcomes
