@@ -18,8 +18,8 @@ import pytest
 import trio
 
 from pool import FileDevice, MemoryDevice, Pool
-from pool.errors import ImportFailed
 from pool.checker import check
+from pool.errors import ImportFailed
 from pool.faults import RecordingDevice, WriteLog
 from tests.crashsim import CrashSimulator
 from volumes import VolumeManager
