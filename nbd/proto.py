@@ -1,0 +1,611 @@
+"""The NBD protocol, server side, as a pure state machine (no I/O, no trio; like h11).
+
+Feed bytes with ``receive_data``; pull events with ``next_event`` until it returns
+``NEED_DATA``; send what ``data_to_send`` returns after each event. The handshake (fixed
+newstyle, NetworkBlockDevice/nbd doc/proto.md) is answered entirely inside, from the export
+``Catalog`` it is given; the transport only sees:
+
+- ``StartTLS``: send pending bytes, run the TLS handshake, call ``tls_started``;
+- ``Transmission``: an export was selected with NBD_OPT_GO / NBD_OPT_EXPORT_NAME;
+- ``Command``: a request, already validated (bad requests are answered here, with the
+  spec's error, and never reach the transport);
+- ``Disconnect``: NBD_OPT_ABORT or NBD_CMD_DISC; close after sending pending bytes.
+
+A peer that breaks framing (wrong magic, truncated handshake, a write payload too large to
+skip) raises ``RemoteProtocolError``: send pending bytes and drop the connection.
+
+Replies to commands are built by ``reply_*`` methods, which return bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+# ---- handshake constants (proto.md "Values") --------------------------------------------
+NBDMAGIC = 0x4E42444D41474943
+IHAVEOPT = 0x49484156454F5054
+REPLY_MAGIC = 0x3E889045565A9
+FLAG_FIXED_NEWSTYLE = 1 << 0
+FLAG_NO_ZEROES = 1 << 1
+CLIENT_FLAGS_KNOWN = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES
+
+OPT_EXPORT_NAME = 1
+OPT_ABORT = 2
+OPT_LIST = 3
+OPT_STARTTLS = 5
+OPT_INFO = 6
+OPT_GO = 7
+OPT_STRUCTURED_REPLY = 8
+OPT_LIST_META_CONTEXT = 9
+OPT_SET_META_CONTEXT = 10
+
+REP_ACK = 1
+REP_SERVER = 2
+REP_INFO = 3
+REP_META_CONTEXT = 4
+REP_ERR_UNSUP = (1 << 31) + 1
+REP_ERR_POLICY = (1 << 31) + 2
+REP_ERR_INVALID = (1 << 31) + 3
+REP_ERR_TLS_REQD = (1 << 31) + 5
+REP_ERR_UNKNOWN = (1 << 31) + 6
+REP_ERR_TOO_BIG = (1 << 31) + 9
+
+INFO_EXPORT = 0
+INFO_NAME = 1
+INFO_DESCRIPTION = 2
+INFO_BLOCK_SIZE = 3
+
+# ---- transmission constants ---------------------------------------------------------------
+TF_HAS_FLAGS = 1 << 0
+TF_READ_ONLY = 1 << 1
+TF_SEND_FLUSH = 1 << 2
+TF_SEND_FUA = 1 << 3
+TF_SEND_TRIM = 1 << 5
+TF_SEND_WRITE_ZEROES = 1 << 6
+TF_SEND_DF = 1 << 7
+TF_CAN_MULTI_CONN = 1 << 8
+TF_SEND_CACHE = 1 << 10
+TF_SEND_FAST_ZERO = 1 << 11
+
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
+
+CMD_READ = 0
+CMD_WRITE = 1
+CMD_DISC = 2
+CMD_FLUSH = 3
+CMD_TRIM = 4
+CMD_CACHE = 5
+CMD_WRITE_ZEROES = 6
+CMD_BLOCK_STATUS = 7
+COMMAND_NAMES = {CMD_READ: "READ", CMD_WRITE: "WRITE", CMD_DISC: "DISC", CMD_FLUSH: "FLUSH",
+                 CMD_TRIM: "TRIM", CMD_CACHE: "CACHE", CMD_WRITE_ZEROES: "WRITE_ZEROES",
+                 CMD_BLOCK_STATUS: "BLOCK_STATUS"}
+
+CMD_FLAG_FUA = 1 << 0
+CMD_FLAG_NO_HOLE = 1 << 1
+CMD_FLAG_DF = 1 << 2
+CMD_FLAG_REQ_ONE = 1 << 3
+CMD_FLAG_FAST_ZERO = 1 << 4
+# Which command flags each command may carry.
+ALLOWED_FLAGS = {
+    CMD_READ: CMD_FLAG_DF, CMD_WRITE: CMD_FLAG_FUA, CMD_DISC: 0, CMD_FLUSH: 0,
+    CMD_TRIM: CMD_FLAG_FUA, CMD_CACHE: 0,
+    CMD_WRITE_ZEROES: CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+    CMD_BLOCK_STATUS: CMD_FLAG_REQ_ONE,
+}
+
+REPLY_FLAG_DONE = 1 << 0
+REPLY_TYPE_NONE = 0
+REPLY_TYPE_OFFSET_DATA = 1
+REPLY_TYPE_OFFSET_HOLE = 2
+REPLY_TYPE_BLOCK_STATUS = 5
+REPLY_TYPE_ERROR = (1 << 15) + 1
+
+STATE_HOLE = 1 << 0
+STATE_ZERO = 1 << 1
+
+# NBD error values (proto.md "Error values")
+NBD_EPERM = 1
+NBD_EIO = 5
+NBD_ENOMEM = 12
+NBD_EINVAL = 22
+NBD_ENOSPC = 28
+NBD_EOVERFLOW = 75
+NBD_ENOTSUP = 95
+NBD_ESHUTDOWN = 108
+_ERRNO_TO_NBD = {
+    errno.EPERM: NBD_EPERM, errno.EROFS: NBD_EPERM, errno.EACCES: NBD_EPERM,
+    errno.EIO: NBD_EIO, errno.ENXIO: NBD_EIO, errno.ENOMEM: NBD_ENOMEM,
+    errno.EINVAL: NBD_EINVAL, errno.ENOENT: NBD_EINVAL, errno.ENOSPC: NBD_ENOSPC,
+    errno.EDQUOT: NBD_ENOSPC, errno.EOVERFLOW: NBD_EOVERFLOW, errno.EFBIG: NBD_EOVERFLOW,
+    errno.ENOTSUP: NBD_ENOTSUP, errno.ESHUTDOWN: NBD_ESHUTDOWN,
+}
+
+META_BASE_ALLOCATION = "base:allocation"
+META_CONTEXT_ID = 1
+MAX_OPTION_DATA = 64 * 1024        # no option we understand needs more
+MAX_STRING = 4096                  # proto.md: strings MUST be no longer than 4096 bytes
+MAX_PAYLOAD = 32 * 1024 * 1024     # advertised maximum payload
+HARD_PAYLOAD_LIMIT = 64 * 1024 * 1024  # a write claiming more is treated as an attack
+
+_OPT_HDR = struct.Struct(">QII")
+_OPT_REPLY = struct.Struct(">QIII")
+_REQUEST = struct.Struct(">IHHQQI")
+_SIMPLE = struct.Struct(">IIQ")
+_CHUNK = struct.Struct(">IHHQI")
+
+
+def nbd_error(code: int) -> int:
+    """The NBD error value for an errno (EIO for anything unknown)."""
+    return _ERRNO_TO_NBD.get(code, NBD_EIO)
+
+
+class RemoteProtocolError(Exception):
+    """The client broke the protocol so that the connection cannot go on."""
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+
+
+@dataclass(frozen=True, slots=True)
+class ExportInfo:
+    name: str
+    size: int
+    read_only: bool
+    description: str = ""
+    min_block: int = 1
+    preferred_block: int = 4096
+    max_block: int = MAX_PAYLOAD
+
+    @property
+    def transmission_flags(self) -> int:
+        flags = (TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_DF | TF_CAN_MULTI_CONN
+                 | TF_SEND_CACHE)
+        if self.read_only:
+            flags |= TF_READ_ONLY
+        else:
+            flags |= TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO
+        return flags
+
+
+class Catalog(Protocol):
+    """What the handshake needs to know about exports (pure lookups, no I/O)."""
+
+    def lookup(self, name: str) -> ExportInfo | None: ...
+
+    def exports(self) -> Sequence[ExportInfo]: ...
+
+
+class TLSMode(Enum):
+    OFF = "off"          # STARTTLS refused
+    ON = "on"            # STARTTLS offered; plain clients allowed
+    REQUIRE = "require"  # everything but STARTTLS/ABORT refused until TLS is up
+
+
+@dataclass(frozen=True, slots=True)
+class StartTLS:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Transmission:
+    export: ExportInfo
+    structured: bool
+    meta_context: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    cookie: int
+    kind: int
+    flags: int
+    offset: int
+    length: int
+    data: bytes = b""
+
+    @property
+    def name(self) -> str:
+        return COMMAND_NAMES.get(self.kind, str(self.kind))
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    reason: str
+
+
+Event = StartTLS | Transmission | Command | Disconnect
+
+
+class Phase(Enum):
+    CLIENT_FLAGS = "client-flags"
+    OPTIONS = "options"
+    TLS_PENDING = "tls-pending"
+    TRANSMISSION = "transmission"
+    CLOSED = "closed"
+
+
+class ServerConnection:
+    """One client connection's protocol state (server side)."""
+
+    def __init__(self, catalog: Catalog, *, tls: TLSMode = TLSMode.OFF) -> None:
+        self.catalog = catalog
+        self.tls_mode = tls
+        self.tls_active = False
+        self.phase = Phase.CLIENT_FLAGS
+        self.no_zeroes = False
+        self.structured = False
+        self.export: ExportInfo | None = None
+        self._meta_for: str | None = None    # export name the meta context was set for
+        self._in = bytearray()
+        self._out = bytearray()
+        self._skip = 0                       # payload bytes of a refused write to discard
+        self._eof = False
+        self._out += struct.pack(">QQH", NBDMAGIC, IHAVEOPT,
+                                 FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
+
+    # ---- bytes in and out ---------------------------------------------------------------
+    def receive_data(self, data: bytes) -> None:
+        if not data:
+            self._eof = True
+        self._in += data
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def tls_started(self) -> None:
+        if self.phase is not Phase.TLS_PENDING:
+            raise RuntimeError("tls_started outside of a STARTTLS exchange")
+        self.tls_active = True
+        self.phase = Phase.OPTIONS
+        # Per proto.md, everything negotiated before STARTTLS is forgotten.
+        self.structured = False
+        self._meta_for = None
+
+    @property
+    def meta_context(self) -> bool:
+        return self.export is not None and self._meta_for == self.export.name
+
+    # ---- the event pump -----------------------------------------------------------------
+    def next_event(self) -> Event | _NeedData:
+        while True:
+            if self.phase is Phase.CLOSED:
+                raise RemoteProtocolError("connection already closed")
+            if self.phase is Phase.TLS_PENDING:
+                return NEED_DATA
+            if self._skip:
+                n = min(self._skip, len(self._in))
+                del self._in[:n]
+                self._skip -= n
+                if self._skip:
+                    return self._need()
+            if self.phase is Phase.CLIENT_FLAGS:
+                if len(self._in) < 4:
+                    return self._need()
+                (flags,) = struct.unpack_from(">I", self._in)
+                del self._in[:4]
+                if flags & ~CLIENT_FLAGS_KNOWN or not flags & FLAG_FIXED_NEWSTYLE:
+                    self.phase = Phase.CLOSED
+                    raise RemoteProtocolError(f"unsupported client flags {flags:#x}")
+                self.no_zeroes = bool(flags & FLAG_NO_ZEROES)
+                self.phase = Phase.OPTIONS
+                continue
+            if self.phase is Phase.OPTIONS:
+                ev = self._option()
+            else:
+                ev = self._request()
+            if ev is None:
+                continue
+            return ev
+
+    def _need(self) -> _NeedData | Disconnect:
+        if self._eof:
+            phase, self.phase = self.phase, Phase.CLOSED
+            if not self._in and not self._skip and phase in (Phase.TRANSMISSION,
+                                                             Phase.OPTIONS):
+                return Disconnect("client closed the connection")
+            where = "a request" if phase is Phase.TRANSMISSION else "the handshake"
+            raise RemoteProtocolError(f"client closed the connection in the middle of {where}")
+        return NEED_DATA
+
+    # ---- handshake ----------------------------------------------------------------------
+    def _reply(self, option: int, rtype: int, data: bytes = b"") -> None:
+        self._out += _OPT_REPLY.pack(REPLY_MAGIC, option, rtype, len(data)) + data
+
+    def _error(self, option: int, rtype: int, message: str) -> None:
+        self._reply(option, rtype, message.encode()[:MAX_STRING])
+
+    def _option(self) -> Event | _NeedData | None:
+        if len(self._in) < _OPT_HDR.size:
+            return self._need()
+        magic, option, length = _OPT_HDR.unpack_from(self._in)
+        if magic != IHAVEOPT:
+            self.phase = Phase.CLOSED
+            raise RemoteProtocolError(f"bad option magic {magic:#x}")
+        if length > MAX_OPTION_DATA:
+            # Refuse without reading megabytes of junk: reply, then hard disconnect.
+            self._error(option, REP_ERR_TOO_BIG,
+                        f"option data of {length} bytes is too large")
+            self.phase = Phase.CLOSED
+            raise RemoteProtocolError(f"option {option} with {length} bytes of data")
+        if len(self._in) < _OPT_HDR.size + length:
+            return self._need()
+        data = bytes(self._in[_OPT_HDR.size:_OPT_HDR.size + length])
+        del self._in[:_OPT_HDR.size + length]
+        return self._handle_option(option, data)
+
+    def _tls_blocked(self, option: int) -> bool:
+        if self.tls_mode is TLSMode.REQUIRE and not self.tls_active and option not in (
+                OPT_STARTTLS, OPT_ABORT):
+            if option == OPT_EXPORT_NAME:
+                self.phase = Phase.CLOSED
+                raise RemoteProtocolError("NBD_OPT_EXPORT_NAME before TLS in require mode")
+            self._error(option, REP_ERR_TLS_REQD, "this server requires TLS (STARTTLS)")
+            return True
+        return False
+
+    def _handle_option(self, option: int, data: bytes) -> Event | None:
+        if self._tls_blocked(option):
+            return None
+        if option == OPT_ABORT:
+            self._reply(option, REP_ACK)
+            self.phase = Phase.CLOSED
+            return Disconnect("client sent NBD_OPT_ABORT")
+        if option == OPT_STARTTLS:
+            if data:
+                self._error(option, REP_ERR_INVALID, "STARTTLS takes no data")
+            elif self.tls_mode is TLSMode.OFF:
+                self._error(option, REP_ERR_POLICY, "TLS is not configured on this server")
+            elif self.tls_active:
+                self._error(option, REP_ERR_INVALID, "TLS is already active")
+            else:
+                self._reply(option, REP_ACK)
+                self.phase = Phase.TLS_PENDING
+                return StartTLS()
+            return None
+        if option == OPT_LIST:
+            if data:
+                self._error(option, REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
+                return None
+            for exp in self.catalog.exports():
+                name = exp.name.encode()
+                self._reply(option, REP_SERVER, struct.pack(">I", len(name)) + name
+                            + exp.description.encode())
+            self._reply(option, REP_ACK)
+            return None
+        if option == OPT_STRUCTURED_REPLY:
+            if data:
+                self._error(option, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+            elif self.structured:
+                self._error(option, REP_ERR_INVALID, "structured replies already negotiated")
+            else:
+                self.structured = True
+                self._reply(option, REP_ACK)
+            return None
+        if option in (OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT):
+            self._meta_option(option, data)
+            return None
+        if option in (OPT_INFO, OPT_GO):
+            return self._info_or_go(option, data)
+        if option == OPT_EXPORT_NAME:
+            found = self.catalog.lookup(data.decode(errors="replace"))
+            if found is None:
+                self.phase = Phase.CLOSED
+                raise RemoteProtocolError(f"NBD_OPT_EXPORT_NAME for unknown export "
+                                          f"{data[:100]!r}")
+            self._out += struct.pack(">QH", found.size, found.transmission_flags)
+            if not self.no_zeroes:
+                self._out += bytes(124)
+            return self._begin(found)
+        self._error(option, REP_ERR_UNSUP, f"option {option} is not supported")
+        return None
+
+    def _parse_name(self, data: bytes, pos: int = 0) -> tuple[str, int] | None:
+        if len(data) < pos + 4:
+            return None
+        (n,) = struct.unpack_from(">I", data, pos)
+        if n > MAX_STRING or len(data) < pos + 4 + n:
+            return None
+        try:
+            return data[pos + 4:pos + 4 + n].decode(), pos + 4 + n
+        except UnicodeDecodeError:
+            return None
+
+    def _info_or_go(self, option: int, data: bytes) -> Event | None:
+        parsed = self._parse_name(data)
+        if parsed is None or len(data) < parsed[1] + 2:
+            self._error(option, REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO data")
+            return None
+        name, pos = parsed
+        (nreq,) = struct.unpack_from(">H", data, pos)
+        if len(data) != pos + 2 + 2 * nreq:
+            self._error(option, REP_ERR_INVALID, "NBD_OPT_INFO/GO request count mismatch")
+            return None
+        requests = struct.unpack_from(f">{nreq}H", data, pos + 2)
+        exp = self.catalog.lookup(name)
+        if exp is None:
+            self._error(option, REP_ERR_UNKNOWN, f"no export named {name!r}")
+            return None
+        self._reply(option, REP_INFO, struct.pack(">HQH", INFO_EXPORT, exp.size,
+                                                  exp.transmission_flags))
+        if INFO_NAME in requests:
+            self._reply(option, REP_INFO, struct.pack(">H", INFO_NAME) + exp.name.encode())
+        if INFO_DESCRIPTION in requests and exp.description:
+            self._reply(option, REP_INFO,
+                        struct.pack(">H", INFO_DESCRIPTION) + exp.description.encode())
+        # Block sizes are sent even when not asked for (proto.md allows it): they are hints
+        # our server tolerates any alignment (minimum 1).
+        self._reply(option, REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, exp.min_block,
+                                                  exp.preferred_block, exp.max_block))
+        self._reply(option, REP_ACK)
+        if option == OPT_INFO:
+            return None
+        return self._begin(exp)
+
+    def _begin(self, exp: ExportInfo) -> Transmission:
+        self.export = exp
+        self.phase = Phase.TRANSMISSION
+        return Transmission(exp, self.structured, self.meta_context)
+
+    def _meta_option(self, option: int, data: bytes) -> None:
+        if not self.structured:
+            self._error(option, REP_ERR_INVALID, "negotiate structured replies first")
+            return
+        parsed = self._parse_name(data)
+        if parsed is None or len(data) < parsed[1] + 4:
+            self._error(option, REP_ERR_INVALID, "malformed meta context request")
+            return
+        name, pos = parsed
+        (nq,) = struct.unpack_from(">I", data, pos)
+        pos += 4
+        queries = []
+        for _ in range(nq):
+            q = self._parse_name(data, pos)
+            if q is None:
+                self._error(option, REP_ERR_INVALID, "malformed meta context query")
+                return
+            queries.append(q[0])
+            pos = q[1]
+        if pos != len(data):
+            self._error(option, REP_ERR_INVALID, "trailing bytes after meta context queries")
+            return
+        if self.catalog.lookup(name) is None:
+            self._error(option, REP_ERR_UNKNOWN, f"no export named {name!r}")
+            return
+        if option == OPT_LIST_META_CONTEXT:
+            match = not queries or any(q in ("base:", META_BASE_ALLOCATION) for q in queries)
+        else:
+            match = META_BASE_ALLOCATION in queries
+            self._meta_for = name if match else None
+        if match:
+            ctx = META_BASE_ALLOCATION.encode()
+            self._reply(option, REP_META_CONTEXT, struct.pack(">I", META_CONTEXT_ID) + ctx)
+        self._reply(option, REP_ACK)
+
+    # ---- transmission ---------------------------------------------------------------------
+    def _request(self) -> Event | _NeedData | None:
+        if len(self._in) < _REQUEST.size:
+            return self._need()
+        magic, flags, kind, cookie, offset, length = _REQUEST.unpack_from(self._in)
+        if magic != REQUEST_MAGIC:
+            self.phase = Phase.CLOSED
+            raise RemoteProtocolError(f"bad request magic {magic:#x}")
+        exp = self.export
+        assert exp is not None
+        if kind == CMD_WRITE:
+            if length > HARD_PAYLOAD_LIMIT:
+                self._out += self._error_reply(cookie, NBD_EINVAL,
+                                               f"write of {length} bytes is too large")
+                self.phase = Phase.CLOSED
+                raise RemoteProtocolError(f"write claims {length} bytes")
+            if len(self._in) < _REQUEST.size + length:
+                return self._need()
+            data = bytes(self._in[_REQUEST.size:_REQUEST.size + length])
+            del self._in[:_REQUEST.size + length]
+        else:
+            data = b""
+            del self._in[:_REQUEST.size]
+        why = self._invalid(exp, kind, flags, offset, length)
+        if why is not None:
+            code, message = why
+            self._out += self._error_reply(cookie, code, message)
+            return None
+        if kind == CMD_DISC:
+            self.phase = Phase.CLOSED
+            return Disconnect("client sent NBD_CMD_DISC")
+        return Command(cookie, kind, flags, offset, length, data)
+
+    def _invalid(self, exp: ExportInfo, kind: int, flags: int, offset: int,
+                 length: int) -> tuple[int, str] | None:
+        allowed = ALLOWED_FLAGS.get(kind)
+        if allowed is None:
+            return NBD_EINVAL, f"unknown command {kind}"
+        if flags & ~allowed:
+            return NBD_EINVAL, f"flags {flags:#x} are not valid for {COMMAND_NAMES[kind]}"
+        if kind in (CMD_DISC, CMD_FLUSH):
+            if offset or length:
+                return NBD_EINVAL, f"{COMMAND_NAMES[kind]} takes no offset or length"
+            return None
+        if exp.read_only and kind in (CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES):
+            return NBD_EPERM, f"export {exp.name!r} is read-only"
+        if flags & CMD_FLAG_DF and not self.structured:
+            return NBD_EINVAL, "DF requires structured replies"
+        if kind == CMD_BLOCK_STATUS and not self.meta_context:
+            return NBD_EINVAL, "BLOCK_STATUS without a negotiated meta context"
+        if offset + length > exp.size:
+            return NBD_EINVAL, (f"request {offset}+{length} is beyond the export size "
+                                f"{exp.size}")
+        if kind in (CMD_READ, CMD_WRITE) and length > exp.max_block:
+            return NBD_EOVERFLOW, (f"{COMMAND_NAMES[kind]} of {length} bytes exceeds the "
+                                   f"maximum payload {exp.max_block}")
+        if kind == CMD_READ and length == 0:
+            return NBD_EINVAL, "zero-length read"
+        return None
+
+    # ---- replies --------------------------------------------------------------------------
+    def _error_reply(self, cookie: int, code: int, message: str) -> bytes:
+        if self.structured:
+            msg = message.encode()[:MAX_STRING]
+            payload = struct.pack(">IH", code, len(msg)) + msg
+            return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_ERROR,
+                               cookie, len(payload)) + payload
+        return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, code, cookie)
+
+    def reply_error(self, cmd: Command, code: int, message: str = "") -> bytes:
+        """An error reply (``code`` is an NBD error value; see ``nbd_error``)."""
+        return self._error_reply(cmd.cookie, code, message)
+
+    def reply_ok(self, cmd: Command) -> bytes:
+        if self.structured:
+            return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_NONE,
+                               cmd.cookie, 0)
+        return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cmd.cookie)
+
+    def reply_read(self, cmd: Command,
+                   pieces: Sequence[tuple[int, int, bytes | None]]) -> list[bytes]:
+        """The reply to a READ: ``pieces`` are (offset, length, data or None for a hole)
+        covering the request in order. Returns buffers to send in order (no copy of data).
+        """
+        if not self.structured or cmd.flags & CMD_FLAG_DF:
+            parts: list[bytes] = [(_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cmd.cookie)
+                                   if not self.structured else
+                                   _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
+                                               REPLY_TYPE_OFFSET_DATA, cmd.cookie,
+                                               8 + cmd.length)
+                                   + struct.pack(">Q", cmd.offset))]
+            parts += [d if d is not None else bytes(n) for _o, n, d in pieces]
+            return parts
+        out: list[bytes] = []
+        last = len(pieces) - 1
+        for i, (off, n, d) in enumerate(pieces):
+            flags = REPLY_FLAG_DONE if i == last else 0
+            if d is None:
+                out.append(_CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, REPLY_TYPE_OFFSET_HOLE,
+                                       cmd.cookie, 12) + struct.pack(">QI", off, n))
+            else:
+                out.append(_CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, REPLY_TYPE_OFFSET_DATA,
+                                       cmd.cookie, 8 + n) + struct.pack(">Q", off))
+                out.append(d)
+        return out
+
+    def reply_block_status(self, cmd: Command, extents: Sequence[tuple[int, int]]) -> bytes:
+        """``extents``: (length, state flags) runs from the request offset, in order."""
+        if cmd.flags & CMD_FLAG_REQ_ONE:
+            extents = extents[:1]
+        body = struct.pack(">I", META_CONTEXT_ID) + b"".join(
+            struct.pack(">II", n, f) for n, f in extents)
+        return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS,
+                           cmd.cookie, len(body)) + body
