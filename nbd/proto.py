@@ -256,7 +256,7 @@ class ServerConnection:
                                  FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
 
     # ---- bytes in and out ---------------------------------------------------------------
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         if not data:
             self._eof = True
         self._in += data

@@ -114,9 +114,21 @@ class Volume:
     # ---- reads ----------------------------------------------------------------------------
     async def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset``; holes read as zeros. Never unverified bytes."""
+        pieces = await self.read_sparse(offset, length)
+        if len(pieces) == 1 and pieces[0][2] is not None:
+            return pieces[0][2]
+        return b"".join(d if d is not None else bytes(n) for _o, n, d in pieces)
+
+    async def read_sparse(self, offset: int,
+                          length: int) -> list[tuple[int, int, bytes | None]]:
+        """Like ``read``, as runs of (offset, length, data) where data is None for a hole.
+
+        Adjacent data blocks are joined and adjacent holes merged, so a frontend can send
+        holes without zeros (NBD OFFSET_HOLE).
+        """
         self._check(offset, length, write=False)
         if length == 0:
-            return b""
+            return []
         spans = list(self._blocks(offset, length))
         buffered: dict[int, bytes | None] = {}
         need: list[int] = []
@@ -131,18 +143,35 @@ class Volume:
         fetched = dict(zip(need, await self._pool.read_blocks(self._map, need,
                                                               self.block_size),
                            strict=True)) if need else {}
-        parts = []
+        bs = self.block_size
+        out: list[tuple[int, int, bytes | None]] = []
+        run: list[bytes] = []
+        run_start = hole_start = -1
         for b, lo, hi in spans:
             v = buffered[b] if b in buffered else fetched[b]
+            pos = b * bs + lo
             if v is None:
-                parts.append(self._zero[:hi - lo])
-            elif lo == 0 and hi == self.block_size:
-                parts.append(v)
+                if run:
+                    out.append((run_start, pos - run_start, b"".join(run)))
+                    run = []
+                if hole_start < 0:
+                    hole_start = pos
             else:
-                parts.append(v[lo:hi])
+                if hole_start >= 0:
+                    out.append((hole_start, pos - hole_start, None))
+                    hole_start = -1
+                if not run:
+                    run_start = pos
+                run.append(v if lo == 0 and hi == bs else v[lo:hi])
+        end = offset + length
+        if run:
+            out.append((run_start, end - run_start,
+                        run[0] if len(run) == 1 else b"".join(run)))
+        elif hole_start >= 0:
+            out.append((hole_start, end - hole_start, None))
         self._stats["reads"] += 1
         self._stats["bytes_read"] += length
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return out
 
     async def _current(self, b: int) -> bytes:
         """A block's present content (under its lock) as full bytes."""

@@ -1,0 +1,58 @@
+"""Which volumes are exported over NBD, and under what names.
+
+Export names are ``POOL/VOLUME`` (snapshots, read-only, ``POOL/VOLUME@SNAPSHOT`` once the
+snapshots issue lands). The catalog is rebuilt from the volume managers on every lookup, so
+a volume created or deleted through the control API is visible to the next handshake.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from nbd.proto import MAX_PAYLOAD, ExportInfo
+from volumes import NotFound, Volume, VolumeManager
+
+
+class VolumeCatalog:
+    """Exports every volume of the given pools (pool name -> VolumeManager)."""
+
+    def __init__(self, managers: Mapping[str, VolumeManager]) -> None:
+        self._managers = managers
+
+    def _split(self, name: str) -> tuple[str, str] | None:
+        pool, sep, vol = name.partition("/")
+        if not sep or not pool or not vol:
+            return None
+        return pool, vol
+
+    def volume(self, name: str) -> Volume | None:
+        parts = self._split(name)
+        if parts is None:
+            return None
+        vm = self._managers.get(parts[0])
+        if vm is None:
+            return None
+        try:
+            return vm.get(parts[1])
+        except NotFound:
+            return None
+
+    @staticmethod
+    def info(name: str, vol: Volume) -> ExportInfo:
+        return ExportInfo(name=name, size=vol.size, read_only=vol.read_only,
+                          description=f"storaged volume {name} ({vol.profile}"
+                                      f"{', lz4' if vol.compression else ''})",
+                          min_block=1, preferred_block=vol.block_size,
+                          max_block=MAX_PAYLOAD)
+
+    def lookup(self, name: str) -> ExportInfo | None:
+        vol = self.volume(name)
+        return None if vol is None else self.info(name, vol)
+
+    def exports(self) -> Sequence[ExportInfo]:
+        out = []
+        for pool in sorted(self._managers):
+            vm = self._managers[pool]
+            for vname in vm.names():
+                out.append(self.info(f"{pool}/{vname}", vm.get(vname)))
+        return out

@@ -1,0 +1,241 @@
+"""The NBD server's trio transport: sockets in, protocol core, Volume API calls out.
+
+Everything protocol-shaped lives in ``nbd.proto``; this module only moves bytes, runs TLS,
+and executes validated commands concurrently (replies may go out of order, as the spec
+allows), with at most ``max_inflight`` requests per connection in flight: when that many
+are running, the connection stops reading (backpressure).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from nbd import proto
+from nbd.exports import VolumeCatalog
+from volumes import StorageError, Volume
+
+log = logging.getLogger(__name__)
+RECV = 256 * 1024
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass
+class ServerStatistics:
+    connections: int = 0
+    active: int = 0
+    refused: int = 0
+    protocol_errors: int = 0
+    commands: dict[str, int] = field(default_factory=dict)
+    errors: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class NBDConfig:
+    host: str = "127.0.0.1"
+    port: int = 10809
+    tls: proto.TLSMode = proto.TLSMode.OFF
+    tls_context: ssl.SSLContext | None = None
+    allow: tuple[Network, ...] = ()    # empty: everyone
+    max_inflight: int = 64
+
+
+def tls_server_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+class NBDServer:
+    def __init__(self, catalog: VolumeCatalog, config: NBDConfig) -> None:
+        if config.tls is not proto.TLSMode.OFF and config.tls_context is None:
+            raise ValueError("TLS mode on/require needs a certificate and key")
+        self.catalog = catalog
+        self.config = config
+        self.stats = ServerStatistics()
+
+    async def serve(self, *, task_status: trio.TaskStatus[Sequence[trio.SocketListener]]
+                    = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        log.info("NBD server listening on %s:%d (TLS %s)", self.config.host,
+                 listeners[0].socket.getsockname()[1], self.config.tls.value)
+        task_status.started(listeners)
+        await trio.serve_listeners(self.handle, listeners)
+
+    def _allowed(self, stream: trio.SocketStream) -> bool:
+        if not self.config.allow:
+            return True
+        try:
+            host = stream.socket.getpeername()[0]
+            addr = ipaddress.ip_address(host)
+        except (OSError, ValueError):
+            return False
+        return any(addr in net for net in self.config.allow)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        if not self._allowed(stream):
+            self.stats.refused += 1
+            log.warning("NBD: refused connection from %s (not in the allow list)",
+                        _peer(stream))
+            await stream.aclose()
+            return
+        self.stats.connections += 1
+        self.stats.active += 1
+        peer = _peer(stream)
+        conn = proto.ServerConnection(self.catalog, tls=self.config.tls)
+        client = _Client(self, conn, stream, peer)
+        try:
+            await client.run()
+        except proto.RemoteProtocolError as e:
+            self.stats.protocol_errors += 1
+            log.info("NBD %s: protocol error, closing: %s", peer, e)
+            await client.send_pending()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError,
+                ConnectionError) as e:
+            log.info("NBD %s: connection lost: %s", peer, e)
+        finally:
+            self.stats.active -= 1
+            with trio.move_on_after(5):
+                await client.stream.aclose()
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "?"
+
+
+class _Client:
+    def __init__(self, server: NBDServer, conn: proto.ServerConnection,
+                 stream: trio.SocketStream, peer: str) -> None:
+        self.server = server
+        self.conn = conn
+        self.stream: trio.abc.Stream = stream
+        self.peer = peer
+        self.volume: Volume | None = None
+        self._send_lock = trio.Lock()
+        self._slots = trio.Semaphore(server.config.max_inflight)
+
+    async def send_pending(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            with trio.move_on_after(5):
+                async with self._send_lock:
+                    await self.stream.send_all(data)
+
+    async def _send(self, parts: Sequence[bytes]) -> None:
+        async with self._send_lock:
+            pending = self.conn.data_to_send()
+            if pending:
+                await self.stream.send_all(pending)
+            await self.stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
+
+    async def _receive(self) -> None:
+        data = await self.stream.receive_some(RECV)
+        self.conn.receive_data(data)
+
+    async def run(self) -> None:
+        await self._send([])
+        # Handshake.
+        while True:
+            ev = self.conn.next_event()
+            if ev is proto.NEED_DATA:
+                await self._send([])
+                await self._receive()
+            elif isinstance(ev, proto.StartTLS):
+                await self._send([])
+                ctx = self.server.config.tls_context
+                assert ctx is not None
+                tls = trio.SSLStream(self.stream, ctx, server_side=True)
+                await tls.do_handshake()
+                self.stream = tls
+                self.conn.tls_started()
+                log.debug("NBD %s: TLS established", self.peer)
+            elif isinstance(ev, proto.Disconnect):
+                await self._send([])
+                return
+            elif isinstance(ev, proto.Transmission):
+                await self._send([])
+                self.volume = self.server.catalog.volume(ev.export.name)
+                if self.volume is None:  # deleted between lookup and now
+                    return
+                log.info("NBD %s: serving %s (structured replies %s)", self.peer,
+                         ev.export.name, "on" if ev.structured else "off")
+                break
+        # Transmission: read requests, run them concurrently, reply as they finish.
+        # Errors are caught inside the nursery so they do not arrive as exception groups.
+        failure: BaseException | None = None
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    ev = self.conn.next_event()
+                    if ev is proto.NEED_DATA:
+                        await self._send([])
+                        await self._receive()
+                        continue
+                except (proto.RemoteProtocolError, trio.BrokenResourceError,
+                        trio.ClosedResourceError, ssl.SSLError, ConnectionError) as e:
+                    failure = e
+                    break
+                if isinstance(ev, proto.Command):
+                    await self._slots.acquire()
+                    nursery.start_soon(self._execute, ev)
+                elif isinstance(ev, proto.Disconnect):
+                    break
+            # Spec: on disconnect, finish what is in flight (the nursery waits).
+        if failure is not None:
+            raise failure
+        await self._send([])
+
+    async def _execute(self, cmd: proto.Command) -> None:
+        vol = self.volume
+        assert vol is not None
+        stats = self.server.stats
+        stats.commands[cmd.name] = stats.commands.get(cmd.name, 0) + 1
+        try:
+            try:
+                reply = await self._dispatch(vol, cmd)
+            except StorageError as e:
+                stats.errors += 1
+                log.info("NBD %s: %s %d+%d failed: %s", self.peer, cmd.name, cmd.offset,
+                         cmd.length, e)
+                reply = [self.conn.reply_error(cmd, proto.nbd_error(e.errno), str(e))]
+            # If the client is gone, the reader sees it and ends the connection.
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
+                                     ssl.SSLError, ConnectionError):
+                await self._send(reply)
+        finally:
+            self._slots.release()
+
+    async def _dispatch(self, vol: Volume, cmd: proto.Command) -> list[bytes]:
+        conn = self.conn
+        fua = bool(cmd.flags & proto.CMD_FLAG_FUA)
+        k = cmd.kind
+        if k == proto.CMD_READ:
+            return conn.reply_read(cmd, await vol.read_sparse(cmd.offset, cmd.length))
+        if k == proto.CMD_WRITE:
+            await vol.write(cmd.offset, cmd.data, fua=fua)
+        elif k == proto.CMD_FLUSH:
+            await vol.flush()
+        elif k == proto.CMD_TRIM:
+            await vol.trim(cmd.offset, cmd.length, fua=fua)
+        elif k == proto.CMD_WRITE_ZEROES:
+            # Zeroing makes holes, which is fast: FAST_ZERO can always be honoured.
+            await vol.write_zeroes(cmd.offset, cmd.length, fua=fua)
+        elif k == proto.CMD_CACHE:
+            pass  # advisory; records are read on demand and cached by the kernel
+        elif k == proto.CMD_BLOCK_STATUS:
+            extents = await vol.allocation(cmd.offset, cmd.length)
+            runs = [(e.length, 0 if e.allocated else proto.STATE_HOLE | proto.STATE_ZERO)
+                    for e in extents]
+            return [conn.reply_block_status(cmd, runs)]
+        return [conn.reply_ok(cmd)]
