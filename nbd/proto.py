@@ -545,12 +545,12 @@ class ServerConnection:
             return NBD_EINVAL, "DF requires structured replies"
         if kind == CMD_BLOCK_STATUS and not self.meta_context:
             return NBD_EINVAL, "BLOCK_STATUS without a negotiated meta context"
-        if offset + length > exp.size:
-            return NBD_EINVAL, (f"request {offset}+{length} is beyond the export size "
-                                f"{exp.size}")
         if kind in (CMD_READ, CMD_WRITE) and length > exp.max_block:
             return NBD_EOVERFLOW, (f"{COMMAND_NAMES[kind]} of {length} bytes exceeds the "
                                    f"maximum payload {exp.max_block}")
+        if offset + length > exp.size:
+            return NBD_EINVAL, (f"request {offset}+{length} is beyond the export size "
+                                f"{exp.size}")
         if kind == CMD_READ and length == 0:
             return NBD_EINVAL, "zero-length read"
         return None
