@@ -271,7 +271,7 @@ def test_read_replies_structured_holes_and_df() -> None:
     cmd = proto.Command(5, proto.CMD_READ, 0, 4096, 8192)
     parts = conn.reply_read(cmd, [(4096, 4096, b"x" * 4096), (8192, 4096, None)])
     raw = b"".join(parts)
-    magic, flags, rtype, cookie, n = struct.unpack_from(">IHHQI", raw)
+    _magic, flags, rtype, cookie, n = struct.unpack_from(">IHHQI", raw)
     assert (rtype, flags, cookie, n) == (proto.REPLY_TYPE_OFFSET_DATA, 0, 5, 8 + 4096)
     assert struct.unpack_from(">Q", raw, 20)[0] == 4096
     second = raw[28 + 4096:]
