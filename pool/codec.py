@@ -122,10 +122,11 @@ def check_fragment(frag: bytes | memoryview, index: int, k: int, m: int, plen: i
     return view[HEADER_SIZE:end]
 
 
-def reassemble(chunks: dict[int, memoryview], k: int, m: int, plen: int) -> bytes:
+def reassemble(chunks: dict[int, memoryview], k: int, m: int,
+               plen: int) -> bytes | memoryview:
     """The stored payload from any k verified chunks (index -> chunk)."""
     if k == 1:
-        return bytes(next(iter(chunks.values()))[:plen])
+        return next(iter(chunks.values()))[:plen]
     if all(i in chunks for i in range(k)):
         return b"".join(chunks[i] for i in range(k))[:plen]
     nums = tuple(sorted(chunks))[:k]
@@ -136,11 +137,11 @@ def reassemble(chunks: dict[int, memoryview], k: int, m: int, plen: int) -> byte
     return b"".join(parts)[:plen]
 
 
-def payload_ok(payload: bytes, rhash: int) -> bool:
+def payload_ok(payload: bytes | memoryview, rhash: int) -> bool:
     return _xxh3(payload) == rhash
 
 
-def expand(payload: bytes, flags: int, block_size: int) -> bytes:
+def expand(payload: bytes | memoryview, flags: int, block_size: int) -> bytes | memoryview:
     """The logical block from its stored payload."""
     if flags & FLAG_LZ4:
         out: bytes = lz4.block.decompress(payload, uncompressed_size=block_size)

@@ -21,6 +21,7 @@ import os
 import stat
 import struct
 import threading
+from collections.abc import Sequence
 from typing import Protocol
 
 from pool.errors import DeviceError
@@ -30,6 +31,8 @@ _BLKDISCARD = 0x1277
 _BLKGETSIZE64 = 0x80081272
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
+_IOV_MAX = 1024
+Buffer = bytes | bytearray | memoryview
 
 
 class Device(Protocol):
@@ -44,6 +47,8 @@ class Device(Protocol):
     def pread(self, offset: int, length: int) -> bytes: ...
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
+
+    def pwritev(self, offset: int, buffers: Sequence[Buffer]) -> None: ...
 
     def sync(self) -> None: ...
 
@@ -108,6 +113,24 @@ class FileDevice:
                 n = os.pwrite(self._fd, view, offset)
                 view = view[n:]
                 offset += n
+        except OSError as e:
+            raise DeviceError(f"write at {offset} on {self._path} failed: {e.strerror}") from e
+
+    def pwritev(self, offset: int, buffers: Sequence[Buffer]) -> None:
+        """Write buffers back to back from ``offset`` (one syscall per IOV_MAX buffers)."""
+        views = [memoryview(b) for b in buffers if len(b)]
+        try:
+            while views:
+                batch = views[:_IOV_MAX]
+                n = os.pwritev(self._fd, batch, offset)
+                offset += n
+                while n and views:
+                    if n >= len(views[0]):
+                        n -= len(views[0])
+                        views.pop(0)
+                    else:
+                        views[0] = views[0][n:]
+                        n = 0
         except OSError as e:
             raise DeviceError(f"write at {offset} on {self._path} failed: {e.strerror}") from e
 
@@ -179,6 +202,9 @@ class MemoryDevice:
             raise DeviceError(f"write beyond end of {self._path}")
         with self._lock:
             self._buf[offset:offset + n] = data
+
+    def pwritev(self, offset: int, buffers: Sequence[Buffer]) -> None:
+        self.pwrite(offset, b"".join(buffers))
 
     def sync(self) -> None:
         return None

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import random
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pool.device import Device
+from pool.device import Buffer, Device
 from pool.errors import DeviceError
 
 
@@ -72,6 +73,9 @@ class RecordingDevice:
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.inner.pwrite(offset, data)
         self.log.add(self.number, "write", offset, bytes(data))
+
+    def pwritev(self, offset: int, buffers: Sequence[Buffer]) -> None:
+        self.pwrite(offset, b"".join(buffers))
 
     def sync(self) -> None:
         self.inner.sync()
@@ -153,6 +157,9 @@ class FaultyDevice:
         if self._roll(self.write_error_rate):
             raise self._fail(f"write at {offset}")
         self.inner.pwrite(offset, data)
+
+    def pwritev(self, offset: int, buffers: Sequence[Buffer]) -> None:
+        self.pwrite(offset, b"".join(buffers))
 
     def sync(self) -> None:
         if self.gone:

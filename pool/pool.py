@@ -160,6 +160,7 @@ class Pool:
         self._open: dict[tuple[int, int], Segment] = {}
         self._pins: dict[int, int] = {}
         self._fill_moved: set[int] = set()   # segments whose fill changed since last commit
+        self._column_cache: dict[int, tuple[tuple[Device | None, int, str], ...]] = {}
         self._pending: list[Op] = []
         self._applied = 0
         self._committed = 0
@@ -421,6 +422,7 @@ class Pool:
                 continue
             self._do(op_json(op="seg_free", id=seg_id))
             self._pending_free.extend(seg.extents)
+            self._column_cache.pop(seg_id, None)
 
     def _release_extents(self) -> None:
         if self._reads_in_flight or not self._releasable:
@@ -443,11 +445,10 @@ class Pool:
             raise StorageError(f"map {map_id} does not exist")
         blocks = [b for b, d in items if d is not None]
         datas = [d for _b, d in items if d is not None]
-        encoded = await trio.to_thread.run_sync(records.encode_all, datas, prof.k, prof.m,
-                                                compress, limiter=self._cpu)
+        encoded = await self._encode(datas, prof, compress)
         self._check_ok()
         placed: list[tuple[int, Segment, int, codec.EncodedRecord]] = []
-        writes: dict[int, list[tuple[Device, int, bytes]]] = {}
+        writes: dict[int, list[tuple[Device, int, list[bytearray]]]] = {}
         pinned: list[int] = []
         try:
             key = (prof.k, prof.m)
@@ -470,9 +471,9 @@ class Pool:
                     dev = self.devices[idx]
                     if dev is None:
                         continue
-                    data = b"".join(placed[x][3].fragments[c] for x in range(i, j))
+                    frags = [placed[x][3].fragments[c] for x in range(i, j)]
                     writes.setdefault(idx, []).append(
-                        (dev, self.layout.extent_offset(ext) + off * SECTOR, data))
+                        (dev, self.layout.extent_offset(ext) + off * SECTOR, frags))
                 i = j
             async with trio.open_nursery() as nursery:
                 for idx, wl in writes.items():
@@ -494,8 +495,33 @@ class Pool:
                     del self._pins[seg_id]
             self._reap()
 
+    async def _encode(self, datas: list[bytes], prof: Profile,
+                      compress: bool) -> list[codec.EncodedRecord]:
+        """Compress, split and encode records, on both cores when there are enough
+        (zfec and lz4 release the GIL)."""
+        if len(datas) < 8:
+            return await trio.to_thread.run_sync(records.encode_all, datas, prof.k, prof.m,
+                                                 compress, limiter=self._cpu)
+        half = len(datas) // 2
+        parts: list[list[codec.EncodedRecord]] = [[], []]
+
+        async def one(i: int, chunk: list[bytes]) -> None:
+            parts[i] = await trio.to_thread.run_sync(records.encode_all, chunk, prof.k,
+                                                     prof.m, compress, limiter=self._cpu)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one, 0, datas[:half])
+            nursery.start_soon(one, 1, datas[half:])
+        return parts[0] + parts[1]
+
+    def _columns(self, seg: Segment) -> tuple[tuple[Device | None, int, str], ...]:
+        cols = self._column_cache.get(seg.id)
+        if cols is None:
+            cols = self._column_cache[seg.id] = tuple(self._column(idx, ext)
+                                                       for idx, ext in seg.extents)
+        return cols
+
     async def read_blocks(self, map_id: int, blocks: Sequence[int],
-                          block_size: int) -> list[bytes | None]:
+                          block_size: int) -> list[bytes | memoryview | None]:
         """The logical content of each block (``None`` for a hole), verified."""
         self._check_ok()
         bmap = self.state.maps[map_id]
@@ -506,11 +532,11 @@ class Pool:
                 continue
             seg_id, off, plen, flags, rhash = ENTRY.unpack(raw)
             seg = self.state.segments[seg_id]
-            cols = tuple(self._column(idx, ext) for idx, ext in seg.extents)
+            cols = self._columns(seg)
             plans.append(records.RecordPlan(slot, seg_id, off,
                                             codec.fragment_units(plen, seg.k), seg.k, seg.m,
                                             plen, flags, rhash, cols))
-        result: list[bytes | None] = [None] * len(blocks)
+        result: list[bytes | memoryview | None] = [None] * len(blocks)
         if not plans:
             return result
         self._reads_in_flight += 1
@@ -728,6 +754,7 @@ class Pool:
                              n_extents=n_ext))
             self.devices.append(dev)
             self.meta.devices.append(dev)
+            self._column_cache.clear()
             self._limiters.append(trio.CapacityLimiter(4))
             self._free.append(set(range(n_ext)))
             await self._checkpoint_locked()

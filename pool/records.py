@@ -44,7 +44,8 @@ class Repair:
 
 @dataclass
 class ReadOutcome:
-    payloads: dict[int, bytes] = field(default_factory=dict)    # slot -> logical block
+    # slot -> logical block (a view into the read buffer when stored raw: no copy)
+    payloads: dict[int, bytes | memoryview] = field(default_factory=dict)
     repairs: list[Repair] = field(default_factory=list)
     failures: dict[int, str] = field(default_factory=dict)      # slot -> why unreadable
     degraded: int = 0             # records that needed parity (or another mirror)
@@ -55,9 +56,9 @@ def encode_all(datas: Sequence[bytes], k: int, m: int,
     return [codec.encode(d, k, m, compress) for d in datas]
 
 
-def write_columns(writes: Sequence[tuple[Device, int, bytes]]) -> None:
-    for dev, offset, data in writes:
-        dev.pwrite(offset, data)
+def write_columns(writes: Sequence[tuple[Device, int, list[bytearray]]]) -> None:
+    for dev, offset, fragments in writes:
+        dev.pwritev(offset, fragments)
 
 
 def _frag_bytes(col: tuple[Device | None, int, str], offset: int, units: int) -> bytes | None:

@@ -33,7 +33,8 @@ MIN_BLOCK = 4096
 MAX_BLOCK = 1024 * 1024
 DEFAULT_BLOCK = 64 * 1024
 WRITEBACK_BYTES = 32 * 1024 * 1024   # buffered bytes per volume before writeback starts
-WRITEBACK_BATCH = 256                # blocks per pool write call
+WRITEBACK_BATCH = 128                # blocks per pool write call
+WRITEBACK_PARALLEL = 2               # pool write calls in flight per volume
 _MISSING = object()
 
 
@@ -130,7 +131,7 @@ class Volume:
         if length == 0:
             return []
         spans = list(self._blocks(offset, length))
-        buffered: dict[int, bytes | None] = {}
+        buffered: dict[int, bytes | memoryview | None] = {}
         need: list[int] = []
         for b, _lo, _hi in spans:
             v = self._dirty.get(b, _MISSING)
@@ -140,19 +141,21 @@ class Volume:
                 need.append(b)
             else:
                 buffered[b] = v  # type: ignore[assignment]
-        fetched = dict(zip(need, await self._pool.read_blocks(self._map, need,
-                                                              self.block_size),
-                           strict=True)) if need else {}
+        if need:
+            buffered.update(zip(need, await self._pool.read_blocks(self._map, need,
+                                                                   self.block_size),
+                                strict=True))
         bs = self.block_size
         out: list[tuple[int, int, bytes | None]] = []
-        run: list[bytes] = []
+        run: list[bytes | memoryview] = []
         run_start = hole_start = -1
         for b, lo, hi in spans:
-            v = buffered[b] if b in buffered else fetched[b]
+            v = buffered[b]
             pos = b * bs + lo
             if v is None:
                 if run:
-                    out.append((run_start, pos - run_start, b"".join(run)))
+                    out.append((run_start, pos - run_start,
+                                bytes(run[0]) if len(run) == 1 else b"".join(run)))
                     run = []
                 if hole_start < 0:
                     hole_start = pos
@@ -166,7 +169,7 @@ class Volume:
         end = offset + length
         if run:
             out.append((run_start, end - run_start,
-                        run[0] if len(run) == 1 else b"".join(run)))
+                        bytes(run[0]) if len(run) == 1 else b"".join(run)))
         elif hole_start >= 0:
             out.append((hole_start, end - hole_start, None))
         self._stats["reads"] += 1
@@ -175,12 +178,13 @@ class Volume:
 
     async def _current(self, b: int) -> bytes:
         """A block's present content (under its lock) as full bytes."""
-        v = self._dirty.get(b, _MISSING)
-        if v is _MISSING:
-            v = self._inflight.get(b, _MISSING)
-        if v is _MISSING:
+        if b in self._dirty:
+            v: bytes | memoryview | None = self._dirty[b]
+        elif b in self._inflight:
+            v = self._inflight[b]
+        else:
             v = (await self._pool.read_blocks(self._map, [b], self.block_size))[0]
-        return self._zero if v is None else v  # type: ignore[return-value]
+        return self._zero if v is None else bytes(v)
 
     # ---- writes ---------------------------------------------------------------------------
     async def write(self, offset: int, data: bytes | bytearray | memoryview, *,
@@ -276,10 +280,8 @@ class Volume:
                 self._dirty_data = 0
                 try:
                     items = sorted(batch.items())
-                    for i in range(0, len(items), WRITEBACK_BATCH):
-                        await self._pool.write_blocks(self._map, self.profile,
-                                                      self.compression,
-                                                      items[i:i + WRITEBACK_BATCH])
+                    await self._write_batches([items[i:i + WRITEBACK_BATCH]
+                                               for i in range(0, len(items), WRITEBACK_BATCH)])
                 except BaseException:
                     # Nothing acknowledged is dropped: put back what was not overwritten.
                     for b, v in batch.items():
@@ -294,6 +296,34 @@ class Volume:
                 finally:
                     self._inflight = {}
                 self._pool.unreserve(data_blocks * self._cost)
+
+    async def _write_batches(self, batches: list[list[tuple[int, bytes | None]]]) -> None:
+        """Hand batches to the pool, two at a time, so that encoding one overlaps the device
+        writes of the other. The first storage error is re-raised as itself."""
+        if len(batches) == 1:
+            await self._pool.write_blocks(self._map, self.profile, self.compression,
+                                          batches[0])
+            return
+        failures: list[StorageError] = []
+        slots = trio.Semaphore(WRITEBACK_PARALLEL)
+
+        async def one(batch: list[tuple[int, bytes | None]]) -> None:
+            try:
+                await self._pool.write_blocks(self._map, self.profile, self.compression,
+                                              batch)
+            except StorageError as e:
+                failures.append(e)
+            finally:
+                slots.release()
+        async with trio.open_nursery() as nursery:
+            for batch in batches:
+                await slots.acquire()
+                if failures:
+                    slots.release()
+                    break
+                nursery.start_soon(one, batch)
+        if failures:
+            raise failures[0]
 
     async def flush(self) -> None:
         """Make every write acknowledged before this call durable (invariant 1)."""
