@@ -32,6 +32,7 @@ _BLKGETSIZE64 = 0x80081272
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _IOV_MAX = 1024
+_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
 Buffer = bytes | bytearray | memoryview
 
 
@@ -45,6 +46,12 @@ class Device(Protocol):
     def size(self) -> int: ...
 
     def pread(self, offset: int, length: int) -> bytes: ...
+
+    def pread_nowait(self, offset: int, length: int) -> bytes | bytearray | None:
+        """The bytes if they can be had without blocking (page cache), else None.
+
+        May be called on the event loop; must never block or raise for "not cached"."""
+        ...
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
 
@@ -105,6 +112,16 @@ class FileDevice:
             raise DeviceError(f"short read on {self._path}: {len(data)} of {length} bytes "
                               f"at {offset}")
         return data
+
+    def pread_nowait(self, offset: int, length: int) -> bytes | bytearray | None:
+        if _RWF_NOWAIT is None:
+            return None
+        buf = bytearray(length)
+        try:
+            n = os.preadv(self._fd, [buf], offset, _RWF_NOWAIT)
+        except OSError:
+            return None  # EAGAIN (not cached), EOPNOTSUPP...: the thread path will tell
+        return buf if n == length else None
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -195,6 +212,12 @@ class MemoryDevice:
             raise DeviceError(f"read beyond end of {self._path}")
         with self._lock:
             return bytes(self._buf[offset:offset + length])
+
+    def pread_nowait(self, offset: int, length: int) -> bytes | bytearray | None:
+        try:
+            return self.pread(offset, length)
+        except DeviceError:
+            return None
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         n = len(data)

@@ -70,6 +70,9 @@ class RecordingDevice:
     def pread(self, offset: int, length: int) -> bytes:
         return self.inner.pread(offset, length)
 
+    def pread_nowait(self, offset: int, length: int) -> bytes | bytearray | None:
+        return self.inner.pread_nowait(offset, length)
+
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.inner.pwrite(offset, data)
         self.log.add(self.number, "write", offset, bytes(data))
@@ -130,6 +133,9 @@ class FaultyDevice:
     def _fail(self, what: str) -> DeviceError:
         self.injected_errors += 1
         return DeviceError(f"injected I/O error: {what} on {self.path}")
+
+    def pread_nowait(self, offset: int, length: int) -> bytes | bytearray | None:
+        return None  # every read goes through pread, where the faults are
 
     def pread(self, offset: int, length: int) -> bytes:
         if self.gone:

@@ -525,27 +525,37 @@ class Pool:
         """The logical content of each block (``None`` for a hole), verified."""
         self._check_ok()
         bmap = self.state.maps[map_id]
+        if blocks and blocks[-1] - blocks[0] + 1 == len(blocks):
+            entries = bmap.get_range(blocks[0], len(blocks))
+        else:
+            entries = [bmap.get(b) for b in blocks]
         plans: list[records.RecordPlan] = []
-        for slot, block in enumerate(blocks):
-            raw = bmap.get(block)
+        segments = self.state.segments
+        unpack = ENTRY.unpack
+        for slot, raw in enumerate(entries):
             if raw is None:
                 continue
-            seg_id, off, plen, flags, rhash = ENTRY.unpack(raw)
-            seg = self.state.segments[seg_id]
-            cols = self._columns(seg)
-            plans.append(records.RecordPlan(slot, seg_id, off,
-                                            codec.fragment_units(plen, seg.k), seg.k, seg.m,
-                                            plen, flags, rhash, cols))
+            seg_id, off, plen, flags, rhash = unpack(raw)
+            seg = segments[seg_id]
+            k = seg.k
+            plans.append(records.RecordPlan(
+                slot, seg_id, off, -(-(codec.HEADER_SIZE + -(-plen // k)) // SECTOR), k, seg.m,
+                plen, flags, rhash, self._columns(seg)))
         result: list[bytes | memoryview | None] = [None] * len(blocks)
         if not plans:
             return result
-        self._reads_in_flight += 1
         try:
-            out = await trio.to_thread.run_sync(records.read_records, plans, block_size,
-                                                limiter=self._cpu)
-        finally:
-            self._reads_in_flight -= 1
-            self._release_extents()
+            # Page-cached, healthy data is served without a thread hop (~120 us here):
+            # preadv(RWF_NOWAIT) never blocks, and verification is a hash per fragment.
+            out = records.read_records(plans, block_size, nowait=True)
+        except records.WouldBlock:
+            self._reads_in_flight += 1
+            try:
+                out = await trio.to_thread.run_sync(records.read_records, plans, block_size,
+                                                    limiter=self._cpu)
+            finally:
+                self._reads_in_flight -= 1
+                self._release_extents()
         self._counters["records_read"] += len(plans)
         self._counters["degraded_reads"] += out.degraded
         if out.repairs:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from pool import codec
 from pool.device import Device
@@ -15,9 +16,11 @@ from pool.errors import DeviceError
 from pool.layout import SECTOR
 
 
-@dataclass(frozen=True, slots=True)
-class RecordPlan:
-    """Everything needed to read one record: where its k + m fragments are."""
+class RecordPlan(NamedTuple):
+    """Everything needed to read one record: where its k + m fragments are.
+
+    A NamedTuple rather than a dataclass: one is built per block read, on the event loop.
+    """
 
     slot: int                     # position in the caller's request
     segment: int
@@ -71,8 +74,17 @@ def _frag_bytes(col: tuple[Device | None, int, str], offset: int, units: int) ->
         return None
 
 
-def read_records(plans: Sequence[RecordPlan], block_size: int) -> ReadOutcome:
-    """Read and verify records; coalesce runs of adjacent records of one segment."""
+class WouldBlock(Exception):
+    """The non-blocking attempt needs the thread path (data not cached, or a slow path)."""
+
+
+def read_records(plans: Sequence[RecordPlan], block_size: int, *,
+                 nowait: bool = False) -> ReadOutcome:
+    """Read and verify records; coalesce runs of adjacent records of one segment.
+
+    With ``nowait`` (called on the event loop) only page-cached, fully healthy reads are
+    served; anything else raises WouldBlock and the caller retries in a thread.
+    """
     out = ReadOutcome()
     i = 0
     while i < len(plans):
@@ -80,17 +92,26 @@ def read_records(plans: Sequence[RecordPlan], block_size: int) -> ReadOutcome:
         while (j < len(plans) and plans[j].segment == plans[i].segment
                and plans[j].offset == plans[j - 1].offset + plans[j - 1].units):
             j += 1
-        _read_run(plans[i:j], block_size, out)
+        _read_run(plans[i:j], block_size, out, nowait)
         i = j
     return out
 
 
-def _read_run(run: Sequence[RecordPlan], block_size: int, out: ReadOutcome) -> None:
+def _read_run(run: Sequence[RecordPlan], block_size: int, out: ReadOutcome,
+              nowait: bool) -> None:
     first = run[0]
     k = first.k
     total = sum(p.units for p in run)
     columns: list[memoryview | None] = []
     for c in range(k):
+        if nowait:
+            dev, base, _name = first.columns[c]
+            got = (dev.pread_nowait(base + first.offset * SECTOR, total * SECTOR)
+                   if dev is not None else None)
+            if got is None:
+                raise WouldBlock
+            columns.append(memoryview(got))
+            continue
         raw = _frag_bytes(first.columns[c], first.offset, total)
         columns.append(memoryview(raw) if raw is not None else None)
     pos = 0
@@ -110,6 +131,8 @@ def _read_run(run: Sequence[RecordPlan], block_size: int, out: ReadOutcome) -> N
             if codec.payload_ok(payload, p.rhash):
                 out.payloads[p.slot] = codec.expand(payload, p.flags, block_size)
                 continue
+        if nowait:
+            raise WouldBlock
         _read_slow(p, block_size, chunks, out)
 
 

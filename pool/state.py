@@ -69,6 +69,24 @@ class BlockMap:
         raw = bytes(page[o:o + ENTRY_SIZE])
         return None if raw == HOLE else raw
 
+    def get_range(self, start: int, count: int) -> list[bytes | None]:
+        """Entries of ``count`` consecutive blocks from ``start`` (None for holes)."""
+        out: list[bytes | None] = []
+        block, end = start, start + count
+        while block < end:
+            pidx, slot = divmod(block, PAGE_ENTRIES)
+            n = min(PAGE_ENTRIES - slot, end - block)
+            page = self.pages.get(pidx)
+            if page is None:
+                out.extend([None] * n)
+            else:
+                raw = bytes(page[slot * ENTRY_SIZE:(slot + n) * ENTRY_SIZE])
+                for o in range(0, n * ENTRY_SIZE, ENTRY_SIZE):
+                    e = raw[o:o + ENTRY_SIZE]
+                    out.append(None if e == HOLE else e)
+            block += n
+        return out
+
     def set(self, block: int, entry: bytes) -> bytes | None:
         """Store ``entry`` (HOLE to unmap); return the entry it replaced, if any."""
         pidx, slot = divmod(block, PAGE_ENTRIES)

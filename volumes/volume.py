@@ -133,14 +133,17 @@ class Volume:
         spans = list(self._blocks(offset, length))
         buffered: dict[int, bytes | memoryview | None] = {}
         need: list[int] = []
-        for b, _lo, _hi in spans:
-            v = self._dirty.get(b, _MISSING)
-            if v is _MISSING:
-                v = self._inflight.get(b, _MISSING)
-            if v is _MISSING:
-                need.append(b)
-            else:
-                buffered[b] = v  # type: ignore[assignment]
+        if not self._dirty and not self._inflight:
+            need = [b for b, _lo, _hi in spans]
+        else:
+            for b, _lo, _hi in spans:
+                v = self._dirty.get(b, _MISSING)
+                if v is _MISSING:
+                    v = self._inflight.get(b, _MISSING)
+                if v is _MISSING:
+                    need.append(b)
+                else:
+                    buffered[b] = v  # type: ignore[assignment]
         if need:
             buffered.update(zip(need, await self._pool.read_blocks(self._map, need,
                                                                    self.block_size),
