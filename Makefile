@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml | system-deps
 venv: system-deps $(STAMP)
 
 run: venv
-	$(BIN)/python -m storaged --state-dir $(STATE_DIR) --demo
+	$(BIN)/storaged --state-dir $(STATE_DIR) --socket $(STATE_DIR)/control.sock --demo
 
 lint: venv
 	$(BIN)/ruff check .

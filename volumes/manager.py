@@ -90,6 +90,25 @@ class VolumeManager:
         await self.pool.commit()
         log.info("pool %s: deleted volume %s", self.pool.name, name)
 
+    async def resize(self, name: str, size: int) -> Volume:
+        """Grow or shrink a volume; shrinking discards the tail (durable on return)."""
+        vol = self.get(name)
+        if size <= 0 or size % 512:
+            raise InvalidArgument(f"volume size must be a positive multiple of 512 bytes, "
+                                  f"got {size}")
+        old = vol.size
+        if size < old:
+            # The tail beyond the new end is trimmed, including the part of the new last
+            # block past the end, so that growing again later reads zeros there.
+            await vol.trim(size, old - size)
+        vol._meta = {**vol._meta, "size": size}
+        self.pool.put_object(vol._meta, vol._obj_id)
+        vol.size = size
+        await vol.flush()
+        log.info("pool %s: resized volume %s from %d to %d bytes", self.pool.name, name, old,
+                 size)
+        return vol
+
     async def flush_all(self) -> None:
         for name in self.names():
             await self._volumes[name].flush()

@@ -1,0 +1,250 @@
+"""The control API's operations: validated at the edge, executed on the registry.
+
+Each method takes a JSON object of parameters and returns a JSON value; bad parameters
+raise InvalidArgument before anything changes (invariant 9). Long operations may report
+progress through the ``progress`` callback. The JSON shapes are stable: storagectl --json
+prints them as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from nbd.server import NBDServer
+from pool.checker import check
+from pool.errors import InvalidArgument
+from storaged.registry import PoolEntry, Registry
+from storaged.sizes import parse_size
+from volumes import Volume, check_volume_name
+
+log = logging.getLogger(__name__)
+Progress = Callable[[dict[str, Any]], Awaitable[None]]
+Params = dict[str, Any]
+
+
+def _str(p: Params, key: str, *, required: bool = True) -> str | None:
+    v = p.get(key)
+    if v is None:
+        if required:
+            raise InvalidArgument(f"missing parameter {key!r}")
+        return None
+    if not isinstance(v, str) or not v:
+        raise InvalidArgument(f"parameter {key!r} must be a non-empty string")
+    return v
+
+
+def _req(p: Params, key: str) -> str:
+    v = _str(p, key)
+    assert v is not None
+    return v
+
+
+def _strs(p: Params, key: str) -> list[str]:
+    v = p.get(key, [])
+    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+        raise InvalidArgument(f"parameter {key!r} must be a list of strings")
+    return list(v)
+
+
+def _size(p: Params, key: str, default: int | None = None) -> int | None:
+    v = p.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, (str, int)) or isinstance(v, bool):
+        raise InvalidArgument(f"parameter {key!r} must be a size like 10G")
+    return parse_size(v)
+
+
+def _bool(p: Params, key: str, default: bool) -> bool:
+    v = p.get(key, default)
+    if not isinstance(v, bool):
+        raise InvalidArgument(f"parameter {key!r} must be true or false")
+    return v
+
+
+def split_volume(spec: str) -> tuple[str, str]:
+    pool, sep, vol = spec.partition("/")
+    if not sep or not pool or not vol or "@" in vol:
+        raise InvalidArgument(f"{spec!r} is not POOL/VOLUME")
+    return pool, vol
+
+
+def pool_status(entry: PoolEntry) -> dict[str, Any]:
+    st = entry.pool.statistics()
+    volumes = entry.volumes.list()
+    virtual = sum(v.size for v in volumes)
+    return {
+        "name": st.name, "uuid": st.uuid, "state": st.state, "profile": st.profile,
+        "size_bytes": st.capacity_bytes, "used_bytes": st.allocated_bytes,
+        "free_bytes": st.free_bytes, "live_bytes": st.live_bytes,
+        "extent_size": st.extent_size, "volumes": len(volumes),
+        "virtual_bytes": virtual,
+        "overcommit_ratio": round(virtual / st.capacity_bytes, 4) if st.capacity_bytes else 0,
+        "devices": [{"index": m.index, "path": m.path or entry_path(entry, m.index),
+                     "state": m.state, "size_bytes": m.size,
+                     "free_bytes": m.free_extents * st.extent_size} for m in st.members],
+        "txg": st.txg, "warnings": entry.pool.health(),
+        "counters": {"records_written": st.records_written, "records_read": st.records_read,
+                     "degraded_reads": st.degraded_reads,
+                     "repaired_fragments": st.repaired_fragments,
+                     "unreadable_records": st.unreadable_records, "commits": st.commits,
+                     "checkpoints": st.checkpoints},
+    }
+
+
+def entry_path(entry: PoolEntry, index: int) -> str:
+    return entry.devices[index] if index < len(entry.devices) else ""
+
+
+def volume_info(pool: str, vol: Volume) -> dict[str, Any]:
+    st = vol.statistics()
+    return {"name": f"{pool}/{st.name}", "pool": pool, "volume": st.name,
+            "size_bytes": st.size, "block_size": st.block_size, "profile": st.profile,
+            "compression": "lz4" if st.compression else "off", "read_only": st.read_only,
+            "used_bytes": st.stored_bytes, "unique_bytes": st.stored_bytes,
+            "mapped_bytes": st.mapped_bytes, "dirty_bytes": st.dirty_bytes}
+
+
+class ControlAPI:
+    def __init__(self, registry: Registry, nbd: NBDServer | None,
+                 nbd_address: tuple[str, int] | None) -> None:
+        self.registry = registry
+        self.nbd = nbd
+        self.nbd_address = nbd_address
+        self.methods: dict[str, Callable[[Params, Progress], Awaitable[Any]]] = {
+            "pool.create": self.pool_create, "pool.import": self.pool_import,
+            "pool.export": self.pool_export, "pool.destroy": self.pool_destroy,
+            "pool.list": self.pool_list, "pool.status": self.pool_status,
+            "pool.add_device": self.pool_add_device, "pool.check": self.pool_check,
+            "volume.create": self.volume_create, "volume.list": self.volume_list,
+            "volume.info": self.volume_info, "volume.resize": self.volume_resize,
+            "volume.delete": self.volume_delete, "export.list": self.export_list,
+            "status": self.status,
+        }
+
+    async def call(self, method: str, params: Params, progress: Progress) -> Any:
+        fn = self.methods.get(method)
+        if fn is None:
+            raise InvalidArgument(f"unknown method {method!r}")
+        if not isinstance(params, dict):
+            raise InvalidArgument("params must be a JSON object")
+        return await fn(params, progress)
+
+    # ---- pools --------------------------------------------------------------------------
+    async def pool_create(self, p: Params, progress: Progress) -> Any:
+        devices = _strs(p, "devices")
+        if not devices:
+            raise InvalidArgument("pool create needs at least one device")
+        entry = await self.registry.create(
+            _req(p, "name"), devices, profile=_str(p, "profile", required=False) or "plain",
+            extent_size=_size(p, "extent_size", 16 << 20) or 0,
+            file_size=_size(p, "file_size"), force=_bool(p, "force", False))
+        return pool_status(entry)
+
+    async def pool_import(self, p: Params, progress: Progress) -> Any:
+        entry = await self.registry.import_pool(_str(p, "name", required=False),
+                                                _strs(p, "devices"))
+        return pool_status(entry)
+
+    async def pool_export(self, p: Params, progress: Progress) -> Any:
+        await self.registry.export(_req(p, "name"))
+        return {"name": p["name"], "exported": True}
+
+    async def pool_destroy(self, p: Params, progress: Progress) -> Any:
+        await self.registry.destroy(_req(p, "name"))
+        return {"name": p["name"], "destroyed": True}
+
+    async def pool_list(self, p: Params, progress: Progress) -> Any:
+        out = [pool_status(e) for _n, e in sorted(self.registry.pools.items())]
+        out += [{"name": n, "state": "unavailable", "error": why}
+                for n, why in sorted(self.registry.failed.items())
+                if n not in self.registry.pools]
+        return out
+
+    async def pool_status(self, p: Params, progress: Progress) -> Any:
+        return pool_status(self.registry.get(_req(p, "name")))
+
+    async def pool_add_device(self, p: Params, progress: Progress) -> Any:
+        name = _req(p, "name")
+        await self.registry.add_device(name, _req(p, "device"), _size(p, "file_size"))
+        return pool_status(self.registry.get(name))
+
+    async def pool_check(self, p: Params, progress: Progress) -> Any:
+        entry = self.registry.get(_req(p, "name"))
+        await progress({"phase": "checking metadata and references", "done": 0, "total": 1})
+        report = await check(entry.pool, deep=_bool(p, "deep", False))
+        await progress({"phase": "done", "done": 1, "total": 1})
+        return {"name": report.pool, "ok": report.ok, "problems": list(report.problems),
+                "segments": report.segments, "records": report.records,
+                "fragments_checked": report.fragments_checked,
+                "fragments_bad": report.fragments_bad}
+
+    # ---- volumes ------------------------------------------------------------------------
+    def _volume(self, spec: str) -> tuple[PoolEntry, Volume]:
+        pool, vol = split_volume(spec)
+        entry = self.registry.get(pool)
+        return entry, entry.volumes.get(vol)
+
+    async def volume_create(self, p: Params, progress: Progress) -> Any:
+        pool, name = split_volume(_req(p, "name"))
+        check_volume_name(name)
+        size = _size(p, "size")
+        if size is None:
+            raise InvalidArgument("volume create needs --size")
+        compression = _str(p, "compression", required=False) or "lz4"
+        if compression not in ("lz4", "off"):
+            raise InvalidArgument(f"compression must be lz4 or off, not {compression!r}")
+        entry = self.registry.get(pool)
+        vol = await entry.volumes.create(name, size,
+                                         block_size=_size(p, "block_size", 65536) or 0,
+                                         profile=_str(p, "profile", required=False),
+                                         compression=compression == "lz4")
+        return volume_info(pool, vol)
+
+    async def volume_list(self, p: Params, progress: Progress) -> Any:
+        pool = _str(p, "pool", required=False)
+        entries = [self.registry.get(pool)] if pool else [
+            e for _n, e in sorted(self.registry.pools.items())]
+        return [volume_info(e.name, e.volumes.get(v)) for e in entries
+                for v in e.volumes.names()]
+
+    async def volume_info(self, p: Params, progress: Progress) -> Any:
+        entry, vol = self._volume(_req(p, "name"))
+        return volume_info(entry.name, vol)
+
+    async def volume_resize(self, p: Params, progress: Progress) -> Any:
+        entry, vol = self._volume(_req(p, "name"))
+        size = _size(p, "size")
+        if size is None:
+            raise InvalidArgument("volume resize needs --size")
+        await entry.volumes.resize(vol.name, size)
+        return volume_info(entry.name, vol)
+
+    async def volume_delete(self, p: Params, progress: Progress) -> Any:
+        entry, vol = self._volume(_req(p, "name"))
+        await entry.volumes.delete(vol.name)
+        return {"name": p["name"], "deleted": True}
+
+    # ---- exports and overview -----------------------------------------------------------
+    async def export_list(self, p: Params, progress: Progress) -> Any:
+        out = []
+        for pname, entry in sorted(self.registry.pools.items()):
+            for vname in entry.volumes.names():
+                item: dict[str, Any] = {"name": f"{pname}/{vname}", "read_only": False}
+                if self.nbd_address is not None:
+                    host, port = self.nbd_address
+                    item["nbd"] = f"nbd://{host}:{port}/{pname}/{vname}"
+                out.append(item)
+        return out
+
+    async def status(self, p: Params, progress: Progress) -> Any:
+        pools = await self.pool_list({}, progress)
+        nbd: dict[str, Any] | None = None
+        if self.nbd is not None and self.nbd_address is not None:
+            s = self.nbd.stats
+            nbd = {"listen": f"{self.nbd_address[0]}:{self.nbd_address[1]}",
+                   "connections": s.active, "connections_total": s.connections}
+        return {"pools": pools, "volumes": await self.volume_list({}, progress), "nbd": nbd}
+

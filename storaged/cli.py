@@ -1,0 +1,227 @@
+"""storagectl: the admin CLI. Talks to the daemon over its control socket.
+
+Exit codes: 0 done, 1 the daemon refused or failed the operation (one line on stderr),
+2 bad usage (argparse) or the daemon is not running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from storaged.config import default_socket
+from storaged.control import ControlError, call
+from storaged.sizes import format_size
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+              for r in rows]
+    return "\n".join(lines)
+
+
+def _pct(used: int, size: int) -> str:
+    return f"{100 * used / size:.0f}%" if size else "-"
+
+
+def show_pools(pools: list[dict[str, Any]]) -> str:
+    rows = [[p["name"], p["state"], p.get("profile", "-"),
+             format_size(p.get("size_bytes", 0)), format_size(p.get("used_bytes", 0)),
+             format_size(p.get("free_bytes", 0)), _pct(p.get("used_bytes", 0),
+                                                       p.get("size_bytes", 0)),
+             str(p.get("volumes", "-")), f"{p.get('overcommit_ratio', 0):.2f}x"]
+            for p in pools]
+    return _table(rows, ["NAME", "STATE", "PROFILE", "SIZE", "USED", "FREE", "CAP",
+                         "VOLUMES", "OVERCOMMIT"])
+
+
+def show_pool_status(p: dict[str, Any]) -> str:
+    out = [show_pools([p]), ""]
+    out.append(_table([[str(d["index"]), d["path"] or "-", d["state"],
+                        format_size(d["size_bytes"]), format_size(d["free_bytes"])]
+                       for d in p["devices"]], ["DEV", "PATH", "STATE", "SIZE", "FREE"]))
+    c = p["counters"]
+    out.append("")
+    out.append(f"records read {c['records_read']}, written {c['records_written']}, "
+               f"degraded reads {c['degraded_reads']}, repaired fragments "
+               f"{c['repaired_fragments']}, unreadable {c['unreadable_records']}")
+    out += [f"warning: {w}" for w in p.get("warnings", [])]
+    return "\n".join(out)
+
+
+def show_volumes(vols: list[dict[str, Any]]) -> str:
+    return _table([[v["name"], format_size(v["size_bytes"]), format_size(v["block_size"]),
+                    v["profile"], v["compression"], format_size(v["mapped_bytes"]),
+                    format_size(v["used_bytes"])] for v in vols],
+                  ["NAME", "SIZE", "BLOCK", "PROFILE", "COMPRESSION", "MAPPED", "USED"])
+
+
+def show_volume(v: dict[str, Any]) -> str:
+    def fmt(k: str, val: Any) -> str:
+        return format_size(val) if k.endswith("bytes") or k == "block_size" else str(val)
+    return "\n".join(f"{k:<14}{fmt(k, val)}" for k, val in v.items())
+
+
+def show_exports(items: list[dict[str, Any]]) -> str:
+    return _table([[e["name"], "ro" if e["read_only"] else "rw", e.get("nbd", "-")]
+                   for e in items], ["EXPORT", "MODE", "NBD"])
+
+
+def show_check(r: dict[str, Any]) -> str:
+    head = f"pool {r['name']}: {r['segments']} segments, {r['records']} records"
+    if r["fragments_checked"]:
+        head += f", {r['fragments_checked']} fragments read"
+    if r["ok"]:
+        return head + ": no problems found"
+    return "\n".join([head + f": {len(r['problems'])} problem(s)",
+                      *(f"  - {p}" for p in r["problems"])])
+
+
+def show_status(s: dict[str, Any]) -> str:
+    out = ["POOLS", show_pools([p for p in s["pools"] if "size_bytes" in p])]
+    out += [f"  {p['name']}: unavailable: {p['error']}" for p in s["pools"]
+            if "size_bytes" not in p]
+    out += ["", "VOLUMES", show_volumes(s["volumes"])]
+    if s.get("nbd"):
+        n = s["nbd"]
+        out += ["", f"NBD on {n['listen']}: {n['connections']} connection(s) open, "
+                    f"{n['connections_total']} since start"]
+    return "\n".join(out)
+
+
+def _done(r: dict[str, Any]) -> str:
+    return "; ".join(f"{k}: {v}" for k, v in r.items())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="storagectl", description="storaged admin CLI")
+    ap.add_argument("--socket", default=None, help="control socket (default: "
+                    "$STORAGED_SOCKET or /run/storaged/control.sock)")
+    ap.add_argument("--json", action="store_true", help="print JSON for scripts")
+    top = ap.add_subparsers(dest="group", required=True)
+
+    pool = top.add_parser("pool", help="pools").add_subparsers(dest="cmd", required=True)
+    c = pool.add_parser("create", help="create a pool from devices")
+    c.add_argument("name")
+    c.add_argument("devices", nargs="+")
+    c.add_argument("--profile", default="plain", help="plain | mirror:N | ec:K+M")
+    c.add_argument("--extent-size", default="16M")
+    c.add_argument("--file-size", default=None,
+                   help="create missing device files as sparse files of this size")
+    c.add_argument("--force", action="store_true", help="overwrite labelled devices")
+    c = pool.add_parser("import", help="import a pool from its devices")
+    c.add_argument("name", nargs="?")
+    c.add_argument("--device", action="append", default=[], dest="devices")
+    for name in ("export", "destroy", "status"):
+        pool.add_parser(name).add_argument("name")
+    pool.add_parser("list")
+    c = pool.add_parser("add-device", help="grow a pool by a device")
+    c.add_argument("name")
+    c.add_argument("device")
+    c.add_argument("--file-size", default=None)
+    c = pool.add_parser("check", help="verify all metadata and references (fsck)")
+    c.add_argument("name")
+    c.add_argument("--deep", action="store_true", help="also read every fragment")
+
+    vol = top.add_parser("volume", help="volumes").add_subparsers(dest="cmd", required=True)
+    c = vol.add_parser("create")
+    c.add_argument("name", metavar="POOL/VOL")
+    c.add_argument("--size", required=True)
+    c.add_argument("--block-size", default="64K")
+    c.add_argument("--profile", default=None)
+    c.add_argument("--compression", choices=["lz4", "off"], default="lz4")
+    vol.add_parser("list").add_argument("pool", nargs="?")
+    vol.add_parser("info").add_argument("name", metavar="POOL/VOL")
+    c = vol.add_parser("resize")
+    c.add_argument("name", metavar="POOL/VOL")
+    c.add_argument("--size", required=True)
+    vol.add_parser("delete").add_argument("name", metavar="POOL/VOL")
+
+    exp = top.add_parser("export", help="exports").add_subparsers(dest="cmd", required=True)
+    exp.add_parser("list")
+    top.add_parser("status", help="one-screen overview")
+    return ap
+
+
+def request(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
+    """The API method, its params and the renderer for a parsed command line."""
+    g, cmd = args.group, getattr(args, "cmd", None)
+    if g == "pool":
+        if cmd == "create":
+            params = {"name": args.name, "devices": args.devices, "profile": args.profile,
+                      "extent_size": args.extent_size, "force": args.force}
+            if args.file_size:
+                params["file_size"] = args.file_size
+            return "pool.create", params, show_pool_status
+        if cmd == "import":
+            return "pool.import", {"name": args.name, "devices": args.devices}, show_pool_status
+        if cmd == "list":
+            return "pool.list", {}, show_pools
+        if cmd == "status":
+            return "pool.status", {"name": args.name}, show_pool_status
+        if cmd == "add-device":
+            params = {"name": args.name, "device": args.device}
+            if args.file_size:
+                params["file_size"] = args.file_size
+            return "pool.add_device", params, show_pool_status
+        if cmd == "check":
+            return "pool.check", {"name": args.name, "deep": args.deep}, show_check
+        return f"pool.{cmd}", {"name": args.name}, _done
+    if g == "volume":
+        if cmd == "create":
+            params = {"name": args.name, "size": args.size, "block_size": args.block_size,
+                      "compression": args.compression}
+            if args.profile:
+                params["profile"] = args.profile
+            return "volume.create", params, show_volume
+        if cmd == "list":
+            return "volume.list", {"pool": args.pool} if args.pool else {}, show_volumes
+        if cmd == "info":
+            return "volume.info", {"name": args.name}, show_volume
+        if cmd == "resize":
+            return "volume.resize", {"name": args.name, "size": args.size}, show_volume
+        return "volume.delete", {"name": args.name}, _done
+    if g == "export":
+        return "export.list", {}, show_exports
+    return "status", {}, show_status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    method, params, render = request(args)
+    path = args.socket or default_socket()
+    tty = sys.stderr.isatty()
+
+    def progress(p: dict[str, Any]) -> None:
+        if tty and not args.json:
+            print(f"\r{p.get('phase', '')} {p.get('done', 0)}/{p.get('total', 0)}",
+                  end="", file=sys.stderr, flush=True)
+    try:
+        result = call(path, method, params, progress)
+    except ControlError as e:
+        print(f"storagectl: {e.message}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"storagectl: the storaged daemon is not running (no socket at {path}; "
+              f"use --socket or STORAGED_SOCKET)", file=sys.stderr)
+        return 2
+    except PermissionError:
+        print(f"storagectl: permission denied on {path}", file=sys.stderr)
+        return 1
+    if tty and not args.json and method == "pool.check":
+        print(file=sys.stderr)
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Daemon configuration: a TOML file (every key documented in docs/CONFIG.md), overridden
+by command-line flags. Validated at load: a bad file is refused with the key and the reason
+(invariant 9), before the daemon touches any pool.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from volumes import InvalidArgument
+
+DEFAULT_STATE_DIR = "/var/lib/storaged"
+DEFAULT_SOCKET = "/run/storaged/control.sock"
+DEFAULT_NBD = "127.0.0.1:10809"
+DEFAULT_METRICS = "127.0.0.1:9810"
+
+
+def default_socket() -> str:
+    return os.environ.get("STORAGED_SOCKET", DEFAULT_SOCKET)
+
+
+@dataclass(frozen=True)
+class Config:
+    state_dir: str = DEFAULT_STATE_DIR
+    socket: str = DEFAULT_SOCKET
+    log_level: str = "info"
+    nbd_listen: str | None = DEFAULT_NBD          # None: NBD off
+    nbd_tls: str = "off"                          # off | on | require
+    nbd_tls_cert: str | None = None
+    nbd_tls_key: str | None = None
+    nbd_allow: tuple[str, ...] = ()               # CIDR networks; empty: everyone
+    nbd_max_inflight: int = 64
+    metrics_listen: str | None = DEFAULT_METRICS  # None: metrics off
+    demo: bool = False                            # create a demo pool if there is none
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_address(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise InvalidArgument(f"{what}: {text!r} is not HOST:PORT")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+_KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
+    "state_dir": ("state_dir", str), "socket": ("socket", str),
+    "log_level": ("log_level", str), "nbd.listen": ("nbd_listen", str),
+    "nbd.tls": ("nbd_tls", str), "nbd.tls_cert": ("nbd_tls_cert", str),
+    "nbd.tls_key": ("nbd_tls_key", str), "nbd.allow": ("nbd_allow", list),
+    "nbd.max_inflight": ("nbd_max_inflight", int), "metrics.listen": ("metrics_listen", str),
+    "demo": ("demo", bool),
+}
+
+
+def load(path: str | None) -> Config:
+    """Read a TOML config file (None: defaults only)."""
+    cfg = Config()
+    if path is None:
+        return validate(cfg)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise InvalidArgument(f"config {path}: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise InvalidArgument(f"config {path}: not valid TOML: {e}") from e
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                flat[f"{key}.{sub}"] = v
+        else:
+            flat[key] = value
+    changes: dict[str, Any] = {}
+    for key, raw in flat.items():
+        value = raw
+        if key not in _KEYS:
+            raise InvalidArgument(f"config {path}: unknown key {key!r} (known: "
+                                  f"{', '.join(sorted(_KEYS))})")
+        attr, typ = _KEYS[key]
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise InvalidArgument(f"config {path}: {key} must be of type "
+                                  f"{getattr(typ, '__name__', typ)}")
+        if attr in ("nbd_listen", "metrics_listen") and value == "off":
+            value = None
+        if attr == "nbd_allow":
+            value = tuple(value)
+        changes[attr] = value
+    return validate(replace(cfg, **changes))
+
+
+def validate(cfg: Config) -> Config:
+    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise InvalidArgument(f"log_level must be debug, info, warning or error, not "
+                              f"{cfg.log_level!r}")
+    if cfg.nbd_listen is not None:
+        parse_address(cfg.nbd_listen, "nbd.listen")
+    if cfg.metrics_listen is not None:
+        parse_address(cfg.metrics_listen, "metrics.listen")
+    if cfg.nbd_tls not in ("off", "on", "require"):
+        raise InvalidArgument(f"nbd.tls must be off, on or require, not {cfg.nbd_tls!r}")
+    if cfg.nbd_tls != "off" and not (cfg.nbd_tls_cert and cfg.nbd_tls_key):
+        raise InvalidArgument("nbd.tls on/require needs nbd.tls_cert and nbd.tls_key")
+    for net in cfg.nbd_allow:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError as e:
+            raise InvalidArgument(f"nbd.allow: {net!r} is not a network: {e}") from e
+    if not 1 <= cfg.nbd_max_inflight <= 4096:
+        raise InvalidArgument("nbd.max_inflight must be between 1 and 4096")
+    return cfg

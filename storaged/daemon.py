@@ -1,0 +1,139 @@
+"""The storaged daemon: one trio nursery owns the control API, the NBD server and the
+metrics endpoint; SIGTERM/SIGINT stop accepting, let in-flight requests finish, flush and
+close every pool, and exit 0.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import signal
+import socket
+from collections.abc import Iterator, Mapping
+
+import trio
+
+from nbd import proto
+from nbd.exports import VolumeCatalog
+from nbd.server import NBDConfig, NBDServer, tls_server_context
+from storaged.api import ControlAPI
+from storaged.config import Config, parse_address
+from storaged.control import ControlServer
+from storaged.metrics import MetricsServer
+from storaged.registry import Registry
+from volumes import VolumeManager
+
+log = logging.getLogger(__name__)
+DEMO_DEVICES = 3
+DEMO_DEVICE_SIZE = 1 << 30
+
+
+class _LiveManagers(Mapping[str, VolumeManager]):
+    """The registry's pools as seen by the NBD catalog, always current."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    def __getitem__(self, name: str) -> VolumeManager:
+        return self._registry.pools[name].volumes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._registry.pools))
+
+    def __len__(self) -> int:
+        return len(self._registry.pools)
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    target = os.environ.get("NOTIFY_SOCKET")
+    if not target:
+        return
+    if target.startswith("@"):
+        target = "\0" + target[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(target)
+            s.sendall(message.encode())
+        except OSError as e:
+            log.warning("sd_notify failed: %s", e)
+
+
+async def ensure_demo(registry: Registry) -> None:
+    """The embedded default: a demo pool on sparse files with a 10G volume disk0."""
+    if "demo" in registry.pools:
+        return
+    paths = [os.path.join(registry.state_dir, f"demo-disk{i}.img") for i in range(DEMO_DEVICES)]
+    exists = [await trio.Path(p).exists() for p in paths]
+    if all(exists):
+        entry = await registry.import_pool("demo", paths)
+    else:
+        entry = await registry.create("demo", paths, profile="ec:2+1", extent_size=16 << 20,
+                                      file_size=DEMO_DEVICE_SIZE, force=True)
+    if "disk0" not in entry.volumes.names():
+        await entry.volumes.create("disk0", 10 << 30)
+
+
+def attach_hint(addr: tuple[str, int], sock: str) -> str:
+    uri = f"nbd://{addr[0]}:{addr[1]}/demo/disk0"
+    return f"""
+storaged is serving the demo pool (Ctrl-C stops it, flushing everything first).
+  inspect:   qemu-img info {uri}
+  qemu:      -drive file={uri},format=raw,if=virtio,cache=none
+  libvirt:   <disk type='network' device='disk'>
+               <driver name='qemu' type='raw' cache='none'/>
+               <source protocol='nbd' name='demo/disk0'>
+                 <host name='{addr[0]}' port='{addr[1]}'/>
+               </source>
+               <target dev='vda' bus='virtio'/>
+             </disk>
+  admin:     STORAGED_SOCKET={sock} .venv/bin/storagectl status
+"""
+
+
+async def run(cfg: Config, *, ready: trio.Event | None = None) -> None:
+    registry = Registry(cfg.state_dir)
+    await registry.load()
+    if cfg.demo:
+        await ensure_demo(registry)
+    nbd: NBDServer | None = None
+    nbd_addr: tuple[str, int] | None = None
+    if cfg.nbd_listen is not None:
+        host, port = parse_address(cfg.nbd_listen, "nbd.listen")
+        tls_ctx = (tls_server_context(cfg.nbd_tls_cert, cfg.nbd_tls_key)
+                   if cfg.nbd_tls != "off" and cfg.nbd_tls_cert and cfg.nbd_tls_key else None)
+        nbd = NBDServer(VolumeCatalog(_LiveManagers(registry)),
+                        NBDConfig(host=host, port=port, tls=proto.TLSMode(cfg.nbd_tls),
+                                  tls_context=tls_ctx,
+                                  allow=tuple(ipaddress.ip_network(n, strict=False)
+                                              for n in cfg.nbd_allow),
+                                  max_inflight=cfg.nbd_max_inflight))
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                if nbd is not None:
+                    listeners = await nursery.start(nbd.serve)
+                    bound = listeners[0].socket.getsockname()
+                    nbd_addr = (bound[0], bound[1])
+                api = ControlAPI(registry, nbd, nbd_addr)
+                await nursery.start(ControlServer(api, cfg.socket).serve)
+                if cfg.metrics_listen is not None:
+                    mhost, mport = parse_address(cfg.metrics_listen, "metrics.listen")
+                    await nursery.start(MetricsServer(registry, nbd).serve, mhost, mport)
+                log.info("storaged ready: %d pool(s), control socket %s", len(registry.pools),
+                         cfg.socket)
+                if cfg.demo and nbd_addr is not None:
+                    print(attach_hint(nbd_addr, cfg.socket), flush=True)
+                sd_notify("READY=1\nSTATUS=serving")
+                if ready is not None:
+                    ready.set()
+                async for signum in signals:
+                    log.info("received %s: stopping", signal.Signals(signum).name)
+                    sd_notify("STOPPING=1")
+                    nursery.cancel_scope.cancel()
+                    break
+    finally:
+        with trio.CancelScope(shield=True):
+            await registry.close()
+        log.info("storaged stopped; all pools flushed and closed")

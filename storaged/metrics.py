@@ -1,0 +1,181 @@
+"""Prometheus metrics: a collector that reads every layer's ``statistics()`` at scrape time,
+served at ``GET /metrics`` by a small HTTP/1.1 responder on the trio loop (so the scrape
+sees a consistent state and needs no locks).
+
+Only this module imports prometheus_client (enforced by an import-linter contract).
+Label sets are bounded: pool, volume, device index, command.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+
+import trio
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from nbd.server import NBDServer
+from storaged.api import pool_status
+from storaged.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+class StoragedCollector(Collector):
+    def __init__(self, registry: Registry, nbd: NBDServer | None) -> None:
+        self.registry = registry
+        self.nbd = nbd
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._pools()
+        yield from self._volumes()
+        if self.nbd is not None:
+            yield from self._nbd(self.nbd)
+
+    def _pools(self) -> Iterable[Metric]:
+        size = GaugeMetricFamily("storaged_pool_size_bytes", "Capacity of the pool's extents",
+                                 labels=["pool"])
+        used = GaugeMetricFamily("storaged_pool_used_bytes", "Bytes of extents in use",
+                                 labels=["pool"])
+        free = GaugeMetricFamily("storaged_pool_free_bytes", "Bytes of free extents",
+                                 labels=["pool"])
+        live = GaugeMetricFamily("storaged_pool_live_bytes",
+                                 "Device bytes held by live records", labels=["pool"])
+        over = GaugeMetricFamily("storaged_pool_overcommit_ratio",
+                                 "Sum of volume sizes over pool capacity", labels=["pool"])
+        up = GaugeMetricFamily("storaged_pool_up", "1 when the pool is imported and not failed",
+                               labels=["pool", "state"])
+        dev = GaugeMetricFamily("storaged_device_up", "1 when the member device is present",
+                                labels=["pool", "device"])
+        reads = CounterMetricFamily("storaged_pool_records_read",
+                                    "Records read from devices", labels=["pool"])
+        writes = CounterMetricFamily("storaged_pool_records_written",
+                                     "Records written to devices", labels=["pool"])
+        degraded = CounterMetricFamily("storaged_pool_degraded_reads",
+                                       "Records read using parity or another mirror",
+                                       labels=["pool"])
+        repaired = CounterMetricFamily("storaged_pool_repaired_fragments",
+                                       "Bad fragments rewritten from redundancy",
+                                       labels=["pool"])
+        unreadable = CounterMetricFamily("storaged_pool_unreadable_records",
+                                         "Records that could not be read (EIO)",
+                                         labels=["pool"])
+        commits = CounterMetricFamily("storaged_pool_commits",
+                                      "Metadata commits (journal entries)", labels=["pool"])
+        for name, entry in sorted(self.registry.pools.items()):
+            s = pool_status(entry)
+            size.add_metric([name], s["size_bytes"])
+            used.add_metric([name], s["used_bytes"])
+            free.add_metric([name], s["free_bytes"])
+            live.add_metric([name], s["live_bytes"])
+            over.add_metric([name], s["overcommit_ratio"])
+            up.add_metric([name, s["state"]], 0 if s["state"] == "failed" else 1)
+            for d in s["devices"]:
+                dev.add_metric([name, str(d["index"])], 1 if d["state"] == "online" else 0)
+            c = s["counters"]
+            reads.add_metric([name], c["records_read"])
+            writes.add_metric([name], c["records_written"])
+            degraded.add_metric([name], c["degraded_reads"])
+            repaired.add_metric([name], c["repaired_fragments"])
+            unreadable.add_metric([name], c["unreadable_records"])
+            commits.add_metric([name], c["commits"])
+        for name in sorted(self.registry.failed):
+            if name not in self.registry.pools:
+                up.add_metric([name, "unavailable"], 0)
+        return [size, used, free, live, over, up, dev, reads, writes, degraded, repaired,
+                unreadable, commits]
+
+    def _volumes(self) -> Iterable[Metric]:
+        labels = ["pool", "volume"]
+        rb = CounterMetricFamily("storaged_volume_read_bytes", "Bytes read", labels=labels)
+        wb = CounterMetricFamily("storaged_volume_written_bytes", "Bytes written",
+                                 labels=labels)
+        ro = CounterMetricFamily("storaged_volume_reads", "Read requests", labels=labels)
+        wo = CounterMetricFamily("storaged_volume_writes", "Write requests", labels=labels)
+        fl = CounterMetricFamily("storaged_volume_flushes", "Flushes", labels=labels)
+        size = GaugeMetricFamily("storaged_volume_size_bytes", "Virtual size", labels=labels)
+        used = GaugeMetricFamily("storaged_volume_used_bytes",
+                                 "Device bytes held by the volume's records", labels=labels)
+        dirty = GaugeMetricFamily("storaged_volume_dirty_bytes",
+                                  "Bytes in the write buffer, not yet written",
+                                  labels=labels)
+        for pname, entry in sorted(self.registry.pools.items()):
+            for st in entry.volumes.list():
+                lv = [pname, st.name]
+                rb.add_metric(lv, st.bytes_read)
+                wb.add_metric(lv, st.bytes_written)
+                ro.add_metric(lv, st.reads)
+                wo.add_metric(lv, st.writes)
+                fl.add_metric(lv, st.flushes)
+                size.add_metric(lv, st.size)
+                used.add_metric(lv, st.stored_bytes)
+                dirty.add_metric(lv, st.dirty_bytes)
+        return [rb, wb, ro, wo, fl, size, used, dirty]
+
+    def _nbd(self, nbd: NBDServer) -> Iterable[Metric]:
+        s = nbd.stats
+        active = GaugeMetricFamily("storaged_nbd_connections", "Open NBD connections")
+        active.add_metric([], s.active)
+        total = CounterMetricFamily("storaged_nbd_connections_accepted",
+                                    "NBD connections accepted")
+        total.add_metric([], s.connections)
+        refused = CounterMetricFamily("storaged_nbd_connections_refused",
+                                      "NBD connections refused by the allow list")
+        refused.add_metric([], s.refused)
+        errors = CounterMetricFamily("storaged_nbd_protocol_errors",
+                                     "NBD connections dropped for protocol errors")
+        errors.add_metric([], s.protocol_errors)
+        cmds = CounterMetricFamily("storaged_nbd_requests", "NBD requests by command",
+                                   labels=["command"])
+        for name, n in sorted(s.commands.items()):
+            cmds.add_metric([name.lower()], n)
+        failed = CounterMetricFamily("storaged_nbd_request_errors",
+                                     "NBD requests answered with an error")
+        failed.add_metric([], s.errors)
+        return [active, total, refused, errors, cmds, failed]
+
+
+class MetricsServer:
+    def __init__(self, registry: Registry, nbd: NBDServer | None) -> None:
+        self.prom = CollectorRegistry(auto_describe=False)
+        self.prom.register(StoragedCollector(registry, nbd))
+
+    async def serve(self, host: str, port: int, *,
+                    task_status: trio.TaskStatus[list[trio.SocketListener]]
+                    = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        log.info("metrics on http://%s:%d/metrics", host,
+                 listeners[0].socket.getsockname()[1])
+        task_status.started(listeners)
+        await trio.serve_listeners(self._client, listeners)
+
+    async def _client(self, stream: trio.SocketStream) -> None:
+        try:
+            with trio.move_on_after(10):
+                head = bytearray()
+                while b"\r\n\r\n" not in head and len(head) < 8192:
+                    data = await stream.receive_some(4096)
+                    if not data:
+                        return
+                    head += data
+                line = bytes(head).split(b"\r\n", 1)[0].decode("latin-1").split()
+                if len(line) < 2 or line[0] != "GET":
+                    await _respond(stream, "405 Method Not Allowed", b"GET only\n")
+                elif line[1].split("?")[0] != "/metrics":
+                    await _respond(stream, "404 Not Found", b"try /metrics\n")
+                else:
+                    await _respond(stream, "200 OK", generate_latest(self.prom),
+                                   "text/plain; version=0.0.4; charset=utf-8")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await stream.aclose()
+
+
+async def _respond(stream: trio.SocketStream, status: str, body: bytes,
+                   ctype: str = "text/plain") -> None:
+    head = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\n\r\n").encode()
+    await stream.send_all(head + body)

@@ -1,0 +1,231 @@
+"""The daemon's pools: which are imported, from which devices, remembered across restarts.
+
+The state directory holds ``pools.json`` (like ZFS's zpool.cache): for each pool the daemon
+has imported, its name, UUID and device paths. At start every remembered pool is imported;
+one that cannot be is reported and the others still come up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from pool import Device, FileDevice, Pool
+from pool.errors import AlreadyExists, DeviceError, InvalidArgument, NotFound, StorageError
+from pool.layout import LABEL_SIZE, Label
+from volumes import VolumeManager
+
+log = logging.getLogger(__name__)
+CACHE = "pools.json"
+
+
+@dataclass
+class PoolEntry:
+    pool: Pool
+    volumes: VolumeManager
+    devices: list[str]
+
+    @property
+    def name(self) -> str:
+        return self.pool.name
+
+
+@dataclass
+class Registry:
+    state_dir: str
+    pools: dict[str, PoolEntry] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)   # pool name -> why not imported
+    _lock: trio.Lock = field(default_factory=trio.Lock)
+
+    # ---- the cache file -------------------------------------------------------------------
+    def _cache_path(self) -> str:
+        return os.path.join(self.state_dir, CACHE)
+
+    def _read_cache(self) -> list[dict[str, Any]]:
+        try:
+            with open(self._cache_path()) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as e:
+            raise StorageError(f"{self._cache_path()} is unreadable: {e}") from e
+        pools = data.get("pools", []) if isinstance(data, dict) else []
+        return [p for p in pools if isinstance(p, dict) and "name" in p]
+
+    def _write_cache(self) -> None:
+        entries = [{"name": e.name, "uuid": e.pool.uuid, "devices": e.devices}
+                   for e in self.pools.values()]
+        # Pools that failed to import stay remembered, so a missing disk is not forgotten.
+        for p in self._read_cache():
+            if p["name"] in self.failed and p["name"] not in self.pools:
+                entries.append(p)
+        tmp = self._cache_path() + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"pools": entries}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._cache_path())
+
+    async def save(self) -> None:
+        await trio.to_thread.run_sync(self._write_cache)
+
+    # ---- start and stop -------------------------------------------------------------------
+    async def load(self) -> None:
+        """Import every remembered pool; record (and log) the ones that fail."""
+        await trio.Path(self.state_dir).mkdir(parents=True, exist_ok=True)
+        for entry in await trio.to_thread.run_sync(self._read_cache):
+            name = entry["name"]
+            try:
+                await self._import(entry.get("devices", []), name)
+            except StorageError as e:
+                self.failed[name] = e.message
+                log.error("pool %s could not be imported: %s", name, e.message)
+
+    async def close(self) -> None:
+        for name in list(self.pools):
+            entry = self.pools.pop(name)
+            try:
+                await entry.pool.close()
+            except StorageError as e:
+                log.error("pool %s: close failed: %s", name, e.message)
+
+    # ---- operations -----------------------------------------------------------------------
+    def get(self, name: str) -> PoolEntry:
+        entry = self.pools.get(name)
+        if entry is None:
+            why = f" (import failed: {self.failed[name]})" if name in self.failed else ""
+            raise NotFound(f"no pool named {name!r}{why}")
+        return entry
+
+    async def create(self, name: str, paths: list[str], *, profile: str, extent_size: int,
+                     file_size: int | None, force: bool) -> PoolEntry:
+        async with self._lock:
+            if name in self.pools:
+                raise AlreadyExists(f"pool {name!r} already exists")
+            devices = await _open_devices(paths, file_size)
+            try:
+                pool = await Pool.create(name, devices, profile=profile,
+                                         extent_size=extent_size, force=force)
+            except BaseException:
+                for d in devices:
+                    d.close()
+                raise
+            return await self._adopt(pool, paths)
+
+    async def _adopt(self, pool: Pool, paths: list[str]) -> PoolEntry:
+        entry = PoolEntry(pool, VolumeManager(pool), [_abspath(p) for p in paths])
+        self.pools[pool.name] = entry
+        self.failed.pop(pool.name, None)
+        await self.save()
+        return entry
+
+    async def import_pool(self, name: str | None, paths: list[str]) -> PoolEntry:
+        async with self._lock:
+            if not paths:
+                paths = await trio.to_thread.run_sync(_scan, self.state_dir, name)
+                if not paths:
+                    raise NotFound(f"no pool member found under {self.state_dir}"
+                                   + (f" for pool {name!r}" if name else "")
+                                   + "; name the devices with --device")
+            return await self._import(paths, name)
+
+    async def _import(self, paths: list[str], name: str | None) -> PoolEntry:
+        if name is not None and name in self.pools:
+            raise AlreadyExists(f"pool {name!r} is already imported")
+        devices = await _open_devices(paths, None, missing_ok=True)
+        if not devices:
+            raise NotFound(f"none of the devices of pool {name or '?'} is present: "
+                           f"{', '.join(paths)}")
+        try:
+            pool = await Pool.open(devices, name=name)
+        except BaseException:
+            for d in devices:
+                d.close()
+            raise
+        if pool.name in self.pools:
+            await pool.close()
+            raise AlreadyExists(f"pool {pool.name!r} is already imported")
+        present = [d.path for d in devices]
+        return await self._adopt(pool, present)
+
+    async def export(self, name: str) -> None:
+        async with self._lock:
+            entry = self.get(name)
+            del self.pools[name]
+            await entry.pool.close()
+            await self.save()
+
+    async def destroy(self, name: str) -> None:
+        async with self._lock:
+            entry = self.get(name)
+            if entry.volumes.names():
+                raise InvalidArgument(f"pool {name!r} still has volumes "
+                                      f"({', '.join(entry.volumes.names())}); delete them "
+                                      f"first")
+            del self.pools[name]
+            await entry.pool.destroy()
+            await self.save()
+
+    async def add_device(self, name: str, path: str, file_size: int | None) -> None:
+        async with self._lock:
+            entry = self.get(name)
+            (dev,) = await _open_devices([path], file_size)
+            try:
+                await entry.pool.add_device(dev)
+            except BaseException:
+                dev.close()
+                raise
+            entry.devices.append(_abspath(path))
+            await self.save()
+
+
+def _abspath(path: str) -> str:
+    return os.path.normpath(os.path.join(os.getcwd(), path))
+
+
+async def _open_devices(paths: list[str], file_size: int | None, *,
+                        missing_ok: bool = False) -> list[Device]:
+    def op() -> list[Device]:
+        out: list[Device] = []
+        try:
+            for p in paths:
+                if not os.path.exists(p):
+                    if missing_ok:
+                        continue
+                    if file_size is None:
+                        raise DeviceError(f"{p}: no such device or file (give a size to "
+                                          f"create sparse files)")
+                out.append(FileDevice(p, create_size=file_size if not os.path.exists(p)
+                                      else None))
+        except BaseException:
+            for d in out:
+                d.close()
+            raise
+        return out
+    return await trio.to_thread.run_sync(op)
+
+
+def _scan(directory: str, name: str | None) -> list[str]:
+    """Files directly under ``directory`` that carry a storaged label (of pool ``name``)."""
+    found = []
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    for fname in names:
+        path = os.path.join(directory, fname)
+        if not os.path.isfile(path) or os.path.getsize(path) < 2 * LABEL_SIZE:
+            continue
+        try:
+            with open(path, "rb") as f:
+                label = Label.decode(f.read(LABEL_SIZE))
+        except (OSError, DeviceError):
+            continue
+        if name is None or label.pool_name == name:
+            found.append(path)
+    return found
