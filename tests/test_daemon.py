@@ -1,0 +1,210 @@
+"""End to end: the real daemon as a subprocess, driven only through storagectl, NBD clients
+(qemu-io, nbdinfo) and HTTP. Invariant 1 across SIGTERM and kill -9; invariant 9 for bad
+arguments (clear one-line error, exit code, nothing changed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Daemon:
+    dir: Path
+    sock: str
+    nbd_port: int
+    metrics_port: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = open(self.dir / "daemon.log", "ab")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(
+            [str(BIN / "storaged"), "--state-dir", str(self.dir / "state"), "--socket",
+             self.sock, "--nbd-listen", f"127.0.0.1:{self.nbd_port}", "--metrics-listen",
+             f"127.0.0.1:{self.metrics_port}"], stdout=log, stderr=log)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited: {self.log()}")
+            if os.path.exists(self.sock) and self.ctl("status").returncode == 0:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"daemon did not come up: {self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=60)
+        self.proc = None
+        return rc
+
+    def log(self) -> str:
+        return (self.dir / "daemon.log").read_text(errors="replace")[-3000:]
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "storagectl"), "--socket", self.sock, *args],
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    def ok(self, *args: str) -> str:
+        r = self.ctl(*args)
+        assert r.returncode == 0, f"storagectl {' '.join(args)}: {r.stderr}"
+        return r.stdout
+
+    def json(self, *args: str) -> object:
+        return json.loads(self.ok("--json", *args))
+
+    def url(self, name: str) -> str:
+        return f"nbd://127.0.0.1:{self.nbd_port}/{name}"
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path, str(tmp_path / "ctl.sock"), _free_port(), _free_port())
+    d.start()
+    try:
+        yield d
+    finally:
+        if d.proc is not None:
+            d.stop(signal.SIGKILL)
+
+
+def _qemu_io(url: str, *cmds: str) -> str:
+    args = ["qemu-io", "-f", "raw"]
+    for c in cmds:
+        args += ["-c", c]
+    r = subprocess.run([*args, url], capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0 and "failed" not in r.stdout.lower(), r.stdout + r.stderr
+    return r.stdout
+
+
+def test_cli_pool_and_volume_lifecycle(daemon: Daemon, tmp_path: Path) -> None:
+    devs = [str(tmp_path / f"disk{i}") for i in range(3)]
+    created = daemon.json("pool", "create", "tank", *devs, "--profile", "ec:2+1",
+                          "--extent-size", "4M", "--file-size", "256M")
+    assert isinstance(created, dict)
+    assert created["name"] == "tank" and created["state"] == "online"
+    assert [d["path"] for d in created["devices"]] == devs
+    for key in ("size_bytes", "used_bytes", "free_bytes"):
+        assert isinstance(created[key], int)
+    vol = daemon.json("volume", "create", "tank/vm1", "--size", "64M", "--block-size", "4K")
+    assert isinstance(vol, dict)
+    assert (vol["name"], vol["size_bytes"], vol["block_size"], vol["profile"]) == (
+        "tank/vm1", 64 << 20, 4096, "ec:2+1")
+    assert {"used_bytes", "unique_bytes"} <= set(vol)
+    assert "tank/vm1" in daemon.ok("volume", "list")
+    exports = daemon.json("export", "list")
+    assert isinstance(exports, list)
+    assert {"name": "tank/vm1", "read_only": False,
+            "nbd": daemon.url("tank/vm1")} in exports
+    _qemu_io(daemon.url("tank/vm1"), "write -P 0x5a 0 1M", "flush")
+    info = daemon.json("volume", "info", "tank/vm1")
+    assert isinstance(info, dict) and info["mapped_bytes"] == 1 << 20
+    resized = daemon.json("volume", "resize", "tank/vm1", "--size", "128M")
+    assert isinstance(resized, dict) and resized["size_bytes"] == 128 << 20
+    check = daemon.json("pool", "check", "tank", "--deep")
+    assert isinstance(check, dict) and check["ok"] and check["records"] == 256
+    listed = subprocess.run(["nbdinfo", "--list", f"nbd://127.0.0.1:{daemon.nbd_port}"],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert 'export="tank/vm1"' in listed.stdout
+    assert "tank" in daemon.ok("status")
+    daemon.ok("volume", "delete", "tank/vm1")
+    daemon.ok("pool", "export", "tank")
+    assert daemon.json("pool", "list") == []
+    imported = daemon.json("pool", "import", "tank",
+                           *[a for d in devs for a in ("--device", d)])
+    assert isinstance(imported, dict) and imported["state"] == "online"
+    daemon.ok("pool", "destroy", "tank")
+    assert daemon.json("pool", "list") == []
+
+
+@pytest.mark.parametrize(("args", "code", "words"), [
+    (("volume", "create", "nopool/v", "--size", "1G"), 1, "no pool named 'nopool'"),
+    (("volume", "create", "tank/v", "--size", "lots"), 1, "not a size"),
+    (("volume", "create", "tank", "--size", "1G"), 1, "is not POOL/VOLUME"),
+    (("volume", "create", "tank/bad name", "--size", "1G"), 1, "invalid volume name"),
+    (("volume", "info", "tank/ghost"), 1, "no volume 'ghost'"),
+    (("pool", "create", "p2", "/nonexistent/dev"), 1, "no such device"),
+    (("pool", "create", "p3", "DEVX", "--profile", "raid5", "--file-size", "64M"), 1,
+     "unknown redundancy profile"),
+    (("pool", "frobnicate"), 2, "invalid choice"),
+])
+def test_bad_arguments_get_one_clear_line_and_change_nothing(
+        daemon: Daemon, tmp_path: Path, args: tuple[str, ...], code: int, words: str) -> None:
+    daemon.ok("pool", "create", "tank", str(tmp_path / "d0"), "--file-size", "128M")
+    before = daemon.json("pool", "list")
+    r = daemon.ctl(*[a.replace("DEVX", str(tmp_path / "x0")) for a in args])
+    assert r.returncode == code, r
+    assert words in r.stderr
+    if code == 1:
+        assert r.stderr.startswith("storagectl: ") and r.stderr.count("\n") == 1
+    after = daemon.json("pool", "list")
+    assert isinstance(before, list) and isinstance(after, list)
+    assert [p["name"] for p in after] == [p["name"] for p in before]
+    assert after[0]["volumes"] == before[0]["volumes"]
+
+
+def test_daemon_not_running_is_said_so(tmp_path: Path) -> None:
+    r = subprocess.run([str(BIN / "storagectl"), "--socket", str(tmp_path / "none.sock"),
+                        "status"], capture_output=True, text=True, check=False)
+    assert r.returncode == 2 and "not running" in r.stderr
+
+
+def test_sigterm_and_kill9_keep_flushed_data(daemon: Daemon, tmp_path: Path) -> None:
+    """Invariant 1: flushed data survives SIGTERM (clean) and kill -9 (journal replay)."""
+    daemon.ok("pool", "create", "tank", str(tmp_path / "d0"), str(tmp_path / "d1"),
+              "--profile", "mirror:2", "--extent-size", "4M", "--file-size", "256M")
+    daemon.ok("volume", "create", "tank/v", "--size", "32M")
+    url = daemon.url("tank/v")
+    _qemu_io(url, "write -P 0x11 0 4M", "flush")
+    assert daemon.stop(signal.SIGTERM) == 0
+    daemon.start()
+    _qemu_io(url, "read -P 0x11 0 4M", "write -P 0x22 4M 4M", "flush",
+             "write -P 0x33 8M 64K")
+    daemon.stop(signal.SIGKILL)
+    daemon.start()
+    out = _qemu_io(url, "read -P 0x11 0 4M", "read -P 0x22 4M 4M")
+    assert "read 4194304/4194304" in out
+    assert daemon.json("pool", "check", "tank")["ok"]  # type: ignore[index]
+
+
+def test_metrics_scrape_moves_after_io(daemon: Daemon, tmp_path: Path) -> None:
+    daemon.ok("pool", "create", "tank", str(tmp_path / "d0"), "--file-size", "128M")
+    daemon.ok("volume", "create", "tank/v", "--size", "16M")
+
+    def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics",
+                                    timeout=10) as resp:
+            text = resp.read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(text) for s in fam.samples}
+    before = scrape()
+    key = ("storaged_volume_written_bytes_total", (("pool", "tank"), ("volume", "v")))
+    assert before[key] == 0
+    _qemu_io(daemon.url("tank/v"), "write -P 0x44 0 1M", "flush")
+    after = scrape()
+    assert after[key] >= 1 << 20
+    assert after[("storaged_nbd_connections_accepted_total", ())] >= 1
+    assert after[("storaged_pool_size_bytes", (("pool", "tank"),))] > 0
+    assert shutil.which("qemu-io")
