@@ -7,7 +7,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STATE_DIR ?= .storaged
 # Debian packages the project and its tests use (pyfuse3 builds against libfuse3).
-DEBS := libfuse3-dev pkg-config fuse3 qemu-utils qemu-block-extra libnbd-bin fio libiscsi-bin
+DEBS := libfuse3-dev pkg-config fuse3 qemu-utils qemu-block-extra libnbd-bin python3-libnbd fio \
+	libiscsi-bin openssl
 STAMP := $(VENV)/.installed
 
 .PHONY: run test lint typecheck contracts pytest system-deps venv bench-engine clean

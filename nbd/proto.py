@@ -93,12 +93,13 @@ CMD_FLAG_NO_HOLE = 1 << 1
 CMD_FLAG_DF = 1 << 2
 CMD_FLAG_REQ_ONE = 1 << 3
 CMD_FLAG_FAST_ZERO = 1 << 4
-# Which command flags each command may carry.
+# Which command flags each command may carry. FUA is valid on every command once
+# SEND_FUA is advertised (proto.md: the server MUST accept it, even by ignoring it).
 ALLOWED_FLAGS = {
-    CMD_READ: CMD_FLAG_DF, CMD_WRITE: CMD_FLAG_FUA, CMD_DISC: 0, CMD_FLUSH: 0,
-    CMD_TRIM: CMD_FLAG_FUA, CMD_CACHE: 0,
+    CMD_READ: CMD_FLAG_FUA | CMD_FLAG_DF, CMD_WRITE: CMD_FLAG_FUA, CMD_DISC: CMD_FLAG_FUA,
+    CMD_FLUSH: CMD_FLAG_FUA, CMD_TRIM: CMD_FLAG_FUA, CMD_CACHE: CMD_FLAG_FUA,
     CMD_WRITE_ZEROES: CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
-    CMD_BLOCK_STATUS: CMD_FLAG_REQ_ONE,
+    CMD_BLOCK_STATUS: CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
 }
 
 REPLY_FLAG_DONE = 1 << 0
@@ -546,11 +547,14 @@ class ServerConnection:
         if kind == CMD_BLOCK_STATUS and not self.meta_context:
             return NBD_EINVAL, "BLOCK_STATUS without a negotiated meta context"
         if kind in (CMD_READ, CMD_WRITE) and length > exp.max_block:
-            return NBD_EOVERFLOW, (f"{COMMAND_NAMES[kind]} of {length} bytes exceeds the "
-                                   f"maximum payload {exp.max_block}")
+            # proto.md allows EOVERFLOW only for reads; an oversized write is EINVAL.
+            code = NBD_EOVERFLOW if kind == CMD_READ else NBD_EINVAL
+            return code, (f"{COMMAND_NAMES[kind]} of {length} bytes exceeds the maximum "
+                          f"payload {exp.max_block}")
         if offset + length > exp.size:
-            return NBD_EINVAL, (f"request {offset}+{length} is beyond the export size "
-                                f"{exp.size}")
+            # proto.md: writes reaching past the end SHOULD get ENOSPC; others EINVAL.
+            code = NBD_ENOSPC if kind in (CMD_WRITE, CMD_WRITE_ZEROES) else NBD_EINVAL
+            return code, f"request {offset}+{length} is beyond the export size {exp.size}"
         if kind == CMD_READ and length == 0:
             return NBD_EINVAL, "zero-length read"
         return None

@@ -229,8 +229,10 @@ class _Client:
         elif k == proto.CMD_TRIM:
             await vol.trim(cmd.offset, cmd.length, fua=fua)
         elif k == proto.CMD_WRITE_ZEROES:
-            # Zeroing makes holes, which is fast: FAST_ZERO can always be honoured.
-            await vol.write_zeroes(cmd.offset, cmd.length, fua=fua)
+            # Zeroing makes holes, which is fast: FAST_ZERO can always be honoured. NO_HOLE
+            # asks for the range to stay provisioned: zeros are then stored as data.
+            await vol.write_zeroes(cmd.offset, cmd.length, fua=fua,
+                                   punch=not cmd.flags & proto.CMD_FLAG_NO_HOLE)
         elif k == proto.CMD_CACHE:
             pass  # advisory; records are read on demand and cached by the kernel
         elif k == proto.CMD_BLOCK_STATUS:

@@ -197,6 +197,19 @@ def test_starttls_refused_when_tls_off() -> None:
     assert replies(conn.data_to_send())[0][:2] == (proto.OPT_STARTTLS, proto.REP_ERR_POLICY)
 
 
+def test_fua_is_accepted_on_every_command() -> None:
+    """proto.md: with SEND_FUA negotiated the server MUST accept FUA on all commands."""
+    conn = ServerConnection(Catalog())
+    handshake(conn)
+    fua = proto.CMD_FLAG_FUA
+    events = feed(conn, request(proto.CMD_READ, 1, 0, 512, fua)
+                  + request(proto.CMD_FLUSH, 2, flags=fua)
+                  + request(proto.CMD_CACHE, 3, 0, 512, fua)
+                  + request(proto.CMD_BLOCK_STATUS, 4, 0, 512, fua))
+    assert [e.cookie for e in events if isinstance(e, proto.Command)] == [1, 2, 3, 4]
+    assert conn.data_to_send() == b""
+
+
 def test_commands_parse_byte_by_byte() -> None:
     conn = ServerConnection(Catalog())
     handshake(conn)
@@ -226,10 +239,12 @@ def _error_chunk(raw: bytes) -> tuple[int, int]:
 @pytest.mark.parametrize(("req", "code"), [
     (request(proto.CMD_READ, 7, (1 << 20) - 100, 512), proto.NBD_EINVAL),   # past the end
     (request(42, 7), proto.NBD_EINVAL),                                     # unknown command
-    (request(proto.CMD_READ, 7, 0, 512, flags=proto.CMD_FLAG_FUA), proto.NBD_EINVAL),
+    (request(proto.CMD_READ, 7, 0, 512, flags=proto.CMD_FLAG_NO_HOLE), proto.NBD_EINVAL),
     (request(proto.CMD_READ, 7, 0, (1 << 25) + 1), proto.NBD_EOVERFLOW),
     (request(proto.CMD_FLUSH, 7, 5, 0), proto.NBD_EINVAL),
-    (request(proto.CMD_WRITE, 7, (1 << 20) - 2, 4, data=b"abcd"), proto.NBD_EINVAL),
+    (request(proto.CMD_WRITE, 7, (1 << 20) - 2, 4, data=b"abcd"), proto.NBD_ENOSPC),
+    (request(proto.CMD_WRITE_ZEROES, 7, (1 << 20) - 2, 4), proto.NBD_ENOSPC),
+    (request(proto.CMD_TRIM, 7, (1 << 20) - 2, 4), proto.NBD_EINVAL),
 ])
 def test_invalid_requests_are_answered_and_never_reach_the_volume(req: bytes,
                                                                   code: int) -> None:

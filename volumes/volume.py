@@ -204,11 +204,13 @@ class Volume:
         else:
             await self._maybe_writeback()
 
-    async def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
-        """Zero a range. Whole zero blocks become holes and give their space back."""
+    async def write_zeroes(self, offset: int, length: int, *, fua: bool = False,
+                           punch: bool = True) -> None:
+        """Zero a range. Whole zero blocks become holes and give their space back; with
+        ``punch=False`` (NBD's NO_HOLE) they are stored as data and stay provisioned."""
         self._check(offset, length, write=True)
         await self._update(offset, length, lambda lo, hi, pos: self._zero[:hi - lo],
-                           reserve=False)
+                           reserve=not punch, holes=punch)
         self._stats["writes"] += 1
         if fua:
             await self.flush()
@@ -218,7 +220,8 @@ class Volume:
         await self.write_zeroes(offset, length, fua=fua)
         self._stats["trims"] += 1
 
-    async def _update(self, offset: int, length: int, piece: Any, *, reserve: bool) -> None:
+    async def _update(self, offset: int, length: int, piece: Any, *, reserve: bool,
+                      holes: bool = True) -> None:
         bs = self.block_size
         spans = list(self._blocks(offset, length))
         # Reserve space for every block up front, so a full pool fails the write before it
@@ -236,23 +239,26 @@ class Volume:
                 full = lo == 0 and (hi == bs or (last and b * bs + hi == self.size))
                 if full and b not in self._locks:
                     reserved -= self._put(b, bytes(chunk) if hi == bs
-                                          else bytes(chunk) + self._zero[hi:], reserved)
+                                          else bytes(chunk) + self._zero[hi:], reserved,
+                                          holes)
                     continue
                 lock = self._locks.setdefault(b, trio.Lock())
                 try:
                     async with lock:
                         base = bytearray(await self._current(b))
                         base[lo:hi] = chunk
-                        reserved -= self._put(b, bytes(base), reserved)
+                        reserved -= self._put(b, bytes(base), reserved, holes)
                 finally:
                     if self._locks.get(b) is lock and not lock.statistics().tasks_waiting:
                         del self._locks[b]
         finally:
             self._pool.unreserve(reserved * self._cost)
 
-    def _put(self, b: int, content: bytes, reserved: int) -> int:
-        """Buffer a block's new content; returns how many reservations it consumed."""
-        new: bytes | None = None if content == self._zero else content
+    def _put(self, b: int, content: bytes, reserved: int, holes: bool = True) -> int:
+        """Buffer a block's new content; returns how many reservations it consumed.
+
+        An all-zero block becomes a hole (invariant 6) unless ``holes`` is False."""
+        new: bytes | None = None if holes and content == self._zero else content
         old = self._dirty.get(b, _MISSING)
         had_data = old is not _MISSING and old is not None
         used = 0
