@@ -23,7 +23,7 @@ from pool.errors import DeviceError, ImportFailed
 from pool.layout import LABEL_SIZE, SECTOR, Label
 from pool.metastore import MetaStore
 from pool.pool import Pool, _read_label
-from pool.state import ENTRY
+from pool.state import ENTRY, HOLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,10 +87,10 @@ async def check(pool: Pool, *, deep: bool = False) -> CheckReport:
     def blobs() -> list[str]:
         out = []
         paths = [d.path for d in pool.meta.present()]
-        for key, loc in sorted(pool._page_locs.items()):
+        for nid, loc in sorted(pool._page_locs.items()):
             for path, ok in zip(paths, pool.meta.blob_copies(loc), strict=True):
                 if not ok:
-                    out.append(f"{path}: copy of map {key[0]} page {key[1]} (metadata units "
+                    out.append(f"{path}: copy of map node {nid} (metadata units "
                                f"{loc.unit}-{loc.unit + loc.units - 1}) fails its checksum")
         return out
     problems += await trio.to_thread.run_sync(blobs)
@@ -119,31 +119,60 @@ async def check(pool: Pool, *, deep: bool = False) -> CheckReport:
         if not 0 <= seg.fill <= cap:
             problems.append(f"segment {seg.id} fill {seg.fill} is outside 0..{cap} sectors")
 
-    # ---- maps and references -----------------------------------------------------------------
+    # ---- maps, nodes and references --------------------------------------------------------
+    forest = st.forest
+    refs: Counter[int] = Counter()
+    for map_id, root in forest.roots.items():
+        if root:
+            if root not in forest.nodes:
+                problems.append(f"map {map_id} has root node {root}, which does not exist")
+                continue
+            refs[root] += 1
+    for nid, node in forest.nodes.items():
+        if not node.leaf:
+            for child in node.data:
+                if child:
+                    if child not in forest.nodes:
+                        problems.append(f"map node {nid} points to node {child}, which does "
+                                        f"not exist")
+                    refs[child] += 1
+    for nid, node in forest.nodes.items():
+        if refs[nid] == 0:
+            problems.append(f"map node {nid} is not reachable from any map (leaked)")
+        elif refs[nid] != node.refs:
+            problems.append(f"map node {nid} has reference count {node.refs}, the trees "
+                            f"reference it {refs[nid]} times")
+    if not pool._page_locs.keys() >= forest.nodes.keys() - forest.dirty:
+        problems.append("some map nodes have no checkpoint location")
     live: Counter[int] = Counter()
     n_records = 0
     records_to_read: list[tuple[int, int, bytes]] = []
-    for map_id, bmap in st.maps.items():
-        for block, raw in bmap.items():
+    for nid, node in forest.nodes.items():
+        if not isinstance(node.data, bytearray):
+            continue
+        for slot in range(len(node.data) // ENTRY.size):
+            raw = bytes(node.data[slot * ENTRY.size:(slot + 1) * ENTRY.size])
+            if raw == HOLE:
+                continue
             n_records += 1
             seg_id, off, plen, _flags, _rh = ENTRY.unpack(raw)
             target = st.segments.get(seg_id)
             if target is None:
-                problems.append(f"map {map_id} block {block} points to segment {seg_id}, "
+                problems.append(f"map node {nid} slot {slot} points to segment {seg_id}, "
                                 f"which does not exist")
                 continue
             units = codec.fragment_units(plen, target.k)
             if plen <= 0 or off + units > target.fill:
-                problems.append(f"map {map_id} block {block} points past the written part of "
-                                f"segment {seg_id} (sectors {off}+{units}, fill {seg.fill})")
+                problems.append(f"map node {nid} slot {slot} points past the written part of "
+                                f"segment {seg_id} (sectors {off}+{units}, fill {target.fill})")
             live[seg_id] += units
             if deep:
-                records_to_read.append((map_id, block, raw))
+                records_to_read.append((nid, slot, raw))
     for seg in st.segments.values():
         if live[seg.id] != seg.live:
             problems.append(f"segment {seg.id} says {seg.live} live sectors, the maps "
                             f"reference {live[seg.id]}")
-    referenced = [o.get("map") for o in st.objects.values() if "map" in o]
+    referenced = [o["map"] for o in st.objects.values() if "map" in o]
     for obj_id, obj in st.objects.items():
         if "map" in obj and obj["map"] not in st.maps:
             problems.append(f"{obj.get('type', 'object')} {obj.get('name', obj_id)} refers to "
@@ -176,8 +205,9 @@ async def check(pool: Pool, *, deep: bool = False) -> CheckReport:
                         out.append(f"{dev.path}: {e.message}")
                     if codec.check_fragment(frag, i, seg.k, seg.m, plen, rhash) is None:
                         b += 1
-                        out.append(f"{dev.path}: fragment {i} of map {map_id} block {block} "
-                                   f"(segment {seg_id}) fails verification")
+                        out.append(f"{dev.path}: fragment {i} of the record in map node "
+                                   f"{map_id} slot {block} (segment {seg_id}) fails "
+                                   f"verification")
             return c, b, out
         checked, bad, msgs = await trio.to_thread.run_sync(read_all)
         problems += msgs

@@ -52,6 +52,7 @@ from pool.layout import (
     Layout,
     new_uuid,
 )
+from pool.maps import Node
 from pool.metastore import Loc, MetaStore, Superblock
 from pool.state import (
     ENTRY,
@@ -68,7 +69,7 @@ from pool.state import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_INDEX = ENTRY.__class__("<IIIIIQ")  # map id, page, unit, units, length, hash
+_INDEX = ENTRY.__class__("<QIIIQ")  # node id, unit, units, length, hash
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +154,7 @@ class Pool:
         self.devices = devices
         self.meta = meta
         self._sb_gen = superblock.generation if superblock else 0
-        self._page_locs: dict[tuple[int, int], Loc] = {}
+        self._page_locs: dict[int, Loc] = {}   # map node id -> where the checkpoint put it
         self._free: list[set[int]] = [set() for _ in state.members]
         self._pending_free: list[tuple[int, int]] = []   # freed by uncommitted ops
         self._releasable: list[tuple[int, int]] = []     # committed, waiting for readers
@@ -328,6 +329,36 @@ class Pool:
         self._do(op_json(op="map_new", id=map_id))
         return map_id
 
+    def clone_map(self, src: int) -> int:
+        """A new map sharing every node of ``src`` (O(1); copy-on-write from then on)."""
+        self._check_ok()
+        if src not in self.state.maps:
+            raise StorageError(f"map {src} does not exist")
+        map_id = self.state.next_id
+        self._do(op_json(op="map_clone", id=map_id, src=src))
+        return map_id
+
+    def diff_maps(self, a: int, b: int) -> list[int]:
+        """Blocks whose content differs between two maps (shared subtrees skipped)."""
+        return list(self.state.forest.diff(a, b))
+
+    def exclusive_bytes(self, map_id: int) -> int:
+        """Device bytes of records only this map's private leaves reference (an upper
+        bound of what deleting it frees; exact when leaves are not shared elsewhere)."""
+        total = 0
+        for node in self.state.forest.exclusive_nodes(map_id):
+            if isinstance(node.data, bytearray):
+                for o in range(0, len(node.data), ENTRY.size):
+                    raw = bytes(node.data[o:o + ENTRY.size])
+                    if raw != HOLE:
+                        total += self._record_bytes(raw)
+        return total
+
+    def _record_bytes(self, raw: bytes) -> int:
+        seg_id, _o, plen, _f, _h = ENTRY.unpack(raw)
+        seg = self.state.segments[seg_id]
+        return codec.fragment_units(plen, seg.k) * SECTOR * (seg.k + seg.m)
+
     def delete_map(self, map_id: int) -> None:
         """Drop a map and every record reference it holds (the space returns at commit)."""
         self._check_ok()
@@ -340,22 +371,17 @@ class Pool:
         self._reap()
 
     def is_mapped(self, map_id: int, block: int) -> bool:
-        return self.state.maps[map_id].get(block) is not None
+        return self.state.forest.get(map_id, block) is not None
 
     def mapped_blocks(self, map_id: int, start: int, end: int) -> list[int]:
-        return [b for b, _ in self.state.maps[map_id].items(start, end)]
+        return [b for b, _ in self.state.forest.items(map_id, start, end)]
 
     def mapped_count(self, map_id: int) -> int:
-        return self.state.maps[map_id].mapped()
+        return self.state.forest.mapped(map_id)
 
     def stored_bytes(self, map_id: int) -> int:
-        """Device bytes (all fragments) held by the records of a map."""
-        total = 0
-        for _b, raw in self.state.maps[map_id].items():
-            seg_id, _o, plen, _f, _h = ENTRY.unpack(raw)
-            seg = self.state.segments[seg_id]
-            total += codec.fragment_units(plen, seg.k) * SECTOR * (seg.k + seg.m)
-        return total
+        """Device bytes (all fragments) of the records a map references."""
+        return sum(self._record_bytes(raw) for _b, raw in self.state.forest.items(map_id))
 
     # ==== space ===========================================================================
     def record_cost(self, block_size: int, prof: Profile) -> int:
@@ -524,11 +550,11 @@ class Pool:
                           block_size: int) -> list[bytes | memoryview | None]:
         """The logical content of each block (``None`` for a hole), verified."""
         self._check_ok()
-        bmap = self.state.maps[map_id]
+        forest = self.state.forest
         if blocks and blocks[-1] - blocks[0] + 1 == len(blocks):
-            entries = bmap.get_range(blocks[0], len(blocks))
+            entries = forest.get_range(map_id, blocks[0], len(blocks))
         else:
-            entries = [bmap.get(b) for b in blocks]
+            entries = [forest.get(map_id, b) for b in blocks]
         plans: list[records.RecordPlan] = []
         segments = self.state.segments
         unpack = ENTRY.unpack
@@ -656,29 +682,24 @@ class Pool:
         st.txg = txg
         st.generation = self._sb_gen + 1
         state_blob = st.to_json()
-        page_keys: list[tuple[int, int]] = []
+        page_keys: list[int] = []
         page_blobs: list[bytes] = []
         new_locs = dict(self._page_locs)
-        for map_id, bmap in st.maps.items():
-            for pidx in sorted(bmap.dirty):
-                page = bmap.pages.get(pidx)
-                if page is None:
-                    new_locs.pop((map_id, pidx), None)
-                else:
-                    page_keys.append((map_id, pidx))
-                    page_blobs.append(bytes(page))
-            bmap.dirty.clear()
-        dropped = set(st.dropped_maps)
-        st.dropped_maps.clear()
-        for key in [k for k in new_locs if k[0] in dropped]:
-            del new_locs[key]
+        forest = st.forest
+        for nid in forest.freed:
+            new_locs.pop(nid, None)
+        for nid in sorted(forest.dirty):
+            page_keys.append(nid)
+            page_blobs.append(forest.nodes[nid].serialize())
+        forest.freed.clear()
+        forest.dirty.clear()
         taken = bytearray(self.meta.bitmap)
         try:
             await self._sync_data()
             written = await _run(self.meta.write_blobs, page_blobs, taken)
             new_locs.update(zip(page_keys, written, strict=True))
-            index = b"".join(_INDEX.pack(mid, p, loc.unit, loc.units, loc.length, loc.hash)
-                             for (mid, p), loc in sorted(new_locs.items()))
+            index = b"".join(_INDEX.pack(nid, loc.unit, loc.units, loc.length, loc.hash)
+                             for nid, loc in sorted(new_locs.items()))
             state_loc, index_loc = await _run(self.meta.write_blobs, [state_blob, index],
                                               taken)
             await self._on_devices(lambda d: d.sync())
@@ -867,7 +888,7 @@ class _Loaded:
     devices: list[Device | None]
     meta: MetaStore
     superblock: Superblock
-    page_locs: dict[tuple[int, int], Loc]
+    page_locs: dict[int, Loc]
     replayed: list[tuple[int, bytes]]
 
 
@@ -918,13 +939,17 @@ def _load_pool(pool_uuid: str, found: list[tuple[Device, Label]]) -> _Loaded:
     meta.mark_used(best.state)
     meta.mark_used(best.index)
     index = meta.read_blob(best.index)
-    page_locs: dict[tuple[int, int], Loc] = {}
+    page_locs: dict[int, Loc] = {}
     for off in range(0, len(index), _INDEX.size):
-        mid, pidx, unit, units, length, h = _INDEX.unpack_from(index, off)
+        nid, unit, units, length, h = _INDEX.unpack_from(index, off)
         loc = Loc(unit, units, length, h)
         meta.mark_used(loc)
-        page_locs[(mid, pidx)] = loc
-        state.maps[mid].load_page(pidx, meta.read_blob(loc))
+        page_locs[nid] = loc
+        try:
+            state.forest.nodes[nid] = Node.deserialize(meta.read_blob(loc))
+        except ValueError as e:
+            raise ImportFailed(f"pool {name}: map node {nid} is unreadable: {e}") from e
+    state.forest.recount()
     short = [s for s in state.segments.values()
              if sum(1 for i, _ in s.extents if devices[i] is not None) < s.k]
     if short:

@@ -4,8 +4,9 @@ Every change to the state is an ``Op`` applied through ``PoolState.apply``; the 
 in the same order, are what the journal records, so replay after a crash runs exactly the
 code that made the change (docs/FORMAT.md, "Journal").
 
-Block maps are kept as fixed pages of packed 24-byte entries; a page is the unit the
-checkpoint writes, so a checkpoint writes only the pages that changed since the last one.
+Block maps are copy-on-write radix trees of shared, reference-counted nodes
+(``pool.maps``); a node is the unit the checkpoint writes, so a checkpoint writes only the
+nodes that changed since the last one.
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from typing import Any
 
 from pool.codec import fragment_units
 from pool.errors import StorageError
+from pool.maps import MapForest
 
 ENTRY = struct.Struct("<IIIIQ")  # segment id, offset (sectors), payload length, flags, rhash
 ENTRY_SIZE = ENTRY.size  # 24
-PAGE_ENTRIES = 1024
-PAGE_BYTES = PAGE_ENTRIES * ENTRY_SIZE
 HOLE = bytes(ENTRY_SIZE)
 
 OP_MAP_SET = 1
@@ -49,98 +49,6 @@ class RecordRef:
 
     def pack(self) -> bytes:
         return ENTRY.pack(self.segment, self.offset, self.plen, self.flags, self.rhash)
-
-
-class BlockMap:
-    """A sparse array: block index -> packed record entry, in pages of PAGE_ENTRIES."""
-
-    __slots__ = ("counts", "dirty", "pages")
-
-    def __init__(self) -> None:
-        self.pages: dict[int, bytearray] = {}
-        self.counts: dict[int, int] = {}
-        self.dirty: set[int] = set()
-
-    def get(self, block: int) -> bytes | None:
-        page = self.pages.get(block // PAGE_ENTRIES)
-        if page is None:
-            return None
-        o = (block % PAGE_ENTRIES) * ENTRY_SIZE
-        raw = bytes(page[o:o + ENTRY_SIZE])
-        return None if raw == HOLE else raw
-
-    def get_range(self, start: int, count: int) -> list[bytes | None]:
-        """Entries of ``count`` consecutive blocks from ``start`` (None for holes)."""
-        out: list[bytes | None] = []
-        block, end = start, start + count
-        while block < end:
-            pidx, slot = divmod(block, PAGE_ENTRIES)
-            n = min(PAGE_ENTRIES - slot, end - block)
-            page = self.pages.get(pidx)
-            if page is None:
-                out.extend([None] * n)
-            else:
-                raw = bytes(page[slot * ENTRY_SIZE:(slot + n) * ENTRY_SIZE])
-                for o in range(0, n * ENTRY_SIZE, ENTRY_SIZE):
-                    e = raw[o:o + ENTRY_SIZE]
-                    out.append(None if e == HOLE else e)
-            block += n
-        return out
-
-    def set(self, block: int, entry: bytes) -> bytes | None:
-        """Store ``entry`` (HOLE to unmap); return the entry it replaced, if any."""
-        pidx, slot = divmod(block, PAGE_ENTRIES)
-        page = self.pages.get(pidx)
-        if page is None:
-            if entry == HOLE:
-                return None
-            page = self.pages[pidx] = bytearray(PAGE_BYTES)
-            self.counts[pidx] = 0
-        o = slot * ENTRY_SIZE
-        old = bytes(page[o:o + ENTRY_SIZE])
-        if old == entry:
-            return None if old == HOLE else old
-        page[o:o + ENTRY_SIZE] = entry
-        self.dirty.add(pidx)
-        if old == HOLE:
-            self.counts[pidx] += 1
-            return None
-        if entry == HOLE:
-            self.counts[pidx] -= 1
-            if self.counts[pidx] == 0:
-                del self.pages[pidx]
-                del self.counts[pidx]
-        return old
-
-    def mapped(self) -> int:
-        return sum(self.counts.values())
-
-    def items(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, bytes]]:
-        """(block, entry) for mapped blocks in [start, end), in block order."""
-        for pidx in sorted(self.pages):
-            base = pidx * PAGE_ENTRIES
-            if end is not None and base >= end:
-                break
-            if base + PAGE_ENTRIES <= start:
-                continue
-            page = self.pages[pidx]
-            lo = max(start - base, 0)
-            hi = PAGE_ENTRIES if end is None else min(end - base, PAGE_ENTRIES)
-            for slot in range(lo, hi):
-                o = slot * ENTRY_SIZE
-                raw = bytes(page[o:o + ENTRY_SIZE])
-                if raw != HOLE:
-                    yield base + slot, raw
-
-    def load_page(self, pidx: int, raw: bytes) -> None:
-        if len(raw) != PAGE_BYTES:
-            raise StorageError(f"map page {pidx} has {len(raw)} bytes, expected {PAGE_BYTES}")
-        page = bytearray(raw)
-        count = sum(1 for o in range(0, PAGE_BYTES, ENTRY_SIZE)
-                    if page[o:o + ENTRY_SIZE] != HOLE)
-        if count:
-            self.pages[pidx] = page
-            self.counts[pidx] = count
 
 
 @dataclass(slots=True)
@@ -224,14 +132,34 @@ class PoolState:
     members: list[MemberInfo]
     segments: dict[int, Segment] = field(default_factory=dict)
     objects: dict[int, dict[str, Any]] = field(default_factory=dict)
-    maps: dict[int, BlockMap] = field(default_factory=dict)
     next_id: int = 1
     txg: int = 0
     generation: int = 0
     # Segments whose live count reached zero during apply (the runtime decides what to do).
     emptied: set[int] = field(default_factory=set)
-    # Pages of deleted maps, for the checkpoint to free.
-    dropped_maps: set[int] = field(default_factory=set)
+    forest: MapForest = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.forest = MapForest(self._take_id, self._account)
+
+    def _take_id(self) -> int:
+        nid = self.next_id
+        self.next_id += 1
+        return nid
+
+    def _account(self, entry: bytes, delta: int) -> None:
+        seg_id, _off, plen, _fl, _h = ENTRY.unpack(entry)
+        seg = self.segments[seg_id]
+        seg.live += delta * fragment_units(plen, seg.k)
+        if seg.live == 0:
+            self.emptied.add(seg_id)
+        else:
+            self.emptied.discard(seg_id)
+
+    @property
+    def maps(self) -> dict[int, int]:
+        """Map id -> root node id, for every map."""
+        return self.forest.roots
 
     # ---- applying operations -------------------------------------------------------------
     def apply(self, op: Op) -> None:
@@ -241,9 +169,8 @@ class PoolState:
             self._map_set(map_id, block, op[_MAP_SET.size:])
         elif code == OP_MAP_CLEAR:
             _, map_id, start, count = _MAP_CLEAR.unpack(op)
-            bmap = self.maps[map_id]
-            for block, _raw in list(bmap.items(start, start + count)):
-                self._map_set(map_id, block, HOLE)
+            for block, _raw in list(self.forest.items(map_id, start, start + count)):
+                self.forest.set(map_id, block, HOLE)
         elif code == OP_JSON:
             d = json.loads(op[_JSON_HDR.size:])
             getattr(self, "_op_" + d.pop("op"))(**d)
@@ -251,18 +178,7 @@ class PoolState:
             raise StorageError(f"unknown op code {code}")
 
     def _map_set(self, map_id: int, block: int, entry: bytes) -> None:
-        old = self.maps[map_id].set(block, entry)
-        if old is not None:
-            seg_id, _off, plen, _fl, _h = ENTRY.unpack(old)
-            seg = self.segments[seg_id]
-            seg.live -= fragment_units(plen, seg.k)
-            if seg.live == 0:
-                self.emptied.add(seg_id)
-        if entry != HOLE:
-            seg_id, _off, plen, _fl, _h = ENTRY.unpack(entry)
-            seg = self.segments[seg_id]
-            seg.live += fragment_units(plen, seg.k)
-            self.emptied.discard(seg_id)
+        self.forest.set(map_id, block, entry)
 
     def _op_seg_new(self, id: int, k: int, m: int, extents: list[list[int]],
                     birth: int) -> None:
@@ -279,15 +195,15 @@ class PoolState:
         self.emptied.discard(id)
 
     def _op_map_new(self, id: int) -> None:
-        self.maps[id] = BlockMap()
+        self.forest.create(id)
+        self.next_id = max(self.next_id, id + 1)
+
+    def _op_map_clone(self, id: int, src: int) -> None:
+        self.forest.clone(src, id)
         self.next_id = max(self.next_id, id + 1)
 
     def _op_map_del(self, id: int) -> None:
-        bmap = self.maps[id]
-        for block, _raw in list(bmap.items()):
-            self._map_set(id, block, HOLE)
-        del self.maps[id]
-        self.dropped_maps.add(id)
+        self.forest.drop(id)
 
     def _op_obj_put(self, id: int, value: dict[str, Any]) -> None:
         self.objects[id] = value
@@ -309,7 +225,8 @@ class PoolState:
             "profile": self.profile, "members": [m.to_json() for m in self.members],
             "segments": [s.to_json() for s in self.segments.values()],
             "objects": {str(k): v for k, v in self.objects.items()},
-            "maps": sorted(self.maps), "next_id": self.next_id, "txg": self.txg,
+            "maps": {str(k): v for k, v in sorted(self.forest.roots.items())},
+            "next_id": self.next_id, "txg": self.txg,
             "generation": self.generation,
         }, separators=(",", ":")).encode()
 
@@ -320,6 +237,6 @@ class PoolState:
                        [MemberInfo(**m) for m in d["members"]])
         st.segments = {v[0]: Segment.from_json(v) for v in d["segments"]}
         st.objects = {int(k): v for k, v in d["objects"].items()}
-        st.maps = {i: BlockMap() for i in d["maps"]}
+        st.forest.roots = {int(k): v for k, v in d["maps"].items()}
         st.next_id, st.txg, st.generation = d["next_id"], d["txg"], d["generation"]
         return st
