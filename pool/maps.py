@@ -227,6 +227,7 @@ class MapForest:
             mid_data = self.nodes[mid].data
             assert isinstance(mid_data, array)
             mid_data[(block >> 10) & (FANOUT - 1)] = 0
+            self.dirty.add(mid)
             self._decref(leaf_id)
 
     def items(self, map_id: int, start: int = 0,

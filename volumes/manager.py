@@ -1,23 +1,45 @@
-"""The volumes of one pool: create, open, list, delete.
+"""The volumes of one pool: create, open, list, delete; snapshots, clones, rollback, diff.
 
 There is exactly one ``Volume`` object per volume, shared by every frontend and every
 connection, so that writes from one connection are seen by reads and covered by flushes on
 all others (NBD multi-conn).
+
+Snapshots and clones share the volume's block map copy-on-write (``pool.maps``):
+- a snapshot is a read-only map cloned from the volume's at the instant it is requested:
+  every write acknowledged before is in it, none acknowledged after (invariant 7);
+- a clone is a writable volume whose map is cloned from a snapshot; the snapshot cannot be
+  deleted while clones of it exist (the refusal names them);
+- rollback replaces the volume's map by a clone of the snapshot's (buffered writes that were
+  never flushed are discarded, as the rollback replaces the content anyway);
+- a volume with snapshots is deleted only with ``recursive`` (its snapshots go with it),
+  and never while a clone depends on one of them;
+- resizing never touches snapshots: each keeps its own size and data.
 """
 
 from __future__ import annotations
 
+import builtins
 import logging
 import re
 import time
 from typing import Any
 
-from pool.errors import AlreadyExists, InvalidArgument, NotFound
+from pool.errors import AlreadyExists, Busy, InvalidArgument, NotFound
+from pool.maps import MAX_BLOCKS
 from pool.pool import Pool, Profile
 from volumes.volume import DEFAULT_BLOCK, Volume, VolumeStatistics, check_block_size
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+
+
+def _check_size(size: int, block_size: int) -> None:
+    if size <= 0 or size % 512:
+        raise InvalidArgument(f"volume size must be a positive multiple of 512 bytes, "
+                              f"got {size}")
+    if -(-size // block_size) > MAX_BLOCKS:
+        raise InvalidArgument(f"a volume of block size {block_size} can be at most "
+                              f"{MAX_BLOCKS * block_size} bytes")
 
 
 def check_volume_name(name: str) -> None:
@@ -32,9 +54,15 @@ class VolumeManager:
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self._volumes: dict[str, Volume] = {}
-        for obj_id, meta in pool.objects().items():
+        self._snapshots: dict[str, dict[str, tuple[int, dict[str, Any]]]] = {}
+        objects = pool.objects()
+        for obj_id, meta in objects.items():
             if meta.get("type") == "volume":
                 self._volumes[meta["name"]] = Volume(pool, obj_id, meta)
+        for obj_id, meta in objects.items():
+            if meta.get("type") == "snapshot":
+                owner = objects[meta["volume"]]["name"]
+                self._snapshots.setdefault(owner, {})[meta["name"]] = (obj_id, meta)
         pool.add_cache(self._writeback_all)
 
     async def _writeback_all(self) -> None:
@@ -50,7 +78,7 @@ class VolumeManager:
             raise NotFound(f"no volume {name!r} in pool {self.pool.name}")
         return vol
 
-    def list(self) -> list[VolumeStatistics]:
+    def list(self) -> builtins.list[VolumeStatistics]:
         return [self._volumes[n].statistics() for n in self.names()]
 
     async def create(self, name: str, size: int, *, block_size: int = DEFAULT_BLOCK,
@@ -58,9 +86,7 @@ class VolumeManager:
         """Create a thin volume (durable when this returns)."""
         check_volume_name(name)
         check_block_size(block_size)
-        if size <= 0 or size % 512:
-            raise InvalidArgument(f"volume size must be a positive multiple of 512 bytes, "
-                                  f"got {size}")
+        _check_size(size, block_size)
         prof = Profile.parse(profile) if profile is not None else self.pool.default_profile
         members = sum(1 for m in self.pool.statistics().members if m.state == "online")
         if prof.width > len(self.pool.state.members) or prof.width > members:
@@ -80,22 +106,165 @@ class VolumeManager:
                  size, block_size, prof, ", lz4" if compression else "")
         return vol
 
-    async def delete(self, name: str) -> None:
+    async def delete(self, name: str, *, recursive: bool = False) -> None:
         """Delete a volume and release its space (durable when this returns)."""
         vol = self.get(name)
+        snaps = self._snapshots.get(name, {})
+        if snaps and not recursive:
+            raise Busy(f"volume {name!r} has {len(snaps)} snapshot(s) "
+                       f"({', '.join(sorted(snaps))}); delete them first or delete "
+                       f"recursively")
+        for snap in sorted(snaps):
+            self._refuse_if_cloned(name, snap)
         vol._drop()
         del self._volumes[name]
+        for snap in sorted(snaps):
+            obj_id, meta = snaps[snap]
+            self.pool.delete_map(meta["map"])
+            self.pool.delete_object(obj_id)
+        self._snapshots.pop(name, None)
         self.pool.delete_map(vol._map)
         self.pool.delete_object(vol._obj_id)
         await self.pool.commit()
-        log.info("pool %s: deleted volume %s", self.pool.name, name)
+        log.info("pool %s: deleted volume %s%s", self.pool.name, name,
+                 f" and {len(snaps)} snapshot(s)" if snaps else "")
+
+    # ---- snapshots ------------------------------------------------------------------------
+    def snapshot_names(self, volume: str) -> builtins.list[str]:
+        self.get(volume)
+        return sorted(self._snapshots.get(volume, {}))
+
+    def _snap(self, volume: str, snap: str) -> tuple[int, dict[str, Any]]:
+        self.get(volume)
+        found = self._snapshots.get(volume, {}).get(snap)
+        if found is None:
+            raise NotFound(f"volume {volume!r} has no snapshot {snap!r}")
+        return found
+
+    def snapshot_info(self, volume: str, snap: str) -> dict[str, Any]:
+        obj_id, meta = self._snap(volume, snap)
+        clones = self._clones_of(obj_id)
+        return {"volume": volume, "name": snap, "size": meta["size"],
+                "block_size": meta["block_size"], "created": meta["created"],
+                "referenced_bytes": self.pool.stored_bytes(meta["map"]),
+                "unique_bytes": self.pool.exclusive_bytes(meta["map"]),
+                "clones": clones}
+
+    def _clones_of(self, snap_obj: int) -> builtins.list[str]:
+        return sorted(n for n, v in self._volumes.items() if v._meta.get("origin") == snap_obj)
+
+    def _refuse_if_cloned(self, volume: str, snap: str) -> None:
+        obj_id, _meta = self._snap(volume, snap)
+        clones = self._clones_of(obj_id)
+        if clones:
+            raise Busy(f"snapshot {volume}@{snap} has clones ({', '.join(clones)}); delete "
+                       f"those first")
+
+    async def snapshot(self, volume: str, snap: str) -> dict[str, Any]:
+        """Snapshot ``volume`` now (invariant 7); O(1) in metadata; durable on return."""
+        check_volume_name(snap)
+        vol = self.get(volume)
+        if snap in self._snapshots.get(volume, {}):
+            raise AlreadyExists(f"volume {volume!r} already has a snapshot {snap!r}")
+        made: dict[str, Any] = {}
+
+        def take() -> None:
+            map_id = self.pool.clone_map(vol._map)
+            meta = {"type": "snapshot", "volume": vol._obj_id, "name": snap,
+                    "map": map_id, "size": vol.size, "block_size": vol.block_size,
+                    "profile": str(vol.profile), "compression": vol.compression,
+                    "created": int(time.time())}
+            obj_id = self.pool.put_object(meta)
+            self._snapshots.setdefault(volume, {})[snap] = (obj_id, meta)
+            made.update(meta)
+        await vol.writeback_then(take)
+        await self.pool.commit()
+        log.info("pool %s: snapshot %s@%s", self.pool.name, volume, snap)
+        return self.snapshot_info(volume, snap)
+
+    def snapshot_volume(self, volume: str, snap: str) -> Volume:
+        """A read-only Volume reading the snapshot (for exports)."""
+        obj_id, meta = self._snap(volume, snap)
+        view = Volume(self.pool, obj_id, {**meta, "name": f"{volume}@{snap}"})
+        view.read_only = True
+        return view
+
+    async def delete_snapshot(self, volume: str, snap: str) -> None:
+        self._refuse_if_cloned(volume, snap)
+        obj_id, meta = self._snap(volume, snap)
+        del self._snapshots[volume][snap]
+        self.pool.delete_map(meta["map"])
+        self.pool.delete_object(obj_id)
+        await self.pool.commit()
+        log.info("pool %s: deleted snapshot %s@%s", self.pool.name, volume, snap)
+
+    async def rollback(self, volume: str, snap: str) -> Volume:
+        """Make ``volume`` read as ``snap`` again (durable on return)."""
+        _obj, meta = self._snap(volume, snap)
+        vol = self.get(volume)
+
+        def swap() -> None:
+            vol._discard_buffer()
+            old = vol._map
+            vol._map = self.pool.clone_map(meta["map"])
+            vol.size = meta["size"]
+            vol._meta = {**vol._meta, "map": vol._map, "size": meta["size"]}
+            self.pool.put_object(vol._meta, vol._obj_id)
+            self.pool.delete_map(old)
+        await vol.writeback_then(swap)
+        await self.pool.commit()
+        log.info("pool %s: rolled %s back to @%s", self.pool.name, volume, snap)
+        return vol
+
+    async def clone(self, volume: str, snap: str, new_name: str) -> Volume:
+        """A writable volume ``new_name`` starting as ``volume@snap`` (shares its records)."""
+        check_volume_name(new_name)
+        if new_name in self._volumes:
+            raise AlreadyExists(f"volume {new_name!r} already exists in pool {self.pool.name}")
+        obj_id, meta = self._snap(volume, snap)
+        map_id = self.pool.clone_map(meta["map"])
+        vmeta: dict[str, Any] = {"type": "volume", "name": new_name, "size": meta["size"],
+                                 "block_size": meta["block_size"], "profile": meta["profile"],
+                                 "compression": meta["compression"], "map": map_id,
+                                 "created": int(time.time()), "origin": obj_id}
+        new_id = self.pool.put_object(vmeta)
+        vol = self._volumes[new_name] = Volume(self.pool, new_id, vmeta)
+        await self.pool.commit()
+        log.info("pool %s: cloned %s@%s as %s", self.pool.name, volume, snap, new_name)
+        return vol
+
+    async def diff(self, volume: str, snap_a: str,
+                   snap_b: str | None = None) -> builtins.list[tuple[int, int]]:
+        """Byte ranges (offset, length) that differ between ``volume@snap_a`` and
+        ``volume@snap_b`` (or the live volume): changed-block tracking for backups."""
+        _oa, ma = self._snap(volume, snap_a)
+        vol = self.get(volume)
+        if snap_b is not None:
+            _ob, mb = self._snap(volume, snap_b)
+            other, size = mb["map"], max(ma["size"], mb["size"])
+            blocks = self.pool.diff_maps(ma["map"], other)
+        else:
+            found: builtins.list[int] = []
+            await vol.writeback_then(lambda: found.extend(self.pool.diff_maps(ma["map"],
+                                                                             vol._map)))
+            blocks, size = found, max(ma["size"], vol.size)
+        bs = ma["block_size"]
+        ranges: builtins.list[tuple[int, int]] = []
+        for b in blocks:
+            start = b * bs
+            if start >= size:
+                break
+            length = min(bs, size - start)
+            if ranges and ranges[-1][0] + ranges[-1][1] == start:
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + length)
+            else:
+                ranges.append((start, length))
+        return ranges
 
     async def resize(self, name: str, size: int) -> Volume:
         """Grow or shrink a volume; shrinking discards the tail (durable on return)."""
         vol = self.get(name)
-        if size <= 0 or size % 512:
-            raise InvalidArgument(f"volume size must be a positive multiple of 512 bytes, "
-                                  f"got {size}")
+        _check_size(size, vol.block_size)
         old = vol.size
         if size < old:
             # The tail beyond the new end is trimmed, including the part of the new last

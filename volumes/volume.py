@@ -16,6 +16,7 @@ partial write of the same block is in progress.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +85,9 @@ class Volume:
         self._cost = pool.record_cost(self.block_size, self.profile)
         self._dirty: dict[int, bytes | None] = {}
         self._inflight: dict[int, bytes | None] = {}
+        # Writes captured by a snapshot request, waiting for the writeback lock: newer than
+        # _inflight, older than _dirty (reads look in _dirty, _captured, _inflight, map).
+        self._captured: dict[int, bytes | None] = {}
         self._dirty_data = 0          # blocks in _dirty holding data (each reserved)
         self._locks: dict[int, trio.Lock] = {}
         self._wb_lock = trio.Lock()
@@ -133,11 +137,13 @@ class Volume:
         spans = list(self._blocks(offset, length))
         buffered: dict[int, bytes | memoryview | None] = {}
         need: list[int] = []
-        if not self._dirty and not self._inflight:
+        if not self._dirty and not self._inflight and not self._captured:
             need = [b for b, _lo, _hi in spans]
         else:
             for b, _lo, _hi in spans:
                 v = self._dirty.get(b, _MISSING)
+                if v is _MISSING:
+                    v = self._captured.get(b, _MISSING)
                 if v is _MISSING:
                     v = self._inflight.get(b, _MISSING)
                 if v is _MISSING:
@@ -183,6 +189,8 @@ class Volume:
         """A block's present content (under its lock) as full bytes."""
         if b in self._dirty:
             v: bytes | memoryview | None = self._dirty[b]
+        elif b in self._captured:
+            v = self._captured[b]
         elif b in self._inflight:
             v = self._inflight[b]
         else:
@@ -282,29 +290,49 @@ class Volume:
         """Write buffered blocks to the pool as records (not yet committed)."""
         async with self._wb_lock:
             while self._dirty:
-                batch = self._dirty
-                self._dirty = {}
-                self._inflight = batch
-                data_blocks = self._dirty_data
-                self._dirty_data = 0
-                try:
-                    items = sorted(batch.items())
-                    await self._write_batches([items[i:i + WRITEBACK_BATCH]
-                                               for i in range(0, len(items), WRITEBACK_BATCH)])
-                except BaseException:
-                    # Nothing acknowledged is dropped: put back what was not overwritten.
-                    for b, v in batch.items():
-                        if b in self._dirty:
-                            if v is not None:
-                                self._pool.unreserve(self._cost)
-                        else:
-                            self._dirty[b] = v
-                            if v is not None:
-                                self._dirty_data += 1
-                    raise
-                finally:
-                    self._inflight = {}
-                self._pool.unreserve(data_blocks * self._cost)
+                batch, self._dirty = self._dirty, {}
+                data_blocks, self._dirty_data = self._dirty_data, 0
+                await self._write_out(batch, data_blocks)
+
+    async def writeback_then(self, action: Callable[[], None]) -> None:
+        """Write back exactly the writes acknowledged before this call, then run ``action``
+        synchronously while no other writeback can move the map. The buffer is captured
+        before the first await, so writes acknowledged after the call started stay
+        buffered and are not seen by ``action`` (snapshots, invariant 7)."""
+        batch, self._dirty = self._dirty, {}
+        data_blocks, self._dirty_data = self._dirty_data, 0
+        self._captured = batch
+        try:
+            async with self._wb_lock:
+                if batch:
+                    await self._write_out(batch, data_blocks)
+                action()
+        finally:
+            self._captured = {}
+
+    async def _write_out(self, batch: dict[int, bytes | None], data_blocks: int) -> None:
+        """Write ``batch`` (holding ``data_blocks`` reservations) to the pool as records;
+        the caller holds the writeback lock. On failure the batch returns to the buffer,
+        except blocks overwritten since."""
+        self._inflight = batch
+        try:
+            items = sorted(batch.items())
+            await self._write_batches([items[i:i + WRITEBACK_BATCH]
+                                       for i in range(0, len(items), WRITEBACK_BATCH)])
+        except BaseException:
+            # Nothing acknowledged is dropped: put back what was not overwritten.
+            for b, v in batch.items():
+                if b in self._dirty:
+                    if v is not None:
+                        self._pool.unreserve(self._cost)
+                else:
+                    self._dirty[b] = v
+                    if v is not None:
+                        self._dirty_data += 1
+            raise
+        finally:
+            self._inflight = {}
+        self._pool.unreserve(data_blocks * self._cost)
 
     async def _write_batches(self, batches: list[list[tuple[int, bytes | None]]]) -> None:
         """Hand batches to the pool, two at a time, so that encoding one overlaps the device
@@ -351,7 +379,7 @@ class Volume:
         bs = self.block_size
         first, last = offset // bs, (offset + length - 1) // bs
         mapped = set(self._pool.mapped_blocks(self._map, first, last + 1))
-        for layer in (self._inflight, self._dirty):
+        for layer in (self._inflight, self._captured, self._dirty):
             for b, v in layer.items():
                 if first <= b <= last:
                     if v is None:
@@ -373,7 +401,7 @@ class Volume:
     # ---- status ---------------------------------------------------------------------------
     def statistics(self) -> VolumeStatistics:
         mapped = set(self._pool.mapped_blocks(self._map, 0, -(-self.size // self.block_size)))
-        for layer in (self._inflight, self._dirty):
+        for layer in (self._inflight, self._captured, self._dirty):
             for b, v in layer.items():
                 if v is None:
                     mapped.discard(b)
@@ -385,11 +413,14 @@ class Volume:
             self._pool.stored_bytes(self._map), self._dirty_data * self.block_size,
             **self._stats)
 
-    def _drop(self) -> None:
-        """Forget buffered writes (the volume is being deleted)."""
+    def _discard_buffer(self) -> None:
+        """Forget buffered writes (the volume is deleted or rolled back)."""
         self._pool.unreserve(self._dirty_data * self._cost)
         self._dirty.clear()
         self._dirty_data = 0
+
+    def _drop(self) -> None:
+        self._discard_buffer()
         self._deleted = True
 
 
