@@ -1,8 +1,9 @@
 """Which volumes are exported over NBD, and under what names.
 
-Export names are ``POOL/VOLUME`` (snapshots, read-only, ``POOL/VOLUME@SNAPSHOT`` once the
-snapshots issue lands). The catalog is rebuilt from the volume managers on every lookup, so
-a volume created or deleted through the control API is visible to the next handshake.
+Export names are ``POOL/VOLUME`` for a volume and ``POOL/VOLUME@SNAPSHOT`` for a snapshot,
+which is exported read-only. The catalog is read from the volume managers on every lookup,
+so a volume or snapshot created or deleted through the control API is visible to the next
+handshake.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ class VolumeCatalog:
         vm = self._managers.get(parts[0])
         if vm is None:
             return None
+        vol, at, snap = parts[1].partition("@")
         try:
-            return vm.get(parts[1])
+            return vm.snapshot_volume(vol, snap) if at else vm.get(vol)
         except NotFound:
             return None
 
@@ -55,4 +57,7 @@ class VolumeCatalog:
             vm = self._managers[pool]
             for vname in vm.names():
                 out.append(self.info(f"{pool}/{vname}", vm.get(vname)))
+                for snap in vm.snapshot_names(vname):
+                    out.append(self.info(f"{pool}/{vname}@{snap}",
+                                         vm.snapshot_volume(vname, snap)))
         return out

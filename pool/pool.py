@@ -38,6 +38,7 @@ from pool.errors import (
     InvalidArgument,
     MediumError,
     NoSpace,
+    NotFound,
     PoolFailed,
     StorageError,
 )
@@ -550,6 +551,9 @@ class Pool:
                           block_size: int) -> list[bytes | memoryview | None]:
         """The logical content of each block (``None`` for a hole), verified."""
         self._check_ok()
+        if map_id not in self.state.maps:
+            raise NotFound(f"map {map_id} no longer exists (its volume or snapshot was "
+                           f"deleted)")
         forest = self.state.forest
         if blocks and blocks[-1] - blocks[0] + 1 == len(blocks):
             entries = forest.get_range(map_id, blocks[0], len(blocks))

@@ -64,6 +64,14 @@ def _bool(p: Params, key: str, default: bool) -> bool:
     return v
 
 
+def split_snapshot(spec: str) -> tuple[str, str, str]:
+    pool, vol = split_volume(spec.partition("@")[0])
+    snap = spec.partition("@")[2]
+    if "@" not in spec or not snap:
+        raise InvalidArgument(f"{spec!r} is not POOL/VOLUME@SNAPSHOT")
+    return pool, vol, snap
+
+
 def split_volume(spec: str) -> tuple[str, str]:
     pool, sep, vol = spec.partition("/")
     if not sep or not pool or not vol or "@" in vol:
@@ -121,6 +129,10 @@ class ControlAPI:
             "volume.create": self.volume_create, "volume.list": self.volume_list,
             "volume.info": self.volume_info, "volume.resize": self.volume_resize,
             "volume.delete": self.volume_delete, "export.list": self.export_list,
+            "snapshot.create": self.snapshot_create, "snapshot.list": self.snapshot_list,
+            "snapshot.delete": self.snapshot_delete,
+            "snapshot.rollback": self.snapshot_rollback,
+            "snapshot.clone": self.snapshot_clone, "snapshot.diff": self.snapshot_diff,
             "status": self.status,
         }
 
@@ -224,19 +236,82 @@ class ControlAPI:
 
     async def volume_delete(self, p: Params, progress: Progress) -> Any:
         entry, vol = self._volume(_req(p, "name"))
-        await entry.volumes.delete(vol.name)
+        await entry.volumes.delete(vol.name, recursive=_bool(p, "recursive", False))
         return {"name": p["name"], "deleted": True}
+
+    # ---- snapshots ----------------------------------------------------------------------
+    def _snap_info(self, pool: str, info: dict[str, Any]) -> dict[str, Any]:
+        return {"name": f"{pool}/{info['volume']}@{info['name']}", "pool": pool,
+                "volume": info["volume"], "snapshot": info["name"],
+                "size_bytes": info["size"], "created": info["created"],
+                "referenced_bytes": info["referenced_bytes"],
+                "unique_bytes": info["unique_bytes"],
+                "clones": [f"{pool}/{c}" for c in info["clones"]]}
+
+    async def snapshot_create(self, p: Params, progress: Progress) -> Any:
+        pool, vol, snap = split_snapshot(_req(p, "name"))
+        entry = self.registry.get(pool)
+        return self._snap_info(pool, await entry.volumes.snapshot(vol, snap))
+
+    async def snapshot_list(self, p: Params, progress: Progress) -> Any:
+        spec = _str(p, "volume", required=False)
+        out = []
+        if spec:
+            pool, vol = split_volume(spec)
+            targets = [(pool, self.registry.get(pool), [vol])]
+        else:
+            targets = [(n, e, e.volumes.names()) for n, e in sorted(self.registry.pools.items())]
+        for pool, entry, vols in targets:
+            for vol in vols:
+                for snap in entry.volumes.snapshot_names(vol):
+                    out.append(self._snap_info(pool, entry.volumes.snapshot_info(vol, snap)))
+        return out
+
+    async def snapshot_delete(self, p: Params, progress: Progress) -> Any:
+        pool, vol, snap = split_snapshot(_req(p, "name"))
+        await self.registry.get(pool).volumes.delete_snapshot(vol, snap)
+        return {"name": p["name"], "deleted": True}
+
+    async def snapshot_rollback(self, p: Params, progress: Progress) -> Any:
+        pool, vol, snap = split_snapshot(_req(p, "name"))
+        entry = self.registry.get(pool)
+        return volume_info(pool, await entry.volumes.rollback(vol, snap))
+
+    async def snapshot_clone(self, p: Params, progress: Progress) -> Any:
+        pool, vol, snap = split_snapshot(_req(p, "name"))
+        tpool, tvol = split_volume(_req(p, "target"))
+        if tpool != pool:
+            raise InvalidArgument(f"a clone lives in its snapshot's pool: use {pool}/{tvol}")
+        entry = self.registry.get(pool)
+        return volume_info(pool, await entry.volumes.clone(vol, snap, tvol))
+
+    async def snapshot_diff(self, p: Params, progress: Progress) -> Any:
+        pool, vol, snap_a = split_snapshot(_req(p, "from"))
+        snap_b: str | None = None
+        to = _str(p, "to", required=False)
+        if to:
+            pool_b, vol_b, snap_b = split_snapshot(to)
+            if (pool_b, vol_b) != (pool, vol):
+                raise InvalidArgument("both snapshots must be of the same volume")
+        ranges = await self.registry.get(pool).volumes.diff(vol, snap_a, snap_b)
+        return {"from": p["from"], "to": to or f"{pool}/{vol}",
+                "ranges": [{"offset": o, "length": n} for o, n in ranges],
+                "changed_bytes": sum(n for _o, n in ranges)}
 
     # ---- exports and overview -----------------------------------------------------------
     async def export_list(self, p: Params, progress: Progress) -> Any:
         out = []
         for pname, entry in sorted(self.registry.pools.items()):
             for vname in entry.volumes.names():
-                item: dict[str, Any] = {"name": f"{pname}/{vname}", "read_only": False}
-                if self.nbd_address is not None:
-                    host, port = self.nbd_address
-                    item["nbd"] = f"nbd://{host}:{port}/{pname}/{vname}"
-                out.append(item)
+                names = [(f"{pname}/{vname}", False)] + [
+                    (f"{pname}/{vname}@{s}", True)
+                    for s in entry.volumes.snapshot_names(vname)]
+                for name, ro in names:
+                    item: dict[str, Any] = {"name": name, "read_only": ro}
+                    if self.nbd_address is not None:
+                        host, port = self.nbd_address
+                        item["nbd"] = f"nbd://{host}:{port}/{name}"
+                    out.append(item)
         return out
 
     async def status(self, p: Params, progress: Progress) -> Any:

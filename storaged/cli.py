@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,6 +67,25 @@ def show_volume(v: dict[str, Any]) -> str:
     def fmt(k: str, val: Any) -> str:
         return format_size(val) if k.endswith("bytes") or k == "block_size" else str(val)
     return "\n".join(f"{k:<14}{fmt(k, val)}" for k, val in v.items())
+
+
+def show_snapshots(snaps: list[dict[str, Any]]) -> str:
+    return _table([[s["name"], format_size(s["size_bytes"]),
+                    format_size(s["referenced_bytes"]), format_size(s["unique_bytes"]),
+                    time.strftime("%Y-%m-%d %H:%M", time.localtime(s["created"])),
+                    ",".join(s["clones"]) or "-"] for s in snaps],
+                  ["NAME", "SIZE", "REFER", "UNIQUE", "CREATED", "CLONES"])
+
+
+def show_snapshots_one(s: dict[str, Any]) -> str:
+    return show_snapshots([s])
+
+
+def show_diff(d: dict[str, Any]) -> str:
+    lines = [f"{d['from']} -> {d['to']}: {format_size(d['changed_bytes'])} changed in "
+             f"{len(d['ranges'])} range(s)"]
+    lines += [f"  {r['offset']:>16} {r['length']:>12}" for r in d["ranges"]]
+    return "\n".join(lines)
 
 
 def show_exports(items: list[dict[str, Any]]) -> str:
@@ -141,7 +161,24 @@ def build_parser() -> argparse.ArgumentParser:
     c = vol.add_parser("resize")
     c.add_argument("name", metavar="POOL/VOL")
     c.add_argument("--size", required=True)
-    vol.add_parser("delete").add_argument("name", metavar="POOL/VOL")
+    c = vol.add_parser("delete")
+    c.add_argument("name", metavar="POOL/VOL")
+    c.add_argument("--recursive", "-r", action="store_true",
+                   help="also delete the volume's snapshots")
+
+    snap = top.add_parser("snapshot", help="snapshots").add_subparsers(dest="cmd",
+                                                                       required=True)
+    snap.add_parser("create").add_argument("name", metavar="POOL/VOL@SNAP")
+    snap.add_parser("list").add_argument("volume", nargs="?", metavar="POOL/VOL")
+    snap.add_parser("delete").add_argument("name", metavar="POOL/VOL@SNAP")
+    snap.add_parser("rollback").add_argument("name", metavar="POOL/VOL@SNAP")
+    c = snap.add_parser("clone")
+    c.add_argument("name", metavar="POOL/VOL@SNAP")
+    c.add_argument("target", metavar="POOL/NEWVOL")
+    c = snap.add_parser("diff", help="block ranges that changed (for incremental backup)")
+    c.add_argument("base", metavar="POOL/VOL@A")
+    c.add_argument("other", nargs="?", metavar="POOL/VOL@B",
+                   help="default: the live volume")
 
     exp = top.add_parser("export", help="exports").add_subparsers(dest="cmd", required=True)
     exp.add_parser("list")
@@ -186,7 +223,23 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
             return "volume.info", {"name": args.name}, show_volume
         if cmd == "resize":
             return "volume.resize", {"name": args.name, "size": args.size}, show_volume
-        return "volume.delete", {"name": args.name}, _done
+        return "volume.delete", {"name": args.name, "recursive": args.recursive}, _done
+    if g == "snapshot":
+        if cmd == "create":
+            return "snapshot.create", {"name": args.name}, show_snapshots_one
+        if cmd == "list":
+            return ("snapshot.list", {"volume": args.volume} if args.volume else {},
+                    show_snapshots)
+        if cmd == "rollback":
+            return "snapshot.rollback", {"name": args.name}, show_volume
+        if cmd == "clone":
+            return "snapshot.clone", {"name": args.name, "target": args.target}, show_volume
+        if cmd == "diff":
+            params = {"from": args.base}
+            if args.other:
+                params["to"] = args.other
+            return "snapshot.diff", params, show_diff
+        return "snapshot.delete", {"name": args.name}, _done
     if g == "export":
         return "export.list", {}, show_exports
     return "status", {}, show_status
