@@ -36,6 +36,13 @@ async def _pool(tmp: Path, name: str = "tank", n: int = 3,
     return paths, data
 
 
+def _scribble(path: Path, *offsets: int) -> None:
+    with open(path, "r+b") as f:
+        for off in offsets:
+            f.seek(off)
+            f.write(b"garbage")
+
+
 def _digests(paths: list[Path]) -> list[str]:
     return [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
 
@@ -62,19 +69,13 @@ async def _content(paths: list[Path]) -> bytes:
 
 async def test_corrupt_primary_label_falls_back_to_the_backup(tmp_path: Path) -> None:
     paths, data = await _pool(tmp_path)
-    with open(paths[1], "r+b") as f:
-        f.seek(100)
-        f.write(b"garbage")
+    _scribble(paths[1], 100)
     assert await _content(paths) == data
 
 
 async def test_both_labels_corrupt_is_refused_naming_the_device(tmp_path: Path) -> None:
     paths, _ = await _pool(tmp_path)
-    with open(paths[2], "r+b") as f:
-        f.seek(100)
-        f.write(b"garbage")
-        f.seek(DEV - LABEL_SIZE + 100)
-        f.write(b"garbage")
+    _scribble(paths[2], 100, DEV - LABEL_SIZE + 100)
     await _refused(paths, f"{paths[2]} is not a storaged pool member.*checksum")
 
 
