@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import trio
@@ -118,6 +120,9 @@ class MemberStatus:
     size: int
     extents: int
     free_extents: int
+    read_errors: int = 0
+    write_errors: int = 0
+    checksum_errors: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +179,8 @@ class Pool:
         self._reserved = 0
         self._caches: list[Callable[[], Awaitable[None]]] = []
         self._limiters = [trio.CapacityLimiter(4) for _ in devices]
+        # Per member: read / write / checksum errors seen since import.
+        self._errors: list[Counter[str]] = [Counter() for _ in devices]
         self._cpu = trio.CapacityLimiter(2)
         self._counters = dict.fromkeys(
             ("commits", "checkpoints", "records_written", "records_read", "degraded_reads",
@@ -291,11 +298,31 @@ class Pool:
         """Run ``fn(device)`` for each chosen present member, in parallel threads."""
         idx = [i for i in (which if which is not None else range(len(self.devices)))
                if self.devices[i] is not None]
+        calls = []
+        for i in idx:
+            dev = self.devices[i]
+            assert dev is not None
+            calls.append((i, partial(fn, dev)))
+        await self._per_device(calls, "write")
+
+    async def _per_device(self, calls: Sequence[tuple[int, Callable[[], None]]],
+                          kind: str) -> None:
+        """Run blocking calls, one per member, in parallel threads. A DeviceError is
+        counted against its member and the first one re-raised as itself (not as an
+        exception group), so callers can handle it as the I/O error it is."""
+        failures: list[DeviceError] = []
+
+        async def one(i: int, call: Callable[[], None]) -> None:
+            try:
+                await trio.to_thread.run_sync(call, limiter=self._limiters[i])
+            except DeviceError as e:
+                self._errors[i][kind] += 1
+                failures.append(e)
         async with trio.open_nursery() as nursery:
-            for i in idx:
-                dev = self.devices[i]
-                assert dev is not None
-                nursery.start_soon(_run_limited, self._limiters[i], fn, dev)
+            for i, call in calls:
+                nursery.start_soon(one, i, call)
+        if failures:
+            raise failures[0]
 
     @property
     def name(self) -> str:
@@ -502,10 +529,8 @@ class Pool:
                     writes.setdefault(idx, []).append(
                         (dev, self.layout.extent_offset(ext) + off * SECTOR, frags))
                 i = j
-            async with trio.open_nursery() as nursery:
-                for idx, wl in writes.items():
-                    nursery.start_soon(_run_limited, self._limiters[idx],
-                                       records.write_columns, wl)
+            await self._per_device([(idx, partial(records.write_columns, wl))
+                                    for idx, wl in writes.items()], "write")
             self._dirty_devices.update(writes)
             self._check_ok()
             for block, seg, off, rec in placed:
@@ -588,6 +613,11 @@ class Pool:
                 self._release_extents()
         self._counters["records_read"] += len(plans)
         self._counters["degraded_reads"] += out.degraded
+        if out.device_errors:
+            paths = {d.path: i for i, d in enumerate(self.devices) if d is not None}
+            for (path, kind), n in out.device_errors.items():
+                if path in paths:
+                    self._errors[paths[path]][kind] += n
         if out.repairs:
             await self._repair(out.repairs)
         if out.failures:
@@ -791,6 +821,7 @@ class Pool:
             self.meta.devices.append(dev)
             self._column_cache.clear()
             self._limiters.append(trio.CapacityLimiter(4))
+            self._errors.append(Counter())
             self._free.append(set(range(n_ext)))
             await self._checkpoint_locked()
         log.info("pool %s: added %s as member %d (%d extents)", self.state.name, dev.path,
@@ -804,7 +835,9 @@ class Pool:
             MemberStatus(mi.index, mi.uuid,
                          (d.path if (d := self.devices[mi.index]) is not None else ""),
                          "online" if self.devices[mi.index] is not None else "missing",
-                         mi.size, mi.n_extents, len(self._free[mi.index]))
+                         mi.size, mi.n_extents, len(self._free[mi.index]),
+                         self._errors[mi.index]["read"], self._errors[mi.index]["write"],
+                         self._errors[mi.index]["checksum"])
             for mi in st.members)
         present = [m for m in members if m.state == "online"]
         live = sum(s.live * SECTOR * (s.k + s.m) for s in st.segments.values())
@@ -835,11 +868,6 @@ class Pool:
 # ==== blocking helpers (run in threads) ====================================================
 async def _run(fn: Callable[..., T], *args: Any) -> T:
     return await trio.to_thread.run_sync(lambda: fn(*args))
-
-
-async def _run_limited(limiter: trio.CapacityLimiter, fn: Callable[[T], Any],
-                       arg: T) -> None:
-    await trio.to_thread.run_sync(fn, arg, limiter=limiter)
 
 
 def _check_name(name: str) -> None:

@@ -6,6 +6,7 @@ the pool's in-memory state (the event loop prepares plans and applies results).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -52,6 +53,8 @@ class ReadOutcome:
     repairs: list[Repair] = field(default_factory=list)
     failures: dict[int, str] = field(default_factory=dict)      # slot -> why unreadable
     degraded: int = 0             # records that needed parity (or another mirror)
+    # (device path, "read" | "checksum") -> count, for per-device error counters
+    device_errors: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
 def encode_all(datas: Sequence[bytes], k: int, m: int,
@@ -64,13 +67,15 @@ def write_columns(writes: Sequence[tuple[Device, int, list[bytearray]]]) -> None
         dev.pwritev(offset, fragments)
 
 
-def _frag_bytes(col: tuple[Device | None, int, str], offset: int, units: int) -> bytes | None:
-    dev, base, _name = col
+def _frag_bytes(col: tuple[Device | None, int, str], offset: int, units: int,
+                out: ReadOutcome) -> bytes | None:
+    dev, base, name = col
     if dev is None:
         return None
     try:
         return dev.pread(base + offset * SECTOR, units * SECTOR)
     except DeviceError:
+        out.device_errors[(name, "read")] += 1
         return None
 
 
@@ -112,7 +117,7 @@ def _read_run(run: Sequence[RecordPlan], block_size: int, out: ReadOutcome,
                 raise WouldBlock
             columns.append(memoryview(got))
             continue
-        raw = _frag_bytes(first.columns[c], first.offset, total)
+        raw = _frag_bytes(first.columns[c], first.offset, total, out)
         columns.append(memoryview(raw) if raw is not None else None)
     pos = 0
     for p in run:
@@ -125,6 +130,8 @@ def _read_run(run: Sequence[RecordPlan], block_size: int, out: ReadOutcome,
             chunk = codec.check_fragment(col[pos:pos + size], c, k, p.m, p.plen, p.rhash)
             if chunk is not None:
                 chunks[c] = chunk
+            elif not nowait:
+                out.device_errors[(first.columns[c][2], "checksum")] += 1
         pos += size
         if len(chunks) == k:
             payload = codec.reassemble(chunks, k, p.m, p.plen)
@@ -144,11 +151,13 @@ def _read_slow(p: RecordPlan, block_size: int, chunks: dict[int, memoryview],
     for c in range(p.k, n):
         if len(chunks) >= p.k:
             break
-        raw = _frag_bytes(p.columns[c], p.offset, p.units)
+        raw = _frag_bytes(p.columns[c], p.offset, p.units, out)
         chunk = (codec.check_fragment(raw, c, p.k, p.m, p.plen, p.rhash)
                  if raw is not None else None)
         if chunk is None:
             bad.append(c)
+            if raw is not None:
+                out.device_errors[(p.columns[c][2], "checksum")] += 1
         else:
             chunks[c] = chunk
     if len(chunks) < p.k:

@@ -45,8 +45,10 @@ def show_pools(pools: list[dict[str, Any]]) -> str:
 def show_pool_status(p: dict[str, Any]) -> str:
     out = [show_pools([p]), ""]
     out.append(_table([[str(d["index"]), d["path"] or "-", d["state"],
-                        format_size(d["size_bytes"]), format_size(d["free_bytes"])]
-                       for d in p["devices"]], ["DEV", "PATH", "STATE", "SIZE", "FREE"]))
+                        format_size(d["size_bytes"]), format_size(d["free_bytes"]),
+                        str(d["read_errors"]), str(d["write_errors"]),
+                        str(d["checksum_errors"])] for d in p["devices"]],
+                      ["DEV", "PATH", "STATE", "SIZE", "FREE", "READ", "WRITE", "CKSUM"]))
     c = p["counters"]
     out.append("")
     out.append(f"records read {c['records_read']}, written {c['records_written']}, "

@@ -13,12 +13,18 @@ from collections.abc import Iterable, Iterator
 
 import trio
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from nbd.server import NBDServer
 from storaged.api import pool_status
 from storaged.registry import Registry
+from volumes.volume import LATENCY_BUCKETS
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,9 @@ class StoragedCollector(Collector):
                                labels=["pool", "state"])
         dev = GaugeMetricFamily("storaged_device_up", "1 when the member device is present",
                                 labels=["pool", "device"])
+        dev_err = CounterMetricFamily("storaged_device_errors",
+                                      "I/O and checksum errors seen on a member device",
+                                      labels=["pool", "device", "kind"])
         reads = CounterMetricFamily("storaged_pool_records_read",
                                     "Records read from devices", labels=["pool"])
         writes = CounterMetricFamily("storaged_pool_records_written",
@@ -74,6 +83,8 @@ class StoragedCollector(Collector):
             up.add_metric([name, s["state"]], 0 if s["state"] == "failed" else 1)
             for d in s["devices"]:
                 dev.add_metric([name, str(d["index"])], 1 if d["state"] == "online" else 0)
+                for kind in ("read", "write", "checksum"):
+                    dev_err.add_metric([name, str(d["index"]), kind], d[f"{kind}_errors"])
             c = s["counters"]
             reads.add_metric([name], c["records_read"])
             writes.add_metric([name], c["records_written"])
@@ -84,8 +95,8 @@ class StoragedCollector(Collector):
         for name in sorted(self.registry.failed):
             if name not in self.registry.pools:
                 up.add_metric([name, "unavailable"], 0)
-        return [size, used, free, live, over, up, dev, reads, writes, degraded, repaired,
-                unreadable, commits]
+        return [size, used, free, live, over, up, dev, dev_err, reads, writes, degraded,
+                repaired, unreadable, commits]
 
     def _volumes(self) -> Iterable[Metric]:
         labels = ["pool", "volume"]
@@ -101,6 +112,9 @@ class StoragedCollector(Collector):
         dirty = GaugeMetricFamily("storaged_volume_dirty_bytes",
                                   "Bytes in the write buffer, not yet written",
                                   labels=labels)
+        lat = HistogramMetricFamily("storaged_volume_request_duration_seconds",
+                                    "Time to complete volume requests",
+                                    labels=[*labels, "op"])
         for pname, entry in sorted(self.registry.pools.items()):
             for st in entry.volumes.list():
                 lv = [pname, st.name]
@@ -112,7 +126,15 @@ class StoragedCollector(Collector):
                 size.add_metric(lv, st.size)
                 used.add_metric(lv, st.stored_bytes)
                 dirty.add_metric(lv, st.dirty_bytes)
-        return [rb, wb, ro, wo, fl, size, used, dirty]
+                for op, h in st.latency:
+                    cumulative, buckets = 0, []
+                    for bound, n in zip((*LATENCY_BUCKETS, float("inf")), h.counts,
+                                        strict=True):
+                        cumulative += n
+                        buckets.append(("+Inf" if bound == float("inf") else str(bound),
+                                        cumulative))
+                    lat.add_metric([*lv, op], buckets, h.sum_seconds)
+        return [rb, wb, ro, wo, fl, size, used, dirty, lat]
 
     def _nbd(self, nbd: NBDServer) -> Iterable[Metric]:
         s = nbd.stats

@@ -248,3 +248,25 @@ def test_snapshots_over_cli_and_nbd(daemon: Daemon, tmp_path: Path) -> None:
     daemon.ok("snapshot", "delete", "tank/v@monday")
     daemon.ok("volume", "delete", "tank/v")
     assert daemon.json("pool", "check", "tank")["ok"]  # type: ignore[index]
+
+
+def test_metrics_latency_histograms_and_device_errors(daemon: Daemon, tmp_path: Path) -> None:
+    daemon.ok("pool", "create", "tank", str(tmp_path / "d0"), "--file-size", "128M")
+    daemon.ok("volume", "create", "tank/v", "--size", "16M")
+    _qemu_io(daemon.url("tank/v"), "write -P 0x45 0 1M", "flush", "read -P 0x45 0 1M")
+    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics",
+                                timeout=10) as resp:
+        fams = {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
+    hist = fams["storaged_volume_request_duration_seconds"]
+    assert hist.type == "histogram"
+    counts = {(s.labels["op"], s.labels.get("le")): s.value for s in hist.samples
+              if s.name.endswith("_bucket")}
+    assert counts[("write", "+Inf")] >= 1 and counts[("flush", "+Inf")] >= 1
+    assert counts[("read", "+Inf")] >= 1
+    errs = [s for s in fams["storaged_device_errors"].samples
+            if s.labels["pool"] == "tank"]
+    assert {s.labels["kind"] for s in errs} == {"read", "write", "checksum"}
+    assert all(s.value == 0 for s in errs)
+    status = daemon.json("pool", "status", "tank")
+    assert isinstance(status, dict)
+    assert status["devices"][0]["checksum_errors"] == 0

@@ -193,6 +193,9 @@ async def test_read_time_bit_flips_never_reach_the_caller(tmp_path: Path, profil
         st = pool.statistics()
         assert st.degraded_reads >= faulty.injected_flips // 2
         assert st.unreadable_records == 0
+        # Every flip is charged to the member it came from, and to no other.
+        assert st.members[0].checksum_errors > 0
+        assert all(m.checksum_errors == 0 for m in st.members[1:])
     finally:
         await pool.close()
 

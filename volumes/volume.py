@@ -15,7 +15,9 @@ partial write of the same block is in progress.
 
 from __future__ import annotations
 
+import bisect
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -48,6 +50,37 @@ class Extent:
     allocated: bool
 
 
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                   0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Latency:
+    """A histogram of request latencies: counts per LATENCY_BUCKETS upper bound (not
+    cumulative; the last count is for slower than the last bound), their sum and count."""
+
+    counts: tuple[int, ...]
+    sum_seconds: float
+    count: int
+
+
+class _LatencyRecorder:
+    __slots__ = ("counts", "n", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+        self.n = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+        self.n += 1
+
+    def snapshot(self) -> Latency:
+        return Latency(tuple(self.counts), self.total, self.n)
+
+
 @dataclass(frozen=True, slots=True)
 class VolumeStatistics:
     name: str
@@ -65,6 +98,7 @@ class VolumeStatistics:
     bytes_written: int
     flushes: int
     trims: int
+    latency: tuple[tuple[str, Latency], ...] = ()   # ("read" | "write" | "flush", ...)
 
 
 class Volume:
@@ -94,6 +128,7 @@ class Volume:
         self._deleted = False
         self._stats = dict.fromkeys(("reads", "writes", "bytes_read", "bytes_written",
                                      "flushes", "trims"), 0)
+        self._latency = {op: _LatencyRecorder() for op in ("read", "write", "flush")}
 
     # ---- checks ---------------------------------------------------------------------------
     def _check(self, offset: int, length: int, *, write: bool) -> None:
@@ -119,7 +154,7 @@ class Volume:
     # ---- reads ----------------------------------------------------------------------------
     async def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset``; holes read as zeros. Never unverified bytes."""
-        pieces = await self.read_sparse(offset, length)
+        pieces = await self.read_sparse(offset, length)  # records the latency
         if len(pieces) == 1 and pieces[0][2] is not None:
             return pieces[0][2]
         return b"".join(d if d is not None else bytes(n) for _o, n, d in pieces)
@@ -134,6 +169,7 @@ class Volume:
         self._check(offset, length, write=False)
         if length == 0:
             return []
+        started = time.perf_counter()
         spans = list(self._blocks(offset, length))
         buffered: dict[int, bytes | memoryview | None] = {}
         need: list[int] = []
@@ -183,6 +219,7 @@ class Volume:
             out.append((hole_start, end - hole_start, None))
         self._stats["reads"] += 1
         self._stats["bytes_read"] += length
+        self._latency["read"].observe(time.perf_counter() - started)
         return out
 
     async def _current(self, b: int) -> bytes:
@@ -202,6 +239,7 @@ class Volume:
                     fua: bool = False) -> None:
         """Write ``data`` at ``offset``; with ``fua``, durable when this returns."""
         self._check(offset, len(data), write=True)
+        started = time.perf_counter()
         view = memoryview(data)
         await self._update(offset, len(data), lambda lo, hi, pos: view[pos:pos + hi - lo],
                            reserve=True)
@@ -211,6 +249,7 @@ class Volume:
             await self.flush()
         else:
             await self._maybe_writeback()
+        self._latency["write"].observe(time.perf_counter() - started)
 
     async def write_zeroes(self, offset: int, length: int, *, fua: bool = False,
                            punch: bool = True) -> None:
@@ -366,9 +405,11 @@ class Volume:
         """Make every write acknowledged before this call durable (invariant 1)."""
         if self._deleted:
             raise NotFound(f"volume {self.name} was deleted")
+        started = time.perf_counter()
         await self._writeback()
         await self._pool.commit()
         self._stats["flushes"] += 1
+        self._latency["flush"].observe(time.perf_counter() - started)
 
     # ---- allocation map -------------------------------------------------------------------
     async def allocation(self, offset: int, length: int) -> list[Extent]:
@@ -411,7 +452,8 @@ class Volume:
             self.name, self.size, self.block_size, str(self.profile), self.compression,
             self.read_only, min(len(mapped) * self.block_size, self.size),
             self._pool.stored_bytes(self._map), self._dirty_data * self.block_size,
-            **self._stats)
+            **self._stats,
+            latency=tuple((op, rec.snapshot()) for op, rec in self._latency.items()))
 
     def _discard_buffer(self) -> None:
         """Forget buffered writes (the volume is deleted or rolled back)."""
