@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import shutil
@@ -22,7 +23,7 @@ import pytest
 
 from pool import FileDevice, Pool
 from pool.checker import check
-from pool.errors import MediumError
+from pool.errors import MediumError, StorageError
 from pool.faults import FaultyDevice
 from pool.layout import SECTOR
 from pool.state import ENTRY
@@ -242,3 +243,24 @@ async def test_compression_small_when_compressible_raw_when_not(tmp_path: Path) 
         assert stored["noise"] == stored["noise-raw"]   # incompressible is stored raw
     finally:
         await pool.close()
+
+
+async def test_write_errors_fail_the_flush_plainly_and_are_counted(tmp_path: Path) -> None:
+    """A device that fails writes: flush raises a storage error (EIO), never an exception
+    group; the member's write errors are counted; the writes stay buffered (not lost)."""
+    paths = [tmp_path / f"d{i}" for i in range(3)]
+    faulty = FaultyDevice(FileDevice(str(paths[0]), create_size=DEV), seed=1)
+    pool = await Pool.create("w", [faulty, *(FileDevice(str(p), create_size=DEV)
+                                             for p in paths[1:])],
+                             profile="ec:2+1", extent_size=1 << 20, meta_size=4 << 20)
+    vol = await VolumeManager(pool).create("v", VOL)
+    data = os.urandom(1 << 20)
+    await vol.write(0, data)
+    faulty.write_error_rate = 1.0
+    with pytest.raises(StorageError) as err:
+        await vol.flush()
+    assert err.value.errno == errno.EIO
+    assert pool.statistics().members[0].write_errors >= 1
+    assert await vol.read(0, 1 << 20) == data      # still buffered, still readable
+    faulty.write_error_rate = 0.0
+    await pool.close()
