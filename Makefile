@@ -11,7 +11,7 @@ DEBS := libfuse3-dev pkg-config fuse3 qemu-utils qemu-block-extra libnbd-bin pyt
 	libiscsi-bin openssl
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck contracts pytest system-deps venv bench-engine clean
+.PHONY: run test lint typecheck contracts pytest system-deps venv bench-engine bench-nbd clean
 
 system-deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -48,6 +48,16 @@ test: lint typecheck contracts pytest
 
 bench-engine: venv
 	$(BIN)/python -m benchmarks.engine
+
+# Benchmark-only tools are installed here, not by `make test`.
+BENCH_DEBS := nbdkit
+bench-nbd: venv
+	@missing=""; for p in $(BENCH_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+	$(BIN)/python -m benchmarks.nbd $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(STATE_DIR) .pytest_cache .mypy_cache .ruff_cache .hypothesis
