@@ -34,6 +34,7 @@ class ServerStatistics:
     protocol_errors: int = 0
     commands: dict[str, int] = field(default_factory=dict)
     errors: int = 0
+    in_flight: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +202,7 @@ class _Client:
         assert vol is not None
         stats = self.server.stats
         stats.commands[cmd.name] = stats.commands.get(cmd.name, 0) + 1
+        stats.in_flight += 1
         try:
             try:
                 reply = await self._dispatch(vol, cmd)
@@ -214,6 +216,7 @@ class _Client:
                                      ssl.SSLError, ConnectionError):
                 await self._send(reply)
         finally:
+            stats.in_flight -= 1
             self._slots.release()
 
     async def _dispatch(self, vol: Volume, cmd: proto.Command) -> list[bytes]:

@@ -83,8 +83,12 @@ def pool_status(entry: PoolEntry) -> dict[str, Any]:
     st = entry.pool.statistics()
     volumes = entry.volumes.list()
     virtual = sum(v.size for v in volumes)
+    used_fraction = st.allocated_bytes / st.capacity_bytes if st.capacity_bytes else 0.0
     return {
-        "name": st.name, "uuid": st.uuid, "state": st.state, "profile": st.profile,
+        "name": st.name, "uuid": st.uuid,
+        "state": "faulted" if st.state == "failed" else st.state, "profile": st.profile,
+        "used_fraction": round(used_fraction, 4),
+        "full_warning": used_fraction >= entry.full_warning,
         "size_bytes": st.capacity_bytes, "used_bytes": st.allocated_bytes,
         "free_bytes": st.free_bytes, "live_bytes": st.live_bytes,
         "extent_size": st.extent_size, "volumes": len(volumes),

@@ -36,6 +36,7 @@ class Config:
     nbd_max_inflight: int = 64
     metrics_listen: str | None = DEFAULT_METRICS  # None: metrics off
     demo: bool = False                            # create a demo pool if there is none
+    full_warning: float = 0.8                     # used fraction that raises a warning
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -53,7 +54,7 @@ _KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "nbd.tls": ("nbd_tls", str), "nbd.tls_cert": ("nbd_tls_cert", str),
     "nbd.tls_key": ("nbd_tls_key", str), "nbd.allow": ("nbd_allow", list),
     "nbd.max_inflight": ("nbd_max_inflight", int), "metrics.listen": ("metrics_listen", str),
-    "demo": ("demo", bool),
+    "demo": ("demo", bool), "full_warning": ("full_warning", (float, int)),
 }
 
 
@@ -111,6 +112,9 @@ def validate(cfg: Config) -> Config:
             ipaddress.ip_network(net, strict=False)
         except ValueError as e:
             raise InvalidArgument(f"nbd.allow: {net!r} is not a network: {e}") from e
+    if not 0 < cfg.full_warning <= 1:
+        raise InvalidArgument(f"full_warning must be a fraction in (0, 1], not "
+                              f"{cfg.full_warning!r}")
     if not 1 <= cfg.nbd_max_inflight <= 4096:
         raise InvalidArgument("nbd.max_inflight must be between 1 and 4096")
     return cfg

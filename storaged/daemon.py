@@ -92,6 +92,25 @@ storaged is serving the demo pool (Ctrl-C stops it, flushing everything first).
 """
 
 
+async def watch_space(registry: Registry, threshold: float, period: float = 10.0) -> None:
+    """Log when a pool crosses the full-warning threshold (and when it drops back)."""
+    warned: set[str] = set()
+    while True:
+        for name, entry in list(registry.pools.items()):
+            entry.full_warning = threshold
+            st = entry.pool.statistics()
+            used = st.allocated_bytes / st.capacity_bytes if st.capacity_bytes else 0.0
+            if used >= threshold and name not in warned:
+                warned.add(name)
+                log.warning("pool %s is %.0f%% full (warning at %.0f%%): delete snapshots "
+                            "or volumes, trim, or add a device", name, 100 * used,
+                            100 * threshold)
+            elif used < threshold and name in warned:
+                warned.discard(name)
+                log.info("pool %s is back under %.0f%% full", name, 100 * threshold)
+        await trio.sleep(period)
+
+
 async def run(cfg: Config, *, ready: trio.Event | None = None) -> None:
     registry = Registry(cfg.state_dir)
     await registry.load()
@@ -121,6 +140,7 @@ async def run(cfg: Config, *, ready: trio.Event | None = None) -> None:
                 if cfg.metrics_listen is not None:
                     mhost, mport = parse_address(cfg.metrics_listen, "metrics.listen")
                     await nursery.start(MetricsServer(registry, nbd).serve, mhost, mport)
+                nursery.start_soon(watch_space, registry, cfg.full_warning)
                 log.info("storaged ready: %d pool(s), control socket %s", len(registry.pools),
                          cfg.socket)
                 if cfg.demo and nbd_addr is not None:

@@ -51,6 +51,9 @@ class StoragedCollector(Collector):
                                  "Device bytes held by live records", labels=["pool"])
         over = GaugeMetricFamily("storaged_pool_overcommit_ratio",
                                  "Sum of volume sizes over pool capacity", labels=["pool"])
+        full = GaugeMetricFamily("storaged_pool_full_warning",
+                                 "1 when the pool's used fraction is at or above the "
+                                 "warning threshold", labels=["pool"])
         up = GaugeMetricFamily("storaged_pool_up", "1 when the pool is imported and not failed",
                                labels=["pool", "state"])
         dev = GaugeMetricFamily("storaged_device_up", "1 when the member device is present",
@@ -80,6 +83,7 @@ class StoragedCollector(Collector):
             free.add_metric([name], s["free_bytes"])
             live.add_metric([name], s["live_bytes"])
             over.add_metric([name], s["overcommit_ratio"])
+            full.add_metric([name], 1 if s["full_warning"] else 0)
             up.add_metric([name, s["state"]], 0 if s["state"] == "failed" else 1)
             for d in s["devices"]:
                 dev.add_metric([name, str(d["index"])], 1 if d["state"] == "online" else 0)
@@ -95,7 +99,7 @@ class StoragedCollector(Collector):
         for name in sorted(self.registry.failed):
             if name not in self.registry.pools:
                 up.add_metric([name, "unavailable"], 0)
-        return [size, used, free, live, over, up, dev, dev_err, reads, writes, degraded,
+        return [size, used, free, live, over, full, up, dev, dev_err, reads, writes, degraded,
                 repaired, unreadable, commits]
 
     def _volumes(self) -> Iterable[Metric]:
@@ -156,7 +160,10 @@ class StoragedCollector(Collector):
         failed = CounterMetricFamily("storaged_nbd_request_errors",
                                      "NBD requests answered with an error")
         failed.add_metric([], s.errors)
-        return [active, total, refused, errors, cmds, failed]
+        inflight = GaugeMetricFamily("storaged_nbd_requests_in_flight",
+                                     "NBD requests being served now")
+        inflight.add_metric([], s.in_flight)
+        return [active, total, refused, errors, cmds, failed, inflight]
 
 
 class MetricsServer:

@@ -24,11 +24,15 @@ log = logging.getLogger(__name__)
 CACHE = "pools.json"
 
 
+FULL_WARNING = 0.8   # fraction of capacity in use at which a pool warns (log + metric)
+
+
 @dataclass
 class PoolEntry:
     pool: Pool
     volumes: VolumeManager
     devices: list[str]
+    full_warning: float = FULL_WARNING
 
     @property
     def name(self) -> str:

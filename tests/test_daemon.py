@@ -270,3 +270,36 @@ def test_metrics_latency_histograms_and_device_errors(daemon: Daemon, tmp_path: 
     status = daemon.json("pool", "status", "tank")
     assert isinstance(status, dict)
     assert status["devices"][0]["checksum_errors"] == 0
+
+
+def test_add_device_and_full_warning(daemon: Daemon, tmp_path: Path) -> None:
+    """pool add-device grows capacity; a nearly full pool shows full_warning (JSON and
+    metric) and the daemon logs it."""
+    daemon.ok("pool", "create", "small", str(tmp_path / "s0"), "--extent-size", "1M",
+              "--file-size", "32M")
+    before = daemon.json("pool", "status", "small")
+    assert isinstance(before, dict) and before["full_warning"] is False
+    daemon.ok("volume", "create", "small/v", "--size", "64M", "--compression", "off")
+    _qemu_io(daemon.url("small/v"), "write -P 0x55 0 22M", "flush")
+    full = daemon.json("pool", "status", "small")
+    assert isinstance(full, dict) and full["full_warning"] is True
+    assert full["used_fraction"] >= 0.8
+    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics",
+                                timeout=10) as resp:
+        text = resp.read().decode()
+    assert 'storaged_pool_full_warning{pool="small"} 1.0' in text
+    assert "storaged_nbd_requests_in_flight 0.0" in text
+    deadline = time.monotonic() + 25          # the daemon checks space every 10 s
+    while "% full (warning at 80%)" not in daemon.log() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "% full (warning at 80%)" in daemon.log()
+    grown = daemon.json("pool", "add-device", "small", str(tmp_path / "s1"),
+                        "--file-size", "64M")
+    assert isinstance(grown, dict)
+    assert grown["size_bytes"] > full["size_bytes"] and len(grown["devices"]) == 2
+    assert grown["full_warning"] is False
+    deadline = time.monotonic() + 25
+    while "is back under 80% full" not in daemon.log() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "is back under 80% full" in daemon.log()
+    _qemu_io(daemon.url("small/v"), "read -P 0x55 0 22M")
