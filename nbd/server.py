@@ -61,6 +61,21 @@ class NBDServer:
         self.catalog = catalog
         self.config = config
         self.stats = ServerStatistics()
+        self._readers: set[trio.CancelScope] = set()
+        self._draining = False
+        self._idle = trio.Event()   # set when draining and nothing is in flight
+
+    async def drain(self, grace: float = 30.0) -> None:
+        """Stop reading new requests on every connection, let the requests in flight
+        finish and be answered, then return (or give up after ``grace`` seconds).
+        The caller cancels ``serve`` afterwards, which closes listeners and connections."""
+        self._draining = True
+        for scope in list(self._readers):
+            scope.cancel()
+        if not self.stats.in_flight:
+            return
+        with trio.move_on_after(grace):
+            await self._idle.wait()
 
     async def serve(self, *, task_status: trio.TaskStatus[Sequence[trio.SocketListener]]
                     = trio.TASK_STATUS_IGNORED) -> None:
@@ -81,6 +96,9 @@ class NBDServer:
         return any(addr in net for net in self.config.allow)
 
     async def handle(self, stream: trio.SocketStream) -> None:
+        if self._draining:
+            await stream.aclose()
+            return
         if not self._allowed(stream):
             self.stats.refused += 1
             log.warning("NBD: refused connection from %s (not in the allow list)",
@@ -174,25 +192,34 @@ class _Client:
                 break
         # Transmission: read requests, run them concurrently, reply as they finish.
         # Errors are caught inside the nursery so they do not arrive as exception groups.
+        # The reading side runs in its own cancel scope, so that a draining server can
+        # stop taking requests while those in flight finish and are answered.
         failure: BaseException | None = None
-        async with trio.open_nursery() as nursery:
-            while True:
-                try:
-                    ev = self.conn.next_event()
-                    if ev is proto.NEED_DATA:
-                        await self._send([])
-                        await self._receive()
-                        continue
-                except (proto.RemoteProtocolError, trio.BrokenResourceError,
-                        trio.ClosedResourceError, ssl.SSLError, ConnectionError) as e:
-                    failure = e
-                    break
-                if isinstance(ev, proto.Command):
-                    await self._slots.acquire()
-                    nursery.start_soon(self._execute, ev)
-                elif isinstance(ev, proto.Disconnect):
-                    break
-            # Spec: on disconnect, finish what is in flight (the nursery waits).
+        reader = trio.CancelScope()
+        self.server._readers.add(reader)
+        try:
+            async with trio.open_nursery() as nursery:
+                with reader:
+                    while True:
+                        try:
+                            ev = self.conn.next_event()
+                            if ev is proto.NEED_DATA:
+                                await self._send([])
+                                await self._receive()
+                                continue
+                        except (proto.RemoteProtocolError, trio.BrokenResourceError,
+                                trio.ClosedResourceError, ssl.SSLError,
+                                ConnectionError) as e:
+                            failure = e
+                            break
+                        if isinstance(ev, proto.Command):
+                            await self._slots.acquire()
+                            nursery.start_soon(self._execute, ev)
+                        elif isinstance(ev, proto.Disconnect):
+                            break
+                # Spec: on disconnect, finish what is in flight (the nursery waits).
+        finally:
+            self.server._readers.discard(reader)
         if failure is not None:
             raise failure
         await self._send([])
@@ -217,6 +244,8 @@ class _Client:
                 await self._send(reply)
         finally:
             stats.in_flight -= 1
+            if self.server._draining and not stats.in_flight:
+                self.server._idle.set()
             self._slots.release()
 
     async def _dispatch(self, vol: Volume, cmd: proto.Command) -> list[bytes]:

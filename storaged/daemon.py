@@ -151,6 +151,9 @@ async def run(cfg: Config, *, ready: trio.Event | None = None) -> None:
                 async for signum in signals:
                     log.info("received %s: stopping", signal.Signals(signum).name)
                     sd_notify("STOPPING=1")
+                    if nbd is not None:
+                        # Stop taking requests; answer the ones in flight.
+                        await nbd.drain()
                     nursery.cancel_scope.cancel()
                     break
     finally:

@@ -303,3 +303,29 @@ def test_add_device_and_full_warning(daemon: Daemon, tmp_path: Path) -> None:
         time.sleep(0.5)
     assert "is back under 80% full" in daemon.log()
     _qemu_io(daemon.url("small/v"), "read -P 0x55 0 22M")
+
+
+def test_unimportable_pool_is_reported_and_others_come_up(daemon: Daemon,
+                                                          tmp_path: Path) -> None:
+    daemon.ok("pool", "create", "good", str(tmp_path / "g0"), "--file-size", "64M")
+    daemon.ok("pool", "create", "bad", str(tmp_path / "b0"), "--file-size", "64M")
+    daemon.ok("volume", "create", "good/v", "--size", "8M")
+    _qemu_io(daemon.url("good/v"), "write -P 0x66 0 1M", "flush")
+    assert daemon.stop(signal.SIGTERM) == 0
+    (tmp_path / "b0").unlink()                      # the bad pool's only disk is gone
+    daemon.start()
+    pools = daemon.json("pool", "list")
+    assert isinstance(pools, list)
+    states = {p["name"]: p["state"] for p in pools}
+    assert states == {"good": "online", "bad": "unavailable"}
+    assert "none of the devices" in next(p["error"] for p in pools if p["name"] == "bad")
+    _qemu_io(daemon.url("good/v"), "read -P 0x66 0 1M")
+    r = daemon.ctl("pool", "status", "bad")
+    assert r.returncode == 1 and "import failed" in r.stderr
+    # Export and re-import by scanning the state directory (no --device given).
+    daemon.ok("pool", "export", "good")
+    for f in (tmp_path / "g0",):
+        f.rename(tmp_path / "state" / f.name)
+    imported = daemon.json("pool", "import", "good")
+    assert isinstance(imported, dict) and imported["state"] == "online"
+    _qemu_io(daemon.url("good/v"), "read -P 0x66 0 1M")
