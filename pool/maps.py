@@ -290,17 +290,21 @@ class MapForest:
     def mapped(self, map_id: int) -> int:
         return sum(1 for _ in self.items(map_id))
 
-    def exclusive_nodes(self, map_id: int) -> Iterator[Node]:
-        """Nodes that deleting ``map_id`` would free (reachable only through it)."""
-        stack = [self.roots.get(map_id, 0)]
+    def exclusive_leaves(self, map_id: int) -> Iterator[tuple[int, Node]]:
+        """(first block, leaf) for leaves reachable only through ``map_id``: the nodes
+        on their whole path have a single reference."""
+        stack = [(self.roots.get(map_id, 0), 0, 0)]
         while stack:
-            nid = stack.pop()
+            nid, level, base = stack.pop()
             if not nid or self.nodes[nid].refs != 1:
                 continue
             node = self.nodes[nid]
-            yield node
             if isinstance(node.data, array):
-                stack.extend(int(c) for c in node.data if c)
+                shift = 20 if level == 0 else 10
+                stack.extend((int(c), level + 1, base + (i << shift))
+                             for i, c in enumerate(node.data) if c)
+            else:
+                yield base, node
 
     # ---- loading --------------------------------------------------------------------------
     def recount(self) -> None:

@@ -136,7 +136,7 @@ class PoolStatistics:
     capacity_bytes: int       # all extents of present members
     allocated_bytes: int      # extents held by segments
     free_bytes: int           # extents free now (excludes frees awaiting commit)
-    live_bytes: int           # device bytes held by live records (all fragments)
+    live_bytes: int           # record bytes referenced, once per referencing map leaf
     reserved_bytes: int       # promised to buffered writes not yet written
     segments: int
     txg: int
@@ -371,15 +371,21 @@ class Pool:
         return list(self.state.forest.diff(a, b))
 
     def exclusive_bytes(self, map_id: int) -> int:
-        """Device bytes of records only this map's private leaves reference (an upper
-        bound of what deleting it frees; exact when leaves are not shared elsewhere)."""
+        """Device bytes of records no other map references: what deleting this map frees.
+
+        Records are shared only at the same block index (snapshots, clones and rollbacks
+        copy trees; nothing moves a record to another block), so an entry of one of this
+        map's private leaves is unique unless another map has the same entry there.
+        """
+        forest = self.state.forest
+        others = [m for m in forest.roots if m != map_id]
         total = 0
-        for node in self.state.forest.exclusive_nodes(map_id):
-            if isinstance(node.data, bytearray):
-                for o in range(0, len(node.data), ENTRY.size):
-                    raw = bytes(node.data[o:o + ENTRY.size])
-                    if raw != HOLE:
-                        total += self._record_bytes(raw)
+        for base, node in forest.exclusive_leaves(map_id):
+            assert isinstance(node.data, bytearray)
+            for slot in range(len(node.data) // ENTRY.size):
+                raw = bytes(node.data[slot * ENTRY.size:(slot + 1) * ENTRY.size])
+                if raw != HOLE and all(forest.get(m, base + slot) != raw for m in others):
+                    total += self._record_bytes(raw)
         return total
 
     def _record_bytes(self, raw: bytes) -> int:

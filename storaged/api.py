@@ -117,7 +117,7 @@ def volume_info(pool: str, vol: Volume) -> dict[str, Any]:
     return {"name": f"{pool}/{st.name}", "pool": pool, "volume": st.name,
             "size_bytes": st.size, "block_size": st.block_size, "profile": st.profile,
             "compression": "lz4" if st.compression else "off", "read_only": st.read_only,
-            "used_bytes": st.stored_bytes, "unique_bytes": st.stored_bytes,
+            "used_bytes": st.stored_bytes, "unique_bytes": st.unique_bytes,
             "mapped_bytes": st.mapped_bytes, "dirty_bytes": st.dirty_bytes}
 
 

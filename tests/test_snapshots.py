@@ -211,3 +211,27 @@ async def test_snapshot_metadata_cost_does_not_grow_with_volume_size(tmp_path: o
     await vol.flush()
     assert len(forest.nodes) == before + 3                    # root, mid, leaf copied
     await pool.close()
+
+
+async def test_unique_bytes_is_what_deleting_frees(tmp_path: object) -> None:
+    """Space accounting: unique bytes of a volume and of its snapshot count exactly the
+    records nobody else references."""
+    pool = await Pool.create("u", [FileDevice(os.path.join(str(tmp_path), "d0"),
+                                              create_size=128 << 20)],
+                             extent_size=1 << 20, meta_size=8 << 20)
+    vm = VolumeManager(pool)
+    vol = await vm.create("v", 16 << 20, block_size=65536, compression=False)
+    await vol.write(0, os.urandom(8 << 20))               # 128 blocks
+    await vol.flush()
+    per_block = vol.statistics().stored_bytes // 128
+    await vm.snapshot("v", "s")
+    assert vol.statistics().unique_bytes == 0             # everything shared
+    await vol.write(0, os.urandom(1 << 20))               # 16 blocks diverge
+    await vol.flush()
+    assert vol.statistics().unique_bytes == 16 * per_block
+    snap = vm.snapshot_info("v", "s")
+    assert snap["unique_bytes"] == 16 * per_block         # the old versions of those 16
+    assert snap["referenced_bytes"] == 128 * per_block
+    await vm.delete_snapshot("v", "s")
+    assert vol.statistics().unique_bytes == 128 * per_block   # nothing shared any more
+    await pool.close()

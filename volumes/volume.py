@@ -91,6 +91,7 @@ class VolumeStatistics:
     read_only: bool
     mapped_bytes: int      # logical bytes of blocks that hold data (committed or buffered)
     stored_bytes: int      # device bytes of the volume's records (all fragments)
+    unique_bytes: int      # of those, held only by this volume (not shared with snapshots)
     dirty_bytes: int       # bytes in the write buffer, not yet written to the pool
     reads: int
     writes: int
@@ -451,7 +452,8 @@ class Volume:
         return VolumeStatistics(
             self.name, self.size, self.block_size, str(self.profile), self.compression,
             self.read_only, min(len(mapped) * self.block_size, self.size),
-            self._pool.stored_bytes(self._map), self._dirty_data * self.block_size,
+            self._pool.stored_bytes(self._map), self._pool.exclusive_bytes(self._map),
+            self._dirty_data * self.block_size,
             **self._stats,
             latency=tuple((op, rec.snapshot()) for op, rec in self._latency.items()))
 
