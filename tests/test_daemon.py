@@ -329,3 +329,21 @@ def test_unimportable_pool_is_reported_and_others_come_up(daemon: Daemon,
     imported = daemon.json("pool", "import", "good")
     assert isinstance(imported, dict) and imported["state"] == "online"
     _qemu_io(daemon.url("good/v"), "read -P 0x66 0 1M")
+
+
+def test_other_users_are_refused(daemon: Daemon) -> None:
+    """The control socket is 0660: a user who is not root, the daemon's user or in the
+    socket's group cannot drive the daemon."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run storagectl as another user")
+    assert os.stat(daemon.sock).st_mode & 0o777 == 0o660
+    # The test directory must be traversable for the other user to reach the socket.
+    for parent in Path(daemon.sock).parents:
+        if parent == Path("/"):
+            break
+        os.chmod(parent, os.stat(parent).st_mode | 0o001)
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        str(BIN / "storagectl"), "--socket", daemon.sock, "status"],
+                       capture_output=True, text=True, timeout=30, check=False)
+    assert r.returncode == 1, r
+    assert "permission denied" in r.stderr
