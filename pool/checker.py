@@ -20,9 +20,9 @@ import trio
 
 from pool import codec
 from pool.errors import DeviceError, ImportFailed
-from pool.layout import LABEL_SIZE, SECTOR, Label
+from pool.layout import SECTOR
 from pool.metastore import MetaStore
-from pool.pool import Pool, _read_label
+from pool.pool import Pool, _read_label, label_copies
 from pool.state import ENTRY, HOLE
 
 
@@ -62,11 +62,9 @@ async def check(pool: Pool, *, deep: bool = False) -> CheckReport:
             if dev is None:
                 out.append(f"member {mi.index} ({mi.uuid}) is missing: the pool is degraded")
                 continue
-            for where, off in (("primary", 0), ("backup", mi.size - LABEL_SIZE)):
-                try:
-                    lab = Label.decode(dev.pread(off, LABEL_SIZE))
-                except DeviceError as e:
-                    out.append(f"{dev.path}: {where} label is bad: {e.message}")
+            for where, lab in label_copies(dev, mi.size):
+                if isinstance(lab, str):
+                    out.append(f"{dev.path}: {where} label is bad: {lab}")
                     continue
                 if lab.device_uuid != mi.uuid or lab.index != mi.index:
                     out.append(f"{dev.path}: {where} label names member {lab.index} "

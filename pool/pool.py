@@ -888,14 +888,25 @@ def _write_label(dev: Device, label: Label) -> None:
     dev.pwrite(label.device_size - LABEL_SIZE, raw)
 
 
+def label_copies(dev: Device, size: int | None = None) -> list[tuple[str, Label | str]]:
+    """Both label copies of a device: ("primary" | "backup", the label or what is wrong).
+    ``size``: where the backup is (the labelled size); default the device's size."""
+    out: list[tuple[str, Label | str]] = []
+    end = dev.size if size is None else size
+    for where, off in (("primary", 0), ("backup", end - LABEL_SIZE)):
+        try:
+            out.append((where, Label.decode(dev.pread(off, LABEL_SIZE))))
+        except DeviceError as e:
+            out.append((where, e.message))
+    return out
+
+
 def _read_label(dev: Device) -> Label:
     """The device's label, from the primary copy or else the backup at the end."""
     errors = []
-    for where, off in (("primary", 0), ("backup", dev.size - LABEL_SIZE)):
-        try:
-            label = Label.decode(dev.pread(off, LABEL_SIZE))
-        except DeviceError as e:
-            errors.append(f"{where}: {e.message}")
+    for where, label in label_copies(dev):
+        if isinstance(label, str):
+            errors.append(f"{where}: {label}")
             continue
         if label.device_size > dev.size:
             raise ImportFailed(f"{dev.path} is truncated: its label says {label.device_size} "
