@@ -11,7 +11,7 @@ DEBS := libfuse3-dev pkg-config fuse3 qemu-utils qemu-block-extra libnbd-bin pyt
 	libiscsi-bin openssl
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck contracts pytest system-deps venv bench-engine bench-nbd clean
+.PHONY: run test lint typecheck contracts pytest system-deps venv bench-engine bench-nbd bench-snapshots clean
 
 system-deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -48,6 +48,9 @@ test: lint typecheck contracts pytest
 
 bench-engine: venv
 	$(BIN)/python -m benchmarks.engine
+
+bench-snapshots: venv
+	$(BIN)/python -m benchmarks.snapshots
 
 # Benchmark-only tools are installed here, not by `make test`.
 BENCH_DEBS := nbdkit
