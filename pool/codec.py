@@ -142,7 +142,9 @@ def payload_ok(payload: bytes | memoryview, rhash: int) -> bool:
 
 
 def expand(payload: bytes | memoryview, flags: int, block_size: int) -> bytes | memoryview:
-    """The logical block from its stored payload."""
+    """The logical block from its stored payload (``block_size`` -1: keep it stored)."""
+    if block_size < 0:
+        return bytes(payload)
     if flags & FLAG_LZ4:
         out: bytes = lz4.block.decompress(payload, uncompressed_size=block_size)
         return out

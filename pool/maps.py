@@ -230,6 +230,22 @@ class MapForest:
             self.dirty.add(mid)
             self._decref(leaf_id)
 
+    def relocate(self, nid: int, slot: int, old: bytes, new: bytes) -> bool:
+        """Repoint one entry of leaf ``nid`` from record ``old`` to its copy ``new``, in
+        place (every map sharing the leaf sees the same record at its new home). Does
+        nothing if the leaf is gone or the entry changed since (a newer write won)."""
+        node = self.nodes.get(nid)
+        if node is None or not isinstance(node.data, bytearray):
+            return False
+        o = slot * ENTRY_SIZE
+        if node.data[o:o + ENTRY_SIZE] != old:
+            return False
+        node.data[o:o + ENTRY_SIZE] = new
+        self.dirty.add(nid)
+        self._account(old, -1)
+        self._account(new, 1)
+        return True
+
     def items(self, map_id: int, start: int = 0,
               end: int | None = None) -> Iterator[tuple[int, bytes]]:
         """(block, entry) of mapped blocks in [start, end), in order."""

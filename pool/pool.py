@@ -68,6 +68,7 @@ from pool.state import (
     op_json,
     op_map_clear,
     op_map_set,
+    op_relocate,
 )
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ class PoolStatistics:
     degraded_reads: int
     repaired_fragments: int
     unreadable_records: int
+    records_relocated: int
 
 
 class Pool:
@@ -184,7 +186,7 @@ class Pool:
         self._cpu = trio.CapacityLimiter(2)
         self._counters = dict.fromkeys(
             ("commits", "checkpoints", "records_written", "records_read", "degraded_reads",
-             "repaired_fragments", "unreadable_records"), 0)
+             "repaired_fragments", "unreadable_records", "records_relocated"), 0)
 
     # ==== creation and import =============================================================
     @classmethod
@@ -428,11 +430,27 @@ class Pool:
                    for s in self._open.values())
         return free * self.layout.extent_size + room - self._reserved
 
+    def _cleaner_reserve(self) -> int:
+        """Space client writes may not take: room for the cleaner to move one segment's
+        records, so that space can always be won back (invariant 8)."""
+        widest = max((s.k + s.m for s in self.state.segments.values()), default=1)
+        return 2 * widest * self.layout.extent_size
+
     def reserve(self, nbytes: int) -> None:
         """Promise space to a buffered write, or raise NoSpace (invariant 8)."""
-        if nbytes > self.available_bytes():
+        if nbytes > self.available_bytes() - self._cleaner_reserve():
             raise NoSpace(f"pool {self.state.name} is out of space")
         self._reserved += nbytes
+
+    async def make_room(self, nbytes: int) -> None:
+        """Clean segments (and commit, which frees them) until ``nbytes`` can be reserved;
+        raise NoSpace when nothing more can be won back."""
+        while nbytes > self.available_bytes() - self._cleaner_reserve():
+            emptied = await self.clean(max_segments=2, threshold=1.0)
+            await self.commit()
+            if not emptied:
+                raise NoSpace(f"pool {self.state.name} is out of space (nothing left for "
+                              f"the cleaner to reclaim)")
 
     def unreserve(self, nbytes: int) -> None:
         self._reserved = max(0, self._reserved - nbytes)
@@ -507,31 +525,43 @@ class Pool:
         datas = [d for _b, d in items if d is not None]
         encoded = await self._encode(datas, prof, compress)
         self._check_ok()
-        placed: list[tuple[int, Segment, int, codec.EncodedRecord]] = []
+        entries = await self._store(prof, encoded)
+        for block, entry in zip(blocks, entries, strict=True):
+            self._do(op_map_set(map_id, block, entry))
+        for block, maybe in items:
+            if maybe is None:
+                self._do(op_map_set(map_id, block, HOLE))
+        self._reap()
+
+    async def _store(self, prof: Profile,
+                     encoded: Sequence[codec.EncodedRecord]) -> list[bytes]:
+        """Place encoded records at the end of the profile's open segment(s), write them
+        (one write per column per run), and return their map entries. The caller points
+        maps at them afterwards: nothing references a record before it is written."""
+        placed: list[tuple[Segment, int, codec.EncodedRecord]] = []
         writes: dict[int, list[tuple[Device, int, list[bytearray]]]] = {}
         pinned: list[int] = []
         try:
             key = (prof.k, prof.m)
-            for block, rec in zip(blocks, encoded, strict=True):
+            for rec in encoded:
                 seg = self._room(key, rec.units)
                 if not pinned or pinned[-1] != seg.id:
                     self._pins[seg.id] = self._pins.get(seg.id, 0) + 1
                     pinned.append(seg.id)
-                placed.append((block, seg, seg.fill, rec))
+                placed.append((seg, seg.fill, rec))
                 seg.fill += rec.units
                 self._fill_moved.add(seg.id)
-            # One write per column per run of records that landed in the same segment.
             i = 0
             while i < len(placed):
                 j = i
-                while j < len(placed) and placed[j][1] is placed[i][1]:
+                while j < len(placed) and placed[j][0] is placed[i][0]:
                     j += 1
-                seg, off = placed[i][1], placed[i][2]
+                seg, off = placed[i][0], placed[i][1]
                 for c, (idx, ext) in enumerate(seg.extents):
                     dev = self.devices[idx]
                     if dev is None:
                         continue
-                    frags = [placed[x][3].fragments[c] for x in range(i, j)]
+                    frags = [placed[x][2].fragments[c] for x in range(i, j)]
                     writes.setdefault(idx, []).append(
                         (dev, self.layout.extent_offset(ext) + off * SECTOR, frags))
                 i = j
@@ -539,19 +569,90 @@ class Pool:
                                     for idx, wl in writes.items()], "write")
             self._dirty_devices.update(writes)
             self._check_ok()
-            for block, seg, off, rec in placed:
-                self._do(op_map_set(map_id, block, ENTRY.pack(seg.id, off, rec.plen,
-                                                              rec.flags, rec.rhash)))
-            for block, maybe in items:
-                if maybe is None:
-                    self._do(op_map_set(map_id, block, HOLE))
             self._counters["records_written"] += len(placed)
+            return [ENTRY.pack(seg.id, off, rec.plen, rec.flags, rec.rhash)
+                    for seg, off, rec in placed]
         finally:
+            # No reaping here: the caller points maps at the records first (without an
+            # await in between) and reaps after, or a segment closed while its records
+            # were in flight would look empty and be freed under them.
             for seg_id in pinned:
                 self._pins[seg_id] -= 1
                 if not self._pins[seg_id]:
                     del self._pins[seg_id]
-            self._reap()
+
+    # ==== the segment cleaner ==============================================================
+    async def clean(self, *, max_segments: int = 4, threshold: float = 0.5) -> int:
+        """Move the live records out of up to ``max_segments`` closed segments whose live
+        part is below ``threshold`` of what they hold, so that their extents free up.
+
+        Each record is read verified (its stored payload, not decompressed), re-striped
+        into the open segment of its profile, and every leaf still pointing at the old
+        copy is repointed by a journaled ``relocate`` op -- in place, since snapshots that
+        share the leaf share the record too. A leaf changed meanwhile keeps its new entry.
+        Returns the number of segments emptied; the space returns at the next commit.
+        """
+        self._check_ok()
+        open_ids = {s.id for s in self._open.values()}
+        candidates = sorted(
+            (s for s in self.state.segments.values()
+             if s.id not in open_ids and not self._pins.get(s.id) and s.fill
+             and s.live < threshold * s.fill),
+            key=lambda s: s.live / s.fill)[:max_segments]
+        emptied = 0
+        for seg in candidates:
+            if await self._evacuate(seg.id):
+                emptied += 1
+        return emptied
+
+    async def _evacuate(self, seg_id: int) -> bool:
+        seg = self.state.segments.get(seg_id)
+        if seg is None:
+            return True
+        refs: dict[bytes, list[tuple[int, int]]] = {}
+        for nid, node in self.state.forest.nodes.items():
+            if not isinstance(node.data, bytearray):
+                continue
+            for slot in range(len(node.data) // ENTRY.size):
+                raw = bytes(node.data[slot * ENTRY.size:(slot + 1) * ENTRY.size])
+                if raw != HOLE and ENTRY.unpack_from(raw)[0] == seg_id:
+                    refs.setdefault(raw, []).append((nid, slot))
+        if not refs:
+            return True
+        olds = sorted(refs, key=lambda r: ENTRY.unpack_from(r)[1])
+        cols = self._columns(seg)
+        plans = []
+        for i, raw in enumerate(olds):
+            _s, off, plen, flags, rhash = ENTRY.unpack(raw)
+            plans.append(records.RecordPlan(i, seg_id, off, codec.fragment_units(plen, seg.k),
+                                            seg.k, seg.m, plen, flags, rhash, cols))
+        self._pins[seg_id] = self._pins.get(seg_id, 0) + 1
+        self._reads_in_flight += 1
+        try:
+            out = await trio.to_thread.run_sync(
+                partial(records.read_records, plans, 0, stored=True), limiter=self._cpu)
+            if out.failures:
+                log.error("pool %s: cleaner cannot move segment %d: %s", self.state.name,
+                          seg_id, next(iter(out.failures.values())))
+                return False
+            prof = Profile(seg.k, seg.m)
+            encoded = await trio.to_thread.run_sync(
+                lambda: [codec.stripe(out.payloads[i], ENTRY.unpack_from(raw)[3], prof.k,
+                                      prof.m) for i, raw in enumerate(olds)],
+                limiter=self._cpu)
+            news = await self._store(prof, encoded)
+        finally:
+            self._reads_in_flight -= 1
+            self._pins[seg_id] -= 1
+            if not self._pins[seg_id]:
+                del self._pins[seg_id]
+            self._release_extents()
+        for old, new in zip(olds, news, strict=True):
+            for nid, slot in refs[old]:
+                self._do(op_relocate(nid, slot, old, new))
+        self._reap()
+        self._counters["records_relocated"] += len(olds)
+        return seg_id not in self.state.segments or self.state.segments[seg_id].live == 0
 
     async def _encode(self, datas: list[bytes], prof: Profile,
                       compress: bool) -> list[codec.EncodedRecord]:

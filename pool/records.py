@@ -84,7 +84,7 @@ class WouldBlock(Exception):
 
 
 def read_records(plans: Sequence[RecordPlan], block_size: int, *,
-                 nowait: bool = False) -> ReadOutcome:
+                 nowait: bool = False, stored: bool = False) -> ReadOutcome:
     """Read and verify records; coalesce runs of adjacent records of one segment.
 
     With ``nowait`` (called on the event loop) only page-cached, fully healthy reads are
@@ -97,7 +97,7 @@ def read_records(plans: Sequence[RecordPlan], block_size: int, *,
         while (j < len(plans) and plans[j].segment == plans[i].segment
                and plans[j].offset == plans[j - 1].offset + plans[j - 1].units):
             j += 1
-        _read_run(plans[i:j], block_size, out, nowait)
+        _read_run(plans[i:j], -1 if stored else block_size, out, nowait)
         i = j
     return out
 

@@ -28,7 +28,9 @@ HOLE = bytes(ENTRY_SIZE)
 OP_MAP_SET = 1
 OP_MAP_CLEAR = 2
 OP_JSON = 3
+OP_RELOCATE = 4
 _MAP_SET = struct.Struct("<BIQ")
+_RELOCATE = struct.Struct("<BQH")  # node id, slot; then the old and the new entry
 _MAP_CLEAR = struct.Struct("<BIQQ")
 _JSON_HDR = struct.Struct("<BI")
 
@@ -96,6 +98,10 @@ def op_map_clear(map_id: int, start: int, count: int) -> Op:
     return _MAP_CLEAR.pack(OP_MAP_CLEAR, map_id, start, count)
 
 
+def op_relocate(node: int, slot: int, old: bytes, new: bytes) -> Op:
+    return _RELOCATE.pack(OP_RELOCATE, node, slot) + old + new
+
+
 def op_json(**fields: Any) -> Op:
     body = json.dumps(fields, separators=(",", ":"), sort_keys=True).encode()
     return _JSON_HDR.pack(OP_JSON, len(body)) + body
@@ -113,6 +119,8 @@ def iter_ops(payload: bytes) -> Iterator[Op]:
             n = _MAP_CLEAR.size
         elif code == OP_JSON:
             n = _JSON_HDR.size + _JSON_HDR.unpack_from(view, pos)[1]
+        elif code == OP_RELOCATE:
+            n = _RELOCATE.size + 2 * ENTRY_SIZE
         else:
             raise StorageError(f"unknown journal op {code} at byte {pos}")
         if pos + n > len(view):
@@ -171,6 +179,11 @@ class PoolState:
             _, map_id, start, count = _MAP_CLEAR.unpack(op)
             for block, _raw in list(self.forest.items(map_id, start, start + count)):
                 self.forest.set(map_id, block, HOLE)
+        elif code == OP_RELOCATE:
+            _, node, slot = _RELOCATE.unpack_from(op, 0)
+            o = _RELOCATE.size
+            self.forest.relocate(node, slot, op[o:o + ENTRY_SIZE],
+                                 op[o + ENTRY_SIZE:o + 2 * ENTRY_SIZE])
         elif code == OP_JSON:
             d = json.loads(op[_JSON_HDR.size:])
             getattr(self, "_op_" + d.pop("op"))(**d)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from pool.errors import InvalidArgument, NotFound, ReadOnly, StorageError
+from pool.errors import InvalidArgument, NoSpace, NotFound, ReadOnly, StorageError
 from pool.pool import Pool, Profile
 
 if TYPE_CHECKING:
@@ -276,7 +276,13 @@ class Volume:
         # changes anything (invariant 8) and a buffered write can always be written back.
         # Zeroing needs none (it frees space), so trim works on a full pool.
         need = sum(1 for b, _lo, _hi in spans if self._dirty.get(b) is None) if reserve else 0
-        self._pool.reserve(need * self._cost)
+        try:
+            self._pool.reserve(need * self._cost)
+        except NoSpace:
+            # Overwritten and trimmed records may still hold space: win it back first.
+            await self._writeback()
+            await self._pool.make_room(need * self._cost)
+            self._pool.reserve(need * self._cost)
         reserved = need
         try:
             pos = 0
