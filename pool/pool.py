@@ -73,6 +73,9 @@ from pool.state import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+META_RESERVE = 0.9   # writes stop when the metadata area is this full
+_NODE_UNITS = 7      # 4 KiB units of the largest map node blob (a 24 KiB leaf, lz4 framed)
+_STATE_UNITS_GUESS = 4
 _INDEX = ENTRY.__class__("<QIIIQ")  # node id, unit, units, length, hash
 
 
@@ -179,6 +182,7 @@ class Pool:
         self._closed = False
         self._reads_in_flight = 0
         self._reserved = 0
+        self._meta_units_used = meta.bitmap.count(1)
         self._caches: list[Callable[[], Awaitable[None]]] = []
         self._limiters = [trio.CapacityLimiter(4) for _ in devices]
         # Per member: read / write / checksum errors seen since import.
@@ -390,6 +394,20 @@ class Pool:
                     total += self._record_bytes(raw)
         return total
 
+    def record_space(self) -> tuple[int, int]:
+        """(bytes of distinct live records, bytes of records more than one map shares):
+        the exact physical use by data, each record counted once (invariant 6)."""
+        owners: dict[tuple[int, int], tuple[int, set[int]]] = {}
+        forest = self.state.forest
+        for map_id in forest.roots:
+            for _b, raw in forest.items(map_id):
+                seg_id, off = ENTRY.unpack_from(raw)[:2]
+                _size, maps = owners.setdefault((seg_id, off), (self._record_bytes(raw), set()))
+                maps.add(map_id)
+        used = sum(size for size, _maps in owners.values())
+        shared = sum(size for size, maps in owners.values() if len(maps) > 1)
+        return used, shared
+
     def _record_bytes(self, raw: bytes) -> int:
         seg_id, _o, plen, _f, _h = ENTRY.unpack(raw)
         seg = self.state.segments[seg_id]
@@ -436,8 +454,21 @@ class Pool:
         widest = max((s.k + s.m for s in self.state.segments.values()), default=1)
         return 2 * widest * self.layout.extent_size
 
+    def metadata_used(self) -> float:
+        """Fraction of the metadata page area in use: what the last checkpoint wrote plus,
+        at worst-case size, every map node changed since (the next checkpoint writes them
+        beside the old copies)."""
+        pending = len(self.state.forest.dirty) * _NODE_UNITS + 2 * _STATE_UNITS_GUESS
+        return (self._meta_units_used + pending) / self.meta.n_units
+
     def reserve(self, nbytes: int) -> None:
         """Promise space to a buffered write, or raise NoSpace (invariant 8)."""
+        if nbytes and self.metadata_used() > META_RESERVE:
+            # The rest is kept for deletes, trims and snapshot removal, whose commits must
+            # always fit (a checkpoint that cannot be written would fail the pool).
+            raise NoSpace(f"pool {self.state.name}: its metadata area is "
+                          f"{100 * self.metadata_used():.0f}% full; delete snapshots or "
+                          f"volumes, or trim, to make room")
         if nbytes > self.available_bytes() - self._cleaner_reserve():
             raise NoSpace(f"pool {self.state.name} is out of space")
         self._reserved += nbytes
@@ -856,6 +887,7 @@ class Pool:
         for loc in (*new_locs.values(), state_loc, index_loc):
             bitmap[loc.unit:loc.unit + loc.units] = b"\1" * loc.units
         self.meta.bitmap = bitmap
+        self._meta_units_used = bitmap.count(1)
         self.meta.journal_head = 0
         self._page_locs = new_locs
         self._sb_gen = st.generation

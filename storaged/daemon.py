@@ -17,6 +17,7 @@ import trio
 from nbd import proto
 from nbd.exports import VolumeCatalog
 from nbd.server import NBDConfig, NBDServer, tls_server_context
+from pool.errors import StorageError
 from storaged.api import ControlAPI
 from storaged.config import Config, parse_address
 from storaged.control import ControlServer
@@ -93,10 +94,18 @@ storaged is serving the demo pool (Ctrl-C stops it, flushing everything first).
 
 
 async def watch_space(registry: Registry, threshold: float, period: float = 10.0) -> None:
-    """Log when a pool crosses the full-warning threshold (and when it drops back)."""
+    """The background cleaner, and the full-threshold warning: every ``period`` seconds
+    each pool moves the live records out of up to two segments that are mostly dead (so
+    overwritten and trimmed space is reused), and a pool crossing the threshold is logged
+    (and logged again when it drops back)."""
     warned: set[str] = set()
     while True:
         for name, entry in list(registry.pools.items()):
+            try:
+                if await entry.pool.clean(max_segments=2, threshold=0.5):
+                    await entry.pool.commit()
+            except StorageError as e:
+                log.warning("pool %s: background cleaning stopped: %s", name, e.message)
             entry.full_warning = threshold
             st = entry.pool.statistics()
             used = st.allocated_bytes / st.capacity_bytes if st.capacity_bytes else 0.0

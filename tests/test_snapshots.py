@@ -38,6 +38,19 @@ async def _verify(vm: VolumeManager, vols: dict[str, bytearray],
         assert await view.read(0, len(content)) == content, f"{where}: {vol}@{snap}"
 
 
+async def _check_space(pool: Pool, vm: VolumeManager, where: str) -> None:
+    """Exact accounting: every byte of live data is unique to one volume or snapshot, or
+    shared; the sum equals the distinct bytes the pool holds (after a commit, so that the
+    maps are final)."""
+    for name in vm.names():
+        await vm.get(name).flush()
+    used, shared = pool.record_space()
+    unique = sum(vm.get(n).statistics().unique_bytes for n in vm.names())
+    unique += sum(vm.snapshot_info(n, s)["unique_bytes"] for n in vm.names()
+                  for s in vm.snapshot_names(n))
+    assert unique + shared == used, f"{where}: unique {unique} + shared {shared} != {used}"
+
+
 async def _program(seed: int, steps: int) -> None:
     rng = random.Random(seed)
     tmp = tempfile.mkdtemp(prefix="snap-")
@@ -56,15 +69,16 @@ async def _program(seed: int, steps: int) -> None:
             name = rng.choice(sorted(vols))
             model = vols[name]
             where = f"seed {seed} step {step}"
+            size = len(model)
             if op < 0.35:
-                off = rng.randrange(0, SIZE - 1)
-                n = rng.randrange(1, min(3 * BS, SIZE - off) + 1)
+                off = rng.randrange(0, size - 1) if size > 1 else 0
+                n = rng.randrange(1, min(3 * BS, size - off) + 1)
                 data = os.urandom(n) if rng.random() < 0.7 else bytes([step % 256]) * n
                 await vm.get(name).write(off, data)
                 model[off:off + n] = data
-            elif op < 0.42:
-                off = rng.randrange(0, SIZE // BS) * BS
-                n = min(rng.randrange(1, 6) * BS, SIZE - off)
+            elif op < 0.42 and size >= BS:
+                off = rng.randrange(0, size // BS) * BS
+                n = min(rng.randrange(1, 6) * BS, size - off)
                 await vm.get(name).trim(off, n)
                 model[off:off + n] = bytes(n)
             elif op < 0.55:
@@ -104,13 +118,21 @@ async def _program(seed: int, steps: int) -> None:
                     origin.pop(victim, None)
                     for s in mine:
                         del snaps[(victim, s)]
-            elif op < 0.93:
+            elif op < 0.90:
                 await vm.get(name).flush()
+            elif op < 0.94:
+                new_size = rng.randrange(1, 2 * SIZE // 512) * 512
+                await vm.resize(name, new_size)
+                if new_size < len(model):
+                    del model[new_size:]
+                else:
+                    model.extend(bytes(new_size - len(model)))
             else:
                 await pool.close()
                 pool = await Pool.open([FileDevice(p) for p in paths])
                 vm = VolumeManager(pool)
             await _verify(vm, vols, snaps, where)
+            await _check_space(pool, vm, where)
         report = await check(pool)
         assert report.ok, report.render()
         # Delete everything (clones first, then snapshots): no live data may remain.

@@ -112,3 +112,60 @@ async def test_cleaner_keeps_up_with_overwrites_of_ten_times_the_volume(tmp_path
         assert await VolumeManager(pool).get("v").read(0, size) == bytes(model)
     finally:
         await pool.close()
+
+
+async def test_enospc_then_deleting_a_snapshot_frees_space(tmp_path: Path) -> None:
+    """Invariant 8: a full pool fails writes with ENOSPC and nothing else breaks; deleting
+    a snapshot always works and gives its space back to new writes."""
+    pool = await Pool.create("full", [FileDevice(str(tmp_path / "d0"), create_size=40 << 20)],
+                             extent_size=1 << 20, meta_size=4 << 20)
+    vm = VolumeManager(pool)
+    vol = await vm.create("v", 256 << 20, block_size=65536, compression=False)
+    first = os.urandom(12 << 20)
+    await vol.write(0, first)
+    await vm.snapshot("v", "old")                         # holds the first 12 MiB
+    second = os.urandom(12 << 20)
+    await vol.write(0, second)                            # overwrites, snapshot keeps old
+    await vol.flush()
+    with pytest.raises(NoSpace):
+        for i in range(64):
+            await vol.write((12 << 20) + i * (1 << 20), os.urandom(1 << 20))
+            await vol.flush()
+    await vol.flush()
+    assert await vol.read(0, 12 << 20) == second          # nothing else broke
+    assert await vm.snapshot_volume("v", "old").read(0, 12 << 20) == first
+    await vm.delete_snapshot("v", "old")                  # always succeeds
+    more = os.urandom(8 << 20)
+    await vol.write(200 << 20, more)                      # the cleaner wins the space back
+    await vol.flush()
+    assert await vol.read(200 << 20, 8 << 20) == more
+    assert await vol.read(0, 12 << 20) == second
+    assert (await check(pool)).ok
+    await pool.close()
+
+
+async def test_metadata_area_full_refuses_writes_but_deletes_work(tmp_path: Path) -> None:
+    """Invariant 8 for metadata: when the map nodes would outgrow the metadata area, writes
+    get ENOSPC before anything fails, and deleting still commits (the pool never fails)."""
+    pool = await Pool.create("meta", [FileDevice(str(tmp_path / "d0"), create_size=64 << 20)],
+                             extent_size=1 << 20, meta_size=1 << 20)
+    vm = VolumeManager(pool)
+    vol = await vm.create("v", 64 << 30, block_size=4096, compression=False)
+    written = []
+    with pytest.raises(NoSpace, match="metadata area"):
+        for i in range(4096):                 # one block per leaf: each write a new node
+            await vol.write(i * (4 << 20), os.urandom(4096))
+            written.append(i)
+            await vol.flush()
+    assert len(written) > 10
+    for i in written[:5]:
+        assert len(await vol.read(i * (4 << 20), 4096)) == 4096
+    await vm.snapshot("v", "s")               # metadata-only operations still work
+    await vm.delete_snapshot("v", "s")
+    await vm.delete("v")
+    assert pool.statistics().state == "online"
+    assert (await check(pool)).ok
+    vol = await vm.create("w", 1 << 20)
+    await vol.write(0, b"again")
+    await vol.flush()
+    await pool.close()
