@@ -182,7 +182,12 @@ class ControlAPI:
         return out
 
     async def pool_status(self, p: Params, progress: Progress) -> Any:
-        return pool_status(self.registry.get(_req(p, "name")))
+        entry = self.registry.get(_req(p, "name"))
+        out = pool_status(entry)
+        # Exact data accounting walks every map (not done per metrics scrape).
+        data, shared = entry.pool.record_space()
+        out["data_bytes"], out["shared_bytes"] = data, shared
+        return out
 
     async def pool_add_device(self, p: Params, progress: Progress) -> Any:
         name = _req(p, "name")

@@ -50,6 +50,12 @@ def show_pool_status(p: dict[str, Any]) -> str:
                         str(d["checksum_errors"])] for d in p["devices"]],
                       ["DEV", "PATH", "STATE", "SIZE", "FREE", "READ", "WRITE", "CKSUM"]))
     c = p["counters"]
+    if "data_bytes" in p:
+        out.append("")
+        out.append(f"data {format_size(p['data_bytes'])} in live records "
+                   f"({format_size(p['shared_bytes'])} shared by snapshots/clones); "
+                   f"extents hold {format_size(p['used_bytes'])} (the cleaner reclaims the "
+                   f"difference)")
     out.append("")
     out.append(f"records read {c['records_read']}, written {c['records_written']}, "
                f"degraded reads {c['degraded_reads']}, repaired fragments "

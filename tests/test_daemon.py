@@ -214,7 +214,7 @@ def test_snapshots_over_cli_and_nbd(daemon: Daemon, tmp_path: Path) -> None:
     """Invariant 7 end to end: a snapshot export is read-only (EPERM), keeps its data while
     the volume changes; clone, diff and rollback through storagectl."""
     daemon.ok("pool", "create", "tank", str(tmp_path / "d0"), "--file-size", "256M")
-    daemon.ok("volume", "create", "tank/v", "--size", "16M")
+    daemon.ok("volume", "create", "tank/v", "--size", "16M", "--compression", "off")
     vol = daemon.url("tank/v")
     _qemu_io(vol, "write -P 0x61 0 2M", "flush")
     snap = daemon.json("snapshot", "create", "tank/v@monday")
@@ -230,6 +230,12 @@ def test_snapshots_over_cli_and_nbd(daemon: Daemon, tmp_path: Path) -> None:
     exports = daemon.json("export", "list")
     assert isinstance(exports, list)
     assert {"name": "tank/v@monday", "read_only": True, "nbd": snap_url} in exports
+    space = daemon.json("pool", "status", "tank")
+    assert isinstance(space, dict)
+    # 2 MiB live in the snapshot, 1 MiB of it overwritten in the volume: 3 MiB of records,
+    # 1 MiB shared (each a little more than its logical size: headers, padding).
+    assert 3 << 20 <= space["data_bytes"] < (3 << 20) * 1.05
+    assert 1 << 20 <= space["shared_bytes"] < (1 << 20) * 1.05
     diff = daemon.json("snapshot", "diff", "tank/v@monday")
     assert isinstance(diff, dict)
     assert diff["ranges"] == [{"offset": 1 << 20, "length": 1 << 20}]
