@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -74,6 +74,7 @@ from pool.state import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 META_RESERVE = 0.9   # writes stop when the metadata area is this full
+RECORD_CACHE_BYTES = 128 * 1024 * 1024   # verified blocks kept from small reads
 _NODE_UNITS = 7      # 4 KiB units of the largest map node blob (a 24 KiB leaf, lz4 framed)
 _STATE_UNITS_GUESS = 4
 _INDEX = ENTRY.__class__("<QIIIQ")  # node id, unit, units, length, hash
@@ -173,6 +174,10 @@ class Pool:
         self._pins: dict[int, int] = {}
         self._fill_moved: set[int] = set()   # segments whose fill changed since last commit
         self._column_cache: dict[int, tuple[tuple[Device | None, int, str], ...]] = {}
+        # Verified logical blocks of recent small reads, keyed by map entry (an LRU).
+        self._cache: OrderedDict[bytes, bytes] = OrderedDict()
+        self._cache_bytes = 0
+        self._cache_limit = RECORD_CACHE_BYTES
         self._pending: list[Op] = []
         self._applied = 0
         self._committed = 0
@@ -725,8 +730,15 @@ class Pool:
         plans: list[records.RecordPlan] = []
         segments = self.state.segments
         unpack = ENTRY.unpack
+        result: list[bytes | memoryview | None] = [None] * len(blocks)
+        cache = self._cache
         for slot, raw in enumerate(entries):
             if raw is None:
+                continue
+            hit = cache.get(raw)
+            if hit is not None:
+                cache.move_to_end(raw)
+                result[slot] = hit
                 continue
             seg_id, off, plen, flags, rhash = unpack(raw)
             seg = segments[seg_id]
@@ -734,7 +746,6 @@ class Pool:
             plans.append(records.RecordPlan(
                 slot, seg_id, off, -(-(codec.HEADER_SIZE + -(-plen // k)) // SECTOR), k, seg.m,
                 plen, flags, rhash, self._columns(seg)))
-        result: list[bytes | memoryview | None] = [None] * len(blocks)
         if not plans:
             return result
         try:
@@ -764,9 +775,27 @@ class Pool:
             log.error("pool %s: unreadable block %d of map %d: %s", self.state.name,
                       blocks[slot], map_id, why)
             raise MediumError(f"block {blocks[slot]}: {why}")
+        small = len(blocks) <= 2
         for slot, data in out.payloads.items():
-            result[slot] = data
+            key = entries[slot]
+            if small and key is not None:
+                # Small reads (random I/O, read-modify-write) keep the verified block: a
+                # record never changes where it lies, so the entry is a safe key.
+                kept = bytes(data)
+                self._cache_put(key, kept)
+                result[slot] = kept
+            else:
+                result[slot] = data
         return result
+
+    def _cache_put(self, key: bytes, data: bytes) -> None:
+        if key in self._cache:
+            return
+        self._cache[key] = data
+        self._cache_bytes += len(data)
+        while self._cache_bytes > self._cache_limit:
+            _k, old = self._cache.popitem(last=False)
+            self._cache_bytes -= len(old)
 
     def _column(self, idx: int, ext: int) -> tuple[Device | None, int, str]:
         dev = self.devices[idx]
