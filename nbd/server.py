@@ -23,6 +23,7 @@ from volumes import StorageError, Volume
 
 log = logging.getLogger(__name__)
 RECV = 256 * 1024
+QUEUE_LIMIT = 8 * 1024 * 1024   # queued reply bytes before producers wait for the writer
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -143,6 +144,15 @@ class _Client:
         self.volume: Volume | None = None
         self._send_lock = trio.Lock()
         self._slots = trio.Semaphore(server.config.max_inflight)
+        # Transmission replies are queued and sent by one writer task, which joins all
+        # that is queued into one send (one syscall for many small replies).
+        self._queue: list[bytes] = []
+        self._queued = 0
+        self._wakeup = trio.Event()
+        self._drained = trio.Event()
+        self._writer_running = False
+        self._broken = False
+        self._failure: BaseException | None = None
 
     async def send_pending(self) -> None:
         data = self.conn.data_to_send()
@@ -152,11 +162,52 @@ class _Client:
                     await self.stream.send_all(data)
 
     async def _send(self, parts: Sequence[bytes]) -> None:
+        if self._writer_running:
+            if self._broken:
+                return  # the reader sees the dead connection and ends it
+            pending = self.conn.data_to_send()
+            if pending:
+                self._queue.append(pending)
+                self._queued += len(pending)
+            self._queue.extend(parts)
+            self._queued += sum(len(p) for p in parts)
+            self._wakeup.set()
+            if self._queued > QUEUE_LIMIT:      # backpressure on a slow reader
+                await self._drained.wait()
+            return
         async with self._send_lock:
             pending = self.conn.data_to_send()
             if pending:
                 await self.stream.send_all(pending)
             await self.stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
+
+    async def _writer(self) -> None:
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                while self._queue:
+                    data = b"".join(self._queue)
+                    self._queue.clear()
+                    self._queued = 0
+                    await self.stream.send_all(data)
+                self._drained.set()
+                self._drained = trio.Event()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError,
+                ConnectionError):
+            self._broken = True
+            self._queue.clear()
+            self._drained.set()
+
+    async def _flush_queue(self) -> None:
+        """Send what is queued (called after the writer task is stopped)."""
+        self._writer_running = False
+        if self._queue and not self._broken:
+            data = b"".join(self._queue)
+            self._queue.clear()
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
+                                     ssl.SSLError, ConnectionError):
+                await self.stream.send_all(data)
 
     async def _receive(self) -> None:
         data = await self.stream.receive_some(RECV)
@@ -198,31 +249,44 @@ class _Client:
         reader = trio.CancelScope()
         self.server._readers.add(reader)
         try:
-            async with trio.open_nursery() as nursery:
-                with reader:
-                    while True:
-                        try:
-                            ev = self.conn.next_event()
-                            if ev is proto.NEED_DATA:
-                                await self._send([])
-                                await self._receive()
-                                continue
-                        except (proto.RemoteProtocolError, trio.BrokenResourceError,
-                                trio.ClosedResourceError, ssl.SSLError,
-                                ConnectionError) as e:
-                            failure = e
-                            break
-                        if isinstance(ev, proto.Command):
-                            await self._slots.acquire()
-                            nursery.start_soon(self._execute, ev)
-                        elif isinstance(ev, proto.Disconnect):
-                            break
-                # Spec: on disconnect, finish what is in flight (the nursery waits).
+            async with trio.open_nursery() as outer:
+                self._writer_running = True
+                outer.start_soon(self._writer)
+                try:
+                    await self._transmission(reader)
+                finally:
+                    outer.cancel_scope.cancel()
+            await self._flush_queue()
+            failure = self._failure
         finally:
             self.server._readers.discard(reader)
         if failure is not None:
             raise failure
         await self._send([])
+
+    async def _transmission(self, reader: trio.CancelScope) -> None:
+        failure: BaseException | None = None
+        async with trio.open_nursery() as nursery:
+            with reader:
+                while True:
+                    try:
+                        ev = self.conn.next_event()
+                        if ev is proto.NEED_DATA:
+                            await self._send([])
+                            await self._receive()
+                            continue
+                    except (proto.RemoteProtocolError, trio.BrokenResourceError,
+                            trio.ClosedResourceError, ssl.SSLError,
+                            ConnectionError) as e:
+                        failure = e
+                        break
+                    if isinstance(ev, proto.Command):
+                        await self._slots.acquire()
+                        nursery.start_soon(self._execute, ev)
+                    elif isinstance(ev, proto.Disconnect):
+                        break
+            # Spec: on disconnect, finish what is in flight (the nursery waits).
+        self._failure = failure
 
     async def _execute(self, cmd: proto.Command) -> None:
         vol = self.volume
