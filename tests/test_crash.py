@@ -254,7 +254,8 @@ async def test_crash_during_snapshot_create_delete_rollback_clone(tmp_path: obje
     for step in range(24):
         name = rng.choice(vm.names())
         off = rng.randrange(0, VOL_SIZE // BLOCK) * BLOCK
-        await vm.get(name).write(off, os.urandom(BLOCK * rng.randrange(1, 5)))
+        await vm.get(name).write(off, os.urandom(min(BLOCK * rng.randrange(1, 5),
+                                                     VOL_SIZE - off)))
         await point(f"flush {step}", vm.get(name).flush)
         snaps = vm.snapshot_names("v")
         choice = rng.random()
