@@ -24,6 +24,7 @@ from volumes import StorageError, Volume
 log = logging.getLogger(__name__)
 RECV = 256 * 1024
 QUEUE_LIMIT = 8 * 1024 * 1024   # queued reply bytes before producers wait for the writer
+WRITER_GRACE = 30.0             # seconds to send the last replies to a peer that stopped reading
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -64,7 +65,7 @@ class NBDServer:
         self.stats = ServerStatistics()
         self._readers: set[trio.CancelScope] = set()
         self._draining = False
-        self._idle = trio.Event()   # set when draining and nothing is in flight
+        self._idle = trio.Event()   # set when draining and every connection has answered
 
     async def drain(self, grace: float = 30.0) -> None:
         """Stop reading new requests on every connection, let the requests in flight
@@ -73,10 +74,16 @@ class NBDServer:
         self._draining = True
         for scope in list(self._readers):
             scope.cancel()
-        if not self.stats.in_flight:
+        if not self._readers:
             return
         with trio.move_on_after(grace):
             await self._idle.wait()
+
+    def _transmission_ended(self, reader: trio.CancelScope) -> None:
+        """A connection left transmission, every reply it owed sent (or its peer gone)."""
+        self._readers.discard(reader)
+        if self._draining and not self._readers:
+            self._idle.set()
 
     async def serve(self, *, task_status: trio.TaskStatus[Sequence[trio.SocketListener]]
                     = trio.TASK_STATUS_IGNORED) -> None:
@@ -151,6 +158,7 @@ class _Client:
         self._wakeup = trio.Event()
         self._drained = trio.Event()
         self._writer_running = False
+        self._stopping = False      # the writer ends once the queue is empty
         self._broken = False
         self._failure: BaseException | None = None
 
@@ -193,21 +201,13 @@ class _Client:
                     await self.stream.send_all(data)
                 self._drained.set()
                 self._drained = trio.Event()
+                if self._stopping:
+                    return
         except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError,
                 ConnectionError):
             self._broken = True
             self._queue.clear()
             self._drained.set()
-
-    async def _flush_queue(self) -> None:
-        """Send what is queued (called after the writer task is stopped)."""
-        self._writer_running = False
-        if self._queue and not self._broken:
-            data = b"".join(self._queue)
-            self._queue.clear()
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
-                                     ssl.SSLError, ConnectionError):
-                await self.stream.send_all(data)
 
     async def _receive(self) -> None:
         data = await self.stream.receive_some(RECV)
@@ -254,12 +254,19 @@ class _Client:
                 outer.start_soon(self._writer)
                 try:
                     await self._transmission(reader)
-                finally:
+                except BaseException:
                     outer.cancel_scope.cancel()
-            await self._flush_queue()
+                    raise
+                # Every request is answered: let the writer send what is queued (never
+                # cancel it mid-send, which would cut a reply), but not wait forever on a
+                # peer that stopped reading.
+                self._stopping = True
+                self._wakeup.set()
+                outer.cancel_scope.deadline = trio.current_time() + WRITER_GRACE
+            self._writer_running = False
             failure = self._failure
         finally:
-            self.server._readers.discard(reader)
+            self.server._transmission_ended(reader)
         if failure is not None:
             raise failure
         await self._send([])
@@ -308,8 +315,6 @@ class _Client:
                 await self._send(reply)
         finally:
             stats.in_flight -= 1
-            if self.server._draining and not stats.in_flight:
-                self.server._idle.set()
             self._slots.release()
 
     async def _dispatch(self, vol: Volume, cmd: proto.Command) -> list[bytes]:

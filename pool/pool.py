@@ -287,7 +287,8 @@ class Pool:
         for mi in self.state.members:
             want = "online" if self.devices[mi.index] is not None else "missing"
             if mi.state != want:
-                self._do(op_json(op="member_state", index=mi.index, state=want))
+                self._do(op_json(op="member_state", index=mi.index, state=want,
+                                 last_gen=self._sb_gen))
         self._reap()
         await self._checkpoint()
 
@@ -447,8 +448,12 @@ class Pool:
         """Worst-case device bytes one block of this profile can take."""
         return codec.worst_case_units(block_size, prof.k) * SECTOR * prof.width
 
-    def available_bytes(self) -> int:
-        free = sum(len(f) for i, f in enumerate(self._free) if self.devices[i] is not None)
+    def available_bytes(self, prof: Profile | None = None) -> int:
+        """Device bytes not yet promised to anything. With a profile, only the free
+        extents that can form its full stripes (k + m extents on distinct devices) count:
+        a big new device beside full ones adds capacity, but no room for a wide stripe."""
+        counts = [len(f) for i, f in enumerate(self._free) if self.devices[i] is not None]
+        free = sum(counts) if prof is None else prof.width * _stripes(counts, prof.width)
         room = sum((self.layout.extent_size // SECTOR - s.fill) * SECTOR * (s.k + s.m)
                    for s in self._open.values())
         return free * self.layout.extent_size + room - self._reserved
@@ -466,7 +471,20 @@ class Pool:
         pending = len(self.state.forest.dirty) * _NODE_UNITS + 2 * _STATE_UNITS_GUESS
         return (self._meta_units_used + pending) / self.meta.n_units
 
-    def reserve(self, nbytes: int) -> None:
+    def check_writable(self, prof: Profile) -> None:
+        """Refuse, before anything is acknowledged, writes of a profile that no segment can
+        take: too few present members with free extents for its k + m fragments."""
+        seg = self._open.get((prof.k, prof.m))
+        if seg is not None and seg.fill < self.layout.extent_size // SECTOR:
+            return
+        able = sum(1 for i, f in enumerate(self._free) if f and self.devices[i] is not None)
+        if able < prof.width:
+            present = sum(1 for d in self.devices if d is not None)
+            raise NoSpace(f"pool {self.state.name} cannot store {prof} records now: they need "
+                          f"{prof.width} devices with free space, {able} of the {present} "
+                          f"present have some ({len(self.devices) - present} missing)")
+
+    def reserve(self, nbytes: int, prof: Profile | None = None) -> None:
         """Promise space to a buffered write, or raise NoSpace (invariant 8)."""
         if nbytes and self.metadata_used() > META_RESERVE:
             # The rest is kept for deletes, trims and snapshot removal, whose commits must
@@ -474,14 +492,16 @@ class Pool:
             raise NoSpace(f"pool {self.state.name}: its metadata area is "
                           f"{100 * self.metadata_used():.0f}% full; delete snapshots or "
                           f"volumes, or trim, to make room")
-        if nbytes > self.available_bytes() - self._cleaner_reserve():
-            raise NoSpace(f"pool {self.state.name} is out of space")
+        if nbytes > self.available_bytes(prof) - self._cleaner_reserve():
+            raise NoSpace(f"pool {self.state.name} is out of space" +
+                          (f" for {prof} records" if prof is not None and
+                           nbytes <= self.available_bytes() - self._cleaner_reserve() else ""))
         self._reserved += nbytes
 
-    async def make_room(self, nbytes: int) -> None:
+    async def make_room(self, nbytes: int, prof: Profile | None = None) -> None:
         """Clean segments (and commit, which frees them) until ``nbytes`` can be reserved;
         raise NoSpace when nothing more can be won back."""
-        while nbytes > self.available_bytes() - self._cleaner_reserve():
+        while nbytes > self.available_bytes(prof) - self._cleaner_reserve():
             emptied = await self.clean(max_segments=2, threshold=1.0)
             await self.commit()
             if not emptied:
@@ -1038,6 +1058,20 @@ async def _run(fn: Callable[..., T], *args: Any) -> T:
     return await trio.to_thread.run_sync(lambda: fn(*args))
 
 
+def _stripes(counts: list[int], width: int) -> int:
+    """How many stripes of ``width`` extents on distinct devices the free-extent counts
+    allow: the largest S with sum(min(c, S)) >= width * S (what allocating each stripe
+    from the devices with the most free extents reaches)."""
+    lo, hi = 0, sum(counts) // width if width else 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if sum(min(c, mid) for c in counts) >= width * mid:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _check_name(name: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
         raise InvalidArgument(f"invalid pool name {name!r}: use 1-64 letters, digits, "
@@ -1133,14 +1167,17 @@ def _load_pool(pool_uuid: str, found: list[tuple[Device, Label]]) -> _Loaded:
             raise ImportFailed(f"{dev.path}: labelled as member {lab.index} of pool {name}, "
                                f"but the pool's metadata does not list it (a device added "
                                f"when a crash interrupted, or from another copy of the pool)")
-        behind = best.generation - newest[dev.path]
-        if mi.state != "online" or behind > 1:
-            why = " and the pool has run without it" if mi.state != "online" else ""
+        # A member that was merely away comes back as it left (newest superblock no older
+        # than when it went missing): nothing it holds changed meanwhile, since records are
+        # never overwritten in place and segments made while it was away do not use it.
+        # Anything older is an old copy of the device, which may lack acknowledged data.
+        seen = mi.last_gen if mi.state == "missing" else best.generation
+        if newest[dev.path] < seen - 1:
             raise ImportFailed(
                 f"{dev.path} is a stale member {mi.index} of pool {name}: its newest "
-                f"superblock is generation {newest[dev.path]}, the pool's is "
-                f"{best.generation}{why}; it missed writes. Import without it (the pool runs "
-                f"degraded) and resilver")
+                f"superblock is generation {newest[dev.path]}, but the pool had it at "
+                f"generation {seen}: this is an older copy of the device and may lack data "
+                f"written since. Import without it (the pool runs degraded)")
         other = devices[mi.index]
         if other is not None:
             raise ImportFailed(f"{dev.path} and {other.path} both claim to be member "

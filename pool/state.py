@@ -81,10 +81,12 @@ class MemberInfo:
     size: int
     n_extents: int
     state: str = "online"  # online | missing
+    last_gen: int = 0      # when missing: the pool generation it was last part of
 
     def to_json(self) -> dict[str, Any]:
         return {"uuid": self.uuid, "index": self.index, "size": self.size,
-                "n_extents": self.n_extents, "state": self.state}
+                "n_extents": self.n_extents, "state": self.state,
+                "last_gen": self.last_gen}
 
 
 Op = bytes  # an encoded operation; see encode_* below
@@ -228,8 +230,10 @@ class PoolState:
     def _op_member_add(self, uuid: str, index: int, size: int, n_extents: int) -> None:
         self.members.append(MemberInfo(uuid, index, size, n_extents))
 
-    def _op_member_state(self, index: int, state: str) -> None:
+    def _op_member_state(self, index: int, state: str, last_gen: int = 0) -> None:
         self.members[index].state = state
+        if state == "missing":
+            self.members[index].last_gen = last_gen
 
     # ---- checkpoint serialisation ---------------------------------------------------------
     def to_json(self) -> bytes:

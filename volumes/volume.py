@@ -276,13 +276,15 @@ class Volume:
         # changes anything (invariant 8) and a buffered write can always be written back.
         # Zeroing needs none (it frees space), so trim works on a full pool.
         need = sum(1 for b, _lo, _hi in spans if self._dirty.get(b) is None) if reserve else 0
+        if need:
+            self._pool.check_writable(self.profile)
         try:
-            self._pool.reserve(need * self._cost)
+            self._pool.reserve(need * self._cost, self.profile)
         except NoSpace:
             # Overwritten and trimmed records may still hold space: win it back first.
             await self._writeback()
-            await self._pool.make_room(need * self._cost)
-            self._pool.reserve(need * self._cost)
+            await self._pool.make_room(need * self._cost, self.profile)
+            self._pool.reserve(need * self._cost, self.profile)
         reserved = need
         try:
             pos = 0

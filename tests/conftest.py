@@ -1,0 +1,98 @@
+"""Shared fixtures: sets of sparse device files in a test's tmp_path.
+
+``disks(n)`` gives a ``DiskSet``: n file paths that can be created as sparse FileDevices,
+reopened (leaving some out, in any order), hashed, and saved/restored as exact images
+(only the non-hole parts are kept, so saving 6 x 64 MiB sparse files is cheap).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import pytest
+
+from pool import FileDevice
+
+DEV_SIZE = 64 << 20
+
+# A saved file: (size, [(offset, bytes) of each data region]).
+Image = tuple[int, list[tuple[int, bytes]]]
+
+
+class DiskSet:
+    """n device files ``<prefix><i>`` in one directory."""
+
+    def __init__(self, directory: Path, n: int, size: int, prefix: str) -> None:
+        self.size = size
+        self.paths = [directory / f"{prefix}{i}" for i in range(n)]
+
+    def create(self) -> list[FileDevice]:
+        return [FileDevice(str(p), create_size=self.size) for p in self.paths]
+
+    def open(self, without: Iterable[int] = (), order: Sequence[int] | None = None
+             ) -> list[FileDevice]:
+        """FileDevices of the members not in ``without``, in ``order`` if given."""
+        skip = set(without)
+        idx = list(order) if order is not None else list(range(len(self.paths)))
+        return [FileDevice(str(self.paths[i])) for i in idx if i not in skip]
+
+    def digests(self) -> list[str]:
+        """A hash per file of its size and every data region (offset and bytes): any
+        changed byte changes it (holes read as zeros; a hole filled in counts as a change).
+        """
+        out = []
+        for p in self.paths:
+            size, regions = _save(p)
+            h = hashlib.sha256(b"%d" % size)
+            for off, data in regions:
+                h.update(b"@%d:%d:" % (off, len(data)))
+                h.update(data)
+            out.append(h.hexdigest())
+        return out
+
+    def save(self) -> list[Image]:
+        return [_save(p) for p in self.paths]
+
+    def restore(self, images: list[Image]) -> None:
+        for p, img in zip(self.paths, images, strict=True):
+            _restore(p, img)
+
+
+def _save(path: Path) -> Image:
+    regions = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            regions.append((start, os.pread(fd, end - start, start)))
+            pos = end
+    finally:
+        os.close(fd)
+    return size, regions
+
+
+def _restore(path: Path, image: Image) -> None:
+    size, regions = image
+    with open(path, "wb") as f:   # (re)created empty: a removed file comes back too
+        f.truncate(size)
+        for off, data in regions:
+            f.seek(off)
+            f.write(data)
+
+
+@pytest.fixture
+def disks(tmp_path: Path) -> Callable[..., DiskSet]:
+    """A factory: ``disks(n, size=DEV_SIZE, prefix="d")`` -> DiskSet in tmp_path."""
+
+    def make(n: int, size: int = DEV_SIZE, prefix: str = "d") -> DiskSet:
+        return DiskSet(tmp_path, n, size, prefix)
+    return make
