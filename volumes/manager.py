@@ -22,6 +22,7 @@ import builtins
 import logging
 import re
 import time
+import uuid
 from typing import Any
 
 from pool.errors import AlreadyExists, Busy, InvalidArgument, NotFound
@@ -55,9 +56,13 @@ class VolumeManager:
         self.pool = pool
         self._volumes: dict[str, Volume] = {}
         self._snapshots: dict[str, dict[str, tuple[int, dict[str, Any]]]] = {}
+        # Hidden volumes a receive is filling (volumes/portable.py), by target name.
+        self._partials: dict[str, Volume] = {}
         objects = pool.objects()
         for obj_id, meta in objects.items():
-            if meta.get("type") == "volume":
+            if meta.get("type") == "volume" and "receiving" in meta:
+                self._partials[meta["receiving"]["target"]] = Volume(pool, obj_id, meta)
+            elif meta.get("type") == "volume":
                 self._volumes[meta["name"]] = Volume(pool, obj_id, meta)
         for obj_id, meta in objects.items():
             if meta.get("type") == "snapshot":
@@ -68,6 +73,8 @@ class VolumeManager:
     async def _writeback_all(self) -> None:
         for name in self.names():
             await self._volumes[name]._writeback()
+        for part in list(self._partials.values()):
+            await part._writeback()
 
     def names(self) -> list[str]:
         return sorted(self._volumes)
@@ -173,7 +180,7 @@ class VolumeManager:
             meta = {"type": "snapshot", "volume": vol._obj_id, "name": snap,
                     "map": map_id, "size": vol.size, "block_size": vol.block_size,
                     "profile": str(vol.profile), "compression": vol.compression,
-                    "created": int(time.time())}
+                    "created": int(time.time()), "uuid": uuid.uuid4().hex}
             obj_id = self.pool.put_object(meta)
             self._snapshots.setdefault(volume, {})[snap] = (obj_id, meta)
             made.update(meta)

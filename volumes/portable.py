@@ -1,0 +1,393 @@
+"""Send and receive: a snapshot (or the change between two) as one self-describing stream.
+
+``send`` yields the stream of ``volume@snap`` (only the blocks that differ from ``base``
+for an incremental); it reads the snapshot, so the volume stays online and writable.
+``Receiver`` applies a stream: into a hidden partial volume that no frontend sees, which
+becomes the real volume (with its snapshot) in one commit when the end record verifies.
+A refused stream leaves the pool as it was; an interrupted one is kept for ``resume``
+only when the receive asked for it (``resumable``), like ``zfs receive -s``.
+
+The record plan is a pure function of the snapshot's block map, so a resumed send
+(``resume_seq``) produces exactly the records a receiver is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import trio
+
+from pool.errors import AlreadyExists, Busy, InvalidArgument, NotFound
+from pool.pool import Profile
+from volumes import stream
+from volumes.manager import VolumeManager, _check_size
+from volumes.volume import Volume, check_block_size
+
+log = logging.getLogger(__name__)
+CHECKPOINT = 64 << 20          # resumable receives record their progress this often
+
+
+# ==== snapshots' identity ===================================================================
+def latest_snapshot(vm: VolumeManager, volume: str) -> tuple[str, dict[str, Any]] | None:
+    snaps = vm._snapshots.get(volume, {})
+    if not snaps:
+        return None
+    name = max(snaps, key=lambda s: (snaps[s][1]["created"], snaps[s][0]))
+    return name, snaps[name][1]
+
+
+async def snapshot_uuid(vm: VolumeManager, volume: str, snap: str) -> str:
+    """The snapshot's stream identity (given at creation; older snapshots get one now)."""
+    obj_id, meta = vm._snap(volume, snap)
+    if "uuid" not in meta:
+        meta["uuid"] = uuid.uuid4().hex
+        vm.pool.put_object(meta, obj_id)
+        await vm.pool.commit()
+    return str(meta["uuid"])
+
+
+# ==== send ==================================================================================
+def plan(vm: VolumeManager, volume: str, snap: str,
+         base: str | None) -> list[tuple[int, int, int]]:
+    """(kind, offset, length) of each record: runs of data (and, for an incremental, of
+    blocks that became holes), at most ``stream.CHUNK`` bytes each, in block order."""
+    _o, meta = vm._snap(volume, snap)
+    bs, size = meta["block_size"], meta["size"]
+    nblocks = -(-size // bs)
+    mapped = set(vm.pool.mapped_blocks(meta["map"], 0, nblocks))
+    if base is None:
+        blocks = sorted(mapped)
+        limit = size
+    else:
+        _ob, bmeta = vm._snap(volume, base)
+        if bmeta["block_size"] != bs:
+            raise InvalidArgument("base and snapshot have different block sizes")
+        blocks = sorted(vm.pool.diff_maps(bmeta["map"], meta["map"]))
+        limit = max(size, bmeta["size"])
+    out: list[tuple[int, int, int]] = []
+    for b in blocks:
+        start = b * bs
+        if start >= limit:
+            break
+        kind = stream.DATA if b in mapped else stream.HOLE
+        length = min(bs, limit - start)
+        if out:
+            k, o, n = out[-1]
+            cap = stream.CHUNK if kind == stream.DATA else stream.MAX_HOLE
+            if k == kind and o + n == start and n + length <= cap:
+                out[-1] = (k, o, n + length)
+                continue
+        out.append((kind, start, length))
+    return out
+
+
+async def send(vm: VolumeManager, volume: str, snap: str, base: str | None = None,
+               resume_seq: int = 0) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
+    """The stream's header fields and an iterator over its bytes. Everything is checked
+    before the first byte, so a refusal never leaves a half stream behind."""
+    _o, meta = vm._snap(volume, snap)
+    suuid = await snapshot_uuid(vm, volume, snap)
+    base_info: dict[str, Any] | None = None
+    if base is not None:
+        if base == snap:
+            raise InvalidArgument("an incremental stream needs a base other than the snapshot")
+        bo, bmeta = vm._snap(volume, base)
+        if (bmeta["created"], bo) > (meta["created"], _o):
+            raise InvalidArgument(f"base @{base} is newer than @{snap}: send from an older "
+                                  f"snapshot")
+        base_info = {"name": base, "uuid": await snapshot_uuid(vm, volume, base),
+                     "size": bmeta["size"]}
+    records = plan(vm, volume, snap, base)
+    if resume_seq < 0 or resume_seq > len(records):
+        raise InvalidArgument(f"resume point {resume_seq} is outside this stream's "
+                              f"{len(records)} records")
+    header: dict[str, Any] = {
+        "format": stream.VERSION,
+        "volume": {"name": volume, "size": meta["size"], "block_size": meta["block_size"],
+                   "profile": meta["profile"], "compression": meta["compression"]},
+        "snapshot": {"name": snap, "uuid": suuid, "created": meta["created"]},
+        "base": base_info, "chunk": stream.CHUNK, "records": len(records),
+        "data_bytes": sum(n for k, _o2, n in records if k == stream.DATA),
+        "resume": {"seq": resume_seq} if resume_seq else None,
+        "sent": int(time.time()),
+    }
+    view = vm.snapshot_volume(volume, snap)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield stream.encode_header(header)
+        summer = stream.Summer(stream.stream_seed(header))
+        for seq in range(resume_seq, len(records)):
+            kind, offset, length = records[seq]
+            if kind == stream.DATA:
+                data = await view.read(offset, length)
+                yield await trio.to_thread.run_sync(stream.encode_data, seq, offset, data,
+                                                    summer)
+            else:
+                yield stream.encode_record(stream.HOLE, seq, offset, length, b"", summer)
+        yield stream.encode_end(len(records), summer)
+    return header, chunks()
+
+
+# ==== receive ===============================================================================
+def _partial_name(target: str) -> str:
+    return f"%recv:{target}"
+
+
+class Receiver:
+    """Apply one stream to ``target`` in ``vm``. Call ``feed`` with the bytes as they come,
+    then ``finish`` (after the end record) or ``abort`` (the stream broke off)."""
+
+    def __init__(self, vm: VolumeManager, target: str, *, profile: str | None = None,
+                 resumable: bool = False, resume: bool = False, force: bool = False) -> None:
+        self.vm = vm
+        self.target = target
+        self.profile = profile
+        self.resumable = resumable or resume
+        self.resume = resume
+        self.force = force
+        self.parser = stream.StreamParser()
+        self.partial: Volume | None = None
+        self._skip_below = 0          # records already applied by an earlier try
+        self._since_checkpoint = 0
+        self.applied_bytes = 0
+        self.done: dict[str, Any] | None = None
+
+    # -- checks at the header, before anything changes ----------------------------------
+    def _check_header(self, h: dict[str, Any]) -> None:
+        try:
+            vol, snap = h["volume"], h["snapshot"]
+            size, bs = int(vol["size"]), int(vol["block_size"])
+            if not isinstance(snap["name"], str) or not isinstance(snap["uuid"], str):
+                raise TypeError("snapshot name and uuid must be strings")
+        except (KeyError, TypeError, ValueError) as e:
+            raise stream.StreamError(f"the stream header is malformed: {e}") from None
+        if size <= 0 or bs <= 0:
+            raise stream.StreamError("the stream header gives a bad volume size")
+        partial = self.vm._partials.get(self.target)
+        if self.resume:
+            if partial is None:
+                raise NotFound(f"no interrupted receive into {self.target} to resume")
+            kept = partial._meta["receiving"]
+            if kept["snapshot"] != snap["uuid"] or kept.get("base") != (
+                    h["base"]["uuid"] if h.get("base") else None):
+                raise InvalidArgument(
+                    f"this stream is not the one the interrupted receive into {self.target} "
+                    f"was reading (that was @{kept['snapshot_name']})")
+            start = (h.get("resume") or {}).get("seq", 0)
+            if start > kept["seq"]:
+                raise InvalidArgument(f"the stream resumes at record {start} but only "
+                                      f"{kept['seq']} were received: send with --resume "
+                                      f"{kept['seq']}")
+            self._skip_below = kept["seq"]
+            return
+        if h.get("resume"):
+            raise InvalidArgument("this is a resumed stream: receive it with --resume")
+        if partial is not None and partial._meta["receiving"].get("resumable"):
+            raise Busy(f"an interrupted receive into {self.target} is kept: continue it "
+                       f"with --resume, or discard it with --abort")
+        base = h.get("base")
+        snaps = self.vm._snapshots.get(self.target, {})
+        if base is None:
+            if self.target in self.vm._volumes:
+                raise AlreadyExists(f"volume {self.target!r} already exists in pool "
+                                    f"{self.vm.pool.name}: a full stream makes a new volume "
+                                    f"(an incremental one applies onto an existing one)")
+            return
+        if self.target not in self.vm._volumes:
+            raise NotFound(f"no volume {self.target!r} in pool {self.vm.pool.name} for this "
+                           f"incremental stream (it needs @{base['name']} there)")
+        latest = latest_snapshot(self.vm, self.target)
+        if latest is None or latest[1].get("uuid") != base["uuid"]:
+            have = (f"its latest snapshot is @{latest[0]}" if latest else "it has no "
+                    "snapshots")
+            raise InvalidArgument(f"this incremental stream applies onto @{base['name']} "
+                                  f"(uuid {base['uuid']}); volume {self.target} does not "
+                                  f"have it as its latest snapshot ({have})")
+        if snap["name"] in snaps:
+            raise AlreadyExists(f"volume {self.target!r} already has a snapshot "
+                                f"{snap['name']!r}")
+
+    async def _start(self, h: dict[str, Any]) -> None:
+        vm, pool = self.vm, self.vm.pool
+        if self.resume:
+            self.partial = vm._partials[self.target]
+            log.info("pool %s: resuming the receive into %s at record %d", pool.name,
+                     self.target, self._skip_below)
+            return
+        if self.target in vm._partials:          # a crashed, non-resumable receive
+            await self._discard(vm._partials[self.target])
+        vol, snap, base = h["volume"], h["snapshot"], h.get("base")
+        if base is not None:
+            latest = latest_snapshot(vm, self.target)
+            assert latest is not None
+            changed = await vm.diff(self.target, latest[0])
+            if changed and not self.force:
+                raise Busy(f"volume {self.target} was written after @{latest[0]}: receive "
+                           f"with --force to discard those writes")
+            target = vm.get(self.target)
+            source_map, src_size = latest[1]["map"], latest[1]["size"]
+            prof, comp, bs = str(target.profile), target.compression, target.block_size
+            if bs != vol["block_size"]:
+                raise InvalidArgument("the stream's block size differs from the volume's")
+            size = max(src_size, vol["size"])
+            map_id = pool.clone_map(source_map)
+        else:
+            p = Profile.parse(self.profile) if self.profile else pool.default_profile
+            online = sum(1 for m in pool.statistics().members if m.state == "online")
+            if p.width > online:
+                raise InvalidArgument(f"profile {p} needs {p.width} devices; pool "
+                                      f"{pool.name} has {online} online")
+            prof, comp, bs, size = str(p), bool(vol["compression"]), vol["block_size"], \
+                vol["size"]
+            check_block_size(bs)
+            _check_size(size, bs)
+            map_id = pool.create_map()
+        meta: dict[str, Any] = {
+            "type": "volume", "name": _partial_name(self.target), "size": size,
+            "block_size": bs, "profile": prof, "compression": comp, "map": map_id,
+            "created": int(time.time()),
+            "receiving": {"target": self.target, "snapshot": snap["uuid"],
+                          "snapshot_name": snap["name"],
+                          "base": base["uuid"] if base else None, "seq": 0,
+                          "resumable": self.resumable, "header": h}}
+        obj_id = pool.put_object(meta)
+        self.partial = vm._partials[self.target] = Volume(pool, obj_id, meta)
+        await pool.commit()
+
+    # -- the records ----------------------------------------------------------------------
+    async def feed(self, data: bytes) -> None:
+        self.parser.feed(data)
+        while True:
+            ev = await trio.to_thread.run_sync(self.parser.next)
+            if ev is stream.NEED_DATA:
+                return
+            if isinstance(ev, stream.Header):
+                self._check_header(ev.fields)
+                await self._start(ev.fields)
+            elif isinstance(ev, stream.Record):
+                await self._apply(ev)
+            elif isinstance(ev, stream.End):
+                await self._finish()
+
+    async def _apply(self, rec: stream.Record) -> None:
+        part = self.partial
+        assert part is not None
+        if rec.seq < self._skip_below:
+            return
+        end = rec.offset + rec.length
+        if end > part.size:
+            raise stream.StreamError(f"record {rec.seq} reaches byte {end}, past the volume's "
+                                     f"{part.size}")
+        if rec.data is not None:
+            await part.write(rec.offset, rec.data)
+            self.applied_bytes += rec.length
+        else:
+            await part.write_zeroes(rec.offset, rec.length)
+        self._since_checkpoint += rec.length
+        if self.resumable and self._since_checkpoint >= CHECKPOINT:
+            await self._checkpoint()
+
+    async def _checkpoint(self) -> None:
+        """Record how far the partial volume is durable, for a resume."""
+        part = self.partial
+        assert part is not None
+        await part.flush()
+        part._meta["receiving"]["seq"] = self.parser.next_seq
+        self.vm.pool.put_object(part._meta, part._obj_id)
+        await self.vm.pool.commit()
+        self._since_checkpoint = 0
+
+    async def _finish(self) -> None:
+        """The end verified: the partial volume becomes the volume, with its snapshot,
+        in one commit."""
+        vm, pool, part = self.vm, self.vm.pool, self.partial
+        assert part is not None and self.parser.header is not None
+        h = self.parser.header.fields
+        await part.flush()
+        size, snap = int(h["volume"]["size"]), h["snapshot"]
+        if size < part.size:
+            await part.trim(size, part.size - size)
+            await part.flush()
+        del vm._partials[self.target]
+        if h.get("base") is None:
+            meta = {k: v for k, v in part._meta.items() if k != "receiving"}
+            meta.update(name=self.target, size=size)
+            part._meta, part.name, part.size = meta, self.target, size
+            pool.put_object(meta, part._obj_id)
+            vm._volumes[self.target] = part
+            vol = part
+        else:
+            vol = vm.get(self.target)
+            new_map = part._map
+
+            def swap() -> None:
+                vol._discard_buffer()
+                old = vol._map
+                vol._map, vol.size = new_map, size
+                vol._meta = {**vol._meta, "map": new_map, "size": size}
+                pool.put_object(vol._meta, vol._obj_id)
+                pool.delete_object(part._obj_id)
+                pool.delete_map(old)
+            await vol.writeback_then(swap)
+        smeta = {"type": "snapshot", "volume": vol._obj_id, "name": snap["name"],
+                 "map": pool.clone_map(vol._map), "size": size,
+                 "block_size": vol.block_size, "profile": str(vol.profile),
+                 "compression": vol.compression, "created": int(snap["created"]),
+                 "uuid": snap["uuid"]}
+        sid = pool.put_object(smeta)
+        vm._snapshots.setdefault(self.target, {})[snap["name"]] = (sid, smeta)
+        await pool.commit()
+        self.done = {"volume": self.target, "snapshot": snap["name"],
+                     "incremental": h.get("base") is not None,
+                     "records": self.parser.next_seq, "applied_bytes": self.applied_bytes}
+        log.info("pool %s: received %s@%s (%d records, %d bytes applied)", pool.name,
+                 self.target, snap["name"], self.parser.next_seq, self.applied_bytes)
+
+    async def abort(self, why: str, *, interrupted: bool) -> str:
+        """The stream failed. A resumable receive that was merely interrupted keeps what
+        it has (durably) for ``resume``; anything else leaves the pool as it was."""
+        part = self.partial
+        if self.done is not None:
+            return why
+        if part is None:
+            return f"{why}; nothing was kept"
+        if interrupted and self.resumable:
+            with trio.CancelScope(shield=True):
+                await self._checkpoint()
+            seq = self.parser.next_seq
+            log.info("pool %s: receive into %s interrupted at record %d (kept for resume)",
+                     self.vm.pool.name, self.target, seq)
+            return (f"{why}; {seq} records are kept: send again with --resume {seq} and "
+                    f"receive with --resume (or --abort to discard)")
+        with trio.CancelScope(shield=True):
+            await self._discard(part)
+        return f"{why}; nothing was kept"
+
+    async def _discard(self, part: Volume) -> None:
+        vm = self.vm
+        vm._partials.pop(part._meta["receiving"]["target"], None)
+        part._drop()
+        vm.pool.delete_map(part._map)
+        vm.pool.delete_object(part._obj_id)
+        await vm.pool.commit()
+
+
+async def abort_receive(vm: VolumeManager, target: str) -> None:
+    """Discard the kept state of an interrupted receive into ``target``."""
+    part = vm._partials.get(target)
+    if part is None:
+        raise NotFound(f"no interrupted receive into {target}")
+    await Receiver(vm, target)._discard(part)
+
+
+def receive_state(vm: VolumeManager, target: str) -> dict[str, Any] | None:
+    part = vm._partials.get(target)
+    if part is None:
+        return None
+    kept = part._meta["receiving"]
+    return {"volume": target, "snapshot": kept["snapshot_name"], "seq": kept["seq"],
+            "resumable": kept["resumable"]}
