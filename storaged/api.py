@@ -9,7 +9,7 @@ prints them as they are.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from nbd.server import NBDServer
@@ -17,7 +17,7 @@ from pool.checker import check
 from pool.errors import InvalidArgument
 from storaged.registry import PoolEntry, Registry
 from storaged.sizes import parse_size
-from volumes import Volume, check_volume_name
+from volumes import Volume, check_volume_name, portable
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
@@ -135,6 +135,9 @@ class ControlAPI:
             "volume.create": self.volume_create, "volume.list": self.volume_list,
             "volume.info": self.volume_info, "volume.resize": self.volume_resize,
             "volume.delete": self.volume_delete, "export.list": self.export_list,
+            "volume.receive_abort": self.volume_receive_abort,
+            "volume.flush": self.volume_flush,
+            "volume.receive_status": self.volume_receive_status,
             "snapshot.create": self.snapshot_create, "snapshot.list": self.snapshot_list,
             "snapshot.delete": self.snapshot_delete,
             "snapshot.rollback": self.snapshot_rollback,
@@ -249,6 +252,42 @@ class ControlAPI:
         entry, vol = self._volume(_req(p, "name"))
         await entry.volumes.delete(vol.name, recursive=_bool(p, "recursive", False))
         return {"name": p["name"], "deleted": True}
+
+    # ---- send / receive (streams travel in control.py's framing) ------------------------
+    async def volume_send(self, p: Params) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
+        pool, vol, snap = split_snapshot(_req(p, "name"))
+        base = _str(p, "from", required=False)
+        if base is not None:
+            base = base.rpartition("@")[2] if "@" in base else base
+            if base.startswith(f"{pool}/") or not base:
+                raise InvalidArgument(f"--from takes a snapshot of {pool}/{vol}, like @s1")
+        resume = p.get("resume", 0)
+        if not isinstance(resume, int) or isinstance(resume, bool) or resume < 0:
+            raise InvalidArgument("parameter 'resume' must be a record number (>= 0)")
+        return await portable.send(self.registry.get(pool).volumes, vol, snap, base, resume)
+
+    async def volume_receive(self, p: Params) -> portable.Receiver:
+        pool, vol = split_volume(_req(p, "name"))
+        check_volume_name(vol)
+        profile = _str(p, "profile", required=False)
+        return portable.Receiver(self.registry.get(pool).volumes, vol, profile=profile,
+                                 resumable=_bool(p, "resumable", False),
+                                 resume=_bool(p, "resume", False),
+                                 force=_bool(p, "force", False))
+
+    async def volume_flush(self, p: Params, progress: Progress) -> Any:
+        entry, vol = self._volume(_req(p, "name"))
+        await vol.flush()
+        return volume_info(entry.name, vol)
+
+    async def volume_receive_abort(self, p: Params, progress: Progress) -> Any:
+        pool, vol = split_volume(_req(p, "name"))
+        await portable.abort_receive(self.registry.get(pool).volumes, vol)
+        return {"name": p["name"], "discarded": True}
+
+    async def volume_receive_status(self, p: Params, progress: Progress) -> Any:
+        pool, vol = split_volume(_req(p, "name"))
+        return portable.receive_state(self.registry.get(pool).volumes, vol)
 
     # ---- snapshots ----------------------------------------------------------------------
     def _snap_info(self, pool: str, info: dict[str, Any]) -> dict[str, Any]:

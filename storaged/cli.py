@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from storaged import portable_cli
 from storaged.config import default_socket
 from storaged.control import ControlError, call
 from storaged.sizes import format_size
@@ -173,6 +174,39 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("name", metavar="POOL/VOL")
     c.add_argument("--recursive", "-r", action="store_true",
                    help="also delete the volume's snapshots")
+    c = vol.add_parser("send", help="write a snapshot as a stream (stdout by default)")
+    c.add_argument("name", metavar="POOL/VOL@SNAP")
+    c.add_argument("--from", dest="base", metavar="@BASE",
+                   help="incremental: only what changed since this older snapshot")
+    c.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    c.add_argument("--resume", type=int, default=0, metavar="N",
+                   help="start at record N (what an interrupted receive asks for)")
+    c = vol.add_parser("receive", help="create a volume (or apply an increment) from a "
+                       "stream (stdin by default)")
+    c.add_argument("name", metavar="POOL/VOL")
+    c.add_argument("-i", "--input", metavar="FILE", help="read here instead of stdin")
+    c.add_argument("--profile", help="redundancy profile of a new volume (default: the "
+                   "pool's)")
+    c.add_argument("--resumable", "-s", action="store_true",
+                   help="keep what arrived if the stream breaks off, for --resume")
+    c.add_argument("--resume", action="store_true",
+                   help="continue an interrupted resumable receive")
+    c.add_argument("--abort", action="store_true",
+                   help="discard an interrupted receive instead")
+    c.add_argument("--force", "-F", action="store_true",
+                   help="apply an increment even if the volume was written after its base "
+                        "(those writes are discarded)")
+    c = vol.add_parser("import", help="create a volume from a disk image (via qemu-img)")
+    c.add_argument("name", metavar="POOL/VOL")
+    c.add_argument("image")
+    c.add_argument("--format", "-f", help="image format (qcow2, raw, vmdk, vdi, ...; "
+                   "default: detected)")
+    c.add_argument("--profile")
+    c = vol.add_parser("export", help="write a volume or snapshot to a disk image")
+    c.add_argument("name", metavar="POOL/VOL[@SNAP]")
+    c.add_argument("image")
+    c.add_argument("--format", "-f", default="raw", choices=["raw", "qcow2", "vmdk", "vdi",
+                                                              "vpc", "vhdx"])
 
     snap = top.add_parser("snapshot", help="snapshots").add_subparsers(dest="cmd",
                                                                        required=True)
@@ -255,9 +289,27 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    method, params, render = request(args)
     path = args.socket or default_socket()
     tty = sys.stderr.isatty()
+    if args.group == "volume" and args.cmd in ("send", "receive", "import", "export"):
+        try:
+            return portable_cli.run(args, path, tty and not args.json)
+        except ControlError as e:
+            if tty:
+                print(file=sys.stderr)
+            print(f"storagectl: {e.message}", file=sys.stderr)
+            return 1
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            if getattr(e, "filename", None) not in (None, path):
+                print(f"storagectl: {e}", file=sys.stderr)
+                return 1
+            print(f"storagectl: the storaged daemon is not running (no socket at {path}; "
+                  f"use --socket or STORAGED_SOCKET)", file=sys.stderr)
+            return 2
+        except (OSError, ConnectionError) as e:
+            print(f"storagectl: {e}", file=sys.stderr)
+            return 1
+    method, params, render = request(args)
 
     def progress(p: dict[str, Any]) -> None:
         if tty and not args.json:

@@ -4,12 +4,21 @@ Request:  {"method": "pool.status", "params": {"name": "tank"}}
 Replies:  zero or more {"progress": {...}} lines, then {"result": ...} or
           {"error": {"message": "...", "errno": 2, "kind": "NotFound"}}.
 
+Two methods carry a binary stream (docs/STREAM.md), framed on the same connection as
+big-endian u32 lengths followed by that many bytes, a zero length ending it:
+- volume.send: the daemon answers {"stream": {...header...}}, then the frames, then the
+  result or error line (an error after the stream started means the stream is incomplete);
+- volume.receive: the daemon answers {"ready": {...}} once the parameters are valid, the
+  client sends the frames (closing the connection early means "interrupted"), and the
+  daemon answers with the result or error line.
+
 The socket is created mode 0660; a client whose peer credentials are neither root, the
 daemon's own user, nor a member of the socket's group is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import logging
@@ -22,11 +31,44 @@ from typing import Any
 
 import trio
 
-from pool.errors import StorageError
+from pool.errors import InvalidArgument, StorageError
 from storaged.api import ControlAPI
+from volumes.stream import StreamError
 
 log = logging.getLogger(__name__)
 MAX_REQUEST = 1 << 20
+MAX_FRAME = 16 << 20
+_FRAME = struct.Struct(">I")
+
+
+class _Conn:
+    """A control connection with its receive buffer (lines and frames share it)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+
+    async def fill(self) -> bool:
+        data = await self.stream.receive_some(1 << 20)
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+    async def frame(self) -> bytes | None:
+        """The next frame's bytes; b"" for the end frame; None if the peer went away."""
+        while len(self.buf) < 4:
+            if not await self.fill():
+                return None
+        (n,) = _FRAME.unpack_from(self.buf)
+        if n > MAX_FRAME:
+            raise ValueError(f"frame of {n} bytes is too large")
+        while len(self.buf) < 4 + n:
+            if not await self.fill():
+                return None
+        out = bytes(self.buf[4:4 + n])
+        del self.buf[:4 + n]
+        return out
 
 
 def _peer_allowed(sock: trio.socket.SocketType, sock_gid: int) -> tuple[bool, str]:
@@ -81,27 +123,27 @@ class ControlServer:
                                            "kind": "PermissionDenied"}})
             await stream.aclose()
             return
-        buf = bytearray()
+        conn = _Conn(stream)
         try:
             while True:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return
-                buf += data
-                if len(buf) > MAX_REQUEST:
-                    await _send(stream, {"error": {"message": "request too large",
-                                                   "errno": 7, "kind": "InvalidArgument"}})
-                    return
-                while b"\n" in buf:
-                    line, _, rest = bytes(buf).partition(b"\n")
-                    buf = bytearray(rest)
-                    await self._request(stream, line)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                while b"\n" not in conn.buf:
+                    if len(conn.buf) > MAX_REQUEST:
+                        await _send(stream, {"error": {"message": "request too large",
+                                                       "errno": 7,
+                                                       "kind": "InvalidArgument"}})
+                        return
+                    if not await conn.fill():
+                        return
+                line, _, rest = bytes(conn.buf).partition(b"\n")
+                conn.buf = bytearray(rest)
+                await self._request(conn, line)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ValueError):
             return
         finally:
             await stream.aclose()
 
-    async def _request(self, stream: trio.SocketStream, line: bytes) -> None:
+    async def _request(self, conn: _Conn, line: bytes) -> None:
+        stream = conn.stream
         try:
             req = json.loads(line)
             if not isinstance(req, dict) or not isinstance(req.get("method"), str):
@@ -113,13 +155,66 @@ class ControlServer:
 
         async def progress(p: dict[str, Any]) -> None:
             await _send(stream, {"progress": p})
+        method, params = req["method"], req.get("params") or {}
         try:
-            result = await self.api.call(req["method"], req.get("params") or {}, progress)
+            if method == "volume.send":
+                result = await self._send_stream(stream, params)
+            elif method == "volume.receive":
+                result = await self._receive_stream(conn, params)
+            else:
+                result = await self.api.call(method, params, progress)
         except StorageError as e:
             await _send(stream, {"error": {"message": e.message, "errno": e.errno,
                                            "kind": type(e).__name__}})
             return
         await _send(stream, {"result": result})
+
+    async def _send_stream(self, stream: trio.SocketStream, params: Any) -> Any:
+        header, chunks = await self.api.volume_send(params)
+        await _send(stream, {"stream": header})
+        sent = 0
+        async for chunk in chunks:
+            for i in range(0, len(chunk), MAX_FRAME):
+                part = chunk[i:i + MAX_FRAME]
+                await stream.send_all(_FRAME.pack(len(part)) + part)
+            sent += len(chunk)
+        await stream.send_all(_FRAME.pack(0))
+        return {"bytes": sent}
+
+    async def _receive_stream(self, conn: _Conn, params: Any) -> Any:
+        rx = await self.api.volume_receive(params)
+        await _send(conn.stream, {"ready": {"volume": params.get("name")}})
+        why = ""
+        try:
+            while True:
+                try:
+                    data = await conn.frame()
+                except ValueError as e:
+                    raise StreamError(f"bad framing: {e}") from None
+                if data is None:
+                    why = "the stream broke off (the connection closed)"
+                    break
+                if not data:
+                    if rx.done is None:
+                        why = "the stream ended before its end record (truncated)"
+                    break
+                await rx.feed(data)
+        except StorageError as e:
+            # A resumable receive keeps what verified before a bad record; anything else
+            # is discarded, leaving the pool as it was.
+            keep = isinstance(e, StreamError) and rx.resumable
+            e.message = await rx.abort(e.message, interrupted=keep)
+            e.args = (e.message,)
+            # Read what the client still sends, so that it sees this answer rather than
+            # a reset connection.
+            with trio.move_on_after(5), contextlib.suppress(ValueError,
+                                                             trio.BrokenResourceError):
+                while (await conn.frame()) not in (None, b""):
+                    pass
+            raise
+        if rx.done is not None:
+            return {**rx.done, "volume": params["name"]}
+        raise InvalidArgument(await rx.abort(why, interrupted=True))
 
 
 async def _send(stream: trio.SocketStream, obj: Any) -> None:
@@ -148,6 +243,82 @@ def call(path: str, method: str, params: dict[str, Any],
         s.close()
 
 
+def _connect(path: str, method: str, params: dict[str, Any]) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        s.sendall(json.dumps({"method": method, "params": params}).encode() + b"\n")
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def _answer(f: Any) -> Any:
+    """The result line of a reply, or raise its error."""
+    line = f.readline()
+    if not line:
+        raise ConnectionError("the daemon closed the connection without answering")
+    msg = json.loads(line)
+    if "error" in msg:
+        raise ControlError(msg["error"]["message"], msg["error"].get("kind", ""))
+    return msg
+
+
+def _read_exact(f: Any, n: int) -> bytes:
+    data: bytes = f.read(n)
+    if len(data) != n:
+        raise ConnectionError("the daemon closed the connection in the middle of the stream")
+    return data
+
+
+def call_send(path: str, params: dict[str, Any], out: Any,
+              on_progress: Any = None) -> Any:
+    """volume.send: write the stream to the binary file ``out``; returns the result."""
+    s = _connect(path, "volume.send", params)
+    try:
+        f = s.makefile("rb")
+        header = _answer(f)["stream"]
+        done = 0
+        while True:
+            (n,) = _FRAME.unpack(_read_exact(f, 4))
+            if n == 0:
+                break
+            out.write(_read_exact(f, n))
+            done += n
+            if on_progress is not None:
+                on_progress(header, done)
+        out.flush()
+        return _answer(f)["result"]
+    finally:
+        s.close()
+
+
+def call_receive(path: str, params: dict[str, Any], src: Any,
+                 on_progress: Any = None) -> Any:
+    """volume.receive: send the binary file ``src`` as the stream; returns the result."""
+    s = _connect(path, "volume.receive", params)
+    try:
+        f = s.makefile("rb")
+        _answer(f)                          # {"ready": ...}: the parameters are good
+        done = 0
+        try:
+            while True:
+                data = src.read(1 << 20)
+                if not data:
+                    break
+                s.sendall(_FRAME.pack(len(data)) + data)
+                done += len(data)
+                if on_progress is not None:
+                    on_progress(done)
+            s.sendall(_FRAME.pack(0))
+        except (BrokenPipeError, ConnectionResetError):
+            pass                            # the daemon refused the stream: read why
+        return _answer(f)["result"]
+    finally:
+        s.close()
+
+
 class ControlError(Exception):
     def __init__(self, message: str, kind: str) -> None:
         super().__init__(message)
@@ -155,4 +326,5 @@ class ControlError(Exception):
         self.kind = kind
 
 
-__all__: Sequence[str] = ["ControlError", "ControlServer", "call"]
+__all__: Sequence[str] = ["ControlError", "ControlServer", "call", "call_receive",
+                          "call_send"]

@@ -1,0 +1,181 @@
+"""storagectl volume send / receive / import / export.
+
+send and receive carry the stream over the control socket (control.call_send/_receive).
+import and export drive ``qemu-img convert`` against the daemon's own NBD export, so every
+image format qemu knows works, sparse both ways (qemu-img asks the export for its
+allocation, and a new volume is known to read as zeros: ``--target-is-zero``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any, BinaryIO
+
+from storaged.control import ControlError, call, call_receive, call_send
+from storaged.sizes import format_size
+
+
+class _Meter:
+    """One self-overwriting progress line on stderr: bytes, rate, percent and ETA."""
+
+    def __init__(self, verb: str, total: int | None, enabled: bool) -> None:
+        self.verb, self.total, self.enabled = verb, total, enabled
+        self.start = time.monotonic()
+        self.last = 0.0
+
+    def update(self, done: int, *, final: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < 0.2 and not final):
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-6)
+        line = f"\r{self.verb} {format_size(done)} at {format_size(int(rate))}/s"
+        if self.total:
+            pct = min(100.0, 100 * done / self.total)
+            eta = (self.total - done) / rate if rate else 0
+            line += f", {pct:.0f}%" + ("" if final else f", {eta:.0f}s left")
+        print(line + " " * 8, end="\n" if final else "", file=sys.stderr, flush=True)
+
+
+def _nbd_uri(path: str, name: str) -> str:
+    for item in call(path, "export.list", {}):
+        if item["name"] == name:
+            if "nbd" not in item:
+                raise ControlError("the daemon serves no NBD listener (needed to import "
+                                   "and export images)", "InvalidArgument")
+            return str(item["nbd"])
+    raise ControlError(f"no export {name!r} (see storagectl export list)", "NotFound")
+
+
+def _qemu_img() -> str:
+    exe = shutil.which("qemu-img")
+    if exe is None:
+        raise ControlError("qemu-img is not installed (Debian package qemu-utils)",
+                           "InvalidArgument")
+    return exe
+
+
+def _convert(cmd: list[str], show: bool) -> None:
+    """Run qemu-img convert; its progress (-p) goes to stderr when asked for."""
+    if show:
+        cmd.insert(2, "-p")
+    proc = subprocess.run(cmd, stdout=sys.stderr if show else subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, check=False)
+    if proc.returncode != 0:
+        raise ControlError(f"qemu-img convert failed: {proc.stderr.strip()}", "IOError")
+
+
+def run(args: argparse.Namespace, path: str, show: bool) -> int:
+    result: Any
+    if args.cmd == "send":
+        params: dict[str, Any] = {"name": args.name, "resume": args.resume}
+        if args.base:
+            params["from"] = args.base
+        meter = _Meter("sent", None, show)
+
+        def sent(header: dict[str, Any], done: int) -> None:
+            meter.update(done)
+        if args.output:
+            with open(args.output, "wb") as f:
+                result = call_send(path, params, f, sent)
+        else:
+            if sys.stdout.isatty():
+                print("storagectl: refusing to write a binary stream to a terminal (use -o "
+                      "FILE or a pipe)", file=sys.stderr)
+                return 2
+            result = call_send(path, params, sys.stdout.buffer, sent)
+        meter.update(result["bytes"], final=True)
+    elif args.cmd == "receive":
+        if args.abort:
+            result = call(path, "volume.receive_abort", {"name": args.name})
+        else:
+            params = {"name": args.name, "resumable": args.resumable, "resume": args.resume,
+                      "force": args.force}
+            if args.profile:
+                params["profile"] = args.profile
+            src: BinaryIO
+            src = open(args.input, "rb") if args.input else sys.stdin.buffer  # noqa: SIM115
+            try:
+                total = os.fstat(src.fileno()).st_size if args.input else None
+                meter = _Meter("received", total, show)
+                result = call_receive(path, params, src, meter.update)
+            finally:
+                if args.input:
+                    src.close()
+    elif args.cmd == "import":
+        result = _import(args, path, show)
+    else:
+        result = _export(args, path, show)
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    elif args.cmd != "send" or args.output:
+        print(_describe(args.cmd, result))
+    return 0
+
+
+def _describe(cmd: str, r: dict[str, Any]) -> str:
+    if cmd == "send":
+        return f"stream of {format_size(r['bytes'])} written"
+    if cmd == "receive":
+        if r.get("discarded"):
+            return f"interrupted receive into {r['name']} discarded"
+        kind = "increment" if r["incremental"] else "volume"
+        return (f"received {kind} {r['volume']}@{r['snapshot']} ({r['records']} records, "
+                f"{format_size(r['applied_bytes'])} of data)")
+    return f"{cmd}ed {r['name']} ({format_size(r['size_bytes'])})"
+
+
+def _import(args: argparse.Namespace, path: str, show: bool) -> dict[str, Any]:
+    exe = _qemu_img()
+    if not os.path.exists(args.image):
+        raise ControlError(f"no image file {args.image}", "NotFound")
+    info_cmd = [exe, "info", "--output=json"]
+    if args.format:
+        info_cmd += ["-f", args.format]
+    proc = subprocess.run([*info_cmd, args.image], capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        raise ControlError(f"qemu-img cannot read {args.image}: {proc.stderr.strip()}",
+                           "InvalidArgument")
+    info = json.loads(proc.stdout)
+    fmt, size = args.format or info["format"], int(info["virtual-size"])
+    size = -(-size // 512) * 512
+    params: dict[str, Any] = {"name": args.name, "size": size}
+    if args.profile:
+        params["profile"] = args.profile
+    call(path, "volume.create", params)
+    try:
+        uri = _nbd_uri(path, args.name)
+        # The new volume reads as zeros: qemu-img writes only the image's data.
+        _convert([exe, "convert", "-n", "--target-is-zero", "-f", fmt, "-O", "raw",
+                  args.image, uri], show)
+        call(path, "volume.flush", {"name": args.name})
+    except BaseException:
+        call(path, "volume.delete", {"name": args.name})
+        raise
+    return {"name": args.name, "size_bytes": size, "format": fmt, "image": args.image}
+
+
+def _export(args: argparse.Namespace, path: str, show: bool) -> dict[str, Any]:
+    exe = _qemu_img()
+    uri = _nbd_uri(path, args.name)
+    if os.path.exists(args.image):
+        raise ControlError(f"{args.image} exists; export writes a new image",
+                           "AlreadyExists")
+    try:
+        _convert([exe, "convert", "-f", "raw", "-O", args.format, uri, args.image], show)
+    except BaseException:
+        if os.path.exists(args.image):
+            os.unlink(args.image)
+        raise
+    size = json.loads(subprocess.run([exe, "info", "--output=json", args.image],
+                                     capture_output=True, text=True,
+                                     check=True).stdout)["virtual-size"]
+    return {"name": args.name, "size_bytes": size, "format": args.format,
+            "image": args.image}
