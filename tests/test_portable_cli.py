@@ -5,17 +5,32 @@ qemu-img against the daemon's NBD export, checked with qemu-img compare and map.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
-from tests.test_daemon import BIN, Daemon, _qemu_io, daemon  # noqa: F401 - the fixture
+import pytest
+
+from tests.test_daemon import BIN, Daemon, _free_port, _qemu_io
 
 CTL = str(BIN / "storagectl")
 
 
-def _sh(cmd: str, **kw: object) -> subprocess.CompletedProcess[str]:
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path, str(tmp_path / "ctl.sock"), _free_port(), _free_port())
+    d.start()
+    try:
+        yield d
+    finally:
+        if d.proc is not None:
+            d.stop(signal.SIGKILL)
+
+
+def _sh(cmd: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True,
-                          text=True, timeout=120, check=False, **kw)  # type: ignore[call-overload]
+                          text=True, timeout=120, check=False)
 
 
 def _compare(a: str, b: str) -> None:
@@ -57,7 +72,8 @@ def test_send_receive_pipes_between_pools_incremental_and_resume(
     assert "received volume backup/vm@s1" in r.stdout
     _compare(daemon.url("tank/vm@s1"), daemon.url("backup/vm"))
     assert _map(daemon.url("backup/vm")) == _map(daemon.url("tank/vm@s1"))
-    assert [s["snapshot"] for s in daemon.json("snapshot", "list", "backup/vm")] == ["s1"]
+    snaps = daemon.json("snapshot", "list", "backup/vm")
+    assert isinstance(snaps, list) and [s["snapshot"] for s in snaps] == ["s1"]
 
     # Incremental: only the change travels.
     _qemu_io(daemon.url("tank/vm"), "write -P 0x44 1M 128K", "discard 9M 64K", "flush")
@@ -119,7 +135,7 @@ def test_image_import_and_export_through_qemu_img(daemon: Daemon, tmp_path: Path
     assert daemon.json("volume", "info", "tank/img")["size_bytes"] == 48 << 20  # type: ignore[index]
     url = daemon.url("tank/img")
     assert subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(src), url],
-                          capture_output=True, timeout=120).returncode == 0
+                          check=False, capture_output=True, timeout=120).returncode == 0
     data = [(s, n) for s, n, d in _map(url) if d]
     assert sum(n for _s, n in data) <= 4 << 20          # holes stayed holes
     daemon.ok("snapshot", "create", "tank/img@s1")
@@ -128,7 +144,8 @@ def test_image_import_and_export_through_qemu_img(daemon: Daemon, tmp_path: Path
         r = daemon.ctl("volume", "export", "tank/img@s1", str(out), "--format", fmt)
         assert r.returncode == 0, r.stderr
         assert subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", fmt, str(src),
-                               str(out)], capture_output=True, timeout=120).returncode == 0
+                               str(out)], check=False, capture_output=True,
+                              timeout=120).returncode == 0
         assert [(s, n) for s, n, d in _map(str(out), fmt) if d] == data
     r = daemon.ctl("volume", "export", "tank/img", str(tmp_path / "out.raw"))
     assert r.returncode == 1 and "exists" in r.stderr
