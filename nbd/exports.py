@@ -51,6 +51,48 @@ class VolumeCatalog:
         vol = self.volume(name)
         return None if vol is None else self.info(name, vol)
 
+    def _parts(self, name: str) -> tuple[VolumeManager, str, str | None] | None:
+        parts = self._split(name)
+        if parts is None or parts[0] not in self._managers:
+            return None
+        vol, at, snap = parts[1].partition("@")
+        return self._managers[parts[0]], vol, snap if at else None
+
+    def bitmaps(self, name: str) -> Sequence[str]:
+        """The snapshots of the export's volume (other than the export itself): each is a
+        ``qemu:dirty-bitmap:SNAP`` context reporting the blocks changed since it."""
+        found = self._parts(name)
+        if found is None:
+            return []
+        vm, vol, snap = found
+        try:
+            return [s for s in vm.snapshot_names(vol) if s != snap]
+        except NotFound:
+            return []
+
+    async def changed(self, name: str, since: str, offset: int,
+                      length: int) -> list[tuple[int, bool]]:
+        """(length, changed) runs covering [offset, offset + length): what differs in
+        export ``name`` from snapshot ``since`` of its volume."""
+        found = self._parts(name)
+        if found is None:
+            raise NotFound(f"export {name} is gone")
+        vm, vol, snap = found
+        ranges = await vm.diff(vol, since, snap)
+        runs: list[tuple[int, bool]] = []
+        pos, end = offset, offset + length
+        for start, n in ranges:
+            lo, hi = max(start, pos), min(start + n, end)
+            if hi <= lo:
+                continue
+            if lo > pos:
+                runs.append((lo - pos, False))
+            runs.append((hi - lo, True))
+            pos = hi
+        if pos < end:
+            runs.append((end - pos, False))
+        return runs
+
     def exports(self) -> Sequence[ExportInfo]:
         out = []
         for pool in sorted(self._managers):

@@ -111,6 +111,7 @@ REPLY_TYPE_ERROR = (1 << 15) + 1
 
 STATE_HOLE = 1 << 0
 STATE_ZERO = 1 << 1
+STATE_DIRTY = 1 << 0                   # qemu:dirty-bitmap: the block changed
 
 # NBD error values (proto.md "Error values")
 NBD_EPERM = 1
@@ -130,7 +131,8 @@ _ERRNO_TO_NBD = {
 }
 
 META_BASE_ALLOCATION = "base:allocation"
-META_CONTEXT_ID = 1
+META_DIRTY_BITMAP = "qemu:dirty-bitmap:"   # + a snapshot: blocks changed since it
+META_CONTEXT_ID = 1                        # the first context a client selects
 MAX_OPTION_DATA = 64 * 1024        # no option we understand needs more
 MAX_STRING = 4096                  # proto.md: strings MUST be no longer than 4096 bytes
 MAX_PAYLOAD = 32 * 1024 * 1024     # advertised maximum payload
@@ -187,6 +189,10 @@ class Catalog(Protocol):
     def lookup(self, name: str) -> ExportInfo | None: ...
 
     def exports(self) -> Sequence[ExportInfo]: ...
+
+    def bitmaps(self, name: str) -> Sequence[str]:
+        """Snapshots whose changes an export can report (qemu:dirty-bitmap:NAME)."""
+        ...
 
 
 class TLSMode(Enum):
@@ -248,7 +254,8 @@ class ServerConnection:
         self.no_zeroes = False
         self.structured = False
         self.export: ExportInfo | None = None
-        self._meta_for: str | None = None    # export name the meta context was set for
+        self._meta_for: str | None = None    # export name the meta contexts were set for
+        self._contexts: list[str] = []       # selected meta contexts; id = index + 1
         self._in = bytearray()
         self._out = bytearray()
         self._skip = 0                       # payload bytes of a refused write to discard
@@ -275,10 +282,33 @@ class ServerConnection:
         # Per proto.md, everything negotiated before STARTTLS is forgotten.
         self.structured = False
         self._meta_for = None
+        self._contexts = []
 
     @property
     def meta_context(self) -> bool:
         return self.export is not None and self._meta_for == self.export.name
+
+    @property
+    def contexts(self) -> list[tuple[int, str]]:
+        """(id, name) of each meta context BLOCK_STATUS answers for."""
+        if not self.meta_context:
+            return []
+        return [(i + 1, c) for i, c in enumerate(self._contexts)]
+
+    def _match_contexts(self, name: str, queries: list[str], listing: bool) -> list[str]:
+        bitmaps = [META_DIRTY_BITMAP + b for b in self.catalog.bitmaps(name)]
+        if listing and not queries:
+            return [META_BASE_ALLOCATION, *bitmaps]
+        out: list[str] = []
+        for q in queries:
+            if q == META_BASE_ALLOCATION or (listing and q == "base:"):
+                found = [META_BASE_ALLOCATION]
+            elif listing and q in ("qemu:", META_DIRTY_BITMAP):
+                found = bitmaps
+            else:
+                found = [q] if q in bitmaps else []
+            out += [c for c in found if c not in out]
+        return out
 
     # ---- the event pump -----------------------------------------------------------------
     def next_event(self) -> Event | _NeedData:
@@ -486,14 +516,15 @@ class ServerConnection:
         if self.catalog.lookup(name) is None:
             self._error(option, REP_ERR_UNKNOWN, f"no export named {name!r}")
             return
-        if option == OPT_LIST_META_CONTEXT:
-            match = not queries or any(q in ("base:", META_BASE_ALLOCATION) for q in queries)
-        else:
-            match = META_BASE_ALLOCATION in queries
-            self._meta_for = name if match else None
-        if match:
-            ctx = META_BASE_ALLOCATION.encode()
-            self._reply(option, REP_META_CONTEXT, struct.pack(">I", META_CONTEXT_ID) + ctx)
+        listing = option == OPT_LIST_META_CONTEXT
+        found = self._match_contexts(name, queries, listing)
+        if not listing:
+            self._contexts = found
+            self._meta_for = name if found else None
+        for i, ctx in enumerate(found):
+            # Listed contexts get id 0: only a SET selects them and gives real ids.
+            self._reply(option, REP_META_CONTEXT,
+                        struct.pack(">I", 0 if listing else i + 1) + ctx.encode())
         self._reply(option, REP_ACK)
 
     # ---- transmission ---------------------------------------------------------------------
@@ -605,11 +636,17 @@ class ServerConnection:
                 out.append(d)
         return out
 
-    def reply_block_status(self, cmd: Command, extents: Sequence[tuple[int, int]]) -> bytes:
-        """``extents``: (length, state flags) runs from the request offset, in order."""
-        if cmd.flags & CMD_FLAG_REQ_ONE:
-            extents = extents[:1]
-        body = struct.pack(">I", META_CONTEXT_ID) + b"".join(
-            struct.pack(">II", n, f) for n, f in extents)
-        return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS,
-                           cmd.cookie, len(body)) + body
+    def reply_block_status(self, cmd: Command,
+                           per_context: Sequence[tuple[int, Sequence[tuple[int, int]]]]
+                           ) -> bytes:
+        """One chunk per selected context: (context id, [(length, state flags) runs from
+        the request offset, in order]); the last chunk carries the DONE flag."""
+        out = []
+        for i, (ctx, extents) in enumerate(per_context):
+            runs = extents[:1] if cmd.flags & CMD_FLAG_REQ_ONE else extents
+            body = struct.pack(">I", ctx) + b"".join(struct.pack(">II", n, f)
+                                                      for n, f in runs)
+            flags = REPLY_FLAG_DONE if i == len(per_context) - 1 else 0
+            out.append(_CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, REPLY_TYPE_BLOCK_STATUS,
+                                   cmd.cookie, len(body)) + body)
+        return b"".join(out)

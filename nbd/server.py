@@ -337,8 +337,19 @@ class _Client:
         elif k == proto.CMD_CACHE:
             pass  # advisory; records are read on demand and cached by the kernel
         elif k == proto.CMD_BLOCK_STATUS:
-            extents = await vol.allocation(cmd.offset, cmd.length)
-            runs = [(e.length, 0 if e.allocated else proto.STATE_HOLE | proto.STATE_ZERO)
-                    for e in extents]
-            return [conn.reply_block_status(cmd, runs)]
+            answers: list[tuple[int, list[tuple[int, int]]]] = []
+            for ctx_id, ctx in conn.contexts:
+                if ctx == proto.META_BASE_ALLOCATION:
+                    extents = await vol.allocation(cmd.offset, cmd.length)
+                    answers.append((ctx_id, [
+                        (e.length, 0 if e.allocated else proto.STATE_HOLE | proto.STATE_ZERO)
+                        for e in extents]))
+                else:
+                    assert conn.export is not None
+                    changed = await self.server.catalog.changed(
+                        conn.export.name, ctx.removeprefix(proto.META_DIRTY_BITMAP),
+                        cmd.offset, cmd.length)
+                    answers.append((ctx_id, [(n, proto.STATE_DIRTY if dirty else 0)
+                                             for n, dirty in changed]))
+            return [conn.reply_block_status(cmd, answers)]
         return [conn.reply_ok(cmd)]

@@ -27,6 +27,9 @@ class Catalog:
     def exports(self) -> Sequence[ExportInfo]:
         return EXPORTS
 
+    def bitmaps(self, name: str) -> Sequence[str]:
+        return ["s1", "s2"] if name == "tank/vol" else []
+
 
 def option(opt: int, data: bytes = b"") -> bytes:
     return struct.pack(">QII", proto.IHAVEOPT, opt, len(data)) + data
@@ -304,3 +307,35 @@ def test_error_mapping() -> None:
     assert proto.nbd_error(errno.EROFS) == proto.NBD_EPERM
     assert proto.nbd_error(errno.EIO) == proto.NBD_EIO
     assert proto.nbd_error(errno.EBADMSG) == proto.NBD_EIO
+
+
+def test_dirty_bitmap_contexts_are_listed_selected_and_answered_in_order() -> None:
+    conn = ServerConnection(Catalog())
+    conn.data_to_send()
+    data = (struct.pack(">I", 3) + option(proto.OPT_STRUCTURED_REPLY)
+            + option(proto.OPT_LIST_META_CONTEXT, meta_data("tank/vol", []))
+            + option(proto.OPT_LIST_META_CONTEXT, meta_data("tank/vol", ["qemu:"]))
+            + option(proto.OPT_SET_META_CONTEXT, meta_data(
+                "tank/vol", ["qemu:dirty-bitmap:s2", "qemu:dirty-bitmap:nope",
+                             "base:allocation"]))
+            + option(proto.OPT_GO, name_data("tank/vol")))
+    events = feed(conn, data)
+    assert len(events) == 1 and isinstance(events[0], proto.Transmission)
+    ctx = [(o, struct.unpack(">I", d[:4])[0], d[4:].decode())
+           for o, t, d in replies(conn.data_to_send()) if t == proto.REP_META_CONTEXT]
+    listed = proto.OPT_LIST_META_CONTEXT
+    assert ctx == [(listed, 0, "base:allocation"), (listed, 0, "qemu:dirty-bitmap:s1"),
+                   (listed, 0, "qemu:dirty-bitmap:s2"),
+                   (listed, 0, "qemu:dirty-bitmap:s1"), (listed, 0, "qemu:dirty-bitmap:s2"),
+                   (proto.OPT_SET_META_CONTEXT, 1, "qemu:dirty-bitmap:s2"),
+                   (proto.OPT_SET_META_CONTEXT, 2, "base:allocation")]
+    assert conn.contexts == [(1, "qemu:dirty-bitmap:s2"), (2, "base:allocation")]
+    cmd = proto.Command(7, proto.CMD_BLOCK_STATUS, 0, 0, 8192)
+    raw = conn.reply_block_status(cmd, [(1, [(4096, 1), (4096, 0)]), (2, [(8192, 0)])])
+    _m, flags, rtype, cookie, n = struct.unpack_from(">IHHQI", raw)
+    assert (flags, rtype, cookie, n) == (0, proto.REPLY_TYPE_BLOCK_STATUS, 7, 20)
+    assert struct.unpack_from(">IIIII", raw, 20) == (1, 4096, 1, 4096, 0)
+    _m, flags, rtype, cookie, n = struct.unpack_from(">IHHQI", raw, 40)
+    assert (flags, n) == (proto.REPLY_FLAG_DONE, 12)
+    assert struct.unpack_from(">III", raw, 60) == (2, 8192, 0)
+    assert len(raw) == 72

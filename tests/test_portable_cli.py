@@ -156,3 +156,40 @@ def test_image_import_and_export_through_qemu_img(daemon: Daemon, tmp_path: Path
                    "--format", "qcow2")
     assert r.returncode == 1 and "cannot read" in r.stderr
     assert "tank/junk" not in daemon.ok("volume", "list")
+
+
+def test_dirty_bitmap_meta_context_lists_exactly_the_changed_ranges(
+        daemon: Daemon, tmp_path: Path) -> None:
+    _pools(daemon, tmp_path)
+    daemon.ok("volume", "create", "tank/vm", "--size", "16M")
+    url = daemon.url("tank/vm")
+    _qemu_io(url, "write -P 0x11 0 8M", "flush")
+    daemon.ok("snapshot", "create", "tank/vm@s1")
+    _qemu_io(url, "write -P 0x22 1M 64K", "write -P 0x33 4M 100K", "discard 6M 128K",
+             "write -P 0x44 12M 4K", "flush")
+
+    def changed(export: str, bitmap: str) -> list[tuple[int, int]]:
+        out = subprocess.run(["nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{bitmap}",
+                              daemon.url(export)], capture_output=True, text=True,
+                             timeout=60, check=False)
+        assert out.returncode == 0, out.stderr
+        return [(e["offset"], e["length"]) for e in json.loads(out.stdout)
+                if e["type"] & 1]
+
+    k64 = 64 << 10
+    want = [(1 << 20, k64), (4 << 20, 2 * k64), (6 << 20, 2 * k64), (12 << 20, k64)]
+    assert changed("tank/vm", "s1") == want
+    daemon.ok("snapshot", "create", "tank/vm@s2")
+    assert changed("tank/vm@s2", "s1") == want        # a snapshot export, against an older
+    assert changed("tank/vm", "s2") == []
+    listed = subprocess.run(["nbdinfo", "--list", "--content", url.rsplit("/", 2)[0]],
+                            capture_output=True, text=True, timeout=60, check=False)
+    contexts = subprocess.run(["nbdinfo", "--json", url], capture_output=True, text=True,
+                              timeout=60, check=False)
+    assert listed.returncode == 0
+    exp = json.loads(contexts.stdout)["exports"][0]
+    assert {"base:allocation", "qemu:dirty-bitmap:s1",
+            "qemu:dirty-bitmap:s2"} <= set(exp["contexts"])
+    r = subprocess.run(["nbdinfo", "--map=qemu:dirty-bitmap:nope", url],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode != 0
