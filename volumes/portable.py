@@ -29,6 +29,7 @@ from volumes.volume import Volume, check_block_size
 
 log = logging.getLogger(__name__)
 CHECKPOINT = 64 << 20          # resumable receives record their progress this often
+SEND_AHEAD = 8                 # records a send reads and compresses at once
 
 
 # ==== snapshots' identity ===================================================================
@@ -117,19 +118,38 @@ async def send(vm: VolumeManager, volume: str, snap: str, base: str | None = Non
     }
     view = vm.snapshot_volume(volume, snap)
 
+    seed = stream.stream_seed(header)
+
     async def chunks() -> AsyncIterator[bytes]:
         yield stream.encode_header(header)
-        summer = stream.Summer(stream.stream_seed(header))
-        for seq in range(resume_seq, len(records)):
-            kind, offset, length = records[seq]
-            if kind == stream.DATA:
-                data = await view.read(offset, length)
-                yield await trio.to_thread.run_sync(stream.encode_data, seq, offset, data,
-                                                    summer)
-            else:
-                yield stream.encode_record(stream.HOLE, seq, offset, length, b"", summer)
+        summer = stream.Summer(seed)
+        # Records are read and compressed SEND_AHEAD at a time, concurrently (device
+        # reads and lz4 both run in threads), and yielded in order.
+        for first in range(resume_seq, len(records), SEND_AHEAD):
+            batch = range(first, min(first + SEND_AHEAD, len(records)))
+            out: list[bytes] = [b""] * len(batch)
+            counts = [stream.Summer(seed) for _ in batch]
+
+            async with trio.open_nursery() as nursery:
+                for j, seq in enumerate(batch):
+                    nursery.start_soon(_load, view, records[seq], seq, out, j, counts[j])
+            for j in range(len(batch)):
+                summer.merge(counts[j])
+                yield out[j]
+                out[j] = b""
         yield stream.encode_end(len(records), summer)
     return header, chunks()
+
+
+async def _load(view: Volume, rec: tuple[int, int, int], seq: int, out: list[bytes], j: int,
+                counts: stream.Summer) -> None:
+    """Read and encode one record of a send into ``out[j]``."""
+    kind, offset, length = rec
+    if kind == stream.DATA:
+        data = await view.read(offset, length)
+        out[j] = await trio.to_thread.run_sync(stream.encode_data, seq, offset, data, counts)
+    else:
+        out[j] = stream.encode_record(stream.HOLE, seq, offset, length, b"", counts)
 
 
 # ==== receive ===============================================================================
@@ -152,6 +172,8 @@ class Receiver:
         self.parser = stream.StreamParser()
         self.partial: Volume | None = None
         self._skip_below = 0          # records already applied by an earlier try
+        self._next = 0                # the record after the last one applied
+        self._error: stream.StreamError | None = None
         self._since_checkpoint = 0
         self.applied_bytes = 0
         self.done: dict[str, Any] | None = None
@@ -262,21 +284,46 @@ class Receiver:
     async def feed(self, data: bytes) -> None:
         self.parser.feed(data)
         while True:
-            ev = await trio.to_thread.run_sync(self.parser.next)
-            if ev is stream.NEED_DATA:
+            # Parse (verify, decompress) every complete record in one thread hop.
+            events = await trio.to_thread.run_sync(self._parse_some)
+            if not events:
                 return
+            for ev in events:
+                await self._handle(ev)
+
+    def _parse_some(self) -> list[object]:
+        if self._error is not None:
+            raise self._error
+        out: list[object] = []
+        while len(out) < 16:
+            try:
+                ev = self.parser.next()
+            except stream.StreamError as e:
+                if not out:
+                    raise
+                self._error = e         # apply the good records first
+                break
+            if ev is stream.NEED_DATA:
+                break
+            out.append(ev)
             if isinstance(ev, stream.Header):
-                self._check_header(ev.fields)
-                await self._start(ev.fields)
-            elif isinstance(ev, stream.Record):
-                await self._apply(ev)
-            elif isinstance(ev, stream.End):
-                await self._finish()
+                break                   # checked before any record is parsed
+        return out
+
+    async def _handle(self, ev: object) -> None:
+        if isinstance(ev, stream.Header):
+            self._check_header(ev.fields)
+            await self._start(ev.fields)
+        elif isinstance(ev, stream.Record):
+            await self._apply(ev)
+        elif isinstance(ev, stream.End):
+            await self._finish()
 
     async def _apply(self, rec: stream.Record) -> None:
         part = self.partial
         assert part is not None
         if rec.seq < self._skip_below:
+            self._next = rec.seq + 1
             return
         end = rec.offset + rec.length
         if end > part.size:
@@ -287,6 +334,7 @@ class Receiver:
             self.applied_bytes += rec.length
         else:
             await part.write_zeroes(rec.offset, rec.length)
+        self._next = rec.seq + 1
         self._since_checkpoint += rec.length
         if self.resumable and self._since_checkpoint >= CHECKPOINT:
             await self._checkpoint()
@@ -296,7 +344,7 @@ class Receiver:
         part = self.partial
         assert part is not None
         await part.flush()
-        part._meta["receiving"]["seq"] = self.parser.next_seq
+        part._meta["receiving"]["seq"] = max(self._next, self._skip_below)
         self.vm.pool.put_object(part._meta, part._obj_id)
         await self.vm.pool.commit()
         self._since_checkpoint = 0
@@ -358,7 +406,7 @@ class Receiver:
         if interrupted and self.resumable:
             with trio.CancelScope(shield=True):
                 await self._checkpoint()
-            seq = self.parser.next_seq
+            seq = max(self._next, self._skip_below)
             log.info("pool %s: receive into %s interrupted at record %d (kept for resume)",
                      self.vm.pool.name, self.target, seq)
             return (f"{why}; {seq} records are kept: send again with --resume {seq} and "

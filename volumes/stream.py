@@ -79,6 +79,12 @@ class Summer:
         self.total = (self.total + digest) & _MASK
         self.nbytes += length
 
+    def merge(self, other: Summer) -> None:
+        """Fold in the records counted by ``other`` (the sum does not depend on order)."""
+        self.records += other.records
+        self.total = (self.total + other.total) & _MASK
+        self.nbytes += other.nbytes
+
 
 def encode_record(kind: int, seq: int, offset: int, length: int, payload: bytes,
                   summer: Summer, flags: int = 0) -> bytes:
