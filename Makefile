@@ -11,7 +11,7 @@ DEBS := libfuse3-dev pkg-config fuse3 qemu-utils qemu-block-extra libnbd-bin pyt
 	libiscsi-bin openssl
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck contracts pytest system-deps venv bench-engine bench-nbd bench-snapshots clean
+.PHONY: run test lint typecheck contracts pytest system-deps venv bench-engine bench-nbd bench-snapshots bench-fuse clean
 
 system-deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -30,7 +30,8 @@ $(STAMP): pyproject.toml | system-deps
 venv: system-deps $(STAMP)
 
 run: venv
-	$(BIN)/storaged --state-dir $(STATE_DIR) --socket $(STATE_DIR)/control.sock --demo
+	$(BIN)/storaged --state-dir $(STATE_DIR) --socket $(STATE_DIR)/control.sock --demo \
+	  --fuse-mount $(STATE_DIR)/mnt
 
 lint: venv
 	$(BIN)/ruff check .
@@ -61,6 +62,16 @@ bench-nbd: venv
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 	$(BIN)/python -m benchmarks.nbd $(BENCH_ARGS)
+
+# qemu-storage-daemon (the FUSE export it is measured against) comes with qemu-system-common.
+BENCH_FUSE_DEBS := qemu-system-common
+bench-fuse: venv
+	@missing=""; for p in $(BENCH_FUSE_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+	$(BIN)/python -m benchmarks.fuse $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(STATE_DIR) .pytest_cache .mypy_cache .ruff_cache .hypothesis

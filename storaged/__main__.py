@@ -27,6 +27,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
     ap.add_argument("--socket", help="control API Unix socket path")
     ap.add_argument("--nbd-listen", metavar="HOST:PORT", help="NBD address, or 'off'")
     ap.add_argument("--metrics-listen", metavar="HOST:PORT", help="metrics address, or 'off'")
+    ap.add_argument("--fuse-mount", metavar="DIR",
+                    help="serve every volume as a file under DIR (FUSE), or 'off'")
     ap.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--demo", action="store_true",
                     help="create/import the demo pool under the state dir")
@@ -37,7 +39,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
                        ("log_level", "log_level")):
         if getattr(args, flag) is not None:
             over[attr] = getattr(args, flag)
-    for flag in ("nbd_listen", "metrics_listen"):
+    for flag in ("nbd_listen", "metrics_listen", "fuse_mount"):
         v = getattr(args, flag)
         if v is not None:
             over[flag] = None if v == "off" else v

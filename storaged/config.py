@@ -37,6 +37,11 @@ class Config:
     metrics_listen: str | None = DEFAULT_METRICS  # None: metrics off
     demo: bool = False                            # create a demo pool if there is none
     full_warning: float = 0.8                     # used fraction that raises a warning
+    fuse_mount: str | None = None                 # FUSE mount point; None: FUSE off
+    fuse_uid: int | None = None                   # owner of the files (None: the daemon's)
+    fuse_gid: int | None = None
+    fuse_mode: int = 0o600                        # volume files; snapshots: its read bits
+    fuse_allow_other: bool = False                # other users may enter the mount
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -55,6 +60,9 @@ _KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "nbd.tls_key": ("nbd_tls_key", str), "nbd.allow": ("nbd_allow", list),
     "nbd.max_inflight": ("nbd_max_inflight", int), "metrics.listen": ("metrics_listen", str),
     "demo": ("demo", bool), "full_warning": ("full_warning", (float, int)),
+    "fuse.mount": ("fuse_mount", str), "fuse.uid": ("fuse_uid", int),
+    "fuse.gid": ("fuse_gid", int), "fuse.mode": ("fuse_mode", int),
+    "fuse.allow_other": ("fuse_allow_other", bool),
 }
 
 
@@ -87,7 +95,7 @@ def load(path: str | None) -> Config:
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             raise InvalidArgument(f"config {path}: {key} must be of type "
                                   f"{getattr(typ, '__name__', typ)}")
-        if attr in ("nbd_listen", "metrics_listen") and value == "off":
+        if attr in ("nbd_listen", "metrics_listen", "fuse_mount") and value == "off":
             value = None
         if attr == "nbd_allow":
             value = tuple(value)
@@ -117,4 +125,12 @@ def validate(cfg: Config) -> Config:
                               f"{cfg.full_warning!r}")
     if not 1 <= cfg.nbd_max_inflight <= 4096:
         raise InvalidArgument("nbd.max_inflight must be between 1 and 4096")
+    if cfg.fuse_mount is not None and not cfg.fuse_mount:
+        raise InvalidArgument("fuse.mount must be a directory path or 'off'")
+    if not 0 <= cfg.fuse_mode <= 0o777:
+        raise InvalidArgument(f"fuse.mode must be permission bits like 0o640, not "
+                              f"{cfg.fuse_mode!r}")
+    for key, ident in (("fuse.uid", cfg.fuse_uid), ("fuse.gid", cfg.fuse_gid)):
+        if ident is not None and not 0 <= ident < 2**32 - 1:
+            raise InvalidArgument(f"{key} must be a user/group id, not {ident!r}")
     return cfg

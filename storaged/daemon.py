@@ -14,6 +14,8 @@ from collections.abc import Iterator, Mapping
 
 import trio
 
+from fuse.fs import FuseOptions, VolumeFS
+from fuse.mount import FuseMount
 from nbd import proto
 from nbd.exports import VolumeCatalog
 from nbd.server import NBDConfig, NBDServer, tls_server_context
@@ -76,8 +78,9 @@ async def ensure_demo(registry: Registry) -> None:
         await entry.volumes.create("disk0", 10 << 30)
 
 
-def attach_hint(addr: tuple[str, int], sock: str) -> str:
+def attach_hint(addr: tuple[str, int], sock: str, mount: str | None = None) -> str:
     uri = f"nbd://{addr[0]}:{addr[1]}/demo/disk0"
+    files = f"  files:     {mount}/demo/disk0 (FUSE: qemu-img, losetup, cp, du)\n" if mount else ""
     return f"""
 storaged is serving the demo pool (Ctrl-C stops it, flushing everything first).
   inspect:   qemu-img info {uri}
@@ -89,7 +92,7 @@ storaged is serving the demo pool (Ctrl-C stops it, flushing everything first).
                </source>
                <target dev='vda' bus='virtio'/>
              </disk>
-  admin:     STORAGED_SOCKET={sock} .venv/bin/storagectl status
+{files}  admin:     STORAGED_SOCKET={sock} .venv/bin/storagectl status
 """
 
 
@@ -137,6 +140,12 @@ async def run(cfg: Config, *, ready: trio.Event | None = None) -> None:
                                   allow=tuple(ipaddress.ip_network(n, strict=False)
                                               for n in cfg.nbd_allow),
                                   max_inflight=cfg.nbd_max_inflight))
+    fuse: FuseMount | None = None
+    if cfg.fuse_mount is not None:
+        fuse = FuseMount(VolumeFS(_LiveManagers(registry), FuseOptions(
+            uid=os.getuid() if cfg.fuse_uid is None else cfg.fuse_uid,
+            gid=os.getgid() if cfg.fuse_gid is None else cfg.fuse_gid,
+            mode=cfg.fuse_mode)), cfg.fuse_mount, allow_other=cfg.fuse_allow_other)
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
@@ -149,11 +158,14 @@ async def run(cfg: Config, *, ready: trio.Event | None = None) -> None:
                 if cfg.metrics_listen is not None:
                     mhost, mport = parse_address(cfg.metrics_listen, "metrics.listen")
                     await nursery.start(MetricsServer(registry, nbd).serve, mhost, mport)
+                if fuse is not None:
+                    await nursery.start(fuse.serve)
                 nursery.start_soon(watch_space, registry, cfg.full_warning)
                 log.info("storaged ready: %d pool(s), control socket %s", len(registry.pools),
                          cfg.socket)
                 if cfg.demo and nbd_addr is not None:
-                    print(attach_hint(nbd_addr, cfg.socket), flush=True)
+                    print(attach_hint(nbd_addr, cfg.socket,
+                                      fuse.mountpoint if fuse else None), flush=True)
                 sd_notify("READY=1\nSTATUS=serving")
                 if ready is not None:
                     ready.set()
@@ -163,6 +175,9 @@ async def run(cfg: Config, *, ready: trio.Event | None = None) -> None:
                     if nbd is not None:
                         # Stop taking requests; answer the ones in flight.
                         await nbd.drain()
+                    if fuse is not None:
+                        # Answer what is in flight, flush every volume, unmount.
+                        await fuse.stop()
                     nursery.cancel_scope.cancel()
                     break
     finally:
