@@ -504,12 +504,19 @@ class VolumeFS(pyfuse3.Operations):
             if old == new:
                 return
             vm = self._manager(node.pool)
-            if node.kind != "placeholder":
-                # The volume layer has no rename (no `volume rename` in the control API
-                # either); refuse instead of letting mv copy a whole volume (EXDEV would).
-                raise _fail(errno.EOPNOTSUPP)
             if new in vm.names():
                 raise _fail(errno.EOPNOTSUPP)   # replacing a volume would delete it
+            if flags & pyfuse3.RENAME_EXCHANGE:
+                raise _fail(errno.EINVAL)
+            if node.kind != "placeholder":
+                # The same operation as `storagectl volume rename`.
+                if flags & pyfuse3.RENAME_NOREPLACE and (node.pool, new) in self.placeholders:
+                    raise _fail(errno.EEXIST)
+                self.placeholders.pop((node.pool, new), None)
+                await vm.rename(old, new)
+                self.inodes.rekey(Node("volume", node.pool, old),
+                                  Node("volume", node.pool, new))
+                return
             if flags & pyfuse3.RENAME_NOREPLACE and (node.pool, new) in self.placeholders:
                 raise _fail(errno.EEXIST)
             if flags & pyfuse3.RENAME_EXCHANGE:

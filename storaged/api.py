@@ -12,7 +12,10 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import trio
+
 from nbd.server import NBDServer
+from pool import rebuild, scrub
 from pool.checker import check
 from pool.errors import InvalidArgument
 from storaged.registry import PoolEntry, Registry
@@ -84,9 +87,11 @@ def pool_status(entry: PoolEntry) -> dict[str, Any]:
     volumes = entry.volumes.list()
     virtual = sum(v.size for v in volumes)
     used_fraction = st.allocated_bytes / st.capacity_bytes if st.capacity_bytes else 0.0
+    unavailable = entry.pool.unavailable_segments()
     return {
         "name": st.name, "uuid": st.uuid,
-        "state": "faulted" if st.state == "failed" else st.state, "profile": st.profile,
+        "state": "faulted" if st.state == "failed" or unavailable else st.state,
+        "profile": st.profile, "unavailable_segments": unavailable,
         "used_fraction": round(used_fraction, 4),
         "full_warning": used_fraction >= entry.full_warning,
         "size_bytes": st.capacity_bytes, "used_bytes": st.allocated_bytes,
@@ -98,14 +103,32 @@ def pool_status(entry: PoolEntry) -> dict[str, Any]:
                      "state": m.state, "size_bytes": m.size,
                      "free_bytes": m.free_extents * st.extent_size,
                      "read_errors": m.read_errors, "write_errors": m.write_errors,
-                     "checksum_errors": m.checksum_errors} for m in st.members],
+                     "checksum_errors": m.checksum_errors,
+                     "rebuild_segments": m.rebuild_segments} for m in st.members],
+        "spares": list(entry.spares), "scrub": scrub.status(entry.pool),
+        "rebuild": _rebuild_status(entry),
         "txg": st.txg, "warnings": entry.pool.health(),
         "counters": {"records_written": st.records_written, "records_read": st.records_read,
                      "degraded_reads": st.degraded_reads,
                      "repaired_fragments": st.repaired_fragments,
                      "unreadable_records": st.unreadable_records, "commits": st.commits,
-                     "checkpoints": st.checkpoints},
+                     "checkpoints": st.checkpoints, "rebuilt_bytes": st.rebuilt_bytes,
+                     "scrubbed_bytes": st.scrubbed_bytes},
     }
+
+
+def _rebuild_status(entry: PoolEntry) -> dict[str, Any] | None:
+    work = rebuild.pending(entry.pool)
+    live = entry.pool.activity.get("rebuild")
+    if not work and live is None:
+        return None
+    out: dict[str, Any] = {"members": sorted({i for i, _s, _st in work}),
+                           "segments_left": len(work), "done_bytes": 0, "total_bytes": 0,
+                           "rate": 0.0, "eta": None}
+    if isinstance(live, rebuild.RebuildProgress):
+        out.update(done_bytes=live.done_bytes, total_bytes=live.total_bytes,
+                   rate=round(live.rate), eta=live.eta)
+    return out
 
 
 def entry_path(entry: PoolEntry, index: int) -> str:
@@ -132,11 +155,14 @@ class ControlAPI:
             "pool.export": self.pool_export, "pool.destroy": self.pool_destroy,
             "pool.list": self.pool_list, "pool.status": self.pool_status,
             "pool.add_device": self.pool_add_device, "pool.check": self.pool_check,
+            "pool.scrub": self.pool_scrub, "pool.replace_device": self.pool_replace_device,
+            "pool.add_spare": self.pool_add_spare, "pool.offline": self.pool_offline,
+            "pool.online": self.pool_online, "pool.remove_device": self.pool_remove_device,
             "volume.create": self.volume_create, "volume.list": self.volume_list,
             "volume.info": self.volume_info, "volume.resize": self.volume_resize,
             "volume.delete": self.volume_delete, "export.list": self.export_list,
             "volume.receive_abort": self.volume_receive_abort,
-            "volume.flush": self.volume_flush,
+            "volume.flush": self.volume_flush, "volume.rename": self.volume_rename,
             "volume.receive_status": self.volume_receive_status,
             "snapshot.create": self.snapshot_create, "snapshot.list": self.snapshot_list,
             "snapshot.delete": self.snapshot_delete,
@@ -207,6 +233,71 @@ class ControlAPI:
                 "fragments_checked": report.fragments_checked,
                 "fragments_bad": report.fragments_bad}
 
+    # ---- failing disks (issue 9) --------------------------------------------------------
+    async def pool_scrub(self, p: Params, progress: Progress) -> Any:
+        entry = self.registry.get(_req(p, "name"))
+        action = _str(p, "action", required=False) or "start"
+        if action not in ("start", "pause", "resume", "cancel", "status"):
+            raise InvalidArgument(f"scrub action must be start, pause, resume or cancel, "
+                                  f"not {action!r}")
+        if action != "status":
+            await scrub.control(entry.pool, action)
+        if _bool(p, "wait", False):
+            while (cur := scrub.status(entry.pool)) is not None and cur["state"] == "running":
+                await progress({"phase": "scrubbing", "done": cur["done"],
+                                "total": cur["total"], "rate": cur["rate"],
+                                "eta": cur["eta"]})
+                await trio.sleep(0.5)
+        return {"name": entry.name, "scrub": scrub.status(entry.pool)}
+
+    async def pool_replace_device(self, p: Params, progress: Progress) -> Any:
+        name = _req(p, "name")
+        index = await self.registry.replace_device(name, _req(p, "old"), _req(p, "new"),
+                                                   _size(p, "file_size"))
+        entry = self.registry.get(name)
+        if _bool(p, "wait", False):
+            await self._wait_rebuild(entry, progress)
+        out = pool_status(entry)
+        out["replaced_member"] = index
+        return out
+
+    async def _wait_rebuild(self, entry: PoolEntry, progress: Progress) -> None:
+        while rebuild.pending(entry.pool) and not entry.pool.closed:
+            r = _rebuild_status(entry) or {}
+            await progress({"phase": "rebuilding", "done": r.get("done_bytes", 0),
+                            "total": r.get("total_bytes", 0), "rate": r.get("rate", 0),
+                            "eta": r.get("eta")})
+            await trio.sleep(0.5)
+
+    async def pool_add_spare(self, p: Params, progress: Progress) -> Any:
+        name = _req(p, "name")
+        await self.registry.add_spare(name, _req(p, "device"), _size(p, "file_size"))
+        return pool_status(self.registry.get(name))
+
+    async def pool_offline(self, p: Params, progress: Progress) -> Any:
+        entry = self.registry.get(_req(p, "name"))
+        await entry.pool.offline(entry.pool.member_index(_req(p, "device")))
+        return pool_status(entry)
+
+    async def pool_online(self, p: Params, progress: Progress) -> Any:
+        name = _req(p, "name")
+        await self.registry.online(name, _req(p, "device"), _str(p, "path", required=False))
+        entry = self.registry.get(name)
+        if _bool(p, "wait", False):
+            await self._wait_rebuild(entry, progress)
+        return pool_status(entry)
+
+    async def pool_remove_device(self, p: Params, progress: Progress) -> Any:
+        name = _req(p, "name")
+
+        async def moved(done: int, total: int) -> None:
+            await progress({"phase": "moving records off the device", "done": done,
+                            "total": total})
+        index = await self.registry.remove_device(name, _req(p, "device"), moved)
+        out = pool_status(self.registry.get(name))
+        out["removed_member"] = index
+        return out
+
     # ---- volumes ------------------------------------------------------------------------
     def _volume(self, spec: str) -> tuple[PoolEntry, Volume]:
         pool, vol = split_volume(spec)
@@ -274,6 +365,16 @@ class ControlAPI:
                                  resumable=_bool(p, "resumable", False),
                                  resume=_bool(p, "resume", False),
                                  force=_bool(p, "force", False))
+
+    async def volume_rename(self, p: Params, progress: Progress) -> Any:
+        entry, vol = self._volume(_req(p, "name"))
+        target = _req(p, "new_name")
+        pool, _sep, new = target.rpartition("/")
+        if pool and pool != entry.name:
+            raise InvalidArgument("a volume cannot move to another pool by renaming: use "
+                                  "volume send | volume receive")
+        await entry.volumes.rename(vol.name, new)
+        return volume_info(entry.name, vol)
 
     async def volume_flush(self, p: Params, progress: Progress) -> Any:
         entry, vol = self._volume(_req(p, "name"))

@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("name", metavar="POOL/VOL")
     c.add_argument("--recursive", "-r", action="store_true",
                    help="also delete the volume's snapshots")
+    c = vol.add_parser("rename", help="rename a volume (its snapshots follow it)")
+    c.add_argument("name", metavar="POOL/VOL")
+    c.add_argument("new_name", metavar="NEWNAME")
     c = vol.add_parser("send", help="write a snapshot as a stream (stdout by default)")
     c.add_argument("name", metavar="POOL/VOL@SNAP")
     c.add_argument("--from", dest="base", metavar="@BASE",
@@ -265,6 +268,9 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
             return "volume.info", {"name": args.name}, show_volume
         if cmd == "resize":
             return "volume.resize", {"name": args.name, "size": args.size}, show_volume
+        if cmd == "rename":
+            return ("volume.rename", {"name": args.name, "new_name": args.new_name},
+                    show_volume)
         return "volume.delete", {"name": args.name, "recursive": args.recursive}, _done
     if g == "snapshot":
         if cmd == "create":

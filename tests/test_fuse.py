@@ -379,11 +379,15 @@ def test_create_truncate_rename_unlink_match_storagectl(fused: FuseDaemon) -> No
     os.rename(pool / "empty", pool / "empty2")                      # placeholders rename
     os.truncate(pool / "empty2", 2 * MiB)
     assert fused.volumes()["tank/empty2"] == 2 * MiB
-    # Volumes do not rename (the volume layer has no rename): a clean EOPNOTSUPP.
+    # A volume renames (storagectl volume rename), data and all; it does not replace one.
+    os.rename(pool / "q", pool / "q2")
+    assert "tank/q" not in fused.volumes() and fused.volumes()["tank/q2"] == MiB
+    assert (pool / "q2").read_bytes()[:4096] == b"keep" * 1024
     with pytest.raises(OSError) as e:
-        os.rename(pool / "q", pool / "q2")
-    assert e.value.errno == errno.EOPNOTSUPP
-    assert "tank/q" in fused.volumes()
+        os.rename(pool / "q2", pool / "new")
+    assert e.value.errno == errno.EOPNOTSUPP and fused.volumes()["tank/new"] == 40 << 30
+    fused.ok("volume", "rename", "tank/q2", "q")                     # and back, by storagectl
+    assert (pool / "q").read_bytes()[:4096] == b"keep" * 1024 and not (pool / "q2").exists()
     # Changes made with storagectl show up in the mount at once.
     fused.ok("volume", "create", "tank/fromctl", "--size", "3M")
     assert os.stat(pool / "fromctl").st_size == 3 * MiB

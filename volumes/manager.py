@@ -113,6 +113,27 @@ class VolumeManager:
                  size, block_size, prof, ", lz4" if compression else "")
         return vol
 
+    async def rename(self, name: str, new_name: str) -> Volume:
+        """Rename a volume (its snapshots follow it); durable on return. Open exports keep
+        working: they hold the volume, not its name."""
+        check_volume_name(new_name)
+        vol = self.get(name)
+        if new_name == name:
+            return vol
+        if new_name in self._volumes:
+            raise AlreadyExists(f"volume {new_name!r} already exists in pool {self.pool.name}")
+        if new_name in self._partials:
+            raise Busy(f"a receive into {new_name!r} is kept for --resume; abort it first")
+        vol._meta = {**vol._meta, "name": new_name}
+        self.pool.put_object(vol._meta, vol._obj_id)
+        vol.name = new_name
+        self._volumes[new_name] = self._volumes.pop(name)
+        if name in self._snapshots:
+            self._snapshots[new_name] = self._snapshots.pop(name)
+        await self.pool.commit()
+        log.info("pool %s: renamed volume %s to %s", self.pool.name, name, new_name)
+        return vol
+
     async def delete(self, name: str, *, recursive: bool = False) -> None:
         """Delete a volume and release its space (durable when this returns)."""
         vol = self.get(name)
