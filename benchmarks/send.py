@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import lz4.block
 import trio
@@ -77,11 +77,10 @@ async def _engine(d: str, size: int, pieces: list[bytes]) -> dict[str, float]:
         t0 = time.perf_counter()
         rx = portable.Receiver(vd, "vm")
         async with await trio.open_file(path, "rb") as f:
-            while True:
-                data = await f.read(4 * MiB)
-                if not data:
-                    break
-                await rx.feed(data)
+            async def source() -> AsyncIterator[bytes]:
+                while data := await f.read(4 * MiB):
+                    yield data
+            await rx.run(source())
         out["receive"] = time.perf_counter() - t0
         if rx.done is None:
             raise AssertionError("the receive did not finish")

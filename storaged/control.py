@@ -26,7 +26,7 @@ import os
 import pwd
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import trio
@@ -184,21 +184,22 @@ class ControlServer:
     async def _receive_stream(self, conn: _Conn, params: Any) -> Any:
         rx = await self.api.volume_receive(params)
         await _send(conn.stream, {"ready": {"volume": params.get("name")}})
-        why = ""
-        try:
+        why = ["the stream ended before its end record (truncated)"]
+
+        async def frames() -> AsyncIterator[bytes]:
             while True:
                 try:
                     data = await conn.frame()
                 except ValueError as e:
                     raise StreamError(f"bad framing: {e}") from None
                 if data is None:
-                    why = "the stream broke off (the connection closed)"
-                    break
+                    why[0] = "the stream broke off (the connection closed)"
+                    return
                 if not data:
-                    if rx.done is None:
-                        why = "the stream ended before its end record (truncated)"
-                    break
-                await rx.feed(data)
+                    return
+                yield data
+        try:
+            await rx.run(frames())
         except StorageError as e:
             # A resumable receive keeps what verified before a bad record; anything else
             # is discarded, leaving the pool as it was.
@@ -214,7 +215,7 @@ class ControlServer:
             raise
         if rx.done is not None:
             return {**rx.done, "volume": params["name"]}
-        raise InvalidArgument(await rx.abort(why, interrupted=True))
+        raise InvalidArgument(await rx.abort(why[0], interrupted=True))
 
 
 async def _send(stream: trio.SocketStream, obj: Any) -> None:

@@ -5,7 +5,7 @@ left exactly as it was), and resume of an interrupted receive."""
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -31,8 +31,11 @@ async def _stream(vm: VolumeManager, vol: str, snap: str, base: str | None = Non
 async def _receive(vm: VolumeManager, target: str, data: bytes, *, piece: int = 300_000,
                    **kw: Any) -> portable.Receiver:
     rx = portable.Receiver(vm, target, **kw)
-    for i in range(0, len(data), piece):
-        await rx.feed(data[i:i + piece])
+
+    async def source() -> AsyncIterator[bytes]:
+        for i in range(0, len(data), piece):
+            yield data[i:i + piece]
+    await rx.run(source())
     if rx.done is None:
         raise AssertionError("stream applied but not finished")
     return rx

@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from pool.errors import AlreadyExists, Busy, InvalidArgument, NotFound
+from pool.errors import AlreadyExists, Busy, InvalidArgument, NotFound, StorageError
 from pool.pool import Profile
 from volumes import stream
 from volumes.manager import VolumeManager, _check_size
@@ -30,6 +30,7 @@ from volumes.volume import Volume, check_block_size
 log = logging.getLogger(__name__)
 CHECKPOINT = 64 << 20          # resumable receives record their progress this often
 SEND_AHEAD = 8                 # records a send reads and compresses at once
+APPLY_PARALLEL = 4             # records a receive writes at once
 
 
 # ==== snapshots' identity ===================================================================
@@ -172,7 +173,9 @@ class Receiver:
         self.parser = stream.StreamParser()
         self.partial: Volume | None = None
         self._skip_below = 0          # records already applied by an earlier try
-        self._next = 0                # the record after the last one applied
+        self._next = 0                # every record before this one is applied
+        self._applied: set[int] = set()
+        self._checkpoint_lock = trio.Lock()
         self._error: stream.StreamError | None = None
         self._since_checkpoint = 0
         self.applied_bytes = 0
@@ -205,6 +208,7 @@ class Receiver:
                                       f"{kept['seq']} were received: send with --resume "
                                       f"{kept['seq']}")
             self._skip_below = kept["seq"]
+            self._next = start        # this stream's first record
             return
         if h.get("resume"):
             raise InvalidArgument("this is a resumed stream: receive it with --resume")
@@ -323,7 +327,7 @@ class Receiver:
         part = self.partial
         assert part is not None
         if rec.seq < self._skip_below:
-            self._next = rec.seq + 1
+            self._mark(rec.seq)
             return
         end = rec.offset + rec.length
         if end > part.size:
@@ -334,10 +338,71 @@ class Receiver:
             self.applied_bytes += rec.length
         else:
             await part.write_zeroes(rec.offset, rec.length)
-        self._next = rec.seq + 1
+        self._mark(rec.seq)
         self._since_checkpoint += rec.length
         if self.resumable and self._since_checkpoint >= CHECKPOINT:
-            await self._checkpoint()
+            self._since_checkpoint = 0
+            async with self._checkpoint_lock:
+                await self._checkpoint()
+
+    def _mark(self, seq: int) -> None:
+        """Record ``seq`` as applied; ``_next`` is the end of the unbroken applied prefix
+        (records may finish out of order when applied concurrently)."""
+        self._applied.add(seq)
+        while self._next in self._applied:
+            self._applied.discard(self._next)
+            self._next += 1
+
+    async def run(self, source: AsyncIterator[bytes]) -> None:
+        """Receive a whole stream from ``source``: parsing overlaps the writes, which run
+        APPLY_PARALLEL at a time (records cover distinct ranges, so their order does not
+        matter until the end record). Returns when the source ends; ``done`` says whether
+        the stream was complete. Storage and stream errors are raised as themselves (the
+        first one); records already queued are then skipped, writes under way finish."""
+        send, recv = trio.open_memory_channel[stream.Record](2 * APPLY_PARALLEL)
+        failure: list[BaseException] = []
+        ended = False
+
+        async def worker(chan: trio.MemoryReceiveChannel[stream.Record]) -> None:
+            async with chan:
+                async for rec in chan:
+                    if failure:
+                        continue
+                    try:
+                        await self._apply(rec)
+                    except StorageError as e:
+                        failure.append(e)
+
+        async with trio.open_nursery() as nursery:
+            async with recv:
+                for _ in range(APPLY_PARALLEL):
+                    nursery.start_soon(worker, recv.clone())
+            try:
+                async with send:
+                    async for data in source:
+                        if failure:
+                            break
+                        self.parser.feed(data)
+                        while not ended and not failure:
+                            events = await trio.to_thread.run_sync(self._parse_some)
+                            if not events:
+                                break
+                            for ev in events:
+                                if isinstance(ev, stream.Header):
+                                    self._check_header(ev.fields)
+                                    await self._start(ev.fields)
+                                elif isinstance(ev, stream.Record):
+                                    await send.send(ev)
+                                elif isinstance(ev, stream.End):
+                                    ended = True
+            except StorageError as e:
+                # Never cancel the workers: a write cut off half-way is not what a
+                # checkpoint may record. They skip what is queued and the nursery ends.
+                failure.append(e)
+        if failure:
+            raise failure[0]
+        if ended:
+            await self._finish()
 
     async def _checkpoint(self) -> None:
         """Record how far the partial volume is durable, for a resume."""
