@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from pool import FileDevice
+from tests.daemonkit import Daemon, start_daemon, stop_daemon
 
 DEV_SIZE = 64 << 20
 
@@ -96,3 +97,13 @@ def disks(tmp_path: Path) -> Callable[..., DiskSet]:
     def make(n: int, size: int = DEV_SIZE, prefix: str = "d") -> DiskSet:
         return DiskSet(tmp_path, n, size, prefix)
     return make
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """The real storaged as a subprocess with its own state dir, socket and ports."""
+    d = start_daemon(tmp_path)
+    try:
+        yield d
+    finally:
+        stop_daemon(d)

@@ -5,98 +5,20 @@ arguments (clear one-line error, exit code, nothing changed).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-BIN = Path(sys.executable).parent
+from tests.daemonkit import BIN, Daemon, _free_port, _qemu_io
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Daemon:
-    dir: Path
-    sock: str
-    nbd_port: int
-    metrics_port: int
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        log = open(self.dir / "daemon.log", "ab")  # noqa: SIM115 - owned by the process
-        self.proc = subprocess.Popen(
-            [str(BIN / "storaged"), "--state-dir", str(self.dir / "state"), "--socket",
-             self.sock, "--nbd-listen", f"127.0.0.1:{self.nbd_port}", "--metrics-listen",
-             f"127.0.0.1:{self.metrics_port}"], stdout=log, stderr=log)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited: {self.log()}")
-            if os.path.exists(self.sock) and self.ctl("status").returncode == 0:
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"daemon did not come up: {self.log()}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        rc = self.proc.wait(timeout=60)
-        self.proc = None
-        return rc
-
-    def log(self) -> str:
-        return (self.dir / "daemon.log").read_text(errors="replace")[-3000:]
-
-    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "storagectl"), "--socket", self.sock, *args],
-                              capture_output=True, text=True, timeout=60, check=False)
-
-    def ok(self, *args: str) -> str:
-        r = self.ctl(*args)
-        assert r.returncode == 0, f"storagectl {' '.join(args)}: {r.stderr}"
-        return r.stdout
-
-    def json(self, *args: str) -> object:
-        return json.loads(self.ok("--json", *args))
-
-    def url(self, name: str) -> str:
-        return f"nbd://127.0.0.1:{self.nbd_port}/{name}"
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path, str(tmp_path / "ctl.sock"), _free_port(), _free_port())
-    d.start()
-    try:
-        yield d
-    finally:
-        if d.proc is not None:
-            d.stop(signal.SIGKILL)
-
-
-def _qemu_io(url: str, *cmds: str, read_only: bool = False) -> str:
-    args = ["qemu-io", "-f", "raw", *(["-r"] if read_only else [])]
-    for c in cmds:
-        args += ["-c", c]
-    r = subprocess.run([*args, url], capture_output=True, text=True, timeout=60, check=False)
-    assert r.returncode == 0 and "failed" not in r.stdout.lower(), r.stdout + r.stderr
-    return r.stdout
+__all__ = ["BIN", "Daemon", "_free_port", "_qemu_io"]
 
 
 def test_cli_pool_and_volume_lifecycle(daemon: Daemon, tmp_path: Path) -> None:

@@ -5,27 +5,12 @@ qemu-img against the daemon's NBD export, checked with qemu-img compare and map.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from tests.test_daemon import BIN, Daemon, _free_port, _qemu_io
+from tests.daemonkit import BIN, Daemon, _qemu_io
 
 CTL = str(BIN / "storagectl")
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path, str(tmp_path / "ctl.sock"), _free_port(), _free_port())
-    d.start()
-    try:
-        yield d
-    finally:
-        if d.proc is not None:
-            d.stop(signal.SIGKILL)
 
 
 def _sh(cmd: str) -> subprocess.CompletedProcess[str]:
