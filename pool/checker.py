@@ -59,8 +59,11 @@ async def check(pool: Pool, *, deep: bool = False) -> CheckReport:
         out = []
         for mi in st.members:
             dev = pool.devices[mi.index]
+            if mi.state == "removed":
+                continue
             if dev is None:
-                out.append(f"member {mi.index} ({mi.uuid}) is missing: the pool is degraded")
+                out.append(f"member {mi.index} ({mi.uuid}) is {pool.member_state(mi.index)}: "
+                           f"the pool is degraded")
                 continue
             for where, lab in label_copies(dev, mi.size):
                 if isinstance(lab, str):

@@ -169,6 +169,16 @@ class FileDevice:
                 return  # discard is advisory: a device that cannot do it keeps the bytes
             raise DeviceError(f"discard on {self._path} failed: {e.strerror}") from e
 
+    def gone(self) -> bool:
+        """Whether the path no longer leads to the file or device we have open (it was
+        deleted, or replaced by another): the pool faults such a member."""
+        try:
+            st = os.stat(self._path)
+            mine = os.fstat(self._fd)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != (mine.st_dev, mine.st_ino) or mine.st_nlink == 0
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

@@ -93,14 +93,29 @@ class MetaStore:
         self.bitmap = bytearray(self.n_units)  # 1 = unit in use by the committed checkpoint
         self.journal_head = 0
         self._search_from = 0
+        self.failed: set[int] = set()   # members whose metadata write failed (see _write_all)
 
     def present(self) -> list[Device]:
         return [d for d in self.devices if d is not None]
 
     # ---- mirrored raw I/O ---------------------------------------------------------------
     def _write_all(self, offset: int, data: bytes) -> None:
-        for dev in self.present():
-            dev.pwrite(offset, data)
+        """Write on every present member. A member whose write fails is noted in
+        ``failed`` (the pool faults it: its copy of the metadata is behind); only when no
+        member took the write is it an error."""
+        wrote = 0
+        last: DeviceError | None = None
+        for i, dev in enumerate(self.devices):
+            if dev is None or i in self.failed:
+                continue
+            try:
+                dev.pwrite(offset, data)
+                wrote += 1
+            except DeviceError as e:
+                self.failed.add(i)
+                last = e
+        if not wrote:
+            raise last or DeviceError("no member is present to take the metadata")
 
     def _read_any(self, offset: int, length: int,
                   valid: Callable[[bytes], bool]) -> bytes | None:
@@ -183,6 +198,44 @@ class MetaStore:
             except DeviceError:
                 ok.append(False)
         return ok
+
+    def repair_blobs(self, locs: Sequence[Loc]) -> tuple[int, int, int, list[int]]:
+        """Scrub: verify every member's copy of each blob and rewrite bad copies from a
+        good one. Returns (copies checked, bad, rewritten, members with a bad copy)."""
+        checked = bad = fixed = 0
+        members: list[int] = []
+        for loc in locs:
+            off = self.layout.pages_offset + loc.unit * PAGE_UNIT
+            size = loc.units * PAGE_UNIT
+            good: bytes | None = None
+            wrong: list[int] = []
+            for i, dev in enumerate(self.devices):
+                if dev is None:
+                    continue
+                checked += 1
+                try:
+                    raw = dev.pread(off, size)
+                except DeviceError:
+                    wrong.append(i)
+                    continue
+                if _xxh3(raw[:loc.length]) == loc.hash:
+                    good = good or raw
+                else:
+                    wrong.append(i)
+            bad += len(wrong)
+            members += wrong
+            if good is None:
+                continue
+            for i in wrong:
+                dev = self.devices[i]
+                if dev is None:
+                    continue
+                try:
+                    dev.pwrite(off, good)
+                    fixed += 1
+                except DeviceError:
+                    continue
+        return checked, bad, fixed, members
 
     def copy_used_units(self, dst: Device) -> None:
         """Copy every unit the committed checkpoint uses onto a new member."""

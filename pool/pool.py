@@ -23,6 +23,7 @@ after an ambiguous metadata write the only safe way on is a re-import.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -58,6 +59,7 @@ from pool.layout import (
 from pool.maps import Node
 from pool.metastore import Loc, MetaStore, Superblock
 from pool.state import (
+    AWAY,
     ENTRY,
     HOLE,
     MemberInfo,
@@ -78,6 +80,7 @@ RECORD_CACHE_BYTES = 128 * 1024 * 1024   # verified blocks kept from small reads
 _NODE_UNITS = 7      # 4 KiB units of the largest map node blob (a 24 KiB leaf, lz4 framed)
 _STATE_UNITS_GUESS = 4
 _INDEX = ENTRY.__class__("<QIIIQ")  # node id, unit, units, length, hash
+FAULT_THRESHOLD = 10  # I/O errors after which a member is faulted (checksum errors excluded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,13 +124,14 @@ class MemberStatus:
     index: int
     uuid: str
     path: str
-    state: str                # online | missing
+    state: str                # online | rebuilding | faulted | offline | missing | removed
     size: int
     extents: int
     free_extents: int
     read_errors: int = 0
     write_errors: int = 0
     checksum_errors: int = 0
+    rebuild_segments: int = 0  # segments whose fragments on this member await a rebuild
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +158,8 @@ class PoolStatistics:
     repaired_fragments: int
     unreadable_records: int
     records_relocated: int
+    rebuilt_bytes: int = 0
+    scrubbed_bytes: int = 0
 
 
 class Pool:
@@ -192,10 +198,21 @@ class Pool:
         self._limiters = [trio.CapacityLimiter(4) for _ in devices]
         # Per member: read / write / checksum errors seen since import.
         self._errors: list[Counter[str]] = [Counter() for _ in devices]
+        # Devices of members that are faulted or offline: kept (not used) so that
+        # ``online`` can take them back and ``close`` releases them.
+        self._parked: dict[int, Device] = {}
+        self._avoid: set[int] = set()    # members new segments must not use (removal)
+        self.fault_threshold = FAULT_THRESHOLD
+        self._meta_locs: tuple[Loc, ...] = (
+            (superblock.state, superblock.index) if superblock else ())
+        # What the maintenance engines (pool.scrub, pool.rebuild) report while they run.
+        self.activity: dict[str, Any] = {}
         self._cpu = trio.CapacityLimiter(2)
+        self._bg = trio.CapacityLimiter(1)   # scrub/rebuild work: one core at most
         self._counters = dict.fromkeys(
             ("commits", "checkpoints", "records_written", "records_read", "degraded_reads",
-             "repaired_fragments", "unreadable_records", "records_relocated"), 0)
+             "repaired_fragments", "unreadable_records", "records_relocated",
+            "rebuilt_bytes", "scrubbed_bytes"), 0)
 
     # ==== creation and import =============================================================
     @classmethod
@@ -285,7 +302,17 @@ class Pool:
         self._free = [{e for e in range(mi.n_extents) if (mi.index, e) not in used}
                       for mi in self.state.members]
         for mi in self.state.members:
-            want = "online" if self.devices[mi.index] is not None else "missing"
+            dev = self.devices[mi.index]
+            if mi.state in ("faulted", "offline", "removed"):
+                # Kept out until an admin brings it back (``online``) or replaces it.
+                if dev is not None:
+                    self.devices[mi.index] = self.meta.devices[mi.index] = None
+                    if mi.state == "removed":
+                        dev.close()
+                    else:
+                        self._parked[mi.index] = dev
+                continue
+            want = "online" if dev is not None else "missing"
             if mi.state != want:
                 self._do(op_json(op="member_state", index=mi.index, state=want,
                                  last_gen=self._sb_gen))
@@ -308,33 +335,50 @@ class Pool:
     async def _on_devices(self, fn: Callable[[Device], None],
                           which: Sequence[int] | None = None) -> None:
         """Run ``fn(device)`` for each chosen present member, in parallel threads."""
+        await self._per_device(self._calls(fn, which), "write")
+
+    async def _sync_members(self, which: Sequence[int] | None = None) -> None:
+        """Sync members; one whose sync fails is faulted (what it took may not be
+        durable), and the commit goes on with the others."""
+        failed = await self._per_device(self._calls(lambda d: d.sync(), which), "write",
+                                        tolerate=True)
+        for i, e in failed.items():
+            self.fault(i, f"sync failed: {e.message}", full=True)
+        if not any(d is not None for d in self.devices):
+            raise DeviceError(f"pool {self.state.name}: no member could be synced")
+
+    def _calls(self, fn: Callable[[Device], None],
+               which: Sequence[int] | None = None) -> list[tuple[int, Callable[[], None]]]:
         idx = [i for i in (which if which is not None else range(len(self.devices)))
                if self.devices[i] is not None]
-        calls = []
+        calls: list[tuple[int, Callable[[], None]]] = []
         for i in idx:
             dev = self.devices[i]
             assert dev is not None
             calls.append((i, partial(fn, dev)))
-        await self._per_device(calls, "write")
+        return calls
 
     async def _per_device(self, calls: Sequence[tuple[int, Callable[[], None]]],
-                          kind: str) -> None:
+                          kind: str, *, tolerate: bool = False) -> dict[int, DeviceError]:
         """Run blocking calls, one per member, in parallel threads. A DeviceError is
         counted against its member and the first one re-raised as itself (not as an
-        exception group), so callers can handle it as the I/O error it is."""
-        failures: list[DeviceError] = []
+        exception group), so callers can handle it as the I/O error it is; with
+        ``tolerate`` the failures are returned instead (member -> error)."""
+        failures: dict[int, DeviceError] = {}
 
         async def one(i: int, call: Callable[[], None]) -> None:
             try:
                 await trio.to_thread.run_sync(call, limiter=self._limiters[i])
             except DeviceError as e:
-                self._errors[i][kind] += 1
-                failures.append(e)
+                failures[i] = e
         async with trio.open_nursery() as nursery:
             for i, call in calls:
                 nursery.start_soon(one, i, call)
-        if failures:
-            raise failures[0]
+        for i, e in failures.items():
+            self.count_error(i, kind, e.message)
+        if failures and not tolerate:
+            raise next(iter(failures.values()))
+        return failures
 
     @property
     def name(self) -> str:
@@ -453,7 +497,13 @@ class Pool:
         extents that can form its full stripes (k + m extents on distinct devices) count:
         a big new device beside full ones adds capacity, but no room for a wide stripe."""
         counts = [len(f) for i, f in enumerate(self._free) if self.devices[i] is not None]
-        free = sum(counts) if prof is None else prof.width * _stripes(counts, prof.width)
+        if prof is None:
+            free = sum(counts)
+        else:
+            # Members away take degraded stripes' columns (rebuilt later), up to m of them.
+            away = sorted((len(f) for i, f in enumerate(self._free) if self._placeable(i)
+                           and self.devices[i] is None), reverse=True)[:prof.m]
+            free = prof.width * _stripes(counts + away, prof.width)
         room = sum((self.layout.extent_size // SECTOR - s.fill) * SECTOR * (s.k + s.m)
                    for s in self._open.values())
         return free * self.layout.extent_size + room - self._reserved
@@ -477,8 +527,11 @@ class Pool:
         seg = self._open.get((prof.k, prof.m))
         if seg is not None and seg.fill < self.layout.extent_size // SECTOR:
             return
-        able = sum(1 for i, f in enumerate(self._free) if f and self.devices[i] is not None)
-        if able < prof.width:
+        able = sum(1 for i, f in enumerate(self._free) if f and self.devices[i] is not None
+                   and i not in self._avoid)
+        away = sum(1 for i, f in enumerate(self._free) if f and self.devices[i] is None
+                   and self._placeable(i))
+        if able + min(away, prof.m) < prof.width:
             present = sum(1 for d in self.devices if d is not None)
             raise NoSpace(f"pool {self.state.name} cannot store {prof} records now: they need "
                           f"{prof.width} devices with free space, {able} of the {present} "
@@ -527,8 +580,16 @@ class Pool:
 
     def _new_segment(self, k: int, m: int) -> Segment:
         candidates = sorted(
-            (i for i, f in enumerate(self._free) if f and self.devices[i] is not None),
+            (i for i, f in enumerate(self._free) if f and self.devices[i] is not None
+             and i not in self._avoid),
             key=lambda i: (-len(self._free[i]), i))
+        if len(candidates) < k + m:
+            # Degraded: members away take up to m columns, which a rebuild fills in later
+            # (their marks say so), so writes go on while redundancy allows.
+            away = sorted((i for i, f in enumerate(self._free) if f and self._placeable(i)
+                           and self.devices[i] is None),
+                          key=lambda i: (-len(self._free[i]), i))
+            candidates += away[:min(m, k + m - len(candidates))]
         if len(candidates) < k + m:
             raise NoSpace(f"pool {self.state.name}: no room for a new {Profile(k, m)} segment "
                           f"(needs free extents on {k + m} distinct devices, "
@@ -543,6 +604,10 @@ class Pool:
         self._do(op_json(op="seg_new", id=seg_id, k=k, m=m, extents=extents,
                          birth=self.state.txg + 1))
         return self.state.segments[seg_id]
+
+    def _placeable(self, index: int) -> bool:
+        """Whether a segment may put a column on this member (away members included)."""
+        return index not in self._avoid and self.state.members[index].state != "removed"
 
     def _reap(self) -> None:
         """Free segments that hold no live record and can take no more."""
@@ -621,10 +686,13 @@ class Pool:
                     writes.setdefault(idx, []).append(
                         (dev, self.layout.extent_offset(ext) + off * SECTOR, frags))
                 i = j
-            await self._per_device([(idx, partial(records.write_columns, wl))
-                                    for idx, wl in writes.items()], "write")
-            self._dirty_devices.update(writes)
+            failed = await self._per_device([(idx, partial(records.write_columns, wl))
+                                             for idx, wl in writes.items()], "write",
+                                            tolerate=True)
+            self._dirty_devices.update(i for i in writes if i not in failed)
             self._check_ok()
+            if failed:
+                self._degraded_store(placed, set(failed))
             self._counters["records_written"] += len(placed)
             return [ENTRY.pack(seg.id, off, rec.plen, rec.flags, rec.rhash)
                     for seg, off, rec in placed]
@@ -636,6 +704,86 @@ class Pool:
                 self._pins[seg_id] -= 1
                 if not self._pins[seg_id]:
                     del self._pins[seg_id]
+
+    def _degraded_store(self, placed: Sequence[tuple[Segment, int, codec.EncodedRecord]],
+                        failed: set[int]) -> None:
+        """Some column writes failed. The records stand if each still has k fragments
+        (the member is marked for a rebuild of them); otherwise the write fails."""
+        first: dict[int, int] = {}
+        for seg, off, _rec in placed:
+            first.setdefault(seg.id, off)
+            absent = sum(1 for i, _e in seg.extents if self.devices[i] is None or i in failed)
+            if absent > seg.m:
+                raise MediumError(f"pool {self.state.name}: writes failed on "
+                                  f"{len(failed)} device(s) and a {Profile(seg.k, seg.m)} "
+                                  f"record cannot lose more than {seg.m} fragments")
+        self._column_cache.clear()
+        for seg_id, off in first.items():
+            for i, _e in self.state.segments[seg_id].extents:
+                if i in failed:
+                    self._do(op_json(op="member_state", index=i,
+                                     state=self.state.members[i].state,
+                                     last_gen=self._sb_gen, marks=[[seg_id, off]]))
+
+    # ==== member health ===================================================================
+    def count_error(self, index: int, kind: str, why: str = "") -> None:
+        """Count an I/O error ("read" | "write" | "checksum") against a member; one that
+        reaches ``fault_threshold`` read + write errors is faulted (checksum errors are
+        repaired and reported, not held against the device)."""
+        if index >= len(self._errors):
+            return
+        self._errors[index][kind] += 1
+        errs = self._errors[index]
+        if kind != "checksum" and errs["read"] + errs["write"] >= self.fault_threshold:
+            self.fault(index, f"{errs['read']} read and {errs['write']} write errors"
+                       + (f", last: {why}" if why else ""))
+
+    def fault(self, index: int, why: str, *, state: str = "faulted",
+              full: bool = False) -> None:
+        """Stop using member ``index`` (faulted, or offline for maintenance). I/O goes on
+        degraded; everything written to its segments from now on is marked for a rebuild
+        when it comes back or is replaced."""
+        dev = self.devices[index]
+        if dev is None:
+            return
+        self.devices[index] = self.meta.devices[index] = None
+        self._parked[index] = dev
+        self._column_cache.clear()
+        self._dirty_devices.discard(index)
+        # New writes go to segments without it where possible: close the open ones on it.
+        for key, seg in list(self._open.items()):
+            if any(i == index for i, _e in seg.extents):
+                del self._open[key]
+                if seg.live == 0:
+                    self.state.emptied.add(seg.id)
+        # A segment being written right now (pinned) may lack its fragment anywhere.
+        marks = [[sg.id, 0 if full or self._pins.get(sg.id) else sg.fill]
+                 for sg in self.state.segments.values()
+                 if any(i == index for i, _e in sg.extents)]
+        self._do(op_json(op="member_state", index=index, state=state,
+                         last_gen=self._sb_gen, marks=marks))
+        if state == "faulted":
+            log.error("pool %s: member %d (%s) faulted: %s; running degraded",
+                      self.state.name, index, dev.path, why)
+        else:
+            log.warning("pool %s: member %d (%s) taken offline", self.state.name, index,
+                        dev.path)
+        if not any(d is not None for d in self.devices):
+            self._failed = f"no member left ({why})"
+
+    def _absorb_meta_failures(self) -> None:
+        for i in sorted(self.meta.failed):
+            self.count_error(i, "write")
+            self.fault(i, "its metadata write failed")
+        self.meta.failed.clear()
+
+    def unavailable_segments(self) -> int:
+        """Segments with more fragments away than their parity covers (reads fail)."""
+        return sum(1 for sg in self.state.segments.values()
+                   if sum(1 for i, _e in sg.extents if self._col_absent(i, sg.id)) > sg.m)
+
+    def _col_absent(self, index: int, seg_id: int) -> bool:
+        return self.devices[index] is None or seg_id in self.state.members[index].marks
 
     # ==== the segment cleaner ==============================================================
     async def clean(self, *, max_segments: int = 4, threshold: float = 0.5) -> int:
@@ -731,8 +879,10 @@ class Pool:
     def _columns(self, seg: Segment) -> tuple[tuple[Device | None, int, str], ...]:
         cols = self._column_cache.get(seg.id)
         if cols is None:
-            cols = self._column_cache[seg.id] = tuple(self._column(idx, ext)
-                                                       for idx, ext in seg.extents)
+            cols = self._column_cache[seg.id] = tuple(
+                self._column(idx, ext) if seg.id not in self.state.members[idx].marks
+                else (None, 0, f"member {idx} (awaiting rebuild)")
+                for idx, ext in seg.extents)
         return cols
 
     async def read_blocks(self, map_id: int, blocks: Sequence[int],
@@ -786,7 +936,8 @@ class Pool:
             paths = {d.path: i for i, d in enumerate(self.devices) if d is not None}
             for (path, kind), n in out.device_errors.items():
                 if path in paths:
-                    self._errors[paths[path]][kind] += n
+                    for _ in range(n):
+                        self.count_error(paths[path], kind, f"{kind} error on {path}")
         if out.repairs:
             await self._repair(out.repairs)
         if out.failures:
@@ -864,7 +1015,8 @@ class Pool:
         try:
             await self._sync_data()
             await _run(self.meta.append, txg, payload)
-            await self._on_devices(lambda d: d.sync())
+            self._absorb_meta_failures()
+            await self._sync_members()
         except (DeviceError, OSError) as e:
             self._failed = f"journal commit {txg}: {e}"
             log.error("pool %s: %s", self.state.name, self._failed)
@@ -884,7 +1036,7 @@ class Pool:
         dirty = sorted(self._dirty_devices)
         self._dirty_devices.clear()
         if dirty:
-            await self._on_devices(lambda d: d.sync(), dirty)
+            await self._sync_members(dirty)
 
     async def _checkpoint(self) -> None:
         async with self._commit_lock:
@@ -923,10 +1075,12 @@ class Pool:
                              for nid, loc in sorted(new_locs.items()))
             state_loc, index_loc = await _run(self.meta.write_blobs, [state_blob, index],
                                               taken)
-            await self._on_devices(lambda d: d.sync())
+            self._absorb_meta_failures()
+            await self._sync_members()
             sb = Superblock(st.uuid, st.generation, txg, state_loc, index_loc)
             await _run(self.meta.write_superblock, sb)
-            await self._on_devices(lambda d: d.sync())
+            self._absorb_meta_failures()
+            await self._sync_members()
         except (DeviceError, OSError, NoSpace) as e:
             self._failed = f"checkpoint {st.generation}: {e}"
             log.error("pool %s: %s", st.name, self._failed)
@@ -939,6 +1093,7 @@ class Pool:
         self._meta_units_used = bitmap.count(1)
         self.meta.journal_head = 0
         self._page_locs = new_locs
+        self._meta_locs = (state_loc, index_loc)
         self._sb_gen = st.generation
         self._after_commit(ops_covered, freed_here)
         self._counters["checkpoints"] += 1
@@ -962,9 +1117,10 @@ class Pool:
                 await self._checkpoint()
         finally:
             self._closed = True
-            for dev in self.devices:
+            for dev in [*self.devices, *self._parked.values()]:
                 if dev is not None:
                     dev.close()
+            self._parked.clear()
 
     async def destroy(self) -> None:
         """Wipe labels and superblocks of every present member; data is not zeroed."""
@@ -1015,22 +1171,357 @@ class Pool:
         log.info("pool %s: added %s as member %d (%d extents)", self.state.name, dev.path,
                  idx, n_ext)
 
+    # ==== member maintenance: offline / online / replace / remove ==========================
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _away_after(self, index: int) -> int:
+        """Segments that would lose more fragments than their parity covers without
+        ``index`` (on top of what is away now)."""
+        return sum(1 for sg in self.state.segments.values()
+                   if any(i == index for i, _e in sg.extents)
+                   and sum(1 for i, _e in sg.extents
+                           if i == index or self._col_absent(i, sg.id)) > sg.m)
+
+    async def offline(self, index: int) -> None:
+        """Stop using a member for maintenance; what is written meanwhile is tracked, and
+        ``online`` rebuilds only that."""
+        self._check_ok()
+        if self.devices[index] is None:
+            raise InvalidArgument(f"member {index} of pool {self.state.name} is already "
+                                  f"{self.member_state(index)}")
+        if n := self._away_after(index):
+            raise InvalidArgument(f"member {index} cannot go offline: {n} segment(s) would "
+                                  f"have fewer than k fragments left (their data would be "
+                                  f"unreadable)")
+        self.fault(index, "taken offline", state="offline")
+        await self._checkpoint()
+
+    async def online(self, index: int, dev: Device | None = None) -> None:
+        """Take a member back (the device it had, or ``dev`` carrying its label): its
+        metadata is refreshed and what it missed is marked for the rebuild."""
+        self._check_ok()
+        mi = self.state.members[index]
+        if mi.state == "removed":
+            raise InvalidArgument(f"member {index} was removed from the pool")
+        if self.devices[index] is not None:
+            raise InvalidArgument(f"member {index} of pool {self.state.name} is online")
+        dev = dev or self._parked.get(index)
+        if dev is None:
+            raise InvalidArgument(f"member {index} of pool {self.state.name} has no device; "
+                                  f"give its path, or use replace-device")
+        label = await _run(_read_label, dev)
+        if label.pool_uuid != self.state.uuid or label.device_uuid != mi.uuid:
+            raise InvalidArgument(f"{dev.path} is not member {index} of pool "
+                                  f"{self.state.name} (its label says member {label.index} "
+                                  f"of {label.pool_name!r})")
+        async with self._commit_lock:
+            await self._attach(index, dev, mi)
+            self._do(op_json(op="member_state", index=index, state="online"))
+            await self._checkpoint_locked()
+        self._parked.pop(index, None)
+        log.info("pool %s: member %d (%s) online; %d segment(s) to resilver",
+                 self.state.name, index, dev.path, len(mi.marks))
+
+    async def _attach(self, index: int, dev: Device, mi: MemberInfo) -> None:
+        """Give ``dev`` the committed metadata and member ``index``'s label, and use it."""
+        def prepare() -> None:
+            dev.pwrite(SB_OFFSET, bytes(self.layout.pages_offset - SB_OFFSET))
+            self.meta.copy_used_units(dev)
+            _write_label(dev, Label(self.state.uuid, self.state.name, mi.uuid, index,
+                                    self.state.generation + 1, dev.size, self.layout))
+            dev.sync()
+        await _run(prepare)
+        self.devices[index] = self.meta.devices[index] = dev
+        self._errors[index] = Counter()
+        self._column_cache.clear()
+
+    async def replace_device(self, index: int, dev: Device) -> None:
+        """Put ``dev`` in member ``index``'s place; every fragment the member held is then
+        rebuilt onto it (``pool.rebuild``) while the pool stays online. The old device, if
+        still there, is let go and its label wiped."""
+        self._check_ok()
+        mi = self.state.members[index]
+        if mi.state == "removed":
+            raise InvalidArgument(f"member {index} was removed from the pool")
+        if any(d is not None and _same_path(d.path, dev.path)
+               for d in [*self.devices, *self._parked.values()]):
+            raise InvalidArgument(f"{dev.path} is already a member of pool {self.state.name}")
+        if self.layout.n_extents(dev.size) < mi.n_extents:
+            raise InvalidArgument(f"{dev.path} is too small to replace member {index}: it "
+                                  f"needs at least {mi.size} bytes, it has {dev.size}")
+        await _run(_refuse_labelled, [dev])
+        old = self.devices[index] or self._parked.get(index)
+        async with self._commit_lock:
+            new = MemberInfo(new_uuid(), index, dev.size, mi.n_extents)
+            await self._attach(index, dev, new)
+            self._do(op_json(op="member_replace", index=index, uuid=new.uuid, size=dev.size,
+                             n_extents=mi.n_extents))
+            self._column_cache.clear()
+            await self._checkpoint_locked()
+        self._parked.pop(index, None)
+        if old is not None:
+            await _run(_wipe_quietly, old)
+            old.close()
+        log.info("pool %s: %s replaces member %d; %d segment(s) to rebuild",
+                 self.state.name, dev.path, index, len(self.state.members[index].marks))
+
+    def _profiles_in_use(self) -> set[Profile]:
+        out = {Profile(s.k, s.m) for s in self.state.segments.values()}
+        out.add(self.default_profile)
+        for obj in self.state.objects.values():
+            if isinstance(obj.get("profile"), str):
+                try:
+                    out.add(Profile.parse(obj["profile"]))
+                except InvalidArgument:
+                    continue
+        return out
+
+    async def remove_device(self, index: int,
+                            progress: Callable[[int, int], Awaitable[None]] | None = None
+                            ) -> None:
+        """Move every live record off member ``index``, then detach it and wipe its label.
+        Refused, changing nothing, when the others lack the room or would be too few for a
+        profile in use."""
+        self._check_ok()
+        mi = self.state.members[index]
+        if mi.state == "removed":
+            raise InvalidArgument(f"member {index} was already removed")
+        others = [m.index for m in self.state.members
+                  if m.index != index and m.state != "removed"]
+        widest = max(self._profiles_in_use(), key=lambda p: p.width)
+        if len(others) < widest.width:
+            raise InvalidArgument(f"cannot remove member {index} of pool {self.state.name}: "
+                                  f"{len(others)} device(s) would remain and profile "
+                                  f"{widest} needs {widest.width}")
+        mine = [sg for sg in self.state.segments.values()
+                if any(i == index for i, _e in sg.extents)]
+        counts = [len(self._free[i]) for i in others if self.devices[i] is not None]
+        for prof in {Profile(sg.k, sg.m) for sg in mine}:
+            sectors = sum(sg.live for sg in mine if (sg.k, sg.m) == (prof.k, prof.m))
+            need = -(-sectors // (self.layout.extent_size // SECTOR)) + 1
+            have = _stripes(counts, prof.width)
+            if have < need:
+                raise NoSpace(f"cannot remove member {index} of pool {self.state.name}: its "
+                              f"{prof} records need {need} free stripe(s) of {prof.width} "
+                              f"extents on the other devices, they have room for {have}")
+            counts = sorted(counts, reverse=True)
+            for _ in range(need):   # take the stripes from the counts, widest first
+                counts = sorted([c - 1 if j < prof.width else c
+                                 for j, c in enumerate(counts)], reverse=True)
+        self._avoid.add(index)
+        try:
+            for key, sg in list(self._open.items()):
+                if any(i == index for i, _e in sg.extents):
+                    del self._open[key]
+                    if sg.live == 0:
+                        self.state.emptied.add(sg.id)
+            self._reap()
+            total = len(mine)
+            for n, sg in enumerate(mine):
+                if not await self._evacuate(sg.id):
+                    raise MediumError(f"cannot remove member {index}: records of segment "
+                                      f"{sg.id} are unreadable (see the log)")
+                await self.commit()
+                if progress is not None:
+                    await progress(n + 1, total)
+            while any(any(i == index for i, _e in sg.extents)
+                      for sg in self.state.segments.values()):
+                self._reap()
+                await self.commit()
+                await trio.sleep(0.01)
+            dev = self.devices[index] or self._parked.get(index)
+            async with self._commit_lock:
+                self.devices[index] = self.meta.devices[index] = None
+                self._parked.pop(index, None)
+                self._do(op_json(op="member_state", index=index, state="removed"))
+                await self._checkpoint_locked()
+            self._free[index] = set()
+            if dev is not None:
+                await _run(_wipe_quietly, dev)
+                dev.close()
+        finally:
+            self._avoid.discard(index)
+        log.info("pool %s: member %d removed", self.state.name, index)
+
+    def absent_devices(self) -> list[int]:
+        """Members whose device says it is gone (blocking: a stat per device)."""
+        out = []
+        for i, dev in enumerate(list(self.devices)):
+            gone = getattr(dev, "gone", None)
+            if dev is not None and callable(gone) and gone():
+                out.append(i)
+        return out
+
+    async def watch_presence(self) -> None:
+        """Fault every member whose device disappeared."""
+        for i in await trio.to_thread.run_sync(self.absent_devices):
+            if self.devices[i] is not None:
+                self.count_error(i, "read")
+                self.fault(i, "its device is gone")
+        if self._pending:
+            await self.commit()
+
+    # ---- support for the maintenance engines (pool.scrub, pool.rebuild) ------------------
+    def segment_records(self, seg_id: int, start: int = 0) -> list[bytes]:
+        """The distinct live map entries in segment ``seg_id`` at sector >= ``start``, in
+        offset order (a scan of every leaf: there is no reverse index yet)."""
+        found: set[bytes] = set()
+        size = ENTRY.size
+        for node in self.state.forest.nodes.values():
+            data = node.data
+            if not isinstance(data, bytearray):
+                continue
+            for pos, (seg, off, *_rest) in enumerate(ENTRY.iter_unpack(data)):
+                if seg == seg_id and off >= start:
+                    found.add(bytes(data[pos * size:(pos + 1) * size]))
+        return sorted(found, key=lambda r: ENTRY.unpack_from(r)[1])
+
+    def record_plans(self, seg: Segment, entries: Sequence[bytes],
+                     target: int | None = None) -> list[records.RecordPlan]:
+        """Read plans for entries of ``seg``; column ``target`` gets its device even when
+        it awaits a rebuild (the rebuild writes it)."""
+        cols = list(self._columns(seg))
+        if target is not None:
+            idx, ext = seg.extents[target]
+            cols[target] = self._column(idx, ext)
+        plans = []
+        for n, raw in enumerate(entries):
+            _s, off, plen, flags, rhash = ENTRY.unpack(raw)
+            plans.append(records.RecordPlan(n, seg.id, off, codec.fragment_units(plen, seg.k),
+                                            seg.k, seg.m, plen, flags, rhash, tuple(cols)))
+        return plans
+
+    def pin(self, seg_id: int) -> None:
+        self._pins[seg_id] = self._pins.get(seg_id, 0) + 1
+        self._reads_in_flight += 1
+
+    def unpin(self, seg_id: int) -> None:
+        self._reads_in_flight -= 1
+        self._pins[seg_id] -= 1
+        if not self._pins[seg_id]:
+            del self._pins[seg_id]
+        self._release_extents()
+        self._reap()
+
+    def pinned(self, seg_id: int) -> bool:
+        return bool(self._pins.get(seg_id))
+
+    async def background(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking maintenance work in a thread, one at a time per pool (so the
+        foreground keeps the other core)."""
+        return await trio.to_thread.run_sync(partial(fn, *args), limiter=self._bg)
+
+    def note_outcome(self, out: records.StripeOutcome) -> None:
+        """Count a scrub/rebuild pass's device errors against their members."""
+        paths = {d.path: i for i, d in enumerate(self.devices) if d is not None}
+        for (path, kind), n in out.device_errors.items():
+            if path in paths:
+                for _ in range(n):
+                    self.count_error(paths[path], kind, f"{kind} error on {path}")
+
+    async def write_fragments(self, repairs: Sequence[records.Repair]) -> int:
+        """Write rebuilt fragments (of pinned segments); returns how many were written."""
+        live = [r for r in repairs if r.segment in self.state.segments]
+        done, failed = await self.background(records.write_repairs, live)
+        index = {id(d): i for i, d in enumerate(self.devices) if d is not None}
+        for r in live:
+            i = index.get(id(r.device))
+            if i is not None:
+                self._dirty_devices.add(i)
+        for r in failed:
+            i = index.get(id(r.device))
+            if i is not None:
+                self.count_error(i, "write", "writing a rebuilt fragment")
+        return len(live) - len(failed) if done or not failed else 0
+
+    def mark_rebuilt(self, index: int, seg_id: int, dev: Device) -> None:
+        """Member ``index`` (still ``dev``) holds every fragment of ``seg_id`` again."""
+        if self.devices[index] is not dev:
+            return
+        self._dirty_devices.add(index)
+        self._do(op_json(op="member_clean", index=index, seg=seg_id))
+        self._column_cache.pop(seg_id, None)
+
+    def set_task(self, name: str, value: dict[str, Any] | None) -> None:
+        self._check_ok()
+        self._do(op_json(op="task", name=name, value=value))
+
+    def count(self, counter: str, n: int) -> None:
+        self._counters[counter] += n
+
+    def locate(self, entry: bytes) -> list[str]:
+        """Which volumes/snapshots and byte offsets reference a record (for reports)."""
+        names: dict[int, tuple[str, int]] = {}
+        objs = self.state.objects
+        for obj in objs.values():
+            if "map" in obj:
+                name = str(obj.get("name", "?"))
+                if obj.get("type") == "snapshot":
+                    vol = objs.get(int(obj.get("volume", -1)), {})
+                    name = f"{vol.get('name', '?')}@{name}"
+                names[int(obj["map"])] = (name, int(obj.get("block_size", 0)))
+        out = []
+        forest = self.state.forest
+        for map_id in forest.roots:
+            for block, raw in forest.items(map_id):
+                if raw == entry:
+                    name, bs = names.get(map_id, (f"map {map_id}", 0))
+                    out.append(f"{name} offset {block * bs}" if bs else
+                               f"{name} block {block}")
+        return out
+
+    def meta_locations(self) -> list[Loc]:
+        return [*self._page_locs.values(), *self._meta_locs]
+
+    async def scrub_metadata(self) -> tuple[int, int, int]:
+        """Verify every copy of every metadata blob and both labels of each present
+        member; rewrite bad copies from a good one. Returns (checked, bad, repaired)."""
+        checked = bad = repaired = 0
+        locs = self.meta_locations()
+        for i in range(0, len(locs), 64):
+            async with self._commit_lock:   # a checkpoint may reuse units: not meanwhile
+                current = set(self.meta_locations())
+                chunk = [loc for loc in locs[i:i + 64] if loc in current]
+                c, b, r, failed = await self.background(self.meta.repair_blobs, chunk)
+            checked, bad, repaired = checked + c, bad + b, repaired + r
+            for idx in failed:
+                self.count_error(idx, "checksum", "metadata copy")
+        for mi in self.state.members:
+            dev = self.devices[mi.index]
+            if dev is None:
+                continue
+            copies = await self.background(label_copies, dev, mi.size)
+            checked += 2
+            wrong = [w for w, lab in copies if isinstance(lab, str) or lab.device_uuid
+                     != mi.uuid]
+            if wrong:
+                bad += len(wrong)
+                async with self._commit_lock:
+                    await self.background(_write_label, dev, self._label(mi))
+                repaired += len(wrong)
+                self._dirty_devices.add(mi.index)
+        return checked, bad, repaired
+
     # ==== status ==========================================================================
     def statistics(self) -> PoolStatistics:
         st = self.state
         ext = self.layout.extent_size
         members = tuple(
-            MemberStatus(mi.index, mi.uuid,
-                         (d.path if (d := self.devices[mi.index]) is not None else ""),
-                         "online" if self.devices[mi.index] is not None else "missing",
+            MemberStatus(mi.index, mi.uuid, self._member_path(mi.index),
+                         self.member_state(mi.index),
                          mi.size, mi.n_extents, len(self._free[mi.index]),
                          self._errors[mi.index]["read"], self._errors[mi.index]["write"],
-                         self._errors[mi.index]["checksum"])
+                         self._errors[mi.index]["checksum"], len(mi.marks))
             for mi in st.members)
-        present = [m for m in members if m.state == "online"]
+        present = [m for m in members if m.state in ("online", "rebuilding")]
         live = sum(s.live * SECTOR * (s.k + s.m) for s in st.segments.values())
+        # Segments beyond their parity (unavailable_segments) leave the state "degraded"
+        # here; the control API calls such a pool faulted.
         state = ("failed" if self._failed else
-                 "degraded" if len(present) < len(members) else "online")
+                 "degraded" if any(m.state not in ("online", "removed") for m in members)
+                 else "online")
         return PoolStatistics(
             st.name, st.uuid, state, st.profile, ext, members,
             sum(m.extents for m in present) * ext,
@@ -1039,17 +1530,47 @@ class Pool:
             live, self._reserved, len(st.segments), st.txg, st.generation,
             **self._counters)
 
+    def member_state(self, index: int) -> str:
+        mi = self.state.members[index]
+        if mi.state == "removed":
+            return "removed"
+        if self.devices[index] is None:
+            return mi.state if mi.state in AWAY else "missing"
+        return "rebuilding" if mi.marks else "online"
+
+    def _member_path(self, index: int) -> str:
+        dev = self.devices[index] or self._parked.get(index)
+        return dev.path if dev is not None else ""
+
+    def member_index(self, name: str) -> int:
+        """A member by number, device path or UUID."""
+        for mi in self.state.members:
+            if mi.state == "removed":
+                continue
+            if name in (str(mi.index), mi.uuid) or (
+                    self._member_path(mi.index) and
+                    _same_path(self._member_path(mi.index), name)):
+                return mi.index
+        raise NotFound(f"pool {self.state.name} has no member {name!r} (give its number, "
+                       f"path or UUID; see pool status)")
+
     def health(self) -> list[str]:
         """Plain-language warnings about redundancy right now."""
         out = []
-        missing = [mi.index for mi in self.state.members if self.devices[mi.index] is None]
+        missing = [mi.index for mi in self.state.members
+                   if self.member_state(mi.index) == "missing"]
         if missing:
             out.append(f"members missing: {', '.join(map(str, missing))}")
-            at_risk = sum(1 for s in self.state.segments.values()
-                          if sum(1 for i, _ in s.extents if self.devices[i] is None) > s.m)
-            if at_risk:
-                out.append(f"{at_risk} segment(s) have more fragments missing than their "
-                           f"parity covers: reads of their records will fail")
+        for mi in self.state.members:
+            st = self.member_state(mi.index)
+            if st in ("faulted", "offline"):
+                out.append(f"member {mi.index} is {st}")
+            elif st == "rebuilding":
+                out.append(f"member {mi.index} has {len(mi.marks)} segment(s) to rebuild")
+        at_risk = self.unavailable_segments()
+        if at_risk:
+            out.append(f"{at_risk} segment(s) have more fragments missing than their "
+                       f"parity covers: reads of their records will fail")
         return out
 
 
@@ -1070,6 +1591,22 @@ def _stripes(counts: list[int], width: int) -> int:
         else:
             hi = mid - 1
     return lo
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _wipe_quietly(dev: Device) -> None:
+    """Wipe a device's labels and superblocks (a detached member must not pass for one);
+    a device that is gone cannot be wiped, which is fine."""
+    try:
+        dev.pwrite(0, bytes(LABEL_SIZE))
+        dev.pwrite(SB_OFFSET, bytes(SB_SLOTS * SB_SLOT_SIZE))
+        dev.pwrite(dev.size - LABEL_SIZE, bytes(LABEL_SIZE))
+        dev.sync()
+    except DeviceError as e:
+        log.warning("could not wipe the label of %s: %s", dev.path, e.message)
 
 
 def _check_name(name: str) -> None:
@@ -1172,7 +1709,9 @@ def _load_pool(pool_uuid: str, found: list[tuple[Device, Label]]) -> _Loaded:
         # never overwritten in place and segments made while it was away do not use it.
         # Anything older is an old copy of the device, which may lack acknowledged data.
         seen = mi.last_gen if mi.state == "missing" else best.generation
-        if newest[dev.path] < seen - 1:
+        if mi.state in ("faulted", "offline", "removed"):
+            pass   # not used until brought back online, which refreshes its metadata
+        elif newest[dev.path] < seen - 1:
             raise ImportFailed(
                 f"{dev.path} is a stale member {mi.index} of pool {name}: its newest "
                 f"superblock is generation {newest[dev.path]}, but the pool had it at "
@@ -1183,7 +1722,9 @@ def _load_pool(pool_uuid: str, found: list[tuple[Device, Label]]) -> _Loaded:
             raise ImportFailed(f"{dev.path} and {other.path} both claim to be member "
                                f"{mi.index} of pool {name}")
         devices[mi.index] = dev
-    meta = MetaStore(layout, devices, pool_uuid)
+    meta = MetaStore(layout, [d if state.members[i].state not in ("faulted", "offline",
+                                                                    "removed") else None
+                              for i, d in enumerate(devices)], pool_uuid)
     meta.mark_used(best.state)
     meta.mark_used(best.index)
     index = meta.read_blob(best.index)
@@ -1199,11 +1740,12 @@ def _load_pool(pool_uuid: str, found: list[tuple[Device, Label]]) -> _Loaded:
             raise ImportFailed(f"pool {name}: map node {nid} is unreadable: {e}") from e
     state.forest.recount()
     short = [s for s in state.segments.values()
-             if sum(1 for i, _ in s.extents if devices[i] is not None) < s.k]
+             if sum(1 for i, _ in s.extents if meta.devices[i] is not None
+                    and s.id not in state.members[i].marks) < s.k]
     if short:
         # Metadata is intact (it is on every member), so the pool imports; reads of records
         # in these segments fail with EIO naming the missing members.
-        missing = sorted({i for s in short for i, _ in s.extents if devices[i] is None})
+        missing = sorted({i for s in short for i, _ in s.extents if meta.devices[i] is None})
         log.error("pool %s: %d segment(s) have fewer than k fragments present; records in "
                   "them are unreadable until members %s return", name, len(short),
                   ", ".join(map(str, missing)))

@@ -68,14 +68,14 @@ def write_columns(writes: Sequence[tuple[Device, int, list[bytearray]]]) -> None
 
 
 def _frag_bytes(col: tuple[Device | None, int, str], offset: int, units: int,
-                out: ReadOutcome) -> bytes | None:
+                errors: Counter[tuple[str, str]]) -> bytes | None:
     dev, base, name = col
     if dev is None:
         return None
     try:
         return dev.pread(base + offset * SECTOR, units * SECTOR)
     except DeviceError:
-        out.device_errors[(name, "read")] += 1
+        errors[(name, "read")] += 1
         return None
 
 
@@ -117,7 +117,7 @@ def _read_run(run: Sequence[RecordPlan], block_size: int, out: ReadOutcome,
                 raise WouldBlock
             columns.append(memoryview(got))
             continue
-        raw = _frag_bytes(first.columns[c], first.offset, total, out)
+        raw = _frag_bytes(first.columns[c], first.offset, total, out.device_errors)
         columns.append(memoryview(raw) if raw is not None else None)
     pos = 0
     for p in run:
@@ -154,7 +154,7 @@ def _read_slow(p: RecordPlan, block_size: int, chunks: dict[int, memoryview],
     for c in range(p.k, n):
         if len(chunks) >= p.k:
             break
-        raw = _frag_bytes(p.columns[c], p.offset, p.units, out)
+        raw = _frag_bytes(p.columns[c], p.offset, p.units, out.device_errors)
         chunk = (codec.check_fragment(raw, c, p.k, p.m, p.plen, p.rhash)
                  if raw is not None else None)
         if chunk is None:
@@ -195,3 +195,128 @@ def apply_repairs(repairs: Sequence[Repair]) -> int:
         except DeviceError:
             continue
     return done
+
+
+# ==== scrub and rebuild (pool.maintenance) ===================================================
+@dataclass
+class StripeOutcome:
+    """What a scrub or rebuild pass over some records found and did."""
+
+    bytes_read: int = 0
+    fragments_checked: int = 0
+    bad: int = 0                   # fragments that failed to read or verify
+    repairs: list[Repair] = field(default_factory=list)
+    failures: dict[int, str] = field(default_factory=dict)   # slot -> why unrecoverable
+    device_errors: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+
+def verify_stripes(plans: Sequence[RecordPlan], *, target: int | None = None
+                   ) -> StripeOutcome:
+    """Scrub (``target`` None): read all k + m fragments of every record, verify each one,
+    and rebuild the bad ones from k good ones (``repairs``). Rebuild (``target`` = a
+    column): read k other fragments (more only where some are bad), and rebuild the
+    target column's fragment -- plus any bad one met on the way. A record with fewer than
+    k good fragments is a failure: nothing is written for it.
+
+    Runs of adjacent records of one segment are read with one read per column."""
+    out = StripeOutcome()
+    i = 0
+    while i < len(plans):
+        j = i + 1
+        while (j < len(plans) and plans[j].segment == plans[i].segment
+               and plans[j].offset == plans[j - 1].offset + plans[j - 1].units):
+            j += 1
+        _verify_run(plans[i:j], target, out)
+        i = j
+    return out
+
+
+def _verify_run(run: Sequence[RecordPlan], target: int | None, out: StripeOutcome) -> None:
+    first = run[0]
+    k, n = first.k, first.k + first.m
+    usable = [c for c in range(n) if c != target and first.columns[c][0] is not None]
+    # A rebuild needs only k fragments: data columns first (no decoding when all verify).
+    wanted = usable if target is None else usable[:k]
+    total = sum(p.units for p in run)
+    columns: dict[int, memoryview | None] = {}
+    for c in wanted:
+        raw = _frag_bytes(first.columns[c], first.offset, total, out.device_errors)
+        columns[c] = memoryview(raw) if raw is not None else None
+        if raw is not None:
+            out.bytes_read += len(raw)
+    pos = 0
+    for p in run:
+        size = p.units * SECTOR
+        chunks: dict[int, memoryview] = {}
+        bad: list[int] = []
+        for c in wanted:
+            col = columns[c]
+            chunk = (codec.check_fragment(col[pos:pos + size], c, k, p.m, p.plen, p.rhash)
+                     if col is not None else None)
+            out.fragments_checked += 1
+            if chunk is None:
+                bad.append(c)
+                if col is not None:
+                    out.device_errors[(p.columns[c][2], "checksum")] += 1
+            else:
+                chunks[c] = chunk
+        pos += size
+        for c in usable:
+            if len(chunks) >= k:
+                break
+            if c in chunks or c in bad:
+                continue
+            raw = _frag_bytes(p.columns[c], p.offset, p.units, out.device_errors)
+            out.fragments_checked += 1
+            chunk = (codec.check_fragment(raw, c, k, p.m, p.plen, p.rhash)
+                     if raw is not None else None)
+            if raw is not None:
+                out.bytes_read += len(raw)
+            if chunk is None:
+                bad.append(c)
+                if raw is not None:
+                    out.device_errors[(p.columns[c][2], "checksum")] += 1
+            else:
+                chunks[c] = chunk
+        out.bad += len(bad)
+        if len(chunks) < k:
+            names = [p.columns[c][2] for c in range(n) if c not in chunks]
+            out.failures[p.slot] = (
+                f"only {len(chunks)} of the {k} fragments it needs verified; bad or "
+                f"missing on: {', '.join(names)}")
+            continue
+        todo = bad + ([target] if target is not None else [])
+        if not todo:
+            continue
+        payload = codec.reassemble(chunks, k, p.m, p.plen)
+        if not codec.payload_ok(payload, p.rhash):
+            out.failures[p.slot] = "fragments verify but the record checksum does not"
+            continue
+        good = codec.stripe(payload, p.flags, k, p.m)
+        for c in todo:
+            dev, base, _name = p.columns[c]
+            if dev is not None:
+                out.repairs.append(Repair(p.segment, c, dev, base + p.offset * SECTOR,
+                                          bytes(good.fragments[c])))
+
+
+def write_repairs(repairs: Sequence[Repair]) -> tuple[int, list[Repair]]:
+    """Write rebuilt fragments, adjacent ones on a device as one write; returns the
+    bytes written and the repairs whose write failed."""
+    done = 0
+    failed: list[Repair] = []
+    todo = sorted(repairs, key=lambda r: (id(r.device), r.offset))
+    i = 0
+    while i < len(todo):
+        j = i + 1
+        while (j < len(todo) and todo[j].device is todo[i].device
+               and todo[j].offset == todo[j - 1].offset + len(todo[j - 1].data)):
+            j += 1
+        group = todo[i:j]
+        try:
+            group[0].device.pwritev(group[0].offset, [r.data for r in group])
+            done += sum(len(r.data) for r in group)
+        except DeviceError:
+            failed.extend(group)
+        i = j
+    return done, failed

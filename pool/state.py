@@ -80,13 +80,34 @@ class MemberInfo:
     index: int
     size: int
     n_extents: int
-    state: str = "online"  # online | missing
-    last_gen: int = 0      # when missing: the pool generation it was last part of
+    state: str = "online"  # online | missing | faulted | offline | removed
+    last_gen: int = 0      # when away: the pool generation it was last part of
+    # Segment id -> first sector from which this member's fragments may be missing or
+    # stale (written while it was away, or a replacement not yet rebuilt). Empty when the
+    # member holds every fragment it should; the rebuild works these off.
+    marks: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def away(self) -> bool:
+        return self.state in AWAY
 
     def to_json(self) -> dict[str, Any]:
-        return {"uuid": self.uuid, "index": self.index, "size": self.size,
-                "n_extents": self.n_extents, "state": self.state,
-                "last_gen": self.last_gen}
+        out: dict[str, Any] = {"uuid": self.uuid, "index": self.index, "size": self.size,
+                               "n_extents": self.n_extents, "state": self.state,
+                               "last_gen": self.last_gen}
+        if self.marks:
+            out["marks"] = [[s, f] for s, f in sorted(self.marks.items())]
+        return out
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> MemberInfo:
+        return MemberInfo(d["uuid"], d["index"], d["size"], d["n_extents"],
+                          d.get("state", "online"), d.get("last_gen", 0),
+                          {int(s): int(f) for s, f in d.get("marks", [])})
+
+
+# Member states in which the pool does not use the device (it is not read or written).
+AWAY = ("missing", "faulted", "offline")
 
 
 Op = bytes  # an encoded operation; see encode_* below
@@ -147,6 +168,8 @@ class PoolState:
     generation: int = 0
     # Segments whose live count reached zero during apply (the runtime decides what to do).
     emptied: set[int] = field(default_factory=set)
+    # Long-running maintenance state that must survive a restart (e.g. "scrub").
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     forest: MapForest = field(init=False)
 
     def __post_init__(self) -> None:
@@ -199,6 +222,10 @@ class PoolState:
                     birth: int) -> None:
         self.segments[id] = Segment(id, k, m, tuple((a, b) for a, b in extents), birth)
         self.next_id = max(self.next_id, id + 1)
+        for idx, _e in extents:
+            # A degraded segment: the member is away, its column is written by a rebuild.
+            if self.members[idx].away:
+                self.members[idx].marks[id] = 0
 
     def _op_seg_fill(self, id: int, fill: int) -> None:
         self.segments[id].fill = fill
@@ -208,6 +235,8 @@ class PoolState:
         if seg.live:
             raise StorageError(f"segment {id} freed with {seg.live} live sectors")
         self.emptied.discard(id)
+        for idx, _e in seg.extents:
+            self.members[idx].marks.pop(id, None)
 
     def _op_map_new(self, id: int) -> None:
         self.forest.create(id)
@@ -230,10 +259,34 @@ class PoolState:
     def _op_member_add(self, uuid: str, index: int, size: int, n_extents: int) -> None:
         self.members.append(MemberInfo(uuid, index, size, n_extents))
 
-    def _op_member_state(self, index: int, state: str, last_gen: int = 0) -> None:
-        self.members[index].state = state
-        if state == "missing":
-            self.members[index].last_gen = last_gen
+    def _op_member_state(self, index: int, state: str, last_gen: int = 0,
+                         marks: list[list[int]] | None = None) -> None:
+        mi = self.members[index]
+        mi.state = state
+        if state in AWAY:
+            mi.last_gen = last_gen
+        for seg, fill in marks or ():
+            if seg in self.segments:
+                mi.marks[seg] = min(fill, mi.marks.get(seg, fill))
+
+    def _op_member_replace(self, index: int, uuid: str, size: int, n_extents: int) -> None:
+        """A new device takes member ``index``'s place: every fragment it should hold is
+        to be rebuilt."""
+        mi = self.members[index]
+        mi.uuid, mi.size, mi.n_extents, mi.state = uuid, size, n_extents, "online"
+        mi.marks = {s.id: 0 for s in self.segments.values()
+                    if any(i == index for i, _e in s.extents)}
+
+    def _op_member_clean(self, index: int, seg: int) -> None:
+        """Member ``index`` holds every fragment of segment ``seg`` again (rebuilt; what
+        was written after the rebuild looked went to the member directly)."""
+        self.members[index].marks.pop(seg, None)
+
+    def _op_task(self, name: str, value: dict[str, Any] | None) -> None:
+        if value is None:
+            self.tasks.pop(name, None)
+        else:
+            self.tasks[name] = value
 
     # ---- checkpoint serialisation ---------------------------------------------------------
     def to_json(self) -> bytes:
@@ -244,16 +297,17 @@ class PoolState:
             "objects": {str(k): v for k, v in self.objects.items()},
             "maps": {str(k): v for k, v in sorted(self.forest.roots.items())},
             "next_id": self.next_id, "txg": self.txg,
-            "generation": self.generation,
+            "generation": self.generation, "tasks": self.tasks,
         }, separators=(",", ":")).encode()
 
     @staticmethod
     def from_json(raw: bytes) -> PoolState:
         d = json.loads(raw)
         st = PoolState(d["uuid"], d["name"], d["extent_size"], d["profile"],
-                       [MemberInfo(**m) for m in d["members"]])
+                       [MemberInfo.from_json(m) for m in d["members"]])
         st.segments = {v[0]: Segment.from_json(v) for v in d["segments"]}
         st.objects = {int(k): v for k, v in d["objects"].items()}
         st.forest.roots = {int(k): v for k, v in d["maps"].items()}
         st.next_id, st.txg, st.generation = d["next_id"], d["txg"], d["generation"]
+        st.tasks = d.get("tasks", {})
         return st

@@ -61,8 +61,39 @@ def show_pool_status(p: dict[str, Any]) -> str:
     out.append(f"records read {c['records_read']}, written {c['records_written']}, "
                f"degraded reads {c['degraded_reads']}, repaired fragments "
                f"{c['repaired_fragments']}, unreadable {c['unreadable_records']}")
+    if p.get("spares"):
+        out.append(f"spares: {', '.join(p['spares'])}")
+    if p.get("rebuild"):
+        r = p["rebuild"]
+        out.append(f"rebuild: members {', '.join(map(str, r['members']))}, "
+                   f"{r['segments_left']} segment(s) left, " + _progress_text(
+                       r["done_bytes"], r["total_bytes"], r["rate"], r["eta"]))
+    if p.get("scrub"):
+        out.append(show_scrub({"scrub": p["scrub"]}))
     out += [f"warning: {w}" for w in p.get("warnings", [])]
     return "\n".join(out)
+
+
+def _progress_text(done: int, total: int, rate: float, eta: float | None) -> str:
+    pct = f"{100 * done / total:.1f}%" if total else "-"
+    text = f"{format_size(done)} of {format_size(total)} ({pct})"
+    if rate:
+        text += f" at {format_size(int(rate))}/s"
+    if eta is not None:
+        text += f", ETA {int(eta) // 60}m{int(eta) % 60:02d}s"
+    return text
+
+
+def show_scrub(r: dict[str, Any]) -> str:
+    s = r.get("scrub")
+    if not s:
+        return "scrub: never run"
+    lines = [f"scrub {s['state']}: " + _progress_text(s["done"], s["total"], s["rate"],
+                                                      s["eta"]),
+             f"  found {s['found']} bad, repaired {s['repaired']}, unrecoverable "
+             f"{s['unrecoverable']}"]
+    lines += [f"  unrecoverable: {x}" for x in s.get("problems", [])]
+    return "\n".join(lines)
 
 
 def show_volumes(vols: list[dict[str, Any]]) -> str:
@@ -154,6 +185,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("name")
     c.add_argument("device")
     c.add_argument("--file-size", default=None)
+    c = pool.add_parser("scrub", help="verify and repair every record and metadata copy")
+    c.add_argument("name")
+    g = c.add_mutually_exclusive_group()
+    for flag in ("pause", "resume", "cancel", "status"):
+        g.add_argument(f"--{flag}", action="store_const", const=flag, dest="action")
+    c.add_argument("--wait", action="store_true", help="wait until it is done")
+    c = pool.add_parser("replace-device", help="rebuild a member onto another device")
+    c.add_argument("name")
+    c.add_argument("old", metavar="OLD", help="member number, path or UUID")
+    c.add_argument("new", metavar="NEW")
+    c.add_argument("--file-size", default=None)
+    c.add_argument("--wait", action="store_true", help="wait until the rebuild is done")
+    c = pool.add_parser("add-spare", help="keep a device to replace a faulted member")
+    c.add_argument("name")
+    c.add_argument("device")
+    c.add_argument("--file-size", default=None)
+    c = pool.add_parser("offline", help="stop using a member (maintenance)")
+    c.add_argument("name")
+    c.add_argument("device", help="member number, path or UUID")
+    c = pool.add_parser("online", help="take a member back; resilvers what it missed")
+    c.add_argument("name")
+    c.add_argument("device", help="member number, path or UUID")
+    c.add_argument("--path", default=None, help="where the member's device is now")
+    c.add_argument("--wait", action="store_true", help="wait until the resilver is done")
+    c = pool.add_parser("remove-device", help="move all data off a member and detach it")
+    c.add_argument("name")
+    c.add_argument("device", help="member number, path or UUID")
     c = pool.add_parser("check", help="verify all metadata and references (fsck)")
     c.add_argument("name")
     c.add_argument("--deep", action="store_true", help="also read every fragment")
@@ -254,6 +312,26 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
             return "pool.add_device", params, show_pool_status
         if cmd == "check":
             return "pool.check", {"name": args.name, "deep": args.deep}, show_check
+        if cmd == "scrub":
+            return ("pool.scrub", {"name": args.name, "action": args.action or "start",
+                                   "wait": args.wait}, show_scrub)
+        if cmd == "replace-device":
+            params = {"name": args.name, "old": args.old, "new": args.new, "wait": args.wait}
+            if args.file_size:
+                params["file_size"] = args.file_size
+            return "pool.replace_device", params, show_pool_status
+        if cmd == "add-spare":
+            params = {"name": args.name, "device": args.device}
+            if args.file_size:
+                params["file_size"] = args.file_size
+            return "pool.add_spare", params, show_pool_status
+        if cmd in ("offline", "online", "remove-device"):
+            params = {"name": args.name, "device": args.device}
+            if cmd == "online":
+                params["wait"] = args.wait
+                if args.path:
+                    params["path"] = args.path
+            return f"pool.{cmd.replace('-', '_')}", params, show_pool_status
         return f"pool.{cmd}", {"name": args.name}, _done
     if g == "volume":
         if cmd == "create":

@@ -37,6 +37,10 @@ class Config:
     metrics_listen: str | None = DEFAULT_METRICS  # None: metrics off
     demo: bool = False                            # create a demo pool if there is none
     full_warning: float = 0.8                     # used fraction that raises a warning
+    fault_threshold: int = 10                     # I/O errors that fault a pool member
+    scrub_rate: int = 256 << 20                   # bytes/s a scrub may read
+    rebuild_rate: int = 0                         # bytes/s a rebuild may read (0: no cap)
+    auto_replace: bool = False                    # replace a faulted member by a spare
     fuse_mount: str | None = None                 # FUSE mount point; None: FUSE off
     fuse_uid: int | None = None                   # owner of the files (None: the daemon's)
     fuse_gid: int | None = None
@@ -60,6 +64,9 @@ _KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "nbd.tls_key": ("nbd_tls_key", str), "nbd.allow": ("nbd_allow", list),
     "nbd.max_inflight": ("nbd_max_inflight", int), "metrics.listen": ("metrics_listen", str),
     "demo": ("demo", bool), "full_warning": ("full_warning", (float, int)),
+    "faults.threshold": ("fault_threshold", int), "faults.scrub_rate": ("scrub_rate", int),
+    "faults.rebuild_rate": ("rebuild_rate", int),
+    "faults.auto_replace": ("auto_replace", bool),
     "fuse.mount": ("fuse_mount", str), "fuse.uid": ("fuse_uid", int),
     "fuse.gid": ("fuse_gid", int), "fuse.mode": ("fuse_mode", int),
     "fuse.allow_other": ("fuse_allow_other", bool),
@@ -123,6 +130,8 @@ def validate(cfg: Config) -> Config:
     if not 0 < cfg.full_warning <= 1:
         raise InvalidArgument(f"full_warning must be a fraction in (0, 1], not "
                               f"{cfg.full_warning!r}")
+    if cfg.fault_threshold < 1 or cfg.scrub_rate < 0 or cfg.rebuild_rate < 0:
+        raise InvalidArgument("faults.threshold must be >= 1 and the rates >= 0")
     if not 1 <= cfg.nbd_max_inflight <= 4096:
         raise InvalidArgument("nbd.max_inflight must be between 1 and 4096")
     if cfg.fuse_mount is not None and not cfg.fuse_mount:

@@ -19,12 +19,13 @@ from fuse.mount import FuseMount
 from nbd import proto
 from nbd.exports import VolumeCatalog
 from nbd.server import NBDConfig, NBDServer, tls_server_context
+from pool import Pool, rebuild, scrub
 from pool.errors import StorageError
 from storaged.api import ControlAPI
 from storaged.config import Config, parse_address
 from storaged.control import ControlServer
 from storaged.metrics import MetricsServer
-from storaged.registry import Registry
+from storaged.registry import PoolEntry, Registry
 from volumes import VolumeManager
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,40 @@ async def watch_space(registry: Registry, threshold: float, period: float = 10.0
         await trio.sleep(period)
 
 
+async def maintain(registry: Registry, cfg: Config, period: float = 0.5) -> None:
+    """Failing disks (issue 9): one task per imported pool that faults members whose
+    device disappeared, replaces a faulted member by a spare (``faults.auto_replace``),
+    and runs the rebuild and the scrub the pool's metadata asks for (so both resume after
+    a restart)."""
+    async with trio.open_nursery() as nursery:
+        watched: dict[str, Pool] = {}
+        while True:
+            for name, entry in list(registry.pools.items()):
+                if watched.get(name) is not entry.pool:
+                    watched[name] = entry.pool
+                    entry.pool.fault_threshold = cfg.fault_threshold
+                    nursery.start_soon(_maintain_pool, registry, entry, cfg, period)
+            await trio.sleep(period)
+
+
+async def _maintain_pool(registry: Registry, entry: PoolEntry, cfg: Config,
+                         period: float) -> None:
+    pool = entry.pool
+    while not pool.closed:
+        try:
+            await pool.watch_presence()
+            if cfg.auto_replace and not pool.closed:
+                await registry.auto_replace(entry)
+            if rebuild.pending(pool):
+                await rebuild.run(pool, rate=cfg.rebuild_rate or None)
+            await scrub.run(pool, rate=cfg.scrub_rate or None)
+        except StorageError as e:
+            if not pool.closed:
+                log.error("pool %s: maintenance: %s", entry.name, e.message)
+            await trio.sleep(5 * period)
+        await trio.sleep(period)
+
+
 async def run(cfg: Config, *, ready: trio.Event | None = None) -> None:
     registry = Registry(cfg.state_dir)
     await registry.load()
@@ -161,6 +196,7 @@ async def run(cfg: Config, *, ready: trio.Event | None = None) -> None:
                 if fuse is not None:
                     await nursery.start(fuse.serve)
                 nursery.start_soon(watch_space, registry, cfg.full_warning)
+                nursery.start_soon(maintain, registry, cfg)
                 log.info("storaged ready: %d pool(s), control socket %s", len(registry.pools),
                          cfg.socket)
                 if cfg.demo and nbd_addr is not None:

@@ -76,8 +76,22 @@ class StoragedCollector(Collector):
                                          labels=["pool"])
         commits = CounterMetricFamily("storaged_pool_commits",
                                       "Metadata commits (journal entries)", labels=["pool"])
+        dstate = GaugeMetricFamily("storaged_device_state",
+                                   "1 for the member's state (online, rebuilding, faulted, "
+                                   "offline, missing, removed)",
+                                   labels=["pool", "device", "state"])
+        work = GaugeMetricFamily("storaged_pool_maintenance_bytes",
+                                 "Scrub / rebuild progress: bytes done and total",
+                                 labels=["pool", "task", "kind"])
         for name, entry in sorted(self.registry.pools.items()):
             s = pool_status(entry)
+            for d in s["devices"]:
+                dstate.add_metric([name, str(d["index"]), d["state"]], 1)
+            for task, done_key, total_key in (("scrub", "done", "total"),
+                                              ("rebuild", "done_bytes", "total_bytes")):
+                if s[task]:
+                    work.add_metric([name, task, "done"], s[task][done_key])
+                    work.add_metric([name, task, "total"], s[task][total_key])
             size.add_metric([name], s["size_bytes"])
             used.add_metric([name], s["used_bytes"])
             free.add_metric([name], s["free_bytes"])
@@ -100,7 +114,7 @@ class StoragedCollector(Collector):
             if name not in self.registry.pools:
                 up.add_metric([name, "unavailable"], 0)
         return [size, used, free, live, over, full, up, dev, dev_err, reads, writes, degraded,
-                repaired, unreadable, commits]
+                repaired, unreadable, commits, dstate, work]
 
     def _volumes(self) -> Iterable[Metric]:
         labels = ["pool", "volume"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,7 @@ class PoolEntry:
     volumes: VolumeManager
     devices: list[str]
     full_warning: float = FULL_WARNING
+    spares: list[str] = field(default_factory=list)   # device paths kept for replacements
 
     @property
     def name(self) -> str:
@@ -62,8 +64,8 @@ class Registry:
         return [p for p in pools if isinstance(p, dict) and "name" in p]
 
     def _write_cache(self) -> None:
-        entries = [{"name": e.name, "uuid": e.pool.uuid, "devices": e.devices}
-                   for e in self.pools.values()]
+        entries = [{"name": e.name, "uuid": e.pool.uuid, "devices": e.devices,
+                    "spares": e.spares} for e in self.pools.values()]
         # Pools that failed to import stay remembered, so a missing disk is not forgotten.
         for p in self._read_cache():
             if p["name"] in self.failed and p["name"] not in self.pools:
@@ -85,7 +87,8 @@ class Registry:
         for entry in await trio.to_thread.run_sync(self._read_cache):
             name = entry["name"]
             try:
-                await self._import(entry.get("devices", []), name)
+                imported = await self._import(entry.get("devices", []), name)
+                imported.spares = [p for p in entry.get("spares", []) if isinstance(p, str)]
             except StorageError as e:
                 self.failed[name] = e.message
                 log.error("pool %s could not be imported: %s", name, e.message)
@@ -186,6 +189,112 @@ class Registry:
                 raise
             entry.devices.append(_abspath(path))
             await self.save()
+
+
+    # ---- failing disks (issue 9) ------------------------------------------------------------
+    async def replace_device(self, name: str, old: str, new: str,
+                             file_size: int | None) -> int:
+        """Put device ``new`` in member ``old``'s place (the rebuild runs in the
+        background); returns the member index."""
+        async with self._lock:
+            entry = self.get(name)
+            index = entry.pool.member_index(old)
+            old_path = entry.pool.statistics().members[index].path
+            (dev,) = await _open_devices([new], file_size)
+            try:
+                await entry.pool.replace_device(index, dev)
+            except BaseException:
+                dev.close()
+                raise
+            self._set_path(entry, old_path, _abspath(new))
+            if _abspath(new) in entry.spares:
+                entry.spares.remove(_abspath(new))
+            await self.save()
+            return index
+
+    @staticmethod
+    def _set_path(entry: PoolEntry, old: str, path: str) -> None:
+        """The remembered device paths, with ``old`` (a member's previous device, wiped
+        or gone) swapped for ``path``."""
+        if old and _abspath(old) in entry.devices:
+            entry.devices.remove(_abspath(old))
+        if path not in entry.devices:
+            entry.devices.append(path)
+
+    async def add_spare(self, name: str, path: str, file_size: int | None) -> None:
+        async with self._lock:
+            entry = self.get(name)
+            (dev,) = await _open_devices([path], file_size)
+            try:
+                if any(_abspath(path) == p for p in entry.spares):
+                    raise InvalidArgument(f"{path} is already a spare of pool {name}")
+                try:
+                    entry.pool.member_index(path)
+                except NotFound:
+                    pass
+                else:
+                    raise InvalidArgument(f"{path} is a member of pool {name}")
+                label = await trio.to_thread.run_sync(_label_of, dev)
+                if label is not None:
+                    raise InvalidArgument(f"{path} carries the label of pool "
+                                          f"{label.pool_name!r}; destroy that first")
+                if entry.pool.layout.n_extents(dev.size) < max(
+                        m.n_extents for m in entry.pool.state.members):
+                    raise InvalidArgument(f"{path} is too small to replace every member of "
+                                          f"pool {name}")
+            finally:
+                dev.close()
+            entry.spares.append(_abspath(path))
+            await self.save()
+
+    async def online(self, name: str, member: str, path: str | None) -> int:
+        async with self._lock:
+            entry = self.get(name)
+            index = entry.pool.member_index(member)
+            dev = None
+            if path is not None:
+                (dev,) = await _open_devices([path], None)
+            try:
+                await entry.pool.online(index, dev)
+            except BaseException:
+                if dev is not None:
+                    dev.close()
+                raise
+            if path is not None:
+                self._set_path(entry, "", _abspath(path))
+                await self.save()
+            return index
+
+    async def remove_device(self, name: str, member: str,
+                            progress: Callable[[int, int], Awaitable[None]]) -> int:
+        entry = self.get(name)
+        index = entry.pool.member_index(member)
+        old_path = entry.pool.statistics().members[index].path
+        await entry.pool.remove_device(index, progress)
+        async with self._lock:
+            if old_path and _abspath(old_path) in entry.devices:
+                entry.devices.remove(_abspath(old_path))
+            await self.save()
+        return index
+
+    async def auto_replace(self, entry: PoolEntry) -> int | None:
+        """Replace the first faulted member by the first spare (the config switch
+        ``auto_replace``); returns the member replaced."""
+        faulted = [m.index for m in entry.pool.statistics().members if m.state == "faulted"]
+        if not faulted or not entry.spares:
+            return None
+        spare = entry.spares[0]
+        log.warning("pool %s: replacing faulted member %d by spare %s", entry.name,
+                    faulted[0], spare)
+        await self.replace_device(entry.name, str(faulted[0]), spare, None)
+        return faulted[0]
+
+
+def _label_of(dev: Device) -> Label | None:
+    try:
+        return Label.decode(dev.pread(0, LABEL_SIZE))
+    except DeviceError:
+        return None
 
 
 def _abspath(path: str) -> str:

@@ -568,20 +568,31 @@ async def test_compression_stores_compressible_data_small_and_random_data_raw(
         await pool.close()
 
 
-async def test_write_errors_fail_the_flush_plainly_and_are_counted(disks: Disks) -> None:
-    """A device that fails writes: flush raises a storage error (EIO), never an exception
-    group; the member's write errors are counted; the writes stay buffered (not lost)."""
+async def test_write_errors_fault_the_member_and_the_flush_goes_on_degraded(
+        disks: Disks) -> None:
+    """A device that fails writes (issue 9): its write errors are counted, it is faulted
+    (its metadata copy fell behind), and the flush succeeds degraded on the others, which
+    still hold k fragments of every record. A second failing member (beyond m = 1) fails
+    the flush plainly with EIO, never an exception group; the writes stay buffered."""
     devs = disks(3).create()
     faulty = FaultyDevice(devs[0], seed=1)
-    pool = await Pool.create("w", [faulty, *devs[1:]], profile="ec:2+1", extent_size=EXT)
+    faulty2 = FaultyDevice(devs[1], seed=2)
+    pool = await Pool.create("w", [faulty, faulty2, devs[2]], profile="ec:2+1",
+                             extent_size=EXT)
     vol = await VolumeManager(pool).create("v", VOL)
     data = os.urandom(1 << 20)
     await vol.write(0, data)
     faulty.write_error_rate = 1.0
+    await vol.flush()
+    st = pool.statistics()
+    assert st.members[0].write_errors >= 1 and st.members[0].state == "faulted"
+    assert st.state == "degraded"
+    assert await vol.read(0, 1 << 20) == data
+    await vol.write(1 << 20, data)
+    faulty2.write_error_rate = 1.0
     with pytest.raises(StorageError) as err:
         await vol.flush()
     assert err.value.errno == errno.EIO
-    assert pool.statistics().members[0].write_errors >= 1
-    assert await vol.read(0, 1 << 20) == data      # still buffered, still readable
-    faulty.write_error_rate = 0.0
+    assert await vol.read(1 << 20, 1 << 20) == data      # still buffered, still readable
+    faulty2.write_error_rate = 0.0
     await pool.close()

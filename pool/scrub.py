@@ -1,0 +1,186 @@
+"""Scrub: read every live record and every metadata block, verify every fragment and copy,
+and repair what is wrong from redundancy (invariant 4).
+
+The scrub is a persisted task (``PoolState.tasks["scrub"]``, journaled with the ``task``
+op): its state (running | paused | canceled | finished), the last segment it finished,
+and its counts. ``run`` works it off segment by segment in id order and commits its
+position with the repairs, so after a restart it resumes where it was. Segments are pinned
+while read (never freed under the scrub); no lock is held, so foreground I/O goes on; the
+reads run in one thread at a time per pool and are throttled to a byte rate.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import trio
+
+from pool import records
+from pool.codec import fragment_units
+from pool.errors import InvalidArgument
+from pool.layout import SECTOR
+from pool.pool import Pool
+from pool.rebuild import _throttle
+from pool.state import ENTRY
+
+log = logging.getLogger(__name__)
+RUN_BYTES = 4 << 20
+COMMIT_EVERY = 2.0
+MAX_REPORTED = 100   # unrecoverable records named in the task (the count is exact)
+
+
+def task(pool: Pool) -> dict[str, Any] | None:
+    value = pool.state.tasks.get("scrub")
+    return dict(value) if value is not None else None
+
+
+def _total(pool: Pool) -> int:
+    return sum(min(s.live, s.fill) * SECTOR * (s.k + s.m)
+               for s in pool.state.segments.values())
+
+
+async def control(pool: Pool, action: str) -> dict[str, Any]:
+    """start | pause | resume | cancel; the new task state is committed on return."""
+    cur = task(pool)
+    state = cur["state"] if cur else None
+    if action == "start":
+        if state in ("running", "paused"):
+            raise InvalidArgument(f"pool {pool.name}: a scrub is already {state} (use "
+                                  f"--resume, --pause or --cancel)")
+        cur = {"state": "running", "position": 0, "total": _total(pool), "done": 0,
+               "found": 0, "repaired": 0, "unrecoverable": 0, "problems": [],
+               "started": time.time(), "finished": None, "metadata": False}
+    elif action in ("pause", "resume", "cancel"):
+        want = {"pause": ("running",), "resume": ("paused",),
+                "cancel": ("running", "paused")}[action]
+        if cur is None or state not in want:
+            raise InvalidArgument(f"pool {pool.name}: no scrub to {action} (scrub is "
+                                  f"{state or 'not started'})")
+        cur["state"] = {"pause": "paused", "resume": "running", "cancel": "canceled"}[action]
+        if action == "cancel":
+            cur["finished"] = time.time()
+    else:
+        raise InvalidArgument(f"unknown scrub action {action!r}")
+    pool.set_task("scrub", cur)
+    await pool.commit()
+    log.info("pool %s: scrub %s", pool.name, cur["state"])
+    return cur
+
+
+def _running(pool: Pool) -> bool:
+    cur = pool.state.tasks.get("scrub")
+    return cur is not None and cur.get("state") == "running"
+
+
+async def run(pool: Pool, *, rate: float | None = None) -> dict[str, Any] | None:
+    """Work the persisted scrub until it is finished, paused or canceled; returns the task.
+    ``rate``: at most this many bytes per second read."""
+    cur = task(pool)
+    if cur is None or cur["state"] != "running":
+        return cur
+    started = time.monotonic()
+    done_at_start = cur["done"]
+    last_commit = time.monotonic()
+    budget_start, budget_bytes = started, 0
+    try:
+        if not cur.get("metadata"):
+            checked, bad, fixed = await pool.scrub_metadata()
+            cur["found"] += bad
+            cur["repaired"] += fixed
+            cur["metadata"] = True
+            if bad > fixed:
+                cur["unrecoverable"] += bad - fixed
+                cur["problems"].append(f"{bad - fixed} metadata copies could not be rewritten")
+            log.info("pool %s: scrub checked %d metadata copies, %d bad, %d rewritten",
+                     pool.name, checked, bad, fixed)
+            if not _running(pool):
+                return task(pool)
+            pool.set_task("scrub", cur)
+        for seg_id in sorted(s for s in pool.state.segments if s > cur["position"]):
+            if not _running(pool):
+                return task(pool)
+            seg = pool.state.segments.get(seg_id)
+            if seg is None:
+                continue
+            entries = pool.segment_records(seg_id)
+            pool.pin(seg_id)
+            try:
+                i = 0
+                while i < len(entries):
+                    j, size = i, 0
+                    while j < len(entries) and size < RUN_BYTES:
+                        size += _units(entries[j], seg.k) * SECTOR
+                        j += 1
+                    plans = pool.record_plans(seg, entries[i:j])
+                    out = await pool.background(records.verify_stripes, plans)
+                    pool.note_outcome(out)
+                    n_fixed = await pool.write_fragments(out.repairs)
+                    cur["found"] += out.bad
+                    cur["repaired"] += n_fixed
+                    pool.count("repaired_fragments", n_fixed)
+                    for slot, why in out.failures.items():
+                        cur["unrecoverable"] += 1
+                        where = ", ".join(pool.locate(entries[i + slot])) or "no map"
+                        msg = f"{where}: {why}"
+                        log.error("pool %s: scrub: unrecoverable record: %s", pool.name, msg)
+                        if len(cur["problems"]) < MAX_REPORTED:
+                            cur["problems"].append(msg)
+                    cur["done"] += size * (seg.k + seg.m)
+                    pool.count("scrubbed_bytes", out.bytes_read)
+                    budget_bytes += out.bytes_read
+                    i = j
+                    pool.activity["scrub"] = _rates(cur, done_at_start, started)
+                    budget_start, budget_bytes = await _throttle(rate, budget_start,
+                                                                 budget_bytes)
+            finally:
+                pool.unpin(seg_id)
+            if not _running(pool):    # paused or canceled meanwhile: theirs wins
+                return task(pool)
+            cur["position"] = seg_id
+            pool.set_task("scrub", cur)   # in memory now (pause keeps it), durable soon
+            if time.monotonic() - last_commit > COMMIT_EVERY:
+                await pool.commit()
+                last_commit = time.monotonic()
+        if _running(pool):
+            cur["state"] = "finished"
+            cur["finished"] = time.time()
+            cur["done"] = max(cur["done"], cur["total"])
+            pool.set_task("scrub", cur)
+            await pool.commit()
+            log.info("pool %s: scrub finished: %d bad fragment(s) found, %d repaired, %d "
+                     "unrecoverable", pool.name, cur["found"], cur["repaired"],
+                     cur["unrecoverable"])
+        return task(pool)
+    finally:
+        pool.activity.pop("scrub", None)
+
+
+def _units(raw: bytes, k: int) -> int:
+    return fragment_units(ENTRY.unpack_from(raw)[2], k)
+
+
+def _rates(cur: dict[str, Any], done0: int, started: float) -> dict[str, float | None]:
+    elapsed = max(1e-6, time.monotonic() - started)
+    rate = (cur["done"] - done0) / elapsed
+    left = max(0, cur["total"] - cur["done"])
+    return {"rate": rate, "eta": left / rate if rate > 0 else None}
+
+
+def status(pool: Pool) -> dict[str, Any] | None:
+    """The scrub task as the control API shows it (with the live rate and ETA)."""
+    cur = task(pool)
+    if cur is None:
+        return None
+    live = pool.activity.get("scrub") or {}
+    cur["rate"] = live.get("rate", 0.0) if cur["state"] == "running" else 0.0
+    cur["eta"] = live.get("eta") if cur["state"] == "running" else None
+    return cur
+
+
+async def wait(pool: Pool, poll: float = 0.2) -> dict[str, Any] | None:
+    # The task state lives in the pool's metadata (changed by ops): polled, not signalled.
+    while _running(pool):  # noqa: ASYNC110
+        await trio.sleep(poll)
+    return task(pool)

@@ -1,0 +1,170 @@
+"""Failing disks (issue 9; DESIGN §5, invariants 4 and 5).
+
+- The real daemon: an ec:4+2 pool on 6 files serving NBD; a device file deleted under it
+  is faulted, I/O goes on degraded and byte-exact; replace-device rebuilds onto a new file
+  (progress to 100%, state online); then two other device files go and every byte still
+  reads back. The scrub over storagectl finds nothing on a healthy pool.
+- The error-injecting device wrapper: intermittent EIO on reads and on writes is absorbed
+  by redundancy and counted, and a member reaching the threshold is faulted; short reads
+  are errors, never data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pool import Pool
+from pool.faults import FaultyDevice
+from tests.conftest import DiskSet
+from tests.daemonkit import Daemon
+from tests.poolkit import filled_pool, read_all
+from volumes import VolumeManager
+
+Disks = Callable[..., DiskSet]
+SIZE = 4 << 20
+
+
+def _status(d: Daemon) -> dict[str, object]:
+    out = d.json("pool", "status", "f")
+    assert isinstance(out, dict)
+    return out
+
+
+def _devices(d: Daemon) -> list[dict[str, object]]:
+    devs = _status(d)["devices"]
+    assert isinstance(devs, list)
+    return devs
+
+
+def _until(cond: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _nbdcopy(src: str, dst: str) -> None:
+    subprocess.run(["nbdcopy", src, dst], check=True, timeout=60, capture_output=True)
+
+
+def test_lose_a_device_under_io_replace_it_then_lose_two_more(daemon: Daemon,
+                                                              tmp_path: Path) -> None:
+    d = daemon
+    files = [tmp_path / f"dev{i}" for i in range(6)]
+    d.ok("pool", "create", "f", *map(str, files), "--profile", "ec:4+2", "--extent-size",
+         "1M", "--file-size", "48M")
+    d.ok("volume", "create", "f/v", "--size", "8M", "--compression", "off")
+    data = bytearray(random.Random(1).randbytes(8 << 20))
+    src, back = tmp_path / "src.img", tmp_path / "back.img"
+    src.write_bytes(data)
+    _nbdcopy(str(src), d.url("f/v"))
+    os.unlink(files[2])                                   # the disk is pulled
+    _until(lambda: _devices(d)[2]["state"] == "faulted", "member 2 to be faulted")
+    st = _status(d)
+    assert st["state"] == "degraded", st
+    # I/O goes on, degraded: new writes and reads, byte-exact.
+    piece = random.Random(2).randbytes(1 << 20)
+    (tmp_path / "piece.img").write_bytes(piece)
+    data[3 << 20:4 << 20] = piece
+    src.write_bytes(data)
+    _nbdcopy(str(src), d.url("f/v"))
+    _nbdcopy(d.url("f/v"), str(back))
+    assert back.read_bytes() == bytes(data)
+    new = tmp_path / "new2"
+    out = json.loads(d.ok("--json", "pool", "replace-device", "f", "2", str(new),
+                          "--file-size", "48M", "--wait"))
+    assert out["replaced_member"] == 2
+    _until(lambda: _status(d)["state"] == "online", "the pool to be online again")
+    devs = _devices(d)
+    assert [x["state"] for x in devs] == ["online"] * 6, devs
+    assert devs[2]["path"] == str(new)
+    assert "rebuild" in d.ok("pool", "status", "f") or _status(d)["rebuild"] is None
+    # Full redundancy again: two other devices can go.
+    os.unlink(files[0])
+    os.unlink(files[5])
+    _until(lambda: sum(x["state"] == "faulted" for x in _devices(d)) == 2,
+           "members 0 and 5 to be faulted")
+    back.unlink()
+    _nbdcopy(d.url("f/v"), str(back))
+    assert back.read_bytes() == bytes(data)
+
+
+def test_scrub_over_the_cli(daemon: Daemon, tmp_path: Path) -> None:
+    d = daemon
+    files = [tmp_path / f"dev{i}" for i in range(3)]
+    d.ok("pool", "create", "f", *map(str, files), "--profile", "ec:2+1", "--extent-size",
+         "1M", "--file-size", "32M")
+    d.ok("volume", "create", "f/v", "--size", "4M")
+    src = tmp_path / "src.img"
+    src.write_bytes(random.Random(3).randbytes(4 << 20))
+    _nbdcopy(str(src), d.url("f/v"))
+    out = json.loads(d.ok("--json", "pool", "scrub", "f", "--wait"))
+    s = out["scrub"]
+    assert s["state"] == "finished" and s["found"] == 0 and s["unrecoverable"] == 0, s
+    assert "scrub finished" in d.ok("pool", "status", "f")
+    r = d.ctl("pool", "scrub", "f", "--pause")
+    assert r.returncode == 1 and "no scrub to pause" in r.stderr, r.stderr
+
+
+async def test_intermittent_eio_is_absorbed_counted_then_faults(disks: Disks) -> None:
+    ds = disks(6)
+    pool, data = await filled_pool(ds, "ec:4+2", SIZE)
+    await pool.close()
+    devs = ds.open()
+    flaky = FaultyDevice(devs[1], seed=3)
+    writes = FaultyDevice(devs[4], seed=4)
+    pool = await Pool.open([devs[0], flaky, devs[2], devs[3], writes, devs[5]])
+    try:
+        pool.fault_threshold = 1000
+        flaky.read_error_rate = 0.3
+        writes.write_error_rate = 0.3
+        assert await read_all(pool, SIZE) == data
+        st = pool.statistics().members
+        assert st[1].read_errors > 0 and st[1].state == "online"
+        vol = VolumeManager(pool).get("v")
+        piece = random.Random(5).randbytes(1 << 20)
+        for i in range(4):
+            await vol.write(i * (1 << 20), piece)
+            await vol.flush()
+        data = piece * 4
+        assert await read_all(pool, SIZE) == data
+        assert pool.statistics().members[4].write_errors > 0
+        pool.fault_threshold = 3
+        flaky.read_error_rate = 1.0
+        pool._cache.clear()   # (the record cache would serve the blocks without I/O)
+        assert await read_all(pool, SIZE) == data
+        assert pool.statistics().members[1].state == "faulted"
+    finally:
+        flaky.read_error_rate = writes.write_error_rate = 0.0
+        await pool.close()
+    pool = await Pool.open(ds.open())
+    try:
+        assert await read_all(pool, SIZE) == data
+    finally:
+        await pool.close()
+
+
+async def test_short_reads_are_errors_never_data(disks: Disks) -> None:
+    ds = disks(3)
+    pool, data = await filled_pool(ds, "ec:2+1", SIZE)
+    await pool.close()
+    devs = ds.open()
+    short = FaultyDevice(devs[0], seed=6)
+    pool = await Pool.open([short, devs[1], devs[2]])
+    try:
+        pool.fault_threshold = 10_000
+        short.short_read_rate = 0.5
+        assert await read_all(pool, SIZE) == data
+        assert short.injected_errors > 0
+        assert pool.statistics().members[0].read_errors > 0
+    finally:
+        short.short_read_rate = 0.0
+        await pool.close()
