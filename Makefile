@@ -11,7 +11,7 @@ DEBS := libfuse3-dev pkg-config fuse3 qemu-utils qemu-block-extra libnbd-bin pyt
 	libiscsi-bin openssl
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck contracts pytest system-deps venv bench-engine bench-nbd bench-snapshots bench-fuse bench-send clean
+.PHONY: run test lint typecheck contracts pytest system-deps venv bench-engine bench-nbd bench-snapshots bench-fuse bench-send bench-rebuild clean
 
 system-deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -55,6 +55,9 @@ bench-snapshots: venv
 
 bench-send: venv
 	$(BIN)/python -m benchmarks.send $(BENCH_ARGS)
+
+bench-rebuild: venv
+	$(BIN)/python -m benchmarks.rebuild $(BENCH_ARGS)
 
 # Benchmark-only tools are installed here, not by `make test`.
 BENCH_DEBS := nbdkit
