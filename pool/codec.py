@@ -85,24 +85,52 @@ def stripe(payload: bytes | memoryview, flags: int, k: int, m: int) -> EncodedRe
         chunks: list[bytes | memoryview] = [payload] * (1 + m)
     else:
         view = memoryview(payload)
-        data_chunks = [bytes(view[i * clen:(i + 1) * clen]) for i in range(k)]
-        last = data_chunks[-1]
-        if len(last) < clen:
-            data_chunks[-1] = last + bytes(clen - len(last))
+        # Every chunk is clen long: the last ones are zero-padded (a payload shorter than
+        # (k - 1) * clen leaves more than one short, even empty, chunk).
+        data_chunks = _data_chunks(view, k, clen)
         enc = _encoders.get((k, m))
         if enc is None:
             enc = _encoders[(k, m)] = zfec.Encoder(k, k + m)
         parity = enc.encode(tuple(data_chunks), tuple(range(k, k + m))) if m else []
         chunks = [*data_chunks, *parity]
-    frags = []
-    for i, chunk in enumerate(chunks):
-        frag = bytearray(size)
-        end = HEADER_SIZE + len(chunk)
-        frag[HEADER_SIZE:end] = chunk
-        HEADER.pack_into(frag, 0, 0, MAGIC, i, k, m, flags, plen, 0, rhash)
-        struct.pack_into("<Q", frag, 0, _xxh3(memoryview(frag)[8:end]))
-        frags.append(frag)
+    frags = [_frame(chunk, i, k, m, flags, plen, rhash, size) for i, chunk in enumerate(chunks)]
     return EncodedRecord(plen, flags, rhash, units, frags)
+
+
+def _data_chunks(view: memoryview, k: int, clen: int) -> list[bytes]:
+    return [bytes(view[i * clen:(i + 1) * clen]).ljust(clen, b"\0") for i in range(k)]
+
+
+def _frame(chunk: bytes | memoryview, index: int, k: int, m: int, flags: int, plen: int,
+           rhash: int, size: int) -> bytearray:
+    """Fragment ``index`` as stored: its header (with its own checksum) and chunk."""
+    frag = bytearray(size)
+    end = HEADER_SIZE + len(chunk)
+    frag[HEADER_SIZE:end] = chunk
+    HEADER.pack_into(frag, 0, 0, MAGIC, index, k, m, flags, plen, 0, rhash)
+    struct.pack_into("<Q", frag, 0, _xxh3(memoryview(frag)[8:end]))
+    return frag
+
+
+def one_fragment(payload: bytes | memoryview, flags: int, k: int, m: int, index: int,
+                 rhash: int) -> bytearray:
+    """Only fragment ``index`` of the record whose stored payload (of hash ``rhash``,
+    already verified) is ``payload``: what a rebuild writes, without encoding the rest."""
+    plen = len(payload)
+    clen = chunk_length(plen, k)
+    size = -(-(HEADER_SIZE + clen) // SECTOR) * SECTOR
+    view = memoryview(payload)
+    if k == 1:
+        chunk: bytes | memoryview = view
+    elif index < k:
+        chunk = bytes(view[index * clen:(index + 1) * clen]).ljust(clen, b"\0")
+    else:
+        data_chunks = _data_chunks(view, k, clen)
+        enc = _encoders.get((k, m))
+        if enc is None:
+            enc = _encoders[(k, m)] = zfec.Encoder(k, k + m)
+        chunk = enc.encode(tuple(data_chunks), (index,))[0]
+    return _frame(chunk, index, k, m, flags, plen, rhash, size)
 
 
 def check_fragment(frag: bytes | memoryview, index: int, k: int, m: int, plen: int,

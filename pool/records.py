@@ -292,12 +292,12 @@ def _verify_run(run: Sequence[RecordPlan], target: int | None, out: StripeOutcom
         if not codec.payload_ok(payload, p.rhash):
             out.failures[p.slot] = "fragments verify but the record checksum does not"
             continue
-        good = codec.stripe(payload, p.flags, k, p.m)
         for c in todo:
             dev, base, _name = p.columns[c]
             if dev is not None:
                 out.repairs.append(Repair(p.segment, c, dev, base + p.offset * SECTOR,
-                                          bytes(good.fragments[c])))
+                                          bytes(codec.one_fragment(payload, p.flags, k, p.m,
+                                                                   c, p.rhash))))
 
 
 def write_repairs(repairs: Sequence[Repair]) -> tuple[int, list[Repair]]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from pool import FileDevice, Pool
+from pool import FileDevice, Pool, codec
 from pool.checker import check
 from pool.codec import HEADER_SIZE, chunk_length
 from pool.errors import ImportFailed, MediumError, StorageError
@@ -596,3 +596,17 @@ async def test_write_errors_fault_the_member_and_the_flush_goes_on_degraded(
     assert await vol.read(1 << 20, 1 << 20) == data      # still buffered, still readable
     faulty2.write_error_rate = 0.0
     await pool.close()
+
+
+@pytest.mark.parametrize(("k", "m"), [(1, 0), (1, 2), (2, 1), (4, 2), (3, 2), (8, 2)])
+def test_one_fragment_is_the_same_fragment_a_full_stripe_holds(k: int, m: int) -> None:
+    """A rebuild writes only the lost fragment (codec.one_fragment): it must be exactly the
+    bytes the full stripe had there, for every index and for odd payload lengths."""
+
+    rng = random.Random(k * 10 + m)
+    for plen in (1, 5, 20, 4095, 4096, 65536, 65536 - 13, 40000):
+        payload = rng.randbytes(plen)
+        full = codec.stripe(payload, 0, k, m)
+        for i in range(k + m):
+            assert codec.one_fragment(payload, 0, k, m, i, full.rhash) == full.fragments[i], \
+                (plen, i)
