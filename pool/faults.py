@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -100,6 +101,7 @@ class FaultyDevice:
     ``short_read_rate``: probability that a read returns fewer bytes than asked.
     ``bad_ranges``: byte ranges whose reads always fail.
     ``gone``: every operation fails (the device was pulled).
+    ``read_delay``: every read first waits this long (a device that hangs).
     Counters record what was injected so tests can assert it was detected.
     """
 
@@ -111,6 +113,7 @@ class FaultyDevice:
         self.short_read_rate = 0.0
         self.bad_ranges: list[tuple[int, int]] = []
         self.gone = False
+        self.read_delay = 0.0             # seconds every read takes (a hanging device)
         self.injected_errors = 0
         self.injected_flips = 0
         self._rng = random.Random(seed)
@@ -138,6 +141,8 @@ class FaultyDevice:
         return None  # every read goes through pread, where the faults are
 
     def pread(self, offset: int, length: int) -> bytes:
+        if self.read_delay:
+            time.sleep(self.read_delay)
         if self.gone:
             raise self._fail("read from a device that is gone")
         for start, end in self.bad_ranges:

@@ -6,6 +6,9 @@ the pool's in-memory state (the event loop prepares plans and applies results).
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -67,13 +70,80 @@ def write_columns(writes: Sequence[tuple[Device, int, list[bytearray]]]) -> None
         dev.pwritev(offset, fragments)
 
 
+# ---- reads with a deadline ------------------------------------------------------------
+# A device that stops answering (a dying disk, a hung path) must not hang the reads that
+# redundancy could serve. Fragment reads therefore run on a small pool of reader threads
+# and are given up after READ_TIMEOUT seconds (the daemon sets it from faults.read_timeout):
+# the fragment counts as missing (and as a read error of its member), the record is
+# rebuilt from the others. Until the stuck read returns, further reads of that device
+# fail at once instead of each waiting out the timeout. A pread cannot be interrupted, so
+# the stuck thread is left to finish; the pool of threads is bounded.
+READ_TIMEOUT: float | None = 30.0
+_readers = concurrent.futures.ThreadPoolExecutor(max_workers=16,
+                                                 thread_name_prefix="storaged-read")
+_stuck: dict[int, concurrent.futures.Future[bytes]] = {}
+_stuck_lock = threading.Lock()
+
+
+def _start_read(dev: Device, offset: int, length: int
+                ) -> concurrent.futures.Future[bytes] | DeviceError:
+    with _stuck_lock:
+        pending = _stuck.get(id(dev))
+        if pending is not None:
+            if not pending.done():
+                return DeviceError(f"{dev.path} is not answering (a read has been "
+                                   f"waiting more than {READ_TIMEOUT:g} s)")
+            del _stuck[id(dev)]
+    return _readers.submit(dev.pread, offset, length)
+
+
+def _finish_read(dev: Device, fut: concurrent.futures.Future[bytes] | DeviceError,
+                 length: int, offset: int, deadline: float) -> bytes:
+    if isinstance(fut, DeviceError):
+        raise fut
+    try:
+        return fut.result(timeout=max(0.0, deadline - time.monotonic()))
+    except concurrent.futures.TimeoutError:
+        with _stuck_lock:
+            _stuck[id(dev)] = fut
+        raise DeviceError(f"read of {length} bytes at {offset} on {dev.path} timed out "
+                          f"after {READ_TIMEOUT:g} s") from None
+
+
+def read_columns(cols: Sequence[tuple[Device | None, int, str]], offset: int, units: int,
+                 errors: Counter[tuple[str, str]]) -> list[bytes | None]:
+    """The same sectors of several columns, read in parallel, each within the deadline;
+    None for a column that is missing or failed (counted in ``errors``)."""
+    length = units * SECTOR
+    if READ_TIMEOUT is None:
+        return [_frag_bytes(c, offset, units, errors) for c in cols]
+    deadline = time.monotonic() + READ_TIMEOUT
+    started = [(c, _start_read(c[0], c[1] + offset * SECTOR, length)
+                if c[0] is not None else None) for c in cols]
+    out: list[bytes | None] = []
+    for (dev, base, name), fut in started:
+        if dev is None or fut is None:
+            out.append(None)
+            continue
+        try:
+            out.append(_finish_read(dev, fut, length, base + offset * SECTOR, deadline))
+        except DeviceError:
+            errors[(name, "read")] += 1
+            out.append(None)
+    return out
+
+
 def _frag_bytes(col: tuple[Device | None, int, str], offset: int, units: int,
                 errors: Counter[tuple[str, str]]) -> bytes | None:
     dev, base, name = col
     if dev is None:
         return None
     try:
-        return dev.pread(base + offset * SECTOR, units * SECTOR)
+        if READ_TIMEOUT is None:
+            return dev.pread(base + offset * SECTOR, units * SECTOR)
+        fut = _start_read(dev, base + offset * SECTOR, units * SECTOR)
+        return _finish_read(dev, fut, units * SECTOR, base + offset * SECTOR,
+                            time.monotonic() + READ_TIMEOUT)
     except DeviceError:
         errors[(name, "read")] += 1
         return None
@@ -108,17 +178,18 @@ def _read_run(run: Sequence[RecordPlan], block_size: int, out: ReadOutcome,
     k = first.k
     total = sum(p.units for p in run)
     columns: list[memoryview | None] = []
-    for c in range(k):
-        if nowait:
+    if nowait:
+        for c in range(k):
             dev, base, _name = first.columns[c]
             got = (dev.pread_nowait(base + first.offset * SECTOR, total * SECTOR)
                    if dev is not None else None)
             if got is None:
                 raise WouldBlock
             columns.append(memoryview(got))
-            continue
-        raw = _frag_bytes(first.columns[c], first.offset, total, out.device_errors)
-        columns.append(memoryview(raw) if raw is not None else None)
+    else:
+        columns = [memoryview(raw) if raw is not None else None
+                   for raw in read_columns(first.columns[:k], first.offset, total,
+                                           out.device_errors)]
     pos = 0
     for p in run:
         size = p.units * SECTOR
@@ -239,8 +310,9 @@ def _verify_run(run: Sequence[RecordPlan], target: int | None, out: StripeOutcom
     wanted = usable if target is None else usable[:k]
     total = sum(p.units for p in run)
     columns: dict[int, memoryview | None] = {}
-    for c in wanted:
-        raw = _frag_bytes(first.columns[c], first.offset, total, out.device_errors)
+    raws = read_columns([first.columns[c] for c in wanted], first.offset, total,
+                        out.device_errors)
+    for c, raw in zip(wanted, raws, strict=True):
         columns[c] = memoryview(raw) if raw is not None else None
         if raw is not None:
             out.bytes_read += len(raw)

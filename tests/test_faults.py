@@ -19,7 +19,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pool import Pool
+import pytest
+import trio
+
+from pool import Pool, records
 from pool.faults import FaultyDevice
 from tests.conftest import DiskSet
 from tests.daemonkit import Daemon
@@ -167,4 +170,28 @@ async def test_short_reads_are_errors_never_data(disks: Disks) -> None:
         assert pool.statistics().members[0].read_errors > 0
     finally:
         short.short_read_rate = 0.0
+        await pool.close()
+
+
+async def test_a_hanging_device_times_out_and_reads_go_on_from_redundancy(
+        disks: Disks, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A member whose reads stop answering: each stuck read is given up after the read
+    timeout, the data comes from the other fragments, the member is charged read errors,
+    and later reads skip it at once instead of waiting again."""
+    ds = disks(3)
+    pool, data = await filled_pool(ds, "ec:2+1", SIZE)
+    await pool.close()
+    devs = ds.open()
+    hung = FaultyDevice(devs[0], seed=7)
+    pool = await Pool.open([hung, devs[1], devs[2]])
+    monkeypatch.setattr(records, "READ_TIMEOUT", 0.2)
+    try:
+        pool.fault_threshold = 10_000
+        hung.read_delay = 4.0           # far longer than the timeout: a hang
+        with trio.fail_after(3.5):      # served before the device would have answered
+            assert await read_all(pool, SIZE) == data
+            assert await read_all(pool, SIZE) == data
+        assert pool.statistics().members[0].read_errors >= 1
+    finally:
+        hung.read_delay = 0.0
         await pool.close()
