@@ -27,6 +27,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
     ap.add_argument("--socket", help="control API Unix socket path")
     ap.add_argument("--nbd-listen", metavar="HOST:PORT", help="NBD address, or 'off'")
     ap.add_argument("--metrics-listen", metavar="HOST:PORT", help="metrics address, or 'off'")
+    ap.add_argument("--iscsi-listen", metavar="HOST:PORT",
+                    help="iSCSI target portal (default 127.0.0.1:3260), or 'off'")
     ap.add_argument("--fuse-mount", metavar="DIR",
                     help="serve every volume as a file under DIR (FUSE), or 'off'")
     ap.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -39,7 +41,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
                        ("log_level", "log_level")):
         if getattr(args, flag) is not None:
             over[attr] = getattr(args, flag)
-    for flag in ("nbd_listen", "metrics_listen", "fuse_mount"):
+    for flag in ("nbd_listen", "metrics_listen", "fuse_mount", "iscsi_listen"):
         v = getattr(args, flag)
         if v is not None:
             over[flag] = None if v == "off" else v

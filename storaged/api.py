@@ -14,6 +14,7 @@ from typing import Any
 
 import trio
 
+from iscsi.server import ISCSIServer
 from nbd.server import NBDServer
 from pool import rebuild, scrub
 from pool.checker import check
@@ -146,8 +147,10 @@ def volume_info(pool: str, vol: Volume) -> dict[str, Any]:
 
 class ControlAPI:
     def __init__(self, registry: Registry, nbd: NBDServer | None,
-                 nbd_address: tuple[str, int] | None) -> None:
+                 nbd_address: tuple[str, int] | None, *,
+                 iscsi: ISCSIServer | None = None) -> None:
         self.registry = registry
+        self.iscsi = iscsi
         self.nbd = nbd
         self.nbd_address = nbd_address
         self.methods: dict[str, Callable[[Params, Progress], Awaitable[Any]]] = {
@@ -462,6 +465,10 @@ class ControlAPI:
                     if self.nbd_address is not None:
                         host, port = self.nbd_address
                         item["nbd"] = f"nbd://{host}:{port}/{name}"
+                    if self.iscsi is not None:
+                        snap = name.partition("@")[2] or None
+                        iqn = self.iscsi.catalog.target_name(pname, vname, snap)
+                        item["iscsi"] = f"iscsi://{self.iscsi.portal}/{iqn}/0"
                     out.append(item)
         return out
 

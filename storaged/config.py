@@ -11,12 +11,14 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from iscsi.targets import DEFAULT_BASE_IQN, check_base_iqn
 from volumes import InvalidArgument
 
 DEFAULT_STATE_DIR = "/var/lib/storaged"
 DEFAULT_SOCKET = "/run/storaged/control.sock"
 DEFAULT_NBD = "127.0.0.1:10809"
 DEFAULT_METRICS = "127.0.0.1:9810"
+DEFAULT_ISCSI = "127.0.0.1:3260"
 
 
 def default_socket() -> str:
@@ -35,12 +37,15 @@ class Config:
     nbd_allow: tuple[str, ...] = ()               # CIDR networks; empty: everyone
     nbd_max_inflight: int = 64
     metrics_listen: str | None = DEFAULT_METRICS  # None: metrics off
+    iscsi_listen: str | None = DEFAULT_ISCSI      # None: iSCSI off
+    iscsi_base_iqn: str = DEFAULT_BASE_IQN        # target names: BASE:POOL:VOLUME
     demo: bool = False                            # create a demo pool if there is none
     full_warning: float = 0.8                     # used fraction that raises a warning
     fault_threshold: int = 10                     # I/O errors that fault a pool member
     scrub_rate: int = 256 << 20                   # bytes/s a scrub may read
     rebuild_rate: int = 0                         # bytes/s a rebuild may read (0: no cap)
     auto_replace: bool = False                    # replace a faulted member by a spare
+    read_timeout: float = 30.0                    # seconds before a device read is given up
     fuse_mount: str | None = None                 # FUSE mount point; None: FUSE off
     fuse_uid: int | None = None                   # owner of the files (None: the daemon's)
     fuse_gid: int | None = None
@@ -67,9 +72,11 @@ _KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "faults.threshold": ("fault_threshold", int), "faults.scrub_rate": ("scrub_rate", int),
     "faults.rebuild_rate": ("rebuild_rate", int),
     "faults.auto_replace": ("auto_replace", bool),
+    "faults.read_timeout": ("read_timeout", float),
     "fuse.mount": ("fuse_mount", str), "fuse.uid": ("fuse_uid", int),
     "fuse.gid": ("fuse_gid", int), "fuse.mode": ("fuse_mode", int),
     "fuse.allow_other": ("fuse_allow_other", bool),
+    "iscsi.listen": ("iscsi_listen", str), "iscsi.base_iqn": ("iscsi_base_iqn", str),
 }
 
 
@@ -99,10 +106,13 @@ def load(path: str | None) -> Config:
             raise InvalidArgument(f"config {path}: unknown key {key!r} (known: "
                                   f"{', '.join(sorted(_KEYS))})")
         attr, typ = _KEYS[key]
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)            # read_timeout = 30 means 30.0
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             raise InvalidArgument(f"config {path}: {key} must be of type "
                                   f"{getattr(typ, '__name__', typ)}")
-        if attr in ("nbd_listen", "metrics_listen", "fuse_mount") and value == "off":
+        if attr in ("nbd_listen", "metrics_listen", "fuse_mount",
+                    "iscsi_listen") and value == "off":
             value = None
         if attr == "nbd_allow":
             value = tuple(value)
@@ -118,6 +128,12 @@ def validate(cfg: Config) -> Config:
         parse_address(cfg.nbd_listen, "nbd.listen")
     if cfg.metrics_listen is not None:
         parse_address(cfg.metrics_listen, "metrics.listen")
+    if cfg.iscsi_listen is not None:
+        parse_address(cfg.iscsi_listen, "iscsi.listen")
+    try:
+        check_base_iqn(cfg.iscsi_base_iqn)
+    except ValueError as e:
+        raise InvalidArgument(f"iscsi.base_iqn: {e}") from e
     if cfg.nbd_tls not in ("off", "on", "require"):
         raise InvalidArgument(f"nbd.tls must be off, on or require, not {cfg.nbd_tls!r}")
     if cfg.nbd_tls != "off" and not (cfg.nbd_tls_cert and cfg.nbd_tls_key):
@@ -132,6 +148,9 @@ def validate(cfg: Config) -> Config:
                               f"{cfg.full_warning!r}")
     if cfg.fault_threshold < 1 or cfg.scrub_rate < 0 or cfg.rebuild_rate < 0:
         raise InvalidArgument("faults.threshold must be >= 1 and the rates >= 0")
+    if not 0 < cfg.read_timeout <= 3600:
+        raise InvalidArgument(f"faults.read_timeout must be seconds in (0, 3600], not "
+                              f"{cfg.read_timeout!r}")
     if not 1 <= cfg.nbd_max_inflight <= 4096:
         raise InvalidArgument("nbd.max_inflight must be between 1 and 4096")
     if cfg.fuse_mount is not None and not cfg.fuse_mount:

@@ -16,10 +16,12 @@ import trio
 
 from fuse.fs import FuseOptions, VolumeFS
 from fuse.mount import FuseMount
+from iscsi.server import ISCSIConfig, ISCSIServer, SharedExclusive
+from iscsi.targets import TargetCatalog
 from nbd import proto
 from nbd.exports import VolumeCatalog
 from nbd.server import NBDConfig, NBDServer, tls_server_context
-from pool import Pool, rebuild, scrub
+from pool import Pool, rebuild, records, scrub
 from pool.errors import StorageError
 from storaged.api import ControlAPI
 from storaged.config import Config, parse_address
@@ -159,6 +161,7 @@ async def _maintain_pool(registry: Registry, entry: PoolEntry, cfg: Config,
 
 
 async def run(cfg: Config, *, ready: trio.Event | None = None) -> None:
+    records.READ_TIMEOUT = cfg.read_timeout
     registry = Registry(cfg.state_dir)
     await registry.load()
     if cfg.demo:
@@ -175,6 +178,12 @@ async def run(cfg: Config, *, ready: trio.Event | None = None) -> None:
                                   allow=tuple(ipaddress.ip_network(n, strict=False)
                                               for n in cfg.nbd_allow),
                                   max_inflight=cfg.nbd_max_inflight))
+    iscsi: ISCSIServer | None = None
+    if cfg.iscsi_listen is not None:
+        ihost, iport = parse_address(cfg.iscsi_listen, "iscsi.listen")
+        iscsi = ISCSIServer(TargetCatalog(_LiveManagers(registry), SharedExclusive,
+                                          base_iqn=cfg.iscsi_base_iqn),
+                            ISCSIConfig(host=ihost, port=iport))
     fuse: FuseMount | None = None
     if cfg.fuse_mount is not None:
         fuse = FuseMount(VolumeFS(_LiveManagers(registry), FuseOptions(
@@ -188,11 +197,14 @@ async def run(cfg: Config, *, ready: trio.Event | None = None) -> None:
                     listeners = await nursery.start(nbd.serve)
                     bound = listeners[0].socket.getsockname()
                     nbd_addr = (bound[0], bound[1])
-                api = ControlAPI(registry, nbd, nbd_addr)
+                if iscsi is not None:
+                    await nursery.start(iscsi.serve)
+                api = ControlAPI(registry, nbd, nbd_addr, iscsi=iscsi)
                 await nursery.start(ControlServer(api, cfg.socket).serve)
                 if cfg.metrics_listen is not None:
                     mhost, mport = parse_address(cfg.metrics_listen, "metrics.listen")
-                    await nursery.start(MetricsServer(registry, nbd).serve, mhost, mport)
+                    await nursery.start(MetricsServer(registry, nbd, iscsi).serve, mhost,
+                                        mport)
                 if fuse is not None:
                     await nursery.start(fuse.serve)
                 nursery.start_soon(watch_space, registry, cfg.full_warning)
@@ -211,6 +223,9 @@ async def run(cfg: Config, *, ready: trio.Event | None = None) -> None:
                     if nbd is not None:
                         # Stop taking requests; answer the ones in flight.
                         await nbd.drain()
+                    if iscsi is not None:
+                        # Ask initiators to log out (Async Message), then close.
+                        await iscsi.drain()
                     if fuse is not None:
                         # Answer what is in flight, flush every volume, unmount.
                         await fuse.stop()

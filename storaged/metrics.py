@@ -21,6 +21,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from iscsi.server import ISCSIServer
 from nbd.server import NBDServer
 from storaged.api import pool_status
 from storaged.registry import Registry
@@ -30,15 +31,19 @@ log = logging.getLogger(__name__)
 
 
 class StoragedCollector(Collector):
-    def __init__(self, registry: Registry, nbd: NBDServer | None) -> None:
+    def __init__(self, registry: Registry, nbd: NBDServer | None,
+                 iscsi: ISCSIServer | None = None) -> None:
         self.registry = registry
         self.nbd = nbd
+        self.iscsi = iscsi
 
     def collect(self) -> Iterator[Metric]:
         yield from self._pools()
         yield from self._volumes()
         if self.nbd is not None:
             yield from self._nbd(self.nbd)
+        if self.iscsi is not None:
+            yield from iscsi_metrics(self.iscsi)
 
     def _pools(self) -> Iterable[Metric]:
         size = GaugeMetricFamily("storaged_pool_size_bytes", "Capacity of the pool's extents",
@@ -180,10 +185,44 @@ class StoragedCollector(Collector):
         return [active, total, refused, errors, cmds, failed, inflight]
 
 
+def iscsi_metrics(server: ISCSIServer) -> list[Metric]:
+    s = server.stats
+    sessions = GaugeMetricFamily("storaged_iscsi_sessions", "Logged-in iSCSI sessions")
+    sessions.add_metric([], s.sessions)
+    total = CounterMetricFamily("storaged_iscsi_logins", "iSCSI logins, by result",
+                                labels=["result"])
+    total.add_metric(["ok"], s.sessions_total)
+    total.add_metric(["refused"], s.logins_refused)
+    errors = CounterMetricFamily("storaged_iscsi_protocol_errors",
+                                 "PDUs rejected or connections dropped for protocol errors")
+    errors.add_metric([], s.protocol_errors)
+    cmds = CounterMetricFamily("storaged_iscsi_commands", "SCSI commands by kind",
+                               labels=["command"])
+    for name, n in sorted(s.commands.items()):
+        cmds.add_metric([name.lower()], n)
+    sense = CounterMetricFamily("storaged_iscsi_check_conditions",
+                                "SCSI commands answered CHECK CONDITION, by sense key",
+                                labels=["sense_key"])
+    for key, n in sorted(s.sense.items()):
+        sense.add_metric([key], n)
+    nbytes = CounterMetricFamily("storaged_iscsi_bytes", "SCSI data bytes moved",
+                                 labels=["direction"])
+    nbytes.add_metric(["read"], s.bytes_read)
+    nbytes.add_metric(["write"], s.bytes_written)
+    lat = HistogramMetricFamily("storaged_iscsi_command_seconds", "SCSI command latency")
+    cumulative, buckets = 0, []
+    for bound, n in zip((*LATENCY_BUCKETS, float("inf")), s.latency_counts, strict=True):
+        cumulative += n
+        buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
+    lat.add_metric([], buckets, s.latency_sum)
+    return [sessions, total, errors, cmds, sense, nbytes, lat]
+
+
 class MetricsServer:
-    def __init__(self, registry: Registry, nbd: NBDServer | None) -> None:
+    def __init__(self, registry: Registry, nbd: NBDServer | None,
+                 iscsi: ISCSIServer | None = None) -> None:
         self.prom = CollectorRegistry(auto_describe=False)
-        self.prom.register(StoragedCollector(registry, nbd))
+        self.prom.register(StoragedCollector(registry, nbd, iscsi))
 
     async def serve(self, host: str, port: int, *,
                     task_status: trio.TaskStatus[list[trio.SocketListener]]

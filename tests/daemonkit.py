@@ -35,7 +35,8 @@ class Daemon:
         self.proc = subprocess.Popen(
             [str(BIN / "storaged"), "--state-dir", str(self.dir / "state"), "--socket",
              self.sock, "--nbd-listen", f"127.0.0.1:{self.nbd_port}", "--metrics-listen",
-             f"127.0.0.1:{self.metrics_port}"], stdout=log, stderr=log)
+             f"127.0.0.1:{self.metrics_port}", "--iscsi-listen", "127.0.0.1:0"],
+            stdout=log, stderr=log)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

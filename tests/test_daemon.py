@@ -39,7 +39,10 @@ def test_cli_pool_and_volume_lifecycle(daemon: Daemon, tmp_path: Path) -> None:
     exports = daemon.json("export", "list")
     assert isinstance(exports, list)
     assert {"name": "tank/vm1", "read_only": False,
-            "nbd": daemon.url("tank/vm1")} in exports
+            "nbd": daemon.url("tank/vm1")} in [
+        {k: v for k, v in e.items() if k != "iscsi"} for e in exports]
+    assert any(e.get("iscsi", "").endswith("/iqn.2026-11.org.storaged:tank:vm1/0")
+               for e in exports)
     _qemu_io(daemon.url("tank/vm1"), "write -P 0x5a 0 1M", "flush")
     info = daemon.json("volume", "info", "tank/vm1")
     assert isinstance(info, dict) and info["mapped_bytes"] == 1 << 20
@@ -151,7 +154,9 @@ def test_snapshots_over_cli_and_nbd(daemon: Daemon, tmp_path: Path) -> None:
     assert r.returncode != 0 and "Permission denied" in r.stdout + r.stderr
     exports = daemon.json("export", "list")
     assert isinstance(exports, list)
-    assert {"name": "tank/v@monday", "read_only": True, "nbd": snap_url} in exports
+    assert {"name": "tank/v@monday", "read_only": True, "nbd": snap_url,
+            "iscsi": exports[1].get("iscsi")} in exports
+    assert str(exports[1].get("iscsi")).endswith(":tank:v:monday/0")
     space = daemon.json("pool", "status", "tank")
     assert isinstance(space, dict)
     # 2 MiB live in the snapshot, 1 MiB of it overwritten in the volume: 3 MiB of records,

@@ -66,7 +66,8 @@ class FuseDaemon:
         self.proc = subprocess.Popen(
             [str(BIN / "storaged"), "--state-dir", str(self.dir / "state"), "--socket",
              self.sock, "--nbd-listen", f"127.0.0.1:{self.nbd_port}", "--metrics-listen",
-             "off", "--fuse-mount", str(self.mnt)], stdout=log, stderr=log)
+             "off", "--iscsi-listen", "off", "--fuse-mount", str(self.mnt)],
+            stdout=log, stderr=log)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

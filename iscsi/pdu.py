@@ -1,0 +1,585 @@
+"""iSCSI PDUs (RFC 7143 §11): the 48-byte Basic Header Segment of every opcode, AHS, the
+data segment with its padding, and the optional CRC32C header and data digests.
+
+Pure code: ``encode`` turns a PDU value into bytes, ``PDUReader`` turns a byte stream (fed
+in any pieces, one byte at a time if need be) into PDU values. Input that cannot be framed
+or decoded raises ``ProtocolError``, which carries the Reject reason the target answers
+with and whether the connection can go on afterwards.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import ClassVar, Final
+
+import crc32c as _crc32c
+
+BHS_LEN: Final = 48
+RESERVED_TAG: Final = 0xFFFFFFFF
+DEFAULT_MAX_RECV: Final = 8192          # MaxRecvDataSegmentLength before/while logging in
+
+# Initiator opcodes
+OP_NOP_OUT: Final = 0x00
+OP_SCSI_CMD: Final = 0x01
+OP_TASK_MGMT_REQ: Final = 0x02
+OP_LOGIN_REQ: Final = 0x03
+OP_TEXT_REQ: Final = 0x04
+OP_DATA_OUT: Final = 0x05
+OP_LOGOUT_REQ: Final = 0x06
+OP_SNACK: Final = 0x10
+# Target opcodes
+OP_NOP_IN: Final = 0x20
+OP_SCSI_RSP: Final = 0x21
+OP_TASK_MGMT_RSP: Final = 0x22
+OP_LOGIN_RSP: Final = 0x23
+OP_TEXT_RSP: Final = 0x24
+OP_DATA_IN: Final = 0x25
+OP_LOGOUT_RSP: Final = 0x26
+OP_R2T: Final = 0x31
+OP_ASYNC: Final = 0x32
+OP_REJECT: Final = 0x3F
+
+# Reject reasons (RFC 7143 §11.17.1)
+REJECT_DATA_DIGEST: Final = 0x02
+REJECT_SNACK: Final = 0x03
+REJECT_PROTOCOL_ERROR: Final = 0x04
+REJECT_NOT_SUPPORTED: Final = 0x05
+REJECT_IMMEDIATE: Final = 0x06
+REJECT_TASK_IN_PROGRESS: Final = 0x07
+REJECT_INVALID_DATA_ACK: Final = 0x08
+REJECT_INVALID_FIELD: Final = 0x09
+REJECT_OUT_OF_RESOURCES: Final = 0x0A
+REJECT_WAITING_FOR_LOGOUT: Final = 0x0C
+
+
+class ProtocolError(Exception):
+    """The initiator broke the protocol. ``reason`` is the Reject reason to answer with,
+    ``header`` the offending BHS (sent back in the Reject), ``fatal`` whether the
+    connection must close afterwards (framing can no longer be trusted)."""
+
+    def __init__(self, message: str, *, reason: int = REJECT_PROTOCOL_ERROR,
+                 header: bytes = b"", fatal: bool = True) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.header = header
+        self.fatal = fatal
+
+
+def crc32c(data: bytes | bytearray | memoryview) -> int:
+    return int(_crc32c.crc32c(data))
+
+
+def pad4(n: int) -> int:
+    return -n % 4
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PDU:
+    """One PDU. Subclasses describe their BHS by LAYOUT (field, byte offset, struct format),
+    BITS (bool fields in byte 1) and FIELDS1 (small integers in byte 1: shift, mask)."""
+
+    OPCODE: ClassVar[int] = -1
+    B1_FIXED: ClassVar[int] = 0
+    LAYOUT: ClassVar[tuple[tuple[str, int, str], ...]] = ()
+    BITS: ClassVar[tuple[tuple[str, int], ...]] = ()
+    FIELDS1: ClassVar[tuple[tuple[str, int, int], ...]] = ()
+
+    immediate: bool = False
+    ahs: bytes = b""
+    data: bytes = b""
+
+    def bhs(self) -> bytes:
+        b = bytearray(BHS_LEN)
+        b[0] = self.OPCODE | (0x40 if self.immediate else 0)
+        b1 = self.B1_FIXED
+        for name, mask in self.BITS:
+            if getattr(self, name):
+                b1 |= mask
+        for name, shift, mask in self.FIELDS1:
+            b1 |= (getattr(self, name) & mask) << shift
+        b[1] = b1
+        b[4] = len(self.ahs) // 4
+        b[5:8] = len(self.data).to_bytes(3, "big")
+        for name, off, fmt in self.LAYOUT:
+            struct.pack_into(">" + fmt, b, off, getattr(self, name))
+        return bytes(b)
+
+    @classmethod
+    def from_bhs(cls, bhs: bytes, ahs: bytes = b"", data: bytes = b"") -> PDU:
+        kw: dict[str, object] = {"immediate": bool(bhs[0] & 0x40), "ahs": ahs, "data": data}
+        for name, mask in cls.BITS:
+            kw[name] = bool(bhs[1] & mask)
+        for name, shift, mask in cls.FIELDS1:
+            kw[name] = (bhs[1] >> shift) & mask
+        for name, off, fmt in cls.LAYOUT:
+            kw[name] = struct.unpack_from(">" + fmt, bhs, off)[0]
+        return cls(**kw)  # type: ignore[arg-type]
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+
+# ---- initiator PDUs -----------------------------------------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NopOut(PDU):
+    OPCODE = OP_NOP_OUT
+    B1_FIXED = 0x80
+    LAYOUT = (("lun", 8, "Q"), ("itt", 16, "I"), ("ttt", 20, "I"), ("cmdsn", 24, "I"),
+              ("exp_statsn", 28, "I"))
+    lun: int = 0
+    itt: int = RESERVED_TAG
+    ttt: int = RESERVED_TAG
+    cmdsn: int = 0
+    exp_statsn: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScsiCommand(PDU):
+    OPCODE = OP_SCSI_CMD
+    BITS = (("final", 0x80), ("read", 0x40), ("write", 0x20))
+    FIELDS1 = (("attr", 0, 0x07),)
+    LAYOUT = (("lun", 8, "Q"), ("itt", 16, "I"), ("edtl", 20, "I"), ("cmdsn", 24, "I"),
+              ("exp_statsn", 28, "I"), ("cdb16", 32, "16s"))
+    final: bool = True
+    read: bool = False
+    write: bool = False
+    attr: int = 1
+    lun: int = 0
+    itt: int = 0
+    edtl: int = 0
+    cmdsn: int = 0
+    exp_statsn: int = 0
+    cdb16: bytes = bytes(16)
+
+    @property
+    def cdb(self) -> bytes:
+        """The CDB: the BHS's 16 bytes plus an Extended CDB AHS (type 1) if present."""
+        ahs = self.ahs
+        while len(ahs) >= 4:
+            length = int.from_bytes(ahs[0:2], "big")
+            if ahs[2] == 1:
+                return self.cdb16 + ahs[4:3 + length]
+            ahs = ahs[4 + length + pad4(length):]
+        return self.cdb16
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskMgmtRequest(PDU):
+    OPCODE = OP_TASK_MGMT_REQ
+    B1_FIXED = 0x80
+    FIELDS1 = (("function", 0, 0x7F),)
+    LAYOUT = (("lun", 8, "Q"), ("itt", 16, "I"), ("rtt", 20, "I"), ("cmdsn", 24, "I"),
+              ("exp_statsn", 28, "I"), ("ref_cmdsn", 32, "I"), ("exp_datasn", 36, "I"))
+    function: int = 0
+    lun: int = 0
+    itt: int = 0
+    rtt: int = RESERVED_TAG
+    cmdsn: int = 0
+    exp_statsn: int = 0
+    ref_cmdsn: int = 0
+    exp_datasn: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoginRequest(PDU):
+    OPCODE = OP_LOGIN_REQ
+    BITS = (("transit", 0x80), ("cont", 0x40))
+    FIELDS1 = (("csg", 2, 0x03), ("nsg", 0, 0x03))
+    LAYOUT = (("version_max", 2, "B"), ("version_min", 3, "B"), ("isid", 8, "6s"),
+              ("tsih", 14, "H"), ("itt", 16, "I"), ("cid", 20, "H"), ("cmdsn", 24, "I"),
+              ("exp_statsn", 28, "I"))
+    immediate: bool = True
+    transit: bool = False
+    cont: bool = False
+    csg: int = 0
+    nsg: int = 0
+    version_max: int = 0
+    version_min: int = 0
+    isid: bytes = bytes(6)
+    tsih: int = 0
+    itt: int = 0
+    cid: int = 0
+    cmdsn: int = 0
+    exp_statsn: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TextRequest(PDU):
+    OPCODE = OP_TEXT_REQ
+    BITS = (("final", 0x80), ("cont", 0x40))
+    LAYOUT = (("lun", 8, "Q"), ("itt", 16, "I"), ("ttt", 20, "I"), ("cmdsn", 24, "I"),
+              ("exp_statsn", 28, "I"))
+    final: bool = True
+    cont: bool = False
+    lun: int = 0
+    itt: int = 0
+    ttt: int = RESERVED_TAG
+    cmdsn: int = 0
+    exp_statsn: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DataOut(PDU):
+    OPCODE = OP_DATA_OUT
+    BITS = (("final", 0x80),)
+    LAYOUT = (("lun", 8, "Q"), ("itt", 16, "I"), ("ttt", 20, "I"), ("exp_statsn", 28, "I"),
+              ("datasn", 36, "I"), ("offset", 40, "I"))
+    final: bool = False
+    lun: int = 0
+    itt: int = 0
+    ttt: int = RESERVED_TAG
+    exp_statsn: int = 0
+    datasn: int = 0
+    offset: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogoutRequest(PDU):
+    OPCODE = OP_LOGOUT_REQ
+    B1_FIXED = 0x80
+    FIELDS1 = (("reason", 0, 0x7F),)
+    LAYOUT = (("itt", 16, "I"), ("cid", 20, "H"), ("cmdsn", 24, "I"),
+              ("exp_statsn", 28, "I"))
+    reason: int = 0
+    itt: int = 0
+    cid: int = 0
+    cmdsn: int = 0
+    exp_statsn: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Snack(PDU):
+    OPCODE = OP_SNACK
+    B1_FIXED = 0x80
+    FIELDS1 = (("type", 0, 0x0F),)
+    LAYOUT = (("lun", 8, "Q"), ("itt", 16, "I"), ("ttt", 20, "I"), ("exp_statsn", 28, "I"),
+              ("begrun", 40, "I"), ("runlength", 44, "I"))
+    type: int = 0
+    lun: int = 0
+    itt: int = 0
+    ttt: int = RESERVED_TAG
+    exp_statsn: int = 0
+    begrun: int = 0
+    runlength: int = 0
+
+
+# ---- target PDUs --------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NopIn(PDU):
+    OPCODE = OP_NOP_IN
+    B1_FIXED = 0x80
+    LAYOUT = (("lun", 8, "Q"), ("itt", 16, "I"), ("ttt", 20, "I"), ("statsn", 24, "I"),
+              ("exp_cmdsn", 28, "I"), ("max_cmdsn", 32, "I"))
+    lun: int = 0
+    itt: int = RESERVED_TAG
+    ttt: int = RESERVED_TAG
+    statsn: int = 0
+    exp_cmdsn: int = 0
+    max_cmdsn: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScsiResponse(PDU):
+    OPCODE = OP_SCSI_RSP
+    B1_FIXED = 0x80
+    BITS = (("bidi_overflow", 0x10), ("bidi_underflow", 0x08), ("overflow", 0x04),
+            ("underflow", 0x02))
+    LAYOUT = (("response", 2, "B"), ("status", 3, "B"), ("itt", 16, "I"),
+              ("snack_tag", 20, "I"), ("statsn", 24, "I"), ("exp_cmdsn", 28, "I"),
+              ("max_cmdsn", 32, "I"), ("exp_datasn", 36, "I"), ("bidi_residual", 40, "I"),
+              ("residual", 44, "I"))
+    bidi_overflow: bool = False
+    bidi_underflow: bool = False
+    overflow: bool = False
+    underflow: bool = False
+    response: int = 0
+    status: int = 0
+    itt: int = 0
+    snack_tag: int = 0
+    statsn: int = 0
+    exp_cmdsn: int = 0
+    max_cmdsn: int = 0
+    exp_datasn: int = 0
+    bidi_residual: int = 0
+    residual: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskMgmtResponse(PDU):
+    OPCODE = OP_TASK_MGMT_RSP
+    B1_FIXED = 0x80
+    LAYOUT = (("response", 2, "B"), ("itt", 16, "I"), ("statsn", 24, "I"),
+              ("exp_cmdsn", 28, "I"), ("max_cmdsn", 32, "I"))
+    response: int = 0
+    itt: int = 0
+    statsn: int = 0
+    exp_cmdsn: int = 0
+    max_cmdsn: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoginResponse(PDU):
+    OPCODE = OP_LOGIN_RSP
+    BITS = (("transit", 0x80), ("cont", 0x40))
+    FIELDS1 = (("csg", 2, 0x03), ("nsg", 0, 0x03))
+    LAYOUT = (("version_max", 2, "B"), ("version_active", 3, "B"), ("isid", 8, "6s"),
+              ("tsih", 14, "H"), ("itt", 16, "I"), ("statsn", 24, "I"),
+              ("exp_cmdsn", 28, "I"), ("max_cmdsn", 32, "I"), ("status_class", 36, "B"),
+              ("status_detail", 37, "B"))
+    transit: bool = False
+    cont: bool = False
+    csg: int = 0
+    nsg: int = 0
+    version_max: int = 0
+    version_active: int = 0
+    isid: bytes = bytes(6)
+    tsih: int = 0
+    itt: int = 0
+    statsn: int = 0
+    exp_cmdsn: int = 0
+    max_cmdsn: int = 0
+    status_class: int = 0
+    status_detail: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TextResponse(PDU):
+    OPCODE = OP_TEXT_RSP
+    BITS = (("final", 0x80), ("cont", 0x40))
+    LAYOUT = (("lun", 8, "Q"), ("itt", 16, "I"), ("ttt", 20, "I"), ("statsn", 24, "I"),
+              ("exp_cmdsn", 28, "I"), ("max_cmdsn", 32, "I"))
+    final: bool = True
+    cont: bool = False
+    lun: int = 0
+    itt: int = 0
+    ttt: int = RESERVED_TAG
+    statsn: int = 0
+    exp_cmdsn: int = 0
+    max_cmdsn: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DataIn(PDU):
+    OPCODE = OP_DATA_IN
+    BITS = (("final", 0x80), ("ack", 0x40), ("overflow", 0x04), ("underflow", 0x02),
+            ("has_status", 0x01))
+    LAYOUT = (("status", 3, "B"), ("lun", 8, "Q"), ("itt", 16, "I"), ("ttt", 20, "I"),
+              ("statsn", 24, "I"), ("exp_cmdsn", 28, "I"), ("max_cmdsn", 32, "I"),
+              ("datasn", 36, "I"), ("offset", 40, "I"), ("residual", 44, "I"))
+    final: bool = False
+    ack: bool = False
+    overflow: bool = False
+    underflow: bool = False
+    has_status: bool = False
+    status: int = 0
+    lun: int = 0
+    itt: int = 0
+    ttt: int = RESERVED_TAG
+    statsn: int = 0
+    exp_cmdsn: int = 0
+    max_cmdsn: int = 0
+    datasn: int = 0
+    offset: int = 0
+    residual: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogoutResponse(PDU):
+    OPCODE = OP_LOGOUT_RSP
+    B1_FIXED = 0x80
+    LAYOUT = (("response", 2, "B"), ("itt", 16, "I"), ("statsn", 24, "I"),
+              ("exp_cmdsn", 28, "I"), ("max_cmdsn", 32, "I"), ("time2wait", 40, "H"),
+              ("time2retain", 42, "H"))
+    response: int = 0
+    itt: int = 0
+    statsn: int = 0
+    exp_cmdsn: int = 0
+    max_cmdsn: int = 0
+    time2wait: int = 0
+    time2retain: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class R2T(PDU):
+    OPCODE = OP_R2T
+    B1_FIXED = 0x80
+    LAYOUT = (("lun", 8, "Q"), ("itt", 16, "I"), ("ttt", 20, "I"), ("statsn", 24, "I"),
+              ("exp_cmdsn", 28, "I"), ("max_cmdsn", 32, "I"), ("r2tsn", 36, "I"),
+              ("offset", 40, "I"), ("length", 44, "I"))
+    lun: int = 0
+    itt: int = 0
+    ttt: int = 0
+    statsn: int = 0
+    exp_cmdsn: int = 0
+    max_cmdsn: int = 0
+    r2tsn: int = 0
+    offset: int = 0
+    length: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AsyncMessage(PDU):
+    OPCODE = OP_ASYNC
+    B1_FIXED = 0x80
+    LAYOUT = (("lun", 8, "Q"), ("itt", 16, "I"), ("statsn", 24, "I"), ("exp_cmdsn", 28, "I"),
+              ("max_cmdsn", 32, "I"), ("event", 36, "B"), ("vcode", 37, "B"),
+              ("param1", 38, "H"), ("param2", 40, "H"), ("param3", 42, "H"))
+    lun: int = 0
+    itt: int = RESERVED_TAG
+    statsn: int = 0
+    exp_cmdsn: int = 0
+    max_cmdsn: int = 0
+    event: int = 0
+    vcode: int = 0
+    param1: int = 0
+    param2: int = 0
+    param3: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reject(PDU):
+    OPCODE = OP_REJECT
+    B1_FIXED = 0x80
+    LAYOUT = (("reason", 2, "B"), ("itt", 16, "I"), ("statsn", 24, "I"),
+              ("exp_cmdsn", 28, "I"), ("max_cmdsn", 32, "I"), ("datasn", 36, "I"))
+    reason: int = 0
+    itt: int = RESERVED_TAG
+    statsn: int = 0
+    exp_cmdsn: int = 0
+    max_cmdsn: int = 0
+    datasn: int = 0
+
+
+PDU_TYPES: Final[dict[int, type[PDU]]] = {cls.OPCODE: cls for cls in (
+    NopOut, ScsiCommand, TaskMgmtRequest, LoginRequest, TextRequest, DataOut, LogoutRequest,
+    Snack, NopIn, ScsiResponse, TaskMgmtResponse, LoginResponse, TextResponse, DataIn,
+    LogoutResponse, R2T, AsyncMessage, Reject)}
+INITIATOR_OPCODES: Final = frozenset((OP_NOP_OUT, OP_SCSI_CMD, OP_TASK_MGMT_REQ, OP_LOGIN_REQ,
+                                      OP_TEXT_REQ, OP_DATA_OUT, OP_LOGOUT_REQ, OP_SNACK))
+TARGET_OPCODES: Final = frozenset(PDU_TYPES) - INITIATOR_OPCODES
+
+
+def encode(pdu: PDU, *, header_digest: bool = False, data_digest: bool = False) -> bytes:
+    """The PDU on the wire: BHS, AHS, header digest, data, padding, data digest."""
+    if len(pdu.ahs) % 4 or len(pdu.ahs) > 255 * 4:
+        raise ValueError("AHS must be a multiple of 4 bytes, at most 1020")
+    if len(pdu.data) >= 1 << 24:
+        raise ValueError("data segment longer than 16 MiB")
+    head = pdu.bhs() + pdu.ahs
+    parts = [head]
+    if header_digest:
+        parts.append(crc32c(head).to_bytes(4, "little"))
+    if pdu.data:
+        padded = pdu.data + bytes(pad4(len(pdu.data)))
+        parts.append(padded)
+        if data_digest:
+            parts.append(crc32c(padded).to_bytes(4, "little"))
+    return b"".join(parts)
+
+
+def decode(bhs: bytes, ahs: bytes = b"", data: bytes = b"") -> PDU:
+    """A PDU from its parts (``bhs`` exactly 48 bytes); unknown opcodes raise."""
+    if len(bhs) != BHS_LEN:
+        raise ProtocolError("BHS must be 48 bytes", header=bytes(bhs))
+    cls = PDU_TYPES.get(bhs[0] & 0x3F)
+    if cls is None:
+        raise ProtocolError(f"unknown opcode {bhs[0] & 0x3F:#04x}",
+                            reason=REJECT_NOT_SUPPORTED, header=bytes(bhs), fatal=False)
+    return cls.from_bhs(bytes(bhs), bytes(ahs), bytes(data))
+
+
+class PDUReader:
+    """Frames a byte stream into PDUs. Digests and the longest data segment accepted are
+    settings that change when login completes."""
+
+    def __init__(self, *, max_data: int = DEFAULT_MAX_RECV, opcodes: frozenset[int]
+                 = INITIATOR_OPCODES) -> None:
+        self.max_data = max_data
+        self.header_digest = False
+        self.data_digest = False
+        self.opcodes = opcodes
+        self._buf = bytearray()
+        self._skip = 0          # bytes of a refused data segment still to discard
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def next_pdu(self) -> PDU | None:
+        """The next whole PDU, or None if more bytes are needed."""
+        buf = self._buf
+        if self._skip:
+            n = min(self._skip, len(buf))
+            del buf[:n]
+            self._skip -= n
+            if self._skip:
+                return None
+        if len(buf) < BHS_LEN:
+            return None
+        ahs_len = buf[4] * 4
+        dlen = int.from_bytes(buf[5:8], "big")
+        hd = 4 if self.header_digest else 0
+        head_end = BHS_LEN + ahs_len
+        if len(buf) < head_end + hd:
+            return None
+        bhs = bytes(buf[:BHS_LEN])
+        if hd:
+            want = int.from_bytes(buf[head_end:head_end + 4], "little")
+            if crc32c(buf[:head_end]) != want:
+                # The header cannot be trusted, so neither can the framing after it.
+                raise ProtocolError("header digest error", header=bhs)
+        opcode = bhs[0] & 0x3F
+        if dlen > self.max_data:
+            raise ProtocolError(f"data segment of {dlen} bytes is longer than the "
+                                f"negotiated {self.max_data}", header=bhs)
+        dd = 4 if self.data_digest and dlen else 0
+        total = head_end + hd + dlen + pad4(dlen) + dd
+        if len(buf) < total:
+            return None
+        ahs = bytes(buf[BHS_LEN:head_end])
+        dstart = head_end + hd
+        padded = buf[dstart:dstart + dlen + pad4(dlen)]
+        if dd and crc32c(padded) != int.from_bytes(buf[total - 4:total], "little"):
+            del buf[:total]
+            raise ProtocolError("data digest error", reason=REJECT_DATA_DIGEST, header=bhs,
+                                fatal=opcode == OP_DATA_OUT)
+        data = bytes(padded[:dlen])
+        del buf[:total]
+        if opcode not in self.opcodes:
+            raise ProtocolError(f"opcode {opcode:#04x} is not sent by this side",
+                                reason=REJECT_NOT_SUPPORTED, header=bhs, fatal=False)
+        return decode(bhs, ahs, data)
+
+
+# ---- text key=value segments (RFC 7143 §6) ---------------------------------------------
+MAX_KEY_LEN: Final = 63
+MAX_VALUE_LEN: Final = 8192
+
+
+def parse_text(data: bytes) -> list[tuple[str, str]]:
+    """``key=value`` pairs, each NUL-terminated; raises ProtocolError on bad framing."""
+    out: list[tuple[str, str]] = []
+    if not data:
+        return out
+    if data[-1:] != b"\0":
+        data += b"\0"
+    for item in data[:-1].split(b"\0"):
+        if not item:
+            continue       # tolerate padding NULs some initiators add
+        key, sep, value = item.partition(b"=")
+        if not sep or not key or len(key) > MAX_KEY_LEN or len(value) > MAX_VALUE_LEN:
+            raise ProtocolError(f"malformed text key {item[:80]!r}", fatal=False)
+        try:
+            out.append((key.decode("utf-8"), value.decode("utf-8")))
+        except UnicodeDecodeError as e:
+            raise ProtocolError(f"text key is not UTF-8: {item[:80]!r}", fatal=False) from e
+    return out
+
+
+def format_text(pairs: list[tuple[str, str]]) -> bytes:
+    return b"".join(f"{k}={v}".encode() + b"\0" for k, v in pairs)

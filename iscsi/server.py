@@ -1,0 +1,279 @@
+"""The iSCSI target's trio transport: sockets in, ``iscsi.session`` in the middle, Volume
+calls out.
+
+Everything protocol-shaped lives in the pure core; this module moves bytes, runs each
+SCSI command as its own task (commands of one session run concurrently; the CmdSN window
+bounds how many), pings idle initiators with NOP-In, reinstates sessions (a new login with
+the same initiator name and ISID closes the old session) and, when the daemon stops, asks
+every initiator to log out (Async Message) before closing.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from iscsi import scsi
+from iscsi.session import Close, Connection, Execute, LoggedIn, Task
+from iscsi.targets import TargetCatalog
+from volumes.volume import LATENCY_BUCKETS
+
+log = logging.getLogger(__name__)
+RECV = 256 * 1024
+GRACE = 30.0          # seconds to let running commands finish when a connection ends
+
+
+@dataclass(frozen=True, slots=True)
+class ISCSIConfig:
+    host: str = "127.0.0.1"
+    port: int = 3260
+    portal_group_tag: int = 1
+    nop_interval: float = 15.0        # ping an initiator idle this long; drop it if the
+                                      # previous ping is still unanswered
+
+
+@dataclass
+class ServerStatistics:
+    sessions: int = 0                 # logged in now (normal and discovery)
+    sessions_total: int = 0
+    connections: int = 0
+    logins_refused: int = 0
+    protocol_errors: int = 0
+    commands: dict[str, int] = field(default_factory=dict)
+    sense: dict[str, int] = field(default_factory=dict)
+    bytes_read: int = 0
+    bytes_written: int = 0
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS)
+                                                                     + 1))
+    latency_sum: float = 0.0
+    latency_count: int = 0
+
+    def observe(self, seconds: float) -> None:
+        self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+        self.latency_count += 1
+
+
+class SharedExclusive:
+    """``scsi.Gate`` with trio: writes share it, COMPARE AND WRITE holds it alone."""
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+        self._readers = 0
+        self._idle = trio.Event()
+
+    @asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._lock:          # waits while an exclusive holder runs
+            self._readers += 1
+        try:
+            yield
+        finally:
+            self._readers -= 1
+            if not self._readers:
+                self._idle.set()
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._lock:
+            while self._readers:
+                self._idle = trio.Event()
+                await self._idle.wait()
+            yield
+
+
+class ISCSIServer:
+    def __init__(self, catalog: TargetCatalog, config: ISCSIConfig) -> None:
+        self.catalog = catalog
+        self.config = config
+        self.stats = ServerStatistics()
+        self.portal = f"{config.host}:{config.port}"
+        self._clients: set[_Client] = set()
+        self._sessions: dict[tuple[str, bytes], _Client] = {}
+        self._tsih = 0
+        self._draining = False
+
+    def new_tsih(self) -> int:
+        self._tsih = self._tsih % 0xFFFF + 1
+        return self._tsih
+
+    async def serve(self, *, task_status: trio.TaskStatus[Sequence[trio.SocketListener]]
+                    = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        port = listeners[0].socket.getsockname()[1]
+        host = self.config.host
+        self.portal = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        log.info("iSCSI target listening on %s", self.portal)
+        task_status.started(listeners)
+        await trio.serve_listeners(self.handle, listeners)
+
+    async def drain(self, grace: float = 5.0) -> None:
+        """Ask every initiator to log out, and wait (up to ``grace`` seconds) for them to
+        do so; the caller then cancels ``serve``."""
+        self._draining = True
+        for client in list(self._clients):
+            client.conn.request_logout(max(int(grace), 1))
+            await client.flush_quietly()
+        with trio.move_on_after(grace):
+            while self._clients:  # noqa: ASYNC110  (a set of live clients, not an event)
+                await trio.sleep(0.05)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        if self._draining:
+            await stream.aclose()
+            return
+        peer = _peer(stream)
+        conn = Connection(self.catalog, new_tsih=self.new_tsih, unit=self.catalog.unit,
+                          portal=self.portal, portal_group_tag=self.config.portal_group_tag)
+        client = _Client(self, conn, stream, peer)
+        self._clients.add(client)
+        self.stats.connections += 1
+        try:
+            await client.run()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as e:
+            log.info("iSCSI %s: connection lost: %s", peer, e)
+        finally:
+            self._clients.discard(client)
+            if client.key is not None and self._sessions.get(client.key) is client:
+                del self._sessions[client.key]
+            if client.logged_in:
+                self.stats.sessions -= 1
+            if conn.login.failed is not None:
+                self.stats.logins_refused += 1
+            self.stats.protocol_errors += conn.stats.get("protocol_errors", 0)
+            with trio.move_on_after(5):
+                await stream.aclose()
+
+    def logged_in(self, client: _Client) -> None:
+        result = client.conn.result
+        assert result is not None
+        self.stats.sessions += 1
+        self.stats.sessions_total += 1
+        if result.target is None:
+            log.info("iSCSI %s: discovery session for %s", client.peer, result.initiator)
+            return
+        key = (result.initiator.lower(), result.isid)
+        old = self._sessions.get(key)
+        if old is not None and old is not client:
+            log.info("iSCSI: %s reinstates its session (ISID %s): closing the old one",
+                     result.initiator, result.isid.hex())
+            old.stop()
+        self._sessions[key] = client
+        client.key = key
+        log.info("iSCSI %s: %s logged in to %s", client.peer, result.initiator,
+                 result.target)
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "?"
+
+
+class _Client:
+    def __init__(self, server: ISCSIServer, conn: Connection, stream: trio.SocketStream,
+                 peer: str) -> None:
+        self.server = server
+        self.conn = conn
+        self.stream = stream
+        self.peer = peer
+        self.key: tuple[str, bytes] | None = None
+        self.logged_in = False
+        self._send_lock = trio.Lock()
+        self._reader = trio.CancelScope()
+        self._last_rx = trio.current_time()
+
+    def stop(self) -> None:
+        """End this connection (its session was reinstated elsewhere)."""
+        self._reader.cancel()
+
+    async def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            async with self._send_lock:
+                await self.stream.send_all(data)
+
+    async def flush_quietly(self) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
+                                 ConnectionError), trio.move_on_after(5):
+            await self.flush()
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as tasks:
+            with self._reader:
+                async with trio.open_nursery() as side:
+                    side.start_soon(self._pinger)
+                    try:
+                        await self._read_loop(tasks)
+                    finally:
+                        side.cancel_scope.cancel()
+            # The connection is over: let running commands finish (their answers go
+            # nowhere if the peer is gone), but not forever.
+            tasks.cancel_scope.deadline = trio.current_time() + GRACE
+
+    async def _read_loop(self, tasks: trio.Nursery) -> None:
+        conn = self.conn
+        while True:
+            ev = conn.next_event()
+            if ev is None:
+                await self.flush()
+                data = await self.stream.receive_some(RECV)
+                if not data:
+                    return
+                self._last_rx = trio.current_time()
+                conn.receive_data(data)
+            elif isinstance(ev, LoggedIn):
+                self.logged_in = True
+                self.server.logged_in(self)
+                await self.flush()
+            elif isinstance(ev, Execute):
+                tasks.start_soon(self._execute, ev.task)
+            elif isinstance(ev, Close):
+                log.debug("iSCSI %s: closing: %s", self.peer, ev.reason)
+                await self.flush()
+                return
+
+    async def _pinger(self) -> None:
+        interval = self.server.config.nop_interval
+        while True:
+            await trio.sleep(interval)
+            if trio.current_time() - self._last_rx < interval:
+                continue
+            if not self.conn.ping():
+                log.info("iSCSI %s: no answer to NOP-In ping: closing", self.peer)
+                self.stop()
+                return
+            await self.flush()
+
+    async def _execute(self, task: Task) -> None:
+        stats = self.server.stats
+        plan = task.plan
+        assert plan is not None
+        stats.commands[plan.name] = stats.commands.get(plan.name, 0) + 1
+        started = time.perf_counter()
+        try:
+            result = await plan.run(task.payload())
+        except Exception:
+            log.exception("iSCSI %s: %s failed unexpectedly", self.peer, plan.name)
+            result = scsi.check(scsi.INTERNAL_FAILURE)
+        stats.observe(time.perf_counter() - started)
+        if result.sense is not None:
+            key = scsi.SENSE_KEY_NAMES.get(result.sense.key, "other")
+            stats.sense[key] = stats.sense.get(key, 0) + 1
+        if plan.write and result.status == scsi.GOOD:
+            stats.bytes_written += task.want
+        stats.bytes_read += len(result.data)
+        self.conn.complete(task, result)
+        # If the peer is gone, the reader sees the dead connection and ends it.
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
+                                 ConnectionError):
+            await self.flush()

@@ -1,0 +1,692 @@
+"""One iSCSI connection, login to logout, as a state machine (RFC 7143; no I/O, no trio).
+
+Feed bytes with ``receive_data``; pull events with ``next_event`` until it returns None
+(more bytes needed); send ``data_to_send()`` after every event and every completion.
+Login, text negotiation, NOP, R2T/Data-Out collection, task management bookkeeping and
+Data-In/status building all happen inside; the transport sees only:
+
+- ``LoggedIn``: the login finished (the transport reinstates older sessions of the same
+  initiator and ISID, and attaches the logical unit);
+- ``Execute``: a SCSI command with all its Data-Out, to run concurrently; the transport
+  calls ``complete(task, result)`` when it finishes;
+- ``Close``: after sending what is pending, close the connection.
+
+CmdSN flow control: commands are taken in CmdSN order; a command outside
+[ExpCmdSN, MaxCmdSN] is dropped (RFC 7143 §4.2.2.1). MaxCmdSN = ExpCmdSN - 1 + ``window``
+minus the commands still running, so a busy session shrinks the initiator's window
+(backpressure) and a finished command opens it again.
+
+Error recovery level 0: a PDU that breaks framing, a wrong DataSN or offset, or a header
+digest error ends the connection (with a Reject first where the RFC asks for one).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from iscsi import pdu as P
+from iscsi import scsi
+from iscsi.login import Login, LoginResult, SessionParams, TargetDirectory
+from iscsi.pdu import ProtocolError
+
+log = logging.getLogger(__name__)
+
+WINDOW: Final = 32                     # commands in flight per session
+MAX_HELD: Final = 64                   # commands held waiting for a CmdSN gap to fill
+
+# Task management functions and responses (RFC 7143 §11.5, §11.6)
+TMF_ABORT_TASK: Final = 1
+TMF_ABORT_TASK_SET: Final = 2
+TMF_CLEAR_ACA: Final = 3
+TMF_CLEAR_TASK_SET: Final = 4
+TMF_LUN_RESET: Final = 5
+TMF_TARGET_WARM_RESET: Final = 6
+TMF_TARGET_COLD_RESET: Final = 7
+TMF_TASK_REASSIGN: Final = 8
+TMF_COMPLETE: Final = 0
+TMF_NO_TASK: Final = 1
+TMF_NO_LUN: Final = 2
+TMF_REASSIGN_UNSUPPORTED: Final = 4
+TMF_NOT_SUPPORTED: Final = 5
+
+ASYNC_LOGOUT_REQUEST: Final = 1
+
+
+def sn_lt(a: int, b: int) -> bool:
+    """Serial number arithmetic (RFC 1982, 32 bits): a < b."""
+    return a != b and ((a < b and b - a < 1 << 31) or (a > b and a - b > 1 << 31))
+
+
+def sn_add(a: int, n: int) -> int:
+    return (a + n) & 0xFFFFFFFF
+
+
+def decode_lun(raw: int) -> int | None:
+    """LUN number from the 8-byte LUN field (peripheral or flat addressing), None if
+    it uses a form we do not serve."""
+    top = raw >> 48
+    method = top >> 14
+    if method in (0, 1) and raw & 0xFFFFFFFFFFFF == 0:
+        return top & 0x3FFF
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedIn:
+    result: LoginResult
+
+
+@dataclass(eq=False)
+class Task:
+    """A SCSI command from command PDU to status."""
+
+    itt: int
+    lun: int
+    cdb: bytes
+    edtl: int
+    read: bool
+    plan: scsi.Plan | None = None
+    data: bytearray = field(default_factory=bytearray)
+    received: int = 0
+    unsolicited_end: int = 0       # Data-Out up to here needs no R2T
+    unsolicited_open: bool = False
+    next_datasn: int = 0
+    next_r2t_offset: int = 0
+    r2tsn: int = 0
+    r2ts: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # ttt -> off, len, sn
+    aborted: bool = False
+    running: bool = False
+    want: int = 0                  # Data-Out bytes the command uses
+    overflow: bool = False         # residual of a write whose EDTL differs from its CDB
+    underflow: bool = False
+    residual: int = 0
+
+    def payload(self) -> bytes:
+        """The Data-Out the command runs with (extra unsolicited bytes cut off)."""
+        return bytes(self.data[:self.want])
+
+
+@dataclass(frozen=True, slots=True)
+class Execute:
+    task: Task
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    reason: str
+
+
+Event = LoggedIn | Execute | Close
+
+
+@dataclass
+class _PendingTMF:
+    itt: int
+    response: int
+    waiting: set[Task]
+    close_after: bool = False
+
+
+class Connection:
+    def __init__(self, directory: TargetDirectory, *, new_tsih: Callable[[], int],
+                 unit: Callable[[str], scsi.LogicalUnit | None],
+                 portal: str, portal_group_tag: int = 1) -> None:
+        self.directory = directory
+        self.unit_for = unit
+        self.portal = portal
+        self.portal_group_tag = portal_group_tag
+        self.login = Login(directory, new_tsih, portal_group_tag=portal_group_tag)
+        self.reader = P.PDUReader()
+        self.params = SessionParams()
+        self.result: LoginResult | None = None
+        self.unit: scsi.LogicalUnit | None = None
+        self.statsn = 0
+        self.exp_cmdsn = 0
+        self.closed = False
+        self.logged_out = False
+        self.tasks: dict[int, Task] = {}
+        self.running = 0
+        self._out: list[bytes] = []
+        self._events: list[Event] = []
+        self._held: dict[int, P.PDU] = {}
+        self._discard: set[int] = set()          # ITTs whose late Data-Out is dropped
+        self._next_ttt = 1
+        self._tmfs: list[_PendingTMF] = []
+        self._logout: tuple[P.LogoutRequest, set[Task]] | None = None
+        self._text: tuple[int, bytes] | None = None  # (ttt, rest) of a long text answer
+        self._ping: int | None = None
+        self.stats: dict[str, int] = {}
+
+    # ---- I/O side ----------------------------------------------------------------------
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        self.reader.receive_data(data)
+
+    def data_to_send(self) -> bytes:
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    @property
+    def full_feature(self) -> bool:
+        return self.result is not None
+
+    @property
+    def max_cmdsn(self) -> int:
+        return sn_add(self.exp_cmdsn, WINDOW - 1 - min(self.running, WINDOW - 1))
+
+    def next_event(self) -> Event | None:
+        while not self._events and not self.closed:
+            try:
+                p = self.reader.next_pdu()
+            except ProtocolError as e:
+                self._protocol_error(e)
+                continue
+            if p is None:
+                return None
+            try:
+                self._dispatch(p)
+            except ProtocolError as e:
+                if not e.header:
+                    e.header = p.bhs()
+                self._protocol_error(e)
+        if self._events:
+            return self._events.pop(0)
+        return None
+
+    def _send(self, p: P.PDU) -> None:
+        self._out.append(P.encode(p, header_digest=self.reader.header_digest
+                                  and self.full_feature,
+                                  data_digest=self.params.data_digest and self.full_feature))
+
+    def _stat(self) -> int:
+        sn = self.statsn
+        self.statsn = sn_add(sn, 1)
+        return sn
+
+    def _protocol_error(self, e: ProtocolError) -> None:
+        log.info("iSCSI: protocol error from initiator: %s", e)
+        self.stats["protocol_errors"] = self.stats.get("protocol_errors", 0) + 1
+        if self.full_feature and e.header:
+            self._reject(e.reason, e.header)
+        if e.fatal or not self.full_feature:
+            self._close(str(e))
+
+    def _reject(self, reason: int, header: bytes) -> None:
+        self._send(P.Reject(reason=reason, statsn=self._stat(), exp_cmdsn=self.exp_cmdsn,
+                            max_cmdsn=self.max_cmdsn, data=header[:P.BHS_LEN]))
+
+    def _close(self, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            self._events.append(Close(reason))
+
+    # ---- dispatch ----------------------------------------------------------------------
+    def _dispatch(self, p: P.PDU) -> None:
+        if not self.full_feature:
+            if not isinstance(p, P.LoginRequest):
+                raise ProtocolError(f"{p.name} before login completed")
+            self._login(p)
+            return
+        if isinstance(p, P.DataOut):
+            self._data_out(p)
+            return
+        if isinstance(p, P.LoginRequest):
+            raise ProtocolError("Login Request in full feature phase", fatal=False)
+        if isinstance(p, P.Snack):
+            raise ProtocolError("SNACK needs ErrorRecoveryLevel > 0",
+                                reason=P.REJECT_SNACK, fatal=False)
+        if isinstance(p, P.NopOut) and p.itt == P.RESERVED_TAG:
+            self._nop_answer(p)   # an answer to our ping: no CmdSN of its own
+            return
+        if not isinstance(p, (P.ScsiCommand, P.NopOut, P.TaskMgmtRequest, P.TextRequest,
+                              P.LogoutRequest)):
+            raise ProtocolError(f"{p.name} is not sent by initiators",
+                                reason=P.REJECT_NOT_SUPPORTED, fatal=False)
+        cmdsn: int = p.cmdsn
+        if p.immediate:
+            self._command(p)
+            return
+        if cmdsn == self.exp_cmdsn:
+            self.exp_cmdsn = sn_add(cmdsn, 1)
+            self._command(p)
+            while self.exp_cmdsn in self._held:
+                held = self._held.pop(self.exp_cmdsn)
+                self.exp_cmdsn = sn_add(self.exp_cmdsn, 1)
+                self._command(held)
+        elif sn_lt(self.exp_cmdsn, cmdsn) and not sn_lt(self.max_cmdsn, cmdsn) \
+                and len(self._held) < MAX_HELD:
+            self._held[cmdsn] = p
+        else:
+            # Outside the window: silently ignored (RFC 7143 §4.2.2.1).
+            log.debug("iSCSI: dropping CmdSN %d outside [%d, %d]", cmdsn, self.exp_cmdsn,
+                      self.max_cmdsn)
+            if isinstance(p, P.ScsiCommand):
+                self._discard.add(p.itt)
+
+    def _command(self, p: P.PDU) -> None:
+        if isinstance(p, P.ScsiCommand):
+            self._scsi(p)
+        elif isinstance(p, P.NopOut):
+            self._nop(p)
+        elif isinstance(p, P.TaskMgmtRequest):
+            self._tmf(p)
+        elif isinstance(p, P.TextRequest):
+            self._text_request(p)
+        elif isinstance(p, P.LogoutRequest):
+            self._logout_request(p)
+
+    # ---- login -------------------------------------------------------------------------
+    def _login(self, req: P.LoginRequest) -> None:
+        rsp = self.login.handle(req)
+        self._out.append(P.encode(rsp))
+        if self.login.failed is not None:
+            log.info("iSCSI login refused (status %#06x): %s", self.login.failed.status,
+                     self.login.failed)
+            self._close(f"login failed: {self.login.failed}")
+            return
+        result = self.login.result
+        if result is None:
+            return
+        self.result = result
+        self.params = result.params
+        self.statsn = self.login.statsn
+        self.exp_cmdsn = result.cmdsn
+        self.reader.max_data = result.params.max_recv_data
+        self.reader.header_digest = result.params.header_digest
+        self.reader.data_digest = result.params.data_digest
+        if result.target is not None:
+            self.unit = self.unit_for(result.target)
+            if self.unit is None:          # removed while logging in
+                self._close("target went away during login")
+                return
+        self._events.append(LoggedIn(result))
+
+    # ---- NOP ---------------------------------------------------------------------------
+    def _nop(self, p: P.NopOut) -> None:
+        if len(p.data) > self.params.max_send_data:
+            raise ProtocolError("NOP-Out ping data longer than we may send back",
+                                reason=P.REJECT_INVALID_FIELD, fatal=False)
+        self._send(P.NopIn(lun=p.lun, itt=p.itt, ttt=P.RESERVED_TAG, statsn=self._stat(),
+                           exp_cmdsn=self.exp_cmdsn, max_cmdsn=self.max_cmdsn, data=p.data))
+
+    def _nop_answer(self, p: P.NopOut) -> None:
+        if p.ttt == P.RESERVED_TAG:
+            raise ProtocolError("NOP-Out with neither ITT nor TTT", fatal=False,
+                                reason=P.REJECT_INVALID_FIELD)
+        if p.ttt == self._ping:
+            self._ping = None
+
+    def ping(self) -> bool:
+        """Send a NOP-In that asks for an answer; False if the last one is unanswered."""
+        if not self.full_feature or self.closed:
+            return True
+        if self._ping is not None:
+            return False
+        self._ping = self._ttt()
+        self._send(P.NopIn(lun=0, itt=P.RESERVED_TAG, ttt=self._ping, statsn=self.statsn,
+                           exp_cmdsn=self.exp_cmdsn, max_cmdsn=self.max_cmdsn))
+        return True
+
+    def _ttt(self) -> int:
+        t = self._next_ttt
+        self._next_ttt = self._next_ttt % 0xFFFFFFFE + 1
+        return t
+
+    # ---- SCSI commands -----------------------------------------------------------------
+    def _scsi(self, cmd: P.ScsiCommand) -> None:
+        if self.unit is None:
+            raise ProtocolError("SCSI command in a discovery session", fatal=False)
+        if cmd.itt in self.tasks or cmd.itt == P.RESERVED_TAG:
+            raise ProtocolError(f"ITT {cmd.itt:#x} is already in use",
+                                reason=P.REJECT_TASK_IN_PROGRESS, fatal=False)
+        if cmd.data and not self.params.immediate_data:
+            raise ProtocolError("immediate data was not negotiated")
+        if len(cmd.data) > min(self.params.first_burst_length, cmd.edtl):
+            raise ProtocolError("immediate data longer than FirstBurstLength or EDTL")
+        if not cmd.final and self.params.initial_r2t:
+            raise ProtocolError("unsolicited Data-Out announced but InitialR2T=Yes")
+        cdb = cmd.cdb
+        task = Task(cmd.itt, cmd.lun, cdb, cmd.edtl, cmd.read)
+        self._discard.discard(cmd.itt)
+        name = scsi.command_name(cdb)
+        self.stats[name] = self.stats.get(name, 0) + 1
+        lun = decode_lun(cmd.lun)
+        planned: scsi.Plan | scsi.Result
+        if lun != 0:
+            planned = scsi.no_such_lun(cdb) if cdb[:1] != bytes([scsi.REPORT_LUNS]) \
+                else self.unit.plan(cdb)
+        else:
+            planned = self.unit.plan(cdb)
+        if isinstance(planned, scsi.Result):
+            self._absorb_and_answer(cmd, task, planned)
+            return
+        spdtl = planned.data_out
+        edtl = cmd.edtl if cmd.write else 0
+        want = spdtl
+        if spdtl != edtl:
+            residual = abs(spdtl - edtl)
+            if planned.name in ("WRITE", "WRITE_AND_VERIFY") and (
+                    edtl > spdtl or edtl % scsi.LBA_SIZE == 0):
+                # FCP-4 (as libiscsi tests it): run the command normally, but with no
+                # data beyond the iSCSI expected transfer length; report the residual.
+                want = min(spdtl, edtl)
+                task.overflow, task.underflow = spdtl > edtl, spdtl < edtl
+                task.residual = residual
+            elif spdtl == 0 and not planned.write:
+                want = 0     # Data-Out for a command that takes none: absorbed, unused
+            else:
+                # The command's own transfer length disagrees with the iSCSI one:
+                # refuse, changing nothing.
+                sense = scsi.INVALID_FIELD_IN_IU if planned.name in (
+                    "WRITE", "WRITE_AND_VERIFY") else scsi.INVALID_FIELD_IN_CDB
+                self._absorb_and_answer(cmd, task, scsi.check(sense),
+                                        overflow=spdtl > edtl, underflow=spdtl < edtl,
+                                        residual=residual)
+                return
+        task.plan = planned
+        task.want = want
+        self.tasks[cmd.itt] = task
+        task.data = bytearray(cmd.data)
+        task.received = len(cmd.data)
+        task.next_r2t_offset = len(cmd.data)
+        if not cmd.final:
+            task.unsolicited_open = True
+            task.unsolicited_end = min(self.params.first_burst_length, cmd.edtl)
+        self._progress(task)
+
+    def _absorb_and_answer(self, cmd: P.ScsiCommand, task: Task, result: scsi.Result, *,
+                           overflow: bool = False, underflow: bool = False,
+                           residual: int = 0) -> None:
+        if not cmd.final:
+            self._discard_data(cmd.itt)
+        self._respond(task, result, overflow=overflow, underflow=underflow,
+                      residual=residual)
+
+    def _progress(self, task: Task) -> None:
+        """Start the task if all its data is here, else solicit what is missing."""
+        total = task.want
+        if task.unsolicited_open:
+            return            # R2Ts start after the unsolicited burst ends
+        if task.received >= total:
+            self._start(task)
+            return
+        while (len(task.r2ts) < self.params.max_outstanding_r2t
+               and task.next_r2t_offset < total):
+            length = min(self.params.max_burst_length, total - task.next_r2t_offset)
+            ttt = self._ttt()
+            task.r2ts[ttt] = (task.next_r2t_offset, length, 0)
+            self._send(P.R2T(lun=task.lun, itt=task.itt, ttt=ttt, statsn=self.statsn,
+                             exp_cmdsn=self.exp_cmdsn, max_cmdsn=self.max_cmdsn,
+                             r2tsn=task.r2tsn, offset=task.next_r2t_offset, length=length))
+            task.r2tsn += 1
+            task.next_r2t_offset += length
+
+    def _data_out(self, p: P.DataOut) -> None:
+        task = self.tasks.get(p.itt)
+        if task is None or task.plan is None or task.running:
+            if p.itt in self._discard:
+                return
+            raise ProtocolError(f"Data-Out for unknown task {p.itt:#x}",
+                                reason=P.REJECT_INVALID_FIELD, fatal=False)
+        try:
+            self._accept_data(task, p)
+        except ProtocolError as e:
+            # ERL 0: the task cannot complete. Reject the PDU, end the task with CHECK
+            # CONDITION and drop the rest of its Data-Out; the connection goes on.
+            log.info("iSCSI: %s", e)
+            self.stats["protocol_errors"] = self.stats.get("protocol_errors", 0) + 1
+            self._reject(P.REJECT_PROTOCOL_ERROR, p.bhs())
+            self.tasks.pop(task.itt, None)
+            self._discard_data(task.itt)
+            self._respond(task, scsi.check(scsi.DATA_PHASE_ERROR))
+            return
+        self._progress(task)
+
+    def _discard_data(self, itt: int) -> None:
+        self._discard.add(itt)
+        if len(self._discard) > 1024:
+            self._discard.pop()
+
+    def _accept_data(self, task: Task, p: P.DataOut) -> None:
+        end = p.offset + len(p.data)
+        if p.ttt == P.RESERVED_TAG:
+            if not task.unsolicited_open:
+                raise ProtocolError("unsolicited Data-Out not expected")
+            if p.datasn != task.next_datasn or p.offset != task.received \
+                    or end > task.unsolicited_end:
+                raise ProtocolError(f"unsolicited Data-Out DataSN {p.datasn} / offset "
+                                    f"{p.offset} not expected (DataSN {task.next_datasn}, "
+                                    f"offset {task.received}) or beyond FirstBurstLength")
+            task.next_datasn += 1
+            if p.final:
+                task.unsolicited_open = False
+                task.next_r2t_offset = end
+        else:
+            r2t = task.r2ts.get(p.ttt)
+            if r2t is None:
+                raise ProtocolError(f"Data-Out with unknown TTT {p.ttt:#x}")
+            off, length, datasn = r2t
+            if p.datasn != datasn or p.offset != task.received or end > off + length:
+                raise ProtocolError(f"Data-Out DataSN {p.datasn} / offset {p.offset} "
+                                    f"not expected (DataSN {datasn}, offset "
+                                    f"{task.received})")
+            if p.final:
+                if end != off + length:
+                    raise ProtocolError("R2T sequence ended short")
+                del task.r2ts[p.ttt]
+            else:
+                task.r2ts[p.ttt] = (off, length, datasn + 1)
+        if end > task.edtl:
+            raise ProtocolError("Data-Out beyond the expected transfer length")
+        task.data += p.data
+        task.received = end
+
+    def _start(self, task: Task) -> None:
+        task.running = True
+        self.running += 1
+        self.tasks[task.itt] = task
+        self._events.append(Execute(task))
+
+    def complete(self, task: Task, result: scsi.Result) -> None:
+        """A task finished: send its Data-In and status (unless it was aborted)."""
+        self.running -= 1
+        self.tasks.pop(task.itt, None)
+        if not task.aborted and not self.closed:
+            self._respond(task, result)
+        for tmf in list(self._tmfs):
+            tmf.waiting.discard(task)
+            if not tmf.waiting:
+                self._tmfs.remove(tmf)
+                self._tmf_response(tmf)
+        if self._logout is not None:
+            req, waiting = self._logout
+            waiting.discard(task)
+            if not waiting:
+                self._logout = None
+                self._logout_response(req)
+
+    def _respond(self, task: Task, result: scsi.Result, *, overflow: bool | None = None,
+                 underflow: bool = False, residual: int = 0) -> None:
+        if overflow is None:
+            overflow, underflow, residual = task.overflow, task.underflow, task.residual
+        if result.sense is not None:
+            key = scsi.SENSE_KEY_NAMES.get(result.sense.key, "other")
+            self.stats["sense_" + key] = self.stats.get("sense_" + key, 0) + 1
+        data = result.data
+        if data and not task.read:
+            # The initiator expects no Data-In (R bit clear): send none, say so.
+            overflow, underflow, residual = True, False, len(data)
+            data = b""
+        elif data or (task.read and task.edtl and result.status == scsi.GOOD):
+            spdtl = len(data)
+            if spdtl > task.edtl:
+                overflow, underflow, residual = True, False, spdtl - task.edtl
+                data = data[:task.edtl]
+            elif spdtl < task.edtl:
+                overflow, underflow, residual = False, True, task.edtl - spdtl
+        with_status = bool(result.status in (scsi.GOOD, scsi.CONDITION_MET) and data
+                           and result.sense is None)
+        datasn = 0
+        if data and result.status in (scsi.GOOD, scsi.CONDITION_MET):
+            seg = self.params.max_send_data
+            burst = self.params.max_burst_length
+            pos = 0
+            while pos < len(data):
+                n = min(seg, len(data) - pos, burst - pos % burst)
+                last = pos + n == len(data)
+                end_of_burst = last or (pos + n) % burst == 0
+                status_here = last and with_status
+                self._send(P.DataIn(
+                    final=end_of_burst or status_here, has_status=bool(status_here),
+                    status=result.status if status_here else 0,
+                    overflow=overflow and bool(status_here),
+                    underflow=underflow and bool(status_here),
+                    residual=residual if status_here else 0,
+                    lun=task.lun if not status_here else 0, itt=task.itt,
+                    statsn=self._stat() if status_here else self.statsn,
+                    exp_cmdsn=self.exp_cmdsn, max_cmdsn=self.max_cmdsn, datasn=datasn,
+                    offset=pos, data=data[pos:pos + n]))
+                datasn += 1
+                pos += n
+            if with_status:
+                return
+        sense = result.sense.fixed() if result.sense is not None else b""
+        body = (len(sense).to_bytes(2, "big") + sense) if sense else b""
+        self._send(P.ScsiResponse(
+            overflow=overflow, underflow=underflow, residual=residual, response=0,
+            status=result.status, itt=task.itt, statsn=self._stat(),
+            exp_cmdsn=self.exp_cmdsn, max_cmdsn=self.max_cmdsn, exp_datasn=datasn,
+            data=body))
+
+    # ---- task management ---------------------------------------------------------------
+    def _tmf(self, p: P.TaskMgmtRequest) -> None:
+        fn = p.function
+        if fn in (TMF_ABORT_TASK, TMF_ABORT_TASK_SET, TMF_CLEAR_TASK_SET, TMF_LUN_RESET) \
+                and decode_lun(p.lun) != 0:
+            self._tmf_response(_PendingTMF(p.itt, TMF_NO_LUN, set()))
+            return
+        if fn == TMF_ABORT_TASK:
+            task = self.tasks.get(p.rtt)
+            if task is None:
+                # Never received, or already answered: nothing left to abort.
+                not_yet = not sn_lt(p.ref_cmdsn, self.exp_cmdsn)
+                self._tmf_response(_PendingTMF(p.itt, TMF_COMPLETE if not_yet
+                                               else TMF_NO_TASK, set()))
+                return
+            affected = [task]
+        elif fn in (TMF_ABORT_TASK_SET, TMF_CLEAR_TASK_SET, TMF_LUN_RESET,
+                    TMF_TARGET_WARM_RESET, TMF_TARGET_COLD_RESET):
+            affected = list(self.tasks.values())
+            if fn in (TMF_LUN_RESET, TMF_TARGET_WARM_RESET, TMF_TARGET_COLD_RESET) \
+                    and self.unit is not None:
+                self.unit.d_sense = False
+        elif fn == TMF_TASK_REASSIGN:
+            self._tmf_response(_PendingTMF(p.itt, TMF_REASSIGN_UNSUPPORTED, set()))
+            return
+        else:
+            self._tmf_response(_PendingTMF(p.itt, TMF_NOT_SUPPORTED, set()))
+            return
+        waiting: set[Task] = set()
+        for task in affected:
+            task.aborted = True
+            if task.running:
+                waiting.add(task)
+            else:                       # still collecting Data-Out: forget it now
+                self.tasks.pop(task.itt, None)
+                self._discard_data(task.itt)
+        pending = _PendingTMF(p.itt, TMF_COMPLETE, waiting,
+                              close_after=fn == TMF_TARGET_COLD_RESET)
+        if waiting:
+            self._tmfs.append(pending)
+        else:
+            self._tmf_response(pending)
+
+    def _tmf_response(self, tmf: _PendingTMF) -> None:
+        self._send(P.TaskMgmtResponse(response=tmf.response, itt=tmf.itt,
+                                      statsn=self._stat(), exp_cmdsn=self.exp_cmdsn,
+                                      max_cmdsn=self.max_cmdsn))
+        if tmf.close_after:
+            self._close("target cold reset")
+
+    # ---- text --------------------------------------------------------------------------
+    def _text_request(self, p: P.TextRequest) -> None:
+        if p.ttt != P.RESERVED_TAG:
+            if self._text is None or self._text[0] != p.ttt:
+                raise ProtocolError("Text Request continues an unknown exchange",
+                                    reason=P.REJECT_INVALID_FIELD, fatal=False)
+            self._send_text(p, self._text[1])
+            return
+        if p.cont or not p.final:
+            raise ProtocolError("multi-PDU Text Requests are not supported",
+                                reason=P.REJECT_NOT_SUPPORTED, fatal=False)
+        answers: list[tuple[str, str]] = []
+        for key, value in P.parse_text(p.data):
+            if key == "SendTargets":
+                answers += self.send_targets(value)
+            else:
+                answers.append((key, "NotUnderstood"))
+        self._send_text(p, P.format_text(answers))
+
+    def send_targets(self, value: str) -> list[tuple[str, str]]:
+        assert self.result is not None
+        initiator = self.result.initiator
+        if value == "All":
+            if self.result.target is not None:
+                names: Sequence[str] = [self.result.target]
+            else:
+                names = self.directory.visible(initiator)
+        elif value == "" and self.result.target is not None:
+            names = [self.result.target]
+        else:
+            names = [n for n in self.directory.visible(initiator) if n == value]
+        out: list[tuple[str, str]] = []
+        for name in names:
+            out += [("TargetName", name),
+                    ("TargetAddress", f"{self.portal},{self.portal_group_tag}")]
+        return out
+
+    def _send_text(self, p: P.TextRequest, body: bytes) -> None:
+        limit = self.params.max_send_data
+        now, rest = body[:limit], body[limit:]
+        ttt = P.RESERVED_TAG
+        if rest:
+            ttt = self._ttt()
+            self._text = (ttt, rest)
+        else:
+            self._text = None
+        self._send(P.TextResponse(final=not rest, cont=bool(rest), lun=p.lun, itt=p.itt,
+                                  ttt=ttt, statsn=self._stat(), exp_cmdsn=self.exp_cmdsn,
+                                  max_cmdsn=self.max_cmdsn, data=now))
+
+    # ---- logout and shutdown -----------------------------------------------------------
+    def _logout_request(self, p: P.LogoutRequest) -> None:
+        running = {t for t in self.tasks.values() if t.running}
+        for task in list(self.tasks.values()):
+            if not task.running:
+                self.tasks.pop(task.itt, None)
+        self.logged_out = True
+        if running:
+            self._logout = (p, running)
+        else:
+            self._logout_response(p)
+
+    def _logout_response(self, p: P.LogoutRequest) -> None:
+        assert self.result is not None
+        response = 0
+        if p.reason == 2:
+            response = 2             # connection recovery is not supported
+        elif p.reason == 1 and p.cid != self.result.cid:
+            response = 1             # CID not found
+        self._send(P.LogoutResponse(response=response, itt=p.itt, statsn=self._stat(),
+                                    exp_cmdsn=self.exp_cmdsn, max_cmdsn=self.max_cmdsn))
+        self._close("logged out")
+
+    def request_logout(self, seconds: int) -> None:
+        """Ask the initiator to log out within ``seconds`` (the daemon is stopping)."""
+        if self.full_feature and not self.closed:
+            self._send(P.AsyncMessage(lun=0, statsn=self.statsn, exp_cmdsn=self.exp_cmdsn,
+                                      max_cmdsn=self.max_cmdsn, event=ASYNC_LOGOUT_REQUEST,
+                                      param3=seconds))
