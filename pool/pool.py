@@ -76,7 +76,19 @@ from pool.state import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 META_RESERVE = 0.9   # writes stop when the metadata area is this full
-RECORD_CACHE_BYTES = 128 * 1024 * 1024   # verified blocks kept from small reads
+def _default_record_cache() -> int:
+    """1/16 of the machine's memory, between 64 MiB and 4 GiB (the daemon's cache.records
+    setting overrides it)."""
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        ram = 1 << 30
+    return max(64 << 20, min(4 << 30, ram // 16))
+
+
+# Verified blocks of small reads kept per pool, like ZFS's ARC: a hit costs no device read
+# and no checksum. The daemon sets it from cache.records.
+RECORD_CACHE_BYTES = _default_record_cache()
 _NODE_UNITS = 7      # 4 KiB units of the largest map node blob (a 24 KiB leaf, lz4 framed)
 _STATE_UNITS_GUESS = 4
 _INDEX = ENTRY.__class__("<QIIIQ")  # node id, unit, units, length, hash
