@@ -137,6 +137,7 @@ MAX_OPTION_DATA = 64 * 1024        # no option we understand needs more
 MAX_STRING = 4096                  # proto.md: strings MUST be no longer than 4096 bytes
 MAX_PAYLOAD = 32 * 1024 * 1024     # advertised maximum payload
 HARD_PAYLOAD_LIMIT = 64 * 1024 * 1024  # a write claiming more is treated as an attack
+DIRECT_PAYLOAD = 64 * 1024         # writes this large are received into their own buffer
 
 _OPT_HDR = struct.Struct(">QII")
 _OPT_REPLY = struct.Struct(">QIII")
@@ -220,7 +221,7 @@ class Command:
     flags: int
     offset: int
     length: int
-    data: bytes = b""
+    data: bytes | bytearray = b""
 
     @property
     def name(self) -> str:
@@ -259,6 +260,11 @@ class ServerConnection:
         self._in = bytearray()
         self._out = bytearray()
         self._skip = 0                       # payload bytes of a refused write to discard
+        # A large write's payload is received straight into its own buffer (no copies
+        # through _in): the header waits in _pending until the buffer is full.
+        self._payload: bytearray | None = None
+        self._payload_have = 0
+        self._pending: tuple[int, int, int, int, int] | None = None
         self._eof = False
         self._out += struct.pack(">QQH", NBDMAGIC, IHAVEOPT,
                                  FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
@@ -267,7 +273,26 @@ class ServerConnection:
     def receive_data(self, data: bytes | bytearray) -> None:
         if not data:
             self._eof = True
-        self._in += data
+        rest: bytes | bytearray | memoryview = data
+        if self._payload is not None:
+            take = min(len(data), len(self._payload) - self._payload_have)
+            self._payload[self._payload_have:self._payload_have + take] = (
+                memoryview(data)[:take])
+            self._payload_have += take
+            rest = memoryview(data)[take:]
+        self._in += rest
+
+    def receive_buffer(self) -> memoryview | None:
+        """Where the transport may receive the next bytes directly (``received_into``
+        then says how many arrived): the rest of a large write's payload, else None."""
+        if self._payload is None:
+            return None
+        return memoryview(self._payload)[self._payload_have:]
+
+    def received_into(self, n: int) -> None:
+        if n == 0:
+            self._eof = True
+        self._payload_have += n
 
     def data_to_send(self) -> bytes:
         out = bytes(self._out)
@@ -345,8 +370,8 @@ class ServerConnection:
     def _need(self) -> _NeedData | Disconnect:
         if self._eof:
             phase, self.phase = self.phase, Phase.CLOSED
-            if not self._in and not self._skip and phase in (Phase.TRANSMISSION,
-                                                             Phase.OPTIONS):
+            if not self._in and not self._skip and self._payload is None and phase in (
+                    Phase.TRANSMISSION, Phase.OPTIONS):
                 return Disconnect("client closed the connection")
             where = "a request" if phase is Phase.TRANSMISSION else "the handshake"
             raise RemoteProtocolError(f"client closed the connection in the middle of {where}")
@@ -529,6 +554,14 @@ class ServerConnection:
 
     # ---- transmission ---------------------------------------------------------------------
     def _request(self) -> Event | _NeedData | None:
+        if self._payload is not None:
+            assert self._pending is not None
+            if self._payload_have < len(self._payload):
+                return self._need()
+            flags, kind, cookie, offset, length = self._pending
+            data: bytes | bytearray = self._payload
+            self._payload, self._pending, self._payload_have = None, None, 0
+            return self._checked(flags, kind, cookie, offset, length, data)
         if len(self._in) < _REQUEST.size:
             return self._need()
         magic, flags, kind, cookie, offset, length = _REQUEST.unpack_from(self._in)
@@ -544,12 +577,25 @@ class ServerConnection:
                 self.phase = Phase.CLOSED
                 raise RemoteProtocolError(f"write claims {length} bytes")
             if len(self._in) < _REQUEST.size + length:
+                if length >= DIRECT_PAYLOAD:
+                    have = len(self._in) - _REQUEST.size
+                    self._payload = bytearray(length)
+                    self._payload[:have] = memoryview(self._in)[_REQUEST.size:]
+                    self._payload_have = have
+                    self._pending = (flags, kind, cookie, offset, length)
+                    del self._in[:]
                 return self._need()
-            data = bytes(self._in[_REQUEST.size:_REQUEST.size + length])
+            data = bytes(memoryview(self._in)[_REQUEST.size:_REQUEST.size + length])
             del self._in[:_REQUEST.size + length]
         else:
             data = b""
             del self._in[:_REQUEST.size]
+        return self._checked(flags, kind, cookie, offset, length, data)
+
+    def _checked(self, flags: int, kind: int, cookie: int, offset: int, length: int,
+                 data: bytes | bytearray) -> Event | None:
+        exp = self.export
+        assert exp is not None
         why = self._invalid(exp, kind, flags, offset, length)
         if why is not None:
             code, message = why

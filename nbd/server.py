@@ -210,6 +210,15 @@ class _Client:
             self._drained.set()
 
     async def _receive(self) -> None:
+        buf = self.conn.receive_buffer()
+        if buf is not None and isinstance(self.stream, trio.SocketStream):
+            # A large write's payload goes straight into its own buffer (no copies).
+            try:
+                n = await self.stream.socket.recv_into(buf)
+            except OSError as e:
+                raise trio.BrokenResourceError(f"receive failed: {e}") from e
+            self.conn.received_into(n)
+            return
         data = await self.stream.receive_some(RECV)
         self.conn.receive_data(data)
 

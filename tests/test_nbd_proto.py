@@ -339,3 +339,43 @@ def test_dirty_bitmap_contexts_are_listed_selected_and_answered_in_order() -> No
     assert (flags, n) == (proto.REPLY_FLAG_DONE, 12)
     assert struct.unpack_from(">III", raw, 60) == (2, 8192, 0)
     assert len(raw) == 72
+
+
+def test_a_large_write_is_received_into_its_own_buffer_however_it_arrives() -> None:
+    """Writes of DIRECT_PAYLOAD bytes or more: the payload goes into one buffer, whether
+    it comes through receive_data (any split) or receive_buffer/received_into; the
+    requests around it are parsed as usual; a connection closed mid-payload is an error."""
+    payload = bytes(range(256)) * 400                       # 102400 bytes
+    wire = (request(proto.CMD_WRITE, 1, 4096, len(payload), data=payload)
+            + request(proto.CMD_FLUSH, 2))
+    for split in (1, 7, 4096, 65536, len(wire)):
+        conn = ServerConnection(Catalog())
+        handshake(conn)
+        events: list[object] = []
+        for i in range(0, len(wire), split):
+            conn.receive_data(wire[i:i + split])
+            while (ev := conn.next_event()) is not proto.NEED_DATA:
+                events.append(ev)
+        assert [(e.kind, e.offset, bytes(e.data)) for e in events
+                if isinstance(e, proto.Command)] == [(proto.CMD_WRITE, 4096, payload),
+                                                     (proto.CMD_FLUSH, 0, b"")], split
+    conn = ServerConnection(Catalog())
+    handshake(conn)
+    conn.receive_data(wire[:28 + 1000])
+    assert conn.next_event() is proto.NEED_DATA
+    buf = conn.receive_buffer()
+    assert buf is not None and len(buf) == len(payload) - 1000
+    buf[:5000] = payload[1000:6000]
+    conn.received_into(5000)
+    assert conn.next_event() is proto.NEED_DATA
+    conn.receive_data(wire[6028:])
+    ev = conn.next_event()
+    assert isinstance(ev, proto.Command) and bytes(ev.data) == payload
+    assert conn.receive_buffer() is None
+    cut = ServerConnection(Catalog())
+    handshake(cut)
+    cut.receive_data(wire[:28 + 70000])
+    assert cut.next_event() is proto.NEED_DATA
+    cut.received_into(0)                                    # the client went away
+    with pytest.raises(proto.RemoteProtocolError, match="middle of a request"):
+        cut.next_event()
