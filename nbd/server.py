@@ -297,12 +297,40 @@ class _Client:
                         failure = e
                         break
                     if isinstance(ev, proto.Command):
+                        if ev.kind == proto.CMD_READ and self._read_at_once(ev):
+                            continue
                         await self._slots.acquire()
                         nursery.start_soon(self._execute, ev)
                     elif isinstance(ev, proto.Disconnect):
                         break
             # Spec: on disconnect, finish what is in flight (the nursery waits).
         self._failure = failure
+
+    def _read_at_once(self, cmd: proto.Command) -> bool:
+        """Answer a read whose blocks are buffered or cached without a task: queue the
+        reply for the writer and return True; False sends it down the usual path (which
+        also produces any error reply)."""
+        vol = self.volume
+        if (vol is None or not self._writer_running or self._broken
+                or self._queued > QUEUE_LIMIT):
+            return False
+        try:
+            pieces = vol.read_sparse_nowait(cmd.offset, cmd.length)
+        except StorageError:
+            return False
+        if pieces is None:
+            return False
+        stats = self.server.stats
+        stats.commands[cmd.name] = stats.commands.get(cmd.name, 0) + 1
+        parts = self.conn.reply_read(cmd, pieces)
+        pending = self.conn.data_to_send()
+        if pending:
+            self._queue.append(pending)
+            self._queued += len(pending)
+        self._queue.extend(parts)
+        self._queued += sum(len(p) for p in parts)
+        self._wakeup.set()
+        return True
 
     async def _execute(self, cmd: proto.Command) -> None:
         vol = self.volume

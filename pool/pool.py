@@ -897,13 +897,11 @@ class Pool:
                 for idx, ext in seg.extents)
         return cols
 
-    async def read_blocks(self, map_id: int, blocks: Sequence[int],
-                          block_size: int) -> list[bytes | memoryview | None]:
-        """The logical content of each block (``None`` for a hole), verified."""
-        self._check_ok()
-        if map_id not in self.state.maps:
-            raise NotFound(f"map {map_id} no longer exists (its volume or snapshot was "
-                           f"deleted)")
+    def _read_plan(self, map_id: int, blocks: Sequence[int]
+                   ) -> tuple[list[bytes | None], list[bytes | memoryview | None],
+                              list[records.RecordPlan]]:
+        """Map entries of ``blocks``, the result with record-cache hits filled in, and
+        the records still to read."""
         forest = self.state.forest
         if blocks and blocks[-1] - blocks[0] + 1 == len(blocks):
             entries = forest.get_range(map_id, blocks[0], len(blocks))
@@ -928,6 +926,47 @@ class Pool:
             plans.append(records.RecordPlan(
                 slot, seg_id, off, -(-(codec.HEADER_SIZE + -(-plen // k)) // SECTOR), k, seg.m,
                 plen, flags, rhash, self._columns(seg)))
+        return entries, result, plans
+
+    def _keep(self, out: records.ReadOutcome, entries: list[bytes | None],
+              result: list[bytes | memoryview | None]) -> None:
+        """Put what was read into ``result`` (and small reads into the record cache)."""
+        self._counters["records_read"] += len(out.payloads)
+        small = len(entries) <= 2
+        for slot, data in out.payloads.items():
+            key = entries[slot]
+            if small and key is not None:
+                # Small reads (random I/O, read-modify-write) keep the verified block: a
+                # record never changes where it lies, so the entry is a safe key.
+                kept = bytes(data)
+                self._cache_put(key, kept)
+                result[slot] = kept
+            else:
+                result[slot] = data
+
+    def read_blocks_nowait(self, map_id: int, blocks: Sequence[int],
+                           block_size: int) -> list[bytes | memoryview | None] | None:
+        """``read_blocks`` if it can be done at once on the event loop (record-cache hits,
+        page-cached healthy fragments), else None: the caller awaits ``read_blocks``."""
+        if self._failed is not None or self.closed or map_id not in self.state.maps:
+            return None
+        entries, result, plans = self._read_plan(map_id, blocks)
+        if plans:
+            try:
+                out = records.read_records(plans, block_size, nowait=True)
+            except records.WouldBlock:
+                return None
+            self._keep(out, entries, result)
+        return result
+
+    async def read_blocks(self, map_id: int, blocks: Sequence[int],
+                          block_size: int) -> list[bytes | memoryview | None]:
+        """The logical content of each block (``None`` for a hole), verified."""
+        self._check_ok()
+        if map_id not in self.state.maps:
+            raise NotFound(f"map {map_id} no longer exists (its volume or snapshot was "
+                           f"deleted)")
+        entries, result, plans = self._read_plan(map_id, blocks)
         if not plans:
             return result
         try:
@@ -942,7 +981,6 @@ class Pool:
             finally:
                 self._reads_in_flight -= 1
                 self._release_extents()
-        self._counters["records_read"] += len(plans)
         self._counters["degraded_reads"] += out.degraded
         if out.device_errors:
             paths = {d.path: i for i, d in enumerate(self.devices) if d is not None}
@@ -958,17 +996,7 @@ class Pool:
             log.error("pool %s: unreadable block %d of map %d: %s", self.state.name,
                       blocks[slot], map_id, why)
             raise MediumError(f"block {blocks[slot]}: {why}")
-        small = len(blocks) <= 2
-        for slot, data in out.payloads.items():
-            key = entries[slot]
-            if small and key is not None:
-                # Small reads (random I/O, read-modify-write) keep the verified block: a
-                # record never changes where it lies, so the entry is a safe key.
-                kept = bytes(data)
-                self._cache_put(key, kept)
-                result[slot] = kept
-            else:
-                result[slot] = data
+        self._keep(out, entries, result)
         return result
 
     def _cache_put(self, key: bytes, data: bytes) -> None:
