@@ -111,12 +111,14 @@ def _finish_read(dev: Device, fut: concurrent.futures.Future[bytes] | DeviceErro
 
 
 def read_columns(cols: Sequence[tuple[Device | None, int, str]], offset: int, units: int,
-                 errors: Counter[tuple[str, str]]) -> list[bytes | None]:
+                 errors: Counter[tuple[str, str]], *, redundant: bool = True
+                 ) -> list[bytes | None]:
     """The same sectors of several columns, read in parallel, each within the deadline;
     None for a column that is missing or failed (counted in ``errors``)."""
     length = units * SECTOR
-    if READ_TIMEOUT is None:
-        return [_frag_bytes(c, offset, units, errors) for c in cols]
+    if READ_TIMEOUT is None or (len(cols) == 1 and not redundant):
+        # One column with nothing to fall back to: no thread hop; a hang is a hang.
+        return [_frag_bytes(c, offset, units, errors, deadline=False) for c in cols]
     deadline = time.monotonic() + READ_TIMEOUT
     started = [(c, _start_read(c[0], c[1] + offset * SECTOR, length)
                 if c[0] is not None else None) for c in cols]
@@ -134,12 +136,12 @@ def read_columns(cols: Sequence[tuple[Device | None, int, str]], offset: int, un
 
 
 def _frag_bytes(col: tuple[Device | None, int, str], offset: int, units: int,
-                errors: Counter[tuple[str, str]]) -> bytes | None:
+                errors: Counter[tuple[str, str]], *, deadline: bool = True) -> bytes | None:
     dev, base, name = col
     if dev is None:
         return None
     try:
-        if READ_TIMEOUT is None:
+        if READ_TIMEOUT is None or not deadline:
             return dev.pread(base + offset * SECTOR, units * SECTOR)
         fut = _start_read(dev, base + offset * SECTOR, units * SECTOR)
         return _finish_read(dev, fut, units * SECTOR, base + offset * SECTOR,
@@ -189,7 +191,7 @@ def _read_run(run: Sequence[RecordPlan], block_size: int, out: ReadOutcome,
     else:
         columns = [memoryview(raw) if raw is not None else None
                    for raw in read_columns(first.columns[:k], first.offset, total,
-                                           out.device_errors)]
+                                           out.device_errors, redundant=first.m > 0)]
     pos = 0
     for p in run:
         size = p.units * SECTOR
