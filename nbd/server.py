@@ -173,13 +173,7 @@ class _Client:
         if self._writer_running:
             if self._broken:
                 return  # the reader sees the dead connection and ends it
-            pending = self.conn.data_to_send()
-            if pending:
-                self._queue.append(pending)
-                self._queued += len(pending)
-            self._queue.extend(parts)
-            self._queued += sum(len(p) for p in parts)
-            self._wakeup.set()
+            self._enqueue(parts)
             if self._queued > QUEUE_LIMIT:      # backpressure on a slow reader
                 await self._drained.wait()
             return
@@ -322,7 +316,11 @@ class _Client:
             return False
         stats = self.server.stats
         stats.commands[cmd.name] = stats.commands.get(cmd.name, 0) + 1
-        parts = self.conn.reply_read(cmd, pieces)
+        self._enqueue(self.conn.reply_read(cmd, pieces))
+        return True
+
+    def _enqueue(self, parts: Sequence[bytes]) -> None:
+        """Queue what the protocol has pending and ``parts`` for the writer task."""
         pending = self.conn.data_to_send()
         if pending:
             self._queue.append(pending)
@@ -330,7 +328,6 @@ class _Client:
         self._queue.extend(parts)
         self._queued += sum(len(p) for p in parts)
         self._wakeup.set()
-        return True
 
     async def _execute(self, cmd: proto.Command) -> None:
         vol = self.volume

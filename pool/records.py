@@ -10,7 +10,7 @@ import concurrent.futures
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -163,15 +163,22 @@ def read_records(plans: Sequence[RecordPlan], block_size: int, *,
     served; anything else raises WouldBlock and the caller retries in a thread.
     """
     out = ReadOutcome()
+    for run in _runs(plans):
+        _read_run(run, -1 if stored else block_size, out, nowait)
+    return out
+
+
+def _runs(plans: Sequence[RecordPlan]) -> Iterator[Sequence[RecordPlan]]:
+    """Runs of records lying one after another in one segment (read with one read per
+    column)."""
     i = 0
     while i < len(plans):
         j = i + 1
         while (j < len(plans) and plans[j].segment == plans[i].segment
                and plans[j].offset == plans[j - 1].offset + plans[j - 1].units):
             j += 1
-        _read_run(plans[i:j], -1 if stored else block_size, out, nowait)
+        yield plans[i:j]
         i = j
-    return out
 
 
 def _read_run(run: Sequence[RecordPlan], block_size: int, out: ReadOutcome,
@@ -293,14 +300,8 @@ def verify_stripes(plans: Sequence[RecordPlan], *, target: int | None = None
 
     Runs of adjacent records of one segment are read with one read per column."""
     out = StripeOutcome()
-    i = 0
-    while i < len(plans):
-        j = i + 1
-        while (j < len(plans) and plans[j].segment == plans[i].segment
-               and plans[j].offset == plans[j - 1].offset + plans[j - 1].units):
-            j += 1
-        _verify_run(plans[i:j], target, out)
-        i = j
+    for run in _runs(plans):
+        _verify_run(run, target, out)
     return out
 
 

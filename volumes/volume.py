@@ -167,12 +167,8 @@ class Volume:
         Adjacent data blocks are joined and adjacent holes merged, so a frontend can send
         holes without zeros (NBD OFFSET_HOLE).
         """
-        self._check(offset, length, write=False)
-        if length == 0:
-            return []
         started = time.perf_counter()
-        spans = list(self._blocks(offset, length))
-        buffered, need = self._buffered(spans)
+        spans, buffered, need = self._begin_read(offset, length)
         if need:
             buffered.update(zip(need, await self._pool.read_blocks(self._map, need,
                                                                    self.block_size),
@@ -185,12 +181,8 @@ class Volume:
         (blocks buffered, in the pool's record cache or page-cached and healthy); else
         None, and the caller uses ``read_sparse``. Lets a frontend answer cached reads
         without a task per request. Bad ranges raise as in ``read_sparse``."""
-        self._check(offset, length, write=False)
-        if length == 0:
-            return []
         started = time.perf_counter()
-        spans = list(self._blocks(offset, length))
-        buffered, need = self._buffered(spans)
+        spans, buffered, need = self._begin_read(offset, length)
         if need:
             got = self._pool.read_blocks_nowait(self._map, need, self.block_size)
             if got is None:
@@ -198,12 +190,16 @@ class Volume:
             buffered.update(zip(need, got, strict=True))
         return self._assemble(spans, buffered, offset, length, started)
 
-    def _buffered(self, spans: list[tuple[int, int, int]]
-                  ) -> tuple[dict[int, bytes | memoryview | None], list[int]]:
-        """Blocks the write buffer holds, and the blocks to read from the pool."""
+    def _begin_read(self, offset: int, length: int
+                    ) -> tuple[list[tuple[int, int, int]],
+                               dict[int, bytes | memoryview | None], list[int]]:
+        """The spans of a read (checked), the blocks the write buffer holds, and the
+        blocks to read from the pool."""
+        self._check(offset, length, write=False)
+        spans = list(self._blocks(offset, length))
         buffered: dict[int, bytes | memoryview | None] = {}
         if not self._dirty and not self._inflight and not self._captured:
-            return buffered, [b for b, _lo, _hi in spans]
+            return spans, buffered, [b for b, _lo, _hi in spans]
         need: list[int] = []
         for b, _lo, _hi in spans:
             v = self._dirty.get(b, _MISSING)
@@ -215,7 +211,7 @@ class Volume:
                 need.append(b)
             else:
                 buffered[b] = v  # type: ignore[assignment]
-        return buffered, need
+        return spans, buffered, need
 
     def _assemble(self, spans: list[tuple[int, int, int]],
                   buffered: dict[int, bytes | memoryview | None], offset: int, length: int,
