@@ -56,14 +56,18 @@ class Credentials:
 
 @dataclass(frozen=True, slots=True)
 class TargetPolicy:
-    """Who may log in to a target: initiator names (empty: everyone), and CHAP."""
+    """Who may log in to a target: initiator names (empty: everyone, unless ``closed``:
+    no one), and CHAP."""
 
     allow: tuple[str, ...] = ()
     chap: Credentials | None = None          # the initiator proves itself with this
     mutual: Credentials | None = None        # the target proves itself with this
+    closed: bool = False                     # with no allow list: no initiator at all
 
     def permits(self, initiator: str) -> bool:
-        return not self.allow or initiator.lower() in (a.lower() for a in self.allow)
+        if not self.allow:
+            return not self.closed
+        return initiator.lower() in (a.lower() for a in self.allow)
 
 
 class TargetDirectory(Protocol):

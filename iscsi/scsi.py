@@ -26,6 +26,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
+from iscsi import reservations as pr
+from iscsi.reservations import Nexus, Reservations, ReservationStore
 from volumes import StorageError, Volume
 
 LBA_SIZE: Final = 512
@@ -82,6 +84,8 @@ SYNCHRONIZE_CACHE_10: Final = 0x35
 WRITE_SAME_10: Final = 0x41
 UNMAP: Final = 0x42
 MODE_SELECT_10: Final = 0x55
+PERSISTENT_RESERVE_IN: Final = 0x5E
+PERSISTENT_RESERVE_OUT: Final = 0x5F
 MODE_SENSE_10: Final = 0x5A
 READ_16: Final = 0x88
 COMPARE_AND_WRITE: Final = 0x89
@@ -143,6 +147,7 @@ WRITE_ERROR: Final = Sense(MEDIUM_ERROR, 0x0C, 0x00)
 NOT_READY_MEDIUM_ABSENT: Final = Sense(NOT_READY, 0x3A, 0x00)
 INTERNAL_FAILURE: Final = Sense(HARDWARE_ERROR, 0x44, 0x00)
 DATA_PHASE_ERROR: Final = Sense(ABORTED_COMMAND, 0x4B, 0x00)
+INVALID_RELEASE: Final = Sense(ILLEGAL_REQUEST, 0x26, 0x04)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +256,12 @@ SUPPORTED: Final[tuple[_Command, ...]] = (
     _Command(UNMAP, None, 10, _usage(0x42, 0, 0, 0, 0, 0, 0x3F, 0xFF, 0xFF, 0x07), "UNMAP"),
     _Command(MODE_SELECT_10, None, 10, _usage(0x55, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0x07),
              "MODE_SELECT"),
+    *(_Command(PERSISTENT_RESERVE_IN, sa, 10,
+               _usage(PERSISTENT_RESERVE_IN, sa, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0x07),
+               "PERSISTENT_RESERVE_IN") for sa in range(4)),
+    *(_Command(PERSISTENT_RESERVE_OUT, sa, 10,
+               _usage(PERSISTENT_RESERVE_OUT, sa, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0x07),
+               "PERSISTENT_RESERVE_OUT") for sa in range(7)),
     _Command(MODE_SENSE_10, None, 10, _usage(0x5A, 0x18, 0xFF, 0, 0, 0, 0, 0xFF, 0xFF,
                                               0x07), "MODE_SENSE"),
     _Command(READ_16, None, 16, _usage(0x88, 0x18, *[0xFF] * 12, 0x3F, 0x07), "READ"),
@@ -293,6 +304,30 @@ _BY_OPCODE: Final = {(c.opcode, c.service_action): c for c in SUPPORTED}
 _CDB_LEN: Final = {0: 6, 1: 10, 2: 10, 4: 16, 5: 12}     # by opcode group
 
 
+_WITH_SA: Final = frozenset((SERVICE_ACTION_IN_16, MAINTENANCE_IN, PERSISTENT_RESERVE_IN,
+                             PERSISTENT_RESERVE_OUT))
+# Commands by what persistent reservations do to them (SPC-4 table 62, SBC-3 table 13):
+# ALWAYS never conflicts, READS conflict only under Exclusive Access types, and every
+# other command (writes, UNMAP, SYNCHRONIZE CACHE, MODE SELECT, ...) conflicts under all.
+_PR_ALWAYS: Final = frozenset((TEST_UNIT_READY, REQUEST_SENSE, INQUIRY, READ_CAPACITY_10,
+                               REPORT_LUNS, MAINTENANCE_IN, PERSISTENT_RESERVE_IN,
+                               PERSISTENT_RESERVE_OUT))
+_PR_READS: Final = frozenset((READ_6, READ_10, READ_12, READ_16, VERIFY_10, VERIFY_12,
+                              VERIFY_16, PRE_FETCH_10, PRE_FETCH_16, MODE_SENSE_6,
+                              MODE_SENSE_10))
+
+
+def pr_class(cdb: bytes) -> str:
+    op = cdb[0]
+    if op in _PR_ALWAYS:
+        return pr.ALWAYS
+    if op == SERVICE_ACTION_IN_16:
+        return pr.ALWAYS if cdb[1] & 0x1F == SA_READ_CAPACITY_16 else pr.READS
+    if op == PREVENT_ALLOW and not cdb[4] & 0x03:
+        return pr.ALWAYS
+    return pr.READS if op in _PR_READS else pr.WRITES
+
+
 def cdb_length(opcode: int) -> int:
     return _CDB_LEN.get(opcode >> 5, 6)
 
@@ -300,8 +335,7 @@ def cdb_length(opcode: int) -> int:
 def command_name(cdb: bytes) -> str:
     if not cdb:
         return "EMPTY"
-    sa = cdb[1] & 0x1F if len(cdb) > 1 and cdb[0] in (SERVICE_ACTION_IN_16,
-                                                      MAINTENANCE_IN) else None
+    sa = cdb[1] & 0x1F if len(cdb) > 1 and cdb[0] in _WITH_SA else None
     cmd = _BY_OPCODE.get((cdb[0], sa))
     return cmd.name if cmd is not None else "UNSUPPORTED"
 
@@ -317,6 +351,10 @@ class LogicalUnit:
     target_port: int = 1
     # Mode parameters an initiator may change (D_SENSE in the control page).
     d_sense: bool = False
+    # Persistent reservations, kept by ``store`` under ``unit_key`` (if any).
+    store: ReservationStore | None = None
+    unit_key: str = ""
+    reservations: Reservations = field(default_factory=Reservations)
     _naa: bytes = field(default=b"", init=False)
 
     def __post_init__(self) -> None:
@@ -324,6 +362,10 @@ class LogicalUnit:
         digest = hashlib.sha256(self.serial.encode()).digest()
         # OUI-like company id 0x001405 (locally chosen), then 100 bits of the hash.
         self._naa = bytes([0x60 | 0x00, 0x14, 0x05 << 4 | digest[0] >> 4]) + digest[1:14]
+        if self.store is not None:
+            saved = self.store.load_reservations(self.unit_key)
+            if saved is not None:
+                self.reservations = Reservations.from_json(saved)
 
     # ---- geometry -------------------------------------------------------------------
     @property
@@ -343,7 +385,8 @@ class LogicalUnit:
             raise _Refused(check(LBA_OUT_OF_RANGE))
 
     # ---- entry point -----------------------------------------------------------------
-    def plan(self, cdb: bytes) -> Plan | Result:
+    def plan(self, cdb: bytes, nexus: Nexus | None = None) -> Plan | Result:
+        """``nexus``: the I_T nexus the command came from (None: an anonymous one)."""
         if not cdb:
             return check(INVALID_OPCODE)
         op = cdb[0]
@@ -355,6 +398,10 @@ class LogicalUnit:
             return check(INVALID_OPCODE, 0)
         if cdb[need - 1] & 0x04:       # NACA in the control byte: ACA is not supported
             return check(INVALID_FIELD_IN_CDB, need - 1)
+        if self.reservations.conflicts(nexus, pr_class(cdb)):
+            return Result(RESERVATION_CONFLICT)
+        if op == PERSISTENT_RESERVE_OUT:
+            return self._prout(cdb[:need], nexus or Nexus("", bytes(6)))
         try:
             return handler(self, cdb[:need])
         except _Refused as r:
@@ -807,6 +854,32 @@ class LogicalUnit:
             return OK
         return Plan("MODE_SELECT", length, run)
 
+    # ---- persistent reservations -----------------------------------------------------
+    def _prin(self, cdb: bytes) -> Plan:
+        action, length = cdb[1] & 0x1F, int.from_bytes(cdb[7:9], "big")
+        if self.reservations.prin(action) is None:
+            raise _refuse(INVALID_FIELD_IN_CDB, 1)
+
+        async def run(_data: bytes) -> Result:
+            return _alloc(self.reservations.prin(action) or b"", length)
+        return Plan("PERSISTENT_RESERVE_IN", 0, run)
+
+    def _prout(self, cdb: bytes, nexus: Nexus) -> Plan | Result:
+        action, scope, rtype = cdb[1] & 0x1F, cdb[2] >> 4, cdb[2] & 0x0F
+        length = int.from_bytes(cdb[5:9], "big")
+        if length > 4096:
+            return check(PARAMETER_LIST_LENGTH)
+
+        async def run(data: bytes) -> Result:
+            before = self.reservations.to_json()
+            answer = self.reservations.prout(nexus, action, scope, rtype, bytes(data))
+            if answer == pr.GOOD and self.store is not None and (
+                    self.reservations.to_json() != before):
+                await self.store.save_reservations(self.unit_key,
+                                                     self.reservations.to_json())
+            return _PROUT_ANSWERS[answer]
+        return Plan("PERSISTENT_RESERVE_OUT", length, run)
+
     # ---- reporting -------------------------------------------------------------------
     def _report_luns(self, cdb: bytes) -> Plan:
         length = int.from_bytes(cdb[6:10], "big")
@@ -879,7 +952,14 @@ _HANDLERS: Final[dict[int, Callable[[LogicalUnit, bytes], Plan]]] = {
     SYNCHRONIZE_CACHE_10: _LU._sync_cache, SYNCHRONIZE_CACHE_16: _LU._sync_cache,
     WRITE_SAME_10: _LU._write_same, WRITE_SAME_16: _LU._write_same, UNMAP: _LU._unmap,
     COMPARE_AND_WRITE: _LU._compare_and_write, REPORT_LUNS: _LU._report_luns,
-    MAINTENANCE_IN: _LU._maintenance_in,
+    MAINTENANCE_IN: _LU._maintenance_in, PERSISTENT_RESERVE_IN: _LU._prin,
+    PERSISTENT_RESERVE_OUT: _LU._prin,        # (not used: plan() sends it to _prout)
+}
+_PROUT_ANSWERS: Final[dict[str, Result]] = {
+    pr.GOOD: OK, pr.CONFLICT: Result(RESERVATION_CONFLICT),
+    pr.BAD_FIELD_CDB: check(INVALID_FIELD_IN_CDB), pr.BAD_LENGTH: check(PARAMETER_LIST_LENGTH),
+    pr.BAD_FIELD_PARAMETERS: check(INVALID_FIELD_IN_PARAMETERS),
+    pr.BAD_RELEASE: check(INVALID_RELEASE),
 }
 
 def no_such_lun(cdb: bytes) -> Result:

@@ -136,9 +136,13 @@ class ISCSIServer:
         self._clients.add(client)
         self.stats.connections += 1
         try:
-            await client.run()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as e:
-            log.info("iSCSI %s: connection lost: %s", peer, e)
+            try:
+                await client.run()
+            except* (trio.BrokenResourceError, trio.ClosedResourceError,
+                     ConnectionError) as group:
+                # (from the client's nursery, so wrapped in a group: a peer that vanished
+                # must end its own connection only, never the listener)
+                log.info("iSCSI %s: connection lost: %s", peer, group.exceptions[0])
         finally:
             self._clients.discard(client)
             if client.key is not None and self._sessions.get(client.key) is client:

@@ -31,6 +31,7 @@ from iscsi import pdu as P
 from iscsi import scsi
 from iscsi.login import Login, LoginResult, SessionParams, TargetDirectory
 from iscsi.pdu import ProtocolError
+from iscsi.reservations import Nexus
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,7 @@ class Connection:
         self.params = SessionParams()
         self.result: LoginResult | None = None
         self.unit: scsi.LogicalUnit | None = None
+        self.nexus: Nexus | None = None          # the I_T nexus, for reservations
         self.statsn = 0
         self.exp_cmdsn = 0
         self.closed = False
@@ -298,6 +300,7 @@ class Connection:
         self.reader.header_digest = result.params.header_digest
         self.reader.data_digest = result.params.data_digest
         if result.target is not None:
+            self.nexus = Nexus(result.initiator.lower(), result.isid)
             self.unit = self.unit_for(result.target)
             if self.unit is None:          # removed while logging in
                 self._close("target went away during login")
@@ -357,9 +360,9 @@ class Connection:
         planned: scsi.Plan | scsi.Result
         if lun != 0:
             planned = scsi.no_such_lun(cdb) if cdb[:1] != bytes([scsi.REPORT_LUNS]) \
-                else self.unit.plan(cdb)
+                else self.unit.plan(cdb, self.nexus)
         else:
-            planned = self.unit.plan(cdb)
+            planned = self.unit.plan(cdb, self.nexus)
         if isinstance(planned, scsi.Result):
             self._absorb_and_answer(cmd, task, planned)
             return

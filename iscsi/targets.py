@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 
 from iscsi.login import TargetPolicy
+from iscsi.reservations import ReservationStore
 from iscsi.scsi import Gate, LogicalUnit
 from volumes import NotFound, Volume, VolumeManager
 
@@ -41,17 +42,21 @@ class TargetCatalog:
     """Targets for every volume and snapshot of the given pools (name -> VolumeManager).
 
     ``policies`` gives a volume's access policy by ``POOL/VOLUME`` (snapshots use their
-    volume's); ``gate`` makes the shared/exclusive lock of a new logical unit."""
+    volume's); ``gate`` makes the shared/exclusive lock of a new logical unit;
+    ``reservations`` keeps each unit's persistent reservations (by ``POOL/VOLUME`` or
+    ``POOL/VOLUME@SNAPSHOT``) across restarts."""
 
     def __init__(self, managers: Mapping[str, VolumeManager], gate: Callable[[], Gate], *,
                  base_iqn: str = DEFAULT_BASE_IQN,
-                 policies: Callable[[str], TargetPolicy] | None = None) -> None:
+                 policies: Callable[[str], TargetPolicy] | None = None,
+                 reservations: ReservationStore | None = None) -> None:
         check_base_iqn(base_iqn)
         self._managers = managers
         self._gate = gate
         self.base_iqn = base_iqn
         self._policies = policies or (lambda _name: TargetPolicy())
         self._units: dict[str, LogicalUnit] = {}
+        self._reservations = reservations
 
     def target_name(self, pool: str, volume: str, snapshot: str | None = None) -> str:
         parts = [self.base_iqn, component(pool), component(volume)]
@@ -133,6 +138,8 @@ class TargetCatalog:
         if volume is None:
             return None
         serial = hashlib.sha256(f"{vm.pool.uuid}/{vol}@{snap or ''}".encode()).hexdigest()
-        lu = LogicalUnit(volume, self._gate(), serial=serial[:32], target_name=key)
+        lu = LogicalUnit(volume, self._gate(), serial=serial[:32], target_name=key,
+                         store=self._reservations,
+                         unit_key=f"{pool}/{vol}" + (f"@{snap}" if snap else ""))
         self._units[key] = lu
         return lu

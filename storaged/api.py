@@ -19,6 +19,7 @@ from nbd.server import NBDServer
 from pool import rebuild, scrub
 from pool.checker import check
 from pool.errors import InvalidArgument
+from storaged.iscsi_acl import AccessStore, StoredPolicy, check_credentials, check_initiator
 from storaged.registry import PoolEntry, Registry
 from storaged.sizes import parse_size
 from volumes import Volume, check_volume_name, portable
@@ -148,9 +149,10 @@ def volume_info(pool: str, vol: Volume) -> dict[str, Any]:
 class ControlAPI:
     def __init__(self, registry: Registry, nbd: NBDServer | None,
                  nbd_address: tuple[str, int] | None, *,
-                 iscsi: ISCSIServer | None = None) -> None:
+                 iscsi: ISCSIServer | None = None, acl: AccessStore | None = None) -> None:
         self.registry = registry
         self.iscsi = iscsi
+        self.acl = acl
         self.nbd = nbd
         self.nbd_address = nbd_address
         self.methods: dict[str, Callable[[Params, Progress], Awaitable[Any]]] = {
@@ -164,6 +166,7 @@ class ControlAPI:
             "volume.create": self.volume_create, "volume.list": self.volume_list,
             "volume.info": self.volume_info, "volume.resize": self.volume_resize,
             "volume.delete": self.volume_delete, "export.list": self.export_list,
+            "export.iscsi": self.export_iscsi,
             "volume.receive_abort": self.volume_receive_abort,
             "volume.flush": self.volume_flush, "volume.rename": self.volume_rename,
             "volume.receive_status": self.volume_receive_status,
@@ -345,6 +348,8 @@ class ControlAPI:
     async def volume_delete(self, p: Params, progress: Progress) -> Any:
         entry, vol = self._volume(_req(p, "name"))
         await entry.volumes.delete(vol.name, recursive=_bool(p, "recursive", False))
+        if self.acl is not None and self.acl.forget(f"{entry.name}/{vol.name}"):
+            await self.acl.commit()
         return {"name": p["name"], "deleted": True}
 
     # ---- send / receive (streams travel in control.py's framing) ------------------------
@@ -376,7 +381,11 @@ class ControlAPI:
         if pool and pool != entry.name:
             raise InvalidArgument("a volume cannot move to another pool by renaming: use "
                                   "volume send | volume receive")
+        old = vol.name
         await entry.volumes.rename(vol.name, new)
+        if self.acl is not None and self.acl.rename(f"{entry.name}/{old}",
+                                                    f"{entry.name}/{new}"):
+            await self.acl.commit()
         return volume_info(entry.name, vol)
 
     async def volume_flush(self, p: Params, progress: Progress) -> Any:
@@ -470,6 +479,44 @@ class ControlAPI:
                         iqn = self.iscsi.catalog.target_name(pname, vname, snap)
                         item["iscsi"] = f"iscsi://{self.iscsi.portal}/{iqn}/0"
                     out.append(item)
+        return out
+
+    async def export_iscsi(self, p: Params, progress: Progress) -> Any:
+        """Set (or, with no policy parameters, show) a volume's iSCSI access policy. The
+        parameters replace the whole policy; secrets are taken, never returned."""
+        if self.acl is None:
+            raise InvalidArgument("iSCSI access control is not available")
+        entry, vol = self._volume(_req(p, "name"))
+        name = f"{entry.name}/{vol.name}"
+        allow = _strs(p, "allow")
+        for a in allow:
+            check_initiator(a)
+        user, secret = _str(p, "chap_user", required=False), _str(p, "chap_secret",
+                                                                  required=False)
+        muser, msecret = (_str(p, "mutual_chap_user", required=False),
+                          _str(p, "mutual_chap_secret", required=False))
+        opened = _bool(p, "open", False)
+        if (user is None) != (secret is None) or (muser is None) != (msecret is None):
+            raise InvalidArgument("a CHAP user needs its secret (and a secret its user)")
+        if muser is not None and user is None:
+            raise InvalidArgument("mutual CHAP needs one-way CHAP (--chap-user) as well")
+        if opened and (allow or user is not None):
+            raise InvalidArgument("--open clears the policy: it takes no other option")
+        if opened or allow or user is not None:
+            chap = check_credentials(user, secret, "CHAP") if user and secret else None
+            mutual = (check_credentials(muser, msecret, "mutual CHAP")
+                      if muser and msecret else None)
+            if chap is not None and mutual is not None and chap.secret == mutual.secret:
+                raise InvalidArgument("the mutual CHAP secret must differ from the CHAP "
+                                      "secret")
+            self.acl.set(name, StoredPolicy(open=True) if opened else StoredPolicy(
+                allow=tuple(a.lower() for a in allow), chap=chap, mutual=mutual))
+            await self.acl.commit()
+            log.info("iSCSI policy of %s set: %s", name, self.acl.describe(name)["access"])
+        out = self.acl.describe(name)
+        if self.iscsi is not None:
+            iqn = self.iscsi.catalog.target_name(entry.name, vol.name)
+            out["iscsi"] = f"iscsi://{self.iscsi.portal}/{iqn}/0"
         return out
 
     async def status(self, p: Params, progress: Progress) -> Any:

@@ -155,6 +155,54 @@ def show_status(s: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def show_iscsi_policy(r: dict[str, Any]) -> str:
+    lines = [f"{r['name']}: {r['access']}"
+             + (" (iscsi.default_acl)" if r["source"] == "default" else "")]
+    if r["allow"]:
+        lines.append("  initiators: " + ", ".join(r["allow"]))
+    if r["chap_user"]:
+        lines.append(f"  CHAP user: {r['chap_user']}")
+    if r["mutual_chap_user"]:
+        lines.append(f"  mutual CHAP user: {r['mutual_chap_user']}")
+    if r.get("iscsi"):
+        lines.append(f"  {r['iscsi']}")
+    return "\n".join(lines)
+
+
+def read_secret(path: str) -> str:
+    """A CHAP secret from a file (one trailing newline is not part of it)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(4096)
+    except OSError as e:
+        raise SystemExit(f"storagectl: cannot read the secret file {path}: "
+                         f"{e.strerror}") from e
+    if raw.endswith(b"\n"):
+        raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"storagectl: the secret in {path} is not UTF-8 text") from e
+
+
+def iscsi_policy_params(args: argparse.Namespace) -> dict[str, Any]:
+    for user, file, what in ((args.chap_user, args.chap_secret_file, "--chap"),
+                             (args.mutual_chap_user, args.mutual_chap_secret_file,
+                              "--mutual-chap")):
+        if (user is None) != (file is None):
+            raise SystemExit(f"storagectl: {what}-user and {what}-secret-file go together")
+    params: dict[str, Any] = {"name": args.name, "allow": args.allow_initiator}
+    if args.open:
+        params["open"] = True
+    if args.chap_user is not None:
+        params["chap_user"] = args.chap_user
+        params["chap_secret"] = read_secret(args.chap_secret_file)
+    if args.mutual_chap_user is not None:
+        params["mutual_chap_user"] = args.mutual_chap_user
+        params["mutual_chap_secret"] = read_secret(args.mutual_chap_secret_file)
+    return params
+
+
 def _done(r: dict[str, Any]) -> str:
     return "; ".join(f"{k}: {v}" for k, v in r.items())
 
@@ -285,6 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = top.add_parser("export", help="exports").add_subparsers(dest="cmd", required=True)
     exp.add_parser("list")
+    c = exp.add_parser("iscsi", help="set (or show) a volume's iSCSI access policy")
+    c.add_argument("name", metavar="POOL/VOLUME")
+    c.add_argument("--allow-initiator", action="append", default=[], metavar="IQN",
+                   help="only this initiator may see and log in (repeatable)")
+    c.add_argument("--chap-user", metavar="USER", help="initiators must log in with CHAP")
+    c.add_argument("--chap-secret-file", metavar="FILE",
+                   help="file holding the CHAP secret (read here, never printed)")
+    c.add_argument("--mutual-chap-user", metavar="USER",
+                   help="the target proves itself to the initiator (mutual CHAP)")
+    c.add_argument("--mutual-chap-secret-file", metavar="FILE")
+    c.add_argument("--open", action="store_true",
+                   help="clear the policy: every initiator, no authentication")
     top.add_parser("status", help="one-screen overview")
     return ap
 
@@ -367,6 +427,8 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
             return "snapshot.diff", params, show_diff
         return "snapshot.delete", {"name": args.name}, _done
     if g == "export":
+        if cmd == "iscsi":
+            return "export.iscsi", iscsi_policy_params(args), show_iscsi_policy
         return "export.list", {}, show_exports
     return "status", {}, show_status
 

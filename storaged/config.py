@@ -39,6 +39,7 @@ class Config:
     metrics_listen: str | None = DEFAULT_METRICS  # None: metrics off
     iscsi_listen: str | None = DEFAULT_ISCSI      # None: iSCSI off
     iscsi_base_iqn: str = DEFAULT_BASE_IQN        # target names: BASE:POOL:VOLUME
+    iscsi_default_acl: str = "open"               # volumes without a policy: open|closed
     demo: bool = False                            # create a demo pool if there is none
     full_warning: float = 0.8                     # used fraction that raises a warning
     fault_threshold: int = 10                     # I/O errors that fault a pool member
@@ -46,6 +47,7 @@ class Config:
     rebuild_rate: int = 0                         # bytes/s a rebuild may read (0: no cap)
     auto_replace: bool = False                    # replace a faulted member by a spare
     read_timeout: float = 30.0                    # seconds before a device read is given up
+    record_cache: int | None = None               # bytes of verified blocks per pool
     fuse_mount: str | None = None                 # FUSE mount point; None: FUSE off
     fuse_uid: int | None = None                   # owner of the files (None: the daemon's)
     fuse_gid: int | None = None
@@ -73,10 +75,12 @@ _KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "faults.rebuild_rate": ("rebuild_rate", int),
     "faults.auto_replace": ("auto_replace", bool),
     "faults.read_timeout": ("read_timeout", float),
+    "cache.records": ("record_cache", int),
     "fuse.mount": ("fuse_mount", str), "fuse.uid": ("fuse_uid", int),
     "fuse.gid": ("fuse_gid", int), "fuse.mode": ("fuse_mode", int),
     "fuse.allow_other": ("fuse_allow_other", bool),
     "iscsi.listen": ("iscsi_listen", str), "iscsi.base_iqn": ("iscsi_base_iqn", str),
+    "iscsi.default_acl": ("iscsi_default_acl", str),
 }
 
 
@@ -134,6 +138,9 @@ def validate(cfg: Config) -> Config:
         check_base_iqn(cfg.iscsi_base_iqn)
     except ValueError as e:
         raise InvalidArgument(f"iscsi.base_iqn: {e}") from e
+    if cfg.iscsi_default_acl not in ("open", "closed"):
+        raise InvalidArgument(f"iscsi.default_acl must be open or closed, not "
+                              f"{cfg.iscsi_default_acl!r}")
     if cfg.nbd_tls not in ("off", "on", "require"):
         raise InvalidArgument(f"nbd.tls must be off, on or require, not {cfg.nbd_tls!r}")
     if cfg.nbd_tls != "off" and not (cfg.nbd_tls_cert and cfg.nbd_tls_key):
@@ -148,6 +155,8 @@ def validate(cfg: Config) -> Config:
                               f"{cfg.full_warning!r}")
     if cfg.fault_threshold < 1 or cfg.scrub_rate < 0 or cfg.rebuild_rate < 0:
         raise InvalidArgument("faults.threshold must be >= 1 and the rates >= 0")
+    if cfg.record_cache is not None and cfg.record_cache < 0:
+        raise InvalidArgument("cache.records must be a number of bytes (0: no cache)")
     if not 0 < cfg.read_timeout <= 3600:
         raise InvalidArgument(f"faults.read_timeout must be seconds in (0, 3600], not "
                               f"{cfg.read_timeout!r}")

@@ -22,10 +22,12 @@ from nbd import proto
 from nbd.exports import VolumeCatalog
 from nbd.server import NBDConfig, NBDServer, tls_server_context
 from pool import Pool, rebuild, records, scrub
+from pool import pool as pool_module
 from pool.errors import StorageError
 from storaged.api import ControlAPI
 from storaged.config import Config, parse_address
 from storaged.control import ControlServer
+from storaged.iscsi_acl import AccessStore
 from storaged.metrics import MetricsServer
 from storaged.registry import PoolEntry, Registry
 from volumes import VolumeManager
@@ -81,9 +83,12 @@ async def ensure_demo(registry: Registry) -> None:
         await entry.volumes.create("disk0", 10 << 30)
 
 
-def attach_hint(addr: tuple[str, int], sock: str, mount: str | None = None) -> str:
+def attach_hint(addr: tuple[str, int], sock: str, mount: str | None = None,
+                iscsi: str | None = None) -> str:
     uri = f"nbd://{addr[0]}:{addr[1]}/demo/disk0"
     files = f"  files:     {mount}/demo/disk0 (FUSE: qemu-img, losetup, cp, du)\n" if mount else ""
+    if iscsi:
+        files += f"  iSCSI:     {iscsi} (iscsi-inq, qemu-img, open-iscsi)\n"
     return f"""
 storaged is serving the demo pool (Ctrl-C stops it, flushing everything first).
   inspect:   qemu-img info {uri}
@@ -162,6 +167,8 @@ async def _maintain_pool(registry: Registry, entry: PoolEntry, cfg: Config,
 
 async def run(cfg: Config, *, ready: trio.Event | None = None) -> None:
     records.READ_TIMEOUT = cfg.read_timeout
+    if cfg.record_cache is not None:
+        pool_module.RECORD_CACHE_BYTES = cfg.record_cache
     registry = Registry(cfg.state_dir)
     await registry.load()
     if cfg.demo:
@@ -178,11 +185,14 @@ async def run(cfg: Config, *, ready: trio.Event | None = None) -> None:
                                   allow=tuple(ipaddress.ip_network(n, strict=False)
                                               for n in cfg.nbd_allow),
                                   max_inflight=cfg.nbd_max_inflight))
+    acl = AccessStore(cfg.state_dir, default_acl=cfg.iscsi_default_acl)
+    await trio.to_thread.run_sync(acl.load)
     iscsi: ISCSIServer | None = None
     if cfg.iscsi_listen is not None:
         ihost, iport = parse_address(cfg.iscsi_listen, "iscsi.listen")
         iscsi = ISCSIServer(TargetCatalog(_LiveManagers(registry), SharedExclusive,
-                                          base_iqn=cfg.iscsi_base_iqn),
+                                          base_iqn=cfg.iscsi_base_iqn,
+                                          policies=acl.policy, reservations=acl),
                             ISCSIConfig(host=ihost, port=iport))
     fuse: FuseMount | None = None
     if cfg.fuse_mount is not None:
@@ -199,7 +209,7 @@ async def run(cfg: Config, *, ready: trio.Event | None = None) -> None:
                     nbd_addr = (bound[0], bound[1])
                 if iscsi is not None:
                     await nursery.start(iscsi.serve)
-                api = ControlAPI(registry, nbd, nbd_addr, iscsi=iscsi)
+                api = ControlAPI(registry, nbd, nbd_addr, iscsi=iscsi, acl=acl)
                 await nursery.start(ControlServer(api, cfg.socket).serve)
                 if cfg.metrics_listen is not None:
                     mhost, mport = parse_address(cfg.metrics_listen, "metrics.listen")
@@ -212,8 +222,12 @@ async def run(cfg: Config, *, ready: trio.Event | None = None) -> None:
                 log.info("storaged ready: %d pool(s), control socket %s", len(registry.pools),
                          cfg.socket)
                 if cfg.demo and nbd_addr is not None:
-                    print(attach_hint(nbd_addr, cfg.socket,
-                                      fuse.mountpoint if fuse else None), flush=True)
+                    target = None
+                    if iscsi is not None and cfg.iscsi_listen is not None:
+                        target = (f"iscsi://{cfg.iscsi_listen}/"
+                                  f"{iscsi.catalog.target_name('demo', 'disk0')}/0")
+                    print(attach_hint(nbd_addr, cfg.socket, fuse.mountpoint if fuse else None,
+                                      target), flush=True)
                 sd_notify("READY=1\nSTATUS=serving")
                 if ready is not None:
                     ready.set()

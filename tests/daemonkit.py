@@ -27,24 +27,30 @@ class Daemon:
     dir: Path
     sock: str
     nbd_port: int
-    metrics_port: int
+    metrics_port: int                   # 0: metrics off
     proc: subprocess.Popen[bytes] | None = None
+    args: tuple[str, ...] = ()          # more storaged flags (e.g. --config FILE)
 
     def start(self) -> None:
         log = open(self.dir / "daemon.log", "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(
             [str(BIN / "storaged"), "--state-dir", str(self.dir / "state"), "--socket",
              self.sock, "--nbd-listen", f"127.0.0.1:{self.nbd_port}", "--metrics-listen",
-             f"127.0.0.1:{self.metrics_port}", "--iscsi-listen", "127.0.0.1:0"],
+             f"127.0.0.1:{self.metrics_port}" if self.metrics_port else "off",
+             "--iscsi-listen", "127.0.0.1:0", *self.args],
             stdout=log, stderr=log)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited: {self.log()}")
-            if os.path.exists(self.sock) and self.ctl("status").returncode == 0:
+            if self.up():
                 return
-            time.sleep(0.1)
+            time.sleep(0.05)
         raise AssertionError(f"daemon did not come up: {self.log()}")
+
+    def up(self) -> bool:
+        """Serving: the control socket answers."""
+        return os.path.exists(self.sock) and self.ctl("status").returncode == 0
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.proc is not None
@@ -54,7 +60,7 @@ class Daemon:
         return rc
 
     def log(self) -> str:
-        return (self.dir / "daemon.log").read_text(errors="replace")[-3000:]
+        return (self.dir / "daemon.log").read_text(errors="replace")[-4000:]
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(BIN / "storagectl"), "--socket", self.sock, *args],

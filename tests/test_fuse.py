@@ -15,28 +15,20 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-BIN = Path(sys.executable).parent
+from tests.daemonkit import Daemon, _free_port
+
 MiB = 1 << 20
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse"),
     reason="/dev/fuse is missing: this machine (or container) cannot mount FUSE file systems")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run(*argv: str | Path, ok: bool = True, timeout: float = 120
@@ -53,52 +45,16 @@ def mounted(path: Path) -> bool:
         return any(line.split()[4] == str(path) for line in f)
 
 
-@dataclass
-class FuseDaemon:
-    dir: Path
-    mnt: Path
-    sock: str
-    nbd_port: int
-    proc: subprocess.Popen[bytes] | None = None
+class FuseDaemon(Daemon):
+    """The real daemon with its FUSE mount (no metrics, no iSCSI listener)."""
 
-    def start(self) -> None:
-        log = open(self.dir / "daemon.log", "ab")  # noqa: SIM115 - owned by the process
-        self.proc = subprocess.Popen(
-            [str(BIN / "storaged"), "--state-dir", str(self.dir / "state"), "--socket",
-             self.sock, "--nbd-listen", f"127.0.0.1:{self.nbd_port}", "--metrics-listen",
-             "off", "--iscsi-listen", "off", "--fuse-mount", str(self.mnt)],
-            stdout=log, stderr=log)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited: {self.log()}")
-            if (os.path.exists(self.sock) and mounted(self.mnt)
-                    and self.ctl("status").returncode == 0):
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"daemon did not come up: {self.log()}")
+    def __init__(self, dir: Path, mnt: Path, sock: str, nbd_port: int) -> None:
+        super().__init__(dir, sock, nbd_port, 0,
+                         args=("--iscsi-listen", "off", "--fuse-mount", str(mnt)))
+        self.mnt = mnt
 
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        rc = self.proc.wait(timeout=60)
-        self.proc = None
-        return rc
-
-    def log(self) -> str:
-        return (self.dir / "daemon.log").read_text(errors="replace")[-4000:]
-
-    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "storagectl"), "--socket", self.sock, *args],
-                              capture_output=True, text=True, timeout=60, check=False)
-
-    def ok(self, *args: str) -> str:
-        r = self.ctl(*args)
-        assert r.returncode == 0, f"storagectl {' '.join(args)}: {r.stderr}"
-        return r.stdout
-
-    def json(self, *args: str) -> object:
-        return json.loads(self.ok("--json", *args))
+    def up(self) -> bool:
+        return mounted(self.mnt) and super().up()
 
     def volumes(self) -> dict[str, int]:
         listed = self.json("volume", "list")
