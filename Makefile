@@ -43,7 +43,7 @@ contracts: venv
 	$(BIN)/lint-imports
 
 pytest: venv
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
 test: lint typecheck contracts pytest
 
