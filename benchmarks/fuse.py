@@ -24,22 +24,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
+
+from benchmarks.common import Result
 
 MiB = 1 << 20
 SIZE = 1 << 30
 TESTS = [("seq write 1M", "write", "1m", 4), ("seq read 1M", "read", "1m", 4),
          ("rand write 4K", "randwrite", "4k", 16), ("rand read 4K", "randread", "4k", 16)]
 BIN = Path(sys.executable).parent
-
-
-@dataclass
-class Result:
-    target: str
-    test: str
-    mbps: float
-    iops: float
 
 
 def fio(path: Path, test: str, rw: str, bs: str, depth: int, runtime: int,

@@ -19,16 +19,14 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
+from benchmarks.common import Result, free_port, wait_port
 from iscsi.server import ISCSIConfig, ISCSIServer, SharedExclusive
 from iscsi.targets import TargetCatalog
 from pool import FileDevice, Pool
@@ -42,33 +40,6 @@ TGT_IQN = "iqn.2026-11.org.storaged.bench:tgtd"
 QEMU_TESTS = [("qemu-img read 1M d4", MiB, 4, False), ("qemu-img write 1M d4", MiB, 4, True),
               ("qemu-img read 4K d16", 4096, 16, False),
               ("qemu-img write 4K d16", 4096, 16, True)]
-
-
-@dataclass
-class Result:
-    target: str
-    test: str
-    iops: float
-    mbps: float
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{what} did not listen on {port}")
 
 
 def _run(args: list[str], timeout: float) -> str:
@@ -88,7 +59,7 @@ def iscsi_perf(url: str, runtime: int) -> Result:
     if not found:
         raise RuntimeError(f"no iscsi-perf figures in: {out[-300:]}")
     iops = float(found[-1][0])
-    return Result("", "iscsi-perf read 4K d32", iops, iops * 4096 / 1e6)
+    return Result("", "iscsi-perf read 4K d32", iops * 4096 / 1e6, iops)
 
 
 def qemu_bench(url: str, test: str, bs: int, depth: int, write: bool,
@@ -109,7 +80,7 @@ def qemu_bench(url: str, test: str, bs: int, depth: int, write: bool,
     count = max(probe, int(probe * runtime / max(seconds, 1e-3)))
     count = min(count, SIZE // bs * 4)                # wraps around the LU at most 4x
     seconds = once(count)
-    return Result("", test, count / seconds, count * bs / seconds / 1e6)
+    return Result("", test, count * bs / seconds / 1e6, count / seconds)
 
 
 def run_target(name: str, url: str, runtime: int) -> list[Result]:
@@ -179,12 +150,12 @@ def main() -> None:
         raw = work / "disk.raw"
         with open(raw, "wb") as f:
             f.truncate(SIZE)
-        port, control = _free_port(), 7000 + os.getpid() % 1000
+        port, control = free_port(), 7000 + os.getpid() % 1000
         tgtd = subprocess.Popen(["tgtd", "-f", "-C", str(control), "--iscsi",
                                  f"portal=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         procs.append(tgtd)
-        _wait_port(port, tgtd, "tgtd")
+        wait_port(port, tgtd, "tgtd")
         _tgtadm(control, "--op", "new", "--mode", "target", "--tid", "1", "-T", TGT_IQN)
         _tgtadm(control, "--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1",
                 "-b", str(raw))
@@ -204,12 +175,12 @@ def main() -> None:
         # storaged, in its own process.
         sdir = work / "storaged"
         sdir.mkdir()
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "benchmarks.iscsi", "--serve",
                                  str(sdir), str(port)], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         procs.append(proc)
-        _wait_port(port, proc, "storaged")
+        wait_port(port, proc, "storaged")
         for vol in ("plain", "ec"):
             url = f"iscsi://127.0.0.1:{port}/{BASE}:bench:{vol}/0"
             prefill(url, image)

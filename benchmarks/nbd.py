@@ -19,16 +19,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
+from benchmarks.common import Result, free_port, wait_port
 from nbd.exports import VolumeCatalog
 from nbd.server import NBDConfig, NBDServer
 from pool import FileDevice, Pool
@@ -38,33 +36,6 @@ MiB = 1 << 20
 SIZE = 1 << 30
 TESTS = [("seq write 1M", "write", "1m", 4), ("seq read 1M", "read", "1m", 4),
          ("rand write 4K", "randwrite", "4k", 16), ("rand read 4K", "randread", "4k", 16)]
-
-
-@dataclass
-class Result:
-    target: str
-    test: str
-    mbps: float
-    iops: float
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{what} did not listen on {port}")
 
 
 def fio(uri: str, test: str, rw: str, bs: str, depth: int, runtime: int, out: Path,
@@ -167,11 +138,11 @@ def main() -> None:
                              str(raw)]),
         ]
         for name, cmd in baselines:
-            port = _free_port()
+            port = free_port()
             proc = subprocess.Popen([c.replace("{port}", str(port)) for c in cmd],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             procs.append(proc)
-            _wait_port(port, proc, name)
+            wait_port(port, proc, name)
             export = "d" if name.startswith("qemu") else ""
             rows += run_target(name, f"nbd://127.0.0.1:{port}/{export}", runtime, results,
                                [])
@@ -180,12 +151,12 @@ def main() -> None:
             os.sync()
         sdir = work / "storaged"
         sdir.mkdir()
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "benchmarks.nbd", "--serve", str(sdir),
                                  str(port)], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         procs.append(proc)
-        _wait_port(port, proc, "storaged")
+        wait_port(port, proc, "storaged")
         for vol, extra in (("plain", []), ("ec", []),
                            ("lz4", ["--buffer_compress_percentage=50"])):
             rows += run_target(f"storaged {vol}", f"nbd://127.0.0.1:{port}/bench/{vol}",
