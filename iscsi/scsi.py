@@ -198,6 +198,9 @@ class Plan:
     data_out: int
     run: Callable[[bytes], Awaitable[Result]]
     write: bool = False          # changes the volume (held shared against COMPARE AND WRITE)
+    # The result at once when it needs no waiting (a read of buffered or cached blocks),
+    # else None: the transport then runs ``run`` in a task.
+    quick: Callable[[], Result | None] | None = None
 
 
 class _Refused(Exception):
@@ -569,7 +572,21 @@ class LogicalUnit:
             if not count:
                 return OK
             return await self._guard(False, lambda: self._read_data(lba, count))
-        return Plan("READ", 0, run)
+
+        def quick() -> Result | None:
+            if not count:
+                return OK
+            try:
+                pieces = self.volume.read_sparse_nowait(lba * LBA_SIZE, count * LBA_SIZE)
+            except StorageError:
+                return None                 # run() answers with the right sense
+            if pieces is None:
+                return None
+            if len(pieces) == 1 and pieces[0][2] is not None:
+                return Result(GOOD, pieces[0][2])
+            return Result(GOOD, b"".join(d if d is not None else bytes(n)
+                                         for _o, n, d in pieces))
+        return Plan("READ", 0, run, quick=quick)
 
     async def _read_data(self, lba: int, count: int) -> Result:
         return Result(GOOD, await self.volume.read(lba * LBA_SIZE, count * LBA_SIZE))
