@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -80,18 +80,13 @@ async def run(pool: Pool, *, rate: float | None = None,
             entries = pool.segment_records(seg_id, start)
             pool.pin(seg_id)
             try:
-                i = 0
-                while i < len(entries):
-                    j, size = i, 0
-                    while j < len(entries) and size < RUN_BYTES:
-                        size += _units(entries[j], seg.k) * SECTOR
-                        j += 1
-                    plans = pool.record_plans(seg, entries[i:j], target=column)
+                for batch, size in steps(entries, seg.k):
+                    plans = pool.record_plans(seg, batch, target=column)
                     verify = partial(records.verify_stripes, target=column)
                     out = await pool.background(verify, plans)
                     pool.note_outcome(out)
                     for slot, why in out.failures.items():
-                        where = ", ".join(pool.locate(entries[i + slot])) or "no map"
+                        where = ", ".join(pool.locate(batch[slot])) or "no map"
                         log.error("pool %s: cannot rebuild a record of segment %d (%s): %s",
                                   pool.name, seg_id, where, why)
                     mine = [r for r in out.repairs if r.index == column]
@@ -102,7 +97,6 @@ async def run(pool: Pool, *, rate: float | None = None,
                         return written   # the member failed writes: it is being faulted
                     done += size
                     budget_bytes += out.bytes_read
-                    i = j
                     if progress is not None:
                         await progress(_progress(index, done, total, started))
                     pool.activity["rebuild"] = _progress(index, done, total, started)
@@ -122,8 +116,17 @@ async def run(pool: Pool, *, rate: float | None = None,
     return written
 
 
-def _units(raw: bytes, k: int) -> int:
-    return fragment_units(ENTRY.unpack_from(raw)[2], k)
+def steps(entries: Sequence[bytes], k: int) -> Iterator[tuple[Sequence[bytes], int]]:
+    """A segment's records (map entries, in order) in steps of about RUN_BYTES per
+    column: (the step's entries, their bytes per column). Scrub walks them the same way."""
+    i = 0
+    while i < len(entries):
+        j, size = i, 0
+        while j < len(entries) and size < RUN_BYTES:
+            size += fragment_units(ENTRY.unpack_from(entries[j])[2], k) * SECTOR
+            j += 1
+        yield entries[i:j], size
+        i = j
 
 
 def _progress(member: int, done: int, total: int, started: float) -> RebuildProgress:

@@ -18,15 +18,12 @@ from typing import Any
 import trio
 
 from pool import records
-from pool.codec import fragment_units
 from pool.errors import InvalidArgument
 from pool.layout import SECTOR
 from pool.pool import Pool
-from pool.rebuild import _throttle
-from pool.state import ENTRY
+from pool.rebuild import _throttle, steps
 
 log = logging.getLogger(__name__)
-RUN_BYTES = 4 << 20
 COMMIT_EVERY = 2.0
 MAX_REPORTED = 100   # unrecoverable records named in the task (the count is exact)
 
@@ -107,13 +104,8 @@ async def run(pool: Pool, *, rate: float | None = None) -> dict[str, Any] | None
             entries = pool.segment_records(seg_id)
             pool.pin(seg_id)
             try:
-                i = 0
-                while i < len(entries):
-                    j, size = i, 0
-                    while j < len(entries) and size < RUN_BYTES:
-                        size += _units(entries[j], seg.k) * SECTOR
-                        j += 1
-                    plans = pool.record_plans(seg, entries[i:j])
+                for batch, size in steps(entries, seg.k):
+                    plans = pool.record_plans(seg, batch)
                     out = await pool.background(records.verify_stripes, plans)
                     pool.note_outcome(out)
                     n_fixed = await pool.write_fragments(out.repairs)
@@ -122,7 +114,7 @@ async def run(pool: Pool, *, rate: float | None = None) -> dict[str, Any] | None
                     pool.count("repaired_fragments", n_fixed)
                     for slot, why in out.failures.items():
                         cur["unrecoverable"] += 1
-                        where = ", ".join(pool.locate(entries[i + slot])) or "no map"
+                        where = ", ".join(pool.locate(batch[slot])) or "no map"
                         msg = f"{where}: {why}"
                         log.error("pool %s: scrub: unrecoverable record: %s", pool.name, msg)
                         if len(cur["problems"]) < MAX_REPORTED:
@@ -130,7 +122,6 @@ async def run(pool: Pool, *, rate: float | None = None) -> dict[str, Any] | None
                     cur["done"] += size * (seg.k + seg.m)
                     pool.count("scrubbed_bytes", out.bytes_read)
                     budget_bytes += out.bytes_read
-                    i = j
                     pool.activity["scrub"] = _rates(cur, done_at_start, started)
                     budget_start, budget_bytes = await _throttle(rate, budget_start,
                                                                  budget_bytes)
@@ -157,8 +148,7 @@ async def run(pool: Pool, *, rate: float | None = None) -> dict[str, Any] | None
         pool.activity.pop("scrub", None)
 
 
-def _units(raw: bytes, k: int) -> int:
-    return fragment_units(ENTRY.unpack_from(raw)[2], k)
+
 
 
 def _rates(cur: dict[str, Any], done0: int, started: float) -> dict[str, float | None]:
