@@ -221,6 +221,7 @@ class Pool:
         self.activity: dict[str, Any] = {}
         self._cpu = trio.CapacityLimiter(2)
         self._bg = trio.CapacityLimiter(1)   # scrub/rebuild work: one core at most
+        self._bg_writes = trio.CapacityLimiter(1)  # their writes (I/O, beside the work)
         self._counters = dict.fromkeys(
             ("commits", "checkpoints", "records_written", "records_read", "degraded_reads",
              "repaired_fragments", "unreadable_records", "records_relocated",
@@ -672,7 +673,7 @@ class Pool:
         (one write per column per run), and return their map entries. The caller points
         maps at them afterwards: nothing references a record before it is written."""
         placed: list[tuple[Segment, int, codec.EncodedRecord]] = []
-        writes: dict[int, list[tuple[Device, int, list[bytearray]]]] = {}
+        writes: dict[int, list[tuple[Device, int, list[codec.Buffer]]]] = {}
         pinned: list[int] = []
         try:
             key = (prof.k, prof.m)
@@ -694,7 +695,7 @@ class Pool:
                     dev = self.devices[idx]
                     if dev is None:
                         continue
-                    frags = [placed[x][2].fragments[c] for x in range(i, j)]
+                    frags = [b for x in range(i, j) for b in placed[x][2].pieces[c]]
                     writes.setdefault(idx, []).append(
                         (dev, self.layout.extent_offset(ext) + off * SECTOR, frags))
                 i = j
@@ -1462,9 +1463,12 @@ class Pool:
                     self.count_error(paths[path], kind, f"{kind} error on {path}")
 
     async def write_fragments(self, repairs: Sequence[records.Repair]) -> int:
-        """Write rebuilt fragments (of pinned segments); returns how many were written."""
+        """Write rebuilt fragments (of pinned segments); returns how many were written.
+        Runs beside ``background`` work (a thread of its own, one at a time per pool), so a
+        rebuild computes its next step while the last one is written."""
         live = [r for r in repairs if r.segment in self.state.segments]
-        done, failed = await self.background(records.write_repairs, live)
+        done, failed = await trio.to_thread.run_sync(records.write_repairs, live,
+                                                     limiter=self._bg_writes)
         index = {id(d): i for i, d in enumerate(self.devices) if d is not None}
         for r in live:
             i = index.get(id(r.device))

@@ -11,8 +11,11 @@ leaves the mark in place and the rebuild resumes there after the import.
 
 Nothing here holds a lock: a segment is pinned (not freed, its extents not reused) while
 its records are read and written, and new writes reach the member directly because it is
-present. Reads skip a marked member's column until the segment is clean. The work runs in
-one thread at a time per pool (``Pool.background``) and may be throttled to a byte rate.
+present. Reads skip a marked member's column until the segment is clean. The verifying
+and rebuilding runs in one thread at a time per pool (``Pool.background``), beside the
+reads of the next step and the writes of the last one (``run``: a pipeline that keeps the
+order, so a segment is marked only after all its writes); it may be throttled to a byte
+rate.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import trio
 
 from pool import records
 from pool.codec import fragment_units
+from pool.device import Device
 from pool.layout import SECTOR
 from pool.pool import Pool
 from pool.state import ENTRY
@@ -52,20 +56,73 @@ def pending(pool: Pool) -> list[tuple[int, int, int]]:
             if seg in pool.state.segments]
 
 
+@dataclass(slots=True)
+class _Segment:
+    """One marked segment of one member, as it goes through the stages of ``run``."""
+
+    index: int
+    seg_id: int
+    dev: Device
+    column: int
+
+
+@dataclass(slots=True)
+class _Step:
+    seg: _Segment
+    batch: Sequence[bytes]          # map entries
+    size: int                       # their bytes per column
+    plans: list[records.RecordPlan]
+    reads: records.StripeReads | None = None
+    out: records.StripeOutcome | None = None
+
+
+# What flows from stage to stage: a step, or the end of a segment (all its steps sent).
+_Item = _Step | _Segment
+
+
 async def run(pool: Pool, *, rate: float | None = None,
               progress: Callable[[RebuildProgress], Awaitable[None]] | None = None) -> int:
     """Work off every present member's marks; returns the bytes of fragments rebuilt.
-    ``rate``: at most this many bytes per second read (None: as fast as it goes)."""
+    ``rate``: at most this many bytes per second read (None: as fast as it goes).
+
+    Three stages run at once, joined by channels that keep the order: *read* pins each
+    segment and reads the next step's columns (I/O only); *verify* checks them and computes
+    the member's fragments (``records.verify_stripes`` in ``Pool.background``: one thread,
+    one core at most); *write* writes them (``Pool.write_fragments``) and, once a
+    segment's last step is written, unpins it and marks it rebuilt (``member_clean``, made
+    durable by a later commit that syncs the member first). So step N + 1 is read and
+    verified while step N is written, and a segment is marked only after all its writes.
+    """
     work = pending(pool)
     if not work:
         return 0
     seg_fill = {seg: pool.state.segments[seg].fill for _i, seg, _s in work}
     total = sum(max(0, seg_fill[seg] - start) * SECTOR for _i, seg, start in work)
-    done = written = 0
-    started = last_commit = time.monotonic()
-    budget_start, budget_bytes = started, 0
+    started = time.monotonic()
     log.info("pool %s: rebuilding %d segment(s), %d bytes", pool.name, len(work), total)
+    held: list[int] = []     # segments pinned by the read stage, not yet let go by write
+    written = 0
     try:
+        async with trio.open_nursery() as nursery:
+            to_verify, verify_in = trio.open_memory_channel[_Item](0)
+            to_write, write_in = trio.open_memory_channel[_Item](0)
+            nursery.start_soon(_read_stage, pool, work, held, to_verify)
+            nursery.start_soon(_verify_stage, pool, verify_in, to_write)
+            written = await _write_stage(pool, write_in, held, total, started, rate,
+                                         progress)
+            nursery.cancel_scope.cancel()
+    finally:
+        for seg_id in held:
+            pool.unpin(seg_id)
+        pool.activity.pop("rebuild", None)
+    log.info("pool %s: rebuild done: %d bytes of fragments written in %.1f s", pool.name,
+             written, time.monotonic() - started)
+    return written
+
+
+async def _read_stage(pool: Pool, work: list[tuple[int, int, int]], held: list[int],
+                      send: trio.MemorySendChannel[_Item]) -> None:
+    async with send:
         for index, seg_id, start in work:
             dev = pool.devices[index]
             seg = pool.state.segments.get(seg_id)
@@ -79,40 +136,65 @@ async def run(pool: Pool, *, rate: float | None = None,
             column = next(c for c, (i, _e) in enumerate(seg.extents) if i == index)
             entries = pool.segment_records(seg_id, start)
             pool.pin(seg_id)
-            try:
-                for batch, size in steps(entries, seg.k):
-                    plans = pool.record_plans(seg, batch, target=column)
-                    verify = partial(records.verify_stripes, target=column)
-                    out = await pool.background(verify, plans)
-                    pool.note_outcome(out)
-                    for slot, why in out.failures.items():
-                        where = ", ".join(pool.locate(batch[slot])) or "no map"
-                        log.error("pool %s: cannot rebuild a record of segment %d (%s): %s",
-                                  pool.name, seg_id, where, why)
-                    mine = [r for r in out.repairs if r.index == column]
-                    n_ok = await pool.write_fragments(out.repairs)
-                    written += sum(len(r.data) for r in mine)
-                    pool.count("rebuilt_bytes", sum(len(r.data) for r in mine))
-                    if n_ok < len(out.repairs):
-                        return written   # the member failed writes: it is being faulted
-                    done += size
-                    budget_bytes += out.bytes_read
-                    if progress is not None:
-                        await progress(_progress(index, done, total, started))
-                    pool.activity["rebuild"] = _progress(index, done, total, started)
-                    budget_start, budget_bytes = await _throttle(rate, budget_start,
-                                                                 budget_bytes)
-            finally:
-                pool.unpin(seg_id)
-            pool.mark_rebuilt(index, seg_id, dev)
-            if time.monotonic() - last_commit > COMMIT_EVERY:
-                await pool.commit()
-                last_commit = time.monotonic()
-        await pool.commit()
-    finally:
-        pool.activity.pop("rebuild", None)
-    log.info("pool %s: rebuild done: %d bytes of fragments written in %.1f s", pool.name,
-             written, time.monotonic() - started)
+            held.append(seg_id)
+            item = _Segment(index, seg_id, dev, column)
+            for batch, size in steps(entries, seg.k):
+                step = _Step(item, batch, size, pool.record_plans(seg, batch, target=column))
+                step.reads = await trio.to_thread.run_sync(
+                    partial(records.read_stripes, step.plans, target=column))
+                await send.send(step)
+            await send.send(item)
+
+
+async def _verify_stage(pool: Pool, recv: trio.MemoryReceiveChannel[_Item],
+                        send: trio.MemorySendChannel[_Item]) -> None:
+    async with recv, send:
+        async for item in recv:
+            if isinstance(item, _Step):
+                verify = partial(records.verify_stripes, target=item.seg.column,
+                                 reads=item.reads)
+                item.out = await pool.background(verify, item.plans)
+                item.reads = None
+            await send.send(item)
+
+
+async def _write_stage(pool: Pool, recv: trio.MemoryReceiveChannel[_Item], held: list[int],
+                       total: int, started: float, rate: float | None,
+                       progress: Callable[[RebuildProgress], Awaitable[None]] | None) -> int:
+    done = written = 0
+    last_commit = budget_start = started
+    budget_bytes = 0
+    async with recv:
+        async for item in recv:
+            if isinstance(item, _Segment):
+                held.remove(item.seg_id)
+                pool.unpin(item.seg_id)
+                pool.mark_rebuilt(item.index, item.seg_id, item.dev)
+                if time.monotonic() - last_commit > COMMIT_EVERY:
+                    await pool.commit()
+                    last_commit = time.monotonic()
+                continue
+            out = item.out
+            assert out is not None
+            seg_id, column = item.seg.seg_id, item.seg.column
+            pool.note_outcome(out)
+            for slot, why in out.failures.items():
+                where = ", ".join(pool.locate(item.batch[slot])) or "no map"
+                log.error("pool %s: cannot rebuild a record of segment %d (%s): %s",
+                          pool.name, seg_id, where, why)
+            mine = sum(len(r.data) for r in out.repairs if r.index == column)
+            if await pool.write_fragments(out.repairs) < len(out.repairs):
+                return written   # the member failed writes: it is being faulted
+            written += mine
+            pool.count("rebuilt_bytes", mine)
+            done += item.size
+            budget_bytes += out.bytes_read
+            now = _progress(item.seg.index, done, total, started)
+            if progress is not None:
+                await progress(now)
+            pool.activity["rebuild"] = now
+            budget_start, budget_bytes = await _throttle(rate, budget_start, budget_bytes)
+    await pool.commit()
     return written
 
 

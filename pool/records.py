@@ -7,12 +7,16 @@ the pool's in-memory state (the event loop prepares plans and applies results).
 from __future__ import annotations
 
 import concurrent.futures
+import struct
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
+
+import xxhash
+import zfec
 
 from pool import codec
 from pool.device import Device
@@ -46,7 +50,7 @@ class Repair:
     index: int
     device: Device
     offset: int                   # absolute byte offset on the device
-    data: bytes
+    data: bytes | bytearray
 
 
 @dataclass
@@ -65,7 +69,7 @@ def encode_all(datas: Sequence[bytes], k: int, m: int,
     return [codec.encode(d, k, m, compress) for d in datas]
 
 
-def write_columns(writes: Sequence[tuple[Device, int, list[bytearray]]]) -> None:
+def write_columns(writes: Sequence[tuple[Device, int, list[codec.Buffer]]]) -> None:
     for dev, offset, fragments in writes:
         dev.pwritev(offset, fragments)
 
@@ -290,35 +294,74 @@ class StripeOutcome:
     device_errors: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
-def verify_stripes(plans: Sequence[RecordPlan], *, target: int | None = None
-                   ) -> StripeOutcome:
+@dataclass
+class StripeReads:
+    """The column reads of some records (``read_stripes``), ready to be verified: a rebuild
+    reads the next step while the previous one is being verified and written."""
+
+    runs: list[tuple[list[int], list[bytes | None]]]   # per run: (columns, their bytes)
+    device_errors: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+
+def _wanted(first: RecordPlan, target: int | None) -> list[int]:
+    n = first.k + first.m
+    usable = [c for c in range(n) if c != target and first.columns[c][0] is not None]
+    # A rebuild needs only k fragments: data columns first (no decoding when all verify).
+    return usable if target is None else usable[:first.k]
+
+
+def read_stripes(plans: Sequence[RecordPlan], *, target: int | None = None) -> StripeReads:
+    """The reads ``verify_stripes`` starts with: one read per column per run of adjacent
+    records, all columns (scrub) or k other than ``target`` (rebuild), in parallel and
+    within the read deadline. Blocking I/O only (little CPU, the GIL mostly released)."""
+    out = StripeReads([])
+    for run in _runs(plans):
+        first = run[0]
+        wanted = _wanted(first, target)
+        total = sum(p.units for p in run)
+        out.runs.append((wanted, read_columns([first.columns[c] for c in wanted],
+                                              first.offset, total, out.device_errors)))
+    return out
+
+
+def verify_stripes(plans: Sequence[RecordPlan], *, target: int | None = None,
+                   reads: StripeReads | None = None) -> StripeOutcome:
     """Scrub (``target`` None): read all k + m fragments of every record, verify each one,
     and rebuild the bad ones from k good ones (``repairs``). Rebuild (``target`` = a
     column): read k other fragments (more only where some are bad), and rebuild the
     target column's fragment -- plus any bad one met on the way. A record with fewer than
     k good fragments is a failure: nothing is written for it.
 
-    Runs of adjacent records of one segment are read with one read per column."""
+    Runs of adjacent records of one segment are read with one read per column (``reads``:
+    done beforehand by ``read_stripes`` with the same plans and target)."""
+    if reads is None:
+        reads = read_stripes(plans, target=target)
     out = StripeOutcome()
-    for run in _runs(plans):
-        _verify_run(run, target, out)
+    out.device_errors.update(reads.device_errors)
+    runs = list(_runs(plans))
+    if len(runs) != len(reads.runs):
+        raise ValueError("verify_stripes: the reads are not of these plans")
+    for run, (wanted, raws) in zip(runs, reads.runs, strict=True):
+        _verify_run(run, target, wanted, raws, out)
     return out
 
 
-def _verify_run(run: Sequence[RecordPlan], target: int | None, out: StripeOutcome) -> None:
+def _verify_run(run: Sequence[RecordPlan], target: int | None, wanted: list[int],
+                raws: list[bytes | None], out: StripeOutcome) -> None:
     first = run[0]
     k, n = first.k, first.k + first.m
     usable = [c for c in range(n) if c != target and first.columns[c][0] is not None]
-    # A rebuild needs only k fragments: data columns first (no decoding when all verify).
-    wanted = usable if target is None else usable[:k]
-    total = sum(p.units for p in run)
     columns: dict[int, memoryview | None] = {}
-    raws = read_columns([first.columns[c] for c in wanted], first.offset, total,
-                        out.device_errors)
     for c, raw in zip(wanted, raws, strict=True):
         columns[c] = memoryview(raw) if raw is not None else None
         if raw is not None:
             out.bytes_read += len(raw)
+    # Rebuilding one column from k whole columns read: the records whose k fragments all
+    # verify are rebuilt together (one zfec call for the run, see _rebuild_batch).
+    batch: list[tuple[RecordPlan, int, dict[int, memoryview]]] | None = (
+        [] if target is not None and k > 1 and first.m > 0 and len(wanted) == k
+        and all(columns[c] is not None for c in wanted)
+        and (target < k or wanted == list(range(k))) else None)
     pos = 0
     for p in run:
         size = p.units * SECTOR
@@ -335,6 +378,10 @@ def _verify_run(run: Sequence[RecordPlan], target: int | None, out: StripeOutcom
                     out.device_errors[(p.columns[c][2], "checksum")] += 1
             else:
                 chunks[c] = chunk
+        if batch is not None and not bad:
+            batch.append((p, pos, chunks))
+            pos += size
+            continue
         pos += size
         for c in usable:
             if len(chunks) >= k:
@@ -360,19 +407,103 @@ def _verify_run(run: Sequence[RecordPlan], target: int | None, out: StripeOutcom
                 f"only {len(chunks)} of the {k} fragments it needs verified; bad or "
                 f"missing on: {', '.join(names)}")
             continue
-        todo = bad + ([target] if target is not None else [])
-        if not todo:
-            continue
-        payload = codec.reassemble(chunks, k, p.m, p.plen)
-        if not codec.payload_ok(payload, p.rhash):
+        _rebuild_one(p, chunks, bad + ([target] if target is not None else []), out)
+    if batch and target is not None:
+        _rebuild_batch(batch, target, wanted, columns, out)
+
+
+def _rebuild_one(p: RecordPlan, chunks: dict[int, memoryview], todo: list[int],
+                 out: StripeOutcome) -> None:
+    """Fragments ``todo`` of one record from its k verified ``chunks``: from the payload,
+    once the payload verifies against the record hash."""
+    if not todo:
+        return
+    k = p.k
+    payload = codec.reassemble(chunks, k, p.m, p.plen)
+    if not codec.payload_ok(payload, p.rhash):
+        out.failures[p.slot] = "fragments verify but the record checksum does not"
+        return
+    for c in todo:
+        dev, base, _name = p.columns[c]
+        if dev is not None:
+            out.repairs.append(Repair(p.segment, c, dev, base + p.offset * SECTOR,
+                                      codec.one_fragment(payload, p.flags, k, p.m, c,
+                                                         p.rhash)))
+
+
+def _rebuild_batch(batch: list[tuple[RecordPlan, int, dict[int, memoryview]]], target: int,
+                   wanted: list[int], columns: dict[int, memoryview | None],
+                   out: StripeOutcome) -> None:
+    """Fragment ``target`` of records whose k ``wanted`` fragments all verified, at byte
+    ``pos`` of the run's column buffers.
+
+    Erasure coding works byte by byte and every fragment of a record sits at the same
+    position of its column, so one zfec call over the span of the column buffers computes
+    the target chunk of every record in it (the header bytes in between come out as junk
+    and are not used). Each record is then checked as ``_rebuild_one`` checks it: the
+    payload (the k data chunks, cut to its length) must hash to the record hash; and the
+    fragment written holds exactly the bytes ``codec.one_fragment`` would make (for a data
+    target only the payload's bytes are copied, its padding stays zero; a parity target is
+    computed this way only when the data chunks' padding is zero, as the encoder made it).
+    """
+    first = batch[0][0]
+    k, m = first.k, first.m
+    lo = batch[0][1]
+    last = batch[-1]
+    hi = last[1] + last[0].units * SECTOR
+    ins = tuple(col[lo:hi] for c in wanted if (col := columns[c]) is not None)
+    data: list[memoryview]        # the k data columns over [lo, hi)
+    if target < k:
+        data = [memoryview(b) for b in _decoder(k, m).decode(ins, tuple(wanted))]
+        made = data[target]
+    else:
+        data = list(ins)
+        made = memoryview(_encoder(k, m).encode(ins, (target,))[0])
+    for p, pos, chunks in batch:
+        clen = codec.chunk_length(p.plen, k)
+        at = pos - lo + codec.HEADER_SIZE
+        h = xxhash.xxh3_64()
+        pad_ok = True
+        for i in range(k):
+            valid = min(clen, max(0, p.plen - i * clen))
+            h.update(data[i][at:at + valid])
+            if target >= k and valid < clen and any(data[i][at + valid:at + clen]):
+                pad_ok = False
+        if h.intdigest() != p.rhash:
             out.failures[p.slot] = "fragments verify but the record checksum does not"
             continue
-        for c in todo:
-            dev, base, _name = p.columns[c]
-            if dev is not None:
-                out.repairs.append(Repair(p.segment, c, dev, base + p.offset * SECTOR,
-                                          bytes(codec.one_fragment(payload, p.flags, k, p.m,
-                                                                   c, p.rhash))))
+        dev, base, _name = p.columns[target]
+        if dev is None:
+            continue
+        if not pad_ok:
+            _rebuild_one(p, chunks, [target], out)
+            continue
+        keep = min(clen, max(0, p.plen - target * clen)) if target < k else clen
+        frag = bytearray(p.units * SECTOR)
+        end = codec.HEADER_SIZE + clen
+        frag[codec.HEADER_SIZE:codec.HEADER_SIZE + keep] = made[at:at + keep]
+        codec.HEADER.pack_into(frag, 0, 0, codec.MAGIC, target, k, m, p.flags, p.plen, 0,
+                               p.rhash)
+        struct.pack_into("<Q", frag, 0, xxhash.xxh3_64_intdigest(memoryview(frag)[8:end]))
+        out.repairs.append(Repair(p.segment, target, dev, base + p.offset * SECTOR, frag))
+
+
+_encoders: dict[tuple[int, int], zfec.Encoder] = {}
+_decoders: dict[tuple[int, int], zfec.Decoder] = {}
+
+
+def _encoder(k: int, m: int) -> zfec.Encoder:
+    enc = _encoders.get((k, m))
+    if enc is None:
+        enc = _encoders[(k, m)] = zfec.Encoder(k, k + m)
+    return enc
+
+
+def _decoder(k: int, m: int) -> zfec.Decoder:
+    dec = _decoders.get((k, m))
+    if dec is None:
+        dec = _decoders[(k, m)] = zfec.Decoder(k, k + m)
+    return dec
 
 
 def write_repairs(repairs: Sequence[Repair]) -> tuple[int, list[Repair]]:
