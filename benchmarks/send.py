@@ -3,7 +3,8 @@ data, in the same run, and the stream's size against the data written.
 
 The volume (default 1 GiB) is half random bytes, half zeros written as data (not holes),
 in 1 MiB pieces alternating, snapshotted, then:
-- ``send``: the snapshot's full stream written to a file (fdatasync at the end);
+- ``send``: the snapshot's full stream written to a file as ``storagectl volume send -o``
+  writes it (``FileSink``: fdatasync at the end, written behind meanwhile);
 - ``receive``: that file received into a second pool (flushed: the receive commits);
 - ``qemu-img convert raw->qcow2`` and ``qcow2->raw`` of a raw file with the same bytes
   (the same page cache conditions: the source was just written), each to a new file
@@ -31,6 +32,7 @@ import trio
 
 from benchmarks.engine import choose_dir, fs_type
 from pool import FileDevice, Pool
+from storaged.portable_cli import FileSink
 from volumes import VolumeManager, portable
 
 MiB = 1 << 20
@@ -66,9 +68,11 @@ async def _engine(d: str, size: int, pieces: list[bytes]) -> dict[str, float]:
         _h, chunks = await portable.send(vs, "vm", "s1")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
+            # As `storagectl volume send -o FILE` writes it: durable at the end.
+            sink = FileSink(fd)
             async for c in chunks:
-                await trio.to_thread.run_sync(os.write, fd, c)
-            await trio.to_thread.run_sync(os.fdatasync, fd)
+                await trio.to_thread.run_sync(sink.write, c)
+            await trio.to_thread.run_sync(sink.sync)
         finally:
             os.close(fd)
         out["send"] = time.perf_counter() - t0

@@ -52,13 +52,24 @@ def worst_case_units(block_size: int, k: int) -> int:
     return fragment_units(block_size, k)
 
 
+Buffer = bytes | bytearray | memoryview
+_PAD = bytes(SECTOR)
+
+
 @dataclass(frozen=True, slots=True)
 class EncodedRecord:
     plen: int
     flags: int
     rhash: int
     units: int
-    fragments: list[bytearray]  # k + m of them, each units * SECTOR bytes
+    # k + m fragments, each units * SECTOR bytes as the buffers to write back to back
+    # (its header, its chunk and zero padding: the chunk is not copied into a frame)
+    pieces: list[list[Buffer]]
+
+    @property
+    def fragments(self) -> list[bytes]:
+        """Each fragment as one buffer."""
+        return [b"".join(p) for p in self.pieces]
 
 
 def compress(data: bytes | memoryview) -> tuple[bytes | memoryview, int]:
@@ -93,23 +104,33 @@ def stripe(payload: bytes | memoryview, flags: int, k: int, m: int) -> EncodedRe
             enc = _encoders[(k, m)] = zfec.Encoder(k, k + m)
         parity = enc.encode(tuple(data_chunks), tuple(range(k, k + m))) if m else []
         chunks = [*data_chunks, *parity]
-    frags = [_frame(chunk, i, k, m, flags, plen, rhash, size) for i, chunk in enumerate(chunks)]
-    return EncodedRecord(plen, flags, rhash, units, frags)
+    pieces = [_pieces(chunk, i, k, m, flags, plen, rhash, size)
+              for i, chunk in enumerate(chunks)]
+    return EncodedRecord(plen, flags, rhash, units, pieces)
 
 
 def _data_chunks(view: memoryview, k: int, clen: int) -> list[bytes]:
     return [bytes(view[i * clen:(i + 1) * clen]).ljust(clen, b"\0") for i in range(k)]
 
 
+def _pieces(chunk: bytes | memoryview, index: int, k: int, m: int, flags: int, plen: int,
+            rhash: int, size: int) -> list[Buffer]:
+    """Fragment ``index`` as stored, in pieces: its header (with its own checksum), the
+    chunk itself and the zeros that pad it to ``size``."""
+    tail = HEADER.pack(0, MAGIC, index, k, m, flags, plen, 0, rhash)[8:]
+    h = xxhash.xxh3_64(tail)
+    h.update(chunk)
+    pad = size - HEADER_SIZE - len(chunk)
+    out: list[Buffer] = [struct.pack("<Q", h.intdigest()) + tail, chunk]
+    if pad:
+        out.append(memoryview(_PAD)[:pad])
+    return out
+
+
 def _frame(chunk: bytes | memoryview, index: int, k: int, m: int, flags: int, plen: int,
            rhash: int, size: int) -> bytearray:
-    """Fragment ``index`` as stored: its header (with its own checksum) and chunk."""
-    frag = bytearray(size)
-    end = HEADER_SIZE + len(chunk)
-    frag[HEADER_SIZE:end] = chunk
-    HEADER.pack_into(frag, 0, 0, MAGIC, index, k, m, flags, plen, 0, rhash)
-    struct.pack_into("<Q", frag, 0, _xxh3(memoryview(frag)[8:end]))
-    return frag
+    """Fragment ``index`` as stored, as one buffer."""
+    return bytearray(b"".join(_pieces(chunk, index, k, m, flags, plen, rhash, size)))
 
 
 def one_fragment(payload: bytes | memoryview, flags: int, k: int, m: int, index: int,

@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Any, BinaryIO
 
+from pool.device import WriteBehind
 from storaged.control import ControlError, call, call_receive, call_send
 from storaged.sizes import format_size
 
@@ -41,6 +42,33 @@ class _Meter:
             eta = (self.total - done) / rate if rate else 0
             line += f", {pct:.0f}%" + ("" if final else f", {eta:.0f}s left")
         print(line + " " * 8, end="\n" if final else "", file=sys.stderr, flush=True)
+
+
+class FileSink:
+    """Where ``send -o FILE`` writes the stream: the file is durable (fdatasync) when the
+    send reports success, and is written behind meanwhile (pool.device.WriteBehind), so
+    that final sync has little left to do."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.pos = fd, 0
+        self._behind = WriteBehind(fd)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            self._behind.wrote(self.pos, self.pos + n)
+            self.pos += n
+            view = view[n:]
+
+    def flush(self) -> None:
+        pass
+
+    def sync(self) -> None:
+        try:
+            self._behind.sync()
+        finally:
+            self._behind.join()
 
 
 def _nbd_uri(path: str, name: str) -> str:
@@ -83,7 +111,13 @@ def run(args: argparse.Namespace, path: str, show: bool) -> int:
             meter.update(done)
         if args.output:
             with open(args.output, "wb") as f:
-                result = call_send(path, params, f, sent)
+                sink = FileSink(f.fileno())
+                result = call_send(path, params, sink, sent)
+                try:
+                    sink.sync()
+                except OSError as e:
+                    raise ControlError(f"cannot write {args.output}: {e.strerror}",
+                                       "IOError") from e
         else:
             if sys.stdout.isatty():
                 print("storagectl: refusing to write a binary stream to a terminal (use -o "

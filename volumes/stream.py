@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,7 +123,9 @@ class Record:
     seq: int
     offset: int
     length: int
-    data: bytes | None            # DATA: the logical bytes (decompressed)
+    # DATA: the logical bytes (decompressed). A view into the bytes fed to the parser
+    # when the record was sent uncompressed (no copy): fed bytes must not change after.
+    data: bytes | memoryview | None
 
 
 @dataclass(frozen=True)
@@ -134,11 +137,15 @@ NEED_DATA = object()
 
 
 class StreamParser:
-    """Feed bytes with ``feed``; ``next()`` returns a Header, Record, End or NEED_DATA."""
+    """Feed bytes with ``feed``; ``next()`` returns a Header, Record, End or NEED_DATA.
+
+    Fed bytes are kept as they came (a queue of views, not one growing buffer) and records
+    are cut out of them without copying; only a part that straddles two feeds is joined."""
 
     def __init__(self) -> None:
-        self._buf = bytearray()
-        self._pos = 0                 # stream offset of _buf[0], for messages
+        self._chunks: deque[memoryview] = deque()
+        self._avail = 0               # bytes fed and not yet taken
+        self._pos = 0                 # stream offset of the first byte not taken
         self.header: Header | None = None
         self._summer: Summer | None = None
         self._next_seq = 0
@@ -147,11 +154,35 @@ class StreamParser:
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self.ended and data:
             raise StreamError(f"{len(data)} bytes after the end of the stream")
-        self._buf += data
+        if len(data):
+            self._chunks.append(memoryview(data).cast("B"))
+            self._avail += len(data)
 
-    def _take(self, n: int) -> bytes:
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
+    def _peek(self, n: int) -> memoryview:
+        """The next ``n`` bytes (``n`` <= ``_avail``) as one contiguous view."""
+        first = self._chunks[0]
+        if len(first) >= n:
+            return first[:n]
+        joined = bytearray(n)
+        pos = 0
+        while pos < n:
+            c = self._chunks.popleft()
+            take = min(len(c), n - pos)
+            joined[pos:pos + take] = c[:take]
+            pos += take
+            if take < len(c):
+                self._chunks.appendleft(c[take:])
+        view = memoryview(joined)
+        self._chunks.appendleft(view)
+        return view
+
+    def _take(self, n: int) -> memoryview:
+        out = self._peek(n)
+        if len(self._chunks[0]) == n:
+            self._chunks.popleft()
+        else:
+            self._chunks[0] = self._chunks[0][n:]
+        self._avail -= n
         self._pos += n
         return out
 
@@ -163,16 +194,16 @@ class StreamParser:
         return self._record()
 
     def _header(self) -> Header | object:
-        if len(self._buf) < _PRE.size:
-            if self._buf and not MAGIC.startswith(bytes(self._buf[:8])):
+        if self._avail < _PRE.size:
+            if self._avail and not MAGIC.startswith(bytes(self._peek(min(8, self._avail)))):
                 raise StreamError("not a storaged stream (bad magic)")
             return NEED_DATA
-        magic, version, n = _PRE.unpack_from(self._buf)
+        magic, version, n = _PRE.unpack_from(self._peek(_PRE.size))
         if magic != MAGIC:
             raise StreamError("not a storaged stream (bad magic)")
         if n > MAX_HEADER:
             raise StreamError(f"stream header of {n} bytes is implausibly large")
-        if len(self._buf) < _PRE.size + n + _HASH.size:
+        if self._avail < _PRE.size + n + _HASH.size:
             return NEED_DATA
         raw = self._take(_PRE.size + n)
         (want,) = _HASH.unpack(self._take(_HASH.size))
@@ -184,7 +215,7 @@ class StreamParser:
             raise StreamError(f"the stream is format version {version}; this storaged reads "
                               f"version {VERSION} and older: upgrade the receiving side")
         try:
-            fields = json.loads(raw[_PRE.size:])
+            fields = json.loads(bytes(raw[_PRE.size:]))
             if not isinstance(fields, dict):
                 raise ValueError("not an object")
             seed = stream_seed(fields)
@@ -197,15 +228,15 @@ class StreamParser:
         return self.header
 
     def _record(self) -> Record | End | object:
-        if len(self._buf) < _REC.size:
+        if self._avail < _REC.size:
             return NEED_DATA
-        kind, seq, offset, length, flags, n = _REC.unpack_from(self._buf)
+        kind, seq, offset, length, flags, n = _REC.unpack_from(self._peek(_REC.size))
         at = self._pos
         if kind not in (DATA, HOLE, END):
             raise StreamError(f"unknown record kind {kind} at stream offset {at}")
         if n > 2 * CHUNK + 4096 or length > MAX_HOLE:
             raise StreamError(f"record at stream offset {at} is implausibly large")
-        if len(self._buf) < _REC.size + n + _HASH.size:
+        if self._avail < _REC.size + n + _HASH.size:
             return NEED_DATA
         assert self._summer is not None
         head = self._take(_REC.size)
@@ -229,8 +260,8 @@ class StreamParser:
                 raise StreamError(f"the stream ends after {self._summer.records} records but "
                                   f"says it carried {records}: records are missing")
             self.ended = True
-            if self._buf:
-                raise StreamError(f"{len(self._buf)} bytes after the end of the stream")
+            if self._avail:
+                raise StreamError(f"{self._avail} bytes after the end of the stream")
             return End(records)
         self._summer.add(d, length if kind == DATA else 0)
         if kind == HOLE:
