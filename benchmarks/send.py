@@ -13,7 +13,10 @@ Sizes: the stream, and lz4 (block mode, 1 MiB chunks) of the bytes written; the 
 target is stream <= lz4 of the written data + 1%, and send and receive at least as fast as
 qemu-img convert.
 
-    .venv/bin/python -m benchmarks.send [--size MiB] [--dir PATH]
+Each round times the four one after the other (the same state of the machine's storage
+for all); rows report the median of the rounds.
+
+    .venv/bin/python -m benchmarks.send [--size MiB] [--runs N] [--dir PATH]
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -47,14 +50,27 @@ def _data(size: int) -> list[bytes]:
             for i in range(0, size, MiB)]
 
 
-async def _engine(d: str, size: int, pieces: list[bytes]) -> dict[str, float]:
+def _write_raw(path: str, pieces: list[bytes]) -> None:
+    with open(path, "wb") as f:
+        for p in pieces:
+            f.write(p)
+        os.fsync(f.fileno())
+
+
+async def _rounds(d: str, size: int, pieces: list[bytes],
+                  runs: int) -> dict[str, list[float]]:
+    """``runs`` rounds, each timing a send, a receive and both qemu-img converts one after
+    the other, so that all four see the same state of the machine's storage."""
+    raw = os.path.join(d, "src.raw")
+    await trio.to_thread.run_sync(_write_raw, raw, pieces)
     src = await Pool.create("src", [FileDevice(os.path.join(d, "src0"),
                                                create_size=2 * size + GiB)],
                             extent_size=16 * MiB, force=True)
     dst = await Pool.create("dst", [FileDevice(os.path.join(d, "dst0"),
-                                               create_size=2 * size + GiB)],
+                                               create_size=(runs + 1) * size + GiB)],
                             extent_size=16 * MiB, force=True)
-    out: dict[str, float] = {}
+    out: dict[str, list[float]] = {"send": [], "receive": [], "stream": [],
+                                   "raw->qcow2": [], "qcow2->raw": []}
     try:
         vs, vd = VolumeManager(src), VolumeManager(dst)
         vol = await vs.create("vm", size, compression=True)
@@ -63,56 +79,53 @@ async def _engine(d: str, size: int, pieces: list[bytes]) -> dict[str, float]:
         await vol.flush()
         await vs.snapshot("vm", "s1")
         path = os.path.join(d, "vm.stream")
-        await trio.to_thread.run_sync(os.sync)
-        t0 = time.perf_counter()
-        _h, chunks = await portable.send(vs, "vm", "s1")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            # As `storagectl volume send -o FILE` writes it: durable at the end.
-            sink = FileSink(fd)
-            async for c in chunks:
-                await trio.to_thread.run_sync(sink.write, c)
-            await trio.to_thread.run_sync(sink.sync)
-        finally:
-            os.close(fd)
-        out["send"] = time.perf_counter() - t0
-        out["stream"] = (await trio.Path(path).stat()).st_size
-        await trio.to_thread.run_sync(os.sync)
-        t0 = time.perf_counter()
-        rx = portable.Receiver(vd, "vm")
-        async with await trio.open_file(path, "rb") as f:
-            async def source() -> AsyncIterator[bytes]:
-                while data := await f.read(4 * MiB):
-                    yield data
-            await rx.run(source())
-        out["receive"] = time.perf_counter() - t0
-        if rx.done is None:
-            raise AssertionError("the receive did not finish")
-        for i in (0, 1, len(pieces) - 1):
-            if await vd.get("vm").read(i * MiB, MiB) != pieces[i]:
-                raise AssertionError(f"received volume differs at MiB {i}")
+        for run in range(runs):
+            await trio.to_thread.run_sync(os.sync)
+            t0 = time.perf_counter()
+            _h, chunks = await portable.send(vs, "vm", "s1")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                # As `storagectl volume send -o FILE` writes it: durable at the end.
+                sink = FileSink(fd)
+                async with chunks as it:
+                    async for c in it:
+                        await trio.to_thread.run_sync(sink.write, c)
+                await trio.to_thread.run_sync(sink.sync)
+            finally:
+                os.close(fd)
+            out["send"].append(time.perf_counter() - t0)
+            out["stream"].append((await trio.Path(path).stat()).st_size)
+
+            name = f"vm{run}"
+            await trio.to_thread.run_sync(os.sync)
+            t0 = time.perf_counter()
+            rx = portable.Receiver(vd, name)
+            async with await trio.open_file(path, "rb") as f:
+                async def source() -> AsyncIterator[bytes]:
+                    while data := await f.read(4 * MiB):
+                        yield data
+                await rx.run(source())
+            out["receive"].append(time.perf_counter() - t0)
+            if rx.done is None:
+                raise AssertionError("the receive did not finish")
+            for i in (0, 1, len(pieces) - 1):
+                if await vd.get(name).read(i * MiB, MiB) != pieces[i]:
+                    raise AssertionError(f"received volume differs at MiB {i}")
+
+            for key, args, name in (
+                    ("raw->qcow2", ["-f", "raw", "-O", "qcow2", raw], "out.qcow2"),
+                    ("qcow2->raw", ["-f", "qcow2", "-O", "raw",
+                                    os.path.join(d, "out.qcow2")], "out.raw")):
+                target = trio.Path(d, name)
+                await target.unlink(missing_ok=True)
+                await trio.to_thread.run_sync(os.sync)
+                t0 = time.perf_counter()
+                await trio.run_process(["qemu-img", "convert", *args, str(target)])
+                await trio.to_thread.run_sync(os.sync)
+                out[key].append(time.perf_counter() - t0)
     finally:
         await src.close()
         await dst.close()
-    return out
-
-
-def _qemu(d: str, pieces: list[bytes]) -> dict[str, float]:
-    raw = os.path.join(d, "src.raw")
-    with open(raw, "wb") as f:
-        for p in pieces:
-            f.write(p)
-        os.fsync(f.fileno())
-    out: dict[str, float] = {}
-    for name, args, target in (
-            ("raw->qcow2", ["-f", "raw", "-O", "qcow2", raw], "out.qcow2"),
-            ("qcow2->raw", ["-f", "qcow2", "-O", "raw", os.path.join(d, "out.qcow2")],
-             "out.raw")):
-        os.sync()
-        t0 = time.perf_counter()
-        subprocess.run(["qemu-img", "convert", *args, os.path.join(d, target)], check=True)
-        os.sync()
-        out[name] = time.perf_counter() - t0
     return out
 
 
@@ -120,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="benchmarks.send")
     ap.add_argument("--size", type=int, default=1024, help="MiB (default 1024)")
     ap.add_argument("--dir", default=None, help="where to put the files (default /var/tmp)")
+    ap.add_argument("--runs", type=int, default=3,
+                    help="runs of each row; the median is reported (default 3)")
     args = ap.parse_args(argv)
     size = args.size * MiB
     d = tempfile.mkdtemp(prefix="storaged-bench-send-", dir=choose_dir(args.dir))
@@ -128,22 +143,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         pieces = _data(size)
         lz4_size = sum(len(lz4.block.compress(p, store_size=False)) for p in pieces)
-        eng = trio.run(_engine, d, size, pieces)
-        q = _qemu(d, pieces)
+        eng = q = trio.run(_rounds, d, size, pieces, args.runs)
     finally:
         shutil.rmtree(d, ignore_errors=True)
     mb = size / 1e6
-    best = min(q.values())
-    print(f"{'':<28} {'seconds':>8} {'MB/s':>8} {'vs qemu-img':>12}")
-    for name, secs in (("storaged send", eng["send"]), ("storaged receive", eng["receive"]),
-                       ("qemu-img convert raw->qcow2", q["raw->qcow2"]),
-                       ("qemu-img convert qcow2->raw", q["qcow2->raw"])):
+    rows = {"storaged send": eng["send"], "storaged receive": eng["receive"],
+            "qemu-img convert raw->qcow2": q["raw->qcow2"],
+            "qemu-img convert qcow2->raw": q["qcow2->raw"]}
+    best = min(statistics.median(v) for v in rows.values() if v is not eng["send"]
+               and v is not eng["receive"])
+    print(f"{'':<28} {'seconds':>8} {'MB/s':>8} {'vs qemu-img':>12}   runs (s)")
+    for name, times in rows.items():
+        secs = statistics.median(times)
         ratio = best / secs
-        print(f"{name:<28} {secs:>8.2f} {mb / secs:>8.0f} {ratio:>11.2f}x")
-    stream = int(eng["stream"])
+        spread = " ".join(f"{t:.2f}" for t in times)
+        print(f"{name:<28} {secs:>8.2f} {mb / secs:>8.0f} {ratio:>11.2f}x   {spread}")
+    stream = int(eng["stream"][0])
     print(f"stream {stream / MiB:.1f} MiB; lz4 of the written data {lz4_size / MiB:.1f} MiB; "
           f"stream / lz4 = {stream / lz4_size:.4f} (target <= 1.01)")
-    print("ratios are the faster qemu-img convert's time over each row's (>= 1: as fast).")
+    print(f"seconds are the median of {args.runs} runs; ratios are the faster qemu-img "
+          f"convert's time over each row's (>= 1: as fast).")
     sys.stdout.flush()
 
 

@@ -9,7 +9,7 @@ prints them as they are.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -353,7 +353,7 @@ class ControlAPI:
         return {"name": p["name"], "deleted": True}
 
     # ---- send / receive (streams travel in control.py's framing) ------------------------
-    async def volume_send(self, p: Params) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
+    async def volume_send(self, p: Params) -> tuple[dict[str, Any], portable.Chunks]:
         pool, vol, snap = split_snapshot(_req(p, "name"))
         base = _str(p, "from", required=False)
         if base is not None:

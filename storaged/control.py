@@ -173,11 +173,12 @@ class ControlServer:
         header, chunks = await self.api.volume_send(params)
         await _send(stream, {"stream": header})
         sent = 0
-        async for chunk in chunks:
-            for i in range(0, len(chunk), MAX_FRAME):
-                part = chunk[i:i + MAX_FRAME]
-                await stream.send_all(_FRAME.pack(len(part)) + part)
-            sent += len(chunk)
+        async with chunks as pieces:
+            async for chunk in pieces:
+                for i in range(0, len(chunk), MAX_FRAME):
+                    part = chunk[i:i + MAX_FRAME]
+                    await stream.send_all(_FRAME.pack(len(part)) + part)
+                sent += len(chunk)
         await stream.send_all(_FRAME.pack(0))
         return {"bytes": sent}
 

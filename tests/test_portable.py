@@ -13,6 +13,7 @@ import xxhash
 
 from pool import Pool
 from pool.errors import StorageError
+from pool.faults import FaultyDevice
 from tests.conftest import DiskSet
 from volumes import VolumeManager, portable, stream
 
@@ -24,8 +25,9 @@ Disks = Callable[..., DiskSet]
 
 async def _stream(vm: VolumeManager, vol: str, snap: str, base: str | None = None,
                   resume: int = 0) -> bytes:
-    _h, it = await portable.send(vm, vol, snap, base, resume)
-    return b"".join([c async for c in it])
+    _h, chunks = await portable.send(vm, vol, snap, base, resume)
+    async with chunks as it:
+        return b"".join([c async for c in it])
 
 
 async def _receive(vm: VolumeManager, target: str, data: bytes, *, piece: int = 300_000,
@@ -227,6 +229,71 @@ async def test_an_interrupted_resumable_receive_resumes_where_it_stopped(
         assert await vb.get("copy").read(0, VOL) == await va.snapshot_volume(
             "disk", "s1").read(0, VOL)
         assert portable.receive_state(vb, "copy") is None
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_send_that_cannot_read_a_record_fails_with_that_error(
+        disks: Disks, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records are read ahead of the reader, concurrently: an unreadable one ends the
+    stream with its own storage error (not a group of them), before any byte of the
+    record or the end record goes out."""
+    monkeypatch.setattr(portable, "SEND_AHEAD", 2)
+    dev = FaultyDevice(disks(1, prefix="f").create()[0], seed=1)
+    a = await Pool.create("src", [dev], extent_size=MiB)
+    try:
+        va = VolumeManager(a)
+        vol = await va.create("disk", VOL, compression=False)
+        await vol.write(0, random.Random(6).randbytes(VOL))
+        await vol.flush()
+        await va.snapshot("disk", "s1")
+        got: list[bytes] = []
+        _h, chunks = await portable.send(va, "disk", "s1")
+        with pytest.raises(StorageError) as err:
+            async with chunks as it:
+                async for piece in it:
+                    got.append(piece)
+                    if len(got) == 3:
+                        dev.read_error_rate = 1.0     # the disk dies mid-send
+        assert not isinstance(err.value, BaseExceptionGroup)
+        sent = b"".join(got)
+        assert 2 * MiB < len(sent) < VOL
+        # What did go out is a stream prefix that a receiver refuses as cut short.
+        b = await Pool.create("dst", disks(1, prefix="g").create(), extent_size=MiB)
+        try:
+            rx = portable.Receiver(VolumeManager(b), "copy")
+            await rx.feed(sent)
+            assert rx.done is None
+            await rx.abort("cut", interrupted=False)
+        finally:
+            await b.close()
+    finally:
+        await a.close()
+
+
+async def test_a_source_that_fails_mid_stream_fails_the_receive_with_its_error(
+        disks: Disks) -> None:
+    """The receive reads its source a piece ahead in a task of its own: an error of the
+    source comes out of run() as itself and nothing of the stream is kept."""
+    a, b = await _pools(disks)
+    try:
+        va, vb = VolumeManager(a), VolumeManager(b)
+        vol = await va.create("disk", VOL, compression=False)
+        await vol.write(0, random.Random(7).randbytes(VOL))
+        await va.snapshot("disk", "s1")
+        data = await _stream(va, "disk", "s1")
+        before = _state(b)
+
+        async def source() -> AsyncIterator[bytes]:
+            yield data[:len(data) // 2]
+            raise stream.StreamError("the connection broke")
+        rx = portable.Receiver(vb, "copy")
+        with pytest.raises(stream.StreamError, match="connection broke"):
+            await rx.run(source())
+        await rx.abort("broke", interrupted=False)
+        assert _state(b) == before
+        assert "copy" not in vb.names()
     finally:
         await a.close()
         await b.close()

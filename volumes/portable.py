@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import trio
@@ -29,7 +30,9 @@ from volumes.volume import Volume, check_block_size
 
 log = logging.getLogger(__name__)
 CHECKPOINT = 64 << 20          # resumable receives record their progress this often
-SEND_AHEAD = 8                 # records a send reads and compresses at once
+SEND_AHEAD = 16                # records a send reads and compresses ahead of its reader
+# A send's bytes: ``async with chunks as it: async for piece in it``.
+Chunks = AbstractAsyncContextManager[trio.abc.ReceiveChannel[bytes]]
 APPLY_PARALLEL = 4             # records a receive writes at once
 
 
@@ -88,9 +91,11 @@ def plan(vm: VolumeManager, volume: str, snap: str,
 
 
 async def send(vm: VolumeManager, volume: str, snap: str, base: str | None = None,
-               resume_seq: int = 0) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
-    """The stream's header fields and an iterator over its bytes. Everything is checked
-    before the first byte, so a refusal never leaves a half stream behind."""
+               resume_seq: int = 0) -> tuple[dict[str, Any], Chunks]:
+    """The stream's header fields and its bytes: ``async with chunks as it: async for
+    piece in it``. Everything is checked before the first byte, so a refusal never leaves
+    a half stream behind. Records are read and encoded up to SEND_AHEAD ahead of the
+    reader, so reading the volume overlaps writing the stream out."""
     _o, meta = vm._snap(volume, snap)
     suuid = await snapshot_uuid(vm, volume, snap)
     base_info: dict[str, Any] | None = None
@@ -121,36 +126,66 @@ async def send(vm: VolumeManager, volume: str, snap: str, base: str | None = Non
 
     seed = stream.stream_seed(header)
 
-    async def chunks() -> AsyncIterator[bytes]:
+    @trio.as_safe_channel
+    async def chunks() -> AsyncGenerator[bytes, None]:
         yield stream.encode_header(header)
         summer = stream.Summer(seed)
-        # Records are read and compressed SEND_AHEAD at a time, concurrently (device
-        # reads and lz4 both run in threads), and yielded in order.
-        for first in range(resume_seq, len(records), SEND_AHEAD):
-            batch = range(first, min(first + SEND_AHEAD, len(records)))
-            out: list[bytes] = [b""] * len(batch)
-            counts = [stream.Summer(seed) for _ in batch]
-
-            async with trio.open_nursery() as nursery:
-                for j, seq in enumerate(batch):
-                    nursery.start_soon(_load, view, records[seq], seq, out, j, counts[j])
-            for j in range(len(batch)):
-                summer.merge(counts[j])
-                yield out[j]
-                out[j] = b""
+        # Each record gets a slot, queued in order; SEND_AHEAD loads (device reads and
+        # lz4, both in threads) run at once, and the reader takes the slots in order.
+        slots_send, slots_recv = trio.open_memory_channel[_Slot](SEND_AHEAD)
+        failure: list[StorageError] = []
+        async with trio.open_nursery() as nursery:
+            async def feed() -> None:
+                limit = trio.Semaphore(SEND_AHEAD)
+                async with slots_send:
+                    for seq in range(resume_seq, len(records)):
+                        await limit.acquire()
+                        slot = _Slot(stream.Summer(seed))
+                        nursery.start_soon(_load, view, records[seq], seq, slot, limit)
+                        await slots_send.send(slot)
+            nursery.start_soon(feed)
+            async with slots_recv:
+                async for slot in slots_recv:
+                    await slot.done.wait()
+                    if slot.error is not None:
+                        failure.append(slot.error)
+                        nursery.cancel_scope.cancel()
+                        break
+                    summer.merge(slot.counts)
+                    yield slot.data
+        if failure:
+            raise failure[0]
         yield stream.encode_end(len(records), summer)
     return header, chunks()
 
 
-async def _load(view: Volume, rec: tuple[int, int, int], seq: int, out: list[bytes], j: int,
-                counts: stream.Summer) -> None:
-    """Read and encode one record of a send into ``out[j]``."""
+class _Slot:
+    """One record of a send on its way: its bytes (or error) once ``done`` is set."""
+
+    def __init__(self, counts: stream.Summer) -> None:
+        self.counts = counts
+        self.done = trio.Event()
+        self.data = b""
+        self.error: StorageError | None = None
+
+
+async def _load(view: Volume, rec: tuple[int, int, int], seq: int, slot: _Slot,
+                limit: trio.Semaphore) -> None:
+    """Read and encode one record of a send into its slot."""
     kind, offset, length = rec
-    if kind == stream.DATA:
-        data = await view.read(offset, length)
-        out[j] = await trio.to_thread.run_sync(stream.encode_data, seq, offset, data, counts)
-    else:
-        out[j] = stream.encode_record(stream.HOLE, seq, offset, length, b"", counts)
+    try:
+        if kind == stream.DATA:
+            data = await view.read(offset, length)
+            slot.data = await trio.to_thread.run_sync(stream.encode_data, seq, offset, data,
+                                                      slot.counts)
+        else:
+            slot.data = stream.encode_record(stream.HOLE, seq, offset, length, b"",
+                                             slot.counts)
+    except StorageError as e:
+        slot.error = e
+    finally:
+        limit.release()
+        slot.done.set()
 
 
 # ==== receive ===============================================================================
@@ -373,13 +408,29 @@ class Receiver:
                     except StorageError as e:
                         failure.append(e)
 
+        # The source is read one piece ahead, so reading it overlaps parsing and applying.
+        pieces_send, pieces_recv = trio.open_memory_channel[bytes](1)
+        reading = trio.CancelScope()
+
+        async def reader() -> None:
+            with reading:
+                async with pieces_send:
+                    try:
+                        async for data in source:
+                            await pieces_send.send(data)
+                    except trio.BrokenResourceError:
+                        pass
+                    except Exception as e:  # the source's own error, raised as itself
+                        failure.append(e)
+
         async with trio.open_nursery() as nursery:
             async with recv:
                 for _ in range(APPLY_PARALLEL):
                     nursery.start_soon(worker, recv.clone())
+            nursery.start_soon(reader)
             try:
-                async with send:
-                    async for data in source:
+                async with send, pieces_recv:
+                    async for data in pieces_recv:
                         if failure:
                             break
                         self.parser.feed(data)
@@ -399,6 +450,8 @@ class Receiver:
                 # Never cancel the workers: a write cut off half-way is not what a
                 # checkpoint may record. They skip what is queued and the nursery ends.
                 failure.append(e)
+            if failure:
+                reading.cancel()    # stop reading a stream that is refused
         if failure:
             raise failure[0]
         if ended:

@@ -356,8 +356,19 @@ class Volume:
         return used
 
     async def _maybe_writeback(self) -> None:
-        if self._dirty_data * self.block_size >= WRITEBACK_BYTES:
-            await self._writeback()
+        """Past WRITEBACK_BYTES buffered, write the buffer back. While a writeback is
+        under way, writers go on buffering up to twice that (double buffering: the next
+        batch fills while the last one is written), and only then wait for it."""
+        buffered = self._dirty_data * self.block_size
+        if buffered < WRITEBACK_BYTES:
+            return
+        if self._wb_lock.locked() and buffered < 2 * WRITEBACK_BYTES:
+            return
+        async with self._wb_lock:
+            if self._dirty_data * self.block_size >= WRITEBACK_BYTES:
+                batch, self._dirty = self._dirty, {}
+                data_blocks, self._dirty_data = self._dirty_data, 0
+                await self._write_out(batch, data_blocks)
 
     async def _writeback(self) -> None:
         """Write buffered blocks to the pool as records (not yet committed)."""
