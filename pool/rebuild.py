@@ -20,11 +20,12 @@ rate.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import trio
 
@@ -78,6 +79,41 @@ class _Step:
 
 # What flows from stage to stage: a step, or the end of a segment (all its steps sent).
 _Item = _Step | _Segment
+AHEAD = 4   # items between the read and the write stage (each step holds k * RUN_BYTES)
+
+
+class _Verifier:
+    """The verify stage: one thread (``Pool.background``) that verifies the steps the read
+    stage queues, one after the other, and hands each result to the trio loop without
+    waiting for it (a thread hop per step left the thread idle for milliseconds each
+    time). Results reach ``send`` in the order the steps were queued."""
+
+    def __init__(self, send: trio.MemorySendChannel[_Item | BaseException]) -> None:
+        self.inbox: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._send = send
+        self._token = trio.lowlevel.current_trio_token()
+
+    def stop(self) -> None:
+        """Let the thread end after its current step (the rest is dropped)."""
+        self.inbox.put(None)
+
+    def run(self) -> None:
+        while (item := self.inbox.get()) is not None:
+            if isinstance(item, _Step):
+                try:
+                    item.out = records.verify_stripes(item.plans, target=item.seg.column,
+                                                      reads=item.reads)
+                except Exception as e:      # re-raised by the write stage
+                    self._token.run_sync_soon(self._deliver, e)
+                    return
+                item.reads = None
+            self._token.run_sync_soon(self._deliver, item)
+
+    def _deliver(self, item: _Item | BaseException) -> None:
+        # There is room: the read stage took a slot for it. A closed channel: the write
+        # stage is gone (the run is ending).
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            self._send.send_nowait(item)
 
 
 async def run(pool: Pool, *, rate: float | None = None,
@@ -104,12 +140,16 @@ async def run(pool: Pool, *, rate: float | None = None,
     written = 0
     try:
         async with trio.open_nursery() as nursery:
-            to_verify, verify_in = trio.open_memory_channel[_Item](0)
-            to_write, write_in = trio.open_memory_channel[_Item](0)
-            nursery.start_soon(_read_stage, pool, work, held, to_verify)
-            nursery.start_soon(_verify_stage, pool, verify_in, to_write)
-            written = await _write_stage(pool, write_in, held, total, started, rate,
-                                         progress)
+            slots = trio.Semaphore(AHEAD)
+            to_write, write_in = trio.open_memory_channel[_Item | BaseException](AHEAD)
+            verifier = _Verifier(to_write)
+            try:
+                nursery.start_soon(_read_stage, pool, work, held, verifier, slots)
+                nursery.start_soon(_verify_stage, pool, verifier, to_write)
+                written = await _write_stage(pool, write_in, slots, held, total, started,
+                                             rate, progress)
+            finally:
+                verifier.stop()
             nursery.cancel_scope.cancel()
     finally:
         for seg_id in held:
@@ -121,8 +161,8 @@ async def run(pool: Pool, *, rate: float | None = None,
 
 
 async def _read_stage(pool: Pool, work: list[tuple[int, int, int]], held: list[int],
-                      send: trio.MemorySendChannel[_Item]) -> None:
-    async with send:
+                      verifier: _Verifier, slots: trio.Semaphore) -> None:
+    try:
         for index, seg_id, start in work:
             dev = pool.devices[index]
             seg = pool.state.segments.get(seg_id)
@@ -140,32 +180,33 @@ async def _read_stage(pool: Pool, work: list[tuple[int, int, int]], held: list[i
             item = _Segment(index, seg_id, dev, column)
             for batch, size in steps(entries, seg.k):
                 step = _Step(item, batch, size, pool.record_plans(seg, batch, target=column))
-                step.reads = await trio.to_thread.run_sync(
-                    partial(records.read_stripes, step.plans, target=column))
-                await send.send(step)
-            await send.send(item)
+                await slots.acquire()
+                step.reads = records.start_stripes(step.plans, target=column)
+                verifier.inbox.put(step)
+            await slots.acquire()
+            verifier.inbox.put(item)
+    finally:
+        verifier.stop()     # after the last item: the verify thread ends once it is done
 
 
-async def _verify_stage(pool: Pool, recv: trio.MemoryReceiveChannel[_Item],
-                        send: trio.MemorySendChannel[_Item]) -> None:
-    async with recv, send:
-        async for item in recv:
-            if isinstance(item, _Step):
-                verify = partial(records.verify_stripes, target=item.seg.column,
-                                 reads=item.reads)
-                item.out = await pool.background(verify, item.plans)
-                item.reads = None
-            await send.send(item)
+async def _verify_stage(pool: Pool, verifier: _Verifier,
+                        send: trio.MemorySendChannel[_Item | BaseException]) -> None:
+    async with send:   # closed once the thread has delivered its last result
+        await pool.background(verifier.run)
 
 
-async def _write_stage(pool: Pool, recv: trio.MemoryReceiveChannel[_Item], held: list[int],
-                       total: int, started: float, rate: float | None,
+async def _write_stage(pool: Pool, recv: trio.MemoryReceiveChannel[_Item | BaseException],
+                       slots: trio.Semaphore, held: list[int], total: int, started: float,
+                       rate: float | None,
                        progress: Callable[[RebuildProgress], Awaitable[None]] | None) -> int:
     done = written = 0
     last_commit = budget_start = started
     budget_bytes = 0
     async with recv:
         async for item in recv:
+            slots.release()
+            if isinstance(item, BaseException):
+                raise item
             if isinstance(item, _Segment):
                 held.remove(item.seg_id)
                 pool.unpin(item.seg_id)

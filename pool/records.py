@@ -64,7 +64,7 @@ class ReadOutcome:
     device_errors: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
-def encode_all(datas: Sequence[bytes], k: int, m: int,
+def encode_all(datas: Sequence[bytes | memoryview], k: int, m: int,
                compress: bool) -> list[codec.EncodedRecord]:
     return [codec.encode(d, k, m, compress) for d in datas]
 
@@ -89,7 +89,8 @@ _stuck: dict[int, concurrent.futures.Future[bytes]] = {}
 _stuck_lock = threading.Lock()
 
 
-def _start_read(dev: Device, offset: int, length: int
+def _start_read(dev: Device, offset: int, length: int,
+                readers: concurrent.futures.ThreadPoolExecutor = _readers
                 ) -> concurrent.futures.Future[bytes] | DeviceError:
     with _stuck_lock:
         pending = _stuck.get(id(dev))
@@ -98,7 +99,7 @@ def _start_read(dev: Device, offset: int, length: int
                 return DeviceError(f"{dev.path} is not answering (a read has been "
                                    f"waiting more than {READ_TIMEOUT:g} s)")
             del _stuck[id(dev)]
-    return _readers.submit(dev.pread, offset, length)
+    return readers.submit(dev.pread, offset, length)
 
 
 def _finish_read(dev: Device, fut: concurrent.futures.Future[bytes] | DeviceError,
@@ -294,13 +295,47 @@ class StripeOutcome:
     device_errors: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
+_Started = concurrent.futures.Future[bytes] | DeviceError | None
+# Reads a rebuild starts ahead of time (start_stripes) have threads of their own: they are
+# large and many, and must not queue up behind them the reads volumes wait for.
+_ahead_readers = concurrent.futures.ThreadPoolExecutor(
+    max_workers=8, thread_name_prefix="storaged-read-ahead")
+
+
 @dataclass
 class StripeReads:
-    """The column reads of some records (``read_stripes``), ready to be verified: a rebuild
-    reads the next step while the previous one is being verified and written."""
+    """The column reads of some records, for ``verify_stripes``: started by
+    ``start_stripes`` (a rebuild reads the next steps while one is verified), done by
+    ``result``."""
 
-    runs: list[tuple[list[int], list[bytes | None]]]   # per run: (columns, their bytes)
+    # per run: the columns, where they are (first sector, sectors), their started reads
+    started: list[tuple[list[int], list[tuple[Device | None, int, str]], int, int,
+                        list[_Started]]]
+    runs: list[tuple[list[int], list[bytes | None]]] = field(default_factory=list)
     device_errors: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    def result(self) -> list[tuple[list[int], list[bytes | None]]]:
+        """Per run: (columns, their bytes or None where missing or failed); blocks until
+        the reads are done, each given up READ_TIMEOUT seconds from now."""
+        if self.started:
+            deadline = None if READ_TIMEOUT is None else time.monotonic() + READ_TIMEOUT
+            for wanted, cols, offset, total, futs in self.started:
+                raws: list[bytes | None] = []
+                for (dev, base, name), fut in zip(cols, futs, strict=True):
+                    if dev is None or fut is None:
+                        raws.append(None)
+                        continue
+                    try:
+                        if isinstance(fut, DeviceError):
+                            raise fut
+                        raws.append(fut.result() if deadline is None else _finish_read(
+                            dev, fut, total * SECTOR, base + offset * SECTOR, deadline))
+                    except DeviceError:
+                        self.device_errors[(name, "read")] += 1
+                        raws.append(None)
+                self.runs.append((wanted, raws))
+            self.started = []
+        return self.runs
 
 
 def _wanted(first: RecordPlan, target: int | None) -> list[int]:
@@ -310,10 +345,24 @@ def _wanted(first: RecordPlan, target: int | None) -> list[int]:
     return usable if target is None else usable[:first.k]
 
 
+def start_stripes(plans: Sequence[RecordPlan], *, target: int | None = None) -> StripeReads:
+    """Start the reads ``verify_stripes`` begins with, without waiting for them (cheap: it
+    may run on the event loop): one read per column per run of adjacent records, of all
+    columns (scrub) or k other than ``target`` (rebuild)."""
+    out = StripeReads([])
+    for run in _runs(plans):
+        first = run[0]
+        wanted = _wanted(first, target)
+        total = sum(p.units for p in run)
+        cols = [first.columns[c] for c in wanted]
+        out.started.append((wanted, cols, first.offset, total, [
+            _start_read(dev, base + first.offset * SECTOR, total * SECTOR, _ahead_readers)
+            if dev is not None else None for dev, base, _name in cols]))
+    return out
+
+
 def read_stripes(plans: Sequence[RecordPlan], *, target: int | None = None) -> StripeReads:
-    """The reads ``verify_stripes`` starts with: one read per column per run of adjacent
-    records, all columns (scrub) or k other than ``target`` (rebuild), in parallel and
-    within the read deadline. Blocking I/O only (little CPU, the GIL mostly released)."""
+    """``start_stripes`` and wait for them: the reads in parallel, within the deadline."""
     out = StripeReads([])
     for run in _runs(plans):
         first = run[0]
@@ -336,12 +385,13 @@ def verify_stripes(plans: Sequence[RecordPlan], *, target: int | None = None,
     done beforehand by ``read_stripes`` with the same plans and target)."""
     if reads is None:
         reads = read_stripes(plans, target=target)
+    got = reads.result()
     out = StripeOutcome()
     out.device_errors.update(reads.device_errors)
     runs = list(_runs(plans))
-    if len(runs) != len(reads.runs):
+    if len(runs) != len(got):
         raise ValueError("verify_stripes: the reads are not of these plans")
-    for run, (wanted, raws) in zip(runs, reads.runs, strict=True):
+    for run, (wanted, raws) in zip(runs, got, strict=True):
         _verify_run(run, target, wanted, raws, out)
     return out
 
@@ -358,13 +408,20 @@ def _verify_run(run: Sequence[RecordPlan], target: int | None, wanted: list[int]
             out.bytes_read += len(raw)
     # Rebuilding one column from k whole columns read: the records whose k fragments all
     # verify are rebuilt together (one zfec call for the run, see _rebuild_batch).
-    batch: list[tuple[RecordPlan, int, dict[int, memoryview]]] | None = (
+    batch: list[tuple[RecordPlan, int]] | None = (
         [] if target is not None and k > 1 and first.m > 0 and len(wanted) == k
         and all(columns[c] is not None for c in wanted)
         and (target < k or wanted == list(range(k))) else None)
+    if batch is not None:
+        fast = [(c, col) for c in wanted if (col := columns[c]) is not None]
     pos = 0
     for p in run:
         size = p.units * SECTOR
+        if batch is not None and _all_verify(fast, pos, k, p.m, p.plen, p.rhash):
+            out.fragments_checked += k
+            batch.append((p, pos))
+            pos += size
+            continue
         chunks: dict[int, memoryview] = {}
         bad: list[int] = []
         for c in wanted:
@@ -378,10 +435,6 @@ def _verify_run(run: Sequence[RecordPlan], target: int | None, wanted: list[int]
                     out.device_errors[(p.columns[c][2], "checksum")] += 1
             else:
                 chunks[c] = chunk
-        if batch is not None and not bad:
-            batch.append((p, pos, chunks))
-            pos += size
-            continue
         pos += size
         for c in usable:
             if len(chunks) >= k:
@@ -431,7 +484,27 @@ def _rebuild_one(p: RecordPlan, chunks: dict[int, memoryview], todo: list[int],
                                                          p.rhash)))
 
 
-def _rebuild_batch(batch: list[tuple[RecordPlan, int, dict[int, memoryview]]], target: int,
+def _all_verify(cols: list[tuple[int, memoryview]], pos: int, k: int, m: int, plen: int,
+                rhash: int) -> bool:
+    """Whether the fragments at ``pos`` of these columns all verify as their column's
+    fragment of this record: ``codec.check_fragment`` (the same checks) inlined for the
+    rebuild's common case, where it runs for every fragment read."""
+    end = codec.HEADER_SIZE + codec.chunk_length(plen, k)
+    for c, col in cols:
+        fhash, magic, idx, fk, fm, _flags, fplen, _res, frhash = _unpack_header(col, pos)
+        if (magic != _MAGIC or idx != c or fk != k or fm != m or fplen != plen
+                or frhash != rhash or len(col) < pos + end
+                or _xxh3(col[pos + 8:pos + end]) != fhash):
+            return False
+    return True
+
+
+_unpack_header = codec.HEADER.unpack_from
+_MAGIC = codec.MAGIC
+_xxh3 = xxhash.xxh3_64_intdigest
+
+
+def _rebuild_batch(batch: list[tuple[RecordPlan, int]], target: int,
                    wanted: list[int], columns: dict[int, memoryview | None],
                    out: StripeOutcome) -> None:
     """Fragment ``target`` of records whose k ``wanted`` fragments all verified, at byte
@@ -459,7 +532,7 @@ def _rebuild_batch(batch: list[tuple[RecordPlan, int, dict[int, memoryview]]], t
     else:
         data = list(ins)
         made = memoryview(_encoder(k, m).encode(ins, (target,))[0])
-    for p, pos, chunks in batch:
+    for p, pos in batch:
         clen = codec.chunk_length(p.plen, k)
         at = pos - lo + codec.HEADER_SIZE
         h = xxhash.xxh3_64()
@@ -476,6 +549,10 @@ def _rebuild_batch(batch: list[tuple[RecordPlan, int, dict[int, memoryview]]], t
         if dev is None:
             continue
         if not pad_ok:
+            size = p.units * SECTOR
+            chunks = {c: chunk for c in wanted if (col := columns[c]) is not None and (
+                chunk := codec.check_fragment(col[pos:pos + size], c, k, m, p.plen,
+                                              p.rhash)) is not None}
             _rebuild_one(p, chunks, [target], out)
             continue
         keep = min(clen, max(0, p.plen - target * clen)) if target < k else clen
