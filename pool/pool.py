@@ -646,7 +646,7 @@ class Pool:
 
     # ==== the data path ===================================================================
     async def write_blocks(self, map_id: int, prof: Profile, compress: bool,
-                           items: Sequence[tuple[int, bytes | None]]) -> None:
+                           items: Sequence[tuple[int, bytes | memoryview | None]]) -> None:
         """Store blocks as new records (``None`` unmaps) and point the map at them.
 
         The change is in memory until the next ``commit``; the records are written (not
@@ -871,7 +871,7 @@ class Pool:
         self._counters["records_relocated"] += len(olds)
         return seg_id not in self.state.segments or self.state.segments[seg_id].live == 0
 
-    async def _encode(self, datas: list[bytes], prof: Profile,
+    async def _encode(self, datas: list[bytes | memoryview], prof: Profile,
                       compress: bool) -> list[codec.EncodedRecord]:
         """Compress, split and encode records, on both cores when there are enough
         (zfec and lz4 release the GIL)."""
@@ -881,7 +881,7 @@ class Pool:
         half = len(datas) // 2
         parts: list[list[codec.EncodedRecord]] = [[], []]
 
-        async def one(i: int, chunk: list[bytes]) -> None:
+        async def one(i: int, chunk: list[bytes | memoryview]) -> None:
             parts[i] = await trio.to_thread.run_sync(records.encode_all, chunk, prof.k,
                                                      prof.m, compress, limiter=self._cpu)
         async with trio.open_nursery() as nursery:
@@ -1494,6 +1494,11 @@ class Pool:
 
     def count(self, counter: str, n: int) -> None:
         self._counters[counter] += n
+
+    def foreground_records(self) -> int:
+        """Records read and written for volumes so far (maintenance work watches it to
+        tell whether the pool is idle)."""
+        return self._counters["records_read"] + self._counters["records_written"]
 
     def locate(self, entry: bytes) -> list[str]:
         """Which volumes/snapshots and byte offsets reference a record (for reports)."""

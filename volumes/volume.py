@@ -39,6 +39,7 @@ WRITEBACK_BYTES = 32 * 1024 * 1024   # buffered bytes per volume before writebac
 WRITEBACK_BATCH = 128                # blocks per pool write call
 WRITEBACK_PARALLEL = 2               # pool write calls in flight per volume
 _MISSING = object()
+Block = bytes | memoryview             # a buffered block's content
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,11 +119,13 @@ class Volume:
         self.read_only = False
         self._zero = bytes(self.block_size)
         self._cost = pool.record_cost(self.block_size, self.profile)
-        self._dirty: dict[int, bytes | None] = {}
-        self._inflight: dict[int, bytes | None] = {}
+        # Buffered block contents: bytes, or a view of a caller's bytes (immutable, so a
+        # full block written from them is kept without a copy).
+        self._dirty: dict[int, Block | None] = {}
+        self._inflight: dict[int, Block | None] = {}
         # Writes captured by a snapshot request, waiting for the writeback lock: newer than
         # _inflight, older than _dirty (reads look in _dirty, _captured, _inflight, map).
-        self._captured: dict[int, bytes | None] = {}
+        self._captured: dict[int, Block | None] = {}
         self._dirty_data = 0          # blocks in _dirty holding data (each reserved)
         self._locks: dict[int, trio.Lock] = {}
         self._wb_lock = trio.Lock()
@@ -267,8 +270,10 @@ class Volume:
         self._check(offset, len(data), write=True)
         started = time.perf_counter()
         view = memoryview(data)
+        # Full blocks of immutable bytes are buffered as views, others as copies.
+        keep = isinstance(view.obj, bytes) and view.readonly and view.contiguous
         await self._update(offset, len(data), lambda lo, hi, pos: view[pos:pos + hi - lo],
-                           reserve=True)
+                           reserve=True, keep=keep)
         self._stats["writes"] += 1
         self._stats["bytes_written"] += len(data)
         if fua:
@@ -294,7 +299,7 @@ class Volume:
         self._stats["trims"] += 1
 
     async def _update(self, offset: int, length: int, piece: Any, *, reserve: bool,
-                      holes: bool = True) -> None:
+                      holes: bool = True, keep: bool = False) -> None:
         bs = self.block_size
         spans = list(self._blocks(offset, length))
         # Reserve space for every block up front, so a full pool fails the write before it
@@ -319,9 +324,9 @@ class Volume:
                 last = b == (self.size - 1) // bs
                 full = lo == 0 and (hi == bs or (last and b * bs + hi == self.size))
                 if full and b not in self._locks:
-                    reserved -= self._put(b, bytes(chunk) if hi == bs
-                                          else bytes(chunk) + self._zero[hi:], reserved,
-                                          holes)
+                    content: Block = ((chunk if keep else bytes(chunk)) if hi == bs
+                                      else bytes(chunk) + self._zero[hi:])
+                    reserved -= self._put(b, content, reserved, holes)
                     continue
                 lock = self._locks.setdefault(b, trio.Lock())
                 try:
@@ -335,11 +340,12 @@ class Volume:
         finally:
             self._pool.unreserve(reserved * self._cost)
 
-    def _put(self, b: int, content: bytes, reserved: int, holes: bool = True) -> int:
+    def _put(self, b: int, content: Block, reserved: int, holes: bool = True) -> int:
         """Buffer a block's new content; returns how many reservations it consumed.
 
         An all-zero block becomes a hole (invariant 6) unless ``holes`` is False."""
-        new: bytes | None = None if holes and content == self._zero else content
+        # (startswith: a fast compare for views too; content is a whole block)
+        new: Block | None = None if holes and self._zero.startswith(content) else content
         old = self._dirty.get(b, _MISSING)
         had_data = old is not _MISSING and old is not None
         used = 0
@@ -394,7 +400,7 @@ class Volume:
         finally:
             self._captured = {}
 
-    async def _write_out(self, batch: dict[int, bytes | None], data_blocks: int) -> None:
+    async def _write_out(self, batch: dict[int, Block | None], data_blocks: int) -> None:
         """Write ``batch`` (holding ``data_blocks`` reservations) to the pool as records;
         the caller holds the writeback lock. On failure the batch returns to the buffer,
         except blocks overwritten since."""
@@ -418,7 +424,7 @@ class Volume:
             self._inflight = {}
         self._pool.unreserve(data_blocks * self._cost)
 
-    async def _write_batches(self, batches: list[list[tuple[int, bytes | None]]]) -> None:
+    async def _write_batches(self, batches: list[list[tuple[int, Block | None]]]) -> None:
         """Hand batches to the pool, two at a time, so that encoding one overlaps the device
         writes of the other. The first storage error is re-raised as itself."""
         if len(batches) == 1:
@@ -428,7 +434,7 @@ class Volume:
         failures: list[StorageError] = []
         slots = trio.Semaphore(WRITEBACK_PARALLEL)
 
-        async def one(batch: list[tuple[int, bytes | None]]) -> None:
+        async def one(batch: list[tuple[int, Block | None]]) -> None:
             try:
                 await self._pool.write_blocks(self._map, self.profile, self.compression,
                                               batch)
