@@ -21,11 +21,14 @@ rate.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import queue
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 
@@ -80,40 +83,73 @@ class _Step:
 # What flows from stage to stage: a step, or the end of a segment (all its steps sent).
 _Item = _Step | _Segment
 AHEAD = 4   # items between the read and the write stage (each step holds k * RUN_BYTES)
+IDLE_AFTER = 0.1   # seconds without volume I/O after which the rebuild takes both cores
 
 
 class _Verifier:
-    """The verify stage: one thread (``Pool.background``) that verifies the steps the read
+    """The verify stage: a thread (``Pool.background``) that verifies the steps the read
     stage queues, one after the other, and hands each result to the trio loop without
     waiting for it (a thread hop per step left the thread idle for milliseconds each
-    time). Results reach ``send`` in the order the steps were queued."""
+    time); while the pool is idle (``idle`` set), a second thread takes steps too (zfec
+    releases the GIL: the rebuild then uses both cores). Results reach ``send`` in the
+    order the steps were queued."""
 
     def __init__(self, send: trio.MemorySendChannel[_Item | BaseException]) -> None:
-        self.inbox: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[tuple[int, _Item] | None] = queue.SimpleQueue()
+        self.idle = threading.Event()
+        self._queued = itertools.count()
+        self._ready: dict[int, _Item] = {}
+        self._next = 0
+        self.stopping = False
+        self._abort = False
         self._send = send
         self._token = trio.lowlevel.current_trio_token()
 
-    def stop(self) -> None:
-        """Let the thread end after its current step (the rest is dropped)."""
-        self.inbox.put(None)
+    def put(self, item: _Item) -> None:
+        self.inbox.put((next(self._queued), item))
 
-    def run(self) -> None:
-        while (item := self.inbox.get()) is not None:
+    def stop(self, *, abort: bool = False) -> None:
+        """No more steps come: let the threads end once the queued ones are verified (with
+        ``abort``: after their current step; the rest is dropped)."""
+        self.stopping = True
+        self._abort = self._abort or abort
+        self.inbox.put(None)
+        self.inbox.put(None)
+        self.idle.set()
+
+    def run(self, spare: bool = False) -> None:
+        while True:
+            if spare:
+                while not self.idle.wait(0.05):
+                    pass
+                if self.stopping:
+                    return          # what is queued is the main thread's
+            got = self.inbox.get()
+            if got is None or self._abort:
+                return
+            seq, item = got
             if isinstance(item, _Step):
                 try:
                     item.out = records.verify_stripes(item.plans, target=item.seg.column,
                                                       reads=item.reads)
                 except Exception as e:      # re-raised by the write stage
-                    self._token.run_sync_soon(self._deliver, e)
+                    self._token.run_sync_soon(self._failed, e)
                     return
                 item.reads = None
-            self._token.run_sync_soon(self._deliver, item)
+            self._token.run_sync_soon(self._deliver, seq, item)
 
-    def _deliver(self, item: _Item | BaseException) -> None:
+    def _deliver(self, seq: int, item: _Item) -> None:
         # There is room: the read stage took a slot for it. A closed channel: the write
         # stage is gone (the run is ending).
+        self._ready[seq] = item
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            self._send.send_nowait(item)
+            while self._next in self._ready:
+                self._send.send_nowait(self._ready.pop(self._next))
+                self._next += 1
+
+    def _failed(self, e: BaseException) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            self._send.send_nowait(e)
 
 
 async def run(pool: Pool, *, rate: float | None = None,
@@ -149,7 +185,7 @@ async def run(pool: Pool, *, rate: float | None = None,
                 written = await _write_stage(pool, write_in, slots, held, total, started,
                                              rate, progress)
             finally:
-                verifier.stop()
+                verifier.stop(abort=True)
             nursery.cancel_scope.cancel()
     finally:
         for seg_id in held:
@@ -182,17 +218,36 @@ async def _read_stage(pool: Pool, work: list[tuple[int, int, int]], held: list[i
                 step = _Step(item, batch, size, pool.record_plans(seg, batch, target=column))
                 await slots.acquire()
                 step.reads = records.start_stripes(step.plans, target=column)
-                verifier.inbox.put(step)
+                verifier.put(step)
             await slots.acquire()
-            verifier.inbox.put(item)
+            verifier.put(item)
     finally:
         verifier.stop()     # after the last item: the verify thread ends once it is done
 
 
 async def _verify_stage(pool: Pool, verifier: _Verifier,
                         send: trio.MemorySendChannel[_Item | BaseException]) -> None:
-    async with send:   # closed once the thread has delivered its last result
+    # ``send`` is closed once the threads have delivered their last results.
+    async with send, trio.open_nursery() as nursery:
+        nursery.start_soon(partial(trio.to_thread.run_sync, verifier.run, True,
+                                   limiter=trio.CapacityLimiter(1)))
+        nursery.start_soon(_watch_idle, pool, verifier)
         await pool.background(verifier.run)
+        verifier.stop()
+
+
+async def _watch_idle(pool: Pool, verifier: _Verifier) -> None:
+    """Set ``verifier.idle`` while no volume has read or written a record for IDLE_AFTER
+    seconds (the rebuild may then have both cores), clear it as soon as one does."""
+    seen, quiet = pool.foreground_records(), time.monotonic()
+    while not verifier.stopping:
+        now = pool.foreground_records()
+        if now != seen:
+            seen, quiet = now, time.monotonic()
+            verifier.idle.clear()
+        elif time.monotonic() - quiet >= IDLE_AFTER:
+            verifier.idle.set()
+        await trio.sleep(IDLE_AFTER / 4)
 
 
 async def _write_stage(pool: Pool, recv: trio.MemoryReceiveChannel[_Item | BaseException],
