@@ -202,18 +202,20 @@ class MapForest:
         if not 0 <= block < MAX_BLOCKS:
             raise ValueError(f"block {block} is outside a map")
         o = (block & (FANOUT - 1)) * ENTRY_SIZE
-        if entry == HOLE:
-            leaf = self._leaf(map_id, block)
-            if leaf is None or leaf.data[o:o + ENTRY_SIZE] == HOLE:
+        leaf = self._leaf(map_id, block)
+        if leaf is None:
+            if entry == HOLE:
                 return
-        elif (cur := self.get(map_id, block)) is not None and cur == entry:
-            return
+            old = HOLE
+        else:
+            old = bytes(leaf.data[o:o + ENTRY_SIZE])
+            if old == entry:
+                return
         root = self._writable_root(map_id)
         mid = self._writable_child(root, (block >> 20) & (FANOUT - 1), False)
         leaf_id = self._writable_child(mid, (block >> 10) & (FANOUT - 1), True)
         node = self.nodes[leaf_id]
         assert isinstance(node.data, bytearray)
-        old = bytes(node.data[o:o + ENTRY_SIZE])
         node.data[o:o + ENTRY_SIZE] = entry
         self.dirty.add(leaf_id)
         if old != HOLE:
