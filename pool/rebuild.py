@@ -11,11 +11,15 @@ leaves the mark in place and the rebuild resumes there after the import.
 
 Nothing here holds a lock: a segment is pinned (not freed, its extents not reused) while
 its records are read and written, and new writes reach the member directly because it is
-present. Reads skip a marked member's column until the segment is clean. The verifying
-and rebuilding runs in one thread at a time per pool (``Pool.background``), beside the
-reads of the next step and the writes of the last one (``run``: a pipeline that keeps the
-order, so a segment is marked only after all its writes); it may be throttled to a byte
-rate.
+present. Reads skip a marked member's column until the segment is clean.
+
+``run`` is a pipeline that keeps the order (a segment is marked only after all its
+writes): the next steps' reads are in flight while one step is verified and rebuilt and
+the last one written. The verifying runs in the pool's maintenance thread
+(``Pool.background``, held for the whole run: a scrub waits), and while no volume has
+read or written a record for IDLE_AFTER seconds in a second thread too; so a rebuild under
+foreground I/O leaves the other core to the foreground, an idle one uses both. It may
+also be throttled to a byte rate (``faults.rebuild_rate``).
 """
 
 from __future__ import annotations
@@ -157,13 +161,14 @@ async def run(pool: Pool, *, rate: float | None = None,
     """Work off every present member's marks; returns the bytes of fragments rebuilt.
     ``rate``: at most this many bytes per second read (None: as fast as it goes).
 
-    Three stages run at once, joined by channels that keep the order: *read* pins each
-    segment and reads the next step's columns (I/O only); *verify* checks them and computes
-    the member's fragments (``records.verify_stripes`` in ``Pool.background``: one thread,
-    one core at most); *write* writes them (``Pool.write_fragments``) and, once a
-    segment's last step is written, unpins it and marks it rebuilt (``member_clean``, made
-    durable by a later commit that syncs the member first). So step N + 1 is read and
-    verified while step N is written, and a segment is marked only after all its writes.
+    Three stages run at once and keep the order: *read* (on the event loop) pins each
+    segment and starts the reads of its steps' columns (``records.start_stripes``), at
+    most AHEAD items ahead of the writes; *verify* (``_Verifier``: one thread, two while
+    the pool is idle) waits for them, checks them and computes the member's fragments
+    (``records.verify_stripes``); *write* writes them (``Pool.write_fragments``) and, once
+    a segment's last step is written, unpins it and marks it rebuilt (``member_clean``,
+    made durable by a later commit that syncs the member first). So later steps are read
+    and verified while one is written, and a segment is marked only after all its writes.
     """
     work = pending(pool)
     if not work:

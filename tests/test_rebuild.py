@@ -290,3 +290,38 @@ async def test_failed_rebuild_writes_release_the_segments_and_keep_the_marks(
         assert await read_all(pool, size) == data
     finally:
         await pool.close()
+
+
+async def test_rebuild_in_many_small_steps_on_two_threads(
+        disks: Disks, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline keeps the order with both verify threads at work (the pool idle at
+    once) and steps of a few records: every fragment lands, every segment is marked clean
+    only once written, and then any two other members can go."""
+    monkeypatch.setattr(rebuild, "IDLE_AFTER", 0.0)
+    monkeypatch.setattr(rebuild, "RUN_BYTES", 3 * 17 * 1024)
+    ds = disks(6)
+    size = 2 * SIZE
+    pool, data = await filled_pool(ds, "ec:4+2", size)
+    try:
+        await pool.replace_device(0, disks(1, prefix="spare").create()[0])
+        marked = len(pool.state.members[0].marks)
+        assert marked > 2
+        seen: list[int] = []
+
+        async def progress(p: rebuild.RebuildProgress) -> None:
+            seen.append(p.done_bytes)
+        written = await rebuild.run(pool, progress=progress)
+        assert written > 0 and len(seen) > 4 * marked and seen == sorted(seen)
+        assert not pool.state.members[0].marks
+        report = await check(pool, deep=True)
+        assert report.ok, report.render()
+    finally:
+        await pool.close()
+    paths = [disks(1, prefix="spare").paths[0], *ds.paths[1:]]
+    for lost in ((1, 2), (4, 5), (2, 5)):
+        pool = await Pool.open([FileDevice(str(p)) for i, p in enumerate(paths)
+                                if i not in lost])
+        try:
+            assert await read_all(pool, size) == data, lost
+        finally:
+            await pool.close()
