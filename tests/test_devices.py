@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pool import FileDevice, MemoryDevice, Pool
+from pool import FileDevice, MemoryDevice, Pool, device
 from pool.errors import DeviceError
 from pool.faults import FaultyDevice, RecordingDevice, WriteLog
 from volumes import VolumeManager
@@ -29,6 +29,44 @@ def _blocks(path: Path) -> int:
 
 
 # ---- FileDevice -------------------------------------------------------------------------
+
+def test_write_behind_syncs_in_the_background_and_never_loses_its_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past SYNC_BEHIND bytes written, a device runs an fdatasync in a background thread.
+    The kernel reports a write-back error to one fsync only: when that is the background
+    one, the next sync() must still raise it (fsyncgate), exactly once."""
+    monkeypatch.setattr(device, "SYNC_BEHIND", 2 * MiB)
+    monkeypatch.setattr(device, "WRITE_BEHIND", MiB)
+    real = os.fdatasync
+    calls: list[str] = []
+    fail_next = threading.Event()
+
+    def fdatasync(fd: int) -> None:
+        calls.append(threading.current_thread().name)
+        if fail_next.is_set():
+            fail_next.clear()
+            raise OSError(5, "Input/output error")
+        real(fd)
+    monkeypatch.setattr(device.os, "fdatasync", fdatasync)
+    dev = FileDevice(str(tmp_path / "dev"), create_size=64 * MiB)
+    try:
+        data = os.urandom(MiB)
+        for i in range(3):
+            dev.pwrite(i * MiB, data)
+        dev._behind.join()
+        assert calls == ["storaged-sync-behind"]
+        dev.sync()                                  # nothing failed: nothing raised
+        fail_next.set()
+        dev.pwritev(8 * MiB, [data, data])          # 2 MiB more: a background sync, failing
+        dev._behind.join()
+        assert calls[-1] == "storaged-sync-behind" and not fail_next.is_set()
+        with pytest.raises(DeviceError, match="Input/output error"):
+            dev.sync()                              # its own fdatasync succeeds
+        dev.sync()                                  # the error was reported once
+        assert dev.pread(8 * MiB, MiB) == data
+    finally:
+        dev.close()
+
 
 def test_file_device_is_sparse_and_round_trips(tmp_path: Path) -> None:
     """A new FileDevice is a sparse file of the asked size that reads zeros; pwrite, pwritev
