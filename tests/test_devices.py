@@ -47,7 +47,7 @@ def test_write_behind_syncs_in_the_background_and_never_loses_its_error(
             fail_next.clear()
             raise OSError(5, "Input/output error")
         real(fd)
-    monkeypatch.setattr(device.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
     dev = FileDevice(str(tmp_path / "dev"), create_size=64 * MiB)
     try:
         data = os.urandom(MiB)
