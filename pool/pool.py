@@ -195,6 +195,7 @@ class Pool:
         # Verified logical blocks of recent small reads, keyed by map entry (an LRU).
         self._cache: OrderedDict[bytes, bytes] = OrderedDict()
         self._cache_bytes = 0
+        self._cache_hits = 0   # records served from the cache (see foreground_records)
         self._cache_limit = RECORD_CACHE_BYTES
         self._pending: list[Op] = []
         self._applied = 0
@@ -920,6 +921,7 @@ class Pool:
             if hit is not None:
                 cache.move_to_end(raw)
                 result[slot] = hit
+                self._cache_hits += 1
                 continue
             seg_id, off, plen, flags, rhash = unpack(raw)
             seg = segments[seg_id]
@@ -1496,9 +1498,10 @@ class Pool:
         self._counters[counter] += n
 
     def foreground_records(self) -> int:
-        """Records read and written for volumes so far (maintenance work watches it to
-        tell whether the pool is idle)."""
-        return self._counters["records_read"] + self._counters["records_written"]
+        """Records read (from the devices or the record cache) and written for volumes so
+        far: maintenance work watches it to tell whether the pool is idle."""
+        return (self._counters["records_read"] + self._counters["records_written"]
+                + self._cache_hits)
 
     def locate(self, entry: bytes) -> list[str]:
         """Which volumes/snapshots and byte offsets reference a record (for reports)."""

@@ -12,6 +12,7 @@ import itertools
 import os
 import random
 import struct
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -325,3 +326,37 @@ async def test_rebuild_in_many_small_steps_on_two_threads(
             assert await read_all(pool, size) == data, lost
         finally:
             await pool.close()
+
+
+async def test_rebuild_keeps_to_one_thread_while_volumes_read(
+        disks: Disks, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second verify thread is for an idle pool: while a volume keeps reading (here
+    record-cache hits only, which reach no device), the rebuild verifies in one thread."""
+    monkeypatch.setattr(rebuild, "RUN_BYTES", 3 * 17 * 1024)
+    threads: set[str] = set()
+    verify = records.verify_stripes
+
+    def counted(*args: object, **kwargs: object) -> records.StripeOutcome:
+        threads.add(threading.current_thread().name)
+        return verify(*args, **kwargs)  # type: ignore[arg-type]
+    monkeypatch.setattr(records, "verify_stripes", counted)
+    ds = disks(6)
+    pool, data = await filled_pool(ds, "ec:4+2", SIZE)
+    try:
+        vol = VolumeManager(pool).get("v")
+        await pool.replace_device(3, disks(1, prefix="spare").create()[0])
+        done = trio.Event()
+
+        async def reader() -> None:
+            while not done.is_set():
+                assert await vol.read(BS, 4096) == data[BS:BS + 4096]
+                await trio.sleep(0.002)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.sleep(0.05)
+            assert await rebuild.run(pool) > 0
+            done.set()
+        assert len(threads) == 1, threads
+        assert pool.statistics().members[3].state == "online"
+    finally:
+        await pool.close()
