@@ -358,7 +358,8 @@ class _Client:
         if k == proto.CMD_READ:
             return conn.reply_read(cmd, await vol.read_sparse(cmd.offset, cmd.length))
         if k == proto.CMD_WRITE:
-            await vol.write(cmd.offset, cmd.data, fua=fua)
+            # The payload is this request's own buffer: the volume may keep views of it.
+            await vol.write(cmd.offset, cmd.data, fua=fua, owned=True)
         elif k == proto.CMD_FLUSH:
             await vol.flush()
         elif k == proto.CMD_TRIM:

@@ -265,13 +265,15 @@ class Volume:
 
     # ---- writes ---------------------------------------------------------------------------
     async def write(self, offset: int, data: bytes | bytearray | memoryview, *,
-                    fua: bool = False) -> None:
-        """Write ``data`` at ``offset``; with ``fua``, durable when this returns."""
+                    fua: bool = False, owned: bool = False) -> None:
+        """Write ``data`` at ``offset``; with ``fua``, durable when this returns.
+        ``owned``: the caller hands ``data`` over and never changes it again (a received
+        payload), so full blocks may be buffered as views of it, like immutable bytes."""
         self._check(offset, len(data), write=True)
         started = time.perf_counter()
         view = memoryview(data)
         # Full blocks of immutable bytes are buffered as views, others as copies.
-        keep = isinstance(view.obj, bytes) and view.readonly and view.contiguous
+        keep = view.contiguous and (owned or (isinstance(view.obj, bytes) and view.readonly))
         await self._update(offset, len(data), lambda lo, hi, pos: view[pos:pos + hi - lo],
                            reserve=True, keep=keep)
         self._stats["writes"] += 1
