@@ -362,7 +362,8 @@ def start_stripes(plans: Sequence[RecordPlan], *, target: int | None = None) -> 
 
 
 def read_stripes(plans: Sequence[RecordPlan], *, target: int | None = None) -> StripeReads:
-    """``start_stripes`` and wait for them: the reads in parallel, within the deadline."""
+    """The reads of ``start_stripes``, done now (scrub): in parallel on the shared reader
+    threads, within the deadline."""
     out = StripeReads([])
     for run in _runs(plans):
         first = run[0]

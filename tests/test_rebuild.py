@@ -360,3 +360,33 @@ async def test_rebuild_keeps_to_one_thread_while_volumes_read(
         assert pool.statistics().members[3].state == "online"
     finally:
         await pool.close()
+
+
+async def test_rebuild_reads_around_a_survivor_that_fails_reads(disks: Disks) -> None:
+    """A survivor's column reads fail over part of the data area during a rebuild: those
+    records are rebuilt one by one from the other columns (no batch), the rest in batches;
+    afterwards the rebuilt member serves reads with that survivor and another gone."""
+    ds = disks(6)
+    size = 2 * SIZE
+    pool, data = await filled_pool(ds, "ec:4+2", size)
+    await pool.close()
+    devs: list[FileDevice | FaultyDevice] = list(ds.open())
+    faulty = FaultyDevice(devs[2])
+    devs[2] = faulty
+    pool = await Pool.open(devs)
+    try:
+        await pool.replace_device(0, disks(1, prefix="spare").create()[0])
+        start = pool.layout.data_offset + (1 << 20)
+        faulty.bad_ranges = [(start, start + (2 << 20))]
+        pool.fault_threshold = 1 << 30     # keep it a member: its other reads are good
+        assert await rebuild.run(pool) > 0
+        assert faulty.injected_errors > 0
+        assert pool.statistics().members[0].state == "online"
+    finally:
+        await pool.close()
+    paths = [disks(1, prefix="spare").paths[0], *ds.paths[1:]]
+    pool = await Pool.open([FileDevice(str(p)) for i, p in enumerate(paths) if i not in (2, 3)])
+    try:
+        assert await read_all(pool, size) == data
+    finally:
+        await pool.close()
