@@ -236,23 +236,25 @@ async def _verify_stage(pool: Pool, verifier: _Verifier,
     async with send, trio.open_nursery() as nursery:
         nursery.start_soon(partial(trio.to_thread.run_sync, verifier.run, True,
                                    limiter=trio.CapacityLimiter(1)))
-        nursery.start_soon(_watch_idle, pool, verifier)
-        await pool.background(verifier.run)
-        verifier.stop()
+        async with trio.open_nursery() as watching:
+            watching.start_soon(_watch_idle, pool, verifier)
+            await pool.background(verifier.run)
+            verifier.stop()
+            watching.cancel_scope.cancel()
 
 
 async def _watch_idle(pool: Pool, verifier: _Verifier) -> None:
     """Set ``verifier.idle`` while no volume has read or written a record for IDLE_AFTER
     seconds (the rebuild may then have both cores), clear it as soon as one does."""
     seen, quiet = pool.foreground_records(), time.monotonic()
-    while not verifier.stopping:
+    while True:
         now = pool.foreground_records()
         if now != seen:
             seen, quiet = now, time.monotonic()
             verifier.idle.clear()
         elif time.monotonic() - quiet >= IDLE_AFTER:
             verifier.idle.set()
-        await trio.sleep(IDLE_AFTER / 4)
+        await trio.sleep(0.025)
 
 
 async def _write_stage(pool: Pool, recv: trio.MemoryReceiveChannel[_Item | BaseException],
