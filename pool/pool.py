@@ -1530,13 +1530,17 @@ class Pool:
     async def scrub_metadata(self) -> tuple[int, int, int]:
         """Verify every copy of every metadata blob and both labels of each present
         member; rewrite bad copies from a good one. Returns (checked, bad, repaired)."""
+        # Its thread work does not go through ``background``: a rebuild holds that for its
+        # whole run, and waiting for it here while holding the commit lock (which the
+        # rebuild's commits need) would deadlock. Metadata is small.
         checked = bad = repaired = 0
         locs = self.meta_locations()
         for i in range(0, len(locs), 64):
             async with self._commit_lock:   # a checkpoint may reuse units: not meanwhile
                 current = set(self.meta_locations())
                 chunk = [loc for loc in locs[i:i + 64] if loc in current]
-                c, b, r, failed = await self.background(self.meta.repair_blobs, chunk)
+                c, b, r, failed = await trio.to_thread.run_sync(self.meta.repair_blobs,
+                                                                chunk)
             checked, bad, repaired = checked + c, bad + b, repaired + r
             for idx in failed:
                 self.count_error(idx, "checksum", "metadata copy")
@@ -1544,14 +1548,14 @@ class Pool:
             dev = self.devices[mi.index]
             if dev is None:
                 continue
-            copies = await self.background(label_copies, dev, mi.size)
+            copies = await trio.to_thread.run_sync(label_copies, dev, mi.size)
             checked += 2
             wrong = [w for w, lab in copies if isinstance(lab, str) or lab.device_uuid
                      != mi.uuid]
             if wrong:
                 bad += len(wrong)
                 async with self._commit_lock:
-                    await self.background(_write_label, dev, self._label(mi))
+                    await trio.to_thread.run_sync(_write_label, dev, self._label(mi))
                 repaired += len(wrong)
                 self._dirty_devices.add(mi.index)
         return checked, bad, repaired

@@ -19,7 +19,7 @@ import pytest
 import trio
 import xxhash
 
-from pool import FileDevice, MemoryDevice, Pool, codec, rebuild, records
+from pool import FileDevice, MemoryDevice, Pool, codec, rebuild, records, scrub
 from pool.checker import check
 from pool.errors import InvalidArgument, NoSpace
 from pool.faults import FaultyDevice, RecordingDevice, WriteLog
@@ -388,5 +388,40 @@ async def test_rebuild_reads_around_a_survivor_that_fails_reads(disks: Disks) ->
     pool = await Pool.open([FileDevice(str(p)) for i, p in enumerate(paths) if i not in (2, 3)])
     try:
         assert await read_all(pool, size) == data
+    finally:
+        await pool.close()
+
+
+async def test_a_scrub_and_a_rebuild_at_once_both_finish(
+        disks: Disks, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rebuild holds the pool's maintenance thread for its whole run; a scrub started
+    beside it (its metadata pass takes the commit lock, which the rebuild's commits need)
+    must not deadlock with it: both finish, and the pool is whole."""
+    monkeypatch.setattr(rebuild, "COMMIT_EVERY", 0.0)     # it commits after each segment
+    monkeypatch.setattr(rebuild, "RUN_BYTES", 64 << 10)   # in many small steps
+    ds = disks(6)
+    pool, data = await filled_pool(ds, "ec:4+2", SIZE)
+    try:
+        await pool.replace_device(1, disks(1, prefix="spare").create()[0])
+        await scrub.control(pool, "start")
+        results: dict[str, object] = {}
+
+        async def do_rebuild() -> None:
+            results["rebuild"] = await rebuild.run(pool)
+
+        async def do_scrub() -> None:
+            await trio.sleep(0.01)                    # the rebuild is under way
+            results["scrub"] = await scrub.run(pool)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(do_scrub)
+                nursery.start_soon(do_rebuild)
+        assert isinstance(results["rebuild"], int) and results["rebuild"] > 0
+        done = results["scrub"]
+        assert isinstance(done, dict) and done["state"] == "finished", done
+        assert pool.statistics().members[1].state == "online"
+        assert await read_all(pool, SIZE) == data
+        report = await check(pool, deep=True)
+        assert report.ok, report.render()
     finally:
         await pool.close()
