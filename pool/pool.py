@@ -214,6 +214,9 @@ class Pool:
         # Devices of members that are faulted or offline: kept (not used) so that
         # ``online`` can take them back and ``close`` releases them.
         self._parked: dict[int, Device] = {}
+        # Per member: bumped each time it goes away, so a rebuild that started on a segment
+        # before that does not clear marks set while it was away (mark_rebuilt).
+        self._epochs: list[int] = [0] * len(devices)
         self._avoid: set[int] = set()    # members new segments must not use (removal)
         self.fault_threshold = FAULT_THRESHOLD
         self._meta_locs: tuple[Loc, ...] = (
@@ -761,6 +764,7 @@ class Pool:
         if dev is None:
             return
         self.devices[index] = self.meta.devices[index] = None
+        self._epochs[index] += 1
         self._parked[index] = dev
         self._column_cache.clear()
         self._dirty_devices.discard(index)
@@ -1208,6 +1212,7 @@ class Pool:
             self.meta.devices.append(dev)
             self._column_cache.clear()
             self._limiters.append(trio.CapacityLimiter(4))
+            self._epochs.append(0)
             self._errors.append(Counter())
             self._free.append(set(range(n_ext)))
             await self._checkpoint_locked()
@@ -1482,9 +1487,16 @@ class Pool:
                 self.count_error(i, "write", "writing a rebuilt fragment")
         return len(live) - len(failed) if done or not failed else 0
 
-    def mark_rebuilt(self, index: int, seg_id: int, dev: Device) -> None:
-        """Member ``index`` (still ``dev``) holds every fragment of ``seg_id`` again."""
-        if self.devices[index] is not dev:
+    def member_epoch(self, index: int) -> int:
+        """Changes whenever member ``index`` goes away (see ``mark_rebuilt``)."""
+        return self._epochs[index]
+
+    def mark_rebuilt(self, index: int, seg_id: int, dev: Device, epoch: int) -> None:
+        """Member ``index`` (still ``dev``, and not away since ``member_epoch`` gave
+        ``epoch``, when the rebuild of the segment began) holds every fragment of
+        ``seg_id`` again. If it went away meanwhile, even to come back with the same
+        device, writes may have missed it: the mark stays for the next pass."""
+        if self.devices[index] is not dev or self._epochs[index] != epoch:
             return
         self._dirty_devices.add(index)
         self._do(op_json(op="member_clean", index=index, seg=seg_id))

@@ -72,6 +72,7 @@ class _Segment:
     seg_id: int
     dev: Device
     column: int
+    epoch: int              # the member's epoch when the segment's reads began
 
 
 @dataclass(slots=True)
@@ -218,7 +219,7 @@ async def _read_stage(pool: Pool, work: list[tuple[int, int, int]], held: list[i
             entries = pool.segment_records(seg_id, start)
             pool.pin(seg_id)
             held.append(seg_id)
-            item = _Segment(index, seg_id, dev, column)
+            item = _Segment(index, seg_id, dev, column, pool.member_epoch(index))
             for batch, size in steps(entries, seg.k):
                 step = _Step(item, batch, size, pool.record_plans(seg, batch, target=column))
                 await slots.acquire()
@@ -272,7 +273,7 @@ async def _write_stage(pool: Pool, recv: trio.MemoryReceiveChannel[_Item | BaseE
             if isinstance(item, _Segment):
                 held.remove(item.seg_id)
                 pool.unpin(item.seg_id)
-                pool.mark_rebuilt(item.index, item.seg_id, item.dev)
+                pool.mark_rebuilt(item.index, item.seg_id, item.dev, item.epoch)
                 if time.monotonic() - last_commit > COMMIT_EVERY:
                     await pool.commit()
                     last_commit = time.monotonic()

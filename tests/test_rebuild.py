@@ -425,3 +425,37 @@ async def test_a_scrub_and_a_rebuild_at_once_both_finish(
         assert report.ok, report.render()
     finally:
         await pool.close()
+
+
+async def test_a_segment_rebuilt_while_its_member_went_away_keeps_its_mark(
+        disks: Disks) -> None:
+    """A rebuild records the member's epoch when a segment's reads begin. If the member
+    goes away meanwhile (writes then skip it) and comes back with the same device, the
+    rebuild's end must not clear the mark: the next pass redoes the segment."""
+    ds = disks(6)
+    pool, _data = await filled_pool(ds, "ec:4+2", SIZE)
+    try:
+        await pool.offline(3)
+        vol = VolumeManager(pool).get("v")
+        await vol.write(0, random.Random(8).randbytes(4 * BS))
+        await vol.flush()
+        await pool.online(3)
+        marks = dict(pool.state.members[3].marks)
+        assert marks
+        seg = next(iter(marks))
+        dev = pool.devices[3]
+        assert dev is not None
+        began = pool.member_epoch(3)
+        await pool.offline(3)                    # away and back while "rebuilding"
+        await pool.online(3)
+        assert pool.devices[3] is dev and pool.member_epoch(3) != began
+        pool.mark_rebuilt(3, seg, dev, began)
+        assert seg in pool.state.members[3].marks
+        pool.mark_rebuilt(3, seg, dev, pool.member_epoch(3))
+        assert seg not in pool.state.members[3].marks
+        await rebuild.run(pool)
+        assert not pool.state.members[3].marks
+        report = await check(pool, deep=True)
+        assert report.ok, report.render()
+    finally:
+        await pool.close()
