@@ -55,6 +55,14 @@ async def _pools(disks: Disks) -> tuple[Pool, Pool]:
     return a, b
 
 
+async def _random_snapshot(va: VolumeManager, seed: int) -> None:
+    """Volume 'disk' of VOL random bytes (from ``seed``) with snapshot 's1'."""
+    vol = await va.create("disk", VOL, compression=False)
+    await vol.write(0, random.Random(seed).randbytes(VOL))
+    await vol.flush()
+    await va.snapshot("disk", "s1")
+
+
 async def _mapped(vm: VolumeManager, name: str) -> list[int]:
     vol = vm.get(name)
     return vm.pool.mapped_blocks(vol._map, 0, -(-vol.size // vol.block_size))
@@ -205,9 +213,7 @@ async def test_an_interrupted_resumable_receive_resumes_where_it_stopped(
     a, b = await _pools(disks)
     try:
         va, vb = VolumeManager(a), VolumeManager(b)
-        vol = await va.create("disk", VOL, compression=False)
-        await vol.write(0, random.Random(5).randbytes(VOL))
-        await va.snapshot("disk", "s1")
+        await _random_snapshot(va, 5)
         data = await _stream(va, "disk", "s1")
         rx = portable.Receiver(vb, "copy", resumable=True)
         await rx.feed(data[:len(data) * 6 // 10])
@@ -244,10 +250,7 @@ async def test_a_send_that_cannot_read_a_record_fails_with_that_error(
     a = await Pool.create("src", [dev], extent_size=MiB)
     try:
         va = VolumeManager(a)
-        vol = await va.create("disk", VOL, compression=False)
-        await vol.write(0, random.Random(6).randbytes(VOL))
-        await vol.flush()
-        await va.snapshot("disk", "s1")
+        await _random_snapshot(va, 6)
         got: list[bytes] = []
         _h, chunks = await portable.send(va, "disk", "s1")
         with pytest.raises(StorageError) as err:
@@ -279,9 +282,7 @@ async def test_a_source_that_fails_mid_stream_fails_the_receive_with_its_error(
     a, b = await _pools(disks)
     try:
         va, vb = VolumeManager(a), VolumeManager(b)
-        vol = await va.create("disk", VOL, compression=False)
-        await vol.write(0, random.Random(7).randbytes(VOL))
-        await va.snapshot("disk", "s1")
+        await _random_snapshot(va, 7)
         data = await _stream(va, "disk", "s1")
         before = _state(b)
 
