@@ -13,8 +13,9 @@ Sizes: the stream, and lz4 (block mode, 1 MiB chunks) of the bytes written; the 
 target is stream <= lz4 of the written data + 1%, and send and receive at least as fast as
 qemu-img convert.
 
-Each round times the four one after the other (the same state of the machine's storage
-for all); rows report the median of the rounds.
+Each round times the four one after the other, each after a sync and a second of quiet;
+round 0 runs them in that order, later rounds rotated (no row always follows the same
+one: the disk of a VM keeps writing after a sync returns); rows report the median.
 
     .venv/bin/python -m benchmarks.send [--size MiB] [--runs N] [--dir PATH]
 """
@@ -28,7 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import lz4.block
 import trio
@@ -40,6 +41,7 @@ from volumes import VolumeManager, portable
 
 MiB = 1 << 20
 GiB = 1 << 30
+SETTLE = 1.0        # seconds of quiet before each timed step
 
 
 def _data(size: int) -> list[bytes]:
@@ -59,8 +61,7 @@ def _write_raw(path: str, pieces: list[bytes]) -> None:
 
 async def _rounds(d: str, size: int, pieces: list[bytes],
                   runs: int) -> dict[str, list[float]]:
-    """``runs`` rounds, each timing a send, a receive and both qemu-img converts one after
-    the other, so that all four see the same state of the machine's storage."""
+    """``runs`` rounds, each timing a send, a receive and both qemu-img converts."""
     raw = os.path.join(d, "src.raw")
     await trio.to_thread.run_sync(_write_raw, raw, pieces)
     src = await Pool.create("src", [FileDevice(os.path.join(d, "src0"),
@@ -79,8 +80,8 @@ async def _rounds(d: str, size: int, pieces: list[bytes],
         await vol.flush()
         await vs.snapshot("vm", "s1")
         path = os.path.join(d, "vm.stream")
-        for run in range(runs):
-            await trio.to_thread.run_sync(os.sync)
+
+        async def send() -> None:
             t0 = time.perf_counter()
             _h, chunks = await portable.send(vs, "vm", "s1")
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -96,8 +97,8 @@ async def _rounds(d: str, size: int, pieces: list[bytes],
             out["send"].append(time.perf_counter() - t0)
             out["stream"].append((await trio.Path(path).stat()).st_size)
 
-            name = f"vm{run}"
-            await trio.to_thread.run_sync(os.sync)
+        async def receive() -> None:
+            name = f"vm{len(out['receive'])}"
             t0 = time.perf_counter()
             rx = portable.Receiver(vd, name)
             async with await trio.open_file(path, "rb") as f:
@@ -112,17 +113,29 @@ async def _rounds(d: str, size: int, pieces: list[bytes],
                 if await vd.get(name).read(i * MiB, MiB) != pieces[i]:
                     raise AssertionError(f"received volume differs at MiB {i}")
 
-            for key, args, name in (
-                    ("raw->qcow2", ["-f", "raw", "-O", "qcow2", raw], "out.qcow2"),
-                    ("qcow2->raw", ["-f", "qcow2", "-O", "raw",
-                                    os.path.join(d, "out.qcow2")], "out.raw")):
+        def convert(key: str, args: list[str], name: str) -> Callable[[], Awaitable[None]]:
+            async def step() -> None:
                 target = trio.Path(d, name)
                 await target.unlink(missing_ok=True)
-                await trio.to_thread.run_sync(os.sync)
                 t0 = time.perf_counter()
                 await trio.run_process(["qemu-img", "convert", *args, str(target)])
                 await trio.to_thread.run_sync(os.sync)
                 out[key].append(time.perf_counter() - t0)
+            return step
+
+        steps = [send, receive,
+                 convert("raw->qcow2", ["-f", "raw", "-O", "qcow2", raw], "out.qcow2"),
+                 convert("qcow2->raw", ["-f", "qcow2", "-O", "raw",
+                                        os.path.join(d, "out.qcow2")], "out.raw")]
+        for run in range(runs):
+            # Round 0 in dependency order (the stream, then the qcow2 file exist after);
+            # later rounds rotated, so that no row always follows the same one.
+            for step in steps[run % 4:] + steps[:run % 4]:
+                # Each step starts from the same quiet storage: all written back, and a
+                # moment for the disk (a VM's disk keeps writing after a sync returns).
+                await trio.to_thread.run_sync(os.sync)
+                await trio.sleep(SETTLE)
+                await step()
     finally:
         await src.close()
         await dst.close()
@@ -133,8 +146,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="benchmarks.send")
     ap.add_argument("--size", type=int, default=1024, help="MiB (default 1024)")
     ap.add_argument("--dir", default=None, help="where to put the files (default /var/tmp)")
-    ap.add_argument("--runs", type=int, default=3,
-                    help="runs of each row; the median is reported (default 3)")
+    ap.add_argument("--runs", type=int, default=4,
+                    help="rounds of the four rows; medians are reported (default 4)")
     args = ap.parse_args(argv)
     size = args.size * MiB
     d = tempfile.mkdtemp(prefix="storaged-bench-send-", dir=choose_dir(args.dir))
