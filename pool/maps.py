@@ -306,7 +306,19 @@ class MapForest:
                 yield from self._diff(int(cx), int(cy), level + 1, base + (i << shift))
 
     def mapped(self, map_id: int) -> int:
-        return sum(1 for _ in self.items(map_id))
+        """How many blocks the map points at: the leaves' counts (no entry is read)."""
+        root = self.roots.get(map_id, 0)
+        if not root:
+            return 0
+        rdata = self.nodes[root].data
+        assert isinstance(rdata, array)
+        n = 0
+        for mid in rdata:
+            if mid:
+                mdata = self.nodes[mid].data
+                assert isinstance(mdata, array)
+                n += sum(self.nodes[leaf].count for leaf in mdata if leaf)
+        return n
 
     def exclusive_leaves(self, map_id: int) -> Iterator[tuple[int, Node]]:
         """(first block, leaf) for leaves reachable only through ``map_id``: the nodes

@@ -26,7 +26,7 @@ import logging
 import os
 import re
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -499,6 +499,11 @@ class Pool:
 
     def mapped_count(self, map_id: int) -> int:
         return self.state.forest.mapped(map_id)
+
+    def mapped_among(self, map_id: int, blocks: Iterable[int]) -> set[int]:
+        """Which of ``blocks`` the map points at."""
+        forest = self.state.forest
+        return {b for b in blocks if forest.get(map_id, b) is not None}
 
     def stored_bytes(self, map_id: int) -> int:
         """Device bytes (all fragments) of the records a map references."""

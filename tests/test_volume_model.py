@@ -97,6 +97,9 @@ async def _run(program: list[Op], profile: str, ndev: int) -> None:
                 pool = await Pool.open([FileDevice(p) for p in reversed(paths)])
                 vol = VolumeManager(pool).get("v")
             assert await vol.read(0, VOL) == bytes(model), f"mismatch after {op}"
+            # The cheap count FUSE attributes use (map leaf counts and the write buffer)
+            # agrees with the walk over every block.
+            assert vol.mapped_bytes() == vol.statistics().mapped_bytes, f"after {op}"
             # The no-wait path (cached reads answered without a task) agrees whenever it
             # answers: here, a small read right after the whole volume was read.
             lo = (op.seed * 7919) % (VOL - 8192)

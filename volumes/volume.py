@@ -493,6 +493,20 @@ class Volume:
         return out
 
     # ---- status ---------------------------------------------------------------------------
+    def mapped_bytes(self) -> int:
+        """Bytes of the blocks that hold data, buffered writes included; cheap (the map's
+        leaf counts, and a lookup per buffered block), for file attributes."""
+        n = self._pool.mapped_count(self._map)
+        final: dict[int, bool] = {}
+        for layer in (self._inflight, self._captured, self._dirty):   # newest last
+            for b, v in layer.items():
+                final[b] = v is not None
+        if final:
+            present = self._pool.mapped_among(self._map, final)
+            n += sum(1 for b, data in final.items() if data and b not in present)
+            n -= sum(1 for b, data in final.items() if not data and b in present)
+        return min(n * self.block_size, self.size)
+
     def statistics(self) -> VolumeStatistics:
         mapped = set(self._pool.mapped_blocks(self._map, 0, -(-self.size // self.block_size)))
         for layer in (self._inflight, self._captured, self._dirty):
