@@ -28,7 +28,7 @@ import re
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, TypeVar
 
 import trio
@@ -214,6 +214,7 @@ class Pool:
         # Devices of members that are faulted or offline: kept (not used) so that
         # ``online`` can take them back and ``close`` releases them.
         self._parked: dict[int, Device] = {}
+        self._widest: tuple[tuple[int, int], int] = ((-1, -1), 1)   # see _cleaner_reserve
         # Per member: bumped each time it goes away, so a rebuild that started on a segment
         # before that does not clear marks set while it was away (mark_rebuilt).
         self._epochs: list[int] = [0] * len(devices)
@@ -525,7 +526,7 @@ class Pool:
             # Members away take degraded stripes' columns (rebuilt later), up to m of them.
             away = sorted((len(f) for i, f in enumerate(self._free) if self._placeable(i)
                            and self.devices[i] is None), reverse=True)[:prof.m]
-            free = prof.width * _stripes(counts + away, prof.width)
+            free = prof.width * _stripes(tuple(counts + away), prof.width)
         room = sum((self.layout.extent_size // SECTOR - s.fill) * SECTOR * (s.k + s.m)
                    for s in self._open.values())
         return free * self.layout.extent_size + room - self._reserved
@@ -533,8 +534,11 @@ class Pool:
     def _cleaner_reserve(self) -> int:
         """Space client writes may not take: room for the cleaner to move one segment's
         records, so that space can always be won back (invariant 8)."""
-        widest = max((s.k + s.m for s in self.state.segments.values()), default=1)
-        return 2 * widest * self.layout.extent_size
+        segs = self.state.segments
+        key = (len(segs), self.state.next_id)   # changes when a segment comes or goes
+        if self._widest[0] != key:
+            self._widest = (key, max((s.k + s.m for s in segs.values()), default=1))
+        return 2 * self._widest[1] * self.layout.extent_size
 
     def metadata_used(self) -> float:
         """Fraction of the metadata page area in use: what the last checkpoint wrote plus,
@@ -1354,7 +1358,7 @@ class Pool:
         for prof in {Profile(sg.k, sg.m) for sg in mine}:
             sectors = sum(sg.live for sg in mine if (sg.k, sg.m) == (prof.k, prof.m))
             need = -(-sectors // (self.layout.extent_size // SECTOR)) + 1
-            have = _stripes(counts, prof.width)
+            have = _stripes(tuple(counts), prof.width)
             if have < need:
                 raise NoSpace(f"cannot remove member {index} of pool {self.state.name}: its "
                               f"{prof} records need {need} free stripe(s) of {prof.width} "
@@ -1652,7 +1656,8 @@ async def _run(fn: Callable[..., T], *args: Any) -> T:
     return await trio.to_thread.run_sync(lambda: fn(*args))
 
 
-def _stripes(counts: list[int], width: int) -> int:
+@lru_cache(maxsize=256)        # asked on every reserve; the counts change rarely
+def _stripes(counts: tuple[int, ...], width: int) -> int:
     """How many stripes of ``width`` extents on distinct devices the free-extent counts
     allow: the largest S with sum(min(c, S)) >= width * S (what allocating each stripe
     from the devices with the most free extents reaches)."""

@@ -251,8 +251,8 @@ class Volume:
         self._latency["read"].observe(time.perf_counter() - started)
         return out
 
-    async def _current(self, b: int) -> bytes:
-        """A block's present content (under its lock) as full bytes."""
+    async def _current(self, b: int) -> bytearray:
+        """A copy of a block's present content (under its lock), to patch."""
         if b in self._dirty:
             v: bytes | memoryview | None = self._dirty[b]
         elif b in self._captured:
@@ -261,7 +261,7 @@ class Volume:
             v = self._inflight[b]
         else:
             v = (await self._pool.read_blocks(self._map, [b], self.block_size))[0]
-        return self._zero if v is None else bytes(v)
+        return bytearray(self._zero if v is None else v)
 
     # ---- writes ---------------------------------------------------------------------------
     async def write(self, offset: int, data: bytes | bytearray | memoryview, *,
@@ -333,9 +333,11 @@ class Volume:
                 lock = self._locks.setdefault(b, trio.Lock())
                 try:
                     async with lock:
-                        base = bytearray(await self._current(b))
+                        base = await self._current(b)
                         base[lo:hi] = chunk
-                        reserved -= self._put(b, bytes(base), reserved, holes)
+                        # Buffered as a read-only view: nothing changes ``base`` after.
+                        reserved -= self._put(b, memoryview(base).toreadonly(), reserved,
+                                              holes)
                 finally:
                     if self._locks.get(b) is lock and not lock.statistics().tasks_waiting:
                         del self._locks[b]
