@@ -193,7 +193,7 @@ class Pool:
         self._fill_moved: set[int] = set()   # segments whose fill changed since last commit
         self._column_cache: dict[int, tuple[tuple[Device | None, int, str], ...]] = {}
         # Verified logical blocks of recent small reads, keyed by map entry (an LRU).
-        self._cache: OrderedDict[bytes, bytes] = OrderedDict()
+        self._cache: OrderedDict[bytes, bytes | memoryview] = OrderedDict()
         self._cache_bytes = 0
         self._cache_hits = 0   # records served from the cache (see foreground_records)
         self._cache_limit = RECORD_CACHE_BYTES
@@ -953,8 +953,9 @@ class Pool:
             key = entries[slot]
             if small and key is not None:
                 # Small reads (random I/O, read-modify-write) keep the verified block: a
-                # record never changes where it lies, so the entry is a safe key.
-                kept = bytes(data)
+                # record never changes where it lies, so the entry is a safe key. A view
+                # of the read's own buffer is kept as it is (read-only), not copied.
+                kept = data if isinstance(data, bytes) else data.toreadonly()
                 self._cache_put(key, kept)
                 result[slot] = kept
             else:
@@ -1015,7 +1016,7 @@ class Pool:
         self._keep(out, entries, result)
         return result
 
-    def _cache_put(self, key: bytes, data: bytes) -> None:
+    def _cache_put(self, key: bytes, data: bytes | memoryview) -> None:
         if key in self._cache:
             return
         self._cache[key] = data
