@@ -231,6 +231,22 @@ def _read_run(run: Sequence[RecordPlan], block_size: int, out: ReadOutcome,
         _read_slow(p, block_size, chunks, out)
 
 
+def _check_into(raw: bytes | memoryview | None, c: int, p: RecordPlan,
+                chunks: dict[int, memoryview], bad: list[int],
+                errors: Counter[tuple[str, str]]) -> None:
+    """Verify fragment ``c`` of record ``p`` (``None``: it could not be read): its chunk
+    goes into ``chunks``, else ``c`` into ``bad`` (a fragment that was read but did not
+    verify is counted as a checksum error of its member)."""
+    chunk = (codec.check_fragment(raw, c, p.k, p.m, p.plen, p.rhash)
+             if raw is not None else None)
+    if chunk is None:
+        bad.append(c)
+        if raw is not None:
+            errors[(p.columns[c][2], "checksum")] += 1
+    else:
+        chunks[c] = chunk
+
+
 def _read_slow(p: RecordPlan, block_size: int, chunks: dict[int, memoryview],
                out: ReadOutcome) -> None:
     """Some data fragment was bad or missing: use parity/mirrors, then heal."""
@@ -240,14 +256,7 @@ def _read_slow(p: RecordPlan, block_size: int, chunks: dict[int, memoryview],
         if len(chunks) >= p.k:
             break
         raw = _frag_bytes(p.columns[c], p.offset, p.units, out.device_errors)
-        chunk = (codec.check_fragment(raw, c, p.k, p.m, p.plen, p.rhash)
-                 if raw is not None else None)
-        if chunk is None:
-            bad.append(c)
-            if raw is not None:
-                out.device_errors[(p.columns[c][2], "checksum")] += 1
-        else:
-            chunks[c] = chunk
+        _check_into(raw, c, p, chunks, bad, out.device_errors)
     if len(chunks) < p.k:
         missing = [p.columns[c][2] for c in range(n) if c not in chunks]
         out.failures[p.slot] = (
@@ -427,15 +436,9 @@ def _verify_run(run: Sequence[RecordPlan], target: int | None, wanted: list[int]
         bad: list[int] = []
         for c in wanted:
             col = columns[c]
-            chunk = (codec.check_fragment(col[pos:pos + size], c, k, p.m, p.plen, p.rhash)
-                     if col is not None else None)
             out.fragments_checked += 1
-            if chunk is None:
-                bad.append(c)
-                if col is not None:
-                    out.device_errors[(p.columns[c][2], "checksum")] += 1
-            else:
-                chunks[c] = chunk
+            _check_into(col[pos:pos + size] if col is not None else None, c, p, chunks, bad,
+                        out.device_errors)
         pos += size
         for c in usable:
             if len(chunks) >= k:
@@ -444,16 +447,9 @@ def _verify_run(run: Sequence[RecordPlan], target: int | None, wanted: list[int]
                 continue
             raw = _frag_bytes(p.columns[c], p.offset, p.units, out.device_errors)
             out.fragments_checked += 1
-            chunk = (codec.check_fragment(raw, c, k, p.m, p.plen, p.rhash)
-                     if raw is not None else None)
             if raw is not None:
                 out.bytes_read += len(raw)
-            if chunk is None:
-                bad.append(c)
-                if raw is not None:
-                    out.device_errors[(p.columns[c][2], "checksum")] += 1
-            else:
-                chunks[c] = chunk
+            _check_into(raw, c, p, chunks, bad, out.device_errors)
         out.bad += len(bad)
         if len(chunks) < k:
             names = [p.columns[c][2] for c in range(n) if c not in chunks]
