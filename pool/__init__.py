@@ -1,9 +1,34 @@
 """The pool layer: devices, labels, extents, segments, the record store and the metadata
-journal. See docs/FORMAT.md for the on-disk format and docs/INTERNALS.md for how it works."""
+journal. See docs/FORMAT.md for the on-disk format and docs/INTERNALS.md for how it works.
+
+The pool itself (``pool.pool``) is imported on first use, so that light users of the
+package (storagectl needs only the errors and the write-behind of ``pool.device``) start
+without it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from pool.device import Device, FileDevice, MemoryDevice
 from pool.errors import StorageError
-from pool.pool import MemberStatus, Pool, PoolStatistics, Profile
+
+if TYPE_CHECKING:
+    from pool.pool import MemberStatus, Pool, PoolStatistics, Profile
+
+_LAZY = {"MemberStatus": "pool.pool", "Pool": "pool.pool", "PoolStatistics": "pool.pool",
+         "Profile": "pool.pool"}
+
+
+def __getattr__(name: str) -> Any:
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module 'pool' has no attribute {name!r}")
+    value = getattr(importlib.import_module(where), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = ["Device", "FileDevice", "MemberStatus", "MemoryDevice", "Pool", "PoolStatistics",
            "Profile", "StorageError"]

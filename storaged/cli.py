@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from storaged import portable_cli
-from storaged.config import default_socket
-from storaged.control import ControlError, call
+from storaged.client import ControlError, call, default_socket
 from storaged.sizes import format_size
+from storaged.tuning import tune_malloc
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> str:
@@ -438,6 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = args.socket or default_socket()
     tty = sys.stderr.isatty()
     if args.group == "volume" and args.cmd in ("send", "receive", "import", "export"):
+        tune_malloc()               # send and receive move the stream through this process
         try:
             return portable_cli.run(args, path, tty and not args.json)
         except ControlError as e:

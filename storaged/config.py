@@ -6,23 +6,18 @@ by command-line flags. Validated at load: a bad file is refused with the key and
 from __future__ import annotations
 
 import ipaddress
-import os
 import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from iscsi.targets import DEFAULT_BASE_IQN, check_base_iqn
+from storaged.client import DEFAULT_SOCKET
 from volumes import InvalidArgument
 
 DEFAULT_STATE_DIR = "/var/lib/storaged"
-DEFAULT_SOCKET = "/run/storaged/control.sock"
 DEFAULT_NBD = "127.0.0.1:10809"
 DEFAULT_METRICS = "127.0.0.1:9810"
 DEFAULT_ISCSI = "127.0.0.1:3260"
-
-
-def default_socket() -> str:
-    return os.environ.get("STORAGED_SOCKET", DEFAULT_SOCKET)
 
 
 @dataclass(frozen=True)

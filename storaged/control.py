@@ -33,12 +33,11 @@ import trio
 
 from pool.errors import InvalidArgument, StorageError
 from storaged.api import ControlAPI
+from storaged.client import FRAME_HEAD, MAX_FRAME, Buffer, advance, widen
 from volumes.stream import StreamError
 
 log = logging.getLogger(__name__)
 MAX_REQUEST = 1 << 20
-MAX_FRAME = 16 << 20
-_FRAME = struct.Struct(">I")
 
 
 class _Conn:
@@ -55,20 +54,40 @@ class _Conn:
         self.buf += data
         return True
 
-    async def frame(self) -> bytes | None:
-        """The next frame's bytes; b"" for the end frame; None if the peer went away."""
-        while len(self.buf) < 4:
-            if not await self.fill():
+    async def _exact(self, n: int) -> bytearray | None:
+        """The next ``n`` bytes, received straight into their own buffer (what the line
+        buffer already holds first); None if the peer went away first."""
+        out = bytearray(n)
+        got = min(len(self.buf), n)
+        if got:
+            out[:got] = self.buf[:got]
+            del self.buf[:got]
+        view = memoryview(out)
+        sock = self.stream.socket
+        while got < n:
+            k = await sock.recv_into(view[got:])
+            if k == 0:
                 return None
-        (n,) = _FRAME.unpack_from(self.buf)
+            got += k
+        return out
+
+    async def frame(self) -> bytearray | None:
+        """The next frame's bytes; empty for the end frame; None if the peer went away."""
+        head = await self._exact(4)
+        if head is None:
+            return None
+        (n,) = FRAME_HEAD.unpack(head)
         if n > MAX_FRAME:
             raise ValueError(f"frame of {n} bytes is too large")
-        while len(self.buf) < 4 + n:
-            if not await self.fill():
-                return None
-        out = bytes(self.buf[4:4 + n])
-        del self.buf[:4 + n]
-        return out
+        return await self._exact(n)
+
+
+async def _send_pieces(sock: trio.socket.SocketType, pieces: Sequence[Buffer]) -> None:
+    """Send buffers back to back with scatter-gather writes (no joined copy)."""
+    views = [memoryview(p).cast("B") for p in pieces]
+    while views:
+        n = await sock.sendmsg(views)
+        views = advance(views, n)
 
 
 def _peer_allowed(sock: trio.socket.SocketType, sock_gid: int) -> tuple[bool, str]:
@@ -124,6 +143,7 @@ class ControlServer:
             await stream.aclose()
             return
         conn = _Conn(stream)
+        widen(stream.socket)
         try:
             while True:
                 while b"\n" not in conn.buf:
@@ -175,11 +195,12 @@ class ControlServer:
         sent = 0
         async with chunks as pieces:
             async for chunk in pieces:
-                for i in range(0, len(chunk), MAX_FRAME):
-                    part = chunk[i:i + MAX_FRAME]
-                    await stream.send_all(_FRAME.pack(len(part)) + part)
-                sent += len(chunk)
-        await stream.send_all(_FRAME.pack(0))
+                view = memoryview(chunk)
+                for i in range(0, len(view), MAX_FRAME):
+                    part = view[i:i + MAX_FRAME]
+                    await _send_pieces(stream.socket, (FRAME_HEAD.pack(len(part)), part))
+                sent += len(view)
+        await stream.send_all(FRAME_HEAD.pack(0))
         return {"bytes": sent}
 
     async def _receive_stream(self, conn: _Conn, params: Any) -> Any:
@@ -187,7 +208,7 @@ class ControlServer:
         await _send(conn.stream, {"ready": {"volume": params.get("name")}})
         why = ["the stream ended before its end record (truncated)"]
 
-        async def frames() -> AsyncIterator[bytes]:
+        async def frames() -> AsyncIterator[bytearray]:
             while True:
                 try:
                     data = await conn.frame()
@@ -223,110 +244,4 @@ async def _send(stream: trio.SocketStream, obj: Any) -> None:
     await stream.send_all(json.dumps(obj).encode() + b"\n")
 
 
-def call(path: str, method: str, params: dict[str, Any],
-         on_progress: Any = None) -> Any:
-    """Blocking client used by storagectl; raises ControlError / ConnectionError."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(path)
-        s.sendall(json.dumps({"method": method, "params": params}).encode() + b"\n")
-        f = s.makefile("rb")
-        for line in f:
-            msg = json.loads(line)
-            if "progress" in msg:
-                if on_progress is not None:
-                    on_progress(msg["progress"])
-                continue
-            if "error" in msg:
-                raise ControlError(msg["error"]["message"], msg["error"].get("kind", ""))
-            return msg["result"]
-        raise ConnectionError("the daemon closed the connection without answering")
-    finally:
-        s.close()
-
-
-def _connect(path: str, method: str, params: dict[str, Any]) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(path)
-        s.sendall(json.dumps({"method": method, "params": params}).encode() + b"\n")
-    except BaseException:
-        s.close()
-        raise
-    return s
-
-
-def _answer(f: Any) -> Any:
-    """The result line of a reply, or raise its error."""
-    line = f.readline()
-    if not line:
-        raise ConnectionError("the daemon closed the connection without answering")
-    msg = json.loads(line)
-    if "error" in msg:
-        raise ControlError(msg["error"]["message"], msg["error"].get("kind", ""))
-    return msg
-
-
-def _read_exact(f: Any, n: int) -> bytes:
-    data: bytes = f.read(n)
-    if len(data) != n:
-        raise ConnectionError("the daemon closed the connection in the middle of the stream")
-    return data
-
-
-def call_send(path: str, params: dict[str, Any], out: Any,
-              on_progress: Any = None) -> Any:
-    """volume.send: write the stream to the binary file ``out``; returns the result."""
-    s = _connect(path, "volume.send", params)
-    try:
-        f = s.makefile("rb")
-        header = _answer(f)["stream"]
-        done = 0
-        while True:
-            (n,) = _FRAME.unpack(_read_exact(f, 4))
-            if n == 0:
-                break
-            out.write(_read_exact(f, n))
-            done += n
-            if on_progress is not None:
-                on_progress(header, done)
-        out.flush()
-        return _answer(f)["result"]
-    finally:
-        s.close()
-
-
-def call_receive(path: str, params: dict[str, Any], src: Any,
-                 on_progress: Any = None) -> Any:
-    """volume.receive: send the binary file ``src`` as the stream; returns the result."""
-    s = _connect(path, "volume.receive", params)
-    try:
-        f = s.makefile("rb")
-        _answer(f)                          # {"ready": ...}: the parameters are good
-        done = 0
-        try:
-            while True:
-                data = src.read(1 << 20)
-                if not data:
-                    break
-                s.sendall(_FRAME.pack(len(data)) + data)
-                done += len(data)
-                if on_progress is not None:
-                    on_progress(done)
-            s.sendall(_FRAME.pack(0))
-        except (BrokenPipeError, ConnectionResetError):
-            pass                            # the daemon refused the stream: read why
-        return _answer(f)["result"]
-    finally:
-        s.close()
-
-
-class ControlError(Exception):
-    def __init__(self, message: str, kind: str) -> None:
-        super().__init__(message)
-        self.message = message
-        self.kind = kind
-
-
-__all__: Sequence[str] = ["ControlError", "ControlServer", "call", "call_receive",
-                          "call_send"]
+__all__: Sequence[str] = ["ControlServer"]

@@ -18,7 +18,7 @@ import time
 from typing import Any, BinaryIO
 
 from pool.device import WriteBehind
-from storaged.control import ControlError, call, call_receive, call_send
+from storaged.client import ControlError, call, call_receive, call_send
 from storaged.sizes import format_size
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from iscsi import reservations as pr
 from iscsi.reservations import Nexus, Reservations
-from storaged.control import call
+from storaged.client import call
 from tests.daemonkit import Daemon
 from tests.iscsiraw import RawInitiator, prin, prout, read10, write10
 

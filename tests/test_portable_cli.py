@@ -4,10 +4,15 @@ qemu-img against the daemon's NBD export, checked with qemu-img compare and map.
 
 from __future__ import annotations
 
+import io
 import json
+import socket
+import struct
 import subprocess
+import time
 from pathlib import Path
 
+from storaged.client import MAX_FRAME, advance
 from tests.daemonkit import BIN, Daemon, _qemu_io
 
 CTL = str(BIN / "storagectl")
@@ -106,6 +111,71 @@ def test_send_receive_pipes_between_pools_incremental_and_resume(
     assert daemon.ok("volume", "list") == before
     r = daemon.ctl("volume", "send", "tank/vm@nope")
     assert r.returncode == 1 and "no snapshot 'nope'" in r.stderr
+
+
+def _raw_receive(daemon: Daemon, name: str) -> tuple[socket.socket, io.BufferedReader]:
+    """A control connection that has asked for volume.receive into ``name`` and been
+    answered "ready"."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(60)
+    s.connect(daemon.sock)
+    s.sendall(json.dumps({"method": "volume.receive", "params": {"name": name}}).encode()
+              + b"\n")
+    f = s.makefile("rb")
+    assert "ready" in json.loads(f.readline())
+    return s, f
+
+
+def test_stream_frames_of_any_size_and_bad_framing(daemon: Daemon, tmp_path: Path) -> None:
+    """The daemon takes a stream in frames of any size, however the bytes are split into
+    writes; a frame above the limit is refused with a clear error, nothing is created,
+    and the daemon keeps serving."""
+    _pools(daemon, tmp_path)
+    daemon.ok("volume", "create", "tank/vm", "--size", "16M")
+    _qemu_io(daemon.url("tank/vm"), "write -P 0x61 0 5M", "write -P 0x62 11M 192K", "flush")
+    daemon.ok("snapshot", "create", "tank/vm@s1")
+    full = tmp_path / "full.stream"
+    daemon.ok("volume", "send", "tank/vm@s1", "-o", str(full))
+    data = full.read_bytes()
+
+    s, f = _raw_receive(daemon, "backup/framed")
+    with s:
+        sizes = [1, 7, 4, (1 << 16) + 3, (3 << 20) + 1]
+        pos = 0
+        for i, n in enumerate([*sizes, len(data)]):
+            part = data[pos:pos + n]
+            pos += len(part)
+            frame = struct.pack(">I", len(part)) + part
+            if i % 2:     # the length and the body split across writes, with a pause
+                s.sendall(frame[:3])
+                time.sleep(0.05)
+                s.sendall(frame[3:])
+            else:
+                s.sendall(frame)
+            if pos == len(data):
+                break
+        s.sendall(struct.pack(">I", 0))
+        answer = json.loads(f.readline())
+    assert "result" in answer, answer
+    _compare(daemon.url("tank/vm@s1"), daemon.url("backup/framed"))
+
+    before = daemon.ok("volume", "list")
+    s, f = _raw_receive(daemon, "backup/toobig")
+    with s:
+        s.sendall(struct.pack(">I", MAX_FRAME + 1))
+        answer = json.loads(f.readline())
+    assert "bad framing" in answer["error"]["message"], answer
+    assert "too large" in answer["error"]["message"], answer
+    assert daemon.ok("volume", "list") == before
+
+
+def test_advance_over_partly_sent_pieces() -> None:
+    views = [memoryview(b"abc"), memoryview(b""), memoryview(b"defgh")]
+    assert [bytes(v) for v in advance(views, 0)] == [b"abc", b"", b"defgh"]
+    assert [bytes(v) for v in advance(views, 2)] == [b"c", b"", b"defgh"]
+    assert [bytes(v) for v in advance(views, 3)] == [b"defgh"]
+    assert [bytes(v) for v in advance(views, 4)] == [b"efgh"]
+    assert advance(views, 8) == []
 
 
 def test_image_import_and_export_through_qemu_img(daemon: Daemon, tmp_path: Path) -> None:

@@ -1,8 +1,14 @@
 """Thin volumes on a pool: the Volume API that the frontends use.
 
 Frontends import from here only (never from ``pool``): the volume classes, the error root
-and its subclasses, and the pool handle they are given by the daemon.
+and its subclasses, and the pool handle they are given by the daemon. The volume classes
+are imported on first use (storagectl needs only the errors).
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from pool.errors import (
     AlreadyExists,
@@ -14,8 +20,24 @@ from pool.errors import (
     ReadOnly,
     StorageError,
 )
-from volumes.manager import VolumeManager, check_volume_name
-from volumes.volume import DEFAULT_BLOCK, Extent, Volume, VolumeStatistics
+
+if TYPE_CHECKING:
+    from volumes.manager import VolumeManager, check_volume_name
+    from volumes.volume import DEFAULT_BLOCK, Extent, Volume, VolumeStatistics
+
+_LAZY = {"VolumeManager": "volumes.manager", "check_volume_name": "volumes.manager",
+         "DEFAULT_BLOCK": "volumes.volume", "Extent": "volumes.volume",
+         "Volume": "volumes.volume", "VolumeStatistics": "volumes.volume"}
+
+
+def __getattr__(name: str) -> Any:
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module 'volumes' has no attribute {name!r}")
+    value = getattr(importlib.import_module(where), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DEFAULT_BLOCK",

@@ -388,7 +388,7 @@ class Receiver:
             self._applied.discard(self._next)
             self._next += 1
 
-    async def run(self, source: AsyncIterator[bytes]) -> None:
+    async def run(self, source: AsyncIterator[bytes | bytearray]) -> None:
         """Receive a whole stream from ``source``: parsing overlaps the writes, which run
         APPLY_PARALLEL at a time (records cover distinct ranges, so their order does not
         matter until the end record). Returns when the source ends; ``done`` says whether
@@ -409,7 +409,7 @@ class Receiver:
                         failure.append(e)
 
         # The source is read one piece ahead, so reading it overlaps parsing and applying.
-        pieces_send, pieces_recv = trio.open_memory_channel[bytes](1)
+        pieces_send, pieces_recv = trio.open_memory_channel[bytes | bytearray](1)
         reading = trio.CancelScope()
 
         async def reader() -> None:

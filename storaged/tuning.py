@@ -1,0 +1,48 @@
+"""Process-wide tuning applied by the daemon and storagectl at start.
+
+The allocator: storaged moves data in buffers of 64 KiB to a few MiB (records, NBD and
+iSCSI payloads, stream chunks). With glibc's default settings a buffer above the dynamic
+mmap threshold gets its own mmap and is unmapped when freed, and the top of the heap is
+given back whenever 128 KiB of it is free; either way the next buffer of that size starts
+on fresh pages, and the page faults that fill them cost more than the copy itself (about
+1.5 ms per MiB on the development VM, against 60 us when the pages are reused). A fixed
+mmap threshold of 32 MiB and a trim threshold of 256 MiB keep such buffers on the heap,
+reused. The price is memory held after a burst: at most what the burst used, up to the
+trim threshold, which a storage node has.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+# mallopt parameters (glibc malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 << 20       # glibc's upper bound for this setting on 64-bit
+TRIM_THRESHOLD = 256 << 20
+
+
+def tune_malloc() -> bool:
+    """Set the allocator thresholds above (glibc only); False where they cannot be set."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False              # not glibc (e.g. musl has no mallopt)
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    if not ok:
+        log.debug("mallopt refused the buffer thresholds; using the allocator's defaults")
+    return ok
+
+
+__all__ = ["tune_malloc"]
