@@ -64,6 +64,7 @@ import trio
 import zfec
 
 from pool import FileDevice, Pool
+from storaged.tuning import tune_process
 from volumes import Volume, VolumeManager
 
 log = logging.getLogger(__name__)
@@ -494,6 +495,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows = raw_file_rows(d, size, offsets, repeat)
         log.info("zfec and lz4")
         rows += codec_rows(size, text)
+        tune_process()   # as the daemon runs
         rows += trio.run(engine_rows, d, size, offsets, text, repeat)
     finally:
         shutil.rmtree(d, ignore_errors=True)

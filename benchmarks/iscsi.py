@@ -30,6 +30,7 @@ from benchmarks.common import Result, free_port, wait_port
 from iscsi.server import ISCSIConfig, ISCSIServer, SharedExclusive
 from iscsi.targets import TargetCatalog
 from pool import FileDevice, Pool
+from storaged.tuning import tune_process
 from volumes import VolumeManager
 
 MiB = 1 << 20
@@ -116,6 +117,7 @@ def serve(directory: str, port: int) -> None:
                         break
         finally:
             await pool.close()
+    tune_process()   # as the daemon runs
     trio.run(main)
 
 

@@ -34,6 +34,7 @@ from benchmarks.engine import choose_dir, drop_caches, fs_type
 from nbd.exports import VolumeCatalog
 from nbd.server import NBDConfig, NBDServer
 from pool import FileDevice, Pool, rebuild
+from storaged.tuning import tune_process
 from volumes import VolumeManager
 
 MiB = 1 << 20
@@ -146,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"benchmarks.rebuild: ec:4+2 on 6 files, {args.size} MiB of data; files in {d} "
           f"({fs_type(d)}); {os.cpu_count()} cores", flush=True)
     try:
+        tune_process()   # as the daemon runs
         r = trio.run(bench, d, args.size * MiB, args.runtime)
     finally:
         shutil.rmtree(d, ignore_errors=True)

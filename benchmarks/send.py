@@ -65,6 +65,7 @@ from benchmarks.common import free_port, wait_port
 from benchmarks.engine import choose_dir, fs_type
 from pool import FileDevice, Pool
 from storaged.portable_cli import FileSink
+from storaged.tuning import tune_process
 from volumes import VolumeManager, portable
 
 MiB = 1 << 20
@@ -328,6 +329,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         _write_raw(raw, pieces)
         dm = Daemon(d)
         _setup_daemon(dm, d, raw, size, args.runs, len(held) * MiB)
+        tune_process()   # as the daemon runs
         res = trio.run(_rounds, d, size, pieces, args.runs, dm)
         _verify(dm, d, raw, pieces, args.runs)
     finally:

@@ -20,6 +20,7 @@ import time
 import trio
 
 from pool import FileDevice, Pool
+from storaged.tuning import tune_process
 from volumes import VolumeManager
 
 MiB = 1 << 20
@@ -67,6 +68,7 @@ def main() -> None:
     args = ap.parse_args()
     d = tempfile.mkdtemp(prefix="storaged-snap-bench-", dir=args.dir)
     try:
+        tune_process()   # as the daemon runs
         trio.run(run, d, args.count)
     finally:
         shutil.rmtree(d, ignore_errors=True)

@@ -72,7 +72,7 @@ class EncodedRecord:
         return [b"".join(p) for p in self.pieces]
 
 
-def compress(data: bytes | memoryview) -> tuple[bytes | memoryview, int]:
+def compress(data: Buffer) -> tuple[Buffer, int]:
     """The stored payload for ``data`` and its flags: lz4 if it saves at least 1/8."""
     packed = lz4.block.compress(data, store_size=False)
     if len(packed) <= len(data) - len(data) // 8:
@@ -80,12 +80,12 @@ def compress(data: bytes | memoryview) -> tuple[bytes | memoryview, int]:
     return data, 0
 
 
-def encode(data: bytes | memoryview, k: int, m: int, compressible: bool) -> EncodedRecord:
+def encode(data: Buffer, k: int, m: int, compressible: bool) -> EncodedRecord:
     payload, flags = compress(data) if compressible else (data, 0)
     return stripe(payload, flags, k, m)
 
 
-def stripe(payload: bytes | memoryview, flags: int, k: int, m: int) -> EncodedRecord:
+def stripe(payload: Buffer, flags: int, k: int, m: int) -> EncodedRecord:
     """Cut a stored payload into k data + m parity fragments, each with its header."""
     plen = len(payload)
     rhash = _xxh3(payload)
@@ -93,7 +93,7 @@ def stripe(payload: bytes | memoryview, flags: int, k: int, m: int) -> EncodedRe
     units = -(-(HEADER_SIZE + clen) // SECTOR)
     size = units * SECTOR
     if k == 1:
-        chunks: list[bytes | memoryview] = [payload] * (1 + m)
+        chunks: list[Buffer] = [payload] * (1 + m)
     else:
         view = memoryview(payload)
         # Every chunk is clen long: the last ones are zero-padded (a payload shorter than
@@ -113,7 +113,7 @@ def _data_chunks(view: memoryview, k: int, clen: int) -> list[bytes]:
     return [bytes(view[i * clen:(i + 1) * clen]).ljust(clen, b"\0") for i in range(k)]
 
 
-def _pieces(chunk: bytes | memoryview, index: int, k: int, m: int, flags: int, plen: int,
+def _pieces(chunk: Buffer, index: int, k: int, m: int, flags: int, plen: int,
             rhash: int, size: int) -> list[Buffer]:
     """Fragment ``index`` as stored, in pieces: its header (with its own checksum), the
     chunk itself and the zeros that pad it to ``size``."""

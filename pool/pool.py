@@ -659,7 +659,7 @@ class Pool:
 
     # ==== the data path ===================================================================
     async def write_blocks(self, map_id: int, prof: Profile, compress: bool,
-                           items: Sequence[tuple[int, bytes | memoryview | None]]) -> None:
+                           items: Sequence[tuple[int, codec.Buffer | None]]) -> None:
         """Store blocks as new records (``None`` unmaps) and point the map at them.
 
         The change is in memory until the next ``commit``; the records are written (not
@@ -885,7 +885,7 @@ class Pool:
         self._counters["records_relocated"] += len(olds)
         return seg_id not in self.state.segments or self.state.segments[seg_id].live == 0
 
-    async def _encode(self, datas: list[bytes | memoryview], prof: Profile,
+    async def _encode(self, datas: list[codec.Buffer], prof: Profile,
                       compress: bool) -> list[codec.EncodedRecord]:
         """Compress, split and encode records, on both cores when there are enough
         (zfec and lz4 release the GIL)."""
@@ -895,7 +895,7 @@ class Pool:
         half = len(datas) // 2
         parts: list[list[codec.EncodedRecord]] = [[], []]
 
-        async def one(i: int, chunk: list[bytes | memoryview]) -> None:
+        async def one(i: int, chunk: list[codec.Buffer]) -> None:
             parts[i] = await trio.to_thread.run_sync(records.encode_all, chunk, prof.k,
                                                      prof.m, compress, limiter=self._cpu)
         async with trio.open_nursery() as nursery:

@@ -64,7 +64,7 @@ class ReadOutcome:
     device_errors: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
-def encode_all(datas: Sequence[bytes | memoryview], k: int, m: int,
+def encode_all(datas: Sequence[codec.Buffer], k: int, m: int,
                compress: bool) -> list[codec.EncodedRecord]:
     return [codec.encode(d, k, m, compress) for d in datas]
 

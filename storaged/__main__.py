@@ -18,7 +18,7 @@ import trio
 from pool.errors import StorageError
 from storaged import daemon
 from storaged.config import Config, load, validate
-from storaged.tuning import tune_malloc
+from storaged.tuning import tune_process
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="<%(levelno)s>%(levelname)s %(name)s: %(message)s"
                         if _under_journald() else "%(levelname)s %(name)s: %(message)s")
-    tune_malloc()
+    tune_process()
     try:
         trio.run(daemon.run, cfg)
     except StorageError as e:

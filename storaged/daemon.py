@@ -31,6 +31,7 @@ from storaged.iscsi_acl import AccessStore
 from storaged.metrics import MetricsServer
 from storaged.registry import PoolEntry, Registry
 from volumes import VolumeManager
+from volumes import volume as volume_module
 
 log = logging.getLogger(__name__)
 DEMO_DEVICES = 3
@@ -169,6 +170,8 @@ async def run(cfg: Config, *, ready: trio.Event | None = None) -> None:
     records.READ_TIMEOUT = cfg.read_timeout
     if cfg.record_cache is not None:
         pool_module.RECORD_CACHE_BYTES = cfg.record_cache
+    if cfg.write_buffer is not None:
+        volume_module.WRITE_BUFFER.limit = cfg.write_buffer
     registry = Registry(cfg.state_dir)
     await registry.load()
     if cfg.demo:

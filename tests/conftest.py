@@ -15,9 +15,13 @@ from pathlib import Path
 import pytest
 
 from pool import FileDevice
+from storaged.tuning import tune_process
 from tests.daemonkit import Daemon, start_daemon, stop_daemon
 
 DEV_SIZE = 64 << 20
+
+# The engine runs in the test process as it runs in the daemon.
+tune_process()
 
 # A saved file: (size, [(offset, bytes) of each data region]).
 Image = tuple[int, list[tuple[int, bytes]]]

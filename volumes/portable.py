@@ -369,7 +369,9 @@ class Receiver:
             raise stream.StreamError(f"record {rec.seq} reaches byte {end}, past the volume's "
                                      f"{part.size}")
         if rec.data is not None:
-            await part.write(rec.offset, rec.data)
+            # The parser never changes bytes fed to it: full blocks are buffered as views
+            # of the received frame, not copied.
+            await part.write(rec.offset, rec.data, owned=True)
             self.applied_bytes += rec.length
         else:
             await part.write_zeroes(rec.offset, rec.length)

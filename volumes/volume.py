@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,11 +36,46 @@ log = logging.getLogger(__name__)
 MIN_BLOCK = 4096
 MAX_BLOCK = 1024 * 1024
 DEFAULT_BLOCK = 64 * 1024
-WRITEBACK_BYTES = 32 * 1024 * 1024   # buffered bytes per volume before writeback starts
+WRITEBACK_MIN = 32 * 1024 * 1024     # every volume may buffer this much before writeback
 WRITEBACK_BATCH = 128                # blocks per pool write call
 WRITEBACK_PARALLEL = 2               # pool write calls in flight per volume
 _MISSING = object()
-Block = bytes | memoryview             # a buffered block's content
+# A buffered block's content: bytes or a view of immutable bytes (a full block written from
+# them, kept without a copy), or a bytearray the volume owns (a read-modify-write result,
+# patched in place by later partial writes while it is buffered).
+Block = bytes | bytearray | memoryview
+
+
+def _default_write_buffer() -> int:
+    """1/16 of the machine's memory, between 64 MiB and 1 GiB (the daemon's
+    cache.write_buffer setting overrides it)."""
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        ram = 1 << 30
+    return max(64 << 20, min(1 << 30, ram // 16))
+
+
+class WriteBuffer:
+    """The memory all volumes of the process may fill with acknowledged, unflushed writes
+    (DESIGN §4), like the kernel's dirty page limit or ZFS's dirty data maximum.
+
+    A volume writes its buffer back to the pool once it holds more than what the others
+    leave of ``limit`` (and never later than at WRITEBACK_MIN when they leave less). So a
+    working set that fits is rewritten in memory and reaches the devices once, at the next
+    flush, instead of once per rewrite; a stream fills the buffer, then is written back in
+    large batches while the next part fills (double buffering)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0                 # bytes of data blocks buffered by all volumes
+
+    def threshold(self, own: int) -> int:
+        """Bytes a volume buffering ``own`` bytes may hold before writing back."""
+        return max(WRITEBACK_MIN, self.limit - (self.used - own))
+
+
+WRITE_BUFFER = WriteBuffer(_default_write_buffer())
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,13 +162,22 @@ class Volume:
         # Writes captured by a snapshot request, waiting for the writeback lock: newer than
         # _inflight, older than _dirty (reads look in _dirty, _captured, _inflight, map).
         self._captured: dict[int, Block | None] = {}
-        self._dirty_data = 0          # blocks in _dirty holding data (each reserved)
+        self._dirty_blocks = 0        # blocks in _dirty holding data (each reserved)
         self._locks: dict[int, trio.Lock] = {}
         self._wb_lock = trio.Lock()
         self._deleted = False
         self._stats = dict.fromkeys(("reads", "writes", "bytes_read", "bytes_written",
                                      "flushes", "trims"), 0)
         self._latency = {op: _LatencyRecorder() for op in ("read", "write", "flush")}
+
+    @property
+    def _dirty_data(self) -> int:
+        return self._dirty_blocks
+
+    @_dirty_data.setter
+    def _dirty_data(self, n: int) -> None:
+        WRITE_BUFFER.used += (n - self._dirty_blocks) * self.block_size
+        self._dirty_blocks = n
 
     # ---- checks ---------------------------------------------------------------------------
     def _check(self, offset: int, length: int, *, write: bool) -> None:
@@ -254,7 +299,7 @@ class Volume:
     async def _current(self, b: int) -> bytearray:
         """A copy of a block's present content (under its lock), to patch."""
         if b in self._dirty:
-            v: bytes | memoryview | None = self._dirty[b]
+            v: Block | None = self._dirty[b]
         elif b in self._captured:
             v = self._captured[b]
         elif b in self._inflight:
@@ -325,19 +370,25 @@ class Volume:
                 pos += hi - lo
                 last = b == (self.size - 1) // bs
                 full = lo == 0 and (hi == bs or (last and b * bs + hi == self.size))
-                if full and b not in self._locks:
-                    content: Block = ((chunk if keep else bytes(chunk)) if hi == bs
-                                      else bytes(chunk) + self._zero[hi:])
-                    reserved -= self._put(b, content, reserved, holes)
-                    continue
+                if b not in self._locks:
+                    if full:
+                        content: Block = ((chunk if keep else bytes(chunk)) if hi == bs
+                                          else bytes(chunk) + self._zero[hi:])
+                        reserved -= self._put(b, content, reserved, holes)
+                        continue
+                    mine = self._dirty.get(b)
+                    if type(mine) is bytearray:
+                        # Buffered and ours (no writeback holds it: those take the whole
+                        # buffer): patch it where it is.
+                        mine[lo:hi] = chunk
+                        reserved -= self._put(b, mine, reserved, holes)
+                        continue
                 lock = self._locks.setdefault(b, trio.Lock())
                 try:
                     async with lock:
                         base = await self._current(b)
                         base[lo:hi] = chunk
-                        # Buffered as a read-only view: nothing changes ``base`` after.
-                        reserved -= self._put(b, memoryview(base).toreadonly(), reserved,
-                                              holes)
+                        reserved -= self._put(b, base, reserved, holes)
                 finally:
                     if self._locks.get(b) is lock and not lock.statistics().tasks_waiting:
                         del self._locks[b]
@@ -366,16 +417,19 @@ class Volume:
         return used
 
     async def _maybe_writeback(self) -> None:
-        """Past WRITEBACK_BYTES buffered, write the buffer back. While a writeback is
-        under way, writers go on buffering up to twice that (double buffering: the next
-        batch fills while the last one is written), and only then wait for it."""
+        """Past the volume's share of the write buffer (WriteBuffer.threshold), write the
+        buffer back. While a writeback is under way, writers go on buffering up to twice
+        that (double buffering: the next batch fills while the last one is written), and
+        only then wait for it."""
         buffered = self._dirty_data * self.block_size
-        if buffered < WRITEBACK_BYTES:
+        limit = WRITE_BUFFER.threshold(buffered)
+        if buffered < limit:
             return
-        if self._wb_lock.locked() and buffered < 2 * WRITEBACK_BYTES:
+        if self._wb_lock.locked() and buffered < 2 * limit:
             return
         async with self._wb_lock:
-            if self._dirty_data * self.block_size >= WRITEBACK_BYTES:
+            buffered = self._dirty_data * self.block_size
+            if buffered >= WRITE_BUFFER.threshold(buffered):
                 batch, self._dirty = self._dirty, {}
                 data_blocks, self._dirty_data = self._dirty_data, 0
                 await self._write_out(batch, data_blocks)
