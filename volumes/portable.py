@@ -276,6 +276,7 @@ class Receiver:
         vm, pool = self.vm, self.vm.pool
         if self.resume:
             self.partial = vm._partials[self.target]
+            self.partial.streaming = True
             log.info("pool %s: resuming the receive into %s at record %d", pool.name,
                      self.target, self._skip_below)
             return
@@ -317,6 +318,7 @@ class Receiver:
                           "resumable": self.resumable, "header": h}}
         obj_id = pool.put_object(meta)
         self.partial = vm._partials[self.target] = Volume(pool, obj_id, meta)
+        self.partial.streaming = True
         await pool.commit()
 
     # -- the records ----------------------------------------------------------------------
@@ -481,6 +483,7 @@ class Receiver:
             await part.trim(size, part.size - size)
             await part.flush()
         del vm._partials[self.target]
+        part.streaming = False          # from now on an ordinary volume
         if h.get("base") is None:
             meta = {k: v for k, v in part._meta.items() if k != "receiving"}
             meta.update(name=self.target, size=size)

@@ -153,6 +153,10 @@ class Volume:
         self.profile = Profile.parse(meta["profile"])
         self.compression: bool = meta["compression"]
         self.read_only = False
+        # Set by a writer that writes each block once, in one pass (a receive): the buffer
+        # then cannot absorb rewrites, so writeback starts at WRITEBACK_MIN and overlaps
+        # the rest of the stream instead of waiting for the flush.
+        self.streaming = False
         self._zero = bytes(self.block_size)
         self._cost = pool.record_cost(self.block_size, self.profile)
         # Buffered block contents: bytes, or a view of a caller's bytes (immutable, so a
@@ -416,20 +420,23 @@ class Volume:
         self._dirty[b] = new
         return used
 
+    def _threshold(self, buffered: int) -> int:
+        return WRITEBACK_MIN if self.streaming else WRITE_BUFFER.threshold(buffered)
+
     async def _maybe_writeback(self) -> None:
         """Past the volume's share of the write buffer (WriteBuffer.threshold), write the
         buffer back. While a writeback is under way, writers go on buffering up to twice
         that (double buffering: the next batch fills while the last one is written), and
         only then wait for it."""
         buffered = self._dirty_data * self.block_size
-        limit = WRITE_BUFFER.threshold(buffered)
+        limit = self._threshold(buffered)
         if buffered < limit:
             return
         if self._wb_lock.locked() and buffered < 2 * limit:
             return
         async with self._wb_lock:
             buffered = self._dirty_data * self.block_size
-            if buffered >= WRITE_BUFFER.threshold(buffered):
+            if buffered >= self._threshold(buffered):
                 batch, self._dirty = self._dirty, {}
                 data_blocks, self._dirty_data = self._dirty_data, 0
                 await self._write_out(batch, data_blocks)
