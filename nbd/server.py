@@ -293,6 +293,8 @@ class _Client:
                     if isinstance(ev, proto.Command):
                         if ev.kind == proto.CMD_READ and self._read_at_once(ev):
                             continue
+                        if ev.kind == proto.CMD_WRITE and self._write_at_once(ev):
+                            continue
                         await self._slots.acquire()
                         nursery.start_soon(self._execute, ev)
                     elif isinstance(ev, proto.Disconnect):
@@ -317,6 +319,25 @@ class _Client:
         stats = self.server.stats
         stats.commands[cmd.name] = stats.commands.get(cmd.name, 0) + 1
         self._enqueue(self.conn.reply_read(cmd, pieces))
+        return True
+
+    def _write_at_once(self, cmd: proto.Command) -> bool:
+        """Take a write that the volume can buffer at once (Volume.write_nowait) without a
+        task: queue its reply and return True; False sends it down the usual path (FUA,
+        waits, errors and their replies)."""
+        vol = self.volume
+        if (vol is None or not self._writer_running or self._broken
+                or self._queued > QUEUE_LIMIT or cmd.flags & proto.CMD_FLAG_FUA):
+            return False
+        try:
+            # The payload is this request's own buffer: the volume may keep views of it.
+            if not vol.write_nowait(cmd.offset, cmd.data, owned=True):
+                return False
+        except StorageError:
+            return False
+        stats = self.server.stats
+        stats.commands[cmd.name] = stats.commands.get(cmd.name, 0) + 1
+        self._enqueue([self.conn.reply_ok(cmd)])
         return True
 
     def _enqueue(self, parts: Sequence[bytes]) -> None:

@@ -565,7 +565,9 @@ class Pool:
 
     def reserve(self, nbytes: int, prof: Profile | None = None) -> None:
         """Promise space to a buffered write, or raise NoSpace (invariant 8)."""
-        if nbytes and self.metadata_used() > META_RESERVE:
+        if not nbytes:
+            return
+        if self.metadata_used() > META_RESERVE:
             # The rest is kept for deletes, trims and snapshot removal, whose commits must
             # always fit (a checkpoint that cannot be written would fail the pool).
             raise NoSpace(f"pool {self.state.name}: its metadata area is "

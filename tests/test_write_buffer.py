@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from pool import MemoryDevice, Pool
-from volumes import Volume, VolumeManager
+from volumes import InvalidArgument, ReadOnly, Volume, VolumeManager
 from volumes import volume as volume_module
 
 MiB = 1 << 20
@@ -147,5 +147,48 @@ async def test_racing_partial_writes_patch_buffered_blocks_exactly(
         await vol.flush()
         await _check(vol, model)
         assert small_buffer.used == 0
+    finally:
+        await pool.close()
+
+
+async def test_write_nowait_takes_only_what_needs_no_wait(
+        small_buffer: volume_module.WriteBuffer) -> None:
+    small_buffer.limit = 0                         # the volume writes back past 1 MiB
+    pool = await _pool()
+    try:
+        vm = VolumeManager(pool)
+        vol = await vm.create("v", 4 * MiB, block_size=BS)
+        model = bytearray(4 * MiB)
+        base = random.randbytes(2 * MiB)
+        await vol.write(0, base)
+        await vol.flush()
+        model[:2 * MiB] = base
+        # A part of a block only the pool holds needs a read: not at once.
+        assert not vol.write_nowait(100, b"a" * 10)
+        assert vol.statistics().dirty_bytes == 0
+        # Whole blocks can be taken at once, and then parts of them.
+        whole = random.randbytes(2 * BS)
+        assert vol.write_nowait(BS, whole)
+        model[BS:3 * BS] = whole
+        assert vol.write_nowait(BS + 5, b"b" * 300)
+        model[BS + 5:BS + 305] = b"b" * 300
+        # A write reaching a block that needs a read is refused whole, changing nothing.
+        assert not vol.write_nowait(3 * BS - 10, b"c" * 20)
+        assert await vol.read(0, 4 * MiB) == bytes(model)
+        # The same write through ``write`` does it.
+        await vol.write(3 * BS - 10, b"c" * 20)
+        model[3 * BS - 10:3 * BS + 10] = b"c" * 20
+        # Past the writeback threshold it is the waiting path's turn.
+        big = random.randbytes(MiB)
+        assert not vol.write_nowait(2 * MiB, big)
+        assert await vol.read(0, 4 * MiB) == bytes(model)
+        await vol.flush()
+        assert await vol.read(0, 4 * MiB) == bytes(model)
+        # Bad ranges and read-only views raise, as ``write`` does.
+        with pytest.raises(InvalidArgument):
+            vol.write_nowait(4 * MiB - 10, b"x" * 20)
+        await vm.snapshot("v", "s")
+        with pytest.raises(ReadOnly):
+            vm.snapshot_volume("v", "s").write_nowait(0, bytes(BS))
     finally:
         await pool.close()

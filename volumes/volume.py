@@ -302,14 +302,10 @@ class Volume:
 
     async def _current(self, b: int) -> bytearray:
         """A copy of a block's present content (under its lock), to patch."""
-        if b in self._dirty:
-            v: Block | None = self._dirty[b]
-        elif b in self._captured:
-            v = self._captured[b]
-        elif b in self._inflight:
-            v = self._inflight[b]
-        else:
-            v = (await self._pool.read_blocks(self._map, [b], self.block_size))[0]
+        base = self._buffered(b)
+        if base is not None:
+            return base
+        v = (await self._pool.read_blocks(self._map, [b], self.block_size))[0]
         return bytearray(self._zero if v is None else v)
 
     # ---- writes ---------------------------------------------------------------------------
@@ -351,7 +347,6 @@ class Volume:
 
     async def _update(self, offset: int, length: int, piece: Any, *, reserve: bool,
                       holes: bool = True, keep: bool = False) -> None:
-        bs = self.block_size
         spans = list(self._blocks(offset, length))
         # Reserve space for every block up front, so a full pool fails the write before it
         # changes anything (invariant 8) and a buffered write can always be written back.
@@ -359,34 +354,23 @@ class Volume:
         need = sum(1 for b, _lo, _hi in spans if self._dirty.get(b) is None) if reserve else 0
         if need:
             self._pool.check_writable(self.profile)
-        try:
-            self._pool.reserve(need * self._cost, self.profile)
-        except NoSpace:
-            # Overwritten and trimmed records may still hold space: win it back first.
-            await self._writeback()
-            await self._pool.make_room(need * self._cost, self.profile)
-            self._pool.reserve(need * self._cost, self.profile)
+            try:
+                self._pool.reserve(need * self._cost, self.profile)
+            except NoSpace:
+                # Overwritten and trimmed records may still hold space: win it back first.
+                await self._writeback()
+                await self._pool.make_room(need * self._cost, self.profile)
+                self._pool.reserve(need * self._cost, self.profile)
         reserved = need
         try:
             pos = 0
             for b, lo, hi in spans:
                 chunk = piece(lo, hi, pos)
                 pos += hi - lo
-                last = b == (self.size - 1) // bs
-                full = lo == 0 and (hi == bs or (last and b * bs + hi == self.size))
-                if b not in self._locks:
-                    if full:
-                        content: Block = ((chunk if keep else bytes(chunk)) if hi == bs
-                                          else bytes(chunk) + self._zero[hi:])
-                        reserved -= self._put(b, content, reserved, holes)
-                        continue
-                    mine = self._dirty.get(b)
-                    if type(mine) is bytearray:
-                        # Buffered and ours (no writeback holds it: those take the whole
-                        # buffer): patch it where it is.
-                        mine[lo:hi] = chunk
-                        reserved -= self._put(b, mine, reserved, holes)
-                        continue
+                used = self._put_now(b, lo, hi, chunk, reserved, holes, keep)
+                if used is not None:
+                    reserved -= used
+                    continue
                 lock = self._locks.setdefault(b, trio.Lock())
                 try:
                     async with lock:
@@ -398,6 +382,89 @@ class Volume:
                         del self._locks[b]
         finally:
             self._pool.unreserve(reserved * self._cost)
+
+    def _put_now(self, b: int, lo: int, hi: int, chunk: Block, reserved: int, holes: bool,
+                 keep: bool) -> int | None:
+        """Buffer bytes ``lo:hi`` of block ``b`` if that needs no wait: a whole block, or a
+        part of a block the buffer holds as its own bytearray. Returns the reservations it
+        consumed, or None (nothing done: the caller reads the block under its lock)."""
+        if b in self._locks:
+            return None
+        if self._whole(b, lo, hi):
+            content: Block = ((chunk if keep else bytes(chunk)) if hi == self.block_size
+                              else bytes(chunk) + self._zero[hi:])
+            return self._put(b, content, reserved, holes)
+        mine = self._dirty.get(b)
+        if type(mine) is bytearray:
+            # Buffered and ours (no writeback holds it: those take the whole buffer):
+            # patch it where it is.
+            mine[lo:hi] = chunk
+            return self._put(b, mine, reserved, holes)
+        base = self._buffered(b)
+        if base is None:
+            return None
+        base[lo:hi] = chunk
+        return self._put(b, base, reserved, holes)
+
+    def _buffered(self, b: int) -> bytearray | None:
+        """A copy of block ``b`` from the write buffer (newest layer first), or None when
+        only the pool has it."""
+        for layer in (self._dirty, self._captured, self._inflight):
+            if b in layer:
+                v = layer[b]
+                return bytearray(self._zero if v is None else v)
+        return None
+
+    def _whole(self, b: int, lo: int, hi: int) -> bool:
+        """Whether bytes ``lo:hi`` of block ``b`` are all of it (the last block of a volume
+        whose size is not a multiple of the block size is whole up to the end)."""
+        bs = self.block_size
+        return lo == 0 and (hi == bs or (b == (self.size - 1) // bs
+                                         and b * bs + hi == self.size))
+
+    def _can_put_now(self, b: int, lo: int, hi: int) -> bool:
+        """Whether ``_put_now`` would buffer this span (without doing it)."""
+        return b not in self._locks and (self._whole(b, lo, hi) or b in self._dirty
+                                         or b in self._captured or b in self._inflight)
+
+    def write_nowait(self, offset: int, data: bytes | bytearray | memoryview, *,
+                     owned: bool = False) -> bool:
+        """``write`` (without FUA) if it can be done at once, without waiting on anything:
+        every block it touches is whole or already buffered, space is there, and the
+        buffer stays under its writeback threshold. Returns False, having changed nothing,
+        when it cannot; the caller then awaits ``write``. Bad ranges raise as in ``write``.
+        Lets a frontend take such writes without a task per request."""
+        self._check(offset, len(data), write=True)
+        started = time.perf_counter()
+        spans = list(self._blocks(offset, len(data)))
+        if not all(self._can_put_now(b, lo, hi) for b, lo, hi in spans):
+            return False
+        need = sum(1 for b, _lo, _hi in spans if self._dirty.get(b) is None)
+        buffered = (self._dirty_data + need) * self.block_size
+        if buffered >= self._threshold(buffered):
+            return False
+        if need:
+            try:
+                self._pool.check_writable(self.profile)
+                self._pool.reserve(need * self._cost, self.profile)
+            except NoSpace:
+                return False             # ``write`` makes room or reports it
+        view = memoryview(data)
+        keep = view.contiguous and (owned or (isinstance(view.obj, bytes) and view.readonly))
+        reserved = need
+        try:
+            pos = 0
+            for b, lo, hi in spans:
+                used = self._put_now(b, lo, hi, view[pos:pos + hi - lo], reserved, True, keep)
+                assert used is not None
+                reserved -= used
+                pos += hi - lo
+        finally:
+            self._pool.unreserve(reserved * self._cost)
+        self._stats["writes"] += 1
+        self._stats["bytes_written"] += len(data)
+        self._latency["write"].observe(time.perf_counter() - started)
+        return True
 
     def _put(self, b: int, content: Block, reserved: int, holes: bool = True) -> int:
         """Buffer a block's new content; returns how many reservations it consumed.
