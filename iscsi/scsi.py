@@ -189,6 +189,11 @@ class Gate(Protocol):
 
     def exclusive(self) -> AbstractAsyncContextManager[None]: ...
 
+    def free(self) -> bool:
+        """No exclusive holder and none waiting: a command completed at once, without an
+        await, needs no share of the gate."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Plan:
@@ -198,9 +203,10 @@ class Plan:
     data_out: int
     run: Callable[[bytes], Awaitable[Result]]
     write: bool = False          # changes the volume (held shared against COMPARE AND WRITE)
-    # The result at once when it needs no waiting (a read of buffered or cached blocks),
-    # else None: the transport then runs ``run`` in a task.
-    quick: Callable[[], Result | None] | None = None
+    # The result at once, given the Data-Out, when it needs no waiting (a read of buffered
+    # or cached blocks, a write the volume buffers at once), else None: the transport then
+    # runs ``run`` in a task.
+    quick: Callable[[bytes], Result | None] | None = None
 
 
 class _Refused(Exception):
@@ -573,7 +579,7 @@ class LogicalUnit:
                 return OK
             return await self._guard(False, lambda: self._read_data(lba, count))
 
-        def quick() -> Result | None:
+        def quick(_data: bytes) -> Result | None:
             if not count:
                 return OK
             try:
@@ -613,7 +619,17 @@ class LogicalUnit:
                     await self.volume.write(lba * LBA_SIZE, data, fua=fua)
                 return OK
             return await self._guard(True, go)
-        return Plan(name, count * LBA_SIZE, run, write=True)
+
+        def quick(data: bytes) -> Result | None:
+            if not data:
+                return OK
+            if fua or not self.gate.free():
+                return None
+            try:
+                return OK if self.volume.write_nowait(lba * LBA_SIZE, data) else None
+            except StorageError:
+                return None                 # run() answers with the right sense
+        return Plan(name, count * LBA_SIZE, run, write=True, quick=quick)
 
     def _verify(self, cdb: bytes) -> Plan:
         lba, count = self._rw_fields(cdb)

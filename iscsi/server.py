@@ -80,6 +80,9 @@ class SharedExclusive:
             if not self._readers:
                 self._idle.set()
 
+    def free(self) -> bool:
+        return not self._lock.locked()  # an exclusive holder keeps the lock throughout
+
     @asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:
         async with self._lock:
@@ -240,8 +243,9 @@ class _Client:
                 self.server.logged_in(self)
                 await self.flush()
             elif isinstance(ev, Execute):
-                if not self._at_once(ev.task):
-                    tasks.start_soon(self._execute, ev.task)
+                data = ev.task.payload()
+                if not self._at_once(ev.task, data):
+                    tasks.start_soon(self._execute, ev.task, data)
             elif isinstance(ev, Close):
                 log.debug("iSCSI %s: closing: %s", self.peer, ev.reason)
                 await self.flush()
@@ -259,15 +263,15 @@ class _Client:
                 return
             await self.flush()
 
-    def _at_once(self, task: Task) -> bool:
-        """Complete a command that needs no waiting (a cached read) without a task; its
-        Data-In goes out with the next flush of the read loop."""
+    def _at_once(self, task: Task, data: bytes) -> bool:
+        """Complete a command that needs no waiting (a cached read, a buffered write)
+        without a task; its answer goes out with the next flush of the read loop."""
         plan = task.plan
         if plan is None or plan.quick is None:
             return False
         started = time.perf_counter()
         try:
-            result = plan.quick()
+            result = plan.quick(data)
         except Exception:
             log.exception("iSCSI %s: %s failed unexpectedly", self.peer, plan.name)
             return False
@@ -276,12 +280,12 @@ class _Client:
         self._finish(task, result, started)
         return True
 
-    async def _execute(self, task: Task) -> None:
+    async def _execute(self, task: Task, data: bytes) -> None:
         plan = task.plan
         assert plan is not None
         started = time.perf_counter()
         try:
-            result = await plan.run(task.payload())
+            result = await plan.run(data)
         except Exception:
             log.exception("iSCSI %s: %s failed unexpectedly", self.peer, plan.name)
             result = scsi.check(scsi.INTERNAL_FAILURE)

@@ -10,7 +10,8 @@ import random
 import pytest
 import trio
 
-from pool import MemoryDevice, Pool
+from pool import Device, MemoryDevice, Pool
+from pool.faults import FaultyDevice
 from volumes import InvalidArgument, ReadOnly, Volume, VolumeManager
 from volumes import volume as volume_module
 
@@ -28,8 +29,12 @@ def small_buffer(monkeypatch: pytest.MonkeyPatch) -> volume_module.WriteBuffer:
     return buf
 
 
-async def _pool() -> Pool:
-    devs = [MemoryDevice(256 * MiB, path=f"wb{i}") for i in range(3)]
+async def _pool(*, cold: bool = False) -> Pool:
+    """ec:2+1 on RAM disks; ``cold``: every read must wait for the device (as when the
+    page cache does not hold it), through FaultyDevice with no faults set."""
+    devs: list[Device] = [MemoryDevice(256 * MiB, path=f"wb{i}") for i in range(3)]
+    if cold:
+        devs = [FaultyDevice(d) for d in devs]
     return await Pool.create("wb", devs, profile="ec:2+1", extent_size=4 * MiB)
 
 
@@ -154,7 +159,7 @@ async def test_racing_partial_writes_patch_buffered_blocks_exactly(
 async def test_write_nowait_takes_only_what_needs_no_wait(
         small_buffer: volume_module.WriteBuffer) -> None:
     small_buffer.limit = 0                         # the volume writes back past 1 MiB
-    pool = await _pool()
+    pool = await _pool(cold=True)
     try:
         vm = VolumeManager(pool)
         vol = await vm.create("v", 4 * MiB, block_size=BS)
@@ -163,9 +168,12 @@ async def test_write_nowait_takes_only_what_needs_no_wait(
         await vol.write(0, base)
         await vol.flush()
         model[:2 * MiB] = base
-        # A part of a block only the pool holds needs a read: not at once.
+        # A part of a block only the pool holds needs a device read: not at once.
         assert not vol.write_nowait(100, b"a" * 10)
         assert vol.statistics().dirty_bytes == 0
+        # A part of a hole needs nothing read.
+        assert vol.write_nowait(3 * MiB + 100, b"h" * 10)
+        model[3 * MiB + 100:3 * MiB + 110] = b"h" * 10
         # Whole blocks can be taken at once, and then parts of them.
         whole = random.randbytes(2 * BS)
         assert vol.write_nowait(BS, whole)
@@ -190,5 +198,23 @@ async def test_write_nowait_takes_only_what_needs_no_wait(
         await vm.snapshot("v", "s")
         with pytest.raises(ReadOnly):
             vm.snapshot_volume("v", "s").write_nowait(0, bytes(BS))
+    finally:
+        await pool.close()
+
+
+async def test_write_nowait_patches_blocks_the_pool_reads_at_once(
+        small_buffer: volume_module.WriteBuffer) -> None:
+    pool = await _pool()                           # RAM disks: never a device wait
+    try:
+        vol = await VolumeManager(pool).create("v", MiB, block_size=BS)
+        data = bytearray(random.randbytes(MiB))
+        await vol.write(0, bytes(data))
+        await vol.flush()
+        for off in range(7, MiB - 64, 3 * BS + 11):
+            assert vol.write_nowait(off, b"p" * 64)
+            data[off:off + 64] = b"p" * 64
+        assert await vol.read(0, MiB) == bytes(data)
+        await vol.flush()
+        assert await vol.read(0, MiB) == bytes(data)
     finally:
         await pool.close()

@@ -367,9 +367,9 @@ class Volume:
             for b, lo, hi in spans:
                 chunk = piece(lo, hi, pos)
                 pos += hi - lo
-                used = self._put_now(b, lo, hi, chunk, reserved, holes, keep)
-                if used is not None:
-                    reserved -= used
+                base = self._base_now(b, lo, hi)
+                if base is not False:
+                    reserved -= self._put_on(base, b, lo, hi, chunk, reserved, holes, keep)
                     continue
                 lock = self._locks.setdefault(b, trio.Lock())
                 try:
@@ -383,28 +383,37 @@ class Volume:
         finally:
             self._pool.unreserve(reserved * self._cost)
 
-    def _put_now(self, b: int, lo: int, hi: int, chunk: Block, reserved: int, holes: bool,
-                 keep: bool) -> int | None:
-        """Buffer bytes ``lo:hi`` of block ``b`` if that needs no wait: a whole block, or a
-        part of a block the buffer holds as its own bytearray. Returns the reservations it
-        consumed, or None (nothing done: the caller reads the block under its lock)."""
+    def _base_now(self, b: int, lo: int, hi: int) -> bytearray | bool:
+        """What buffering bytes ``lo:hi`` of block ``b`` starts from, when that needs no
+        wait: True for a whole block (nothing), the buffer's own bytearray of the block
+        (patched in place: no writeback holds it, those take the whole buffer), or a copy
+        of the block from the buffer or, without a device wait, from the pool (a hole, the
+        record cache, page-cached fragments). False when it needs a wait: the block's lock
+        is held, or the pool must read."""
         if b in self._locks:
-            return None
+            return False
         if self._whole(b, lo, hi):
-            content: Block = ((chunk if keep else bytes(chunk)) if hi == self.block_size
-                              else bytes(chunk) + self._zero[hi:])
-            return self._put(b, content, reserved, holes)
+            return True
         mine = self._dirty.get(b)
         if type(mine) is bytearray:
-            # Buffered and ours (no writeback holds it: those take the whole buffer):
-            # patch it where it is.
-            mine[lo:hi] = chunk
-            return self._put(b, mine, reserved, holes)
+            return mine
         base = self._buffered(b)
-        if base is None:
-            return None
-        base[lo:hi] = chunk
-        return self._put(b, base, reserved, holes)
+        if base is not None:
+            return base
+        got = self._pool.read_blocks_nowait(self._map, [b], self.block_size)
+        if got is None:
+            return False
+        return bytearray(self._zero if got[0] is None else got[0])
+
+    def _put_on(self, base: bytearray | bool, b: int, lo: int, hi: int, chunk: Block,
+                reserved: int, holes: bool, keep: bool) -> int:
+        """Buffer the span on what ``_base_now`` gave; returns the reservations used."""
+        if isinstance(base, bytearray):
+            base[lo:hi] = chunk
+            return self._put(b, base, reserved, holes)
+        content: Block = ((chunk if keep else bytes(chunk)) if hi == self.block_size
+                          else bytes(chunk) + self._zero[hi:])
+        return self._put(b, content, reserved, holes)
 
     def _buffered(self, b: int) -> bytearray | None:
         """A copy of block ``b`` from the write buffer (newest layer first), or None when
@@ -422,22 +431,19 @@ class Volume:
         return lo == 0 and (hi == bs or (b == (self.size - 1) // bs
                                          and b * bs + hi == self.size))
 
-    def _can_put_now(self, b: int, lo: int, hi: int) -> bool:
-        """Whether ``_put_now`` would buffer this span (without doing it)."""
-        return b not in self._locks and (self._whole(b, lo, hi) or b in self._dirty
-                                         or b in self._captured or b in self._inflight)
-
     def write_nowait(self, offset: int, data: bytes | bytearray | memoryview, *,
                      owned: bool = False) -> bool:
         """``write`` (without FUA) if it can be done at once, without waiting on anything:
-        every block it touches is whole or already buffered, space is there, and the
-        buffer stays under its writeback threshold. Returns False, having changed nothing,
+        every block it touches is whole, buffered, or readable from the pool without a
+        wait (``_base_now``), space is there, and the buffer stays under its writeback
+        threshold. Returns False, having changed nothing,
         when it cannot; the caller then awaits ``write``. Bad ranges raise as in ``write``.
         Lets a frontend take such writes without a task per request."""
         self._check(offset, len(data), write=True)
         started = time.perf_counter()
         spans = list(self._blocks(offset, len(data)))
-        if not all(self._can_put_now(b, lo, hi) for b, lo, hi in spans):
+        bases = [self._base_now(b, lo, hi) for b, lo, hi in spans]
+        if any(base is False for base in bases):
             return False
         need = sum(1 for b, _lo, _hi in spans if self._dirty.get(b) is None)
         buffered = (self._dirty_data + need) * self.block_size
@@ -454,10 +460,9 @@ class Volume:
         reserved = need
         try:
             pos = 0
-            for b, lo, hi in spans:
-                used = self._put_now(b, lo, hi, view[pos:pos + hi - lo], reserved, True, keep)
-                assert used is not None
-                reserved -= used
+            for (b, lo, hi), base in zip(spans, bases, strict=True):
+                reserved -= self._put_on(base, b, lo, hi, view[pos:pos + hi - lo], reserved,
+                                         True, keep)
                 pos += hi - lo
         finally:
             self._pool.unreserve(reserved * self._cost)
