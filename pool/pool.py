@@ -920,7 +920,9 @@ class Pool:
         """Map entries of ``blocks``, the result with record-cache hits filled in, and
         the records still to read."""
         forest = self.state.forest
-        if blocks and blocks[-1] - blocks[0] + 1 == len(blocks):
+        if len(blocks) == 1:
+            entries = [forest.get(map_id, blocks[0])]
+        elif blocks and blocks[-1] - blocks[0] + 1 == len(blocks):
             entries = forest.get_range(map_id, blocks[0], len(blocks))
         else:
             entries = [forest.get(map_id, b) for b in blocks]

@@ -102,10 +102,15 @@ async def _run(program: list[Op], profile: str, ndev: int) -> None:
             assert vol.mapped_bytes() == vol.statistics().mapped_bytes, f"after {op}"
             # The no-wait path (cached reads answered without a task) agrees whenever it
             # answers: here, a small read right after the whole volume was read.
+            # Across blocks (the general path) and inside one block (its own path).
             lo = (op.seed * 7919) % (VOL - 8192)
-            quick = vol.read_sparse_nowait(lo, 8192)
-            if quick is not None:
-                assert quick == await vol.read_sparse(lo, 8192), f"no-wait read after {op}"
+            small = lo + (op.seed % BS) // 2
+            for at, size in ((lo, 8192), (small, BS - small % BS), (lo - lo % BS, BS)):
+                quick = vol.read_sparse_nowait(at, size)
+                if quick is not None:
+                    assert quick == await vol.read_sparse(at, size), f"no-wait read after {op}"
+                    assert b"".join(d if d is not None else bytes(k)
+                                    for _o, k, d in quick) == bytes(model[at:at + size])
         report = await check(pool)
         assert report.ok, report.render()
         # Thin: trimming everything releases every block (invariant 6).
