@@ -8,11 +8,11 @@ without it.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pool.device import Device, FileDevice, MemoryDevice
 from pool.errors import StorageError
+from pool.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from pool.pool import MemberStatus, Pool, PoolStatistics, Profile
@@ -21,13 +21,7 @@ _LAZY = {"MemberStatus": "pool.pool", "Pool": "pool.pool", "PoolStatistics": "po
          "Profile": "pool.pool"}
 
 
-def __getattr__(name: str) -> Any:
-    where = _LAZY.get(name)
-    if where is None:
-        raise AttributeError(f"module 'pool' has no attribute {name!r}")
-    value = getattr(importlib.import_module(where), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = ["Device", "FileDevice", "MemberStatus", "MemoryDevice", "Pool", "PoolStatistics",

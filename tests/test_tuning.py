@@ -34,3 +34,12 @@ def test_tuned_allocator_reuses_pages_of_large_buffers() -> None:
     # 200 rounds of two 1 MiB buffers are 400 MiB: 100k pages if each came fresh.
     # (glibc's defaults take about 96k here: each temporary starts on fresh pages.)
     assert tuned < 1000, f"{tuned} page faults for 200 rounds of 1 MiB buffers"
+
+
+def test_storagectl_starts_without_loading_the_daemon() -> None:
+    """storagectl imports the control client only, not the pool, volumes or trio."""
+    heavy = ("trio", "pool.pool", "volumes.volume", "storaged.api", "iscsi.server", "zfec")
+    out = subprocess.run([sys.executable, "-c", "import storaged.cli, sys; print(' '.join("
+                          f"m for m in {heavy!r} if m in sys.modules))"],
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    assert out.strip() == "", f"storagectl loaded {out.strip()}"

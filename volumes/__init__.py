@@ -7,8 +7,7 @@ are imported on first use (storagectl needs only the errors).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pool.errors import (
     AlreadyExists,
@@ -20,6 +19,7 @@ from pool.errors import (
     ReadOnly,
     StorageError,
 )
+from pool.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from volumes.manager import VolumeManager, check_volume_name
@@ -30,13 +30,7 @@ _LAZY = {"VolumeManager": "volumes.manager", "check_volume_name": "volumes.manag
          "Volume": "volumes.volume", "VolumeStatistics": "volumes.volume"}
 
 
-def __getattr__(name: str) -> Any:
-    where = _LAZY.get(name)
-    if where is None:
-        raise AttributeError(f"module 'volumes' has no attribute {name!r}")
-    value = getattr(importlib.import_module(where), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [
