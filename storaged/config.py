@@ -44,6 +44,7 @@ class Config:
     read_timeout: float = 30.0                    # seconds before a device read is given up
     record_cache: int | None = None               # bytes of verified blocks per pool
     write_buffer: int | None = None               # bytes of unflushed writes, all volumes
+    write_buffer_age: float = 30.0                # seconds before unflushed writes go out
     fuse_mount: str | None = None                 # FUSE mount point; None: FUSE off
     fuse_uid: int | None = None                   # owner of the files (None: the daemon's)
     fuse_gid: int | None = None
@@ -73,6 +74,7 @@ _KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "faults.read_timeout": ("read_timeout", float),
     "cache.records": ("record_cache", int),
     "cache.write_buffer": ("write_buffer", int),
+    "cache.write_buffer_age": ("write_buffer_age", (float, int)),
     "fuse.mount": ("fuse_mount", str), "fuse.uid": ("fuse_uid", int),
     "fuse.gid": ("fuse_gid", int), "fuse.mode": ("fuse_mode", int),
     "fuse.allow_other": ("fuse_allow_other", bool),
@@ -154,6 +156,9 @@ def validate(cfg: Config) -> Config:
         raise InvalidArgument("faults.threshold must be >= 1 and the rates >= 0")
     if cfg.record_cache is not None and cfg.record_cache < 0:
         raise InvalidArgument("cache.records must be a number of bytes (0: no cache)")
+    if not 0 < cfg.write_buffer_age <= 3600:
+        raise InvalidArgument(f"cache.write_buffer_age must be seconds in (0, 3600], not "
+                              f"{cfg.write_buffer_age!r}")
     if cfg.write_buffer is not None and cfg.write_buffer < 0:
         raise InvalidArgument("cache.write_buffer must be a number of bytes (0: each "
                               "volume writes back past 32 MiB)")

@@ -136,7 +136,8 @@ async def maintain(registry: Registry, cfg: Config, period: float = 0.5) -> None
     """Failing disks (issue 9): one task per imported pool that faults members whose
     device disappeared, replaces a faulted member by a spare (``faults.auto_replace``),
     and runs the rebuild and the scrub the pool's metadata asks for (so both resume after
-    a restart)."""
+    a restart); and one that writes back buffered writes older than
+    cache.write_buffer_age."""
     async with trio.open_nursery() as nursery:
         watched: dict[str, Pool] = {}
         while True:
@@ -145,7 +146,23 @@ async def maintain(registry: Registry, cfg: Config, period: float = 0.5) -> None
                     watched[name] = entry.pool
                     entry.pool.fault_threshold = cfg.fault_threshold
                     nursery.start_soon(_maintain_pool, registry, entry, cfg, period)
+                    nursery.start_soon(_expire_writes, entry, cfg, period)
             await trio.sleep(period)
+
+
+async def _expire_writes(entry: PoolEntry, cfg: Config, period: float) -> None:
+    """Writes never flushed reach the devices within cache.write_buffer_age seconds (its
+    own task: a long rebuild or scrub does not hold it up)."""
+    pool = entry.pool
+    while not pool.closed:
+        try:
+            await entry.volumes.write_back_older_than(cfg.write_buffer_age)
+        except StorageError as e:
+            if not pool.closed:
+                log.error("pool %s: writing back old buffered writes: %s", entry.name,
+                          e.message)
+            await trio.sleep(5 * period)
+        await trio.sleep(period)
 
 
 async def _maintain_pool(registry: Registry, entry: PoolEntry, cfg: Config,

@@ -218,3 +218,24 @@ async def test_write_nowait_patches_blocks_the_pool_reads_at_once(
         assert await vol.read(0, MiB) == bytes(data)
     finally:
         await pool.close()
+
+
+async def test_old_buffered_writes_are_written_back_and_committed(
+        small_buffer: volume_module.WriteBuffer) -> None:
+    pool = await _pool()
+    try:
+        vm = VolumeManager(pool)
+        vol = await vm.create("v", MiB, block_size=BS)
+        assert vol.buffered_age() == 0.0
+        await vol.write(0, b"q" * 5000)
+        await trio.sleep(0.05)
+        assert vol.buffered_age() >= 0.05
+        commits = pool.statistics().commits
+        assert await vm.write_back_older_than(10.0) == 0      # not old enough
+        assert vol.statistics().dirty_bytes == BS
+        assert await vm.write_back_older_than(0.01) == 1
+        assert vol.statistics().dirty_bytes == 0 and vol.buffered_age() == 0.0
+        assert pool.statistics().commits > commits             # durable, not only written
+        assert await vol.read(0, 5000) == b"q" * 5000
+    finally:
+        await pool.close()

@@ -76,6 +76,18 @@ class VolumeManager:
         for part in list(self._partials.values()):
             await part._writeback()
 
+    async def write_back_older_than(self, age: float) -> int:
+        """Write back and commit the buffers of volumes whose oldest buffered data is more
+        than ``age`` seconds old, so that writes never flushed reach the devices within a
+        bounded time (like the kernel's dirty_expire or ZFS's transaction group timeout).
+        Returns how many volumes were written back."""
+        old = [v for v in self._volumes.values() if v.buffered_age() > age]
+        for vol in old:
+            await vol._writeback()
+        if old:
+            await self.pool.commit()
+        return len(old)
+
     def names(self) -> list[str]:
         return sorted(self._volumes)
 

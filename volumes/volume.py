@@ -167,6 +167,7 @@ class Volume:
         # _inflight, older than _dirty (reads look in _dirty, _captured, _inflight, map).
         self._captured: dict[int, Block | None] = {}
         self._dirty_blocks = 0        # blocks in _dirty holding data (each reserved)
+        self._dirty_since: float | None = None   # monotonic time _dirty got its first data
         self._locks: dict[int, trio.Lock] = {}
         self._wb_lock = trio.Lock()
         self._deleted = False
@@ -181,7 +182,16 @@ class Volume:
     @_dirty_data.setter
     def _dirty_data(self, n: int) -> None:
         WRITE_BUFFER.used += (n - self._dirty_blocks) * self.block_size
+        if not n:
+            self._dirty_since = None
+        elif not self._dirty_blocks:
+            self._dirty_since = time.monotonic()
         self._dirty_blocks = n
+
+    def buffered_age(self) -> float:
+        """Seconds since the oldest data in the write buffer arrived (0 when it has none)."""
+        since = self._dirty_since
+        return 0.0 if since is None else time.monotonic() - since
 
     # ---- checks ---------------------------------------------------------------------------
     def _check(self, offset: int, length: int, *, write: bool) -> None:
