@@ -59,21 +59,13 @@ def advance(views: list[memoryview], n: int) -> list[memoryview]:
 def call(path: str, method: str, params: dict[str, Any],
          on_progress: Any = None) -> Any:
     """Blocking client used by storagectl; raises ControlError / ConnectionError."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s = _connect(path, method, params)
     try:
-        s.connect(path)
-        s.sendall(json.dumps({"method": method, "params": params}).encode() + b"\n")
-        f = s.makefile("rb")
-        for line in f:
-            msg = json.loads(line)
-            if "progress" in msg:
-                if on_progress is not None:
-                    on_progress(msg["progress"])
-                continue
-            if "error" in msg:
-                raise ControlError(msg["error"]["message"], msg["error"].get("kind", ""))
-            return msg["result"]
-        raise ConnectionError("the daemon closed the connection without answering")
+        r = _Reader(s)
+        while "progress" in (msg := _answer(r)):
+            if on_progress is not None:
+                on_progress(msg["progress"])
+        return msg["result"]
     finally:
         s.close()
 

@@ -261,12 +261,8 @@ class Volume:
         """``read_sparse_nowait`` of a range inside block ``b`` (small random reads): the
         same answer without the general path's spans and joins."""
         self._check(offset, length, write=False)
-        v: Block | None
-        for layer in (self._dirty, self._captured, self._inflight):
-            if b in layer:
-                v = layer[b]
-                break
-        else:
+        held, v = self._held(b)
+        if not held:
             got = self._pool.read_blocks_nowait(self._map, (b,), self.block_size)
             if got is None:
                 return None
@@ -279,33 +275,29 @@ class Volume:
 
     def _begin_read(self, offset: int, length: int
                     ) -> tuple[list[tuple[int, int, int]],
-                               dict[int, bytes | memoryview | None], list[int]]:
+                               dict[int, Block | None], list[int]]:
         """The spans of a read (checked), the blocks the write buffer holds, and the
         blocks to read from the pool."""
         self._check(offset, length, write=False)
         spans = list(self._blocks(offset, length))
-        buffered: dict[int, bytes | memoryview | None] = {}
+        buffered: dict[int, Block | None] = {}
         if not self._dirty and not self._inflight and not self._captured:
             return spans, buffered, [b for b, _lo, _hi in spans]
         need: list[int] = []
         for b, _lo, _hi in spans:
-            v = self._dirty.get(b, _MISSING)
-            if v is _MISSING:
-                v = self._captured.get(b, _MISSING)
-            if v is _MISSING:
-                v = self._inflight.get(b, _MISSING)
-            if v is _MISSING:
-                need.append(b)
+            held, v = self._held(b)
+            if held:
+                buffered[b] = v
             else:
-                buffered[b] = v  # type: ignore[assignment]
+                need.append(b)
         return spans, buffered, need
 
     def _assemble(self, spans: list[tuple[int, int, int]],
-                  buffered: dict[int, bytes | memoryview | None], offset: int, length: int,
+                  buffered: dict[int, Block | None], offset: int, length: int,
                   started: float) -> list[tuple[int, int, bytes | None]]:
         bs = self.block_size
         out: list[tuple[int, int, bytes | None]] = []
-        run: list[bytes | memoryview] = []
+        run: list[Block] = []
         run_start = hole_start = -1
         for b, lo, hi in spans:
             v = buffered[b]
@@ -450,14 +442,22 @@ class Volume:
                           else bytes(chunk) + self._zero[hi:])
         return self._put(b, content, reserved, holes)
 
-    def _buffered(self, b: int) -> bytearray | None:
-        """A copy of block ``b`` from the write buffer (newest layer first), or None when
-        only the pool has it."""
+    def _held(self, b: int) -> tuple[bool, Block | None]:
+        """Whether the write buffer holds block ``b`` (newest layer first: the buffer, a
+        snapshot's captured batch, the writeback under way) and its content there (None:
+        a hole)."""
         for layer in (self._dirty, self._captured, self._inflight):
             if b in layer:
-                v = layer[b]
-                return bytearray(self._zero if v is None else v)
-        return None
+                return True, layer[b]
+        return False, None
+
+    def _buffered(self, b: int) -> bytearray | None:
+        """A copy of block ``b`` from the write buffer, or None when only the pool has
+        it."""
+        held, v = self._held(b)
+        if not held:
+            return None
+        return bytearray(self._zero if v is None else v)
 
     def _whole(self, b: int, lo: int, hi: int) -> bool:
         """Whether bytes ``lo:hi`` of block ``b`` are all of it (the last block of a volume
