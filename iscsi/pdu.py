@@ -10,8 +10,9 @@ with and whether the connection can go on afterwards.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Final
+from typing import Any, ClassVar, Final
 
 import crc32c as _crc32c
 
@@ -66,63 +67,104 @@ class ProtocolError(Exception):
         self.fatal = fatal
 
 
-def crc32c(data: bytes | bytearray | memoryview) -> int:
-    return int(_crc32c.crc32c(data))
+Payload = bytes | bytearray | memoryview
+
+
+def crc32c(data: Payload, value: int = 0) -> int:
+    return int(_crc32c.crc32c(data, value))
 
 
 def pad4(n: int) -> int:
     return -n % 4
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class PDU:
     """One PDU. Subclasses describe their BHS by LAYOUT (field, byte offset, struct format),
-    BITS (bool fields in byte 1) and FIELDS1 (small integers in byte 1: shift, mask)."""
+    BITS (bool fields in byte 1) and FIELDS1 (small integers in byte 1: shift, mask).
+
+    Each class's layout is compiled once, at import (``_compile``), into a struct for the
+    whole BHS and two functions written for that class (as ``dataclasses`` writes
+    ``__init__``), so a header is encoded or decoded in one call, without loops over the
+    layout: these run for every PDU of every command.
+    """
 
     OPCODE: ClassVar[int] = -1
     B1_FIXED: ClassVar[int] = 0
     LAYOUT: ClassVar[tuple[tuple[str, int, str], ...]] = ()
     BITS: ClassVar[tuple[tuple[str, int], ...]] = ()
     FIELDS1: ClassVar[tuple[tuple[str, int, int], ...]] = ()
+    _PACK: ClassVar[Callable[[PDU], bytes]]
+    _UNPACK: ClassVar[Callable[[bytes, bytes, Payload], PDU]]
 
     immediate: bool = False
     ahs: bytes = b""
-    data: bytes = b""
+    data: Payload = b""
 
     def bhs(self) -> bytes:
-        b = bytearray(BHS_LEN)
-        b[0] = self.OPCODE | (0x40 if self.immediate else 0)
-        b1 = self.B1_FIXED
-        for name, mask in self.BITS:
-            if getattr(self, name):
-                b1 |= mask
-        for name, shift, mask in self.FIELDS1:
-            b1 |= (getattr(self, name) & mask) << shift
-        b[1] = b1
-        b[4] = len(self.ahs) // 4
-        b[5:8] = len(self.data).to_bytes(3, "big")
-        for name, off, fmt in self.LAYOUT:
-            struct.pack_into(">" + fmt, b, off, getattr(self, name))
-        return bytes(b)
+        return type(self)._PACK(self)
 
     @classmethod
-    def from_bhs(cls, bhs: bytes, ahs: bytes = b"", data: bytes = b"") -> PDU:
-        kw: dict[str, object] = {"immediate": bool(bhs[0] & 0x40), "ahs": ahs, "data": data}
-        for name, mask in cls.BITS:
-            kw[name] = bool(bhs[1] & mask)
-        for name, shift, mask in cls.FIELDS1:
-            kw[name] = (bhs[1] >> shift) & mask
-        for name, off, fmt in cls.LAYOUT:
-            kw[name] = struct.unpack_from(">" + fmt, bhs, off)[0]
-        return cls(**kw)  # type: ignore[arg-type]
+    def from_bhs(cls, bhs: bytes, ahs: bytes = b"", data: Payload = b"") -> PDU:
+        return cls._UNPACK(bhs, ahs, data)
 
     @property
     def name(self) -> str:
         return type(self).__name__
 
 
+def _compile(cls: type[PDU]) -> None:
+    """``cls._PACK`` (PDU -> 48-byte BHS) and ``cls._UNPACK`` (BHS, AHS, data -> PDU).
+
+    The struct covers byte 0 (opcode, I bit), byte 1 (BITS, FIELDS1), the LAYOUT fields
+    before byte 4, bytes 4-7 as one u32 (TotalAHSLength << 24 | DataSegmentLength) and
+    the other fields, in offset order with pad bytes between.
+    """
+    fields = sorted(cls.LAYOUT, key=lambda f: f[1])
+    early = [f for f in fields if f[1] < 4]
+    late = [f for f in fields if f[1] >= 8]
+    if len(early) + len(late) != len(fields):
+        raise TypeError(f"{cls.__name__}: a LAYOUT field overlaps bytes 4-7 (lengths)")
+    items = [(0, "B"), (1, "B"), *((off, fmt) for _n, off, fmt in early), (4, "I"),
+             *((off, fmt) for _n, off, fmt in late)]
+    fmt, pos = ">", 0
+    for off, f in items:
+        if off < pos:
+            raise TypeError(f"{cls.__name__}: LAYOUT fields overlap at byte {off}")
+        fmt += "x" * (off - pos) + f
+        pos = off + struct.calcsize(">" + f)
+    layout = struct.Struct(fmt + "x" * (BHS_LEN - pos))
+    if layout.size != BHS_LEN:
+        raise TypeError(f"{cls.__name__}: the BHS layout is {layout.size} bytes")
+    for name in [n for n, _m in cls.BITS] + [n for n, _s, _m in cls.FIELDS1] + \
+            [n for n, _o, _f in fields]:
+        if not name.isidentifier() or name not in cls.__dataclass_fields__:
+            raise TypeError(f"{cls.__name__}: {name!r} is not a field")
+    b1 = " | ".join([str(cls.B1_FIXED)]
+                    + [f"({mask} if p.{n} else 0)" for n, mask in cls.BITS]
+                    + [f"((p.{n} & {mask}) << {shift})" for n, shift, mask in cls.FIELDS1])
+    pack_args = ", ".join([f"{cls.OPCODE} | (64 if p.immediate else 0)", b1,
+                           *(f"p.{n}" for n, _o, _f in early),
+                           "len(p.ahs) << 22 | len(p.data)",
+                           *(f"p.{n}" for n, _o, _f in late)])
+    targets = ", ".join(["b0", "b1", *(n for n, _o, _f in early), "_lengths",
+                         *(n for n, _o, _f in late)])
+    kwargs = ", ".join(["immediate=bool(b0 & 64)", "ahs=ahs", "data=data",
+                        *(f"{n}=bool(b1 & {mask})" for n, mask in cls.BITS),
+                        *(f"{n}=(b1 >> {shift}) & {mask}" for n, shift, mask in cls.FIELDS1),
+                        *(f"{n}={n}" for n, _o, _f in fields)])
+    source = (f"def pack(p):\n    return _pack({pack_args})\n"
+              f"def unpack(bhs, ahs, data):\n"
+              f"    {targets}, = _unpack(bhs)\n"
+              f"    return cls({kwargs})\n")
+    namespace: dict[str, Any] = {"_pack": layout.pack, "_unpack": layout.unpack, "cls": cls}
+    exec(compile(source, f"<iscsi.pdu {cls.__name__}>", "exec"), namespace)
+    cls._PACK = staticmethod(namespace["pack"])
+    cls._UNPACK = staticmethod(namespace["unpack"])
+
+
 # ---- initiator PDUs -----------------------------------------------------------------------
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class NopOut(PDU):
     OPCODE = OP_NOP_OUT
     B1_FIXED = 0x80
@@ -135,7 +177,7 @@ class NopOut(PDU):
     exp_statsn: int = 0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class ScsiCommand(PDU):
     OPCODE = OP_SCSI_CMD
     BITS = (("final", 0x80), ("read", 0x40), ("write", 0x20))
@@ -165,7 +207,7 @@ class ScsiCommand(PDU):
         return self.cdb16
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class TaskMgmtRequest(PDU):
     OPCODE = OP_TASK_MGMT_REQ
     B1_FIXED = 0x80
@@ -182,7 +224,7 @@ class TaskMgmtRequest(PDU):
     exp_datasn: int = 0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class LoginRequest(PDU):
     OPCODE = OP_LOGIN_REQ
     BITS = (("transit", 0x80), ("cont", 0x40))
@@ -205,7 +247,7 @@ class LoginRequest(PDU):
     exp_statsn: int = 0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class TextRequest(PDU):
     OPCODE = OP_TEXT_REQ
     BITS = (("final", 0x80), ("cont", 0x40))
@@ -220,7 +262,7 @@ class TextRequest(PDU):
     exp_statsn: int = 0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class DataOut(PDU):
     OPCODE = OP_DATA_OUT
     BITS = (("final", 0x80),)
@@ -235,7 +277,7 @@ class DataOut(PDU):
     offset: int = 0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class LogoutRequest(PDU):
     OPCODE = OP_LOGOUT_REQ
     B1_FIXED = 0x80
@@ -249,7 +291,7 @@ class LogoutRequest(PDU):
     exp_statsn: int = 0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Snack(PDU):
     OPCODE = OP_SNACK
     B1_FIXED = 0x80
@@ -266,7 +308,7 @@ class Snack(PDU):
 
 
 # ---- target PDUs --------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class NopIn(PDU):
     OPCODE = OP_NOP_IN
     B1_FIXED = 0x80
@@ -280,7 +322,7 @@ class NopIn(PDU):
     max_cmdsn: int = 0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class ScsiResponse(PDU):
     OPCODE = OP_SCSI_RSP
     B1_FIXED = 0x80
@@ -306,7 +348,7 @@ class ScsiResponse(PDU):
     residual: int = 0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class TaskMgmtResponse(PDU):
     OPCODE = OP_TASK_MGMT_RSP
     B1_FIXED = 0x80
@@ -319,7 +361,7 @@ class TaskMgmtResponse(PDU):
     max_cmdsn: int = 0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class LoginResponse(PDU):
     OPCODE = OP_LOGIN_RSP
     BITS = (("transit", 0x80), ("cont", 0x40))
@@ -344,7 +386,7 @@ class LoginResponse(PDU):
     status_detail: int = 0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class TextResponse(PDU):
     OPCODE = OP_TEXT_RSP
     BITS = (("final", 0x80), ("cont", 0x40))
@@ -360,7 +402,7 @@ class TextResponse(PDU):
     max_cmdsn: int = 0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class DataIn(PDU):
     OPCODE = OP_DATA_IN
     BITS = (("final", 0x80), ("ack", 0x40), ("overflow", 0x04), ("underflow", 0x02),
@@ -385,7 +427,7 @@ class DataIn(PDU):
     residual: int = 0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class LogoutResponse(PDU):
     OPCODE = OP_LOGOUT_RSP
     B1_FIXED = 0x80
@@ -401,7 +443,7 @@ class LogoutResponse(PDU):
     time2retain: int = 0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class R2T(PDU):
     OPCODE = OP_R2T
     B1_FIXED = 0x80
@@ -419,7 +461,7 @@ class R2T(PDU):
     length: int = 0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class AsyncMessage(PDU):
     OPCODE = OP_ASYNC
     B1_FIXED = 0x80
@@ -438,7 +480,7 @@ class AsyncMessage(PDU):
     param3: int = 0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Reject(PDU):
     OPCODE = OP_REJECT
     B1_FIXED = 0x80
@@ -459,27 +501,41 @@ PDU_TYPES: Final[dict[int, type[PDU]]] = {cls.OPCODE: cls for cls in (
 INITIATOR_OPCODES: Final = frozenset((OP_NOP_OUT, OP_SCSI_CMD, OP_TASK_MGMT_REQ, OP_LOGIN_REQ,
                                       OP_TEXT_REQ, OP_DATA_OUT, OP_LOGOUT_REQ, OP_SNACK))
 TARGET_OPCODES: Final = frozenset(PDU_TYPES) - INITIATOR_OPCODES
+for _cls in PDU_TYPES.values():
+    _compile(_cls)
 
 
 def encode(pdu: PDU, *, header_digest: bool = False, data_digest: bool = False) -> bytes:
     """The PDU on the wire: BHS, AHS, header digest, data, padding, data digest."""
+    return b"".join(encode_pieces(pdu, header_digest=header_digest, data_digest=data_digest))
+
+
+_PADS: Final = (b"", b"\0", b"\0\0", b"\0\0\0")
+
+
+def encode_pieces(pdu: PDU, *, header_digest: bool = False,
+                  data_digest: bool = False) -> list[Payload]:
+    """``encode`` as buffers to send back to back: the data segment is not copied."""
+    data = pdu.data
     if len(pdu.ahs) % 4 or len(pdu.ahs) > 255 * 4:
         raise ValueError("AHS must be a multiple of 4 bytes, at most 1020")
-    if len(pdu.data) >= 1 << 24:
+    if len(data) >= 1 << 24:
         raise ValueError("data segment longer than 16 MiB")
-    head = pdu.bhs() + pdu.ahs
-    parts = [head]
+    head = pdu.bhs() + pdu.ahs if pdu.ahs else pdu.bhs()
     if header_digest:
-        parts.append(crc32c(head).to_bytes(4, "little"))
-    if pdu.data:
-        padded = pdu.data + bytes(pad4(len(pdu.data)))
-        parts.append(padded)
-        if data_digest:
-            parts.append(crc32c(padded).to_bytes(4, "little"))
-    return b"".join(parts)
+        head += crc32c(head).to_bytes(4, "little")
+    if not data:
+        return [head]
+    pad = _PADS[-len(data) % 4]
+    parts: list[Payload] = [head, data]
+    if pad:
+        parts.append(pad)
+    if data_digest:
+        parts.append(crc32c(pad, crc32c(data)).to_bytes(4, "little"))
+    return parts
 
 
-def decode(bhs: bytes, ahs: bytes = b"", data: bytes = b"") -> PDU:
+def decode(bhs: bytes, ahs: bytes = b"", data: Payload = b"") -> PDU:
     """A PDU from its parts (``bhs`` exactly 48 bytes); unknown opcodes raise."""
     if len(bhs) != BHS_LEN:
         raise ProtocolError("BHS must be 48 bytes", header=bytes(bhs))
@@ -541,15 +597,17 @@ class PDUReader:
         total = head_end + hd + dlen + pad4(dlen) + dd
         if len(buf) < total:
             return None
-        ahs = bytes(buf[BHS_LEN:head_end])
+        ahs = bytes(buf[BHS_LEN:head_end]) if ahs_len else b""
         dstart = head_end + hd
-        padded = buf[dstart:dstart + dlen + pad4(dlen)]
-        if dd and crc32c(padded) != int.from_bytes(buf[total - 4:total], "little"):
-            del buf[:total]
+        with memoryview(buf) as view:
+            # one copy of the data segment, out of the buffer (released before the del)
+            good = not dd or crc32c(view[dstart:dstart + dlen + pad4(dlen)]) == \
+                int.from_bytes(view[total - 4:total], "little")
+            data = bytes(view[dstart:dstart + dlen]) if good and dlen else b""
+        del buf[:total]
+        if not good:
             raise ProtocolError("data digest error", reason=REJECT_DATA_DIGEST, header=bhs,
                                 fatal=opcode == OP_DATA_OUT)
-        data = bytes(padded[:dlen])
-        del buf[:total]
         if opcode not in self.opcodes:
             raise ProtocolError(f"opcode {opcode:#04x} is not sent by this side",
                                 reason=REJECT_NOT_SUPPORTED, header=bhs, fatal=False)

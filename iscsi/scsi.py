@@ -407,7 +407,7 @@ class LogicalUnit:
             return check(INVALID_OPCODE, 0)
         if cdb[need - 1] & 0x04:       # NACA in the control byte: ACA is not supported
             return check(INVALID_FIELD_IN_CDB, need - 1)
-        if self.reservations.conflicts(nexus, pr_class(cdb)):
+        if self.reservations.reserved and self.reservations.conflicts(nexus, pr_class(cdb)):
             return Result(RESERVATION_CONFLICT)
         if op == PERSISTENT_RESERVE_OUT:
             return self._prout(cdb[:need], nexus or Nexus("", bytes(6)))

@@ -21,12 +21,15 @@ from dataclasses import dataclass, field
 import trio
 
 from iscsi import scsi
+from iscsi.pdu import Payload
 from iscsi.session import Close, Connection, Execute, LoggedIn, Task
 from iscsi.targets import TargetCatalog
 from volumes.volume import LATENCY_BUCKETS
 
 log = logging.getLogger(__name__)
 RECV = 256 * 1024
+COPY_BELOW = 16 * 1024  # buffers smaller than this are joined before sending
+IOV_CHUNK = 512         # buffers per sendmsg (IOV_MAX is 1024)
 GRACE = 30.0          # seconds to let running commands finish when a connection ends
 
 
@@ -178,6 +181,32 @@ class ISCSIServer:
                  result.target)
 
 
+async def _send_pieces(sock: trio.socket.SocketType, pieces: list[Payload]) -> None:
+    """Send PDUs' buffers back to back: small ones joined, data segments as they are
+    (scatter-gather, no copy), at most IOV_CHUNK buffers per call."""
+    views: list[memoryview] = []
+    small: list[Payload] = []
+    for p in pieces:
+        if len(p) < COPY_BELOW:
+            small.append(p)
+            continue
+        if small:
+            views.append(memoryview(b"".join(small)))
+            small = []
+        views.append(memoryview(p).cast("B"))
+    if small:
+        views.append(memoryview(b"".join(small)))
+    i = 0
+    while i < len(views):
+        sent = await sock.sendmsg(views[i:i + IOV_CHUNK])
+        while sent:                       # drop what went out, keep the rest
+            if sent < len(views[i]):
+                views[i] = views[i][sent:]
+                break
+            sent -= len(views[i])
+            i += 1
+
+
 def _peer(stream: trio.SocketStream) -> str:
     try:
         host, port = stream.socket.getpeername()[:2]
@@ -204,10 +233,10 @@ class _Client:
         self._reader.cancel()
 
     async def flush(self) -> None:
-        data = self.conn.data_to_send()
-        if data:
+        pieces = self.conn.pieces_to_send()
+        if pieces:
             async with self._send_lock:
-                await self.stream.send_all(data)
+                await _send_pieces(self.stream.socket, pieces)
 
     async def flush_quietly(self) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,

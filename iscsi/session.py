@@ -80,7 +80,7 @@ class LoggedIn:
     result: LoginResult
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Task:
     """A SCSI command from command PDU to status."""
 
@@ -90,7 +90,8 @@ class Task:
     edtl: int
     read: bool
     plan: scsi.Plan | None = None
-    data: bytearray = field(default_factory=bytearray)
+    data: bytes | bytearray = b""   # immediate data as received; a bytearray once
+                                    # Data-Out PDUs add to it
     received: int = 0
     unsolicited_end: int = 0       # Data-Out up to here needs no R2T
     unsolicited_open: bool = False
@@ -107,7 +108,11 @@ class Task:
 
     def payload(self) -> bytes:
         """The Data-Out the command runs with (extra unsolicited bytes cut off)."""
-        return bytes(self.data[:self.want])
+        data = self.data
+        if isinstance(data, bytes):
+            return data if len(data) == self.want else data[:self.want]
+        with memoryview(data) as view:
+            return bytes(view[:self.want])
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +156,7 @@ class Connection:
         self.logged_out = False
         self.tasks: dict[int, Task] = {}
         self.running = 0
-        self._out: list[bytes] = []
+        self._out: list[P.Payload] = []
         self._events: list[Event] = []
         self._held: dict[int, P.PDU] = {}
         self._discard: set[int] = set()          # ITTs whose late Data-Out is dropped
@@ -169,6 +174,12 @@ class Connection:
     def data_to_send(self) -> bytes:
         out = b"".join(self._out)
         self._out.clear()
+        return out
+
+    def pieces_to_send(self) -> list[P.Payload]:
+        """``data_to_send`` as buffers to send back to back (data segments not copied)."""
+        out = self._out
+        self._out = []
         return out
 
     @property
@@ -199,9 +210,9 @@ class Connection:
         return None
 
     def _send(self, p: P.PDU) -> None:
-        self._out.append(P.encode(p, header_digest=self.reader.header_digest
-                                  and self.full_feature,
-                                  data_digest=self.params.data_digest and self.full_feature))
+        full = self.result is not None
+        self._out += P.encode_pieces(p, header_digest=full and self.reader.header_digest,
+                                     data_digest=full and self.params.data_digest)
 
     def _stat(self) -> int:
         sn = self.statsn
@@ -227,6 +238,12 @@ class Connection:
 
     # ---- dispatch ----------------------------------------------------------------------
     def _dispatch(self, p: P.PDU) -> None:
+        if type(p) is P.ScsiCommand and p.cmdsn == self.exp_cmdsn and not p.immediate \
+                and not self._held and self.result is not None:
+            # The common case, first: the next command in order, nothing held.
+            self.exp_cmdsn = sn_add(p.cmdsn, 1)
+            self._scsi(p)
+            return
         if not self.full_feature:
             if not isinstance(p, P.LoginRequest):
                 raise ProtocolError(f"{p.name} before login completed")
@@ -340,29 +357,32 @@ class Connection:
 
     # ---- SCSI commands -----------------------------------------------------------------
     def _scsi(self, cmd: P.ScsiCommand) -> None:
-        if self.unit is None:
+        unit = self.unit
+        if unit is None:
             raise ProtocolError("SCSI command in a discovery session", fatal=False)
-        if cmd.itt in self.tasks or cmd.itt == P.RESERVED_TAG:
-            raise ProtocolError(f"ITT {cmd.itt:#x} is already in use",
+        itt = cmd.itt
+        if itt in self.tasks or itt == P.RESERVED_TAG:
+            raise ProtocolError(f"ITT {itt:#x} is already in use",
                                 reason=P.REJECT_TASK_IN_PROGRESS, fatal=False)
-        if cmd.data and not self.params.immediate_data:
-            raise ProtocolError("immediate data was not negotiated")
-        if len(cmd.data) > min(self.params.first_burst_length, cmd.edtl):
-            raise ProtocolError("immediate data longer than FirstBurstLength or EDTL")
-        if not cmd.final and self.params.initial_r2t:
+        params = self.params
+        immediate = cmd.data
+        if immediate:
+            if not params.immediate_data:
+                raise ProtocolError("immediate data was not negotiated")
+            if len(immediate) > min(params.first_burst_length, cmd.edtl):
+                raise ProtocolError("immediate data longer than FirstBurstLength or EDTL")
+        if not cmd.final and params.initial_r2t:
             raise ProtocolError("unsolicited Data-Out announced but InitialR2T=Yes")
         cdb = cmd.cdb
-        task = Task(cmd.itt, cmd.lun, cdb, cmd.edtl, cmd.read)
-        self._discard.discard(cmd.itt)
-        name = scsi.command_name(cdb)
-        self.stats[name] = self.stats.get(name, 0) + 1
-        lun = decode_lun(cmd.lun)
+        task = Task(itt, cmd.lun, cdb, cmd.edtl, cmd.read)
+        if self._discard:
+            self._discard.discard(itt)
         planned: scsi.Plan | scsi.Result
-        if lun != 0:
-            planned = scsi.no_such_lun(cdb) if cdb[:1] != bytes([scsi.REPORT_LUNS]) \
-                else self.unit.plan(cdb, self.nexus)
+        if cmd.lun == 0 or decode_lun(cmd.lun) == 0:
+            planned = unit.plan(cdb, self.nexus)
         else:
-            planned = self.unit.plan(cdb, self.nexus)
+            planned = scsi.no_such_lun(cdb) if cdb[:1] != bytes([scsi.REPORT_LUNS]) \
+                else unit.plan(cdb, self.nexus)
         if isinstance(planned, scsi.Result):
             self._absorb_and_answer(cmd, task, planned)
             return
@@ -391,10 +411,10 @@ class Connection:
                 return
         task.plan = planned
         task.want = want
-        self.tasks[cmd.itt] = task
-        task.data = bytearray(cmd.data)
-        task.received = len(cmd.data)
-        task.next_r2t_offset = len(cmd.data)
+        self.tasks[itt] = task
+        if immediate:
+            task.data = bytes(immediate)
+            task.received = task.next_r2t_offset = len(immediate)
         if not cmd.final:
             task.unsolicited_open = True
             task.unsolicited_end = min(self.params.first_burst_length, cmd.edtl)
@@ -484,6 +504,8 @@ class Connection:
                 task.r2ts[p.ttt] = (off, length, datasn + 1)
         if end > task.edtl:
             raise ProtocolError("Data-Out beyond the expected transfer length")
+        if isinstance(task.data, bytes):
+            task.data = bytearray(task.data)
         task.data += p.data
         task.received = end
 
@@ -513,12 +535,29 @@ class Connection:
 
     def _respond(self, task: Task, result: scsi.Result, *, overflow: bool | None = None,
                  underflow: bool = False, residual: int = 0) -> None:
+        data = result.data
+        if overflow is None and result.sense is None and not task.residual \
+                and result.status == scsi.GOOD:
+            # The common cases, first: a read answered in full in one Data-In with its
+            # status, or a command without Data-In that went well.
+            size = len(data)
+            if size and task.read and size == task.edtl and size <= self.params.max_send_data \
+                    and size <= self.params.max_burst_length:
+                self._send(P.DataIn(final=True, has_status=True, status=scsi.GOOD,
+                                    itt=task.itt, statsn=self._stat(),
+                                    exp_cmdsn=self.exp_cmdsn, max_cmdsn=self.max_cmdsn,
+                                    data=data))
+                return
+            if not size and not (task.read and task.edtl):
+                self._send(P.ScsiResponse(status=scsi.GOOD, itt=task.itt,
+                                          statsn=self._stat(), exp_cmdsn=self.exp_cmdsn,
+                                          max_cmdsn=self.max_cmdsn))
+                return
         if overflow is None:
             overflow, underflow, residual = task.overflow, task.underflow, task.residual
         if result.sense is not None:
             key = scsi.SENSE_KEY_NAMES.get(result.sense.key, "other")
             self.stats["sense_" + key] = self.stats.get("sense_" + key, 0) + 1
-        data = result.data
         if data and not task.read:
             # The initiator expects no Data-In (R bit clear): send none, say so.
             overflow, underflow, residual = True, False, len(data)
@@ -536,10 +575,13 @@ class Connection:
         if data and result.status in (scsi.GOOD, scsi.CONDITION_MET):
             seg = self.params.max_send_data
             burst = self.params.max_burst_length
+            size = len(data)
+            # Segments are views of the result, not copies of it.
+            view: P.Payload = memoryview(data) if size > seg else data
             pos = 0
-            while pos < len(data):
-                n = min(seg, len(data) - pos, burst - pos % burst)
-                last = pos + n == len(data)
+            while pos < size:
+                n = min(seg, size - pos, burst - pos % burst)
+                last = pos + n == size
                 end_of_burst = last or (pos + n) % burst == 0
                 status_here = last and with_status
                 self._send(P.DataIn(
@@ -551,7 +593,7 @@ class Connection:
                     lun=task.lun if not status_here else 0, itt=task.itt,
                     statsn=self._stat() if status_here else self.statsn,
                     exp_cmdsn=self.exp_cmdsn, max_cmdsn=self.max_cmdsn, datasn=datasn,
-                    offset=pos, data=data[pos:pos + n]))
+                    offset=pos, data=view[pos:pos + n] if n < size else view))
                 datasn += 1
                 pos += n
             if with_status:
@@ -626,7 +668,7 @@ class Connection:
             raise ProtocolError("multi-PDU Text Requests are not supported",
                                 reason=P.REJECT_NOT_SUPPORTED, fatal=False)
         answers: list[tuple[str, str]] = []
-        for key, value in P.parse_text(p.data):
+        for key, value in P.parse_text(bytes(p.data)):
             if key == "SendTargets":
                 answers += self.send_targets(value)
             else:
