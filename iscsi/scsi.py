@@ -155,6 +155,13 @@ class Result:
     status: int = GOOD
     data: bytes = b""
     sense: Sense | None = None
+    # A read's data as the volume's buffers back to back, instead of ``data``: Data-In
+    # PDUs carry them as they are, never joined into one copy.
+    parts: tuple[bytes | memoryview, ...] = ()
+
+    @property
+    def size(self) -> int:
+        return sum(len(p) for p in self.parts) if self.parts else len(self.data)
 
 
 def check(sense: Sense, field_pointer: int | None = None) -> Result:
@@ -583,19 +590,17 @@ class LogicalUnit:
             if not count:
                 return OK
             try:
-                pieces = self.volume.read_sparse_nowait(lba * LBA_SIZE, count * LBA_SIZE)
+                parts = self.volume.read_vectored_nowait(lba * LBA_SIZE, count * LBA_SIZE)
             except StorageError:
                 return None                 # run() answers with the right sense
-            if pieces is None:
+            if parts is None:
                 return None
-            if len(pieces) == 1 and pieces[0][2] is not None:
-                return Result(GOOD, pieces[0][2])
-            return Result(GOOD, b"".join(d if d is not None else bytes(n)
-                                         for _o, n, d in pieces))
+            return Result(GOOD, parts=tuple(parts))
         return Plan("READ", 0, run, quick=quick)
 
     async def _read_data(self, lba: int, count: int) -> Result:
-        return Result(GOOD, await self.volume.read(lba * LBA_SIZE, count * LBA_SIZE))
+        parts = await self.volume.read_vectored(lba * LBA_SIZE, count * LBA_SIZE)
+        return Result(GOOD, parts=tuple(parts))
 
     def _write(self, cdb: bytes) -> Plan:
         lba, count = self._rw_fields(cdb)

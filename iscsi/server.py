@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 RECV = 256 * 1024
 COPY_BELOW = 16 * 1024  # buffers smaller than this are joined before sending
 IOV_CHUNK = 512         # buffers per sendmsg (IOV_MAX is 1024)
+SEND_NOW = 64 * 1024    # answers this large are handed to the writer at once
+SEND_AHEAD = 16 << 20   # unsent answers beyond this stop the reading of commands
 GRACE = 30.0          # seconds to let running commands finish when a connection ends
 
 
@@ -225,6 +227,7 @@ class _Client:
         self.key: tuple[str, bytes] | None = None
         self.logged_in = False
         self._send_lock = trio.Lock()
+        self._wake = trio.Event()
         self._reader = trio.CancelScope()
         self._last_rx = trio.current_time()
 
@@ -233,10 +236,18 @@ class _Client:
         self._reader.cancel()
 
     async def flush(self) -> None:
-        pieces = self.conn.pieces_to_send()
-        if pieces:
-            async with self._send_lock:
+        """Send everything queued so far (in order: taken under the lock)."""
+        async with self._send_lock:
+            while pieces := self.conn.pieces_to_send():
                 await _send_pieces(self.stream.socket, pieces)
+
+    async def _writer(self) -> None:
+        """Sends what the read loop queues, so that the loop goes on with the next
+        commands while the initiator takes in the Data-In of the last ones."""
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            await self.flush()
 
     async def flush_quietly(self) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
@@ -248,6 +259,7 @@ class _Client:
             with self._reader:
                 async with trio.open_nursery() as side:
                     side.start_soon(self._pinger)
+                    side.start_soon(self._writer)
                     try:
                         await self._read_loop(tasks)
                     finally:
@@ -261,7 +273,10 @@ class _Client:
         while True:
             ev = conn.next_event()
             if ev is None:
-                await self.flush()
+                if self._send_lock.locked() and conn.queued_data <= SEND_AHEAD:
+                    self._wake.set()        # the writer is busy: it sends this next
+                else:
+                    await self.flush()      # (at once; or backpressure on a laggard)
                 data = await self.stream.receive_some(RECV)
                 if not data:
                     return
@@ -275,6 +290,10 @@ class _Client:
                 data = ev.task.payload()
                 if not self._at_once(ev.task, data):
                     tasks.start_soon(self._execute, ev.task, data)
+                elif conn.queued_data >= SEND_NOW:
+                    # A large answer: let the writer start on it before the next command.
+                    self._wake.set()
+                    await trio.lowlevel.checkpoint()
             elif isinstance(ev, Close):
                 log.debug("iSCSI %s: closing: %s", self.peer, ev.reason)
                 await self.flush()
@@ -335,5 +354,5 @@ class _Client:
             stats.sense[key] = stats.sense.get(key, 0) + 1
         if plan.write and result.status == scsi.GOOD:
             stats.bytes_written += task.want
-        stats.bytes_read += len(result.data)
+        stats.bytes_read += result.size
         self.conn.complete(task, result)

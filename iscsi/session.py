@@ -23,7 +23,7 @@ digest error ends the connection (with a Reject first where the RFC asks for one
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -73,6 +73,27 @@ def decode_lun(raw: int) -> int | None:
     if method in (0, 1) and raw & 0xFFFFFFFFFFFF == 0:
         return top & 0x3FFF
     return None
+
+
+def _segments(parts: Sequence[P.Payload], seg: int, burst: int
+              ) -> Iterator[tuple[int, P.Payload, bool]]:
+    """The Data-In segments of ``parts`` sent back to back: (offset, data, whether it
+    ends a burst). A segment is at most ``seg`` bytes, never crosses a burst boundary
+    and never spans two parts, so it is a part or a view of one, never a copy."""
+    pos = 0
+    for part in parts:
+        size = len(part)
+        if size <= seg and size <= burst - pos % burst:
+            pos += size
+            yield pos - size, part, pos % burst == 0
+            continue
+        view = memoryview(part).cast("B")
+        start = 0
+        while start < size:
+            n = min(seg, size - start, burst - pos % burst)
+            yield pos, view[start:start + n], (pos + n) % burst == 0
+            start += n
+            pos += n
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +178,7 @@ class Connection:
         self.tasks: dict[int, Task] = {}
         self.running = 0
         self._out: list[P.Payload] = []
+        self.queued_data = 0          # bytes of data segments in _out
         self._events: list[Event] = []
         self._held: dict[int, P.PDU] = {}
         self._discard: set[int] = set()          # ITTs whose late Data-Out is dropped
@@ -172,14 +194,13 @@ class Connection:
         self.reader.receive_data(data)
 
     def data_to_send(self) -> bytes:
-        out = b"".join(self._out)
-        self._out.clear()
-        return out
+        return b"".join(self.pieces_to_send())
 
     def pieces_to_send(self) -> list[P.Payload]:
         """``data_to_send`` as buffers to send back to back (data segments not copied)."""
         out = self._out
         self._out = []
+        self.queued_data = 0
         return out
 
     @property
@@ -210,6 +231,7 @@ class Connection:
         return None
 
     def _send(self, p: P.PDU) -> None:
+        self.queued_data += len(p.data)
         full = self.result is not None
         self._out += P.encode_pieces(p, header_digest=full and self.reader.header_digest,
                                      data_digest=full and self.params.data_digest)
@@ -535,18 +557,20 @@ class Connection:
 
     def _respond(self, task: Task, result: scsi.Result, *, overflow: bool | None = None,
                  underflow: bool = False, residual: int = 0) -> None:
-        data = result.data
+        parts: tuple[P.Payload, ...] = result.parts or ((result.data,) if result.data
+                                                        else ())
+        size = result.size
         if overflow is None and result.sense is None and not task.residual \
                 and result.status == scsi.GOOD:
             # The common cases, first: a read answered in full in one Data-In with its
             # status, or a command without Data-In that went well.
-            size = len(data)
-            if size and task.read and size == task.edtl and size <= self.params.max_send_data \
+            if size and len(parts) == 1 and task.read and size == task.edtl \
+                    and size <= self.params.max_send_data \
                     and size <= self.params.max_burst_length:
                 self._send(P.DataIn(final=True, has_status=True, status=scsi.GOOD,
                                     itt=task.itt, statsn=self._stat(),
                                     exp_cmdsn=self.exp_cmdsn, max_cmdsn=self.max_cmdsn,
-                                    data=data))
+                                    data=parts[0]))
                 return
             if not size and not (task.read and task.edtl):
                 self._send(P.ScsiResponse(status=scsi.GOOD, itt=task.itt,
@@ -558,44 +582,35 @@ class Connection:
         if result.sense is not None:
             key = scsi.SENSE_KEY_NAMES.get(result.sense.key, "other")
             self.stats["sense_" + key] = self.stats.get("sense_" + key, 0) + 1
-        if data and not task.read:
+        if size and not task.read:
             # The initiator expects no Data-In (R bit clear): send none, say so.
-            overflow, underflow, residual = True, False, len(data)
-            data = b""
-        elif data or (task.read and task.edtl and result.status == scsi.GOOD):
-            spdtl = len(data)
-            if spdtl > task.edtl:
-                overflow, underflow, residual = True, False, spdtl - task.edtl
-                data = data[:task.edtl]
-            elif spdtl < task.edtl:
-                overflow, underflow, residual = False, True, task.edtl - spdtl
-        with_status = bool(result.status in (scsi.GOOD, scsi.CONDITION_MET) and data
+            overflow, underflow, residual = True, False, size
+            parts, size = (), 0
+        elif size or (task.read and task.edtl and result.status == scsi.GOOD):
+            if size > task.edtl:
+                overflow, underflow, residual = True, False, size - task.edtl
+                parts, size = (b"".join(parts)[:task.edtl],), task.edtl
+            elif size < task.edtl:
+                overflow, underflow, residual = False, True, task.edtl - size
+        with_status = bool(result.status in (scsi.GOOD, scsi.CONDITION_MET) and size
                            and result.sense is None)
         datasn = 0
-        if data and result.status in (scsi.GOOD, scsi.CONDITION_MET):
-            seg = self.params.max_send_data
-            burst = self.params.max_burst_length
-            size = len(data)
-            # Segments are views of the result, not copies of it.
-            view: P.Payload = memoryview(data) if size > seg else data
-            pos = 0
-            while pos < size:
-                n = min(seg, size - pos, burst - pos % burst)
-                last = pos + n == size
-                end_of_burst = last or (pos + n) % burst == 0
+        if size and result.status in (scsi.GOOD, scsi.CONDITION_MET):
+            for pos, piece, end_of_burst in _segments(parts, self.params.max_send_data,
+                                                      self.params.max_burst_length):
+                last = pos + len(piece) == size
                 status_here = last and with_status
                 self._send(P.DataIn(
-                    final=end_of_burst or status_here, has_status=bool(status_here),
+                    final=end_of_burst or last, has_status=status_here,
                     status=result.status if status_here else 0,
-                    overflow=overflow and bool(status_here),
-                    underflow=underflow and bool(status_here),
+                    overflow=overflow and status_here,
+                    underflow=underflow and status_here,
                     residual=residual if status_here else 0,
                     lun=task.lun if not status_here else 0, itt=task.itt,
                     statsn=self._stat() if status_here else self.statsn,
                     exp_cmdsn=self.exp_cmdsn, max_cmdsn=self.max_cmdsn, datasn=datasn,
-                    offset=pos, data=view[pos:pos + n] if n < size else view))
+                    offset=pos, data=piece))
                 datasn += 1
-                pos += n
             if with_status:
                 return
         sense = result.sense.fixed() if result.sense is not None else b""

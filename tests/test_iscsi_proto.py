@@ -20,7 +20,7 @@ from iscsi.login import (
     TargetPolicy,
     negotiate_key,
 )
-from iscsi.session import Close, Connection, LoggedIn
+from iscsi.session import Close, Connection, LoggedIn, _segments
 
 TARGET = "iqn.2026-11.org.storaged:tank:vol"
 INITIATOR = "iqn.2026-01.org.example:host"
@@ -267,3 +267,22 @@ def test_logout() -> None:
     assert isinstance(conn.next_event(), Close)
     (rsp,) = responses(conn)
     assert isinstance(rsp, P.LogoutResponse) and rsp.response == 0 and rsp.itt == 7
+
+
+@given(st.lists(st.integers(1, 5000), min_size=1, max_size=8), st.integers(1, 3000),
+       st.integers(1, 6000))
+@settings(max_examples=200, deadline=None)
+def test_data_in_segments_cover_the_parts_exactly(sizes: list[int], seg: int,
+                                                  burst: int) -> None:
+    """Data-In segments of a read's buffers: back to back, each at most seg bytes and
+    inside one burst, F (end of burst) exactly at burst boundaries."""
+    parts = [bytes([i]) * n for i, n in enumerate(sizes)]
+    pos = 0
+    out = bytearray()
+    for off, piece, end_of_burst in _segments(parts, seg, burst):
+        assert off == pos and 0 < len(piece) <= seg
+        assert off // burst == (off + len(piece) - 1) // burst
+        assert end_of_burst == ((off + len(piece)) % burst == 0)
+        out += piece
+        pos += len(piece)
+    assert bytes(out) == b"".join(parts)

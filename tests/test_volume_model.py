@@ -111,6 +111,12 @@ async def _run(program: list[Op], profile: str, ndev: int) -> None:
                     assert quick == await vol.read_sparse(at, size), f"no-wait read after {op}"
                     assert b"".join(d if d is not None else bytes(k)
                                     for _o, k, d in quick) == bytes(model[at:at + size])
+                # The vectored reads (iSCSI's Data-In) give the same bytes as buffers.
+                parts = vol.read_vectored_nowait(at, size)
+                if parts is not None:
+                    assert b"".join(parts) == bytes(model[at:at + size]), f"after {op}"
+                assert b"".join(await vol.read_vectored(at, size)) == \
+                    bytes(model[at:at + size]), f"vectored read after {op}"
         report = await check(pool)
         assert report.ok, report.render()
         # Thin: trimming everything releases every block (invariant 6).

@@ -239,3 +239,25 @@ async def test_old_buffered_writes_are_written_back_and_committed(
         assert await vol.read(0, 5000) == b"q" * 5000
     finally:
         await pool.close()
+
+
+async def test_vectored_reads_never_see_later_patches(
+        small_buffer: volume_module.WriteBuffer) -> None:
+    """read_vectored hands out buffers a frontend sends later (iSCSI Data-In): a partial
+    write that patches the buffered block in place afterwards must not show through."""
+    pool = await _pool()
+    try:
+        vol = await VolumeManager(pool).create("v", 2 * MiB, block_size=BS)
+        await vol.write(0, b"a" * (3 * BS))
+        await vol.write(100, b"b" * 1000)          # the block is now a patched bytearray
+        parts = await vol.read_vectored(0, 3 * BS)
+        quick = vol.read_vectored_nowait(50, 2 * BS)
+        assert quick is not None
+        before, before_quick = b"".join(parts), b"".join(quick)
+        await vol.write(0, b"c" * 2000)            # patches block 0 again, in place
+        assert vol.write_nowait(BS + 10, b"d" * 100)
+        assert b"".join(parts) == before == b"a" * 100 + b"b" * 1000 + b"a" * (3 * BS - 1100)
+        assert b"".join(quick) == before_quick
+        assert await vol.read(0, 2000) == b"c" * 2000
+    finally:
+        await pool.close()
