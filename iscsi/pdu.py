@@ -619,8 +619,9 @@ MAX_KEY_LEN: Final = 63
 MAX_VALUE_LEN: Final = 8192
 
 
-def parse_text(data: bytes) -> list[tuple[str, str]]:
+def parse_text(segment: Payload) -> list[tuple[str, str]]:
     """``key=value`` pairs, each NUL-terminated; raises ProtocolError on bad framing."""
+    data = bytes(segment)
     out: list[tuple[str, str]] = []
     if not data:
         return out

@@ -683,7 +683,7 @@ class Connection:
             raise ProtocolError("multi-PDU Text Requests are not supported",
                                 reason=P.REJECT_NOT_SUPPORTED, fatal=False)
         answers: list[tuple[str, str]] = []
-        for key, value in P.parse_text(bytes(p.data)):
+        for key, value in P.parse_text(p.data):
             if key == "SendTargets":
                 answers += self.send_targets(value)
             else:

@@ -144,9 +144,9 @@ class RawInitiator:
                     return Reply(p.status, bytes(data))
             elif isinstance(p, P.ScsiResponse) and p.itt == cmd.itt:
                 sense = p.data[2:2 + int.from_bytes(p.data[:2], "big")] if p.data else b""
-                return Reply(p.status, bytes(data), sense)
+                return Reply(p.status, bytes(data), bytes(sense))
             elif isinstance(p, P.Reject):
-                return Reply(-1, p.data)
+                return Reply(-1, bytes(p.data))
 
 
 def read10(lba: int, blocks: int) -> bytes:
