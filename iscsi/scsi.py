@@ -161,7 +161,10 @@ class Result:
 
     @property
     def size(self) -> int:
-        return sum(len(p) for p in self.parts) if self.parts else len(self.data)
+        parts = self.parts
+        if not parts:
+            return len(self.data)
+        return len(parts[0]) if len(parts) == 1 else sum(map(len, parts))
 
 
 def check(sense: Sense, field_pointer: int | None = None) -> Result:
@@ -595,7 +598,7 @@ class LogicalUnit:
                 return None                 # run() answers with the right sense
             if parts is None:
                 return None
-            return Result(GOOD, parts=tuple(parts))
+            return Result(GOOD, b"", None, tuple(parts))
         return Plan("READ", 0, run, quick=quick)
 
     async def _read_data(self, lba: int, count: int) -> Result:

@@ -158,6 +158,7 @@ class Volume:
         # the rest of the stream instead of waiting for the flush.
         self.streaming = False
         self._zero = bytes(self.block_size)
+        self._zero_view = memoryview(self._zero)
         self._cost = pool.record_cost(self.block_size, self.profile)
         # Buffered block contents: bytes, or a view of a caller's bytes (immutable, so a
         # full block written from them is kept without a copy).
@@ -275,11 +276,10 @@ class Volume:
         bs = self.block_size
         b = offset // bs
         if 0 < length <= bs and (offset + length - 1) // bs == b:
-            one = self._read_one_nowait(b, offset, length, started)
-            if one is None:
+            answered, data = self._one_nowait(b, offset, length, started)
+            if not answered:
                 return None
-            data = one[0][2]
-            return [data if data is not None else self._zero[:length]]
+            return [data if data is not None else self._zero_view[:length]]
         spans, buffered, need = self._begin_read(offset, length)
         if need:
             got = self._pool.read_blocks_nowait(self._map, need, self.block_size)
@@ -290,7 +290,7 @@ class Volume:
 
     def _gather(self, spans: list[tuple[int, int, int]], buffered: dict[int, Block | None],
                 length: int, started: float) -> list[bytes | memoryview]:
-        zero = memoryview(self._zero)
+        zero = self._zero_view
         out: list[bytes | memoryview] = []
         for b, lo, hi in spans:
             v = buffered[b]
@@ -313,18 +313,31 @@ class Volume:
                          started: float) -> list[tuple[int, int, bytes | None]] | None:
         """``read_sparse_nowait`` of a range inside block ``b`` (small random reads): the
         same answer without the general path's spans and joins."""
+        answered, data = self._one_nowait(b, offset, length, started)
+        return [(offset, length, data)] if answered else None
+
+    def _one_nowait(self, b: int, offset: int, length: int,
+                    started: float) -> tuple[bool, bytes | None]:
+        """(whether it could be answered at once, the bytes or None for a hole) of a range
+        inside block ``b``: a copy (a small read keeps no whole block alive)."""
         self._check(offset, length, write=False)
-        held, v = self._held(b)
+        if self._dirty or self._inflight or self._captured:
+            held, v = self._held(b)
+        else:
+            held, v = False, None
         if not held:
             got = self._pool.read_blocks_nowait(self._map, (b,), self.block_size)
             if got is None:
-                return None
+                return False, None
             v = got[0]
         lo = offset - b * self.block_size
-        self._stats["reads"] += 1
-        self._stats["bytes_read"] += length
+        stats = self._stats
+        stats["reads"] += 1
+        stats["bytes_read"] += length
         self._latency["read"].observe(time.perf_counter() - started)
-        return [(offset, length, None if v is None else bytes(v[lo:lo + length]))]
+        if v is None:
+            return True, None
+        return True, v[lo:lo + length] if isinstance(v, bytes) else bytes(v[lo:lo + length])
 
     def _begin_read(self, offset: int, length: int
                     ) -> tuple[list[tuple[int, int, int]],
