@@ -95,7 +95,7 @@ class PDU:
     BITS: ClassVar[tuple[tuple[str, int], ...]] = ()
     FIELDS1: ClassVar[tuple[tuple[str, int, int], ...]] = ()
     _PACK: ClassVar[Callable[[PDU], bytes]]
-    _UNPACK: ClassVar[Callable[[bytes, bytes, Payload], PDU]]
+    _UNPACK: ClassVar[Callable[[Payload, bytes, Payload], PDU]]   # BHS at the start
 
     immediate: bool = False
     ahs: bytes = b""
@@ -155,9 +155,10 @@ def _compile(cls: type[PDU]) -> None:
                         *(f"{n}={n}" for n, _o, _f in fields)])
     source = (f"def pack(p):\n    return _pack({pack_args})\n"
               f"def unpack(bhs, ahs, data):\n"
-              f"    {targets}, = _unpack(bhs)\n"
+              f"    {targets}, = _unpack(bhs, 0)\n"
               f"    return cls({kwargs})\n")
-    namespace: dict[str, Any] = {"_pack": layout.pack, "_unpack": layout.unpack, "cls": cls}
+    namespace: dict[str, Any] = {"_pack": layout.pack, "_unpack": layout.unpack_from,
+                                 "cls": cls}
     exec(compile(source, f"<iscsi.pdu {cls.__name__}>", "exec"), namespace)
     cls._PACK = staticmethod(namespace["pack"])
     cls._UNPACK = staticmethod(namespace["unpack"])
@@ -511,6 +512,12 @@ def encode(pdu: PDU, *, header_digest: bool = False, data_digest: bool = False) 
 
 
 _PADS: Final = (b"", b"\0", b"\0\0", b"\0\0\0")
+_LENGTHS: Final = struct.Struct(">I")     # bytes 4-7: TotalAHSLength, DataSegmentLength
+
+
+def pad_bytes(n: int) -> bytes:
+    """The zeros that pad a data segment of ``n`` bytes to a multiple of 4."""
+    return _PADS[-n % 4]
 
 
 def encode_pieces(pdu: PDU, *, header_digest: bool = False,
@@ -568,6 +575,28 @@ class PDUReader:
 
     def next_pdu(self) -> PDU | None:
         """The next whole PDU, or None if more bytes are needed."""
+        buf = self._buf
+        if len(buf) < BHS_LEN or self._skip or self.header_digest or self.data_digest \
+                or buf[4]:
+            return self._next_general()
+        # The common case, without digests or AHS: one unpack straight from the buffer.
+        dlen = _LENGTHS.unpack_from(buf, 4)[0] & 0xFFFFFF
+        total = BHS_LEN + dlen + (-dlen & 3)
+        if dlen > self.max_data or len(buf) < total:
+            return self._next_general()
+        cls = PDU_TYPES.get(buf[0] & 0x3F)
+        if cls is None or cls.OPCODE not in self.opcodes:
+            return self._next_general()
+        if dlen:
+            with memoryview(buf) as view:
+                data = bytes(view[BHS_LEN:BHS_LEN + dlen])
+        else:
+            data = b""
+        pdu = cls._UNPACK(buf, b"", data)
+        del buf[:total]
+        return pdu
+
+    def _next_general(self) -> PDU | None:
         buf = self._buf
         if self._skip:
             n = min(self._skip, len(buf))

@@ -347,12 +347,15 @@ class _Client:
         stats = self.server.stats
         plan = task.plan
         assert plan is not None
-        stats.commands[plan.name] = stats.commands.get(plan.name, 0) + 1
+        commands = stats.commands
+        commands[plan.name] = commands.get(plan.name, 0) + 1
         stats.observe(time.perf_counter() - started)
         if result.sense is not None:
             key = scsi.SENSE_KEY_NAMES.get(result.sense.key, "other")
             stats.sense[key] = stats.sense.get(key, 0) + 1
-        if plan.write and result.status == scsi.GOOD:
-            stats.bytes_written += task.want
-        stats.bytes_read += result.size
+        if plan.write:
+            if result.status == scsi.GOOD:
+                stats.bytes_written += task.want
+        elif result.parts or result.data:
+            stats.bytes_read += result.size
         self.conn.complete(task, result)

@@ -231,10 +231,24 @@ class Connection:
         return None
 
     def _send(self, p: P.PDU) -> None:
-        self.queued_data += len(p.data)
-        full = self.result is not None
-        self._out += P.encode_pieces(p, header_digest=full and self.reader.header_digest,
-                                     data_digest=full and self.params.data_digest)
+        data = p.data
+        if self.result is None or not (self.reader.header_digest or self.params.data_digest):
+            if not p.ahs and len(data) < 1 << 24:
+                # The common case: header and data as they are, no digests, no AHS.
+                out = self._out
+                out.append(p.bhs())
+                if data:
+                    self.queued_data += len(data)
+                    out.append(data)
+                    if len(data) & 3:
+                        out.append(P.pad_bytes(len(data)))
+                return
+            self.queued_data += len(data)
+            self._out += P.encode_pieces(p)
+            return
+        self.queued_data += len(data)
+        self._out += P.encode_pieces(p, header_digest=self.reader.header_digest,
+                                     data_digest=self.params.data_digest)
 
     def _stat(self) -> int:
         sn = self.statsn
@@ -543,7 +557,7 @@ class Connection:
         self.tasks.pop(task.itt, None)
         if not task.aborted and not self.closed:
             self._respond(task, result)
-        for tmf in list(self._tmfs):
+        for tmf in list(self._tmfs) if self._tmfs else ():
             tmf.waiting.discard(task)
             if not tmf.waiting:
                 self._tmfs.remove(tmf)

@@ -67,7 +67,10 @@ async def _run(program: list[Op], profile: str, ndev: int) -> None:
         for op in program:
             if op.kind in ("write", "pattern"):
                 data = _data(op)
-                await vol.write(op.offset, data)
+                # Half the writes try the no-wait path first (what NBD and iSCSI do),
+                # which takes them only when nothing needs waiting for.
+                if op.seed % 2 or not vol.write_nowait(op.offset, data):
+                    await vol.write(op.offset, data)
                 model[op.offset:op.offset + op.length] = data
             elif op.kind in ("trim", "zero"):
                 fn = vol.trim if op.kind == "trim" else vol.write_zeroes
