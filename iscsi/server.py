@@ -282,11 +282,7 @@ class _Client:
                     return
                 self._last_rx = trio.current_time()
                 conn.receive_data(data)
-            elif isinstance(ev, LoggedIn):
-                self.logged_in = True
-                self.server.logged_in(self)
-                await self.flush()
-            elif isinstance(ev, Execute):
+            elif type(ev) is Execute:        # (the common event first)
                 data = ev.task.payload()
                 if not self._at_once(ev.task, data):
                     tasks.start_soon(self._execute, ev.task, data)
@@ -294,6 +290,10 @@ class _Client:
                     # A large answer: let the writer start on it before the next command.
                     self._wake.set()
                     await trio.lowlevel.checkpoint()
+            elif isinstance(ev, LoggedIn):
+                self.logged_in = True
+                self.server.logged_in(self)
+                await self.flush()
             elif isinstance(ev, Close):
                 log.debug("iSCSI %s: closing: %s", self.peer, ev.reason)
                 await self.flush()

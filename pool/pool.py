@@ -965,6 +965,22 @@ class Pool:
             else:
                 result[slot] = data
 
+    def read_block_nowait(self, map_id: int, block: int,
+                          block_size: int) -> tuple[bool, bytes | memoryview | None]:
+        """``read_blocks_nowait`` of one block: (whether it could be read at once, its
+        content or None for a hole). A record-cache hit costs a map lookup."""
+        if self._failed is None and not self.closed and map_id in self.state.maps:
+            raw = self.state.forest.get(map_id, block)
+            if raw is None:
+                return True, None
+            hit = self._cache.get(raw)
+            if hit is not None:
+                self._cache.move_to_end(raw)
+                self._cache_hits += 1
+                return True, hit
+        got = self.read_blocks_nowait(map_id, (block,), block_size)
+        return (False, None) if got is None else (True, got[0])
+
     def read_blocks_nowait(self, map_id: int, blocks: Sequence[int],
                            block_size: int) -> list[bytes | memoryview | None] | None:
         """``read_blocks`` if it can be done at once on the event loop (record-cache hits,

@@ -326,10 +326,9 @@ class Volume:
         else:
             held, v = False, None
         if not held:
-            got = self._pool.read_blocks_nowait(self._map, (b,), self.block_size)
-            if got is None:
+            answered, v = self._pool.read_block_nowait(self._map, b, self.block_size)
+            if not answered:
                 return False, None
-            v = got[0]
         lo = offset - b * self.block_size
         stats = self._stats
         stats["reads"] += 1
