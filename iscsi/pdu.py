@@ -9,6 +9,7 @@ with and whether the connection can go on afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -138,7 +139,7 @@ def _compile(cls: type[PDU]) -> None:
         raise TypeError(f"{cls.__name__}: the BHS layout is {layout.size} bytes")
     for name in [n for n, _m in cls.BITS] + [n for n, _s, _m in cls.FIELDS1] + \
             [n for n, _o, _f in fields]:
-        if not name.isidentifier() or name not in cls.__dataclass_fields__:
+        if not name.isidentifier() or name not in {f.name for f in dataclasses.fields(cls)}:
             raise TypeError(f"{cls.__name__}: {name!r} is not a field")
     b1 = " | ".join([str(cls.B1_FIXED)]
                     + [f"({mask} if p.{n} else 0)" for n, mask in cls.BITS]
@@ -149,16 +150,21 @@ def _compile(cls: type[PDU]) -> None:
                            *(f"p.{n}" for n, _o, _f in late)])
     targets = ", ".join(["b0", "b1", *(n for n, _o, _f in early), "_lengths",
                          *(n for n, _o, _f in late)])
-    kwargs = ", ".join(["immediate=bool(b0 & 64)", "ahs=ahs", "data=data",
-                        *(f"{n}=bool(b1 & {mask})" for n, mask in cls.BITS),
-                        *(f"{n}=(b1 >> {shift}) & {mask}" for n, shift, mask in cls.FIELDS1),
-                        *(f"{n}={n}" for n, _o, _f in fields)])
+    # unpack fills a new instance field by field (cheaper than a call with a keyword per
+    # field); every field of the class must come from the BHS, the AHS or the data.
+    sets = ["immediate = bool(b0 & 64)", "ahs = ahs", "data = data",
+            *(f"{n} = bool(b1 & {mask})" for n, mask in cls.BITS),
+            *(f"{n} = (b1 >> {shift}) & {mask}" for n, shift, mask in cls.FIELDS1),
+            *(f"{n} = {n}" for n, _o, _f in fields)]
+    if len(sets) != len(dataclasses.fields(cls)):
+        raise TypeError(f"{cls.__name__}: a field is neither in the BHS nor AHS/data")
+    body = "".join(f"    p.{line}\n" for line in sets)
     source = (f"def pack(p):\n    return _pack({pack_args})\n"
               f"def unpack(bhs, ahs, data):\n"
               f"    {targets}, = _unpack(bhs, 0)\n"
-              f"    return cls({kwargs})\n")
+              f"    p = _new(cls)\n{body}    return p\n")
     namespace: dict[str, Any] = {"_pack": layout.pack, "_unpack": layout.unpack_from,
-                                 "cls": cls}
+                                 "_new": object.__new__, "cls": cls}
     exec(compile(source, f"<iscsi.pdu {cls.__name__}>", "exec"), namespace)
     cls._PACK = staticmethod(namespace["pack"])
     cls._UNPACK = staticmethod(namespace["unpack"])

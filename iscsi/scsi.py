@@ -150,8 +150,11 @@ DATA_PHASE_ERROR: Final = Sense(ABORTED_COMMAND, 0x4B, 0x00)
 INVALID_RELEASE: Final = Sense(ILLEGAL_REQUEST, 0x26, 0x04)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Result:
+    """What a command ended with. (Not frozen: one is built per command, and a frozen
+    dataclass pays an ``object.__setattr__`` per field. Never changed once built.)"""
+
     status: int = GOOD
     data: bytes = b""
     sense: Sense | None = None
@@ -205,9 +208,10 @@ class Gate(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Plan:
-    """A validated command: ``data_out`` bytes to collect, then ``run(data)``."""
+    """A validated command: ``data_out`` bytes to collect, then ``run(data)``. (Not
+    frozen, as Result.)"""
 
     name: str
     data_out: int
