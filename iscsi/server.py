@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -32,6 +33,7 @@ COPY_BELOW = 16 * 1024  # buffers smaller than this are joined before sending
 IOV_CHUNK = 512         # buffers per sendmsg (IOV_MAX is 1024)
 SEND_NOW = 64 * 1024    # answers this large are handed to the writer at once
 SEND_AHEAD = 16 << 20   # unsent answers beyond this stop the reading of commands
+FAIR_EVERY = 16         # the read loop yields at least once per this many receives
 GRACE = 30.0          # seconds to let running commands finish when a connection ends
 
 
@@ -183,9 +185,9 @@ class ISCSIServer:
                  result.target)
 
 
-async def _send_pieces(sock: trio.socket.SocketType, pieces: list[Payload]) -> None:
-    """Send PDUs' buffers back to back: small ones joined, data segments as they are
-    (scatter-gather, no copy), at most IOV_CHUNK buffers per call."""
+def _views(pieces: list[Payload]) -> list[memoryview]:
+    """PDUs' buffers to send back to back: small ones joined, data segments as they are
+    (scatter-gather, no copy)."""
     views: list[memoryview] = []
     small: list[Payload] = []
     for p in pieces:
@@ -198,15 +200,57 @@ async def _send_pieces(sock: trio.socket.SocketType, pieces: list[Payload]) -> N
         views.append(memoryview(p).cast("B"))
     if small:
         views.append(memoryview(b"".join(small)))
-    i = 0
-    while i < len(views):
-        sent = await sock.sendmsg(views[i:i + IOV_CHUNK])
-        while sent:                       # drop what went out, keep the rest
-            if sent < len(views[i]):
-                views[i] = views[i][sent:]
+    return views
+
+
+class _Wire:
+    """The connection's socket, called without trio when the call does not block.
+
+    trio makes every socket call a checkpoint (a pass through its scheduler) even when the
+    data is there; with a few small commands per receive that is a large share of a
+    command's cost. So the read loop and the senders try the nonblocking call on the same
+    file descriptor first and only wait through trio (``wait_readable`` /
+    ``wait_writable``, checkpoints that also deliver cancellation) when it would block.
+    Errors come out as trio's stream errors, as from ``SocketStream``."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.sock = socket.socket(fileno=stream.socket.fileno())   # the same fd, no dup
+        self.sock.setblocking(False)
+
+    def detach(self) -> None:
+        """Forget the fd (the SocketStream closes it)."""
+        self.sock.detach()
+
+    async def receive(self, n: int) -> bytes:
+        while True:
+            try:
+                return self.sock.recv(n)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
+            except OSError as e:
+                raise trio.BrokenResourceError(f"receive failed: {e}") from e
+
+    def send_now(self, views: list[memoryview]) -> list[memoryview]:
+        """Send what the socket takes without waiting; what is left."""
+        i = 0
+        while i < len(views):
+            try:
+                sent = self.sock.sendmsg(views[i:i + IOV_CHUNK])
+            except BlockingIOError:
                 break
-            sent -= len(views[i])
-            i += 1
+            except OSError as e:
+                raise trio.BrokenResourceError(f"send failed: {e}") from e
+            while sent:                       # drop what went out, keep the rest
+                if sent < len(views[i]):
+                    views[i] = views[i][sent:]
+                    break
+                sent -= len(views[i])
+                i += 1
+        return views[i:]
+
+    async def send_all(self, views: list[memoryview]) -> None:
+        while views := self.send_now(views):
+            await trio.lowlevel.wait_writable(self.sock)
 
 
 def _peer(stream: trio.SocketStream) -> str:
@@ -228,6 +272,7 @@ class _Client:
         self.logged_in = False
         self._send_lock = trio.Lock()
         self._wake = trio.Event()
+        self.wire = _Wire(stream)
         self._reader = trio.CancelScope()
         self._last_rx = trio.current_time()
 
@@ -236,10 +281,24 @@ class _Client:
         self._reader.cancel()
 
     async def flush(self) -> None:
-        """Send everything queued so far (in order: taken under the lock)."""
+        """Send everything queued so far, in order: whoever sends holds the lock, and
+        takes the queue only once it does (or, when nobody holds it, sends at once
+        without yielding, so nobody can come between)."""
+        if not self._send_lock.locked():
+            pieces = self.conn.pieces_to_send()
+            if not pieces:
+                return
+            rest = self.wire.send_now(_views(pieces))
+            if not rest:
+                return
+            async with self._send_lock:
+                await self.wire.send_all(rest)
+                while pieces := self.conn.pieces_to_send():
+                    await self.wire.send_all(_views(pieces))
+            return
         async with self._send_lock:
             while pieces := self.conn.pieces_to_send():
-                await _send_pieces(self.stream.socket, pieces)
+                await self.wire.send_all(_views(pieces))
 
     async def _writer(self) -> None:
         """Sends what the read loop queues, so that the loop goes on with the next
@@ -255,6 +314,12 @@ class _Client:
             await self.flush()
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self.wire.detach()
+
+    async def _run(self) -> None:
         async with trio.open_nursery() as tasks:
             with self._reader:
                 async with trio.open_nursery() as side:
@@ -270,6 +335,7 @@ class _Client:
 
     async def _read_loop(self, tasks: trio.Nursery) -> None:
         conn = self.conn
+        quick = 0
         while True:
             ev = conn.next_event()
             if ev is None:
@@ -277,9 +343,13 @@ class _Client:
                     self._wake.set()        # the writer is busy: it sends this next
                 else:
                     await self.flush()      # (at once; or backpressure on a laggard)
-                data = await self.stream.receive_some(RECV)
+                data = await self.wire.receive(RECV)
                 if not data:
                     return
+                quick += 1
+                if quick >= FAIR_EVERY:     # (a receive yields only when it must wait)
+                    quick = 0
+                    await trio.lowlevel.checkpoint()
                 self._last_rx = trio.current_time()
                 conn.receive_data(data)
             elif type(ev) is Execute:        # (the common event first)
