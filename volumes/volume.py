@@ -231,11 +231,7 @@ class Volume:
         holes without zeros (NBD OFFSET_HOLE).
         """
         started = time.perf_counter()
-        spans, buffered, need = self._begin_read(offset, length)
-        if need:
-            buffered.update(zip(need, await self._pool.read_blocks(self._map, need,
-                                                                   self.block_size),
-                                strict=True))
+        spans, buffered = await self._contents(offset, length)
         return self._assemble(spans, buffered, offset, length, started)
 
     def read_sparse_nowait(self, offset: int,
@@ -249,23 +245,14 @@ class Volume:
         b = offset // bs
         if 0 < length <= bs and (offset + length - 1) // bs == b:
             return self._read_one_nowait(b, offset, length, started)
-        spans, buffered, need = self._begin_read(offset, length)
-        if need:
-            got = self._pool.read_blocks_nowait(self._map, need, self.block_size)
-            if got is None:
-                return None
-            buffered.update(zip(need, got, strict=True))
-        return self._assemble(spans, buffered, offset, length, started)
+        got = self._contents_nowait(offset, length)
+        return None if got is None else self._assemble(*got, offset, length, started)
 
     async def read_vectored(self, offset: int, length: int) -> list[bytes | memoryview]:
         """``read`` as buffers whose concatenation is the range (one per block touched;
         holes as views of zeros), so a frontend can send them without joining."""
         started = time.perf_counter()
-        spans, buffered, need = self._begin_read(offset, length)
-        if need:
-            buffered.update(zip(need, await self._pool.read_blocks(self._map, need,
-                                                                   self.block_size),
-                                strict=True))
+        spans, buffered = await self._contents(offset, length)
         return self._gather(spans, buffered, length, started)
 
     def read_vectored_nowait(self, offset: int,
@@ -280,13 +267,31 @@ class Volume:
             if not answered:
                 return None
             return [data if data is not None else self._zero_view[:length]]
+        got = self._contents_nowait(offset, length)
+        return None if got is None else self._gather(*got, length, started)
+
+    async def _contents(self, offset: int, length: int
+                        ) -> tuple[list[tuple[int, int, int]], dict[int, Block | None]]:
+        """The spans of a read and the content of every block they touch (None: a hole),
+        from the write buffer or the pool."""
+        spans, buffered, need = self._begin_read(offset, length)
+        if need:
+            buffered.update(zip(need, await self._pool.read_blocks(self._map, need,
+                                                                   self.block_size),
+                                strict=True))
+        return spans, buffered
+
+    def _contents_nowait(self, offset: int, length: int
+                         ) -> tuple[list[tuple[int, int, int]],
+                                    dict[int, Block | None]] | None:
+        """``_contents`` if no block needs a wait, else None."""
         spans, buffered, need = self._begin_read(offset, length)
         if need:
             got = self._pool.read_blocks_nowait(self._map, need, self.block_size)
             if got is None:
                 return None
             buffered.update(zip(need, got, strict=True))
-        return self._gather(spans, buffered, length, started)
+        return spans, buffered
 
     def _gather(self, spans: list[tuple[int, int, int]], buffered: dict[int, Block | None],
                 length: int, started: float) -> list[bytes | memoryview]:
