@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -162,3 +163,34 @@ def _fill(srv: Served, lba: int, data: bytes) -> None:
 def _check(srv: Served, lba: int, data: bytes) -> None:
     with session(srv, "checker", 6) as s:
         assert s.scsi(read10(lba, len(data) // BLOCK), read=len(data)).data == data
+
+
+def laggard(srv: Served, done: threading.Event) -> None:
+    """Queue 32 MiB of READ answers and never read one, until ``done``."""
+    s = session(srv, "laggard", 3)
+    try:
+        for _ in range(32):
+            s.command(read10(0, 2048), read=1 << 20)
+        assert done.wait(60), "the other initiator was not served"
+    finally:
+        s.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+
+
+async def test_an_initiator_that_never_reads_holds_up_only_itself(tmp_path: Path) -> None:
+    """Answers the initiator does not take in fill the socket, then the target stops
+    reading its commands (backpressure); the other sessions are served all the while, and
+    the laggard's reset ends only its own connection."""
+    async with served_pool(tmp_path / "pool", {"vol": 16 << 20},
+                           device_size=256 << 20) as srv:
+        await blocking(lambda: _fill(srv, 0, os.urandom(1 << 20)))
+        done = threading.Event()
+        async with trio.open_nursery() as n:
+            n.start_soon(blocking, lambda: laggard(srv, done))
+            while not srv.server.stats.commands.get("READ"):  # noqa: ASYNC110
+                await trio.sleep(0.02)          # (the laggard's reads are being answered)
+            try:
+                await blocking(lambda: writer(srv, "one", 1, 4096, b"\x05\x06", 64))
+            finally:
+                done.set()
+        await blocking(lambda: still_serving(srv))
