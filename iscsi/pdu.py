@@ -137,9 +137,10 @@ def _compile(cls: type[PDU]) -> None:
     layout = struct.Struct(fmt + "x" * (BHS_LEN - pos))
     if layout.size != BHS_LEN:
         raise TypeError(f"{cls.__name__}: the BHS layout is {layout.size} bytes")
+    known = {f.name for f in dataclasses.fields(cls)}
     for name in [n for n, _m in cls.BITS] + [n for n, _s, _m in cls.FIELDS1] + \
             [n for n, _o, _f in fields]:
-        if not name.isidentifier() or name not in {f.name for f in dataclasses.fields(cls)}:
+        if not name.isidentifier() or name not in known:
             raise TypeError(f"{cls.__name__}: {name!r} is not a field")
     b1 = " | ".join([str(cls.B1_FIXED)]
                     + [f"({mask} if p.{n} else 0)" for n, mask in cls.BITS]
@@ -156,7 +157,7 @@ def _compile(cls: type[PDU]) -> None:
             *(f"{n} = bool(b1 & {mask})" for n, mask in cls.BITS),
             *(f"{n} = (b1 >> {shift}) & {mask}" for n, shift, mask in cls.FIELDS1),
             *(f"{n} = {n}" for n, _o, _f in fields)]
-    if len(sets) != len(dataclasses.fields(cls)):
+    if len(sets) != len(known):
         raise TypeError(f"{cls.__name__}: a field is neither in the BHS nor AHS/data")
     body = "".join(f"    p.{line}\n" for line in sets)
     source = (f"def pack(p):\n    return _pack({pack_args})\n"
@@ -521,20 +522,15 @@ _PADS: Final = (b"", b"\0", b"\0\0", b"\0\0\0")
 _LENGTHS: Final = struct.Struct(">I")     # bytes 4-7: TotalAHSLength, DataSegmentLength
 
 
-def pad_bytes(n: int) -> bytes:
-    """The zeros that pad a data segment of ``n`` bytes to a multiple of 4."""
-    return _PADS[-n % 4]
-
-
 def encode_pieces(pdu: PDU, *, header_digest: bool = False,
                   data_digest: bool = False) -> list[Payload]:
     """``encode`` as buffers to send back to back: the data segment is not copied."""
-    data = pdu.data
-    if len(pdu.ahs) % 4 or len(pdu.ahs) > 255 * 4:
+    data, ahs = pdu.data, pdu.ahs
+    if ahs and (len(ahs) % 4 or len(ahs) > 255 * 4):
         raise ValueError("AHS must be a multiple of 4 bytes, at most 1020")
     if len(data) >= 1 << 24:
         raise ValueError("data segment longer than 16 MiB")
-    head = pdu.bhs() + pdu.ahs if pdu.ahs else pdu.bhs()
+    head = pdu.bhs() + ahs if ahs else pdu.bhs()
     if header_digest:
         head += crc32c(head).to_bytes(4, "little")
     if not data:

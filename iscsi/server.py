@@ -284,6 +284,7 @@ class _Client:
         """Send everything queued so far, in order: whoever sends holds the lock, and
         takes the queue only once it does (or, when nobody holds it, sends at once
         without yielding, so nobody can come between)."""
+        rest: list[memoryview] = []
         if not self._send_lock.locked():
             pieces = self.conn.pieces_to_send()
             if not pieces:
@@ -291,12 +292,9 @@ class _Client:
             rest = self.wire.send_now(_views(pieces))
             if not rest:
                 return
-            async with self._send_lock:
-                await self.wire.send_all(rest)
-                while pieces := self.conn.pieces_to_send():
-                    await self.wire.send_all(_views(pieces))
-            return
         async with self._send_lock:
+            if rest:
+                await self.wire.send_all(rest)
             while pieces := self.conn.pieces_to_send():
                 await self.wire.send_all(_views(pieces))
 

@@ -231,24 +231,10 @@ class Connection:
         return None
 
     def _send(self, p: P.PDU) -> None:
-        data = p.data
-        if self.result is None or not (self.reader.header_digest or self.params.data_digest):
-            if not p.ahs and len(data) < 1 << 24:
-                # The common case: header and data as they are, no digests, no AHS.
-                out = self._out
-                out.append(p.bhs())
-                if data:
-                    self.queued_data += len(data)
-                    out.append(data)
-                    if len(data) & 3:
-                        out.append(P.pad_bytes(len(data)))
-                return
-            self.queued_data += len(data)
-            self._out += P.encode_pieces(p)
-            return
-        self.queued_data += len(data)
-        self._out += P.encode_pieces(p, header_digest=self.reader.header_digest,
-                                     data_digest=self.params.data_digest)
+        self.queued_data += len(p.data)
+        digests = self.result is not None
+        self._out += P.encode_pieces(p, header_digest=digests and self.reader.header_digest,
+                                     data_digest=digests and self.params.data_digest)
 
     def _stat(self) -> int:
         sn = self.statsn
