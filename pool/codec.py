@@ -21,6 +21,7 @@ fragment from an earlier life of the extent never passes for live data (invarian
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import lz4.block
@@ -31,10 +32,13 @@ from pool.layout import SECTOR
 
 HEADER = struct.Struct("<Q4sBBBBIIQ")
 HEADER_SIZE = HEADER.size  # 32
+_TAIL = struct.Struct("<4sBBBBIIQ")    # the header after its checksum
+_SPLIT = struct.Struct("<Q24s")        # the header as its checksum and the rest
 MAGIC = b"SDFG"
 FLAG_LZ4 = 1
 
 _xxh3 = xxhash.xxh3_64_intdigest
+_xxh3_stream = xxhash.xxh3_64
 _encoders: dict[tuple[int, int], zfec.Encoder] = {}
 _decoders: dict[tuple[int, int], zfec.Decoder] = {}
 
@@ -169,6 +173,27 @@ def check_fragment(frag: bytes | memoryview, index: int, k: int, m: int, plen: i
     if _xxh3(view[8:end]) != fhash:
         return None
     return view[HEADER_SIZE:end]
+
+
+def check_column(heads: memoryview, chunks: Sequence[memoryview], index: int, k: int,
+                 m: int, plen: int, rhashes: Sequence[int]) -> bool:
+    """``check_fragment`` of fragment ``index`` of several records stored raw (payloads
+    of ``plen`` bytes, record hashes ``rhashes``), each read in two places: the headers one
+    after another in ``heads``, the chunks (all of one length) in ``chunks``."""
+    if (len(chunks) != len(rhashes) or len(heads) != HEADER_SIZE * len(chunks)
+            or (chunks and len(chunks[0]) != chunk_length(plen, k))):
+        return False
+    tail = _TAIL.pack
+    for (fhash, got), chunk, rhash in zip(_SPLIT.iter_unpack(heads), chunks, rhashes,
+                                           strict=True):
+        want = tail(MAGIC, index, k, m, 0, plen, 0, rhash)
+        if got != want:
+            return False
+        h = _xxh3_stream(want)
+        h.update(chunk)
+        if h.intdigest() != fhash:
+            return False
+    return True
 
 
 def reassemble(chunks: dict[int, memoryview], k: int, m: int,

@@ -61,8 +61,10 @@ class Device(Protocol):
 
     def pread(self, offset: int, length: int) -> bytes: ...
 
-    def pread_nowait(self, offset: int, length: int) -> bytes | bytearray | None:
-        """The bytes if they can be had without blocking (page cache), else None.
+    def preadv_nowait(self, offset: int, buffers: Sequence[bytearray | memoryview]) -> bool:
+        """Fill ``buffers`` back to back from ``offset`` if that can be done without
+        blocking (the bytes are in the page cache); whether it was done. When not, the
+        buffers may hold anything.
 
         May be called on the event loop; must never block or raise for "not cached"."""
         ...
@@ -189,15 +191,20 @@ class FileDevice:
                               f"at {offset}")
         return data
 
-    def pread_nowait(self, offset: int, length: int) -> bytes | bytearray | None:
+    def preadv_nowait(self, offset: int, buffers: Sequence[bytearray | memoryview]) -> bool:
         if _RWF_NOWAIT is None:
-            return None
-        buf = bytearray(length)
-        try:
-            n = os.preadv(self._fd, [buf], offset, _RWF_NOWAIT)
-        except OSError:
-            return None  # EAGAIN (not cached), EOPNOTSUPP...: the thread path will tell
-        return buf if n == length else None
+            return False
+        for i in range(0, len(buffers), _IOV_MAX):
+            batch = buffers if len(buffers) <= _IOV_MAX else buffers[i:i + _IOV_MAX]
+            want = sum(map(len, batch))
+            try:
+                n = os.preadv(self._fd, batch, offset, _RWF_NOWAIT)
+            except OSError:
+                return False  # EAGAIN (not cached), EOPNOTSUPP...: the thread path will tell
+            if n != want:
+                return False  # partly cached, or beyond the end (a truncated file)
+            offset += n
+        return True
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -311,11 +318,15 @@ class MemoryDevice:
         with self._lock:
             return bytes(self._buf[offset:offset + length])
 
-    def pread_nowait(self, offset: int, length: int) -> bytes | bytearray | None:
-        try:
-            return self.pread(offset, length)
-        except DeviceError:
-            return None
+    def preadv_nowait(self, offset: int, buffers: Sequence[bytearray | memoryview]) -> bool:
+        if offset < 0 or offset + sum(len(b) for b in buffers) > len(self._buf):
+            return False
+        with self._lock:
+            for b in buffers:
+                n = len(b)
+                b[:] = self._buf[offset:offset + n]
+                offset += n
+        return True
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         n = len(data)

@@ -71,8 +71,8 @@ class RecordingDevice:
     def pread(self, offset: int, length: int) -> bytes:
         return self.inner.pread(offset, length)
 
-    def pread_nowait(self, offset: int, length: int) -> bytes | bytearray | None:
-        return self.inner.pread_nowait(offset, length)
+    def preadv_nowait(self, offset: int, buffers: Sequence[bytearray | memoryview]) -> bool:
+        return self.inner.preadv_nowait(offset, buffers)
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.inner.pwrite(offset, data)
@@ -137,8 +137,8 @@ class FaultyDevice:
         self.injected_errors += 1
         return DeviceError(f"injected I/O error: {what} on {self.path}")
 
-    def pread_nowait(self, offset: int, length: int) -> bytes | bytearray | None:
-        return None  # every read goes through pread, where the faults are
+    def preadv_nowait(self, offset: int, buffers: Sequence[bytearray | memoryview]) -> bool:
+        return False  # every read goes through pread, where the faults are
 
     def pread(self, offset: int, length: int) -> bytes:
         if self.read_delay:

@@ -182,18 +182,28 @@ class MapForest:
 
     def get_range(self, map_id: int, start: int, count: int) -> list[bytes | None]:
         out: list[bytes | None] = []
+        for n, raw in self.leaf_spans(map_id, start, count):
+            if raw is None:
+                out.extend([None] * n)
+            else:
+                for o in range(0, n * ENTRY_SIZE, ENTRY_SIZE):
+                    e = raw[o:o + ENTRY_SIZE]
+                    out.append(None if e == HOLE else e)
+        return out
+
+    def leaf_spans(self, map_id: int, start: int, count: int
+                   ) -> list[tuple[int, bytes | None]]:
+        """The entries of ``count`` blocks from ``start``, one piece per leaf they lie in:
+        (how many, their entries back to back, or None where there is no leaf: holes).
+        A hole inside a leaf is an entry of zeros (HOLE)."""
+        out: list[tuple[int, bytes | None]] = []
         block, end = start, start + count
         while block < end:
             slot = block & (FANOUT - 1)
             n = min(FANOUT - slot, end - block)
             leaf = self._leaf(map_id, block)
-            if leaf is None:
-                out.extend([None] * n)
-            else:
-                raw = bytes(leaf.data[slot * ENTRY_SIZE:(slot + n) * ENTRY_SIZE])
-                for o in range(0, n * ENTRY_SIZE, ENTRY_SIZE):
-                    e = raw[o:o + ENTRY_SIZE]
-                    out.append(None if e == HOLE else e)
+            out.append((n, None if leaf is None else
+                        bytes(leaf.data[slot * ENTRY_SIZE:(slot + n) * ENTRY_SIZE])))
             block += n
         return out
 

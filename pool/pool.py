@@ -197,6 +197,7 @@ class Pool:
         self._cache_bytes = 0
         self._cache_hits = 0   # records served from the cache (see foreground_records)
         self._cache_limit = RECORD_CACHE_BYTES
+        self._zero_block = b""     # zeros for holes read into a caller's buffer
         self._pending: list[Op] = []
         self._applied = 0
         self._committed = 0
@@ -1035,6 +1036,75 @@ class Pool:
             raise MediumError(f"block {blocks[slot]}: {why}")
         self._keep(out, entries, result)
         return result
+
+    async def read_blocks_into(self, map_id: int, blocks: Sequence[int], block_size: int,
+                               dests: Sequence[memoryview]) -> None:
+        """``read_blocks``, each block's content written into its ``dests`` entry (of
+        ``block_size`` bytes; a hole as zeros) rather than returned: page-cached records
+        are read straight into them, with no buffer of their own and no copy."""
+        if self._failed is None and not self.closed and map_id in self.state.maps:
+            runs = self._into_runs(map_id, blocks, block_size, dests)
+            if runs is not None:
+                try:
+                    records.read_runs_into(runs, block_size, dests)
+                except records.WouldBlock:
+                    pass
+                else:
+                    self._counters["records_read"] += sum(len(r.slots) for r in runs)
+                    return
+        got = await self.read_blocks(map_id, blocks, block_size)
+        for dest, v in zip(dests, got, strict=True):
+            dest[:] = v if v is not None else self._zeros(block_size)
+
+    def _into_runs(self, map_id: int, blocks: Sequence[int], block_size: int,
+                   dests: Sequence[memoryview]) -> list[records.IntoRun] | None:
+        """The records of ``blocks`` as runs for ``records.read_runs_into`` (holes are
+        zeroed in ``dests`` here), or None if some block is not a whole block stored raw."""
+        forest = self.state.forest
+        if blocks and blocks[-1] - blocks[0] + 1 == len(blocks):
+            spans = forest.leaf_spans(map_id, blocks[0], len(blocks))
+        else:
+            spans = [(1, forest.get(map_id, b) or HOLE) for b in blocks]
+        segments = self.state.segments
+        runs: list[records.IntoRun] = []
+        run: records.IntoRun | None = None
+        run_seg = after = units = -1
+        slot = 0
+        for n, raw in spans:
+            if raw is None:
+                for _ in range(n):
+                    dests[slot][:] = self._zeros(block_size)
+                    slot += 1
+                run = None
+                continue
+            for seg_id, off, plen, flags, rhash in ENTRY.iter_unpack(raw):
+                if not plen:                   # a hole (HOLE unpacks to zeros)
+                    dests[slot][:] = self._zeros(block_size)
+                    slot += 1
+                    run = None
+                    continue
+                if plen != block_size or flags:
+                    return None
+                if run is None or seg_id != run_seg or off != after:
+                    seg = segments[seg_id]
+                    if block_size % seg.k:
+                        return None
+                    units = codec.fragment_units(plen, seg.k)
+                    run = records.IntoRun(self._columns(seg), seg.k, seg.m, off, units, [],
+                                          [])
+                    runs.append(run)
+                    run_seg = seg_id
+                run.slots.append(slot)
+                run.hashes.append(rhash)
+                after = off + units
+                slot += 1
+        return runs
+
+    def _zeros(self, n: int) -> bytes:
+        z = self._zero_block
+        if len(z) != n:
+            z = self._zero_block = bytes(n)
+        return z
 
     def _cache_put(self, key: bytes, data: bytes | memoryview) -> None:
         if key in self._cache:

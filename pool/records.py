@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import chain, repeat
 from typing import NamedTuple
 
 import xxhash
@@ -195,9 +196,8 @@ def _read_run(run: Sequence[RecordPlan], block_size: int, out: ReadOutcome,
     if nowait:
         for c in range(k):
             dev, base, _name = first.columns[c]
-            got = (dev.pread_nowait(base + first.offset * SECTOR, total * SECTOR)
-                   if dev is not None else None)
-            if got is None:
+            got = bytearray(total * SECTOR)
+            if dev is None or not dev.preadv_nowait(base + first.offset * SECTOR, [got]):
                 raise WouldBlock
             columns.append(memoryview(got))
     else:
@@ -229,6 +229,59 @@ def _read_run(run: Sequence[RecordPlan], block_size: int, out: ReadOutcome,
         if nowait:
             raise WouldBlock
         _read_slow(p, block_size, chunks, out)
+
+
+class IntoRun(NamedTuple):
+    """Records of whole, raw-stored blocks lying one after another in one segment, to be
+    read straight into the caller's buffers (``read_runs_into``)."""
+
+    columns: tuple[tuple[Device | None, int, str], ...]
+    k: int
+    m: int
+    offset: int                   # sectors into each extent of the first record
+    units: int                    # sectors of one fragment (the same for all: whole blocks)
+    slots: list[int]              # each record's buffer, in ``dests``
+    hashes: list[int]             # each record's hash (from the map)
+
+
+# Where the zero padding after each chunk is read to by ``read_runs_into`` (nobody looks at
+# it; concurrent readers may scribble over each other here).
+_SINK = memoryview(bytearray(SECTOR))
+
+
+def read_runs_into(runs: Sequence[IntoRun], block_size: int,
+                   dests: Sequence[memoryview]) -> None:
+    """Read whole blocks stored raw straight into ``dests[slot]`` (each ``block_size``
+    bytes): per run and data column one ``preadv`` scatters every chunk to its place in
+    the caller's buffer and the fragment headers to scratch; each fragment is then verified
+    where it landed (``codec.check_column``).
+
+    Called on the event loop: only page-cached, healthy records are read; for anything
+    else it raises WouldBlock (the buffers may then hold anything) and the caller takes the
+    general path, which also reports and heals.
+    """
+    hs = codec.HEADER_SIZE
+    for run in runs:
+        k = run.k
+        clen = block_size // k
+        n = len(run.slots)
+        pad = run.units * SECTOR - hs - clen
+        sink = _SINK[:pad]
+        for c in range(k):
+            dev, base, _name = run.columns[c]
+            if dev is None:
+                raise WouldBlock
+            chunks = ([dests[s] for s in run.slots] if k == 1 else
+                      [dests[s][c * clen:(c + 1) * clen] for s in run.slots])
+            heads = memoryview(bytearray(hs * n))
+            iov: list[memoryview] = [heads[at:at + hs] for at in range(0, hs * n, hs)]
+            if pad:
+                iov = list(chain.from_iterable(zip(iov, chunks, repeat(sink))))
+            else:
+                iov = list(chain.from_iterable(zip(iov, chunks, strict=True)))
+            if not (dev.preadv_nowait(base + run.offset * SECTOR, iov) and codec.check_column(
+                    heads, chunks, c, k, run.m, block_size, run.hashes)):
+                raise WouldBlock
 
 
 def _check_into(raw: bytes | memoryview | None, c: int, p: RecordPlan,

@@ -2,7 +2,8 @@
 
 Hypothesis generates programs of write / partial write / trim / write-zeroes / flush /
 reopen / concurrent-overlapping-writes ops; each program runs against a real pool on file
-devices and against a plain bytearray model, and every read must match byte for byte. A
+devices and against a plain bytearray model, and every read (``read``, the no-wait,
+vectored and sparse reads, ``readinto``) must match byte for byte. A
 reopen closes and re-imports the pool from its device files, so everything written before
 the close must come back (a close writes back and commits). Space must be given back: after
 trimming everything, nothing stays mapped.
@@ -100,6 +101,11 @@ async def _run(program: list[Op], profile: str, ndev: int) -> None:
                 pool = await Pool.open([FileDevice(p) for p in reversed(paths)])
                 vol = VolumeManager(pool).get("v")
             assert await vol.read(0, VOL) == bytes(model), f"mismatch after {op}"
+            # Into a caller's buffer (whole blocks straight from the pool where they can
+            # be), at an odd place in a larger one.
+            into = bytearray(VOL + 3)
+            await vol.readinto(0, memoryview(into)[1:VOL + 1])
+            assert into[1:VOL + 1] == model and into[0] == into[-1] == 0, f"after {op}"
             # The cheap count FUSE attributes use (map leaf counts and the write buffer)
             # agrees with the walk over every block.
             assert vol.mapped_bytes() == vol.statistics().mapped_bytes, f"after {op}"
@@ -120,6 +126,8 @@ async def _run(program: list[Op], profile: str, ndev: int) -> None:
                     assert b"".join(parts) == bytes(model[at:at + size]), f"after {op}"
                 assert b"".join(await vol.read_vectored(at, size)) == \
                     bytes(model[at:at + size]), f"vectored read after {op}"
+                await vol.readinto(at, memoryview(into)[:size])
+                assert into[:size] == model[at:at + size], f"readinto after {op}"
         report = await check(pool)
         assert report.ok, report.render()
         # Thin: trimming everything releases every block (invariant 6).

@@ -270,6 +270,55 @@ class Volume:
         got = self._contents_nowait(offset, length)
         return None if got is None else self._gather(*got, length, started)
 
+    async def readinto(self, offset: int, buffer: bytearray | memoryview) -> None:
+        """``read`` of ``len(buffer)`` bytes at ``offset`` into the caller's writable
+        ``buffer`` (holes as zeros): whole blocks that are page-cached are read straight
+        into it, with no copy, so a frontend with buffers of its own reads at memory speed.
+
+        If the read fails or is cancelled, the buffer's content is undefined."""
+        started = time.perf_counter()
+        view = memoryview(buffer).cast("B")
+        length = len(view)
+        bs = self.block_size
+        if (not offset % bs and not length % bs and not self._dirty and not self._inflight
+                and not self._captured):
+            # Whole blocks, none in the write buffer: all of it from the pool.
+            self._check(offset, length, write=False)
+            await self._pool.read_blocks_into(
+                self._map, range(offset // bs, (offset + length) // bs), bs,
+                [view[at:at + bs] for at in range(0, length, bs)])
+            self._count_read(length, started)
+            return
+        spans, buffered, _need = self._begin_read(offset, length)
+        whole: list[int] = []
+        into: list[memoryview] = []
+        part: list[tuple[int, int, int, memoryview]] = []
+        pos = 0
+        for b, lo, hi in spans:
+            dest = view[pos:pos + hi - lo]
+            pos += hi - lo
+            if b in buffered:
+                v = buffered[b]
+                dest[:] = self._zero_view[lo:hi] if v is None else v[lo:hi]
+            elif hi - lo == bs:
+                whole.append(b)
+                into.append(dest)
+            else:
+                part.append((b, lo, hi, dest))
+        if whole:
+            await self._pool.read_blocks_into(self._map, whole, bs, into)
+        if part:
+            got = await self._pool.read_blocks(self._map, [b for b, *_ in part], bs)
+            for (_b, lo, hi, dest), v in zip(part, got, strict=True):
+                dest[:] = self._zero_view[lo:hi] if v is None else v[lo:hi]
+        self._count_read(length, started)
+
+    def _count_read(self, length: int, started: float) -> None:
+        stats = self._stats
+        stats["reads"] += 1
+        stats["bytes_read"] += length
+        self._latency["read"].observe(time.perf_counter() - started)
+
     async def _contents(self, offset: int, length: int
                         ) -> tuple[list[tuple[int, int, int]], dict[int, Block | None]]:
         """The spans of a read and the content of every block they touch (None: a hole),
@@ -309,9 +358,7 @@ class Volume:
                 out.append(v)
             else:
                 out.append(memoryview(v)[lo:hi])
-        self._stats["reads"] += 1
-        self._stats["bytes_read"] += length
-        self._latency["read"].observe(time.perf_counter() - started)
+        self._count_read(length, started)
         return out
 
     def _read_one_nowait(self, b: int, offset: int, length: int,
@@ -335,10 +382,7 @@ class Volume:
             if not answered:
                 return False, None
         lo = offset - b * self.block_size
-        stats = self._stats
-        stats["reads"] += 1
-        stats["bytes_read"] += length
-        self._latency["read"].observe(time.perf_counter() - started)
+        self._count_read(length, started)
         if v is None:
             return True, None
         return True, v[lo:lo + length] if isinstance(v, bytes) else bytes(v[lo:lo + length])
@@ -392,9 +436,7 @@ class Volume:
                         bytes(run[0]) if len(run) == 1 else b"".join(run)))
         elif hole_start >= 0:
             out.append((hole_start, end - hole_start, None))
-        self._stats["reads"] += 1
-        self._stats["bytes_read"] += length
-        self._latency["read"].observe(time.perf_counter() - started)
+        self._count_read(length, started)
         return out
 
     async def _current(self, b: int) -> bytearray:
