@@ -5,8 +5,9 @@ What is measured, in this order:
 
 raw limits (one thread, no engine):
 - ``raw file``: os.pwrite / os.preadv on one sparse file on the same filesystem as the
-  device files (reads into one reused buffer, as the engine's reads below fill the
-  caller's buffers): sequential 1 MiB writes (then one os.fdatasync), sequential 1 MiB reads,
+  device files (reads into one reused, page-aligned buffer, as the engine's reads below
+  fill the caller's buffers): sequential 1 MiB writes (then one os.fdatasync), sequential
+  1 MiB reads,
   random 4 KiB writes at 4K-aligned offsets inside the same range (then os.fdatasync),
   random 4 KiB reads at the same offsets;
 - ``raw 6 files x1.5``: the sequential write again, but 1.5x the bytes spread over 6 files
@@ -27,6 +28,13 @@ random 4 KiB reads (16 in flight). Reads are ``Volume.readinto`` into a buffer p
 flight (what a frontend with buffers of its own calls; like fio's per-I/O buffers). A few
 blocks are read back and compared afterwards (outside the timed regions) so that a fast
 wrong answer cannot pass.
+
+Read buffers, raw and engine alike, are page-aligned (anonymous mmap), as fio's are. Where
+a buffer starts matters more than anything else here: on this machine's CPU the kernel's
+copy out of the page cache runs at a quarter of its speed when the destination lies 4 to
+28 bytes (mod 64) past a source near the start of a page, so a ``bytearray`` (16-byte
+aligned by malloc) made the raw row anywhere from 2 to 10 GB/s depending on where the
+allocator put it (docs/INTERNALS.md, "Reading into the caller's buffer").
 
 How to read the table:
 - MB/s is logical bytes per second; IOPS is given for the 4 KiB rows. Sequential tests
@@ -53,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import mmap
 import os
 import random
 import shutil
@@ -145,6 +154,11 @@ def compressible(n: int, seed: int = 7) -> bytes:
     return b"".join(out)[:n]
 
 
+def aligned(n: int) -> memoryview:
+    """A writable page-aligned buffer of ``n`` bytes (anonymous memory)."""
+    return memoryview(mmap.mmap(-1, n))
+
+
 def random_offsets(size: int, ops: int, seed: int = 1) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(size // RND) * RND for _ in range(ops)]
@@ -171,7 +185,7 @@ def raw_file_rows(d: str, size: int, offsets: Sequence[int], repeat: int) -> lis
     sequential round writes a new sparse file, as the engine always writes to new space."""
     data = os.urandom(SEQ)
     small = data[:RND]
-    buf = bytearray(SEQ)
+    buf = aligned(SEQ)
     n = size // SEQ
     path = os.path.join(d, "raw")
     writes: list[Row] = []
@@ -300,7 +314,7 @@ async def _timed_write(pool: Pool, vol: Volume, name: str, test: str, items: Seq
 
 async def _timed_read(name: str, test: str, vol: Volume, items: Sequence[int], depth: int,
                       length: int) -> Row:
-    free = [bytearray(length) for _ in range(depth)]   # one per read in flight
+    free = [aligned(length) for _ in range(depth)]   # one per read in flight
 
     async def read(off: int) -> None:
         buf = free.pop()
@@ -324,7 +338,7 @@ async def volume_rows(pool: Pool, vol: Volume, name: str, size: int, offsets: Se
     rows = [median(writes), median(reads)]
     if await trio.to_thread.run_sync(drop_caches):
         rows.append(await _timed_read(name, COLD_R, vol, seq, SEQ_DEPTH, SEQ))
-    buf = bytearray(SEQ)
+    buf = aligned(SEQ)
     for off in random.Random(3).sample(seq, min(4, len(seq))):
         await vol.readinto(off, buf)
         if buf != data or await vol.read(off, SEQ) != data:
@@ -333,7 +347,7 @@ async def volume_rows(pool: Pool, vol: Volume, name: str, size: int, offsets: Se
     rows += [await _timed_write(pool, vol, name, RND_W, offsets, RND_DEPTH, small),
              await _timed_read(name, RND_R, vol, offsets, RND_DEPTH, RND)]
     for off in random.Random(4).sample(list(offsets), min(16, len(offsets))):
-        await vol.readinto(off, memoryview(buf)[:RND])
+        await vol.readinto(off, buf[:RND])
         if buf[:RND] != small or await vol.read(off, RND) != small:
             raise AssertionError(f"{name}: 4 KiB at {off} read back wrong")
     st = vol.statistics()

@@ -61,10 +61,11 @@ class Device(Protocol):
 
     def pread(self, offset: int, length: int) -> bytes: ...
 
-    def preadv_nowait(self, offset: int, buffers: Sequence[bytearray | memoryview]) -> bool:
-        """Fill ``buffers`` back to back from ``offset`` if that can be done without
-        blocking (the bytes are in the page cache); whether it was done. When not, the
-        buffers may hold anything.
+    def preadv_nowait(self, offset: int, buffers: Sequence[bytearray | memoryview]) -> int:
+        """Fill ``buffers`` back to back from ``offset`` as far as that can be done without
+        blocking (the bytes are in the page cache); how many bytes were read: all of them,
+        or fewer (not all cached, or the end of the device; the rest of the buffers may
+        then hold anything).
 
         May be called on the event loop; must never block or raise for "not cached"."""
         ...
@@ -191,20 +192,21 @@ class FileDevice:
                               f"at {offset}")
         return data
 
-    def preadv_nowait(self, offset: int, buffers: Sequence[bytearray | memoryview]) -> bool:
+    def preadv_nowait(self, offset: int, buffers: Sequence[bytearray | memoryview]) -> int:
         if _RWF_NOWAIT is None:
-            return False
-        for i in range(0, len(buffers), _IOV_MAX):
-            batch = buffers if len(buffers) <= _IOV_MAX else buffers[i:i + _IOV_MAX]
-            want = sum(map(len, batch))
+            return 0
+        if len(buffers) <= _IOV_MAX:
             try:
-                n = os.preadv(self._fd, batch, offset, _RWF_NOWAIT)
+                return os.preadv(self._fd, buffers, offset, _RWF_NOWAIT)
             except OSError:
-                return False  # EAGAIN (not cached), EOPNOTSUPP...: the thread path will tell
-            if n != want:
-                return False  # partly cached, or beyond the end (a truncated file)
-            offset += n
-        return True
+                return 0  # EAGAIN (not cached), EOPNOTSUPP...: the thread path will tell
+        done = 0
+        for i in range(0, len(buffers), _IOV_MAX):
+            got = self.preadv_nowait(offset + done, buffers[i:i + _IOV_MAX])
+            done += got
+            if got < sum(map(len, buffers[i:i + _IOV_MAX])):
+                break
+        return done
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -318,15 +320,18 @@ class MemoryDevice:
         with self._lock:
             return bytes(self._buf[offset:offset + length])
 
-    def preadv_nowait(self, offset: int, buffers: Sequence[bytearray | memoryview]) -> bool:
-        if offset < 0 or offset + sum(len(b) for b in buffers) > len(self._buf):
-            return False
+    def preadv_nowait(self, offset: int, buffers: Sequence[bytearray | memoryview]) -> int:
+        done = 0
         with self._lock:
             for b in buffers:
-                n = len(b)
-                b[:] = self._buf[offset:offset + n]
-                offset += n
-        return True
+                n = min(len(b), len(self._buf) - offset - done)
+                if n <= 0 or offset < 0:
+                    break
+                b[:n] = self._buf[offset + done:offset + done + n]
+                done += n
+                if n < len(b):
+                    break
+        return done
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         n = len(data)

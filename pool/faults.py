@@ -71,7 +71,7 @@ class RecordingDevice:
     def pread(self, offset: int, length: int) -> bytes:
         return self.inner.pread(offset, length)
 
-    def preadv_nowait(self, offset: int, buffers: Sequence[bytearray | memoryview]) -> bool:
+    def preadv_nowait(self, offset: int, buffers: Sequence[bytearray | memoryview]) -> int:
         return self.inner.preadv_nowait(offset, buffers)
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
@@ -137,8 +137,8 @@ class FaultyDevice:
         self.injected_errors += 1
         return DeviceError(f"injected I/O error: {what} on {self.path}")
 
-    def preadv_nowait(self, offset: int, buffers: Sequence[bytearray | memoryview]) -> bool:
-        return False  # every read goes through pread, where the faults are
+    def preadv_nowait(self, offset: int, buffers: Sequence[bytearray | memoryview]) -> int:
+        return 0  # every read goes through pread, where the faults are
 
     def pread(self, offset: int, length: int) -> bytes:
         if self.read_delay:

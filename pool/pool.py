@@ -1046,11 +1046,11 @@ class Pool:
             runs = self._into_runs(map_id, blocks, block_size, dests)
             if runs is not None:
                 try:
-                    records.read_runs_into(runs, block_size, dests)
+                    done = records.read_runs_into(runs, block_size, dests)
                 except records.WouldBlock:
                     pass
                 else:
-                    self._counters["records_read"] += sum(len(r.slots) for r in runs)
+                    self._counters["records_read"] += done
                     return
         got = await self.read_blocks(map_id, blocks, block_size)
         for dest, v in zip(dests, got, strict=True):
@@ -1066,6 +1066,18 @@ class Pool:
         else:
             spans = [(1, forest.get(map_id, b) or HOLE) for b in blocks]
         segments = self.state.segments
+        n, raw = spans[0] if len(spans) == 1 else (0, None)
+        if raw is not None and n > 1:
+            # The usual large read: records one after another in one segment. Checked
+            # column-wise (a few C-level calls), not entry by entry.
+            segs, offs, plens, flags, hashes = zip(*ENTRY.iter_unpack(raw), strict=True)
+            seg = segments.get(segs[0])
+            if (seg is not None and plens.count(block_size) == n and segs.count(seg.id) == n
+                    and not any(flags) and not block_size % seg.k):
+                units = codec.fragment_units(block_size, seg.k)
+                if offs == tuple(range(offs[0], offs[0] + n * units, units)):
+                    return [records.IntoRun(self._columns(seg), seg.k, seg.m, offs[0], units,
+                                            list(range(n)), list(hashes))]
         runs: list[records.IntoRun] = []
         run: records.IntoRun | None = None
         run_seg = after = units = -1

@@ -197,7 +197,8 @@ def _read_run(run: Sequence[RecordPlan], block_size: int, out: ReadOutcome,
         for c in range(k):
             dev, base, _name = first.columns[c]
             got = bytearray(total * SECTOR)
-            if dev is None or not dev.preadv_nowait(base + first.offset * SECTOR, [got]):
+            if dev is None or dev.preadv_nowait(base + first.offset * SECTOR,
+                                                [got]) != len(got):
                 raise WouldBlock
             columns.append(memoryview(got))
     else:
@@ -250,7 +251,7 @@ _SINK = memoryview(bytearray(SECTOR))
 
 
 def read_runs_into(runs: Sequence[IntoRun], block_size: int,
-                   dests: Sequence[memoryview]) -> None:
+                   dests: Sequence[memoryview]) -> int:
     """Read whole blocks stored raw straight into ``dests[slot]`` (each ``block_size``
     bytes): per run and data column one ``preadv`` scatters every chunk to its place in
     the caller's buffer and the fragment headers to scratch; each fragment is then verified
@@ -258,15 +259,17 @@ def read_runs_into(runs: Sequence[IntoRun], block_size: int,
 
     Called on the event loop: only page-cached, healthy records are read; for anything
     else it raises WouldBlock (the buffers may then hold anything) and the caller takes the
-    general path, which also reports and heals.
+    general path, which also reports and heals. Returns how many records it read.
     """
     hs = codec.HEADER_SIZE
+    done = 0
     for run in runs:
         k = run.k
         clen = block_size // k
         n = len(run.slots)
         pad = run.units * SECTOR - hs - clen
         sink = _SINK[:pad]
+        size = n * run.units * SECTOR
         for c in range(k):
             dev, base, _name = run.columns[c]
             if dev is None:
@@ -279,9 +282,11 @@ def read_runs_into(runs: Sequence[IntoRun], block_size: int,
                 iov = list(chain.from_iterable(zip(iov, chunks, repeat(sink))))
             else:
                 iov = list(chain.from_iterable(zip(iov, chunks, strict=True)))
-            if not (dev.preadv_nowait(base + run.offset * SECTOR, iov) and codec.check_column(
-                    heads, chunks, c, k, run.m, block_size, run.hashes)):
+            if dev.preadv_nowait(base + run.offset * SECTOR, iov) != size or \
+                    not codec.check_column(heads, chunks, c, k, run.m, block_size, run.hashes):
                 raise WouldBlock
+        done += n
+    return done
 
 
 def _check_into(raw: bytes | memoryview | None, c: int, p: RecordPlan,

@@ -98,8 +98,12 @@ def test_file_device_is_sparse_and_round_trips(tmp_path: Path) -> None:
             assert f.read(len(a)) == a
         # Scattered into several buffers when cached (it is: just written).
         parts = [bytearray(n) for n in (1, 4095, len(a) - 4096)]
-        if dev.preadv_nowait(5 * MiB - 100, [parts[0], memoryview(parts[1]), parts[2]]):
-            assert b"".join(parts) == a
+        got = dev.preadv_nowait(5 * MiB - 100, [parts[0], memoryview(parts[1]), parts[2]])
+        assert got == len(a) and b"".join(parts) == a
+        # More buffers than one preadv takes (IOV_MAX): several calls, back to back.
+        many = [bytearray(3) for _ in range(1500)]
+        assert dev.preadv_nowait(20 * MiB + 3, many) == 4500
+        assert b"".join(many) == joined[:4500]
     finally:
         dev.close()
         dev.close()                               # closing twice is harmless
@@ -147,7 +151,7 @@ def test_reads_past_the_end_raise_instead_of_returning_short_data(tmp_path: Path
                 dev.pread(off, n)
             assert err.value.message.startswith(f"short read on {path}: ")
             assert f"of {n} bytes at {off}" in err.value.message
-            assert not dev.preadv_nowait(off, [bytearray(n)])
+            assert dev.preadv_nowait(off, [bytearray(n)]) == max(0, MiB - off)  # short
         assert dev.pread(MiB - 10, 10) == bytes(10)
     finally:
         dev.close()
@@ -177,9 +181,9 @@ def test_memory_device_bounds_and_discard() -> None:
                 lambda: dev.pread(-1, 2)):
         with pytest.raises(DeviceError, match="beyond end of ram"):
             bad()
-    assert not dev.preadv_nowait(8190, [bytearray(4)])
+    assert dev.preadv_nowait(8190, [bytearray(4)]) == 2          # short at the end
     two = [bytearray(2), bytearray(1)]
-    assert dev.preadv_nowait(100, two) and two == [b"ab", b"c"]
+    assert dev.preadv_nowait(100, two) == 3 and two == [b"ab", b"c"]
     dev.discard(4096, 10)
     assert dev.pread(4096, 15) == bytes(10) + b"y" * 5
     img = dev.image()
@@ -204,7 +208,7 @@ def test_faulty_device_injects_errors_and_counts_them(tmp_path: Path) -> None:
     dev = FaultyDevice(inner, seed=1)
     try:
         assert dev.pread(0, 4096) == data[:4096] and dev.injected_errors == 0
-        assert not dev.preadv_nowait(0, [bytearray(4096)])  # faults live on the blocking path
+        assert dev.preadv_nowait(0, [bytearray(4096)]) == 0  # faults live on the blocking path
         dev.read_error_rate = 1.0
         want = re.escape(f"injected I/O error: read at 512 on {inner.path}")
         with pytest.raises(DeviceError, match=want):
