@@ -32,8 +32,8 @@ from pool.layout import SECTOR
 
 HEADER = struct.Struct("<Q4sBBBBIIQ")
 HEADER_SIZE = HEADER.size  # 32
-_TAIL = struct.Struct("<4sBBBBIIQ")    # the header after its checksum
-_SPLIT = struct.Struct("<Q24s")        # the header as its checksum and the rest
+_PREFIX = struct.Struct("<4sBBBBII")  # the header after its checksum, up to the record hash
+_HEADS: dict[int, struct.Struct] = {}   # gap -> headers that far apart (check_column)
 MAGIC = b"SDFG"
 FLAG_LZ4 = 1
 
@@ -175,21 +175,24 @@ def check_fragment(frag: bytes | memoryview, index: int, k: int, m: int, plen: i
     return view[HEADER_SIZE:end]
 
 
-def check_column(heads: memoryview, chunks: Sequence[memoryview], index: int, k: int,
-                 m: int, plen: int, rhashes: Sequence[int]) -> bool:
+def check_column(between: memoryview, gap: int, chunks: Sequence[memoryview], index: int,
+                 k: int, m: int, plen: int, rhashes: Sequence[int]) -> bool:
     """``check_fragment`` of fragment ``index`` of several records stored raw (payloads
-    of ``plen`` bytes, record hashes ``rhashes``), each read in two places: the headers one
-    after another in ``heads``, the chunks (all of one length) in ``chunks``."""
-    if (len(chunks) != len(rhashes) or len(heads) != HEADER_SIZE * len(chunks)
-            or (chunks and len(chunks[0]) != chunk_length(plen, k))):
+    of ``plen`` bytes, record hashes ``rhashes``) that were read in pieces: the chunks (all
+    of one length) in ``chunks``, their headers ``gap`` bytes apart in ``between``."""
+    n = len(chunks)
+    if (n != len(rhashes) or len(between) != gap * n or gap < HEADER_SIZE
+            or (n and len(chunks[0]) != chunk_length(plen, k))):
         return False
-    tail = _TAIL.pack
-    for (fhash, got), chunk, rhash in zip(_SPLIT.iter_unpack(heads), chunks, rhashes,
+    layout = _HEADS.get(gap)
+    if layout is None:
+        layout = _HEADS[gap] = struct.Struct(f"<Q24s{gap - HEADER_SIZE}x")
+    prefix = _PREFIX.pack(MAGIC, index, k, m, 0, plen, 0)
+    for (fhash, tail), chunk, rhash in zip(layout.iter_unpack(between), chunks, rhashes,
                                            strict=True):
-        want = tail(MAGIC, index, k, m, 0, plen, 0, rhash)
-        if got != want:
+        if tail != prefix + rhash.to_bytes(8, "little"):
             return False
-        h = _xxh3_stream(want)
+        h = _xxh3_stream(tail)
         h.update(chunk)
         if h.intdigest() != fhash:
             return False

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import chain, repeat
+from itertools import chain
 from typing import NamedTuple
 
 import xxhash
@@ -245,17 +245,13 @@ class IntoRun(NamedTuple):
     hashes: list[int]             # each record's hash (from the map)
 
 
-# Where the zero padding after each chunk is read to by ``read_runs_into`` (nobody looks at
-# it; concurrent readers may scribble over each other here).
-_SINK = memoryview(bytearray(SECTOR))
-
-
 def read_runs_into(runs: Sequence[IntoRun], block_size: int,
                    dests: Sequence[memoryview]) -> int:
     """Read whole blocks stored raw straight into ``dests[slot]`` (each ``block_size``
     bytes): per run and data column one ``preadv`` scatters every chunk to its place in
-    the caller's buffer and the fragment headers to scratch; each fragment is then verified
-    where it landed (``codec.check_column``).
+    the caller's buffer, and what lies between two chunks (the padding of one fragment and
+    the header of the next) to scratch; each fragment is then verified where it landed
+    (``codec.check_column``).
 
     Called on the event loop: only page-cached, healthy records are read; for anything
     else it raises WouldBlock (the buffers may then hold anything) and the caller takes the
@@ -267,23 +263,23 @@ def read_runs_into(runs: Sequence[IntoRun], block_size: int,
         k = run.k
         clen = block_size // k
         n = len(run.slots)
-        pad = run.units * SECTOR - hs - clen
-        sink = _SINK[:pad]
-        size = n * run.units * SECTOR
+        size = run.units * SECTOR
+        gap = size - clen                 # from the end of one chunk to the next chunk
         for c in range(k):
             dev, base, _name = run.columns[c]
             if dev is None:
                 raise WouldBlock
             chunks = ([dests[s] for s in run.slots] if k == 1 else
                       [dests[s][c * clen:(c + 1) * clen] for s in run.slots])
-            heads = memoryview(bytearray(hs * n))
-            iov: list[memoryview] = [heads[at:at + hs] for at in range(0, hs * n, hs)]
-            if pad:
-                iov = list(chain.from_iterable(zip(iov, chunks, repeat(sink))))
-            else:
-                iov = list(chain.from_iterable(zip(iov, chunks, strict=True)))
-            if dev.preadv_nowait(base + run.offset * SECTOR, iov) != size or \
-                    not codec.check_column(heads, chunks, c, k, run.m, block_size, run.hashes):
+            # The first header, then each chunk followed by its padding and the next
+            # header: headers land ``gap`` bytes apart in ``between``.
+            between = memoryview(bytearray(n * gap))
+            iov = [between[:hs], *chain.from_iterable(zip(
+                chunks, [between[at:at + gap] for at in range(hs, n * gap, gap)],
+                strict=True))]
+            if dev.preadv_nowait(base + run.offset * SECTOR, iov) != n * size or \
+                    not codec.check_column(between, gap, chunks, c, k, run.m, block_size,
+                                           run.hashes):
                 raise WouldBlock
         done += n
     return done
