@@ -18,9 +18,10 @@ random half, checked in ``storagectl volume list``) and snapshotted as ``src/vm@
   conditions: the source was just written), each to a new file, with a sync (qemu-img's
   default cache mode writes back before it exits);
 - diagnostics, not targets: ``in-process send/receive (no socket)``, the engine's own
-  ``portable.send`` into a ``FileSink`` and ``portable.Receiver`` from the file, inside this
-  process on pools of its own (a volume written with the same pieces, zeros as data), to
-  tell the socket and process costs from the engine's.
+  ``portable.send`` into a ``portable.FdSink`` and ``portable.Receiver`` from the file (what
+  the daemon does with the file storagectl passes it), inside this process on pools of its
+  own (a volume written with the same pieces, zeros as data), to tell the daemon and
+  process costs from the engine's.
 The storagectl and qemu-img rows each time one subprocess (time.perf_counter around it,
 storagectl's own start-up included, as users pay it). Every row that writes a file (the
 storagectl send's FILE, qemu-img's target) unlinks it before its timer starts, so none pays
@@ -54,7 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,6 @@ import trio
 from benchmarks.common import free_port, wait_port
 from benchmarks.engine import choose_dir, fs_type
 from pool import FileDevice, Pool
-from storaged.portable_cli import FileSink
 from storaged.tuning import tune_process
 from volumes import VolumeManager, portable
 
@@ -220,11 +220,9 @@ async def _rounds(d: str, size: int, pieces: list[bytes], runs: int,
             _h, chunks = await portable.send(vs, "vm", "s1")
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                # As `storagectl volume send -o FILE` writes it: durable at the end.
-                sink = FileSink(fd)
-                async with chunks as it:
-                    async for c in it:
-                        await trio.to_thread.run_sync(sink.write, c)
+                # As the daemon writes `storagectl volume send -o FILE`: durable at the end.
+                sink = portable.FdSink(fd)
+                await portable.write_out(chunks, sink)
                 await trio.to_thread.run_sync(sink.sync)
             finally:
                 os.close(fd)
@@ -235,11 +233,11 @@ async def _rounds(d: str, size: int, pieces: list[bytes], runs: int,
             name = f"vm{len(out['receive'])}"
             t0 = time.perf_counter()
             rx = portable.Receiver(vd, name)
-            async with await trio.open_file(path, "rb") as f:
-                async def source() -> AsyncIterator[bytes]:
-                    while data := await f.read(4 * MiB):
-                        yield data
-                await rx.run(source())
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                await rx.run(portable.read_in(fd))     # as the daemon reads `-i FILE`
+            finally:
+                os.close(fd)
             out["receive"].append(time.perf_counter() - t0)
             if rx.done is None:
                 raise AssertionError("the in-process receive did not finish")

@@ -81,6 +81,19 @@ class Device(Protocol):
     def close(self) -> None: ...
 
 
+def advance(views: list[memoryview], n: int) -> list[memoryview]:
+    """What is left of ``views`` (written or sent back to back) after ``n`` bytes of them
+    went out: a short write or send continues from there."""
+    i = 0
+    while i < len(views) and n >= len(views[i]):
+        n -= len(views[i])
+        i += 1
+    rest = views[i:]
+    if rest and n:
+        rest[0] = rest[0][n:]
+    return rest
+
+
 class WriteBehind:
     """Write-behind for one open file (see WRITE_BEHIND): ``wrote`` after each write,
     ``sync`` to make everything written durable, ``join`` before closing the file."""
@@ -164,6 +177,10 @@ class FileDevice:
         self._size = self._probe_size()
         self._closed = False
         self._behind = WriteBehind(self._fd)
+        # One writer at a time: the kernel serializes buffered writes to a file anyway
+        # (ext4 takes the inode lock), but writers waiting there spin on the CPU; here
+        # they sleep (measured: 4 threads writing one file used 1.7x the CPU of 1).
+        self._wlock = threading.Lock()
 
     def _probe_size(self) -> int:
         if self._is_block:
@@ -212,10 +229,11 @@ class FileDevice:
         view = memoryview(data)
         start = offset
         try:
-            while view:
-                n = os.pwrite(self._fd, view, offset)
-                view = view[n:]
-                offset += n
+            with self._wlock:
+                while view:
+                    n = os.pwrite(self._fd, view, offset)
+                    view = view[n:]
+                    offset += n
         except OSError as e:
             raise DeviceError(f"write at {offset} on {self._path} failed: {e.strerror}") from e
         self._behind.wrote(start, offset)
@@ -225,17 +243,11 @@ class FileDevice:
         views = [memoryview(b) for b in buffers if len(b)]
         start = offset
         try:
-            while views:
-                batch = views[:_IOV_MAX]
-                n = os.pwritev(self._fd, batch, offset)
-                offset += n
-                while n and views:
-                    if n >= len(views[0]):
-                        n -= len(views[0])
-                        views.pop(0)
-                    else:
-                        views[0] = views[0][n:]
-                        n = 0
+            with self._wlock:
+                while views:
+                    n = os.pwritev(self._fd, views[:_IOV_MAX], offset)
+                    offset += n
+                    views = advance(views, n)
         except OSError as e:
             raise DeviceError(f"write at {offset} on {self._path} failed: {e.strerror}") from e
         self._behind.wrote(start, offset)

@@ -15,8 +15,7 @@ from typing import Any, Protocol
 
 DEFAULT_SOCKET = "/run/storaged/control.sock"
 MAX_FRAME = 16 << 20            # largest stream frame either side accepts
-FRAME = 4 << 20                 # frame size storagectl sends a stream in
-SOCKET_BUFFER = 4 << 20
+SOCKET_BUFFER = 4 << 20         # socket buffers of a framed stream
 FRAME_HEAD = struct.Struct(">I")
 Buffer = bytes | bytearray | memoryview
 
@@ -37,29 +36,12 @@ def widen(sock: _Settable) -> None:
             sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
 
 
-def _send_pieces_blocking(sock: socket.socket, pieces: Sequence[Buffer]) -> None:
-    """Send buffers back to back with scatter-gather writes (no joined copy)."""
-    views = [memoryview(p).cast("B") for p in pieces]
-    while views:
-        views = advance(views, sock.sendmsg(views))
-
-
-def advance(views: list[memoryview], n: int) -> list[memoryview]:
-    """What is left of ``views`` after ``n`` bytes were sent."""
-    i = 0
-    while i < len(views) and n >= len(views[i]):
-        n -= len(views[i])
-        i += 1
-    rest = views[i:]
-    if rest and n:
-        rest[0] = rest[0][n:]
-    return rest
-
-
-def call(path: str, method: str, params: dict[str, Any],
-         on_progress: Any = None) -> Any:
-    """Blocking client used by storagectl; raises ControlError / ConnectionError."""
-    s = _connect(path, method, params)
+def call(path: str, method: str, params: dict[str, Any], on_progress: Any = None, *,
+         fd: int | None = None) -> Any:
+    """Blocking client used by storagectl; raises ControlError / ConnectionError. With
+    ``fd``, the descriptor goes along with the request (volume.send writes the stream
+    into it, volume.receive reads the stream from it)."""
+    s = _connect(path, method, params, fd)
     try:
         r = _Reader(s)
         while "progress" in (msg := _answer(r)):
@@ -70,12 +52,19 @@ def call(path: str, method: str, params: dict[str, Any],
         s.close()
 
 
-def _connect(path: str, method: str, params: dict[str, Any]) -> socket.socket:
+def _connect(path: str, method: str, params: dict[str, Any],
+             fd: int | None = None) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.connect(path)
         widen(s)
-        s.sendall(json.dumps({"method": method, "params": params}).encode() + b"\n")
+        if fd is None:
+            s.sendall(json.dumps({"method": method, "params": params}).encode() + b"\n")
+        else:
+            line = json.dumps({"method": method, "params": {**params, "fd": True}}).encode()
+            # The descriptor travels with the first byte; the rest follows as it goes.
+            sent = socket.send_fds(s, [line + b"\n"], [fd])
+            s.sendall((line + b"\n")[sent:])
     except BaseException:
         s.close()
         raise
@@ -83,8 +72,7 @@ def _connect(path: str, method: str, params: dict[str, Any]) -> socket.socket:
 
 
 class _Reader:
-    """Reply lines and stream frames from a blocking socket: frames are received straight
-    into a caller's buffer (reused from frame to frame), lines through a small buffer."""
+    """Reply lines from a blocking socket."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -100,82 +88,13 @@ class _Reader:
         del self.buf[:i + 1]
         return out
 
-    def into(self, view: memoryview) -> None:
-        """Fill ``view`` exactly."""
-        got = min(len(self.buf), len(view))
-        if got:
-            view[:got] = self.buf[:got]
-            del self.buf[:got]
-        while got < len(view):
-            k = self.sock.recv_into(view[got:])
-            if k == 0:
-                raise ConnectionError("the daemon closed the connection in the middle of "
-                                      "the stream")
-            got += k
-
 
 def _answer(r: _Reader) -> Any:
-    """The result line of a reply, or raise its error."""
+    """The next line of a reply (progress or result), or raise its error."""
     msg = json.loads(r.line())
     if "error" in msg:
         raise ControlError(msg["error"]["message"], msg["error"].get("kind", ""))
     return msg
-
-
-def call_send(path: str, params: dict[str, Any], out: Any,
-              on_progress: Any = None) -> Any:
-    """volume.send: write the stream to the binary file ``out``; returns the result."""
-    s = _connect(path, "volume.send", params)
-    try:
-        r = _Reader(s)
-        header = _answer(r)["stream"]
-        done = 0
-        head = memoryview(bytearray(FRAME_HEAD.size))
-        buf = memoryview(bytearray(FRAME))
-        while True:
-            r.into(head)
-            (n,) = FRAME_HEAD.unpack(head)
-            if n == 0:
-                break
-            if n > MAX_FRAME:
-                raise ConnectionError(f"the daemon sent a frame of {n} bytes")
-            if n > len(buf):
-                buf = memoryview(bytearray(n))
-            r.into(buf[:n])
-            out.write(buf[:n])
-            done += n
-            if on_progress is not None:
-                on_progress(header, done)
-        out.flush()
-        return _answer(r)["result"]
-    finally:
-        s.close()
-
-
-def call_receive(path: str, params: dict[str, Any], src: Any,
-                 on_progress: Any = None) -> Any:
-    """volume.receive: send the binary file ``src`` as the stream; returns the result."""
-    s = _connect(path, "volume.receive", params)
-    try:
-        r = _Reader(s)
-        _answer(r)                          # {"ready": ...}: the parameters are good
-        done = 0
-        buf = memoryview(bytearray(FRAME))
-        try:
-            while True:
-                n = src.readinto(buf)
-                if not n:
-                    break
-                _send_pieces_blocking(s, (FRAME_HEAD.pack(n), buf[:n]))
-                done += n
-                if on_progress is not None:
-                    on_progress(done)
-            s.sendall(FRAME_HEAD.pack(0))
-        except (BrokenPipeError, ConnectionResetError):
-            pass                            # the daemon refused the stream: read why
-        return _answer(r)["result"]
-    finally:
-        s.close()
 
 
 class ControlError(Exception):
@@ -185,4 +104,4 @@ class ControlError(Exception):
         self.kind = kind
 
 
-__all__: Sequence[str] = ["ControlError", "call", "call_receive", "call_send"]
+__all__: Sequence[str] = ["ControlError", "call"]

@@ -4,11 +4,18 @@ Request:  {"method": "pool.status", "params": {"name": "tank"}}
 Replies:  zero or more {"progress": {...}} lines, then {"result": ...} or
           {"error": {"message": "...", "errno": 2, "kind": "NotFound"}}.
 
-Two methods carry a binary stream (docs/STREAM.md), framed on the same connection as
-big-endian u32 lengths followed by that many bytes, a zero length ending it:
-- volume.send: the daemon answers {"stream": {...header...}}, then the frames, then the
+Two methods carry a binary stream (docs/STREAM.md), in one of two ways:
+- through a file descriptor the client passes with the request line (SCM_RIGHTS; params
+  "fd": true), what storagectl does: the daemon writes the stream into it (volume.send;
+  a regular file is fdatasynced before the result) or reads it from it to its end
+  (volume.receive), answering {"progress": {"bytes": N}} lines meanwhile, then the result
+  or error line. The client closing the connection stops the transfer (a receive then
+  counts as interrupted). The stream never crosses the socket: no copies in and out of it.
+- framed on the connection, as big-endian u32 lengths followed by that many bytes, a zero
+  length ending it (for clients that cannot pass a descriptor):
+  volume.send: the daemon answers {"stream": {...header...}}, then the frames, then the
   result or error line (an error after the stream started means the stream is incomplete);
-- volume.receive: the daemon answers {"ready": {...}} once the parameters are valid, the
+  volume.receive: the daemon answers {"ready": {...}} once the parameters are valid, the
   client sends the frames (closing the connection early means "interrupted"), and the
   daemon answers with the result or error line.
 
@@ -18,41 +25,71 @@ daemon's own user, nor a member of the socket's group is refused.
 
 from __future__ import annotations
 
+import array
 import contextlib
+import errno
+import fcntl
 import grp
 import json
 import logging
 import os
 import pwd
 import socket
+import stat
 import struct
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import trio
 
-from pool.errors import InvalidArgument, StorageError
+from pool.device import advance
+from pool.errors import InvalidArgument, NoSpace, StorageError
 from storaged.api import ControlAPI
-from storaged.client import FRAME_HEAD, MAX_FRAME, Buffer, advance, widen
+from storaged.client import FRAME_HEAD, MAX_FRAME, Buffer, widen
+from volumes import portable
 from volumes.stream import StreamError
 
 log = logging.getLogger(__name__)
+_INT = array.array("i")
+T = TypeVar("T")
 MAX_REQUEST = 1 << 20
+MAX_FDS = 4                      # descriptors taken with one receive (more are closed)
+PROGRESS_EVERY = 0.25            # seconds between progress lines of a descriptor transfer
 
 
 class _Conn:
-    """A control connection with its receive buffer (lines and frames share it)."""
+    """A control connection with its receive buffer (lines and frames share it) and the
+    file descriptors passed along with what was received, oldest first."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.buf = bytearray()
+        self.fds: list[int] = []
 
     async def fill(self) -> bool:
-        data = await self.stream.receive_some(1 << 20)
+        data, anc, _flags, _addr = await self.stream.socket.recvmsg(
+            1 << 20, socket.CMSG_SPACE(MAX_FDS * _INT.itemsize))
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+                self.fds.extend(fds)
         if not data:
             return False
         self.buf += data
         return True
+
+    def take_fd(self) -> int:
+        """The descriptor that came with the request being served."""
+        if not self.fds:
+            raise InvalidArgument("the request says it passes a file descriptor (\"fd\": "
+                                  "true), but none came with it")
+        return self.fds.pop(0)
+
+    def close_fds(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
 
     async def _exact(self, n: int) -> bytearray | None:
         """The next ``n`` bytes, received straight into their own buffer (what the line
@@ -160,6 +197,7 @@ class ControlServer:
         except (trio.BrokenResourceError, trio.ClosedResourceError, ValueError):
             return
         finally:
+            conn.close_fds()
             await stream.aclose()
 
     async def _request(self, conn: _Conn, line: bytes) -> None:
@@ -177,7 +215,19 @@ class ControlServer:
             await _send(stream, {"progress": p})
         method, params = req["method"], req.get("params") or {}
         try:
-            if method == "volume.send":
+            passed = isinstance(params, dict) and params.pop("fd", False) is True
+            if passed and method in ("volume.send", "volume.receive"):
+                fd = conn.take_fd()
+                try:
+                    if method == "volume.send":
+                        result = await self._send_to_fd(conn, params, fd)
+                    else:
+                        result = await self._receive_from_fd(conn, params, fd)
+                finally:
+                    os.close(fd)
+            elif passed:
+                raise InvalidArgument(f"{method} takes no file descriptor")
+            elif method == "volume.send":
                 result = await self._send_stream(stream, params)
             elif method == "volume.receive":
                 result = await self._receive_stream(conn, params)
@@ -193,15 +243,71 @@ class ControlServer:
         header, chunks = await self.api.volume_send(params)
         await _send(stream, {"stream": header})
         sent = 0
-        async with chunks as pieces:
-            async for chunk in pieces:
-                view = memoryview(chunk)
-                for i in range(0, len(view), MAX_FRAME):
-                    part = view[i:i + MAX_FRAME]
-                    await _send_pieces(stream.socket, (FRAME_HEAD.pack(len(part)), part))
-                sent += len(view)
+        async with chunks as parts:
+            async for pieces in parts:
+                # One frame per part (a record is at most a chunk and a little).
+                n = sum(map(len, pieces))
+                if n > MAX_FRAME:
+                    raise InvalidArgument(f"a stream part of {n} bytes does not fit a frame")
+                await _send_pieces(stream.socket, (FRAME_HEAD.pack(n), *pieces))
+                sent += n
         await stream.send_all(FRAME_HEAD.pack(0))
         return {"bytes": sent}
+
+    async def _send_to_fd(self, conn: _Conn, params: Any, fd: int) -> Any:
+        _usable(fd, write=True)
+        _header, chunks = await self.api.volume_send(params)
+        sink = portable.FdSink(fd)
+        progress = _Progress(conn.stream)
+
+        async def send() -> int:
+            sent = await portable.write_out(chunks, sink, progress=progress.bytes)
+            try:
+                await trio.to_thread.run_sync(sink.sync)
+            except OSError as e:
+                raise _io_error("cannot make the stream durable", e) from e
+            return sent
+        try:
+            sent = await _unless_gone(conn, send)
+        except OSError as e:
+            raise _io_error("cannot write the stream", e) from e
+        except _Gone:
+            raise InvalidArgument("the client went away; the send was stopped") from None
+        return {"bytes": sent}
+
+    async def _receive_from_fd(self, conn: _Conn, params: Any, fd: int) -> Any:
+        _usable(fd, write=False)
+        rx = await self.api.volume_receive(params)
+        progress = _Progress(conn.stream)
+
+        async def source() -> AsyncIterator[bytes]:
+            got = 0
+            async for piece in portable.read_in(fd):
+                got += len(piece)
+                await progress.bytes(got)
+                yield piece
+
+        async def receive() -> None:
+            try:
+                await rx.run(source())
+            except OSError as e:
+                raise _io_error("cannot read the stream", e) from e
+        try:
+            await _unless_gone(conn, receive)
+        except StorageError as e:
+            # As over the socket: a resumable receive keeps what verified before a bad
+            # record; anything else is discarded, leaving the pool as it was.
+            keep = isinstance(e, StreamError) and rx.resumable
+            e.message = await rx.abort(e.message, interrupted=keep)
+            e.args = (e.message,)
+            raise
+        except _Gone:
+            await rx.abort("the client went away", interrupted=True)
+            raise InvalidArgument("the client went away; the receive was stopped") from None
+        if rx.done is not None:
+            return {**rx.done, "volume": params["name"]}
+        raise InvalidArgument(await rx.abort("the stream ended before its end record "
+                                             "(truncated)", interrupted=True))
 
     async def _receive_stream(self, conn: _Conn, params: Any) -> Any:
         rx = await self.api.volume_receive(params)
@@ -244,4 +350,70 @@ async def _send(stream: trio.SocketStream, obj: Any) -> None:
     await stream.send_all(json.dumps(obj).encode() + b"\n")
 
 
-__all__: Sequence[str] = ["ControlServer"]
+class _Progress:
+    """Progress lines of a descriptor transfer, at most every PROGRESS_EVERY seconds."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.last = 0.0
+
+    async def bytes(self, n: int) -> None:
+        now = trio.current_time()
+        if now - self.last >= PROGRESS_EVERY:
+            self.last = now
+            await _send(self.stream, {"progress": {"bytes": n}})
+
+
+def _usable(fd: int, *, write: bool) -> None:
+    """Refuse a passed descriptor the transfer cannot use, saying why."""
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):
+        raise InvalidArgument("the passed file descriptor is a directory")
+    mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    if write and mode == os.O_RDONLY:
+        raise InvalidArgument("the passed file descriptor is not open for writing")
+    if not write and mode == os.O_WRONLY:
+        raise InvalidArgument("the passed file descriptor is not open for reading")
+
+
+def _io_error(what: str, e: OSError) -> StorageError:
+    """A failed write or read of a passed descriptor, as the error the client sees."""
+    msg = f"{what}: {e.strerror or e}"
+    if e.errno == errno.ENOSPC:
+        return NoSpace(msg)
+    err = StorageError(msg)
+    err.errno = e.errno or errno.EIO
+    return err
+
+
+class _Gone(Exception):
+    """The client closed the connection while a transfer ran."""
+
+
+async def _unless_gone(conn: _Conn, fn: Callable[[], Awaitable[T]]) -> T:
+    """``fn()``, cancelled if the client closes the connection meanwhile (it sends nothing
+    during a transfer; anything it does send is kept for the next request): then _Gone.
+    Errors of ``fn`` come out as they are, not in an exception group."""
+    out: list[T] = []
+    err: list[Exception] = []
+    gone = False
+    async with trio.open_nursery() as nursery:
+        async def watch() -> None:
+            nonlocal gone
+            with contextlib.suppress(OSError, trio.BrokenResourceError,
+                                     trio.ClosedResourceError):
+                while await conn.fill():
+                    pass
+            gone = True
+            nursery.cancel_scope.cancel()
+        nursery.start_soon(watch)
+        try:
+            out.append(await fn())
+        except Exception as e:
+            err.append(e)
+        nursery.cancel_scope.cancel()
+    if err:
+        raise err[0]
+    if not out:
+        raise _Gone
+    return out[0]

@@ -1,6 +1,8 @@
 """storagectl volume send / receive / import / export.
 
-send and receive carry the stream over the control socket (control.call_send/_receive).
+send and receive hand the daemon the output or input itself (the -o/-i file, or stdout
+or stdin: a pipe into ssh works the same), as a file descriptor passed over the control
+socket: the daemon writes or reads the stream there, so it never crosses the socket.
 import and export drive ``qemu-img convert`` against the daemon's own NBD export, so every
 image format qemu knows works, sparse both ways (qemu-img asks the export for its
 allocation, and a new volume is known to read as zeros: ``--target-is-zero``).
@@ -9,16 +11,17 @@ allocation, and a new volume is known to read as zeros: ``--target-is-zero``).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
-from typing import Any, BinaryIO
+from typing import Any
 
-from pool.device import WriteBehind
-from storaged.client import ControlError, call, call_receive, call_send
+from storaged.client import ControlError, call
 from storaged.sizes import format_size
 
 
@@ -42,33 +45,6 @@ class _Meter:
             eta = (self.total - done) / rate if rate else 0
             line += f", {pct:.0f}%" + ("" if final else f", {eta:.0f}s left")
         print(line + " " * 8, end="\n" if final else "", file=sys.stderr, flush=True)
-
-
-class FileSink:
-    """Where ``send -o FILE`` writes the stream: the file is durable (fdatasync) when the
-    send reports success, and is written behind meanwhile (pool.device.WriteBehind), so
-    that final sync has little left to do."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd, self.pos = fd, 0
-        self._behind = WriteBehind(fd)
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.write(self.fd, view)
-            self._behind.wrote(self.pos, self.pos + n)
-            self.pos += n
-            view = view[n:]
-
-    def flush(self) -> None:
-        pass
-
-    def sync(self) -> None:
-        try:
-            self._behind.sync()
-        finally:
-            self._behind.join()
 
 
 def _nbd_uri(path: str, name: str) -> str:
@@ -107,23 +83,27 @@ def run(args: argparse.Namespace, path: str, show: bool) -> int:
             params["from"] = args.base
         meter = _Meter("sent", None, show)
 
-        def sent(header: dict[str, Any], done: int) -> None:
-            meter.update(done)
+        def sent(p: dict[str, Any]) -> None:
+            meter.update(p["bytes"])
         if args.output:
-            with open(args.output, "wb") as f:
-                sink = FileSink(f.fileno())
-                result = call_send(path, params, sink, sent)
-                try:
-                    sink.sync()
-                except OSError as e:
-                    raise ControlError(f"cannot write {args.output}: {e.strerror}",
-                                       "IOError") from e
+            try:
+                fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                             0o666)
+            except OSError as e:
+                raise ControlError(f"cannot open {args.output}: {e.strerror}",
+                                   "IOError") from e
+            try:
+                # The daemon writes the file and makes it durable before it answers.
+                result = call(path, "volume.send", params, sent, fd=fd)
+            finally:
+                os.close(fd)
         else:
             if sys.stdout.isatty():
                 print("storagectl: refusing to write a binary stream to a terminal (use -o "
                       "FILE or a pipe)", file=sys.stderr)
                 return 2
-            result = call_send(path, params, sys.stdout.buffer, sent)
+            sys.stdout.flush()
+            result = call(path, "volume.send", params, sent, fd=sys.stdout.fileno())
         meter.update(result["bytes"], final=True)
     elif args.cmd == "receive":
         if args.abort:
@@ -133,15 +113,24 @@ def run(args: argparse.Namespace, path: str, show: bool) -> int:
                       "force": args.force}
             if args.profile:
                 params["profile"] = args.profile
-            src: BinaryIO
-            src = open(args.input, "rb") if args.input else sys.stdin.buffer  # noqa: SIM115
+            if args.input:
+                try:
+                    fd = os.open(args.input, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as e:
+                    raise ControlError(f"cannot open {args.input}: {e.strerror}",
+                                       "NotFound" if e.errno == errno.ENOENT
+                                       else "IOError") from e
+            else:
+                fd = sys.stdin.fileno()
             try:
-                total = os.fstat(src.fileno()).st_size if args.input else None
-                meter = _Meter("received", total, show)
-                result = call_receive(path, params, src, meter.update)
+                st = os.fstat(fd)
+                meter = _Meter("received", st.st_size if stat.S_ISREG(st.st_mode) else None,
+                               show)
+                result = call(path, "volume.receive", params,
+                              lambda p: meter.update(p["bytes"]), fd=fd)
             finally:
                 if args.input:
-                    src.close()
+                    os.close(fd)
     elif args.cmd == "import":
         result = _import(args, path, show)
     else:

@@ -27,7 +27,7 @@ async def _stream(vm: VolumeManager, vol: str, snap: str, base: str | None = Non
                   resume: int = 0) -> bytes:
     _h, chunks = await portable.send(vm, vol, snap, base, resume)
     async with chunks as it:
-        return b"".join([c async for c in it])
+        return b"".join([b"".join(pieces) async for pieces in it])
 
 
 async def _receive(vm: VolumeManager, target: str, data: bytes, *, piece: int = 300_000,
@@ -255,8 +255,8 @@ async def test_a_send_that_cannot_read_a_record_fails_with_that_error(
         _h, chunks = await portable.send(va, "disk", "s1")
         with pytest.raises(StorageError) as err:
             async with chunks as it:
-                async for piece in it:
-                    got.append(piece)
+                async for pieces in it:
+                    got.append(b"".join(pieces))
                     if len(got) == 3:
                         dev.read_error_rate = 1.0     # the disk dies mid-send
         assert not isinstance(err.value, BaseExceptionGroup)

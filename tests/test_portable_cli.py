@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import select
 import socket
 import struct
 import subprocess
 import time
 from pathlib import Path
 
-from storaged.client import MAX_FRAME, advance
+from pool.device import advance
+from storaged.client import MAX_FRAME
 from tests.daemonkit import BIN, Daemon, _qemu_io
 
 CTL = str(BIN / "storagectl")
@@ -167,6 +170,96 @@ def test_stream_frames_of_any_size_and_bad_framing(daemon: Daemon, tmp_path: Pat
     assert "bad framing" in answer["error"]["message"], answer
     assert "too large" in answer["error"]["message"], answer
     assert daemon.ok("volume", "list") == before
+
+
+def _request(daemon: Daemon, method: str, params: dict[str, object],
+             fd: int | None = None) -> tuple[socket.socket, io.BufferedReader]:
+    """A control connection that has sent one request (with ``fd`` passed along)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(60)
+    s.connect(daemon.sock)
+    line = json.dumps({"method": method, "params": params}).encode() + b"\n"
+    if fd is None:
+        s.sendall(line)
+    else:
+        socket.send_fds(s, [line], [fd])
+    return s, s.makefile("rb")
+
+
+def _last(f: io.BufferedReader) -> dict[str, object]:
+    """The reply's last line (after any progress lines)."""
+    while True:
+        msg = json.loads(f.readline())
+        assert isinstance(msg, dict)
+        if "progress" not in msg:
+            return msg
+
+
+def test_streams_through_a_passed_descriptor_and_framed_are_the_same(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """What storagectl does (the output file's descriptor passed with the request; the
+    daemon writes it and reports progress) and the framed stream on the connection give
+    the same bytes. A descriptor that cannot be used, or a request that says it passes one
+    and does not, is refused with a clear error, and the daemon keeps serving; a client
+    that hangs up mid-send stops the send."""
+    _pools(daemon, tmp_path)
+    image = tmp_path / "random.img"
+    image.write_bytes(os.urandom(20 << 20))       # incompressible: a stream of 20 MiB
+    daemon.ok("volume", "import", "tank/vm", str(image), "--format", "raw")
+    daemon.ok("snapshot", "create", "tank/vm@s1")
+    params: dict[str, object] = {"name": "tank/vm@s1"}
+
+    out = tmp_path / "passed.stream"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        s, f = _request(daemon, "volume.send", {**params, "fd": True}, fd)
+        with s:
+            answer = _last(f)
+    finally:
+        os.close(fd)
+    assert answer["result"] == {"bytes": out.stat().st_size}, answer
+
+    s, f = _request(daemon, "volume.send", params)
+    framed = bytearray()
+    with s:
+        assert "stream" in json.loads(f.readline())
+        while n := struct.unpack(">I", f.read(4))[0]:
+            framed += f.read(n)
+        assert "result" in json.loads(f.readline())
+    assert bytes(framed) == out.read_bytes()
+
+    ro = os.open(out, os.O_RDONLY)
+    try:
+        s, f = _request(daemon, "volume.send", {**params, "fd": True}, ro)
+        with s:
+            answer = _last(f)
+    finally:
+        os.close(ro)
+    assert "not open for writing" in str(answer["error"]), answer
+    s, f = _request(daemon, "volume.send", {**params, "fd": True})
+    with s:
+        answer = _last(f)
+    assert "none came with it" in str(answer["error"]), answer
+
+    # A client that goes away mid-send: into a pipe nobody reads, so the send waits
+    # with the pipe full; hanging up ends it, and the daemon lets go of the pipe having
+    # written only part of the stream (and answers the next client).
+    r, w = os.pipe()
+    try:
+        s, f = _request(daemon, "volume.send", {**params, "fd": True}, w)
+        os.close(w)
+        assert select.select([r], [], [], 60)[0]   # it started (and will fill the pipe)
+        time.sleep(0.2)
+        f.close()                                  # (the socket stays open while it is)
+        s.close()
+        time.sleep(0.5)
+        got = 0
+        while data := os.read(r, 1 << 20):         # ends when the daemon closes its end
+            got += len(data)
+        assert 0 < got < out.stat().st_size
+    finally:
+        os.close(r)
+    assert "tank/vm" in daemon.ok("volume", "list")
 
 
 def test_advance_over_partly_sent_pieces() -> None:

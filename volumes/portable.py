@@ -14,14 +14,17 @@ The record plan is a pure function of the snapshot's block map, so a resumed sen
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import trio
 
+from pool.device import WriteBehind, advance
 from pool.errors import AlreadyExists, Busy, InvalidArgument, NotFound, StorageError
 from pool.pool import Profile
 from volumes import stream
@@ -31,9 +34,13 @@ from volumes.volume import Volume, check_block_size
 log = logging.getLogger(__name__)
 CHECKPOINT = 64 << 20          # resumable receives record their progress this often
 SEND_AHEAD = 16                # records a send reads and compresses ahead of its reader
-# A send's bytes: ``async with chunks as it: async for piece in it``.
-Chunks = AbstractAsyncContextManager[trio.abc.ReceiveChannel[bytes]]
+# A send's bytes: ``async with chunks as it: async for pieces in it``, each part of the
+# stream (its header, a record, the end) as buffers to write back to back.
+Chunks = AbstractAsyncContextManager[trio.abc.ReceiveChannel[list[stream.Buffer]]]
 APPLY_PARALLEL = 4             # records a receive writes at once
+WRITE_BATCH = 8 << 20          # bytes of stream a send writes to a descriptor per thread hop
+READ_BATCH = 4 << 20           # bytes of stream a receive reads from a descriptor per hop
+_IOV_MAX = 1024
 
 
 # ==== snapshots' identity ===================================================================
@@ -127,8 +134,8 @@ async def send(vm: VolumeManager, volume: str, snap: str, base: str | None = Non
     seed = stream.stream_seed(header)
 
     @trio.as_safe_channel
-    async def chunks() -> AsyncGenerator[bytes, None]:
-        yield stream.encode_header(header)
+    async def chunks() -> AsyncGenerator[list[stream.Buffer], None]:
+        yield [stream.encode_header(header)]
         summer = stream.Summer(seed)
         # Each record gets a slot, queued in order; SEND_AHEAD loads (device reads and
         # lz4, both in threads) run at once, and the reader takes the slots in order.
@@ -165,7 +172,7 @@ class _Slot:
     def __init__(self, counts: stream.Summer) -> None:
         self.counts = counts
         self.done = trio.Event()
-        self.data = b""
+        self.data: list[stream.Buffer] = []
         self.error: StorageError | None = None
 
 
@@ -175,7 +182,8 @@ async def _load(view: Volume, rec: tuple[int, int, int], seq: int, slot: _Slot,
     kind, offset, length = rec
     try:
         if kind == stream.DATA:
-            data = await view.read(offset, length)
+            data = bytearray(length)       # the record's own: it leaves as it is
+            await view.readinto(offset, data)
             slot.data = await trio.to_thread.run_sync(stream.encode_data, seq, offset, data,
                                                       slot.counts)
         else:
@@ -186,6 +194,108 @@ async def _load(view: Volume, rec: tuple[int, int, int], seq: int, slot: _Slot,
     finally:
         limit.release()
         slot.done.set()
+
+
+# ==== a stream to and from a file descriptor ================================================
+class FdSink:
+    """Where a stream is written when the client hands over a file descriptor (what
+    ``storagectl send`` does with its -o file or stdout).
+
+    A regular file is written from worker threads (a batch of parts per thread hop),
+    written behind (pool.device.WriteBehind) and made durable by ``sync``. A pipe or
+    socket is made non-blocking and written from the event loop, waiting while it is
+    full: a reader that stops reading holds up only this send, which stays cancellable.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        self.pos = os.lseek(fd, 0, os.SEEK_CUR) if self.regular else 0
+        self._behind = WriteBehind(fd) if self.regular else None
+        if not self.regular:
+            os.set_blocking(fd, False)
+
+    async def put(self, pieces: Sequence[stream.Buffer]) -> None:
+        if self.regular:
+            await trio.to_thread.run_sync(self.write, pieces)
+            return
+        views = [memoryview(p).cast("B") for p in pieces if len(p)]
+        while views:
+            try:
+                n = os.writev(self.fd, views[:_IOV_MAX])
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.fd)
+                continue
+            views = advance(views, n)
+
+    def write(self, pieces: Sequence[stream.Buffer]) -> None:
+        """Blocking write of a regular file's next parts (from a worker thread)."""
+        views = [memoryview(p).cast("B") for p in pieces if len(p)]
+        start = self.pos
+        while views:
+            n = os.writev(self.fd, views[:_IOV_MAX])
+            self.pos += n
+            views = advance(views, n)
+        if self._behind is not None:
+            self._behind.wrote(start, self.pos)
+
+    def sync(self) -> None:
+        """Make what was written durable (a regular file only; blocking); raises OSError."""
+        if self._behind is not None:
+            try:
+                self._behind.sync()
+            finally:
+                self._behind.join()
+
+
+async def write_out(chunks: Chunks, sink: FdSink, *,
+                    progress: Callable[[int], Awaitable[None]] | None = None) -> int:
+    """Write a send's stream into ``sink``, the parts gathered up to WRITE_BATCH bytes
+    per write (for a file, one thread hop per batch, while the next records are read and
+    compressed); the bytes written. Durable only after ``sink.sync``."""
+    total = size = 0
+    batch: list[stream.Buffer] = []
+    async with chunks as it:
+        async for pieces in it:
+            batch += pieces
+            size += sum(map(len, pieces))
+            if size >= WRITE_BATCH:
+                await sink.put(batch)
+                total, size, batch = total + size, 0, []
+                if progress is not None:
+                    await progress(total)
+    if batch:
+        await sink.put(batch)
+        total += size
+    return total
+
+
+async def read_in(fd: int) -> AsyncIterator[bytes]:
+    """A stream read from a file descriptor, about READ_BATCH bytes at a time (each piece
+    immutable: a receive keeps views into it). A regular file is read in worker threads;
+    a pipe or socket is made non-blocking and read from the event loop, waiting for data
+    (cancellable)."""
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        while data := await trio.to_thread.run_sync(os.read, fd, READ_BATCH):
+            yield data
+        return
+    os.set_blocking(fd, False)
+    pieces: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            data = os.read(fd, READ_BATCH - size)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(fd)
+            continue
+        if data:
+            pieces.append(data)
+            size += len(data)
+        if size and (size >= READ_BATCH or not data):
+            yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            pieces, size = [], 0
+        if not data:
+            return
 
 
 # ==== receive ===============================================================================

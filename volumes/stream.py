@@ -30,6 +30,7 @@ import xxhash
 
 from pool.errors import InvalidArgument
 
+Buffer = bytes | bytearray | memoryview
 MAGIC = b"STGDSTRM"
 VERSION = 1
 CHUNK = 1 << 20                   # logical bytes per data record at most
@@ -87,18 +88,20 @@ class Summer:
         self.nbytes += other.nbytes
 
 
-def encode_record(kind: int, seq: int, offset: int, length: int, payload: bytes,
-                  summer: Summer, flags: int = 0) -> bytes:
+def encode_record(kind: int, seq: int, offset: int, length: int, payload: Buffer,
+                  summer: Summer, flags: int = 0) -> list[Buffer]:
+    """A record as the buffers to write back to back (its head, the payload as it is, its
+    hash): a large payload is never copied into a joined record."""
     head = _REC.pack(kind, seq, offset, length, flags, len(payload))
     digest = xxhash.xxh3_64(head, summer.seed)
     digest.update(payload)
     d = digest.intdigest()
     if kind != END:
         summer.add(d, length if kind == DATA else 0)
-    return head + payload + _HASH.pack(d)
+    return [head, payload, _HASH.pack(d)]
 
 
-def encode_data(seq: int, offset: int, data: bytes, summer: Summer) -> bytes:
+def encode_data(seq: int, offset: int, data: Buffer, summer: Summer) -> list[Buffer]:
     """A data record: lz4 when it saves at least 1/8, else raw."""
     packed = lz4.block.compress(data, store_size=False)
     if len(packed) <= len(data) - len(data) // 8:
@@ -106,7 +109,7 @@ def encode_data(seq: int, offset: int, data: bytes, summer: Summer) -> bytes:
     return encode_record(DATA, seq, offset, len(data), data, summer)
 
 
-def encode_end(seq: int, summer: Summer) -> bytes:
+def encode_end(seq: int, summer: Summer) -> list[Buffer]:
     return encode_record(END, seq, 0, 0, _END.pack(summer.records, summer.total,
                                                    summer.nbytes), summer)
 
