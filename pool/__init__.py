@@ -1,23 +1,24 @@
 """The pool layer: devices, labels, extents, segments, the record store and the metadata
 journal. See docs/FORMAT.md for the on-disk format and docs/INTERNALS.md for how it works.
 
-The pool itself (``pool.pool``) is imported on first use, so that light users of the
-package (storagectl needs only the errors and the write-behind of ``pool.device``) start
-without it.
+The devices (``pool.device``) and the pool itself (``pool.pool``) are imported on first
+use, so that light users of the package (storagectl needs only the errors) start without
+them.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pool.device import Device, FileDevice, MemoryDevice
 from pool.errors import StorageError
 from pool.lazy import lazy_attributes
 
 if TYPE_CHECKING:
+    from pool.device import Device, FileDevice, MemoryDevice
     from pool.pool import MemberStatus, Pool, PoolStatistics, Profile
 
-_LAZY = {"MemberStatus": "pool.pool", "Pool": "pool.pool", "PoolStatistics": "pool.pool",
+_LAZY = {"Device": "pool.device", "FileDevice": "pool.device", "MemoryDevice": "pool.device",
+         "MemberStatus": "pool.pool", "Pool": "pool.pool", "PoolStatistics": "pool.pool",
          "Profile": "pool.pool"}
 
 

@@ -16,7 +16,6 @@ from typing import Any
 from storaged import portable_cli
 from storaged.client import ControlError, call, default_socket
 from storaged.sizes import format_size
-from storaged.tuning import tune_process
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> str:
@@ -438,7 +437,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = args.socket or default_socket()
     tty = sys.stderr.isatty()
     if args.group == "volume" and args.cmd in ("send", "receive", "import", "export"):
-        tune_process()               # send and receive move the stream through this process
         try:
             return portable_cli.run(args, path, tty and not args.json)
         except ControlError as e:
