@@ -499,6 +499,14 @@ class Pool:
     def mapped_blocks(self, map_id: int, start: int, end: int) -> list[int]:
         return [b for b, _ in self.state.forest.items(map_id, start, end)]
 
+    def any_compressed(self, map_id: int, start: int, count: int) -> bool:
+        """Whether any of ``count`` blocks from ``start`` is stored lz4-compressed."""
+        for _n, raw in self.state.forest.leaf_spans(map_id, start, count):
+            if raw is not None and any(flags & codec.FLAG_LZ4 for _s, _o, _p, flags, _h
+                                       in ENTRY.iter_unpack(raw)):
+                return True
+        return False
+
     def mapped_count(self, map_id: int) -> int:
         return self.state.forest.mapped(map_id)
 

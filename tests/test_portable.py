@@ -109,6 +109,37 @@ async def test_full_round_trip_into_another_profile_keeps_bytes_and_holes(
         await b.close()
 
 
+@pytest.mark.parametrize("compression", [True, False])
+async def test_a_send_compresses_what_compresses(disks: Disks, compression: bool) -> None:
+    """A chunk of text goes out lz4-compressed and a chunk of random bytes raw, whether
+    the volume compresses its records or not. A volume that compresses has already tried
+    lz4 on every block: where all of a chunk's blocks are stored raw, the send does not
+    try again (``may_compress``), but a chunk still in the write buffer, or of a volume
+    that stores everything raw, is tried."""
+    a, b = await _pools(disks)
+    try:
+        va = VolumeManager(a)
+        vol = await va.create("disk", VOL, compression=compression)
+        rng = random.Random(2)
+        await vol.write(0, rng.randbytes(MiB))
+        await vol.write(MiB, b"storaged send stream " * 50000)
+        await vol.write(2 * MiB, rng.randbytes(MiB))
+        assert vol.may_compress(2 * MiB, MiB)         # buffered: not known yet
+        await vol.flush()
+        assert vol.may_compress(MiB, MiB)             # stored compressed (or untested)
+        assert vol.may_compress(0, MiB) is not compression
+        await va.snapshot("disk", "s1")
+        data = await _stream(va, "disk", "s1")
+        assert 2 * MiB < len(data) < 2 * MiB + MiB // 8   # the text shrank, random did not
+        rx = await _receive(VolumeManager(b), "copy", data)
+        assert rx.done is not None
+        want = await va.snapshot_volume("disk", "s1").read(0, 3 * MiB)
+        assert await VolumeManager(b).get("copy").read(0, 3 * MiB) == want
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_incremental_chain_applies_in_order_and_refuses_a_wrong_base(
         disks: Disks) -> None:
     a, b = await _pools(disks)

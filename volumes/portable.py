@@ -185,7 +185,8 @@ async def _load(view: Volume, rec: tuple[int, int, int], seq: int, slot: _Slot,
             data = bytearray(length)       # the record's own: it leaves as it is
             await view.readinto(offset, data)
             slot.data = await trio.to_thread.run_sync(stream.encode_data, seq, offset, data,
-                                                      slot.counts)
+                                                      slot.counts,
+                                                      view.may_compress(offset, length))
         else:
             slot.data = stream.encode_record(stream.HOLE, seq, offset, length, b"",
                                              slot.counts)

@@ -101,11 +101,14 @@ def encode_record(kind: int, seq: int, offset: int, length: int, payload: Buffer
     return [head, payload, _HASH.pack(d)]
 
 
-def encode_data(seq: int, offset: int, data: Buffer, summer: Summer) -> list[Buffer]:
-    """A data record: lz4 when it saves at least 1/8, else raw."""
-    packed = lz4.block.compress(data, store_size=False)
-    if len(packed) <= len(data) - len(data) // 8:
-        return encode_record(DATA, seq, offset, len(data), packed, summer, FLAG_LZ4)
+def encode_data(seq: int, offset: int, data: Buffer, summer: Summer,
+                try_lz4: bool = True) -> list[Buffer]:
+    """A data record: lz4 when it saves at least 1/8 (tried only with ``try_lz4``), else
+    raw."""
+    if try_lz4:
+        packed = lz4.block.compress(data, store_size=False)
+        if len(packed) <= len(data) - len(data) // 8:
+            return encode_record(DATA, seq, offset, len(data), packed, summer, FLAG_LZ4)
     return encode_record(DATA, seq, offset, len(data), data, summer)
 
 

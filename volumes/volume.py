@@ -319,6 +319,19 @@ class Volume:
         stats["bytes_read"] += length
         self._latency["read"].observe(time.perf_counter() - started)
 
+    def may_compress(self, offset: int, length: int) -> bool:
+        """Whether lz4 may shrink these bytes. False only for a volume that compresses
+        (so every record was tried with lz4 when it was written) whose blocks in the range
+        are all stored raw and none is in the write buffer: data that did not compress
+        block by block will not in a larger piece either (lz4 looks back 64 KiB at most),
+        so a send need not try again."""
+        if not self.compression or self._dirty or self._inflight or self._captured:
+            return True
+        bs = self.block_size
+        first = offset // bs
+        return self._pool.any_compressed(self._map, first,
+                                         -(-(offset + length) // bs) - first)
+
     async def _contents(self, offset: int, length: int
                         ) -> tuple[list[tuple[int, int, int]], dict[int, Block | None]]:
         """The spans of a read and the content of every block they touch (None: a hole),
