@@ -59,12 +59,15 @@ PROGRESS_EVERY = 0.25            # seconds between progress lines of a descripto
 
 class _Conn:
     """A control connection with its receive buffer (lines and frames share it) and the
-    file descriptors passed along with what was received, oldest first."""
+    file descriptors passed along with it. A descriptor belongs to the request whose line
+    holds the first byte sent with it; the request being served has its own in ``fds``
+    (closed when it is done), and one that came with a frame's bytes is closed."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.buf = bytearray()
-        self.fds: list[int] = []
+        self.fds: list[int] = []                # passed with the request being served
+        self._marks: list[tuple[int, int]] = []   # (where in buf its bytes start, fd)
 
     async def fill(self) -> bool:
         data, anc, _flags, _addr = await self.stream.socket.recvmsg(
@@ -73,11 +76,36 @@ class _Conn:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")
                 fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
-                self.fds.extend(fds)
+                self._marks.extend((len(self.buf), fd) for fd in fds)
         if not data:
             return False
         self.buf += data
         return True
+
+    def take_line(self) -> bytes | None:
+        """The next request line, if the buffer holds it whole; the descriptors that came
+        with it become ``fds`` (those of the previous request are closed)."""
+        i = self.buf.find(b"\n")
+        if i < 0:
+            return None
+        line = bytes(self.buf[:i])
+        self.close_fds()
+        self._consume(i + 1, keep=True)
+        return line
+
+    def _consume(self, n: int, *, keep: bool) -> None:
+        """Drop ``n`` bytes from the front of the buffer; the descriptors that came with
+        them go to ``fds`` (``keep``) or are closed."""
+        del self.buf[:n]
+        rest: list[tuple[int, int]] = []
+        for pos, fd in self._marks:
+            if pos >= n:
+                rest.append((pos - n, fd))
+            elif keep:
+                self.fds.append(fd)
+            else:
+                os.close(fd)
+        self._marks = rest
 
     def take_fd(self) -> int:
         """The descriptor that came with the request being served."""
@@ -86,10 +114,15 @@ class _Conn:
                                   "true), but none came with it")
         return self.fds.pop(0)
 
-    def close_fds(self) -> None:
+    def close_fds(self, *, all_: bool = False) -> None:
+        """Close the request's unused descriptors (``all_``: every one still held)."""
         for fd in self.fds:
             os.close(fd)
         self.fds.clear()
+        if all_:
+            for _pos, fd in self._marks:
+                os.close(fd)
+            self._marks.clear()
 
     async def _exact(self, n: int) -> bytearray | None:
         """The next ``n`` bytes, received straight into their own buffer (what the line
@@ -98,7 +131,7 @@ class _Conn:
         got = min(len(self.buf), n)
         if got:
             out[:got] = self.buf[:got]
-            del self.buf[:got]
+            self._consume(got, keep=False)
         view = memoryview(out)
         sock = self.stream.socket
         while got < n:
@@ -183,7 +216,7 @@ class ControlServer:
         widen(stream.socket)
         try:
             while True:
-                while b"\n" not in conn.buf:
+                while (line := conn.take_line()) is None:
                     if len(conn.buf) > MAX_REQUEST:
                         await _send(stream, {"error": {"message": "request too large",
                                                        "errno": 7,
@@ -191,13 +224,11 @@ class ControlServer:
                         return
                     if not await conn.fill():
                         return
-                line, _, rest = bytes(conn.buf).partition(b"\n")
-                conn.buf = bytearray(rest)
                 await self._request(conn, line)
         except (trio.BrokenResourceError, trio.ClosedResourceError, ValueError):
             return
         finally:
-            conn.close_fds()
+            conn.close_fds(all_=True)
             await stream.aclose()
 
     async def _request(self, conn: _Conn, line: bytes) -> None:
@@ -218,12 +249,16 @@ class ControlServer:
             passed = isinstance(params, dict) and params.pop("fd", False) is True
             if passed and method in ("volume.send", "volume.receive"):
                 fd = conn.take_fd()
+                blocking = os.get_blocking(fd)
                 try:
                     if method == "volume.send":
                         result = await self._send_to_fd(conn, params, fd)
                     else:
                         result = await self._receive_from_fd(conn, params, fd)
                 finally:
+                    # A pipe's open file is shared with the client: leave it as it came.
+                    with contextlib.suppress(OSError):
+                        os.set_blocking(fd, blocking)
                     os.close(fd)
             elif passed:
                 raise InvalidArgument(f"{method} takes no file descriptor")

@@ -240,6 +240,19 @@ def test_streams_through_a_passed_descriptor_and_framed_are_the_same(
     with s:
         answer = _last(f)
     assert "none came with it" in str(answer["error"]), answer
+    # A descriptor belongs to the request it came with: one passed with a request that
+    # takes none is not used by the next.
+    spare = os.open(out, os.O_WRONLY)
+    try:
+        s, f = _request(daemon, "status", {}, spare)
+        with s:
+            assert "result" in _last(f)
+            s.sendall(json.dumps({"method": "volume.send",
+                                  "params": {**params, "fd": True}}).encode() + b"\n")
+            answer = _last(f)
+    finally:
+        os.close(spare)
+    assert "none came with it" in str(answer["error"]), answer
 
     # A client that goes away mid-send: into a pipe nobody reads, so the send waits
     # with the pipe full; hanging up ends it, and the daemon lets go of the pipe having
