@@ -195,6 +195,19 @@ def _last(f: io.BufferedReader) -> dict[str, object]:
             return msg
 
 
+def _one(daemon: Daemon, method: str, params: dict[str, object],
+         fd: int | None = None) -> dict[str, object]:
+    """The answer to one request on a connection of its own (``fd`` passed along, then
+    closed here)."""
+    try:
+        s, f = _request(daemon, method, params, fd)
+        with s:
+            return _last(f)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def test_streams_through_a_passed_descriptor_and_framed_are_the_same(
         daemon: Daemon, tmp_path: Path) -> None:
     """What storagectl does (the output file's descriptor passed with the request; the
@@ -210,13 +223,8 @@ def test_streams_through_a_passed_descriptor_and_framed_are_the_same(
     params: dict[str, object] = {"name": "tank/vm@s1"}
 
     out = tmp_path / "passed.stream"
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        s, f = _request(daemon, "volume.send", {**params, "fd": True}, fd)
-        with s:
-            answer = _last(f)
-    finally:
-        os.close(fd)
+    answer = _one(daemon, "volume.send", {**params, "fd": True},
+                  os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
     assert answer["result"] == {"bytes": out.stat().st_size}, answer
 
     s, f = _request(daemon, "volume.send", params)
@@ -228,17 +236,9 @@ def test_streams_through_a_passed_descriptor_and_framed_are_the_same(
         assert "result" in json.loads(f.readline())
     assert bytes(framed) == out.read_bytes()
 
-    ro = os.open(out, os.O_RDONLY)
-    try:
-        s, f = _request(daemon, "volume.send", {**params, "fd": True}, ro)
-        with s:
-            answer = _last(f)
-    finally:
-        os.close(ro)
+    answer = _one(daemon, "volume.send", {**params, "fd": True}, os.open(out, os.O_RDONLY))
     assert "not open for writing" in str(answer["error"]), answer
-    s, f = _request(daemon, "volume.send", {**params, "fd": True})
-    with s:
-        answer = _last(f)
+    answer = _one(daemon, "volume.send", {**params, "fd": True})
     assert "none came with it" in str(answer["error"]), answer
     # A descriptor belongs to the request it came with: one passed with a request that
     # takes none is not used by the next.
