@@ -26,7 +26,7 @@ import logging
 import os
 import re
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import Any, TypeVar
@@ -670,8 +670,10 @@ class Pool:
 
     # ==== the data path ===================================================================
     async def write_blocks(self, map_id: int, prof: Profile, compress: bool,
-                           items: Sequence[tuple[int, codec.Buffer | None]]) -> None:
-        """Store blocks as new records (``None`` unmaps) and point the map at them.
+                           items: Sequence[tuple[int, codec.Buffer | None]], *,
+                           raw: Container[int] = ()) -> None:
+        """Store blocks as new records (``None`` unmaps) and point the map at them; with
+        ``compress``, lz4 is tried on each block but those in ``raw``.
 
         The change is in memory until the next ``commit``; the records are written (not
         synced) before the map moves, so a commit never references unwritten data.
@@ -681,7 +683,8 @@ class Pool:
             raise StorageError(f"map {map_id} does not exist")
         blocks = [b for b, d in items if d is not None]
         datas = [d for _b, d in items if d is not None]
-        encoded = await self._encode(datas, prof, compress)
+        encoded = await self._encode(datas, prof,
+                                     [compress and b not in raw for b in blocks])
         self._check_ok()
         entries = await self._store(prof, encoded)
         for block, entry in zip(blocks, entries, strict=True):
@@ -897,21 +900,22 @@ class Pool:
         return seg_id not in self.state.segments or self.state.segments[seg_id].live == 0
 
     async def _encode(self, datas: list[codec.Buffer], prof: Profile,
-                      compress: bool) -> list[codec.EncodedRecord]:
-        """Compress, split and encode records, on both cores when there are enough
-        (zfec and lz4 release the GIL)."""
+                      compress: list[bool]) -> list[codec.EncodedRecord]:
+        """Compress (where ``compress`` says), split and encode records, on both cores
+        when there are enough (zfec and lz4 release the GIL)."""
         if len(datas) < 8:
             return await trio.to_thread.run_sync(records.encode_all, datas, prof.k, prof.m,
                                                  compress, limiter=self._cpu)
         half = len(datas) // 2
         parts: list[list[codec.EncodedRecord]] = [[], []]
 
-        async def one(i: int, chunk: list[codec.Buffer]) -> None:
-            parts[i] = await trio.to_thread.run_sync(records.encode_all, chunk, prof.k,
-                                                     prof.m, compress, limiter=self._cpu)
+        async def one(i: int, lo: int, hi: int) -> None:
+            parts[i] = await trio.to_thread.run_sync(records.encode_all, datas[lo:hi],
+                                                     prof.k, prof.m, compress[lo:hi],
+                                                     limiter=self._cpu)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(one, 0, datas[:half])
-            nursery.start_soon(one, 1, datas[half:])
+            nursery.start_soon(one, 0, 0, half)
+            nursery.start_soon(one, 1, half, len(datas))
         return parts[0] + parts[1]
 
     def _columns(self, seg: Segment) -> tuple[tuple[Device | None, int, str], ...]:

@@ -66,8 +66,9 @@ class ReadOutcome:
 
 
 def encode_all(datas: Sequence[codec.Buffer], k: int, m: int,
-               compress: bool) -> list[codec.EncodedRecord]:
-    return [codec.encode(d, k, m, compress) for d in datas]
+               compress: Sequence[bool]) -> list[codec.EncodedRecord]:
+    """Encode each record, trying lz4 where ``compress`` says (one flag per record)."""
+    return [codec.encode(d, k, m, c) for d, c in zip(datas, compress, strict=True)]
 
 
 def write_columns(writes: Sequence[tuple[Device, int, list[codec.Buffer]]]) -> None:

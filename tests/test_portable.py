@@ -131,13 +131,47 @@ async def test_a_send_compresses_what_compresses(disks: Disks, compression: bool
         await va.snapshot("disk", "s1")
         data = await _stream(va, "disk", "s1")
         assert 2 * MiB < len(data) < 2 * MiB + MiB // 8   # the text shrank, random did not
+        parser = stream.StreamParser()
+        parser.feed(data)
+        marked = []
+        while not isinstance(ev := parser.next(), stream.End):
+            if isinstance(ev, stream.Record) and ev.incompressible:
+                marked.append(ev.offset)
+        # Records whose every block was tried when written say so (FLAG_INCOMPRESSIBLE).
+        assert marked == ([0, 2 * MiB] if compression else [])
         rx = await _receive(VolumeManager(b), "copy", data)
         assert rx.done is not None
         want = await va.snapshot_volume("disk", "s1").read(0, 3 * MiB)
-        assert await VolumeManager(b).get("copy").read(0, 3 * MiB) == want
+        copy = VolumeManager(b).get("copy")
+        assert await copy.read(0, 3 * MiB) == want
+        # The copy compresses as its source did: the text, not the random bytes.
+        assert b.any_compressed(copy._map, MiB // BS, MiB // BS) is compression
+        assert not b.any_compressed(copy._map, 0, MiB // BS)
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_write_that_says_it_does_not_compress_is_not_tried(disks: Disks) -> None:
+    """``write(compressible=False)`` (what a receive does with a record its sender marked
+    FLAG_INCOMPRESSIBLE) makes writeback store those whole blocks without trying lz4,
+    until another write changes them; other blocks are tried as usual."""
+    a, _b = await _pools(disks)
+    try:
+        vol = await VolumeManager(a).create("disk", VOL, compression=True)
+        text = b"storaged send stream " * 4000           # compresses well
+        blocks = [text[:BS]] * 4
+        await vol.write(0, b"".join(blocks[:3]), compressible=False)   # blocks 0..2
+        await vol.write(BS + 100, b"x" * 10)             # block 1 changed since
+        await vol.write(3 * BS, blocks[3])               # block 3: an ordinary write
+        await vol.flush()
+        got = [a.any_compressed(vol._map, b, 1) for b in range(4)]
+        assert got == [False, True, False, True]
+        assert await vol.read(0, 4 * BS) == (text[:BS] + text[:100] + b"x" * 10
+                                             + text[110:BS] + text[:BS] * 2)
+    finally:
+        await a.close()
+        await _b.close()
 
 
 async def test_incremental_chain_applies_in_order_and_refuses_a_wrong_base(

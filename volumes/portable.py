@@ -484,7 +484,8 @@ class Receiver:
         if rec.data is not None:
             # The parser never changes bytes fed to it: full blocks are buffered as views
             # of the received frame, not copied.
-            await part.write(rec.offset, rec.data, owned=True)
+            await part.write(rec.offset, rec.data, owned=True,
+                             compressible=not rec.incompressible)
             self.applied_bytes += rec.length
         else:
             await part.write_zeroes(rec.offset, rec.length)

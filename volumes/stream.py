@@ -42,6 +42,10 @@ _HASH = struct.Struct(">Q")
 _END = struct.Struct(">QQQ")
 DATA, HOLE, END = 1, 2, 3
 FLAG_LZ4 = 1
+# A raw record whose every block the sending volume had stored raw after lz4 failed on it
+# (a volume that compresses tries each block when it is written): a hint that lets the
+# receiving volume skip trying again. Receivers that do not know it ignore it.
+FLAG_INCOMPRESSIBLE = 2
 _MASK = (1 << 64) - 1
 
 
@@ -103,12 +107,14 @@ def encode_record(kind: int, seq: int, offset: int, length: int, payload: Buffer
 
 def encode_data(seq: int, offset: int, data: Buffer, summer: Summer,
                 try_lz4: bool = True) -> list[Buffer]:
-    """A data record: lz4 when it saves at least 1/8 (tried only with ``try_lz4``), else
-    raw."""
-    if try_lz4:
-        packed = lz4.block.compress(data, store_size=False)
-        if len(packed) <= len(data) - len(data) // 8:
-            return encode_record(DATA, seq, offset, len(data), packed, summer, FLAG_LZ4)
+    """A data record: lz4 when it saves at least 1/8, else raw. Without ``try_lz4`` (every
+    block is known not to compress) raw, marked FLAG_INCOMPRESSIBLE."""
+    if not try_lz4:
+        return encode_record(DATA, seq, offset, len(data), data, summer,
+                             FLAG_INCOMPRESSIBLE)
+    packed = lz4.block.compress(data, store_size=False)
+    if len(packed) <= len(data) - len(data) // 8:
+        return encode_record(DATA, seq, offset, len(data), packed, summer, FLAG_LZ4)
     return encode_record(DATA, seq, offset, len(data), data, summer)
 
 
@@ -132,6 +138,7 @@ class Record:
     # DATA: the logical bytes (decompressed). A view into the bytes fed to the parser
     # when the record was sent uncompressed (no copy): fed bytes must not change after.
     data: bytes | memoryview | None
+    incompressible: bool = False  # FLAG_INCOMPRESSIBLE: each block was tried with lz4
 
 
 @dataclass(frozen=True)
@@ -281,7 +288,9 @@ class StreamParser:
             data = payload
         if len(data) != length:
             raise StreamError(f"record {seq} carries {len(data)} bytes, says {length}")
-        return Record(DATA, seq, offset, length, data)
+        return Record(DATA, seq, offset, length, data,
+                      incompressible=flags & (FLAG_LZ4 | FLAG_INCOMPRESSIBLE)
+                      == FLAG_INCOMPRESSIBLE)
 
     @property
     def next_seq(self) -> int:

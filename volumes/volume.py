@@ -168,6 +168,9 @@ class Volume:
         # _inflight, older than _dirty (reads look in _dirty, _captured, _inflight, map).
         self._captured: dict[int, Block | None] = {}
         self._dirty_blocks = 0        # blocks in _dirty holding data (each reserved)
+        # Blocks in _dirty whose writer knew they do not compress (write compressible=
+        # False): writeback stores them without trying lz4.
+        self._no_lz4: set[int] = set()
         self._dirty_since: float | None = None   # monotonic time _dirty got its first data
         self._locks: dict[int, trio.Lock] = {}
         self._wb_lock = trio.Lock()
@@ -462,10 +465,13 @@ class Volume:
 
     # ---- writes ---------------------------------------------------------------------------
     async def write(self, offset: int, data: bytes | bytearray | memoryview, *,
-                    fua: bool = False, owned: bool = False) -> None:
+                    fua: bool = False, owned: bool = False,
+                    compressible: bool = True) -> None:
         """Write ``data`` at ``offset``; with ``fua``, durable when this returns.
         ``owned``: the caller hands ``data`` over and never changes it again (a received
-        payload), so full blocks may be buffered as views of it, like immutable bytes."""
+        payload), so full blocks may be buffered as views of it, like immutable bytes.
+        ``compressible=False``: the caller knows that no whole block of ``data`` saves
+        the 1/8 lz4 must save (a stream says so), so writeback does not try lz4 on them."""
         self._check(offset, len(data), write=True)
         started = time.perf_counter()
         view = memoryview(data)
@@ -473,6 +479,9 @@ class Volume:
         keep = view.contiguous and (owned or (isinstance(view.obj, bytes) and view.readonly))
         await self._update(offset, len(data), lambda lo, hi, pos: view[pos:pos + hi - lo],
                            reserve=True, keep=keep)
+        if not compressible and self.compression:
+            bs = self.block_size
+            self._no_lz4.update(range(-(-offset // bs), (offset + len(data)) // bs))
         self._stats["writes"] += 1
         self._stats["bytes_written"] += len(data)
         if fua:
@@ -614,6 +623,7 @@ class Volume:
             # general path: the block may become a hole.)
             lo = offset - b * bs
             mine[lo:lo + n] = data
+            self._no_lz4.discard(b)
             stats = self._stats
             stats["writes"] += 1
             stats["bytes_written"] += n
@@ -669,6 +679,7 @@ class Volume:
             self._dirty_data -= 1
             self._pool.unreserve(self._cost)
         self._dirty[b] = new
+        self._no_lz4.discard(b)
         return used
 
     def _threshold(self, buffered: int) -> int:
@@ -721,10 +732,12 @@ class Volume:
         the caller holds the writeback lock. On failure the batch returns to the buffer,
         except blocks overwritten since."""
         self._inflight = batch
+        raw = self._no_lz4 & batch.keys()
+        self._no_lz4 -= raw
         try:
             items = sorted(batch.items())
             await self._write_batches([items[i:i + WRITEBACK_BATCH]
-                                       for i in range(0, len(items), WRITEBACK_BATCH)])
+                                       for i in range(0, len(items), WRITEBACK_BATCH)], raw)
         except BaseException:
             # Nothing acknowledged is dropped: put back what was not overwritten.
             for b, v in batch.items():
@@ -740,12 +753,14 @@ class Volume:
             self._inflight = {}
         self._pool.unreserve(data_blocks * self._cost)
 
-    async def _write_batches(self, batches: list[list[tuple[int, Block | None]]]) -> None:
+    async def _write_batches(self, batches: list[list[tuple[int, Block | None]]],
+                             raw: set[int]) -> None:
         """Hand batches to the pool, two at a time, so that encoding one overlaps the device
-        writes of the other. The first storage error is re-raised as itself."""
+        writes of the other (blocks in ``raw`` are not tried with lz4). The first storage
+        error is re-raised as itself."""
         if len(batches) == 1:
             await self._pool.write_blocks(self._map, self.profile, self.compression,
-                                          batches[0])
+                                          batches[0], raw=raw)
             return
         failures: list[StorageError] = []
         slots = trio.Semaphore(WRITEBACK_PARALLEL)
@@ -753,7 +768,7 @@ class Volume:
         async def one(batch: list[tuple[int, Block | None]]) -> None:
             try:
                 await self._pool.write_blocks(self._map, self.profile, self.compression,
-                                              batch)
+                                              batch, raw=raw)
             except StorageError as e:
                 failures.append(e)
             finally:
