@@ -184,9 +184,13 @@ async def _load(view: Volume, rec: tuple[int, int, int], seq: int, slot: _Slot,
         if kind == stream.DATA:
             data = bytearray(length)       # the record's own: it leaves as it is
             await view.readinto(offset, data)
-            slot.data = await trio.to_thread.run_sync(stream.encode_data, seq, offset, data,
-                                                      slot.counts,
-                                                      view.may_compress(offset, length))
+            if view.may_compress(offset, length):
+                # lz4 takes a while: a worker thread (it lets go of the GIL).
+                slot.data = await trio.to_thread.run_sync(stream.encode_data, seq, offset,
+                                                          data, slot.counts)
+            else:
+                # Only the record's hash (tens of µs a MiB): less than a thread hop costs.
+                slot.data = stream.encode_data(seq, offset, data, slot.counts, False)
         else:
             slot.data = stream.encode_record(stream.HOLE, seq, offset, length, b"",
                                              slot.counts)
