@@ -143,6 +143,7 @@ _OPT_HDR = struct.Struct(">QII")
 _OPT_REPLY = struct.Struct(">QIII")
 _REQUEST = struct.Struct(">IHHQQI")
 _SIMPLE = struct.Struct(">IIQ")
+Data = bytes | memoryview        # what a reply is sent as (payloads are not joined)
 _CHUNK = struct.Struct(">IHHQI")
 
 
@@ -656,20 +657,21 @@ class ServerConnection:
         return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cmd.cookie)
 
     def reply_read(self, cmd: Command,
-                   pieces: Sequence[tuple[int, int, bytes | None]]) -> list[bytes]:
-        """The reply to a READ: ``pieces`` are (offset, length, data or None for a hole)
-        covering the request in order. Returns buffers to send in order (no copy of data).
-        """
+                   pieces: Sequence[tuple[int, int, Sequence[Data] | None]]) -> list[Data]:
+        """The reply to a READ: ``pieces`` are (offset, length, data as buffers back to
+        back, or None for a hole) covering the request in order. Returns buffers to send
+        in order (no copy of data)."""
         if not self.structured or cmd.flags & CMD_FLAG_DF:
-            parts: list[bytes] = [(_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cmd.cookie)
-                                   if not self.structured else
-                                   _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
-                                               REPLY_TYPE_OFFSET_DATA, cmd.cookie,
-                                               8 + cmd.length)
-                                   + struct.pack(">Q", cmd.offset))]
-            parts += [d if d is not None else bytes(n) for _o, n, d in pieces]
+            parts: list[Data] = [(_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cmd.cookie)
+                                  if not self.structured else
+                                  _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
+                                              REPLY_TYPE_OFFSET_DATA, cmd.cookie,
+                                              8 + cmd.length)
+                                  + struct.pack(">Q", cmd.offset))]
+            for _o, n, d in pieces:
+                parts += d if d is not None else [bytes(n)]
             return parts
-        out: list[bytes] = []
+        out: list[Data] = []
         last = len(pieces) - 1
         for i, (off, n, d) in enumerate(pieces):
             flags = REPLY_FLAG_DONE if i == last else 0
@@ -679,7 +681,7 @@ class ServerConnection:
             else:
                 out.append(_CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, REPLY_TYPE_OFFSET_DATA,
                                        cmd.cookie, 8 + n) + struct.pack(">Q", off))
-                out.append(d)
+                out += d
         return out
 
     def reply_block_status(self, cmd: Command,

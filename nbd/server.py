@@ -153,7 +153,7 @@ class _Client:
         self._slots = trio.Semaphore(server.config.max_inflight)
         # Transmission replies are queued and sent by one writer task, which joins all
         # that is queued into one send (one syscall for many small replies).
-        self._queue: list[bytes] = []
+        self._queue: list[proto.Data] = []
         self._queued = 0
         self._wakeup = trio.Event()
         self._drained = trio.Event()
@@ -169,7 +169,7 @@ class _Client:
                 async with self._send_lock:
                     await self.stream.send_all(data)
 
-    async def _send(self, parts: Sequence[bytes]) -> None:
+    async def _send(self, parts: Sequence[proto.Data]) -> None:
         if self._writer_running:
             if self._broken:
                 return  # the reader sees the dead connection and ends it
@@ -189,8 +189,9 @@ class _Client:
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
                 while self._queue:
-                    data = b"".join(self._queue)
-                    self._queue.clear()
+                    queue = self._queue
+                    data = queue[0] if len(queue) == 1 else b"".join(queue)
+                    self._queue = []
                     self._queued = 0
                     await self.stream.send_all(data)
                 self._drained.set()
@@ -340,7 +341,7 @@ class _Client:
         self._enqueue([self.conn.reply_ok(cmd)])
         return True
 
-    def _enqueue(self, parts: Sequence[bytes]) -> None:
+    def _enqueue(self, parts: Sequence[proto.Data]) -> None:
         """Queue what the protocol has pending and ``parts`` for the writer task."""
         pending = self.conn.data_to_send()
         if pending:
@@ -372,7 +373,7 @@ class _Client:
             stats.in_flight -= 1
             self._slots.release()
 
-    async def _dispatch(self, vol: Volume, cmd: proto.Command) -> list[bytes]:
+    async def _dispatch(self, vol: Volume, cmd: proto.Command) -> list[proto.Data]:
         conn = self.conn
         fua = bool(cmd.flags & proto.CMD_FLAG_FUA)
         k = cmd.kind

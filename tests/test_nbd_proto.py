@@ -287,7 +287,7 @@ def test_read_replies_structured_holes_and_df() -> None:
     conn = ServerConnection(Catalog())
     handshake(conn)
     cmd = proto.Command(5, proto.CMD_READ, 0, 4096, 8192)
-    parts = conn.reply_read(cmd, [(4096, 4096, b"x" * 4096), (8192, 4096, None)])
+    parts = conn.reply_read(cmd, [(4096, 4096, [b"x" * 4096]), (8192, 4096, None)])
     raw = b"".join(parts)
     _magic, flags, rtype, cookie, n = struct.unpack_from(">IHHQI", raw)
     assert (rtype, flags, cookie, n) == (proto.REPLY_TYPE_OFFSET_DATA, 0, 5, 8 + 4096)
@@ -297,8 +297,11 @@ def test_read_replies_structured_holes_and_df() -> None:
     assert (rtype, flags, n) == (proto.REPLY_TYPE_OFFSET_HOLE, proto.REPLY_FLAG_DONE, 12)
     assert struct.unpack_from(">QI", second, 20) == (8192, 4096)
     df = proto.Command(6, proto.CMD_READ, proto.CMD_FLAG_DF, 4096, 8192)
-    raw = b"".join(conn.reply_read(df, [(4096, 4096, b"x" * 4096), (8192, 4096, None)]))
+    # A run's data comes as several buffers (one per block): sent back to back.
+    raw = b"".join(conn.reply_read(df, [(4096, 4096, [b"x" * 4000, b"y" * 96]),
+                                        (8192, 4096, None)]))
     assert len(raw) == 20 + 8 + 8192 and raw.endswith(bytes(4096))
+    assert raw[28:28 + 4096] == b"x" * 4000 + b"y" * 96
 
 
 def test_error_mapping() -> None:

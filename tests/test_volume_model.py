@@ -118,8 +118,9 @@ async def _run(program: list[Op], profile: str, ndev: int) -> None:
                 quick = vol.read_sparse_nowait(at, size)
                 if quick is not None:
                     assert quick == await vol.read_sparse(at, size), f"no-wait read after {op}"
-                    assert b"".join(d if d is not None else bytes(k)
-                                    for _o, k, d in quick) == bytes(model[at:at + size])
+                    assert b"".join(b for _o, k, d in quick
+                                    for b in (d if d is not None else [bytes(k)])) \
+                        == bytes(model[at:at + size])
                 # The vectored reads (iSCSI's Data-In) give the same bytes as buffers.
                 parts = vol.read_vectored_nowait(at, size)
                 if parts is not None:

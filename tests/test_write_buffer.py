@@ -241,10 +241,11 @@ async def test_old_buffered_writes_are_written_back_and_committed(
         await pool.close()
 
 
-async def test_vectored_reads_never_see_later_patches(
+async def test_vectored_and_sparse_reads_never_see_later_patches(
         small_buffer: volume_module.WriteBuffer) -> None:
-    """read_vectored hands out buffers a frontend sends later (iSCSI Data-In): a partial
-    write that patches the buffered block in place afterwards must not show through."""
+    """read_vectored and read_sparse hand out buffers a frontend sends later (iSCSI
+    Data-In, NBD replies): a partial write that patches the buffered block in place
+    afterwards must not show through."""
     pool = await _pool()
     try:
         vol = await VolumeManager(pool).create("v", 2 * MiB, block_size=BS)
@@ -253,10 +254,14 @@ async def test_vectored_reads_never_see_later_patches(
         parts = await vol.read_vectored(0, 3 * BS)
         quick = vol.read_vectored_nowait(50, 2 * BS)
         assert quick is not None
+        runs = await vol.read_sparse(0, 3 * BS)
+        assert len(runs) == 1 and runs[0][2] is not None
+        sparse = runs[0][2]
         before, before_quick = b"".join(parts), b"".join(quick)
         await vol.write(0, b"c" * 2000)            # patches block 0 again, in place
         assert vol.write_nowait(BS + 10, b"d" * 100)
         assert b"".join(parts) == before == b"a" * 100 + b"b" * 1000 + b"a" * (3 * BS - 1100)
+        assert b"".join(sparse) == before
         assert b"".join(quick) == before_quick
         assert await vol.read(0, 2000) == b"c" * 2000
     finally:

@@ -222,15 +222,17 @@ class Volume:
     async def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset``; holes read as zeros. Never unverified bytes."""
         pieces = await self.read_sparse(offset, length)  # records the latency
-        if len(pieces) == 1 and pieces[0][2] is not None:
-            return pieces[0][2]
-        return b"".join(d if d is not None else bytes(n) for _o, n, d in pieces)
+        if len(pieces) == 1 and pieces[0][2] is not None and len(pieces[0][2]) == 1:
+            one = pieces[0][2][0]
+            return one if isinstance(one, bytes) else bytes(one)
+        return b"".join(b for _o, n, d in pieces for b in (d if d is not None else [bytes(n)]))
 
     async def read_sparse(self, offset: int,
-                          length: int) -> list[tuple[int, int, bytes | None]]:
-        """Like ``read``, as runs of (offset, length, data) where data is None for a hole.
+                          length: int) -> list[tuple[int, int, list[Piece] | None]]:
+        """Like ``read``, as runs of (offset, length, data) where data is None for a hole,
+        else the run's bytes as buffers to send back to back (one per block, not joined).
 
-        Adjacent data blocks are joined and adjacent holes merged, so a frontend can send
+        Adjacent data blocks make one run and adjacent holes merge, so a frontend can send
         holes without zeros (NBD OFFSET_HOLE).
         """
         started = time.perf_counter()
@@ -238,7 +240,7 @@ class Volume:
         return self._assemble(spans, buffered, offset, length, started)
 
     def read_sparse_nowait(self, offset: int,
-                           length: int) -> list[tuple[int, int, bytes | None]] | None:
+                           length: int) -> list[tuple[int, int, list[Piece] | None]] | None:
         """``read_sparse`` when it can be answered at once, without waiting on anything
         (blocks buffered, in the pool's record cache or page-cached and healthy); else
         None, and the caller uses ``read_sparse``. Lets a frontend answer cached reads
@@ -364,25 +366,18 @@ class Volume:
         out: list[bytes | memoryview] = []
         for b, lo, hi in spans:
             v = buffered[b]
-            if v is None:
-                out.append(zero[lo:hi])
-            elif isinstance(v, bytearray):
-                # The write buffer patches its own bytearrays in place: copy, so that a
-                # later write never shows through an answer still being sent.
-                out.append(bytes(v[lo:hi]))
-            elif lo == 0 and hi == len(v):
-                out.append(v)
-            else:
-                out.append(memoryview(v)[lo:hi])
+            out.append(zero[lo:hi] if v is None else _piece(v, lo, hi))
         self._count_read(length, started)
         return out
 
     def _read_one_nowait(self, b: int, offset: int, length: int,
-                         started: float) -> list[tuple[int, int, bytes | None]] | None:
+                         started: float) -> list[tuple[int, int, list[Piece] | None]] | None:
         """``read_sparse_nowait`` of a range inside block ``b`` (small random reads): the
-        same answer without the general path's spans and joins."""
+        same answer without the general path's spans."""
         answered, data = self._one_nowait(b, offset, length, started)
-        return [(offset, length, data)] if answered else None
+        if not answered:
+            return None
+        return [(offset, length, None if data is None else [data])]
 
     def _one_nowait(self, b: int, offset: int, length: int,
                     started: float) -> tuple[bool, bytes | None]:
@@ -424,18 +419,17 @@ class Volume:
 
     def _assemble(self, spans: list[tuple[int, int, int]],
                   buffered: dict[int, Block | None], offset: int, length: int,
-                  started: float) -> list[tuple[int, int, bytes | None]]:
+                  started: float) -> list[tuple[int, int, list[Piece] | None]]:
         bs = self.block_size
-        out: list[tuple[int, int, bytes | None]] = []
-        run: list[Block] = []
+        out: list[tuple[int, int, list[Piece] | None]] = []
+        run: list[Piece] = []
         run_start = hole_start = -1
         for b, lo, hi in spans:
             v = buffered[b]
             pos = b * bs + lo
             if v is None:
                 if run:
-                    out.append((run_start, pos - run_start,
-                                bytes(run[0]) if len(run) == 1 else b"".join(run)))
+                    out.append((run_start, pos - run_start, run))
                     run = []
                 if hole_start < 0:
                     hole_start = pos
@@ -445,11 +439,10 @@ class Volume:
                     hole_start = -1
                 if not run:
                     run_start = pos
-                run.append(v if lo == 0 and hi == bs else v[lo:hi])
+                run.append(_piece(v, lo, hi))
         end = offset + length
         if run:
-            out.append((run_start, end - run_start,
-                        bytes(run[0]) if len(run) == 1 else b"".join(run)))
+            out.append((run_start, end - run_start, run))
         elif hole_start >= 0:
             out.append((hole_start, end - hole_start, None))
         self._count_read(length, started)
@@ -861,6 +854,20 @@ class Volume:
     def _drop(self) -> None:
         self._discard_buffer()
         self._deleted = True
+
+
+Piece = bytes | memoryview    # a read's bytes of one block, never to change under a reader
+
+
+def _piece(v: Block, lo: int, hi: int) -> Piece:
+    """Bytes ``lo:hi`` of a block's content as a read hands them out: a view where the
+    content is immutable, a copy of a bytearray (the write buffer patches its own
+    bytearrays in place: a later write must never show through an answer being sent)."""
+    if isinstance(v, bytearray):
+        return bytes(v[lo:hi])
+    if lo == 0 and hi == len(v):
+        return v
+    return memoryview(v)[lo:hi]
 
 
 def check_block_size(bs: int) -> None:
