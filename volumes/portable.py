@@ -439,15 +439,16 @@ class Receiver:
     # -- the records ----------------------------------------------------------------------
     async def feed(self, data: bytes) -> None:
         self.parser.feed(data)
-        while True:
+        more = True
+        while more:
             # Parse (verify, decompress) every complete record in one thread hop.
-            events = await trio.to_thread.run_sync(self._parse_some)
-            if not events:
-                return
+            events, more = await trio.to_thread.run_sync(self._parse_some)
             for ev in events:
                 await self._handle(ev)
 
-    def _parse_some(self) -> list[object]:
+    def _parse_some(self) -> tuple[list[object], bool]:
+        """Parse (verify, decompress) up to 16 parts of what was fed; with whether there
+        may be more (False: the parser needs more data first)."""
         if self._error is not None:
             raise self._error
         out: list[object] = []
@@ -458,13 +459,13 @@ class Receiver:
                 if not out:
                     raise
                 self._error = e         # apply the good records first
-                break
+                return out, True
             if ev is stream.NEED_DATA:
-                break
+                return out, False
             out.append(ev)
             if isinstance(ev, stream.Header):
                 break                   # checked before any record is parsed
-        return out
+        return out, True
 
     async def _handle(self, ev: object) -> None:
         if isinstance(ev, stream.Header):
@@ -554,10 +555,9 @@ class Receiver:
                         if failure:
                             break
                         self.parser.feed(data)
-                        while not ended and not failure:
-                            events = await trio.to_thread.run_sync(self._parse_some)
-                            if not events:
-                                break
+                        more = True
+                        while more and not ended and not failure:
+                            events, more = await trio.to_thread.run_sync(self._parse_some)
                             for ev in events:
                                 if isinstance(ev, stream.Header):
                                     self._check_header(ev.fields)
