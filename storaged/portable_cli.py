@@ -121,6 +121,10 @@ def run(args: argparse.Namespace, path: str, show: bool) -> int:
                                        "NotFound" if e.errno == errno.ENOENT
                                        else "IOError") from e
             else:
+                if sys.stdin.isatty():
+                    print("storagectl: refusing to read a binary stream from a terminal (use "
+                          "-i FILE or a pipe)", file=sys.stderr)
+                    return 2
                 fd = sys.stdin.fileno()
             try:
                 st = os.fstat(fd)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pty
 import select
 import socket
 import struct
@@ -277,6 +278,27 @@ def test_streams_through_a_passed_descriptor_and_framed_are_the_same(
     finally:
         os.close(r)
     assert "tank/vm" in daemon.ok("volume", "list")
+
+
+def test_a_stream_never_goes_to_or_comes_from_a_terminal(tmp_path: Path) -> None:
+    """send with stdout on a terminal and receive with stdin on one are refused before
+    anything is asked of the daemon (none runs here), saying what to use instead."""
+    main, tty = pty.openpty()
+    try:
+        sock = str(tmp_path / "none.sock")
+        send = subprocess.run([CTL, "--socket", sock, "volume", "send", "tank/vm@s1"],
+                              stdout=tty, stderr=subprocess.PIPE, text=True, timeout=60,
+                              check=False)
+        assert send.returncode == 2, send.stderr
+        assert "to a terminal (use -o FILE" in send.stderr
+        receive = subprocess.run([CTL, "--socket", sock, "volume", "receive", "tank/copy"],
+                                 stdin=tty, stderr=subprocess.PIPE, text=True, timeout=60,
+                                 check=False)
+        assert receive.returncode == 2, receive.stderr
+        assert "from a terminal (use -i FILE" in receive.stderr
+    finally:
+        os.close(main)
+        os.close(tty)
 
 
 def test_advance_over_partly_sent_pieces() -> None:
