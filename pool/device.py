@@ -31,7 +31,7 @@ _BLKDISCARD = 0x1277
 _BLKGETSIZE64 = 0x80081272
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-_IOV_MAX = 1024
+IOV_MAX = 1024                   # buffers one vectored read or write takes (Linux UIO_MAXIOV)
 _SYNC_FILE_RANGE_WRITE = 2
 # Write-behind. The kernel lets GiBs of written pages pile up in RAM before it writes them
 # out, and a disk with a volatile cache (most, and virtual disks) holds more until a
@@ -212,16 +212,16 @@ class FileDevice:
     def preadv_nowait(self, offset: int, buffers: Sequence[bytearray | memoryview]) -> int:
         if _RWF_NOWAIT is None:
             return 0
-        if len(buffers) <= _IOV_MAX:
+        if len(buffers) <= IOV_MAX:
             try:
                 return os.preadv(self._fd, buffers, offset, _RWF_NOWAIT)
             except OSError:
                 return 0  # EAGAIN (not cached), EOPNOTSUPP...: the thread path will tell
         done = 0
-        for i in range(0, len(buffers), _IOV_MAX):
-            got = self.preadv_nowait(offset + done, buffers[i:i + _IOV_MAX])
+        for i in range(0, len(buffers), IOV_MAX):
+            got = self.preadv_nowait(offset + done, buffers[i:i + IOV_MAX])
             done += got
-            if got < sum(map(len, buffers[i:i + _IOV_MAX])):
+            if got < sum(map(len, buffers[i:i + IOV_MAX])):
                 break
         return done
 
@@ -245,7 +245,7 @@ class FileDevice:
         try:
             with self._wlock:
                 while views:
-                    n = os.pwritev(self._fd, views[:_IOV_MAX], offset)
+                    n = os.pwritev(self._fd, views[:IOV_MAX], offset)
                     offset += n
                     views = advance(views, n)
         except OSError as e:

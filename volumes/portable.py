@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from pool.device import WriteBehind, advance
+from pool.device import IOV_MAX, WriteBehind, advance
 from pool.errors import AlreadyExists, Busy, InvalidArgument, NotFound, StorageError
 from pool.pool import Profile
 from volumes import stream
@@ -40,7 +40,6 @@ Chunks = AbstractAsyncContextManager[trio.abc.ReceiveChannel[list[stream.Buffer]
 APPLY_PARALLEL = 4             # records a receive writes at once
 WRITE_BATCH = 8 << 20          # bytes of stream a send writes to a descriptor per thread hop
 READ_BATCH = 4 << 20           # bytes of stream a receive reads from a descriptor per hop
-_IOV_MAX = 1024
 
 
 # ==== snapshots' identity ===================================================================
@@ -227,7 +226,7 @@ class FdSink:
         views = [memoryview(p).cast("B") for p in pieces if len(p)]
         while views:
             try:
-                n = os.writev(self.fd, views[:_IOV_MAX])
+                n = os.writev(self.fd, views[:IOV_MAX])
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(self.fd)
                 continue
@@ -238,7 +237,7 @@ class FdSink:
         views = [memoryview(p).cast("B") for p in pieces if len(p)]
         start = self.pos
         while views:
-            n = os.writev(self.fd, views[:_IOV_MAX])
+            n = os.writev(self.fd, views[:IOV_MAX])
             self.pos += n
             views = advance(views, n)
         if self._behind is not None:
