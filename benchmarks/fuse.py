@@ -1,6 +1,8 @@
 """benchmarks/fuse: fio on a storaged volume file in the FUSE mount (plain and ec:4+2)
 against qemu-storage-daemon's FUSE export of a qcow2 file and a plain file of the host file
-system, on the same machine in one run.
+system, on the same machine in one run, and on a pyfuse3 file system with nothing behind it
+(benchmarks/nullfuse.py: handlers that answer at once), the ceiling of any pyfuse3 export
+here, so the table shows how much of a gap is storaged's and how much pyfuse3's.
 
 Every target is a 1 GiB file; fio uses libaio with --direct=1: a prefill, 1 MiB sequential
 write (iodepth 4, fsync at the end), 1 MiB sequential read (iodepth 4), 4 KiB random write
@@ -27,12 +29,14 @@ import time
 from pathlib import Path
 
 from benchmarks.common import Result
+from fuse.mount import mount_entry, raise_max_background
 
 MiB = 1 << 20
 SIZE = 1 << 30
 TESTS = [("seq write 1M", "write", "1m", 4), ("seq read 1M", "read", "1m", 4),
          ("rand write 4K", "randwrite", "4k", 16), ("rand read 4K", "randread", "4k", 16)]
 BIN = Path(sys.executable).parent
+NULL = "pyfuse3 null"      # the ceiling: pyfuse3 with no storage behind it
 
 
 def fio(path: Path, test: str, rw: str, bs: str, depth: int, runtime: int,
@@ -111,6 +115,19 @@ def start_qsd(work: Path) -> tuple[subprocess.Popen[bytes], Path]:
     return proc, target
 
 
+def start_null(work: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    mnt = work / "null"
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.nullfuse", str(mnt)],
+                            stdout=subprocess.DEVNULL,
+                            stderr=open(work / "null.log", "ab"))  # noqa: SIM115
+    _wait(lambda: _mounted(mnt), proc, "the pyfuse3 null file system")
+    entry = mount_entry(str(mnt))
+    if entry is not None:      # the same kernel queue depth as storaged's mount
+        raise_max_background(entry[1])
+    return proc, mnt / "file"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 s per test instead of 10")
@@ -130,11 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(sd)
         qsd, qsd_file = start_qsd(work)
         procs.append(qsd)
+        null, null_file = start_null(work)
+        procs.append(null)
         host = work / "host.raw"
         with open(host, "wb") as f:
             f.truncate(SIZE)
         targets = [("qsd qcow2", qsd_file), ("storaged plain", mnt / "bench" / "plain"),
-                   ("storaged ec:4+2", mnt / "bench" / "ec"), ("host file", host)]
+                   ("storaged ec:4+2", mnt / "bench" / "ec"), ("host file", host),
+                   (NULL, null_file)]
         for name, path in targets:
             prefill(path)
             for test, rw, bs, depth in TESTS:
@@ -149,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 p.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 p.kill()
-        for m in (work / "mnt", work / "qsd-export"):
+        for m in (work / "mnt", work / "qsd-export", work / "null"):
             if _mounted(m):
                 subprocess.run(["fusermount3", "-u", "-z", str(m)], check=False)
         shutil.rmtree(work, ignore_errors=True)
@@ -164,6 +184,13 @@ def print_table(results: list[Result]) -> None:
         ref = base.get(r.test)
         ratio = r.iops / ref.iops if ref and ref.iops else 0.0
         print(f"| {r.target} | {r.test} | {r.mbps:.1f} | {r.iops:.0f} | {ratio:.2f}x |")
+    print(f"\n'{NULL}' answers every request at once with no storage behind it: no pyfuse3 "
+          "export can go faster here, and storaged's rows are also given as a share of it.")
+    ceiling = {r.test: r for r in results if r.target == NULL}
+    for r in results:
+        top = ceiling.get(r.test)
+        if r.target.startswith("storaged") and top and top.iops:
+            print(f"  {r.target:16} {r.test:14} {r.iops / top.iops:.2f} of the pyfuse3 ceiling")
 
 
 if __name__ == "__main__":

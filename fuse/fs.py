@@ -615,7 +615,12 @@ class VolumeFS(pyfuse3.Operations):
             vol = self._volume(node)
         if off >= vol.size or size <= 0:
             return b""
-        return await vol.read(off, min(size, vol.size - off))
+        size = min(size, vol.size - off)
+        # Cached blocks are answered without a wait.
+        parts = vol.read_vectored_nowait(off, size)
+        if parts is None:
+            return await vol.read(off, size)
+        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
 
     @edge
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -630,7 +635,9 @@ class VolumeFS(pyfuse3.Operations):
             # Writing past the end grows the volume (sizes are whole 512-byte sectors).
             node = await self._truncate(node, _round_up(end), keep=fh, grow_only=True)
         vol = self._volume(node)
-        await vol.write(off, buf, fua=h.sync)
+        # A write that needs no wait (blocks whole, buffered or cached) is taken at once.
+        if h.sync or not vol.write_nowait(off, buf):
+            await vol.write(off, buf, fua=h.sync)
         self._touch(h.ino)
         return len(buf)
 

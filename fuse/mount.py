@@ -102,7 +102,9 @@ async def clear_stale_mount(path: str) -> None:
                      f"serving it? Unmount it or choose another fuse.mount")
 
 
-def _tune(dev: str) -> None:
+def raise_max_background(dev: str) -> None:
+    """Let the kernel keep MAX_BACKGROUND async requests in flight on the FUSE connection
+    ``dev`` (major:minor), where fusectl is mounted and we may write it."""
     minor = dev.partition(":")[2]
     try:
         with open(f"/sys/fs/fuse/connections/{minor}/max_background", "w") as f:
@@ -142,7 +144,7 @@ class FuseMount:
                 await self.fs.initialized.wait()
                 entry = await trio.to_thread.run_sync(mount_entry, self.mountpoint)
                 if entry is not None:
-                    await trio.to_thread.run_sync(_tune, entry[1])
+                    await trio.to_thread.run_sync(raise_max_background, entry[1])
                 task_status.started(self.mountpoint)
             if self._running:   # the loop ended without stop(): unmounted from outside
                 log.warning("fuse: %s was unmounted from outside", self.mountpoint)
