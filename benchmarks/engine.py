@@ -243,37 +243,21 @@ def raw_file_rows(d: str, size: int, offsets: Sequence[int], repeat: int) -> lis
             os.unlink(path)
 
     # What ec:4+2 writes physically: 1.5x the bytes, a quarter MiB to each of 6 files.
-    paths = [os.path.join(d, f"raw6-{i}") for i in range(DEVICES)]
     quarter = data[:SEQ // 4]
-    six: list[Row] = []
-    for _ in range(repeat):
-        os.sync()
-        fds = [_open(p) for p in paths]
-        try:
-            t0 = time.perf_counter()
-            for i in range(n):
-                for f in fds:
-                    os.pwrite(f, quarter, i * len(quarter))
-            t1 = time.perf_counter()
-            for f in fds:
-                os.fdatasync(f)
-            t2 = time.perf_counter()
-            six.append(Row(RAW6, SEQ_W, t2 - t0, size, n, flush=t2 - t1))
-        finally:
-            for f, p in zip(fds, paths, strict=True):
-                os.close(f)
-                os.unlink(p)
-    os.sync()
-    return [median(writes), median(reads), *cold_rows, rnd_w, rnd_r, median(six)]
+
+    def six(fds: list[int], i: int) -> None:
+        for f in fds:
+            os.pwrite(f, quarter, i * len(quarter))
+    return [median(writes), median(reads), *cold_rows, rnd_w, rnd_r,
+            _six_files(d, RAW6, size, repeat, six)]
 
 
-def ec_floor_rows(d: str, size: int, repeat: int) -> list[Row]:
-    """zfec encode plus the 6 files' writes and fdatasyncs, one thread (ZFEC6 above)."""
-    data = os.urandom(SEQ)
-    chunk = BLOCK // 4
-    enc = zfec.Encoder(4, 6)
+def _six_files(d: str, name: str, size: int, repeat: int,
+               write: Callable[[list[int], int], None]) -> Row:
+    """The median of ``repeat`` rounds of ``write(fds, i)`` for each MiB ``i`` of ``size``
+    into 6 new files, then an fdatasync of each, all timed."""
     n = size // SEQ
-    paths = [os.path.join(d, f"zfec6-{i}") for i in range(DEVICES)]
+    paths = [os.path.join(d, f"six-{i}") for i in range(DEVICES)]
     rounds: list[Row] = []
     for _ in range(repeat):
         os.sync()
@@ -281,25 +265,35 @@ def ec_floor_rows(d: str, size: int, repeat: int) -> list[Row]:
         try:
             t0 = time.perf_counter()
             for i in range(n):
-                cols: list[list[bytes | memoryview]] = [[] for _ in range(DEVICES)]
-                view = memoryview(data)
-                for at in range(0, SEQ, BLOCK):
-                    chunks = tuple(view[at + c * chunk:at + (c + 1) * chunk] for c in range(4))
-                    for c, piece in enumerate((*chunks, *enc.encode(chunks, (4, 5)))):
-                        cols[c].append(piece)
-                for f, col in zip(fds, cols, strict=True):
-                    os.pwritev(f, col, i * (SEQ // 4))
+                write(fds, i)
             t1 = time.perf_counter()
             for f in fds:
                 os.fdatasync(f)
             t2 = time.perf_counter()
-            rounds.append(Row(ZFEC6, SEQ_W, t2 - t0, size, n, flush=t2 - t1))
+            rounds.append(Row(name, SEQ_W, t2 - t0, size, n, flush=t2 - t1))
         finally:
             for f, p in zip(fds, paths, strict=True):
                 os.close(f)
                 os.unlink(p)
     os.sync()
-    return [median(rounds)]
+    return median(rounds)
+
+
+def ec_floor_rows(d: str, size: int, repeat: int) -> list[Row]:
+    """zfec encode plus the 6 files' writes and fdatasyncs, one thread (ZFEC6 above)."""
+    view = memoryview(os.urandom(SEQ))
+    chunk = BLOCK // 4
+    enc = zfec.Encoder(4, 6)
+
+    def encode_and_write(fds: list[int], i: int) -> None:
+        cols: list[list[bytes | memoryview]] = [[] for _ in range(DEVICES)]
+        for at in range(0, SEQ, BLOCK):
+            chunks = tuple(view[at + c * chunk:at + (c + 1) * chunk] for c in range(4))
+            for c, piece in enumerate((*chunks, *enc.encode(chunks, (4, 5)))):
+                cols[c].append(piece)
+        for f, col in zip(fds, cols, strict=True):
+            os.pwritev(f, col, i * (SEQ // 4))
+    return [_six_files(d, ZFEC6, size, repeat, encode_and_write)]
 
 
 def codec_rows(size: int, text: bytes) -> list[Row]:
