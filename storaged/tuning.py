@@ -18,12 +18,24 @@ on fresh pages, and the page faults that fill them cost more than the copy itsel
 mmap threshold of 32 MiB and a trim threshold of 256 MiB keep such buffers on the heap,
 reused. The price is memory held after a burst: at most what the burst used, up to the
 trim threshold, which a storage node has.
+
+The cyclic garbage collector: CPython collects its youngest generation every 700 net
+allocations of container objects (tuples, lists, memoryviews...), holding the GIL
+throughout. The write path makes a few such objects per fragment (views, header pieces,
+iovec lists), so an ec:4+2 writeback of 1 GiB ran about 770 young collections, which
+took 0.5 s of the 4.5 s and stalled the encoding and writing threads meanwhile (measured
+with gc.callbacks on device files on tmpfs). storaged's objects are not in reference
+cycles on those paths; freeing them does not need the collector. A first-generation
+threshold of 10,000 (the older generations' factors unchanged) makes it about 50
+collections and 0.02 s, and the ec:4+2 writeback 15-25% faster there. The price is up to
+10,000 young objects more before a cycle among them is found, a few MiB at most.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 import sys
 
@@ -35,12 +47,21 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20       # glibc's upper bound for this setting on 64-bit
 TRIM_THRESHOLD = 256 << 20
 SWITCH_INTERVAL = 50e-6          # seconds
+GC_YOUNG_THRESHOLD = 10_000      # container allocations between young collections
 
 
 def tune_process() -> None:
-    """Both settings: the GIL switch interval and the allocator thresholds."""
+    """All three settings: the GIL switch interval, the allocator thresholds and the
+    collector's young-generation threshold."""
     sys.setswitchinterval(SWITCH_INTERVAL)
     tune_malloc()
+    tune_gc()
+
+
+def tune_gc() -> None:
+    """Collect the young generation every GC_YOUNG_THRESHOLD container allocations."""
+    _young, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 def tune_malloc() -> bool:
@@ -62,4 +83,4 @@ def tune_malloc() -> bool:
     return ok
 
 
-__all__ = ["tune_malloc", "tune_process"]
+__all__ = ["tune_gc", "tune_malloc", "tune_process"]
