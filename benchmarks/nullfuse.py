@@ -21,6 +21,8 @@ import sys
 import pyfuse3
 import trio
 
+from storaged.tuning import tune_process
+
 SIZE = 1 << 30
 FILE_INODE = pyfuse3.ROOT_INODE + 1
 NAME = b"file"
@@ -90,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print(__doc__.strip().splitlines()[-1], file=sys.stderr)
         return 2
+    tune_process()                  # as the daemon runs
     options = set(pyfuse3.default_options)
     options.add("fsname=storaged-bench-null")
     pyfuse3.init(NullFS(), args[0], options)

@@ -1054,19 +1054,28 @@ class Pool:
         """``read_blocks``, each block's content written into its ``dests`` entry (of
         ``block_size`` bytes; a hole as zeros) rather than returned: page-cached records
         are read straight into them, with no buffer of their own and no copy."""
-        if self._failed is None and not self.closed and map_id in self.state.maps:
-            runs = self._into_runs(map_id, blocks, block_size, dests)
-            if runs is not None:
-                try:
-                    done = records.read_runs_into(runs, block_size, dests)
-                except records.WouldBlock:
-                    pass
-                else:
-                    self._counters["records_read"] += done
-                    return
+        if self.read_blocks_into_nowait(map_id, blocks, block_size, dests):
+            return
         got = await self.read_blocks(map_id, blocks, block_size)
         for dest, v in zip(dests, got, strict=True):
             dest[:] = v if v is not None else self._zeros(block_size)
+
+    def read_blocks_into_nowait(self, map_id: int, blocks: Sequence[int], block_size: int,
+                                dests: Sequence[memoryview]) -> bool:
+        """``read_blocks_into`` if it can be done at once on the event loop (holes, and
+        whole blocks stored raw in page-cached, healthy fragments); else False, and what
+        ``dests`` hold is undefined."""
+        if self._failed is not None or self.closed or map_id not in self.state.maps:
+            return False
+        runs = self._into_runs(map_id, blocks, block_size, dests)
+        if runs is None:
+            return False
+        try:
+            done = records.read_runs_into(runs, block_size, dests)
+        except records.WouldBlock:
+            return False
+        self._counters["records_read"] += done
+        return True
 
     def _into_runs(self, map_id: int, blocks: Sequence[int], block_size: int,
                    dests: Sequence[memoryview]) -> list[records.IntoRun] | None:

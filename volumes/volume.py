@@ -453,8 +453,9 @@ class Volume:
         base = self._buffered(b)
         if base is not None:
             return base
-        v = (await self._pool.read_blocks(self._map, [b], self.block_size))[0]
-        return bytearray(self._zero if v is None else v)
+        base = bytearray(self.block_size)
+        await self._pool.read_blocks_into(self._map, [b], self.block_size, [memoryview(base)])
+        return base
 
     # ---- writes ---------------------------------------------------------------------------
     async def write(self, offset: int, data: bytes | bytearray | memoryview, *,
@@ -553,6 +554,11 @@ class Volume:
             return mine
         base = self._buffered(b)
         if base is not None:
+            return base
+        # Page-cached raw records are read and checked straight into the new buffer.
+        base = bytearray(self.block_size)
+        if self._pool.read_blocks_into_nowait(self._map, [b], self.block_size,
+                                              [memoryview(base)]):
             return base
         got = self._pool.read_blocks_nowait(self._map, [b], self.block_size)
         if got is None:
