@@ -113,7 +113,11 @@ def stripe(payload: Buffer, flags: int, k: int, m: int) -> EncodedRecord:
     return EncodedRecord(plen, flags, rhash, units, pieces)
 
 
-def _data_chunks(view: memoryview, k: int, clen: int) -> list[bytes]:
+def _data_chunks(view: memoryview, k: int, clen: int) -> list[Buffer]:
+    """The k data chunks of a payload, each ``clen`` long: views of it when it fills them
+    exactly (a whole block stored raw: no copy), else zero-padded copies."""
+    if len(view) == k * clen:
+        return [view[i * clen:(i + 1) * clen] for i in range(k)]
     return [bytes(view[i * clen:(i + 1) * clen]).ljust(clen, b"\0") for i in range(k)]
 
 
