@@ -29,6 +29,7 @@ import xxhash
 from pool.device import Device
 from pool.errors import DeviceError, NoSpace, StorageError
 from pool.layout import PAGE_UNIT, SB_OFFSET, SB_SLOT_SIZE, SB_SLOTS, SECTOR, Layout
+from pool.records import pread_within
 
 SB_MAGIC = b"SDSUPER1"
 JOURNAL_MAGIC = b"SDJRNL01"
@@ -121,7 +122,7 @@ class MetaStore:
                   valid: Callable[[bytes], bool]) -> bytes | None:
         for dev in self.present():
             try:
-                raw = dev.pread(offset, length)
+                raw = pread_within(dev, offset, length)
             except DeviceError:
                 continue
             if valid(raw):
@@ -131,7 +132,7 @@ class MetaStore:
     # ---- superblocks --------------------------------------------------------------------
     @staticmethod
     def read_superblocks(dev: Device, pool_uuid: str) -> list[Superblock]:
-        raw = dev.pread(SB_OFFSET, SB_SLOTS * SB_SLOT_SIZE)
+        raw = pread_within(dev, SB_OFFSET, SB_SLOTS * SB_SLOT_SIZE)
         out = []
         for i in range(SB_SLOTS):
             sb = Superblock.decode(raw[i * SB_SLOT_SIZE:(i + 1) * SB_SLOT_SIZE])
@@ -192,7 +193,7 @@ class MetaStore:
         ok = []
         for dev in self.present():
             try:
-                raw = dev.pread(self.layout.pages_offset + loc.unit * PAGE_UNIT,
+                raw = pread_within(dev, self.layout.pages_offset + loc.unit * PAGE_UNIT,
                                 loc.units * PAGE_UNIT)
                 ok.append(_xxh3(raw[:loc.length]) == loc.hash)
             except DeviceError:
@@ -214,7 +215,7 @@ class MetaStore:
                     continue
                 checked += 1
                 try:
-                    raw = dev.pread(off, size)
+                    raw = pread_within(dev, off, size)
                 except DeviceError:
                     wrong.append(i)
                     continue
@@ -288,7 +289,7 @@ class MetaStore:
             if cur is None or not cur[0] <= pos < cur[0] + len(cur[1]) - _JHDR.size:
                 try:
                     n = min(4 << 20, size - pos)
-                    cur = (pos, devices[i].pread(self.layout.journal_offset + pos, n))
+                    cur = (pos, pread_within(devices[i], self.layout.journal_offset + pos, n))
                 except DeviceError:
                     return None
                 windows[i] = cur
@@ -307,7 +308,7 @@ class MetaStore:
                 if pos - start + _JHDR.size + plen > len(img) and pos + _JHDR.size + plen <= size:
                     # A big entry runs past the window: read it whole.
                     try:
-                        img = devices[i].pread(self.layout.journal_offset + pos,
+                        img = pread_within(devices[i], self.layout.journal_offset + pos,
                                                _JHDR.size + plen)
                         start = pos
                     except DeviceError:

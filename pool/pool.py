@@ -1830,7 +1830,7 @@ def label_copies(dev: Device, size: int | None = None) -> list[tuple[str, Label 
     end = dev.size if size is None else size
     for where, off in (("primary", 0), ("backup", end - LABEL_SIZE)):
         try:
-            out.append((where, Label.decode(dev.pread(off, LABEL_SIZE))))
+            out.append((where, Label.decode(records.pread_within(dev, off, LABEL_SIZE))))
         except DeviceError as e:
             out.append((where, e.message))
     return out
@@ -1862,7 +1862,21 @@ def _refuse_labelled(devices: list[Device]) -> None:
 
 
 def _read_labels(devices: list[Device]) -> list[tuple[Device, Label]]:
-    return [(dev, _read_label(dev)) for dev in devices]
+    """Each device's label. A device that does not answer (its label reads timed out) is
+    left out, as if it were not given: the pool imports without it if it can."""
+    out: list[tuple[Device, Label]] = []
+    for dev in devices:
+        try:
+            out.append((dev, _read_label(dev)))
+        except ImportFailed:
+            if not records.hung(dev):
+                raise
+            log.warning("%s does not answer (a read of its label has been waiting more "
+                        "than %g s): importing without it", dev.path, records.READ_TIMEOUT)
+    if devices and not out:
+        raise ImportFailed("none of the devices given answers: "
+                           + ", ".join(d.path for d in devices))
+    return out
 
 
 @dataclass
@@ -1886,8 +1900,16 @@ def _load_pool(pool_uuid: str, found: list[tuple[Device, Label]]) -> _Loaded:
                                f"members of pool {name}")
     newest: dict[str, int] = {}
     best: Superblock | None = None
-    for dev, lab in found:
-        sbs = MetaStore.read_superblocks(dev, pool_uuid)
+    for dev, lab in list(found):
+        try:
+            sbs = MetaStore.read_superblocks(dev, pool_uuid)
+        except DeviceError as e:
+            # Every member holds the metadata: one whose superblocks cannot be read is
+            # left out (the pool runs degraded), as if it had not been given.
+            log.warning("%s: its superblocks cannot be read (%s): importing without it",
+                        dev.path, e.message)
+            found.remove((dev, lab))
+            continue
         # A member added at generation g carries g in its label and a synced copy of the
         # metadata of g - 1 even if the crash took its first superblock.
         newest[dev.path] = max([sb.generation for sb in sbs] + [lab.generation - 1])

@@ -117,6 +117,23 @@ def _finish_read(dev: Device, fut: concurrent.futures.Future[bytes] | DeviceErro
                           f"after {READ_TIMEOUT:g} s") from None
 
 
+def pread_within(dev: Device, offset: int, length: int) -> bytes:
+    """``dev.pread`` given up after READ_TIMEOUT seconds: a DeviceError, like a failed
+    read (and the device's later reads fail at once until the stuck one returns). For
+    metadata, where every member holds a copy to fall back to."""
+    if READ_TIMEOUT is None:
+        return dev.pread(offset, length)
+    return _finish_read(dev, _start_read(dev, offset, length), length, offset,
+                        time.monotonic() + READ_TIMEOUT)
+
+
+def hung(dev: Device) -> bool:
+    """Whether a read of ``dev`` timed out and has not returned yet."""
+    with _stuck_lock:
+        pending = _stuck.get(id(dev))
+    return pending is not None and not pending.done()
+
+
 def read_columns(cols: Sequence[tuple[Device | None, int, str]], offset: int, units: int,
                  errors: Counter[tuple[str, str]], *, redundant: bool = True
                  ) -> list[bytes | None]:
@@ -148,11 +165,9 @@ def _frag_bytes(col: tuple[Device | None, int, str], offset: int, units: int,
     if dev is None:
         return None
     try:
-        if READ_TIMEOUT is None or not deadline:
+        if not deadline:
             return dev.pread(base + offset * SECTOR, units * SECTOR)
-        fut = _start_read(dev, base + offset * SECTOR, units * SECTOR)
-        return _finish_read(dev, fut, units * SECTOR, base + offset * SECTOR,
-                            time.monotonic() + READ_TIMEOUT)
+        return pread_within(dev, base + offset * SECTOR, units * SECTOR)
     except DeviceError:
         errors[(name, "read")] += 1
         return None

@@ -173,6 +173,38 @@ async def test_short_reads_are_errors_never_data(disks: Disks) -> None:
         await pool.close()
 
 
+async def test_a_member_that_hangs_is_left_out_of_an_import(
+        disks: Disks, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Metadata reads have the read deadline too: an import given a member whose reads
+    stop answering does not wait for it. The member is left out (missing), the pool
+    imports degraded and serves everything from the others; the member, answering again,
+    comes back at the next import."""
+    ds = disks(3)
+    pool, data = await filled_pool(ds, "ec:2+1", SIZE)
+    await pool.close()
+    devs = ds.open()
+    hung = FaultyDevice(devs[0], seed=7)
+    hung.read_delay = 4.0               # far longer than the timeout: a hang
+    monkeypatch.setattr(records, "READ_TIMEOUT", 0.2)
+    try:
+        with trio.fail_after(3.5):      # imported before the device would have answered
+            pool = await Pool.open([hung, devs[1], devs[2]])
+            st = pool.statistics()
+            assert st.state == "degraded"
+            assert [m.index for m in st.members if m.state == "missing"] == [0]
+            assert await read_all(pool, SIZE) == data
+        await pool.close()
+    finally:
+        hung.read_delay = 0.0
+    await trio.sleep(4.0)               # the stuck reads return
+    pool = await Pool.open(ds.open())
+    try:
+        assert pool.statistics().state == "online"
+        assert await read_all(pool, SIZE) == data
+    finally:
+        await pool.close()
+
+
 async def test_a_hanging_device_times_out_and_reads_go_on_from_redundancy(
         disks: Disks, monkeypatch: pytest.MonkeyPatch) -> None:
     """A member whose reads stop answering: each stuck read is given up after the read
