@@ -1958,8 +1958,9 @@ def _load_pool(pool_uuid: str, found: list[tuple[Device, Label]]) -> _Loaded:
         loc = Loc(unit, units, length, h)
         meta.mark_used(loc)
         page_locs[nid] = loc
+    for nid, blob in zip(page_locs, meta.read_blobs(list(page_locs.values())), strict=True):
         try:
-            state.forest.nodes[nid] = Node.deserialize(meta.read_blob(loc))
+            state.forest.nodes[nid] = Node.deserialize(blob)
         except ValueError as e:
             raise ImportFailed(f"pool {name}: map node {nid} is unreadable: {e}") from e
     state.forest.recount()
