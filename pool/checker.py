@@ -88,8 +88,10 @@ async def check(pool: Pool, *, deep: bool = False) -> CheckReport:
     def blobs() -> list[str]:
         out = []
         paths = [d.path for d in pool.meta.present()]
-        for nid, loc in sorted(pool._page_locs.items()):
-            for path, ok in zip(paths, pool.meta.blob_copies(loc), strict=True):
+        nodes = sorted(pool._page_locs.items())
+        copies = pool.meta.blob_copies([loc for _nid, loc in nodes])
+        for (nid, loc), oks in zip(nodes, copies, strict=True):
+            for path, ok in zip(paths, oks, strict=True):
                 if not ok:
                     out.append(f"{path}: copy of map node {nid} (metadata units "
                                f"{loc.unit}-{loc.unit + loc.units - 1}) fails its checksum")

@@ -36,6 +36,7 @@ JOURNAL_MAGIC = b"SDJRNL01"
 _JHDR = struct.Struct("<8sQQIIQ")  # magic, pool tag, txg, payload len, reserved, xxh3
 _xxh3 = xxhash.xxh3_64_intdigest
 BLOB_WINDOW = 4 << 20   # bytes of the page area read at once when many blobs are read
+BLOB_GAP = 64 << 10     # unused bytes such a read may span between two blobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,52 +190,66 @@ class MetaStore:
         out: bytes = lz4.block.decompress(raw[:loc.length])
         return out
 
-    def read_blobs(self, locs: Sequence[Loc]) -> list[bytes]:
-        """``read_blob`` of each of ``locs``, the page area read in windows of up to
-        BLOB_WINDOW bytes (one read, and one deadline, per window rather than per blob)
-        from the first present member that answers. A blob its window does not hold
-        intact is read from any copy (``read_blob``)."""
-        out: list[bytes] = [b""] * len(locs)
+    def _windows(self, locs: Sequence[Loc]) -> list[tuple[int, int, list[int]]]:
+        """``locs`` (their indices) grouped into spans of the page area of up to BLOB_WINDOW
+        bytes each (a bigger blob alone), without gaps over BLOB_GAP bytes: (first unit,
+        end unit, indices)."""
         order = sorted(range(len(locs)), key=lambda i: locs[i].unit)
+        out: list[tuple[int, int, list[int]]] = []
+        for i in order:
+            loc = locs[i]
+            if (out and (loc.unit + loc.units - out[-1][0]) * PAGE_UNIT <= BLOB_WINDOW
+                    and (loc.unit - out[-1][1]) * PAGE_UNIT <= BLOB_GAP):
+                start, end, idx = out[-1]
+                idx.append(i)
+                out[-1] = (start, max(end, loc.unit + loc.units), idx)
+            else:
+                out.append((loc.unit, loc.unit + loc.units, [i]))
+        return out
+
+    def _read_window(self, dev: Device, start: int, end: int) -> memoryview:
+        return memoryview(pread_within(dev, self.layout.pages_offset + start * PAGE_UNIT,
+                                       (end - start) * PAGE_UNIT))
+
+    @staticmethod
+    def _intact(window: memoryview, start: int, loc: Loc) -> memoryview | None:
+        at = (loc.unit - start) * PAGE_UNIT
+        stored = window[at:at + loc.length]
+        return stored if _xxh3(stored) == loc.hash else None
+
+    def read_blobs(self, locs: Sequence[Loc]) -> list[bytes]:
+        """``read_blob`` of each of ``locs``, the page area read in windows (one read, and
+        one deadline, per window rather than per blob) from the first present member that
+        answers. A blob its window does not hold intact is read from any copy."""
+        out: list[bytes] = [b""] * len(locs)
         devices = self.present()
-        i = 0
-        while i < len(order):
-            start = end = locs[order[i]].unit
-            j = i
-            while j < len(order) and (j == i or (locs[order[j]].unit + locs[order[j]].units
-                                                 - start) * PAGE_UNIT <= BLOB_WINDOW):
-                end = max(end, locs[order[j]].unit + locs[order[j]].units)
-                j += 1
+        for start, end, idx in self._windows(locs):
             window: memoryview | None = None
             while devices and window is None:
                 try:
-                    window = memoryview(pread_within(
-                        devices[0], self.layout.pages_offset + start * PAGE_UNIT,
-                        (end - start) * PAGE_UNIT))
+                    window = self._read_window(devices[0], start, end)
                 except DeviceError:
                     devices = devices[1:]       # the next windows from another member
-            for k in order[i:j]:
-                loc = locs[k]
-                at = (loc.unit - start) * PAGE_UNIT
-                stored = window[at:at + loc.length] if window is not None else None
-                if stored is not None and _xxh3(stored) == loc.hash:
-                    out[k] = lz4.block.decompress(stored)
-                else:
-                    out[k] = self.read_blob(loc)
-            i = j
+            for k in idx:
+                stored = self._intact(window, start, locs[k]) if window is not None else None
+                out[k] = (lz4.block.decompress(stored) if stored is not None
+                          else self.read_blob(locs[k]))
         return out
 
-    def blob_copies(self, loc: Loc) -> list[bool]:
-        """For the checker: which present devices hold an intact copy of ``loc``."""
-        ok = []
-        for dev in self.present():
-            try:
-                raw = pread_within(dev, self.layout.pages_offset + loc.unit * PAGE_UNIT,
-                                loc.units * PAGE_UNIT)
-                ok.append(_xxh3(raw[:loc.length]) == loc.hash)
-            except DeviceError:
-                ok.append(False)
-        return ok
+    def blob_copies(self, locs: Sequence[Loc]) -> list[list[bool]]:
+        """For the checker: for each of ``locs``, which present devices hold an intact
+        copy of it (read in windows, as ``read_blobs``)."""
+        devices = self.present()
+        out = [[False] * len(devices) for _ in locs]
+        for d, dev in enumerate(devices):
+            for start, end, idx in self._windows(locs):
+                try:
+                    window = self._read_window(dev, start, end)
+                except DeviceError:
+                    continue
+                for k in idx:
+                    out[k][d] = self._intact(window, start, locs[k]) is not None
+        return out
 
     def repair_blobs(self, locs: Sequence[Loc]) -> tuple[int, int, int, list[int]]:
         """Scrub: verify every member's copy of each blob and rewrite bad copies from a

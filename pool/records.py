@@ -120,7 +120,15 @@ def _finish_read(dev: Device, fut: concurrent.futures.Future[bytes] | DeviceErro
 def pread_within(dev: Device, offset: int, length: int) -> bytes:
     """``dev.pread`` given up after READ_TIMEOUT seconds: a DeviceError, like a failed
     read (and the device's later reads fail at once until the stuck one returns). For
-    metadata, where every member holds a copy to fall back to."""
+    metadata, where every member holds a copy to fall back to. Page-cached bytes are read
+    at once, without the reader thread (a hop that costs about 150 µs here)."""
+    buf = bytearray(length)
+    if length and dev.preadv_nowait(offset, [buf]) == length:
+        return bytes(buf)
+    return _pread_deadline(dev, offset, length)
+
+
+def _pread_deadline(dev: Device, offset: int, length: int) -> bytes:
     if READ_TIMEOUT is None:
         return dev.pread(offset, length)
     return _finish_read(dev, _start_read(dev, offset, length), length, offset,
@@ -167,7 +175,7 @@ def _frag_bytes(col: tuple[Device | None, int, str], offset: int, units: int,
     try:
         if not deadline:
             return dev.pread(base + offset * SECTOR, units * SECTOR)
-        return pread_within(dev, base + offset * SECTOR, units * SECTOR)
+        return _pread_deadline(dev, base + offset * SECTOR, units * SECTOR)
     except DeviceError:
         errors[(name, "read")] += 1
         return None
