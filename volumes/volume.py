@@ -563,7 +563,8 @@ class Volume:
         got = self._pool.read_blocks_nowait(self._map, [b], self.block_size)
         if got is None:
             return False
-        return bytearray(self._zero if got[0] is None else got[0])
+        base[:] = self._zero if got[0] is None else got[0]   # (the failed try left anything)
+        return base
 
     def _put_on(self, base: bytearray | bool, b: int, lo: int, hi: int, chunk: Block,
                 reserved: int, holes: bool, keep: bool) -> int:
