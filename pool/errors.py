@@ -62,6 +62,11 @@ class DeviceError(StorageError):
     errno = errno.EIO
 
 
+class DeviceHung(DeviceError):
+    """A write or sync did not complete within the write deadline; the call may still
+    land later (its thread could not be stopped)."""
+
+
 class ImportFailed(StorageError):
     """A pool could not be imported from the devices given; nothing was changed."""
 

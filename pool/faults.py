@@ -102,6 +102,8 @@ class FaultyDevice:
     ``bad_ranges``: byte ranges whose reads always fail.
     ``gone``: every operation fails (the device was pulled).
     ``read_delay``: every read first waits this long (a device that hangs).
+    ``write_delay``: every write and sync first waits this long (a device whose writes
+    hang).
     Counters record what was injected so tests can assert it was detected.
     """
 
@@ -114,6 +116,7 @@ class FaultyDevice:
         self.bad_ranges: list[tuple[int, int]] = []
         self.gone = False
         self.read_delay = 0.0             # seconds every read takes (a hanging device)
+        self.write_delay = 0.0            # seconds every write and sync takes
         self.injected_errors = 0
         self.injected_flips = 0
         self._rng = random.Random(seed)
@@ -163,6 +166,8 @@ class FaultyDevice:
         return data
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if self.write_delay:
+            time.sleep(self.write_delay)
         if self.gone:
             raise self._fail("write to a device that is gone")
         if self._roll(self.write_error_rate):
@@ -173,6 +178,8 @@ class FaultyDevice:
         self.pwrite(offset, b"".join(buffers))
 
     def sync(self) -> None:
+        if self.write_delay:
+            time.sleep(self.write_delay)
         if self.gone:
             raise self._fail("sync of a device that is gone")
         self.inner.sync()

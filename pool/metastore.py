@@ -22,6 +22,7 @@ import json
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import lz4.block
 import xxhash
@@ -29,7 +30,7 @@ import xxhash
 from pool.device import Device
 from pool.errors import DeviceError, NoSpace, StorageError
 from pool.layout import PAGE_UNIT, SB_OFFSET, SB_SLOT_SIZE, SB_SLOTS, SECTOR, Layout
-from pool.records import pread_within
+from pool.records import pread_within, writes_within
 
 SB_MAGIC = b"SDSUPER1"
 JOURNAL_MAGIC = b"SDJRNL01"
@@ -96,28 +97,28 @@ class MetaStore:
         self.bitmap = bytearray(self.n_units)  # 1 = unit in use by the committed checkpoint
         self.journal_head = 0
         self._search_from = 0
-        self.failed: set[int] = set()   # members whose metadata write failed (see _write_all)
+        self.failed: dict[int, DeviceError] = {}  # member -> its failed metadata write
 
     def present(self) -> list[Device]:
         return [d for d in self.devices if d is not None]
 
     # ---- mirrored raw I/O ---------------------------------------------------------------
     def _write_all(self, offset: int, data: bytes) -> None:
-        """Write on every present member. A member whose write fails is noted in
+        """Write on every present member, in parallel. A member whose write fails or
+        does not finish within the write deadline (``records.WRITE_TIMEOUT``) is noted in
         ``failed`` (the pool faults it: its copy of the metadata is behind); only when no
         member took the write is it an error."""
-        wrote = 0
+        which = [i for i, dev in enumerate(self.devices)
+                 if dev is not None and i not in self.failed]
+        errors = writes_within(
+            [(d, partial(d.pwrite, offset, data))
+             for d in (self.devices[i] for i in which) if d is not None], "metadata write")
         last: DeviceError | None = None
-        for i, dev in enumerate(self.devices):
-            if dev is None or i in self.failed:
-                continue
-            try:
-                dev.pwrite(offset, data)
-                wrote += 1
-            except DeviceError as e:
-                self.failed.add(i)
-                last = e
-        if not wrote:
+        for i, err in zip(which, errors, strict=True):
+            if err is not None:
+                self.failed[i] = err
+                last = err
+        if len(which) == sum(1 for e in errors if e is not None):
             raise last or DeviceError("no member is present to take the metadata")
 
     def _read_any(self, offset: int, length: int,

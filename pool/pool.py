@@ -37,6 +37,7 @@ from pool import codec, records
 from pool.device import Device
 from pool.errors import (
     DeviceError,
+    DeviceHung,
     ImportFailed,
     InvalidArgument,
     MediumError,
@@ -360,7 +361,7 @@ class Pool:
         """Sync members; one whose sync fails is faulted (what it took may not be
         durable), and the commit goes on with the others."""
         failed = await self._per_device(self._calls(lambda d: d.sync(), which), "write",
-                                        tolerate=True)
+                                        tolerate=True, what="a sync")
         for i, e in failed.items():
             self.fault(i, f"sync failed: {e.message}", full=True)
         if not any(d is not None for d in self.devices):
@@ -378,21 +379,40 @@ class Pool:
         return calls
 
     async def _per_device(self, calls: Sequence[tuple[int, Callable[[], None]]],
-                          kind: str, *, tolerate: bool = False) -> dict[int, DeviceError]:
+                          kind: str, *, tolerate: bool = False,
+                          what: str = "a write") -> dict[int, DeviceError]:
         """Run blocking calls, one per member, in parallel threads. A DeviceError is
         counted against its member and the first one re-raised as itself (not as an
         exception group), so callers can handle it as the I/O error it is; with
-        ``tolerate`` the failures are returned instead (member -> error)."""
+        ``tolerate`` the failures are returned instead (member -> error).
+
+        A call that has not returned after ``records.WRITE_TIMEOUT`` seconds is given up
+        (its thread is left to finish) and fails with a DeviceError, and its member is
+        faulted at once, for a full rebuild (the stuck write may still land). The wait
+        is shielded from the caller's cancellation, as a thread's always was: only the
+        deadline abandons a call."""
         failures: dict[int, DeviceError] = {}
+        hung: list[int] = []
+        timeout = records.WRITE_TIMEOUT
 
         async def one(i: int, call: Callable[[], None]) -> None:
-            try:
-                await trio.to_thread.run_sync(call, limiter=self._limiters[i])
-            except DeviceError as e:
-                failures[i] = e
+            dev = self.devices[i]
+            with trio.CancelScope(shield=True) as scope:
+                if timeout is not None:
+                    scope.deadline = trio.current_time() + timeout
+                try:
+                    await trio.to_thread.run_sync(call, limiter=self._limiters[i],
+                                                  abandon_on_cancel=timeout is not None)
+                except DeviceError as e:
+                    failures[i] = e
+            if scope.cancelled_caught and dev is not None:
+                failures[i] = records.timed_out(what, dev)
+                hung.append(i)
         async with trio.open_nursery() as nursery:
             for i, call in calls:
                 nursery.start_soon(one, i, call)
+        for i in hung:
+            self.fault(i, failures[i].message, full=True)
         for i, e in failures.items():
             self.count_error(i, kind, e.message)
         if failures and not tolerate:
@@ -813,9 +833,10 @@ class Pool:
             self._failed = f"no member left ({why})"
 
     def _absorb_meta_failures(self) -> None:
-        for i in sorted(self.meta.failed):
-            self.count_error(i, "write")
-            self.fault(i, "its metadata write failed")
+        for i, err in sorted(self.meta.failed.items()):
+            self.fault(i, f"its metadata write failed: {err.message}",
+                       full=isinstance(err, DeviceHung))
+            self.count_error(i, "write", err.message)
         self.meta.failed.clear()
 
     def unavailable_segments(self) -> int:

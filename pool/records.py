@@ -11,7 +11,7 @@ import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import NamedTuple
@@ -21,7 +21,7 @@ import zfec
 
 from pool import codec
 from pool.device import Device
-from pool.errors import DeviceError
+from pool.errors import DeviceError, DeviceHung
 from pool.layout import SECTOR
 
 
@@ -140,6 +140,51 @@ def hung(dev: Device) -> bool:
     with _stuck_lock:
         pending = _stuck.get(id(dev))
     return pending is not None and not pending.done()
+
+
+# ---- writes with a deadline -----------------------------------------------------------
+# A write or sync that a member does not finish within WRITE_TIMEOUT seconds (the daemon
+# sets it from faults.write_timeout) is given up: the pool faults that member at once and
+# goes on degraded where redundancy allows (``Pool._per_device``; metadata below), instead
+# of every flush waiting for a disk that may never answer. As with reads, the stuck call
+# cannot be interrupted: its thread is left to finish, and the descriptor stays open until
+# it does (``FileDevice.close``).
+WRITE_TIMEOUT: float | None = 120.0
+_writers = concurrent.futures.ThreadPoolExecutor(max_workers=16,
+                                                 thread_name_prefix="storaged-write")
+
+
+def timed_out(what: str, dev: Device) -> DeviceHung:
+    return DeviceHung(f"{what} on {dev.path} did not complete in {WRITE_TIMEOUT:g} s "
+                       f"(faults.write_timeout): the device is not answering")
+
+
+def writes_within(calls: Sequence[tuple[Device, Callable[[], None]]],
+                  what: str) -> list[DeviceError | None]:
+    """Run blocking writes (one per device) in parallel, each given up after
+    WRITE_TIMEOUT seconds: per call None, or the DeviceError it raised or timed out with.
+    Called from a thread."""
+    if WRITE_TIMEOUT is None or not calls:
+        out: list[DeviceError | None] = []
+        for _dev, call in calls:
+            try:
+                call()
+                out.append(None)
+            except DeviceError as e:
+                out.append(e)
+        return out
+    deadline = time.monotonic() + WRITE_TIMEOUT
+    futs = [(dev, _writers.submit(call)) for dev, call in calls]
+    results: list[DeviceError | None] = []
+    for dev, fut in futs:
+        try:
+            fut.result(timeout=max(0.0, deadline - time.monotonic()))
+            results.append(None)
+        except concurrent.futures.TimeoutError:
+            results.append(timed_out(what, dev))
+        except DeviceError as e:
+            results.append(e)
+    return results
 
 
 def read_columns(cols: Sequence[tuple[Device | None, int, str]], offset: int, units: int,

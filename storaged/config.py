@@ -42,6 +42,7 @@ class Config:
     rebuild_rate: int = 0                         # bytes/s a rebuild may read (0: no cap)
     auto_replace: bool = False                    # replace a faulted member by a spare
     read_timeout: float = 30.0                    # seconds before a device read is given up
+    write_timeout: float = 120.0                  # ... a write or sync (the member faulted)
     record_cache: int | None = None               # bytes of verified blocks per pool
     write_buffer: int | None = None               # bytes of unflushed writes, all volumes
     write_buffer_age: float = 30.0                # seconds before unflushed writes go out
@@ -72,6 +73,7 @@ _KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "faults.rebuild_rate": ("rebuild_rate", int),
     "faults.auto_replace": ("auto_replace", bool),
     "faults.read_timeout": ("read_timeout", float),
+    "faults.write_timeout": ("write_timeout", float),
     "cache.records": ("record_cache", int),
     "cache.write_buffer": ("write_buffer", int),
     "cache.write_buffer_age": ("write_buffer_age", (float, int)),
@@ -165,6 +167,9 @@ def validate(cfg: Config) -> Config:
     if not 0 < cfg.read_timeout <= 3600:
         raise InvalidArgument(f"faults.read_timeout must be seconds in (0, 3600], not "
                               f"{cfg.read_timeout!r}")
+    if not 0 < cfg.write_timeout <= 3600:
+        raise InvalidArgument(f"faults.write_timeout must be seconds in (0, 3600], not "
+                              f"{cfg.write_timeout!r}")
     if not 1 <= cfg.nbd_max_inflight <= 4096:
         raise InvalidArgument("nbd.max_inflight must be between 1 and 4096")
     if cfg.fuse_mount is not None and not cfg.fuse_mount:

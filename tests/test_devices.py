@@ -376,3 +376,35 @@ async def test_a_flush_returns_only_after_every_device_synced_its_writes() -> No
             assert unsynced() == set()
     finally:
         await pool.close()
+
+
+def test_close_leaves_a_descriptor_open_while_a_call_is_stuck_in_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write the pool gave up on (a hung device) may still be inside the kernel when the
+    pool closes: the descriptor must not be closed under it, or its number, reused by the
+    next file opened, would take the late write. Once closed, every call fails."""
+    monkeypatch.setattr(device, "CLOSE_WAIT", 0.1)
+    dev = FileDevice(str(tmp_path / "d"), create_size=1 << 20)
+    fd = dev._fd
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck() -> None:
+        with dev._in_use():             # what a pwrite blocked in the kernel holds
+            entered.set()
+            release.wait(10)
+    t = threading.Thread(target=stuck)
+    t.start()
+    try:
+        assert entered.wait(10)
+        dev.close()
+        os.fstat(fd)                    # still open: close gave up waiting and left it
+        with pytest.raises(DeviceError, match="is closed"):
+            dev.pwrite(0, b"late")
+    finally:
+        release.set()
+        t.join()
+    os.close(fd)
+    other = FileDevice(str(tmp_path / "e"), create_size=1 << 20)
+    other.close()
+    with pytest.raises(OSError):
+        os.fstat(other._fd)             # nothing stuck: closed at once

@@ -23,7 +23,9 @@ import pytest
 import trio
 
 from pool import Pool, records
+from pool.errors import InvalidArgument, StorageError
 from pool.faults import FaultyDevice
+from storaged.config import load
 from tests.conftest import DiskSet
 from tests.daemonkit import Daemon
 from tests.poolkit import filled_pool, read_all
@@ -205,6 +207,71 @@ async def test_a_member_that_hangs_is_left_out_of_an_import(
         await pool.close()
 
 
+async def test_a_member_whose_writes_hang_is_faulted_and_writes_go_on(
+        disks: Disks, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A member whose writes and syncs stop answering: the first one is given up after
+    the write timeout and the member is faulted at once (for a full rebuild), so flushes
+    go on degraded from the others instead of waiting for it; what they wrote reads back,
+    also after a re-import with the member answering again."""
+    ds = disks(3)
+    pool, data = await filled_pool(ds, "ec:2+1", SIZE)
+    await pool.close()
+    devs = ds.open()
+    hung = FaultyDevice(devs[0], seed=7)
+    pool = await Pool.open([hung, devs[1], devs[2]])
+    monkeypatch.setattr(records, "WRITE_TIMEOUT", 0.2)
+    new = random.Random(5).randbytes(SIZE // 2)
+    expect = new + data[len(new):]
+    try:
+        vol = VolumeManager(pool).get("v")
+        hung.write_delay = 2.0          # far longer than the timeout: a hang
+        with trio.fail_after(1.8):      # done before the device would have answered
+            await vol.write(0, new)
+            await vol.flush()
+            await vol.write(SIZE - 4096, expect[-4096:])   # and again, without waiting
+            await vol.flush()
+        st = pool.statistics()
+        assert st.state == "degraded"
+        assert [m.state for m in st.members] == ["faulted", "online", "online"]
+        assert await read_all(pool, SIZE) == expect
+    finally:
+        await trio.sleep(2.5)           # the given-up calls return before the files close
+        await pool.close()
+    pool = await Pool.open(ds.open())
+    try:
+        assert await read_all(pool, SIZE) == expect
+    finally:
+        await pool.close()
+
+
+async def test_a_lone_device_whose_writes_hang_fails_the_flush(
+        disks: Disks, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no redundancy to go on with, a hung write makes the flush fail with a clear
+    error (the pool stops) instead of hanging; nothing flushed before is lost."""
+    ds = disks(1)
+    pool, data = await filled_pool(ds, "plain", SIZE)
+    await pool.close()
+    hung = FaultyDevice(ds.open()[0], seed=7)
+    pool = await Pool.open([hung])
+    monkeypatch.setattr(records, "WRITE_TIMEOUT", 0.2)
+    try:
+        vol = VolumeManager(pool).get("v")
+        hung.write_delay = 2.0
+        with trio.fail_after(1.8):
+            await vol.write(0, bytes(4096))
+            with pytest.raises(StorageError, match=r"did not complete in 0\.2 s"):
+                await vol.flush()
+    finally:
+        await trio.sleep(2.5)
+        hung.write_delay = 0.0
+        await pool.close()
+    pool = await Pool.open(ds.open())
+    try:
+        assert await read_all(pool, SIZE) == data
+    finally:
+        await pool.close()
+
+
 async def test_a_hanging_device_times_out_and_reads_go_on_from_redundancy(
         disks: Disks, monkeypatch: pytest.MonkeyPatch) -> None:
     """A member whose reads stop answering: each stuck read is given up after the read
@@ -227,3 +294,16 @@ async def test_a_hanging_device_times_out_and_reads_go_on_from_redundancy(
     finally:
         hung.read_delay = 0.0
         await pool.close()
+
+
+def test_the_write_timeout_is_configured_and_checked(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text("[faults]\nwrite_timeout = 45\nread_timeout = 5\n")
+    cfg = load(str(good))
+    assert (cfg.write_timeout, cfg.read_timeout) == (45.0, 5.0)
+    assert load(None).write_timeout == 120.0
+    for bad in ("0", "-1", "7200", '"soon"'):
+        path = tmp_path / "bad.toml"
+        path.write_text(f"[faults]\nwrite_timeout = {bad}\n")
+        with pytest.raises(InvalidArgument, match="write_timeout"):
+            load(str(path))
