@@ -16,7 +16,8 @@ import os
 import random
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -207,6 +208,34 @@ async def test_a_member_that_hangs_is_left_out_of_an_import(
         await pool.close()
 
 
+@asynccontextmanager
+async def _writes_hang_on_member_0(ds: DiskSet, profile: str,
+                                   monkeypatch: pytest.MonkeyPatch
+                                   ) -> AsyncIterator[tuple[Pool, bytes]]:
+    """A filled pool (and its data) re-opened with member 0 hanging on every write and
+    sync: 2 s against a write timeout of 0.2 s. Closed once the given-up calls returned."""
+    pool, data = await filled_pool(ds, profile, SIZE)
+    await pool.close()
+    devs = ds.open()
+    hung = FaultyDevice(devs[0], seed=7)
+    pool = await Pool.open([hung, *devs[1:]])
+    monkeypatch.setattr(records, "WRITE_TIMEOUT", 0.2)
+    hung.write_delay = 2.0
+    try:
+        yield pool, data
+    finally:
+        await trio.sleep(2.5)
+        await pool.close()
+
+
+async def _read_reimported(ds: DiskSet) -> bytes:
+    pool = await Pool.open(ds.open())
+    try:
+        return await read_all(pool, SIZE)
+    finally:
+        await pool.close()
+
+
 async def test_a_member_whose_writes_hang_is_faulted_and_writes_go_on(
         disks: Disks, monkeypatch: pytest.MonkeyPatch) -> None:
     """A member whose writes and syncs stop answering: the first one is given up after
@@ -214,34 +243,20 @@ async def test_a_member_whose_writes_hang_is_faulted_and_writes_go_on(
     go on degraded from the others instead of waiting for it; what they wrote reads back,
     also after a re-import with the member answering again."""
     ds = disks(3)
-    pool, data = await filled_pool(ds, "ec:2+1", SIZE)
-    await pool.close()
-    devs = ds.open()
-    hung = FaultyDevice(devs[0], seed=7)
-    pool = await Pool.open([hung, devs[1], devs[2]])
-    monkeypatch.setattr(records, "WRITE_TIMEOUT", 0.2)
-    new = random.Random(5).randbytes(SIZE // 2)
-    expect = new + data[len(new):]
-    try:
+    async with _writes_hang_on_member_0(ds, "ec:2+1", monkeypatch) as (pool, data):
+        new = random.Random(5).randbytes(SIZE // 2)
+        expect = new + data[len(new):-4096] + bytes(4096)
         vol = VolumeManager(pool).get("v")
-        hung.write_delay = 2.0          # far longer than the timeout: a hang
         with trio.fail_after(1.8):      # done before the device would have answered
             await vol.write(0, new)
             await vol.flush()
-            await vol.write(SIZE - 4096, expect[-4096:])   # and again, without waiting
+            await vol.write(SIZE - 4096, bytes(4096))   # and again, without waiting
             await vol.flush()
         st = pool.statistics()
         assert st.state == "degraded"
         assert [m.state for m in st.members] == ["faulted", "online", "online"]
         assert await read_all(pool, SIZE) == expect
-    finally:
-        await trio.sleep(2.5)           # the given-up calls return before the files close
-        await pool.close()
-    pool = await Pool.open(ds.open())
-    try:
-        assert await read_all(pool, SIZE) == expect
-    finally:
-        await pool.close()
+    assert await _read_reimported(ds) == expect
 
 
 async def test_a_lone_device_whose_writes_hang_fails_the_flush(
@@ -249,27 +264,13 @@ async def test_a_lone_device_whose_writes_hang_fails_the_flush(
     """With no redundancy to go on with, a hung write makes the flush fail with a clear
     error (the pool stops) instead of hanging; nothing flushed before is lost."""
     ds = disks(1)
-    pool, data = await filled_pool(ds, "plain", SIZE)
-    await pool.close()
-    hung = FaultyDevice(ds.open()[0], seed=7)
-    pool = await Pool.open([hung])
-    monkeypatch.setattr(records, "WRITE_TIMEOUT", 0.2)
-    try:
+    async with _writes_hang_on_member_0(ds, "plain", monkeypatch) as (pool, data):
         vol = VolumeManager(pool).get("v")
-        hung.write_delay = 2.0
         with trio.fail_after(1.8):
             await vol.write(0, bytes(4096))
             with pytest.raises(StorageError, match=r"did not complete in 0\.2 s"):
                 await vol.flush()
-    finally:
-        await trio.sleep(2.5)
-        hung.write_delay = 0.0
-        await pool.close()
-    pool = await Pool.open(ds.open())
-    try:
-        assert await read_all(pool, SIZE) == data
-    finally:
-        await pool.close()
+    assert await _read_reimported(ds) == data
 
 
 async def test_a_hanging_device_times_out_and_reads_go_on_from_redundancy(
