@@ -104,6 +104,7 @@ class FaultyDevice:
     ``read_delay``: every read first waits this long (a device that hangs).
     ``write_delay``: every write and sync first waits this long (a device whose writes
     hang).
+    ``discard_delay``: every discard first waits this long (a slow thin LUN or SSD).
     Counters record what was injected so tests can assert it was detected.
     """
 
@@ -117,6 +118,7 @@ class FaultyDevice:
         self.gone = False
         self.read_delay = 0.0             # seconds every read takes (a hanging device)
         self.write_delay = 0.0            # seconds every write and sync takes
+        self.discard_delay = 0.0          # seconds every discard takes
         self.injected_errors = 0
         self.injected_flips = 0
         self._rng = random.Random(seed)
@@ -185,6 +187,8 @@ class FaultyDevice:
         self.inner.sync()
 
     def discard(self, offset: int, length: int) -> None:
+        if self.discard_delay:
+            time.sleep(self.discard_delay)
         if self.gone:
             raise self._fail("discard on a device that is gone")
         self.inner.discard(offset, length)

@@ -173,6 +173,7 @@ class PoolStatistics:
     records_relocated: int
     rebuilt_bytes: int = 0
     scrubbed_bytes: int = 0
+    discarded_extents: int = 0   # freed extents handed to the devices' discard
 
 
 class Pool:
@@ -189,6 +190,13 @@ class Pool:
         self._free: list[set[int]] = [set() for _ in state.members]
         self._pending_free: list[tuple[int, int]] = []   # freed by uncommitted ops
         self._releasable: list[tuple[int, int]] = []     # committed, waiting for readers
+        # Free extents to discard (hole punch / BLKDISCARD: thin backing files and SSDs
+        # get the space back), and those being discarded now (writes into one of these,
+        # reused meanwhile, wait for its discard: see _store).
+        self.discard_freed = True
+        self._discard_queue: set[tuple[int, int]] = set()
+        self._discarding: dict[tuple[int, int], trio.Event] = {}
+        self._discarder: trio.Event | None = None   # set when the discard task ends
         self._open: dict[tuple[int, int], Segment] = {}
         self._pins: dict[int, int] = {}
         self._fill_moved: set[int] = set()   # segments whose fill changed since last commit
@@ -232,7 +240,7 @@ class Pool:
         self._counters = dict.fromkeys(
             ("commits", "checkpoints", "records_written", "records_read", "degraded_reads",
              "repaired_fragments", "unreadable_records", "records_relocated",
-            "rebuilt_bytes", "scrubbed_bytes"), 0)
+            "rebuilt_bytes", "scrubbed_bytes", "discarded_extents"), 0)
 
     # ==== creation and import =============================================================
     @classmethod
@@ -656,6 +664,7 @@ class Pool:
         for i in chosen:
             e = min(self._free[i])
             self._free[i].discard(e)
+            self._discard_queue.discard((i, e))     # about to be written: no need
             extents.append([i, e])
         seg_id = self.state.next_id
         self._do(op_json(op="seg_new", id=seg_id, k=k, m=m, extents=extents,
@@ -686,7 +695,65 @@ class Pool:
         for idx, e in self._releasable:
             if idx < len(self._free):
                 self._free[idx].add(e)
+                if self.discard_freed:
+                    self._discard_queue.add((idx, e))
         self._releasable = []
+        if self._discard_queue and self._discarder is None and not self._closed:
+            self._discarder = trio.Event()
+            trio.lowlevel.spawn_system_task(self._discard_task, name="pool discard")
+
+    async def _discard_task(self) -> None:
+        """Discard freed extents in the background (a flush never waits for it), batch by
+        batch while more are freed; ``close`` waits for it."""
+        done = self._discarder
+        try:
+            while self._discard_queue and self._failed is None:
+                await self._discard_freed()
+        except Exception:
+            log.exception("pool %s: discarding freed extents failed", self.state.name)
+            self._discard_queue.clear()
+        finally:
+            self._discarder = None
+            if done is not None:
+                done.set()
+
+    async def settle_discards(self) -> None:
+        """Wait until the extents freed so far have been discarded."""
+        while self._discarder is not None:
+            await self._discarder.wait()
+
+    async def _discard_freed(self) -> None:
+        """Discard the extents freed since the last call (their frees are committed), one
+        thread per member. They stay allocatable meanwhile: a segment given one of them
+        waits for its discard before writing (``_store``), and one taken before its turn
+        is not discarded at all. Discard is advisory: a device that cannot do it keeps
+        the bytes, and one that fails it is charged a write error."""
+        batch = sorted((i, e) for i, e in self._discard_queue
+                       if i < len(self.devices) and self.devices[i] is not None)
+        self._discard_queue.clear()
+        if not batch:
+            return
+        done = trio.Event()
+        for key in batch:
+            self._discarding[key] = done
+        size = self.layout.extent_size
+        by_member: dict[int, list[int]] = {}
+        for i, e in batch:
+            by_member.setdefault(i, []).append(self.layout.extent_offset(e))
+
+        def punch(dev: Device, offsets: list[int]) -> None:
+            for off in offsets:
+                dev.discard(off, size)
+        try:
+            await self._per_device(
+                [(i, partial(punch, dev, offs)) for i, offs in by_member.items()
+                 if (dev := self.devices[i]) is not None],
+                "write", tolerate=True, what="a discard")
+            self._counters["discarded_extents"] += len(batch)
+        finally:
+            for key in batch:
+                del self._discarding[key]
+            done.set()
 
     # ==== the data path ===================================================================
     async def write_blocks(self, map_id: int, prof: Profile, compress: bool,
@@ -746,6 +813,13 @@ class Pool:
                     writes.setdefault(idx, []).append(
                         (dev, self.layout.extent_offset(ext) + off * SECTOR, frags))
                 i = j
+            if self._discarding:
+                # A new segment may have been given an extent whose discard is under way.
+                for seg_id in pinned:
+                    for key in self.state.segments[seg_id].extents:
+                        ev = self._discarding.get((key[0], key[1]))
+                        if ev is not None:
+                            await ev.wait()
             failed = await self._per_device([(idx, partial(records.write_columns, wl))
                                              for idx, wl in writes.items()], "write",
                                             tolerate=True)
@@ -1318,6 +1392,8 @@ class Pool:
                 await self._checkpoint()
         finally:
             self._closed = True
+            with trio.CancelScope(shield=True):
+                await self.settle_discards()    # its threads use the devices
             for dev in [*self.devices, *self._parked.values()]:
                 if dev is not None:
                     dev.close()
@@ -1333,6 +1409,8 @@ class Pool:
             dev.pwrite(dev.size - LABEL_SIZE, bytes(LABEL_SIZE))
             dev.sync()
         await self._on_devices(wipe)
+        with trio.CancelScope(shield=True):
+            await self.settle_discards()
         for dev in self.devices:
             if dev is not None:
                 dev.close()

@@ -115,7 +115,8 @@ def pool_status(entry: PoolEntry) -> dict[str, Any]:
                      "repaired_fragments": st.repaired_fragments,
                      "unreadable_records": st.unreadable_records, "commits": st.commits,
                      "checkpoints": st.checkpoints, "rebuilt_bytes": st.rebuilt_bytes,
-                     "scrubbed_bytes": st.scrubbed_bytes},
+                     "scrubbed_bytes": st.scrubbed_bytes,
+                     "discarded_extents": st.discarded_extents},
     }
 
 

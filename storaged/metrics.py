@@ -81,6 +81,9 @@ class StoragedCollector(Collector):
                                          labels=["pool"])
         commits = CounterMetricFamily("storaged_pool_commits",
                                       "Metadata commits (journal entries)", labels=["pool"])
+        discarded = CounterMetricFamily("storaged_pool_discarded_extents",
+                                        "Freed extents handed to the devices' discard "
+                                        "(hole punch, BLKDISCARD)", labels=["pool"])
         dstate = GaugeMetricFamily("storaged_device_state",
                                    "1 for the member's state (online, rebuilding, faulted, "
                                    "offline, missing, removed)",
@@ -115,11 +118,12 @@ class StoragedCollector(Collector):
             repaired.add_metric([name], c["repaired_fragments"])
             unreadable.add_metric([name], c["unreadable_records"])
             commits.add_metric([name], c["commits"])
+            discarded.add_metric([name], c["discarded_extents"])
         for name in sorted(self.registry.failed):
             if name not in self.registry.pools:
                 up.add_metric([name, "unavailable"], 0)
         return [size, used, free, live, over, full, up, dev, dev_err, reads, writes, degraded,
-                repaired, unreadable, commits, dstate, work]
+                repaired, unreadable, commits, discarded, dstate, work]
 
     def _volumes(self) -> Iterable[Metric]:
         labels = ["pool", "volume"]
