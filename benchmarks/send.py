@@ -220,7 +220,8 @@ async def _rounds(d: str, size: int, pieces: list[bytes], runs: int,
         async def ctl_receive() -> None:
             n = len(out["ctl receive"])
             if n:       # the last round's volume goes, as qemu-img's last target file does
-                await trio.to_thread.run_sync(dm.ctl, "volume", "delete", f"dst/vm{n - 1}")
+                await trio.to_thread.run_sync(dm.ctl, "volume", "delete", "--recursive",
+                                           f"dst/vm{n - 1}")
                 await _quiet()
             out["ctl receive"].append(await _run_timed(
                 dm.cmd("volume", "receive", f"dst/vm{n}", "-i", ctl_path)))
@@ -243,7 +244,7 @@ async def _rounds(d: str, size: int, pieces: list[bytes], runs: int,
             n = len(out["receive"])
             name = f"vm{n}"
             if n:
-                await vd.delete(f"vm{n - 1}")
+                await vd.delete(f"vm{n - 1}", recursive=True)
                 await dst.settle_discards()
                 await _quiet()
             t0 = time.perf_counter()
