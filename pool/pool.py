@@ -94,6 +94,7 @@ _NODE_UNITS = 7      # 4 KiB units of the largest map node blob (a 24 KiB leaf, 
 _STATE_UNITS_GUESS = 4
 _INDEX = ENTRY.__class__("<QIIIQ")  # node id, unit, units, length, hash
 FAULT_THRESHOLD = 10  # I/O errors after which a member is faulted (checksum errors excluded)
+DISCARD_BATCH = 256   # freed extents discarded per round of the discard task
 
 
 @dataclass(frozen=True, slots=True)
@@ -728,9 +729,11 @@ class Pool:
         waits for its discard before writing (``_store``), and one taken before its turn
         is not discarded at all. Discard is advisory: a device that cannot do it keeps
         the bytes, and one that fails it is charged a write error."""
-        batch = sorted((i, e) for i, e in self._discard_queue
-                       if i < len(self.devices) and self.devices[i] is not None)
-        self._discard_queue.clear()
+        self._discard_queue = {(i, e) for i, e in self._discard_queue
+                               if i < len(self.devices) and self.devices[i] is not None}
+        # A bounded batch: each member's share must finish well within the write timeout.
+        batch = sorted(self._discard_queue)[:DISCARD_BATCH]
+        self._discard_queue.difference_update(batch)
         if not batch:
             return
         done = trio.Event()

@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from pool import FileDevice, Pool
+from pool import pool as pool_impl
 from pool.checker import check
 from pool.errors import NoSpace
 from pool.faults import FaultyDevice
@@ -177,11 +178,13 @@ def _allocated(paths: list[Path]) -> int:
     return sum(os.stat(p).st_blocks * 512 for p in paths)
 
 
-async def test_freed_space_goes_back_to_sparse_device_files(tmp_path: Path) -> None:
+async def test_freed_space_goes_back_to_sparse_device_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Invariant 6 down to the backing store: extents freed by a delete (or by trims, or
     the cleaner) are discarded once the freeing commit is durable, so sparse device files
     shrink, as blocks trimmed in a thin LUN or an SSD would be; and an extent reused
     right after is written after its discard, never zeroed under new data."""
+    monkeypatch.setattr(pool_impl, "DISCARD_BATCH", 8)     # several rounds per delete
     paths = [tmp_path / f"d{i}" for i in range(3)]
     devs = [FaultyDevice(FileDevice(str(p), create_size=64 << 20)) for p in paths]
     pool = await Pool.create("t", devs, profile="ec:2+1", extent_size=1 << 20,
