@@ -95,6 +95,7 @@ _STATE_UNITS_GUESS = 4
 _INDEX = ENTRY.__class__("<QIIIQ")  # node id, unit, units, length, hash
 FAULT_THRESHOLD = 10  # I/O errors after which a member is faulted (checksum errors excluded)
 DISCARD_BATCH = 256   # freed extents discarded per round of the discard task
+DISCARD_FREED = True  # discard freed extents (the daemon sets it from `discard`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +195,7 @@ class Pool:
         # Free extents to discard (hole punch / BLKDISCARD: thin backing files and SSDs
         # get the space back), and those being discarded now (writes into one of these,
         # reused meanwhile, wait for its discard: see _store).
-        self.discard_freed = True
+        self.discard_freed = DISCARD_FREED
         self._discard_queue: set[tuple[int, int]] = set()
         self._discarding: dict[tuple[int, int], trio.Event] = {}
         self._discarder: trio.Event | None = None   # set when the discard task ends

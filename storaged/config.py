@@ -37,6 +37,7 @@ class Config:
     iscsi_default_acl: str = "open"               # volumes without a policy: open|closed
     demo: bool = False                            # create a demo pool if there is none
     full_warning: float = 0.8                     # used fraction that raises a warning
+    discard: bool = True                          # discard freed extents on the devices
     fault_threshold: int = 10                     # I/O errors that fault a pool member
     scrub_rate: int = 256 << 20                   # bytes/s a scrub may read
     rebuild_rate: int = 0                         # bytes/s a rebuild may read (0: no cap)
@@ -69,6 +70,7 @@ _KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "nbd.tls_key": ("nbd_tls_key", str), "nbd.allow": ("nbd_allow", list),
     "nbd.max_inflight": ("nbd_max_inflight", int), "metrics.listen": ("metrics_listen", str),
     "demo": ("demo", bool), "full_warning": ("full_warning", (float, int)),
+    "discard": ("discard", bool),
     "faults.threshold": ("fault_threshold", int), "faults.scrub_rate": ("scrub_rate", int),
     "faults.rebuild_rate": ("rebuild_rate", int),
     "faults.auto_replace": ("auto_replace", bool),

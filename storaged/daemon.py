@@ -186,6 +186,7 @@ async def _maintain_pool(registry: Registry, entry: PoolEntry, cfg: Config,
 async def run(cfg: Config, *, ready: trio.Event | None = None) -> None:
     records.READ_TIMEOUT = cfg.read_timeout
     records.WRITE_TIMEOUT = cfg.write_timeout
+    pool_module.DISCARD_FREED = cfg.discard
     if cfg.record_cache is not None:
         pool_module.RECORD_CACHE_BYTES = cfg.record_cache
     if cfg.write_buffer is not None:

@@ -19,6 +19,7 @@ from pool import pool as pool_impl
 from pool.checker import check
 from pool.errors import NoSpace
 from pool.faults import FaultyDevice
+from storaged.config import load
 from volumes import VolumeManager
 
 
@@ -226,5 +227,30 @@ async def test_freed_space_goes_back_to_sparse_device_files(
     pool = await Pool.open([FileDevice(str(p)) for p in paths])
     try:
         assert await VolumeManager(pool).get("w").read(0, 24 << 20) == data
+    finally:
+        await pool.close()
+
+
+async def test_discard_can_be_turned_off(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`discard = false` (for backing stores where a discard is slow or unwanted): freed
+    extents go back to the pool only, the device files keep their blocks."""
+    conf = tmp_path / "storaged.toml"
+    conf.write_text("discard = false\n")
+    assert load(str(conf)).discard is False and load(None).discard is True
+    monkeypatch.setattr(pool_impl, "DISCARD_FREED", False)     # what the daemon sets
+    paths = [tmp_path / f"d{i}" for i in range(3)]
+    pool = await Pool.create("t", [FileDevice(str(p), create_size=64 << 20) for p in paths],
+                             profile="ec:2+1", extent_size=1 << 20, meta_size=1 << 20)
+    try:
+        vm = VolumeManager(pool)
+        vol = await vm.create("v", 16 << 20)
+        await vol.write(0, os.urandom(16 << 20))
+        await vol.flush()
+        held = _allocated(paths)
+        await vm.delete("v")
+        await pool.settle_discards()
+        assert pool.statistics().discarded_extents == 0
+        assert _allocated(paths) >= held
     finally:
         await pool.close()
