@@ -96,6 +96,7 @@ _INDEX = ENTRY.__class__("<QIIIQ")  # node id, unit, units, length, hash
 FAULT_THRESHOLD = 10  # I/O errors after which a member is faulted (checksum errors excluded)
 DISCARD_BATCH = 256   # freed extents discarded per round of the discard task
 DISCARD_FREED = True  # discard freed extents (the daemon sets it from `discard`)
+DISCARD_DELAY = 10.0  # seconds an extent stays free before it is discarded
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,9 +197,11 @@ class Pool:
         # get the space back), and those being discarded now (writes into one of these,
         # reused meanwhile, wait for its discard: see _store).
         self.discard_freed = DISCARD_FREED
-        self._discard_queue: set[tuple[int, int]] = set()
+        self._discard_queue: dict[tuple[int, int], float] = {}   # -> when it was freed
         self._discarding: dict[tuple[int, int], trio.Event] = {}
         self._discarder: trio.Event | None = None   # set when the discard task ends
+        self._discard_wake = trio.Event()           # cut the task's wait short
+        self._discard_all = False                   # discard what is queued, now
         self._open: dict[tuple[int, int], Segment] = {}
         self._pins: dict[int, int] = {}
         self._fill_moved: set[int] = set()   # segments whose fill changed since last commit
@@ -666,7 +669,7 @@ class Pool:
         for i in chosen:
             e = min(self._free[i])
             self._free[i].discard(e)
-            self._discard_queue.discard((i, e))     # about to be written: no need
+            self._discard_queue.pop((i, e), None)   # about to be written: no need
             extents.append([i, e])
         seg_id = self.state.next_id
         self._do(op_json(op="seg_new", id=seg_id, k=k, m=m, extents=extents,
@@ -694,23 +697,35 @@ class Pool:
     def _release_extents(self) -> None:
         if self._reads_in_flight or not self._releasable:
             return
+        now = trio.current_time()
         for idx, e in self._releasable:
             if idx < len(self._free):
                 self._free[idx].add(e)
                 if self.discard_freed:
-                    self._discard_queue.add((idx, e))
+                    self._discard_queue[(idx, e)] = now
         self._releasable = []
         if self._discard_queue and self._discarder is None and not self._closed:
             self._discarder = trio.Event()
             trio.lowlevel.spawn_system_task(self._discard_task, name="pool discard")
 
     async def _discard_task(self) -> None:
-        """Discard freed extents in the background (a flush never waits for it), batch by
-        batch while more are freed; ``close`` waits for it."""
+        """Discard freed extents in the background (a flush never waits for it), each
+        once it has stayed free DISCARD_DELAY seconds: an extent reused before that (an
+        overwrite frees segments that the next writes take again) is never discarded, so
+        a busy pool does not punch holes only to fill them again. ``settle_discards``
+        and ``close`` cut the delay short and wait."""
         done = self._discarder
         try:
             while self._discard_queue and self._failed is None:
-                await self._discard_freed()
+                now = trio.current_time()
+                if not self._discard_all:
+                    due = min(self._discard_queue.values()) + DISCARD_DELAY
+                    if due > now:
+                        self._discard_wake = trio.Event()
+                        with trio.move_on_at(due):
+                            await self._discard_wake.wait()
+                        continue
+                await self._discard_freed(now if self._discard_all else now - DISCARD_DELAY)
         except Exception:
             log.exception("pool %s: discarding freed extents failed", self.state.name)
             self._discard_queue.clear()
@@ -720,21 +735,29 @@ class Pool:
                 done.set()
 
     async def settle_discards(self) -> None:
-        """Wait until the extents freed so far have been discarded."""
-        while self._discarder is not None:
-            await self._discarder.wait()
+        """Discard every extent freed so far, now, and wait for it."""
+        self._discard_all = True
+        try:
+            self._discard_wake.set()
+            while self._discarder is not None:
+                await self._discarder.wait()
+        finally:
+            self._discard_all = False
 
-    async def _discard_freed(self) -> None:
-        """Discard the extents freed since the last call (their frees are committed), one
+    async def _discard_freed(self, cutoff: float) -> None:
+        """Discard extents freed (their frees committed) no later than ``cutoff``, one
         thread per member. They stay allocatable meanwhile: a segment given one of them
         waits for its discard before writing (``_store``), and one taken before its turn
         is not discarded at all. Discard is advisory: a device that cannot do it keeps
         the bytes, and one that fails it is charged a write error."""
-        self._discard_queue = {(i, e) for i, e in self._discard_queue
-                               if i < len(self.devices) and self.devices[i] is not None}
+        for key in [k for k in self._discard_queue
+                    if k[0] >= len(self.devices) or self.devices[k[0]] is None]:
+            del self._discard_queue[key]
         # A bounded batch: each member's share must finish well within the write timeout.
-        batch = sorted(self._discard_queue)[:DISCARD_BATCH]
-        self._discard_queue.difference_update(batch)
+        batch = sorted(k for k, t in self._discard_queue.items() if t <= cutoff)
+        batch = batch[:DISCARD_BATCH]
+        for key in batch:
+            del self._discard_queue[key]
         if not batch:
             return
         done = trio.Event()

@@ -186,6 +186,7 @@ async def test_freed_space_goes_back_to_sparse_device_files(
     shrink, as blocks trimmed in a thin LUN or an SSD would be; and an extent reused
     right after is written after its discard, never zeroed under new data."""
     monkeypatch.setattr(pool_impl, "DISCARD_BATCH", 8)     # several rounds per delete
+    monkeypatch.setattr(pool_impl, "DISCARD_DELAY", 0.0)   # discard as soon as freed
     paths = [tmp_path / f"d{i}" for i in range(3)]
     devs = [FaultyDevice(FileDevice(str(p), create_size=64 << 20)) for p in paths]
     pool = await Pool.create("t", devs, profile="ec:2+1", extent_size=1 << 20,
