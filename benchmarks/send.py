@@ -26,13 +26,14 @@ random half, checked in ``storagectl volume list``) and snapshotted as ``src/vm@
 The storagectl and qemu-img rows each time one subprocess (time.perf_counter around it,
 storagectl's own start-up included, as users pay it). Every row that writes removes what
 its previous round wrote before its timer starts: the send's FILE and qemu-img's target
-are unlinked, the received volume is deleted (its extents discarded: holes punched in the
-device file). So none pays for freeing the previous round's data, and all write into page
-cache the kernel has just freed. That matters on a VM: a page of guest memory touched for
-the first time costs a fault in the hypervisor, and the kernel's copy into new page cache
-then runs at a fifth of its speed (measured here: 430 MB/s into never-used memory, 2.2-2.8
-GB/s into pages just freed); qemu-img always got freed pages, and the receives, writing
-ever further into the device file, used to get new ones. After the rounds, the last
+are unlinked, the received volume is deleted (its extents are free in the pool again, and
+the next receive writes into them). So none pays for freeing the previous round's data,
+and all write into memory that held page cache a moment before. That matters on a VM: a
+page of guest memory touched for the first time costs a fault in the hypervisor, and the
+kernel's copy into new page cache then runs at a fifth of its speed (measured here: 430
+MB/s into never-used memory, 2.2-2.8 GB/s into pages just freed); qemu-img always got
+freed pages, and the receives, writing ever further into the device file, used to get
+new ones. After the rounds, the last
 received volume must map what the source maps and, exported back to a raw file (untimed),
 equal the raw file (a few 1 MiB pieces byte for byte, then ``qemu-img compare``); a
 mismatch raises AssertionError. Sizes: the stream against lz4 (block mode, 1 MiB chunks)
