@@ -246,7 +246,6 @@ async def _rounds(d: str, size: int, pieces: list[bytes], runs: int,
             name = f"vm{n}"
             if n:
                 await vd.delete(f"vm{n - 1}", recursive=True)
-                await dst.settle_discards()
                 await _quiet()
             t0 = time.perf_counter()
             rx = portable.Receiver(vd, name)
