@@ -179,6 +179,29 @@ def _allocated(paths: list[Path]) -> int:
     return sum(os.stat(p).st_blocks * 512 for p in paths)
 
 
+async def _sparse_pool(tmp_path: Path) -> tuple[Pool, list[Path], list[FaultyDevice]]:
+    """An ec:2+1 pool of 1 MiB extents on three sparse files (behind FaultyDevices, to
+    slow their discards down), the files' paths and the devices."""
+    paths = [tmp_path / f"d{i}" for i in range(3)]
+    devs = [FaultyDevice(FileDevice(str(p), create_size=64 << 20)) for p in paths]
+    pool = await Pool.create("t", devs, profile="ec:2+1", extent_size=1 << 20,
+                             meta_size=1 << 20)
+    return pool, paths, devs
+
+
+async def _fill_and_delete(pool: Pool, paths: list[Path], mib: int) -> int:
+    """Write ``mib`` MiB of random bytes to a new volume, flush, delete it and wait for
+    its discards; the device files' allocated bytes while the volume held the data."""
+    vm = VolumeManager(pool)
+    vol = await vm.create("v", mib << 20)
+    await vol.write(0, os.urandom(mib << 20))
+    await vol.flush()
+    held = _allocated(paths)
+    await vm.delete("v")
+    await pool.settle_discards()            # discards run in the background
+    return held
+
+
 async def test_freed_space_goes_back_to_sparse_device_files(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Invariant 6 down to the backing store: extents freed by a delete (or by trims, or
@@ -187,20 +210,12 @@ async def test_freed_space_goes_back_to_sparse_device_files(
     right after is written after its discard, never zeroed under new data."""
     monkeypatch.setattr(pool_impl, "DISCARD_BATCH", 8)     # several rounds per delete
     monkeypatch.setattr(pool_impl, "DISCARD_DELAY", 0.0)   # discard as soon as freed
-    paths = [tmp_path / f"d{i}" for i in range(3)]
-    devs = [FaultyDevice(FileDevice(str(p), create_size=64 << 20)) for p in paths]
-    pool = await Pool.create("t", devs, profile="ec:2+1", extent_size=1 << 20,
-                             meta_size=1 << 20)
+    pool, paths, devs = await _sparse_pool(tmp_path)
     vm = VolumeManager(pool)
     try:
         empty = _allocated(paths)
-        vol = await vm.create("v", 32 << 20)
-        await vol.write(0, os.urandom(24 << 20))
-        await vol.flush()
-        full = _allocated(paths)
+        full = await _fill_and_delete(pool, paths, 24)
         assert full - empty >= 36 << 20        # 24 MiB of data + 12 MiB of parity
-        await vm.delete("v")
-        await pool.settle_discards()            # discards run in the background
         assert pool.statistics().discarded_extents >= 36
         assert _allocated(paths) - empty < 2 << 20
         # Extents freed by one task's delete are reused by another's writes while their
@@ -240,17 +255,9 @@ async def test_discard_can_be_turned_off(tmp_path: Path,
     conf.write_text("discard = false\n")
     assert load(str(conf)).discard is False and load(None).discard is True
     monkeypatch.setattr(pool_impl, "DISCARD_FREED", False)     # what the daemon sets
-    paths = [tmp_path / f"d{i}" for i in range(3)]
-    pool = await Pool.create("t", [FileDevice(str(p), create_size=64 << 20) for p in paths],
-                             profile="ec:2+1", extent_size=1 << 20, meta_size=1 << 20)
+    pool, paths, _devs = await _sparse_pool(tmp_path)
     try:
-        vm = VolumeManager(pool)
-        vol = await vm.create("v", 16 << 20)
-        await vol.write(0, os.urandom(16 << 20))
-        await vol.flush()
-        held = _allocated(paths)
-        await vm.delete("v")
-        await pool.settle_discards()
+        held = await _fill_and_delete(pool, paths, 16)
         assert pool.statistics().discarded_extents == 0
         assert _allocated(paths) >= held
     finally:
