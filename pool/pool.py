@@ -1276,15 +1276,34 @@ class Pool:
         return (dev, self.layout.extent_offset(ext), name)
 
     async def _repair(self, repairs: Sequence[records.Repair]) -> None:
+        """Rewrite bad fragments a read rebuilt, one thread per member, under the write
+        deadline: a member that hangs on the repair is faulted rather than hanging the
+        read that found the damage."""
         # Heal only fragments of segments that still exist: a segment freed meanwhile
         # may not be reused yet (reads in flight hold frees back), but it is not ours.
         live = [r for r in repairs if r.segment in self.state.segments]
-        done = await trio.to_thread.run_sync(records.apply_repairs, live)
-        self._counters["repaired_fragments"] += done
+        index = {id(d): i for i, d in enumerate(self.devices) if d is not None}
+        by_member: dict[int, list[records.Repair]] = {}
         for r in live:
-            for i, dev in enumerate(self.devices):
-                if dev is r.device:
-                    self._dirty_devices.add(i)
+            i = index.get(id(r.device))
+            if i is not None:
+                by_member.setdefault(i, []).append(r)
+        written: list[int] = []
+
+        def rewrite(rs: list[records.Repair]) -> None:
+            written.append(records.apply_repairs(rs))
+        # Counted as a read in flight, so that extents freed meanwhile are not reused
+        # (or discarded) under these writes.
+        self._reads_in_flight += 1
+        try:
+            await self._per_device([(i, partial(rewrite, rs)) for i, rs in by_member.items()],
+                                   "write", tolerate=True, what="a repair write")
+        finally:
+            self._reads_in_flight -= 1
+            self._release_extents()
+        done = sum(written)
+        self._counters["repaired_fragments"] += done
+        self._dirty_devices.update(i for i in by_member if self.devices[i] is not None)
         if done:
             log.warning("pool %s: rewrote %d bad fragment(s) from redundancy",
                         self.state.name, done)

@@ -29,7 +29,7 @@ from pool.faults import FaultyDevice
 from storaged.config import load
 from tests.conftest import DiskSet
 from tests.daemonkit import Daemon
-from tests.poolkit import filled_pool, read_all
+from tests.poolkit import corrupt, filled_pool, fragments, read_all
 from volumes import VolumeManager
 
 Disks = Callable[..., DiskSet]
@@ -270,6 +270,22 @@ async def test_a_lone_device_whose_writes_hang_fails_the_flush(
             await vol.write(0, bytes(4096))
             with pytest.raises(StorageError, match=r"did not complete in 0\.2 s"):
                 await vol.flush()
+    assert await _read_reimported(ds) == data
+
+
+async def test_a_repair_write_that_hangs_does_not_hang_the_read(
+        disks: Disks, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read finds a bad fragment on a member whose writes hang: the data comes from the
+    others at once, and the self-healing rewrite of that fragment is given up after the
+    write timeout (the member faulted) instead of holding the read until it answers."""
+    ds = disks(3)
+    async with _writes_hang_on_member_0(ds, "ec:2+1", monkeypatch) as (pool, data):
+        member, offset, length = next(v for _k, v in sorted(fragments(pool).items())
+                                      if v[0] == 0)
+        corrupt(ds, member, offset, length, random.Random(2))
+        with trio.fail_after(1.8):
+            assert await read_all(pool, SIZE) == data
+        assert pool.statistics().members[0].state == "faulted"
     assert await _read_reimported(ds) == data
 
 
