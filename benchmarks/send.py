@@ -376,8 +376,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="benchmarks.send")
     ap.add_argument("--size", type=int, default=1024, help="MiB (default 1024)")
     ap.add_argument("--dir", default=None, help="where to put the files (default /var/tmp)")
-    ap.add_argument("--runs", type=int, default=4,
-                    help="rounds of the seven rows; medians are reported (default 4)")
+    ap.add_argument("--runs", type=int, default=6,
+                    help="rounds of the seven rows; medians are reported (default 6)")
     args = ap.parse_args(argv)
     size = args.size * MiB
     d = tempfile.mkdtemp(prefix="storaged-bench-send-", dir=choose_dir(args.dir))
