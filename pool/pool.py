@@ -1750,20 +1750,50 @@ class Pool:
     async def write_fragments(self, repairs: Sequence[records.Repair]) -> int:
         """Write rebuilt fragments (of pinned segments); returns how many were written.
         Runs beside ``background`` work (a thread of its own, one at a time per pool), so a
-        rebuild computes its next step while the last one is written."""
+        rebuild computes its next step while the last one is written.
+
+        Each device's fragments are written under the write deadline
+        (``records.WRITE_TIMEOUT``): a device that has not finished by then fails all of
+        them, and a member that hung so is faulted at once, for a full rebuild (the stuck
+        write may still land), as a hung foreground write faults it."""
         live = [r for r in repairs if r.segment in self.state.segments]
-        done, failed = await trio.to_thread.run_sync(records.write_repairs, live,
-                                                     limiter=self._bg_writes)
+        groups: dict[int, list[records.Repair]] = {}
+        for r in live:
+            groups.setdefault(id(r.device), []).append(r)
+        batches = list(groups.values())
+        outcomes: dict[int, tuple[int, list[records.Repair]]] = {}
+
+        def writer(k: int) -> Callable[[], None]:
+            def write() -> None:
+                outcomes[k] = records.write_repairs(batches[k])
+            return write
+
+        errors = await trio.to_thread.run_sync(
+            records.writes_within, [(b[0].device, writer(k)) for k, b in enumerate(batches)],
+            "a rebuild write", limiter=self._bg_writes)
         index = {id(d): i for i, d in enumerate(self.devices) if d is not None}
         for r in live:
             i = index.get(id(r.device))
             if i is not None:
                 self._dirty_devices.add(i)
-        for r in failed:
-            i = index.get(id(r.device))
+        done, failed = 0, 0
+        for k, (batch, error) in enumerate(zip(batches, errors, strict=True)):
+            i = index.get(id(batch[0].device))
+            if error is not None:           # given up (hung), or raised outside a write
+                failed += len(batch)
+                if i is not None:
+                    if isinstance(error, DeviceHung):
+                        self.fault(i, error.message, full=True)
+                    else:
+                        self.count_error(i, "write", error.message)
+                continue
+            wrote, lost = outcomes[k]
+            done += wrote
+            failed += len(lost)
             if i is not None:
-                self.count_error(i, "write", "writing a rebuilt fragment")
-        return len(live) - len(failed) if done or not failed else 0
+                for _r in lost:
+                    self.count_error(i, "write", "writing a rebuilt fragment")
+        return len(live) - failed if done or not failed else 0
 
     def member_epoch(self, index: int) -> int:
         """Changes whenever member ``index`` goes away (see ``mark_rebuilt``)."""

@@ -293,6 +293,32 @@ async def test_failed_rebuild_writes_release_the_segments_and_keep_the_marks(
         await pool.close()
 
 
+async def test_a_new_member_whose_writes_hang_is_faulted_and_the_rebuild_stops(
+        disks: Disks, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device a rebuild writes to stops answering: its writes are given up after the
+    write timeout, the member is faulted at once (the rebuild does not hang on it), the
+    segments it should have got stay marked, and reads go on byte-exact."""
+    ds = disks(6)
+    size = 4 * SIZE
+    pool, data = await filled_pool(ds, "ec:4+2", size)
+    try:
+        hung = FaultyDevice(disks(1, prefix="spare").create()[0])
+        await pool.replace_device(2, hung)
+        before = dict(pool.state.members[2].marks)
+        assert len(before) > 4
+        monkeypatch.setattr(records, "WRITE_TIMEOUT", 0.2)
+        hung.write_delay = 2.0
+        with trio.fail_after(1.8):          # done before the device would have answered
+            assert await rebuild.run(pool) == 0
+        assert pool.state.members[2].state == "faulted"
+        assert set(before) <= set(pool.state.members[2].marks)
+        assert not any(pool.pinned(s) for s in pool.state.segments)
+        assert await read_all(pool, size) == data
+    finally:
+        await trio.sleep(2.5)               # the given-up writes return
+        await pool.close()
+
+
 async def test_rebuild_in_many_small_steps_on_two_threads(
         disks: Disks, monkeypatch: pytest.MonkeyPatch) -> None:
     """The pipeline keeps the order with both verify threads at work (the pool idle at
