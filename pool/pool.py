@@ -277,12 +277,13 @@ class Pool:
         pool = cls(state, layout, devs, MetaStore(layout, devs, pool_uuid), None)
         pool._free = [set(range(mi.n_extents)) for mi in members]
 
-        def write_labels() -> None:
-            for mi, dev in zip(members, devices, strict=True):
-                # Clear old superblocks/journal so nothing of a previous life is replayed.
-                dev.pwrite(SB_OFFSET, bytes(layout.pages_offset - SB_OFFSET))
-                _write_label(dev, pool._label(mi))
-        await _run(write_labels)
+        def write_label(mi: MemberInfo, dev: Device) -> None:
+            # Clear old superblocks/journal so nothing of a previous life is replayed.
+            dev.pwrite(SB_OFFSET, bytes(layout.pages_offset - SB_OFFSET))
+            _write_label(dev, pool._label(mi))
+        await _write_within([(dev, partial(write_label, mi, dev))
+                             for mi, dev in zip(members, devices, strict=True)],
+                            "writing a new member's label")
         await pool._checkpoint()
         log.info("created pool %s (%s) on %d devices, profile %s, extent size %d",
                  name, pool_uuid, len(devices), prof, extent_size)
@@ -1483,7 +1484,7 @@ class Pool:
                 _write_label(dev, Label(self.state.uuid, self.state.name, mi.uuid, idx,
                                         self.state.generation + 1, dev.size, self.layout))
                 dev.sync()
-            await _run(prepare)
+            await _write_within([(dev, prepare)], "preparing a new member")
             self._do(op_json(op="member_add", uuid=mi.uuid, index=idx, size=dev.size,
                              n_extents=n_ext))
             self.devices.append(dev)
@@ -1558,7 +1559,7 @@ class Pool:
             _write_label(dev, Label(self.state.uuid, self.state.name, mi.uuid, index,
                                     self.state.generation + 1, dev.size, self.layout))
             dev.sync()
-        await _run(prepare)
+        await _write_within([(dev, prepare)], "preparing a new member")
         self.devices[index] = self.meta.devices[index] = dev
         self._errors[index] = Counter()
         self._column_cache.clear()
@@ -1588,8 +1589,7 @@ class Pool:
             await self._checkpoint_locked()
         self._parked.pop(index, None)
         if old is not None:
-            await _run(_wipe_quietly, old)
-            old.close()
+            await _wipe_quietly(old)
         log.info("pool %s: %s replaces member %d; %d segment(s) to rebuild",
                  self.state.name, dev.path, index, len(self.state.members[index].marks))
 
@@ -1665,8 +1665,7 @@ class Pool:
                 await self._checkpoint_locked()
             self._free[index] = set()
             if dev is not None:
-                await _run(_wipe_quietly, dev)
-                dev.close()
+                await _wipe_quietly(dev)
         finally:
             self._avoid.discard(index)
         log.info("pool %s: member %d removed", self.state.name, index)
@@ -1875,7 +1874,8 @@ class Pool:
             if wrong:
                 bad += len(wrong)
                 async with self._commit_lock:
-                    await trio.to_thread.run_sync(_write_label, dev, self._label(mi))
+                    await _write_within([(dev, partial(_write_label, dev, self._label(mi)))],
+                                        "repairing a label")
                 repaired += len(wrong)
                 self._dirty_devices.add(mi.index)
         return checked, bad, repaired
@@ -1974,16 +1974,32 @@ def _same_path(a: str, b: str) -> bool:
     return os.path.abspath(a) == os.path.abspath(b)
 
 
-def _wipe_quietly(dev: Device) -> None:
-    """Wipe a device's labels and superblocks (a detached member must not pass for one);
-    a device that is gone cannot be wiped, which is fine."""
-    try:
+async def _write_within(calls: Sequence[tuple[Device, Callable[[], None]]],
+                        what: str) -> None:
+    """Blocking writes, one per device, in parallel under the write deadline
+    (``records.writes_within``); raises the first DeviceError (DeviceHung for a device
+    that did not finish in time)."""
+    errors = await trio.to_thread.run_sync(records.writes_within, calls, what)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+
+
+async def _wipe_quietly(dev: Device) -> None:
+    """Wipe a detached device's labels and superblocks (it must not pass for a member),
+    then close it. A device that is gone, or hangs (often why it was replaced), cannot
+    be wiped, which is fine: the pool no longer counts it as a member either way."""
+    def wipe() -> None:
         dev.pwrite(0, bytes(LABEL_SIZE))
         dev.pwrite(SB_OFFSET, bytes(SB_SLOTS * SB_SLOT_SIZE))
         dev.pwrite(dev.size - LABEL_SIZE, bytes(LABEL_SIZE))
         dev.sync()
+    try:
+        await _write_within([(dev, wipe)], "wiping the label")
     except DeviceError as e:
         log.warning("could not wipe the label of %s: %s", dev.path, e.message)
+    # close waits (boundedly) for a call still stuck in the device: not on the loop.
+    await trio.to_thread.run_sync(dev.close)
 
 
 def _check_name(name: str) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from pool import Pool, records
+from pool import Pool, rebuild, records
 from pool.errors import InvalidArgument, StorageError
 from pool.faults import FaultyDevice
 from storaged.config import load
@@ -257,6 +257,34 @@ async def test_a_member_whose_writes_hang_is_faulted_and_writes_go_on(
         assert [m.state for m in st.members] == ["faulted", "online", "online"]
         assert await read_all(pool, SIZE) == expect
     assert await _read_reimported(ds) == expect
+
+
+async def test_a_hung_member_is_replaced_without_waiting_for_it(
+        disks: Disks, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replacing the member that hung (the usual reason to replace one): wiping the old
+    device's label is given up after the write timeout instead of holding the replace,
+    and the new device is rebuilt and reads back byte-exact."""
+    ds = disks(3)
+    async with _writes_hang_on_member_0(ds, "ec:2+1", monkeypatch) as (pool, data):
+        vol = VolumeManager(pool).get("v")
+        await vol.write(0, data[:4096])
+        await vol.flush()                   # member 0 is given up and faulted
+        assert pool.statistics().members[0].state == "faulted"
+        spares = disks(1, prefix="spare")
+        started = time.monotonic()
+        await pool.replace_device(0, spares.create()[0])
+        # A thread's wait is not cancellable (fail_after would only fire after it): timed.
+        assert time.monotonic() - started < 1.5     # its wipe alone would take 8 s
+        assert pool.statistics().members[0].state == "rebuilding"
+        await rebuild.run(pool)
+        assert [m.state for m in pool.statistics().members] == ["online"] * 3
+        assert await read_all(pool, SIZE) == data
+    pool = await Pool.open([*spares.open(), *ds.open()[1:]])
+    try:
+        assert [m.state for m in pool.statistics().members] == ["online"] * 3
+        assert await read_all(pool, SIZE) == data
+    finally:
+        await pool.close()
 
 
 async def test_a_lone_device_whose_writes_hang_fails_the_flush(
