@@ -1441,9 +1441,7 @@ class Pool:
             self._closed = True
             with trio.CancelScope(shield=True):
                 await self.settle_discards()    # its threads use the devices
-            for dev in [*self.devices, *self._parked.values()]:
-                if dev is not None:
-                    dev.close()
+                await _close_all([*self.devices, *self._parked.values()])
             self._parked.clear()
 
     async def destroy(self) -> None:
@@ -1458,9 +1456,7 @@ class Pool:
         await self._on_devices(wipe)
         with trio.CancelScope(shield=True):
             await self.settle_discards()
-        for dev in self.devices:
-            if dev is not None:
-                dev.close()
+            await _close_all(self.devices)
         log.info("destroyed pool %s (%s)", self.state.name, self.state.uuid)
 
     async def add_device(self, dev: Device) -> None:
@@ -1983,6 +1979,15 @@ async def _write_within(calls: Sequence[tuple[Device, Callable[[], None]]],
     first = next((e for e in errors if e is not None), None)
     if first is not None:
         raise first
+
+
+async def _close_all(devices: Sequence[Device | None]) -> None:
+    """Close devices, in parallel threads: a close waits (up to ``CLOSE_WAIT``) for a call
+    still stuck in its device, which must not hold the event loop."""
+    async with trio.open_nursery() as nursery:
+        for dev in devices:
+            if dev is not None:
+                nursery.start_soon(partial(trio.to_thread.run_sync, dev.close))
 
 
 async def _wipe_quietly(dev: Device) -> None:
