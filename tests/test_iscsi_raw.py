@@ -127,13 +127,15 @@ def writer(srv: Served, name: str, isid: int, first_block: int, pattern: bytes,
 
 
 def killed_mid_data_out(srv: Served) -> None:
-    """Start a 1 MiB WRITE, send half of the solicited data, and vanish (RST)."""
+    """Start a 1 MiB WRITE, send part of the solicited data, and vanish (RST)."""
     s = session(srv, "victim", 7)
     cmd = s.command(write10(8192, 2048), data_out=b"\x77" * (1 << 20))
     r2t = s.recv()
     assert isinstance(r2t, P.R2T) and r2t.itt == cmd.itt
-    half = r2t.length // 2
-    s.send(P.DataOut(itt=cmd.itt, ttt=r2t.ttt, offset=r2t.offset, data=b"\x77" * half))
+    # One valid PDU (the target takes at most 256 KiB a PDU: a larger one is a protocol
+    # error it drops the connection for, which could beat this send to it).
+    part = min(r2t.length // 2, 256 << 10)
+    s.send(P.DataOut(itt=cmd.itt, ttt=r2t.ttt, offset=r2t.offset, data=b"\x77" * part))
     s.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     s.close()
 
