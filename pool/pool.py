@@ -1447,13 +1447,7 @@ class Pool:
     async def destroy(self) -> None:
         """Wipe labels and superblocks of every present member; data is not zeroed."""
         self._closed = True
-
-        def wipe(dev: Device) -> None:
-            dev.pwrite(0, bytes(LABEL_SIZE))
-            dev.pwrite(SB_OFFSET, bytes(SB_SLOTS * SB_SLOT_SIZE))
-            dev.pwrite(dev.size - LABEL_SIZE, bytes(LABEL_SIZE))
-            dev.sync()
-        await self._on_devices(wipe)
+        await self._on_devices(_wipe)
         with trio.CancelScope(shield=True):
             await self.settle_discards()
             await _close_all(self.devices)
@@ -1990,17 +1984,20 @@ async def _close_all(devices: Sequence[Device | None]) -> None:
                 nursery.start_soon(partial(trio.to_thread.run_sync, dev.close))
 
 
+def _wipe(dev: Device) -> None:
+    """Wipe a device's labels and superblocks (blocking); its data is not zeroed."""
+    dev.pwrite(0, bytes(LABEL_SIZE))
+    dev.pwrite(SB_OFFSET, bytes(SB_SLOTS * SB_SLOT_SIZE))
+    dev.pwrite(dev.size - LABEL_SIZE, bytes(LABEL_SIZE))
+    dev.sync()
+
+
 async def _wipe_quietly(dev: Device) -> None:
     """Wipe a detached device's labels and superblocks (it must not pass for a member),
     then close it. A device that is gone, or hangs (often why it was replaced), cannot
     be wiped, which is fine: the pool no longer counts it as a member either way."""
-    def wipe() -> None:
-        dev.pwrite(0, bytes(LABEL_SIZE))
-        dev.pwrite(SB_OFFSET, bytes(SB_SLOTS * SB_SLOT_SIZE))
-        dev.pwrite(dev.size - LABEL_SIZE, bytes(LABEL_SIZE))
-        dev.sync()
     try:
-        await _write_within([(dev, wipe)], "wiping the label")
+        await _write_within([(dev, partial(_wipe, dev))], "wiping the label")
     except DeviceError as e:
         log.warning("could not wipe the label of %s: %s", dev.path, e.message)
     # close waits (boundedly) for a call still stuck in the device: not on the loop.
