@@ -15,15 +15,15 @@ from pool.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from pool.device import Device, FileDevice, MemoryDevice
-    from pool.pool import MemberStatus, Pool, PoolStatistics, Profile
+    from pool.pool import MemberStatus, Pool, PoolStatistics, Profile, close_devices
 
 _LAZY = {"Device": "pool.device", "FileDevice": "pool.device", "MemoryDevice": "pool.device",
          "MemberStatus": "pool.pool", "Pool": "pool.pool", "PoolStatistics": "pool.pool",
-         "Profile": "pool.pool"}
+         "Profile": "pool.pool", "close_devices": "pool.pool"}
 
 
 __getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = ["Device", "FileDevice", "MemberStatus", "MemoryDevice", "Pool", "PoolStatistics",
-           "Profile", "StorageError"]
+           "Profile", "StorageError", "close_devices"]

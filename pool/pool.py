@@ -1441,7 +1441,7 @@ class Pool:
             self._closed = True
             with trio.CancelScope(shield=True):
                 await self.settle_discards()    # its threads use the devices
-                await _close_all([*self.devices, *self._parked.values()])
+                await close_devices([*self.devices, *self._parked.values()])
             self._parked.clear()
 
     async def destroy(self) -> None:
@@ -1450,7 +1450,7 @@ class Pool:
         await self._on_devices(_wipe)
         with trio.CancelScope(shield=True):
             await self.settle_discards()
-            await _close_all(self.devices)
+            await close_devices(self.devices)
         log.info("destroyed pool %s (%s)", self.state.name, self.state.uuid)
 
     async def add_device(self, dev: Device) -> None:
@@ -1975,13 +1975,15 @@ async def _write_within(calls: Sequence[tuple[Device, Callable[[], None]]],
         raise first
 
 
-async def _close_all(devices: Sequence[Device | None]) -> None:
+async def close_devices(devices: Sequence[Device | None]) -> None:
     """Close devices, in parallel threads: a close waits (up to ``CLOSE_WAIT``) for a call
-    still stuck in its device, which must not hold the event loop."""
-    async with trio.open_nursery() as nursery:
-        for dev in devices:
-            if dev is not None:
-                nursery.start_soon(partial(trio.to_thread.run_sync, dev.close))
+    still stuck in its device, which must not hold the event loop. Shielded: a cancelled
+    caller (often why devices are being closed) still releases them."""
+    with trio.CancelScope(shield=True):
+        async with trio.open_nursery() as nursery:
+            for dev in devices:
+                if dev is not None:
+                    nursery.start_soon(partial(trio.to_thread.run_sync, dev.close))
 
 
 def _wipe(dev: Device) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from pool import Device, FileDevice, Pool
+from pool import Device, FileDevice, Pool, close_devices
 from pool.errors import AlreadyExists, DeviceError, InvalidArgument, NotFound, StorageError
 from pool.layout import LABEL_SIZE, Label
 from volumes import VolumeManager
@@ -119,8 +119,7 @@ class Registry:
                 pool = await Pool.create(name, devices, profile=profile,
                                          extent_size=extent_size, force=force)
             except BaseException:
-                for d in devices:
-                    d.close()
+                await close_devices(devices)
                 raise
             return await self._adopt(pool, paths)
 
@@ -151,8 +150,7 @@ class Registry:
         try:
             pool = await Pool.open(devices, name=name)
         except BaseException:
-            for d in devices:
-                d.close()
+            await close_devices(devices)
             raise
         if pool.name in self.pools:
             await pool.close()
@@ -185,7 +183,7 @@ class Registry:
             try:
                 await entry.pool.add_device(dev)
             except BaseException:
-                dev.close()
+                await close_devices([dev])
                 raise
             entry.devices.append(_abspath(path))
             await self.save()
@@ -204,7 +202,7 @@ class Registry:
             try:
                 await entry.pool.replace_device(index, dev)
             except BaseException:
-                dev.close()
+                await close_devices([dev])
                 raise
             self._set_path(entry, old_path, _abspath(new))
             if _abspath(new) in entry.spares:
@@ -243,7 +241,7 @@ class Registry:
                     raise InvalidArgument(f"{path} is too small to replace every member of "
                                           f"pool {name}")
             finally:
-                dev.close()
+                await close_devices([dev])
             entry.spares.append(_abspath(path))
             await self.save()
 
@@ -257,8 +255,7 @@ class Registry:
             try:
                 await entry.pool.online(index, dev)
             except BaseException:
-                if dev is not None:
-                    dev.close()
+                await close_devices([dev])
                 raise
             if path is not None:
                 self._set_path(entry, "", _abspath(path))
