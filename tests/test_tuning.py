@@ -1,12 +1,16 @@
 """The process tuning (storaged.tuning) does what it is for: buffers of a MiB allocated
 and freed over and over reuse their pages instead of faulting in fresh ones each time, and
 the write path's short-lived objects no longer set off a young collection every few
-hundred allocations."""
+hundred allocations; storagectl starts light (it is part of every send and receive)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+
+import pytest
+
+from storaged import cli
 
 SCRIPT = """
 import resource, sys
@@ -75,3 +79,20 @@ def test_storagectl_starts_without_loading_the_daemon() -> None:
                           f"m for m in {heavy!r} if m in sys.modules))"],
                          capture_output=True, text=True, check=True, timeout=60).stdout
     assert out.strip() == "", f"storagectl loaded {out.strip()}"
+
+
+@pytest.mark.parametrize(("argv", "group"), [
+    (["volume", "send", "tank/vm@s1", "-o", "f"], "volume"),
+    (["--socket", "volume", "pool", "list"], "pool"),      # a socket named like a group
+    (["--socket=/run/s", "--json", "snapshot", "list"], "snapshot"),
+    (["status"], "status"),
+    (["--help"], None),
+    (["bogus", "list"], None),
+    ([], None),
+])
+def test_storagectl_builds_only_the_group_it_runs(argv: list[str], group: str | None
+                                                  ) -> None:
+    """The parser of just the named group reads a command line as the whole one does."""
+    assert cli._group_of(argv) == group
+    if group is not None:
+        assert cli.build_parser(group).parse_args(argv) == cli.build_parser().parse_args(argv)
