@@ -105,8 +105,8 @@ def run(args: argparse.Namespace, path: str, show: bool) -> int:
                 if args.input:
                     os.close(fd)
     else:
-        # Imported here: qemu-img's subprocess machinery would cost send and receive
-        # (what a migration or backup runs) some 10 ms of start-up.
+        # Imported here: subprocess (for qemu-img) would cost send and receive (what a
+        # migration or backup runs) about 8 ms of start-up.
         from storaged import image_cli  # noqa: PLC0415
         if args.cmd == "import":
             result = image_cli.import_image(args, path, show)
