@@ -6,6 +6,11 @@ SCSI command as its own task (commands of one session run concurrently; the CmdS
 bounds how many), pings idle initiators with NOP-In, reinstates sessions (a new login with
 the same initiator name and ISID closes the old session) and, when the daemon stops, asks
 every initiator to log out (Async Message) before closing.
+
+Hostile peers (issue 20 item 6): at most ``max_connections`` connections are served (one
+more is closed at once); a connection not logged in within ``login_timeout`` seconds is
+closed; a logged-in initiator that goes silent is pinged and dropped (``nop_interval``); the
+memory a connection holds is bounded by the session's negotiated limits (pdu, session).
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ class ISCSIConfig:
     portal_group_tag: int = 1
     nop_interval: float = 15.0        # ping an initiator idle this long; drop it if the
                                       # previous ping is still unanswered
+    max_connections: int = 256        # one more is closed at once
+    login_timeout: float = 30.0       # seconds from connect to logged in
 
 
 @dataclass
@@ -53,6 +60,8 @@ class ServerStatistics:
     connections: int = 0
     logins_refused: int = 0
     protocol_errors: int = 0
+    refused: int = 0                  # connections over max_connections
+    login_timeouts: int = 0
     commands: dict[str, int] = field(default_factory=dict)
     sense: dict[str, int] = field(default_factory=dict)
     bytes_read: int = 0
@@ -140,6 +149,12 @@ class ISCSIServer:
             await stream.aclose()
             return
         peer = _peer(stream)
+        if len(self._clients) >= self.config.max_connections:
+            self.stats.refused += 1
+            log.warning("iSCSI: refused connection from %s: %d connections already "
+                        "(iscsi.max_connections)", peer, len(self._clients))
+            await stream.aclose()
+            return
         conn = Connection(self.catalog, new_tsih=self.new_tsih, unit=self.catalog.unit,
                           portal=self.portal, portal_group_tag=self.config.portal_group_tag)
         client = _Client(self, conn, stream, peer)
@@ -153,6 +168,10 @@ class ISCSIServer:
                 # (from the client's nursery, so wrapped in a group: a peer that vanished
                 # must end its own connection only, never the listener)
                 log.info("iSCSI %s: connection lost: %s", peer, group.exceptions[0])
+            except* Exception as group:
+                # A bug met by one connection ends that connection, never the listener.
+                log.error("iSCSI %s: unexpected error, closing the connection",
+                          peer, exc_info=group)
         finally:
             self._clients.discard(client)
             if client.key is not None and self._sessions.get(client.key) is client:
@@ -322,6 +341,7 @@ class _Client:
             with self._reader:
                 async with trio.open_nursery() as side:
                     side.start_soon(self._pinger)
+                    side.start_soon(self._login_deadline)
                     side.start_soon(self._writer)
                     try:
                         await self._read_loop(tasks)
@@ -366,6 +386,15 @@ class _Client:
                 log.debug("iSCSI %s: closing: %s", self.peer, ev.reason)
                 await self.flush()
                 return
+
+    async def _login_deadline(self) -> None:
+        timeout = self.server.config.login_timeout
+        await trio.sleep(timeout)
+        if not self.logged_in:
+            self.server.stats.login_timeouts += 1
+            log.info("iSCSI %s: not logged in within %gs (iscsi.login_timeout): closing",
+                     self.peer, timeout)
+            self.stop()
 
     async def _pinger(self) -> None:
         interval = self.server.config.nop_interval

@@ -14,6 +14,18 @@ newstyle, NetworkBlockDevice/nbd doc/proto.md) is answered entirely inside, from
 A peer that breaks framing (wrong magic, truncated handshake, a write payload too large to
 skip) raises ``RemoteProtocolError``: send pending bytes and drop the connection.
 
+Memory (issue 20 item 6). Invariants of the receiving side:
+P1. A WRITE header is validated (length against the advertised maximum, range, flags,
+    read-only) before any memory is set aside for its payload; a refused write's payload is
+    skipped without being stored, and its error reply is queued once the payload is past.
+P2. A payload of DIRECT_PAYLOAD bytes or more that has not arrived whole with its header
+    gets its buffer only when the transport asks for it (``receive_buffer``, or
+    ``receive_data`` with payload bytes): ``payload_wanted`` says how large it will be, so
+    the transport can account for the memory first. A peer that sends a header and no
+    payload costs no buffer.
+P3. Apart from the payload buffers, the connection holds at most one option
+    (MAX_OPTION_DATA), one partial request header and what one receive brought.
+
 Replies to commands are built by ``reply_*`` methods, which return bytes.
 """
 
@@ -261,10 +273,12 @@ class ServerConnection:
         self._in = bytearray()
         self._out = bytearray()
         self._skip = 0                       # payload bytes of a refused write to discard
+        self._skip_reply = b""               # its error reply, queued once they are past
         # A large write's payload is received straight into its own buffer (no copies
         # through _in): the header waits in _pending until the buffer is full.
         self._payload: bytearray | None = None
         self._payload_have = 0
+        self._payload_len = 0                # of the payload in progress (0: none)
         self._pending: tuple[int, int, int, int, int] | None = None
         self._eof = False
         self._out += struct.pack(">QQH", NBDMAGIC, IHAVEOPT,
@@ -274,6 +288,8 @@ class ServerConnection:
     def receive_data(self, data: bytes | bytearray) -> None:
         if not data:
             self._eof = True
+        elif self._pending is not None and self._payload is None:
+            self._allocate_payload()
         rest: bytes | bytearray | memoryview = data
         if self._payload is not None:
             take = min(len(data), len(self._payload) - self._payload_have)
@@ -286,9 +302,34 @@ class ServerConnection:
     def receive_buffer(self) -> memoryview | None:
         """Where the transport may receive the next bytes directly (``received_into``
         then says how many arrived): the rest of a large write's payload, else None."""
+        if self._pending is not None and self._payload is None:
+            self._allocate_payload()
         if self._payload is None:
             return None
         return memoryview(self._payload)[self._payload_have:]
+
+    @property
+    def payload_wanted(self) -> int:
+        """Bytes of the write payload whose header is in and whose buffer is not yet
+        allocated (0: none): the transport accounts for them before it receives (P2)."""
+        return self._payload_len if self._payload is None else 0
+
+    @property
+    def in_request(self) -> bool:
+        """Part of a request (header, payload, or a refused payload being skipped) has
+        arrived and the rest has not: the transport times out a peer that stalls here."""
+        return self.phase is Phase.TRANSMISSION and bool(
+            self._in or self._skip or self._pending is not None)
+
+    def _allocate_payload(self) -> None:
+        """Give the pending write its own buffer; the payload bytes that came with the
+        header move into it (P2)."""
+        length = self._payload_len
+        have = min(len(self._in), length)
+        self._payload = bytearray(length)
+        self._payload[:have] = memoryview(self._in)[:have]
+        del self._in[:have]
+        self._payload_have = have
 
     def received_into(self, n: int) -> None:
         if n == 0:
@@ -349,6 +390,8 @@ class ServerConnection:
                 self._skip -= n
                 if self._skip:
                     return self._need()
+                self._out += self._skip_reply
+                self._skip_reply = b""
             if self.phase is Phase.CLIENT_FLAGS:
                 if len(self._in) < 4:
                     return self._need()
@@ -371,7 +414,7 @@ class ServerConnection:
     def _need(self) -> _NeedData | Disconnect:
         if self._eof:
             phase, self.phase = self.phase, Phase.CLOSED
-            if not self._in and not self._skip and self._payload is None and phase in (
+            if not self._in and not self._skip and self._pending is None and phase in (
                     Phase.TRANSMISSION, Phase.OPTIONS):
                 return Disconnect("client closed the connection")
             where = "a request" if phase is Phase.TRANSMISSION else "the handshake"
@@ -555,14 +598,14 @@ class ServerConnection:
 
     # ---- transmission ---------------------------------------------------------------------
     def _request(self) -> Event | _NeedData | None:
-        if self._payload is not None:
-            assert self._pending is not None
-            if self._payload_have < len(self._payload):
+        if self._pending is not None:
+            if self._payload is None or self._payload_have < len(self._payload):
                 return self._need()
             flags, kind, cookie, offset, length = self._pending
             data: bytes | bytearray = self._payload
             self._payload, self._pending, self._payload_have = None, None, 0
-            return self._checked(flags, kind, cookie, offset, length, data)
+            self._payload_len = 0
+            return Command(cookie, kind, flags, offset, length, data)
         if len(self._in) < _REQUEST.size:
             return self._need()
         magic, flags, kind, cookie, offset, length = _REQUEST.unpack_from(self._in)
@@ -571,27 +614,33 @@ class ServerConnection:
             raise RemoteProtocolError(f"bad request magic {magic:#x}")
         exp = self.export
         assert exp is not None
-        if kind == CMD_WRITE:
+        if kind != CMD_WRITE:
+            del self._in[:_REQUEST.size]
+            return self._checked(flags, kind, cookie, offset, length, b"")
+        # P1: the header is judged before any memory is set aside for its payload.
+        why = self._invalid(exp, kind, flags, offset, length)
+        if why is not None:
+            code, message = why
             if length > HARD_PAYLOAD_LIMIT:
-                self._out += self._error_reply(cookie, NBD_EINVAL,
-                                               f"write of {length} bytes is too large")
+                self._out += self._error_reply(cookie, code, message)
                 self.phase = Phase.CLOSED
                 raise RemoteProtocolError(f"write claims {length} bytes")
-            if len(self._in) < _REQUEST.size + length:
-                if length >= DIRECT_PAYLOAD:
-                    have = len(self._in) - _REQUEST.size
-                    self._payload = bytearray(length)
-                    self._payload[:have] = memoryview(self._in)[_REQUEST.size:]
-                    self._payload_have = have
-                    self._pending = (flags, kind, cookie, offset, length)
-                    del self._in[:]
-                return self._need()
+            # Skip the payload unread, then answer (the client may still be sending it).
+            del self._in[:_REQUEST.size]
+            self._skip = length
+            self._skip_reply = self._error_reply(cookie, code, message)
+            return None
+        if len(self._in) >= _REQUEST.size + length:
             data = bytes(memoryview(self._in)[_REQUEST.size:_REQUEST.size + length])
             del self._in[:_REQUEST.size + length]
-        else:
-            data = b""
-            del self._in[:_REQUEST.size]
-        return self._checked(flags, kind, cookie, offset, length, data)
+            return Command(cookie, kind, flags, offset, length, data)
+        if length < DIRECT_PAYLOAD:
+            return self._need()
+        # P2: a large payload gets its own buffer when the transport asks for it.
+        del self._in[:_REQUEST.size]
+        self._pending = (flags, kind, cookie, offset, length)
+        self._payload_len = length
+        return self._need()
 
     def _checked(self, flags: int, kind: int, cookie: int, offset: int, length: int,
                  data: bytes | bytearray) -> Event | None:

@@ -4,6 +4,21 @@ Everything protocol-shaped lives in ``nbd.proto``; this module only moves bytes,
 and executes validated commands concurrently (replies may go out of order, as the spec
 allows), with at most ``max_inflight`` requests per connection in flight: when that many
 are running, the connection stops reading (backpressure).
+
+Hostile peers (issue 20 item 6; docs/CONFIG.md states the bounds):
+S1. Payload memory is reserved (``nbd.limits``) before it is allocated: a large write's
+    buffer once its first payload byte is readable (proto P2), a read's length before it
+    runs, a small write's payload (already received, at most one receive) before it runs;
+    each is given back when its reply is queued within the reply-queue limit. So one
+    connection holds at most ``connection_memory`` of payload and all of them together at
+    most ``memory``; over that, a connection stops reading until memory is free.
+S2. A connection not through the handshake within ``handshake_timeout`` seconds, or that
+    starts a request (header, payload, a refused payload being skipped) and does not
+    finish it within ``payload_timeout`` seconds (time spent waiting for memory not
+    counted), is dropped. A connection idle between requests is never timed out.
+S3. At most ``max_connections`` connections are served; one more is closed at once.
+S4. An unexpected error in one request answers that request with EIO; an unexpected error
+    in a connection ends that connection only. Neither reaches the listener.
 """
 
 from __future__ import annotations
@@ -19,6 +34,7 @@ import trio
 
 from nbd import proto
 from nbd.exports import VolumeCatalog
+from nbd.limits import MemoryBudget, Reservation
 from volumes import StorageError, Volume
 
 log = logging.getLogger(__name__)
@@ -37,6 +53,8 @@ class ServerStatistics:
     commands: dict[str, int] = field(default_factory=dict)
     errors: int = 0
     in_flight: int = 0
+    timeouts: int = 0                  # connections dropped by a handshake/payload timeout
+    memory: int = 0                    # payload bytes reserved now (S1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +65,11 @@ class NBDConfig:
     tls_context: ssl.SSLContext | None = None
     allow: tuple[Network, ...] = ()    # empty: everyone
     max_inflight: int = 64
+    max_connections: int = 256         # S3
+    handshake_timeout: float = 30.0    # S2
+    payload_timeout: float = 60.0      # S2
+    memory: int = 512 << 20            # payload bytes, all connections (S1)
+    connection_memory: int = 64 << 20  # payload bytes, one connection (S1)
 
 
 def tls_server_context(cert: str, key: str) -> ssl.SSLContext:
@@ -63,6 +86,8 @@ class NBDServer:
         self.catalog = catalog
         self.config = config
         self.stats = ServerStatistics()
+        self.memory = MemoryBudget(config.memory)
+        self._last_refusal = -1e9
         self._readers: set[trio.CancelScope] = set()
         self._draining = False
         self._idle = trio.Event()   # set when draining and every connection has answered
@@ -107,6 +132,15 @@ class NBDServer:
         if self._draining:
             await stream.aclose()
             return
+        if self.stats.active >= self.config.max_connections:       # S3
+            self.stats.refused += 1
+            now = trio.current_time()
+            if now - self._last_refusal >= 10:
+                self._last_refusal = now
+                log.warning("NBD: refused connection from %s: %d connections already "
+                            "(nbd.max_connections)", _peer(stream), self.stats.active)
+            await stream.aclose()
+            return
         if not self._allowed(stream):
             self.stats.refused += 1
             log.warning("NBD: refused connection from %s (not in the allow list)",
@@ -127,7 +161,10 @@ class NBDServer:
         except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError,
                 ConnectionError) as e:
             log.info("NBD %s: connection lost: %s", peer, e)
+        except Exception:                                         # S4
+            log.exception("NBD %s: unexpected error, closing the connection", peer)
         finally:
+            client.release()
             self.stats.active -= 1
             with trio.move_on_after(5):
                 await client.stream.aclose()
@@ -151,6 +188,9 @@ class _Client:
         self.volume: Volume | None = None
         self._send_lock = trio.Lock()
         self._slots = trio.Semaphore(server.config.max_inflight)
+        self._memory = Reservation(MemoryBudget(server.config.connection_memory),
+                                   server.memory)
+        self._reserved = 0          # for the large write payload being received (S1)
         # Transmission replies are queued and sent by one writer task, which joins all
         # that is queued into one send (one syscall for many small replies).
         self._queue: list[proto.Data] = []
@@ -161,6 +201,20 @@ class _Client:
         self._stopping = False      # the writer ends once the queue is empty
         self._broken = False
         self._failure: BaseException | None = None
+
+    def release(self) -> None:
+        """Give back what the payload being received held (the connection ended)."""
+        self._give(self._reserved)
+        self._reserved = 0
+
+    async def _take(self, n: int) -> None:
+        await self._memory.take(n)
+        self.server.stats.memory += n
+
+    def _give(self, n: int) -> None:
+        if n:
+            self._memory.give(n)
+            self.server.stats.memory -= n
 
     async def send_pending(self) -> None:
         data = self.conn.data_to_send()
@@ -193,7 +247,17 @@ class _Client:
                     data = queue[0] if len(queue) == 1 else b"".join(queue)
                     self._queue = []
                     self._queued = 0
-                    await self.stream.send_all(data)
+                    with trio.move_on_after(self.server.config.payload_timeout) as sending:
+                        await self.stream.send_all(data)
+                    if sending.cancelled_caught:
+                        # A peer that stops reading its replies would hold their memory
+                        # (S1) for good: it is dropped like one that stops sending (S2).
+                        self.server.stats.timeouts += 1
+                        log.info("NBD %s: replies not taken within %gs "
+                                 "(nbd.payload_timeout): closing", self.peer,
+                                 self.server.config.payload_timeout)
+                        await trio.aclose_forcefully(self.stream)
+                        raise trio.ClosedResourceError("the peer stopped reading")
                 self._drained.set()
                 self._drained = trio.Event()
                 if self._stopping:
@@ -218,8 +282,19 @@ class _Client:
         self.conn.receive_data(data)
 
     async def run(self) -> None:
+        with trio.move_on_after(self.server.config.handshake_timeout) as handshake:
+            if not await self._handshake():
+                return
+        if handshake.cancelled_caught:                            # S2
+            self.server.stats.timeouts += 1
+            log.info("NBD %s: handshake not done within %gs (nbd.handshake_timeout): "
+                     "closing", self.peer, self.server.config.handshake_timeout)
+            return
+        await self._transmit()
+
+    async def _handshake(self) -> bool:
+        """The handshake, up to the selection of an export: True if it was selected."""
         await self._send([])
-        # Handshake.
         while True:
             ev = self.conn.next_event()
             if ev is proto.NEED_DATA:
@@ -236,15 +311,17 @@ class _Client:
                 log.debug("NBD %s: TLS established", self.peer)
             elif isinstance(ev, proto.Disconnect):
                 await self._send([])
-                return
+                return False
             elif isinstance(ev, proto.Transmission):
                 await self._send([])
                 self.volume = self.server.catalog.volume(ev.export.name)
                 if self.volume is None:  # deleted between lookup and now
-                    return
+                    return False
                 log.info("NBD %s: serving %s (structured replies %s)", self.peer,
                          ev.export.name, "on" if ev.structured else "off")
-                break
+                return True
+
+    async def _transmit(self) -> None:
         # Transmission: read requests, run them concurrently, reply as they finish.
         # Errors are caught inside the nursery so they do not arrive as exception groups.
         # The reading side runs in its own cancel scope, so that a draining server can
@@ -277,6 +354,8 @@ class _Client:
 
     async def _transmission(self, reader: trio.CancelScope) -> None:
         failure: BaseException | None = None
+        timeout = self.server.config.payload_timeout
+        deadline: float | None = None       # for the request begun (S2)
         async with trio.open_nursery() as nursery:
             with reader:
                 while True:
@@ -284,24 +363,76 @@ class _Client:
                         ev = self.conn.next_event()
                         if ev is proto.NEED_DATA:
                             await self._send([])
-                            await self._receive()
-                            continue
+                            if not self.conn.in_request:
+                                deadline = None
+                                await self._receive()
+                                continue
+                            if deadline is None:
+                                deadline = trio.current_time() + timeout
+                            if self._reserved == 0 and self.conn.payload_wanted:
+                                if not await self._reserve_payload(deadline):
+                                    raise proto.RemoteProtocolError(
+                                        f"no write payload within {timeout:g}s "
+                                        f"(nbd.payload_timeout)")
+                                deadline = trio.current_time() + timeout
+                            with trio.move_on_at(deadline):
+                                await self._receive()
+                                continue
+                            raise proto.RemoteProtocolError(
+                                f"request not complete within {timeout:g}s "
+                                f"(nbd.payload_timeout)")
                     except (proto.RemoteProtocolError, trio.BrokenResourceError,
                             trio.ClosedResourceError, ssl.SSLError,
                             ConnectionError) as e:
+                        if "nbd.payload_timeout" in str(e):
+                            self.server.stats.timeouts += 1
                         failure = e
                         break
+                    deadline = None
                     if isinstance(ev, proto.Command):
-                        if ev.kind == proto.CMD_READ and self._read_at_once(ev):
-                            continue
-                        if ev.kind == proto.CMD_WRITE and self._write_at_once(ev):
-                            continue
-                        await self._slots.acquire()
-                        nursery.start_soon(self._execute, ev)
+                        # S1: what the request holds: its payload (reserved while it was
+                        # received, for a large write) or the read's reply.
+                        held, self._reserved = self._reserved, 0
+                        if ev.kind == proto.CMD_READ:
+                            if self._read_at_once(ev):
+                                continue
+                            cost = ev.length
+                        elif ev.kind == proto.CMD_WRITE:
+                            if self._write_at_once(ev):
+                                self._give(held)
+                                continue
+                            cost = len(ev.data)
+                        else:
+                            cost = 0
+                        try:
+                            if cost > held:
+                                await self._take(cost - held)
+                            else:
+                                self._give(held - cost)
+                            held = cost
+                            await self._slots.acquire()
+                        except BaseException:
+                            self._give(held)
+                            raise
+                        nursery.start_soon(self._execute, ev, cost)
                     elif isinstance(ev, proto.Disconnect):
                         break
             # Spec: on disconnect, finish what is in flight (the nursery waits).
         self._failure = failure
+
+    async def _reserve_payload(self, deadline: float) -> bool:
+        """Reserve the memory of the write payload whose header came in (S1), once its
+        first byte is readable (a header with no payload costs nothing); False if that
+        byte does not come by ``deadline``."""
+        if isinstance(self.stream, trio.SocketStream):
+            with trio.move_on_at(deadline):
+                await trio.lowlevel.wait_readable(self.stream.socket)
+            if trio.current_time() >= deadline:
+                return False
+        n = self.conn.payload_wanted
+        await self._take(n)
+        self._reserved = n
+        return True
 
     def _read_at_once(self, cmd: proto.Command) -> bool:
         """Answer a read whose blocks are buffered or cached without a task: queue the
@@ -351,7 +482,7 @@ class _Client:
         self._queued += sum(len(p) for p in parts)
         self._wakeup.set()
 
-    async def _execute(self, cmd: proto.Command) -> None:
+    async def _execute(self, cmd: proto.Command, cost: int) -> None:
         vol = self.volume
         assert vol is not None
         stats = self.server.stats
@@ -365,6 +496,12 @@ class _Client:
                 log.info("NBD %s: %s %d+%d failed: %s", self.peer, cmd.name, cmd.offset,
                          cmd.length, e)
                 reply = [self.conn.reply_error(cmd, proto.nbd_error(e.errno), str(e))]
+            except Exception as e:                                # S4
+                stats.errors += 1
+                log.exception("NBD %s: %s %d+%d failed unexpectedly", self.peer, cmd.name,
+                              cmd.offset, cmd.length)
+                reply = [self.conn.reply_error(cmd, proto.NBD_EIO,
+                                               f"internal error: {type(e).__name__}")]
             # If the client is gone, the reader sees it and ends the connection.
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
                                      ssl.SSLError, ConnectionError):
@@ -372,6 +509,7 @@ class _Client:
         finally:
             stats.in_flight -= 1
             self._slots.release()
+            self._give(cost)
 
     async def _dispatch(self, vol: Volume, cmd: proto.Command) -> list[proto.Data]:
         conn = self.conn

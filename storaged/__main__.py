@@ -18,6 +18,7 @@ import trio
 from pool.errors import StorageError
 from storaged import daemon
 from storaged.config import Config, load, validate
+from storaged.startup import lock_state_dir
 from storaged.tuning import tune_process
 
 
@@ -52,11 +53,16 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Start-up failures (bad config, state directory in use, an address in use) are one
+    line on stderr and exit code 1, before any pool is touched where they can be found
+    first (storaged.startup D1-D3)."""
     try:
         _args, cfg = parse_args(argv)
+        lock = lock_state_dir(cfg.state_dir)        # D1: before anything is imported
+        daemon.preflight(cfg)
     except StorageError as e:
         print(f"storaged: {e.message}", file=sys.stderr)
-        return 2
+        return 1
     # journald-friendly: no timestamps (journald adds them), level and logger name.
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="<%(levelno)s>%(levelname)s %(name)s: %(message)s"
@@ -64,10 +70,32 @@ def main(argv: list[str] | None = None) -> int:
     tune_process()
     try:
         trio.run(daemon.run, cfg)
-    except StorageError as e:
-        logging.getLogger("storaged").error("%s", e.message)
+    except (StorageError, BaseExceptionGroup) as e:
+        errors = _storage_errors(e)
+        if errors is None:
+            raise
+        for err in errors:
+            print(f"storaged: {err.message}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        os.close(lock)
     return 0
+
+
+def _storage_errors(e: BaseException) -> list[StorageError] | None:
+    """The StorageErrors an exception (group) consists of; None if anything else is in it
+    (a bug: that keeps its traceback)."""
+    if isinstance(e, StorageError):
+        return [e]
+    if isinstance(e, BaseExceptionGroup):
+        out: list[StorageError] = []
+        for sub in e.exceptions:
+            got = _storage_errors(sub)
+            if got is None:
+                return None
+            out += got
+        return out
+    return None
 
 
 def _under_journald() -> bool:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from iscsi.targets import DEFAULT_BASE_IQN, check_base_iqn
+from nbd.proto import MAX_PAYLOAD
 from storaged.client import DEFAULT_SOCKET
 from volumes import InvalidArgument
 
@@ -31,10 +32,19 @@ class Config:
     nbd_tls_key: str | None = None
     nbd_allow: tuple[str, ...] = ()               # CIDR networks; empty: everyone
     nbd_max_inflight: int = 64
+    nbd_max_connections: int = 256                # more are closed at once
+    nbd_handshake_timeout: float = 30.0           # seconds from connect to an export
+    nbd_payload_timeout: float = 60.0             # seconds to finish a request begun
+    nbd_memory: int = 512 << 20                   # payload bytes held, all connections
+    nbd_connection_memory: int = 64 << 20         # ... one connection
+    nbd_allow_insecure: bool = False              # plain NBD open to a non-loopback net
     metrics_listen: str | None = DEFAULT_METRICS  # None: metrics off
     iscsi_listen: str | None = DEFAULT_ISCSI      # None: iSCSI off
     iscsi_base_iqn: str = DEFAULT_BASE_IQN        # target names: BASE:POOL:VOLUME
     iscsi_default_acl: str = "open"               # volumes without a policy: open|closed
+    iscsi_allow_insecure: bool = False            # open volumes on a non-loopback portal
+    iscsi_max_connections: int = 256              # more are closed at once
+    iscsi_login_timeout: float = 30.0             # seconds from connect to logged in
     demo: bool = False                            # create a demo pool if there is none
     full_warning: float = 0.8                     # used fraction that raises a warning
     discard: bool = True                          # discard freed extents on the devices
@@ -55,6 +65,17 @@ class Config:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a listen address reaches this machine only (a name other than localhost is
+    taken as reaching further: it is not resolved here)."""
+    if host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def parse_address(text: str, what: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -69,6 +90,14 @@ _KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "nbd.tls": ("nbd_tls", str), "nbd.tls_cert": ("nbd_tls_cert", str),
     "nbd.tls_key": ("nbd_tls_key", str), "nbd.allow": ("nbd_allow", list),
     "nbd.max_inflight": ("nbd_max_inflight", int), "metrics.listen": ("metrics_listen", str),
+    "nbd.max_connections": ("nbd_max_connections", int),
+    "nbd.handshake_timeout": ("nbd_handshake_timeout", float),
+    "nbd.payload_timeout": ("nbd_payload_timeout", float),
+    "nbd.memory": ("nbd_memory", int), "nbd.connection_memory": ("nbd_connection_memory", int),
+    "nbd.allow_insecure": ("nbd_allow_insecure", bool),
+    "iscsi.allow_insecure": ("iscsi_allow_insecure", bool),
+    "iscsi.max_connections": ("iscsi_max_connections", int),
+    "iscsi.login_timeout": ("iscsi_login_timeout", float),
     "demo": ("demo", bool), "full_warning": ("full_warning", (float, int)),
     "discard": ("discard", bool),
     "faults.threshold": ("fault_threshold", int), "faults.scrub_rate": ("scrub_rate", int),
@@ -174,6 +203,22 @@ def validate(cfg: Config) -> Config:
                               f"{cfg.write_timeout!r}")
     if not 1 <= cfg.nbd_max_inflight <= 4096:
         raise InvalidArgument("nbd.max_inflight must be between 1 and 4096")
+    for key, count in (("nbd.max_connections", cfg.nbd_max_connections),
+                       ("iscsi.max_connections", cfg.iscsi_max_connections)):
+        if not 1 <= count <= 65536:
+            raise InvalidArgument(f"{key} must be between 1 and 65536, not {count!r}")
+    for key, secs in (("nbd.handshake_timeout", cfg.nbd_handshake_timeout),
+                      ("nbd.payload_timeout", cfg.nbd_payload_timeout),
+                      ("iscsi.login_timeout", cfg.iscsi_login_timeout)):
+        if not 0 < secs <= 3600:
+            raise InvalidArgument(f"{key} must be seconds in (0, 3600], not {secs!r}")
+    if cfg.nbd_connection_memory < MAX_PAYLOAD:
+        raise InvalidArgument(f"nbd.connection_memory must be at least the maximum payload "
+                              f"({MAX_PAYLOAD} bytes), not {cfg.nbd_connection_memory!r}")
+    if cfg.nbd_memory < cfg.nbd_connection_memory:
+        raise InvalidArgument(f"nbd.memory must be at least nbd.connection_memory "
+                              f"({cfg.nbd_connection_memory} bytes), not {cfg.nbd_memory!r}")
+    _refuse_insecure(cfg)
     if cfg.fuse_mount is not None and not cfg.fuse_mount:
         raise InvalidArgument("fuse.mount must be a directory path or 'off'")
     if not 0 <= cfg.fuse_mode <= 0o777:
@@ -183,3 +228,23 @@ def validate(cfg: Config) -> Config:
         if ident is not None and not 0 <= ident < 2**32 - 1:
             raise InvalidArgument(f"{key} must be a user/group id, not {ident!r}")
     return cfg
+
+
+def _refuse_insecure(cfg: Config) -> None:
+    """A listener reachable from other machines needs a way to keep strangers out, or the
+    operator's explicit word that it may go without (invariant 9)."""
+    if cfg.nbd_listen is not None and not cfg.nbd_allow_insecure:
+        host, _port = parse_address(cfg.nbd_listen, "nbd.listen")
+        if not is_loopback(host) and cfg.nbd_tls != "require" and not cfg.nbd_allow:
+            raise InvalidArgument(
+                f"nbd.listen {cfg.nbd_listen} is not a loopback address and has neither "
+                f"nbd.tls = \"require\" nor an nbd.allow list: set nbd.allow_insecure = "
+                f"true to serve every volume to anyone who can reach it")
+    if cfg.iscsi_listen is not None and not cfg.iscsi_allow_insecure:
+        host, _port = parse_address(cfg.iscsi_listen, "iscsi.listen")
+        if not is_loopback(host) and cfg.iscsi_default_acl != "closed":
+            raise InvalidArgument(
+                f"iscsi.listen {cfg.iscsi_listen} is not a loopback address and "
+                f"iscsi.default_acl is open (every initiator, no CHAP): set "
+                f"iscsi.default_acl = \"closed\" (volumes then need an ACL with initiators "
+                f"or CHAP) or iscsi.allow_insecure = true")

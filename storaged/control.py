@@ -21,6 +21,17 @@ Two methods carry a binary stream (docs/STREAM.md), in one of two ways:
 
 The socket is created mode 0660; a client whose peer credentials are neither root, the
 daemon's own user, nor a member of the socket's group is refused.
+
+Robustness (issue 20 item 7):
+C1. A request line is at most MAX_REQUEST bytes, and once its first byte is in it must be
+    whole within REQUEST_TIMEOUT seconds; a connection idle between requests is closed
+    after IDLE_TIMEOUT seconds. Either way the client gets an error line first.
+C2. At most MAX_CONNECTIONS control connections are served at once; one more gets an
+    error line and is closed.
+C3. Whatever one request raises (malformed or deeply nested JSON, a bug in a method)
+    answers that request with an error line; nothing a client sends ends the daemon.
+C4. The socket path is never unlinked while another daemon answers on it
+    (storaged.startup D2), and on exit only if it is still this daemon's socket.
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ from pool.device import advance
 from pool.errors import InvalidArgument, NoSpace, StorageError
 from storaged.api import ControlAPI
 from storaged.client import FRAME_HEAD, MAX_FRAME, Buffer, widen
+from storaged.startup import StartupError, socket_is_live
 from volumes import portable
 from volumes.stream import StreamError
 
@@ -53,6 +65,9 @@ log = logging.getLogger(__name__)
 _INT = array.array("i")
 T = TypeVar("T")
 MAX_REQUEST = 1 << 20
+REQUEST_TIMEOUT = 30.0           # seconds for a request line, once begun (C1)
+IDLE_TIMEOUT = 3600.0            # seconds a connection may wait between requests (C1)
+MAX_CONNECTIONS = 64             # control connections served at once (C2)
 MAX_FDS = 4                      # descriptors taken with one receive (more are closed)
 PROGRESS_EVERY = 0.25            # seconds between progress lines of a descriptor transfer
 
@@ -179,18 +194,24 @@ class ControlServer:
     def __init__(self, api: ControlAPI, path: str) -> None:
         self.api = api
         self.path = path
+        self.connections = 0
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:
         path = trio.Path(self.path)
         await path.parent.mkdir(parents=True, exist_ok=True)
         if await path.exists():
-            await path.unlink()  # a stale socket of a dead daemon (the pid lock is ours)
+            if await trio.to_thread.run_sync(socket_is_live, self.path):
+                raise StartupError(f"socket {self.path} is served by another running "
+                                   f"storaged; stop it first, or give this one another "
+                                   f"--socket")                            # C4
+            await path.unlink()  # a stale socket of a dead daemon
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         await sock.bind(self.path)
         await path.chmod(0o660)
         sock.listen(64)
-        gid = (await path.stat()).st_gid
+        st = await path.stat()
+        gid = st.st_gid
         listener = trio.SocketListener(sock)
         log.info("control API on %s", self.path)
         task_status.started()
@@ -200,10 +221,32 @@ class ControlServer:
         try:
             await trio.serve_listeners(handler, [listener])
         finally:
-            with trio.CancelScope(shield=True):
-                await path.unlink(missing_ok=True)
+            with trio.CancelScope(shield=True), contextlib.suppress(OSError):
+                now = await path.stat()
+                if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):     # C4
+                    await path.unlink()
 
     async def _client(self, stream: trio.SocketStream, gid: int) -> None:
+        if self.connections >= MAX_CONNECTIONS:                                 # C2
+            log.warning("control API: %d connections already: refusing one more",
+                        self.connections)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
+                                     OSError), trio.move_on_after(1):
+                await _send(stream, _error(f"too many control connections (at most "
+                                           f"{MAX_CONNECTIONS})", errno.EBUSY, "Busy"))
+            await stream.aclose()
+            return
+        self.connections += 1
+        try:
+            await self._serve_client(stream, gid)
+        except Exception:                                                       # C3
+            log.exception("control API: unexpected error; closing that connection")
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+        finally:
+            self.connections -= 1
+
+    async def _serve_client(self, stream: trio.SocketStream, gid: int) -> None:
         ok, who = _peer_allowed(stream.socket, gid)
         if not ok:
             log.warning("control API: refused %s (not root, not the daemon's user, not in "
@@ -216,14 +259,28 @@ class ControlServer:
         widen(stream.socket)
         try:
             while True:
+                # C1: an idle connection waits up to IDLE_TIMEOUT for a request to begin,
+                # a begun one up to REQUEST_TIMEOUT for its end.
+                deadline = trio.current_time() + (REQUEST_TIMEOUT if conn.buf
+                                                  else IDLE_TIMEOUT)
                 while (line := conn.take_line()) is None:
                     if len(conn.buf) > MAX_REQUEST:
-                        await _send(stream, {"error": {"message": "request too large",
-                                                       "errno": 7,
-                                                       "kind": "InvalidArgument"}})
+                        await _send(stream, _error(f"request too large (more than "
+                                                   f"{MAX_REQUEST} bytes)", errno.E2BIG,
+                                                   "InvalidArgument"))
                         return
-                    if not await conn.fill():
+                    began = bool(conn.buf)
+                    with trio.move_on_at(deadline) as waiting:
+                        if not await conn.fill():
+                            return
+                    if waiting.cancelled_caught:
+                        what = "request not complete" if conn.buf else "no request"
+                        await _send(stream, _error(
+                            f"{what} within {REQUEST_TIMEOUT if conn.buf else IDLE_TIMEOUT:g}"
+                            f"s: closing", errno.ETIMEDOUT, "TimedOut"))
                         return
+                    if not began and conn.buf:
+                        deadline = trio.current_time() + REQUEST_TIMEOUT
                 await self._request(conn, line)
         except (trio.BrokenResourceError, trio.ClosedResourceError, ValueError):
             return
@@ -237,6 +294,10 @@ class ControlServer:
             req = json.loads(line)
             if not isinstance(req, dict) or not isinstance(req.get("method"), str):
                 raise ValueError("expected {\"method\": ..., \"params\": {...}}")
+        except RecursionError:                                                  # C3
+            await _send(stream, _error("malformed request: JSON nested too deeply",
+                                       errno.EINVAL, "InvalidArgument"))
+            return
         except ValueError as e:
             await _send(stream, {"error": {"message": f"malformed request: {e}",
                                            "errno": 22, "kind": "InvalidArgument"}})
@@ -271,6 +332,14 @@ class ControlServer:
         except StorageError as e:
             await _send(stream, {"error": {"message": e.message, "errno": e.errno,
                                            "kind": type(e).__name__}})
+            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise                                   # the client went away: nobody to answer
+        except Exception as e:                                                  # C3
+            log.exception("control API: %s failed unexpectedly", method)
+            await _send(stream, _error(f"{method} failed: internal error "
+                                       f"({type(e).__name__}: {e})"[:500], errno.EIO,
+                                       "InternalError"))
             return
         await _send(stream, {"result": result})
 
@@ -379,6 +448,10 @@ class ControlServer:
         if rx.done is not None:
             return {**rx.done, "volume": params["name"]}
         raise InvalidArgument(await rx.abort(why[0], interrupted=True))
+
+
+def _error(message: str, code: int, kind: str) -> dict[str, Any]:
+    return {"error": {"message": message, "errno": code, "kind": kind}}
 
 
 async def _send(stream: trio.SocketStream, obj: Any) -> None:

@@ -10,7 +10,9 @@ import logging
 import os
 import signal
 import socket
+import ssl
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import trio
 
@@ -30,6 +32,7 @@ from storaged.control import ControlServer
 from storaged.iscsi_acl import AccessStore
 from storaged.metrics import MetricsServer
 from storaged.registry import PoolEntry, Registry
+from storaged.startup import StartupError, check_control_socket, check_listen, listen_error
 from volumes import VolumeManager
 from volumes import volume as volume_module
 
@@ -183,6 +186,26 @@ async def _maintain_pool(registry: Registry, entry: PoolEntry, cfg: Config,
         await trio.sleep(period)
 
 
+def preflight(cfg: Config) -> None:
+    """Refuse now what would fail start-up later, before any pool is imported (D2, D3):
+    a control socket another daemon serves, an address that cannot be listened on."""
+    check_control_socket(cfg.socket)
+    for key, text in (("nbd.listen", cfg.nbd_listen), ("iscsi.listen", cfg.iscsi_listen),
+                      ("metrics.listen", cfg.metrics_listen)):
+        if text is not None:
+            check_listen(key, *parse_address(text, key))
+
+
+async def _start_listener(nursery: trio.Nursery, key: str, address: str | None,
+                          serve: Any, *args: object) -> Any:
+    """``nursery.start(serve, *args)``; an address that cannot be listened on is one line
+    naming the config key (D3)."""
+    try:
+        return await nursery.start(serve, *args)
+    except OSError as e:
+        raise listen_error(key, address or "?", e) from None
+
+
 async def run(cfg: Config, *, ready: trio.Event | None = None) -> None:
     records.READ_TIMEOUT = cfg.read_timeout
     records.WRITE_TIMEOUT = cfg.write_timeout
@@ -199,14 +222,24 @@ async def run(cfg: Config, *, ready: trio.Event | None = None) -> None:
     nbd_addr: tuple[str, int] | None = None
     if cfg.nbd_listen is not None:
         host, port = parse_address(cfg.nbd_listen, "nbd.listen")
-        tls_ctx = (tls_server_context(cfg.nbd_tls_cert, cfg.nbd_tls_key)
-                   if cfg.nbd_tls != "off" and cfg.nbd_tls_cert and cfg.nbd_tls_key else None)
+        try:
+            tls_ctx = (tls_server_context(cfg.nbd_tls_cert, cfg.nbd_tls_key)
+                       if cfg.nbd_tls != "off" and cfg.nbd_tls_cert and cfg.nbd_tls_key
+                       else None)
+        except (OSError, ssl.SSLError) as e:
+            raise StartupError(f"nbd.tls_cert/nbd.tls_key: cannot load: "
+                               f"{getattr(e, 'strerror', None) or e}") from None
         nbd = NBDServer(VolumeCatalog(_LiveManagers(registry)),
                         NBDConfig(host=host, port=port, tls=proto.TLSMode(cfg.nbd_tls),
                                   tls_context=tls_ctx,
                                   allow=tuple(ipaddress.ip_network(n, strict=False)
                                               for n in cfg.nbd_allow),
-                                  max_inflight=cfg.nbd_max_inflight))
+                                  max_inflight=cfg.nbd_max_inflight,
+                                  max_connections=cfg.nbd_max_connections,
+                                  handshake_timeout=cfg.nbd_handshake_timeout,
+                                  payload_timeout=cfg.nbd_payload_timeout,
+                                  memory=cfg.nbd_memory,
+                                  connection_memory=cfg.nbd_connection_memory))
     acl = AccessStore(cfg.state_dir, default_acl=cfg.iscsi_default_acl)
     await trio.to_thread.run_sync(acl.load)
     iscsi: ISCSIServer | None = None
@@ -215,7 +248,9 @@ async def run(cfg: Config, *, ready: trio.Event | None = None) -> None:
         iscsi = ISCSIServer(TargetCatalog(_LiveManagers(registry), SharedExclusive,
                                           base_iqn=cfg.iscsi_base_iqn,
                                           policies=acl.policy, reservations=acl),
-                            ISCSIConfig(host=ihost, port=iport))
+                            ISCSIConfig(host=ihost, port=iport,
+                                        max_connections=cfg.iscsi_max_connections,
+                                        login_timeout=cfg.iscsi_login_timeout))
     fuse: FuseMount | None = None
     if cfg.fuse_mount is not None:
         fuse = FuseMount(VolumeFS(_LiveManagers(registry), FuseOptions(
@@ -226,17 +261,21 @@ async def run(cfg: Config, *, ready: trio.Event | None = None) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 if nbd is not None:
-                    listeners = await nursery.start(nbd.serve)
+                    listeners = await _start_listener(nursery, "nbd.listen", cfg.nbd_listen,
+                                                      nbd.serve)
                     bound = listeners[0].socket.getsockname()
                     nbd_addr = (bound[0], bound[1])
                 if iscsi is not None:
-                    await nursery.start(iscsi.serve)
+                    await _start_listener(nursery, "iscsi.listen", cfg.iscsi_listen,
+                                          iscsi.serve)
                 api = ControlAPI(registry, nbd, nbd_addr, iscsi=iscsi, acl=acl)
-                await nursery.start(ControlServer(api, cfg.socket).serve)
+                await _start_listener(nursery, "socket", cfg.socket,
+                                      ControlServer(api, cfg.socket).serve)
                 if cfg.metrics_listen is not None:
                     mhost, mport = parse_address(cfg.metrics_listen, "metrics.listen")
-                    await nursery.start(MetricsServer(registry, nbd, iscsi).serve, mhost,
-                                        mport)
+                    await _start_listener(nursery, "metrics.listen", cfg.metrics_listen,
+                                          MetricsServer(registry, nbd, iscsi).serve, mhost,
+                                          mport)
                 if fuse is not None:
                     await nursery.start(fuse.serve)
                 nursery.start_soon(watch_space, registry, cfg.full_warning)
