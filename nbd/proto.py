@@ -315,6 +315,11 @@ class ServerConnection:
         return self._payload_len if self._payload is None else 0
 
     @property
+    def buffered(self) -> int:
+        """Bytes received and not yet parsed (outside of a payload buffer)."""
+        return len(self._in)
+
+    @property
     def in_request(self) -> bool:
         """Part of a request (header, payload, or a refused payload being skipped) has
         arrived and the rest has not: the transport times out a peer that stalls here."""

@@ -424,7 +424,7 @@ class _Client:
         """Reserve the memory of the write payload whose header came in (S1), once its
         first byte is readable (a header with no payload costs nothing); False if that
         byte does not come by ``deadline``."""
-        if isinstance(self.stream, trio.SocketStream):
+        if isinstance(self.stream, trio.SocketStream) and not self.conn.buffered:
             with trio.move_on_at(deadline):
                 await trio.lowlevel.wait_readable(self.stream.socket)
             if trio.current_time() >= deadline:

@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -143,11 +144,13 @@ class Served:
 @asynccontextmanager
 async def serve(managers: Mapping[str, VolumeManager], workdir: Path, *,
                 tls: proto.TLSMode = proto.TLSMode.OFF, tls_context: ssl.SSLContext | None = None,
-                allow: tuple[Network, ...] = ()) -> AsyncIterator[Served]:
-    """An NBDServer for ``managers`` (pool name -> VolumeManager) on an ephemeral port."""
+                allow: tuple[Network, ...] = (), limits: Mapping[str, Any] | None = None
+                ) -> AsyncIterator[Served]:
+    """An NBDServer for ``managers`` (pool name -> VolumeManager) on an ephemeral port
+    (``limits``: more NBDConfig fields, e.g. timeouts)."""
     server = NBDServer(VolumeCatalog(dict(managers)),
                        NBDConfig(host="127.0.0.1", port=0, tls=tls, tls_context=tls_context,
-                                 allow=allow))
+                                 allow=allow, **(limits or {})))
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(server.serve)
         port = listeners[0].socket.getsockname()[1]
@@ -161,7 +164,8 @@ async def serve(managers: Mapping[str, VolumeManager], workdir: Path, *,
 async def served_pool(tmp_path: Path, vols: Mapping[str, int] | None = None, *,
                       tls: proto.TLSMode = proto.TLSMode.OFF,
                       tls_context: ssl.SSLContext | None = None,
-                      allow: tuple[Network, ...] = ()) -> AsyncIterator[Served]:
+                      allow: tuple[Network, ...] = (), limits: Mapping[str, Any] | None = None
+                      ) -> AsyncIterator[Served]:
     """A fresh pool ``tank`` (ec:4+2 on six sparse files) with volumes ``vols`` (name ->
     size), served over NBD; the pool is closed cleanly afterwards."""
     pool = await make_pool(tmp_path / "devs")
@@ -170,7 +174,7 @@ async def served_pool(tmp_path: Path, vols: Mapping[str, int] | None = None, *,
         for name, size in (vols if vols is not None else {"vol": 64 << 20}).items():
             await vm.create(name, size)
         async with serve({POOL: vm}, tmp_path, tls=tls, tls_context=tls_context,
-                         allow=allow) as srv:
+                         allow=allow, limits=limits) as srv:
             yield srv
     finally:
         await pool.close()
