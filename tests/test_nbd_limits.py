@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -200,9 +200,6 @@ async def test_an_unexpected_error_answers_eio_and_the_connection_goes_on(
         r = await c.cmd(proto.CMD_FLUSH, 9)
         assert r.error == 0
         await c.disconnect()
-        with trio.fail_after(5):
-            try:
-                await c.read_to_eof()
-            except PeerClosed:
-                pass
+        with trio.fail_after(5), suppress(PeerClosed):
+            await c.read_to_eof()
         await c.aclose()
