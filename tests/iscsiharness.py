@@ -48,7 +48,9 @@ class Served:
 async def served_pool(where: Path, vols: Mapping[str, int] | None = None, *,
                       policies: Callable[[str], TargetPolicy] | None = None,
                       nop_interval: float = 15.0, profile: str = "plain",
-                      devices: int = 1, device_size: int = 1 << 30) -> AsyncIterator[Served]:
+                      devices: int = 1, device_size: int = 1 << 30,
+                      max_connections: int = 256, login_timeout: float = 30.0
+                      ) -> AsyncIterator[Served]:
     await trio.Path(where).mkdir(parents=True, exist_ok=True)
     devs = [FileDevice(str(where / f"d{i}"), create_size=device_size) for i in range(devices)]
     pool = await Pool.create(POOL, devs, profile=profile, extent_size=4 << 20)
@@ -59,7 +61,9 @@ async def served_pool(where: Path, vols: Mapping[str, int] | None = None, *,
         catalog = TargetCatalog({POOL: vm}, SharedExclusive, base_iqn=BASE,
                                 policies=policies)
         server = ISCSIServer(catalog, ISCSIConfig(host="127.0.0.1", port=0,
-                                                  nop_interval=nop_interval))
+                                                  nop_interval=nop_interval,
+                                                  max_connections=max_connections,
+                                                  login_timeout=login_timeout))
         nbd = NBDServer(VolumeCatalog({POOL: vm}), NBDConfig(host="127.0.0.1", port=0))
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(server.serve)

@@ -8,6 +8,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -196,3 +197,23 @@ async def test_an_initiator_that_never_reads_holds_up_only_itself(tmp_path: Path
             finally:
                 done.set()
         await blocking(lambda: still_serving(srv))
+
+
+async def test_connection_limit_and_login_timeout(tmp_path: Path) -> None:
+    """iscsi/server: with max_connections = 2, a third connection is closed at once; a
+    connection that never logs in is closed after login_timeout; a logged-in session is
+    kept, and a new one is served once there is room."""
+    async with served_pool(tmp_path / "pool", {"vol": 16 << 20}, device_size=256 << 20,
+                           max_connections=2, login_timeout=1.0) as srv:
+        def scenario() -> None:
+            with session(srv, "kept", 1) as kept, \
+                    socket.create_connection((srv.host, srv.port), timeout=10) as mute:
+                with socket.create_connection((srv.host, srv.port), timeout=10) as extra:
+                    assert extra.recv(1) == b""                 # closed at once
+                start = time.monotonic()
+                assert mute.recv(1) == b""                      # closed: never logged in
+                assert 0.9 <= time.monotonic() - start < 5
+                assert kept.scsi(bytes(6)).status == 0          # TEST UNIT READY
+            still_serving(srv)
+        await blocking(scenario)
+        assert srv.server.stats.refused == 1 and srv.server.stats.login_timeouts == 1
