@@ -170,6 +170,10 @@ class NBDServer:
                 await client.stream.aclose()
 
 
+class _TimedOut(proto.RemoteProtocolError):
+    """A request begun was not finished within nbd.payload_timeout (S2)."""
+
+
 def _peer(stream: trio.SocketStream) -> str:
     try:
         host, port = stream.socket.getpeername()[:2]
@@ -371,20 +375,20 @@ class _Client:
                                 deadline = trio.current_time() + timeout
                             if self._reserved == 0 and self.conn.payload_wanted:
                                 if not await self._reserve_payload(deadline):
-                                    raise proto.RemoteProtocolError(
+                                    raise _TimedOut(
                                         f"no write payload within {timeout:g}s "
                                         f"(nbd.payload_timeout)")
                                 deadline = trio.current_time() + timeout
                             with trio.move_on_at(deadline):
                                 await self._receive()
                                 continue
-                            raise proto.RemoteProtocolError(
+                            raise _TimedOut(
                                 f"request not complete within {timeout:g}s "
                                 f"(nbd.payload_timeout)")
                     except (proto.RemoteProtocolError, trio.BrokenResourceError,
                             trio.ClosedResourceError, ssl.SSLError,
                             ConnectionError) as e:
-                        if "nbd.payload_timeout" in str(e):
+                        if isinstance(e, _TimedOut):
                             self.server.stats.timeouts += 1
                         failure = e
                         break
