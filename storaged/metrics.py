@@ -171,7 +171,8 @@ class StoragedCollector(Collector):
                                     "NBD connections accepted")
         total.add_metric([], s.connections)
         refused = CounterMetricFamily("storaged_nbd_connections_refused",
-                                      "NBD connections refused by the allow list")
+                                      "NBD connections refused by the allow list or "
+                                      "nbd.max_connections")
         refused.add_metric([], s.refused)
         errors = CounterMetricFamily("storaged_nbd_protocol_errors",
                                      "NBD connections dropped for protocol errors")
@@ -186,7 +187,14 @@ class StoragedCollector(Collector):
         inflight = GaugeMetricFamily("storaged_nbd_requests_in_flight",
                                      "NBD requests being served now")
         inflight.add_metric([], s.in_flight)
-        return [active, total, refused, errors, cmds, failed, inflight]
+        timeouts = CounterMetricFamily("storaged_nbd_timeouts",
+                                       "NBD connections dropped by nbd.handshake_timeout "
+                                       "or nbd.payload_timeout")
+        timeouts.add_metric([], s.timeouts)
+        memory = GaugeMetricFamily("storaged_nbd_payload_bytes",
+                                   "Request payload bytes the NBD server holds (nbd.memory)")
+        memory.add_metric([], s.memory)
+        return [active, total, refused, errors, cmds, failed, inflight, timeouts, memory]
 
 
 def iscsi_metrics(server: ISCSIServer) -> list[Metric]:

@@ -14,6 +14,7 @@ import socket
 import struct
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,14 @@ def _status(pid: int) -> dict[str, int]:
         if key in ("VmRSS", "VmHWM"):
             out[key] = int(value.split()[0]) * KiB
     return out
+
+
+def _metrics(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return {name: float(value) for name, _sp, value in
+            (line.partition(" ") for line in text.splitlines())
+            if name.startswith("storaged_nbd_") and "{" not in name}
 
 
 def _make_pool(d: Daemon, tmp_path: Path, vols: dict[str, str]) -> list[str]:
@@ -109,7 +118,7 @@ async def test_hundred_hostile_connections_keep_rss_bounded_and_others_served(
     timeout), and nothing was written."""
     cfg = tmp_path / "storaged.toml"
     cfg.write_text("[nbd]\nhandshake_timeout = 3\npayload_timeout = 3\n")
-    d = Daemon(tmp_path, str(tmp_path / "ctl.sock"), _free_port(), 0,
+    d = Daemon(tmp_path, str(tmp_path / "ctl.sock"), _free_port(), _free_port(),
                args=("--config", str(cfg)))
     await trio.to_thread.run_sync(d.start)
     try:
@@ -151,6 +160,12 @@ async def test_hundred_hostile_connections_keep_rss_bounded_and_others_served(
                 if status["nbd"]["connections"] == 0:
                     break
                 await trio.sleep(0.1)
+        metrics = await trio.to_thread.run_sync(_metrics, d.metrics_port)
+        # 50 handshakes and 38 write headers timed out; the 12 1-GiB claims were refused
+        # at once (protocol errors); every reservation was given back.
+        assert metrics["storaged_nbd_timeouts_total"] == 88, metrics
+        assert metrics["storaged_nbd_protocol_errors_total"] == 50, metrics  # 38 + 12
+        assert metrics["storaged_nbd_payload_bytes"] == 0, metrics
         info = await trio.to_thread.run_sync(d.json, "volume", "info", "tank/vol")
         assert isinstance(info, dict) and info["mapped_bytes"] == 0
         await trio.to_thread.run_sync(_deep_check_clean, d)
