@@ -728,9 +728,9 @@ class Volume:
         rollback, receive: rule W5). The buffer is taken once the writeback lock is ours,
         never before: a batch taken earlier could be written over newer blocks that the
         lock's holder writes meanwhile (rule W3). A free lock is taken without yielding,
-        so then the cut is exactly at the call; while it is held, writes acknowledged
-        during the wait may land on either side of ``action`` (invariant 7 allows it).
-        Writes acknowledged after it returns are never seen by ``action``.
+        so then the cut is at the call; while it is held, writes called during the wait
+        may land on either side of ``action`` (invariant 7 allows it). Writes called
+        after it returns are never seen by ``action``.
         ``write_back=False``: only wait for the writeback under way (an action that
         discards the buffer or the volume: rollback, delete)."""
         try:
