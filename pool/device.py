@@ -321,15 +321,13 @@ class FileDevice:
                 size = self._probe_size()
         except (OSError, DeviceError):
             return "its device cannot be examined any more"
-        if not self._is_block and mine.st_nlink == 0:
-            return f"{self._path} was deleted"
         try:
             st = os.stat(self._path)
         except OSError as e:
             return f"{self._path} is gone ({e.strerror})"
         now = (("block", st.st_rdev, 0) if stat.S_ISBLK(st.st_mode)
                else ("file", st.st_dev, st.st_ino))
-        if now != self.identity:
+        if now != self.identity or (not self._is_block and mine.st_nlink == 0):
             return f"{self._path} now leads to another file or device"
         if size < need:
             return f"{self._path} shrank to {size} bytes (the pool uses {need})"
