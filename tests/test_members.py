@@ -120,7 +120,7 @@ async def test_a_damaged_member_is_left_out_and_the_pool_imports_degraded(
     damage, reason = DAMAGE[kind]
     damage(paths[2])
     if kind.startswith("EIO"):
-        real = registry_module.FileDevice
+        real = FileDevice
 
         def opener(path: str, *, create_size: int | None = None) -> Device:
             dev = real(path, create_size=create_size)
