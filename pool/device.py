@@ -315,12 +315,17 @@ class FileDevice:
         (blocking: a stat, an fstat and for a block device an ioctl): its path leads
         nowhere or to another file or device (deleted, replaced), or it is now shorter
         than ``need`` bytes (truncated, a shrunk LUN)."""
+        with self._idle:
+            if self._closed:
+                return None      # closed by the pool: nothing to say about it
         try:
             with self._in_use():
                 mine = os.fstat(self._fd)
                 size = self._probe_size()
-        except (OSError, DeviceError):
-            return "its device cannot be examined any more"
+        except DeviceError:
+            return None          # closed meanwhile
+        except OSError as e:
+            return f"{self._path} cannot be examined any more ({e.strerror})"
         try:
             st = os.stat(self._path)
         except OSError as e:

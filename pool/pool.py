@@ -1572,9 +1572,12 @@ class Pool:
             await self._attach(index, dev, mi)
             self._do(op_json(op="member_state", index=index, state="online"))
             if dev.path != mi.path:
+                self.left_out.pop(mi.path, None)
                 self._do(op_json(op="member_path", index=index, path=dev.path))
             await self._checkpoint_locked()
-        self._parked.pop(index, None)
+        parked = self._parked.pop(index, None)
+        if parked is not None and parked is not dev:
+            await close_devices([parked])
         log.info("pool %s: member %d (%s) online; %d segment(s) to resilver",
                  self.state.name, index, dev.path, len(mi.marks))
 
@@ -1610,6 +1613,7 @@ class Pool:
                                   f"needs at least {mi.size} bytes, it has {dev.size}")
         await _run(_refuse_labelled, [dev])
         old = self.devices[index] or self._parked.get(index)
+        self.left_out.pop(mi.path, None)
         async with self._commit_lock:
             new = MemberInfo(new_uuid(), index, dev.size, mi.n_extents)
             await self._attach(index, dev, new)
@@ -1715,7 +1719,10 @@ class Pool:
 
     async def watch_presence(self) -> None:
         """Fault every member whose device disappeared, shrank or was replaced."""
-        for i, why in (await trio.to_thread.run_sync(self.absent_devices)).items():
+        gone = await trio.to_thread.run_sync(self.absent_devices)
+        if self._closed:
+            return
+        for i, why in gone.items():
             if self.devices[i] is not None:
                 self.fault(i, why)
         if self._pending:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -30,6 +32,7 @@ from pool.layout import LABEL_SIZE, SB_OFFSET, SB_SLOT_SIZE, SB_SLOTS, Label
 from storaged.api import pool_status
 from storaged.registry import PoolEntry, Registry
 from tests.conftest import DiskSet
+from tests.daemonkit import Daemon, _qemu_io
 from tests.poolkit import filled_pool, read_all
 from volumes import VolumeManager
 
@@ -393,3 +396,118 @@ async def test_a_lost_members_last_path_survives_restarts_and_names_it(
         await _assert_intact(entry, data)
     finally:
         await reg.close()
+
+
+# ---- the real daemon ----------------------------------------------------------------------
+
+def _deep_check_clean(daemon: Daemon, name: str) -> None:
+    r = daemon.json("pool", "check", name, "--deep")
+    assert isinstance(r, dict) and r["records"] > 0 and r["fragments_bad"] == 0, r
+    assert all(p.endswith("the pool is degraded") for p in r["problems"]), r
+
+
+def _status(daemon: Daemon, name: str) -> dict[str, Any]:
+    st = daemon.json("pool", "status", name)
+    assert isinstance(st, dict)
+    return st
+
+
+def test_a_bad_member_at_daemon_start_leaves_its_pool_degraded(daemon: Daemon,
+                                                              tmp_path: Path) -> None:
+    """Issue 20 item 4 through the real daemon: four ec:2+1 pools, data written and
+    flushed over NBD, SIGTERM; then one member of each is damaged a different way
+    (truncated to 0, to half, replaced by a directory, superblocks and journal garbled);
+    after the start every pool is degraded (not unavailable), pool status -- JSON and
+    text -- shows the member under its last path and UUID with the reason, every byte
+    reads back over NBD and the deep check finds nothing but the missing member."""
+    kinds = ["truncated to 0", "truncated to half", "a directory",
+             "garbled superblocks and journal"]
+    files = {}
+    for i, _kind in enumerate(kinds):
+        name = f"p{i}"
+        files[name] = [tmp_path / f"{name}m{j}" for j in range(3)]
+        daemon.ok("pool", "create", name, *map(str, files[name]), "--profile", "ec:2+1",
+                  "--file-size", "64M", "--extent-size", "4M")
+        daemon.ok("volume", "create", f"{name}/v", "--size", "4M")
+        _qemu_io(daemon.url(f"{name}/v"), f"write -P {0x31 + i} 0 4M", "flush")
+    uuids = {n: [d["uuid"] for d in _status(daemon, n)["devices"]] for n in files}
+    assert daemon.stop(signal.SIGTERM) == 0
+    for i, kind in enumerate(kinds):
+        DAMAGE[kind][0](files[f"p{i}"][2])
+    daemon.start()
+    for i, kind in enumerate(kinds):
+        name = f"p{i}"
+        st = _status(daemon, name)
+        assert st["state"] == "degraded", st
+        assert [d["path"] for d in st["devices"]] == [str(p) for p in files[name]]
+        assert [d["uuid"] for d in st["devices"]] == uuids[name]
+        row = st["devices"][2]
+        assert row["state"] == "missing" and DAMAGE[kind][1] in row["why"], row
+        text = daemon.ok("pool", "status", name)
+        assert f"member 2 ({files[name][2]}) missing: left out at import" in text, text
+        _qemu_io(daemon.url(f"{name}/v"), f"read -P {0x31 + i} 0 4M")
+        _deep_check_clean(daemon, name)
+    assert "left out of the import" in daemon.log()
+
+
+def test_members_by_identity_shrink_under_the_daemon_and_replace_by_last_path(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """Issue 20 items 4-5 and issue 21 through the real daemon and storagectl:
+    - ``pool create r a.img <symlink to a.img> b.img`` is refused in one line and leaves
+      no file behind;
+    - add-device and replace-device naming a member by a symlink or hard link are refused
+      and change nothing;
+    - a member truncated under the running daemon is faulted within the check interval
+      (2 s) and shows its last path; reads and writes go on over NBD;
+    - replace-device naming it by that path rebuilds it; after a restart the pool is
+      online, the data byte-exact and the deep check clean."""
+    a, b, alias = tmp_path / "a.img", tmp_path / "b.img", tmp_path / "alias.img"
+    alias.symlink_to(a)
+    r = daemon.ctl("pool", "create", "r", str(a), str(alias), str(b), "--profile",
+                   "ec:2+1", "--file-size", "64M")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"{a} and {alias} are the same device" in r.stderr
+    assert not a.exists() and not b.exists()
+    assert daemon.json("pool", "list") == []
+
+    m = [tmp_path / f"m{i}" for i in range(3)]
+    daemon.ok("pool", "create", "tank", *map(str, m), "--profile", "ec:2+1",
+              "--file-size", "64M", "--extent-size", "4M")
+    daemon.ok("volume", "create", "tank/v", "--size", "8M")
+    url = daemon.url("tank/v")
+    _qemu_io(url, "write -P 0x5a 0 8M", "flush")
+    before = _status(daemon, "tank")
+    sym, hard = tmp_path / "sym", tmp_path / "hard"
+    sym.symlink_to(m[0])
+    os.link(m[1], hard)
+    for args, member in ((("add-device", "tank", str(sym)), 0),
+                         (("replace-device", "tank", "2", str(hard)), 1)):
+        r = daemon.ctl("pool", *args)
+        assert r.returncode == 1 and f"same device as member {member}" in r.stderr, r.stderr
+    after = _status(daemon, "tank")
+    assert after["devices"] == before["devices"] and after["state"] == "online"
+    hard.unlink()
+
+    uuid1 = before["devices"][1]["uuid"]
+    os.truncate(m[1], 16 << 20)
+    start = time.monotonic()
+    while _status(daemon, "tank")["devices"][1]["state"] != "faulted":
+        assert time.monotonic() - start < 10, daemon.log()
+        time.sleep(0.1)
+    took = time.monotonic() - start
+    assert took < 4.0, took                     # faults.check_interval is 2 s
+    row = _status(daemon, "tank")["devices"][1]
+    assert (row["path"], row["uuid"]) == (str(m[1]), uuid1) and "shrank" in row["why"]
+    assert f"member 1 ({m[1]}) faulted: " in daemon.ok("pool", "status", "tank")
+    _qemu_io(url, "read -P 0x5a 0 8M", "write -P 0x6b 1M 1M", "flush")
+    daemon.ok("pool", "replace-device", "tank", str(m[1]), str(tmp_path / "new1"),
+              "--file-size", "64M", "--wait")
+    assert daemon.stop(signal.SIGTERM) == 0
+    daemon.start()
+    st = _status(daemon, "tank")
+    assert st["state"] == "online", st
+    assert [d["path"] for d in st["devices"]] == [str(m[0]), str(tmp_path / "new1"),
+                                                  str(m[2])]
+    _qemu_io(url, "read -P 0x5a 0 1M", "read -P 0x6b 1M 1M", "read -P 0x5a 2M 6M")
+    report = daemon.json("pool", "check", "tank", "--deep")
+    assert isinstance(report, dict) and report["ok"] and report["fragments_bad"] == 0
