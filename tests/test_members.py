@@ -327,6 +327,27 @@ async def test_a_member_under_another_path_is_refused_by_add_replace_and_spare(
         await reg.close()
 
 
+async def test_an_import_takes_a_device_named_twice_once(tmp_path: Path) -> None:
+    """Identity invariant 1 at import: ``pool import --device`` given a member and a
+    symlink to it imports the member once (the alias is left out, shown in status), the
+    pool is online, the data byte-exact and the deep check clean."""
+    reg, paths, data, _uuids = await _tank(tmp_path)
+    alias = tmp_path / "alias"
+    alias.symlink_to(paths[0])
+    reg = Registry(str(tmp_path / "state"))
+    await reg.load()
+    await reg.export("tank")
+    entry = await reg.import_pool(None, [str(alias), *map(str, paths)])
+    try:
+        st = pool_status(entry)
+        assert st["state"] == "online"
+        assert st["left_out"] == {str(paths[0]): f"the same device as {alias}"}
+        assert [d["path"] for d in st["devices"]] == [str(alias), *map(str, paths[1:])]
+        await _assert_intact(entry, data)
+    finally:
+        await reg.close()
+
+
 # ---- naming members ---------------------------------------------------------------------
 
 async def _nothing(done: int, total: int) -> None:
