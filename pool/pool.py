@@ -2152,8 +2152,7 @@ def _refuse_same_device(devices: Sequence[Device],
 async def _leave_out_duplicates(devices: list[Device],
                                 left_out: dict[str, str]) -> list[Device]:
     """``devices`` without the second and later paths to one device (closed, recorded)."""
-    keep: list[Device] = []
-    while (dup := identity.first_duplicate([*keep, *devices[len(keep):]])) is not None:
+    while (dup := identity.first_duplicate(devices)) is not None:
         first, again = dup
         left_out[again.path] = f"the same device as {first.path}"
         log.warning("%s is the same device as %s: importing it once", again.path,
