@@ -204,6 +204,7 @@ class VolumeFS(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         # inode -> the openers it is registered with and its opener (while it has handles)
         self._openers: dict[int, tuple[Openers, Opener]] = {}
+        self._revoked: set[int] = set()   # handles revoked by force, until released
         self._next_fh = 1
         self._times: dict[int, Times] = {}
         self._started_ns = time.time_ns()
@@ -459,6 +460,7 @@ class VolumeFS(pyfuse3.Operations):
         gone = [fh for fh, h in self.handles.items() if h.ino == ino]
         for fh in gone:
             del self.handles[fh]
+        self._revoked.update(gone)
         log.info("fuse: revoked %d open handle(s) of inode %d (forced)", len(gone), ino)
         self._track(ino)
         await trio.lowlevel.checkpoint()
@@ -710,7 +712,9 @@ class VolumeFS(pyfuse3.Operations):
     @edge
     async def flush(self, fh: int) -> None:
         # close(2): nothing to do. Durability is fsync's job (a disk's cache, DESIGN §4).
-        self._handle(fh)
+        # A handle revoked by force closes without an error.
+        if fh not in self._revoked:
+            self._handle(fh)
 
     @edge
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -723,6 +727,7 @@ class VolumeFS(pyfuse3.Operations):
 
     @edge
     async def release(self, fh: int) -> None:
+        self._revoked.discard(fh)
         h = self.handles.pop(fh, None)
         if h is not None:
             self._track(h.ino)
