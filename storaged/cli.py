@@ -355,7 +355,8 @@ def _volume_commands(vol: SubParsers) -> None:
                    help="discard an interrupted receive instead")
     c.add_argument("--force", "-F", action="store_true",
                    help="apply an increment even if the volume was written after its base "
-                        "(those writes are discarded)")
+                        "(those writes are discarded) or has clients (they are "
+                        "disconnected)")
     c = vol.add_parser("import", help="create a volume from a disk image (via qemu-img)")
     c.add_argument("name", metavar="POOL/VOL")
     c.add_argument("image")

@@ -36,7 +36,7 @@ from typing import Any
 from pool.errors import AlreadyExists, Busy, InvalidArgument, NotFound
 from pool.maps import MAX_BLOCKS
 from pool.pool import Pool, Profile
-from volumes.openers import Opener, Openers, disconnect_all, in_use, refuse_in_use
+from volumes.openers import Opener, Openers, evict, in_use, refuse_in_use
 from volumes.volume import DEFAULT_BLOCK, Volume, VolumeStatistics, check_block_size
 
 log = logging.getLogger(__name__)
@@ -150,11 +150,10 @@ class VolumeManager:
         """Refuse (Busy) if ``groups`` have clients other than ``ignore``, or with ``force``
         disconnect them; True if it disconnected anyone (the caller then checks again
         what it checked before, openers invariant 3)."""
-        clients = in_use(what, groups, ignore=ignore)
         if not force:
-            refuse_in_use(what, clients, action)
-        await disconnect_all(what, groups, clients)
-        return bool(clients)
+            refuse_in_use(what, in_use(groups, ignore=ignore), action)
+            return False
+        return await evict(what, groups, ignore)
 
     async def rename(self, name: str, new_name: str, *, force: bool = False,
                      ignore: Iterable[Opener] = ()) -> Volume:

@@ -17,10 +17,14 @@ Invariants (tests cite them as "openers N"):
    of it (``VolumeManager.snapshot_volume`` makes a new view per lookup).
 3. A refused operation changes nothing: the in-use check runs after the operation's other
    checks and before any state changes or any client is disconnected.
-4. ``disconnect_all`` returns when every client it disconnected has unregistered, or after
+4. ``evict`` returns when every client it disconnected has unregistered, or after
    ``DISCONNECT_GRACE`` seconds (a peer that stopped reading must not hold the operator's
    command forever); the operation then proceeds, and a straggler's next request fails
    (the volume is gone or was changed under it), never the daemon.
+5. A client that registers while ``evict`` waits (an initiator logging in again at once,
+   as libiscsi does) is disconnected too, for up to ``EVICT_ROUNDS`` rounds; ``evict``
+   returns with no await after its last check, so an operation that acts synchronously
+   after it (delete, rename) acts on a volume with no clients but stragglers.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pool.errors import Busy
 
 log = logging.getLogger(__name__)
 DISCONNECT_GRACE = 10.0   # seconds to wait for forced clients to be gone
+EVICT_ROUNDS = 5          # rounds of disconnecting clients that keep coming back
 
 
 @dataclass(eq=False, slots=True)
@@ -82,7 +87,7 @@ class Openers:
             await self._changed.wait()
 
 
-def in_use(what: str, groups: Iterable[Openers], *,
+def in_use(groups: Iterable[Openers], *,
            ignore: Iterable[Opener] = ()) -> list[Opener]:
     """The clients of ``groups`` other than ``ignore``."""
     skip = set(ignore)
@@ -97,14 +102,28 @@ def refuse_in_use(what: str, clients: list[Opener], action: str) -> None:
                    f"disconnect them or use --force")
 
 
-async def disconnect_all(what: str, groups: Iterable[Openers], clients: list[Opener]
-                         ) -> None:
-    """Disconnect ``clients`` (all at once) and wait until they are gone (invariant 4)."""
+async def evict(what: str, groups: Iterable[Openers], ignore: Iterable[Opener] = ()
+                ) -> bool:
+    """Disconnect every client of ``groups`` but ``ignore``, and those that come back while
+    it waits (invariants 4, 5). True if there were any."""
+    groups = list(groups)
+    skip = set(ignore)
+    clients = in_use(groups, ignore=skip)
     if not clients:
-        return
+        return False
+    for _round in range(EVICT_ROUNDS):
+        await _disconnect_all(what, groups, clients)
+        skip.update(o for g in groups for o in g if o in clients)   # stragglers
+        clients = in_use(groups, ignore=skip)
+        if not clients:
+            break
+    return True
+
+
+async def _disconnect_all(what: str, groups: list[Openers], clients: list[Opener]) -> None:
+    """Disconnect ``clients`` (all at once) and wait until they are gone (invariant 4)."""
     log.warning("%s: disconnecting %d client(s) (forced): %s", what, len(clients),
                 "; ".join(o.describe() for o in clients))
-    groups = list(groups)
     with trio.move_on_after(DISCONNECT_GRACE) as waited:
         async with trio.open_nursery() as nursery:
             for opener in clients:
