@@ -322,7 +322,7 @@ def _volume_commands(vol: SubParsers) -> None:
     c = vol.add_parser("resize")
     c.add_argument("name", metavar="POOL/VOL")
     c.add_argument("--size", required=True,
-                   help="new size (10G), or relative: +10G, --size=-1G")
+                   help="new size (10G), or relative to the current one: +10G, -1G")
     c.add_argument("--allow-shrink", action="store_true",
                    help="allow a smaller size (the data past the new end is discarded)")
     c = vol.add_parser("delete")
@@ -493,9 +493,21 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
     return "status", {}, show_status
 
 
+def _relative_sizes(argv: Sequence[str]) -> list[str]:
+    """``--size -10G`` as ``--size=-10G`` (argparse takes a lone ``-10G`` for an option)."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--size" and arg[:1] == "-" and arg[1:2].isdigit():
+            out[-1] = f"--size={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
+    argv = _relative_sizes(argv)
     args = build_parser(_group_of(argv)).parse_args(argv)
     path = args.socket or default_socket()
     tty = sys.stderr.isatty()

@@ -242,7 +242,7 @@ def test_resize_shrink_needs_allow_shrink_and_sizes_can_be_relative(tank: Daemon
     still reads back), allowed with it; +SIZE grows and -SIZE shrinks relative to now."""
     d = tank
     _qemu_io(d.url("tank/vm1"), "write -P 0x77 12M 4M", "flush")
-    for args in (("--size", "8M"), ("--size=-4M",)):
+    for args in (("--size", "8M"), ("--size", "-4M"), ("--size=-4M",)):
         err = _refused(d, "volume", "resize", "tank/vm1", *args)
         assert "--allow-shrink" in err, err
         assert _info(d, "tank/vm1")["size_bytes"] == 16 * MiB
@@ -254,7 +254,7 @@ def test_resize_shrink_needs_allow_shrink_and_sizes_can_be_relative(tank: Daemon
     assert isinstance(grown, dict) and grown["size_bytes"] == 32 * MiB
     _qemu_io(d.url("tank/vm1"), "read -P 0x77 12M 4M", "read -P 0 16M 16M",
              read_only=True)
-    shrunk = d.json("volume", "resize", "tank/vm1", "--size=-20M", "--allow-shrink")
+    shrunk = d.json("volume", "resize", "tank/vm1", "--size", "-20M", "--allow-shrink")
     assert isinstance(shrunk, dict) and shrunk["size_bytes"] == 12 * MiB
     d.ok("volume", "resize", "tank/vm1", "--size", "16M")   # the discarded tail reads zeros
     _unchanged(d, "tank/vm1", "read -P 0 12M 4M")
