@@ -29,6 +29,7 @@ import trio
 
 from pool.errors import InvalidArgument, NoSpace, NotFound, ReadOnly, StorageError
 from pool.pool import Pool, Profile
+from volumes.openers import Openers
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -155,6 +156,9 @@ class Volume:
         self.profile = Profile.parse(meta["profile"])
         self.compression: bool = meta["compression"]
         self.read_only = False
+        # The frontends' clients of this volume (volumes/openers.py); a snapshot's views
+        # share their snapshot's (the manager sets it).
+        self.openers = Openers()
         # Set by a writer that writes each block once, in one pass (a receive): the buffer
         # then cannot absorb rewrites, so writeback starts at WRITEBACK_MIN and overlaps
         # the rest of the stream instead of waiting for the flush.
