@@ -21,6 +21,12 @@ zero-length *placeholder* (in memory only, not a volume) until it is given a siz
 first write; truncating a volume to 0 deletes the volume and leaves such a placeholder
 (which remembers block size, profile and compression for the volume it becomes).
 
+Open handles are the mount's clients of a volume (volumes/openers.py): while a volume or
+snapshot file has handles open, one opener ("FUSE: N open handles") is registered with it,
+so `volume delete`/`rename`/`snapshot rollback` through the control API are refused
+(EBUSY) while a program has the file open; with --force the handles are revoked (their
+next request answers EBADF) and the file is gone from the mount.
+
 pyfuse3 treats any exception other than ``FUSEError`` as fatal to the mount, so every
 handler goes through ``edge``: storage errors answer their errno, anything else is logged
 and answered EIO.
@@ -33,8 +39,9 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 import pyfuse3
@@ -44,6 +51,8 @@ from volumes import (
     DEFAULT_BLOCK,
     AlreadyExists,
     Busy,
+    Opener,
+    Openers,
     ReadOnly,
     StorageError,
     Volume,
@@ -193,6 +202,9 @@ class VolumeFS(pyfuse3.Operations):
         self.inodes = Inodes()
         self.placeholders: dict[tuple[str, str], Placeholder] = {}
         self.handles: dict[int, Handle] = {}
+        # inode -> the openers it is registered with and its opener (while it has handles)
+        self._openers: dict[int, tuple[Openers, Opener]] = {}
+        self._revoked: set[int] = set()   # handles revoked by force, until released
         self._next_fh = 1
         self._times: dict[int, Times] = {}
         self._started_ns = time.time_ns()
@@ -366,6 +378,14 @@ class VolumeFS(pyfuse3.Operations):
         end must never shrink what another one grew)."""
         if size < 0:
             raise _fail(errno.EINVAL)
+        ino = self._ino(node)
+        try:
+            return await self._resize(node, size, keep=keep, grow_only=grow_only)
+        finally:
+            self._track(ino)   # a placeholder became a volume, or a volume a placeholder
+
+    async def _resize(self, node: Node, size: int, *, keep: int | None,
+                      grow_only: bool) -> Node:
         async with self._namespace:
             node = self._live(node)
             vm = self._manager(node.pool)
@@ -387,10 +407,11 @@ class VolumeFS(pyfuse3.Operations):
                 # refuses while snapshots exist) and a placeholder with its settings stays.
                 self._refuse_if_open(node, keep=keep)
                 ph = Placeholder(vol.block_size, str(vol.profile), vol.compression)
-                await vm.delete(node.name)
+                await vm.delete(node.name, ignore=self._own(node))
                 self.placeholders[(node.pool, node.name)] = ph
                 return Node("placeholder", node.pool, node.name)
-            await vm.resize(node.name, size)
+            # A truncate is as explicit as `volume resize --allow-shrink`.
+            await vm.resize(node.name, size, allow_shrink=True)
             return node
 
     def _refuse_if_open(self, node: Node, *, keep: int | None = None) -> None:
@@ -398,6 +419,51 @@ class VolumeFS(pyfuse3.Operations):
         others = [fh for fh, h in self.handles.items() if h.ino == ino and fh != keep]
         if others:
             raise Busy(f"{node.pool}/{node.name} is open through the FUSE mount")
+
+    def _own(self, node: Node) -> Sequence[Opener]:
+        """This mount's opener of ``node`` (a change made through the mount keeps its
+        handles working, so they do not make the volume busy for it)."""
+        mine = self._openers.get(self._ino(node))
+        return (mine[1],) if mine is not None else ()
+
+    def _track(self, ino: int) -> None:
+        """Keep the opener of ``ino`` in step with its handles: registered with the
+        volume's (or snapshot's) openers while it has any, naming how many (openers
+        invariant 1)."""
+        handles = [h for h in self.handles.values() if h.ino == ino]
+        target: Openers | None = None
+        if handles and handles[0].snapshot is not None:
+            target = handles[0].snapshot.openers
+        elif handles:
+            try:
+                node = self._live(self.inodes.node(ino))
+                if node.kind == "volume":
+                    target = self._volume(node).openers
+            except (pyfuse3.FUSEError, StorageError):
+                target = None
+        mine = self._openers.get(ino)
+        if mine is not None and mine[0] is not target:
+            mine[0].remove(mine[1])
+            del self._openers[ino]
+            mine = None
+        if target is None:
+            return
+        if mine is None:
+            opener = target.add(Opener("FUSE", "", partial(self._revoke, ino)))
+            mine = self._openers[ino] = (target, opener)
+        n = len(handles)
+        mine[1].client = f"{n} open handle{'s' if n != 1 else ''}"
+
+    async def _revoke(self, ino: int) -> None:
+        """Forced off (its volume is deleted, renamed or rolled back by force): the
+        handles of ``ino`` are dropped; the kernel's next request on them answers EBADF."""
+        gone = [fh for fh, h in self.handles.items() if h.ino == ino]
+        for fh in gone:
+            del self.handles[fh]
+        self._revoked.update(gone)
+        log.info("fuse: revoked %d open handle(s) of inode %d (forced)", len(gone), ino)
+        self._track(ino)
+        await trio.lowlevel.checkpoint()
 
     # ---- directories ------------------------------------------------------------------------
     @edge
@@ -513,7 +579,7 @@ class VolumeFS(pyfuse3.Operations):
                 if flags & pyfuse3.RENAME_NOREPLACE and (node.pool, new) in self.placeholders:
                     raise _fail(errno.EEXIST)
                 self.placeholders.pop((node.pool, new), None)
-                await vm.rename(old, new)
+                await vm.rename(old, new, ignore=self._own(node))
                 self.inodes.rekey(Node("volume", node.pool, old),
                                   Node("volume", node.pool, new))
                 return
@@ -576,8 +642,9 @@ class VolumeFS(pyfuse3.Operations):
             raise _fail(errno.EISDIR)
         fh = self._next_fh
         self._next_fh += 1
-        self.handles[fh] = Handle(self._ino(node), writable,
-                                  bool(flags & (os.O_SYNC | os.O_DSYNC)), snap)
+        ino = self._ino(node)
+        self.handles[fh] = Handle(ino, writable, bool(flags & (os.O_SYNC | os.O_DSYNC)), snap)
+        self._track(ino)
         # FOPEN_DIRECT_IO: no page cache, so FUSE and NBD always see the same bytes.
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
@@ -593,6 +660,7 @@ class VolumeFS(pyfuse3.Operations):
                 await self._truncate(node, 0, keep=fi.fh)
             except BaseException:
                 del self.handles[fi.fh]
+                self._track(inode)
                 raise
             self._touch(inode)
         return fi
@@ -644,7 +712,9 @@ class VolumeFS(pyfuse3.Operations):
     @edge
     async def flush(self, fh: int) -> None:
         # close(2): nothing to do. Durability is fsync's job (a disk's cache, DESIGN §4).
-        self._handle(fh)
+        # A handle revoked by force closes without an error.
+        if fh not in self._revoked:
+            self._handle(fh)
 
     @edge
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -657,7 +727,10 @@ class VolumeFS(pyfuse3.Operations):
 
     @edge
     async def release(self, fh: int) -> None:
-        self.handles.pop(fh, None)
+        self._revoked.discard(fh)
+        h = self.handles.pop(fh, None)
+        if h is not None:
+            self._track(h.ino)
 
     # ---- the daemon's side ------------------------------------------------------------------
     async def flush_all(self) -> None:

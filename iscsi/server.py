@@ -30,6 +30,7 @@ from iscsi import scsi
 from iscsi.pdu import Payload
 from iscsi.session import Close, Connection, Execute, LoggedIn, Task
 from iscsi.targets import TargetCatalog
+from volumes import Opener
 from volumes.volume import LATENCY_BUCKETS
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,7 @@ class ISCSIServer:
             self.stats.protocol_errors += conn.stats.get("protocol_errors", 0)
             with trio.move_on_after(5):
                 await stream.aclose()
+            client.unregister()
 
     def logged_in(self, client: _Client) -> None:
         result = client.conn.result
@@ -200,6 +202,10 @@ class ISCSIServer:
             old.stop()
         self._sessions[key] = client
         client.key = key
+        unit = client.conn.unit
+        if unit is not None:
+            client.opener = unit.volume.openers.add(
+                Opener("iSCSI", f"{result.initiator} at {client.peer}", client.disconnect))
         log.info("iSCSI %s: %s logged in to %s", client.peer, result.initiator,
                  result.target)
 
@@ -294,10 +300,28 @@ class _Client:
         self.wire = _Wire(stream)
         self._reader = trio.CancelScope()
         self._last_rx = trio.current_time()
+        # Registered with the logical unit's volume while logged in (volumes/openers.py).
+        self.opener: Opener | None = None
+        self._closed = trio.Event()
 
     def stop(self) -> None:
-        """End this connection (its session was reinstated elsewhere)."""
+        """End this connection (its session was reinstated elsewhere, or its volume is
+        being deleted by force)."""
         self._reader.cancel()
+
+    async def disconnect(self) -> None:
+        """End the session (running commands finish first); return once it is closed."""
+        log.info("iSCSI %s: ending the session (its volume is being changed by force)",
+                 self.peer)
+        self.stop()
+        await self._closed.wait()
+
+    def unregister(self) -> None:
+        unit = self.conn.unit
+        if self.opener is not None and unit is not None:
+            unit.volume.openers.remove(self.opener)
+        self.opener = None
+        self._closed.set()
 
     async def flush(self) -> None:
         """Send everything queued so far, in order: whoever sends holds the lock, and

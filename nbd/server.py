@@ -35,7 +35,7 @@ import trio
 from nbd import proto
 from nbd.exports import VolumeCatalog
 from nbd.limits import MemoryBudget, Reservation
-from volumes import StorageError, Volume
+from volumes import Opener, StorageError, Volume
 
 log = logging.getLogger(__name__)
 RECV = 256 * 1024
@@ -168,6 +168,7 @@ class NBDServer:
             self.stats.active -= 1
             with trio.move_on_after(5):
                 await client.stream.aclose()
+            client.unregister()
 
 
 class _TimedOut(proto.RemoteProtocolError):
@@ -190,6 +191,11 @@ class _Client:
         self.stream: trio.abc.Stream = stream
         self.peer = peer
         self.volume: Volume | None = None
+        # Registered with the volume's openers while in transmission (volumes/openers.py):
+        # a forced delete/rename/rollback ends the connection through ``disconnect``.
+        self.opener: Opener | None = None
+        self.reader = trio.CancelScope()
+        self.closed = trio.Event()
         self._send_lock = trio.Lock()
         self._slots = trio.Semaphore(server.config.max_inflight)
         self._memory = Reservation(MemoryBudget(server.config.connection_memory),
@@ -219,6 +225,18 @@ class _Client:
         if n:
             self._memory.give(n)
             self.server.stats.memory -= n
+
+    async def disconnect(self) -> None:
+        """Stop reading requests, answer those in flight, close; return once closed."""
+        log.info("NBD %s: disconnecting (its volume is being changed by force)", self.peer)
+        self.reader.cancel()
+        await self.closed.wait()
+
+    def unregister(self) -> None:
+        if self.opener is not None and self.volume is not None:
+            self.volume.openers.remove(self.opener)
+        self.opener = None
+        self.closed.set()
 
     async def send_pending(self) -> None:
         data = self.conn.data_to_send()
@@ -321,6 +339,8 @@ class _Client:
                 self.volume = self.server.catalog.volume(ev.export.name)
                 if self.volume is None:  # deleted between lookup and now
                     return False
+                self.opener = self.volume.openers.add(
+                    Opener("NBD", self.peer, self.disconnect))
                 log.info("NBD %s: serving %s (structured replies %s)", self.peer,
                          ev.export.name, "on" if ev.structured else "off")
                 return True
@@ -331,7 +351,7 @@ class _Client:
         # The reading side runs in its own cancel scope, so that a draining server can
         # stop taking requests while those in flight finish and are answered.
         failure: BaseException | None = None
-        reader = trio.CancelScope()
+        reader = self.reader
         self.server._readers.add(reader)
         try:
             async with trio.open_nursery() as outer:

@@ -101,12 +101,15 @@ def pool_status(entry: PoolEntry) -> dict[str, Any]:
         "extent_size": st.extent_size, "volumes": len(volumes),
         "virtual_bytes": virtual,
         "overcommit_ratio": round(virtual / st.capacity_bytes, 4) if st.capacity_bytes else 0,
-        "devices": [{"index": m.index, "path": m.path or entry_path(entry, m.index),
-                     "state": m.state, "size_bytes": m.size,
+        "devices": [{"index": m.index, "path": m.path, "uuid": m.uuid,
+                     "state": m.state, "why": m.why, "size_bytes": m.size,
                      "free_bytes": m.free_extents * st.extent_size,
                      "read_errors": m.read_errors, "write_errors": m.write_errors,
                      "checksum_errors": m.checksum_errors,
                      "rebuild_segments": m.rebuild_segments} for m in st.members],
+        # Devices left out of the import that no member's last known path matches.
+        "left_out": {p: why for p, why in entry.pool.left_out.items()
+                     if p not in {m.path for m in st.members}},
         "spares": list(entry.spares), "scrub": scrub.status(entry.pool),
         "rebuild": _rebuild_status(entry),
         "txg": st.txg, "warnings": entry.pool.health(),
@@ -134,17 +137,30 @@ def _rebuild_status(entry: PoolEntry) -> dict[str, Any] | None:
     return out
 
 
-def entry_path(entry: PoolEntry, index: int) -> str:
-    return entry.devices[index] if index < len(entry.devices) else ""
-
-
 def volume_info(pool: str, vol: Volume) -> dict[str, Any]:
     st = vol.statistics()
     return {"name": f"{pool}/{st.name}", "pool": pool, "volume": st.name,
             "size_bytes": st.size, "block_size": st.block_size, "profile": st.profile,
             "compression": "lz4" if st.compression else "off", "read_only": st.read_only,
             "used_bytes": st.stored_bytes, "unique_bytes": st.unique_bytes,
-            "mapped_bytes": st.mapped_bytes, "dirty_bytes": st.dirty_bytes}
+            "mapped_bytes": st.mapped_bytes, "dirty_bytes": st.dirty_bytes,
+            "clients": [o.to_json() for o in vol.openers]}
+
+
+def _new_size(text: Any, current: int) -> int:
+    """A resize's target from ``--size``: absolute (10G) or relative to ``current`` (+10G,
+    -1G)."""
+    if not isinstance(text, (str, int)) or isinstance(text, bool):
+        raise InvalidArgument("parameter 'size' must be a size like 10G, +10G or -1G")
+    if isinstance(text, str) and text[:1] in ("+", "-"):
+        delta = parse_size(text[1:])
+        if text[0] == "+":
+            return current + delta
+        if delta >= current:
+            raise InvalidArgument(f"cannot shrink by {text[1:]}: the volume has only "
+                                  f"{current} bytes")
+        return current - delta
+    return parse_size(text)
 
 
 class ControlAPI:
@@ -340,15 +356,17 @@ class ControlAPI:
 
     async def volume_resize(self, p: Params, progress: Progress) -> Any:
         entry, vol = self._volume(_req(p, "name"))
-        size = _size(p, "size")
-        if size is None:
+        if p.get("size") is None:
             raise InvalidArgument("volume resize needs --size")
-        await entry.volumes.resize(vol.name, size)
+        size = _new_size(p["size"], vol.size)
+        await entry.volumes.resize(vol.name, size,
+                                   allow_shrink=_bool(p, "allow_shrink", False))
         return volume_info(entry.name, vol)
 
     async def volume_delete(self, p: Params, progress: Progress) -> Any:
         entry, vol = self._volume(_req(p, "name"))
-        await entry.volumes.delete(vol.name, recursive=_bool(p, "recursive", False))
+        await entry.volumes.delete(vol.name, recursive=_bool(p, "recursive", False),
+                                   force=_bool(p, "force", False))
         if self.acl is not None and self.acl.forget(f"{entry.name}/{vol.name}"):
             await self.acl.commit()
         return {"name": p["name"], "deleted": True}
@@ -383,7 +401,7 @@ class ControlAPI:
             raise InvalidArgument("a volume cannot move to another pool by renaming: use "
                                   "volume send | volume receive")
         old = vol.name
-        await entry.volumes.rename(vol.name, new)
+        await entry.volumes.rename(vol.name, new, force=_bool(p, "force", False))
         if self.acl is not None and self.acl.rename(f"{entry.name}/{old}",
                                                     f"{entry.name}/{new}"):
             await self.acl.commit()
@@ -433,13 +451,15 @@ class ControlAPI:
 
     async def snapshot_delete(self, p: Params, progress: Progress) -> Any:
         pool, vol, snap = split_snapshot(_req(p, "name"))
-        await self.registry.get(pool).volumes.delete_snapshot(vol, snap)
+        await self.registry.get(pool).volumes.delete_snapshot(
+            vol, snap, force=_bool(p, "force", False))
         return {"name": p["name"], "deleted": True}
 
     async def snapshot_rollback(self, p: Params, progress: Progress) -> Any:
         pool, vol, snap = split_snapshot(_req(p, "name"))
         entry = self.registry.get(pool)
-        return volume_info(pool, await entry.volumes.rollback(vol, snap))
+        return volume_info(pool, await entry.volumes.rollback(
+            vol, snap, force=_bool(p, "force", False)))
 
     async def snapshot_clone(self, p: Params, progress: Progress) -> Any:
         pool, vol, snap = split_snapshot(_req(p, "name"))
@@ -472,6 +492,9 @@ class ControlAPI:
                     for s in entry.volumes.snapshot_names(vname)]
                 for name, ro in names:
                     item: dict[str, Any] = {"name": name, "read_only": ro}
+                    snap_name = name.partition("@")[2] or None
+                    item["clients"] = [o.to_json() for o in
+                                       entry.volumes.clients(vname, snap_name)]
                     if self.nbd_address is not None:
                         host, port = self.nbd_address
                         item["nbd"] = f"nbd://{host}:{port}/{name}"

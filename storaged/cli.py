@@ -52,8 +52,12 @@ def show_pool_status(p: dict[str, Any]) -> str:
     out.append(_table([[str(d["index"]), d["path"] or "-", d["state"],
                         format_size(d["size_bytes"]), format_size(d["free_bytes"]),
                         str(d["read_errors"]), str(d["write_errors"]),
-                        str(d["checksum_errors"])] for d in p["devices"]],
-                      ["DEV", "PATH", "STATE", "SIZE", "FREE", "READ", "WRITE", "CKSUM"]))
+                        str(d["checksum_errors"]), d.get("uuid", "-")] for d in p["devices"]],
+                      ["DEV", "PATH", "STATE", "SIZE", "FREE", "READ", "WRITE", "CKSUM",
+                       "UUID"]))
+    out += [f"member {d['index']} ({d['path'] or '?'}) {d['state']}: {d['why']}"
+            for d in p["devices"] if d.get("why")]
+    out += [f"left out: {path}: {why}" for path, why in p.get("left_out", {}).items()]
     c = p["counters"]
     if "data_bytes" in p:
         out.append("")
@@ -107,8 +111,17 @@ def show_volumes(vols: list[dict[str, Any]]) -> str:
                   ["NAME", "SIZE", "BLOCK", "PROFILE", "COMPRESSION", "MAPPED", "USED"])
 
 
+def _clients(clients: list[dict[str, str]]) -> str:
+    """'NBD 127.0.0.1:40112, FUSE 1 open handle' (or '-')."""
+    names = {"nbd": "NBD", "iscsi": "iSCSI", "fuse": "FUSE"}
+    return ", ".join(f"{names.get(c['protocol'], c['protocol'])} {c['client']}"
+                     for c in clients) or "-"
+
+
 def show_volume(v: dict[str, Any]) -> str:
     def fmt(k: str, val: Any) -> str:
+        if k == "clients":
+            return _clients(val)
         return format_size(val) if k.endswith("bytes") or k == "block_size" else str(val)
     return "\n".join(f"{k:<14}{fmt(k, val)}" for k, val in v.items())
 
@@ -133,8 +146,9 @@ def show_diff(d: dict[str, Any]) -> str:
 
 
 def show_exports(items: list[dict[str, Any]]) -> str:
-    return _table([[e["name"], "ro" if e["read_only"] else "rw", e.get("nbd", "-")]
-                   for e in items], ["EXPORT", "MODE", "NBD"])
+    return _table([[e["name"], "ro" if e["read_only"] else "rw", e.get("nbd", "-"),
+                    _clients(e.get("clients", []))]
+                   for e in items], ["EXPORT", "MODE", "NBD", "CLIENTS"])
 
 
 def show_check(r: dict[str, Any]) -> str:
@@ -297,6 +311,9 @@ def _pool_commands(pool: SubParsers) -> None:
     c.add_argument("--deep", action="store_true", help="also read every fragment")
 
 
+_FORCE = "disconnect the clients (NBD, iSCSI, FUSE) using it first"
+
+
 def _volume_commands(vol: SubParsers) -> None:
     c = vol.add_parser("create")
     c.add_argument("name", metavar="POOL/VOL")
@@ -308,14 +325,19 @@ def _volume_commands(vol: SubParsers) -> None:
     vol.add_parser("info").add_argument("name", metavar="POOL/VOL")
     c = vol.add_parser("resize")
     c.add_argument("name", metavar="POOL/VOL")
-    c.add_argument("--size", required=True)
+    c.add_argument("--size", required=True,
+                   help="new size (10G), or relative to the current one: +10G, -1G")
+    c.add_argument("--allow-shrink", action="store_true",
+                   help="allow a smaller size (the data past the new end is discarded)")
     c = vol.add_parser("delete")
     c.add_argument("name", metavar="POOL/VOL")
     c.add_argument("--recursive", "-r", action="store_true",
                    help="also delete the volume's snapshots")
+    c.add_argument("--force", action="store_true", help=_FORCE)
     c = vol.add_parser("rename", help="rename a volume (its snapshots follow it)")
     c.add_argument("name", metavar="POOL/VOL")
     c.add_argument("new_name", metavar="NEWNAME")
+    c.add_argument("--force", action="store_true", help=_FORCE)
     c = vol.add_parser("send", help="write a snapshot as a stream (stdout by default)")
     c.add_argument("name", metavar="POOL/VOL@SNAP")
     c.add_argument("--from", dest="base", metavar="@BASE",
@@ -337,7 +359,8 @@ def _volume_commands(vol: SubParsers) -> None:
                    help="discard an interrupted receive instead")
     c.add_argument("--force", "-F", action="store_true",
                    help="apply an increment even if the volume was written after its base "
-                        "(those writes are discarded)")
+                        "(those writes are discarded) or has clients (they are "
+                        "disconnected)")
     c = vol.add_parser("import", help="create a volume from a disk image (via qemu-img)")
     c.add_argument("name", metavar="POOL/VOL")
     c.add_argument("image")
@@ -354,8 +377,10 @@ def _volume_commands(vol: SubParsers) -> None:
 def _snapshot_commands(snap: SubParsers) -> None:
     snap.add_parser("create").add_argument("name", metavar="POOL/VOL@SNAP")
     snap.add_parser("list").add_argument("volume", nargs="?", metavar="POOL/VOL")
-    snap.add_parser("delete").add_argument("name", metavar="POOL/VOL@SNAP")
-    snap.add_parser("rollback").add_argument("name", metavar="POOL/VOL@SNAP")
+    for cmd in ("delete", "rollback"):
+        c = snap.add_parser(cmd)
+        c.add_argument("name", metavar="POOL/VOL@SNAP")
+        c.add_argument("--force", action="store_true", help=_FORCE)
     c = snap.add_parser("clone")
     c.add_argument("name", metavar="POOL/VOL@SNAP")
     c.add_argument("target", metavar="POOL/NEWVOL")
@@ -441,11 +466,13 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
         if cmd == "info":
             return "volume.info", {"name": args.name}, show_volume
         if cmd == "resize":
-            return "volume.resize", {"name": args.name, "size": args.size}, show_volume
+            return "volume.resize", {"name": args.name, "size": args.size,
+                                     "allow_shrink": args.allow_shrink}, show_volume
         if cmd == "rename":
-            return ("volume.rename", {"name": args.name, "new_name": args.new_name},
-                    show_volume)
-        return "volume.delete", {"name": args.name, "recursive": args.recursive}, _done
+            return ("volume.rename", {"name": args.name, "new_name": args.new_name,
+                                      "force": args.force}, show_volume)
+        return "volume.delete", {"name": args.name, "recursive": args.recursive,
+                                 "force": args.force}, _done
     if g == "snapshot":
         if cmd == "create":
             return "snapshot.create", {"name": args.name}, show_snapshots_one
@@ -453,7 +480,8 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
             return ("snapshot.list", {"volume": args.volume} if args.volume else {},
                     show_snapshots)
         if cmd == "rollback":
-            return "snapshot.rollback", {"name": args.name}, show_volume
+            return ("snapshot.rollback", {"name": args.name, "force": args.force},
+                    show_volume)
         if cmd == "clone":
             return "snapshot.clone", {"name": args.name, "target": args.target}, show_volume
         if cmd == "diff":
@@ -461,7 +489,7 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
             if args.other:
                 params["to"] = args.other
             return "snapshot.diff", params, show_diff
-        return "snapshot.delete", {"name": args.name}, _done
+        return "snapshot.delete", {"name": args.name, "force": args.force}, _done
     if g == "export":
         if cmd == "iscsi":
             return "export.iscsi", iscsi_policy_params(args), show_iscsi_policy
@@ -469,9 +497,21 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
     return "status", {}, show_status
 
 
+def _relative_sizes(argv: Sequence[str]) -> list[str]:
+    """``--size -10G`` as ``--size=-10G`` (argparse takes a lone ``-10G`` for an option)."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--size" and arg[:1] == "-" and arg[1:2].isdigit():
+            out[-1] = f"--size={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
+    argv = _relative_sizes(argv)
     args = build_parser(_group_of(argv)).parse_args(argv)
     path = args.socket or default_socket()
     tty = sys.stderr.isatty()

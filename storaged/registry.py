@@ -2,7 +2,11 @@
 
 The state directory holds ``pools.json`` (like ZFS's zpool.cache): for each pool the daemon
 has imported, its name, UUID and device paths. At start every remembered pool is imported;
-one that cannot be is reported and the others still come up.
+one that cannot be is reported and the others still come up. A device that is missing or
+damaged (cannot be opened or read, too short, not a file or block device, no intact label
+or superblock, the same device as another path) is left out of its pool's import with the
+reason logged and shown in ``pool status``; the pool imports degraded if the others can
+serve it (``Pool.open``'s ``left_out``). Its path stays remembered.
 """
 
 from __future__ import annotations
@@ -114,12 +118,14 @@ class Registry:
         async with self._lock:
             if name in self.pools:
                 raise AlreadyExists(f"pool {name!r} already exists")
-            devices = await _open_devices(paths, file_size)
+            created: list[str] = []
+            devices = await _open_devices(paths, file_size, created=created)
             try:
                 pool = await Pool.create(name, devices, profile=profile,
                                          extent_size=extent_size, force=force)
             except BaseException:
                 await close_devices(devices)
+                await trio.to_thread.run_sync(_unlink, created)   # leave no file behind
                 raise
             return await self._adopt(pool, paths)
 
@@ -143,20 +149,22 @@ class Registry:
     async def _import(self, paths: list[str], name: str | None) -> PoolEntry:
         if name is not None and name in self.pools:
             raise AlreadyExists(f"pool {name!r} is already imported")
-        devices = await _open_devices(paths, None, missing_ok=True)
+        left_out: dict[str, str] = {}
+        devices = await _open_devices(paths, None, left_out=left_out)
         if not devices:
             raise NotFound(f"none of the devices of pool {name or '?'} is present: "
-                           f"{', '.join(paths)}")
+                           + "; ".join(f"{p}: {why}" for p, why in left_out.items()))
         try:
-            pool = await Pool.open(devices, name=name)
+            pool = await Pool.open(devices, name=name, left_out=left_out)
         except BaseException:
             await close_devices(devices)
             raise
         if pool.name in self.pools:
             await pool.close()
             raise AlreadyExists(f"pool {pool.name!r} is already imported")
-        present = [d.path for d in devices]
-        return await self._adopt(pool, present)
+        # Every path given is remembered, the ones left out too: a member that comes back
+        # (a disk reattached, a file restored) is found at the next start.
+        return await self._adopt(pool, list(dict.fromkeys(_abspath(p) for p in paths)))
 
     async def export(self, name: str) -> None:
         async with self._lock:
@@ -179,11 +187,13 @@ class Registry:
     async def add_device(self, name: str, path: str, file_size: int | None) -> None:
         async with self._lock:
             entry = self.get(name)
-            (dev,) = await _open_devices([path], file_size)
+            created: list[str] = []
+            (dev,) = await _open_devices([path], file_size, created=created)
             try:
                 await entry.pool.add_device(dev)
             except BaseException:
                 await close_devices([dev])
+                await trio.to_thread.run_sync(_unlink, created)
                 raise
             entry.devices.append(_abspath(path))
             await self.save()
@@ -198,11 +208,13 @@ class Registry:
             entry = self.get(name)
             index = entry.pool.member_index(old)
             old_path = entry.pool.statistics().members[index].path
-            (dev,) = await _open_devices([new], file_size)
+            created: list[str] = []
+            (dev,) = await _open_devices([new], file_size, created=created)
             try:
                 await entry.pool.replace_device(index, dev)
             except BaseException:
                 await close_devices([dev])
+                await trio.to_thread.run_sync(_unlink, created)
                 raise
             self._set_path(entry, old_path, _abspath(new))
             if _abspath(new) in entry.spares:
@@ -232,6 +244,7 @@ class Registry:
                     pass
                 else:
                     raise InvalidArgument(f"{path} is a member of pool {name}")
+                entry.pool.refuse_member_device(dev)
                 label = await trio.to_thread.run_sync(_label_of, dev)
                 if label is not None:
                     raise InvalidArgument(f"{path} carries the label of pool "
@@ -299,25 +312,53 @@ def _abspath(path: str) -> str:
 
 
 async def _open_devices(paths: list[str], file_size: int | None, *,
-                        missing_ok: bool = False) -> list[Device]:
+                        left_out: dict[str, str] | None = None,
+                        created: list[str] | None = None) -> list[Device]:
+    """Open devices. With ``left_out``, one that is missing or cannot be opened (a
+    directory, EIO, EACCES...) is recorded there (path -> why) instead of failing the lot.
+    ``created`` gets the files this call created (to remove on a refusal)."""
     def op() -> list[Device]:
         out: list[Device] = []
         try:
             for p in paths:
-                if not os.path.exists(p):
-                    if missing_ok:
+                new = not os.path.exists(p)
+                if new:
+                    if left_out is not None:
+                        left_out[_abspath(p)] = "no such device or file"
+                        log.error("%s left out of the import: no such device or file", p)
                         continue
                     if file_size is None:
                         raise DeviceError(f"{p}: no such device or file (give a size to "
                                           f"create sparse files)")
-                out.append(FileDevice(p, create_size=file_size if not os.path.exists(p)
-                                      else None))
+                try:
+                    dev = FileDevice(p, create_size=file_size if new else None)
+                except DeviceError as e:
+                    if left_out is None:
+                        raise
+                    left_out[_abspath(p)] = e.message
+                    log.error("%s left out of the import: %s", p, e.message)
+                    continue
+                if new and created is not None:
+                    created.append(os.path.realpath(p))
+                out.append(dev)
         except BaseException:
             for d in out:
                 d.close()
+            if created:
+                _unlink(created)
+                created.clear()
             raise
         return out
     return await trio.to_thread.run_sync(op)
+
+
+def _unlink(paths: list[str]) -> None:
+    """Remove files this daemon created for a refused request."""
+    for p in paths:
+        try:
+            os.unlink(p)
+        except OSError as e:
+            log.warning("could not remove %s: %s", p, e.strerror)
 
 
 def _scan(directory: str, name: str | None) -> list[str]:

@@ -39,7 +39,7 @@ def test_cli_pool_and_volume_lifecycle(daemon: Daemon, tmp_path: Path) -> None:
     assert "tank/vm1" in daemon.ok("volume", "list")
     exports = daemon.json("export", "list")
     assert isinstance(exports, list)
-    assert {"name": "tank/vm1", "read_only": False,
+    assert {"name": "tank/vm1", "read_only": False, "clients": [],
             "nbd": daemon.url("tank/vm1")} in [
         {k: v for k, v in e.items() if k != "iscsi"} for e in exports]
     assert any(e.get("iscsi", "").endswith("/iqn.2026-11.org.storaged:tank:vm1/0")
@@ -202,7 +202,7 @@ def test_snapshots_over_cli_and_nbd(daemon: Daemon, tmp_path: Path) -> None:
     exports = daemon.json("export", "list")
     assert isinstance(exports, list)
     assert {"name": "tank/v@monday", "read_only": True, "nbd": snap_url,
-            "iscsi": exports[1].get("iscsi")} in exports
+            "iscsi": exports[1].get("iscsi"), "clients": []} in exports
     assert str(exports[1].get("iscsi")).endswith(":tank:v:monday/0")
     space = daemon.json("pool", "status", "tank")
     assert isinstance(space, dict)

@@ -468,3 +468,55 @@ def test_a_live_mount_point_is_refused(fused: FuseDaemon, tmp_path: Path) -> Non
     assert "already a mount point" in str(e.value)
     assert os.listdir(fused.mnt) == ["tank"]
     shutil.rmtree(other.dir)
+
+
+def test_open_files_block_delete_rename_rollback_until_forced(fused: FuseDaemon) -> None:
+    """DESIGN invariant 10 through the mount (volumes/openers.py invariants 1-4): open
+    handles make a volume (or snapshot) busy for storagectl, named by count; refusals
+    change nothing; changes made through the mount itself keep its handles working;
+    --force revokes the handles (EBADF afterwards) and the file is gone."""
+    pool = fused.mnt / "tank"
+    fused.ok("volume", "create", "tank/f", "--size", "4M")
+    data = _random(MiB, 7)
+    with open(pool / "f", "r+b") as f:
+        f.write(data)
+        os.fsync(f.fileno())
+    fused.ok("snapshot", "create", "tank/f@s")
+    fd, fd2 = os.open(pool / "f", os.O_RDWR), os.open(pool / "f", os.O_RDONLY)
+    sfd = os.open(pool / ".snapshots" / "f@s", os.O_RDONLY)
+    try:
+        info = fused.json("volume", "info", "tank/f")
+        assert isinstance(info, dict)
+        assert info["clients"] == [{"protocol": "fuse", "client": "2 open handles"}]
+        exports = fused.json("export", "list")
+        assert isinstance(exports, list)
+        assert {e["name"]: e["clients"] for e in exports}["tank/f@s"] == [
+            {"protocol": "fuse", "client": "1 open handle"}]
+        for args in (("volume", "delete", "tank/f", "-r"), ("volume", "rename", "tank/f", "g"),
+                     ("snapshot", "rollback", "tank/f@s"), ("snapshot", "delete", "tank/f@s")):
+            r = fused.ctl(*args)
+            assert r.returncode == 1 and "FUSE: " in r.stderr and "in use" in r.stderr, r
+            assert os.pread(fd2, MiB, 0) == data and os.pread(sfd, MiB, 0) == data
+        assert sorted(fused.volumes()) == ["tank/f"]
+        # Through the mount, its own handles do not count: rename and shrink work.
+        os.rename(pool / "f", pool / "g")
+        os.ftruncate(fd, 2 * MiB)
+        assert fused.volumes() == {"tank/g": 2 * MiB}
+        assert os.pread(fd2, MiB, 0) == data
+        check = fused.json("pool", "check", "tank", "--deep")
+        assert isinstance(check, dict) and check["ok"], check
+        # Forced: both handles of the volume and the snapshot's are revoked.
+        fused.ok("volume", "delete", "tank/g", "-r", "--force")
+        assert not (pool / "g").exists() and fused.volumes() == {}
+        for handle in (fd, fd2, sfd):
+            with pytest.raises(OSError) as e:
+                os.pread(handle, 4096, 0)
+            assert e.value.errno == errno.EBADF
+        assert "revoked 2 open handle(s)" in fused.log()
+    finally:
+        for handle in (fd, fd2, sfd):
+            os.close(handle)
+    # The mount goes on serving.
+    fused.ok("volume", "create", "tank/after", "--size", "1M")
+    (pool / "after").write_bytes(data)
+    assert (pool / "after").read_bytes() == data

@@ -5,6 +5,7 @@ PersistentReserve tests run in the conformance suite, tests/test_iscsi_clients.p
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,10 @@ def test_reservations_in_the_daemon_survive_a_restart(daemon: Daemon,
         assert c.scsi(cdb, data_out=p).status == 0
     state = json.loads((tmp_path / "state" / "iscsi.json").read_text())
     assert "tank/v" in state["reservations"]
+    # (a volume in use is not deleted: wait until the target has seen session c go)
+    deadline = time.monotonic() + 10
+    while _api(d, "volume.info", name="tank/v")["clients"] and time.monotonic() < deadline:
+        time.sleep(0.02)
     _api(d, "volume.delete", name="tank/v")
     state = json.loads((tmp_path / "state" / "iscsi.json").read_text())
     assert "tank/v" not in state["reservations"]

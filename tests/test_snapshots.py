@@ -122,7 +122,7 @@ async def _program(seed: int, steps: int) -> None:
                 await vm.get(name).flush()
             elif op < 0.94:
                 new_size = rng.randrange(1, 2 * SIZE // 512) * 512
-                await vm.resize(name, new_size)
+                await vm.resize(name, new_size, allow_shrink=True)
                 if new_size < len(model):
                     del model[new_size:]
                 else:

@@ -23,9 +23,11 @@ from pool.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from volumes.manager import VolumeManager, check_volume_name
+    from volumes.openers import Opener, Openers
     from volumes.volume import DEFAULT_BLOCK, Extent, Volume, VolumeStatistics
 
 _LAZY = {"VolumeManager": "volumes.manager", "check_volume_name": "volumes.manager",
+         "Opener": "volumes.openers", "Openers": "volumes.openers",
          "DEFAULT_BLOCK": "volumes.volume", "Extent": "volumes.volume",
          "Volume": "volumes.volume", "VolumeStatistics": "volumes.volume"}
 
@@ -42,6 +44,8 @@ __all__ = [
     "MediumError",
     "NoSpace",
     "NotFound",
+    "Opener",
+    "Openers",
     "ReadOnly",
     "StorageError",
     "Volume",

@@ -13,7 +13,14 @@ Snapshots and clones share the volume's block map copy-on-write (``pool.maps``):
   never flushed are discarded, as the rollback replaces the content anyway);
 - a volume with snapshots is deleted only with ``recursive`` (its snapshots go with it),
   and never while a clone depends on one of them;
-- resizing never touches snapshots: each keeps its own size and data.
+- resizing never touches snapshots: each keeps its own size and data; a shrink discards
+  the tail and is done only when the caller allows it (``allow_shrink``, as ``rbd resize
+  --allow-shrink``);
+- a volume (or snapshot) with clients (``volumes.openers``) is not deleted, renamed or
+  rolled back: the refusal (Busy) names the clients; with ``force`` they are disconnected
+  first. The check comes after the operation's other checks, so a refusal for another
+  reason never disconnects anyone, and the other checks run again after the disconnect
+  (it waits, and the namespace may change meanwhile).
 """
 
 from __future__ import annotations
@@ -23,11 +30,13 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from pool.errors import AlreadyExists, Busy, InvalidArgument, NotFound
 from pool.maps import MAX_BLOCKS
 from pool.pool import Pool, Profile
+from volumes.openers import Opener, Openers, evict, in_use, refuse_in_use
 from volumes.volume import DEFAULT_BLOCK, Volume, VolumeStatistics, check_block_size
 
 log = logging.getLogger(__name__)
@@ -58,6 +67,9 @@ class VolumeManager:
         self._snapshots: dict[str, dict[str, tuple[int, dict[str, Any]]]] = {}
         # Hidden volumes a receive is filling (volumes/portable.py), by target name.
         self._partials: dict[str, Volume] = {}
+        # The clients of each snapshot, by snapshot object id, shared by all its read-only
+        # views (openers invariant 2).
+        self._snap_openers: dict[int, Openers] = {}
         objects = pool.objects()
         for obj_id, meta in objects.items():
             if meta.get("type") == "volume" and "receiving" in meta:
@@ -125,17 +137,36 @@ class VolumeManager:
                  size, block_size, prof, ", lz4" if compression else "")
         return vol
 
-    async def rename(self, name: str, new_name: str) -> Volume:
-        """Rename a volume (its snapshots follow it); durable on return. Open exports keep
-        working: they hold the volume, not its name."""
+    # ---- clients (volumes.openers) ---------------------------------------------------------
+    def clients(self, volume: str, snap: str | None = None) -> builtins.list[Opener]:
+        """The clients connected to ``volume`` (or to ``volume@snap``)."""
+        if snap is None:
+            return list(self.get(volume).openers)
+        obj_id, _meta = self._snap(volume, snap)
+        return list(self._snap_openers.get(obj_id, ()))
+
+    async def _claim(self, what: str, groups: builtins.list[Openers], action: str,
+                     force: bool, ignore: Iterable[Opener]) -> bool:
+        """Refuse (Busy) if ``groups`` have clients other than ``ignore``, or with ``force``
+        disconnect them; True if it disconnected anyone (the caller then checks again
+        what it checked before, openers invariant 3)."""
+        if not force:
+            refuse_in_use(what, in_use(groups, ignore=ignore), action)
+            return False
+        return await evict(what, groups, ignore)
+
+    async def rename(self, name: str, new_name: str, *, force: bool = False,
+                     ignore: Iterable[Opener] = ()) -> Volume:
+        """Rename a volume (its snapshots follow it); durable on return. Refused while it
+        has clients other than ``ignore`` (Busy naming them) unless ``force``, which
+        disconnects them first."""
         check_volume_name(new_name)
-        vol = self.get(name)
+        vol = self._check_rename(name, new_name)
         if new_name == name:
             return vol
-        if new_name in self._volumes:
-            raise AlreadyExists(f"volume {new_name!r} already exists in pool {self.pool.name}")
-        if new_name in self._partials:
-            raise Busy(f"a receive into {new_name!r} is kept for --resume; abort it first")
+        if await self._claim(f"volume {self.pool.name}/{name}", [vol.openers], "rename",
+                             force, ignore):
+            vol = self._check_rename(name, new_name)
         vol._meta = {**vol._meta, "name": new_name}
         self.pool.put_object(vol._meta, vol._obj_id)
         vol.name = new_name
@@ -146,8 +177,51 @@ class VolumeManager:
         log.info("pool %s: renamed volume %s to %s", self.pool.name, name, new_name)
         return vol
 
-    async def delete(self, name: str, *, recursive: bool = False) -> None:
-        """Delete a volume and release its space (durable when this returns)."""
+    def _check_rename(self, name: str, new_name: str) -> Volume:
+        vol = self.get(name)
+        if new_name == name:
+            return vol
+        if new_name in self._volumes:
+            raise AlreadyExists(f"volume {new_name!r} already exists in pool {self.pool.name}")
+        if new_name in self._partials:
+            raise Busy(f"a receive into {new_name!r} is kept for --resume; abort it first")
+        return vol
+
+    async def delete(self, name: str, *, recursive: bool = False, force: bool = False,
+                     ignore: Iterable[Opener] = ()) -> None:
+        """Delete a volume and release its space (durable when this returns). Refused while
+        it (or, with ``recursive``, one of its snapshots) has clients other than
+        ``ignore``, unless ``force``, which disconnects them first."""
+        vol, snaps = self._check_delete(name, recursive)
+        groups = [vol.openers] + [self._snap_openers[obj_id] for obj_id, _m in snaps.values()
+                                  if obj_id in self._snap_openers]
+        if await self._claim(f"volume {self.pool.name}/{name}", groups, "delete", force,
+                             ignore):
+            vol, snaps = self._check_delete(name, recursive)
+
+        def drop() -> None:
+            # Under the volume's writeback lock, so that no writeback is still pointing
+            # the map at new records when it goes (rule W7); checked again in there.
+            nonlocal snaps
+            self._still(name, vol)
+            _vol, snaps = self._check_delete(name, recursive)
+            vol._drop()
+            del self._volumes[name]
+            for snap in sorted(snaps):
+                obj_id, meta = snaps[snap]
+                self.pool.delete_map(meta["map"])
+                self.pool.delete_object(obj_id)
+                self._snap_openers.pop(obj_id, None)
+            self._snapshots.pop(name, None)
+            self.pool.delete_map(vol._map)
+            self.pool.delete_object(vol._obj_id)
+        await vol.writeback_then(drop, write_back=False)
+        await self.pool.commit()
+        log.info("pool %s: deleted volume %s%s", self.pool.name, name,
+                 f" and {len(snaps)} snapshot(s)" if snaps else "")
+
+    def _check_delete(self, name: str, recursive: bool
+                      ) -> tuple[Volume, dict[str, tuple[int, dict[str, Any]]]]:
         vol = self.get(name)
         snaps = self._snapshots.get(name, {})
         if snaps and not recursive:
@@ -156,23 +230,18 @@ class VolumeManager:
                        f"recursively")
         for snap in sorted(snaps):
             self._refuse_if_cloned(name, snap)
-        vol._drop()
-        del self._volumes[name]
-        for snap in sorted(snaps):
-            obj_id, meta = snaps[snap]
-            self.pool.delete_map(meta["map"])
-            self.pool.delete_object(obj_id)
-        self._snapshots.pop(name, None)
-        self.pool.delete_map(vol._map)
-        self.pool.delete_object(vol._obj_id)
-        await self.pool.commit()
-        log.info("pool %s: deleted volume %s%s", self.pool.name, name,
-                 f" and {len(snaps)} snapshot(s)" if snaps else "")
+        return vol, snaps
 
     # ---- snapshots ------------------------------------------------------------------------
     def snapshot_names(self, volume: str) -> builtins.list[str]:
         self.get(volume)
         return sorted(self._snapshots.get(volume, {}))
+
+    def _still(self, name: str, vol: Volume) -> None:
+        """Refuse if ``vol`` is no longer the volume called ``name`` (deleted or renamed
+        while a request waited for its writeback lock)."""
+        if self._volumes.get(name) is not vol:
+            raise NotFound(f"no volume {name!r} in pool {self.pool.name}")
 
     def _snap(self, volume: str, snap: str) -> tuple[int, dict[str, Any]]:
         self.get(volume)
@@ -209,6 +278,11 @@ class VolumeManager:
         made: dict[str, Any] = {}
 
         def take() -> None:
+            # Checked again: the wait for the writeback lock may have let another request
+            # in (W5).
+            self._still(volume, vol)
+            if snap in self._snapshots.get(volume, {}):
+                raise AlreadyExists(f"volume {volume!r} already has a snapshot {snap!r}")
             map_id = self.pool.clone_map(vol._map)
             meta = {"type": "snapshot", "volume": vol._obj_id, "name": snap,
                     "map": map_id, "size": vol.size, "block_size": vol.block_size,
@@ -227,23 +301,39 @@ class VolumeManager:
         obj_id, meta = self._snap(volume, snap)
         view = Volume(self.pool, obj_id, {**meta, "name": f"{volume}@{snap}"})
         view.read_only = True
+        view.openers = self._snap_openers.setdefault(obj_id, Openers())
         return view
 
-    async def delete_snapshot(self, volume: str, snap: str) -> None:
+    async def delete_snapshot(self, volume: str, snap: str, *, force: bool = False) -> None:
+        """Delete a snapshot. Refused while it has clones, and while it is exported and
+        open (unless ``force``, which disconnects its clients first)."""
         self._refuse_if_cloned(volume, snap)
+        obj_id, _meta = self._snap(volume, snap)
+        groups = [self._snap_openers[obj_id]] if obj_id in self._snap_openers else []
+        if await self._claim(f"snapshot {self.pool.name}/{volume}@{snap}", groups, "delete",
+                             force, ()):
+            self._refuse_if_cloned(volume, snap)
         obj_id, meta = self._snap(volume, snap)
         del self._snapshots[volume][snap]
+        self._snap_openers.pop(obj_id, None)
         self.pool.delete_map(meta["map"])
         self.pool.delete_object(obj_id)
         await self.pool.commit()
         log.info("pool %s: deleted snapshot %s@%s", self.pool.name, volume, snap)
 
-    async def rollback(self, volume: str, snap: str) -> Volume:
-        """Make ``volume`` read as ``snap`` again (durable on return)."""
-        _obj, meta = self._snap(volume, snap)
+    async def rollback(self, volume: str, snap: str, *, force: bool = False) -> Volume:
+        """Make ``volume`` read as ``snap`` again (durable on return). Refused while the
+        volume has clients (their view of the disk would change under them) unless
+        ``force``, which disconnects them first."""
+        self._snap(volume, snap)
+        if await self._claim(f"volume {self.pool.name}/{volume}", [self.get(volume).openers],
+                             f"roll back to @{snap}", force, ()):
+            self._snap(volume, snap)
         vol = self.get(volume)
 
         def swap() -> None:
+            self._still(volume, vol)
+            _obj, meta = self._snap(volume, snap)      # (not deleted while we waited)
             vol._discard_buffer()
             old = vol._map
             vol._map = self.pool.clone_map(meta["map"])
@@ -251,7 +341,7 @@ class VolumeManager:
             vol._meta = {**vol._meta, "map": vol._map, "size": meta["size"]}
             self.pool.put_object(vol._meta, vol._obj_id)
             self.pool.delete_map(old)
-        await vol.writeback_then(swap)
+        await vol.writeback_then(swap, write_back=False)    # the buffer is discarded
         await self.pool.commit()
         log.info("pool %s: rolled %s back to @%s", self.pool.name, volume, snap)
         return vol
@@ -285,8 +375,12 @@ class VolumeManager:
             blocks = self.pool.diff_maps(ma["map"], other)
         else:
             found: builtins.list[int] = []
-            await vol.writeback_then(lambda: found.extend(self.pool.diff_maps(ma["map"],
-                                                                             vol._map)))
+
+            def compare() -> None:
+                self._still(volume, vol)
+                found.extend(self.pool.diff_maps(self._snap(volume, snap_a)[1]["map"],
+                                                 vol._map))
+            await vol.writeback_then(compare)
             blocks, size = found, max(ma["size"], vol.size)
         bs = ma["block_size"]
         ranges: builtins.list[tuple[int, int]] = []
@@ -301,11 +395,16 @@ class VolumeManager:
                 ranges.append((start, length))
         return ranges
 
-    async def resize(self, name: str, size: int) -> Volume:
-        """Grow or shrink a volume; shrinking discards the tail (durable on return)."""
+    async def resize(self, name: str, size: int, *, allow_shrink: bool = False) -> Volume:
+        """Grow or shrink a volume (durable on return). Shrinking discards the tail, so it
+        is refused (nothing changes) unless ``allow_shrink``."""
         vol = self.get(name)
         _check_size(size, vol.block_size)
         old = vol.size
+        if size < old and not allow_shrink:
+            raise InvalidArgument(f"volume {self.pool.name}/{name}: {size} bytes is smaller "
+                                  f"than its {old}; a shrink discards the data past the new "
+                                  f"end: pass --allow-shrink to do it")
         if size < old:
             # The tail beyond the new end is trimmed, including the part of the new last
             # block past the end, so that growing again later reads zeros there.

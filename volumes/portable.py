@@ -29,6 +29,7 @@ from pool.errors import AlreadyExists, Busy, InvalidArgument, NotFound, StorageE
 from pool.pool import Profile
 from volumes import stream
 from volumes.manager import VolumeManager, _check_size
+from volumes.openers import refuse_in_use
 from volumes.volume import Volume, check_block_size
 
 log = logging.getLogger(__name__)
@@ -405,6 +406,11 @@ class Receiver:
                 raise Busy(f"volume {self.target} was written after @{latest[0]}: receive "
                            f"with --force to discard those writes")
             target = vm.get(self.target)
+            if not self.force:
+                # An increment replaces the content under the clients, as a rollback does:
+                # refused before anything is written (checked again at the end).
+                refuse_in_use(f"volume {pool.name}/{self.target}", list(target.openers),
+                              "receive an increment into")
             source_map, src_size = latest[1]["map"], latest[1]["size"]
             prof, comp, bs = str(target.profile), target.compression, target.block_size
             if bs != vol["block_size"]:
@@ -597,6 +603,10 @@ class Receiver:
         if size < part.size:
             await part.trim(size, part.size - size)
             await part.flush()
+        if h.get("base") is not None:
+            await vm._claim(f"volume {pool.name}/{self.target}",
+                            [vm.get(self.target).openers], "receive an increment into",
+                            self.force, ())
         del vm._partials[self.target]
         part.streaming = False          # from now on an ordinary volume
         if h.get("base") is None:
