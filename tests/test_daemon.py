@@ -120,7 +120,7 @@ def test_unflushed_writes_reach_the_devices_within_the_age_limit(
     """cache.write_buffer_age: writes never flushed are written back and committed within
     that time, so they survive kill -9 once it has passed; a later unflushed write, not
     yet that old, may be lost, but never corrupts what is there."""
-    (tmp_path / "storaged.toml").write_text("[cache]\nwrite_buffer_age = 1\n")
+    (tmp_path / "storaged.toml").write_text("[cache]\nwrite_buffer_age = 3\n")
     daemon.stop(signal.SIGTERM)
     daemon.args = ("--config", str(tmp_path / "storaged.toml"))
     daemon.start()
