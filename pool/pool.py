@@ -569,20 +569,14 @@ class Pool:
         return sum(self._record_bytes(raw) for _b, raw in self.state.forest.items(map_id))
 
     # ==== space ===========================================================================
-    # The space rules (docs/INTERNALS.md "Space", rules S1-S7; the tests cite them):
-    # S1. A block's reservation is its record's share of a segment (record_cost): full
-    #     segments of records of at most that size never use more than they were charged.
-    # S2. Client writes reserve only what leaves the cleaner's reserve and the zeroing
-    #     reserve untouched; the partial-block rewrites of a trim or write-zeroes may use
-    #     the zeroing reserve; only the cleaner uses its own (and only for a segment whose
-    #     live records fit in what is unreserved).
-    # S3. A reservation that does not fit waits its turn for the room lock and makes room:
-    #     it writes back nothing and cleans one segment at a time, commits, and waits for
-    #     freed extents that readers still hold; NoSpace only once a pass of all that won
-    #     nothing back.
-    # S4. Everything buffered holds a reservation from the moment it is acknowledged until
-    #     its record is written, so writeback (and so a flush) never needs space it was not
-    #     promised.
+    # The space rules, S1-S6, are in docs/INTERNALS.md "Space" (the tests cite them). In
+    # short: S1 a block is charged its record's share of a segment; S2 client writes leave
+    # the cleaner's and the zeroing reserve alone, and the cleaner only moves what fits in
+    # the unreserved space; S3 a reservation that does not fit makes room under the room
+    # lock, in turn, and fails only when nothing can be won back; S4 everything buffered
+    # holds its reservation until written, so a flush never needs unpromised space; S5
+    # freed extents wait only for reads older than their freeing commit; S6 no segment
+    # that nothing references is left unfreed.
     def record_cost(self, block_size: int, prof: Profile) -> int:
         """Device bytes one block of this profile is charged (rule S1): its worst-case
         record's share of a segment, i.e. a segment's bytes divided by how many such
@@ -600,7 +594,7 @@ class Pool:
         extents that can form its full stripes (k + m extents on distinct devices) count:
         a big new device beside full ones adds capacity, but no room for a wide stripe.
         An open segment's room counts without the tail that the largest record charged so
-        far might not fit into (rule S1)."""
+        far might not fit into (rule S1), and with a profile only its own open segment's."""
         counts = [len(f) for i, f in enumerate(self._free) if self.devices[i] is not None]
         if prof is None:
             free = sum(counts)
@@ -611,7 +605,8 @@ class Pool:
             free = prof.width * _stripes(tuple(counts + away), prof.width)
         cap = self.layout.extent_size // SECTOR
         room = sum(max(0, cap - s.fill - self._tail_units.get(key, 1) + 1) * SECTOR * (s.k + s.m)
-                   for key, s in self._open.items())
+                   for key, s in self._open.items()
+                   if prof is None or key == (prof.k, prof.m))
         return free * self.layout.extent_size + room - self._reserved
 
     def _cleaner_reserve(self) -> int:
@@ -1128,8 +1123,10 @@ class Pool:
 
     def _cleanable(self, threshold: float, tried: Container[int]) -> Segment | None:
         """The closed, unpinned segment with the smallest live part below ``threshold``
-        whose live records fit in the unreserved space (with a tail each side)."""
+        whose live records fit in the unreserved space (with a tail each side), and whose
+        cleaning wins at least a record's worth (less would be lost to the tails)."""
         open_ids = {s.id for s in self._open.values()}
+        cap = self.layout.extent_size // SECTOR
         room: dict[tuple[int, int], int] = {}
         for s in sorted((s for s in self.state.segments.values()
                          if s.id not in open_ids and s.id not in tried
@@ -1139,8 +1136,9 @@ class Pool:
             key = (s.k, s.m)
             if key not in room:
                 room[key] = self.available_bytes(Profile(*key))
-            need = (s.live + 2 * self._tail_units.get(key, 1)) * SECTOR * (s.k + s.m)
-            if not s.live or need <= room[key]:
+            tail = self._tail_units.get(key, 1)
+            need = (s.live + 2 * tail) * SECTOR * (s.k + s.m)
+            if not s.live or (need <= room[key] and cap - s.live > 2 * tail):
                 return s
         return None
 

@@ -266,7 +266,7 @@ async def test_discard_can_be_turned_off(tmp_path: Path,
 
 
 async def test_make_room_frees_a_segment_left_by_a_failed_store(tmp_path: Path) -> None:
-    """The write hang of issue 20 (rule S3): a store that fails with NoSpace half-way
+    """The write hang of issue 20 (rules S3, S6): a store that fails with NoSpace half-way
     leaves a closed segment holding only its unreferenced record. ``make_room`` used to
     count that segment as cleaned, free nothing, commit and try again -- a busy loop in
     which every writer of the pool hung at 100% CPU while reads and flushes went on. Now

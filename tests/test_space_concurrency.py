@@ -1,5 +1,5 @@
 """Space under concurrency, with real NBD clients (issue 20 items 2 and 3; invariants 1, 6
-and 8; the space rules S1-S5 of docs/INTERNALS.md "Space").
+and 8; the space rules S1-S6 of docs/INTERNALS.md "Space").
 
 A pool of three file devices (ec:2+1), a VolumeManager and the real NBD server run in this
 test's trio run, without the daemon's background cleaner: every byte of space a write
@@ -148,11 +148,13 @@ async def test_three_volumes_overwritten_with_flushes_no_flush_fails(tmp_path: P
 
 @pytest.mark.slow
 async def test_enospc_bursts_then_freed_space_every_write_is_answered(tmp_path: Path) -> None:
-    """The hang of issue 20 item 2: bursts of ENOSPC from 48 writes in flight on a pool
-    that truly fills, then the space freed by a trim; repeated 10 times (the hang struck
-    in about 1 of 4 bursts). Every command of every burst is answered (none still
-    pending 20 s after the last was sent), what failed changed nothing (the client's
-    model), and after the last burst writes into the freed space all succeed."""
+    """The hang of issue 20 item 2 (rules S3, S6): bursts of ENOSPC from 48 writes in
+    flight on a pool that truly fills, then the space freed by a trim; repeated 10 times
+    (the hang struck in about 1 of 4 bursts). Every command of every burst is answered
+    (none still pending 20 s after the last was sent), what failed changed nothing (the
+    client's model; rule S4), and after the last burst writes into the freed space all
+    succeed. (test_space.py's test_make_room_frees_a_segment_left_by_a_failed_store
+    builds the hang's state directly.)"""
     rounds = 10
     async with _served(tmp_path, {"base": 48 * MiB, "b": 128 * MiB}, device=64 * MiB,
                        extent=4 * MiB) as srv:
