@@ -4,12 +4,14 @@ and 8; the space rules S1-S6 of docs/INTERNALS.md "Space").
 Most tests run a pool of three file devices (ec:2+1), a VolumeManager and the real NBD
 server in the test's trio run, without the daemon's background cleaner: every byte of space
 a write gets back is won by the write path itself (rule S3), never by a cleaner that
-happened to run. The three-volume test runs the issue's case against the real daemon. The clients are libnbd's, run by the system python (``nbd_space_client.py``) with
-many asynchronous commands in flight; each keeps a byte-exact model of its volume (in-flight
+happened to run. The three-volume test runs the issue's case against the real daemon.
+
+The clients are libnbd's, run by the system python (``nbd_space_client.py``) with many
+asynchronous commands in flight; each keeps a byte-exact model of its volume (in-flight
 commands never overlap) and reads the whole volume back at the end.
 
-After each test the pool is closed, re-imported and deep-checked (every fragment read and
-verified), and the volumes read back byte-exact from the re-imported pool.
+Afterwards the pool is re-imported and deep-checked (every fragment read and verified),
+and the volumes read back byte-exact from it.
 """
 
 from __future__ import annotations
@@ -183,10 +185,12 @@ async def test_enospc_bursts_then_freed_space_every_write_is_answered(tmp_path: 
             assert got["counts"].get("write:ENOSPC", 0), f"round {r}: the pool never filled"
             await vol.trim(0, vol.size)          # free it all (nothing buffered is lost)
             await vol.flush()
-        got = await _client(srv, "b", 1, 16, 999, "writes", grace=20)
+        got = await _client(srv, "b", 1, 16, 999, "writes", grace=20,
+                            model_out=tmp_path / "b.model")
         assert not _errors(got["counts"]) and not got["hung"], got
         assert got["mismatch"] is None, got
-    await _reimported_and_checked(tmp_path / "devs", {"base": base.read_bytes()})
+    await _reimported_and_checked(tmp_path / "devs", {
+        "base": base.read_bytes(), "b": (tmp_path / "b.model").read_bytes()})
 
 
 async def test_full_pool_unaligned_trim_zeroes_delete_and_snapshot_removal_work(
