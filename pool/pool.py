@@ -97,6 +97,7 @@ FAULT_THRESHOLD = 10  # I/O errors after which a member is faulted (checksum err
 DISCARD_BATCH = 256   # freed extents discarded per round of the discard task
 DISCARD_FREED = True  # discard freed extents (the daemon sets it from `discard`)
 DISCARD_DELAY = 10.0  # seconds an extent stays free before it is discarded
+ZEROING_RESERVE_RECORDS = 4   # largest records kept for trims' partial blocks (rule S2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +194,8 @@ class Pool:
         self._page_locs: dict[int, Loc] = {}   # map node id -> where the checkpoint put it
         self._free: list[set[int]] = [set() for _ in state.members]
         self._pending_free: list[tuple[int, int]] = []   # freed by uncommitted ops
-        self._releasable: list[tuple[int, int]] = []     # committed, waiting for readers
+        # Committed frees (generation, member, extent), waiting for older readers.
+        self._releasable: list[tuple[int, int, int]] = []
         # Free extents to discard (hole punch / BLKDISCARD: thin backing files and SSDs
         # get the space back), and those being discarded now (writes into one of these,
         # reused meanwhile, wait for its discard: see _store).
@@ -220,8 +222,21 @@ class Pool:
         self._dirty_devices: set[int] = set()
         self._failed: str | None = None
         self._closed = False
-        self._reads_in_flight = 0
         self._reserved = 0
+        # Space (see the rules at ``record_cost``): per profile, the largest record
+        # charged or stored (an open segment's tail that may not fit one more); the
+        # largest block charge (the zeroing reserve is counted in them); the room lock
+        # that reservations making room take in turn; the cleaner's lock.
+        self._tail_units: dict[tuple[int, int], int] = {}
+        self._largest_cost = 0
+        self._room_lock = trio.Lock()
+        self._clean_lock = trio.Lock()
+        self._released = trio.Event()   # set (and replaced) when freed extents come back
+        # Reads in flight by the release generation they began in: extents freed by a
+        # commit of generation g are reused once no read begun before g is in flight.
+        self._release_gen = 0
+        self._readers: Counter[int] = Counter()
+        self._pin_gens: dict[int, list[int]] = {}
         self._meta_units_used = meta.bitmap.count(1)
         self._caches: list[Callable[[], Awaitable[None]]] = []
         self._limiters = [trio.CapacityLimiter(4) for _ in devices]
@@ -583,14 +598,32 @@ class Pool:
         return sum(self._record_bytes(raw) for _b, raw in self.state.forest.items(map_id))
 
     # ==== space ===========================================================================
+    # The space rules, S1-S6, are in docs/INTERNALS.md "Space" (the tests cite them). In
+    # short: S1 a block is charged its record's share of a segment; S2 client writes leave
+    # the cleaner's and the zeroing reserve alone, and the cleaner only moves what fits in
+    # the unreserved space; S3 a reservation that does not fit makes room under the room
+    # lock, in turn, and fails only when nothing can be won back; S4 everything buffered
+    # holds its reservation until written, so a flush never needs unpromised space; S5
+    # freed extents wait only for reads older than their freeing commit; S6 no segment
+    # that nothing references is left unfreed.
     def record_cost(self, block_size: int, prof: Profile) -> int:
-        """Worst-case device bytes one block of this profile can take."""
-        return codec.worst_case_units(block_size, prof.k) * SECTOR * prof.width
+        """Device bytes one block of this profile is charged (rule S1): its worst-case
+        record's share of a segment, i.e. a segment's bytes divided by how many such
+        records fit in one (the tail that does not fit one more is charged too)."""
+        units = codec.worst_case_units(block_size, prof.k)
+        cap = self.layout.extent_size // SECTOR
+        per_segment = max(1, cap // units)
+        key = (prof.k, prof.m)
+        self._tail_units[key] = max(self._tail_units.get(key, 1), units)
+        self._largest_cost = max(self._largest_cost, -(-cap // per_segment) * SECTOR * prof.width)
+        return -(-cap // per_segment) * SECTOR * prof.width
 
     def available_bytes(self, prof: Profile | None = None) -> int:
         """Device bytes not yet promised to anything. With a profile, only the free
         extents that can form its full stripes (k + m extents on distinct devices) count:
-        a big new device beside full ones adds capacity, but no room for a wide stripe."""
+        a big new device beside full ones adds capacity, but no room for a wide stripe.
+        An open segment's room counts without the tail that the largest record charged so
+        far might not fit into (rule S1), and with a profile only its own open segment's."""
         counts = [len(f) for i, f in enumerate(self._free) if self.devices[i] is not None]
         if prof is None:
             free = sum(counts)
@@ -599,8 +632,10 @@ class Pool:
             away = sorted((len(f) for i, f in enumerate(self._free) if self._placeable(i)
                            and self.devices[i] is None), reverse=True)[:prof.m]
             free = prof.width * _stripes(tuple(counts + away), prof.width)
-        room = sum((self.layout.extent_size // SECTOR - s.fill) * SECTOR * (s.k + s.m)
-                   for s in self._open.values())
+        cap = self.layout.extent_size // SECTOR
+        room = sum(max(0, cap - s.fill - self._tail_units.get(key, 1) + 1) * SECTOR * (s.k + s.m)
+                   for key, s in self._open.items()
+                   if prof is None or key == (prof.k, prof.m))
         return free * self.layout.extent_size + room - self._reserved
 
     def _cleaner_reserve(self) -> int:
@@ -611,6 +646,12 @@ class Pool:
         if self._widest[0] != key:
             self._widest = (key, max((s.k + s.m for s in segs.values()), default=1))
         return 2 * self._widest[1] * self.layout.extent_size
+
+    def _zeroing_reserve(self) -> int:
+        """Space only the partial-block rewrites of trims and write-zeroes may take (rule
+        S2), so that they go on on a pool that writes have filled (invariant 8); each one
+        leaves its old record dead, which the cleaner wins back for the next."""
+        return ZEROING_RESERVE_RECORDS * self._largest_cost
 
     def metadata_used(self) -> float:
         """Fraction of the metadata page area in use: what the last checkpoint wrote plus,
@@ -630,36 +671,97 @@ class Pool:
         away = sum(1 for i, f in enumerate(self._free) if f and self.devices[i] is None
                    and self._placeable(i))
         if able + min(away, prof.m) < prof.width:
+            members = sum(1 for i, d in enumerate(self.devices)
+                          if d is not None and i not in self._avoid)
+            gone = sum(1 for i, d in enumerate(self.devices)
+                       if d is None and self._placeable(i))
+            if members + min(gone, prof.m) >= prof.width:
+                return   # enough members, only full ones: reservations make room (S3)
             present = sum(1 for d in self.devices if d is not None)
             raise NoSpace(f"pool {self.state.name} cannot store {prof} records now: they need "
                           f"{prof.width} devices with free space, {able} of the {present} "
                           f"present have some ({len(self.devices) - present} missing)")
 
-    def reserve(self, nbytes: int, prof: Profile | None = None) -> None:
-        """Promise space to a buffered write, or raise NoSpace (invariant 8)."""
-        if not nbytes:
-            return
-        if self.metadata_used() > META_RESERVE:
+    def _limit(self, prof: Profile | None, zeroing: bool) -> int:
+        """Bytes a reservation of this kind may still take (rule S2)."""
+        return (self.available_bytes(prof) - self._cleaner_reserve()
+                - (0 if zeroing else self._zeroing_reserve()))
+
+    def _refusal(self, nbytes: int, prof: Profile | None, zeroing: bool) -> NoSpace | None:
+        """Why ``nbytes`` cannot be reserved now, or None when it can."""
+        if self.metadata_used() > META_RESERVE and not zeroing:
             # The rest is kept for deletes, trims and snapshot removal, whose commits must
             # always fit (a checkpoint that cannot be written would fail the pool).
-            raise NoSpace(f"pool {self.state.name}: its metadata area is "
-                          f"{100 * self.metadata_used():.0f}% full; delete snapshots or "
-                          f"volumes, or trim, to make room")
-        if nbytes > self.available_bytes(prof) - self._cleaner_reserve():
-            raise NoSpace(f"pool {self.state.name} is out of space" +
-                          (f" for {prof} records" if prof is not None and
-                           nbytes <= self.available_bytes() - self._cleaner_reserve() else ""))
+            return NoSpace(f"pool {self.state.name}: its metadata area is "
+                           f"{100 * self.metadata_used():.0f}% full; delete snapshots or "
+                           f"volumes, or trim, to make room")
+        if nbytes > self._limit(prof, zeroing):
+            return NoSpace(f"pool {self.state.name} is out of space" +
+                           (f" for {prof} records" if prof is not None and
+                            nbytes <= self._limit(None, zeroing) else ""))
+        return None
+
+    def reserve(self, nbytes: int, prof: Profile | None = None, *,
+                zeroing: bool = False) -> None:
+        """Promise space to a buffered write now, or raise NoSpace (invariant 8); with
+        ``zeroing``, for the partial blocks of a trim or write-zeroes (rule S2)."""
+        if not nbytes:
+            return
+        refusal = self._refusal(nbytes, prof, zeroing)
+        if refusal is None and self._room_lock.locked():
+            # Others wait for room in turn: do not take what is being won for them.
+            refusal = NoSpace(f"pool {self.state.name} is making room")
+        if refusal is not None:
+            raise refusal
         self._reserved += nbytes
 
-    async def make_room(self, nbytes: int, prof: Profile | None = None) -> None:
-        """Clean segments (and commit, which frees them) until ``nbytes`` can be reserved;
-        raise NoSpace when nothing more can be won back."""
-        while nbytes > self.available_bytes(prof) - self._cleaner_reserve():
-            emptied = await self.clean(max_segments=2, threshold=1.0)
-            await self.commit()
-            if not emptied:
-                raise NoSpace(f"pool {self.state.name} is out of space (nothing left for "
-                              f"the cleaner to reclaim)")
+    async def reserve_wait(self, nbytes: int, prof: Profile | None = None, *,
+                           zeroing: bool = False) -> None:
+        """``reserve``, making room when it does not fit (rule S3): NoSpace only when the
+        pool's live data, buffered writes included, and its reserves truly fill it."""
+        if not nbytes:
+            return
+        if self._refusal(nbytes, prof, zeroing) is None and not self._room_lock.locked():
+            self._reserved += nbytes
+            return
+        await self.make_room(nbytes, prof, zeroing=zeroing)
+
+    async def make_room(self, nbytes: int, prof: Profile | None = None, *,
+                        zeroing: bool = False) -> None:
+        """Reserve ``nbytes``, winning space back first (rule S3). One task at a time makes
+        room (the room lock, taken in arrival order), so concurrent reservations neither
+        race each other's cleaning nor give up while another is winning space back: each
+        waits its turn and tries again on what the one before won. A step that wins space
+        (a segment cleaned, freed extents released, buffered overwrites written back, which
+        kills the records they replace) is followed by another try; NoSpace only after a
+        round in which nothing could be won."""
+        async with self._room_lock:
+            wrote_back = False
+            while True:
+                self._check_ok()
+                self._reap()
+                refusal = self._refusal(nbytes, prof, zeroing)
+                if refusal is None:
+                    self._reserved += nbytes
+                    return
+                if self.metadata_used() > META_RESERVE and not zeroing:
+                    raise refusal
+                self._release_extents()
+                if self._releasable:
+                    # Freed by a commit, still possibly read by reads begun before it.
+                    await self._released.wait()
+                    continue
+                if await self._clean_one() or self._pending_free:
+                    await self.commit()      # (which frees the cleaned segment)
+                    continue
+                if not wrote_back:
+                    # Buffered overwrites hold their old records live and a worst-case
+                    # reservation each: written back, the old ones become cleanable.
+                    wrote_back = True
+                    for writeback in self._caches:
+                        await writeback()
+                    continue
+                raise refusal
 
     def unreserve(self, nbytes: int) -> None:
         self._reserved = max(0, self._reserved - nbytes)
@@ -724,16 +826,37 @@ class Pool:
             self._pending_free.extend(seg.extents)
             self._column_cache.pop(seg_id, None)
 
+    def _read_begin(self) -> int:
+        """Note a read (or a pin) in flight; returns its generation for ``_read_end``."""
+        gen = self._release_gen
+        self._readers[gen] += 1
+        return gen
+
+    def _read_end(self, gen: int) -> None:
+        self._readers[gen] -= 1
+        if not self._readers[gen]:
+            del self._readers[gen]
+        self._release_extents()
+
     def _release_extents(self) -> None:
-        if self._reads_in_flight or not self._releasable:
+        """Give back the extents of freed segments that no read in flight may still use:
+        those freed by a commit before the oldest such read began (a read begun later
+        found no reference to them). Reads that keep coming never hold them back."""
+        if not self._releasable:
             return
+        oldest = min(self._readers) if self._readers else self._release_gen + 1
+        ready = [(i, e) for gen, i, e in self._releasable if gen <= oldest]
+        if not ready:
+            return
+        self._releasable = [r for r in self._releasable if r[0] > oldest]
         now = trio.current_time()
-        for idx, e in self._releasable:
+        for idx, e in ready:
             if idx < len(self._free):
                 self._free[idx].add(e)
                 if self.discard_freed:
                     self._discard_queue[(idx, e)] = now
-        self._releasable = []
+        self._released.set()
+        self._released = trio.Event()
         if self._discard_queue and self._discarder is None and not self._closed:
             self._discarder = trio.Event()
             trio.lowlevel.spawn_system_task(self._discard_task, name="pool discard")
@@ -846,8 +969,13 @@ class Pool:
         placed: list[tuple[Segment, int, codec.EncodedRecord]] = []
         writes: dict[int, list[tuple[Device, int, list[codec.Buffer]]]] = {}
         pinned: list[int] = []
+        failed_store = False
         try:
             key = (prof.k, prof.m)
+            if encoded:
+                largest = max(rec.units for rec in encoded)
+                if largest > self._tail_units.get(key, 1):
+                    self._tail_units[key] = largest
             for rec in encoded:
                 seg = self._room(key, rec.units)
                 if not pinned or pinned[-1] != seg.id:
@@ -887,6 +1015,9 @@ class Pool:
             self._counters["records_written"] += len(placed)
             return [ENTRY.pack(seg.id, off, rec.plen, rec.flags, rec.rhash)
                     for seg, off, rec in placed]
+        except BaseException:
+            failed_store = True
+            raise
         finally:
             # No reaping here: the caller points maps at the records first (without an
             # await in between) and reaps after, or a segment closed while its records
@@ -895,6 +1026,14 @@ class Pool:
                 self._pins[seg_id] -= 1
                 if not self._pins[seg_id]:
                     del self._pins[seg_id]
+            if failed_store:
+                # Nobody will point at these records: a segment that holds only them (or
+                # that emptied while we pinned it) must not linger unfreed.
+                for seg_id in pinned:
+                    sg = self.state.segments.get(seg_id)
+                    if sg is not None and not sg.live:
+                        self.state.emptied.add(seg_id)
+                self._reap()
 
     def _degraded_store(self, placed: Sequence[tuple[Segment, int, codec.EncodedRecord]],
                         failed: set[int]) -> None:
@@ -990,20 +1129,50 @@ class Pool:
         into the open segment of its profile, and every leaf still pointing at the old
         copy is repointed by a journaled ``relocate`` op -- in place, since snapshots that
         share the leaf share the record too. A leaf changed meanwhile keeps its new entry.
-        Returns the number of segments emptied; the space returns at the next commit.
+        One cleaner runs at a time, and it moves a segment only when its live records fit
+        in what no reservation holds (rule S2), so it never takes space promised to
+        buffered writes. Returns the number of segments emptied; the space returns at the
+        next commit.
         """
         self._check_ok()
-        open_ids = {s.id for s in self._open.values()}
-        candidates = sorted(
-            (s for s in self.state.segments.values()
-             if s.id not in open_ids and not self._pins.get(s.id) and s.fill
-             and s.live < threshold * s.fill),
-            key=lambda s: s.live / s.fill)[:max_segments]
         emptied = 0
-        for seg in candidates:
-            if await self._evacuate(seg.id):
-                emptied += 1
+        async with self._clean_lock:
+            self._reap()
+            tried: set[int] = set()
+            while emptied < max_segments:
+                seg = self._cleanable(threshold, tried)
+                if seg is None:
+                    break
+                tried.add(seg.id)
+                if await self._evacuate(seg.id):
+                    emptied += 1
         return emptied
+
+    async def _clean_one(self) -> bool:
+        """Clean the sparsest segment with any dead space that the cleaner has room to
+        move (``make_room``); whether one was emptied."""
+        return bool(await self.clean(max_segments=1, threshold=1.0))
+
+    def _cleanable(self, threshold: float, tried: Container[int]) -> Segment | None:
+        """The closed, unpinned segment with the smallest live part below ``threshold``
+        whose live records fit in the unreserved space (with a tail each side), and whose
+        cleaning wins at least a record's worth (less would be lost to the tails)."""
+        open_ids = {s.id for s in self._open.values()}
+        cap = self.layout.extent_size // SECTOR
+        room: dict[tuple[int, int], int] = {}
+        for s in sorted((s for s in self.state.segments.values()
+                         if s.id not in open_ids and s.id not in tried
+                         and not self._pins.get(s.id) and s.fill
+                         and s.live < threshold * s.fill),
+                        key=lambda s: s.live / s.fill):
+            key = (s.k, s.m)
+            if key not in room:
+                room[key] = self.available_bytes(Profile(*key))
+            tail = self._tail_units.get(key, 1)
+            need = (s.live + 2 * tail) * SECTOR * (s.k + s.m)
+            if not s.live or (need <= room[key] and cap - s.live > 2 * tail):
+                return s
+        return None
 
     async def _evacuate(self, seg_id: int) -> bool:
         seg = self.state.segments.get(seg_id)
@@ -1018,7 +1187,13 @@ class Pool:
                 if raw != HOLE and ENTRY.unpack_from(raw)[0] == seg_id:
                     refs.setdefault(raw, []).append((nid, slot))
         if not refs:
-            return True
+            # Nothing references it (records of a store that failed, or the last ones
+            # dropped while it was pinned): free it now. Returning "emptied" without
+            # freeing it made ``make_room`` pick it again and again, a busy loop that
+            # left writers hanging after an ENOSPC burst (issue 20).
+            self.state.emptied.add(seg_id)
+            self._reap()
+            return seg_id not in self.state.segments
         olds = sorted(refs, key=lambda r: ENTRY.unpack_from(r)[1])
         cols = self._columns(seg)
         plans = []
@@ -1026,8 +1201,7 @@ class Pool:
             _s, off, plen, flags, rhash = ENTRY.unpack(raw)
             plans.append(records.RecordPlan(i, seg_id, off, codec.fragment_units(plen, seg.k),
                                             seg.k, seg.m, plen, flags, rhash, cols))
-        self._pins[seg_id] = self._pins.get(seg_id, 0) + 1
-        self._reads_in_flight += 1
+        self.pin(seg_id)
         try:
             out = await trio.to_thread.run_sync(
                 partial(records.read_records, plans, 0, stored=True), limiter=self._cpu)
@@ -1042,11 +1216,7 @@ class Pool:
                 limiter=self._cpu)
             news = await self._store(prof, encoded)
         finally:
-            self._reads_in_flight -= 1
-            self._pins[seg_id] -= 1
-            if not self._pins[seg_id]:
-                del self._pins[seg_id]
-            self._release_extents()
+            self._unpin(seg_id)   # no reap before the relocations point at the news
         for old, new in zip(olds, news, strict=True):
             for nid, slot in refs[old]:
                 self._do(op_relocate(nid, slot, old, new))
@@ -1179,13 +1349,12 @@ class Pool:
             # preadv(RWF_NOWAIT) never blocks, and verification is a hash per fragment.
             out = records.read_records(plans, block_size, nowait=True)
         except records.WouldBlock:
-            self._reads_in_flight += 1
+            gen = self._read_begin()
             try:
                 out = await trio.to_thread.run_sync(records.read_records, plans, block_size,
                                                     limiter=self._cpu)
             finally:
-                self._reads_in_flight -= 1
-                self._release_extents()
+                self._read_end(gen)
         self._counters["degraded_reads"] += out.degraded
         if out.device_errors:
             paths = {d.path: i for i, d in enumerate(self.devices) if d is not None}
@@ -1327,13 +1496,12 @@ class Pool:
             written.append(records.apply_repairs(rs))
         # Counted as a read in flight, so that extents freed meanwhile are not reused
         # (or discarded) under these writes.
-        self._reads_in_flight += 1
+        gen = self._read_begin()
         try:
             await self._per_device([(i, partial(rewrite, rs)) for i, rs in by_member.items()],
                                    "write", tolerate=True, what="a repair write")
         finally:
-            self._reads_in_flight -= 1
-            self._release_extents()
+            self._read_end(gen)
         done = sum(written)
         self._counters["repaired_fragments"] += done
         self._dirty_devices.update(i for i in by_member if self.devices[i] is not None)
@@ -1382,7 +1550,9 @@ class Pool:
     def _after_commit(self, covered: int, freed_here: int) -> None:
         """Ops up to ``covered`` are durable; so are the first ``freed_here`` frees."""
         self._committed = covered
-        self._releasable.extend(self._pending_free[:freed_here])
+        self._release_gen += 1
+        self._releasable.extend((self._release_gen, i, e)
+                                for i, e in self._pending_free[:freed_here])
         del self._pending_free[:freed_here]
         self._release_extents()
 
@@ -1783,15 +1953,23 @@ class Pool:
 
     def pin(self, seg_id: int) -> None:
         self._pins[seg_id] = self._pins.get(seg_id, 0) + 1
-        self._reads_in_flight += 1
+        self._pin_gens.setdefault(seg_id, []).append(self._read_begin())
 
     def unpin(self, seg_id: int) -> None:
-        self._reads_in_flight -= 1
+        self._unpin(seg_id)
+        self._reap()
+
+    def _unpin(self, seg_id: int) -> None:
+        """``unpin`` without reaping (for a caller whose new records nothing references
+        yet: a reap now could free the segment they are in)."""
+        gens = self._pin_gens[seg_id]
+        gen = gens.pop()
+        if not gens:
+            del self._pin_gens[seg_id]
         self._pins[seg_id] -= 1
         if not self._pins[seg_id]:
             del self._pins[seg_id]
-        self._release_extents()
-        self._reap()
+        self._read_end(gen)
 
     def pinned(self, seg_id: int) -> bool:
         return bool(self._pins.get(seg_id))

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from pool import FileDevice, Pool
+from pool import FileDevice, Pool, codec
 from pool import pool as pool_impl
 from pool.checker import check
 from pool.errors import NoSpace
 from pool.faults import FaultyDevice
+from pool.state import ENTRY, HOLE
 from storaged.config import load
 from volumes import VolumeManager
 
@@ -260,5 +261,52 @@ async def test_discard_can_be_turned_off(tmp_path: Path,
         held = await _fill_and_delete(pool, paths, 16)
         assert pool.statistics().discarded_extents == 0
         assert _allocated(paths) >= held
+    finally:
+        await pool.close()
+
+
+async def test_make_room_frees_a_segment_left_by_a_failed_store(tmp_path: Path) -> None:
+    """The write hang of issue 20 (rules S3, S6): a store that fails with NoSpace half-way
+    leaves a closed segment holding only its unreferenced record. ``make_room`` used to
+    count that segment as cleaned, free nothing, commit and try again -- a busy loop in
+    which every writer of the pool hung at 100% CPU while reads and flushes went on. Now
+    it frees such a segment and answers."""
+    pool = await _pool(tmp_path, size=4 << 20)
+    try:
+        prof = pool.default_profile
+        map_id = pool.create_map()
+        block = os.urandom(65536)
+        cost = pool.record_cost(65536, prof)
+        units = codec.worst_case_units(65536, prof.k)
+        cap = pool.layout.extent_size // 512
+        b = 0
+        # Fill the pool until its last segment is open and has room for one record only.
+        while True:
+            segs = pool.state.segments
+            last = segs[max(segs)] if segs else None
+            no_free = not any(m.free_extents for m in pool.statistics().members)
+            if last is not None and no_free and cap - last.fill < 2 * units:
+                break
+            await pool.write_blocks(map_id, prof, False, [(b, block)])
+            b += 1
+        assert cap - last.fill >= units, "the last segment is full: adjust sizes"
+        in_last = [i for i in range(b)
+                   if ENTRY.unpack_from(pool.state.forest.get(map_id, i) or HOLE)[0]
+                   == last.id]
+        pool.clear_map_range(map_id, in_last[0], in_last[-1] - in_last[0] + 1)
+        await pool.commit()
+        # Two records: the first goes into the last segment's tail, the second finds
+        # no room and no free extent.
+        with pytest.raises(NoSpace):
+            await pool.write_blocks(map_id, prof, False, [(b, block), (b + 1, block)])
+        # The pool is truly full (its reserves aside): making room must answer NoSpace,
+        # at once, having freed that segment.
+        with trio.fail_after(10), pytest.raises(NoSpace):
+            await pool.make_room(cost, prof)
+        assert last.id not in pool.state.segments
+        pool.delete_map(map_id)        # (a bare map: no volume object refers to it)
+        await pool.commit()
+        report = await check(pool, deep=True)
+        assert report.ok, report.render()
     finally:
         await pool.close()

@@ -490,7 +490,13 @@ class Volume:
         if fua:
             await self.flush()
         else:
-            await self._maybe_writeback()
+            try:
+                await self._maybe_writeback()
+            except NoSpace as e:
+                # The write is buffered with its space reserved (rule S4): failing it now
+                # would report as not done a write that is. The batch stays buffered.
+                log.error("volume %s: writeback failed, writes stay buffered: %s",
+                          self.name, e.message)
         self._latency["write"].observe(time.perf_counter() - started)
 
     async def write_zeroes(self, offset: int, length: int, *, fua: bool = False,
@@ -513,39 +519,72 @@ class Volume:
                       holes: bool = True, keep: bool = False) -> None:
         spans = list(self._blocks(offset, length))
         # Reserve space for every block up front, so a full pool fails the write before it
-        # changes anything (invariant 8) and a buffered write can always be written back.
-        # Zeroing needs none (it frees space), so trim works on a full pool.
-        need = sum(1 for b, _lo, _hi in spans if self._dirty.get(b) is None) if reserve else 0
+        # changes anything (invariant 8) and a buffered write can always be written back
+        # (rule S4); a reservation that does not fit makes room first (rule S3). Blocks
+        # buffered now are counted too: a writeback may take them while this write waits
+        # for a block's lock, and a reservation that failed half-way would leave the write
+        # half done. What is not used goes back at the end. Zeroing needs none for whole
+        # blocks (they become holes), so trim works on a full pool; the partial blocks it
+        # rewrites (two at most) reserve from the zeroing reserve (rule S2).
+        if reserve:
+            need = len(spans)
+        else:
+            need = sum(1 for b, lo, hi in spans if not self._whole(b, lo, hi))
         if need:
-            self._pool.check_writable(self.profile)
-            try:
-                self._pool.reserve(need * self._cost, self.profile)
-            except NoSpace:
-                # Overwritten and trimmed records may still hold space: win it back first.
-                await self._writeback()
-                await self._pool.make_room(need * self._cost, self.profile)
-                self._pool.reserve(need * self._cost, self.profile)
+            if reserve:
+                self._pool.check_writable(self.profile)
+            await self._pool.reserve_wait(need * self._cost, self.profile,
+                                          zeroing=not reserve)
         reserved = need
         try:
             pos = 0
             for b, lo, hi in spans:
                 chunk = piece(lo, hi, pos)
                 pos += hi - lo
-                base = self._base_now(b, lo, hi)
+                while True:
+                    base = self._base_now(b, lo, hi)
+                    if base is False:
+                        break
+                    if reserved or not self._needs_space(b, base, lo, hi, chunk, holes):
+                        reserved -= self._put_on(base, b, lo, hi, chunk, reserved, holes, keep)
+                        break
+                    # The block newly holds data and no reservation is left for it (a
+                    # zeroed partial block, or a writeback took the buffered block this
+                    # write counted on): reserve one, then look at the block again.
+                    await self._pool.reserve_wait(self._cost, self.profile,
+                                                  zeroing=not reserve)
+                    reserved += 1
                 if base is not False:
-                    reserved -= self._put_on(base, b, lo, hi, chunk, reserved, holes, keep)
                     continue
                 lock = self._locks.setdefault(b, trio.Lock())
                 try:
                     async with lock:
                         base = await self._current(b)
                         base[lo:hi] = chunk
+                        if not reserved and self._needs_space(b, True, 0, self.block_size,
+                                                              base, holes):
+                            await self._pool.reserve_wait(self._cost, self.profile,
+                                                          zeroing=not reserve)
+                            reserved += 1
                         reserved -= self._put(b, base, reserved, holes)
                 finally:
                     if self._locks.get(b) is lock and not lock.statistics().tasks_waiting:
                         del self._locks[b]
         finally:
             self._pool.unreserve(reserved * self._cost)
+
+    def _needs_space(self, b: int, base: bytearray | bool, lo: int, hi: int, chunk: Block,
+                     holes: bool) -> bool:
+        """Whether buffering ``chunk`` at ``lo:hi`` of block ``b`` on ``base`` (as
+        ``_put_on`` would) makes the buffer hold data for a block it holds none for: that
+        takes a reservation (rule S4)."""
+        if self._dirty.get(b) is not None or not holes:
+            return self._dirty.get(b) is None
+        zero = self._zero
+        if not zero.startswith(chunk):
+            return True
+        return isinstance(base, bytearray) and not (zero.startswith(base[:lo])
+                                                     and zero.startswith(base[hi:]))
 
     def _base_now(self, b: int, lo: int, hi: int) -> bytearray | bool:
         """What buffering bytes ``lo:hi`` of block ``b`` starts from, when that needs no
@@ -680,8 +719,8 @@ class Volume:
         if new is not None and not had_data:
             if reserved > 0:
                 used = 1
-            else:  # zeroing left data in a partial block, or a concurrent write took ours
-                self._pool.reserve(self._cost)
+            else:   # (``_update`` reserves first: only a ``write_nowait`` bug gets here)
+                self._pool.reserve(self._cost, self.profile)
             self._dirty_data += 1
         elif new is None and had_data:
             self._dirty_data -= 1
