@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 import trio
 
 from pool import codec, records
+from pool import owner as owners
 from pool.device import Device
 from pool.errors import (
     DeviceError,
@@ -219,6 +220,11 @@ class Pool:
         self._dirty_devices: set[int] = set()
         self._failed: str | None = None
         self._closed = False
+        # The owner record this daemon keeps on every member (pool.owner); None: none
+        # written (a pool opened without one, or released). The lock orders heartbeats
+        # against export/destroy, so no beat lands after the record was cleared.
+        self._owner: owners.OwnerRecord | None = None
+        self._owner_lock = trio.Lock()
         self._reads_in_flight = 0
         self._reserved = 0
         self._meta_units_used = meta.bitmap.count(1)
@@ -251,10 +257,11 @@ class Pool:
     @classmethod
     async def create(cls, name: str, devices: Sequence[Device], *, profile: str = "plain",
                      extent_size: int = DEFAULT_EXTENT, meta_size: int | None = None,
-                     force: bool = False) -> Pool:
+                     force: bool = False, claim: owners.Claim | None = None) -> Pool:
         """Make a new pool on ``devices`` (their current contents are overwritten).
 
         Devices that carry a storaged label are refused unless ``force`` is given.
+        ``claim``: the owner record to keep on the members (written with the labels).
         """
         _check_name(name)
         prof = Profile.parse(profile)
@@ -284,17 +291,22 @@ class Pool:
         await _write_within([(dev, partial(write_label, mi, dev))
                              for mi, dev in zip(members, devices, strict=True)],
                             "writing a new member's label")
+        if claim is not None:
+            await pool._take(claim)
         await pool._checkpoint()
         log.info("created pool %s (%s) on %d devices, profile %s, extent size %d",
                  name, pool_uuid, len(devices), prof, extent_size)
         return pool
 
     @classmethod
-    async def open(cls, devices: Sequence[Device], *, name: str | None = None) -> Pool:
+    async def open(cls, devices: Sequence[Device], *, name: str | None = None,
+                   claim: owners.Claim | None = None) -> Pool:
         """Import a pool from its member devices (any order, members may be missing).
 
         Refuses, changing nothing, when a device is unlabelled, truncated, of another pool,
         or a stale member, and when the members present cannot serve every segment.
+        ``claim``: the owner record to keep on the members; it is the first thing written,
+        once everything was read and the import decided (DESIGN invariant 10).
         """
         found = await _run(_read_labels, list(devices))
         by_pool: dict[str, list[tuple[Device, Label]]] = {}
@@ -317,6 +329,8 @@ class Pool:
         loaded = await _run(_load_pool, pool_uuid, members)
         pool = cls(loaded.state, loaded.layout, loaded.devices, loaded.meta, loaded.superblock)
         pool._page_locs = loaded.page_locs
+        if claim is not None:
+            await pool._take(claim, [d for d in loaded.devices if d is not None])
         await pool._finish_import(loaded.replayed)
         log.info("imported pool %s (%s): generation %d, txg %d, %d journal entries replayed",
                  pool.name, pool.uuid, pool.state.generation, pool.state.txg,
@@ -1421,13 +1435,80 @@ class Pool:
         self._counters["checkpoints"] += 1
 
     # ==== lifecycle =======================================================================
+    # ==== ownership (DESIGN invariant 10; pool.owner) =====================================
+    async def _take(self, claim: owners.Claim,
+                    devices: Sequence[Device] | None = None) -> None:
+        """Write this daemon's owner record to every member (the pool is taken). Its
+        sequence continues after the newest one found, so readers see it move."""
+        devs = list(devices) if devices is not None else [
+            d for d in self.devices if d is not None]
+        found = await _run(lambda: [owners.read_record(d) for d in devs])
+        seq = max((r.seq for r in found if r is not None), default=0) + 1
+        record = claim.record(self.state.uuid, seq)
+        async with self._owner_lock:
+            await _write_within([(d, partial(owners.write_record, d, record)) for d in devs],
+                                "writing the owner record")
+            self._owner = record
+
+    @property
+    def owner(self) -> owners.OwnerRecord | None:
+        return self._owner
+
+    async def heartbeat(self) -> None:
+        """One beat: if a member's record names another owner, the pool was taken over
+        while this daemon was silent (hung, or cut off): stop all I/O at once (the pool
+        fails, like ZFS suspending a pool whose MMP check fails). Otherwise write the next
+        sequence to every present member, under the write deadline."""
+        async with self._owner_lock:
+            mine = self._owner
+            if mine is None or self._closed or self._failed is not None:
+                return
+            seen: dict[int, owners.OwnerRecord | None] = {}
+
+            def reader(i: int, dev: Device) -> Callable[[], None]:
+                def read() -> None:
+                    seen[i] = owners.read_record(dev)
+                return read
+            await self._per_device([(i, reader(i, d)) for i, d in enumerate(self.devices)
+                                    if d is not None], "read", tolerate=True,
+                                   what="a read of the owner record")
+            for rec in seen.values():
+                if (rec is not None and rec.pool_uuid == mine.pool_uuid
+                        and rec.owner.instance != mine.owner.instance):
+                    self._failed = f"taken over by {owners.describe(rec)}"
+                    self._owner = None
+                    log.error("pool %s: %s; this daemon stops all I/O to it",
+                              self.state.name, self._failed)
+                    return
+            beat = mine.beat()
+            failed = await self._per_device(
+                self._calls(partial(owners.write_record, record=beat)), "write",
+                tolerate=True, what="a heartbeat")
+            if len(failed) < sum(d is not None for d in self.devices):
+                self._owner = beat
+
+    async def _release_owner(self, *, clear: bool) -> None:
+        """Stop heartbeats; ``clear``: also zero the owner record on every member."""
+        async with self._owner_lock:
+            had, self._owner = self._owner, None
+            if clear and had is not None:
+                try:
+                    await self._per_device(self._calls(owners.clear_record), "write",
+                                           tolerate=True, what="clearing the owner record")
+                except StorageError as e:
+                    log.warning("pool %s: clearing the owner record: %s", self.state.name,
+                                e.message)
+
     def add_cache(self, writeback: Callable[[], Awaitable[None]]) -> None:
         """Register an upper layer's write cache: ``close`` awaits ``writeback`` first, so
         writes acknowledged into it are written out before the final checkpoint."""
         self._caches.append(writeback)
 
-    async def close(self) -> None:
-        """Write back registered caches, commit everything (checkpoint), release devices."""
+    async def close(self, *, release: bool = False) -> None:
+        """Write back registered caches, commit everything (checkpoint), release devices.
+        ``release`` (export): clear the owner record too, so another daemon may import
+        the pool at once; otherwise it stays (the pool still belongs to this daemon,
+        which imports it again at its next start)."""
         if self._closed:
             return
         try:
@@ -1438,6 +1519,8 @@ class Pool:
                 self._reap()
                 await self._checkpoint()
         finally:
+            with trio.CancelScope(shield=True):
+                await self._release_owner(clear=release and self._failed is None)
             self._closed = True
             with trio.CancelScope(shield=True):
                 await self.settle_discards()    # its threads use the devices
@@ -1445,7 +1528,9 @@ class Pool:
             self._parked.clear()
 
     async def destroy(self) -> None:
-        """Wipe labels and superblocks of every present member; data is not zeroed."""
+        """Wipe labels, superblocks and owner records of every present member; data is not
+        zeroed."""
+        await self._release_owner(clear=False)
         self._closed = True
         await self._on_devices(_wipe)
         with trio.CancelScope(shield=True):
@@ -1990,6 +2075,7 @@ def _wipe(dev: Device) -> None:
     """Wipe a device's labels and superblocks (blocking); its data is not zeroed."""
     dev.pwrite(0, bytes(LABEL_SIZE))
     dev.pwrite(SB_OFFSET, bytes(SB_SLOTS * SB_SLOT_SIZE))
+    dev.pwrite(owners.OWNER_OFFSET, bytes(owners.OWNER_SIZE))
     dev.pwrite(dev.size - LABEL_SIZE, bytes(LABEL_SIZE))
     dev.sync()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,8 +18,20 @@ from typing import Any
 import trio
 
 from pool import Device, FileDevice, Pool, close_devices
-from pool.errors import AlreadyExists, DeviceError, InvalidArgument, NotFound, StorageError
+from pool import owner as owners
+from pool.errors import (
+    AlreadyExists,
+    Busy,
+    DeviceBusy,
+    DeviceError,
+    InvalidArgument,
+    NotFound,
+    StorageError,
+)
 from pool.layout import LABEL_SIZE, Label
+from pool.metastore import MetaStore
+from pool.pool import label_copies
+from pool.state import PoolState
 from volumes import VolumeManager
 
 log = logging.getLogger(__name__)
@@ -35,6 +48,7 @@ class PoolEntry:
     devices: list[str]
     full_warning: float = FULL_WARNING
     spares: list[str] = field(default_factory=list)   # device paths kept for replacements
+    taken_over: str | None = None    # import --force: whose pool this was (said once)
 
     @property
     def name(self) -> str:
@@ -46,7 +60,10 @@ class Registry:
     state_dir: str
     pools: dict[str, PoolEntry] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)   # pool name -> why not imported
+    heartbeat: float = owners.DEFAULT_INTERVAL    # owner records: seconds between beats
+    activity: float = owners.DEFAULT_ACTIVITY     # ... silence after which an owner is gone
     _lock: trio.Lock = field(default_factory=trio.Lock)
+    _me: owners.Owner | None = None
 
     # ---- the cache file -------------------------------------------------------------------
     def _cache_path(self) -> str:
@@ -114,10 +131,13 @@ class Registry:
         async with self._lock:
             if name in self.pools:
                 raise AlreadyExists(f"pool {name!r} already exists")
+            claim = await self._claim()
             devices = await _open_devices(paths, file_size)
             try:
+                if force:
+                    await trio.to_thread.run_sync(_refuse_live_owner, devices, claim.owner)
                 pool = await Pool.create(name, devices, profile=profile,
-                                         extent_size=extent_size, force=force)
+                                         extent_size=extent_size, force=force, claim=claim)
             except BaseException:
                 await close_devices(devices)
                 raise
@@ -130,25 +150,31 @@ class Registry:
         await self.save()
         return entry
 
-    async def import_pool(self, name: str | None, paths: list[str]) -> PoolEntry:
+    async def import_pool(self, name: str, paths: list[str], *,
+                          force: bool = False) -> PoolEntry:
         async with self._lock:
+            if name in self.pools:       # before any device is opened
+                raise AlreadyExists(f"pool {name!r} is already imported")
             if not paths:
                 paths = await trio.to_thread.run_sync(_scan, self.state_dir, name)
                 if not paths:
                     raise NotFound(f"no pool member found under {self.state_dir}"
                                    + (f" for pool {name!r}" if name else "")
                                    + "; name the devices with --device")
-            return await self._import(paths, name)
+            return await self._import(paths, name, force=force)
 
-    async def _import(self, paths: list[str], name: str | None) -> PoolEntry:
+    async def _import(self, paths: list[str], name: str | None, *,
+                      force: bool = False) -> PoolEntry:
         if name is not None and name in self.pools:
             raise AlreadyExists(f"pool {name!r} is already imported")
+        claim = await self._claim()
         devices = await _open_devices(paths, None, missing_ok=True)
         if not devices:
             raise NotFound(f"none of the devices of pool {name or '?'} is present: "
                            f"{', '.join(paths)}")
         try:
-            pool = await Pool.open(devices, name=name)
+            taken_over = await self._check_owner(devices, name, claim.owner, force)
+            pool = await Pool.open(devices, name=name, claim=claim)
         except BaseException:
             await close_devices(devices)
             raise
@@ -156,13 +182,74 @@ class Registry:
             await pool.close()
             raise AlreadyExists(f"pool {pool.name!r} is already imported")
         present = [d.path for d in devices]
-        return await self._adopt(pool, present)
+        entry = await self._adopt(pool, present)
+        entry.taken_over = taken_over
+        return entry
+
+    # ---- ownership (DESIGN invariant 10; pool.owner) ---------------------------------------
+    async def _claim(self) -> owners.Claim:
+        if self._me is None:
+            await trio.Path(self.state_dir).mkdir(parents=True, exist_ok=True)
+            self._me = await trio.to_thread.run_sync(owners.me, self.state_dir)
+        return owners.Claim(self._me, self.heartbeat, self.activity)
+
+    async def _check_owner(self, devices: list[Device], name: str | None, me: owners.Owner,
+                           force: bool) -> str | None:
+        """Decide whether this import may take the pool, from the labels and owner records
+        (read only): refuse a pool already imported here (by uuid), a pool whose owner
+        record names another daemon (without ``force``), and one whose heartbeat moves
+        within its activity interval (with ``force``, watched first). Returns what a
+        forced takeover took over from (to be said), or None."""
+        labels = await trio.to_thread.run_sync(_labels_of, devices)
+        uuids = {lab.pool_uuid for lab in labels.values()
+                 if name is None or lab.pool_name == name}
+        for entry in self.pools.values():
+            if entry.pool.uuid in uuids:
+                raise AlreadyExists(f"pool {entry.name!r} ({entry.pool.uuid}) is already "
+                                    f"imported")
+        if len(uuids) != 1:
+            return None          # Pool.open says what is wrong with these devices
+        (pool_uuid,) = uuids
+        pool_name = next(lab.pool_name for lab in labels.values())
+        mine = [d for d in devices if d.path in labels and
+                labels[d.path].pool_uuid == pool_uuid]
+        records = await trio.to_thread.run_sync(
+            lambda: [owners.read_record(d) for d in mine])
+        found = owners.assess(records, pool_uuid, me)
+        rec = found.record
+        if rec is None:
+            return None
+        if not force:
+            if time.time() - rec.time < rec.activity:
+                raise Busy(f"pool {pool_name} is active on another daemon: "
+                           f"{owners.describe(rec)}; export it there first")
+            raise Busy(f"pool {pool_name} was not exported by its last owner, "
+                       f"{owners.describe(rec)}; if that daemon is gone, `pool import "
+                       f"--force` takes the pool over (after watching for "
+                       f"{rec.activity:g} s that no heartbeat comes)")
+        log.warning("pool %s: owned by %s; watching its heartbeat for %g s before taking "
+                    "it over", pool_name, owners.describe(rec), rec.activity)
+        await trio.to_thread.run_sync(owners.watch, mine, rec, pool_name)
+        said = (f"took over pool {pool_name} from {owners.describe(rec)}: no heartbeat "
+                f"for {rec.activity:g} s")
+        log.warning("%s", said)
+        return said
+
+    async def importable(self, paths: list[str]) -> list[dict[str, Any]]:
+        """What ``pool import`` with no name shows: the pools whose members are found
+        (under the state directory, or among ``paths``), each with its state, members
+        found and missing, and who owns it. Opens every device read-only, takes no lock,
+        writes nothing."""
+        if not paths:
+            paths = await trio.to_thread.run_sync(_scan, self.state_dir, None)
+        here = {e.pool.uuid: e.name for e in self.pools.values()}
+        return await trio.to_thread.run_sync(_survey, paths, here)
 
     async def export(self, name: str) -> None:
         async with self._lock:
             entry = self.get(name)
             del self.pools[name]
-            await entry.pool.close()
+            await entry.pool.close(release=True)
             await self.save()
 
     async def destroy(self, name: str) -> None:
@@ -310,8 +397,8 @@ async def _open_devices(paths: list[str], file_size: int | None, *,
                     if file_size is None:
                         raise DeviceError(f"{p}: no such device or file (give a size to "
                                           f"create sparse files)")
-                out.append(FileDevice(p, create_size=file_size if not os.path.exists(p)
-                                      else None))
+                out.append(_open_exclusive(p, file_size if not os.path.exists(p)
+                                           else None))
         except BaseException:
             for d in out:
                 d.close()
@@ -339,3 +426,131 @@ def _scan(directory: str, name: str | None) -> list[str]:
         if name is None or label.pool_name == name:
             found.append(path)
     return found
+
+
+# ---- ownership helpers (blocking) ------------------------------------------------------------
+def _open_exclusive(path: str, create_size: int | None) -> FileDevice:
+    """A member device, held exclusively (DESIGN invariant 10); a held one is refused
+    naming who holds it."""
+    try:
+        return FileDevice(path, create_size=create_size, exclusive=True)
+    except DeviceBusy as e:
+        raise DeviceBusy(_holder(path)) from e
+
+
+def _label_at(path: str) -> Label | None:
+    try:
+        dev = FileDevice(path, read_only=True)
+    except DeviceError:
+        return None
+    try:
+        return next((lab for _, lab in label_copies(dev) if isinstance(lab, Label)), None)
+    finally:
+        dev.close()
+
+
+def _holder(path: str) -> str:
+    """Who holds a busy device, as far as can be told: its pool (label), the process
+    holding the lock (/proc/locks) and the owner record."""
+    text = f"{path} is in use"
+    label = _label_at(path)
+    if label is not None:
+        text += f": member {label.index} of pool {label.pool_name!r} ({label.pool_uuid})"
+    pid = owners.lock_holder(path)
+    if pid == os.getpid():
+        text += ", imported by this daemon"
+    elif pid is not None:
+        text += f", held by pid {pid}"
+    rec = owners.read_path(path)
+    if rec is not None and pid != os.getpid() and (label is None
+                                                    or rec.pool_uuid == label.pool_uuid):
+        text += f"; owner {owners.describe(rec)}"
+    return text
+
+
+def _labels_of(devices: list[Device]) -> dict[str, Label]:
+    out: dict[str, Label] = {}
+    for dev in devices:
+        lab = next((lab for _, lab in label_copies(dev) if isinstance(lab, Label)), None)
+        if lab is not None:
+            out[dev.path] = lab
+    return out
+
+
+def _refuse_live_owner(devices: list[Device], me: owners.Owner) -> None:
+    """``pool create --force`` overrides the label of an exported or destroyed pool, never
+    a member of a live one: a device whose owner record names another daemon that beats
+    (fresh, or moving while watched for its activity interval) is refused."""
+    labels = _labels_of(devices)
+    for dev in devices:
+        rec = owners.read_record(dev)
+        lab = labels.get(dev.path)
+        if rec is None or lab is None or rec.pool_uuid != lab.pool_uuid:
+            continue
+        if owners.assess([rec], lab.pool_uuid, me).record is None:
+            continue         # ours, and we hold the lock: the old process is gone
+        if time.time() - rec.time < rec.activity:
+            raise Busy(f"{dev.path} is member {lab.index} of pool {lab.pool_name!r}, "
+                       f"active on another daemon ({owners.describe(rec)}); --force does "
+                       f"not override a live pool")
+        owners.watch([dev], rec, lab.pool_name)
+
+
+def _survey(paths: list[str], here: dict[str, str]) -> list[dict[str, Any]]:
+    """The pools on ``paths`` (read-only; see Registry.importable)."""
+    groups: dict[str, list[tuple[FileDevice, Label]]] = {}
+    opened: list[FileDevice] = []
+    try:
+        for path in paths:
+            try:
+                dev = FileDevice(path, read_only=True)
+            except DeviceError:
+                continue
+            opened.append(dev)
+            lab = next((lab for _, lab in label_copies(dev) if isinstance(lab, Label)), None)
+            if lab is not None:
+                groups.setdefault(lab.pool_uuid, []).append((dev, lab))
+        return [_survey_pool(uuid, found, here) for uuid, found in groups.items()]
+    finally:
+        for dev in opened:
+            dev.close()
+
+
+def _survey_pool(pool_uuid: str, found: list[tuple[FileDevice, Label]],
+                 here: dict[str, str]) -> dict[str, Any]:
+    name = found[0][1].pool_name
+    out: dict[str, Any] = {"name": name, "uuid": pool_uuid,
+                           "found": sorted(d.path for d, _ in found), "missing": []}
+    try:
+        best = max((sb for d, _ in found for sb in MetaStore.read_superblocks(d, pool_uuid)),
+                   key=lambda sb: sb.generation, default=None)
+        if best is None:
+            raise StorageError("no intact superblock")
+        state = PoolState.from_json(MetaStore(found[0][1].layout, [d for d, _ in found],
+                                              pool_uuid).read_blob(best.state))
+    except (StorageError, ValueError, KeyError) as e:
+        msg = e.message if isinstance(e, StorageError) else str(e)
+        out.update(state="unavailable", error=f"metadata unreadable: {msg}")
+    else:
+        have = {lab.device_uuid for _, lab in found}
+        expected = [m for m in state.members if m.state != "removed"]
+        out["members"] = len(expected)
+        out["missing"] = [m.index for m in expected if m.uuid not in have]
+        out["state"] = "degraded" if out["missing"] else "online"
+    holders = {pid for d, _ in found if (pid := owners.lock_holder(d.path)) is not None}
+    rec = max((r for r in (owners.read_record(d) for d, _ in found)
+               if r is not None and r.pool_uuid == pool_uuid),
+              key=lambda r: r.seq, default=None)
+    if pool_uuid in here:
+        out["owner"] = f"imported by this daemon as {here[pool_uuid]!r}"
+    elif holders:
+        out["owner"] = (f"in use by pid {', '.join(map(str, sorted(holders)))}"
+                        + (f" ({owners.describe(rec)})" if rec else ""))
+    elif rec is not None and time.time() - rec.time < rec.activity:
+        out["owner"] = f"active on another daemon: {owners.describe(rec)}"
+    elif rec is not None:
+        out["owner"] = f"not exported by {owners.describe(rec)} (import --force)"
+    else:
+        out["owner"] = "exported"
+    out["importable"] = out["owner"] == "exported" and out["state"] != "unavailable"
+    return out
