@@ -179,9 +179,9 @@ def validate(cfg: Config) -> Config:
     if not 0 < cfg.owner_heartbeat <= 600:
         raise InvalidArgument(f"owner.heartbeat must be seconds in (0, 600], not "
                               f"{cfg.owner_heartbeat!r}")
-    if not 2 * cfg.owner_heartbeat <= cfg.owner_activity <= 3600:
-        raise InvalidArgument(f"owner.activity must be seconds, at least twice "
-                              f"owner.heartbeat and at most 3600, not {cfg.owner_activity!r}")
+    if not max(2 * cfg.owner_heartbeat, 1.0) <= cfg.owner_activity <= 3600:
+        raise InvalidArgument(f"owner.activity must be seconds, at least 1 and twice "
+                              f"owner.heartbeat, at most 3600, not {cfg.owner_activity!r}")
     if not 1 <= cfg.nbd_max_inflight <= 4096:
         raise InvalidArgument("nbd.max_inflight must be between 1 and 4096")
     if cfg.fuse_mount is not None and not cfg.fuse_mount:

@@ -168,15 +168,17 @@ async def _expire_writes(entry: PoolEntry, cfg: Config, period: float) -> None:
 
 async def _heartbeat(entry: PoolEntry, interval: float) -> None:
     """The owner record's heartbeat (pool.owner, DESIGN invariant 10), every ``interval``
-    seconds while the pool is open (its own task: nothing else delays it)."""
+    seconds while the pool is open (its own task: nothing else delays it). The first beat
+    goes out at once: ``maintain`` notices a new pool up to ``period`` late, which
+    owner.activity (at least 1 s) covers."""
     pool = entry.pool
     while not pool.closed:
-        await trio.sleep(interval)
         try:
             await pool.heartbeat()
         except StorageError as e:
             if not pool.closed:
                 log.error("pool %s: heartbeat: %s", entry.name, e.message)
+        await trio.sleep(interval)
 
 
 async def _maintain_pool(registry: Registry, entry: PoolEntry, cfg: Config,

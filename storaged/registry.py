@@ -390,7 +390,7 @@ async def _open_devices(paths: list[str], file_size: int | None, *,
     def op() -> list[Device]:
         out: list[Device] = []
         try:
-            for p in paths:
+            for p in _lock_order(paths):
                 if not os.path.exists(p):
                     if missing_ok:
                         continue
@@ -403,8 +403,20 @@ async def _open_devices(paths: list[str], file_size: int | None, *,
             for d in out:
                 d.close()
             raise
-        return out
+        return _given_order(out, paths)
     return await trio.to_thread.run_sync(op)
+
+
+def _lock_order(paths: list[str]) -> list[str]:
+    """Members are locked in one order (by absolute path) whatever order they were given
+    in: two daemons importing the same members race for the same first lock, so exactly
+    one wins (in the order given, each could take one member and both would lose)."""
+    return sorted(paths, key=_abspath)
+
+
+def _given_order(devices: list[Device], paths: list[str]) -> list[Device]:
+    rank = {_abspath(p): i for i, p in enumerate(paths)}
+    return sorted(devices, key=lambda d: rank.get(_abspath(d.path), len(rank)))
 
 
 def _scan(directory: str, name: str | None) -> list[str]:
