@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from pool import FileDevice, Pool
+from pool import Device, FileDevice, Pool
 from pool import owner as owners
 from pool.errors import Busy, DeviceBusy, PoolFailed
+from storaged import registry
 from tests.conftest import DiskSet
 from tests.daemonkit import BIN, Daemon, _free_port, _qemu_io
 from volumes import VolumeManager
@@ -119,6 +120,24 @@ async def test_an_owner_taken_over_stops_all_io_at_its_next_heartbeat(disks: Dis
     with pytest.raises(PoolFailed, match="taken over by host host-b"):
         await vol.write(0, b"x" * 4096)
         await vol.flush()
+    await pool.close()
+
+
+async def test_create_force_refuses_a_member_whose_owner_beats(disks: Disks) -> None:
+    """``pool create --force`` where flock does not reach: a device whose owner record
+    names another daemon with a fresh heartbeat is refused without a write; once that
+    owner has been silent for its activity interval, the check lets it through."""
+    claim = owners.Claim(A, 0.05, 1.0)
+    ds, pool = await _beating(disks, claim)
+    await pool.heartbeat()
+    probe: list[Device] = [FileDevice(str(ds.paths[0]))]
+    before = ds.digests()
+    with pytest.raises(Busy, match=r"member 0 of pool 'tank', active on another daemon"):
+        await trio.to_thread.run_sync(registry._refuse_live_owner, probe, B)
+    assert ds.digests() == before
+    await trio.sleep(claim.activity)          # the owner stays silent (hung, or gone)
+    await trio.to_thread.run_sync(registry._refuse_live_owner, probe, B)
+    probe[0].close()
     await pool.close()
 
 
@@ -244,6 +263,8 @@ def test_two_daemons_racing_to_import_one_wins(tmp_path: Path) -> None:
         assert r.returncode == 1 and "in use" in r.stderr and "pool 'tank'" in r.stderr
         r = lose.ctl("pool", "create", "x", str(disks[0]), "--force")
         assert r.returncode == 1 and "in use" in r.stderr, r.stderr
+        r = win.ctl("pool", "create", "y", str(disks[1]), "--force")
+        assert r.returncode == 1 and "imported by this daemon" in r.stderr, r.stderr
         assert _digests(disks) == before
         _intact(win)
         win.ok("pool", "export", "tank")
@@ -278,6 +299,10 @@ def test_a_killed_owners_pool_needs_force_and_is_taken_over(tmp_path: Path) -> N
         r = b.ctl("pool", "import", "tank", *_devs(disks))
         assert r.returncode == 1 and f"pid {old_pid}" in r.stderr, r.stderr
         assert "--force" in r.stderr or "active" in r.stderr
+        listed = b.json("pool", "import", *_devs(disks[:2]))
+        assert isinstance(listed, list) and listed[0]["state"] == "degraded", listed
+        assert listed[0]["missing"] == [2] and listed[0]["members"] == 3
+        assert f"pid {old_pid}" in listed[0]["owner"] and not listed[0]["importable"]
         assert _digests(disks, mask_owner=False) == before
         assert b.json("pool", "list") == []
         t0 = time.monotonic()
