@@ -210,7 +210,8 @@ class Registry:
         if len(uuids) != 1:
             return None          # Pool.open says what is wrong with these devices
         (pool_uuid,) = uuids
-        pool_name = next(lab.pool_name for lab in labels.values())
+        pool_name = next(lab.pool_name for lab in labels.values()
+                         if lab.pool_uuid == pool_uuid)
         mine = [d for d in devices if d.path in labels and
                 labels[d.path].pool_uuid == pool_uuid]
         records = await trio.to_thread.run_sync(
