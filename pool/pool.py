@@ -1434,7 +1434,6 @@ class Pool:
         self._after_commit(ops_covered, freed_here)
         self._counters["checkpoints"] += 1
 
-    # ==== lifecycle =======================================================================
     # ==== ownership (DESIGN invariant 10; pool.owner) =====================================
     async def _take(self, claim: owners.Claim,
                     devices: Sequence[Device] | None = None) -> None:
@@ -1455,10 +1454,12 @@ class Pool:
         return self._owner
 
     async def heartbeat(self) -> None:
-        """One beat: if a member's record names another owner, the pool was taken over
-        while this daemon was silent (hung, or cut off): stop all I/O at once (the pool
-        fails, like ZFS suspending a pool whose MMP check fails). Otherwise write the next
-        sequence to every present member, under the write deadline."""
+        """One beat: if a member's record names another owner at a sequence no lower than
+        ours (a taker continues after the highest it found), the pool was taken over while
+        this daemon was silent (hung, or cut off): stop all I/O at once (the pool fails,
+        like ZFS suspending a pool whose MMP check fails). A lower one is a stale record
+        of an earlier owner on a member that came back, and is overwritten. Otherwise
+        write the next sequence to every present member, under the write deadline."""
         async with self._owner_lock:
             mine = self._owner
             if mine is None or self._closed or self._failed is not None:
@@ -1474,7 +1475,8 @@ class Pool:
                                    what="a read of the owner record")
             for rec in seen.values():
                 if (rec is not None and rec.pool_uuid == mine.pool_uuid
-                        and rec.owner.instance != mine.owner.instance):
+                        and rec.owner.instance != mine.owner.instance
+                        and rec.seq >= mine.seq):
                     self._failed = f"taken over by {owners.describe(rec)}"
                     self._owner = None
                     log.error("pool %s: %s; this daemon stops all I/O to it",
@@ -1499,6 +1501,7 @@ class Pool:
                     log.warning("pool %s: clearing the owner record: %s", self.state.name,
                                 e.message)
 
+    # ==== lifecycle =======================================================================
     def add_cache(self, writeback: Callable[[], Awaitable[None]]) -> None:
         """Register an upper layer's write cache: ``close`` awaits ``writeback`` first, so
         writes acknowledged into it are written out before the final checkpoint."""

@@ -107,10 +107,20 @@ async def test_a_moving_heartbeat_refuses_a_watcher_and_a_silent_one_does_not(
 
 async def test_an_owner_taken_over_stops_all_io_at_its_next_heartbeat(disks: Disks) -> None:
     """Invariant 10 (a hung owner that wakes up cannot write on): when another daemon's
-    record is found on the members, the old owner's pool fails and refuses writes."""
+    record is found on the members at a sequence no lower than ours (a taker continues
+    after the highest it found), the old owner's pool fails and refuses writes. A lower
+    one (an earlier owner's record on a member that was away) is only overwritten."""
     ds, pool = await _beating(disks, owners.Claim(A, 0.05, 0.4))
     vm = VolumeManager(pool)
     vol = await vm.create("v", 1 << 20, block_size=64 << 10)
+    away = FileDevice(str(ds.paths[2]))
+    owners.write_record(away, owners.Claim(B, 0.05, 0.4).record(pool.uuid, 0))
+    await pool.heartbeat()
+    back = owners.read_record(away)
+    assert back is not None and back.owner == A
+    away.close()
+    await vol.write(0, b"y" * 4096)
+    await vol.flush()
     other = [FileDevice(str(p), read_only=False) for p in ds.paths]
     taker = owners.Claim(B, 0.05, 0.4).record(pool.uuid, 100)
     for d in other:
