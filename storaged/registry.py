@@ -244,7 +244,8 @@ class Registry:
         if not paths:
             paths = await trio.to_thread.run_sync(_scan, self.state_dir, None)
         here = {e.pool.uuid: e.name for e in self.pools.values()}
-        return await trio.to_thread.run_sync(_survey, paths, here)
+        me = (await self._claim()).owner
+        return await trio.to_thread.run_sync(_survey, paths, here, me)
 
     async def export(self, name: str) -> None:
         async with self._lock:
@@ -509,7 +510,8 @@ def _refuse_live_owner(devices: list[Device], me: owners.Owner) -> None:
         owners.watch([dev], rec, lab.pool_name)
 
 
-def _survey(paths: list[str], here: dict[str, str]) -> list[dict[str, Any]]:
+def _survey(paths: list[str], here: dict[str, str],
+            me: owners.Owner) -> list[dict[str, Any]]:
     """The pools on ``paths`` (read-only; see Registry.importable)."""
     groups: dict[str, list[tuple[FileDevice, Label]]] = {}
     opened: list[FileDevice] = []
@@ -523,14 +525,14 @@ def _survey(paths: list[str], here: dict[str, str]) -> list[dict[str, Any]]:
             lab = next((lab for _, lab in label_copies(dev) if isinstance(lab, Label)), None)
             if lab is not None:
                 groups.setdefault(lab.pool_uuid, []).append((dev, lab))
-        return [_survey_pool(uuid, found, here) for uuid, found in groups.items()]
+        return [_survey_pool(uuid, found, here, me) for uuid, found in groups.items()]
     finally:
         for dev in opened:
             dev.close()
 
 
 def _survey_pool(pool_uuid: str, found: list[tuple[FileDevice, Label]],
-                 here: dict[str, str]) -> dict[str, Any]:
+                 here: dict[str, str], me: owners.Owner) -> dict[str, Any]:
     name = found[0][1].pool_name
     out: dict[str, Any] = {"name": name, "uuid": pool_uuid,
                            "found": sorted(d.path for d, _ in found), "missing": []}
@@ -559,11 +561,15 @@ def _survey_pool(pool_uuid: str, found: list[tuple[FileDevice, Label]],
     elif holders:
         out["owner"] = (f"in use by pid {', '.join(map(str, sorted(holders)))}"
                         + (f" ({owners.describe(rec)})" if rec else ""))
+    elif rec is not None and owners.assess([rec], pool_uuid, me).mine:
+        # Left by this daemon (stopped or killed): it imports without --force.
+        out["owner"] = "last used by this daemon (not exported)"
     elif rec is not None and time.time() - rec.time < rec.activity:
         out["owner"] = f"active on another daemon: {owners.describe(rec)}"
     elif rec is not None:
         out["owner"] = f"not exported by {owners.describe(rec)} (import --force)"
     else:
         out["owner"] = "exported"
-    out["importable"] = out["owner"] == "exported" and out["state"] != "unavailable"
+    out["importable"] = (out["owner"] in ("exported", "last used by this daemon (not "
+                                          "exported)") and out["state"] != "unavailable")
     return out
