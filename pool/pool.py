@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
@@ -225,6 +226,7 @@ class Pool:
         # against export/destroy, so no beat lands after the record was cleared.
         self._owner: owners.OwnerRecord | None = None
         self._owner_lock = trio.Lock()
+        self._confirmed = 0.0      # time.monotonic() of the last beat that found us owner
         self._reads_in_flight = 0
         self._reserved = 0
         self._meta_units_used = meta.bitmap.count(1)
@@ -828,6 +830,7 @@ class Pool:
         """Place encoded records at the end of the profile's open segment(s), write them
         (one write per column per run), and return their map entries. The caller points
         maps at them afterwards: nothing references a record before it is written."""
+        await self._confirm_owner()
         placed: list[tuple[Segment, int, codec.EncodedRecord]] = []
         writes: dict[int, list[tuple[Device, int, list[codec.Buffer]]]] = {}
         pinned: list[int] = []
@@ -1329,6 +1332,7 @@ class Pool:
         target = self._applied
         async with self._commit_lock:
             self._check_ok()
+            await self._confirm_owner()
             if self._committed >= target:
                 return
             for seg_id in sorted(self._fill_moved):
@@ -1376,6 +1380,7 @@ class Pool:
 
     async def _checkpoint(self) -> None:
         async with self._commit_lock:
+            await self._confirm_owner()
             await self._checkpoint_locked()
 
     async def _checkpoint_locked(self) -> None:
@@ -1448,6 +1453,7 @@ class Pool:
             await _write_within([(d, partial(owners.write_record, d, record)) for d in devs],
                                 "writing the owner record")
             self._owner = record
+            self._confirmed = time.monotonic()
 
     @property
     def owner(self) -> owners.OwnerRecord | None:
@@ -1483,11 +1489,25 @@ class Pool:
                               self.state.name, self._failed)
                     return
             beat = mine.beat()
+            started = time.monotonic()
             failed = await self._per_device(
                 self._calls(partial(owners.write_record, record=beat)), "write",
                 tolerate=True, what="a heartbeat")
             if len(failed) < sum(d is not None for d in self.devices):
                 self._owner = beat
+                self._confirmed = started
+
+    async def _confirm_owner(self) -> None:
+        """Called before data and metadata writes. They go out only while this daemon's
+        ownership was confirmed by a beat within half the activity interval: a takeover
+        (which first waits a whole interval without a beat) cannot have happened since.
+        Past that (the daemon was stopped, starved or cut off), a beat first confirms
+        ownership, or finds the pool taken over and fails it (PoolFailed), before anything
+        is written. Costs a clock read while the heartbeat runs on time."""
+        mine = self._owner
+        if mine is not None and time.monotonic() - self._confirmed > mine.activity / 2:
+            await self.heartbeat()
+            self._check_ok()
 
     async def _release_owner(self, *, clear: bool) -> None:
         """Stop heartbeats; ``clear``: also zero the owner record on every member."""
@@ -1833,6 +1853,7 @@ class Pool:
         (``records.WRITE_TIMEOUT``): a device that has not finished by then fails all of
         them, and a member that hung so is faulted at once, for a full rebuild (the stuck
         write may still land), as a hung foreground write faults it."""
+        await self._confirm_owner()
         live = [r for r in repairs if r.segment in self.state.segments]
         groups: dict[int, list[records.Repair]] = {}
         for r in live:

@@ -151,6 +151,36 @@ async def test_create_force_refuses_a_member_whose_owner_beats(disks: Disks) -> 
     await pool.close()
 
 
+async def test_an_owner_silent_past_half_its_interval_confirms_before_writing(
+        disks: Disks) -> None:
+    """Invariant 10 (a hung owner that wakes up cannot write): an owner whose last beat
+    is older than half its activity interval (stopped, starved) confirms ownership before
+    its next data write; finding the pool taken over meanwhile, it fails and writes
+    nothing at all (members byte-identical but for the owner block). While it is still
+    the owner, the confirmation is only a beat and the write goes through."""
+    claim = owners.Claim(A, 60.0, 0.2)        # no heartbeat task: the daemon is "stopped"
+    ds, pool = await _beating(disks, claim)
+    vol = await VolumeManager(pool).create("v", 1 << 20, block_size=64 << 10)
+    await vol.flush()
+    seq = pool.owner.seq if pool.owner else 0
+    await trio.sleep(claim.activity)
+    await vol.write(0, b"a" * 65536)
+    await vol.flush()                          # confirmed by a beat, then written
+    assert pool.owner is not None and pool.owner.seq == seq + 1
+    await trio.sleep(claim.activity)
+    taker = owners.Claim(B, 0.05, 0.2).record(pool.uuid, 1000)
+    for p in ds.paths:
+        d = FileDevice(str(p))
+        owners.write_record(d, taker)
+        d.close()
+    before = _digests(ds.paths)
+    await vol.write(65536, b"b" * 65536)       # buffered in memory
+    with pytest.raises(PoolFailed, match="taken over by host host-b"):
+        await vol.flush()
+    assert _digests(ds.paths) == before
+    await pool.close()
+
+
 # ---- end to end ---------------------------------------------------------------------------
 def _start(directory: Path, *args: str) -> Daemon:
     directory.mkdir(exist_ok=True)
