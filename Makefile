@@ -49,6 +49,13 @@ pytest: venv
 
 test: lint typecheck contracts pytest
 
+# The write buffer's model checker (tests/test_write_concurrency.py) for SOAK_SECONDS
+# (an hour by default) instead of its 12 s in make test; SOAK_SEED picks another seed.
+.PHONY: soak
+soak: venv
+	STORAGED_SOAK_SECONDS=$${SOAK_SECONDS:-3600} STORAGED_SOAK_SEED=$${SOAK_SEED:-20} \
+	  $(BIN)/python -m pytest -q -s tests/test_write_concurrency.py -k model_checker
+
 bench-engine: venv
 	$(BIN)/python -m benchmarks.engine
 

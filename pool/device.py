@@ -203,6 +203,9 @@ class FileDevice:
                 raise DeviceError(f"cannot lock device {path}: {e.strerror}") from e
         if create_size is not None and not self._is_block and st.st_size < create_size:
             os.ftruncate(self._fd, create_size)
+        # What this device is (pool.identity): the inode, or the block device number.
+        self.identity = (("block", st.st_rdev, 0) if self._is_block
+                         else ("file", st.st_dev, st.st_ino))
         self._size = self._probe_size()
         self._closed = False
         self._behind = WriteBehind(self._fd)
@@ -329,12 +332,35 @@ class FileDevice:
     def gone(self) -> bool:
         """Whether the path no longer leads to the file or device we have open (it was
         deleted, or replaced by another): the pool faults such a member."""
+        return self.vanished(0) is not None
+
+    def vanished(self, need: int) -> str | None:
+        """Why this device can no longer serve as the member it was opened as, or None
+        (blocking: a stat, an fstat and for a block device an ioctl): its path leads
+        nowhere or to another file or device (deleted, replaced), or it is now shorter
+        than ``need`` bytes (truncated, a shrunk LUN)."""
+        with self._idle:
+            if self._closed:
+                return None      # closed by the pool: nothing to say about it
+        try:
+            with self._in_use():
+                mine = os.fstat(self._fd)
+                size = self._probe_size()
+        except DeviceError:
+            return None          # closed meanwhile
+        except OSError as e:
+            return f"{self._path} cannot be examined any more ({e.strerror})"
         try:
             st = os.stat(self._path)
-            mine = os.fstat(self._fd)
-        except OSError:
-            return True
-        return (st.st_dev, st.st_ino) != (mine.st_dev, mine.st_ino) or mine.st_nlink == 0
+        except OSError as e:
+            return f"{self._path} is gone ({e.strerror})"
+        now = (("block", st.st_rdev, 0) if stat.S_ISBLK(st.st_mode)
+               else ("file", st.st_dev, st.st_ino))
+        if now != self.identity or (not self._is_block and mine.st_nlink == 0):
+            return f"{self._path} now leads to another file or device"
+        if size < need:
+            return f"{self._path} shrank to {size} bytes (the pool uses {need})"
+        return None
 
     def close(self) -> None:
         """Close the descriptor once no call uses it. A call the pool gave up on (a hung

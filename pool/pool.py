@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from pool import codec, records
+from pool import codec, identity, records
 from pool import owner as owners
 from pool.device import Device
 from pool.errors import (
@@ -150,6 +150,7 @@ class MemberStatus:
     write_errors: int = 0
     checksum_errors: int = 0
     rebuild_segments: int = 0  # segments whose fragments on this member await a rebuild
+    why: str = ""             # why it is away (faulted, left out at import), if it is
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +243,11 @@ class Pool:
         # before that does not clear marks set while it was away (mark_rebuilt).
         self._epochs: list[int] = [0] * len(devices)
         self._avoid: set[int] = set()    # members new segments must not use (removal)
+        # Why a member is away (fault reasons; devices left out at import), for status.
+        self._why: dict[int, str] = {}
+        # Devices given to the import but left out of it (path -> reason): see ``open``.
+        self.left_out: dict[str, str] = {}
+        self._recheck = trio.Event()     # a read failed: check the members now
         self.fault_threshold = FAULT_THRESHOLD
         self._meta_locs: tuple[Loc, ...] = (
             (superblock.state, superblock.index) if superblock else ())
@@ -275,11 +281,12 @@ class Pool:
         paths = [d.path for d in devices]
         if len(set(paths)) != len(paths):
             raise InvalidArgument("the same device is listed twice")
+        _refuse_same_device(devices)
         layout = Layout.choose(min(d.size for d in devices), extent_size, meta_size)
         if not force:
             await _run(_refuse_labelled, list(devices))
         pool_uuid = new_uuid()
-        members = [MemberInfo(new_uuid(), i, d.size, layout.n_extents(d.size))
+        members = [MemberInfo(new_uuid(), i, d.size, layout.n_extents(d.size), path=d.path)
                    for i, d in enumerate(devices)]
         state = PoolState(pool_uuid, name, extent_size, str(prof), members)
         devs: list[Device | None] = list(devices)
@@ -302,15 +309,29 @@ class Pool:
 
     @classmethod
     async def open(cls, devices: Sequence[Device], *, name: str | None = None,
+                   left_out: dict[str, str] | None = None,
                    claim: owners.Claim | None = None) -> Pool:
         """Import a pool from its member devices (any order, members may be missing).
 
         Refuses, changing nothing, when a device is unlabelled, truncated, of another pool,
         or a stale member, and when the members present cannot serve every segment.
+
+        With ``left_out`` (a dict, filled in: path -> reason), a device that is damaged --
+        unreadable, shorter than its label says, without an intact label, the same device
+        as another one given, or without any intact superblock -- is instead closed and
+        left out, as if it had not been given, and the pool imports degraded if the
+        others can; what is left out is logged and kept in ``Pool.left_out``. A device
+        of another pool or a stale copy of a member is still refused.
+
         ``claim``: the owner record to keep on the members; it is the first thing written,
         once everything was read and the import decided (DESIGN invariant 10).
         """
-        found = await _run(_read_labels, list(devices))
+        devices = list(devices)
+        if left_out is None:
+            _refuse_same_device(devices, ImportFailed)
+        else:
+            devices = await _leave_out_duplicates(devices, left_out)
+        found = await _run(_read_labels, devices, left_out)
         by_pool: dict[str, list[tuple[Device, Label]]] = {}
         for dev, lab in found:
             by_pool.setdefault(lab.pool_uuid, []).append((dev, lab))
@@ -328,9 +349,14 @@ class Pool:
                              for u, v in by_pool.items())
             raise ImportFailed(f"the devices belong to {len(by_pool)} pools: {desc}")
         pool_uuid, members = next(iter(by_pool.items()))
-        loaded = await _run(_load_pool, pool_uuid, members)
+        loaded = await _run(_load_pool, pool_uuid, members, left_out)
+        if left_out is not None:
+            used = {id(d) for d in loaded.devices if d is not None}
+            await close_devices([d for d in devices if id(d) not in used])
         pool = cls(loaded.state, loaded.layout, loaded.devices, loaded.meta, loaded.superblock)
         pool._page_locs = loaded.page_locs
+        if left_out:
+            pool.left_out = dict(left_out)
         if claim is not None:
             await pool._take(claim, [d for d in loaded.devices if d is not None])
         await pool._finish_import(loaded.replayed)
@@ -366,6 +392,10 @@ class Pool:
             if mi.state != want:
                 self._do(op_json(op="member_state", index=mi.index, state=want,
                                  last_gen=self._sb_gen))
+            if dev is not None and dev.path != mi.path:
+                self._do(op_json(op="member_path", index=mi.index, path=dev.path))
+            elif dev is None and mi.path in self.left_out:
+                self._why[mi.index] = f"left out at import: {self.left_out[mi.path]}"
         self._reap()
         await self._checkpoint()
 
@@ -912,6 +942,8 @@ class Pool:
         if index >= len(self._errors):
             return
         self._errors[index][kind] += 1
+        if kind == "read":
+            self._recheck.set()    # a short read may mean the device shrank: look now
         errs = self._errors[index]
         if kind != "checksum" and errs["read"] + errs["write"] >= self.fault_threshold:
             self.fault(index, f"{errs['read']} read and {errs['write']} write errors"
@@ -942,6 +974,7 @@ class Pool:
                  if any(i == index for i, _e in sg.extents)]
         self._do(op_json(op="member_state", index=index, state=state,
                          last_gen=self._sb_gen, marks=marks))
+        self._why[index] = why
         if state == "faulted":
             log.error("pool %s: member %d (%s) faulted: %s; running degraded",
                       self.state.name, index, dev.path, why)
@@ -1566,6 +1599,7 @@ class Pool:
         self._check_ok()
         if any(d is not None and d.path == dev.path for d in self.devices):
             raise InvalidArgument(f"{dev.path} is already a member of pool {self.state.name}")
+        self.refuse_member_device(dev)
         n_ext = self.layout.n_extents(dev.size)
         if n_ext < 1:
             need = self.layout.data_offset + self.layout.extent_size + LABEL_SIZE
@@ -1584,7 +1618,7 @@ class Pool:
                 dev.sync()
             await _write_within([(dev, prepare)], "preparing a new member")
             self._do(op_json(op="member_add", uuid=mi.uuid, index=idx, size=dev.size,
-                             n_extents=n_ext))
+                             n_extents=n_ext, path=dev.path))
             self.devices.append(dev)
             self.meta.devices.append(dev)
             self._column_cache.clear()
@@ -1641,11 +1675,18 @@ class Pool:
             raise InvalidArgument(f"{dev.path} is not member {index} of pool "
                                   f"{self.state.name} (its label says member {label.index} "
                                   f"of {label.pool_name!r})")
+        if dev is not self._parked.get(index):
+            self.refuse_member_device(dev, but=index)
         async with self._commit_lock:
             await self._attach(index, dev, mi)
             self._do(op_json(op="member_state", index=index, state="online"))
+            if dev.path != mi.path:
+                self.left_out.pop(mi.path, None)
+                self._do(op_json(op="member_path", index=index, path=dev.path))
             await self._checkpoint_locked()
-        self._parked.pop(index, None)
+        parked = self._parked.pop(index, None)
+        if parked is not None and parked is not dev:
+            await close_devices([parked])
         log.info("pool %s: member %d (%s) online; %d segment(s) to resilver",
                  self.state.name, index, dev.path, len(mi.marks))
 
@@ -1660,6 +1701,7 @@ class Pool:
         await _write_within([(dev, prepare)], "preparing a new member")
         self.devices[index] = self.meta.devices[index] = dev
         self._errors[index] = Counter()
+        self._why.pop(index, None)
         self._column_cache.clear()
 
     async def replace_device(self, index: int, dev: Device) -> None:
@@ -1670,19 +1712,22 @@ class Pool:
         mi = self.state.members[index]
         if mi.state == "removed":
             raise InvalidArgument(f"member {index} was removed from the pool")
-        if any(d is not None and _same_path(d.path, dev.path)
-               for d in [*self.devices, *self._parked.values()]):
+        # By path among the present members; a parked device (faulted, offline) may have
+        # lost its path to a new device, so it is compared by identity only.
+        if any(d is not None and _same_path(d.path, dev.path) for d in self.devices):
             raise InvalidArgument(f"{dev.path} is already a member of pool {self.state.name}")
+        self.refuse_member_device(dev)
         if self.layout.n_extents(dev.size) < mi.n_extents:
             raise InvalidArgument(f"{dev.path} is too small to replace member {index}: it "
                                   f"needs at least {mi.size} bytes, it has {dev.size}")
         await _run(_refuse_labelled, [dev])
         old = self.devices[index] or self._parked.get(index)
+        self.left_out.pop(mi.path, None)
         async with self._commit_lock:
             new = MemberInfo(new_uuid(), index, dev.size, mi.n_extents)
             await self._attach(index, dev, new)
             self._do(op_json(op="member_replace", index=index, uuid=new.uuid, size=dev.size,
-                             n_extents=mi.n_extents))
+                             n_extents=mi.n_extents, path=dev.path))
             self._column_cache.clear()
             await self._checkpoint_locked()
         self._parked.pop(index, None)
@@ -1768,23 +1813,52 @@ class Pool:
             self._avoid.discard(index)
         log.info("pool %s: member %d removed", self.state.name, index)
 
-    def absent_devices(self) -> list[int]:
-        """Members whose device says it is gone (blocking: a stat per device)."""
-        out = []
+    def absent_devices(self) -> dict[int, str]:
+        """Members whose device vanished, shrank or was replaced under the pool, with why
+        (blocking: a stat per device; ``FileDevice.vanished``)."""
+        out = {}
         for i, dev in enumerate(list(self.devices)):
-            gone = getattr(dev, "gone", None)
-            if dev is not None and callable(gone) and gone():
-                out.append(i)
+            vanished = getattr(dev, "vanished", None)
+            if dev is None or not callable(vanished):
+                continue
+            why = vanished(self.state.members[i].size)
+            if isinstance(why, str):
+                out[i] = why
         return out
 
     async def watch_presence(self) -> None:
-        """Fault every member whose device disappeared."""
-        for i in await trio.to_thread.run_sync(self.absent_devices):
+        """Fault every member whose device disappeared, shrank or was replaced."""
+        gone = await trio.to_thread.run_sync(self.absent_devices)
+        if self._closed:
+            return
+        for i, why in gone.items():
             if self.devices[i] is not None:
-                self.count_error(i, "read")
-                self.fault(i, "its device is gone")
+                self.fault(i, why)
         if self._pending:
             await self.commit()
+
+    async def watch_members(self, interval: float) -> None:
+        """Until the pool closes: check the members' devices (``watch_presence``) every
+        ``interval`` seconds, and at once after a read error (a short read of a truncated
+        file is one), so a member that vanishes or shrinks is faulted within seconds."""
+        while not self._closed:
+            with trio.move_on_after(interval):
+                await self._recheck.wait()
+            self._recheck = trio.Event()
+            if not self._closed and self._failed is None:
+                await self.watch_presence()
+
+    def refuse_member_device(self, dev: Device, but: int | None = None) -> None:
+        """Refuse ``dev`` if it is the same device (pool.identity) as a current member,
+        present or parked (other than member ``but``), whatever path names it."""
+        mine = identity.identity_of(dev)
+        if mine is None:
+            return
+        for i, other in [*enumerate(self.devices), *self._parked.items()]:
+            if other is not None and i != but and identity.identity_of(other) == mine:
+                raise InvalidArgument(
+                    f"{dev.path} is the same device as member {i} of pool "
+                    f"{self.state.name} ({other.path}: {identity.describe(mine)})")
 
     # ---- support for the maintenance engines (pool.scrub, pool.rebuild) ------------------
     def segment_records(self, seg_id: int, start: int = 0) -> list[bytes]:
@@ -1988,7 +2062,9 @@ class Pool:
                          self.member_state(mi.index),
                          mi.size, mi.n_extents, len(self._free[mi.index]),
                          self._errors[mi.index]["read"], self._errors[mi.index]["write"],
-                         self._errors[mi.index]["checksum"], len(mi.marks))
+                         self._errors[mi.index]["checksum"], len(mi.marks),
+                         self._why.get(mi.index, "") if self.devices[mi.index] is None
+                         and mi.state != "removed" else "")
             for mi in st.members)
         present = [m for m in members if m.state in ("online", "rebuilding")]
         live = sum(s.live * SECTOR * (s.k + s.m) for s in st.segments.values())
@@ -2014,18 +2090,24 @@ class Pool:
         return "rebuilding" if mi.marks else "online"
 
     def _member_path(self, index: int) -> str:
+        """The path of member ``index``'s device; for one that is away, the last path it
+        was seen at (``MemberInfo.path``, kept in the metadata)."""
         dev = self.devices[index] or self._parked.get(index)
-        return dev.path if dev is not None else ""
+        return dev.path if dev is not None else self.state.members[index].path
 
     def member_index(self, name: str) -> int:
-        """A member by number, device path or UUID."""
-        for mi in self.state.members:
-            if mi.state == "removed":
-                continue
-            if name in (str(mi.index), mi.uuid) or (
-                    self._member_path(mi.index) and
-                    _same_path(self._member_path(mi.index), name)):
+        """A member by number, device path (its last known path if it is away) or UUID.
+        A path of a present member wins over the same last known path of one away."""
+        live = [mi for mi in self.state.members if mi.state != "removed"]
+        for mi in live:
+            if name in (str(mi.index), mi.uuid):
                 return mi.index
+        for present in (True, False):
+            for mi in live:
+                path = self._member_path(mi.index)
+                if ((self.devices[mi.index] is not None) == present and path
+                        and _same_path(path, name)):
+                    return mi.index
         raise NotFound(f"pool {self.state.name} has no member {name!r} (give its number, "
                        f"path or UUID; see pool status)")
 
@@ -2166,19 +2248,57 @@ def _refuse_labelled(devices: list[Device]) -> None:
                               f"first")
 
 
-def _read_labels(devices: list[Device]) -> list[tuple[Device, Label]]:
+def _refuse_same_device(devices: Sequence[Device],
+                        error: type[StorageError] = InvalidArgument) -> None:
+    """Refuse two paths to one device (pool.identity, invariant 1)."""
+    dup = identity.first_duplicate(devices)
+    if dup is not None:
+        a, b = dup
+        ident = identity.identity_of(a)
+        assert ident is not None
+        raise error(f"{a.path} and {b.path} are the same device "
+                    f"({identity.describe(ident)}): give each device once")
+
+
+async def _leave_out_duplicates(devices: list[Device],
+                                left_out: dict[str, str]) -> list[Device]:
+    """``devices`` without the second and later paths to one device (closed, recorded)."""
+    while (dup := identity.first_duplicate(devices)) is not None:
+        first, again = dup
+        left_out[again.path] = f"the same device as {first.path}"
+        log.warning("%s is the same device as %s: importing it once", again.path,
+                    first.path)
+        devices = [d for d in devices if d is not again]
+        await close_devices([again])
+    return devices
+
+
+def _leave_out(left_out: dict[str, str], dev: Device, why: str) -> None:
+    left_out[dev.path] = why
+    log.error("%s left out of the import: %s", dev.path, why)
+
+
+def _read_labels(devices: list[Device], left_out: dict[str, str] | None = None
+                 ) -> list[tuple[Device, Label]]:
     """Each device's label. A device that does not answer (its label reads timed out) is
-    left out, as if it were not given: the pool imports without it if it can."""
+    left out, as if it were not given: the pool imports without it if it can; so is one
+    without a usable label when ``left_out`` is given (see ``Pool.open``)."""
     out: list[tuple[Device, Label]] = []
     for dev in devices:
         try:
             out.append((dev, _read_label(dev)))
-        except ImportFailed:
+        except ImportFailed as e:
+            if left_out is not None:
+                _leave_out(left_out, dev, e.message)
+                continue
             if not records.hung(dev):
                 raise
             log.warning("%s does not answer (a read of its label has been waiting more "
                         "than %g s): importing without it", dev.path, records.READ_TIMEOUT)
     if devices and not out:
+        if left_out:
+            raise ImportFailed("no device given is a usable pool member: " + "; ".join(
+                f"{p}: {why}" for p, why in left_out.items()))
         raise ImportFailed("none of the devices given answers: "
                            + ", ".join(d.path for d in devices))
     return out
@@ -2195,7 +2315,8 @@ class _Loaded:
     replayed: list[tuple[int, bytes]]
 
 
-def _load_pool(pool_uuid: str, found: list[tuple[Device, Label]]) -> _Loaded:
+def _load_pool(pool_uuid: str, found: list[tuple[Device, Label]],
+               left_out: dict[str, str] | None = None) -> _Loaded:
     """Read superblocks, state, pages and journal of a pool; check the members."""
     layout = found[0][1].layout
     name = found[0][1].pool_name
@@ -2204,6 +2325,7 @@ def _load_pool(pool_uuid: str, found: list[tuple[Device, Label]]) -> _Loaded:
             raise ImportFailed(f"{dev.path}: its label's layout differs from the other "
                                f"members of pool {name}")
     newest: dict[str, int] = {}
+    blank: set[str] = set()     # devices without one intact superblock of this pool
     best: Superblock | None = None
     for dev, lab in list(found):
         try:
@@ -2214,7 +2336,11 @@ def _load_pool(pool_uuid: str, found: list[tuple[Device, Label]]) -> _Loaded:
             log.warning("%s: its superblocks cannot be read (%s): importing without it",
                         dev.path, e.message)
             found.remove((dev, lab))
+            if left_out is not None:
+                left_out[dev.path] = f"its superblocks cannot be read ({e.message})"
             continue
+        if not sbs:
+            blank.add(dev.path)
         # A member added at generation g carries g in its label and a synced copy of the
         # metadata of g - 1 even if the crash took its first superblock.
         newest[dev.path] = max([sb.generation for sb in sbs] + [lab.generation - 1])
@@ -2240,6 +2366,11 @@ def _load_pool(pool_uuid: str, found: list[tuple[Device, Label]]) -> _Loaded:
         seen = mi.last_gen if mi.state == "missing" else best.generation
         if mi.state in ("faulted", "offline", "removed"):
             pass   # not used until brought back online, which refreshes its metadata
+        elif newest[dev.path] < seen - 1 and dev.path in blank and left_out is not None:
+            # Every superblock slot garbled while the pool went on: its metadata is
+            # damaged (the other members hold the same, invariant 5), not an old copy.
+            _leave_out(left_out, dev, "no intact superblock: its metadata is damaged")
+            continue
         elif newest[dev.path] < seen - 1:
             raise ImportFailed(
                 f"{dev.path} is a stale member {mi.index} of pool {name}: its newest "

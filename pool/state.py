@@ -86,6 +86,9 @@ class MemberInfo:
     # stale (written while it was away, or a replacement not yet rebuilt). Empty when the
     # member holds every fragment it should; the rebuild works these off.
     marks: dict[int, int] = field(default_factory=dict)
+    # The path its device was last seen at (created, added, replaced, imported, onlined):
+    # how status and the admin name a member that is missing or faulted.
+    path: str = ""
 
     @property
     def away(self) -> bool:
@@ -97,13 +100,16 @@ class MemberInfo:
                                "last_gen": self.last_gen}
         if self.marks:
             out["marks"] = [[s, f] for s, f in sorted(self.marks.items())]
+        if self.path:
+            out["path"] = self.path
         return out
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> MemberInfo:
         return MemberInfo(d["uuid"], d["index"], d["size"], d["n_extents"],
                           d.get("state", "online"), d.get("last_gen", 0),
-                          {int(s): int(f) for s, f in d.get("marks", [])})
+                          {int(s): int(f) for s, f in d.get("marks", [])},
+                          str(d.get("path", "")))
 
 
 # Member states in which the pool does not use the device (it is not read or written).
@@ -256,8 +262,14 @@ class PoolState:
     def _op_obj_del(self, id: int) -> None:
         del self.objects[id]
 
-    def _op_member_add(self, uuid: str, index: int, size: int, n_extents: int) -> None:
-        self.members.append(MemberInfo(uuid, index, size, n_extents))
+    def _op_member_add(self, uuid: str, index: int, size: int, n_extents: int,
+                       path: str = "") -> None:
+        self.members.append(MemberInfo(uuid, index, size, n_extents, path=path))
+
+    def _op_member_path(self, index: int, path: str) -> None:
+        """Member ``index``'s device was seen at ``path`` (imported or brought back from
+        another path)."""
+        self.members[index].path = path
 
     def _op_member_state(self, index: int, state: str, last_gen: int = 0,
                          marks: list[list[int]] | None = None) -> None:
@@ -269,11 +281,13 @@ class PoolState:
             if seg in self.segments:
                 mi.marks[seg] = min(fill, mi.marks.get(seg, fill))
 
-    def _op_member_replace(self, index: int, uuid: str, size: int, n_extents: int) -> None:
+    def _op_member_replace(self, index: int, uuid: str, size: int, n_extents: int,
+                           path: str = "") -> None:
         """A new device takes member ``index``'s place: every fragment it should hold is
         to be rebuilt."""
         mi = self.members[index]
         mi.uuid, mi.size, mi.n_extents, mi.state = uuid, size, n_extents, "online"
+        mi.path = path or mi.path
         mi.marks = {s.id: 0 for s in self.segments.values()
                     if any(i == index for i, _e in s.extents)}
 

@@ -101,12 +101,15 @@ def pool_status(entry: PoolEntry) -> dict[str, Any]:
         "extent_size": st.extent_size, "volumes": len(volumes),
         "virtual_bytes": virtual,
         "overcommit_ratio": round(virtual / st.capacity_bytes, 4) if st.capacity_bytes else 0,
-        "devices": [{"index": m.index, "path": m.path or entry_path(entry, m.index),
-                     "state": m.state, "size_bytes": m.size,
+        "devices": [{"index": m.index, "path": m.path, "uuid": m.uuid,
+                     "state": m.state, "why": m.why, "size_bytes": m.size,
                      "free_bytes": m.free_extents * st.extent_size,
                      "read_errors": m.read_errors, "write_errors": m.write_errors,
                      "checksum_errors": m.checksum_errors,
                      "rebuild_segments": m.rebuild_segments} for m in st.members],
+        # Devices left out of the import that no member's last known path matches.
+        "left_out": {p: why for p, why in entry.pool.left_out.items()
+                     if p not in {m.path for m in st.members}},
         "spares": list(entry.spares), "scrub": scrub.status(entry.pool),
         "rebuild": _rebuild_status(entry),
         "txg": st.txg, "warnings": entry.pool.health(),
@@ -132,10 +135,6 @@ def _rebuild_status(entry: PoolEntry) -> dict[str, Any] | None:
         out.update(done_bytes=live.done_bytes, total_bytes=live.total_bytes,
                    rate=round(live.rate), eta=live.eta)
     return out
-
-
-def entry_path(entry: PoolEntry, index: int) -> str:
-    return entry.devices[index] if index < len(entry.devices) else ""
 
 
 def volume_info(pool: str, vol: Volume) -> dict[str, Any]:

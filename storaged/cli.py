@@ -75,8 +75,12 @@ def show_pool_status(p: dict[str, Any]) -> str:
     out.append(_table([[str(d["index"]), d["path"] or "-", d["state"],
                         format_size(d["size_bytes"]), format_size(d["free_bytes"]),
                         str(d["read_errors"]), str(d["write_errors"]),
-                        str(d["checksum_errors"])] for d in p["devices"]],
-                      ["DEV", "PATH", "STATE", "SIZE", "FREE", "READ", "WRITE", "CKSUM"]))
+                        str(d["checksum_errors"]), d.get("uuid", "-")] for d in p["devices"]],
+                      ["DEV", "PATH", "STATE", "SIZE", "FREE", "READ", "WRITE", "CKSUM",
+                       "UUID"]))
+    out += [f"member {d['index']} ({d['path'] or '?'}) {d['state']}: {d['why']}"
+            for d in p["devices"] if d.get("why")]
+    out += [f"left out: {path}: {why}" for path, why in p.get("left_out", {}).items()]
     c = p["counters"]
     if "data_bytes" in p:
         out.append("")

@@ -44,6 +44,7 @@ class Config:
     auto_replace: bool = False                    # replace a faulted member by a spare
     read_timeout: float = 30.0                    # seconds before a device read is given up
     write_timeout: float = 120.0                  # ... a write or sync (the member faulted)
+    check_interval: float = 2.0                   # seconds between checks of members' devices
     record_cache: int | None = None               # bytes of verified blocks per pool
     write_buffer: int | None = None               # bytes of unflushed writes, all volumes
     write_buffer_age: float = 30.0                # seconds before unflushed writes go out
@@ -78,6 +79,7 @@ _KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "faults.auto_replace": ("auto_replace", bool),
     "faults.read_timeout": ("read_timeout", float),
     "faults.write_timeout": ("write_timeout", float),
+    "faults.check_interval": ("check_interval", (float, int)),
     "cache.records": ("record_cache", int),
     "cache.write_buffer": ("write_buffer", int),
     "cache.write_buffer_age": ("write_buffer_age", (float, int)),
@@ -164,6 +166,9 @@ def validate(cfg: Config) -> Config:
         raise InvalidArgument("faults.threshold must be >= 1 and the rates >= 0")
     if cfg.record_cache is not None and cfg.record_cache < 0:
         raise InvalidArgument("cache.records must be a number of bytes (0: no cache)")
+    if not 0 < cfg.check_interval <= 3600:
+        raise InvalidArgument(f"faults.check_interval must be seconds in (0, 3600], not "
+                              f"{cfg.check_interval!r}")
     if not 0 < cfg.write_buffer_age <= 3600:
         raise InvalidArgument(f"cache.write_buffer_age must be seconds in (0, 3600], not "
                               f"{cfg.write_buffer_age!r}")

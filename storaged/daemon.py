@@ -147,6 +147,7 @@ async def maintain(registry: Registry, cfg: Config, period: float = 0.5) -> None
                     entry.pool.fault_threshold = cfg.fault_threshold
                     nursery.start_soon(_maintain_pool, registry, entry, cfg, period)
                     nursery.start_soon(_expire_writes, entry, cfg, period)
+                    nursery.start_soon(_watch_members, entry, cfg)
                     nursery.start_soon(_heartbeat, entry, cfg.owner_heartbeat)
             await trio.sleep(period)
 
@@ -181,12 +182,25 @@ async def _heartbeat(entry: PoolEntry, interval: float) -> None:
         await trio.sleep(interval)
 
 
+async def _watch_members(entry: PoolEntry, cfg: Config) -> None:
+    """Members that vanish, are replaced or shrink are faulted within
+    faults.check_interval seconds, at once after a read error (its own task: a long
+    rebuild or scrub does not hold it up)."""
+    pool = entry.pool
+    while not pool.closed:
+        try:
+            await pool.watch_members(cfg.check_interval)
+        except StorageError as e:
+            if not pool.closed:
+                log.error("pool %s: checking its members: %s", entry.name, e.message)
+            await trio.sleep(cfg.check_interval)
+
+
 async def _maintain_pool(registry: Registry, entry: PoolEntry, cfg: Config,
                          period: float) -> None:
     pool = entry.pool
     while not pool.closed:
         try:
-            await pool.watch_presence()
             if cfg.auto_replace and not pool.closed:
                 await registry.auto_replace(entry)
             if rebuild.pending(pool):

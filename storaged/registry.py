@@ -2,7 +2,13 @@
 
 The state directory holds ``pools.json`` (like ZFS's zpool.cache): for each pool the daemon
 has imported, its name, UUID and device paths. At start every remembered pool is imported;
-one that cannot be is reported and the others still come up.
+one that cannot be is reported and the others still come up. A device that is missing or
+damaged (cannot be opened or read, too short, not a file or block device, no intact label
+or superblock, the same device as another path) is left out of its pool's import with the
+reason logged and shown in ``pool status``; the pool imports degraded if the others can
+serve it (``Pool.open``'s ``left_out``). Its path stays remembered. A device held by
+someone else (DeviceBusy: another pool or daemon has it) is never left out: the import is
+refused (DESIGN invariant 10, pool.owner).
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -132,7 +139,8 @@ class Registry:
             if name in self.pools:
                 raise AlreadyExists(f"pool {name!r} already exists")
             claim = await self._claim()
-            devices = await _open_devices(paths, file_size)
+            created: list[str] = []
+            devices = await self._open_devices(paths, file_size, created=created)
             try:
                 if force:
                     await trio.to_thread.run_sync(_refuse_live_owner, devices, claim.owner)
@@ -140,6 +148,7 @@ class Registry:
                                          extent_size=extent_size, force=force, claim=claim)
             except BaseException:
                 await close_devices(devices)
+                await trio.to_thread.run_sync(_unlink, created)   # leave no file behind
                 raise
             return await self._adopt(pool, paths)
 
@@ -150,10 +159,10 @@ class Registry:
         await self.save()
         return entry
 
-    async def import_pool(self, name: str, paths: list[str], *,
+    async def import_pool(self, name: str | None, paths: list[str], *,
                           force: bool = False) -> PoolEntry:
         async with self._lock:
-            if name in self.pools:       # before any device is opened
+            if name is not None and name in self.pools:   # before any device is opened
                 raise AlreadyExists(f"pool {name!r} is already imported")
             if not paths:
                 paths = await trio.to_thread.run_sync(_scan, self.state_dir, name)
@@ -168,25 +177,54 @@ class Registry:
         if name is not None and name in self.pools:
             raise AlreadyExists(f"pool {name!r} is already imported")
         claim = await self._claim()
-        devices = await _open_devices(paths, None, missing_ok=True)
+        left_out: dict[str, str] = {}
+        devices = await self._open_devices(paths, None, left_out=left_out)
         if not devices:
             raise NotFound(f"none of the devices of pool {name or '?'} is present: "
-                           f"{', '.join(paths)}")
+                           + "; ".join(f"{p}: {why}" for p, why in left_out.items()))
         try:
             taken_over = await self._check_owner(devices, name, claim.owner, force)
-            pool = await Pool.open(devices, name=name, claim=claim)
+            pool = await Pool.open(devices, name=name, left_out=left_out, claim=claim)
         except BaseException:
             await close_devices(devices)
             raise
         if pool.name in self.pools:
             await pool.close()
             raise AlreadyExists(f"pool {pool.name!r} is already imported")
-        present = [d.path for d in devices]
-        entry = await self._adopt(pool, present)
+        # Every path given is remembered, the ones left out too: a member that comes back
+        # (a disk reattached, a file restored) is found at the next start.
+        entry = await self._adopt(pool, list(dict.fromkeys(_abspath(p) for p in paths)))
         entry.taken_over = taken_over
         return entry
 
     # ---- ownership (DESIGN invariant 10; pool.owner) ---------------------------------------
+    async def _open_devices(self, paths: list[str], file_size: int | None, *,
+                            left_out: dict[str, str] | None = None,
+                            created: list[str] | None = None) -> list[Device]:
+        """``_open_devices``; a device held by this daemon is named by the pool that holds
+        it (a current member under another path: that pool's identity check's words)."""
+        try:
+            return await _open_devices(paths, file_size, left_out=left_out,
+                                       created=created)
+        except DeviceBusy:
+            await trio.to_thread.run_sync(self._refuse_own_member, paths)
+            raise
+
+    def _refuse_own_member(self, paths: list[str]) -> None:
+        """Blocking: InvalidArgument if a path is a member of a pool imported here."""
+        for p in paths:
+            try:
+                probe = FileDevice(p, read_only=True)
+            except DeviceError:
+                continue
+            try:
+                for entry in list(self.pools.values()):
+                    entry.pool.refuse_member_device(probe)
+            except InvalidArgument as e:
+                raise InvalidArgument(f"{e.message}, imported by this daemon") from e
+            finally:
+                probe.close()
+
     async def _claim(self) -> owners.Claim:
         if self._me is None:
             await trio.Path(self.state_dir).mkdir(parents=True, exist_ok=True)
@@ -268,11 +306,13 @@ class Registry:
     async def add_device(self, name: str, path: str, file_size: int | None) -> None:
         async with self._lock:
             entry = self.get(name)
-            (dev,) = await _open_devices([path], file_size)
+            created: list[str] = []
+            (dev,) = await self._open_devices([path], file_size, created=created)
             try:
                 await entry.pool.add_device(dev)
             except BaseException:
                 await close_devices([dev])
+                await trio.to_thread.run_sync(_unlink, created)
                 raise
             entry.devices.append(_abspath(path))
             await self.save()
@@ -287,11 +327,13 @@ class Registry:
             entry = self.get(name)
             index = entry.pool.member_index(old)
             old_path = entry.pool.statistics().members[index].path
-            (dev,) = await _open_devices([new], file_size)
+            created: list[str] = []
+            (dev,) = await self._open_devices([new], file_size, created=created)
             try:
                 await entry.pool.replace_device(index, dev)
             except BaseException:
                 await close_devices([dev])
+                await trio.to_thread.run_sync(_unlink, created)
                 raise
             self._set_path(entry, old_path, _abspath(new))
             if _abspath(new) in entry.spares:
@@ -311,7 +353,7 @@ class Registry:
     async def add_spare(self, name: str, path: str, file_size: int | None) -> None:
         async with self._lock:
             entry = self.get(name)
-            (dev,) = await _open_devices([path], file_size)
+            (dev,) = await self._open_devices([path], file_size)
             try:
                 if any(_abspath(path) == p for p in entry.spares):
                     raise InvalidArgument(f"{path} is already a spare of pool {name}")
@@ -321,6 +363,7 @@ class Registry:
                     pass
                 else:
                     raise InvalidArgument(f"{path} is a member of pool {name}")
+                entry.pool.refuse_member_device(dev)
                 label = await trio.to_thread.run_sync(_label_of, dev)
                 if label is not None:
                     raise InvalidArgument(f"{path} carries the label of pool "
@@ -340,7 +383,7 @@ class Registry:
             index = entry.pool.member_index(member)
             dev = None
             if path is not None:
-                (dev,) = await _open_devices([path], None)
+                (dev,) = await self._open_devices([path], None)
             try:
                 await entry.pool.online(index, dev)
             except BaseException:
@@ -388,25 +431,74 @@ def _abspath(path: str) -> str:
 
 
 async def _open_devices(paths: list[str], file_size: int | None, *,
-                        missing_ok: bool = False) -> list[Device]:
+                        left_out: dict[str, str] | None = None,
+                        created: list[str] | None = None) -> list[Device]:
+    """Open devices. With ``left_out``, one that is missing or cannot be opened (a
+    directory, EIO, EACCES...) is recorded there (path -> why) instead of failing the lot.
+    ``created`` gets the files this call created (to remove on a refusal)."""
     def op() -> list[Device]:
         out: list[Device] = []
         try:
+            aliases = _aliases(paths)
+            opened: set[tuple[int, int] | None] = set()
             for p in _lock_order(paths):
-                if not os.path.exists(p):
-                    if missing_ok:
+                new = not os.path.exists(p)
+                if new:
+                    if left_out is not None:
+                        left_out[_abspath(p)] = "no such device or file"
+                        log.error("%s left out of the import: no such device or file", p)
                         continue
                     if file_size is None:
                         raise DeviceError(f"{p}: no such device or file (give a size to "
                                           f"create sparse files)")
-                out.append(_open_exclusive(p, file_size if not os.path.exists(p)
-                                           else None))
+                try:
+                    # A second path to a device already given is opened plainly (the
+                    # first holds the lock), for the pool's identity check to name it.
+                    dev = (FileDevice(p) if p in aliases or _identity(p) in opened
+                           else _open_exclusive(p, file_size if new else None))
+                except DeviceBusy:
+                    raise     # held by a live pool: never left out (DESIGN invariant 10)
+                except DeviceError as e:
+                    if left_out is None:
+                        raise
+                    left_out[_abspath(p)] = e.message
+                    log.error("%s left out of the import: %s", p, e.message)
+                    continue
+                if new and created is not None:
+                    created.append(os.path.realpath(p))
+                opened.add(_identity(p))
+                out.append(dev)
         except BaseException:
             for d in out:
                 d.close()
+            if created:
+                _unlink(created)
+                created.clear()
             raise
         return _given_order(out, paths)
     return await trio.to_thread.run_sync(op)
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_rdev, -1) if stat.S_ISBLK(st.st_mode) else (st.st_dev, st.st_ino)
+
+
+def _aliases(paths: list[str]) -> set[str]:
+    """The paths that lead to a device an earlier path (in the order given) leads to."""
+    seen: set[tuple[int, int]] = set()
+    out: set[str] = set()
+    for p in paths:
+        ident = _identity(p)
+        if ident is None:
+            continue
+        if ident in seen:
+            out.add(p)
+        seen.add(ident)
+    return out
 
 
 def _lock_order(paths: list[str]) -> list[str]:
@@ -419,6 +511,15 @@ def _lock_order(paths: list[str]) -> list[str]:
 def _given_order(devices: list[Device], paths: list[str]) -> list[Device]:
     rank = {_abspath(p): i for i, p in enumerate(paths)}
     return sorted(devices, key=lambda d: rank.get(_abspath(d.path), len(rank)))
+
+
+def _unlink(paths: list[str]) -> None:
+    """Remove files this daemon created for a refused request."""
+    for p in paths:
+        try:
+            os.unlink(p)
+        except OSError as e:
+            log.warning("could not remove %s: %s", p, e.strerror)
 
 
 def _scan(directory: str, name: str | None) -> list[str]:

@@ -208,11 +208,17 @@ async def test_a_stale_member_is_refused(disks: Disks) -> None:
 
 
 async def test_the_same_member_twice_is_refused(disks: Disks) -> None:
-    """Invariant 9: the same device given twice, or a copy of a member beside the member
-    itself, is refused: both claim the same member index; nothing is changed."""
+    """Invariant 9: the same device given twice (by the same path, or by a symlink: it is
+    the same inode, pool.identity invariant 1) is refused as the same device; a copy of a
+    member beside the member itself is refused as both claiming the same member index;
+    nothing is changed."""
     ds, _ = await _tank(disks)
     await _refused([ds], [*ds.open(), FileDevice(str(ds.paths[1]))],
-                   "both claim to be member 1 of pool tank")
+                   "are the same device", str(ds.paths[1]))
+    link = ds.paths[0].parent / "link-to-1"
+    link.symlink_to(ds.paths[1])
+    await _refused([ds], [*ds.open(), FileDevice(str(link))],
+                   f"{ds.paths[1]} and {link} are the same device")
     twin = ds.paths[0].parent / "twin"
     shutil.copy(ds.paths[0], twin)
     await _refused([ds], [*ds.open(), FileDevice(str(twin))],

@@ -10,7 +10,9 @@ when it returns.
 Concurrency: all methods may be called concurrently. A write that covers part of a block
 reads the block, patches it and puts it back under that block's lock, so concurrent
 overlapping writes never lose each other's bytes; whole-block writes take no lock unless a
-partial write of the same block is in progress.
+partial write of the same block is in progress. The write buffer's layers, the writeback
+lock and the order in which flushes, snapshots, receives and background writebacks
+interleave follow the rules W1-W8 of docs/INTERNALS.md ("Write buffer concurrency").
 """
 
 from __future__ import annotations
@@ -161,12 +163,11 @@ class Volume:
         self._zero_view = memoryview(self._zero)
         self._cost = pool.record_cost(self.block_size, self.profile)
         # Buffered block contents: bytes, or a view of a caller's bytes (immutable, so a
-        # full block written from them is kept without a copy).
+        # full block written from them is kept without a copy). Two layers over the map,
+        # newest first: _dirty (new writes) and _inflight (the batch the holder of _wb_lock
+        # is writing back). See "Write buffer concurrency" (W1-W8) in docs/INTERNALS.md.
         self._dirty: dict[int, Block | None] = {}
         self._inflight: dict[int, Block | None] = {}
-        # Writes captured by a snapshot request, waiting for the writeback lock: newer than
-        # _inflight, older than _dirty (reads look in _dirty, _captured, _inflight, map).
-        self._captured: dict[int, Block | None] = {}
         self._dirty_blocks = 0        # blocks in _dirty holding data (each reserved)
         # Blocks in _dirty whose writer knew they do not compress (write compressible=
         # False): writeback stores them without trying lz4.
@@ -285,8 +286,7 @@ class Volume:
         view = memoryview(buffer).cast("B")
         length = len(view)
         bs = self.block_size
-        if (not offset % bs and not length % bs and not self._dirty and not self._inflight
-                and not self._captured):
+        if not offset % bs and not length % bs and not self._dirty and not self._inflight:
             # Whole blocks, none in the write buffer: all of it from the pool.
             self._check(offset, length, write=False)
             await self._pool.read_blocks_into(
@@ -330,7 +330,7 @@ class Volume:
         are all stored raw and none is in the write buffer: data that did not compress
         block by block will not in a larger piece either (lz4 looks back 64 KiB at most),
         so a send need not try again."""
-        if not self.compression or self._dirty or self._inflight or self._captured:
+        if not self.compression or self._dirty or self._inflight:
             return True
         bs = self.block_size
         first = offset // bs
@@ -384,7 +384,7 @@ class Volume:
         """(whether it could be answered at once, the bytes or None for a hole) of a range
         inside block ``b``: a copy (a small read keeps no whole block alive)."""
         self._check(offset, length, write=False)
-        if self._dirty or self._inflight or self._captured:
+        if self._dirty or self._inflight:
             held, v = self._held(b)
         else:
             held, v = False, None
@@ -406,7 +406,7 @@ class Volume:
         self._check(offset, length, write=False)
         spans = list(self._blocks(offset, length))
         buffered: dict[int, Block | None] = {}
-        if not self._dirty and not self._inflight and not self._captured:
+        if not self._dirty and not self._inflight:
             return spans, buffered, [b for b, _lo, _hi in spans]
         need: list[int] = []
         for b, _lo, _hi in spans:
@@ -450,12 +450,17 @@ class Volume:
 
     async def _current(self, b: int) -> bytearray:
         """A copy of a block's present content (under its lock), to patch."""
-        base = self._buffered(b)
-        if base is not None:
-            return base
-        base = bytearray(self.block_size)
-        await self._pool.read_blocks_into(self._map, [b], self.block_size, [memoryview(base)])
-        return base
+        while True:
+            base = self._buffered(b)
+            if base is not None:
+                return base
+            base = bytearray(self.block_size)
+            map_id = self._map
+            await self._pool.read_blocks_into(map_id, [b], self.block_size,
+                                              [memoryview(base)])
+            if self._map == map_id:
+                return base
+            # A rollback or receive replaced the map meanwhile (rule W7): patch the new one.
 
     # ---- writes ---------------------------------------------------------------------------
     async def write(self, offset: int, data: bytes | bytearray | memoryview, *,
@@ -577,10 +582,9 @@ class Volume:
         return self._put(b, content, reserved, holes)
 
     def _held(self, b: int) -> tuple[bool, Block | None]:
-        """Whether the write buffer holds block ``b`` (newest layer first: the buffer, a
-        snapshot's captured batch, the writeback under way) and its content there (None:
-        a hole)."""
-        for layer in (self._dirty, self._captured, self._inflight):
+        """Whether the write buffer holds block ``b`` (newest layer first: the buffer, the
+        writeback under way; rule W2) and its content there (None: a hole)."""
+        for layer in (self._dirty, self._inflight):
             if b in layer:
                 return True, layer[b]
         return False, None
@@ -699,38 +703,52 @@ class Volume:
         async with self._wb_lock:
             buffered = self._dirty_data * self.block_size
             if buffered >= self._threshold(buffered):
-                batch, self._dirty = self._dirty, {}
-                data_blocks, self._dirty_data = self._dirty_data, 0
-                await self._write_out(batch, data_blocks)
+                await self._write_dirty()
 
     async def _writeback(self) -> None:
-        """Write buffered blocks to the pool as records (not yet committed)."""
+        """Write back every write acknowledged before this call, as records (not yet
+        committed). One pass under the lock (rule W4): whatever was acknowledged before
+        the call is, once the lock is ours, in the map or in ``_dirty`` (the previous
+        holder's batch is in the map, or back in ``_dirty`` if it failed), so writes that
+        keep arriving meanwhile never hold a flush or a snapshot up."""
         async with self._wb_lock:
-            while self._dirty:
-                batch, self._dirty = self._dirty, {}
-                data_blocks, self._dirty_data = self._dirty_data, 0
-                await self._write_out(batch, data_blocks)
+            await self._write_dirty()
 
-    async def writeback_then(self, action: Callable[[], None]) -> None:
-        """Write back exactly the writes acknowledged before this call, then run ``action``
-        synchronously while no other writeback can move the map. The buffer is captured
-        before the first await, so writes acknowledged after the call started stay
-        buffered and are not seen by ``action`` (snapshots, invariant 7)."""
-        batch, self._dirty = self._dirty, {}
-        data_blocks, self._dirty_data = self._dirty_data, 0
-        self._captured = batch
+    async def _write_dirty(self) -> None:
+        """Write out the whole of ``_dirty`` (the caller holds the writeback lock)."""
+        if self._dirty:
+            batch, self._dirty = self._dirty, {}
+            data_blocks, self._dirty_data = self._dirty_data, 0
+            await self._write_out(batch, data_blocks)
+
+    async def writeback_then(self, action: Callable[[], None], *,
+                             write_back: bool = True) -> None:
+        """Write back every write acknowledged before this call, then run ``action``
+        synchronously while no other writeback can move the map (snapshot create, diff,
+        rollback, receive: rule W5). The buffer is taken once the writeback lock is ours,
+        never before: a batch taken earlier could be written over newer blocks that the
+        lock's holder writes meanwhile (rule W3). A free lock is taken without yielding,
+        so then the cut is at the call; while it is held, writes called during the wait
+        may land on either side of ``action`` (invariant 7 allows it). Writes called
+        after it returns are never seen by ``action``.
+        ``write_back=False``: only wait for the writeback under way (an action that
+        discards the buffer or the volume: rollback, delete)."""
         try:
-            async with self._wb_lock:
-                if batch:
-                    await self._write_out(batch, data_blocks)
-                action()
+            self._wb_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._wb_lock.acquire()
+        try:
+            if write_back:
+                await self._write_dirty()
+            action()
         finally:
-            self._captured = {}
+            self._wb_lock.release()
 
     async def _write_out(self, batch: dict[int, Block | None], data_blocks: int) -> None:
         """Write ``batch`` (holding ``data_blocks`` reservations) to the pool as records;
-        the caller holds the writeback lock. On failure the batch returns to the buffer,
-        except blocks overwritten since."""
+        the caller holds the writeback lock. On failure (or cancellation) the batch returns
+        to the buffer, except blocks overwritten since: ``_dirty`` is the only layer newer
+        than ``_inflight``, so nothing newer is ever shadowed by what is put back (W6)."""
         self._inflight = batch
         raw = self._no_lz4 & batch.keys()
         self._no_lz4 -= raw
@@ -739,6 +757,10 @@ class Volume:
             await self._write_batches([items[i:i + WRITEBACK_BATCH]
                                        for i in range(0, len(items), WRITEBACK_BATCH)], raw)
         except BaseException:
+            if self._deleted:
+                # Deleted meanwhile (its buffer was discarded): nothing to put back.
+                self._pool.unreserve(data_blocks * self._cost)
+                raise
             # Nothing acknowledged is dropped: put back what was not overwritten.
             for b, v in batch.items():
                 if b in self._dirty:
@@ -748,6 +770,8 @@ class Volume:
                     self._dirty[b] = v
                     if v is not None:
                         self._dirty_data += 1
+                    if b in raw:
+                        self._no_lz4.add(b)
             raise
         finally:
             self._inflight = {}
@@ -802,7 +826,7 @@ class Volume:
         bs = self.block_size
         first, last = offset // bs, (offset + length - 1) // bs
         mapped = set(self._pool.mapped_blocks(self._map, first, last + 1))
-        for layer in (self._inflight, self._captured, self._dirty):
+        for layer in (self._inflight, self._dirty):
             for b, v in layer.items():
                 if first <= b <= last:
                     if v is None:
@@ -827,7 +851,7 @@ class Volume:
         leaf counts, and a lookup per buffered block), for file attributes."""
         n = self._pool.mapped_count(self._map)
         final: dict[int, bool] = {}
-        for layer in (self._inflight, self._captured, self._dirty):   # newest last
+        for layer in (self._inflight, self._dirty):   # newest last
             for b, v in layer.items():
                 final[b] = v is not None
         if final:
@@ -838,7 +862,7 @@ class Volume:
 
     def statistics(self) -> VolumeStatistics:
         mapped = set(self._pool.mapped_blocks(self._map, 0, -(-self.size // self.block_size)))
-        for layer in (self._inflight, self._captured, self._dirty):
+        for layer in (self._inflight, self._dirty):
             for b, v in layer.items():
                 if v is None:
                     mapped.discard(b)
@@ -857,6 +881,7 @@ class Volume:
         self._pool.unreserve(self._dirty_data * self._cost)
         self._dirty.clear()
         self._dirty_data = 0
+        self._no_lz4.clear()
 
     def _drop(self) -> None:
         self._discard_buffer()
