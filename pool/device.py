@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
-from pool.errors import DeviceError
+from pool.errors import DeviceBusy, DeviceError
 
 log = logging.getLogger(__name__)
 
@@ -167,22 +167,40 @@ class WriteBehind:
 
 
 class FileDevice:
-    """A plain file or a block device opened read-write."""
+    """A plain file or a block device opened read-write (``read_only``: for looking).
 
-    def __init__(self, path: str, *, create_size: int | None = None) -> None:
+    ``exclusive``: held so that no one else can open it the same way while it is open
+    (DESIGN invariant 10): O_EXCL on a block device, an exclusive flock on a file (taken
+    without waiting; a second FileDevice of the same file, in this process or another,
+    is refused with DeviceBusy)."""
+
+    def __init__(self, path: str, *, create_size: int | None = None,
+                 exclusive: bool = False, read_only: bool = False) -> None:
         self._path = os.path.abspath(path)
-        flags = os.O_RDWR | os.O_CLOEXEC
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
         if create_size is not None:
             flags |= os.O_CREAT
+        if exclusive and _is_block_path(self._path):
+            flags |= os.O_EXCL       # the kernel's exclusive open of a block device
         try:
             self._fd = os.open(self._path, flags, 0o600)
         except OSError as e:
+            if e.errno == errno.EBUSY and exclusive:
+                raise DeviceBusy(f"{path} is in use (open exclusively elsewhere)") from e
             raise DeviceError(f"cannot open device {path}: {e.strerror}") from e
         st = os.fstat(self._fd)
         self._is_block = stat.S_ISBLK(st.st_mode)
         if not self._is_block and not stat.S_ISREG(st.st_mode):
             os.close(self._fd)
             raise DeviceError(f"{path} is neither a regular file nor a block device")
+        if exclusive and not self._is_block:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(self._fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise DeviceBusy(f"{path} is in use (locked by another holder)") from e
+                raise DeviceError(f"cannot lock device {path}: {e.strerror}") from e
         if create_size is not None and not self._is_block and st.st_size < create_size:
             os.ftruncate(self._fd, create_size)
         # What this device is (pool.identity): the inode, or the block device number.
@@ -305,6 +323,12 @@ class FileDevice:
                 return  # discard is advisory: a device that cannot do it keeps the bytes
             raise DeviceError(f"discard on {self._path} failed: {e.strerror}") from e
 
+    def drop_cache(self, offset: int, length: int) -> None:
+        """Drop this host's cached copy of a range, so the next read sees what another
+        host wrote to a shared device (owner records). Advisory."""
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_DONTNEED)
+
     def gone(self) -> bool:
         """Whether the path no longer leads to the file or device we have open (it was
         deleted, or replaced by another): the pool faults such a member."""
@@ -360,6 +384,13 @@ class FileDevice:
 
     def __repr__(self) -> str:
         return f"FileDevice({self._path!r})"
+
+
+def _is_block_path(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)

@@ -62,6 +62,12 @@ class DeviceError(StorageError):
     errno = errno.EIO
 
 
+class DeviceBusy(DeviceError):
+    """A device is held exclusively by someone else (another pool, another daemon)."""
+
+    errno = errno.EBUSY
+
+
 class DeviceHung(DeviceError):
     """A write or sync did not complete within the write deadline; the call may still
     land later (its thread could not be stopped)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from typing import Any, TypeVar
 import trio
 
 from pool import codec, identity, records
+from pool import owner as owners
 from pool.device import Device
 from pool.errors import (
     DeviceError,
@@ -222,6 +224,12 @@ class Pool:
         self._dirty_devices: set[int] = set()
         self._failed: str | None = None
         self._closed = False
+        # The owner record this daemon keeps on every member (pool.owner); None: none
+        # written (a pool opened without one, or released). The lock orders heartbeats
+        # against export/destroy, so no beat lands after the record was cleared.
+        self._owner: owners.OwnerRecord | None = None
+        self._owner_lock = trio.Lock()
+        self._confirmed = 0.0      # time.monotonic() of the last beat that found us owner
         self._reserved = 0
         # Space (see the rules at ``record_cost``): per profile, the largest record
         # charged or stored (an open segment's tail that may not fit one more); the
@@ -272,10 +280,11 @@ class Pool:
     @classmethod
     async def create(cls, name: str, devices: Sequence[Device], *, profile: str = "plain",
                      extent_size: int = DEFAULT_EXTENT, meta_size: int | None = None,
-                     force: bool = False) -> Pool:
+                     force: bool = False, claim: owners.Claim | None = None) -> Pool:
         """Make a new pool on ``devices`` (their current contents are overwritten).
 
         Devices that carry a storaged label are refused unless ``force`` is given.
+        ``claim``: the owner record to keep on the members (written with the labels).
         """
         _check_name(name)
         prof = Profile.parse(profile)
@@ -306,6 +315,8 @@ class Pool:
         await _write_within([(dev, partial(write_label, mi, dev))
                              for mi, dev in zip(members, devices, strict=True)],
                             "writing a new member's label")
+        if claim is not None:
+            await pool._take(claim)
         await pool._checkpoint()
         log.info("created pool %s (%s) on %d devices, profile %s, extent size %d",
                  name, pool_uuid, len(devices), prof, extent_size)
@@ -313,7 +324,8 @@ class Pool:
 
     @classmethod
     async def open(cls, devices: Sequence[Device], *, name: str | None = None,
-                   left_out: dict[str, str] | None = None) -> Pool:
+                   left_out: dict[str, str] | None = None,
+                   claim: owners.Claim | None = None) -> Pool:
         """Import a pool from its member devices (any order, members may be missing).
 
         Refuses, changing nothing, when a device is unlabelled, truncated, of another pool,
@@ -325,6 +337,9 @@ class Pool:
         left out, as if it had not been given, and the pool imports degraded if the
         others can; what is left out is logged and kept in ``Pool.left_out``. A device
         of another pool or a stale copy of a member is still refused.
+
+        ``claim``: the owner record to keep on the members; it is the first thing written,
+        once everything was read and the import decided (DESIGN invariant 10).
         """
         devices = list(devices)
         if left_out is None:
@@ -357,6 +372,8 @@ class Pool:
         pool._page_locs = loaded.page_locs
         if left_out:
             pool.left_out = dict(left_out)
+        if claim is not None:
+            await pool._take(claim, [d for d in loaded.devices if d is not None])
         await pool._finish_import(loaded.replayed)
         log.info("imported pool %s (%s): generation %d, txg %d, %d journal entries replayed",
                  pool.name, pool.uuid, pool.state.generation, pool.state.txg,
@@ -966,6 +983,7 @@ class Pool:
         """Place encoded records at the end of the profile's open segment(s), write them
         (one write per column per run), and return their map entries. The caller points
         maps at them afterwards: nothing references a record before it is written."""
+        await self._confirm_owner()
         placed: list[tuple[Segment, int, codec.EncodedRecord]] = []
         writes: dict[int, list[tuple[Device, int, list[codec.Buffer]]]] = {}
         pinned: list[int] = []
@@ -1515,6 +1533,7 @@ class Pool:
         target = self._applied
         async with self._commit_lock:
             self._check_ok()
+            await self._confirm_owner()
             if self._committed >= target:
                 return
             for seg_id in sorted(self._fill_moved):
@@ -1564,6 +1583,7 @@ class Pool:
 
     async def _checkpoint(self) -> None:
         async with self._commit_lock:
+            await self._confirm_owner()
             await self._checkpoint_locked()
 
     async def _checkpoint_locked(self) -> None:
@@ -1622,14 +1642,99 @@ class Pool:
         self._after_commit(ops_covered, freed_here)
         self._counters["checkpoints"] += 1
 
+    # ==== ownership (DESIGN invariant 10; pool.owner) =====================================
+    async def _take(self, claim: owners.Claim,
+                    devices: Sequence[Device] | None = None) -> None:
+        """Write this daemon's owner record to every member (the pool is taken). Its
+        sequence continues after the newest one found, so readers see it move."""
+        devs = list(devices) if devices is not None else [
+            d for d in self.devices if d is not None]
+        found = await _run(lambda: [owners.read_record(d) for d in devs])
+        seq = max((r.seq for r in found if r is not None), default=0) + 1
+        record = claim.record(self.state.uuid, seq)
+        async with self._owner_lock:
+            await _write_within([(d, partial(owners.write_record, d, record)) for d in devs],
+                                "writing the owner record")
+            self._owner = record
+            self._confirmed = time.monotonic()
+
+    @property
+    def owner(self) -> owners.OwnerRecord | None:
+        return self._owner
+
+    async def heartbeat(self) -> None:
+        """One beat: if a member's record names another owner at a sequence no lower than
+        ours (a taker continues after the highest it found), the pool was taken over while
+        this daemon was silent (hung, or cut off): stop all I/O at once (the pool fails,
+        like ZFS suspending a pool whose MMP check fails). A lower one is a stale record
+        of an earlier owner on a member that came back, and is overwritten. Otherwise
+        write the next sequence to every present member, under the write deadline."""
+        async with self._owner_lock:
+            mine = self._owner
+            if mine is None or self._closed or self._failed is not None:
+                return
+            seen: dict[int, owners.OwnerRecord | None] = {}
+
+            def reader(i: int, dev: Device) -> Callable[[], None]:
+                def read() -> None:
+                    seen[i] = owners.read_record(dev)
+                return read
+            await self._per_device([(i, reader(i, d)) for i, d in enumerate(self.devices)
+                                    if d is not None], "read", tolerate=True,
+                                   what="a read of the owner record")
+            for rec in seen.values():
+                if (rec is not None and rec.pool_uuid == mine.pool_uuid
+                        and rec.owner.instance != mine.owner.instance
+                        and rec.seq >= mine.seq):
+                    self._failed = f"taken over by {owners.describe(rec)}"
+                    self._owner = None
+                    log.error("pool %s: %s; this daemon stops all I/O to it",
+                              self.state.name, self._failed)
+                    return
+            beat = mine.beat()
+            started = time.monotonic()
+            failed = await self._per_device(
+                self._calls(partial(owners.write_record, record=beat)), "write",
+                tolerate=True, what="a heartbeat")
+            if len(failed) < sum(d is not None for d in self.devices):
+                self._owner = beat
+                self._confirmed = started
+
+    async def _confirm_owner(self) -> None:
+        """Called before data and metadata writes. They go out only while this daemon's
+        ownership was confirmed by a beat within half the activity interval: a takeover
+        (which first waits a whole interval without a beat) cannot have happened since.
+        Past that (the daemon was stopped, starved or cut off), a beat first confirms
+        ownership, or finds the pool taken over and fails it (PoolFailed), before anything
+        is written. Costs a clock read while the heartbeat runs on time."""
+        mine = self._owner
+        if mine is not None and time.monotonic() - self._confirmed > mine.activity / 2:
+            await self.heartbeat()
+            self._check_ok()
+
+    async def _release_owner(self, *, clear: bool) -> None:
+        """Stop heartbeats; ``clear``: also zero the owner record on every member."""
+        async with self._owner_lock:
+            had, self._owner = self._owner, None
+            if clear and had is not None:
+                try:
+                    await self._per_device(self._calls(owners.clear_record), "write",
+                                           tolerate=True, what="clearing the owner record")
+                except StorageError as e:
+                    log.warning("pool %s: clearing the owner record: %s", self.state.name,
+                                e.message)
+
     # ==== lifecycle =======================================================================
     def add_cache(self, writeback: Callable[[], Awaitable[None]]) -> None:
         """Register an upper layer's write cache: ``close`` awaits ``writeback`` first, so
         writes acknowledged into it are written out before the final checkpoint."""
         self._caches.append(writeback)
 
-    async def close(self) -> None:
-        """Write back registered caches, commit everything (checkpoint), release devices."""
+    async def close(self, *, release: bool = False) -> None:
+        """Write back registered caches, commit everything (checkpoint), release devices.
+        ``release`` (export): clear the owner record too, so another daemon may import
+        the pool at once; otherwise it stays (the pool still belongs to this daemon,
+        which imports it again at its next start)."""
         if self._closed:
             return
         try:
@@ -1640,6 +1745,8 @@ class Pool:
                 self._reap()
                 await self._checkpoint()
         finally:
+            with trio.CancelScope(shield=True):
+                await self._release_owner(clear=release and self._failed is None)
             self._closed = True
             with trio.CancelScope(shield=True):
                 await self.settle_discards()    # its threads use the devices
@@ -1647,7 +1754,9 @@ class Pool:
             self._parked.clear()
 
     async def destroy(self) -> None:
-        """Wipe labels and superblocks of every present member; data is not zeroed."""
+        """Wipe labels, superblocks and owner records of every present member; data is not
+        zeroed."""
+        await self._release_owner(clear=False)
         self._closed = True
         await self._on_devices(_wipe)
         with trio.CancelScope(shield=True):
@@ -1996,6 +2105,7 @@ class Pool:
         (``records.WRITE_TIMEOUT``): a device that has not finished by then fails all of
         them, and a member that hung so is faulted at once, for a full rebuild (the stuck
         write may still land), as a hung foreground write faults it."""
+        await self._confirm_owner()
         live = [r for r in repairs if r.segment in self.state.segments]
         groups: dict[int, list[records.Repair]] = {}
         for r in live:
@@ -2249,6 +2359,7 @@ def _wipe(dev: Device) -> None:
     """Wipe a device's labels and superblocks (blocking); its data is not zeroed."""
     dev.pwrite(0, bytes(LABEL_SIZE))
     dev.pwrite(SB_OFFSET, bytes(SB_SLOTS * SB_SLOT_SIZE))
+    dev.pwrite(owners.OWNER_OFFSET, bytes(owners.OWNER_SIZE))
     dev.pwrite(dev.size - LABEL_SIZE, bytes(LABEL_SIZE))
     dev.sync()
 

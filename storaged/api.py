@@ -214,9 +214,16 @@ class ControlAPI:
         return pool_status(entry)
 
     async def pool_import(self, p: Params, progress: Progress) -> Any:
-        entry = await self.registry.import_pool(_str(p, "name", required=False),
-                                                _strs(p, "devices"))
-        return pool_status(entry)
+        name = _str(p, "name", required=False)
+        if name is None:
+            # Like `zpool import`: list what could be imported, change nothing.
+            return await self.registry.importable(_strs(p, "devices"))
+        entry = await self.registry.import_pool(name, _strs(p, "devices"),
+                                                force=_bool(p, "force", False))
+        out = pool_status(entry)
+        if entry.taken_over:
+            out["taken_over"] = entry.taken_over
+        return out
 
     async def pool_export(self, p: Params, progress: Progress) -> Any:
         await self.registry.export(_req(p, "name"))

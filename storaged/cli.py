@@ -47,8 +47,31 @@ def show_pools(pools: list[dict[str, Any]]) -> str:
                          "VOLUMES", "OVERCOMMIT"])
 
 
+def show_import(r: dict[str, Any] | list[dict[str, Any]]) -> str:
+    """An imported pool's status, or (no name given) the pools that could be imported."""
+    if isinstance(r, dict):
+        return show_pool_status(r)
+    if not r:
+        return "no pools found"
+    lines = []
+    for p in r:
+        members = (f"{len(p['found'])} of {p['members']} members found"
+                   if "members" in p else f"{len(p['found'])} members found")
+        lines += [f"   pool: {p['name']}", f"   uuid: {p['uuid']}",
+                  f"  state: {p['state']} ({members}"
+                  + (f"; missing members {', '.join(map(str, p['missing']))}"
+                     if p["missing"] else "") + ")",
+                  f"  owner: {p['owner']}"]
+        if p.get("error"):
+            lines.append(f"  error: {p['error']}")
+        lines += [f"         {path}" for path in p["found"]] + [""]
+    return "\n".join(lines).rstrip()
+
+
 def show_pool_status(p: dict[str, Any]) -> str:
     out = [show_pools([p]), ""]
+    if p.get("taken_over"):
+        out.insert(0, f"warning: {p['taken_over']}")
     out.append(_table([[str(d["index"]), d["path"] or "-", d["state"],
                         format_size(d["size_bytes"]), format_size(d["free_bytes"]),
                         str(d["read_errors"]), str(d["write_errors"]),
@@ -269,9 +292,13 @@ def _pool_commands(pool: SubParsers) -> None:
     c.add_argument("--file-size", default=None,
                    help="create missing device files as sparse files of this size")
     c.add_argument("--force", action="store_true", help="overwrite labelled devices")
-    c = pool.add_parser("import", help="import a pool from its devices")
+    c = pool.add_parser("import", help="import a pool from its devices (no name: list the "
+                        "pools that could be imported, changing nothing)")
     c.add_argument("name", nargs="?")
     c.add_argument("--device", action="append", default=[], dest="devices")
+    c.add_argument("--force", action="store_true",
+                   help="take over a pool its last owner did not export, once its "
+                        "heartbeat has been silent for the activity interval")
     for name in ("export", "destroy", "status"):
         pool.add_parser(name).add_argument("name")
     pool.add_parser("list")
@@ -421,7 +448,10 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
                 params["file_size"] = args.file_size
             return "pool.create", params, show_pool_status
         if cmd == "import":
-            return "pool.import", {"name": args.name, "devices": args.devices}, show_pool_status
+            params = {"name": args.name, "devices": args.devices}
+            if args.force:
+                params["force"] = True
+            return "pool.import", params, show_import
         if cmd == "list":
             return "pool.list", {}, show_pools
         if cmd == "status":

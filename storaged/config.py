@@ -63,6 +63,8 @@ class Config:
     fuse_gid: int | None = None
     fuse_mode: int = 0o600                        # volume files; snapshots: its read bits
     fuse_allow_other: bool = False                # other users may enter the mount
+    owner_heartbeat: float = 2.0                  # seconds between owner-record heartbeats
+    owner_activity: float = 10.0                  # silence after which an owner is gone
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -115,6 +117,8 @@ _KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "fuse.allow_other": ("fuse_allow_other", bool),
     "iscsi.listen": ("iscsi_listen", str), "iscsi.base_iqn": ("iscsi_base_iqn", str),
     "iscsi.default_acl": ("iscsi_default_acl", str),
+    "owner.heartbeat": ("owner_heartbeat", float),
+    "owner.activity": ("owner_activity", float),
 }
 
 
@@ -206,6 +210,12 @@ def validate(cfg: Config) -> Config:
     if not 0 < cfg.write_timeout <= 3600:
         raise InvalidArgument(f"faults.write_timeout must be seconds in (0, 3600], not "
                               f"{cfg.write_timeout!r}")
+    if not 0 < cfg.owner_heartbeat <= 600:
+        raise InvalidArgument(f"owner.heartbeat must be seconds in (0, 600], not "
+                              f"{cfg.owner_heartbeat!r}")
+    if not max(2 * cfg.owner_heartbeat, 1.0) <= cfg.owner_activity <= 3600:
+        raise InvalidArgument(f"owner.activity must be seconds, at least 1 and twice "
+                              f"owner.heartbeat, at most 3600, not {cfg.owner_activity!r}")
     if not 1 <= cfg.nbd_max_inflight <= 4096:
         raise InvalidArgument("nbd.max_inflight must be between 1 and 4096")
     for key, count in (("nbd.max_connections", cfg.nbd_max_connections),

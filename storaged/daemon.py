@@ -151,6 +151,7 @@ async def maintain(registry: Registry, cfg: Config, period: float = 0.5) -> None
                     nursery.start_soon(_maintain_pool, registry, entry, cfg, period)
                     nursery.start_soon(_expire_writes, entry, cfg, period)
                     nursery.start_soon(_watch_members, entry, cfg)
+                    nursery.start_soon(_heartbeat, entry, cfg.owner_heartbeat)
             await trio.sleep(period)
 
 
@@ -167,6 +168,21 @@ async def _expire_writes(entry: PoolEntry, cfg: Config, period: float) -> None:
                           e.message)
             await trio.sleep(5 * period)
         await trio.sleep(period)
+
+
+async def _heartbeat(entry: PoolEntry, interval: float) -> None:
+    """The owner record's heartbeat (pool.owner, DESIGN invariant 10), every ``interval``
+    seconds while the pool is open (its own task: nothing else delays it). The first beat
+    goes out at once: ``maintain`` notices a new pool up to ``period`` late, which
+    owner.activity (at least 1 s) covers."""
+    pool = entry.pool
+    while not pool.closed:
+        try:
+            await pool.heartbeat()
+        except StorageError as e:
+            if not pool.closed:
+                log.error("pool %s: heartbeat: %s", entry.name, e.message)
+        await trio.sleep(interval)
 
 
 async def _watch_members(entry: PoolEntry, cfg: Config) -> None:
@@ -228,7 +244,8 @@ async def run(cfg: Config, *, ready: trio.Event | None = None) -> None:
         pool_module.RECORD_CACHE_BYTES = cfg.record_cache
     if cfg.write_buffer is not None:
         volume_module.WRITE_BUFFER.limit = cfg.write_buffer
-    registry = Registry(cfg.state_dir)
+    registry = Registry(cfg.state_dir, heartbeat=cfg.owner_heartbeat,
+                        activity=cfg.owner_activity)
     await registry.load()
     if cfg.demo:
         await ensure_demo(registry)

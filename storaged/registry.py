@@ -6,7 +6,9 @@ one that cannot be is reported and the others still come up. A device that is mi
 damaged (cannot be opened or read, too short, not a file or block device, no intact label
 or superblock, the same device as another path) is left out of its pool's import with the
 reason logged and shown in ``pool status``; the pool imports degraded if the others can
-serve it (``Pool.open``'s ``left_out``). Its path stays remembered.
+serve it (``Pool.open``'s ``left_out``). Its path stays remembered. A device held by
+someone else (DeviceBusy: another pool or daemon has it) is never left out: the import is
+refused (DESIGN invariant 10, pool.owner).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,8 +25,20 @@ from typing import Any
 import trio
 
 from pool import Device, FileDevice, Pool, close_devices
-from pool.errors import AlreadyExists, DeviceError, InvalidArgument, NotFound, StorageError
+from pool import owner as owners
+from pool.errors import (
+    AlreadyExists,
+    Busy,
+    DeviceBusy,
+    DeviceError,
+    InvalidArgument,
+    NotFound,
+    StorageError,
+)
 from pool.layout import LABEL_SIZE, Label
+from pool.metastore import MetaStore
+from pool.pool import label_copies
+from pool.state import PoolState
 from volumes import VolumeManager
 
 log = logging.getLogger(__name__)
@@ -39,6 +55,7 @@ class PoolEntry:
     devices: list[str]
     full_warning: float = FULL_WARNING
     spares: list[str] = field(default_factory=list)   # device paths kept for replacements
+    taken_over: str | None = None    # import --force: whose pool this was (said once)
 
     @property
     def name(self) -> str:
@@ -50,7 +67,10 @@ class Registry:
     state_dir: str
     pools: dict[str, PoolEntry] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)   # pool name -> why not imported
+    heartbeat: float = owners.DEFAULT_INTERVAL    # owner records: seconds between beats
+    activity: float = owners.DEFAULT_ACTIVITY     # ... silence after which an owner is gone
     _lock: trio.Lock = field(default_factory=trio.Lock)
+    _me: owners.Owner | None = None
 
     # ---- the cache file -------------------------------------------------------------------
     def _cache_path(self) -> str:
@@ -118,11 +138,14 @@ class Registry:
         async with self._lock:
             if name in self.pools:
                 raise AlreadyExists(f"pool {name!r} already exists")
+            claim = await self._claim()
             created: list[str] = []
-            devices = await _open_devices(paths, file_size, created=created)
+            devices = await self._open_devices(paths, file_size, created=created)
             try:
+                if force:
+                    await trio.to_thread.run_sync(_refuse_live_owner, devices, claim.owner)
                 pool = await Pool.create(name, devices, profile=profile,
-                                         extent_size=extent_size, force=force)
+                                         extent_size=extent_size, force=force, claim=claim)
             except BaseException:
                 await close_devices(devices)
                 await trio.to_thread.run_sync(_unlink, created)   # leave no file behind
@@ -136,26 +159,32 @@ class Registry:
         await self.save()
         return entry
 
-    async def import_pool(self, name: str | None, paths: list[str]) -> PoolEntry:
+    async def import_pool(self, name: str | None, paths: list[str], *,
+                          force: bool = False) -> PoolEntry:
         async with self._lock:
+            if name is not None and name in self.pools:   # before any device is opened
+                raise AlreadyExists(f"pool {name!r} is already imported")
             if not paths:
                 paths = await trio.to_thread.run_sync(_scan, self.state_dir, name)
                 if not paths:
                     raise NotFound(f"no pool member found under {self.state_dir}"
                                    + (f" for pool {name!r}" if name else "")
                                    + "; name the devices with --device")
-            return await self._import(paths, name)
+            return await self._import(paths, name, force=force)
 
-    async def _import(self, paths: list[str], name: str | None) -> PoolEntry:
+    async def _import(self, paths: list[str], name: str | None, *,
+                      force: bool = False) -> PoolEntry:
         if name is not None and name in self.pools:
             raise AlreadyExists(f"pool {name!r} is already imported")
+        claim = await self._claim()
         left_out: dict[str, str] = {}
-        devices = await _open_devices(paths, None, left_out=left_out)
+        devices = await self._open_devices(paths, None, left_out=left_out)
         if not devices:
             raise NotFound(f"none of the devices of pool {name or '?'} is present: "
                            + "; ".join(f"{p}: {why}" for p, why in left_out.items()))
         try:
-            pool = await Pool.open(devices, name=name, left_out=left_out)
+            taken_over = await self._check_owner(devices, name, claim.owner, force)
+            pool = await Pool.open(devices, name=name, left_out=left_out, claim=claim)
         except BaseException:
             await close_devices(devices)
             raise
@@ -164,13 +193,103 @@ class Registry:
             raise AlreadyExists(f"pool {pool.name!r} is already imported")
         # Every path given is remembered, the ones left out too: a member that comes back
         # (a disk reattached, a file restored) is found at the next start.
-        return await self._adopt(pool, list(dict.fromkeys(_abspath(p) for p in paths)))
+        entry = await self._adopt(pool, list(dict.fromkeys(_abspath(p) for p in paths)))
+        entry.taken_over = taken_over
+        return entry
+
+    # ---- ownership (DESIGN invariant 10; pool.owner) ---------------------------------------
+    async def _open_devices(self, paths: list[str], file_size: int | None, *,
+                            left_out: dict[str, str] | None = None,
+                            created: list[str] | None = None) -> list[Device]:
+        """``_open_devices``; a device held by this daemon is named by the pool that holds
+        it (a current member under another path: that pool's identity check's words)."""
+        try:
+            return await _open_devices(paths, file_size, left_out=left_out,
+                                       created=created)
+        except DeviceBusy:
+            await trio.to_thread.run_sync(self._refuse_own_member, paths)
+            raise
+
+    def _refuse_own_member(self, paths: list[str]) -> None:
+        """Blocking: InvalidArgument if a path is a member of a pool imported here."""
+        for p in paths:
+            try:
+                probe = FileDevice(p, read_only=True)
+            except DeviceError:
+                continue
+            try:
+                for entry in list(self.pools.values()):
+                    entry.pool.refuse_member_device(probe)
+            except InvalidArgument as e:
+                raise InvalidArgument(f"{e.message}, imported by this daemon") from e
+            finally:
+                probe.close()
+
+    async def _claim(self) -> owners.Claim:
+        if self._me is None:
+            await trio.Path(self.state_dir).mkdir(parents=True, exist_ok=True)
+            self._me = await trio.to_thread.run_sync(owners.me, self.state_dir)
+        return owners.Claim(self._me, self.heartbeat, self.activity)
+
+    async def _check_owner(self, devices: list[Device], name: str | None, me: owners.Owner,
+                           force: bool) -> str | None:
+        """Decide whether this import may take the pool, from the labels and owner records
+        (read only): refuse a pool already imported here (by uuid), a pool whose owner
+        record names another daemon (without ``force``), and one whose heartbeat moves
+        within its activity interval (with ``force``, watched first). Returns what a
+        forced takeover took over from (to be said), or None."""
+        labels = await trio.to_thread.run_sync(_labels_of, devices)
+        uuids = {lab.pool_uuid for lab in labels.values()
+                 if name is None or lab.pool_name == name}
+        for entry in self.pools.values():
+            if entry.pool.uuid in uuids:
+                raise AlreadyExists(f"pool {entry.name!r} ({entry.pool.uuid}) is already "
+                                    f"imported")
+        if len(uuids) != 1:
+            return None          # Pool.open says what is wrong with these devices
+        (pool_uuid,) = uuids
+        pool_name = next(lab.pool_name for lab in labels.values()
+                         if lab.pool_uuid == pool_uuid)
+        mine = [d for d in devices if d.path in labels and
+                labels[d.path].pool_uuid == pool_uuid]
+        records = await trio.to_thread.run_sync(
+            lambda: [owners.read_record(d) for d in mine])
+        found = owners.assess(records, pool_uuid, me)
+        rec = found.record
+        if rec is None:
+            return None
+        if not force:
+            if time.time() - rec.time < rec.activity:
+                raise Busy(f"pool {pool_name} is active on another daemon: "
+                           f"{owners.describe(rec)}; export it there first")
+            raise Busy(f"pool {pool_name} was not exported by its last owner, "
+                       f"{owners.describe(rec)}; if that daemon is gone, `pool import "
+                       f"--force` takes the pool over (after watching for "
+                       f"{rec.activity:g} s that no heartbeat comes)")
+        log.warning("pool %s: owned by %s; watching its heartbeat for %g s before taking "
+                    "it over", pool_name, owners.describe(rec), rec.activity)
+        await trio.to_thread.run_sync(owners.watch, mine, rec, pool_name)
+        said = (f"took over pool {pool_name} from {owners.describe(rec)}: no heartbeat "
+                f"for {rec.activity:g} s")
+        log.warning("%s", said)
+        return said
+
+    async def importable(self, paths: list[str]) -> list[dict[str, Any]]:
+        """What ``pool import`` with no name shows: the pools whose members are found
+        (under the state directory, or among ``paths``), each with its state, members
+        found and missing, and who owns it. Opens every device read-only, takes no lock,
+        writes nothing."""
+        if not paths:
+            paths = await trio.to_thread.run_sync(_scan, self.state_dir, None)
+        here = {e.pool.uuid: e.name for e in self.pools.values()}
+        me = (await self._claim()).owner
+        return await trio.to_thread.run_sync(_survey, paths, here, me)
 
     async def export(self, name: str) -> None:
         async with self._lock:
             entry = self.get(name)
             del self.pools[name]
-            await entry.pool.close()
+            await entry.pool.close(release=True)
             await self.save()
 
     async def destroy(self, name: str) -> None:
@@ -188,7 +307,7 @@ class Registry:
         async with self._lock:
             entry = self.get(name)
             created: list[str] = []
-            (dev,) = await _open_devices([path], file_size, created=created)
+            (dev,) = await self._open_devices([path], file_size, created=created)
             try:
                 await entry.pool.add_device(dev)
             except BaseException:
@@ -209,7 +328,7 @@ class Registry:
             index = entry.pool.member_index(old)
             old_path = entry.pool.statistics().members[index].path
             created: list[str] = []
-            (dev,) = await _open_devices([new], file_size, created=created)
+            (dev,) = await self._open_devices([new], file_size, created=created)
             try:
                 await entry.pool.replace_device(index, dev)
             except BaseException:
@@ -234,7 +353,7 @@ class Registry:
     async def add_spare(self, name: str, path: str, file_size: int | None) -> None:
         async with self._lock:
             entry = self.get(name)
-            (dev,) = await _open_devices([path], file_size)
+            (dev,) = await self._open_devices([path], file_size)
             try:
                 if any(_abspath(path) == p for p in entry.spares):
                     raise InvalidArgument(f"{path} is already a spare of pool {name}")
@@ -264,7 +383,7 @@ class Registry:
             index = entry.pool.member_index(member)
             dev = None
             if path is not None:
-                (dev,) = await _open_devices([path], None)
+                (dev,) = await self._open_devices([path], None)
             try:
                 await entry.pool.online(index, dev)
             except BaseException:
@@ -320,7 +439,9 @@ async def _open_devices(paths: list[str], file_size: int | None, *,
     def op() -> list[Device]:
         out: list[Device] = []
         try:
-            for p in paths:
+            aliases = _aliases(paths)
+            opened: set[tuple[int, int] | None] = set()
+            for p in _lock_order(paths):
                 new = not os.path.exists(p)
                 if new:
                     if left_out is not None:
@@ -331,7 +452,12 @@ async def _open_devices(paths: list[str], file_size: int | None, *,
                         raise DeviceError(f"{p}: no such device or file (give a size to "
                                           f"create sparse files)")
                 try:
-                    dev = FileDevice(p, create_size=file_size if new else None)
+                    # A second path to a device already given is opened plainly (the
+                    # first holds the lock), for the pool's identity check to name it.
+                    dev = (FileDevice(p) if p in aliases or _identity(p) in opened
+                           else _open_exclusive(p, file_size if new else None))
+                except DeviceBusy:
+                    raise     # held by a live pool: never left out (DESIGN invariant 10)
                 except DeviceError as e:
                     if left_out is None:
                         raise
@@ -340,6 +466,7 @@ async def _open_devices(paths: list[str], file_size: int | None, *,
                     continue
                 if new and created is not None:
                     created.append(os.path.realpath(p))
+                opened.add(_identity(p))
                 out.append(dev)
         except BaseException:
             for d in out:
@@ -348,8 +475,42 @@ async def _open_devices(paths: list[str], file_size: int | None, *,
                 _unlink(created)
                 created.clear()
             raise
-        return out
+        return _given_order(out, paths)
     return await trio.to_thread.run_sync(op)
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_rdev, -1) if stat.S_ISBLK(st.st_mode) else (st.st_dev, st.st_ino)
+
+
+def _aliases(paths: list[str]) -> set[str]:
+    """The paths that lead to a device an earlier path (in the order given) leads to."""
+    seen: set[tuple[int, int]] = set()
+    out: set[str] = set()
+    for p in paths:
+        ident = _identity(p)
+        if ident is None:
+            continue
+        if ident in seen:
+            out.add(p)
+        seen.add(ident)
+    return out
+
+
+def _lock_order(paths: list[str]) -> list[str]:
+    """Members are locked in one order (by absolute path) whatever order they were given
+    in: two daemons importing the same members race for the same first lock, so exactly
+    one wins (in the order given, each could take one member and both would lose)."""
+    return sorted(paths, key=_abspath)
+
+
+def _given_order(devices: list[Device], paths: list[str]) -> list[Device]:
+    rank = {_abspath(p): i for i, p in enumerate(paths)}
+    return sorted(devices, key=lambda d: rank.get(_abspath(d.path), len(rank)))
 
 
 def _unlink(paths: list[str]) -> None:
@@ -380,3 +541,136 @@ def _scan(directory: str, name: str | None) -> list[str]:
         if name is None or label.pool_name == name:
             found.append(path)
     return found
+
+
+# ---- ownership helpers (blocking) ------------------------------------------------------------
+def _open_exclusive(path: str, create_size: int | None) -> FileDevice:
+    """A member device, held exclusively (DESIGN invariant 10); a held one is refused
+    naming who holds it."""
+    try:
+        return FileDevice(path, create_size=create_size, exclusive=True)
+    except DeviceBusy as e:
+        raise DeviceBusy(_holder(path)) from e
+
+
+def _label_at(path: str) -> Label | None:
+    try:
+        dev = FileDevice(path, read_only=True)
+    except DeviceError:
+        return None
+    try:
+        return next((lab for _, lab in label_copies(dev) if isinstance(lab, Label)), None)
+    finally:
+        dev.close()
+
+
+def _holder(path: str) -> str:
+    """Who holds a busy device, as far as can be told: its pool (label), the process
+    holding the lock (/proc/locks) and the owner record."""
+    text = f"{path} is in use"
+    label = _label_at(path)
+    if label is not None:
+        text += f": member {label.index} of pool {label.pool_name!r} ({label.pool_uuid})"
+    pid = owners.lock_holder(path)
+    if pid == os.getpid():
+        text += ", imported by this daemon"
+    elif pid is not None:
+        text += f", held by pid {pid}"
+    rec = owners.read_path(path)
+    if rec is not None and pid != os.getpid() and (label is None
+                                                    or rec.pool_uuid == label.pool_uuid):
+        text += f"; owner {owners.describe(rec)}"
+    return text
+
+
+def _labels_of(devices: list[Device]) -> dict[str, Label]:
+    out: dict[str, Label] = {}
+    for dev in devices:
+        lab = next((lab for _, lab in label_copies(dev) if isinstance(lab, Label)), None)
+        if lab is not None:
+            out[dev.path] = lab
+    return out
+
+
+def _refuse_live_owner(devices: list[Device], me: owners.Owner) -> None:
+    """``pool create --force`` overrides the label of an exported or destroyed pool, never
+    a member of a live one: a device whose owner record names another daemon that beats
+    (fresh, or moving while watched for its activity interval) is refused."""
+    labels = _labels_of(devices)
+    for dev in devices:
+        rec = owners.read_record(dev)
+        lab = labels.get(dev.path)
+        if rec is None or lab is None or rec.pool_uuid != lab.pool_uuid:
+            continue
+        if owners.assess([rec], lab.pool_uuid, me).record is None:
+            continue         # ours, and we hold the lock: the old process is gone
+        if time.time() - rec.time < rec.activity:
+            raise Busy(f"{dev.path} is member {lab.index} of pool {lab.pool_name!r}, "
+                       f"active on another daemon ({owners.describe(rec)}); --force does "
+                       f"not override a live pool")
+        owners.watch([dev], rec, lab.pool_name)
+
+
+def _survey(paths: list[str], here: dict[str, str],
+            me: owners.Owner) -> list[dict[str, Any]]:
+    """The pools on ``paths`` (read-only; see Registry.importable)."""
+    groups: dict[str, list[tuple[FileDevice, Label]]] = {}
+    opened: list[FileDevice] = []
+    try:
+        for path in paths:
+            try:
+                dev = FileDevice(path, read_only=True)
+            except DeviceError:
+                continue
+            opened.append(dev)
+            lab = next((lab for _, lab in label_copies(dev) if isinstance(lab, Label)), None)
+            if lab is not None:
+                groups.setdefault(lab.pool_uuid, []).append((dev, lab))
+        return [_survey_pool(uuid, found, here, me) for uuid, found in groups.items()]
+    finally:
+        for dev in opened:
+            dev.close()
+
+
+def _survey_pool(pool_uuid: str, found: list[tuple[FileDevice, Label]],
+                 here: dict[str, str], me: owners.Owner) -> dict[str, Any]:
+    name = found[0][1].pool_name
+    out: dict[str, Any] = {"name": name, "uuid": pool_uuid,
+                           "found": sorted(d.path for d, _ in found), "missing": []}
+    try:
+        best = max((sb for d, _ in found for sb in MetaStore.read_superblocks(d, pool_uuid)),
+                   key=lambda sb: sb.generation, default=None)
+        if best is None:
+            raise StorageError("no intact superblock")
+        state = PoolState.from_json(MetaStore(found[0][1].layout, [d for d, _ in found],
+                                              pool_uuid).read_blob(best.state))
+    except (StorageError, ValueError, KeyError) as e:
+        msg = e.message if isinstance(e, StorageError) else str(e)
+        out.update(state="unavailable", error=f"metadata unreadable: {msg}")
+    else:
+        have = {lab.device_uuid for _, lab in found}
+        expected = [m for m in state.members if m.state != "removed"]
+        out["members"] = len(expected)
+        out["missing"] = [m.index for m in expected if m.uuid not in have]
+        out["state"] = "degraded" if out["missing"] else "online"
+    holders = {pid for d, _ in found if (pid := owners.lock_holder(d.path)) is not None}
+    rec = max((r for r in (owners.read_record(d) for d, _ in found)
+               if r is not None and r.pool_uuid == pool_uuid),
+              key=lambda r: r.seq, default=None)
+    if pool_uuid in here:
+        out["owner"] = f"imported by this daemon as {here[pool_uuid]!r}"
+    elif holders:
+        out["owner"] = (f"in use by pid {', '.join(map(str, sorted(holders)))}"
+                        + (f" ({owners.describe(rec)})" if rec else ""))
+    elif rec is not None and owners.assess([rec], pool_uuid, me).mine:
+        # Left by this daemon (stopped or killed): it imports without --force.
+        out["owner"] = "last used by this daemon (not exported)"
+    elif rec is not None and time.time() - rec.time < rec.activity:
+        out["owner"] = f"active on another daemon: {owners.describe(rec)}"
+    elif rec is not None:
+        out["owner"] = f"not exported by {owners.describe(rec)} (import --force)"
+    else:
+        out["owner"] = "exported"
+    out["importable"] = (out["owner"] in ("exported", "last used by this daemon (not "
+                                          "exported)") and out["state"] != "unavailable")
+    return out

@@ -15,6 +15,7 @@ import pytest
 
 from pool import FileDevice, Pool
 from pool.checker import check
+from pool.errors import DeviceBusy
 from volumes import VolumeManager
 
 SIZE = 64 << 20
@@ -70,3 +71,17 @@ async def test_pool_on_block_devices_round_trip(loops: list[str]) -> None:
         assert (await check(pool, deep=True)).ok
     finally:
         await pool.close()
+
+
+def test_a_block_device_member_is_held_exclusively(loops: list[str]) -> None:
+    """DESIGN invariant 10 on a block device: an exclusive open is O_EXCL, so a second
+    exclusive open (this process or any other, e.g. mkfs or another daemon) is refused
+    with EBUSY until the first is closed; a plain read-only open still works."""
+    first = FileDevice(loops[0], exclusive=True)
+    try:
+        with pytest.raises(DeviceBusy, match="in use"):
+            FileDevice(loops[0], exclusive=True)
+        FileDevice(loops[0], read_only=True).close()
+    finally:
+        first.close()
+    FileDevice(loops[0], exclusive=True).close()

@@ -125,8 +125,8 @@ async def test_a_damaged_member_is_left_out_and_the_pool_imports_degraded(
     if kind.startswith("EIO"):
         real = FileDevice
 
-        def opener(path: str, *, create_size: int | None = None) -> Device:
-            dev = real(path, create_size=create_size)
+        def opener(path: str, *, create_size: int | None = None, **kw: bool) -> Device:
+            dev = real(path, create_size=create_size, **kw)
             if Path(path) != paths[2]:
                 return dev
             bad = FaultyDevice(dev)
