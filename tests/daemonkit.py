@@ -3,6 +3,7 @@ storagectl, reach its exports with qemu-io. The ``daemon`` fixture is in conftes
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -12,6 +13,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from pool import owner as owners
 
 BIN = Path(sys.executable).parent
 
@@ -96,3 +99,30 @@ def _qemu_io(url: str, *cmds: str, read_only: bool = False) -> str:
     r = subprocess.run([*args, url], capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 0 and "failed" not in r.stdout.lower(), r.stdout + r.stderr
     return r.stdout
+
+
+def member_digests(paths: list[Path], *, mask_owner: bool = True) -> list[str]:
+    """A hash per member of every data region (holes skipped), with the owner block
+    masked (the live owner rewrites it every heartbeat)."""
+    out = []
+    for p in paths:
+        h = hashlib.sha256()
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            size, pos = os.fstat(fd).st_size, 0
+            while pos < size:
+                try:
+                    start = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError:
+                    break
+                end = os.lseek(fd, start, os.SEEK_HOLE)
+                data = bytearray(os.pread(fd, end - start, start))
+                lo = owners.OWNER_OFFSET - start
+                if mask_owner and 0 <= lo < len(data):
+                    data[lo:lo + owners.OWNER_SIZE] = bytes(owners.OWNER_SIZE)
+                h.update(b"@%d:" % start + data)
+                pos = end
+        finally:
+            os.close(fd)
+        out.append(h.hexdigest())
+    return out

@@ -11,7 +11,6 @@ live member; a killed owner's pool is refused without --force and taken over wit
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -27,7 +26,7 @@ from pool import owner as owners
 from pool.errors import Busy, DeviceBusy, PoolFailed
 from storaged import registry
 from tests.conftest import DiskSet
-from tests.daemonkit import BIN, Daemon, _free_port, _qemu_io
+from tests.daemonkit import BIN, Daemon, _free_port, _qemu_io, member_digests
 from volumes import VolumeManager
 
 Disks = Callable[..., DiskSet]
@@ -173,11 +172,11 @@ async def test_an_owner_silent_past_half_its_interval_confirms_before_writing(
         d = FileDevice(str(p))
         owners.write_record(d, taker)
         d.close()
-    before = _digests(ds.paths)
+    before = member_digests(ds.paths)
     await vol.write(65536, b"b" * 65536)       # buffered in memory
     with pytest.raises(PoolFailed, match="taken over by host host-b"):
         await vol.flush()
-    assert _digests(ds.paths) == before
+    assert member_digests(ds.paths) == before
     await pool.close()
 
 
@@ -190,33 +189,6 @@ def _start(directory: Path, *args: str) -> Daemon:
                args=("--config", str(cfg), *args))
     d.start()
     return d
-
-
-def _digests(paths: list[Path], *, mask_owner: bool = True) -> list[str]:
-    """A hash per member of every data region (holes skipped), with the owner block
-    masked (the live owner rewrites it every heartbeat)."""
-    out = []
-    for p in paths:
-        h = hashlib.sha256()
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            size, pos = os.fstat(fd).st_size, 0
-            while pos < size:
-                try:
-                    start = os.lseek(fd, pos, os.SEEK_DATA)
-                except OSError:
-                    break
-                end = os.lseek(fd, start, os.SEEK_HOLE)
-                data = bytearray(os.pread(fd, end - start, start))
-                lo = owners.OWNER_OFFSET - start
-                if mask_owner and 0 <= lo < len(data):
-                    data[lo:lo + owners.OWNER_SIZE] = bytes(owners.OWNER_SIZE)
-                h.update(b"@%d:" % start + data)
-                pos = end
-        finally:
-            os.close(fd)
-        out.append(h.hexdigest())
-    return out
 
 
 def _devs(paths: list[Path]) -> list[str]:
@@ -246,7 +218,7 @@ def test_a_stray_import_changes_nothing(tmp_path: Path) -> None:
     try:
         demo = [tmp_path / "a" / "state" / f"demo-disk{i}.img" for i in range(3)]
         _qemu_io(d.url("demo/disk0"), "write -P 0x42 0 1M", "flush")
-        before = _digests(demo)
+        before = member_digests(demo)
         listed = d.json("pool", "import")
         assert isinstance(listed, list) and len(listed) == 1, listed
         (entry,) = listed
@@ -259,7 +231,7 @@ def test_a_stray_import_changes_nothing(tmp_path: Path) -> None:
         assert r.returncode == 1 and "already imported" in r.stderr
         r = d.ctl("pool", "import", "other", *_devs(demo))
         assert r.returncode == 1 and "imported by this daemon" in r.stderr, r.stderr
-        assert _digests(demo) == before
+        assert member_digests(demo) == before
         _qemu_io(d.url("demo/disk0"), "read -P 0x42 0 1M")
         d.ok("pool", "export", "demo")
         listed = d.json("pool", "import")
@@ -298,14 +270,14 @@ def test_two_daemons_racing_to_import_one_wins(tmp_path: Path) -> None:
         assert "tank" in err and ("in use" in err or "active" in err), err
         assert lose.json("pool", "list") == []
         _intact(win)
-        before = _digests(disks)
+        before = member_digests(disks)
         r = lose.ctl("pool", "import", "tank", *_devs(disks), "--force")
         assert r.returncode == 1 and "in use" in r.stderr and "pool 'tank'" in r.stderr
         r = lose.ctl("pool", "create", "x", str(disks[0]), "--force")
         assert r.returncode == 1 and "in use" in r.stderr, r.stderr
         r = win.ctl("pool", "create", "y", str(disks[1]), "--force")
         assert r.returncode == 1 and "imported by this daemon" in r.stderr, r.stderr
-        assert _digests(disks) == before
+        assert member_digests(disks) == before
         _intact(win)
         win.ok("pool", "export", "tank")
         lose.ok("pool", "create", "x", str(disks[0]), "--force")
@@ -335,7 +307,7 @@ def test_a_killed_owners_pool_needs_force_and_is_taken_over(tmp_path: Path) -> N
         assert a.proc is not None
         old_pid = a.proc.pid
         a.stop(signal.SIGKILL)
-        before = _digests(disks, mask_owner=False)
+        before = member_digests(disks, mask_owner=False)
         r = b.ctl("pool", "import", "tank", *_devs(disks))
         assert r.returncode == 1 and f"pid {old_pid}" in r.stderr, r.stderr
         assert "--force" in r.stderr or "active" in r.stderr
@@ -343,7 +315,7 @@ def test_a_killed_owners_pool_needs_force_and_is_taken_over(tmp_path: Path) -> N
         assert isinstance(listed, list) and listed[0]["state"] == "degraded", listed
         assert listed[0]["missing"] == [2] and listed[0]["members"] == 3
         assert f"pid {old_pid}" in listed[0]["owner"] and not listed[0]["importable"]
-        assert _digests(disks, mask_owner=False) == before
+        assert member_digests(disks, mask_owner=False) == before
         assert b.json("pool", "list") == []
         t0 = time.monotonic()
         out = b.ok("pool", "import", "tank", *_devs(disks), "--force")
