@@ -55,6 +55,7 @@ from typing import Any
 import pytest
 import trio
 
+from tests.crashsim import mask_and, mask_or, mismatch
 from tests.daemonkit import BIN, Daemon, start_daemon, stop_daemon
 
 pytestmark = pytest.mark.slow
@@ -73,28 +74,9 @@ MAX_SNAPS = 3                  # per volume; the oldest is deleted beyond this
 LENGTHS = [1, 7, 511, 512, 4096, 4097, 12288, 65536, 65537, 131072]
 REPLY_TIMEOUT = 60.0
 
-_NONZERO = bytes([0] + [1] * 255)
-
-
 def payload(seed: int, n: int) -> bytes:
     """The bytes of write ``seed`` (tests/nbdworker.py makes the same)."""
     return random.Random(seed).randbytes(n)
-
-
-def mismatch(a: bytes, b: bytes) -> bytes:
-    """One byte per position: 1 where ``a`` and ``b`` differ, 0 where they agree."""
-    x = int.from_bytes(a, "little") ^ int.from_bytes(b, "little")
-    return x.to_bytes(len(a), "little").translate(_NONZERO)
-
-
-def _and(a: bytes, b: bytes) -> bytes:
-    return (int.from_bytes(a, "little") & int.from_bytes(b, "little")).to_bytes(len(a),
-                                                                               "little")
-
-
-def _or(a: bytes, b: bytes) -> bytes:
-    return (int.from_bytes(a, "little") | int.from_bytes(b, "little")).to_bytes(len(a),
-                                                                              "little")
 
 
 @dataclass(eq=False)
@@ -174,17 +156,17 @@ def bad_bytes(got: bytes, base: bytes, candidates: Sequence[Op],
     for c in candidates:
         if bad.find(1, c.off, c.end) < 0:
             continue
-        bad[c.off:c.end] = _and(bytes(bad[c.off:c.end]), mismatch(got[c.off:c.end], c.data))
+        bad[c.off:c.end] = mask_and(bytes(bad[c.off:c.end]), mismatch(got[c.off:c.end], c.data))
     for f, later in fua_after:
         fb = mismatch(got[f.off:f.end], f.data)
         for c in later:
             lo, hi = max(c.off, f.off), min(c.end, f.end)
             if lo < hi:
                 fb = (fb[:lo - f.off]
-                      + _and(fb[lo - f.off:hi - f.off],
+                      + mask_and(fb[lo - f.off:hi - f.off],
                              mismatch(got[lo:hi], c.data[lo - c.off:hi - c.off]))
                       + fb[hi - f.off:])
-        bad[f.off:f.end] = _or(bytes(bad[f.off:f.end]), fb)
+        bad[f.off:f.end] = mask_or(bytes(bad[f.off:f.end]), fb)
     return bad
 
 
