@@ -627,10 +627,11 @@ def test_pool_clean_command(daemon: Daemon, tmp_path: Path) -> None:
     url = daemon.url("tank/v")
     _qemu_io(url, "write -P 0x11 0 6M", "flush")
     _qemu_io(url, "write -P 0x22 1M 4M", "flush")     # 0x11 segments become part-dead
+    before = daemon.json("pool", "status", "tank")
     for bad in (["--threshold", "0"], ["--threshold", "1.5"], ["--max-segments", "0"]):
         r = daemon.ctl("pool", "clean", "tank", *bad)
         assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    before = daemon.json("pool", "status", "tank")
+        assert daemon.json("pool", "status", "tank") == before
     out = daemon.json("pool", "clean", "tank")
     assert isinstance(out, dict) and out["segments_emptied"] >= 1, out
     assert out["records_moved"] >= 1, out
