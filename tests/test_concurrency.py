@@ -214,8 +214,11 @@ class Tier:
         self.replies[rid] = (ev, slot)
         async with self.send_lock:
             await self.proc.stdin.send_all(json.dumps({**req, "id": rid}).encode() + b"\n")
-        with trio.fail_after(seconds):
+        with trio.move_on_after(seconds):
             await ev.wait()
+        if not slot:
+            raise Failure(f"seed {self.seed}: no reply in {seconds:.0f} s to "
+                          f"{ {k: v for k, v in req.items() if k != 'seed'} }")
         return slot[0]
 
     def uri(self, export: str) -> str:
@@ -433,21 +436,34 @@ class Tier:
         names = list(m.snaps)
         self.event(m, "diff")
         if len(names) < 2 or self.rng.random() < 0.3:
-            await self.ctl_json("snapshot", "diff", f"{POOL}/{m.name}@{names[0]}")
+            # Against the live volume: with commands in flight it only has to succeed (it
+            # writes back the buffer first); quiesced, it must cover every changed block.
+            quiet = self.rng.random() < 0.5
+            if quiet:
+                await self.quiesce()
+            try:
+                out = await self.ctl_json("snapshot", "diff", f"{POOL}/{m.name}@{names[0]}")
+                if quiet:
+                    self.check_diff(m, out, m.snaps[names[0]], bytes(m.content),
+                                    f"{m.name}@{names[0]} and the live volume")
+            finally:
+                self.resume()
             self.counts["diff live"] += 1
             return
         a, b = self.rng.sample(names, 2)
         out = await self.ctl_json("snapshot", "diff", f"{POOL}/{m.name}@{a}",
                                   f"{POOL}/{m.name}@{b}")
+        self.check_diff(m, out, m.snaps[a], m.snaps[b], f"{m.name}@{a} and @{b}")
+        self.counts["diff"] += 1
+
+    def check_diff(self, m: Model, out: Any, sa: bytes, sb: bytes, what: str) -> None:
         covered = bytearray(m.size)
         for r in out["ranges"]:
             covered[r["offset"]:r["offset"] + r["length"]] = b"\1" * r["length"]
-        sa, sb = m.snaps[a], m.snaps[b]
         for off in range(0, m.size, m.block):
             if sa[off:off + m.block] != sb[off:off + m.block] and not covered[off]:
-                self.fail(f"diff {m.name}@{a} {m.name}@{b} misses the block at {off}")
+                self.fail(f"the diff of {what} misses the changed block at {off}")
                 break
-        self.counts["diff"] += 1
 
     async def rollback(self, m: Model) -> None:
         name = self.rng.choice(list(m.snaps))
@@ -473,16 +489,29 @@ class Tier:
         self.counts["clone"] += 1
 
     async def send_receive(self, m: Model) -> None:
-        name = self.rng.choice(list(m.snaps))
+        """A full stream of one snapshot into a new volume; half the time then an
+        incremental stream of a newer snapshot onto it. Each reads as its snapshot."""
+        names = list(m.snaps)
         stream = self.tmp / "stream"
         target = f"r{self.counts['send/receive']}"
-        await self.ctl("volume", "send", f"{POOL}/{m.name}@{name}", "-o", str(stream))
-        await self.ctl("volume", "receive", f"{POOL}/{target}", "-i", str(stream))
-        if await self.dump(target, m.size) != m.snaps[name]:
-            self.fail(f"{target} received from {m.name}@{name} differs from the snapshot")
+        steps: list[tuple[str, list[str]]]
+        if len(names) >= 2 and self.rng.random() < 0.5:
+            a, b = sorted(self.rng.sample(range(len(names)), 2))
+            steps = [(names[a], []), (names[b], ["--from", f"@{names[a]}"])]
+        else:
+            steps = [(self.rng.choice(names), [])]
+        for name, incremental in steps:
+            await self.ctl("volume", "send", f"{POOL}/{m.name}@{name}", *incremental,
+                           "-o", str(stream))
+            await self.ctl("volume", "receive", f"{POOL}/{target}", "-i", str(stream))
+            if await self.dump(target, m.size) != m.snaps[name]:
+                self.fail(f"{target} received from {m.name}@{name} "
+                          f"{'(incremental) ' if incremental else ''}differs from the "
+                          f"snapshot")
+            await trio.Path(stream).unlink()
         await self.ctl("volume", "delete", f"{POOL}/{target}", "--recursive")
-        await trio.Path(stream).unlink()
         self.counts["send/receive"] += 1
+        self.counts["incremental"] += len(steps) - 1
 
     async def restart(self, how: str) -> None:
         self.gate = trio.Event()
