@@ -31,7 +31,11 @@ Oracle (the model, per volume, per byte; DESIGN invariants 1, 3 and 7):
 - At the end the volumes read back exactly and ``pool check --deep`` is clean.
 
 Parameters: STORAGED_SOAK_SEED (default 1), STORAGED_SOAK_SECONDS (default 45; ``make soak``
-runs 3600). The figures of a run (clients, operations, snapshots, restarts) are printed.
+runs 3600), STORAGED_SOAK_DEVICE_SIZE (default 512M, each of three sparse members).
+The figures of a run (clients, operations, snapshots, restarts) are printed.
+
+Not covered: commands in flight on overlapping ranges (the model would need a set of
+values per byte); a control operation interrupted by a restart.
 """
 
 from __future__ import annotations
@@ -61,11 +65,13 @@ from tests.daemonkit import BIN, Daemon, _qemu_io, start_daemon, stop_daemon
 SEED = int(os.environ.get("STORAGED_SOAK_SEED", "1"))
 SECONDS = float(os.environ.get("STORAGED_SOAK_SECONDS", "45"))
 POOL = "tank"
-# (name, size, block size, compression, connections): at most ~6% of the pool is live
+# (name, size, block size, compression, connections): about 2% of the pool is live
 # volume data, so snapshots and unreclaimed overwrites never make this a space test.
 VOLUMES = [("v0", 8 << 20, "4K", "lz4", 3), ("v1", 6 << 20, "64K", "off", 2),
            ("v2", 4 << 20, "16K", "lz4", 1)]
-DEVICE_SIZE = "512M"
+# Three members: ~1 GiB usable, as overwrites leave garbage at tens of MB/s that the
+# cleaner reclaims only so fast (STORAGED_SOAK_DEVICE_SIZE=160M shows issue 20 item 2).
+DEVICE_SIZE = os.environ.get("STORAGED_SOAK_DEVICE_SIZE", "512M")
 DEPTH = 8                      # commands in flight per connection
 HOT = 192 << 10                # the zone every connection of a volume writes
 MAX_SNAPS = 3                  # per volume; the oldest is deleted beyond this
