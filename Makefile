@@ -1,7 +1,7 @@
 # storaged — two commands do everything on a fresh Debian machine:
 #   make run    install what is missing, then start storaged on a demo pool under ./.storaged
 #   make test   install what is missing, then run lint, types, layer contracts and the tests
-#   make soak   the concurrency tier (tests/test_concurrency.py) for an hour
+#   make soak   the concurrency tier and the write buffer's model checker for an hour
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
@@ -50,12 +50,15 @@ pytest: venv
 
 test: lint typecheck contracts pytest
 
-# The concurrency tier for STORAGED_SOAK_SECONDS (default an hour) from STORAGED_SOAK_SEED.
+# The soak: for STORAGED_SOAK_SECONDS (an hour by default), at once, the concurrency tier
+# against the daemon (tests/test_concurrency.py) and the write buffer's model checker
+# (tests/test_write_concurrency.py), from STORAGED_SOAK_SEED (default: the time).
 STORAGED_SOAK_SECONDS ?= 3600
 STORAGED_SOAK_SEED ?= $(shell date +%s)
 soak: venv
 	STORAGED_SOAK_SECONDS=$(STORAGED_SOAK_SECONDS) STORAGED_SOAK_SEED=$(STORAGED_SOAK_SEED) \
-	  $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/test_concurrency.py
+	  $(BIN)/python -m pytest -q -n 2 -rP -p no:cacheprovider \
+	  tests/test_concurrency.py tests/test_write_concurrency.py -k "many_clients or model_checker"
 
 bench-engine: venv
 	$(BIN)/python -m benchmarks.engine

@@ -149,22 +149,30 @@ class VolumeManager:
     async def delete(self, name: str, *, recursive: bool = False) -> None:
         """Delete a volume and release its space (durable when this returns)."""
         vol = self.get(name)
-        snaps = self._snapshots.get(name, {})
-        if snaps and not recursive:
-            raise Busy(f"volume {name!r} has {len(snaps)} snapshot(s) "
-                       f"({', '.join(sorted(snaps))}); delete them first or delete "
-                       f"recursively")
-        for snap in sorted(snaps):
-            self._refuse_if_cloned(name, snap)
-        vol._drop()
-        del self._volumes[name]
-        for snap in sorted(snaps):
-            obj_id, meta = snaps[snap]
-            self.pool.delete_map(meta["map"])
-            self.pool.delete_object(obj_id)
-        self._snapshots.pop(name, None)
-        self.pool.delete_map(vol._map)
-        self.pool.delete_object(vol._obj_id)
+        snaps: dict[str, tuple[int, dict[str, Any]]] = {}
+
+        def drop() -> None:
+            # Under the volume's writeback lock, so that no writeback is still pointing
+            # the map at new records when it goes (rule W7); checked again in there.
+            nonlocal snaps
+            self._still(name, vol)
+            snaps = self._snapshots.get(name, {})
+            if snaps and not recursive:
+                raise Busy(f"volume {name!r} has {len(snaps)} snapshot(s) "
+                           f"({', '.join(sorted(snaps))}); delete them first or delete "
+                           f"recursively")
+            for snap in sorted(snaps):
+                self._refuse_if_cloned(name, snap)
+            vol._drop()
+            del self._volumes[name]
+            for snap in sorted(snaps):
+                obj_id, meta = snaps[snap]
+                self.pool.delete_map(meta["map"])
+                self.pool.delete_object(obj_id)
+            self._snapshots.pop(name, None)
+            self.pool.delete_map(vol._map)
+            self.pool.delete_object(vol._obj_id)
+        await vol.writeback_then(drop, write_back=False)
         await self.pool.commit()
         log.info("pool %s: deleted volume %s%s", self.pool.name, name,
                  f" and {len(snaps)} snapshot(s)" if snaps else "")
@@ -173,6 +181,12 @@ class VolumeManager:
     def snapshot_names(self, volume: str) -> builtins.list[str]:
         self.get(volume)
         return sorted(self._snapshots.get(volume, {}))
+
+    def _still(self, name: str, vol: Volume) -> None:
+        """Refuse if ``vol`` is no longer the volume called ``name`` (deleted or renamed
+        while a request waited for its writeback lock)."""
+        if self._volumes.get(name) is not vol:
+            raise NotFound(f"no volume {name!r} in pool {self.pool.name}")
 
     def _snap(self, volume: str, snap: str) -> tuple[int, dict[str, Any]]:
         self.get(volume)
@@ -209,6 +223,11 @@ class VolumeManager:
         made: dict[str, Any] = {}
 
         def take() -> None:
+            # Checked again: the wait for the writeback lock may have let another request
+            # in (W5).
+            self._still(volume, vol)
+            if snap in self._snapshots.get(volume, {}):
+                raise AlreadyExists(f"volume {volume!r} already has a snapshot {snap!r}")
             map_id = self.pool.clone_map(vol._map)
             meta = {"type": "snapshot", "volume": vol._obj_id, "name": snap,
                     "map": map_id, "size": vol.size, "block_size": vol.block_size,
@@ -240,10 +259,12 @@ class VolumeManager:
 
     async def rollback(self, volume: str, snap: str) -> Volume:
         """Make ``volume`` read as ``snap`` again (durable on return)."""
-        _obj, meta = self._snap(volume, snap)
+        self._snap(volume, snap)
         vol = self.get(volume)
 
         def swap() -> None:
+            self._still(volume, vol)
+            _obj, meta = self._snap(volume, snap)      # (not deleted while we waited)
             vol._discard_buffer()
             old = vol._map
             vol._map = self.pool.clone_map(meta["map"])
@@ -251,7 +272,7 @@ class VolumeManager:
             vol._meta = {**vol._meta, "map": vol._map, "size": meta["size"]}
             self.pool.put_object(vol._meta, vol._obj_id)
             self.pool.delete_map(old)
-        await vol.writeback_then(swap)
+        await vol.writeback_then(swap, write_back=False)    # the buffer is discarded
         await self.pool.commit()
         log.info("pool %s: rolled %s back to @%s", self.pool.name, volume, snap)
         return vol
@@ -285,8 +306,12 @@ class VolumeManager:
             blocks = self.pool.diff_maps(ma["map"], other)
         else:
             found: builtins.list[int] = []
-            await vol.writeback_then(lambda: found.extend(self.pool.diff_maps(ma["map"],
-                                                                             vol._map)))
+
+            def compare() -> None:
+                self._still(volume, vol)
+                found.extend(self.pool.diff_maps(self._snap(volume, snap_a)[1]["map"],
+                                                 vol._map))
+            await vol.writeback_then(compare)
             blocks, size = found, max(ma["size"], vol.size)
         bs = ma["block_size"]
         ranges: builtins.list[tuple[int, int]] = []

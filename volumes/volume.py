@@ -721,21 +721,25 @@ class Volume:
             data_blocks, self._dirty_data = self._dirty_data, 0
             await self._write_out(batch, data_blocks)
 
-    async def writeback_then(self, action: Callable[[], None]) -> None:
+    async def writeback_then(self, action: Callable[[], None], *,
+                             write_back: bool = True) -> None:
         """Write back every write acknowledged before this call, then run ``action``
         synchronously while no other writeback can move the map (snapshot create, diff,
         rollback, receive: rule W5). The buffer is taken once the writeback lock is ours,
         never before: a batch taken earlier could be written over newer blocks that the
         lock's holder writes meanwhile (rule W3). A free lock is taken without yielding,
-        so then the cut is exactly at the call; while it is held, writes acknowledged
-        during the wait may land on either side of ``action`` (invariant 7 allows it).
-        Writes acknowledged after it returns are never seen by ``action``."""
+        so then the cut is at the call; while it is held, writes called during the wait
+        may land on either side of ``action`` (invariant 7 allows it). Writes called
+        after it returns are never seen by ``action``.
+        ``write_back=False``: only wait for the writeback under way (an action that
+        discards the buffer or the volume: rollback, delete)."""
         try:
             self._wb_lock.acquire_nowait()
         except trio.WouldBlock:
             await self._wb_lock.acquire()
         try:
-            await self._write_dirty()
+            if write_back:
+                await self._write_dirty()
             action()
         finally:
             self._wb_lock.release()
