@@ -8,8 +8,9 @@ volumes, all held by one system-python process (tests/nbdworker.py, run outside 
 where ``import nbd`` is libnbd). Each connection keeps up to ``DEPTH`` commands in flight.
 The controller runs one control operation at a time through storagectl: snapshot create,
 delete, diff (two snapshots, and against the live volume), rollback, clone, volume
-send/receive, pool scrub, ``pool clean`` (the cleaner, forced), and SIGTERM and kill -9
-restarts after which every connection reconnects.
+send/receive (full and incremental), pool scrub (half of them left running beside what
+follows), ``pool clean`` (the cleaner, forced), and SIGTERM and kill -9 restarts after
+which every connection reconnects; beside it, ``pool clean`` runs every second or so.
 
 Oracle (the model, per volume, per byte; DESIGN invariants 1, 3 and 7):
 - Commands in flight never overlap (a region is locked from submission to reply), so the
@@ -28,7 +29,8 @@ Oracle (the model, per volume, per byte; DESIGN invariants 1, 3 and 7):
   newer. Its content is then fixed: re-read after every restart, rolled back to, cloned,
   sent and received, it is byte-exact.
 - Snapshot diffs cover every block in which the two snapshots differ.
-- At the end the volumes read back exactly and ``pool check --deep`` is clean.
+- A finished scrub found nothing; at the end the volumes read back exactly and
+  ``pool check --deep`` is clean.
 
 Parameters: STORAGED_SOAK_SEED (default 1), STORAGED_SOAK_SECONDS (default 45; ``make soak``
 runs 3600), STORAGED_SOAK_DEVICE_SIZE (default 512M, each of three sparse members).
@@ -192,6 +194,7 @@ class Tier:
         self.counts: Counter[str] = Counter()
         self.failures: list[str] = []
         self.restarting = False
+        self.generation = 0                              # restarts so far
         self.gate = trio.Event()
         self.gate.set()
         self.stop = False
@@ -519,9 +522,45 @@ class Tier:
         self.counts["send/receive"] += 1
         self.counts["incremental"] += len(steps) - 1
 
+    async def scrub(self, *, wait: bool | None = None) -> None:
+        """Start a scrub (waiting for it half the time; otherwise it runs on beside what
+        follows, restarts included), or wait for the one running. A finished scrub of
+        this healthy pool found nothing."""
+        cur = (await self.ctl_json("pool", "scrub", POOL, "--status"))["scrub"]
+        if cur is not None and cur["state"] in ("running", "paused"):
+            if cur["state"] == "paused":
+                await self.ctl("pool", "scrub", POOL, "--resume")
+            out = await self.ctl_json("pool", "scrub", POOL, "--status", "--wait")
+        else:
+            wait = self.rng.random() < 0.5 if wait is None else wait
+            out = await self.ctl_json("pool", "scrub", POOL, *(["--wait"] if wait else []))
+            self.counts["scrub"] += 1
+        s = out["scrub"]
+        if s["state"] != "running" and (s["found"] or s["unrecoverable"]):
+            self.fail(f"scrub found {s['found']} bad fragment(s) in a healthy pool: "
+                      f"{s['problems'][:3]}")
+
+    async def housekeeper(self) -> None:
+        """The cleaner, forced every second or so beside everything else (a request cut
+        off by a restart is forgiven)."""
+        while not self.stop:
+            await trio.sleep(self.rng.uniform(0.3, 1.5))
+            if self.restarting:
+                continue
+            gen = self.generation
+            cp = await trio.run_process([str(BIN / "storagectl"), "--socket", self.d.sock,
+                                         "pool", "clean", POOL, "--max-segments", "2"],
+                                        capture_stdout=True, capture_stderr=True,
+                                        check=False)
+            if cp.returncode == 0:
+                self.counts["clean (beside)"] += 1
+            elif not self.restarting and gen == self.generation:
+                self.fail(f"pool clean: {cp.stderr.decode(errors='replace')}")
+
     async def restart(self, how: str) -> None:
         self.gate = trio.Event()
         self.restarting = True
+        self.generation += 1
         assert self.d.proc is not None
         if how == "kill":
             self.d.proc.kill()
@@ -561,8 +600,7 @@ class Tier:
             elif r < 0.64:
                 await self.send_receive(m)
             elif r < 0.7:
-                await self.ctl("pool", "scrub", POOL, "--wait")
-                self.counts["scrub"] += 1
+                await self.scrub()
             elif r < 0.85:
                 await self.ctl("pool", "clean", POOL)
                 self.counts["clean"] += 1
@@ -603,7 +641,10 @@ async def test_many_clients_snapshots_restarts(tmp_path: Path) -> None:
             async with trio.open_nursery() as clients:
                 for h in range(len(tier.conns)):
                     clients.start_soon(tier.client, h)
+                clients.start_soon(tier.housekeeper)
                 await tier.controller(SECONDS)
+            assert not tier.failures, "\n".join(tier.failures[:5])
+            await tier.scrub(wait=True)      # finishes one under way, or runs one whole
             assert not tier.failures, "\n".join(tier.failures[:5])
             # The end: everything flushed reads back exactly; snapshots are unchanged.
             for h in range(len(tier.conns)):
