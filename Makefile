@@ -1,6 +1,7 @@
 # storaged — two commands do everything on a fresh Debian machine:
 #   make run    install what is missing, then start storaged on a demo pool under ./.storaged
 #   make test   install what is missing, then run lint, types, layer contracts and the tests
+#   make soak   the concurrency tier and the write buffer's model checker for an hour
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
@@ -11,7 +12,7 @@ DEBS := libfuse3-dev pkg-config fuse3 qemu-utils qemu-block-extra libnbd-bin pyt
 	libiscsi-bin openssl
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck contracts pytest system-deps venv bench-engine bench-nbd bench-snapshots bench-fuse bench-send bench-rebuild bench-iscsi clean
+.PHONY: run test soak lint typecheck contracts pytest system-deps venv bench-engine bench-nbd bench-snapshots bench-fuse bench-send bench-rebuild bench-iscsi clean
 
 system-deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -49,12 +50,15 @@ pytest: venv
 
 test: lint typecheck contracts pytest
 
-# The write buffer's model checker (tests/test_write_concurrency.py) for SOAK_SECONDS
-# (an hour by default) instead of its 12 s in make test; SOAK_SEED picks another seed.
-.PHONY: soak
+# The soak: for STORAGED_SOAK_SECONDS (an hour by default), at once, the concurrency tier
+# against the daemon (tests/test_concurrency.py) and the write buffer's model checker
+# (tests/test_write_concurrency.py), from STORAGED_SOAK_SEED (default: the time).
+STORAGED_SOAK_SECONDS ?= 3600
+STORAGED_SOAK_SEED ?= $(shell date +%s)
 soak: venv
-	STORAGED_SOAK_SECONDS=$${SOAK_SECONDS:-3600} STORAGED_SOAK_SEED=$${SOAK_SEED:-20} \
-	  $(BIN)/python -m pytest -q -s tests/test_write_concurrency.py -k model_checker
+	STORAGED_SOAK_SECONDS=$(STORAGED_SOAK_SECONDS) STORAGED_SOAK_SEED=$(STORAGED_SOAK_SEED) \
+	  $(BIN)/python -m pytest -q -n 2 -rP -p no:cacheprovider \
+	  tests/test_concurrency.py tests/test_write_concurrency.py -k "many_clients or model_checker"
 
 bench-engine: venv
 	$(BIN)/python -m benchmarks.engine

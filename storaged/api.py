@@ -178,6 +178,7 @@ class ControlAPI:
             "pool.list": self.pool_list, "pool.status": self.pool_status,
             "pool.add_device": self.pool_add_device, "pool.check": self.pool_check,
             "pool.scrub": self.pool_scrub, "pool.replace_device": self.pool_replace_device,
+            "pool.clean": self.pool_clean,
             "pool.add_spare": self.pool_add_spare, "pool.offline": self.pool_offline,
             "pool.online": self.pool_online, "pool.remove_device": self.pool_remove_device,
             "volume.create": self.volume_create, "volume.list": self.volume_list,
@@ -262,6 +263,24 @@ class ControlAPI:
                 "segments": report.segments, "records": report.records,
                 "fragments_checked": report.fragments_checked,
                 "fragments_bad": report.fragments_bad}
+
+    async def pool_clean(self, p: Params, progress: Progress) -> Any:
+        """Run the segment cleaner now (the daemon runs it every 10 s at threshold 0.5):
+        moves the live records out of up to ``max_segments`` segments less than
+        ``threshold`` live, then commits. For tests and for reclaiming space at once."""
+        entry = self.registry.get(_req(p, "name"))
+        threshold = p.get("threshold", 1.0)
+        segments = p.get("max_segments", 8)
+        if (not isinstance(threshold, (int, float)) or isinstance(threshold, bool)
+                or not 0 < threshold <= 1):
+            raise InvalidArgument("threshold must be a number in (0, 1]")
+        if not isinstance(segments, int) or isinstance(segments, bool) or segments < 1:
+            raise InvalidArgument("max_segments must be a positive integer")
+        before = entry.pool.statistics().records_relocated
+        emptied = await entry.pool.clean(max_segments=segments, threshold=float(threshold))
+        await entry.pool.commit()
+        return {"name": entry.name, "segments_emptied": emptied,
+                "records_moved": entry.pool.statistics().records_relocated - before}
 
     # ---- failing disks (issue 9) --------------------------------------------------------
     async def pool_scrub(self, p: Params, progress: Progress) -> Any:

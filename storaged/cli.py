@@ -115,6 +115,11 @@ def _progress_text(done: int, total: int, rate: float, eta: float | None) -> str
     return text
 
 
+def show_clean(r: dict[str, Any]) -> str:
+    return (f"pool {r['name']}: cleaner emptied {r['segments_emptied']} segment(s), moved "
+            f"{r['records_moved']} record(s)")
+
+
 def show_scrub(r: dict[str, Any]) -> str:
     s = r.get("scrub")
     if not s:
@@ -312,6 +317,12 @@ def _pool_commands(pool: SubParsers) -> None:
     for flag in ("pause", "resume", "cancel", "status"):
         g.add_argument(f"--{flag}", action="store_const", const=flag, dest="action")
     c.add_argument("--wait", action="store_true", help="wait until it is done")
+    c = pool.add_parser("clean", help="run the segment cleaner now (reclaim overwritten "
+                        "space)")
+    c.add_argument("name")
+    c.add_argument("--threshold", type=float, default=1.0,
+                   help="move segments less than this fraction live (default 1: any)")
+    c.add_argument("--max-segments", type=int, default=8)
     c = pool.add_parser("replace-device", help="rebuild a member onto another device")
     c.add_argument("name")
     c.add_argument("old", metavar="OLD", help="member number, path or UUID")
@@ -466,6 +477,9 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
         if cmd == "scrub":
             return ("pool.scrub", {"name": args.name, "action": args.action or "start",
                                    "wait": args.wait}, show_scrub)
+        if cmd == "clean":
+            return ("pool.clean", {"name": args.name, "threshold": args.threshold,
+                                   "max_segments": args.max_segments}, show_clean)
         if cmd == "replace-device":
             params = {"name": args.name, "old": args.old, "new": args.new, "wait": args.wait}
             if args.file_size:

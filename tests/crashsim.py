@@ -89,3 +89,32 @@ def _apply(img: bytearray, e: LogEntry) -> None:
         img[e.offset:e.offset + len(e.data)] = e.data
     elif e.kind == "discard":
         img[e.offset:e.offset + e.length] = bytes(e.length)
+
+
+# ---- per-byte oracles -----------------------------------------------------------------------
+_NONZERO = bytes([0] + [1] * 255)
+
+
+def mismatch(a: bytes, b: bytes) -> bytes:
+    """One byte per position: 1 where ``a`` and ``b`` differ, 0 where they agree."""
+    x = int.from_bytes(a, "little") ^ int.from_bytes(b, "little")
+    return x.to_bytes(len(a), "little").translate(_NONZERO)
+
+
+def mask_and(a: bytes, b: bytes) -> bytes:
+    return (int.from_bytes(a, "little") & int.from_bytes(b, "little")).to_bytes(len(a),
+                                                                               "little")
+
+
+def mask_or(a: bytes, b: bytes) -> bytes:
+    return (int.from_bytes(a, "little") | int.from_bytes(b, "little")).to_bytes(len(a),
+                                                                              "little")
+
+
+def unexplained(got: bytes, allowed: list[bytes]) -> int:
+    """Bytes of ``got`` that hold, at their position, the value of none of ``allowed``
+    (each as long as ``got``): how many, or 0."""
+    bad = mismatch(got, allowed[0])
+    for a in allowed[1:]:
+        bad = mask_and(bad, mismatch(got, a))
+    return bad.count(1)
