@@ -164,7 +164,7 @@ class VolumeManager:
         vol = self._check_rename(name, new_name)
         if new_name == name:
             return vol
-        if await self._claim(f"volume {self.pool.name}/{name}", [vol.openers], "rename",
+        if await self._claim(f"volume {self.pool.name}/{name}", [vol.openers], "rename it",
                              force, ignore):
             vol = self._check_rename(name, new_name)
         vol._meta = {**vol._meta, "name": new_name}
@@ -195,7 +195,7 @@ class VolumeManager:
         vol, snaps = self._check_delete(name, recursive)
         groups = [vol.openers] + [self._snap_openers[obj_id] for obj_id, _m in snaps.values()
                                   if obj_id in self._snap_openers]
-        if await self._claim(f"volume {self.pool.name}/{name}", groups, "delete", force,
+        if await self._claim(f"volume {self.pool.name}/{name}", groups, "delete it", force,
                              ignore):
             vol, snaps = self._check_delete(name, recursive)
 
@@ -310,7 +310,7 @@ class VolumeManager:
         self._refuse_if_cloned(volume, snap)
         obj_id, _meta = self._snap(volume, snap)
         groups = [self._snap_openers[obj_id]] if obj_id in self._snap_openers else []
-        if await self._claim(f"snapshot {self.pool.name}/{volume}@{snap}", groups, "delete",
+        if await self._claim(f"snapshot {self.pool.name}/{volume}@{snap}", groups, "delete it",
                              force, ()):
             self._refuse_if_cloned(volume, snap)
         obj_id, meta = self._snap(volume, snap)
@@ -327,7 +327,7 @@ class VolumeManager:
         ``force``, which disconnects them first."""
         self._snap(volume, snap)
         if await self._claim(f"volume {self.pool.name}/{volume}", [self.get(volume).openers],
-                             f"roll back to @{snap}", force, ()):
+                             f"roll it back to @{snap}", force, ()):
             self._snap(volume, snap)
         vol = self.get(volume)
 

@@ -98,7 +98,7 @@ def refuse_in_use(what: str, clients: list[Opener], action: str) -> None:
     """Busy (EBUSY) naming the clients, if there are any (invariant 3)."""
     if clients:
         raise Busy(f"{what} is in use by {len(clients)} client(s) "
-                   f"({'; '.join(o.describe() for o in clients)}): cannot {action} it; "
+                   f"({'; '.join(o.describe() for o in clients)}): cannot {action}; "
                    f"disconnect them or use --force")
 
 

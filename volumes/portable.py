@@ -410,7 +410,7 @@ class Receiver:
                 # An increment replaces the content under the clients, as a rollback does:
                 # refused before anything is written (checked again at the end).
                 refuse_in_use(f"volume {pool.name}/{self.target}", list(target.openers),
-                              "receive an increment into")
+                              "receive an increment into it")
             source_map, src_size = latest[1]["map"], latest[1]["size"]
             prof, comp, bs = str(target.profile), target.compression, target.block_size
             if bs != vol["block_size"]:
@@ -605,7 +605,7 @@ class Receiver:
             await part.flush()
         if h.get("base") is not None:
             await vm._claim(f"volume {pool.name}/{self.target}",
-                            [vm.get(self.target).openers], "receive an increment into",
+                            [vm.get(self.target).openers], "receive an increment into it",
                             self.force, ())
         del vm._partials[self.target]
         part.streaming = False          # from now on an ordinary volume
