@@ -227,7 +227,7 @@ class ControlAPI:
         return out
 
     async def pool_export(self, p: Params, progress: Progress) -> Any:
-        await self.registry.export(_req(p, "name"))
+        await self.registry.export(_req(p, "name"), force=_bool(p, "force", False))
         return {"name": p["name"], "exported": True}
 
     async def pool_destroy(self, p: Params, progress: Progress) -> Any:

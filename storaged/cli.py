@@ -304,8 +304,13 @@ def _pool_commands(pool: SubParsers) -> None:
     c.add_argument("--force", action="store_true",
                    help="take over a pool its last owner did not export, once its "
                         "heartbeat has been silent for the activity interval")
-    for name in ("export", "destroy", "status"):
+    for name in ("destroy", "status"):
         pool.add_parser(name).add_argument("name")
+    c = pool.add_parser("export", help="close a pool and release its devices (refused "
+                        "while its volumes have clients)")
+    c.add_argument("name")
+    c.add_argument("--force", action="store_true",
+                   help="disconnect the clients of its volumes first")
     pool.add_parser("list")
     c = pool.add_parser("add-device", help="grow a pool by a device")
     c.add_argument("name")
@@ -497,6 +502,8 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
                 if args.path:
                     params["path"] = args.path
             return f"pool.{cmd.replace('-', '_')}", params, show_pool_status
+        if cmd == "export":
+            return "pool.export", {"name": args.name, "force": args.force}, _done
         return f"pool.{cmd}", {"name": args.name}, _done
     if g == "volume":
         if cmd == "create":
