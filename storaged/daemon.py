@@ -17,7 +17,7 @@ from typing import Any
 import trio
 
 from fuse.fs import FuseOptions, VolumeFS
-from fuse.mount import FuseMount
+from fuse.mount import FuseMount, check_mountpoint
 from iscsi.server import ISCSIConfig, ISCSIServer, SharedExclusive
 from iscsi.targets import TargetCatalog
 from nbd import proto
@@ -218,8 +218,11 @@ async def _maintain_pool(registry: Registry, entry: PoolEntry, cfg: Config,
 
 def preflight(cfg: Config) -> None:
     """Refuse now what would fail start-up later, before any pool is imported (D2, D3):
-    a control socket another daemon serves, an address that cannot be listened on."""
+    a control socket another daemon serves, an address that cannot be listened on, a
+    FUSE mount point that cannot be mounted on."""
     check_control_socket(cfg.socket)
+    if cfg.fuse_mount is not None:
+        check_mountpoint(cfg.fuse_mount)
     for key, text in (("nbd.listen", cfg.nbd_listen), ("iscsi.listen", cfg.iscsi_listen),
                       ("metrics.listen", cfg.metrics_listen)):
         if text is not None:
