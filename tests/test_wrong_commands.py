@@ -40,6 +40,8 @@ STRICT: list[tuple[str, str]] = [
     ("volume create tank/x --size 0", "positive multiple of 512"),
     ("volume create tank/x --size lots", "not a size"),
     ("volume create tank/x --size 1M --block-size 3K", "block size"),
+    ("volume create tank/x --size 1024T --block-size 4K", "can be at most"),
+    ("volume create tank/x --size 1M --profile mirror:1", "mirror:N needs"),
     ("volume create tank/x --size 1M --profile ec:5+1", "needs 6 devices"),
     ("volume create tank/x --size 1M --profile bogus", "unknown redundancy profile"),
     ("volume create tank/v --size 1M", "already exists"),
@@ -93,6 +95,7 @@ STRICT: list[tuple[str, str]] = [
     ("pool replace-device tank 0 TMP/new.img --file-size 1M", "too small"),
     ("pool remove-device tank 0", "needs 3"),
     ("pool online tank 0 --path TMP/tiny.img", "is online"),
+    ("pool online tank 0 --path TMP/disk1", "same device as member 1"),
     ("pool create tank2 TMP/disk0 --force", "same device as member 0"),
     ("pool create tank2 TMP/p0.img TMP/disk2 --file-size 64M", "same device as member 2"),
     ("pool create tank2 TMP/p0.img TMP/adir --file-size 64M", "Is a directory"),
@@ -108,6 +111,7 @@ STRICT: list[tuple[str, str]] = [
     ("pool scrub tank --pause", "no scrub"),
     ("pool clean tank --threshold 7", "threshold"),
     ("export iscsi tank/missing --open", "no volume 'missing'"),
+    ("export iscsi tank/v@s --open", "is not POOL/VOLUME"),
     ("export iscsi tank/v --allow-initiator bogus", "not an iSCSI initiator name"),
     ("export iscsi tank/v --chap-user x --chap-secret-file TMP/nofile", "secret file"),
 ]
@@ -175,7 +179,7 @@ def _refused(d: Daemon, tmp_path: Path, line: str, word: str, strict: bool) -> s
     return f"changed {changed}: {lines[0]}" if changed else None
 
 
-@pytest.mark.slow   # about 75 commands, each a storagectl process: 13-35 s on 2 shared cores
+@pytest.mark.slow   # about 80 commands, each a storagectl process: 13-35 s on 2 shared cores
 def test_wrong_commands_are_one_line_and_change_nothing(setup: Daemon,
                                                         tmp_path: Path) -> None:
     d = setup
