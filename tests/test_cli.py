@@ -229,6 +229,16 @@ def test_cli_conventions_against_the_daemon(daemon: Daemon, tmp_path: Path) -> N
         assert f.read(65536) == b"\x5a" * 65536
     r = ctl("volume", "export", "tank/ghost", "g.raw")
     assert r.returncode == 1 and not (work / "g.raw").exists()
+    # send -o and receive -i: the caller's files; a refused send leaves none.
+    ok_json("snapshot", "create", "tank/v@s2")
+    ok_json("volume", "send", "tank/v@s2", "-o", "s.stream")
+    assert ok_json("volume", "receive", "lab/w", "-i", "s.stream")["volume"] == "lab/w"
+    _qemu_io(daemon.url("lab/w"), "read -P 0x5a 1M 64K", "read -P 0 0 1M", read_only=True)
+    r = ctl("volume", "send", "tank/v@ghost", "-o", "g.stream")
+    assert r.returncode == 1 and not (work / "g.stream").exists(), r.stderr
+    # import --device relative.
+    ok_json("pool", "export", "lab")
+    assert ok_json("pool", "import", "lab", "--device", "l0")["state"] == "online"
 
     # A reader that went away: quiet, status 141 (as SIGPIPE), no traceback.
     for cmd in (("--json", "status"), ("pool", "status", "tank"), ("pool", "status")):
