@@ -20,6 +20,7 @@ from storaged import daemon
 from storaged.config import Config, load, validate
 from storaged.startup import lock_state_dir
 from storaged.tuning import tune_process
+from storaged.version import VersionAction
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
@@ -36,6 +37,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
     ap.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--demo", action="store_true",
                     help="create/import the demo pool under the state dir")
+    ap.add_argument("--version", action=VersionAction)
     args = ap.parse_args(argv)
     cfg = load(args.config)
     over: dict[str, object] = {}

@@ -55,15 +55,14 @@ def run(args: argparse.Namespace, path: str, show: bool) -> int:
         def sent(p: dict[str, Any]) -> None:
             meter.update(p["bytes"])
         if args.output:
-            try:
-                fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                             0o666)
-            except OSError as e:
-                raise ControlError(f"cannot open {args.output}: {e.strerror}",
-                                   "IOError") from e
+            fd, created = _open_output(args.output)
             try:
                 # The daemon writes the file and makes it durable before it answers.
                 result = call(path, "volume.send", params, sent, fd=fd)
+            except BaseException:
+                if created:         # a refused send leaves no file behind
+                    os.unlink(args.output)
+                raise
             finally:
                 os.close(fd)
         else:
@@ -117,6 +116,18 @@ def run(args: argparse.Namespace, path: str, show: bool) -> int:
     elif args.cmd != "send" or args.output:
         print(_describe(args.cmd, result))
     return 0
+
+
+def _open_output(name: str) -> tuple[int, bool]:
+    """The -o file opened for writing (truncated), and whether this call created it."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+    try:
+        try:
+            return os.open(name, flags | os.O_EXCL, 0o666), True
+        except FileExistsError:
+            return os.open(name, flags | os.O_TRUNC), False
+    except OSError as e:
+        raise ControlError(f"cannot open {name}: {e.strerror}", "IOError") from e
 
 
 def _describe(cmd: str, r: dict[str, Any]) -> str:

@@ -353,7 +353,9 @@ class Registry:
     async def add_spare(self, name: str, path: str, file_size: int | None) -> None:
         async with self._lock:
             entry = self.get(name)
-            (dev,) = await self._open_devices([path], file_size)
+            created: list[str] = []
+            (dev,) = await self._open_devices([path], file_size, created=created)
+            refused = True
             try:
                 if any(_abspath(path) == p for p in entry.spares):
                     raise InvalidArgument(f"{path} is already a spare of pool {name}")
@@ -372,8 +374,11 @@ class Registry:
                         m.n_extents for m in entry.pool.state.members):
                     raise InvalidArgument(f"{path} is too small to replace every member of "
                                           f"pool {name}")
+                refused = False
             finally:
                 await close_devices([dev])
+                if refused:
+                    await trio.to_thread.run_sync(_unlink, created)   # leave no file behind
             entry.spares.append(_abspath(path))
             await self.save()
 
