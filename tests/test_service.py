@@ -27,6 +27,7 @@ from storaged.config import Config
 from tests.daemonkit import Daemon, _free_port, _qemu_io
 
 UNIT = Path(__file__).resolve().parent.parent / "contrib" / "storaged.service"
+FUSE_DROPIN = UNIT.parent / "storaged-fuse.conf"
 SYSTEM_UNITS = Path("/usr/lib/systemd/system")
 
 
@@ -56,8 +57,8 @@ def _analyze(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
     """`systemd-analyze verify` reads contrib/storaged.service without a word (an unknown
     key or a bad value is only a warning, so any output fails the test: the typo'd copy
-    shows it would), and `systemd-analyze security` rates its exposure under 5.0 (the
-    unhardened unit was 9.6)."""
+    shows it would), also with the FUSE drop-in, and `systemd-analyze security` rates
+    its exposure under 5.0 (the unhardened unit was 9.6)."""
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is missing: `make system-deps` installs Debian's systemd")
     if not SYSTEM_UNITS.is_dir():
@@ -71,6 +72,12 @@ def test_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
     # container has no /run/systemd to run them into.
     r = _analyze(root, "verify", "--man=no", "--generators=no", "storaged.service")
     assert r.returncode == 0 and r.stdout + r.stderr == "", r.stdout + r.stderr
+    dropin = root / "etc/systemd/system/storaged.service.d/fuse.conf"
+    dropin.parent.mkdir()
+    dropin.write_text(FUSE_DROPIN.read_text())
+    r = _analyze(root, "verify", "--man=no", "--generators=no", "storaged.service")
+    assert r.returncode == 0 and r.stdout + r.stderr == "", r.stdout + r.stderr
+    dropin.unlink()
     r = _analyze(root, "verify", "--man=no", "--generators=no", "typo.service")
     assert "Unknown key 'ProtectHom'" in r.stderr and "notifyy" in r.stderr, r.stderr
     for must in ("Type=notify", "WatchdogSec=", "ExecReload=/bin/kill -HUP $MAINPID",
