@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import trio
 
 from storaged import service
 from storaged.config import Config
@@ -124,6 +125,48 @@ def test_reload_merge_takes_live_keys_only() -> None:
     assert (new.full_warning, new.write_buffer_age, new.nbd_max_inflight) == (0.5, 5.0, 64)
     assert changed == ["full_warning", "cache.write_buffer_age"]
     assert restart == ["nbd.max_inflight"]
+
+
+def test_watchdog_only_for_us(monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3: no watchdog without WATCHDOG_USEC, a notify socket, or for another pid."""
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    monkeypatch.setenv("NOTIFY_SOCKET", "@nobody")
+    monkeypatch.setenv("WATCHDOG_USEC", "30000000")
+    assert service.watchdog_interval() == 15.0
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert service.watchdog_interval() == 15.0
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))
+    assert service.watchdog_interval() is None
+    monkeypatch.delenv("WATCHDOG_PID")
+    monkeypatch.setenv("WATCHDOG_USEC", "0")
+    assert service.watchdog_interval() is None
+    monkeypatch.setenv("WATCHDOG_USEC", "30000000")
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert service.watchdog_interval() is None
+
+
+def test_a_blocked_loop_stops_the_pings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3: the pings come from the event loop itself: while it is blocked (here 1 s in a
+    synchronous sleep) none goes out, which is what lets systemd see a hang."""
+    listener = NotifyListener()
+    monkeypatch.setenv("NOTIFY_SOCKET", listener.name)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(service.watchdog, 0.1)
+            await trio.sleep(0.5)
+            time.sleep(1.0)  # noqa: ASYNC251 - the loop hangs, on purpose
+            await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+        time.sleep(0.2)
+    finally:
+        listener.close()
+    times = [t for t, m in listener.messages if m == "WATCHDOG=1"]
+    gaps = sorted(b - a for a, b in itertools.pairwise(times))
+    assert len(times) >= 8 and gaps[-1] >= 0.95 and gaps[-2] < 0.5, gaps
 
 
 # --- the daemon under a (simulated) systemd ---------------------------------------------
