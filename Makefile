@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STATE_DIR ?= .storaged
 # Debian packages the project and its tests use (pyfuse3 builds against libfuse3).
 DEBS := libfuse3-dev pkg-config fuse3 qemu-utils qemu-block-extra libnbd-bin python3-libnbd fio \
-	libiscsi-bin openssl systemd
+	libiscsi-bin openssl systemd prometheus
 STAMP := $(VENV)/.installed
 
 .PHONY: run completion test soak lint typecheck contracts pytest system-deps venv bench-engine bench-nbd bench-snapshots bench-fuse bench-send bench-rebuild bench-iscsi clean
