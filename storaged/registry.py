@@ -387,8 +387,8 @@ class Registry:
                 refused = False
             finally:
                 await close_devices([dev])
-                if refused:   # a refused spare leaves no file behind that --file-size made
-                    await trio.to_thread.run_sync(_unlink, created)
+                if refused:
+                    await trio.to_thread.run_sync(_unlink, created)   # leave no file behind
             entry.spares.append(_abspath(path))
             await self.save()
 
