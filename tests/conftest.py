@@ -7,6 +7,8 @@ reopened (leaving some out, in any order), hashed, and saved/restored as exact i
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -111,3 +113,17 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         yield d
     finally:
         stop_daemon(d)
+
+
+@contextlib.contextmanager
+def loop_devices() -> Iterator[None]:
+    """Held by every test that attaches loop devices: the host may have only the eight
+    /dev/loopN nodes it booted with (a container cannot make more), and tests on two xdist
+    workers, plus the kernel's lazy release of a loop device after umount, ran out of them
+    ("failed to setup loop device")."""
+    fd = os.open("/tmp/storaged-tests-loop.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

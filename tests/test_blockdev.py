@@ -16,6 +16,7 @@ import pytest
 from pool import FileDevice, Pool
 from pool.checker import check
 from pool.errors import DeviceBusy
+from tests.conftest import loop_devices
 from volumes import VolumeManager
 
 SIZE = 64 << 20
@@ -26,20 +27,21 @@ def loops(tmp_path: Path) -> Iterator[list[str]]:
     if not os.path.exists("/dev/loop-control"):
         pytest.skip("host has no loop device support (/dev/loop-control missing)")
     made: list[str] = []
-    try:
-        for i in range(3):
-            img = tmp_path / f"loop{i}.img"
-            with open(img, "wb") as f:
-                f.truncate(SIZE)
-            r = subprocess.run(["losetup", "--find", "--show", str(img)],
-                               capture_output=True, text=True, check=False)
-            if r.returncode != 0:
-                pytest.skip(f"losetup cannot attach loop devices here: {r.stderr.strip()}")
-            made.append(r.stdout.strip())
-        yield made
-    finally:
-        for dev in made:
-            subprocess.run(["losetup", "--detach", dev], check=False)
+    with loop_devices():
+        try:
+            for i in range(3):
+                img = tmp_path / f"loop{i}.img"
+                with open(img, "wb") as f:
+                    f.truncate(SIZE)
+                r = subprocess.run(["losetup", "--find", "--show", str(img)],
+                                   capture_output=True, text=True, check=False)
+                if r.returncode != 0:
+                    pytest.skip(f"losetup cannot attach loop devices here: {r.stderr.strip()}")
+                made.append(r.stdout.strip())
+            yield made
+        finally:
+            for dev in made:
+                subprocess.run(["losetup", "--detach", dev], check=False)
 
 
 def test_block_device_size_and_discard(loops: list[str]) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import loop_devices
 from tests.daemonkit import Daemon, _free_port
 
 MiB = 1 << 20
@@ -190,6 +191,11 @@ def _sums(root: Path) -> dict[str, str]:
 
 def test_ext4_on_a_volume_file_survives_umount_snapshot_and_kill9(fused: FuseDaemon,
                                                                  tmp_path: Path) -> None:
+    with loop_devices():           # (a worker running test_blockdev may hold the others)
+        _ext4_on_a_volume_file(fused, tmp_path)
+
+
+def _ext4_on_a_volume_file(fused: FuseDaemon, tmp_path: Path) -> None:
     image = fused.mnt / "tank" / "ext4"
     run("truncate", "-s", "96M", image)
     run("mkfs.ext4", "-q", image)
