@@ -20,6 +20,7 @@ from pool import rebuild, scrub
 from pool.checker import check
 from pool.errors import InvalidArgument
 from storaged.iscsi_acl import AccessStore, StoredPolicy, check_credentials, check_initiator
+from storaged.libvirt import disk_xml
 from storaged.registry import PoolEntry, Registry
 from storaged.sizes import parse_size
 from volumes import Volume, check_volume_name, portable
@@ -89,6 +90,7 @@ def pool_status(entry: PoolEntry) -> dict[str, Any]:
     volumes = entry.volumes.list()
     virtual = sum(v.size for v in volumes)
     used_fraction = st.allocated_bytes / st.capacity_bytes if st.capacity_bytes else 0.0
+    usable, avail = entry.pool.usable_capacity()
     unavailable = entry.pool.unavailable_segments()
     return {
         "name": st.name, "uuid": st.uuid,
@@ -98,9 +100,11 @@ def pool_status(entry: PoolEntry) -> dict[str, Any]:
         "full_warning": used_fraction >= entry.full_warning,
         "size_bytes": st.capacity_bytes, "used_bytes": st.allocated_bytes,
         "free_bytes": st.free_bytes, "live_bytes": st.live_bytes,
+        # Under the default profile (k of every k + m extents hold data): what can be stored.
+        "usable_size_bytes": usable, "avail_bytes": avail,
         "extent_size": st.extent_size, "volumes": len(volumes),
         "virtual_bytes": virtual,
-        "overcommit_ratio": round(virtual / st.capacity_bytes, 4) if st.capacity_bytes else 0,
+        "overcommit_ratio": overcommit(virtual, usable),
         "devices": [{"index": m.index, "path": m.path, "uuid": m.uuid,
                      "state": m.state, "why": m.why, "size_bytes": m.size,
                      "free_bytes": m.free_extents * st.extent_size,
@@ -121,6 +125,11 @@ def pool_status(entry: PoolEntry) -> dict[str, Any]:
                      "scrubbed_bytes": st.scrubbed_bytes,
                      "discarded_extents": st.discarded_extents},
     }
+
+
+def overcommit(virtual: int, usable: int) -> float:
+    """Volumes' total size over the usable size (thin over-commitment, invariant 6)."""
+    return round(virtual / usable, 4) if usable else 0.0
 
 
 def _rebuild_status(entry: PoolEntry) -> dict[str, Any] | None:
@@ -367,7 +376,18 @@ class ControlAPI:
                                          block_size=_size(p, "block_size", 65536) or 0,
                                          profile=_str(p, "profile", required=False),
                                          compression=compression == "lz4")
-        return volume_info(pool, vol)
+        out = volume_info(pool, vol)
+        limit = self.registry.overcommit_warning
+        usable, _avail = entry.pool.usable_capacity()
+        ratio = overcommit(sum(v.size for v in entry.volumes.list()), usable)
+        if limit and ratio > limit:
+            # As LVM-thin warns when its thin volumes' sizes pass the pool's: created, but
+            # writes may hit ENOSPC before the volumes fill.
+            out["warning"] = (f"pool {pool} is over-committed: its volumes add up to "
+                              f"{ratio:.2f}x its usable size (overcommit_warning = "
+                              f"{limit:g}); writes fail with ENOSPC if they fill it")
+            log.warning("%s", out["warning"])
+        return out
 
     async def volume_list(self, p: Params, progress: Progress) -> Any:
         pool = _str(p, "pool", required=False)
@@ -524,6 +544,7 @@ class ControlAPI:
                     if self.nbd_address is not None:
                         host, port = self.nbd_address
                         item["nbd"] = f"nbd://{host}:{port}/{name}"
+                        item["libvirt"] = disk_xml(host, port, name, read_only=ro)
                     if self.iscsi is not None:
                         snap = name.partition("@")[2] or None
                         iqn = self.iscsi.catalog.target_name(pname, vname, snap)

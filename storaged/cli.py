@@ -37,14 +37,16 @@ def _pct(used: int, size: int) -> str:
 
 
 def show_pools(pools: list[dict[str, Any]]) -> str:
+    """SIZE and AVAIL: what the pool stores under its default profile; RAW SIZE and RAW
+    FREE: device extents (a mirror:2 pool of two 2G devices: SIZE 2G, RAW SIZE 4G)."""
     rows = [[p["name"], p["state"], p.get("profile", "-"),
-             format_size(p.get("size_bytes", 0)), format_size(p.get("used_bytes", 0)),
-             format_size(p.get("free_bytes", 0)), _pct(p.get("used_bytes", 0),
-                                                       p.get("size_bytes", 0)),
-             str(p.get("volumes", "-")), f"{p.get('overcommit_ratio', 0):.2f}x"]
+             format_size(p.get("usable_size_bytes", 0)), format_size(p.get("avail_bytes", 0)),
+             _pct(p.get("used_bytes", 0), p.get("size_bytes", 0)),
+             str(p.get("volumes", "-")), f"{p.get('overcommit_ratio', 0):.2f}x",
+             format_size(p.get("size_bytes", 0)), format_size(p.get("free_bytes", 0))]
             for p in pools]
-    return _table(rows, ["NAME", "STATE", "PROFILE", "SIZE", "USED", "FREE", "CAP",
-                         "VOLUMES", "OVERCOMMIT"])
+    return _table(rows, ["NAME", "STATE", "PROFILE", "SIZE", "AVAIL", "CAP", "VOLUMES",
+                         "OVERCOMMIT", "RAW_SIZE", "RAW_FREE"])
 
 
 def show_import(r: dict[str, Any] | list[dict[str, Any]]) -> str:
@@ -174,9 +176,12 @@ def show_diff(d: dict[str, Any]) -> str:
 
 
 def show_exports(items: list[dict[str, Any]]) -> str:
-    return _table([[e["name"], "ro" if e["read_only"] else "rw", e.get("nbd", "-"),
+    """The exports' table, then the libvirt ``<disk>`` element of each NBD export."""
+    out = [_table([[e["name"], "ro" if e["read_only"] else "rw", e.get("nbd", "-"),
                     _clients(e.get("clients", []))]
-                   for e in items], ["EXPORT", "MODE", "NBD", "CLIENTS"])
+                   for e in items], ["EXPORT", "MODE", "NBD", "CLIENTS"])]
+    out += [f"\n{e['name']} (libvirt):\n{e['libvirt']}" for e in items if e.get("libvirt")]
+    return "\n".join(out)
 
 
 def show_check(r: dict[str, Any]) -> str:
@@ -597,6 +602,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if tty and not args.json and method == "pool.check":
         print(file=sys.stderr)
+    if isinstance(result, dict) and result.get("warning"):
+        print(f"storagectl: warning: {result['warning']}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
