@@ -304,7 +304,7 @@ class ControlAPI:
             while (cur := scrub.status(entry.pool)) is not None and cur["state"] == "running":
                 await progress({"phase": "scrubbing", "done": cur["done"],
                                 "total": cur["total"], "rate": cur["rate"],
-                                "eta": cur["eta"]})
+                                "eta": cur["eta"], "unit": "bytes"})
                 await trio.sleep(0.5)
         return {"name": entry.name, "scrub": scrub.status(entry.pool)}
 
@@ -324,7 +324,7 @@ class ControlAPI:
             r = _rebuild_status(entry) or {}
             await progress({"phase": "rebuilding", "done": r.get("done_bytes", 0),
                             "total": r.get("total_bytes", 0), "rate": r.get("rate", 0),
-                            "eta": r.get("eta")})
+                            "eta": r.get("eta"), "unit": "bytes"})
             await trio.sleep(0.5)
 
     async def pool_add_spare(self, p: Params, progress: Progress) -> Any:

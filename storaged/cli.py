@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from storaged import portable_cli
 from storaged.client import ControlError, call, default_socket
+from storaged.progress import ProgressBar
 from storaged.sizes import format_size
 
 if TYPE_CHECKING:
@@ -153,7 +154,7 @@ def show_volume(v: dict[str, Any]) -> str:
         if k == "clients":
             return _clients(val)
         return format_size(val) if k.endswith("bytes") or k == "block_size" else str(val)
-    return "\n".join(f"{k:<14}{fmt(k, val)}" for k, val in v.items())
+    return "\n".join(f"{k:<14}{fmt(k, val)}" for k, val in v.items() if k != "warning")
 
 
 def show_snapshots(snaps: list[dict[str, Any]]) -> str:
@@ -566,7 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tty = sys.stderr.isatty()
     if args.group == "volume" and args.cmd in ("send", "receive", "import", "export"):
         try:
-            return portable_cli.run(args, path, tty and not args.json)
+            return portable_cli.run(args, path, not args.json, tty)
         except ControlError as e:
             if tty:
                 print(file=sys.stderr)
@@ -583,14 +584,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"storagectl: {e}", file=sys.stderr)
             return 1
     method, params, render = request(args)
+    # A bar on a terminal; elsewhere a line per step, for the commands that wait.
+    bar = (ProgressBar(sys.stderr, tty=tty) if not args.json and (tty or params.get("wait"))
+           else None)
 
     def progress(p: dict[str, Any]) -> None:
-        if tty and not args.json:
-            print(f"\r{p.get('phase', '')} {p.get('done', 0)}/{p.get('total', 0)}",
-                  end="", file=sys.stderr, flush=True)
+        if bar is not None:
+            bar.unit = p.get("unit", "steps")
+            rate = p.get("rate")
+            bar.update(str(p.get("phase", "")), int(p.get("done", 0)), int(p.get("total", 0)),
+                       rate=float(rate) if rate else None, eta=p.get("eta"))
     try:
         result = call(path, method, params, progress)
     except ControlError as e:
+        if bar is not None:
+            bar.close()
         print(f"storagectl: {e.message}", file=sys.stderr)
         return 1
     except (FileNotFoundError, ConnectionRefusedError):
@@ -600,8 +608,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PermissionError:
         print(f"storagectl: permission denied on {path}", file=sys.stderr)
         return 1
-    if tty and not args.json and method == "pool.check":
-        print(file=sys.stderr)
+    if bar is not None:
+        bar.close()
     if isinstance(result, dict) and result.get("warning"):
         print(f"storagectl: warning: {result['warning']}", file=sys.stderr)
     if args.json:
