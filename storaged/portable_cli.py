@@ -94,7 +94,8 @@ def run(args: argparse.Namespace, path: str, show: bool, tty: bool = False) -> i
                                st.st_size if stat.S_ISREG(st.st_mode) else None, show, tty)
                 result = call(path, "volume.receive", params,
                               lambda p: meter.update(p["bytes"]), fd=fd)
-                meter.update(None, final=True)
+                # Done: the whole input (a file's size) went in.
+                meter.update(meter.total, final=True)
             finally:
                 if args.input:
                     os.close(fd)
