@@ -20,7 +20,6 @@ from pool import rebuild, scrub
 from pool.checker import check
 from pool.errors import InvalidArgument
 from storaged.iscsi_acl import AccessStore, StoredPolicy, check_credentials, check_initiator
-from storaged.libvirt import disk_xml
 from storaged.registry import PoolEntry, Registry
 from storaged.sizes import parse_size
 from volumes import Volume, check_volume_name, portable
@@ -544,7 +543,6 @@ class ControlAPI:
                     if self.nbd_address is not None:
                         host, port = self.nbd_address
                         item["nbd"] = f"nbd://{host}:{port}/{name}"
-                        item["libvirt"] = disk_xml(host, port, name, read_only=ro)
                     if self.iscsi is not None:
                         snap = name.partition("@")[2] or None
                         iqn = self.iscsi.catalog.target_name(pname, vname, snap)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from storaged import portable_cli
 from storaged.client import ControlError, call, default_socket
+from storaged.libvirt import disk_xml
 from storaged.progress import ProgressBar
 from storaged.sizes import format_size
 
@@ -181,7 +183,10 @@ def show_exports(items: list[dict[str, Any]]) -> str:
     out = [_table([[e["name"], "ro" if e["read_only"] else "rw", e.get("nbd", "-"),
                     _clients(e.get("clients", []))]
                    for e in items], ["EXPORT", "MODE", "NBD", "CLIENTS"])]
-    out += [f"\n{e['name']} (libvirt):\n{e['libvirt']}" for e in items if e.get("libvirt")]
+    for e in items:
+        if m := re.fullmatch(r"nbd://\[?([^\]]+?)\]?:([0-9]+)/(.+)", e.get("nbd", "")):
+            disk = disk_xml(m.group(1), int(m.group(2)), m.group(3), read_only=e["read_only"])
+            out.append(f"\n{e['name']} (libvirt):\n{disk}")
     return "\n".join(out)
 
 

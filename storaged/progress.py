@@ -5,7 +5,9 @@ On a terminal: one bar that redraws itself in place (at most 5 times a second) w
 done and total in human sizes, the rate and the ETA, ended by a newline. Elsewhere (a pipe,
 a log file, cron): one plain line per step — when a phase begins, at each tenth of the
 total, every ``LINE_PERIOD`` seconds where the total is unknown, and at the end — so a log
-shows how the work went without carriage returns or a flood of lines.
+shows how the work went without carriage returns or a flood of lines. Lines start only once
+the command has run ``LINE_DELAY`` seconds: work that ends sooner (or is refused at once)
+leaves its result or its one-line error alone, as before.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from storaged.sizes import format_size
 BAR_WIDTH = 24
 REDRAW = 0.2        # seconds between redraws of the terminal bar
 LINE_PERIOD = 10.0  # seconds between lines when the total is unknown
+LINE_DELAY = 1.0    # seconds of work before the first line
 
 
 def duration(seconds: float) -> str:
@@ -33,8 +36,10 @@ class ProgressBar:
     """Feed it ``update(phase, done, total)``; ``close()`` ends the bar's line."""
 
     def __init__(self, stream: TextIO, *, tty: bool, unit: str = "bytes",
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 line_delay: float = LINE_DELAY) -> None:
         self.stream, self.tty, self.unit, self.clock = stream, tty, unit, clock
+        self.lines_from = clock() + line_delay
         self.phase: str | None = None
         self.start = clock()
         self.start_done = 0
@@ -86,13 +91,16 @@ class ProgressBar:
             if final:
                 self._newline()
         else:
+            if now < self.lines_from:
+                return
             if total:
                 step = min(10, 10 * done // total)
                 due = step > self.step
             else:
                 step = self.step
                 due = now - self.drawn_at >= LINE_PERIOD
-            if not (new_phase or due or final) or (final and done == self.line_done):
+            first = self.line_done < 0
+            if not (first or new_phase or due or final) or (final and done == self.line_done):
                 return
             self.step, self.line_done = step, done
             self.stream.write(f"{phase}: {self.text(done, total, rate, eta)}\n")
