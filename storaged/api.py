@@ -321,6 +321,9 @@ class ControlAPI:
     async def _wait_rebuild(self, entry: PoolEntry, progress: Progress) -> None:
         while rebuild.pending(entry.pool) and not entry.pool.closed:
             r = _rebuild_status(entry) or {}
+            if not r.get("total_bytes"):
+                await trio.sleep(0.1)       # not begun: no total to show progress against
+                continue
             await progress({"phase": "rebuilding", "done": r.get("done_bytes", 0),
                             "total": r.get("total_bytes", 0), "rate": r.get("rate", 0),
                             "eta": r.get("eta"), "unit": "bytes"})

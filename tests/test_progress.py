@@ -125,7 +125,8 @@ def _in_pty(argv: list[str]) -> tuple[int, str]:
 
 def test_mirror_pool_capacity_progress_and_refusals(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
-    cfg.write_text('[faults]\nscrub_rate = "24M"\n')      # a size string in the config
+    # Size strings in the config; the rates make scrub and rebuild last a few seconds.
+    cfg.write_text('[faults]\nscrub_rate = "24M"\nrebuild_rate = "16MiB"\n')
     daemon = Daemon(tmp_path, str(tmp_path / "ctl.sock"), _free_port(), 0,
                     args=("--config", str(cfg)))
     daemon.start()
@@ -212,6 +213,16 @@ def _mirror_pool(daemon: Daemon, tmp_path: Path) -> None:
     # --json keeps stderr quiet.
     r = daemon.ctl("--json", "pool", "scrub", "tank", "--wait")
     assert r.returncode == 0 and r.stderr == "", r.stderr
+
+    # replace-device --wait on a terminal (24M at 16M/s): the rebuild's bar; then the pool
+    # is whole again, its deep check clean and the data byte-exact (DESIGN invariant 5).
+    rc, out = _in_pty([*ctl, "pool", "replace-device", "tank", devs[1], str(tmp_path / "n1"),
+                       "--file-size", "2G", "--wait"])
+    assert rc == 0 and "\rrebuilding [" in out and not re.search(r"\d{6}", out), out
+    check = daemon.json("pool", "check", "tank", "--deep")
+    assert isinstance(check, dict) and check["ok"], check
+    daemon.ok("volume", "export", "tank/img", str(tmp_path / "after.img"))
+    assert (tmp_path / "after.img").read_bytes() == image.read_bytes()
 
 
 def test_export_list_gives_libvirt_disks_with_discard(daemon: Daemon, tmp_path: Path) -> None:
