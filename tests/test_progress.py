@@ -218,7 +218,8 @@ def _mirror_pool(daemon: Daemon, tmp_path: Path) -> None:
     # is whole again, its deep check clean and the data byte-exact (DESIGN invariant 5).
     rc, out = _in_pty([*ctl, "pool", "replace-device", "tank", devs[1], str(tmp_path / "n1"),
                        "--file-size", "2G", "--wait"])
-    assert rc == 0 and "\rrebuilding [" in out and not re.search(r"\d{6}", out), out
+    bar = out.split("\r\n")[0]                            # then the pool's status
+    assert rc == 0 and bar.startswith("\rrebuilding [") and not re.search(r"\d{6}", bar), out
     check = daemon.json("pool", "check", "tank", "--deep")
     assert isinstance(check, dict) and check["ok"], check
     daemon.ok("volume", "export", "tank/img", str(tmp_path / "after.img"))
