@@ -9,10 +9,10 @@ BIN := $(VENV)/bin
 STATE_DIR ?= .storaged
 # Debian packages the project and its tests use (pyfuse3 builds against libfuse3).
 DEBS := libfuse3-dev pkg-config fuse3 qemu-utils qemu-block-extra libnbd-bin python3-libnbd fio \
-	libiscsi-bin openssl
+	libiscsi-bin openssl systemd prometheus
 STAMP := $(VENV)/.installed
 
-.PHONY: run test soak lint typecheck contracts pytest system-deps venv bench-engine bench-nbd bench-snapshots bench-fuse bench-send bench-rebuild bench-iscsi clean
+.PHONY: run completion test soak lint typecheck contracts pytest system-deps venv bench-engine bench-nbd bench-snapshots bench-fuse bench-send bench-rebuild bench-iscsi clean
 
 system-deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -32,7 +32,17 @@ $(STAMP): pyproject.toml | system-deps
 
 venv: system-deps $(STAMP)
 
-run: venv
+# Shell completion for storagectl, where the user's shell finds it: bash-completion loads
+# $(BASH_COMPLETION_DIR)/storagectl on first use; zsh needs $(ZSH_COMPLETION_DIR) in fpath.
+XDG_DATA_HOME ?= $(HOME)/.local/share
+BASH_COMPLETION_DIR ?= $(XDG_DATA_HOME)/bash-completion/completions
+ZSH_COMPLETION_DIR ?= $(XDG_DATA_HOME)/zsh/site-functions
+completion: venv
+	mkdir -p $(BASH_COMPLETION_DIR) $(ZSH_COMPLETION_DIR)
+	$(BIN)/storagectl completion bash > $(BASH_COMPLETION_DIR)/storagectl
+	$(BIN)/storagectl completion zsh > $(ZSH_COMPLETION_DIR)/_storagectl
+
+run: venv completion
 	$(BIN)/storaged --state-dir $(STATE_DIR) --socket $(STATE_DIR)/control.sock --demo \
 	  --fuse-mount $(STATE_DIR)/mnt
 

@@ -102,6 +102,28 @@ async def clear_stale_mount(path: str) -> None:
                      f"serving it? Unmount it or choose another fuse.mount")
 
 
+def check_mountpoint(path: str) -> None:
+    """Refuse, before the daemon imports any pool, a ``fuse.mount`` that cannot be mounted
+    on: a path that is not a directory, one that cannot be created (under a file, or in a
+    directory we may not write), or a mount point that another (non-FUSE) file system
+    holds. Blocking (stat, /proc/self/mountinfo); never touches a FUSE mount there, which
+    may hang: ``serve`` judges those (stale: unmounted; live: refused)."""
+    where = os.path.abspath(path)
+    probe = where
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        what = "is not a directory" if probe == where else f"is under {probe}, not a directory"
+        raise MountError(f"fuse.mount {path} {what}")
+    if probe != where and not os.access(probe, os.W_OK | os.X_OK):
+        raise MountError(f"fuse.mount {path} does not exist and cannot be created: "
+                         f"{probe} is not writable")
+    entry = mount_entry(where)
+    if entry is not None and not entry[0].startswith("fuse"):
+        raise MountError(f"fuse.mount {path} is already a mount point ({entry[0]}); "
+                         f"unmount it or choose another fuse.mount")
+
+
 def raise_max_background(dev: str) -> None:
     """Let the kernel keep MAX_BACKGROUND async requests in flight on the FUSE connection
     ``dev`` (major:minor), where fusectl is mounted and we may write it."""
@@ -132,9 +154,14 @@ class FuseMount:
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
                     ) -> None:
         await clear_stale_mount(self.mountpoint)
-        await trio.Path(self.mountpoint).mkdir(parents=True, exist_ok=True)
-        # mount(2) only: the kernel's INIT request waits for pyfuse3.main below.
-        pyfuse3.init(self.fs, self.mountpoint, self.options())
+        try:
+            await trio.Path(self.mountpoint).mkdir(parents=True, exist_ok=True)
+            # mount(2) only: the kernel's INIT request waits for pyfuse3.main below.
+            pyfuse3.init(self.fs, self.mountpoint, self.options())
+        except (OSError, RuntimeError) as e:
+            # One line for the operator (startup D3), not a traceback.
+            raise MountError(f"fuse.mount {self.mountpoint}: cannot mount: "
+                             f"{getattr(e, 'strerror', None) or e}") from None
         self._running = True
         unmount = True
         try:

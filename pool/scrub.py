@@ -33,6 +33,19 @@ def task(pool: Pool) -> dict[str, Any] | None:
     return dict(value) if value is not None else None
 
 
+def last_completed(pool: Pool) -> dict[str, Any] | None:
+    """The last scrub that ran to its end: {finished, found, repaired, unrecoverable}, or
+    None. A new scrub carries it in its task's ``last`` until it finishes itself, so the
+    metrics (and the 'scrub overdue' alert) keep the last result while one runs."""
+    cur = task(pool)
+    if cur is None:
+        return None
+    if cur["state"] == "finished":
+        return {k: cur[k] for k in ("finished", "found", "repaired", "unrecoverable")}
+    last = cur.get("last")
+    return dict(last) if isinstance(last, dict) else None
+
+
 def _total(pool: Pool) -> int:
     return sum(min(s.live, s.fill) * SECTOR * (s.k + s.m)
                for s in pool.state.segments.values())
@@ -48,7 +61,8 @@ async def control(pool: Pool, action: str) -> dict[str, Any]:
                                   f"--resume, --pause or --cancel)")
         cur = {"state": "running", "position": 0, "total": _total(pool), "done": 0,
                "found": 0, "repaired": 0, "unrecoverable": 0, "problems": [],
-               "started": time.time(), "finished": None, "metadata": False}
+               "started": time.time(), "finished": None, "metadata": False,
+               "last": last_completed(pool)}
     elif action in ("pause", "resume", "cancel"):
         want = {"pause": ("running",), "resume": ("paused",),
                 "cancel": ("running", "paused")}[action]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
+import functools
 import os
 import sys
 
@@ -18,8 +18,10 @@ import trio
 from pool.errors import StorageError
 from storaged import daemon
 from storaged.config import Config, load, validate
+from storaged.service import setup_logging
 from storaged.startup import lock_state_dir
 from storaged.tuning import tune_process
+from storaged.version import VersionAction
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
@@ -36,7 +38,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
     ap.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--demo", action="store_true",
                     help="create/import the demo pool under the state dir")
+    ap.add_argument("--version", action=VersionAction)
     args = ap.parse_args(argv)
+    return args, config_from(args)
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    """The configuration file with the command-line flags over it (also what a reload,
+    SIGHUP, re-reads: the flags keep their say)."""
     cfg = load(args.config)
     over: dict[str, object] = {}
     for flag, attr in (("state_dir", "state_dir"), ("socket", "socket"),
@@ -49,7 +58,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
             over[flag] = None if v == "off" else v
     if args.demo:
         over["demo"] = True
-    return args, validate(dataclasses.replace(cfg, **over))  # type: ignore[arg-type]
+    return validate(dataclasses.replace(cfg, **over))  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,19 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     line on stderr and exit code 1, before any pool is touched where they can be found
     first (storaged.startup D1-D3)."""
     try:
-        _args, cfg = parse_args(argv)
+        args, cfg = parse_args(argv)
         lock = lock_state_dir(cfg.state_dir)        # D1: before anything is imported
         daemon.preflight(cfg)
     except StorageError as e:
         print(f"storaged: {e.message}", file=sys.stderr)
         return 1
-    # journald-friendly: no timestamps (journald adds them), level and logger name.
-    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
-                        format="<%(levelno)s>%(levelname)s %(name)s: %(message)s"
-                        if _under_journald() else "%(levelname)s %(name)s: %(message)s")
+    setup_logging(cfg.log_level)     # journald priorities on its stream (service S1)
     tune_process()
     try:
-        trio.run(daemon.run, cfg)
+        trio.run(functools.partial(daemon.run, cfg, reload=lambda: config_from(args)))
     except (StorageError, BaseExceptionGroup) as e:
         errors = _storage_errors(e)
         if errors is None:
@@ -96,10 +102,6 @@ def _storage_errors(e: BaseException) -> list[StorageError] | None:
             out += got
         return out
     return None
-
-
-def _under_journald() -> bool:
-    return "JOURNAL_STREAM" in os.environ
 
 
 if __name__ == "__main__":

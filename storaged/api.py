@@ -235,7 +235,7 @@ class ControlAPI:
         return out
 
     async def pool_export(self, p: Params, progress: Progress) -> Any:
-        await self.registry.export(_req(p, "name"))
+        await self.registry.export(_req(p, "name"), force=_bool(p, "force", False))
         return {"name": p["name"], "exported": True}
 
     async def pool_destroy(self, p: Params, progress: Progress) -> Any:
@@ -250,7 +250,17 @@ class ControlAPI:
         return out
 
     async def pool_status(self, p: Params, progress: Progress) -> Any:
-        entry = self.registry.get(_req(p, "name"))
+        name = _str(p, "name", required=False)
+        if name is None:
+            # Like `zpool status`: every pool (those that failed to import as in pool.list).
+            out = [self._pool_status(e) for _n, e in sorted(self.registry.pools.items())]
+            return out + [{"name": n, "state": "unavailable", "error": why}
+                          for n, why in sorted(self.registry.failed.items())
+                          if n not in self.registry.pools]
+        return self._pool_status(self.registry.get(name))
+
+    @staticmethod
+    def _pool_status(entry: PoolEntry) -> dict[str, Any]:
         out = pool_status(entry)
         # Exact data accounting walks every map (not done per metrics scrape).
         data, shared = entry.pool.record_space()

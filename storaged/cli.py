@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -19,6 +20,7 @@ from storaged.client import ControlError, call, default_socket
 from storaged.libvirt import disk_xml
 from storaged.progress import ProgressBar
 from storaged.sizes import format_size
+from storaged.version import VersionAction
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -71,6 +73,15 @@ def show_import(r: dict[str, Any] | list[dict[str, Any]]) -> str:
             lines.append(f"  error: {p['error']}")
         lines += [f"         {path}" for path in p["found"]] + [""]
     return "\n".join(lines).rstrip()
+
+
+def show_pool_statuses(pools: list[dict[str, Any]]) -> str:
+    """``pool status`` without a name: every pool's status, a blank line between them."""
+    if not pools:
+        return "no pools"
+    return "\n\n".join(show_pool_status(p) if "devices" in p
+                       else f"pool {p['name']}: {p['state']}: {p.get('error', '')}"
+                       for p in pools)
 
 
 def show_pool_status(p: dict[str, Any]) -> str:
@@ -264,24 +275,48 @@ def _done(r: dict[str, Any]) -> str:
     return "; ".join(f"{k}: {v}" for k, v in r.items())
 
 
-GROUPS = {"pool": "pools", "volume": "volumes", "snapshot": "snapshots",
-          "export": "exports", "status": "one-screen overview"}
+GROUPS = {"pool": "pools: create, import, status, repair", "volume": "volumes: create, "
+          "resize, send/receive, import/export images", "snapshot": "snapshots and clones",
+          "export": "exports (NBD URIs, iSCSI access policies)",
+          "status": "one-screen overview", "completion": "print a shell completion script"}
+# Shell completion of file names (shtab.FILE, spelt out so that storagectl does not import
+# shtab unless it prints a completion script).
+_FILE = {"bash": "_shtab_compgen_files", "zsh": "_files"}
+_JSON_HELP = "print JSON for scripts (before or after the command)"
+_SOCKET_HELP = "control socket (default: $STORAGED_SOCKET or /run/storaged/control.sock)"
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The command line's parser; with ``only``, the subcommands of that group alone
     (argparse spends about 0.1 ms per argument, and storagectl's start-up is part of
-    every send and receive), the other groups listed but empty."""
-    ap = argparse.ArgumentParser(prog="storagectl", description="storaged admin CLI")
-    ap.add_argument("--socket", default=None, help="control socket (default: "
-                    "$STORAGED_SOCKET or /run/storaged/control.sock)")
-    ap.add_argument("--json", action="store_true", help="print JSON for scripts")
-    top = ap.add_subparsers(dest="group", required=True)
+    every send and receive), the other groups listed but empty.
+
+    ``--json`` and ``--socket`` are taken before the command and after it: every command's
+    parser has them too, with a SUPPRESS default so that one given before the command is
+    not reset by the command's parser."""
+    ap = argparse.ArgumentParser(prog="storagectl", description="storaged admin CLI "
+                                 "(run 'storagectl GROUP -h' for a group's commands)")
+    ap.add_argument("--socket", default=None, help=_SOCKET_HELP)
+    ap.add_argument("--json", action="store_true", help=_JSON_HELP)
+    ap.add_argument("--version", action=VersionAction)
+    top = ap.add_subparsers(dest="group", metavar="GROUP", title="command groups")
     for group, text in GROUPS.items():
-        sub = top.add_parser(group, help=text)
-        if group != "status" and only in (None, group):
-            _SUBCOMMANDS[group](sub.add_subparsers(dest="cmd", required=True))
+        sub = top.add_parser(group, help=text, description=text)
+        if group == "status":
+            _common_options(sub)
+        elif group == "completion":
+            sub.add_argument("shell", choices=["bash", "zsh"], help="the shell")
+        elif only in (None, group):
+            cmds = sub.add_subparsers(dest="cmd", metavar="COMMAND", title="commands")
+            _SUBCOMMANDS[group](cmds)
+            for leaf in cmds.choices.values():
+                _common_options(leaf)
     return ap
+
+
+def _common_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=_JSON_HELP)
+    p.add_argument("--socket", default=argparse.SUPPRESS, help=_SOCKET_HELP)
 
 
 def _group_of(argv: Sequence[str]) -> str | None:
@@ -299,105 +334,137 @@ def _group_of(argv: Sequence[str]) -> str | None:
     return None
 
 
+def _file(action: argparse.Action) -> None:
+    """Complete this argument with file names."""
+    action.complete = _FILE  # type: ignore[attr-defined]
+
+
+_POOL = "pool name"
+_MEMBER = "member number, device path or UUID (see pool status)"
+_FILE_SIZE = "create a missing device file as a sparse file of this size"
+
+
 def _pool_commands(pool: SubParsers) -> None:
     c = pool.add_parser("create", help="create a pool from devices")
-    c.add_argument("name")
-    c.add_argument("devices", nargs="+")
-    c.add_argument("--profile", default="plain", help="plain | mirror:N | ec:K+M")
-    c.add_argument("--extent-size", default="16M")
-    c.add_argument("--file-size", default=None,
-                   help="create missing device files as sparse files of this size")
+    c.add_argument("name", help=_POOL)
+    _file(c.add_argument("devices", nargs="+", metavar="DEVICE",
+                         help="block device or file (relative to the current directory)"))
+    c.add_argument("--profile", default="plain",
+                   help="redundancy: plain | mirror:N | ec:K+M (default plain)")
+    c.add_argument("--extent-size", default="16M", help="allocation unit (default 16M)")
+    c.add_argument("--file-size", default=None, help=_FILE_SIZE + "s")
     c.add_argument("--force", action="store_true", help="overwrite labelled devices")
     c = pool.add_parser("import", help="import a pool from its devices (no name: list the "
                         "pools that could be imported, changing nothing)")
-    c.add_argument("name", nargs="?")
-    c.add_argument("--device", action="append", default=[], dest="devices")
+    c.add_argument("name", nargs="?", help=_POOL)
+    _file(c.add_argument("--device", action="append", default=[], dest="devices",
+                         metavar="DEVICE", help="look at this device (repeatable; default: "
+                         "the devices the daemon remembers)"))
     c.add_argument("--force", action="store_true",
                    help="take over a pool its last owner did not export, once its "
                         "heartbeat has been silent for the activity interval")
-    for name in ("export", "destroy", "status"):
-        pool.add_parser(name).add_argument("name")
-    pool.add_parser("list")
+    c = pool.add_parser("export", help="close a pool (pool import brings it back); refused "
+                        "while its volumes have clients")
+    c.add_argument("name", help=_POOL)
+    c.add_argument("--force", action="store_true",
+                   help="disconnect the clients of its volumes first")
+    pool.add_parser("destroy", help="destroy an empty pool (wipes its labels)").add_argument(
+        "name", help=_POOL)
+    pool.add_parser("status", help="devices, space, repair counters (no name: every "
+                    "pool)").add_argument("name", nargs="?", help=_POOL)
+    pool.add_parser("list", help="one line per pool")
     c = pool.add_parser("add-device", help="grow a pool by a device")
-    c.add_argument("name")
-    c.add_argument("device")
-    c.add_argument("--file-size", default=None)
+    c.add_argument("name", help=_POOL)
+    _file(c.add_argument("device", help="block device or file"))
+    c.add_argument("--file-size", default=None, help=_FILE_SIZE)
     c = pool.add_parser("scrub", help="verify and repair every record and metadata copy")
-    c.add_argument("name")
+    c.add_argument("name", help=_POOL)
     g = c.add_mutually_exclusive_group()
-    for flag in ("pause", "resume", "cancel", "status"):
-        g.add_argument(f"--{flag}", action="store_const", const=flag, dest="action")
+    for flag, text in (("pause", "pause the running scrub"),
+                       ("resume", "resume a paused scrub"),
+                       ("cancel", "stop the scrub"), ("status", "show its progress only")):
+        g.add_argument(f"--{flag}", action="store_const", const=flag, dest="action",
+                       help=text)
     c.add_argument("--wait", action="store_true", help="wait until it is done")
     c = pool.add_parser("clean", help="run the segment cleaner now (reclaim overwritten "
                         "space)")
-    c.add_argument("name")
+    c.add_argument("name", help=_POOL)
     c.add_argument("--threshold", type=float, default=1.0,
                    help="move segments less than this fraction live (default 1: any)")
-    c.add_argument("--max-segments", type=int, default=8)
+    c.add_argument("--max-segments", type=int, default=8,
+                   help="empty at most this many segments (default 8)")
     c = pool.add_parser("replace-device", help="rebuild a member onto another device")
-    c.add_argument("name")
-    c.add_argument("old", metavar="OLD", help="member number, path or UUID")
-    c.add_argument("new", metavar="NEW")
-    c.add_argument("--file-size", default=None)
+    c.add_argument("name", help=_POOL)
+    _file(c.add_argument("old", metavar="OLD", help=_MEMBER))
+    _file(c.add_argument("new", metavar="NEW", help="the device or file to rebuild onto"))
+    c.add_argument("--file-size", default=None, help=_FILE_SIZE)
     c.add_argument("--wait", action="store_true", help="wait until the rebuild is done")
     c = pool.add_parser("add-spare", help="keep a device to replace a faulted member")
-    c.add_argument("name")
-    c.add_argument("device")
-    c.add_argument("--file-size", default=None)
+    c.add_argument("name", help=_POOL)
+    _file(c.add_argument("device", help="block device or file"))
+    c.add_argument("--file-size", default=None, help=_FILE_SIZE)
     c = pool.add_parser("offline", help="stop using a member (maintenance)")
-    c.add_argument("name")
-    c.add_argument("device", help="member number, path or UUID")
+    c.add_argument("name", help=_POOL)
+    _file(c.add_argument("device", help=_MEMBER))
     c = pool.add_parser("online", help="take a member back; resilvers what it missed")
-    c.add_argument("name")
-    c.add_argument("device", help="member number, path or UUID")
-    c.add_argument("--path", default=None, help="where the member's device is now")
+    c.add_argument("name", help=_POOL)
+    _file(c.add_argument("device", help=_MEMBER))
+    _file(c.add_argument("--path", default=None, help="where the member's device is now"))
     c.add_argument("--wait", action="store_true", help="wait until the resilver is done")
     c = pool.add_parser("remove-device", help="move all data off a member and detach it")
-    c.add_argument("name")
-    c.add_argument("device", help="member number, path or UUID")
+    c.add_argument("name", help=_POOL)
+    _file(c.add_argument("device", help=_MEMBER))
     c = pool.add_parser("check", help="verify all metadata and references (fsck)")
-    c.add_argument("name")
+    c.add_argument("name", help=_POOL)
     c.add_argument("--deep", action="store_true", help="also read every fragment")
 
 
 _FORCE = "disconnect the clients (NBD, iSCSI, FUSE) using it first"
+_VOL = "the volume"
+_SNAP = "the snapshot"
 
 
 def _volume_commands(vol: SubParsers) -> None:
-    c = vol.add_parser("create")
-    c.add_argument("name", metavar="POOL/VOL")
-    c.add_argument("--size", required=True)
-    c.add_argument("--block-size", default="64K")
-    c.add_argument("--profile", default=None)
-    c.add_argument("--compression", choices=["lz4", "off"], default="lz4")
-    vol.add_parser("list").add_argument("pool", nargs="?")
-    vol.add_parser("info").add_argument("name", metavar="POOL/VOL")
-    c = vol.add_parser("resize")
-    c.add_argument("name", metavar="POOL/VOL")
+    c = vol.add_parser("create", help="create a thin volume")
+    c.add_argument("name", metavar="POOL/VOL", help=_VOL)
+    c.add_argument("--size", required=True, help="virtual size (10G)")
+    c.add_argument("--block-size", default="64K", help="block size (default 64K)")
+    c.add_argument("--profile", default=None,
+                   help="redundancy profile (default: the pool's)")
+    c.add_argument("--compression", choices=["lz4", "off"], default="lz4",
+                   help="compression of its blocks (default lz4)")
+    vol.add_parser("list", help="the volumes (of one pool)").add_argument(
+        "pool", nargs="?", help="only this pool's")
+    vol.add_parser("info", help="a volume's sizes, space and clients").add_argument(
+        "name", metavar="POOL/VOL", help=_VOL)
+    c = vol.add_parser("resize", help="grow (or shrink) a volume")
+    c.add_argument("name", metavar="POOL/VOL", help=_VOL)
     c.add_argument("--size", required=True,
                    help="new size (10G), or relative to the current one: +10G, -1G")
     c.add_argument("--allow-shrink", action="store_true",
                    help="allow a smaller size (the data past the new end is discarded)")
-    c = vol.add_parser("delete")
-    c.add_argument("name", metavar="POOL/VOL")
+    c = vol.add_parser("delete", help="delete a volume")
+    c.add_argument("name", metavar="POOL/VOL", help=_VOL)
     c.add_argument("--recursive", "-r", action="store_true",
                    help="also delete the volume's snapshots")
     c.add_argument("--force", action="store_true", help=_FORCE)
     c = vol.add_parser("rename", help="rename a volume (its snapshots follow it)")
-    c.add_argument("name", metavar="POOL/VOL")
-    c.add_argument("new_name", metavar="NEWNAME")
+    c.add_argument("name", metavar="POOL/VOL", help=_VOL)
+    c.add_argument("new_name", metavar="NEWNAME", help="its new name (in the same pool)")
     c.add_argument("--force", action="store_true", help=_FORCE)
     c = vol.add_parser("send", help="write a snapshot as a stream (stdout by default)")
-    c.add_argument("name", metavar="POOL/VOL@SNAP")
+    c.add_argument("name", metavar="POOL/VOL@SNAP", help=_SNAP)
     c.add_argument("--from", dest="base", metavar="@BASE",
                    help="incremental: only what changed since this older snapshot")
-    c.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    _file(c.add_argument("-o", "--output", metavar="FILE",
+                         help="write here instead of stdout"))
     c.add_argument("--resume", type=int, default=0, metavar="N",
                    help="start at record N (what an interrupted receive asks for)")
     c = vol.add_parser("receive", help="create a volume (or apply an increment) from a "
                        "stream (stdin by default)")
-    c.add_argument("name", metavar="POOL/VOL")
-    c.add_argument("-i", "--input", metavar="FILE", help="read here instead of stdin")
+    c.add_argument("name", metavar="POOL/VOL", help=_VOL)
+    _file(c.add_argument("-i", "--input", metavar="FILE",
+                         help="read here instead of stdin"))
     c.add_argument("--profile", help="redundancy profile of a new volume (default: the "
                    "pool's)")
     c.add_argument("--resumable", "-s", action="store_true",
@@ -411,46 +478,51 @@ def _volume_commands(vol: SubParsers) -> None:
                         "(those writes are discarded) or has clients (they are "
                         "disconnected)")
     c = vol.add_parser("import", help="create a volume from a disk image (via qemu-img)")
-    c.add_argument("name", metavar="POOL/VOL")
-    c.add_argument("image")
+    c.add_argument("name", metavar="POOL/VOL", help="the new volume")
+    _file(c.add_argument("image", help="the image file"))
     c.add_argument("--format", "-f", help="image format (qcow2, raw, vmdk, vdi, ...; "
                    "default: detected)")
-    c.add_argument("--profile")
+    c.add_argument("--profile", help="redundancy profile (default: the pool's)")
     c = vol.add_parser("export", help="write a volume or snapshot to a disk image")
-    c.add_argument("name", metavar="POOL/VOL[@SNAP]")
-    c.add_argument("image")
+    c.add_argument("name", metavar="POOL/VOL[@SNAP]", help="the volume or snapshot")
+    _file(c.add_argument("image", help="the new image file"))
     c.add_argument("--format", "-f", default="raw", choices=["raw", "qcow2", "vmdk", "vdi",
-                                                              "vpc", "vhdx"])
+                                                              "vpc", "vhdx"],
+                   help="image format (default raw)")
 
 
 def _snapshot_commands(snap: SubParsers) -> None:
-    snap.add_parser("create").add_argument("name", metavar="POOL/VOL@SNAP")
-    snap.add_parser("list").add_argument("volume", nargs="?", metavar="POOL/VOL")
-    for cmd in ("delete", "rollback"):
-        c = snap.add_parser(cmd)
-        c.add_argument("name", metavar="POOL/VOL@SNAP")
+    snap.add_parser("create", help="snapshot a volume (O(1), consistent)").add_argument(
+        "name", metavar="POOL/VOL@SNAP", help="the new snapshot")
+    snap.add_parser("list", help="the snapshots (of one volume)").add_argument(
+        "volume", nargs="?", metavar="POOL/VOL", help="only this volume's")
+    for cmd, text in (("delete", "delete a snapshot"),
+                      ("rollback", "bring a volume back to a snapshot")):
+        c = snap.add_parser(cmd, help=text)
+        c.add_argument("name", metavar="POOL/VOL@SNAP", help=_SNAP)
         c.add_argument("--force", action="store_true", help=_FORCE)
-    c = snap.add_parser("clone")
-    c.add_argument("name", metavar="POOL/VOL@SNAP")
-    c.add_argument("target", metavar="POOL/NEWVOL")
+    c = snap.add_parser("clone", help="a writable volume from a snapshot")
+    c.add_argument("name", metavar="POOL/VOL@SNAP", help=_SNAP)
+    c.add_argument("target", metavar="POOL/NEWVOL", help="the new volume")
     c = snap.add_parser("diff", help="block ranges that changed (for incremental backup)")
-    c.add_argument("base", metavar="POOL/VOL@A")
+    c.add_argument("base", metavar="POOL/VOL@A", help="the older snapshot")
     c.add_argument("other", nargs="?", metavar="POOL/VOL@B",
                    help="default: the live volume")
 
 
 def _export_commands(exp: SubParsers) -> None:
-    exp.add_parser("list")
+    exp.add_parser("list", help="the NBD URI and clients of every volume and snapshot")
     c = exp.add_parser("iscsi", help="set (or show) a volume's iSCSI access policy")
-    c.add_argument("name", metavar="POOL/VOLUME")
+    c.add_argument("name", metavar="POOL/VOLUME", help=_VOL)
     c.add_argument("--allow-initiator", action="append", default=[], metavar="IQN",
                    help="only this initiator may see and log in (repeatable)")
     c.add_argument("--chap-user", metavar="USER", help="initiators must log in with CHAP")
-    c.add_argument("--chap-secret-file", metavar="FILE",
-                   help="file holding the CHAP secret (read here, never printed)")
+    _file(c.add_argument("--chap-secret-file", metavar="FILE",
+                         help="file holding the CHAP secret (read here, never printed)"))
     c.add_argument("--mutual-chap-user", metavar="USER",
                    help="the target proves itself to the initiator (mutual CHAP)")
-    c.add_argument("--mutual-chap-secret-file", metavar="FILE")
+    _file(c.add_argument("--mutual-chap-secret-file", metavar="FILE",
+                         help="file holding the mutual CHAP secret"))
     c.add_argument("--open", action="store_true",
                    help="clear the policy: every initiator, no authentication")
 
@@ -464,22 +536,25 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
     g, cmd = args.group, getattr(args, "cmd", None)
     if g == "pool":
         if cmd == "create":
-            params = {"name": args.name, "devices": args.devices, "profile": args.profile,
+            params = {"name": args.name, "devices": [_path(d) for d in args.devices],
+                      "profile": args.profile,
                       "extent_size": args.extent_size, "force": args.force}
             if args.file_size:
                 params["file_size"] = args.file_size
             return "pool.create", params, show_pool_status
         if cmd == "import":
-            params = {"name": args.name, "devices": args.devices}
+            params = {"name": args.name, "devices": [_path(d) for d in args.devices]}
             if args.force:
                 params["force"] = True
             return "pool.import", params, show_import
         if cmd == "list":
             return "pool.list", {}, show_pools
         if cmd == "status":
+            if args.name is None:
+                return "pool.status", {}, show_pool_statuses
             return "pool.status", {"name": args.name}, show_pool_status
         if cmd == "add-device":
-            params = {"name": args.name, "device": args.device}
+            params = {"name": args.name, "device": _path(args.device)}
             if args.file_size:
                 params["file_size"] = args.file_size
             return "pool.add_device", params, show_pool_status
@@ -492,22 +567,25 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
             return ("pool.clean", {"name": args.name, "threshold": args.threshold,
                                    "max_segments": args.max_segments}, show_clean)
         if cmd == "replace-device":
-            params = {"name": args.name, "old": args.old, "new": args.new, "wait": args.wait}
+            params = {"name": args.name, "old": _member(args.old), "new": _path(args.new),
+                      "wait": args.wait}
             if args.file_size:
                 params["file_size"] = args.file_size
             return "pool.replace_device", params, show_pool_status
         if cmd == "add-spare":
-            params = {"name": args.name, "device": args.device}
+            params = {"name": args.name, "device": _path(args.device)}
             if args.file_size:
                 params["file_size"] = args.file_size
             return "pool.add_spare", params, show_pool_status
         if cmd in ("offline", "online", "remove-device"):
-            params = {"name": args.name, "device": args.device}
+            params = {"name": args.name, "device": _member(args.device)}
             if cmd == "online":
                 params["wait"] = args.wait
                 if args.path:
-                    params["path"] = args.path
+                    params["path"] = _path(args.path)
             return f"pool.{cmd.replace('-', '_')}", params, show_pool_status
+        if cmd == "export":
+            return "pool.export", {"name": args.name, "force": args.force}, _done
         return f"pool.{cmd}", {"name": args.name}, _done
     if g == "volume":
         if cmd == "create":
@@ -552,6 +630,30 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
     return "status", {}, show_status
 
 
+def _path(path: str) -> str:
+    """A device or file path as the daemon must see it: relative to the caller's
+    directory, not the daemon's (under systemd, /)."""
+    return os.path.abspath(path)
+
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}(?:-?[0-9a-fA-F]{4}){3}-?[0-9a-fA-F]{12}")
+
+
+def _member(ref: str) -> str:
+    """A member reference (number, path or UUID) with a path made absolute."""
+    if ref.isdigit() or _UUID.fullmatch(ref):
+        return ref
+    return _path(ref)
+
+
+def _group_parser(parser: argparse.ArgumentParser, group: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            sub: argparse.ArgumentParser = action.choices[group]
+            return sub
+    raise AssertionError("storagectl's parser has no command groups")
+
+
 def _relative_sizes(argv: Sequence[str]) -> list[str]:
     """``--size -10G`` as ``--size=-10G`` (argparse takes a lone ``-10G`` for an option)."""
     out: list[str] = []
@@ -564,13 +666,46 @@ def _relative_sizes(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if argv is None:
-        argv = sys.argv[1:]
+    """storagectl's entry point. A reader that goes away (``storagectl status | head -1``)
+    ends it quietly with status 141, as SIGPIPE ends other tools; SIGPIPE itself stays
+    ignored, so that a daemon closing the control socket is an error message."""
+    try:
+        rc = _main(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Nothing more can be written; point stdout at /dev/null so that the interpreter's
+        # own flush at exit does not complain again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + 13
+    return rc
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    """A bare ``storagectl`` (or ``storagectl pool``): its help on stdout, status 2 (a
+    command is missing, as for any usage error)."""
+    parser.print_help()
+    return 2
+
+
+def _main(argv: Sequence[str]) -> int:
     argv = _relative_sizes(argv)
-    args = build_parser(_group_of(argv)).parse_args(argv)
+    parser = build_parser(_group_of(argv))
+    args = parser.parse_args(argv)
+    if args.group is None:
+        return _usage(parser)
+    if args.group == "completion":
+        from storaged.completion import script  # noqa: PLC0415 - shtab only when asked
+        print(script(build_parser(), args.shell), end="")
+        return 0
+    if args.group != "status" and getattr(args, "cmd", None) is None:
+        return _usage(_group_parser(parser, args.group))
     path = args.socket or default_socket()
     tty = sys.stderr.isatty()
     if args.group == "volume" and args.cmd in ("send", "receive", "import", "export"):
+        if args.cmd in ("import", "export"):
+            args.image = _path(args.image)
         try:
             return portable_cli.run(args, path, not args.json, tty)
         except ControlError as e:

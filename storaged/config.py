@@ -128,6 +128,9 @@ _KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "owner.activity": ("owner_activity", float),
 }
 
+# The config file's name of each Config attribute (messages name keys as written).
+KEY_OF: dict[str, str] = {attr: key for key, (attr, _typ) in _KEYS.items()}
+
 
 def load(path: str | None) -> Config:
     """Read a TOML config file (None: defaults only)."""
@@ -165,8 +168,9 @@ def load(path: str | None) -> Config:
         if typ is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)            # read_timeout = 30 means 30.0
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-            raise InvalidArgument(f"config {path}: {key} must be of type "
-                                  f"{getattr(typ, '__name__', typ)}")
+            name = (typ.__name__ if isinstance(typ, type)
+                    else " or ".join(t.__name__ for t in typ))
+            raise InvalidArgument(f"config {path}: {key} must be of type {name}")
         if attr in ("nbd_listen", "metrics_listen", "fuse_mount",
                     "iscsi_listen") and value == "off":
             value = None

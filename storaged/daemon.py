@@ -1,6 +1,8 @@
 """The storaged daemon: one trio nursery owns the control API, the NBD server and the
 metrics endpoint; SIGTERM/SIGINT stop accepting, let in-flight requests finish, flush and
-close every pool, and exit 0.
+close every pool, and exit 0. Around it, for its whole run, the systemd watchdog pings and
+SIGHUP's reload (storaged.service S3, S4); the background tasks read the settings a reload
+may change from the live ``Reloader`` at each round.
 """
 
 from __future__ import annotations
@@ -9,15 +11,14 @@ import ipaddress
 import logging
 import os
 import signal
-import socket
 import ssl
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import trio
 
 from fuse.fs import FuseOptions, VolumeFS
-from fuse.mount import FuseMount
+from fuse.mount import FuseMount, check_mountpoint
 from iscsi.server import ISCSIConfig, ISCSIServer, SharedExclusive
 from iscsi.targets import TargetCatalog
 from nbd import proto
@@ -33,6 +34,7 @@ from storaged.iscsi_acl import AccessStore
 from storaged.libvirt import disk_xml
 from storaged.metrics import MetricsServer
 from storaged.registry import PoolEntry, Registry
+from storaged.service import Reloader, reloading_message, sd_notify, watchdog, watchdog_interval
 from storaged.startup import StartupError, check_control_socket, check_listen, listen_error
 from volumes import VolumeManager
 from volumes import volume as volume_module
@@ -56,21 +58,6 @@ class _LiveManagers(Mapping[str, VolumeManager]):
 
     def __len__(self) -> int:
         return len(self._registry.pools)
-
-
-def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
-    target = os.environ.get("NOTIFY_SOCKET")
-    if not target:
-        return
-    if target.startswith("@"):
-        target = "\0" + target[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(target)
-            s.sendall(message.encode())
-        except OSError as e:
-            log.warning("sd_notify failed: %s", e)
 
 
 async def ensure_demo(registry: Registry) -> None:
@@ -104,34 +91,36 @@ storaged is serving the demo pool (Ctrl-C stops it, flushing everything first).
 """
 
 
-async def watch_space(registry: Registry, threshold: float, period: float = 10.0) -> None:
+async def watch_space(registry: Registry, threshold: Callable[[], float],
+                      period: float = 10.0) -> None:
     """The background cleaner, and the full-threshold warning: every ``period`` seconds
     each pool moves the live records out of up to two segments that are mostly dead (so
     overwritten and trimmed space is reused), and a pool crossing the threshold is logged
     (and logged again when it drops back)."""
     warned: set[str] = set()
     while True:
+        limit = threshold()
         for name, entry in list(registry.pools.items()):
             try:
                 if await entry.pool.clean(max_segments=2, threshold=0.5):
                     await entry.pool.commit()
             except StorageError as e:
                 log.warning("pool %s: background cleaning stopped: %s", name, e.message)
-            entry.full_warning = threshold
+            entry.full_warning = limit
             st = entry.pool.statistics()
             used = st.allocated_bytes / st.capacity_bytes if st.capacity_bytes else 0.0
-            if used >= threshold and name not in warned:
+            if used >= limit and name not in warned:
                 warned.add(name)
                 log.warning("pool %s is %.0f%% full (warning at %.0f%%): delete snapshots "
                             "or volumes, trim, or add a device", name, 100 * used,
-                            100 * threshold)
-            elif used < threshold and name in warned:
+                            100 * limit)
+            elif used < limit and name in warned:
                 warned.discard(name)
-                log.info("pool %s is back under %.0f%% full", name, 100 * threshold)
+                log.info("pool %s is back under %.0f%% full", name, 100 * limit)
         await trio.sleep(period)
 
 
-async def maintain(registry: Registry, cfg: Config, period: float = 0.5) -> None:
+async def maintain(registry: Registry, settings: Reloader, period: float = 0.5) -> None:
     """Failing disks (issue 9): one task per imported pool that faults members whose
     device disappeared, replaces a faulted member by a spare (``faults.auto_replace``),
     and runs the rebuild and the scrub the pool's metadata asks for (so both resume after
@@ -143,21 +132,21 @@ async def maintain(registry: Registry, cfg: Config, period: float = 0.5) -> None
             for name, entry in list(registry.pools.items()):
                 if watched.get(name) is not entry.pool:
                     watched[name] = entry.pool
-                    entry.pool.fault_threshold = cfg.fault_threshold
-                    nursery.start_soon(_maintain_pool, registry, entry, cfg, period)
-                    nursery.start_soon(_expire_writes, entry, cfg, period)
-                    nursery.start_soon(_watch_members, entry, cfg)
-                    nursery.start_soon(_heartbeat, entry, cfg.owner_heartbeat)
+                    entry.pool.fault_threshold = settings.cfg.fault_threshold
+                    nursery.start_soon(_maintain_pool, registry, entry, settings, period)
+                    nursery.start_soon(_expire_writes, entry, settings, period)
+                    nursery.start_soon(_watch_members, entry, settings.cfg)
+                    nursery.start_soon(_heartbeat, entry, settings.cfg.owner_heartbeat)
             await trio.sleep(period)
 
 
-async def _expire_writes(entry: PoolEntry, cfg: Config, period: float) -> None:
+async def _expire_writes(entry: PoolEntry, settings: Reloader, period: float) -> None:
     """Writes never flushed reach the devices within cache.write_buffer_age seconds (its
     own task: a long rebuild or scrub does not hold it up)."""
     pool = entry.pool
     while not pool.closed:
         try:
-            await entry.volumes.write_back_older_than(cfg.write_buffer_age)
+            await entry.volumes.write_back_older_than(settings.cfg.write_buffer_age)
         except StorageError as e:
             if not pool.closed:
                 log.error("pool %s: writing back old buffered writes: %s", entry.name,
@@ -195,10 +184,11 @@ async def _watch_members(entry: PoolEntry, cfg: Config) -> None:
             await trio.sleep(cfg.check_interval)
 
 
-async def _maintain_pool(registry: Registry, entry: PoolEntry, cfg: Config,
+async def _maintain_pool(registry: Registry, entry: PoolEntry, settings: Reloader,
                          period: float) -> None:
     pool = entry.pool
     while not pool.closed:
+        cfg = settings.cfg          # a reload applies from the next round
         try:
             if cfg.auto_replace and not pool.closed:
                 await registry.auto_replace(entry)
@@ -214,8 +204,11 @@ async def _maintain_pool(registry: Registry, entry: PoolEntry, cfg: Config,
 
 def preflight(cfg: Config) -> None:
     """Refuse now what would fail start-up later, before any pool is imported (D2, D3):
-    a control socket another daemon serves, an address that cannot be listened on."""
+    a control socket another daemon serves, an address that cannot be listened on, a
+    FUSE mount point that cannot be mounted on."""
     check_control_socket(cfg.socket)
+    if cfg.fuse_mount is not None:
+        check_mountpoint(cfg.fuse_mount)
     for key, text in (("nbd.listen", cfg.nbd_listen), ("iscsi.listen", cfg.iscsi_listen),
                       ("metrics.listen", cfg.metrics_listen)):
         if text is not None:
@@ -232,18 +225,58 @@ async def _start_listener(nursery: trio.Nursery, key: str, address: str | None,
         raise listen_error(key, address or "?", e) from None
 
 
-async def run(cfg: Config, *, ready: trio.Event | None = None) -> None:
+def apply_live(cfg: Config, registry: Registry) -> None:
+    """Put the keys a reload may change (storaged.service.LIVE_KEYS) into effect; the
+    background tasks read the others from the Reloader at their next round."""
+    logging.getLogger().setLevel(cfg.log_level.upper())
     records.READ_TIMEOUT = cfg.read_timeout
     records.WRITE_TIMEOUT = cfg.write_timeout
+    registry.overcommit_warning = cfg.overcommit_warning
+    for entry in list(registry.pools.values()):
+        entry.pool.fault_threshold = cfg.fault_threshold
+        entry.full_warning = cfg.full_warning
+
+
+async def _reload_on_hup(hups: Any, settings: Reloader, serving: trio.Event) -> None:
+    """Each SIGHUP re-reads the configuration (service S4), told to systemd as a reload
+    once the daemon has said READY."""
+    async for _sig in hups:
+        log.info("received SIGHUP: reloading the configuration")
+        told = serving.is_set() and sd_notify(reloading_message())
+        await settings.reload()
+        if told:
+            sd_notify("READY=1\nSTATUS=serving")
+
+
+async def run(cfg: Config, *, ready: trio.Event | None = None,
+              reload: Callable[[], Config] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT. ``reload``: what SIGHUP re-reads the configuration
+    with (None: SIGHUP re-reads nothing)."""
     pool_module.DISCARD_FREED = cfg.discard
     if cfg.record_cache is not None:
         pool_module.RECORD_CACHE_BYTES = cfg.record_cache
     if cfg.write_buffer is not None:
         volume_module.WRITE_BUFFER.limit = cfg.write_buffer
     registry = Registry(cfg.state_dir, heartbeat=cfg.owner_heartbeat,
-                        activity=cfg.owner_activity,
-                        overcommit_warning=cfg.overcommit_warning)
+                        activity=cfg.owner_activity)
+    settings = Reloader(cfg, reload, lambda new: apply_live(new, registry))
+    apply_live(cfg, registry)
+    serving = trio.Event()
+    interval = watchdog_interval()
+    with trio.open_signal_receiver(signal.SIGHUP) as hups:
+        async with trio.open_nursery() as nursery:
+            if interval is not None:
+                nursery.start_soon(watchdog, interval)
+            nursery.start_soon(_reload_on_hup, hups, settings, serving)
+            await _serve(settings, registry, ready, serving)
+            nursery.cancel_scope.cancel()
+
+
+async def _serve(settings: Reloader, registry: Registry, ready: trio.Event | None,
+                 serving: trio.Event) -> None:
+    cfg = settings.cfg
     await registry.load()
+    apply_live(cfg, registry)
     if cfg.demo:
         await ensure_demo(registry)
     nbd: NBDServer | None = None
@@ -306,8 +339,8 @@ async def run(cfg: Config, *, ready: trio.Event | None = None) -> None:
                                           mport)
                 if fuse is not None:
                     await nursery.start(fuse.serve)
-                nursery.start_soon(watch_space, registry, cfg.full_warning)
-                nursery.start_soon(maintain, registry, cfg)
+                nursery.start_soon(watch_space, registry, lambda: settings.cfg.full_warning)
+                nursery.start_soon(maintain, registry, settings)
                 log.info("storaged ready: %d pool(s), control socket %s", len(registry.pools),
                          cfg.socket)
                 if cfg.demo and nbd_addr is not None:
@@ -318,6 +351,7 @@ async def run(cfg: Config, *, ready: trio.Event | None = None) -> None:
                     print(attach_hint(nbd_addr, cfg.socket, fuse.mountpoint if fuse else None,
                                       target), flush=True)
                 sd_notify("READY=1\nSTATUS=serving")
+                serving.set()
                 if ready is not None:
                     ready.set()
                 async for signum in signals:

@@ -78,6 +78,23 @@ def _percentages(fd: int) -> Iterator[float]:
                 yield float(m.group(1))
 
 
+# Headers of the image formats qemu-img knows, at offset 0.
+_MAGIC = ((b"QFI\xfb", "qcow2"), (b"QED\0", "qed"), (b"KDMV", "vmdk"),
+          (b"# Disk DescriptorFile", "vmdk"), (b"conectix", "vpc"), (b"vhdxfile", "vhdx"),
+          (b"<<< Oracle VM VirtualBox Disk Image >>>", "vdi"),
+          (b"<<< Sun VirtualBox Disk Image >>>", "vdi"))
+
+
+def _image_magic(image: str) -> str | None:
+    """The format whose header ``image`` starts with, if any."""
+    try:
+        with open(image, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return None
+    return next((fmt for magic, fmt in _MAGIC if head.startswith(magic)), None)
+
+
 def import_image(args: argparse.Namespace, path: str, show: bool,
                  tty: bool = False) -> dict[str, Any]:
     exe = _qemu_img()
@@ -93,6 +110,14 @@ def import_image(args: argparse.Namespace, path: str, show: bool,
                            "InvalidArgument")
     info = json.loads(proc.stdout)
     fmt, size = args.format or info["format"], int(info["virtual-size"])
+    if args.format is None and fmt == "raw":
+        damaged = _image_magic(args.image)
+        if damaged is not None:
+            # qemu-img probes a format only from a valid header and falls back to raw: a
+            # damaged qcow2 would be imported as its own bytes.
+            raise ControlError(f"{args.image} starts like a {damaged} image but qemu-img "
+                               f"does not read it as one (damaged?); give --format raw to "
+                               f"import its bytes as they are", "InvalidArgument")
     size = -(-size // 512) * 512
     params: dict[str, Any] = {"name": args.name, "size": size}
     if args.profile:

@@ -3,31 +3,46 @@ served at ``GET /metrics`` by a small HTTP/1.1 responder on the trio loop (so th
 sees a consistent state and needs no locks).
 
 Only this module imports prometheus_client (enforced by an import-linter contract).
-Label sets are bounded: pool, volume, device index, command.
+Label sets are bounded: pool, volume, device index and path, command.
+
+Besides the collector, the daemon's registry holds prometheus_client's ProcessCollector
+(``process_*``: RSS, CPU seconds, open fds, start time; it reads /proc, which does not
+block) and ``storaged_build_info``.
 """
 
 from __future__ import annotations
 
 import logging
+import platform
 from collections.abc import Iterable, Iterator
+from importlib import metadata
 
 import trio
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
+    InfoMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
 
 from iscsi.server import ISCSIServer
 from nbd.server import NBDServer
+from pool import scrub
 from storaged.api import pool_status
 from storaged.registry import Registry
 from volumes.volume import LATENCY_BUCKETS
 
 log = logging.getLogger(__name__)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("storaged")
+    except metadata.PackageNotFoundError:    # run from a checkout that is not installed
+        return "unknown"
 
 
 class StoragedCollector(Collector):
@@ -38,6 +53,10 @@ class StoragedCollector(Collector):
         self.iscsi = iscsi
 
     def collect(self) -> Iterator[Metric]:
+        build = InfoMetricFamily("storaged_build", "The running storaged's version and Python")
+        build.add_metric([], {"version": _version(),
+                              "python": platform.python_version()})
+        yield build
         yield from self._pools()
         yield from self._volumes()
         if self.nbd is not None:
@@ -62,10 +81,10 @@ class StoragedCollector(Collector):
         up = GaugeMetricFamily("storaged_pool_up", "1 when the pool is imported and not failed",
                                labels=["pool", "state"])
         dev = GaugeMetricFamily("storaged_device_up", "1 when the member device is present",
-                                labels=["pool", "device"])
+                                labels=["pool", "device", "path"])
         dev_err = CounterMetricFamily("storaged_device_errors",
                                       "I/O and checksum errors seen on a member device",
-                                      labels=["pool", "device", "kind"])
+                                      labels=["pool", "device", "path", "kind"])
         reads = CounterMetricFamily("storaged_pool_records_read",
                                     "Records read from devices", labels=["pool"])
         writes = CounterMetricFamily("storaged_pool_records_written",
@@ -87,14 +106,32 @@ class StoragedCollector(Collector):
         dstate = GaugeMetricFamily("storaged_device_state",
                                    "1 for the member's state (online, rebuilding, faulted, "
                                    "offline, missing, removed)",
-                                   labels=["pool", "device", "state"])
+                                   labels=["pool", "device", "path", "state"])
         work = GaugeMetricFamily("storaged_pool_maintenance_bytes",
                                  "Scrub / rebuild progress: bytes done and total",
                                  labels=["pool", "task", "kind"])
+        scrub_end = GaugeMetricFamily("storaged_pool_scrub_last_end_timestamp_seconds",
+                                      "Unix time the last scrub that ran to its end finished",
+                                      labels=["pool"])
+        scrub_result = GaugeMetricFamily("storaged_pool_scrub_last_result",
+                                         "1 for the last completed scrub's result: clean, "
+                                         "repaired or unrecoverable", labels=["pool", "result"])
+        scrub_frags = GaugeMetricFamily("storaged_pool_scrub_last_fragments",
+                                        "Bad fragments the last completed scrub found, "
+                                        "repaired, and records it could not recover",
+                                        labels=["pool", "kind"])
         for name, entry in sorted(self.registry.pools.items()):
             s = pool_status(entry)
             for d in s["devices"]:
-                dstate.add_metric([name, str(d["index"]), d["state"]], 1)
+                dstate.add_metric([name, str(d["index"]), d["path"] or "", d["state"]], 1)
+            last = scrub.last_completed(entry.pool)
+            if last is not None:
+                scrub_end.add_metric([name], last["finished"])
+                result = ("unrecoverable" if last["unrecoverable"] else
+                          "repaired" if last["found"] else "clean")
+                scrub_result.add_metric([name, result], 1)
+                for kind in ("found", "repaired", "unrecoverable"):
+                    scrub_frags.add_metric([name, kind], last[kind])
             for task, done_key, total_key in (("scrub", "done", "total"),
                                               ("rebuild", "done_bytes", "total_bytes")):
                 if s[task]:
@@ -108,9 +145,10 @@ class StoragedCollector(Collector):
             full.add_metric([name], 1 if s["full_warning"] else 0)
             up.add_metric([name, s["state"]], 0 if s["state"] == "failed" else 1)
             for d in s["devices"]:
-                dev.add_metric([name, str(d["index"])], 1 if d["state"] == "online" else 0)
+                lv = [name, str(d["index"]), d["path"] or ""]
+                dev.add_metric(lv, 1 if d["state"] == "online" else 0)
                 for kind in ("read", "write", "checksum"):
-                    dev_err.add_metric([name, str(d["index"]), kind], d[f"{kind}_errors"])
+                    dev_err.add_metric([*lv, kind], d[f"{kind}_errors"])
             c = s["counters"]
             reads.add_metric([name], c["records_read"])
             writes.add_metric([name], c["records_written"])
@@ -123,7 +161,8 @@ class StoragedCollector(Collector):
             if name not in self.registry.pools:
                 up.add_metric([name, "unavailable"], 0)
         return [size, used, free, live, over, full, up, dev, dev_err, reads, writes, degraded,
-                repaired, unreadable, commits, discarded, dstate, work]
+                repaired, unreadable, commits, discarded, dstate, work, scrub_end,
+                scrub_result, scrub_frags]
 
     def _volumes(self) -> Iterable[Metric]:
         labels = ["pool", "volume"]
@@ -235,6 +274,7 @@ class MetricsServer:
                  iscsi: ISCSIServer | None = None) -> None:
         self.prom = CollectorRegistry(auto_describe=False)
         self.prom.register(StoragedCollector(registry, nbd, iscsi))
+        ProcessCollector(registry=self.prom)
 
     async def serve(self, host: str, port: int, *,
                     task_status: trio.TaskStatus[list[trio.SocketListener]]

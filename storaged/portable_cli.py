@@ -10,11 +10,13 @@ import and export drive ``qemu-img convert`` against the daemon's own NBD export
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
 import stat
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from storaged.client import ControlError, call
@@ -48,17 +50,7 @@ def run(args: argparse.Namespace, path: str, show: bool, tty: bool = False) -> i
         def sent(p: dict[str, Any]) -> None:
             meter.update(p["bytes"])
         if args.output:
-            try:
-                fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                             0o666)
-            except OSError as e:
-                raise ControlError(f"cannot open {args.output}: {e.strerror}",
-                                   "IOError") from e
-            try:
-                # The daemon writes the file and makes it durable before it answers.
-                result = call(path, "volume.send", params, sent, fd=fd)
-            finally:
-                os.close(fd)
+            result = _send_to_file(args.output, path, params, sent)
         else:
             if sys.stdout.isatty():
                 print("storagectl: refusing to write a binary stream to a terminal (use -o "
@@ -112,6 +104,53 @@ def run(args: argparse.Namespace, path: str, show: bool, tty: bool = False) -> i
     elif args.cmd != "send" or args.output:
         print(_describe(args.cmd, result))
     return 0
+
+
+def _send_to_file(output: str, path: str, params: dict[str, Any],
+                  sent: Callable[[dict[str, Any]], None]) -> Any:
+    """Send into ``output``. A regular file (or a new one) is written as a temporary file
+    beside it and renamed over it once the daemon answered (it makes the file durable
+    first), so a refused or failed send leaves no file behind and never truncates an
+    existing one (an older backup stays whole). Anything else (a FIFO, a device,
+    /dev/stdout) is written in place."""
+    try:
+        st: os.stat_result | None = os.stat(output)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise ControlError(f"cannot open {output}: {e.strerror}", "IOError") from e
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        try:
+            fd = os.open(output, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise ControlError(f"cannot open {output}: {e.strerror}", "IOError") from e
+        try:
+            return call(path, "volume.send", params, sent, fd=fd)
+        finally:
+            os.close(fd)
+    where, name = os.path.split(os.path.abspath(output))
+    tmp = os.path.join(where, f".{name}.{os.getpid()}.partial")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                     0o666 if st is None else stat.S_IMODE(st.st_mode))
+    except OSError as e:
+        raise ControlError(f"cannot open {output}: {e.strerror}", "IOError") from e
+    try:
+        try:
+            result = call(path, "volume.send", params, sent, fd=fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, output)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)      # the rename is durable too
+    finally:
+        os.close(dfd)
+    return result
 
 
 def _describe(cmd: str, r: dict[str, Any]) -> str:

@@ -286,20 +286,30 @@ class Registry:
         me = (await self._claim()).owner
         return await trio.to_thread.run_sync(_survey, paths, here, me)
 
-    async def export(self, name: str) -> None:
+    async def export(self, name: str, *, force: bool = False) -> None:
+        """Export (close and release) a pool. Refused (Busy, naming them) while its volumes
+        or snapshots have clients, as ``zpool export`` refuses a busy pool; ``force``
+        disconnects them first. The pool leaves ``pools`` with no await after the last
+        check, so no new client can find it before it is closed."""
         async with self._lock:
             entry = self.get(name)
+            await entry.volumes.claim_pool("export it", force=force)
             del self.pools[name]
             await entry.pool.close(release=True)
             await self.save()
 
     async def destroy(self, name: str) -> None:
+        """Destroy an empty pool: one with volumes (in use or not) is refused, naming them
+        and their clients; there is nothing to force (delete the volumes first)."""
         async with self._lock:
             entry = self.get(name)
             if entry.volumes.names():
-                raise InvalidArgument(f"pool {name!r} still has volumes "
-                                      f"({', '.join(entry.volumes.names())}); delete them "
-                                      f"first")
+                clients = entry.volumes.all_clients()
+                busy = (f"; in use by {len(clients)} client(s) "
+                        f"({'; '.join(o.describe() for o in clients)})" if clients else "")
+                raise Busy(f"pool {name!r} still has volumes "
+                           f"({', '.join(entry.volumes.names())}){busy}; delete them "
+                           f"first")
             del self.pools[name]
             await entry.pool.destroy()
             await self.save()
@@ -354,7 +364,9 @@ class Registry:
     async def add_spare(self, name: str, path: str, file_size: int | None) -> None:
         async with self._lock:
             entry = self.get(name)
-            (dev,) = await self._open_devices([path], file_size)
+            created: list[str] = []
+            (dev,) = await self._open_devices([path], file_size, created=created)
+            refused = True
             try:
                 if any(_abspath(path) == p for p in entry.spares):
                     raise InvalidArgument(f"{path} is already a spare of pool {name}")
@@ -373,8 +385,11 @@ class Registry:
                         m.n_extents for m in entry.pool.state.members):
                     raise InvalidArgument(f"{path} is too small to replace every member of "
                                           f"pool {name}")
+                refused = False
             finally:
                 await close_devices([dev])
+                if refused:
+                    await trio.to_thread.run_sync(_unlink, created)   # leave no file behind
             entry.spares.append(_abspath(path))
             await self.save()
 

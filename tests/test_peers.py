@@ -306,3 +306,51 @@ def test_a_second_daemon_on_the_same_state_dir_or_socket_is_refused(
     assert isinstance(status, dict) and status["state"] == "online", status
     _deep_check_clean(daemon)
     _qemu_io(daemon.url("tank/v"), "read -P 0x3c 0 4M", read_only=True)
+
+
+def test_a_fuse_mount_point_that_cannot_be_used_is_one_line_and_exit_1(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """D3 for fuse.mount: a mount point that is a file, lies under a file, or is another
+    file system's mount point is refused before any pool is imported (one line naming
+    fuse.mount, exit 1, no traceback, members byte-identical, owner block included); one
+    that fails only at mount(2) (here mkdir under /proc) is one line too, after which the
+    imported pool was closed whole: the daemon starts again with it online, deep check
+    clean, data exact."""
+    _make_pool(daemon, tmp_path, {"v": "16M"})
+    _qemu_io(daemon.url("tank/v"), "write -P 0x3c 0 4M", "flush")
+    assert daemon.stop() == 0
+    disks = sorted(tmp_path.glob("disk*"))
+    before = member_digests(disks, mask_owner=False)
+    (tmp_path / "file").write_text("not a directory")
+    (tmp_path / "tmpfs").mkdir()
+    bad = {str(tmp_path / "file"): "is not a directory",
+           str(tmp_path / "file" / "mnt"): "not a directory"}
+    if os.geteuid() == 0:
+        subprocess.run(["mount", "-t", "tmpfs", "none", str(tmp_path / "tmpfs")], check=True)
+        bad[str(tmp_path / "tmpfs")] = "already a mount point (tmpfs)"
+
+    def start(mnt: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "storaged"), "--state-dir", str(daemon.dir / "state"), "--socket",
+             daemon.sock, "--nbd-listen", "127.0.0.1:0", "--metrics-listen", "off",
+             "--iscsi-listen", "off", "--log-level", "error", "--fuse-mount", mnt],
+            capture_output=True, text=True, timeout=60, check=False)
+    try:
+        for mnt, why in bad.items():
+            r = start(mnt)
+            assert r.returncode == 1 and r.stdout == "", r
+            assert r.stderr.splitlines() == [r.stderr.strip()], r.stderr
+            assert r.stderr.startswith(f"storaged: fuse.mount {mnt} ") and why in r.stderr
+            assert member_digests(disks, mask_owner=False) == before
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(tmp_path / "tmpfs")], check=False)
+    late = start("/proc/storaged-no-such-dir")
+    assert late.returncode == 1 and "Traceback" not in late.stderr, late
+    assert late.stderr.splitlines() == ["storaged: fuse.mount /proc/storaged-no-such-dir: "
+                                        "cannot mount: No such file or directory"], late
+    daemon.start()
+    status = daemon.json("pool", "status", "tank")
+    assert isinstance(status, dict) and status["state"] == "online", status
+    _deep_check_clean(daemon)
+    _qemu_io(daemon.url("tank/v"), "read -P 0x3c 0 4M", read_only=True)

@@ -119,6 +119,33 @@ async def test_pause_resume_cancel_and_resume_after_restart(disks: Disks) -> Non
         await pool.close()
 
 
+async def test_last_completed_scrub_outlives_the_next_one(disks: Disks) -> None:
+    """The metrics' last scrub (end time and result) is the last one that ran to its end:
+    kept, persisted, while a newer one runs, is canceled, and across a restart."""
+    ds = disks(3)
+    pool, _data = await filled_pool(ds, "ec:2+1", 4 << 20)
+    try:
+        assert scrub.last_completed(pool) is None
+        first = await _scrub(pool)
+        last = scrub.last_completed(pool)
+        assert last == {"finished": first["finished"], "found": 0, "repaired": 0,
+                        "unrecoverable": 0}
+        await scrub.control(pool, "start")
+        assert scrub.last_completed(pool) == last
+        await scrub.control(pool, "cancel")
+        assert scrub.last_completed(pool) == last
+    finally:
+        await pool.close()
+    pool = await Pool.open(ds.open())
+    try:
+        assert scrub.last_completed(pool) == last
+        second = await _scrub(pool)
+        now = scrub.last_completed(pool)
+        assert now is not None and now["finished"] == second["finished"] > last["finished"]
+    finally:
+        await pool.close()
+
+
 async def test_crash_during_scrub_repair_loses_nothing(tmp_path: object) -> None:
     tmp = str(tmp_path)
     paths = [os.path.join(tmp, f"d{i}") for i in range(3)]

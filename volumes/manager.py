@@ -18,7 +18,8 @@ Snapshots and clones share the volume's block map copy-on-write (``pool.maps``):
   --allow-shrink``);
 - a volume (or snapshot) with clients (``volumes.openers``) is not deleted, renamed or
   rolled back: the refusal (Busy) names the clients; with ``force`` they are disconnected
-  first. The check comes after the operation's other checks, so a refusal for another
+  first (``pool export`` likewise, for every volume and snapshot of the pool: ``claim_pool``).
+  The check comes after the operation's other checks, so a refusal for another
   reason never disconnects anyone, and the other checks run again after the disconnect
   (it waits, and the namespace may change meanwhile).
 """
@@ -144,6 +145,21 @@ class VolumeManager:
             return list(self.get(volume).openers)
         obj_id, _meta = self._snap(volume, snap)
         return list(self._snap_openers.get(obj_id, ()))
+
+    def all_clients(self) -> builtins.list[Opener]:
+        """Every client of every volume and snapshot of the pool."""
+        return in_use(self._all_openers())
+
+    def _all_openers(self) -> builtins.list[Openers]:
+        return ([v.openers for v in self._volumes.values()]
+                + list(self._snap_openers.values()))
+
+    async def claim_pool(self, action: str, *, force: bool) -> None:
+        """Before the pool is exported (closed): refuse (Busy) naming every client of its
+        volumes and snapshots, or with ``force`` disconnect them all (openers invariants
+        3-5). Returns with no await after its last check, so a caller that then drops the
+        pool synchronously (no new client can find it) leaves only stragglers."""
+        await self._claim(f"pool {self.pool.name}", self._all_openers(), action, force, ())
 
     async def _claim(self, what: str, groups: builtins.list[Openers], action: str,
                      force: bool, ignore: Iterable[Opener]) -> bool:
