@@ -10,7 +10,9 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -248,8 +250,9 @@ def test_make_run_hint_has_discard() -> None:
     assert "discard='unmap'" in hint and "cache=none,discard=unmap" in hint
 
 
-def test_overcommit_warning_off(tmp_path: Path) -> None:
-    """overcommit_warning = 0 (config file) turns the warning off."""
+def test_overcommit_warning_off_and_live(tmp_path: Path) -> None:
+    """overcommit_warning = 0 (config file) turns the warning off; a SIGHUP reload of the
+    file turns it back on (a live key)."""
     cfg = tmp_path / "c.toml"
     cfg.write_text("overcommit_warning = 0\n")
     d = Daemon(tmp_path, str(tmp_path / "ctl.sock"), _free_port(), 0, args=("--config",
@@ -259,5 +262,13 @@ def test_overcommit_warning_off(tmp_path: Path) -> None:
         d.ok("pool", "create", "p", str(tmp_path / "d0"), "--file-size", "128M")
         r = d.ctl("volume", "create", "p/big", "--size", "1T")
         assert r.returncode == 0 and r.stderr == "", r.stderr
+        cfg.write_text("overcommit_warning = 2.5\n")
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while "overcommit_warning = 2.5" not in d.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = d.ctl("volume", "create", "p/more", "--size", "1G")
+        assert r.returncode == 0 and "(overcommit_warning = 2.5)" in r.stderr, r.stderr
     finally:
         d.stop()
