@@ -111,15 +111,17 @@ class Profile:
 
     @staticmethod
     def parse(text: str) -> Profile:
-        t = text.strip().lower()
+        # Exactly one of the three spellings (any case, ASCII digits): "ec:2+1 " or
+        # "mirror: 2" is refused, not trimmed into something the admin did not write.
+        t = text.lower()
         if t == "plain":
             return Profile(1, 0)
-        if mt := re.fullmatch(r"mirror:(\d+)", t):
+        if mt := re.fullmatch(r"mirror:([0-9]+)", t):
             n = int(mt.group(1))
             if not 2 <= n <= 16:
                 raise InvalidArgument(f"mirror:N needs 2 <= N <= 16, got {text!r}")
             return Profile(1, n - 1)
-        if mt := re.fullmatch(r"ec:(\d+)\+(\d+)", t):
+        if mt := re.fullmatch(r"ec:([0-9]+)\+([0-9]+)", t):
             k, m = int(mt.group(1)), int(mt.group(2))
             if not (2 <= k <= 32 and 1 <= m <= 16):
                 raise InvalidArgument(f"ec:K+M needs 2 <= K <= 32 and 1 <= M <= 16, got "
@@ -654,6 +656,20 @@ class Pool:
                    for key, s in self._open.items()
                    if prof is None or key == (prof.k, prof.m))
         return free * self.layout.extent_size + room - self._reserved
+
+    def usable_capacity(self, prof: Profile | None = None) -> tuple[int, int]:
+        """(size, avail): the data bytes that the present members hold, and that their free
+        extents can still take, under ``prof`` (default: the pool's default profile) —
+        full stripes of k + m extents on distinct devices, of which k carry data. A
+        mirror:2 pool of two 2 GiB devices holds about 2 GiB, not 4. Both are before
+        compression, metadata and the cleaner's reserve."""
+        prof = prof or self.default_profile
+        ext = self.layout.extent_size
+        counts = tuple(mi.n_extents for mi in self.state.members
+                       if self.devices[mi.index] is not None)
+        size = _stripes(counts, prof.width) * prof.k * ext
+        avail = max(0, self.available_bytes(prof)) * prof.k // prof.width
+        return size, min(size, avail)
 
     def _cleaner_reserve(self) -> int:
         """Space client writes may not take: room for the cleaner to move one segment's

@@ -89,6 +89,7 @@ def pool_status(entry: PoolEntry) -> dict[str, Any]:
     volumes = entry.volumes.list()
     virtual = sum(v.size for v in volumes)
     used_fraction = st.allocated_bytes / st.capacity_bytes if st.capacity_bytes else 0.0
+    usable, avail = entry.pool.usable_capacity()
     unavailable = entry.pool.unavailable_segments()
     return {
         "name": st.name, "uuid": st.uuid,
@@ -98,9 +99,11 @@ def pool_status(entry: PoolEntry) -> dict[str, Any]:
         "full_warning": used_fraction >= entry.full_warning,
         "size_bytes": st.capacity_bytes, "used_bytes": st.allocated_bytes,
         "free_bytes": st.free_bytes, "live_bytes": st.live_bytes,
+        # Under the default profile (k of every k + m extents hold data): what can be stored.
+        "usable_size_bytes": usable, "avail_bytes": avail,
         "extent_size": st.extent_size, "volumes": len(volumes),
         "virtual_bytes": virtual,
-        "overcommit_ratio": round(virtual / st.capacity_bytes, 4) if st.capacity_bytes else 0,
+        "overcommit_ratio": overcommit(virtual, usable),
         "devices": [{"index": m.index, "path": m.path, "uuid": m.uuid,
                      "state": m.state, "why": m.why, "size_bytes": m.size,
                      "free_bytes": m.free_extents * st.extent_size,
@@ -121,6 +124,11 @@ def pool_status(entry: PoolEntry) -> dict[str, Any]:
                      "scrubbed_bytes": st.scrubbed_bytes,
                      "discarded_extents": st.discarded_extents},
     }
+
+
+def overcommit(virtual: int, usable: int) -> float:
+    """Volumes' total size over the usable size (thin over-commitment, invariant 6)."""
+    return round(virtual / usable, 4) if usable else 0.0
 
 
 def _rebuild_status(entry: PoolEntry) -> dict[str, Any] | None:
@@ -305,7 +313,7 @@ class ControlAPI:
             while (cur := scrub.status(entry.pool)) is not None and cur["state"] == "running":
                 await progress({"phase": "scrubbing", "done": cur["done"],
                                 "total": cur["total"], "rate": cur["rate"],
-                                "eta": cur["eta"]})
+                                "eta": cur["eta"], "unit": "bytes"})
                 await trio.sleep(0.5)
         return {"name": entry.name, "scrub": scrub.status(entry.pool)}
 
@@ -323,9 +331,12 @@ class ControlAPI:
     async def _wait_rebuild(self, entry: PoolEntry, progress: Progress) -> None:
         while rebuild.pending(entry.pool) and not entry.pool.closed:
             r = _rebuild_status(entry) or {}
+            if not r.get("total_bytes"):
+                await trio.sleep(0.1)       # not begun: no total to show progress against
+                continue
             await progress({"phase": "rebuilding", "done": r.get("done_bytes", 0),
                             "total": r.get("total_bytes", 0), "rate": r.get("rate", 0),
-                            "eta": r.get("eta")})
+                            "eta": r.get("eta"), "unit": "bytes"})
             await trio.sleep(0.5)
 
     async def pool_add_spare(self, p: Params, progress: Progress) -> Any:
@@ -377,7 +388,18 @@ class ControlAPI:
                                          block_size=_size(p, "block_size", 65536) or 0,
                                          profile=_str(p, "profile", required=False),
                                          compression=compression == "lz4")
-        return volume_info(pool, vol)
+        out = volume_info(pool, vol)
+        limit = self.registry.overcommit_warning
+        usable, _avail = entry.pool.usable_capacity()
+        ratio = overcommit(sum(v.size for v in entry.volumes.list()), usable)
+        if limit and ratio > limit:
+            # As LVM-thin warns when its thin volumes' sizes pass the pool's: created, but
+            # writes may hit ENOSPC before the volumes fill.
+            out["warning"] = (f"pool {pool} is over-committed: its volumes add up to "
+                              f"{ratio:.2f}x its usable size (overcommit_warning = "
+                              f"{limit:g}); writes fail with ENOSPC if they fill it")
+            log.warning("%s", out["warning"])
+        return out
 
     async def volume_list(self, p: Params, progress: Progress) -> Any:
         pool = _str(p, "pool", required=False)

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from storaged import portable_cli
 from storaged.client import ControlError, call, default_socket
+from storaged.libvirt import disk_xml
+from storaged.progress import ProgressBar
 from storaged.sizes import format_size
 from storaged.version import VersionAction
 
@@ -40,14 +42,16 @@ def _pct(used: int, size: int) -> str:
 
 
 def show_pools(pools: list[dict[str, Any]]) -> str:
+    """SIZE and AVAIL: what the pool stores under its default profile; RAW SIZE and RAW
+    FREE: device extents (a mirror:2 pool of two 2G devices: SIZE 2G, RAW SIZE 4G)."""
     rows = [[p["name"], p["state"], p.get("profile", "-"),
-             format_size(p.get("size_bytes", 0)), format_size(p.get("used_bytes", 0)),
-             format_size(p.get("free_bytes", 0)), _pct(p.get("used_bytes", 0),
-                                                       p.get("size_bytes", 0)),
-             str(p.get("volumes", "-")), f"{p.get('overcommit_ratio', 0):.2f}x"]
+             format_size(p.get("usable_size_bytes", 0)), format_size(p.get("avail_bytes", 0)),
+             _pct(p.get("used_bytes", 0), p.get("size_bytes", 0)),
+             str(p.get("volumes", "-")), f"{p.get('overcommit_ratio', 0):.2f}x",
+             format_size(p.get("size_bytes", 0)), format_size(p.get("free_bytes", 0))]
             for p in pools]
-    return _table(rows, ["NAME", "STATE", "PROFILE", "SIZE", "USED", "FREE", "CAP",
-                         "VOLUMES", "OVERCOMMIT"])
+    return _table(rows, ["NAME", "STATE", "PROFILE", "SIZE", "AVAIL", "CAP", "VOLUMES",
+                         "OVERCOMMIT", "RAW_SIZE", "RAW_FREE"])
 
 
 def show_import(r: dict[str, Any] | list[dict[str, Any]]) -> str:
@@ -163,7 +167,7 @@ def show_volume(v: dict[str, Any]) -> str:
         if k == "clients":
             return _clients(val)
         return format_size(val) if k.endswith("bytes") or k == "block_size" else str(val)
-    return "\n".join(f"{k:<14}{fmt(k, val)}" for k, val in v.items())
+    return "\n".join(f"{k:<14}{fmt(k, val)}" for k, val in v.items() if k != "warning")
 
 
 def show_snapshots(snaps: list[dict[str, Any]]) -> str:
@@ -186,9 +190,15 @@ def show_diff(d: dict[str, Any]) -> str:
 
 
 def show_exports(items: list[dict[str, Any]]) -> str:
-    return _table([[e["name"], "ro" if e["read_only"] else "rw", e.get("nbd", "-"),
+    """The exports' table, then the libvirt ``<disk>`` element of each NBD export."""
+    out = [_table([[e["name"], "ro" if e["read_only"] else "rw", e.get("nbd", "-"),
                     _clients(e.get("clients", []))]
-                   for e in items], ["EXPORT", "MODE", "NBD", "CLIENTS"])
+                   for e in items], ["EXPORT", "MODE", "NBD", "CLIENTS"])]
+    for e in items:
+        if m := re.fullmatch(r"nbd://\[?([^\]]+?)\]?:([0-9]+)/(.+)", e.get("nbd", "")):
+            disk = disk_xml(m.group(1), int(m.group(2)), m.group(3), read_only=e["read_only"])
+            out.append(f"\n{e['name']} (libvirt):\n{disk}")
+    return "\n".join(out)
 
 
 def show_check(r: dict[str, Any]) -> str:
@@ -697,7 +707,7 @@ def _main(argv: Sequence[str]) -> int:
         if args.cmd in ("import", "export"):
             args.image = _path(args.image)
         try:
-            return portable_cli.run(args, path, tty and not args.json)
+            return portable_cli.run(args, path, not args.json, tty)
         except ControlError as e:
             if tty:
                 print(file=sys.stderr)
@@ -714,14 +724,21 @@ def _main(argv: Sequence[str]) -> int:
             print(f"storagectl: {e}", file=sys.stderr)
             return 1
     method, params, render = request(args)
+    # A bar on a terminal; elsewhere a line per step, for the commands that wait.
+    bar = (ProgressBar(sys.stderr, tty=tty) if not args.json and (tty or params.get("wait"))
+           else None)
 
     def progress(p: dict[str, Any]) -> None:
-        if tty and not args.json:
-            print(f"\r{p.get('phase', '')} {p.get('done', 0)}/{p.get('total', 0)}",
-                  end="", file=sys.stderr, flush=True)
+        if bar is not None:
+            bar.unit = p.get("unit", "steps")
+            rate = p.get("rate")
+            bar.update(str(p.get("phase", "")), int(p.get("done", 0)), int(p.get("total", 0)),
+                       rate=float(rate) if rate else None, eta=p.get("eta"))
     try:
         result = call(path, method, params, progress)
     except ControlError as e:
+        if bar is not None:
+            bar.close()
         print(f"storagectl: {e.message}", file=sys.stderr)
         return 1
     except (FileNotFoundError, ConnectionRefusedError):
@@ -731,8 +748,10 @@ def _main(argv: Sequence[str]) -> int:
     except PermissionError:
         print(f"storagectl: permission denied on {path}", file=sys.stderr)
         return 1
-    if tty and not args.json and method == "pool.check":
-        print(file=sys.stderr)
+    if bar is not None:
+        bar.close()
+    if isinstance(result, dict) and result.get("warning"):
+        print(f"storagectl: warning: {result['warning']}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:

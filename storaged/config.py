@@ -13,12 +13,17 @@ from typing import Any
 from iscsi.targets import DEFAULT_BASE_IQN, check_base_iqn
 from nbd.proto import MAX_PAYLOAD
 from storaged.client import DEFAULT_SOCKET
+from storaged.sizes import parse_size
 from volumes import InvalidArgument
 
 DEFAULT_STATE_DIR = "/var/lib/storaged"
 DEFAULT_NBD = "127.0.0.1:10809"
 DEFAULT_METRICS = "127.0.0.1:9810"
 DEFAULT_ISCSI = "127.0.0.1:3260"
+
+
+class Size(int):
+    """Marks a config key whose value is a byte count (int or size string)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ class Config:
     iscsi_login_timeout: float = 30.0             # seconds from connect to logged in
     demo: bool = False                            # create a demo pool if there is none
     full_warning: float = 0.8                     # used fraction that raises a warning
+    overcommit_warning: float = 1.0               # volumes' size / usable size that warns
     discard: bool = True                          # discard freed extents on the devices
     fault_threshold: int = 10                     # I/O errors that fault a pool member
     scrub_rate: int = 256 << 20                   # bytes/s a scrub may read
@@ -96,21 +102,22 @@ _KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "nbd.max_connections": ("nbd_max_connections", int),
     "nbd.handshake_timeout": ("nbd_handshake_timeout", float),
     "nbd.payload_timeout": ("nbd_payload_timeout", float),
-    "nbd.memory": ("nbd_memory", int), "nbd.connection_memory": ("nbd_connection_memory", int),
+    "nbd.memory": ("nbd_memory", Size), "nbd.connection_memory": ("nbd_connection_memory", Size),
     "nbd.allow_insecure": ("nbd_allow_insecure", bool),
     "iscsi.allow_insecure": ("iscsi_allow_insecure", bool),
     "iscsi.max_connections": ("iscsi_max_connections", int),
     "iscsi.login_timeout": ("iscsi_login_timeout", float),
     "demo": ("demo", bool), "full_warning": ("full_warning", (float, int)),
+    "overcommit_warning": ("overcommit_warning", (float, int)),
     "discard": ("discard", bool),
-    "faults.threshold": ("fault_threshold", int), "faults.scrub_rate": ("scrub_rate", int),
-    "faults.rebuild_rate": ("rebuild_rate", int),
+    "faults.threshold": ("fault_threshold", int), "faults.scrub_rate": ("scrub_rate", Size),
+    "faults.rebuild_rate": ("rebuild_rate", Size),
     "faults.auto_replace": ("auto_replace", bool),
     "faults.read_timeout": ("read_timeout", float),
     "faults.write_timeout": ("write_timeout", float),
     "faults.check_interval": ("check_interval", (float, int)),
-    "cache.records": ("record_cache", int),
-    "cache.write_buffer": ("write_buffer", int),
+    "cache.records": ("record_cache", Size),
+    "cache.write_buffer": ("write_buffer", Size),
     "cache.write_buffer_age": ("write_buffer_age", (float, int)),
     "fuse.mount": ("fuse_mount", str), "fuse.uid": ("fuse_uid", int),
     "fuse.gid": ("fuse_gid", int), "fuse.mode": ("fuse_mode", int),
@@ -151,6 +158,13 @@ def load(path: str | None) -> Config:
             raise InvalidArgument(f"config {path}: unknown key {key!r} (known: "
                                   f"{', '.join(sorted(_KEYS))})")
         attr, typ = _KEYS[key]
+        if typ is Size:
+            # A byte count: an integer, or a size string like the CLI's ("512M", "1.5G").
+            try:
+                value = parse_size(value)
+            except InvalidArgument as e:
+                raise InvalidArgument(f"config {path}: {key}: {e.message}") from e
+            typ = int
         if typ is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)            # read_timeout = 30 means 30.0
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
@@ -192,6 +206,9 @@ def validate(cfg: Config) -> Config:
             ipaddress.ip_network(net, strict=False)
         except ValueError as e:
             raise InvalidArgument(f"nbd.allow: {net!r} is not a network: {e}") from e
+    if not 0 <= cfg.overcommit_warning <= 1000:
+        raise InvalidArgument(f"overcommit_warning must be a ratio in [0, 1000] (0: off), "
+                              f"not {cfg.overcommit_warning!r}")
     if not 0 < cfg.full_warning <= 1:
         raise InvalidArgument(f"full_warning must be a fraction in (0, 1], not "
                               f"{cfg.full_warning!r}")

@@ -31,6 +31,7 @@ from storaged.api import ControlAPI
 from storaged.config import Config, parse_address
 from storaged.control import ControlServer
 from storaged.iscsi_acl import AccessStore
+from storaged.libvirt import disk_xml
 from storaged.metrics import MetricsServer
 from storaged.registry import PoolEntry, Registry
 from storaged.service import Reloader, reloading_message, sd_notify, watchdog, watchdog_interval
@@ -77,20 +78,15 @@ async def ensure_demo(registry: Registry) -> None:
 def attach_hint(addr: tuple[str, int], sock: str, mount: str | None = None,
                 iscsi: str | None = None) -> str:
     uri = f"nbd://{addr[0]}:{addr[1]}/demo/disk0"
+    disk = disk_xml(addr[0], addr[1], "demo/disk0").replace("\n", "\n" + " " * 13)
     files = f"  files:     {mount}/demo/disk0 (FUSE: qemu-img, losetup, cp, du)\n" if mount else ""
     if iscsi:
         files += f"  iSCSI:     {iscsi} (iscsi-inq, qemu-img, open-iscsi)\n"
     return f"""
 storaged is serving the demo pool (Ctrl-C stops it, flushing everything first).
   inspect:   qemu-img info {uri}
-  qemu:      -drive file={uri},format=raw,if=virtio,cache=none
-  libvirt:   <disk type='network' device='disk'>
-               <driver name='qemu' type='raw' cache='none'/>
-               <source protocol='nbd' name='demo/disk0'>
-                 <host name='{addr[0]}' port='{addr[1]}'/>
-               </source>
-               <target dev='vda' bus='virtio'/>
-             </disk>
+  qemu:      -drive file={uri},format=raw,if=virtio,cache=none,discard=unmap
+  libvirt:   {disk}
 {files}  admin:     STORAGED_SOCKET={sock} .venv/bin/storagectl status
 """
 
@@ -235,6 +231,7 @@ def apply_live(cfg: Config, registry: Registry) -> None:
     logging.getLogger().setLevel(cfg.log_level.upper())
     records.READ_TIMEOUT = cfg.read_timeout
     records.WRITE_TIMEOUT = cfg.write_timeout
+    registry.overcommit_warning = cfg.overcommit_warning
     for entry in list(registry.pools.values()):
         entry.pool.fault_threshold = cfg.fault_threshold
         entry.full_warning = cfg.full_warning

@@ -11,12 +11,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 from storaged.client import ControlError, call
+from storaged.progress import ProgressBar
+
+
+def _bar(show: bool, tty: bool) -> ProgressBar | None:
+    return ProgressBar(sys.stderr, tty=tty) if show else None
 
 
 def nbd_uri(path: str, name: str) -> str:
@@ -37,14 +45,37 @@ def _qemu_img() -> str:
     return exe
 
 
-def _convert(cmd: list[str], show: bool) -> None:
-    """Run qemu-img convert; its progress (-p) goes to stderr when asked for."""
-    if show:
+def _convert(cmd: list[str], bar: ProgressBar | None, verb: str, size: int) -> None:
+    """Run qemu-img convert. With a bar, its percentages (-p writes "    (12.00/100%)\\r"
+    to stdout) drive our bar, in bytes of the ``size``-byte image."""
+    if bar is not None:
         cmd.insert(2, "-p")
-    proc = subprocess.run(cmd, stdout=sys.stderr if show else subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True, check=False)
-    if proc.returncode != 0:
-        raise ControlError(f"qemu-img convert failed: {proc.stderr.strip()}", "IOError")
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if bar else subprocess.DEVNULL,
+                                stderr=errors)
+        with proc:
+            if bar is not None and proc.stdout is not None:
+                bar.update(verb, 0, size)
+                for pct in _percentages(proc.stdout.fileno()):
+                    bar.update(verb, int(size * pct / 100), size)
+        if bar is not None:
+            if proc.returncode == 0:
+                bar.update(verb, size, size, final=True)
+            bar.close()
+        if proc.returncode != 0:
+            errors.seek(0)
+            text = errors.read().decode(errors="replace").strip()
+            raise ControlError(f"qemu-img convert failed: {text}", "IOError")
+
+
+def _percentages(fd: int) -> Iterator[float]:
+    """The numbers of qemu-img's "(12.34/100%)" progress marks, as they come."""
+    buf = b""
+    while chunk := os.read(fd, 4096):
+        *marks, buf = re.split(rb"[\r\n]", buf + chunk)
+        for mark in marks:
+            if m := re.search(rb"\(([0-9.]+)/100%\)", mark):
+                yield float(m.group(1))
 
 
 # Headers of the image formats qemu-img knows, at offset 0.
@@ -64,7 +95,8 @@ def _image_magic(image: str) -> str | None:
     return next((fmt for magic, fmt in _MAGIC if head.startswith(magic)), None)
 
 
-def import_image(args: argparse.Namespace, path: str, show: bool) -> dict[str, Any]:
+def import_image(args: argparse.Namespace, path: str, show: bool,
+                 tty: bool = False) -> dict[str, Any]:
     exe = _qemu_img()
     if not os.path.exists(args.image):
         raise ControlError(f"no image file {args.image}", "NotFound")
@@ -95,7 +127,7 @@ def import_image(args: argparse.Namespace, path: str, show: bool) -> dict[str, A
         uri = nbd_uri(path, args.name)
         # The new volume reads as zeros: qemu-img writes only the image's data.
         _convert([exe, "convert", "-n", "--target-is-zero", "-f", fmt, "-O", "raw",
-                  args.image, uri], show)
+                  args.image, uri], _bar(show, tty), "importing", size)
         call(path, "volume.flush", {"name": args.name})
     except BaseException:
         call(path, "volume.delete", {"name": args.name})
@@ -103,14 +135,28 @@ def import_image(args: argparse.Namespace, path: str, show: bool) -> dict[str, A
     return {"name": args.name, "size_bytes": size, "format": fmt, "image": args.image}
 
 
-def export_image(args: argparse.Namespace, path: str, show: bool) -> dict[str, Any]:
+def _export_size(path: str, name: str) -> int:
+    """The size of volume or snapshot ``name`` (what the progress bar counts to)."""
+    vol, _at, snap = name.partition("@")
+    if not snap:
+        return int(call(path, "volume.info", {"name": vol})["size_bytes"])
+    for s in call(path, "snapshot.list", {"volume": vol}):
+        if s["name"] in (snap, name):
+            return int(s["size_bytes"])
+    return 0
+
+
+def export_image(args: argparse.Namespace, path: str, show: bool,
+                 tty: bool = False) -> dict[str, Any]:
     exe = _qemu_img()
     uri = nbd_uri(path, args.name)
     if os.path.exists(args.image):
         raise ControlError(f"{args.image} exists; export writes a new image",
                            "AlreadyExists")
     try:
-        _convert([exe, "convert", "-f", "raw", "-O", args.format, uri, args.image], show)
+        size = _export_size(path, args.name) if show else 0
+        _convert([exe, "convert", "-f", "raw", "-O", args.format, uri, args.image],
+                 _bar(show, tty), "exporting", size)
     except BaseException:
         if os.path.exists(args.image):
             os.unlink(args.image)

@@ -74,7 +74,8 @@ class StoragedCollector(Collector):
         live = GaugeMetricFamily("storaged_pool_live_bytes",
                                  "Device bytes held by live records", labels=["pool"])
         over = GaugeMetricFamily("storaged_pool_overcommit_ratio",
-                                 "Sum of volume sizes over pool capacity", labels=["pool"])
+                                 "Sum of volume sizes over the usable size",
+                                 labels=["pool"])
         full = GaugeMetricFamily("storaged_pool_full_warning",
                                  "1 when the pool's used fraction is at or above the "
                                  "warning threshold", labels=["pool"])

@@ -16,43 +16,36 @@ import json
 import os
 import stat
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 from storaged.client import ControlError, call
+from storaged.progress import ProgressBar
 from storaged.sizes import format_size
 
 
 class _Meter:
-    """One self-overwriting progress line on stderr: bytes, rate, percent and ETA."""
+    """The progress of one stream on stderr (storaged.progress), or nothing."""
 
-    def __init__(self, verb: str, total: int | None, enabled: bool) -> None:
-        self.verb, self.total, self.enabled = verb, total, enabled
-        self.start = time.monotonic()
-        self.last = 0.0
+    def __init__(self, verb: str, total: int | None, show: bool, tty: bool) -> None:
+        self.verb, self.total, self.done = verb, total, 0
+        self.bar = ProgressBar(sys.stderr, tty=tty) if show else None
 
-    def update(self, done: int, *, final: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (now - self.last < 0.2 and not final):
-            return
-        self.last = now
-        rate = done / max(now - self.start, 1e-6)
-        line = f"\r{self.verb} {format_size(done)} at {format_size(int(rate))}/s"
-        if self.total:
-            pct = min(100.0, 100 * done / self.total)
-            eta = (self.total - done) / rate if rate else 0
-            line += f", {pct:.0f}%" + ("" if final else f", {eta:.0f}s left")
-        print(line + " " * 8, end="\n" if final else "", file=sys.stderr, flush=True)
+    def update(self, done: int | None, *, final: bool = False) -> None:
+        self.done = self.done if done is None else done
+        if self.bar is not None:
+            self.bar.update(self.verb, self.done, self.total, final=final)
 
 
-def run(args: argparse.Namespace, path: str, show: bool) -> int:
+def run(args: argparse.Namespace, path: str, show: bool, tty: bool = False) -> int:
+    """Run send, receive, import or export; ``show``: report progress on stderr (a bar
+    where ``tty``, else a line per step)."""
     result: Any
     if args.cmd == "send":
         params: dict[str, Any] = {"name": args.name, "resume": args.resume}
         if args.base:
             params["from"] = args.base
-        meter = _Meter("sent", None, show)
+        meter = _Meter("sending", None, show, tty)
 
         def sent(p: dict[str, Any]) -> None:
             meter.update(p["bytes"])
@@ -89,10 +82,12 @@ def run(args: argparse.Namespace, path: str, show: bool) -> int:
                 fd = sys.stdin.fileno()
             try:
                 st = os.fstat(fd)
-                meter = _Meter("received", st.st_size if stat.S_ISREG(st.st_mode) else None,
-                               show)
+                meter = _Meter("receiving",
+                               st.st_size if stat.S_ISREG(st.st_mode) else None, show, tty)
                 result = call(path, "volume.receive", params,
                               lambda p: meter.update(p["bytes"]), fd=fd)
+                # Done: the whole input (a file's size) went in.
+                meter.update(meter.total, final=True)
             finally:
                 if args.input:
                     os.close(fd)
@@ -101,9 +96,9 @@ def run(args: argparse.Namespace, path: str, show: bool) -> int:
         # migration or backup runs) about 8 ms of start-up.
         from storaged import image_cli  # noqa: PLC0415
         if args.cmd == "import":
-            result = image_cli.import_image(args, path, show)
+            result = image_cli.import_image(args, path, show, tty)
         else:
-            result = image_cli.export_image(args, path, show)
+            result = image_cli.export_image(args, path, show, tty)
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     elif args.cmd != "send" or args.output:

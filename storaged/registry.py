@@ -69,6 +69,7 @@ class Registry:
     failed: dict[str, str] = field(default_factory=dict)   # pool name -> why not imported
     heartbeat: float = owners.DEFAULT_INTERVAL    # owner records: seconds between beats
     activity: float = owners.DEFAULT_ACTIVITY     # ... silence after which an owner is gone
+    overcommit_warning: float = 1.0   # volumes' sizes / usable size that volume create warns at
     _lock: trio.Lock = field(default_factory=trio.Lock)
     _me: owners.Owner | None = None
 
