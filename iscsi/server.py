@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 
 import trio
 
-from iscsi import scsi
+from iscsi import cdb
 from iscsi.pdu import Payload
+from iscsi.scsi import LogicalUnit
 from iscsi.session import Close, Connection, Execute, LoggedIn, Task
 from iscsi.targets import TargetCatalog
 from volumes import Opener
@@ -79,7 +80,7 @@ class ServerStatistics:
 
 
 class SharedExclusive:
-    """``scsi.Gate`` with trio: writes share it, COMPARE AND WRITE holds it alone."""
+    """``cdb.Gate`` with trio: writes share it, COMPARE AND WRITE holds it alone."""
 
     def __init__(self) -> None:
         self._lock = trio.Lock()
@@ -156,9 +157,8 @@ class ISCSIServer:
                         "(iscsi.max_connections)", peer, len(self._clients))
             await stream.aclose()
             return
-        conn = Connection(self.catalog, new_tsih=self.new_tsih, unit=self.catalog.unit,
-                          portal=self.portal, portal_group_tag=self.config.portal_group_tag)
-        client = _Client(self, conn, stream, peer)
+        client = _Client(self, stream, peer)
+        conn = client.conn
         self._clients.add(client)
         self.stats.connections += 1
         try:
@@ -202,7 +202,7 @@ class ISCSIServer:
             old.stop()
         self._sessions[key] = client
         client.key = key
-        unit = client.conn.unit
+        unit = client.unit
         if unit is not None:
             client.opener = unit.volume.openers.add(
                 Opener("iSCSI", f"{result.initiator} at {client.peer}", client.disconnect))
@@ -287,13 +287,17 @@ def _peer(stream: trio.SocketStream) -> str:
 
 
 class _Client:
-    def __init__(self, server: ISCSIServer, conn: Connection, stream: trio.SocketStream,
-                 peer: str) -> None:
+    def __init__(self, server: ISCSIServer, stream: trio.SocketStream, peer: str) -> None:
         self.server = server
-        self.conn = conn
+        # The session sees its unit as the pure ``cdb.Unit``; ``attach`` keeps the same
+        # object as the LogicalUnit it is, for the volume's openers.
+        self.conn = Connection(server.catalog, new_tsih=server.new_tsih, unit=self.attach,
+                               portal=server.portal,
+                               portal_group_tag=server.config.portal_group_tag)
         self.stream = stream
         self.peer = peer
         self.key: tuple[str, bytes] | None = None
+        self.unit: LogicalUnit | None = None
         self.logged_in = False
         self._send_lock = trio.Lock()
         self._wake = trio.Event()
@@ -316,8 +320,13 @@ class _Client:
         self.stop()
         await self._closed.wait()
 
+    def attach(self, target: str) -> LogicalUnit | None:
+        """The session's lookup of its logical unit at login (``Connection(unit=)``)."""
+        self.unit = self.server.catalog.unit(target)
+        return self.unit
+
     def unregister(self) -> None:
-        unit = self.conn.unit
+        unit = self.unit
         if self.opener is not None and unit is not None:
             unit.volume.openers.remove(self.opener)
         self.opener = None
@@ -457,14 +466,14 @@ class _Client:
             result = await plan.run(data)
         except Exception:
             log.exception("iSCSI %s: %s failed unexpectedly", self.peer, plan.name)
-            result = scsi.check(scsi.INTERNAL_FAILURE)
+            result = cdb.check(cdb.INTERNAL_FAILURE)
         self._finish(task, result, started)
         # If the peer is gone, the reader sees the dead connection and ends it.
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
                                  ConnectionError):
             await self.flush()
 
-    def _finish(self, task: Task, result: scsi.Result, started: float) -> None:
+    def _finish(self, task: Task, result: cdb.Result, started: float) -> None:
         stats = self.server.stats
         plan = task.plan
         assert plan is not None
@@ -472,10 +481,10 @@ class _Client:
         commands[plan.name] = commands.get(plan.name, 0) + 1
         stats.observe(time.perf_counter() - started)
         if result.sense is not None:
-            key = scsi.SENSE_KEY_NAMES.get(result.sense.key, "other")
+            key = cdb.SENSE_KEY_NAMES.get(result.sense.key, "other")
             stats.sense[key] = stats.sense.get(key, 0) + 1
         if plan.write:
-            if result.status == scsi.GOOD:
+            if result.status == cdb.GOOD:
                 stats.bytes_written += task.want
         elif result.parts or result.data:
             stats.bytes_read += result.size

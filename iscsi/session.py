@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from iscsi import cdb as C
 from iscsi import pdu as P
-from iscsi import scsi
 from iscsi.login import Login, LoginResult, SessionParams, TargetDirectory
 from iscsi.pdu import ProtocolError
 from iscsi.reservations import Nexus
@@ -110,7 +110,7 @@ class Task:
     cdb: bytes
     edtl: int
     read: bool
-    plan: scsi.Plan | None = None
+    plan: C.Plan | None = None
     data: bytes | bytearray = b""   # immediate data as received; a bytearray once
                                     # Data-Out PDUs add to it
     received: int = 0
@@ -159,7 +159,7 @@ class _PendingTMF:
 
 class Connection:
     def __init__(self, directory: TargetDirectory, *, new_tsih: Callable[[], int],
-                 unit: Callable[[str], scsi.LogicalUnit | None],
+                 unit: Callable[[str], C.Unit | None],
                  portal: str, portal_group_tag: int = 1) -> None:
         self.directory = directory
         self.unit_for = unit
@@ -169,7 +169,7 @@ class Connection:
         self.reader = P.PDUReader()
         self.params = SessionParams()
         self.result: LoginResult | None = None
-        self.unit: scsi.LogicalUnit | None = None
+        self.unit: C.Unit | None = None
         self.nexus: Nexus | None = None          # the I_T nexus, for reservations
         self.statsn = 0
         self.exp_cmdsn = 0
@@ -399,13 +399,13 @@ class Connection:
         task = Task(itt, cmd.lun, cdb, cmd.edtl, cmd.read)
         if self._discard:
             self._discard.discard(itt)
-        planned: scsi.Plan | scsi.Result
+        planned: C.Plan | C.Result
         if cmd.lun == 0 or decode_lun(cmd.lun) == 0:
             planned = unit.plan(cdb, self.nexus)
         else:
-            planned = scsi.no_such_lun(cdb) if cdb[:1] != bytes([scsi.REPORT_LUNS]) \
+            planned = C.no_such_lun(cdb) if cdb[:1] != bytes([C.REPORT_LUNS]) \
                 else unit.plan(cdb, self.nexus)
-        if isinstance(planned, scsi.Result):
+        if isinstance(planned, C.Result):
             self._absorb_and_answer(cmd, task, planned)
             return
         spdtl = planned.data_out
@@ -414,7 +414,7 @@ class Connection:
         if spdtl != edtl:
             residual = abs(spdtl - edtl)
             if planned.name in ("WRITE", "WRITE_AND_VERIFY") and (
-                    edtl > spdtl or edtl % scsi.LBA_SIZE == 0):
+                    edtl > spdtl or edtl % C.LBA_SIZE == 0):
                 # FCP-4 (as libiscsi tests it): run the command normally, but with no
                 # data beyond the iSCSI expected transfer length; report the residual.
                 want = min(spdtl, edtl)
@@ -425,9 +425,9 @@ class Connection:
             else:
                 # The command's own transfer length disagrees with the iSCSI one:
                 # refuse, changing nothing.
-                sense = scsi.INVALID_FIELD_IN_IU if planned.name in (
-                    "WRITE", "WRITE_AND_VERIFY") else scsi.INVALID_FIELD_IN_CDB
-                self._absorb_and_answer(cmd, task, scsi.check(sense),
+                sense = C.INVALID_FIELD_IN_IU if planned.name in (
+                    "WRITE", "WRITE_AND_VERIFY") else C.INVALID_FIELD_IN_CDB
+                self._absorb_and_answer(cmd, task, C.check(sense),
                                         overflow=spdtl > edtl, underflow=spdtl < edtl,
                                         residual=residual)
                 return
@@ -442,7 +442,7 @@ class Connection:
             task.unsolicited_end = min(self.params.first_burst_length, cmd.edtl)
         self._progress(task)
 
-    def _absorb_and_answer(self, cmd: P.ScsiCommand, task: Task, result: scsi.Result, *,
+    def _absorb_and_answer(self, cmd: P.ScsiCommand, task: Task, result: C.Result, *,
                            overflow: bool = False, underflow: bool = False,
                            residual: int = 0) -> None:
         if not cmd.final:
@@ -486,7 +486,7 @@ class Connection:
             self._reject(P.REJECT_PROTOCOL_ERROR, p.bhs())
             self.tasks.pop(task.itt, None)
             self._discard_data(task.itt)
-            self._respond(task, scsi.check(scsi.DATA_PHASE_ERROR))
+            self._respond(task, C.check(C.DATA_PHASE_ERROR))
             return
         self._progress(task)
 
@@ -537,7 +537,7 @@ class Connection:
         self.tasks[task.itt] = task
         self._events.append(Execute(task))
 
-    def complete(self, task: Task, result: scsi.Result) -> None:
+    def complete(self, task: Task, result: C.Result) -> None:
         """A task finished: send its Data-In and status (unless it was aborted)."""
         self.running -= 1
         self.tasks.pop(task.itt, None)
@@ -555,47 +555,47 @@ class Connection:
                 self._logout = None
                 self._logout_response(req)
 
-    def _respond(self, task: Task, result: scsi.Result, *, overflow: bool | None = None,
+    def _respond(self, task: Task, result: C.Result, *, overflow: bool | None = None,
                  underflow: bool = False, residual: int = 0) -> None:
         parts: tuple[P.Payload, ...] = result.parts or ((result.data,) if result.data
                                                         else ())
         size = result.size
         if overflow is None and result.sense is None and not task.residual \
-                and result.status == scsi.GOOD:
+                and result.status == C.GOOD:
             # The common cases, first: a read answered in full in one Data-In with its
             # status, or a command without Data-In that went well.
             if size and len(parts) == 1 and task.read and size == task.edtl \
                     and size <= self.params.max_send_data \
                     and size <= self.params.max_burst_length:
-                self._send(P.DataIn(final=True, has_status=True, status=scsi.GOOD,
+                self._send(P.DataIn(final=True, has_status=True, status=C.GOOD,
                                     itt=task.itt, statsn=self._stat(),
                                     exp_cmdsn=self.exp_cmdsn, max_cmdsn=self.max_cmdsn,
                                     data=parts[0]))
                 return
             if not size and not (task.read and task.edtl):
-                self._send(P.ScsiResponse(status=scsi.GOOD, itt=task.itt,
+                self._send(P.ScsiResponse(status=C.GOOD, itt=task.itt,
                                           statsn=self._stat(), exp_cmdsn=self.exp_cmdsn,
                                           max_cmdsn=self.max_cmdsn))
                 return
         if overflow is None:
             overflow, underflow, residual = task.overflow, task.underflow, task.residual
         if result.sense is not None:
-            key = scsi.SENSE_KEY_NAMES.get(result.sense.key, "other")
+            key = C.SENSE_KEY_NAMES.get(result.sense.key, "other")
             self.stats["sense_" + key] = self.stats.get("sense_" + key, 0) + 1
         if size and not task.read:
             # The initiator expects no Data-In (R bit clear): send none, say so.
             overflow, underflow, residual = True, False, size
             parts, size = (), 0
-        elif size or (task.read and task.edtl and result.status == scsi.GOOD):
+        elif size or (task.read and task.edtl and result.status == C.GOOD):
             if size > task.edtl:
                 overflow, underflow, residual = True, False, size - task.edtl
                 parts, size = (b"".join(parts)[:task.edtl],), task.edtl
             elif size < task.edtl:
                 overflow, underflow, residual = False, True, task.edtl - size
-        with_status = bool(result.status in (scsi.GOOD, scsi.CONDITION_MET) and size
+        with_status = bool(result.status in (C.GOOD, C.CONDITION_MET) and size
                            and result.sense is None)
         datasn = 0
-        if size and result.status in (scsi.GOOD, scsi.CONDITION_MET):
+        if size and result.status in (C.GOOD, C.CONDITION_MET):
             for pos, piece, end_of_burst in _segments(parts, self.params.max_send_data,
                                                       self.params.max_burst_length):
                 last = pos + len(piece) == size

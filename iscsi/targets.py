@@ -18,9 +18,10 @@ import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 
+from iscsi.cdb import Gate
 from iscsi.login import TargetPolicy
 from iscsi.reservations import ReservationStore
-from iscsi.scsi import Gate, LogicalUnit
+from iscsi.scsi import LogicalUnit
 from volumes import NotFound, Volume, VolumeManager
 
 log = logging.getLogger(__name__)
