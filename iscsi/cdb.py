@@ -32,7 +32,7 @@ import struct
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import ClassVar, Final, Protocol
 
 from iscsi import reservations as pr
 from iscsi.reservations import Nexus, Reservations
@@ -423,15 +423,15 @@ class Answer:
 
     name: str
     result: Result
-    data_out: int = 0
+    data_out: ClassVar[int] = 0
 
 
 @dataclass(slots=True)
 class Read:
     lba: int
     count: int
-    name: str = "READ"
-    data_out: int = 0
+    name: ClassVar[str] = "READ"
+    data_out: ClassVar[int] = 0
 
 
 @dataclass(slots=True)
@@ -451,7 +451,7 @@ class Verify:
     lba: int
     count: int
     bytchk: int                # 0: medium only, 1: compare all blocks, 3: one block for all
-    name: str = "VERIFY"
+    name: ClassVar[str] = "VERIFY"
 
     @property
     def data_out(self) -> int:
@@ -465,7 +465,7 @@ class CompareAndWrite:
     lba: int
     count: int
     fua: bool
-    name: str = "COMPARE_AND_WRITE"
+    name: ClassVar[str] = "COMPARE_AND_WRITE"
 
     @property
     def data_out(self) -> int:
@@ -476,8 +476,8 @@ class CompareAndWrite:
 class SyncCache:
     lba: int
     count: int
-    name: str = "SYNCHRONIZE_CACHE"
-    data_out: int = 0
+    name: ClassVar[str] = "SYNCHRONIZE_CACHE"
+    data_out: ClassVar[int] = 0
 
 
 @dataclass(slots=True)
@@ -486,7 +486,7 @@ class WriteSame:
     count: int
     unmap: bool
     ndob: bool                 # no Data-Out: the block is zeros
-    name: str = "WRITE_SAME"
+    name: ClassVar[str] = "WRITE_SAME"
 
     @property
     def data_out(self) -> int:
@@ -496,7 +496,7 @@ class WriteSame:
 @dataclass(slots=True)
 class Unmap:
     length: int                # of the parameter list, all of it Data-Out
-    name: str = "UNMAP"
+    name: ClassVar[str] = "UNMAP"
 
     @property
     def data_out(self) -> int:
@@ -507,15 +507,15 @@ class Unmap:
 class GetLbaStatus:
     lba: int
     length: int                # allocation length
-    name: str = "GET_LBA_STATUS"
-    data_out: int = 0
+    name: ClassVar[str] = "GET_LBA_STATUS"
+    data_out: ClassVar[int] = 0
 
 
 @dataclass(slots=True)
 class ModeSelect:
     six: bool
     length: int
-    name: str = "MODE_SELECT"
+    name: ClassVar[str] = "MODE_SELECT"
 
     @property
     def data_out(self) -> int:
@@ -526,8 +526,8 @@ class ModeSelect:
 class PrIn:
     action: int
     length: int
-    name: str = "PERSISTENT_RESERVE_IN"
-    data_out: int = 0
+    name: ClassVar[str] = "PERSISTENT_RESERVE_IN"
+    data_out: ClassVar[int] = 0
 
 
 @dataclass(slots=True)
@@ -537,7 +537,7 @@ class PrOut:
     scope: int
     rtype: int
     length: int
-    name: str = "PERSISTENT_RESERVE_OUT"
+    name: ClassVar[str] = "PERSISTENT_RESERVE_OUT"
 
     @property
     def data_out(self) -> int:

@@ -114,7 +114,7 @@ class LogicalUnit:
             if parts is None:
                 return None
             return Result(GOOD, b"", None, tuple(parts))
-        return Plan("READ", 0, run, quick=quick)
+        return Plan(op.name, 0, run, quick=quick)
 
     async def _read_data(self, lba: int, count: int) -> Result:
         parts = await self.volume.read_vectored(lba * LBA_SIZE, count * LBA_SIZE)
@@ -157,7 +157,7 @@ class LogicalUnit:
                     return OK
                 return C.miscompare(have, data * count if bytchk == 3 else data) or OK
             return await self._guard(False, go)
-        return Plan("VERIFY", op.data_out, run)
+        return Plan(op.name, op.data_out, run)
 
     def _compare_and_write(self, op: C.CompareAndWrite) -> Plan:
         lba, count, fua = op.lba, op.count, op.fua
@@ -176,7 +176,7 @@ class LogicalUnit:
                     await self.volume.write(lba * LBA_SIZE, data[n:], fua=fua)
                 return OK
             return await self._guard(True, go)
-        return Plan("COMPARE_AND_WRITE", op.data_out, run, write=True)
+        return Plan(op.name, op.data_out, run, write=True)
 
     def _sync_cache(self, op: C.SyncCache) -> Plan:
         async def run(_data: bytes) -> Result:
@@ -184,7 +184,7 @@ class LogicalUnit:
                 await self.volume.flush()
                 return OK
             return await self._guard(True, go)
-        return Plan("SYNCHRONIZE_CACHE", 0, run)
+        return Plan(op.name, 0, run)
 
     def _write_same(self, op: C.WriteSame) -> Plan:
         offset, length = op.lba * LBA_SIZE, op.count * LBA_SIZE
@@ -206,7 +206,7 @@ class LogicalUnit:
                             pos += n
                 return OK
             return await self._guard(True, go)
-        return Plan("WRITE_SAME", op.data_out, run, write=True)
+        return Plan(op.name, op.data_out, run, write=True)
 
     def _unmap(self, op: C.Unmap) -> Plan:
         length = op.length
@@ -225,7 +225,7 @@ class LogicalUnit:
                             await self.volume.trim(lba * LBA_SIZE, n * LBA_SIZE)
                 return OK
             return await self._guard(True, go)
-        return Plan("UNMAP", length, run, write=True)
+        return Plan(op.name, length, run, write=True)
 
     def _get_lba_status(self, op: C.GetLbaStatus) -> Plan:
         async def run(_data: bytes) -> Result:
@@ -233,7 +233,7 @@ class LogicalUnit:
                 offset, span = C.lba_status_span(self.blocks, op)
                 return C.lba_status(await self.volume.allocation(offset, span), op)
             return await self._guard(False, go)
-        return Plan("GET_LBA_STATUS", 0, run)
+        return Plan(op.name, 0, run)
 
     def _mode_select(self, op: C.ModeSelect) -> Plan:
         async def run(data: bytes) -> Result:
@@ -242,12 +242,12 @@ class LogicalUnit:
                 return d_sense
             self.d_sense = d_sense
             return OK
-        return Plan("MODE_SELECT", op.length, run)
+        return Plan(op.name, op.length, run)
 
     def _prin(self, op: C.PrIn) -> Plan:
         async def run(_data: bytes) -> Result:
             return C.prin(self.reservations, op)
-        return Plan("PERSISTENT_RESERVE_IN", 0, run)
+        return Plan(op.name, 0, run)
 
     def _prout(self, op: C.PrOut) -> Plan:
         async def run(data: bytes) -> Result:
@@ -259,7 +259,7 @@ class LogicalUnit:
                 await self.store.save_reservations(self.unit_key,
                                                      self.reservations.to_json())
             return C.PROUT_ANSWERS[answer]
-        return Plan("PERSISTENT_RESERVE_OUT", op.length, run)
+        return Plan(op.name, op.length, run)
 
 
 _LU = LogicalUnit
