@@ -1,2 +1,3 @@
-"""The iSCSI target: a pure protocol core (``pdu``, ``login``, ``session``, ``scsi``) and a
-short trio transport (``server``); ``targets`` maps target names to volumes."""
+"""The iSCSI target: a pure protocol core (``pdu``, ``login``, ``session``, ``cdb``,
+``reservations``), the SCSI executor that awaits the Volume (``scsi``), a short trio
+transport (``server``); ``targets`` maps target names to volumes."""

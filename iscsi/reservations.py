@@ -47,7 +47,7 @@ PROUT_PREEMPT_AND_ABORT: Final = 5
 PROUT_REGISTER_AND_IGNORE: Final = 6
 PROUT_PARAMETERS: Final = 24               # the basic parameter list
 
-# What a PROUT answers (mapped to status and sense by iscsi.scsi).
+# What a PROUT answers (mapped to status and sense by iscsi.cdb).
 GOOD: Final = "good"
 CONFLICT: Final = "conflict"
 BAD_FIELD_CDB: Final = "invalid field in cdb"
