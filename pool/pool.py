@@ -61,6 +61,7 @@ from pool.layout import (
 )
 from pool.maps import Node
 from pool.metastore import Loc, MetaStore, Superblock
+from pool.profile import Profile
 from pool.state import (
     AWAY,
     ENTRY,
@@ -100,44 +101,6 @@ DISCARD_BATCH = 256   # freed extents discarded per round of the discard task
 DISCARD_FREED = True  # discard freed extents (the daemon sets it from `discard`)
 DISCARD_DELAY = 10.0  # seconds an extent stays free before it is discarded
 ZEROING_RESERVE_RECORDS = 4   # largest records kept for trims' partial blocks (rule S2)
-
-
-@dataclass(frozen=True, slots=True)
-class Profile:
-    """Redundancy profile: k data fragments + m parity fragments per record."""
-
-    k: int
-    m: int
-
-    @staticmethod
-    def parse(text: str) -> Profile:
-        # Exactly one of the three spellings (any case, ASCII digits): "ec:2+1 " or
-        # "mirror: 2" is refused, not trimmed into something the admin did not write.
-        t = text.lower()
-        if t == "plain":
-            return Profile(1, 0)
-        if mt := re.fullmatch(r"mirror:([0-9]+)", t):
-            n = int(mt.group(1))
-            if not 2 <= n <= 16:
-                raise InvalidArgument(f"mirror:N needs 2 <= N <= 16, got {text!r}")
-            return Profile(1, n - 1)
-        if mt := re.fullmatch(r"ec:([0-9]+)\+([0-9]+)", t):
-            k, m = int(mt.group(1)), int(mt.group(2))
-            if not (2 <= k <= 32 and 1 <= m <= 16):
-                raise InvalidArgument(f"ec:K+M needs 2 <= K <= 32 and 1 <= M <= 16, got "
-                                      f"{text!r}")
-            return Profile(k, m)
-        raise InvalidArgument(f"unknown redundancy profile {text!r}: use plain, mirror:N "
-                              f"or ec:K+M")
-
-    @property
-    def width(self) -> int:
-        return self.k + self.m
-
-    def __str__(self) -> str:
-        if self.k == 1:
-            return "plain" if self.m == 0 else f"mirror:{self.m + 1}"
-        return f"ec:{self.k}+{self.m}"
 
 
 @dataclass(frozen=True, slots=True)

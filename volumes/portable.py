@@ -26,7 +26,7 @@ import trio
 
 from pool.device import IOV_MAX, WriteBehind, advance
 from pool.errors import AlreadyExists, Busy, InvalidArgument, NotFound, StorageError
-from pool.pool import Profile
+from pool.profile import Profile
 from volumes import stream
 from volumes.manager import VolumeManager, _check_size
 from volumes.openers import refuse_in_use
