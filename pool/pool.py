@@ -26,7 +26,7 @@ import logging
 import os
 import re
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Awaitable, Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from pool import codec, identity, records
+from pool import codec, identity, readcache, records
 from pool import owner as owners
 from pool.device import Device
 from pool.errors import (
@@ -80,19 +80,11 @@ from pool.state import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 META_RESERVE = 0.9   # writes stop when the metadata area is this full
-def _default_record_cache() -> int:
-    """1/16 of the machine's memory, between 64 MiB and 4 GiB (the daemon's cache.records
-    setting overrides it)."""
-    try:
-        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        ram = 1 << 30
-    return max(64 << 20, min(4 << 30, ram // 16))
 
 
 # Verified blocks of small reads kept per pool, like ZFS's ARC: a hit costs no device read
 # and no checksum. The daemon sets it from cache.records.
-RECORD_CACHE_BYTES = _default_record_cache()
+RECORD_CACHE_BYTES = readcache.default_limit()
 _NODE_UNITS = 7      # 4 KiB units of the largest map node blob (a 24 KiB leaf, lz4 framed)
 _STATE_UNITS_GUESS = 4
 _INDEX = ENTRY.__class__("<QIIIQ")  # node id, unit, units, length, hash
@@ -177,10 +169,7 @@ class Pool:
         self._fill_moved: set[int] = set()   # segments whose fill changed since last commit
         self._column_cache: dict[int, tuple[tuple[Device | None, int, str], ...]] = {}
         # Verified logical blocks of recent small reads, keyed by map entry (an LRU).
-        self._cache: OrderedDict[bytes, bytes | memoryview] = OrderedDict()
-        self._cache_bytes = 0
-        self._cache_hits = 0   # records served from the cache (see foreground_records)
-        self._cache_limit = RECORD_CACHE_BYTES
+        self.record_cache = readcache.RecordCache(RECORD_CACHE_BYTES)
         self._zero_block = b""     # zeros for holes read into a caller's buffer
         self._pending: list[Op] = []
         self._applied = 0
@@ -1265,15 +1254,13 @@ class Pool:
         segments = self.state.segments
         unpack = ENTRY.unpack
         result: list[bytes | memoryview | None] = [None] * len(blocks)
-        cache = self._cache
+        cached = self.record_cache.get
         for slot, raw in enumerate(entries):
             if raw is None:
                 continue
-            hit = cache.get(raw)
+            hit = cached(raw)
             if hit is not None:
-                cache.move_to_end(raw)
                 result[slot] = hit
-                self._cache_hits += 1
                 continue
             seg_id, off, plen, flags, rhash = unpack(raw)
             seg = segments[seg_id]
@@ -1295,7 +1282,7 @@ class Pool:
                 # record never changes where it lies, so the entry is a safe key. A view
                 # of the read's own buffer is kept as it is (read-only), not copied.
                 kept = data if isinstance(data, bytes) else data.toreadonly()
-                self._cache_put(key, kept)
+                self.record_cache.put(key, kept)
                 result[slot] = kept
             else:
                 result[slot] = data
@@ -1308,10 +1295,8 @@ class Pool:
             raw = self.state.forest.get(map_id, block)
             if raw is None:
                 return True, None
-            hit = self._cache.get(raw)
+            hit = self.record_cache.get(raw)
             if hit is not None:
-                self._cache.move_to_end(raw)
-                self._cache_hits += 1
                 return True, hit
         got = self.read_blocks_nowait(map_id, (block,), block_size)
         return (False, None) if got is None else (True, got[0])
@@ -1459,15 +1444,6 @@ class Pool:
         if len(z) != n:
             z = self._zero_block = bytes(n)
         return z
-
-    def _cache_put(self, key: bytes, data: bytes | memoryview) -> None:
-        if key in self._cache:
-            return
-        self._cache[key] = data
-        self._cache_bytes += len(data)
-        while self._cache_bytes > self._cache_limit:
-            _k, old = self._cache.popitem(last=False)
-            self._cache_bytes -= len(old)
 
     def _column(self, idx: int, ext: int) -> tuple[Device | None, int, str]:
         dev = self.devices[idx]
@@ -2150,7 +2126,7 @@ class Pool:
         """Records read (from the devices or the record cache) and written for volumes so
         far: maintenance work watches it to tell whether the pool is idle."""
         return (self._counters["records_read"] + self._counters["records_written"]
-                + self._cache_hits)
+                + self.record_cache.hits)
 
     def locate(self, entry: bytes) -> list[str]:
         """Which volumes/snapshots and byte offsets reference a record (for reports)."""
