@@ -18,6 +18,9 @@ Invariants this module owns (numbers from shared/DESIGN.md):
 State machine of a Pool object: OPEN -> (commit failure) -> FAILED -> CLOSED, or
 OPEN -> CLOSED (``close``/``destroy``). FAILED refuses all I/O (like SQLite's ERROR state):
 after an ambiguous metadata write the only safe way on is a re-import.
+
+Background work (discarding freed extents) runs in ``Pool.run``, in a nursery its owner
+holds; without a runner it is done at ``settle_discards`` and ``close``.
 """
 
 from __future__ import annotations
@@ -161,9 +164,11 @@ class Pool:
         self.discard_freed = DISCARD_FREED
         self._discard_queue: dict[tuple[int, int], float] = {}   # -> when it was freed
         self._discarding: dict[tuple[int, int], trio.Event] = {}
-        self._discarder: trio.Event | None = None   # set when the discard task ends
-        self._discard_wake = trio.Event()           # cut the task's wait short
-        self._discard_all = False                   # discard what is queued, now
+        self._running = False                       # a ``run`` task is serving the pool
+        self._settled = trio.Event()                # set after each round ``run`` finishes
+        self._discard_wake = trio.Event()           # cut the runner's wait short
+        self._settling = 0                          # settle_discards waiting: discard all now
+        self._discard_lock = trio.Lock()            # one inline discarder without a runner
         self._open: dict[tuple[int, int], Segment] = {}
         self._pins: dict[int, int] = {}
         self._fill_moved: set[int] = set()   # segments whose fill changed since last commit
@@ -842,45 +847,72 @@ class Pool:
                     self._discard_queue[(idx, e)] = now
         self._released.set()
         self._released = trio.Event()
-        if self._discard_queue and self._discarder is None and not self._closed:
-            self._discarder = trio.Event()
-            trio.lowlevel.spawn_system_task(self._discard_task, name="pool discard")
+        if self._discard_queue:
+            self._discard_wake.set()                # the runner, if any, takes them
 
-    async def _discard_task(self) -> None:
-        """Discard freed extents in the background (a flush never waits for it), each
-        once it has stayed free DISCARD_DELAY seconds: an extent reused before that (an
-        overwrite frees segments that the next writes take again) is never discarded, so
-        a busy pool does not punch holes only to fill them again. ``settle_discards``
-        and ``close`` cut the delay short and wait."""
-        done = self._discarder
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """The pool's background work, in a nursery its owner holds (the daemon's
+        ``maintain``): discarding freed extents, each once it has stayed free
+        DISCARD_DELAY seconds, so a flush never waits for it, and an extent reused before
+        that (an overwrite frees segments that the next writes take again) is never
+        discarded: a busy pool does not punch holes only to fill them again.
+
+        Returns once the pool is closed (``close`` settles the discards first). An
+        exception is not swallowed: the queue of extents still to discard is dropped
+        (they stay free; discard is advisory) and the exception propagates to the owner,
+        which logs it and starts ``run`` again. Without a runner (tools and tests that
+        use a Pool alone), freed extents are discarded by ``settle_discards`` and
+        ``close``, in the caller's task."""
+        if self._running:
+            raise InvalidArgument(f"pool {self.state.name}: its background task runs already")
+        self._running = True
+        task_status.started()
         try:
-            while self._discard_queue and self._failed is None:
-                now = trio.current_time()
-                if not self._discard_all:
-                    due = min(self._discard_queue.values()) + DISCARD_DELAY
-                    if due > now:
-                        self._discard_wake = trio.Event()
-                        with trio.move_on_at(due):
-                            await self._discard_wake.wait()
-                        continue
-                await self._discard_freed(now if self._discard_all else now - DISCARD_DELAY)
+            while not self._closed:
+                await self._discard_rounds()
+                self._settled.set()
+                if self._closed:
+                    break
+                self._discard_wake = trio.Event()
+                await self._discard_wake.wait()
         except Exception:
-            log.exception("pool %s: discarding freed extents failed", self.state.name)
             self._discard_queue.clear()
+            raise
         finally:
-            self._discarder = None
-            if done is not None:
-                done.set()
+            self._running = False
+            self._settled.set()
+
+    async def _discard_rounds(self) -> None:
+        """Discard queued extents as they fall due (all of them at once while a
+        ``settle_discards`` waits) until the queue is empty or the pool has failed."""
+        while self._discard_queue and self._failed is None:
+            now = trio.current_time()
+            if not self._settling:
+                due = min(self._discard_queue.values()) + DISCARD_DELAY
+                if due > now:
+                    self._discard_wake = trio.Event()
+                    with trio.move_on_at(due):
+                        await self._discard_wake.wait()
+                    continue
+            await self._discard_freed(now if self._settling else now - DISCARD_DELAY)
 
     async def settle_discards(self) -> None:
-        """Discard every extent freed so far, now, and wait for it."""
-        self._discard_all = True
+        """Discard every extent freed so far, now, and wait for it: the runner does it
+        if one is running, else this task does."""
+        self._settling += 1
         try:
-            self._discard_wake.set()
-            while self._discarder is not None:
-                await self._discarder.wait()
+            if not self._running:
+                async with self._discard_lock:
+                    await self._discard_rounds()
+            while (self._running and self._failed is None
+                   and (self._discard_queue or self._discarding)):
+                settled = self._settled = trio.Event()
+                self._discard_wake.set()
+                await settled.wait()
         finally:
-            self._discard_all = False
+            self._settling -= 1
+            self._discard_wake.set()        # a closed pool's runner sees it and returns
 
     async def _discard_freed(self, cutoff: float) -> None:
         """Discard extents freed (their frees committed) no later than ``cutoff``, one
