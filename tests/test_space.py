@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,8 @@ from pool.errors import NoSpace
 from pool.faults import FaultyDevice
 from pool.state import ENTRY, HOLE
 from storaged.config import load
+from storaged.daemon import _background
+from storaged.registry import PoolEntry
 from volumes import VolumeManager
 
 
@@ -373,5 +376,52 @@ async def test_a_failing_background_task_reaches_its_owner(
     try:
         assert await VolumeManager(pool).get("k").read(0, len(data)) == data
         assert (await check(pool, deep=True)).ok
+    finally:
+        await pool.close()
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Poll (the test's fail_after bounds it)."""
+    for _ in range(100_000):
+        if condition():
+            return
+        await trio.sleep(0.01)
+
+
+async def test_the_daemon_logs_a_failed_background_task_and_starts_it_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The owner's side (storaged.daemon._background, which ``maintain`` starts per pool):
+    a failure of Pool.run is logged once with its traceback, run is started again, and
+    the new runner discards what is freed next; once the pool closes, the owner returns."""
+    monkeypatch.setattr(pool_impl, "DISCARD_DELAY", 0.0)
+    paths = [tmp_path / f"d{i}" for i in range(3)]
+    devs = [_BuggyDiscard(FileDevice(str(p), create_size=64 << 20)) for p in paths]
+    pool = await Pool.create("t", devs, profile="ec:2+1", extent_size=1 << 20,
+                             meta_size=1 << 20)
+    vm = VolumeManager(pool)
+    entry = PoolEntry(pool, vm, [str(p) for p in paths])
+
+    async def fill_and_delete(name: str) -> None:
+        vol = await vm.create(name, 8 << 20)
+        await vol.write(0, os.urandom(8 << 20))
+        await vol.flush()
+        await vm.delete(name)
+
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_background, entry, 0.01)
+                await fill_and_delete("a")
+                await _until(lambda: "its background task failed" in caplog.text)
+                assert "RuntimeError: a bug in discard" in caplog.text   # the traceback
+                assert pool.statistics().discarded_extents == 0
+                for d in devs:
+                    d.broken = False
+                await fill_and_delete("b")
+                await _until(lambda: pool.statistics().discarded_extents > 0)   # restarted
+                assert caplog.text.count("its background task failed") == 1
+                assert (await check(pool)).ok
+                await pool.close()                  # _background returns
     finally:
         await pool.close()
