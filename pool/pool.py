@@ -39,6 +39,7 @@ import trio
 
 from pool import codec, identity, readcache, records
 from pool import owner as owners
+from pool.cleaner import SegmentCleaner
 from pool.device import Device
 from pool.errors import (
     DeviceError,
@@ -77,7 +78,6 @@ from pool.state import (
     op_json,
     op_map_clear,
     op_map_set,
-    op_relocate,
 )
 
 log = logging.getLogger(__name__)
@@ -175,6 +175,7 @@ class Pool:
         self._column_cache: dict[int, tuple[tuple[Device | None, int, str], ...]] = {}
         # Verified logical blocks of recent small reads, keyed by map entry (an LRU).
         self.record_cache = readcache.RecordCache(RECORD_CACHE_BYTES)
+        self.cleaner = SegmentCleaner(self)
         self._zero_block = b""     # zeros for holes read into a caller's buffer
         self._pending: list[Op] = []
         self._applied = 0
@@ -193,11 +194,10 @@ class Pool:
         # Space (see the rules at ``record_cost``): per profile, the largest record
         # charged or stored (an open segment's tail that may not fit one more); the
         # largest block charge (the zeroing reserve is counted in them); the room lock
-        # that reservations making room take in turn; the cleaner's lock.
+        # that reservations making room take in turn (the cleaner has its own lock).
         self._tail_units: dict[tuple[int, int], int] = {}
         self._largest_cost = 0
         self._room_lock = trio.Lock()
-        self._clean_lock = trio.Lock()
         self._released = trio.Event()   # set (and replaced) when freed extents come back
         # Reads in flight by the release generation they began in: extents freed by a
         # commit of generation g are reused once no read begun before g is in flight.
@@ -741,7 +741,7 @@ class Pool:
                     # Freed by a commit, still possibly read by reads begun before it.
                     await self._released.wait()
                     continue
-                if await self._clean_one() or self._pending_free:
+                if await self.cleaner.clean_one() or self._pending_free:
                     await self.commit()      # (which frees the cleaned segment)
                     continue
                 if not wrote_back:
@@ -1138,109 +1138,12 @@ class Pool:
     def _col_absent(self, index: int, seg_id: int) -> bool:
         return self.devices[index] is None or seg_id in self.state.members[index].marks
 
-    # ==== the segment cleaner ==============================================================
+    # ==== the segment cleaner (pool.cleaner) ==============================================
     async def clean(self, *, max_segments: int = 4, threshold: float = 0.5) -> int:
-        """Move the live records out of up to ``max_segments`` closed segments whose live
-        part is below ``threshold`` of what they hold, so that their extents free up.
-
-        Each record is read verified (its stored payload, not decompressed), re-striped
-        into the open segment of its profile, and every leaf still pointing at the old
-        copy is repointed by a journaled ``relocate`` op -- in place, since snapshots that
-        share the leaf share the record too. A leaf changed meanwhile keeps its new entry.
-        One cleaner runs at a time, and it moves a segment only when its live records fit
-        in what no reservation holds (rule S2), so it never takes space promised to
-        buffered writes. Returns the number of segments emptied; the space returns at the
-        next commit.
-        """
-        self._check_ok()
-        emptied = 0
-        async with self._clean_lock:
-            self._reap()
-            tried: set[int] = set()
-            while emptied < max_segments:
-                seg = self._cleanable(threshold, tried)
-                if seg is None:
-                    break
-                tried.add(seg.id)
-                if await self._evacuate(seg.id):
-                    emptied += 1
-        return emptied
-
-    async def _clean_one(self) -> bool:
-        """Clean the sparsest segment with any dead space that the cleaner has room to
-        move (``make_room``); whether one was emptied."""
-        return bool(await self.clean(max_segments=1, threshold=1.0))
-
-    def _cleanable(self, threshold: float, tried: Container[int]) -> Segment | None:
-        """The closed, unpinned segment with the smallest live part below ``threshold``
-        whose live records fit in the unreserved space (with a tail each side), and whose
-        cleaning wins at least a record's worth (less would be lost to the tails)."""
-        open_ids = {s.id for s in self._open.values()}
-        cap = self.layout.extent_size // SECTOR
-        room: dict[tuple[int, int], int] = {}
-        for s in sorted((s for s in self.state.segments.values()
-                         if s.id not in open_ids and s.id not in tried
-                         and not self._pins.get(s.id) and s.fill
-                         and s.live < threshold * s.fill),
-                        key=lambda s: s.live / s.fill):
-            key = (s.k, s.m)
-            if key not in room:
-                room[key] = self.available_bytes(Profile(*key))
-            tail = self._tail_units.get(key, 1)
-            need = (s.live + 2 * tail) * SECTOR * (s.k + s.m)
-            if not s.live or (need <= room[key] and cap - s.live > 2 * tail):
-                return s
-        return None
-
-    async def _evacuate(self, seg_id: int) -> bool:
-        seg = self.state.segments.get(seg_id)
-        if seg is None:
-            return True
-        refs: dict[bytes, list[tuple[int, int]]] = {}
-        for nid, node in self.state.forest.nodes.items():
-            if not isinstance(node.data, bytearray):
-                continue
-            for slot in range(len(node.data) // ENTRY.size):
-                raw = bytes(node.data[slot * ENTRY.size:(slot + 1) * ENTRY.size])
-                if raw != HOLE and ENTRY.unpack_from(raw)[0] == seg_id:
-                    refs.setdefault(raw, []).append((nid, slot))
-        if not refs:
-            # Nothing references it (records of a store that failed, or the last ones
-            # dropped while it was pinned): free it now. Returning "emptied" without
-            # freeing it made ``make_room`` pick it again and again, a busy loop that
-            # left writers hanging after an ENOSPC burst (issue 20).
-            self.state.emptied.add(seg_id)
-            self._reap()
-            return seg_id not in self.state.segments
-        olds = sorted(refs, key=lambda r: ENTRY.unpack_from(r)[1])
-        cols = self._columns(seg)
-        plans = []
-        for i, raw in enumerate(olds):
-            _s, off, plen, flags, rhash = ENTRY.unpack(raw)
-            plans.append(records.RecordPlan(i, seg_id, off, codec.fragment_units(plen, seg.k),
-                                            seg.k, seg.m, plen, flags, rhash, cols))
-        self.pin(seg_id)
-        try:
-            out = await trio.to_thread.run_sync(
-                partial(records.read_records, plans, 0, stored=True), limiter=self._cpu)
-            if out.failures:
-                log.error("pool %s: cleaner cannot move segment %d: %s", self.state.name,
-                          seg_id, next(iter(out.failures.values())))
-                return False
-            prof = Profile(seg.k, seg.m)
-            encoded = await trio.to_thread.run_sync(
-                lambda: [codec.stripe(out.payloads[i], ENTRY.unpack_from(raw)[3], prof.k,
-                                      prof.m) for i, raw in enumerate(olds)],
-                limiter=self._cpu)
-            news = await self._store(prof, encoded)
-        finally:
-            self._unpin(seg_id)   # no reap before the relocations point at the news
-        for old, new in zip(olds, news, strict=True):
-            for nid, slot in refs[old]:
-                self._do(op_relocate(nid, slot, old, new))
-        self._reap()
-        self._counters["records_relocated"] += len(olds)
-        return seg_id not in self.state.segments or self.state.segments[seg_id].live == 0
+        """``SegmentCleaner.clean``: move the live records out of up to ``max_segments``
+        closed segments whose live part is below ``threshold`` of what they hold; the
+        number of segments emptied (the space returns at the next commit)."""
+        return await self.cleaner.clean(max_segments=max_segments, threshold=threshold)
 
     async def _encode(self, datas: list[codec.Buffer], prof: Profile,
                       compress: list[bool]) -> list[codec.EncodedRecord]:
@@ -1946,7 +1849,7 @@ class Pool:
             self._reap()
             total = len(mine)
             for n, sg in enumerate(mine):
-                if not await self._evacuate(sg.id):
+                if not await self.cleaner.evacuate(sg.id):
                     raise MediumError(f"cannot remove member {index}: records of segment "
                                       f"{sg.id} are unreadable (see the log)")
                 await self.commit()
