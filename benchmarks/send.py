@@ -19,7 +19,7 @@ random half, checked in ``storagectl volume list``) and snapshotted as ``src/vm@
   conditions: the source was just written), each to a new file, with a sync (qemu-img's
   default cache mode writes back before it exits);
 - ``copy of the stream (disk floor)``: the stream file (page-cached) copied into a new
-  file in 8 MiB writes with the devices' write-behind (pool.device.WriteBehind; on this
+  file in 8 MiB writes with the devices' write-behind (pool.iovec.WriteBehind; on this
   VM's disk it beats dd conv=fdatasync, measured: 1.27 s against 1.58 s for 512 MiB),
   inside this process, durable when it returns: about the least time this disk takes to
   make the stream's bytes durable (a diagnostic: the disk, not the CPU, bounds every row);
@@ -80,7 +80,7 @@ import trio
 from benchmarks.common import free_port, wait_port
 from benchmarks.engine import choose_dir, fs_type
 from pool import FileDevice, Pool
-from pool.device import WriteBehind
+from pool.iovec import WriteBehind
 from storaged.tuning import tune_process
 from volumes import VolumeManager, portable
 

@@ -18,6 +18,9 @@ Invariants this module owns (numbers from shared/DESIGN.md):
 State machine of a Pool object: OPEN -> (commit failure) -> FAILED -> CLOSED, or
 OPEN -> CLOSED (``close``/``destroy``). FAILED refuses all I/O (like SQLite's ERROR state):
 after an ambiguous metadata write the only safe way on is a re-import.
+
+Background work (discarding freed extents) runs in ``Pool.run``, in a nursery its owner
+holds; without a runner it is done at ``settle_discards`` and ``close``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import logging
 import os
 import re
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Awaitable, Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -34,8 +37,9 @@ from typing import Any, TypeVar
 
 import trio
 
-from pool import codec, identity, records
+from pool import codec, identity, readcache, records
 from pool import owner as owners
+from pool.cleaner import SegmentCleaner
 from pool.device import Device
 from pool.errors import (
     DeviceError,
@@ -61,6 +65,7 @@ from pool.layout import (
 )
 from pool.maps import Node
 from pool.metastore import Loc, MetaStore, Superblock
+from pool.profile import Profile
 from pool.state import (
     AWAY,
     ENTRY,
@@ -73,25 +78,16 @@ from pool.state import (
     op_json,
     op_map_clear,
     op_map_set,
-    op_relocate,
 )
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 META_RESERVE = 0.9   # writes stop when the metadata area is this full
-def _default_record_cache() -> int:
-    """1/16 of the machine's memory, between 64 MiB and 4 GiB (the daemon's cache.records
-    setting overrides it)."""
-    try:
-        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        ram = 1 << 30
-    return max(64 << 20, min(4 << 30, ram // 16))
 
 
 # Verified blocks of small reads kept per pool, like ZFS's ARC: a hit costs no device read
 # and no checksum. The daemon sets it from cache.records.
-RECORD_CACHE_BYTES = _default_record_cache()
+RECORD_CACHE_BYTES = readcache.default_limit()
 _NODE_UNITS = 7      # 4 KiB units of the largest map node blob (a 24 KiB leaf, lz4 framed)
 _STATE_UNITS_GUESS = 4
 _INDEX = ENTRY.__class__("<QIIIQ")  # node id, unit, units, length, hash
@@ -100,44 +96,6 @@ DISCARD_BATCH = 256   # freed extents discarded per round of the discard task
 DISCARD_FREED = True  # discard freed extents (the daemon sets it from `discard`)
 DISCARD_DELAY = 10.0  # seconds an extent stays free before it is discarded
 ZEROING_RESERVE_RECORDS = 4   # largest records kept for trims' partial blocks (rule S2)
-
-
-@dataclass(frozen=True, slots=True)
-class Profile:
-    """Redundancy profile: k data fragments + m parity fragments per record."""
-
-    k: int
-    m: int
-
-    @staticmethod
-    def parse(text: str) -> Profile:
-        # Exactly one of the three spellings (any case, ASCII digits): "ec:2+1 " or
-        # "mirror: 2" is refused, not trimmed into something the admin did not write.
-        t = text.lower()
-        if t == "plain":
-            return Profile(1, 0)
-        if mt := re.fullmatch(r"mirror:([0-9]+)", t):
-            n = int(mt.group(1))
-            if not 2 <= n <= 16:
-                raise InvalidArgument(f"mirror:N needs 2 <= N <= 16, got {text!r}")
-            return Profile(1, n - 1)
-        if mt := re.fullmatch(r"ec:([0-9]+)\+([0-9]+)", t):
-            k, m = int(mt.group(1)), int(mt.group(2))
-            if not (2 <= k <= 32 and 1 <= m <= 16):
-                raise InvalidArgument(f"ec:K+M needs 2 <= K <= 32 and 1 <= M <= 16, got "
-                                      f"{text!r}")
-            return Profile(k, m)
-        raise InvalidArgument(f"unknown redundancy profile {text!r}: use plain, mirror:N "
-                              f"or ec:K+M")
-
-    @property
-    def width(self) -> int:
-        return self.k + self.m
-
-    def __str__(self) -> str:
-        if self.k == 1:
-            return "plain" if self.m == 0 else f"mirror:{self.m + 1}"
-        return f"ec:{self.k}+{self.m}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,18 +164,18 @@ class Pool:
         self.discard_freed = DISCARD_FREED
         self._discard_queue: dict[tuple[int, int], float] = {}   # -> when it was freed
         self._discarding: dict[tuple[int, int], trio.Event] = {}
-        self._discarder: trio.Event | None = None   # set when the discard task ends
-        self._discard_wake = trio.Event()           # cut the task's wait short
-        self._discard_all = False                   # discard what is queued, now
+        self._running = False                       # a ``run`` task is serving the pool
+        self._settled = trio.Event()                # set after each round ``run`` finishes
+        self._discard_wake = trio.Event()           # cut the runner's wait short
+        self._settling = 0                          # settle_discards waiting: discard all now
+        self._discard_lock = trio.Lock()            # one inline discarder without a runner
         self._open: dict[tuple[int, int], Segment] = {}
         self._pins: dict[int, int] = {}
         self._fill_moved: set[int] = set()   # segments whose fill changed since last commit
         self._column_cache: dict[int, tuple[tuple[Device | None, int, str], ...]] = {}
         # Verified logical blocks of recent small reads, keyed by map entry (an LRU).
-        self._cache: OrderedDict[bytes, bytes | memoryview] = OrderedDict()
-        self._cache_bytes = 0
-        self._cache_hits = 0   # records served from the cache (see foreground_records)
-        self._cache_limit = RECORD_CACHE_BYTES
+        self.record_cache = readcache.RecordCache(RECORD_CACHE_BYTES)
+        self.cleaner = SegmentCleaner(self)
         self._zero_block = b""     # zeros for holes read into a caller's buffer
         self._pending: list[Op] = []
         self._applied = 0
@@ -236,11 +194,10 @@ class Pool:
         # Space (see the rules at ``record_cost``): per profile, the largest record
         # charged or stored (an open segment's tail that may not fit one more); the
         # largest block charge (the zeroing reserve is counted in them); the room lock
-        # that reservations making room take in turn; the cleaner's lock.
+        # that reservations making room take in turn (the cleaner has its own lock).
         self._tail_units: dict[tuple[int, int], int] = {}
         self._largest_cost = 0
         self._room_lock = trio.Lock()
-        self._clean_lock = trio.Lock()
         self._released = trio.Event()   # set (and replaced) when freed extents come back
         # Reads in flight by the release generation they began in: extents freed by a
         # commit of generation g are reused once no read begun before g is in flight.
@@ -784,7 +741,7 @@ class Pool:
                     # Freed by a commit, still possibly read by reads begun before it.
                     await self._released.wait()
                     continue
-                if await self._clean_one() or self._pending_free:
+                if await self.cleaner.clean_one() or self._pending_free:
                     await self.commit()      # (which frees the cleaned segment)
                     continue
                 if not wrote_back:
@@ -890,45 +847,72 @@ class Pool:
                     self._discard_queue[(idx, e)] = now
         self._released.set()
         self._released = trio.Event()
-        if self._discard_queue and self._discarder is None and not self._closed:
-            self._discarder = trio.Event()
-            trio.lowlevel.spawn_system_task(self._discard_task, name="pool discard")
+        if self._discard_queue:
+            self._discard_wake.set()                # the runner, if any, takes them
 
-    async def _discard_task(self) -> None:
-        """Discard freed extents in the background (a flush never waits for it), each
-        once it has stayed free DISCARD_DELAY seconds: an extent reused before that (an
-        overwrite frees segments that the next writes take again) is never discarded, so
-        a busy pool does not punch holes only to fill them again. ``settle_discards``
-        and ``close`` cut the delay short and wait."""
-        done = self._discarder
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """The pool's background work, in a nursery its owner holds (the daemon's
+        ``maintain``): discarding freed extents, each once it has stayed free
+        DISCARD_DELAY seconds, so a flush never waits for it, and an extent reused before
+        that (an overwrite frees segments that the next writes take again) is never
+        discarded: a busy pool does not punch holes only to fill them again.
+
+        Returns once the pool is closed (``close`` settles the discards first). An
+        exception is not swallowed: the queue of extents still to discard is dropped
+        (they stay free; discard is advisory) and the exception propagates to the owner,
+        which logs it and starts ``run`` again. Without a runner (tools and tests that
+        use a Pool alone), freed extents are discarded by ``settle_discards`` and
+        ``close``, in the caller's task."""
+        if self._running:
+            raise InvalidArgument(f"pool {self.state.name}: its background task runs already")
+        self._running = True
+        task_status.started()
         try:
-            while self._discard_queue and self._failed is None:
-                now = trio.current_time()
-                if not self._discard_all:
-                    due = min(self._discard_queue.values()) + DISCARD_DELAY
-                    if due > now:
-                        self._discard_wake = trio.Event()
-                        with trio.move_on_at(due):
-                            await self._discard_wake.wait()
-                        continue
-                await self._discard_freed(now if self._discard_all else now - DISCARD_DELAY)
+            while not self._closed:
+                await self._discard_rounds()
+                self._settled.set()
+                if self._closed:
+                    break
+                self._discard_wake = trio.Event()
+                await self._discard_wake.wait()
         except Exception:
-            log.exception("pool %s: discarding freed extents failed", self.state.name)
             self._discard_queue.clear()
+            raise
         finally:
-            self._discarder = None
-            if done is not None:
-                done.set()
+            self._running = False
+            self._settled.set()
+
+    async def _discard_rounds(self) -> None:
+        """Discard queued extents as they fall due (all of them at once while a
+        ``settle_discards`` waits) until the queue is empty or the pool has failed."""
+        while self._discard_queue and self._failed is None:
+            now = trio.current_time()
+            if not self._settling:
+                due = min(self._discard_queue.values()) + DISCARD_DELAY
+                if due > now:
+                    self._discard_wake = trio.Event()
+                    with trio.move_on_at(due):
+                        await self._discard_wake.wait()
+                    continue
+            await self._discard_freed(now if self._settling else now - DISCARD_DELAY)
 
     async def settle_discards(self) -> None:
-        """Discard every extent freed so far, now, and wait for it."""
-        self._discard_all = True
+        """Discard every extent freed so far, now, and wait for it: the runner does it
+        if one is running, else this task does."""
+        self._settling += 1
         try:
-            self._discard_wake.set()
-            while self._discarder is not None:
-                await self._discarder.wait()
+            if not self._running:
+                async with self._discard_lock:
+                    await self._discard_rounds()
+            while (self._running and self._failed is None
+                   and (self._discard_queue or self._discarding)):
+                settled = self._settled = trio.Event()
+                self._discard_wake.set()
+                await settled.wait()
         finally:
-            self._discard_all = False
+            self._settling -= 1
+            self._discard_wake.set()        # a closed pool's runner sees it and returns
 
     async def _discard_freed(self, cutoff: float) -> None:
         """Discard extents freed (their frees committed) no later than ``cutoff``, one
@@ -1154,109 +1138,12 @@ class Pool:
     def _col_absent(self, index: int, seg_id: int) -> bool:
         return self.devices[index] is None or seg_id in self.state.members[index].marks
 
-    # ==== the segment cleaner ==============================================================
+    # ==== the segment cleaner (pool.cleaner) ==============================================
     async def clean(self, *, max_segments: int = 4, threshold: float = 0.5) -> int:
-        """Move the live records out of up to ``max_segments`` closed segments whose live
-        part is below ``threshold`` of what they hold, so that their extents free up.
-
-        Each record is read verified (its stored payload, not decompressed), re-striped
-        into the open segment of its profile, and every leaf still pointing at the old
-        copy is repointed by a journaled ``relocate`` op -- in place, since snapshots that
-        share the leaf share the record too. A leaf changed meanwhile keeps its new entry.
-        One cleaner runs at a time, and it moves a segment only when its live records fit
-        in what no reservation holds (rule S2), so it never takes space promised to
-        buffered writes. Returns the number of segments emptied; the space returns at the
-        next commit.
-        """
-        self._check_ok()
-        emptied = 0
-        async with self._clean_lock:
-            self._reap()
-            tried: set[int] = set()
-            while emptied < max_segments:
-                seg = self._cleanable(threshold, tried)
-                if seg is None:
-                    break
-                tried.add(seg.id)
-                if await self._evacuate(seg.id):
-                    emptied += 1
-        return emptied
-
-    async def _clean_one(self) -> bool:
-        """Clean the sparsest segment with any dead space that the cleaner has room to
-        move (``make_room``); whether one was emptied."""
-        return bool(await self.clean(max_segments=1, threshold=1.0))
-
-    def _cleanable(self, threshold: float, tried: Container[int]) -> Segment | None:
-        """The closed, unpinned segment with the smallest live part below ``threshold``
-        whose live records fit in the unreserved space (with a tail each side), and whose
-        cleaning wins at least a record's worth (less would be lost to the tails)."""
-        open_ids = {s.id for s in self._open.values()}
-        cap = self.layout.extent_size // SECTOR
-        room: dict[tuple[int, int], int] = {}
-        for s in sorted((s for s in self.state.segments.values()
-                         if s.id not in open_ids and s.id not in tried
-                         and not self._pins.get(s.id) and s.fill
-                         and s.live < threshold * s.fill),
-                        key=lambda s: s.live / s.fill):
-            key = (s.k, s.m)
-            if key not in room:
-                room[key] = self.available_bytes(Profile(*key))
-            tail = self._tail_units.get(key, 1)
-            need = (s.live + 2 * tail) * SECTOR * (s.k + s.m)
-            if not s.live or (need <= room[key] and cap - s.live > 2 * tail):
-                return s
-        return None
-
-    async def _evacuate(self, seg_id: int) -> bool:
-        seg = self.state.segments.get(seg_id)
-        if seg is None:
-            return True
-        refs: dict[bytes, list[tuple[int, int]]] = {}
-        for nid, node in self.state.forest.nodes.items():
-            if not isinstance(node.data, bytearray):
-                continue
-            for slot in range(len(node.data) // ENTRY.size):
-                raw = bytes(node.data[slot * ENTRY.size:(slot + 1) * ENTRY.size])
-                if raw != HOLE and ENTRY.unpack_from(raw)[0] == seg_id:
-                    refs.setdefault(raw, []).append((nid, slot))
-        if not refs:
-            # Nothing references it (records of a store that failed, or the last ones
-            # dropped while it was pinned): free it now. Returning "emptied" without
-            # freeing it made ``make_room`` pick it again and again, a busy loop that
-            # left writers hanging after an ENOSPC burst (issue 20).
-            self.state.emptied.add(seg_id)
-            self._reap()
-            return seg_id not in self.state.segments
-        olds = sorted(refs, key=lambda r: ENTRY.unpack_from(r)[1])
-        cols = self._columns(seg)
-        plans = []
-        for i, raw in enumerate(olds):
-            _s, off, plen, flags, rhash = ENTRY.unpack(raw)
-            plans.append(records.RecordPlan(i, seg_id, off, codec.fragment_units(plen, seg.k),
-                                            seg.k, seg.m, plen, flags, rhash, cols))
-        self.pin(seg_id)
-        try:
-            out = await trio.to_thread.run_sync(
-                partial(records.read_records, plans, 0, stored=True), limiter=self._cpu)
-            if out.failures:
-                log.error("pool %s: cleaner cannot move segment %d: %s", self.state.name,
-                          seg_id, next(iter(out.failures.values())))
-                return False
-            prof = Profile(seg.k, seg.m)
-            encoded = await trio.to_thread.run_sync(
-                lambda: [codec.stripe(out.payloads[i], ENTRY.unpack_from(raw)[3], prof.k,
-                                      prof.m) for i, raw in enumerate(olds)],
-                limiter=self._cpu)
-            news = await self._store(prof, encoded)
-        finally:
-            self._unpin(seg_id)   # no reap before the relocations point at the news
-        for old, new in zip(olds, news, strict=True):
-            for nid, slot in refs[old]:
-                self._do(op_relocate(nid, slot, old, new))
-        self._reap()
-        self._counters["records_relocated"] += len(olds)
-        return seg_id not in self.state.segments or self.state.segments[seg_id].live == 0
+        """``SegmentCleaner.clean``: move the live records out of up to ``max_segments``
+        closed segments whose live part is below ``threshold`` of what they hold; the
+        number of segments emptied (the space returns at the next commit)."""
+        return await self.cleaner.clean(max_segments=max_segments, threshold=threshold)
 
     async def _encode(self, datas: list[codec.Buffer], prof: Profile,
                       compress: list[bool]) -> list[codec.EncodedRecord]:
@@ -1302,15 +1189,13 @@ class Pool:
         segments = self.state.segments
         unpack = ENTRY.unpack
         result: list[bytes | memoryview | None] = [None] * len(blocks)
-        cache = self._cache
+        cached = self.record_cache.get
         for slot, raw in enumerate(entries):
             if raw is None:
                 continue
-            hit = cache.get(raw)
+            hit = cached(raw)
             if hit is not None:
-                cache.move_to_end(raw)
                 result[slot] = hit
-                self._cache_hits += 1
                 continue
             seg_id, off, plen, flags, rhash = unpack(raw)
             seg = segments[seg_id]
@@ -1332,7 +1217,7 @@ class Pool:
                 # record never changes where it lies, so the entry is a safe key. A view
                 # of the read's own buffer is kept as it is (read-only), not copied.
                 kept = data if isinstance(data, bytes) else data.toreadonly()
-                self._cache_put(key, kept)
+                self.record_cache.put(key, kept)
                 result[slot] = kept
             else:
                 result[slot] = data
@@ -1345,10 +1230,8 @@ class Pool:
             raw = self.state.forest.get(map_id, block)
             if raw is None:
                 return True, None
-            hit = self._cache.get(raw)
+            hit = self.record_cache.get(raw)
             if hit is not None:
-                self._cache.move_to_end(raw)
-                self._cache_hits += 1
                 return True, hit
         got = self.read_blocks_nowait(map_id, (block,), block_size)
         return (False, None) if got is None else (True, got[0])
@@ -1496,15 +1379,6 @@ class Pool:
         if len(z) != n:
             z = self._zero_block = bytes(n)
         return z
-
-    def _cache_put(self, key: bytes, data: bytes | memoryview) -> None:
-        if key in self._cache:
-            return
-        self._cache[key] = data
-        self._cache_bytes += len(data)
-        while self._cache_bytes > self._cache_limit:
-            _k, old = self._cache.popitem(last=False)
-            self._cache_bytes -= len(old)
 
     def _column(self, idx: int, ext: int) -> tuple[Device | None, int, str]:
         dev = self.devices[idx]
@@ -1975,7 +1849,7 @@ class Pool:
             self._reap()
             total = len(mine)
             for n, sg in enumerate(mine):
-                if not await self._evacuate(sg.id):
+                if not await self.cleaner.evacuate(sg.id):
                     raise MediumError(f"cannot remove member {index}: records of segment "
                                       f"{sg.id} are unreadable (see the log)")
                 await self.commit()
@@ -2187,7 +2061,7 @@ class Pool:
         """Records read (from the devices or the record cache) and written for volumes so
         far: maintenance work watches it to tell whether the pool is idle."""
         return (self._counters["records_read"] + self._counters["records_written"]
-                + self._cache_hits)
+                + self.record_cache.hits)
 
     def locate(self, entry: bytes) -> list[str]:
         """Which volumes/snapshots and byte offsets reference a record (for reports)."""

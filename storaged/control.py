@@ -53,8 +53,8 @@ from typing import Any, TypeVar
 
 import trio
 
-from pool.device import advance
 from pool.errors import InvalidArgument, NoSpace, StorageError
+from pool.iovec import advance
 from storaged.api import ControlAPI
 from storaged.client import FRAME_HEAD, MAX_FRAME, Buffer, widen
 from storaged.startup import StartupError, socket_is_live

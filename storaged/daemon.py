@@ -137,7 +137,25 @@ async def maintain(registry: Registry, settings: Reloader, period: float = 0.5) 
                     nursery.start_soon(_expire_writes, entry, settings, period)
                     nursery.start_soon(_watch_members, entry, settings.cfg)
                     nursery.start_soon(_heartbeat, entry, settings.cfg.owner_heartbeat)
+                    nursery.start_soon(_background, entry, period)
             await trio.sleep(period)
+
+
+async def _background(entry: PoolEntry, period: float) -> None:
+    """The pool's own background task (``Pool.run``: discarding freed extents) in this
+    daemon-owned nursery until the pool closes. A failure there is a bug, not an I/O
+    error (those are counted against their member): it is logged with its traceback and
+    the task started again after a pause; the pool keeps serving (discard is advisory)."""
+    pool = entry.pool
+    while not pool.closed:
+        try:
+            await pool.run()
+        except Exception:
+            if pool.closed:
+                return
+            log.exception("pool %s: its background task failed; starting it again",
+                          entry.name)
+            await trio.sleep(5 * period)
 
 
 async def _expire_writes(entry: PoolEntry, settings: Reloader, period: float) -> None:

@@ -260,8 +260,9 @@ async def test_crash_during_snapshot_create_delete_rollback_clone(tmp_path: obje
         snaps = vm.snapshot_names("v")
         choice = rng.random()
         if step % 4 == 3:
-            # The cleaner mid-run: records move under live snapshots; a crash anywhere
-            # must leave every volume and snapshot exactly as before.
+            # The cleaner mid-run (pool.cleaner invariants 3 and 5): records move under
+            # live snapshots; a crash anywhere must leave every volume and snapshot
+            # exactly as before.
             async def clean_and_commit() -> None:
                 await pool.clean(max_segments=8, threshold=1.0)
                 await pool.commit()

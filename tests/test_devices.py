@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pool import FileDevice, MemoryDevice, Pool, device
+from pool import FileDevice, MemoryDevice, Pool, device, iovec
 from pool.errors import DeviceError
 from pool.faults import FaultyDevice, RecordingDevice, WriteLog
 from volumes import VolumeManager
@@ -35,8 +35,8 @@ def test_write_behind_syncs_in_the_background_and_never_loses_its_error(
     """Past SYNC_BEHIND bytes written, a device runs an fdatasync in a background thread.
     The kernel reports a write-back error to one fsync only: when that is the background
     one, the next sync() must still raise it (fsyncgate), exactly once."""
-    monkeypatch.setattr(device, "SYNC_BEHIND", 2 * MiB)
-    monkeypatch.setattr(device, "WRITE_BEHIND", MiB)
+    monkeypatch.setattr(iovec, "SYNC_BEHIND", 2 * MiB)
+    monkeypatch.setattr(iovec, "WRITE_BEHIND", MiB)
     real = os.fdatasync
     calls: list[str] = []
     fail_next = threading.Event()

@@ -145,7 +145,7 @@ async def test_intermittent_eio_is_absorbed_counted_then_faults(disks: Disks) ->
         assert pool.statistics().members[4].write_errors > 0
         pool.fault_threshold = 3
         flaky.read_error_rate = 1.0
-        pool._cache.clear()   # (the record cache would serve the blocks without I/O)
+        pool.record_cache.clear()   # (the record cache would serve the blocks without I/O)
         assert await read_all(pool, SIZE) == data
         assert pool.statistics().members[1].state == "faulted"
     finally:

@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from pool.device import advance
+from pool.iovec import advance
 from storaged.client import MAX_FRAME
 from tests.daemonkit import BIN, Daemon, _qemu_io
 
@@ -302,6 +302,7 @@ def test_a_stream_never_goes_to_or_comes_from_a_terminal(tmp_path: Path) -> None
 
 
 def test_advance_over_partly_sent_pieces() -> None:
+    # pool.iovec invariant 1.
     views = [memoryview(b"abc"), memoryview(b""), memoryview(b"defgh")]
     assert [bytes(v) for v in advance(views, 0)] == [b"abc", b"", b"defgh"]
     assert [bytes(v) for v in advance(views, 2)] == [b"c", b"", b"defgh"]

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pool.pool import Profile
+from pool.profile import Profile
 from storaged import config
 from storaged.sizes import MAX_SIZE, exact_size, format_size, parse_size
 from volumes import InvalidArgument
@@ -132,6 +132,7 @@ def test_qemu_img_reads_the_same_sizes(tmp_path: Path) -> None:
     "mirror:\u0662", "ec:2+1+1", "raid1", "", "mirror:1", "mirror:17", "ec:1+1", "ec:2+0",
     "ec:33+1", "ec:2+17"])
 def test_malformed_profiles_are_refused(text: str) -> None:
+    # pool.profile invariant 2: only the three exact spellings, within bounds.
     with pytest.raises(InvalidArgument) as e:
         Profile.parse(text)
     assert repr(text) in e.value.message
@@ -142,6 +143,7 @@ def test_malformed_profiles_are_refused(text: str) -> None:
                  st.builds(Profile, st.integers(2, 32), st.integers(1, 16))))
 @settings(max_examples=60)
 def test_profiles_round_trip(p: Profile) -> None:
+    # pool.profile invariants 1 and 2: str() is the canonical spelling parse() gives back.
     assert Profile.parse(str(p)) == p
     assert Profile.parse(str(p).upper()) == p
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,8 @@ from pool.errors import NoSpace
 from pool.faults import FaultyDevice
 from pool.state import ENTRY, HOLE
 from storaged.config import load
+from storaged.daemon import _background
+from storaged.registry import PoolEntry
 from volumes import VolumeManager
 
 
@@ -214,31 +217,39 @@ async def test_freed_space_goes_back_to_sparse_device_files(
     pool, paths, devs = await _sparse_pool(tmp_path)
     vm = VolumeManager(pool)
     try:
+        # No runner yet (a Pool used alone): settle_discards discards in its own task.
         empty = _allocated(paths)
         full = await _fill_and_delete(pool, paths, 24)
         assert full - empty >= 36 << 20        # 24 MiB of data + 12 MiB of parity
         assert pool.statistics().discarded_extents >= 36
         assert _allocated(paths) - empty < 2 << 20
-        # Extents freed by one task's delete are reused by another's writes while their
-        # (slow) discards are under way; what those writes put there reads back.
-        for d in devs:
-            d.discard_delay = 0.05
-        data = random.Random(3).randbytes(24 << 20)
-        again = await vm.create("w", 32 << 20)
-        for r in range(3):
-            old = await vm.create(f"v{r}", 16 << 20)
-            await old.write(0, os.urandom(16 << 20))
-            await old.flush()
+        # From here the pool's own task (Pool.run, in a nursery this test owns, as the
+        # daemon's) discards in the background. Extents freed by one task's delete are
+        # reused by another's writes while their (slow) discards are under way; what
+        # those writes put there reads back.
+        async with trio.open_nursery() as background:
+            await background.start(pool.run)
+            for d in devs:
+                d.discard_delay = 0.05
+            data = random.Random(3).randbytes(24 << 20)
+            again = await vm.create("w", 32 << 20)
+            discarded = pool.statistics().discarded_extents
+            for r in range(3):
+                old = await vm.create(f"v{r}", 16 << 20)
+                await old.write(0, os.urandom(16 << 20))
+                await old.flush()
 
-            async def rewrite(r: int = r) -> None:
-                for off in range(r * (8 << 20), (r + 1) * (8 << 20), 1 << 20):
-                    await again.write(off, data[off:off + (1 << 20)])
-                    await again.flush()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(vm.delete, f"v{r}")
-                nursery.start_soon(rewrite)
-        assert await again.read(0, len(data)) == data
-        assert (await check(pool)).ok
+                async def rewrite(r: int = r) -> None:
+                    for off in range(r * (8 << 20), (r + 1) * (8 << 20), 1 << 20):
+                        await again.write(off, data[off:off + (1 << 20)])
+                        await again.flush()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(vm.delete, f"v{r}")
+                    nursery.start_soon(rewrite)
+            assert pool.statistics().discarded_extents > discarded   # in the background
+            assert await again.read(0, len(data)) == data
+            assert (await check(pool)).ok
+            await pool.close()                 # settles the discards; run returns
     finally:
         await pool.close()
     pool = await Pool.open([FileDevice(str(p)) for p in paths])
@@ -308,5 +319,109 @@ async def test_make_room_frees_a_segment_left_by_a_failed_store(tmp_path: Path) 
         await pool.commit()
         report = await check(pool, deep=True)
         assert report.ok, report.render()
+    finally:
+        await pool.close()
+
+
+class _BuggyDiscard(FaultyDevice):
+    """A device whose discard hits a bug (not an I/O error): fault injection for the
+    pool's background task."""
+
+    broken = True
+
+    def discard(self, offset: int, length: int) -> None:
+        if self.broken:
+            raise RuntimeError("a bug in discard")
+        super().discard(offset, length)
+
+
+async def test_a_failing_background_task_reaches_its_owner(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The discard task runs in a nursery its owner holds (Pool.run) and a failure there
+    is not swallowed: it reaches the owner (the daemon logs it and starts run again).
+    Nothing else changes: the pool stays online and consistent, kept data reads back
+    byte-exact, the freed extents stay free (not discarded), and a new runner starts."""
+    monkeypatch.setattr(pool_impl, "DISCARD_DELAY", 0.0)
+    paths = [tmp_path / f"d{i}" for i in range(3)]
+    devs = [_BuggyDiscard(FileDevice(str(p), create_size=64 << 20)) for p in paths]
+    pool = await Pool.create("t", devs, profile="ec:2+1", extent_size=1 << 20,
+                             meta_size=1 << 20)
+    vm = VolumeManager(pool)
+    data = random.Random(5).randbytes(4 << 20)
+    try:
+        keep = await vm.create("k", 4 << 20)
+        await keep.write(0, data)
+        await keep.flush()
+        with trio.fail_after(20), pytest.raises(BaseExceptionGroup) as err:
+            async with trio.open_nursery() as background:
+                await background.start(pool.run)
+                gone = await vm.create("v", 8 << 20)
+                await gone.write(0, os.urandom(8 << 20))
+                await gone.flush()
+                await vm.delete("v")
+                await trio.sleep_forever()      # until the runner's failure cancels it
+        assert err.group_contains(RuntimeError, match="a bug in discard")
+        st = pool.statistics()
+        assert st.state == "online" and st.discarded_extents == 0
+        assert await keep.read(0, len(data)) == data
+        assert (await check(pool)).ok
+        for d in devs:
+            d.broken = False
+        async with trio.open_nursery() as background:
+            await background.start(pool.run)    # the owner can start it again
+            await pool.close()                  # settles what is queued; run returns
+    finally:
+        await pool.close()
+    pool = await Pool.open([FileDevice(str(p)) for p in paths])
+    try:
+        assert await VolumeManager(pool).get("k").read(0, len(data)) == data
+        assert (await check(pool, deep=True)).ok
+    finally:
+        await pool.close()
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Poll (the test's fail_after bounds it)."""
+    for _ in range(100_000):
+        if condition():
+            return
+        await trio.sleep(0.01)
+
+
+async def test_the_daemon_logs_a_failed_background_task_and_starts_it_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The owner's side (storaged.daemon._background, which ``maintain`` starts per pool):
+    a failure of Pool.run is logged once with its traceback, run is started again, and
+    the new runner discards what is freed next; once the pool closes, the owner returns."""
+    monkeypatch.setattr(pool_impl, "DISCARD_DELAY", 0.0)
+    paths = [tmp_path / f"d{i}" for i in range(3)]
+    devs = [_BuggyDiscard(FileDevice(str(p), create_size=64 << 20)) for p in paths]
+    pool = await Pool.create("t", devs, profile="ec:2+1", extent_size=1 << 20,
+                             meta_size=1 << 20)
+    vm = VolumeManager(pool)
+    entry = PoolEntry(pool, vm, [str(p) for p in paths])
+
+    async def fill_and_delete(name: str) -> None:
+        vol = await vm.create(name, 8 << 20)
+        await vol.write(0, os.urandom(8 << 20))
+        await vol.flush()
+        await vm.delete(name)
+
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_background, entry, 0.01)
+                await fill_and_delete("a")
+                await _until(lambda: "its background task failed" in caplog.text)
+                assert "RuntimeError: a bug in discard" in caplog.text   # the traceback
+                assert pool.statistics().discarded_extents == 0
+                for d in devs:
+                    d.broken = False
+                await fill_and_delete("b")
+                await _until(lambda: pool.statistics().discarded_extents > 0)   # restarted
+                assert caplog.text.count("its background task failed") == 1
+                assert (await check(pool)).ok
+                await pool.close()                  # _background returns
     finally:
         await pool.close()

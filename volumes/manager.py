@@ -36,7 +36,8 @@ from typing import Any
 
 from pool.errors import AlreadyExists, Busy, InvalidArgument, NotFound
 from pool.maps import MAX_BLOCKS
-from pool.pool import Pool, Profile
+from pool.pool import Pool
+from pool.profile import Profile
 from volumes.openers import Opener, Openers, evict, in_use, refuse_in_use
 from volumes.volume import DEFAULT_BLOCK, Volume, VolumeStatistics, check_block_size
 

@@ -24,9 +24,9 @@ from typing import Any
 
 import trio
 
-from pool.device import IOV_MAX, WriteBehind, advance
 from pool.errors import AlreadyExists, Busy, InvalidArgument, NotFound, StorageError
-from pool.pool import Profile
+from pool.iovec import IOV_MAX, WriteBehind, advance
+from pool.profile import Profile
 from volumes import stream
 from volumes.manager import VolumeManager, _check_size
 from volumes.openers import refuse_in_use
@@ -207,7 +207,7 @@ class FdSink:
     ``storagectl send`` does with its -o file or stdout).
 
     A regular file is written from worker threads (a batch of parts per thread hop),
-    written behind (pool.device.WriteBehind) and made durable by ``sync``. A pipe or
+    written behind (pool.iovec.WriteBehind) and made durable by ``sync``. A pipe or
     socket is made non-blocking and written from the event loop, waiting while it is
     full: a reader that stops reading holds up only this send, which stays cancellable.
     """

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from pool.errors import InvalidArgument, NoSpace, NotFound, ReadOnly, StorageError
-from pool.pool import Pool, Profile
+from pool.pool import Pool
+from pool.profile import Profile
 from volumes.openers import Openers
 
 if TYPE_CHECKING:
