@@ -38,7 +38,13 @@ from pool.errors import AlreadyExists, Busy, InvalidArgument, NotFound
 from pool.maps import MAX_BLOCKS
 from pool.pool import Pool, Profile
 from volumes.openers import Opener, Openers, evict, in_use, refuse_in_use
-from volumes.volume import DEFAULT_BLOCK, Volume, VolumeStatistics, check_block_size
+from volumes.volume import (
+    DEFAULT_BLOCK,
+    Volume,
+    VolumeStatistics,
+    WriteBuffer,
+    check_block_size,
+)
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
@@ -60,10 +66,13 @@ def check_volume_name(name: str) -> None:
 
 
 class VolumeManager:
-    """Volumes stored in ``pool`` (as pool objects of type 'volume' with a block map)."""
+    """Volumes stored in ``pool`` (as pool objects of type 'volume' with a block map).
+    Their unflushed writes count against ``write_buffer`` (shared with the managers of the
+    process's other pools when they are handed the same one; default volume.WRITE_BUFFER)."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, write_buffer: WriteBuffer | None = None) -> None:
         self.pool = pool
+        self.write_buffer = write_buffer     # None: each Volume takes volume.WRITE_BUFFER
         self._volumes: dict[str, Volume] = {}
         self._snapshots: dict[str, dict[str, tuple[int, dict[str, Any]]]] = {}
         # Hidden volumes a receive is filling (volumes/portable.py), by target name.
@@ -74,14 +83,17 @@ class VolumeManager:
         objects = pool.objects()
         for obj_id, meta in objects.items():
             if meta.get("type") == "volume" and "receiving" in meta:
-                self._partials[meta["receiving"]["target"]] = Volume(pool, obj_id, meta)
+                self._partials[meta["receiving"]["target"]] = self._new_volume(obj_id, meta)
             elif meta.get("type") == "volume":
-                self._volumes[meta["name"]] = Volume(pool, obj_id, meta)
+                self._volumes[meta["name"]] = self._new_volume(obj_id, meta)
         for obj_id, meta in objects.items():
             if meta.get("type") == "snapshot":
                 owner = objects[meta["volume"]]["name"]
                 self._snapshots.setdefault(owner, {})[meta["name"]] = (obj_id, meta)
         pool.add_cache(self._writeback_all)
+
+    def _new_volume(self, obj_id: int, meta: dict[str, Any]) -> Volume:
+        return Volume(self.pool, obj_id, meta, self.write_buffer)
 
     async def _writeback_all(self) -> None:
         for name in self.names():
@@ -132,7 +144,7 @@ class VolumeManager:
                                 "compression": compression, "map": map_id,
                                 "created": int(time.time())}
         obj_id = self.pool.put_object(meta)
-        vol = self._volumes[name] = Volume(self.pool, obj_id, meta)
+        vol = self._volumes[name] = self._new_volume(obj_id, meta)
         await self.pool.commit()
         log.info("pool %s: created volume %s (%d bytes, block %d, %s%s)", self.pool.name, name,
                  size, block_size, prof, ", lz4" if compression else "")
@@ -315,7 +327,7 @@ class VolumeManager:
     def snapshot_volume(self, volume: str, snap: str) -> Volume:
         """A read-only Volume reading the snapshot (for exports)."""
         obj_id, meta = self._snap(volume, snap)
-        view = Volume(self.pool, obj_id, {**meta, "name": f"{volume}@{snap}"})
+        view = self._new_volume(obj_id, {**meta, "name": f"{volume}@{snap}"})
         view.read_only = True
         view.openers = self._snap_openers.setdefault(obj_id, Openers())
         return view
@@ -374,7 +386,7 @@ class VolumeManager:
                                  "compression": meta["compression"], "map": map_id,
                                  "created": int(time.time()), "origin": obj_id}
         new_id = self.pool.put_object(vmeta)
-        vol = self._volumes[new_name] = Volume(self.pool, new_id, vmeta)
+        vol = self._volumes[new_name] = self._new_volume(new_id, vmeta)
         await self.pool.commit()
         log.info("pool %s: cloned %s@%s as %s", self.pool.name, volume, snap, new_name)
         return vol

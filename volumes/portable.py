@@ -437,7 +437,7 @@ class Receiver:
                           "base": base["uuid"] if base else None, "seq": 0,
                           "resumable": self.resumable, "header": h}}
         obj_id = pool.put_object(meta)
-        self.partial = vm._partials[self.target] = Volume(pool, obj_id, meta)
+        self.partial = vm._partials[self.target] = Volume(pool, obj_id, meta, vm.write_buffer)
         self.partial.streaming = True
         await pool.commit()
 

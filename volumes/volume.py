@@ -69,8 +69,8 @@ class WriteBuffer:
     flush, instead of once per rewrite; a stream fills the buffer, then is written back in
     large batches while the next part fills (double buffering)."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit if limit is not None else _default_write_buffer()
         self.used = 0                 # bytes of data blocks buffered by all volumes
 
     def threshold(self, own: int) -> int:
@@ -78,6 +78,8 @@ class WriteBuffer:
         return max(WRITEBACK_MIN, self.limit - (self.used - own))
 
 
+# The budget of managers not handed one (tests, benchmarks, tools); the daemon builds its
+# own from cache.write_buffer and hands it to every pool's VolumeManager.
 WRITE_BUFFER = WriteBuffer(_default_write_buffer())
 
 
@@ -145,8 +147,11 @@ class VolumeStatistics:
 class Volume:
     """One thin volume. Obtain it from ``VolumeManager``; never construct it directly."""
 
-    def __init__(self, pool: Pool, obj_id: int, meta: dict[str, Any]) -> None:
+    def __init__(self, pool: Pool, obj_id: int, meta: dict[str, Any],
+                 write_buffer: WriteBuffer | None = None) -> None:
         self._pool = pool
+        # The budget this volume's unflushed writes count against (its manager's).
+        self.write_buffer = write_buffer if write_buffer is not None else WRITE_BUFFER
         self._obj_id = obj_id
         self._meta = meta
         self._map: int = meta["map"]
@@ -190,7 +195,7 @@ class Volume:
 
     @_dirty_data.setter
     def _dirty_data(self, n: int) -> None:
-        WRITE_BUFFER.used += (n - self._dirty_blocks) * self.block_size
+        self.write_buffer.used += (n - self._dirty_blocks) * self.block_size
         if not n:
             self._dirty_since = None
         elif not self._dirty_blocks:
@@ -730,7 +735,7 @@ class Volume:
         return used
 
     def _threshold(self, buffered: int) -> int:
-        return WRITEBACK_MIN if self.streaming else WRITE_BUFFER.threshold(buffered)
+        return WRITEBACK_MIN if self.streaming else self.write_buffer.threshold(buffered)
 
     async def _maybe_writeback(self) -> None:
         """Past the volume's share of the write buffer (WriteBuffer.threshold), write the
