@@ -97,9 +97,9 @@ class VolumeManager:
 
     async def _writeback_all(self) -> None:
         for name in self.names():
-            await self._volumes[name]._writeback()
+            await self._volumes[name].write_back()
         for part in list(self._partials.values()):
-            await part._writeback()
+            await part.write_back()
 
     async def write_back_older_than(self, age: float) -> int:
         """Write back and commit the buffers of volumes whose oldest buffered data is more
@@ -108,7 +108,7 @@ class VolumeManager:
         Returns how many volumes were written back."""
         old = [v for v in self._volumes.values() if v.buffered_age() > age]
         for vol in old:
-            await vol._writeback()
+            await vol.write_back()
         if old:
             await self.pool.commit()
         return len(old)
@@ -155,7 +155,7 @@ class VolumeManager:
         """The clients connected to ``volume`` (or to ``volume@snap``)."""
         if snap is None:
             return list(self.get(volume).openers)
-        obj_id, _meta = self._snap(volume, snap)
+        obj_id, _meta = self.snapshot_record(volume, snap)
         return list(self._snap_openers.get(obj_id, ()))
 
     def all_clients(self) -> builtins.list[Opener]:
@@ -195,9 +195,7 @@ class VolumeManager:
         if await self._claim(f"volume {self.pool.name}/{name}", [vol.openers], "rename it",
                              force, ignore):
             vol = self._check_rename(name, new_name)
-        vol._meta = {**vol._meta, "name": new_name}
-        self.pool.put_object(vol._meta, vol._obj_id)
-        vol.name = new_name
+        vol.rename_to(new_name)
         self._volumes[new_name] = self._volumes.pop(name)
         if name in self._snapshots:
             self._snapshots[new_name] = self._snapshots.pop(name)
@@ -233,7 +231,7 @@ class VolumeManager:
             nonlocal snaps
             self._still(name, vol)
             _vol, snaps = self._check_delete(name, recursive)
-            vol._drop()
+            vol.mark_deleted()
             del self._volumes[name]
             for snap in sorted(snaps):
                 obj_id, meta = snaps[snap]
@@ -241,8 +239,8 @@ class VolumeManager:
                 self.pool.delete_object(obj_id)
                 self._snap_openers.pop(obj_id, None)
             self._snapshots.pop(name, None)
-            self.pool.delete_map(vol._map)
-            self.pool.delete_object(vol._obj_id)
+            self.pool.delete_map(vol.map_id)
+            self.pool.delete_object(vol.obj_id)
         await vol.writeback_then(drop, write_back=False)
         await self.pool.commit()
         log.info("pool %s: deleted volume %s%s", self.pool.name, name,
@@ -271,15 +269,74 @@ class VolumeManager:
         if self._volumes.get(name) is not vol:
             raise NotFound(f"no volume {name!r} in pool {self.pool.name}")
 
-    def _snap(self, volume: str, snap: str) -> tuple[int, dict[str, Any]]:
+    def snapshot_record(self, volume: str, snap: str) -> tuple[int, dict[str, Any]]:
+        """(object id, stored record) of ``volume@snap``; NotFound if either is missing."""
         self.get(volume)
         found = self._snapshots.get(volume, {}).get(snap)
         if found is None:
             raise NotFound(f"volume {volume!r} has no snapshot {snap!r}")
         return found
 
+    def snapshots_of(self, volume: str) -> dict[str, tuple[int, dict[str, Any]]]:
+        """``volume``'s snapshots: name -> (object id, stored record); {} if none (or no
+        such volume)."""
+        return dict(self._snapshots.get(volume, {}))
+
+    def has_volume(self, name: str) -> bool:
+        return name in self._volumes
+
+    def add_snapshot(self, volume: str, meta: dict[str, Any]) -> int:
+        """Store a snapshot record of ``volume`` (part of the next commit, as a received
+        snapshot is); its object id."""
+        obj_id = self.pool.put_object(meta)
+        self._snapshots.setdefault(volume, {})[meta["name"]] = (obj_id, meta)
+        return obj_id
+
+    async def snapshot_uuid(self, volume: str, snap: str) -> str:
+        """The snapshot's stream identity (given at creation; older snapshots get one
+        now, durably)."""
+        obj_id, meta = self.snapshot_record(volume, snap)
+        if "uuid" not in meta:
+            meta = {**meta, "uuid": uuid.uuid4().hex}
+            self.pool.put_object(meta, obj_id)
+            self._snapshots[volume][snap] = (obj_id, meta)
+            await self.pool.commit()
+        return str(meta["uuid"])
+
+    # ---- receives' hidden volumes (volumes/portable.py), by target name ------------------
+    def partial(self, target: str) -> Volume | None:
+        return self._partials.get(target)
+
+    def add_partial(self, target: str, obj_id: int, meta: dict[str, Any]) -> Volume:
+        part = self._partials[target] = self._new_volume(obj_id, meta)
+        return part
+
+    def promote_partial(self, target: str, *, volume: bool) -> Volume:
+        """The receive into ``target`` is complete: it is no longer a partial; with
+        ``volume``, it becomes the volume ``target`` (the caller stored its record)."""
+        part = self._partials.pop(target)
+        if volume:
+            self._volumes[target] = part
+        return part
+
+    async def discard_partial(self, part: Volume) -> None:
+        """Delete a receive's hidden volume and what it holds (durable on return)."""
+        kept = part.receiving
+        assert kept is not None
+        self._partials.pop(kept["target"], None)
+        part.mark_deleted()
+        self.pool.delete_map(part.map_id)
+        self.pool.delete_object(part.obj_id)
+        await self.pool.commit()
+
+    async def claim_volume(self, volume: str, action: str, *, force: bool) -> bool:
+        """Refuse (Busy) while ``volume`` has clients, or with ``force`` disconnect them
+        (True if it did: the caller checks again, openers invariant 3)."""
+        return await self._claim(f"volume {self.pool.name}/{volume}",
+                                 [self.get(volume).openers], action, force, ())
+
     def snapshot_info(self, volume: str, snap: str) -> dict[str, Any]:
-        obj_id, meta = self._snap(volume, snap)
+        obj_id, meta = self.snapshot_record(volume, snap)
         clones = self._clones_of(obj_id)
         return {"volume": volume, "name": snap, "size": meta["size"],
                 "block_size": meta["block_size"], "created": meta["created"],
@@ -288,10 +345,10 @@ class VolumeManager:
                 "clones": clones}
 
     def _clones_of(self, snap_obj: int) -> builtins.list[str]:
-        return sorted(n for n, v in self._volumes.items() if v._meta.get("origin") == snap_obj)
+        return sorted(n for n, v in self._volumes.items() if v.origin == snap_obj)
 
     def _refuse_if_cloned(self, volume: str, snap: str) -> None:
-        obj_id, _meta = self._snap(volume, snap)
+        obj_id, _meta = self.snapshot_record(volume, snap)
         clones = self._clones_of(obj_id)
         if clones:
             raise Busy(f"snapshot {volume}@{snap} has clones ({', '.join(clones)}); delete "
@@ -311,8 +368,8 @@ class VolumeManager:
             self._still(volume, vol)
             if snap in self._snapshots.get(volume, {}):
                 raise AlreadyExists(f"volume {volume!r} already has a snapshot {snap!r}")
-            map_id = self.pool.clone_map(vol._map)
-            meta = {"type": "snapshot", "volume": vol._obj_id, "name": snap,
+            map_id = self.pool.clone_map(vol.map_id)
+            meta = {"type": "snapshot", "volume": vol.obj_id, "name": snap,
                     "map": map_id, "size": vol.size, "block_size": vol.block_size,
                     "profile": str(vol.profile), "compression": vol.compression,
                     "created": int(time.time()), "uuid": uuid.uuid4().hex}
@@ -326,7 +383,7 @@ class VolumeManager:
 
     def snapshot_volume(self, volume: str, snap: str) -> Volume:
         """A read-only Volume reading the snapshot (for exports)."""
-        obj_id, meta = self._snap(volume, snap)
+        obj_id, meta = self.snapshot_record(volume, snap)
         view = self._new_volume(obj_id, {**meta, "name": f"{volume}@{snap}"})
         view.read_only = True
         view.openers = self._snap_openers.setdefault(obj_id, Openers())
@@ -336,12 +393,12 @@ class VolumeManager:
         """Delete a snapshot. Refused while it has clones, and while it is exported and
         open (unless ``force``, which disconnects its clients first)."""
         self._refuse_if_cloned(volume, snap)
-        obj_id, _meta = self._snap(volume, snap)
+        obj_id, _meta = self.snapshot_record(volume, snap)
         groups = [self._snap_openers[obj_id]] if obj_id in self._snap_openers else []
         if await self._claim(f"snapshot {self.pool.name}/{volume}@{snap}", groups, "delete it",
                              force, ()):
             self._refuse_if_cloned(volume, snap)
-        obj_id, meta = self._snap(volume, snap)
+        obj_id, meta = self.snapshot_record(volume, snap)
         del self._snapshots[volume][snap]
         self._snap_openers.pop(obj_id, None)
         self.pool.delete_map(meta["map"])
@@ -353,21 +410,16 @@ class VolumeManager:
         """Make ``volume`` read as ``snap`` again (durable on return). Refused while the
         volume has clients (their view of the disk would change under them) unless
         ``force``, which disconnects them first."""
-        self._snap(volume, snap)
+        self.snapshot_record(volume, snap)
         if await self._claim(f"volume {self.pool.name}/{volume}", [self.get(volume).openers],
                              f"roll it back to @{snap}", force, ()):
-            self._snap(volume, snap)
+            self.snapshot_record(volume, snap)
         vol = self.get(volume)
 
         def swap() -> None:
             self._still(volume, vol)
-            _obj, meta = self._snap(volume, snap)      # (not deleted while we waited)
-            vol._discard_buffer()
-            old = vol._map
-            vol._map = self.pool.clone_map(meta["map"])
-            vol.size = meta["size"]
-            vol._meta = {**vol._meta, "map": vol._map, "size": meta["size"]}
-            self.pool.put_object(vol._meta, vol._obj_id)
+            _obj, meta = self.snapshot_record(volume, snap)      # (not deleted while we waited)
+            old = vol.replace_map(self.pool.clone_map(meta["map"]), meta["size"])
             self.pool.delete_map(old)
         await vol.writeback_then(swap, write_back=False)    # the buffer is discarded
         await self.pool.commit()
@@ -379,7 +431,7 @@ class VolumeManager:
         check_volume_name(new_name)
         if new_name in self._volumes:
             raise AlreadyExists(f"volume {new_name!r} already exists in pool {self.pool.name}")
-        obj_id, meta = self._snap(volume, snap)
+        obj_id, meta = self.snapshot_record(volume, snap)
         map_id = self.pool.clone_map(meta["map"])
         vmeta: dict[str, Any] = {"type": "volume", "name": new_name, "size": meta["size"],
                                  "block_size": meta["block_size"], "profile": meta["profile"],
@@ -395,10 +447,10 @@ class VolumeManager:
                    snap_b: str | None = None) -> builtins.list[tuple[int, int]]:
         """Byte ranges (offset, length) that differ between ``volume@snap_a`` and
         ``volume@snap_b`` (or the live volume): changed-block tracking for backups."""
-        _oa, ma = self._snap(volume, snap_a)
+        _oa, ma = self.snapshot_record(volume, snap_a)
         vol = self.get(volume)
         if snap_b is not None:
-            _ob, mb = self._snap(volume, snap_b)
+            _ob, mb = self.snapshot_record(volume, snap_b)
             other, size = mb["map"], max(ma["size"], mb["size"])
             blocks = self.pool.diff_maps(ma["map"], other)
         else:
@@ -406,8 +458,8 @@ class VolumeManager:
 
             def compare() -> None:
                 self._still(volume, vol)
-                found.extend(self.pool.diff_maps(self._snap(volume, snap_a)[1]["map"],
-                                                 vol._map))
+                found.extend(self.pool.diff_maps(self.snapshot_record(volume, snap_a)[1]["map"],
+                                                 vol.map_id))
             await vol.writeback_then(compare)
             blocks, size = found, max(ma["size"], vol.size)
         bs = ma["block_size"]
@@ -437,9 +489,7 @@ class VolumeManager:
             # The tail beyond the new end is trimmed, including the part of the new last
             # block past the end, so that growing again later reads zeros there.
             await vol.trim(size, old - size)
-        vol._meta = {**vol._meta, "size": size}
-        self.pool.put_object(vol._meta, vol._obj_id)
-        vol.size = size
+        vol.set_size(size)
         await vol.flush()
         log.info("pool %s: resized volume %s from %d to %d bytes", self.pool.name, name, old,
                  size)

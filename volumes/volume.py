@@ -21,8 +21,9 @@ import bisect
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -753,7 +754,7 @@ class Volume:
             if buffered >= self._threshold(buffered):
                 await self._write_dirty()
 
-    async def _writeback(self) -> None:
+    async def write_back(self) -> None:
         """Write back every write acknowledged before this call, as records (not yet
         committed). One pass under the lock (rule W4): whatever was acknowledged before
         the call is, once the lock is ours, in the map or in ``_dirty`` (the previous
@@ -860,7 +861,7 @@ class Volume:
         if self._deleted:
             raise NotFound(f"volume {self.name} was deleted")
         started = time.perf_counter()
-        await self._writeback()
+        await self.write_back()
         await self._pool.commit()
         self._stats["flushes"] += 1
         self._latency["flush"].observe(time.perf_counter() - started)
@@ -924,17 +925,73 @@ class Volume:
             **self._stats,
             latency=tuple((op, rec.snapshot()) for op, rec in self._latency.items()))
 
-    def _discard_buffer(self) -> None:
+    def discard_buffer(self) -> None:
         """Forget buffered writes (the volume is deleted or rolled back)."""
         self._pool.unreserve(self._dirty_data * self._cost)
         self._dirty.clear()
         self._dirty_data = 0
         self._no_lz4.clear()
 
-    def _drop(self) -> None:
-        self._discard_buffer()
+    def mark_deleted(self) -> None:
+        """Forget buffered writes and refuse I/O from now on (the manager deleted it)."""
+        self.discard_buffer()
         self._deleted = True
 
+    # ---- the stored record (the manager's and a receive's verbs) -------------------------
+    @property
+    def obj_id(self) -> int:
+        """The pool object holding this volume's record."""
+        return self._obj_id
+
+    @property
+    def map_id(self) -> int:
+        """The block map the volume reads and writes."""
+        return self._map
+
+    @property
+    def origin(self) -> int | None:
+        """The snapshot object a clone was made from (None: not a clone)."""
+        origin = self._meta.get("origin")
+        return None if origin is None else int(origin)
+
+    @property
+    def receiving(self) -> Mapping[str, Any] | None:
+        """A hidden volume a receive is filling: what it receives (volumes/portable.py)."""
+        kept = self._meta.get("receiving")
+        return None if kept is None else MappingProxyType(kept)
+
+    def _store(self, meta: dict[str, Any]) -> None:
+        """Replace the stored record (part of the next commit) and what mirrors it."""
+        self._meta = meta
+        self._map, self.name, self.size = meta["map"], meta["name"], meta["size"]
+        self._pool.put_object(meta, self._obj_id)
+
+    def rename_to(self, name: str) -> None:
+        self._store({**self._meta, "name": name})
+
+    def set_size(self, size: int) -> None:
+        """Record a new size (the caller trimmed a shrunk tail first)."""
+        self._store({**self._meta, "size": size})
+
+    def replace_map(self, map_id: int, size: int) -> int:
+        """Read ``map_id`` from now on, ``size`` bytes long, forgetting buffered writes (a
+        rollback, a received increment); returns the old map, for the caller to delete.
+        Called under the writeback lock (``writeback_then``)."""
+        self.discard_buffer()
+        old = self._map
+        self._store({**self._meta, "map": map_id, "size": size})
+        return old
+
+    def note_received(self, seq: int) -> None:
+        """A receive's checkpoint: records below ``seq`` are durable in this volume."""
+        kept = self._meta["receiving"]
+        self._store({**self._meta, "receiving": {**kept, "seq": seq}})
+
+    def finish_receive(self, name: str, size: int) -> None:
+        """The receive is complete: an ordinary volume ``name`` from now on."""
+        meta = {k: v for k, v in self._meta.items() if k != "receiving"}
+        meta.update(name=name, size=size)
+        self._store(meta)
 
 Piece = bytes | memoryview    # a read's bytes of one block, never to change under a reader
 
