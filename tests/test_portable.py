@@ -88,13 +88,13 @@ async def test_full_round_trip_into_another_profile_keeps_bytes_and_holes(
         assert await vb.get("copy").read(0, VOL) == want
         assert await vb.snapshot_volume("copy", "s1").read(0, VOL) == want
         assert str(vb.get("copy").profile) == "ec:2+1"
-        snap_map = va.snapshot_record("disk", "s1")[1]["map"]
+        snap_map = va.snapshot_record("disk", "s1")[1].map
         assert await _mapped(vb, "copy") == a.mapped_blocks(snap_map, 0, VOL // BS)
         written = MiB + 4096 + len(b"storaged send stream ") * 20000 + 5000
         assert len(data) < written        # holes are not sent; text compresses
         # The snapshot keeps its identity across pools (the base of later increments).
-        assert (va.snapshot_record("disk", "s1")[1]["uuid"]
-                == vb.snapshot_record("copy", "s1")[1]["uuid"])
+        assert (va.snapshot_record("disk", "s1")[1].uuid
+                == vb.snapshot_record("copy", "s1")[1].uuid)
         # A second full receive onto the same name is refused and changes nothing.
         before = _state(b)
         with pytest.raises(StorageError, match="already exists"):
@@ -209,7 +209,7 @@ async def test_incremental_chain_applies_in_order_and_refuses_a_wrong_base(
             want = await va.snapshot_volume("disk", snap).read(0, VOL)
             assert await vb.get("copy").read(0, VOL) == want, snap
             assert await vb.snapshot_volume("copy", snap).read(0, VOL) == want
-        snap_map = va.snapshot_record("disk", "s3")[1]["map"]
+        snap_map = va.snapshot_record("disk", "s3")[1].map
         assert await _mapped(vb, "copy") == a.mapped_blocks(snap_map, 0, VOL // BS)
         assert vb.snapshot_names("copy") == ["s1", "s2", "s3"]
 

@@ -29,6 +29,7 @@ from pool.pool import Profile
 from volumes import stream
 from volumes.manager import VolumeManager, _check_size
 from volumes.openers import refuse_in_use
+from volumes.records import ReceiveState, SnapshotRecord, VolumeRecord
 from volumes.volume import Volume, check_block_size
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,11 @@ READ_BATCH = 4 << 20           # bytes of stream a receive reads from a descript
 
 
 # ==== snapshots' identity ===================================================================
-def latest_snapshot(vm: VolumeManager, volume: str) -> tuple[str, dict[str, Any]] | None:
+def latest_snapshot(vm: VolumeManager, volume: str) -> tuple[str, SnapshotRecord] | None:
     snaps = vm.snapshots_of(volume)
     if not snaps:
         return None
-    name = max(snaps, key=lambda s: (snaps[s][1]["created"], snaps[s][0]))
+    name = max(snaps, key=lambda s: (snaps[s][1].created, snaps[s][0]))
     return name, snaps[name][1]
 
 
@@ -62,18 +63,18 @@ def plan(vm: VolumeManager, volume: str, snap: str,
     """(kind, offset, length) of each record: runs of data (and, for an incremental, of
     blocks that became holes), at most ``stream.CHUNK`` bytes each, in block order."""
     _o, meta = vm.snapshot_record(volume, snap)
-    bs, size = meta["block_size"], meta["size"]
+    bs, size = meta.block_size, meta.size
     nblocks = -(-size // bs)
-    mapped = set(vm.pool.mapped_blocks(meta["map"], 0, nblocks))
+    mapped = set(vm.pool.mapped_blocks(meta.map, 0, nblocks))
     if base is None:
         blocks = sorted(mapped)
         limit = size
     else:
         _ob, bmeta = vm.snapshot_record(volume, base)
-        if bmeta["block_size"] != bs:
+        if bmeta.block_size != bs:
             raise InvalidArgument("base and snapshot have different block sizes")
-        blocks = sorted(vm.pool.diff_maps(bmeta["map"], meta["map"]))
-        limit = max(size, bmeta["size"])
+        blocks = sorted(vm.pool.diff_maps(bmeta.map, meta.map))
+        limit = max(size, bmeta.size)
     out: list[tuple[int, int, int]] = []
     for b in blocks:
         start = b * bs
@@ -104,20 +105,20 @@ async def send(vm: VolumeManager, volume: str, snap: str, base: str | None = Non
         if base == snap:
             raise InvalidArgument("an incremental stream needs a base other than the snapshot")
         bo, bmeta = vm.snapshot_record(volume, base)
-        if (bmeta["created"], bo) > (meta["created"], _o):
+        if (bmeta.created, bo) > (meta.created, _o):
             raise InvalidArgument(f"base @{base} is newer than @{snap}: send from an older "
                                   f"snapshot")
         base_info = {"name": base, "uuid": await snapshot_uuid(vm, volume, base),
-                     "size": bmeta["size"]}
+                     "size": bmeta.size}
     records = plan(vm, volume, snap, base)
     if resume_seq < 0 or resume_seq > len(records):
         raise InvalidArgument(f"resume point {resume_seq} is outside this stream's "
                               f"{len(records)} records")
     header: dict[str, Any] = {
         "format": stream.VERSION,
-        "volume": {"name": volume, "size": meta["size"], "block_size": meta["block_size"],
-                   "profile": meta["profile"], "compression": meta["compression"]},
-        "snapshot": {"name": snap, "uuid": suuid, "created": meta["created"]},
+        "volume": {"name": volume, "size": meta.size, "block_size": meta.block_size,
+                   "profile": meta.profile, "compression": meta.compression},
+        "snapshot": {"name": snap, "uuid": suuid, "created": meta.created},
         "base": base_info, "chunk": stream.CHUNK, "records": len(records),
         "data_bytes": sum(n for k, _o2, n in records if k == stream.DATA),
         "resume": {"seq": resume_seq} if resume_seq else None,
@@ -342,22 +343,23 @@ class Receiver:
                 raise NotFound(f"no interrupted receive into {self.target} to resume")
             kept = partial.receiving
             assert kept is not None
-            if kept["snapshot"] != snap["uuid"] or kept.get("base") != (
+            if kept.snapshot != snap["uuid"] or kept.base != (
                     h["base"]["uuid"] if h.get("base") else None):
                 raise InvalidArgument(
                     f"this stream is not the one the interrupted receive into {self.target} "
-                    f"was reading (that was @{kept['snapshot_name']})")
+                    f"was reading (that was @{kept.snapshot_name})")
             start = (h.get("resume") or {}).get("seq", 0)
-            if start > kept["seq"]:
+            if start > kept.seq:
                 raise InvalidArgument(f"the stream resumes at record {start} but only "
-                                      f"{kept['seq']} were received: send with --resume "
-                                      f"{kept['seq']}")
-            self._skip_below = kept["seq"]
+                                      f"{kept.seq} were received: send with --resume "
+                                      f"{kept.seq}")
+            self._skip_below = kept.seq
             self._next = start        # this stream's first record
             return
         if h.get("resume"):
             raise InvalidArgument("this is a resumed stream: receive it with --resume")
-        if partial is not None and (partial.receiving or {}).get("resumable"):
+        if partial is not None and partial.receiving is not None \
+                and partial.receiving.resumable:
             raise Busy(f"an interrupted receive into {self.target} is kept: continue it "
                        f"with --resume, or discard it with --abort")
         base = h.get("base")
@@ -372,7 +374,7 @@ class Receiver:
             raise NotFound(f"no volume {self.target!r} in pool {self.vm.pool.name} for this "
                            f"incremental stream (it needs @{base['name']} there)")
         latest = latest_snapshot(self.vm, self.target)
-        if latest is None or latest[1].get("uuid") != base["uuid"]:
+        if latest is None or latest[1].uuid != base["uuid"]:
             have = (f"its latest snapshot is @{latest[0]}" if latest else "it has no "
                     "snapshots")
             raise InvalidArgument(f"this incremental stream applies onto @{base['name']} "
@@ -408,7 +410,7 @@ class Receiver:
                 # refused before anything is written (checked again at the end).
                 refuse_in_use(f"volume {pool.name}/{self.target}", list(target.openers),
                               "receive an increment into it")
-            source_map, src_size = latest[1]["map"], latest[1]["size"]
+            source_map, src_size = latest[1].map, latest[1].size
             prof, comp, bs = str(target.profile), target.compression, target.block_size
             if bs != vol["block_size"]:
                 raise InvalidArgument("the stream's block size differs from the volume's")
@@ -425,16 +427,12 @@ class Receiver:
             check_block_size(bs)
             _check_size(size, bs)
             map_id = pool.create_map()
-        meta: dict[str, Any] = {
-            "type": "volume", "name": _partial_name(self.target), "size": size,
-            "block_size": bs, "profile": prof, "compression": comp, "map": map_id,
-            "created": int(time.time()),
-            "receiving": {"target": self.target, "snapshot": snap["uuid"],
-                          "snapshot_name": snap["name"],
-                          "base": base["uuid"] if base else None, "seq": 0,
-                          "resumable": self.resumable, "header": h}}
-        obj_id = pool.put_object(meta)
-        self.partial = vm.add_partial(self.target, obj_id, meta)
+        record = VolumeRecord(
+            _partial_name(self.target), size, bs, prof, comp, map_id, int(time.time()),
+            receiving=ReceiveState(self.target, snap["uuid"], snap["name"],
+                                   base["uuid"] if base else None, 0, self.resumable, h))
+        obj_id = pool.put_object(record.encode())
+        self.partial = vm.add_partial(self.target, obj_id, record)
         self.partial.streaming = True
         await pool.commit()
 
@@ -617,12 +615,9 @@ class Receiver:
                 pool.delete_object(part.obj_id)
                 pool.delete_map(old)
             await vol.writeback_then(swap)
-        smeta = {"type": "snapshot", "volume": vol.obj_id, "name": snap["name"],
-                 "map": pool.clone_map(vol.map_id), "size": size,
-                 "block_size": vol.block_size, "profile": str(vol.profile),
-                 "compression": vol.compression, "created": int(snap["created"]),
-                 "uuid": snap["uuid"]}
-        vm.add_snapshot(self.target, smeta)
+        vm.add_snapshot(self.target, SnapshotRecord(
+            vol.obj_id, snap["name"], pool.clone_map(vol.map_id), size, vol.block_size,
+            str(vol.profile), vol.compression, int(snap["created"]), snap["uuid"]))
         await pool.commit()
         self.done = {"volume": self.target, "snapshot": snap["name"],
                      "incremental": h.get("base") is not None,
@@ -665,5 +660,5 @@ def receive_state(vm: VolumeManager, target: str) -> dict[str, Any] | None:
         return None
     kept = part.receiving
     assert kept is not None
-    return {"volume": target, "snapshot": kept["snapshot_name"], "seq": kept["seq"],
-            "resumable": kept["resumable"]}
+    return {"volume": target, "snapshot": kept.snapshot_name, "seq": kept.seq,
+            "resumable": kept.resumable}

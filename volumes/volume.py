@@ -21,9 +21,8 @@ import bisect
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from types import MappingProxyType
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -31,6 +30,7 @@ import trio
 from pool.errors import InvalidArgument, NoSpace, NotFound, ReadOnly, StorageError
 from pool.pool import Pool, Profile
 from volumes.openers import Openers
+from volumes.records import ReceiveState, VolumeRecord
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -148,19 +148,19 @@ class VolumeStatistics:
 class Volume:
     """One thin volume. Obtain it from ``VolumeManager``; never construct it directly."""
 
-    def __init__(self, pool: Pool, obj_id: int, meta: dict[str, Any],
+    def __init__(self, pool: Pool, obj_id: int, record: VolumeRecord,
                  write_buffer: WriteBuffer | None = None) -> None:
         self._pool = pool
         # The budget this volume's unflushed writes count against (its manager's).
         self.write_buffer = write_buffer if write_buffer is not None else WRITE_BUFFER
         self._obj_id = obj_id
-        self._meta = meta
-        self._map: int = meta["map"]
-        self.name: str = meta["name"]
-        self.size: int = meta["size"]
-        self.block_size: int = meta["block_size"]
-        self.profile = Profile.parse(meta["profile"])
-        self.compression: bool = meta["compression"]
+        self._record = record
+        self._map: int = record.map
+        self.name: str = record.name
+        self.size: int = record.size
+        self.block_size: int = record.block_size
+        self.profile = Profile.parse(record.profile)
+        self.compression: bool = record.compression
         self.read_only = False
         # The frontends' clients of this volume (volumes/openers.py); a snapshot's views
         # share their snapshot's (the manager sets it).
@@ -949,29 +949,32 @@ class Volume:
         return self._map
 
     @property
-    def origin(self) -> int | None:
-        """The snapshot object a clone was made from (None: not a clone)."""
-        origin = self._meta.get("origin")
-        return None if origin is None else int(origin)
+    def record(self) -> VolumeRecord:
+        """The stored record (volumes/records.py), as of the last change."""
+        return self._record
 
     @property
-    def receiving(self) -> Mapping[str, Any] | None:
-        """A hidden volume a receive is filling: what it receives (volumes/portable.py)."""
-        kept = self._meta.get("receiving")
-        return None if kept is None else MappingProxyType(kept)
+    def origin(self) -> int | None:
+        """The snapshot object a clone was made from (None: not a clone)."""
+        return self._record.origin
 
-    def _store(self, meta: dict[str, Any]) -> None:
+    @property
+    def receiving(self) -> ReceiveState | None:
+        """A hidden volume a receive is filling: what it receives (volumes/portable.py)."""
+        return self._record.receiving
+
+    def _store(self, record: VolumeRecord) -> None:
         """Replace the stored record (part of the next commit) and what mirrors it."""
-        self._meta = meta
-        self._map, self.name, self.size = meta["map"], meta["name"], meta["size"]
-        self._pool.put_object(meta, self._obj_id)
+        self._record = record
+        self._map, self.name, self.size = record.map, record.name, record.size
+        self._pool.put_object(record.encode(), self._obj_id)
 
     def rename_to(self, name: str) -> None:
-        self._store({**self._meta, "name": name})
+        self._store(replace(self._record, name=name))
 
     def set_size(self, size: int) -> None:
         """Record a new size (the caller trimmed a shrunk tail first)."""
-        self._store({**self._meta, "size": size})
+        self._store(replace(self._record, size=size))
 
     def replace_map(self, map_id: int, size: int) -> int:
         """Read ``map_id`` from now on, ``size`` bytes long, forgetting buffered writes (a
@@ -979,19 +982,19 @@ class Volume:
         Called under the writeback lock (``writeback_then``)."""
         self.discard_buffer()
         old = self._map
-        self._store({**self._meta, "map": map_id, "size": size})
+        self._store(replace(self._record, map=map_id, size=size))
         return old
 
     def note_received(self, seq: int) -> None:
         """A receive's checkpoint: records below ``seq`` are durable in this volume."""
-        kept = self._meta["receiving"]
-        self._store({**self._meta, "receiving": {**kept, "seq": seq}})
+        kept = self._record.receiving
+        assert kept is not None
+        self._store(replace(self._record, receiving=replace(kept, seq=seq)))
 
     def finish_receive(self, name: str, size: int) -> None:
         """The receive is complete: an ordinary volume ``name`` from now on."""
-        meta = {k: v for k, v in self._meta.items() if k != "receiving"}
-        meta.update(name=name, size=size)
-        self._store(meta)
+        self._store(replace(self._record, name=name, size=size, receiving=None))
+
 
 Piece = bytes | memoryview    # a read's bytes of one block, never to change under a reader
 
