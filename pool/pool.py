@@ -79,21 +79,16 @@ from pool.state import (
     op_map_clear,
     op_map_set,
 )
+from pool.tuning import PoolTuning
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 META_RESERVE = 0.9   # writes stop when the metadata area is this full
-
-
-# Verified blocks of small reads kept per pool, like ZFS's ARC: a hit costs no device read
-# and no checksum. The daemon sets it from cache.records.
-RECORD_CACHE_BYTES = readcache.default_limit()
 _NODE_UNITS = 7      # 4 KiB units of the largest map node blob (a 24 KiB leaf, lz4 framed)
 _STATE_UNITS_GUESS = 4
 _INDEX = ENTRY.__class__("<QIIIQ")  # node id, unit, units, length, hash
 FAULT_THRESHOLD = 10  # I/O errors after which a member is faulted (checksum errors excluded)
 DISCARD_BATCH = 256   # freed extents discarded per round of the discard task
-DISCARD_FREED = True  # discard freed extents (the daemon sets it from `discard`)
 DISCARD_DELAY = 10.0  # seconds an extent stays free before it is discarded
 ZEROING_RESERVE_RECORDS = 4   # largest records kept for trims' partial blocks (rule S2)
 
@@ -147,7 +142,9 @@ class Pool:
     """An imported pool. Build one with ``Pool.create`` or ``Pool.open``."""
 
     def __init__(self, state: PoolState, layout: Layout, devices: list[Device | None],
-                 meta: MetaStore, superblock: Superblock | None) -> None:
+                 meta: MetaStore, superblock: Superblock | None,
+                 tuning: PoolTuning | None = None) -> None:
+        self.tuning = tuning = tuning if tuning is not None else PoolTuning()
         self.state = state
         self.layout = layout
         self.devices = devices
@@ -161,7 +158,7 @@ class Pool:
         # Free extents to discard (hole punch / BLKDISCARD: thin backing files and SSDs
         # get the space back), and those being discarded now (writes into one of these,
         # reused meanwhile, wait for its discard: see _store).
-        self.discard_freed = DISCARD_FREED
+        self.discard_freed = tuning.discard_freed
         self._discard_queue: dict[tuple[int, int], float] = {}   # -> when it was freed
         self._discarding: dict[tuple[int, int], trio.Event] = {}
         self._running = False                       # a ``run`` task is serving the pool
@@ -174,7 +171,7 @@ class Pool:
         self._fill_moved: set[int] = set()   # segments whose fill changed since last commit
         self._column_cache: dict[int, tuple[tuple[Device | None, int, str], ...]] = {}
         # Verified logical blocks of recent small reads, keyed by map entry (an LRU).
-        self.record_cache = readcache.RecordCache(RECORD_CACHE_BYTES)
+        self.record_cache = readcache.RecordCache(tuning.record_cache)
         self.cleaner = SegmentCleaner(self)
         self._zero_block = b""     # zeros for holes read into a caller's buffer
         self._pending: list[Op] = []
@@ -239,7 +236,8 @@ class Pool:
     @classmethod
     async def create(cls, name: str, devices: Sequence[Device], *, profile: str = "plain",
                      extent_size: int = DEFAULT_EXTENT, meta_size: int | None = None,
-                     force: bool = False, claim: owners.Claim | None = None) -> Pool:
+                     force: bool = False, claim: owners.Claim | None = None,
+                     tuning: PoolTuning | None = None) -> Pool:
         """Make a new pool on ``devices`` (their current contents are overwritten).
 
         Devices that carry a storaged label are refused unless ``force`` is given.
@@ -264,7 +262,7 @@ class Pool:
                    for i, d in enumerate(devices)]
         state = PoolState(pool_uuid, name, extent_size, str(prof), members)
         devs: list[Device | None] = list(devices)
-        pool = cls(state, layout, devs, MetaStore(layout, devs, pool_uuid), None)
+        pool = cls(state, layout, devs, MetaStore(layout, devs, pool_uuid), None, tuning)
         pool._free = [set(range(mi.n_extents)) for mi in members]
 
         def write_label(mi: MemberInfo, dev: Device) -> None:
@@ -284,7 +282,8 @@ class Pool:
     @classmethod
     async def open(cls, devices: Sequence[Device], *, name: str | None = None,
                    left_out: dict[str, str] | None = None,
-                   claim: owners.Claim | None = None) -> Pool:
+                   claim: owners.Claim | None = None,
+                   tuning: PoolTuning | None = None) -> Pool:
         """Import a pool from its member devices (any order, members may be missing).
 
         Refuses, changing nothing, when a device is unlabelled, truncated, of another pool,
@@ -327,7 +326,8 @@ class Pool:
         if left_out is not None:
             used = {id(d) for d in loaded.devices if d is not None}
             await close_devices([d for d in devices if id(d) not in used])
-        pool = cls(loaded.state, loaded.layout, loaded.devices, loaded.meta, loaded.superblock)
+        pool = cls(loaded.state, loaded.layout, loaded.devices, loaded.meta, loaded.superblock,
+                   tuning)
         pool._page_locs = loaded.page_locs
         if left_out:
             pool.left_out = dict(left_out)

@@ -25,8 +25,8 @@ from nbd import proto
 from nbd.exports import VolumeCatalog
 from nbd.server import NBDConfig, NBDServer, tls_server_context
 from pool import Pool, rebuild, records, scrub
-from pool import pool as pool_module
 from pool.errors import StorageError
+from pool.tuning import PoolTuning
 from storaged.api import ControlAPI
 from storaged.config import Config, parse_address
 from storaged.control import ControlServer
@@ -37,7 +37,7 @@ from storaged.registry import PoolEntry, Registry
 from storaged.service import Reloader, reloading_message, sd_notify, watchdog, watchdog_interval
 from storaged.startup import StartupError, check_control_socket, check_listen, listen_error
 from volumes import VolumeManager
-from volumes import volume as volume_module
+from volumes.volume import WriteBuffer
 
 log = logging.getLogger(__name__)
 DEMO_DEVICES = 3
@@ -243,6 +243,13 @@ async def _start_listener(nursery: trio.Nursery, key: str, address: str | None,
         raise listen_error(key, address or "?", e) from None
 
 
+def pool_tuning(cfg: Config) -> PoolTuning:
+    """What the configuration tunes every pool with (not live: storaged.service.LIVE_KEYS)."""
+    if cfg.record_cache is None:
+        return PoolTuning(discard_freed=cfg.discard)
+    return PoolTuning(discard_freed=cfg.discard, record_cache=cfg.record_cache)
+
+
 def apply_live(cfg: Config, registry: Registry) -> None:
     """Put the keys a reload may change (storaged.service.LIVE_KEYS) into effect; the
     background tasks read the others from the Reloader at their next round."""
@@ -270,13 +277,9 @@ async def run(cfg: Config, *, ready: trio.Event | None = None,
               reload: Callable[[], Config] | None = None) -> None:
     """Serve until SIGTERM/SIGINT. ``reload``: what SIGHUP re-reads the configuration
     with (None: SIGHUP re-reads nothing)."""
-    pool_module.DISCARD_FREED = cfg.discard
-    if cfg.record_cache is not None:
-        pool_module.RECORD_CACHE_BYTES = cfg.record_cache
-    if cfg.write_buffer is not None:
-        volume_module.WRITE_BUFFER.limit = cfg.write_buffer
     registry = Registry(cfg.state_dir, heartbeat=cfg.owner_heartbeat,
-                        activity=cfg.owner_activity)
+                        activity=cfg.owner_activity, tuning=pool_tuning(cfg),
+                        write_buffer=WriteBuffer(cfg.write_buffer))
     settings = Reloader(cfg, reload, lambda new: apply_live(new, registry))
     apply_live(cfg, registry)
     serving = trio.Event()

@@ -39,7 +39,9 @@ from pool.layout import LABEL_SIZE, Label
 from pool.metastore import MetaStore
 from pool.pool import label_copies
 from pool.state import PoolState
+from pool.tuning import PoolTuning
 from volumes import VolumeManager
+from volumes.volume import WriteBuffer
 
 log = logging.getLogger(__name__)
 CACHE = "pools.json"
@@ -70,6 +72,10 @@ class Registry:
     heartbeat: float = owners.DEFAULT_INTERVAL    # owner records: seconds between beats
     activity: float = owners.DEFAULT_ACTIVITY     # ... silence after which an owner is gone
     overcommit_warning: float = 1.0   # volumes' sizes / usable size that volume create warns at
+    # What each pool created or imported is tuned with, and the one write buffer all their
+    # volume managers share (the daemon builds both from the configuration).
+    tuning: PoolTuning = field(default_factory=PoolTuning)
+    write_buffer: WriteBuffer = field(default_factory=WriteBuffer)
     _lock: trio.Lock = field(default_factory=trio.Lock)
     _me: owners.Owner | None = None
 
@@ -146,7 +152,8 @@ class Registry:
                 if force:
                     await trio.to_thread.run_sync(_refuse_live_owner, devices, claim.owner)
                 pool = await Pool.create(name, devices, profile=profile,
-                                         extent_size=extent_size, force=force, claim=claim)
+                                         extent_size=extent_size, force=force, claim=claim,
+                                         tuning=self.tuning)
             except BaseException:
                 await close_devices(devices)
                 await trio.to_thread.run_sync(_unlink, created)   # leave no file behind
@@ -154,7 +161,8 @@ class Registry:
             return await self._adopt(pool, paths)
 
     async def _adopt(self, pool: Pool, paths: list[str]) -> PoolEntry:
-        entry = PoolEntry(pool, VolumeManager(pool), [_abspath(p) for p in paths])
+        entry = PoolEntry(pool, VolumeManager(pool, self.write_buffer),
+                          [_abspath(p) for p in paths])
         self.pools[pool.name] = entry
         self.failed.pop(pool.name, None)
         await self.save()
@@ -185,7 +193,8 @@ class Registry:
                            + "; ".join(f"{p}: {why}" for p, why in left_out.items()))
         try:
             taken_over = await self._check_owner(devices, name, claim.owner, force)
-            pool = await Pool.open(devices, name=name, left_out=left_out, claim=claim)
+            pool = await Pool.open(devices, name=name, left_out=left_out, claim=claim,
+                                   tuning=self.tuning)
         except BaseException:
             await close_devices(devices)
             raise

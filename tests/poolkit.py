@@ -8,6 +8,7 @@ import random
 from pool import Pool
 from pool.layout import SECTOR
 from pool.state import ENTRY
+from pool.tuning import PoolTuning
 from tests.conftest import DiskSet
 from volumes import VolumeManager
 
@@ -16,9 +17,11 @@ BS = 64 << 10
 
 
 async def filled_pool(ds: DiskSet, profile: str, size: int, *, seed: int = 1,
-                      compression: bool = False) -> tuple[Pool, bytes]:
+                      compression: bool = False, tuning: PoolTuning | None = None
+                      ) -> tuple[Pool, bytes]:
     """An open pool on ``ds`` whose volume 'v' holds ``size`` random bytes (flushed)."""
-    pool = await Pool.create("p", ds.create(), profile=profile, extent_size=EXT)
+    pool = await Pool.create("p", ds.create(), profile=profile, extent_size=EXT,
+                             tuning=tuning)
     vol = await VolumeManager(pool).create("v", size, block_size=BS, compression=compression)
     data = random.Random(seed).randbytes(size)
     await vol.write(0, data)

@@ -276,8 +276,8 @@ async def test_crash_during_snapshot_create_delete_rollback_clone(tmp_path: obje
             await point(f"clone {step}", partial(vm.clone, "v", rng.choice(snaps), "c"))
         else:
             victim = rng.choice(snaps)
-            origin = vm.get("c")._meta.get("origin") if "c" in vm.names() else None
-            if origin == vm._snapshots["v"][victim][0]:
+            origin = vm.get("c").origin if "c" in vm.names() else None
+            if origin == vm.snapshot_record("v", victim)[0]:
                 await point(f"delete clone {step}", partial(vm.delete, "c"))
             else:
                 await point(f"delete {step}", partial(vm.delete_snapshot, "v", victim))

@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 import trio
 
-import pool.pool as pool_module
 import storaged.registry as registry_module
 from pool import FileDevice, Pool, rebuild
 from pool.checker import check
@@ -29,6 +28,7 @@ from pool.device import Device
 from pool.errors import InvalidArgument
 from pool.faults import FaultyDevice
 from pool.layout import LABEL_SIZE, SB_OFFSET, SB_SLOT_SIZE, SB_SLOTS, Label
+from pool.tuning import PoolTuning
 from storaged.api import pool_status
 from storaged.registry import PoolEntry, Registry
 from tests.conftest import DiskSet
@@ -253,9 +253,9 @@ async def test_the_first_short_read_faults_a_shrunk_member_at_once(
     """Issue 20 item 4: with the periodic check an hour away, a read that comes back
     short from a truncated member triggers the check: the member is faulted within a
     second of that read, which itself returned the right bytes (degraded)."""
-    monkeypatch.setattr(pool_module, "RECORD_CACHE_BYTES", 0)   # reads go to the devices
     ds = disks(3, size=DEV)
-    pool, data = await filled_pool(ds, "ec:2+1", SIZE)
+    pool, data = await filled_pool(ds, "ec:2+1", SIZE,     # reads go to the devices
+                                   tuning=PoolTuning(record_cache=0))
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pool.watch_members, 3600.0)

@@ -65,7 +65,7 @@ async def _random_snapshot(va: VolumeManager, seed: int) -> None:
 
 async def _mapped(vm: VolumeManager, name: str) -> list[int]:
     vol = vm.get(name)
-    return vm.pool.mapped_blocks(vol._map, 0, -(-vol.size // vol.block_size))
+    return vm.pool.mapped_blocks(vol.map_id, 0, -(-vol.size // vol.block_size))
 
 
 async def test_full_round_trip_into_another_profile_keeps_bytes_and_holes(
@@ -88,12 +88,13 @@ async def test_full_round_trip_into_another_profile_keeps_bytes_and_holes(
         assert await vb.get("copy").read(0, VOL) == want
         assert await vb.snapshot_volume("copy", "s1").read(0, VOL) == want
         assert str(vb.get("copy").profile) == "ec:2+1"
-        snap_map = va._snap("disk", "s1")[1]["map"]
+        snap_map = va.snapshot_record("disk", "s1")[1].map
         assert await _mapped(vb, "copy") == a.mapped_blocks(snap_map, 0, VOL // BS)
         written = MiB + 4096 + len(b"storaged send stream ") * 20000 + 5000
         assert len(data) < written        # holes are not sent; text compresses
         # The snapshot keeps its identity across pools (the base of later increments).
-        assert (va._snap("disk", "s1")[1]["uuid"] == vb._snap("copy", "s1")[1]["uuid"])
+        assert (va.snapshot_record("disk", "s1")[1].uuid
+                == vb.snapshot_record("copy", "s1")[1].uuid)
         # A second full receive onto the same name is refused and changes nothing.
         before = _state(b)
         with pytest.raises(StorageError, match="already exists"):
@@ -145,8 +146,8 @@ async def test_a_send_compresses_what_compresses(disks: Disks, compression: bool
         copy = VolumeManager(b).get("copy")
         assert await copy.read(0, 3 * MiB) == want
         # The copy compresses as its source did: the text, not the random bytes.
-        assert b.any_compressed(copy._map, MiB // BS, MiB // BS) is compression
-        assert not b.any_compressed(copy._map, 0, MiB // BS)
+        assert b.any_compressed(copy.map_id, MiB // BS, MiB // BS) is compression
+        assert not b.any_compressed(copy.map_id, 0, MiB // BS)
     finally:
         await a.close()
         await b.close()
@@ -165,7 +166,7 @@ async def test_a_write_that_says_it_does_not_compress_is_not_tried(disks: Disks)
         await vol.write(BS + 100, b"x" * 10)             # block 1 changed since
         await vol.write(3 * BS, blocks[3])               # block 3: an ordinary write
         await vol.flush()
-        got = [a.any_compressed(vol._map, b, 1) for b in range(4)]
+        got = [a.any_compressed(vol.map_id, b, 1) for b in range(4)]
         assert got == [False, True, False, True]
         assert await vol.read(0, 4 * BS) == (text[:BS] + text[:100] + b"x" * 10
                                              + text[110:BS] + text[:BS] * 2)
@@ -208,7 +209,7 @@ async def test_incremental_chain_applies_in_order_and_refuses_a_wrong_base(
             want = await va.snapshot_volume("disk", snap).read(0, VOL)
             assert await vb.get("copy").read(0, VOL) == want, snap
             assert await vb.snapshot_volume("copy", snap).read(0, VOL) == want
-        snap_map = va._snap("disk", "s3")[1]["map"]
+        snap_map = va.snapshot_record("disk", "s3")[1].map
         assert await _mapped(vb, "copy") == a.mapped_blocks(snap_map, 0, VOL // BS)
         assert vb.snapshot_names("copy") == ["s1", "s2", "s3"]
 

@@ -21,8 +21,9 @@ from pool.checker import check
 from pool.errors import NoSpace
 from pool.faults import FaultyDevice
 from pool.state import ENTRY, HOLE
+from pool.tuning import PoolTuning
 from storaged.config import load
-from storaged.daemon import _background
+from storaged.daemon import _background, pool_tuning
 from storaged.registry import PoolEntry
 from volumes import VolumeManager
 
@@ -183,13 +184,14 @@ def _allocated(paths: list[Path]) -> int:
     return sum(os.stat(p).st_blocks * 512 for p in paths)
 
 
-async def _sparse_pool(tmp_path: Path) -> tuple[Pool, list[Path], list[FaultyDevice]]:
+async def _sparse_pool(tmp_path: Path, tuning: PoolTuning | None = None
+                       ) -> tuple[Pool, list[Path], list[FaultyDevice]]:
     """An ec:2+1 pool of 1 MiB extents on three sparse files (behind FaultyDevices, to
     slow their discards down), the files' paths and the devices."""
     paths = [tmp_path / f"d{i}" for i in range(3)]
     devs = [FaultyDevice(FileDevice(str(p), create_size=64 << 20)) for p in paths]
     pool = await Pool.create("t", devs, profile="ec:2+1", extent_size=1 << 20,
-                             meta_size=1 << 20)
+                             meta_size=1 << 20, tuning=tuning)
     return pool, paths, devs
 
 
@@ -259,15 +261,15 @@ async def test_freed_space_goes_back_to_sparse_device_files(
         await pool.close()
 
 
-async def test_discard_can_be_turned_off(tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_discard_can_be_turned_off(tmp_path: Path) -> None:
     """`discard = false` (for backing stores where a discard is slow or unwanted): freed
     extents go back to the pool only, the device files keep their blocks."""
     conf = tmp_path / "storaged.toml"
     conf.write_text("discard = false\n")
     assert load(str(conf)).discard is False and load(None).discard is True
-    monkeypatch.setattr(pool_impl, "DISCARD_FREED", False)     # what the daemon sets
-    pool, paths, _devs = await _sparse_pool(tmp_path)
+    tuning = pool_tuning(load(str(conf)))       # what the daemon hands the registry
+    assert tuning.discard_freed is False
+    pool, paths, _devs = await _sparse_pool(tmp_path, tuning)
     try:
         held = await _fill_and_delete(pool, paths, 16)
         assert pool.statistics().discarded_extents == 0

@@ -32,6 +32,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 from pool.errors import AlreadyExists, Busy, InvalidArgument, NotFound
@@ -39,7 +40,14 @@ from pool.maps import MAX_BLOCKS
 from pool.pool import Pool
 from pool.profile import Profile
 from volumes.openers import Opener, Openers, evict, in_use, refuse_in_use
-from volumes.volume import DEFAULT_BLOCK, Volume, VolumeStatistics, check_block_size
+from volumes.records import SnapshotRecord, VolumeRecord
+from volumes.volume import (
+    DEFAULT_BLOCK,
+    Volume,
+    VolumeStatistics,
+    WriteBuffer,
+    check_block_size,
+)
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
@@ -61,12 +69,15 @@ def check_volume_name(name: str) -> None:
 
 
 class VolumeManager:
-    """Volumes stored in ``pool`` (as pool objects of type 'volume' with a block map)."""
+    """Volumes stored in ``pool`` (as pool objects of type 'volume' with a block map).
+    Their unflushed writes count against ``write_buffer`` (shared with the managers of the
+    process's other pools when they are handed the same one; default volume.WRITE_BUFFER)."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, write_buffer: WriteBuffer | None = None) -> None:
         self.pool = pool
+        self.write_buffer = write_buffer     # None: each Volume takes volume.WRITE_BUFFER
         self._volumes: dict[str, Volume] = {}
-        self._snapshots: dict[str, dict[str, tuple[int, dict[str, Any]]]] = {}
+        self._snapshots: dict[str, dict[str, tuple[int, SnapshotRecord]]] = {}
         # Hidden volumes a receive is filling (volumes/portable.py), by target name.
         self._partials: dict[str, Volume] = {}
         # The clients of each snapshot, by snapshot object id, shared by all its read-only
@@ -74,21 +85,27 @@ class VolumeManager:
         self._snap_openers: dict[int, Openers] = {}
         objects = pool.objects()
         for obj_id, meta in objects.items():
-            if meta.get("type") == "volume" and "receiving" in meta:
-                self._partials[meta["receiving"]["target"]] = Volume(pool, obj_id, meta)
-            elif meta.get("type") == "volume":
-                self._volumes[meta["name"]] = Volume(pool, obj_id, meta)
+            if meta.get("type") == "volume":
+                record = VolumeRecord.decode(meta)
+                if record.receiving is not None:
+                    self._partials[record.receiving.target] = self._new_volume(obj_id, record)
+                else:
+                    self._volumes[record.name] = self._new_volume(obj_id, record)
         for obj_id, meta in objects.items():
             if meta.get("type") == "snapshot":
-                owner = objects[meta["volume"]]["name"]
-                self._snapshots.setdefault(owner, {})[meta["name"]] = (obj_id, meta)
+                snap = SnapshotRecord.decode(meta)
+                owner = objects[snap.volume]["name"]
+                self._snapshots.setdefault(owner, {})[snap.name] = (obj_id, snap)
         pool.add_cache(self._writeback_all)
+
+    def _new_volume(self, obj_id: int, record: VolumeRecord) -> Volume:
+        return Volume(self.pool, obj_id, record, self.write_buffer)
 
     async def _writeback_all(self) -> None:
         for name in self.names():
-            await self._volumes[name]._writeback()
+            await self._volumes[name].write_back()
         for part in list(self._partials.values()):
-            await part._writeback()
+            await part.write_back()
 
     async def write_back_older_than(self, age: float) -> int:
         """Write back and commit the buffers of volumes whose oldest buffered data is more
@@ -97,7 +114,7 @@ class VolumeManager:
         Returns how many volumes were written back."""
         old = [v for v in self._volumes.values() if v.buffered_age() > age]
         for vol in old:
-            await vol._writeback()
+            await vol.write_back()
         if old:
             await self.pool.commit()
         return len(old)
@@ -128,12 +145,10 @@ class VolumeManager:
         if name in self._volumes:
             raise AlreadyExists(f"volume {name!r} already exists in pool {self.pool.name}")
         map_id = self.pool.create_map()
-        meta: dict[str, Any] = {"type": "volume", "name": name, "size": size,
-                                "block_size": block_size, "profile": str(prof),
-                                "compression": compression, "map": map_id,
-                                "created": int(time.time())}
-        obj_id = self.pool.put_object(meta)
-        vol = self._volumes[name] = Volume(self.pool, obj_id, meta)
+        record = VolumeRecord(name, size, block_size, str(prof), compression, map_id,
+                              int(time.time()))
+        obj_id = self.pool.put_object(record.encode())
+        vol = self._volumes[name] = self._new_volume(obj_id, record)
         await self.pool.commit()
         log.info("pool %s: created volume %s (%d bytes, block %d, %s%s)", self.pool.name, name,
                  size, block_size, prof, ", lz4" if compression else "")
@@ -144,7 +159,7 @@ class VolumeManager:
         """The clients connected to ``volume`` (or to ``volume@snap``)."""
         if snap is None:
             return list(self.get(volume).openers)
-        obj_id, _meta = self._snap(volume, snap)
+        obj_id, _meta = self.snapshot_record(volume, snap)
         return list(self._snap_openers.get(obj_id, ()))
 
     def all_clients(self) -> builtins.list[Opener]:
@@ -184,9 +199,7 @@ class VolumeManager:
         if await self._claim(f"volume {self.pool.name}/{name}", [vol.openers], "rename it",
                              force, ignore):
             vol = self._check_rename(name, new_name)
-        vol._meta = {**vol._meta, "name": new_name}
-        self.pool.put_object(vol._meta, vol._obj_id)
-        vol.name = new_name
+        vol.rename_to(new_name)
         self._volumes[new_name] = self._volumes.pop(name)
         if name in self._snapshots:
             self._snapshots[new_name] = self._snapshots.pop(name)
@@ -222,23 +235,23 @@ class VolumeManager:
             nonlocal snaps
             self._still(name, vol)
             _vol, snaps = self._check_delete(name, recursive)
-            vol._drop()
+            vol.mark_deleted()
             del self._volumes[name]
             for snap in sorted(snaps):
-                obj_id, meta = snaps[snap]
-                self.pool.delete_map(meta["map"])
+                obj_id, srec = snaps[snap]
+                self.pool.delete_map(srec.map)
                 self.pool.delete_object(obj_id)
                 self._snap_openers.pop(obj_id, None)
             self._snapshots.pop(name, None)
-            self.pool.delete_map(vol._map)
-            self.pool.delete_object(vol._obj_id)
+            self.pool.delete_map(vol.map_id)
+            self.pool.delete_object(vol.obj_id)
         await vol.writeback_then(drop, write_back=False)
         await self.pool.commit()
         log.info("pool %s: deleted volume %s%s", self.pool.name, name,
                  f" and {len(snaps)} snapshot(s)" if snaps else "")
 
     def _check_delete(self, name: str, recursive: bool
-                      ) -> tuple[Volume, dict[str, tuple[int, dict[str, Any]]]]:
+                      ) -> tuple[Volume, dict[str, tuple[int, SnapshotRecord]]]:
         vol = self.get(name)
         snaps = self._snapshots.get(name, {})
         if snaps and not recursive:
@@ -260,27 +273,87 @@ class VolumeManager:
         if self._volumes.get(name) is not vol:
             raise NotFound(f"no volume {name!r} in pool {self.pool.name}")
 
-    def _snap(self, volume: str, snap: str) -> tuple[int, dict[str, Any]]:
+    def snapshot_record(self, volume: str, snap: str) -> tuple[int, SnapshotRecord]:
+        """(object id, stored record) of ``volume@snap``; NotFound if either is missing."""
         self.get(volume)
         found = self._snapshots.get(volume, {}).get(snap)
         if found is None:
             raise NotFound(f"volume {volume!r} has no snapshot {snap!r}")
         return found
 
+    def snapshots_of(self, volume: str) -> dict[str, tuple[int, SnapshotRecord]]:
+        """``volume``'s snapshots: name -> (object id, stored record); {} if none (or no
+        such volume)."""
+        return dict(self._snapshots.get(volume, {}))
+
+    def has_volume(self, name: str) -> bool:
+        return name in self._volumes
+
+    def add_snapshot(self, volume: str, record: SnapshotRecord) -> int:
+        """Store a snapshot record of ``volume`` (part of the next commit, as a received
+        snapshot is); its object id."""
+        obj_id = self.pool.put_object(record.encode())
+        self._snapshots.setdefault(volume, {})[record.name] = (obj_id, record)
+        return obj_id
+
+    async def snapshot_uuid(self, volume: str, snap: str) -> str:
+        """The snapshot's stream identity (given at creation; older snapshots get one
+        now, durably)."""
+        obj_id, record = self.snapshot_record(volume, snap)
+        if record.uuid is None:
+            record = replace(record, uuid=uuid.uuid4().hex)
+            self.pool.put_object(record.encode(), obj_id)
+            self._snapshots[volume][snap] = (obj_id, record)
+            await self.pool.commit()
+        assert record.uuid is not None
+        return record.uuid
+
+    # ---- receives' hidden volumes (volumes/portable.py), by target name ------------------
+    def partial(self, target: str) -> Volume | None:
+        return self._partials.get(target)
+
+    def add_partial(self, target: str, obj_id: int, record: VolumeRecord) -> Volume:
+        part = self._partials[target] = self._new_volume(obj_id, record)
+        return part
+
+    def promote_partial(self, target: str, *, volume: bool) -> Volume:
+        """The receive into ``target`` is complete: it is no longer a partial; with
+        ``volume``, it becomes the volume ``target`` (the caller stored its record)."""
+        part = self._partials.pop(target)
+        if volume:
+            self._volumes[target] = part
+        return part
+
+    async def discard_partial(self, part: Volume) -> None:
+        """Delete a receive's hidden volume and what it holds (durable on return)."""
+        kept = part.receiving
+        assert kept is not None
+        self._partials.pop(kept.target, None)
+        part.mark_deleted()
+        self.pool.delete_map(part.map_id)
+        self.pool.delete_object(part.obj_id)
+        await self.pool.commit()
+
+    async def claim_volume(self, volume: str, action: str, *, force: bool) -> bool:
+        """Refuse (Busy) while ``volume`` has clients, or with ``force`` disconnect them
+        (True if it did: the caller checks again, openers invariant 3)."""
+        return await self._claim(f"volume {self.pool.name}/{volume}",
+                                 [self.get(volume).openers], action, force, ())
+
     def snapshot_info(self, volume: str, snap: str) -> dict[str, Any]:
-        obj_id, meta = self._snap(volume, snap)
+        obj_id, record = self.snapshot_record(volume, snap)
         clones = self._clones_of(obj_id)
-        return {"volume": volume, "name": snap, "size": meta["size"],
-                "block_size": meta["block_size"], "created": meta["created"],
-                "referenced_bytes": self.pool.stored_bytes(meta["map"]),
-                "unique_bytes": self.pool.exclusive_bytes(meta["map"]),
+        return {"volume": volume, "name": snap, "size": record.size,
+                "block_size": record.block_size, "created": record.created,
+                "referenced_bytes": self.pool.stored_bytes(record.map),
+                "unique_bytes": self.pool.exclusive_bytes(record.map),
                 "clones": clones}
 
     def _clones_of(self, snap_obj: int) -> builtins.list[str]:
-        return sorted(n for n, v in self._volumes.items() if v._meta.get("origin") == snap_obj)
+        return sorted(n for n, v in self._volumes.items() if v.origin == snap_obj)
 
     def _refuse_if_cloned(self, volume: str, snap: str) -> None:
-        obj_id, _meta = self._snap(volume, snap)
+        obj_id, _meta = self.snapshot_record(volume, snap)
         clones = self._clones_of(obj_id)
         if clones:
             raise Busy(f"snapshot {volume}@{snap} has clones ({', '.join(clones)}); delete "
@@ -292,7 +365,6 @@ class VolumeManager:
         vol = self.get(volume)
         if snap in self._snapshots.get(volume, {}):
             raise AlreadyExists(f"volume {volume!r} already has a snapshot {snap!r}")
-        made: dict[str, Any] = {}
 
         def take() -> None:
             # Checked again: the wait for the writeback lock may have let another request
@@ -300,14 +372,12 @@ class VolumeManager:
             self._still(volume, vol)
             if snap in self._snapshots.get(volume, {}):
                 raise AlreadyExists(f"volume {volume!r} already has a snapshot {snap!r}")
-            map_id = self.pool.clone_map(vol._map)
-            meta = {"type": "snapshot", "volume": vol._obj_id, "name": snap,
-                    "map": map_id, "size": vol.size, "block_size": vol.block_size,
-                    "profile": str(vol.profile), "compression": vol.compression,
-                    "created": int(time.time()), "uuid": uuid.uuid4().hex}
-            obj_id = self.pool.put_object(meta)
-            self._snapshots.setdefault(volume, {})[snap] = (obj_id, meta)
-            made.update(meta)
+            map_id = self.pool.clone_map(vol.map_id)
+            record = SnapshotRecord(vol.obj_id, snap, map_id, vol.size, vol.block_size,
+                                    str(vol.profile), vol.compression, int(time.time()),
+                                    uuid.uuid4().hex)
+            obj_id = self.pool.put_object(record.encode())
+            self._snapshots.setdefault(volume, {})[snap] = (obj_id, record)
         await vol.writeback_then(take)
         await self.pool.commit()
         log.info("pool %s: snapshot %s@%s", self.pool.name, volume, snap)
@@ -315,8 +385,10 @@ class VolumeManager:
 
     def snapshot_volume(self, volume: str, snap: str) -> Volume:
         """A read-only Volume reading the snapshot (for exports)."""
-        obj_id, meta = self._snap(volume, snap)
-        view = Volume(self.pool, obj_id, {**meta, "name": f"{volume}@{snap}"})
+        obj_id, record = self.snapshot_record(volume, snap)
+        view = self._new_volume(obj_id, VolumeRecord(
+            f"{volume}@{snap}", record.size, record.block_size, record.profile,
+            record.compression, record.map, record.created))
         view.read_only = True
         view.openers = self._snap_openers.setdefault(obj_id, Openers())
         return view
@@ -325,15 +397,15 @@ class VolumeManager:
         """Delete a snapshot. Refused while it has clones, and while it is exported and
         open (unless ``force``, which disconnects its clients first)."""
         self._refuse_if_cloned(volume, snap)
-        obj_id, _meta = self._snap(volume, snap)
+        obj_id, _meta = self.snapshot_record(volume, snap)
         groups = [self._snap_openers[obj_id]] if obj_id in self._snap_openers else []
         if await self._claim(f"snapshot {self.pool.name}/{volume}@{snap}", groups, "delete it",
                              force, ()):
             self._refuse_if_cloned(volume, snap)
-        obj_id, meta = self._snap(volume, snap)
+        obj_id, record = self.snapshot_record(volume, snap)
         del self._snapshots[volume][snap]
         self._snap_openers.pop(obj_id, None)
-        self.pool.delete_map(meta["map"])
+        self.pool.delete_map(record.map)
         self.pool.delete_object(obj_id)
         await self.pool.commit()
         log.info("pool %s: deleted snapshot %s@%s", self.pool.name, volume, snap)
@@ -342,21 +414,16 @@ class VolumeManager:
         """Make ``volume`` read as ``snap`` again (durable on return). Refused while the
         volume has clients (their view of the disk would change under them) unless
         ``force``, which disconnects them first."""
-        self._snap(volume, snap)
+        self.snapshot_record(volume, snap)
         if await self._claim(f"volume {self.pool.name}/{volume}", [self.get(volume).openers],
                              f"roll it back to @{snap}", force, ()):
-            self._snap(volume, snap)
+            self.snapshot_record(volume, snap)
         vol = self.get(volume)
 
         def swap() -> None:
             self._still(volume, vol)
-            _obj, meta = self._snap(volume, snap)      # (not deleted while we waited)
-            vol._discard_buffer()
-            old = vol._map
-            vol._map = self.pool.clone_map(meta["map"])
-            vol.size = meta["size"]
-            vol._meta = {**vol._meta, "map": vol._map, "size": meta["size"]}
-            self.pool.put_object(vol._meta, vol._obj_id)
+            _obj, record = self.snapshot_record(volume, snap)  # (not deleted while we waited)
+            old = vol.replace_map(self.pool.clone_map(record.map), record.size)
             self.pool.delete_map(old)
         await vol.writeback_then(swap, write_back=False)    # the buffer is discarded
         await self.pool.commit()
@@ -368,14 +435,12 @@ class VolumeManager:
         check_volume_name(new_name)
         if new_name in self._volumes:
             raise AlreadyExists(f"volume {new_name!r} already exists in pool {self.pool.name}")
-        obj_id, meta = self._snap(volume, snap)
-        map_id = self.pool.clone_map(meta["map"])
-        vmeta: dict[str, Any] = {"type": "volume", "name": new_name, "size": meta["size"],
-                                 "block_size": meta["block_size"], "profile": meta["profile"],
-                                 "compression": meta["compression"], "map": map_id,
-                                 "created": int(time.time()), "origin": obj_id}
-        new_id = self.pool.put_object(vmeta)
-        vol = self._volumes[new_name] = Volume(self.pool, new_id, vmeta)
+        obj_id, snap_rec = self.snapshot_record(volume, snap)
+        map_id = self.pool.clone_map(snap_rec.map)
+        record = VolumeRecord(new_name, snap_rec.size, snap_rec.block_size, snap_rec.profile,
+                              snap_rec.compression, map_id, int(time.time()), origin=obj_id)
+        new_id = self.pool.put_object(record.encode())
+        vol = self._volumes[new_name] = self._new_volume(new_id, record)
         await self.pool.commit()
         log.info("pool %s: cloned %s@%s as %s", self.pool.name, volume, snap, new_name)
         return vol
@@ -384,22 +449,22 @@ class VolumeManager:
                    snap_b: str | None = None) -> builtins.list[tuple[int, int]]:
         """Byte ranges (offset, length) that differ between ``volume@snap_a`` and
         ``volume@snap_b`` (or the live volume): changed-block tracking for backups."""
-        _oa, ma = self._snap(volume, snap_a)
+        _oa, ma = self.snapshot_record(volume, snap_a)
         vol = self.get(volume)
         if snap_b is not None:
-            _ob, mb = self._snap(volume, snap_b)
-            other, size = mb["map"], max(ma["size"], mb["size"])
-            blocks = self.pool.diff_maps(ma["map"], other)
+            _ob, mb = self.snapshot_record(volume, snap_b)
+            other, size = mb.map, max(ma.size, mb.size)
+            blocks = self.pool.diff_maps(ma.map, other)
         else:
             found: builtins.list[int] = []
 
             def compare() -> None:
                 self._still(volume, vol)
-                found.extend(self.pool.diff_maps(self._snap(volume, snap_a)[1]["map"],
-                                                 vol._map))
+                found.extend(self.pool.diff_maps(self.snapshot_record(volume, snap_a)[1].map,
+                                                 vol.map_id))
             await vol.writeback_then(compare)
-            blocks, size = found, max(ma["size"], vol.size)
-        bs = ma["block_size"]
+            blocks, size = found, max(ma.size, vol.size)
+        bs = ma.block_size
         ranges: builtins.list[tuple[int, int]] = []
         for b in blocks:
             start = b * bs
@@ -426,9 +491,7 @@ class VolumeManager:
             # The tail beyond the new end is trimmed, including the part of the new last
             # block past the end, so that growing again later reads zeros there.
             await vol.trim(size, old - size)
-        vol._meta = {**vol._meta, "size": size}
-        self.pool.put_object(vol._meta, vol._obj_id)
-        vol.size = size
+        vol.set_size(size)
         await vol.flush()
         log.info("pool %s: resized volume %s from %d to %d bytes", self.pool.name, name, old,
                  size)

@@ -17,7 +17,6 @@ import logging
 import os
 import stat
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -30,6 +29,7 @@ from pool.profile import Profile
 from volumes import stream
 from volumes.manager import VolumeManager, _check_size
 from volumes.openers import refuse_in_use
+from volumes.records import ReceiveState, SnapshotRecord, VolumeRecord
 from volumes.volume import Volume, check_block_size
 
 log = logging.getLogger(__name__)
@@ -44,22 +44,17 @@ READ_BATCH = 4 << 20           # bytes of stream a receive reads from a descript
 
 
 # ==== snapshots' identity ===================================================================
-def latest_snapshot(vm: VolumeManager, volume: str) -> tuple[str, dict[str, Any]] | None:
-    snaps = vm._snapshots.get(volume, {})
+def latest_snapshot(vm: VolumeManager, volume: str) -> tuple[str, SnapshotRecord] | None:
+    snaps = vm.snapshots_of(volume)
     if not snaps:
         return None
-    name = max(snaps, key=lambda s: (snaps[s][1]["created"], snaps[s][0]))
+    name = max(snaps, key=lambda s: (snaps[s][1].created, snaps[s][0]))
     return name, snaps[name][1]
 
 
 async def snapshot_uuid(vm: VolumeManager, volume: str, snap: str) -> str:
     """The snapshot's stream identity (given at creation; older snapshots get one now)."""
-    obj_id, meta = vm._snap(volume, snap)
-    if "uuid" not in meta:
-        meta["uuid"] = uuid.uuid4().hex
-        vm.pool.put_object(meta, obj_id)
-        await vm.pool.commit()
-    return str(meta["uuid"])
+    return await vm.snapshot_uuid(volume, snap)
 
 
 # ==== send ==================================================================================
@@ -67,19 +62,19 @@ def plan(vm: VolumeManager, volume: str, snap: str,
          base: str | None) -> list[tuple[int, int, int]]:
     """(kind, offset, length) of each record: runs of data (and, for an incremental, of
     blocks that became holes), at most ``stream.CHUNK`` bytes each, in block order."""
-    _o, meta = vm._snap(volume, snap)
-    bs, size = meta["block_size"], meta["size"]
+    _o, meta = vm.snapshot_record(volume, snap)
+    bs, size = meta.block_size, meta.size
     nblocks = -(-size // bs)
-    mapped = set(vm.pool.mapped_blocks(meta["map"], 0, nblocks))
+    mapped = set(vm.pool.mapped_blocks(meta.map, 0, nblocks))
     if base is None:
         blocks = sorted(mapped)
         limit = size
     else:
-        _ob, bmeta = vm._snap(volume, base)
-        if bmeta["block_size"] != bs:
+        _ob, bmeta = vm.snapshot_record(volume, base)
+        if bmeta.block_size != bs:
             raise InvalidArgument("base and snapshot have different block sizes")
-        blocks = sorted(vm.pool.diff_maps(bmeta["map"], meta["map"]))
-        limit = max(size, bmeta["size"])
+        blocks = sorted(vm.pool.diff_maps(bmeta.map, meta.map))
+        limit = max(size, bmeta.size)
     out: list[tuple[int, int, int]] = []
     for b in blocks:
         start = b * bs
@@ -103,27 +98,27 @@ async def send(vm: VolumeManager, volume: str, snap: str, base: str | None = Non
     piece in it``. Everything is checked before the first byte, so a refusal never leaves
     a half stream behind. Records are read and encoded up to SEND_AHEAD ahead of the
     reader, so reading the volume overlaps writing the stream out."""
-    _o, meta = vm._snap(volume, snap)
+    _o, meta = vm.snapshot_record(volume, snap)
     suuid = await snapshot_uuid(vm, volume, snap)
     base_info: dict[str, Any] | None = None
     if base is not None:
         if base == snap:
             raise InvalidArgument("an incremental stream needs a base other than the snapshot")
-        bo, bmeta = vm._snap(volume, base)
-        if (bmeta["created"], bo) > (meta["created"], _o):
+        bo, bmeta = vm.snapshot_record(volume, base)
+        if (bmeta.created, bo) > (meta.created, _o):
             raise InvalidArgument(f"base @{base} is newer than @{snap}: send from an older "
                                   f"snapshot")
         base_info = {"name": base, "uuid": await snapshot_uuid(vm, volume, base),
-                     "size": bmeta["size"]}
+                     "size": bmeta.size}
     records = plan(vm, volume, snap, base)
     if resume_seq < 0 or resume_seq > len(records):
         raise InvalidArgument(f"resume point {resume_seq} is outside this stream's "
                               f"{len(records)} records")
     header: dict[str, Any] = {
         "format": stream.VERSION,
-        "volume": {"name": volume, "size": meta["size"], "block_size": meta["block_size"],
-                   "profile": meta["profile"], "compression": meta["compression"]},
-        "snapshot": {"name": snap, "uuid": suuid, "created": meta["created"]},
+        "volume": {"name": volume, "size": meta.size, "block_size": meta.block_size,
+                   "profile": meta.profile, "compression": meta.compression},
+        "snapshot": {"name": snap, "uuid": suuid, "created": meta.created},
         "base": base_info, "chunk": stream.CHUNK, "records": len(records),
         "data_bytes": sum(n for k, _o2, n in records if k == stream.DATA),
         "resume": {"seq": resume_seq} if resume_seq else None,
@@ -342,42 +337,44 @@ class Receiver:
             raise stream.StreamError(f"the stream header is malformed: {e}") from None
         if size <= 0 or bs <= 0:
             raise stream.StreamError("the stream header gives a bad volume size")
-        partial = self.vm._partials.get(self.target)
+        partial = self.vm.partial(self.target)
         if self.resume:
             if partial is None:
                 raise NotFound(f"no interrupted receive into {self.target} to resume")
-            kept = partial._meta["receiving"]
-            if kept["snapshot"] != snap["uuid"] or kept.get("base") != (
+            kept = partial.receiving
+            assert kept is not None
+            if kept.snapshot != snap["uuid"] or kept.base != (
                     h["base"]["uuid"] if h.get("base") else None):
                 raise InvalidArgument(
                     f"this stream is not the one the interrupted receive into {self.target} "
-                    f"was reading (that was @{kept['snapshot_name']})")
+                    f"was reading (that was @{kept.snapshot_name})")
             start = (h.get("resume") or {}).get("seq", 0)
-            if start > kept["seq"]:
+            if start > kept.seq:
                 raise InvalidArgument(f"the stream resumes at record {start} but only "
-                                      f"{kept['seq']} were received: send with --resume "
-                                      f"{kept['seq']}")
-            self._skip_below = kept["seq"]
+                                      f"{kept.seq} were received: send with --resume "
+                                      f"{kept.seq}")
+            self._skip_below = kept.seq
             self._next = start        # this stream's first record
             return
         if h.get("resume"):
             raise InvalidArgument("this is a resumed stream: receive it with --resume")
-        if partial is not None and partial._meta["receiving"].get("resumable"):
+        if partial is not None and partial.receiving is not None \
+                and partial.receiving.resumable:
             raise Busy(f"an interrupted receive into {self.target} is kept: continue it "
                        f"with --resume, or discard it with --abort")
         base = h.get("base")
-        snaps = self.vm._snapshots.get(self.target, {})
+        snaps = self.vm.snapshots_of(self.target)
         if base is None:
-            if self.target in self.vm._volumes:
+            if self.vm.has_volume(self.target):
                 raise AlreadyExists(f"volume {self.target!r} already exists in pool "
                                     f"{self.vm.pool.name}: a full stream makes a new volume "
                                     f"(an incremental one applies onto an existing one)")
             return
-        if self.target not in self.vm._volumes:
+        if not self.vm.has_volume(self.target):
             raise NotFound(f"no volume {self.target!r} in pool {self.vm.pool.name} for this "
                            f"incremental stream (it needs @{base['name']} there)")
         latest = latest_snapshot(self.vm, self.target)
-        if latest is None or latest[1].get("uuid") != base["uuid"]:
+        if latest is None or latest[1].uuid != base["uuid"]:
             have = (f"its latest snapshot is @{latest[0]}" if latest else "it has no "
                     "snapshots")
             raise InvalidArgument(f"this incremental stream applies onto @{base['name']} "
@@ -390,13 +387,15 @@ class Receiver:
     async def _start(self, h: dict[str, Any]) -> None:
         vm, pool = self.vm, self.vm.pool
         if self.resume:
-            self.partial = vm._partials[self.target]
+            self.partial = vm.partial(self.target)
+            assert self.partial is not None
             self.partial.streaming = True
             log.info("pool %s: resuming the receive into %s at record %d", pool.name,
                      self.target, self._skip_below)
             return
-        if self.target in vm._partials:          # a crashed, non-resumable receive
-            await self._discard(vm._partials[self.target])
+        crashed = vm.partial(self.target)
+        if crashed is not None:                  # a crashed, non-resumable receive
+            await vm.discard_partial(crashed)
         vol, snap, base = h["volume"], h["snapshot"], h.get("base")
         if base is not None:
             latest = latest_snapshot(vm, self.target)
@@ -411,7 +410,7 @@ class Receiver:
                 # refused before anything is written (checked again at the end).
                 refuse_in_use(f"volume {pool.name}/{self.target}", list(target.openers),
                               "receive an increment into it")
-            source_map, src_size = latest[1]["map"], latest[1]["size"]
+            source_map, src_size = latest[1].map, latest[1].size
             prof, comp, bs = str(target.profile), target.compression, target.block_size
             if bs != vol["block_size"]:
                 raise InvalidArgument("the stream's block size differs from the volume's")
@@ -428,16 +427,12 @@ class Receiver:
             check_block_size(bs)
             _check_size(size, bs)
             map_id = pool.create_map()
-        meta: dict[str, Any] = {
-            "type": "volume", "name": _partial_name(self.target), "size": size,
-            "block_size": bs, "profile": prof, "compression": comp, "map": map_id,
-            "created": int(time.time()),
-            "receiving": {"target": self.target, "snapshot": snap["uuid"],
-                          "snapshot_name": snap["name"],
-                          "base": base["uuid"] if base else None, "seq": 0,
-                          "resumable": self.resumable, "header": h}}
-        obj_id = pool.put_object(meta)
-        self.partial = vm._partials[self.target] = Volume(pool, obj_id, meta)
+        record = VolumeRecord(
+            _partial_name(self.target), size, bs, prof, comp, map_id, int(time.time()),
+            receiving=ReceiveState(self.target, snap["uuid"], snap["name"],
+                                   base["uuid"] if base else None, 0, self.resumable, h))
+        obj_id = pool.put_object(record.encode())
+        self.partial = vm.add_partial(self.target, obj_id, record)
         self.partial.streaming = True
         await pool.commit()
 
@@ -587,8 +582,7 @@ class Receiver:
         part = self.partial
         assert part is not None
         await part.flush()
-        part._meta["receiving"]["seq"] = max(self._next, self._skip_below)
-        self.vm.pool.put_object(part._meta, part._obj_id)
+        part.note_received(max(self._next, self._skip_below))
         await self.vm.pool.commit()
         self._since_checkpoint = 0
 
@@ -604,38 +598,26 @@ class Receiver:
             await part.trim(size, part.size - size)
             await part.flush()
         if h.get("base") is not None:
-            await vm._claim(f"volume {pool.name}/{self.target}",
-                            [vm.get(self.target).openers], "receive an increment into it",
-                            self.force, ())
-        del vm._partials[self.target]
+            await vm.claim_volume(self.target, "receive an increment into it",
+                                  force=self.force)
         part.streaming = False          # from now on an ordinary volume
         if h.get("base") is None:
-            meta = {k: v for k, v in part._meta.items() if k != "receiving"}
-            meta.update(name=self.target, size=size)
-            part._meta, part.name, part.size = meta, self.target, size
-            pool.put_object(meta, part._obj_id)
-            vm._volumes[self.target] = part
+            part.finish_receive(self.target, size)
+            vm.promote_partial(self.target, volume=True)
             vol = part
         else:
+            vm.promote_partial(self.target, volume=False)
             vol = vm.get(self.target)
-            new_map = part._map
+            new_map = part.map_id
 
             def swap() -> None:
-                vol._discard_buffer()
-                old = vol._map
-                vol._map, vol.size = new_map, size
-                vol._meta = {**vol._meta, "map": new_map, "size": size}
-                pool.put_object(vol._meta, vol._obj_id)
-                pool.delete_object(part._obj_id)
+                old = vol.replace_map(new_map, size)
+                pool.delete_object(part.obj_id)
                 pool.delete_map(old)
             await vol.writeback_then(swap)
-        smeta = {"type": "snapshot", "volume": vol._obj_id, "name": snap["name"],
-                 "map": pool.clone_map(vol._map), "size": size,
-                 "block_size": vol.block_size, "profile": str(vol.profile),
-                 "compression": vol.compression, "created": int(snap["created"]),
-                 "uuid": snap["uuid"]}
-        sid = pool.put_object(smeta)
-        vm._snapshots.setdefault(self.target, {})[snap["name"]] = (sid, smeta)
+        vm.add_snapshot(self.target, SnapshotRecord(
+            vol.obj_id, snap["name"], pool.clone_map(vol.map_id), size, vol.block_size,
+            str(vol.profile), vol.compression, int(snap["created"]), snap["uuid"]))
         await pool.commit()
         self.done = {"volume": self.target, "snapshot": snap["name"],
                      "incremental": h.get("base") is not None,
@@ -660,30 +642,23 @@ class Receiver:
             return (f"{why}; {seq} records are kept: send again with --resume {seq} and "
                     f"receive with --resume (or --abort to discard)")
         with trio.CancelScope(shield=True):
-            await self._discard(part)
+            await self.vm.discard_partial(part)
         return f"{why}; nothing was kept"
-
-    async def _discard(self, part: Volume) -> None:
-        vm = self.vm
-        vm._partials.pop(part._meta["receiving"]["target"], None)
-        part._drop()
-        vm.pool.delete_map(part._map)
-        vm.pool.delete_object(part._obj_id)
-        await vm.pool.commit()
 
 
 async def abort_receive(vm: VolumeManager, target: str) -> None:
     """Discard the kept state of an interrupted receive into ``target``."""
-    part = vm._partials.get(target)
+    part = vm.partial(target)
     if part is None:
         raise NotFound(f"no interrupted receive into {target}")
-    await Receiver(vm, target)._discard(part)
+    await vm.discard_partial(part)
 
 
 def receive_state(vm: VolumeManager, target: str) -> dict[str, Any] | None:
-    part = vm._partials.get(target)
+    part = vm.partial(target)
     if part is None:
         return None
-    kept = part._meta["receiving"]
-    return {"volume": target, "snapshot": kept["snapshot_name"], "seq": kept["seq"],
-            "resumable": kept["resumable"]}
+    kept = part.receiving
+    assert kept is not None
+    return {"volume": target, "snapshot": kept.snapshot_name, "seq": kept.seq,
+            "resumable": kept.resumable}

@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -31,6 +31,7 @@ from pool.errors import InvalidArgument, NoSpace, NotFound, ReadOnly, StorageErr
 from pool.pool import Pool
 from pool.profile import Profile
 from volumes.openers import Openers
+from volumes.records import ReceiveState, VolumeRecord
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -70,8 +71,8 @@ class WriteBuffer:
     flush, instead of once per rewrite; a stream fills the buffer, then is written back in
     large batches while the next part fills (double buffering)."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit if limit is not None else _default_write_buffer()
         self.used = 0                 # bytes of data blocks buffered by all volumes
 
     def threshold(self, own: int) -> int:
@@ -79,6 +80,8 @@ class WriteBuffer:
         return max(WRITEBACK_MIN, self.limit - (self.used - own))
 
 
+# The budget of managers not handed one (tests, benchmarks, tools); the daemon builds its
+# own from cache.write_buffer and hands it to every pool's VolumeManager.
 WRITE_BUFFER = WriteBuffer(_default_write_buffer())
 
 
@@ -146,16 +149,19 @@ class VolumeStatistics:
 class Volume:
     """One thin volume. Obtain it from ``VolumeManager``; never construct it directly."""
 
-    def __init__(self, pool: Pool, obj_id: int, meta: dict[str, Any]) -> None:
+    def __init__(self, pool: Pool, obj_id: int, record: VolumeRecord,
+                 write_buffer: WriteBuffer | None = None) -> None:
         self._pool = pool
+        # The budget this volume's unflushed writes count against (its manager's).
+        self.write_buffer = write_buffer if write_buffer is not None else WRITE_BUFFER
         self._obj_id = obj_id
-        self._meta = meta
-        self._map: int = meta["map"]
-        self.name: str = meta["name"]
-        self.size: int = meta["size"]
-        self.block_size: int = meta["block_size"]
-        self.profile = Profile.parse(meta["profile"])
-        self.compression: bool = meta["compression"]
+        self._record = record
+        self._map: int = record.map
+        self.name: str = record.name
+        self.size: int = record.size
+        self.block_size: int = record.block_size
+        self.profile = Profile.parse(record.profile)
+        self.compression: bool = record.compression
         self.read_only = False
         # The frontends' clients of this volume (volumes/openers.py); a snapshot's views
         # share their snapshot's (the manager sets it).
@@ -191,7 +197,7 @@ class Volume:
 
     @_dirty_data.setter
     def _dirty_data(self, n: int) -> None:
-        WRITE_BUFFER.used += (n - self._dirty_blocks) * self.block_size
+        self.write_buffer.used += (n - self._dirty_blocks) * self.block_size
         if not n:
             self._dirty_since = None
         elif not self._dirty_blocks:
@@ -731,7 +737,7 @@ class Volume:
         return used
 
     def _threshold(self, buffered: int) -> int:
-        return WRITEBACK_MIN if self.streaming else WRITE_BUFFER.threshold(buffered)
+        return WRITEBACK_MIN if self.streaming else self.write_buffer.threshold(buffered)
 
     async def _maybe_writeback(self) -> None:
         """Past the volume's share of the write buffer (WriteBuffer.threshold), write the
@@ -749,7 +755,7 @@ class Volume:
             if buffered >= self._threshold(buffered):
                 await self._write_dirty()
 
-    async def _writeback(self) -> None:
+    async def write_back(self) -> None:
         """Write back every write acknowledged before this call, as records (not yet
         committed). One pass under the lock (rule W4): whatever was acknowledged before
         the call is, once the lock is ours, in the map or in ``_dirty`` (the previous
@@ -856,7 +862,7 @@ class Volume:
         if self._deleted:
             raise NotFound(f"volume {self.name} was deleted")
         started = time.perf_counter()
-        await self._writeback()
+        await self.write_back()
         await self._pool.commit()
         self._stats["flushes"] += 1
         self._latency["flush"].observe(time.perf_counter() - started)
@@ -920,16 +926,75 @@ class Volume:
             **self._stats,
             latency=tuple((op, rec.snapshot()) for op, rec in self._latency.items()))
 
-    def _discard_buffer(self) -> None:
+    def discard_buffer(self) -> None:
         """Forget buffered writes (the volume is deleted or rolled back)."""
         self._pool.unreserve(self._dirty_data * self._cost)
         self._dirty.clear()
         self._dirty_data = 0
         self._no_lz4.clear()
 
-    def _drop(self) -> None:
-        self._discard_buffer()
+    def mark_deleted(self) -> None:
+        """Forget buffered writes and refuse I/O from now on (the manager deleted it)."""
+        self.discard_buffer()
         self._deleted = True
+
+    # ---- the stored record (the manager's and a receive's verbs) -------------------------
+    @property
+    def obj_id(self) -> int:
+        """The pool object holding this volume's record."""
+        return self._obj_id
+
+    @property
+    def map_id(self) -> int:
+        """The block map the volume reads and writes."""
+        return self._map
+
+    @property
+    def record(self) -> VolumeRecord:
+        """The stored record (volumes/records.py), as of the last change."""
+        return self._record
+
+    @property
+    def origin(self) -> int | None:
+        """The snapshot object a clone was made from (None: not a clone)."""
+        return self._record.origin
+
+    @property
+    def receiving(self) -> ReceiveState | None:
+        """A hidden volume a receive is filling: what it receives (volumes/portable.py)."""
+        return self._record.receiving
+
+    def _store(self, record: VolumeRecord) -> None:
+        """Replace the stored record (part of the next commit) and what mirrors it."""
+        self._record = record
+        self._map, self.name, self.size = record.map, record.name, record.size
+        self._pool.put_object(record.encode(), self._obj_id)
+
+    def rename_to(self, name: str) -> None:
+        self._store(replace(self._record, name=name))
+
+    def set_size(self, size: int) -> None:
+        """Record a new size (the caller trimmed a shrunk tail first)."""
+        self._store(replace(self._record, size=size))
+
+    def replace_map(self, map_id: int, size: int) -> int:
+        """Read ``map_id`` from now on, ``size`` bytes long, forgetting buffered writes (a
+        rollback, a received increment); returns the old map, for the caller to delete.
+        Called under the writeback lock (``writeback_then``)."""
+        self.discard_buffer()
+        old = self._map
+        self._store(replace(self._record, map=map_id, size=size))
+        return old
+
+    def note_received(self, seq: int) -> None:
+        """A receive's checkpoint: records below ``seq`` are durable in this volume."""
+        kept = self._record.receiving
+        assert kept is not None
+        self._store(replace(self._record, receiving=replace(kept, seq=seq)))
+
+    def finish_receive(self, name: str, size: int) -> None:
+        """The receive is complete: an ordinary volume ``name`` from now on."""
+        self._store(replace(self._record, name=name, size=size, receiving=None))
 
 
 Piece = bytes | memoryview    # a read's bytes of one block, never to change under a reader
