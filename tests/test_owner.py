@@ -165,7 +165,8 @@ async def test_an_owner_silent_past_half_its_interval_confirms_before_writing(
     await trio.sleep(claim.activity)
     await vol.write(0, b"a" * 65536)
     await vol.flush()                          # confirmed by a beat, then written
-    assert pool.owner is not None and pool.owner.seq == seq + 1
+    # (a beat at least: on a loaded machine the commit may pass the half interval again)
+    assert pool.owner is not None and pool.owner.seq >= seq + 1
     await trio.sleep(claim.activity)
     taker = owners.Claim(B, 0.05, 0.2).record(pool.uuid, 1000)
     for p in ds.paths:
