@@ -25,7 +25,7 @@ import shutil
 import tempfile
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -120,6 +120,9 @@ class SnapshotMachine(RuleBasedStateMachine):
         key = self._snap(i)
         clone = self._name("c")
         self.portal.run(self.vm.clone, *key, clone)
+        event("clone of a snapshot its volume has moved away from"
+              if key[0] in self.vols and bytes(self.vols[key[0]]) != self.snaps[key]
+              else "clone of a snapshot equal to its volume")
         self.vols[clone] = bytearray(self.snaps[key])
         self.origin[clone] = key
 
