@@ -11,6 +11,8 @@ import os
 
 import pytest
 
+from nbd import proto
+from nbd.exports import VolumeCatalog
 from pool import FileDevice, Pool
 from volumes import Capabilities, ReadOnly, VolumeManager
 
@@ -53,4 +55,15 @@ async def test_capabilities_of_a_volume_and_of_its_snapshot_view(tmp_path: objec
     assert await vol.read(0, 3 * BS) == data
     # The value is computed on each call: the volume's own is unchanged by the view's.
     assert vol.capabilities() == caps
+
+    # The NBD flags derived from it are the ones the server always sent (behaviour
+    # unchanged): everything but write commands on the view, and the block sizes.
+    base = (proto.TF_HAS_FLAGS | proto.TF_SEND_FLUSH | proto.TF_SEND_FUA | proto.TF_SEND_DF
+            | proto.TF_CAN_MULTI_CONN | proto.TF_SEND_CACHE)
+    rw, rov = VolumeCatalog.info("d/v", vol), VolumeCatalog.info("d/v@s", view)
+    assert rw.transmission_flags == base | (proto.TF_SEND_TRIM | proto.TF_SEND_WRITE_ZEROES
+                                            | proto.TF_SEND_FAST_ZERO)
+    assert rov.transmission_flags == base | proto.TF_READ_ONLY
+    for e in (rw, rov):
+        assert (e.min_block, e.preferred_block, e.max_block) == (1, BS, proto.MAX_PAYLOAD)
     await pool.close()
