@@ -323,13 +323,14 @@ class VolumeFS(pyfuse3.Operations):
             return a
         if node.kind == "volume":
             vol = self._volume(node)
-            a.st_mode = stat.S_IFREG | self.options.mode
         else:
             vname, _at, snap = node.name.partition("@")
             vol = self._manager(node.pool).snapshot_volume(vname, snap)
-            a.st_mode = stat.S_IFREG | (self.options.mode & 0o444)
+        # Mode and I/O size from what the volume offers (a snapshot view is read-only).
+        caps = vol.capabilities()
+        a.st_mode = stat.S_IFREG | (self.options.mode & (0o444 if caps.read_only else 0o7777))
         a.st_size = vol.size
-        a.st_blksize = vol.block_size
+        a.st_blksize = caps.preferred_block
         # du and ls -s show thin usage: the bytes of blocks that hold data. (Asked for on
         # every lookup and getattr, so counted from the map's leaves, not by a walk.)
         a.st_blocks = -(-vol.mapped_bytes() // 512)

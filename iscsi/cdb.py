@@ -10,8 +10,8 @@ Like ``iscsi.pdu`` this module is pure: no trio, no volumes, nothing of the proj
 ``iscsi.reservations`` (the import contract in pyproject.toml holds it to that).
 
 Invariants (tests cite them as "cdb invariant N"):
-1. ``decode`` reads only the CDB and the unit's geometry/mode/reservation state; it never
-   changes them and never touches the volume.
+1. ``decode`` reads only the CDB and the unit's geometry, capabilities, mode and
+   reservation state; it never changes them and never touches the volume.
 2. Every refusal is CHECK CONDITION with the sense key and ASC/ASCQ of the standard (and
    the field pointer where the CDB names a byte at fault); a reservation conflict is
    RESERVATION CONFLICT with no sense.
@@ -20,9 +20,13 @@ Invariants (tests cite them as "cdb invariant N"):
 4. Storage errors become sense in one place, ``sense_for_errno``.
 
 The logical block size on the wire is 512 bytes; the volume's block size is reported as
-the physical block size, the optimal transfer granularity and the unmap granularity.
-The volume has a volatile write cache (DESIGN §4): WCE=1 in the caching mode page, FUA
-writes and SYNCHRONIZE CACHE flush it.
+the optimal transfer granularity and the unmap granularity.
+What the unit announces about itself is derived from its capabilities (``unit.caps``, the
+volume's ``Volume.capabilities()``), never restated here: write protection (WP in the mode
+sense header, refusals of writes), a volatile write cache (WCE in the caching mode page;
+FUA writes and SYNCHRONIZE CACHE flush it), DPOFUA, thin provisioning (LBPME, VPD B2),
+unmapped blocks reading as zeros (LBPRZ), the granularities of VPD B0 and the rotation
+rate of VPD B1.
 """
 
 from __future__ import annotations
@@ -372,15 +376,39 @@ def command_name(cdb: bytes) -> str:
     return cmd.name if cmd is not None else "UNSUPPORTED"
 
 
+class UnitCapabilities(Protocol):
+    """What the unit's volume offers (``volumes.Capabilities`` has these fields)."""
+
+    @property
+    def read_only(self) -> bool: ...
+    @property
+    def volatile_cache(self) -> bool: ...
+    @property
+    def can_fua(self) -> bool: ...
+    @property
+    def thin(self) -> bool: ...
+    @property
+    def zeroes_unmapped(self) -> bool: ...
+    @property
+    def rotational(self) -> bool: ...
+    @property
+    def preferred_block(self) -> int: ...
+    @property
+    def unmap_granularity(self) -> int: ...
+
+
+def lbas(nbytes: int) -> int:
+    """A granularity in bytes as a count of 512-byte logical blocks (at least one)."""
+    return max(nbytes // LBA_SIZE, 1)
+
+
 class UnitState(Protocol):
     """What decoding needs to know about a logical unit (``iscsi.scsi.LogicalUnit``)."""
 
     @property
     def blocks(self) -> int: ...
     @property
-    def read_only(self) -> bool: ...
-    @property
-    def granularity(self) -> int: ...
+    def caps(self) -> UnitCapabilities: ...
     @property
     def d_sense(self) -> bool: ...
     @property
@@ -580,7 +608,7 @@ def _range(unit: UnitState, lba: int, count: int) -> None:
 
 
 def _write_protect(unit: UnitState) -> None:
-    if unit.read_only:
+    if unit.caps.read_only:
         raise _Refused(check(WRITE_PROTECTED))
 
 
@@ -670,7 +698,7 @@ def _vpd_ids(unit: UnitState) -> bytes:
 
 
 def _vpd_block_limits(unit: UnitState) -> bytes:
-    granularity = unit.granularity
+    granularity = lbas(unit.caps.preferred_block)
     b = bytearray(0x3C)
     b[0] = 0x01                                           # WSNZ
     b[1] = MAX_COMPARE_AND_WRITE
@@ -680,7 +708,7 @@ def _vpd_block_limits(unit: UnitState) -> bytes:
     struct.pack_into(">I", b, 12, 0)                      # max pre-fetch length
     struct.pack_into(">I", b, 16, MAX_UNMAP_BLOCKS)
     struct.pack_into(">I", b, 20, MAX_UNMAP_DESCRIPTORS)
-    struct.pack_into(">I", b, 24, granularity)
+    struct.pack_into(">I", b, 24, lbas(unit.caps.unmap_granularity))
     struct.pack_into(">I", b, 28, 0x80000000)            # UGAVALID, alignment 0
     struct.pack_into(">Q", b, 32, MAX_WRITE_SAME_BLOCKS)
     return _vpd(0xB0, bytes(b))
@@ -688,13 +716,17 @@ def _vpd_block_limits(unit: UnitState) -> bytes:
 
 def _vpd_characteristics(unit: UnitState) -> bytes:
     b = bytearray(0x3C)
-    struct.pack_into(">H", b, 0, 1)                       # non-rotating medium
+    if not unit.caps.rotational:
+        struct.pack_into(">H", b, 0, 1)                   # non-rotating medium
     return _vpd(0xB1, bytes(b))
 
 
 def _vpd_provisioning(unit: UnitState) -> bytes:
-    # LBPU, LBPWS, LBPWS10, LBPRZ (unmapped blocks read as zeros); thin provisioned.
-    return _vpd(0xB2, bytes([0, 0x80 | 0x40 | 0x20 | 0x04, 0x02, 0]))
+    # LBPU, LBPWS, LBPWS10 (UNMAP, WRITE SAME with UNMAP: a write-protected unit has the
+    # commands and refuses them), LBPRZ; provisioning type thin.
+    caps = unit.caps
+    flags = (0x80 | 0x40 | 0x20 if caps.thin else 0) | (0x04 if caps.zeroes_unmapped else 0)
+    return _vpd(0xB2, bytes([0, flags, 0x02 if caps.thin else 0, 0]))
 
 
 _VPD_PAGES: Final[dict[int, Callable[[UnitState], bytes]]] = {
@@ -717,7 +749,8 @@ def _read_capacity_16(unit: UnitState, cdb: bytes) -> Op:
     # LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT stays 0: the volume's block size is
     # announced as the optimal transfer and unmap granularity (VPD B0) instead, as
     # GET LBA STATUS reports 512-byte extents (see docs/iscsi.md).
-    b[14] = 0x80 | 0x40              # LBPME, LBPRZ; lowest aligned LBA 0
+    b[14] = (0x80 if unit.caps.thin else 0) | (0x40 if unit.caps.zeroes_unmapped else 0)
+    # LBPME, LBPRZ; lowest aligned LBA 0
     return Answer("READ_CAPACITY", _alloc(bytes(b), length))
 
 
@@ -889,11 +922,11 @@ def lba_status(extents: Sequence[Extent], op: GetLbaStatus) -> Result:
 
 
 # ---- mode pages ------------------------------------------------------------------------
-def mode_pages(pc: int, d_sense: bool) -> dict[int, bytes]:
+def mode_pages(pc: int, d_sense: bool, *, wce: bool = True) -> dict[int, bytes]:
     changeable = pc == 1
     caching = bytearray(20)
     caching[0], caching[1] = 0x08, 0x12
-    if not changeable:
+    if not changeable and wce:
         caching[2] = 0x04                           # WCE: volatile write cache
     control = bytearray(12)
     control[0], control[1] = 0x0A, 0x0A
@@ -916,7 +949,8 @@ def _mode_sense(unit: UnitState, cdb: bytes) -> Op:
     length = cdb[4] if six else int.from_bytes(cdb[7:9], "big")
     if pc == 3:
         raise _refuse(SAVING_NOT_SUPPORTED)
-    pages = mode_pages(pc, unit.d_sense)
+    caps = unit.caps
+    pages = mode_pages(pc, unit.d_sense, wce=caps.volatile_cache)
     if page == 0x3F and subpage in (0x00, 0xFF):
         body = b"".join(pages[k] for k in sorted(pages))
     elif page in pages and subpage == 0:
@@ -930,7 +964,7 @@ def _mode_sense(unit: UnitState, cdb: bytes) -> Op:
         blockdesc = struct.pack(">Q4xI", blocks, LBA_SIZE)
     else:
         blockdesc = struct.pack(">II", min(blocks, 0xFFFFFFFF), LBA_SIZE)
-    device_specific = (0x80 if unit.read_only else 0) | 0x10       # WP, DPOFUA
+    device_specific = (0x80 if caps.read_only else 0) | (0x10 if caps.can_fua else 0)
     if six:
         head = bytes([len(blockdesc) + len(body) + 3, 0, device_specific, len(blockdesc)])
     else:
@@ -947,7 +981,8 @@ def _mode_select(unit: UnitState, cdb: bytes) -> Op:
     return ModeSelect(six, length)
 
 
-def mode_select(op: ModeSelect, data: bytes, d_sense: bool) -> bool | Result:
+def mode_select(op: ModeSelect, data: bytes, d_sense: bool, *,
+                wce: bool = True) -> bool | Result:
     """The MODE SELECT parameter list applied to the mode state: the new D_SENSE, or the
     refusal (then nothing changes)."""
     if op.length == 0:
@@ -957,8 +992,8 @@ def mode_select(op: ModeSelect, data: bytes, d_sense: bool) -> bool | Result:
         return check(PARAMETER_LIST_LENGTH)
     bdl = data[3] if op.six else int.from_bytes(data[6:8], "big")
     pos = hlen + bdl
-    current = mode_pages(0, d_sense)
-    changeable = mode_pages(1, d_sense)
+    current = mode_pages(0, d_sense, wce=wce)
+    changeable = mode_pages(1, d_sense, wce=wce)
     while pos + 2 <= len(data):
         page = data[pos] & 0x3F
         plen = data[pos + 1] + 2

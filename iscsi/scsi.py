@@ -22,7 +22,7 @@ from iscsi import cdb as C
 from iscsi import reservations as pr
 from iscsi.cdb import GOOD, LBA_SIZE, OK, Gate, Plan, Result, Sense, check
 from iscsi.reservations import Nexus, Reservations, ReservationStore
-from volumes import StorageError, Volume
+from volumes import Capabilities, StorageError, Volume
 
 WRITE_SAME_CHUNK: Final = 1 << 20
 
@@ -65,12 +65,9 @@ class LogicalUnit:
         return self.volume.size // LBA_SIZE
 
     @property
-    def read_only(self) -> bool:
-        return self.volume.read_only
-
-    @property
-    def granularity(self) -> int:
-        return max(self.volume.block_size // LBA_SIZE, 1)
+    def caps(self) -> Capabilities:
+        """What the volume offers, as of now (a view's read-only flag may be set late)."""
+        return self.volume.capabilities()
 
     # ---- entry point -----------------------------------------------------------------
     def plan(self, cdb: bytes, nexus: Nexus | None = None) -> Plan | Result:
@@ -237,7 +234,8 @@ class LogicalUnit:
 
     def _mode_select(self, op: C.ModeSelect) -> Plan:
         async def run(data: bytes) -> Result:
-            d_sense = C.mode_select(op, data, self.d_sense)
+            d_sense = C.mode_select(op, data, self.d_sense,
+                                     wce=self.caps.volatile_cache)
             if isinstance(d_sense, Result):
                 return d_sense
             self.d_sense = d_sense

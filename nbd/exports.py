@@ -41,11 +41,19 @@ class VolumeCatalog:
 
     @staticmethod
     def info(name: str, vol: Volume) -> ExportInfo:
-        return ExportInfo(name=name, size=vol.size, read_only=vol.read_only,
+        """The export as the volume's capabilities describe it; NBD only narrows the
+        maximum block to its own payload limit."""
+        caps = vol.capabilities()
+        limit = caps.maximum_block
+        return ExportInfo(name=name, size=vol.size, read_only=caps.read_only,
                           description=f"storaged volume {name} ({vol.profile}"
                                       f"{', lz4' if vol.compression else ''})",
-                          min_block=1, preferred_block=vol.block_size,
-                          max_block=MAX_PAYLOAD)
+                          min_block=caps.minimum_block, preferred_block=caps.preferred_block,
+                          max_block=MAX_PAYLOAD if limit is None else min(limit, MAX_PAYLOAD),
+                          can_flush=caps.can_flush, can_fua=caps.can_fua,
+                          can_trim=caps.can_trim, can_zero=caps.can_zero,
+                          can_fast_zero=caps.can_fast_zero, can_cache=caps.can_cache,
+                          can_multi_conn=caps.can_multi_conn, rotational=caps.rotational)
 
     def lookup(self, name: str) -> ExportInfo | None:
         vol = self.volume(name)

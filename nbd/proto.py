@@ -77,6 +77,7 @@ TF_HAS_FLAGS = 1 << 0
 TF_READ_ONLY = 1 << 1
 TF_SEND_FLUSH = 1 << 2
 TF_SEND_FUA = 1 << 3
+TF_ROTATIONAL = 1 << 4
 TF_SEND_TRIM = 1 << 5
 TF_SEND_WRITE_ZEROES = 1 << 6
 TF_SEND_DF = 1 << 7
@@ -185,15 +186,34 @@ class ExportInfo:
     min_block: int = 1
     preferred_block: int = 4096
     max_block: int = MAX_PAYLOAD
+    # What the export offers (the catalog copies them from the volume's capabilities);
+    # the flags below are computed from these, never restated.
+    can_flush: bool = True
+    can_fua: bool = True
+    can_trim: bool = True
+    can_zero: bool = True
+    can_fast_zero: bool = True
+    can_cache: bool = True
+    can_multi_conn: bool = True
+    rotational: bool = False
 
     @property
     def transmission_flags(self) -> int:
-        flags = (TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_DF | TF_CAN_MULTI_CONN
-                 | TF_SEND_CACHE)
-        if self.read_only:
-            flags |= TF_READ_ONLY
-        else:
-            flags |= TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO
+        # DF is ours, not the export's: structured replies are a protocol feature.
+        flags = TF_HAS_FLAGS | TF_SEND_DF
+        writable = not self.read_only          # a read-only export offers no write command
+        for offered, flag in ((self.read_only, TF_READ_ONLY),
+                              (self.can_flush, TF_SEND_FLUSH),
+                              (self.can_fua, TF_SEND_FUA),
+                              (self.rotational, TF_ROTATIONAL),
+                              (self.can_multi_conn, TF_CAN_MULTI_CONN),
+                              (self.can_cache, TF_SEND_CACHE),
+                              (writable and self.can_trim, TF_SEND_TRIM),
+                              (writable and self.can_zero, TF_SEND_WRITE_ZEROES),
+                              (writable and self.can_zero and self.can_fast_zero,
+                               TF_SEND_FAST_ZERO)):
+            if offered:
+                flags |= flag
         return flags
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from iscsi import cdb as C
 from iscsi.reservations import Reservations
+from volumes import Capabilities
 
 BLOCKS = 2048                      # 1 MiB of 512-byte blocks
 Make = Callable[[int, int], bytes]
@@ -30,6 +31,17 @@ class Unit:
     target_port: int = 1
     naa: bytes = bytes(16)
     reservations: Reservations = field(default_factory=Reservations)
+
+    @property
+    def caps(self) -> Capabilities:
+        """A volume's capabilities with this unit's read-only flag and granularity."""
+        bs = self.granularity * C.LBA_SIZE
+        return Capabilities(
+            read_only=self.read_only, volatile_cache=True, can_flush=True, can_fua=True,
+            can_trim=not self.read_only, can_zero=not self.read_only,
+            can_fast_zero=not self.read_only, can_cache=True, can_extents=True,
+            can_multi_conn=True, thin=True, zeroes_unmapped=True, rotational=False,
+            minimum_block=1, preferred_block=bs, maximum_block=None, unmap_granularity=bs)
 
 
 def read10(lba: int, count: int, flags: int = 0) -> bytes:

@@ -20,6 +20,7 @@ from pool.errors import (
     StorageError,
 )
 from pool.lazy import lazy_attributes
+from volumes.capabilities import Capabilities
 
 if TYPE_CHECKING:
     from volumes.manager import VolumeManager, check_volume_name
@@ -39,6 +40,7 @@ __all__ = [
     "DEFAULT_BLOCK",
     "AlreadyExists",
     "Busy",
+    "Capabilities",
     "Extent",
     "InvalidArgument",
     "MediumError",

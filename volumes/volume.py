@@ -30,6 +30,7 @@ import trio
 from pool.errors import InvalidArgument, NoSpace, NotFound, ReadOnly, StorageError
 from pool.pool import Pool
 from pool.profile import Profile
+from volumes.capabilities import Capabilities
 from volumes.openers import Openers
 from volumes.records import ReceiveState, VolumeRecord
 
@@ -208,6 +209,17 @@ class Volume:
         """Seconds since the oldest data in the write buffer arrived (0 when it has none)."""
         since = self._dirty_since
         return 0.0 if since is None else time.monotonic() - since
+
+    def capabilities(self) -> Capabilities:
+        """What this volume offers now (see volumes/capabilities.py); computed on each call,
+        since a view's ``read_only`` is set after it is made."""
+        ro = self.read_only
+        return Capabilities(
+            read_only=ro, volatile_cache=True, can_flush=True, can_fua=True,
+            can_trim=not ro, can_zero=not ro, can_fast_zero=not ro, can_cache=True,
+            can_extents=True, can_multi_conn=True, thin=True, zeroes_unmapped=True,
+            rotational=False, minimum_block=1, preferred_block=self.block_size,
+            maximum_block=None, unmap_granularity=self.block_size)
 
     # ---- checks ---------------------------------------------------------------------------
     def _check(self, offset: int, length: int, *, write: bool) -> None:
