@@ -23,9 +23,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from pool import Pool, rebuild, records
+from pool import Pool, rebuild
 from pool.errors import InvalidArgument, StorageError
 from pool.faults import FaultyDevice
+from pool.tuning import PoolTuning
 from storaged.config import load
 from tests.conftest import DiskSet
 from tests.daemonkit import Daemon
@@ -188,10 +189,10 @@ async def test_a_member_that_hangs_is_left_out_of_an_import(
     devs = ds.open()
     hung = FaultyDevice(devs[0], seed=7)
     hung.read_delay = 4.0               # far longer than the timeout: a hang
-    monkeypatch.setattr(records, "READ_TIMEOUT", 0.2)
     try:
         with trio.fail_after(3.5):      # imported before the device would have answered
-            pool = await Pool.open([hung, devs[1], devs[2]])
+            pool = await Pool.open([hung, devs[1], devs[2]],
+                                   tuning=PoolTuning(read_timeout=0.2))
             st = pool.statistics()
             assert st.state == "degraded"
             assert [m.index for m in st.members if m.state == "missing"] == [0]
@@ -219,7 +220,7 @@ async def _writes_hang_on_member_0(ds: DiskSet, profile: str,
     devs = ds.open()
     hung = FaultyDevice(devs[0], seed=7)
     pool = await Pool.open([hung, *devs[1:]])
-    monkeypatch.setattr(records, "WRITE_TIMEOUT", 0.2)
+    pool.deadlines.write = 0.2
     hung.write_delay = 2.0
     try:
         yield pool, data
@@ -328,7 +329,7 @@ async def test_a_hanging_device_times_out_and_reads_go_on_from_redundancy(
     devs = ds.open()
     hung = FaultyDevice(devs[0], seed=7)
     pool = await Pool.open([hung, devs[1], devs[2]])
-    monkeypatch.setattr(records, "READ_TIMEOUT", 0.2)
+    pool.deadlines.read = 0.2
     try:
         pool.fault_threshold = 10_000
         hung.read_delay = 4.0           # far longer than the timeout: a hang
