@@ -274,7 +274,7 @@ def test_rebuilt_fragments_are_the_encoded_ones(k: int, m: int) -> None:
 
 @pytest.mark.parametrize("fault", ["error", "hang"])
 async def test_failed_rebuild_writes_release_the_segments_and_keep_the_marks(
-        disks: Disks, monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
+        disks: Disks, fault: str) -> None:
     """The rebuild's stages run ahead of its writes; when the new member's writes fail,
     or hang (given up after the write timeout: the member is faulted at once, and the
     rebuild does not wait for it), every segment they pinned is let go, none is marked
