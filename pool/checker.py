@@ -65,7 +65,7 @@ async def check(pool: Pool, *, deep: bool = False) -> CheckReport:
                 out.append(f"member {mi.index} ({mi.uuid}) is {pool.member_state(mi.index)}: "
                            f"the pool is degraded")
                 continue
-            for where, lab in label_copies(dev, mi.size):
+            for where, lab in label_copies(dev, pool.deadlines, mi.size):
                 if isinstance(lab, str):
                     out.append(f"{dev.path}: {where} label is bad: {lab}")
                     continue
@@ -73,10 +73,10 @@ async def check(pool: Pool, *, deep: bool = False) -> CheckReport:
                     out.append(f"{dev.path}: {where} label names member {lab.index} "
                                f"({lab.device_uuid}), metadata says {mi.index} ({mi.uuid})")
             try:
-                _read_label(dev)
+                _read_label(dev, pool.deadlines)
             except ImportFailed as e:
                 out.append(e.message)
-            sbs = MetaStore.read_superblocks(dev, st.uuid)
+            sbs = MetaStore.read_superblocks(dev, st.uuid, pool.deadlines)
             newest = max((sb.generation for sb in sbs), default=-1)
             if newest < st.generation:
                 out.append(f"{dev.path}: newest superblock is generation {newest}, the pool "

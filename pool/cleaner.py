@@ -135,7 +135,7 @@ class SegmentCleaner:
         p.pin(seg_id)
         try:
             out = await trio.to_thread.run_sync(
-                partial(records.read_records, plans, 0, stored=True), limiter=p._cpu)
+                partial(records.read_records, plans, 0, p.deadlines, stored=True), limiter=p._cpu)
             if out.failures:
                 log.error("pool %s: cleaner cannot move segment %d: %s", p.state.name,
                           seg_id, next(iter(out.failures.values())))

@@ -27,6 +27,7 @@ from functools import partial
 import lz4.block
 import xxhash
 
+from pool.deadlines import Deadlines
 from pool.device import Device
 from pool.errors import DeviceError, NoSpace, StorageError
 from pool.layout import PAGE_UNIT, SB_OFFSET, SB_SLOT_SIZE, SB_SLOTS, SECTOR, Layout
@@ -86,10 +87,13 @@ class MetaStore:
     """Reads and writes the mirrored metadata of one pool.
 
     ``devices`` is indexed by member index; ``None`` marks a member that is not present.
+    ``deadlines``: the pool's (deadlines invariant 1), read at each device call.
     """
 
-    def __init__(self, layout: Layout, devices: Sequence[Device | None], pool_uuid: str):
+    def __init__(self, layout: Layout, devices: Sequence[Device | None], pool_uuid: str,
+                 deadlines: Deadlines):
         self.layout = layout
+        self.deadlines = deadlines
         self.devices = list(devices)
         self.pool_uuid = pool_uuid
         self.tag = pool_tag(pool_uuid)
@@ -105,14 +109,15 @@ class MetaStore:
     # ---- mirrored raw I/O ---------------------------------------------------------------
     def _write_all(self, offset: int, data: bytes) -> None:
         """Write on every present member, in parallel. A member whose write fails or
-        does not finish within the write deadline (``records.WRITE_TIMEOUT``) is noted in
+        does not finish within the write deadline (``self.deadlines.write``) is noted in
         ``failed`` (the pool faults it: its copy of the metadata is behind); only when no
         member took the write is it an error."""
         which = [i for i, dev in enumerate(self.devices)
                  if dev is not None and i not in self.failed]
         errors = writes_within(
             [(d, partial(d.pwrite, offset, data))
-             for d in (self.devices[i] for i in which) if d is not None], "metadata write")
+             for d in (self.devices[i] for i in which) if d is not None], "metadata write",
+            self.deadlines)
         last: DeviceError | None = None
         for i, err in zip(which, errors, strict=True):
             if err is not None:
@@ -125,7 +130,7 @@ class MetaStore:
                   valid: Callable[[bytes], bool]) -> bytes | None:
         for dev in self.present():
             try:
-                raw = pread_within(dev, offset, length)
+                raw = pread_within(dev, offset, length, self.deadlines)
             except DeviceError:
                 continue
             if valid(raw):
@@ -134,8 +139,8 @@ class MetaStore:
 
     # ---- superblocks --------------------------------------------------------------------
     @staticmethod
-    def read_superblocks(dev: Device, pool_uuid: str) -> list[Superblock]:
-        raw = pread_within(dev, SB_OFFSET, SB_SLOTS * SB_SLOT_SIZE)
+    def read_superblocks(dev: Device, pool_uuid: str, dl: Deadlines) -> list[Superblock]:
+        raw = pread_within(dev, SB_OFFSET, SB_SLOTS * SB_SLOT_SIZE, dl)
         out = []
         for i in range(SB_SLOTS):
             sb = Superblock.decode(raw[i * SB_SLOT_SIZE:(i + 1) * SB_SLOT_SIZE])
@@ -210,7 +215,7 @@ class MetaStore:
 
     def _read_window(self, dev: Device, start: int, end: int) -> memoryview:
         return memoryview(pread_within(dev, self.layout.pages_offset + start * PAGE_UNIT,
-                                       (end - start) * PAGE_UNIT))
+                                       (end - start) * PAGE_UNIT, self.deadlines))
 
     @staticmethod
     def _intact(window: memoryview, start: int, loc: Loc) -> memoryview | None:
@@ -267,7 +272,7 @@ class MetaStore:
                     continue
                 checked += 1
                 try:
-                    raw = pread_within(dev, off, size)
+                    raw = pread_within(dev, off, size, self.deadlines)
                 except DeviceError:
                     wrong.append(i)
                     continue
@@ -341,7 +346,8 @@ class MetaStore:
             if cur is None or not cur[0] <= pos < cur[0] + len(cur[1]) - _JHDR.size:
                 try:
                     n = min(4 << 20, size - pos)
-                    cur = (pos, pread_within(devices[i], self.layout.journal_offset + pos, n))
+                    cur = (pos, pread_within(devices[i], self.layout.journal_offset + pos, n,
+                                             self.deadlines))
                 except DeviceError:
                     return None
                 windows[i] = cur
@@ -361,7 +367,7 @@ class MetaStore:
                     # A big entry runs past the window: read it whole.
                     try:
                         img = pread_within(devices[i], self.layout.journal_offset + pos,
-                                               _JHDR.size + plen)
+                                               _JHDR.size + plen, self.deadlines)
                         start = pos
                     except DeviceError:
                         continue

@@ -40,6 +40,7 @@ import trio
 from pool import codec, identity, readcache, records
 from pool import owner as owners
 from pool.cleaner import SegmentCleaner
+from pool.deadlines import Deadlines
 from pool.device import Device
 from pool.errors import (
     DeviceError,
@@ -145,6 +146,9 @@ class Pool:
                  meta: MetaStore, superblock: Superblock | None,
                  tuning: PoolTuning | None = None) -> None:
         self.tuning = tuning = tuning if tuning is not None else PoolTuning()
+        # The live part of the tuning (deadlines invariant 1): the MetaStore's, built from
+        # ``tuning`` by create/open, changed in place by a reload.
+        self.deadlines: Deadlines = meta.deadlines
         self.state = state
         self.layout = layout
         self.devices = devices
@@ -255,14 +259,15 @@ class Pool:
             raise InvalidArgument("the same device is listed twice")
         _refuse_same_device(devices)
         layout = Layout.choose(min(d.size for d in devices), extent_size, meta_size)
+        dl = (tuning or PoolTuning()).deadlines()
         if not force:
-            await _run(_refuse_labelled, list(devices))
+            await _run(_refuse_labelled, list(devices), dl)
         pool_uuid = new_uuid()
         members = [MemberInfo(new_uuid(), i, d.size, layout.n_extents(d.size), path=d.path)
                    for i, d in enumerate(devices)]
         state = PoolState(pool_uuid, name, extent_size, str(prof), members)
         devs: list[Device | None] = list(devices)
-        pool = cls(state, layout, devs, MetaStore(layout, devs, pool_uuid), None, tuning)
+        pool = cls(state, layout, devs, MetaStore(layout, devs, pool_uuid, dl), None, tuning)
         pool._free = [set(range(mi.n_extents)) for mi in members]
 
         def write_label(mi: MemberInfo, dev: Device) -> None:
@@ -271,7 +276,7 @@ class Pool:
             _write_label(dev, pool._label(mi))
         await _write_within([(dev, partial(write_label, mi, dev))
                              for mi, dev in zip(members, devices, strict=True)],
-                            "writing a new member's label")
+                            "writing a new member's label", dl)
         if claim is not None:
             await pool._take(claim)
         await pool._checkpoint()
@@ -300,11 +305,12 @@ class Pool:
         once everything was read and the import decided (DESIGN invariant 10).
         """
         devices = list(devices)
+        dl = (tuning or PoolTuning()).deadlines()
         if left_out is None:
             _refuse_same_device(devices, ImportFailed)
         else:
             devices = await _leave_out_duplicates(devices, left_out)
-        found = await _run(_read_labels, devices, left_out)
+        found = await _run(_read_labels, devices, dl, left_out)
         by_pool: dict[str, list[tuple[Device, Label]]] = {}
         for dev, lab in found:
             by_pool.setdefault(lab.pool_uuid, []).append((dev, lab))
@@ -322,7 +328,7 @@ class Pool:
                              for u, v in by_pool.items())
             raise ImportFailed(f"the devices belong to {len(by_pool)} pools: {desc}")
         pool_uuid, members = next(iter(by_pool.items()))
-        loaded = await _run(_load_pool, pool_uuid, members, left_out)
+        loaded = await _run(_load_pool, pool_uuid, members, dl, left_out)
         if left_out is not None:
             used = {id(d) for d in loaded.devices if d is not None}
             await close_devices([d for d in devices if id(d) not in used])
@@ -420,14 +426,14 @@ class Pool:
         exception group), so callers can handle it as the I/O error it is; with
         ``tolerate`` the failures are returned instead (member -> error).
 
-        A call that has not returned after ``records.WRITE_TIMEOUT`` seconds is given up
+        A call that has not returned after ``self.deadlines.write`` seconds is given up
         (its thread is left to finish) and fails with a DeviceError, and its member is
         faulted at once, for a full rebuild (the stuck write may still land). The wait
         is shielded from the caller's cancellation, as a thread's always was: only the
         deadline abandons a call."""
         failures: dict[int, DeviceError] = {}
         hung: list[int] = []
-        timeout = records.WRITE_TIMEOUT
+        timeout = self.deadlines.write
 
         async def one(i: int, call: Callable[[], None]) -> None:
             dev = self.devices[i]
@@ -439,8 +445,8 @@ class Pool:
                                                   abandon_on_cancel=timeout is not None)
                 except DeviceError as e:
                     failures[i] = e
-            if scope.cancelled_caught and dev is not None:
-                failures[i] = records.timed_out(what, dev)
+            if scope.cancelled_caught and dev is not None and timeout is not None:
+                failures[i] = records.timed_out(what, dev, timeout)
                 hung.append(i)
         async with trio.open_nursery() as nursery:
             for i, call in calls:
@@ -1245,7 +1251,7 @@ class Pool:
         entries, result, plans = self._read_plan(map_id, blocks)
         if plans:
             try:
-                out = records.read_records(plans, block_size, nowait=True)
+                out = records.read_records(plans, block_size, self.deadlines, nowait=True)
             except records.WouldBlock:
                 return None
             self._keep(out, entries, result)
@@ -1264,11 +1270,12 @@ class Pool:
         try:
             # Page-cached, healthy data is served without a thread hop (~120 us here):
             # preadv(RWF_NOWAIT) never blocks, and verification is a hash per fragment.
-            out = records.read_records(plans, block_size, nowait=True)
+            out = records.read_records(plans, block_size, self.deadlines, nowait=True)
         except records.WouldBlock:
             gen = self._read_begin()
             try:
                 out = await trio.to_thread.run_sync(records.read_records, plans, block_size,
+                                                    self.deadlines,
                                                     limiter=self._cpu)
             finally:
                 self._read_end(gen)
@@ -1544,7 +1551,7 @@ class Pool:
         record = claim.record(self.state.uuid, seq)
         async with self._owner_lock:
             await _write_within([(d, partial(owners.write_record, d, record)) for d in devs],
-                                "writing the owner record")
+                                "writing the owner record", self.deadlines)
             self._owner = record
             self._confirmed = time.monotonic()
 
@@ -1665,7 +1672,7 @@ class Pool:
             need = self.layout.data_offset + self.layout.extent_size + LABEL_SIZE
             raise InvalidArgument(f"{dev.path} is too small for this pool's layout "
                                   f"(needs at least {need} bytes)")
-        await _run(_refuse_labelled, [dev])
+        await _run(_refuse_labelled, [dev], self.deadlines)
         async with self._commit_lock:
             idx = len(self.state.members)
             mi = MemberInfo(new_uuid(), idx, dev.size, n_ext)
@@ -1676,7 +1683,7 @@ class Pool:
                 _write_label(dev, Label(self.state.uuid, self.state.name, mi.uuid, idx,
                                         self.state.generation + 1, dev.size, self.layout))
                 dev.sync()
-            await _write_within([(dev, prepare)], "preparing a new member")
+            await _write_within([(dev, prepare)], "preparing a new member", self.deadlines)
             self._do(op_json(op="member_add", uuid=mi.uuid, index=idx, size=dev.size,
                              n_extents=n_ext, path=dev.path))
             self.devices.append(dev)
@@ -1730,7 +1737,7 @@ class Pool:
         if dev is None:
             raise InvalidArgument(f"member {index} of pool {self.state.name} has no device; "
                                   f"give its path, or use replace-device")
-        label = await _run(_read_label, dev)
+        label = await _run(_read_label, dev, self.deadlines)
         if label.pool_uuid != self.state.uuid or label.device_uuid != mi.uuid:
             raise InvalidArgument(f"{dev.path} is not member {index} of pool "
                                   f"{self.state.name} (its label says member {label.index} "
@@ -1758,7 +1765,7 @@ class Pool:
             _write_label(dev, Label(self.state.uuid, self.state.name, mi.uuid, index,
                                     self.state.generation + 1, dev.size, self.layout))
             dev.sync()
-        await _write_within([(dev, prepare)], "preparing a new member")
+        await _write_within([(dev, prepare)], "preparing a new member", self.deadlines)
         self.devices[index] = self.meta.devices[index] = dev
         self._errors[index] = Counter()
         self._why.pop(index, None)
@@ -1780,7 +1787,7 @@ class Pool:
         if self.layout.n_extents(dev.size) < mi.n_extents:
             raise InvalidArgument(f"{dev.path} is too small to replace member {index}: it "
                                   f"needs at least {mi.size} bytes, it has {dev.size}")
-        await _run(_refuse_labelled, [dev])
+        await _run(_refuse_labelled, [dev], self.deadlines)
         old = self.devices[index] or self._parked.get(index)
         self.left_out.pop(mi.path, None)
         async with self._commit_lock:
@@ -1792,7 +1799,7 @@ class Pool:
             await self._checkpoint_locked()
         self._parked.pop(index, None)
         if old is not None:
-            await _wipe_quietly(old)
+            await _wipe_quietly(old, self.deadlines)
         log.info("pool %s: %s replaces member %d; %d segment(s) to rebuild",
                  self.state.name, dev.path, index, len(self.state.members[index].marks))
 
@@ -1868,7 +1875,7 @@ class Pool:
                 await self._checkpoint_locked()
             self._free[index] = set()
             if dev is not None:
-                await _wipe_quietly(dev)
+                await _wipe_quietly(dev, self.deadlines)
         finally:
             self._avoid.discard(index)
         log.info("pool %s: member %d removed", self.state.name, index)
@@ -1992,7 +1999,7 @@ class Pool:
         rebuild computes its next step while the last one is written.
 
         Each device's fragments are written under the write deadline
-        (``records.WRITE_TIMEOUT``): a device that has not finished by then fails all of
+        (``self.deadlines.write``): a device that has not finished by then fails all of
         them, and a member that hung so is faulted at once, for a full rebuild (the stuck
         write may still land), as a hung foreground write faults it."""
         await self._confirm_owner()
@@ -2010,7 +2017,7 @@ class Pool:
 
         errors = await trio.to_thread.run_sync(
             records.writes_within, [(b[0].device, writer(k)) for k, b in enumerate(batches)],
-            "a rebuild write", limiter=self._bg_writes)
+            "a rebuild write", self.deadlines, limiter=self._bg_writes)
         index = {id(d): i for i, d in enumerate(self.devices) if d is not None}
         for r in live:
             i = index.get(id(r.device))
@@ -2108,7 +2115,7 @@ class Pool:
             dev = self.devices[mi.index]
             if dev is None:
                 continue
-            copies = await trio.to_thread.run_sync(label_copies, dev, mi.size)
+            copies = await trio.to_thread.run_sync(label_copies, dev, self.deadlines, mi.size)
             checked += 2
             wrong = [w for w, lab in copies if isinstance(lab, str) or lab.device_uuid
                      != mi.uuid]
@@ -2116,7 +2123,7 @@ class Pool:
                 bad += len(wrong)
                 async with self._commit_lock:
                     await _write_within([(dev, partial(_write_label, dev, self._label(mi)))],
-                                        "repairing a label")
+                                        "repairing a label", self.deadlines)
                 repaired += len(wrong)
                 self._dirty_devices.add(mi.index)
         return checked, bad, repaired
@@ -2224,11 +2231,11 @@ def _same_path(a: str, b: str) -> bool:
 
 
 async def _write_within(calls: Sequence[tuple[Device, Callable[[], None]]],
-                        what: str) -> None:
+                        what: str, dl: Deadlines) -> None:
     """Blocking writes, one per device, in parallel under the write deadline
     (``records.writes_within``); raises the first DeviceError (DeviceHung for a device
     that did not finish in time)."""
-    errors = await trio.to_thread.run_sync(records.writes_within, calls, what)
+    errors = await trio.to_thread.run_sync(records.writes_within, calls, what, dl)
     first = next((e for e in errors if e is not None), None)
     if first is not None:
         raise first
@@ -2254,12 +2261,12 @@ def _wipe(dev: Device) -> None:
     dev.sync()
 
 
-async def _wipe_quietly(dev: Device) -> None:
+async def _wipe_quietly(dev: Device, dl: Deadlines) -> None:
     """Wipe a detached device's labels and superblocks (it must not pass for a member),
     then close it. A device that is gone, or hangs (often why it was replaced), cannot
     be wiped, which is fine: the pool no longer counts it as a member either way."""
     try:
-        await _write_within([(dev, partial(_wipe, dev))], "wiping the label")
+        await _write_within([(dev, partial(_wipe, dev))], "wiping the label", dl)
     except DeviceError as e:
         log.warning("could not wipe the label of %s: %s", dev.path, e.message)
     # close waits (boundedly) for a call still stuck in the device: not on the loop.
@@ -2278,23 +2285,24 @@ def _write_label(dev: Device, label: Label) -> None:
     dev.pwrite(label.device_size - LABEL_SIZE, raw)
 
 
-def label_copies(dev: Device, size: int | None = None) -> list[tuple[str, Label | str]]:
+def label_copies(dev: Device, dl: Deadlines, size: int | None = None
+                 ) -> list[tuple[str, Label | str]]:
     """Both label copies of a device: ("primary" | "backup", the label or what is wrong).
     ``size``: where the backup is (the labelled size); default the device's size."""
     out: list[tuple[str, Label | str]] = []
     end = dev.size if size is None else size
     for where, off in (("primary", 0), ("backup", end - LABEL_SIZE)):
         try:
-            out.append((where, Label.decode(records.pread_within(dev, off, LABEL_SIZE))))
+            out.append((where, Label.decode(records.pread_within(dev, off, LABEL_SIZE, dl))))
         except DeviceError as e:
             out.append((where, e.message))
     return out
 
 
-def _read_label(dev: Device) -> Label:
+def _read_label(dev: Device, dl: Deadlines) -> Label:
     """The device's label, from the primary copy or else the backup at the end."""
     errors = []
-    for where, label in label_copies(dev):
+    for where, label in label_copies(dev, dl):
         if isinstance(label, str):
             errors.append(f"{where}: {label}")
             continue
@@ -2305,10 +2313,10 @@ def _read_label(dev: Device) -> Label:
     raise ImportFailed(f"{dev.path} is not a storaged pool member ({'; '.join(errors)})")
 
 
-def _refuse_labelled(devices: list[Device]) -> None:
+def _refuse_labelled(devices: list[Device], dl: Deadlines) -> None:
     for dev in devices:
         try:
-            label = _read_label(dev)
+            label = _read_label(dev, dl)
         except ImportFailed:
             continue
         raise InvalidArgument(f"{dev.path} is already member {label.index} of pool "
@@ -2346,15 +2354,15 @@ def _leave_out(left_out: dict[str, str], dev: Device, why: str) -> None:
     log.error("%s left out of the import: %s", dev.path, why)
 
 
-def _read_labels(devices: list[Device], left_out: dict[str, str] | None = None
-                 ) -> list[tuple[Device, Label]]:
+def _read_labels(devices: list[Device], dl: Deadlines,
+                 left_out: dict[str, str] | None = None) -> list[tuple[Device, Label]]:
     """Each device's label. A device that does not answer (its label reads timed out) is
     left out, as if it were not given: the pool imports without it if it can; so is one
     without a usable label when ``left_out`` is given (see ``Pool.open``)."""
     out: list[tuple[Device, Label]] = []
     for dev in devices:
         try:
-            out.append((dev, _read_label(dev)))
+            out.append((dev, _read_label(dev, dl)))
         except ImportFailed as e:
             if left_out is not None:
                 _leave_out(left_out, dev, e.message)
@@ -2362,7 +2370,7 @@ def _read_labels(devices: list[Device], left_out: dict[str, str] | None = None
             if not records.hung(dev):
                 raise
             log.warning("%s does not answer (a read of its label has been waiting more "
-                        "than %g s): importing without it", dev.path, records.READ_TIMEOUT)
+                        "than %g s): importing without it", dev.path, dl.read)
     if devices and not out:
         if left_out:
             raise ImportFailed("no device given is a usable pool member: " + "; ".join(
@@ -2383,7 +2391,7 @@ class _Loaded:
     replayed: list[tuple[int, bytes]]
 
 
-def _load_pool(pool_uuid: str, found: list[tuple[Device, Label]],
+def _load_pool(pool_uuid: str, found: list[tuple[Device, Label]], dl: Deadlines,
                left_out: dict[str, str] | None = None) -> _Loaded:
     """Read superblocks, state, pages and journal of a pool; check the members."""
     layout = found[0][1].layout
@@ -2397,7 +2405,7 @@ def _load_pool(pool_uuid: str, found: list[tuple[Device, Label]],
     best: Superblock | None = None
     for dev, lab in list(found):
         try:
-            sbs = MetaStore.read_superblocks(dev, pool_uuid)
+            sbs = MetaStore.read_superblocks(dev, pool_uuid, dl)
         except DeviceError as e:
             # Every member holds the metadata: one whose superblocks cannot be read is
             # left out (the pool runs degraded), as if it had not been given.
@@ -2418,7 +2426,7 @@ def _load_pool(pool_uuid: str, found: list[tuple[Device, Label]],
     if best is None:
         raise ImportFailed(f"pool {name}: no intact superblock on any device given")
     state = PoolState.from_json(MetaStore(layout, [d for d, _ in found],
-                                          pool_uuid).read_blob(best.state))
+                                          pool_uuid, dl).read_blob(best.state))
     devices: list[Device | None] = [None] * len(state.members)
     by_uuid = {mi.uuid: mi for mi in state.members}
     for dev, lab in found:
@@ -2452,7 +2460,7 @@ def _load_pool(pool_uuid: str, found: list[tuple[Device, Label]],
         devices[mi.index] = dev
     meta = MetaStore(layout, [d if state.members[i].state not in ("faulted", "offline",
                                                                     "removed") else None
-                              for i, d in enumerate(devices)], pool_uuid)
+                              for i, d in enumerate(devices)], pool_uuid, dl)
     meta.mark_used(best.state)
     meta.mark_used(best.index)
     index = meta.read_blob(best.index)

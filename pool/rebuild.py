@@ -38,6 +38,7 @@ import trio
 
 from pool import records
 from pool.codec import fragment_units
+from pool.deadlines import Deadlines
 from pool.device import Device
 from pool.layout import SECTOR
 from pool.pool import Pool
@@ -99,7 +100,9 @@ class _Verifier:
     releases the GIL: the rebuild then uses both cores). Results reach ``send`` in the
     order the steps were queued."""
 
-    def __init__(self, send: trio.MemorySendChannel[_Item | BaseException]) -> None:
+    def __init__(self, send: trio.MemorySendChannel[_Item | BaseException],
+                 deadlines: Deadlines) -> None:
+        self.deadlines = deadlines
         self.inbox: queue.SimpleQueue[tuple[int, _Item] | None] = queue.SimpleQueue()
         self.idle = threading.Event()
         self._queued = itertools.count()
@@ -135,7 +138,8 @@ class _Verifier:
             seq, item = got
             if isinstance(item, _Step):
                 try:
-                    item.out = records.verify_stripes(item.plans, target=item.seg.column,
+                    item.out = records.verify_stripes(item.plans, self.deadlines,
+                                                      target=item.seg.column,
                                                       reads=item.reads)
                 except Exception as e:      # re-raised by the write stage
                     self._token.run_sync_soon(self._failed, e)
@@ -184,7 +188,7 @@ async def run(pool: Pool, *, rate: float | None = None,
         async with trio.open_nursery() as nursery:
             slots = trio.Semaphore(AHEAD)
             to_write, write_in = trio.open_memory_channel[_Item | BaseException](AHEAD)
-            verifier = _Verifier(to_write)
+            verifier = _Verifier(to_write, pool.deadlines)
             try:
                 nursery.start_soon(_read_stage, pool, work, held, verifier, slots)
                 nursery.start_soon(_verify_stage, pool, verifier, to_write)
@@ -223,7 +227,7 @@ async def _read_stage(pool: Pool, work: list[tuple[int, int, int]], held: list[i
             for batch, size in steps(entries, seg.k):
                 step = _Step(item, batch, size, pool.record_plans(seg, batch, target=column))
                 await slots.acquire()
-                step.reads = records.start_stripes(step.plans, target=column)
+                step.reads = records.start_stripes(step.plans, pool.deadlines, target=column)
                 verifier.put(step)
             await slots.acquire()
             verifier.put(item)

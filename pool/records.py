@@ -20,6 +20,7 @@ import xxhash
 import zfec
 
 from pool import codec
+from pool.deadlines import Deadlines
 from pool.device import Device
 from pool.errors import DeviceError, DeviceHung
 from pool.layout import SECTOR
@@ -79,19 +80,18 @@ def write_columns(writes: Sequence[tuple[Device, int, list[codec.Buffer]]]) -> N
 # ---- reads with a deadline ------------------------------------------------------------
 # A device that stops answering (a dying disk, a hung path) must not hang the reads that
 # redundancy could serve. Fragment reads therefore run on a small pool of reader threads
-# and are given up after READ_TIMEOUT seconds (the daemon sets it from faults.read_timeout):
+# and are given up after the pool's read deadline (``Deadlines.read``, faults.read_timeout):
 # the fragment counts as missing (and as a read error of its member), the record is
 # rebuilt from the others. Until the stuck read returns, further reads of that device
 # fail at once instead of each waiting out the timeout. A pread cannot be interrupted, so
 # the stuck thread is left to finish; the pool of threads is bounded.
-READ_TIMEOUT: float | None = 30.0
 _readers = concurrent.futures.ThreadPoolExecutor(max_workers=16,
                                                  thread_name_prefix="storaged-read")
 _stuck: dict[int, concurrent.futures.Future[bytes]] = {}
 _stuck_lock = threading.Lock()
 
 
-def _start_read(dev: Device, offset: int, length: int,
+def _start_read(dev: Device, offset: int, length: int, dl: Deadlines,
                 readers: concurrent.futures.ThreadPoolExecutor = _readers
                 ) -> concurrent.futures.Future[bytes] | DeviceError:
     with _stuck_lock:
@@ -99,13 +99,13 @@ def _start_read(dev: Device, offset: int, length: int,
         if pending is not None:
             if not pending.done():
                 return DeviceError(f"{dev.path} is not answering (a read has been "
-                                   f"waiting more than {READ_TIMEOUT:g} s)")
+                                   f"waiting more than {dl.read or 0:g} s)")
             del _stuck[id(dev)]
     return readers.submit(dev.pread, offset, length)
 
 
 def _finish_read(dev: Device, fut: concurrent.futures.Future[bytes] | DeviceError,
-                 length: int, offset: int, deadline: float) -> bytes:
+                 length: int, offset: int, deadline: float, seconds: float) -> bytes:
     if isinstance(fut, DeviceError):
         raise fut
     try:
@@ -114,25 +114,26 @@ def _finish_read(dev: Device, fut: concurrent.futures.Future[bytes] | DeviceErro
         with _stuck_lock:
             _stuck[id(dev)] = fut
         raise DeviceError(f"read of {length} bytes at {offset} on {dev.path} timed out "
-                          f"after {READ_TIMEOUT:g} s") from None
+                          f"after {seconds:g} s") from None
 
 
-def pread_within(dev: Device, offset: int, length: int) -> bytes:
-    """``dev.pread`` given up after READ_TIMEOUT seconds: a DeviceError, like a failed
+def pread_within(dev: Device, offset: int, length: int, dl: Deadlines) -> bytes:
+    """``dev.pread`` given up after ``dl.read`` seconds: a DeviceError, like a failed
     read (and the device's later reads fail at once until the stuck one returns). For
     metadata, where every member holds a copy to fall back to. Page-cached bytes are read
     at once, without the reader thread (a hop that costs about 150 µs here)."""
     buf = bytearray(length)
     if length and dev.preadv_nowait(offset, [buf]) == length:
         return bytes(buf)
-    return _pread_deadline(dev, offset, length)
+    return _pread_deadline(dev, offset, length, dl)
 
 
-def _pread_deadline(dev: Device, offset: int, length: int) -> bytes:
-    if READ_TIMEOUT is None:
+def _pread_deadline(dev: Device, offset: int, length: int, dl: Deadlines) -> bytes:
+    seconds = dl.read
+    if seconds is None:
         return dev.pread(offset, length)
-    return _finish_read(dev, _start_read(dev, offset, length), length, offset,
-                        time.monotonic() + READ_TIMEOUT)
+    return _finish_read(dev, _start_read(dev, offset, length, dl), length, offset,
+                        time.monotonic() + seconds, seconds)
 
 
 def hung(dev: Device) -> bool:
@@ -143,28 +144,28 @@ def hung(dev: Device) -> bool:
 
 
 # ---- writes with a deadline -----------------------------------------------------------
-# A write or sync that a member does not finish within WRITE_TIMEOUT seconds (the daemon
-# sets it from faults.write_timeout) is given up: the pool faults that member at once and
+# A write or sync that a member does not finish within the pool's write deadline
+# (``Deadlines.write``, faults.write_timeout) is given up: the pool faults that member at once and
 # goes on degraded where redundancy allows (``Pool._per_device``; metadata below), instead
 # of every flush waiting for a disk that may never answer. As with reads, the stuck call
 # cannot be interrupted: its thread is left to finish, and the descriptor stays open until
 # it does (``FileDevice.close``).
-WRITE_TIMEOUT: float | None = 120.0
 _writers = concurrent.futures.ThreadPoolExecutor(max_workers=16,
                                                  thread_name_prefix="storaged-write")
 
 
-def timed_out(what: str, dev: Device) -> DeviceHung:
-    return DeviceHung(f"{what} on {dev.path} did not complete in {WRITE_TIMEOUT:g} s "
+def timed_out(what: str, dev: Device, seconds: float) -> DeviceHung:
+    return DeviceHung(f"{what} on {dev.path} did not complete in {seconds:g} s "
                        f"(faults.write_timeout): the device is not answering")
 
 
 def writes_within(calls: Sequence[tuple[Device, Callable[[], None]]],
-                  what: str) -> list[DeviceError | None]:
+                  what: str, dl: Deadlines) -> list[DeviceError | None]:
     """Run blocking writes (one per device) in parallel, each given up after
-    WRITE_TIMEOUT seconds: per call None, or the DeviceError it raised or timed out with.
+    ``dl.write`` seconds: per call None, or the DeviceError it raised or timed out with.
     Called from a thread."""
-    if WRITE_TIMEOUT is None or not calls:
+    seconds = dl.write
+    if seconds is None or not calls:
         out: list[DeviceError | None] = []
         for _dev, call in calls:
             try:
@@ -173,7 +174,7 @@ def writes_within(calls: Sequence[tuple[Device, Callable[[], None]]],
             except DeviceError as e:
                 out.append(e)
         return out
-    deadline = time.monotonic() + WRITE_TIMEOUT
+    deadline = time.monotonic() + seconds
     futs = [(dev, _writers.submit(call)) for dev, call in calls]
     results: list[DeviceError | None] = []
     for dev, fut in futs:
@@ -181,23 +182,24 @@ def writes_within(calls: Sequence[tuple[Device, Callable[[], None]]],
             fut.result(timeout=max(0.0, deadline - time.monotonic()))
             results.append(None)
         except concurrent.futures.TimeoutError:
-            results.append(timed_out(what, dev))
+            results.append(timed_out(what, dev, seconds))
         except DeviceError as e:
             results.append(e)
     return results
 
 
 def read_columns(cols: Sequence[tuple[Device | None, int, str]], offset: int, units: int,
-                 errors: Counter[tuple[str, str]], *, redundant: bool = True
-                 ) -> list[bytes | None]:
+                 errors: Counter[tuple[str, str]], dl: Deadlines, *,
+                 redundant: bool = True) -> list[bytes | None]:
     """The same sectors of several columns, read in parallel, each within the deadline;
     None for a column that is missing or failed (counted in ``errors``)."""
     length = units * SECTOR
-    if READ_TIMEOUT is None or (len(cols) == 1 and not redundant):
+    seconds = dl.read
+    if seconds is None or (len(cols) == 1 and not redundant):
         # One column with nothing to fall back to: no thread hop; a hang is a hang.
-        return [_frag_bytes(c, offset, units, errors, deadline=False) for c in cols]
-    deadline = time.monotonic() + READ_TIMEOUT
-    started = [(c, _start_read(c[0], c[1] + offset * SECTOR, length)
+        return [_frag_bytes(c, offset, units, errors, dl, deadline=False) for c in cols]
+    deadline = time.monotonic() + seconds
+    started = [(c, _start_read(c[0], c[1] + offset * SECTOR, length, dl)
                 if c[0] is not None else None) for c in cols]
     out: list[bytes | None] = []
     for (dev, base, name), fut in started:
@@ -205,7 +207,8 @@ def read_columns(cols: Sequence[tuple[Device | None, int, str]], offset: int, un
             out.append(None)
             continue
         try:
-            out.append(_finish_read(dev, fut, length, base + offset * SECTOR, deadline))
+            out.append(_finish_read(dev, fut, length, base + offset * SECTOR, deadline,
+                                    seconds))
         except DeviceError:
             errors[(name, "read")] += 1
             out.append(None)
@@ -213,14 +216,15 @@ def read_columns(cols: Sequence[tuple[Device | None, int, str]], offset: int, un
 
 
 def _frag_bytes(col: tuple[Device | None, int, str], offset: int, units: int,
-                errors: Counter[tuple[str, str]], *, deadline: bool = True) -> bytes | None:
+                errors: Counter[tuple[str, str]], dl: Deadlines, *,
+                deadline: bool = True) -> bytes | None:
     dev, base, name = col
     if dev is None:
         return None
     try:
         if not deadline:
             return dev.pread(base + offset * SECTOR, units * SECTOR)
-        return _pread_deadline(dev, base + offset * SECTOR, units * SECTOR)
+        return _pread_deadline(dev, base + offset * SECTOR, units * SECTOR, dl)
     except DeviceError:
         errors[(name, "read")] += 1
         return None
@@ -230,7 +234,7 @@ class WouldBlock(Exception):
     """The non-blocking attempt needs the thread path (data not cached, or a slow path)."""
 
 
-def read_records(plans: Sequence[RecordPlan], block_size: int, *,
+def read_records(plans: Sequence[RecordPlan], block_size: int, dl: Deadlines, *,
                  nowait: bool = False, stored: bool = False) -> ReadOutcome:
     """Read and verify records; coalesce runs of adjacent records of one segment.
 
@@ -239,7 +243,7 @@ def read_records(plans: Sequence[RecordPlan], block_size: int, *,
     """
     out = ReadOutcome()
     for run in _runs(plans):
-        _read_run(run, -1 if stored else block_size, out, nowait)
+        _read_run(run, -1 if stored else block_size, out, nowait, dl)
     return out
 
 
@@ -257,7 +261,7 @@ def _runs(plans: Sequence[RecordPlan]) -> Iterator[Sequence[RecordPlan]]:
 
 
 def _read_run(run: Sequence[RecordPlan], block_size: int, out: ReadOutcome,
-              nowait: bool) -> None:
+              nowait: bool, dl: Deadlines) -> None:
     first = run[0]
     k = first.k
     total = sum(p.units for p in run)
@@ -273,7 +277,7 @@ def _read_run(run: Sequence[RecordPlan], block_size: int, out: ReadOutcome,
     else:
         columns = [memoryview(raw) if raw is not None else None
                    for raw in read_columns(first.columns[:k], first.offset, total,
-                                           out.device_errors, redundant=first.m > 0)]
+                                           out.device_errors, dl, redundant=first.m > 0)]
     pos = 0
     for p in run:
         size = p.units * SECTOR
@@ -298,7 +302,7 @@ def _read_run(run: Sequence[RecordPlan], block_size: int, out: ReadOutcome,
             continue
         if nowait:
             raise WouldBlock
-        _read_slow(p, block_size, chunks, out)
+        _read_slow(p, block_size, chunks, out, dl)
 
 
 class IntoRun(NamedTuple):
@@ -371,14 +375,14 @@ def _check_into(raw: bytes | memoryview | None, c: int, p: RecordPlan,
 
 
 def _read_slow(p: RecordPlan, block_size: int, chunks: dict[int, memoryview],
-               out: ReadOutcome) -> None:
+               out: ReadOutcome, dl: Deadlines) -> None:
     """Some data fragment was bad or missing: use parity/mirrors, then heal."""
     n = p.k + p.m
     bad: list[int] = [c for c in range(p.k) if c not in chunks]
     for c in range(p.k, n):
         if len(chunks) >= p.k:
             break
-        raw = _frag_bytes(p.columns[c], p.offset, p.units, out.device_errors)
+        raw = _frag_bytes(p.columns[c], p.offset, p.units, out.device_errors, dl)
         _check_into(raw, c, p, chunks, bad, out.device_errors)
     if len(chunks) < p.k:
         missing = [p.columns[c][2] for c in range(n) if c not in chunks]
@@ -443,14 +447,16 @@ class StripeReads:
     # per run: the columns, where they are (first sector, sectors), their started reads
     started: list[tuple[list[int], list[tuple[Device | None, int, str]], int, int,
                         list[_Started]]]
+    deadlines: Deadlines
     runs: list[tuple[list[int], list[bytes | None]]] = field(default_factory=list)
     device_errors: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     def result(self) -> list[tuple[list[int], list[bytes | None]]]:
         """Per run: (columns, their bytes or None where missing or failed); blocks until
-        the reads are done, each given up READ_TIMEOUT seconds from now."""
+        the reads are done, each given up ``deadlines.read`` seconds from now."""
         if self.started:
-            deadline = None if READ_TIMEOUT is None else time.monotonic() + READ_TIMEOUT
+            seconds = self.deadlines.read
+            deadline = None if seconds is None else time.monotonic() + seconds
             for wanted, cols, offset, total, futs in self.started:
                 raws: list[bytes | None] = []
                 for (dev, base, name), fut in zip(cols, futs, strict=True):
@@ -460,8 +466,10 @@ class StripeReads:
                     try:
                         if isinstance(fut, DeviceError):
                             raise fut
-                        raws.append(fut.result() if deadline is None else _finish_read(
-                            dev, fut, total * SECTOR, base + offset * SECTOR, deadline))
+                        raws.append(fut.result() if deadline is None or seconds is None
+                                    else _finish_read(dev, fut, total * SECTOR,
+                                                      base + offset * SECTOR, deadline,
+                                                      seconds))
                     except DeviceError:
                         self.device_errors[(name, "read")] += 1
                         raws.append(None)
@@ -477,36 +485,40 @@ def _wanted(first: RecordPlan, target: int | None) -> list[int]:
     return usable if target is None else usable[:first.k]
 
 
-def start_stripes(plans: Sequence[RecordPlan], *, target: int | None = None) -> StripeReads:
+def start_stripes(plans: Sequence[RecordPlan], dl: Deadlines, *,
+                  target: int | None = None) -> StripeReads:
     """Start the reads ``verify_stripes`` begins with, without waiting for them (cheap: it
     may run on the event loop): one read per column per run of adjacent records, of all
     columns (scrub) or k other than ``target`` (rebuild)."""
-    out = StripeReads([])
+    out = StripeReads([], dl)
     for run in _runs(plans):
         first = run[0]
         wanted = _wanted(first, target)
         total = sum(p.units for p in run)
         cols = [first.columns[c] for c in wanted]
         out.started.append((wanted, cols, first.offset, total, [
-            _start_read(dev, base + first.offset * SECTOR, total * SECTOR, _ahead_readers)
+            _start_read(dev, base + first.offset * SECTOR, total * SECTOR, dl,
+                        _ahead_readers)
             if dev is not None else None for dev, base, _name in cols]))
     return out
 
 
-def read_stripes(plans: Sequence[RecordPlan], *, target: int | None = None) -> StripeReads:
+def read_stripes(plans: Sequence[RecordPlan], dl: Deadlines, *,
+                 target: int | None = None) -> StripeReads:
     """The reads of ``start_stripes``, done now (scrub): in parallel on the shared reader
     threads, within the deadline."""
-    out = StripeReads([])
+    out = StripeReads([], dl)
     for run in _runs(plans):
         first = run[0]
         wanted = _wanted(first, target)
         total = sum(p.units for p in run)
         out.runs.append((wanted, read_columns([first.columns[c] for c in wanted],
-                                              first.offset, total, out.device_errors)))
+                                              first.offset, total, out.device_errors,
+                                              dl)))
     return out
 
 
-def verify_stripes(plans: Sequence[RecordPlan], *, target: int | None = None,
+def verify_stripes(plans: Sequence[RecordPlan], dl: Deadlines, *, target: int | None = None,
                    reads: StripeReads | None = None) -> StripeOutcome:
     """Scrub (``target`` None): read all k + m fragments of every record, verify each one,
     and rebuild the bad ones from k good ones (``repairs``). Rebuild (``target`` = a
@@ -517,7 +529,7 @@ def verify_stripes(plans: Sequence[RecordPlan], *, target: int | None = None,
     Runs of adjacent records of one segment are read with one read per column (``reads``:
     done beforehand by ``read_stripes`` with the same plans and target)."""
     if reads is None:
-        reads = read_stripes(plans, target=target)
+        reads = read_stripes(plans, dl, target=target)
     got = reads.result()
     out = StripeOutcome()
     out.device_errors.update(reads.device_errors)
@@ -525,12 +537,12 @@ def verify_stripes(plans: Sequence[RecordPlan], *, target: int | None = None,
     if len(runs) != len(got):
         raise ValueError("verify_stripes: the reads are not of these plans")
     for run, (wanted, raws) in zip(runs, got, strict=True):
-        _verify_run(run, target, wanted, raws, out)
+        _verify_run(run, target, wanted, raws, out, dl)
     return out
 
 
 def _verify_run(run: Sequence[RecordPlan], target: int | None, wanted: list[int],
-                raws: list[bytes | None], out: StripeOutcome) -> None:
+                raws: list[bytes | None], out: StripeOutcome, dl: Deadlines) -> None:
     first = run[0]
     k, n = first.k, first.k + first.m
     usable = [c for c in range(n) if c != target and first.columns[c][0] is not None]
@@ -568,7 +580,7 @@ def _verify_run(run: Sequence[RecordPlan], target: int | None, wanted: list[int]
                 break
             if c in chunks or c in bad:
                 continue
-            raw = _frag_bytes(p.columns[c], p.offset, p.units, out.device_errors)
+            raw = _frag_bytes(p.columns[c], p.offset, p.units, out.device_errors, dl)
             out.fragments_checked += 1
             if raw is not None:
                 out.bytes_read += len(raw)

@@ -120,7 +120,7 @@ async def run(pool: Pool, *, rate: float | None = None) -> dict[str, Any] | None
             try:
                 for batch, size in steps(entries, seg.k):
                     plans = pool.record_plans(seg, batch)
-                    out = await pool.background(records.verify_stripes, plans)
+                    out = await pool.background(records.verify_stripes, plans, pool.deadlines)
                     pool.note_outcome(out)
                     n_fixed = await pool.write_fragments(out.repairs)
                     cur["found"] += out.bad

@@ -13,6 +13,7 @@ import os
 import signal
 import ssl
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 import trio
@@ -24,7 +25,7 @@ from iscsi.targets import TargetCatalog
 from nbd import proto
 from nbd.exports import VolumeCatalog
 from nbd.server import NBDConfig, NBDServer, tls_server_context
-from pool import Pool, rebuild, records, scrub
+from pool import Pool, rebuild, scrub
 from pool.errors import StorageError
 from pool.tuning import PoolTuning
 from storaged.api import ControlAPI
@@ -244,20 +245,27 @@ async def _start_listener(nursery: trio.Nursery, key: str, address: str | None,
 
 
 def pool_tuning(cfg: Config) -> PoolTuning:
-    """What the configuration tunes every pool with (not live: storaged.service.LIVE_KEYS)."""
+    """What the configuration tunes every pool with (not live: storaged.service.LIVE_KEYS,
+    but for the deadlines each pool copies, which ``apply_live`` changes in place)."""
+    tuning = PoolTuning(discard_freed=cfg.discard, read_timeout=cfg.read_timeout,
+                        write_timeout=cfg.write_timeout)
     if cfg.record_cache is None:
-        return PoolTuning(discard_freed=cfg.discard)
-    return PoolTuning(discard_freed=cfg.discard, record_cache=cfg.record_cache)
+        return tuning
+    return replace(tuning, record_cache=cfg.record_cache)
 
 
 def apply_live(cfg: Config, registry: Registry) -> None:
     """Put the keys a reload may change (storaged.service.LIVE_KEYS) into effect; the
     background tasks read the others from the Reloader at their next round."""
     logging.getLogger().setLevel(cfg.log_level.upper())
-    records.READ_TIMEOUT = cfg.read_timeout
-    records.WRITE_TIMEOUT = cfg.write_timeout
+    # The deadlines are live (deadlines invariant 1): each open pool's own, changed in
+    # place, and those of the pools imported from now on.
+    registry.tuning = replace(registry.tuning, read_timeout=cfg.read_timeout,
+                              write_timeout=cfg.write_timeout)
     registry.overcommit_warning = cfg.overcommit_warning
     for entry in list(registry.pools.values()):
+        entry.pool.deadlines.read = cfg.read_timeout
+        entry.pool.deadlines.write = cfg.write_timeout
         entry.pool.fault_threshold = cfg.fault_threshold
         entry.full_warning = cfg.full_warning
 

@@ -26,6 +26,7 @@ import trio
 
 from pool import Device, FileDevice, Pool, close_devices
 from pool import owner as owners
+from pool.deadlines import Deadlines
 from pool.errors import (
     AlreadyExists,
     Busy,
@@ -150,7 +151,8 @@ class Registry:
             devices = await self._open_devices(paths, file_size, created=created)
             try:
                 if force:
-                    await trio.to_thread.run_sync(_refuse_live_owner, devices, claim.owner)
+                    await trio.to_thread.run_sync(_refuse_live_owner, devices, claim.owner,
+                                                  self.tuning.deadlines())
                 pool = await Pool.create(name, devices, profile=profile,
                                          extent_size=extent_size, force=force, claim=claim,
                                          tuning=self.tuning)
@@ -248,7 +250,8 @@ class Registry:
         record names another daemon (without ``force``), and one whose heartbeat moves
         within its activity interval (with ``force``, watched first). Returns what a
         forced takeover took over from (to be said), or None."""
-        labels = await trio.to_thread.run_sync(_labels_of, devices)
+        labels = await trio.to_thread.run_sync(_labels_of, devices,
+                                                self.tuning.deadlines())
         uuids = {lab.pool_uuid for lab in labels.values()
                  if name is None or lab.pool_name == name}
         for entry in self.pools.values():
@@ -293,7 +296,8 @@ class Registry:
             paths = await trio.to_thread.run_sync(_scan, self.state_dir, None)
         here = {e.pool.uuid: e.name for e in self.pools.values()}
         me = (await self._claim()).owner
-        return await trio.to_thread.run_sync(_survey, paths, here, me)
+        return await trio.to_thread.run_sync(_survey, paths, here, me,
+                                                 self.tuning.deadlines())
 
     async def export(self, name: str, *, force: bool = False) -> None:
         """Export (close and release) a pool. Refused (Busy, naming them) while its volumes
@@ -584,7 +588,9 @@ def _label_at(path: str) -> Label | None:
     except DeviceError:
         return None
     try:
-        return next((lab for _, lab in label_copies(dev) if isinstance(lab, Label)), None)
+        # A diagnostic read of a device another holder has: the default deadlines.
+        return next((lab for _, lab in label_copies(dev, Deadlines()) if isinstance(lab, Label)),
+                    None)
     finally:
         dev.close()
 
@@ -608,20 +614,20 @@ def _holder(path: str) -> str:
     return text
 
 
-def _labels_of(devices: list[Device]) -> dict[str, Label]:
+def _labels_of(devices: list[Device], dl: Deadlines) -> dict[str, Label]:
     out: dict[str, Label] = {}
     for dev in devices:
-        lab = next((lab for _, lab in label_copies(dev) if isinstance(lab, Label)), None)
+        lab = next((lab for _, lab in label_copies(dev, dl) if isinstance(lab, Label)), None)
         if lab is not None:
             out[dev.path] = lab
     return out
 
 
-def _refuse_live_owner(devices: list[Device], me: owners.Owner) -> None:
+def _refuse_live_owner(devices: list[Device], me: owners.Owner, dl: Deadlines) -> None:
     """``pool create --force`` overrides the label of an exported or destroyed pool, never
     a member of a live one: a device whose owner record names another daemon that beats
     (fresh, or moving while watched for its activity interval) is refused."""
-    labels = _labels_of(devices)
+    labels = _labels_of(devices, dl)
     for dev in devices:
         rec = owners.read_record(dev)
         lab = labels.get(dev.path)
@@ -637,7 +643,7 @@ def _refuse_live_owner(devices: list[Device], me: owners.Owner) -> None:
 
 
 def _survey(paths: list[str], here: dict[str, str],
-            me: owners.Owner) -> list[dict[str, Any]]:
+            me: owners.Owner, dl: Deadlines) -> list[dict[str, Any]]:
     """The pools on ``paths`` (read-only; see Registry.importable)."""
     groups: dict[str, list[tuple[FileDevice, Label]]] = {}
     opened: list[FileDevice] = []
@@ -648,27 +654,27 @@ def _survey(paths: list[str], here: dict[str, str],
             except DeviceError:
                 continue
             opened.append(dev)
-            lab = next((lab for _, lab in label_copies(dev) if isinstance(lab, Label)), None)
+            lab = next((lab for _, lab in label_copies(dev, dl) if isinstance(lab, Label)), None)
             if lab is not None:
                 groups.setdefault(lab.pool_uuid, []).append((dev, lab))
-        return [_survey_pool(uuid, found, here, me) for uuid, found in groups.items()]
+        return [_survey_pool(uuid, found, here, me, dl) for uuid, found in groups.items()]
     finally:
         for dev in opened:
             dev.close()
 
 
 def _survey_pool(pool_uuid: str, found: list[tuple[FileDevice, Label]],
-                 here: dict[str, str], me: owners.Owner) -> dict[str, Any]:
+                 here: dict[str, str], me: owners.Owner, dl: Deadlines) -> dict[str, Any]:
     name = found[0][1].pool_name
     out: dict[str, Any] = {"name": name, "uuid": pool_uuid,
                            "found": sorted(d.path for d, _ in found), "missing": []}
     try:
-        best = max((sb for d, _ in found for sb in MetaStore.read_superblocks(d, pool_uuid)),
+        best = max((sb for d, _ in found for sb in MetaStore.read_superblocks(d, pool_uuid, dl)),
                    key=lambda sb: sb.generation, default=None)
         if best is None:
             raise StorageError("no intact superblock")
         state = PoolState.from_json(MetaStore(found[0][1].layout, [d for d, _ in found],
-                                              pool_uuid).read_blob(best.state))
+                                              pool_uuid, dl).read_blob(best.state))
     except (StorageError, ValueError, KeyError) as e:
         msg = e.message if isinstance(e, StorageError) else str(e)
         out.update(state="unavailable", error=f"metadata unreadable: {msg}")

@@ -23,9 +23,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from pool import Pool, rebuild, records
+from pool import Pool, rebuild
 from pool.errors import InvalidArgument, StorageError
 from pool.faults import FaultyDevice
+from pool.tuning import PoolTuning
 from storaged.config import load
 from tests.conftest import DiskSet
 from tests.daemonkit import Daemon
@@ -177,7 +178,7 @@ async def test_short_reads_are_errors_never_data(disks: Disks) -> None:
 
 
 async def test_a_member_that_hangs_is_left_out_of_an_import(
-        disks: Disks, monkeypatch: pytest.MonkeyPatch) -> None:
+        disks: Disks) -> None:
     """Metadata reads have the read deadline too: an import given a member whose reads
     stop answering does not wait for it. The member is left out (missing), the pool
     imports degraded and serves everything from the others; the member, answering again,
@@ -188,10 +189,10 @@ async def test_a_member_that_hangs_is_left_out_of_an_import(
     devs = ds.open()
     hung = FaultyDevice(devs[0], seed=7)
     hung.read_delay = 4.0               # far longer than the timeout: a hang
-    monkeypatch.setattr(records, "READ_TIMEOUT", 0.2)
     try:
         with trio.fail_after(3.5):      # imported before the device would have answered
-            pool = await Pool.open([hung, devs[1], devs[2]])
+            pool = await Pool.open([hung, devs[1], devs[2]],
+                                   tuning=PoolTuning(read_timeout=0.2))
             st = pool.statistics()
             assert st.state == "degraded"
             assert [m.index for m in st.members if m.state == "missing"] == [0]
@@ -209,8 +210,7 @@ async def test_a_member_that_hangs_is_left_out_of_an_import(
 
 
 @asynccontextmanager
-async def _writes_hang_on_member_0(ds: DiskSet, profile: str,
-                                   monkeypatch: pytest.MonkeyPatch
+async def _writes_hang_on_member_0(ds: DiskSet, profile: str
                                    ) -> AsyncIterator[tuple[Pool, bytes]]:
     """A filled pool (and its data) re-opened with member 0 hanging on every write and
     sync: 2 s against a write timeout of 0.2 s. Closed once the given-up calls returned."""
@@ -219,7 +219,7 @@ async def _writes_hang_on_member_0(ds: DiskSet, profile: str,
     devs = ds.open()
     hung = FaultyDevice(devs[0], seed=7)
     pool = await Pool.open([hung, *devs[1:]])
-    monkeypatch.setattr(records, "WRITE_TIMEOUT", 0.2)
+    pool.deadlines.write = 0.2
     hung.write_delay = 2.0
     try:
         yield pool, data
@@ -237,13 +237,13 @@ async def _read_reimported(ds: DiskSet) -> bytes:
 
 
 async def test_a_member_whose_writes_hang_is_faulted_and_writes_go_on(
-        disks: Disks, monkeypatch: pytest.MonkeyPatch) -> None:
+        disks: Disks) -> None:
     """A member whose writes and syncs stop answering: the first one is given up after
     the write timeout and the member is faulted at once (for a full rebuild), so flushes
     go on degraded from the others instead of waiting for it; what they wrote reads back,
     also after a re-import with the member answering again."""
     ds = disks(3)
-    async with _writes_hang_on_member_0(ds, "ec:2+1", monkeypatch) as (pool, data):
+    async with _writes_hang_on_member_0(ds, "ec:2+1") as (pool, data):
         new = random.Random(5).randbytes(SIZE // 2)
         expect = new + data[len(new):-4096] + bytes(4096)
         vol = VolumeManager(pool).get("v")
@@ -260,12 +260,12 @@ async def test_a_member_whose_writes_hang_is_faulted_and_writes_go_on(
 
 
 async def test_a_hung_member_is_replaced_without_waiting_for_it(
-        disks: Disks, monkeypatch: pytest.MonkeyPatch) -> None:
+        disks: Disks) -> None:
     """Replacing the member that hung (the usual reason to replace one): wiping the old
     device's label is given up after the write timeout instead of holding the replace,
     and the new device is rebuilt and reads back byte-exact."""
     ds = disks(3)
-    async with _writes_hang_on_member_0(ds, "ec:2+1", monkeypatch) as (pool, data):
+    async with _writes_hang_on_member_0(ds, "ec:2+1") as (pool, data):
         vol = VolumeManager(pool).get("v")
         await vol.write(0, data[:4096])
         await vol.flush()                   # member 0 is given up and faulted
@@ -288,11 +288,11 @@ async def test_a_hung_member_is_replaced_without_waiting_for_it(
 
 
 async def test_a_lone_device_whose_writes_hang_fails_the_flush(
-        disks: Disks, monkeypatch: pytest.MonkeyPatch) -> None:
+        disks: Disks) -> None:
     """With no redundancy to go on with, a hung write makes the flush fail with a clear
     error (the pool stops) instead of hanging; nothing flushed before is lost."""
     ds = disks(1)
-    async with _writes_hang_on_member_0(ds, "plain", monkeypatch) as (pool, data):
+    async with _writes_hang_on_member_0(ds, "plain") as (pool, data):
         vol = VolumeManager(pool).get("v")
         with trio.fail_after(1.8):
             await vol.write(0, bytes(4096))
@@ -302,12 +302,12 @@ async def test_a_lone_device_whose_writes_hang_fails_the_flush(
 
 
 async def test_a_repair_write_that_hangs_does_not_hang_the_read(
-        disks: Disks, monkeypatch: pytest.MonkeyPatch) -> None:
+        disks: Disks) -> None:
     """A read finds a bad fragment on a member whose writes hang: the data comes from the
     others at once, and the self-healing rewrite of that fragment is given up after the
     write timeout (the member faulted) instead of holding the read until it answers."""
     ds = disks(3)
-    async with _writes_hang_on_member_0(ds, "ec:2+1", monkeypatch) as (pool, data):
+    async with _writes_hang_on_member_0(ds, "ec:2+1") as (pool, data):
         member, offset, length = next(v for _k, v in sorted(fragments(pool).items())
                                       if v[0] == 0)
         corrupt(ds, member, offset, length, random.Random(2))
@@ -318,7 +318,7 @@ async def test_a_repair_write_that_hangs_does_not_hang_the_read(
 
 
 async def test_a_hanging_device_times_out_and_reads_go_on_from_redundancy(
-        disks: Disks, monkeypatch: pytest.MonkeyPatch) -> None:
+        disks: Disks) -> None:
     """A member whose reads stop answering: each stuck read is given up after the read
     timeout, the data comes from the other fragments, the member is charged read errors,
     and later reads skip it at once instead of waiting again."""
@@ -328,7 +328,7 @@ async def test_a_hanging_device_times_out_and_reads_go_on_from_redundancy(
     devs = ds.open()
     hung = FaultyDevice(devs[0], seed=7)
     pool = await Pool.open([hung, devs[1], devs[2]])
-    monkeypatch.setattr(records, "READ_TIMEOUT", 0.2)
+    pool.deadlines.read = 0.2
     try:
         pool.fault_threshold = 10_000
         hung.read_delay = 4.0           # far longer than the timeout: a hang

@@ -23,6 +23,7 @@ import trio
 
 from pool import Device, FileDevice, Pool
 from pool import owner as owners
+from pool.deadlines import Deadlines
 from pool.errors import Busy, DeviceBusy, PoolFailed
 from storaged import registry
 from tests.conftest import DiskSet
@@ -142,10 +143,12 @@ async def test_create_force_refuses_a_member_whose_owner_beats(disks: Disks) -> 
     probe: list[Device] = [FileDevice(str(ds.paths[0]))]
     before = ds.digests()
     with pytest.raises(Busy, match=r"member 0 of pool 'tank', active on another daemon"):
-        await trio.to_thread.run_sync(registry._refuse_live_owner, probe, B)
+        await trio.to_thread.run_sync(registry._refuse_live_owner, probe, B,
+                                  Deadlines())
     assert ds.digests() == before
     await trio.sleep(claim.activity)          # the owner stays silent (hung, or gone)
-    await trio.to_thread.run_sync(registry._refuse_live_owner, probe, B)
+    await trio.to_thread.run_sync(registry._refuse_live_owner, probe, B,
+                                  Deadlines())
     probe[0].close()
     await pool.close()
 

@@ -21,6 +21,7 @@ import xxhash
 
 from pool import FileDevice, MemoryDevice, Pool, codec, rebuild, records, scrub
 from pool.checker import check
+from pool.deadlines import Deadlines
 from pool.errors import InvalidArgument, NoSpace
 from pool.faults import FaultyDevice, RecordingDevice, WriteLog
 from pool.layout import SECTOR, Label
@@ -247,7 +248,7 @@ def test_rebuilt_fragments_are_the_encoded_ones(k: int, m: int) -> None:
                          xxhash.xxh3_64_intdigest(bytes(frag[8:codec.HEADER_SIZE + clen])))
         devs[last].pwrite(4096 + p9.offset * SECTOR, frag)
     for target in range(n):
-        out = records.verify_stripes(plans, target=target)
+        out = records.verify_stripes(plans, Deadlines(), target=target)
         # Decoding a data chunk from the forged one gives a payload that fails the record
         # hash: nothing is written for it (as before the batched path).
         allowed = {9} if k > 1 and last != target < k else set()
@@ -264,16 +265,16 @@ def test_rebuilt_fragments_are_the_encoded_ones(k: int, m: int) -> None:
         if 5 not in out.failures and target != 1 and (k > 1 or target == 0):
             assert (1, 4096 + plans[5].offset * SECTOR) in got   # the flipped one is fixed
     # Reads done beforehand (as the rebuild pipeline does) give the same result.
-    reads = records.read_stripes(plans, target=0)
-    again = records.verify_stripes(plans, target=0, reads=reads)
+    reads = records.read_stripes(plans, Deadlines(), target=0)
+    again = records.verify_stripes(plans, Deadlines(), target=0, reads=reads)
     assert sorted((r.index, r.offset, bytes(r.data)) for r in again.repairs) == sorted(
         (r.index, r.offset, bytes(r.data))
-        for r in records.verify_stripes(plans, target=0).repairs)
+        for r in records.verify_stripes(plans, Deadlines(), target=0).repairs)
 
 
 @pytest.mark.parametrize("fault", ["error", "hang"])
 async def test_failed_rebuild_writes_release_the_segments_and_keep_the_marks(
-        disks: Disks, monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
+        disks: Disks, fault: str) -> None:
     """The rebuild's stages run ahead of its writes; when the new member's writes fail,
     or hang (given up after the write timeout: the member is faulted at once, and the
     rebuild does not wait for it), every segment they pinned is let go, none is marked
@@ -289,7 +290,7 @@ async def test_failed_rebuild_writes_release_the_segments_and_keep_the_marks(
         if fault == "error":
             faulty.write_error_rate = 1.0
         else:
-            monkeypatch.setattr(records, "WRITE_TIMEOUT", 0.2)
+            pool.deadlines.write = 0.2
             faulty.write_delay = 2.0
         with trio.fail_after(1.8):          # done before a hung device would answer
             assert await rebuild.run(pool) == 0
