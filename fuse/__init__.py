@@ -1,1 +1,2 @@
-"""FUSE frontend (every volume as a file); arrives with the FUSE issue."""
+"""The FUSE frontend: every volume a file, every snapshot a read-only one (``fs``), and the
+mount's life inside the daemon's nursery (``mount``)."""

@@ -1,1 +1,3 @@
-"""NBD frontend: a sans-I/O protocol core and a trio transport; arrives with the NBD issue."""
+"""The NBD frontend: a sans-I/O protocol core (``proto``), the trio transport that runs it
+against the Volume API (``server``), the export catalog (``exports``: ``POOL/VOLUME`` and
+read-only ``POOL/VOLUME@SNAPSHOT``) and the payload memory budget (``limits``)."""

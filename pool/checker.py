@@ -9,6 +9,10 @@ It checks, against the pool's committed metadata:
 - every map entry: points into an existing segment, inside its fill;
 - every volume-like object's map exists, and no map is orphaned;
 - with ``deep``: reads every fragment of every record (all k + m) and verifies it.
+
+One function per check (check_members, check_blobs, check_segments, check_map_nodes,
+scan_records, check_live_counts, check_objects, read_fragments), each returning the
+problems it found; check() runs them in that order.
 """
 
 from __future__ import annotations
@@ -50,85 +54,112 @@ class CheckReport:
 
 
 async def check(pool: Pool, *, deep: bool = False) -> CheckReport:
-    """Check ``pool`` (commits first, so that what is checked is what is on disk)."""
+    """Check ``pool`` (commits first, so that what is checked is what is on disk): each
+    check below in turn, the blocking ones (they read the members) in a thread."""
     await pool.commit()
-    problems: list[str] = []
     st = pool.state
-    # ---- members, labels and superblocks (blocking: in a thread) ---------------------------
-    def members() -> list[str]:
-        out = []
-        for mi in st.members:
-            dev = pool.devices[mi.index]
-            if mi.state == "removed":
-                continue
-            if dev is None:
-                out.append(f"member {mi.index} ({mi.uuid}) is {pool.member_state(mi.index)}: "
-                           f"the pool is degraded")
-                continue
-            for where, lab in label_copies(dev, pool.deadlines, mi.size):
-                if isinstance(lab, str):
-                    out.append(f"{dev.path}: {where} label is bad: {lab}")
-                    continue
-                if lab.device_uuid != mi.uuid or lab.index != mi.index:
-                    out.append(f"{dev.path}: {where} label names member {lab.index} "
-                               f"({lab.device_uuid}), metadata says {mi.index} ({mi.uuid})")
-            try:
-                _read_label(dev, pool.deadlines)
-            except ImportFailed as e:
-                out.append(e.message)
-            sbs = MetaStore.read_superblocks(dev, st.uuid, pool.deadlines)
-            newest = max((sb.generation for sb in sbs), default=-1)
-            if newest < st.generation:
-                out.append(f"{dev.path}: newest superblock is generation {newest}, the pool "
-                           f"is at {st.generation}")
-        return out
-    problems += await trio.to_thread.run_sync(members)
+    problems = await trio.to_thread.run_sync(check_members, pool)
+    problems += await trio.to_thread.run_sync(check_blobs, pool)
+    problems += check_segments(pool)
+    problems += check_map_nodes(pool)
+    scan = scan_records(pool, keep=deep)
+    problems += scan.problems
+    problems += check_live_counts(pool, scan.live)
+    problems += check_objects(pool)
+    checked = bad = 0
+    if deep:
+        checked, bad, msgs = await trio.to_thread.run_sync(read_fragments, pool, scan.entries)
+        problems += msgs
+    return CheckReport(st.name, tuple(problems), len(st.segments), scan.records, checked, bad)
 
-    # ---- checkpoint blobs --------------------------------------------------------------------
-    def blobs() -> list[str]:
-        out = []
-        paths = [d.path for d in pool.meta.present()]
-        nodes = sorted(pool._page_locs.items())
-        copies = pool.meta.blob_copies([loc for _nid, loc in nodes])
-        for (nid, loc), oks in zip(nodes, copies, strict=True):
-            for path, ok in zip(paths, oks, strict=True):
-                if not ok:
-                    out.append(f"{path}: copy of map node {nid} (metadata units "
-                               f"{loc.unit}-{loc.unit + loc.units - 1}) fails its checksum")
-        return out
-    problems += await trio.to_thread.run_sync(blobs)
 
-    # ---- segments and extents -----------------------------------------------------------------
+def check_members(pool: Pool) -> list[str]:
+    """Every present member's labels (both copies, naming the right member) and its newest
+    superblock; an absent member makes the pool degraded. Blocking."""
+    st = pool.state
+    out = []
+    for mi in st.members:
+        dev = pool.devices[mi.index]
+        if mi.state == "removed":
+            continue
+        if dev is None:
+            out.append(f"member {mi.index} ({mi.uuid}) is {pool.member_state(mi.index)}: "
+                       f"the pool is degraded")
+            continue
+        for where, lab in label_copies(dev, pool.deadlines, mi.size):
+            if isinstance(lab, str):
+                out.append(f"{dev.path}: {where} label is bad: {lab}")
+                continue
+            if lab.device_uuid != mi.uuid or lab.index != mi.index:
+                out.append(f"{dev.path}: {where} label names member {lab.index} "
+                           f"({lab.device_uuid}), metadata says {mi.index} ({mi.uuid})")
+        try:
+            _read_label(dev, pool.deadlines)
+        except ImportFailed as e:
+            out.append(e.message)
+        sbs = MetaStore.read_superblocks(dev, st.uuid, pool.deadlines)
+        newest = max((sb.generation for sb in sbs), default=-1)
+        if newest < st.generation:
+            out.append(f"{dev.path}: newest superblock is generation {newest}, the pool "
+                       f"is at {st.generation}")
+    return out
+
+
+def check_blobs(pool: Pool) -> list[str]:
+    """Every copy of every checkpointed map node, on every present member, passes its
+    checksum. Blocking."""
+    out = []
+    paths = [d.path for d in pool.meta.present()]
+    nodes = sorted(pool.page_locations().items())
+    copies = pool.meta.blob_copies([loc for _nid, loc in nodes])
+    for (nid, loc), oks in zip(nodes, copies, strict=True):
+        for path, ok in zip(paths, oks, strict=True):
+            if not ok:
+                out.append(f"{path}: copy of map node {nid} (metadata units "
+                           f"{loc.unit}-{loc.unit + loc.units - 1}) fails its checksum")
+    return out
+
+
+def check_segments(pool: Pool) -> list[str]:
+    """Every segment: k + m extents, in range, on distinct members, not shared with
+    another segment, not also free; its fill within the extent."""
+    st = pool.state
+    out = []
     cap = pool.layout.extent_size // SECTOR
     owner: dict[tuple[int, int], int] = {}
     for seg in st.segments.values():
         if len(seg.extents) != seg.k + seg.m:
-            problems.append(f"segment {seg.id} has {len(seg.extents)} extents, its profile "
-                            f"needs {seg.k + seg.m}")
+            out.append(f"segment {seg.id} has {len(seg.extents)} extents, its profile "
+                       f"needs {seg.k + seg.m}")
         devs = [i for i, _ in seg.extents]
         if len(set(devs)) != len(devs):
-            problems.append(f"segment {seg.id} puts two fragments on one member ({devs})")
+            out.append(f"segment {seg.id} puts two fragments on one member ({devs})")
         for idx, ext in seg.extents:
             if idx >= len(st.members) or not 0 <= ext < st.members[idx].n_extents:
-                problems.append(f"segment {seg.id} uses extent {ext} of member {idx}, which "
-                                f"does not exist")
+                out.append(f"segment {seg.id} uses extent {ext} of member {idx}, which "
+                           f"does not exist")
             if (idx, ext) in owner:
-                problems.append(f"extent {ext} of member {idx} belongs to segments "
-                                f"{owner[(idx, ext)]} and {seg.id}")
+                out.append(f"extent {ext} of member {idx} belongs to segments "
+                           f"{owner[(idx, ext)]} and {seg.id}")
             owner[(idx, ext)] = seg.id
-            if idx < len(pool._free) and ext in pool._free[idx]:
-                problems.append(f"extent {ext} of member {idx} is in segment {seg.id} and "
-                                f"also on the free list")
+            if pool.is_free(idx, ext):
+                out.append(f"extent {ext} of member {idx} is in segment {seg.id} and "
+                           f"also on the free list")
         if not 0 <= seg.fill <= cap:
-            problems.append(f"segment {seg.id} fill {seg.fill} is outside 0..{cap} sectors")
+            out.append(f"segment {seg.id} fill {seg.fill} is outside 0..{cap} sectors")
+    return out
 
-    # ---- maps, nodes and references --------------------------------------------------------
-    forest = st.forest
+
+def check_map_nodes(pool: Pool) -> list[str]:
+    """The map forest: roots and children exist, every node is reachable and its
+    reference count is what the trees hold, every clean node has a checkpoint location."""
+    forest = pool.state.forest
+    out = []
     refs: Counter[int] = Counter()
     for map_id, root in forest.roots.items():
         if root:
             if root not in forest.nodes:
-                problems.append(f"map {map_id} has root node {root}, which does not exist")
+                out.append(f"map {map_id} has root node {root}, which does not exist")
                 continue
             refs[root] += 1
     for nid, node in forest.nodes.items():
@@ -136,21 +167,39 @@ async def check(pool: Pool, *, deep: bool = False) -> CheckReport:
             for child in node.data:
                 if child:
                     if child not in forest.nodes:
-                        problems.append(f"map node {nid} points to node {child}, which does "
-                                        f"not exist")
+                        out.append(f"map node {nid} points to node {child}, which does "
+                                   f"not exist")
                     refs[child] += 1
     for nid, node in forest.nodes.items():
         if refs[nid] == 0:
-            problems.append(f"map node {nid} is not reachable from any map (leaked)")
+            out.append(f"map node {nid} is not reachable from any map (leaked)")
         elif refs[nid] != node.refs:
-            problems.append(f"map node {nid} has reference count {node.refs}, the trees "
-                            f"reference it {refs[nid]} times")
-    if not pool._page_locs.keys() >= forest.nodes.keys() - forest.dirty:
-        problems.append("some map nodes have no checkpoint location")
+            out.append(f"map node {nid} has reference count {node.refs}, the trees "
+                       f"reference it {refs[nid]} times")
+    if not pool.page_locations().keys() >= forest.nodes.keys() - forest.dirty:
+        out.append("some map nodes have no checkpoint location")
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class RecordScan:
+    """What one pass over the map entries found (scan_records)."""
+    problems: list[str]
+    records: int                                  # map entries that are not holes
+    live: Counter[int]                            # segment id -> sectors the maps reference
+    entries: list[tuple[int, int, bytes]]         # (node id, slot, entry), if kept
+
+
+def scan_records(pool: Pool, *, keep: bool = False) -> RecordScan:
+    """Every map entry points into an existing segment, inside its fill; counts the
+    sectors each segment holds for the maps, and with ``keep`` lists the entries whose
+    segment exists (what a deep check reads)."""
+    st = pool.state
+    out: list[str] = []
     live: Counter[int] = Counter()
     n_records = 0
-    records_to_read: list[tuple[int, int, bytes]] = []
-    for nid, node in forest.nodes.items():
+    entries: list[tuple[int, int, bytes]] = []
+    for nid, node in st.forest.nodes.items():
         if not isinstance(node.data, bytearray):
             continue
         for slot in range(len(node.data) // ENTRY.size):
@@ -161,57 +210,68 @@ async def check(pool: Pool, *, deep: bool = False) -> CheckReport:
             seg_id, off, plen, _flags, _rh = ENTRY.unpack(raw)
             target = st.segments.get(seg_id)
             if target is None:
-                problems.append(f"map node {nid} slot {slot} points to segment {seg_id}, "
-                                f"which does not exist")
+                out.append(f"map node {nid} slot {slot} points to segment {seg_id}, "
+                           f"which does not exist")
                 continue
             units = codec.fragment_units(plen, target.k)
             if plen <= 0 or off + units > target.fill:
-                problems.append(f"map node {nid} slot {slot} points past the written part of "
-                                f"segment {seg_id} (sectors {off}+{units}, fill {target.fill})")
+                out.append(f"map node {nid} slot {slot} points past the written part of "
+                           f"segment {seg_id} (sectors {off}+{units}, fill {target.fill})")
             live[seg_id] += units
-            if deep:
-                records_to_read.append((nid, slot, raw))
-    for seg in st.segments.values():
-        if live[seg.id] != seg.live:
-            problems.append(f"segment {seg.id} says {seg.live} live sectors, the maps "
-                            f"reference {live[seg.id]}")
+            if keep:
+                entries.append((nid, slot, raw))
+    return RecordScan(out, n_records, live, entries)
+
+
+def check_live_counts(pool: Pool, live: Counter[int]) -> list[str]:
+    """Each segment's live count equals the sectors the maps reference in it."""
+    return [f"segment {seg.id} says {seg.live} live sectors, the maps reference "
+            f"{live[seg.id]}"
+            for seg in pool.state.segments.values() if live[seg.id] != seg.live]
+
+
+def check_objects(pool: Pool) -> list[str]:
+    """Every volume-like object's map exists, and each map belongs to exactly one
+    object (none orphaned)."""
+    st = pool.state
+    out = []
     referenced = [o["map"] for o in st.objects.values() if "map" in o]
     for obj_id, obj in st.objects.items():
         if "map" in obj and obj["map"] not in st.maps:
-            problems.append(f"{obj.get('type', 'object')} {obj.get('name', obj_id)} refers to "
-                            f"map {obj['map']}, which does not exist")
+            out.append(f"{obj.get('type', 'object')} {obj.get('name', obj_id)} refers to "
+                       f"map {obj['map']}, which does not exist")
     for map_id in st.maps:
         n = referenced.count(map_id)
         if n != 1:
-            problems.append(f"map {map_id} is referenced by {n} objects (expected 1)")
+            out.append(f"map {map_id} is referenced by {n} objects (expected 1)")
+    return out
 
-    # ---- deep: every fragment of every record ------------------------------------------------
-    checked = bad = 0
-    if deep:
-        def read_all() -> tuple[int, int, list[str]]:
-            c = b = 0
-            out = []
-            for map_id, block, raw in records_to_read:
-                seg_id, off, plen, _fl, rhash = ENTRY.unpack(raw)
-                seg = st.segments[seg_id]
-                units = codec.fragment_units(plen, seg.k)
-                for i, (idx, ext) in enumerate(seg.extents):
-                    dev = pool.devices[idx]
-                    if dev is None:
-                        continue
-                    c += 1
-                    try:
-                        frag = dev.pread(pool.layout.extent_offset(ext) + off * SECTOR,
-                                         units * SECTOR)
-                    except DeviceError as e:
-                        frag = b""
-                        out.append(f"{dev.path}: {e.message}")
-                    if codec.check_fragment(frag, i, seg.k, seg.m, plen, rhash) is None:
-                        b += 1
-                        out.append(f"{dev.path}: fragment {i} of the record in map node "
-                                   f"{map_id} slot {block} (segment {seg_id}) fails "
-                                   f"verification")
-            return c, b, out
-        checked, bad, msgs = await trio.to_thread.run_sync(read_all)
-        problems += msgs
-    return CheckReport(st.name, tuple(problems), len(st.segments), n_records, checked, bad)
+
+def read_fragments(pool: Pool,
+                   entries: list[tuple[int, int, bytes]]) -> tuple[int, int, list[str]]:
+    """Deep: read every fragment (all k + m on present members) of every record in
+    ``entries`` and verify it. Returns (fragments read, bad, problems). Blocking."""
+    st = pool.state
+    c = b = 0
+    out = []
+    for map_id, block, raw in entries:
+        seg_id, off, plen, _fl, rhash = ENTRY.unpack(raw)
+        seg = st.segments[seg_id]
+        units = codec.fragment_units(plen, seg.k)
+        for i, (idx, ext) in enumerate(seg.extents):
+            dev = pool.devices[idx]
+            if dev is None:
+                continue
+            c += 1
+            try:
+                frag = dev.pread(pool.layout.extent_offset(ext) + off * SECTOR,
+                                 units * SECTOR)
+            except DeviceError as e:
+                frag = b""
+                out.append(f"{dev.path}: {e.message}")
+            if codec.check_fragment(frag, i, seg.k, seg.m, plen, rhash) is None:
+                b += 1
+                out.append(f"{dev.path}: fragment {i} of the record in map node "
+                           f"{map_id} slot {block} (segment {seg_id}) fails "
+                           f"verification")
+    return c, b, out

@@ -30,9 +30,10 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Container, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache, partial
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 import trio
@@ -2093,6 +2094,14 @@ class Pool:
 
     def meta_locations(self) -> list[Loc]:
         return [*self._page_locs.values(), *self._meta_locs]
+
+    def page_locations(self) -> Mapping[int, Loc]:
+        """Where the last checkpoint put each map node (node id -> location); read-only."""
+        return MappingProxyType(self._page_locs)
+
+    def is_free(self, index: int, extent: int) -> bool:
+        """Whether extent ``extent`` of member ``index`` is on the free list."""
+        return index < len(self._free) and extent in self._free[index]
 
     async def scrub_metadata(self) -> tuple[int, int, int]:
         """Verify every copy of every metadata blob and both labels of each present

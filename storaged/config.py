@@ -12,8 +12,8 @@ from typing import Any
 
 from iscsi.targets import DEFAULT_BASE_IQN, check_base_iqn
 from nbd.proto import MAX_PAYLOAD
-from storaged.client import DEFAULT_SOCKET
 from storaged.sizes import parse_size
+from storaged.wire import DEFAULT_SOCKET
 from volumes import InvalidArgument
 
 DEFAULT_STATE_DIR = "/var/lib/storaged"

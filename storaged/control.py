@@ -56,8 +56,8 @@ import trio
 from pool.errors import InvalidArgument, NoSpace, StorageError
 from pool.iovec import advance
 from storaged.api import ControlAPI
-from storaged.client import FRAME_HEAD, MAX_FRAME, Buffer, widen
 from storaged.startup import StartupError, socket_is_live
+from storaged.wire import FRAME_HEAD, MAX_FRAME, Buffer, widen
 from volumes import portable
 from volumes.stream import StreamError
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from storaged import cli
+from storaged.ctl import cli
 from tests.daemonkit import BIN, Daemon, _qemu_io
 
 DAEMON_COMMANDS = ("pool", "volume", "snapshot", "export", "status")

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from iscsi import pdu as P
-from storaged.client import ControlError, call
 from storaged.config import load
+from storaged.ctl.client import ControlError, call
 from tests.daemonkit import Daemon
 from volumes import InvalidArgument
 

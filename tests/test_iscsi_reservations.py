@@ -13,7 +13,7 @@ import pytest
 
 from iscsi import reservations as pr
 from iscsi.reservations import Nexus, Reservations
-from storaged.client import call
+from storaged.ctl.client import call
 from tests.daemonkit import Daemon
 from tests.iscsiraw import RawInitiator, prin, prout, read10, write10
 

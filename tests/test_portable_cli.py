@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from pool.iovec import advance
-from storaged.client import MAX_FRAME
+from storaged.wire import MAX_FRAME
 from tests.daemonkit import BIN, Daemon, _qemu_io
 
 CTL = str(BIN / "storagectl")

@@ -16,8 +16,8 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from storaged.ctl.progress import ProgressBar, duration
 from storaged.daemon import attach_hint
-from storaged.progress import ProgressBar, duration
 from tests.daemonkit import BIN, Daemon, _free_port
 
 MIB = 1 << 20

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from storaged import cli
+from storaged.ctl import cli
 
 SCRIPT = """
 import resource, sys
@@ -73,10 +73,12 @@ def test_tuned_collector_leaves_a_batch_of_pieces_alone() -> None:
 
 
 def test_storagectl_starts_without_loading_the_daemon() -> None:
-    """storagectl imports the control client only, not the pool, volumes or trio."""
-    heavy = ("trio", "pool.pool", "volumes.volume", "storaged.api", "iscsi.server", "zfec")
-    out = subprocess.run([sys.executable, "-c", "import storaged.cli, sys; print(' '.join("
-                          f"m for m in {heavy!r} if m in sys.modules))"],
+    """storagectl (storaged.ctl.cli, and the old storaged.cli path installed console scripts
+    run) imports the control client only, not the pool, volumes, trio or the daemon side."""
+    heavy = ("trio", "pool.pool", "volumes.volume", "storaged.api", "storaged.control",
+             "storaged.daemon", "iscsi.server", "zfec")
+    out = subprocess.run([sys.executable, "-c", "import storaged.cli, storaged.ctl.cli, sys; "
+                          f"print(' '.join(m for m in {heavy!r} if m in sys.modules))"],
                          capture_output=True, text=True, check=True, timeout=60).stdout
     assert out.strip() == "", f"storagectl loaded {out.strip()}"
 

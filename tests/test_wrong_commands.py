@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from storaged.client import call
+from storaged.ctl.client import call
 from tests.daemonkit import BIN, Daemon, _qemu_io, member_digests
 
 KiB = 1024

@@ -19,8 +19,8 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-from storaged.client import ControlError, call
-from storaged.progress import ProgressBar
+from storaged.ctl.client import ControlError, call
+from storaged.ctl.progress import ProgressBar
 
 
 def _bar(show: bool, tty: bool) -> ProgressBar | None:

@@ -4,7 +4,7 @@ send and receive hand the daemon the output or input itself (the -o/-i file, or 
 or stdin: a pipe into ssh works the same), as a file descriptor passed over the control
 socket: the daemon writes or reads the stream there, so it never crosses the socket.
 import and export drive ``qemu-img convert`` against the daemon's own NBD export
-(storaged.image_cli).
+(storaged.ctl.image).
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from storaged.client import ControlError, call
-from storaged.progress import ProgressBar
+from storaged.ctl.client import ControlError, call
+from storaged.ctl.progress import ProgressBar
 from storaged.sizes import format_size
 
 
 class _Meter:
-    """The progress of one stream on stderr (storaged.progress), or nothing."""
+    """The progress of one stream on stderr (storaged.ctl.progress), or nothing."""
 
     def __init__(self, verb: str, total: int | None, show: bool, tty: bool) -> None:
         self.verb, self.total, self.done = verb, total, 0
@@ -94,11 +94,11 @@ def run(args: argparse.Namespace, path: str, show: bool, tty: bool = False) -> i
     else:
         # Imported here: subprocess (for qemu-img) would cost send and receive (what a
         # migration or backup runs) about 8 ms of start-up.
-        from storaged import image_cli  # noqa: PLC0415
+        from storaged.ctl import image  # noqa: PLC0415
         if args.cmd == "import":
-            result = image_cli.import_image(args, path, show, tty)
+            result = image.import_image(args, path, show, tty)
         else:
-            result = image_cli.export_image(args, path, show, tty)
+            result = image.export_image(args, path, show, tty)
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     elif args.cmd != "send" or args.output:

@@ -1,39 +1,21 @@
 """The control API client used by storagectl (the protocol is described in
-storaged/control.py): plain blocking sockets and the standard library only, so that the
-CLI starts without loading the daemon.
+storaged/control.py, the framing both ends share in storaged/wire.py): plain blocking
+sockets and the standard library only, so that the CLI starts without loading the daemon.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
-import struct
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
-DEFAULT_SOCKET = "/run/storaged/control.sock"
-MAX_FRAME = 16 << 20            # largest stream frame either side accepts
-SOCKET_BUFFER = 4 << 20         # socket buffers of a framed stream
-FRAME_HEAD = struct.Struct(">I")
-Buffer = bytes | bytearray | memoryview
+from storaged.wire import DEFAULT_SOCKET, widen
 
 
 def default_socket() -> str:
     return os.environ.get("STORAGED_SOCKET", DEFAULT_SOCKET)
-
-
-class _Settable(Protocol):
-    def setsockopt(self, level: int, optname: int, value: int, /) -> None: ...
-
-
-def widen(sock: _Settable) -> None:
-    """Room for a few MiB of stream in the socket (capped by net.core.wmem_max): the
-    sending side stays that far ahead without waiting for the receiver to wake up."""
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
 
 
 def call(path: str, method: str, params: dict[str, Any], on_progress: Any = None, *,

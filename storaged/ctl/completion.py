@@ -2,7 +2,7 @@
 storagectl's own parser by shtab (so it never lags behind the commands).
 
 Device and file arguments complete file names (their actions carry shtab's ``complete``
-attribute, set in storaged.cli without importing shtab).
+attribute, set in storaged.ctl.cli without importing shtab).
 """
 
 from __future__ import annotations
