@@ -21,7 +21,6 @@ Checked:
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 
 import pytest
@@ -32,7 +31,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from pool import FileDevice, Pool
 from pool.checker import check
 from pool.errors import Busy
-from tests.trioportal import TrioPortal
+from tests.trioportal import TrioPortal, tear_down
 from volumes import VolumeManager
 
 BS = 4096
@@ -215,12 +214,7 @@ class SnapshotMachine(RuleBasedStateMachine):
             assert await view.read(0, SIZE) == content, f"{vol}@{snap}"
 
     def teardown(self) -> None:
-        try:
-            if not self.pool.closed:
-                self.portal.run(self.pool.close)
-        finally:
-            self.portal.close()
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        tear_down(self.portal, self.pool, self.tmp)
 
 
 SnapshotMachine.TestCase.settings = settings(

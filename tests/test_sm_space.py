@@ -24,7 +24,6 @@ Checked after every step:
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 
 from hypothesis import HealthCheck, event, settings
@@ -34,7 +33,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from pool import FileDevice, Pool, codec
 from pool.errors import NoSpace
 from pool.layout import SECTOR
-from tests.trioportal import TrioPortal
+from tests.trioportal import TrioPortal, tear_down
 from volumes import VolumeManager
 
 BS = 64 << 10
@@ -175,12 +174,7 @@ class SpaceMachine(RuleBasedStateMachine):
         assert st_.allocated_bytes + st_.free_bytes <= st_.capacity_bytes
 
     def teardown(self) -> None:
-        try:
-            if not self.pool.closed:
-                self.portal.run(self.pool.close)
-        finally:
-            self.portal.close()
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        tear_down(self.portal, self.pool, self.tmp)
 
 
 

@@ -8,13 +8,18 @@ steps and closes it in ``teardown``.
 
 from __future__ import annotations
 
+import shutil
 import threading
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 import trio.from_thread
 import trio.lowlevel
+
+if TYPE_CHECKING:
+    from pool import Pool
 
 T = TypeVar("T")
 
@@ -57,3 +62,13 @@ class TrioPortal:
         self._token = None
         if self._error is not None:
             raise self._error
+
+
+def tear_down(portal: TrioPortal, pool: Pool, tmp: str | Path) -> None:
+    """A machine's teardown: close its pool on the loop, stop the loop, remove its files."""
+    try:
+        if not pool.closed:
+            portal.run(pool.close)
+    finally:
+        portal.close()
+        shutil.rmtree(tmp, ignore_errors=True)
