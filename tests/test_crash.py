@@ -23,7 +23,7 @@ from pool import FileDevice, MemoryDevice, Pool
 from pool.checker import check
 from pool.errors import ImportFailed
 from pool.faults import RecordingDevice, WriteLog
-from tests.crashsim import CrashSimulator, unexplained
+from tests.crashsim import CrashSimulator, CrashState, unexplained
 from volumes import VolumeManager
 
 DEV_SIZE = 4 << 20
@@ -120,6 +120,20 @@ async def _record_workload(tmp: str, seed: int, profile: str) -> tuple[
     await pool.close()
     flushes.append(Flush(start, log.mark("final close end"), bytes(model), scratch))
     return CrashSimulator(base, log), flushes, bytes(model)
+
+
+def _sampled(sim: CrashSimulator, rng: random.Random, writes: int) -> list[int]:
+    """Every sync point and ``writes`` positions drawn among the writes between them."""
+    return sorted(set(sim.sync_points()) | set(rng.sample(sim.write_points(), writes)))
+
+
+async def _open_checked(cs: CrashState) -> Pool:
+    """The pool as the crash left it, imported and passing the checker (invariant 2)."""
+    mem = [MemoryDevice(len(img), path=f"c{i}", data=img) for i, img in enumerate(cs.images)]
+    pool = await Pool.open(mem)
+    report = await check(pool)
+    assert report.ok, f"crash at {cs.position} ({cs.variant}): {report.render()}"
+    return pool
 
 
 def _allowed(flushes: list[Flush], pos: int) -> list[tuple[bytes, bytes | None]]:
@@ -285,14 +299,9 @@ async def test_crash_during_snapshot_create_delete_rollback_clone(tmp_path: obje
     await pool.close()
     assert relocated > 0, "the workload never made the cleaner move a record"
     sim = CrashSimulator(base, log)
-    positions = sorted(set(sim.sync_points()) | set(rng.sample(sim.write_points(), 120)))
     checked = 0
-    for cs in sim.states(positions, rng):
-        mem = [MemoryDevice(len(img), path=f"s{i}", data=img)
-               for i, img in enumerate(cs.images)]
-        pool = await Pool.open(mem)
-        report = await check(pool)
-        assert report.ok, f"crash at {cs.position} ({cs.variant}): {report.render()}"
+    for cs in sim.states(_sampled(sim, rng, 120), rng):
+        pool = await _open_checked(cs)
         vm = VolumeManager(pool)
         got = await state()
         done = [p for p in points if p[1] < cs.position]
@@ -413,14 +422,9 @@ async def test_crash_concurrent_writers_and_snapshots(tmp_path: object) -> None:
     await pool.close()
     flushes.append((start, log.mark("final close end")))
     sim = CrashSimulator(base, log)
-    positions = sorted(set(sim.sync_points()) | set(rng.sample(sim.write_points(), 40)))
     checked = 0
-    for cs in sim.states(positions, rng):
-        mem = [MemoryDevice(len(img), path=f"m{i}", data=img)
-               for i, img in enumerate(cs.images)]
-        pool = await Pool.open(mem)
-        report = await check(pool)
-        assert report.ok, f"crash at {cs.position} ({cs.variant}): {report.render()}"
+    for cs in sim.states(_sampled(sim, rng, 40), rng):
+        pool = await _open_checked(cs)
         vm = VolumeManager(pool)
         content = await vm.get("v").read(0, VOL_SIZE)
         for w in writers:
