@@ -32,6 +32,7 @@ from pool.pool import Pool
 from pool.profile import Profile
 from volumes.capabilities import Capabilities
 from volumes.openers import Openers
+from volumes.qos import READ, WRITE, QosSettings, Throttle, ThrottleStatistics
 from volumes.records import ReceiveState, VolumeRecord
 
 if TYPE_CHECKING:
@@ -191,6 +192,35 @@ class Volume:
         self._stats = dict.fromkeys(("reads", "writes", "bytes_read", "bytes_written",
                                      "flushes", "trims"), 0)
         self._latency = {op: _LatencyRecorder() for op in ("read", "write", "flush")}
+        # QoS (volumes/qos.py): the volume's own Throttle (kept while limits change, so its
+        # levels carry over) and what requests wait on: its own when it has limits, then
+        # its group's. Empty when nothing limits it (qos invariant 4).
+        self.qos = QosSettings()
+        self._throttle: Throttle | None = None
+        self._throttles: tuple[Throttle, ...] = ()
+
+    def set_qos(self, settings: QosSettings, group: Throttle | None = None) -> None:
+        """Apply QoS settings (and the group's shared Throttle) at once, to waiting
+        requests too (qos invariant 3). The manager stores them."""
+        self.qos = settings
+        if self._throttle is None:
+            if settings.limited:
+                self._throttle = Throttle(settings)
+        else:
+            self._throttle.configure(settings)
+        own = self._throttle if settings.limited else None
+        self._throttles = tuple(t for t in (own, group) if t is not None)
+
+    def throttle_statistics(self) -> ThrottleStatistics:
+        """Time this volume's requests spent waiting for its own limits, and how many
+        wait now (a group's waits are the group's)."""
+        if self._throttle is None:
+            return ThrottleStatistics(0.0, 0, 0)
+        return self._throttle.statistics()
+
+    async def _admit(self, op: int, nbytes: int) -> None:
+        for t in self._throttles:
+            await t.admit(op, nbytes)
 
     @property
     def _dirty_data(self) -> int:
@@ -260,6 +290,8 @@ class Volume:
         holes without zeros (NBD OFFSET_HOLE).
         """
         started = time.perf_counter()
+        if self._throttles:
+            await self._admit(READ, length)
         spans, buffered = await self._contents(offset, length)
         return self._assemble(spans, buffered, offset, length, started)
 
@@ -268,7 +300,10 @@ class Volume:
         """``read_sparse`` when it can be answered at once, without waiting on anything
         (blocks buffered, in the pool's record cache or page-cached and healthy); else
         None, and the caller uses ``read_sparse``. Lets a frontend answer cached reads
-        without a task per request. Bad ranges raise as in ``read_sparse``."""
+        without a task per request. Bad ranges raise as in ``read_sparse``. A volume
+        with QoS limits always answers None (its requests are admitted by ``_admit``)."""
+        if self._throttles:
+            return None
         started = time.perf_counter()
         bs = self.block_size
         b = offset // bs
@@ -281,6 +316,8 @@ class Volume:
         """``read`` as buffers whose concatenation is the range (one per block touched;
         holes as views of zeros), so a frontend can send them without joining."""
         started = time.perf_counter()
+        if self._throttles:
+            await self._admit(READ, length)
         spans, buffered = await self._contents(offset, length)
         return self._gather(spans, buffered, length, started)
 
@@ -288,6 +325,8 @@ class Volume:
                              length: int) -> list[bytes | memoryview] | None:
         """``read_vectored`` when it can be answered at once (as ``read_sparse_nowait``),
         else None."""
+        if self._throttles:
+            return None
         started = time.perf_counter()
         bs = self.block_size
         b = offset // bs
@@ -496,6 +535,8 @@ class Volume:
         the 1/8 lz4 must save (a stream says so), so writeback does not try lz4 on them."""
         self._check(offset, len(data), write=True)
         started = time.perf_counter()
+        if self._throttles:
+            await self._admit(WRITE, len(data))
         view = memoryview(data)
         # Full blocks of immutable bytes are buffered as views, others as copies.
         keep = view.contiguous and (owned or (isinstance(view.obj, bytes) and view.readonly))
@@ -523,6 +564,12 @@ class Volume:
         """Zero a range. Whole zero blocks become holes and give their space back; with
         ``punch=False`` (NBD's NO_HOLE) they are stored as data and stay provisioned."""
         self._check(offset, length, write=True)
+        if self._throttles:
+            await self._admit(WRITE, 0)
+        await self._zero_range(offset, length, fua=fua, punch=punch)
+
+    async def _zero_range(self, offset: int, length: int, *, fua: bool,
+                          punch: bool) -> None:
         await self._update(offset, length, lambda lo, hi, pos: self._zero[:hi - lo],
                            reserve=not punch, holes=punch)
         self._stats["writes"] += 1
@@ -531,7 +578,10 @@ class Volume:
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         """Discard a range: it reads as zeros afterwards and its space is released."""
-        await self.write_zeroes(offset, length, fua=fua)
+        self._check(offset, length, write=True)
+        if self._throttles:
+            await self._admit(WRITE, 0)
+        await self._zero_range(offset, length, fua=fua, punch=True)
         self._stats["trims"] += 1
 
     async def _update(self, offset: int, length: int, piece: Any, *, reserve: bool,
@@ -673,7 +723,10 @@ class Volume:
         wait (``_base_now``), space is there, and the buffer stays under its writeback
         threshold. Returns False, having changed nothing,
         when it cannot; the caller then awaits ``write``. Bad ranges raise as in ``write``.
-        Lets a frontend take such writes without a task per request."""
+        Lets a frontend take such writes without a task per request. A volume with QoS
+        limits always returns False (its requests are admitted by ``_admit``)."""
+        if self._throttles:
+            return False
         started = time.perf_counter()
         bs = self.block_size
         b = offset // bs
