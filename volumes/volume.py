@@ -96,7 +96,7 @@ class Extent:
     allocated: bool
 
 
-LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -198,6 +198,8 @@ class Volume:
         self.qos = QosSettings()
         self._throttle: Throttle | None = None
         self._throttles: tuple[Throttle, ...] = ()
+        self._qos_waits: list[Any] = [0.0, 0, 0]   # ThrottleStatistics' fields
+        self.set_qos(record.qos)
 
     def set_qos(self, settings: QosSettings, group: Throttle | None = None) -> None:
         """Apply QoS settings (and the group's shared Throttle) at once, to waiting
@@ -211,16 +213,36 @@ class Volume:
         own = self._throttle if settings.limited else None
         self._throttles = tuple(t for t in (own, group) if t is not None)
 
+    def store_qos(self, settings: QosSettings, group: Throttle | None = None) -> None:
+        """Store new QoS settings in the volume's record (part of the next commit) and
+        apply them at once."""
+        self._store(replace(self._record, qos=settings))
+        self.set_qos(settings, group)
+
     def throttle_statistics(self) -> ThrottleStatistics:
-        """Time this volume's requests spent waiting for its own limits, and how many
-        wait now (a group's waits are the group's)."""
-        if self._throttle is None:
-            return ThrottleStatistics(0.0, 0, 0)
-        return self._throttle.statistics()
+        """Time this volume's requests spent waiting for its limits and its group's
+        (summed over requests), how many had to wait, and how many wait now."""
+        return ThrottleStatistics(*self._qos_waits)
 
     async def _admit(self, op: int, nbytes: int) -> None:
-        for t in self._throttles:
-            await t.admit(op, nbytes)
+        throttles = self._throttles
+        i = 0
+        while i < len(throttles) and throttles[i].try_admit(op, nbytes):
+            i += 1
+        if i == len(throttles):
+            return
+        start = trio.current_time()
+        w = self._qos_waits
+        w[2] += 1
+        try:
+            for t in throttles[i:]:
+                await t.admit(op, nbytes)
+        finally:
+            w[2] -= 1
+            waited = trio.current_time() - start
+            if waited > 0:
+                w[0] += waited
+                w[1] += 1
 
     @property
     def _dirty_data(self) -> int:
