@@ -40,7 +40,7 @@ from pool.maps import MAX_BLOCKS
 from pool.pool import Pool
 from pool.profile import Profile
 from volumes.openers import Opener, Openers, evict, in_use, refuse_in_use
-from volumes.qos import QosSettings
+from volumes.qos import QosSettings, WeightedDispatcher
 from volumes.qosbook import QosBook
 from volumes.records import SnapshotRecord, VolumeRecord
 from volumes.volume import (
@@ -52,6 +52,7 @@ from volumes.volume import (
 )
 
 log = logging.getLogger(__name__)
+DEVICE_QUEUE = 4        # the pool's reads and writes in flight per device (its limiters)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
 
@@ -85,6 +86,9 @@ class VolumeManager:
         # The clients of each snapshot, by snapshot object id, shared by all its read-only
         # views (openers invariant 2).
         self._snap_openers: dict[int, Openers] = {}
+        # Weights under contention: one dispatcher for all the pool's volumes (qos.py),
+        # as deep as the pool's devices serve requests at once (DEVICE_QUEUE each).
+        self.dispatcher = WeightedDispatcher(DEVICE_QUEUE * max(1, len(pool.state.members)))
         objects = pool.objects()
         for obj_id, meta in objects.items():
             if meta.get("type") == "volume":
@@ -106,7 +110,9 @@ class VolumeManager:
         pool.add_cache(self._writeback_all)
 
     def _new_volume(self, obj_id: int, record: VolumeRecord) -> Volume:
-        return Volume(self.pool, obj_id, record, self.write_buffer)
+        vol = Volume(self.pool, obj_id, record, self.write_buffer)
+        vol.dispatcher = self.dispatcher
+        return vol
 
     async def _writeback_all(self) -> None:
         for name in self.names():

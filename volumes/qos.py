@@ -29,16 +29,31 @@ Invariants:
 5. ``QosSettings`` values are always valid: ``decode`` and ``updated`` raise InvalidArgument
    (and change nothing) for negative numbers, non-numbers, a burst below its limit or
    without one, and unknown keys.
+
+Weights (``WeightedDispatcher``, one per pool): start-time fair queueing with a bounded
+number of requests in service (SFQ(D), as in Jin, Chase and Kaur's paper and cgroup's
+io.weight in spirit). Each request gets a start tag ``max(V, F)`` (V: the start tag of
+the latest request put in service; F: the finish tag of the volume's previous request)
+and a finish tag ``start + cost / weight``; while ``depth`` requests are in service the
+others wait and the smallest start tag goes next. So volumes that all want more than
+their share get service in proportion to their weights, and a volume that asks less than
+its share always has the smallest tags and is served at once.
+
+6. While fewer than ``depth`` requests are in service and none waits, a request goes at
+   once (no contention, no reordering); only the waiting ones are ordered by tag.
+7. A slot is released exactly once per acquired request, also when its wait or its work
+   is cancelled; a cancelled waiter that was already handed a slot passes it on.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import re
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -267,6 +282,60 @@ class Throttle:
                                   len(self._waiting[READ]) + len(self._waiting[WRITE]))
 
 
+DEFAULT_DEPTH = 32            # requests a pool serves at once before weights order the rest
+
+
+class Tagged(Protocol):
+    """What the dispatcher keeps per volume: its weight and its last finish tag."""
+
+    weight: int
+    finish_tag: float
+
+
+class WeightedDispatcher:
+    """SFQ(depth) over a pool's volumes (invariants 6, 7)."""
+
+    def __init__(self, depth: int = DEFAULT_DEPTH) -> None:
+        self.depth = depth
+        self.in_service = 0
+        self._vtime = 0.0
+        self._seq = 0
+        self._heap: list[tuple[float, int, trio.Event]] = []
+
+    @property
+    def contended(self) -> bool:
+        return bool(self._heap)
+
+    async def acquire(self, who: Tagged, cost: float) -> None:
+        start = max(self._vtime, who.finish_tag)
+        who.finish_tag = start + cost / who.weight
+        if self.in_service < self.depth and not self._heap:
+            self.in_service += 1
+            self._vtime = start
+            return
+        self._seq += 1
+        me = trio.Event()
+        entry = (start, self._seq, me)
+        heapq.heappush(self._heap, entry)
+        try:
+            await me.wait()
+        except BaseException:
+            if me.is_set():
+                self.release()           # handed a slot meanwhile: pass it on
+            else:
+                self._heap.remove(entry)
+                heapq.heapify(self._heap)
+            raise
+
+    def release(self) -> None:
+        if self._heap:
+            start, _seq, event = heapq.heappop(self._heap)
+            self._vtime = max(self._vtime, start)
+            event.set()                  # the slot goes to it (in_service unchanged)
+        else:
+            self.in_service -= 1
+
+
 def _renew(queue: deque[trio.Event], me: trio.Event) -> trio.Event:
     """Replace a set event in the queue by a fresh one at the same place."""
     if not me.is_set():
@@ -276,5 +345,15 @@ def _renew(queue: deque[trio.Event], me: trio.Event) -> trio.Event:
     return fresh
 
 
-__all__ = ["DEFAULT_WEIGHT", "LIMIT_KEYS", "READ", "WRITE", "QosSettings", "Throttle",
-           "ThrottleStatistics"]
+__all__ = [
+    "DEFAULT_DEPTH",
+    "DEFAULT_WEIGHT",
+    "LIMIT_KEYS",
+    "READ",
+    "WRITE",
+    "QosSettings",
+    "Tagged",
+    "Throttle",
+    "ThrottleStatistics",
+    "WeightedDispatcher",
+]

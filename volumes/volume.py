@@ -21,9 +21,9 @@ import bisect
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
@@ -32,7 +32,14 @@ from pool.pool import Pool
 from pool.profile import Profile
 from volumes.capabilities import Capabilities
 from volumes.openers import Openers
-from volumes.qos import READ, WRITE, QosSettings, Throttle, ThrottleStatistics
+from volumes.qos import (
+    READ,
+    WRITE,
+    QosSettings,
+    Throttle,
+    ThrottleStatistics,
+    WeightedDispatcher,
+)
 from volumes.records import ReceiveState, VolumeRecord
 
 if TYPE_CHECKING:
@@ -47,6 +54,8 @@ WRITEBACK_MIN = 32 * 1024 * 1024     # every volume may buffer this much before 
 WRITEBACK_BATCH = 128                # blocks per pool write call
 WRITEBACK_PARALLEL = 2               # pool write calls in flight per volume
 _MISSING = object()
+WEIGHT_IO_BYTES = 256 * 1024         # a request's weighted cost: 1 + its bytes / this
+T = TypeVar("T")
 # A buffered block's content: bytes or a view of immutable bytes (a full block written from
 # them, kept without a copy), or a bytearray the volume owns (a read-modify-write result,
 # patched in place by later partial writes while it is buffered).
@@ -199,12 +208,18 @@ class Volume:
         self._throttle: Throttle | None = None
         self._throttles: tuple[Throttle, ...] = ()
         self._qos_waits: list[Any] = [0.0, 0, 0]   # ThrottleStatistics' fields
+        # Weights under contention: the pool's dispatcher (the manager hands every volume
+        # its pool's; a volume made alone has its own), the weight and the finish tag.
+        self.dispatcher = WeightedDispatcher()
+        self.weight = self.qos.weight
+        self.finish_tag = 0.0
         self.set_qos(record.qos)
 
     def set_qos(self, settings: QosSettings, group: Throttle | None = None) -> None:
         """Apply QoS settings (and the group's shared Throttle) at once, to waiting
         requests too (qos invariant 3). The manager stores them."""
         self.qos = settings
+        self.weight = settings.weight
         if self._throttle is None:
             if settings.limited:
                 self._throttle = Throttle(settings)
@@ -223,6 +238,16 @@ class Volume:
         """Time this volume's requests spent waiting for its limits and its group's
         (summed over requests), how many had to wait, and how many wait now."""
         return ThrottleStatistics(*self._qos_waits)
+
+    async def _served(self, cost: int, work: Callable[[], Awaitable[T]]) -> T:
+        """``work()`` in one of the pool dispatcher's slots (weights, qos invariants 6-7):
+        ``cost`` bytes plus one IO."""
+        d = self.dispatcher
+        await d.acquire(self, 1 + cost / WEIGHT_IO_BYTES)
+        try:
+            return await work()
+        finally:
+            d.release()
 
     async def _admit(self, op: int, nbytes: int) -> None:
         throttles = self._throttles
@@ -314,7 +339,7 @@ class Volume:
         started = time.perf_counter()
         if self._throttles:
             await self._admit(READ, length)
-        spans, buffered = await self._contents(offset, length)
+        spans, buffered = await self._served(length, lambda: self._contents(offset, length))
         return self._assemble(spans, buffered, offset, length, started)
 
     def read_sparse_nowait(self, offset: int,
@@ -323,8 +348,9 @@ class Volume:
         (blocks buffered, in the pool's record cache or page-cached and healthy); else
         None, and the caller uses ``read_sparse``. Lets a frontend answer cached reads
         without a task per request. Bad ranges raise as in ``read_sparse``. A volume
-        with QoS limits always answers None (its requests are admitted by ``_admit``)."""
-        if self._throttles:
+        with QoS limits always answers None (its requests are admitted by ``_admit``),
+        and so does every volume while its pool's dispatcher orders requests by weight."""
+        if self._throttles or self.dispatcher.contended:
             return None
         started = time.perf_counter()
         bs = self.block_size
@@ -340,14 +366,14 @@ class Volume:
         started = time.perf_counter()
         if self._throttles:
             await self._admit(READ, length)
-        spans, buffered = await self._contents(offset, length)
+        spans, buffered = await self._served(length, lambda: self._contents(offset, length))
         return self._gather(spans, buffered, length, started)
 
     def read_vectored_nowait(self, offset: int,
                              length: int) -> list[bytes | memoryview] | None:
         """``read_vectored`` when it can be answered at once (as ``read_sparse_nowait``),
         else None."""
-        if self._throttles:
+        if self._throttles or self.dispatcher.contended:
             return None
         started = time.perf_counter()
         bs = self.block_size
@@ -562,8 +588,9 @@ class Volume:
         view = memoryview(data)
         # Full blocks of immutable bytes are buffered as views, others as copies.
         keep = view.contiguous and (owned or (isinstance(view.obj, bytes) and view.readonly))
-        await self._update(offset, len(data), lambda lo, hi, pos: view[pos:pos + hi - lo],
-                           reserve=True, keep=keep)
+        await self._served(len(data), lambda: self._update(
+            offset, len(data), lambda lo, hi, pos: view[pos:pos + hi - lo], reserve=True,
+            keep=keep))
         if not compressible and self.compression:
             bs = self.block_size
             self._no_lz4.update(range(-(-offset // bs), (offset + len(data)) // bs))
@@ -588,7 +615,7 @@ class Volume:
         self._check(offset, length, write=True)
         if self._throttles:
             await self._admit(WRITE, 0)
-        await self._zero_range(offset, length, fua=fua, punch=punch)
+        await self._served(0, lambda: self._zero_range(offset, length, fua=fua, punch=punch))
 
     async def _zero_range(self, offset: int, length: int, *, fua: bool,
                           punch: bool) -> None:
@@ -603,7 +630,7 @@ class Volume:
         self._check(offset, length, write=True)
         if self._throttles:
             await self._admit(WRITE, 0)
-        await self._zero_range(offset, length, fua=fua, punch=True)
+        await self._served(0, lambda: self._zero_range(offset, length, fua=fua, punch=True))
         self._stats["trims"] += 1
 
     async def _update(self, offset: int, length: int, piece: Any, *, reserve: bool,
@@ -746,8 +773,9 @@ class Volume:
         threshold. Returns False, having changed nothing,
         when it cannot; the caller then awaits ``write``. Bad ranges raise as in ``write``.
         Lets a frontend take such writes without a task per request. A volume with QoS
-        limits always returns False (its requests are admitted by ``_admit``)."""
-        if self._throttles:
+        limits always returns False (its requests are admitted by ``_admit``), and so
+        does every volume while its pool's dispatcher orders requests by weight."""
+        if self._throttles or self.dispatcher.contended:
             return False
         started = time.perf_counter()
         bs = self.block_size
