@@ -181,3 +181,56 @@ def test_metrics_histograms_count_requests(daemon: Daemon, tmp_path: Path) -> No
     assert float(bounds[0]) == 5e-05 and float(bounds[-2]) == 10.0 and bounds[-1] == "+Inf"
     # 70 IOs at 100 IOPS with 10 allowed at once: about 0.6 s spent waiting in all.
     assert throttled > 0.3
+
+
+def test_bps_limit_and_volume_top(daemon: Daemon, tmp_path: Path) -> None:
+    """--read-bps 4M against fio reading 64 KiB with 8 in flight: within 10% over any
+    2 s window, at least 80% of it; ``volume top --once --json`` shows the rate and the
+    time spent throttled."""
+    _pool(daemon, tmp_path)
+    daemon.ok("volume", "qos", "tank/v", "--read-bps", "4M")
+    proc = _fio(daemon, "tank/v", 4, bs="64k")
+    top = daemon.json("volume", "top", "tank", "--once", "--interval", "1")
+    s = _samples(daemon, proc, "tank/v", key="bytes_read")
+    limit = 4 << 20
+    assert _max_window(s, 2.0, 0.3) <= 2 * limit * 1.1
+    assert _rate(s, 0.3, s[-1][0] - 0.1) >= 0.8 * limit
+    assert isinstance(top, list)
+    row = next(r for r in top if r["name"] == "tank/v")
+    assert 0.5 * limit <= row["read_bps"] <= 1.2 * limit, row
+    assert row["throttled"] > 0 and row["p99_seconds"] is not None
+    assert "THROTTLED" in daemon.ok("volume", "top", "--once", "--interval", "0.2")
+
+
+def test_burst_then_limit_with_fio(daemon: Daemon, tmp_path: Path) -> None:
+    """--iops 100 --burst-iops 400 --burst-seconds 2: about 400/s for the first 2 s
+    from idle (never 10% above), then the burst is withdrawn and 100/s holds."""
+    _pool(daemon, tmp_path)
+    daemon.ok("volume", "qos", "tank/v", "--iops", "100", "--burst-iops", "400",
+              "--burst-seconds", "2")
+    proc = _fio(daemon, "tank/v", 5)
+    s = _samples(daemon, proc, "tank/v")
+    assert 0.8 * 400 <= _rate(s, 0.2, 1.8) <= 1.1 * 400
+    assert _max_window(s, 2.0, 2.6) <= 2 * 100 * 1.1
+    assert _rate(s, 2.6, s[-1][0] - 0.1) >= 0.8 * 100
+
+
+def test_group_shares_one_limit_and_neighbour_is_not_slowed(daemon: Daemon,
+                                                           tmp_path: Path) -> None:
+    """Two volumes in group 'tenant' (iops 200) together stay within 200 + 10%; an
+    unlimited neighbour's reads run alongside at many times that."""
+    _pool(daemon, tmp_path)
+    daemon.ok("volume", "create", "tank/w", "--size", "64M")
+    daemon.ok("volume", "create", "tank/free", "--size", "64M")
+    daemon.ok("qos", "group", "tank/tenant", "--iops", "200")
+    for v in ("tank/v", "tank/w"):
+        daemon.ok("volume", "qos", v, "--group", "tenant")
+    procs = [_fio(daemon, v, 4) for v in ("tank/v", "tank/w", "tank/free")]
+    for p in procs:
+        _stdout, err = p.communicate()
+        assert p.returncode == 0, err
+    rows = {r["name"]: r for r in call(daemon.sock, "volume.top", {"pool": "tank"})}
+    both = rows["tank/v"]["reads"] + rows["tank/w"]["reads"]
+    # 4 s at 200/s (plus the first tenth of a second's allowance), and at least 80% of it.
+    assert 0.8 * 200 * 4 <= both <= 1.1 * 200 * 4 + 20, rows
+    assert rows["tank/free"]["reads"] >= 5 * both, rows
