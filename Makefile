@@ -12,7 +12,7 @@ DEBS := libfuse3-dev pkg-config fuse3 qemu-utils qemu-block-extra libnbd-bin pyt
 	libiscsi-bin openssl systemd prometheus
 STAMP := $(VENV)/.installed
 
-.PHONY: run completion test soak lint typecheck contracts pytest system-deps venv bench-engine bench-nbd bench-snapshots bench-fuse bench-send bench-rebuild bench-iscsi clean
+.PHONY: run completion test soak lint typecheck contracts pytest system-deps venv bench-engine bench-nbd bench-snapshots bench-fuse bench-send bench-rebuild bench-iscsi bench-qos clean
 
 system-deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -81,6 +81,11 @@ bench-send: venv
 
 bench-rebuild: venv
 	$(BIN)/python -m benchmarks.rebuild $(BENCH_ARGS)
+
+# QoS: cost with no limits against BENCH_ARGS' --baseline (default main), limit accuracy,
+# the weight ratio.
+bench-qos: venv
+	$(BIN)/python -m benchmarks.qos $(BENCH_ARGS)
 
 # Benchmark-only tools are installed here, not by `make test`.
 BENCH_DEBS := nbdkit

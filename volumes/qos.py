@@ -300,36 +300,49 @@ class WeightedDispatcher:
         self.in_service = 0
         self._vtime = 0.0
         self._seq = 0
-        self._heap: list[tuple[float, int, trio.Event]] = []
+        # Waiting requests as (start tag, arrival, event), a heap; non-empty only under
+        # contention (the nowait paths step aside then: Volume.read_sparse_nowait).
+        self.queue: list[tuple[float, int, trio.Event]] = []
 
     @property
     def contended(self) -> bool:
-        return bool(self._heap)
+        return bool(self.queue)
+
+    def try_acquire(self, who: Tagged, cost: float) -> bool:
+        """Take a slot at once if one is free and nobody waits (invariant 6)."""
+        if self.in_service >= self.depth or self.queue:
+            return False
+        self.in_service += 1
+        start = self._vtime if self._vtime > who.finish_tag else who.finish_tag
+        who.finish_tag = start + cost / who.weight
+        self._vtime = start
+        return True
 
     async def acquire(self, who: Tagged, cost: float) -> None:
+        """Wait for a slot, in start-tag order (``try_acquire`` first, for speed)."""
         start = max(self._vtime, who.finish_tag)
         who.finish_tag = start + cost / who.weight
-        if self.in_service < self.depth and not self._heap:
+        if self.in_service < self.depth and not self.queue:
             self.in_service += 1
             self._vtime = start
             return
         self._seq += 1
         me = trio.Event()
         entry = (start, self._seq, me)
-        heapq.heappush(self._heap, entry)
+        heapq.heappush(self.queue, entry)
         try:
             await me.wait()
         except BaseException:
             if me.is_set():
                 self.release()           # handed a slot meanwhile: pass it on
             else:
-                self._heap.remove(entry)
-                heapq.heapify(self._heap)
+                self.queue.remove(entry)
+                heapq.heapify(self.queue)
             raise
 
     def release(self) -> None:
-        if self._heap:
-            start, _seq, event = heapq.heappop(self._heap)
+        if self.queue:
+            start, _seq, event = heapq.heappop(self.queue)
             self._vtime = max(self._vtime, start)
             event.set()                  # the slot goes to it (in_service unchanged)
         else:

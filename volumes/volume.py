@@ -21,9 +21,9 @@ import bisect
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -55,7 +55,6 @@ WRITEBACK_BATCH = 128                # blocks per pool write call
 WRITEBACK_PARALLEL = 2               # pool write calls in flight per volume
 _MISSING = object()
 WEIGHT_IO_BYTES = 256 * 1024         # a request's weighted cost: 1 + its bytes / this
-T = TypeVar("T")
 # A buffered block's content: bytes or a view of immutable bytes (a full block written from
 # them, kept without a copy), or a bytearray the volume owns (a read-modify-write result,
 # patched in place by later partial writes while it is buffered).
@@ -239,15 +238,13 @@ class Volume:
         (summed over requests), how many had to wait, and how many wait now."""
         return ThrottleStatistics(*self._qos_waits)
 
-    async def _served(self, cost: int, work: Callable[[], Awaitable[T]]) -> T:
-        """``work()`` in one of the pool dispatcher's slots (weights, qos invariants 6-7):
-        ``cost`` bytes plus one IO."""
+    async def _slot(self, nbytes: int) -> WeightedDispatcher:
+        """Wait for one of the pool dispatcher's slots (weights, qos invariants 6-7),
+        for a request of ``nbytes`` bytes plus one IO; the caller releases it.
+        (Requests call ``try_acquire`` inline first: no coroutine when a slot is free.)"""
         d = self.dispatcher
-        await d.acquire(self, 1 + cost / WEIGHT_IO_BYTES)
-        try:
-            return await work()
-        finally:
-            d.release()
+        await d.acquire(self, 1 + nbytes / WEIGHT_IO_BYTES)
+        return d
 
     async def _admit(self, op: int, nbytes: int) -> None:
         throttles = self._throttles
@@ -339,7 +336,13 @@ class Volume:
         started = time.perf_counter()
         if self._throttles:
             await self._admit(READ, length)
-        spans, buffered = await self._served(length, lambda: self._contents(offset, length))
+        d = self.dispatcher
+        if not d.try_acquire(self, 1 + length / WEIGHT_IO_BYTES):
+            await self._slot(length)
+        try:
+            spans, buffered = await self._contents(offset, length)
+        finally:
+            d.release()
         return self._assemble(spans, buffered, offset, length, started)
 
     def read_sparse_nowait(self, offset: int,
@@ -350,7 +353,7 @@ class Volume:
         without a task per request. Bad ranges raise as in ``read_sparse``. A volume
         with QoS limits always answers None (its requests are admitted by ``_admit``),
         and so does every volume while its pool's dispatcher orders requests by weight."""
-        if self._throttles or self.dispatcher.contended:
+        if self._throttles or self.dispatcher.queue:
             return None
         started = time.perf_counter()
         bs = self.block_size
@@ -366,14 +369,20 @@ class Volume:
         started = time.perf_counter()
         if self._throttles:
             await self._admit(READ, length)
-        spans, buffered = await self._served(length, lambda: self._contents(offset, length))
+        d = self.dispatcher
+        if not d.try_acquire(self, 1 + length / WEIGHT_IO_BYTES):
+            await self._slot(length)
+        try:
+            spans, buffered = await self._contents(offset, length)
+        finally:
+            d.release()
         return self._gather(spans, buffered, length, started)
 
     def read_vectored_nowait(self, offset: int,
                              length: int) -> list[bytes | memoryview] | None:
         """``read_vectored`` when it can be answered at once (as ``read_sparse_nowait``),
         else None."""
-        if self._throttles or self.dispatcher.contended:
+        if self._throttles or self.dispatcher.queue:
             return None
         started = time.perf_counter()
         bs = self.block_size
@@ -588,9 +597,14 @@ class Volume:
         view = memoryview(data)
         # Full blocks of immutable bytes are buffered as views, others as copies.
         keep = view.contiguous and (owned or (isinstance(view.obj, bytes) and view.readonly))
-        await self._served(len(data), lambda: self._update(
-            offset, len(data), lambda lo, hi, pos: view[pos:pos + hi - lo], reserve=True,
-            keep=keep))
+        d = self.dispatcher
+        if not d.try_acquire(self, 1 + len(data) / WEIGHT_IO_BYTES):
+            await self._slot(len(data))
+        try:
+            await self._update(offset, len(data), lambda lo, hi, pos: view[pos:pos + hi - lo],
+                               reserve=True, keep=keep)
+        finally:
+            d.release()
         if not compressible and self.compression:
             bs = self.block_size
             self._no_lz4.update(range(-(-offset // bs), (offset + len(data)) // bs))
@@ -615,7 +629,13 @@ class Volume:
         self._check(offset, length, write=True)
         if self._throttles:
             await self._admit(WRITE, 0)
-        await self._served(0, lambda: self._zero_range(offset, length, fua=fua, punch=punch))
+        d = self.dispatcher
+        if not d.try_acquire(self, 1):
+            await self._slot(0)
+        try:
+            await self._zero_range(offset, length, fua=fua, punch=punch)
+        finally:
+            d.release()
 
     async def _zero_range(self, offset: int, length: int, *, fua: bool,
                           punch: bool) -> None:
@@ -630,7 +650,13 @@ class Volume:
         self._check(offset, length, write=True)
         if self._throttles:
             await self._admit(WRITE, 0)
-        await self._served(0, lambda: self._zero_range(offset, length, fua=fua, punch=True))
+        d = self.dispatcher
+        if not d.try_acquire(self, 1):
+            await self._slot(0)
+        try:
+            await self._zero_range(offset, length, fua=fua, punch=True)
+        finally:
+            d.release()
         self._stats["trims"] += 1
 
     async def _update(self, offset: int, length: int, piece: Any, *, reserve: bool,
@@ -775,7 +801,7 @@ class Volume:
         Lets a frontend take such writes without a task per request. A volume with QoS
         limits always returns False (its requests are admitted by ``_admit``), and so
         does every volume while its pool's dispatcher orders requests by weight."""
-        if self._throttles or self.dispatcher.contended:
+        if self._throttles or self.dispatcher.queue:
             return False
         started = time.perf_counter()
         bs = self.block_size
