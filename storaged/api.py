@@ -432,7 +432,8 @@ class ControlAPI:
         vol = await entry.volumes.create(name, size,
                                          block_size=_size(p, "block_size", 65536) or 0,
                                          profile=_str(p, "profile", required=False),
-                                         compression=compression == "lz4")
+                                         compression=compression == "lz4",
+                                         qos=self.registry.qos_defaults)
         out = volume_info(pool, vol)
         limit = self.registry.overcommit_warning
         usable, _avail = entry.pool.usable_capacity()
@@ -611,7 +612,8 @@ class ControlAPI:
         if tpool != pool:
             raise InvalidArgument(f"a clone lives in its snapshot's pool: use {pool}/{tvol}")
         entry = self.registry.get(pool)
-        return volume_info(pool, await entry.volumes.clone(vol, snap, tvol))
+        return volume_info(pool, await entry.volumes.clone(vol, snap, tvol,
+                                                           qos=self.registry.qos_defaults))
 
     async def snapshot_diff(self, p: Params, progress: Progress) -> Any:
         pool, vol, snap_a = split_snapshot(_req(p, "from"))

@@ -16,7 +16,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from storaged.ctl.client import call
-from tests.daemonkit import Daemon
+from tests.daemonkit import BIN, Daemon, _free_port, stop_daemon
 
 
 def _qos(daemon: Daemon, name: str) -> dict[str, Any]:
@@ -234,3 +234,29 @@ def test_group_shares_one_limit_and_neighbour_is_not_slowed(daemon: Daemon,
     # 4 s at 200/s (plus the first tenth of a second's allowance), and at least 80% of it.
     assert 0.8 * 200 * 4 <= both <= 1.1 * 200 * 4 + 20, rows
     assert rows["tank/free"]["reads"] >= 5 * both, rows
+
+
+def test_config_defaults_for_new_volumes(tmp_path: Path) -> None:
+    """Config [qos]: new volumes get it unless their pool has defaults of its own (which
+    win); a bad value is refused at start, one line, exit 1 (invariant 9)."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[qos]\nbps = "fast"\n')
+    r = subprocess.run([str(BIN / "storaged"), "--config", str(bad), "--state-dir",
+                        str(tmp_path / "x")], capture_output=True, text=True, timeout=60,
+                       check=False)
+    assert r.returncode == 1 and "qos.bps" in r.stderr and r.stderr.count("\n") == 1
+    good = tmp_path / "qos.toml"
+    good.write_text('[qos]\niops = 300\nwrite_bps = "20M"\n')
+    d = Daemon(tmp_path, str(tmp_path / "ctl.sock"), _free_port(), 0,
+               args=("--config", str(good)))
+    d.start()
+    try:
+        _pool(d, tmp_path)
+        q = _qos(d, "tank/v")
+        assert q["iops"] == 300 and q["write_bps"] == 20 << 20
+        d.ok("qos", "defaults", "tank", "--iops", "50")
+        d.ok("volume", "create", "tank/w", "--size", "8M")
+        q = _qos(d, "tank/w")
+        assert q["iops"] == 50 and q["write_bps"] == 0
+    finally:
+        stop_daemon(d)

@@ -145,8 +145,10 @@ class VolumeManager:
         return [self._volumes[n].statistics() for n in self.names()]
 
     async def create(self, name: str, size: int, *, block_size: int = DEFAULT_BLOCK,
-                     profile: str | None = None, compression: bool = True) -> Volume:
-        """Create a thin volume (durable when this returns)."""
+                     profile: str | None = None, compression: bool = True,
+                     qos: QosSettings | None = None) -> Volume:
+        """Create a thin volume (durable when this returns). Its QoS: the pool's defaults
+        when the pool has some, else ``qos`` (the daemon's config), else none."""
         check_volume_name(name)
         check_block_size(block_size)
         _check_size(size, block_size)
@@ -159,7 +161,7 @@ class VolumeManager:
             raise AlreadyExists(f"volume {name!r} already exists in pool {self.pool.name}")
         map_id = self.pool.create_map()
         record = VolumeRecord(name, size, block_size, str(prof), compression, map_id,
-                              int(time.time()), qos=self.qos.defaults)
+                              int(time.time()), qos=self._new_qos(qos))
         obj_id = self.pool.put_object(record.encode())
         vol = self._volumes[name] = self._new_volume(obj_id, record)
         vol.set_qos(vol.qos, self.qos.throttle(vol.qos.group))
@@ -444,7 +446,13 @@ class VolumeManager:
         log.info("pool %s: rolled %s back to @%s", self.pool.name, volume, snap)
         return vol
 
-    async def clone(self, volume: str, snap: str, new_name: str) -> Volume:
+    def _new_qos(self, fallback: QosSettings | None) -> QosSettings:
+        if self.qos.defaults != QosSettings() or fallback is None:
+            return self.qos.defaults
+        return fallback
+
+    async def clone(self, volume: str, snap: str, new_name: str, *,
+                    qos: QosSettings | None = None) -> Volume:
         """A writable volume ``new_name`` starting as ``volume@snap`` (shares its records)."""
         check_volume_name(new_name)
         if new_name in self._volumes:
@@ -453,7 +461,7 @@ class VolumeManager:
         map_id = self.pool.clone_map(snap_rec.map)
         record = VolumeRecord(new_name, snap_rec.size, snap_rec.block_size, snap_rec.profile,
                               snap_rec.compression, map_id, int(time.time()), origin=obj_id,
-                              qos=self.qos.defaults)
+                              qos=self._new_qos(qos))
         new_id = self.pool.put_object(record.encode())
         vol = self._volumes[new_name] = self._new_volume(new_id, record)
         vol.set_qos(vol.qos, self.qos.throttle(vol.qos.group))
