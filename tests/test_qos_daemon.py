@@ -7,6 +7,7 @@ limits hold against a real client and a change applies to a running client withi
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 import urllib.request
@@ -90,10 +91,10 @@ def _fio(daemon: Daemon, name: str, seconds: float, *, rw: str = "randread",
 
 
 def _samples(daemon: Daemon, proc: subprocess.Popen[str], name: str,
-             key: str = "reads", actions: dict[float, list[str]] | None = None
-             ) -> list[tuple[float, int]]:
+             key: str = "reads", actions: dict[float, list[str]] | None = None,
+             report: list[dict[str, Any]] | None = None) -> list[tuple[float, int]]:
     """(seconds since the first request, counter) every 0.1 s while fio runs; runs the
-    storagectl ``actions`` when their time comes."""
+    storagectl ``actions`` when their time comes; fio's JSON job goes into ``report``."""
     out: list[tuple[float, int]] = []
     todo = sorted((actions or {}).items())
     start: float | None = None
@@ -108,8 +109,10 @@ def _samples(daemon: Daemon, proc: subprocess.Popen[str], name: str,
             while todo and now - start >= todo[0][0]:
                 daemon.ok(*todo.pop(0)[1])
         time.sleep(0.1)
-    _stdout, err = proc.communicate()
+    stdout, err = proc.communicate()
     assert proc.returncode == 0, err
+    if report is not None:
+        report.append(json.loads(stdout[stdout.index("{"):])["jobs"][0])
     return out
 
 
@@ -258,5 +261,38 @@ def test_config_defaults_for_new_volumes(tmp_path: Path) -> None:
         d.ok("volume", "create", "tank/w", "--size", "8M")
         q = _qos(d, "tank/w")
         assert q["iops"] == 50 and q["write_bps"] == 0
+    finally:
+        stop_daemon(d)
+
+
+def test_nbd_and_iscsi_clients_share_one_budget(tmp_path: Path) -> None:
+    """fio over NBD and qemu-img bench over iSCSI (libiscsi) on the same volume, limited
+    to 200 IOPS: together within 10% of it over any 2 s window, and each got a part."""
+    port = _free_port()
+    d = Daemon(tmp_path, str(tmp_path / "ctl.sock"), _free_port(), 0,
+               args=("--iscsi-listen", f"127.0.0.1:{port}"))
+    d.start()
+    try:
+        _pool(d, tmp_path)
+        d.ok("volume", "qos", "tank/v", "--iops", "200")
+        url = f"iscsi://127.0.0.1:{port}/iqn.2026-11.org.storaged:tank:v/0"
+        iscsi = subprocess.Popen(["qemu-img", "bench", "-f", "raw", "-c", "100000", "-d",
+                                  "8", "-s", "4k", url],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 text=True)
+        try:
+            time.sleep(0.5)
+            before = next(r["reads"] for r in call(d.sock, "volume.top", {"pool": "tank"}))
+            assert before > 0, iscsi.communicate()[1] if iscsi.poll() is not None else ""
+            fio: list[dict[str, Any]] = []
+            s = _samples(d, _fio(d, "tank/v", 4), "tank/v", report=fio)
+            assert iscsi.poll() is None                  # still asking, all along
+        finally:
+            iscsi.kill()
+            iscsi.wait()
+        # fio (NBD) got a part of the reads counted meanwhile, iSCSI the rest.
+        assert 0.1 < fio[0]["read"]["total_ios"] / (s[-1][1] - s[0][1]) < 0.9
+        assert _max_window(s, 2.0, 0.3) <= 2 * 200 * 1.1
+        assert _rate(s, 0.3, s[-1][0] - 0.1) >= 0.8 * 200
     finally:
         stop_daemon(d)
