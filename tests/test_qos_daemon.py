@@ -8,12 +8,14 @@ limits hold against a real client and a change applies to a running client withi
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from storaged.ctl.client import call
@@ -205,6 +207,7 @@ def test_bps_limit_and_volume_top(daemon: Daemon, tmp_path: Path) -> None:
     assert "THROTTLED" in daemon.ok("volume", "top", "--once", "--interval", "0.2")
 
 
+@pytest.mark.slow
 def test_burst_then_limit_with_fio(daemon: Daemon, tmp_path: Path) -> None:
     """--iops 100 --burst-iops 400 --burst-seconds 2: about 400/s for the first 2 s
     from idle (never 10% above), then the burst is withdrawn and 100/s holds."""
@@ -265,6 +268,7 @@ def test_config_defaults_for_new_volumes(tmp_path: Path) -> None:
         stop_daemon(d)
 
 
+@pytest.mark.slow
 def test_nbd_and_iscsi_clients_share_one_budget(tmp_path: Path) -> None:
     """fio over NBD and qemu-img bench over iSCSI (libiscsi) on the same volume, limited
     to 200 IOPS: together within 10% of it over any 2 s window, and each got a part."""
@@ -296,3 +300,32 @@ def test_nbd_and_iscsi_clients_share_one_budget(tmp_path: Path) -> None:
         assert _rate(s, 0.3, s[-1][0] - 0.1) >= 0.8 * 200
     finally:
         stop_daemon(d)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is missing")
+def test_fuse_file_draws_from_the_volume_budget(tmp_path: Path) -> None:
+    """fio (psync, 4 KiB random reads) on the volume's file in the daemon's FUSE mount
+    (direct_io: every read reaches the volume): a 200 IOPS limit holds there too."""
+    mnt = tmp_path / "mnt"
+    d = Daemon(tmp_path, str(tmp_path / "ctl.sock"), _free_port(), 0,
+               args=("--iscsi-listen", "off", "--fuse-mount", str(mnt)))
+    d.start()
+    try:
+        _pool(d, tmp_path)
+        d.ok("volume", "qos", "tank/v", "--iops", "200")
+        deadline = time.monotonic() + 10
+        while not (mnt / "tank" / "v").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc = subprocess.Popen(
+            ["fio", "--name=fuse", "--ioengine=psync", f"--filename={mnt / 'tank' / 'v'}",
+             "--rw=randread", "--bs=4k", "--numjobs=4", "--size=32m", "--time_based",
+             "--runtime=4", "--group_reporting", "--output-format=json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        s = _samples(d, proc, "tank/v")
+        assert _max_window(s, 2.0, 0.3) <= 2 * 200 * 1.1
+        assert _rate(s, 0.3, s[-1][0] - 0.1) >= 0.8 * 200
+    finally:
+        stop_daemon(d)
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True,
+                       check=False)
