@@ -174,7 +174,8 @@ def weight_ratio(tree: Path, where: Path, weights: tuple[int, int], runtime: int
         procs = {n: subprocess.Popen(
             ["fio", "--name=w", "--ioengine=nbd", f"--uri={srv.url(f'slow/{n}')}",
              "--rw=randread", "--bs=4k", "--iodepth=16", "--size=16m", "--time_based",
-             f"--runtime={runtime}", "--output-format=json"], stdout=subprocess.PIPE,
+             "--ramp_time=1", f"--runtime={runtime}", "--output-format=json"],
+            stdout=subprocess.PIPE,
             text=True) for n in ("a", "b")}
         for n, p in procs.items():
             out, _ = p.communicate(timeout=runtime * 4 + 60)
