@@ -54,7 +54,11 @@ def test_settings_checked_stored_and_carried(daemon: Daemon, tmp_path: Path) -> 
     daemon.ok("qos", "group", "tank/tenant", "--iops", "1000")
     daemon.ok("volume", "qos", "tank/v", "--group", "tenant")
     want["group"] = "tenant"
-    daemon.ok("qos", "defaults", "tank", "--write-iops", "50")
+    for bad in (["iops=5"], ["qos.colour=red"], ["qos.write_iops=-1"], ["qos.iops"]):
+        r = daemon.ctl("pool", "set", "tank", *bad)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, (bad, r.stderr)
+    assert daemon.json("qos", "defaults", "tank")["qos"]["write_iops"] == 0  # type: ignore[index]
+    daemon.ok("pool", "set", "tank", "qos.write_iops=50")
     daemon.ok("volume", "create", "tank/w", "--size", "8M")
     assert _qos(daemon, "tank/w")["write_iops"] == 50
     r = daemon.ctl("qos", "group", "tank/tenant", "--delete")

@@ -418,6 +418,13 @@ def _pool_commands(pool: SubParsers) -> None:
     c = pool.add_parser("check", help="verify all metadata and references (fsck)")
     c.add_argument("name", help=_POOL)
     c.add_argument("--deep", action="store_true", help="also read every fragment")
+    c = pool.add_parser("set", help="set pool properties: qos.KEY=VALUE, the QoS new "
+                        "volumes get (as 'qos defaults'; qos.iops=0 clears a limit)")
+    c.add_argument("name", help=_POOL)
+    c.add_argument("properties", nargs="+", metavar="PROPERTY=VALUE",
+                   help="qos.iops, qos.read_iops, qos.write_iops, qos.bps, qos.read_bps, "
+                   "qos.write_bps, qos.burst_iops, qos.burst_bps, qos.burst_seconds, "
+                   "qos.iops_size, qos.weight, qos.group")
 
 
 _FORCE = "disconnect the clients (NBD, iSCSI, FUSE) using it first"
@@ -475,6 +482,28 @@ def qos_params(args: argparse.Namespace) -> dict[str, Any]:
                 raise ControlError(f"{flag} must be a whole number, not {v!r}",
                                    "InvalidArgument") from None
     return out
+
+
+def pool_properties(args: argparse.Namespace) -> dict[str, Any]:
+    """``pool set``'s PROPERTY=VALUE words as a QoS ``set`` (qos.* is all there is)."""
+    options: list[str] = []
+    for word in args.properties:
+        key, sep, value = word.partition("=")
+        if not sep or not key.startswith("qos.") or not value:
+            raise ControlError(f"{word!r} is not qos.KEY=VALUE (pool set takes the QoS "
+                               f"new volumes get, e.g. qos.iops=1000)", "InvalidArgument")
+        options += [f"--{key.removeprefix('qos.').replace('_', '-')}", value]
+    parsed = argparse.Namespace(**{k: None for k in (
+        "iops", "read_iops", "write_iops", "bps", "read_bps", "write_bps", "burst_iops",
+        "burst_bps", "burst_seconds", "iops_size", "weight", "qos_group")})
+    flags = {f for f, _m, _t in _QOS_OPTIONS} | {"--weight", "--group"}
+    for flag, value in zip(options[::2], options[1::2], strict=True):
+        if flag not in flags:
+            raise ControlError(f"unknown pool property qos.{flag[2:].replace('-', '_')}",
+                               "InvalidArgument")
+        setattr(parsed, "qos_group" if flag == "--group" else flag[2:].replace("-", "_"),
+                value)
+    return qos_params(parsed)
 
 
 def _rate(n: float) -> str:
@@ -784,6 +813,9 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
             return f"pool.{cmd.replace('-', '_')}", params, show_pool_status
         if cmd == "export":
             return "pool.export", {"name": args.name, "force": args.force}, _done
+        if cmd == "set":
+            return ("qos.defaults", {"pool": args.name, "set": pool_properties(args)},
+                    show_qos)
         return f"pool.{cmd}", {"name": args.name}, _done
     if g == "volume":
         if cmd == "create":
