@@ -235,3 +235,40 @@ async def test_dispatcher_uncontended_goes_at_once() -> None:
     d.release()
     d.release()
     assert d.in_service == 0
+
+
+async def test_manager_settings_groups_and_reopen() -> None:
+    """The manager's QoS verbs: refusals change nothing (qos invariant 5, qosbook
+    invariant 1), a group's limit applies to its members at once, and everything comes
+    back from the pool's metadata in a new manager (as after a restart); the stored
+    record decodes and encodes to the same dict (records invariant 1)."""
+    from volumes.records import VolumeRecord  # noqa: PLC0415
+    pool = await Pool.create("q", [MemoryDevice(64 * MiB, path="q1")], profile="plain",
+                             extent_size=4 * MiB)
+    vm = VolumeManager(pool)
+    await vm.create("v", 4 * MiB)
+    await vm.create("w", 4 * MiB)
+    for bad in ({"group": "nosuch"}, {"iops": -1}, {"burst_iops": 5}):
+        with pytest.raises(InvalidArgument):
+            await vm.set_qos("v", bad)
+    assert vm.get("v").qos == QosSettings()
+    await vm.set_qos_group("g", {"iops": 100})
+    await vm.set_qos("v", {"group": "g", "read_bps": MiB})
+    await vm.set_qos("w", {"group": "g"})
+    assert vm.get("w")._throttles and vm.get("w").read_sparse_nowait(0, 10) is None
+    with pytest.raises(InvalidArgument):
+        await vm.set_qos_group("g", {"weight": 5})
+    with pytest.raises(Exception, match="in use by v, w"):
+        await vm.delete_qos_group("g")
+    await vm.set_qos_group("g", {"iops": 0})          # the group limits nothing now
+    assert not vm.get("w")._throttles
+    await vm.set_qos_group("g", {"iops": 300})
+    await vm.set_qos_defaults({"write_iops": 7})
+    again = VolumeManager(pool)
+    assert again.get("v").qos == QosSettings(read_bps=MiB, group="g")
+    assert again.qos.groups == {"g": QosSettings(iops=300)}
+    assert len(again.get("w")._throttles) == 1        # the group's
+    assert (await again.create("x", MiB)).qos == QosSettings(write_iops=7)
+    stored = next(o for o in pool.objects().values() if o.get("name") == "v")
+    assert VolumeRecord.decode(stored).encode() == stored
+    assert list(stored) == list(VolumeRecord.decode(stored).encode())
