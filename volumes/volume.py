@@ -241,7 +241,7 @@ class Volume:
     async def _slot(self, nbytes: int) -> WeightedDispatcher:
         """Wait for one of the pool dispatcher's slots (weights, qos invariants 6-7),
         for a request of ``nbytes`` bytes plus one IO; the caller releases it.
-        (Requests call ``try_acquire`` inline first: no coroutine when a slot is free.)"""
+        (Requests take a free slot inline first: no coroutine when one is free.)"""
         d = self.dispatcher
         await d.acquire(self, 1 + nbytes / WEIGHT_IO_BYTES)
         return d
@@ -337,8 +337,10 @@ class Volume:
         if self._throttles:
             await self._admit(READ, length)
         d = self.dispatcher
-        if not d.try_acquire(self, 1 + length / WEIGHT_IO_BYTES):
+        if d.queue or d.in_service >= d.depth:
             await self._slot(length)
+        else:
+            d.in_service += 1           # a free slot (WeightedDispatcher.try_acquire)
         try:
             spans, buffered = await self._contents(offset, length)
         finally:
@@ -370,8 +372,10 @@ class Volume:
         if self._throttles:
             await self._admit(READ, length)
         d = self.dispatcher
-        if not d.try_acquire(self, 1 + length / WEIGHT_IO_BYTES):
+        if d.queue or d.in_service >= d.depth:
             await self._slot(length)
+        else:
+            d.in_service += 1           # a free slot (WeightedDispatcher.try_acquire)
         try:
             spans, buffered = await self._contents(offset, length)
         finally:
@@ -598,8 +602,10 @@ class Volume:
         # Full blocks of immutable bytes are buffered as views, others as copies.
         keep = view.contiguous and (owned or (isinstance(view.obj, bytes) and view.readonly))
         d = self.dispatcher
-        if not d.try_acquire(self, 1 + len(data) / WEIGHT_IO_BYTES):
+        if d.queue or d.in_service >= d.depth:
             await self._slot(len(data))
+        else:
+            d.in_service += 1           # a free slot (WeightedDispatcher.try_acquire)
         try:
             await self._update(offset, len(data), lambda lo, hi, pos: view[pos:pos + hi - lo],
                                reserve=True, keep=keep)
@@ -630,8 +636,10 @@ class Volume:
         if self._throttles:
             await self._admit(WRITE, 0)
         d = self.dispatcher
-        if not d.try_acquire(self, 1):
+        if d.queue or d.in_service >= d.depth:
             await self._slot(0)
+        else:
+            d.in_service += 1           # a free slot (WeightedDispatcher.try_acquire)
         try:
             await self._zero_range(offset, length, fua=fua, punch=punch)
         finally:
@@ -651,8 +659,10 @@ class Volume:
         if self._throttles:
             await self._admit(WRITE, 0)
         d = self.dispatcher
-        if not d.try_acquire(self, 1):
+        if d.queue or d.in_service >= d.depth:
             await self._slot(0)
+        else:
+            d.in_service += 1           # a free slot (WeightedDispatcher.try_acquire)
         try:
             await self._zero_range(offset, length, fua=fua, punch=True)
         finally:
