@@ -4,13 +4,14 @@ Invariants:
 
 1. No librados call runs on the event loop: every one goes through ``Connection.run``,
    which runs it in a worker thread (``trio.to_thread.run_sync``) under the connection's
-   limiter. A librados call cannot be interrupted, so a cancelled caller waits for it to
-   finish (the op timeout, ``rados_osd_op_timeout``, bounds that).
+   limiter, or through ``call_blocking`` from a thread the caller already runs in. A
+   librados call cannot be interrupted, so a cancelled caller waits for it to finish
+   (the op timeout, ``rados_osd_op_timeout``, bounds that).
 2. Every call's latency lands in its kind's histogram (``statistics()``), failed calls too.
 3. Fenced is final: once any call reports that this client is blocklisted (ESHUTDOWN,
-   which Ceph also names EBLOCKLISTED), ``fenced`` holds why, the watchers are told once,
-   and every later call is refused with ``Fenced`` without reaching librados. A fenced
-   client is never un-fenced; the pool is reopened on a new connection.
+   which Ceph also names EBLOCKLISTED), ``fenced`` holds why, the watchers are told once
+   (on the event loop), and every later call is refused with ``Fenced`` without reaching
+   librados. A fenced client is never un-fenced; the pool is reopened on a new connection.
 4. librados errors leave this module as StorageError subclasses with an errno hint and a
    one-line message naming the object and the operation.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,25 +89,28 @@ class RadosStatistics:
 
 class _Histogram:
     def __init__(self) -> None:
+        self.lock = threading.Lock()        # added to from worker threads
         self.count = self.failed = 0
         self.seconds = 0.0
         self.counts = [0] * len(BUCKETS)
 
     def add(self, seconds: float, ok: bool) -> None:
-        self.count += 1
-        self.failed += not ok
-        self.seconds += seconds
-        for i, bound in enumerate(BUCKETS):
-            if seconds <= bound:
-                self.counts[i] += 1
-                break
+        i = next(i for i, bound in enumerate(BUCKETS) if seconds <= bound)
+        with self.lock:
+            self.count += 1
+            self.failed += not ok
+            self.seconds += seconds
+            self.counts[i] += 1
 
     def freeze(self) -> OpLatency:
+        with self.lock:
+            counts, count, failed, seconds = list(self.counts), self.count, self.failed, \
+                self.seconds
         cum, out = 0, []
-        for n in self.counts:
+        for n in counts:
             cum += n
             out.append(cum)
-        return OpLatency(self.count, self.failed, self.seconds, tuple(out))
+        return OpLatency(count, failed, seconds, tuple(out))
 
 
 def _errno(e: BaseException) -> int:
@@ -165,6 +170,12 @@ class Connection:
         """``callback(reason)`` is called once, from the event loop, when fenced."""
         self._watchers.append(callback)
 
+    def _fence_from_thread(self, reason: str) -> None:
+        try:
+            trio.from_thread.run_sync(self.fence, reason)
+        except RuntimeError:            # not a trio worker thread: no loop to go back to
+            self.fence(reason)
+
     def fence(self, reason: str) -> None:
         """Enter the fenced state (invariant 3); the owner lock also calls this when it
         finds its lock lost."""
@@ -179,10 +190,18 @@ class Connection:
         and object for errors. ``kind`` is one of KINDS (invariant 2)."""
         if self.fenced is not None:
             raise Fenced(f"{what}: refused, {self.fenced}")
+        return await trio.to_thread.run_sync(
+            partial(self.call_blocking, kind, what, fn, *args), limiter=self._limiter)
+
+    def call_blocking(self, kind: str, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """``run`` for code that is already in a worker thread (a column reader the pool
+        calls from its threads); never on the event loop."""
+        if self.fenced is not None:
+            raise Fenced(f"{what}: refused, {self.fenced}")
         t0 = time.perf_counter()
         ok = False
         try:
-            out = await trio.to_thread.run_sync(partial(fn, *args), limiter=self._limiter)
+            out = fn(*args)
             ok = True
             return out
         except self.rados.Error as e:
@@ -193,7 +212,7 @@ class Connection:
     def _translate(self, e: BaseException, what: str) -> StorageError:
         n = _errno(e)
         if n == errno.ESHUTDOWN:
-            self.fence(f"this client (client.{self.client_id} at {self.addrs}) was "
+            self._fence_from_thread(f"this client (client.{self.client_id} at {self.addrs}) was "
                         f"blocklisted by another daemon's takeover; nothing more is written")
             return Fenced(f"{what}: {self.fenced}")
         if n == errno.ENOENT:
