@@ -12,7 +12,7 @@ DEBS := libfuse3-dev pkg-config fuse3 qemu-utils qemu-block-extra libnbd-bin pyt
 	libiscsi-bin openssl systemd prometheus ceph-mon ceph-osd ceph-common python3-rados
 STAMP := $(VENV)/.installed
 
-.PHONY: rados-binding run completion test soak lint typecheck contracts pytest system-deps venv bench-engine bench-nbd bench-snapshots bench-fuse bench-send bench-rebuild bench-iscsi clean
+.PHONY: rados-binding run completion test soak lint typecheck contracts pytest system-deps venv bench-engine bench-nbd bench-snapshots bench-fuse bench-send bench-rebuild bench-rados bench-iscsi clean
 
 system-deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -92,6 +92,10 @@ bench-send: venv
 
 bench-rebuild: venv
 	$(BIN)/python -m benchmarks.rebuild $(BENCH_ARGS)
+
+# Segment objects on a throwaway one-node Ceph cluster beside rados bench and raw librados.
+bench-rados: venv
+	$(BIN)/python -m benchmarks.rados $(BENCH_ARGS)
 
 # Benchmark-only tools are installed here, not by `make test`.
 BENCH_DEBS := nbdkit

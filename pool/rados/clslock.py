@@ -78,6 +78,8 @@ class _Reader:
     def frame(self) -> int:
         """Enter an ENCODE_START frame; returns where it ends."""
         _v, _compat, n = self.unpack("<BBI")
+        if self.pos + n > len(self.raw):
+            raise StorageError("cls_lock reply is truncated")
         return self.pos + n
 
 
