@@ -27,7 +27,7 @@ from typing import Any
 
 from pool.rados.binding import RadosUnavailable, load
 
-BINARIES = ("ceph-mon", "ceph-osd", "monmaptool", "ceph-authtool")
+BINARIES = ("ceph-mon", "ceph-osd", "monmaptool")
 TEST_POOL = "sd"
 START_TIMEOUT = 60.0
 
@@ -87,6 +87,9 @@ osd max object name len = 256
 osd max object namespace len = 64
 osd memory target = 939524096
 bluestore cache size = 134217728
+[mgr]
+mgr data = {d}/mgr/$cluster-$id
+mgr initial modules =
 """
 
 
@@ -97,11 +100,13 @@ class Cluster:
     conf: Path
 
     @staticmethod
-    def start(directory: Path, block_size: int = 4 << 30) -> Cluster:
+    def start(directory: Path, block_size: int = 4 << 30, mgr: bool = False) -> Cluster:
         """A new cluster under ``directory`` (created; must not hold one already) with the
-        RADOS pool TEST_POOL, ready for I/O."""
+        RADOS pool TEST_POOL, ready for I/O. ``mgr``: also a ceph-mgr (no modules), which
+        usage numbers need (``ceph df``, librados' cluster and pool stats); it reports them
+        some seconds after the start."""
         d = directory
-        for sub in ("mon", "osd0", "run", "log"):
+        for sub in ("mon", "osd0", "run", "log", "mgr/ceph-x"):
             (d / sub).mkdir(parents=True, exist_ok=True)
         for attempt in range(3):
             port = _free_port()
@@ -110,6 +115,8 @@ class Cluster:
                                           block_size=block_size))
             try:
                 c._bootstrap()
+                if mgr:
+                    c._run("ceph-mgr", "-c", str(c.conf), "-i", "x")
                 return c
             except (subprocess.CalledProcessError, TimeoutError):
                 c.stop(remove=False)

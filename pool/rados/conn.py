@@ -80,6 +80,22 @@ class OpLatency:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterUsage:
+    """Raw capacity of the cluster and what the RADOS pool stores. librados has these
+    from the mgr: a cluster without one reports zeros, so ``known`` is False then."""
+
+    total_bytes: int
+    used_bytes: int
+    avail_bytes: int
+    pool_bytes: int
+    pool_objects: int
+
+    @property
+    def known(self) -> bool:
+        return self.total_bytes > 0
+
+
+@dataclass(frozen=True, slots=True)
 class RadosStatistics:
     pool: str
     fsid: str
@@ -230,6 +246,25 @@ class Connection:
         if rc != 0:
             raise RadosError(f"mon command {cmd['prefix']!r} failed: {err or rc}", abs(rc))
         return out.decode() or err
+
+    async def usage(self) -> ClusterUsage:
+        """The cluster's raw space and the pool's usage (rados_cluster_stat and the pool
+        stats; both answer at once, with zeros when no mgr runs)."""
+        def get() -> ClusterUsage:
+            c = self.cluster.get_cluster_stats()
+            p = self.ioctx.get_stats()
+            return ClusterUsage(int(c["kb"]) << 10, int(c["kb_used"]) << 10,
+                                int(c["kb_avail"]) << 10, int(p["num_bytes"]),
+                                int(p["num_objects"]))
+        return await self.run("command", "cluster usage", get)
+
+    async def health(self) -> str:
+        """The cluster's health, e.g. ``HEALTH_OK`` (a mon command: no mgr needed)."""
+        out = await self.mon_command({"prefix": "health", "format": "json"})
+        try:
+            return str(json.loads(out)["status"])
+        except (ValueError, KeyError, TypeError):
+            return "unknown"
 
     def statistics(self) -> RadosStatistics:
         return RadosStatistics(self.pool, self.fsid,

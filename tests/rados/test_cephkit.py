@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+import trio
+
+from pool.rados.conn import Connection
 from tests.cephkit import TEST_POOL, Cluster, _alive, why_not
 
 
@@ -18,11 +22,29 @@ def test_cluster_serves_io(ceph: Cluster) -> None:
         assert r.get_fsid() in ceph.conf.read_text()
 
 
-def test_stop_kills_and_removes(tmp_path: Path) -> None:
+async def test_health_and_usage_without_mgr(ceph: Cluster) -> None:
+    """Without a mgr, health answers (a mon command) and usage says it is not known."""
+    conn = await Connection.open(TEST_POOL, conf=str(ceph.conf))
+    assert (await conn.health()).startswith("HEALTH_")
+    assert not (await conn.usage()).known
+    await conn.close()
+
+
+@pytest.mark.slow
+async def test_mgr_gives_usage_and_stop_kills_and_removes(tmp_path: Path) -> None:
     assert why_not() is None, why_not()
-    c = Cluster.start(tmp_path / "c")
+    c = Cluster.start(tmp_path / "c", mgr=True)
     pids = c.pids()
-    assert len(pids) == 2 and all(_alive(p) for p in pids)
-    c.stop()
+    assert len(pids) == 3 and all(_alive(p) for p in pids)
+    conn = await Connection.open(TEST_POOL, conf=str(c.conf))
+    await conn.run("write", "write", conn.ioctx.write_full, "u", b"u" * 8192)
+    for _ in range(120):                    # the mgr reports some seconds after its start
+        u = await conn.usage()
+        if u.known:
+            break
+        await trio.sleep(0.5)
+    assert u.total_bytes == 4 << 30 and 0 < u.used_bytes < u.total_bytes
+    await conn.close()
+    await trio.to_thread.run_sync(c.stop)
     assert not any(_alive(p) for p in pids)
     assert not (tmp_path / "c").exists()
