@@ -1,5 +1,6 @@
-"""The throwaway cluster itself (tests/cephkit.py): it serves I/O, and stop leaves no
-daemon and no file behind."""
+"""The throwaway cluster itself (tests/cephkit.py): with a mgr it reports usage, and stop
+leaves no daemon and no file behind. (That it serves I/O, and health without a mgr, is
+tested in test_segments.py, on the cluster that module starts anyway.)"""
 
 from __future__ import annotations
 
@@ -10,24 +11,6 @@ import trio
 
 from pool.rados.conn import Connection
 from tests.cephkit import TEST_POOL, Cluster, _alive, why_not
-
-
-def test_cluster_serves_io(ceph: Cluster) -> None:
-    with ceph.client() as r:
-        io = r.open_ioctx(TEST_POOL)
-        io.write_full("kit", b"x" * 5000)
-        assert io.read("kit", 10000) == b"x" * 5000
-        io.remove_object("kit")
-        io.close()
-        assert r.get_fsid() in ceph.conf.read_text()
-
-
-async def test_health_and_usage_without_mgr(ceph: Cluster) -> None:
-    """Without a mgr, health answers (a mon command) and usage says it is not known."""
-    conn = await Connection.open(TEST_POOL, conf=str(ceph.conf))
-    assert (await conn.health()).startswith("HEALTH_")
-    assert not (await conn.usage()).known
-    await conn.close()
 
 
 @pytest.mark.slow

@@ -110,6 +110,31 @@ async def test_takeover_fences_the_first(ceph: Cluster) -> None:
     await b.close()
 
 
+async def test_renewal_task_notices_the_takeover(ceph: Cluster) -> None:
+    """Owner invariant 4: the renewal task finds on its own (no write needed) that the lock
+    was taken over, reports why once and ends; the connection refuses I/O from then on."""
+    uuid = new_uuid()
+    a, b = await connect(ceph), await connect(ceph)
+    reasons: list[str] = []
+    la = OwnershipLock(a, uuid, owner("a"), interval=0.1, on_lost=reasons.append)
+    await la.acquire(create=True)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(la.run)
+            await trio.sleep(0.3)
+            assert la.held and la.lost is None      # renewing fine meanwhile
+            lb = OwnershipLock(b, uuid, owner("b"))
+            await lb.acquire(takeover=True)
+            # la.run returns by itself: the nursery closes without a cancel.
+    assert len(reasons) == 1 and la.lost == reasons[0] and not la.held
+    assert a.fenced is not None
+    with pytest.raises(Fenced):
+        await _write(a, f"{uuid}.seg", b"after")
+    await lb.release()
+    await a.close()
+    await b.close()
+
+
 async def test_earlier_run_of_the_same_daemon_is_fenced_and_replaced(ceph: Cluster) -> None:
     """Owner invariant 2: a restart of the same daemon (same host id and instance) takes
     its pool back without --takeover, and the earlier client is fenced first."""

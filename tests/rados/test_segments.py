@@ -11,10 +11,10 @@ import pytest
 import trio
 
 from pool.errors import DeviceError, NotFound
-from pool.rados.conn import Fenced
+from pool.rados.conn import Connection, Fenced
 from pool.rados.owner import OwnershipLock
 from pool.rados.segments import RadosSegments
-from tests.cephkit import Cluster
+from tests.cephkit import TEST_POOL, Cluster
 from tests.rados.radoskit import connect, new_uuid, owner, snapshot
 
 
@@ -102,3 +102,21 @@ async def test_fenced_client_writes_no_segment(ceph: Cluster) -> None:
     await lb.release()
     await a.close()
     await b.close()
+
+
+def test_cluster_serves_io(ceph: Cluster) -> None:
+    with ceph.client() as r:
+        io = r.open_ioctx(TEST_POOL)
+        io.write_full("kit", b"x" * 5000)
+        assert io.read("kit", 10000) == b"x" * 5000
+        io.remove_object("kit")
+        io.close()
+        assert r.get_fsid() in ceph.conf.read_text()
+
+
+async def test_health_and_usage_without_mgr(ceph: Cluster) -> None:
+    """Without a mgr, health answers (a mon command) and usage says it is not known."""
+    conn = await Connection.open(TEST_POOL, conf=str(ceph.conf))
+    assert (await conn.health()).startswith("HEALTH_")
+    assert not (await conn.usage()).known
+    await conn.close()
