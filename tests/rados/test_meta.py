@@ -193,12 +193,17 @@ async def test_writer_killed_at_random_instants(ceph: Cluster) -> None:
     for _round in range(4):
         proc = await trio.to_thread.run_sync(partial(_worker, ceph, uuid, 0, 10**6))
         assert proc.stdout is not None
-        line = await trio.to_thread.run_sync(proc.stdout.readline)
-        assert line.startswith("recovered"), line + (proc.stderr.read() if proc.stderr else "")
-        assert int(line.split()[2]) >= last
-        await trio.sleep(rnd.uniform(0.05, 1.5))
-        proc.kill()
-        out, _err = await trio.to_thread.run_sync(proc.communicate)
+        try:
+            with trio.fail_after(120):      # a worker that hangs fails the test, not CI
+                line = await trio.to_thread.run_sync(proc.stdout.readline,
+                                                     abandon_on_cancel=True)
+            assert line.startswith("recovered"), line + (proc.stderr.read() if proc.stderr
+                                                         else "")
+            assert int(line.split()[2]) >= last
+            await trio.sleep(rnd.uniform(0.05, 1.5))
+        finally:
+            proc.kill()
+        out, _err = await trio.to_thread.run_sync(partial(proc.communicate, timeout=60))
         last = await _check(ceph, uuid, line + out)
     assert last > 0
 
@@ -213,6 +218,11 @@ async def test_writer_killed_between_rados_writes(ceph: Cluster) -> None:
     points = sorted(rnd.sample(range(2, 30), 7))
     for n in points:
         proc = await trio.to_thread.run_sync(partial(_worker, ceph, uuid, n, 10**6))
-        out, err = await trio.to_thread.run_sync(proc.communicate)
+        try:
+            out, err = await trio.to_thread.run_sync(partial(proc.communicate, timeout=120))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         assert proc.returncode == -signal.SIGKILL, err
         await _check(ceph, uuid, out)
