@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Container, Iterable, Mapping, Sequence
@@ -38,15 +37,17 @@ from typing import Any, TypeVar
 
 import trio
 
-from pool import codec, identity, readcache, records
+from pool import codec, identity, importer, readcache, records
 from pool import owner as owners
 from pool.cleaner import SegmentCleaner
 from pool.deadlines import Deadlines
 from pool.device import Device
+from pool.devio import close_devices
+from pool.devio import run as _run
+from pool.devio import write_within as _write_within
 from pool.errors import (
     DeviceError,
     DeviceHung,
-    ImportFailed,
     InvalidArgument,
     MediumError,
     NoSpace,
@@ -54,18 +55,21 @@ from pool.errors import (
     PoolFailed,
     StorageError,
 )
+from pool.labels import label_copies
+from pool.labels import read_label as _read_label
+from pool.labels import refuse_labelled as _refuse_labelled
+from pool.labels import wipe as _wipe
+from pool.labels import wipe_quietly as _wipe_quietly
+from pool.labels import write_label as _write_label
 from pool.layout import (
     DEFAULT_EXTENT,
     LABEL_SIZE,
     SB_OFFSET,
-    SB_SLOT_SIZE,
-    SB_SLOTS,
     SECTOR,
     Label,
     Layout,
     new_uuid,
 )
-from pool.maps import Node
 from pool.metastore import Loc, MetaStore, Superblock
 from pool.profile import Profile
 from pool.state import (
@@ -76,7 +80,6 @@ from pool.state import (
     Op,
     PoolState,
     Segment,
-    iter_ops,
     op_json,
     op_map_clear,
     op_map_set,
@@ -237,7 +240,7 @@ class Pool:
              "repaired_fragments", "unreadable_records", "records_relocated",
             "rebuilt_bytes", "scrubbed_bytes", "discarded_extents"), 0)
 
-    # ==== creation and import =============================================================
+    # ==== creation and import (pool.importer) ==============================================
     @classmethod
     async def create(cls, name: str, devices: Sequence[Device], *, profile: str = "plain",
                      extent_size: int = DEFAULT_EXTENT, meta_size: int | None = None,
@@ -248,42 +251,9 @@ class Pool:
         Devices that carry a storaged label are refused unless ``force`` is given.
         ``claim``: the owner record to keep on the members (written with the labels).
         """
-        _check_name(name)
-        prof = Profile.parse(profile)
-        if not devices:
-            raise InvalidArgument("a pool needs at least one device")
-        if prof.width > len(devices):
-            raise InvalidArgument(f"profile {prof} needs {prof.width} devices, only "
-                                  f"{len(devices)} given")
-        paths = [d.path for d in devices]
-        if len(set(paths)) != len(paths):
-            raise InvalidArgument("the same device is listed twice")
-        _refuse_same_device(devices)
-        layout = Layout.choose(min(d.size for d in devices), extent_size, meta_size)
-        dl = (tuning or PoolTuning()).deadlines()
-        if not force:
-            await _run(_refuse_labelled, list(devices), dl)
-        pool_uuid = new_uuid()
-        members = [MemberInfo(new_uuid(), i, d.size, layout.n_extents(d.size), path=d.path)
-                   for i, d in enumerate(devices)]
-        state = PoolState(pool_uuid, name, extent_size, str(prof), members)
-        devs: list[Device | None] = list(devices)
-        pool = cls(state, layout, devs, MetaStore(layout, devs, pool_uuid, dl), None, tuning)
-        pool._free = [set(range(mi.n_extents)) for mi in members]
-
-        def write_label(mi: MemberInfo, dev: Device) -> None:
-            # Clear old superblocks/journal so nothing of a previous life is replayed.
-            dev.pwrite(SB_OFFSET, bytes(layout.pages_offset - SB_OFFSET))
-            _write_label(dev, pool._label(mi))
-        await _write_within([(dev, partial(write_label, mi, dev))
-                             for mi, dev in zip(members, devices, strict=True)],
-                            "writing a new member's label", dl)
-        if claim is not None:
-            await pool._take(claim)
-        await pool._checkpoint()
-        log.info("created pool %s (%s) on %d devices, profile %s, extent size %d",
-                 name, pool_uuid, len(devices), prof, extent_size)
-        return pool
+        return await importer.create(cls, name, devices, profile=profile,
+                                     extent_size=extent_size, meta_size=meta_size,
+                                     force=force, claim=claim, tuning=tuning)
 
     @classmethod
     async def open(cls, devices: Sequence[Device], *, name: str | None = None,
@@ -305,80 +275,12 @@ class Pool:
         ``claim``: the owner record to keep on the members; it is the first thing written,
         once everything was read and the import decided (DESIGN invariant 10).
         """
-        devices = list(devices)
-        dl = (tuning or PoolTuning()).deadlines()
-        if left_out is None:
-            _refuse_same_device(devices, ImportFailed)
-        else:
-            devices = await _leave_out_duplicates(devices, left_out)
-        found = await _run(_read_labels, devices, dl, left_out)
-        by_pool: dict[str, list[tuple[Device, Label]]] = {}
-        for dev, lab in found:
-            by_pool.setdefault(lab.pool_uuid, []).append((dev, lab))
-        if name is not None:
-            chosen = {u: v for u, v in by_pool.items() if v[0][1].pool_name == name}
-            if not chosen:
-                raise ImportFailed(f"no device given belongs to a pool named {name!r}")
-            others = [d.path for u, v in by_pool.items() if u not in chosen for d, _ in v]
-            if others:
-                raise ImportFailed(f"{', '.join(others)}: belongs to another pool, not "
-                                   f"{name!r}")
-            by_pool = chosen
-        if len(by_pool) != 1:
-            desc = "; ".join(f"{v[0][1].pool_name} ({u}): " + ", ".join(d.path for d, _ in v)
-                             for u, v in by_pool.items())
-            raise ImportFailed(f"the devices belong to {len(by_pool)} pools: {desc}")
-        pool_uuid, members = next(iter(by_pool.items()))
-        loaded = await _run(_load_pool, pool_uuid, members, dl, left_out)
-        if left_out is not None:
-            used = {id(d) for d in loaded.devices if d is not None}
-            await close_devices([d for d in devices if id(d) not in used])
-        pool = cls(loaded.state, loaded.layout, loaded.devices, loaded.meta, loaded.superblock,
-                   tuning)
-        pool._page_locs = loaded.page_locs
-        if left_out:
-            pool.left_out = dict(left_out)
-        if claim is not None:
-            await pool._take(claim, [d for d in loaded.devices if d is not None])
-        await pool._finish_import(loaded.replayed)
-        log.info("imported pool %s (%s): generation %d, txg %d, %d journal entries replayed",
-                 pool.name, pool.uuid, pool.state.generation, pool.state.txg,
-                 len(loaded.replayed))
-        return pool
+        return await importer.open_pool(cls, devices, name=name, left_out=left_out,
+                                        claim=claim, tuning=tuning)
 
     def _label(self, mi: MemberInfo) -> Label:
         return Label(self.state.uuid, self.state.name, mi.uuid, mi.index,
                      self.state.generation, mi.size, self.layout)
-
-    async def _finish_import(self, replayed: list[tuple[int, bytes]]) -> None:
-        for txg, payload in replayed:
-            for op in iter_ops(payload):
-                self.state.apply(op)
-            self.state.txg = txg
-        used = {e for seg in self.state.segments.values() for e in seg.extents}
-        self._free = [{e for e in range(mi.n_extents) if (mi.index, e) not in used}
-                      for mi in self.state.members]
-        for mi in self.state.members:
-            dev = self.devices[mi.index]
-            if mi.state in ("faulted", "offline", "removed"):
-                # Kept out until an admin brings it back (``online``) or replaces it.
-                if dev is not None:
-                    self.devices[mi.index] = self.meta.devices[mi.index] = None
-                    if mi.state == "removed":
-                        dev.close()
-                    else:
-                        self._parked[mi.index] = dev
-                continue
-            want = "online" if dev is not None else "missing"
-            if mi.state != want:
-                self._do(op_json(op="member_state", index=mi.index, state=want,
-                                 last_gen=self._sb_gen))
-            if dev is not None and dev.path != mi.path:
-                self._do(op_json(op="member_path", index=mi.index, path=dev.path))
-            elif dev is None and mi.path in self.left_out:
-                self._why[mi.index] = f"left out at import: {self.left_out[mi.path]}"
-        self._reap()
-        await self._checkpoint()
 
     # ==== small helpers ===================================================================
     def _do(self, op: Op) -> None:
@@ -2216,10 +2118,6 @@ class Pool:
 
 
 # ==== blocking helpers (run in threads) ====================================================
-async def _run(fn: Callable[..., T], *args: Any) -> T:
-    return await trio.to_thread.run_sync(lambda: fn(*args))
-
-
 @lru_cache(maxsize=256)        # asked on every reserve; the counts change rarely
 def _stripes(counts: tuple[int, ...], width: int) -> int:
     """How many stripes of ``width`` extents on distinct devices the free-extent counts
@@ -2237,263 +2135,3 @@ def _stripes(counts: tuple[int, ...], width: int) -> int:
 
 def _same_path(a: str, b: str) -> bool:
     return os.path.abspath(a) == os.path.abspath(b)
-
-
-async def _write_within(calls: Sequence[tuple[Device, Callable[[], None]]],
-                        what: str, dl: Deadlines) -> None:
-    """Blocking writes, one per device, in parallel under the write deadline
-    (``records.writes_within``); raises the first DeviceError (DeviceHung for a device
-    that did not finish in time)."""
-    errors = await trio.to_thread.run_sync(records.writes_within, calls, what, dl)
-    first = next((e for e in errors if e is not None), None)
-    if first is not None:
-        raise first
-
-
-async def close_devices(devices: Sequence[Device | None]) -> None:
-    """Close devices, in parallel threads: a close waits (up to ``CLOSE_WAIT``) for a call
-    still stuck in its device, which must not hold the event loop. Shielded: a cancelled
-    caller (often why devices are being closed) still releases them."""
-    with trio.CancelScope(shield=True):
-        async with trio.open_nursery() as nursery:
-            for dev in devices:
-                if dev is not None:
-                    nursery.start_soon(partial(trio.to_thread.run_sync, dev.close))
-
-
-def _wipe(dev: Device) -> None:
-    """Wipe a device's labels and superblocks (blocking); its data is not zeroed."""
-    dev.pwrite(0, bytes(LABEL_SIZE))
-    dev.pwrite(SB_OFFSET, bytes(SB_SLOTS * SB_SLOT_SIZE))
-    dev.pwrite(owners.OWNER_OFFSET, bytes(owners.OWNER_SIZE))
-    dev.pwrite(dev.size - LABEL_SIZE, bytes(LABEL_SIZE))
-    dev.sync()
-
-
-async def _wipe_quietly(dev: Device, dl: Deadlines) -> None:
-    """Wipe a detached device's labels and superblocks (it must not pass for a member),
-    then close it. A device that is gone, or hangs (often why it was replaced), cannot
-    be wiped, which is fine: the pool no longer counts it as a member either way."""
-    try:
-        await _write_within([(dev, partial(_wipe, dev))], "wiping the label", dl)
-    except DeviceError as e:
-        log.warning("could not wipe the label of %s: %s", dev.path, e.message)
-    # close waits (boundedly) for a call still stuck in the device: not on the loop.
-    await trio.to_thread.run_sync(dev.close)
-
-
-def _check_name(name: str) -> None:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
-        raise InvalidArgument(f"invalid pool name {name!r}: use 1-64 letters, digits, "
-                              f"'_', '.', '-', starting with a letter or digit")
-
-
-def _write_label(dev: Device, label: Label) -> None:
-    raw = label.encode()
-    dev.pwrite(0, raw)
-    dev.pwrite(label.device_size - LABEL_SIZE, raw)
-
-
-def label_copies(dev: Device, dl: Deadlines, size: int | None = None
-                 ) -> list[tuple[str, Label | str]]:
-    """Both label copies of a device: ("primary" | "backup", the label or what is wrong).
-    ``size``: where the backup is (the labelled size); default the device's size."""
-    out: list[tuple[str, Label | str]] = []
-    end = dev.size if size is None else size
-    for where, off in (("primary", 0), ("backup", end - LABEL_SIZE)):
-        try:
-            out.append((where, Label.decode(records.pread_within(dev, off, LABEL_SIZE, dl))))
-        except DeviceError as e:
-            out.append((where, e.message))
-    return out
-
-
-def _read_label(dev: Device, dl: Deadlines) -> Label:
-    """The device's label, from the primary copy or else the backup at the end."""
-    errors = []
-    for where, label in label_copies(dev, dl):
-        if isinstance(label, str):
-            errors.append(f"{where}: {label}")
-            continue
-        if label.device_size > dev.size:
-            raise ImportFailed(f"{dev.path} is truncated: its label says {label.device_size} "
-                               f"bytes but the device has {dev.size}")
-        return label
-    raise ImportFailed(f"{dev.path} is not a storaged pool member ({'; '.join(errors)})")
-
-
-def _refuse_labelled(devices: list[Device], dl: Deadlines) -> None:
-    for dev in devices:
-        try:
-            label = _read_label(dev, dl)
-        except ImportFailed:
-            continue
-        raise InvalidArgument(f"{dev.path} is already member {label.index} of pool "
-                              f"{label.pool_name!r} ({label.pool_uuid}); destroy that pool "
-                              f"first")
-
-
-def _refuse_same_device(devices: Sequence[Device],
-                        error: type[StorageError] = InvalidArgument) -> None:
-    """Refuse two paths to one device (pool.identity, invariant 1)."""
-    dup = identity.first_duplicate(devices)
-    if dup is not None:
-        a, b = dup
-        ident = identity.identity_of(a)
-        assert ident is not None
-        raise error(f"{a.path} and {b.path} are the same device "
-                    f"({identity.describe(ident)}): give each device once")
-
-
-async def _leave_out_duplicates(devices: list[Device],
-                                left_out: dict[str, str]) -> list[Device]:
-    """``devices`` without the second and later paths to one device (closed, recorded)."""
-    while (dup := identity.first_duplicate(devices)) is not None:
-        first, again = dup
-        left_out[again.path] = f"the same device as {first.path}"
-        log.warning("%s is the same device as %s: importing it once", again.path,
-                    first.path)
-        devices = [d for d in devices if d is not again]
-        await close_devices([again])
-    return devices
-
-
-def _leave_out(left_out: dict[str, str], dev: Device, why: str) -> None:
-    left_out[dev.path] = why
-    log.error("%s left out of the import: %s", dev.path, why)
-
-
-def _read_labels(devices: list[Device], dl: Deadlines,
-                 left_out: dict[str, str] | None = None) -> list[tuple[Device, Label]]:
-    """Each device's label. A device that does not answer (its label reads timed out) is
-    left out, as if it were not given: the pool imports without it if it can; so is one
-    without a usable label when ``left_out`` is given (see ``Pool.open``)."""
-    out: list[tuple[Device, Label]] = []
-    for dev in devices:
-        try:
-            out.append((dev, _read_label(dev, dl)))
-        except ImportFailed as e:
-            if left_out is not None:
-                _leave_out(left_out, dev, e.message)
-                continue
-            if not records.hung(dev):
-                raise
-            log.warning("%s does not answer (a read of its label has been waiting more "
-                        "than %g s): importing without it", dev.path, dl.read)
-    if devices and not out:
-        if left_out:
-            raise ImportFailed("no device given is a usable pool member: " + "; ".join(
-                f"{p}: {why}" for p, why in left_out.items()))
-        raise ImportFailed("none of the devices given answers: "
-                           + ", ".join(d.path for d in devices))
-    return out
-
-
-@dataclass
-class _Loaded:
-    state: PoolState
-    layout: Layout
-    devices: list[Device | None]
-    meta: MetaStore
-    superblock: Superblock
-    page_locs: dict[int, Loc]
-    replayed: list[tuple[int, bytes]]
-
-
-def _load_pool(pool_uuid: str, found: list[tuple[Device, Label]], dl: Deadlines,
-               left_out: dict[str, str] | None = None) -> _Loaded:
-    """Read superblocks, state, pages and journal of a pool; check the members."""
-    layout = found[0][1].layout
-    name = found[0][1].pool_name
-    for dev, lab in found:
-        if lab.layout != layout:
-            raise ImportFailed(f"{dev.path}: its label's layout differs from the other "
-                               f"members of pool {name}")
-    newest: dict[str, int] = {}
-    blank: set[str] = set()     # devices without one intact superblock of this pool
-    best: Superblock | None = None
-    for dev, lab in list(found):
-        try:
-            sbs = MetaStore.read_superblocks(dev, pool_uuid, dl)
-        except DeviceError as e:
-            # Every member holds the metadata: one whose superblocks cannot be read is
-            # left out (the pool runs degraded), as if it had not been given.
-            log.warning("%s: its superblocks cannot be read (%s): importing without it",
-                        dev.path, e.message)
-            found.remove((dev, lab))
-            if left_out is not None:
-                left_out[dev.path] = f"its superblocks cannot be read ({e.message})"
-            continue
-        if not sbs:
-            blank.add(dev.path)
-        # A member added at generation g carries g in its label and a synced copy of the
-        # metadata of g - 1 even if the crash took its first superblock.
-        newest[dev.path] = max([sb.generation for sb in sbs] + [lab.generation - 1])
-        for sb in sbs:
-            if best is None or sb.generation > best.generation:
-                best = sb
-    if best is None:
-        raise ImportFailed(f"pool {name}: no intact superblock on any device given")
-    state = PoolState.from_json(MetaStore(layout, [d for d, _ in found],
-                                          pool_uuid, dl).read_blob(best.state))
-    devices: list[Device | None] = [None] * len(state.members)
-    by_uuid = {mi.uuid: mi for mi in state.members}
-    for dev, lab in found:
-        mi = by_uuid.get(lab.device_uuid)
-        if mi is None or mi.index != lab.index:
-            raise ImportFailed(f"{dev.path}: labelled as member {lab.index} of pool {name}, "
-                               f"but the pool's metadata does not list it (a device added "
-                               f"when a crash interrupted, or from another copy of the pool)")
-        # A member that was merely away comes back as it left (newest superblock no older
-        # than when it went missing): nothing it holds changed meanwhile, since records are
-        # never overwritten in place and segments made while it was away do not use it.
-        # Anything older is an old copy of the device, which may lack acknowledged data.
-        seen = mi.last_gen if mi.state == "missing" else best.generation
-        if mi.state in ("faulted", "offline", "removed"):
-            pass   # not used until brought back online, which refreshes its metadata
-        elif newest[dev.path] < seen - 1 and dev.path in blank and left_out is not None:
-            # Every superblock slot garbled while the pool went on: its metadata is
-            # damaged (the other members hold the same, invariant 5), not an old copy.
-            _leave_out(left_out, dev, "no intact superblock: its metadata is damaged")
-            continue
-        elif newest[dev.path] < seen - 1:
-            raise ImportFailed(
-                f"{dev.path} is a stale member {mi.index} of pool {name}: its newest "
-                f"superblock is generation {newest[dev.path]}, but the pool had it at "
-                f"generation {seen}: this is an older copy of the device and may lack data "
-                f"written since. Import without it (the pool runs degraded)")
-        other = devices[mi.index]
-        if other is not None:
-            raise ImportFailed(f"{dev.path} and {other.path} both claim to be member "
-                               f"{mi.index} of pool {name}")
-        devices[mi.index] = dev
-    meta = MetaStore(layout, [d if state.members[i].state not in ("faulted", "offline",
-                                                                    "removed") else None
-                              for i, d in enumerate(devices)], pool_uuid, dl)
-    meta.mark_used(best.state)
-    meta.mark_used(best.index)
-    index = meta.read_blob(best.index)
-    page_locs: dict[int, Loc] = {}
-    for off in range(0, len(index), _INDEX.size):
-        nid, unit, units, length, h = _INDEX.unpack_from(index, off)
-        loc = Loc(unit, units, length, h)
-        meta.mark_used(loc)
-        page_locs[nid] = loc
-    for nid, blob in zip(page_locs, meta.read_blobs(list(page_locs.values())), strict=True):
-        try:
-            state.forest.nodes[nid] = Node.deserialize(blob)
-        except ValueError as e:
-            raise ImportFailed(f"pool {name}: map node {nid} is unreadable: {e}") from e
-    state.forest.recount()
-    short = [s for s in state.segments.values()
-             if sum(1 for i, _ in s.extents if meta.devices[i] is not None
-                    and s.id not in state.members[i].marks) < s.k]
-    if short:
-        # Metadata is intact (it is on every member), so the pool imports; reads of records
-        # in these segments fail with EIO naming the missing members.
-        missing = sorted({i for s in short for i, _ in s.extents if meta.devices[i] is None})
-        log.error("pool %s: %d segment(s) have fewer than k fragments present; records in "
-                  "them are unreadable until members %s return", name, len(short),
-                  ", ".join(map(str, missing)))
-    replayed = meta.read_journal(best.txg)
-    return _Loaded(state, layout, devices, meta, best, page_locs, replayed)
