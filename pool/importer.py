@@ -176,7 +176,7 @@ async def finish_import(pool: Pool, replayed: list[tuple[int, bytes]]) -> None:
         if dev is not None and dev.path != mi.path:
             pool._do(op_json(op="member_path", index=mi.index, path=dev.path))
         elif dev is None and mi.path in pool.left_out:
-            pool._why[mi.index] = f"left out at import: {pool.left_out[mi.path]}"
+            pool.member_health.left_out(mi.index, f"left out at import: {pool.left_out[mi.path]}")
     pool._reap()
     await pool._checkpoint()
 

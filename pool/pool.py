@@ -55,6 +55,7 @@ from pool.errors import (
     PoolFailed,
     StorageError,
 )
+from pool.health import MemberHealth
 from pool.labels import label_copies
 from pool.labels import read_label as _read_label
 from pool.labels import refuse_labelled as _refuse_labelled
@@ -92,7 +93,6 @@ META_RESERVE = 0.9   # writes stop when the metadata area is this full
 _NODE_UNITS = 7      # 4 KiB units of the largest map node blob (a 24 KiB leaf, lz4 framed)
 _STATE_UNITS_GUESS = 4
 _INDEX = ENTRY.__class__("<QIIIQ")  # node id, unit, units, length, hash
-FAULT_THRESHOLD = 10  # I/O errors after which a member is faulted (checksum errors excluded)
 DISCARD_BATCH = 256   # freed extents discarded per round of the discard task
 DISCARD_DELAY = 10.0  # seconds an extent stays free before it is discarded
 ZEROING_RESERVE_RECORDS = 4   # largest records kept for trims' partial blocks (rule S2)
@@ -212,22 +212,17 @@ class Pool:
         self._meta_units_used = meta.bitmap.count(1)
         self._caches: list[Callable[[], Awaitable[None]]] = []
         self._limiters = [trio.CapacityLimiter(4) for _ in devices]
-        # Per member: read / write / checksum errors seen since import.
-        self._errors: list[Counter[str]] = [Counter() for _ in devices]
+        # Per member: read / write / checksum errors, the fault threshold, why a member is
+        # away, and epochs (bumped each time it goes away, so a rebuild that started on a
+        # segment before that does not clear marks set while it was away: mark_rebuilt).
+        self.member_health = MemberHealth(len(devices), self.fault)
         # Devices of members that are faulted or offline: kept (not used) so that
         # ``online`` can take them back and ``close`` releases them.
         self._parked: dict[int, Device] = {}
         self._widest: tuple[tuple[int, int], int] = ((-1, -1), 1)   # see _cleaner_reserve
-        # Per member: bumped each time it goes away, so a rebuild that started on a segment
-        # before that does not clear marks set while it was away (mark_rebuilt).
-        self._epochs: list[int] = [0] * len(devices)
         self._avoid: set[int] = set()    # members new segments must not use (removal)
-        # Why a member is away (fault reasons; devices left out at import), for status.
-        self._why: dict[int, str] = {}
         # Devices given to the import but left out of it (path -> reason): see ``open``.
         self.left_out: dict[str, str] = {}
-        self._recheck = trio.Event()     # a read failed: check the members now
-        self.fault_threshold = FAULT_THRESHOLD
         self._meta_locs: tuple[Loc, ...] = (
             (superblock.state, superblock.index) if superblock else ())
         # What the maintenance engines (pool.scrub, pool.rebuild) report while they run.
@@ -986,16 +981,21 @@ class Pool:
     def count_error(self, index: int, kind: str, why: str = "") -> None:
         """Count an I/O error ("read" | "write" | "checksum") against a member; one that
         reaches ``fault_threshold`` read + write errors is faulted (checksum errors are
-        repaired and reported, not held against the device)."""
-        if index >= len(self._errors):
-            return
-        self._errors[index][kind] += 1
-        if kind == "read":
-            self._recheck.set()    # a short read may mean the device shrank: look now
-        errs = self._errors[index]
-        if kind != "checksum" and errs["read"] + errs["write"] >= self.fault_threshold:
-            self.fault(index, f"{errs['read']} read and {errs['write']} write errors"
-                       + (f", last: {why}" if why else ""))
+        repaired and reported, not held against the device): ``MemberHealth.count``."""
+        self.member_health.count(index, kind, why)
+
+    @property
+    def fault_threshold(self) -> int:
+        """Read + write errors after which a member is faulted (pool.health)."""
+        return self.member_health.threshold
+
+    @fault_threshold.setter
+    def fault_threshold(self, value: int) -> None:
+        self.member_health.threshold = value
+
+    @property
+    def _epochs(self) -> list[int]:
+        return self.member_health.epochs
 
     def fault(self, index: int, why: str, *, state: str = "faulted",
               full: bool = False) -> None:
@@ -1006,7 +1006,7 @@ class Pool:
         if dev is None:
             return
         self.devices[index] = self.meta.devices[index] = None
-        self._epochs[index] += 1
+        self.member_health.went_away(index, why)
         self._parked[index] = dev
         self._column_cache.clear()
         self._dirty_devices.discard(index)
@@ -1022,7 +1022,6 @@ class Pool:
                  if any(i == index for i, _e in sg.extents)]
         self._do(op_json(op="member_state", index=index, state=state,
                          last_gen=self._sb_gen, marks=marks))
-        self._why[index] = why
         if state == "faulted":
             log.error("pool %s: member %d (%s) faulted: %s; running degraded",
                       self.state.name, index, dev.path, why)
@@ -1593,8 +1592,7 @@ class Pool:
             self.meta.devices.append(dev)
             self._column_cache.clear()
             self._limiters.append(trio.CapacityLimiter(4))
-            self._epochs.append(0)
-            self._errors.append(Counter())
+            self.member_health.add_member()
             self._free.append(set(range(n_ext)))
             await self._checkpoint_locked()
         log.info("pool %s: added %s as member %d (%d extents)", self.state.name, dev.path,
@@ -1670,8 +1668,7 @@ class Pool:
             dev.sync()
         await _write_within([(dev, prepare)], "preparing a new member", self.deadlines)
         self.devices[index] = self.meta.devices[index] = dev
-        self._errors[index] = Counter()
-        self._why.pop(index, None)
+        self.member_health.came_back(index)
         self._column_cache.clear()
 
     async def replace_device(self, index: int, dev: Device) -> None:
@@ -1813,8 +1810,8 @@ class Pool:
         file is one), so a member that vanishes or shrinks is faulted within seconds."""
         while not self._closed:
             with trio.move_on_after(interval):
-                await self._recheck.wait()
-            self._recheck = trio.Event()
+                await self.member_health.recheck.wait()
+            self.member_health.recheck = trio.Event()
             if not self._closed and self._failed is None:
                 await self.watch_presence()
 
@@ -2047,9 +2044,8 @@ class Pool:
             MemberStatus(mi.index, mi.uuid, self._member_path(mi.index),
                          self.member_state(mi.index),
                          mi.size, mi.n_extents, len(self._free[mi.index]),
-                         self._errors[mi.index]["read"], self._errors[mi.index]["write"],
-                         self._errors[mi.index]["checksum"], len(mi.marks),
-                         self._why.get(mi.index, "") if self.devices[mi.index] is None
+                         *self.member_health.counts(mi.index), len(mi.marks),
+                         self.member_health.reason(mi.index) if self.devices[mi.index] is None
                          and mi.state != "removed" else "")
             for mi in st.members)
         present = [m for m in members if m.state in ("online", "rebuilding")]
