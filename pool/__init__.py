@@ -16,11 +16,12 @@ from pool.lazy import lazy_attributes
 if TYPE_CHECKING:
     from pool.device import Device, FileDevice, MemoryDevice
     from pool.devio import close_devices
-    from pool.pool import MemberStatus, Pool, PoolStatistics
+    from pool.pool import Pool
     from pool.profile import Profile
+    from pool.status import MemberStatus, PoolStatistics
 
 _LAZY = {"Device": "pool.device", "FileDevice": "pool.device", "MemoryDevice": "pool.device",
-         "MemberStatus": "pool.pool", "Pool": "pool.pool", "PoolStatistics": "pool.pool",
+         "MemberStatus": "pool.status", "Pool": "pool.pool", "PoolStatistics": "pool.status",
          "Profile": "pool.profile", "close_devices": "pool.devio"}
 
 

@@ -167,7 +167,7 @@ async def finish_import(pool: Pool, replayed: list[tuple[int, bytes]]) -> None:
                 if mi.state == "removed":
                     dev.close()
                 else:
-                    pool._parked[mi.index] = dev
+                    pool.members.parked[mi.index] = dev
             continue
         want = "online" if dev is not None else "missing"
         if mi.state != want:

@@ -26,18 +26,16 @@ holds; without a runner it is done at ``settle_discards`` and ``close``.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Container, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from functools import lru_cache, partial
 from types import MappingProxyType
 from typing import Any, TypeVar
 
 import trio
 
-from pool import codec, identity, importer, readcache, records
+from pool import codec, importer, readcache, records
 from pool import owner as owners
 from pool.cleaner import SegmentCleaner
 from pool.deadlines import Deadlines
@@ -57,24 +55,18 @@ from pool.errors import (
 )
 from pool.health import MemberHealth
 from pool.labels import label_copies
-from pool.labels import read_label as _read_label
-from pool.labels import refuse_labelled as _refuse_labelled
 from pool.labels import wipe as _wipe
-from pool.labels import wipe_quietly as _wipe_quietly
 from pool.labels import write_label as _write_label
 from pool.layout import (
     DEFAULT_EXTENT,
-    LABEL_SIZE,
-    SB_OFFSET,
     SECTOR,
     Label,
     Layout,
-    new_uuid,
 )
+from pool.members import Members
 from pool.metastore import Loc, MetaStore, Superblock
 from pool.profile import Profile
 from pool.state import (
-    AWAY,
     ENTRY,
     HOLE,
     MemberInfo,
@@ -85,6 +77,7 @@ from pool.state import (
     op_map_clear,
     op_map_set,
 )
+from pool.status import PoolStatistics
 from pool.tuning import PoolTuning
 
 log = logging.getLogger(__name__)
@@ -96,51 +89,6 @@ _INDEX = ENTRY.__class__("<QIIIQ")  # node id, unit, units, length, hash
 DISCARD_BATCH = 256   # freed extents discarded per round of the discard task
 DISCARD_DELAY = 10.0  # seconds an extent stays free before it is discarded
 ZEROING_RESERVE_RECORDS = 4   # largest records kept for trims' partial blocks (rule S2)
-
-
-@dataclass(frozen=True, slots=True)
-class MemberStatus:
-    index: int
-    uuid: str
-    path: str
-    state: str                # online | rebuilding | faulted | offline | missing | removed
-    size: int
-    extents: int
-    free_extents: int
-    read_errors: int = 0
-    write_errors: int = 0
-    checksum_errors: int = 0
-    rebuild_segments: int = 0  # segments whose fragments on this member await a rebuild
-    why: str = ""             # why it is away (faulted, left out at import), if it is
-
-
-@dataclass(frozen=True, slots=True)
-class PoolStatistics:
-    name: str
-    uuid: str
-    state: str                # online | degraded | failed
-    profile: str
-    extent_size: int
-    members: tuple[MemberStatus, ...]
-    capacity_bytes: int       # all extents of present members
-    allocated_bytes: int      # extents held by segments
-    free_bytes: int           # extents free now (excludes frees awaiting commit)
-    live_bytes: int           # record bytes referenced, once per referencing map leaf
-    reserved_bytes: int       # promised to buffered writes not yet written
-    segments: int
-    txg: int
-    generation: int
-    commits: int
-    checkpoints: int
-    records_written: int
-    records_read: int
-    degraded_reads: int
-    repaired_fragments: int
-    unreadable_records: int
-    records_relocated: int
-    rebuilt_bytes: int = 0
-    scrubbed_bytes: int = 0
-    discarded_extents: int = 0   # freed extents handed to the devices' discard
 
 
 class Pool:
@@ -216,9 +164,8 @@ class Pool:
         # away, and epochs (bumped each time it goes away, so a rebuild that started on a
         # segment before that does not clear marks set while it was away: mark_rebuilt).
         self.member_health = MemberHealth(len(devices), self.fault)
-        # Devices of members that are faulted or offline: kept (not used) so that
-        # ``online`` can take them back and ``close`` releases them.
-        self._parked: dict[int, Device] = {}
+        # Fault, add, offline/online, replace, remove; parked devices of away members.
+        self.members = Members(self, self.member_health)
         self._widest: tuple[tuple[int, int], int] = ((-1, -1), 1)   # see _cleaner_reserve
         self._avoid: set[int] = set()    # members new segments must not use (removal)
         # Devices given to the import but left out of it (path -> reason): see ``open``.
@@ -999,52 +946,25 @@ class Pool:
 
     def fault(self, index: int, why: str, *, state: str = "faulted",
               full: bool = False) -> None:
-        """Stop using member ``index`` (faulted, or offline for maintenance). I/O goes on
-        degraded; everything written to its segments from now on is marked for a rebuild
-        when it comes back or is replaced."""
-        dev = self.devices[index]
-        if dev is None:
-            return
-        self.devices[index] = self.meta.devices[index] = None
-        self.member_health.went_away(index, why)
-        self._parked[index] = dev
-        self._column_cache.clear()
-        self._dirty_devices.discard(index)
-        # New writes go to segments without it where possible: close the open ones on it.
-        for key, seg in list(self._open.items()):
-            if any(i == index for i, _e in seg.extents):
-                del self._open[key]
-                if seg.live == 0:
-                    self.state.emptied.add(seg.id)
-        # A segment being written right now (pinned) may lack its fragment anywhere.
-        marks = [[sg.id, 0 if full or self._pins.get(sg.id) else sg.fill]
-                 for sg in self.state.segments.values()
-                 if any(i == index for i, _e in sg.extents)]
-        self._do(op_json(op="member_state", index=index, state=state,
-                         last_gen=self._sb_gen, marks=marks))
-        if state == "faulted":
-            log.error("pool %s: member %d (%s) faulted: %s; running degraded",
-                      self.state.name, index, dev.path, why)
-        else:
-            log.warning("pool %s: member %d (%s) taken offline", self.state.name, index,
-                        dev.path)
-        if not any(d is not None for d in self.devices):
-            self._failed = f"no member left ({why})"
+        """``Members.fault``: stop using member ``index`` (faulted, or offline); I/O goes
+        on degraded and what its segments miss is marked for a rebuild."""
+        self.members.fault(index, why, state=state, full=full)
 
     def _absorb_meta_failures(self) -> None:
-        for i, err in sorted(self.meta.failed.items()):
-            self.fault(i, f"its metadata write failed: {err.message}",
-                       full=isinstance(err, DeviceHung))
-            self.count_error(i, "write", err.message)
-        self.meta.failed.clear()
+        self.members.absorb_meta_failures()
 
     def unavailable_segments(self) -> int:
         """Segments with more fragments away than their parity covers (reads fail)."""
-        return sum(1 for sg in self.state.segments.values()
-                   if sum(1 for i, _e in sg.extents if self._col_absent(i, sg.id)) > sg.m)
+        return self.members.unavailable_segments()
 
-    def _col_absent(self, index: int, seg_id: int) -> bool:
-        return self.devices[index] is None or seg_id in self.state.members[index].marks
+    @property
+    def _parked(self) -> dict[int, Device]:
+        """Devices of members that are faulted or offline (``Members.parked``)."""
+        return self.members.parked
+
+    def _forget_columns(self) -> None:
+        """The members changed: segments' column lists are stale (used by Members)."""
+        self._column_cache.clear()
 
     # ==== the segment cleaner (pool.cleaner) ==============================================
     async def clean(self, *, max_segments: int = 4, threshold: float = 0.5) -> int:
@@ -1565,267 +1485,49 @@ class Pool:
 
     async def add_device(self, dev: Device) -> None:
         """Grow the pool by one member (gets a label and a copy of the metadata)."""
-        self._check_ok()
-        if any(d is not None and d.path == dev.path for d in self.devices):
-            raise InvalidArgument(f"{dev.path} is already a member of pool {self.state.name}")
-        self.refuse_member_device(dev)
-        n_ext = self.layout.n_extents(dev.size)
-        if n_ext < 1:
-            need = self.layout.data_offset + self.layout.extent_size + LABEL_SIZE
-            raise InvalidArgument(f"{dev.path} is too small for this pool's layout "
-                                  f"(needs at least {need} bytes)")
-        await _run(_refuse_labelled, [dev], self.deadlines)
-        async with self._commit_lock:
-            idx = len(self.state.members)
-            mi = MemberInfo(new_uuid(), idx, dev.size, n_ext)
-
-            def prepare() -> None:
-                dev.pwrite(SB_OFFSET, bytes(self.layout.pages_offset - SB_OFFSET))
-                self.meta.copy_used_units(dev)
-                _write_label(dev, Label(self.state.uuid, self.state.name, mi.uuid, idx,
-                                        self.state.generation + 1, dev.size, self.layout))
-                dev.sync()
-            await _write_within([(dev, prepare)], "preparing a new member", self.deadlines)
-            self._do(op_json(op="member_add", uuid=mi.uuid, index=idx, size=dev.size,
-                             n_extents=n_ext, path=dev.path))
-            self.devices.append(dev)
-            self.meta.devices.append(dev)
-            self._column_cache.clear()
-            self._limiters.append(trio.CapacityLimiter(4))
-            self.member_health.add_member()
-            self._free.append(set(range(n_ext)))
-            await self._checkpoint_locked()
-        log.info("pool %s: added %s as member %d (%d extents)", self.state.name, dev.path,
-                 idx, n_ext)
+        await self.members.add(dev)
 
     # ==== member maintenance: offline / online / replace / remove ==========================
     @property
     def closed(self) -> bool:
         return self._closed
 
-    def _away_after(self, index: int) -> int:
-        """Segments that would lose more fragments than their parity covers without
-        ``index`` (on top of what is away now)."""
-        return sum(1 for sg in self.state.segments.values()
-                   if any(i == index for i, _e in sg.extents)
-                   and sum(1 for i, _e in sg.extents
-                           if i == index or self._col_absent(i, sg.id)) > sg.m)
-
     async def offline(self, index: int) -> None:
         """Stop using a member for maintenance; what is written meanwhile is tracked, and
         ``online`` rebuilds only that."""
-        self._check_ok()
-        if self.devices[index] is None:
-            raise InvalidArgument(f"member {index} of pool {self.state.name} is already "
-                                  f"{self.member_state(index)}")
-        if n := self._away_after(index):
-            raise InvalidArgument(f"member {index} cannot go offline: {n} segment(s) would "
-                                  f"have fewer than k fragments left (their data would be "
-                                  f"unreadable)")
-        self.fault(index, "taken offline", state="offline")
-        await self._checkpoint()
+        await self.members.offline(index)
 
     async def online(self, index: int, dev: Device | None = None) -> None:
-        """Take a member back (the device it had, or ``dev`` carrying its label): its
-        metadata is refreshed and what it missed is marked for the rebuild."""
-        self._check_ok()
-        mi = self.state.members[index]
-        if mi.state == "removed":
-            raise InvalidArgument(f"member {index} was removed from the pool")
-        if self.devices[index] is not None:
-            raise InvalidArgument(f"member {index} of pool {self.state.name} is online")
-        dev = dev or self._parked.get(index)
-        if dev is None:
-            raise InvalidArgument(f"member {index} of pool {self.state.name} has no device; "
-                                  f"give its path, or use replace-device")
-        label = await _run(_read_label, dev, self.deadlines)
-        if label.pool_uuid != self.state.uuid or label.device_uuid != mi.uuid:
-            raise InvalidArgument(f"{dev.path} is not member {index} of pool "
-                                  f"{self.state.name} (its label says member {label.index} "
-                                  f"of {label.pool_name!r})")
-        if dev is not self._parked.get(index):
-            self.refuse_member_device(dev, but=index)
-        async with self._commit_lock:
-            await self._attach(index, dev, mi)
-            self._do(op_json(op="member_state", index=index, state="online"))
-            if dev.path != mi.path:
-                self.left_out.pop(mi.path, None)
-                self._do(op_json(op="member_path", index=index, path=dev.path))
-            await self._checkpoint_locked()
-        parked = self._parked.pop(index, None)
-        if parked is not None and parked is not dev:
-            await close_devices([parked])
-        log.info("pool %s: member %d (%s) online; %d segment(s) to resilver",
-                 self.state.name, index, dev.path, len(mi.marks))
-
-    async def _attach(self, index: int, dev: Device, mi: MemberInfo) -> None:
-        """Give ``dev`` the committed metadata and member ``index``'s label, and use it."""
-        def prepare() -> None:
-            dev.pwrite(SB_OFFSET, bytes(self.layout.pages_offset - SB_OFFSET))
-            self.meta.copy_used_units(dev)
-            _write_label(dev, Label(self.state.uuid, self.state.name, mi.uuid, index,
-                                    self.state.generation + 1, dev.size, self.layout))
-            dev.sync()
-        await _write_within([(dev, prepare)], "preparing a new member", self.deadlines)
-        self.devices[index] = self.meta.devices[index] = dev
-        self.member_health.came_back(index)
-        self._column_cache.clear()
+        """Take a member back (the device it had, or ``dev`` carrying its label)."""
+        await self.members.online(index, dev)
 
     async def replace_device(self, index: int, dev: Device) -> None:
-        """Put ``dev`` in member ``index``'s place; every fragment the member held is then
-        rebuilt onto it (``pool.rebuild``) while the pool stays online. The old device, if
-        still there, is let go and its label wiped."""
-        self._check_ok()
-        mi = self.state.members[index]
-        if mi.state == "removed":
-            raise InvalidArgument(f"member {index} was removed from the pool")
-        # By path among the present members; a parked device (faulted, offline) may have
-        # lost its path to a new device, so it is compared by identity only.
-        if any(d is not None and _same_path(d.path, dev.path) for d in self.devices):
-            raise InvalidArgument(f"{dev.path} is already a member of pool {self.state.name}")
-        self.refuse_member_device(dev)
-        if self.layout.n_extents(dev.size) < mi.n_extents:
-            raise InvalidArgument(f"{dev.path} is too small to replace member {index}: it "
-                                  f"needs at least {mi.size} bytes, it has {dev.size}")
-        await _run(_refuse_labelled, [dev], self.deadlines)
-        old = self.devices[index] or self._parked.get(index)
-        self.left_out.pop(mi.path, None)
-        async with self._commit_lock:
-            new = MemberInfo(new_uuid(), index, dev.size, mi.n_extents)
-            await self._attach(index, dev, new)
-            self._do(op_json(op="member_replace", index=index, uuid=new.uuid, size=dev.size,
-                             n_extents=mi.n_extents, path=dev.path))
-            self._column_cache.clear()
-            await self._checkpoint_locked()
-        self._parked.pop(index, None)
-        if old is not None:
-            await _wipe_quietly(old, self.deadlines)
-        log.info("pool %s: %s replaces member %d; %d segment(s) to rebuild",
-                 self.state.name, dev.path, index, len(self.state.members[index].marks))
-
-    def _profiles_in_use(self) -> set[Profile]:
-        out = {Profile(s.k, s.m) for s in self.state.segments.values()}
-        out.add(self.default_profile)
-        for obj in self.state.objects.values():
-            if isinstance(obj.get("profile"), str):
-                try:
-                    out.add(Profile.parse(obj["profile"]))
-                except InvalidArgument:
-                    continue
-        return out
+        """Put ``dev`` in member ``index``'s place and rebuild onto it (``Members.replace``)."""
+        await self.members.replace(index, dev)
 
     async def remove_device(self, index: int,
                             progress: Callable[[int, int], Awaitable[None]] | None = None
                             ) -> None:
-        """Move every live record off member ``index``, then detach it and wipe its label.
-        Refused, changing nothing, when the others lack the room or would be too few for a
-        profile in use."""
-        self._check_ok()
-        mi = self.state.members[index]
-        if mi.state == "removed":
-            raise InvalidArgument(f"member {index} was already removed")
-        others = [m.index for m in self.state.members
-                  if m.index != index and m.state != "removed"]
-        widest = max(self._profiles_in_use(), key=lambda p: p.width)
-        if len(others) < widest.width:
-            raise InvalidArgument(f"cannot remove member {index} of pool {self.state.name}: "
-                                  f"{len(others)} device(s) would remain and profile "
-                                  f"{widest} needs {widest.width}")
-        mine = [sg for sg in self.state.segments.values()
-                if any(i == index for i, _e in sg.extents)]
-        counts = [len(self._free[i]) for i in others if self.devices[i] is not None]
-        for prof in {Profile(sg.k, sg.m) for sg in mine}:
-            sectors = sum(sg.live for sg in mine if (sg.k, sg.m) == (prof.k, prof.m))
-            need = -(-sectors // (self.layout.extent_size // SECTOR)) + 1
-            have = _stripes(tuple(counts), prof.width)
-            if have < need:
-                raise NoSpace(f"cannot remove member {index} of pool {self.state.name}: its "
-                              f"{prof} records need {need} free stripe(s) of {prof.width} "
-                              f"extents on the other devices, they have room for {have}")
-            counts = sorted(counts, reverse=True)
-            for _ in range(need):   # take the stripes from the counts, widest first
-                counts = sorted([c - 1 if j < prof.width else c
-                                 for j, c in enumerate(counts)], reverse=True)
-        self._avoid.add(index)
-        try:
-            for key, sg in list(self._open.items()):
-                if any(i == index for i, _e in sg.extents):
-                    del self._open[key]
-                    if sg.live == 0:
-                        self.state.emptied.add(sg.id)
-            self._reap()
-            total = len(mine)
-            for n, sg in enumerate(mine):
-                if not await self.cleaner.evacuate(sg.id):
-                    raise MediumError(f"cannot remove member {index}: records of segment "
-                                      f"{sg.id} are unreadable (see the log)")
-                await self.commit()
-                if progress is not None:
-                    await progress(n + 1, total)
-            while any(any(i == index for i, _e in sg.extents)
-                      for sg in self.state.segments.values()):
-                self._reap()
-                await self.commit()
-                await trio.sleep(0.01)
-            dev = self.devices[index] or self._parked.get(index)
-            async with self._commit_lock:
-                self.devices[index] = self.meta.devices[index] = None
-                self._parked.pop(index, None)
-                self._do(op_json(op="member_state", index=index, state="removed"))
-                await self._checkpoint_locked()
-            self._free[index] = set()
-            if dev is not None:
-                await _wipe_quietly(dev, self.deadlines)
-        finally:
-            self._avoid.discard(index)
-        log.info("pool %s: member %d removed", self.state.name, index)
+        """Move every live record off member ``index``, then detach it and wipe its label
+        (``Members.remove``)."""
+        await self.members.remove(index, progress)
 
     def absent_devices(self) -> dict[int, str]:
-        """Members whose device vanished, shrank or was replaced under the pool, with why
-        (blocking: a stat per device; ``FileDevice.vanished``)."""
-        out = {}
-        for i, dev in enumerate(list(self.devices)):
-            vanished = getattr(dev, "vanished", None)
-            if dev is None or not callable(vanished):
-                continue
-            why = vanished(self.state.members[i].size)
-            if isinstance(why, str):
-                out[i] = why
-        return out
+        """Members whose device vanished, shrank or was replaced (blocking)."""
+        return self.members.absent_devices()
 
     async def watch_presence(self) -> None:
         """Fault every member whose device disappeared, shrank or was replaced."""
-        gone = await trio.to_thread.run_sync(self.absent_devices)
-        if self._closed:
-            return
-        for i, why in gone.items():
-            if self.devices[i] is not None:
-                self.fault(i, why)
-        if self._pending:
-            await self.commit()
+        await self.members.watch_presence()
 
     async def watch_members(self, interval: float) -> None:
-        """Until the pool closes: check the members' devices (``watch_presence``) every
-        ``interval`` seconds, and at once after a read error (a short read of a truncated
-        file is one), so a member that vanishes or shrinks is faulted within seconds."""
-        while not self._closed:
-            with trio.move_on_after(interval):
-                await self.member_health.recheck.wait()
-            self.member_health.recheck = trio.Event()
-            if not self._closed and self._failed is None:
-                await self.watch_presence()
+        """Until the pool closes: check the members' devices every ``interval`` seconds
+        and at once after a read error (``Members.watch``)."""
+        await self.members.watch(interval)
 
     def refuse_member_device(self, dev: Device, but: int | None = None) -> None:
-        """Refuse ``dev`` if it is the same device (pool.identity) as a current member,
-        present or parked (other than member ``but``), whatever path names it."""
-        mine = identity.identity_of(dev)
-        if mine is None:
-            return
-        for i, other in [*enumerate(self.devices), *self._parked.items()]:
-            if other is not None and i != but and identity.identity_of(other) == mine:
-                raise InvalidArgument(
-                    f"{dev.path} is the same device as member {i} of pool "
-                    f"{self.state.name} ({other.path}: {identity.describe(mine)})")
+        """Refuse ``dev`` if it is the same device as a current member (but ``but``)."""
+        self.members.refuse_device(dev, but)
 
     # ---- support for the maintenance engines (pool.scrub, pool.rebuild) ------------------
     def segment_records(self, seg_id: int, start: int = 0) -> list[bytes]:
@@ -2040,14 +1742,7 @@ class Pool:
     def statistics(self) -> PoolStatistics:
         st = self.state
         ext = self.layout.extent_size
-        members = tuple(
-            MemberStatus(mi.index, mi.uuid, self._member_path(mi.index),
-                         self.member_state(mi.index),
-                         mi.size, mi.n_extents, len(self._free[mi.index]),
-                         *self.member_health.counts(mi.index), len(mi.marks),
-                         self.member_health.reason(mi.index) if self.devices[mi.index] is None
-                         and mi.state != "removed" else "")
-            for mi in st.members)
+        members = self.members.rows()
         present = [m for m in members if m.state in ("online", "rebuilding")]
         live = sum(s.live * SECTOR * (s.k + s.m) for s in st.segments.values())
         # Segments beyond their parity (unavailable_segments) leave the state "degraded"
@@ -2064,53 +1759,16 @@ class Pool:
             **self._counters)
 
     def member_state(self, index: int) -> str:
-        mi = self.state.members[index]
-        if mi.state == "removed":
-            return "removed"
-        if self.devices[index] is None:
-            return mi.state if mi.state in AWAY else "missing"
-        return "rebuilding" if mi.marks else "online"
-
-    def _member_path(self, index: int) -> str:
-        """The path of member ``index``'s device; for one that is away, the last path it
-        was seen at (``MemberInfo.path``, kept in the metadata)."""
-        dev = self.devices[index] or self._parked.get(index)
-        return dev.path if dev is not None else self.state.members[index].path
+        """online | rebuilding | faulted | offline | missing | removed."""
+        return self.members.state_of(index)
 
     def member_index(self, name: str) -> int:
-        """A member by number, device path (its last known path if it is away) or UUID.
-        A path of a present member wins over the same last known path of one away."""
-        live = [mi for mi in self.state.members if mi.state != "removed"]
-        for mi in live:
-            if name in (str(mi.index), mi.uuid):
-                return mi.index
-        for present in (True, False):
-            for mi in live:
-                path = self._member_path(mi.index)
-                if ((self.devices[mi.index] is not None) == present and path
-                        and _same_path(path, name)):
-                    return mi.index
-        raise NotFound(f"pool {self.state.name} has no member {name!r} (give its number, "
-                       f"path or UUID; see pool status)")
+        """A member by number, device path (its last known path if away) or UUID."""
+        return self.members.index_of(name)
 
     def health(self) -> list[str]:
         """Plain-language warnings about redundancy right now."""
-        out = []
-        missing = [mi.index for mi in self.state.members
-                   if self.member_state(mi.index) == "missing"]
-        if missing:
-            out.append(f"members missing: {', '.join(map(str, missing))}")
-        for mi in self.state.members:
-            st = self.member_state(mi.index)
-            if st in ("faulted", "offline"):
-                out.append(f"member {mi.index} is {st}")
-            elif st == "rebuilding":
-                out.append(f"member {mi.index} has {len(mi.marks)} segment(s) to rebuild")
-        at_risk = self.unavailable_segments()
-        if at_risk:
-            out.append(f"{at_risk} segment(s) have more fragments missing than their "
-                       f"parity covers: reads of their records will fail")
-        return out
+        return self.members.warnings()
 
 
 # ==== blocking helpers (run in threads) ====================================================
@@ -2129,5 +1787,3 @@ def _stripes(counts: tuple[int, ...], width: int) -> int:
     return lo
 
 
-def _same_path(a: str, b: str) -> bool:
-    return os.path.abspath(a) == os.path.abspath(b)
