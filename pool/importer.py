@@ -87,7 +87,7 @@ async def create(cls: type[Pool], name: str, devices: Sequence[Device], *,
                         for mi, dev in zip(members, devices, strict=True)],
                        "writing a new member's label", dl)
     if claim is not None:
-        await pool._take(claim)
+        await pool.owner_keeper.take(claim)
     await pool._checkpoint()
     log.info("created pool %s (%s) on %d devices, profile %s, extent size %d",
              name, pool_uuid, len(devices), prof, extent_size)
@@ -117,7 +117,7 @@ async def open_pool(cls: type[Pool], devices: Sequence[Device], *, name: str | N
     if left_out:
         pool.left_out = dict(left_out)
     if claim is not None:
-        await pool._take(claim, [d for d in loaded.devices if d is not None])
+        await pool.owner_keeper.take(claim, [d for d in loaded.devices if d is not None])
     await finish_import(pool, loaded.replayed)
     log.info("imported pool %s (%s): generation %d, txg %d, %d journal entries replayed",
              pool.name, pool.uuid, pool.state.generation, pool.state.txg,

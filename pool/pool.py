@@ -26,7 +26,6 @@ holds; without a runner it is done at ``settle_discards`` and ``close``.
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Container, Iterable, Mapping, Sequence
 from functools import lru_cache, partial
@@ -137,12 +136,8 @@ class Pool:
         self._dirty_devices: set[int] = set()
         self._failed: str | None = None
         self._closed = False
-        # The owner record this daemon keeps on every member (pool.owner); None: none
-        # written (a pool opened without one, or released). The lock orders heartbeats
-        # against export/destroy, so no beat lands after the record was cleared.
-        self._owner: owners.OwnerRecord | None = None
-        self._owner_lock = trio.Lock()
-        self._confirmed = 0.0      # time.monotonic() of the last beat that found us owner
+        # The owner record this daemon keeps on every member (pool.owner.OwnerKeeper).
+        self.owner_keeper = owners.OwnerKeeper(self)
         self._reserved = 0
         # Space (see the rules at ``record_cost``): per profile, the largest record
         # charged or stored (an open segment's tail that may not fit one more); the
@@ -1362,86 +1357,23 @@ class Pool:
         self._counters["checkpoints"] += 1
 
     # ==== ownership (DESIGN invariant 10; pool.owner) =====================================
-    async def _take(self, claim: owners.Claim,
-                    devices: Sequence[Device] | None = None) -> None:
-        """Write this daemon's owner record to every member (the pool is taken). Its
-        sequence continues after the newest one found, so readers see it move."""
-        devs = list(devices) if devices is not None else [
-            d for d in self.devices if d is not None]
-        found = await _run(lambda: [owners.read_record(d) for d in devs])
-        seq = max((r.seq for r in found if r is not None), default=0) + 1
-        record = claim.record(self.state.uuid, seq)
-        async with self._owner_lock:
-            await _write_within([(d, partial(owners.write_record, d, record)) for d in devs],
-                                "writing the owner record", self.deadlines)
-            self._owner = record
-            self._confirmed = time.monotonic()
-
     @property
     def owner(self) -> owners.OwnerRecord | None:
-        return self._owner
+        """The owner record this daemon keeps on the members (None: none written)."""
+        return self.owner_keeper.record
 
     async def heartbeat(self) -> None:
-        """One beat: if a member's record names another owner at a sequence no lower than
-        ours (a taker continues after the highest it found), the pool was taken over while
-        this daemon was silent (hung, or cut off): stop all I/O at once (the pool fails,
-        like ZFS suspending a pool whose MMP check fails). A lower one is a stale record
-        of an earlier owner on a member that came back, and is overwritten. Otherwise
-        write the next sequence to every present member, under the write deadline."""
-        async with self._owner_lock:
-            mine = self._owner
-            if mine is None or self._closed or self._failed is not None:
-                return
-            seen: dict[int, owners.OwnerRecord | None] = {}
-
-            def reader(i: int, dev: Device) -> Callable[[], None]:
-                def read() -> None:
-                    seen[i] = owners.read_record(dev)
-                return read
-            await self._per_device([(i, reader(i, d)) for i, d in enumerate(self.devices)
-                                    if d is not None], "read", tolerate=True,
-                                   what="a read of the owner record")
-            for rec in seen.values():
-                if (rec is not None and rec.pool_uuid == mine.pool_uuid
-                        and rec.owner.instance != mine.owner.instance
-                        and rec.seq >= mine.seq):
-                    self._failed = f"taken over by {owners.describe(rec)}"
-                    self._owner = None
-                    log.error("pool %s: %s; this daemon stops all I/O to it",
-                              self.state.name, self._failed)
-                    return
-            beat = mine.beat()
-            started = time.monotonic()
-            failed = await self._per_device(
-                self._calls(partial(owners.write_record, record=beat)), "write",
-                tolerate=True, what="a heartbeat")
-            if len(failed) < sum(d is not None for d in self.devices):
-                self._owner = beat
-                self._confirmed = started
+        """One beat of the owner record (``OwnerKeeper.heartbeat``); a pool found taken
+        over fails."""
+        await self.owner_keeper.heartbeat()
 
     async def _confirm_owner(self) -> None:
-        """Called before data and metadata writes. They go out only while this daemon's
-        ownership was confirmed by a beat within half the activity interval: a takeover
-        (which first waits a whole interval without a beat) cannot have happened since.
-        Past that (the daemon was stopped, starved or cut off), a beat first confirms
-        ownership, or finds the pool taken over and fails it (PoolFailed), before anything
-        is written. Costs a clock read while the heartbeat runs on time."""
-        mine = self._owner
-        if mine is not None and time.monotonic() - self._confirmed > mine.activity / 2:
-            await self.heartbeat()
-            self._check_ok()
+        """Before data and metadata writes: ownership confirmed (``OwnerKeeper.confirm``)."""
+        await self.owner_keeper.confirm()
 
     async def _release_owner(self, *, clear: bool) -> None:
         """Stop heartbeats; ``clear``: also zero the owner record on every member."""
-        async with self._owner_lock:
-            had, self._owner = self._owner, None
-            if clear and had is not None:
-                try:
-                    await self._per_device(self._calls(owners.clear_record), "write",
-                                           tolerate=True, what="clearing the owner record")
-                except StorageError as e:
-                    log.warning("pool %s: clearing the owner record: %s", self.state.name,
-                                e.message)
+        await self.owner_keeper.release(clear=clear)
 
     # ==== lifecycle =======================================================================
     def add_cache(self, writeback: Callable[[], Awaitable[None]]) -> None:
