@@ -276,10 +276,14 @@ class OwnerHost(Protocol):
     fan-out (``_per_device``, ``_calls``: the store's) and the pool's failed state (the
     transaction's)."""
 
-    devices: list[Device | None]
-    deadlines: Deadlines
-    _failed: str | None
-
+    @property
+    def devices(self) -> list[Device | None]: ...
+    @property
+    def deadlines(self) -> Deadlines: ...
+    @property
+    def _failed(self) -> str | None: ...
+    @_failed.setter
+    def _failed(self, reason: str) -> None: ...
     @property
     def name(self) -> str: ...
     @property
