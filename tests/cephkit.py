@@ -1,8 +1,9 @@
 """A throwaway one-node Ceph cluster for the RADOS tests (issue 24).
 
-``Cluster.start(dir)``: one mon (msgr v2 on a free port of 127.0.0.1, auth none) and one
-bluestore OSD on a sparse file, tuned down (cache, memory target) for a test machine; a
-replicated RADOS pool of size 1 for the tests. Ready in about 8 s here. ``stop()`` kills the
+``Cluster.start(dir)``: one mon (msgr v2 on a free port of 127.0.0.1; cephx, with one
+keyring ``<dir>/keyring`` that ceph.conf names, holding client.admin) and one bluestore
+OSD on a sparse file, tuned down (cache, memory target) for a test machine; a replicated
+RADOS pool of size 1 for the tests. Ready in about 8 s here. ``stop()`` kills the
 daemons by the pids they wrote and removes the directory. ``why_not()`` says why this host
 cannot run one (missing Debian packages), for a skip; everything else is a failure.
 
@@ -27,7 +28,7 @@ from typing import Any
 
 from pool.rados.binding import RadosUnavailable, load
 
-BINARIES = ("ceph-mon", "ceph-osd", "monmaptool")
+BINARIES = ("ceph-mon", "ceph-osd", "monmaptool", "ceph-authtool")
 TEST_POOL = "sd"
 START_TIMEOUT = 60.0
 
@@ -55,9 +56,10 @@ CONF = """[global]
 fsid = {fsid}
 mon host = v2:127.0.0.1:{port}
 mon initial members = a
-auth cluster required = none
-auth service required = none
-auth client required = none
+auth cluster required = cephx
+auth service required = cephx
+auth client required = cephx
+keyring = {d}/keyring
 osd pool default size = 1
 osd pool default min size = 1
 mon allow pool size one = true
@@ -116,7 +118,7 @@ class Cluster:
             try:
                 c._bootstrap()
                 if mgr:
-                    c._run("ceph-mgr", "-c", str(c.conf), "-i", "x")
+                    c._start_mgr()
                 return c
             except (subprocess.CalledProcessError, TimeoutError):
                 c.stop(remove=False)
@@ -135,19 +137,44 @@ class Cluster:
         fsid = next(line.split("=")[1].strip() for line in self.conf.read_text().splitlines()
                     if line.startswith("fsid"))
         monmap = str(self.dir / "monmap")
+        keyring = str(self.dir / "keyring")
+        # cephx: one keyring for every daemon and client.admin; the mon learns the keys
+        # of mon. and client.admin at mkfs, the OSD's from ``osd new``.
+        self._run("ceph-authtool", "--create-keyring", keyring, "--gen-key", "-n", "mon.",
+                  "--cap", "mon", "allow *")
+        self._run("ceph-authtool", keyring, "--gen-key", "-n", "client.admin",
+                  "--cap", "mon", "allow *", "--cap", "osd", "allow *", "--cap", "mgr",
+                  "allow *")
         self._run("monmaptool", "--create", "--clobber", "--fsid", fsid, "--addv", "a",
                   f"[v2:127.0.0.1:{self.port}]", monmap)
-        self._run("ceph-mon", "-c", conf, "--mkfs", "-i", "a", "--monmap", monmap)
+        self._run("ceph-mon", "-c", conf, "--mkfs", "-i", "a", "--monmap", monmap,
+                  "--keyring", keyring)
         self._run("ceph-mon", "-c", conf, "-i", "a")
         osd_uuid = str(uuid.uuid4())
+        osd_key = self._run("ceph-authtool", "--gen-print-key").strip()
+        self._run("ceph-authtool", keyring, "--add-key", osd_key, "-n", "osd.0")
         with self.client() as r:
-            rc, _out, err = r.mon_command(json.dumps({"prefix": "osd new", "uuid": osd_uuid,
-                                                     "id": 0}), b"", timeout=30)
+            rc, _out, err = r.mon_command(
+                json.dumps({"prefix": "osd new", "uuid": osd_uuid, "id": 0}),
+                json.dumps({"cephx_secret": osd_key}).encode(), timeout=30)
             if rc != 0:
                 raise subprocess.CalledProcessError(rc, "osd new", err)
             self._run("ceph-osd", "-c", conf, "-i", "0", "--mkfs", "--osd-uuid", osd_uuid)
             self._run("ceph-osd", "-c", conf, "-i", "0")
             self.create_pool(r, TEST_POOL)
+
+    def _start_mgr(self) -> None:
+        with self.client() as r:
+            rc, out, err = r.mon_command(json.dumps(
+                {"prefix": "auth get-or-create", "entity": "mgr.x",
+                 "caps": ["mon", "allow profile mgr", "osd", "allow *", "mds", "allow *"]}),
+                b"", timeout=30)
+            if rc != 0:
+                raise subprocess.CalledProcessError(rc, "auth get-or-create", err)
+        key = next(line.split("=", 1)[1].strip() for line in out.decode().splitlines()
+                   if "key" in line)
+        self._run("ceph-authtool", str(self.dir / "keyring"), "--add-key", key, "-n", "mgr.x")
+        self._run("ceph-mgr", "-c", str(self.conf), "-i", "x")
 
     def client(self) -> contextlib.AbstractContextManager[Any]:
         """A connected librados client (rados.Rados) of this cluster."""

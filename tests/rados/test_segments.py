@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from pool.errors import DeviceError, NotFound
-from pool.rados.conn import Connection, Fenced
+from pool.rados.conn import Connection, Fenced, RadosError
 from pool.rados.owner import OwnershipLock
 from pool.rados.segments import RadosSegments
 from tests.cephkit import TEST_POOL, Cluster
@@ -120,3 +120,14 @@ async def test_health_and_usage_without_mgr(ceph: Cluster) -> None:
     assert (await conn.health()).startswith("HEALTH_")
     assert not (await conn.usage()).known
     await conn.close()
+
+
+async def test_bad_client_or_pool_is_a_clear_error(ceph: Cluster) -> None:
+    """DESIGN invariant 9: a client cephx does not know, or a RADOS pool that does not
+    exist, is a one-line error naming it."""
+    with pytest.raises(RadosError) as e:
+        await Connection.open(TEST_POOL, conf=str(ceph.conf), client="nobody",
+                              connect_timeout=5)
+    assert "client.nobody" in e.value.message and "\n" not in e.value.message
+    with pytest.raises(NotFound, match="'nope' does not exist"):
+        await Connection.open("nope", conf=str(ceph.conf))
