@@ -7,9 +7,12 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STATE_DIR ?= .storaged
-# Debian packages the project and its tests use (pyfuse3 builds against libfuse3).
+# Debian packages the project and its tests use (pyfuse3 builds against libfuse3; the VM
+# tier boots linux-image-amd64 with a busybox-static initramfs under qemu-system-x86 and
+# validates libvirt XML with libvirt-clients' virt-xml-validate).
 DEBS := libfuse3-dev pkg-config fuse3 qemu-utils qemu-block-extra libnbd-bin python3-libnbd fio \
-	libiscsi-bin openssl systemd prometheus
+	libiscsi-bin openssl systemd prometheus qemu-system-x86 linux-image-amd64 busybox-static \
+	e2fsprogs libvirt-clients
 STAMP := $(VENV)/.installed
 
 .PHONY: run completion test soak lint typecheck contracts pytest system-deps venv bench-engine bench-nbd bench-snapshots bench-fuse bench-send bench-rebuild bench-iscsi clean
@@ -55,8 +58,9 @@ typecheck: venv
 contracts: venv
 	$(BIN)/lint-imports
 
+# loadgroup: the VM tier's tests (xdist_group "vm") run one after another on one worker.
 pytest: venv
-	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 test: lint typecheck contracts pytest
 

@@ -8,6 +8,7 @@ reopened (leaving some out, in any order), hashed, and saved/restored as exact i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import os
@@ -18,7 +19,9 @@ import pytest
 
 from pool import FileDevice
 from storaged.tuning import tune_process
+from tests import vmkit
 from tests.daemonkit import Daemon, start_daemon, stop_daemon
+from tests.vmkit import GuestKit
 
 DEV_SIZE = 64 << 20
 
@@ -122,6 +125,30 @@ def loop_devices() -> Iterator[None]:
     workers, plus the kernel's lazy release of a loop device after umount, ran out of them
     ("failed to setup loop device")."""
     fd = os.open("/tmp/storaged-tests-loop.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture(scope="session")
+def guest_kit(tmp_path_factory: pytest.TempPathFactory) -> GuestKit:
+    """The VM tier's kernel + initramfs (tests/vmkit.py), built once per session, with
+    the accelerator probed (vmkit K2). Skips, saying why, where the packages are missing."""
+    why = vmkit.missing_tools()
+    if why is not None:
+        pytest.skip(f"cannot boot guests: {why}")
+    cache = tmp_path_factory.mktemp("vmkit")
+    kit = vmkit.build_kit(cache)
+    return dataclasses.replace(kit, accel=vmkit.probe_accel(kit, cache / "probe"))
+
+
+@pytest.fixture
+def one_guest_at_a_time() -> Iterator[None]:
+    """Held by every test that boots guests: they are CPU-heavy (TCG), and two at once
+    on this 2-core machine would starve each other's timeouts."""
+    fd = os.open("/tmp/storaged-tests-vm.lock", os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
