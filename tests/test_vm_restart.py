@@ -32,7 +32,8 @@ WRITERS = r"""
 writer() {
   i=0
   while [ ! -e /tmp/stop ]; do
-    dd if=/dev/urandom of=$1/w$i bs=4k count=16 conv=fsync 2>/dev/null || { mark WERR $1 $i; return 1; }
+    dd if=/dev/urandom of=$1/w$i bs=4k count=16 conv=fsync 2>/dev/null \
+      || { mark WERR $1 $i; return 1; }
     mark W $1 $i $(sha256sum $1/w$i | cut -d' ' -f1)
     i=$((i+1))
   done
