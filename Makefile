@@ -15,7 +15,7 @@ DEBS := libfuse3-dev pkg-config fuse3 qemu-utils qemu-block-extra libnbd-bin pyt
 	e2fsprogs libvirt-clients
 STAMP := $(VENV)/.installed
 
-.PHONY: run completion test soak lint typecheck contracts pytest system-deps venv bench-engine bench-nbd bench-snapshots bench-fuse bench-send bench-rebuild bench-iscsi clean
+.PHONY: run completion test soak lint typecheck contracts pytest system-deps venv bench-engine bench-nbd bench-snapshots bench-fuse bench-send bench-rebuild bench-iscsi bench-restart clean
 
 system-deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -85,6 +85,9 @@ bench-send: venv
 
 bench-rebuild: venv
 	$(BIN)/python -m benchmarks.rebuild $(BENCH_ARGS)
+
+bench-restart: venv
+	$(BIN)/python -m benchmarks.restart $(BENCH_ARGS)
 
 # Benchmark-only tools are installed here, not by `make test`.
 BENCH_DEBS := nbdkit
