@@ -46,6 +46,11 @@ class VmDaemon(Daemon):
         assert isinstance(info, dict)
         return int(info["used_bytes"])
 
+    def clients(self, name: str) -> list[object]:
+        info = self.json("volume", "info", f"tank/{name}")
+        assert isinstance(info, dict)
+        return list(info["clients"])
+
     @property
     def portal(self) -> str:
         return f"127.0.0.1:{self.iscsi_port}"
