@@ -12,7 +12,7 @@ STATE_DIR ?= .storaged
 # validates libvirt XML with libvirt-clients' virt-xml-validate).
 DEBS := libfuse3-dev pkg-config fuse3 qemu-utils qemu-block-extra libnbd-bin python3-libnbd fio \
 	libiscsi-bin openssl systemd prometheus qemu-system-x86 linux-image-amd64 busybox-static \
-	e2fsprogs libvirt-clients
+	e2fsprogs libvirt-clients libxml2-utils
 STAMP := $(VENV)/.installed
 
 .PHONY: run completion test soak lint typecheck contracts pytest system-deps venv bench-engine bench-nbd bench-snapshots bench-fuse bench-send bench-rebuild bench-iscsi bench-restart clean

@@ -3,9 +3,9 @@ way a hypervisor attaches it, makes ext4, writes a tree with fsync, reads it bac
 checksum, and gives space back with fstrim.
 
 Paths: qemu's NBD client (``-blockdev driver=nbd,reconnect-delay=N``) under virtio-blk
-and under virtio-scsi, qemu's libiscsi driver (``driver=iscsi``) under virtio-scsi, and the
-FUSE file as a raw disk under virtio-blk. Each proves, end to end through the guest's
-kernel:
+and under virtio-scsi, qemu's libiscsi driver (``driver=iscsi``, logging in with CHAP)
+under virtio-scsi, and the FUSE file as a raw disk (O_DIRECT, as libvirt's cache='none')
+under virtio-blk. Each proves, end to end through the guest's kernel:
   - DESIGN invariant 1: what the guest fsynced reads back by checksum after a remount
     with the caches dropped, e2fsck finds the file system clean, and the whole device as
     the guest reads it is byte for byte what storaged serves over NBD afterwards;
@@ -84,19 +84,25 @@ def vmd(tmp_path: Path, one_guest_at_a_time: None) -> Iterator[VmDaemon]:
 
 def test_ext4_round_trip_and_fstrim_on_every_path(guest_kit: GuestKit, vmd: VmDaemon,
                                                    tmp_path: Path) -> None:
-    """One guest, one disk per path (one boot for all four: the tier's time budget)."""
+    """One guest, one disk per path (one boot for all four: the tier's time budget). The
+    iSCSI volume requires CHAP, which qemu answers from a ``secret`` object."""
+    chap = tmp_path / "chap"
+    chap.write_text("storaged-chap-secret-0123")
     paths: list[tuple[str, Disk, str]] = [
         ("nbd-blk", Disk(vmkit.nbd_disk(vmd.nbd_port, "tank/nbd-blk", reconnect_delay=10)),
          "/dev/vda"),
         ("nbd-scsi", Disk(vmkit.nbd_disk(vmd.nbd_port, "tank/nbd-scsi", reconnect_delay=10),
                           bus="virtio-scsi"), "/dev/sda"),
-        ("iscsi", Disk(vmkit.iscsi_disk(vmd.portal, vmd.iqn("iscsi")), bus="virtio-scsi"),
-         "/dev/sdb"),
+        ("iscsi", Disk(vmkit.iscsi_disk(vmd.portal, vmd.iqn("iscsi"), user="vmhost",
+                                        password_secret="chap0"), bus="virtio-scsi",
+                       extra_objects=[f"secret,id=chap0,file={chap}"]), "/dev/sdb"),
     ]
     if vmd.mnt is not None:      # else only this path is left out, and said so below
         paths.append(("fuse", Disk(vmkit.file_disk(vmd.mnt / "tank" / "fuse")), "/dev/vdb"))
     for name, _disk, _dev in paths:
         vmd.create_volume(name, "48M")
+    vmd.ok("export", "iscsi", "tank/iscsi", "--chap-user", "vmhost", "--chap-secret-file",
+           str(chap))
     program = ROUND_TRIP.format(disks=" ".join(dev for _n, _d, dev in paths))
     with vmkit.Guest(guest_kit, tmp_path / "g", program, [d for _n, d, _dev in paths]) as g:
         g.wait_mark("FILLED", timeout=300)

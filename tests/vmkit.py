@@ -321,10 +321,11 @@ def iscsi_disk(portal: str, iqn: str, *, lun: int = 0, user: str | None = None,
 
 
 def file_disk(path: Path) -> dict[str, object]:
-    """A ``-blockdev`` tree: a raw file (the FUSE export), discard as hole punching."""
-    return {"driver": "raw", "discard": "unmap",
+    """A ``-blockdev`` tree: a raw file (the FUSE export) opened O_DIRECT, as libvirt's
+    cache='none' opens it; discard as hole punching (which the mount refuses)."""
+    return {"driver": "raw", "discard": "unmap", "cache": {"direct": True},
             "file": {"driver": "file", "filename": str(path), "aio": "threads",
-                     "discard": "unmap"}}
+                     "discard": "unmap", "cache": {"direct": True}}}
 
 
 @dataclass
