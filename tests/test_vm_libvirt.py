@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from storaged.libvirt import disk_xml
+from tests.daemonkit import BIN
 from tests.vmdaemon import VmDaemon
 
 pytestmark = [pytest.mark.vm,
@@ -133,3 +134,41 @@ def test_iscsi_disk_with_chap_and_its_secret_are_valid_libvirt(vmd: VmDaemon,
     disk_text = re.search(r"<disk .*?</disk>", text, re.S)
     assert disk_text is not None and "<auth" not in text and "\n<secret" not in text
     valid_disk(tmp_path, disk_text.group(0))
+
+
+def test_storaged_vol_script_creates_prints_and_deletes(vmd: VmDaemon, tmp_path: Path
+                                                        ) -> None:
+    """contrib/libvirt/storaged-vol through the real storagectl (no libvirtd here: the
+    virsh steps are covered only by their refusal, which keeps the volume)."""
+    script = Path(__file__).parent.parent / "contrib" / "libvirt" / "storaged-vol"
+    env = {**os.environ, "STORAGED_SOCKET": vmd.sock,
+           "STORAGECTL": str(BIN / "storagectl")}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["sh", str(script), *args], capture_output=True, text=True,
+                              env=env, timeout=60, check=False)
+
+    r = run("create", "tank/data", "32M")
+    assert r.returncode == 0, r.stderr
+    assert "tank/data" in volume_names(vmd)
+    r = run("xml", "tank/data", "vdc")
+    assert r.returncode == 0, r.stderr
+    disk = ET.fromstring(r.stdout)
+    source, target = disk.find("source"), disk.find("target")
+    assert source is not None and source.get("name") == "tank/data"
+    assert target is not None and target.get("dev") == "vdc"
+    valid_disk(tmp_path, r.stdout)
+    # A refusal (bad name; a domain virsh cannot reach) deletes nothing.
+    assert run("delete", "data").returncode == 2
+    if shutil.which("virsh") is not None:
+        assert run("delete", "tank/data", "no-such-domain").returncode != 0
+    assert "tank/data" in volume_names(vmd)
+    r = run("delete", "tank/data")
+    assert r.returncode == 0, r.stderr
+    assert "tank/data" not in volume_names(vmd)
+
+
+def volume_names(d: VmDaemon) -> set[str]:
+    listed = d.json("volume", "list")
+    assert isinstance(listed, list)
+    return {v["name"] for v in listed}
