@@ -67,7 +67,7 @@ hostwait() { read -r _line < /dev/ttyS1; }
 waitdev() {
   i=0
   while [ ! -b "$1" ]; do
-    i=$((i+1)); [ $i -gt 200 ] && { mark "NODEV $1"; return 1; }; sleep 0.05
+    i=$((i+1)); [ $i -gt 600 ] && { mark "NODEV $1"; return 1; }; sleep 0.05
   done
 }
 mark BOOTED
@@ -77,8 +77,8 @@ echo "VMKIT:EXIT $rc"
 poweroff -f
 """
 
-# The guest program's prelude: the helpers above are shell functions of init, so the
-# program is sourced by init's shell (a subshell), not exec'd.
+# The guest program is sourced by init's shell (in a subshell), not exec'd, so that the
+# helpers above (mark, hostwait, waitdev) are its shell functions.
 
 
 def _cpio_entry(name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0),
@@ -365,7 +365,9 @@ class Guest:
 
     The console (ttyS0) goes to ``where/console.log``; ttyS1 is a Unix socket the host
     writes lines to (``send``). ``incoming`` starts qemu as a migration destination
-    (``-incoming``) with the same devices. Used as a context manager (K1).
+    (``-incoming``) with the same devices; give it the source's ``where`` (it boots
+    nothing itself, but qemu loads the same kernel and initramfs files) and another
+    ``name``. Used as a context manager (K1).
     """
 
     def __init__(self, kit: GuestKit, where: Path, program: str,
