@@ -58,7 +58,10 @@ typecheck: venv
 contracts: venv
 	$(BIN)/lint-imports
 
-# loadgroup: the VM tier's tests (xdist_group "vm") run one after another on one worker.
+# loadgroup: the VM tier's tests (xdist_group "vm") go to one worker. pytest 9.2 with
+# xdist 3.8 ignores the groups (xdist renames items through a nodeid pytest no longer
+# reads); the tier's flock (tests/conftest.py one_guest_at_a_time) still runs one guest
+# at a time.
 pytest: venv
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
