@@ -58,10 +58,8 @@ typecheck: venv
 contracts: venv
 	$(BIN)/lint-imports
 
-# loadgroup: the VM tier's tests (xdist_group "vm") go to one worker. pytest 9.2 with
-# xdist 3.8 ignores the groups (xdist renames items through a nodeid pytest no longer
-# reads); the tier's flock (tests/conftest.py one_guest_at_a_time) still runs one guest
-# at a time.
+# loadgroup: the VM tier's modules (tests/test_vm_*) go to one worker, which runs the
+# guests one after another (tests/conftest.py pytest_xdist_make_scheduler).
 pytest: venv
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
