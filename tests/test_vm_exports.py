@@ -25,7 +25,7 @@ from tests import vmkit
 from tests.vmdaemon import MiB, VmDaemon
 from tests.vmkit import Disk, GuestKit
 
-pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
+pytestmark = pytest.mark.vm
 
 # The guest program, for every disk in $DISKS: it stops twice (hostwait) so the host can
 # read the volumes' used bytes with the big files written and again after fstrim.

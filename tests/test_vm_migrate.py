@@ -25,7 +25,7 @@ from tests.test_vm_restart import WRITERS
 from tests.vmdaemon import VmDaemon
 from tests.vmkit import Disk, GuestKit
 
-pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
+pytestmark = pytest.mark.vm
 
 PROGRAM = WRITERS + r"""
 set -e
@@ -62,6 +62,21 @@ def vmd(tmp_path: Path, one_guest_at_a_time: None) -> Iterator[VmDaemon]:
             d.stop(signal.SIGKILL)
 
 
+def migrate(src: vmkit.Guest, channel: str) -> None:
+    """QMP ``migrate`` to ``channel`` until it completes. The destination opens its disks
+    before it listens, so the first tries may find no socket yet: those are retried."""
+    deadline = time.monotonic() + 120
+    src.qmp("migrate", uri=channel)
+    while (st := src.qmp("query-migrate")).get("status") != "completed":
+        assert time.monotonic() < deadline, st
+        if st.get("status") == "failed" and "Failed to connect" in str(st.get("error-desc")):
+            time.sleep(0.5)
+            src.qmp("migrate", uri=channel)
+            continue
+        assert st.get("status") not in ("failed", "cancelled"), st
+        time.sleep(0.2)
+
+
 def written(g: vmkit.Guest) -> dict[int, str]:
     return {int(ln.split()[2]): ln.split()[3] for ln in g.marks("W")}
 
@@ -81,12 +96,7 @@ def test_live_migration_while_the_guest_writes(guest_kit: GuestKit, vmd: VmDaemo
             while len(vmd.clients("vm")) < 2:
                 assert time.monotonic() < deadline, vmd.log()
                 time.sleep(0.1)
-            src.qmp("migrate", uri=channel)
-            deadline = time.monotonic() + 120
-            while (st := src.qmp("query-migrate").get("status")) != "completed":
-                assert st not in ("failed", "cancelled"), src.qmp("query-migrate")
-                assert time.monotonic() < deadline, src.qmp("query-migrate")
-                time.sleep(0.2)
+            migrate(src, channel)
             assert dst.qmp("query-status")["status"] == "running"
             before = written(src)
             src.close()                                    # the source is gone

@@ -24,7 +24,7 @@ from tests import vmkit
 from tests.vmdaemon import VmDaemon
 from tests.vmkit import Disk, GuestKit
 
-pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
+pytestmark = pytest.mark.vm
 
 # Writers, one per mounted disk, each a loop: a 64 KiB file of random bytes written with
 # fsync, then ``W <dir> <n> <sha256>`` once the fsync returned; until the host says stop.
