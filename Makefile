@@ -7,12 +7,15 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STATE_DIR ?= .storaged
-# Debian packages the project and its tests use (pyfuse3 builds against libfuse3).
+# Debian packages the project and its tests use (pyfuse3 builds against libfuse3; the VM
+# tier boots linux-image-amd64 with a busybox-static initramfs under qemu-system-x86 and
+# validates libvirt XML with libvirt-clients' virt-xml-validate).
 DEBS := libfuse3-dev pkg-config fuse3 qemu-utils qemu-block-extra libnbd-bin python3-libnbd fio \
-	libiscsi-bin openssl systemd prometheus ceph-mon ceph-osd ceph-common python3-rados
+	libiscsi-bin openssl systemd prometheus ceph-mon ceph-osd ceph-common python3-rados \
+	qemu-system-x86 linux-image-amd64 busybox-static e2fsprogs libvirt-clients libxml2-utils
 STAMP := $(VENV)/.installed
 
-.PHONY: rados-binding run completion test soak lint typecheck contracts pytest system-deps venv bench-engine bench-nbd bench-snapshots bench-fuse bench-send bench-rebuild bench-rados bench-iscsi clean
+.PHONY: rados-binding run completion test soak lint typecheck contracts pytest system-deps venv bench-engine bench-nbd bench-snapshots bench-fuse bench-send bench-rebuild bench-rados bench-iscsi bench-restart clean
 
 system-deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -66,8 +69,10 @@ typecheck: venv
 contracts: venv
 	$(BIN)/lint-imports
 
+# loadgroup: the VM tier's modules (tests/test_vm_*) go to one worker, which runs the
+# guests one after another (tests/conftest.py pytest_xdist_make_scheduler).
 pytest: venv
-	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 test: lint typecheck contracts pytest
 
@@ -96,6 +101,9 @@ bench-rebuild: venv
 # Segment objects on a throwaway one-node Ceph cluster beside rados bench and raw librados.
 bench-rados: venv
 	$(BIN)/python -m benchmarks.rados $(BENCH_ARGS)
+
+bench-restart: venv
+	$(BIN)/python -m benchmarks.restart $(BENCH_ARGS)
 
 # Benchmark-only tools are installed here, not by `make test`.
 BENCH_DEBS := nbdkit
