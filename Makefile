@@ -7,12 +7,15 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STATE_DIR ?= .storaged
-# Debian packages the project and its tests use (pyfuse3 builds against libfuse3).
+# Debian packages the project and its tests use (pyfuse3 builds against libfuse3; the VM
+# tier boots linux-image-amd64 with a busybox-static initramfs under qemu-system-x86 and
+# validates libvirt XML with libvirt-clients' virt-xml-validate).
 DEBS := libfuse3-dev pkg-config fuse3 qemu-utils qemu-block-extra libnbd-bin python3-libnbd fio \
-	libiscsi-bin openssl systemd prometheus
+	libiscsi-bin openssl systemd prometheus ceph-mon ceph-osd ceph-common python3-rados \
+	qemu-system-x86 linux-image-amd64 busybox-static e2fsprogs libvirt-clients libxml2-utils
 STAMP := $(VENV)/.installed
 
-.PHONY: run completion test soak lint typecheck contracts pytest system-deps venv bench-engine bench-nbd bench-snapshots bench-fuse bench-send bench-rebuild bench-iscsi bench-qos clean
+.PHONY: rados-binding run completion test soak lint typecheck contracts pytest system-deps venv bench-engine bench-nbd bench-snapshots bench-fuse bench-send bench-rebuild bench-rados bench-iscsi bench-restart bench-qos clean
 
 system-deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -28,7 +31,18 @@ $(STAMP): pyproject.toml | system-deps
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=compat
+	$(MAKE) rados-binding
 	touch $(STAMP)
+
+# librados' Python binding exists only for Debian's python3 (python3-rados). The venv sees
+# that one module, not the rest of dist-packages: a directory holding only a link to it, on
+# sys.path by a .pth line. (pool/rados/binding.py also finds it without this.)
+rados-binding:
+	@so=$$($(BIN)/python -c 'from pool.rados.binding import debian_binding as d; print(d() or "")'); \
+	test -n "$$so" || { echo "python3-rados is not installed for this Python (apt-get install python3-rados)"; exit 1; }; \
+	mkdir -p $(VENV)/rados-binding && ln -sf "$$so" $(VENV)/rados-binding/ && \
+	echo "$(abspath $(VENV))/rados-binding" > "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/debian-rados.pth"
+	$(BIN)/python -c 'import rados'
 
 venv: system-deps $(STAMP)
 
@@ -55,8 +69,10 @@ typecheck: venv
 contracts: venv
 	$(BIN)/lint-imports
 
+# loadgroup: the VM tier's modules (tests/test_vm_*) go to one worker, which runs the
+# guests one after another (tests/conftest.py pytest_xdist_make_scheduler).
 pytest: venv
-	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 test: lint typecheck contracts pytest
 
@@ -86,6 +102,13 @@ bench-rebuild: venv
 # the weight ratio.
 bench-qos: venv
 	$(BIN)/python -m benchmarks.qos $(BENCH_ARGS)
+
+# Segment objects on a throwaway one-node Ceph cluster beside rados bench and raw librados.
+bench-rados: venv
+	$(BIN)/python -m benchmarks.rados $(BENCH_ARGS)
+
+bench-restart: venv
+	$(BIN)/python -m benchmarks.restart $(BENCH_ARGS)
 
 # Benchmark-only tools are installed here, not by `make test`.
 BENCH_DEBS := nbdkit

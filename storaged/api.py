@@ -216,8 +216,10 @@ def _new_size(text: Any, current: int) -> int:
 class ControlAPI:
     def __init__(self, registry: Registry, nbd: NBDServer | None,
                  nbd_address: tuple[str, int] | None, *,
-                 iscsi: ISCSIServer | None = None, acl: AccessStore | None = None) -> None:
+                 iscsi: ISCSIServer | None = None, acl: AccessStore | None = None,
+                 fuse_mount: str | None = None) -> None:
         self.registry = registry
+        self.fuse_mount = fuse_mount
         self.iscsi = iscsi
         self.acl = acl
         self.nbd = nbd
@@ -648,6 +650,10 @@ class ControlAPI:
                         snap = name.partition("@")[2] or None
                         iqn = self.iscsi.catalog.target_name(pname, vname, snap)
                         item["iscsi"] = f"iscsi://{self.iscsi.portal}/{iqn}/0"
+                    if self.fuse_mount is not None:
+                        item["fuse"] = (f"{self.fuse_mount}/{pname}/.snapshots/{vname}@"
+                                        f"{snap_name}" if snap_name else
+                                        f"{self.fuse_mount}/{pname}/{vname}")
                     out.append(item)
         return out
 

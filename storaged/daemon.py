@@ -359,7 +359,8 @@ async def _serve(settings: Reloader, registry: Registry, ready: trio.Event | Non
                 if iscsi is not None:
                     await _start_listener(nursery, "iscsi.listen", cfg.iscsi_listen,
                                           iscsi.serve)
-                api = ControlAPI(registry, nbd, nbd_addr, iscsi=iscsi, acl=acl)
+                api = ControlAPI(registry, nbd, nbd_addr, iscsi=iscsi, acl=acl,
+                                 fuse_mount=None if fuse is None else cfg.fuse_mount)
                 await _start_listener(nursery, "socket", cfg.socket,
                                       ControlServer(api, cfg.socket).serve)
                 if cfg.metrics_listen is not None:

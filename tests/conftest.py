@@ -8,6 +8,7 @@ reopened (leaving some out, in any order), hashed, and saved/restored as exact i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import os
@@ -18,7 +19,9 @@ import pytest
 
 from pool import FileDevice
 from storaged.tuning import tune_process
+from tests import vmkit
 from tests.daemonkit import Daemon, start_daemon, stop_daemon
+from tests.vmkit import GuestKit
 
 DEV_SIZE = 64 << 20
 
@@ -127,3 +130,48 @@ def loop_devices() -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+@pytest.fixture(scope="session")
+def guest_kit(tmp_path_factory: pytest.TempPathFactory) -> GuestKit:
+    """The VM tier's kernel + initramfs (tests/vmkit.py), built once per session, with
+    the accelerator probed (vmkit K2). Skips, saying why, where the packages are missing."""
+    why = vmkit.missing_tools()
+    if why is not None:
+        pytest.skip(f"cannot boot guests: {why}")
+    cache = tmp_path_factory.mktemp("vmkit")
+    kit = vmkit.build_kit(cache)
+    return dataclasses.replace(kit, accel=vmkit.probe_accel(kit, cache / "probe"))
+
+
+@pytest.fixture
+def one_guest_at_a_time() -> Iterator[None]:
+    """Held by every test that boots guests: they are CPU-heavy (TCG), and two at once
+    on this 2-core machine would starve each other's timeouts."""
+    fd = os.open("/tmp/storaged-tests-vm.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """``--dist loadgroup`` with the VM tier's modules (tests/test_vm_*) as one group,
+    whatever their marks: xdist 3.8 groups by an ``item._nodeid`` suffix that pytest 9.2
+    no longer reads, so its ``xdist_group`` marks are lost. One worker then runs the
+    guests one after another while the other goes on with the rest, instead of waiting
+    on ``one_guest_at_a_time``."""
+    if config.getvalue("dist") != "loadgroup":
+        return None   # xdist's own choice
+    from xdist.scheduler import LoadGroupScheduling  # type: ignore[import-untyped]  # noqa: PLC0415
+
+    sched = LoadGroupScheduling(config, log)
+    by_mark = sched._split_scope
+
+    def split_scope(nodeid: str) -> str:
+        return "vm" if nodeid.startswith("tests/test_vm_") else str(by_mark(nodeid))
+
+    sched._split_scope = split_scope
+    return sched

@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, Any
 from storaged.ctl import portable
 from storaged.ctl.client import ControlError, call, default_socket
 from storaged.ctl.progress import ProgressBar
-from storaged.libvirt import disk_xml
+from storaged.libvirt import (
+    disk_xml,
+    file_disk_xml,
+    iscsi_disk_xml,
+    secret_usage,
+    secret_xml,
+)
 from storaged.sizes import format_size
 from storaged.version import VersionAction
 
@@ -190,7 +196,9 @@ def show_diff(d: dict[str, Any]) -> str:
 
 
 def show_exports(items: list[dict[str, Any]]) -> str:
-    """The exports' table, then the libvirt ``<disk>`` element of each NBD export."""
+    """The exports' table, then the libvirt ``<disk>`` element of each NBD export and of
+    each FUSE file (iSCSI, whose ``<auth>`` depends on the volume's policy: ``storagectl
+    export iscsi NAME``)."""
     out = [_table([[e["name"], "ro" if e["read_only"] else "rw", e.get("nbd", "-"),
                     _clients(e.get("clients", []))]
                    for e in items], ["EXPORT", "MODE", "NBD", "CLIENTS"])]
@@ -198,6 +206,9 @@ def show_exports(items: list[dict[str, Any]]) -> str:
         if m := re.fullmatch(r"nbd://\[?([^\]]+?)\]?:([0-9]+)/(.+)", e.get("nbd", "")):
             disk = disk_xml(m.group(1), int(m.group(2)), m.group(3), read_only=e["read_only"])
             out.append(f"\n{e['name']} (libvirt):\n{disk}")
+        if e.get("fuse"):
+            disk = file_disk_xml(e["fuse"], read_only=e["read_only"])
+            out.append(f"\n{e['name']} (libvirt, FUSE file):\n{disk}")
     return "\n".join(out)
 
 
@@ -234,6 +245,15 @@ def show_iscsi_policy(r: dict[str, Any]) -> str:
         lines.append(f"  mutual CHAP user: {r['mutual_chap_user']}")
     if r.get("iscsi"):
         lines.append(f"  {r['iscsi']}")
+        if m := re.fullmatch(r"iscsi://\[?([^\]]+?)\]?:([0-9]+)/(.+)/([0-9]+)", r["iscsi"]):
+            iqn, usage = m.group(3), secret_usage(r["name"])
+            lines += ["", "libvirt:", iscsi_disk_xml(
+                m.group(1), int(m.group(2)), iqn, lun=int(m.group(4)),
+                chap_user=r["chap_user"], secret_usage=usage)]
+            if r["chap_user"]:
+                lines += ["", "libvirt secret (virsh secret-define FILE, then virsh "
+                          "secret-set-value UUID --file SECRET-FILE):",
+                          secret_xml(usage, f"CHAP secret of storaged volume {r['name']}")]
     return "\n".join(lines)
 
 
