@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import partial
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -81,6 +81,8 @@ from pool.state import (
     op_map_clear,
     op_map_set,
 )
+from pool.store import Column, LocalStore
+from pool.store import stripes as _stripes
 from pool.tuning import PoolTuning
 
 log = logging.getLogger(__name__)
@@ -90,8 +92,6 @@ _NODE_UNITS = 7      # 4 KiB units of the largest map node blob (a 24 KiB leaf, 
 _STATE_UNITS_GUESS = 4
 _INDEX = ENTRY.__class__("<QIIIQ")  # node id, unit, units, length, hash
 FAULT_THRESHOLD = 10  # I/O errors after which a member is faulted (checksum errors excluded)
-DISCARD_BATCH = 256   # freed extents discarded per round of the discard task
-DISCARD_DELAY = 10.0  # seconds an extent stays free before it is discarded
 ZEROING_RESERVE_RECORDS = 4   # largest records kept for trims' partial blocks (rule S2)
 
 
@@ -156,25 +156,12 @@ class Pool:
         self.meta = meta
         self._sb_gen = superblock.generation if superblock else 0
         self._page_locs: dict[int, Loc] = {}   # map node id -> where the checkpoint put it
-        self._free: list[set[int]] = [set() for _ in state.members]
-        self._pending_free: list[tuple[int, int]] = []   # freed by uncommitted ops
-        # Committed frees (generation, member, extent), waiting for older readers.
-        self._releasable: list[tuple[int, int, int]] = []
-        # Free extents to discard (hole punch / BLKDISCARD: thin backing files and SSDs
-        # get the space back), and those being discarded now (writes into one of these,
-        # reused meanwhile, wait for its discard: see _store).
-        self.discard_freed = tuning.discard_freed
-        self._discard_queue: dict[tuple[int, int], float] = {}   # -> when it was freed
-        self._discarding: dict[tuple[int, int], trio.Event] = {}
-        self._running = False                       # a ``run`` task is serving the pool
-        self._settled = trio.Event()                # set after each round ``run`` finishes
-        self._discard_wake = trio.Event()           # cut the runner's wait short
-        self._settling = 0                          # settle_discards waiting: discard all now
-        self._discard_lock = trio.Lock()            # one inline discarder without a runner
+        # Where segments' bytes live: extents, placement, device fan-out, discard.
+        self.store = LocalStore(state, layout, devices, meta.deadlines, self,
+                                discard_freed=tuning.discard_freed)
         self._open: dict[tuple[int, int], Segment] = {}
         self._pins: dict[int, int] = {}
         self._fill_moved: set[int] = set()   # segments whose fill changed since last commit
-        self._column_cache: dict[int, tuple[tuple[Device | None, int, str], ...]] = {}
         # Verified logical blocks of recent small reads, keyed by map entry (an LRU).
         self.record_cache = readcache.RecordCache(tuning.record_cache)
         self.cleaner = SegmentCleaner(self)
@@ -200,15 +187,9 @@ class Pool:
         self._tail_units: dict[tuple[int, int], int] = {}
         self._largest_cost = 0
         self._room_lock = trio.Lock()
-        self._released = trio.Event()   # set (and replaced) when freed extents come back
-        # Reads in flight by the release generation they began in: extents freed by a
-        # commit of generation g are reused once no read begun before g is in flight.
-        self._release_gen = 0
-        self._readers: Counter[int] = Counter()
         self._pin_gens: dict[int, list[int]] = {}
         self._meta_units_used = meta.bitmap.count(1)
         self._caches: list[Callable[[], Awaitable[None]]] = []
-        self._limiters = [trio.CapacityLimiter(4) for _ in devices]
         # Per member: read / write / checksum errors seen since import.
         self._errors: list[Counter[str]] = [Counter() for _ in devices]
         # Devices of members that are faulted or offline: kept (not used) so that
@@ -218,7 +199,6 @@ class Pool:
         # Per member: bumped each time it goes away, so a rebuild that started on a segment
         # before that does not clear marks set while it was away (mark_rebuilt).
         self._epochs: list[int] = [0] * len(devices)
-        self._avoid: set[int] = set()    # members new segments must not use (removal)
         # Why a member is away (fault reasons; devices left out at import), for status.
         self._why: dict[int, str] = {}
         # Devices given to the import but left out of it (path -> reason): see ``open``.
@@ -396,69 +376,69 @@ class Pool:
     async def _on_devices(self, fn: Callable[[Device], None],
                           which: Sequence[int] | None = None) -> None:
         """Run ``fn(device)`` for each chosen present member, in parallel threads."""
-        await self._per_device(self._calls(fn, which), "write")
+        await self.store.per_device(self.store.calls(fn, which), "write")
 
     async def _sync_members(self, which: Sequence[int] | None = None) -> None:
-        """Sync members; one whose sync fails is faulted (what it took may not be
-        durable), and the commit goes on with the others."""
-        failed = await self._per_device(self._calls(lambda d: d.sync(), which), "write",
-                                        tolerate=True, what="a sync")
-        for i, e in failed.items():
-            self.fault(i, f"sync failed: {e.message}", full=True)
-        if not any(d is not None for d in self.devices):
-            raise DeviceError(f"pool {self.state.name}: no member could be synced")
+        await self.store.sync(which)
 
     def _calls(self, fn: Callable[[Device], None],
                which: Sequence[int] | None = None) -> list[tuple[int, Callable[[], None]]]:
-        idx = [i for i in (which if which is not None else range(len(self.devices)))
-               if self.devices[i] is not None]
-        calls: list[tuple[int, Callable[[], None]]] = []
-        for i in idx:
-            dev = self.devices[i]
-            assert dev is not None
-            calls.append((i, partial(fn, dev)))
-        return calls
+        return self.store.calls(fn, which)
 
     async def _per_device(self, calls: Sequence[tuple[int, Callable[[], None]]],
                           kind: str, *, tolerate: bool = False,
                           what: str = "a write") -> dict[int, DeviceError]:
-        """Run blocking calls, one per member, in parallel threads. A DeviceError is
-        counted against its member and the first one re-raised as itself (not as an
-        exception group), so callers can handle it as the I/O error it is; with
-        ``tolerate`` the failures are returned instead (member -> error).
+        return await self.store.per_device(calls, kind, tolerate=tolerate, what=what)
 
-        A call that has not returned after ``self.deadlines.write`` seconds is given up
-        (its thread is left to finish) and fails with a DeviceError, and its member is
-        faulted at once, for a full rebuild (the stuck write may still land). The wait
-        is shielded from the caller's cancellation, as a thread's always was: only the
-        deadline abandons a call."""
-        failures: dict[int, DeviceError] = {}
-        hung: list[int] = []
-        timeout = self.deadlines.write
+    # The store's state, under the names the other parts of the Pool use (issue 23: they
+    # move out too, and then call the store themselves).
+    @property
+    def _free(self) -> list[set[int]]:
+        return self.store.free_extents
 
-        async def one(i: int, call: Callable[[], None]) -> None:
-            dev = self.devices[i]
-            with trio.CancelScope(shield=True) as scope:
-                if timeout is not None:
-                    scope.deadline = trio.current_time() + timeout
-                try:
-                    await trio.to_thread.run_sync(call, limiter=self._limiters[i],
-                                                  abandon_on_cancel=timeout is not None)
-                except DeviceError as e:
-                    failures[i] = e
-            if scope.cancelled_caught and dev is not None and timeout is not None:
-                failures[i] = records.timed_out(what, dev, timeout)
-                hung.append(i)
-        async with trio.open_nursery() as nursery:
-            for i, call in calls:
-                nursery.start_soon(one, i, call)
-        for i in hung:
-            self.fault(i, failures[i].message, full=True)
-        for i, e in failures.items():
-            self.count_error(i, kind, e.message)
-        if failures and not tolerate:
-            raise next(iter(failures.values()))
-        return failures
+    @_free.setter
+    def _free(self, value: list[set[int]]) -> None:
+        self.store.free_extents = value
+
+    @property
+    def _pending_free(self) -> list[tuple[int, int]]:
+        return self.store.pending_free
+
+    @property
+    def _releasable(self) -> list[tuple[int, int, int]]:
+        return self.store.releasable
+
+    @property
+    def _release_gen(self) -> int:
+        return self.store.release_gen
+
+    @_release_gen.setter
+    def _release_gen(self, value: int) -> None:
+        self.store.release_gen = value
+
+    def _release_extents(self) -> None:
+        self.store.release()
+
+    @property
+    def _column_cache(self) -> dict[int, tuple[Column, ...]]:
+        return self.store.column_cache
+
+    @property
+    def _limiters(self) -> list[trio.CapacityLimiter]:
+        return self.store.limiters
+
+    @property
+    def _avoid(self) -> set[int]:
+        return self.store.avoid
+
+    @property
+    def discard_freed(self) -> bool:
+        return self.store.discard_freed
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the pool has failed (the store's background work stops)."""
+        return self._failed is not None
 
     @property
     def name(self) -> str:
@@ -607,19 +587,12 @@ class Pool:
         a big new device beside full ones adds capacity, but no room for a wide stripe.
         An open segment's room counts without the tail that the largest record charged so
         far might not fit into (rule S1), and with a profile only its own open segment's."""
-        counts = [len(f) for i, f in enumerate(self._free) if self.devices[i] is not None]
-        if prof is None:
-            free = sum(counts)
-        else:
-            # Members away take degraded stripes' columns (rebuilt later), up to m of them.
-            away = sorted((len(f) for i, f in enumerate(self._free) if self._placeable(i)
-                           and self.devices[i] is None), reverse=True)[:prof.m]
-            free = prof.width * _stripes(tuple(counts + away), prof.width)
+        free = self.store.free_bytes(prof)
         cap = self.layout.extent_size // SECTOR
         room = sum(max(0, cap - s.fill - self._tail_units.get(key, 1) + 1) * SECTOR * (s.k + s.m)
                    for key, s in self._open.items()
                    if prof is None or key == (prof.k, prof.m))
-        return free * self.layout.extent_size + room - self._reserved
+        return free + room - self._reserved
 
     def usable_capacity(self, prof: Profile | None = None) -> tuple[int, int]:
         """(size, avail): the data bytes that the present members hold, and that their free
@@ -628,10 +601,7 @@ class Pool:
         mirror:2 pool of two 2 GiB devices holds about 2 GiB, not 4. Both are before
         compression, metadata and the cleaner's reserve."""
         prof = prof or self.default_profile
-        ext = self.layout.extent_size
-        counts = tuple(mi.n_extents for mi in self.state.members
-                       if self.devices[mi.index] is not None)
-        size = _stripes(counts, prof.width) * prof.k * ext
+        size = self.store.room(prof).capacity_bytes * prof.k // prof.width
         avail = max(0, self.available_bytes(prof)) * prof.k // prof.width
         return size, min(size, avail)
 
@@ -663,21 +633,13 @@ class Pool:
         seg = self._open.get((prof.k, prof.m))
         if seg is not None and seg.fill < self.layout.extent_size // SECTOR:
             return
-        able = sum(1 for i, f in enumerate(self._free) if f and self.devices[i] is not None
-                   and i not in self._avoid)
-        away = sum(1 for i, f in enumerate(self._free) if f and self.devices[i] is None
-                   and self._placeable(i))
-        if able + min(away, prof.m) < prof.width:
-            members = sum(1 for i, d in enumerate(self.devices)
-                          if d is not None and i not in self._avoid)
-            gone = sum(1 for i, d in enumerate(self.devices)
-                       if d is None and self._placeable(i))
-            if members + min(gone, prof.m) >= prof.width:
+        room = self.store.room(prof)
+        if room.with_room + min(room.away_with_room, prof.m) < prof.width:
+            if room.usable + min(room.away, prof.m) >= prof.width:
                 return   # enough members, only full ones: reservations make room (S3)
-            present = sum(1 for d in self.devices if d is not None)
             raise NoSpace(f"pool {self.state.name} cannot store {prof} records now: they need "
-                          f"{prof.width} devices with free space, {able} of the {present} "
-                          f"present have some ({len(self.devices) - present} missing)")
+                          f"{prof.width} devices with free space, {room.with_room} of the "
+                          f"{room.present} present have some ({room.missing} missing)")
 
     def _limit(self, prof: Profile | None, zeroing: bool) -> int:
         """Bytes a reservation of this kind may still take (rule S2)."""
@@ -746,7 +708,7 @@ class Pool:
                 self._release_extents()
                 if self._releasable:
                     # Freed by a commit, still possibly read by reads begun before it.
-                    await self._released.wait()
+                    await self.store.released.wait()
                     continue
                 if await self.cleaner.clean_one() or self._pending_free:
                     await self.commit()      # (which frees the cleaned segment)
@@ -778,36 +740,14 @@ class Pool:
         return seg
 
     def _new_segment(self, k: int, m: int) -> Segment:
-        candidates = sorted(
-            (i for i, f in enumerate(self._free) if f and self.devices[i] is not None
-             and i not in self._avoid),
-            key=lambda i: (-len(self._free[i]), i))
-        if len(candidates) < k + m:
-            # Degraded: members away take up to m columns, which a rebuild fills in later
-            # (their marks say so), so writes go on while redundancy allows.
-            away = sorted((i for i, f in enumerate(self._free) if f and self._placeable(i)
-                           and self.devices[i] is None),
-                          key=lambda i: (-len(self._free[i]), i))
-            candidates += away[:min(m, k + m - len(candidates))]
-        if len(candidates) < k + m:
-            raise NoSpace(f"pool {self.state.name}: no room for a new {Profile(k, m)} segment "
-                          f"(needs free extents on {k + m} distinct devices, "
-                          f"{len(candidates)} have some)")
-        chosen = sorted(candidates[:k + m])
-        extents = []
-        for i in chosen:
-            e = min(self._free[i])
-            self._free[i].discard(e)
-            self._discard_queue.pop((i, e), None)   # about to be written: no need
-            extents.append([i, e])
+        extents = self.store.allocate(k, m)
         seg_id = self.state.next_id
         self._do(op_json(op="seg_new", id=seg_id, k=k, m=m, extents=extents,
                          birth=self.state.txg + 1))
         return self.state.segments[seg_id]
 
     def _placeable(self, index: int) -> bool:
-        """Whether a segment may put a column on this member (away members included)."""
-        return index not in self._avoid and self.state.members[index].state != "removed"
+        return self.store.placeable(index)
 
     def _reap(self) -> None:
         """Free segments that hold no live record and can take no more."""
@@ -820,42 +760,14 @@ class Pool:
                 self.state.emptied.discard(seg_id)
                 continue
             self._do(op_json(op="seg_free", id=seg_id))
-            self._pending_free.extend(seg.extents)
-            self._column_cache.pop(seg_id, None)
+            self.store.free(seg.extents)
+            self.store.forget(seg_id)
 
     def _read_begin(self) -> int:
-        """Note a read (or a pin) in flight; returns its generation for ``_read_end``."""
-        gen = self._release_gen
-        self._readers[gen] += 1
-        return gen
+        return self.store.read_begin()
 
     def _read_end(self, gen: int) -> None:
-        self._readers[gen] -= 1
-        if not self._readers[gen]:
-            del self._readers[gen]
-        self._release_extents()
-
-    def _release_extents(self) -> None:
-        """Give back the extents of freed segments that no read in flight may still use:
-        those freed by a commit before the oldest such read began (a read begun later
-        found no reference to them). Reads that keep coming never hold them back."""
-        if not self._releasable:
-            return
-        oldest = min(self._readers) if self._readers else self._release_gen + 1
-        ready = [(i, e) for gen, i, e in self._releasable if gen <= oldest]
-        if not ready:
-            return
-        self._releasable = [r for r in self._releasable if r[0] > oldest]
-        now = trio.current_time()
-        for idx, e in ready:
-            if idx < len(self._free):
-                self._free[idx].add(e)
-                if self.discard_freed:
-                    self._discard_queue[(idx, e)] = now
-        self._released.set()
-        self._released = trio.Event()
-        if self._discard_queue:
-            self._discard_wake.set()                # the runner, if any, takes them
+        self.store.read_end(gen)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -863,7 +775,8 @@ class Pool:
         ``maintain``): discarding freed extents, each once it has stayed free
         DISCARD_DELAY seconds, so a flush never waits for it, and an extent reused before
         that (an overwrite frees segments that the next writes take again) is never
-        discarded: a busy pool does not punch holes only to fill them again.
+        discarded: a busy pool does not punch holes only to fill them again
+        (``LocalStore.run``).
 
         Returns once the pool is closed (``close`` settles the discards first). An
         exception is not swallowed: the queue of extents still to discard is dropped
@@ -871,93 +784,12 @@ class Pool:
         which logs it and starts ``run`` again. Without a runner (tools and tests that
         use a Pool alone), freed extents are discarded by ``settle_discards`` and
         ``close``, in the caller's task."""
-        if self._running:
-            raise InvalidArgument(f"pool {self.state.name}: its background task runs already")
-        self._running = True
-        task_status.started()
-        try:
-            while not self._closed:
-                await self._discard_rounds()
-                self._settled.set()
-                if self._closed:
-                    break
-                self._discard_wake = trio.Event()
-                await self._discard_wake.wait()
-        except Exception:
-            self._discard_queue.clear()
-            raise
-        finally:
-            self._running = False
-            self._settled.set()
-
-    async def _discard_rounds(self) -> None:
-        """Discard queued extents as they fall due (all of them at once while a
-        ``settle_discards`` waits) until the queue is empty or the pool has failed."""
-        while self._discard_queue and self._failed is None:
-            now = trio.current_time()
-            if not self._settling:
-                due = min(self._discard_queue.values()) + DISCARD_DELAY
-                if due > now:
-                    self._discard_wake = trio.Event()
-                    with trio.move_on_at(due):
-                        await self._discard_wake.wait()
-                    continue
-            await self._discard_freed(now if self._settling else now - DISCARD_DELAY)
+        await self.store.run(task_status=task_status)
 
     async def settle_discards(self) -> None:
         """Discard every extent freed so far, now, and wait for it: the runner does it
         if one is running, else this task does."""
-        self._settling += 1
-        try:
-            if not self._running:
-                async with self._discard_lock:
-                    await self._discard_rounds()
-            while (self._running and self._failed is None
-                   and (self._discard_queue or self._discarding)):
-                settled = self._settled = trio.Event()
-                self._discard_wake.set()
-                await settled.wait()
-        finally:
-            self._settling -= 1
-            self._discard_wake.set()        # a closed pool's runner sees it and returns
-
-    async def _discard_freed(self, cutoff: float) -> None:
-        """Discard extents freed (their frees committed) no later than ``cutoff``, one
-        thread per member. They stay allocatable meanwhile: a segment given one of them
-        waits for its discard before writing (``_store``), and one taken before its turn
-        is not discarded at all. Discard is advisory: a device that cannot do it keeps
-        the bytes, and one that fails it is charged a write error."""
-        for key in [k for k in self._discard_queue
-                    if k[0] >= len(self.devices) or self.devices[k[0]] is None]:
-            del self._discard_queue[key]
-        # A bounded batch: each member's share must finish well within the write timeout.
-        batch = sorted(k for k, t in self._discard_queue.items() if t <= cutoff)
-        batch = batch[:DISCARD_BATCH]
-        for key in batch:
-            del self._discard_queue[key]
-        if not batch:
-            return
-        done = trio.Event()
-        for key in batch:
-            self._discarding[key] = done
-        size = self.layout.extent_size
-        by_member: dict[int, list[int]] = {}
-        for i, e in batch:
-            by_member.setdefault(i, []).append(self.layout.extent_offset(e))
-
-        def punch(dev: Device, offsets: list[int]) -> None:
-            for off in offsets:
-                dev.discard(off, size)
-        try:
-            await self._per_device(
-                [(i, partial(punch, dev, offs)) for i, offs in by_member.items()
-                 if (dev := self.devices[i]) is not None],
-                "write", tolerate=True, what="a discard")
-            self._counters["discarded_extents"] += len(batch)
-        finally:
-            for key in batch:
-                del self._discarding[key]
-            done.set()
+        await self.store.settle_discards()
 
     # ==== the data path ===================================================================
     async def write_blocks(self, map_id: int, prof: Profile, compress: bool,
@@ -992,7 +824,6 @@ class Pool:
         maps at them afterwards: nothing references a record before it is written."""
         await self._confirm_owner()
         placed: list[tuple[Segment, int, codec.EncodedRecord]] = []
-        writes: dict[int, list[tuple[Device, int, list[codec.Buffer]]]] = {}
         pinned: list[int] = []
         failed_store = False
         try:
@@ -1009,31 +840,15 @@ class Pool:
                 placed.append((seg, seg.fill, rec))
                 seg.fill += rec.units
                 self._fill_moved.add(seg.id)
-            i = 0
-            while i < len(placed):
-                j = i
-                while j < len(placed) and placed[j][0] is placed[i][0]:
-                    j += 1
-                seg, off = placed[i][0], placed[i][1]
-                for c, (idx, ext) in enumerate(seg.extents):
-                    dev = self.devices[idx]
-                    if dev is None:
-                        continue
-                    frags = [b for x in range(i, j) for b in placed[x][2].pieces[c]]
-                    writes.setdefault(idx, []).append(
-                        (dev, self.layout.extent_offset(ext) + off * SECTOR, frags))
-                i = j
-            if self._discarding:
-                # A new segment may have been given an extent whose discard is under way.
-                for seg_id in pinned:
-                    for key in self.state.segments[seg_id].extents:
-                        ev = self._discarding.get((key[0], key[1]))
-                        if ev is not None:
-                            await ev.wait()
-            failed = await self._per_device([(idx, partial(records.write_columns, wl))
-                                             for idx, wl in writes.items()], "write",
-                                            tolerate=True)
-            self._dirty_devices.update(i for i in writes if i not in failed)
+            runs: list[tuple[Segment, int, list[codec.EncodedRecord]]] = []
+            for seg, off, rec in placed:
+                if runs and runs[-1][0] is seg:
+                    runs[-1][2].append(rec)
+                else:
+                    runs.append((seg, off, [rec]))
+            outcome = await self.store.write(runs)
+            failed = outcome.failed
+            self._dirty_devices.update(outcome.written)
             self._check_ok()
             if failed:
                 self._degraded_store(placed, set(failed))
@@ -1072,7 +887,7 @@ class Pool:
                 raise MediumError(f"pool {self.state.name}: writes failed on "
                                   f"{len(failed)} device(s) and a {Profile(seg.k, seg.m)} "
                                   f"record cannot lose more than {seg.m} fragments")
-        self._column_cache.clear()
+        self.store.forget()
         for seg_id, off in first.items():
             for i, _e in self.state.segments[seg_id].extents:
                 if i in failed:
@@ -1171,14 +986,8 @@ class Pool:
             nursery.start_soon(one, 1, half, len(datas))
         return parts[0] + parts[1]
 
-    def _columns(self, seg: Segment) -> tuple[tuple[Device | None, int, str], ...]:
-        cols = self._column_cache.get(seg.id)
-        if cols is None:
-            cols = self._column_cache[seg.id] = tuple(
-                self._column(idx, ext) if seg.id not in self.state.members[idx].marks
-                else (None, 0, f"member {idx} (awaiting rebuild)")
-                for idx, ext in seg.extents)
-        return cols
+    def _columns(self, seg: Segment) -> tuple[Column, ...]:
+        return self.store.columns(seg)
 
     def _read_plan(self, map_id: int, blocks: Sequence[int]
                    ) -> tuple[list[bytes | None], list[bytes | memoryview | None],
@@ -1388,10 +1197,8 @@ class Pool:
             z = self._zero_block = bytes(n)
         return z
 
-    def _column(self, idx: int, ext: int) -> tuple[Device | None, int, str]:
-        dev = self.devices[idx]
-        name = dev.path if dev is not None else f"member {idx} (missing)"
-        return (dev, self.layout.extent_offset(ext), name)
+    def _column(self, idx: int, ext: int) -> Column:
+        return self.store.column(idx, ext)
 
     async def _repair(self, repairs: Sequence[records.Repair]) -> None:
         """Rewrite bad fragments a read rebuilt, one thread per member, under the write
@@ -2056,7 +1863,7 @@ class Pool:
             return
         self._dirty_devices.add(index)
         self._do(op_json(op="member_clean", index=index, seg=seg_id))
-        self._column_cache.pop(seg_id, None)
+        self.store.forget(seg_id)
 
     def set_task(self, name: str, value: dict[str, Any] | None) -> None:
         self._check_ok()
@@ -2101,7 +1908,7 @@ class Pool:
 
     def is_free(self, index: int, extent: int) -> bool:
         """Whether extent ``extent`` of member ``index`` is on the free list."""
-        return index < len(self._free) and extent in self._free[index]
+        return self.store.is_free(index, extent)
 
     async def scrub_metadata(self) -> tuple[int, int, int]:
         """Verify every copy of every metadata blob and both labels of each present
@@ -2218,21 +2025,6 @@ class Pool:
 # ==== blocking helpers (run in threads) ====================================================
 async def _run(fn: Callable[..., T], *args: Any) -> T:
     return await trio.to_thread.run_sync(lambda: fn(*args))
-
-
-@lru_cache(maxsize=256)        # asked on every reserve; the counts change rarely
-def _stripes(counts: tuple[int, ...], width: int) -> int:
-    """How many stripes of ``width`` extents on distinct devices the free-extent counts
-    allow: the largest S with sum(min(c, S)) >= width * S (what allocating each stripe
-    from the devices with the most free extents reaches)."""
-    lo, hi = 0, sum(counts) // width if width else 0
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if sum(min(c, mid) for c in counts) >= width * mid:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 def _same_path(a: str, b: str) -> bool:
