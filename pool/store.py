@@ -24,7 +24,8 @@ The interface, as a caller may rely on it (docs/INTERNALS.md "The SegmentStore")
 - ``sync(domains)``: everything written to those domains (default: all) is durable when
   it returns (DESIGN 1); a domain whose sync fails is reported through the fault hook.
 - ``free(placement)``: the segment is no longer referenced once the next commit is
-  durable; ``durable(n)`` says that commit landed for the first n frees. The space is
+  durable; ``durable(n)`` says that commit landed, covering the first n columns freed
+  (in ``free`` order: the commit noted how many were pending when it began). The space is
   reused only after that and once no read begun before it is in flight (``read_begin``/
   ``read_end``) -- so a read never sees another segment's bytes (DESIGN 3).
 - ``run`` / ``settle_discards``: background discard of released space (advisory).
@@ -372,8 +373,8 @@ class LocalStore:
         self.pending_free.extend(placement)
 
     def durable(self, freed: int) -> None:
-        """The commit carrying the first ``freed`` frees is durable (a new generation of
-        releases; reads begun from now on cannot reach them)."""
+        """The commit carrying the first ``freed`` columns freed is durable (a new
+        generation of releases; reads begun from now on cannot reach them)."""
         self.release_gen += 1
         self.releasable.extend((self.release_gen, i, e) for i, e in self.pending_free[:freed])
         del self.pending_free[:freed]
