@@ -126,7 +126,7 @@ class SegmentCleaner:
             p._reap()
             return seg_id not in p.state.segments
         olds = sorted(refs, key=lambda r: ENTRY.unpack_from(r)[1])
-        cols = p._columns(seg)
+        cols = p.store.columns(seg)
         plans = []
         for i, raw in enumerate(olds):
             _s, off, plen, flags, rhash = ENTRY.unpack(raw)

@@ -211,7 +211,6 @@ class Pool:
         self.activity: dict[str, Any] = {}
         self._cpu = trio.CapacityLimiter(2)
         self._bg = trio.CapacityLimiter(1)   # scrub/rebuild work: one core at most
-        self._bg_writes = trio.CapacityLimiter(1)  # their writes (I/O, beside the work)
         self._counters = dict.fromkeys(
             ("commits", "checkpoints", "records_written", "records_read", "degraded_reads",
              "repaired_fragments", "unreadable_records", "records_relocated",
@@ -1091,11 +1090,7 @@ class Pool:
                 self._read_end(gen)
         self._counters["degraded_reads"] += out.degraded
         if out.device_errors:
-            paths = {d.path: i for i, d in enumerate(self.devices) if d is not None}
-            for (path, kind), n in out.device_errors.items():
-                if path in paths:
-                    for _ in range(n):
-                        self.count_error(paths[path], kind, f"{kind} error on {path}")
+            self.store.note_errors(out.device_errors)
         if out.repairs:
             await self._repair(out.repairs)
         if out.failures:
@@ -1750,21 +1745,6 @@ class Pool:
                     found.add(bytes(data[pos * size:(pos + 1) * size]))
         return sorted(found, key=lambda r: ENTRY.unpack_from(r)[1])
 
-    def record_plans(self, seg: Segment, entries: Sequence[bytes],
-                     target: int | None = None) -> list[records.RecordPlan]:
-        """Read plans for entries of ``seg``; column ``target`` gets its device even when
-        it awaits a rebuild (the rebuild writes it)."""
-        cols = list(self._columns(seg))
-        if target is not None:
-            idx, ext = seg.extents[target]
-            cols[target] = self._column(idx, ext)
-        plans = []
-        for n, raw in enumerate(entries):
-            _s, off, plen, flags, rhash = ENTRY.unpack(raw)
-            plans.append(records.RecordPlan(n, seg.id, off, codec.fragment_units(plen, seg.k),
-                                            seg.k, seg.m, plen, flags, rhash, tuple(cols)))
-        return plans
-
     def pin(self, seg_id: int) -> None:
         self._pins[seg_id] = self._pins.get(seg_id, 0) + 1
         self._pin_gens.setdefault(seg_id, []).append(self._read_begin())
@@ -1793,62 +1773,15 @@ class Pool:
         foreground keeps the other core)."""
         return await trio.to_thread.run_sync(partial(fn, *args), limiter=self._bg)
 
-    def note_outcome(self, out: records.StripeOutcome) -> None:
-        """Count a scrub/rebuild pass's device errors against their members."""
-        paths = {d.path: i for i, d in enumerate(self.devices) if d is not None}
-        for (path, kind), n in out.device_errors.items():
-            if path in paths:
-                for _ in range(n):
-                    self.count_error(paths[path], kind, f"{kind} error on {path}")
-
     async def write_fragments(self, repairs: Sequence[records.Repair]) -> int:
-        """Write rebuilt fragments (of pinned segments); returns how many were written.
-        Runs beside ``background`` work (a thread of its own, one at a time per pool), so a
-        rebuild computes its next step while the last one is written.
-
-        Each device's fragments are written under the write deadline
-        (``self.deadlines.write``): a device that has not finished by then fails all of
-        them, and a member that hung so is faulted at once, for a full rebuild (the stuck
-        write may still land), as a hung foreground write faults it."""
+        """Write rebuilt fragments (of pinned segments; ``LocalStore.write_fragments``);
+        returns how many were written. Runs beside ``background`` work, so a rebuild
+        computes its next step while the last one is written."""
         await self._confirm_owner()
         live = [r for r in repairs if r.segment in self.state.segments]
-        groups: dict[int, list[records.Repair]] = {}
-        for r in live:
-            groups.setdefault(id(r.device), []).append(r)
-        batches = list(groups.values())
-        outcomes: dict[int, tuple[int, list[records.Repair]]] = {}
-
-        def writer(k: int) -> Callable[[], None]:
-            def write() -> None:
-                outcomes[k] = records.write_repairs(batches[k])
-            return write
-
-        errors = await trio.to_thread.run_sync(
-            records.writes_within, [(b[0].device, writer(k)) for k, b in enumerate(batches)],
-            "a rebuild write", self.deadlines, limiter=self._bg_writes)
-        index = {id(d): i for i, d in enumerate(self.devices) if d is not None}
-        for r in live:
-            i = index.get(id(r.device))
-            if i is not None:
-                self._dirty_devices.add(i)
-        done, failed = 0, 0
-        for k, (batch, error) in enumerate(zip(batches, errors, strict=True)):
-            i = index.get(id(batch[0].device))
-            if error is not None:           # given up (hung), or raised outside a write
-                failed += len(batch)
-                if i is not None:
-                    if isinstance(error, DeviceHung):
-                        self.fault(i, error.message, full=True)
-                    else:
-                        self.count_error(i, "write", error.message)
-                continue
-            wrote, lost = outcomes[k]
-            done += wrote
-            failed += len(lost)
-            if i is not None:
-                for _r in lost:
-                    self.count_error(i, "write", "writing a rebuilt fragment")
-        return len(live) - failed if done or not failed else 0
+        done, touched = await self.store.write_fragments(live)
+        self._dirty_devices.update(i for i in touched if self.devices[i] is not None)
+        return done
 
     def member_epoch(self, index: int) -> int:
         """Changes whenever member ``index`` goes away (see ``mark_rebuilt``)."""

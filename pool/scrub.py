@@ -21,7 +21,7 @@ from pool import records
 from pool.errors import InvalidArgument
 from pool.layout import SECTOR
 from pool.pool import Pool
-from pool.rebuild import _throttle, steps
+from pool.rebuild import _throttle, record_plans, steps
 
 log = logging.getLogger(__name__)
 COMMIT_EVERY = 2.0
@@ -119,9 +119,9 @@ async def run(pool: Pool, *, rate: float | None = None) -> dict[str, Any] | None
             pool.pin(seg_id)
             try:
                 for batch, size in steps(entries, seg.k):
-                    plans = pool.record_plans(seg, batch)
+                    plans = record_plans(seg, batch, pool.store.columns(seg))
                     out = await pool.background(records.verify_stripes, plans, pool.deadlines)
-                    pool.note_outcome(out)
+                    pool.store.note_errors(out.device_errors)
                     n_fixed = await pool.write_fragments(out.repairs)
                     cur["found"] += out.bad
                     cur["repaired"] += n_fixed

@@ -17,10 +17,14 @@ The interface, as a caller may rely on it (docs/INTERNALS.md "The SegmentStore")
   domains, in never-written or freed-and-released space. NoSpace when there is none.
 - ``columns(seg)``: one ``Column`` per column of the segment: a byte-range reader
   (``reader.pread``/``preadv_nowait``; None when the column is absent now), the byte
-  offset of the segment's column in it, and a name for messages.
+  offset of the segment's column in it, and a name for messages; ``rebuilding=c``: column
+  c's reader even while it awaits a rebuild. ``note_errors``: the read and checksum
+  errors a read met, by column name, counted against their domains.
 - ``write(runs)``: write records at sector offsets of segments' columns (one vectored
   write per domain). Not durable until ``sync``; returns the domains written and the
   domains whose writes failed (the caller decides whether the records still stand).
+  ``write_fragments(repairs)``: rewrite single fragments (rebuild, scrub) in place of
+  bad or missing ones, under the write deadline.
 - ``sync(domains)``: everything written to those domains (default: all) is durable when
   it returns (DESIGN 1); a domain whose sync fails is reported through the fault hook.
 - ``free(placement)``: the segment is no longer referenced once the next commit is
@@ -63,7 +67,7 @@ import trio
 from pool import codec, records
 from pool.deadlines import Deadlines
 from pool.device import Device
-from pool.errors import DeviceError, InvalidArgument, NoSpace
+from pool.errors import DeviceError, DeviceHung, InvalidArgument, NoSpace
 from pool.layout import SECTOR, Layout
 from pool.profile import Profile
 from pool.state import PoolState, Segment
@@ -124,11 +128,17 @@ class SegmentStore(Protocol):
 
     def allocate(self, k: int, m: int) -> Placement: ...
 
-    def columns(self, seg: Segment) -> tuple[Column, ...]: ...
+    def columns(self, seg: Segment, *, rebuilding: int | None = None
+                ) -> tuple[Column, ...]: ...
 
     async def write(self, runs: Sequence[tuple[Segment, int,
                                                Sequence[codec.EncodedRecord]]]
                     ) -> WriteOutcome: ...
+
+    async def write_fragments(self, repairs: Sequence[records.Repair]
+                              ) -> tuple[int, frozenset[int]]: ...
+
+    def note_errors(self, errors: Counter[tuple[str, str]]) -> None: ...
 
     async def sync(self, which: Sequence[int] | None = None) -> None: ...
 
@@ -192,6 +202,7 @@ class LocalStore:
         self.avoid: set[int] = set()    # members new segments must not use (removal)
         self.limiters = [trio.CapacityLimiter(4) for _ in devices]
         self.column_cache: dict[int, tuple[Column, ...]] = {}
+        self._bg_writes = trio.CapacityLimiter(1)   # rebuild/scrub writes, one at a time
         # Free extents to discard (hole punch / BLKDISCARD: thin backing files and SSDs
         # get the space back), and those being discarded now (writes into one of these,
         # reused meanwhile, wait for its discard: see ``write``).
@@ -239,13 +250,20 @@ class LocalStore:
         return index < len(self.free_extents) and extent in self.free_extents[index]
 
     # ==== columns ==========================================================================
-    def columns(self, seg: Segment) -> tuple[Column, ...]:
+    def columns(self, seg: Segment, *, rebuilding: int | None = None
+                ) -> tuple[Column, ...]:
+        """The segment's columns; column ``rebuilding`` gets its reader even while it
+        awaits a rebuild (the rebuild writes it)."""
         cols = self.column_cache.get(seg.id)
         if cols is None:
             cols = self.column_cache[seg.id] = tuple(
                 self.column(idx, ext) if seg.id not in self.state.members[idx].marks
                 else Column(None, 0, f"member {idx} (awaiting rebuild)")
                 for idx, ext in seg.extents)
+        if rebuilding is not None:
+            listed = list(cols)
+            listed[rebuilding] = self.column(*seg.extents[rebuilding])
+            return tuple(listed)
         return cols
 
     def column(self, idx: int, ext: int) -> Column:
@@ -263,12 +281,14 @@ class LocalStore:
         else:
             self.column_cache.pop(seg_id, None)
 
-    def domain_of(self, reader: Device) -> int | None:
-        """The member whose device ``reader`` is, if it is present."""
-        for i, d in enumerate(self.devices):
-            if d is reader:
-                return i
-        return None
+    def note_errors(self, errors: Counter[tuple[str, str]]) -> None:
+        """Count the errors a read or a verify pass met ((column name, "read" |
+        "checksum") -> n) against the members they came from."""
+        paths = {d.path: i for i, d in enumerate(self.devices) if d is not None}
+        for (path, kind), n in errors.items():
+            if path in paths:
+                for _ in range(n):
+                    self._hooks.count_error(paths[path], kind, f"{kind} error on {path}")
 
     # ==== writes and syncs (invariants 4-6) ================================================
     async def write(self, runs: Sequence[tuple[Segment, int,
@@ -361,11 +381,50 @@ class LocalStore:
             raise next(iter(failures.values()))
         return failures
 
-    def add_member(self, n_extents: int) -> None:
-        """A member was appended to the pool's devices: its extents are all free."""
-        self.limiters.append(trio.CapacityLimiter(4))
-        self.free_extents.append(set(range(n_extents)))
-        self.column_cache.clear()
+    async def write_fragments(self, repairs: Sequence[records.Repair]
+                              ) -> tuple[int, frozenset[int]]:
+        """Write fragments a rebuild or scrub computed, one thread at a time per pool
+        beside its verify work: (how many to count as written -- none when some failed
+        and none landed --, the members written to).
+
+        Each device's fragments are written under the write deadline: a device that has
+        not finished by then fails all of them, and a member that hung so is faulted at
+        once, for a full rebuild (the stuck write may still land), as a hung foreground
+        write faults it (invariant 5)."""
+        groups: dict[int, list[records.Repair]] = {}
+        for r in repairs:
+            groups.setdefault(id(r.device), []).append(r)
+        batches = list(groups.values())
+        outcomes: dict[int, tuple[int, list[records.Repair]]] = {}
+
+        def writer(k: int) -> Callable[[], None]:
+            def write() -> None:
+                outcomes[k] = records.write_repairs(batches[k])
+            return write
+
+        errors = await trio.to_thread.run_sync(
+            records.writes_within, [(b[0].device, writer(k)) for k, b in enumerate(batches)],
+            "a rebuild write", self.deadlines, limiter=self._bg_writes)
+        index = {id(d): i for i, d in enumerate(self.devices) if d is not None}
+        touched = frozenset(i for r in repairs if (i := index.get(id(r.device))) is not None)
+        done, failed = 0, 0
+        for k, (batch, error) in enumerate(zip(batches, errors, strict=True)):
+            i = index.get(id(batch[0].device))
+            if error is not None:           # given up (hung), or raised outside a write
+                failed += len(batch)
+                if i is not None:
+                    if isinstance(error, DeviceHung):
+                        self._hooks.fault(i, error.message, full=True)
+                    else:
+                        self._hooks.count_error(i, "write", error.message)
+                continue
+            wrote, lost = outcomes[k]
+            done += wrote
+            failed += len(lost)
+            if i is not None:
+                for _r in lost:
+                    self._hooks.count_error(i, "write", "writing a rebuilt fragment")
+        return (len(repairs) - failed if done or not failed else 0), touched
 
     # ==== frees, readers and release (invariant 3) =========================================
     def free(self, placement: Placement) -> None:
