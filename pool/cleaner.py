@@ -96,7 +96,7 @@ class SegmentCleaner:
             key = (s.k, s.m)
             if key not in room:
                 room[key] = p.available_bytes(Profile(*key))
-            tail = p._tail_units.get(key, 1)
+            tail = p.space.tail_units.get(key, 1)
             need = (s.live + 2 * tail) * SECTOR * (s.k + s.m)
             if not s.live or (need <= room[key] and cap - s.live > 2 * tail):
                 return s

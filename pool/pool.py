@@ -68,6 +68,7 @@ from pool.layout import (
 from pool.maps import Node
 from pool.metastore import Loc, MetaStore, Superblock
 from pool.profile import Profile
+from pool.space import SpaceAccount, SpaceHooks
 from pool.state import (
     AWAY,
     ENTRY,
@@ -87,12 +88,10 @@ from pool.tuning import PoolTuning
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-META_RESERVE = 0.9   # writes stop when the metadata area is this full
 _NODE_UNITS = 7      # 4 KiB units of the largest map node blob (a 24 KiB leaf, lz4 framed)
 _STATE_UNITS_GUESS = 4
 _INDEX = ENTRY.__class__("<QIIIQ")  # node id, unit, units, length, hash
 FAULT_THRESHOLD = 10  # I/O errors after which a member is faulted (checksum errors excluded)
-ZEROING_RESERVE_RECORDS = 4   # largest records kept for trims' partial blocks (rule S2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,14 +178,11 @@ class Pool:
         self._owner: owners.OwnerRecord | None = None
         self._owner_lock = trio.Lock()
         self._confirmed = 0.0      # time.monotonic() of the last beat that found us owner
-        self._reserved = 0
-        # Space (see the rules at ``record_cost``): per profile, the largest record
-        # charged or stored (an open segment's tail that may not fit one more); the
-        # largest block charge (the zeroing reserve is counted in them); the room lock
-        # that reservations making room take in turn (the cleaner has its own lock).
-        self._tail_units: dict[tuple[int, int], int] = {}
-        self._largest_cost = 0
-        self._room_lock = trio.Lock()
+        # Usage, reservations and the reserves of invariant 8 (pool.space).
+        self.space = SpaceAccount(state, self.store, layout.extent_size, self._open,
+                                  SpaceHooks(self._check_ok, self._reap, self.commit,
+                                             self.cleaner.clean_one, lambda: self._caches,
+                                             self.metadata_used))
         self._pin_gens: dict[int, list[int]] = {}
         self._meta_units_used = meta.bitmap.count(1)
         self._caches: list[Callable[[], Awaitable[None]]] = []
@@ -195,7 +191,6 @@ class Pool:
         # Devices of members that are faulted or offline: kept (not used) so that
         # ``online`` can take them back and ``close`` releases them.
         self._parked: dict[int, Device] = {}
-        self._widest: tuple[tuple[int, int], int] = ((-1, -1), 1)   # see _cleaner_reserve
         # Per member: bumped each time it goes away, so a rebuild that started on a segment
         # before that does not clear marks set while it was away (mark_rebuilt).
         self._epochs: list[int] = [0] * len(devices)
@@ -569,55 +564,23 @@ class Pool:
     # freed extents wait only for reads older than their freeing commit; S6 no segment
     # that nothing references is left unfreed.
     def record_cost(self, block_size: int, prof: Profile) -> int:
-        """Device bytes one block of this profile is charged (rule S1): its worst-case
-        record's share of a segment, i.e. a segment's bytes divided by how many such
-        records fit in one (the tail that does not fit one more is charged too)."""
-        units = codec.worst_case_units(block_size, prof.k)
-        cap = self.layout.extent_size // SECTOR
-        per_segment = max(1, cap // units)
-        key = (prof.k, prof.m)
-        self._tail_units[key] = max(self._tail_units.get(key, 1), units)
-        self._largest_cost = max(self._largest_cost, -(-cap // per_segment) * SECTOR * prof.width)
-        return -(-cap // per_segment) * SECTOR * prof.width
+        """``SpaceAccount.record_cost``: device bytes one block is charged (S1)."""
+        return self.space.record_cost(block_size, prof)
 
     def available_bytes(self, prof: Profile | None = None) -> int:
-        """Device bytes not yet promised to anything. With a profile, only the free
-        extents that can form its full stripes (k + m extents on distinct devices) count:
-        a big new device beside full ones adds capacity, but no room for a wide stripe.
-        An open segment's room counts without the tail that the largest record charged so
-        far might not fit into (rule S1), and with a profile only its own open segment's."""
-        free = self.store.free_bytes(prof)
-        cap = self.layout.extent_size // SECTOR
-        room = sum(max(0, cap - s.fill - self._tail_units.get(key, 1) + 1) * SECTOR * (s.k + s.m)
-                   for key, s in self._open.items()
-                   if prof is None or key == (prof.k, prof.m))
-        return free + room - self._reserved
+        """``SpaceAccount.available_bytes``: device bytes not yet promised to anything."""
+        return self.space.available_bytes(prof)
 
     def usable_capacity(self, prof: Profile | None = None) -> tuple[int, int]:
-        """(size, avail): the data bytes that the present members hold, and that their free
-        extents can still take, under ``prof`` (default: the pool's default profile) —
-        full stripes of k + m extents on distinct devices, of which k carry data. A
-        mirror:2 pool of two 2 GiB devices holds about 2 GiB, not 4. Both are before
-        compression, metadata and the cleaner's reserve."""
-        prof = prof or self.default_profile
-        size = self.store.room(prof).capacity_bytes * prof.k // prof.width
-        avail = max(0, self.available_bytes(prof)) * prof.k // prof.width
-        return size, min(size, avail)
+        """(size, avail) in data bytes under ``prof`` (default: the pool's default
+        profile); ``SpaceAccount.usable_capacity``."""
+        return self.space.usable_capacity(prof or self.default_profile)
 
     def _cleaner_reserve(self) -> int:
-        """Space client writes may not take: room for the cleaner to move one segment's
-        records, so that space can always be won back (invariant 8)."""
-        segs = self.state.segments
-        key = (len(segs), self.state.next_id)   # changes when a segment comes or goes
-        if self._widest[0] != key:
-            self._widest = (key, max((s.k + s.m for s in segs.values()), default=1))
-        return 2 * self._widest[1] * self.layout.extent_size
+        return self.space.cleaner_reserve()
 
     def _zeroing_reserve(self) -> int:
-        """Space only the partial-block rewrites of trims and write-zeroes may take (rule
-        S2), so that they go on on a pool that writes have filled (invariant 8); each one
-        leaves its old record dead, which the cleaner wins back for the next."""
-        return ZEROING_RESERVE_RECORDS * self._largest_cost
+        return self.space.zeroing_reserve()
 
     def metadata_used(self) -> float:
         """Fraction of the metadata page area in use: what the last checkpoint wrote plus,
@@ -628,101 +591,34 @@ class Pool:
 
     def check_writable(self, prof: Profile) -> None:
         """Refuse, before anything is acknowledged, writes of a profile that no segment can
-        take: too few present members with free extents for its k + m fragments."""
-        seg = self._open.get((prof.k, prof.m))
-        if seg is not None and seg.fill < self.layout.extent_size // SECTOR:
-            return
-        room = self.store.room(prof)
-        if room.with_room + min(room.away_with_room, prof.m) < prof.width:
-            if room.usable + min(room.away, prof.m) >= prof.width:
-                return   # enough members, only full ones: reservations make room (S3)
-            raise NoSpace(f"pool {self.state.name} cannot store {prof} records now: they need "
-                          f"{prof.width} devices with free space, {room.with_room} of the "
-                          f"{room.present} present have some ({room.missing} missing)")
-
-    def _limit(self, prof: Profile | None, zeroing: bool) -> int:
-        """Bytes a reservation of this kind may still take (rule S2)."""
-        return (self.available_bytes(prof) - self._cleaner_reserve()
-                - (0 if zeroing else self._zeroing_reserve()))
-
-    def _refusal(self, nbytes: int, prof: Profile | None, zeroing: bool) -> NoSpace | None:
-        """Why ``nbytes`` cannot be reserved now, or None when it can."""
-        if self.metadata_used() > META_RESERVE and not zeroing:
-            # The rest is kept for deletes, trims and snapshot removal, whose commits must
-            # always fit (a checkpoint that cannot be written would fail the pool).
-            return NoSpace(f"pool {self.state.name}: its metadata area is "
-                           f"{100 * self.metadata_used():.0f}% full; delete snapshots or "
-                           f"volumes, or trim, to make room")
-        if nbytes > self._limit(prof, zeroing):
-            return NoSpace(f"pool {self.state.name} is out of space" +
-                           (f" for {prof} records" if prof is not None and
-                            nbytes <= self._limit(None, zeroing) else ""))
-        return None
+        take (``SpaceAccount.check_writable``)."""
+        self.space.check_writable(prof)
 
     def reserve(self, nbytes: int, prof: Profile | None = None, *,
                 zeroing: bool = False) -> None:
-        """Promise space to a buffered write now, or raise NoSpace (invariant 8); with
-        ``zeroing``, for the partial blocks of a trim or write-zeroes (rule S2)."""
-        if not nbytes:
-            return
-        refusal = self._refusal(nbytes, prof, zeroing)
-        if refusal is None and self._room_lock.locked():
-            # Others wait for room in turn: do not take what is being won for them.
-            refusal = NoSpace(f"pool {self.state.name} is making room")
-        if refusal is not None:
-            raise refusal
-        self._reserved += nbytes
+        """Promise space to a buffered write now, or raise NoSpace (invariant 8)."""
+        self.space.reserve(nbytes, prof, zeroing=zeroing)
 
     async def reserve_wait(self, nbytes: int, prof: Profile | None = None, *,
                            zeroing: bool = False) -> None:
-        """``reserve``, making room when it does not fit (rule S3): NoSpace only when the
-        pool's live data, buffered writes included, and its reserves truly fill it."""
-        if not nbytes:
-            return
-        if self._refusal(nbytes, prof, zeroing) is None and not self._room_lock.locked():
-            self._reserved += nbytes
-            return
-        await self.make_room(nbytes, prof, zeroing=zeroing)
+        """``reserve``, making room when it does not fit (rule S3)."""
+        await self.space.reserve_wait(nbytes, prof, zeroing=zeroing)
 
     async def make_room(self, nbytes: int, prof: Profile | None = None, *,
                         zeroing: bool = False) -> None:
-        """Reserve ``nbytes``, winning space back first (rule S3). One task at a time makes
-        room (the room lock, taken in arrival order), so concurrent reservations neither
-        race each other's cleaning nor give up while another is winning space back: each
-        waits its turn and tries again on what the one before won. A step that wins space
-        (a segment cleaned, freed extents released, buffered overwrites written back, which
-        kills the records they replace) is followed by another try; NoSpace only after a
-        round in which nothing could be won."""
-        async with self._room_lock:
-            wrote_back = False
-            while True:
-                self._check_ok()
-                self._reap()
-                refusal = self._refusal(nbytes, prof, zeroing)
-                if refusal is None:
-                    self._reserved += nbytes
-                    return
-                if self.metadata_used() > META_RESERVE and not zeroing:
-                    raise refusal
-                self._release_extents()
-                if self._releasable:
-                    # Freed by a commit, still possibly read by reads begun before it.
-                    await self.store.released.wait()
-                    continue
-                if await self.cleaner.clean_one() or self._pending_free:
-                    await self.commit()      # (which frees the cleaned segment)
-                    continue
-                if not wrote_back:
-                    # Buffered overwrites hold their old records live and a worst-case
-                    # reservation each: written back, the old ones become cleanable.
-                    wrote_back = True
-                    for writeback in self._caches:
-                        await writeback()
-                    continue
-                raise refusal
+        """Reserve ``nbytes``, winning space back first (rule S3)."""
+        await self.space.make_room(nbytes, prof, zeroing=zeroing)
 
     def unreserve(self, nbytes: int) -> None:
-        self._reserved = max(0, self._reserved - nbytes)
+        self.space.unreserve(nbytes)
+
+    @property
+    def _reserved(self) -> int:
+        return self.space.reserved
+
+    @property
+    def _tail_units(self) -> dict[tuple[int, int], int]:
+        return self.space.tail_units
 
     def _room(self, prof: tuple[int, int], units: int) -> Segment:
         seg = self._open.get(prof)
