@@ -68,6 +68,7 @@ from pool.layout import (
 from pool.maps import Node
 from pool.metastore import Loc, MetaStore, Superblock
 from pool.profile import Profile
+from pool.reader import RecordReader
 from pool.space import SpaceAccount, SpaceHooks
 from pool.state import (
     AWAY,
@@ -164,7 +165,6 @@ class Pool:
         # Verified logical blocks of recent small reads, keyed by map entry (an LRU).
         self.record_cache = readcache.RecordCache(tuning.record_cache)
         self.cleaner = SegmentCleaner(self)
-        self._zero_block = b""     # zeros for holes read into a caller's buffer
         self._pending: list[Op] = []
         self._applied = 0
         self._committed = 0
@@ -210,6 +210,10 @@ class Pool:
             ("commits", "checkpoints", "records_written", "records_read", "degraded_reads",
              "repaired_fragments", "unreadable_records", "records_relocated",
             "rebuilt_bytes", "scrubbed_bytes", "discarded_extents"), 0)
+        # The read path (pool.reader): map entries to verified blocks.
+        self.reader = RecordReader(state, self.store, self.record_cache, meta.deadlines,
+                                   self._cpu, self._counters,
+                                   self._dirty_devices.update)
 
     # ==== creation and import =============================================================
     @classmethod
@@ -881,122 +885,28 @@ class Pool:
             nursery.start_soon(one, 1, half, len(datas))
         return parts[0] + parts[1]
 
-    def _columns(self, seg: Segment) -> tuple[Column, ...]:
-        return self.store.columns(seg)
-
-    def _read_plan(self, map_id: int, blocks: Sequence[int]
-                   ) -> tuple[list[bytes | None], list[bytes | memoryview | None],
-                              list[records.RecordPlan]]:
-        """Map entries of ``blocks``, the result with record-cache hits filled in, and
-        the records still to read."""
-        forest = self.state.forest
-        if len(blocks) == 1:
-            entries = [forest.get(map_id, blocks[0])]
-        elif blocks and blocks[-1] - blocks[0] + 1 == len(blocks):
-            entries = forest.get_range(map_id, blocks[0], len(blocks))
-        else:
-            entries = [forest.get(map_id, b) for b in blocks]
-        plans: list[records.RecordPlan] = []
-        segments = self.state.segments
-        unpack = ENTRY.unpack
-        result: list[bytes | memoryview | None] = [None] * len(blocks)
-        cached = self.record_cache.get
-        for slot, raw in enumerate(entries):
-            if raw is None:
-                continue
-            hit = cached(raw)
-            if hit is not None:
-                result[slot] = hit
-                continue
-            seg_id, off, plen, flags, rhash = unpack(raw)
-            seg = segments[seg_id]
-            k = seg.k
-            plans.append(records.RecordPlan(
-                slot, seg_id, off, -(-(codec.HEADER_SIZE + -(-plen // k)) // SECTOR), k, seg.m,
-                plen, flags, rhash, self._columns(seg)))
-        return entries, result, plans
-
-    def _keep(self, out: records.ReadOutcome, entries: list[bytes | None],
-              result: list[bytes | memoryview | None]) -> None:
-        """Put what was read into ``result`` (and small reads into the record cache)."""
-        self._counters["records_read"] += len(out.payloads)
-        small = len(entries) <= 2
-        for slot, data in out.payloads.items():
-            key = entries[slot]
-            if small and key is not None:
-                # Small reads (random I/O, read-modify-write) keep the verified block: a
-                # record never changes where it lies, so the entry is a safe key. A view
-                # of the read's own buffer is kept as it is (read-only), not copied.
-                kept = data if isinstance(data, bytes) else data.toreadonly()
-                self.record_cache.put(key, kept)
-                result[slot] = kept
-            else:
-                result[slot] = data
-
+    # ---- the read path (pool.reader; the pool's own state is checked here) --------------
     def read_block_nowait(self, map_id: int, block: int,
                           block_size: int) -> tuple[bool, bytes | memoryview | None]:
         """``read_blocks_nowait`` of one block: (whether it could be read at once, its
         content or None for a hole). A record-cache hit costs a map lookup."""
-        if self._failed is None and not self.closed and map_id in self.state.maps:
-            raw = self.state.forest.get(map_id, block)
-            if raw is None:
-                return True, None
-            hit = self.record_cache.get(raw)
-            if hit is not None:
-                return True, hit
-        got = self.read_blocks_nowait(map_id, (block,), block_size)
-        return (False, None) if got is None else (True, got[0])
+        if self._failed is not None or self.closed:
+            return False, None
+        return self.reader.read_block_nowait(map_id, block, block_size)
 
     def read_blocks_nowait(self, map_id: int, blocks: Sequence[int],
                            block_size: int) -> list[bytes | memoryview | None] | None:
         """``read_blocks`` if it can be done at once on the event loop (record-cache hits,
         page-cached healthy fragments), else None: the caller awaits ``read_blocks``."""
-        if self._failed is not None or self.closed or map_id not in self.state.maps:
+        if self._failed is not None or self.closed:
             return None
-        entries, result, plans = self._read_plan(map_id, blocks)
-        if plans:
-            try:
-                out = records.read_records(plans, block_size, self.deadlines, nowait=True)
-            except records.WouldBlock:
-                return None
-            self._keep(out, entries, result)
-        return result
+        return self.reader.read_blocks_nowait(map_id, blocks, block_size)
 
     async def read_blocks(self, map_id: int, blocks: Sequence[int],
                           block_size: int) -> list[bytes | memoryview | None]:
         """The logical content of each block (``None`` for a hole), verified."""
         self._check_ok()
-        if map_id not in self.state.maps:
-            raise NotFound(f"map {map_id} no longer exists (its volume or snapshot was "
-                           f"deleted)")
-        entries, result, plans = self._read_plan(map_id, blocks)
-        if not plans:
-            return result
-        try:
-            # Page-cached, healthy data is served without a thread hop (~120 us here):
-            # preadv(RWF_NOWAIT) never blocks, and verification is a hash per fragment.
-            out = records.read_records(plans, block_size, self.deadlines, nowait=True)
-        except records.WouldBlock:
-            gen = self._read_begin()
-            try:
-                out = await trio.to_thread.run_sync(records.read_records, plans, block_size,
-                                                    self.deadlines,
-                                                    limiter=self._cpu)
-            finally:
-                self._read_end(gen)
-        self._counters["degraded_reads"] += out.degraded
-        if out.device_errors:
-            self.store.note_errors(out.device_errors)
-        if out.repairs:
-            await self._repair(out.repairs)
-        if out.failures:
-            self._counters["unreadable_records"] += len(out.failures)
-            slot, why = next(iter(out.failures.items()))
-            log.error("pool %s: unreadable block %d of map %d: %s", self.state.name,
-                      blocks[slot], map_id, why)
-            raise MediumError(f"block {blocks[slot]}: {why}")
-        self._keep(out, entries, result)
-        return result
+        return await self.reader.read_blocks(map_id, blocks, block_size)
 
     async def read_blocks_into(self, map_id: int, blocks: Sequence[int], block_size: int,
                                dests: Sequence[memoryview]) -> None:
@@ -1007,121 +917,16 @@ class Pool:
             return
         got = await self.read_blocks(map_id, blocks, block_size)
         for dest, v in zip(dests, got, strict=True):
-            dest[:] = v if v is not None else self._zeros(block_size)
+            dest[:] = v if v is not None else self.reader.zeros(block_size)
 
     def read_blocks_into_nowait(self, map_id: int, blocks: Sequence[int], block_size: int,
                                 dests: Sequence[memoryview]) -> bool:
         """``read_blocks_into`` if it can be done at once on the event loop (holes, and
         whole blocks stored raw in page-cached, healthy fragments); else False, and what
         ``dests`` hold is undefined."""
-        if self._failed is not None or self.closed or map_id not in self.state.maps:
+        if self._failed is not None or self.closed:
             return False
-        runs = self._into_runs(map_id, blocks, block_size, dests)
-        if runs is None:
-            return False
-        try:
-            done = records.read_runs_into(runs, block_size, dests)
-        except records.WouldBlock:
-            return False
-        self._counters["records_read"] += done
-        return True
-
-    def _into_runs(self, map_id: int, blocks: Sequence[int], block_size: int,
-                   dests: Sequence[memoryview]) -> list[records.IntoRun] | None:
-        """The records of ``blocks`` as runs for ``records.read_runs_into`` (holes are
-        zeroed in ``dests`` here), or None if some block is not a whole block stored raw."""
-        forest = self.state.forest
-        if blocks and blocks[-1] - blocks[0] + 1 == len(blocks):
-            spans = forest.leaf_spans(map_id, blocks[0], len(blocks))
-        else:
-            spans = [(1, forest.get(map_id, b) or HOLE) for b in blocks]
-        segments = self.state.segments
-        n, raw = spans[0] if len(spans) == 1 else (0, None)
-        if raw is not None and n > 1:
-            # The usual large read: records one after another in one segment. Checked
-            # column-wise (a few C-level calls), not entry by entry.
-            segs, offs, plens, flags, hashes = zip(*ENTRY.iter_unpack(raw), strict=True)
-            seg = segments.get(segs[0])
-            if (seg is not None and plens.count(block_size) == n and segs.count(seg.id) == n
-                    and not any(flags) and not block_size % seg.k):
-                units = codec.fragment_units(block_size, seg.k)
-                if offs == tuple(range(offs[0], offs[0] + n * units, units)):
-                    return [records.IntoRun(self._columns(seg), seg.k, seg.m, offs[0], units,
-                                            list(range(n)), list(hashes))]
-        runs: list[records.IntoRun] = []
-        run: records.IntoRun | None = None
-        run_seg = after = units = -1
-        slot = 0
-        for n, raw in spans:
-            if raw is None:
-                for _ in range(n):
-                    dests[slot][:] = self._zeros(block_size)
-                    slot += 1
-                run = None
-                continue
-            for seg_id, off, plen, flags, rhash in ENTRY.iter_unpack(raw):
-                if not plen:                   # a hole (HOLE unpacks to zeros)
-                    dests[slot][:] = self._zeros(block_size)
-                    slot += 1
-                    run = None
-                    continue
-                if plen != block_size or flags:
-                    return None
-                if run is None or seg_id != run_seg or off != after:
-                    seg = segments[seg_id]
-                    if block_size % seg.k:
-                        return None
-                    units = codec.fragment_units(plen, seg.k)
-                    run = records.IntoRun(self._columns(seg), seg.k, seg.m, off, units, [],
-                                          [])
-                    runs.append(run)
-                    run_seg = seg_id
-                run.slots.append(slot)
-                run.hashes.append(rhash)
-                after = off + units
-                slot += 1
-        return runs
-
-    def _zeros(self, n: int) -> bytes:
-        z = self._zero_block
-        if len(z) != n:
-            z = self._zero_block = bytes(n)
-        return z
-
-    def _column(self, idx: int, ext: int) -> Column:
-        return self.store.column(idx, ext)
-
-    async def _repair(self, repairs: Sequence[records.Repair]) -> None:
-        """Rewrite bad fragments a read rebuilt, one thread per member, under the write
-        deadline: a member that hangs on the repair is faulted rather than hanging the
-        read that found the damage."""
-        # Heal only fragments of segments that still exist: a segment freed meanwhile
-        # may not be reused yet (reads in flight hold frees back), but it is not ours.
-        live = [r for r in repairs if r.segment in self.state.segments]
-        index = {id(d): i for i, d in enumerate(self.devices) if d is not None}
-        by_member: dict[int, list[records.Repair]] = {}
-        for r in live:
-            i = index.get(id(r.device))
-            if i is not None:
-                by_member.setdefault(i, []).append(r)
-        written: list[int] = []
-
-        def rewrite(rs: list[records.Repair]) -> None:
-            written.append(records.apply_repairs(rs))
-        # Counted as a read in flight, so that extents freed meanwhile are not reused
-        # (or discarded) under these writes.
-        gen = self._read_begin()
-        try:
-            await self._per_device([(i, partial(rewrite, rs)) for i, rs in by_member.items()],
-                                   "write", tolerate=True, what="a repair write")
-        finally:
-            self._read_end(gen)
-        done = sum(written)
-        self._counters["repaired_fragments"] += done
-        self._dirty_devices.update(i for i in by_member if self.devices[i] is not None)
-        if done:
-            log.warning("pool %s: rewrote %d bad fragment(s) from redundancy",
-                        self.state.name, done)
+        return self.reader.read_blocks_into_nowait(map_id, blocks, block_size, dests)
 
     # ==== commit ==========================================================================
     async def commit(self) -> None:

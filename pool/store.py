@@ -135,8 +135,8 @@ class SegmentStore(Protocol):
                                                Sequence[codec.EncodedRecord]]]
                     ) -> WriteOutcome: ...
 
-    async def write_fragments(self, repairs: Sequence[records.Repair]
-                              ) -> tuple[int, frozenset[int]]: ...
+    async def write_fragments(self, repairs: Sequence[records.Repair], *,
+                              foreground: bool = False) -> tuple[int, frozenset[int]]: ...
 
     def note_errors(self, errors: Counter[tuple[str, str]]) -> None: ...
 
@@ -381,16 +381,19 @@ class LocalStore:
             raise next(iter(failures.values()))
         return failures
 
-    async def write_fragments(self, repairs: Sequence[records.Repair]
-                              ) -> tuple[int, frozenset[int]]:
+    async def write_fragments(self, repairs: Sequence[records.Repair], *,
+                              foreground: bool = False) -> tuple[int, frozenset[int]]:
         """Write fragments a rebuild or scrub computed, one thread at a time per pool
         beside its verify work: (how many to count as written -- none when some failed
-        and none landed --, the members written to).
+        and none landed --, the members written to). ``foreground``: fragments a read
+        rebuilt, written at once, one thread per member (``_rewrite``).
 
         Each device's fragments are written under the write deadline: a device that has
         not finished by then fails all of them, and a member that hung so is faulted at
         once, for a full rebuild (the stuck write may still land), as a hung foreground
         write faults it (invariant 5)."""
+        if foreground:
+            return await self._rewrite(repairs)
         groups: dict[int, list[records.Repair]] = {}
         for r in repairs:
             groups.setdefault(id(r.device), []).append(r)
@@ -425,6 +428,31 @@ class LocalStore:
                 for _r in lost:
                     self._hooks.count_error(i, "write", "writing a rebuilt fragment")
         return (len(repairs) - failed if done or not failed else 0), touched
+
+    async def _rewrite(self, repairs: Sequence[records.Repair]
+                       ) -> tuple[int, frozenset[int]]:
+        """Rewrite fragments a read rebuilt, one thread per member, under the write
+        deadline (``per_device``): a member that hangs on it is faulted rather than
+        hanging the read; (fragments written, members written to)."""
+        index = {id(d): i for i, d in enumerate(self.devices) if d is not None}
+        by_member: dict[int, list[records.Repair]] = {}
+        for r in repairs:
+            i = index.get(id(r.device))
+            if i is not None:
+                by_member.setdefault(i, []).append(r)
+        written: list[int] = []
+
+        def rewrite(rs: list[records.Repair]) -> None:
+            written.append(records.apply_repairs(rs))
+        # Counted as a read in flight, so that extents freed meanwhile are not reused
+        # (or discarded) under these writes.
+        gen = self.read_begin()
+        try:
+            await self.per_device([(i, partial(rewrite, rs)) for i, rs in by_member.items()],
+                                  "write", tolerate=True, what="a repair write")
+        finally:
+            self.read_end(gen)
+        return sum(written), frozenset(i for i in by_member if self.devices[i] is not None)
 
     # ==== frees, readers and release (invariant 3) =========================================
     def free(self, placement: Placement) -> None:
