@@ -620,10 +620,6 @@ class Pool:
     def _reserved(self) -> int:
         return self.space.reserved
 
-    @property
-    def _tail_units(self) -> dict[tuple[int, int], int]:
-        return self.space.tail_units
-
     def _room(self, prof: tuple[int, int], units: int) -> Segment:
         seg = self._open.get(prof)
         cap = self.layout.extent_size // SECTOR
@@ -645,9 +641,6 @@ class Pool:
                          birth=self.state.txg + 1))
         return self.state.segments[seg_id]
 
-    def _placeable(self, index: int) -> bool:
-        return self.store.placeable(index)
-
     def _reap(self) -> None:
         """Free segments that hold no live record and can take no more."""
         open_ids = {s.id for s in self._open.values()}
@@ -661,12 +654,6 @@ class Pool:
             self._do(op_json(op="seg_free", id=seg_id))
             self.store.free(seg.extents)
             self.store.forget(seg_id)
-
-    def _read_begin(self) -> int:
-        return self.store.read_begin()
-
-    def _read_end(self, gen: int) -> None:
-        self.store.read_end(gen)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -729,8 +716,9 @@ class Pool:
             key = (prof.k, prof.m)
             if encoded:
                 largest = max(rec.units for rec in encoded)
-                if largest > self._tail_units.get(key, 1):
-                    self._tail_units[key] = largest
+                tails = self.space.tail_units
+                if largest > tails.get(key, 1):
+                    tails[key] = largest
             for rec in encoded:
                 seg = self._room(key, rec.units)
                 if not pinned or pinned[-1] != seg.id:
@@ -890,7 +878,7 @@ class Pool:
                           block_size: int) -> tuple[bool, bytes | memoryview | None]:
         """``read_blocks_nowait`` of one block: (whether it could be read at once, its
         content or None for a hole). A record-cache hit costs a map lookup."""
-        if self._failed is not None or self.closed:
+        if self._failed is not None or self._closed:
             return False, None
         return self.reader.read_block_nowait(map_id, block, block_size)
 
@@ -898,7 +886,7 @@ class Pool:
                            block_size: int) -> list[bytes | memoryview | None] | None:
         """``read_blocks`` if it can be done at once on the event loop (record-cache hits,
         page-cached healthy fragments), else None: the caller awaits ``read_blocks``."""
-        if self._failed is not None or self.closed:
+        if self._failed is not None or self._closed:
             return None
         return self.reader.read_blocks_nowait(map_id, blocks, block_size)
 
@@ -924,7 +912,7 @@ class Pool:
         """``read_blocks_into`` if it can be done at once on the event loop (holes, and
         whole blocks stored raw in page-cached, healthy fragments); else False, and what
         ``dests`` hold is undefined."""
-        if self._failed is not None or self.closed:
+        if self._failed is not None or self._closed:
             return False
         return self.reader.read_blocks_into_nowait(map_id, blocks, block_size, dests)
 
@@ -1448,7 +1436,7 @@ class Pool:
 
     def pin(self, seg_id: int) -> None:
         self._pins[seg_id] = self._pins.get(seg_id, 0) + 1
-        self._pin_gens.setdefault(seg_id, []).append(self._read_begin())
+        self._pin_gens.setdefault(seg_id, []).append(self.store.read_begin())
 
     def unpin(self, seg_id: int) -> None:
         self._unpin(seg_id)
@@ -1464,7 +1452,7 @@ class Pool:
         self._pins[seg_id] -= 1
         if not self._pins[seg_id]:
             del self._pins[seg_id]
-        self._read_end(gen)
+        self.store.read_end(gen)
 
     def pinned(self, seg_id: int) -> bool:
         return bool(self._pins.get(seg_id))
