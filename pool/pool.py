@@ -1420,20 +1420,6 @@ class Pool:
                     f"{self.state.name} ({other.path}: {identity.describe(mine)})")
 
     # ---- support for the maintenance engines (pool.scrub, pool.rebuild) ------------------
-    def segment_records(self, seg_id: int, start: int = 0) -> list[bytes]:
-        """The distinct live map entries in segment ``seg_id`` at sector >= ``start``, in
-        offset order (a scan of every leaf: there is no reverse index yet)."""
-        found: set[bytes] = set()
-        size = ENTRY.size
-        for node in self.state.forest.nodes.values():
-            data = node.data
-            if not isinstance(data, bytearray):
-                continue
-            for pos, (seg, off, *_rest) in enumerate(ENTRY.iter_unpack(data)):
-                if seg == seg_id and off >= start:
-                    found.add(bytes(data[pos * size:(pos + 1) * size]))
-        return sorted(found, key=lambda r: ENTRY.unpack_from(r)[1])
-
     def pin(self, seg_id: int) -> None:
         self._pins[seg_id] = self._pins.get(seg_id, 0) + 1
         self._pin_gens.setdefault(seg_id, []).append(self.store.read_begin())
@@ -1499,27 +1485,6 @@ class Pool:
         far: maintenance work watches it to tell whether the pool is idle."""
         return (self._counters["records_read"] + self._counters["records_written"]
                 + self.record_cache.hits)
-
-    def locate(self, entry: bytes) -> list[str]:
-        """Which volumes/snapshots and byte offsets reference a record (for reports)."""
-        names: dict[int, tuple[str, int]] = {}
-        objs = self.state.objects
-        for obj in objs.values():
-            if "map" in obj:
-                name = str(obj.get("name", "?"))
-                if obj.get("type") == "snapshot":
-                    vol = objs.get(int(obj.get("volume", -1)), {})
-                    name = f"{vol.get('name', '?')}@{name}"
-                names[int(obj["map"])] = (name, int(obj.get("block_size", 0)))
-        out = []
-        forest = self.state.forest
-        for map_id in forest.roots:
-            for block, raw in forest.items(map_id):
-                if raw == entry:
-                    name, bs = names.get(map_id, (f"map {map_id}", 0))
-                    out.append(f"{name} offset {block * bs}" if bs else
-                               f"{name} block {block}")
-        return out
 
     def meta_locations(self) -> list[Loc]:
         return [*self._page_locs.values(), *self._meta_locs]

@@ -31,7 +31,7 @@ from pool.errors import MediumError, NotFound
 from pool.layout import SECTOR
 from pool.readcache import RecordCache
 from pool.state import ENTRY, HOLE, PoolState
-from pool.store import LocalStore
+from pool.store import SegmentStore
 
 log = logging.getLogger("pool.pool")   # its lines keep the name they always had
 
@@ -43,7 +43,7 @@ class RecordReader:
     unreadable_records, repaired_fragments are counted in it); ``written`` is told which
     members a read repair wrote to (they need a sync before the next commit)."""
 
-    def __init__(self, state: PoolState, store: LocalStore, cache: RecordCache,
+    def __init__(self, state: PoolState, store: SegmentStore, cache: RecordCache,
                  deadlines: Deadlines, cpu: trio.CapacityLimiter, counters: dict[str, int],
                  written: Callable[[Iterable[int]], None]) -> None:
         self.state = state

@@ -41,6 +41,7 @@ from pool.codec import fragment_units
 from pool.deadlines import Deadlines
 from pool.device import Device
 from pool.layout import SECTOR
+from pool.lookup import locate, segment_records
 from pool.pool import Pool
 from pool.state import ENTRY, Segment
 from pool.store import Column
@@ -221,7 +222,7 @@ async def _read_stage(pool: Pool, work: list[tuple[int, int, int]], held: list[i
             while pool.pinned(seg_id):  # noqa: ASYNC110
                 await trio.sleep(0.005)
             column = next(c for c, (i, _e) in enumerate(seg.extents) if i == index)
-            entries = pool.segment_records(seg_id, start)
+            entries = segment_records(pool.state, seg_id, start)
             pool.pin(seg_id)
             held.append(seg_id)
             item = _Segment(index, seg_id, dev, column, pool.member_epoch(index))
@@ -289,7 +290,7 @@ async def _write_stage(pool: Pool, recv: trio.MemoryReceiveChannel[_Item | BaseE
             seg_id, column = item.seg.seg_id, item.seg.column
             pool.store.note_errors(out.device_errors)
             for slot, why in out.failures.items():
-                where = ", ".join(pool.locate(item.batch[slot])) or "no map"
+                where = ", ".join(locate(pool.state, item.batch[slot])) or "no map"
                 log.error("pool %s: cannot rebuild a record of segment %d (%s): %s",
                           pool.name, seg_id, where, why)
             mine = sum(len(r.data) for r in out.repairs if r.index == column)

@@ -20,6 +20,7 @@ import trio
 from pool import records
 from pool.errors import InvalidArgument
 from pool.layout import SECTOR
+from pool.lookup import locate, segment_records
 from pool.pool import Pool
 from pool.rebuild import _throttle, record_plans, steps
 
@@ -115,7 +116,7 @@ async def run(pool: Pool, *, rate: float | None = None) -> dict[str, Any] | None
             seg = pool.state.segments.get(seg_id)
             if seg is None:
                 continue
-            entries = pool.segment_records(seg_id)
+            entries = segment_records(pool.state, seg_id)
             pool.pin(seg_id)
             try:
                 for batch, size in steps(entries, seg.k):
@@ -128,7 +129,7 @@ async def run(pool: Pool, *, rate: float | None = None) -> dict[str, Any] | None
                     pool.count("repaired_fragments", n_fixed)
                     for slot, why in out.failures.items():
                         cur["unrecoverable"] += 1
-                        where = ", ".join(pool.locate(batch[slot])) or "no map"
+                        where = ", ".join(locate(pool.state, batch[slot])) or "no map"
                         msg = f"{where}: {why}"
                         log.error("pool %s: scrub: unrecoverable record: %s", pool.name, msg)
                         if len(cur["problems"]) < MAX_REPORTED:

@@ -40,7 +40,7 @@ from pool.errors import NoSpace
 from pool.layout import SECTOR
 from pool.profile import Profile
 from pool.state import PoolState, Segment
-from pool.store import LocalStore
+from pool.store import SegmentStore
 
 META_RESERVE = 0.9   # writes stop when the metadata area is this full
 ZEROING_RESERVE_RECORDS = 4   # largest records kept for trims' partial blocks (rule S2)
@@ -64,7 +64,7 @@ class SpaceAccount:
     ``open_segments`` is the pool's own dict of open segments by (k, m), whose unused
     room counts as available."""
 
-    def __init__(self, state: PoolState, store: LocalStore, extent_size: int,
+    def __init__(self, state: PoolState, store: SegmentStore, extent_size: int,
                  open_segments: dict[tuple[int, int], Segment], host: SpaceHooks) -> None:
         self.state = state
         self._store = store
@@ -209,12 +209,10 @@ class SpaceAccount:
                     return
                 if self._host.metadata_used() > META_RESERVE and not zeroing:
                     raise refusal
-                self._store.release()
-                if self._store.releasable:
+                if await self._store.reclaim():
                     # Freed by a commit, still possibly read by reads begun before it.
-                    await self._store.released.wait()
                     continue
-                if await self._host.clean_one() or self._store.pending_free:
+                if await self._host.clean_one() or self._store.frees_pending():
                     await self._host.commit()      # (which frees the cleaned segment)
                     continue
                 if not wrote_back:

@@ -32,6 +32,8 @@ The interface, as a caller may rely on it (docs/INTERNALS.md "The SegmentStore")
   (in ``free`` order: the commit noted how many were pending when it began). The space is
   reused only after that and once no read begun before it is in flight (``read_begin``/
   ``read_end``) -- so a read never sees another segment's bytes (DESIGN 3).
+  ``frees_pending()``: some frees wait for a commit; ``reclaim()``: release what no read
+  holds back, and if some still waits for older reads, wait for it (True: try again).
 - ``run`` / ``settle_discards``: background discard of released space (advisory).
 - ``free_bytes(prof)`` / ``room(prof)``: the space accounting's view (full stripes of a
   profile that free space still forms, the capacity); ``health()``: each failure domain.
@@ -145,6 +147,10 @@ class SegmentStore(Protocol):
     def free(self, placement: Placement) -> None: ...
 
     def durable(self, freed: int) -> None: ...
+
+    def frees_pending(self) -> bool: ...
+
+    async def reclaim(self) -> bool: ...
 
     def read_begin(self) -> int: ...
 
@@ -466,6 +472,20 @@ class LocalStore:
         self.releasable.extend((self.release_gen, i, e) for i, e in self.pending_free[:freed])
         del self.pending_free[:freed]
         self.release()
+
+    def frees_pending(self) -> bool:
+        """Whether frees wait for a commit (one would make them durable)."""
+        return bool(self.pending_free)
+
+    async def reclaim(self) -> bool:
+        """Release the freed space no read holds back (invariant 3). If freed space still
+        waits for reads older than its freeing commit, wait until some comes back and
+        return True (the caller tries again); False when none waits."""
+        self.release()
+        if self.releasable:
+            await self.released.wait()
+            return True
+        return False
 
     def read_begin(self) -> int:
         """Note a read (or a pin) in flight; returns its generation for ``read_end``."""
