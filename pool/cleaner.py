@@ -16,8 +16,9 @@ Invariants this module owns (DESIGN numbers in parentheses):
    not reaped before the relocations point at the new copies; its extents free up only
    at the next commit (3).
 
-It drives the pool through the pool's own (today private) store, map and space calls;
-the SegmentStore seam of issue 23 is where those become a public vocabulary.
+It reads columns through the SegmentStore (``Pool.store``), re-stores records through
+the write path (``Pool.writer``) and asks the space account (``Pool.space``); it still
+uses the pool's private segment bookkeeping (open segments, pins, reap, ops).
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ class SegmentCleaner:
                 lambda: [codec.stripe(out.payloads[i], ENTRY.unpack_from(raw)[3], prof.k,
                                       prof.m) for i, raw in enumerate(olds)],
                 limiter=p._cpu)
-            news = await p._store(prof, encoded)
+            news = await p.writer.store(prof, encoded)
         finally:
             p._unpin(seg_id)   # no reap before the relocations point at the news
         for old, new in zip(olds, news, strict=True):

@@ -81,11 +81,11 @@ from pool.state import (
     iter_ops,
     op_json,
     op_map_clear,
-    op_map_set,
 )
 from pool.store import Column, LocalStore
 from pool.store import stripes as _stripes
 from pool.tuning import PoolTuning
+from pool.writer import RecordWriter, WriterHooks
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -210,6 +210,12 @@ class Pool:
             ("commits", "checkpoints", "records_written", "records_read", "degraded_reads",
              "repaired_fragments", "unreadable_records", "records_relocated",
             "rebuilt_bytes", "scrubbed_bytes", "discarded_extents"), 0)
+        # The write path (pool.writer): blocks to records in open segments.
+        self.writer = RecordWriter(state, self.store, self.space, devices, layout.extent_size,
+                                   self._open, self._pins, self._fill_moved,
+                                   self._dirty_devices, self._counters, self._cpu,
+                                   WriterHooks(self._check_ok, self._confirm_owner, self._do,
+                                               self._reap, lambda: self._sb_gen))
         # The read path (pool.reader): map entries to verified blocks.
         self.reader = RecordReader(state, self.store, self.record_cache, meta.deadlines,
                                    self._cpu, self._counters,
@@ -620,27 +626,6 @@ class Pool:
     def _reserved(self) -> int:
         return self.space.reserved
 
-    def _room(self, prof: tuple[int, int], units: int) -> Segment:
-        seg = self._open.get(prof)
-        cap = self.layout.extent_size // SECTOR
-        if seg is not None and seg.fill + units <= cap:
-            return seg
-        if seg is not None:
-            del self._open[prof]
-            if seg.live == 0:
-                self.state.emptied.add(seg.id)
-            self._reap()
-        seg = self._new_segment(*prof)
-        self._open[prof] = seg
-        return seg
-
-    def _new_segment(self, k: int, m: int) -> Segment:
-        extents = self.store.allocate(k, m)
-        seg_id = self.state.next_id
-        self._do(op_json(op="seg_new", id=seg_id, k=k, m=m, extents=extents,
-                         birth=self.state.txg + 1))
-        return self.state.segments[seg_id]
-
     def _reap(self) -> None:
         """Free segments that hold no live record and can take no more."""
         open_ids = {s.id for s in self._open.values()}
@@ -682,105 +667,9 @@ class Pool:
                            items: Sequence[tuple[int, codec.Buffer | None]], *,
                            raw: Container[int] = ()) -> None:
         """Store blocks as new records (``None`` unmaps) and point the map at them; with
-        ``compress``, lz4 is tried on each block but those in ``raw``.
-
-        The change is in memory until the next ``commit``; the records are written (not
-        synced) before the map moves, so a commit never references unwritten data.
-        """
-        self._check_ok()
-        if map_id not in self.state.maps:
-            raise StorageError(f"map {map_id} does not exist")
-        blocks = [b for b, d in items if d is not None]
-        datas = [d for _b, d in items if d is not None]
-        encoded = await self._encode(datas, prof,
-                                     [compress and b not in raw for b in blocks])
-        self._check_ok()
-        entries = await self._store(prof, encoded)
-        for block, entry in zip(blocks, entries, strict=True):
-            self._do(op_map_set(map_id, block, entry))
-        for block, maybe in items:
-            if maybe is None:
-                self._do(op_map_set(map_id, block, HOLE))
-        self._reap()
-
-    async def _store(self, prof: Profile,
-                     encoded: Sequence[codec.EncodedRecord]) -> list[bytes]:
-        """Place encoded records at the end of the profile's open segment(s), write them
-        (one write per column per run), and return their map entries. The caller points
-        maps at them afterwards: nothing references a record before it is written."""
-        await self._confirm_owner()
-        placed: list[tuple[Segment, int, codec.EncodedRecord]] = []
-        pinned: list[int] = []
-        failed_store = False
-        try:
-            key = (prof.k, prof.m)
-            if encoded:
-                largest = max(rec.units for rec in encoded)
-                tails = self.space.tail_units
-                if largest > tails.get(key, 1):
-                    tails[key] = largest
-            for rec in encoded:
-                seg = self._room(key, rec.units)
-                if not pinned or pinned[-1] != seg.id:
-                    self._pins[seg.id] = self._pins.get(seg.id, 0) + 1
-                    pinned.append(seg.id)
-                placed.append((seg, seg.fill, rec))
-                seg.fill += rec.units
-                self._fill_moved.add(seg.id)
-            runs: list[tuple[Segment, int, list[codec.EncodedRecord]]] = []
-            for seg, off, rec in placed:
-                if runs and runs[-1][0] is seg:
-                    runs[-1][2].append(rec)
-                else:
-                    runs.append((seg, off, [rec]))
-            outcome = await self.store.write(runs)
-            failed = outcome.failed
-            self._dirty_devices.update(outcome.written)
-            self._check_ok()
-            if failed:
-                self._degraded_store(placed, set(failed))
-            self._counters["records_written"] += len(placed)
-            return [ENTRY.pack(seg.id, off, rec.plen, rec.flags, rec.rhash)
-                    for seg, off, rec in placed]
-        except BaseException:
-            failed_store = True
-            raise
-        finally:
-            # No reaping here: the caller points maps at the records first (without an
-            # await in between) and reaps after, or a segment closed while its records
-            # were in flight would look empty and be freed under them.
-            for seg_id in pinned:
-                self._pins[seg_id] -= 1
-                if not self._pins[seg_id]:
-                    del self._pins[seg_id]
-            if failed_store:
-                # Nobody will point at these records: a segment that holds only them (or
-                # that emptied while we pinned it) must not linger unfreed.
-                for seg_id in pinned:
-                    sg = self.state.segments.get(seg_id)
-                    if sg is not None and not sg.live:
-                        self.state.emptied.add(seg_id)
-                self._reap()
-
-    def _degraded_store(self, placed: Sequence[tuple[Segment, int, codec.EncodedRecord]],
-                        failed: set[int]) -> None:
-        """Some column writes failed. The records stand if each still has k fragments
-        (the member is marked for a rebuild of them); otherwise the write fails."""
-        first: dict[int, int] = {}
-        for seg, off, _rec in placed:
-            first.setdefault(seg.id, off)
-            absent = sum(1 for i, _e in seg.extents if self.devices[i] is None or i in failed)
-            if absent > seg.m:
-                raise MediumError(f"pool {self.state.name}: writes failed on "
-                                  f"{len(failed)} device(s) and a {Profile(seg.k, seg.m)} "
-                                  f"record cannot lose more than {seg.m} fragments")
-        self.store.forget()
-        for seg_id, off in first.items():
-            for i, _e in self.state.segments[seg_id].extents:
-                if i in failed:
-                    self._do(op_json(op="member_state", index=i,
-                                     state=self.state.members[i].state,
-                                     last_gen=self._sb_gen, marks=[[seg_id, off]]))
+        ``compress``, lz4 is tried on each block but those in ``raw``
+        (``RecordWriter.write_blocks``). In memory until the next ``commit``."""
+        await self.writer.write_blocks(map_id, prof, compress, items, raw=raw)
 
     # ==== member health ===================================================================
     def count_error(self, index: int, kind: str, why: str = "") -> None:
@@ -853,25 +742,6 @@ class Pool:
         closed segments whose live part is below ``threshold`` of what they hold; the
         number of segments emptied (the space returns at the next commit)."""
         return await self.cleaner.clean(max_segments=max_segments, threshold=threshold)
-
-    async def _encode(self, datas: list[codec.Buffer], prof: Profile,
-                      compress: list[bool]) -> list[codec.EncodedRecord]:
-        """Compress (where ``compress`` says), split and encode records, on both cores
-        when there are enough (zfec and lz4 release the GIL)."""
-        if len(datas) < 8:
-            return await trio.to_thread.run_sync(records.encode_all, datas, prof.k, prof.m,
-                                                 compress, limiter=self._cpu)
-        half = len(datas) // 2
-        parts: list[list[codec.EncodedRecord]] = [[], []]
-
-        async def one(i: int, lo: int, hi: int) -> None:
-            parts[i] = await trio.to_thread.run_sync(records.encode_all, datas[lo:hi],
-                                                     prof.k, prof.m, compress[lo:hi],
-                                                     limiter=self._cpu)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(one, 0, 0, half)
-            nursery.start_soon(one, 1, half, len(datas))
-        return parts[0] + parts[1]
 
     # ---- the read path (pool.reader; the pool's own state is checked here) --------------
     def read_block_nowait(self, map_id: int, block: int,

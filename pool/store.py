@@ -18,7 +18,8 @@ The interface, as a caller may rely on it (docs/INTERNALS.md "The SegmentStore")
 - ``columns(seg)``: one ``Column`` per column of the segment: a byte-range reader
   (``reader.pread``/``preadv_nowait``; None when the column is absent now), the byte
   offset of the segment's column in it, and a name for messages; ``rebuilding=c``: column
-  c's reader even while it awaits a rebuild. ``note_errors``: the read and checksum
+  c's reader even while it awaits a rebuild; ``forget(seg)``: what columns depend on
+  (members, marks) changed, hand out fresh ones. ``note_errors``: the read and checksum
   errors a read met, by column name, counted against their domains.
 - ``write(runs)``: write records at sector offsets of segments' columns (one vectored
   write per domain). Not durable until ``sync``; returns the domains written and the
@@ -132,6 +133,8 @@ class SegmentStore(Protocol):
 
     def columns(self, seg: Segment, *, rebuilding: int | None = None
                 ) -> tuple[Column, ...]: ...
+
+    def forget(self, seg_id: int | None = None) -> None: ...
 
     async def write(self, runs: Sequence[tuple[Segment, int,
                                                Sequence[codec.EncodedRecord]]]
