@@ -15,9 +15,8 @@ Invariants this module owns (numbers from shared/DESIGN.md):
 5. Redundancy: records use their profile's k + m columns on distinct members; metadata is
    mirrored on every member.
 
-State machine of a Pool object: OPEN -> (commit failure) -> FAILED -> CLOSED, or
-OPEN -> CLOSED (``close``/``destroy``). FAILED refuses all I/O (like SQLite's ERROR state):
-after an ambiguous metadata write the only safe way on is a re-import.
+State machine of a Pool object: OPEN -> FAILED -> CLOSED, or OPEN -> CLOSED; its diagram,
+and every way into FAILED, are in ``pool.txn`` (``Transaction``, which ``Pool.txn`` is).
 
 Background work (discarding freed extents) runs in ``Pool.run``, in a nursery its owner
 holds; without a runner it is done at ``settle_discards`` and ``close``.
@@ -51,7 +50,6 @@ from pool.errors import (
     MediumError,
     NoSpace,
     NotFound,
-    PoolFailed,
     StorageError,
 )
 from pool.layout import (
@@ -82,6 +80,7 @@ from pool.state import (
     op_map_set,
 )
 from pool.tuning import PoolTuning
+from pool.txn import CommitHooks, Transaction
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -154,8 +153,6 @@ class Pool:
         self.layout = layout
         self.devices = devices
         self.meta = meta
-        self._sb_gen = superblock.generation if superblock else 0
-        self._page_locs: dict[int, Loc] = {}   # map node id -> where the checkpoint put it
         self._free: list[set[int]] = [set() for _ in state.members]
         self._pending_free: list[tuple[int, int]] = []   # freed by uncommitted ops
         # Committed frees (generation, member, extent), waiting for older readers.
@@ -179,13 +176,13 @@ class Pool:
         self.record_cache = readcache.RecordCache(tuning.record_cache)
         self.cleaner = SegmentCleaner(self)
         self._zero_block = b""     # zeros for holes read into a caller's buffer
-        self._pending: list[Op] = []
-        self._applied = 0
-        self._committed = 0
-        self._commit_lock = trio.Lock()
-        self._dirty_devices: set[int] = set()
-        self._failed: str | None = None
-        self._closed = False
+        # Pending ops, group commit, OPEN / FAILED / CLOSED (pool.txn). Its lock and the set
+        # of members written since the last commit, under the names the pool uses.
+        self.txn = Transaction(state, meta, layout, superblock, CommitHooks(
+            self._confirm_owner, self._sync_members, self._absorb_meta_failures,
+            self._seal_fills, self._frees_pending, self._after_commit))
+        self._commit_lock = self.txn.lock
+        self._dirty_devices = self.txn.dirty
         # The owner record this daemon keeps on every member (pool.owner); None: none
         # written (a pool opened without one, or released). The lock orders heartbeats
         # against export/destroy, so no beat lands after the record was cleared.
@@ -206,7 +203,6 @@ class Pool:
         self._release_gen = 0
         self._readers: Counter[int] = Counter()
         self._pin_gens: dict[int, list[int]] = {}
-        self._meta_units_used = meta.bitmap.count(1)
         self._caches: list[Callable[[], Awaitable[None]]] = []
         self._limiters = [trio.CapacityLimiter(4) for _ in devices]
         # Per member: read / write / checksum errors seen since import.
@@ -225,8 +221,6 @@ class Pool:
         self.left_out: dict[str, str] = {}
         self._recheck = trio.Event()     # a read failed: check the members now
         self.fault_threshold = FAULT_THRESHOLD
-        self._meta_locs: tuple[Loc, ...] = (
-            (superblock.state, superblock.index) if superblock else ())
         # What the maintenance engines (pool.scrub, pool.rebuild) report while they run.
         self.activity: dict[str, Any] = {}
         self._cpu = trio.CapacityLimiter(2)
@@ -382,16 +376,52 @@ class Pool:
 
     # ==== small helpers ===================================================================
     def _do(self, op: Op) -> None:
-        self.state.apply(op)
-        self._pending.append(op)
-        self._applied += 1
+        self.txn.do(op)
 
     def _check_ok(self) -> None:
-        if self._closed:
-            raise StorageError(f"pool {self.state.name} is closed")
-        if self._failed is not None:
-            raise PoolFailed(f"pool {self.state.name} stopped after a failed metadata write "
-                             f"({self._failed}); export and re-import it")
+        self.txn.check_ok()
+
+    def fail(self, reason: str) -> None:
+        """Stop all I/O to the pool (``Transaction.fail``: FAILED, refused with PoolFailed
+        until a re-import)."""
+        self.txn.fail(reason)
+
+    # The transaction's state under the names the rest of the pool still uses (pool.txn).
+    @property
+    def _failed(self) -> str | None:
+        return self.txn.failed
+
+    @_failed.setter
+    def _failed(self, reason: str) -> None:
+        self.txn.fail(reason)
+
+    @property
+    def _closed(self) -> bool:
+        return self.txn.closed
+
+    @property
+    def _pending(self) -> list[Op]:
+        return self.txn.pending
+
+    @property
+    def _sb_gen(self) -> int:
+        return self.txn.sb_gen
+
+    @property
+    def _page_locs(self) -> dict[int, Loc]:
+        return self.txn.page_locs
+
+    @_page_locs.setter
+    def _page_locs(self, locs: dict[int, Loc]) -> None:
+        self.txn.page_locs = locs
+
+    @property
+    def _meta_locs(self) -> tuple[Loc, ...]:
+        return self.txn.meta_locs
+
+    @property
+    def _meta_units_used(self) -> int:
+        return self.txn.meta_units_used
 
     async def _on_devices(self, fn: Callable[[Device], None],
                           which: Sequence[int] | None = None) -> None:
@@ -1425,120 +1455,38 @@ class Pool:
             log.warning("pool %s: rewrote %d bad fragment(s) from redundancy",
                         self.state.name, done)
 
-    # ==== commit ==========================================================================
+    # ==== commit (pool.txn) ================================================================
     async def commit(self) -> None:
-        """Make everything applied so far durable (group commit: concurrent callers share)."""
-        target = self._applied
-        async with self._commit_lock:
-            self._check_ok()
-            await self._confirm_owner()
-            if self._committed >= target:
-                return
-            for seg_id in sorted(self._fill_moved):
-                seg = self.state.segments.get(seg_id)
-                if seg is not None:
-                    self._do(op_json(op="seg_fill", id=seg.id, fill=seg.fill))
-            self._fill_moved.clear()
-            payload_len = sum(len(op) for op in self._pending)
-            if self.meta.journal_room(payload_len) and (
-                    self.meta.journal_head < self.layout.journal_size // 2):
-                await self._journal_commit()
-            else:
-                await self._checkpoint_locked()
+        """Make everything applied so far durable (group commit: concurrent callers share;
+        ``Transaction.commit``)."""
+        await self.txn.commit()
 
-    async def _journal_commit(self) -> None:
-        ops, covered, freed_here = self._pending, self._applied, len(self._pending_free)
-        self._pending = []
-        txg = self.state.txg + 1
-        payload = b"".join(ops)
-        try:
-            await self._sync_data()
-            await _run(self.meta.append, txg, payload)
-            self._absorb_meta_failures()
-            await self._sync_members()
-        except (DeviceError, OSError) as e:
-            self._failed = f"journal commit {txg}: {e}"
-            log.error("pool %s: %s", self.state.name, self._failed)
-            raise PoolFailed(f"pool {self.state.name}: commit failed: {e}") from e
-        self.state.txg = txg
-        self._after_commit(covered, freed_here)
-        self._counters["commits"] += 1
+    async def _checkpoint(self) -> None:
+        await self.txn.checkpoint()
 
-    def _after_commit(self, covered: int, freed_here: int) -> None:
-        """Ops up to ``covered`` are durable; so are the first ``freed_here`` frees."""
-        self._committed = covered
+    async def _checkpoint_locked(self) -> None:
+        await self.txn.checkpoint_locked()
+
+    def _seal_fills(self) -> None:
+        """A commit's last ops: the fill of each segment written since the last one."""
+        for seg_id in sorted(self._fill_moved):
+            seg = self.state.segments.get(seg_id)
+            if seg is not None:
+                self._do(op_json(op="seg_fill", id=seg.id, fill=seg.fill))
+        self._fill_moved.clear()
+
+    def _frees_pending(self) -> int:
+        return len(self._pending_free)
+
+    def _after_commit(self, kind: str, freed_here: int) -> None:
+        """A commit (``kind``: "commits" | "checkpoints") is durable, and with it the first
+        ``freed_here`` frees: their extents are reused once older reads are done."""
         self._release_gen += 1
         self._releasable.extend((self._release_gen, i, e)
                                 for i, e in self._pending_free[:freed_here])
         del self._pending_free[:freed_here]
         self._release_extents()
-
-    async def _sync_data(self) -> None:
-        dirty = sorted(self._dirty_devices)
-        self._dirty_devices.clear()
-        if dirty:
-            await self._sync_members(dirty)
-
-    async def _checkpoint(self) -> None:
-        async with self._commit_lock:
-            await self._confirm_owner()
-            await self._checkpoint_locked()
-
-    async def _checkpoint_locked(self) -> None:
-        """Write changed pages and a new superblock (see MetaStore for the protocol)."""
-        self._check_ok()
-        st = self.state
-        ops_covered = self._applied
-        self._pending = []
-        # Frees of segments made by ops up to here become reusable after this commit; ops
-        # applied while we await belong to the next commit.
-        freed_here = len(self._pending_free)
-        txg = st.txg + 1
-        st.txg = txg
-        st.generation = self._sb_gen + 1
-        state_blob = st.to_json()
-        page_keys: list[int] = []
-        page_blobs: list[bytes] = []
-        new_locs = dict(self._page_locs)
-        forest = st.forest
-        for nid in forest.freed:
-            new_locs.pop(nid, None)
-        for nid in sorted(forest.dirty):
-            page_keys.append(nid)
-            page_blobs.append(forest.nodes[nid].serialize())
-        forest.freed.clear()
-        forest.dirty.clear()
-        taken = bytearray(self.meta.bitmap)
-        try:
-            await self._sync_data()
-            written = await _run(self.meta.write_blobs, page_blobs, taken)
-            new_locs.update(zip(page_keys, written, strict=True))
-            index = b"".join(_INDEX.pack(nid, loc.unit, loc.units, loc.length, loc.hash)
-                             for nid, loc in sorted(new_locs.items()))
-            state_loc, index_loc = await _run(self.meta.write_blobs, [state_blob, index],
-                                              taken)
-            self._absorb_meta_failures()
-            await self._sync_members()
-            sb = Superblock(st.uuid, st.generation, txg, state_loc, index_loc)
-            await _run(self.meta.write_superblock, sb)
-            self._absorb_meta_failures()
-            await self._sync_members()
-        except (DeviceError, OSError, NoSpace) as e:
-            self._failed = f"checkpoint {st.generation}: {e}"
-            log.error("pool %s: %s", st.name, self._failed)
-            raise PoolFailed(f"pool {st.name}: checkpoint failed: {e}") from e
-        # The new superblock is durable: the old checkpoint's blobs may now be reused.
-        bitmap = bytearray(self.meta.n_units)
-        for loc in (*new_locs.values(), state_loc, index_loc):
-            bitmap[loc.unit:loc.unit + loc.units] = b"\1" * loc.units
-        self.meta.bitmap = bitmap
-        self._meta_units_used = bitmap.count(1)
-        self.meta.journal_head = 0
-        self._page_locs = new_locs
-        self._meta_locs = (state_loc, index_loc)
-        self._sb_gen = st.generation
-        self._after_commit(ops_covered, freed_here)
-        self._counters["checkpoints"] += 1
+        self._counters[kind] += 1
 
     # ==== ownership (DESIGN invariant 10; pool.owner) =====================================
     async def _take(self, claim: owners.Claim,
@@ -1633,10 +1581,10 @@ class Pool:
         ``release`` (export): clear the owner record too, so another daemon may import
         the pool at once; otherwise it stays (the pool still belongs to this daemon,
         which imports it again at its next start)."""
-        if self._closed:
+        if self.txn.closed:
             return
         try:
-            if self._failed is None:
+            if self.txn.failed is None:
                 for writeback in self._caches:
                     await writeback()
                 self._open.clear()
@@ -1644,8 +1592,8 @@ class Pool:
                 await self._checkpoint()
         finally:
             with trio.CancelScope(shield=True):
-                await self._release_owner(clear=release and self._failed is None)
-            self._closed = True
+                await self._release_owner(clear=release and self.txn.failed is None)
+            self.txn.close()
             with trio.CancelScope(shield=True):
                 await self.settle_discards()    # its threads use the devices
                 await close_devices([*self.devices, *self._parked.values()])
@@ -1655,7 +1603,7 @@ class Pool:
         """Wipe labels, superblocks and owner records of every present member; data is not
         zeroed."""
         await self._release_owner(clear=False)
-        self._closed = True
+        self.txn.close()
         await self._on_devices(_wipe)
         with trio.CancelScope(shield=True):
             await self.settle_discards()
@@ -1701,7 +1649,7 @@ class Pool:
     # ==== member maintenance: offline / online / replace / remove ==========================
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self.txn.closed
 
     def _away_after(self, index: int) -> int:
         """Segments that would lose more fragments than their parity covers without
