@@ -39,6 +39,7 @@ import trio
 
 from pool import codec, identity, readcache, records
 from pool import owner as owners
+from pool.catalog import Catalog
 from pool.cleaner import SegmentCleaner
 from pool.deadlines import Deadlines
 from pool.device import Device
@@ -76,7 +77,6 @@ from pool.state import (
     Segment,
     iter_ops,
     op_json,
-    op_map_clear,
     op_map_set,
 )
 from pool.tuning import PoolTuning
@@ -183,6 +183,8 @@ class Pool:
             self._seal_fills, self._frees_pending, self._after_commit))
         self._commit_lock = self.txn.lock
         self._dirty_devices = self.txn.dirty
+        # Objects and block maps (pool.catalog), changed through the transaction.
+        self.catalog = Catalog(state, self.txn, self._reap)
         # The owner record this daemon keeps on every member (pool.owner); None: none
         # written (a pool opened without one, or released). The lock orders heartbeats
         # against export/destroy, so no beat lands after the record was cleared.
@@ -502,113 +504,54 @@ class Pool:
     def default_profile(self) -> Profile:
         return Profile.parse(self.state.profile)
 
-    # ==== metadata objects and maps (used by the volumes layer) ============================
+    # ==== metadata objects and maps (used by the volumes layer; pool.catalog) ===========
     def objects(self) -> dict[int, dict[str, Any]]:
-        return dict(self.state.objects)
+        return self.catalog.objects()
 
     def put_object(self, value: dict[str, Any], obj_id: int | None = None) -> int:
-        self._check_ok()
-        if obj_id is None:
-            obj_id = self.state.next_id
-        self._do(op_json(op="obj_put", id=obj_id, value=value))
-        return obj_id
+        return self.catalog.put_object(value, obj_id)
 
     def delete_object(self, obj_id: int) -> None:
-        self._check_ok()
-        self._do(op_json(op="obj_del", id=obj_id))
+        self.catalog.delete_object(obj_id)
 
     def create_map(self) -> int:
-        self._check_ok()
-        map_id = self.state.next_id
-        self._do(op_json(op="map_new", id=map_id))
-        return map_id
+        return self.catalog.create_map()
 
     def clone_map(self, src: int) -> int:
-        """A new map sharing every node of ``src`` (O(1); copy-on-write from then on)."""
-        self._check_ok()
-        if src not in self.state.maps:
-            raise StorageError(f"map {src} does not exist")
-        map_id = self.state.next_id
-        self._do(op_json(op="map_clone", id=map_id, src=src))
-        return map_id
+        return self.catalog.clone_map(src)
 
     def diff_maps(self, a: int, b: int) -> list[int]:
-        """Blocks whose content differs between two maps (shared subtrees skipped)."""
-        return list(self.state.forest.diff(a, b))
+        return self.catalog.diff_maps(a, b)
 
     def exclusive_bytes(self, map_id: int) -> int:
-        """Device bytes of records no other map references: what deleting this map frees.
-
-        Records are shared only at the same block index (snapshots, clones and rollbacks
-        copy trees; nothing moves a record to another block), so an entry of one of this
-        map's private leaves is unique unless another map has the same entry there.
-        """
-        forest = self.state.forest
-        others = [m for m in forest.roots if m != map_id]
-        total = 0
-        for base, node in forest.exclusive_leaves(map_id):
-            assert isinstance(node.data, bytearray)
-            for slot in range(len(node.data) // ENTRY.size):
-                raw = bytes(node.data[slot * ENTRY.size:(slot + 1) * ENTRY.size])
-                if raw != HOLE and all(forest.get(m, base + slot) != raw for m in others):
-                    total += self._record_bytes(raw)
-        return total
+        return self.catalog.exclusive_bytes(map_id)
 
     def record_space(self) -> tuple[int, int]:
-        """(bytes of distinct live records, bytes of records more than one map shares):
-        the exact physical use by data, each record counted once (invariant 6)."""
-        owners: dict[tuple[int, int], tuple[int, set[int]]] = {}
-        forest = self.state.forest
-        for map_id in forest.roots:
-            for _b, raw in forest.items(map_id):
-                seg_id, off = ENTRY.unpack_from(raw)[:2]
-                _size, maps = owners.setdefault((seg_id, off), (self._record_bytes(raw), set()))
-                maps.add(map_id)
-        used = sum(size for size, _maps in owners.values())
-        shared = sum(size for size, maps in owners.values() if len(maps) > 1)
-        return used, shared
-
-    def _record_bytes(self, raw: bytes) -> int:
-        seg_id, _o, plen, _f, _h = ENTRY.unpack(raw)
-        seg = self.state.segments[seg_id]
-        return codec.fragment_units(plen, seg.k) * SECTOR * (seg.k + seg.m)
+        return self.catalog.record_space()
 
     def delete_map(self, map_id: int) -> None:
-        """Drop a map and every record reference it holds (the space returns at commit)."""
-        self._check_ok()
-        self._do(op_json(op="map_del", id=map_id))
-        self._reap()
+        self.catalog.delete_map(map_id)
 
     def clear_map_range(self, map_id: int, start: int, count: int) -> None:
-        self._check_ok()
-        self._do(op_map_clear(map_id, start, count))
-        self._reap()
+        self.catalog.clear_map_range(map_id, start, count)
 
     def is_mapped(self, map_id: int, block: int) -> bool:
-        return self.state.forest.get(map_id, block) is not None
+        return self.catalog.is_mapped(map_id, block)
 
     def mapped_blocks(self, map_id: int, start: int, end: int) -> list[int]:
-        return [b for b, _ in self.state.forest.items(map_id, start, end)]
+        return self.catalog.mapped_blocks(map_id, start, end)
 
     def any_compressed(self, map_id: int, start: int, count: int) -> bool:
-        """Whether any of ``count`` blocks from ``start`` is stored lz4-compressed."""
-        for _n, raw in self.state.forest.leaf_spans(map_id, start, count):
-            if raw is not None and any(flags & codec.FLAG_LZ4 for _s, _o, _p, flags, _h
-                                       in ENTRY.iter_unpack(raw)):
-                return True
-        return False
+        return self.catalog.any_compressed(map_id, start, count)
 
     def mapped_count(self, map_id: int) -> int:
-        return self.state.forest.mapped(map_id)
+        return self.catalog.mapped_count(map_id)
 
     def mapped_among(self, map_id: int, blocks: Iterable[int]) -> set[int]:
-        """Which of ``blocks`` the map points at."""
-        forest = self.state.forest
-        return {b for b in blocks if forest.get(map_id, b) is not None}
+        return self.catalog.mapped_among(map_id, blocks)
 
     def stored_bytes(self, map_id: int) -> int:
-        """Device bytes (all fragments) of the records a map references."""
-        return sum(self._record_bytes(raw) for _b, raw in self.state.forest.items(map_id))
+        return self.catalog.stored_bytes(map_id)
 
     # ==== space ===========================================================================
     # The space rules, S1-S6, are in docs/INTERNALS.md "Space" (the tests cite them). In
