@@ -117,45 +117,37 @@ class Transaction:
         self.meta_locs: tuple[Loc, ...] = (
             (superblock.state, superblock.index) if superblock else ())
         self.meta_units_used = meta.bitmap.count(1)
-        self._failed: str | None = None
-        self._closed = False
+        # Plain attributes (read on every I/O); only ``fail`` and ``close`` write them.
+        self.failed: str | None = None   # why the pool failed (kept once it is closed)
+        self.closed = False
 
     # ---- the state machine ---------------------------------------------------------------
     @property
     def phase(self) -> Phase:
-        if self._closed:
+        if self.closed:
             return Phase.CLOSED
-        return Phase.OPEN if self._failed is None else Phase.FAILED
-
-    @property
-    def failed(self) -> str | None:
-        """Why the pool failed (kept once it is closed), or None."""
-        return self._failed
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
+        return Phase.OPEN if self.failed is None else Phase.FAILED
 
     def fail(self, reason: str) -> None:
         """OPEN -> FAILED (invariant 4): refuse all I/O from now on. In FAILED the first
         reason stands; in CLOSED nothing changes (invariant 5)."""
-        if self._closed or self._failed is not None:
+        if self.closed or self.failed is not None:
             return
-        self._failed = reason
+        self.failed = reason
         log.error("pool %s: %s; it refuses all I/O until it is exported and re-imported",
                   self.state.name, reason)
 
     def close(self) -> None:
         """OPEN or FAILED -> CLOSED (invariant 5)."""
-        self._closed = True
+        self.closed = True
 
     def check_ok(self) -> None:
         """Raise unless the pool is OPEN."""
-        if self._closed:
+        if self.closed:
             raise StorageError(f"pool {self.state.name} is closed")
-        if self._failed is not None:
+        if self.failed is not None:
             raise PoolFailed(f"pool {self.state.name} stopped after a failed metadata write "
-                             f"({self._failed}); export and re-import it")
+                             f"({self.failed}); export and re-import it")
 
     # ---- ops and commits -----------------------------------------------------------------
     def do(self, op: Op) -> None:
