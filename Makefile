@@ -9,10 +9,10 @@ BIN := $(VENV)/bin
 STATE_DIR ?= .storaged
 # Debian packages the project and its tests use (pyfuse3 builds against libfuse3).
 DEBS := libfuse3-dev pkg-config fuse3 qemu-utils qemu-block-extra libnbd-bin python3-libnbd fio \
-	libiscsi-bin openssl systemd prometheus
+	libiscsi-bin openssl systemd prometheus ceph-mon ceph-osd ceph-common python3-rados
 STAMP := $(VENV)/.installed
 
-.PHONY: run completion test soak lint typecheck contracts pytest system-deps venv bench-engine bench-nbd bench-snapshots bench-fuse bench-send bench-rebuild bench-iscsi clean
+.PHONY: rados-binding run completion test soak lint typecheck contracts pytest system-deps venv bench-engine bench-nbd bench-snapshots bench-fuse bench-send bench-rebuild bench-rados bench-iscsi clean
 
 system-deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -28,7 +28,18 @@ $(STAMP): pyproject.toml | system-deps
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=compat
+	$(MAKE) rados-binding
 	touch $(STAMP)
+
+# librados' Python binding exists only for Debian's python3 (python3-rados). The venv sees
+# that one module, not the rest of dist-packages: a directory holding only a link to it, on
+# sys.path by a .pth line. (pool/rados/binding.py also finds it without this.)
+rados-binding:
+	@so=$$($(BIN)/python -c 'from pool.rados.binding import debian_binding as d; print(d() or "")'); \
+	test -n "$$so" || { echo "python3-rados is not installed for this Python (apt-get install python3-rados)"; exit 1; }; \
+	mkdir -p $(VENV)/rados-binding && ln -sf "$$so" $(VENV)/rados-binding/ && \
+	echo "$(abspath $(VENV))/rados-binding" > "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/debian-rados.pth"
+	$(BIN)/python -c 'import rados'
 
 venv: system-deps $(STAMP)
 
@@ -81,6 +92,10 @@ bench-send: venv
 
 bench-rebuild: venv
 	$(BIN)/python -m benchmarks.rebuild $(BENCH_ARGS)
+
+# Segment objects on a throwaway one-node Ceph cluster beside rados bench and raw librados.
+bench-rados: venv
+	$(BIN)/python -m benchmarks.rados $(BENCH_ARGS)
 
 # Benchmark-only tools are installed here, not by `make test`.
 BENCH_DEBS := nbdkit

@@ -15,12 +15,14 @@ from pool.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from pool.device import Device, FileDevice, MemoryDevice
-    from pool.pool import MemberStatus, Pool, PoolStatistics, close_devices
+    from pool.devio import close_devices
+    from pool.pool import Pool
     from pool.profile import Profile
+    from pool.status import MemberStatus, PoolStatistics
 
 _LAZY = {"Device": "pool.device", "FileDevice": "pool.device", "MemoryDevice": "pool.device",
-         "MemberStatus": "pool.pool", "Pool": "pool.pool", "PoolStatistics": "pool.pool",
-         "Profile": "pool.profile", "close_devices": "pool.pool"}
+         "MemberStatus": "pool.status", "Pool": "pool.pool", "PoolStatistics": "pool.status",
+         "Profile": "pool.profile", "close_devices": "pool.devio"}
 
 
 __getattr__ = lazy_attributes(__name__, _LAZY)

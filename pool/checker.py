@@ -24,9 +24,10 @@ import trio
 
 from pool import codec
 from pool.errors import DeviceError, ImportFailed
+from pool.labels import label_copies, read_label
 from pool.layout import SECTOR
 from pool.metastore import MetaStore
-from pool.pool import Pool, _read_label, label_copies
+from pool.pool import Pool
 from pool.state import ENTRY, HOLE
 
 
@@ -94,7 +95,7 @@ def check_members(pool: Pool) -> list[str]:
                 out.append(f"{dev.path}: {where} label names member {lab.index} "
                            f"({lab.device_uuid}), metadata says {mi.index} ({mi.uuid})")
         try:
-            _read_label(dev, pool.deadlines)
+            read_label(dev, pool.deadlines)
         except ImportFailed as e:
             out.append(e.message)
         sbs = MetaStore.read_superblocks(dev, st.uuid, pool.deadlines)

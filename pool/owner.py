@@ -20,22 +20,40 @@ Invariants this module owns:
    operator forced it (``watch`` + ``force``).
 4. Nothing here writes except ``write_record``/``clear_record``, called only once the pool
    has been taken (import decided, or created).
+
+``OwnerKeeper`` keeps a taken pool's record (the pool's ownership block):
+
+5. Data and metadata writes go out only while this daemon's ownership was confirmed by a
+   beat within half the activity interval (``confirm``); past that, a beat comes first.
+6. A beat that finds another owner's record at a sequence no lower than ours fails the
+   pool (all I/O stops, like ZFS suspending a pool whose MMP check fails) and writes
+   nothing; a lower one is a stale record and is overwritten.
+7. Beats, the take and the release are serialized (one lock), so no beat lands after the
+   record was cleared by an export.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import partial
+from typing import Protocol
 
+import trio
 import xxhash
 
+from pool.deadlines import Deadlines
 from pool.device import Device
-from pool.errors import Busy, DeviceError
+from pool.devio import run, write_within
+from pool.errors import Busy, DeviceError, StorageError
+
+log = logging.getLogger(__name__)
 
 OWNER_OFFSET = 60 * 1024        # between the superblock ring (ends at 36 KiB) and journal
 OWNER_SIZE = 4096
@@ -250,3 +268,122 @@ def watch(devices: Sequence[Device], record: OwnerRecord, pool_name: str, *,
         if time.monotonic() >= end:
             return
         time.sleep(min(step, max(end - time.monotonic(), 0.0)))
+
+
+# ---- keeping the record of a taken pool ---------------------------------------------------
+class OwnerHost(Protocol):
+    """What ``OwnerKeeper`` uses of its pool, under the pool's current names: the device
+    fan-out (``_per_device``, ``_calls``: the store's) and the pool's failed state (the
+    transaction's)."""
+
+    @property
+    def devices(self) -> list[Device | None]: ...
+    @property
+    def deadlines(self) -> Deadlines: ...
+    @property
+    def _failed(self) -> str | None: ...
+    @_failed.setter
+    def _failed(self, reason: str) -> None: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def uuid(self) -> str: ...
+    @property
+    def closed(self) -> bool: ...
+    def _check_ok(self) -> None: ...
+    def _calls(self, fn: Callable[[Device], None], which: Sequence[int] | None = None
+               ) -> list[tuple[int, Callable[[], None]]]: ...
+    async def _per_device(self, calls: Sequence[tuple[int, Callable[[], None]]],
+                          kind: str, *, tolerate: bool = False,
+                          what: str = "a write") -> dict[int, DeviceError]: ...
+
+
+class OwnerKeeper:
+    """The owner record this daemon keeps on every member of one pool (invariants 5-7).
+    ``record`` is None while none is written (a pool opened without a claim, or
+    released)."""
+
+    def __init__(self, pool: OwnerHost) -> None:
+        self._pool = pool
+        self.record: OwnerRecord | None = None
+        self._lock = trio.Lock()
+        self._confirmed = 0.0      # time.monotonic() of the last beat that found us owner
+
+    async def take(self, claim: Claim, devices: Sequence[Device] | None = None) -> None:
+        """Write this daemon's owner record to every member (the pool is taken). Its
+        sequence continues after the newest one found, so readers see it move."""
+        p = self._pool
+        devs = list(devices) if devices is not None else [
+            d for d in p.devices if d is not None]
+        found = await run(lambda: [read_record(d) for d in devs])
+        seq = max((r.seq for r in found if r is not None), default=0) + 1
+        record = claim.record(p.uuid, seq)
+        async with self._lock:
+            await write_within([(d, partial(write_record, d, record)) for d in devs],
+                               "writing the owner record", p.deadlines)
+            self.record = record
+            self._confirmed = time.monotonic()
+
+    async def heartbeat(self) -> None:
+        """One beat: if a member's record names another owner at a sequence no lower than
+        ours (a taker continues after the highest it found), the pool was taken over while
+        this daemon was silent (hung, or cut off): stop all I/O at once (invariant 6). A
+        lower one is a stale record of an earlier owner on a member that came back, and is
+        overwritten. Otherwise write the next sequence to every present member, under the
+        write deadline."""
+        p = self._pool
+        async with self._lock:
+            mine = self.record
+            if mine is None or p.closed or p._failed is not None:
+                return
+            seen: dict[int, OwnerRecord | None] = {}
+
+            def reader(i: int, dev: Device) -> Callable[[], None]:
+                def read() -> None:
+                    seen[i] = read_record(dev)
+                return read
+            await p._per_device([(i, reader(i, d)) for i, d in enumerate(p.devices)
+                                 if d is not None], "read", tolerate=True,
+                                what="a read of the owner record")
+            for rec in seen.values():
+                if (rec is not None and rec.pool_uuid == mine.pool_uuid
+                        and rec.owner.instance != mine.owner.instance
+                        and rec.seq >= mine.seq):
+                    p._failed = f"taken over by {describe(rec)}"
+                    self.record = None
+                    log.error("pool %s: %s; this daemon stops all I/O to it",
+                              p.name, p._failed)
+                    return
+            beat = mine.beat()
+            started = time.monotonic()
+            failed = await p._per_device(
+                p._calls(partial(write_record, record=beat)), "write",
+                tolerate=True, what="a heartbeat")
+            if len(failed) < sum(d is not None for d in p.devices):
+                self.record = beat
+                self._confirmed = started
+
+    async def confirm(self) -> None:
+        """Called before data and metadata writes. They go out only while this daemon's
+        ownership was confirmed by a beat within half the activity interval: a takeover
+        (which first waits a whole interval without a beat) cannot have happened since.
+        Past that (the daemon was stopped, starved or cut off), a beat first confirms
+        ownership, or finds the pool taken over and fails it (PoolFailed), before anything
+        is written (invariant 5). Costs a clock read while the heartbeat runs on time."""
+        mine = self.record
+        if mine is not None and time.monotonic() - self._confirmed > mine.activity / 2:
+            await self.heartbeat()
+            self._pool._check_ok()
+
+    async def release(self, *, clear: bool) -> None:
+        """Stop heartbeats; ``clear``: also zero the owner record on every member."""
+        p = self._pool
+        async with self._lock:
+            had, self.record = self.record, None
+            if clear and had is not None:
+                try:
+                    await p._per_device(p._calls(clear_record), "write",
+                                        tolerate=True, what="clearing the owner record")
+                except StorageError as e:
+                    log.warning("pool %s: clearing the owner record: %s", p.name,
+                                e.message)

@@ -25,60 +25,55 @@ holds; without a runner it is done at ``settle_discards`` and ``close``.
 from __future__ import annotations
 
 import logging
-import os
-import re
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Container, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from functools import lru_cache, partial
 from types import MappingProxyType
 from typing import Any, TypeVar
 
 import trio
 
-from pool import codec, identity, readcache, records
+from pool import codec, importer, readcache, records
 from pool import owner as owners
 from pool.catalog import Catalog
 from pool.cleaner import SegmentCleaner
 from pool.deadlines import Deadlines
 from pool.device import Device
+from pool.devio import close_devices
+from pool.devio import write_within as _write_within
 from pool.errors import (
     DeviceError,
     DeviceHung,
-    ImportFailed,
     InvalidArgument,
     MediumError,
     NoSpace,
     NotFound,
     StorageError,
 )
+from pool.health import MemberHealth
+from pool.labels import label_copies
+from pool.labels import wipe as _wipe
+from pool.labels import write_label as _write_label
 from pool.layout import (
     DEFAULT_EXTENT,
-    LABEL_SIZE,
-    SB_OFFSET,
-    SB_SLOT_SIZE,
-    SB_SLOTS,
     SECTOR,
     Label,
     Layout,
-    new_uuid,
 )
-from pool.maps import Node
+from pool.members import Members
 from pool.metastore import Loc, MetaStore, Superblock
 from pool.profile import Profile
 from pool.state import (
-    AWAY,
     ENTRY,
     HOLE,
     MemberInfo,
     Op,
     PoolState,
     Segment,
-    iter_ops,
     op_json,
     op_map_set,
 )
+from pool.status import PoolStatistics
 from pool.tuning import PoolTuning
 from pool.txn import CommitHooks, Transaction
 
@@ -87,56 +82,9 @@ T = TypeVar("T")
 META_RESERVE = 0.9   # writes stop when the metadata area is this full
 _NODE_UNITS = 7      # 4 KiB units of the largest map node blob (a 24 KiB leaf, lz4 framed)
 _STATE_UNITS_GUESS = 4
-_INDEX = ENTRY.__class__("<QIIIQ")  # node id, unit, units, length, hash
-FAULT_THRESHOLD = 10  # I/O errors after which a member is faulted (checksum errors excluded)
 DISCARD_BATCH = 256   # freed extents discarded per round of the discard task
 DISCARD_DELAY = 10.0  # seconds an extent stays free before it is discarded
 ZEROING_RESERVE_RECORDS = 4   # largest records kept for trims' partial blocks (rule S2)
-
-
-@dataclass(frozen=True, slots=True)
-class MemberStatus:
-    index: int
-    uuid: str
-    path: str
-    state: str                # online | rebuilding | faulted | offline | missing | removed
-    size: int
-    extents: int
-    free_extents: int
-    read_errors: int = 0
-    write_errors: int = 0
-    checksum_errors: int = 0
-    rebuild_segments: int = 0  # segments whose fragments on this member await a rebuild
-    why: str = ""             # why it is away (faulted, left out at import), if it is
-
-
-@dataclass(frozen=True, slots=True)
-class PoolStatistics:
-    name: str
-    uuid: str
-    state: str                # online | degraded | failed
-    profile: str
-    extent_size: int
-    members: tuple[MemberStatus, ...]
-    capacity_bytes: int       # all extents of present members
-    allocated_bytes: int      # extents held by segments
-    free_bytes: int           # extents free now (excludes frees awaiting commit)
-    live_bytes: int           # record bytes referenced, once per referencing map leaf
-    reserved_bytes: int       # promised to buffered writes not yet written
-    segments: int
-    txg: int
-    generation: int
-    commits: int
-    checkpoints: int
-    records_written: int
-    records_read: int
-    degraded_reads: int
-    repaired_fragments: int
-    unreadable_records: int
-    records_relocated: int
-    rebuilt_bytes: int = 0
-    scrubbed_bytes: int = 0
-    discarded_extents: int = 0   # freed extents handed to the devices' discard
 
 
 class Pool:
@@ -185,12 +133,8 @@ class Pool:
         self._dirty_devices = self.txn.dirty
         # Objects and block maps (pool.catalog), changed through the transaction.
         self.catalog = Catalog(state, self.txn, self._reap)
-        # The owner record this daemon keeps on every member (pool.owner); None: none
-        # written (a pool opened without one, or released). The lock orders heartbeats
-        # against export/destroy, so no beat lands after the record was cleared.
-        self._owner: owners.OwnerRecord | None = None
-        self._owner_lock = trio.Lock()
-        self._confirmed = 0.0      # time.monotonic() of the last beat that found us owner
+        # The owner record this daemon keeps on every member (pool.owner.OwnerKeeper).
+        self.owner_keeper = owners.OwnerKeeper(self)
         self._reserved = 0
         # Space (see the rules at ``record_cost``): per profile, the largest record
         # charged or stored (an open segment's tail that may not fit one more); the
@@ -207,22 +151,16 @@ class Pool:
         self._pin_gens: dict[int, list[int]] = {}
         self._caches: list[Callable[[], Awaitable[None]]] = []
         self._limiters = [trio.CapacityLimiter(4) for _ in devices]
-        # Per member: read / write / checksum errors seen since import.
-        self._errors: list[Counter[str]] = [Counter() for _ in devices]
-        # Devices of members that are faulted or offline: kept (not used) so that
-        # ``online`` can take them back and ``close`` releases them.
-        self._parked: dict[int, Device] = {}
+        # Per member: read / write / checksum errors, the fault threshold, why a member is
+        # away, and epochs (bumped each time it goes away, so a rebuild that started on a
+        # segment before that does not clear marks set while it was away: mark_rebuilt).
+        self.member_health = MemberHealth(len(devices), self.fault)
+        # Fault, add, offline/online, replace, remove; parked devices of away members.
+        self.members = Members(self, self.member_health)
         self._widest: tuple[tuple[int, int], int] = ((-1, -1), 1)   # see _cleaner_reserve
-        # Per member: bumped each time it goes away, so a rebuild that started on a segment
-        # before that does not clear marks set while it was away (mark_rebuilt).
-        self._epochs: list[int] = [0] * len(devices)
         self._avoid: set[int] = set()    # members new segments must not use (removal)
-        # Why a member is away (fault reasons; devices left out at import), for status.
-        self._why: dict[int, str] = {}
         # Devices given to the import but left out of it (path -> reason): see ``open``.
         self.left_out: dict[str, str] = {}
-        self._recheck = trio.Event()     # a read failed: check the members now
-        self.fault_threshold = FAULT_THRESHOLD
         # What the maintenance engines (pool.scrub, pool.rebuild) report while they run.
         self.activity: dict[str, Any] = {}
         self._cpu = trio.CapacityLimiter(2)
@@ -233,7 +171,7 @@ class Pool:
              "repaired_fragments", "unreadable_records", "records_relocated",
             "rebuilt_bytes", "scrubbed_bytes", "discarded_extents"), 0)
 
-    # ==== creation and import =============================================================
+    # ==== creation and import (pool.importer) ==============================================
     @classmethod
     async def create(cls, name: str, devices: Sequence[Device], *, profile: str = "plain",
                      extent_size: int = DEFAULT_EXTENT, meta_size: int | None = None,
@@ -244,42 +182,9 @@ class Pool:
         Devices that carry a storaged label are refused unless ``force`` is given.
         ``claim``: the owner record to keep on the members (written with the labels).
         """
-        _check_name(name)
-        prof = Profile.parse(profile)
-        if not devices:
-            raise InvalidArgument("a pool needs at least one device")
-        if prof.width > len(devices):
-            raise InvalidArgument(f"profile {prof} needs {prof.width} devices, only "
-                                  f"{len(devices)} given")
-        paths = [d.path for d in devices]
-        if len(set(paths)) != len(paths):
-            raise InvalidArgument("the same device is listed twice")
-        _refuse_same_device(devices)
-        layout = Layout.choose(min(d.size for d in devices), extent_size, meta_size)
-        dl = (tuning or PoolTuning()).deadlines()
-        if not force:
-            await _run(_refuse_labelled, list(devices), dl)
-        pool_uuid = new_uuid()
-        members = [MemberInfo(new_uuid(), i, d.size, layout.n_extents(d.size), path=d.path)
-                   for i, d in enumerate(devices)]
-        state = PoolState(pool_uuid, name, extent_size, str(prof), members)
-        devs: list[Device | None] = list(devices)
-        pool = cls(state, layout, devs, MetaStore(layout, devs, pool_uuid, dl), None, tuning)
-        pool._free = [set(range(mi.n_extents)) for mi in members]
-
-        def write_label(mi: MemberInfo, dev: Device) -> None:
-            # Clear old superblocks/journal so nothing of a previous life is replayed.
-            dev.pwrite(SB_OFFSET, bytes(layout.pages_offset - SB_OFFSET))
-            _write_label(dev, pool._label(mi))
-        await _write_within([(dev, partial(write_label, mi, dev))
-                             for mi, dev in zip(members, devices, strict=True)],
-                            "writing a new member's label", dl)
-        if claim is not None:
-            await pool._take(claim)
-        await pool._checkpoint()
-        log.info("created pool %s (%s) on %d devices, profile %s, extent size %d",
-                 name, pool_uuid, len(devices), prof, extent_size)
-        return pool
+        return await importer.create(cls, name, devices, profile=profile,
+                                     extent_size=extent_size, meta_size=meta_size,
+                                     force=force, claim=claim, tuning=tuning)
 
     @classmethod
     async def open(cls, devices: Sequence[Device], *, name: str | None = None,
@@ -301,80 +206,12 @@ class Pool:
         ``claim``: the owner record to keep on the members; it is the first thing written,
         once everything was read and the import decided (DESIGN invariant 10).
         """
-        devices = list(devices)
-        dl = (tuning or PoolTuning()).deadlines()
-        if left_out is None:
-            _refuse_same_device(devices, ImportFailed)
-        else:
-            devices = await _leave_out_duplicates(devices, left_out)
-        found = await _run(_read_labels, devices, dl, left_out)
-        by_pool: dict[str, list[tuple[Device, Label]]] = {}
-        for dev, lab in found:
-            by_pool.setdefault(lab.pool_uuid, []).append((dev, lab))
-        if name is not None:
-            chosen = {u: v for u, v in by_pool.items() if v[0][1].pool_name == name}
-            if not chosen:
-                raise ImportFailed(f"no device given belongs to a pool named {name!r}")
-            others = [d.path for u, v in by_pool.items() if u not in chosen for d, _ in v]
-            if others:
-                raise ImportFailed(f"{', '.join(others)}: belongs to another pool, not "
-                                   f"{name!r}")
-            by_pool = chosen
-        if len(by_pool) != 1:
-            desc = "; ".join(f"{v[0][1].pool_name} ({u}): " + ", ".join(d.path for d, _ in v)
-                             for u, v in by_pool.items())
-            raise ImportFailed(f"the devices belong to {len(by_pool)} pools: {desc}")
-        pool_uuid, members = next(iter(by_pool.items()))
-        loaded = await _run(_load_pool, pool_uuid, members, dl, left_out)
-        if left_out is not None:
-            used = {id(d) for d in loaded.devices if d is not None}
-            await close_devices([d for d in devices if id(d) not in used])
-        pool = cls(loaded.state, loaded.layout, loaded.devices, loaded.meta, loaded.superblock,
-                   tuning)
-        pool._page_locs = loaded.page_locs
-        if left_out:
-            pool.left_out = dict(left_out)
-        if claim is not None:
-            await pool._take(claim, [d for d in loaded.devices if d is not None])
-        await pool._finish_import(loaded.replayed)
-        log.info("imported pool %s (%s): generation %d, txg %d, %d journal entries replayed",
-                 pool.name, pool.uuid, pool.state.generation, pool.state.txg,
-                 len(loaded.replayed))
-        return pool
+        return await importer.open_pool(cls, devices, name=name, left_out=left_out,
+                                        claim=claim, tuning=tuning)
 
     def _label(self, mi: MemberInfo) -> Label:
         return Label(self.state.uuid, self.state.name, mi.uuid, mi.index,
                      self.state.generation, mi.size, self.layout)
-
-    async def _finish_import(self, replayed: list[tuple[int, bytes]]) -> None:
-        for txg, payload in replayed:
-            for op in iter_ops(payload):
-                self.state.apply(op)
-            self.state.txg = txg
-        used = {e for seg in self.state.segments.values() for e in seg.extents}
-        self._free = [{e for e in range(mi.n_extents) if (mi.index, e) not in used}
-                      for mi in self.state.members]
-        for mi in self.state.members:
-            dev = self.devices[mi.index]
-            if mi.state in ("faulted", "offline", "removed"):
-                # Kept out until an admin brings it back (``online``) or replaces it.
-                if dev is not None:
-                    self.devices[mi.index] = self.meta.devices[mi.index] = None
-                    if mi.state == "removed":
-                        dev.close()
-                    else:
-                        self._parked[mi.index] = dev
-                continue
-            want = "online" if dev is not None else "missing"
-            if mi.state != want:
-                self._do(op_json(op="member_state", index=mi.index, state=want,
-                                 last_gen=self._sb_gen))
-            if dev is not None and dev.path != mi.path:
-                self._do(op_json(op="member_path", index=mi.index, path=dev.path))
-            elif dev is None and mi.path in self.left_out:
-                self._why[mi.index] = f"left out at import: {self.left_out[mi.path]}"
-        self._reap()
-        await self._checkpoint()
 
     # ==== small helpers ===================================================================
     def _do(self, op: Op) -> None:
@@ -1057,66 +894,43 @@ class Pool:
     def count_error(self, index: int, kind: str, why: str = "") -> None:
         """Count an I/O error ("read" | "write" | "checksum") against a member; one that
         reaches ``fault_threshold`` read + write errors is faulted (checksum errors are
-        repaired and reported, not held against the device)."""
-        if index >= len(self._errors):
-            return
-        self._errors[index][kind] += 1
-        if kind == "read":
-            self._recheck.set()    # a short read may mean the device shrank: look now
-        errs = self._errors[index]
-        if kind != "checksum" and errs["read"] + errs["write"] >= self.fault_threshold:
-            self.fault(index, f"{errs['read']} read and {errs['write']} write errors"
-                       + (f", last: {why}" if why else ""))
+        repaired and reported, not held against the device): ``MemberHealth.count``."""
+        self.member_health.count(index, kind, why)
+
+    @property
+    def fault_threshold(self) -> int:
+        """Read + write errors after which a member is faulted (pool.health)."""
+        return self.member_health.threshold
+
+    @fault_threshold.setter
+    def fault_threshold(self, value: int) -> None:
+        self.member_health.threshold = value
+
+    @property
+    def _epochs(self) -> list[int]:
+        return self.member_health.epochs
 
     def fault(self, index: int, why: str, *, state: str = "faulted",
               full: bool = False) -> None:
-        """Stop using member ``index`` (faulted, or offline for maintenance). I/O goes on
-        degraded; everything written to its segments from now on is marked for a rebuild
-        when it comes back or is replaced."""
-        dev = self.devices[index]
-        if dev is None:
-            return
-        self.devices[index] = self.meta.devices[index] = None
-        self._epochs[index] += 1
-        self._parked[index] = dev
-        self._column_cache.clear()
-        self._dirty_devices.discard(index)
-        # New writes go to segments without it where possible: close the open ones on it.
-        for key, seg in list(self._open.items()):
-            if any(i == index for i, _e in seg.extents):
-                del self._open[key]
-                if seg.live == 0:
-                    self.state.emptied.add(seg.id)
-        # A segment being written right now (pinned) may lack its fragment anywhere.
-        marks = [[sg.id, 0 if full or self._pins.get(sg.id) else sg.fill]
-                 for sg in self.state.segments.values()
-                 if any(i == index for i, _e in sg.extents)]
-        self._do(op_json(op="member_state", index=index, state=state,
-                         last_gen=self._sb_gen, marks=marks))
-        self._why[index] = why
-        if state == "faulted":
-            log.error("pool %s: member %d (%s) faulted: %s; running degraded",
-                      self.state.name, index, dev.path, why)
-        else:
-            log.warning("pool %s: member %d (%s) taken offline", self.state.name, index,
-                        dev.path)
-        if not any(d is not None for d in self.devices):
-            self._failed = f"no member left ({why})"
+        """``Members.fault``: stop using member ``index`` (faulted, or offline); I/O goes
+        on degraded and what its segments miss is marked for a rebuild."""
+        self.members.fault(index, why, state=state, full=full)
 
     def _absorb_meta_failures(self) -> None:
-        for i, err in sorted(self.meta.failed.items()):
-            self.fault(i, f"its metadata write failed: {err.message}",
-                       full=isinstance(err, DeviceHung))
-            self.count_error(i, "write", err.message)
-        self.meta.failed.clear()
+        self.members.absorb_meta_failures()
 
     def unavailable_segments(self) -> int:
         """Segments with more fragments away than their parity covers (reads fail)."""
-        return sum(1 for sg in self.state.segments.values()
-                   if sum(1 for i, _e in sg.extents if self._col_absent(i, sg.id)) > sg.m)
+        return self.members.unavailable_segments()
 
-    def _col_absent(self, index: int, seg_id: int) -> bool:
-        return self.devices[index] is None or seg_id in self.state.members[index].marks
+    @property
+    def _parked(self) -> dict[int, Device]:
+        """Devices of members that are faulted or offline (``Members.parked``)."""
+        return self.members.parked
+
+    def _forget_columns(self) -> None:
+        """The members changed: segments' column lists are stale (used by Members)."""
+        self._column_cache.clear()
 
     # ==== the segment cleaner (pool.cleaner) ==============================================
     async def clean(self, *, max_segments: int = 4, threshold: float = 0.5) -> int:
@@ -1432,86 +1246,23 @@ class Pool:
         self._counters[kind] += 1
 
     # ==== ownership (DESIGN invariant 10; pool.owner) =====================================
-    async def _take(self, claim: owners.Claim,
-                    devices: Sequence[Device] | None = None) -> None:
-        """Write this daemon's owner record to every member (the pool is taken). Its
-        sequence continues after the newest one found, so readers see it move."""
-        devs = list(devices) if devices is not None else [
-            d for d in self.devices if d is not None]
-        found = await _run(lambda: [owners.read_record(d) for d in devs])
-        seq = max((r.seq for r in found if r is not None), default=0) + 1
-        record = claim.record(self.state.uuid, seq)
-        async with self._owner_lock:
-            await _write_within([(d, partial(owners.write_record, d, record)) for d in devs],
-                                "writing the owner record", self.deadlines)
-            self._owner = record
-            self._confirmed = time.monotonic()
-
     @property
     def owner(self) -> owners.OwnerRecord | None:
-        return self._owner
+        """The owner record this daemon keeps on the members (None: none written)."""
+        return self.owner_keeper.record
 
     async def heartbeat(self) -> None:
-        """One beat: if a member's record names another owner at a sequence no lower than
-        ours (a taker continues after the highest it found), the pool was taken over while
-        this daemon was silent (hung, or cut off): stop all I/O at once (the pool fails,
-        like ZFS suspending a pool whose MMP check fails). A lower one is a stale record
-        of an earlier owner on a member that came back, and is overwritten. Otherwise
-        write the next sequence to every present member, under the write deadline."""
-        async with self._owner_lock:
-            mine = self._owner
-            if mine is None or self._closed or self._failed is not None:
-                return
-            seen: dict[int, owners.OwnerRecord | None] = {}
-
-            def reader(i: int, dev: Device) -> Callable[[], None]:
-                def read() -> None:
-                    seen[i] = owners.read_record(dev)
-                return read
-            await self._per_device([(i, reader(i, d)) for i, d in enumerate(self.devices)
-                                    if d is not None], "read", tolerate=True,
-                                   what="a read of the owner record")
-            for rec in seen.values():
-                if (rec is not None and rec.pool_uuid == mine.pool_uuid
-                        and rec.owner.instance != mine.owner.instance
-                        and rec.seq >= mine.seq):
-                    self._failed = f"taken over by {owners.describe(rec)}"
-                    self._owner = None
-                    log.error("pool %s: %s; this daemon stops all I/O to it",
-                              self.state.name, self._failed)
-                    return
-            beat = mine.beat()
-            started = time.monotonic()
-            failed = await self._per_device(
-                self._calls(partial(owners.write_record, record=beat)), "write",
-                tolerate=True, what="a heartbeat")
-            if len(failed) < sum(d is not None for d in self.devices):
-                self._owner = beat
-                self._confirmed = started
+        """One beat of the owner record (``OwnerKeeper.heartbeat``); a pool found taken
+        over fails."""
+        await self.owner_keeper.heartbeat()
 
     async def _confirm_owner(self) -> None:
-        """Called before data and metadata writes. They go out only while this daemon's
-        ownership was confirmed by a beat within half the activity interval: a takeover
-        (which first waits a whole interval without a beat) cannot have happened since.
-        Past that (the daemon was stopped, starved or cut off), a beat first confirms
-        ownership, or finds the pool taken over and fails it (PoolFailed), before anything
-        is written. Costs a clock read while the heartbeat runs on time."""
-        mine = self._owner
-        if mine is not None and time.monotonic() - self._confirmed > mine.activity / 2:
-            await self.heartbeat()
-            self._check_ok()
+        """Before data and metadata writes: ownership confirmed (``OwnerKeeper.confirm``)."""
+        await self.owner_keeper.confirm()
 
     async def _release_owner(self, *, clear: bool) -> None:
         """Stop heartbeats; ``clear``: also zero the owner record on every member."""
-        async with self._owner_lock:
-            had, self._owner = self._owner, None
-            if clear and had is not None:
-                try:
-                    await self._per_device(self._calls(owners.clear_record), "write",
-                                           tolerate=True, what="clearing the owner record")
-                except StorageError as e:
-                    log.warning("pool %s: clearing the owner record: %s", self.state.name,
-                                e.message)
+        await self.owner_keeper.release(clear=clear)
 
     # ==== lifecycle =======================================================================
     def add_cache(self, writeback: Callable[[], Awaitable[None]]) -> None:
@@ -1555,269 +1306,49 @@ class Pool:
 
     async def add_device(self, dev: Device) -> None:
         """Grow the pool by one member (gets a label and a copy of the metadata)."""
-        self._check_ok()
-        if any(d is not None and d.path == dev.path for d in self.devices):
-            raise InvalidArgument(f"{dev.path} is already a member of pool {self.state.name}")
-        self.refuse_member_device(dev)
-        n_ext = self.layout.n_extents(dev.size)
-        if n_ext < 1:
-            need = self.layout.data_offset + self.layout.extent_size + LABEL_SIZE
-            raise InvalidArgument(f"{dev.path} is too small for this pool's layout "
-                                  f"(needs at least {need} bytes)")
-        await _run(_refuse_labelled, [dev], self.deadlines)
-        async with self._commit_lock:
-            idx = len(self.state.members)
-            mi = MemberInfo(new_uuid(), idx, dev.size, n_ext)
-
-            def prepare() -> None:
-                dev.pwrite(SB_OFFSET, bytes(self.layout.pages_offset - SB_OFFSET))
-                self.meta.copy_used_units(dev)
-                _write_label(dev, Label(self.state.uuid, self.state.name, mi.uuid, idx,
-                                        self.state.generation + 1, dev.size, self.layout))
-                dev.sync()
-            await _write_within([(dev, prepare)], "preparing a new member", self.deadlines)
-            self._do(op_json(op="member_add", uuid=mi.uuid, index=idx, size=dev.size,
-                             n_extents=n_ext, path=dev.path))
-            self.devices.append(dev)
-            self.meta.devices.append(dev)
-            self._column_cache.clear()
-            self._limiters.append(trio.CapacityLimiter(4))
-            self._epochs.append(0)
-            self._errors.append(Counter())
-            self._free.append(set(range(n_ext)))
-            await self._checkpoint_locked()
-        log.info("pool %s: added %s as member %d (%d extents)", self.state.name, dev.path,
-                 idx, n_ext)
+        await self.members.add(dev)
 
     # ==== member maintenance: offline / online / replace / remove ==========================
     @property
     def closed(self) -> bool:
         return self.txn.closed
 
-    def _away_after(self, index: int) -> int:
-        """Segments that would lose more fragments than their parity covers without
-        ``index`` (on top of what is away now)."""
-        return sum(1 for sg in self.state.segments.values()
-                   if any(i == index for i, _e in sg.extents)
-                   and sum(1 for i, _e in sg.extents
-                           if i == index or self._col_absent(i, sg.id)) > sg.m)
-
     async def offline(self, index: int) -> None:
         """Stop using a member for maintenance; what is written meanwhile is tracked, and
         ``online`` rebuilds only that."""
-        self._check_ok()
-        if self.devices[index] is None:
-            raise InvalidArgument(f"member {index} of pool {self.state.name} is already "
-                                  f"{self.member_state(index)}")
-        if n := self._away_after(index):
-            raise InvalidArgument(f"member {index} cannot go offline: {n} segment(s) would "
-                                  f"have fewer than k fragments left (their data would be "
-                                  f"unreadable)")
-        self.fault(index, "taken offline", state="offline")
-        await self._checkpoint()
+        await self.members.offline(index)
 
     async def online(self, index: int, dev: Device | None = None) -> None:
-        """Take a member back (the device it had, or ``dev`` carrying its label): its
-        metadata is refreshed and what it missed is marked for the rebuild."""
-        self._check_ok()
-        mi = self.state.members[index]
-        if mi.state == "removed":
-            raise InvalidArgument(f"member {index} was removed from the pool")
-        if self.devices[index] is not None:
-            raise InvalidArgument(f"member {index} of pool {self.state.name} is online")
-        dev = dev or self._parked.get(index)
-        if dev is None:
-            raise InvalidArgument(f"member {index} of pool {self.state.name} has no device; "
-                                  f"give its path, or use replace-device")
-        label = await _run(_read_label, dev, self.deadlines)
-        if label.pool_uuid != self.state.uuid or label.device_uuid != mi.uuid:
-            raise InvalidArgument(f"{dev.path} is not member {index} of pool "
-                                  f"{self.state.name} (its label says member {label.index} "
-                                  f"of {label.pool_name!r})")
-        if dev is not self._parked.get(index):
-            self.refuse_member_device(dev, but=index)
-        async with self._commit_lock:
-            await self._attach(index, dev, mi)
-            self._do(op_json(op="member_state", index=index, state="online"))
-            if dev.path != mi.path:
-                self.left_out.pop(mi.path, None)
-                self._do(op_json(op="member_path", index=index, path=dev.path))
-            await self._checkpoint_locked()
-        parked = self._parked.pop(index, None)
-        if parked is not None and parked is not dev:
-            await close_devices([parked])
-        log.info("pool %s: member %d (%s) online; %d segment(s) to resilver",
-                 self.state.name, index, dev.path, len(mi.marks))
-
-    async def _attach(self, index: int, dev: Device, mi: MemberInfo) -> None:
-        """Give ``dev`` the committed metadata and member ``index``'s label, and use it."""
-        def prepare() -> None:
-            dev.pwrite(SB_OFFSET, bytes(self.layout.pages_offset - SB_OFFSET))
-            self.meta.copy_used_units(dev)
-            _write_label(dev, Label(self.state.uuid, self.state.name, mi.uuid, index,
-                                    self.state.generation + 1, dev.size, self.layout))
-            dev.sync()
-        await _write_within([(dev, prepare)], "preparing a new member", self.deadlines)
-        self.devices[index] = self.meta.devices[index] = dev
-        self._errors[index] = Counter()
-        self._why.pop(index, None)
-        self._column_cache.clear()
+        """Take a member back (the device it had, or ``dev`` carrying its label)."""
+        await self.members.online(index, dev)
 
     async def replace_device(self, index: int, dev: Device) -> None:
-        """Put ``dev`` in member ``index``'s place; every fragment the member held is then
-        rebuilt onto it (``pool.rebuild``) while the pool stays online. The old device, if
-        still there, is let go and its label wiped."""
-        self._check_ok()
-        mi = self.state.members[index]
-        if mi.state == "removed":
-            raise InvalidArgument(f"member {index} was removed from the pool")
-        # By path among the present members; a parked device (faulted, offline) may have
-        # lost its path to a new device, so it is compared by identity only.
-        if any(d is not None and _same_path(d.path, dev.path) for d in self.devices):
-            raise InvalidArgument(f"{dev.path} is already a member of pool {self.state.name}")
-        self.refuse_member_device(dev)
-        if self.layout.n_extents(dev.size) < mi.n_extents:
-            raise InvalidArgument(f"{dev.path} is too small to replace member {index}: it "
-                                  f"needs at least {mi.size} bytes, it has {dev.size}")
-        await _run(_refuse_labelled, [dev], self.deadlines)
-        old = self.devices[index] or self._parked.get(index)
-        self.left_out.pop(mi.path, None)
-        async with self._commit_lock:
-            new = MemberInfo(new_uuid(), index, dev.size, mi.n_extents)
-            await self._attach(index, dev, new)
-            self._do(op_json(op="member_replace", index=index, uuid=new.uuid, size=dev.size,
-                             n_extents=mi.n_extents, path=dev.path))
-            self._column_cache.clear()
-            await self._checkpoint_locked()
-        self._parked.pop(index, None)
-        if old is not None:
-            await _wipe_quietly(old, self.deadlines)
-        log.info("pool %s: %s replaces member %d; %d segment(s) to rebuild",
-                 self.state.name, dev.path, index, len(self.state.members[index].marks))
-
-    def _profiles_in_use(self) -> set[Profile]:
-        out = {Profile(s.k, s.m) for s in self.state.segments.values()}
-        out.add(self.default_profile)
-        for obj in self.state.objects.values():
-            if isinstance(obj.get("profile"), str):
-                try:
-                    out.add(Profile.parse(obj["profile"]))
-                except InvalidArgument:
-                    continue
-        return out
+        """Put ``dev`` in member ``index``'s place and rebuild onto it (``Members.replace``)."""
+        await self.members.replace(index, dev)
 
     async def remove_device(self, index: int,
                             progress: Callable[[int, int], Awaitable[None]] | None = None
                             ) -> None:
-        """Move every live record off member ``index``, then detach it and wipe its label.
-        Refused, changing nothing, when the others lack the room or would be too few for a
-        profile in use."""
-        self._check_ok()
-        mi = self.state.members[index]
-        if mi.state == "removed":
-            raise InvalidArgument(f"member {index} was already removed")
-        others = [m.index for m in self.state.members
-                  if m.index != index and m.state != "removed"]
-        widest = max(self._profiles_in_use(), key=lambda p: p.width)
-        if len(others) < widest.width:
-            raise InvalidArgument(f"cannot remove member {index} of pool {self.state.name}: "
-                                  f"{len(others)} device(s) would remain and profile "
-                                  f"{widest} needs {widest.width}")
-        mine = [sg for sg in self.state.segments.values()
-                if any(i == index for i, _e in sg.extents)]
-        counts = [len(self._free[i]) for i in others if self.devices[i] is not None]
-        for prof in {Profile(sg.k, sg.m) for sg in mine}:
-            sectors = sum(sg.live for sg in mine if (sg.k, sg.m) == (prof.k, prof.m))
-            need = -(-sectors // (self.layout.extent_size // SECTOR)) + 1
-            have = _stripes(tuple(counts), prof.width)
-            if have < need:
-                raise NoSpace(f"cannot remove member {index} of pool {self.state.name}: its "
-                              f"{prof} records need {need} free stripe(s) of {prof.width} "
-                              f"extents on the other devices, they have room for {have}")
-            counts = sorted(counts, reverse=True)
-            for _ in range(need):   # take the stripes from the counts, widest first
-                counts = sorted([c - 1 if j < prof.width else c
-                                 for j, c in enumerate(counts)], reverse=True)
-        self._avoid.add(index)
-        try:
-            for key, sg in list(self._open.items()):
-                if any(i == index for i, _e in sg.extents):
-                    del self._open[key]
-                    if sg.live == 0:
-                        self.state.emptied.add(sg.id)
-            self._reap()
-            total = len(mine)
-            for n, sg in enumerate(mine):
-                if not await self.cleaner.evacuate(sg.id):
-                    raise MediumError(f"cannot remove member {index}: records of segment "
-                                      f"{sg.id} are unreadable (see the log)")
-                await self.commit()
-                if progress is not None:
-                    await progress(n + 1, total)
-            while any(any(i == index for i, _e in sg.extents)
-                      for sg in self.state.segments.values()):
-                self._reap()
-                await self.commit()
-                await trio.sleep(0.01)
-            dev = self.devices[index] or self._parked.get(index)
-            async with self._commit_lock:
-                self.devices[index] = self.meta.devices[index] = None
-                self._parked.pop(index, None)
-                self._do(op_json(op="member_state", index=index, state="removed"))
-                await self._checkpoint_locked()
-            self._free[index] = set()
-            if dev is not None:
-                await _wipe_quietly(dev, self.deadlines)
-        finally:
-            self._avoid.discard(index)
-        log.info("pool %s: member %d removed", self.state.name, index)
+        """Move every live record off member ``index``, then detach it and wipe its label
+        (``Members.remove``)."""
+        await self.members.remove(index, progress)
 
     def absent_devices(self) -> dict[int, str]:
-        """Members whose device vanished, shrank or was replaced under the pool, with why
-        (blocking: a stat per device; ``FileDevice.vanished``)."""
-        out = {}
-        for i, dev in enumerate(list(self.devices)):
-            vanished = getattr(dev, "vanished", None)
-            if dev is None or not callable(vanished):
-                continue
-            why = vanished(self.state.members[i].size)
-            if isinstance(why, str):
-                out[i] = why
-        return out
+        """Members whose device vanished, shrank or was replaced (blocking)."""
+        return self.members.absent_devices()
 
     async def watch_presence(self) -> None:
         """Fault every member whose device disappeared, shrank or was replaced."""
-        gone = await trio.to_thread.run_sync(self.absent_devices)
-        if self._closed:
-            return
-        for i, why in gone.items():
-            if self.devices[i] is not None:
-                self.fault(i, why)
-        if self._pending:
-            await self.commit()
+        await self.members.watch_presence()
 
     async def watch_members(self, interval: float) -> None:
-        """Until the pool closes: check the members' devices (``watch_presence``) every
-        ``interval`` seconds, and at once after a read error (a short read of a truncated
-        file is one), so a member that vanishes or shrinks is faulted within seconds."""
-        while not self._closed:
-            with trio.move_on_after(interval):
-                await self._recheck.wait()
-            self._recheck = trio.Event()
-            if not self._closed and self._failed is None:
-                await self.watch_presence()
+        """Until the pool closes: check the members' devices every ``interval`` seconds
+        and at once after a read error (``Members.watch``)."""
+        await self.members.watch(interval)
 
     def refuse_member_device(self, dev: Device, but: int | None = None) -> None:
-        """Refuse ``dev`` if it is the same device (pool.identity) as a current member,
-        present or parked (other than member ``but``), whatever path names it."""
-        mine = identity.identity_of(dev)
-        if mine is None:
-            return
-        for i, other in [*enumerate(self.devices), *self._parked.items()]:
-            if other is not None and i != but and identity.identity_of(other) == mine:
-                raise InvalidArgument(
-                    f"{dev.path} is the same device as member {i} of pool "
-                    f"{self.state.name} ({other.path}: {identity.describe(mine)})")
+        """Refuse ``dev`` if it is the same device as a current member (but ``but``)."""
+        self.members.refuse_device(dev, but)
 
     # ---- support for the maintenance engines (pool.scrub, pool.rebuild) ------------------
     def segment_records(self, seg_id: int, start: int = 0) -> list[bytes]:
@@ -2032,15 +1563,7 @@ class Pool:
     def statistics(self) -> PoolStatistics:
         st = self.state
         ext = self.layout.extent_size
-        members = tuple(
-            MemberStatus(mi.index, mi.uuid, self._member_path(mi.index),
-                         self.member_state(mi.index),
-                         mi.size, mi.n_extents, len(self._free[mi.index]),
-                         self._errors[mi.index]["read"], self._errors[mi.index]["write"],
-                         self._errors[mi.index]["checksum"], len(mi.marks),
-                         self._why.get(mi.index, "") if self.devices[mi.index] is None
-                         and mi.state != "removed" else "")
-            for mi in st.members)
+        members = self.members.rows()
         present = [m for m in members if m.state in ("online", "rebuilding")]
         live = sum(s.live * SECTOR * (s.k + s.m) for s in st.segments.values())
         # Segments beyond their parity (unavailable_segments) leave the state "degraded"
@@ -2057,60 +1580,19 @@ class Pool:
             **self._counters)
 
     def member_state(self, index: int) -> str:
-        mi = self.state.members[index]
-        if mi.state == "removed":
-            return "removed"
-        if self.devices[index] is None:
-            return mi.state if mi.state in AWAY else "missing"
-        return "rebuilding" if mi.marks else "online"
-
-    def _member_path(self, index: int) -> str:
-        """The path of member ``index``'s device; for one that is away, the last path it
-        was seen at (``MemberInfo.path``, kept in the metadata)."""
-        dev = self.devices[index] or self._parked.get(index)
-        return dev.path if dev is not None else self.state.members[index].path
+        """online | rebuilding | faulted | offline | missing | removed."""
+        return self.members.state_of(index)
 
     def member_index(self, name: str) -> int:
-        """A member by number, device path (its last known path if it is away) or UUID.
-        A path of a present member wins over the same last known path of one away."""
-        live = [mi for mi in self.state.members if mi.state != "removed"]
-        for mi in live:
-            if name in (str(mi.index), mi.uuid):
-                return mi.index
-        for present in (True, False):
-            for mi in live:
-                path = self._member_path(mi.index)
-                if ((self.devices[mi.index] is not None) == present and path
-                        and _same_path(path, name)):
-                    return mi.index
-        raise NotFound(f"pool {self.state.name} has no member {name!r} (give its number, "
-                       f"path or UUID; see pool status)")
+        """A member by number, device path (its last known path if away) or UUID."""
+        return self.members.index_of(name)
 
     def health(self) -> list[str]:
         """Plain-language warnings about redundancy right now."""
-        out = []
-        missing = [mi.index for mi in self.state.members
-                   if self.member_state(mi.index) == "missing"]
-        if missing:
-            out.append(f"members missing: {', '.join(map(str, missing))}")
-        for mi in self.state.members:
-            st = self.member_state(mi.index)
-            if st in ("faulted", "offline"):
-                out.append(f"member {mi.index} is {st}")
-            elif st == "rebuilding":
-                out.append(f"member {mi.index} has {len(mi.marks)} segment(s) to rebuild")
-        at_risk = self.unavailable_segments()
-        if at_risk:
-            out.append(f"{at_risk} segment(s) have more fragments missing than their "
-                       f"parity covers: reads of their records will fail")
-        return out
+        return self.members.warnings()
 
 
 # ==== blocking helpers (run in threads) ====================================================
-async def _run(fn: Callable[..., T], *args: Any) -> T:
-    return await trio.to_thread.run_sync(lambda: fn(*args))
-
-
 @lru_cache(maxsize=256)        # asked on every reserve; the counts change rarely
 def _stripes(counts: tuple[int, ...], width: int) -> int:
     """How many stripes of ``width`` extents on distinct devices the free-extent counts
@@ -2126,265 +1608,3 @@ def _stripes(counts: tuple[int, ...], width: int) -> int:
     return lo
 
 
-def _same_path(a: str, b: str) -> bool:
-    return os.path.abspath(a) == os.path.abspath(b)
-
-
-async def _write_within(calls: Sequence[tuple[Device, Callable[[], None]]],
-                        what: str, dl: Deadlines) -> None:
-    """Blocking writes, one per device, in parallel under the write deadline
-    (``records.writes_within``); raises the first DeviceError (DeviceHung for a device
-    that did not finish in time)."""
-    errors = await trio.to_thread.run_sync(records.writes_within, calls, what, dl)
-    first = next((e for e in errors if e is not None), None)
-    if first is not None:
-        raise first
-
-
-async def close_devices(devices: Sequence[Device | None]) -> None:
-    """Close devices, in parallel threads: a close waits (up to ``CLOSE_WAIT``) for a call
-    still stuck in its device, which must not hold the event loop. Shielded: a cancelled
-    caller (often why devices are being closed) still releases them."""
-    with trio.CancelScope(shield=True):
-        async with trio.open_nursery() as nursery:
-            for dev in devices:
-                if dev is not None:
-                    nursery.start_soon(partial(trio.to_thread.run_sync, dev.close))
-
-
-def _wipe(dev: Device) -> None:
-    """Wipe a device's labels and superblocks (blocking); its data is not zeroed."""
-    dev.pwrite(0, bytes(LABEL_SIZE))
-    dev.pwrite(SB_OFFSET, bytes(SB_SLOTS * SB_SLOT_SIZE))
-    dev.pwrite(owners.OWNER_OFFSET, bytes(owners.OWNER_SIZE))
-    dev.pwrite(dev.size - LABEL_SIZE, bytes(LABEL_SIZE))
-    dev.sync()
-
-
-async def _wipe_quietly(dev: Device, dl: Deadlines) -> None:
-    """Wipe a detached device's labels and superblocks (it must not pass for a member),
-    then close it. A device that is gone, or hangs (often why it was replaced), cannot
-    be wiped, which is fine: the pool no longer counts it as a member either way."""
-    try:
-        await _write_within([(dev, partial(_wipe, dev))], "wiping the label", dl)
-    except DeviceError as e:
-        log.warning("could not wipe the label of %s: %s", dev.path, e.message)
-    # close waits (boundedly) for a call still stuck in the device: not on the loop.
-    await trio.to_thread.run_sync(dev.close)
-
-
-def _check_name(name: str) -> None:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
-        raise InvalidArgument(f"invalid pool name {name!r}: use 1-64 letters, digits, "
-                              f"'_', '.', '-', starting with a letter or digit")
-
-
-def _write_label(dev: Device, label: Label) -> None:
-    raw = label.encode()
-    dev.pwrite(0, raw)
-    dev.pwrite(label.device_size - LABEL_SIZE, raw)
-
-
-def label_copies(dev: Device, dl: Deadlines, size: int | None = None
-                 ) -> list[tuple[str, Label | str]]:
-    """Both label copies of a device: ("primary" | "backup", the label or what is wrong).
-    ``size``: where the backup is (the labelled size); default the device's size."""
-    out: list[tuple[str, Label | str]] = []
-    end = dev.size if size is None else size
-    for where, off in (("primary", 0), ("backup", end - LABEL_SIZE)):
-        try:
-            out.append((where, Label.decode(records.pread_within(dev, off, LABEL_SIZE, dl))))
-        except DeviceError as e:
-            out.append((where, e.message))
-    return out
-
-
-def _read_label(dev: Device, dl: Deadlines) -> Label:
-    """The device's label, from the primary copy or else the backup at the end."""
-    errors = []
-    for where, label in label_copies(dev, dl):
-        if isinstance(label, str):
-            errors.append(f"{where}: {label}")
-            continue
-        if label.device_size > dev.size:
-            raise ImportFailed(f"{dev.path} is truncated: its label says {label.device_size} "
-                               f"bytes but the device has {dev.size}")
-        return label
-    raise ImportFailed(f"{dev.path} is not a storaged pool member ({'; '.join(errors)})")
-
-
-def _refuse_labelled(devices: list[Device], dl: Deadlines) -> None:
-    for dev in devices:
-        try:
-            label = _read_label(dev, dl)
-        except ImportFailed:
-            continue
-        raise InvalidArgument(f"{dev.path} is already member {label.index} of pool "
-                              f"{label.pool_name!r} ({label.pool_uuid}); destroy that pool "
-                              f"first")
-
-
-def _refuse_same_device(devices: Sequence[Device],
-                        error: type[StorageError] = InvalidArgument) -> None:
-    """Refuse two paths to one device (pool.identity, invariant 1)."""
-    dup = identity.first_duplicate(devices)
-    if dup is not None:
-        a, b = dup
-        ident = identity.identity_of(a)
-        assert ident is not None
-        raise error(f"{a.path} and {b.path} are the same device "
-                    f"({identity.describe(ident)}): give each device once")
-
-
-async def _leave_out_duplicates(devices: list[Device],
-                                left_out: dict[str, str]) -> list[Device]:
-    """``devices`` without the second and later paths to one device (closed, recorded)."""
-    while (dup := identity.first_duplicate(devices)) is not None:
-        first, again = dup
-        left_out[again.path] = f"the same device as {first.path}"
-        log.warning("%s is the same device as %s: importing it once", again.path,
-                    first.path)
-        devices = [d for d in devices if d is not again]
-        await close_devices([again])
-    return devices
-
-
-def _leave_out(left_out: dict[str, str], dev: Device, why: str) -> None:
-    left_out[dev.path] = why
-    log.error("%s left out of the import: %s", dev.path, why)
-
-
-def _read_labels(devices: list[Device], dl: Deadlines,
-                 left_out: dict[str, str] | None = None) -> list[tuple[Device, Label]]:
-    """Each device's label. A device that does not answer (its label reads timed out) is
-    left out, as if it were not given: the pool imports without it if it can; so is one
-    without a usable label when ``left_out`` is given (see ``Pool.open``)."""
-    out: list[tuple[Device, Label]] = []
-    for dev in devices:
-        try:
-            out.append((dev, _read_label(dev, dl)))
-        except ImportFailed as e:
-            if left_out is not None:
-                _leave_out(left_out, dev, e.message)
-                continue
-            if not records.hung(dev):
-                raise
-            log.warning("%s does not answer (a read of its label has been waiting more "
-                        "than %g s): importing without it", dev.path, dl.read)
-    if devices and not out:
-        if left_out:
-            raise ImportFailed("no device given is a usable pool member: " + "; ".join(
-                f"{p}: {why}" for p, why in left_out.items()))
-        raise ImportFailed("none of the devices given answers: "
-                           + ", ".join(d.path for d in devices))
-    return out
-
-
-@dataclass
-class _Loaded:
-    state: PoolState
-    layout: Layout
-    devices: list[Device | None]
-    meta: MetaStore
-    superblock: Superblock
-    page_locs: dict[int, Loc]
-    replayed: list[tuple[int, bytes]]
-
-
-def _load_pool(pool_uuid: str, found: list[tuple[Device, Label]], dl: Deadlines,
-               left_out: dict[str, str] | None = None) -> _Loaded:
-    """Read superblocks, state, pages and journal of a pool; check the members."""
-    layout = found[0][1].layout
-    name = found[0][1].pool_name
-    for dev, lab in found:
-        if lab.layout != layout:
-            raise ImportFailed(f"{dev.path}: its label's layout differs from the other "
-                               f"members of pool {name}")
-    newest: dict[str, int] = {}
-    blank: set[str] = set()     # devices without one intact superblock of this pool
-    best: Superblock | None = None
-    for dev, lab in list(found):
-        try:
-            sbs = MetaStore.read_superblocks(dev, pool_uuid, dl)
-        except DeviceError as e:
-            # Every member holds the metadata: one whose superblocks cannot be read is
-            # left out (the pool runs degraded), as if it had not been given.
-            log.warning("%s: its superblocks cannot be read (%s): importing without it",
-                        dev.path, e.message)
-            found.remove((dev, lab))
-            if left_out is not None:
-                left_out[dev.path] = f"its superblocks cannot be read ({e.message})"
-            continue
-        if not sbs:
-            blank.add(dev.path)
-        # A member added at generation g carries g in its label and a synced copy of the
-        # metadata of g - 1 even if the crash took its first superblock.
-        newest[dev.path] = max([sb.generation for sb in sbs] + [lab.generation - 1])
-        for sb in sbs:
-            if best is None or sb.generation > best.generation:
-                best = sb
-    if best is None:
-        raise ImportFailed(f"pool {name}: no intact superblock on any device given")
-    state = PoolState.from_json(MetaStore(layout, [d for d, _ in found],
-                                          pool_uuid, dl).read_blob(best.state))
-    devices: list[Device | None] = [None] * len(state.members)
-    by_uuid = {mi.uuid: mi for mi in state.members}
-    for dev, lab in found:
-        mi = by_uuid.get(lab.device_uuid)
-        if mi is None or mi.index != lab.index:
-            raise ImportFailed(f"{dev.path}: labelled as member {lab.index} of pool {name}, "
-                               f"but the pool's metadata does not list it (a device added "
-                               f"when a crash interrupted, or from another copy of the pool)")
-        # A member that was merely away comes back as it left (newest superblock no older
-        # than when it went missing): nothing it holds changed meanwhile, since records are
-        # never overwritten in place and segments made while it was away do not use it.
-        # Anything older is an old copy of the device, which may lack acknowledged data.
-        seen = mi.last_gen if mi.state == "missing" else best.generation
-        if mi.state in ("faulted", "offline", "removed"):
-            pass   # not used until brought back online, which refreshes its metadata
-        elif newest[dev.path] < seen - 1 and dev.path in blank and left_out is not None:
-            # Every superblock slot garbled while the pool went on: its metadata is
-            # damaged (the other members hold the same, invariant 5), not an old copy.
-            _leave_out(left_out, dev, "no intact superblock: its metadata is damaged")
-            continue
-        elif newest[dev.path] < seen - 1:
-            raise ImportFailed(
-                f"{dev.path} is a stale member {mi.index} of pool {name}: its newest "
-                f"superblock is generation {newest[dev.path]}, but the pool had it at "
-                f"generation {seen}: this is an older copy of the device and may lack data "
-                f"written since. Import without it (the pool runs degraded)")
-        other = devices[mi.index]
-        if other is not None:
-            raise ImportFailed(f"{dev.path} and {other.path} both claim to be member "
-                               f"{mi.index} of pool {name}")
-        devices[mi.index] = dev
-    meta = MetaStore(layout, [d if state.members[i].state not in ("faulted", "offline",
-                                                                    "removed") else None
-                              for i, d in enumerate(devices)], pool_uuid, dl)
-    meta.mark_used(best.state)
-    meta.mark_used(best.index)
-    index = meta.read_blob(best.index)
-    page_locs: dict[int, Loc] = {}
-    for off in range(0, len(index), _INDEX.size):
-        nid, unit, units, length, h = _INDEX.unpack_from(index, off)
-        loc = Loc(unit, units, length, h)
-        meta.mark_used(loc)
-        page_locs[nid] = loc
-    for nid, blob in zip(page_locs, meta.read_blobs(list(page_locs.values())), strict=True):
-        try:
-            state.forest.nodes[nid] = Node.deserialize(blob)
-        except ValueError as e:
-            raise ImportFailed(f"pool {name}: map node {nid} is unreadable: {e}") from e
-    state.forest.recount()
-    short = [s for s in state.segments.values()
-             if sum(1 for i, _ in s.extents if meta.devices[i] is not None
-                    and s.id not in state.members[i].marks) < s.k]
-    if short:
-        # Metadata is intact (it is on every member), so the pool imports; reads of records
-        # in these segments fail with EIO naming the missing members.
-        missing = sorted({i for s in short for i, _ in s.extents if meta.devices[i] is None})
-        log.error("pool %s: %d segment(s) have fewer than k fragments present; records in "
-                  "them are unreadable until members %s return", name, len(short),
-                  ", ".join(map(str, missing)))
-    replayed = meta.read_journal(best.txg)
-    return _Loaded(state, layout, devices, meta, best, page_locs, replayed)

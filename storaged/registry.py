@@ -36,9 +36,9 @@ from pool.errors import (
     NotFound,
     StorageError,
 )
+from pool.labels import label_copies
 from pool.layout import LABEL_SIZE, Label
 from pool.metastore import MetaStore
-from pool.pool import label_copies
 from pool.state import PoolState
 from pool.tuning import PoolTuning
 from volumes import VolumeManager

@@ -142,7 +142,7 @@ async def test_both_labels_corrupt_is_refused_naming_the_device(disks: Disks) ->
 async def test_a_device_of_another_pool_is_refused(disks: Disks) -> None:
     """Invariant 9: a device of another pool mixed in. With a name, the message says which
     device belongs to another pool; without, it lists the pools and their devices. An
-    unknown name says so. Nothing is changed on any device."""
+    unknown name says so. Nothing is changed on any device (pool.importer invariant 3)."""
     ds, data = await _tank(disks)
     other, _ = await _tank(disks, "other", n=1, profile="plain", seed=2)
     mixed = [2, 0, 1]
@@ -159,7 +159,8 @@ async def test_a_device_of_another_pool_is_refused(disks: Disks) -> None:
 
 async def test_a_truncated_device_is_refused(disks: Disks) -> None:
     """Invariant 9: a member file shorter than its label says (cut by 1 MiB, or by just
-    one sector) is refused as truncated, naming it; nothing is changed."""
+    one sector) is refused as truncated, naming it; nothing is changed (pool.labels
+    invariant 2)."""
     ds, data = await _tank(disks)
     pristine = ds.save()
     for cut in (1 << 20, 512):
@@ -172,11 +173,12 @@ async def test_a_truncated_device_is_refused(disks: Disks) -> None:
 
 
 async def test_a_stale_member_is_refused(disks: Disks) -> None:
-    """Invariant 9: an older copy of a member (it may lack acknowledged data) is refused as
-    stale, saying what to do, and nothing is changed -- whether the pool kept running with
-    the member online (the copy is behind the pool) or the member was away for a while (the
-    copy is older than the member was when it left). The member itself, back from being
-    away untouched, is taken back (invariant 5)."""
+    """Invariant 9 (pool.importer invariant 3): an older copy of a member (it may lack
+    acknowledged data) is refused as stale, saying what to do, and nothing is changed --
+    whether the pool kept running with the member online (the copy is behind the pool)
+    or the member was away for a while (the copy is older than the member was when it
+    left). The member itself, back from being away untouched, is taken back (invariant
+    5)."""
     ds, data = await _tank(disks, "copy", seed=3)
     old = ds.save()
     for i in range(2):      # the pool moves on (imports, writes, checkpoints)
@@ -283,7 +285,8 @@ async def test_import_on_another_machine(disks: Disks, tmp_path: Path) -> None:
 
 async def test_destroy_wipes_the_labels(disks: Disks) -> None:
     """Invariant 9: a destroyed pool's devices are no pool's members any more (import is
-    refused saying so) and can be used for a new pool without force."""
+    refused saying so) and can be used for a new pool without force (pool.labels
+    invariant 4)."""
     ds, _ = await _tank(disks)
     pool = await Pool.open(ds.open())
     await pool.destroy()
@@ -306,7 +309,8 @@ async def test_destroy_wipes_the_labels(disks: Disks) -> None:
 async def test_create_refuses_a_device_of_a_pool_unless_forced(disks: Disks) -> None:
     """Invariant 9: a device labelled as a member of a pool (even with only the backup
     label intact) is not silently overwritten: create refuses, naming the pool, and
-    changes no device -- not even the blank one listed beside it; force=True takes it."""
+    changes no device -- not even the blank one listed beside it; force=True takes it
+    (pool.importer invariant 5, pool.labels invariant 3)."""
     ds, _ = await _tank(disks)
     fresh = disks(1, size=DEV, prefix="fresh")
     fresh.create()

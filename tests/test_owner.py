@@ -109,7 +109,8 @@ async def test_an_owner_taken_over_stops_all_io_at_its_next_heartbeat(disks: Dis
     """Invariant 10 (a hung owner that wakes up cannot write on): when another daemon's
     record is found on the members at a sequence no lower than ours (a taker continues
     after the highest it found), the old owner's pool fails and refuses writes. A lower
-    one (an earlier owner's record on a member that was away) is only overwritten."""
+    one (an earlier owner's record on a member that was away) is only overwritten
+    (module invariant 6, OwnerKeeper.heartbeat)."""
     ds, pool = await _beating(disks, owners.Claim(A, 0.05, 0.4))
     vm = VolumeManager(pool)
     vol = await vm.create("v", 1 << 20, block_size=64 << 10)
@@ -159,7 +160,8 @@ async def test_an_owner_silent_past_half_its_interval_confirms_before_writing(
     is older than half its activity interval (stopped, starved) confirms ownership before
     its next data write; finding the pool taken over meanwhile, it fails and writes
     nothing at all (members byte-identical but for the owner block). While it is still
-    the owner, the confirmation is only a beat and the write goes through."""
+    the owner, the confirmation is only a beat and the write goes through (module
+    invariant 5, OwnerKeeper.confirm)."""
     claim = owners.Claim(A, 60.0, 0.2)        # no heartbeat task: the daemon is "stopped"
     ds, pool = await _beating(disks, claim)
     vol = await VolumeManager(pool).create("v", 1 << 20, block_size=64 << 10)
@@ -181,6 +183,23 @@ async def test_an_owner_silent_past_half_its_interval_confirms_before_writing(
     with pytest.raises(PoolFailed, match="taken over by host host-b"):
         await vol.flush()
     assert member_digests(ds.paths) == before
+    await pool.close()
+
+
+async def test_a_released_record_is_cleared_and_no_beat_follows(disks: Disks) -> None:
+    """Module invariant 7 (an export): releasing with ``clear`` zeroes the record on every
+    member, and a heartbeat after that writes nothing; the pool has no owner."""
+    ds, pool = await _beating(disks, owners.Claim(A, 0.05, 0.4))
+    await pool.heartbeat()
+    assert pool.owner is not None and pool.owner.seq == 2
+    await pool.owner_keeper.release(clear=True)
+    before = member_digests(ds.paths)
+    await pool.heartbeat()
+    assert pool.owner is None and member_digests(ds.paths) == before
+    for p in ds.paths:
+        d = FileDevice(str(p))
+        assert owners.read_record(d) is None
+        d.close()
     await pool.close()
 
 
