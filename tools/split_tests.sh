@@ -14,10 +14,11 @@ set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 
 # In-process, on real files or bytes alone: no daemon process, no external client.
-UNIT="test_capabilities test_catalog test_checker test_devices test_import
-  test_iscsi_cdb test_iscsi_proto test_nbd_proto test_openers test_pool_tuning
-  test_portable test_readcache test_rebuild test_redundancy test_repo_docs test_scrub
-  test_sizes test_space test_tuning test_txn test_volume_records test_write_buffer"
+UNIT="test_capabilities test_catalog test_checker test_devices test_health test_import
+  test_iscsi_cdb test_iscsi_proto test_labels test_member_ops test_nbd_proto test_openers
+  test_pool_tuning test_portable test_readcache test_rebuild test_redundancy
+  test_repo_docs test_scrub test_sizes test_space test_tuning test_txn
+  test_volume_records test_write_buffer"
 # Hypothesis programs and seeded model checkers against a model of what must hold.
 PROPERTY="test_sm_snapshots test_sm_space test_snapshots test_volume_model
   test_write_concurrency"
@@ -31,7 +32,9 @@ INTEGRATION="test_blockdev test_capabilities_frontends test_cli test_concurrency
   test_progress test_prometheus test_service test_space_concurrency test_wrong_commands"
 # Helpers shared by tests (modules, and the scripts the system python runs).
 KIT="poolkit daemonkit nbdharness nbdworker iscsiharness iscsiraw crashsim trioportal
-  nbd_space_client"
+  nbd_space_client cephkit"
+# tests/rados/ (the RADOS tier against a throwaway Ceph cluster, with its own conftest and
+# workers) is a folder already and stays one; only its helper cephkit joins the kit.
 
 if [ -n "$(git status --porcelain -- tests)" ]; then
     echo "split_tests.sh: tests/ has uncommitted changes; commit or stash them first" >&2
@@ -55,8 +58,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     printf '  %s\n' "${missing[@]}" >&2
     exit 1
 fi
-for n in "${!DEST[@]}"; do
-    [ -f "tests/$n.py" ] || { echo "split_tests.sh: tests/$n.py is listed but absent" >&2; exit 1; }
+for n in "${!DEST[@]}"; do      # listed for a branch not merged yet: nothing to move
+    [ -f "tests/$n.py" ] || { echo "split_tests.sh: tests/$n.py is absent, skipped" >&2
+                              unset "DEST[$n]"; }
 done
 
 declare -A DOC=(
@@ -90,6 +94,7 @@ sed -i -E "${expr[@]}" "${files[@]}"
 sed -i -E 's/Path\(__file__\)\.resolve\(\)\.parent\.parent\b/Path(__file__).resolve().parents[2]/g' \
     tests/*/*.py
 for n in $KIT; do
+    [ -n "${DEST[$n]:-}" ] || continue
     sed -i -E "s#Path\\(__file__\\)\\.with_name\\(\"$n\\.py\"\\)#Path(__file__).parents[1] / \"kit\" / \"$n.py\"#g" \
         tests/*/*.py
 done
