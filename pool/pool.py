@@ -225,14 +225,11 @@ class Pool:
         until a re-import)."""
         self.txn.fail(reason)
 
-    # The transaction's state under the names the rest of the pool still uses (pool.txn).
+    # The transaction's state under the names the rest of the pool still uses (pool.txn);
+    # read-only: the way into FAILED is ``fail``.
     @property
     def _failed(self) -> str | None:
         return self.txn.failed
-
-    @_failed.setter
-    def _failed(self, reason: str) -> None:
-        self.txn.fail(reason)
 
     @property
     def _closed(self) -> bool:

@@ -38,12 +38,12 @@ Every way into FAILED (each caller of ``fail``):
 - ``Transaction.checkpoint_locked`` (a checkpoint, also the one every ``commit`` takes
   when the journal is half full): writing or syncing pages, the state, the index or the
   superblock raised, or the page area is full ("checkpoint GEN: ...").
-- ``Pool.fault`` (member health): the last present member went away
+- ``Members.fault`` (``Pool.fault``; pool.members): the last present member went away
   ("no member left (...)").
-- ``Pool.heartbeat`` (ownership, DESIGN invariant 10): another daemon took the pool over
-  ("taken over by ...").
+- ``OwnerKeeper.heartbeat`` (``Pool.heartbeat``; pool.owner, DESIGN invariant 10): another
+  daemon took the pool over ("taken over by ...").
 
-The last two still assign ``Pool._failed``, whose setter calls ``fail``.
+Both call ``Pool.fail``, which is this ``fail``; nothing else writes the state.
 
 Every way into CLOSED: ``Pool.close`` (export, daemon stop; after the final checkpoint)
 and ``Pool.destroy`` (before the labels are wiped).
