@@ -15,9 +15,8 @@ Invariants this module owns (numbers from shared/DESIGN.md):
 5. Redundancy: records use their profile's k + m columns on distinct members; metadata is
    mirrored on every member.
 
-State machine of a Pool object: OPEN -> (commit failure) -> FAILED -> CLOSED, or
-OPEN -> CLOSED (``close``/``destroy``). FAILED refuses all I/O (like SQLite's ERROR state):
-after an ambiguous metadata write the only safe way on is a re-import.
+State machine of a Pool object: OPEN -> FAILED -> CLOSED, or OPEN -> CLOSED; its diagram,
+and every way into FAILED, are in ``pool.txn`` (``Transaction``, which ``Pool.txn`` is).
 
 Background work (discarding freed extents) runs in ``Pool.run``, in a nursery its owner
 holds; without a runner it is done at ``settle_discards`` and ``close``.
@@ -35,17 +34,14 @@ import trio
 
 from pool import codec, importer, readcache, records
 from pool import owner as owners
+from pool.catalog import Catalog
 from pool.cleaner import SegmentCleaner
 from pool.deadlines import Deadlines
 from pool.device import Device
 from pool.devio import close_devices
-from pool.devio import run as _run
 from pool.devio import write_within as _write_within
 from pool.errors import (
     DeviceError,
-    NoSpace,
-    PoolFailed,
-    StorageError,
 )
 from pool.health import MemberHealth
 from pool.labels import label_copies
@@ -63,25 +59,22 @@ from pool.profile import Profile
 from pool.reader import RecordReader
 from pool.space import SpaceAccount, SpaceHooks
 from pool.state import (
-    ENTRY,
-    HOLE,
     MemberInfo,
     Op,
     PoolState,
     Segment,
     op_json,
-    op_map_clear,
 )
 from pool.status import PoolStatistics
 from pool.store import Column, LocalStore
 from pool.tuning import PoolTuning
+from pool.txn import CommitHooks, Transaction
 from pool.writer import RecordWriter, WriterHooks
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _NODE_UNITS = 7      # 4 KiB units of the largest map node blob (a 24 KiB leaf, lz4 framed)
 _STATE_UNITS_GUESS = 4
-_INDEX = ENTRY.__class__("<QIIIQ")  # node id, unit, units, length, hash
 
 
 class Pool:
@@ -98,8 +91,6 @@ class Pool:
         self.layout = layout
         self.devices = devices
         self.meta = meta
-        self._sb_gen = superblock.generation if superblock else 0
-        self._page_locs: dict[int, Loc] = {}   # map node id -> where the checkpoint put it
         # Where segments' bytes live: extents, placement, device fan-out, discard.
         self.store = LocalStore(state, layout, devices, meta.deadlines, self,
                                 discard_freed=tuning.discard_freed)
@@ -109,13 +100,15 @@ class Pool:
         # Verified logical blocks of recent small reads, keyed by map entry (an LRU).
         self.record_cache = readcache.RecordCache(tuning.record_cache)
         self.cleaner = SegmentCleaner(self)
-        self._pending: list[Op] = []
-        self._applied = 0
-        self._committed = 0
-        self._commit_lock = trio.Lock()
-        self._dirty_devices: set[int] = set()
-        self._failed: str | None = None
-        self._closed = False
+        # Pending ops, group commit, OPEN / FAILED / CLOSED (pool.txn). Its lock and the set
+        # of members written since the last commit, under the names the pool uses.
+        self.txn = Transaction(state, meta, layout, superblock, CommitHooks(
+            self._confirm_owner, self._sync_members, self._absorb_meta_failures,
+            self._seal_fills, self._frees_pending, self._after_commit))
+        self._commit_lock = self.txn.lock
+        self._dirty_devices = self.txn.dirty
+        # Objects and block maps (pool.catalog), changed through the transaction.
+        self.catalog = Catalog(state, self.txn, self._reap)
         # The owner record this daemon keeps on every member (pool.owner.OwnerKeeper).
         self.owner_keeper = owners.OwnerKeeper(self)
         # Usage, reservations and the reserves of invariant 8 (pool.space).
@@ -124,7 +117,6 @@ class Pool:
                                              self.cleaner.clean_one, lambda: self._caches,
                                              self.metadata_used))
         self._pin_gens: dict[int, list[int]] = {}
-        self._meta_units_used = meta.bitmap.count(1)
         self._caches: list[Callable[[], Awaitable[None]]] = []
         # Per member: read / write / checksum errors, the fault threshold, why a member is
         # away, and epochs (bumped each time it goes away, so a rebuild that started on a
@@ -134,8 +126,6 @@ class Pool:
         self.members = Members(self, self.member_health)
         # Devices given to the import but left out of it (path -> reason): see ``open``.
         self.left_out: dict[str, str] = {}
-        self._meta_locs: tuple[Loc, ...] = (
-            (superblock.state, superblock.index) if superblock else ())
         # What the maintenance engines (pool.scrub, pool.rebuild) report while they run.
         self.activity: dict[str, Any] = {}
         self._cpu = trio.CapacityLimiter(2)
@@ -199,16 +189,49 @@ class Pool:
 
     # ==== small helpers ===================================================================
     def _do(self, op: Op) -> None:
-        self.state.apply(op)
-        self._pending.append(op)
-        self._applied += 1
+        self.txn.do(op)
 
     def _check_ok(self) -> None:
-        if self._closed:
-            raise StorageError(f"pool {self.state.name} is closed")
-        if self._failed is not None:
-            raise PoolFailed(f"pool {self.state.name} stopped after a failed metadata write "
-                             f"({self._failed}); export and re-import it")
+        self.txn.check_ok()
+
+    def fail(self, reason: str) -> None:
+        """Stop all I/O to the pool (``Transaction.fail``: FAILED, refused with PoolFailed
+        until a re-import)."""
+        self.txn.fail(reason)
+
+    # The transaction's state under the names the rest of the pool still uses (pool.txn);
+    # read-only: the way into FAILED is ``fail``.
+    @property
+    def _failed(self) -> str | None:
+        return self.txn.failed
+
+    @property
+    def _closed(self) -> bool:
+        return self.txn.closed
+
+    @property
+    def _pending(self) -> list[Op]:
+        return self.txn.pending
+
+    @property
+    def _sb_gen(self) -> int:
+        return self.txn.sb_gen
+
+    @property
+    def _page_locs(self) -> dict[int, Loc]:
+        return self.txn.page_locs
+
+    @_page_locs.setter
+    def _page_locs(self, locs: dict[int, Loc]) -> None:
+        self.txn.page_locs = locs
+
+    @property
+    def _meta_locs(self) -> tuple[Loc, ...]:
+        return self.txn.meta_locs
+
+    @property
+    def _meta_units_used(self) -> int:
+        return self.txn.meta_units_used
 
     async def _on_devices(self, fn: Callable[[Device], None],
                           which: Sequence[int] | None = None) -> None:
@@ -289,113 +312,54 @@ class Pool:
     def default_profile(self) -> Profile:
         return Profile.parse(self.state.profile)
 
-    # ==== metadata objects and maps (used by the volumes layer) ============================
+    # ==== metadata objects and maps (used by the volumes layer; pool.catalog) ===========
     def objects(self) -> dict[int, dict[str, Any]]:
-        return dict(self.state.objects)
+        return self.catalog.objects()
 
     def put_object(self, value: dict[str, Any], obj_id: int | None = None) -> int:
-        self._check_ok()
-        if obj_id is None:
-            obj_id = self.state.next_id
-        self._do(op_json(op="obj_put", id=obj_id, value=value))
-        return obj_id
+        return self.catalog.put_object(value, obj_id)
 
     def delete_object(self, obj_id: int) -> None:
-        self._check_ok()
-        self._do(op_json(op="obj_del", id=obj_id))
+        self.catalog.delete_object(obj_id)
 
     def create_map(self) -> int:
-        self._check_ok()
-        map_id = self.state.next_id
-        self._do(op_json(op="map_new", id=map_id))
-        return map_id
+        return self.catalog.create_map()
 
     def clone_map(self, src: int) -> int:
-        """A new map sharing every node of ``src`` (O(1); copy-on-write from then on)."""
-        self._check_ok()
-        if src not in self.state.maps:
-            raise StorageError(f"map {src} does not exist")
-        map_id = self.state.next_id
-        self._do(op_json(op="map_clone", id=map_id, src=src))
-        return map_id
+        return self.catalog.clone_map(src)
 
     def diff_maps(self, a: int, b: int) -> list[int]:
-        """Blocks whose content differs between two maps (shared subtrees skipped)."""
-        return list(self.state.forest.diff(a, b))
+        return self.catalog.diff_maps(a, b)
 
     def exclusive_bytes(self, map_id: int) -> int:
-        """Device bytes of records no other map references: what deleting this map frees.
-
-        Records are shared only at the same block index (snapshots, clones and rollbacks
-        copy trees; nothing moves a record to another block), so an entry of one of this
-        map's private leaves is unique unless another map has the same entry there.
-        """
-        forest = self.state.forest
-        others = [m for m in forest.roots if m != map_id]
-        total = 0
-        for base, node in forest.exclusive_leaves(map_id):
-            assert isinstance(node.data, bytearray)
-            for slot in range(len(node.data) // ENTRY.size):
-                raw = bytes(node.data[slot * ENTRY.size:(slot + 1) * ENTRY.size])
-                if raw != HOLE and all(forest.get(m, base + slot) != raw for m in others):
-                    total += self._record_bytes(raw)
-        return total
+        return self.catalog.exclusive_bytes(map_id)
 
     def record_space(self) -> tuple[int, int]:
-        """(bytes of distinct live records, bytes of records more than one map shares):
-        the exact physical use by data, each record counted once (invariant 6)."""
-        owners: dict[tuple[int, int], tuple[int, set[int]]] = {}
-        forest = self.state.forest
-        for map_id in forest.roots:
-            for _b, raw in forest.items(map_id):
-                seg_id, off = ENTRY.unpack_from(raw)[:2]
-                _size, maps = owners.setdefault((seg_id, off), (self._record_bytes(raw), set()))
-                maps.add(map_id)
-        used = sum(size for size, _maps in owners.values())
-        shared = sum(size for size, maps in owners.values() if len(maps) > 1)
-        return used, shared
-
-    def _record_bytes(self, raw: bytes) -> int:
-        seg_id, _o, plen, _f, _h = ENTRY.unpack(raw)
-        seg = self.state.segments[seg_id]
-        return codec.fragment_units(plen, seg.k) * SECTOR * (seg.k + seg.m)
+        return self.catalog.record_space()
 
     def delete_map(self, map_id: int) -> None:
-        """Drop a map and every record reference it holds (the space returns at commit)."""
-        self._check_ok()
-        self._do(op_json(op="map_del", id=map_id))
-        self._reap()
+        self.catalog.delete_map(map_id)
 
     def clear_map_range(self, map_id: int, start: int, count: int) -> None:
-        self._check_ok()
-        self._do(op_map_clear(map_id, start, count))
-        self._reap()
+        self.catalog.clear_map_range(map_id, start, count)
 
     def is_mapped(self, map_id: int, block: int) -> bool:
-        return self.state.forest.get(map_id, block) is not None
+        return self.catalog.is_mapped(map_id, block)
 
     def mapped_blocks(self, map_id: int, start: int, end: int) -> list[int]:
-        return [b for b, _ in self.state.forest.items(map_id, start, end)]
+        return self.catalog.mapped_blocks(map_id, start, end)
 
     def any_compressed(self, map_id: int, start: int, count: int) -> bool:
-        """Whether any of ``count`` blocks from ``start`` is stored lz4-compressed."""
-        for _n, raw in self.state.forest.leaf_spans(map_id, start, count):
-            if raw is not None and any(flags & codec.FLAG_LZ4 for _s, _o, _p, flags, _h
-                                       in ENTRY.iter_unpack(raw)):
-                return True
-        return False
+        return self.catalog.any_compressed(map_id, start, count)
 
     def mapped_count(self, map_id: int) -> int:
-        return self.state.forest.mapped(map_id)
+        return self.catalog.mapped_count(map_id)
 
     def mapped_among(self, map_id: int, blocks: Iterable[int]) -> set[int]:
-        """Which of ``blocks`` the map points at."""
-        forest = self.state.forest
-        return {b for b in blocks if forest.get(map_id, b) is not None}
+        return self.catalog.mapped_among(map_id, blocks)
 
     def stored_bytes(self, map_id: int) -> int:
-        """Device bytes (all fragments) of the records a map references."""
-        return sum(self._record_bytes(raw) for _b, raw in self.state.forest.items(map_id))
+        return self.catalog.stored_bytes(map_id)
 
     # ==== space ===========================================================================
     # The space rules, S1-S6, are in docs/INTERNALS.md "Space" (the tests cite them). In
@@ -596,120 +560,34 @@ class Pool:
             return False
         return self.reader.read_blocks_into_nowait(map_id, blocks, block_size, dests)
 
-    # ==== commit ==========================================================================
+    # ==== commit (pool.txn) ================================================================
     async def commit(self) -> None:
-        """Make everything applied so far durable (group commit: concurrent callers share)."""
-        target = self._applied
-        async with self._commit_lock:
-            self._check_ok()
-            await self._confirm_owner()
-            if self._committed >= target:
-                return
-            for seg_id in sorted(self._fill_moved):
-                seg = self.state.segments.get(seg_id)
-                if seg is not None:
-                    self._do(op_json(op="seg_fill", id=seg.id, fill=seg.fill))
-            self._fill_moved.clear()
-            payload_len = sum(len(op) for op in self._pending)
-            if self.meta.journal_room(payload_len) and (
-                    self.meta.journal_head < self.layout.journal_size // 2):
-                await self._journal_commit()
-            else:
-                await self._checkpoint_locked()
-
-    async def _journal_commit(self) -> None:
-        ops, covered, freed_here = self._pending, self._applied, len(self._pending_free)
-        self._pending = []
-        txg = self.state.txg + 1
-        payload = b"".join(ops)
-        try:
-            await self._sync_data()
-            await _run(self.meta.append, txg, payload)
-            self._absorb_meta_failures()
-            await self._sync_members()
-        except (DeviceError, OSError) as e:
-            self._failed = f"journal commit {txg}: {e}"
-            log.error("pool %s: %s", self.state.name, self._failed)
-            raise PoolFailed(f"pool {self.state.name}: commit failed: {e}") from e
-        self.state.txg = txg
-        self._after_commit(covered, freed_here)
-        self._counters["commits"] += 1
-
-    def _after_commit(self, covered: int, freed_here: int) -> None:
-        """Ops up to ``covered`` are durable; so are the first ``freed_here`` frees."""
-        self._committed = covered
-        self._release_gen += 1
-        self._releasable.extend((self._release_gen, i, e)
-                                for i, e in self._pending_free[:freed_here])
-        del self._pending_free[:freed_here]
-        self._release_extents()
-
-    async def _sync_data(self) -> None:
-        dirty = sorted(self._dirty_devices)
-        self._dirty_devices.clear()
-        if dirty:
-            await self._sync_members(dirty)
+        """Make everything applied so far durable (group commit: concurrent callers share;
+        ``Transaction.commit``)."""
+        await self.txn.commit()
 
     async def _checkpoint(self) -> None:
-        async with self._commit_lock:
-            await self._confirm_owner()
-            await self._checkpoint_locked()
+        await self.txn.checkpoint()
 
     async def _checkpoint_locked(self) -> None:
-        """Write changed pages and a new superblock (see MetaStore for the protocol)."""
-        self._check_ok()
-        st = self.state
-        ops_covered = self._applied
-        self._pending = []
-        # Frees of segments made by ops up to here become reusable after this commit; ops
-        # applied while we await belong to the next commit.
-        freed_here = len(self._pending_free)
-        txg = st.txg + 1
-        st.txg = txg
-        st.generation = self._sb_gen + 1
-        state_blob = st.to_json()
-        page_keys: list[int] = []
-        page_blobs: list[bytes] = []
-        new_locs = dict(self._page_locs)
-        forest = st.forest
-        for nid in forest.freed:
-            new_locs.pop(nid, None)
-        for nid in sorted(forest.dirty):
-            page_keys.append(nid)
-            page_blobs.append(forest.nodes[nid].serialize())
-        forest.freed.clear()
-        forest.dirty.clear()
-        taken = bytearray(self.meta.bitmap)
-        try:
-            await self._sync_data()
-            written = await _run(self.meta.write_blobs, page_blobs, taken)
-            new_locs.update(zip(page_keys, written, strict=True))
-            index = b"".join(_INDEX.pack(nid, loc.unit, loc.units, loc.length, loc.hash)
-                             for nid, loc in sorted(new_locs.items()))
-            state_loc, index_loc = await _run(self.meta.write_blobs, [state_blob, index],
-                                              taken)
-            self._absorb_meta_failures()
-            await self._sync_members()
-            sb = Superblock(st.uuid, st.generation, txg, state_loc, index_loc)
-            await _run(self.meta.write_superblock, sb)
-            self._absorb_meta_failures()
-            await self._sync_members()
-        except (DeviceError, OSError, NoSpace) as e:
-            self._failed = f"checkpoint {st.generation}: {e}"
-            log.error("pool %s: %s", st.name, self._failed)
-            raise PoolFailed(f"pool {st.name}: checkpoint failed: {e}") from e
-        # The new superblock is durable: the old checkpoint's blobs may now be reused.
-        bitmap = bytearray(self.meta.n_units)
-        for loc in (*new_locs.values(), state_loc, index_loc):
-            bitmap[loc.unit:loc.unit + loc.units] = b"\1" * loc.units
-        self.meta.bitmap = bitmap
-        self._meta_units_used = bitmap.count(1)
-        self.meta.journal_head = 0
-        self._page_locs = new_locs
-        self._meta_locs = (state_loc, index_loc)
-        self._sb_gen = st.generation
-        self._after_commit(ops_covered, freed_here)
-        self._counters["checkpoints"] += 1
+        await self.txn.checkpoint_locked()
+
+    def _seal_fills(self) -> None:
+        """A commit's last ops: the fill of each segment written since the last one."""
+        for seg_id in sorted(self._fill_moved):
+            seg = self.state.segments.get(seg_id)
+            if seg is not None:
+                self._do(op_json(op="seg_fill", id=seg.id, fill=seg.fill))
+        self._fill_moved.clear()
+
+    def _frees_pending(self) -> int:
+        return len(self._pending_free)
+
+    def _after_commit(self, kind: str, freed_here: int) -> None:
+        """A commit (``kind``: "commits" | "checkpoints") is durable, and with it the first
+        ``freed_here`` frees: their extents are reused once older reads are done."""
+        self.store.durable(freed_here)
+        self._counters[kind] += 1
 
     # ==== ownership (DESIGN invariant 10; pool.owner) =====================================
     @property
@@ -741,10 +619,10 @@ class Pool:
         ``release`` (export): clear the owner record too, so another daemon may import
         the pool at once; otherwise it stays (the pool still belongs to this daemon,
         which imports it again at its next start)."""
-        if self._closed:
+        if self.txn.closed:
             return
         try:
-            if self._failed is None:
+            if self.txn.failed is None:
                 for writeback in self._caches:
                     await writeback()
                 self._open.clear()
@@ -752,8 +630,8 @@ class Pool:
                 await self._checkpoint()
         finally:
             with trio.CancelScope(shield=True):
-                await self._release_owner(clear=release and self._failed is None)
-            self._closed = True
+                await self._release_owner(clear=release and self.txn.failed is None)
+            self.txn.close()
             with trio.CancelScope(shield=True):
                 await self.settle_discards()    # its threads use the devices
                 await close_devices([*self.devices, *self._parked.values()])
@@ -763,7 +641,7 @@ class Pool:
         """Wipe labels, superblocks and owner records of every present member; data is not
         zeroed."""
         await self._release_owner(clear=False)
-        self._closed = True
+        self.txn.close()
         await self._on_devices(_wipe)
         with trio.CancelScope(shield=True):
             await self.settle_discards()
@@ -777,7 +655,7 @@ class Pool:
     # ==== member maintenance: offline / online / replace / remove ==========================
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self.txn.closed
 
     async def offline(self, index: int) -> None:
         """Stop using a member for maintenance; what is written meanwhile is tracked, and
