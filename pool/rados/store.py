@@ -120,17 +120,10 @@ class RadosStore:
         """A store for ``state`` on ``conn``; refuses a non-plain pool profile and a RADOS
         pool whose capacity nobody states (no quota, no mgr)."""
         refuse_profile(Profile.parse(state.profile), conn.pool)
-        prefix = f"{state.uuid}.seg."
-
-        def scan() -> int:
-            top = 0
-            for obj in conn.ioctx.list_objects():
-                if obj.key.startswith(prefix):
-                    top = max(top, int(obj.key[len(prefix):].split(".")[0], 16))
-            return top
-        found = await conn.run("read", f"list the segments of pool {state.name}", scan)
-        known = max((n for sg in state.segments.values() for _d, n in sg.extents), default=0)
-        store = RadosStore(conn, state, hooks, first_number=max(found, known) + 1)
+        found = await _numbers(conn, state)
+        top = max([*found, *(n for sg in state.segments.values() for _d, n in sg.extents)],
+                  default=0)
+        store = RadosStore(conn, state, hooks, first_number=top + 1)
         await store.refresh()
         if not store.capacity():
             raise InvalidArgument(
@@ -157,6 +150,23 @@ class RadosStore:
         else:
             self.cluster_room = None
         self.cluster_health = await self.conn.health()
+
+    async def sweep(self) -> int:
+        """Delete the segment objects under the pool's prefix that the state does not
+        reference (a crash after a freeing commit and before the delete, or after a write
+        and before the commit that would have named the segment); how many went. Only
+        for the pool's open, after its journal is replayed and before anything is
+        allocated: then every referenced object is in ``state.segments``."""
+        self._check_fenced()
+        keep = {n for sg in self.state.segments.values() for _d, n in sg.extents}
+        orphans = [n for n in await _numbers(self.conn, self.state)
+                   if n not in keep and n not in self.held]
+        for n in orphans:
+            await self.segments.delete(n)
+        if orphans:
+            log.info("pool %s: deleted %d orphaned segment objects in RADOS pool %s",
+                     self.state.name, len(orphans), self.conn.pool)
+        return len(orphans)
 
     def capacity(self) -> int:
         """Bytes this store may hold in all, in whole segments (0: unknown)."""
@@ -407,3 +417,12 @@ class RadosStore:
                              self.conn.fenced is None, units,
                              max(0, units - len(self.held))),)
 
+
+async def _numbers(conn: Connection, state: PoolState) -> set[int]:
+    """The segment numbers of ``state``'s pool that have an object in the RADOS pool."""
+    prefix = f"{state.uuid}.seg."
+
+    def scan() -> set[int]:
+        return {int(obj.key[len(prefix):].split(".")[0], 16)
+                for obj in conn.ioctx.list_objects() if obj.key.startswith(prefix)}
+    return await conn.run("read", f"list the segments of pool {state.name}", scan)

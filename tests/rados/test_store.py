@@ -19,6 +19,7 @@ from pool.errors import InvalidArgument, NoSpace
 from pool.profile import Profile
 from pool.rados.conn import Connection, Fenced
 from pool.rados.owner import OwnershipLock
+from pool.rados.segments import RadosSegments
 from pool.rados.store import RadosStore
 from pool.state import PoolState, Segment
 from pool.store import Column, SegmentStore
@@ -291,3 +292,27 @@ async def test_a_fenced_store_cannot_write(ceph: Cluster) -> None:
     await lb.release()
     await a.close()
     await b.close()
+
+
+async def test_sweep_deletes_only_unreferenced_objects(ceph: Cluster) -> None:
+    """RadosStore invariant 2 and the open's sweep: objects a crash left under the
+    pool's prefix (freed but not deleted, written but never committed) are deleted; the
+    segments the state references and other pools' objects stay; new numbers start
+    above every object found, so none is written over."""
+    conn = await connect(ceph)
+    state, other = _state(), _state()
+    kept = _segment(state, ((0, 3),))
+    for st, n in ((state, 3), (state, 5), (state, 9), (other, 5)):
+        await RadosSegments(conn, st.uuid).write_at(n, 0, 0, os.urandom(4096))
+    before_other = snapshot(conn, other.uuid)
+    kept_bytes = snapshot(conn, state.uuid)[f"{state.uuid}.seg.{3:016x}.0"]
+    await _quota(conn, QUOTA)
+    rs = await RadosStore.open(conn, state, Hooks())
+    assert rs.allocate(1, 0)[0][1] == 10
+    assert await rs.sweep() == 2
+    assert await rs.sweep() == 0
+    now = snapshot(conn, state.uuid)
+    assert now == {f"{state.uuid}.seg.{3:016x}.0": kept_bytes}
+    assert snapshot(conn, other.uuid) == before_other
+    assert kept.extents == ((0, 3),)
+    await conn.close()
