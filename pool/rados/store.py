@@ -75,6 +75,7 @@ log = logging.getLogger(__name__)
 DOMAIN = 0              # the one failure domain: the RADOS pool
 PARALLEL = 16           # object writes or deletes in flight at once
 REFRESH = 30.0          # seconds between refreshes of quota, usage and health in ``run``
+RETRY = 1.0             # seconds before ``run`` retries deletes that failed
 
 
 def refuse_profile(prof: Profile, rados_pool: str) -> None:
@@ -363,8 +364,9 @@ class RadosStore:
                   ) -> None:
         """The pool's background task: delete released objects as they come, refresh
         quota, usage and health every REFRESH seconds, until the pool is closed or the
-        client fenced (then it returns: the new owner deletes what is left). Any other
-        exception propagates to the owner's nursery."""
+        client fenced (then it returns: the new owner deletes what is left). A failed
+        refresh keeps the last numbers (logged); failed deletes are retried after RETRY
+        seconds; any other exception propagates to the owner's nursery."""
         if self._running:
             raise InvalidArgument(f"pool {self.state.name}: its background task runs already")
         self._running = True
@@ -372,15 +374,23 @@ class RadosStore:
         try:
             next_refresh = trio.current_time() + REFRESH
             while not self._hooks.closed and self.conn.fenced is None:
+                self._wake = trio.Event()       # before the round: no release is missed
                 if self.deletable:
                     await self.delete_released()
                 if trio.current_time() >= next_refresh:
-                    await self.refresh()
                     next_refresh = trio.current_time() + REFRESH
-                self._wake = trio.Event()
-                if self.deletable or self._hooks.closed:
-                    continue
-                with trio.move_on_at(next_refresh):
+                    try:
+                        await self.refresh()
+                    except Fenced:
+                        raise
+                    except StorageError as e:   # a mon hiccup: keep the last numbers
+                        log.warning("pool %s: %s", self.state.name, e.message)
+                if self._hooks.closed:
+                    break
+                # Deletes that failed are retried after RETRY seconds, not in a loop.
+                until = min(next_refresh, trio.current_time() + RETRY) if self.deletable \
+                    else next_refresh
+                with trio.move_on_at(until):
                     await self._wake.wait()
         except Fenced:
             return

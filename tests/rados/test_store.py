@@ -316,3 +316,22 @@ async def test_sweep_deletes_only_unreferenced_objects(ceph: Cluster) -> None:
     assert snapshot(conn, other.uuid) == before_other
     assert kept.extents == ((0, 3),)
     await conn.close()
+
+
+async def test_a_refused_write_is_counted_and_changes_nothing(ceph: Cluster) -> None:
+    """RadosStore invariant 4 (Store 5): a write the OSD refuses (past
+    osd_max_object_size: EFBIG, a real refusal, not a mock) comes back in ``failed``,
+    is counted against domain 0, and writes nothing; the store goes on serving."""
+    conn = await connect(ceph)
+    rs, hooks, state = await _store(conn)
+    seg = _segment(state, rs.allocate(1, 0))
+    rec = codec.encode(os.urandom(BS), 1, 0, False)
+    out = await rs.write([(seg, (256 << 20) // 512, [rec])])
+    assert out.failed == {0} and out.written == frozenset()
+    assert hooks.errors == [(0, "write")] and not hooks.faults
+    assert snapshot(conn, state.uuid) == {}
+    recs, offs = await _write(rs, seg, [os.urandom(BS) for _ in range(2)])
+    got = await trio.to_thread.run_sync(
+        records.read_records, _plans(seg, rs.columns(seg), offs, recs), BS, Deadlines())
+    assert not got.failures and len(got.payloads) == 2
+    await conn.close()
