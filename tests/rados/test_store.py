@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
@@ -23,7 +25,7 @@ from pool.rados.segments import RadosSegments
 from pool.rados.store import RadosStore
 from pool.state import PoolState, Segment
 from pool.store import Column, SegmentStore
-from tests.cephkit import TEST_POOL, Cluster
+from tests.cephkit import TEST_POOL, Cluster, why_not
 from tests.rados.radoskit import connect, new_uuid, owner, snapshot
 
 SEG = 4 << 20            # the pool's extent size: one segment object's capacity
@@ -335,3 +337,30 @@ async def test_a_refused_write_is_counted_and_changes_nothing(ceph: Cluster) -> 
         records.read_records, _plans(seg, rs.columns(seg), offs, recs), BS, Deadlines())
     assert not got.failures and len(got.payloads) == 2
     await conn.close()
+
+
+@pytest.mark.slow
+async def test_room_from_the_cluster_when_a_mgr_reports(tmp_path: Path) -> None:
+    """With a mgr, the cluster's free raw space divided by the pool's size bounds the
+    room, and a RADOS pool without a quota is accepted (its room is the cluster's)."""
+    reason = why_not()
+    if reason is not None:
+        pytest.skip(reason)
+    c = await trio.to_thread.run_sync(partial(Cluster.start, tmp_path / "c", mgr=True))
+    try:
+        conn = await Connection.open(TEST_POOL, conf=str(c.conf))
+        with trio.fail_after(60):           # the mgr reports some seconds after its start
+            while not (u := await conn.usage()).known:  # noqa: ASYNC110 (polls the mgr)
+                await trio.sleep(0.5)
+        rs = await RadosStore.open(conn, _state(), Hooks())    # no quota: still accepted
+        assert rs.quota_bytes == 0
+        cap = rs.capacity()
+        assert 0 < cap <= u.avail_bytes and cap % SEG == 0        # the pool's size is 1
+        assert cap > u.avail_bytes - 64 * SEG                     # (others' writes aside)
+        assert rs.room(Profile(1, 0)).capacity_bytes == cap
+        await _quota(conn, 64 * SEG)                              # the smaller bound wins
+        await rs.refresh()
+        assert rs.capacity() == 64 * SEG
+        await conn.close()
+    finally:
+        await trio.to_thread.run_sync(c.stop)
