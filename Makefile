@@ -15,7 +15,7 @@ DEBS := libfuse3-dev pkg-config fuse3 qemu-utils qemu-block-extra libnbd-bin pyt
 	qemu-system-x86 linux-image-amd64 busybox-static e2fsprogs libvirt-clients libxml2-utils
 STAMP := $(VENV)/.installed
 
-.PHONY: rados-binding run completion test soak lint typecheck contracts pytest system-deps venv bench-engine bench-nbd bench-snapshots bench-fuse bench-send bench-rebuild bench-rados bench-iscsi bench-restart clean
+.PHONY: rados-binding run completion test soak lint typecheck contracts pytest system-deps venv bench-engine bench-nbd bench-snapshots bench-fuse bench-send bench-rebuild bench-rados bench-iscsi bench-restart bench-qos clean
 
 system-deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -97,6 +97,11 @@ bench-send: venv
 
 bench-rebuild: venv
 	$(BIN)/python -m benchmarks.rebuild $(BENCH_ARGS)
+
+# QoS: cost with no limits against BENCH_ARGS' --baseline (default main), limit accuracy,
+# the weight ratio.
+bench-qos: venv
+	$(BIN)/python -m benchmarks.qos $(BENCH_ARGS)
 
 # Segment objects on a throwaway one-node Ceph cluster beside rados bench and raw librados.
 bench-rados: venv

@@ -16,8 +16,9 @@ Invariants this module owns (DESIGN numbers in parentheses):
    not reaped before the relocations point at the new copies; its extents free up only
    at the next commit (3).
 
-It drives the pool through the pool's own (today private) store, map and space calls;
-the SegmentStore seam of issue 23 is where those become a public vocabulary.
+It reads columns through the SegmentStore (``Pool.store``), re-stores records through
+the write path (``Pool.writer``) and asks the space account (``Pool.space``); it still
+uses the pool's private segment bookkeeping (open segments, pins, reap, ops).
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class SegmentCleaner:
             key = (s.k, s.m)
             if key not in room:
                 room[key] = p.available_bytes(Profile(*key))
-            tail = p._tail_units.get(key, 1)
+            tail = p.space.tail_units.get(key, 1)
             need = (s.live + 2 * tail) * SECTOR * (s.k + s.m)
             if not s.live or (need <= room[key] and cap - s.live > 2 * tail):
                 return s
@@ -126,7 +127,7 @@ class SegmentCleaner:
             p._reap()
             return seg_id not in p.state.segments
         olds = sorted(refs, key=lambda r: ENTRY.unpack_from(r)[1])
-        cols = p._columns(seg)
+        cols = p.store.columns(seg)
         plans = []
         for i, raw in enumerate(olds):
             _s, off, plen, flags, rhash = ENTRY.unpack(raw)
@@ -145,7 +146,7 @@ class SegmentCleaner:
                 lambda: [codec.stripe(out.payloads[i], ENTRY.unpack_from(raw)[3], prof.k,
                                       prof.m) for i, raw in enumerate(olds)],
                 limiter=p._cpu)
-            news = await p._store(prof, encoded)
+            news = await p.writer.store(prof, encoded)
         finally:
             p._unpin(seg_id)   # no reap before the relocations point at the news
         for old, new in zip(olds, news, strict=True):

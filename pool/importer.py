@@ -38,16 +38,15 @@ from pool.devio import close_devices, run, write_within
 from pool.errors import DeviceError, ImportFailed, InvalidArgument
 from pool.layout import DEFAULT_EXTENT, SB_OFFSET, Label, Layout, new_uuid
 from pool.maps import Node
-from pool.metastore import Loc, MetaStore, Superblock
+from pool.metastore import PAGE_INDEX, Loc, MetaStore, Superblock
 from pool.profile import Profile
-from pool.state import ENTRY, MemberInfo, PoolState, iter_ops, op_json
+from pool.state import MemberInfo, PoolState, iter_ops, op_json
 from pool.tuning import PoolTuning
 
 if TYPE_CHECKING:
     from pool.pool import Pool
 
 log = logging.getLogger(__name__)
-_INDEX = ENTRY.__class__("<QIIIQ")  # node id, unit, units, length, hash
 
 
 async def create(cls: type[Pool], name: str, devices: Sequence[Device], *,
@@ -310,8 +309,8 @@ def load_pool(pool_uuid: str, found: list[tuple[Device, Label]], dl: Deadlines,
     meta.mark_used(best.index)
     index = meta.read_blob(best.index)
     page_locs: dict[int, Loc] = {}
-    for off in range(0, len(index), _INDEX.size):
-        nid, unit, units, length, h = _INDEX.unpack_from(index, off)
+    for off in range(0, len(index), PAGE_INDEX.size):
+        nid, unit, units, length, h = PAGE_INDEX.unpack_from(index, off)
         loc = Loc(unit, units, length, h)
         meta.mark_used(loc)
         page_locs[nid] = loc

@@ -42,6 +42,7 @@ from pool.metastore import MetaStore
 from pool.profile import Profile
 from pool.state import AWAY, MemberInfo, Op, PoolState, Segment, op_json
 from pool.status import MemberStatus
+from pool.store import stripes
 
 if TYPE_CHECKING:
     from pool.cleaner import SegmentCleaner
@@ -79,8 +80,7 @@ class PoolHandle(Protocol):
     def _pending(self) -> list[Op]: ...
     @property
     def _failed(self) -> str | None: ...
-    @_failed.setter
-    def _failed(self, reason: str) -> None: ...
+    def fail(self, reason: str) -> None: ...
     def _do(self, op: Op) -> None: ...
     def _check_ok(self) -> None: ...
     async def commit(self) -> None: ...
@@ -153,7 +153,7 @@ class Members:
             log.warning("pool %s: member %d (%s) taken offline", self._name, index,
                         dev.path)
         if not any(d is not None for d in p.devices):
-            p._failed = f"no member left ({why})"
+            p.fail(f"no member left ({why})")
 
     def _close_open_on(self, index: int) -> None:
         p = self._pool
@@ -341,7 +341,6 @@ class Members:
         """Move every live record off member ``index``, then detach it and wipe its label.
         Refused, changing nothing, when the others lack the room or would be too few for a
         profile in use (invariant 4)."""
-        from pool.pool import _stripes  # noqa: PLC0415 - the space accounting's, not yet below the facade
         p = self._pool
         p._check_ok()
         mi = p.state.members[index]
@@ -360,7 +359,7 @@ class Members:
         for prof in {Profile(sg.k, sg.m) for sg in mine}:
             sectors = sum(sg.live for sg in mine if (sg.k, sg.m) == (prof.k, prof.m))
             need = -(-sectors // (p.layout.extent_size // SECTOR)) + 1
-            have = _stripes(tuple(counts), prof.width)
+            have = stripes(tuple(counts), prof.width)
             if have < need:
                 raise NoSpace(f"cannot remove member {index} of pool {self._name}: its "
                               f"{prof} records need {need} free stripe(s) of {prof.width} "

@@ -36,6 +36,8 @@ from pool.records import pread_within, writes_within
 SB_MAGIC = b"SDSUPER1"
 JOURNAL_MAGIC = b"SDJRNL01"
 _JHDR = struct.Struct("<8sQQIIQ")  # magic, pool tag, txg, payload len, reserved, xxh3
+# One entry of a checkpoint's page index blob: map node id, unit, units, length, xxh3.
+PAGE_INDEX = struct.Struct("<QIIIQ")
 _xxh3 = xxhash.xxh3_64_intdigest
 BLOB_WINDOW = 4 << 20   # bytes of the page area read at once when many blobs are read
 BLOB_GAP = 64 << 10     # unused bytes such a read may span between two blobs

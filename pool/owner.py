@@ -282,8 +282,7 @@ class OwnerHost(Protocol):
     def deadlines(self) -> Deadlines: ...
     @property
     def _failed(self) -> str | None: ...
-    @_failed.setter
-    def _failed(self, reason: str) -> None: ...
+    def fail(self, reason: str) -> None: ...
     @property
     def name(self) -> str: ...
     @property
@@ -349,10 +348,8 @@ class OwnerKeeper:
                 if (rec is not None and rec.pool_uuid == mine.pool_uuid
                         and rec.owner.instance != mine.owner.instance
                         and rec.seq >= mine.seq):
-                    p._failed = f"taken over by {describe(rec)}"
                     self.record = None
-                    log.error("pool %s: %s; this daemon stops all I/O to it",
-                              p.name, p._failed)
+                    p.fail(f"taken over by {describe(rec)}")   # (logged there)
                     return
             beat = mine.beat()
             started = time.monotonic()

@@ -15,9 +15,8 @@ Invariants this module owns (numbers from shared/DESIGN.md):
 5. Redundancy: records use their profile's k + m columns on distinct members; metadata is
    mirrored on every member.
 
-State machine of a Pool object: OPEN -> (commit failure) -> FAILED -> CLOSED, or
-OPEN -> CLOSED (``close``/``destroy``). FAILED refuses all I/O (like SQLite's ERROR state):
-after an ambiguous metadata write the only safe way on is a re-import.
+State machine of a Pool object: OPEN -> FAILED -> CLOSED, or OPEN -> CLOSED; its diagram,
+and every way into FAILED, are in ``pool.txn`` (``Transaction``, which ``Pool.txn`` is).
 
 Background work (discarding freed extents) runs in ``Pool.run``, in a nursery its owner
 holds; without a runner it is done at ``settle_discards`` and ``close``.
@@ -26,9 +25,8 @@ holds; without a runner it is done at ``settle_discards`` and ``close``.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Awaitable, Callable, Container, Iterable, Mapping, Sequence
-from functools import lru_cache, partial
+from functools import partial
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -36,21 +34,14 @@ import trio
 
 from pool import codec, importer, readcache, records
 from pool import owner as owners
+from pool.catalog import Catalog
 from pool.cleaner import SegmentCleaner
 from pool.deadlines import Deadlines
 from pool.device import Device
 from pool.devio import close_devices
-from pool.devio import run as _run
 from pool.devio import write_within as _write_within
 from pool.errors import (
     DeviceError,
-    DeviceHung,
-    InvalidArgument,
-    MediumError,
-    NoSpace,
-    NotFound,
-    PoolFailed,
-    StorageError,
 )
 from pool.health import MemberHealth
 from pool.labels import label_copies
@@ -65,29 +56,25 @@ from pool.layout import (
 from pool.members import Members
 from pool.metastore import Loc, MetaStore, Superblock
 from pool.profile import Profile
+from pool.reader import RecordReader
+from pool.space import SpaceAccount, SpaceHooks
 from pool.state import (
-    ENTRY,
-    HOLE,
     MemberInfo,
     Op,
     PoolState,
     Segment,
     op_json,
-    op_map_clear,
-    op_map_set,
 )
 from pool.status import PoolStatistics
+from pool.store import Column, LocalStore
 from pool.tuning import PoolTuning
+from pool.txn import CommitHooks, Transaction
+from pool.writer import RecordWriter, WriterHooks
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-META_RESERVE = 0.9   # writes stop when the metadata area is this full
 _NODE_UNITS = 7      # 4 KiB units of the largest map node blob (a 24 KiB leaf, lz4 framed)
 _STATE_UNITS_GUESS = 4
-_INDEX = ENTRY.__class__("<QIIIQ")  # node id, unit, units, length, hash
-DISCARD_BATCH = 256   # freed extents discarded per round of the discard task
-DISCARD_DELAY = 10.0  # seconds an extent stays free before it is discarded
-ZEROING_RESERVE_RECORDS = 4   # largest records kept for trims' partial blocks (rule S2)
 
 
 class Pool:
@@ -104,78 +91,59 @@ class Pool:
         self.layout = layout
         self.devices = devices
         self.meta = meta
-        self._sb_gen = superblock.generation if superblock else 0
-        self._page_locs: dict[int, Loc] = {}   # map node id -> where the checkpoint put it
-        self._free: list[set[int]] = [set() for _ in state.members]
-        self._pending_free: list[tuple[int, int]] = []   # freed by uncommitted ops
-        # Committed frees (generation, member, extent), waiting for older readers.
-        self._releasable: list[tuple[int, int, int]] = []
-        # Free extents to discard (hole punch / BLKDISCARD: thin backing files and SSDs
-        # get the space back), and those being discarded now (writes into one of these,
-        # reused meanwhile, wait for its discard: see _store).
-        self.discard_freed = tuning.discard_freed
-        self._discard_queue: dict[tuple[int, int], float] = {}   # -> when it was freed
-        self._discarding: dict[tuple[int, int], trio.Event] = {}
-        self._running = False                       # a ``run`` task is serving the pool
-        self._settled = trio.Event()                # set after each round ``run`` finishes
-        self._discard_wake = trio.Event()           # cut the runner's wait short
-        self._settling = 0                          # settle_discards waiting: discard all now
-        self._discard_lock = trio.Lock()            # one inline discarder without a runner
+        # Where segments' bytes live: extents, placement, device fan-out, discard.
+        self.store = LocalStore(state, layout, devices, meta.deadlines, self,
+                                discard_freed=tuning.discard_freed)
         self._open: dict[tuple[int, int], Segment] = {}
         self._pins: dict[int, int] = {}
         self._fill_moved: set[int] = set()   # segments whose fill changed since last commit
-        self._column_cache: dict[int, tuple[tuple[Device | None, int, str], ...]] = {}
         # Verified logical blocks of recent small reads, keyed by map entry (an LRU).
         self.record_cache = readcache.RecordCache(tuning.record_cache)
         self.cleaner = SegmentCleaner(self)
-        self._zero_block = b""     # zeros for holes read into a caller's buffer
-        self._pending: list[Op] = []
-        self._applied = 0
-        self._committed = 0
-        self._commit_lock = trio.Lock()
-        self._dirty_devices: set[int] = set()
-        self._failed: str | None = None
-        self._closed = False
+        # Pending ops, group commit, OPEN / FAILED / CLOSED (pool.txn). Its lock and the set
+        # of members written since the last commit, under the names the pool uses.
+        self.txn = Transaction(state, meta, layout, superblock, CommitHooks(
+            self._confirm_owner, self._sync_members, self._absorb_meta_failures,
+            self._seal_fills, self._frees_pending, self._after_commit))
+        self._commit_lock = self.txn.lock
+        self._dirty_devices = self.txn.dirty
+        # Objects and block maps (pool.catalog), changed through the transaction.
+        self.catalog = Catalog(state, self.txn, self._reap)
         # The owner record this daemon keeps on every member (pool.owner.OwnerKeeper).
         self.owner_keeper = owners.OwnerKeeper(self)
-        self._reserved = 0
-        # Space (see the rules at ``record_cost``): per profile, the largest record
-        # charged or stored (an open segment's tail that may not fit one more); the
-        # largest block charge (the zeroing reserve is counted in them); the room lock
-        # that reservations making room take in turn (the cleaner has its own lock).
-        self._tail_units: dict[tuple[int, int], int] = {}
-        self._largest_cost = 0
-        self._room_lock = trio.Lock()
-        self._released = trio.Event()   # set (and replaced) when freed extents come back
-        # Reads in flight by the release generation they began in: extents freed by a
-        # commit of generation g are reused once no read begun before g is in flight.
-        self._release_gen = 0
-        self._readers: Counter[int] = Counter()
+        # Usage, reservations and the reserves of invariant 8 (pool.space).
+        self.space = SpaceAccount(state, self.store, layout.extent_size, self._open,
+                                  SpaceHooks(self._check_ok, self._reap, self.commit,
+                                             self.cleaner.clean_one, lambda: self._caches,
+                                             self.metadata_used))
         self._pin_gens: dict[int, list[int]] = {}
-        self._meta_units_used = meta.bitmap.count(1)
         self._caches: list[Callable[[], Awaitable[None]]] = []
-        self._limiters = [trio.CapacityLimiter(4) for _ in devices]
         # Per member: read / write / checksum errors, the fault threshold, why a member is
         # away, and epochs (bumped each time it goes away, so a rebuild that started on a
         # segment before that does not clear marks set while it was away: mark_rebuilt).
         self.member_health = MemberHealth(len(devices), self.fault)
         # Fault, add, offline/online, replace, remove; parked devices of away members.
         self.members = Members(self, self.member_health)
-        self._widest: tuple[tuple[int, int], int] = ((-1, -1), 1)   # see _cleaner_reserve
-        self._avoid: set[int] = set()    # members new segments must not use (removal)
         # Devices given to the import but left out of it (path -> reason): see ``open``.
         self.left_out: dict[str, str] = {}
-        self._meta_locs: tuple[Loc, ...] = (
-            (superblock.state, superblock.index) if superblock else ())
         # What the maintenance engines (pool.scrub, pool.rebuild) report while they run.
         self.activity: dict[str, Any] = {}
         self._cpu = trio.CapacityLimiter(2)
         self._bg = trio.CapacityLimiter(1)   # scrub/rebuild work: one core at most
-        self._bg_writes = trio.CapacityLimiter(1)  # their writes (I/O, beside the work)
         self._counters = dict.fromkeys(
             ("commits", "checkpoints", "records_written", "records_read", "degraded_reads",
              "repaired_fragments", "unreadable_records", "records_relocated",
             "rebuilt_bytes", "scrubbed_bytes", "discarded_extents"), 0)
+        # The write path (pool.writer): blocks to records in open segments.
+        self.writer = RecordWriter(state, self.store, self.space, devices, layout.extent_size,
+                                   self._open, self._pins, self._fill_moved,
+                                   self._dirty_devices, self._counters, self._cpu,
+                                   WriterHooks(self._check_ok, self._confirm_owner, self._do,
+                                               self._reap, lambda: self._sb_gen))
+        # The read path (pool.reader): map entries to verified blocks.
+        self.reader = RecordReader(state, self.store, self.record_cache, meta.deadlines,
+                                   self._cpu, self._counters,
+                                   self._dirty_devices.update)
 
     # ==== creation and import (pool.importer) ==============================================
     @classmethod
@@ -221,83 +189,116 @@ class Pool:
 
     # ==== small helpers ===================================================================
     def _do(self, op: Op) -> None:
-        self.state.apply(op)
-        self._pending.append(op)
-        self._applied += 1
+        self.txn.do(op)
 
     def _check_ok(self) -> None:
-        if self._closed:
-            raise StorageError(f"pool {self.state.name} is closed")
-        if self._failed is not None:
-            raise PoolFailed(f"pool {self.state.name} stopped after a failed metadata write "
-                             f"({self._failed}); export and re-import it")
+        self.txn.check_ok()
+
+    def fail(self, reason: str) -> None:
+        """Stop all I/O to the pool (``Transaction.fail``: FAILED, refused with PoolFailed
+        until a re-import)."""
+        self.txn.fail(reason)
+
+    # The transaction's state under the names the rest of the pool still uses (pool.txn);
+    # read-only: the way into FAILED is ``fail``.
+    @property
+    def _failed(self) -> str | None:
+        return self.txn.failed
+
+    @property
+    def _closed(self) -> bool:
+        return self.txn.closed
+
+    @property
+    def _pending(self) -> list[Op]:
+        return self.txn.pending
+
+    @property
+    def _sb_gen(self) -> int:
+        return self.txn.sb_gen
+
+    @property
+    def _page_locs(self) -> dict[int, Loc]:
+        return self.txn.page_locs
+
+    @_page_locs.setter
+    def _page_locs(self, locs: dict[int, Loc]) -> None:
+        self.txn.page_locs = locs
+
+    @property
+    def _meta_locs(self) -> tuple[Loc, ...]:
+        return self.txn.meta_locs
+
+    @property
+    def _meta_units_used(self) -> int:
+        return self.txn.meta_units_used
 
     async def _on_devices(self, fn: Callable[[Device], None],
                           which: Sequence[int] | None = None) -> None:
         """Run ``fn(device)`` for each chosen present member, in parallel threads."""
-        await self._per_device(self._calls(fn, which), "write")
+        await self.store.per_device(self.store.calls(fn, which), "write")
 
     async def _sync_members(self, which: Sequence[int] | None = None) -> None:
-        """Sync members; one whose sync fails is faulted (what it took may not be
-        durable), and the commit goes on with the others."""
-        failed = await self._per_device(self._calls(lambda d: d.sync(), which), "write",
-                                        tolerate=True, what="a sync")
-        for i, e in failed.items():
-            self.fault(i, f"sync failed: {e.message}", full=True)
-        if not any(d is not None for d in self.devices):
-            raise DeviceError(f"pool {self.state.name}: no member could be synced")
+        await self.store.sync(which)
 
     def _calls(self, fn: Callable[[Device], None],
                which: Sequence[int] | None = None) -> list[tuple[int, Callable[[], None]]]:
-        idx = [i for i in (which if which is not None else range(len(self.devices)))
-               if self.devices[i] is not None]
-        calls: list[tuple[int, Callable[[], None]]] = []
-        for i in idx:
-            dev = self.devices[i]
-            assert dev is not None
-            calls.append((i, partial(fn, dev)))
-        return calls
+        return self.store.calls(fn, which)
 
     async def _per_device(self, calls: Sequence[tuple[int, Callable[[], None]]],
                           kind: str, *, tolerate: bool = False,
                           what: str = "a write") -> dict[int, DeviceError]:
-        """Run blocking calls, one per member, in parallel threads. A DeviceError is
-        counted against its member and the first one re-raised as itself (not as an
-        exception group), so callers can handle it as the I/O error it is; with
-        ``tolerate`` the failures are returned instead (member -> error).
+        return await self.store.per_device(calls, kind, tolerate=tolerate, what=what)
 
-        A call that has not returned after ``self.deadlines.write`` seconds is given up
-        (its thread is left to finish) and fails with a DeviceError, and its member is
-        faulted at once, for a full rebuild (the stuck write may still land). The wait
-        is shielded from the caller's cancellation, as a thread's always was: only the
-        deadline abandons a call."""
-        failures: dict[int, DeviceError] = {}
-        hung: list[int] = []
-        timeout = self.deadlines.write
+    # The store's state, under the names the other parts of the Pool use (issue 23: they
+    # move out too, and then call the store themselves).
+    @property
+    def _free(self) -> list[set[int]]:
+        return self.store.free_extents
 
-        async def one(i: int, call: Callable[[], None]) -> None:
-            dev = self.devices[i]
-            with trio.CancelScope(shield=True) as scope:
-                if timeout is not None:
-                    scope.deadline = trio.current_time() + timeout
-                try:
-                    await trio.to_thread.run_sync(call, limiter=self._limiters[i],
-                                                  abandon_on_cancel=timeout is not None)
-                except DeviceError as e:
-                    failures[i] = e
-            if scope.cancelled_caught and dev is not None and timeout is not None:
-                failures[i] = records.timed_out(what, dev, timeout)
-                hung.append(i)
-        async with trio.open_nursery() as nursery:
-            for i, call in calls:
-                nursery.start_soon(one, i, call)
-        for i in hung:
-            self.fault(i, failures[i].message, full=True)
-        for i, e in failures.items():
-            self.count_error(i, kind, e.message)
-        if failures and not tolerate:
-            raise next(iter(failures.values()))
-        return failures
+    @_free.setter
+    def _free(self, value: list[set[int]]) -> None:
+        self.store.free_extents = value
+
+    @property
+    def _pending_free(self) -> list[tuple[int, int]]:
+        return self.store.pending_free
+
+    @property
+    def _releasable(self) -> list[tuple[int, int, int]]:
+        return self.store.releasable
+
+    @property
+    def _release_gen(self) -> int:
+        return self.store.release_gen
+
+    @_release_gen.setter
+    def _release_gen(self, value: int) -> None:
+        self.store.release_gen = value
+
+    def _release_extents(self) -> None:
+        self.store.release()
+
+    @property
+    def _column_cache(self) -> dict[int, tuple[Column, ...]]:
+        return self.store.column_cache
+
+    @property
+    def _limiters(self) -> list[trio.CapacityLimiter]:
+        return self.store.limiters
+
+    @property
+    def _avoid(self) -> set[int]:
+        return self.store.avoid
+
+    @property
+    def discard_freed(self) -> bool:
+        return self.store.discard_freed
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the pool has failed (the store's background work stops)."""
+        return self._failed is not None
 
     @property
     def name(self) -> str:
@@ -311,113 +312,54 @@ class Pool:
     def default_profile(self) -> Profile:
         return Profile.parse(self.state.profile)
 
-    # ==== metadata objects and maps (used by the volumes layer) ============================
+    # ==== metadata objects and maps (used by the volumes layer; pool.catalog) ===========
     def objects(self) -> dict[int, dict[str, Any]]:
-        return dict(self.state.objects)
+        return self.catalog.objects()
 
     def put_object(self, value: dict[str, Any], obj_id: int | None = None) -> int:
-        self._check_ok()
-        if obj_id is None:
-            obj_id = self.state.next_id
-        self._do(op_json(op="obj_put", id=obj_id, value=value))
-        return obj_id
+        return self.catalog.put_object(value, obj_id)
 
     def delete_object(self, obj_id: int) -> None:
-        self._check_ok()
-        self._do(op_json(op="obj_del", id=obj_id))
+        self.catalog.delete_object(obj_id)
 
     def create_map(self) -> int:
-        self._check_ok()
-        map_id = self.state.next_id
-        self._do(op_json(op="map_new", id=map_id))
-        return map_id
+        return self.catalog.create_map()
 
     def clone_map(self, src: int) -> int:
-        """A new map sharing every node of ``src`` (O(1); copy-on-write from then on)."""
-        self._check_ok()
-        if src not in self.state.maps:
-            raise StorageError(f"map {src} does not exist")
-        map_id = self.state.next_id
-        self._do(op_json(op="map_clone", id=map_id, src=src))
-        return map_id
+        return self.catalog.clone_map(src)
 
     def diff_maps(self, a: int, b: int) -> list[int]:
-        """Blocks whose content differs between two maps (shared subtrees skipped)."""
-        return list(self.state.forest.diff(a, b))
+        return self.catalog.diff_maps(a, b)
 
     def exclusive_bytes(self, map_id: int) -> int:
-        """Device bytes of records no other map references: what deleting this map frees.
-
-        Records are shared only at the same block index (snapshots, clones and rollbacks
-        copy trees; nothing moves a record to another block), so an entry of one of this
-        map's private leaves is unique unless another map has the same entry there.
-        """
-        forest = self.state.forest
-        others = [m for m in forest.roots if m != map_id]
-        total = 0
-        for base, node in forest.exclusive_leaves(map_id):
-            assert isinstance(node.data, bytearray)
-            for slot in range(len(node.data) // ENTRY.size):
-                raw = bytes(node.data[slot * ENTRY.size:(slot + 1) * ENTRY.size])
-                if raw != HOLE and all(forest.get(m, base + slot) != raw for m in others):
-                    total += self._record_bytes(raw)
-        return total
+        return self.catalog.exclusive_bytes(map_id)
 
     def record_space(self) -> tuple[int, int]:
-        """(bytes of distinct live records, bytes of records more than one map shares):
-        the exact physical use by data, each record counted once (invariant 6)."""
-        owners: dict[tuple[int, int], tuple[int, set[int]]] = {}
-        forest = self.state.forest
-        for map_id in forest.roots:
-            for _b, raw in forest.items(map_id):
-                seg_id, off = ENTRY.unpack_from(raw)[:2]
-                _size, maps = owners.setdefault((seg_id, off), (self._record_bytes(raw), set()))
-                maps.add(map_id)
-        used = sum(size for size, _maps in owners.values())
-        shared = sum(size for size, maps in owners.values() if len(maps) > 1)
-        return used, shared
-
-    def _record_bytes(self, raw: bytes) -> int:
-        seg_id, _o, plen, _f, _h = ENTRY.unpack(raw)
-        seg = self.state.segments[seg_id]
-        return codec.fragment_units(plen, seg.k) * SECTOR * (seg.k + seg.m)
+        return self.catalog.record_space()
 
     def delete_map(self, map_id: int) -> None:
-        """Drop a map and every record reference it holds (the space returns at commit)."""
-        self._check_ok()
-        self._do(op_json(op="map_del", id=map_id))
-        self._reap()
+        self.catalog.delete_map(map_id)
 
     def clear_map_range(self, map_id: int, start: int, count: int) -> None:
-        self._check_ok()
-        self._do(op_map_clear(map_id, start, count))
-        self._reap()
+        self.catalog.clear_map_range(map_id, start, count)
 
     def is_mapped(self, map_id: int, block: int) -> bool:
-        return self.state.forest.get(map_id, block) is not None
+        return self.catalog.is_mapped(map_id, block)
 
     def mapped_blocks(self, map_id: int, start: int, end: int) -> list[int]:
-        return [b for b, _ in self.state.forest.items(map_id, start, end)]
+        return self.catalog.mapped_blocks(map_id, start, end)
 
     def any_compressed(self, map_id: int, start: int, count: int) -> bool:
-        """Whether any of ``count`` blocks from ``start`` is stored lz4-compressed."""
-        for _n, raw in self.state.forest.leaf_spans(map_id, start, count):
-            if raw is not None and any(flags & codec.FLAG_LZ4 for _s, _o, _p, flags, _h
-                                       in ENTRY.iter_unpack(raw)):
-                return True
-        return False
+        return self.catalog.any_compressed(map_id, start, count)
 
     def mapped_count(self, map_id: int) -> int:
-        return self.state.forest.mapped(map_id)
+        return self.catalog.mapped_count(map_id)
 
     def mapped_among(self, map_id: int, blocks: Iterable[int]) -> set[int]:
-        """Which of ``blocks`` the map points at."""
-        forest = self.state.forest
-        return {b for b in blocks if forest.get(map_id, b) is not None}
+        return self.catalog.mapped_among(map_id, blocks)
 
     def stored_bytes(self, map_id: int) -> int:
-        """Device bytes (all fragments) of the records a map references."""
-        return sum(self._record_bytes(raw) for _b, raw in self.state.forest.items(map_id))
+        return self.catalog.stored_bytes(map_id)
 
     # ==== space ===========================================================================
     # The space rules, S1-S6, are in docs/INTERNALS.md "Space" (the tests cite them). In
@@ -429,65 +371,23 @@ class Pool:
     # freed extents wait only for reads older than their freeing commit; S6 no segment
     # that nothing references is left unfreed.
     def record_cost(self, block_size: int, prof: Profile) -> int:
-        """Device bytes one block of this profile is charged (rule S1): its worst-case
-        record's share of a segment, i.e. a segment's bytes divided by how many such
-        records fit in one (the tail that does not fit one more is charged too)."""
-        units = codec.worst_case_units(block_size, prof.k)
-        cap = self.layout.extent_size // SECTOR
-        per_segment = max(1, cap // units)
-        key = (prof.k, prof.m)
-        self._tail_units[key] = max(self._tail_units.get(key, 1), units)
-        self._largest_cost = max(self._largest_cost, -(-cap // per_segment) * SECTOR * prof.width)
-        return -(-cap // per_segment) * SECTOR * prof.width
+        """``SpaceAccount.record_cost``: device bytes one block is charged (S1)."""
+        return self.space.record_cost(block_size, prof)
 
     def available_bytes(self, prof: Profile | None = None) -> int:
-        """Device bytes not yet promised to anything. With a profile, only the free
-        extents that can form its full stripes (k + m extents on distinct devices) count:
-        a big new device beside full ones adds capacity, but no room for a wide stripe.
-        An open segment's room counts without the tail that the largest record charged so
-        far might not fit into (rule S1), and with a profile only its own open segment's."""
-        counts = [len(f) for i, f in enumerate(self._free) if self.devices[i] is not None]
-        if prof is None:
-            free = sum(counts)
-        else:
-            # Members away take degraded stripes' columns (rebuilt later), up to m of them.
-            away = sorted((len(f) for i, f in enumerate(self._free) if self._placeable(i)
-                           and self.devices[i] is None), reverse=True)[:prof.m]
-            free = prof.width * _stripes(tuple(counts + away), prof.width)
-        cap = self.layout.extent_size // SECTOR
-        room = sum(max(0, cap - s.fill - self._tail_units.get(key, 1) + 1) * SECTOR * (s.k + s.m)
-                   for key, s in self._open.items()
-                   if prof is None or key == (prof.k, prof.m))
-        return free * self.layout.extent_size + room - self._reserved
+        """``SpaceAccount.available_bytes``: device bytes not yet promised to anything."""
+        return self.space.available_bytes(prof)
 
     def usable_capacity(self, prof: Profile | None = None) -> tuple[int, int]:
-        """(size, avail): the data bytes that the present members hold, and that their free
-        extents can still take, under ``prof`` (default: the pool's default profile) —
-        full stripes of k + m extents on distinct devices, of which k carry data. A
-        mirror:2 pool of two 2 GiB devices holds about 2 GiB, not 4. Both are before
-        compression, metadata and the cleaner's reserve."""
-        prof = prof or self.default_profile
-        ext = self.layout.extent_size
-        counts = tuple(mi.n_extents for mi in self.state.members
-                       if self.devices[mi.index] is not None)
-        size = _stripes(counts, prof.width) * prof.k * ext
-        avail = max(0, self.available_bytes(prof)) * prof.k // prof.width
-        return size, min(size, avail)
+        """(size, avail) in data bytes under ``prof`` (default: the pool's default
+        profile); ``SpaceAccount.usable_capacity``."""
+        return self.space.usable_capacity(prof or self.default_profile)
 
     def _cleaner_reserve(self) -> int:
-        """Space client writes may not take: room for the cleaner to move one segment's
-        records, so that space can always be won back (invariant 8)."""
-        segs = self.state.segments
-        key = (len(segs), self.state.next_id)   # changes when a segment comes or goes
-        if self._widest[0] != key:
-            self._widest = (key, max((s.k + s.m for s in segs.values()), default=1))
-        return 2 * self._widest[1] * self.layout.extent_size
+        return self.space.cleaner_reserve()
 
     def _zeroing_reserve(self) -> int:
-        """Space only the partial-block rewrites of trims and write-zeroes may take (rule
-        S2), so that they go on on a pool that writes have filled (invariant 8); each one
-        leaves its old record dead, which the cleaner wins back for the next."""
-        return ZEROING_RESERVE_RECORDS * self._largest_cost
+        return self.space.zeroing_reserve()
 
     def metadata_used(self) -> float:
         """Fraction of the metadata page area in use: what the last checkpoint wrote plus,
@@ -498,155 +398,30 @@ class Pool:
 
     def check_writable(self, prof: Profile) -> None:
         """Refuse, before anything is acknowledged, writes of a profile that no segment can
-        take: too few present members with free extents for its k + m fragments."""
-        seg = self._open.get((prof.k, prof.m))
-        if seg is not None and seg.fill < self.layout.extent_size // SECTOR:
-            return
-        able = sum(1 for i, f in enumerate(self._free) if f and self.devices[i] is not None
-                   and i not in self._avoid)
-        away = sum(1 for i, f in enumerate(self._free) if f and self.devices[i] is None
-                   and self._placeable(i))
-        if able + min(away, prof.m) < prof.width:
-            members = sum(1 for i, d in enumerate(self.devices)
-                          if d is not None and i not in self._avoid)
-            gone = sum(1 for i, d in enumerate(self.devices)
-                       if d is None and self._placeable(i))
-            if members + min(gone, prof.m) >= prof.width:
-                return   # enough members, only full ones: reservations make room (S3)
-            present = sum(1 for d in self.devices if d is not None)
-            raise NoSpace(f"pool {self.state.name} cannot store {prof} records now: they need "
-                          f"{prof.width} devices with free space, {able} of the {present} "
-                          f"present have some ({len(self.devices) - present} missing)")
-
-    def _limit(self, prof: Profile | None, zeroing: bool) -> int:
-        """Bytes a reservation of this kind may still take (rule S2)."""
-        return (self.available_bytes(prof) - self._cleaner_reserve()
-                - (0 if zeroing else self._zeroing_reserve()))
-
-    def _refusal(self, nbytes: int, prof: Profile | None, zeroing: bool) -> NoSpace | None:
-        """Why ``nbytes`` cannot be reserved now, or None when it can."""
-        if self.metadata_used() > META_RESERVE and not zeroing:
-            # The rest is kept for deletes, trims and snapshot removal, whose commits must
-            # always fit (a checkpoint that cannot be written would fail the pool).
-            return NoSpace(f"pool {self.state.name}: its metadata area is "
-                           f"{100 * self.metadata_used():.0f}% full; delete snapshots or "
-                           f"volumes, or trim, to make room")
-        if nbytes > self._limit(prof, zeroing):
-            return NoSpace(f"pool {self.state.name} is out of space" +
-                           (f" for {prof} records" if prof is not None and
-                            nbytes <= self._limit(None, zeroing) else ""))
-        return None
+        take (``SpaceAccount.check_writable``)."""
+        self.space.check_writable(prof)
 
     def reserve(self, nbytes: int, prof: Profile | None = None, *,
                 zeroing: bool = False) -> None:
-        """Promise space to a buffered write now, or raise NoSpace (invariant 8); with
-        ``zeroing``, for the partial blocks of a trim or write-zeroes (rule S2)."""
-        if not nbytes:
-            return
-        refusal = self._refusal(nbytes, prof, zeroing)
-        if refusal is None and self._room_lock.locked():
-            # Others wait for room in turn: do not take what is being won for them.
-            refusal = NoSpace(f"pool {self.state.name} is making room")
-        if refusal is not None:
-            raise refusal
-        self._reserved += nbytes
+        """Promise space to a buffered write now, or raise NoSpace (invariant 8)."""
+        self.space.reserve(nbytes, prof, zeroing=zeroing)
 
     async def reserve_wait(self, nbytes: int, prof: Profile | None = None, *,
                            zeroing: bool = False) -> None:
-        """``reserve``, making room when it does not fit (rule S3): NoSpace only when the
-        pool's live data, buffered writes included, and its reserves truly fill it."""
-        if not nbytes:
-            return
-        if self._refusal(nbytes, prof, zeroing) is None and not self._room_lock.locked():
-            self._reserved += nbytes
-            return
-        await self.make_room(nbytes, prof, zeroing=zeroing)
+        """``reserve``, making room when it does not fit (rule S3)."""
+        await self.space.reserve_wait(nbytes, prof, zeroing=zeroing)
 
     async def make_room(self, nbytes: int, prof: Profile | None = None, *,
                         zeroing: bool = False) -> None:
-        """Reserve ``nbytes``, winning space back first (rule S3). One task at a time makes
-        room (the room lock, taken in arrival order), so concurrent reservations neither
-        race each other's cleaning nor give up while another is winning space back: each
-        waits its turn and tries again on what the one before won. A step that wins space
-        (a segment cleaned, freed extents released, buffered overwrites written back, which
-        kills the records they replace) is followed by another try; NoSpace only after a
-        round in which nothing could be won."""
-        async with self._room_lock:
-            wrote_back = False
-            while True:
-                self._check_ok()
-                self._reap()
-                refusal = self._refusal(nbytes, prof, zeroing)
-                if refusal is None:
-                    self._reserved += nbytes
-                    return
-                if self.metadata_used() > META_RESERVE and not zeroing:
-                    raise refusal
-                self._release_extents()
-                if self._releasable:
-                    # Freed by a commit, still possibly read by reads begun before it.
-                    await self._released.wait()
-                    continue
-                if await self.cleaner.clean_one() or self._pending_free:
-                    await self.commit()      # (which frees the cleaned segment)
-                    continue
-                if not wrote_back:
-                    # Buffered overwrites hold their old records live and a worst-case
-                    # reservation each: written back, the old ones become cleanable.
-                    wrote_back = True
-                    for writeback in self._caches:
-                        await writeback()
-                    continue
-                raise refusal
+        """Reserve ``nbytes``, winning space back first (rule S3)."""
+        await self.space.make_room(nbytes, prof, zeroing=zeroing)
 
     def unreserve(self, nbytes: int) -> None:
-        self._reserved = max(0, self._reserved - nbytes)
+        self.space.unreserve(nbytes)
 
-    def _room(self, prof: tuple[int, int], units: int) -> Segment:
-        seg = self._open.get(prof)
-        cap = self.layout.extent_size // SECTOR
-        if seg is not None and seg.fill + units <= cap:
-            return seg
-        if seg is not None:
-            del self._open[prof]
-            if seg.live == 0:
-                self.state.emptied.add(seg.id)
-            self._reap()
-        seg = self._new_segment(*prof)
-        self._open[prof] = seg
-        return seg
-
-    def _new_segment(self, k: int, m: int) -> Segment:
-        candidates = sorted(
-            (i for i, f in enumerate(self._free) if f and self.devices[i] is not None
-             and i not in self._avoid),
-            key=lambda i: (-len(self._free[i]), i))
-        if len(candidates) < k + m:
-            # Degraded: members away take up to m columns, which a rebuild fills in later
-            # (their marks say so), so writes go on while redundancy allows.
-            away = sorted((i for i, f in enumerate(self._free) if f and self._placeable(i)
-                           and self.devices[i] is None),
-                          key=lambda i: (-len(self._free[i]), i))
-            candidates += away[:min(m, k + m - len(candidates))]
-        if len(candidates) < k + m:
-            raise NoSpace(f"pool {self.state.name}: no room for a new {Profile(k, m)} segment "
-                          f"(needs free extents on {k + m} distinct devices, "
-                          f"{len(candidates)} have some)")
-        chosen = sorted(candidates[:k + m])
-        extents = []
-        for i in chosen:
-            e = min(self._free[i])
-            self._free[i].discard(e)
-            self._discard_queue.pop((i, e), None)   # about to be written: no need
-            extents.append([i, e])
-        seg_id = self.state.next_id
-        self._do(op_json(op="seg_new", id=seg_id, k=k, m=m, extents=extents,
-                         birth=self.state.txg + 1))
-        return self.state.segments[seg_id]
-
-    def _placeable(self, index: int) -> bool:
-        """Whether a segment may put a column on this member (away members included)."""
-        return index not in self._avoid and self.state.members[index].state != "removed"
+    @property
+    def _reserved(self) -> int:
+        return self.space.reserved
 
     def _reap(self) -> None:
         """Free segments that hold no live record and can take no more."""
@@ -659,42 +434,8 @@ class Pool:
                 self.state.emptied.discard(seg_id)
                 continue
             self._do(op_json(op="seg_free", id=seg_id))
-            self._pending_free.extend(seg.extents)
-            self._column_cache.pop(seg_id, None)
-
-    def _read_begin(self) -> int:
-        """Note a read (or a pin) in flight; returns its generation for ``_read_end``."""
-        gen = self._release_gen
-        self._readers[gen] += 1
-        return gen
-
-    def _read_end(self, gen: int) -> None:
-        self._readers[gen] -= 1
-        if not self._readers[gen]:
-            del self._readers[gen]
-        self._release_extents()
-
-    def _release_extents(self) -> None:
-        """Give back the extents of freed segments that no read in flight may still use:
-        those freed by a commit before the oldest such read began (a read begun later
-        found no reference to them). Reads that keep coming never hold them back."""
-        if not self._releasable:
-            return
-        oldest = min(self._readers) if self._readers else self._release_gen + 1
-        ready = [(i, e) for gen, i, e in self._releasable if gen <= oldest]
-        if not ready:
-            return
-        self._releasable = [r for r in self._releasable if r[0] > oldest]
-        now = trio.current_time()
-        for idx, e in ready:
-            if idx < len(self._free):
-                self._free[idx].add(e)
-                if self.discard_freed:
-                    self._discard_queue[(idx, e)] = now
-        self._released.set()
-        self._released = trio.Event()
-        if self._discard_queue:
-            self._discard_wake.set()                # the runner, if any, takes them
+            self.store.free(seg.extents)
+            self.store.forget(seg_id)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -702,7 +443,8 @@ class Pool:
         ``maintain``): discarding freed extents, each once it has stayed free
         DISCARD_DELAY seconds, so a flush never waits for it, and an extent reused before
         that (an overwrite frees segments that the next writes take again) is never
-        discarded: a busy pool does not punch holes only to fill them again.
+        discarded: a busy pool does not punch holes only to fill them again
+        (``LocalStore.run``).
 
         Returns once the pool is closed (``close`` settles the discards first). An
         exception is not swallowed: the queue of extents still to discard is dropped
@@ -710,214 +452,21 @@ class Pool:
         which logs it and starts ``run`` again. Without a runner (tools and tests that
         use a Pool alone), freed extents are discarded by ``settle_discards`` and
         ``close``, in the caller's task."""
-        if self._running:
-            raise InvalidArgument(f"pool {self.state.name}: its background task runs already")
-        self._running = True
-        task_status.started()
-        try:
-            while not self._closed:
-                await self._discard_rounds()
-                self._settled.set()
-                if self._closed:
-                    break
-                self._discard_wake = trio.Event()
-                await self._discard_wake.wait()
-        except Exception:
-            self._discard_queue.clear()
-            raise
-        finally:
-            self._running = False
-            self._settled.set()
-
-    async def _discard_rounds(self) -> None:
-        """Discard queued extents as they fall due (all of them at once while a
-        ``settle_discards`` waits) until the queue is empty or the pool has failed."""
-        while self._discard_queue and self._failed is None:
-            now = trio.current_time()
-            if not self._settling:
-                due = min(self._discard_queue.values()) + DISCARD_DELAY
-                if due > now:
-                    self._discard_wake = trio.Event()
-                    with trio.move_on_at(due):
-                        await self._discard_wake.wait()
-                    continue
-            await self._discard_freed(now if self._settling else now - DISCARD_DELAY)
+        await self.store.run(task_status=task_status)
 
     async def settle_discards(self) -> None:
         """Discard every extent freed so far, now, and wait for it: the runner does it
         if one is running, else this task does."""
-        self._settling += 1
-        try:
-            if not self._running:
-                async with self._discard_lock:
-                    await self._discard_rounds()
-            while (self._running and self._failed is None
-                   and (self._discard_queue or self._discarding)):
-                settled = self._settled = trio.Event()
-                self._discard_wake.set()
-                await settled.wait()
-        finally:
-            self._settling -= 1
-            self._discard_wake.set()        # a closed pool's runner sees it and returns
-
-    async def _discard_freed(self, cutoff: float) -> None:
-        """Discard extents freed (their frees committed) no later than ``cutoff``, one
-        thread per member. They stay allocatable meanwhile: a segment given one of them
-        waits for its discard before writing (``_store``), and one taken before its turn
-        is not discarded at all. Discard is advisory: a device that cannot do it keeps
-        the bytes, and one that fails it is charged a write error."""
-        for key in [k for k in self._discard_queue
-                    if k[0] >= len(self.devices) or self.devices[k[0]] is None]:
-            del self._discard_queue[key]
-        # A bounded batch: each member's share must finish well within the write timeout.
-        batch = sorted(k for k, t in self._discard_queue.items() if t <= cutoff)
-        batch = batch[:DISCARD_BATCH]
-        for key in batch:
-            del self._discard_queue[key]
-        if not batch:
-            return
-        done = trio.Event()
-        for key in batch:
-            self._discarding[key] = done
-        size = self.layout.extent_size
-        by_member: dict[int, list[int]] = {}
-        for i, e in batch:
-            by_member.setdefault(i, []).append(self.layout.extent_offset(e))
-
-        def punch(dev: Device, offsets: list[int]) -> None:
-            for off in offsets:
-                dev.discard(off, size)
-        try:
-            await self._per_device(
-                [(i, partial(punch, dev, offs)) for i, offs in by_member.items()
-                 if (dev := self.devices[i]) is not None],
-                "write", tolerate=True, what="a discard")
-            self._counters["discarded_extents"] += len(batch)
-        finally:
-            for key in batch:
-                del self._discarding[key]
-            done.set()
+        await self.store.settle_discards()
 
     # ==== the data path ===================================================================
     async def write_blocks(self, map_id: int, prof: Profile, compress: bool,
                            items: Sequence[tuple[int, codec.Buffer | None]], *,
                            raw: Container[int] = ()) -> None:
         """Store blocks as new records (``None`` unmaps) and point the map at them; with
-        ``compress``, lz4 is tried on each block but those in ``raw``.
-
-        The change is in memory until the next ``commit``; the records are written (not
-        synced) before the map moves, so a commit never references unwritten data.
-        """
-        self._check_ok()
-        if map_id not in self.state.maps:
-            raise StorageError(f"map {map_id} does not exist")
-        blocks = [b for b, d in items if d is not None]
-        datas = [d for _b, d in items if d is not None]
-        encoded = await self._encode(datas, prof,
-                                     [compress and b not in raw for b in blocks])
-        self._check_ok()
-        entries = await self._store(prof, encoded)
-        for block, entry in zip(blocks, entries, strict=True):
-            self._do(op_map_set(map_id, block, entry))
-        for block, maybe in items:
-            if maybe is None:
-                self._do(op_map_set(map_id, block, HOLE))
-        self._reap()
-
-    async def _store(self, prof: Profile,
-                     encoded: Sequence[codec.EncodedRecord]) -> list[bytes]:
-        """Place encoded records at the end of the profile's open segment(s), write them
-        (one write per column per run), and return their map entries. The caller points
-        maps at them afterwards: nothing references a record before it is written."""
-        await self._confirm_owner()
-        placed: list[tuple[Segment, int, codec.EncodedRecord]] = []
-        writes: dict[int, list[tuple[Device, int, list[codec.Buffer]]]] = {}
-        pinned: list[int] = []
-        failed_store = False
-        try:
-            key = (prof.k, prof.m)
-            if encoded:
-                largest = max(rec.units for rec in encoded)
-                if largest > self._tail_units.get(key, 1):
-                    self._tail_units[key] = largest
-            for rec in encoded:
-                seg = self._room(key, rec.units)
-                if not pinned or pinned[-1] != seg.id:
-                    self._pins[seg.id] = self._pins.get(seg.id, 0) + 1
-                    pinned.append(seg.id)
-                placed.append((seg, seg.fill, rec))
-                seg.fill += rec.units
-                self._fill_moved.add(seg.id)
-            i = 0
-            while i < len(placed):
-                j = i
-                while j < len(placed) and placed[j][0] is placed[i][0]:
-                    j += 1
-                seg, off = placed[i][0], placed[i][1]
-                for c, (idx, ext) in enumerate(seg.extents):
-                    dev = self.devices[idx]
-                    if dev is None:
-                        continue
-                    frags = [b for x in range(i, j) for b in placed[x][2].pieces[c]]
-                    writes.setdefault(idx, []).append(
-                        (dev, self.layout.extent_offset(ext) + off * SECTOR, frags))
-                i = j
-            if self._discarding:
-                # A new segment may have been given an extent whose discard is under way.
-                for seg_id in pinned:
-                    for key in self.state.segments[seg_id].extents:
-                        ev = self._discarding.get((key[0], key[1]))
-                        if ev is not None:
-                            await ev.wait()
-            failed = await self._per_device([(idx, partial(records.write_columns, wl))
-                                             for idx, wl in writes.items()], "write",
-                                            tolerate=True)
-            self._dirty_devices.update(i for i in writes if i not in failed)
-            self._check_ok()
-            if failed:
-                self._degraded_store(placed, set(failed))
-            self._counters["records_written"] += len(placed)
-            return [ENTRY.pack(seg.id, off, rec.plen, rec.flags, rec.rhash)
-                    for seg, off, rec in placed]
-        except BaseException:
-            failed_store = True
-            raise
-        finally:
-            # No reaping here: the caller points maps at the records first (without an
-            # await in between) and reaps after, or a segment closed while its records
-            # were in flight would look empty and be freed under them.
-            for seg_id in pinned:
-                self._pins[seg_id] -= 1
-                if not self._pins[seg_id]:
-                    del self._pins[seg_id]
-            if failed_store:
-                # Nobody will point at these records: a segment that holds only them (or
-                # that emptied while we pinned it) must not linger unfreed.
-                for seg_id in pinned:
-                    sg = self.state.segments.get(seg_id)
-                    if sg is not None and not sg.live:
-                        self.state.emptied.add(seg_id)
-                self._reap()
-
-    def _degraded_store(self, placed: Sequence[tuple[Segment, int, codec.EncodedRecord]],
-                        failed: set[int]) -> None:
-        """Some column writes failed. The records stand if each still has k fragments
-        (the member is marked for a rebuild of them); otherwise the write fails."""
-        first: dict[int, int] = {}
-        for seg, off, _rec in placed:
-            first.setdefault(seg.id, off)
-            absent = sum(1 for i, _e in seg.extents if self.devices[i] is None or i in failed)
-            if absent > seg.m:
-                raise MediumError(f"pool {self.state.name}: writes failed on "
-                                  f"{len(failed)} device(s) and a {Profile(seg.k, seg.m)} "
-                                  f"record cannot lose more than {seg.m} fragments")
-        self._column_cache.clear()
-        for seg_id, off in first.items():
-            for i, _e in self.state.segments[seg_id].extents:
-                if i in failed:
-                    self._do(op_json(op="member_state", index=i,
-                                     state=self.state.members[i].state,
-                                     last_gen=self._sb_gen, marks=[[seg_id, off]]))
+        ``compress``, lz4 is tried on each block but those in ``raw``
+        (``RecordWriter.write_blocks``). In memory until the next ``commit``."""
+        await self.writer.write_blocks(map_id, prof, compress, items, raw=raw)
 
     # ==== member health ===================================================================
     def count_error(self, index: int, kind: str, why: str = "") -> None:
@@ -968,151 +517,28 @@ class Pool:
         number of segments emptied (the space returns at the next commit)."""
         return await self.cleaner.clean(max_segments=max_segments, threshold=threshold)
 
-    async def _encode(self, datas: list[codec.Buffer], prof: Profile,
-                      compress: list[bool]) -> list[codec.EncodedRecord]:
-        """Compress (where ``compress`` says), split and encode records, on both cores
-        when there are enough (zfec and lz4 release the GIL)."""
-        if len(datas) < 8:
-            return await trio.to_thread.run_sync(records.encode_all, datas, prof.k, prof.m,
-                                                 compress, limiter=self._cpu)
-        half = len(datas) // 2
-        parts: list[list[codec.EncodedRecord]] = [[], []]
-
-        async def one(i: int, lo: int, hi: int) -> None:
-            parts[i] = await trio.to_thread.run_sync(records.encode_all, datas[lo:hi],
-                                                     prof.k, prof.m, compress[lo:hi],
-                                                     limiter=self._cpu)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(one, 0, 0, half)
-            nursery.start_soon(one, 1, half, len(datas))
-        return parts[0] + parts[1]
-
-    def _columns(self, seg: Segment) -> tuple[tuple[Device | None, int, str], ...]:
-        cols = self._column_cache.get(seg.id)
-        if cols is None:
-            cols = self._column_cache[seg.id] = tuple(
-                self._column(idx, ext) if seg.id not in self.state.members[idx].marks
-                else (None, 0, f"member {idx} (awaiting rebuild)")
-                for idx, ext in seg.extents)
-        return cols
-
-    def _read_plan(self, map_id: int, blocks: Sequence[int]
-                   ) -> tuple[list[bytes | None], list[bytes | memoryview | None],
-                              list[records.RecordPlan]]:
-        """Map entries of ``blocks``, the result with record-cache hits filled in, and
-        the records still to read."""
-        forest = self.state.forest
-        if len(blocks) == 1:
-            entries = [forest.get(map_id, blocks[0])]
-        elif blocks and blocks[-1] - blocks[0] + 1 == len(blocks):
-            entries = forest.get_range(map_id, blocks[0], len(blocks))
-        else:
-            entries = [forest.get(map_id, b) for b in blocks]
-        plans: list[records.RecordPlan] = []
-        segments = self.state.segments
-        unpack = ENTRY.unpack
-        result: list[bytes | memoryview | None] = [None] * len(blocks)
-        cached = self.record_cache.get
-        for slot, raw in enumerate(entries):
-            if raw is None:
-                continue
-            hit = cached(raw)
-            if hit is not None:
-                result[slot] = hit
-                continue
-            seg_id, off, plen, flags, rhash = unpack(raw)
-            seg = segments[seg_id]
-            k = seg.k
-            plans.append(records.RecordPlan(
-                slot, seg_id, off, -(-(codec.HEADER_SIZE + -(-plen // k)) // SECTOR), k, seg.m,
-                plen, flags, rhash, self._columns(seg)))
-        return entries, result, plans
-
-    def _keep(self, out: records.ReadOutcome, entries: list[bytes | None],
-              result: list[bytes | memoryview | None]) -> None:
-        """Put what was read into ``result`` (and small reads into the record cache)."""
-        self._counters["records_read"] += len(out.payloads)
-        small = len(entries) <= 2
-        for slot, data in out.payloads.items():
-            key = entries[slot]
-            if small and key is not None:
-                # Small reads (random I/O, read-modify-write) keep the verified block: a
-                # record never changes where it lies, so the entry is a safe key. A view
-                # of the read's own buffer is kept as it is (read-only), not copied.
-                kept = data if isinstance(data, bytes) else data.toreadonly()
-                self.record_cache.put(key, kept)
-                result[slot] = kept
-            else:
-                result[slot] = data
-
+    # ---- the read path (pool.reader; the pool's own state is checked here) --------------
     def read_block_nowait(self, map_id: int, block: int,
                           block_size: int) -> tuple[bool, bytes | memoryview | None]:
         """``read_blocks_nowait`` of one block: (whether it could be read at once, its
         content or None for a hole). A record-cache hit costs a map lookup."""
-        if self._failed is None and not self.closed and map_id in self.state.maps:
-            raw = self.state.forest.get(map_id, block)
-            if raw is None:
-                return True, None
-            hit = self.record_cache.get(raw)
-            if hit is not None:
-                return True, hit
-        got = self.read_blocks_nowait(map_id, (block,), block_size)
-        return (False, None) if got is None else (True, got[0])
+        if self._failed is not None or self._closed:
+            return False, None
+        return self.reader.read_block_nowait(map_id, block, block_size)
 
     def read_blocks_nowait(self, map_id: int, blocks: Sequence[int],
                            block_size: int) -> list[bytes | memoryview | None] | None:
         """``read_blocks`` if it can be done at once on the event loop (record-cache hits,
         page-cached healthy fragments), else None: the caller awaits ``read_blocks``."""
-        if self._failed is not None or self.closed or map_id not in self.state.maps:
+        if self._failed is not None or self._closed:
             return None
-        entries, result, plans = self._read_plan(map_id, blocks)
-        if plans:
-            try:
-                out = records.read_records(plans, block_size, self.deadlines, nowait=True)
-            except records.WouldBlock:
-                return None
-            self._keep(out, entries, result)
-        return result
+        return self.reader.read_blocks_nowait(map_id, blocks, block_size)
 
     async def read_blocks(self, map_id: int, blocks: Sequence[int],
                           block_size: int) -> list[bytes | memoryview | None]:
         """The logical content of each block (``None`` for a hole), verified."""
         self._check_ok()
-        if map_id not in self.state.maps:
-            raise NotFound(f"map {map_id} no longer exists (its volume or snapshot was "
-                           f"deleted)")
-        entries, result, plans = self._read_plan(map_id, blocks)
-        if not plans:
-            return result
-        try:
-            # Page-cached, healthy data is served without a thread hop (~120 us here):
-            # preadv(RWF_NOWAIT) never blocks, and verification is a hash per fragment.
-            out = records.read_records(plans, block_size, self.deadlines, nowait=True)
-        except records.WouldBlock:
-            gen = self._read_begin()
-            try:
-                out = await trio.to_thread.run_sync(records.read_records, plans, block_size,
-                                                    self.deadlines,
-                                                    limiter=self._cpu)
-            finally:
-                self._read_end(gen)
-        self._counters["degraded_reads"] += out.degraded
-        if out.device_errors:
-            paths = {d.path: i for i, d in enumerate(self.devices) if d is not None}
-            for (path, kind), n in out.device_errors.items():
-                if path in paths:
-                    for _ in range(n):
-                        self.count_error(paths[path], kind, f"{kind} error on {path}")
-        if out.repairs:
-            await self._repair(out.repairs)
-        if out.failures:
-            self._counters["unreadable_records"] += len(out.failures)
-            slot, why = next(iter(out.failures.items()))
-            log.error("pool %s: unreadable block %d of map %d: %s", self.state.name,
-                      blocks[slot], map_id, why)
-            raise MediumError(f"block {blocks[slot]}: {why}")
-        self._keep(out, entries, result)
-        return result
+        return await self.reader.read_blocks(map_id, blocks, block_size)
 
     async def read_blocks_into(self, map_id: int, blocks: Sequence[int], block_size: int,
                                dests: Sequence[memoryview]) -> None:
@@ -1123,238 +549,45 @@ class Pool:
             return
         got = await self.read_blocks(map_id, blocks, block_size)
         for dest, v in zip(dests, got, strict=True):
-            dest[:] = v if v is not None else self._zeros(block_size)
+            dest[:] = v if v is not None else self.reader.zeros(block_size)
 
     def read_blocks_into_nowait(self, map_id: int, blocks: Sequence[int], block_size: int,
                                 dests: Sequence[memoryview]) -> bool:
         """``read_blocks_into`` if it can be done at once on the event loop (holes, and
         whole blocks stored raw in page-cached, healthy fragments); else False, and what
         ``dests`` hold is undefined."""
-        if self._failed is not None or self.closed or map_id not in self.state.maps:
+        if self._failed is not None or self._closed:
             return False
-        runs = self._into_runs(map_id, blocks, block_size, dests)
-        if runs is None:
-            return False
-        try:
-            done = records.read_runs_into(runs, block_size, dests)
-        except records.WouldBlock:
-            return False
-        self._counters["records_read"] += done
-        return True
+        return self.reader.read_blocks_into_nowait(map_id, blocks, block_size, dests)
 
-    def _into_runs(self, map_id: int, blocks: Sequence[int], block_size: int,
-                   dests: Sequence[memoryview]) -> list[records.IntoRun] | None:
-        """The records of ``blocks`` as runs for ``records.read_runs_into`` (holes are
-        zeroed in ``dests`` here), or None if some block is not a whole block stored raw."""
-        forest = self.state.forest
-        if blocks and blocks[-1] - blocks[0] + 1 == len(blocks):
-            spans = forest.leaf_spans(map_id, blocks[0], len(blocks))
-        else:
-            spans = [(1, forest.get(map_id, b) or HOLE) for b in blocks]
-        segments = self.state.segments
-        n, raw = spans[0] if len(spans) == 1 else (0, None)
-        if raw is not None and n > 1:
-            # The usual large read: records one after another in one segment. Checked
-            # column-wise (a few C-level calls), not entry by entry.
-            segs, offs, plens, flags, hashes = zip(*ENTRY.iter_unpack(raw), strict=True)
-            seg = segments.get(segs[0])
-            if (seg is not None and plens.count(block_size) == n and segs.count(seg.id) == n
-                    and not any(flags) and not block_size % seg.k):
-                units = codec.fragment_units(block_size, seg.k)
-                if offs == tuple(range(offs[0], offs[0] + n * units, units)):
-                    return [records.IntoRun(self._columns(seg), seg.k, seg.m, offs[0], units,
-                                            list(range(n)), list(hashes))]
-        runs: list[records.IntoRun] = []
-        run: records.IntoRun | None = None
-        run_seg = after = units = -1
-        slot = 0
-        for n, raw in spans:
-            if raw is None:
-                for _ in range(n):
-                    dests[slot][:] = self._zeros(block_size)
-                    slot += 1
-                run = None
-                continue
-            for seg_id, off, plen, flags, rhash in ENTRY.iter_unpack(raw):
-                if not plen:                   # a hole (HOLE unpacks to zeros)
-                    dests[slot][:] = self._zeros(block_size)
-                    slot += 1
-                    run = None
-                    continue
-                if plen != block_size or flags:
-                    return None
-                if run is None or seg_id != run_seg or off != after:
-                    seg = segments[seg_id]
-                    if block_size % seg.k:
-                        return None
-                    units = codec.fragment_units(plen, seg.k)
-                    run = records.IntoRun(self._columns(seg), seg.k, seg.m, off, units, [],
-                                          [])
-                    runs.append(run)
-                    run_seg = seg_id
-                run.slots.append(slot)
-                run.hashes.append(rhash)
-                after = off + units
-                slot += 1
-        return runs
-
-    def _zeros(self, n: int) -> bytes:
-        z = self._zero_block
-        if len(z) != n:
-            z = self._zero_block = bytes(n)
-        return z
-
-    def _column(self, idx: int, ext: int) -> tuple[Device | None, int, str]:
-        dev = self.devices[idx]
-        name = dev.path if dev is not None else f"member {idx} (missing)"
-        return (dev, self.layout.extent_offset(ext), name)
-
-    async def _repair(self, repairs: Sequence[records.Repair]) -> None:
-        """Rewrite bad fragments a read rebuilt, one thread per member, under the write
-        deadline: a member that hangs on the repair is faulted rather than hanging the
-        read that found the damage."""
-        # Heal only fragments of segments that still exist: a segment freed meanwhile
-        # may not be reused yet (reads in flight hold frees back), but it is not ours.
-        live = [r for r in repairs if r.segment in self.state.segments]
-        index = {id(d): i for i, d in enumerate(self.devices) if d is not None}
-        by_member: dict[int, list[records.Repair]] = {}
-        for r in live:
-            i = index.get(id(r.device))
-            if i is not None:
-                by_member.setdefault(i, []).append(r)
-        written: list[int] = []
-
-        def rewrite(rs: list[records.Repair]) -> None:
-            written.append(records.apply_repairs(rs))
-        # Counted as a read in flight, so that extents freed meanwhile are not reused
-        # (or discarded) under these writes.
-        gen = self._read_begin()
-        try:
-            await self._per_device([(i, partial(rewrite, rs)) for i, rs in by_member.items()],
-                                   "write", tolerate=True, what="a repair write")
-        finally:
-            self._read_end(gen)
-        done = sum(written)
-        self._counters["repaired_fragments"] += done
-        self._dirty_devices.update(i for i in by_member if self.devices[i] is not None)
-        if done:
-            log.warning("pool %s: rewrote %d bad fragment(s) from redundancy",
-                        self.state.name, done)
-
-    # ==== commit ==========================================================================
+    # ==== commit (pool.txn) ================================================================
     async def commit(self) -> None:
-        """Make everything applied so far durable (group commit: concurrent callers share)."""
-        target = self._applied
-        async with self._commit_lock:
-            self._check_ok()
-            await self._confirm_owner()
-            if self._committed >= target:
-                return
-            for seg_id in sorted(self._fill_moved):
-                seg = self.state.segments.get(seg_id)
-                if seg is not None:
-                    self._do(op_json(op="seg_fill", id=seg.id, fill=seg.fill))
-            self._fill_moved.clear()
-            payload_len = sum(len(op) for op in self._pending)
-            if self.meta.journal_room(payload_len) and (
-                    self.meta.journal_head < self.layout.journal_size // 2):
-                await self._journal_commit()
-            else:
-                await self._checkpoint_locked()
-
-    async def _journal_commit(self) -> None:
-        ops, covered, freed_here = self._pending, self._applied, len(self._pending_free)
-        self._pending = []
-        txg = self.state.txg + 1
-        payload = b"".join(ops)
-        try:
-            await self._sync_data()
-            await _run(self.meta.append, txg, payload)
-            self._absorb_meta_failures()
-            await self._sync_members()
-        except (DeviceError, OSError) as e:
-            self._failed = f"journal commit {txg}: {e}"
-            log.error("pool %s: %s", self.state.name, self._failed)
-            raise PoolFailed(f"pool {self.state.name}: commit failed: {e}") from e
-        self.state.txg = txg
-        self._after_commit(covered, freed_here)
-        self._counters["commits"] += 1
-
-    def _after_commit(self, covered: int, freed_here: int) -> None:
-        """Ops up to ``covered`` are durable; so are the first ``freed_here`` frees."""
-        self._committed = covered
-        self._release_gen += 1
-        self._releasable.extend((self._release_gen, i, e)
-                                for i, e in self._pending_free[:freed_here])
-        del self._pending_free[:freed_here]
-        self._release_extents()
-
-    async def _sync_data(self) -> None:
-        dirty = sorted(self._dirty_devices)
-        self._dirty_devices.clear()
-        if dirty:
-            await self._sync_members(dirty)
+        """Make everything applied so far durable (group commit: concurrent callers share;
+        ``Transaction.commit``)."""
+        await self.txn.commit()
 
     async def _checkpoint(self) -> None:
-        async with self._commit_lock:
-            await self._confirm_owner()
-            await self._checkpoint_locked()
+        await self.txn.checkpoint()
 
     async def _checkpoint_locked(self) -> None:
-        """Write changed pages and a new superblock (see MetaStore for the protocol)."""
-        self._check_ok()
-        st = self.state
-        ops_covered = self._applied
-        self._pending = []
-        # Frees of segments made by ops up to here become reusable after this commit; ops
-        # applied while we await belong to the next commit.
-        freed_here = len(self._pending_free)
-        txg = st.txg + 1
-        st.txg = txg
-        st.generation = self._sb_gen + 1
-        state_blob = st.to_json()
-        page_keys: list[int] = []
-        page_blobs: list[bytes] = []
-        new_locs = dict(self._page_locs)
-        forest = st.forest
-        for nid in forest.freed:
-            new_locs.pop(nid, None)
-        for nid in sorted(forest.dirty):
-            page_keys.append(nid)
-            page_blobs.append(forest.nodes[nid].serialize())
-        forest.freed.clear()
-        forest.dirty.clear()
-        taken = bytearray(self.meta.bitmap)
-        try:
-            await self._sync_data()
-            written = await _run(self.meta.write_blobs, page_blobs, taken)
-            new_locs.update(zip(page_keys, written, strict=True))
-            index = b"".join(_INDEX.pack(nid, loc.unit, loc.units, loc.length, loc.hash)
-                             for nid, loc in sorted(new_locs.items()))
-            state_loc, index_loc = await _run(self.meta.write_blobs, [state_blob, index],
-                                              taken)
-            self._absorb_meta_failures()
-            await self._sync_members()
-            sb = Superblock(st.uuid, st.generation, txg, state_loc, index_loc)
-            await _run(self.meta.write_superblock, sb)
-            self._absorb_meta_failures()
-            await self._sync_members()
-        except (DeviceError, OSError, NoSpace) as e:
-            self._failed = f"checkpoint {st.generation}: {e}"
-            log.error("pool %s: %s", st.name, self._failed)
-            raise PoolFailed(f"pool {st.name}: checkpoint failed: {e}") from e
-        # The new superblock is durable: the old checkpoint's blobs may now be reused.
-        bitmap = bytearray(self.meta.n_units)
-        for loc in (*new_locs.values(), state_loc, index_loc):
-            bitmap[loc.unit:loc.unit + loc.units] = b"\1" * loc.units
-        self.meta.bitmap = bitmap
-        self._meta_units_used = bitmap.count(1)
-        self.meta.journal_head = 0
-        self._page_locs = new_locs
-        self._meta_locs = (state_loc, index_loc)
-        self._sb_gen = st.generation
-        self._after_commit(ops_covered, freed_here)
-        self._counters["checkpoints"] += 1
+        await self.txn.checkpoint_locked()
+
+    def _seal_fills(self) -> None:
+        """A commit's last ops: the fill of each segment written since the last one."""
+        for seg_id in sorted(self._fill_moved):
+            seg = self.state.segments.get(seg_id)
+            if seg is not None:
+                self._do(op_json(op="seg_fill", id=seg.id, fill=seg.fill))
+        self._fill_moved.clear()
+
+    def _frees_pending(self) -> int:
+        return len(self._pending_free)
+
+    def _after_commit(self, kind: str, freed_here: int) -> None:
+        """A commit (``kind``: "commits" | "checkpoints") is durable, and with it the first
+        ``freed_here`` frees: their extents are reused once older reads are done."""
+        self.store.durable(freed_here)
+        self._counters[kind] += 1
 
     # ==== ownership (DESIGN invariant 10; pool.owner) =====================================
     @property
@@ -1386,10 +619,10 @@ class Pool:
         ``release`` (export): clear the owner record too, so another daemon may import
         the pool at once; otherwise it stays (the pool still belongs to this daemon,
         which imports it again at its next start)."""
-        if self._closed:
+        if self.txn.closed:
             return
         try:
-            if self._failed is None:
+            if self.txn.failed is None:
                 for writeback in self._caches:
                     await writeback()
                 self._open.clear()
@@ -1397,8 +630,8 @@ class Pool:
                 await self._checkpoint()
         finally:
             with trio.CancelScope(shield=True):
-                await self._release_owner(clear=release and self._failed is None)
-            self._closed = True
+                await self._release_owner(clear=release and self.txn.failed is None)
+            self.txn.close()
             with trio.CancelScope(shield=True):
                 await self.settle_discards()    # its threads use the devices
                 await close_devices([*self.devices, *self._parked.values()])
@@ -1408,7 +641,7 @@ class Pool:
         """Wipe labels, superblocks and owner records of every present member; data is not
         zeroed."""
         await self._release_owner(clear=False)
-        self._closed = True
+        self.txn.close()
         await self._on_devices(_wipe)
         with trio.CancelScope(shield=True):
             await self.settle_discards()
@@ -1422,7 +655,7 @@ class Pool:
     # ==== member maintenance: offline / online / replace / remove ==========================
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self.txn.closed
 
     async def offline(self, index: int) -> None:
         """Stop using a member for maintenance; what is written meanwhile is tracked, and
@@ -1462,38 +695,9 @@ class Pool:
         self.members.refuse_device(dev, but)
 
     # ---- support for the maintenance engines (pool.scrub, pool.rebuild) ------------------
-    def segment_records(self, seg_id: int, start: int = 0) -> list[bytes]:
-        """The distinct live map entries in segment ``seg_id`` at sector >= ``start``, in
-        offset order (a scan of every leaf: there is no reverse index yet)."""
-        found: set[bytes] = set()
-        size = ENTRY.size
-        for node in self.state.forest.nodes.values():
-            data = node.data
-            if not isinstance(data, bytearray):
-                continue
-            for pos, (seg, off, *_rest) in enumerate(ENTRY.iter_unpack(data)):
-                if seg == seg_id and off >= start:
-                    found.add(bytes(data[pos * size:(pos + 1) * size]))
-        return sorted(found, key=lambda r: ENTRY.unpack_from(r)[1])
-
-    def record_plans(self, seg: Segment, entries: Sequence[bytes],
-                     target: int | None = None) -> list[records.RecordPlan]:
-        """Read plans for entries of ``seg``; column ``target`` gets its device even when
-        it awaits a rebuild (the rebuild writes it)."""
-        cols = list(self._columns(seg))
-        if target is not None:
-            idx, ext = seg.extents[target]
-            cols[target] = self._column(idx, ext)
-        plans = []
-        for n, raw in enumerate(entries):
-            _s, off, plen, flags, rhash = ENTRY.unpack(raw)
-            plans.append(records.RecordPlan(n, seg.id, off, codec.fragment_units(plen, seg.k),
-                                            seg.k, seg.m, plen, flags, rhash, tuple(cols)))
-        return plans
-
     def pin(self, seg_id: int) -> None:
         self._pins[seg_id] = self._pins.get(seg_id, 0) + 1
-        self._pin_gens.setdefault(seg_id, []).append(self._read_begin())
+        self._pin_gens.setdefault(seg_id, []).append(self.store.read_begin())
 
     def unpin(self, seg_id: int) -> None:
         self._unpin(seg_id)
@@ -1509,7 +713,7 @@ class Pool:
         self._pins[seg_id] -= 1
         if not self._pins[seg_id]:
             del self._pins[seg_id]
-        self._read_end(gen)
+        self.store.read_end(gen)
 
     def pinned(self, seg_id: int) -> bool:
         return bool(self._pins.get(seg_id))
@@ -1519,62 +723,15 @@ class Pool:
         foreground keeps the other core)."""
         return await trio.to_thread.run_sync(partial(fn, *args), limiter=self._bg)
 
-    def note_outcome(self, out: records.StripeOutcome) -> None:
-        """Count a scrub/rebuild pass's device errors against their members."""
-        paths = {d.path: i for i, d in enumerate(self.devices) if d is not None}
-        for (path, kind), n in out.device_errors.items():
-            if path in paths:
-                for _ in range(n):
-                    self.count_error(paths[path], kind, f"{kind} error on {path}")
-
     async def write_fragments(self, repairs: Sequence[records.Repair]) -> int:
-        """Write rebuilt fragments (of pinned segments); returns how many were written.
-        Runs beside ``background`` work (a thread of its own, one at a time per pool), so a
-        rebuild computes its next step while the last one is written.
-
-        Each device's fragments are written under the write deadline
-        (``self.deadlines.write``): a device that has not finished by then fails all of
-        them, and a member that hung so is faulted at once, for a full rebuild (the stuck
-        write may still land), as a hung foreground write faults it."""
+        """Write rebuilt fragments (of pinned segments; ``LocalStore.write_fragments``);
+        returns how many were written. Runs beside ``background`` work, so a rebuild
+        computes its next step while the last one is written."""
         await self._confirm_owner()
         live = [r for r in repairs if r.segment in self.state.segments]
-        groups: dict[int, list[records.Repair]] = {}
-        for r in live:
-            groups.setdefault(id(r.device), []).append(r)
-        batches = list(groups.values())
-        outcomes: dict[int, tuple[int, list[records.Repair]]] = {}
-
-        def writer(k: int) -> Callable[[], None]:
-            def write() -> None:
-                outcomes[k] = records.write_repairs(batches[k])
-            return write
-
-        errors = await trio.to_thread.run_sync(
-            records.writes_within, [(b[0].device, writer(k)) for k, b in enumerate(batches)],
-            "a rebuild write", self.deadlines, limiter=self._bg_writes)
-        index = {id(d): i for i, d in enumerate(self.devices) if d is not None}
-        for r in live:
-            i = index.get(id(r.device))
-            if i is not None:
-                self._dirty_devices.add(i)
-        done, failed = 0, 0
-        for k, (batch, error) in enumerate(zip(batches, errors, strict=True)):
-            i = index.get(id(batch[0].device))
-            if error is not None:           # given up (hung), or raised outside a write
-                failed += len(batch)
-                if i is not None:
-                    if isinstance(error, DeviceHung):
-                        self.fault(i, error.message, full=True)
-                    else:
-                        self.count_error(i, "write", error.message)
-                continue
-            wrote, lost = outcomes[k]
-            done += wrote
-            failed += len(lost)
-            if i is not None:
-                for _r in lost:
-                    self.count_error(i, "write", "writing a rebuilt fragment")
-        return len(live) - failed if done or not failed else 0
+        done, touched = await self.store.write_fragments(live)
+        self._dirty_devices.update(i for i in touched if self.devices[i] is not None)
+        return done
 
     def member_epoch(self, index: int) -> int:
         """Changes whenever member ``index`` goes away (see ``mark_rebuilt``)."""
@@ -1589,7 +746,7 @@ class Pool:
             return
         self._dirty_devices.add(index)
         self._do(op_json(op="member_clean", index=index, seg=seg_id))
-        self._column_cache.pop(seg_id, None)
+        self.store.forget(seg_id)
 
     def set_task(self, name: str, value: dict[str, Any] | None) -> None:
         self._check_ok()
@@ -1604,27 +761,6 @@ class Pool:
         return (self._counters["records_read"] + self._counters["records_written"]
                 + self.record_cache.hits)
 
-    def locate(self, entry: bytes) -> list[str]:
-        """Which volumes/snapshots and byte offsets reference a record (for reports)."""
-        names: dict[int, tuple[str, int]] = {}
-        objs = self.state.objects
-        for obj in objs.values():
-            if "map" in obj:
-                name = str(obj.get("name", "?"))
-                if obj.get("type") == "snapshot":
-                    vol = objs.get(int(obj.get("volume", -1)), {})
-                    name = f"{vol.get('name', '?')}@{name}"
-                names[int(obj["map"])] = (name, int(obj.get("block_size", 0)))
-        out = []
-        forest = self.state.forest
-        for map_id in forest.roots:
-            for block, raw in forest.items(map_id):
-                if raw == entry:
-                    name, bs = names.get(map_id, (f"map {map_id}", 0))
-                    out.append(f"{name} offset {block * bs}" if bs else
-                               f"{name} block {block}")
-        return out
-
     def meta_locations(self) -> list[Loc]:
         return [*self._page_locs.values(), *self._meta_locs]
 
@@ -1634,7 +770,7 @@ class Pool:
 
     def is_free(self, index: int, extent: int) -> bool:
         """Whether extent ``extent`` of member ``index`` is on the free list."""
-        return index < len(self._free) and extent in self._free[index]
+        return self.store.is_free(index, extent)
 
     async def scrub_metadata(self) -> tuple[int, int, int]:
         """Verify every copy of every metadata blob and both labels of each present
@@ -1704,18 +840,3 @@ class Pool:
 
 
 # ==== blocking helpers (run in threads) ====================================================
-@lru_cache(maxsize=256)        # asked on every reserve; the counts change rarely
-def _stripes(counts: tuple[int, ...], width: int) -> int:
-    """How many stripes of ``width`` extents on distinct devices the free-extent counts
-    allow: the largest S with sum(min(c, S)) >= width * S (what allocating each stripe
-    from the devices with the most free extents reaches)."""
-    lo, hi = 0, sum(counts) // width if width else 0
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if sum(min(c, mid) for c in counts) >= width * mid:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-

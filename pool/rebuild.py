@@ -41,8 +41,10 @@ from pool.codec import fragment_units
 from pool.deadlines import Deadlines
 from pool.device import Device
 from pool.layout import SECTOR
+from pool.lookup import locate, segment_records
 from pool.pool import Pool
-from pool.state import ENTRY
+from pool.state import ENTRY, Segment
+from pool.store import Column
 
 log = logging.getLogger(__name__)
 RUN_BYTES = 4 << 20        # records read per step (per column): small steps, fair to I/O
@@ -220,12 +222,13 @@ async def _read_stage(pool: Pool, work: list[tuple[int, int, int]], held: list[i
             while pool.pinned(seg_id):  # noqa: ASYNC110
                 await trio.sleep(0.005)
             column = next(c for c, (i, _e) in enumerate(seg.extents) if i == index)
-            entries = pool.segment_records(seg_id, start)
+            entries = segment_records(pool.state, seg_id, start)
             pool.pin(seg_id)
             held.append(seg_id)
             item = _Segment(index, seg_id, dev, column, pool.member_epoch(index))
             for batch, size in steps(entries, seg.k):
-                step = _Step(item, batch, size, pool.record_plans(seg, batch, target=column))
+                step = _Step(item, batch, size, record_plans(
+                    seg, batch, pool.store.columns(seg, rebuilding=column)))
                 await slots.acquire()
                 step.reads = records.start_stripes(step.plans, pool.deadlines, target=column)
                 verifier.put(step)
@@ -285,9 +288,9 @@ async def _write_stage(pool: Pool, recv: trio.MemoryReceiveChannel[_Item | BaseE
             out = item.out
             assert out is not None
             seg_id, column = item.seg.seg_id, item.seg.column
-            pool.note_outcome(out)
+            pool.store.note_errors(out.device_errors)
             for slot, why in out.failures.items():
-                where = ", ".join(pool.locate(item.batch[slot])) or "no map"
+                where = ", ".join(locate(pool.state, item.batch[slot])) or "no map"
                 log.error("pool %s: cannot rebuild a record of segment %d (%s): %s",
                           pool.name, seg_id, where, why)
             mine = sum(len(r.data) for r in out.repairs if r.index == column)
@@ -317,6 +320,18 @@ def steps(entries: Sequence[bytes], k: int) -> Iterator[tuple[Sequence[bytes], i
             j += 1
         yield entries[i:j], size
         i = j
+
+
+def record_plans(seg: Segment, entries: Sequence[bytes], cols: tuple[Column, ...]
+                 ) -> list[records.RecordPlan]:
+    """Read plans for map entries of ``seg`` whose columns are ``cols``
+    (``SegmentStore.columns``). Scrub plans its reads the same way."""
+    plans = []
+    for n, raw in enumerate(entries):
+        _s, off, plen, flags, rhash = ENTRY.unpack(raw)
+        plans.append(records.RecordPlan(n, seg.id, off, fragment_units(plen, seg.k),
+                                        seg.k, seg.m, plen, flags, rhash, cols))
+    return plans
 
 
 def _progress(member: int, done: int, total: int, started: float) -> RebuildProgress:

@@ -20,8 +20,9 @@ import trio
 from pool import records
 from pool.errors import InvalidArgument
 from pool.layout import SECTOR
+from pool.lookup import locate, segment_records
 from pool.pool import Pool
-from pool.rebuild import _throttle, steps
+from pool.rebuild import _throttle, record_plans, steps
 
 log = logging.getLogger(__name__)
 COMMIT_EVERY = 2.0
@@ -115,20 +116,20 @@ async def run(pool: Pool, *, rate: float | None = None) -> dict[str, Any] | None
             seg = pool.state.segments.get(seg_id)
             if seg is None:
                 continue
-            entries = pool.segment_records(seg_id)
+            entries = segment_records(pool.state, seg_id)
             pool.pin(seg_id)
             try:
                 for batch, size in steps(entries, seg.k):
-                    plans = pool.record_plans(seg, batch)
+                    plans = record_plans(seg, batch, pool.store.columns(seg))
                     out = await pool.background(records.verify_stripes, plans, pool.deadlines)
-                    pool.note_outcome(out)
+                    pool.store.note_errors(out.device_errors)
                     n_fixed = await pool.write_fragments(out.repairs)
                     cur["found"] += out.bad
                     cur["repaired"] += n_fixed
                     pool.count("repaired_fragments", n_fixed)
                     for slot, why in out.failures.items():
                         cur["unrecoverable"] += 1
-                        where = ", ".join(pool.locate(batch[slot])) or "no map"
+                        where = ", ".join(locate(pool.state, batch[slot])) or "no map"
                         msg = f"{where}: {why}"
                         log.error("pool %s: scrub: unrecoverable record: %s", pool.name, msg)
                         if len(cur["problems"]) < MAX_REPORTED:

@@ -23,6 +23,8 @@ from storaged.iscsi_acl import AccessStore, StoredPolicy, check_credentials, che
 from storaged.registry import PoolEntry, Registry
 from storaged.sizes import parse_size
 from volumes import Volume, check_volume_name, portable
+from volumes.qos import QosSettings
+from volumes.volume import LATENCY_BUCKETS
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
@@ -155,6 +157,46 @@ def volume_info(pool: str, vol: Volume) -> dict[str, Any]:
             "clients": [o.to_json() for o in vol.openers]}
 
 
+_QOS_SIZES = ("bps", "read_bps", "write_bps", "burst_bps", "iops_size")
+_QOS_KEYS = ("iops", "read_iops", "write_iops", "burst_iops", "burst_seconds", "weight",
+             "group", *_QOS_SIZES)
+
+
+def _qos_changes(p: Params) -> dict[str, Any]:
+    """The QoS settings a call gives (``set``: key -> value; sizes may be written like
+    100M), checked for shape here and for values by QosSettings (invariant 9)."""
+    v = p.get("set", {})
+    if not isinstance(v, dict):
+        raise InvalidArgument("parameter 'set' must be an object of QoS settings")
+    out: dict[str, Any] = {}
+    for key, val in v.items():
+        if key not in _QOS_KEYS:
+            raise InvalidArgument(f"unknown QoS setting {key!r}")
+        out[key] = parse_size(val) if key in _QOS_SIZES and isinstance(val, str) else val
+    return out
+
+
+def qos_json(s: QosSettings) -> dict[str, Any]:
+    """All of a volume's QoS settings in plain numbers (bytes for bps; 0 = no limit)."""
+    return {"iops": s.iops, "read_iops": s.read_iops, "write_iops": s.write_iops,
+            "bps": s.bps, "read_bps": s.read_bps, "write_bps": s.write_bps,
+            "burst_iops": s.burst_iops, "burst_bps": s.burst_bps,
+            "burst_seconds": s.burst_seconds, "iops_size": s.iops_size, "weight": s.weight,
+            "group": s.group}
+
+
+def volume_sample(pool: str, vol: Volume) -> dict[str, Any]:
+    """Counters for ``volume top`` (the CLI turns two samples into rates)."""
+    st = vol.statistics()
+    th = vol.throttle_statistics()
+    return {"name": f"{pool}/{st.name}", "reads": st.reads, "writes": st.writes,
+            "bytes_read": st.bytes_read, "bytes_written": st.bytes_written,
+            "flushes": st.flushes, "throttled_seconds": th.throttled_seconds,
+            "waiting": th.waiting,
+            "latency": {op: list(h.counts) for op, h in st.latency},
+            "latency_bounds": list(LATENCY_BUCKETS)}
+
+
 def _new_size(text: Any, current: int) -> int:
     """A resize's target from ``--size``: absolute (10G) or relative to ``current`` (+10G,
     -1G)."""
@@ -194,6 +236,9 @@ class ControlAPI:
             "volume.create": self.volume_create, "volume.list": self.volume_list,
             "volume.info": self.volume_info, "volume.resize": self.volume_resize,
             "volume.delete": self.volume_delete, "export.list": self.export_list,
+            "volume.qos": self.volume_qos, "volume.top": self.volume_top,
+            "qos.list": self.qos_list, "qos.group": self.qos_group,
+            "qos.defaults": self.qos_defaults,
             "export.iscsi": self.export_iscsi,
             "volume.receive_abort": self.volume_receive_abort,
             "volume.flush": self.volume_flush, "volume.rename": self.volume_rename,
@@ -389,7 +434,8 @@ class ControlAPI:
         vol = await entry.volumes.create(name, size,
                                          block_size=_size(p, "block_size", 65536) or 0,
                                          profile=_str(p, "profile", required=False),
-                                         compression=compression == "lz4")
+                                         compression=compression == "lz4",
+                                         qos=self.registry.qos_defaults)
         out = volume_info(pool, vol)
         limit = self.registry.overcommit_warning
         usable, _avail = entry.pool.usable_capacity()
@@ -430,6 +476,47 @@ class ControlAPI:
         if self.acl is not None and self.acl.forget(f"{entry.name}/{vol.name}"):
             await self.acl.commit()
         return {"name": p["name"], "deleted": True}
+
+    # ---- QoS (volumes/qos.py) -----------------------------------------------------------
+    async def volume_qos(self, p: Params, progress: Progress) -> Any:
+        """Set what ``set`` gives (``clear``: from the defaults first); nothing given:
+        show. Durable and applied to open connections when this returns."""
+        entry, vol = self._volume(_req(p, "name"))
+        changes, clear = _qos_changes(p), _bool(p, "clear", False)
+        if changes or clear:
+            await entry.volumes.set_qos(vol.name, changes, clear=clear)
+        return {"name": f"{entry.name}/{vol.name}", "qos": qos_json(vol.qos)}
+
+    async def volume_top(self, p: Params, progress: Progress) -> Any:
+        pool = _str(p, "pool", required=False)
+        entries = [self.registry.get(pool)] if pool else [
+            e for _n, e in sorted(self.registry.pools.items())]
+        return [volume_sample(e.name, e.volumes.get(v)) for e in entries
+                for v in e.volumes.names()]
+
+    async def qos_list(self, p: Params, progress: Progress) -> Any:
+        pool = _str(p, "pool", required=False)
+        entries = [self.registry.get(pool)] if pool else [
+            e for _n, e in sorted(self.registry.pools.items())]
+        return {e.name: e.volumes.qos_list() for e in entries}
+
+    async def qos_group(self, p: Params, progress: Progress) -> Any:
+        """Create or change (``set``, ``clear``) or ``delete`` a group POOL/GROUP."""
+        pool, group = split_volume(_req(p, "name"))
+        vm = self.registry.get(pool).volumes
+        if _bool(p, "delete", False):
+            await vm.delete_qos_group(group)
+            return {"name": p["name"], "deleted": True}
+        s = await vm.set_qos_group(group, _qos_changes(p), clear=_bool(p, "clear", False))
+        return {"name": p["name"], "qos": qos_json(s)}
+
+    async def qos_defaults(self, p: Params, progress: Progress) -> Any:
+        """The settings a pool's new volumes get (``set``, ``clear``; nothing: show)."""
+        vm = self.registry.get(_req(p, "pool")).volumes
+        changes, clear = _qos_changes(p), _bool(p, "clear", False)
+        s = (await vm.set_qos_defaults(changes, clear=clear) if changes or clear
+             else vm.qos.defaults)
+        return {"name": p["pool"], "qos": qos_json(s)}
 
     # ---- send / receive (streams travel in control.py's framing) ------------------------
     async def volume_send(self, p: Params) -> tuple[dict[str, Any], portable.Chunks]:
@@ -527,7 +614,8 @@ class ControlAPI:
         if tpool != pool:
             raise InvalidArgument(f"a clone lives in its snapshot's pool: use {pool}/{tvol}")
         entry = self.registry.get(pool)
-        return volume_info(pool, await entry.volumes.clone(vol, snap, tvol))
+        return volume_info(pool, await entry.volumes.clone(vol, snap, tvol,
+                                                           qos=self.registry.qos_defaults))
 
     async def snapshot_diff(self, p: Params, progress: Progress) -> Any:
         pool, vol, snap_a = split_snapshot(_req(p, "from"))

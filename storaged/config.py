@@ -15,6 +15,7 @@ from nbd.proto import MAX_PAYLOAD
 from storaged.sizes import parse_size
 from storaged.wire import DEFAULT_SOCKET
 from volumes import InvalidArgument
+from volumes.qos import QosSettings
 
 DEFAULT_STATE_DIR = "/var/lib/storaged"
 DEFAULT_NBD = "127.0.0.1:10809"
@@ -71,6 +72,7 @@ class Config:
     fuse_allow_other: bool = False                # other users may enter the mount
     owner_heartbeat: float = 2.0                  # seconds between owner-record heartbeats
     owner_activity: float = 10.0                  # silence after which an owner is gone
+    qos: QosSettings = field(default_factory=QosSettings)   # new volumes' QoS (no pool's)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -152,8 +154,13 @@ def load(path: str | None) -> Config:
         else:
             flat[key] = value
     changes: dict[str, Any] = {}
+    qos = {k: v for k, v in flat.items() if k.startswith("qos.")}
+    if qos:
+        changes["qos"] = _qos(path, qos)
     for key, raw in flat.items():
         value = raw
+        if key.startswith("qos."):
+            continue
         if key not in _KEYS:
             raise InvalidArgument(f"config {path}: unknown key {key!r} (known: "
                                   f"{', '.join(sorted(_KEYS))})")
@@ -178,6 +185,31 @@ def load(path: str | None) -> Config:
             value = tuple(value)
         changes[attr] = value
     return validate(replace(cfg, **changes))
+
+
+_QOS_SIZES = ("bps", "read_bps", "write_bps", "burst_bps", "iops_size")
+
+
+def _qos(path: str, keys: dict[str, Any]) -> QosSettings:
+    """The ``[qos]`` table: the QoS settings new volumes get in pools that have no
+    defaults of their own (``storagectl qos defaults``); bps keys take sizes."""
+    out: dict[str, Any] = {}
+    for key, raw in keys.items():
+        name = key.removeprefix("qos.")
+        if name == "group":
+            raise InvalidArgument(f"config {path}: qos.group is not a config key (groups "
+                                  f"belong to a pool: storagectl qos defaults POOL --group)")
+        value = raw
+        if name in _QOS_SIZES and isinstance(raw, str):
+            try:
+                value = parse_size(raw)
+            except InvalidArgument as e:
+                raise InvalidArgument(f"config {path}: {key}: {e.message}") from e
+        out[name] = value
+    try:
+        return QosSettings().updated(out)
+    except InvalidArgument as e:
+        raise InvalidArgument(f"config {path}: [qos]: {e.message}") from e
 
 
 def validate(cfg: Config) -> Config:

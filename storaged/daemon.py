@@ -263,6 +263,7 @@ def apply_live(cfg: Config, registry: Registry) -> None:
     registry.tuning = replace(registry.tuning, read_timeout=cfg.read_timeout,
                               write_timeout=cfg.write_timeout)
     registry.overcommit_warning = cfg.overcommit_warning
+    registry.qos_defaults = cfg.qos
     for entry in list(registry.pools.values()):
         entry.pool.deadlines.read = cfg.read_timeout
         entry.pool.deadlines.write = cfg.write_timeout

@@ -180,11 +180,20 @@ class StoragedCollector(Collector):
                                   "Bytes in the write buffer, not yet written",
                                   labels=labels)
         lat = HistogramMetricFamily("storaged_volume_request_duration_seconds",
-                                    "Time to complete volume requests",
+                                    "Time to complete volume requests (QoS waits included)",
                                     labels=[*labels, "op"])
+        throttled = CounterMetricFamily("storaged_volume_throttled_seconds",
+                                        "Time requests spent waiting for the volume's QoS "
+                                        "limits, summed over requests", labels=labels)
+        waiting = GaugeMetricFamily("storaged_volume_qos_queue_depth",
+                                    "Requests waiting now for the volume's QoS limits",
+                                    labels=labels)
         for pname, entry in sorted(self.registry.pools.items()):
             for st in entry.volumes.list():
                 lv = [pname, st.name]
+                th = entry.volumes.get(st.name).throttle_statistics()
+                throttled.add_metric(lv, th.throttled_seconds)
+                waiting.add_metric(lv, th.waiting)
                 rb.add_metric(lv, st.bytes_read)
                 wb.add_metric(lv, st.bytes_written)
                 ro.add_metric(lv, st.reads)
@@ -201,7 +210,7 @@ class StoragedCollector(Collector):
                         buckets.append(("+Inf" if bound == float("inf") else str(bound),
                                         cumulative))
                     lat.add_metric([*lv, op], buckets, h.sum_seconds)
-        return [rb, wb, ro, wo, fl, size, used, dirty, lat]
+        return [rb, wb, ro, wo, fl, size, used, dirty, lat, throttled, waiting]
 
     def _nbd(self, nbd: NBDServer) -> Iterable[Metric]:
         s = nbd.stats

@@ -42,6 +42,7 @@ from pool.metastore import MetaStore
 from pool.state import PoolState
 from pool.tuning import PoolTuning
 from volumes import VolumeManager
+from volumes.qos import QosSettings
 from volumes.volume import WriteBuffer
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class Registry:
     failed: dict[str, str] = field(default_factory=dict)   # pool name -> why not imported
     heartbeat: float = owners.DEFAULT_INTERVAL    # owner records: seconds between beats
     activity: float = owners.DEFAULT_ACTIVITY     # ... silence after which an owner is gone
+    # Config [qos]: the QoS new volumes get in pools without defaults of their own.
+    qos_defaults: QosSettings = field(default_factory=QosSettings)
     overcommit_warning: float = 1.0   # volumes' sizes / usable size that volume create warns at
     # What each pool created or imported is tuned with, and the one write buffer all their
     # volume managers share (the daemon builds both from the configuration).

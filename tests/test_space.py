@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from pool import FileDevice, Pool, codec
-from pool import pool as pool_impl
+from pool import store as store_impl
 from pool.checker import check
 from pool.errors import NoSpace
 from pool.faults import FaultyDevice
@@ -214,8 +214,8 @@ async def test_freed_space_goes_back_to_sparse_device_files(
     the cleaner) are discarded once the freeing commit is durable, so sparse device files
     shrink, as blocks trimmed in a thin LUN or an SSD would be; and an extent reused
     right after is written after its discard, never zeroed under new data."""
-    monkeypatch.setattr(pool_impl, "DISCARD_BATCH", 8)     # several rounds per delete
-    monkeypatch.setattr(pool_impl, "DISCARD_DELAY", 0.0)   # discard as soon as freed
+    monkeypatch.setattr(store_impl, "DISCARD_BATCH", 8)     # several rounds per delete
+    monkeypatch.setattr(store_impl, "DISCARD_DELAY", 0.0)   # discard as soon as freed
     pool, paths, devs = await _sparse_pool(tmp_path)
     vm = VolumeManager(pool)
     try:
@@ -343,7 +343,7 @@ async def test_a_failing_background_task_reaches_its_owner(
     is not swallowed: it reaches the owner (the daemon logs it and starts run again).
     Nothing else changes: the pool stays online and consistent, kept data reads back
     byte-exact, the freed extents stay free (not discarded), and a new runner starts."""
-    monkeypatch.setattr(pool_impl, "DISCARD_DELAY", 0.0)
+    monkeypatch.setattr(store_impl, "DISCARD_DELAY", 0.0)
     paths = [tmp_path / f"d{i}" for i in range(3)]
     devs = [_BuggyDiscard(FileDevice(str(p), create_size=64 << 20)) for p in paths]
     pool = await Pool.create("t", devs, profile="ec:2+1", extent_size=1 << 20,
@@ -396,7 +396,7 @@ async def test_the_daemon_logs_a_failed_background_task_and_starts_it_again(
     """The owner's side (storaged.daemon._background, which ``maintain`` starts per pool):
     a failure of Pool.run is logged once with its traceback, run is started again, and
     the new runner discards what is freed next; once the pool closes, the owner returns."""
-    monkeypatch.setattr(pool_impl, "DISCARD_DELAY", 0.0)
+    monkeypatch.setattr(store_impl, "DISCARD_DELAY", 0.0)
     paths = [tmp_path / f"d{i}" for i in range(3)]
     devs = [_BuggyDiscard(FileDevice(str(p), create_size=64 << 20)) for p in paths]
     pool = await Pool.create("t", devs, profile="ec:2+1", extent_size=1 << 20,

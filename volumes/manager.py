@@ -40,6 +40,8 @@ from pool.maps import MAX_BLOCKS
 from pool.pool import Pool
 from pool.profile import Profile
 from volumes.openers import Opener, Openers, evict, in_use, refuse_in_use
+from volumes.qos import QosSettings, WeightedDispatcher
+from volumes.qosbook import QosBook
 from volumes.records import SnapshotRecord, VolumeRecord
 from volumes.volume import (
     DEFAULT_BLOCK,
@@ -50,6 +52,7 @@ from volumes.volume import (
 )
 
 log = logging.getLogger(__name__)
+DEVICE_QUEUE = 4        # the pool's reads and writes in flight per device (its limiters)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
 
@@ -83,6 +86,9 @@ class VolumeManager:
         # The clients of each snapshot, by snapshot object id, shared by all its read-only
         # views (openers invariant 2).
         self._snap_openers: dict[int, Openers] = {}
+        # Weights under contention: one dispatcher for all the pool's volumes (qos.py),
+        # as deep as the pool's devices serve requests at once (DEVICE_QUEUE each).
+        self.dispatcher = WeightedDispatcher(DEVICE_QUEUE * max(1, len(pool.state.members)))
         objects = pool.objects()
         for obj_id, meta in objects.items():
             if meta.get("type") == "volume":
@@ -96,10 +102,17 @@ class VolumeManager:
                 snap = SnapshotRecord.decode(meta)
                 owner = objects[snap.volume]["name"]
                 self._snapshots.setdefault(owner, {})[snap.name] = (obj_id, snap)
+        # QoS defaults and groups (volumes/qosbook.py); each volume's settings are in its
+        # record, applied with its group's Throttle.
+        self.qos = QosBook(pool)
+        for vol in self._volumes.values():
+            vol.set_qos(vol.qos, self.qos.throttle(vol.qos.group))
         pool.add_cache(self._writeback_all)
 
     def _new_volume(self, obj_id: int, record: VolumeRecord) -> Volume:
-        return Volume(self.pool, obj_id, record, self.write_buffer)
+        vol = Volume(self.pool, obj_id, record, self.write_buffer)
+        vol.dispatcher = self.dispatcher
+        return vol
 
     async def _writeback_all(self) -> None:
         for name in self.names():
@@ -132,8 +145,10 @@ class VolumeManager:
         return [self._volumes[n].statistics() for n in self.names()]
 
     async def create(self, name: str, size: int, *, block_size: int = DEFAULT_BLOCK,
-                     profile: str | None = None, compression: bool = True) -> Volume:
-        """Create a thin volume (durable when this returns)."""
+                     profile: str | None = None, compression: bool = True,
+                     qos: QosSettings | None = None) -> Volume:
+        """Create a thin volume (durable when this returns). Its QoS: the pool's defaults
+        when the pool has some, else ``qos`` (the daemon's config), else none."""
         check_volume_name(name)
         check_block_size(block_size)
         _check_size(size, block_size)
@@ -146,9 +161,10 @@ class VolumeManager:
             raise AlreadyExists(f"volume {name!r} already exists in pool {self.pool.name}")
         map_id = self.pool.create_map()
         record = VolumeRecord(name, size, block_size, str(prof), compression, map_id,
-                              int(time.time()))
+                              int(time.time()), qos=self._new_qos(qos))
         obj_id = self.pool.put_object(record.encode())
         vol = self._volumes[name] = self._new_volume(obj_id, record)
+        vol.set_qos(vol.qos, self.qos.throttle(vol.qos.group))
         await self.pool.commit()
         log.info("pool %s: created volume %s (%d bytes, block %d, %s%s)", self.pool.name, name,
                  size, block_size, prof, ", lz4" if compression else "")
@@ -430,7 +446,13 @@ class VolumeManager:
         log.info("pool %s: rolled %s back to @%s", self.pool.name, volume, snap)
         return vol
 
-    async def clone(self, volume: str, snap: str, new_name: str) -> Volume:
+    def _new_qos(self, fallback: QosSettings | None) -> QosSettings:
+        if self.qos.defaults != QosSettings() or fallback is None:
+            return self.qos.defaults
+        return fallback
+
+    async def clone(self, volume: str, snap: str, new_name: str, *,
+                    qos: QosSettings | None = None) -> Volume:
         """A writable volume ``new_name`` starting as ``volume@snap`` (shares its records)."""
         check_volume_name(new_name)
         if new_name in self._volumes:
@@ -438,9 +460,11 @@ class VolumeManager:
         obj_id, snap_rec = self.snapshot_record(volume, snap)
         map_id = self.pool.clone_map(snap_rec.map)
         record = VolumeRecord(new_name, snap_rec.size, snap_rec.block_size, snap_rec.profile,
-                              snap_rec.compression, map_id, int(time.time()), origin=obj_id)
+                              snap_rec.compression, map_id, int(time.time()), origin=obj_id,
+                              qos=self._new_qos(qos))
         new_id = self.pool.put_object(record.encode())
         vol = self._volumes[new_name] = self._new_volume(new_id, record)
+        vol.set_qos(vol.qos, self.qos.throttle(vol.qos.group))
         await self.pool.commit()
         log.info("pool %s: cloned %s@%s as %s", self.pool.name, volume, snap, new_name)
         return vol
@@ -496,6 +520,81 @@ class VolumeManager:
         log.info("pool %s: resized volume %s from %d to %d bytes", self.pool.name, name, old,
                  size)
         return vol
+
+    # ---- QoS (volumes/qos.py, volumes/qosbook.py) -----------------------------------------
+    async def set_qos(self, name: str, changes: dict[str, Any], *,
+                      clear: bool = False) -> QosSettings:
+        """Change a volume's QoS settings (``clear``: start from the defaults); durable
+        and applied to its waiting requests when this returns. Bad values or an unknown
+        group raise InvalidArgument and change nothing."""
+        vol = self.get(name)
+        new = (QosSettings() if clear else vol.qos).updated(changes)
+        self.qos.check_group(new.group)
+        if new != vol.qos:
+            vol.store_qos(new, self.qos.throttle(new.group))
+            await self.pool.commit()
+            log.info("pool %s: volume %s QoS %s", self.pool.name, name, new.encode() or
+                     "cleared")
+        return new
+
+    def apply_received_qos(self, vol: Volume, encoded: Any) -> None:
+        """A received volume's QoS (a stream's optional property, part of the next
+        commit): taken when valid, without a group (groups are the sending pool's);
+        otherwise the pool's defaults stay, with a warning."""
+        if encoded is None:
+            return
+        try:
+            if not isinstance(encoded, dict):
+                raise InvalidArgument("not an object")
+            new = QosSettings.decode({k: v for k, v in encoded.items() if k != "group"})
+        except InvalidArgument as e:
+            log.warning("pool %s: volume %s: the stream's QoS settings are not used: %s",
+                        self.pool.name, vol.name, e)
+            return
+        vol.store_qos(new)
+
+    async def set_qos_defaults(self, changes: dict[str, Any], *,
+                               clear: bool = False) -> QosSettings:
+        """Change the settings new volumes of this pool get (existing ones keep theirs)."""
+        new = (QosSettings() if clear else self.qos.defaults).updated(changes)
+        self.qos.check_group(new.group)
+        self.qos.put_defaults(new)
+        await self.pool.commit()
+        return new
+
+    async def set_qos_group(self, group: str, changes: dict[str, Any], *,
+                            clear: bool = False) -> QosSettings:
+        """Create or change a QoS group's shared limits; applied at once to its members."""
+        QosSettings().updated({"group": group})            # a valid name
+        new = self.qos.group_settings(self.qos.groups.get(group, QosSettings()), changes,
+                                      clear)
+        self.qos.put_group(group, new)
+        for vol in self._volumes.values():
+            if vol.qos.group == group:
+                vol.set_qos(vol.qos, self.qos.throttle(group))
+        await self.pool.commit()
+        return new
+
+    async def delete_qos_group(self, group: str) -> None:
+        """Delete a QoS group no volume (nor the defaults) names (qosbook invariant 1)."""
+        members = [n for n in self.names() if self._volumes[n].qos.group == group]
+        if self.qos.defaults.group == group:
+            members.append("the pool's defaults")
+        if members:
+            raise Busy(f"QoS group {group!r} is in use by {', '.join(members)}")
+        self.qos.delete_group(group)
+        await self.pool.commit()
+
+    def qos_list(self) -> dict[str, Any]:
+        """The pool's QoS: defaults, groups (with members) and the volumes' settings."""
+        volumes = {n: self._volumes[n].qos for n in self.names()}
+        return {
+            "defaults": self.qos.defaults.encode(),
+            "groups": {g: {"limits": s.encode(),
+                           "members": [n for n, q in volumes.items() if q.group == g]}
+                       for g, s in sorted(self.qos.groups.items())},
+            "volumes": {n: q.encode() for n, q in volumes.items()},
+        }
 
     async def flush_all(self) -> None:
         for name in self.names():

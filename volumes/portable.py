@@ -124,6 +124,9 @@ async def send(vm: VolumeManager, volume: str, snap: str, base: str | None = Non
         "resume": {"seq": resume_seq} if resume_seq else None,
         "sent": int(time.time()),
     }
+    qos = vm.get(volume).qos.encode()
+    if qos:     # an optional property, which the receiver takes when valid
+        header["volume"]["qos"] = qos
     view = vm.snapshot_volume(volume, snap)
 
     seed = stream.stream_seed(header)
@@ -604,6 +607,7 @@ class Receiver:
         if h.get("base") is None:
             part.finish_receive(self.target, size)
             vm.promote_partial(self.target, volume=True)
+            vm.apply_received_qos(part, h["volume"].get("qos"))
             vol = part
         else:
             vm.promote_partial(self.target, volume=False)

@@ -16,8 +16,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from volumes.qos import QosSettings
+
 _VOLUME_KEYS = ("type", "name", "size", "block_size", "profile", "compression", "map",
-                "created", "origin", "receiving")
+                "created", "origin", "receiving", "qos")
 _SNAPSHOT_KEYS = ("type", "volume", "name", "map", "size", "block_size", "profile",
                   "compression", "created", "uuid")
 _RECEIVE_KEYS = ("target", "snapshot", "snapshot_name", "base", "seq", "resumable",
@@ -64,7 +66,8 @@ class ReceiveState:
 @dataclass(frozen=True, slots=True)
 class VolumeRecord:
     """A volume: its name, size, block size, profile, compression, block map, creation
-    time; a clone's origin snapshot; a receive's state while it is a hidden volume."""
+    time; a clone's origin snapshot; a receive's state while it is a hidden volume; its
+    QoS settings (volumes/qos.py; stored only when some differ from the defaults)."""
 
     name: str
     size: int
@@ -75,6 +78,7 @@ class VolumeRecord:
     created: int
     origin: int | None = None
     receiving: ReceiveState | None = None
+    qos: QosSettings = field(default_factory=QosSettings)
     extra: tuple[tuple[str, Any], ...] = ()
     _order: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
@@ -84,6 +88,7 @@ class VolumeRecord:
         return cls(d["name"], d["size"], d["block_size"], d["profile"], d["compression"],
                    d["map"], d["created"], d.get("origin"),
                    None if kept is None else ReceiveState.decode(kept),
+                   QosSettings.decode(d.get("qos") or {}),
                    _extra(d, _VOLUME_KEYS), tuple(d))
 
     def encode(self) -> dict[str, Any]:
@@ -95,6 +100,9 @@ class VolumeRecord:
             out["origin"] = self.origin
         if self.receiving is not None:
             out["receiving"] = self.receiving.encode()
+        qos = self.qos.encode()
+        if qos:
+            out["qos"] = qos
         out.update(self.extra)
         return _ordered(self._order, out)
 

@@ -32,6 +32,14 @@ from pool.pool import Pool
 from pool.profile import Profile
 from volumes.capabilities import Capabilities
 from volumes.openers import Openers
+from volumes.qos import (
+    READ,
+    WRITE,
+    QosSettings,
+    Throttle,
+    ThrottleStatistics,
+    WeightedDispatcher,
+)
 from volumes.records import ReceiveState, VolumeRecord
 
 if TYPE_CHECKING:
@@ -46,6 +54,7 @@ WRITEBACK_MIN = 32 * 1024 * 1024     # every volume may buffer this much before 
 WRITEBACK_BATCH = 128                # blocks per pool write call
 WRITEBACK_PARALLEL = 2               # pool write calls in flight per volume
 _MISSING = object()
+WEIGHT_IO_BYTES = 256 * 1024         # a request's weighted cost: 1 + its bytes / this
 # A buffered block's content: bytes or a view of immutable bytes (a full block written from
 # them, kept without a copy), or a bytearray the volume owns (a read-modify-write result,
 # patched in place by later partial writes while it is buffered).
@@ -95,7 +104,7 @@ class Extent:
     allocated: bool
 
 
-LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -191,6 +200,71 @@ class Volume:
         self._stats = dict.fromkeys(("reads", "writes", "bytes_read", "bytes_written",
                                      "flushes", "trims"), 0)
         self._latency = {op: _LatencyRecorder() for op in ("read", "write", "flush")}
+        # QoS (volumes/qos.py): the volume's own Throttle (kept while limits change, so its
+        # levels carry over) and what requests wait on: its own when it has limits, then
+        # its group's. Empty when nothing limits it (qos invariant 4).
+        self.qos = QosSettings()
+        self._throttle: Throttle | None = None
+        self._throttles: tuple[Throttle, ...] = ()
+        self._qos_waits: list[Any] = [0.0, 0, 0]   # ThrottleStatistics' fields
+        # Weights under contention: the pool's dispatcher (the manager hands every volume
+        # its pool's; a volume made alone has its own), the weight and the finish tag.
+        self.dispatcher = WeightedDispatcher()
+        self.weight = self.qos.weight
+        self.finish_tag = 0.0
+        self.set_qos(record.qos)
+
+    def set_qos(self, settings: QosSettings, group: Throttle | None = None) -> None:
+        """Apply QoS settings (and the group's shared Throttle) at once, to waiting
+        requests too (qos invariant 3). The manager stores them."""
+        self.qos = settings
+        self.weight = settings.weight
+        if self._throttle is None:
+            if settings.limited:
+                self._throttle = Throttle(settings)
+        else:
+            self._throttle.configure(settings)
+        own = self._throttle if settings.limited else None
+        self._throttles = tuple(t for t in (own, group) if t is not None)
+
+    def store_qos(self, settings: QosSettings, group: Throttle | None = None) -> None:
+        """Store new QoS settings in the volume's record (part of the next commit) and
+        apply them at once."""
+        self._store(replace(self._record, qos=settings))
+        self.set_qos(settings, group)
+
+    def throttle_statistics(self) -> ThrottleStatistics:
+        """Time this volume's requests spent waiting for its limits and its group's
+        (summed over requests), how many had to wait, and how many wait now."""
+        return ThrottleStatistics(*self._qos_waits)
+
+    async def _slot(self, nbytes: int) -> WeightedDispatcher:
+        """Wait for one of the pool dispatcher's slots (weights, qos invariants 6-7),
+        for a request of ``nbytes`` bytes plus one IO; the caller releases it.
+        (Requests take a free slot inline first: no coroutine when one is free.)"""
+        d = self.dispatcher
+        await d.acquire(self, 1 + nbytes / WEIGHT_IO_BYTES)
+        return d
+
+    async def _admit(self, op: int, nbytes: int) -> None:
+        throttles = self._throttles
+        i = 0
+        while i < len(throttles) and throttles[i].try_admit(op, nbytes):
+            i += 1
+        if i == len(throttles):
+            return
+        start = trio.current_time()
+        w = self._qos_waits
+        w[2] += 1
+        try:
+            for t in throttles[i:]:
+                await t.admit(op, nbytes)
+        finally:
+            w[2] -= 1
+            waited = trio.current_time() - start
+            if waited > 0:
+                w[0] += waited
+                w[1] += 1
 
     @property
     def _dirty_data(self) -> int:
@@ -260,7 +334,17 @@ class Volume:
         holes without zeros (NBD OFFSET_HOLE).
         """
         started = time.perf_counter()
-        spans, buffered = await self._contents(offset, length)
+        if self._throttles:
+            await self._admit(READ, length)
+        d = self.dispatcher
+        if d.queue or d.in_service >= d.depth:
+            await self._slot(length)
+        else:
+            d.in_service += 1           # a free slot (WeightedDispatcher.try_acquire)
+        try:
+            spans, buffered = await self._contents(offset, length)
+        finally:
+            d.release()
         return self._assemble(spans, buffered, offset, length, started)
 
     def read_sparse_nowait(self, offset: int,
@@ -268,7 +352,11 @@ class Volume:
         """``read_sparse`` when it can be answered at once, without waiting on anything
         (blocks buffered, in the pool's record cache or page-cached and healthy); else
         None, and the caller uses ``read_sparse``. Lets a frontend answer cached reads
-        without a task per request. Bad ranges raise as in ``read_sparse``."""
+        without a task per request. Bad ranges raise as in ``read_sparse``. A volume
+        with QoS limits always answers None (its requests are admitted by ``_admit``),
+        and so does every volume while its pool's dispatcher orders requests by weight."""
+        if self._throttles or self.dispatcher.queue:
+            return None
         started = time.perf_counter()
         bs = self.block_size
         b = offset // bs
@@ -281,13 +369,25 @@ class Volume:
         """``read`` as buffers whose concatenation is the range (one per block touched;
         holes as views of zeros), so a frontend can send them without joining."""
         started = time.perf_counter()
-        spans, buffered = await self._contents(offset, length)
+        if self._throttles:
+            await self._admit(READ, length)
+        d = self.dispatcher
+        if d.queue or d.in_service >= d.depth:
+            await self._slot(length)
+        else:
+            d.in_service += 1           # a free slot (WeightedDispatcher.try_acquire)
+        try:
+            spans, buffered = await self._contents(offset, length)
+        finally:
+            d.release()
         return self._gather(spans, buffered, length, started)
 
     def read_vectored_nowait(self, offset: int,
                              length: int) -> list[bytes | memoryview] | None:
         """``read_vectored`` when it can be answered at once (as ``read_sparse_nowait``),
         else None."""
+        if self._throttles or self.dispatcher.queue:
+            return None
         started = time.perf_counter()
         bs = self.block_size
         b = offset // bs
@@ -496,11 +596,21 @@ class Volume:
         the 1/8 lz4 must save (a stream says so), so writeback does not try lz4 on them."""
         self._check(offset, len(data), write=True)
         started = time.perf_counter()
+        if self._throttles:
+            await self._admit(WRITE, len(data))
         view = memoryview(data)
         # Full blocks of immutable bytes are buffered as views, others as copies.
         keep = view.contiguous and (owned or (isinstance(view.obj, bytes) and view.readonly))
-        await self._update(offset, len(data), lambda lo, hi, pos: view[pos:pos + hi - lo],
-                           reserve=True, keep=keep)
+        d = self.dispatcher
+        if d.queue or d.in_service >= d.depth:
+            await self._slot(len(data))
+        else:
+            d.in_service += 1           # a free slot (WeightedDispatcher.try_acquire)
+        try:
+            await self._update(offset, len(data), lambda lo, hi, pos: view[pos:pos + hi - lo],
+                               reserve=True, keep=keep)
+        finally:
+            d.release()
         if not compressible and self.compression:
             bs = self.block_size
             self._no_lz4.update(range(-(-offset // bs), (offset + len(data)) // bs))
@@ -523,6 +633,20 @@ class Volume:
         """Zero a range. Whole zero blocks become holes and give their space back; with
         ``punch=False`` (NBD's NO_HOLE) they are stored as data and stay provisioned."""
         self._check(offset, length, write=True)
+        if self._throttles:
+            await self._admit(WRITE, 0)
+        d = self.dispatcher
+        if d.queue or d.in_service >= d.depth:
+            await self._slot(0)
+        else:
+            d.in_service += 1           # a free slot (WeightedDispatcher.try_acquire)
+        try:
+            await self._zero_range(offset, length, fua=fua, punch=punch)
+        finally:
+            d.release()
+
+    async def _zero_range(self, offset: int, length: int, *, fua: bool,
+                          punch: bool) -> None:
         await self._update(offset, length, lambda lo, hi, pos: self._zero[:hi - lo],
                            reserve=not punch, holes=punch)
         self._stats["writes"] += 1
@@ -531,7 +655,18 @@ class Volume:
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         """Discard a range: it reads as zeros afterwards and its space is released."""
-        await self.write_zeroes(offset, length, fua=fua)
+        self._check(offset, length, write=True)
+        if self._throttles:
+            await self._admit(WRITE, 0)
+        d = self.dispatcher
+        if d.queue or d.in_service >= d.depth:
+            await self._slot(0)
+        else:
+            d.in_service += 1           # a free slot (WeightedDispatcher.try_acquire)
+        try:
+            await self._zero_range(offset, length, fua=fua, punch=True)
+        finally:
+            d.release()
         self._stats["trims"] += 1
 
     async def _update(self, offset: int, length: int, piece: Any, *, reserve: bool,
@@ -673,7 +808,11 @@ class Volume:
         wait (``_base_now``), space is there, and the buffer stays under its writeback
         threshold. Returns False, having changed nothing,
         when it cannot; the caller then awaits ``write``. Bad ranges raise as in ``write``.
-        Lets a frontend take such writes without a task per request."""
+        Lets a frontend take such writes without a task per request. A volume with QoS
+        limits always returns False (its requests are admitted by ``_admit``), and so
+        does every volume while its pool's dispatcher orders requests by weight."""
+        if self._throttles or self.dispatcher.queue:
+            return False
         started = time.perf_counter()
         bs = self.block_size
         b = offset // bs

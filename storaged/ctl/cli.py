@@ -298,6 +298,7 @@ def _done(r: dict[str, Any]) -> str:
 GROUPS = {"pool": "pools: create, import, status, repair", "volume": "volumes: create, "
           "resize, send/receive, import/export images", "snapshot": "snapshots and clones",
           "export": "exports (NBD URIs, iSCSI access policies)",
+          "qos": "QoS: groups (shared limits), pool defaults, every volume's settings",
           "status": "one-screen overview", "completion": "print a shell completion script"}
 # Shell completion of file names (shtab.FILE, spelt out so that storagectl does not import
 # shtab unless it prints a completion script).
@@ -437,6 +438,13 @@ def _pool_commands(pool: SubParsers) -> None:
     c = pool.add_parser("check", help="verify all metadata and references (fsck)")
     c.add_argument("name", help=_POOL)
     c.add_argument("--deep", action="store_true", help="also read every fragment")
+    c = pool.add_parser("set", help="set pool properties: qos.KEY=VALUE, the QoS new "
+                        "volumes get (as 'qos defaults'; qos.iops=0 clears a limit)")
+    c.add_argument("name", help=_POOL)
+    c.add_argument("properties", nargs="+", metavar="PROPERTY=VALUE",
+                   help="qos.iops, qos.read_iops, qos.write_iops, qos.bps, qos.read_bps, "
+                   "qos.write_bps, qos.burst_iops, qos.burst_bps, qos.burst_seconds, "
+                   "qos.iops_size, qos.weight, qos.group")
 
 
 _FORCE = "disconnect the clients (NBD, iSCSI, FUSE) using it first"
@@ -444,7 +452,225 @@ _VOL = "the volume"
 _SNAP = "the snapshot"
 
 
+_QOS_OPTIONS = (("--iops", "N", "IOs per second, reads and writes together (0: no limit)"),
+                ("--read-iops", "N", "read IOs per second"),
+                ("--write-iops", "N", "write IOs per second"),
+                ("--bps", "SIZE", "bytes per second, reads and writes together (100M)"),
+                ("--read-bps", "SIZE", "bytes read per second"),
+                ("--write-bps", "SIZE", "bytes written per second"),
+                ("--burst-iops", "N", "IOPS allowed for --burst-seconds from idle"),
+                ("--burst-bps", "SIZE", "bytes/s allowed for --burst-seconds from idle"),
+                ("--burst-seconds", "S", "how long a burst lasts (default 1)"),
+                ("--iops-size", "SIZE", "count a larger request as size/SIZE IOs"))
+
+
+def _qos_options(c: argparse.ArgumentParser, *, volume: bool) -> None:
+    for flag, meta, text in _QOS_OPTIONS:
+        c.add_argument(flag, metavar=meta, help=text)
+    if volume:
+        c.add_argument("--weight", metavar="W",
+                       help="share under contention, 1-10000 (default 100)")
+        c.add_argument("--group", metavar="NAME", dest="qos_group",
+                       help="also draw from this QoS group's limits ('' to leave it)")
+    c.add_argument("--clear", action="store_true",
+                   help="start from no limits (then apply the options given)")
+
+
+def qos_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``set`` of a QoS command: the options given, as numbers (sizes stay text for
+    the daemon to parse); a bad number is refused here in one line."""
+    out: dict[str, Any] = {}
+    for flag, _meta, _text in (*_QOS_OPTIONS, ("--weight", "", ""), ("--group", "", "")):
+        key = flag[2:].replace("-", "_")
+        v = getattr(args, "qos_group" if key == "group" else key, None)
+        if v is None:
+            continue
+        if key == "group":
+            out[key] = v or None
+        elif key == "burst_seconds":
+            try:
+                out[key] = float(v)
+            except ValueError:
+                raise ControlError(f"{flag} must be a number of seconds, "
+                                   f"not {v!r}", "InvalidArgument") from None
+        elif key.endswith("bps") or key == "iops_size":
+            out[key] = v
+        else:
+            try:
+                out[key] = int(v)
+            except ValueError:
+                raise ControlError(f"{flag} must be a whole number, not {v!r}",
+                                   "InvalidArgument") from None
+    return out
+
+
+def pool_properties(args: argparse.Namespace) -> dict[str, Any]:
+    """``pool set``'s PROPERTY=VALUE words as a QoS ``set`` (qos.* is all there is)."""
+    options: list[str] = []
+    for word in args.properties:
+        key, sep, value = word.partition("=")
+        if not sep or not key.startswith("qos.") or not value:
+            raise ControlError(f"{word!r} is not qos.KEY=VALUE (pool set takes the QoS "
+                               f"new volumes get, e.g. qos.iops=1000)", "InvalidArgument")
+        options += [f"--{key.removeprefix('qos.').replace('_', '-')}", value]
+    parsed = argparse.Namespace(**{k: None for k in (
+        "iops", "read_iops", "write_iops", "bps", "read_bps", "write_bps", "burst_iops",
+        "burst_bps", "burst_seconds", "iops_size", "weight", "qos_group")})
+    flags = {f for f, _m, _t in _QOS_OPTIONS} | {"--weight", "--group"}
+    for flag, value in zip(options[::2], options[1::2], strict=True):
+        if flag not in flags:
+            raise ControlError(f"unknown pool property qos.{flag[2:].replace('-', '_')}",
+                               "InvalidArgument")
+        setattr(parsed, "qos_group" if flag == "--group" else flag[2:].replace("-", "_"),
+                value)
+    return qos_params(parsed)
+
+
+def _rate(n: float) -> str:
+    return f"{n:.0f}" if n < 10_000 else f"{n / 1000:.0f}k"
+
+
+def show_qos(r: dict[str, Any]) -> str:
+    q = r["qos"]
+    rows = []
+    for key in ("iops", "read_iops", "write_iops", "bps", "read_bps", "write_bps",
+                "burst_iops", "burst_bps", "burst_seconds", "iops_size", "weight", "group"):
+        if key not in q:
+            continue
+        v = q[key]
+        if key.endswith("bps") or key == "iops_size":
+            text = f"{format_size(v)}/s" if v and key != "iops_size" else (
+                format_size(v) if v else "-")
+        elif key == "group":
+            text = v or "-"
+        elif key in ("weight", "burst_seconds"):
+            text = f"{v:g}"
+        else:
+            text = str(v) if v else "-"
+        rows.append([key.replace("_", "-"), text])
+    return f"{r['name']}\n" + _table(rows, ["SETTING", "VALUE"])
+
+
+def show_qos_list(r: dict[str, Any]) -> str:
+    rows = []
+    for pool, q in sorted(r.items()):
+        if q["defaults"]:
+            rows.append([f"{pool} (defaults)", "defaults", _limits(q["defaults"])])
+        for g, info in q["groups"].items():
+            rows.append([f"{pool}/{g}", "group", _limits(info["limits"])
+                         + (f"  members: {', '.join(info['members'])}"
+                            if info["members"] else "")])
+        for v, s in q["volumes"].items():
+            rows.append([f"{pool}/{v}", "volume", _limits(s)])
+    return _table(rows, ["NAME", "KIND", "SETTINGS"])
+
+
+def _limits(s: dict[str, Any]) -> str:
+    if not s:
+        return "-"
+    return " ".join(f"{k.replace('_', '-')}={format_size(v) if k.endswith('bps') else v}"
+                    for k, v in s.items())
+
+
+def top_rows(before: list[dict[str, Any]], after: list[dict[str, Any]],
+             seconds: float) -> list[dict[str, Any]]:
+    """``volume top``'s rows from two samples ``seconds`` apart, busiest first: IOPS,
+    bytes/s, p99 latency of the requests in between (the upper bound of its histogram
+    bucket), and the share of the time the volume's requests spent waiting for its QoS
+    limits (summed over requests, so it may pass 100% with many requests waiting)."""
+    old = {s["name"]: s for s in before}
+    rows = []
+    for s in after:
+        o = old.get(s["name"])
+        if o is None:
+            continue
+        reads, writes = s["reads"] - o["reads"], s["writes"] - o["writes"]
+        counts = [0] * len(s["latency_bounds"]) + [0]
+        for op in ("read", "write"):
+            for i, (a, b) in enumerate(zip(s["latency"][op], o["latency"][op],
+                                           strict=True)):
+                counts[i] += a - b
+        total, p99 = sum(counts), None
+        if total:
+            seen = 0
+            for i, n in enumerate(counts):
+                seen += n
+                if seen >= 0.99 * total:
+                    bounds = s["latency_bounds"]
+                    p99 = bounds[i] if i < len(bounds) else float("inf")
+                    break
+        rows.append({"name": s["name"], "read_iops": reads / seconds,
+                     "write_iops": writes / seconds,
+                     "read_bps": (s["bytes_read"] - o["bytes_read"]) / seconds,
+                     "write_bps": (s["bytes_written"] - o["bytes_written"]) / seconds,
+                     "p99_seconds": p99,
+                     "throttled": (s["throttled_seconds"] - o["throttled_seconds"])
+                     / seconds, "waiting": s["waiting"]})
+    rows.sort(key=lambda r: -(r["read_iops"] + r["write_iops"]))
+    return rows
+
+
+def show_top(rows: list[dict[str, Any]]) -> str:
+    def lat(p: float | None) -> str:
+        if p is None:
+            return "-"
+        if p == float("inf"):
+            return ">10s"
+        return f"{p * 1e6:.0f}us" if p < 1e-3 else f"{p * 1e3:g}ms"
+    return _table([[r["name"], _rate(r["read_iops"]), _rate(r["write_iops"]),
+                    f"{format_size(int(r['read_bps']))}/s",
+                    f"{format_size(int(r['write_bps']))}/s", lat(r["p99_seconds"]),
+                    f"{100 * r['throttled']:.0f}%", str(r["waiting"])] for r in rows],
+                  ["VOLUME", "R_IOPS", "W_IOPS", "R_BW", "W_BW", "P99", "THROTTLED",
+                   "WAITING"])
+
+
+def run_top(args: argparse.Namespace, path: str) -> int:
+    """``volume top``: a table every --interval seconds (``--once``: one, then exit)."""
+    params = {"pool": args.pool} if args.pool else {}
+    before = call(path, "volume.top", params, lambda _p: None)
+    at = time.monotonic()
+    while True:
+        time.sleep(args.interval)
+        after = call(path, "volume.top", params, lambda _p: None)
+        now = time.monotonic()
+        rows = top_rows(before, after, now - at)
+        before, at = after, now
+        if args.json:
+            print(json.dumps(rows, indent=2, sort_keys=True))
+        else:
+            if not args.once and sys.stdout.isatty():
+                print("\x1b[H\x1b[2J", end="")
+            print(show_top(rows))
+        sys.stdout.flush()
+        if args.once:
+            return 0
+
+
+def _qos_commands(qos: SubParsers) -> None:
+    qos.add_parser("list", help="the QoS of every volume, group and pool default").add_argument(
+        "pool", nargs="?", help="only this pool's")
+    c = qos.add_parser("group", help="create or change a group: limits its volumes share "
+                       "(no option: show it)")
+    c.add_argument("name", metavar="POOL/GROUP", help="the group")
+    _qos_options(c, volume=False)
+    c.add_argument("--delete", action="store_true", help="delete the group (no members)")
+    c = qos.add_parser("defaults", help="the QoS new volumes of a pool get (no option: "
+                       "show it)")
+    c.add_argument("pool", help=_POOL)
+    _qos_options(c, volume=True)
+
+
 def _volume_commands(vol: SubParsers) -> None:
+    c = vol.add_parser("qos", help="set (or show) a volume's QoS limits and weight")
+    c.add_argument("name", metavar="POOL/VOL", help=_VOL)
+    _qos_options(c, volume=True)
+    c = vol.add_parser("top", help="the busiest volumes, live: IOPS, bandwidth, p99, "
+                       "throttled")
+    c.add_argument("pool", nargs="?", help="only this pool's")
+    c.add_argument("--once", action="store_true", help="one table, then exit")
+    c.add_argument("--interval", type=float, default=1.0, metavar="S",
+                   help="seconds between tables (default 1)")
     c = vol.add_parser("create", help="create a thin volume")
     c.add_argument("name", metavar="POOL/VOL", help=_VOL)
     c.add_argument("--size", required=True, help="virtual size (10G)")
@@ -548,7 +774,8 @@ def _export_commands(exp: SubParsers) -> None:
 
 
 _SUBCOMMANDS = {"pool": _pool_commands, "volume": _volume_commands,
-                "snapshot": _snapshot_commands, "export": _export_commands}
+                "snapshot": _snapshot_commands, "export": _export_commands,
+                "qos": _qos_commands}
 
 
 def request(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
@@ -606,6 +833,9 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
             return f"pool.{cmd.replace('-', '_')}", params, show_pool_status
         if cmd == "export":
             return "pool.export", {"name": args.name, "force": args.force}, _done
+        if cmd == "set":
+            return ("qos.defaults", {"pool": args.name, "set": pool_properties(args)},
+                    show_qos)
         return f"pool.{cmd}", {"name": args.name}, _done
     if g == "volume":
         if cmd == "create":
@@ -618,6 +848,9 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
             return "volume.list", {"pool": args.pool} if args.pool else {}, show_volumes
         if cmd == "info":
             return "volume.info", {"name": args.name}, show_volume
+        if cmd == "qos":
+            return ("volume.qos", {"name": args.name, "set": qos_params(args),
+                                   "clear": args.clear}, show_qos)
         if cmd == "resize":
             return "volume.resize", {"name": args.name, "size": args.size,
                                      "allow_shrink": args.allow_shrink}, show_volume
@@ -643,6 +876,15 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
                 params["to"] = args.other
             return "snapshot.diff", params, show_diff
         return "snapshot.delete", {"name": args.name, "force": args.force}, _done
+    if g == "qos":
+        if cmd == "group":
+            return ("qos.group", {"name": args.name, "set": qos_params(args),
+                                  "clear": args.clear, "delete": args.delete},
+                    lambda r: _done(r) if r.get("deleted") else show_qos(r))
+        if cmd == "defaults":
+            return ("qos.defaults", {"pool": args.pool, "set": qos_params(args),
+                                     "clear": args.clear}, show_qos)
+        return "qos.list", {"pool": args.pool} if args.pool else {}, show_qos_list
     if g == "export":
         if cmd == "iscsi":
             return "export.iscsi", iscsi_policy_params(args), show_iscsi_policy
@@ -743,7 +985,17 @@ def _main(argv: Sequence[str]) -> int:
         except (OSError, ConnectionError) as e:
             print(f"storagectl: {e}", file=sys.stderr)
             return 1
-    method, params, render = request(args)
+    try:
+        if args.group == "volume" and args.cmd == "top":
+            return run_top(args, path)
+        method, params, render = request(args)
+    except ControlError as e:
+        print(f"storagectl: {e.message}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"storagectl: the storaged daemon is not running (no socket at {path}; "
+              f"use --socket or STORAGED_SOCKET)", file=sys.stderr)
+        return 2
     # A bar on a terminal; elsewhere a line per step, for the commands that wait.
     bar = (ProgressBar(sys.stderr, tty=tty) if not args.json and (tty or params.get("wait"))
            else None)

@@ -1,0 +1,264 @@
+"""The read path: map entries to verified blocks, through the record cache and the
+segment store's column handles, without a thread hop when the fragments are page-cached
+(docs/INTERNALS.md "Read path"). Composed by ``Pool`` as ``Pool.reader``; the Pool checks
+its own state (failed, closed) before it delegates here.
+
+Invariants this module owns (DESIGN numbers in parentheses):
+
+1. A block is returned only after its record verified (xxh3 of the payload and of each
+   fragment used); a record that cannot be verified or rebuilt raises MediumError and
+   nothing of it is returned (4).
+2. A read that waits (a thread) is counted as in flight with the store (``read_begin``/
+   ``read_end``) for its whole duration, so space freed meanwhile is not reused under it
+   (3; space rule S5). Reads served at once on the event loop never await, so no free can
+   be released during them.
+3. Only verified blocks enter the record cache, keyed by their map entry (a record never
+   changes where it lies, DESIGN 3), and only for small reads (two blocks at most).
+4. Fragments a read rebuilt are rewritten only in segments that still exist, through the
+   store, under the write deadline (4, 5).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+
+import trio
+
+from pool import codec, records
+from pool.deadlines import Deadlines
+from pool.errors import MediumError, NotFound
+from pool.layout import SECTOR
+from pool.readcache import RecordCache
+from pool.state import ENTRY, HOLE, PoolState
+from pool.store import SegmentStore
+
+log = logging.getLogger("pool.pool")   # its lines keep the name they always had
+
+
+class RecordReader:
+    """Reads blocks of a pool's maps (``Pool.reader``).
+
+    ``counters`` is the pool's statistics dict (records_read, degraded_reads,
+    unreadable_records, repaired_fragments are counted in it); ``written`` is told which
+    members a read repair wrote to (they need a sync before the next commit)."""
+
+    def __init__(self, state: PoolState, store: SegmentStore, cache: RecordCache,
+                 deadlines: Deadlines, cpu: trio.CapacityLimiter, counters: dict[str, int],
+                 written: Callable[[Iterable[int]], None]) -> None:
+        self.state = state
+        self.cache = cache
+        self._store = store
+        self._deadlines = deadlines
+        self._cpu = cpu
+        self._counters = counters
+        self._written = written
+        self._zero_block = b""     # zeros for holes read into a caller's buffer
+
+    def _read_plan(self, map_id: int, blocks: Sequence[int]
+                   ) -> tuple[list[bytes | None], list[bytes | memoryview | None],
+                              list[records.RecordPlan]]:
+        """Map entries of ``blocks``, the result with record-cache hits filled in, and
+        the records still to read."""
+        forest = self.state.forest
+        if len(blocks) == 1:
+            entries = [forest.get(map_id, blocks[0])]
+        elif blocks and blocks[-1] - blocks[0] + 1 == len(blocks):
+            entries = forest.get_range(map_id, blocks[0], len(blocks))
+        else:
+            entries = [forest.get(map_id, b) for b in blocks]
+        plans: list[records.RecordPlan] = []
+        segments = self.state.segments
+        columns = self._store.columns
+        unpack = ENTRY.unpack
+        result: list[bytes | memoryview | None] = [None] * len(blocks)
+        cached = self.cache.get
+        for slot, raw in enumerate(entries):
+            if raw is None:
+                continue
+            hit = cached(raw)
+            if hit is not None:
+                result[slot] = hit
+                continue
+            seg_id, off, plen, flags, rhash = unpack(raw)
+            seg = segments[seg_id]
+            k = seg.k
+            plans.append(records.RecordPlan(
+                slot, seg_id, off, -(-(codec.HEADER_SIZE + -(-plen // k)) // SECTOR), k, seg.m,
+                plen, flags, rhash, columns(seg)))
+        return entries, result, plans
+
+    def _keep(self, out: records.ReadOutcome, entries: list[bytes | None],
+              result: list[bytes | memoryview | None]) -> None:
+        """Put what was read into ``result`` (and small reads into the record cache)."""
+        self._counters["records_read"] += len(out.payloads)
+        small = len(entries) <= 2
+        for slot, data in out.payloads.items():
+            key = entries[slot]
+            if small and key is not None:
+                # Small reads (random I/O, read-modify-write) keep the verified block: a
+                # record never changes where it lies, so the entry is a safe key. A view
+                # of the read's own buffer is kept as it is (read-only), not copied.
+                kept = data if isinstance(data, bytes) else data.toreadonly()
+                self.cache.put(key, kept)
+                result[slot] = kept
+            else:
+                result[slot] = data
+
+    def read_block_nowait(self, map_id: int, block: int,
+                          block_size: int) -> tuple[bool, bytes | memoryview | None]:
+        """``read_blocks_nowait`` of one block: (whether it could be read at once, its
+        content or None for a hole). A record-cache hit costs a map lookup."""
+        if map_id in self.state.maps:
+            raw = self.state.forest.get(map_id, block)
+            if raw is None:
+                return True, None
+            hit = self.cache.get(raw)
+            if hit is not None:
+                return True, hit
+        got = self.read_blocks_nowait(map_id, (block,), block_size)
+        return (False, None) if got is None else (True, got[0])
+
+    def read_blocks_nowait(self, map_id: int, blocks: Sequence[int],
+                           block_size: int) -> list[bytes | memoryview | None] | None:
+        """``read_blocks`` if it can be done at once on the event loop (record-cache hits,
+        page-cached healthy fragments), else None: the caller awaits ``read_blocks``."""
+        if map_id not in self.state.maps:
+            return None
+        entries, result, plans = self._read_plan(map_id, blocks)
+        if plans:
+            try:
+                out = records.read_records(plans, block_size, self._deadlines, nowait=True)
+            except records.WouldBlock:
+                return None
+            self._keep(out, entries, result)
+        return result
+
+    async def read_blocks(self, map_id: int, blocks: Sequence[int],
+                          block_size: int) -> list[bytes | memoryview | None]:
+        """The logical content of each block (``None`` for a hole), verified."""
+        if map_id not in self.state.maps:
+            raise NotFound(f"map {map_id} no longer exists (its volume or snapshot was "
+                           f"deleted)")
+        entries, result, plans = self._read_plan(map_id, blocks)
+        if not plans:
+            return result
+        try:
+            # Page-cached, healthy data is served without a thread hop (~120 us here):
+            # preadv(RWF_NOWAIT) never blocks, and verification is a hash per fragment.
+            out = records.read_records(plans, block_size, self._deadlines, nowait=True)
+        except records.WouldBlock:
+            gen = self._store.read_begin()
+            try:
+                out = await trio.to_thread.run_sync(records.read_records, plans, block_size,
+                                                    self._deadlines,
+                                                    limiter=self._cpu)
+            finally:
+                self._store.read_end(gen)
+        self._counters["degraded_reads"] += out.degraded
+        if out.device_errors:
+            self._store.note_errors(out.device_errors)
+        if out.repairs:
+            await self._repair(out.repairs)
+        if out.failures:
+            self._counters["unreadable_records"] += len(out.failures)
+            slot, why = next(iter(out.failures.items()))
+            log.error("pool %s: unreadable block %d of map %d: %s", self.state.name,
+                      blocks[slot], map_id, why)
+            raise MediumError(f"block {blocks[slot]}: {why}")
+        self._keep(out, entries, result)
+        return result
+
+    def read_blocks_into_nowait(self, map_id: int, blocks: Sequence[int], block_size: int,
+                                dests: Sequence[memoryview]) -> bool:
+        """``read_blocks_into`` if it can be done at once on the event loop (holes, and
+        whole blocks stored raw in page-cached, healthy fragments); else False, and what
+        ``dests`` hold is undefined."""
+        if map_id not in self.state.maps:
+            return False
+        runs = self._into_runs(map_id, blocks, block_size, dests)
+        if runs is None:
+            return False
+        try:
+            done = records.read_runs_into(runs, block_size, dests)
+        except records.WouldBlock:
+            return False
+        self._counters["records_read"] += done
+        return True
+
+    def _into_runs(self, map_id: int, blocks: Sequence[int], block_size: int,
+                   dests: Sequence[memoryview]) -> list[records.IntoRun] | None:
+        """The records of ``blocks`` as runs for ``records.read_runs_into`` (holes are
+        zeroed in ``dests`` here), or None if some block is not a whole block stored raw."""
+        forest = self.state.forest
+        if blocks and blocks[-1] - blocks[0] + 1 == len(blocks):
+            spans = forest.leaf_spans(map_id, blocks[0], len(blocks))
+        else:
+            spans = [(1, forest.get(map_id, b) or HOLE) for b in blocks]
+        segments = self.state.segments
+        columns = self._store.columns
+        n, raw = spans[0] if len(spans) == 1 else (0, None)
+        if raw is not None and n > 1:
+            # The usual large read: records one after another in one segment. Checked
+            # column-wise (a few C-level calls), not entry by entry.
+            segs, offs, plens, flags, hashes = zip(*ENTRY.iter_unpack(raw), strict=True)
+            seg = segments.get(segs[0])
+            if (seg is not None and plens.count(block_size) == n and segs.count(seg.id) == n
+                    and not any(flags) and not block_size % seg.k):
+                units = codec.fragment_units(block_size, seg.k)
+                if offs == tuple(range(offs[0], offs[0] + n * units, units)):
+                    return [records.IntoRun(columns(seg), seg.k, seg.m, offs[0], units,
+                                            list(range(n)), list(hashes))]
+        runs: list[records.IntoRun] = []
+        run: records.IntoRun | None = None
+        run_seg = after = units = -1
+        slot = 0
+        for n, raw in spans:
+            if raw is None:
+                for _ in range(n):
+                    dests[slot][:] = self.zeros(block_size)
+                    slot += 1
+                run = None
+                continue
+            for seg_id, off, plen, flags, rhash in ENTRY.iter_unpack(raw):
+                if not plen:                   # a hole (HOLE unpacks to zeros)
+                    dests[slot][:] = self.zeros(block_size)
+                    slot += 1
+                    run = None
+                    continue
+                if plen != block_size or flags:
+                    return None
+                if run is None or seg_id != run_seg or off != after:
+                    seg = segments[seg_id]
+                    if block_size % seg.k:
+                        return None
+                    units = codec.fragment_units(plen, seg.k)
+                    run = records.IntoRun(columns(seg), seg.k, seg.m, off, units, [],
+                                          [])
+                    runs.append(run)
+                    run_seg = seg_id
+                run.slots.append(slot)
+                run.hashes.append(rhash)
+                after = off + units
+                slot += 1
+        return runs
+
+    def zeros(self, n: int) -> bytes:
+        """``n`` zero bytes (one buffer kept for the usual block size)."""
+        z = self._zero_block
+        if len(z) != n:
+            z = self._zero_block = bytes(n)
+        return z
+
+    async def _repair(self, repairs: Sequence[records.Repair]) -> None:
+        """Rewrite bad fragments a read rebuilt (invariant 4): a member that hangs on the
+        repair is faulted rather than hanging the read that found the damage."""
+        # Heal only fragments of segments that still exist: a segment freed meanwhile
+        # may not be reused yet (reads in flight hold frees back), but it is not ours.
+        live = [r for r in repairs if r.segment in self.state.segments]
+        done, touched = await self._store.write_fragments(live, foreground=True)
+        self._counters["repaired_fragments"] += done
+        self._written(touched)
+        if done:
+            log.warning("pool %s: rewrote %d bad fragment(s) from redundancy",
+                        self.state.name, done)
