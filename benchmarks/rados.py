@@ -9,7 +9,10 @@ bluestore OSD on a sparse file), in the same run:
 - 4 KiB ranged reads at random 4K-aligned offsets of those objects, one at a time:
   raw ``Ioctx.read`` in one thread (no trio, no thread hop) against ``RadosSegments.read``
   (through ``Connection.run``): p50/p99 latency; and 16 in flight through
-  ``RadosSegments.read``: IOPS.
+  ``RadosSegments.read``: IOPS;
+- a 4 MiB segment filled by runs of 64 KiB and 256 KiB at QD1, through
+  ``RadosSegments.write_at`` (what RadosStore does) against ``.append``, alternating, a
+  few rounds each: median MB/s (the choice of pool/rados/store.py's ``write``).
 
 Objects written are read back and compared (outside the timed regions).
 
@@ -75,6 +78,28 @@ async def seg_writes(segs: RadosSegments, seconds: float, threads: int, first: i
     return len(lats) * OBJ / took / 1e6, statistics.mean(lats) * 1000, n
 
 
+async def run_writes(segs: RadosSegments, first: int, run: int, rounds: int = 4
+                     ) -> tuple[float, float, int]:
+    """Median MB/s of filling an object with ``run``-byte writes at QD1, by write_at and
+    by append (alternating which goes first); each object is read back and deleted."""
+    data = os.urandom(run)
+    rates: dict[str, list[float]] = {"write_at": [], "append": []}
+    seg = first
+    for r in range(rounds):
+        for how in ("write_at", "append") if r % 2 == 0 else ("append", "write_at"):
+            t0 = time.perf_counter()
+            for i in range(OBJ // run):
+                if how == "append":
+                    await segs.append(seg, 0, data)
+                else:
+                    await segs.write_at(seg, 0, i * run, data)
+            rates[how].append(OBJ / (time.perf_counter() - t0) / 1e6)
+            assert await segs.read(seg, 0, 0, OBJ) == data * (OBJ // run), how
+            await segs.delete(seg)
+            seg += 1
+    return statistics.median(rates["write_at"]), statistics.median(rates["append"]), seg
+
+
 async def main(seconds: int, directory: Path) -> None:
     reason = why_not()
     if reason is not None:
@@ -134,6 +159,10 @@ async def main(seconds: int, directory: Path) -> None:
                 nursery.start_soon(reader)
         rows.append(("RadosSegments.read 4K QD16",
                      f"{done / (time.perf_counter() - t0):7.0f} IOPS", ""))
+        for run in (64 << 10, 256 << 10):
+            at, app, nxt = await run_writes(segs, nxt, run)
+            rows.append((f"fill 4M by {run >> 10}K write_at QD1", f"{at:7.1f} MB/s", ""))
+            rows.append((f"fill 4M by {run >> 10}K append QD1", f"{app:7.1f} MB/s", ""))
         await conn.close()
     finally:
         c.stop()
