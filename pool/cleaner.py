@@ -62,7 +62,7 @@ class SegmentCleaner:
         next commit.
         """
         p = self._pool
-        p._check_ok()
+        p.txn.check_ok()
         emptied = 0
         async with self._lock:
             p._reap()
@@ -151,7 +151,7 @@ class SegmentCleaner:
             p._unpin(seg_id)   # no reap before the relocations point at the news
         for old, new in zip(olds, news, strict=True):
             for nid, slot in refs[old]:
-                p._do(op_relocate(nid, slot, old, new))
+                p.txn.do(op_relocate(nid, slot, old, new))
         p._reap()
         p._counters["records_relocated"] += len(olds)
         return seg_id not in p.state.segments or p.state.segments[seg_id].live == 0
