@@ -62,7 +62,7 @@ from pool.state import (
     op_json,
 )
 from pool.status import PoolStatistics
-from pool.store import LocalStore
+from pool.store import LocalStore, ReadHold
 from pool.tuning import PoolTuning
 from pool.txn import CommitHooks, Transaction
 from pool.writer import RecordWriter, WriterHooks
@@ -117,7 +117,7 @@ class Pool:
                                   SpaceHooks(self.txn.check_ok, self._reap, self.commit,
                                              self.cleaner.clean_one, lambda: self._caches,
                                              self.metadata_used))
-        self._pin_gens: dict[int, list[int]] = {}
+        self._pin_holds: dict[int, list[ReadHold]] = {}
         self._caches: list[Callable[[], Awaitable[None]]] = []
         # Devices given to the import but left out of it (path -> reason): see ``open``.
         self.left_out: dict[str, str] = {}
@@ -538,7 +538,7 @@ class Pool:
     # ---- support for the maintenance engines (pool.scrub, pool.rebuild) ------------------
     def pin(self, seg_id: int) -> None:
         self._pins[seg_id] = self._pins.get(seg_id, 0) + 1
-        self._pin_gens.setdefault(seg_id, []).append(self.store.read_begin())
+        self._pin_holds.setdefault(seg_id, []).append(self.store.read_hold())
 
     def unpin(self, seg_id: int) -> None:
         self._unpin(seg_id)
@@ -547,14 +547,14 @@ class Pool:
     def _unpin(self, seg_id: int) -> None:
         """``unpin`` without reaping (for a caller whose new records nothing references
         yet: a reap now could free the segment they are in)."""
-        gens = self._pin_gens[seg_id]
-        gen = gens.pop()
-        if not gens:
-            del self._pin_gens[seg_id]
+        holds = self._pin_holds[seg_id]
+        hold = holds.pop()
+        if not holds:
+            del self._pin_holds[seg_id]
         self._pins[seg_id] -= 1
         if not self._pins[seg_id]:
             del self._pins[seg_id]
-        self.store.read_end(gen)
+        hold.release()
 
     def pinned(self, seg_id: int) -> bool:
         return bool(self._pins.get(seg_id))
