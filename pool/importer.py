@@ -81,7 +81,7 @@ async def create(cls: type[Pool], name: str, devices: Sequence[Device], *,
     def write_label(mi: MemberInfo, dev: Device) -> None:
         # Clear old superblocks/journal so nothing of a previous life is replayed.
         dev.pwrite(SB_OFFSET, bytes(layout.pages_offset - SB_OFFSET))
-        labels.write_label(dev, pool._label(mi))
+        labels.write_label(dev, pool.label(mi))
     await write_within([(dev, partial(write_label, mi, dev))
                         for mi, dev in zip(members, devices, strict=True)],
                        "writing a new member's label", dl)
@@ -176,7 +176,7 @@ async def finish_import(pool: Pool, replayed: list[tuple[int, bytes]]) -> None:
             pool.txn.do(op_json(op="member_path", index=mi.index, path=dev.path))
         elif dev is None and mi.path in pool.left_out:
             pool.member_health.left_out(mi.index, f"left out at import: {pool.left_out[mi.path]}")
-    pool._reap()
+    pool.reap()
     await pool.txn.checkpoint()
 
 

@@ -76,8 +76,8 @@ class PoolHandle(Protocol):
     @property
     def cleaner(self) -> SegmentCleaner: ...
     @property
-    def _open(self) -> dict[tuple[int, int], Segment]: ...
-    def _reap(self) -> None: ...
+    def open_segments(self) -> dict[tuple[int, int], Segment]: ...
+    def reap(self) -> None: ...
     def pinned(self, seg_id: int) -> bool: ...
 
 
@@ -134,9 +134,9 @@ class Members:
 
     def _close_open_on(self, index: int) -> None:
         p = self._pool
-        for key, seg in list(p._open.items()):
+        for key, seg in list(p.open_segments.items()):
             if any(i == index for i, _e in seg.extents):
-                del p._open[key]
+                del p.open_segments[key]
                 if seg.live == 0:
                     p.state.emptied.add(seg.id)
 
@@ -348,7 +348,7 @@ class Members:
         p.store.avoid.add(index)
         try:
             self._close_open_on(index)
-            p._reap()
+            p.reap()
             total = len(mine)
             for n, sg in enumerate(mine):
                 if not await p.cleaner.evacuate(sg.id):
@@ -359,7 +359,7 @@ class Members:
                     await progress(n + 1, total)
             while any(any(i == index for i, _e in sg.extents)
                       for sg in p.state.segments.values()):
-                p._reap()
+                p.reap()
                 await p.txn.commit()
                 await trio.sleep(0.01)
             dev = p.devices[index] or self.parked.get(index)

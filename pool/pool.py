@@ -90,7 +90,7 @@ class Pool:
         # Where segments' bytes live: extents, placement, device fan-out, discard.
         self.store = LocalStore(state, layout, devices, meta.deadlines, self,
                                 discard_freed=tuning.discard_freed)
-        self._open: dict[tuple[int, int], Segment] = {}
+        self.open_segments: dict[tuple[int, int], Segment] = {}
         self._pins: dict[int, int] = {}
         self._fill_moved: set[int] = set()   # segments whose fill changed since last commit
         # Verified logical blocks of recent small reads, keyed by map entry (an LRU).
@@ -111,10 +111,10 @@ class Pool:
             self.members.absorb_meta_failures, self._seal_fills,
             lambda: len(self.store.pending_free), self._after_commit))
         # Objects and block maps (pool.catalog), changed through the transaction.
-        self.catalog = Catalog(state, self.txn, self._reap)
+        self.catalog = Catalog(state, self.txn, self.reap)
         # Usage, reservations and the reserves of invariant 8 (pool.space).
-        self.space = SpaceAccount(state, self.store, layout.extent_size, self._open,
-                                  SpaceHooks(self.txn.check_ok, self._reap, self.commit,
+        self.space = SpaceAccount(state, self.store, layout.extent_size, self.open_segments,
+                                  SpaceHooks(self.txn.check_ok, self.reap, self.commit,
                                              self.cleaner.clean_one, lambda: self._caches,
                                              self.metadata_used))
         self._pin_holds: dict[int, list[ReadHold]] = {}
@@ -123,7 +123,7 @@ class Pool:
         self.left_out: dict[str, str] = {}
         # What the maintenance engines (pool.scrub, pool.rebuild) report while they run.
         self.activity: dict[str, Any] = {}
-        self._cpu = trio.CapacityLimiter(2)
+        self.cpu = trio.CapacityLimiter(2)
         self._bg = trio.CapacityLimiter(1)   # scrub/rebuild work: one core at most
         self._counters = dict.fromkeys(
             ("commits", "checkpoints", "records_written", "records_read", "degraded_reads",
@@ -131,14 +131,14 @@ class Pool:
             "rebuilt_bytes", "scrubbed_bytes", "discarded_extents"), 0)
         # The write path (pool.writer): blocks to records in open segments.
         self.writer = RecordWriter(state, self.store, self.space, devices, layout.extent_size,
-                                   self._open, self._pins, self._fill_moved,
-                                   self.txn.dirty, self._counters, self._cpu,
+                                   self.open_segments, self._pins, self._fill_moved,
+                                   self.txn.dirty, self._counters, self.cpu,
                                    WriterHooks(self.txn.check_ok, self.owner_keeper.confirm,
-                                               self.txn.do, self._reap,
+                                               self.txn.do, self.reap,
                                                lambda: self.txn.sb_gen))
         # The read path (pool.reader): map entries to verified blocks.
         self.reader = RecordReader(state, self.store, self.record_cache, meta.deadlines,
-                                   self._cpu, self._counters,
+                                   self.cpu, self._counters,
                                    self.txn.dirty.update)
 
     # ==== creation and import (pool.importer) ==============================================
@@ -179,7 +179,7 @@ class Pool:
         return await importer.open_pool(cls, devices, name=name, left_out=left_out,
                                         claim=claim, tuning=tuning)
 
-    def _label(self, mi: MemberInfo) -> Label:
+    def label(self, mi: MemberInfo) -> Label:
         return Label(self.state.uuid, self.state.name, mi.uuid, mi.index,
                      self.state.generation, mi.size, self.layout)
 
@@ -306,9 +306,9 @@ class Pool:
     def unreserve(self, nbytes: int) -> None:
         self.space.unreserve(nbytes)
 
-    def _reap(self) -> None:
+    def reap(self) -> None:
         """Free segments that hold no live record and can take no more."""
-        open_ids = {s.id for s in self._open.values()}
+        open_ids = {s.id for s in self.open_segments.values()}
         for seg_id in sorted(self.state.emptied):
             if seg_id in open_ids or self._pins.get(seg_id):
                 continue
@@ -466,8 +466,8 @@ class Pool:
             if self.txn.failed is None:
                 for writeback in self._caches:
                     await writeback()
-                self._open.clear()
-                self._reap()
+                self.open_segments.clear()
+                self.reap()
                 await self.txn.checkpoint()
         finally:
             with trio.CancelScope(shield=True):
@@ -540,13 +540,9 @@ class Pool:
         self._pins[seg_id] = self._pins.get(seg_id, 0) + 1
         self._pin_holds.setdefault(seg_id, []).append(self.store.read_hold())
 
-    def unpin(self, seg_id: int) -> None:
-        self._unpin(seg_id)
-        self._reap()
-
-    def _unpin(self, seg_id: int) -> None:
-        """``unpin`` without reaping (for a caller whose new records nothing references
-        yet: a reap now could free the segment they are in)."""
+    def unpin(self, seg_id: int, *, reap: bool = True) -> None:
+        """Undo one ``pin``; ``reap=False`` for a caller whose new records nothing
+        references yet (a reap now could free the segment they are in)."""
         holds = self._pin_holds[seg_id]
         hold = holds.pop()
         if not holds:
@@ -555,6 +551,8 @@ class Pool:
         if not self._pins[seg_id]:
             del self._pins[seg_id]
         hold.release()
+        if reap:
+            self.reap()
 
     def pinned(self, seg_id: int) -> bool:
         return bool(self._pins.get(seg_id))
@@ -641,7 +639,7 @@ class Pool:
             if wrong:
                 bad += len(wrong)
                 async with self.txn.lock:
-                    await _write_within([(dev, partial(_write_label, dev, self._label(mi)))],
+                    await _write_within([(dev, partial(_write_label, dev, self.label(mi)))],
                                         "repairing a label", self.deadlines)
                 repaired += len(wrong)
                 self.txn.dirty.add(mi.index)
