@@ -171,7 +171,7 @@ async def finish_import(pool: Pool, replayed: list[tuple[int, bytes]]) -> None:
         want = "online" if dev is not None else "missing"
         if mi.state != want:
             pool.txn.do(op_json(op="member_state", index=mi.index, state=want,
-                             last_gen=pool.txn.sb_gen))
+                                last_gen=pool.txn.sb_gen))
         if dev is not None and dev.path != mi.path:
             pool.txn.do(op_json(op="member_path", index=mi.index, path=dev.path))
         elif dev is None and mi.path in pool.left_out:

@@ -122,7 +122,7 @@ class Members:
                  for sg in p.state.segments.values()
                  if any(i == index for i, _e in sg.extents)]
         p.txn.do(op_json(op="member_state", index=index, state=state,
-                      last_gen=p.txn.sb_gen, marks=marks))
+                         last_gen=p.txn.sb_gen, marks=marks))
         if state == "faulted":
             log.error("pool %s: member %d (%s) faulted: %s; running degraded",
                       self._name, index, dev.path, why)
@@ -186,7 +186,7 @@ class Members:
             mi = MemberInfo(new_uuid(), idx, dev.size, n_ext)
             await self._prepare(dev, mi, idx)
             p.txn.do(op_json(op="member_add", uuid=mi.uuid, index=idx, size=dev.size,
-                          n_extents=n_ext, path=dev.path))
+                             n_extents=n_ext, path=dev.path))
             p.devices.append(dev)
             p.meta.devices.append(dev)
             p.store.forget()
@@ -291,7 +291,7 @@ class Members:
             new = MemberInfo(new_uuid(), index, dev.size, mi.n_extents)
             await self._attach(index, dev, new)
             p.txn.do(op_json(op="member_replace", index=index, uuid=new.uuid, size=dev.size,
-                          n_extents=mi.n_extents, path=dev.path))
+                             n_extents=mi.n_extents, path=dev.path))
             p.store.forget()
             await p.txn.checkpoint_locked()
         self.parked.pop(index, None)
