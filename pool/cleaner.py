@@ -62,10 +62,10 @@ class SegmentCleaner:
         next commit.
         """
         p = self._pool
-        p._check_ok()
+        p.txn.check_ok()
         emptied = 0
         async with self._lock:
-            p._reap()
+            p.reap()
             tried: set[int] = set()
             while emptied < max_segments:
                 seg = self.cleanable(threshold, tried)
@@ -86,12 +86,12 @@ class SegmentCleaner:
         whose live records fit in the unreserved space (with a tail each side), and whose
         cleaning wins at least a record's worth (less would be lost to the tails)."""
         p = self._pool
-        open_ids = {s.id for s in p._open.values()}
+        open_ids = {s.id for s in p.open_segments.values()}
         cap = p.layout.extent_size // SECTOR
         room: dict[tuple[int, int], int] = {}
         for s in sorted((s for s in p.state.segments.values()
                          if s.id not in open_ids and s.id not in tried
-                         and not p._pins.get(s.id) and s.fill
+                         and not p.pinned(s.id) and s.fill
                          and s.live < threshold * s.fill),
                         key=lambda s: s.live / s.fill):
             key = (s.k, s.m)
@@ -124,7 +124,7 @@ class SegmentCleaner:
             # freeing it made ``make_room`` pick it again and again, a busy loop that
             # left writers hanging after an ENOSPC burst (issue 20).
             p.state.emptied.add(seg_id)
-            p._reap()
+            p.reap()
             return seg_id not in p.state.segments
         olds = sorted(refs, key=lambda r: ENTRY.unpack_from(r)[1])
         cols = p.store.columns(seg)
@@ -136,7 +136,7 @@ class SegmentCleaner:
         p.pin(seg_id)
         try:
             out = await trio.to_thread.run_sync(
-                partial(records.read_records, plans, 0, p.deadlines, stored=True), limiter=p._cpu)
+                partial(records.read_records, plans, 0, p.deadlines, stored=True), limiter=p.cpu)
             if out.failures:
                 log.error("pool %s: cleaner cannot move segment %d: %s", p.state.name,
                           seg_id, next(iter(out.failures.values())))
@@ -145,13 +145,13 @@ class SegmentCleaner:
             encoded = await trio.to_thread.run_sync(
                 lambda: [codec.stripe(out.payloads[i], ENTRY.unpack_from(raw)[3], prof.k,
                                       prof.m) for i, raw in enumerate(olds)],
-                limiter=p._cpu)
+                limiter=p.cpu)
             news = await p.writer.store(prof, encoded)
         finally:
-            p._unpin(seg_id)   # no reap before the relocations point at the news
+            p.unpin(seg_id, reap=False)   # no reap before the relocations point at the news
         for old, new in zip(olds, news, strict=True):
             for nid, slot in refs[old]:
-                p._do(op_relocate(nid, slot, old, new))
-        p._reap()
-        p._counters["records_relocated"] += len(olds)
+                p.txn.do(op_relocate(nid, slot, old, new))
+        p.reap()
+        p.count("records_relocated", len(olds))
         return seg_id not in p.state.segments or p.state.segments[seg_id].live == 0

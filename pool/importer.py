@@ -76,18 +76,18 @@ async def create(cls: type[Pool], name: str, devices: Sequence[Device], *,
     state = PoolState(pool_uuid, name, extent_size, str(prof), members)
     devs: list[Device | None] = list(devices)
     pool = cls(state, layout, devs, MetaStore(layout, devs, pool_uuid, dl), None, tuning)
-    pool._free = [set(range(mi.n_extents)) for mi in members]
+    pool.store.free_extents = [set(range(mi.n_extents)) for mi in members]
 
     def write_label(mi: MemberInfo, dev: Device) -> None:
         # Clear old superblocks/journal so nothing of a previous life is replayed.
         dev.pwrite(SB_OFFSET, bytes(layout.pages_offset - SB_OFFSET))
-        labels.write_label(dev, pool._label(mi))
+        labels.write_label(dev, pool.label(mi))
     await write_within([(dev, partial(write_label, mi, dev))
                         for mi, dev in zip(members, devices, strict=True)],
                        "writing a new member's label", dl)
     if claim is not None:
         await pool.owner_keeper.take(claim)
-    await pool._checkpoint()
+    await pool.txn.checkpoint()
     log.info("created pool %s (%s) on %d devices, profile %s, extent size %d",
              name, pool_uuid, len(devices), prof, extent_size)
     return pool
@@ -112,7 +112,7 @@ async def open_pool(cls: type[Pool], devices: Sequence[Device], *, name: str | N
         await close_devices([d for d in devices if id(d) not in used])
     pool = cls(loaded.state, loaded.layout, loaded.devices, loaded.meta, loaded.superblock,
                tuning)
-    pool._page_locs = loaded.page_locs
+    pool.txn.page_locs = loaded.page_locs
     if left_out:
         pool.left_out = dict(left_out)
     if claim is not None:
@@ -155,7 +155,7 @@ async def finish_import(pool: Pool, replayed: list[tuple[int, bytes]]) -> None:
             pool.state.apply(op)
         pool.state.txg = txg
     used = {e for seg in pool.state.segments.values() for e in seg.extents}
-    pool._free = [{e for e in range(mi.n_extents) if (mi.index, e) not in used}
+    pool.store.free_extents = [{e for e in range(mi.n_extents) if (mi.index, e) not in used}
                   for mi in pool.state.members]
     for mi in pool.state.members:
         dev = pool.devices[mi.index]
@@ -170,14 +170,14 @@ async def finish_import(pool: Pool, replayed: list[tuple[int, bytes]]) -> None:
             continue
         want = "online" if dev is not None else "missing"
         if mi.state != want:
-            pool._do(op_json(op="member_state", index=mi.index, state=want,
-                             last_gen=pool._sb_gen))
+            pool.txn.do(op_json(op="member_state", index=mi.index, state=want,
+                                last_gen=pool.txn.sb_gen))
         if dev is not None and dev.path != mi.path:
-            pool._do(op_json(op="member_path", index=mi.index, path=dev.path))
+            pool.txn.do(op_json(op="member_path", index=mi.index, path=dev.path))
         elif dev is None and mi.path in pool.left_out:
             pool.member_health.left_out(mi.index, f"left out at import: {pool.left_out[mi.path]}")
-    pool._reap()
-    await pool._checkpoint()
+    pool.reap()
+    await pool.txn.checkpoint()
 
 
 async def leave_out_duplicates(devices: list[Device],

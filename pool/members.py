@@ -40,9 +40,10 @@ from pool.labels import read_label, refuse_labelled, wipe_quietly, write_label
 from pool.layout import LABEL_SIZE, SB_OFFSET, SECTOR, Label, Layout, new_uuid
 from pool.metastore import MetaStore
 from pool.profile import Profile
-from pool.state import AWAY, MemberInfo, Op, PoolState, Segment, op_json
+from pool.state import AWAY, MemberInfo, PoolState, Segment, op_json
 from pool.status import MemberStatus
-from pool.store import stripes
+from pool.store import LocalStore, stripes
+from pool.txn import Transaction
 
 if TYPE_CHECKING:
     from pool.cleaner import SegmentCleaner
@@ -51,11 +52,10 @@ log = logging.getLogger(__name__)
 
 
 class PoolHandle(Protocol):
-    """What ``Members`` uses of the pool, under the pool's current names (read-only where
-    Members only reads or changes a container in place). Besides the shared parts
-    (state, layout, devices, metadata, deadlines), each belongs to another part of the
-    pool: the transaction (``_commit_lock`` .. ``_checkpoint_locked``) and the store
-    (``_open`` .. ``_forget_columns``)."""
+    """What ``Members`` uses of the pool: the shared parts (state, layout, devices,
+    metadata, deadlines), the transaction (``txn``: its lock, ops, checkpoints, state),
+    the store (``store``: free extents, placement, limiters, column handles), and the
+    pool's own open segments, pins and reaping."""
 
     @property
     def state(self) -> PoolState: ...
@@ -70,38 +70,15 @@ class PoolHandle(Protocol):
     @property
     def left_out(self) -> dict[str, str]: ...
     @property
-    def closed(self) -> bool: ...
-    # the transaction
+    def txn(self) -> Transaction: ...
     @property
-    def _commit_lock(self) -> trio.Lock: ...
-    @property
-    def _sb_gen(self) -> int: ...
-    @property
-    def _pending(self) -> list[Op]: ...
-    @property
-    def _failed(self) -> str | None: ...
-    def fail(self, reason: str) -> None: ...
-    def _do(self, op: Op) -> None: ...
-    def _check_ok(self) -> None: ...
-    async def commit(self) -> None: ...
-    async def _checkpoint(self) -> None: ...
-    async def _checkpoint_locked(self) -> None: ...
-    # the store
-    @property
-    def _open(self) -> dict[tuple[int, int], Segment]: ...
-    @property
-    def _free(self) -> list[set[int]]: ...
-    @property
-    def _avoid(self) -> set[int]: ...
-    @property
-    def _dirty_devices(self) -> set[int]: ...
-    @property
-    def _limiters(self) -> list[trio.CapacityLimiter]: ...
+    def store(self) -> LocalStore: ...
     @property
     def cleaner(self) -> SegmentCleaner: ...
-    def _reap(self) -> None: ...
+    @property
+    def open_segments(self) -> dict[tuple[int, int], Segment]: ...
+    def reap(self) -> None: ...
     def pinned(self, seg_id: int) -> bool: ...
-    def _forget_columns(self) -> None: ...
 
 
 def same_path(a: str, b: str) -> bool:
@@ -136,16 +113,16 @@ class Members:
         p.devices[index] = p.meta.devices[index] = None
         self.health.went_away(index, why)
         self.parked[index] = dev
-        p._forget_columns()
-        p._dirty_devices.discard(index)
+        p.store.forget()
+        p.txn.dirty.discard(index)
         # New writes go to segments without it where possible: close the open ones on it.
         self._close_open_on(index)
         # A segment being written right now (pinned) may lack its fragment anywhere.
         marks = [[sg.id, 0 if full or p.pinned(sg.id) else sg.fill]
                  for sg in p.state.segments.values()
                  if any(i == index for i, _e in sg.extents)]
-        p._do(op_json(op="member_state", index=index, state=state,
-                      last_gen=p._sb_gen, marks=marks))
+        p.txn.do(op_json(op="member_state", index=index, state=state,
+                         last_gen=p.txn.sb_gen, marks=marks))
         if state == "faulted":
             log.error("pool %s: member %d (%s) faulted: %s; running degraded",
                       self._name, index, dev.path, why)
@@ -153,13 +130,13 @@ class Members:
             log.warning("pool %s: member %d (%s) taken offline", self._name, index,
                         dev.path)
         if not any(d is not None for d in p.devices):
-            p.fail(f"no member left ({why})")
+            p.txn.fail(f"no member left ({why})")
 
     def _close_open_on(self, index: int) -> None:
         p = self._pool
-        for key, seg in list(p._open.items()):
+        for key, seg in list(p.open_segments.items()):
             if any(i == index for i, _e in seg.extents):
-                del p._open[key]
+                del p.open_segments[key]
                 if seg.live == 0:
                     p.state.emptied.add(seg.id)
 
@@ -194,7 +171,7 @@ class Members:
     async def add(self, dev: Device) -> None:
         """Grow the pool by one member (gets a label and a copy of the metadata)."""
         p = self._pool
-        p._check_ok()
+        p.txn.check_ok()
         if any(d is not None and d.path == dev.path for d in p.devices):
             raise InvalidArgument(f"{dev.path} is already a member of pool {self._name}")
         self.refuse_device(dev)
@@ -204,19 +181,19 @@ class Members:
             raise InvalidArgument(f"{dev.path} is too small for this pool's layout "
                                   f"(needs at least {need} bytes)")
         await run(refuse_labelled, [dev], p.deadlines)
-        async with p._commit_lock:
+        async with p.txn.lock:
             idx = len(p.state.members)
             mi = MemberInfo(new_uuid(), idx, dev.size, n_ext)
             await self._prepare(dev, mi, idx)
-            p._do(op_json(op="member_add", uuid=mi.uuid, index=idx, size=dev.size,
-                          n_extents=n_ext, path=dev.path))
+            p.txn.do(op_json(op="member_add", uuid=mi.uuid, index=idx, size=dev.size,
+                             n_extents=n_ext, path=dev.path))
             p.devices.append(dev)
             p.meta.devices.append(dev)
-            p._forget_columns()
-            p._limiters.append(trio.CapacityLimiter(4))
+            p.store.forget()
+            p.store.limiters.append(trio.CapacityLimiter(4))
             self.health.add_member()
-            p._free.append(set(range(n_ext)))
-            await p._checkpoint_locked()
+            p.store.free_extents.append(set(range(n_ext)))
+            await p.txn.checkpoint_locked()
         log.info("pool %s: added %s as member %d (%d extents)", self._name, dev.path,
                  idx, n_ext)
 
@@ -237,7 +214,7 @@ class Members:
         """Stop using a member for maintenance; what is written meanwhile is tracked, and
         ``online`` rebuilds only that."""
         p = self._pool
-        p._check_ok()
+        p.txn.check_ok()
         if p.devices[index] is None:
             raise InvalidArgument(f"member {index} of pool {self._name} is already "
                                   f"{self.state_of(index)}")
@@ -246,13 +223,13 @@ class Members:
                                   f"have fewer than k fragments left (their data would be "
                                   f"unreadable)")
         self.fault(index, "taken offline", state="offline")
-        await p._checkpoint()
+        await p.txn.checkpoint()
 
     async def online(self, index: int, dev: Device | None = None) -> None:
         """Take a member back (the device it had, or ``dev`` carrying its label): its
         metadata is refreshed and what it missed is marked for the rebuild."""
         p = self._pool
-        p._check_ok()
+        p.txn.check_ok()
         mi = p.state.members[index]
         if mi.state == "removed":
             raise InvalidArgument(f"member {index} was removed from the pool")
@@ -269,13 +246,13 @@ class Members:
                                   f"of {label.pool_name!r})")
         if dev is not self.parked.get(index):
             self.refuse_device(dev, but=index)
-        async with p._commit_lock:
+        async with p.txn.lock:
             await self._attach(index, dev, mi)
-            p._do(op_json(op="member_state", index=index, state="online"))
+            p.txn.do(op_json(op="member_state", index=index, state="online"))
             if dev.path != mi.path:
                 p.left_out.pop(mi.path, None)
-                p._do(op_json(op="member_path", index=index, path=dev.path))
-            await p._checkpoint_locked()
+                p.txn.do(op_json(op="member_path", index=index, path=dev.path))
+            await p.txn.checkpoint_locked()
         parked = self.parked.pop(index, None)
         if parked is not None and parked is not dev:
             await close_devices([parked])
@@ -288,14 +265,14 @@ class Members:
         await self._prepare(dev, mi, index)
         p.devices[index] = p.meta.devices[index] = dev
         self.health.came_back(index)
-        p._forget_columns()
+        p.store.forget()
 
     async def replace(self, index: int, dev: Device) -> None:
         """Put ``dev`` in member ``index``'s place; every fragment the member held is then
         rebuilt onto it (``pool.rebuild``) while the pool stays online. The old device, if
         still there, is let go and its label wiped."""
         p = self._pool
-        p._check_ok()
+        p.txn.check_ok()
         mi = p.state.members[index]
         if mi.state == "removed":
             raise InvalidArgument(f"member {index} was removed from the pool")
@@ -310,13 +287,13 @@ class Members:
         await run(refuse_labelled, [dev], p.deadlines)
         old = p.devices[index] or self.parked.get(index)
         p.left_out.pop(mi.path, None)
-        async with p._commit_lock:
+        async with p.txn.lock:
             new = MemberInfo(new_uuid(), index, dev.size, mi.n_extents)
             await self._attach(index, dev, new)
-            p._do(op_json(op="member_replace", index=index, uuid=new.uuid, size=dev.size,
-                          n_extents=mi.n_extents, path=dev.path))
-            p._forget_columns()
-            await p._checkpoint_locked()
+            p.txn.do(op_json(op="member_replace", index=index, uuid=new.uuid, size=dev.size,
+                             n_extents=mi.n_extents, path=dev.path))
+            p.store.forget()
+            await p.txn.checkpoint_locked()
         self.parked.pop(index, None)
         if old is not None:
             await wipe_quietly(old, p.deadlines)
@@ -342,7 +319,7 @@ class Members:
         Refused, changing nothing, when the others lack the room or would be too few for a
         profile in use (invariant 4)."""
         p = self._pool
-        p._check_ok()
+        p.txn.check_ok()
         mi = p.state.members[index]
         if mi.state == "removed":
             raise InvalidArgument(f"member {index} was already removed")
@@ -355,7 +332,7 @@ class Members:
                                   f"{widest} needs {widest.width}")
         mine = [sg for sg in p.state.segments.values()
                 if any(i == index for i, _e in sg.extents)]
-        counts = [len(p._free[i]) for i in others if p.devices[i] is not None]
+        counts = [len(p.store.free_extents[i]) for i in others if p.devices[i] is not None]
         for prof in {Profile(sg.k, sg.m) for sg in mine}:
             sectors = sum(sg.live for sg in mine if (sg.k, sg.m) == (prof.k, prof.m))
             need = -(-sectors // (p.layout.extent_size // SECTOR)) + 1
@@ -368,34 +345,34 @@ class Members:
             for _ in range(need):   # take the stripes from the counts, widest first
                 counts = sorted([c - 1 if j < prof.width else c
                                  for j, c in enumerate(counts)], reverse=True)
-        p._avoid.add(index)
+        p.store.avoid.add(index)
         try:
             self._close_open_on(index)
-            p._reap()
+            p.reap()
             total = len(mine)
             for n, sg in enumerate(mine):
                 if not await p.cleaner.evacuate(sg.id):
                     raise MediumError(f"cannot remove member {index}: records of segment "
                                       f"{sg.id} are unreadable (see the log)")
-                await p.commit()
+                await p.txn.commit()
                 if progress is not None:
                     await progress(n + 1, total)
             while any(any(i == index for i, _e in sg.extents)
                       for sg in p.state.segments.values()):
-                p._reap()
-                await p.commit()
+                p.reap()
+                await p.txn.commit()
                 await trio.sleep(0.01)
             dev = p.devices[index] or self.parked.get(index)
-            async with p._commit_lock:
+            async with p.txn.lock:
                 p.devices[index] = p.meta.devices[index] = None
                 self.parked.pop(index, None)
-                p._do(op_json(op="member_state", index=index, state="removed"))
-                await p._checkpoint_locked()
-            p._free[index] = set()
+                p.txn.do(op_json(op="member_state", index=index, state="removed"))
+                await p.txn.checkpoint_locked()
+            p.store.free_extents[index] = set()
             if dev is not None:
                 await wipe_quietly(dev, p.deadlines)
         finally:
-            p._avoid.discard(index)
+            p.store.avoid.discard(index)
         log.info("pool %s: member %d removed", self._name, index)
 
     # ---- watching the devices -------------------------------------------------------------
@@ -417,24 +394,24 @@ class Members:
         """Fault every member whose device disappeared, shrank or was replaced."""
         p = self._pool
         gone = await trio.to_thread.run_sync(self.absent_devices)
-        if p.closed:
+        if p.txn.closed:
             return
         for i, why in gone.items():
             if p.devices[i] is not None:
                 self.fault(i, why)
-        if p._pending:
-            await p.commit()
+        if p.txn.pending:
+            await p.txn.commit()
 
     async def watch(self, interval: float) -> None:
         """Until the pool closes: check the members' devices (``watch_presence``) every
         ``interval`` seconds, and at once after a read error (a short read of a truncated
         file is one), so a member that vanishes or shrinks is faulted within seconds."""
         p = self._pool
-        while not p.closed:
+        while not p.txn.closed:
             with trio.move_on_after(interval):
                 await self.health.recheck.wait()
             self.health.recheck = trio.Event()
-            if not p.closed and p._failed is None:
+            if not p.txn.closed and p.txn.failed is None:
                 await self.watch_presence()
 
     def refuse_device(self, dev: Device, but: int | None = None) -> None:
@@ -488,7 +465,7 @@ class Members:
         p = self._pool
         return tuple(
             MemberStatus(mi.index, mi.uuid, self.path_of(mi.index), self.state_of(mi.index),
-                         mi.size, mi.n_extents, len(p._free[mi.index]),
+                         mi.size, mi.n_extents, len(p.store.free_extents[mi.index]),
                          *self.health.counts(mi.index), len(mi.marks),
                          self.health.reason(mi.index) if p.devices[mi.index] is None
                          and mi.state != "removed" else "")

@@ -52,6 +52,8 @@ from pool.deadlines import Deadlines
 from pool.device import Device
 from pool.devio import run, write_within
 from pool.errors import Busy, DeviceError, StorageError
+from pool.store import LocalStore
+from pool.txn import Transaction
 
 log = logging.getLogger(__name__)
 
@@ -272,29 +274,21 @@ def watch(devices: Sequence[Device], record: OwnerRecord, pool_name: str, *,
 
 # ---- keeping the record of a taken pool ---------------------------------------------------
 class OwnerHost(Protocol):
-    """What ``OwnerKeeper`` uses of its pool, under the pool's current names: the device
-    fan-out (``_per_device``, ``_calls``: the store's) and the pool's failed state (the
-    transaction's)."""
+    """What ``OwnerKeeper`` uses of its pool: the device fan-out (the store's
+    ``calls``/``per_device``) and the pool's state (the transaction's)."""
 
     @property
     def devices(self) -> list[Device | None]: ...
     @property
     def deadlines(self) -> Deadlines: ...
     @property
-    def _failed(self) -> str | None: ...
-    def fail(self, reason: str) -> None: ...
-    @property
     def name(self) -> str: ...
     @property
     def uuid(self) -> str: ...
     @property
-    def closed(self) -> bool: ...
-    def _check_ok(self) -> None: ...
-    def _calls(self, fn: Callable[[Device], None], which: Sequence[int] | None = None
-               ) -> list[tuple[int, Callable[[], None]]]: ...
-    async def _per_device(self, calls: Sequence[tuple[int, Callable[[], None]]],
-                          kind: str, *, tolerate: bool = False,
-                          what: str = "a write") -> dict[int, DeviceError]: ...
+    def store(self) -> LocalStore: ...
+    @property
+    def txn(self) -> Transaction: ...
 
 
 class OwnerKeeper:
@@ -333,7 +327,7 @@ class OwnerKeeper:
         p = self._pool
         async with self._lock:
             mine = self.record
-            if mine is None or p.closed or p._failed is not None:
+            if mine is None or p.txn.closed or p.txn.failed is not None:
                 return
             seen: dict[int, OwnerRecord | None] = {}
 
@@ -341,7 +335,7 @@ class OwnerKeeper:
                 def read() -> None:
                     seen[i] = read_record(dev)
                 return read
-            await p._per_device([(i, reader(i, d)) for i, d in enumerate(p.devices)
+            await p.store.per_device([(i, reader(i, d)) for i, d in enumerate(p.devices)
                                  if d is not None], "read", tolerate=True,
                                 what="a read of the owner record")
             for rec in seen.values():
@@ -349,12 +343,12 @@ class OwnerKeeper:
                         and rec.owner.instance != mine.owner.instance
                         and rec.seq >= mine.seq):
                     self.record = None
-                    p.fail(f"taken over by {describe(rec)}")   # (logged there)
+                    p.txn.fail(f"taken over by {describe(rec)}")   # (logged there)
                     return
             beat = mine.beat()
             started = time.monotonic()
-            failed = await p._per_device(
-                p._calls(partial(write_record, record=beat)), "write",
+            failed = await p.store.per_device(
+                p.store.calls(partial(write_record, record=beat)), "write",
                 tolerate=True, what="a heartbeat")
             if len(failed) < sum(d is not None for d in p.devices):
                 self.record = beat
@@ -370,7 +364,7 @@ class OwnerKeeper:
         mine = self.record
         if mine is not None and time.monotonic() - self._confirmed > mine.activity / 2:
             await self.heartbeat()
-            self._pool._check_ok()
+            self._pool.txn.check_ok()
 
     async def release(self, *, clear: bool) -> None:
         """Stop heartbeats; ``clear``: also zero the owner record on every member."""
@@ -379,7 +373,7 @@ class OwnerKeeper:
             had, self.record = self.record, None
             if clear and had is not None:
                 try:
-                    await p._per_device(p._calls(clear_record), "write",
+                    await p.store.per_device(p.store.calls(clear_record), "write",
                                         tolerate=True, what="clearing the owner record")
                 except StorageError as e:
                     log.warning("pool %s: clearing the owner record: %s", p.name,

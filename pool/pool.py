@@ -40,9 +40,6 @@ from pool.deadlines import Deadlines
 from pool.device import Device
 from pool.devio import close_devices
 from pool.devio import write_within as _write_within
-from pool.errors import (
-    DeviceError,
-)
 from pool.health import MemberHealth
 from pool.labels import label_copies
 from pool.labels import wipe as _wipe
@@ -60,13 +57,12 @@ from pool.reader import RecordReader
 from pool.space import SpaceAccount, SpaceHooks
 from pool.state import (
     MemberInfo,
-    Op,
     PoolState,
     Segment,
     op_json,
 )
 from pool.status import PoolStatistics
-from pool.store import Column, LocalStore
+from pool.store import LocalStore, ReadHold
 from pool.tuning import PoolTuning
 from pool.txn import CommitHooks, Transaction
 from pool.writer import RecordWriter, WriterHooks
@@ -94,41 +90,40 @@ class Pool:
         # Where segments' bytes live: extents, placement, device fan-out, discard.
         self.store = LocalStore(state, layout, devices, meta.deadlines, self,
                                 discard_freed=tuning.discard_freed)
-        self._open: dict[tuple[int, int], Segment] = {}
+        self.open_segments: dict[tuple[int, int], Segment] = {}
         self._pins: dict[int, int] = {}
         self._fill_moved: set[int] = set()   # segments whose fill changed since last commit
         # Verified logical blocks of recent small reads, keyed by map entry (an LRU).
         self.record_cache = readcache.RecordCache(tuning.record_cache)
         self.cleaner = SegmentCleaner(self)
-        # Pending ops, group commit, OPEN / FAILED / CLOSED (pool.txn). Its lock and the set
-        # of members written since the last commit, under the names the pool uses.
-        self.txn = Transaction(state, meta, layout, superblock, CommitHooks(
-            self._confirm_owner, self._sync_members, self._absorb_meta_failures,
-            self._seal_fills, self._frees_pending, self._after_commit))
-        self._commit_lock = self.txn.lock
-        self._dirty_devices = self.txn.dirty
-        # Objects and block maps (pool.catalog), changed through the transaction.
-        self.catalog = Catalog(state, self.txn, self._reap)
         # The owner record this daemon keeps on every member (pool.owner.OwnerKeeper).
         self.owner_keeper = owners.OwnerKeeper(self)
-        # Usage, reservations and the reserves of invariant 8 (pool.space).
-        self.space = SpaceAccount(state, self.store, layout.extent_size, self._open,
-                                  SpaceHooks(self._check_ok, self._reap, self.commit,
-                                             self.cleaner.clean_one, lambda: self._caches,
-                                             self.metadata_used))
-        self._pin_gens: dict[int, list[int]] = {}
-        self._caches: list[Callable[[], Awaitable[None]]] = []
         # Per member: read / write / checksum errors, the fault threshold, why a member is
         # away, and epochs (bumped each time it goes away, so a rebuild that started on a
         # segment before that does not clear marks set while it was away: mark_rebuilt).
         self.member_health = MemberHealth(len(devices), self.fault)
         # Fault, add, offline/online, replace, remove; parked devices of away members.
         self.members = Members(self, self.member_health)
+        # Pending ops, group commit, OPEN / FAILED / CLOSED (pool.txn); its ``lock`` and
+        # ``dirty`` (members written since the last commit) are the pool's.
+        self.txn = Transaction(state, meta, layout, superblock, CommitHooks(
+            self.owner_keeper.confirm, self.store.sync,
+            self.members.absorb_meta_failures, self._seal_fills,
+            lambda: len(self.store.pending_free), self._after_commit))
+        # Objects and block maps (pool.catalog), changed through the transaction.
+        self.catalog = Catalog(state, self.txn, self.reap)
+        # Usage, reservations and the reserves of invariant 8 (pool.space).
+        self.space = SpaceAccount(state, self.store, layout.extent_size, self.open_segments,
+                                  SpaceHooks(self.txn.check_ok, self.reap, self.commit,
+                                             self.cleaner.clean_one, lambda: self._caches,
+                                             self.metadata_used))
+        self._pin_holds: dict[int, list[ReadHold]] = {}
+        self._caches: list[Callable[[], Awaitable[None]]] = []
         # Devices given to the import but left out of it (path -> reason): see ``open``.
         self.left_out: dict[str, str] = {}
         # What the maintenance engines (pool.scrub, pool.rebuild) report while they run.
         self.activity: dict[str, Any] = {}
-        self._cpu = trio.CapacityLimiter(2)
+        self.cpu = trio.CapacityLimiter(2)
         self._bg = trio.CapacityLimiter(1)   # scrub/rebuild work: one core at most
         self._counters = dict.fromkeys(
             ("commits", "checkpoints", "records_written", "records_read", "degraded_reads",
@@ -136,14 +131,15 @@ class Pool:
             "rebuilt_bytes", "scrubbed_bytes", "discarded_extents"), 0)
         # The write path (pool.writer): blocks to records in open segments.
         self.writer = RecordWriter(state, self.store, self.space, devices, layout.extent_size,
-                                   self._open, self._pins, self._fill_moved,
-                                   self._dirty_devices, self._counters, self._cpu,
-                                   WriterHooks(self._check_ok, self._confirm_owner, self._do,
-                                               self._reap, lambda: self._sb_gen))
+                                   self.open_segments, self._pins, self._fill_moved,
+                                   self.txn.dirty, self._counters, self.cpu,
+                                   WriterHooks(self.txn.check_ok, self.owner_keeper.confirm,
+                                               self.txn.do, self.reap,
+                                               lambda: self.txn.sb_gen))
         # The read path (pool.reader): map entries to verified blocks.
         self.reader = RecordReader(state, self.store, self.record_cache, meta.deadlines,
-                                   self._cpu, self._counters,
-                                   self._dirty_devices.update)
+                                   self.cpu, self._counters,
+                                   self.txn.dirty.update)
 
     # ==== creation and import (pool.importer) ==============================================
     @classmethod
@@ -183,122 +179,19 @@ class Pool:
         return await importer.open_pool(cls, devices, name=name, left_out=left_out,
                                         claim=claim, tuning=tuning)
 
-    def _label(self, mi: MemberInfo) -> Label:
+    def label(self, mi: MemberInfo) -> Label:
         return Label(self.state.uuid, self.state.name, mi.uuid, mi.index,
                      self.state.generation, mi.size, self.layout)
-
-    # ==== small helpers ===================================================================
-    def _do(self, op: Op) -> None:
-        self.txn.do(op)
-
-    def _check_ok(self) -> None:
-        self.txn.check_ok()
 
     def fail(self, reason: str) -> None:
         """Stop all I/O to the pool (``Transaction.fail``: FAILED, refused with PoolFailed
         until a re-import)."""
         self.txn.fail(reason)
 
-    # The transaction's state under the names the rest of the pool still uses (pool.txn);
-    # read-only: the way into FAILED is ``fail``.
-    @property
-    def _failed(self) -> str | None:
-        return self.txn.failed
-
-    @property
-    def _closed(self) -> bool:
-        return self.txn.closed
-
-    @property
-    def _pending(self) -> list[Op]:
-        return self.txn.pending
-
-    @property
-    def _sb_gen(self) -> int:
-        return self.txn.sb_gen
-
-    @property
-    def _page_locs(self) -> dict[int, Loc]:
-        return self.txn.page_locs
-
-    @_page_locs.setter
-    def _page_locs(self, locs: dict[int, Loc]) -> None:
-        self.txn.page_locs = locs
-
-    @property
-    def _meta_locs(self) -> tuple[Loc, ...]:
-        return self.txn.meta_locs
-
-    @property
-    def _meta_units_used(self) -> int:
-        return self.txn.meta_units_used
-
-    async def _on_devices(self, fn: Callable[[Device], None],
-                          which: Sequence[int] | None = None) -> None:
-        """Run ``fn(device)`` for each chosen present member, in parallel threads."""
-        await self.store.per_device(self.store.calls(fn, which), "write")
-
-    async def _sync_members(self, which: Sequence[int] | None = None) -> None:
-        await self.store.sync(which)
-
-    def _calls(self, fn: Callable[[Device], None],
-               which: Sequence[int] | None = None) -> list[tuple[int, Callable[[], None]]]:
-        return self.store.calls(fn, which)
-
-    async def _per_device(self, calls: Sequence[tuple[int, Callable[[], None]]],
-                          kind: str, *, tolerate: bool = False,
-                          what: str = "a write") -> dict[int, DeviceError]:
-        return await self.store.per_device(calls, kind, tolerate=tolerate, what=what)
-
-    # The store's state, under the names the other parts of the Pool use (issue 23: they
-    # move out too, and then call the store themselves).
-    @property
-    def _free(self) -> list[set[int]]:
-        return self.store.free_extents
-
-    @_free.setter
-    def _free(self, value: list[set[int]]) -> None:
-        self.store.free_extents = value
-
-    @property
-    def _pending_free(self) -> list[tuple[int, int]]:
-        return self.store.pending_free
-
-    @property
-    def _releasable(self) -> list[tuple[int, int, int]]:
-        return self.store.releasable
-
-    @property
-    def _release_gen(self) -> int:
-        return self.store.release_gen
-
-    @_release_gen.setter
-    def _release_gen(self, value: int) -> None:
-        self.store.release_gen = value
-
-    def _release_extents(self) -> None:
-        self.store.release()
-
-    @property
-    def _column_cache(self) -> dict[int, tuple[Column, ...]]:
-        return self.store.column_cache
-
-    @property
-    def _limiters(self) -> list[trio.CapacityLimiter]:
-        return self.store.limiters
-
-    @property
-    def _avoid(self) -> set[int]:
-        return self.store.avoid
-
-    @property
-    def discard_freed(self) -> bool:
-        return self.store.discard_freed
-
     @property
     def stopped(self) -> bool:
         """Whether the pool has failed (the store's background work stops)."""
-        return self._failed is not None
+        return self.txn.failed is not None
 
     @property
     def name(self) -> str:
@@ -383,18 +276,12 @@ class Pool:
         profile); ``SpaceAccount.usable_capacity``."""
         return self.space.usable_capacity(prof or self.default_profile)
 
-    def _cleaner_reserve(self) -> int:
-        return self.space.cleaner_reserve()
-
-    def _zeroing_reserve(self) -> int:
-        return self.space.zeroing_reserve()
-
     def metadata_used(self) -> float:
         """Fraction of the metadata page area in use: what the last checkpoint wrote plus,
         at worst-case size, every map node changed since (the next checkpoint writes them
         beside the old copies)."""
         pending = len(self.state.forest.dirty) * _NODE_UNITS + 2 * _STATE_UNITS_GUESS
-        return (self._meta_units_used + pending) / self.meta.n_units
+        return (self.txn.meta_units_used + pending) / self.meta.n_units
 
     def check_writable(self, prof: Profile) -> None:
         """Refuse, before anything is acknowledged, writes of a profile that no segment can
@@ -419,13 +306,9 @@ class Pool:
     def unreserve(self, nbytes: int) -> None:
         self.space.unreserve(nbytes)
 
-    @property
-    def _reserved(self) -> int:
-        return self.space.reserved
-
-    def _reap(self) -> None:
+    def reap(self) -> None:
         """Free segments that hold no live record and can take no more."""
-        open_ids = {s.id for s in self._open.values()}
+        open_ids = {s.id for s in self.open_segments.values()}
         for seg_id in sorted(self.state.emptied):
             if seg_id in open_ids or self._pins.get(seg_id):
                 continue
@@ -433,7 +316,7 @@ class Pool:
             if seg is None or seg.live:
                 self.state.emptied.discard(seg_id)
                 continue
-            self._do(op_json(op="seg_free", id=seg_id))
+            self.txn.do(op_json(op="seg_free", id=seg_id))
             self.store.free(seg.extents)
             self.store.forget(seg_id)
 
@@ -471,22 +354,9 @@ class Pool:
     # ==== member health ===================================================================
     def count_error(self, index: int, kind: str, why: str = "") -> None:
         """Count an I/O error ("read" | "write" | "checksum") against a member; one that
-        reaches ``fault_threshold`` read + write errors is faulted (checksum errors are
+        reaches ``member_health.threshold`` read + write errors is faulted (checksum errors are
         repaired and reported, not held against the device): ``MemberHealth.count``."""
         self.member_health.count(index, kind, why)
-
-    @property
-    def fault_threshold(self) -> int:
-        """Read + write errors after which a member is faulted (pool.health)."""
-        return self.member_health.threshold
-
-    @fault_threshold.setter
-    def fault_threshold(self, value: int) -> None:
-        self.member_health.threshold = value
-
-    @property
-    def _epochs(self) -> list[int]:
-        return self.member_health.epochs
 
     def fault(self, index: int, why: str, *, state: str = "faulted",
               full: bool = False) -> None:
@@ -494,21 +364,9 @@ class Pool:
         on degraded and what its segments miss is marked for a rebuild."""
         self.members.fault(index, why, state=state, full=full)
 
-    def _absorb_meta_failures(self) -> None:
-        self.members.absorb_meta_failures()
-
     def unavailable_segments(self) -> int:
         """Segments with more fragments away than their parity covers (reads fail)."""
         return self.members.unavailable_segments()
-
-    @property
-    def _parked(self) -> dict[int, Device]:
-        """Devices of members that are faulted or offline (``Members.parked``)."""
-        return self.members.parked
-
-    def _forget_columns(self) -> None:
-        """The members changed: segments' column lists are stale (used by Members)."""
-        self._column_cache.clear()
 
     # ==== the segment cleaner (pool.cleaner) ==============================================
     async def clean(self, *, max_segments: int = 4, threshold: float = 0.5) -> int:
@@ -522,7 +380,7 @@ class Pool:
                           block_size: int) -> tuple[bool, bytes | memoryview | None]:
         """``read_blocks_nowait`` of one block: (whether it could be read at once, its
         content or None for a hole). A record-cache hit costs a map lookup."""
-        if self._failed is not None or self._closed:
+        if self.txn.failed is not None or self.txn.closed:
             return False, None
         return self.reader.read_block_nowait(map_id, block, block_size)
 
@@ -530,14 +388,14 @@ class Pool:
                            block_size: int) -> list[bytes | memoryview | None] | None:
         """``read_blocks`` if it can be done at once on the event loop (record-cache hits,
         page-cached healthy fragments), else None: the caller awaits ``read_blocks``."""
-        if self._failed is not None or self._closed:
+        if self.txn.failed is not None or self.txn.closed:
             return None
         return self.reader.read_blocks_nowait(map_id, blocks, block_size)
 
     async def read_blocks(self, map_id: int, blocks: Sequence[int],
                           block_size: int) -> list[bytes | memoryview | None]:
         """The logical content of each block (``None`` for a hole), verified."""
-        self._check_ok()
+        self.txn.check_ok()
         return await self.reader.read_blocks(map_id, blocks, block_size)
 
     async def read_blocks_into(self, map_id: int, blocks: Sequence[int], block_size: int,
@@ -556,7 +414,7 @@ class Pool:
         """``read_blocks_into`` if it can be done at once on the event loop (holes, and
         whole blocks stored raw in page-cached, healthy fragments); else False, and what
         ``dests`` hold is undefined."""
-        if self._failed is not None or self._closed:
+        if self.txn.failed is not None or self.txn.closed:
             return False
         return self.reader.read_blocks_into_nowait(map_id, blocks, block_size, dests)
 
@@ -566,22 +424,13 @@ class Pool:
         ``Transaction.commit``)."""
         await self.txn.commit()
 
-    async def _checkpoint(self) -> None:
-        await self.txn.checkpoint()
-
-    async def _checkpoint_locked(self) -> None:
-        await self.txn.checkpoint_locked()
-
     def _seal_fills(self) -> None:
         """A commit's last ops: the fill of each segment written since the last one."""
         for seg_id in sorted(self._fill_moved):
             seg = self.state.segments.get(seg_id)
             if seg is not None:
-                self._do(op_json(op="seg_fill", id=seg.id, fill=seg.fill))
+                self.txn.do(op_json(op="seg_fill", id=seg.id, fill=seg.fill))
         self._fill_moved.clear()
-
-    def _frees_pending(self) -> int:
-        return len(self._pending_free)
 
     def _after_commit(self, kind: str, freed_here: int) -> None:
         """A commit (``kind``: "commits" | "checkpoints") is durable, and with it the first
@@ -600,14 +449,6 @@ class Pool:
         over fails."""
         await self.owner_keeper.heartbeat()
 
-    async def _confirm_owner(self) -> None:
-        """Before data and metadata writes: ownership confirmed (``OwnerKeeper.confirm``)."""
-        await self.owner_keeper.confirm()
-
-    async def _release_owner(self, *, clear: bool) -> None:
-        """Stop heartbeats; ``clear``: also zero the owner record on every member."""
-        await self.owner_keeper.release(clear=clear)
-
     # ==== lifecycle =======================================================================
     def add_cache(self, writeback: Callable[[], Awaitable[None]]) -> None:
         """Register an upper layer's write cache: ``close`` awaits ``writeback`` first, so
@@ -625,24 +466,24 @@ class Pool:
             if self.txn.failed is None:
                 for writeback in self._caches:
                     await writeback()
-                self._open.clear()
-                self._reap()
-                await self._checkpoint()
+                self.open_segments.clear()
+                self.reap()
+                await self.txn.checkpoint()
         finally:
             with trio.CancelScope(shield=True):
-                await self._release_owner(clear=release and self.txn.failed is None)
+                await self.owner_keeper.release(clear=release and self.txn.failed is None)
             self.txn.close()
             with trio.CancelScope(shield=True):
                 await self.settle_discards()    # its threads use the devices
-                await close_devices([*self.devices, *self._parked.values()])
-            self._parked.clear()
+                await close_devices([*self.devices, *self.members.parked.values()])
+            self.members.parked.clear()
 
     async def destroy(self) -> None:
         """Wipe labels, superblocks and owner records of every present member; data is not
         zeroed."""
-        await self._release_owner(clear=False)
+        await self.owner_keeper.release(clear=False)
         self.txn.close()
-        await self._on_devices(_wipe)
+        await self.store.per_device(self.store.calls(_wipe), "write")
         with trio.CancelScope(shield=True):
             await self.settle_discards()
             await close_devices(self.devices)
@@ -697,23 +538,21 @@ class Pool:
     # ---- support for the maintenance engines (pool.scrub, pool.rebuild) ------------------
     def pin(self, seg_id: int) -> None:
         self._pins[seg_id] = self._pins.get(seg_id, 0) + 1
-        self._pin_gens.setdefault(seg_id, []).append(self.store.read_begin())
+        self._pin_holds.setdefault(seg_id, []).append(self.store.read_hold())
 
-    def unpin(self, seg_id: int) -> None:
-        self._unpin(seg_id)
-        self._reap()
-
-    def _unpin(self, seg_id: int) -> None:
-        """``unpin`` without reaping (for a caller whose new records nothing references
-        yet: a reap now could free the segment they are in)."""
-        gens = self._pin_gens[seg_id]
-        gen = gens.pop()
-        if not gens:
-            del self._pin_gens[seg_id]
+    def unpin(self, seg_id: int, *, reap: bool = True) -> None:
+        """Undo one ``pin``; ``reap=False`` for a caller whose new records nothing
+        references yet (a reap now could free the segment they are in)."""
+        holds = self._pin_holds[seg_id]
+        hold = holds.pop()
+        if not holds:
+            del self._pin_holds[seg_id]
         self._pins[seg_id] -= 1
         if not self._pins[seg_id]:
             del self._pins[seg_id]
-        self.store.read_end(gen)
+        hold.release()
+        if reap:
+            self.reap()
 
     def pinned(self, seg_id: int) -> bool:
         return bool(self._pins.get(seg_id))
@@ -727,30 +566,30 @@ class Pool:
         """Write rebuilt fragments (of pinned segments; ``LocalStore.write_fragments``);
         returns how many were written. Runs beside ``background`` work, so a rebuild
         computes its next step while the last one is written."""
-        await self._confirm_owner()
+        await self.owner_keeper.confirm()
         live = [r for r in repairs if r.segment in self.state.segments]
         done, touched = await self.store.write_fragments(live)
-        self._dirty_devices.update(i for i in touched if self.devices[i] is not None)
+        self.txn.dirty.update(i for i in touched if self.devices[i] is not None)
         return done
 
     def member_epoch(self, index: int) -> int:
         """Changes whenever member ``index`` goes away (see ``mark_rebuilt``)."""
-        return self._epochs[index]
+        return self.member_health.epochs[index]
 
     def mark_rebuilt(self, index: int, seg_id: int, dev: Device, epoch: int) -> None:
         """Member ``index`` (still ``dev``, and not away since ``member_epoch`` gave
         ``epoch``, when the rebuild of the segment began) holds every fragment of
         ``seg_id`` again. If it went away meanwhile, even to come back with the same
         device, writes may have missed it: the mark stays for the next pass."""
-        if self.devices[index] is not dev or self._epochs[index] != epoch:
+        if self.devices[index] is not dev or self.member_health.epochs[index] != epoch:
             return
-        self._dirty_devices.add(index)
-        self._do(op_json(op="member_clean", index=index, seg=seg_id))
+        self.txn.dirty.add(index)
+        self.txn.do(op_json(op="member_clean", index=index, seg=seg_id))
         self.store.forget(seg_id)
 
     def set_task(self, name: str, value: dict[str, Any] | None) -> None:
-        self._check_ok()
-        self._do(op_json(op="task", name=name, value=value))
+        self.txn.check_ok()
+        self.txn.do(op_json(op="task", name=name, value=value))
 
     def count(self, counter: str, n: int) -> None:
         self._counters[counter] += n
@@ -762,11 +601,11 @@ class Pool:
                 + self.record_cache.hits)
 
     def meta_locations(self) -> list[Loc]:
-        return [*self._page_locs.values(), *self._meta_locs]
+        return [*self.txn.page_locs.values(), *self.txn.meta_locs]
 
     def page_locations(self) -> Mapping[int, Loc]:
         """Where the last checkpoint put each map node (node id -> location); read-only."""
-        return MappingProxyType(self._page_locs)
+        return MappingProxyType(self.txn.page_locs)
 
     def is_free(self, index: int, extent: int) -> bool:
         """Whether extent ``extent`` of member ``index`` is on the free list."""
@@ -781,7 +620,7 @@ class Pool:
         checked = bad = repaired = 0
         locs = self.meta_locations()
         for i in range(0, len(locs), 64):
-            async with self._commit_lock:   # a checkpoint may reuse units: not meanwhile
+            async with self.txn.lock:   # a checkpoint may reuse units: not meanwhile
                 current = set(self.meta_locations())
                 chunk = [loc for loc in locs[i:i + 64] if loc in current]
                 c, b, r, failed = await trio.to_thread.run_sync(self.meta.repair_blobs,
@@ -799,11 +638,11 @@ class Pool:
                      != mi.uuid]
             if wrong:
                 bad += len(wrong)
-                async with self._commit_lock:
-                    await _write_within([(dev, partial(_write_label, dev, self._label(mi)))],
+                async with self.txn.lock:
+                    await _write_within([(dev, partial(_write_label, dev, self.label(mi)))],
                                         "repairing a label", self.deadlines)
                 repaired += len(wrong)
-                self._dirty_devices.add(mi.index)
+                self.txn.dirty.add(mi.index)
         return checked, bad, repaired
 
     # ==== status ==========================================================================
@@ -815,7 +654,7 @@ class Pool:
         live = sum(s.live * SECTOR * (s.k + s.m) for s in st.segments.values())
         # Segments beyond their parity (unavailable_segments) leave the state "degraded"
         # here; the control API calls such a pool faulted.
-        state = ("failed" if self._failed else
+        state = ("failed" if self.txn.failed else
                  "degraded" if any(m.state not in ("online", "removed") for m in members)
                  else "online")
         return PoolStatistics(
@@ -823,7 +662,7 @@ class Pool:
             sum(m.extents for m in present) * ext,
             sum(len(s.extents) for s in st.segments.values()) * ext,
             sum(m.free_extents for m in present) * ext,
-            live, self._reserved, len(st.segments), st.txg, st.generation,
+            live, self.space.reserved, len(st.segments), st.txg, st.generation,
             **self._counters)
 
     def member_state(self, index: int) -> str:

@@ -148,13 +148,13 @@ class RecordReader:
             # preadv(RWF_NOWAIT) never blocks, and verification is a hash per fragment.
             out = records.read_records(plans, block_size, self._deadlines, nowait=True)
         except records.WouldBlock:
-            gen = self._store.read_begin()
+            hold = self._store.read_hold()
             try:
                 out = await trio.to_thread.run_sync(records.read_records, plans, block_size,
                                                     self._deadlines,
                                                     limiter=self._cpu)
             finally:
-                self._store.read_end(gen)
+                hold.release()
         self._counters["degraded_reads"] += out.degraded
         if out.device_errors:
             self._store.note_errors(out.device_errors)

@@ -146,7 +146,7 @@ def hung(dev: Device) -> bool:
 # ---- writes with a deadline -----------------------------------------------------------
 # A write or sync that a member does not finish within the pool's write deadline
 # (``Deadlines.write``, faults.write_timeout) is given up: the pool faults that member at once and
-# goes on degraded where redundancy allows (``Pool._per_device``; metadata below), instead
+# goes on degraded where redundancy allows (``LocalStore.per_device``; metadata below), instead
 # of every flush waiting for a disk that may never answer. As with reads, the stuck call
 # cannot be interrupted: its thread is left to finish, and the descriptor stays open until
 # it does (``FileDevice.close``).

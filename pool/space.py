@@ -40,7 +40,7 @@ from pool.errors import NoSpace
 from pool.layout import SECTOR
 from pool.profile import Profile
 from pool.state import PoolState, Segment
-from pool.store import SegmentStore
+from pool.store import Reclaim, SegmentStore
 
 META_RESERVE = 0.9   # writes stop when the metadata area is this full
 ZEROING_RESERVE_RECORDS = 4   # largest records kept for trims' partial blocks (rule S2)
@@ -99,7 +99,7 @@ class SpaceAccount:
         a big new device beside full ones adds capacity, but no room for a wide stripe.
         An open segment's room counts without the tail that the largest record charged so
         far might not fit into (rule S1), and with a profile only its own open segment's."""
-        free = self._store.free_bytes(prof)
+        free = self._store.room(prof).free_bytes
         cap = self._extent // SECTOR
         room = sum(max(0, cap - s.fill - self.tail_units.get(key, 1) + 1) * SECTOR * (s.k + s.m)
                    for key, s in self._open.items()
@@ -209,10 +209,11 @@ class SpaceAccount:
                     return
                 if self._host.metadata_used() > META_RESERVE and not zeroing:
                     raise refusal
-                if await self._store.reclaim():
+                reclaimed = await self._store.reclaim()
+                if reclaimed is Reclaim.WAITED:
                     # Freed by a commit, still possibly read by reads begun before it.
                     continue
-                if await self._host.clean_one() or self._store.frees_pending():
+                if await self._host.clean_one() or reclaimed is Reclaim.COMMIT:
                     await self._host.commit()      # (which frees the cleaned segment)
                     continue
                 if not wrote_back:

@@ -31,13 +31,14 @@ The interface, as a caller may rely on it (docs/INTERNALS.md "The SegmentStore")
 - ``free(placement)``: the segment is no longer referenced once the next commit is
   durable; ``durable(n)`` says that commit landed, covering the first n columns freed
   (in ``free`` order: the commit noted how many were pending when it began). The space is
-  reused only after that and once no read begun before it is in flight (``read_begin``/
-  ``read_end``) -- so a read never sees another segment's bytes (DESIGN 3).
-  ``frees_pending()``: some frees wait for a commit; ``reclaim()``: release what no read
-  holds back, and if some still waits for older reads, wait for it (True: try again).
+  reused only after that and once no read begun before it is in flight (``read_hold()``,
+  a token released when the read ends) -- so a read never sees another segment's bytes
+  (DESIGN 3). ``reclaim()``: release what no read holds back, and say what the caller does
+  next (``Reclaim``): WAITED for older reads and some came back (try again), COMMIT (frees
+  wait for a commit), NOTHING.
 - ``run`` / ``settle_discards``: background discard of released space (advisory).
-- ``free_bytes(prof)`` / ``room(prof)``: the space accounting's view (full stripes of a
-  profile that free space still forms, the capacity); ``health()``: each failure domain.
+- ``room(prof)``: the space accounting's view (free bytes in full stripes of a profile,
+  the capacity, which domains can take a column); ``health()``: each failure domain.
 
 Invariants this module owns (DESIGN numbers in parentheses):
 
@@ -58,6 +59,7 @@ Invariants this module owns (DESIGN numbers in parentheses):
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -104,8 +106,10 @@ class WriteOutcome:
 
 @dataclass(frozen=True, slots=True)
 class Room:
-    """What the store can still place for a profile (``SegmentStore.room``)."""
+    """What the store can still place for a profile (``SegmentStore.room``; without one,
+    ``free_bytes`` and ``capacity_bytes`` count every free and every held unit)."""
 
+    free_bytes: int          # bytes of the full stripes free space still forms
     capacity_bytes: int      # bytes of the full stripes the present domains hold
     with_room: int           # present domains new segments may use that have free space
     away_with_room: int      # away domains a segment may still use that have free space
@@ -124,6 +128,21 @@ class DomainHealth:
     present: bool
     units: int               # allocation units (extents) it holds
     free_units: int
+
+
+class ReadHold(Protocol):
+    """A read (or a pin) in flight, from ``SegmentStore.read_hold``: space freed by a
+    commit durable after it began is not reused until it is released (invariant 3)."""
+
+    def release(self) -> None: ...
+
+
+class Reclaim(enum.Enum):
+    """What ``SegmentStore.reclaim`` found, and what the caller does next."""
+
+    WAITED = "waited"        # freed space came back from reads older than its free: retry
+    COMMIT = "commit"        # frees wait for a commit: one would make them reusable
+    NOTHING = "nothing"      # nothing freed is held back
 
 
 class SegmentStore(Protocol):
@@ -151,21 +170,15 @@ class SegmentStore(Protocol):
 
     def durable(self, freed: int) -> None: ...
 
-    def frees_pending(self) -> bool: ...
+    async def reclaim(self) -> Reclaim: ...
 
-    async def reclaim(self) -> bool: ...
-
-    def read_begin(self) -> int: ...
-
-    def read_end(self, gen: int) -> None: ...
+    def read_hold(self) -> ReadHold: ...
 
     async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None: ...
 
     async def settle_discards(self) -> None: ...
 
-    def free_bytes(self, prof: Profile | None = None) -> int: ...
-
-    def room(self, prof: Profile) -> Room: ...
+    def room(self, prof: Profile | None) -> Room: ...
 
     def health(self) -> tuple[DomainHealth, ...]: ...
 
@@ -455,12 +468,12 @@ class LocalStore:
             written.append(records.apply_repairs(rs))
         # Counted as a read in flight, so that extents freed meanwhile are not reused
         # (or discarded) under these writes.
-        gen = self.read_begin()
+        hold = self.read_hold()
         try:
             await self.per_device([(i, partial(rewrite, rs)) for i, rs in by_member.items()],
                                   "write", tolerate=True, what="a repair write")
         finally:
-            self.read_end(gen)
+            hold.release()
         return sum(written), frozenset(i for i in by_member if self.devices[i] is not None)
 
     # ==== frees, readers and release (invariant 3) =========================================
@@ -476,27 +489,24 @@ class LocalStore:
         del self.pending_free[:freed]
         self.release()
 
-    def frees_pending(self) -> bool:
-        """Whether frees wait for a commit (one would make them durable)."""
-        return bool(self.pending_free)
-
-    async def reclaim(self) -> bool:
+    async def reclaim(self) -> Reclaim:
         """Release the freed space no read holds back (invariant 3). If freed space still
-        waits for reads older than its freeing commit, wait until some comes back and
-        return True (the caller tries again); False when none waits."""
+        waits for reads older than its freeing commit, wait until some comes back
+        (WAITED: the caller tries again); else COMMIT when frees wait for a commit (one
+        would make them durable), NOTHING when none does."""
         self.release()
         if self.releasable:
             await self.released.wait()
-            return True
-        return False
+            return Reclaim.WAITED
+        return Reclaim.COMMIT if self.pending_free else Reclaim.NOTHING
 
-    def read_begin(self) -> int:
-        """Note a read (or a pin) in flight; returns its generation for ``read_end``."""
+    def read_hold(self) -> _ReadHold:
+        """Note a read (or a pin) in flight until its ``release`` (invariant 3)."""
         gen = self.release_gen
         self.readers[gen] += 1
-        return gen
+        return _ReadHold(self, gen)
 
-    def read_end(self, gen: int) -> None:
+    def _read_end(self, gen: int) -> None:
         self.readers[gen] -= 1
         if not self.readers[gen]:
             del self.readers[gen]
@@ -619,35 +629,40 @@ class LocalStore:
             done.set()
 
     # ==== room and health ==================================================================
-    def free_bytes(self, prof: Profile | None = None) -> int:
-        """Bytes of free extents on present members; with a profile, only those that form
-        its full stripes (k + m extents on distinct members; members away take up to m
-        columns of a degraded stripe, rebuilt later)."""
-        free = self.free_extents
-        counts = [len(f) for i, f in enumerate(free) if self.devices[i] is not None]
-        if prof is None:
-            return sum(counts) * self.layout.extent_size
-        away = sorted((len(f) for i, f in enumerate(free) if self.placeable(i)
-                       and self.devices[i] is None), reverse=True)[:prof.m]
-        return prof.width * stripes(tuple(counts + away), prof.width) * self.layout.extent_size
-
-    def room(self, prof: Profile) -> Room:
-        """Which domains can take a column of a new segment, and the capacity of full
-        stripes of ``prof`` on the present ones."""
+    def room(self, prof: Profile | None) -> Room:
+        """The free bytes and the capacity in full stripes of ``prof`` on the present
+        domains (without a profile: every free and every held extent), and which domains
+        can take a column of a new segment. Free extents of members away count for up to
+        m columns of a degraded stripe (rebuilt later). One pass over the members: the
+        space account asks on every reservation."""
         ext = self.layout.extent_size
-        counts = tuple(mi.n_extents for mi in self.state.members
-                       if self.devices[mi.index] is not None)
-        free = self.free_extents
-        able = sum(1 for i, f in enumerate(free) if f and self.devices[i] is not None
-                   and i not in self.avoid)
-        away = sum(1 for i, f in enumerate(free) if f and self.devices[i] is None
-                   and self.placeable(i))
-        members = sum(1 for i, d in enumerate(self.devices)
-                      if d is not None and i not in self.avoid)
-        gone = sum(1 for i, d in enumerate(self.devices) if d is None and self.placeable(i))
-        present = sum(1 for d in self.devices if d is not None)
-        return Room(stripes(counts, prof.width) * prof.width * ext, able, away, members,
-                    gone, present, len(self.devices) - present)
+        held: list[int] = []
+        free_here: list[int] = []
+        free_away: list[int] = []
+        able = away = usable = gone = 0
+        members = self.state.members
+        for i, f in enumerate(self.free_extents):
+            placeable = i not in self.avoid and members[i].state != "removed"
+            if self.devices[i] is not None:
+                held.append(members[i].n_extents)
+                free_here.append(len(f))
+                if i not in self.avoid:
+                    usable += 1
+                    able += bool(f)
+            elif placeable:
+                gone += 1
+                away += bool(f)
+                free_away.append(len(f))
+        present = len(held)
+        if prof is None:
+            free, capacity = sum(free_here) * ext, sum(held) * ext
+        else:
+            w = prof.width
+            best_away = sorted(free_away, reverse=True)[:prof.m]
+            free = w * stripes(tuple(free_here + best_away), w) * ext
+            capacity = stripes(tuple(held), w) * w * ext
+        return Room(free, capacity, able, away, usable, gone, present,
+                    len(self.devices) - present)
 
     def health(self) -> tuple[DomainHealth, ...]:
         return tuple(
@@ -670,3 +685,18 @@ def stripes(counts: tuple[int, ...], width: int) -> int:
         else:
             hi = mid - 1
     return lo
+
+
+class _ReadHold:
+    """``LocalStore.read_hold``'s token: the release generation its read began in."""
+
+    __slots__ = ("_gen", "_store")
+
+    def __init__(self, store: LocalStore, gen: int) -> None:
+        self._store: LocalStore | None = store
+        self._gen = gen
+
+    def release(self) -> None:
+        store, self._store = self._store, None
+        if store is not None:              # a second release changes nothing
+            store._read_end(self._gen)

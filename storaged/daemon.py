@@ -133,7 +133,7 @@ async def maintain(registry: Registry, settings: Reloader, period: float = 0.5) 
             for name, entry in list(registry.pools.items()):
                 if watched.get(name) is not entry.pool:
                     watched[name] = entry.pool
-                    entry.pool.fault_threshold = settings.cfg.fault_threshold
+                    entry.pool.member_health.threshold = settings.cfg.fault_threshold
                     nursery.start_soon(_maintain_pool, registry, entry, settings, period)
                     nursery.start_soon(_expire_writes, entry, settings, period)
                     nursery.start_soon(_watch_members, entry, settings.cfg)
@@ -267,7 +267,7 @@ def apply_live(cfg: Config, registry: Registry) -> None:
     for entry in list(registry.pools.values()):
         entry.pool.deadlines.read = cfg.read_timeout
         entry.pool.deadlines.write = cfg.write_timeout
-        entry.pool.fault_threshold = cfg.fault_threshold
+        entry.pool.member_health.threshold = cfg.fault_threshold
         entry.full_warning = cfg.full_warning
 
 

@@ -130,7 +130,7 @@ async def test_intermittent_eio_is_absorbed_counted_then_faults(disks: Disks) ->
     writes = FaultyDevice(devs[4], seed=4)
     pool = await Pool.open([devs[0], flaky, devs[2], devs[3], writes, devs[5]])
     try:
-        pool.fault_threshold = 1000
+        pool.member_health.threshold = 1000
         flaky.read_error_rate = 0.3
         writes.write_error_rate = 0.3
         assert await read_all(pool, SIZE) == data
@@ -144,7 +144,7 @@ async def test_intermittent_eio_is_absorbed_counted_then_faults(disks: Disks) ->
         data = piece * 4
         assert await read_all(pool, SIZE) == data
         assert pool.statistics().members[4].write_errors > 0
-        pool.fault_threshold = 3
+        pool.member_health.threshold = 3
         flaky.read_error_rate = 1.0
         pool.record_cache.clear()   # (the record cache would serve the blocks without I/O)
         assert await read_all(pool, SIZE) == data
@@ -167,7 +167,7 @@ async def test_short_reads_are_errors_never_data(disks: Disks) -> None:
     short = FaultyDevice(devs[0], seed=6)
     pool = await Pool.open([short, devs[1], devs[2]])
     try:
-        pool.fault_threshold = 10_000
+        pool.member_health.threshold = 10_000
         short.short_read_rate = 0.5
         assert await read_all(pool, SIZE) == data
         assert short.injected_errors > 0
@@ -330,7 +330,7 @@ async def test_a_hanging_device_times_out_and_reads_go_on_from_redundancy(
     pool = await Pool.open([hung, devs[1], devs[2]])
     pool.deadlines.read = 0.2
     try:
-        pool.fault_threshold = 10_000
+        pool.member_health.threshold = 10_000
         hung.read_delay = 4.0           # far longer than the timeout: a hang
         with trio.fail_after(3.5):      # served before the device would have answered
             assert await read_all(pool, SIZE) == data

@@ -97,7 +97,7 @@ async def test_a_pool_faults_a_failing_member_once_and_reads_go_on(disks: Disks)
     bad = FaultyDevice(devs[0], seed=2)
     pool = await Pool.open([bad, devs[1]])
     try:
-        pool.fault_threshold = 2
+        pool.member_health.threshold = 2
         bad.read_error_rate = 1.0
         for _ in range(3):
             pool.record_cache.clear()

@@ -392,7 +392,7 @@ async def test_rebuild_reads_around_a_survivor_that_fails_reads(disks: Disks) ->
         await pool.replace_device(0, disks(1, prefix="spare").create()[0])
         start = pool.layout.data_offset + (1 << 20)
         faulty.bad_ranges = [(start, start + (2 << 20))]
-        pool.fault_threshold = 1 << 30     # keep it a member: its other reads are good
+        pool.member_health.threshold = 1 << 30     # keep it a member: its other reads are good
         assert await rebuild.run(pool) > 0
         assert faulty.injected_errors > 0
         assert pool.statistics().members[0].state == "online"

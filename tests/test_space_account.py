@@ -58,7 +58,7 @@ async def test_grants_leave_both_reserves_and_never_go_negative(tmp_path: Path) 
     never takes ``reserved`` below zero."""
     acct, store, _host = _account(tmp_path)
     cost = acct.record_cost(BS, PROF)
-    assert acct.available_bytes(PROF) == store.free_bytes(PROF)
+    assert acct.available_bytes(PROF) == store.room(PROF).free_bytes
     assert acct.cleaner_reserve() == 2 * 1 * EXT          # no segment yet: width 1
     assert acct.zeroing_reserve() == 4 * cost
     limit = acct.available_bytes(PROF) - acct.cleaner_reserve() - acct.zeroing_reserve()
@@ -118,7 +118,7 @@ async def test_make_room_waits_for_frees_held_by_older_reads(tmp_path: Path) -> 
         except NoSpace:
             break
     assert acct.available_bytes(PROF) == 0
-    reader = store.read_begin()
+    reader = store.read_hold()
     for placement in taken:
         store.free(placement)
     store.durable(sum(len(p) for p in taken))
@@ -128,7 +128,7 @@ async def test_make_room_waits_for_frees_held_by_older_reads(tmp_path: Path) -> 
         nursery.start_soon(acct.reserve_wait, BS, PROF)
         await trio.testing.wait_all_tasks_blocked()
         assert acct.reserved == 0
-        store.read_end(reader)
+        reader.release()
     assert acct.reserved == BS
 
 

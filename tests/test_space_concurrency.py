@@ -96,7 +96,7 @@ def _usable(pool: Pool, block_size: int = 65536) -> int:
     """Data bytes of whole blocks an empty pool takes before writes get ENOSPC."""
     prof = pool.default_profile
     cost = pool.record_cost(block_size, prof)
-    room = pool.available_bytes(prof) - pool._cleaner_reserve() - pool._zeroing_reserve()
+    room = pool.available_bytes(prof) - pool.space.cleaner_reserve() - pool.space.zeroing_reserve()
     return room // cost * block_size
 
 

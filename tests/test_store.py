@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+import trio
 
 from pool import codec, records
 from pool.deadlines import Deadlines
@@ -17,7 +18,7 @@ from pool.errors import NoSpace
 from pool.layout import Layout
 from pool.profile import Profile
 from pool.state import MemberInfo, PoolState, Segment
-from pool.store import Column, LocalStore, SegmentStore
+from pool.store import Column, LocalStore, Reclaim, SegmentStore
 
 EXT = 1 << 20
 N_DEV = 4
@@ -116,11 +117,11 @@ async def test_freed_space_waits_for_the_commit_and_older_reads(tmp_path: Path) 
     local, _devices, _hooks, _state = _store(tmp_path, extents=1, discard=False)
     store: SegmentStore = local
     prof = Profile(2, 1)
-    before = store.free_bytes(prof)
+    before = store.room(prof).free_bytes
     taken = [store.allocate(prof.k, prof.m) for _ in range(len(local.free_extents[0]))]
     flat = [x for p in taken for x in p]
     assert len(set(flat)) == len(flat)                          # invariant 2: never twice
-    assert store.free_bytes(prof) < before
+    assert store.room(prof).free_bytes < before
     while True:
         try:
             flat.extend(store.allocate(prof.k, prof.m))
@@ -128,20 +129,29 @@ async def test_freed_space_waits_for_the_commit_and_older_reads(tmp_path: Path) 
             assert "no room for a new ec:2+1 segment" in e.message
             break
     assert len(set(flat)) == len(flat)
-    assert store.free_bytes(prof) == 0
+    assert store.room(prof).free_bytes == 0
     left = {(i, e) for i, f in enumerate(local.free_extents) for e in f}
-    reader = store.read_begin()              # a read that may still see the segment
+    assert await store.reclaim() is Reclaim.NOTHING
+    reader = store.read_hold()               # a read that may still see the segment
     store.free(taken[0])
+    assert await store.reclaim() is Reclaim.COMMIT   # the caller's next step: a commit
     with pytest.raises(NoSpace):
         store.allocate(prof.k, prof.m)       # not durable yet
     store.durable(len(taken[0]))
     with pytest.raises(NoSpace):
         store.allocate(prof.k, prof.m)       # durable, but an older read is in flight
-    late = store.read_begin()                # begun after the commit: does not hold it
-    store.read_end(reader)
+    late = store.read_hold()                 # begun after the commit: does not hold it
+    with trio.move_on_after(0.05) as waited:
+        await store.reclaim()                # waits for the older read
+    assert waited.cancelled_caught
+    reader.release()
+    reader.release()                         # a second release changes nothing:
+    assert sum(local.readers.values()) == 1  # the late read still counts
+    assert await store.reclaim() is Reclaim.NOTHING
     got = set(store.allocate(prof.k, prof.m))
     assert got & set(taken[0]) and got <= set(taken[0]) | left
-    store.read_end(late)
+    late.release()
+    assert not local.readers
 
 
 async def test_released_space_is_discarded_unless_taken_again_first(tmp_path: Path) -> None:
@@ -205,10 +215,10 @@ async def test_room_and_capacity_in_full_stripes(tmp_path: Path) -> None:
     room = store.room(Profile(2, 1))
     assert room.capacity_bytes == (N_DEV * n // 3) * 3 * EXT
     assert (room.with_room, room.present, room.missing) == (N_DEV, N_DEV, 0)
-    assert store.free_bytes(None) == N_DEV * n * EXT
-    assert store.free_bytes(Profile(1, 3)) == n * 4 * EXT
+    assert store.room(None).free_bytes == N_DEV * n * EXT
+    assert store.room(Profile(1, 3)).free_bytes == n * 4 * EXT
     devices[0] = None
     assert store.room(Profile(2, 1)).missing == 1
     # Away members still take up to m columns of a degraded stripe, no more.
-    assert store.free_bytes(Profile(2, 1)) == 3 * (4 * n // 3) * EXT
-    assert store.free_bytes(Profile(3, 0)) == 3 * n * EXT
+    assert store.room(Profile(2, 1)).free_bytes == 3 * (4 * n // 3) * EXT
+    assert store.room(Profile(3, 0)).free_bytes == 3 * n * EXT

@@ -66,7 +66,7 @@ class FailingWrites(FaultyDevice):
 async def _plain(tmp_path: Path) -> tuple[Pool, FailingWrites]:
     dev = FailingWrites(FileDevice(str(tmp_path / "d0"), create_size=64 * MiB))
     pool = await Pool.create("c", [dev], extent_size=MiB, meta_size=4 * MiB)
-    pool.fault_threshold = 1 << 30          # an injected error must not fault the member
+    pool.member_health.threshold = 1 << 30          # an injected error must not fault the member
     return pool, dev
 
 
