@@ -24,10 +24,10 @@ The vocabulary, in RADOS terms:
   completes a write (``rados_write``, an aio's completion) only once every replica or EC
   shard of the placement group has committed it (since Luminous "complete" means
   "safe": durable on the OSDs), and ``write`` returns only after its calls completed.
-- ``free``/``durable``/``read_begin``/``read_end``: as LocalStore's invariant 3; the
+- ``free``/``durable``/``read_hold``: as LocalStore's invariant 3; the
   released object is deleted (RADOS gives the space back, so discard is free) by ``run``,
   ``reclaim`` or ``settle_discards``.
-- ``room``/``free_bytes``: the capacity is the RADOS pool's quota (``osd pool
+- ``room``: the capacity is the RADOS pool's quota (``osd pool
   set-quota POOL max_bytes N``, read from the OSD map with the mon command ``osd pool
   ls detail``; ``osd pool get-quota`` answers only with a mgr's stats), bounded by the
   cluster's free raw space divided by the pool's size when a mgr reports it. A pool
@@ -69,7 +69,15 @@ from pool.profile import Profile
 from pool.rados.conn import Connection, Fenced
 from pool.rados.segments import ObjectColumn, RadosSegments
 from pool.state import PoolState, Segment
-from pool.store import Column, DomainHealth, Placement, Room, StoreHooks, WriteOutcome
+from pool.store import (
+    Column,
+    DomainHealth,
+    Placement,
+    Reclaim,
+    Room,
+    StoreHooks,
+    WriteOutcome,
+)
 
 log = logging.getLogger(__name__)
 DOMAIN = 0              # the one failure domain: the RADOS pool
@@ -252,11 +260,11 @@ class RadosStore:
         self._check_fenced()
         if not repairs:
             return 0, frozenset()
-        gen = self.read_begin()
+        hold = self.read_hold()
         try:
             wrote, lost = await trio.to_thread.run_sync(records.write_repairs, repairs)
         finally:
-            self.read_end(gen)
+            hold.release()
         for _r in lost:
             self._hooks.count_error(DOMAIN, "write", "writing a rebuilt fragment")
         return wrote, frozenset({DOMAIN})
@@ -284,15 +292,14 @@ class RadosStore:
         del self.pending_free[:freed]
         self.release()
 
-    def frees_pending(self) -> bool:
-        return bool(self.pending_free)
-
-    def read_begin(self) -> int:
+    def read_hold(self) -> _ReadHold:
+        """Note a read (or a pin) in flight until its ``release`` (invariant 3 of
+        pool.store: freed objects outlive every read begun before their free)."""
         gen = self.release_gen
         self.readers[gen] += 1
-        return gen
+        return _ReadHold(self, gen)
 
-    def read_end(self, gen: int) -> None:
+    def _read_end(self, gen: int) -> None:
         self.readers[gen] -= 1
         if not self.readers[gen]:
             del self.readers[gen]
@@ -348,17 +355,17 @@ class RadosStore:
                 self._hooks.count("discarded_extents", len(gone))
             return len(gone)
 
-    async def reclaim(self) -> bool:
+    async def reclaim(self) -> Reclaim:
         """Delete what no read holds back; if some freed object still waits for a read
-        older than its freeing commit, wait until some is released and return True (the
-        caller tries again); False when none waits."""
+        older than its freeing commit, wait until some is released (WAITED: the caller
+        tries again); COMMIT when frees wait for a commit; else NOTHING."""
         self.release()
         if self.deletable:
             await self.delete_released()
         if self.releasable:
             await self._released.wait()
-            return True
-        return False
+            return Reclaim.WAITED
+        return Reclaim.COMMIT if self.pending_free else Reclaim.NOTHING
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -408,17 +415,17 @@ class RadosStore:
             await self.delete_released()
 
     # ==== room and health ==================================================================
-    def free_bytes(self, prof: Profile | None = None) -> int:
+    def _free_bytes(self, prof: Profile | None) -> int:
         if prof is not None and (prof.k, prof.m) != (1, 0):
             return 0
         return max(0, self.capacity() - len(self.held) * self.segment_size)
 
-    def room(self, prof: Profile) -> Room:
-        ok = (prof.k, prof.m) == (1, 0) and self.conn.fenced is None
+    def room(self, prof: Profile | None) -> Room:
+        ok = (prof is None or (prof.k, prof.m) == (1, 0)) and self.conn.fenced is None
         present = int(self.conn.fenced is None)
         cap = self.capacity() if ok else 0
-        return Room(cap, int(ok and self.free_bytes(prof) > 0), 0, int(ok), 0, present,
-                    1 - present)
+        free = self._free_bytes(prof) if ok else 0
+        return Room(free, cap, int(ok and free > 0), 0, int(ok), 0, present, 1 - present)
 
     def health(self) -> tuple[DomainHealth, ...]:
         cap = self.capacity()
@@ -436,3 +443,19 @@ async def _numbers(conn: Connection, state: PoolState) -> set[int]:
         return {int(obj.key[len(prefix):].split(".")[0], 16)
                 for obj in conn.ioctx.list_objects() if obj.key.startswith(prefix)}
     return await conn.run("read", f"list the segments of pool {state.name}", scan)
+
+
+class _ReadHold:
+    """``RadosStore.read_hold``'s token: the release generation its read began in; a
+    second ``release`` changes nothing."""
+
+    __slots__ = ("_gen", "_store")
+
+    def __init__(self, store: RadosStore, gen: int) -> None:
+        self._store: RadosStore | None = store
+        self._gen = gen
+
+    def release(self) -> None:
+        store, self._store = self._store, None
+        if store is not None:
+            store._read_end(self._gen)

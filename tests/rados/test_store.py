@@ -24,7 +24,7 @@ from pool.rados.owner import OwnershipLock
 from pool.rados.segments import RadosSegments
 from pool.rados.store import RadosStore
 from pool.state import PoolState, Segment
-from pool.store import Column, SegmentStore
+from pool.store import Column, Reclaim, SegmentStore
 from tests.cephkit import TEST_POOL, Cluster, why_not
 from tests.rados.radoskit import connect, new_uuid, owner, snapshot
 
@@ -184,15 +184,15 @@ async def test_room_is_the_quota(ceph: Cluster) -> None:
         == [QUOTA]
     plain = Profile(1, 0)
     assert store.room(plain).capacity_bytes == QUOTA
-    assert store.free_bytes(plain) == QUOTA
+    assert store.room(plain).free_bytes == QUOTA
     taken = [store.allocate(1, 0) for _ in range(QUOTA // SEG)]
-    assert store.free_bytes(plain) == 0 and store.room(plain).with_room == 0
+    assert store.room(plain).free_bytes == 0 and store.room(plain).with_room == 0
     with pytest.raises(NoSpace, match="no room for a new segment"):
         store.allocate(1, 0)
     store.free(taken[0])
     store.durable(1)
     await store.settle_discards()
-    assert store.free_bytes(plain) == SEG
+    assert store.room(plain).free_bytes == SEG
     assert store.allocate(1, 0)[0][1] not in {p[0][1] for p in taken}   # invariant 2
     await conn.close()
 
@@ -209,31 +209,29 @@ async def test_freed_objects_go_after_the_commit_and_older_reads(ceph: Cluster) 
     datas = [os.urandom(BS) for _ in range(4)]
     recs, offs = await _write(store, seg, datas)
     oid = store.columns(seg)[0].name
-    old = store.read_begin()                   # a read that may still reach the segment
+    old = store.read_hold()                    # a read that may still reach the segment
     store.free(seg.extents)
-    assert store.frees_pending()
-    assert await store.reclaim() is False      # nothing durable: nothing waits
+    assert await store.reclaim() is Reclaim.COMMIT   # nothing durable: a commit would do
     await store.settle_discards()
     assert _exists(conn, oid)                  # not durable yet
     store.durable(1)
-    assert not store.frees_pending()
     await store.settle_discards()
     assert _exists(conn, oid)                  # durable, but an older read is in flight
     got = await trio.to_thread.run_sync(
         records.read_records, _plans(seg, store.columns(seg), offs, recs), BS, Deadlines())
     assert not got.failures, got.failures
     assert [bytes(got.payloads[i]) for i in range(4)] == datas
-    late = store.read_begin()                  # begun after the commit: does not hold it
+    late = store.read_hold()                   # begun after the commit: does not hold it
     async with trio.open_nursery() as nursery:
         async def reclaim() -> None:
-            while await store.reclaim():
+            while await store.reclaim() is Reclaim.WAITED:
                 pass
         nursery.start_soon(reclaim)
         await trio.sleep(0.2)
         assert _exists(conn, oid)              # reclaim waits for the older read
-        store.read_end(old)
+        old.release()
     assert not _exists(conn, oid)
-    store.read_end(late)
+    late.release()
     assert hooks.counts.get("discarded_extents") == 1 and not hooks.errors
     await conn.close()
 
