@@ -6,6 +6,7 @@ writebacks run and other writers race; every byte reads back exactly."""
 from __future__ import annotations
 
 import random
+import threading
 
 import pytest
 import trio
@@ -238,6 +239,63 @@ async def test_old_buffered_writes_are_written_back_and_committed(
         assert pool.statistics().commits > commits             # durable, not only written
         assert await vol.read(0, 5000) == b"q" * 5000
     finally:
+        await pool.close()
+
+
+class _HeldSync(FaultyDevice):
+    """A device whose sync waits until the test lets it go (a slow cache flush)."""
+
+    def __init__(self, inner: Device, waiting: threading.Event) -> None:
+        super().__init__(inner)
+        self.go = threading.Event()
+        self.go.set()
+        self.waiting = waiting
+
+    def sync(self) -> None:
+        if not self.go.is_set():
+            self.waiting.set()
+            self.go.wait(30)
+        super().sync()
+
+
+@pytest.mark.parametrize("how", ["age", "flush"])
+async def test_dirty_bytes_drop_only_once_the_commit_is_durable(
+        small_buffer: volume_module.WriteBuffer, how: str) -> None:
+    """Rule W9: while the commit of an age writeback or a flush waits for the devices'
+    sync, the volume still reports its written-back bytes as dirty; 0 only once the
+    commit returned. (The old order cleared them when the writeback took the buffer, so an
+    observer, like the daemon test that kills the daemon on dirty_bytes == 0, saw a clean
+    volume whose data was not durable.)"""
+    waiting = threading.Event()
+    devs = [_HeldSync(MemoryDevice(256 * MiB, path=f"hs{i}"), waiting) for i in range(3)]
+    pool = await Pool.create("hs", list(devs), profile="ec:2+1", extent_size=4 * MiB)
+    try:
+        vm = VolumeManager(pool)
+        vol = await vm.create("v", MiB, block_size=BS)
+        await vol.write(BS, b"d" * (2 * BS))
+        assert vol.statistics().dirty_bytes == 2 * BS
+        commits = pool.statistics().commits
+        for d in devs:
+            d.go.clear()
+        async with trio.open_nursery() as nursery:
+            if how == "age":
+                nursery.start_soon(vm.write_back_older_than, 0.0)
+            else:
+                nursery.start_soon(vol.flush)
+            try:
+                assert await trio.to_thread.run_sync(waiting.wait, 10)
+                # The commit is inside a device sync: nothing is durable yet.
+                assert pool.statistics().commits == commits
+                assert vol.statistics().dirty_bytes == 2 * BS
+            finally:
+                for d in devs:
+                    d.go.set()
+        assert pool.statistics().commits > commits
+        assert vol.statistics().dirty_bytes == 0
+        assert await vol.read(0, 3 * BS) == bytes(BS) + b"d" * (2 * BS)
+    finally:
+        for d in devs:
+            d.go.set()
         await pool.close()
 
 

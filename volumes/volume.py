@@ -146,7 +146,8 @@ class VolumeStatistics:
     mapped_bytes: int      # logical bytes of blocks that hold data (committed or buffered)
     stored_bytes: int      # device bytes of the volume's records (all fragments)
     unique_bytes: int      # of those, held only by this volume (not shared with snapshots)
-    dirty_bytes: int       # bytes in the write buffer, not yet written to the pool
+    dirty_bytes: int       # buffered bytes not yet written to the pool, and those a flush
+                           # wrote whose commit has not returned (rule W9)
     reads: int
     writes: int
     bytes_read: int
@@ -194,6 +195,9 @@ class Volume:
         # False): writeback stores them without trying lz4.
         self._no_lz4: set[int] = set()
         self._dirty_since: float | None = None   # monotonic time _dirty got its first data
+        # Data blocks a flush (or an aged writeback) took from _dirty whose commit has not
+        # returned: they still count as dirty_bytes, which drop only once they are durable.
+        self._syncing = 0
         self._locks: dict[int, trio.Lock] = {}
         self._wb_lock = trio.Lock()
         self._deleted = False
@@ -906,21 +910,39 @@ class Volume:
             if buffered >= self._threshold(buffered):
                 await self._write_dirty()
 
-    async def write_back(self) -> None:
+    async def write_back(self, *, commit_next: bool = False) -> int:
         """Write back every write acknowledged before this call, as records (not yet
         committed). One pass under the lock (rule W4): whatever was acknowledged before
         the call is, once the lock is ours, in the map or in ``_dirty`` (the previous
         holder's batch is in the map, or back in ``_dirty`` if it failed), so writes that
-        keep arriving meanwhile never hold a flush or a snapshot up."""
-        async with self._wb_lock:
-            await self._write_dirty()
+        keep arriving meanwhile never hold a flush or a snapshot up.
 
-    async def _write_dirty(self) -> None:
-        """Write out the whole of ``_dirty`` (the caller holds the writeback lock)."""
-        if self._dirty:
-            batch, self._dirty = self._dirty, {}
-            data_blocks, self._dirty_data = self._dirty_data, 0
+        ``commit_next``: the caller commits the pool next, then calls ``durable`` with the
+        count returned: until then the blocks written still count as ``dirty_bytes``
+        (rule W9), so no observer sees a clean volume whose data is not yet durable."""
+        async with self._wb_lock:
+            return await self._write_dirty(commit_next=commit_next)
+
+    def durable(self, blocks: int) -> None:
+        """The commit after ``write_back(commit_next=True)`` returned: its ``blocks`` are
+        durable and no longer count as dirty."""
+        self._syncing = max(0, self._syncing - blocks)
+
+    async def _write_dirty(self, *, commit_next: bool = False) -> int:
+        """Write out the whole of ``_dirty`` (the caller holds the writeback lock);
+        returns the data blocks now counted in ``_syncing`` (``commit_next`` only)."""
+        if not self._dirty:
+            return 0
+        batch, self._dirty = self._dirty, {}
+        data_blocks, self._dirty_data = self._dirty_data, 0
+        syncing = data_blocks if commit_next else 0
+        self._syncing += syncing        # in the same step as they leave _dirty (W9)
+        try:
             await self._write_out(batch, data_blocks)
+        except BaseException:
+            self._syncing -= syncing    # back in _dirty (W6), or dropped with the volume
+            raise
+        return syncing
 
     async def writeback_then(self, action: Callable[[], None], *,
                              write_back: bool = True) -> None:
@@ -1013,8 +1035,11 @@ class Volume:
         if self._deleted:
             raise NotFound(f"volume {self.name} was deleted")
         started = time.perf_counter()
-        await self.write_back()
-        await self._pool.commit()
+        written = await self.write_back(commit_next=True)
+        try:
+            await self._pool.commit()
+        finally:
+            self.durable(written)
         self._stats["flushes"] += 1
         self._latency["flush"].observe(time.perf_counter() - started)
 
@@ -1073,7 +1098,7 @@ class Volume:
             self.name, self.size, self.block_size, str(self.profile), self.compression,
             self.read_only, min(len(mapped) * self.block_size, self.size),
             self._pool.stored_bytes(self._map), self._pool.exclusive_bytes(self._map),
-            self._dirty_data * self.block_size,
+            (self._dirty_data + self._syncing) * self.block_size,
             **self._stats,
             latency=tuple((op, rec.snapshot()) for op, rec in self._latency.items()))
 
@@ -1082,6 +1107,7 @@ class Volume:
         self._pool.unreserve(self._dirty_data * self._cost)
         self._dirty.clear()
         self._dirty_data = 0
+        self._syncing = 0
         self._no_lz4.clear()
 
     def mark_deleted(self) -> None:
