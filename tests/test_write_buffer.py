@@ -6,13 +6,14 @@ writebacks run and other writers race; every byte reads back exactly."""
 from __future__ import annotations
 
 import random
+import threading
 
 import pytest
 import trio
 
 from pool import Device, MemoryDevice, Pool
 from pool.faults import FaultyDevice
-from volumes import InvalidArgument, ReadOnly, Volume, VolumeManager
+from volumes import InvalidArgument, ReadOnly, StorageError, Volume, VolumeManager
 from volumes import volume as volume_module
 
 MiB = 1 << 20
@@ -241,11 +242,68 @@ async def test_old_buffered_writes_are_written_back_and_committed(
         await pool.close()
 
 
+class _HeldSync(FaultyDevice):
+    """A device whose sync waits until the test lets it go (a slow cache flush)."""
+
+    def __init__(self, inner: Device, waiting: threading.Event) -> None:
+        super().__init__(inner)
+        self.go = threading.Event()
+        self.go.set()
+        self.waiting = waiting
+
+    def sync(self) -> None:
+        if not self.go.is_set():
+            self.waiting.set()
+            self.go.wait(30)
+        super().sync()
+
+
+@pytest.mark.parametrize("how", ["age", "flush"])
+async def test_dirty_bytes_drop_only_once_the_commit_is_durable(
+        small_buffer: volume_module.WriteBuffer, how: str) -> None:
+    """Rule W9: while the commit of an age writeback or a flush waits for the devices'
+    sync, the volume still reports its written-back bytes as dirty; 0 only once the
+    commit returned. (The old order cleared them when the writeback took the buffer, so an
+    observer, like the daemon test that kills the daemon on dirty_bytes == 0, saw a clean
+    volume whose data was not durable.)"""
+    waiting = threading.Event()
+    devs = [_HeldSync(MemoryDevice(256 * MiB, path=f"hs{i}"), waiting) for i in range(3)]
+    pool = await Pool.create("hs", list(devs), profile="ec:2+1", extent_size=4 * MiB)
+    try:
+        vm = VolumeManager(pool)
+        vol = await vm.create("v", MiB, block_size=BS)
+        await vol.write(BS, b"d" * (2 * BS))
+        assert vol.statistics().dirty_bytes == 2 * BS
+        commits = pool.statistics().commits
+        for d in devs:
+            d.go.clear()
+        async with trio.open_nursery() as nursery:
+            if how == "age":
+                nursery.start_soon(vm.write_back_older_than, 0.0)
+            else:
+                nursery.start_soon(vol.flush)
+            try:
+                assert await trio.to_thread.run_sync(waiting.wait, 10)
+                # The commit is inside a device sync: nothing is durable yet.
+                assert pool.statistics().commits == commits
+                assert vol.statistics().dirty_bytes == 2 * BS
+            finally:
+                for d in devs:
+                    d.go.set()
+        assert pool.statistics().commits > commits
+        assert vol.statistics().dirty_bytes == 0
+        assert await vol.read(0, 3 * BS) == bytes(BS) + b"d" * (2 * BS)
+    finally:
+        for d in devs:
+            d.go.set()
+        await pool.close()
+
+
 async def test_vectored_and_sparse_reads_never_see_later_patches(
         small_buffer: volume_module.WriteBuffer) -> None:
     """read_vectored and read_sparse hand out buffers a frontend sends later (iSCSI
     Data-In, NBD replies): a partial write that patches the buffered block in place
-    afterwards must not show through."""
+    afterwards must not show through (readshape invariant 1)."""
     pool = await _pool()
     try:
         vol = await VolumeManager(pool).create("v", 2 * MiB, block_size=BS)
@@ -264,5 +322,58 @@ async def test_vectored_and_sparse_reads_never_see_later_patches(
         assert b"".join(sparse) == before
         assert b"".join(quick) == before_quick
         assert await vol.read(0, 2000) == b"c" * 2000
+    finally:
+        await pool.close()
+
+
+async def test_the_fast_paths_see_the_buffer_after_every_kind_of_writeback(
+        small_buffer: volume_module.WriteBuffer) -> None:
+    """Buffer invariant 1: the volume's fast paths read and patch the buffer's own dicts
+    under their own names, so no writeback (threshold, flush, snapshot, failed, rollback)
+    may rebind them. After each, a write_nowait patch of a buffered block and a
+    read_sparse_nowait read back exactly, and the pool holds what was acknowledged."""
+    devs = [FaultyDevice(MemoryDevice(256 * MiB, path=f"fp{i}")) for i in range(3)]
+    pool = await Pool.create("fp", list(devs), profile="ec:2+1", extent_size=4 * MiB)
+    try:
+        vm = VolumeManager(pool)
+        vol = await vm.create("v", 4 * MiB, block_size=BS)
+        model = bytearray(4 * MiB)
+
+        async def patch_and_check(step: int) -> None:
+            data = bytes([step + 1]) * 3000
+            await vol.write(BS + 100, data)                 # buffered as a bytearray
+            model[BS + 100:BS + 3100] = data
+            nxt = bytes([step + 50]) * 700
+            assert vol.write_nowait(BS + 200, nxt)          # the in-place patch
+            model[BS + 200:BS + 900] = nxt
+            got = vol.read_sparse_nowait(BS, BS)
+            assert got is not None
+            assert b"".join(bytes(p) for _o, _n, d in got for p in (d or [])) \
+                == bytes(model[BS:2 * BS])
+            await _check(vol, model)
+
+        await patch_and_check(0)
+        big = random.Random(3).randbytes(int(1.5 * MiB))  # past the 1 MiB threshold
+        await vol.write(2 * MiB, big)
+        model[2 * MiB:2 * MiB + len(big)] = big
+        await patch_and_check(1)
+        await vol.flush()
+        await patch_and_check(2)
+        await vm.snapshot("v", "s1")
+        await patch_and_check(3)
+        for d in devs:
+            d.write_error_rate = 1.0
+        with pytest.raises(StorageError):
+            await vol.flush()                               # the batch goes back (W6)
+        for d in devs:
+            d.write_error_rate = 0.0
+        await patch_and_check(4)
+        await vol.flush()
+        await vm.rollback("v", "s1")
+        model[:] = bytes(await vol.read(0, 4 * MiB))
+        await patch_and_check(5)
+        await vol.flush()
+        assert vol.statistics().dirty_bytes == 0
+        await _check(vol, model)
     finally:
         await pool.close()

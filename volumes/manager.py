@@ -126,10 +126,17 @@ class VolumeManager:
         bounded time (like the kernel's dirty_expire or ZFS's transaction group timeout).
         Returns how many volumes were written back."""
         old = [v for v in self._volumes.values() if v.buffered_age() > age]
-        for vol in old:
-            await vol.write_back()
-        if old:
-            await self.pool.commit()
+        written: builtins.list[tuple[Volume, int]] = []
+        try:
+            for vol in old:
+                written.append((vol, await vol.write_back(commit_next=True)))
+            if old:
+                await self.pool.commit()
+        finally:
+            # Only now are their dirty_bytes durable (rule W9), or, on an error, left to
+            # the next flush.
+            for vol, blocks in written:
+                vol.durable(blocks)
         return len(old)
 
     def names(self) -> list[str]:

@@ -12,7 +12,13 @@ reads the block, patches it and puts it back under that block's lock, so concurr
 overlapping writes never lose each other's bytes; whole-block writes take no lock unless a
 partial write of the same block is in progress. The write buffer's layers, the writeback
 lock and the order in which flushes, snapshots, receives and background writebacks
-interleave follow the rules W1-W8 of docs/INTERNALS.md ("Write buffer concurrency").
+interleave follow the rules W1-W9 of docs/INTERNALS.md ("Write buffer concurrency").
+
+Composed parts: the write buffer (its layers, reservations, read-modify-write and
+writeback) is ``VolumeBuffer`` in volumes/buffer.py; how a read's blocks become its answer
+is volumes/readshape.py; QoS limits and weights are volumes/qos.py. This class keeps the
+request paths, whose fast paths (``read_sparse_nowait``, ``read_vectored_nowait``,
+``write_nowait``) use the buffer's dicts under their own names (buffer invariant 1).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import trio
 from pool.errors import InvalidArgument, NoSpace, NotFound, ReadOnly, StorageError
 from pool.pool import Pool
 from pool.profile import Profile
+from volumes.buffer import Block, VolumeBuffer
 from volumes.capabilities import Capabilities
 from volumes.openers import Openers
 from volumes.qos import (
@@ -40,6 +47,7 @@ from volumes.qos import (
     ThrottleStatistics,
     WeightedDispatcher,
 )
+from volumes.readshape import Piece, buffers, runs
 from volumes.records import ReceiveState, VolumeRecord
 
 if TYPE_CHECKING:
@@ -51,14 +59,7 @@ MIN_BLOCK = 4096
 MAX_BLOCK = 1024 * 1024
 DEFAULT_BLOCK = 64 * 1024
 WRITEBACK_MIN = 32 * 1024 * 1024     # every volume may buffer this much before writeback
-WRITEBACK_BATCH = 128                # blocks per pool write call
-WRITEBACK_PARALLEL = 2               # pool write calls in flight per volume
-_MISSING = object()
 WEIGHT_IO_BYTES = 256 * 1024         # a request's weighted cost: 1 + its bytes / this
-# A buffered block's content: bytes or a view of immutable bytes (a full block written from
-# them, kept without a copy), or a bytearray the volume owns (a read-modify-write result,
-# patched in place by later partial writes while it is buffered).
-Block = bytes | bytearray | memoryview
 
 
 def _default_write_buffer() -> int:
@@ -85,8 +86,11 @@ class WriteBuffer:
         self.limit = limit if limit is not None else _default_write_buffer()
         self.used = 0                 # bytes of data blocks buffered by all volumes
 
-    def threshold(self, own: int) -> int:
-        """Bytes a volume buffering ``own`` bytes may hold before writing back."""
+    def threshold(self, own: int, *, streaming: bool = False) -> int:
+        """Bytes a volume buffering ``own`` bytes may hold before writing back (a
+        ``streaming`` one: WRITEBACK_MIN, see ``Volume.streaming``)."""
+        if streaming:
+            return WRITEBACK_MIN
         return max(WRITEBACK_MIN, self.limit - (self.used - own))
 
 
@@ -146,7 +150,8 @@ class VolumeStatistics:
     mapped_bytes: int      # logical bytes of blocks that hold data (committed or buffered)
     stored_bytes: int      # device bytes of the volume's records (all fragments)
     unique_bytes: int      # of those, held only by this volume (not shared with snapshots)
-    dirty_bytes: int       # bytes in the write buffer, not yet written to the pool
+    dirty_bytes: int       # buffered bytes not yet written to the pool, and those a flush
+                           # wrote whose commit has not returned (rule W9)
     reads: int
     writes: int
     bytes_read: int
@@ -162,8 +167,6 @@ class Volume:
     def __init__(self, pool: Pool, obj_id: int, record: VolumeRecord,
                  write_buffer: WriteBuffer | None = None) -> None:
         self._pool = pool
-        # The budget this volume's unflushed writes count against (its manager's).
-        self.write_buffer = write_buffer if write_buffer is not None else WRITE_BUFFER
         self._obj_id = obj_id
         self._record = record
         self._map: int = record.map
@@ -176,26 +179,16 @@ class Volume:
         # The frontends' clients of this volume (volumes/openers.py); a snapshot's views
         # share their snapshot's (the manager sets it).
         self.openers = Openers()
-        # Set by a writer that writes each block once, in one pass (a receive): the buffer
-        # then cannot absorb rewrites, so writeback starts at WRITEBACK_MIN and overlaps
-        # the rest of the stream instead of waiting for the flush.
-        self.streaming = False
-        self._zero = bytes(self.block_size)
+        # The write buffer (volumes/buffer.py, rules W1-W9); its layers and block locks
+        # under our own names too, for the fast paths (buffer invariant 1).
+        self._buf = buf = VolumeBuffer(
+            pool, map_id=record.map, size=record.size, block_size=self.block_size,
+            profile=self.profile, compression=self.compression,
+            write_buffer=write_buffer if write_buffer is not None else WRITE_BUFFER)
+        self._dirty, self._inflight = buf.dirty, buf.inflight
+        self._locks, self._no_lz4 = buf.locks, buf.no_lz4
+        self._zero = buf.zero
         self._zero_view = memoryview(self._zero)
-        self._cost = pool.record_cost(self.block_size, self.profile)
-        # Buffered block contents: bytes, or a view of a caller's bytes (immutable, so a
-        # full block written from them is kept without a copy). Two layers over the map,
-        # newest first: _dirty (new writes) and _inflight (the batch the holder of _wb_lock
-        # is writing back). See "Write buffer concurrency" (W1-W8) in docs/INTERNALS.md.
-        self._dirty: dict[int, Block | None] = {}
-        self._inflight: dict[int, Block | None] = {}
-        self._dirty_blocks = 0        # blocks in _dirty holding data (each reserved)
-        # Blocks in _dirty whose writer knew they do not compress (write compressible=
-        # False): writeback stores them without trying lz4.
-        self._no_lz4: set[int] = set()
-        self._dirty_since: float | None = None   # monotonic time _dirty got its first data
-        self._locks: dict[int, trio.Lock] = {}
-        self._wb_lock = trio.Lock()
         self._deleted = False
         self._stats = dict.fromkeys(("reads", "writes", "bytes_read", "bytes_written",
                                      "flushes", "trims"), 0)
@@ -267,22 +260,24 @@ class Volume:
                 w[1] += 1
 
     @property
-    def _dirty_data(self) -> int:
-        return self._dirty_blocks
+    def write_buffer(self) -> WriteBuffer:
+        """The budget this volume's unflushed writes count against (its manager's)."""
+        return self._buf.write_buffer
 
-    @_dirty_data.setter
-    def _dirty_data(self, n: int) -> None:
-        self.write_buffer.used += (n - self._dirty_blocks) * self.block_size
-        if not n:
-            self._dirty_since = None
-        elif not self._dirty_blocks:
-            self._dirty_since = time.monotonic()
-        self._dirty_blocks = n
+    @property
+    def streaming(self) -> bool:
+        """Set by a writer that writes each block once, in one pass (a receive): the
+        buffer then cannot absorb rewrites, so writeback starts at WRITEBACK_MIN and
+        overlaps the rest of the stream instead of waiting for the flush."""
+        return self._buf.streaming
+
+    @streaming.setter
+    def streaming(self, on: bool) -> None:
+        self._buf.streaming = on
 
     def buffered_age(self) -> float:
         """Seconds since the oldest data in the write buffer arrived (0 when it has none)."""
-        since = self._dirty_since
-        return 0.0 if since is None else time.monotonic() - since
+        return self._buf.age()
 
     def capabilities(self) -> Capabilities:
         """What this volume offers now (see volumes/capabilities.py); computed on each call,
@@ -345,7 +340,9 @@ class Volume:
             spans, buffered = await self._contents(offset, length)
         finally:
             d.release()
-        return self._assemble(spans, buffered, offset, length, started)
+        out = runs(spans, buffered, offset, length, self.block_size)
+        self._count_read(length, started)
+        return out
 
     def read_sparse_nowait(self, offset: int,
                            length: int) -> list[tuple[int, int, list[Piece] | None]] | None:
@@ -363,7 +360,11 @@ class Volume:
         if 0 < length <= bs and (offset + length - 1) // bs == b:
             return self._read_one_nowait(b, offset, length, started)
         got = self._contents_nowait(offset, length)
-        return None if got is None else self._assemble(*got, offset, length, started)
+        if got is None:
+            return None
+        out = runs(*got, offset, length, bs)
+        self._count_read(length, started)
+        return out
 
     async def read_vectored(self, offset: int, length: int) -> list[bytes | memoryview]:
         """``read`` as buffers whose concatenation is the range (one per block touched;
@@ -380,7 +381,9 @@ class Volume:
             spans, buffered = await self._contents(offset, length)
         finally:
             d.release()
-        return self._gather(spans, buffered, length, started)
+        out = buffers(spans, buffered, self._zero_view)
+        self._count_read(length, started)
+        return out
 
     def read_vectored_nowait(self, offset: int,
                              length: int) -> list[bytes | memoryview] | None:
@@ -397,7 +400,11 @@ class Volume:
                 return None
             return [data if data is not None else self._zero_view[:length]]
         got = self._contents_nowait(offset, length)
-        return None if got is None else self._gather(*got, length, started)
+        if got is None:
+            return None
+        vec = buffers(*got, self._zero_view)
+        self._count_read(length, started)
+        return vec
 
     async def readinto(self, offset: int, buffer: bytearray | memoryview) -> None:
         """``read`` of ``len(buffer)`` bytes at ``offset`` into the caller's writable
@@ -483,16 +490,6 @@ class Volume:
             buffered.update(zip(need, got, strict=True))
         return spans, buffered
 
-    def _gather(self, spans: list[tuple[int, int, int]], buffered: dict[int, Block | None],
-                length: int, started: float) -> list[bytes | memoryview]:
-        zero = self._zero_view
-        out: list[bytes | memoryview] = []
-        for b, lo, hi in spans:
-            v = buffered[b]
-            out.append(zero[lo:hi] if v is None else _piece(v, lo, hi))
-        self._count_read(length, started)
-        return out
-
     def _read_one_nowait(self, b: int, offset: int, length: int,
                          started: float) -> list[tuple[int, int, list[Piece] | None]] | None:
         """``read_sparse_nowait`` of a range inside block ``b`` (small random reads): the
@@ -508,7 +505,7 @@ class Volume:
         inside block ``b``: a copy (a small read keeps no whole block alive)."""
         self._check(offset, length, write=False)
         if self._dirty or self._inflight:
-            held, v = self._held(b)
+            held, v = self._buf.held(b)
         else:
             held, v = False, None
         if not held:
@@ -533,57 +530,12 @@ class Volume:
             return spans, buffered, [b for b, _lo, _hi in spans]
         need: list[int] = []
         for b, _lo, _hi in spans:
-            held, v = self._held(b)
+            held, v = self._buf.held(b)
             if held:
                 buffered[b] = v
             else:
                 need.append(b)
         return spans, buffered, need
-
-    def _assemble(self, spans: list[tuple[int, int, int]],
-                  buffered: dict[int, Block | None], offset: int, length: int,
-                  started: float) -> list[tuple[int, int, list[Piece] | None]]:
-        bs = self.block_size
-        out: list[tuple[int, int, list[Piece] | None]] = []
-        run: list[Piece] = []
-        run_start = hole_start = -1
-        for b, lo, hi in spans:
-            v = buffered[b]
-            pos = b * bs + lo
-            if v is None:
-                if run:
-                    out.append((run_start, pos - run_start, run))
-                    run = []
-                if hole_start < 0:
-                    hole_start = pos
-            else:
-                if hole_start >= 0:
-                    out.append((hole_start, pos - hole_start, None))
-                    hole_start = -1
-                if not run:
-                    run_start = pos
-                run.append(_piece(v, lo, hi))
-        end = offset + length
-        if run:
-            out.append((run_start, end - run_start, run))
-        elif hole_start >= 0:
-            out.append((hole_start, end - hole_start, None))
-        self._count_read(length, started)
-        return out
-
-    async def _current(self, b: int) -> bytearray:
-        """A copy of a block's present content (under its lock), to patch."""
-        while True:
-            base = self._buffered(b)
-            if base is not None:
-                return base
-            base = bytearray(self.block_size)
-            map_id = self._map
-            await self._pool.read_blocks_into(map_id, [b], self.block_size,
-                                              [memoryview(base)])
-            if self._map == map_id:
-                return base
-            # A rollback or receive replaced the map meanwhile (rule W7): patch the new one.
 
     # ---- writes ---------------------------------------------------------------------------
     async def write(self, offset: int, data: bytes | bytearray | memoryview, *,
@@ -607,8 +559,9 @@ class Volume:
         else:
             d.in_service += 1           # a free slot (WeightedDispatcher.try_acquire)
         try:
-            await self._update(offset, len(data), lambda lo, hi, pos: view[pos:pos + hi - lo],
-                               reserve=True, keep=keep)
+            await self._buf.update(list(self._blocks(offset, len(data))),
+                                   lambda lo, hi, pos: view[pos:pos + hi - lo],
+                                   reserve=True, keep=keep)
         finally:
             d.release()
         if not compressible and self.compression:
@@ -620,7 +573,7 @@ class Volume:
             await self.flush()
         else:
             try:
-                await self._maybe_writeback()
+                await self._buf.maybe_writeback()
             except NoSpace as e:
                 # The write is buffered with its space reserved (rule S4): failing it now
                 # would report as not done a write that is. The batch stays buffered.
@@ -647,8 +600,9 @@ class Volume:
 
     async def _zero_range(self, offset: int, length: int, *, fua: bool,
                           punch: bool) -> None:
-        await self._update(offset, length, lambda lo, hi, pos: self._zero[:hi - lo],
-                           reserve=not punch, holes=punch)
+        await self._buf.update(list(self._blocks(offset, length)),
+                               lambda lo, hi, pos: self._zero[:hi - lo],
+                               reserve=not punch, holes=punch)
         self._stats["writes"] += 1
         if fua:
             await self.flush()
@@ -669,143 +623,11 @@ class Volume:
             d.release()
         self._stats["trims"] += 1
 
-    async def _update(self, offset: int, length: int, piece: Any, *, reserve: bool,
-                      holes: bool = True, keep: bool = False) -> None:
-        spans = list(self._blocks(offset, length))
-        # Reserve space for every block up front, so a full pool fails the write before it
-        # changes anything (invariant 8) and a buffered write can always be written back
-        # (rule S4); a reservation that does not fit makes room first (rule S3). Blocks
-        # buffered now are counted too: a writeback may take them while this write waits
-        # for a block's lock, and a reservation that failed half-way would leave the write
-        # half done. What is not used goes back at the end. Zeroing needs none for whole
-        # blocks (they become holes), so trim works on a full pool; the partial blocks it
-        # rewrites (two at most) reserve from the zeroing reserve (rule S2).
-        if reserve:
-            need = len(spans)
-        else:
-            need = sum(1 for b, lo, hi in spans if not self._whole(b, lo, hi))
-        if need:
-            if reserve:
-                self._pool.check_writable(self.profile)
-            await self._pool.reserve_wait(need * self._cost, self.profile,
-                                          zeroing=not reserve)
-        reserved = need
-        try:
-            pos = 0
-            for b, lo, hi in spans:
-                chunk = piece(lo, hi, pos)
-                pos += hi - lo
-                while True:
-                    base = self._base_now(b, lo, hi)
-                    if base is False:
-                        break
-                    if reserved or not self._needs_space(b, base, lo, hi, chunk, holes):
-                        reserved -= self._put_on(base, b, lo, hi, chunk, reserved, holes, keep)
-                        break
-                    # The block newly holds data and no reservation is left for it (a
-                    # zeroed partial block, or a writeback took the buffered block this
-                    # write counted on): reserve one, then look at the block again.
-                    await self._pool.reserve_wait(self._cost, self.profile,
-                                                  zeroing=not reserve)
-                    reserved += 1
-                if base is not False:
-                    continue
-                lock = self._locks.setdefault(b, trio.Lock())
-                try:
-                    async with lock:
-                        base = await self._current(b)
-                        base[lo:hi] = chunk
-                        if not reserved and self._needs_space(b, True, 0, self.block_size,
-                                                              base, holes):
-                            await self._pool.reserve_wait(self._cost, self.profile,
-                                                          zeroing=not reserve)
-                            reserved += 1
-                        reserved -= self._put(b, base, reserved, holes)
-                finally:
-                    if self._locks.get(b) is lock and not lock.statistics().tasks_waiting:
-                        del self._locks[b]
-        finally:
-            self._pool.unreserve(reserved * self._cost)
-
-    def _needs_space(self, b: int, base: bytearray | bool, lo: int, hi: int, chunk: Block,
-                     holes: bool) -> bool:
-        """Whether buffering ``chunk`` at ``lo:hi`` of block ``b`` on ``base`` (as
-        ``_put_on`` would) makes the buffer hold data for a block it holds none for: that
-        takes a reservation (rule S4)."""
-        if self._dirty.get(b) is not None or not holes:
-            return self._dirty.get(b) is None
-        zero = self._zero
-        if not zero.startswith(chunk):
-            return True
-        return isinstance(base, bytearray) and not (zero.startswith(base[:lo])
-                                                     and zero.startswith(base[hi:]))
-
-    def _base_now(self, b: int, lo: int, hi: int) -> bytearray | bool:
-        """What buffering bytes ``lo:hi`` of block ``b`` starts from, when that needs no
-        wait: True for a whole block (nothing), the buffer's own bytearray of the block
-        (patched in place: no writeback holds it, those take the whole buffer), or a copy
-        of the block from the buffer or, without a device wait, from the pool (a hole, the
-        record cache, page-cached fragments). False when it needs a wait: the block's lock
-        is held, or the pool must read."""
-        if b in self._locks:
-            return False
-        if self._whole(b, lo, hi):
-            return True
-        mine = self._dirty.get(b)
-        if type(mine) is bytearray:
-            return mine
-        base = self._buffered(b)
-        if base is not None:
-            return base
-        # Page-cached raw records are read and checked straight into the new buffer.
-        base = bytearray(self.block_size)
-        if self._pool.read_blocks_into_nowait(self._map, [b], self.block_size,
-                                              [memoryview(base)]):
-            return base
-        got = self._pool.read_blocks_nowait(self._map, [b], self.block_size)
-        if got is None:
-            return False
-        base[:] = self._zero if got[0] is None else got[0]   # (the failed try left anything)
-        return base
-
-    def _put_on(self, base: bytearray | bool, b: int, lo: int, hi: int, chunk: Block,
-                reserved: int, holes: bool, keep: bool) -> int:
-        """Buffer the span on what ``_base_now`` gave; returns the reservations used."""
-        if isinstance(base, bytearray):
-            base[lo:hi] = chunk
-            return self._put(b, base, reserved, holes)
-        content: Block = ((chunk if keep else bytes(chunk)) if hi == self.block_size
-                          else bytes(chunk) + self._zero[hi:])
-        return self._put(b, content, reserved, holes)
-
-    def _held(self, b: int) -> tuple[bool, Block | None]:
-        """Whether the write buffer holds block ``b`` (newest layer first: the buffer, the
-        writeback under way; rule W2) and its content there (None: a hole)."""
-        for layer in (self._dirty, self._inflight):
-            if b in layer:
-                return True, layer[b]
-        return False, None
-
-    def _buffered(self, b: int) -> bytearray | None:
-        """A copy of block ``b`` from the write buffer, or None when only the pool has
-        it."""
-        held, v = self._held(b)
-        if not held:
-            return None
-        return bytearray(self._zero if v is None else v)
-
-    def _whole(self, b: int, lo: int, hi: int) -> bool:
-        """Whether bytes ``lo:hi`` of block ``b`` are all of it (the last block of a volume
-        whose size is not a multiple of the block size is whole up to the end)."""
-        bs = self.block_size
-        return lo == 0 and (hi == bs or (b == (self.size - 1) // bs
-                                         and b * bs + hi == self.size))
-
     def write_nowait(self, offset: int, data: bytes | bytearray | memoryview, *,
                      owned: bool = False) -> bool:
         """``write`` (without FUA) if it can be done at once, without waiting on anything:
         every block it touches is whole, buffered, or readable from the pool without a
-        wait (``_base_now``), space is there, and the buffer stays under its writeback
+        wait (``VolumeBuffer.base_now``), space is there, and the buffer stays under its writeback
         threshold. Returns False, having changed nothing,
         when it cannot; the caller then awaits ``write``. Bad ranges raise as in ``write``.
         Lets a frontend take such writes without a task per request. A volume with QoS
@@ -814,6 +636,7 @@ class Volume:
         if self._throttles or self.dispatcher.queue:
             return False
         started = time.perf_counter()
+        buf = self._buf
         bs = self.block_size
         b = offset // bs
         n = len(data)
@@ -822,7 +645,7 @@ class Volume:
                 and offset >= 0 and offset + n <= self.size and not self.read_only \
                 and b not in self._locks and isinstance(data, bytes | bytearray) \
                 and not self._zero.startswith(data) \
-                and self._dirty_blocks * bs < self._threshold(self._dirty_blocks * bs):
+                and buf.dirty_blocks * bs < buf.threshold(buf.dirty_blocks * bs):
             # The common small rewrite: the block is buffered as our own bytearray (no
             # writeback holds it), so the write patches it in place. (Zeros take the
             # general path: the block may become a hole.)
@@ -836,17 +659,17 @@ class Volume:
             return True
         self._check(offset, len(data), write=True)
         spans = list(self._blocks(offset, len(data)))
-        bases = [self._base_now(b, lo, hi) for b, lo, hi in spans]
+        bases = [buf.base_now(b, lo, hi) for b, lo, hi in spans]
         if any(base is False for base in bases):
             return False
         need = sum(1 for b, _lo, _hi in spans if self._dirty.get(b) is None)
-        buffered = (self._dirty_data + need) * self.block_size
-        if buffered >= self._threshold(buffered):
+        buffered = (buf.dirty_blocks + need) * self.block_size
+        if buffered >= buf.threshold(buffered):
             return False
         if need:
             try:
                 self._pool.check_writable(self.profile)
-                self._pool.reserve(need * self._cost, self.profile)
+                self._pool.reserve(need * buf.cost, self.profile)
             except NoSpace:
                 return False             # ``write`` makes room or reports it
         view = memoryview(data)
@@ -855,168 +678,49 @@ class Volume:
         try:
             pos = 0
             for (b, lo, hi), base in zip(spans, bases, strict=True):
-                reserved -= self._put_on(base, b, lo, hi, view[pos:pos + hi - lo], reserved,
-                                         True, keep)
+                reserved -= buf.put_on(base, b, lo, hi, view[pos:pos + hi - lo], reserved,
+                                       True, keep)
                 pos += hi - lo
         finally:
-            self._pool.unreserve(reserved * self._cost)
+            self._pool.unreserve(reserved * buf.cost)
         self._stats["writes"] += 1
         self._stats["bytes_written"] += len(data)
         self._latency["write"].observe(time.perf_counter() - started)
         return True
-
-    def _put(self, b: int, content: Block, reserved: int, holes: bool = True) -> int:
-        """Buffer a block's new content; returns how many reservations it consumed.
-
-        An all-zero block becomes a hole (invariant 6) unless ``holes`` is False."""
-        # (startswith: a fast compare for views too; content is a whole block)
-        new: Block | None = None if holes and self._zero.startswith(content) else content
-        old = self._dirty.get(b, _MISSING)
-        had_data = old is not _MISSING and old is not None
-        used = 0
-        if new is not None and not had_data:
-            if reserved > 0:
-                used = 1
-            else:   # (``_update`` reserves first: only a ``write_nowait`` bug gets here)
-                self._pool.reserve(self._cost, self.profile)
-            self._dirty_data += 1
-        elif new is None and had_data:
-            self._dirty_data -= 1
-            self._pool.unreserve(self._cost)
-        self._dirty[b] = new
-        self._no_lz4.discard(b)
-        return used
-
-    def _threshold(self, buffered: int) -> int:
-        return WRITEBACK_MIN if self.streaming else self.write_buffer.threshold(buffered)
-
-    async def _maybe_writeback(self) -> None:
-        """Past the volume's share of the write buffer (WriteBuffer.threshold), write the
-        buffer back. While a writeback is under way, writers go on buffering up to twice
-        that (double buffering: the next batch fills while the last one is written), and
-        only then wait for it."""
-        buffered = self._dirty_data * self.block_size
-        limit = self._threshold(buffered)
-        if buffered < limit:
-            return
-        if self._wb_lock.locked() and buffered < 2 * limit:
-            return
-        async with self._wb_lock:
-            buffered = self._dirty_data * self.block_size
-            if buffered >= self._threshold(buffered):
-                await self._write_dirty()
-
-    async def write_back(self) -> None:
-        """Write back every write acknowledged before this call, as records (not yet
-        committed). One pass under the lock (rule W4): whatever was acknowledged before
-        the call is, once the lock is ours, in the map or in ``_dirty`` (the previous
-        holder's batch is in the map, or back in ``_dirty`` if it failed), so writes that
-        keep arriving meanwhile never hold a flush or a snapshot up."""
-        async with self._wb_lock:
-            await self._write_dirty()
-
-    async def _write_dirty(self) -> None:
-        """Write out the whole of ``_dirty`` (the caller holds the writeback lock)."""
-        if self._dirty:
-            batch, self._dirty = self._dirty, {}
-            data_blocks, self._dirty_data = self._dirty_data, 0
-            await self._write_out(batch, data_blocks)
-
-    async def writeback_then(self, action: Callable[[], None], *,
-                             write_back: bool = True) -> None:
-        """Write back every write acknowledged before this call, then run ``action``
-        synchronously while no other writeback can move the map (snapshot create, diff,
-        rollback, receive: rule W5). The buffer is taken once the writeback lock is ours,
-        never before: a batch taken earlier could be written over newer blocks that the
-        lock's holder writes meanwhile (rule W3). A free lock is taken without yielding,
-        so then the cut is at the call; while it is held, writes called during the wait
-        may land on either side of ``action`` (invariant 7 allows it). Writes called
-        after it returns are never seen by ``action``.
-        ``write_back=False``: only wait for the writeback under way (an action that
-        discards the buffer or the volume: rollback, delete)."""
-        try:
-            self._wb_lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._wb_lock.acquire()
-        try:
-            if write_back:
-                await self._write_dirty()
-            action()
-        finally:
-            self._wb_lock.release()
-
-    async def _write_out(self, batch: dict[int, Block | None], data_blocks: int) -> None:
-        """Write ``batch`` (holding ``data_blocks`` reservations) to the pool as records;
-        the caller holds the writeback lock. On failure (or cancellation) the batch returns
-        to the buffer, except blocks overwritten since: ``_dirty`` is the only layer newer
-        than ``_inflight``, so nothing newer is ever shadowed by what is put back (W6)."""
-        self._inflight = batch
-        raw = self._no_lz4 & batch.keys()
-        self._no_lz4 -= raw
-        try:
-            items = sorted(batch.items())
-            await self._write_batches([items[i:i + WRITEBACK_BATCH]
-                                       for i in range(0, len(items), WRITEBACK_BATCH)], raw)
-        except BaseException:
-            if self._deleted:
-                # Deleted meanwhile (its buffer was discarded): nothing to put back.
-                self._pool.unreserve(data_blocks * self._cost)
-                raise
-            # Nothing acknowledged is dropped: put back what was not overwritten.
-            for b, v in batch.items():
-                if b in self._dirty:
-                    if v is not None:
-                        self._pool.unreserve(self._cost)
-                else:
-                    self._dirty[b] = v
-                    if v is not None:
-                        self._dirty_data += 1
-                    if b in raw:
-                        self._no_lz4.add(b)
-            raise
-        finally:
-            self._inflight = {}
-        self._pool.unreserve(data_blocks * self._cost)
-
-    async def _write_batches(self, batches: list[list[tuple[int, Block | None]]],
-                             raw: set[int]) -> None:
-        """Hand batches to the pool, two at a time, so that encoding one overlaps the device
-        writes of the other (blocks in ``raw`` are not tried with lz4). The first storage
-        error is re-raised as itself."""
-        if len(batches) == 1:
-            await self._pool.write_blocks(self._map, self.profile, self.compression,
-                                          batches[0], raw=raw)
-            return
-        failures: list[StorageError] = []
-        slots = trio.Semaphore(WRITEBACK_PARALLEL)
-
-        async def one(batch: list[tuple[int, Block | None]]) -> None:
-            try:
-                await self._pool.write_blocks(self._map, self.profile, self.compression,
-                                              batch, raw=raw)
-            except StorageError as e:
-                failures.append(e)
-            finally:
-                slots.release()
-        async with trio.open_nursery() as nursery:
-            for batch in batches:
-                await slots.acquire()
-                if failures:
-                    slots.release()
-                    break
-                nursery.start_soon(one, batch)
-        if failures:
-            raise failures[0]
 
     async def flush(self) -> None:
         """Make every write acknowledged before this call durable (invariant 1)."""
         if self._deleted:
             raise NotFound(f"volume {self.name} was deleted")
         started = time.perf_counter()
-        await self.write_back()
-        await self._pool.commit()
+        written = await self._buf.write_back(commit_next=True)
+        try:
+            await self._pool.commit()
+        finally:
+            self._buf.durable(written)
         self._stats["flushes"] += 1
         self._latency["flush"].observe(time.perf_counter() - started)
+
+    async def write_back(self, *, commit_next: bool = False) -> int:
+        """Write back every write acknowledged before this call, as records (not yet
+        committed): one pass under the writeback lock (rule W4). ``commit_next``: the
+        caller commits the pool next, then calls ``durable`` with the count returned;
+        until then the blocks written still count as ``dirty_bytes`` (rule W9)."""
+        return await self._buf.write_back(commit_next=commit_next)
+
+    def durable(self, blocks: int) -> None:
+        """The commit after ``write_back(commit_next=True)`` returned: its ``blocks`` are
+        durable and no longer count as dirty (rule W9)."""
+        self._buf.durable(blocks)
+
+    async def writeback_then(self, action: Callable[[], None], *,
+                             write_back: bool = True) -> None:
+        """Write back every write acknowledged before this call, then run ``action``
+        synchronously while no other writeback can move the map (snapshot create, diff,
+        rollback, receive: rule W5; ``VolumeBuffer.writeback_then`` tells the details).
+        ``write_back=False``: only wait for the writeback under way (an action that
+        discards the buffer or the volume: rollback, delete)."""
+        await self._buf.writeback_then(action, write_back=write_back)
 
     # ---- allocation map -------------------------------------------------------------------
     async def allocation(self, offset: int, length: int) -> list[Extent]:
@@ -1027,13 +731,7 @@ class Volume:
         bs = self.block_size
         first, last = offset // bs, (offset + length - 1) // bs
         mapped = set(self._pool.mapped_blocks(self._map, first, last + 1))
-        for layer in (self._inflight, self._dirty):
-            for b, v in layer.items():
-                if first <= b <= last:
-                    if v is None:
-                        mapped.discard(b)
-                    else:
-                        mapped.add(b)
+        self._buf.overlay(mapped, first, last + 1)
         out: list[Extent] = []
         for b in range(first, last + 1):
             lo = max(b * bs, offset)
@@ -1050,44 +748,28 @@ class Volume:
     def mapped_bytes(self) -> int:
         """Bytes of the blocks that hold data, buffered writes included; cheap (the map's
         leaf counts, and a lookup per buffered block), for file attributes."""
-        n = self._pool.mapped_count(self._map)
-        final: dict[int, bool] = {}
-        for layer in (self._inflight, self._dirty):   # newest last
-            for b, v in layer.items():
-                final[b] = v is not None
-        if final:
-            present = self._pool.mapped_among(self._map, final)
-            n += sum(1 for b, data in final.items() if data and b not in present)
-            n -= sum(1 for b, data in final.items() if not data and b in present)
-        return min(n * self.block_size, self.size)
+        return min(self._buf.mapped_count() * self.block_size, self.size)
 
     def statistics(self) -> VolumeStatistics:
-        mapped = set(self._pool.mapped_blocks(self._map, 0, -(-self.size // self.block_size)))
-        for layer in (self._inflight, self._dirty):
-            for b, v in layer.items():
-                if v is None:
-                    mapped.discard(b)
-                else:
-                    mapped.add(b)
+        end = -(-self.size // self.block_size)
+        mapped = set(self._pool.mapped_blocks(self._map, 0, end))
+        self._buf.overlay(mapped, 0, end)
         return VolumeStatistics(
             self.name, self.size, self.block_size, str(self.profile), self.compression,
             self.read_only, min(len(mapped) * self.block_size, self.size),
             self._pool.stored_bytes(self._map), self._pool.exclusive_bytes(self._map),
-            self._dirty_data * self.block_size,
+            (self._buf.dirty_blocks + self._buf.syncing) * self.block_size,
             **self._stats,
             latency=tuple((op, rec.snapshot()) for op, rec in self._latency.items()))
 
     def discard_buffer(self) -> None:
         """Forget buffered writes (the volume is deleted or rolled back)."""
-        self._pool.unreserve(self._dirty_data * self._cost)
-        self._dirty.clear()
-        self._dirty_data = 0
-        self._no_lz4.clear()
+        self._buf.discard()
 
     def mark_deleted(self) -> None:
         """Forget buffered writes and refuse I/O from now on (the manager deleted it)."""
         self.discard_buffer()
-        self._deleted = True
+        self._deleted = self._buf.deleted = True
 
     # ---- the stored record (the manager's and a receive's verbs) -------------------------
     @property
@@ -1119,6 +801,7 @@ class Volume:
         """Replace the stored record (part of the next commit) and what mirrors it."""
         self._record = record
         self._map, self.name, self.size = record.map, record.name, record.size
+        self._buf.map_id, self._buf.size = record.map, record.size   # (buffer invariant 5)
         self._pool.put_object(record.encode(), self._obj_id)
 
     def rename_to(self, name: str) -> None:
@@ -1147,19 +830,6 @@ class Volume:
         """The receive is complete: an ordinary volume ``name`` from now on."""
         self._store(replace(self._record, name=name, size=size, receiving=None))
 
-
-Piece = bytes | memoryview    # a read's bytes of one block, never to change under a reader
-
-
-def _piece(v: Block, lo: int, hi: int) -> Piece:
-    """Bytes ``lo:hi`` of a block's content as a read hands them out: a view where the
-    content is immutable, a copy of a bytearray (the write buffer patches its own
-    bytearrays in place: a later write must never show through an answer being sent)."""
-    if isinstance(v, bytearray):
-        return bytes(v[lo:hi])
-    if lo == 0 and hi == len(v):
-        return v
-    return memoryview(v)[lo:hi]
 
 
 def check_block_size(bs: int) -> None:
