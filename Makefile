@@ -69,7 +69,7 @@ typecheck: venv
 contracts: venv
 	$(BIN)/lint-imports
 
-# loadgroup: the VM tier's modules (tests/test_vm_*) go to one worker, which runs the
+# loadgroup: the VM tier's modules (tests/integration/test_vm_*) go to one worker, which runs the
 # guests one after another (tests/conftest.py pytest_xdist_make_scheduler).
 pytest: venv
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
@@ -77,14 +77,14 @@ pytest: venv
 test: lint typecheck contracts pytest
 
 # The soak: for STORAGED_SOAK_SECONDS (an hour by default), at once, the concurrency tier
-# against the daemon (tests/test_concurrency.py) and the write buffer's model checker
-# (tests/test_write_concurrency.py), from STORAGED_SOAK_SEED (default: the time).
+# against the daemon (tests/integration/test_concurrency.py) and the write buffer's model checker
+# (tests/property/test_write_concurrency.py), from STORAGED_SOAK_SEED (default: the time).
 STORAGED_SOAK_SECONDS ?= 3600
 STORAGED_SOAK_SEED ?= $(shell date +%s)
 soak: venv
 	STORAGED_SOAK_SECONDS=$(STORAGED_SOAK_SECONDS) STORAGED_SOAK_SEED=$(STORAGED_SOAK_SEED) \
 	  $(BIN)/python -m pytest -q -n 2 -rP -p no:cacheprovider \
-	  tests/test_concurrency.py tests/test_write_concurrency.py -k "many_clients or model_checker"
+	  tests/integration/test_concurrency.py tests/property/test_write_concurrency.py -k "many_clients or model_checker"
 
 bench-engine: venv
 	$(BIN)/python -m benchmarks.engine

@@ -1,5 +1,5 @@
 """benchmarks/rados: storaged's segment objects on RADOS (pool/rados/segments.py) beside raw
-librados and ``rados bench``, on a throwaway one-node cluster (tests/cephkit.py: one
+librados and ``rados bench``, on a throwaway one-node cluster (tests/kit/cephkit.py: one
 bluestore OSD on a sparse file), in the same run:
 
 - ``rados bench write -b 4M -t N`` (Ceph's own tool, C++): 4 MiB object writes, N in
@@ -35,7 +35,7 @@ import trio
 
 from pool.rados.conn import Connection
 from pool.rados.segments import RadosSegments
-from tests.cephkit import TEST_POOL, Cluster, why_not
+from tests.kit.cephkit import TEST_POOL, Cluster, why_not
 
 OBJ = 4 << 20
 READ = 4096

@@ -5,7 +5,7 @@ path, and the ``<secret>`` that holds an iSCSI volume's CHAP secret.
 the guest frees returns to the pool (invariant 6); without it qemu drops discards. The FUSE
 file gets none: the mount cannot punch holes (pyfuse3 has no fallocate), so trim goes
 over NBD or iSCSI. Every element here is checked against libvirt's own schema
-(``virt-xml-validate``) in tests/test_vm_libvirt.py.
+(``virt-xml-validate``) in tests/integration/test_vm_libvirt.py.
 """
 
 from __future__ import annotations

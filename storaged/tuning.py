@@ -4,7 +4,7 @@ The GIL switch interval: the event loop hands device I/O, checksums, lz4 and zfe
 worker threads, and each C call there gives the GIL up and must get it back from the event
 loop. When the loop has work queued it keeps the GIL until CPython's switch interval asks
 for it (5 ms by default), so a worker thread needs milliseconds for what takes
-microseconds. In tests/test_write_buffer.py, eight writers racing a reader that keeps the
+microseconds. In tests/unit/test_write_buffer.py, eight writers racing a reader that keeps the
 loop busy, with writebacks of about 1,100 records meanwhile, took 48 s at 5 ms (about
 36 ms per record written back), 20 s at 200 us and 2.9 s at 50 us. storaged sets 50 us;
 a forced switch only happens while a thread is waiting for the GIL.

@@ -19,9 +19,9 @@ import pytest
 
 from pool import FileDevice
 from storaged.tuning import tune_process
-from tests import vmkit
-from tests.daemonkit import Daemon, start_daemon, stop_daemon
-from tests.vmkit import GuestKit
+from tests.kit import vmkit
+from tests.kit.daemonkit import Daemon, start_daemon, stop_daemon
+from tests.kit.vmkit import GuestKit
 
 DEV_SIZE = 64 << 20
 
@@ -134,7 +134,7 @@ def loop_devices() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def guest_kit(tmp_path_factory: pytest.TempPathFactory) -> GuestKit:
-    """The VM tier's kernel + initramfs (tests/vmkit.py), built once per session, with
+    """The VM tier's kernel + initramfs (tests/kit/vmkit.py), built once per session, with
     the accelerator probed (vmkit K2). Skips, saying why, where the packages are missing."""
     why = vmkit.missing_tools()
     if why is not None:
@@ -158,7 +158,7 @@ def one_guest_at_a_time() -> Iterator[None]:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
-    """``--dist loadgroup`` with the VM tier's modules (tests/test_vm_*) as one group,
+    """``--dist loadgroup`` with the VM tier's modules (tests/integration/test_vm_*) as one group,
     whatever their marks: xdist 3.8 groups by an ``item._nodeid`` suffix that pytest 9.2
     no longer reads, so its ``xdist_group`` marks are lost. One worker then runs the
     guests one after another while the other goes on with the rest, instead of waiting
@@ -171,7 +171,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     by_mark = sched._split_scope
 
     def split_scope(nodeid: str) -> str:
-        return "vm" if nodeid.startswith("tests/test_vm_") else str(by_mark(nodeid))
+        return "vm" if nodeid.startswith("tests/integration/test_vm_") else str(by_mark(nodeid))
 
     sched._split_scope = split_scope
     return sched

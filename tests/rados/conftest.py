@@ -1,4 +1,4 @@
-"""The throwaway Ceph cluster the RADOS tests share (tests/cephkit.py): one per test
+"""The throwaway Ceph cluster the RADOS tests share (tests/kit/cephkit.py): one per test
 module, in a scratch directory, stopped and removed at the module's end."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.cephkit import Cluster, why_not
+from tests.kit.cephkit import Cluster, why_not
 
 
 @pytest.fixture(scope="module")

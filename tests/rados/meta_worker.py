@@ -26,7 +26,7 @@ import trio
 from pool.errors import NotFound
 from pool.rados.meta import RadosMeta, RadosSuperblock
 from pool.rados.owner import OwnershipLock
-from tests.cephkit import Cluster
+from tests.kit.cephkit import Cluster
 from tests.rados.radoskit import connect, owner
 
 CHECKPOINT_EVERY = 5

@@ -15,7 +15,7 @@ import trio
 
 from pool.rados.conn import Fenced
 from pool.rados.owner import OwnershipLock
-from tests.cephkit import Cluster
+from tests.kit.cephkit import Cluster
 from tests.rados.radoskit import connect, owner
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from pool.owner import Owner
 from pool.rados.conn import Connection
-from tests.cephkit import TEST_POOL, Cluster
+from tests.kit.cephkit import TEST_POOL, Cluster
 
 
 def owner(name: str, host_id: str = "testhost") -> Owner:

@@ -1,4 +1,4 @@
-"""The throwaway cluster itself (tests/cephkit.py): with a mgr it reports usage, and stop
+"""The throwaway cluster itself (tests/kit/cephkit.py): with a mgr it reports usage, and stop
 leaves no daemon and no file behind. (That it serves I/O, and health without a mgr, is
 tested in test_segments.py, on the cluster that module starts anyway.)"""
 
@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from pool.rados.conn import Connection
-from tests.cephkit import TEST_POOL, Cluster, _alive, why_not
+from tests.kit.cephkit import TEST_POOL, Cluster, _alive, why_not
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from pool.errors import MediumError, StorageError
 from pool.rados.conn import Connection, Fenced
 from pool.rados.meta import RadosMeta, RadosSuperblock, journal_key
 from pool.rados.owner import OwnershipLock
-from tests.cephkit import TEST_POOL, Cluster
+from tests.kit.cephkit import TEST_POOL, Cluster
 from tests.rados.meta_worker import PAGES, page, payload, state
 from tests.rados.radoskit import connect, new_uuid, owner, snapshot
 

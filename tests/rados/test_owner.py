@@ -16,7 +16,7 @@ import trio
 from pool.errors import NotFound
 from pool.rados.conn import Connection, Fenced
 from pool.rados.owner import OWNER_XATTR, OwnershipLock, PoolOwned
-from tests.cephkit import TEST_POOL, Cluster
+from tests.kit.cephkit import TEST_POOL, Cluster
 from tests.rados.radoskit import connect, new_uuid, owner, snapshot
 
 REPO = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ from pool.errors import DeviceError, NotFound
 from pool.rados.conn import Connection, Fenced, RadosError
 from pool.rados.owner import OwnershipLock
 from pool.rados.segments import RadosSegments
-from tests.cephkit import TEST_POOL, Cluster
+from tests.kit.cephkit import TEST_POOL, Cluster
 from tests.rados.radoskit import connect, new_uuid, owner, snapshot
 
 

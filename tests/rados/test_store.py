@@ -1,5 +1,5 @@
 """RadosStore (pool/rados/store.py) driven through the SegmentStore Protocol alone, against
-a real one-node Ceph cluster, as tests/test_store.py drives LocalStore on files: what a
+a real one-node Ceph cluster, as tests/unit/test_store.py drives LocalStore on files: what a
 second backend must pass.
 
 "RadosStore invariant N" is pool/rados/store.py's list; "Store N" is pool.store's;
@@ -25,7 +25,7 @@ from pool.rados.segments import RadosSegments
 from pool.rados.store import RadosStore
 from pool.state import PoolState, Segment
 from pool.store import Column, Reclaim, SegmentStore
-from tests.cephkit import TEST_POOL, Cluster, why_not
+from tests.kit.cephkit import TEST_POOL, Cluster, why_not
 from tests.rados.radoskit import connect, new_uuid, owner, snapshot
 
 SEG = 4 << 20            # the pool's extent size: one segment object's capacity

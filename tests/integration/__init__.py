@@ -1,0 +1,1 @@
+"""Integration tests: the real daemon, real sockets and real clients."""

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: pools, daemons, NBD/iSCSI harnesses, the crash simulator."""

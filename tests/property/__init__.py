@@ -1,0 +1,1 @@
+"""Property tests: hypothesis state machines and seeded model checkers against a model."""

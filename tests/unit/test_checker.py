@@ -1,0 +1,81 @@
+"""The pool checker (pool/checker.py), one function per check: each names the fault it
+is for and nothing else, check() reports what they found in order, and a sound pool is
+clean, deep included (DESIGN invariant 4: what is stored verifies or is named)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from pool import Pool
+from pool import checker as C
+from tests.conftest import DiskSet
+from tests.kit.poolkit import corrupt, filled_pool, fragments, read_all
+
+Disks = Callable[..., DiskSet]
+SIZE = 1 << 20
+
+
+def _sound_parts(pool: Pool) -> list[str]:
+    scan = C.scan_records(pool)
+    return (C.check_members(pool) + C.check_blobs(pool) + C.check_segments(pool)
+            + C.check_map_nodes(pool) + scan.problems + C.check_live_counts(pool, scan.live)
+            + C.check_objects(pool))
+
+
+async def test_a_rotten_fragment_is_named_by_the_deep_read_only(disks: Disks) -> None:
+    ds = disks(3)
+    pool, data = await filled_pool(ds, "ec:2+1", SIZE)
+    frags = fragments(pool)
+    await pool.close()
+    member, off, length = frags[(3, 1)]
+    corrupt(ds, member, off, length, random.Random(1))
+    pool = await Pool.open(ds.open())
+    try:
+        assert (await C.check(pool)).ok
+        assert _sound_parts(pool) == []
+        report = await C.check(pool, deep=True)
+        assert report.fragments_bad == 1 and report.fragments_checked == 3 * report.records
+        assert len(report.problems) == 1 and report.problems[0].startswith(str(ds.paths[member]))
+        assert "fragment 1 of the record" in report.problems[0]
+        assert report.problems[0].endswith("fails verification")
+        assert await read_all(pool, SIZE) == data      # k = 2 of 3 still read it back
+    finally:
+        await pool.close()
+
+
+async def test_each_metadata_check_names_its_fault(disks: Disks) -> None:
+    ds = disks(3)
+    pool, data = await filled_pool(ds, "ec:2+1", SIZE)
+    try:
+        assert (await C.check(pool, deep=True)).ok
+        seg = next(iter(pool.state.segments.values()))
+
+        seg.live += 1
+        want = [f"segment {seg.id} says {seg.live} live sectors, the maps reference "
+                f"{seg.live - 1}"]
+        assert C.check_live_counts(pool, C.scan_records(pool).live) == want
+        assert C.check_segments(pool) == [] and C.check_objects(pool) == []
+        assert list((await C.check(pool)).problems) == want
+        seg.live -= 1
+
+        extents = seg.extents
+        seg.extents = (extents[0], extents[0], extents[2])
+        found = C.check_segments(pool)
+        assert found[0] == (f"segment {seg.id} puts two fragments on one member "
+                            f"({[extents[0][0]] * 2 + [extents[2][0]]})")
+        assert f"belongs to segments {seg.id} and {seg.id}" in found[1]
+        assert C.check_live_counts(pool, C.scan_records(pool).live) == []
+        seg.extents = extents
+
+        orphan = pool.create_map()
+        assert C.check_objects(pool) == [f"map {orphan} is referenced by 0 objects "
+                                         f"(expected 1)"]
+        assert C.check_segments(pool) == []
+        pool.delete_map(orphan)
+
+        report = await C.check(pool, deep=True)     # nothing the checks did changed a thing
+        assert report.ok, report.render()
+        assert await read_all(pool, SIZE) == data
+    finally:
+        await pool.close()
