@@ -50,7 +50,7 @@ RESULTS = Path(__file__).parent / "results"
 FIELDS = ("benchmark", "row", "unit", "anchor", "ceiling", "storaged_median",
           "anchor_median", "ratio_median", "ratio_min", "ratio_max", "ratio_iqr",
           "ceiling_median", "ceiling_ratio_median", "anchor_spread", "noisy", "rounds",
-          "higher_is_better",
+          "higher_is_better", "machine",
           "order", "storaged_rounds", "anchor_rounds", "ceiling_rounds")
 
 
@@ -248,9 +248,12 @@ class Report:
         self.rows.extend(rows)
 
     def as_json(self) -> dict[str, Any]:
-        return {"benchmark": self.benchmark, "machine": {"start": self.start,
-                                                         "end": machine_facts()},
-                "noisy_spread": NOISY_SPREAD, "rows": [r.summary() for r in self.rows]}
+        end = machine_facts()
+        machine = {"cores": self.start["cores"], "kernel": self.start["kernel"],
+                   "loadavg_start": self.start["loadavg"], "loadavg_end": end["loadavg"]}
+        rows = [dict(r.summary(), machine=machine) for r in self.rows]
+        return {"benchmark": self.benchmark, "machine": {"start": self.start, "end": end},
+                "noisy_spread": NOISY_SPREAD, "rows": rows}
 
     def write(self, directory: Path = RESULTS, extra: str = "") -> dict[str, Any]:
         """Print the table and write ``<benchmark>.md`` and ``<benchmark>.json``."""

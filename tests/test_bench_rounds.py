@@ -112,6 +112,8 @@ def test_report_writes_every_field_and_the_machine(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "synthetic.json").read_text())
     assert set(FIELDS) <= set(data["rows"][0])
     assert data["rows"][0]["ratio_median"] == 1.0
+    assert {"cores", "kernel", "loadavg_start", "loadavg_end"} <= set(
+        data["rows"][0]["machine"])
     for when in ("start", "end"):
         assert {"cores", "kernel", "loadavg", "time"} <= set(data["machine"][when])
     table = (tmp_path / "synthetic.md").read_text()
