@@ -26,6 +26,32 @@ from benchmarks.common import MIN_ROUNDS, RESULTS, facts_line, machine_facts, ma
 BENCHMARKS = ("engine", "nbd", "iscsi", "fuse")
 
 
+def write_table(results: Path, start: dict[str, Any], end: dict[str, Any], seconds: float,
+                runs: dict[str, dict[str, Any]], rows: list[dict[str, Any]], rounds: int,
+                smoke: bool) -> list[str]:
+    """Write and print ``latest.md`` and ``latest.json``; the names of failed benchmarks."""
+    notes = [facts_line(start, end),
+             f"`make bench` took {seconds / 60:.1f} min: "
+             + ", ".join(f"{n} {r['seconds'] / 60:.1f} min" for n, r in runs.items()) + ".",
+             "Each row ran anchor, storaged and ceiling back to back in every round, the order "
+             "alternating (AB, BA, AB, ...). ratio = median over the rounds of storaged / "
+             "anchor of the same round (above 1: storaged is faster); spread = the lowest and "
+             "highest of those per-round ratios (IQR in brackets); noisy = the anchor's own "
+             "max/min over the rounds above 1.3: the machine changed speed during the row."]
+    failed = [n for n, r in runs.items() if r["status"] != 0]
+    if failed:
+        notes.append(f"FAILED (no rows): {', '.join(failed)} -- see its output above.")
+    text = "\n\n".join([markdown(rows), *notes])
+    (results / "latest.md").write_text(text + "\n")
+    (results / "latest.json").write_text(json.dumps(
+        {"machine": {"start": start, "end": end}, "seconds": round(seconds, 1),
+         "rounds": rounds, "smoke": smoke, "benchmarks": runs, "rows": rows},
+        indent=1) + "\n")
+    print(text)
+    print(f"\n(written to {results / 'latest.md'} and latest.json)", file=sys.stderr)
+    return failed
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="benchmarks.all")
     ap.add_argument("--rounds", type=int, default=MIN_ROUNDS)
@@ -62,27 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += data["rows"]
         else:
             runs[name]["status"] = rc or 1
-    end = machine_facts()
-    seconds = time.monotonic() - began
-    notes = [facts_line(start, end),
-             f"`make bench` took {seconds / 60:.1f} min: "
-             + ", ".join(f"{n} {r['seconds'] / 60:.1f} min" for n, r in runs.items()) + ".",
-             "Each row ran anchor, storaged and ceiling back to back in every round, the order "
-             "alternating (AB, BA, AB, ...). ratio = median over the rounds of storaged / "
-             "anchor of the same round (above 1: storaged is faster); spread = the lowest and "
-             "highest of those per-round ratios (IQR in brackets); noisy = the anchor's own "
-             "max/min over the rounds above 1.3: the machine changed speed during the row."]
-    failed = [n for n, r in runs.items() if r["status"] != 0]
-    if failed:
-        notes.append(f"FAILED (no rows): {', '.join(failed)} -- see its output above.")
-    text = "\n\n".join([markdown(rows), *notes])
-    (args.results / "latest.md").write_text(text + "\n")
-    (args.results / "latest.json").write_text(json.dumps(
-        {"machine": {"start": start, "end": end}, "seconds": round(seconds, 1),
-         "rounds": args.rounds, "smoke": args.smoke, "benchmarks": runs, "rows": rows},
-        indent=1) + "\n")
-    print(text)
-    print(f"\n(written to {args.results / 'latest.md'} and latest.json)", file=sys.stderr)
+    failed = write_table(args.results, start, machine_facts(), time.monotonic() - began,
+                         runs, rows, args.rounds, args.smoke)
     return 1 if failed else 0
 
 

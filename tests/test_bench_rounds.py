@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.all import write_table
 from benchmarks.common import (
     FIELDS,
     MIN_ROUNDS,
     Pair,
     Report,
+    machine_facts,
     markdown,
     run_pair,
     run_rounds,
@@ -118,6 +120,31 @@ def test_report_writes_every_field_and_the_machine(tmp_path: Path) -> None:
         assert {"cores", "kernel", "loadavg", "time"} <= set(data["machine"][when])
     table = (tmp_path / "synthetic.md").read_text()
     assert "| synthetic | a | MB/s | 10 | 10 (anchor) | 1.00x | 0.50-2.00" in table
+
+
+def test_make_bench_table_merges_benchmarks_and_names_failures(tmp_path: Path) -> None:
+    """benchmarks/all: one table and one JSON over every benchmark's rows; a failed one is
+    named, not silently dropped."""
+    for name, ratio in (("nbd", 2.0), ("fuse", 0.5)):
+        rep = Report(name)
+        rep.add(run_rounds(name, [Pair("seq", anchor=scripted([10.0] * 3, [], "A"),
+                                       storaged=scripted([10 * ratio] * 3, [], "S"))], 3))
+        rep.write(tmp_path)
+    rows = [r for n in ("nbd", "fuse")
+            for r in json.loads((tmp_path / f"{n}.json").read_text())["rows"]]
+    runs = {"nbd": {"status": 0, "seconds": 60.0}, "fuse": {"status": 0, "seconds": 30.0},
+            "iscsi": {"status": 1, "seconds": 6.0}}
+    facts = machine_facts()
+    assert write_table(tmp_path, facts, facts, 96.0, runs, rows, 3, False) == ["iscsi"]
+    table = (tmp_path / "latest.md").read_text()
+    assert "| nbd | seq | MB/s | 20 | 10 (anchor) | 2.00x |" in table
+    assert "| fuse | seq | MB/s | 5 | 10 (anchor) | 0.50x |" in table
+    assert "took 1.6 min" in table and "FAILED (no rows): iscsi" in table
+    data = json.loads((tmp_path / "latest.json").read_text())
+    assert [r["benchmark"] for r in data["rows"]] == ["nbd", "fuse"]
+    assert data["benchmarks"]["iscsi"]["status"] == 1 and data["rounds"] == 3
+    for row in data["rows"]:
+        assert set(FIELDS) <= set(row)
 
 
 @pytest.mark.slow
