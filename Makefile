@@ -111,7 +111,7 @@ bench-restart: venv
 	$(BIN)/python -m benchmarks.restart $(BENCH_ARGS)
 
 # Benchmark-only tools are installed here, not by `make test`.
-BENCH_DEBS := nbdkit
+BENCH_DEBS := qemu-utils
 bench-nbd: venv
 	@missing=""; for p in $(BENCH_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -32,7 +32,7 @@ def write_table(results: Path, start: dict[str, Any], end: dict[str, Any], secon
     """Write and print ``latest.md`` and ``latest.json``; the names of failed benchmarks."""
     notes = [facts_line(start, end),
              f"`make bench` took {seconds / 60:.1f} min: "
-             + ", ".join(f"{n} {r['seconds'] / 60:.1f} min" for n, r in runs.items()) + ".",
+             + ", ".join(f"{n} {r['seconds']:.0f} s" for n, r in runs.items()) + ".",
              "Each row ran anchor, storaged and ceiling back to back in every round, the order "
              "alternating (AB, BA, AB, ...). ratio = median over the rounds of storaged / "
              "anchor of the same round (above 1: storaged is faster); spread = the lowest and "
