@@ -15,7 +15,7 @@ DEBS := libfuse3-dev pkg-config fuse3 qemu-utils qemu-block-extra libnbd-bin pyt
 	qemu-system-x86 linux-image-amd64 busybox-static e2fsprogs libvirt-clients libxml2-utils
 STAMP := $(VENV)/.installed
 
-.PHONY: rados-binding run completion test soak lint typecheck contracts pytest system-deps venv bench-engine bench-nbd bench-snapshots bench-fuse bench-send bench-rebuild bench-rados bench-iscsi bench-restart bench-qos clean
+.PHONY: rados-binding run completion test soak lint typecheck contracts pytest system-deps venv bench-engine bench-nbd bench-snapshots bench-fuse bench-send bench-rebuild bench-rados bench-iscsi bench-restart bench-qos bench clean
 
 system-deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -87,7 +87,7 @@ soak: venv
 	  tests/integration/test_concurrency.py tests/property/test_write_concurrency.py -k "many_clients or model_checker"
 
 bench-engine: venv
-	$(BIN)/python -m benchmarks.engine
+	$(BIN)/python -m benchmarks.engine $(BENCH_ARGS)
 
 bench-snapshots: venv
 	$(BIN)/python -m benchmarks.snapshots
@@ -111,7 +111,7 @@ bench-restart: venv
 	$(BIN)/python -m benchmarks.restart $(BENCH_ARGS)
 
 # Benchmark-only tools are installed here, not by `make test`.
-BENCH_DEBS := nbdkit
+BENCH_DEBS := qemu-utils
 bench-nbd: venv
 	@missing=""; for p in $(BENCH_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -139,6 +139,17 @@ bench-iscsi: venv
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 	$(BIN)/python -m benchmarks.iscsi $(BENCH_ARGS)
+
+# Every benchmark that has an anchor (engine, nbd, iscsi, fuse), each in interleaved rounds
+# with its anchor, as ONE table: benchmarks/results/latest.md and latest.json (not committed).
+# BENCH_ARGS: --rounds N (default 3), --smoke (a short check), --only nbd,fuse.
+bench: venv
+	@missing=""; for p in $(BENCH_DEBS) $(BENCH_FUSE_DEBS) $(BENCH_ISCSI_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+	$(BIN)/python -m benchmarks.all $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(STATE_DIR) .pytest_cache .mypy_cache .ruff_cache .hypothesis

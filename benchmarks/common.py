@@ -1,12 +1,57 @@
-"""What the benchmarks that drive servers from outside share: a result row, a free port,
-waiting for a server to listen."""
+"""What the benchmarks share: a result row, a free port, waiting for a server to listen, and
+the round runner that makes a ratio mean something on a machine whose speed changes.
+
+The round runner (issue 27). A benchmark hands it rows (:class:`Pair`): per row, three
+callables that each run one measurement and return one figure -- the anchor (the program
+storaged is compared with), storaged, and optionally the ceiling (what no export here can
+beat: the disk floor, a codec's rate, the pyfuse3 null file system). :func:`run_rounds`
+runs each row in rounds, and its invariants are what the table's numbers rest on:
+
+1. Every row runs at least :data:`MIN_ROUNDS` rounds, and each round measures all of the
+   row's sides back to back, so the anchor, storaged and the ceiling of one round share
+   the machine's conditions.
+2. The order alternates: even rounds run anchor, storaged, ceiling; odd rounds the reverse
+   (ceiling, storaged, anchor). Neither side always goes first (warm caches, a slowing
+   machine): AB, BA, AB, ...
+3. A ratio is only ever taken within one round (storaged over the anchor of the same
+   round, "paired"); the row reports the median of those paired ratios and their spread
+   (min and max, and the interquartile range), never a ratio of medians taken at other
+   times.
+4. A ratio above 1 always means storaged is better: for a figure where lower is better
+   (latency) the pair is inverted (anchor / storaged).
+5. The anchor's own spread (max / min of its rounds) above :data:`NOISY_SPREAD` marks the
+   row "noisy": the machine changed speed while it ran, and its ratio is weaker evidence.
+
+:class:`Report` collects the rows of one benchmark with the machine's facts (cores, load
+average at start and end, kernel) and writes them as one markdown table and one JSON file
+under benchmarks/results/ (not committed); ``python -m benchmarks.all`` (``make bench``)
+merges every benchmark's JSON into one table.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import platform
 import socket
+import statistics
 import subprocess
+import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MIN_ROUNDS = 3
+NOISY_SPREAD = 1.3        # the anchor's max/min over the rounds above this: "noisy"
+RESULTS = Path(__file__).parent / "results"
+FIELDS = ("benchmark", "row", "unit", "anchor", "ceiling", "storaged_median",
+          "anchor_median", "ratio_median", "ratio_min", "ratio_max", "ratio_iqr",
+          "ceiling_median", "ceiling_ratio_median", "anchor_spread", "noisy", "rounds",
+          "higher_is_better", "machine",
+          "order", "storaged_rounds", "anchor_rounds", "ceiling_rounds")
 
 
 @dataclass
@@ -36,3 +81,207 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], what: str,
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"{what} did not listen on {port}")
+
+
+# -- the round runner ---------------------------------------------------------------------
+
+Measure = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One row: the callables each return one figure in ``unit`` for one round."""
+    row: str
+    anchor: Measure
+    storaged: Measure
+    ceiling: Measure | None = None
+    unit: str = "MB/s"
+    anchor_name: str = "anchor"
+    ceiling_name: str = ""
+    higher_is_better: bool = True
+
+
+@dataclass
+class RowResult:
+    benchmark: str
+    row: str
+    unit: str
+    anchor: str
+    ceiling: str
+    higher_is_better: bool
+    order: list[str] = field(default_factory=list)   # who ran when, as "A", "S", "C"
+    storaged_rounds: list[float] = field(default_factory=list)
+    anchor_rounds: list[float] = field(default_factory=list)
+    ceiling_rounds: list[float] = field(default_factory=list)
+
+    def _better(self, ours: float, theirs: float) -> float:
+        """Invariant 4: above 1 means storaged is better."""
+        if self.higher_is_better:
+            return ours / theirs if theirs else float("inf")
+        return theirs / ours if ours else float("inf")
+
+    @property
+    def rounds(self) -> int:
+        return len(self.storaged_rounds)
+
+    @property
+    def ratios(self) -> list[float]:
+        """Invariant 3: storaged against the anchor of the same round."""
+        return [self._better(s, a) for s, a in zip(self.storaged_rounds, self.anchor_rounds,
+                                                   strict=True)]
+
+    @property
+    def ceiling_ratios(self) -> list[float]:
+        return [self._better(s, c) for s, c in zip(self.storaged_rounds, self.ceiling_rounds,
+                                                   strict=False)]
+
+    @property
+    def anchor_spread(self) -> float:
+        lo, hi = min(self.anchor_rounds), max(self.anchor_rounds)
+        return hi / lo if lo > 0 else float("inf")
+
+    @property
+    def noisy(self) -> bool:
+        """Invariant 5."""
+        return self.anchor_spread > NOISY_SPREAD
+
+    def summary(self) -> dict[str, Any]:
+        r = self.ratios
+        q = statistics.quantiles(r, n=4, method="inclusive") if len(r) > 1 else [r[0]] * 3
+        cr = self.ceiling_ratios
+        return {
+            "benchmark": self.benchmark, "row": self.row, "unit": self.unit,
+            "anchor": self.anchor, "ceiling": self.ceiling or None,
+            "storaged_median": statistics.median(self.storaged_rounds),
+            "anchor_median": statistics.median(self.anchor_rounds),
+            "ratio_median": statistics.median(r), "ratio_min": min(r), "ratio_max": max(r),
+            "ratio_iqr": q[2] - q[0],
+            "ceiling_median": (statistics.median(self.ceiling_rounds)
+                               if self.ceiling_rounds else None),
+            "ceiling_ratio_median": statistics.median(cr) if cr else None,
+            "anchor_spread": self.anchor_spread, "noisy": self.noisy, "rounds": self.rounds,
+            "higher_is_better": self.higher_is_better, "order": self.order,
+            "storaged_rounds": self.storaged_rounds, "anchor_rounds": self.anchor_rounds,
+            "ceiling_rounds": self.ceiling_rounds,
+        }
+
+
+def run_pair(benchmark: str, pair: Pair, rounds: int,
+             log: Callable[[str], None] | None = None) -> RowResult:
+    """Run one row for ``rounds`` rounds, alternating the order (invariants 1 and 2)."""
+    if rounds < MIN_ROUNDS:
+        raise ValueError(f"a row needs at least {MIN_ROUNDS} rounds, not {rounds}")
+    res = RowResult(benchmark, pair.row, pair.unit, pair.anchor_name, pair.ceiling_name,
+                    pair.higher_is_better)
+    sides: list[tuple[str, Measure, list[float]]] = [
+        ("A", pair.anchor, res.anchor_rounds), ("S", pair.storaged, res.storaged_rounds)]
+    if pair.ceiling is not None:
+        sides.append(("C", pair.ceiling, res.ceiling_rounds))
+    for i in range(rounds):
+        for tag, measure, out in (sides if i % 2 == 0 else sides[::-1]):
+            res.order.append(tag)
+            out.append(float(measure()))
+        if log is not None:
+            log(f"  {benchmark} | {pair.row} | round {i + 1}: storaged "
+                f"{res.storaged_rounds[-1]:.1f} anchor {res.anchor_rounds[-1]:.1f} "
+                f"{pair.unit}")
+    return res
+
+
+def run_rounds(benchmark: str, pairs: Sequence[Pair], rounds: int = MIN_ROUNDS,
+               log: Callable[[str], None] | None = None) -> list[RowResult]:
+    """Every row in turn, each in its own interleaved rounds."""
+    return [run_pair(benchmark, p, rounds, log) for p in pairs]
+
+
+def stderr_log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def machine_facts() -> dict[str, Any]:
+    return {"cores": os.cpu_count(), "kernel": platform.release(),
+            "python": platform.python_version(), "loadavg": list(os.getloadavg()),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """One table over any benchmarks' row summaries."""
+    lines = ["| benchmark | row | unit | storaged | anchor | ratio (median) | spread min-max "
+             "(IQR) | ceiling | of ceiling | rounds | noisy |",
+             "|---|---|---|---:|---:|---:|---|---:|---:|---:|---|"]
+    for r in rows:
+        ceiling = (f"{_fmt(r['ceiling_median'])} ({r['ceiling']})"
+                   if r["ceiling_median"] is not None else "-")
+        of_ceiling = (f"{r['ceiling_ratio_median']:.2f}x"
+                      if r["ceiling_ratio_median"] is not None else "-")
+        noisy = f"noisy ({r['anchor_spread']:.2f})" if r["noisy"] else ""
+        lines.append(
+            f"| {r['benchmark']} | {r['row']} | {r['unit']} | {_fmt(r['storaged_median'])} "
+            f"| {_fmt(r['anchor_median'])} ({r['anchor']}) | {r['ratio_median']:.2f}x "
+            f"| {r['ratio_min']:.2f}-{r['ratio_max']:.2f} ({r['ratio_iqr']:.2f}) "
+            f"| {ceiling} | {of_ceiling} | {r['rounds']} | {noisy} |")
+    return "\n".join(lines)
+
+
+def facts_line(start: dict[str, Any], end: dict[str, Any]) -> str:
+    la0 = "/".join(f"{x:.2f}" for x in start["loadavg"])
+    la1 = "/".join(f"{x:.2f}" for x in end["loadavg"])
+    return (f"{start['cores']} cores, kernel {start['kernel']}, load average {la0} at the "
+            f"start ({start['time']}) and {la1} at the end ({end['time']}).")
+
+
+class Report:
+    """One benchmark's rows and the machine's facts around them."""
+
+    def __init__(self, benchmark: str) -> None:
+        self.benchmark = benchmark
+        self.start = machine_facts()
+        self.rows: list[RowResult] = []
+
+    def add(self, rows: Sequence[RowResult]) -> None:
+        self.rows.extend(rows)
+
+    def as_json(self) -> dict[str, Any]:
+        end = machine_facts()
+        machine = {"cores": self.start["cores"], "kernel": self.start["kernel"],
+                   "loadavg_start": self.start["loadavg"], "loadavg_end": end["loadavg"]}
+        rows = [dict(r.summary(), machine=machine) for r in self.rows]
+        return {"benchmark": self.benchmark, "machine": {"start": self.start, "end": end},
+                "noisy_spread": NOISY_SPREAD, "rows": rows}
+
+    def write(self, directory: Path = RESULTS, extra: str = "") -> dict[str, Any]:
+        """Print the table and write ``<benchmark>.md`` and ``<benchmark>.json``."""
+        data = self.as_json()
+        text = "\n\n".join(x for x in (markdown(data["rows"]),
+                                       facts_line(data["machine"]["start"],
+                                                  data["machine"]["end"]), extra) if x)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f"{self.benchmark}.json").write_text(json.dumps(data, indent=1) + "\n")
+        (directory / f"{self.benchmark}.md").write_text(text + "\n")
+        print(text)
+        return data
+
+
+def add_round_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--rounds", type=int, default=MIN_ROUNDS,
+                    help=f"rounds per row, at least {MIN_ROUNDS} (default {MIN_ROUNDS})")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a short run to check the benchmark works: fewer rows, 1 s each")
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="where the table and JSON go (default benchmarks/results)")
+
+
+def check_rounds(ap: argparse.ArgumentParser, rounds: int) -> None:
+    if rounds < MIN_ROUNDS:
+        ap.error(f"--rounds must be at least {MIN_ROUNDS}")
+
+
+__all__ = ["FIELDS", "MIN_ROUNDS", "NOISY_SPREAD", "Pair", "Report", "Result", "RowResult",
+           "add_round_args", "check_rounds", "free_port", "machine_facts",
+           "markdown", "run_pair", "run_rounds", "stderr_log", "wait_port"]

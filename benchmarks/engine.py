@@ -57,13 +57,23 @@ How to read the table:
   over the bytes the client wrote (4 KiB writes into 64 KiB blocks rewrite whole blocks);
   for lz4 the stored/logical size.
 
-    .venv/bin/python -m benchmarks.engine [--size MiB] [--ops N] [--repeat N] [--dir PATH]
-                                          [--quick]
+By default (``make bench``, ``make bench-engine``) the issue's rows run instead in
+interleaved rounds against the raw limits (benchmarks/common.py): plain and ec:4+2
+sequential write (anchor: the raw file; for ec:4+2 the raw 6 files x1.5, ceiling zfec's
+encode rate), page-cached sequential reads of plain, ec:4+2 and lz4 volumes (anchor: the raw
+file; for lz4 the ceiling is lz4's decompress rate) and plain random 4K writes and reads.
+``--detail`` gives the one-pass table described above.
+
+    .venv/bin/python -m benchmarks.engine [--rounds N] [--smoke] [--size MiB] [--ops N]
+                                          [--dir PATH]
+    .venv/bin/python -m benchmarks.engine --detail [--size MiB] [--ops N] [--repeat N]
+                                          [--dir PATH] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import mmap
 import os
@@ -79,6 +89,15 @@ import lz4.block
 import trio
 import zfec
 
+from benchmarks.common import (
+    Pair,
+    Report,
+    RowResult,
+    add_round_args,
+    check_rounds,
+    run_rounds,
+    stderr_log,
+)
 from pool import FileDevice, Pool
 from storaged.tuning import tune_process
 from volumes import Volume, VolumeManager
@@ -523,6 +542,156 @@ def choose_dir(requested: str | None) -> str:
     return os.getcwd()
 
 
+# ==== interleaved rounds (make bench) =======================================================
+def _raw_seq_write(d: str, size: int, data: bytes) -> float:
+    """A new sparse file, ``size`` bytes of 1 MiB writes, then fdatasync: MB/s."""
+    os.sync()
+    path = os.path.join(d, "raw-w")
+    fd = _open(path)
+    try:
+        t0 = time.perf_counter()
+        for i in range(size // SEQ):
+            os.pwrite(fd, data, i * SEQ)
+        os.fdatasync(fd)
+        return size / (time.perf_counter() - t0) / 1e6
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+def _raw_read(fd: int, offsets: Sequence[int], length: int) -> float:
+    buf = aligned(length)
+    t0 = time.perf_counter()
+    for o in offsets:
+        os.preadv(fd, [buf], o)
+    return len(offsets) * length / (time.perf_counter() - t0) / 1e6
+
+
+def _raw_rand_write(fd: int, offsets: Sequence[int], small: bytes) -> float:
+    os.sync()
+    t0 = time.perf_counter()
+    for o in offsets:
+        os.pwrite(fd, small, o)
+    os.fdatasync(fd)
+    return len(offsets) * len(small) / (time.perf_counter() - t0) / 1e6
+
+
+def _lz4_decompress(size: int, text: bytes) -> float:
+    packed = lz4.block.compress(text[:BLOCK], store_size=False)
+    n = size // BLOCK
+    t0 = time.perf_counter()
+    for _ in range(n):
+        lz4.block.decompress(packed, uncompressed_size=BLOCK)
+    return n * BLOCK / (time.perf_counter() - t0) / 1e6
+
+
+async def paired_rows(d: str, size: int, offsets: Sequence[int], text: bytes, rounds: int,
+                      smoke: bool) -> list[RowResult]:
+    """The issue's rows, each raw limit and the engine back to back in every round
+    (benchmarks/common.py): the engine runs on this trio loop, the round runner in a worker
+    thread that calls into the loop for the engine's side."""
+    need = 2 * ((rounds + 1) * size * 3 + rounds * len(offsets) * BLOCK) * 36 // 10 // DEVICES
+    dev_size = max(2 * GiB, -(-need // GiB) * GiB)
+    devs = [FileDevice(os.path.join(d, f"dev{i}"), create_size=dev_size)
+            for i in range(DEVICES)]
+    pool = await Pool.create("bench", devs, profile="ec:4+2", extent_size=16 * MiB,
+                             force=True)
+    data = os.urandom(SEQ)
+    small = data[:RND]
+    seq = [i * SEQ for i in range(size // SEQ)]
+    raw_path = os.path.join(d, "raw-r")
+    fd = _open(raw_path)
+    try:
+        for i in range(size // SEQ):       # the raw side of the reads and random writes
+            os.pwrite(fd, data, i * SEQ)
+        os.fdatasync(fd)
+        vm = VolumeManager(pool)
+        vols: dict[str, tuple[Volume, bytes]] = {}
+        for name, vname, profile, comp, content in (
+                (PLAIN, "plain", "plain", False, data), (EC, "ec", "ec:4+2", False, data),
+                (PLAIN_LZ4, "lz4", "plain", True, text[:SEQ])):
+            vol = await vm.create(vname, max(size, GiB), block_size=BLOCK, profile=profile,
+                                  compression=comp)
+            await _timed_write(pool, vol, name, SEQ_W, seq, SEQ_DEPTH, content)
+            vols[name] = (vol, content)
+
+        def engine(fn: Callable[..., Awaitable[Row]], *args: object) -> Callable[[], float]:
+            def measure() -> float:
+                if fn is _timed_write:
+                    os.sync()      # no dirty page cache left by the other side
+                return trio.from_thread.run(functools.partial(fn, *args)).mbps
+            return measure
+
+        def write(name: str) -> Callable[[], float]:
+            vol, content = vols[name]
+            return engine(_timed_write, pool, vol, name, SEQ_W, seq, SEQ_DEPTH, content)
+
+        def read(name: str) -> Callable[[], float]:
+            return engine(_timed_read, name, SEQ_R, vols[name][0], seq, SEQ_DEPTH, SEQ)
+
+        quarter = data[:SEQ // 4]
+
+        def six(fds: list[int], i: int) -> None:
+            for f in fds:
+                os.pwrite(f, quarter, i * len(quarter))
+
+        raw_w = functools.partial(_raw_seq_write, d, size, data)
+        raw_r = functools.partial(_raw_read, fd, seq, SEQ)
+        pairs = [
+            Pair(f"plain {SEQ_W}", anchor=raw_w, storaged=write(PLAIN), anchor_name=RAW),
+            Pair(f"ec:4+2 {SEQ_W}",
+                 anchor=lambda: _six_files(d, RAW6, size, 1, six).mbps,
+                 storaged=write(EC), ceiling=lambda: codec_rows(size, text)[0].mbps,
+                 anchor_name=RAW6, ceiling_name=ZFEC),
+            Pair(f"plain {SEQ_R} (page cache)", anchor=raw_r, storaged=read(PLAIN),
+                 anchor_name=RAW),
+        ]
+        if not smoke:
+            pairs += [
+                Pair(f"ec:4+2 {SEQ_R} (page cache)", anchor=raw_r, storaged=read(EC),
+                     anchor_name=RAW),
+                Pair(f"lz4 {SEQ_R} (page cache)", anchor=raw_r, storaged=read(PLAIN_LZ4),
+                     ceiling=functools.partial(_lz4_decompress, size, text),
+                     anchor_name=RAW, ceiling_name="lz4 decompress"),
+                Pair(f"plain {RND_W}", anchor=functools.partial(_raw_rand_write, fd, offsets,
+                                                                small),
+                     storaged=engine(_timed_write, pool, vols[PLAIN][0], PLAIN, RND_W,
+                                     offsets, RND_DEPTH, small), anchor_name=RAW),
+                Pair(f"plain {RND_R}", anchor=functools.partial(_raw_read, fd, offsets, RND),
+                     storaged=engine(_timed_read, PLAIN, RND_R, vols[PLAIN][0], offsets,
+                                     RND_DEPTH, RND), anchor_name=RAW),
+            ]
+        rows = await trio.to_thread.run_sync(run_rounds, "engine", pairs, rounds, stderr_log)
+        for name, (vol, content) in vols.items():      # a fast wrong answer cannot pass
+            if await vol.read(size - SEQ, SEQ) != content and (smoke or name != PLAIN):
+                raise AssertionError(f"{name}: 1 MiB read back wrong after the rounds")
+        if not smoke and await vols[PLAIN][0].read(offsets[-1], RND) != small:
+            raise AssertionError(f"{PLAIN}: 4 KiB read back wrong after the rounds")
+        return rows
+    finally:
+        os.close(fd)
+        os.unlink(raw_path)
+        await pool.close()
+
+
+def rounds_main(args: argparse.Namespace) -> None:
+    size = (args.size if args.size is not None else 16 if args.smoke else 256) * MiB
+    ops = args.ops if args.ops is not None else 2000 if args.smoke else 20000
+    where = choose_dir(args.dir)
+    d = tempfile.mkdtemp(prefix="storaged-bench-", dir=where)
+    report = Report("engine")
+    try:
+        tune_process()   # as the daemon runs
+        report.add(trio.run(paired_rows, d, size, random_offsets(size, ops),
+                            compressible(SEQ), args.rounds, args.smoke))
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    report.write(args.results, f"The engine on its Volume API in this process, {size // MiB} "
+                 f"MiB sequential, {ops} random 4K ops, files on {fs_type(where)}; the anchor "
+                 "is one thread of os.pwrite/os.preadv on a file of the same file system (for "
+                 "ec:4+2 writes: 1.5x the bytes over 6 files). Reads are page-cached.")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="benchmarks.engine",
                                  description=__doc__.splitlines()[0] if __doc__ else None)
@@ -537,7 +706,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="rounds of each sequential test, the median is shown (default 5, "
                          "quick 1)")
     ap.add_argument("--quick", action="store_true", help="a short run")
+    ap.add_argument("--detail", action="store_true",
+                    help="the one-pass table with flush times, amplification and cold reads "
+                         "(the default is interleaved rounds against the raw limits)")
+    add_round_args(ap)
     args = ap.parse_args(argv)
+    if not args.detail:
+        check_rounds(ap, args.rounds)
+        rounds_main(args)
+        return
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)

@@ -1,18 +1,22 @@
 """benchmarks/fuse: fio on a storaged volume file in the FUSE mount (plain and ec:4+2)
-against qemu-storage-daemon's FUSE export of a qcow2 file and a plain file of the host file
-system, on the same machine in one run, and on a pyfuse3 file system with nothing behind it
-(benchmarks/nullfuse.py: handlers that answer at once), the ceiling of any pyfuse3 export
-here, so the table shows how much of a gap is storaged's and how much pyfuse3's.
+against qemu-storage-daemon's FUSE export of a qcow2 file (the anchor), with a pyfuse3 file
+system that has nothing behind it (benchmarks/nullfuse.py: handlers that answer at once) as
+the ceiling of any pyfuse3 export here, on the same machine in interleaved rounds
+(benchmarks/common.py), so the table shows how much of a gap is storaged's and how much
+pyfuse3's.
 
-Every target is a 1 GiB file; fio uses libaio with --direct=1: a prefill, 1 MiB sequential
-write (iodepth 4, fsync at the end), 1 MiB sequential read (iodepth 4), 4 KiB random write
-(iodepth 16, fsync at the end), 4 KiB random read (iodepth 16). storaged runs as a separate
-process (the real daemon, `--fuse-mount`) on a pool of six sparse files. The table gives
-MB/s and IOPS and each figure as a ratio to qemu-storage-daemon; the target for storaged is
-at least 0.5x on every row. Needs root (mounts) and qemu-storage-daemon
-(qemu-system-common, installed by `make bench-fuse`).
+Every target is a 1 GiB file, filled once first; fio uses libaio with --direct=1: 1 MiB
+sequential write (iodepth 4, fsync at the end), 1 MiB sequential read (iodepth 4), 4 KiB
+random write (iodepth 16, fsync at the end), 4 KiB random read (iodepth 16). Each row runs
+qemu-storage-daemon, storaged and the null file system back to back in every round, the
+order alternating; the table gives the median paired ratio and its spread, and storaged as
+a share of the ceiling. storaged runs as a separate process (the real daemon,
+`--fuse-mount`) on a pool of six sparse files. Targets: at least 1.0x on the sequential
+rows, at least 0.9 of the null file system on the 4K rows. Needs root (mounts) and
+qemu-storage-daemon (qemu-system-common, installed by `make bench-fuse`).
 
-    .venv/bin/python -m benchmarks.fuse [--quick] [--dir PATH] [--runtime SECONDS]
+    .venv/bin/python -m benchmarks.fuse [--rounds N] [--smoke] [--dir PATH]
+        [--runtime SECONDS]
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.common import Result
+from benchmarks.common import Pair, Report, add_round_args, check_rounds, run_rounds, stderr_log
 from fuse.mount import mount_entry, raise_max_background
 
 MiB = 1 << 20
@@ -40,10 +45,12 @@ NULL = "pyfuse3 null"      # the ceiling: pyfuse3 with no storage behind it
 
 
 def fio(path: Path, test: str, rw: str, bs: str, depth: int, runtime: int,
-        target: str) -> Result:
+        target: str) -> float:
+    """One fio run; MB/s."""
     args = ["fio", "--name=bench", f"--filename={path}", "--ioengine=libaio", "--direct=1",
             f"--rw={rw}", f"--bs={bs}", f"--iodepth={depth}", "--size=512m", "--time_based",
-            f"--runtime={runtime}", "--ramp_time=1", "--output-format=json",
+            f"--runtime={runtime}", f"--ramp_time={1 if runtime > 2 else 0}",
+            "--output-format=json",
             "--refill_buffers"]
     if "write" in rw:
         args.append("--end_fsync=1")
@@ -53,7 +60,7 @@ def fio(path: Path, test: str, rw: str, bs: str, depth: int, runtime: int,
         raise RuntimeError(f"fio {test} on {target}: {r.stderr.strip()[-500:]}")
     job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
     side = job["write"] if "write" in rw else job["read"]
-    return Result(target, test, side["bw_bytes"] / 1e6, side["iops"])
+    return float(side["bw_bytes"]) / 1e6
 
 
 def prefill(path: Path) -> None:
@@ -130,18 +137,20 @@ def start_null(work: Path) -> tuple[subprocess.Popen[bytes], Path]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="3 s per test instead of 10")
-    ap.add_argument("--runtime", type=int, default=None)
+    add_round_args(ap)
+    ap.add_argument("--runtime", type=int, default=None, help="seconds per fio run (5)")
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
     args = ap.parse_args(argv)
-    runtime = args.runtime or (3 if args.quick else 10)
+    check_rounds(ap, args.rounds)
+    runtime = args.runtime or (1 if args.smoke else 5)
     if shutil.which("qemu-storage-daemon") is None:
         print("qemu-storage-daemon is missing: install qemu-system-common (make bench-fuse)",
               file=sys.stderr)
         return 2
+    tests = [TESTS[0], TESTS[3]] if args.smoke else TESTS
     work = Path(tempfile.mkdtemp(prefix="bench-fuse-", dir=args.dir))
     procs: list[subprocess.Popen[bytes]] = []
-    results: list[Result] = []
+    report = Report("fuse")
     try:
         sd, mnt, _sock = start_storaged(work)
         procs.append(sd)
@@ -149,19 +158,23 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(qsd)
         null, null_file = start_null(work)
         procs.append(null)
-        host = work / "host.raw"
-        with open(host, "wb") as f:
-            f.truncate(SIZE)
-        targets = [("qsd qcow2", qsd_file), ("storaged plain", mnt / "bench" / "plain"),
-                   ("storaged ec:4+2", mnt / "bench" / "ec"), ("host file", host),
-                   (NULL, null_file)]
-        for name, path in targets:
+        vols = [("plain", mnt / "bench" / "plain")]
+        if not args.smoke:
+            vols.append(("ec:4+2", mnt / "bench" / "ec"))
+        for path in (qsd_file, null_file, *(p for _, p in vols)):
             prefill(path)
-            for test, rw, bs, depth in TESTS:
-                res = fio(path, test, rw, bs, depth, runtime, name)
-                results.append(res)
-                print(f"  {name:16} {test:14} {res.mbps:9.1f} MB/s {res.iops:10.0f} IOPS",
-                      file=sys.stderr, flush=True)
+
+        def measure(path: Path, test: str, rw: str, bs: str, depth: int,
+                    target: str) -> Callable[[], float]:
+            return lambda: fio(path, test, rw, bs, depth, runtime, target)
+
+        pairs = [Pair(f"{label} {test}",
+                      anchor=measure(qsd_file, test, rw, bs, depth, "qsd qcow2"),
+                      storaged=measure(path, test, rw, bs, depth, f"storaged {label}"),
+                      ceiling=measure(null_file, test, rw, bs, depth, NULL),
+                      anchor_name="qsd qcow2", ceiling_name=NULL)
+                 for label, path in vols for test, rw, bs, depth in tests]
+        report.add(run_rounds("fuse", pairs, args.rounds, stderr_log))
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -173,24 +186,12 @@ def main(argv: list[str] | None = None) -> int:
             if _mounted(m):
                 subprocess.run(["fusermount3", "-u", "-z", str(m)], check=False)
         shutil.rmtree(work, ignore_errors=True)
-    print_table(results)
+    report.write(args.results, f"fio (libaio, direct) on FUSE, {runtime} s per run; the "
+                 f"anchor is qemu-storage-daemon's FUSE export of a qcow2 file, the ceiling "
+                 f"'{NULL}', which answers every request at once with no storage behind it: "
+                 "no pyfuse3 export can go faster here. Targets: at least 1.0x on the "
+                 "sequential rows, at least 0.9 of the ceiling on the 4K rows.")
     return 0
-
-
-def print_table(results: list[Result]) -> None:
-    base = {r.test: r for r in results if r.target == "qsd qcow2"}
-    print("\n| target | test | MB/s | IOPS | vs qsd qcow2 |\n|---|---|---:|---:|---:|")
-    for r in results:
-        ref = base.get(r.test)
-        ratio = r.iops / ref.iops if ref and ref.iops else 0.0
-        print(f"| {r.target} | {r.test} | {r.mbps:.1f} | {r.iops:.0f} | {ratio:.2f}x |")
-    print(f"\n'{NULL}' answers every request at once with no storage behind it: no pyfuse3 "
-          "export can go faster here, and storaged's rows are also given as a share of it.")
-    ceiling = {r.test: r for r in results if r.target == NULL}
-    for r in results:
-        top = ceiling.get(r.test)
-        if r.target.startswith("storaged") and top and top.iops:
-            print(f"  {r.target:16} {r.test:14} {r.iops / top.iops:.2f} of the pyfuse3 ceiling")
 
 
 if __name__ == "__main__":

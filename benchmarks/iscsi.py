@@ -1,15 +1,19 @@
 """benchmarks/iscsi: storaged's iSCSI target against tgtd (the Linux SCSI target framework,
-Debian package ``tgt``) serving a raw file, in one run on the same machine.
+Debian package ``tgt``) serving a raw file, on the same machine in interleaved rounds
+(benchmarks/common.py).
 
 Each target serves a 512 MiB LU on loopback, first filled with random data (so no target
-answers reads from holes). Then, per target: ``iscsi-perf`` (libiscsi; 4 KiB sequential
-reads at its default queue depth of 32, for RUNTIME seconds) and ``qemu-img bench``
-through qemu's libiscsi driver: 1 MiB at depth 4 and 4 KiB at depth 16, reads and writes.
-storaged runs as a separate process (``--serve``) with a plain and an ec:4+2 volume
-(compression off) in one pool of six sparse files. The table gives IOPS and MB/s and each
-storaged figure as a ratio to tgtd; the issue's target is at least 0.5x on every row.
+answers reads from holes). Rows, per storaged volume (a plain and an ec:4+2 volume,
+compression off, in one pool of six sparse files): ``iscsi-perf`` (libiscsi; 4 KiB
+sequential reads at its default queue depth of 32) and ``qemu-img bench`` through qemu's
+libiscsi driver: 1 MiB at depth 4 and 4 KiB at depth 16, reads and writes. Each row runs
+tgtd (the anchor), storaged and, for the qemu-img rows, the ceiling -- ``qemu-img bench`` on
+a raw file of the same disk with no iSCSI between -- back to back in every round, the order
+alternating; the table gives the median paired ratio and its spread. storaged runs as a
+separate process (``--serve``). The issue's target is at least 1.0x on every row.
 
-    .venv/bin/python -m benchmarks.iscsi [--quick] [--dir PATH] [--runtime SECONDS]
+    .venv/bin/python -m benchmarks.iscsi [--rounds N] [--smoke] [--dir PATH]
+        [--runtime SECONDS]
 """
 
 from __future__ import annotations
@@ -22,11 +26,21 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
-from benchmarks.common import Result, free_port, wait_port
+from benchmarks.common import (
+    Pair,
+    Report,
+    add_round_args,
+    check_rounds,
+    free_port,
+    run_rounds,
+    stderr_log,
+    wait_port,
+)
 from iscsi.server import ISCSIConfig, ISCSIServer, SharedExclusive
 from iscsi.targets import TargetCatalog
 from pool import FileDevice, Pool
@@ -54,18 +68,17 @@ def prefill(url: str, image: Path) -> None:
     _run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(image), url], 600)
 
 
-def iscsi_perf(url: str, runtime: int) -> Result:
+def iscsi_perf(url: str, runtime: int) -> float:
+    """4 KiB sequential reads at depth 32; IOPS."""
     out = _run(["iscsi-perf", "-t", str(runtime), "-b", "8", url], runtime * 3 + 60)
     found = re.findall(r"iops average (\d+) \((\d+) MB/s\)", out.replace("\r", "\n"))
     if not found:
         raise RuntimeError(f"no iscsi-perf figures in: {out[-300:]}")
-    iops = float(found[-1][0])
-    return Result("", "iscsi-perf read 4K d32", iops * 4096 / 1e6, iops)
+    return float(found[-1][0])
 
 
-def qemu_bench(url: str, test: str, bs: int, depth: int, write: bool,
-               runtime: int) -> Result:
-    """``qemu-img bench`` for about ``runtime`` seconds (a calibrating run first)."""
+def qemu_bench(url: str, bs: int, depth: int, write: bool, runtime: int) -> float:
+    """``qemu-img bench`` for about ``runtime`` seconds (a calibrating run first); IOPS."""
     def once(count: int) -> float:
         args = ["qemu-img", "bench", "-f", "raw", "-c", str(count), "-d", str(depth),
                 "-s", str(bs), "-S", str(bs)]
@@ -81,17 +94,7 @@ def qemu_bench(url: str, test: str, bs: int, depth: int, write: bool,
     count = max(probe, int(probe * runtime / max(seconds, 1e-3)))
     count = min(count, SIZE // bs * 4)                # wraps around the LU at most 4x
     seconds = once(count)
-    return Result("", test, count * bs / seconds / 1e6, count / seconds)
-
-
-def run_target(name: str, url: str, runtime: int) -> list[Result]:
-    rows = [iscsi_perf(url, runtime)]
-    rows += [qemu_bench(url, t, bs, d, w, runtime) for t, bs, d, w in QEMU_TESTS]
-    for r in rows:
-        r.target = name
-        print(f"  {name:<18} {r.test:<24} {r.iops:9.0f} IOPS {r.mbps:8.0f} MB/s",
-              file=sys.stderr, flush=True)
-    return rows
+    return count / seconds
 
 
 def serve(directory: str, port: int) -> None:
@@ -127,32 +130,38 @@ def _tgtadm(control: int, *args: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="benchmarks.iscsi")
-    ap.add_argument("--quick", action="store_true", help="3 s per test instead of 8")
-    ap.add_argument("--runtime", type=int, default=None)
+    add_round_args(ap)
+    ap.add_argument("--runtime", type=int, default=None, help="seconds per run (5)")
     ap.add_argument("--dir", default="/var/tmp", help="where the files go (not tmpfs)")
     ap.add_argument("--serve", nargs=2, metavar=("DIR", "PORT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         serve(args.serve[0], int(args.serve[1]))
         return
+    check_rounds(ap, args.rounds)
     for tool in ("iscsi-perf", "qemu-img", "tgtd", "tgtadm"):
         if shutil.which(tool) is None:
             raise SystemExit(f"benchmarks.iscsi: {tool} is missing (run `make bench-iscsi`, "
                              f"which installs it)")
-    runtime = args.runtime or (3 if args.quick else 8)
+    runtime = args.runtime or (1 if args.smoke else 5)
+    tests = [QEMU_TESTS[2]] if args.smoke else QEMU_TESTS
+    vols = [("plain", "plain")] if args.smoke else [("plain", "plain"), ("ec", "ec:4+2")]
     work = Path(tempfile.mkdtemp(prefix="storaged-iscsi-bench-", dir=args.dir))
-    rows: list[Result] = []
+    report = Report("iscsi")
     procs: list[subprocess.Popen[bytes]] = []
+    control = 7000 + os.getpid() % 1000
     try:
         image = work / "random.img"
         with open(image, "wb") as f:
             for _ in range(SIZE // (16 * MiB)):
                 f.write(os.urandom(16 * MiB))
+        floor = work / "floor.raw"            # the ceiling: the same client, no iSCSI
+        shutil.copyfile(image, floor)
         # tgtd serving a raw file (LUN 0 is its controller; the disk is LUN 1).
         raw = work / "disk.raw"
         with open(raw, "wb") as f:
             f.truncate(SIZE)
-        port, control = free_port(), 7000 + os.getpid() % 1000
+        port = free_port()
         tgtd = subprocess.Popen(["tgtd", "-f", "-C", str(control), "--iscsi",
                                  f"portal=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
@@ -162,19 +171,9 @@ def main() -> None:
         _tgtadm(control, "--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1",
                 "-b", str(raw))
         _tgtadm(control, "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL")
-        url = f"iscsi://127.0.0.1:{port}/{TGT_IQN}/1"
-        prefill(url, image)
-        rows += run_target("tgtd raw file", url, runtime)
-        _tgtadm(control, "--op", "delete", "--mode", "target", "--tid", "1", "--force")
-        subprocess.run(["tgtadm", "-C", str(control), "--op", "delete", "--mode", "system"],
-                       capture_output=True, check=False, timeout=30)
-        try:
-            tgtd.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            tgtd.kill()
-            tgtd.wait(timeout=10)
-        os.sync()
-        # storaged, in its own process.
+        tgt_url = f"iscsi://127.0.0.1:{port}/{TGT_IQN}/1"
+        prefill(tgt_url, image)
+        # storaged, in its own process, beside tgtd for the whole run.
         sdir = work / "storaged"
         sdir.mkdir()
         port = free_port()
@@ -183,32 +182,41 @@ def main() -> None:
                                 stderr=subprocess.DEVNULL)
         procs.append(proc)
         wait_port(port, proc, "storaged")
-        for vol in ("plain", "ec"):
-            url = f"iscsi://127.0.0.1:{port}/{BASE}:bench:{vol}/0"
+        urls = {vol: f"iscsi://127.0.0.1:{port}/{BASE}:bench:{vol}/0" for vol, _ in vols}
+        for url in urls.values():
             prefill(url, image)
-            os.sync()
-            rows += run_target(f"storaged {vol}", url, runtime)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
+        os.sync()
+
+        def perf(url: str) -> Callable[[], float]:
+            return lambda: iscsi_perf(url, runtime)
+
+        def bench(url: str, bs: int, depth: int, write: bool) -> Callable[[], float]:
+            return lambda: qemu_bench(url, bs, depth, write, runtime)
+
+        pairs: list[Pair] = []
+        for vol, label in vols:
+            pairs.append(Pair(f"{label} iscsi-perf read 4K d32", anchor=perf(tgt_url),
+                              storaged=perf(urls[vol]), unit="IOPS", anchor_name="tgtd"))
+            pairs += [Pair(f"{label} {test}", anchor=bench(tgt_url, bs, d, w),
+                           storaged=bench(urls[vol], bs, d, w),
+                           ceiling=bench(str(floor), bs, d, w), unit="IOPS",
+                           anchor_name="tgtd", ceiling_name="qemu-img on a raw file")
+                      for test, bs, d, w in tests]
+        report.add(run_rounds("iscsi", pairs, args.rounds, stderr_log))
     finally:
+        subprocess.run(["tgtadm", "-C", str(control), "--op", "delete", "--mode", "system"],
+                       capture_output=True, check=False, timeout=30)
         for p in procs:
             if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=120)
+            except subprocess.TimeoutExpired:
                 p.kill()
         shutil.rmtree(work, ignore_errors=True)
-    print(report(rows))
-
-
-def report(rows: list[Result]) -> str:
-    base = {r.test: r for r in rows if r.target == "tgtd raw file"}
-    lines = [f"{'target':<18} {'test':<24} {'IOPS':>9} {'MB/s':>8}  {'vs tgtd':>8}"]
-    for r in rows:
-        ratio = ""
-        if r.target.startswith("storaged") and r.test in base and base[r.test].iops:
-            q = r.iops / base[r.test].iops
-            ratio = f"{q:.2f}x" + ("  PASS" if q >= 0.5 else "  MISS")
-        lines.append(f"{r.target:<18} {r.test:<24} {r.iops:9.0f} {r.mbps:8.0f}  {ratio}")
-    lines.append("Target (issue 7): storaged >= 0.5x tgtd on every row.")
-    return "\n".join(lines)
+    report.write(args.results, f"iSCSI on loopback, about {runtime} s per run; the anchor is "
+                 "tgtd serving a raw file. Target: at least 1.0x on every row.")
 
 
 if __name__ == "__main__":

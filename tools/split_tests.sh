@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 
 # In-process, on real files or bytes alone: no daemon process, no external client.
-UNIT="test_capabilities test_catalog test_datapath test_space_account test_store test_checker test_devices test_health test_import
+UNIT="test_bench_rounds test_capabilities test_catalog test_datapath test_space_account test_store test_checker test_devices test_health test_import
   test_iscsi_cdb test_iscsi_proto test_labels test_member_ops test_nbd_proto test_openers
   test_pool_tuning test_portable test_qos test_readcache test_rebuild test_redundancy
   test_repo_docs test_scrub test_sizes test_space test_tuning test_txn
