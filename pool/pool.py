@@ -340,7 +340,7 @@ class Pool:
     async def settle_discards(self) -> None:
         """Discard every extent freed so far, now, and wait for it: the runner does it
         if one is running, else this task does."""
-        await self.store.settle_discards()
+        await self.store.run(settle=True)
 
     # ==== the data path ===================================================================
     async def write_blocks(self, map_id: int, prof: Profile, compress: bool,

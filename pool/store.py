@@ -36,7 +36,9 @@ The interface, as a caller may rely on it (docs/INTERNALS.md "The SegmentStore")
   (DESIGN 3). ``reclaim()``: release what no read holds back, and say what the caller does
   next (``Reclaim``): WAITED for older reads and some came back (try again), COMMIT (frees
   wait for a commit), NOTHING.
-- ``run`` / ``settle_discards``: background discard of released space (advisory).
+- ``run()``: background discard of released space (advisory), until the pool closes;
+  ``run(settle=True)``: discard everything released so far, now, and return once done
+  (the runner does it if one is serving, else the caller's task).
 - ``room(prof)``: the space accounting's view (free bytes in full stripes of a profile,
   the capacity, which domains can take a column); ``health()``: each failure domain.
 
@@ -174,9 +176,8 @@ class SegmentStore(Protocol):
 
     def read_hold(self) -> ReadHold: ...
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None: ...
-
-    async def settle_discards(self) -> None: ...
+    async def run(self, *, settle: bool = False,
+                  task_status: trio.TaskStatus[None] = ...) -> None: ...
 
     def room(self, prof: Profile | None) -> Room: ...
 
@@ -234,7 +235,7 @@ class LocalStore:
         self._running = False                       # a ``run`` task is serving the pool
         self._settled = trio.Event()                # set after each round ``run`` finishes
         self._discard_wake = trio.Event()           # cut the runner's wait short
-        self._settling = 0                          # settle_discards waiting: discard all now
+        self._settling = 0                          # run(settle=True) waiting: discard all now
         self._discard_lock = trio.Lock()            # one inline discarder without a runner
 
     # ==== placement (invariants 1, 2) ======================================================
@@ -535,11 +536,16 @@ class LocalStore:
             self._discard_wake.set()                # the runner, if any, takes them
 
     # ==== discard (invariant 4) ============================================================
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                  ) -> None:
+    async def run(self, *, settle: bool = False,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """``Pool.run``: discard freed extents, each once it has stayed free
         DISCARD_DELAY seconds, until the pool is closed; an exception drops the queue
-        (discard is advisory) and propagates to the owner."""
+        (discard is advisory) and propagates to the owner. ``settle``: discard every
+        extent freed so far, now, and return once done (``_settle``)."""
+        if settle:
+            task_status.started()
+            await self._settle()
+            return
         if self._running:
             raise InvalidArgument(f"pool {self.state.name}: its background task runs already")
         self._running = True
@@ -561,7 +567,7 @@ class LocalStore:
 
     async def _discard_rounds(self) -> None:
         """Discard queued extents as they fall due (all of them at once while a
-        ``settle_discards`` waits) until the queue is empty or the pool has failed."""
+        ``run(settle=True)`` waits) until the queue is empty or the pool has failed."""
         while self.discard_queue and not self._hooks.stopped:
             now = trio.current_time()
             if not self._settling:
@@ -573,7 +579,7 @@ class LocalStore:
                     continue
             await self._discard_freed(now if self._settling else now - DISCARD_DELAY)
 
-    async def settle_discards(self) -> None:
+    async def _settle(self) -> None:
         """Discard every extent freed so far, now, and wait for it: the runner does it
         if one is running, else this task does."""
         self._settling += 1

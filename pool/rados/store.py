@@ -26,7 +26,7 @@ The vocabulary, in RADOS terms:
   "safe": durable on the OSDs), and ``write`` returns only after its calls completed.
 - ``free``/``durable``/``read_hold``: as LocalStore's invariant 3; the
   released object is deleted (RADOS gives the space back, so discard is free) by ``run``,
-  ``reclaim`` or ``settle_discards``.
+  ``reclaim`` or ``run(settle=True)``.
 - ``room``: the capacity is the RADOS pool's quota (``osd pool
   set-quota POOL max_bytes N``, read from the OSD map with the mon command ``osd pool
   ls detail``; ``osd pool get-quota`` answers only with a mgr's stats), bounded by the
@@ -367,13 +367,20 @@ class RadosStore:
             return Reclaim.WAITED
         return Reclaim.COMMIT if self.pending_free else Reclaim.NOTHING
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                  ) -> None:
+    async def run(self, *, settle: bool = False,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The pool's background task: delete released objects as they come, refresh
         quota, usage and health every REFRESH seconds, until the pool is closed or the
         client fenced (then it returns: the new owner deletes what is left). A failed
         refresh keeps the last numbers (logged); failed deletes are retried after RETRY
-        seconds; any other exception propagates to the owner's nursery."""
+        seconds; any other exception propagates to the owner's nursery. ``settle``:
+        delete every released object now (a RADOS delete is the discard) and return."""
+        if settle:
+            task_status.started()
+            self.release()
+            if self.deletable:
+                await self.delete_released()
+            return
         if self._running:
             raise InvalidArgument(f"pool {self.state.name}: its background task runs already")
         self._running = True
@@ -407,12 +414,6 @@ class RadosStore:
     def wake(self) -> None:
         """Let ``run`` see a closed pool now."""
         self._wake.set()
-
-    async def settle_discards(self) -> None:
-        """Delete every released object now (a RADOS delete is the discard)."""
-        self.release()
-        if self.deletable:
-            await self.delete_released()
 
     # ==== room and health ==================================================================
     def _free_bytes(self, prof: Profile | None) -> int:

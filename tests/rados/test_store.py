@@ -191,7 +191,7 @@ async def test_room_is_the_quota(ceph: Cluster) -> None:
         store.allocate(1, 0)
     store.free(taken[0])
     store.durable(1)
-    await store.settle_discards()
+    await store.run(settle=True)
     assert store.room(plain).free_bytes == SEG
     assert store.allocate(1, 0)[0][1] not in {p[0][1] for p in taken}   # invariant 2
     await conn.close()
@@ -212,10 +212,10 @@ async def test_freed_objects_go_after_the_commit_and_older_reads(ceph: Cluster) 
     old = store.read_hold()                    # a read that may still reach the segment
     store.free(seg.extents)
     assert await store.reclaim() is Reclaim.COMMIT   # nothing durable: a commit would do
-    await store.settle_discards()
+    await store.run(settle=True)
     assert _exists(conn, oid)                  # not durable yet
     store.durable(1)
-    await store.settle_discards()
+    await store.run(settle=True)
     assert _exists(conn, oid)                  # durable, but an older read is in flight
     got = await trio.to_thread.run_sync(
         records.read_records, _plans(seg, store.columns(seg), offs, recs), BS, Deadlines())
@@ -285,7 +285,7 @@ async def test_a_fenced_store_cannot_write(ceph: Cluster) -> None:
     rs.free(seg.extents)
     rs.durable(1)
     with pytest.raises(Fenced):
-        await rs.settle_discards()
+        await rs.run(settle=True)
     assert [h.present for h in rs.health()] == [False]
     assert len(hooks.faults) == 1
     assert bytes(b.ioctx.read(oid, 1 << 20)) == before

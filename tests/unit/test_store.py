@@ -174,7 +174,7 @@ async def test_released_space_is_discarded_unless_taken_again_first(tmp_path: Pa
     store.durable(len(a) + len(b))
     again = store.allocate(prof.k, prof.m)            # reused before its discard
     seg_c = _segment(state, again, 2, 1)
-    await store.settle_discards()
+    await store.run(settle=True)
     discarded = {x for x in (*a, *b)} - set(again)
     assert hooks.counts["discarded_extents"] == len(discarded) == 3
     for idx, ext in discarded:
@@ -185,7 +185,7 @@ async def test_released_space_is_discarded_unless_taken_again_first(tmp_path: Pa
     got = records.read_records(_plans(seg_c, store.columns(seg_c), [0], [rec]), BS,
                                Deadlines())
     assert bytes(got.payloads[0]) == data
-    await store.settle_discards()
+    await store.run(settle=True)
     assert hooks.counts["discarded_extents"] == 3                 # once per release
 
 
