@@ -25,6 +25,7 @@ holds; without a runner it is done at ``settle_discards`` and ``close``.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Container, Iterable, Mapping, Sequence
 from functools import partial
 from types import MappingProxyType
@@ -562,13 +563,15 @@ class Pool:
         foreground keeps the other core)."""
         return await trio.to_thread.run_sync(partial(fn, *args), limiter=self._bg)
 
-    async def write_fragments(self, repairs: Sequence[records.Repair]) -> int:
-        """Write rebuilt fragments (of pinned segments; ``LocalStore.write_fragments``);
-        returns how many were written. Runs beside ``background`` work, so a rebuild
-        computes its next step while the last one is written."""
+    async def write_fragments(self, repairs: Sequence[records.Repair],
+                              errors: Counter[tuple[str, str]] | None = None) -> int:
+        """Count the errors the verify pass met and write the fragments it rebuilt (of
+        pinned segments; ``SegmentStore.write_fragments``); returns how many were
+        written. Runs beside ``background`` work, so a rebuild computes its next step
+        while the last one is written."""
         await self.owner_keeper.confirm()
         live = [r for r in repairs if r.segment in self.state.segments]
-        done, touched = await self.store.write_fragments(live)
+        done, touched = await self.store.write_fragments(live, errors=errors)
         self.txn.dirty.update(i for i in touched if self.devices[i] is not None)
         return done
 

@@ -21,6 +21,7 @@ Invariants this module owns (DESIGN numbers in parentheses):
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 
 import trio
@@ -156,10 +157,8 @@ class RecordReader:
             finally:
                 hold.release()
         self._counters["degraded_reads"] += out.degraded
-        if out.device_errors:
-            self._store.note_errors(out.device_errors)
-        if out.repairs:
-            await self._repair(out.repairs)
+        if out.repairs or out.device_errors:
+            await self._repair(out.repairs, out.device_errors)
         if out.failures:
             self._counters["unreadable_records"] += len(out.failures)
             slot, why = next(iter(out.failures.items()))
@@ -250,13 +249,16 @@ class RecordReader:
             z = self._zero_block = bytes(n)
         return z
 
-    async def _repair(self, repairs: Sequence[records.Repair]) -> None:
-        """Rewrite bad fragments a read rebuilt (invariant 4): a member that hangs on the
+    async def _repair(self, repairs: Sequence[records.Repair],
+                      errors: Counter[tuple[str, str]]) -> None:
+        """Hand the read's outcome back to the store: count the errors it met, and
+        rewrite bad fragments it rebuilt (invariant 4): a member that hangs on the
         repair is faulted rather than hanging the read that found the damage."""
         # Heal only fragments of segments that still exist: a segment freed meanwhile
         # may not be reused yet (reads in flight hold frees back), but it is not ours.
         live = [r for r in repairs if r.segment in self.state.segments]
-        done, touched = await self._store.write_fragments(live, foreground=True)
+        done, touched = await self._store.write_fragments(live, errors=errors,
+                                                           foreground=True)
         self._counters["repaired_fragments"] += done
         self._written(touched)
         if done:

@@ -288,13 +288,12 @@ async def _write_stage(pool: Pool, recv: trio.MemoryReceiveChannel[_Item | BaseE
             out = item.out
             assert out is not None
             seg_id, column = item.seg.seg_id, item.seg.column
-            pool.store.note_errors(out.device_errors)
             for slot, why in out.failures.items():
                 where = ", ".join(locate(pool.state, item.batch[slot])) or "no map"
                 log.error("pool %s: cannot rebuild a record of segment %d (%s): %s",
                           pool.name, seg_id, where, why)
             mine = sum(len(r.data) for r in out.repairs if r.index == column)
-            if await pool.write_fragments(out.repairs) < len(out.repairs):
+            if await pool.write_fragments(out.repairs, out.device_errors) < len(out.repairs):
                 return written   # the member failed writes: it is being faulted
             written += mine
             pool.count("rebuilt_bytes", mine)

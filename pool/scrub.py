@@ -122,8 +122,7 @@ async def run(pool: Pool, *, rate: float | None = None) -> dict[str, Any] | None
                 for batch, size in steps(entries, seg.k):
                     plans = record_plans(seg, batch, pool.store.columns(seg))
                     out = await pool.background(records.verify_stripes, plans, pool.deadlines)
-                    pool.store.note_errors(out.device_errors)
-                    n_fixed = await pool.write_fragments(out.repairs)
+                    n_fixed = await pool.write_fragments(out.repairs, out.device_errors)
                     cur["found"] += out.bad
                     cur["repaired"] += n_fixed
                     pool.count("repaired_fragments", n_fixed)

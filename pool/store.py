@@ -19,13 +19,14 @@ The interface, as a caller may rely on it (docs/INTERNALS.md "The SegmentStore")
   (``reader.pread``/``preadv_nowait``; None when the column is absent now), the byte
   offset of the segment's column in it, and a name for messages; ``rebuilding=c``: column
   c's reader even while it awaits a rebuild; ``forget(seg)``: what columns depend on
-  (members, marks) changed, hand out fresh ones. ``note_errors``: the read and checksum
-  errors a read met, by column name, counted against their domains.
+  (members, marks) changed, hand out fresh ones.
 - ``write(runs)``: write records at sector offsets of segments' columns (one vectored
   write per domain). Not durable until ``sync``; returns the domains written and the
   domains whose writes failed (the caller decides whether the records still stand).
-  ``write_fragments(repairs)``: rewrite single fragments (rebuild, scrub) in place of
-  bad or missing ones, under the write deadline.
+  ``write_fragments(repairs, errors=...)``: the outcome of a read or verify pass goes
+  back to the store: the read and checksum errors it met (by column name) are counted
+  against their domains first, then the fragments it rebuilt (rebuild, scrub, a read's
+  repair) are written in place of bad or missing ones, under the write deadline.
 - ``sync(domains)``: everything written to those domains (default: all) is durable when
   it returns (DESIGN 1); a domain whose sync fails is reported through the fault hook.
 - ``free(placement)``: the segment is no longer referenced once the next commit is
@@ -162,9 +163,8 @@ class SegmentStore(Protocol):
                     ) -> WriteOutcome: ...
 
     async def write_fragments(self, repairs: Sequence[records.Repair], *,
+                              errors: Counter[tuple[str, str]] | None = None,
                               foreground: bool = False) -> tuple[int, frozenset[int]]: ...
-
-    def note_errors(self, errors: Counter[tuple[str, str]]) -> None: ...
 
     async def sync(self, which: Sequence[int] | None = None) -> None: ...
 
@@ -304,7 +304,7 @@ class LocalStore:
         else:
             self.column_cache.pop(seg_id, None)
 
-    def note_errors(self, errors: Counter[tuple[str, str]]) -> None:
+    def _count_errors(self, errors: Counter[tuple[str, str]]) -> None:
         """Count the errors a read or a verify pass met ((column name, "read" |
         "checksum") -> n) against the members they came from."""
         paths = {d.path: i for i, d in enumerate(self.devices) if d is not None}
@@ -405,8 +405,11 @@ class LocalStore:
         return failures
 
     async def write_fragments(self, repairs: Sequence[records.Repair], *,
+                              errors: Counter[tuple[str, str]] | None = None,
                               foreground: bool = False) -> tuple[int, frozenset[int]]:
-        """Write fragments a rebuild or scrub computed, one thread at a time per pool
+        """Count ``errors``, the read and checksum errors the read or verify pass that
+        computed ``repairs`` met, against their members; then write the fragments a
+        rebuild or scrub computed, one thread at a time per pool
         beside its verify work: (how many to count as written -- none when some failed
         and none landed --, the members written to). ``foreground``: fragments a read
         rebuilt, written at once, one thread per member (``_rewrite``).
@@ -415,6 +418,10 @@ class LocalStore:
         not finished by then fails all of them, and a member that hung so is faulted at
         once, for a full rebuild (the stuck write may still land), as a hung foreground
         write faults it (invariant 5)."""
+        if errors:
+            self._count_errors(errors)
+        if not repairs:
+            return 0, frozenset()
         if foreground:
             return await self._rewrite(repairs)
         groups: dict[int, list[records.Repair]] = {}
@@ -428,13 +435,13 @@ class LocalStore:
                 outcomes[k] = records.write_repairs(batches[k])
             return write
 
-        errors = await trio.to_thread.run_sync(
+        given_up = await trio.to_thread.run_sync(
             records.writes_within, [(b[0].device, writer(k)) for k, b in enumerate(batches)],
             "a rebuild write", self.deadlines, limiter=self._bg_writes)
         index = {id(d): i for i, d in enumerate(self.devices) if d is not None}
         touched = frozenset(i for r in repairs if (i := index.get(id(r.device))) is not None)
         done, failed = 0, 0
-        for k, (batch, error) in enumerate(zip(batches, errors, strict=True)):
+        for k, (batch, error) in enumerate(zip(batches, given_up, strict=True)):
             i = index.get(id(batch[0].device))
             if error is not None:           # given up (hung), or raised outside a write
                 failed += len(batch)

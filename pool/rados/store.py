@@ -216,7 +216,7 @@ class RadosStore:
         else:
             self.column_cache.pop(seg_id, None)
 
-    def note_errors(self, errors: Counter[tuple[str, str]]) -> None:
+    def _count_errors(self, errors: Counter[tuple[str, str]]) -> None:
         prefix = f"{self.state.uuid}.seg."
         for (name, kind), n in errors.items():
             if name.startswith(prefix):
@@ -253,10 +253,14 @@ class RadosStore:
         return WriteOutcome(frozenset({DOMAIN}) if runs else frozenset(), frozenset())
 
     async def write_fragments(self, repairs: Sequence[records.Repair], *,
+                              errors: Counter[tuple[str, str]] | None = None,
                               foreground: bool = False) -> tuple[int, frozenset[int]]:
-        """Rewrite fragments in place (a plain segment has none to rebuild; a read repair
+        """Count ``errors`` (the read's, by object name) against the RADOS pool; then
+        rewrite fragments in place (a plain segment has none to rebuild; a read repair
         would rewrite a record's one fragment): through the column objects, in a
         thread, counted as a read in flight so no freed object goes meanwhile."""
+        if errors:
+            self._count_errors(errors)
         self._check_fenced()
         if not repairs:
             return 0, frozenset()

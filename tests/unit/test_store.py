@@ -6,6 +6,7 @@ alone, on real file devices, with no Pool -- what a second backend must also pas
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,39 @@ async def test_room_and_capacity_in_full_stripes(tmp_path: Path) -> None:
     # Away members still take up to m columns of a degraded stripe, no more.
     assert store.room(Profile(2, 1)).free_bytes == 3 * (4 * n // 3) * EXT
     assert store.room(Profile(3, 0)).free_bytes == 3 * n * EXT
+
+
+async def test_a_read_outcome_goes_back_through_write_fragments(tmp_path: Path) -> None:
+    """Store invariant 5 (DESIGN 4, 5): the errors a read met travel back with its repairs
+    (``write_fragments(repairs, errors=)``, no separate call): counted against the member
+    they came from (a name no member has is ignored), and the rebuilt fragment is written
+    in place, read back byte-exact from that member; errors without repairs write
+    nothing."""
+    local, _devices, hooks, state = _store(tmp_path)
+    store: SegmentStore = local
+    placement = store.allocate(2, 1)
+    seg = _segment(state, placement, 2, 1)
+    data = os.urandom(BS)
+    rec = codec.encode(data, 2, 1, False)
+    await store.write([(seg, 0, [rec])])
+    await store.sync()
+    cols = store.columns(seg)
+    bad = cols[1]
+    assert bad.reader is not None
+    good = bytes(bad.reader.pread(bad.base, 4096))
+    bad.reader.pwrite(bad.base, bytes(b ^ 0xFF for b in good[:16]))    # rot one fragment
+    got = records.read_records(_plans(seg, cols, [0], [rec]), BS, Deadlines())
+    assert bytes(got.payloads[0]) == data and got.degraded == 1
+    assert got.device_errors == {(bad.name, "checksum"): 1} and got.repairs
+    errors = got.device_errors + Counter({("no-such-column", "read"): 3})
+    done, touched = await store.write_fragments(got.repairs, errors=errors, foreground=True)
+    assert done == len(got.repairs) and touched == {placement[1][0]}
+    assert hooks.errors == [(placement[1][0], "checksum")]
+    assert bytes(bad.reader.pread(bad.base, 4096)) == good           # repaired in place
+    again = records.read_records(_plans(seg, cols, [0], [rec]), BS, Deadlines())
+    assert bytes(again.payloads[0]) == data and again.degraded == 0 and not again.repairs
+
+    before = bytes(bad.reader.pread(bad.base, 4096))
+    assert await store.write_fragments((), errors=got.device_errors) == (0, frozenset())
+    assert hooks.errors == [(placement[1][0], "checksum")] * 2
+    assert bytes(bad.reader.pread(bad.base, 4096)) == before and not hooks.faults
