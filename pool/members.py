@@ -113,7 +113,6 @@ class Members:
         p.devices[index] = p.meta.devices[index] = None
         self.health.went_away(index, why)
         self.parked[index] = dev
-        p.store.forget()
         p.txn.dirty.discard(index)
         # New writes go to segments without it where possible: close the open ones on it.
         self._close_open_on(index)
@@ -189,7 +188,6 @@ class Members:
                              n_extents=n_ext, path=dev.path))
             p.devices.append(dev)
             p.meta.devices.append(dev)
-            p.store.forget()
             p.store.limiters.append(trio.CapacityLimiter(4))
             self.health.add_member()
             p.store.free_extents.append(set(range(n_ext)))
@@ -265,7 +263,6 @@ class Members:
         await self._prepare(dev, mi, index)
         p.devices[index] = p.meta.devices[index] = dev
         self.health.came_back(index)
-        p.store.forget()
 
     async def replace(self, index: int, dev: Device) -> None:
         """Put ``dev`` in member ``index``'s place; every fragment the member held is then
@@ -292,7 +289,6 @@ class Members:
             await self._attach(index, dev, new)
             p.txn.do(op_json(op="member_replace", index=index, uuid=new.uuid, size=dev.size,
                              n_extents=mi.n_extents, path=dev.path))
-            p.store.forget()
             await p.txn.checkpoint_locked()
         self.parked.pop(index, None)
         if old is not None:

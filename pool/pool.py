@@ -319,7 +319,6 @@ class Pool:
                 continue
             self.txn.do(op_json(op="seg_free", id=seg_id))
             self.store.free(seg.extents)
-            self.store.forget(seg_id)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -588,7 +587,6 @@ class Pool:
             return
         self.txn.dirty.add(index)
         self.txn.do(op_json(op="member_clean", index=index, seg=seg_id))
-        self.store.forget(seg_id)
 
     def set_task(self, name: str, value: dict[str, Any] | None) -> None:
         self.txn.check_ok()

@@ -176,6 +176,11 @@ class PoolState:
     emptied: set[int] = field(default_factory=set)
     # Long-running maintenance state that must survive a restart (e.g. "scrub").
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Changes with every member op (state, marks, replace, clean, add): what a segment's
+    # column handles depend on (its members' devices change only beside such an op), so
+    # a store's cache of them is stale once this moved (pool.store invariant 7). Not
+    # metadata: a runtime counter, not saved and not compared.
+    members_epoch: int = field(default=0, compare=False)
     forest: MapForest = field(init=False)
 
     def __post_init__(self) -> None:
@@ -265,6 +270,7 @@ class PoolState:
     def _op_member_add(self, uuid: str, index: int, size: int, n_extents: int,
                        path: str = "") -> None:
         self.members.append(MemberInfo(uuid, index, size, n_extents, path=path))
+        self.members_epoch += 1
 
     def _op_member_path(self, index: int, path: str) -> None:
         """Member ``index``'s device was seen at ``path`` (imported or brought back from
@@ -280,6 +286,7 @@ class PoolState:
         for seg, fill in marks or ():
             if seg in self.segments:
                 mi.marks[seg] = min(fill, mi.marks.get(seg, fill))
+        self.members_epoch += 1
 
     def _op_member_replace(self, index: int, uuid: str, size: int, n_extents: int,
                            path: str = "") -> None:
@@ -290,11 +297,13 @@ class PoolState:
         mi.path = path or mi.path
         mi.marks = {s.id: 0 for s in self.segments.values()
                     if any(i == index for i, _e in s.extents)}
+        self.members_epoch += 1
 
     def _op_member_clean(self, index: int, seg: int) -> None:
         """Member ``index`` holds every fragment of segment ``seg`` again (rebuilt; what
         was written after the rebuild looked went to the member directly)."""
         self.members[index].marks.pop(seg, None)
+        self.members_epoch += 1
 
     def _op_task(self, name: str, value: dict[str, Any] | None) -> None:
         if value is None:

@@ -18,8 +18,8 @@ The interface, as a caller may rely on it (docs/INTERNALS.md "The SegmentStore")
 - ``columns(seg)``: one ``Column`` per column of the segment: a byte-range reader
   (``reader.pread``/``preadv_nowait``; None when the column is absent now), the byte
   offset of the segment's column in it, and a name for messages; ``rebuilding=c``: column
-  c's reader even while it awaits a rebuild; ``forget(seg)``: what columns depend on
-  (members, marks) changed, hand out fresh ones.
+  c's reader even while it awaits a rebuild. Handles may be cached: a store keeps them
+  true by itself (invariant 7), no caller tells it when members or marks change.
 - ``write(runs)``: write records at sector offsets of segments' columns (one vectored
   write per domain). Not durable until ``sync``; returns the domains written and the
   domains whose writes failed (the caller decides whether the records still stand).
@@ -58,6 +58,10 @@ Invariants this module owns (DESIGN numbers in parentheses):
    failure is counted against its domain (5).
 6. ``sync`` returns only after every written domain that is still present is durable;
    one whose sync fails is faulted, and with no domain left it raises (1).
+7. ``columns`` never hands out a handle older than the last member op: what columns
+   depend on (the members' devices, their marks) changes only beside a member op, which
+   moves ``PoolState.members_epoch``; the cache is dropped when that moved (one integer
+   compare per call) and trimmed of freed segments when it outgrows the live ones (2, 5).
 """
 
 from __future__ import annotations
@@ -156,8 +160,6 @@ class SegmentStore(Protocol):
     def columns(self, seg: Segment, *, rebuilding: int | None = None
                 ) -> tuple[Column, ...]: ...
 
-    def forget(self, seg_id: int | None = None) -> None: ...
-
     async def write(self, runs: Sequence[tuple[Segment, int,
                                                Sequence[codec.EncodedRecord]]]
                     ) -> WriteOutcome: ...
@@ -225,6 +227,7 @@ class LocalStore:
         self.avoid: set[int] = set()    # members new segments must not use (removal)
         self.limiters = [trio.CapacityLimiter(4) for _ in devices]
         self.column_cache: dict[int, tuple[Column, ...]] = {}
+        self._columns_epoch = state.members_epoch     # what column_cache was built at
         self._bg_writes = trio.CapacityLimiter(1)   # rebuild/scrub writes, one at a time
         # Free extents to discard (hole punch / BLKDISCARD: thin backing files and SSDs
         # get the space back), and those being discarded now (writes into one of these,
@@ -276,10 +279,16 @@ class LocalStore:
     def columns(self, seg: Segment, *, rebuilding: int | None = None
                 ) -> tuple[Column, ...]:
         """The segment's columns; column ``rebuilding`` gets its reader even while it
-        awaits a rebuild (the rebuild writes it)."""
-        cols = self.column_cache.get(seg.id)
+        awaits a rebuild (the rebuild writes it). Cached until a member op (invariant 7)."""
+        cache = self.column_cache
+        if self._columns_epoch != self.state.members_epoch:
+            cache.clear()
+            self._columns_epoch = self.state.members_epoch
+        cols = cache.get(seg.id)
         if cols is None:
-            cols = self.column_cache[seg.id] = tuple(
+            if len(cache) > 2 * len(self.state.segments) + 64:
+                cache.clear()                       # entries of freed segments
+            cols = cache[seg.id] = tuple(
                 self.column(idx, ext) if seg.id not in self.state.members[idx].marks
                 else Column(None, 0, f"member {idx} (awaiting rebuild)")
                 for idx, ext in seg.extents)
@@ -295,14 +304,6 @@ class LocalStore:
         dev = self.devices[idx]
         name = dev.path if dev is not None else f"member {idx} (missing)"
         return Column(dev, self.layout.extent_offset(ext), name)
-
-    def forget(self, seg_id: int | None = None) -> None:
-        """Drop cached columns (of one segment, or all): a member came or went, or a
-        segment's marks changed."""
-        if seg_id is None:
-            self.column_cache.clear()
-        else:
-            self.column_cache.pop(seg_id, None)
 
     def _count_errors(self, errors: Counter[tuple[str, str]]) -> None:
         """Count the errors a read or a verify pass met ((column name, "read" |

@@ -166,7 +166,6 @@ class RecordWriter:
                 raise MediumError(f"pool {self.state.name}: writes failed on "
                                   f"{len(failed)} device(s) and a {Profile(seg.k, seg.m)} "
                                   f"record cannot lose more than {seg.m} fragments")
-        self._store.forget()
         for seg_id, off in first.items():
             for i, _e in self.state.segments[seg_id].extents:
                 if i in failed:

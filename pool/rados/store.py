@@ -200,21 +200,18 @@ class RadosStore:
     # ==== columns ==========================================================================
     def columns(self, seg: Segment, *, rebuilding: int | None = None
                 ) -> tuple[Column, ...]:
-        cols = self.column_cache.get(seg.id)
+        cache = self.column_cache
+        cols = cache.get(seg.id)
         if cols is None:
-            cols = self.column_cache[seg.id] = tuple(
+            if len(cache) > 2 * len(self.state.segments) + 64:
+                cache.clear()                       # entries of freed segments
+            cols = cache[seg.id] = tuple(
                 Column(self._reader(n, c), 0, self.segments.oid(n, c))
                 for c, (_d, n) in enumerate(seg.extents))
         return cols
 
     def _reader(self, n: int, c: int) -> ObjectColumn:
         return self.segments.reader(n, c, self.segment_size)
-
-    def forget(self, seg_id: int | None = None) -> None:
-        if seg_id is None:
-            self.column_cache.clear()
-        else:
-            self.column_cache.pop(seg_id, None)
 
     def _count_errors(self, errors: Counter[tuple[str, str]]) -> None:
         prefix = f"{self.state.uuid}.seg."
@@ -352,7 +349,7 @@ class RadosStore:
                         nursery.start_soon(one, n)
             finally:
                 self.held.difference_update(gone)
-                self.forget()
+                self.column_cache.clear()
             if fenced:
                 raise fenced[0]
             if gone:

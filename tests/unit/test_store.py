@@ -18,7 +18,7 @@ from pool.device import Device, FileDevice
 from pool.errors import NoSpace
 from pool.layout import Layout
 from pool.profile import Profile
-from pool.state import MemberInfo, PoolState, Segment
+from pool.state import MemberInfo, PoolState, Segment, op_json
 from pool.store import Column, LocalStore, Reclaim, SegmentStore
 
 EXT = 1 << 20
@@ -99,10 +99,11 @@ async def test_a_stripe_round_trip_through_the_protocol(tmp_path: Path) -> None:
     assert [bytes(got.payloads[i]) for i in range(5)] == datas
     assert got.degraded == 0 and not got.failures
 
-    # Lose one column (its member goes away, as Pool.fault does): reads go on degraded.
+    # Lose one column (its member goes away, as Pool.fault does: the device, then the
+    # member op; no call tells the store): reads go on degraded (store invariant 7).
     lost = placement[0][0]
     devices[lost] = None
-    local.forget()
+    state.apply(op_json(op="member_state", index=lost, state="faulted"))
     cols = store.columns(seg)
     assert cols[0].reader is None and cols[0].name == f"member {lost} (missing)"
     got = records.read_records(_plans(seg, cols, offs, recs), BS, Deadlines())
@@ -259,3 +260,33 @@ async def test_a_read_outcome_goes_back_through_write_fragments(tmp_path: Path) 
     assert await store.write_fragments((), errors=got.device_errors) == (0, frozenset())
     assert hooks.errors == [(placement[1][0], "checksum")] * 2
     assert bytes(bad.reader.pread(bad.base, 4096)) == before and not hooks.faults
+
+
+async def test_column_handles_follow_member_ops_without_being_told(tmp_path: Path) -> None:
+    """Store invariant 7 (DESIGN 5): handles are cached (the same tuple while nothing
+    changed: no work per read) and never outlive a member op -- a member going away, a
+    segment marked for a rebuild, the mark cleared, the member back; and the cache does
+    not keep freed segments' handles beyond a bound."""
+    local, devices, _hooks, state = _store(tmp_path)
+    store: SegmentStore = local
+    placement = store.allocate(2, 1)
+    seg = _segment(state, placement, 2, 1)
+    member = placement[1][0]
+    dev = devices[member]
+    cols = store.columns(seg)
+    assert store.columns(seg) is cols and cols[1].reader is dev
+    state.apply(op_json(op="member_state", index=member, state="online",
+                        marks=[[seg.id, 0]]))                         # marked for a rebuild
+    assert store.columns(seg)[1].reader is None
+    assert store.columns(seg, rebuilding=1)[1].reader is dev          # the rebuild writes it
+    state.apply(op_json(op="member_clean", index=member, seg=seg.id))
+    assert store.columns(seg)[1].reader is dev
+    devices[member] = None                                            # as Members.fault
+    state.apply(op_json(op="member_state", index=member, state="faulted"))
+    assert store.columns(seg)[1].reader is None
+    devices[member] = dev                                             # as Members.online
+    state.apply(op_json(op="member_state", index=member, state="online"))
+    assert store.columns(seg)[1].reader is dev
+    for n in range(200):                                  # handles of segments long freed
+        store.columns(Segment(10_000 + n, 2, 1, placement, 0))
+    assert len(local.column_cache) <= 2 * len(state.segments) + 65
