@@ -49,6 +49,7 @@ class MapsMachine(RuleBasedStateMachine):
         self.next_map = 1
         self.next_entry = 1
         self._create()
+        self._create()       # two maps from the start: diffs and shares need no setup
 
     def _account(self, entry: bytes, delta: int) -> None:
         self.accounted[entry] += delta
