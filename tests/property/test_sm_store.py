@@ -146,7 +146,6 @@ class StoreMachine(RuleBasedStateMachine):
         seg = self.segs.pop(sid)
         del self.data[sid]
         del self.state.segments[sid]
-        self.local.forget(sid)
         self.store.free(seg.extents)
         self.pending.extend(seg.extents)
 
