@@ -329,6 +329,15 @@ class Volume:
         holes without zeros (NBD OFFSET_HOLE).
         """
         started = time.perf_counter()
+        spans, buffered = await self._admitted_contents(offset, length)
+        out = runs(spans, buffered, offset, length, self.block_size)
+        self._count_read(length, started)
+        return out
+
+    async def _admitted_contents(self, offset: int, length: int
+                                 ) -> tuple[list[tuple[int, int, int]], dict[int, Block | None]]:
+        """``_contents`` once QoS admits the read and the pool's dispatcher gives it a
+        slot (the awaited read paths share this gate)."""
         if self._throttles:
             await self._admit(READ, length)
         d = self.dispatcher
@@ -337,12 +346,9 @@ class Volume:
         else:
             d.in_service += 1           # a free slot (WeightedDispatcher.try_acquire)
         try:
-            spans, buffered = await self._contents(offset, length)
+            return await self._contents(offset, length)
         finally:
             d.release()
-        out = runs(spans, buffered, offset, length, self.block_size)
-        self._count_read(length, started)
-        return out
 
     def read_sparse_nowait(self, offset: int,
                            length: int) -> list[tuple[int, int, list[Piece] | None]] | None:
@@ -370,17 +376,7 @@ class Volume:
         """``read`` as buffers whose concatenation is the range (one per block touched;
         holes as views of zeros), so a frontend can send them without joining."""
         started = time.perf_counter()
-        if self._throttles:
-            await self._admit(READ, length)
-        d = self.dispatcher
-        if d.queue or d.in_service >= d.depth:
-            await self._slot(length)
-        else:
-            d.in_service += 1           # a free slot (WeightedDispatcher.try_acquire)
-        try:
-            spans, buffered = await self._contents(offset, length)
-        finally:
-            d.release()
+        spans, buffered = await self._admitted_contents(offset, length)
         out = buffers(spans, buffered, self._zero_view)
         self._count_read(length, started)
         return out
