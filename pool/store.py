@@ -509,11 +509,11 @@ class LocalStore:
             return Reclaim.WAITED
         return Reclaim.COMMIT if self.pending_free else Reclaim.NOTHING
 
-    def read_hold(self) -> _ReadHold:
+    def read_hold(self) -> HeldRead:
         """Note a read (or a pin) in flight until its ``release`` (invariant 3)."""
         gen = self.release_gen
         self.readers[gen] += 1
-        return _ReadHold(self, gen)
+        return HeldRead(self._read_end, gen)
 
     def _read_end(self, gen: int) -> None:
         self.readers[gen] -= 1
@@ -701,16 +701,17 @@ def stripes(counts: tuple[int, ...], width: int) -> int:
     return lo
 
 
-class _ReadHold:
-    """``LocalStore.read_hold``'s token: the release generation its read began in."""
+class HeldRead:
+    """A store's ``read_hold`` token (either store's): the release generation its read
+    began in, and the store's function that ends it."""
 
-    __slots__ = ("_gen", "_store")
+    __slots__ = ("_end", "_gen")
 
-    def __init__(self, store: LocalStore, gen: int) -> None:
-        self._store: LocalStore | None = store
+    def __init__(self, end: Callable[[int], None], gen: int) -> None:
+        self._end: Callable[[int], None] | None = end
         self._gen = gen
 
     def release(self) -> None:
-        store, self._store = self._store, None
-        if store is not None:              # a second release changes nothing
-            store._read_end(self._gen)
+        end, self._end = self._end, None
+        if end is not None:                # a second release changes nothing
+            end(self._gen)

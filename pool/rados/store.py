@@ -72,6 +72,7 @@ from pool.state import PoolState, Segment
 from pool.store import (
     Column,
     DomainHealth,
+    HeldRead,
     Placement,
     Reclaim,
     Room,
@@ -293,12 +294,12 @@ class RadosStore:
         del self.pending_free[:freed]
         self.release()
 
-    def read_hold(self) -> _ReadHold:
+    def read_hold(self) -> HeldRead:
         """Note a read (or a pin) in flight until its ``release`` (invariant 3 of
         pool.store: freed objects outlive every read begun before their free)."""
         gen = self.release_gen
         self.readers[gen] += 1
-        return _ReadHold(self, gen)
+        return HeldRead(self._read_end, gen)
 
     def _read_end(self, gen: int) -> None:
         self.readers[gen] -= 1
@@ -446,18 +447,3 @@ async def _numbers(conn: Connection, state: PoolState) -> set[int]:
                 for obj in conn.ioctx.list_objects() if obj.key.startswith(prefix)}
     return await conn.run("read", f"list the segments of pool {state.name}", scan)
 
-
-class _ReadHold:
-    """``RadosStore.read_hold``'s token: the release generation its read began in; a
-    second ``release`` changes nothing."""
-
-    __slots__ = ("_gen", "_store")
-
-    def __init__(self, store: RadosStore, gen: int) -> None:
-        self._store: RadosStore | None = store
-        self._gen = gen
-
-    def release(self) -> None:
-        store, self._store = self._store, None
-        if store is not None:
-            store._read_end(self._gen)
