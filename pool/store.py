@@ -202,7 +202,47 @@ class StoreHooks(Protocol):
     def stopped(self) -> bool: ...
 
 
-class LocalStore:
+class ReadGenerations:
+    """The reads in flight by the release generation they began in, which both stores
+    keep for invariant 3: ``release`` (each store's own) frees what a commit freed once no
+    read begun before that commit is in flight."""
+
+    release_gen: int
+    readers: Counter[int]
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def read_hold(self) -> HeldRead:
+        """Note a read (or a pin) in flight until its ``release`` (invariant 3)."""
+        gen = self.release_gen
+        self.readers[gen] += 1
+        return HeldRead(self._read_end, gen)
+
+    def _read_end(self, gen: int) -> None:
+        self.readers[gen] -= 1
+        if not self.readers[gen]:
+            del self.readers[gen]
+        self.release()
+
+
+class HeldRead:
+    """A store's ``read_hold`` token (either store's): the release generation its read
+    began in, and the store's function that ends it."""
+
+    __slots__ = ("_end", "_gen")
+
+    def __init__(self, end: Callable[[int], None], gen: int) -> None:
+        self._end: Callable[[int], None] | None = end
+        self._gen = gen
+
+    def release(self) -> None:
+        end, self._end = self._end, None
+        if end is not None:                # a second release changes nothing
+            end(self._gen)
+
+
+class LocalStore(ReadGenerations):
     """Segments on extents of the pool's member devices (``Pool.store``).
 
     ``devices`` is the pool's own list (a member that faults or is added changes it
@@ -509,18 +549,6 @@ class LocalStore:
             return Reclaim.WAITED
         return Reclaim.COMMIT if self.pending_free else Reclaim.NOTHING
 
-    def read_hold(self) -> HeldRead:
-        """Note a read (or a pin) in flight until its ``release`` (invariant 3)."""
-        gen = self.release_gen
-        self.readers[gen] += 1
-        return HeldRead(self._read_end, gen)
-
-    def _read_end(self, gen: int) -> None:
-        self.readers[gen] -= 1
-        if not self.readers[gen]:
-            del self.readers[gen]
-        self.release()
-
     def release(self) -> None:
         """Give back the extents of freed segments that no read in flight may still use:
         those freed by a commit before the oldest such read began (a read begun later
@@ -699,19 +727,3 @@ def stripes(counts: tuple[int, ...], width: int) -> int:
         else:
             hi = mid - 1
     return lo
-
-
-class HeldRead:
-    """A store's ``read_hold`` token (either store's): the release generation its read
-    began in, and the store's function that ends it."""
-
-    __slots__ = ("_end", "_gen")
-
-    def __init__(self, end: Callable[[int], None], gen: int) -> None:
-        self._end: Callable[[int], None] | None = end
-        self._gen = gen
-
-    def release(self) -> None:
-        end, self._end = self._end, None
-        if end is not None:                # a second release changes nothing
-            end(self._gen)

@@ -605,18 +605,7 @@ class Volume:
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         """Discard a range: it reads as zeros afterwards and its space is released."""
-        self._check(offset, length, write=True)
-        if self._throttles:
-            await self._admit(WRITE, 0)
-        d = self.dispatcher
-        if d.queue or d.in_service >= d.depth:
-            await self._slot(0)
-        else:
-            d.in_service += 1           # a free slot (WeightedDispatcher.try_acquire)
-        try:
-            await self._zero_range(offset, length, fua=fua, punch=True)
-        finally:
-            d.release()
+        await self.write_zeroes(offset, length, fua=fua, punch=True)
         self._stats["trims"] += 1
 
     def write_nowait(self, offset: int, data: bytes | bytearray | memoryview, *,

@@ -72,8 +72,8 @@ from pool.state import PoolState, Segment
 from pool.store import (
     Column,
     DomainHealth,
-    HeldRead,
     Placement,
+    ReadGenerations,
     Reclaim,
     Room,
     StoreHooks,
@@ -95,7 +95,7 @@ def refuse_profile(prof: Profile, rados_pool: str) -> None:
             f"the RADOS pool's (replicated or erasure-coded, chosen in Ceph); use plain")
 
 
-class RadosStore:
+class RadosStore(ReadGenerations):
     """The segments of the storaged pool ``state`` as objects of ``conn``'s RADOS pool.
 
     Build it with ``await RadosStore.open(...)`` (it reads the quota, the usage and the
@@ -292,19 +292,6 @@ class RadosStore:
         self.release_gen += 1
         self.releasable.extend((self.release_gen, n) for _d, n in self.pending_free[:freed])
         del self.pending_free[:freed]
-        self.release()
-
-    def read_hold(self) -> HeldRead:
-        """Note a read (or a pin) in flight until its ``release`` (invariant 3 of
-        pool.store: freed objects outlive every read begun before their free)."""
-        gen = self.release_gen
-        self.readers[gen] += 1
-        return HeldRead(self._read_end, gen)
-
-    def _read_end(self, gen: int) -> None:
-        self.readers[gen] -= 1
-        if not self.readers[gen]:
-            del self.readers[gen]
         self.release()
 
     def release(self) -> None:
