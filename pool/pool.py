@@ -58,6 +58,7 @@ from pool.metaseam import CommitMeta, DeviceMeta
 from pool.metastore import Loc, MetaStore, Superblock
 from pool.profile import Profile
 from pool.rados.conn import Fenced
+from pool.rados.store import refuse_profile
 from pool.reader import RecordReader
 from pool.space import SpaceAccount, SpaceHooks
 from pool.state import (
@@ -395,6 +396,17 @@ class Pool:
         at worst-case size, every map node changed since (the next checkpoint writes them
         beside the old copies)."""
         return self.txn.meta.used(len(self.state.forest.dirty))
+
+    def check_profile(self, prof: Profile) -> None:
+        """Refuse a volume profile the pool cannot place: wider than its online members,
+        or on RADOS anything but plain (redundancy is the RADOS pool's)."""
+        if self.rados is not None:
+            refuse_profile(prof, self.rados.conn.pool)
+            return
+        online = sum(1 for m in self.statistics().members if m.state == "online")
+        if prof.width > len(self.state.members) or prof.width > online:
+            raise InvalidArgument(f"profile {prof} needs {prof.width} devices; pool "
+                                  f"{self.name} has {online} online")
 
     def check_writable(self, prof: Profile) -> None:
         """Refuse, before anything is acknowledged, writes of a profile that no segment can
