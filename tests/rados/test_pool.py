@@ -13,12 +13,15 @@ import re
 import signal
 import subprocess
 import sys
+import uuid
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pool import owner as owners
 from pool import scrub
@@ -37,6 +40,7 @@ from pool.rados.conn import Connection
 from pool.rados.owner import LOCK_NAME, PoolOwned
 from pool.rados.target import RadosTarget
 from tests.kit.cephkit import TEST_POOL, Cluster
+from tests.property import test_volume_model as volume_model
 from tests.rados.pool_worker import VOLUME_BLOCKS, expected, round_blocks
 from tests.rados.radoskit import connect, owner, snapshot
 from volumes.manager import VolumeManager
@@ -501,3 +505,35 @@ async def test_crash_at_every_rados_call_keeps_every_flushed_byte(ceph: Cluster)
             assert report.ok, (at, report.render())
         finally:
             await pool.close()
+
+
+class OnRados:
+    """test_volume_model's Backend: a pool on the test cluster's RADOS pool."""
+
+    def __init__(self, ceph: Cluster) -> None:
+        self.ceph = ceph
+        self.name = f"model-{uuid.uuid4().hex[:12]}"
+
+    async def create(self) -> Pool:
+        conn = await _quota(self.ceph)
+        await conn.close()
+        return await Pool.create_rados(self.name, target(self.ceph),
+                                       extent_size=256 << 10, claim=claim("model"))
+
+    async def reopen(self) -> Pool:
+        return await Pool.open_rados(target(self.ceph), self.name, claim=claim("model"))
+
+    def cleanup(self) -> None:
+        """The pool's objects stay until the cluster is removed with the module."""
+
+
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(program=st.lists(volume_model.ops, min_size=1, max_size=25))
+def test_volume_matches_model_on_rados(ceph: Cluster, program: list[volume_model.Op]
+                                       ) -> None:
+    """tests/property/test_volume_model.py's programs (write, trim, zero, racing writes,
+    flush, reopen) on a pool on RADOS: every read matches the bytearray model, a reopen
+    brings back everything written before the close (DESIGN 1, 6), the checker is clean
+    and trimming everything leaves nothing mapped."""
+    trio.run(volume_model._run, program, "plain", 0, OnRados(ceph))
