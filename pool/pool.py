@@ -79,7 +79,9 @@ T = TypeVar("T")
 
 
 class Pool:
-    """An imported pool. Build one with ``Pool.create`` or ``Pool.open``."""
+    """An imported pool. Build one with ``Pool.create`` or ``Pool.open`` (member devices),
+    or ``Pool.create_rados`` or ``Pool.open_rados`` (a RADOS pool: ``rados`` set, no
+    members; docs/INTERNALS.md "A Pool on RADOS")."""
 
     def __init__(self, state: PoolState, layout: Layout, devices: list[Device | None],
                  meta: MetaStore, superblock: Superblock | None,
@@ -603,7 +605,8 @@ class Pool:
         """Write back registered caches, commit everything (checkpoint), release devices.
         ``release`` (export): clear the owner record too, so another daemon may import
         the pool at once; otherwise it stays (the pool still belongs to this daemon,
-        which imports it again at its next start)."""
+        which imports it again at its next start). A pool on RADOS always releases its
+        lock and disconnects (``_close_rados``)."""
         if self.txn.closed:
             return
         try:
