@@ -231,13 +231,13 @@ class VolumeFS(pyfuse3.Operations):
         if node.kind in ("pool", "snapdir"):
             return node
         if node.kind in ("volume", "placeholder"):
-            if node.name in vm.names():
-                return Node("volume", node.pool, node.name)
+            if vm.has(node.name):
+                return node if node.kind == "volume" else Node("volume", node.pool, node.name)
             if (node.pool, node.name) in self.placeholders:
                 return Node("placeholder", node.pool, node.name)
             raise _fail(errno.ENOENT)
         vol, _at, snap = node.name.partition("@")
-        if vol in vm.names() and snap in vm.snapshot_names(vol):
+        if vm.has_snapshot(vol, snap):
             return node
         raise _fail(errno.ENOENT)
 
@@ -533,7 +533,7 @@ class VolumeFS(pyfuse3.Operations):
         check_volume_name(vname)
         async with self._namespace:
             vm = self._manager(parent.pool)
-            if vname in vm.names() or (parent.pool, vname) in self.placeholders:
+            if vm.has(vname) or (parent.pool, vname) in self.placeholders:
                 raise AlreadyExists(f"{parent.pool}/{vname} exists")
             self.placeholders[(parent.pool, vname)] = Placeholder()
         node = Node("placeholder", parent.pool, vname)
@@ -571,7 +571,7 @@ class VolumeFS(pyfuse3.Operations):
             if old == new:
                 return
             vm = self._manager(node.pool)
-            if new in vm.names():
+            if vm.has(new):
                 raise _fail(errno.EOPNOTSUPP)   # replacing a volume would delete it
             if flags & pyfuse3.RENAME_EXCHANGE:
                 raise _fail(errno.EINVAL)

@@ -142,6 +142,14 @@ class VolumeManager:
     def names(self) -> list[str]:
         return sorted(self._volumes)
 
+    def has(self, name: str) -> bool:
+        """Whether a volume ``name`` exists (O(1): frontends ask on every request)."""
+        return name in self._volumes
+
+    def has_snapshot(self, volume: str, snapshot: str) -> bool:
+        """Whether ``volume`` exists and has a snapshot ``snapshot`` (O(1))."""
+        return volume in self._volumes and snapshot in self._snapshots.get(volume, {})
+
     def get(self, name: str) -> Volume:
         vol = self._volumes.get(name)
         if vol is None:

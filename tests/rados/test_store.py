@@ -14,6 +14,15 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from pool import codec, records
 from pool.deadlines import Deadlines
@@ -24,8 +33,9 @@ from pool.rados.owner import OwnershipLock
 from pool.rados.segments import RadosSegments
 from pool.rados.store import RadosStore
 from pool.state import PoolState, Segment
-from pool.store import Column, Reclaim, SegmentStore
+from pool.store import Column, ReadHold, Reclaim, SegmentStore
 from tests.kit.cephkit import TEST_POOL, Cluster, why_not
+from tests.kit.trioportal import TrioPortal
 from tests.rados.radoskit import connect, new_uuid, owner, snapshot
 
 SEG = 4 << 20            # the pool's extent size: one segment object's capacity
@@ -302,8 +312,8 @@ async def test_sweep_deletes_only_unreferenced_objects(ceph: Cluster) -> None:
     conn = await connect(ceph)
     state, other = _state(), _state()
     kept = _segment(state, ((0, 3),))
-    for st, n in ((state, 3), (state, 5), (state, 9), (other, 5)):
-        await RadosSegments(conn, st.uuid).write_at(n, 0, 0, os.urandom(4096))
+    for ps, n in ((state, 3), (state, 5), (state, 9), (other, 5)):
+        await RadosSegments(conn, ps.uuid).write_at(n, 0, 0, os.urandom(4096))
     before_other = snapshot(conn, other.uuid)
     kept_bytes = snapshot(conn, state.uuid)[f"{state.uuid}.seg.{3:016x}.0"]
     await _quota(conn, QUOTA)
@@ -362,3 +372,217 @@ async def test_room_from_the_cluster_when_a_mgr_reports(tmp_path: Path) -> None:
         await conn.close()
     finally:
         await trio.to_thread.run_sync(c.stop)
+
+
+# ==== a hypothesis state machine against a dict model (issue 24: "hypothesis model tests
+# run against a RADOS-backed store as well as files") ====================================
+
+CAP = 6                  # segments the machine's quota holds (so NoSpace is exercised)
+
+
+class RadosStoreMachine(RuleBasedStateMachine):
+    """RadosStore driven through the SegmentStore Protocol alone, on the real cluster,
+    against a model of numbers: which were handed out, which hold records, which frees are
+    pending, durable (and since which commit) or released, which reads are in flight, and
+    which objects were deleted. The model's release rule is the specification of
+    RadosStore invariant 3 (Store 3): a freed object goes only once its freeing commit is
+    durable and every read begun before that commit has ended.
+
+    Checked after every step: the objects under the pool's prefix are exactly the written
+    numbers not yet deleted (so nothing pending, or held back by a read, was deleted:
+    invariant 3); the store's held set is what the model holds; numbers only grow
+    (invariant 2); every live segment reads back byte-exact through its column."""
+
+    cluster: Cluster
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.portal = TrioPortal()
+        self.conn = self.portal.run(connect, self.cluster)
+        self.portal.run(_quota, self.conn, CAP * SEG)
+        self.state = _state()
+        self.hooks = Hooks()
+        self.store: RadosStore = self.portal.run(RadosStore.open, self.conn, self.state,
+                                                 self.hooks)
+        self.handed: list[int] = []
+        self.segs: dict[int, Segment] = {}
+        self.data: dict[int, list[tuple[int, bytes, codec.EncodedRecord]]] = {}
+        self.written: set[int] = set()
+        self.pending: list[int] = []
+        self.releasable: list[tuple[int, int]] = []       # (commit, number)
+        self.released: set[int] = set()
+        self.deleted: set[int] = set()
+        self.commits = 0
+        self.holds: dict[int, tuple[int, ReadHold]] = {}
+        self.next_hold = 0
+
+    def _model_release(self) -> None:
+        keep = []
+        for c, n in self.releasable:
+            if all(seen >= c for seen, _h in self.holds.values()):
+                self.released.add(n)
+            else:
+                keep.append((c, n))
+        self.releasable = keep
+
+    def _deleted_now(self) -> None:
+        """What the store deletes when it deletes (reclaim, settle): every released
+        number."""
+        self.deleted |= self.released
+        self.released = set()
+
+    @rule()
+    def allocate(self) -> None:
+        held = set(self.handed) - self.deleted
+        try:
+            placement = self.store.allocate(1, 0)
+        except NoSpace:
+            assert len(held) + 1 > CAP, "refused with room left"
+            event("allocation refused")
+            return
+        assert len(held) + 1 <= CAP, "allocated beyond the quota"
+        ((domain, n),) = placement
+        assert domain == 0 and all(n > h for h in self.handed)      # invariant 2
+        self.handed.append(n)
+        seg = _segment(self.state, placement)
+        self.segs[seg.id] = seg
+        self.data[seg.id] = []
+
+    @rule(prof=st.sampled_from([(2, 1), (1, 1), (4, 2), (1, 2)]))
+    def allocate_redundant(self, prof: tuple[int, int]) -> None:
+        held, nxt = set(self.store.held), self.store._next
+        with pytest.raises(InvalidArgument, match="redundancy is the RADOS pool's"):
+            self.store.allocate(*prof)
+        assert self.store.held == held and self.store._next == nxt  # invariant 1
+
+    @precondition(lambda self: self.segs)
+    @rule(pick=st.integers(0, 1 << 16), n=st.integers(1, 3), seed=st.integers(0, 1 << 16),
+          compress=st.booleans())
+    def write_run(self, pick: int, n: int, seed: int, compress: bool) -> None:
+        seg = self.segs[sorted(self.segs)[pick % len(self.segs)]]
+        have = self.data[seg.id]
+        off = have[-1][0] + have[-1][2].units if have else 0
+        if (off + n * (BS // 512 + 1)) * 512 > SEG:
+            return
+        datas = [seed.to_bytes(4, "little") + bytes([j]) * (BS - 4) if compress
+                 else seed.to_bytes(4, "little") + os.urandom(BS - 4) for j in range(n)]
+        recs = [codec.encode(d, 1, 0, compress) for d in datas]
+        out = self.portal.run(self.store.write, [(seg, off, recs)])
+        assert out.written == {0} and out.failed == frozenset()    # invariant 4
+        self.written.add(seg.extents[0][1])
+        for d, r in zip(datas, recs, strict=True):
+            have.append((off, d, r))
+            off += r.units
+
+    @precondition(lambda self: self.segs)
+    @rule(pick=st.integers(0, 1 << 16))
+    def free_segment(self, pick: int) -> None:
+        sid = sorted(self.segs)[pick % len(self.segs)]
+        seg = self.segs.pop(sid)
+        del self.data[sid]
+        del self.state.segments[sid]
+        self.store.free(seg.extents)
+        self.pending.extend(n for _d, n in seg.extents)
+
+    @rule(n=st.integers(0, 4))
+    def durable(self, n: int) -> None:
+        n = min(n, len(self.pending))
+
+        async def call() -> None:
+            self.store.durable(n)
+        self.portal.run(call)
+        self.commits += 1
+        self.releasable.extend((self.commits, x) for x in self.pending[:n])
+        del self.pending[:n]
+        self._model_release()
+
+    @rule()
+    def read_hold(self) -> None:
+        self.holds[self.next_hold] = (self.commits, self.store.read_hold())
+        self.next_hold += 1
+
+    @precondition(lambda self: self.holds)
+    @rule(pick=st.integers(0, 1 << 16), twice=st.booleans())
+    def release(self, pick: int, twice: bool) -> None:
+        hid = sorted(self.holds)[pick % len(self.holds)]
+        _seen, token = self.holds.pop(hid)
+
+        async def call() -> None:
+            token.release()
+            if twice:
+                token.release()
+        self.portal.run(call)
+        self._model_release()
+
+    @rule()
+    def reclaim(self) -> None:
+        async def call() -> Reclaim | None:
+            with trio.move_on_after(0.5):
+                return await self.store.reclaim()
+            return None
+        got = self.portal.run(call)
+        self._deleted_now()
+        if self.releasable:
+            assert got is None, "reclaim returned while older reads hold freed objects"
+            event("reclaim waits for older reads")
+        else:
+            assert got is (Reclaim.COMMIT if self.pending else Reclaim.NOTHING)
+
+    @rule()
+    def settle(self) -> None:
+        self.portal.run(partial(self.store.run, settle=True))
+        self._deleted_now()
+
+    @invariant()
+    def objects_as_model(self) -> None:
+        prefix = f"{self.state.uuid}.seg."
+        got = {int(o.key[len(prefix):].split(".")[0], 16)
+               for o in self.conn.ioctx.list_objects() if o.key.startswith(prefix)}
+        want = self.written - self.deleted
+        assert got == want, (sorted(got - want), sorted(want - got))
+        assert self.store.held == set(self.handed) - self.deleted
+        assert not self.hooks.errors and not self.hooks.faults
+
+    @invariant()
+    def reads_back(self) -> None:
+        for sid, have in self.data.items():
+            if not have:
+                continue
+            seg = self.segs[sid]
+            cols = self.store.columns(seg)
+            plans = [records.RecordPlan(n, sid, off, r.units, 1, 0, r.plen, r.flags, r.rhash,
+                                        cols)
+                     for n, (off, _d, r) in enumerate(have)]
+            got = records.read_records(plans, BS, Deadlines())
+            assert not got.failures, got.failures
+            for n, (_off, d, _r) in enumerate(have):
+                assert bytes(got.payloads[n]) == d, f"segment {sid} record {n}"
+
+    def teardown(self) -> None:
+        try:
+            holds = [token for _seen, token in self.holds.values()]
+            self.holds.clear()
+
+            async def release_all() -> None:
+                for token in holds:
+                    token.release()
+            self.portal.run(release_all)
+            self._model_release()
+            # Leave nothing behind in the shared RADOS pool, and its usual quota.
+            while self.segs:
+                self.free_segment(0)
+            self.durable(len(self.pending))
+            self.settle()
+            self.portal.run(_quota, self.conn, QUOTA)
+            self.portal.run(self.conn.close)
+        finally:
+            self.portal.close()
+
+
+def test_rados_store_machine(ceph: Cluster) -> None:
+    """RadosStore invariants 1-4 (Store 1-3; DESIGN 3) as a hypothesis state machine on
+    the real cluster: failures shrink to short programs of Protocol calls."""
+    RadosStoreMachine.cluster = ceph
+    run_state_machine_as_test(RadosStoreMachine, settings=settings(
+        max_examples=15, stateful_step_count=25, deadline=None,
+        suppress_health_check=[HealthCheck.too_slow]))

@@ -80,6 +80,10 @@ async def test_every_stored_record_decodes_and_encodes_back() -> None:
             cls = VolumeRecord if stored["type"] == "volume" else SnapshotRecord
             assert json.dumps(cls.decode(stored).encode()) == json.dumps(stored)
         assert vm.get("w").size == 4 * MiB and vm.get("c").origin is not None
+        # The O(1) existence checks frontends make per request agree with the listings.
+        assert [n for n in ("v", "w", "c", "s1") if vm.has(n)] == ["w", "c"]
+        assert vm.has_snapshot("w", "s1") and not vm.has_snapshot("w", "s2")
+        assert not vm.has_snapshot("v", "s1") and not vm.has_snapshot("c", "s1")
         assert await VolumeManager(pool).get("w").read(0, 65536) == b"x" * 65536
     finally:
         await pool.close()
