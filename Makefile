@@ -103,9 +103,12 @@ bench-rebuild: venv
 bench-qos: venv
 	$(BIN)/python -m benchmarks.qos $(BENCH_ARGS)
 
-# Segment objects on a throwaway one-node Ceph cluster beside rados bench and raw librados.
+# On throwaway one-node Ceph clusters: segment objects beside rados bench and raw librados
+# (benchmarks.rados), then fio over NBD on a RADOS pool beside fio's rbd engine on an RBD
+# image of the same cluster, in interleaved rounds (benchmarks.rbd; BENCH_ARGS: --rounds N).
 bench-rados: venv
-	$(BIN)/python -m benchmarks.rados $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.rados
+	$(BIN)/python -m benchmarks.rbd $(BENCH_ARGS)
 
 bench-restart: venv
 	$(BIN)/python -m benchmarks.restart $(BENCH_ARGS)

@@ -63,7 +63,7 @@ from pool.state import (
     op_json,
 )
 from pool.status import PoolStatistics
-from pool.store import LocalStore
+from pool.store import DEVICE_QUEUE, LocalStore
 from pool.tuning import PoolTuning
 from pool.txn import CommitHooks, Transaction
 from pool.writer import RecordWriter, WriterHooks
@@ -76,6 +76,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+RADOS_READS = 16     # record reads in flight at once on a RADOS pool (Connection threads)
 
 
 class Pool:
@@ -164,9 +165,15 @@ class Pool:
                                                self.txn.do, self.reap,
                                                lambda: self.txn.sb_gen))
         # The read path (pool.reader): map entries to verified blocks.
+        # Reads that miss the page cache run in threads: two at a time on devices (they
+        # are mostly verification, CPU), RADOS_READS at a time on RADOS, where a thread
+        # mostly waits for an OSD (a round trip each): two would cap a pool at about two
+        # reads per round trip whatever the queue depth.
         self.reader = RecordReader(state, self.store, self.record_cache, meta.deadlines,
-                                   self.cpu, self.counters,
-                                   self.txn.dirty.update, self.owner_keeper.confirm)
+                                   self.cpu if rados is None
+                                   else trio.CapacityLimiter(RADOS_READS),
+                                   self.counters, self.txn.dirty.update,
+                                   self._confirm_owner)
 
     # ==== creation and import (pool.importer) ==============================================
     @classmethod
@@ -228,6 +235,15 @@ class Pool:
                                              claim=claim, tuning=tuning)
 
     # ==== the backend ======================================================================
+    @property
+    def io_depth(self) -> int:
+        """How many requests the pool serves at once: DEVICE_QUEUE per member device,
+        RADOS_READS on RADOS (where a request mostly waits for an OSD round trip). The
+        volumes' weighted dispatcher orders requests beyond it."""
+        if self.rados is not None:
+            return RADOS_READS
+        return DEVICE_QUEUE * max(1, len(self.state.members))
+
     @property
     def backend(self) -> str:
         """Where the pool lives: "local" (member devices) or "rados"."""

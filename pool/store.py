@@ -86,6 +86,7 @@ from pool.state import PoolState, Segment
 
 log = logging.getLogger("pool.pool")   # its lines keep the name they always had
 DISCARD_BATCH = 256   # freed extents discarded per round of the discard task
+DEVICE_QUEUE = 4      # calls in flight per member device (its limiter)
 DISCARD_DELAY = 10.0  # seconds an extent stays free before it is discarded
 
 # Where a segment's columns are, in the store's own terms: the caller records it in the
@@ -265,7 +266,7 @@ class LocalStore(ReadGenerations):
         self.readers: Counter[int] = Counter()
         self.released = trio.Event()   # set (and replaced) when freed extents come back
         self.avoid: set[int] = set()    # members new segments must not use (removal)
-        self.limiters = [trio.CapacityLimiter(4) for _ in devices]
+        self.limiters = [trio.CapacityLimiter(DEVICE_QUEUE) for _ in devices]
         self.column_cache: dict[int, tuple[Column, ...]] = {}
         self._columns_epoch = state.members_epoch     # what column_cache was built at
         self._bg_writes = trio.CapacityLimiter(1)   # rebuild/scrub writes, one at a time

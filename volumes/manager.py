@@ -52,7 +52,6 @@ from volumes.volume import (
 )
 
 log = logging.getLogger(__name__)
-DEVICE_QUEUE = 4        # the pool's reads and writes in flight per device (its limiters)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
 
@@ -87,8 +86,8 @@ class VolumeManager:
         # views (openers invariant 2).
         self._snap_openers: dict[int, Openers] = {}
         # Weights under contention: one dispatcher for all the pool's volumes (qos.py),
-        # as deep as the pool's devices serve requests at once (DEVICE_QUEUE each).
-        self.dispatcher = WeightedDispatcher(DEVICE_QUEUE * max(1, len(pool.state.members)))
+        # as deep as the pool serves requests at once (``Pool.io_depth``).
+        self.dispatcher = WeightedDispatcher(pool.io_depth)
         objects = pool.objects()
         for obj_id, meta in objects.items():
             if meta.get("type") == "volume":

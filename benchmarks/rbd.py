@@ -1,0 +1,191 @@
+"""benchmarks/rbd: fio over NBD against a storaged volume on a RADOS pool, beside fio's rbd
+engine against an RBD image in the same throwaway Ceph cluster (tests/kit/cephkit.py: one
+bluestore OSD on a sparse file), in interleaved rounds (benchmarks/common.py): the same
+OSD, the same run, the order alternating.
+
+Rows (issue 24): 1 MiB sequential write and read at queue depth 4, 4 KiB random write and
+read at queue depth 16, on a 1 GiB volume / image, each filled first (so no side answers
+reads from holes or allocates on the first write). storaged serves in its own process
+(``--serve``): a pool on the RADOS pool, one plain volume without compression, NBD on
+loopback; the pool's lock renewal and store task run as in the daemon. The RBD image has
+the layering feature only (no object map: nothing here needs it). Targets: at least 0.7x
+RBD on every row and above 1.0x on 4K random writes.
+
+    .venv/bin/python -m benchmarks.rbd [--rounds N] [--smoke] [--runtime SECONDS]
+        [--dir PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from benchmarks.common import (
+    Pair,
+    Report,
+    add_round_args,
+    check_rounds,
+    free_port,
+    run_rounds,
+    stderr_log,
+    wait_port,
+)
+from nbd.exports import VolumeCatalog
+from nbd.server import NBDConfig, NBDServer
+from pool import Pool
+from pool import owner as owners
+from pool.rados.target import RadosTarget
+from storaged.tuning import tune_process
+from tests.kit.cephkit import TEST_POOL, Cluster, why_not
+from volumes import VolumeManager
+
+MiB = 1 << 20
+SIZE = 1 << 30
+RBD_POOL = "rbdbench"
+IMAGE = "bench"
+QUOTA = 8 << 30           # the storaged pool's capacity (no mgr: the quota states it)
+TESTS = [("seq write 1M", "write", "1m", 4), ("seq read 1M", "read", "1m", 4),
+         ("rand write 4K", "randwrite", "4k", 16), ("rand read 4K", "randread", "4k", 16)]
+
+
+def _fio(target: list[str], env: dict[str, str] | None, rw: str, bs: str, depth: int,
+         runtime: int, size: str) -> float:
+    """One fio run on ``target`` (engine arguments); MB/s."""
+    args = ["fio", "--name=bench", *target, f"--rw={rw}", f"--bs={bs}",
+            f"--iodepth={depth}", f"--size={size}", "--time_based", f"--runtime={runtime}",
+            f"--ramp_time={1 if runtime > 2 else 0}", "--output-format=json",
+            "--refill_buffers"]
+    if "write" in rw:
+        args.append("--end_fsync=1")
+    r = subprocess.run(args, capture_output=True, text=True, check=False, env=env,
+                       timeout=runtime * 6 + 120)
+    if r.returncode != 0:
+        raise RuntimeError(f"fio {rw} {bs} on {target}: {r.stderr.strip()[-500:]}")
+    job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
+    side = job["write"] if "write" in rw else job["read"]
+    return float(side["bw_bytes"]) / 1e6
+
+
+def _prefill(target: list[str], env: dict[str, str] | None) -> None:
+    subprocess.run(["fio", "--name=prefill", *target, "--rw=write", "--bs=1m",
+                    "--iodepth=4", "--size=1g", "--refill_buffers", "--end_fsync=1"],
+                   capture_output=True, check=True, env=env, timeout=900)
+
+
+def serve(conf: str, directory: str, port: int) -> None:
+    """The storaged side: a pool on RADOS pool TEST_POOL, one volume, NBD until SIGTERM."""
+    async def main() -> None:
+        claim = owners.Claim(owners.me(directory))
+        pool = await Pool.create_rados("bench", RadosTarget.parse(TEST_POOL, conf),
+                                       claim=claim, extent_size=16 * MiB)
+        try:
+            vm = VolumeManager(pool)
+            await vm.create("plain", SIZE, profile="plain", compression=False)
+            server = NBDServer(VolumeCatalog({"bench": vm}), NBDConfig(port=port))
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(pool.run)
+                    await nursery.start(server.serve)
+                    async for _sig in signals:
+                        nursery.cancel_scope.cancel()
+                        break
+        finally:
+            await pool.close()
+    tune_process()   # as the daemon runs
+    trio.run(main)
+
+
+def _ceph(c: Cluster, *args: str) -> None:
+    subprocess.run(["ceph", "-c", str(c.conf), *args], check=True, capture_output=True,
+                   timeout=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="benchmarks.rbd")
+    add_round_args(ap)
+    ap.add_argument("--runtime", type=int, default=None, help="seconds per fio run (5)")
+    ap.add_argument("--dir", default="/var/tmp", help="where the cluster goes (not tmpfs)")
+    ap.add_argument("--serve", nargs=3, metavar=("CONF", "DIR", "PORT"),
+                    help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        serve(args.serve[0], args.serve[1], int(args.serve[2]))
+        return
+    check_rounds(ap, args.rounds)
+    reason = why_not()
+    if reason is not None:
+        raise SystemExit(f"benchmarks.rbd: {reason}")
+    for tool in ("fio", "rbd", "ceph"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"benchmarks.rbd: {tool} is missing (run `make bench-rados`, "
+                             f"which installs it)")
+    engines = subprocess.run(["fio", "--enghelp"], capture_output=True, text=True,
+                             check=False).stdout
+    if "rbd" not in engines.split():
+        raise SystemExit("benchmarks.rbd: this fio has no rbd engine")
+    runtime = args.runtime or (1 if args.smoke else 5)
+    tests = [TESTS[0], TESTS[3]] if args.smoke else TESTS
+    work = Path(tempfile.mkdtemp(prefix="storaged-rbd-bench-", dir=args.dir))
+    report = Report("rbd")
+    proc: subprocess.Popen[bytes] | None = None
+    cluster = Cluster.start(work / "ceph", block_size=16 << 30)
+    try:
+        env = {**os.environ, "CEPH_CONF": str(cluster.conf)}
+        _ceph(cluster, "osd", "pool", "set-quota", TEST_POOL, "max_bytes", str(QUOTA))
+        with cluster.client() as r:
+            Cluster.create_pool(r, RBD_POOL)
+        _ceph(cluster, "osd", "pool", "application", "enable", RBD_POOL, "rbd",
+              "--yes-i-really-mean-it")
+        subprocess.run(["rbd", "-c", str(cluster.conf), "create", f"{RBD_POOL}/{IMAGE}",
+                        "--size", str(SIZE // MiB), "--image-feature", "layering"],
+                       check=True, capture_output=True, timeout=120)
+        rbd = ["--ioengine=rbd", "--clientname=admin", f"--pool={RBD_POOL}",
+               f"--rbdname={IMAGE}"]
+        sdir = work / "storaged"
+        sdir.mkdir()
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.rbd", "--serve",
+                                 str(cluster.conf), str(sdir), str(port)],
+                                stdout=subprocess.DEVNULL, stderr=open(  # noqa: SIM115
+                                    work / "storaged.log", "ab"))
+        wait_port(port, proc, "storaged")
+        nbd = ["--ioengine=nbd", f"--uri=nbd://127.0.0.1:{port}/bench/plain"]
+        _prefill(rbd, env)
+        _prefill(nbd, None)
+
+        def measure(target: list[str], e: dict[str, str] | None, rw: str, bs: str,
+                    depth: int) -> Callable[[], float]:
+            size = "512m" if bs == "1m" else "256m"
+            return lambda: _fio(target, e, rw, bs, depth, runtime, size)
+
+        pairs = [Pair(f"plain {test}", anchor=measure(rbd, env, rw, bs, depth),
+                      storaged=measure(nbd, None, rw, bs, depth), anchor_name="fio rbd")
+                 for test, rw, bs, depth in tests]
+        report.add(run_rounds("rbd", pairs, args.rounds, stderr_log))
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        cluster.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    report.write(args.results, f"fio, {runtime} s per run, on one throwaway Ceph cluster "
+                 "(one bluestore OSD on a sparse file): storaged over NBD on a RADOS pool "
+                 "against fio's rbd engine on an RBD image of the same cluster. Targets: "
+                 "at least 0.7x on every row, above 1.0x on 4K random writes.")
+
+
+if __name__ == "__main__":
+    main()
