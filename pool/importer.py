@@ -76,7 +76,7 @@ async def create(cls: type[Pool], name: str, devices: Sequence[Device], *,
     state = PoolState(pool_uuid, name, extent_size, str(prof), members)
     devs: list[Device | None] = list(devices)
     pool = cls(state, layout, devs, MetaStore(layout, devs, pool_uuid, dl), None, tuning)
-    pool.store.free_extents = [set(range(mi.n_extents)) for mi in members]
+    pool.devstore.free_extents = [set(range(mi.n_extents)) for mi in members]
 
     def write_label(mi: MemberInfo, dev: Device) -> None:
         # Clear old superblocks/journal so nothing of a previous life is replayed.
@@ -155,7 +155,7 @@ async def finish_import(pool: Pool, replayed: list[tuple[int, bytes]]) -> None:
             pool.state.apply(op)
         pool.state.txg = txg
     used = {e for seg in pool.state.segments.values() for e in seg.extents}
-    pool.store.free_extents = [{e for e in range(mi.n_extents) if (mi.index, e) not in used}
+    pool.devstore.free_extents = [{e for e in range(mi.n_extents) if (mi.index, e) not in used}
                   for mi in pool.state.members]
     for mi in pool.state.members:
         dev = pool.devices[mi.index]

@@ -72,7 +72,7 @@ class PoolHandle(Protocol):
     @property
     def txn(self) -> Transaction: ...
     @property
-    def store(self) -> LocalStore: ...
+    def devstore(self) -> LocalStore: ...
     @property
     def cleaner(self) -> SegmentCleaner: ...
     @property
@@ -156,6 +156,8 @@ class Members:
     def col_absent(self, index: int, seg_id: int) -> bool:
         """Whether member ``index``'s fragments of segment ``seg_id`` are unusable."""
         p = self._pool
+        if index >= len(p.devices):
+            return False        # not a member: the RADOS pool (pool.rados), never away
         return p.devices[index] is None or seg_id in p.state.members[index].marks
 
     def _away_after(self, index: int) -> int:
@@ -188,9 +190,9 @@ class Members:
                              n_extents=n_ext, path=dev.path))
             p.devices.append(dev)
             p.meta.devices.append(dev)
-            p.store.limiters.append(trio.CapacityLimiter(4))
+            p.devstore.limiters.append(trio.CapacityLimiter(4))
             self.health.add_member()
-            p.store.free_extents.append(set(range(n_ext)))
+            p.devstore.free_extents.append(set(range(n_ext)))
             await p.txn.checkpoint_locked()
         log.info("pool %s: added %s as member %d (%d extents)", self._name, dev.path,
                  idx, n_ext)
@@ -328,7 +330,7 @@ class Members:
                                   f"{widest} needs {widest.width}")
         mine = [sg for sg in p.state.segments.values()
                 if any(i == index for i, _e in sg.extents)]
-        counts = [len(p.store.free_extents[i]) for i in others if p.devices[i] is not None]
+        counts = [len(p.devstore.free_extents[i]) for i in others if p.devices[i] is not None]
         for prof in {Profile(sg.k, sg.m) for sg in mine}:
             sectors = sum(sg.live for sg in mine if (sg.k, sg.m) == (prof.k, prof.m))
             need = -(-sectors // (p.layout.extent_size // SECTOR)) + 1
@@ -341,7 +343,7 @@ class Members:
             for _ in range(need):   # take the stripes from the counts, widest first
                 counts = sorted([c - 1 if j < prof.width else c
                                  for j, c in enumerate(counts)], reverse=True)
-        p.store.avoid.add(index)
+        p.devstore.avoid.add(index)
         try:
             self._close_open_on(index)
             p.reap()
@@ -364,11 +366,11 @@ class Members:
                 self.parked.pop(index, None)
                 p.txn.do(op_json(op="member_state", index=index, state="removed"))
                 await p.txn.checkpoint_locked()
-            p.store.free_extents[index] = set()
+            p.devstore.free_extents[index] = set()
             if dev is not None:
                 await wipe_quietly(dev, p.deadlines)
         finally:
-            p.store.avoid.discard(index)
+            p.devstore.avoid.discard(index)
         log.info("pool %s: member %d removed", self._name, index)
 
     # ---- watching the devices -------------------------------------------------------------
@@ -461,7 +463,7 @@ class Members:
         p = self._pool
         return tuple(
             MemberStatus(mi.index, mi.uuid, self.path_of(mi.index), self.state_of(mi.index),
-                         mi.size, mi.n_extents, len(p.store.free_extents[mi.index]),
+                         mi.size, mi.n_extents, len(p.devstore.free_extents[mi.index]),
                          *self.health.counts(mi.index), len(mi.marks),
                          self.health.reason(mi.index) if p.devices[mi.index] is None
                          and mi.state != "removed" else "")

@@ -286,7 +286,7 @@ class OwnerHost(Protocol):
     @property
     def uuid(self) -> str: ...
     @property
-    def store(self) -> LocalStore: ...
+    def devstore(self) -> LocalStore: ...
     @property
     def txn(self) -> Transaction: ...
 
@@ -335,7 +335,7 @@ class OwnerKeeper:
                 def read() -> None:
                     seen[i] = read_record(dev)
                 return read
-            await p.store.per_device([(i, reader(i, d)) for i, d in enumerate(p.devices)
+            await p.devstore.per_device([(i, reader(i, d)) for i, d in enumerate(p.devices)
                                  if d is not None], "read", tolerate=True,
                                 what="a read of the owner record")
             for rec in seen.values():
@@ -347,8 +347,8 @@ class OwnerKeeper:
                     return
             beat = mine.beat()
             started = time.monotonic()
-            failed = await p.store.per_device(
-                p.store.calls(partial(write_record, record=beat)), "write",
+            failed = await p.devstore.per_device(
+                p.devstore.calls(partial(write_record, record=beat)), "write",
                 tolerate=True, what="a heartbeat")
             if len(failed) < sum(d is not None for d in p.devices):
                 self.record = beat
@@ -373,7 +373,7 @@ class OwnerKeeper:
             had, self.record = self.record, None
             if clear and had is not None:
                 try:
-                    await p.store.per_device(p.store.calls(clear_record), "write",
+                    await p.devstore.per_device(p.devstore.calls(clear_record), "write",
                                         tolerate=True, what="clearing the owner record")
                 except StorageError as e:
                     log.warning("pool %s: clearing the owner record: %s", p.name,

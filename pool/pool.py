@@ -24,16 +24,17 @@ holds; without a runner it is done at ``settle_discards`` and ``close``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Container, Iterable, Mapping, Sequence
 from functools import partial
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from pool import codec, importer, readcache, records
+from pool import codec, importer, radosimporter, readcache, records
 from pool import owner as owners
 from pool.catalog import Catalog
 from pool.cleaner import SegmentCleaner
@@ -41,6 +42,7 @@ from pool.deadlines import Deadlines
 from pool.device import Device
 from pool.devio import close_devices
 from pool.devio import write_within as _write_within
+from pool.errors import InvalidArgument, StorageError
 from pool.health import MemberHealth
 from pool.labels import label_copies
 from pool.labels import wipe as _wipe
@@ -52,8 +54,11 @@ from pool.layout import (
     Layout,
 )
 from pool.members import Members
+from pool.metaseam import CommitMeta, DeviceMeta
 from pool.metastore import Loc, MetaStore, Superblock
 from pool.profile import Profile
+from pool.rados.conn import Fenced
+from pool.rados.store import refuse_profile
 from pool.reader import RecordReader
 from pool.space import SpaceAccount, SpaceHooks
 from pool.state import (
@@ -68,10 +73,14 @@ from pool.tuning import PoolTuning
 from pool.txn import CommitHooks, Transaction
 from pool.writer import RecordWriter, WriterHooks
 
+if TYPE_CHECKING:
+    from pool.rados.backend import RadosParts
+    from pool.rados.conn import RadosStatistics
+    from pool.rados.store import RadosStore
+    from pool.rados.target import RadosTarget
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_NODE_UNITS = 7      # 4 KiB units of the largest map node blob (a 24 KiB leaf, lz4 framed)
-_STATE_UNITS_GUESS = 4
 
 
 class Pool:
@@ -79,7 +88,8 @@ class Pool:
 
     def __init__(self, state: PoolState, layout: Layout, devices: list[Device | None],
                  meta: MetaStore, superblock: Superblock | None,
-                 tuning: PoolTuning | None = None) -> None:
+                 tuning: PoolTuning | None = None, *,
+                 rados: RadosParts | None = None) -> None:
         self.tuning = tuning = tuning if tuning is not None else PoolTuning()
         # The live part of the tuning (deadlines invariant 1): the MetaStore's, built from
         # ``tuning`` by create/open, changed in place by a reload.
@@ -88,9 +98,26 @@ class Pool:
         self.layout = layout
         self.devices = devices
         self.meta = meta
+        # A pool on Ceph RADOS (pool.rados.backend): no member devices (``devices`` and
+        # ``state.members`` are empty), the RadosStore places segments, the metadata is
+        # RADOS objects, and ownership is the RADOS lock (DESIGN 10).
+        self.rados = rados
         # Where segments' bytes live: extents, placement, device fan-out, discard.
-        self.store = LocalStore(state, layout, devices, meta.deadlines, self,
-                                discard_freed=tuning.discard_freed)
+        self.store: LocalStore | RadosStore
+        commit_meta: CommitMeta
+        if rados is None:
+            self.store = LocalStore(state, layout, devices, meta.deadlines, self,
+                                    discard_freed=tuning.discard_freed)
+            commit_meta = DeviceMeta(meta, layout, superblock)
+            sb_gen = superblock.generation if superblock else 0
+        else:
+            self.store = rados.make_store(state, self)
+            commit_meta = rados.commit
+            sb_gen = rados.commit.generation
+            rados.conn.watch_fenced(self._rados_fenced, first=True)
+            rados.lock.on_lost = self._rados_lost
+        self._rados_scope: trio.CancelScope | None = None
+        self._rados_done = trio.Event()
         self.open_segments: dict[tuple[int, int], Segment] = {}
         self._pins: dict[int, int] = {}
         self._fill_moved: set[int] = set()   # segments whose fill changed since last commit
@@ -107,8 +134,8 @@ class Pool:
         self.members = Members(self, self.member_health)
         # Pending ops, group commit, OPEN / FAILED / CLOSED (pool.txn); its ``lock`` and
         # ``dirty`` (members written since the last commit) are the pool's.
-        self.txn = Transaction(state, meta, layout, superblock, CommitHooks(
-            self.owner_keeper.confirm, self.store.sync,
+        self.txn = Transaction(state, commit_meta, sb_gen, CommitHooks(
+            self._confirm_owner, self.store.sync,
             self.members.absorb_meta_failures, self._seal_fills,
             lambda: len(self.store.pending_free), self._after_commit))
         # Objects and block maps (pool.catalog), changed through the transaction.
@@ -134,7 +161,7 @@ class Pool:
         self.writer = RecordWriter(state, self.store, self.space, devices, layout.extent_size,
                                    self.open_segments, self._pins, self._fill_moved,
                                    self.txn.dirty, self._counters, self.cpu,
-                                   WriterHooks(self.txn.check_ok, self.owner_keeper.confirm,
+                                   WriterHooks(self.txn.check_ok, self._confirm_owner,
                                                self.txn.do, self.reap,
                                                lambda: self.txn.sb_gen))
         # The read path (pool.reader): map entries to verified blocks.
@@ -179,6 +206,93 @@ class Pool:
         """
         return await importer.open_pool(cls, devices, name=name, left_out=left_out,
                                         claim=claim, tuning=tuning)
+
+    @classmethod
+    async def create_rados(cls, name: str, target: RadosTarget, *, profile: str = "plain",
+                           extent_size: int = DEFAULT_EXTENT, claim: owners.Claim,
+                           tuning: PoolTuning | None = None) -> Pool:
+        """Make a new pool on the RADOS pool of ``target`` (``pool.rados.importer``):
+        refuses ``ec:``/``mirror:`` profiles (redundancy is the RADOS pool's) and a name
+        already used in that RADOS pool (AlreadyExists), changing nothing."""
+        return await radosimporter.create(cls, name, target, profile=profile,
+                                          extent_size=extent_size, claim=claim,
+                                          tuning=tuning)
+
+    @classmethod
+    async def open_rados(cls, target: RadosTarget, name: str, *, takeover: bool = False,
+                         claim: owners.Claim, tuning: PoolTuning | None = None) -> Pool:
+        """Import the pool ``name`` from the RADOS pool of ``target``: NotFound if the
+        RADOS pool names no such pool, PoolOwned (Busy) while another daemon holds it
+        (nothing changed); ``takeover``: fence that daemon (blocklist), break its lock,
+        replay the journal (``pool.rados.importer``)."""
+        return await radosimporter.open_pool(cls, target, name, takeover=takeover,
+                                             claim=claim, tuning=tuning)
+
+    # ==== the backend ======================================================================
+    @property
+    def backend(self) -> str:
+        """Where the pool lives: "local" (member devices) or "rados"."""
+        return "local" if self.rados is None else "rados"
+
+    @property
+    def rados_target(self) -> RadosTarget | None:
+        return self.rados.target if self.rados is not None else None
+
+    @property
+    def devstore(self) -> LocalStore:
+        """The member-device store, for what only a pool on devices has (member ops,
+        labels, owner records); a pool on RADOS refuses those with one line."""
+        if not isinstance(self.store, LocalStore):
+            raise InvalidArgument(f"pool {self.name} is on RADOS pool "
+                                  f"{self.store.conn.pool}: it has no member devices")
+        return self.store
+
+    def rados_status(self) -> dict[str, object] | None:
+        """For ``pool status``: the RADOS pool, the cluster's fsid and health, the lock
+        holder (this daemon, as the lock describes it) and why the pool was fenced (None
+        while it was not). None for a pool on devices."""
+        if self.rados is None:
+            return None
+        r = self.rados
+        store = self.store
+        health = store.cluster_health if not isinstance(store, LocalStore) else "unknown"
+        return {"pool": r.conn.pool, "fsid": r.conn.fsid, "health": health,
+                "conf": r.target.conf, "client": r.target.client,
+                "lock_holder": r.lock.me.describe() if r.lock.held else None,
+                "fenced": r.lock.lost or r.conn.fenced}
+
+    def rados_statistics(self) -> RadosStatistics | None:
+        """The connection's op latencies by kind (``Connection.statistics``), for
+        metrics; None for a pool on devices."""
+        return self.rados.conn.statistics() if self.rados is not None else None
+
+    async def _confirm_owner(self) -> None:
+        """Before data and metadata writes: this daemon still owns the pool (DESIGN 10):
+        the owner record on the members (``OwnerKeeper.confirm``), or the RADOS lock,
+        renewed first when half its duration passed without a renewal."""
+        if self.rados is None:
+            await self.owner_keeper.confirm()
+            return
+        lock = self.rados.lock
+        if lock.lost is None and lock.held and lock.due():
+            with contextlib.suppress(Fenced):   # lost: _rados_lost failed the pool
+                await lock.renew()
+        if lock.lost is not None:
+            self._rados_lost(lock.lost)
+        self.txn.check_ok()
+
+    def _rados_fenced(self, reason: str) -> None:
+        """The connection was fenced (called first among its watchers): blocklisted by
+        another daemon's takeover, or (the lock's renewal failed, ``lost`` already set)
+        the lock was lost. The pool refuses I/O from now on."""
+        assert self.rados is not None
+        if self.rados.lock.lost is not None:
+            self._rados_lost(self.rados.lock.lost)
+        else:
+            self.fail(f"fenced: {reason}")
+
+    def _rados_lost(self, reason: str) -> None:
+        self.fail(f"lost its RADOS lock: {reason}")
 
     def label(self, mi: MemberInfo) -> Label:
         return Label(self.state.uuid, self.state.name, mi.uuid, mi.index,
@@ -281,8 +395,18 @@ class Pool:
         """Fraction of the metadata page area in use: what the last checkpoint wrote plus,
         at worst-case size, every map node changed since (the next checkpoint writes them
         beside the old copies)."""
-        pending = len(self.state.forest.dirty) * _NODE_UNITS + 2 * _STATE_UNITS_GUESS
-        return (self.txn.meta_units_used + pending) / self.meta.n_units
+        return self.txn.meta.used(len(self.state.forest.dirty))
+
+    def check_profile(self, prof: Profile) -> None:
+        """Refuse a volume profile the pool cannot place: wider than its online members,
+        or on RADOS anything but plain (redundancy is the RADOS pool's)."""
+        if self.rados is not None:
+            refuse_profile(prof, self.rados.conn.pool)
+            return
+        online = sum(1 for m in self.statistics().members if m.state == "online")
+        if prof.width > len(self.state.members) or prof.width > online:
+            raise InvalidArgument(f"profile {prof} needs {prof.width} devices; pool "
+                                  f"{self.name} has {online} online")
 
     def check_writable(self, prof: Profile) -> None:
         """Refuse, before anything is acknowledged, writes of a profile that no segment can
@@ -335,7 +459,25 @@ class Pool:
         which logs it and starts ``run`` again. Without a runner (tools and tests that
         use a Pool alone), freed extents are discarded by ``settle_discards`` and
         ``close``, in the caller's task."""
-        await self.store.run(task_status=task_status)
+        if self.rados is None:
+            await self.store.run(task_status=task_status)
+            return
+        # A pool on RADOS: the lock's renewal (OwnershipLock.run) beside the store's
+        # deletes and refreshes; both end when the pool is fenced, the store's when it is
+        # closed (``close`` cancels the renewal and waits for it before it disconnects).
+        try:
+            with trio.CancelScope() as self._rados_scope:
+                if self.txn.closed:
+                    task_status.started()
+                    return
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self.rados.lock.run)
+                    await self.store.run(task_status=task_status)
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._rados_scope = None
+            self._rados_done.set()
+            self._rados_done = trio.Event()
 
     async def settle_discards(self) -> None:
         """Discard every extent freed so far, now, and wait for it: the runner does it
@@ -361,7 +503,12 @@ class Pool:
     def fault(self, index: int, why: str, *, state: str = "faulted",
               full: bool = False) -> None:
         """``Members.fault``: stop using member ``index`` (faulted, or offline); I/O goes
-        on degraded and what its segments miss is marked for a rebuild."""
+        on degraded and what its segments miss is marked for a rebuild. On RADOS the one
+        failure domain is the RADOS pool, and its only fault is a fenced connection: the
+        pool stops."""
+        if self.rados is not None:
+            self.fail(f"fenced: {why}")
+            return
         self.members.fault(index, why, state=state, full=full)
 
     def unavailable_segments(self) -> int:
@@ -470,20 +617,50 @@ class Pool:
                 self.reap()
                 await self.txn.checkpoint()
         finally:
-            with trio.CancelScope(shield=True):
-                await self.owner_keeper.release(clear=release and self.txn.failed is None)
-            self.txn.close()
-            with trio.CancelScope(shield=True):
-                await self.settle_discards()    # its threads use the devices
-                await close_devices([*self.devices, *self.members.parked.values()])
-            self.members.parked.clear()
+            if self.rados is not None:
+                with trio.CancelScope(shield=True):
+                    await self._close_rados()
+            else:
+                with trio.CancelScope(shield=True):
+                    await self.owner_keeper.release(
+                        clear=release and self.txn.failed is None)
+                self.txn.close()
+                with trio.CancelScope(shield=True):
+                    await self.settle_discards()    # its threads use the devices
+                    await close_devices([*self.devices, *self.members.parked.values()])
+                self.members.parked.clear()
+
+    async def _close_rados(self) -> None:
+        """The end of ``close`` for a pool on RADOS: stop the runner (its librados
+        calls finish first), delete what was freed, release the lock (unless it was lost)
+        and disconnect."""
+        assert self.rados is not None
+        self.txn.close()
+        store = self.store
+        assert not isinstance(store, LocalStore)
+        store.wake()
+        if self._rados_scope is not None:
+            done = self._rados_done
+            self._rados_scope.cancel()
+            await done.wait()
+        try:
+            await self.settle_discards()
+        except StorageError as e:
+            log.warning("pool %s: deleting freed segments at close: %s", self.name,
+                        e.message)
+        try:
+            await self.rados.lock.release()
+        except StorageError as e:
+            log.warning("pool %s: releasing its RADOS lock: %s", self.name, e.message)
+        await self.rados.conn.close()
 
     async def destroy(self) -> None:
         """Wipe labels, superblocks and owner records of every present member; data is not
         zeroed."""
+        store = self.devstore
         await self.owner_keeper.release(clear=False)
         self.txn.close()
-        await self.store.per_device(self.store.calls(_wipe), "write")
+        await store.per_device(store.calls(_wipe), "write")
         with trio.CancelScope(shield=True):
             await self.settle_discards()
             await close_devices(self.devices)
@@ -650,6 +827,14 @@ class Pool:
     def statistics(self) -> PoolStatistics:
         st = self.state
         ext = self.layout.extent_size
+        if self.rados is not None:
+            room = self.store.room(None)
+            live = sum(s.live * SECTOR * (s.k + s.m) for s in st.segments.values())
+            return PoolStatistics(
+                st.name, st.uuid, "failed" if self.txn.failed else "online", st.profile,
+                ext, (), room.capacity_bytes, len(st.segments) * ext, room.free_bytes,
+                live, self.space.reserved, len(st.segments), st.txg, st.generation,
+                **self._counters)
         members = self.members.rows()
         present = [m for m in members if m.state in ("online", "rebuilding")]
         live = sum(s.live * SECTOR * (s.k + s.m) for s in st.segments.values())
@@ -676,6 +861,9 @@ class Pool:
 
     def health(self) -> list[str]:
         """Plain-language warnings about redundancy right now."""
+        if self.rados is not None:
+            why = self.rados.lock.lost or self.rados.conn.fenced
+            return [f"fenced from RADOS pool {self.rados.conn.pool}: {why}"] if why else []
         return self.members.warnings()
 
 

@@ -235,7 +235,8 @@ class PoolState:
         self.next_id = max(self.next_id, id + 1)
         for idx, _e in extents:
             # A degraded segment: the member is away, its column is written by a rebuild.
-            if self.members[idx].away:
+            # (A pool on RADOS has no members: its one failure domain is the RADOS pool.)
+            if idx < len(self.members) and self.members[idx].away:
                 self.members[idx].marks[id] = 0
 
     def _op_seg_fill(self, id: int, fill: int) -> None:
@@ -247,7 +248,8 @@ class PoolState:
             raise StorageError(f"segment {id} freed with {seg.live} live sectors")
         self.emptied.discard(id)
         for idx, _e in seg.extents:
-            self.members[idx].marks.pop(id, None)
+            if idx < len(self.members):
+                self.members[idx].marks.pop(id, None)
 
     def _op_map_new(self, id: int) -> None:
         self.forest.create(id)

@@ -62,8 +62,8 @@ from dataclasses import dataclass
 import trio
 
 from pool.errors import DeviceError, NoSpace, PoolFailed, StorageError
-from pool.layout import Layout
-from pool.metastore import PAGE_INDEX, Loc, MetaStore, Superblock
+from pool.metaseam import CommitMeta
+from pool.metastore import Loc
 from pool.state import Op, PoolState
 
 log = logging.getLogger(__name__)
@@ -101,25 +101,36 @@ class CommitHooks:
 class Transaction:
     """Pending ops, group commit and the OPEN / FAILED / CLOSED state of one pool."""
 
-    def __init__(self, state: PoolState, meta: MetaStore, layout: Layout,
-                 superblock: Superblock | None, hooks: CommitHooks) -> None:
+    def __init__(self, state: PoolState, meta: CommitMeta, sb_gen: int,
+                 hooks: CommitHooks) -> None:
         self.state = state
+        # Where the journal entries and checkpoints go (pool.metaseam: the members'
+        # metadata areas, or RADOS objects).
         self.meta = meta
-        self.layout = layout
         self.hooks = hooks
         self.pending: list[Op] = []
         self.applied = 0          # ops applied since the pool was opened
         self.committed = 0        # of those, how many are durable
         self.lock = trio.Lock()   # one commit or checkpoint at a time
         self.dirty: set[int] = set()   # members with data written since the last commit
-        self.sb_gen = superblock.generation if superblock else 0
-        self.page_locs: dict[int, Loc] = {}   # map node id -> where the checkpoint put it
-        self.meta_locs: tuple[Loc, ...] = (
-            (superblock.state, superblock.index) if superblock else ())
-        self.meta_units_used = meta.bitmap.count(1)
+        self.sb_gen = sb_gen      # generation of the committed checkpoint
         # Plain attributes (read on every I/O); only ``fail`` and ``close`` write them.
         self.failed: str | None = None   # why the pool failed (kept once it is closed)
         self.closed = False
+
+    @property
+    def page_locs(self) -> dict[int, Loc]:
+        """Map node id -> where the committed checkpoint put it on the members."""
+        return self.meta.page_locs
+
+    @page_locs.setter
+    def page_locs(self, locs: dict[int, Loc]) -> None:
+        self.meta.page_locs = locs
+
+    @property
+    def meta_locs(self) -> tuple[Loc, ...]:
+        """The committed checkpoint's state and page-index blobs on the members."""
+        return self.meta.meta_locs
 
     # ---- the state machine ---------------------------------------------------------------
     @property
@@ -168,8 +179,7 @@ class Transaction:
                 return
             self.hooks.seal()
             payload_len = sum(len(op) for op in self.pending)
-            if self.meta.journal_room(payload_len) and (
-                    self.meta.journal_head < self.layout.journal_size // 2):
+            if self.meta.journal_fits(payload_len):
                 await self._journal_commit()
             else:
                 await self.checkpoint_locked()
@@ -181,10 +191,10 @@ class Transaction:
         payload = b"".join(ops)
         try:
             await self._sync_data()
-            await trio.to_thread.run_sync(self.meta.append, txg, payload)
+            await self.meta.append(txg, payload)
             self.hooks.absorb_meta_failures()
             await self.hooks.sync_members(None)
-        except (DeviceError, OSError) as e:
+        except (DeviceError, OSError, StorageError) as e:
             self.fail(f"journal commit {txg}: {e}")
             raise PoolFailed(f"pool {self.state.name}: commit failed: {e}") from e
         self.state.txg = txg
@@ -223,43 +233,24 @@ class Transaction:
         st.txg = txg
         st.generation = self.sb_gen + 1
         state_blob = st.to_json()
-        page_keys: list[int] = []
-        page_blobs: list[bytes] = []
-        new_locs = dict(self.page_locs)
         forest = st.forest
-        for nid in forest.freed:
-            new_locs.pop(nid, None)
-        for nid in sorted(forest.dirty):
-            page_keys.append(nid)
-            page_blobs.append(forest.nodes[nid].serialize())
+        pages = [(nid, forest.nodes[nid].serialize()) for nid in sorted(forest.dirty)]
+        plan = self.meta.plan_checkpoint(st.generation, txg, state_blob, pages,
+                                         list(forest.freed))
         forest.freed.clear()
         forest.dirty.clear()
-        taken = bytearray(self.meta.bitmap)
         try:
             await self._sync_data()
-            written = await trio.to_thread.run_sync(self.meta.write_blobs, page_blobs, taken)
-            new_locs.update(zip(page_keys, written, strict=True))
-            index = b"".join(PAGE_INDEX.pack(nid, loc.unit, loc.units, loc.length, loc.hash)
-                             for nid, loc in sorted(new_locs.items()))
-            state_loc, index_loc = await trio.to_thread.run_sync(
-                self.meta.write_blobs, [state_blob, index], taken)
+            await self.meta.write_checkpoint(plan)
             self.hooks.absorb_meta_failures()
             await self.hooks.sync_members(None)
-            sb = Superblock(st.uuid, st.generation, txg, state_loc, index_loc)
-            await trio.to_thread.run_sync(self.meta.write_superblock, sb)
+            await self.meta.flip(plan)
             self.hooks.absorb_meta_failures()
             await self.hooks.sync_members(None)
-        except (DeviceError, OSError, NoSpace) as e:
+        except (DeviceError, OSError, NoSpace, StorageError) as e:
             self.fail(f"checkpoint {st.generation}: {e}")
             raise PoolFailed(f"pool {st.name}: checkpoint failed: {e}") from e
-        # The new superblock is durable: the old checkpoint's blobs may now be reused.
-        bitmap = bytearray(self.meta.n_units)
-        for loc in (*new_locs.values(), state_loc, index_loc):
-            bitmap[loc.unit:loc.unit + loc.units] = b"\1" * loc.units
-        self.meta.bitmap = bitmap
-        self.meta_units_used = bitmap.count(1)
-        self.meta.journal_head = 0
-        self.page_locs = new_locs
-        self.meta_locs = (state_loc, index_loc)
+        # The new superblock is durable: the old checkpoint's space may now be reused.
+        self.meta.flipped(plan)
         self.sb_gen = st.generation
         self._after_commit("checkpoints", ops_covered, freed_here)

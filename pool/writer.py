@@ -161,7 +161,8 @@ class RecordWriter:
         first: dict[int, int] = {}
         for seg, off, _rec in placed:
             first.setdefault(seg.id, off)
-            absent = sum(1 for i, _e in seg.extents if self._devices[i] is None or i in failed)
+            absent = sum(1 for i, _e in seg.extents
+                         if i in failed or i >= len(self._devices) or self._devices[i] is None)
             if absent > seg.m:
                 raise MediumError(f"pool {self.state.name}: writes failed on "
                                   f"{len(failed)} device(s) and a {Profile(seg.k, seg.m)} "

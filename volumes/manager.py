@@ -160,10 +160,7 @@ class VolumeManager:
         check_block_size(block_size)
         _check_size(size, block_size)
         prof = Profile.parse(profile) if profile is not None else self.pool.default_profile
-        members = sum(1 for m in self.pool.statistics().members if m.state == "online")
-        if prof.width > len(self.pool.state.members) or prof.width > members:
-            raise InvalidArgument(f"profile {prof} needs {prof.width} devices; pool "
-                                  f"{self.pool.name} has {members} online")
+        self.pool.check_profile(prof)
         if name in self._volumes:
             raise AlreadyExists(f"volume {name!r} already exists in pool {self.pool.name}")
         map_id = self.pool.create_map()

@@ -421,10 +421,7 @@ class Receiver:
             map_id = pool.clone_map(source_map)
         else:
             p = Profile.parse(self.profile) if self.profile else pool.default_profile
-            online = sum(1 for m in pool.statistics().members if m.state == "online")
-            if p.width > online:
-                raise InvalidArgument(f"profile {p} needs {p.width} devices; pool "
-                                      f"{pool.name} has {online} online")
+            pool.check_profile(p)
             prof, comp, bs, size = str(p), bool(vol["compression"]), vol["block_size"], \
                 vol["size"]
             check_block_size(bs)

@@ -182,9 +182,14 @@ class Connection:
                              f"{conf or 'the default ceph.conf'}: {e}", _errno(e)) from e
         return Connection(cluster, ioctx, rados_pool, threads)
 
-    def watch_fenced(self, callback: Callable[[str], None]) -> None:
-        """``callback(reason)`` is called once, from the event loop, when fenced."""
-        self._watchers.append(callback)
+    def watch_fenced(self, callback: Callable[[str], None], *, first: bool = False) -> None:
+        """``callback(reason)`` is called once, from the event loop, when fenced;
+        ``first``: before the watchers registered so far (the pool's own, so its reason
+        is the one that stands)."""
+        if first:
+            self._watchers.insert(0, callback)
+        else:
+            self._watchers.append(callback)
 
     def _fence_from_thread(self, reason: str) -> None:
         try:

@@ -159,8 +159,16 @@ class RadosMeta:
         if new.generation != old.generation + 1 or new.txg < old.txg:
             raise StorageError(f"checkpoint generation {new.generation} (txg {new.txg}) does "
                                f"not follow {old.generation} (txg {old.txg})")
-        await self._write_header(new, old.generation, new.txg)
+        await self.flip(old, new)
         await self.delete_blobs(sorted(old.refs() - new.refs()))
+
+    async def flip(self, old: RadosSuperblock, new: RadosSuperblock) -> None:
+        """``commit_checkpoint`` without the deletes: the one guarded header op; the
+        caller deletes the blobs only ``old`` referenced (an orphan if it never does)."""
+        if new.generation != old.generation + 1 or new.txg < old.txg:
+            raise StorageError(f"checkpoint generation {new.generation} (txg {new.txg}) does "
+                               f"not follow {old.generation} (txg {old.txg})")
+        await self._write_header(new, old.generation, new.txg)
 
     async def _write_header(self, sb: RadosSuperblock, expect_gen: int | None,
                             drop_through: int | None) -> None:

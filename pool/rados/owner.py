@@ -231,6 +231,11 @@ class OwnershipLock:
                 raise Fenced(f"renew {self.oid}: {self.lost}") from e
             log.warning("renewing the lock on %s failed, will retry: %s", self.oid, e)
 
+    def due(self) -> bool:
+        """Whether half the lock's duration passed since it was last taken or renewed
+        (a writer renews first: the pool may have run without its renewal task)."""
+        return time.monotonic() - self._renewed > self.duration / 2
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """Renew every ``interval`` until the lock is lost (then return) or cancelled."""

@@ -129,17 +129,33 @@ class RadosStore(ReadGenerations):
     async def open(conn: Connection, state: PoolState, hooks: StoreHooks) -> RadosStore:
         """A store for ``state`` on ``conn``; refuses a non-plain pool profile and a RADOS
         pool whose capacity nobody states (no quota, no mgr)."""
+        store = RadosStore(conn, state, hooks, first_number=0)
+        await store.start()
+        return store
+
+    async def start(self) -> None:
+        """What ``open`` does to a store built with the constructor (a Pool builds its
+        own, then starts it before anything is written): refuse a non-plain profile and
+        a RADOS pool whose capacity nobody states; number new segments above every one
+        the state or the RADOS pool holds (invariant 2). Reads only."""
+        conn, state = self.conn, self.state
         refuse_profile(Profile.parse(state.profile), conn.pool)
         found = await _numbers(conn, state)
         top = max([*found, *(n for sg in state.segments.values() for _d, n in sg.extents)],
                   default=0)
-        store = RadosStore(conn, state, hooks, first_number=top + 1)
-        await store.refresh()
-        if not store.capacity():
+        self._next = max(self._next, top + 1)
+        self.held |= {n for sg in state.segments.values() for _d, n in sg.extents}
+        await self.refresh()
+        if not self.capacity():
             raise InvalidArgument(
                 f"RADOS pool {conn.pool} has no quota and the cluster reports no capacity "
                 f"(no mgr): set one with `ceph osd pool set-quota {conn.pool} max_bytes N`")
-        return store
+
+    async def orphans(self) -> list[str]:
+        """Segment objects under the pool's prefix that the store does not hold (nothing
+        references them, and they are not waiting to be deleted): for the checker."""
+        return [self.segments.oid(n) for n in sorted(await _numbers(self.conn, self.state))
+                if n not in self.held]
 
     # ==== cluster facts ====================================================================
     async def refresh(self) -> None:
@@ -416,6 +432,11 @@ class RadosStore(ReadGenerations):
         cap = self.capacity() if ok else 0
         free = self._free_bytes(prof) if ok else 0
         return Room(free, cap, int(ok and free > 0), 0, int(ok), 0, present, 1 - present)
+
+    def is_free(self, index: int, extent: int) -> bool:
+        """For the checker (LocalStore's free list): a RADOS object number held by a
+        segment is never free; numbers are not reused."""
+        return False
 
     def health(self) -> tuple[DomainHealth, ...]:
         cap = self.capacity()

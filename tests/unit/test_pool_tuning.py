@@ -41,7 +41,7 @@ async def test_two_pools_in_one_process_are_tuned_differently(
     # what matters is that these pools add none.
     default_used = volume_module.WRITE_BUFFER.used
     try:
-        assert (a.store.discard_freed, b.store.discard_freed) == (False, True)
+        assert (a.devstore.discard_freed, b.devstore.discard_freed) == (False, True)
         va = await VolumeManager(a, buf_a).create("v", 4 * MiB, block_size=BS)
         vb = await VolumeManager(b, buf_b).create("v", 4 * MiB, block_size=BS)
         data = random.Random(1).randbytes(4 * MiB)
