@@ -61,6 +61,9 @@ class StoragedCollector(Collector):
         yield build
         yield from self._pools()
         yield from self._volumes()
+        yield from rados_metrics(
+            (name, st) for name, entry in sorted(self.registry.pools.items())
+            if (st := entry.pool.rados_statistics()) is not None)
         if self.nbd is not None:
             yield from self._nbd(self.nbd)
         if self.iscsi is not None:

@@ -142,7 +142,7 @@ def show_rados(r: dict[str, Any]) -> list[str]:
         where += f" ({r['conf']})"
     lines = [f"backend: {where}",
              f"cluster: fsid {r.get('fsid', '?')}, health {r.get('health', '?')}",
-             f"  owner: {r.get('owner') or r.get('holder') or 'none'}"]
+             f"  owner: {r.get('lock_holder') or 'none (this daemon does not hold the lock)'}"]
     if r.get("fenced"):
         lines.append(f" fenced: {r['fenced']}")
     return lines

@@ -19,13 +19,15 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from pool.errors import InvalidArgument
+from pool.errors import InvalidArgument, StorageError
 from pool.rados.conn import BUCKETS, OpLatency, RadosStatistics
 from pool.rados.target import RadosTarget
 from storaged import config
+from storaged.api import ControlAPI
 from storaged.ctl import cli
 from storaged.ctl.client import ControlError
 from storaged.metrics import rados_metrics
+from storaged.registry import Registry
 
 
 # ---- config: [[rados_pool]] --------------------------------------------------------------
@@ -150,7 +152,7 @@ def test_pool_status_text_shows_the_rados_backend_and_a_fenced_pool() -> None:
         "overcommit_ratio": 0.5, "free_bytes": 1 << 29, "backend": "rados",
         "failed": "fenced: client.4123 was blocklisted by a takeover",
         "rados": {"pool": "sd", "client": "admin", "conf": "/etc/ceph/ceph.conf",
-                  "fsid": "f-s-i-d", "health": "HEALTH_OK", "owner": "host a, pid 7",
+                  "fsid": "f-s-i-d", "health": "HEALTH_OK", "lock_holder": "host a, pid 7",
                   "fenced": "client.4123 was blocklisted"},
         "devices": [], "left_out": {}, "counters": {
             "records_read": 0, "records_written": 0, "degraded_reads": 0,
@@ -162,6 +164,67 @@ def test_pool_status_text_shows_the_rados_backend_and_a_fenced_pool() -> None:
     assert "cluster: fsid f-s-i-d, health HEALTH_OK" in text
     assert "owner: host a, pid 7" in text and "fenced: client.4123" in text
     assert "DEV" not in text          # no device table for a pool without devices
+
+
+# ---- the control API's edge ----------------------------------------------------------------
+async def _nothing(_p: dict[str, Any]) -> None:
+    return None
+
+
+@pytest.mark.parametrize(("method", "params", "said"), [
+    ("pool.create", {"name": "rp", "devices": ["/tmp/x"], "rados": {"pool": "sd"}},
+     "devices and a RADOS pool exclude each other"),
+    ("pool.create", {"name": "rp", "rados": {"pool": "sd"}, "force": True},
+     "parameter 'force' does not go with a RADOS pool"),
+    ("pool.create", {"name": "rp", "rados": {"pool": "sd"}, "file_size": "1G"},
+     "parameter 'file_size' does not go with a RADOS pool"),
+    ("pool.create", {"name": "rp", "rados": "sd"}, "parameter 'rados' must be"),
+    ("pool.create", {"name": "rp", "rados": {"pool": "sd", "keyring": "k"}},
+     "parameter 'rados' must be"),
+    ("pool.create", {"name": "rp", "rados": {"pool": ""}},
+     "parameter 'pool' must be a non-empty string"),
+    ("pool.create", {"name": "rp", "rados": {"pool": "sd", "client": ".bad"}},
+     "bad Ceph client id"),
+    ("pool.import", {"name": "rp", "rados": {"pool": "sd"}, "force": True},
+     "parameter 'force' does not go with a RADOS pool"),
+    ("pool.import", {"rados": {"pool": "sd"}}, "needs the pool's name"),
+    ("pool.import", {"name": "rp", "takeover": True}, "takeover goes with a RADOS pool"),
+    ("pool.import", {"name": "rp", "rados": {"pool": "sd"}, "takeover": "yes"},
+     "parameter 'takeover' must be true or false"),
+])
+async def test_api_refuses_bad_rados_requests_changing_nothing(
+        tmp_path: Path, method: str, params: dict[str, Any], said: str) -> None:
+    registry = Registry(str(tmp_path / "state"))
+    api = ControlAPI(registry, None, None)
+    with pytest.raises(InvalidArgument) as e:
+        await api.call(method, params, _nothing)
+    assert said in e.value.message
+    assert registry.pools == {} and registry.failed == {}        # R3
+    assert not (tmp_path / "state" / "pools.json").exists()
+
+
+# ---- pools.json -----------------------------------------------------------------------------
+async def test_a_damaged_rados_entry_fails_alone_and_stays_remembered(tmp_path: Path
+                                                                      ) -> None:
+    """R1/R3: a pools.json RADOS entry without a valid target is reported like any failed
+    import (named, with the reason) and kept for the next start; the file is otherwise
+    unchanged."""
+    state = tmp_path / "state"
+    state.mkdir()
+    cache = {"pools": [{"name": "rp", "uuid": "u1", "backend": "rados",
+                        "rados": {"pool": "", "conf": None, "client": "admin"}},
+                       {"name": "rq", "uuid": "u2", "backend": "rados"}]}
+    (state / "pools.json").write_text(json.dumps(cache))
+    registry = Registry(str(state))
+    await registry.load()
+    assert registry.pools == {}
+    assert "bad RADOS pool name ''" in registry.failed["rp"]
+    assert "no valid RADOS target" in registry.failed["rq"]
+    assert json.loads((state / "pools.json").read_text()) == cache
+    # `pool import rq` (no devices) retries the remembered RADOS target, not a device scan.
+    with pytest.raises(StorageError, match="no valid RADOS target"):
+        await registry.import_pool("rq", [])
+    assert registry.pools == {} and json.loads((state / "pools.json").read_text()) == cache
 
 
 def test_rados_target_json_round_trip() -> None:
