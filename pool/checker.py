@@ -10,6 +10,12 @@ It checks, against the pool's committed metadata:
 - every volume-like object's map exists, and no map is orphaned;
 - with ``deep``: reads every fragment of every record (all k + m) and verifies it.
 
+On a pool on RADOS (no members) the member and blob checks are the RADOS ones
+(``check_rados``): the superblock, every checkpoint blob and map node verified, the
+objects under the pool's prefix that nothing references listed (orphans); segment
+checks skip member ranges (a segment is one object of the RADOS pool), and ``deep``
+reads every record through the store's column objects.
+
 One function per check (check_members, check_blobs, check_segments, check_map_nodes,
 scan_records, check_live_counts, check_objects, read_fragments), each returning the
 problems it found; check() runs them in that order.
@@ -23,11 +29,13 @@ from dataclasses import dataclass
 import trio
 
 from pool import codec
-from pool.errors import DeviceError, ImportFailed
+from pool.errors import DeviceError, ImportFailed, StorageError
 from pool.labels import label_copies, read_label
 from pool.layout import SECTOR
 from pool.metastore import MetaStore
 from pool.pool import Pool
+from pool.rados.backend import OBJECT_KINDS, read_checkpoint
+from pool.rados.store import RadosStore
 from pool.state import ENTRY, HOLE
 
 
@@ -59,8 +67,11 @@ async def check(pool: Pool, *, deep: bool = False) -> CheckReport:
     check below in turn, the blocking ones (they read the members) in a thread."""
     await pool.commit()
     st = pool.state
-    problems = await trio.to_thread.run_sync(check_members, pool)
-    problems += await trio.to_thread.run_sync(check_blobs, pool)
+    if pool.rados is not None:
+        problems = await check_rados(pool)
+    else:
+        problems = await trio.to_thread.run_sync(check_members, pool)
+        problems += await trio.to_thread.run_sync(check_blobs, pool)
     problems += check_segments(pool)
     problems += check_map_nodes(pool)
     scan = scan_records(pool, keep=deep)
@@ -69,7 +80,8 @@ async def check(pool: Pool, *, deep: bool = False) -> CheckReport:
     problems += check_objects(pool)
     checked = bad = 0
     if deep:
-        checked, bad, msgs = await trio.to_thread.run_sync(read_fragments, pool, scan.entries)
+        read = read_fragments if pool.rados is None else read_columns
+        checked, bad, msgs = await trio.to_thread.run_sync(read, pool, scan.entries)
         problems += msgs
     return CheckReport(st.name, tuple(problems), len(st.segments), scan.records, checked, bad)
 
@@ -135,6 +147,15 @@ def check_segments(pool: Pool) -> list[str]:
         devs = [i for i, _ in seg.extents]
         if len(set(devs)) != len(devs):
             out.append(f"segment {seg.id} puts two fragments on one member ({devs})")
+        if pool.rados is not None:
+            for idx, n in seg.extents:
+                if idx != 0 or (idx, n) in owner:
+                    out.append(f"segment {seg.id} has object ({idx}, {n}), which is not "
+                               f"its own object of the RADOS pool")
+                owner[(idx, n)] = seg.id
+            if not 0 <= seg.fill <= cap:
+                out.append(f"segment {seg.id} fill {seg.fill} is outside 0..{cap} sectors")
+            continue
         for idx, ext in seg.extents:
             if idx >= len(st.members) or not 0 <= ext < st.members[idx].n_extents:
                 out.append(f"segment {seg.id} uses extent {ext} of member {idx}, which "
@@ -177,7 +198,7 @@ def check_map_nodes(pool: Pool) -> list[str]:
         elif refs[nid] != node.refs:
             out.append(f"map node {nid} has reference count {node.refs}, the trees "
                        f"reference it {refs[nid]} times")
-    if not pool.page_locations().keys() >= forest.nodes.keys() - forest.dirty:
+    if not set(pool.txn.meta.page_ids()) >= forest.nodes.keys() - forest.dirty:
         out.append("some map nodes have no checkpoint location")
     return out
 
@@ -246,6 +267,63 @@ def check_objects(pool: Pool) -> list[str]:
         if n != 1:
             out.append(f"map {map_id} is referenced by {n} objects (expected 1)")
     return out
+
+
+async def check_rados(pool: Pool) -> list[str]:
+    """A pool on RADOS: its committed superblock and every checkpoint blob and map node
+    verified (meta invariant 4), the checkpoint naming the map nodes the pool holds, and
+    the objects under the pool's prefix that nothing references (orphans: a crash
+    between writing and committing, or before a delete)."""
+    assert pool.rados is not None
+    parts = pool.rados
+    out: list[str] = []
+    try:
+        sb = await parts.meta.read_superblock()
+        _state, nodes, _sizes, _blobs = await read_checkpoint(parts.meta, sb)
+    except StorageError as e:
+        return [f"RADOS pool {parts.conn.pool}: {e.message}"]
+    if sb.generation != pool.txn.sb_gen:
+        out.append(f"{parts.lock.oid}: superblock generation {sb.generation}, the pool "
+                   f"is at {pool.txn.sb_gen}")
+    if nodes.keys() != set(pool.txn.meta.page_ids()):
+        out.append(f"{parts.lock.oid}: the checkpoint's node index differs from the pool's")
+    for oid in await parts.meta.orphans(sb, OBJECT_KINDS):
+        out.append(f"RADOS pool {parts.conn.pool}: object {oid} is an orphan (no "
+                   f"checkpoint references it)")
+    store = pool.store
+    assert isinstance(store, RadosStore)
+    for oid in await store.orphans():
+        out.append(f"RADOS pool {parts.conn.pool}: object {oid} is an orphan (no segment "
+                   f"uses it)")
+    return out
+
+
+def read_columns(pool: Pool,
+                 entries: list[tuple[int, int, bytes]]) -> tuple[int, int, list[str]]:
+    """``read_fragments`` through the store's column handles (a pool on RADOS: each
+    segment's object). Blocking."""
+    st = pool.state
+    c = b = 0
+    out = []
+    for map_id, block, raw in entries:
+        seg_id, off, plen, _fl, rhash = ENTRY.unpack(raw)
+        seg = st.segments[seg_id]
+        units = codec.fragment_units(plen, seg.k)
+        for i, col in enumerate(pool.store.columns(seg)):
+            if col.reader is None:
+                continue
+            c += 1
+            try:
+                frag = col.reader.pread(col.base + off * SECTOR, units * SECTOR)
+            except StorageError as e:
+                frag = b""
+                out.append(f"{col.name}: {e.message}")
+            if codec.check_fragment(frag, i, seg.k, seg.m, plen, rhash) is None:
+                b += 1
+                out.append(f"{col.name}: fragment {i} of the record in map node "
+                           f"{map_id} slot {block} (segment {seg_id}) fails "
+                           f"verification")
+    return c, b, out
 
 
 def read_fragments(pool: Pool,

@@ -8,17 +8,38 @@ pool/radosimporter.py's, "owner invariant N" pool/rados/owner.py's; DESIGN's are
 from __future__ import annotations
 
 import os
+import random
+import re
+import signal
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from pool import owner as owners
+from pool.checker import check
+from pool.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    MediumError,
+    NotFound,
+    PoolFailed,
+    StorageError,
+)
 from pool.pool import Pool
 from pool.rados.conn import Connection
+from pool.rados.owner import PoolOwned
 from pool.rados.target import RadosTarget
 from tests.kit.cephkit import TEST_POOL, Cluster
-from tests.rados.radoskit import connect, owner
+from tests.rados.pool_worker import VOLUME_BLOCKS, expected, round_blocks
+from tests.rados.radoskit import connect, owner, snapshot
 from volumes.manager import VolumeManager
+
+ROOT = Path(__file__).resolve().parents[2]
 
 MiB = 1 << 20
 BS = 64 * 1024
@@ -91,3 +112,181 @@ async def test_create_write_close_reopen_snapshot_clone(ceph: Cluster) -> None:
         assert st.state == "online" and st.capacity_bytes == QUOTA and st.live_bytes > 0
     finally:
         await again.close()
+
+
+def _everything(conn: Connection) -> dict[str, Any]:
+    """Every object of the RADOS pool: data, xattrs, omap (blocking)."""
+    return snapshot(conn, "")
+
+
+async def test_refusals_change_nothing(ceph: Cluster) -> None:
+    """Importer invariant 1 (DESIGN 9, 10): ec:4+2 (and mirror:2) are refused with the
+    store's message, a name the RADOS pool holds is AlreadyExists, an unknown name is
+    NotFound naming the RADOS pool, and a second daemon's import while the owner lives is
+    PoolOwned naming the holder; the RADOS pool is the same object for object after each."""
+    pool = await create(ceph, "p-ref")
+    try:
+        conn = await connect(ceph)
+        before = await trio.to_thread.run_sync(_everything, conn)
+        for prof in ("ec:4+2", "mirror:2"):
+            with pytest.raises(InvalidArgument, match=f"profile {re.escape(prof)} is not "
+                               f"possible on RADOS pool {TEST_POOL}.*use plain"):
+                await Pool.create_rados("p-ec", target(ceph), profile=prof,
+                                        claim=claim("a"))
+        with pytest.raises(AlreadyExists, match="already holds a storaged pool named"):
+            await Pool.create_rados("p-ref", target(ceph), claim=claim("b"))
+        with pytest.raises(NotFound, match=f"RADOS pool {TEST_POOL} holds no storaged "
+                                           f"pool named 'p-none'"):
+            await Pool.open_rados(target(ceph), "p-none", claim=claim("b"))
+        with pytest.raises(PoolOwned, match="is owned by host node-a"):
+            await Pool.open_rados(target(ceph), "p-ref", claim=claim("b"))
+        with pytest.raises(InvalidArgument, match="profile ec:2\\+1 is not possible"):
+            await VolumeManager(pool).create("v", 4 * MiB, profile="ec:2+1")
+        after = await trio.to_thread.run_sync(_everything, conn)
+        assert after == before
+        await conn.close()
+    finally:
+        await pool.close()
+
+
+async def test_takeover_fences_the_old_owner(ceph: Cluster) -> None:
+    """DESIGN 10 (owner invariants 3, 4): with the first owner's pool serving (its runner
+    renews the lock), a takeover import fences it; its next flush fails, it is FAILED with
+    the fenced reason and its runner ends; nothing it wrote after lands. The new owner
+    reads every byte flushed before, and its deep check is clean."""
+    old = await create(ceph, "p-take", "a")
+    vm = VolumeManager(old)
+    vol = await vm.create("v", 16 * MiB, block_size=BS)
+    flushed = os.urandom(2 * MiB)
+    await vol.write(0, flushed)
+    await vol.flush()
+    ended = trio.Event()
+
+    async def runner(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await old.run(task_status=task_status)
+        ended.set()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runner)
+        new = await Pool.open_rados(target(ceph), "p-take", takeover=True, claim=claim("b"))
+        try:
+            assert new.rados is not None and new.rados.lock.fenced_others
+            await vol.write(0, os.urandom(BS))
+            with pytest.raises(StorageError):
+                await vol.flush()
+            assert old.txn.failed is not None and old.txn.failed.startswith("fenced: ")
+            assert "blocklisted" in old.txn.failed
+            with pytest.raises(PoolFailed):
+                await old.commit()
+            status = old.rados_status()
+            assert status is not None and status["fenced"]
+            assert old.health() and "fenced" in old.health()[0]
+            with trio.fail_after(30):            # the runner saw it and returned
+                await ended.wait()
+            got = await VolumeManager(new).get("v").read(0, len(flushed))
+            assert got == flushed
+            report = await check(new, deep=True)
+            assert report.ok, report.render()
+        finally:
+            await old.close()
+            await new.close()
+
+
+async def test_deep_check_finds_damage_and_orphans(ceph: Cluster) -> None:
+    """The checker on RADOS (``check_rados``, ``read_columns``; DESIGN 4, §5): clean after
+    writes; a segment object whose bytes were overwritten is reported by name (and reads
+    of it fail, never return the damage), as are an orphaned segment object and an
+    orphaned checkpoint blob."""
+    pool = await create(ceph, "p-check")
+    try:
+        vm = VolumeManager(pool)
+        vol = await vm.create("v", 16 * MiB, block_size=BS, compression=False)
+        data = os.urandom(MiB)
+        await vol.write(0, data)
+        await vol.flush()
+        report = await check(pool, deep=True)
+        assert report.ok, report.render()
+        assert report.fragments_checked == MiB // BS
+        seg = next(iter(pool.state.segments.values()))
+        oid = pool.store.columns(seg)[0].name
+        conn = await connect(ceph)
+        uuid = pool.uuid
+        await conn.run("write", "damage", conn.ioctx.write, oid, b"\xff" * 4096, 8192)
+        await conn.run("write", "orphan", conn.ioctx.write_full,
+                       f"{uuid}.seg.{0xfffff:016x}.0", b"left over")
+        await conn.run("write", "orphan", conn.ioctx.write_full,
+                       f"{uuid}.pages.999.0", b"left over")
+        pool.record_cache.clear()
+        report = await check(pool, deep=True)
+        text = report.render()
+        assert report.fragments_bad == 1, text
+        assert f"{oid}: fragment 0 of the record" in text
+        assert f"object {uuid}.seg.{0xfffff:016x}.0 is an orphan" in text
+        assert f"object {uuid}.pages.999.0 is an orphan" in text
+        with pytest.raises(MediumError):
+            await vol.read(0, BS)
+        await conn.close()
+    finally:
+        await pool.close()
+
+
+def _worker(ceph: Cluster, name: str, seed: int, mode: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.rados.pool_worker", str(ceph.conf), TEST_POOL, name,
+         str(seed), mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT)
+
+
+def _flushed(out: str) -> int:
+    return max([int(line.split()[1]) for line in out.splitlines()
+                if line.startswith("flushed ")], default=0)
+
+
+async def _check_volume(ceph: Cluster, name: str, seed: int, rounds: int) -> None:
+    """Reopen (a restart of the killed daemon): every block flushed by round ``rounds``
+    reads back, or the next round's (it may have been written back before the kill);
+    the deep check is clean (no orphans left)."""
+    pool = await Pool.open_rados(target(ceph), name, claim=claim("crash"))
+    try:
+        vol = VolumeManager(pool).get("v")
+        got = await vol.read(0, VOLUME_BLOCKS * BS)
+        now, nxt = expected(seed, rounds), round_blocks(seed, rounds + 1)
+        for b in range(VOLUME_BLOCKS):
+            block = got[b * BS:(b + 1) * BS]
+            ok = [now.get(b, bytes(BS))] + ([nxt[b]] if b in nxt else [])
+            assert block in ok, f"block {b} after round {rounds}"
+        report = await check(pool, deep=True)
+        assert report.ok, report.render()
+    finally:
+        await pool.close()
+
+
+@pytest.mark.parametrize("mode", ["before-flip", "after-flip", "run"])
+async def test_sigkilled_worker_loses_nothing_flushed(ceph: Cluster, mode: str) -> None:
+    """DESIGN 1-3 on RADOS (meta invariants 2, 3; backend invariant 2; importer invariant
+    3): a worker process writes and flushes rounds of blocks and takes checkpoints; it is
+    SIGKILLed between a checkpoint's blob writes and its flip, right after the flip (before
+    the old objects go), or at a random instant; the reopened pool (journal replay or the
+    new checkpoint) holds every flushed byte and no orphan."""
+    name, seed = f"p-crash-{mode}", len(mode)
+    pool = await create(ceph, name, "crash")
+    await VolumeManager(pool).create("v", VOLUME_BLOCKS * BS, block_size=BS)
+    await pool.close()
+    proc = _worker(ceph, name, seed, mode)
+    if mode == "run":
+        deadline = trio.current_time() + 60
+        lines: list[str] = []
+        assert proc.stdout is not None
+        while _flushed("\n".join(lines)) < 4 + random.randrange(4):
+            line = await trio.to_thread.run_sync(proc.stdout.readline)
+            assert line and trio.current_time() < deadline, proc.stderr
+            lines.append(line)
+        await trio.sleep(random.random() * 0.3)
+        proc.send_signal(signal.SIGKILL)
+        rest, err = await trio.to_thread.run_sync(proc.communicate)
+        out = "".join(lines) + rest
+    else:
+        out, err = await trio.to_thread.run_sync(partial(proc.communicate, timeout=60))
+    assert proc.returncode == -signal.SIGKILL, err
+    rounds = _flushed(out)
+    assert rounds >= 2, out + err
+    await _check_volume(ceph, name, seed, rounds)
