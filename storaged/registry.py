@@ -20,8 +20,10 @@ Invariants (RADOS pools):
 
 R1. ``pools.json`` names a RADOS pool by its uuid, name and target; reading it back gives
     the same target (``RadosTarget.from_json``), so a restart imports the same pool.
-R2. Nothing at start takes a pool over: ``load`` opens every RADOS pool with
-    ``takeover=False``; only ``pool import --takeover`` (an operator's word) does.
+R2. Nothing at start takes another daemon's pool: ``load`` opens every RADOS pool with
+    ``takeover=False``; only ``pool import --takeover`` (an operator's word) does. (The
+    engine does fence this daemon's own earlier run, same host and instance, after a
+    kill -9: that run is dead.)
 R3. A refused create or import (bad target, devices beside ``--rados``, ec/mirror
     profile, pool owned elsewhere, name already imported) leaves ``pools`` and
     ``pools.json`` as they were.
