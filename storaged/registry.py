@@ -99,6 +99,8 @@ class Registry:
     # volume managers share (the daemon builds both from the configuration).
     tuning: PoolTuning = field(default_factory=PoolTuning)
     write_buffer: WriteBuffer = field(default_factory=WriteBuffer)
+    # Config [[rados_pool]]: pool name -> where it lives (imported at start).
+    declared: dict[str, RadosTarget] = field(default_factory=dict)
     _lock: trio.Lock = field(default_factory=trio.Lock)
     _me: owners.Owner | None = None
 
@@ -139,6 +141,7 @@ class Registry:
         (``[[rados_pool]]``: name, target) that are not among them; record (and log) the
         ones that fail. None is taken over (R2)."""
         await trio.Path(self.state_dir).mkdir(parents=True, exist_ok=True)
+        self.declared = dict(rados_pools)
         remembered = await trio.to_thread.run_sync(self._read_cache)
         for entry in remembered:
             name = entry["name"]
@@ -255,11 +258,15 @@ class Registry:
             if name is not None and name in self.pools:   # before any device is opened
                 raise AlreadyExists(f"pool {name!r} is already imported")
             if not paths and name is not None:
-                # A remembered RADOS pool (one whose import at start failed): its target.
+                # A RADOS pool remembered or declared ([[rados_pool]]) whose import at
+                # start failed: its target.
                 for cached in await trio.to_thread.run_sync(self._read_cache):
                     if cached["name"] == name and cached.get("backend") == "rados":
                         return await self._import_rados(name, _cached_target(cached),
                                                         takeover=False)
+                if name in self.declared:
+                    return await self._import_rados(name, self.declared[name],
+                                                    takeover=False)
             if not paths:
                 paths = await trio.to_thread.run_sync(_scan, self.state_dir, name)
                 if not paths:

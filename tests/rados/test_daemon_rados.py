@@ -184,6 +184,9 @@ def test_takeover_fences_the_old_owner(ceph: Cluster, daemons: Callable[..., Dae
     r = b.ctl("pool", "import", "fo", *_conf(ceph))
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert "--takeover" in r.stderr
+    # By name alone, the declared target is tried again: refused the same way.
+    r = b.ctl("pool", "import", "fo")
+    assert r.returncode == 1 and "is owned by" in r.stderr, r.stderr
     assert b.json("pool", "list") == listed
     assert not (b.dir / "state" / "pools.json").exists() or "fo" not in \
         (b.dir / "state" / "pools.json").read_text()
