@@ -135,7 +135,8 @@ def test_kill_9_and_restart_brings_back_every_flushed_byte(
     assert str(r["health"]).startswith("HEALTH_")
     text = d.ok("pool", "status", "kill9")
     assert f"backend: rados pool {TEST_POOL}" in text and _fsid(ceph) in text
-    assert "owner: " in text
+    assert d.proc is not None and f"pid {d.proc.pid}" in r["lock_holder"]
+    assert f"owner: {r['lock_holder']}" in text and r["fenced"] is None
 
     # Metrics: the RADOS latency histogram per pool and kind, valid to promtool.
     with urllib.request.urlopen(f"http://127.0.0.1:{d.metrics_port}/metrics",
@@ -213,7 +214,7 @@ def test_takeover_fences_the_old_owner(ceph: Cluster, daemons: Callable[..., Dae
         or "error" in (late.stdout + late.stderr).lower(), late.stdout + late.stderr
     st = _until("a's pool failed", lambda: (s := _status(a, "fo"))["state"] == "failed"
                 and s)
-    assert "fenced" in st["failed"] or "lock" in st["failed"]
+    assert st["failed"].startswith("fenced: ") and st["rados"]["fenced"]
     assert "failed: " in a.ok("pool", "status", "fo")
     _qemu_io(a.url("local/v"), "write -P 0x33 0 1M", "flush", "read -P 0x33 0 1M")
     assert _read_all(b, "fo/v", tmp_path / "b3") == expected
@@ -226,6 +227,12 @@ def test_takeover_fences_the_old_owner(ceph: Cluster, daemons: Callable[..., Dae
     check = b.json("pool", "check", "fo", "--deep")
     assert isinstance(check, dict) and check["ok"], check
     assert check["records"] > 0
+    # The fenced pool is exported from a (released; nothing written), b keeps serving it.
+    a.ok("pool", "export", "fo")
+    left = a.json("pool", "list")
+    assert isinstance(left, list) and [p["name"] for p in left] == ["local"]
+    assert _read_all(b, "fo/v", tmp_path / "b4") == expected
+    assert _status(b, "fo")["state"] == "online"
 
 
 def test_send_receive_between_rados_and_a_local_ec_pool(
