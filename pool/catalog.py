@@ -54,6 +54,12 @@ class Catalog:
         self.txn.check_ok()
         self.txn.do(op_json(op="obj_del", id=obj_id))
 
+    def set_task(self, name: str, value: dict[str, Any] | None) -> None:
+        """Record (None: drop) the progress of maintenance task ``name`` (a scrub's
+        cursor), so it resumes there after an import."""
+        self.txn.check_ok()
+        self.txn.do(op_json(op="task", name=name, value=value))
+
     # ---- maps ----------------------------------------------------------------------------
     def create_map(self) -> int:
         self.txn.check_ok()

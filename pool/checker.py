@@ -123,7 +123,7 @@ def check_blobs(pool: Pool) -> list[str]:
     checksum. Blocking."""
     out = []
     paths = [d.path for d in pool.meta.present()]
-    nodes = sorted(pool.page_locations().items())
+    nodes = sorted(pool.txn.page_locs.items())
     copies = pool.meta.blob_copies([loc for _nid, loc in nodes])
     for (nid, loc), oks in zip(nodes, copies, strict=True):
         for path, ok in zip(paths, oks, strict=True):
@@ -164,7 +164,7 @@ def check_segments(pool: Pool) -> list[str]:
                 out.append(f"extent {ext} of member {idx} belongs to segments "
                            f"{owner[(idx, ext)]} and {seg.id}")
             owner[(idx, ext)] = seg.id
-            if pool.is_free(idx, ext):
+            if pool.store.is_free(idx, ext):
                 out.append(f"extent {ext} of member {idx} is in segment {seg.id} and "
                            f"also on the free list")
         if not 0 <= seg.fill <= cap:

@@ -91,7 +91,7 @@ class SegmentCleaner:
         room: dict[tuple[int, int], int] = {}
         for s in sorted((s for s in p.state.segments.values()
                          if s.id not in open_ids and s.id not in tried
-                         and not p.pinned(s.id) and s.fill
+                         and s.id not in p.pins and s.fill
                          and s.live < threshold * s.fill),
                         key=lambda s: s.live / s.fill):
             key = (s.k, s.m)
@@ -133,7 +133,7 @@ class SegmentCleaner:
             _s, off, plen, flags, rhash = ENTRY.unpack(raw)
             plans.append(records.RecordPlan(i, seg_id, off, codec.fragment_units(plen, seg.k),
                                             seg.k, seg.m, plen, flags, rhash, cols))
-        p.pin(seg_id)
+        p.pins.pin(seg_id)
         try:
             out = await trio.to_thread.run_sync(
                 partial(records.read_records, plans, 0, p.deadlines, stored=True), limiter=p.cpu)
@@ -148,10 +148,10 @@ class SegmentCleaner:
                 limiter=p.cpu)
             news = await p.writer.store(prof, encoded)
         finally:
-            p.unpin(seg_id, reap=False)   # no reap before the relocations point at the news
+            p.pins.unpin(seg_id, reap=False)   # no reap before the relocations point at the news
         for old, new in zip(olds, news, strict=True):
             for nid, slot in refs[old]:
                 p.txn.do(op_relocate(nid, slot, old, new))
         p.reap()
-        p.count("records_relocated", len(olds))
+        p.counters["records_relocated"] += len(olds)
         return seg_id not in p.state.segments or p.state.segments[seg_id].live == 0

@@ -39,6 +39,7 @@ from pool.health import MemberHealth
 from pool.labels import read_label, refuse_labelled, wipe_quietly, write_label
 from pool.layout import LABEL_SIZE, SB_OFFSET, SECTOR, Label, Layout, new_uuid
 from pool.metastore import MetaStore
+from pool.pins import SegmentPins
 from pool.profile import Profile
 from pool.state import AWAY, MemberInfo, PoolState, Segment, op_json
 from pool.status import MemberStatus
@@ -77,8 +78,9 @@ class PoolHandle(Protocol):
     def cleaner(self) -> SegmentCleaner: ...
     @property
     def open_segments(self) -> dict[tuple[int, int], Segment]: ...
+    @property
+    def pins(self) -> SegmentPins: ...
     def reap(self) -> None: ...
-    def pinned(self, seg_id: int) -> bool: ...
 
 
 def same_path(a: str, b: str) -> bool:
@@ -117,7 +119,7 @@ class Members:
         # New writes go to segments without it where possible: close the open ones on it.
         self._close_open_on(index)
         # A segment being written right now (pinned) may lack its fragment anywhere.
-        marks = [[sg.id, 0 if full or p.pinned(sg.id) else sg.fill]
+        marks = [[sg.id, 0 if full or sg.id in p.pins else sg.fill]
                  for sg in p.state.segments.values()
                  if any(i == index for i, _e in sg.extents)]
         p.txn.do(op_json(op="member_state", index=index, state=state,
@@ -159,6 +161,21 @@ class Members:
         if index >= len(p.devices):
             return False        # not a member: the RADOS pool (pool.rados), never away
         return p.devices[index] is None or seg_id in p.state.members[index].marks
+
+    def epoch(self, index: int) -> int:
+        """Changes whenever member ``index`` goes away (see ``mark_rebuilt``)."""
+        return self.health.epochs[index]
+
+    def mark_rebuilt(self, index: int, seg_id: int, dev: Device, epoch: int) -> None:
+        """Member ``index`` (still ``dev``, and not away since ``epoch`` gave ``epoch``
+        when the rebuild of the segment began) holds every fragment of ``seg_id`` again. If
+        it went away meanwhile, even to come back with the same device, writes may have
+        missed it: the mark stays for the next pass (MemberHealth invariant 4)."""
+        p = self._pool
+        if p.devices[index] is not dev or self.health.epochs[index] != epoch:
+            return
+        p.txn.dirty.add(index)
+        p.txn.do(op_json(op="member_clean", index=index, seg=seg_id))
 
     def _away_after(self, index: int) -> int:
         """Segments that would lose more fragments than their parity covers without

@@ -26,27 +26,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections import Counter
-from collections.abc import Awaitable, Callable, Container, Iterable, Mapping, Sequence
-from functools import partial
-from types import MappingProxyType
+from collections.abc import Awaitable, Callable, Container, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from pool import codec, importer, radosimporter, readcache, records
+from pool import codec, importer, radosimporter, readcache
 from pool import owner as owners
 from pool.catalog import Catalog
 from pool.cleaner import SegmentCleaner
 from pool.deadlines import Deadlines
 from pool.device import Device
 from pool.devio import close_devices
-from pool.devio import write_within as _write_within
 from pool.errors import InvalidArgument, StorageError
 from pool.health import MemberHealth
-from pool.labels import label_copies
 from pool.labels import wipe as _wipe
-from pool.labels import write_label as _write_label
 from pool.layout import (
     DEFAULT_EXTENT,
     SECTOR,
@@ -55,7 +49,8 @@ from pool.layout import (
 )
 from pool.members import Members
 from pool.metaseam import CommitMeta, DeviceMeta
-from pool.metastore import Loc, MetaStore, Superblock
+from pool.metastore import MetaStore, Superblock
+from pool.pins import SegmentPins
 from pool.profile import Profile
 from pool.rados.conn import Fenced
 from pool.rados.store import refuse_profile
@@ -68,7 +63,7 @@ from pool.state import (
     op_json,
 )
 from pool.status import PoolStatistics
-from pool.store import LocalStore, ReadHold
+from pool.store import LocalStore
 from pool.tuning import PoolTuning
 from pool.txn import CommitHooks, Transaction
 from pool.writer import RecordWriter, WriterHooks
@@ -119,7 +114,8 @@ class Pool:
         self._rados_scope: trio.CancelScope | None = None
         self._rados_done = trio.Event()
         self.open_segments: dict[tuple[int, int], Segment] = {}
-        self._pins: dict[int, int] = {}
+        # Segments that work in flight still needs (pool.pins): not freed, not cleaned.
+        self.pins = SegmentPins(self.store.read_hold, self.reap)
         self._fill_moved: set[int] = set()   # segments whose fill changed since last commit
         # Verified logical blocks of recent small reads, keyed by map entry (an LRU).
         self.record_cache = readcache.RecordCache(tuning.record_cache)
@@ -145,29 +141,30 @@ class Pool:
                                   SpaceHooks(self.txn.check_ok, self.reap, self.commit,
                                              self.cleaner.clean_one, lambda: self._caches,
                                              self.metadata_used))
-        self._pin_holds: dict[int, list[ReadHold]] = {}
         self._caches: list[Callable[[], Awaitable[None]]] = []
         # Devices given to the import but left out of it (path -> reason): see ``open``.
         self.left_out: dict[str, str] = {}
         # What the maintenance engines (pool.scrub, pool.rebuild) report while they run.
         self.activity: dict[str, Any] = {}
         self.cpu = trio.CapacityLimiter(2)
-        self._bg = trio.CapacityLimiter(1)   # scrub/rebuild work: one core at most
-        self._counters = dict.fromkeys(
+        # Scrub/rebuild thread work (pool.scrub, pool.rebuild): one core at most, so the
+        # foreground keeps the other.
+        self.maintenance = trio.CapacityLimiter(1)
+        self.counters = dict.fromkeys(
             ("commits", "checkpoints", "records_written", "records_read", "degraded_reads",
              "repaired_fragments", "unreadable_records", "records_relocated",
             "rebuilt_bytes", "scrubbed_bytes", "discarded_extents"), 0)
         # The write path (pool.writer): blocks to records in open segments.
         self.writer = RecordWriter(state, self.store, self.space, devices, layout.extent_size,
-                                   self.open_segments, self._pins, self._fill_moved,
-                                   self.txn.dirty, self._counters, self.cpu,
+                                   self.open_segments, self.pins, self._fill_moved,
+                                   self.txn.dirty, self.counters, self.cpu,
                                    WriterHooks(self.txn.check_ok, self._confirm_owner,
                                                self.txn.do, self.reap,
                                                lambda: self.txn.sb_gen))
         # The read path (pool.reader): map entries to verified blocks.
         self.reader = RecordReader(state, self.store, self.record_cache, meta.deadlines,
-                                   self.cpu, self._counters,
-                                   self.txn.dirty.update)
+                                   self.cpu, self.counters,
+                                   self.txn.dirty.update, self.owner_keeper.confirm)
 
     # ==== creation and import (pool.importer) ==============================================
     @classmethod
@@ -435,7 +432,7 @@ class Pool:
         """Free segments that hold no live record and can take no more."""
         open_ids = {s.id for s in self.open_segments.values()}
         for seg_id in sorted(self.state.emptied):
-            if seg_id in open_ids or self._pins.get(seg_id):
+            if seg_id in open_ids or seg_id in self.pins:
                 continue
             seg = self.state.segments.get(seg_id)
             if seg is None or seg.live:
@@ -583,7 +580,7 @@ class Pool:
         """A commit (``kind``: "commits" | "checkpoints") is durable, and with it the first
         ``freed_here`` frees: their extents are reused once older reads are done."""
         self.store.durable(freed_here)
-        self._counters[kind] += 1
+        self.counters[kind] += 1
 
     # ==== ownership (DESIGN invariant 10; pool.owner) =====================================
     @property
@@ -712,116 +709,9 @@ class Pool:
         """Refuse ``dev`` if it is the same device as a current member (but ``but``)."""
         self.members.refuse_device(dev, but)
 
-    # ---- support for the maintenance engines (pool.scrub, pool.rebuild) ------------------
-    def pin(self, seg_id: int) -> None:
-        self._pins[seg_id] = self._pins.get(seg_id, 0) + 1
-        self._pin_holds.setdefault(seg_id, []).append(self.store.read_hold())
-
-    def unpin(self, seg_id: int, *, reap: bool = True) -> None:
-        """Undo one ``pin``; ``reap=False`` for a caller whose new records nothing
-        references yet (a reap now could free the segment they are in)."""
-        holds = self._pin_holds[seg_id]
-        hold = holds.pop()
-        if not holds:
-            del self._pin_holds[seg_id]
-        self._pins[seg_id] -= 1
-        if not self._pins[seg_id]:
-            del self._pins[seg_id]
-        hold.release()
-        if reap:
-            self.reap()
-
-    def pinned(self, seg_id: int) -> bool:
-        return bool(self._pins.get(seg_id))
-
-    async def background(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run blocking maintenance work in a thread, one at a time per pool (so the
-        foreground keeps the other core)."""
-        return await trio.to_thread.run_sync(partial(fn, *args), limiter=self._bg)
-
-    async def write_fragments(self, repairs: Sequence[records.Repair],
-                              errors: Counter[tuple[str, str]] | None = None) -> int:
-        """Count the errors the verify pass met and write the fragments it rebuilt (of
-        pinned segments; ``SegmentStore.write_fragments``); returns how many were
-        written. Runs beside ``background`` work, so a rebuild computes its next step
-        while the last one is written."""
-        await self.owner_keeper.confirm()
-        live = [r for r in repairs if r.segment in self.state.segments]
-        done, touched = await self.store.write_fragments(live, errors=errors)
-        self.txn.dirty.update(i for i in touched if self.devices[i] is not None)
-        return done
-
-    def member_epoch(self, index: int) -> int:
-        """Changes whenever member ``index`` goes away (see ``mark_rebuilt``)."""
-        return self.member_health.epochs[index]
-
-    def mark_rebuilt(self, index: int, seg_id: int, dev: Device, epoch: int) -> None:
-        """Member ``index`` (still ``dev``, and not away since ``member_epoch`` gave
-        ``epoch``, when the rebuild of the segment began) holds every fragment of
-        ``seg_id`` again. If it went away meanwhile, even to come back with the same
-        device, writes may have missed it: the mark stays for the next pass."""
-        if self.devices[index] is not dev or self.member_health.epochs[index] != epoch:
-            return
-        self.txn.dirty.add(index)
-        self.txn.do(op_json(op="member_clean", index=index, seg=seg_id))
-
-    def set_task(self, name: str, value: dict[str, Any] | None) -> None:
-        self.txn.check_ok()
-        self.txn.do(op_json(op="task", name=name, value=value))
-
+    # ---- what the store reports (StoreHooks: fault, count_error, count) -------------------
     def count(self, counter: str, n: int) -> None:
-        self._counters[counter] += n
-
-    def foreground_records(self) -> int:
-        """Records read (from the devices or the record cache) and written for volumes so
-        far: maintenance work watches it to tell whether the pool is idle."""
-        return (self._counters["records_read"] + self._counters["records_written"]
-                + self.record_cache.hits)
-
-    def meta_locations(self) -> list[Loc]:
-        return [*self.txn.page_locs.values(), *self.txn.meta_locs]
-
-    def page_locations(self) -> Mapping[int, Loc]:
-        """Where the last checkpoint put each map node (node id -> location); read-only."""
-        return MappingProxyType(self.txn.page_locs)
-
-    def is_free(self, index: int, extent: int) -> bool:
-        """Whether extent ``extent`` of member ``index`` is on the free list."""
-        return self.store.is_free(index, extent)
-
-    async def scrub_metadata(self) -> tuple[int, int, int]:
-        """Verify every copy of every metadata blob and both labels of each present
-        member; rewrite bad copies from a good one. Returns (checked, bad, repaired)."""
-        # Its thread work does not go through ``background``: a rebuild holds that for its
-        # whole run, and waiting for it here while holding the commit lock (which the
-        # rebuild's commits need) would deadlock. Metadata is small.
-        checked = bad = repaired = 0
-        locs = self.meta_locations()
-        for i in range(0, len(locs), 64):
-            async with self.txn.lock:   # a checkpoint may reuse units: not meanwhile
-                current = set(self.meta_locations())
-                chunk = [loc for loc in locs[i:i + 64] if loc in current]
-                c, b, r, failed = await trio.to_thread.run_sync(self.meta.repair_blobs,
-                                                                chunk)
-            checked, bad, repaired = checked + c, bad + b, repaired + r
-            for idx in failed:
-                self.count_error(idx, "checksum", "metadata copy")
-        for mi in self.state.members:
-            dev = self.devices[mi.index]
-            if dev is None:
-                continue
-            copies = await trio.to_thread.run_sync(label_copies, dev, self.deadlines, mi.size)
-            checked += 2
-            wrong = [w for w, lab in copies if isinstance(lab, str) or lab.device_uuid
-                     != mi.uuid]
-            if wrong:
-                bad += len(wrong)
-                async with self.txn.lock:
-                    await _write_within([(dev, partial(_write_label, dev, self.label(mi)))],
-                                        "repairing a label", self.deadlines)
-                repaired += len(wrong)
-                self.txn.dirty.add(mi.index)
-        return checked, bad, repaired
+        self.counters[counter] += n
 
     # ==== status ==========================================================================
     def statistics(self) -> PoolStatistics:
@@ -834,7 +724,7 @@ class Pool:
                 st.name, st.uuid, "failed" if self.txn.failed else "online", st.profile,
                 ext, (), room.capacity_bytes, len(st.segments) * ext, room.free_bytes,
                 live, self.space.reserved, len(st.segments), st.txg, st.generation,
-                **self._counters)
+                **self.counters)
         members = self.members.rows()
         present = [m for m in members if m.state in ("online", "rebuilding")]
         live = sum(s.live * SECTOR * (s.k + s.m) for s in st.segments.values())
@@ -849,7 +739,7 @@ class Pool:
             sum(len(s.extents) for s in st.segments.values()) * ext,
             sum(m.free_extents for m in present) * ext,
             live, self.space.reserved, len(st.segments), st.txg, st.generation,
-            **self._counters)
+            **self.counters)
 
     def member_state(self, index: int) -> str:
         """online | rebuilding | faulted | offline | missing | removed."""

@@ -16,7 +16,7 @@ Invariants this module owns:
 4. Eviction is least recently used first; a ``get`` that hits makes its entry the most
    recently used.
 5. ``hits`` counts every ``get`` that returned data (maintenance reads it, through
-   ``Pool.foreground_records``, to tell whether the pool is idle).
+   ``RecordReader.activity``, to tell whether the pool is idle).
 
 A low module: it imports nothing from the pool (an import-linter contract keeps it from
 importing ``pool.pool``).

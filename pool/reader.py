@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import trio
 
@@ -46,8 +46,10 @@ class RecordReader:
 
     def __init__(self, state: PoolState, store: SegmentStore, cache: RecordCache,
                  deadlines: Deadlines, cpu: trio.CapacityLimiter, counters: dict[str, int],
-                 written: Callable[[Iterable[int]], None]) -> None:
+                 written: Callable[[Iterable[int]], None],
+                 confirm_owner: Callable[[], Awaitable[None]]) -> None:
         self.state = state
+        self._confirm_owner = confirm_owner
         self.cache = cache
         self._store = store
         self._deadlines = deadlines
@@ -158,7 +160,7 @@ class RecordReader:
                 hold.release()
         self._counters["degraded_reads"] += out.degraded
         if out.repairs or out.device_errors:
-            await self._repair(out.repairs, out.device_errors)
+            await self.repair(out.repairs, out.device_errors)
         if out.failures:
             self._counters["unreadable_records"] += len(out.failures)
             slot, why = next(iter(out.failures.items()))
@@ -249,18 +251,33 @@ class RecordReader:
             z = self._zero_block = bytes(n)
         return z
 
-    async def _repair(self, repairs: Sequence[records.Repair],
-                      errors: Counter[tuple[str, str]]) -> None:
-        """Hand the read's outcome back to the store: count the errors it met, and
-        rewrite bad fragments it rebuilt (invariant 4): a member that hangs on the
-        repair is faulted rather than hanging the read that found the damage."""
+    def activity(self) -> int:
+        """Records read (from the devices or the record cache) and written for volumes so
+        far: maintenance work watches it to tell whether the pool is idle."""
+        c = self._counters
+        return c["records_read"] + c["records_written"] + self.cache.hits
+
+    async def repair(self, repairs: Sequence[records.Repair],
+                     errors: Counter[tuple[str, str]] | None = None, *,
+                     foreground: bool = True) -> int:
+        """Hand a read's or a verify pass's outcome back to the store: count the errors
+        it met, and rewrite the bad fragments it rebuilt (invariant 4); returns how many
+        were written. A read's repair (``foreground``) has a member that hangs on it
+        faulted rather than hanging the read that found the damage; a maintenance
+        engine's (scrub, rebuild: ``foreground=False``) first confirms this daemon still
+        owns the pool (DESIGN invariant 10), and runs beside their next verify step."""
+        if not foreground:
+            await self._confirm_owner()
         # Heal only fragments of segments that still exist: a segment freed meanwhile
         # may not be reused yet (reads in flight hold frees back), but it is not ours.
         live = [r for r in repairs if r.segment in self.state.segments]
         done, touched = await self._store.write_fragments(live, errors=errors,
-                                                           foreground=True)
-        self._counters["repaired_fragments"] += done
+                                                           foreground=foreground)
         self._written(touched)
+        if not foreground:
+            return done
+        self._counters["repaired_fragments"] += done
         if done:
             log.warning("pool %s: rewrote %d bad fragment(s) from redundancy",
                         self.state.name, done)
+        return done

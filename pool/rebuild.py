@@ -16,7 +16,7 @@ present. Reads skip a marked member's column until the segment is clean.
 ``run`` is a pipeline that keeps the order (a segment is marked only after all its
 writes): the next steps' reads are in flight while one step is verified and rebuilt and
 the last one written. The verifying runs in the pool's maintenance thread
-(``Pool.background``, held for the whole run: a scrub waits), and while no volume has
+(``Pool.maintenance``, held for the whole run: a scrub waits), and while no volume has
 read or written a record for IDLE_AFTER seconds in a second thread too; so a rebuild under
 foreground I/O leaves the other core to the foreground, an idle one uses both. It may
 also be throttled to a byte rate (``faults.rebuild_rate``).
@@ -95,7 +95,7 @@ IDLE_AFTER = 0.1   # seconds without volume I/O after which the rebuild takes bo
 
 
 class _Verifier:
-    """The verify stage: a thread (``Pool.background``) that verifies the steps the read
+    """The verify stage: a thread (``Pool.maintenance``) that verifies the steps the read
     stage queues, one after the other, and hands each result to the trio loop without
     waiting for it (a thread hop per step left the thread idle for milliseconds each
     time); while the pool is idle (``idle`` set), a second thread takes steps too (zfec
@@ -172,7 +172,7 @@ async def run(pool: Pool, *, rate: float | None = None,
     segment and starts the reads of its steps' columns (``records.start_stripes``), at
     most AHEAD items ahead of the writes; *verify* (``_Verifier``: one thread, two while
     the pool is idle) waits for them, checks them and computes the member's fragments
-    (``records.verify_stripes``); *write* writes them (``Pool.write_fragments``) and, once
+    (``records.verify_stripes``); *write* writes them (``RecordReader.repair``) and, once
     a segment's last step is written, unpins it and marks it rebuilt (``member_clean``,
     made durable by a later commit that syncs the member first). So later steps are read
     and verified while one is written, and a segment is marked only after all its writes.
@@ -201,7 +201,7 @@ async def run(pool: Pool, *, rate: float | None = None,
             nursery.cancel_scope.cancel()
     finally:
         for seg_id in held:
-            pool.unpin(seg_id)
+            pool.pins.unpin(seg_id)
         pool.activity.pop("rebuild", None)
     log.info("pool %s: rebuild done: %d bytes of fragments written in %.1f s", pool.name,
              written, time.monotonic() - started)
@@ -219,13 +219,13 @@ async def _read_stage(pool: Pool, work: list[tuple[int, int, int]], held: list[i
             # A write placed in this segment before the member came back may still be in
             # flight without its fragment: let it land (and reach the map) first.
             # (Pins have no event to wait on; they last one device write.)
-            while pool.pinned(seg_id):  # noqa: ASYNC110
+            while seg_id in pool.pins:  # noqa: ASYNC110
                 await trio.sleep(0.005)
             column = next(c for c, (i, _e) in enumerate(seg.extents) if i == index)
             entries = segment_records(pool.state, seg_id, start)
-            pool.pin(seg_id)
+            pool.pins.pin(seg_id)
             held.append(seg_id)
-            item = _Segment(index, seg_id, dev, column, pool.member_epoch(index))
+            item = _Segment(index, seg_id, dev, column, pool.members.epoch(index))
             for batch, size in steps(entries, seg.k):
                 step = _Step(item, batch, size, record_plans(
                     seg, batch, pool.store.columns(seg, rebuilding=column)))
@@ -246,7 +246,7 @@ async def _verify_stage(pool: Pool, verifier: _Verifier,
                                    limiter=trio.CapacityLimiter(1)))
         async with trio.open_nursery() as watching:
             watching.start_soon(_watch_idle, pool, verifier)
-            await pool.background(verifier.run)
+            await trio.to_thread.run_sync(verifier.run, limiter=pool.maintenance)
             verifier.stop()
             watching.cancel_scope.cancel()
 
@@ -254,9 +254,9 @@ async def _verify_stage(pool: Pool, verifier: _Verifier,
 async def _watch_idle(pool: Pool, verifier: _Verifier) -> None:
     """Set ``verifier.idle`` while no volume has read or written a record for IDLE_AFTER
     seconds (the rebuild may then have both cores), clear it as soon as one does."""
-    seen, quiet = pool.foreground_records(), time.monotonic()
+    seen, quiet = pool.reader.activity(), time.monotonic()
     while True:
-        now = pool.foreground_records()
+        now = pool.reader.activity()
         if now != seen:
             seen, quiet = now, time.monotonic()
             verifier.idle.clear()
@@ -279,8 +279,8 @@ async def _write_stage(pool: Pool, recv: trio.MemoryReceiveChannel[_Item | BaseE
                 raise item
             if isinstance(item, _Segment):
                 held.remove(item.seg_id)
-                pool.unpin(item.seg_id)
-                pool.mark_rebuilt(item.index, item.seg_id, item.dev, item.epoch)
+                pool.pins.unpin(item.seg_id)
+                pool.members.mark_rebuilt(item.index, item.seg_id, item.dev, item.epoch)
                 if time.monotonic() - last_commit > COMMIT_EVERY:
                     await pool.commit()
                     last_commit = time.monotonic()
@@ -293,10 +293,11 @@ async def _write_stage(pool: Pool, recv: trio.MemoryReceiveChannel[_Item | BaseE
                 log.error("pool %s: cannot rebuild a record of segment %d (%s): %s",
                           pool.name, seg_id, where, why)
             mine = sum(len(r.data) for r in out.repairs if r.index == column)
-            if await pool.write_fragments(out.repairs, out.device_errors) < len(out.repairs):
+            if (await pool.reader.repair(out.repairs, out.device_errors, foreground=False)
+                    < len(out.repairs)):
                 return written   # the member failed writes: it is being faulted
             written += mine
-            pool.count("rebuilt_bytes", mine)
+            pool.counters["rebuilt_bytes"] += mine
             done += item.size
             budget_bytes += out.bytes_read
             now = _progress(item.seg.index, done, total, started)

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from typing import Any
 
 import trio
 
 from pool import records
+from pool.devio import write_within
 from pool.errors import InvalidArgument
+from pool.labels import label_copies, write_label
 from pool.layout import SECTOR
 from pool.lookup import locate, segment_records
 from pool.pool import Pool
@@ -75,10 +78,44 @@ async def control(pool: Pool, action: str) -> dict[str, Any]:
             cur["finished"] = time.time()
     else:
         raise InvalidArgument(f"unknown scrub action {action!r}")
-    pool.set_task("scrub", cur)
+    pool.catalog.set_task("scrub", cur)
     await pool.commit()
     log.info("pool %s: scrub %s", pool.name, cur["state"])
     return cur
+
+
+async def scrub_metadata(pool: Pool) -> tuple[int, int, int]:
+    """Verify every copy of every metadata blob and both labels of each present member;
+    rewrite bad copies from a good one. Returns (checked, bad, repaired)."""
+    # Its thread work does not go through ``pool.maintenance``: a rebuild holds that for
+    # its whole run, and waiting for it here while holding the commit lock (which the
+    # rebuild's commits need) would deadlock. Metadata is small.
+    txn = pool.txn
+    checked = bad = repaired = 0
+    locs = txn.meta_locations()
+    for i in range(0, len(locs), 64):
+        async with txn.lock:   # a checkpoint may reuse units: not meanwhile
+            current = set(txn.meta_locations())
+            chunk = [loc for loc in locs[i:i + 64] if loc in current]
+            c, b, r, failed = await trio.to_thread.run_sync(pool.meta.repair_blobs, chunk)
+        checked, bad, repaired = checked + c, bad + b, repaired + r
+        for idx in failed:
+            pool.count_error(idx, "checksum", "metadata copy")
+    for mi in pool.state.members:
+        dev = pool.devices[mi.index]
+        if dev is None:
+            continue
+        copies = await trio.to_thread.run_sync(label_copies, dev, pool.deadlines, mi.size)
+        checked += 2
+        wrong = [w for w, lab in copies if isinstance(lab, str) or lab.device_uuid != mi.uuid]
+        if wrong:
+            bad += len(wrong)
+            async with txn.lock:
+                await write_within([(dev, partial(write_label, dev, pool.label(mi)))],
+                                   "repairing a label", pool.deadlines)
+            repaired += len(wrong)
+            txn.dirty.add(mi.index)
+    return checked, bad, repaired
 
 
 def _running(pool: Pool) -> bool:
@@ -98,7 +135,7 @@ async def run(pool: Pool, *, rate: float | None = None) -> dict[str, Any] | None
     budget_start, budget_bytes = started, 0
     try:
         if not cur.get("metadata"):
-            checked, bad, fixed = await pool.scrub_metadata()
+            checked, bad, fixed = await scrub_metadata(pool)
             cur["found"] += bad
             cur["repaired"] += fixed
             cur["metadata"] = True
@@ -109,7 +146,7 @@ async def run(pool: Pool, *, rate: float | None = None) -> dict[str, Any] | None
                      pool.name, checked, bad, fixed)
             if not _running(pool):
                 return task(pool)
-            pool.set_task("scrub", cur)
+            pool.catalog.set_task("scrub", cur)
         for seg_id in sorted(s for s in pool.state.segments if s > cur["position"]):
             if not _running(pool):
                 return task(pool)
@@ -117,15 +154,18 @@ async def run(pool: Pool, *, rate: float | None = None) -> dict[str, Any] | None
             if seg is None:
                 continue
             entries = segment_records(pool.state, seg_id)
-            pool.pin(seg_id)
+            pool.pins.pin(seg_id)
             try:
                 for batch, size in steps(entries, seg.k):
                     plans = record_plans(seg, batch, pool.store.columns(seg))
-                    out = await pool.background(records.verify_stripes, plans, pool.deadlines)
-                    n_fixed = await pool.write_fragments(out.repairs, out.device_errors)
+                    out = await trio.to_thread.run_sync(
+                        records.verify_stripes, plans, pool.deadlines,
+                        limiter=pool.maintenance)
+                    n_fixed = await pool.reader.repair(out.repairs, out.device_errors,
+                                                       foreground=False)
                     cur["found"] += out.bad
                     cur["repaired"] += n_fixed
-                    pool.count("repaired_fragments", n_fixed)
+                    pool.counters["repaired_fragments"] += n_fixed
                     for slot, why in out.failures.items():
                         cur["unrecoverable"] += 1
                         where = ", ".join(locate(pool.state, batch[slot])) or "no map"
@@ -134,17 +174,17 @@ async def run(pool: Pool, *, rate: float | None = None) -> dict[str, Any] | None
                         if len(cur["problems"]) < MAX_REPORTED:
                             cur["problems"].append(msg)
                     cur["done"] += size * (seg.k + seg.m)
-                    pool.count("scrubbed_bytes", out.bytes_read)
+                    pool.counters["scrubbed_bytes"] += out.bytes_read
                     budget_bytes += out.bytes_read
                     pool.activity["scrub"] = _rates(cur, done_at_start, started)
                     budget_start, budget_bytes = await _throttle(rate, budget_start,
                                                                  budget_bytes)
             finally:
-                pool.unpin(seg_id)
+                pool.pins.unpin(seg_id)
             if not _running(pool):    # paused or canceled meanwhile: theirs wins
                 return task(pool)
             cur["position"] = seg_id
-            pool.set_task("scrub", cur)   # in memory now (pause keeps it), durable soon
+            pool.catalog.set_task("scrub", cur)   # in memory now (pause keeps it), durable soon
             if time.monotonic() - last_commit > COMMIT_EVERY:
                 await pool.commit()
                 last_commit = time.monotonic()
@@ -152,7 +192,7 @@ async def run(pool: Pool, *, rate: float | None = None) -> dict[str, Any] | None
             cur["state"] = "finished"
             cur["finished"] = time.time()
             cur["done"] = max(cur["done"], cur["total"])
-            pool.set_task("scrub", cur)
+            pool.catalog.set_task("scrub", cur)
             await pool.commit()
             log.info("pool %s: scrub finished: %d bad fragment(s) found, %d repaired, %d "
                      "unrecoverable", pool.name, cur["found"], cur["repaired"],

@@ -160,6 +160,10 @@ class Transaction:
             raise PoolFailed(f"pool {self.state.name} stopped after a failed metadata write "
                              f"({self.failed}); export and re-import it")
 
+    def meta_locations(self) -> list[Loc]:
+        """Where the last checkpoint's blobs are: map pages, the state and the page index."""
+        return [*self.page_locs.values(), *self.meta_locs]
+
     # ---- ops and commits -----------------------------------------------------------------
     def do(self, op: Op) -> None:
         """Apply ``op`` and make it part of the next commit (invariant 3)."""

@@ -27,6 +27,7 @@ from pool import codec, records
 from pool.device import Device
 from pool.errors import MediumError, StorageError
 from pool.layout import SECTOR
+from pool.pins import SegmentPins
 from pool.profile import Profile
 from pool.space import SpaceAccount
 from pool.state import ENTRY, HOLE, Op, PoolState, Segment, op_json, op_map_set
@@ -54,7 +55,7 @@ class RecordWriter:
 
     def __init__(self, state: PoolState, store: SegmentStore, space: SpaceAccount,
                  devices: list[Device | None], extent_size: int,
-                 open_segments: dict[tuple[int, int], Segment], pins: dict[int, int],
+                 open_segments: dict[tuple[int, int], Segment], pins: SegmentPins,
                  fill_moved: set[int], dirty: set[int], counters: dict[str, int],
                  cpu: trio.CapacityLimiter, hooks: WriterHooks) -> None:
         self.state = state
@@ -114,7 +115,7 @@ class RecordWriter:
             for rec in encoded:
                 seg = self.room(key, rec.units)
                 if not pinned or pinned[-1] != seg.id:
-                    self._pins[seg.id] = self._pins.get(seg.id, 0) + 1
+                    self._pins.take(seg.id)
                     pinned.append(seg.id)
                 placed.append((seg, seg.fill, rec))
                 seg.fill += rec.units
@@ -142,9 +143,7 @@ class RecordWriter:
             # await in between) and reaps after, or a segment closed while its records
             # were in flight would look empty and be freed under them.
             for seg_id in pinned:
-                self._pins[seg_id] -= 1
-                if not self._pins[seg_id]:
-                    del self._pins[seg_id]
+                self._pins.drop(seg_id)
             if failed_store:
                 # Nobody will point at these records: a segment that holds only them (or
                 # that emptied while we pinned it) must not linger unfreed.

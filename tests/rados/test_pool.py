@@ -21,6 +21,7 @@ import pytest
 import trio
 
 from pool import owner as owners
+from pool import scrub
 from pool.checker import check
 from pool.errors import (
     AlreadyExists,
@@ -31,8 +32,9 @@ from pool.errors import (
     StorageError,
 )
 from pool.pool import Pool
+from pool.rados import clslock
 from pool.rados.conn import Connection
-from pool.rados.owner import PoolOwned
+from pool.rados.owner import LOCK_NAME, PoolOwned
 from pool.rados.target import RadosTarget
 from tests.kit.cephkit import TEST_POOL, Cluster
 from tests.rados.pool_worker import VOLUME_BLOCKS, expected, round_blocks
@@ -290,3 +292,88 @@ async def test_sigkilled_worker_loses_nothing_flushed(ceph: Cluster, mode: str) 
     rounds = _flushed(out)
     assert rounds >= 2, out + err
     await _check_volume(ceph, name, seed, rounds)
+
+
+async def test_a_lost_lock_stops_the_pool(ceph: Cluster) -> None:
+    """DESIGN 10 (owner invariant 4): when the pool's renewal finds its lock gone (broken
+    by someone, no blocklist), the pool fails with "lost its RADOS lock: ...", refuses I/O
+    (PoolFailed) and nothing it writes afterwards lands; another daemon then imports it
+    (fencing the owner the record names) with every flushed byte."""
+    pool = await create(ceph, "p-lost")
+    assert pool.rados is not None
+    vol = await VolumeManager(pool).create("v", 8 * MiB, block_size=BS)
+    data = os.urandom(MiB)
+    await vol.write(0, data)
+    await vol.flush()
+    conn = await connect(ceph)
+    lock = pool.rados.lock
+    lock.interval = 0.1
+    ended = trio.Event()
+
+    async def runner(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await pool.run(task_status=task_status)
+        ended.set()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(runner)
+            await conn.run("lock", "break", conn.ioctx.execute, lock.oid, "lock",
+                           "break_lock", clslock.break_lock_op(
+                               LOCK_NAME, pool.rados.conn.client_id, lock.cookie))
+            with trio.fail_after(20):
+                await ended.wait()
+        assert pool.txn.failed is not None
+        assert pool.txn.failed.startswith("lost its RADOS lock: "), pool.txn.failed
+        before = await trio.to_thread.run_sync(snapshot, conn, pool.uuid)
+        with pytest.raises(PoolFailed, match="lost its RADOS lock"):
+            await vol.write(0, os.urandom(BS))
+            await vol.flush()
+        assert await trio.to_thread.run_sync(snapshot, conn, pool.uuid) == before
+    finally:
+        await pool.close()
+        await conn.close()
+    again = await Pool.open_rados(target(ceph), "p-lost", claim=claim("b"))
+    try:
+        assert await VolumeManager(again).get("v").read(0, MiB) == data
+    finally:
+        await again.close()
+
+
+async def test_cleaner_and_scrub_on_rados(ceph: Cluster) -> None:
+    """The maintenance engines through the SegmentStore alone (DESIGN 3, 4, 6): the
+    cleaner moves the live records out of sparse segments and their objects are deleted
+    once the freeing commit is durable (RadosStore invariant 3); a scrub reads every
+    record and finds nothing wrong; the bytes stay."""
+    pool = await create(ceph, "p-clean")
+    try:
+        vol = await VolumeManager(pool).create("v", 32 * MiB, block_size=BS,
+                                                compression=False)
+        first = os.urandom(8 * MiB)
+        await vol.write(0, first)
+        await vol.flush()
+        again = os.urandom(7 * MiB)
+        await vol.write(0, again)           # the first segment(s) are now mostly dead
+        await vol.flush()
+        want = again + first[7 * MiB:]
+        conn = await connect(ceph)
+        before = {k for k in await trio.to_thread.run_sync(snapshot, conn, pool.uuid)
+                  if ".seg." in k}
+        moved = await pool.clean(max_segments=8, threshold=0.9)
+        assert moved >= 1
+        await pool.commit()
+        await pool.settle_discards()
+        after = {k for k in await trio.to_thread.run_sync(snapshot, conn, pool.uuid)
+                 if ".seg." in k}
+        assert before - after, "no segment object was deleted"
+        assert after == {c.name for sg in pool.state.segments.values()
+                         for c in pool.store.columns(sg)}
+        pool.record_cache.clear()
+        assert await vol.read(0, 8 * MiB) == want
+        await scrub.control(pool, "start")
+        done = await scrub.run(pool)
+        assert done is not None and done["state"] == "finished", done
+        assert done["found"] == 0 and done["unrecoverable"] == 0, done
+        report = await check(pool, deep=True)
+        assert report.ok, report.render()
+        await conn.close()
+    finally:
+        await pool.close()

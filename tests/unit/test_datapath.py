@@ -60,13 +60,13 @@ async def test_a_segment_is_pinned_while_its_records_are_in_flight(tmp_path: Pat
     real = pool.store.write
 
     async def watching(runs):  # type: ignore[no-untyped-def]
-        pinned.extend(pool.pinned(seg.id) for seg, _off, _recs in runs)
+        pinned.extend(seg.id in pool.pins for seg, _off, _recs in runs)
         return await real(runs)
     pool.store.write = watching  # type: ignore[method-assign]
     await pool.write_blocks(m, PROF, False, [(0, os.urandom(BS))])
     assert pinned == [True]
     seg = ENTRY.unpack(pool.state.forest.get(m, 0) or b"")[0]
-    assert not pool.pinned(seg)
+    assert seg not in pool.pins
     await pool.close()
 
 
@@ -88,7 +88,7 @@ async def test_a_write_that_loses_too_many_columns_fails_and_leaves_nothing(
     with pytest.raises(MediumError, match="cannot lose more than 1 fragments"):
         await pool.write_blocks(m, PROF, False, [(0, os.urandom(BS))])
     assert pool.state.forest.get(m, 0) == before
-    assert not any(pool.pinned(s) for s in pool.state.segments)
+    assert not any(s in pool.pins for s in pool.state.segments)
     await pool.close()
 
 

@@ -77,12 +77,12 @@ async def test_a_hit_reaches_no_device_and_a_miss_is_verified(disks: DiskSetMake
     try:
         vol = VolumeManager(pool).get("v")
         assert await vol.read(0, BS) == data[:BS]           # a miss: read and kept
-        before, hits = pool.foreground_records(), pool.record_cache.hits
+        before, hits = pool.reader.activity(), pool.record_cache.hits
         read = pool.statistics().records_read
         corrupt(ds, *fragments(pool)[(0, 0)], random.Random(3))
         assert await vol.read(0, BS) == data[:BS]           # a hit: no device read
         assert pool.record_cache.hits == hits + 1
-        assert pool.foreground_records() == before + 1
+        assert pool.reader.activity() == before + 1
         assert pool.statistics().records_read == read
         pool.record_cache.clear()
         with pytest.raises(MediumError):

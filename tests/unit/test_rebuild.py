@@ -294,7 +294,7 @@ async def test_failed_rebuild_writes_release_the_segments_and_keep_the_marks(
             faulty.write_delay = 2.0
         with trio.fail_after(1.8):          # done before a hung device would answer
             assert await rebuild.run(pool) == 0
-        assert not any(pool.pinned(s) for s in pool.state.segments)
+        assert not any(s in pool.pins for s in pool.state.segments)
         if fault == "error":
             assert pool.state.members[2].marks == before
         else:
@@ -459,13 +459,13 @@ async def test_a_segment_rebuilt_while_its_member_went_away_keeps_its_mark(
         seg = next(iter(marks))
         dev = pool.devices[3]
         assert dev is not None
-        began = pool.member_epoch(3)
+        began = pool.members.epoch(3)
         await pool.offline(3)                    # away and back while "rebuilding"
         await pool.online(3)
-        assert pool.devices[3] is dev and pool.member_epoch(3) != began
-        pool.mark_rebuilt(3, seg, dev, began)
+        assert pool.devices[3] is dev and pool.members.epoch(3) != began
+        pool.members.mark_rebuilt(3, seg, dev, began)
         assert seg in pool.state.members[3].marks
-        pool.mark_rebuilt(3, seg, dev, pool.member_epoch(3))
+        pool.members.mark_rebuilt(3, seg, dev, pool.members.epoch(3))
         assert seg not in pool.state.members[3].marks
         await rebuild.run(pool)
         assert not pool.state.members[3].marks
