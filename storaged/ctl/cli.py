@@ -1011,6 +1011,21 @@ def _relative_sizes(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, but for ``pool create``'s devices: its DEVICE
+    positional takes none (``--rados``) or more, and argparse (3.11) hands such a
+    positional nothing when an option comes between it and the name (``pool create tank
+    --profile mirror:2 d0 d1``), leaving d0 d1 over; those are its devices, in order."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if (args.group == "pool" and getattr(args, "cmd", None) == "create"
+                and not any(word.startswith("-") for word in extra)):
+            args.devices = [*args.devices, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """storagectl's entry point. A reader that goes away (``storagectl status | head -1``)
     ends it quietly with status 141, as SIGPIPE ends other tools; SIGPIPE itself stays
@@ -1038,7 +1053,7 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 def _main(argv: Sequence[str]) -> int:
     argv = _relative_sizes(argv)
     parser = build_parser(_group_of(argv))
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if args.group is None:
         return _usage(parser)
     if args.group == "completion":

@@ -82,7 +82,7 @@ def test_config_refuses_a_bad_rados_pool_table_naming_the_key(tmp_path: Path, te
 
 # ---- storagectl ----------------------------------------------------------------------------
 def _request(*argv: str) -> tuple[str, dict[str, Any]]:
-    method, params, _render = cli.request(cli.build_parser().parse_args(list(argv)))
+    method, params, _render = cli.request(cli.parse(cli.build_parser(), list(argv)))
     return method, params
 
 
@@ -99,8 +99,14 @@ def test_cli_create_and_import_on_rados(tmp_path: Path, monkeypatch: pytest.Monk
     assert _request("pool", "import", "rp", "--rados", "sd", "--takeover") == (
         "pool.import", {"name": "rp", "takeover": True, "rados": {"pool": "sd"}})
     assert _request("pool", "import", "rp", "--rados", "sd")[1]["takeover"] is False
-    # Pools on devices as before.
+    # Pools on devices as before, options anywhere among the devices, order kept.
     assert _request("pool", "create", "t", "d0")[1]["devices"] == [str(tmp_path / "d0")]
+    for argv in (("t", "--profile", "mirror:2", "m0", "m1"), ("t", "m0", "--profile",
+                                                              "mirror:2", "m1"),
+                 ("t", "m0", "m1", "--profile", "mirror:2")):
+        params = _request("pool", "create", *argv)[1]
+        assert params["devices"] == [str(tmp_path / "m0"), str(tmp_path / "m1")]
+        assert params["profile"] == "mirror:2"
     assert "rados" not in _request("pool", "import", "t")[1]
 
 
@@ -121,6 +127,15 @@ def test_cli_refuses_mixed_options_before_asking_the_daemon(argv: tuple[str, ...
     with pytest.raises(ControlError) as e:
         _request(*argv)
     assert said in e.value.message
+
+
+def test_cli_still_refuses_unknown_words(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(["pool", "create", "t", "d0", "--bogus"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["pool", "status", "t", "extra"])
+    assert "unrecognized arguments: extra" in capsys.readouterr().err
 
 
 def test_cli_exits_1_with_one_line_and_no_daemon_needed(tmp_path: Path,
