@@ -258,15 +258,26 @@ def test_send_receive_between_rados_and_a_local_ec_pool(
     assert _read_all(d, "sr/back", tmp_path / "sr-back") == original
 
 
-def test_ec_profile_on_rados_is_refused_changing_nothing(
+def test_bad_rados_requests_are_refused_changing_nothing(
         ceph: Cluster, daemons: Callable[..., Daemon]) -> None:
-    """The engine's message reaches storagectl as one line; no pool appears (R3)."""
+    """ec:4+2, a ceph.conf that is not there, a RADOS pool that is not there, a pool name
+    not in the RADOS pool: one line each from storagectl; no pool appears (R3)."""
     d = daemons("a")
     before = (d.dir / "state" / "pools.json").read_text() \
         if (d.dir / "state" / "pools.json").exists() else None
     r = d.ctl("pool", "create", "ecr", *_conf(ceph), "--profile", "ec:4+2")
     assert r.returncode == 1 and r.stderr.count("\n") == 1
     assert "redundancy is the RADOS pool's" in r.stderr
+    # Where there is nothing to connect to, or no such RADOS pool: one line each.
+    for argv, said in ((("--rados", TEST_POOL, "--ceph-conf", str(d.dir / "none.conf")),
+                        "none.conf"),
+                       (("--rados", "nosuchpool", "--ceph-conf", str(ceph.conf)),
+                        "nosuchpool")):
+        r = d.ctl("pool", "create", "ecr", *argv)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and said in r.stderr, \
+            r.stderr
+    r = d.ctl("pool", "import", "nosuch", *_conf(ceph))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "nosuch" in r.stderr
     assert d.json("pool", "list") == []
     after = (d.dir / "state" / "pools.json").read_text() \
         if (d.dir / "state" / "pools.json").exists() else None
