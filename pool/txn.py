@@ -9,9 +9,10 @@ Invariants this module owns (DESIGN invariant numbers in brackets):
    present member. Concurrent callers share one commit (group commit, one lock); a caller
    whose ops an earlier commit covered returns at once.
 2. Atomic metadata [2, 3]: a commit is one journal entry, or one checkpoint: changed map
-   pages, the state and the page index written into *free* units and synced, then one
-   superblock flip, synced. The units of the previous checkpoint are reused only after
-   the new superblock is durable; the journal restarts after every checkpoint.
+   pages, the state and the page index written where nothing committed lives (free units
+   of the members' metadata area, or new RADOS objects: ``pool.metaseam``) and synced,
+   then one superblock flip, synced. The space of the previous checkpoint is reused only
+   after the new superblock is durable; the journal restarts after every checkpoint.
 3. Ops are applied before they are pending: ``do`` applies an op to the PoolState and
    appends it to the pending list in one step (no await between), so replaying the journal
    runs exactly the changes the pool made. Ops applied while a commit awaits belong to the
@@ -42,6 +43,9 @@ Every way into FAILED (each caller of ``fail``):
   ("no member left (...)").
 - ``OwnerKeeper.heartbeat`` (``Pool.heartbeat``; pool.owner, DESIGN invariant 10): another
   daemon took the pool over ("taken over by ...").
+- a pool on RADOS (``Pool._rados_fenced``/``_rados_lost``, ``Pool.fault``): its client was
+  blocklisted by another daemon's takeover ("fenced: ...") or its lock renewal found the
+  lock gone ("lost its RADOS lock: ...").
 
 Both call ``Pool.fail``, which is this ``fail``; nothing else writes the state.
 
@@ -225,7 +229,8 @@ class Transaction:
 
     async def checkpoint_locked(self) -> None:
         """``checkpoint`` for a caller that holds ``lock``: write changed pages and a new
-        superblock (see MetaStore for the protocol)."""
+        superblock through the metadata seam (pool.metaseam; MetaStore or RadosMeta
+        describe each protocol)."""
         self.check_ok()
         st = self.state
         ops_covered = self.applied

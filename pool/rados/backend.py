@@ -56,6 +56,7 @@ DIRECTORY = "storaged.pools"
 PACK_BYTES = 4 << 20          # serialized map nodes per pack object
 JOURNAL_ENTRIES = 512         # journal entries between checkpoints
 JOURNAL_BYTES = 32 << 20      # journal payload between checkpoints
+JOURNAL_ENTRY = 4 << 20       # a bigger commit is a checkpoint (omap values stay small)
 _xxh3 = xxhash.xxh3_64_intdigest
 
 
@@ -101,7 +102,7 @@ class RadosCommitMeta:
 
     # ---- journal ------------------------------------------------------------------------
     def journal_fits(self, payload_len: int) -> bool:
-        return (self.journal_entries < JOURNAL_ENTRIES
+        return (self.journal_entries < JOURNAL_ENTRIES and payload_len <= JOURNAL_ENTRY
                 and self.journal_bytes + payload_len <= JOURNAL_BYTES)
 
     async def append(self, txg: int, payload: bytes) -> None:

@@ -7,6 +7,9 @@ vectored and sparse reads, ``readinto``) must match byte for byte. A
 reopen closes and re-imports the pool from its device files, so everything written before
 the close must come back (a close writes back and commits). Space must be given back: after
 trimming everything, nothing stays mapped.
+
+``_run`` takes the pool's backend (``Files`` here; tests/rados/test_pool.py runs the same
+programs on a pool on Ceph RADOS).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 from hypothesis import HealthCheck, given, settings
@@ -57,11 +61,43 @@ def _data(op: Op) -> bytes:
     return os.urandom(op.length)
 
 
-async def _run(program: list[Op], profile: str, ndev: int) -> None:
-    tmp = tempfile.mkdtemp(prefix="vm-")
-    paths = [os.path.join(tmp, f"d{i}") for i in range(ndev)]
-    pool = await Pool.create("model", [FileDevice(p, create_size=32 << 20) for p in paths],
-                             profile=profile, extent_size=256 << 10, meta_size=2 << 20)
+class Backend(Protocol):
+    """Where a program's pool lives: made new, imported again after a close, removed."""
+
+    async def create(self) -> Pool: ...
+
+    async def reopen(self) -> Pool: ...
+
+    def cleanup(self) -> None: ...
+
+
+class Files:
+    """A pool on ``ndev`` file devices in a scratch directory."""
+
+    def __init__(self, profile: str, ndev: int) -> None:
+        self.profile = profile
+        self.tmp = tempfile.mkdtemp(prefix="vm-")
+        self.paths = [os.path.join(self.tmp, f"d{i}") for i in range(ndev)]
+
+    async def create(self) -> Pool:
+        return await Pool.create("model", [FileDevice(p, create_size=32 << 20)
+                                           for p in self.paths],
+                                 profile=self.profile, extent_size=256 << 10,
+                                 meta_size=2 << 20)
+
+    async def reopen(self) -> Pool:
+        return await Pool.open([FileDevice(p) for p in reversed(self.paths)])
+
+    def cleanup(self) -> None:
+        for p in self.paths:
+            os.unlink(p)
+        os.rmdir(self.tmp)
+
+
+async def _run(program: list[Op], profile: str, ndev: int,
+               backend: Backend | None = None) -> None:
+    where = backend if backend is not None else Files(profile, ndev)
+    pool = await where.create()
     vol: Volume = await VolumeManager(pool).create("v", VOL, block_size=BS)
     model = bytearray(VOL)
     try:
@@ -98,7 +134,7 @@ async def _run(program: list[Op], profile: str, ndev: int) -> None:
                 await vol.flush()
             elif op.kind == "reopen":
                 await pool.close()
-                pool = await Pool.open([FileDevice(p) for p in reversed(paths)])
+                pool = await where.reopen()
                 vol = VolumeManager(pool).get("v")
             assert await vol.read(0, VOL) == bytes(model), f"mismatch after {op}"
             # Into a caller's buffer (whole blocks straight from the pool where they can
@@ -140,9 +176,7 @@ async def _run(program: list[Op], profile: str, ndev: int) -> None:
         assert pool.statistics().live_bytes == 0
     finally:
         await pool.close()
-        for p in paths:
-            os.unlink(p)
-        os.rmdir(tmp)
+        where.cleanup()
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
