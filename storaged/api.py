@@ -19,6 +19,7 @@ from nbd.server import NBDServer
 from pool import rebuild, scrub
 from pool.checker import check
 from pool.errors import InvalidArgument
+from pool.rados.target import RadosTarget
 from storaged.iscsi_acl import AccessStore, StoredPolicy, check_credentials, check_initiator
 from storaged.registry import PoolEntry, Registry
 from storaged.sizes import parse_size
@@ -71,6 +72,31 @@ def _bool(p: Params, key: str, default: bool) -> bool:
     return v
 
 
+_TARGET_KEYS = {"pool", "conf", "client"}
+
+
+def _rados(p: Params, devices: list[str], *, refuse: tuple[str, ...]) -> RadosTarget | None:
+    """The RADOS target of pool create/import (``"rados": {"pool", "conf", "client"}``),
+    or None for a pool on devices. Devices beside it, and the ``refuse`` parameters
+    (device-only), are refused before anything happens (invariant 9)."""
+    raw = p.get("rados")
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) - _TARGET_KEYS:
+        raise InvalidArgument("parameter 'rados' must be {\"pool\": RADOS_POOL, \"conf\": "
+                              "FILE, \"client\": ID} (conf and client optional)")
+    if devices:
+        raise InvalidArgument("devices and a RADOS pool exclude each other: a pool lives "
+                              "on devices or in a RADOS pool")
+    for key in refuse:
+        if p.get(key) not in (None, False):
+            raise InvalidArgument(f"parameter {key!r} does not go with a RADOS pool")
+    pool = _req(raw, "pool")
+    conf = _str(raw, "conf", required=False)
+    client = _str(raw, "client", required=False)
+    return RadosTarget.parse(pool, conf, client)
+
+
 def split_snapshot(spec: str) -> tuple[str, str, str]:
     pool, vol = split_volume(spec.partition("@")[0])
     snap = spec.partition("@")[2]
@@ -93,9 +119,14 @@ def pool_status(entry: PoolEntry) -> dict[str, Any]:
     used_fraction = st.allocated_bytes / st.capacity_bytes if st.capacity_bytes else 0.0
     usable, avail = entry.pool.usable_capacity()
     unavailable = entry.pool.unavailable_segments()
+    rados = entry.pool.rados_status()
+    state = "faulted" if st.state == "failed" or unavailable else st.state
+    if rados is not None and st.state == "failed":
+        state = "failed"        # fenced or lost its lock: only a re-import brings it back
     return {
-        "name": st.name, "uuid": st.uuid,
-        "state": "faulted" if st.state == "failed" or unavailable else st.state,
+        "name": st.name, "uuid": st.uuid, "state": state,
+        "backend": entry.pool.backend, "rados": rados,
+        "failed": entry.pool.txn.failed,
         "profile": st.profile, "unavailable_segments": unavailable,
         "used_fraction": round(used_fraction, 4),
         "full_warning": used_fraction >= entry.full_warning,
@@ -261,8 +292,16 @@ class ControlAPI:
     # ---- pools --------------------------------------------------------------------------
     async def pool_create(self, p: Params, progress: Progress) -> Any:
         devices = _strs(p, "devices")
+        target = _rados(p, devices, refuse=("force", "file_size"))
+        if target is not None:
+            entry = await self.registry.create_rados(
+                _req(p, "name"), target,
+                profile=_str(p, "profile", required=False) or "plain",
+                extent_size=_size(p, "extent_size", 16 << 20) or 0)
+            return pool_status(entry)
         if not devices:
-            raise InvalidArgument("pool create needs at least one device")
+            raise InvalidArgument("pool create needs at least one device (or a RADOS "
+                                  "pool: \"rados\")")
         entry = await self.registry.create(
             _req(p, "name"), devices, profile=_str(p, "profile", required=False) or "plain",
             extent_size=_size(p, "extent_size", 16 << 20) or 0,
@@ -271,6 +310,19 @@ class ControlAPI:
 
     async def pool_import(self, p: Params, progress: Progress) -> Any:
         name = _str(p, "name", required=False)
+        target = _rados(p, _strs(p, "devices"), refuse=("force",))
+        if target is not None:
+            if name is None:
+                raise InvalidArgument("pool import from a RADOS pool needs the pool's name")
+            entry = await self.registry.import_rados(name, target,
+                                                     takeover=_bool(p, "takeover", False))
+            out = pool_status(entry)
+            if entry.taken_over:
+                out["taken_over"] = entry.taken_over
+            return out
+        if _bool(p, "takeover", False):
+            raise InvalidArgument("takeover goes with a RADOS pool (\"rados\"); a pool on "
+                                  "devices is taken over with force")
         if name is None:
             # Like `zpool import`: list what could be imported, change nothing.
             return await self.registry.importable(_strs(p, "devices"))

@@ -12,6 +12,8 @@ from typing import Any
 
 from iscsi.targets import DEFAULT_BASE_IQN, check_base_iqn
 from nbd.proto import MAX_PAYLOAD
+from pool.labels import check_name as check_pool_name
+from pool.rados.target import RadosTarget
 from storaged.sizes import parse_size
 from storaged.wire import DEFAULT_SOCKET
 from volumes import InvalidArgument
@@ -25,6 +27,19 @@ DEFAULT_ISCSI = "127.0.0.1:3260"
 
 class Size(int):
     """Marks a config key whose value is a byte count (int or size string)."""
+
+
+@dataclass(frozen=True)
+class RadosPoolConfig:
+    """A ``[[rados_pool]]`` table: a storaged pool on Ceph RADOS to import at start (never
+    with takeover: a pool another daemon owns is reported as not imported)."""
+
+    name: str
+    target: RadosTarget
+
+
+# The keys of a [[rados_pool]] table and their types (all strings).
+RADOS_POOL_KEYS = ("name", "rados_pool", "ceph_conf", "ceph_id")
 
 
 @dataclass(frozen=True)
@@ -73,6 +88,7 @@ class Config:
     owner_heartbeat: float = 2.0                  # seconds between owner-record heartbeats
     owner_activity: float = 10.0                  # silence after which an owner is gone
     qos: QosSettings = field(default_factory=QosSettings)   # new volumes' QoS (no pool's)
+    rados_pools: tuple[RadosPoolConfig, ...] = ()  # [[rados_pool]]: imported at start
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -132,6 +148,7 @@ _KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
 
 # The config file's name of each Config attribute (messages name keys as written).
 KEY_OF: dict[str, str] = {attr: key for key, (attr, _typ) in _KEYS.items()}
+KEY_OF["rados_pools"] = "rados_pool"
 
 
 def load(path: str | None) -> Config:
@@ -147,13 +164,15 @@ def load(path: str | None) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise InvalidArgument(f"config {path}: not valid TOML: {e}") from e
     flat: dict[str, Any] = {}
+    changes: dict[str, Any] = {}
+    if "rados_pool" in data:
+        changes["rados_pools"] = _rados_pools(path, data.pop("rados_pool"))
     for key, value in data.items():
         if isinstance(value, dict):
             for sub, v in value.items():
                 flat[f"{key}.{sub}"] = v
         else:
             flat[key] = value
-    changes: dict[str, Any] = {}
     qos = {k: v for k, v in flat.items() if k.startswith("qos.")}
     if qos:
         changes["qos"] = _qos(path, qos)
@@ -185,6 +204,36 @@ def load(path: str | None) -> Config:
             value = tuple(value)
         changes[attr] = value
     return validate(replace(cfg, **changes))
+
+
+def _rados_pools(path: str, tables: Any) -> tuple[RadosPoolConfig, ...]:
+    """The ``[[rados_pool]]`` tables (an array of tables): each names a storaged pool
+    (``name``) on a RADOS pool (``rados_pool``), and optionally the ceph.conf
+    (``ceph_conf``) and the cephx id (``ceph_id``) to reach it with."""
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise InvalidArgument(f"config {path}: rados_pool must be an array of tables "
+                              f"([[rados_pool]])")
+    out: list[RadosPoolConfig] = []
+    for i, t in enumerate(tables):
+        where = f"config {path}: rados_pool[{i}]"
+        for key, value in t.items():
+            if key not in RADOS_POOL_KEYS:
+                raise InvalidArgument(f"{where}: unknown key {key!r} (known: "
+                                      f"{', '.join(RADOS_POOL_KEYS)})")
+            if not isinstance(value, str) or not value:
+                raise InvalidArgument(f"{where}.{key} must be a non-empty string")
+        for key in ("name", "rados_pool"):
+            if key not in t:
+                raise InvalidArgument(f"{where}: missing key {key!r}")
+        try:
+            check_pool_name(t["name"])
+            target = RadosTarget.parse(t["rados_pool"], t.get("ceph_conf"), t.get("ceph_id"))
+        except InvalidArgument as e:
+            raise InvalidArgument(f"{where}: {e.message}") from e
+        if any(p.name == t["name"] for p in out):
+            raise InvalidArgument(f"{where}: pool {t['name']!r} is declared twice")
+        out.append(RadosPoolConfig(t["name"], target))
+    return tuple(out)
 
 
 _QOS_SIZES = ("bps", "read_bps", "write_bps", "burst_bps", "iops_size")

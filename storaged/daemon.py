@@ -142,6 +142,14 @@ async def maintain(registry: Registry, settings: Reloader, period: float = 0.5) 
             await trio.sleep(period)
 
 
+def _serving(pool: Pool) -> bool:
+    """Whether a pool's maintenance tasks go on: not once it is closed, nor once it has
+    failed (a fenced RADOS pool, a failed metadata write): it refuses all I/O until a
+    re-import (a new Pool, with new tasks), and its failure was logged once by the pool;
+    these tasks would only repeat it."""
+    return not pool.closed and not pool.stopped
+
+
 async def _background(entry: PoolEntry, period: float) -> None:
     """The pool's own background task (``Pool.run``: discarding freed extents) in this
     daemon-owned nursery until the pool closes. A failure there is a bug, not an I/O
@@ -163,7 +171,7 @@ async def _expire_writes(entry: PoolEntry, settings: Reloader, period: float) ->
     """Writes never flushed reach the devices within cache.write_buffer_age seconds (its
     own task: a long rebuild or scrub does not hold it up)."""
     pool = entry.pool
-    while not pool.closed:
+    while _serving(pool):
         try:
             await entry.volumes.write_back_older_than(settings.cfg.write_buffer_age)
         except StorageError as e:
@@ -180,7 +188,7 @@ async def _heartbeat(entry: PoolEntry, interval: float) -> None:
     goes out at once: ``maintain`` notices a new pool up to ``period`` late, which
     owner.activity (at least 1 s) covers."""
     pool = entry.pool
-    while not pool.closed:
+    while _serving(pool):
         try:
             await pool.heartbeat()
         except StorageError as e:
@@ -194,7 +202,7 @@ async def _watch_members(entry: PoolEntry, cfg: Config) -> None:
     faults.check_interval seconds, at once after a read error (its own task: a long
     rebuild or scrub does not hold it up)."""
     pool = entry.pool
-    while not pool.closed:
+    while _serving(pool):
         try:
             await pool.watch_members(cfg.check_interval)
         except StorageError as e:
@@ -206,7 +214,7 @@ async def _watch_members(entry: PoolEntry, cfg: Config) -> None:
 async def _maintain_pool(registry: Registry, entry: PoolEntry, settings: Reloader,
                          period: float) -> None:
     pool = entry.pool
-    while not pool.closed:
+    while _serving(pool):
         cfg = settings.cfg          # a reload applies from the next round
         try:
             if cfg.auto_replace and not pool.closed:
@@ -305,7 +313,7 @@ async def run(cfg: Config, *, ready: trio.Event | None = None,
 async def _serve(settings: Reloader, registry: Registry, ready: trio.Event | None,
                  serving: trio.Event) -> None:
     cfg = settings.cfg
-    await registry.load()
+    await registry.load([(p.name, p.target) for p in cfg.rados_pools])
     apply_live(cfg, registry)
     if cfg.demo:
         await ensure_demo(registry)

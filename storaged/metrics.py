@@ -31,6 +31,8 @@ from prometheus_client.registry import Collector
 from iscsi.server import ISCSIServer
 from nbd.server import NBDServer
 from pool import scrub
+from pool.rados.conn import BUCKETS as RADOS_BUCKETS
+from pool.rados.conn import RadosStatistics
 from storaged.api import pool_status
 from storaged.registry import Registry
 from volumes.volume import LATENCY_BUCKETS
@@ -59,6 +61,9 @@ class StoragedCollector(Collector):
         yield build
         yield from self._pools()
         yield from self._volumes()
+        yield from rados_metrics(
+            (name, st) for name, entry in sorted(self.registry.pools.items())
+            if (st := entry.pool.rados_statistics()) is not None)
         if self.nbd is not None:
             yield from self._nbd(self.nbd)
         if self.iscsi is not None:
@@ -244,6 +249,29 @@ class StoragedCollector(Collector):
                                    "Request payload bytes the NBD server holds (nbd.memory)")
         memory.add_metric([], s.memory)
         return [active, total, refused, errors, cmds, failed, inflight, timeouts, memory]
+
+
+def rados_metrics(pools: Iterable[tuple[str, RadosStatistics]]) -> list[Metric]:
+    """The RADOS pools' librados calls (issue 24): latency per pool and kind of call (read,
+    write, lock, command) as a histogram on the connection's buckets, the calls that
+    failed, and whether the pool's client is fenced (blocklisted by a takeover)."""
+    lat = HistogramMetricFamily("storaged_rados_op_seconds",
+                                "Time librados calls of the pool took, by kind",
+                                labels=["pool", "kind"])
+    failed = CounterMetricFamily("storaged_rados_op_failures",
+                                 "librados calls of the pool that failed, by kind",
+                                 labels=["pool", "kind"])
+    fenced = GaugeMetricFamily("storaged_rados_fenced",
+                               "1 when the pool's RADOS client was fenced (blocklisted or "
+                               "its lock lost): the pool refuses I/O", labels=["pool"])
+    for name, st in pools:
+        for kind, op in sorted(st.latency.items()):
+            buckets = [("+Inf" if bound == float("inf") else str(bound), n)
+                       for bound, n in zip(RADOS_BUCKETS, op.buckets, strict=True)]
+            lat.add_metric([name, kind], buckets, op.seconds)
+            failed.add_metric([name, kind], op.failed)
+        fenced.add_metric([name], 1 if st.fenced else 0)
+    return [lat, failed, fenced]
 
 
 def iscsi_metrics(server: ISCSIServer) -> list[Metric]:

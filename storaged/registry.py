@@ -9,6 +9,24 @@ reason logged and shown in ``pool status``; the pool imports degraded if the oth
 serve it (``Pool.open``'s ``left_out``). Its path stays remembered. A device held by
 someone else (DeviceBusy: another pool or daemon has it) is never left out: the import is
 refused (DESIGN invariant 10, pool.owner).
+
+A pool on Ceph RADOS (issue 24) is remembered by its RADOS target instead of device paths
+(``"backend": "rados"``, ``"rados": RadosTarget.to_json()``), and so is each
+``[[rados_pool]]`` of the configuration. At start it is imported like any other, never
+with takeover: one that another daemon holds is reported as failed (its holder named)
+and the others come up.
+
+Invariants (RADOS pools):
+
+R1. ``pools.json`` names a RADOS pool by its uuid, name and target; reading it back gives
+    the same target (``RadosTarget.from_json``), so a restart imports the same pool.
+R2. Nothing at start takes another daemon's pool: ``load`` opens every RADOS pool with
+    ``takeover=False``; only ``pool import --takeover`` (an operator's word) does. (The
+    engine does fence this daemon's own earlier run, same host and instance, after a
+    kill -9: that run is dead.)
+R3. A refused create or import (bad target, devices beside ``--rados``, ec/mirror
+    profile, pool owned elsewhere, name already imported) leaves ``pools`` and
+    ``pools.json`` as they were.
 """
 
 from __future__ import annotations
@@ -18,7 +36,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +57,7 @@ from pool.errors import (
 from pool.labels import label_copies
 from pool.layout import LABEL_SIZE, Label
 from pool.metastore import MetaStore
+from pool.rados.target import RadosTarget
 from pool.state import PoolState
 from pool.tuning import PoolTuning
 from volumes import VolumeManager
@@ -80,6 +99,8 @@ class Registry:
     # volume managers share (the daemon builds both from the configuration).
     tuning: PoolTuning = field(default_factory=PoolTuning)
     write_buffer: WriteBuffer = field(default_factory=WriteBuffer)
+    # Config [[rados_pool]]: pool name -> where it lives (imported at start).
+    declared: dict[str, RadosTarget] = field(default_factory=dict)
     _lock: trio.Lock = field(default_factory=trio.Lock)
     _me: owners.Owner | None = None
 
@@ -99,8 +120,7 @@ class Registry:
         return [p for p in pools if isinstance(p, dict) and "name" in p]
 
     def _write_cache(self) -> None:
-        entries = [{"name": e.name, "uuid": e.pool.uuid, "devices": e.devices,
-                    "spares": e.spares} for e in self.pools.values()]
+        entries = [_cache_entry(e) for e in self.pools.values()]
         # Pools that failed to import stay remembered, so a missing disk is not forgotten.
         for p in self._read_cache():
             if p["name"] in self.failed and p["name"] not in self.pools:
@@ -116,17 +136,36 @@ class Registry:
         await trio.to_thread.run_sync(self._write_cache)
 
     # ---- start and stop -------------------------------------------------------------------
-    async def load(self) -> None:
-        """Import every remembered pool; record (and log) the ones that fail."""
+    async def load(self, rados_pools: Sequence[tuple[str, RadosTarget]] = ()) -> None:
+        """Import every remembered pool, then the RADOS pools the configuration declares
+        (``[[rados_pool]]``: name, target) that are not among them; record (and log) the
+        ones that fail. None is taken over (R2)."""
         await trio.Path(self.state_dir).mkdir(parents=True, exist_ok=True)
-        for entry in await trio.to_thread.run_sync(self._read_cache):
+        self.declared = dict(rados_pools)
+        remembered = await trio.to_thread.run_sync(self._read_cache)
+        for entry in remembered:
             name = entry["name"]
             try:
-                imported = await self._import(entry.get("devices", []), name)
-                imported.spares = [p for p in entry.get("spares", []) if isinstance(p, str)]
+                if entry.get("backend") == "rados":
+                    target = _cached_target(entry)
+                    await self._import_rados(name, target, takeover=False, save=False)
+                else:
+                    imported = await self._import(entry.get("devices", []), name)
+                    imported.spares = [p for p in entry.get("spares", [])
+                                       if isinstance(p, str)]
             except StorageError as e:
                 self.failed[name] = e.message
                 log.error("pool %s could not be imported: %s", name, e.message)
+        known = {e["name"] for e in remembered}
+        for name, target in rados_pools:
+            if name in known:
+                continue            # remembered (imported or failed above)
+            try:
+                await self._import_rados(name, target, takeover=False)
+            except StorageError as e:
+                self.failed[name] = e.message
+                log.error("pool %s (config rados_pool, %s) could not be imported: %s",
+                          name, target.describe(), e.message)
 
     async def close(self) -> None:
         for name in list(self.pools):
@@ -165,19 +204,69 @@ class Registry:
                 raise
             return await self._adopt(pool, paths)
 
-    async def _adopt(self, pool: Pool, paths: list[str]) -> PoolEntry:
+    async def _adopt(self, pool: Pool, paths: list[str], *, save: bool = True) -> PoolEntry:
         entry = PoolEntry(pool, VolumeManager(pool, self.write_buffer),
                           [_abspath(p) for p in paths])
         self.pools[pool.name] = entry
         self.failed.pop(pool.name, None)
-        await self.save()
+        if save:
+            await self.save()
         return entry
+
+    # ---- pools on Ceph RADOS (issue 24) --------------------------------------------------
+    async def create_rados(self, name: str, target: RadosTarget, *, profile: str,
+                           extent_size: int) -> PoolEntry:
+        """A new pool in the RADOS pool of ``target`` (``Pool.create_rados``: ec/mirror
+        profiles and a name already used there are refused, nothing changed)."""
+        async with self._lock:
+            if name in self.pools:
+                raise AlreadyExists(f"pool {name!r} already exists")
+            claim = await self._claim()
+            pool = await Pool.create_rados(name, target, profile=profile,
+                                           extent_size=extent_size, claim=claim,
+                                           tuning=self.tuning)
+            return await self._adopt(pool, [])
+
+    async def import_rados(self, name: str, target: RadosTarget, *,
+                           takeover: bool = False) -> PoolEntry:
+        """Import pool ``name`` from the RADOS pool of ``target``; refused (PoolOwned,
+        naming the holder) while another daemon holds it, unless ``takeover``: then that
+        daemon is fenced first (``Pool.open_rados``)."""
+        async with self._lock:
+            entry = await self._import_rados(name, target, takeover=takeover)
+            if takeover:
+                entry.taken_over = f"took pool {name} over on {target.describe()}"
+                log.warning("pool %s: %s (pool import --takeover)", name,
+                            entry.taken_over)
+            return entry
+
+    async def _import_rados(self, name: str, target: RadosTarget, *, takeover: bool,
+                            save: bool = True) -> PoolEntry:
+        if name in self.pools:
+            raise AlreadyExists(f"pool {name!r} is already imported")
+        claim = await self._claim()
+        pool = await Pool.open_rados(target, name, takeover=takeover, claim=claim,
+                                     tuning=self.tuning)
+        if any(e.pool.uuid == pool.uuid for e in self.pools.values()):
+            await pool.close()
+            raise AlreadyExists(f"pool {name!r} ({pool.uuid}) is already imported")
+        return await self._adopt(pool, [], save=save)
 
     async def import_pool(self, name: str | None, paths: list[str], *,
                           force: bool = False) -> PoolEntry:
         async with self._lock:
             if name is not None and name in self.pools:   # before any device is opened
                 raise AlreadyExists(f"pool {name!r} is already imported")
+            if not paths and name is not None:
+                # A RADOS pool remembered or declared ([[rados_pool]]) whose import at
+                # start failed: its target.
+                for cached in await trio.to_thread.run_sync(self._read_cache):
+                    if cached["name"] == name and cached.get("backend") == "rados":
+                        return await self._import_rados(name, _cached_target(cached),
+                                                        takeover=False)
+                if name in self.declared:
+                    return await self._import_rados(name, self.declared[name],
+                                                    takeover=False)
             if not paths:
                 paths = await trio.to_thread.run_sync(_scan, self.state_dir, name)
                 if not paths:
@@ -449,6 +538,28 @@ class Registry:
                     faulted[0], spare)
         await self.replace_device(entry.name, str(faulted[0]), spare, None)
         return faulted[0]
+
+
+def _cache_entry(entry: PoolEntry) -> dict[str, Any]:
+    """A pool as pools.json remembers it (R1)."""
+    target = entry.pool.rados_target
+    if target is not None:
+        return {"name": entry.name, "uuid": entry.pool.uuid, "backend": "rados",
+                "rados": target.to_json()}
+    return {"name": entry.name, "uuid": entry.pool.uuid, "devices": entry.devices,
+            "spares": entry.spares}
+
+
+def _cached_target(entry: dict[str, Any]) -> RadosTarget:
+    """The RADOS target a pools.json entry names (R1); a damaged one is an error."""
+    raw = entry.get("rados")
+    try:
+        if not isinstance(raw, dict):
+            raise KeyError("rados")
+        return RadosTarget.from_json(raw)
+    except (KeyError, TypeError) as e:
+        raise StorageError(f"pools.json: pool {entry['name']!r} has no valid RADOS "
+                           f"target ({e})") from e
 
 
 def _label_of(dev: Device) -> Label | None:

@@ -91,15 +91,21 @@ def show_pool_statuses(pools: list[dict[str, Any]]) -> str:
 
 
 def show_pool_status(p: dict[str, Any]) -> str:
-    out = [show_pools([p]), ""]
-    if p.get("taken_over"):
-        out.insert(0, f"warning: {p['taken_over']}")
-    out.append(_table([[str(d["index"]), d["path"] or "-", d["state"],
-                        format_size(d["size_bytes"]), format_size(d["free_bytes"]),
-                        str(d["read_errors"]), str(d["write_errors"]),
-                        str(d["checksum_errors"]), d.get("uuid", "-")] for d in p["devices"]],
-                      ["DEV", "PATH", "STATE", "SIZE", "FREE", "READ", "WRITE", "CKSUM",
-                       "UUID"]))
+    out = [f"warning: {p['taken_over']}"] if p.get("taken_over") else []
+    out += [show_pools([p])]
+    if p.get("failed"):
+        out.append(f"failed: {p['failed']}")
+    out.append("")
+    if p.get("rados") is not None:
+        out += show_rados(p["rados"])      # no devices: the RADOS pool holds the data
+    else:
+        out.append(_table([[str(d["index"]), d["path"] or "-", d["state"],
+                            format_size(d["size_bytes"]), format_size(d["free_bytes"]),
+                            str(d["read_errors"]), str(d["write_errors"]),
+                            str(d["checksum_errors"]), d.get("uuid", "-")]
+                           for d in p["devices"]],
+                          ["DEV", "PATH", "STATE", "SIZE", "FREE", "READ", "WRITE", "CKSUM",
+                           "UUID"]))
     out += [f"member {d['index']} ({d['path'] or '?'}) {d['state']}: {d['why']}"
             for d in p["devices"] if d.get("why")]
     out += [f"left out: {path}: {why}" for path, why in p.get("left_out", {}).items()]
@@ -125,6 +131,21 @@ def show_pool_status(p: dict[str, Any]) -> str:
         out.append(show_scrub({"scrub": p["scrub"]}))
     out += [f"warning: {w}" for w in p.get("warnings", [])]
     return "\n".join(out)
+
+
+def show_rados(r: dict[str, Any]) -> list[str]:
+    """The RADOS lines of ``pool status``: where the pool lives, the cluster, the lock."""
+    where = f"rados pool {r.get('pool', '?')}"
+    if r.get("client"):
+        where += f" as client.{r['client']}"
+    if r.get("conf"):
+        where += f" ({r['conf']})"
+    lines = [f"backend: {where}",
+             f"cluster: fsid {r.get('fsid', '?')}, health {r.get('health', '?')}",
+             f"  owner: {r.get('lock_holder') or 'none (this daemon does not hold the lock)'}"]
+    if r.get("fenced"):
+        lines.append(f" fenced: {r['fenced']}")
+    return lines
 
 
 def _progress_text(done: int, total: int, rate: float, eta: float | None) -> str:
@@ -365,13 +386,58 @@ _MEMBER = "member number, device path or UUID (see pool status)"
 _FILE_SIZE = "create a missing device file as a sparse file of this size"
 
 
+def _rados_options(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--rados", metavar="RADOS_POOL",
+                   help="the pool lives in this Ceph RADOS pool (no devices)")
+    _file(c.add_argument("--ceph-conf", metavar="FILE",
+                         help="with --rados: ceph.conf (default: $CEPH_CONF or "
+                              "/etc/ceph/ceph.conf)"))
+    c.add_argument("--ceph-id", metavar="NAME",
+                   help="with --rados: the cephx client id (default admin)")
+
+
+def _bad(message: str) -> ControlError:
+    """A command line the daemon would refuse, refused before it is asked."""
+    return ControlError(message, "InvalidArgument")
+
+
+def rados_params(args: argparse.Namespace, devices: str) -> dict[str, Any]:
+    """The ``rados`` parameter of pool create/import ({} without --rados); refuses
+    devices beside --rados, and the Ceph options or --takeover without it."""
+    if args.rados is None:
+        given = [o for o, v in (("--ceph-conf", args.ceph_conf), ("--ceph-id", args.ceph_id),
+                                ("--takeover", getattr(args, "takeover", False))) if v]
+        if given:
+            raise _bad(f"{', '.join(given)} only go with --rados RADOS_POOL")
+        return {}
+    if args.devices:
+        raise _bad(f"{devices} and --rados exclude each other: a pool lives on "
+                           f"devices or in a RADOS pool")
+    if getattr(args, "file_size", None):
+        raise _bad("--file-size does not go with --rados (a RADOS pool has no "
+                           "device files)")
+    if args.force:
+        raise _bad("--force does not go with --rados" + (
+            " (--takeover takes a pool held by another daemon)"
+            if args.cmd == "import" else ""))
+    target: dict[str, Any] = {"pool": args.rados}
+    if args.ceph_conf:
+        target["conf"] = _path(args.ceph_conf)
+    if args.ceph_id:
+        target["client"] = args.ceph_id
+    return {"rados": target}
+
+
 def _pool_commands(pool: SubParsers) -> None:
-    c = pool.add_parser("create", help="create a pool from devices")
+    c = pool.add_parser("create", help="create a pool from devices, or on a Ceph RADOS "
+                        "pool (--rados)")
     c.add_argument("name", help=_POOL)
-    _file(c.add_argument("devices", nargs="+", metavar="DEVICE",
+    _file(c.add_argument("devices", nargs="*", metavar="DEVICE",
                          help="block device or file (relative to the current directory)"))
+    _rados_options(c)
     c.add_argument("--profile", default="plain",
-                   help="redundancy: plain | mirror:N | ec:K+M (default plain)")
+                   help="redundancy: plain | mirror:N | ec:K+M (default plain; on RADOS "
+                        "plain only: Ceph's pool gives the redundancy)")
     c.add_argument("--extent-size", default="16M", help="allocation unit (default 16M)")
     c.add_argument("--file-size", default=None, help=_FILE_SIZE + "s")
     c.add_argument("--force", action="store_true", help="overwrite labelled devices")
@@ -384,6 +450,10 @@ def _pool_commands(pool: SubParsers) -> None:
     c.add_argument("--force", action="store_true",
                    help="take over a pool its last owner did not export, once its "
                         "heartbeat has been silent for the activity interval")
+    _rados_options(c)
+    c.add_argument("--takeover", action="store_true",
+                   help="with --rados: take the pool from the daemon that holds it, "
+                        "blocklisting (fencing) that daemon's RADOS client first")
     c = pool.add_parser("export", help="close a pool (pool import brings it back); refused "
                         "while its volumes have clients")
     c.add_argument("name", help=_POOL)
@@ -783,6 +853,14 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
     g, cmd = args.group, getattr(args, "cmd", None)
     if g == "pool":
         if cmd == "create":
+            rados = rados_params(args, "DEVICEs")
+            if rados:
+                return ("pool.create", {"name": args.name, "profile": args.profile,
+                                        "extent_size": args.extent_size, **rados},
+                        show_pool_status)
+            if not args.devices:
+                raise _bad("pool create needs at least one DEVICE, or --rados "
+                                   "RADOS_POOL")
             params = {"name": args.name, "devices": [_path(d) for d in args.devices],
                       "profile": args.profile,
                       "extent_size": args.extent_size, "force": args.force}
@@ -790,6 +868,12 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
                 params["file_size"] = args.file_size
             return "pool.create", params, show_pool_status
         if cmd == "import":
+            rados = rados_params(args, "--device")
+            if rados:
+                if args.name is None:
+                    raise _bad("pool import --rados needs the pool's NAME")
+                return ("pool.import", {"name": args.name, "takeover": args.takeover,
+                                        **rados}, show_import)
             params = {"name": args.name, "devices": [_path(d) for d in args.devices]}
             if args.force:
                 params["force"] = True
@@ -927,6 +1011,21 @@ def _relative_sizes(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, but for ``pool create``'s devices: its DEVICE
+    positional takes none (``--rados``) or more, and argparse (3.11) hands such a
+    positional nothing when an option comes between it and the name (``pool create tank
+    --profile mirror:2 d0 d1``), leaving d0 d1 over; those are its devices, in order."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if (args.group == "pool" and getattr(args, "cmd", None) == "create"
+                and not any(word.startswith("-") for word in extra)):
+            args.devices = [*args.devices, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """storagectl's entry point. A reader that goes away (``storagectl status | head -1``)
     ends it quietly with status 141, as SIGPIPE ends other tools; SIGPIPE itself stays
@@ -954,7 +1053,7 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 def _main(argv: Sequence[str]) -> int:
     argv = _relative_sizes(argv)
     parser = build_parser(_group_of(argv))
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if args.group is None:
         return _usage(parser)
     if args.group == "completion":

@@ -75,13 +75,17 @@ public addr = 127.0.0.1
 mon data avail warn = 1
 mon data avail crit = 0
 client mount timeout = 20
+mon osd reporter subtree level = osd
+mon osd min down reporters = 1
+osd heartbeat interval = 1
+osd heartbeat grace = 4
 rados osd op timeout = 30
 [mon]
 mon data = {d}/mon/$name
 [osd]
-osd data = {d}/osd0
+osd data = {d}/osd$id
 osd objectstore = bluestore
-bluestore block path = {d}/osd0.block
+bluestore block path = {d}/osd$id.block
 bluestore block create = true
 bluestore block size = {block_size}
 bluestore fsck on mkfs = false
@@ -101,18 +105,24 @@ class Cluster:
     port: int
     conf: Path
 
+    osds: int = 1
+
     @staticmethod
-    def start(directory: Path, block_size: int = 4 << 30, mgr: bool = False) -> Cluster:
+    def start(directory: Path, block_size: int = 4 << 30, mgr: bool = False,
+              osds: int = 1) -> Cluster:
         """A new cluster under ``directory`` (created; must not hold one already) with the
         RADOS pool TEST_POOL, ready for I/O. ``mgr``: also a ceph-mgr (no modules), which
         usage numbers need (``ceph df``, librados' cluster and pool stats); it reports them
-        some seconds after the start."""
+        some seconds after the start. ``osds``: that many OSDs (each on its own sparse
+        file); with more than one, TEST_POOL has size ``osds`` and min_size ``osds - 1``
+        (an OSD may be down without stopping I/O; a killed one is marked down within
+        seconds: the heartbeat settings in CONF)."""
         d = directory
-        for sub in ("mon", "osd0", "run", "log", "mgr/ceph-x"):
+        for sub in ("mon", "run", "log", "mgr/ceph-x", *(f"osd{i}" for i in range(osds))):
             (d / sub).mkdir(parents=True, exist_ok=True)
         for attempt in range(3):
             port = _free_port()
-            c = Cluster(d, port, d / "ceph.conf")
+            c = Cluster(d, port, d / "ceph.conf", osds)
             c.conf.write_text(CONF.format(fsid=uuid.uuid4(), port=port, d=d,
                                           block_size=block_size))
             try:
@@ -150,18 +160,33 @@ class Cluster:
         self._run("ceph-mon", "-c", conf, "--mkfs", "-i", "a", "--monmap", monmap,
                   "--keyring", keyring)
         self._run("ceph-mon", "-c", conf, "-i", "a")
-        osd_uuid = str(uuid.uuid4())
-        osd_key = self._run("ceph-authtool", "--gen-print-key").strip()
-        self._run("ceph-authtool", keyring, "--add-key", osd_key, "-n", "osd.0")
         with self.client() as r:
-            rc, _out, err = r.mon_command(
-                json.dumps({"prefix": "osd new", "uuid": osd_uuid, "id": 0}),
-                json.dumps({"cephx_secret": osd_key}).encode(), timeout=30)
-            if rc != 0:
-                raise subprocess.CalledProcessError(rc, "osd new", err)
-            self._run("ceph-osd", "-c", conf, "-i", "0", "--mkfs", "--osd-uuid", osd_uuid)
-            self._run("ceph-osd", "-c", conf, "-i", "0")
-            self.create_pool(r, TEST_POOL)
+            for i in range(self.osds):
+                osd_uuid = str(uuid.uuid4())
+                osd_key = self._run("ceph-authtool", "--gen-print-key").strip()
+                self._run("ceph-authtool", keyring, "--add-key", osd_key, "-n", f"osd.{i}")
+                rc, _out, err = r.mon_command(
+                    json.dumps({"prefix": "osd new", "uuid": osd_uuid, "id": i}),
+                    json.dumps({"cephx_secret": osd_key}).encode(), timeout=30)
+                if rc != 0:
+                    raise subprocess.CalledProcessError(rc, "osd new", err)
+                self._run("ceph-osd", "-c", conf, "-i", str(i), "--mkfs", "--osd-uuid",
+                          osd_uuid)
+                self.start_osd(i)
+            self.create_pool(r, TEST_POOL, size=self.osds)
+
+    def start_osd(self, i: int) -> None:
+        """Start OSD ``i`` (again, after ``kill_osd``)."""
+        self._run("ceph-osd", "-c", str(self.conf), "-i", str(i))
+
+    def kill_osd(self, i: int) -> None:
+        """SIGKILL OSD ``i`` and wait until it is gone."""
+        pid = int((self.dir / "run" / f"osd.{i}.pid").read_text().strip())
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def _start_mgr(self) -> None:
         with self.client() as r:
@@ -191,11 +216,17 @@ class Cluster:
         return connected()
 
     @staticmethod
-    def create_pool(r: Any, name: str) -> None:
-        """Create RADOS pool ``name`` and wait until an object can be written to it."""
-        for cmd in ({"prefix": "osd pool create", "pool": name, "pg_num": 8, "pgp_num": 8},
-                    {"prefix": "osd pool application enable", "pool": name,
-                     "app": "storaged"}):
+    def create_pool(r: Any, name: str, size: int = 1) -> None:
+        """Create RADOS pool ``name`` (replicated, ``size`` copies, min_size ``size - 1``
+        from 2 up) and wait until an object can be written to it."""
+        cmds: list[dict[str, Any]] = [
+            {"prefix": "osd pool create", "pool": name, "pg_num": 8, "pgp_num": 8},
+            {"prefix": "osd pool application enable", "pool": name, "app": "storaged"}]
+        if size > 1:
+            cmds += [{"prefix": "osd pool set", "pool": name, "var": "size", "val": str(size)},
+                     {"prefix": "osd pool set", "pool": name, "var": "min_size",
+                      "val": str(max(1, size - 1))}]
+        for cmd in cmds:
             rc, _out, err = r.mon_command(json.dumps(cmd), b"", timeout=30)
             if rc != 0:
                 raise subprocess.CalledProcessError(rc, str(cmd["prefix"]), err)
