@@ -45,6 +45,7 @@ from nbd.server import NBDConfig, NBDServer
 from pool import Pool
 from pool import owner as owners
 from pool.rados.target import RadosTarget
+from pool.tuning import PoolTuning
 from storaged.tuning import tune_process
 from tests.kit.cephkit import TEST_POOL, Cluster, why_not
 from volumes import VolumeManager
@@ -82,12 +83,15 @@ def _prefill(target: list[str], env: dict[str, str] | None) -> None:
                    capture_output=True, check=True, env=env, timeout=900)
 
 
-def serve(conf: str, directory: str, port: int) -> None:
-    """The storaged side: a pool on RADOS pool TEST_POOL, one volume, NBD until SIGTERM."""
+def serve(conf: str, directory: str, port: int, record_cache: int | None) -> None:
+    """The storaged side: a pool on RADOS pool TEST_POOL, one volume, NBD until SIGTERM.
+    ``record_cache``: the pool's record cache in bytes (None: the daemon's default)."""
     async def main() -> None:
         claim = owners.Claim(owners.me(directory))
+        tuning = PoolTuning() if record_cache is None else PoolTuning(
+            record_cache=record_cache)
         pool = await Pool.create_rados("bench", RadosTarget.parse(TEST_POOL, conf),
-                                       claim=claim, extent_size=16 * MiB)
+                                       claim=claim, extent_size=16 * MiB, tuning=tuning)
         try:
             vm = VolumeManager(pool)
             await vm.create("plain", SIZE, profile="plain", compression=False)
@@ -115,11 +119,16 @@ def main() -> None:
     add_round_args(ap)
     ap.add_argument("--runtime", type=int, default=None, help="seconds per fio run (5)")
     ap.add_argument("--dir", default="/var/tmp", help="where the cluster goes (not tmpfs)")
+    ap.add_argument("--only", default="", help="rows whose name holds one of these "
+                    "comma-separated words (e.g. 'rand read')")
+    ap.add_argument("--record-cache", type=int, default=None, metavar="BYTES",
+                    help="storaged's record cache (default: the daemon's, 1/16 of RAM; "
+                         "0 measures reads that all reach the OSDs)")
     ap.add_argument("--serve", nargs=3, metavar=("CONF", "DIR", "PORT"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        serve(args.serve[0], args.serve[1], int(args.serve[2]))
+        serve(args.serve[0], args.serve[1], int(args.serve[2]), args.record_cache)
         return
     check_rounds(ap, args.rounds)
     reason = why_not()
@@ -154,7 +163,9 @@ def main() -> None:
         sdir = work / "storaged"
         sdir.mkdir()
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.rbd", "--serve",
+        cache = ([] if args.record_cache is None
+                 else ["--record-cache", str(args.record_cache)])
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.rbd", *cache, "--serve",
                                  str(cluster.conf), str(sdir), str(port)],
                                 stdout=subprocess.DEVNULL, stderr=open(  # noqa: SIM115
                                     work / "storaged.log", "ab"))
@@ -171,6 +182,8 @@ def main() -> None:
         pairs = [Pair(f"plain {test}", anchor=measure(rbd, env, rw, bs, depth),
                       storaged=measure(nbd, None, rw, bs, depth), anchor_name="fio rbd")
                  for test, rw, bs, depth in tests]
+        if args.only:
+            pairs = [p for p in pairs if any(w in p.row for w in args.only.split(","))]
         report.add(run_rounds("rbd", pairs, args.rounds, stderr_log))
     finally:
         if proc is not None and proc.poll() is None:
@@ -181,7 +194,12 @@ def main() -> None:
                 proc.kill()
         cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
-    report.write(args.results, f"fio, {runtime} s per run, on one throwaway Ceph cluster "
+    cached = ("storaged's record cache at its default (1/16 of RAM: random reads of the "
+              "256 MiB range hit it once warm; librbd's own cache is 32 MiB)"
+              if args.record_cache is None else
+              f"storaged's record cache at {args.record_cache} bytes")
+    report.write(args.results, f"fio, {runtime} s per run, {cached}, on one throwaway Ceph "
+                 "cluster "
                  "(one bluestore OSD on a sparse file): storaged over NBD on a RADOS pool "
                  "against fio's rbd engine on an RBD image of the same cluster. Targets: "
                  "at least 0.7x on every row, above 1.0x on 4K random writes.")
