@@ -33,7 +33,8 @@ from pool.layout import SECTOR
 HEADER = struct.Struct("<Q4sBBBBIIQ")
 HEADER_SIZE = HEADER.size  # 32
 _PREFIX = struct.Struct("<4sBBBBII")  # the header after its checksum, up to the record hash
-_HEADS: dict[int, struct.Struct] = {}   # gap -> headers that far apart (check_column)
+# (gap, n) -> n headers that far apart (check_column)
+_HEADS: dict[tuple[int, int], struct.Struct] = {}
 MAGIC = b"SDFG"
 FLAG_LZ4 = 1
 
@@ -188,15 +189,22 @@ def check_column(between: memoryview, gap: int, chunks: Sequence[memoryview], in
     if (n != len(rhashes) or len(between) != gap * n or gap < HEADER_SIZE
             or (n and len(chunks[0]) != chunk_length(plen, k))):
         return False
-    layout = _HEADS.get(gap)
+    # All n headers in one unpack: (checksum, the fixed part, record hash) per fragment,
+    # so the fixed parts and the record hashes are compared as two tuples, and only the
+    # checksums are computed one by one.
+    layout = _HEADS.get((gap, n))
     if layout is None:
-        layout = _HEADS[gap] = struct.Struct(f"<Q24s{gap - HEADER_SIZE}x")
-    prefix = _PREFIX.pack(MAGIC, index, k, m, 0, plen, 0)
-    for (fhash, tail), chunk, rhash in zip(layout.iter_unpack(between), chunks, rhashes,
-                                           strict=True):
-        if tail != prefix + rhash.to_bytes(8, "little"):
-            return False
-        h = _xxh3_stream(tail)
+        layout = struct.Struct("<" + f"Q16sQ{gap - HEADER_SIZE}x" * n)
+        if len(_HEADS) < 256:
+            _HEADS[(gap, n)] = layout
+    fields = layout.unpack(between)
+    if (fields[1::3] != (_PREFIX.pack(MAGIC, index, k, m, 0, plen, 0),) * n
+            or fields[2::3] != tuple(rhashes)):
+        return False
+    stream = _xxh3_stream
+    for at, chunk, fhash in zip(range(8, n * gap, gap), chunks, fields[0::3],
+                                strict=True):
+        h = stream(between[at:at + HEADER_SIZE - 8])
         h.update(chunk)
         if h.intdigest() != fhash:
             return False

@@ -21,6 +21,7 @@ Invariants this module owns (DESIGN numbers in parentheses):
 from __future__ import annotations
 
 import logging
+import struct
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 
@@ -35,6 +36,19 @@ from pool.state import ENTRY, HOLE, PoolState
 from pool.store import SegmentStore
 
 log = logging.getLogger("pool.pool")   # its lines keep the name they always had
+
+
+_ENTRIES: dict[int, struct.Struct] = {}
+
+
+def _entries(n: int) -> struct.Struct:
+    """A Struct of ``n`` map entries back to back (ENTRY's format ``n`` times)."""
+    layout = _ENTRIES.get(n)
+    if layout is None:
+        layout = struct.Struct("<" + ENTRY.format.lstrip("<") * n)
+        if len(_ENTRIES) < 256:
+            _ENTRIES[n] = layout
+    return layout
 
 
 class RecordReader:
@@ -200,7 +214,11 @@ class RecordReader:
         if raw is not None and n > 1:
             # The usual large read: records one after another in one segment. Checked
             # column-wise (a few C-level calls), not entry by entry.
-            segs, offs, plens, flags, hashes = zip(*ENTRY.iter_unpack(raw), strict=True)
+            # n entries in one unpack; every 5th field is one column of them.
+            fields = _entries(n).unpack(raw)
+            segs, offs, plens, flags = (fields[0::5], fields[1::5], fields[2::5],
+                                        fields[3::5])
+            hashes = fields[4::5]
             seg = segments.get(segs[0])
             if (seg is not None and plens.count(block_size) == n and segs.count(seg.id) == n
                     and not any(flags) and not block_size % seg.k):

@@ -10,8 +10,10 @@ import pytest
 import trio
 import trio.testing
 
+from pool import codec
 from pool.device import FileDevice
 from pool.errors import MediumError
+from pool.layout import SECTOR
 from pool.pool import Pool
 from pool.profile import Profile
 from pool.state import ENTRY
@@ -141,3 +143,46 @@ async def test_a_read_in_a_thread_holds_freed_space_back(tmp_path: Path) -> None
             gate.set()
     assert sum(in_flight.values()) == 0
     await pool.close()
+
+
+@pytest.mark.parametrize(("k", "m", "n"), [(1, 0, 5), (4, 2, 3), (2, 1, 1)])
+def test_a_column_read_in_pieces_verifies_only_untouched_fragments(k: int, m: int,
+                                                                    n: int) -> None:
+    """Reader invariant 1 (DESIGN 4) for the read into the caller's buffer: the headers
+    of a column's fragments land ``gap`` bytes apart and their chunks elsewhere
+    (records.read_runs_into); ``codec.check_column`` accepts them as written and refuses
+    a flip of any header byte, of a chunk byte, and a record hash, index, k, m or length
+    that is not the one asked for."""
+    payloads = [os.urandom(BS) for _ in range(n)]
+    recs = [codec.stripe(p, 0, k, m) for p in payloads]
+    clen = BS // k
+    gap = recs[0].units * SECTOR - clen
+    hashes = [r.rhash for r in recs]
+    for index in range(k):
+        frags = [r.fragments[index] for r in recs]
+        between = bytearray(n * gap)
+        chunks: list[memoryview] = []
+        for i, f in enumerate(frags):     # as the preadv lays them out
+            between[i * gap:i * gap + codec.HEADER_SIZE] = f[:codec.HEADER_SIZE]
+            chunks.append(memoryview(bytearray(f[codec.HEADER_SIZE:codec.HEADER_SIZE
+                                                 + clen])))
+
+        def ok(idx: int = index, kk: int = k, mm: int = m, plen: int = BS,
+               rh: list[int] = hashes, between: bytearray = between,
+               chunks: list[memoryview] = chunks) -> bool:
+            return codec.check_column(memoryview(between), gap, chunks, idx, kk, mm, plen,
+                                      rh)
+        assert ok()
+        assert not ok(idx=(index + 1) % (k + m or 1)) or k + m == 1
+        assert not ok(kk=k + 1) and not ok(mm=m + 1) and not ok(plen=BS - SECTOR)
+        assert not ok(rh=[*hashes[:-1], hashes[-1] ^ 1])
+        for i in range(n):
+            for at in range(codec.HEADER_SIZE):
+                between[i * gap + at] ^= 0x10
+                assert not ok(), (index, i, at)
+                between[i * gap + at] ^= 0x10
+            for at in (0, clen // 2, clen - 1):
+                chunks[i][at] ^= 1
+                assert not ok(), (index, i, at)
+                chunks[i][at] ^= 1
+        assert ok()     # every flip undone: the column verifies again
