@@ -13,7 +13,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import NamedTuple
 
 import xxhash
@@ -318,6 +317,28 @@ class IntoRun(NamedTuple):
     hashes: list[int]             # each record's hash (from the map)
 
 
+_scratch = threading.local()
+
+
+def _between(n: int, gap: int) -> tuple[memoryview, list[memoryview]]:
+    """Scratch for ``n`` fragment headers ``gap`` bytes apart (``read_runs_into``), and its
+    pieces as the iovec takes them: the first header, then each gap. This thread's own,
+    reused from call to call (the headers are checked before the call returns)."""
+    cache: dict[tuple[int, int], tuple[memoryview, list[memoryview]]] | None = getattr(
+        _scratch, "by", None)
+    if cache is None:
+        cache = _scratch.by = {}
+    got = cache.get((n, gap))
+    if got is None:
+        hs = codec.HEADER_SIZE
+        between = memoryview(bytearray(n * gap))
+        got = (between, [between[:hs], *(between[at:at + gap]
+                                         for at in range(hs, n * gap, gap))])
+        if len(cache) < 64:
+            cache[(n, gap)] = got
+    return got
+
+
 def read_runs_into(runs: Sequence[IntoRun], block_size: int,
                    dests: Sequence[memoryview]) -> int:
     """Read whole blocks stored raw straight into ``dests[slot]`` (each ``block_size``
@@ -330,7 +351,6 @@ def read_runs_into(runs: Sequence[IntoRun], block_size: int,
     else it raises WouldBlock (the buffers may then hold anything) and the caller takes the
     general path, which also reports and heals. Returns how many records it read.
     """
-    hs = codec.HEADER_SIZE
     done = 0
     for run in runs:
         k = run.k
@@ -346,10 +366,10 @@ def read_runs_into(runs: Sequence[IntoRun], block_size: int,
                       [dests[s][c * clen:(c + 1) * clen] for s in run.slots])
             # The first header, then each chunk followed by its padding and the next
             # header: headers land ``gap`` bytes apart in ``between``.
-            between = memoryview(bytearray(n * gap))
-            iov = [between[:hs], *chain.from_iterable(zip(
-                chunks, [between[at:at + gap] for at in range(hs, n * gap, gap)],
-                strict=True))]
+            between, gaps = _between(n, gap)
+            iov: list[memoryview] = [between] * (2 * n + 1)
+            iov[0::2] = gaps
+            iov[1::2] = chunks
             if dev.preadv_nowait(base + run.offset * SECTOR, iov) != n * size or \
                     not codec.check_column(between, gap, chunks, c, k, run.m, block_size,
                                            run.hashes):
