@@ -86,7 +86,10 @@ soak: venv
 	  $(BIN)/python -m pytest -q -n 2 -rP -p no:cacheprovider \
 	  tests/integration/test_concurrency.py tests/property/test_write_concurrency.py -k "many_clients or model_checker"
 
+# py-spy (the sampling profiler the benchmarks' profiles are taken with) is a benchmark
+# tool, installed here only:  $(BIN)/py-spy record -f raw -o out.txt -- $(BIN)/python -m ...
 bench-engine: venv
+	@test -x $(BIN)/py-spy || $(BIN)/pip install -q py-spy
 	$(BIN)/python -m benchmarks.engine $(BENCH_ARGS)
 
 bench-snapshots: venv
