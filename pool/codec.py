@@ -20,8 +20,10 @@ fragment from an earlier life of the extent never passes for live data (invarian
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import lz4.block
@@ -228,6 +230,55 @@ def reassemble(chunks: dict[int, memoryview], k: int, m: int,
 
 def payload_ok(payload: bytes | memoryview, rhash: int) -> bool:
     return _xxh3(payload) == rhash
+
+
+def _lz4_decompress_safe() -> Callable[..., int] | None:
+    """liblz4's ``LZ4_decompress_safe(src, dst, srcSize, dstCapacity)`` (None without
+    the library). python-lz4's block API only returns new bytes objects; this one writes
+    where it is told, and never reads or writes past the sizes it is given."""
+    name = ctypes.util.find_library("lz4") or "liblz4.so.1"
+    try:
+        fn = ctypes.CDLL(name).LZ4_decompress_safe
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_decompress_safe = _lz4_decompress_safe()
+
+
+def expand_into(payload: bytes | memoryview, flags: int, dest: memoryview) -> bool:
+    """Write the logical block of this stored payload into ``dest`` (writable, the
+    block's size): lz4 decompressed straight into it (no block of its own, no copy),
+    a raw payload copied. False if it is not exactly ``len(dest)`` bytes (``dest`` then
+    holds anything)."""
+    n = len(dest)
+    if not flags & FLAG_LZ4:
+        if len(payload) != n:
+            return False
+        dest[:] = payload
+        return True
+    fn = _decompress_safe
+    if fn is None or dest.readonly:
+        try:
+            out = lz4.block.decompress(payload, uncompressed_size=n)
+        except lz4.block.LZ4BlockError:
+            return False
+        if len(out) != n:
+            return False
+        dest[:] = out
+        return True
+    src: bytes | ctypes.Array[ctypes.c_char]
+    if isinstance(payload, memoryview) and not payload.readonly and payload.c_contiguous:
+        src = (ctypes.c_char * len(payload)).from_buffer(payload)
+    else:
+        src = bytes(payload)
+    out_buf = (ctypes.c_char * n).from_buffer(dest)
+    got = fn(src if isinstance(src, bytes) else ctypes.addressof(src),
+             ctypes.addressof(out_buf), len(payload), n)
+    return bool(got == n)
 
 
 def expand(payload: bytes | memoryview, flags: int, block_size: int) -> bytes | memoryview:

@@ -184,20 +184,37 @@ class RecordReader:
 
     def read_blocks_into_nowait(self, map_id: int, blocks: Sequence[int], block_size: int,
                                 dests: Sequence[memoryview]) -> bool:
-        """``read_blocks_into`` if it can be done at once on the event loop (holes, and
-        whole blocks stored raw in page-cached, healthy fragments); else False, and what
-        ``dests`` hold is undefined."""
+        """``read_blocks_into`` if it can be done at once on the event loop (holes,
+        record-cache hits, and records in page-cached, healthy fragments); else False, and
+        what ``dests`` hold is undefined."""
         if map_id not in self.state.maps:
             return False
         runs = self._into_runs(map_id, blocks, block_size, dests)
-        if runs is None:
-            return False
         try:
-            done = records.read_runs_into(runs, block_size, dests)
+            if runs is not None:
+                done = records.read_runs_into(runs, block_size, dests)
+            else:
+                done = self._records_into_nowait(map_id, blocks, block_size, dests)
         except records.WouldBlock:
             return False
         self._counters["records_read"] += done
         return True
+
+    def _records_into_nowait(self, map_id: int, blocks: Sequence[int], block_size: int,
+                             dests: Sequence[memoryview]) -> int:
+        """Blocks that are not all whole and stored raw (lz4-compressed ones): each
+        record read and verified as ``read_blocks_nowait`` does, its logical block
+        written into its ``dests`` entry (``records.read_records_into``: lz4 decompressed
+        straight into it); holes zeroed, record-cache hits copied. WouldBlock as there."""
+        entries, result, plans = self._read_plan(map_id, blocks)
+        done = records.read_records_into(plans, block_size, dests, self._deadlines)
+        for slot, raw in enumerate(entries):
+            hit = result[slot]
+            if raw is None:
+                dests[slot][:] = self.zeros(block_size)
+            elif hit is not None:
+                dests[slot][:] = hit
+        return done
 
     def _into_runs(self, map_id: int, blocks: Sequence[int], block_size: int,
                    dests: Sequence[memoryview]) -> list[records.IntoRun] | None:

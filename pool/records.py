@@ -246,6 +246,19 @@ def read_records(plans: Sequence[RecordPlan], block_size: int, dl: Deadlines, *,
     return out
 
 
+def read_records_into(plans: Sequence[RecordPlan], block_size: int,
+                      dests: Sequence[memoryview], dl: Deadlines) -> int:
+    """``read_records`` with ``nowait`` (on the event loop), each record's logical block
+    written into ``dests[plan.slot]`` (writable, ``block_size`` bytes) instead of
+    returned: lz4 is decompressed straight into it (``codec.expand_into``). Raises
+    WouldBlock as ``read_records`` does, and also for a record that does not expand to
+    exactly one block; ``dests`` then hold anything. Returns how many records it read."""
+    out = ReadOutcome()
+    for run in _runs(plans):
+        _read_run(run, block_size, out, True, dl, into=dests)
+    return len(plans)
+
+
 def _runs(plans: Sequence[RecordPlan]) -> Iterator[Sequence[RecordPlan]]:
     """Runs of records lying one after another in one segment (read with one read per
     column)."""
@@ -260,7 +273,8 @@ def _runs(plans: Sequence[RecordPlan]) -> Iterator[Sequence[RecordPlan]]:
 
 
 def _read_run(run: Sequence[RecordPlan], block_size: int, out: ReadOutcome,
-              nowait: bool, dl: Deadlines) -> None:
+              nowait: bool, dl: Deadlines, *,
+              into: Sequence[memoryview] | None = None) -> None:
     first = run[0]
     k = first.k
     total = sum(p.units for p in run)
@@ -297,7 +311,10 @@ def _read_run(run: Sequence[RecordPlan], block_size: int, out: ReadOutcome,
             # joined payload is what was written, so it is not hashed a second time. The
             # record hash is checked where parity rebuilt the payload (_read_slow).
             payload = codec.reassemble(chunks, k, p.m, p.plen)
-            out.payloads[p.slot] = codec.expand(payload, p.flags, block_size)
+            if into is None:
+                out.payloads[p.slot] = codec.expand(payload, p.flags, block_size)
+            elif not codec.expand_into(payload, p.flags, into[p.slot]):
+                raise WouldBlock
             continue
         if nowait:
             raise WouldBlock
