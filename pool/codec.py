@@ -261,7 +261,7 @@ def expand_into(payload: bytes | memoryview, flags: int, dest: memoryview) -> bo
         dest[:] = payload
         return True
     fn = _decompress_safe
-    if fn is None or dest.readonly:
+    if fn is None or dest.readonly or not dest.c_contiguous:
         try:
             out = lz4.block.decompress(payload, uncompressed_size=n)
         except lz4.block.LZ4BlockError:
