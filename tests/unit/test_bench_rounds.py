@@ -27,6 +27,7 @@ from benchmarks.common import (
     run_pair,
     run_rounds,
 )
+from benchmarks.nbd import latency_note
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -120,6 +121,29 @@ def test_figures_of_one_run_become_rows_that_share_its_rounds() -> None:
     assert p50.ratios == [0.5, 1.0, 2.0] and p99.ratios == [1.0, 2.0, 1.0]
     assert p50.summary()["storaged_median"] == 40 and p99.summary()["anchor_median"] == 100
     assert p99.summary()["ceiling_ratio_median"] == 0.5
+
+
+def test_latency_rows_are_also_stated_as_the_issue_states_its_target() -> None:
+    """The table keeps invariant 4 (anchor / storaged for latencies); the note gives
+    storaged / anchor per row, the paired median (target <= 1.2x)."""
+    log: list[str] = []
+    group = Figures("QD1", ("p50",), anchor=lambda: [20.0],
+                    storaged=scripted_list([[70.0], [60.0], [80.0]], log),
+                    unit="us", higher_is_better=False)
+    (row,) = run_rounds("nbd", [group], 3)
+    assert row.summary()["ratio_median"] == pytest.approx(20 / 70)
+    assert latency_note([row]) == (" Latency, storaged / anchor (paired median; target "
+                                   "<= 1.2x): QD1 p50 3.50x.")
+    assert latency_note([]) == ""
+
+
+def scripted_list(values: list[list[float]], log: list[str]) -> Callable[[], list[float]]:
+    it = iter(values)
+
+    def measure() -> list[float]:
+        log.append("S")
+        return next(it)
+    return measure
 
 
 def test_figures_refuse_a_wrong_count_and_too_few_rounds() -> None:
