@@ -10,7 +10,7 @@ STATE_DIR ?= .storaged
 # Debian packages the project and its tests use (pyfuse3 builds against libfuse3; the VM
 # tier boots linux-image-amd64 with a busybox-static initramfs under qemu-system-x86 and
 # validates libvirt XML with libvirt-clients' virt-xml-validate).
-DEBS := libfuse3-dev pkg-config fuse3 qemu-utils qemu-block-extra libnbd-bin python3-libnbd fio \
+DEBS := libfuse3-dev pkg-config fuse3 qemu-utils qemu-block-extra libnbd-bin python3-libnbd fio liblz4-1 \
 	libiscsi-bin openssl systemd prometheus ceph-mon ceph-osd ceph-common python3-rados \
 	qemu-system-x86 linux-image-amd64 busybox-static e2fsprogs libvirt-clients libxml2-utils
 STAMP := $(VENV)/.installed
@@ -86,7 +86,10 @@ soak: venv
 	  $(BIN)/python -m pytest -q -n 2 -rP -p no:cacheprovider \
 	  tests/integration/test_concurrency.py tests/property/test_write_concurrency.py -k "many_clients or model_checker"
 
+# py-spy (the sampling profiler the benchmarks' profiles are taken with) is a benchmark
+# tool, installed here only:  $(BIN)/py-spy record -f raw -o out.txt -- $(BIN)/python -m ...
 bench-engine: venv
+	@test -x $(BIN)/py-spy || $(BIN)/pip install -q py-spy
 	$(BIN)/python -m benchmarks.engine $(BENCH_ARGS)
 
 bench-snapshots: venv

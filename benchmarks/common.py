@@ -21,6 +21,9 @@ runs each row in rounds, and its invariants are what the table's numbers rest on
    (latency) the pair is inverted (anchor / storaged).
 5. The anchor's own spread (max / min of its rounds) above :data:`NOISY_SPREAD` marks the
    row "noisy": the machine changed speed while it ran, and its ratio is weaker evidence.
+6. One run may give several figures (:class:`Figures`: a latency run's p50 and p99). They
+   become one row each, and every row keeps invariants 1-5: the figures of one round come
+   from the same runs, so they share that round's conditions and order.
 
 :class:`Report` collects the rows of one benchmark with the machine's facts (cores, load
 average at start and end, kernel) and writes them as one markdown table and one JSON file
@@ -95,6 +98,24 @@ class Pair:
     anchor: Measure
     storaged: Measure
     ceiling: Measure | None = None
+    unit: str = "MB/s"
+    anchor_name: str = "anchor"
+    ceiling_name: str = ""
+    higher_is_better: bool = True
+
+
+FigureMeasure = Callable[[], Sequence[float]]
+
+
+@dataclass(frozen=True)
+class Figures:
+    """Rows that one run measures together (invariant 6): each callable returns one value
+    per name in ``figures``, in that order; row ``i`` is named ``f"{row} {figures[i]}"``."""
+    row: str
+    figures: tuple[str, ...]
+    anchor: FigureMeasure
+    storaged: FigureMeasure
+    ceiling: FigureMeasure | None = None
     unit: str = "MB/s"
     anchor_name: str = "anchor"
     ceiling_name: str = ""
@@ -188,10 +209,46 @@ def run_pair(benchmark: str, pair: Pair, rounds: int,
     return res
 
 
-def run_rounds(benchmark: str, pairs: Sequence[Pair], rounds: int = MIN_ROUNDS,
+def run_figures(benchmark: str, group: Figures, rounds: int,
+                log: Callable[[str], None] | None = None) -> list[RowResult]:
+    """One row per figure, all from the same runs (invariant 6), alternating the order
+    (invariants 1 and 2)."""
+    if rounds < MIN_ROUNDS:
+        raise ValueError(f"a row needs at least {MIN_ROUNDS} rounds, not {rounds}")
+    n = len(group.figures)
+    res = [RowResult(benchmark, f"{group.row} {f}", group.unit, group.anchor_name,
+                     group.ceiling_name, group.higher_is_better) for f in group.figures]
+    sides: list[tuple[str, FigureMeasure, str]] = [
+        ("A", group.anchor, "anchor_rounds"), ("S", group.storaged, "storaged_rounds")]
+    if group.ceiling is not None:
+        sides.append(("C", group.ceiling, "ceiling_rounds"))
+    for i in range(rounds):
+        for tag, measure, attr in (sides if i % 2 == 0 else sides[::-1]):
+            values = [float(v) for v in measure()]
+            if len(values) != n:
+                raise ValueError(f"{group.row}: {tag} gave {len(values)} figures, not {n}")
+            for r, v in zip(res, values, strict=True):
+                r.order.append(tag)
+                getattr(r, attr).append(v)
+        if log is not None:
+            log(f"  {benchmark} | {group.row} | round {i + 1}: "
+                + ", ".join(f"{f} storaged {r.storaged_rounds[-1]:.1f} anchor "
+                            f"{r.anchor_rounds[-1]:.1f}" for f, r in zip(group.figures, res,
+                                                                         strict=True))
+                + f" {group.unit}")
+    return res
+
+
+def run_rounds(benchmark: str, pairs: Sequence[Pair | Figures], rounds: int = MIN_ROUNDS,
                log: Callable[[str], None] | None = None) -> list[RowResult]:
     """Every row in turn, each in its own interleaved rounds."""
-    return [run_pair(benchmark, p, rounds, log) for p in pairs]
+    out: list[RowResult] = []
+    for p in pairs:
+        if isinstance(p, Figures):
+            out += run_figures(benchmark, p, rounds, log)
+        else:
+            out.append(run_pair(benchmark, p, rounds, log))
+    return out
 
 
 def stderr_log(line: str) -> None:
@@ -282,6 +339,6 @@ def check_rounds(ap: argparse.ArgumentParser, rounds: int) -> None:
         ap.error(f"--rounds must be at least {MIN_ROUNDS}")
 
 
-__all__ = ["FIELDS", "MIN_ROUNDS", "NOISY_SPREAD", "Pair", "Report", "Result", "RowResult",
-           "add_round_args", "check_rounds", "free_port", "machine_facts",
-           "markdown", "run_pair", "run_rounds", "stderr_log", "wait_port"]
+__all__ = ["FIELDS", "MIN_ROUNDS", "NOISY_SPREAD", "Figures", "Pair", "Report", "Result",
+           "RowResult", "add_round_args", "check_rounds", "free_port", "machine_facts",
+           "markdown", "run_figures", "run_pair", "run_rounds", "stderr_log", "wait_port"]

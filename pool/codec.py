@@ -20,8 +20,10 @@ fragment from an earlier life of the extent never passes for live data (invarian
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import lz4.block
@@ -33,7 +35,8 @@ from pool.layout import SECTOR
 HEADER = struct.Struct("<Q4sBBBBIIQ")
 HEADER_SIZE = HEADER.size  # 32
 _PREFIX = struct.Struct("<4sBBBBII")  # the header after its checksum, up to the record hash
-_HEADS: dict[int, struct.Struct] = {}   # gap -> headers that far apart (check_column)
+# (gap, n) -> n headers that far apart (check_column)
+_HEADS: dict[tuple[int, int], struct.Struct] = {}
 MAGIC = b"SDFG"
 FLAG_LZ4 = 1
 
@@ -188,15 +191,22 @@ def check_column(between: memoryview, gap: int, chunks: Sequence[memoryview], in
     if (n != len(rhashes) or len(between) != gap * n or gap < HEADER_SIZE
             or (n and len(chunks[0]) != chunk_length(plen, k))):
         return False
-    layout = _HEADS.get(gap)
+    # All n headers in one unpack: (checksum, the fixed part, record hash) per fragment,
+    # so the fixed parts and the record hashes are compared as two tuples, and only the
+    # checksums are computed one by one.
+    layout = _HEADS.get((gap, n))
     if layout is None:
-        layout = _HEADS[gap] = struct.Struct(f"<Q24s{gap - HEADER_SIZE}x")
-    prefix = _PREFIX.pack(MAGIC, index, k, m, 0, plen, 0)
-    for (fhash, tail), chunk, rhash in zip(layout.iter_unpack(between), chunks, rhashes,
-                                           strict=True):
-        if tail != prefix + rhash.to_bytes(8, "little"):
-            return False
-        h = _xxh3_stream(tail)
+        layout = struct.Struct("<" + f"Q16sQ{gap - HEADER_SIZE}x" * n)
+        if len(_HEADS) < 256:
+            _HEADS[(gap, n)] = layout
+    fields = layout.unpack(between)
+    if (fields[1::3] != (_PREFIX.pack(MAGIC, index, k, m, 0, plen, 0),) * n
+            or fields[2::3] != tuple(rhashes)):
+        return False
+    stream = _xxh3_stream
+    for at, chunk, fhash in zip(range(8, n * gap, gap), chunks, fields[0::3],
+                                strict=True):
+        h = stream(between[at:at + HEADER_SIZE - 8])
         h.update(chunk)
         if h.intdigest() != fhash:
             return False
@@ -220,6 +230,55 @@ def reassemble(chunks: dict[int, memoryview], k: int, m: int,
 
 def payload_ok(payload: bytes | memoryview, rhash: int) -> bool:
     return _xxh3(payload) == rhash
+
+
+def _lz4_decompress_safe() -> Callable[..., int] | None:
+    """liblz4's ``LZ4_decompress_safe(src, dst, srcSize, dstCapacity)`` (None without
+    the library). python-lz4's block API only returns new bytes objects; this one writes
+    where it is told, and never reads or writes past the sizes it is given."""
+    name = ctypes.util.find_library("lz4") or "liblz4.so.1"
+    try:
+        fn = ctypes.CDLL(name).LZ4_decompress_safe
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_decompress_safe = _lz4_decompress_safe()
+
+
+def expand_into(payload: bytes | memoryview, flags: int, dest: memoryview) -> bool:
+    """Write the logical block of this stored payload into ``dest`` (writable, the
+    block's size): lz4 decompressed straight into it (no block of its own, no copy),
+    a raw payload copied. False if it is not exactly ``len(dest)`` bytes (``dest`` then
+    holds anything)."""
+    n = len(dest)
+    if not flags & FLAG_LZ4:
+        if len(payload) != n:
+            return False
+        dest[:] = payload
+        return True
+    fn = _decompress_safe
+    if fn is None or dest.readonly or not dest.c_contiguous:
+        try:
+            out = lz4.block.decompress(payload, uncompressed_size=n)
+        except lz4.block.LZ4BlockError:
+            return False
+        if len(out) != n:
+            return False
+        dest[:] = out
+        return True
+    src: bytes | ctypes.Array[ctypes.c_char]
+    if isinstance(payload, memoryview) and not payload.readonly and payload.c_contiguous:
+        src = (ctypes.c_char * len(payload)).from_buffer(payload)
+    else:
+        src = bytes(payload)
+    out_buf = (ctypes.c_char * n).from_buffer(dest)
+    got = fn(src if isinstance(src, bytes) else ctypes.addressof(src),
+             ctypes.addressof(out_buf), len(payload), n)
+    return bool(got == n)
 
 
 def expand(payload: bytes | memoryview, flags: int, block_size: int) -> bytes | memoryview:

@@ -199,15 +199,23 @@ class FileDevice:
         self._behind.wrote(start, offset)
 
     def pwritev(self, offset: int, buffers: Sequence[Buffer]) -> None:
-        """Write buffers back to back from ``offset`` (one syscall per IOV_MAX buffers)."""
-        views = [memoryview(b) for b in buffers if len(b)]
+        """Write buffers back to back from ``offset`` (one syscall per IOV_MAX buffers).
+        The buffers go to the kernel as they are; only a short write (rare) makes views
+        of what is left, and goes on from there."""
         start = offset
         try:
             with self._in_use(), self._wlock:
-                while views:
-                    n = os.pwritev(self._fd, views[:IOV_MAX], offset)
+                for i in range(0, len(buffers), IOV_MAX):
+                    part = buffers[i:i + IOV_MAX]
+                    n = os.pwritev(self._fd, part, offset)
                     offset += n
-                    views = advance(views, n)
+                    if n == sum(map(len, part)):
+                        continue
+                    views = advance([memoryview(b) for b in part if len(b)], n)
+                    while views:
+                        n = os.pwritev(self._fd, views[:IOV_MAX], offset)
+                        offset += n
+                        views = advance(views, n)
         except OSError as e:
             raise DeviceError(f"write at {offset} on {self._path} failed: {e.strerror}") from e
         self._behind.wrote(start, offset)

@@ -21,6 +21,7 @@ Invariants this module owns (DESIGN numbers in parentheses):
 from __future__ import annotations
 
 import logging
+import struct
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
@@ -35,6 +36,19 @@ from pool.state import ENTRY, HOLE, PoolState
 from pool.store import SegmentStore
 
 log = logging.getLogger("pool.pool")   # its lines keep the name they always had
+
+
+_ENTRIES: dict[int, struct.Struct] = {}
+
+
+def _entries(n: int) -> struct.Struct:
+    """A Struct of ``n`` map entries back to back (ENTRY's format ``n`` times)."""
+    layout = _ENTRIES.get(n)
+    if layout is None:
+        layout = struct.Struct("<" + ENTRY.format.lstrip("<") * n)
+        if len(_ENTRIES) < 256:
+            _ENTRIES[n] = layout
+    return layout
 
 
 class RecordReader:
@@ -172,20 +186,37 @@ class RecordReader:
 
     def read_blocks_into_nowait(self, map_id: int, blocks: Sequence[int], block_size: int,
                                 dests: Sequence[memoryview]) -> bool:
-        """``read_blocks_into`` if it can be done at once on the event loop (holes, and
-        whole blocks stored raw in page-cached, healthy fragments); else False, and what
-        ``dests`` hold is undefined."""
+        """``read_blocks_into`` if it can be done at once on the event loop (holes,
+        record-cache hits, and records in page-cached, healthy fragments); else False, and
+        what ``dests`` hold is undefined."""
         if map_id not in self.state.maps:
             return False
         runs = self._into_runs(map_id, blocks, block_size, dests)
-        if runs is None:
-            return False
         try:
-            done = records.read_runs_into(runs, block_size, dests)
+            if runs is not None:
+                done = records.read_runs_into(runs, block_size, dests)
+            else:
+                done = self._records_into_nowait(map_id, blocks, block_size, dests)
         except records.WouldBlock:
             return False
         self._counters["records_read"] += done
         return True
+
+    def _records_into_nowait(self, map_id: int, blocks: Sequence[int], block_size: int,
+                             dests: Sequence[memoryview]) -> int:
+        """Blocks that are not all whole and stored raw (lz4-compressed ones): each
+        record read and verified as ``read_blocks_nowait`` does, its logical block
+        written into its ``dests`` entry (``records.read_records_into``: lz4 decompressed
+        straight into it); holes zeroed, record-cache hits copied. WouldBlock as there."""
+        entries, result, plans = self._read_plan(map_id, blocks)
+        done = records.read_records_into(plans, block_size, dests, self._deadlines)
+        for slot, raw in enumerate(entries):
+            hit = result[slot]
+            if raw is None:
+                dests[slot][:] = self.zeros(block_size)
+            elif hit is not None:
+                dests[slot][:] = hit
+        return done
 
     def _into_runs(self, map_id: int, blocks: Sequence[int], block_size: int,
                    dests: Sequence[memoryview]) -> list[records.IntoRun] | None:
@@ -202,7 +233,11 @@ class RecordReader:
         if raw is not None and n > 1:
             # The usual large read: records one after another in one segment. Checked
             # column-wise (a few C-level calls), not entry by entry.
-            segs, offs, plens, flags, hashes = zip(*ENTRY.iter_unpack(raw), strict=True)
+            # n entries in one unpack; every 5th field is one column of them.
+            fields = _entries(n).unpack(raw)
+            segs, offs, plens, flags = (fields[0::5], fields[1::5], fields[2::5],
+                                        fields[3::5])
+            hashes = fields[4::5]
             seg = segments.get(segs[0])
             if (seg is not None and plens.count(block_size) == n and segs.count(seg.id) == n
                     and not any(flags) and not block_size % seg.k):

@@ -13,7 +13,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import NamedTuple
 
 import xxhash
@@ -247,6 +246,19 @@ def read_records(plans: Sequence[RecordPlan], block_size: int, dl: Deadlines, *,
     return out
 
 
+def read_records_into(plans: Sequence[RecordPlan], block_size: int,
+                      dests: Sequence[memoryview], dl: Deadlines) -> int:
+    """``read_records`` with ``nowait`` (on the event loop), each record's logical block
+    written into ``dests[plan.slot]`` (writable, ``block_size`` bytes) instead of
+    returned: lz4 is decompressed straight into it (``codec.expand_into``). Raises
+    WouldBlock as ``read_records`` does, and also for a record that does not expand to
+    exactly one block; ``dests`` then hold anything. Returns how many records it read."""
+    out = ReadOutcome()
+    for run in _runs(plans):
+        _read_run(run, block_size, out, True, dl, into=dests)
+    return len(plans)
+
+
 def _runs(plans: Sequence[RecordPlan]) -> Iterator[Sequence[RecordPlan]]:
     """Runs of records lying one after another in one segment (read with one read per
     column)."""
@@ -261,7 +273,8 @@ def _runs(plans: Sequence[RecordPlan]) -> Iterator[Sequence[RecordPlan]]:
 
 
 def _read_run(run: Sequence[RecordPlan], block_size: int, out: ReadOutcome,
-              nowait: bool, dl: Deadlines) -> None:
+              nowait: bool, dl: Deadlines, *,
+              into: Sequence[memoryview] | None = None) -> None:
     first = run[0]
     k = first.k
     total = sum(p.units for p in run)
@@ -298,7 +311,10 @@ def _read_run(run: Sequence[RecordPlan], block_size: int, out: ReadOutcome,
             # joined payload is what was written, so it is not hashed a second time. The
             # record hash is checked where parity rebuilt the payload (_read_slow).
             payload = codec.reassemble(chunks, k, p.m, p.plen)
-            out.payloads[p.slot] = codec.expand(payload, p.flags, block_size)
+            if into is None:
+                out.payloads[p.slot] = codec.expand(payload, p.flags, block_size)
+            elif not codec.expand_into(payload, p.flags, into[p.slot]):
+                raise WouldBlock
             continue
         if nowait:
             raise WouldBlock
@@ -318,6 +334,28 @@ class IntoRun(NamedTuple):
     hashes: list[int]             # each record's hash (from the map)
 
 
+_scratch = threading.local()
+
+
+def _between(n: int, gap: int) -> tuple[memoryview, list[memoryview]]:
+    """Scratch for ``n`` fragment headers ``gap`` bytes apart (``read_runs_into``), and its
+    pieces as the iovec takes them: the first header, then each gap. This thread's own,
+    reused from call to call (the headers are checked before the call returns)."""
+    cache: dict[tuple[int, int], tuple[memoryview, list[memoryview]]] | None = getattr(
+        _scratch, "by", None)
+    if cache is None:
+        cache = _scratch.by = {}
+    got = cache.get((n, gap))
+    if got is None:
+        hs = codec.HEADER_SIZE
+        between = memoryview(bytearray(n * gap))
+        got = (between, [between[:hs], *(between[at:at + gap]
+                                         for at in range(hs, n * gap, gap))])
+        if len(cache) < 64:
+            cache[(n, gap)] = got
+    return got
+
+
 def read_runs_into(runs: Sequence[IntoRun], block_size: int,
                    dests: Sequence[memoryview]) -> int:
     """Read whole blocks stored raw straight into ``dests[slot]`` (each ``block_size``
@@ -330,7 +368,6 @@ def read_runs_into(runs: Sequence[IntoRun], block_size: int,
     else it raises WouldBlock (the buffers may then hold anything) and the caller takes the
     general path, which also reports and heals. Returns how many records it read.
     """
-    hs = codec.HEADER_SIZE
     done = 0
     for run in runs:
         k = run.k
@@ -346,10 +383,10 @@ def read_runs_into(runs: Sequence[IntoRun], block_size: int,
                       [dests[s][c * clen:(c + 1) * clen] for s in run.slots])
             # The first header, then each chunk followed by its padding and the next
             # header: headers land ``gap`` bytes apart in ``between``.
-            between = memoryview(bytearray(n * gap))
-            iov = [between[:hs], *chain.from_iterable(zip(
-                chunks, [between[at:at + gap] for at in range(hs, n * gap, gap)],
-                strict=True))]
+            between, gaps = _between(n, gap)
+            iov: list[memoryview] = [between] * (2 * n + 1)
+            iov[0::2] = gaps
+            iov[1::2] = chunks
             if dev.preadv_nowait(base + run.offset * SECTOR, iov) != n * size or \
                     not codec.check_column(between, gap, chunks, c, k, run.m, block_size,
                                            run.hashes):

@@ -19,6 +19,7 @@ from benchmarks.all import write_table
 from benchmarks.common import (
     FIELDS,
     MIN_ROUNDS,
+    Figures,
     Pair,
     Report,
     machine_facts,
@@ -26,6 +27,7 @@ from benchmarks.common import (
     run_pair,
     run_rounds,
 )
+from benchmarks.nbd import latency_note
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -93,6 +95,71 @@ def test_lower_is_better_inverts_the_ratio() -> None:
                 storaged=scripted([100, 100, 100], [], "S"), unit="us",
                 higher_is_better=False)
     assert run_pair("b", pair, 3).summary()["ratio_median"] == 2.0
+
+
+def test_figures_of_one_run_become_rows_that_share_its_rounds() -> None:
+    """Invariant 6 (with 1-4): a latency run's p50 and p99 become two rows whose rounds come
+    from the same runs in the same alternating order, each ratio inverted (lower is
+    better) and paired within its round."""
+    log: list[str] = []
+
+    def runs(values: list[tuple[float, float]], tag: str) -> Callable[[], list[float]]:
+        it = iter(values)
+
+        def measure() -> list[float]:
+            log.append(tag)
+            return list(next(it))
+        return measure
+    group = Figures("QD1 rand read 4K", ("p50", "p99"),
+                    anchor=runs([(20, 100), (40, 200), (20, 100)], "A"),
+                    storaged=runs([(40, 100), (40, 100), (10, 100)], "S"),
+                    ceiling=runs([(10, 50)] * 3, "C"), unit="us", higher_is_better=False)
+    p50, p99 = run_rounds("nbd", [group], 3)
+    assert log == ["A", "S", "C", "C", "S", "A", "A", "S", "C"]
+    assert p50.row == "QD1 rand read 4K p50" and p99.row == "QD1 rand read 4K p99"
+    assert p50.order == p99.order == log
+    assert p50.ratios == [0.5, 1.0, 2.0] and p99.ratios == [1.0, 2.0, 1.0]
+    assert p50.summary()["storaged_median"] == 40 and p99.summary()["anchor_median"] == 100
+    assert p99.summary()["ceiling_ratio_median"] == 0.5
+
+
+def test_latency_rows_are_also_stated_as_the_issue_states_its_target() -> None:
+    """The table keeps invariant 4 (anchor / storaged for latencies); the note gives
+    storaged / anchor per row, the paired median (target <= 1.2x)."""
+    log: list[str] = []
+    group = Figures("QD1", ("p50",), anchor=lambda: [20.0],
+                    storaged=scripted_list([[70.0], [60.0], [80.0]], log),
+                    unit="us", higher_is_better=False)
+    (row,) = run_rounds("nbd", [group], 3)
+    assert row.summary()["ratio_median"] == pytest.approx(20 / 70)
+    assert latency_note([row]) == (" Latency, storaged / anchor (paired median; target "
+                                   "<= 1.2x): QD1 p50 3.50x.")
+    assert latency_note([]) == ""
+
+
+def scripted_list(values: list[list[float]], log: list[str]) -> Callable[[], list[float]]:
+    it = iter(values)
+
+    def measure() -> list[float]:
+        log.append("S")
+        return next(it)
+    return measure
+
+
+def test_figures_refuse_a_wrong_count_and_too_few_rounds() -> None:
+    """A run that gives the wrong number of figures is an error, not a shifted row; fewer
+    rounds than the minimum runs nothing (invariant 1)."""
+    log: list[str] = []
+
+    def one() -> list[float]:
+        log.append("x")
+        return [1.0]
+    group = Figures("lat", ("p50", "p99"), anchor=one, storaged=one)
+    with pytest.raises(ValueError, match="at least 3 rounds"):
+        run_rounds("b", [group], MIN_ROUNDS - 1)
+    assert log == []
+    with pytest.raises(ValueError, match="gave 1 figures, not 2"):
+        run_rounds("b", [group], MIN_ROUNDS)
 
 
 def test_fewer_rounds_than_the_minimum_are_refused_before_measuring() -> None:

@@ -10,8 +10,10 @@ import pytest
 import trio
 import trio.testing
 
+from pool import codec
 from pool.device import FileDevice
 from pool.errors import MediumError
+from pool.layout import SECTOR
 from pool.pool import Pool
 from pool.profile import Profile
 from pool.state import ENTRY
@@ -140,4 +142,98 @@ async def test_a_read_in_a_thread_holds_freed_space_back(tmp_path: Path) -> None
             assert held == [1] and sum(in_flight.values()) == 1
             gate.set()
     assert sum(in_flight.values()) == 0
+    await pool.close()
+
+
+@pytest.mark.parametrize(("k", "m", "n"), [(1, 0, 5), (4, 2, 3), (2, 1, 1)])
+def test_a_column_read_in_pieces_verifies_only_untouched_fragments(k: int, m: int,
+                                                                    n: int) -> None:
+    """Reader invariant 1 (DESIGN 4) for the read into the caller's buffer: the headers
+    of a column's fragments land ``gap`` bytes apart and their chunks elsewhere
+    (records.read_runs_into); ``codec.check_column`` accepts them as written and refuses
+    a flip of any header byte, of a chunk byte, and a record hash, index, k, m or length
+    that is not the one asked for."""
+    payloads = [os.urandom(BS) for _ in range(n)]
+    recs = [codec.stripe(p, 0, k, m) for p in payloads]
+    clen = BS // k
+    gap = recs[0].units * SECTOR - clen
+    hashes = [r.rhash for r in recs]
+    for index in range(k):
+        frags = [r.fragments[index] for r in recs]
+        between = bytearray(n * gap)
+        chunks: list[memoryview] = []
+        for i, f in enumerate(frags):     # as the preadv lays them out
+            between[i * gap:i * gap + codec.HEADER_SIZE] = f[:codec.HEADER_SIZE]
+            chunks.append(memoryview(bytearray(f[codec.HEADER_SIZE:codec.HEADER_SIZE
+                                                 + clen])))
+
+        def ok(idx: int = index, kk: int = k, mm: int = m, plen: int = BS,
+               rh: list[int] = hashes, between: bytearray = between,
+               chunks: list[memoryview] = chunks) -> bool:
+            return codec.check_column(memoryview(between), gap, chunks, idx, kk, mm, plen,
+                                      rh)
+        assert ok()
+        assert not ok(idx=(index + 1) % (k + m or 1)) or k + m == 1
+        assert not ok(kk=k + 1) and not ok(mm=m + 1) and not ok(plen=BS - SECTOR)
+        assert not ok(rh=[*hashes[:-1], hashes[-1] ^ 1])
+        for i in range(n):
+            for at in range(codec.HEADER_SIZE):
+                between[i * gap + at] ^= 0x10
+                assert not ok(), (index, i, at)
+                between[i * gap + at] ^= 0x10
+            for at in (0, clen // 2, clen - 1):
+                chunks[i][at] ^= 1
+                assert not ok(), (index, i, at)
+                chunks[i][at] ^= 1
+        assert ok()     # every flip undone: the column verifies again
+
+
+def _text(seed: int) -> bytes:
+    """A block lz4 packs to well under 7/8 (so it is stored compressed)."""
+    words = [b"read ", b"write ", b"flush ", b"segment ", b"extent ", b"%d " % seed]
+    out = b"".join(words[(i * 7 + seed) % len(words)] for i in range(BS // 4))
+    return out[:BS]
+
+
+@pytest.mark.parametrize("prof", [PROF, Profile(1, 0)], ids=["ec:2+1", "plain"])
+async def test_compressed_blocks_are_read_verified_into_the_callers_buffer(
+        tmp_path: Path, prof: Profile) -> None:
+    """Reader invariant 1 (DESIGN 4) for lz4 records read on the event loop into the
+    caller's buffers (codec.expand_into, straight into them): compressed and raw records,
+    holes and a record-cache hit come back byte-exact; a flipped byte in one compressed
+    fragment makes the event-loop read give up (nothing of it is taken as read) and the
+    general path rebuilds the block (ec) or refuses it (plain), counted either way."""
+    pool = await _pool(tmp_path, cache=1 << 20)
+    m = pool.create_map()
+    datas: dict[int, bytes] = {b: _text(b) for b in (0, 1, 2, 4, 5, 6)}
+    datas[5] = os.urandom(BS)                 # stored raw beside the compressed ones
+    await pool.write_blocks(m, prof, True, list(datas.items()))
+    entries = {b: ENTRY.unpack(pool.state.forest.get(m, b) or b"") for b in datas}
+    assert all(entries[b][3] & codec.FLAG_LZ4 for b in (0, 1, 2, 4, 6))
+    assert not entries[5][3] & codec.FLAG_LZ4
+    await pool.read_blocks(m, [6], BS)        # block 6 now comes from the record cache
+    want = b"".join(datas.get(b, bytes(BS)) for b in range(7))
+    buf = bytearray(b"\xaa" * 7 * BS)
+    dests = [memoryview(buf)[i * BS:(i + 1) * BS] for i in range(7)]
+    before = pool.statistics().records_read
+    assert pool.read_blocks_into_nowait(m, range(7), BS, dests)
+    assert bytes(buf) == want
+    assert pool.statistics().records_read - before == 5   # not the hole, not the hit
+
+    seg_id, off = entries[1][0], entries[1][1]
+    dev, base, _name = pool.reader._store.columns(pool.state.segments[seg_id])[0]
+    assert isinstance(dev, FileDevice)
+    at = base + off * SECTOR + codec.HEADER_SIZE + 100      # inside the first chunk
+    dev.pwrite(at, bytes([dev.pread(at, 1)[0] ^ 0x40]))      # bit rot, page-cached
+    buf[:] = b"\xaa" * 7 * BS
+    assert not pool.read_blocks_into_nowait(m, range(7), BS, dests)
+    if prof.m:
+        await pool.read_blocks_into(m, range(7), BS, dests)
+        assert bytes(buf) == want
+        st = pool.statistics()
+        assert (st.degraded_reads, st.repaired_fragments) == (1, 1)
+    else:
+        with pytest.raises(MediumError):
+            await pool.read_blocks_into(m, range(7), BS, dests)
+        assert pool.statistics().unreadable_records == 1
     await pool.close()

@@ -408,3 +408,31 @@ def test_close_leaves_a_descriptor_open_while_a_call_is_stuck_in_it(
     other.close()
     with pytest.raises(OSError):
         os.fstat(other._fd)             # nothing stuck: closed at once
+
+
+def test_pwritev_goes_on_after_a_short_write(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A short pwritev (the kernel may write less than asked) is continued from the byte
+    where it stopped, in the middle of a buffer, until every byte is written in order."""
+    dev = FileDevice(str(tmp_path / "dev"), create_size=8 * MiB)
+    real = os.pwritev
+    calls: list[int] = []
+
+    def short(fd: int, bufs: list[bytes | memoryview], offset: int) -> int:
+        calls.append(offset)
+        if len(calls) % 2:                  # every other call writes only 1000 bytes
+            return real(fd, [memoryview(b"".join(bytes(b) for b in bufs))[:1000]], offset)
+        return real(fd, bufs, offset)
+    rng = random.Random(5)
+    pieces = [rng.randbytes(rng.randrange(0, 700)) for _ in range(40)]
+    try:
+        monkeypatch.setattr(os, "pwritev", short)
+        dev.pwritev(MiB + 7, pieces)
+        monkeypatch.undo()
+        joined = b"".join(pieces)
+        assert len(calls) >= 2
+        assert dev.pread(MiB + 7, len(joined)) == joined
+        assert dev.pread(MiB, 7) == bytes(7)
+        assert dev.pread(MiB + 7 + len(joined), 9) == bytes(9)
+    finally:
+        dev.close()
