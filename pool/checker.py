@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import trio
 
 from pool import codec
-from pool.errors import DeviceError, ImportFailed, StorageError
+from pool.errors import ImportFailed, StorageError
 from pool.labels import label_copies, read_label
 from pool.layout import SECTOR
 from pool.metastore import MetaStore
@@ -80,8 +80,8 @@ async def check(pool: Pool, *, deep: bool = False) -> CheckReport:
     problems += check_objects(pool)
     checked = bad = 0
     if deep:
-        read = read_fragments if pool.rados is None else read_columns
-        checked, bad, msgs = await trio.to_thread.run_sync(read, pool, scan.entries)
+        checked, bad, msgs = await trio.to_thread.run_sync(read_fragments, pool,
+                                                           scan.entries)
         problems += msgs
     return CheckReport(st.name, tuple(problems), len(st.segments), scan.records, checked, bad)
 
@@ -298,10 +298,12 @@ async def check_rados(pool: Pool) -> list[str]:
     return out
 
 
-def read_columns(pool: Pool,
+def read_fragments(pool: Pool,
                  entries: list[tuple[int, int, bytes]]) -> tuple[int, int, list[str]]:
-    """``read_fragments`` through the store's column handles (a pool on RADOS: each
-    segment's object). Blocking."""
+    """Deep: read every fragment of every record in ``entries`` through the store's
+    column handles (the member devices, or a RADOS segment's object), skipping columns
+    that are away or await a rebuild, and verify it. Returns (fragments read, bad,
+    problems). Blocking."""
     st = pool.state
     c = b = 0
     out = []
@@ -321,36 +323,6 @@ def read_columns(pool: Pool,
             if codec.check_fragment(frag, i, seg.k, seg.m, plen, rhash) is None:
                 b += 1
                 out.append(f"{col.name}: fragment {i} of the record in map node "
-                           f"{map_id} slot {block} (segment {seg_id}) fails "
-                           f"verification")
-    return c, b, out
-
-
-def read_fragments(pool: Pool,
-                   entries: list[tuple[int, int, bytes]]) -> tuple[int, int, list[str]]:
-    """Deep: read every fragment (all k + m on present members) of every record in
-    ``entries`` and verify it. Returns (fragments read, bad, problems). Blocking."""
-    st = pool.state
-    c = b = 0
-    out = []
-    for map_id, block, raw in entries:
-        seg_id, off, plen, _fl, rhash = ENTRY.unpack(raw)
-        seg = st.segments[seg_id]
-        units = codec.fragment_units(plen, seg.k)
-        for i, (idx, ext) in enumerate(seg.extents):
-            dev = pool.devices[idx]
-            if dev is None:
-                continue
-            c += 1
-            try:
-                frag = dev.pread(pool.layout.extent_offset(ext) + off * SECTOR,
-                                 units * SECTOR)
-            except DeviceError as e:
-                frag = b""
-                out.append(f"{dev.path}: {e.message}")
-            if codec.check_fragment(frag, i, seg.k, seg.m, plen, rhash) is None:
-                b += 1
-                out.append(f"{dev.path}: fragment {i} of the record in map node "
                            f"{map_id} slot {block} (segment {seg_id}) fails "
                            f"verification")
     return c, b, out

@@ -198,7 +198,7 @@ async def test_takeover_fences_the_old_owner(ceph: Cluster) -> None:
 
 
 async def test_deep_check_finds_damage_and_orphans(ceph: Cluster) -> None:
-    """The checker on RADOS (``check_rados``, ``read_columns``; DESIGN 4, §5): clean after
+    """The checker on RADOS (``check_rados``, ``read_fragments``; DESIGN 4, §5): clean after
     writes; a segment object whose bytes were overwritten is reported by name (and reads
     of it fail, never return the damage), as are an orphaned segment object and an
     orphaned checkpoint blob."""
