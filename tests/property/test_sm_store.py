@@ -28,7 +28,7 @@ import tempfile
 import trio
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import invariant, precondition, rule
 
 from pool import codec, records
 from pool.deadlines import Deadlines
@@ -36,7 +36,8 @@ from pool.device import Device, FileDevice
 from pool.errors import NoSpace
 from pool.layout import Layout
 from pool.state import MemberInfo, PoolState, Segment
-from pool.store import LocalStore, ReadHold, Reclaim, SegmentStore
+from pool.store import LocalStore, Reclaim, SegmentStore
+from tests.kit.releasemodel import ReleaseModel
 from tests.kit.trioportal import TrioPortal
 
 EXT = 1 << 20
@@ -63,7 +64,7 @@ class _Hooks:
         pass
 
 
-class StoreMachine(RuleBasedStateMachine):
+class StoreMachine(ReleaseModel):
     def __init__(self) -> None:
         super().__init__()
         self.tmp = tempfile.mkdtemp(prefix="sm-store-")
@@ -84,21 +85,10 @@ class StoreMachine(RuleBasedStateMachine):
         self.free: set[Key] = {(i, e) for i in range(N_DEV) for e in range(n)}
         self.segs: dict[int, Segment] = {}                    # live segments
         self.data: dict[int, list[tuple[int, bytes, codec.EncodedRecord]]] = {}
-        self.pending: list[Key] = []                          # freed, in free order
-        self.releasable: list[tuple[int, Key]] = []           # (commit, key)
-        self.commits = 0
-        self.holds: dict[int, tuple[int, ReadHold]] = {}      # id -> (commits seen, token)
-        self.next_hold = 0
+        self.init_release_model()      # pending frees, commits, reads (tests.kit)
 
-    def _model_release(self) -> None:
-        """The specification of store invariant 3."""
-        keep = []
-        for c, key in self.releasable:
-            if all(seen >= c for seen, _h in self.holds.values()):
-                self.free.add(key)
-            else:
-                keep.append((c, key))
-        self.releasable = keep
+    def released(self, unit: Key) -> None:
+        self.free.add(unit)
 
     # ---- rules --------------------------------------------------------------------------
 
@@ -148,36 +138,6 @@ class StoreMachine(RuleBasedStateMachine):
         del self.state.segments[sid]
         self.store.free(seg.extents)
         self.pending.extend(seg.extents)
-
-    @rule(n=st.integers(0, 8))
-    def durable(self, n: int) -> None:
-        n = min(n, len(self.pending))
-
-        async def call() -> None:
-            self.store.durable(n)
-        self.portal.run(call)
-        self.commits += 1
-        self.releasable.extend((self.commits, key) for key in self.pending[:n])
-        del self.pending[:n]
-        self._model_release()
-
-    @rule()
-    def read_hold(self) -> None:
-        self.holds[self.next_hold] = (self.commits, self.store.read_hold())
-        self.next_hold += 1
-
-    @precondition(lambda self: self.holds)
-    @rule(pick=st.integers(0, 1 << 16), twice=st.booleans())
-    def release(self, pick: int, twice: bool) -> None:
-        hid = sorted(self.holds)[pick % len(self.holds)]
-        _seen, token = self.holds.pop(hid)
-
-        async def call() -> None:
-            token.release()
-            if twice:
-                token.release()          # a second release changes nothing
-        self.portal.run(call)
-        self._model_release()
 
     @rule()
     def reclaim(self) -> None:

@@ -17,7 +17,6 @@ import trio
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
-    RuleBasedStateMachine,
     invariant,
     precondition,
     rule,
@@ -33,8 +32,9 @@ from pool.rados.owner import OwnershipLock
 from pool.rados.segments import RadosSegments
 from pool.rados.store import RadosStore
 from pool.state import PoolState, Segment
-from pool.store import Column, ReadHold, Reclaim, SegmentStore
+from pool.store import Column, Reclaim, SegmentStore
 from tests.kit.cephkit import TEST_POOL, Cluster, why_not
+from tests.kit.releasemodel import ReleaseModel
 from tests.kit.trioportal import TrioPortal
 from tests.rados.radoskit import connect, new_uuid, owner, snapshot
 
@@ -380,7 +380,7 @@ async def test_room_from_the_cluster_when_a_mgr_reports(tmp_path: Path) -> None:
 CAP = 6                  # segments the machine's quota holds (so NoSpace is exercised)
 
 
-class RadosStoreMachine(RuleBasedStateMachine):
+class RadosStoreMachine(ReleaseModel):
     """RadosStore driven through the SegmentStore Protocol alone, on the real cluster,
     against a model of numbers: which were handed out, which hold records, which frees are
     pending, durable (and since which commit) or released, which reads are in flight, and
@@ -408,28 +408,18 @@ class RadosStoreMachine(RuleBasedStateMachine):
         self.segs: dict[int, Segment] = {}
         self.data: dict[int, list[tuple[int, bytes, codec.EncodedRecord]]] = {}
         self.written: set[int] = set()
-        self.pending: list[int] = []
-        self.releasable: list[tuple[int, int]] = []       # (commit, number)
-        self.released: set[int] = set()
+        self.init_release_model()      # pending frees, commits, reads (tests.kit)
+        self.releasing: set[int] = set()                  # released, not yet deleted
         self.deleted: set[int] = set()
-        self.commits = 0
-        self.holds: dict[int, tuple[int, ReadHold]] = {}
-        self.next_hold = 0
 
-    def _model_release(self) -> None:
-        keep = []
-        for c, n in self.releasable:
-            if all(seen >= c for seen, _h in self.holds.values()):
-                self.released.add(n)
-            else:
-                keep.append((c, n))
-        self.releasable = keep
+    def released(self, unit: int) -> None:
+        self.releasing.add(unit)
 
     def _deleted_now(self) -> None:
         """What the store deletes when it deletes (reclaim, settle): every released
         number."""
-        self.deleted |= self.released
-        self.released = set()
+        self.deleted |= self.releasing
+        self.releasing = set()
 
     @rule()
     def allocate(self) -> None:
@@ -484,36 +474,6 @@ class RadosStoreMachine(RuleBasedStateMachine):
         self.store.free(seg.extents)
         self.pending.extend(n for _d, n in seg.extents)
 
-    @rule(n=st.integers(0, 4))
-    def durable(self, n: int) -> None:
-        n = min(n, len(self.pending))
-
-        async def call() -> None:
-            self.store.durable(n)
-        self.portal.run(call)
-        self.commits += 1
-        self.releasable.extend((self.commits, x) for x in self.pending[:n])
-        del self.pending[:n]
-        self._model_release()
-
-    @rule()
-    def read_hold(self) -> None:
-        self.holds[self.next_hold] = (self.commits, self.store.read_hold())
-        self.next_hold += 1
-
-    @precondition(lambda self: self.holds)
-    @rule(pick=st.integers(0, 1 << 16), twice=st.booleans())
-    def release(self, pick: int, twice: bool) -> None:
-        hid = sorted(self.holds)[pick % len(self.holds)]
-        _seen, token = self.holds.pop(hid)
-
-        async def call() -> None:
-            token.release()
-            if twice:
-                token.release()
-        self.portal.run(call)
-        self._model_release()
-
     @rule()
     def reclaim(self) -> None:
         async def call() -> Reclaim | None:
@@ -567,7 +527,7 @@ class RadosStoreMachine(RuleBasedStateMachine):
                 for token in holds:
                     token.release()
             self.portal.run(release_all)
-            self._model_release()
+            self.model_release()
             # Leave nothing behind in the shared RADOS pool, and its usual quota.
             while self.segs:
                 self.free_segment(0)
