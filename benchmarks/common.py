@@ -86,6 +86,29 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], what: str,
     raise RuntimeError(f"{what} did not listen on {port}")
 
 
+# -- fio ------------------------------------------------------------------------------------
+
+def fio_side(target: list[str], rw: str, bs: str, depth: int, size: str, runtime: int,
+             what: str, extra: Sequence[str] = (), env: dict[str, str] | None = None,
+             slack: float = 120) -> dict[str, Any]:
+    """One time-based fio run on ``target`` (its engine and file arguments): the job's
+    read or write section of fio's JSON. Writes end with an fsync, so what is measured is
+    durable. ``what`` names the run in the error a failed run raises."""
+    args = ["fio", "--name=bench", *target, f"--rw={rw}", f"--bs={bs}",
+            f"--iodepth={depth}", f"--size={size}", "--time_based", f"--runtime={runtime}",
+            f"--ramp_time={1 if runtime > 2 else 0}", "--output-format=json",
+            "--refill_buffers", *extra]
+    if "write" in rw:
+        args.append("--end_fsync=1")
+    r = subprocess.run(args, capture_output=True, text=True, check=False, env=env,
+                       timeout=runtime * 6 + slack)
+    if r.returncode != 0:
+        raise RuntimeError(f"fio {rw} {bs} on {what} failed: {r.stderr.strip()[-500:]}")
+    job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
+    side: dict[str, Any] = job["write"] if "write" in rw else job["read"]
+    return side
+
+
 # -- the round runner ---------------------------------------------------------------------
 
 Measure = Callable[[], float]

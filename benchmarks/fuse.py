@@ -22,7 +22,6 @@ qemu-storage-daemon (qemu-system-common, installed by `make bench-fuse`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -33,7 +32,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.common import Pair, Report, add_round_args, check_rounds, run_rounds, stderr_log
+from benchmarks.common import (
+    Pair,
+    Report,
+    add_round_args,
+    check_rounds,
+    fio_side,
+    run_rounds,
+    stderr_log,
+)
 from fuse.mount import mount_entry, raise_max_background
 
 MiB = 1 << 20
@@ -47,19 +54,8 @@ NULL = "pyfuse3 null"      # the ceiling: pyfuse3 with no storage behind it
 def fio(path: Path, test: str, rw: str, bs: str, depth: int, runtime: int,
         target: str) -> float:
     """One fio run; MB/s."""
-    args = ["fio", "--name=bench", f"--filename={path}", "--ioengine=libaio", "--direct=1",
-            f"--rw={rw}", f"--bs={bs}", f"--iodepth={depth}", "--size=512m", "--time_based",
-            f"--runtime={runtime}", f"--ramp_time={1 if runtime > 2 else 0}",
-            "--output-format=json",
-            "--refill_buffers"]
-    if "write" in rw:
-        args.append("--end_fsync=1")
-    r = subprocess.run(args, capture_output=True, text=True, check=False,
-                       timeout=runtime * 4 + 120)
-    if r.returncode != 0:
-        raise RuntimeError(f"fio {test} on {target}: {r.stderr.strip()[-500:]}")
-    job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
-    side = job["write"] if "write" in rw else job["read"]
+    side = fio_side([f"--filename={path}", "--ioengine=libaio", "--direct=1"], rw, bs,
+                    depth, "512m", runtime, f"{test} on {target}")
     return float(side["bw_bytes"]) / 1e6
 
 

@@ -24,7 +24,6 @@ and their spread. storaged runs as a separate process
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -45,6 +44,7 @@ from benchmarks.common import (
     RowResult,
     add_round_args,
     check_rounds,
+    fio_side,
     free_port,
     run_rounds,
     stderr_log,
@@ -73,19 +73,8 @@ def fio_job(uri: str, test: str, rw: str, bs: str, depth: int, runtime: int,
             extra: list[str]) -> dict[str, Any]:
     """One fio run; its job's read or write section of fio's JSON."""
     size = "256m" if bs == "1m" else "128m"
-    args = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
-            f"--bs={bs}", f"--iodepth={depth}", f"--size={size}", "--time_based",
-            f"--runtime={runtime}", f"--ramp_time={1 if runtime > 2 else 0}",
-            "--output-format=json", "--refill_buffers", *extra]
-    if "write" in rw:
-        args.append("--end_fsync=1")
-    r = subprocess.run(args, capture_output=True, text=True, check=False,
-                       timeout=runtime * 4 + 60)
-    if r.returncode != 0:
-        raise RuntimeError(f"fio {test} on {uri} failed: {r.stderr.strip()[-500:]}")
-    job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
-    side: dict[str, Any] = job["write"] if "write" in rw else job["read"]
-    return side
+    return fio_side(["--ioengine=nbd", f"--uri={uri}"], rw, bs, depth, size, runtime,
+                    f"{test} on {uri}", extra, slack=60)
 
 
 def fio(uri: str, test: str, rw: str, bs: str, depth: int, runtime: int,

@@ -18,7 +18,6 @@ RBD on every row and above 1.0x on 4K random writes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -35,6 +34,7 @@ from benchmarks.common import (
     Report,
     add_round_args,
     check_rounds,
+    fio_side,
     free_port,
     run_rounds,
     stderr_log,
@@ -62,18 +62,7 @@ TESTS = [("seq write 1M", "write", "1m", 4), ("seq read 1M", "read", "1m", 4),
 def _fio(target: list[str], env: dict[str, str] | None, rw: str, bs: str, depth: int,
          runtime: int, size: str) -> float:
     """One fio run on ``target`` (engine arguments); MB/s."""
-    args = ["fio", "--name=bench", *target, f"--rw={rw}", f"--bs={bs}",
-            f"--iodepth={depth}", f"--size={size}", "--time_based", f"--runtime={runtime}",
-            f"--ramp_time={1 if runtime > 2 else 0}", "--output-format=json",
-            "--refill_buffers"]
-    if "write" in rw:
-        args.append("--end_fsync=1")
-    r = subprocess.run(args, capture_output=True, text=True, check=False, env=env,
-                       timeout=runtime * 6 + 120)
-    if r.returncode != 0:
-        raise RuntimeError(f"fio {rw} {bs} on {target}: {r.stderr.strip()[-500:]}")
-    job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
-    side = job["write"] if "write" in rw else job["read"]
+    side = fio_side(target, rw, bs, depth, size, runtime, " ".join(target), env=env)
     return float(side["bw_bytes"]) / 1e6
 
 
