@@ -37,15 +37,18 @@ import argparse
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import trio
 
 MIN_ROUNDS = 3
 NOISY_SPREAD = 1.3        # the anchor's max/min over the rounds above this: "noisy"
@@ -84,6 +87,20 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], what: str,
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"{what} did not listen on {port}")
+
+
+# -- serving processes --------------------------------------------------------------------
+
+async def serve_until_signal(*tasks: Callable[..., Awaitable[object]]) -> None:
+    """Start each of ``tasks`` (``nursery.start``: they report when they serve) and run
+    until SIGTERM or SIGINT, then cancel them: the ``--serve`` side of a benchmark."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            for task in tasks:
+                await nursery.start(task)
+            async for _sig in signals:
+                nursery.cancel_scope.cancel()
+                break
 
 
 # -- fio ------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from benchmarks.common import (
     check_rounds,
     free_port,
     run_rounds,
+    serve_until_signal,
     stderr_log,
     wait_port,
 )
@@ -112,12 +113,7 @@ def serve(directory: str, port: int) -> None:
         server = ISCSIServer(TargetCatalog({"bench": vm}, SharedExclusive, base_iqn=BASE),
                              ISCSIConfig(host="127.0.0.1", port=port))
         try:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(server.serve)
-                    async for _sig in signals:
-                        nursery.cancel_scope.cancel()
-                        break
+            await serve_until_signal(server.serve)
         finally:
             await pool.close()
     tune_process()   # as the daemon runs

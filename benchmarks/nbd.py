@@ -47,6 +47,7 @@ from benchmarks.common import (
     fio_side,
     free_port,
     run_rounds,
+    serve_until_signal,
     stderr_log,
     wait_port,
 )
@@ -113,12 +114,7 @@ def serve(directory: str, port: int) -> None:
         await vm.create("lz4", SIZE, profile="plain", compression=True)
         server = NBDServer(VolumeCatalog({"bench": vm}), NBDConfig(port=port))
         try:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(server.serve)
-                    async for _sig in signals:
-                        nursery.cancel_scope.cancel()
-                        break
+            await serve_until_signal(server.serve)
         finally:
             await pool.close()
     tune_process()   # as the daemon runs

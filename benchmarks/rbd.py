@@ -37,6 +37,7 @@ from benchmarks.common import (
     fio_side,
     free_port,
     run_rounds,
+    serve_until_signal,
     stderr_log,
     wait_port,
 )
@@ -85,13 +86,7 @@ def serve(conf: str, directory: str, port: int, record_cache: int | None) -> Non
             vm = VolumeManager(pool)
             await vm.create("plain", SIZE, profile="plain", compression=False)
             server = NBDServer(VolumeCatalog({"bench": vm}), NBDConfig(port=port))
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(pool.run)
-                    await nursery.start(server.serve)
-                    async for _sig in signals:
-                        nursery.cancel_scope.cancel()
-                        break
+            await serve_until_signal(pool.run, server.serve)
         finally:
             await pool.close()
     tune_process()   # as the daemon runs
