@@ -87,7 +87,8 @@ def start_storaged(work: Path) -> tuple[subprocess.Popen[bytes], Path, str]:
     log = open(work / "storaged.log", "ab")  # noqa: SIM115 - owned by the process
     proc = subprocess.Popen([str(BIN / "storaged"), "--state-dir", str(work / "state"),
                              "--socket", sock, "--nbd-listen", "off", "--metrics-listen",
-                             "off", "--fuse-mount", str(mnt), "--log-level", "warning"],
+                             "off", "--iscsi-listen", "off", "--fuse-mount", str(mnt),
+                             "--log-level", "warning"],
                             stdout=log, stderr=log)
     _wait(lambda: os.path.exists(sock) and _mounted(mnt), proc, "storaged")
 
