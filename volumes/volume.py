@@ -372,6 +372,23 @@ class Volume:
         self._count_read(length, started)
         return out
 
+    def read_nowait(self, offset: int, length: int) -> bytes | None:
+        """``read`` of a range inside one block when it can be answered at once (as
+        ``read_sparse_nowait``: buffered, record-cached or page-cached, or a hole), else
+        None; also None for a range that is empty or crosses a block (``read_vectored_nowait``
+        takes those). The small random read of a frontend that answers with one buffer
+        (FUSE): one copy of the range, no lists. Bad ranges raise as in ``read``."""
+        if self._throttles or self.dispatcher.queue:
+            return None
+        bs = self.block_size
+        b = offset // bs
+        if not 0 < length <= bs or (offset + length - 1) // bs != b:
+            return None
+        answered, data = self._one_nowait(b, offset, length, time.perf_counter())
+        if not answered:
+            return None
+        return data if data is not None else self._zero[:length]
+
     async def read_vectored(self, offset: int, length: int) -> list[bytes | memoryview]:
         """``read`` as buffers whose concatenation is the range (one per block touched;
         holes as views of zeros), so a frontend can send them without joining."""
@@ -750,6 +767,13 @@ class Volume:
     def discard_buffer(self) -> None:
         """Forget buffered writes (the volume is deleted or rolled back)."""
         self._buf.discard()
+
+    @property
+    def deleted(self) -> bool:
+        """Whether the manager deleted this volume (or discarded it as a receive's hidden
+        one): its requests answer NotFound, so a frontend holding it resolves the name
+        again."""
+        return self._deleted
 
     def mark_deleted(self) -> None:
         """Forget buffered writes and refuse I/O from now on (the manager deleted it)."""

@@ -248,6 +248,42 @@ def _ext4_on_a_volume_file(fused: FuseDaemon, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_a_handle_follows_its_volume_through_truncate_to_zero_and_regrowth(
+        fused: FuseDaemon, tmp_path: Path) -> None:
+    """fuse.fs VolumeFS invariant 1: read and write answer on the handle's volume without
+    resolving the inode only while that volume is not deleted. A file truncated to 0 (its
+    volume deleted, a placeholder left) and grown again by a write through the same open
+    handle reads the new volume's bytes, never the old one's (which a stale handle would
+    still hold in its record cache), and NBD sees the same."""
+    pool = fused.mnt / "tank"
+    old, new = _random(256 * 1024, 11), _random(64 * 1024, 12)
+    fd = os.open(pool / "t", os.O_RDWR | os.O_CREAT)
+    try:
+        os.pwrite(fd, old, 0)                         # a placeholder grows into a volume
+        os.fsync(fd)
+        for at in range(0, len(old), 4096):           # 4K reads: the handle's fast path
+            assert os.pread(fd, 4096, at) == old[at:at + 4096]
+        os.pwrite(fd, b"x" * 4096, 8192)              # a 4K rewrite of a cached block
+        assert os.pread(fd, 4096, 8192) == b"x" * 4096
+        os.ftruncate(fd, 0)                           # the volume goes, the handle stays
+        assert "tank/t" not in fused.volumes()
+        assert os.pread(fd, 4096, 0) == b"" and os.fstat(fd).st_size == 0
+        os.pwrite(fd, new, 4096)                      # a new volume, through the handle
+        assert fused.volumes()["tank/t"] == 4096 + len(new)
+        want = bytes(4096) + new
+        for at in range(0, len(want), 4096):
+            assert os.pread(fd, 4096, at) == want[at:at + 4096]
+        os.pwrite(fd, b"y" * 4096, 8192)
+        want = want[:8192] + b"y" * 4096 + want[12288:]
+        assert os.pread(fd, len(want), 0) == want
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert _nbd_read(fused, "tank/t", tmp_path) == want
+    check = fused.json("pool", "check", "tank", "--deep")
+    assert isinstance(check, dict) and check["ok"], check
+
+
 @pytest.mark.parametrize("direct", [0, 1])
 def test_fio_verify_crc32c(fused: FuseDaemon, direct: int) -> None:
     path = fused.mnt / "tank" / "fio"
