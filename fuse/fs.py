@@ -42,7 +42,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, cast
 
 import pyfuse3
 import trio
@@ -66,6 +66,7 @@ SNAPSHOT_DIR = ".snapshots"
 SECTOR = 512
 STATFS_BLOCK = 4096
 NAME_MAX = 255
+MAX_REPLY = 1 << 20          # libfuse's largest request (its buffer: 256 pages)
 Kind = Literal["root", "pool", "snapdir", "volume", "snapshot", "placeholder"]
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -231,6 +232,8 @@ class VolumeFS(pyfuse3.Operations):
         self._started_ns = time.time_ns()
         # Serialises namespace changes (create, resize, delete) made through the mount.
         self._namespace = trio.Lock()
+        # The buffer large reads are answered in when they need no wait (see ``read``).
+        self._scratch = bytearray(MAX_REPLY)
         self.initialized = trio.Event()   # set when the kernel's INIT has been answered
 
     def init(self) -> None:
@@ -702,11 +705,21 @@ class VolumeFS(pyfuse3.Operations):
         vol = h.volume if h is not None else None
         if vol is not None and not vol.deleted and off >= 0 and 0 < size <= vol.size - off:
             try:
-                data = vol.read_nowait(off, size)   # cached, buffered or a hole
+                if size <= vol.block_size:
+                    data = vol.read_nowait(off, size)   # cached, buffered or a hole
+                    if data is not None:
+                        return data
+                elif size <= MAX_REPLY:
+                    # Whole blocks read straight into the scratch buffer, not joined.
+                    # Sharing it is safe: pyfuse3 copies the answer into its reply as
+                    # soon as this coroutine returns, and nothing here waits between
+                    # filling it and returning.
+                    view = memoryview(self._scratch)[:size]
+                    if vol.readinto_nowait(off, view):
+                        # pyfuse3 takes any contiguous buffer; its stub says bytes.
+                        return cast(bytes, view)
             except Exception as e:
                 raise _answer("read", e) from None
-            if data is not None:
-                return data
         return await self._read(fh, off, size)
 
     @edge

@@ -461,6 +461,35 @@ class Volume:
                 dest[:] = self._zero_view[lo:hi] if v is None else v[lo:hi]
         self._count_read(length, started)
 
+    def readinto_nowait(self, offset: int, buffer: bytearray | memoryview) -> bool:
+        """``readinto`` of whole blocks when it needs no wait (buffered blocks copied,
+        holes zeroed, the rest record-cached or page-cached and healthy: read and checked
+        straight into ``buffer``); False for any other range or when something needs a
+        wait, and then what ``buffer`` holds is undefined. Lets a frontend that answers
+        large reads with one buffer of its own (FUSE) skip joining per-block buffers. Bad
+        ranges raise as in ``read``."""
+        if self._throttles or self.dispatcher.queue:
+            return False
+        started = time.perf_counter()
+        view = memoryview(buffer).cast("B")
+        length = len(view)
+        bs = self.block_size
+        if offset % bs or length % bs or not length:
+            return False
+        _spans, buffered, need = self._begin_read(offset, length)
+        first = offset // bs
+        if buffered:
+            zero = self._zero_view
+            for b, v in buffered.items():
+                at = (b - first) * bs
+                view[at:at + bs] = zero if v is None else v
+        if need and not self._pool.read_blocks_into_nowait(
+                self._map, need, bs, [view[(b - first) * bs:(b - first + 1) * bs]
+                                      for b in need]):
+            return False
+        self._count_read(length, started)
+        return True
+
     def _count_read(self, length: int, started: float) -> None:
         stats = self._stats
         stats["reads"] += 1

@@ -297,6 +297,23 @@ def test_fio_verify_crc32c(fused: FuseDaemon, direct: int) -> None:
     assert job["error"] == 0 and job["write"]["io_bytes"] >= 24 * MiB
 
 
+def test_concurrent_1m_reads_verify_from_buffer_and_pool(fused: FuseDaemon) -> None:
+    """VolumeFS.read answers whole-block reads in one shared buffer (fuse/fs.py: pyfuse3
+    copies it into the reply before any other request runs): 1 MiB reads eight at a time,
+    first of buffered blocks, then (after fsync) of records, each verified by fio."""
+    path = fused.mnt / "tank" / "seq"
+    run("truncate", "-s", "32M", path)
+    common = [f"--filename={path}", "--bs=1m", "--size=32M", "--verify=crc32c",
+              "--verify_fatal=1", "--direct=1", "--ioengine=libaio", "--iodepth=8",
+              "--verify_state_save=0", "--output-format=json"]
+    for args in (["--name=w", "--rw=write", "--do_verify=1", "--end_fsync=1"],
+                 ["--name=w", "--rw=write", "--verify_only"]):
+        r = run("fio", *args, *common, ok=False)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+        job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
+        assert job["error"] == 0 and job["read"]["io_bytes"] >= 32 * MiB, job["read"]
+
+
 # ---- attributes -----------------------------------------------------------------------------
 def test_du_shows_thin_usage_and_df_shows_the_pool(fused: FuseDaemon) -> None:
     path = fused.mnt / "tank" / "thin"
