@@ -544,6 +544,42 @@ def encode_pieces(pdu: PDU, *, header_digest: bool = False,
     return parts
 
 
+# The two answers nearly every command gets, packed straight from their fields: a read's
+# only Data-In, carrying its GOOD status (F and S bits; LUN, DataSN, offset and residual
+# zero), and a SCSI Response with GOOD status and nothing else. Byte for byte what
+# ``encode_pieces`` makes of the same DataIn / ScsiResponse (tests/unit/test_iscsi_proto.py)
+# without building the PDU value first: these run once per command.
+_DATA_IN_STATUS: Final = struct.Struct(">BBxBI8xIIIII12x")
+_GOOD_RESPONSE: Final = struct.Struct(">BBxBI8xI4xIII12x")
+
+
+def data_in_with_status(itt: int, statsn: int, exp_cmdsn: int, max_cmdsn: int,
+                        data: Payload, *, header_digest: bool = False,
+                        data_digest: bool = False) -> list[Payload]:
+    """``encode_pieces(DataIn(final=True, has_status=True, status=GOOD, ...))``."""
+    n = len(data)
+    if not 0 < n < 1 << 24:
+        raise ValueError("a Data-In segment is 1 byte to 16 MiB")
+    head = _DATA_IN_STATUS.pack(OP_DATA_IN, 0x81, 0, n, itt, RESERVED_TAG, statsn,
+                                exp_cmdsn, max_cmdsn)
+    if header_digest:
+        head += crc32c(head).to_bytes(4, "little")
+    pad = _PADS[-n % 4]
+    parts: list[Payload] = [head, data, pad] if pad else [head, data]
+    if data_digest:
+        parts.append(crc32c(pad, crc32c(data)).to_bytes(4, "little"))
+    return parts
+
+
+def good_response(itt: int, statsn: int, exp_cmdsn: int, max_cmdsn: int, *,
+                  header_digest: bool = False) -> bytes:
+    """``encode(ScsiResponse(status=GOOD, ...))``."""
+    head = _GOOD_RESPONSE.pack(OP_SCSI_RSP, 0x80, 0, 0, itt, statsn, exp_cmdsn, max_cmdsn)
+    if header_digest:
+        head += crc32c(head).to_bytes(4, "little")
+    return head
+
+
 def decode(bhs: bytes, ahs: bytes = b"", data: Payload = b"") -> PDU:
     """A PDU from its parts (``bhs`` exactly 48 bytes); unknown opcodes raise."""
     if len(bhs) != BHS_LEN:

@@ -90,6 +90,37 @@ def test_digests_are_crc32c_and_checked() -> None:
     assert e.value.fatal
 
 
+_U32 = st.integers(0, 2**32 - 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_U32, _U32, _U32, _U32, st.binary(min_size=1, max_size=70), st.booleans(),
+       st.booleans())
+def test_fast_answers_are_byte_identical_to_the_general_encoder(
+        itt: int, statsn: int, exp_cmdsn: int, max_cmdsn: int, data: bytes, hd: bool,
+        dd: bool) -> None:
+    """The packed-at-once Data-In with status and GOOD SCSI Response (one per command)
+    are exactly what encode_pieces makes of the same PDU values, digests and padding
+    included, and read back as those values."""
+    din = P.DataIn(final=True, has_status=True, status=0, itt=itt, statsn=statsn,
+                   exp_cmdsn=exp_cmdsn, max_cmdsn=max_cmdsn, data=data)
+    fast = P.data_in_with_status(itt, statsn, exp_cmdsn, max_cmdsn, data,
+                                 header_digest=hd, data_digest=dd)
+    general = P.encode_pieces(din, header_digest=hd, data_digest=dd)
+    assert [bytes(x) for x in fast] == [bytes(x) for x in general]
+    rsp = P.ScsiResponse(status=0, itt=itt, statsn=statsn, exp_cmdsn=exp_cmdsn,
+                         max_cmdsn=max_cmdsn)
+    good = P.good_response(itt, statsn, exp_cmdsn, max_cmdsn, header_digest=hd)
+    assert good == P.encode(rsp, header_digest=hd)
+    r = P.PDUReader(opcodes=P.TARGET_OPCODES)
+    r.header_digest, r.data_digest = hd, dd
+    r.receive_data(b"".join(bytes(x) for x in fast) + good)
+    assert r.next_pdu() == din
+    assert r.next_pdu() == rsp
+    with pytest.raises(ValueError):
+        P.data_in_with_status(itt, statsn, exp_cmdsn, max_cmdsn, b"")
+
+
 def test_data_segment_longer_than_negotiated_is_refused() -> None:
     r = P.PDUReader(max_data=512)
     r.receive_data(P.encode(P.NopOut(data=bytes(1024))))
