@@ -121,6 +121,42 @@ def test_fast_answers_are_byte_identical_to_the_general_encoder(
         P.data_in_with_status(itt, statsn, exp_cmdsn, max_cmdsn, b"")
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0, 1, 3, 4096, 300_000]), st.booleans()),
+                min_size=1, max_size=6),
+       st.lists(st.integers(1, 320_000), min_size=1, max_size=8), st.booleans())
+def test_reader_buffer_reused_across_receives_frames_exactly(
+        shapes: list[tuple[int, bool]], chunks: list[int], digests: bool) -> None:
+    """The reader's one reused buffer (received into through ``room``): any split of the
+    stream into receives -- PDUs cut anywhere, a PDU longer than the room (the buffer
+    grows), a partial tail moved to the front -- gives back exactly the PDUs sent, in
+    order, as byte-wise feeding does (invariant 9)."""
+    pdus: list[P.PDU] = []
+    for i, (n, cmd) in enumerate(shapes):
+        data = bytes([i % 251]) * n
+        pdus.append(P.ScsiCommand(write=True, itt=i, edtl=n, cmdsn=i, data=data) if cmd
+                    else P.DataOut(final=True, itt=i, offset=i, data=data))
+    wire = b"".join(P.encode(p, header_digest=digests, data_digest=digests) for p in pdus)
+    r = P.PDUReader(max_data=1 << 20)
+    r.header_digest = r.data_digest = digests
+    got: list[P.PDU] = []
+    pos, k = 0, 0
+    while pos < len(wire):
+        want = chunks[k % len(chunks)]
+        k += 1
+        with r.room(min(want, 4096) if k % 3 else want) as room:
+            n = min(len(room), want, len(wire) - pos)
+            room[:n] = wire[pos:pos + n]
+        r.received(n)
+        pos += n
+        while (p := r.next_pdu()) is not None:
+            got.append(p)
+    assert got == pdus
+    assert r.buffered == 0
+    with pytest.raises(ValueError):
+        r.received(len(r.room()) + 1)
+
+
 def test_data_segment_longer_than_negotiated_is_refused() -> None:
     r = P.PDUReader(max_data=512)
     r.receive_data(P.encode(P.NopOut(data=bytes(1024))))
