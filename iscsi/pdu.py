@@ -628,12 +628,15 @@ class PDUReader:
         if len(buf) - end < want:
             held = end - start
             if held + want > len(buf):
-                # (a new buffer: the bytes held, then room for what is wanted)
-                new = bytearray(max(2 * len(buf), held + want))
-                new[:held] = buf[start:end]
+                # (a new buffer: the bytes held, then room for what is wanted, and more,
+                # so that a partial PDU is moved to the front seldom)
+                new = bytearray(max(2 * len(buf), 4 * want, held + want))
+                with memoryview(buf) as old:
+                    new[:held] = old[start:end]
                 self._buf = buf = new
             elif held:
-                buf[:held] = buf[start:end]
+                with memoryview(buf) as view:
+                    view[:held] = view[start:end]        # (a memmove)
             self._start, self._end = 0, held
             end = held
         return memoryview(buf)[end:]

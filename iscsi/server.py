@@ -37,7 +37,7 @@ from volumes.volume import LATENCY_BUCKETS
 log = logging.getLogger(__name__)
 RECV = 256 * 1024        # room offered to one receive (iscsi.pdu.PDUReader.room)
 LOGIN_RECV = 16 * 1024   # ... before login (what an unauthenticated peer makes us hold)
-COPY_BELOW = 16 * 1024  # buffers smaller than this are joined before sending
+COPY_BELOW = 1024       # buffers smaller than this (headers) are joined before sending
 IOV_CHUNK = 512         # buffers per sendmsg (IOV_MAX is 1024)
 SEND_NOW = 64 * 1024    # answers this large are handed to the writer at once
 SEND_AHEAD = 16 << 20   # unsent answers beyond this stop the reading of commands
