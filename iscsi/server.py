@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 RECV = 256 * 1024        # room offered to one receive (iscsi.pdu.PDUReader.room)
 LOGIN_RECV = 16 * 1024   # ... before login (what an unauthenticated peer makes us hold)
 COPY_BELOW = 1024       # buffers smaller than this (headers) are joined before sending
-IOV_CHUNK = 512         # buffers per sendmsg (IOV_MAX is 1024)
+IOV_CHUNK = 64          # buffers per sendmsg (IOV_MAX is 1024): 256 KiB of 4 KiB blocks,
+                        # about what loopback's socket takes at once; sendmsg looks at
+                        # every buffer it is given, sent or not
 SEND_NOW = 64 * 1024    # answers this large are handed to the writer at once
 SEND_AHEAD = 16 << 20   # unsent answers beyond this stop the reading of commands
 FAIR_EVERY = 16         # the read loop yields at least once per this many receives
