@@ -410,6 +410,10 @@ class UnitState(Protocol):
     @property
     def caps(self) -> UnitCapabilities: ...
     @property
+    def read_only(self) -> bool:
+        """``caps.read_only``, without building the whole capabilities (every WRITE asks)."""
+        ...
+    @property
     def d_sense(self) -> bool: ...
     @property
     def serial(self) -> str: ...
@@ -608,7 +612,7 @@ def _range(unit: UnitState, lba: int, count: int) -> None:
 
 
 def _write_protect(unit: UnitState) -> None:
-    if unit.caps.read_only:
+    if unit.read_only:
         raise _Refused(check(WRITE_PROTECTED))
 
 

@@ -96,7 +96,7 @@ class PDU:
     BITS: ClassVar[tuple[tuple[str, int], ...]] = ()
     FIELDS1: ClassVar[tuple[tuple[str, int, int], ...]] = ()
     _PACK: ClassVar[Callable[[PDU], bytes]]
-    _UNPACK: ClassVar[Callable[[Payload, bytes, Payload], PDU]]   # BHS at the start
+    _UNPACK: ClassVar[Callable[..., PDU]]   # (buffer, ahs, data, pos=0): BHS at pos
 
     immediate: bool = False
     ahs: bytes = b""
@@ -161,8 +161,8 @@ def _compile(cls: type[PDU]) -> None:
         raise TypeError(f"{cls.__name__}: a field is neither in the BHS nor AHS/data")
     body = "".join(f"    p.{line}\n" for line in sets)
     source = (f"def pack(p):\n    return _pack({pack_args})\n"
-              f"def unpack(bhs, ahs, data):\n"
-              f"    {targets}, = _unpack(bhs, 0)\n"
+              f"def unpack(bhs, ahs, data, pos=0):\n"
+              f"    {targets}, = _unpack(bhs, pos)\n"
               f"    p = _new(cls)\n{body}    return p\n")
     namespace: dict[str, Any] = {"_pack": layout.pack, "_unpack": layout.unpack_from,
                                  "_new": object.__new__, "cls": cls}
@@ -544,6 +544,42 @@ def encode_pieces(pdu: PDU, *, header_digest: bool = False,
     return parts
 
 
+# The two answers nearly every command gets, packed straight from their fields: a read's
+# only Data-In, carrying its GOOD status (F and S bits; LUN, DataSN, offset and residual
+# zero), and a SCSI Response with GOOD status and nothing else. Byte for byte what
+# ``encode_pieces`` makes of the same DataIn / ScsiResponse (tests/unit/test_iscsi_proto.py)
+# without building the PDU value first: these run once per command.
+_DATA_IN_STATUS: Final = struct.Struct(">BBxBI8xIIIII12x")
+_GOOD_RESPONSE: Final = struct.Struct(">BBxBI8xI4xIII12x")
+
+
+def data_in_with_status(itt: int, statsn: int, exp_cmdsn: int, max_cmdsn: int,
+                        data: Payload, *, header_digest: bool = False,
+                        data_digest: bool = False) -> list[Payload]:
+    """``encode_pieces(DataIn(final=True, has_status=True, status=GOOD, ...))``."""
+    n = len(data)
+    if not 0 < n < 1 << 24:
+        raise ValueError("a Data-In segment is 1 byte to 16 MiB")
+    head = _DATA_IN_STATUS.pack(OP_DATA_IN, 0x81, 0, n, itt, RESERVED_TAG, statsn,
+                                exp_cmdsn, max_cmdsn)
+    if header_digest:
+        head += crc32c(head).to_bytes(4, "little")
+    pad = _PADS[-n % 4]
+    parts: list[Payload] = [head, data, pad] if pad else [head, data]
+    if data_digest:
+        parts.append(crc32c(pad, crc32c(data)).to_bytes(4, "little"))
+    return parts
+
+
+def good_response(itt: int, statsn: int, exp_cmdsn: int, max_cmdsn: int, *,
+                  header_digest: bool = False) -> bytes:
+    """``encode(ScsiResponse(status=GOOD, ...))``."""
+    head = _GOOD_RESPONSE.pack(OP_SCSI_RSP, 0x80, 0, 0, itt, statsn, exp_cmdsn, max_cmdsn)
+    if header_digest:
+        head += crc32c(head).to_bytes(4, "little")
+    return head
+
+
 def decode(bhs: bytes, ahs: bytes = b"", data: Payload = b"") -> PDU:
     """A PDU from its parts (``bhs`` exactly 48 bytes); unknown opcodes raise."""
     if len(bhs) != BHS_LEN:
@@ -555,9 +591,21 @@ def decode(bhs: bytes, ahs: bytes = b"", data: Payload = b"") -> PDU:
     return cls.from_bhs(bytes(bhs), bytes(ahs), bytes(data))
 
 
+RECV_ROOM: Final = 256 * 1024   # free room the reader's buffer offers a receive
+
+
 class PDUReader:
     """Frames a byte stream into PDUs. Digests and the longest data segment accepted are
-    settings that change when login completes."""
+    settings that change when login completes.
+
+    The stream is kept in one buffer that is reused, never shrunk: bytes ``[_start,
+    _end)`` are received and not yet framed. The transport receives straight into its
+    free room (``room`` / ``received``: one copy, by the kernel, into memory already
+    mapped), or hands bytes to ``receive_data``. A buffer that grows with each receive
+    and shrinks as PDUs are taken from its front is reallocated again and again, and
+    fresh memory costs a page fault per 4 KiB to fill; this one only moves the tail of a
+    partial PDU to the front when the room runs short, and grows (to a new buffer) only
+    when a PDU is longer than the room."""
 
     def __init__(self, *, max_data: int = DEFAULT_MAX_RECV, opcodes: frozenset[int]
                  = INITIATOR_OPCODES) -> None:
@@ -566,76 +614,113 @@ class PDUReader:
         self.data_digest = False
         self.opcodes = opcodes
         self._buf = bytearray()
+        self._start = 0
+        self._end = 0
         self._skip = 0          # bytes of a refused data segment still to discard
 
+    def room(self, want: int = RECV_ROOM) -> memoryview:
+        """Free room at the end of the buffer, at least ``want`` bytes, for the transport
+        to receive into; then call ``received`` with the count. (The buffer is replaced,
+        never resized, so a view handed out earlier never blocks it.)"""
+        buf, start, end = self._buf, self._start, self._end
+        if start == end:
+            start = end = self._start = self._end = 0
+        if len(buf) - end < want:
+            held = end - start
+            if held + want > len(buf):
+                # (a new buffer: the bytes held, then room for what is wanted, and more,
+                # so that a partial PDU is moved to the front seldom)
+                new = bytearray(max(2 * len(buf), 4 * want, held + want))
+                with memoryview(buf) as old:
+                    new[:held] = old[start:end]
+                self._buf = buf = new
+            elif held:
+                with memoryview(buf) as view:
+                    view[:held] = view[start:end]        # (a memmove)
+            self._start, self._end = 0, held
+            end = held
+        return memoryview(buf)[end:]
+
+    def received(self, n: int) -> None:
+        """``n`` bytes were written at the start of the last ``room``."""
+        if n < 0 or self._end + n > len(self._buf):
+            raise ValueError("received more than the room offered")
+        self._end += n
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        self._buf += data
+        n = len(data)
+        if n:
+            with self.room(n) as view:
+                view[:n] = data
+            self._end += n
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return self._end - self._start
 
     def next_pdu(self) -> PDU | None:
         """The next whole PDU, or None if more bytes are needed."""
-        buf = self._buf
-        if len(buf) < BHS_LEN or self._skip or self.header_digest or self.data_digest \
-                or buf[4]:
+        buf, start = self._buf, self._start
+        if self._end - start < BHS_LEN or self._skip or self.header_digest \
+                or self.data_digest or buf[start + 4]:
             return self._next_general()
         # The common case, without digests or AHS: one unpack straight from the buffer.
-        dlen = _LENGTHS.unpack_from(buf, 4)[0] & 0xFFFFFF
+        dlen = _LENGTHS.unpack_from(buf, start + 4)[0] & 0xFFFFFF
         total = BHS_LEN + dlen + (-dlen & 3)
-        if dlen > self.max_data or len(buf) < total:
+        if dlen > self.max_data or self._end - start < total:
             return self._next_general()
-        cls = PDU_TYPES.get(buf[0] & 0x3F)
+        cls = PDU_TYPES.get(buf[start] & 0x3F)
         if cls is None or cls.OPCODE not in self.opcodes:
             return self._next_general()
         if dlen:
             with memoryview(buf) as view:
-                data = bytes(view[BHS_LEN:BHS_LEN + dlen])
+                data = bytes(view[start + BHS_LEN:start + BHS_LEN + dlen])
         else:
             data = b""
-        pdu = cls._UNPACK(buf, b"", data)
-        del buf[:total]
+        pdu = cls._UNPACK(buf, b"", data, start)
+        self._start = start + total
         return pdu
 
     def _next_general(self) -> PDU | None:
         buf = self._buf
         if self._skip:
-            n = min(self._skip, len(buf))
-            del buf[:n]
+            n = min(self._skip, self._end - self._start)
+            self._start += n
             self._skip -= n
             if self._skip:
                 return None
-        if len(buf) < BHS_LEN:
+        start = self._start
+        have = self._end - start
+        if have < BHS_LEN:
             return None
-        ahs_len = buf[4] * 4
-        dlen = int.from_bytes(buf[5:8], "big")
+        ahs_len = buf[start + 4] * 4
+        dlen = int.from_bytes(buf[start + 5:start + 8], "big")
         hd = 4 if self.header_digest else 0
         head_end = BHS_LEN + ahs_len
-        if len(buf) < head_end + hd:
+        if have < head_end + hd:
             return None
-        bhs = bytes(buf[:BHS_LEN])
-        if hd:
-            want = int.from_bytes(buf[head_end:head_end + 4], "little")
-            if crc32c(buf[:head_end]) != want:
-                # The header cannot be trusted, so neither can the framing after it.
-                raise ProtocolError("header digest error", header=bhs)
-        opcode = bhs[0] & 0x3F
-        if dlen > self.max_data:
-            raise ProtocolError(f"data segment of {dlen} bytes is longer than the "
-                                f"negotiated {self.max_data}", header=bhs)
-        dd = 4 if self.data_digest and dlen else 0
-        total = head_end + hd + dlen + pad4(dlen) + dd
-        if len(buf) < total:
-            return None
-        ahs = bytes(buf[BHS_LEN:head_end]) if ahs_len else b""
-        dstart = head_end + hd
-        with memoryview(buf) as view:
-            # one copy of the data segment, out of the buffer (released before the del)
+        bhs = bytes(buf[start:start + BHS_LEN])
+        with memoryview(buf) as whole, whole[start:self._end] as view:
+            if hd:
+                want = int.from_bytes(view[head_end:head_end + 4], "little")
+                if crc32c(view[:head_end]) != want:
+                    # The header cannot be trusted, so neither can the framing after it.
+                    raise ProtocolError("header digest error", header=bhs)
+            opcode = bhs[0] & 0x3F
+            if dlen > self.max_data:
+                raise ProtocolError(f"data segment of {dlen} bytes is longer than the "
+                                    f"negotiated {self.max_data}", header=bhs)
+            dd = 4 if self.data_digest and dlen else 0
+            total = head_end + hd + dlen + pad4(dlen) + dd
+            if have < total:
+                return None
+            ahs = bytes(view[BHS_LEN:head_end]) if ahs_len else b""
+            dstart = head_end + hd
+            # one copy of the data segment, out of the buffer
             good = not dd or crc32c(view[dstart:dstart + dlen + pad4(dlen)]) == \
                 int.from_bytes(view[total - 4:total], "little")
             data = bytes(view[dstart:dstart + dlen]) if good and dlen else b""
-        del buf[:total]
+        self._start = start + total
         if not good:
             raise ProtocolError("data digest error", reason=REJECT_DATA_DIGEST, header=bhs,
                                 fatal=opcode == OP_DATA_OUT)

@@ -69,6 +69,11 @@ class LogicalUnit:
         """What the volume offers, as of now (a view's read-only flag may be set late)."""
         return self.volume.capabilities()
 
+    @property
+    def read_only(self) -> bool:
+        """``caps.read_only`` (the volume's flag, which capabilities() reports as is)."""
+        return self.volume.read_only
+
     # ---- entry point -----------------------------------------------------------------
     def plan(self, cdb: bytes, nexus: Nexus | None = None) -> Plan | Result:
         """``nexus``: the I_T nexus the command came from (None: an anonymous one)."""

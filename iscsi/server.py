@@ -35,9 +35,12 @@ from volumes import Opener
 from volumes.volume import LATENCY_BUCKETS
 
 log = logging.getLogger(__name__)
-RECV = 256 * 1024
-COPY_BELOW = 16 * 1024  # buffers smaller than this are joined before sending
-IOV_CHUNK = 512         # buffers per sendmsg (IOV_MAX is 1024)
+RECV = 256 * 1024        # room offered to one receive (iscsi.pdu.PDUReader.room)
+LOGIN_RECV = 16 * 1024   # ... before login (what an unauthenticated peer makes us hold)
+COPY_BELOW = 1024       # buffers smaller than this (headers) are joined before sending
+IOV_CHUNK = 64          # buffers per sendmsg (IOV_MAX is 1024): 256 KiB of 4 KiB blocks,
+                        # about what loopback's socket takes at once; sendmsg looks at
+                        # every buffer it is given, sent or not
 SEND_NOW = 64 * 1024    # answers this large are handed to the writer at once
 SEND_AHEAD = 16 << 20   # unsent answers beyond this stop the reading of commands
 FAIR_EVERY = 16         # the read loop yields at least once per this many receives
@@ -246,10 +249,11 @@ class _Wire:
         """Forget the fd (the SocketStream closes it)."""
         self.sock.detach()
 
-    async def receive(self, n: int) -> bytes:
+    async def receive_into(self, view: memoryview) -> int:
+        """Receive into ``view`` (the PDU reader's own buffer); 0 at end of stream."""
         while True:
             try:
-                return self.sock.recv(n)
+                return self.sock.recv_into(view)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self.sock)
             except OSError as e:
@@ -386,6 +390,7 @@ class _Client:
 
     async def _read_loop(self, tasks: trio.Nursery) -> None:
         conn = self.conn
+        reader = conn.reader
         quick = 0
         while True:
             ev = conn.next_event()
@@ -394,15 +399,18 @@ class _Client:
                     self._wake.set()        # the writer is busy: it sends this next
                 else:
                     await self.flush()      # (at once; or backpressure on a laggard)
-                data = await self.wire.receive(RECV)
-                if not data:
+                # Straight into the reader's buffer (no bytes object per receive, no
+                # copy to append it); a small room until logged in.
+                with reader.room(RECV if self.logged_in else LOGIN_RECV) as room:
+                    n = await self.wire.receive_into(room)
+                if not n:
                     return
+                reader.received(n)
                 quick += 1
                 if quick >= FAIR_EVERY:     # (a receive yields only when it must wait)
                     quick = 0
                     await trio.lowlevel.checkpoint()
                 self._last_rx = trio.current_time()
-                conn.receive_data(data)
             elif type(ev) is Execute:        # (the common event first)
                 data = ev.task.payload()
                 if not self._at_once(ev.task, data):

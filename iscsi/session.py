@@ -111,8 +111,8 @@ class Task:
     edtl: int
     read: bool
     plan: C.Plan | None = None
-    data: bytes | bytearray = b""   # immediate data as received; a bytearray once
-                                    # Data-Out PDUs add to it
+    data: bytes = b""              # immediate data as received
+    more: list[P.Payload] | None = None   # Data-Out segments, in order
     received: int = 0
     unsolicited_end: int = 0       # Data-Out up to here needs no R2T
     unsolicited_open: bool = False
@@ -128,10 +128,17 @@ class Task:
     residual: int = 0
 
     def payload(self) -> bytes:
-        """The Data-Out the command runs with (extra unsolicited bytes cut off)."""
-        data = self.data
-        if isinstance(data, bytes):
-            return data if len(data) == self.want else data[:self.want]
+        """The Data-Out the command runs with (extra unsolicited bytes cut off): the
+        immediate data and the Data-Out segments joined once, at the end (one copy into
+        one buffer of the final size; growing a buffer per segment copied the data
+        again at every reallocation and once more to cut it)."""
+        data, more = self.data, self.more
+        if more:
+            data = b"".join((data, *more)) if data else b"".join(more)
+            self.more = None
+            self.data = data
+        if len(data) == self.want:
+            return data
         with memoryview(data) as view:
             return bytes(view[:self.want])
 
@@ -188,6 +195,8 @@ class Connection:
         self._text: tuple[int, bytes] | None = None  # (ttt, rest) of a long text answer
         self._ping: int | None = None
         self.stats: dict[str, int] = {}
+        self._header_digest = False       # as negotiated, once logged in
+        self._data_digest = False
 
     # ---- I/O side ----------------------------------------------------------------------
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
@@ -232,9 +241,8 @@ class Connection:
 
     def _send(self, p: P.PDU) -> None:
         self.queued_data += len(p.data)
-        digests = self.result is not None
-        self._out += P.encode_pieces(p, header_digest=digests and self.reader.header_digest,
-                                     data_digest=digests and self.params.data_digest)
+        self._out += P.encode_pieces(p, header_digest=self._header_digest,
+                                     data_digest=self._data_digest)
 
     def _stat(self) -> int:
         sn = self.statsn
@@ -338,6 +346,9 @@ class Connection:
         self.reader.max_data = result.params.max_recv_data
         self.reader.header_digest = result.params.header_digest
         self.reader.data_digest = result.params.data_digest
+        # (digests start with the first PDU after the final Login Response)
+        self._header_digest = result.params.header_digest
+        self._data_digest = result.params.data_digest
         if result.target is not None:
             self.nexus = Nexus(result.initiator.lower(), result.isid)
             self.unit = self.unit_for(result.target)
@@ -526,9 +537,10 @@ class Connection:
                 task.r2ts[p.ttt] = (off, length, datasn + 1)
         if end > task.edtl:
             raise ProtocolError("Data-Out beyond the expected transfer length")
-        if isinstance(task.data, bytes):
-            task.data = bytearray(task.data)
-        task.data += p.data
+        if task.more is None:
+            task.more = [p.data]
+        else:
+            task.more.append(p.data)
         task.received = end
 
     def _start(self, task: Task) -> None:
@@ -567,15 +579,16 @@ class Connection:
             if size and len(parts) == 1 and task.read and size == task.edtl \
                     and size <= self.params.max_send_data \
                     and size <= self.params.max_burst_length:
-                self._send(P.DataIn(final=True, has_status=True, status=C.GOOD,
-                                    itt=task.itt, statsn=self._stat(),
-                                    exp_cmdsn=self.exp_cmdsn, max_cmdsn=self.max_cmdsn,
-                                    data=parts[0]))
+                data = parts[0]
+                self.queued_data += size
+                self._out += P.data_in_with_status(
+                    task.itt, self._stat(), self.exp_cmdsn, self.max_cmdsn, data,
+                    header_digest=self._header_digest, data_digest=self._data_digest)
                 return
             if not size and not (task.read and task.edtl):
-                self._send(P.ScsiResponse(status=C.GOOD, itt=task.itt,
-                                          statsn=self._stat(), exp_cmdsn=self.exp_cmdsn,
-                                          max_cmdsn=self.max_cmdsn))
+                self._out.append(P.good_response(task.itt, self._stat(), self.exp_cmdsn,
+                                                 self.max_cmdsn,
+                                                 header_digest=self._header_digest))
                 return
         if overflow is None:
             overflow, underflow, residual = task.overflow, task.underflow, task.residual

@@ -90,6 +90,73 @@ def test_digests_are_crc32c_and_checked() -> None:
     assert e.value.fatal
 
 
+_U32 = st.integers(0, 2**32 - 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_U32, _U32, _U32, _U32, st.binary(min_size=1, max_size=70), st.booleans(),
+       st.booleans())
+def test_fast_answers_are_byte_identical_to_the_general_encoder(
+        itt: int, statsn: int, exp_cmdsn: int, max_cmdsn: int, data: bytes, hd: bool,
+        dd: bool) -> None:
+    """The packed-at-once Data-In with status and GOOD SCSI Response (one per command)
+    are exactly what encode_pieces makes of the same PDU values, digests and padding
+    included, and read back as those values."""
+    din = P.DataIn(final=True, has_status=True, status=0, itt=itt, statsn=statsn,
+                   exp_cmdsn=exp_cmdsn, max_cmdsn=max_cmdsn, data=data)
+    fast = P.data_in_with_status(itt, statsn, exp_cmdsn, max_cmdsn, data,
+                                 header_digest=hd, data_digest=dd)
+    general = P.encode_pieces(din, header_digest=hd, data_digest=dd)
+    assert [bytes(x) for x in fast] == [bytes(x) for x in general]
+    rsp = P.ScsiResponse(status=0, itt=itt, statsn=statsn, exp_cmdsn=exp_cmdsn,
+                         max_cmdsn=max_cmdsn)
+    good = P.good_response(itt, statsn, exp_cmdsn, max_cmdsn, header_digest=hd)
+    assert good == P.encode(rsp, header_digest=hd)
+    r = P.PDUReader(opcodes=P.TARGET_OPCODES)
+    r.header_digest, r.data_digest = hd, dd
+    r.receive_data(b"".join(bytes(x) for x in fast) + good)
+    assert r.next_pdu() == din
+    assert r.next_pdu() == rsp
+    with pytest.raises(ValueError):
+        P.data_in_with_status(itt, statsn, exp_cmdsn, max_cmdsn, b"")
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0, 1, 3, 4096, 300_000]), st.booleans()),
+                min_size=1, max_size=6),
+       st.lists(st.integers(1, 320_000), min_size=1, max_size=8), st.booleans())
+def test_reader_buffer_reused_across_receives_frames_exactly(
+        shapes: list[tuple[int, bool]], chunks: list[int], digests: bool) -> None:
+    """The reader's one reused buffer (received into through ``room``): any split of the
+    stream into receives -- PDUs cut anywhere, a PDU longer than the room (the buffer
+    grows), a partial tail moved to the front -- gives back exactly the PDUs sent, in
+    order, as byte-wise feeding does (invariant 9)."""
+    pdus: list[P.PDU] = []
+    for i, (n, cmd) in enumerate(shapes):
+        data = bytes([i % 251]) * n
+        pdus.append(P.ScsiCommand(write=True, itt=i, edtl=n, cmdsn=i, data=data) if cmd
+                    else P.DataOut(final=True, itt=i, offset=i, data=data))
+    wire = b"".join(P.encode(p, header_digest=digests, data_digest=digests) for p in pdus)
+    r = P.PDUReader(max_data=1 << 20)
+    r.header_digest = r.data_digest = digests
+    got: list[P.PDU] = []
+    pos, k = 0, 0
+    while pos < len(wire):
+        want = chunks[k % len(chunks)]
+        k += 1
+        with r.room(min(want, 4096) if k % 3 else want) as room:
+            n = min(len(room), want, len(wire) - pos)
+            room[:n] = wire[pos:pos + n]
+        r.received(n)
+        pos += n
+        while (p := r.next_pdu()) is not None:
+            got.append(p)
+    assert got == pdus
+    assert r.buffered == 0
+    with pytest.raises(ValueError):
+        r.received(len(r.room()) + 1)
+
+
 def test_data_segment_longer_than_negotiated_is_refused() -> None:
     r = P.PDUReader(max_data=512)
     r.receive_data(P.encode(P.NopOut(data=bytes(1024))))
