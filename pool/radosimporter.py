@@ -14,7 +14,9 @@ Invariants (DESIGN numbers in brackets):
    not reference (``RadosStore.sweep``) and checkpoints [1, 2].
 4. A create names the pool in the directory only after its first checkpoint is
    committed: a crash before leaves objects under an unnamed uuid, never a named pool
-   without a superblock (backend invariant 3).
+   without a superblock (backend invariant 3). Naming is atomic (backend invariant 4):
+   a create that lost a race for its name deletes every object it wrote, then raises
+   AlreadyExists.
 5. On any failure after the connection opened, the lock (if taken) is released and the
    connection closed: a failed create/open leaves no client behind.
 """
@@ -33,6 +35,7 @@ from pool.layout import MAX_EXTENT, MIN_EXTENT, Layout, new_uuid
 from pool.maps import Node
 from pool.metastore import MetaStore
 from pool.profile import Profile
+from pool.rados import destroy as destroying
 from pool.rados.backend import (
     OBJECT_KINDS,
     NodeRef,
@@ -99,7 +102,14 @@ async def create(cls: type[Pool], name: str, target: RadosTarget, *, profile: st
         await lock.acquire(create=True)
         await meta.format(sb)
         await pool.txn.checkpoint()
-        await name_pool(conn, name, pool_uuid)
+        try:
+            await name_pool(conn, name, pool_uuid)
+        except AlreadyExists:             # another create took the name meanwhile
+            log.info("pool %s (%s): another create named it first; deleting what this "
+                     "one wrote", name, pool_uuid)
+            with trio.CancelScope(shield=True):
+                await purge(conn, lock, pool_uuid)
+            raise
     except BaseException:
         await _abandon(conn, lock)
         raise
@@ -174,3 +184,39 @@ async def _abandon(conn: Connection, lock: OwnershipLock | None) -> None:
             except StorageError as e:
                 log.warning("releasing %s after a failed import: %s", lock.oid, e.message)
         await conn.close()
+
+
+async def purge(conn: Connection, lock: OwnershipLock, pool_uuid: str) -> None:
+    """Delete every object of an unnamed pool this client created and holds (invariant
+    4); a failure leaves orphans (an unnamed uuid), never a named pool."""
+    try:
+        await destroying.delete_objects(conn, await destroying.pool_objects(conn, pool_uuid))
+        await destroying.drop_header(conn, lock)
+    except StorageError as e:
+        log.warning("pool %s lost the race for its name; deleting its objects: %s",
+                    pool_uuid, e.message)
+
+
+async def destroy(pool: Pool, progress: destroying.Progress | None) -> None:
+    """``Pool.destroy`` on RADOS, with the runner stopped and the lock held
+    (pool/rados/destroy.py)."""
+    r = pool.rados
+    assert r is not None
+    n = await destroying.destroy(r.conn, r.lock, pool.name, pool.uuid, progress)
+    log.info("destroyed pool %s (%s) in RADOS pool %s: %d objects", pool.name, pool.uuid,
+             r.target.pool, n)
+
+
+async def destroy_named(target: RadosTarget, name: str, *, claim: owners.Claim,
+                        progress: destroying.Progress | None = None) -> None:
+    """Finish the interrupted destroy of pool ``name`` (destroy invariant 3); PoolOwned
+    while another live daemon holds it, refused if the pool is whole."""
+    conn = await connect(target)
+    try:
+        n = await destroying.destroy_named(
+            conn, lambda u: OwnershipLock(conn, u, claim.owner), name, progress)
+    finally:
+        with trio.CancelScope(shield=True):
+            await conn.close()
+    log.info("finished destroying pool %s in RADOS pool %s: %d objects", name, target.pool,
+             n)

@@ -25,10 +25,14 @@ Invariants:
 3. The directory (object ``storaged.pools``, omap pool name -> pool uuid) names a pool
    only once its first checkpoint is committed, and is read before anything is written
    (create: a name taken is AlreadyExists; open: a name missing is NotFound).
+4. Entering a name is one op with an omap compare (the name must be absent) and removing
+   one compares the uuid: two creates racing for a name cannot both land, and a destroy
+   never removes another pool's entry.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from collections.abc import Collection, Sequence
@@ -37,7 +41,7 @@ from typing import TYPE_CHECKING
 
 import xxhash
 
-from pool.errors import MediumError, NotFound, StorageError
+from pool.errors import AlreadyExists, MediumError, NotFound, StorageError
 from pool.metastore import Loc
 from pool.rados.conn import Connection
 from pool.rados.meta import BlobRef, RadosMeta, RadosSuperblock
@@ -276,15 +280,46 @@ async def lookup(conn: Connection, name: str) -> str:
 
 
 async def name_pool(conn: Connection, name: str, pool_uuid: str) -> None:
-    """Enter ``name`` -> ``pool_uuid`` in the directory (creates the object)."""
-    io = conn.ioctx
+    """Enter ``name`` -> ``pool_uuid`` in the directory (creating the object) in one op
+    whose omap compare asserts the name is absent (invariant 4): of two creates racing for
+    one name exactly one lands; the other gets AlreadyExists and nothing of it changed."""
+    io, rados = conn.ioctx, conn.rados
 
-    def write() -> None:
+    def write() -> bool:
         op = io.create_write_op()
         try:
+            op.new(rados.LIBRADOS_CREATE_IDEMPOTENT)     # omap_cmp needs the object
+            op.omap_cmp(name, "", rados.LIBRADOS_CMPXATTR_OP_EQ)   # absent reads as ""
             io.set_omap(op, (name,), (pool_uuid.encode(),))
             io.operate_write_op(op, DIRECTORY)
+            return True
+        except rados.OSError as e:
+            if e.errno == errno.ECANCELED:               # the compare failed: name taken
+                return False
+            raise
         finally:
             io.release_write_op(op)
-    await conn.run("write", f"name pool {name} in {DIRECTORY}", write)
+    if not await conn.run("write", f"name pool {name} in {DIRECTORY}", write):
+        raise AlreadyExists(f"RADOS pool {conn.pool} already holds a storaged pool named "
+                            f"{name!r}")
 
+
+async def unname_pool(conn: Connection, name: str, pool_uuid: str) -> bool:
+    """Remove ``name`` from the directory if it still names ``pool_uuid`` (one op, omap
+    compare guard: never another pool's entry); whether it was removed."""
+    io, rados = conn.ioctx, conn.rados
+
+    def write() -> bool:
+        op = io.create_write_op()
+        try:
+            op.omap_cmp(name, pool_uuid, rados.LIBRADOS_CMPXATTR_OP_EQ)
+            io.remove_omap_keys(op, (name,))
+            io.operate_write_op(op, DIRECTORY)
+            return True
+        except (rados.OSError, rados.ObjectNotFound) as e:
+            if e.errno in (errno.ECANCELED, errno.ENOENT):
+                return False
+            raise
+        finally:
+            io.release_write_op(op)
+    return await conn.run("write", f"remove pool {name} from {DIRECTORY}", write)
