@@ -295,6 +295,29 @@ class RadosMeta:
                 io.release_write_op(op)
         await self.conn.run("write", f"append journal entry {txg} to {self.oid}", write)
 
+    async def journal_checks(self, after_txg: int) -> list[tuple[int, bool]]:
+        """Every journal entry after ``after_txg`` (gaps and all): its txg and whether
+        its xxh3 matches (the scrub's view; replay stops at the first bad one)."""
+        out: list[tuple[int, bool]] = []
+        start = journal_key(after_txg)
+        while True:
+            batch = await self.conn.run("read", f"read journal of {self.oid}",
+                                        self._journal_page, start)
+            for key, value in batch:
+                payload = value[8:]
+                out.append((int(key[len(JOURNAL_PREFIX):], 16), len(value) >= 8 and
+                            struct.unpack("<Q", value[:8])[0] == _xxh3(payload)))
+            if len(batch) < JOURNAL_PAGE:
+                return out
+            start = batch[-1][0]
+
+    def _journal_page(self, start_after: str) -> list[tuple[str, bytes]]:
+        with self.conn.rados.ReadOpCtx() as op:
+            it, _ret = self.conn.ioctx.get_omap_vals(op, start_after, JOURNAL_PREFIX,
+                                                     JOURNAL_PAGE)
+            self.conn.ioctx.operate_read_op(op, self.oid)
+            return [(str(k), bytes(v)) for k, v in it]
+
     async def read_journal(self, after_txg: int) -> list[tuple[int, bytes]]:
         """Entries after ``after_txg``, in order, up to the first gap or damaged entry."""
         io = self.conn.ioctx
