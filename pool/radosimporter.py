@@ -24,6 +24,7 @@ Invariants (DESIGN numbers in brackets):
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import trio
@@ -118,18 +119,40 @@ async def create(cls: type[Pool], name: str, target: RadosTarget, *, profile: st
     return pool
 
 
+class Phases:
+    """Where an import's time goes (logged with it: the takeover budget, issue 24)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.monotonic()
+        self.parts: list[tuple[str, float]] = []
+
+    def __call__(self, name: str) -> None:
+        now = time.monotonic()
+        self.parts.append((name, now - self.last))
+        self.last = now
+
+    def render(self) -> str:
+        return (f"{self.last - self.start:.2f} s ("
+                + ", ".join(f"{n} {s:.2f}" for n, s in self.parts) + ")")
+
+
 async def open_pool(cls: type[Pool], target: RadosTarget, name: str, *, takeover: bool,
                     claim: owners.Claim, tuning: PoolTuning | None) -> Pool:
     """``Pool.open_rados`` (invariants 1-3, 5)."""
+    phase = Phases()
     conn = await connect(target)
+    phase("connect")
     lock: OwnershipLock | None = None
     try:
         pool_uuid = await lookup(conn, name)
         lock = OwnershipLock(conn, pool_uuid, claim.owner)
         meta = RadosMeta(conn, lock, pool_uuid)
+        phase("lookup")
         await lock.acquire(takeover=takeover)
+        phase("lock" + (" (fencing)" if lock.fenced_others else ""))
         sb = await meta.read_superblock()
         state_blob, nodes, sizes, blobs = await read_checkpoint(meta, sb)
+        phase("checkpoint")
         state = PoolState.from_json(state_blob)
         if state.uuid != pool_uuid or state.members:
             raise ImportFailed(f"{lock.oid}: its checkpoint is not of a storaged pool on "
@@ -141,27 +164,34 @@ async def open_pool(cls: type[Pool], target: RadosTarget, name: str, *, takeover
                 raise ImportFailed(f"pool {name}: map node {nid} is unreadable: {e}") from e
         state.forest.recount()
         replayed = await meta.read_journal(sb.txg)
+        phase("journal")
         pool = _build(cls, state, layout_for(state.extent_size), target, conn, lock, meta,
                       sb, tuning, nodes, sizes)
         for txg, payload in replayed:
             for op in iter_ops(payload):
                 pool.state.apply(op)
             pool.state.txg = txg
+        phase("replay")
         store = pool.store
         assert isinstance(store, RadosStore)
         await store.start()
+        phase("store start")
         pool.reap()
         await store.sweep()
+        phase("sweep")
         await pool.txn.checkpoint()
+        phase("checkpoint write")
         assert pool.rados is not None
         stale = await meta.orphans(pool.rados.commit.sb, OBJECT_KINDS)
         await meta.delete_blobs(stale)
+        phase("orphans")
     except BaseException:
         await _abandon(conn, lock)
         raise
     log.info("imported pool %s (%s) from RADOS pool %s: generation %d, txg %d, %d journal "
-             "entries replayed%s", name, pool_uuid, target.pool, state.generation, state.txg,
-             len(replayed), " (taken over)" if lock.fenced_others else "")
+             "entries replayed%s in %s", name, pool_uuid, target.pool, state.generation,
+             state.txg, len(replayed), " (taken over)" if lock.fenced_others else "",
+             phase.render())
     return pool
 
 
