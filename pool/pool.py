@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Container, Iterable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
@@ -646,10 +647,10 @@ class Pool:
                     await close_devices([*self.devices, *self.members.parked.values()])
                 self.members.parked.clear()
 
-    async def _close_rados(self) -> None:
+    async def _close_rados(self, then: Callable[[], Awaitable[None]] | None = None) -> None:
         """The end of ``close`` for a pool on RADOS: stop the runner (its librados
-        calls finish first), delete what was freed, release the lock (unless it was lost)
-        and disconnect."""
+        calls finish first), delete what was freed, ``then()`` (destroy), release the lock
+        (unless it was lost or destroyed) and disconnect."""
         assert self.rados is not None
         self.txn.close()
         store = self.store
@@ -665,14 +666,22 @@ class Pool:
             log.warning("pool %s: deleting freed segments at close: %s", self.name,
                         e.message)
         try:
-            await self.rados.lock.release()
-        except StorageError as e:
-            log.warning("pool %s: releasing its RADOS lock: %s", self.name, e.message)
-        await self.rados.conn.close()
+            if then is not None:
+                await then()
+        finally:
+            try:
+                await self.rados.lock.release()
+            except StorageError as e:
+                log.warning("pool %s: releasing its RADOS lock: %s", self.name, e.message)
+            await self.rados.conn.close()
 
-    async def destroy(self) -> None:
+    async def destroy(self, progress: Callable[[int, int], Awaitable[None]] | None = None
+                      ) -> None:
         """Wipe labels, superblocks and owner records of every present member; data is not
-        zeroed."""
+        zeroed. On RADOS: delete every object and the name (pool.rados.destroy)."""
+        if self.rados is not None:
+            await self._close_rados(partial(radosimporter.destroy, self, progress))
+            return
         store = self.devstore
         await self.owner_keeper.release(clear=False)
         self.txn.close()

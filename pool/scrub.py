@@ -86,11 +86,18 @@ async def control(pool: Pool, action: str) -> dict[str, Any]:
 
 async def scrub_metadata(pool: Pool) -> tuple[int, int, int]:
     """Verify every copy of every metadata blob and both labels of each present member;
-    rewrite bad copies from a good one. Returns (checked, bad, repaired)."""
+    rewrite bad copies from a good one. Returns (checked, bad, repaired). On RADOS: the
+    superblock, blobs, map nodes and journal objects (``RadosCommitMeta.scrub``)."""
     # Its thread work does not go through ``pool.maintenance``: a rebuild holds that for
     # its whole run, and waiting for it here while holding the commit lock (which the
     # rebuild's commits need) would deadlock. Metadata is small.
     txn = pool.txn
+    if pool.rados is not None:       # objects: pool.rados.backend RadosCommitMeta.scrub
+        async def rewrite() -> None:
+            await txn.hooks.confirm_owner()
+            await txn.checkpoint_locked()
+        async with txn.lock:         # the checkpoint and journal stay as read
+            return await pool.rados.commit.scrub(rewrite)
     checked = bad = repaired = 0
     locs = txn.meta_locations()
     for i in range(0, len(locs), 64):

@@ -9,6 +9,7 @@ prints them as they are.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -338,7 +339,17 @@ class ControlAPI:
         return {"name": p["name"], "exported": True}
 
     async def pool_destroy(self, p: Params, progress: Progress) -> Any:
-        await self.registry.destroy(_req(p, "name"))
+        # "rados": finish an interrupted destroy of a RADOS pool not imported here
+        last = 0.0
+
+        async def deleted(done: int, total: int) -> None:
+            nonlocal last
+            if done == total or time.monotonic() - last >= 0.5:
+                last = time.monotonic()
+                await progress({"phase": "deleting objects", "done": done, "total": total,
+                                "unit": "objects"})
+        await self.registry.destroy(_req(p, "name"), _rados(p, [], refuse=()),
+                                    progress=deleted)
         return {"name": p["name"], "destroyed": True}
 
     async def pool_list(self, p: Params, progress: Progress) -> Any:

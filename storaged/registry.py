@@ -42,7 +42,7 @@ from typing import Any
 
 import trio
 
-from pool import Device, FileDevice, Pool, close_devices
+from pool import Device, FileDevice, Pool, close_devices, radosimporter
 from pool import owner as owners
 from pool.deadlines import Deadlines
 from pool.errors import (
@@ -403,11 +403,29 @@ class Registry:
             await entry.pool.close(release=True)
             await self.save()
 
-    async def destroy(self, name: str) -> None:
+    async def destroy(self, name: str, target: RadosTarget | None = None, *,
+                      progress: Callable[[int, int], Awaitable[None]] | None = None) -> None:
         """Destroy an empty pool: one with volumes (in use or not) is refused, naming them
-        and their clients; there is nothing to force (delete the volumes first)."""
+        and their clients; there is nothing to force (delete the volumes first). A RADOS
+        pool not imported here (its import failed, or ``target`` names it) is one whose
+        destroy was interrupted: that destroy is finished (pool/rados/destroy.py), and a
+        whole pool is refused (import it first)."""
         async with self._lock:
+            if name not in self.pools:
+                target = target or self.declared.get(name) or next(
+                    (_cached_target(c) for c in await trio.to_thread.run_sync(
+                        self._read_cache)
+                     if c["name"] == name and c.get("backend") == "rados"), None)
+            if name not in self.pools and target is not None:
+                await radosimporter.destroy_named(target, name, claim=await self._claim(),
+                                                  progress=progress)
+                self.failed.pop(name, None)
+                await self.save()
+                return
             entry = self.get(name)
+            lost = entry.pool.rados.lock.lost if entry.pool.rados is not None else None
+            if lost is not None:
+                raise Busy(f"pool {name!r} is no longer this daemon's ({lost}); export it")
             if entry.volumes.names():
                 clients = entry.volumes.all_clients()
                 busy = (f"; in use by {len(clients)} client(s) "
@@ -416,7 +434,7 @@ class Registry:
                            f"({', '.join(entry.volumes.names())}){busy}; delete them "
                            f"first")
             del self.pools[name]
-            await entry.pool.destroy()
+            await entry.pool.destroy(progress)
             await self.save()
 
     async def add_device(self, name: str, path: str, file_size: int | None) -> None:

@@ -25,19 +25,27 @@ Invariants:
 3. The directory (object ``storaged.pools``, omap pool name -> pool uuid) names a pool
    only once its first checkpoint is committed, and is read before anything is written
    (create: a name taken is AlreadyExists; open: a name missing is NotFound).
+4. Entering a name is one op with an omap compare (the name must be absent) and removing
+   one compares the uuid: two creates racing for a name cannot both land, and a destroy
+   never removes another pool's entry.
+5. The metadata scrub (``scrub``) reads every object the committed superblock references
+   and the journal after it and verifies each checksum; damage is repaired only from the
+   verified state in memory, by a checkpoint that rewrites everything under a new
+   generation (invariant 2), never by patching a committed object.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import xxhash
 
-from pool.errors import MediumError, NotFound, StorageError
+from pool.errors import AlreadyExists, MediumError, NotFound, StorageError
 from pool.metastore import Loc
 from pool.rados.conn import Connection
 from pool.rados.meta import BlobRef, RadosMeta, RadosSuperblock
@@ -96,6 +104,7 @@ class RadosCommitMeta:
         self.generation = sb.generation
         self.journal_entries = 0
         self.journal_bytes = 0
+        self.rewrite_all = False      # the next checkpoint rewrites every node (scrub repair)
         # No member devices: nothing for the device scrub and checker to read.
         self.page_locs: dict[int, Loc] = {}
         self.meta_locs: tuple[Loc, ...] = ()
@@ -123,7 +132,8 @@ class RadosCommitMeta:
         live: dict[tuple[int, int], int] = {}
         for ref in nodes.values():
             live[(ref.gen, ref.i)] = live.get((ref.gen, ref.i), 0) + ref.length
-        sparse = {p for p, held in self.sizes.items() if live.get(p, 0) * 2 < held}
+        sparse = {p for p, held in self.sizes.items()
+                  if self.rewrite_all or live.get(p, 0) * 2 < held}
         for nid, ref in list(nodes.items()):
             if (ref.gen, ref.i) in sparse:
                 del nodes[nid]
@@ -172,6 +182,7 @@ class RadosCommitMeta:
 
     def flipped(self, plan: object) -> None:
         assert isinstance(plan, RadosPlan)
+        self.rewrite_all = False
         self.nodes = plan.nodes
         self.sizes = plan.sizes
         self.generation = plan.generation
@@ -182,6 +193,72 @@ class RadosCommitMeta:
 
     def used(self, pending_nodes: int) -> float:
         return 0.0        # objects: no metadata area to fill
+
+    # ---- scrub (invariant 5) ------------------------------------------------------------
+    async def verify(self) -> tuple[int, list[str]]:
+        """Read back every metadata object of the committed checkpoint and verify it:
+        the superblock (its xxh3, and that it is the one this pool committed), each blob
+        (stored xxh3), each map node in its pack, the journal entries after the
+        checkpoint (each one's xxh3). (how many were checked, one line per damage)."""
+        m, sb = self.meta, self.sb
+        bad: list[str] = []
+        checked = 1
+        try:
+            if await m.read_superblock() != sb:
+                bad.append(f"{m.oid}: its superblock is not the one this pool committed")
+        except StorageError as e:
+            bad.append(f"{m.oid}: {e.message}")
+        packs: dict[tuple[int, int], bytes] = {}
+        for kind, refs in sorted(sb.blobs.items()):
+            for ref in refs:
+                checked += 1
+                try:
+                    raw = await m.read_blob(ref)
+                except StorageError as e:
+                    bad.append(e.message)
+                    continue
+                if kind == "pages":
+                    _k, g, i = ref.oid.rsplit(".", 2)
+                    packs[(int(g), int(i))] = raw
+        for nid, r in sorted(self.nodes.items()):
+            blob = packs.get((r.gen, r.i))
+            if blob is not None:      # a missing pack is named above
+                checked += 1
+                if _xxh3(blob[r.offset:r.offset + r.length]) != r.hash:
+                    bad.append(f"map node {nid} in {m.blob_oid('pages', r.gen, r.i)} does "
+                               f"not match its checksum")
+        for txg, ok in await m.journal_checks(sb.txg):
+            checked += 1
+            if not ok:
+                bad.append(f"{m.oid}: journal entry {txg} does not match its checksum")
+        return checked, bad
+
+    async def scrub(self, checkpoint: Callable[[], Awaitable[None]]) -> tuple[int, int, int]:
+        """Scrub of the metadata on RADOS (``pool.scrub.scrub_metadata``'s counterpart):
+        verify (``verify``); if anything is damaged, repair it from the verified state in
+        memory with a checkpoint that rewrites every node, the state, the index and the
+        superblock under a new generation (the damaged objects are deleted after its flip,
+        and the journal entries it covers with it), then verify again. (checked, bad,
+        repaired); each damage is logged."""
+        checked, bad = await self.verify()
+        if not bad:
+            return checked, 0, 0
+        for line in bad:
+            log.error("pool %s: metadata scrub: %s", self.meta.pool_uuid, line)
+        self.rewrite_all = True
+        try:
+            await checkpoint()
+        except StorageError as e:
+            log.error("pool %s: metadata scrub could not rewrite the checkpoint: %s",
+                      self.meta.pool_uuid, e.message)
+            return checked, len(bad), 0
+        finally:
+            self.rewrite_all = False
+        _c, still = await self.verify()
+        for line in still:
+            log.error("pool %s: metadata scrub, after the rewrite: %s", self.meta.pool_uuid,
+                      line)
+        return checked, len(bad), max(0, len(bad) - len(still))
 
     # ---- reading a checkpoint (open, checker) ---------------------------------------------
     @staticmethod
@@ -276,15 +353,46 @@ async def lookup(conn: Connection, name: str) -> str:
 
 
 async def name_pool(conn: Connection, name: str, pool_uuid: str) -> None:
-    """Enter ``name`` -> ``pool_uuid`` in the directory (creates the object)."""
-    io = conn.ioctx
+    """Enter ``name`` -> ``pool_uuid`` in the directory (creating the object) in one op
+    whose omap compare asserts the name is absent (invariant 4): of two creates racing for
+    one name exactly one lands; the other gets AlreadyExists and nothing of it changed."""
+    io, rados = conn.ioctx, conn.rados
 
-    def write() -> None:
+    def write() -> bool:
         op = io.create_write_op()
         try:
+            op.new(rados.LIBRADOS_CREATE_IDEMPOTENT)     # omap_cmp needs the object
+            op.omap_cmp(name, "", rados.LIBRADOS_CMPXATTR_OP_EQ)   # absent reads as ""
             io.set_omap(op, (name,), (pool_uuid.encode(),))
             io.operate_write_op(op, DIRECTORY)
+            return True
+        except rados.OSError as e:
+            if e.errno == errno.ECANCELED:               # the compare failed: name taken
+                return False
+            raise
         finally:
             io.release_write_op(op)
-    await conn.run("write", f"name pool {name} in {DIRECTORY}", write)
+    if not await conn.run("write", f"name pool {name} in {DIRECTORY}", write):
+        raise AlreadyExists(f"RADOS pool {conn.pool} already holds a storaged pool named "
+                            f"{name!r}")
 
+
+async def unname_pool(conn: Connection, name: str, pool_uuid: str) -> bool:
+    """Remove ``name`` from the directory if it still names ``pool_uuid`` (one op, omap
+    compare guard: never another pool's entry); whether it was removed."""
+    io, rados = conn.ioctx, conn.rados
+
+    def write() -> bool:
+        op = io.create_write_op()
+        try:
+            op.omap_cmp(name, pool_uuid, rados.LIBRADOS_CMPXATTR_OP_EQ)
+            io.remove_omap_keys(op, (name,))
+            io.operate_write_op(op, DIRECTORY)
+            return True
+        except (rados.OSError, rados.ObjectNotFound) as e:
+            if e.errno in (errno.ECANCELED, errno.ENOENT):
+                return False
+            raise
+        finally:
+            io.release_write_op(op)
+    return await conn.run("write", f"remove pool {name} from {DIRECTORY}", write)

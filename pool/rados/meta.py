@@ -53,6 +53,7 @@ from pool.rados.conn import Connection
 from pool.rados.owner import OwnershipLock
 
 SB_MAGIC = b"SDRSUP01"
+DESTROY_MAGIC = b"SDRDEST1"    # a destroy's tombstone (pool/rados/destroy.py), then the name
 GEN_KEY = "gen"
 JOURNAL_PREFIX = "j."
 _xxh3 = xxhash.xxh3_64_intdigest
@@ -67,6 +68,10 @@ def journal_key(txg: int) -> str:
 
 def _gen(n: int) -> bytes:
     return f"{n:016d}".encode()
+
+
+class Destroying(StorageError):
+    """The header holds a destroy's tombstone: the pool is half-destroyed, never valid."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +104,13 @@ class RadosSuperblock:
 
     @staticmethod
     def decode(raw: bytes) -> RadosSuperblock:
-        """The superblock; StorageError if it is damaged (invariant 4)."""
+        """The superblock; StorageError if it is damaged (invariant 4), ``Destroying`` if
+        a destroy began (pool/rados/destroy.py invariant 2)."""
+        if raw[:8] == DESTROY_MAGIC:
+            name = raw[8:].decode(errors="replace")
+            raise Destroying(f"pool {name} was being destroyed when that stopped: run "
+                             f"`storagectl pool destroy {name} --rados <its RADOS pool>` "
+                             f"to finish")
         if len(raw) < 16 or raw[:8] != SB_MAGIC:
             raise StorageError("the pool header holds no storaged superblock")
         if struct.unpack("<Q", raw[-8:])[0] != _xxh3(raw[:-8]):
@@ -135,6 +146,11 @@ class RadosMeta:
         if not raw:
             raise NotFound(f"storaged pool {self.pool_uuid} has no superblock in RADOS pool "
                            f"{self.conn.pool}")
+        if raw[:8] == DESTROY_MAGIC:
+            name = raw[8:].decode(errors="replace")
+            raise Destroying(f"pool {name} was being destroyed when that stopped: run "
+                             f"`storagectl pool destroy {name} --rados {self.conn.pool}` "
+                             f"to finish")
         sb = RadosSuperblock.decode(raw)
         if sb.pool_uuid != self.pool_uuid:
             raise StorageError(f"{self.oid} holds the superblock of pool {sb.pool_uuid}")
@@ -278,6 +294,29 @@ class RadosMeta:
             finally:
                 io.release_write_op(op)
         await self.conn.run("write", f"append journal entry {txg} to {self.oid}", write)
+
+    async def journal_checks(self, after_txg: int) -> list[tuple[int, bool]]:
+        """Every journal entry after ``after_txg`` (gaps and all): its txg and whether
+        its xxh3 matches (the scrub's view; replay stops at the first bad one)."""
+        out: list[tuple[int, bool]] = []
+        start = journal_key(after_txg)
+        while True:
+            batch = await self.conn.run("read", f"read journal of {self.oid}",
+                                        self._journal_page, start)
+            for key, value in batch:
+                payload = value[8:]
+                out.append((int(key[len(JOURNAL_PREFIX):], 16), len(value) >= 8 and
+                            struct.unpack("<Q", value[:8])[0] == _xxh3(payload)))
+            if len(batch) < JOURNAL_PAGE:
+                return out
+            start = batch[-1][0]
+
+    def _journal_page(self, start_after: str) -> list[tuple[str, bytes]]:
+        with self.conn.rados.ReadOpCtx() as op:
+            it, _ret = self.conn.ioctx.get_omap_vals(op, start_after, JOURNAL_PREFIX,
+                                                     JOURNAL_PAGE)
+            self.conn.ioctx.operate_read_op(op, self.oid)
+            return [(str(k), bytes(v)) for k, v in it]
 
     async def read_journal(self, after_txg: int) -> list[tuple[int, bytes]]:
         """Entries after ``after_txg``, in order, up to the first gap or damaged entry."""

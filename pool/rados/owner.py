@@ -190,10 +190,14 @@ class OwnershipLock:
                                                for h in self.fenced_others):
             return
         log.warning("fencing the previous owner of %s: %s", self.oid, holder.describe())
+        t0 = time.monotonic()
         await self.conn.mon_command({"prefix": "osd blocklist", "blocklistop": "add",
                                      "addr": holder.addr})
+        t1 = time.monotonic()
         await self.conn.run("command", "wait for the latest OSD map",
                             self.conn.cluster.wait_for_latest_osdmap)
+        log.info("fenced %s in %.2f s (blocklist %.2f s, OSD map %.2f s)", holder.addr,
+                 time.monotonic() - t0, t1 - t0, time.monotonic() - t1)
         self.fenced_others.append(holder)
 
     async def _write_record(self) -> None:

@@ -410,13 +410,13 @@ def rados_params(args: argparse.Namespace, devices: str) -> dict[str, Any]:
         if given:
             raise _bad(f"{', '.join(given)} only go with --rados RADOS_POOL")
         return {}
-    if args.devices:
+    if getattr(args, "devices", None):
         raise _bad(f"{devices} and --rados exclude each other: a pool lives on "
                            f"devices or in a RADOS pool")
     if getattr(args, "file_size", None):
         raise _bad("--file-size does not go with --rados (a RADOS pool has no "
                            "device files)")
-    if args.force:
+    if getattr(args, "force", False):
         raise _bad("--force does not go with --rados" + (
             " (--takeover takes a pool held by another daemon)"
             if args.cmd == "import" else ""))
@@ -459,8 +459,10 @@ def _pool_commands(pool: SubParsers) -> None:
     c.add_argument("name", help=_POOL)
     c.add_argument("--force", action="store_true",
                    help="disconnect the clients of its volumes first")
-    pool.add_parser("destroy", help="destroy an empty pool (wipes its labels)").add_argument(
-        "name", help=_POOL)
+    c = pool.add_parser("destroy", help="destroy an empty pool (wipes its labels; on RADOS "
+                        "deletes its objects)")
+    c.add_argument("name", help=_POOL)
+    _rados_options(c)
     pool.add_parser("status", help="devices, space, repair counters (no name: every "
                     "pool)").add_argument("name", nargs="?", help=_POOL)
     pool.add_parser("list", help="one line per pool")
@@ -920,6 +922,10 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
         if cmd == "set":
             return ("qos.defaults", {"pool": args.name, "set": pool_properties(args)},
                     show_qos)
+        if cmd == "destroy":
+            # --rados: finish an interrupted destroy of a pool not imported here
+            params = {"name": args.name, **rados_params(args, "")}
+            return "pool.destroy", params, _done
         return f"pool.{cmd}", {"name": args.name}, _done
     if g == "volume":
         if cmd == "create":

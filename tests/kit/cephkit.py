@@ -96,7 +96,13 @@ bluestore cache size = 134217728
 [mgr]
 mgr data = {d}/mgr/$cluster-$id
 mgr initial modules =
+[client]
+admin socket =
 """
+# Clients get no admin socket (Ceph's own default for clients). With the [global] path,
+# every client.admin shared one, and a new client first asks the socket's holder whether
+# it is alive: with that holder SIGSTOPped (a takeover test) the question times out after
+# 10 s, which was most of a takeover through the daemon.
 
 
 @dataclass

@@ -282,3 +282,36 @@ def test_bad_rados_requests_are_refused_changing_nothing(
     after = (d.dir / "state" / "pools.json").read_text() \
         if (d.dir / "state" / "pools.json").exists() else None
     assert after == before
+
+
+def test_destroy_through_the_daemon(ceph: Cluster, daemons: Callable[..., Daemon]) -> None:
+    """``pool destroy`` of a RADOS pool (pool/rados/destroy.py): refused from a second
+    daemon while the first holds it (PoolOwned, one line), refused while it has volumes;
+    then its objects and its name are gone, the neighbouring pool still serves, and the
+    daemon forgets it (pools.json)."""
+    a = daemons("a")
+    made = a.json("pool", "create", "ds", *_conf(ceph))
+    assert isinstance(made, dict)
+    a.ok("pool", "create", "dk", *_conf(ceph))
+    a.ok("volume", "create", "ds/v", "--size", str(VOLUME))
+    a.ok("volume", "create", "dk/v", "--size", "8M")
+    _qemu_io(a.url("ds/v"), "write -P 0x5a 0 6M", "flush")
+    _qemu_io(a.url("dk/v"), "write -P 0x3c 0 1M", "flush")
+    b = daemons("b")
+    r = b.ctl("pool", "destroy", "ds", *_conf(ceph))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "ds is owned by host" in r.stderr, r.stderr
+    r = a.ctl("pool", "destroy", "ds")
+    assert r.returncode == 1 and "still has volumes (v)" in r.stderr, r.stderr
+    a.ok("volume", "delete", "ds/v")
+    a.ok("pool", "destroy", "ds")
+    listed = a.json("pool", "list")
+    assert isinstance(listed, list) and [p["name"] for p in listed] == ["dk"]
+    assert "ds" not in (a.dir / "state" / "pools.json").read_text()
+    with ceph.client() as rc:
+        io = rc.open_ioctx(TEST_POOL)
+        assert not [o.key for o in io.list_objects() if o.key.startswith(made["uuid"])]
+        io.close()
+    r = b.ctl("pool", "import", "ds", *_conf(ceph))
+    assert r.returncode == 1 and "holds no storaged pool named 'ds'" in r.stderr, r.stderr
+    _qemu_io(a.url("dk/v"), "read -P 0x3c 0 1M")

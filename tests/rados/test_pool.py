@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pool import owner as owners
-from pool import scrub
+from pool import radosimporter, scrub
 from pool.checker import check
 from pool.errors import (
     AlreadyExists,
@@ -36,7 +36,9 @@ from pool.errors import (
 )
 from pool.pool import Pool
 from pool.rados import clslock
+from pool.rados.backend import DIRECTORY, directory
 from pool.rados.conn import Connection
+from pool.rados.meta import Destroying
 from pool.rados.owner import LOCK_NAME, PoolOwned
 from pool.rados.target import RadosTarget
 from tests.kit.cephkit import TEST_POOL, Cluster
@@ -537,3 +539,237 @@ def test_volume_matches_model_on_rados(ceph: Cluster, program: list[volume_model
     brings back everything written before the close (DESIGN 1, 6), the checker is clean
     and trimming everything leaves nothing mapped."""
     trio.run(volume_model._run, program, "plain", 0, OnRados(ceph))
+
+
+# ---- destroy and the directory's guarded updates (pool/rados/destroy.py) --------------------
+def _keys(conn: Connection) -> set[str]:
+    return {str(o.key) for o in conn.ioctx.list_objects()}
+
+
+def _ops_worker(ceph: Cluster, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.rados.ops_worker", str(ceph.conf), TEST_POOL, *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def _uuids(conn: Connection) -> set[str]:
+    """The storaged pools that have objects in the RADOS pool (their uuid prefixes)."""
+    return {k.split(".", 1)[0] for k in _keys(conn) if k != DIRECTORY}
+
+
+async def test_destroy_takes_only_its_own_pool(ceph: Cluster) -> None:
+    """Destroy invariants 1-4 (DESIGN 10): two storaged pools in one RADOS pool; destroying
+    one (its lock held by its open Pool) deletes every object under its uuid (segments,
+    checkpoint blobs, header) and its directory entry, reporting progress; the other's
+    objects are the same byte for byte and it reopens with its data and a clean deep
+    check; the destroyed name is unknown afterwards."""
+    keep, gone = await create(ceph, "p-keep"), await create(ceph, "p-gone")
+    data = {p.name: os.urandom(10 * MiB) for p in (keep, gone)}
+    for p in (keep, gone):
+        vol = await VolumeManager(p).create("v", 16 * MiB, block_size=BS, compression=False)
+        await vol.write(0, data[p.name])
+        await vol.flush()
+    await keep.close()
+    conn = await connect(ceph)
+    before = await trio.to_thread.run_sync(snapshot, conn, keep.uuid)
+    mine = {k for k in await trio.to_thread.run_sync(_keys, conn)
+            if k.startswith(gone.uuid + ".")}
+    assert len([k for k in mine if ".seg." in k]) >= 3, mine
+    seen: list[tuple[int, int]] = []
+
+    async def progress(done: int, total: int) -> None:
+        seen.append((done, total))
+    await gone.destroy(progress)
+    assert seen[-1] == (len(mine) - 1, len(mine) - 1), seen        # all but the header
+    assert gone.uuid not in await trio.to_thread.run_sync(_uuids, conn)
+    assert await directory(conn) == {**await directory(conn), "p-keep": keep.uuid}
+    assert "p-gone" not in await directory(conn)
+    assert await trio.to_thread.run_sync(snapshot, conn, keep.uuid) == before
+    with pytest.raises(NotFound, match="holds no storaged pool named 'p-gone'"):
+        await Pool.open_rados(target(ceph), "p-gone", claim=claim("a"))
+    again = await Pool.open_rados(target(ceph), "p-keep", claim=claim("a"))
+    try:
+        assert await VolumeManager(again).get("v").read(0, 10 * MiB) == data["p-keep"]
+        report = await check(again, deep=True)
+        assert report.ok, report.render()
+    finally:
+        await again.close()
+        await conn.close()
+
+
+async def test_destroy_refused_while_owned_changes_nothing(ceph: Cluster) -> None:
+    """Destroy invariant 1 (owner invariant 2): finishing a destroy from a daemon that
+    does not hold the pool is refused -- PoolOwned naming the holder while another daemon
+    has it open, "not imported here" once it is free (a whole pool is destroyed only
+    through its open Pool) -- and every object of the RADOS pool is as it was."""
+    pool = await create(ceph, "p-owned")
+    conn = await connect(ceph)
+    try:
+        before = await trio.to_thread.run_sync(_everything, conn)
+        with pytest.raises(PoolOwned, match="p-owned is owned by host node-a"):
+            await radosimporter.destroy_named(target(ceph), "p-owned", claim=claim("b"))
+        assert await trio.to_thread.run_sync(_everything, conn) == before
+    finally:
+        await pool.close()
+    before = await trio.to_thread.run_sync(_everything, conn)
+    with pytest.raises(StorageError, match="is not imported here: import it"):
+        await radosimporter.destroy_named(target(ceph), "p-owned", claim=claim("b"))
+    assert await trio.to_thread.run_sync(_everything, conn) == before
+    await conn.close()
+
+
+async def test_destroy_killed_half_way_is_finished_by_a_second(ceph: Cluster) -> None:
+    """Destroy invariants 2, 3: a worker destroying a pool is SIGKILLed after deleting 2
+    objects; the pool is still named, its header holds the tombstone, so an import is
+    refused ("was being destroyed"), never a pool with missing objects; a second destroy
+    (the restarted daemon) deletes the rest and the name; a neighbouring pool is
+    untouched throughout."""
+    other = await create(ceph, "p-nextdoor")
+    await other.close()
+    pool = await create(ceph, "p-half", "crash")
+    vol = await VolumeManager(pool).create("v", 16 * MiB, block_size=BS, compression=False)
+    await vol.write(0, os.urandom(12 * MiB))
+    await vol.flush()
+    await pool.close()
+    conn = await connect(ceph)
+    nextdoor = await trio.to_thread.run_sync(snapshot, conn, other.uuid)
+    mine = {k for k in await trio.to_thread.run_sync(_keys, conn)
+            if k.startswith(pool.uuid + ".")}
+    proc = _ops_worker(ceph, "destroy", "p-half", "2")
+    out, err = await trio.to_thread.run_sync(partial(proc.communicate, timeout=60))
+    assert proc.returncode == -signal.SIGKILL, out + err
+    left = {k for k in await trio.to_thread.run_sync(_keys, conn)
+            if k.startswith(pool.uuid + ".")}
+    assert f"{pool.uuid}.header" in left and 0 < len(left) < len(mine) - 1, (mine, left)
+    assert (await directory(conn))["p-half"] == pool.uuid
+    with pytest.raises(Destroying, match="p-half was being destroyed"):
+        await Pool.open_rados(target(ceph), "p-half", claim=claim("crash"))
+    await radosimporter.destroy_named(target(ceph), "p-half", claim=claim("crash"))
+    assert pool.uuid not in await trio.to_thread.run_sync(_uuids, conn)
+    assert "p-half" not in await directory(conn)
+    assert await trio.to_thread.run_sync(snapshot, conn, other.uuid) == nextdoor
+    await conn.close()
+
+
+async def test_racing_creates_name_one_pool(ceph: Cluster) -> None:
+    """Backend invariant 4, importer invariant 4: two creates of one name racing in one
+    process (both read the directory before either names the pool, so the guarded
+    directory op decides): exactly one wins, the loser gets AlreadyExists and no object
+    of its uuid is left; the directory names the winner."""
+    await (await _quota(ceph)).close()
+    conn = await connect(ceph)
+    before = await trio.to_thread.run_sync(_uuids, conn)
+    got: dict[str, Pool | AlreadyExists] = {}
+
+    async def one(who: str) -> None:
+        try:
+            got[who] = await Pool.create_rados("p-race", target(ceph), extent_size=EXTENT,
+                                               claim=claim(who))
+        except AlreadyExists as e:
+            got[who] = e
+    async with trio.open_nursery() as nursery:
+        for who in ("a", "b"):
+            nursery.start_soon(one, who)
+    won = [p for p in got.values() if isinstance(p, Pool)]
+    assert len(won) == 1, got
+    try:
+        assert (await directory(conn))["p-race"] == won[0].uuid
+        assert await trio.to_thread.run_sync(_uuids, conn) == before | {won[0].uuid}
+    finally:
+        await won[0].close()
+        await conn.close()
+
+
+async def test_racing_create_processes_name_one_pool(ceph: Cluster, tmp_path: Path) -> None:
+    """Backend invariant 4 across processes (two daemons' creates), three times: exactly
+    one prints "created", the other "exists", and only the winner's uuid has objects."""
+    await (await _quota(ceph)).close()
+    conn = await connect(ceph)
+    for i in range(3):
+        before = await trio.to_thread.run_sync(_uuids, conn)
+        go = tmp_path / f"go{i}"
+        procs = [_ops_worker(ceph, "create", f"p-prace{i}", who, str(go))
+                 for who in ("a", "b")]
+        await trio.sleep(1.5)                 # both imported and waiting at the line
+        go.touch()
+        outs = [await trio.to_thread.run_sync(partial(p.communicate, timeout=60))
+                for p in procs]
+        lines = sorted(o.strip() for o, _e in outs)
+        assert [s.split()[0] for s in lines] == ["created", "exists:"], outs
+        winner = lines[0].split()[1]
+        assert (await directory(conn))[f"p-prace{i}"] == winner
+        assert await trio.to_thread.run_sync(_uuids, conn) == before | {winner}
+    await conn.close()
+
+
+def _rot(conn: Connection, oid: str, offset: int) -> None:
+    """Flip one byte of object ``oid`` through librados, behind storaged's back."""
+    old = bytes(conn.ioctx.read(oid, 1, offset))
+    conn.ioctx.write(oid, bytes([old[0] ^ 0x40]), offset)
+
+
+def _rot_journal(conn: Connection, header: str) -> int:
+    """Flip a payload byte of the header's last journal entry; its txg."""
+    io = conn.ioctx
+    with conn.rados.ReadOpCtx() as op:
+        it, _ret = io.get_omap_vals(op, "", "j.", 100000)
+        io.operate_read_op(op, header)
+        entries = [(str(k), bytearray(v)) for k, v in it]
+    key, value = entries[-1]
+    value[-1] ^= 0x40
+    op = io.create_write_op()
+    try:
+        io.set_omap(op, (key,), (bytes(value),))
+        io.operate_write_op(op, header)
+    finally:
+        io.release_write_op(op)
+    return int(key[2:], 16)
+
+
+async def test_metadata_scrub_finds_and_repairs_rotten_objects(ceph: Cluster) -> None:
+    """Backend invariant 5 (DESIGN 4): one byte rotted through librados in the superblock,
+    the state blob, a map node pack and a journal entry after the checkpoint: the scrub's
+    metadata pass reports each (found 4), repairs them from the verified state in memory
+    (a checkpoint rewriting everything: repaired 4, unrecoverable 0), a second
+    verification finds nothing, the deep check is clean and a reopen reads every byte."""
+    pool = await create(ceph, "p-mscrub")
+    conn = await connect(ceph)
+    try:
+        vol = await VolumeManager(pool).create("v", 16 * MiB, block_size=BS)
+        data = os.urandom(4 * MiB)
+        await vol.write(0, data)
+        await vol.flush()
+        await pool.txn.checkpoint()
+        more = os.urandom(MiB)
+        await vol.write(8 * MiB, more)
+        await vol.flush()                            # a journal entry after it
+        assert pool.rados is not None
+        commit = pool.rados.commit
+        sb, header = commit.sb, pool.rados.meta.oid
+        assert (await commit.verify())[1] == []
+        state_ref, pack_ref = sb.blobs["state"][0], sb.blobs["pages"][0]
+        await trio.to_thread.run_sync(_rot, conn, state_ref.oid, state_ref.length // 2)
+        await trio.to_thread.run_sync(_rot, conn, pack_ref.oid, 5)
+        await trio.to_thread.run_sync(_rot, conn, header, 20)
+        txg = await trio.to_thread.run_sync(_rot_journal, conn, header)
+        checked, bad = await commit.verify()
+        assert len(bad) == 4 and checked >= 5, bad
+        assert any(f"journal entry {txg}" in b for b in bad), bad
+        assert any(state_ref.oid in b for b in bad) and any(pack_ref.oid in b for b in bad)
+        await scrub.control(pool, "start")
+        done = await scrub.run(pool)
+        assert done is not None and done["state"] == "finished", done
+        assert (done["found"], done["repaired"], done["unrecoverable"]) == (4, 4, 0), done
+        assert (await commit.verify())[1] == []
+        report = await check(pool, deep=True)
+        assert report.ok, report.render()
+    finally:
+        await pool.close()
+    again = await Pool.open_rados(target(ceph), "p-mscrub", claim=claim("a"))
+    try:
+        got = VolumeManager(again).get("v")
+        assert await got.read(0, 4 * MiB) == data
+        assert await got.read(8 * MiB, MiB) == more
+    finally:
+        await again.close()
+        await conn.close()

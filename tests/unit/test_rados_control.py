@@ -108,6 +108,10 @@ def test_cli_create_and_import_on_rados(tmp_path: Path, monkeypatch: pytest.Monk
         assert params["devices"] == [str(tmp_path / "m0"), str(tmp_path / "m1")]
         assert params["profile"] == "mirror:2"
     assert "rados" not in _request("pool", "import", "t")[1]
+    # destroy: --rados finishes an interrupted destroy of a pool not imported here.
+    assert _request("pool", "destroy", "rp") == ("pool.destroy", {"name": "rp"})
+    assert _request("pool", "destroy", "rp", "--rados", "sd", "--ceph-id", "x") == (
+        "pool.destroy", {"name": "rp", "rados": {"pool": "sd", "client": "x"}})
 
 
 @pytest.mark.parametrize(("argv", "said"), [
@@ -121,6 +125,7 @@ def test_cli_create_and_import_on_rados(tmp_path: Path, monkeypatch: pytest.Monk
     (("pool", "import", "rp", "--rados", "sd", "--force"), "--takeover takes a pool"),
     (("pool", "import", "--rados", "sd"), "needs the pool's NAME"),
     (("pool", "create", "rp"), "needs at least one DEVICE, or --rados"),
+    (("pool", "destroy", "rp", "--ceph-conf", "c"), "--ceph-conf only go with --rados"),
 ])
 def test_cli_refuses_mixed_options_before_asking_the_daemon(argv: tuple[str, ...],
                                                             said: str) -> None:
@@ -204,6 +209,8 @@ async def _nothing(_p: dict[str, Any]) -> None:
      "parameter 'force' does not go with a RADOS pool"),
     ("pool.import", {"rados": {"pool": "sd"}}, "needs the pool's name"),
     ("pool.import", {"name": "rp", "takeover": True}, "takeover goes with a RADOS pool"),
+    ("pool.destroy", {"name": "rp", "rados": {"pool": "sd", "keyring": "k"}},
+     "parameter 'rados' must be"),
     ("pool.import", {"name": "rp", "rados": {"pool": "sd"}, "takeover": "yes"},
      "parameter 'takeover' must be true or false"),
 ])
