@@ -159,7 +159,7 @@ def parity_of(payload: Buffer, k: int, m: int) -> Sequence[Buffer]:
     a whole block stored raw, or a zero-padded copy): held once for all of its chunks."""
     clen = len(payload) // k
     tables = _tables_for(k, m) if m else None
-    if tables is not None and clen * k == len(payload):
+    if tables is not None and clen and clen * k == len(payload):
         view = _PyBuffer()
         try:
             _get_buffer(payload, view, _PyBUF_SIMPLE)

@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 import zfec
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pool import codec, parity
 
@@ -88,3 +90,17 @@ def test_stripes_are_the_same_with_either_library(k: int, m: int,
             assert chunk is not None
             chunks[i] = chunk
         assert bytes(codec.reassemble(chunks, k, m, plen)) == payload
+
+
+@settings(max_examples=60, deadline=None)
+@given(k=st.integers(2, 12), m=st.integers(1, 4), clen=st.integers(0, 3000),
+       seed=st.integers(0, 2**32 - 1))
+def test_parity_is_zfecs_for_any_profile_and_length(k: int, m: int, clen: int,
+                                                    seed: int) -> None:
+    """Invariant 1 for arbitrary (k, m) and chunk lengths (empty chunks too), through
+    whichever library this machine has, and through ``parity_of`` on one payload."""
+    rng = random.Random(seed)
+    raw = [rng.randbytes(clen) for _ in range(k)]
+    want = _zfec(raw, k, m)
+    assert [bytes(p) for p in parity.parity(raw, k, m)] == want
+    assert [bytes(p) for p in parity.parity_of(b"".join(raw), k, m)] == want
