@@ -10,7 +10,7 @@ STATE_DIR ?= .storaged
 # Debian packages the project and its tests use (pyfuse3 builds against libfuse3; the VM
 # tier boots linux-image-amd64 with a busybox-static initramfs under qemu-system-x86 and
 # validates libvirt XML with libvirt-clients' virt-xml-validate).
-DEBS := libfuse3-dev pkg-config fuse3 qemu-utils qemu-block-extra libnbd-bin python3-libnbd fio liblz4-1 \
+DEBS := libfuse3-dev pkg-config fuse3 qemu-utils qemu-block-extra libnbd-bin python3-libnbd fio liblz4-1 libisal2 \
 	libiscsi-bin openssl systemd prometheus ceph-mon ceph-osd ceph-common python3-rados \
 	qemu-system-x86 linux-image-amd64 busybox-static e2fsprogs libvirt-clients libxml2-utils
 STAMP := $(VENV)/.installed

@@ -30,6 +30,7 @@ import lz4.block
 import xxhash
 import zfec
 
+from pool import parity
 from pool.layout import SECTOR
 
 HEADER = struct.Struct("<Q4sBBBBIIQ")
@@ -42,7 +43,6 @@ FLAG_LZ4 = 1
 
 _xxh3 = xxhash.xxh3_64_intdigest
 _xxh3_stream = xxhash.xxh3_64
-_encoders: dict[tuple[int, int], zfec.Encoder] = {}
 _decoders: dict[tuple[int, int], zfec.Decoder] = {}
 
 
@@ -61,6 +61,8 @@ def worst_case_units(block_size: int, k: int) -> int:
 
 Buffer = bytes | bytearray | memoryview
 _PAD = bytes(SECTOR)
+_PADS: dict[int, memoryview] = {}
+_U64 = struct.Struct("<Q")
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,15 +107,39 @@ def stripe(payload: Buffer, flags: int, k: int, m: int) -> EncodedRecord:
         view = memoryview(payload)
         # Every chunk is clen long: the last ones are zero-padded (a payload shorter than
         # (k - 1) * clen leaves more than one short, even empty, chunk).
-        data_chunks = _data_chunks(view, k, clen)
-        enc = _encoders.get((k, m))
-        if enc is None:
-            enc = _encoders[(k, m)] = zfec.Encoder(k, k + m)
-        parity = enc.encode(tuple(data_chunks), tuple(range(k, k + m))) if m else []
-        chunks = [*data_chunks, *parity]
-    pieces = [_pieces(chunk, i, k, m, flags, plen, rhash, size)
-              for i, chunk in enumerate(chunks)]
+        if len(view) != k * clen:
+            view = memoryview(_padded(view, k * clen))
+        chunks = [view[i * clen:(i + 1) * clen] for i in range(k)]
+        chunks += parity.parity_of(view, k, m)
+    # _pieces for each fragment, inline: only the index differs between their headers.
+    rh = _U64.pack(rhash)
+    pad = size - HEADER_SIZE - len(chunks[0])
+    pad_view = _pad_view(pad)
+    prefix = _PREFIX.pack
+    stream = _xxh3_stream
+    pieces: list[list[Buffer]] = []
+    for i, chunk in enumerate(chunks):
+        tail = prefix(MAGIC, i, k, m, flags, plen, 0) + rh
+        h = stream(tail)
+        h.update(chunk)
+        head = _U64.pack(h.intdigest()) + tail
+        pieces.append([head, chunk, pad_view] if pad else [head, chunk])
     return EncodedRecord(plen, flags, rhash, units, pieces)
+
+
+def _pad_view(n: int) -> memoryview:
+    """``n`` zero bytes (shared, read-only) to pad a fragment to its sectors."""
+    view = _PADS.get(n)
+    if view is None:
+        view = _PADS[n] = memoryview(_PAD)[:n]
+    return view
+
+
+def _padded(view: memoryview, size: int) -> bytearray:
+    """A copy of ``view`` zero-padded to ``size`` bytes."""
+    out = bytearray(size)
+    out[:len(view)] = view
+    return out
 
 
 def _data_chunks(view: memoryview, k: int, clen: int) -> list[Buffer]:
@@ -138,7 +164,7 @@ def _pieces(chunk: Buffer, index: int, k: int, m: int, flags: int, plen: int,
     return out
 
 
-def _frame(chunk: bytes | memoryview, index: int, k: int, m: int, flags: int, plen: int,
+def _frame(chunk: Buffer, index: int, k: int, m: int, flags: int, plen: int,
            rhash: int, size: int) -> bytearray:
     """Fragment ``index`` as stored, as one buffer."""
     return bytearray(b"".join(_pieces(chunk, index, k, m, flags, plen, rhash, size)))
@@ -153,15 +179,11 @@ def one_fragment(payload: bytes | memoryview, flags: int, k: int, m: int, index:
     size = -(-(HEADER_SIZE + clen) // SECTOR) * SECTOR
     view = memoryview(payload)
     if k == 1:
-        chunk: bytes | memoryview = view
+        chunk: Buffer = view
     elif index < k:
         chunk = bytes(view[index * clen:(index + 1) * clen]).ljust(clen, b"\0")
     else:
-        data_chunks = _data_chunks(view, k, clen)
-        enc = _encoders.get((k, m))
-        if enc is None:
-            enc = _encoders[(k, m)] = zfec.Encoder(k, k + m)
-        chunk = enc.encode(tuple(data_chunks), (index,))[0]
+        chunk = parity.parity(_data_chunks(view, k, clen), k, m)[index - k]
     return _frame(chunk, index, k, m, flags, plen, rhash, size)
 
 
