@@ -57,7 +57,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20          # bytes per read-ahead request
 AHEAD = 8 << 20          # how far a sequential stream is read ahead of its last read
-LIMIT = 48 << 20         # bytes pending or held at once, per connection (invariant 2)
+# Bytes pending or held at once, per connection (invariant 2); 0 turns read-ahead off.
+# Off by default: in paired in-process rounds (1 MiB reads at QD4, record cache off,
+# load 13-22 on 2 cores) it cost 5-20% more CPU per read and gave no more MB/s than
+# the worker thread's synchronous read (docs/INTERNALS.md "RADOS backend"). ENABLED
+# is the value to measure it with (benchmarks.rbd --readahead).
+LIMIT = 0
+ENABLED = 48 << 20
 STREAMS = 256            # objects whose last read end is remembered
 RUN = 2                  # sequential reads in a row that start read-ahead
 # Whether a miss on the event loop starts a read of its own range for the worker thread
@@ -120,8 +126,10 @@ class Prefetcher:
         """Fill ``buffers`` from bytes held here (on the event loop): their total length,
         or 0 (then an asynchronous read of the range is started, unless one is pending).
         ``size``: the object's capacity (read-ahead stops there)."""
+        if not self.limit or self.conn.fenced is not None:
+            return 0
         n = sum(len(b) for b in buffers)
-        if self.conn.fenced is not None or n == 0:
+        if n == 0:
             return 0
         submit: list[Chunk] = []
         with self.lock:
@@ -145,7 +153,7 @@ class Prefetcher:
     def read(self, oid: str, offset: int, length: int, size: int) -> bytes | None:
         """The range from bytes held or pending here (in a worker thread: waits for a
         pending read), else None: the caller reads it itself."""
-        if self.conn.fenced is not None or length == 0:
+        if not self.limit or self.conn.fenced is not None or length == 0:
             return None
         submit: list[Chunk] = []
         with self.lock:

@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from pool.errors import DeviceError
+from pool.rados import prefetch
 from pool.rados.conn import Connection, Fenced
 from pool.rados.owner import OwnershipLock
 from pool.rados.prefetch import Prefetcher
@@ -22,6 +23,12 @@ from tests.rados.radoskit import connect, new_uuid, owner
 
 SEG = 16 << 20
 READ = 256 << 10
+
+
+@pytest.fixture(autouse=True)
+def _readahead_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read-ahead is off by default (prefetch.LIMIT = 0); these tests turn it on."""
+    monkeypatch.setattr(prefetch, "LIMIT", prefetch.ENABLED)
 
 
 async def _settle(pf: Prefetcher) -> None:
@@ -192,3 +199,16 @@ async def test_cancelled_reader_and_close_with_reads_in_flight(ceph: Cluster) ->
     await _stream(col, 10 * READ, 3)          # more reads in flight, then close
     await conn.close()
     assert pf.pending == 0 and pf.held == 0 and not pf.chunks
+
+
+async def test_off_by_default_reads_as_before(ceph: Cluster,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """With LIMIT 0 (the default) nothing is read ahead and every read is the worker
+    thread's own synchronous read, byte-exact."""
+    monkeypatch.setattr(prefetch, "LIMIT", 0)
+    conn = await connect(ceph)
+    segs, data = await _object(conn, 2 << 20)
+    col = segs.reader(1, 0, len(data))
+    assert b"".join(await _stream(col, 0, len(data) // READ)) == data
+    assert conn.prefetch.issued == 0 and conn.prefetch.hits == 0 and not conn.prefetch.chunks
+    await conn.close()
