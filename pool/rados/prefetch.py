@@ -124,8 +124,9 @@ class Prefetcher:
     def take(self, oid: str, offset: int, buffers: Sequence[bytearray | memoryview],
              size: int) -> int:
         """Fill ``buffers`` from bytes held here (on the event loop): their total length,
-        or 0 (then an asynchronous read of the range is started, unless one is pending).
-        ``size``: the object's capacity (read-ahead stops there)."""
+        or 0 (with MISS_AHEAD, an asynchronous read of what no chunk covers is started
+        then). Either way the read counts for the stream's read-ahead. ``size``: the
+        object's capacity (read-ahead stops there). Off (``limit`` 0): 0 at once."""
         if not self.limit or self.conn.fenced is not None:
             return 0
         n = sum(len(b) for b in buffers)
