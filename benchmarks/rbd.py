@@ -45,6 +45,7 @@ from nbd.exports import VolumeCatalog
 from nbd.server import NBDConfig, NBDServer
 from pool import Pool
 from pool import owner as owners
+from pool.rados import prefetch
 from pool.rados.target import RadosTarget
 from pool.tuning import PoolTuning
 from storaged.tuning import tune_process
@@ -73,9 +74,14 @@ def _prefill(target: list[str], env: dict[str, str] | None) -> None:
                    capture_output=True, check=True, env=env, timeout=900)
 
 
-def serve(conf: str, directory: str, port: int, record_cache: int | None) -> None:
+def serve(conf: str, directory: str, port: int, record_cache: int | None,
+          readahead: int | None = None) -> None:
     """The storaged side: a pool on RADOS pool TEST_POOL, one volume, NBD until SIGTERM.
-    ``record_cache``: the pool's record cache in bytes (None: the daemon's default)."""
+    ``record_cache``: the pool's record cache in bytes (None: the daemon's default);
+    ``readahead``: pool/rados/prefetch.py's LIMIT (None: its default, off)."""
+    if readahead is not None:
+        prefetch.LIMIT = readahead
+
     async def main() -> None:
         claim = owners.Claim(owners.me(directory))
         tuning = PoolTuning() if record_cache is None else PoolTuning(
@@ -108,11 +114,15 @@ def main() -> None:
     ap.add_argument("--record-cache", type=int, default=None, metavar="BYTES",
                     help="storaged's record cache (default: the daemon's, 1/16 of RAM; "
                          "0 measures reads that all reach the OSDs)")
+    ap.add_argument("--readahead", type=int, default=None, metavar="BYTES",
+                    help="storaged's RADOS read-ahead budget (pool/rados/prefetch.py "
+                         "LIMIT; default off; e.g. 50331648 to measure it)")
     ap.add_argument("--serve", nargs=3, metavar=("CONF", "DIR", "PORT"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        serve(args.serve[0], args.serve[1], int(args.serve[2]), args.record_cache)
+        serve(args.serve[0], args.serve[1], int(args.serve[2]), args.record_cache,
+              args.readahead)
         return
     check_rounds(ap, args.rounds)
     reason = why_not()
@@ -149,6 +159,8 @@ def main() -> None:
         port = free_port()
         cache = ([] if args.record_cache is None
                  else ["--record-cache", str(args.record_cache)])
+        if args.readahead is not None:
+            cache += ["--readahead", str(args.readahead)]
         proc = subprocess.Popen([sys.executable, "-m", "benchmarks.rbd", *cache, "--serve",
                                  str(cluster.conf), str(sdir), str(port)],
                                 stdout=subprocess.DEVNULL, stderr=open(  # noqa: SIM115
@@ -182,6 +194,8 @@ def main() -> None:
               "256 MiB range hit it once warm; librbd's own cache is 32 MiB)"
               if args.record_cache is None else
               f"storaged's record cache at {args.record_cache} bytes")
+    if args.readahead:
+        cached += f", RADOS read-ahead of {args.readahead} bytes"
     report.write(args.results, f"fio, {runtime} s per run, {cached}, on one throwaway Ceph "
                  "cluster "
                  "(one bluestore OSD on a sparse file): storaged over NBD on a RADOS pool "

@@ -4,10 +4,12 @@ Invariants:
 
 1. No librados call runs on the event loop: every one goes through ``Connection.run``,
    which runs it in a worker thread (``trio.to_thread.run_sync``) under the connection's
-   limiter, or through ``call_blocking`` from a thread the caller already runs in. A
-   librados call cannot be interrupted, so a cancelled caller waits for it to finish
-   (the op timeout, ``rados_osd_op_timeout``, bounds that).
-2. Every call's latency lands in its kind's histogram (``statistics()``), failed calls too.
+   limiter, or through ``call_blocking`` from a thread the caller already runs in, or is
+   an asynchronous read of the read-ahead (``prefetch``, pool/rados/prefetch.py), started
+   from its own thread. A librados call cannot be interrupted, so a cancelled caller
+   waits for it to finish (the op timeout, ``rados_osd_op_timeout``, bounds that).
+2. Every call's latency lands in its kind's histogram (``statistics()``), failed calls
+   too (asynchronous reads from their completion: ``observe``).
 3. Fenced is final: once any call reports that this client is blocklisted (ESHUTDOWN,
    which Ceph also names EBLOCKLISTED), ``fenced`` holds why, the watchers are told once
    (on the event loop), and every later call is refused with ``Fenced`` without reaching
@@ -32,6 +34,7 @@ import trio
 
 from pool.errors import Busy, NotFound, StorageError
 from pool.rados.binding import load
+from pool.rados.prefetch import Prefetcher
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -151,6 +154,7 @@ class Connection:
         self._limiter = trio.CapacityLimiter(threads)
         self._hist = {k: _Histogram() for k in KINDS}
         self.rados = load()
+        self.prefetch = Prefetcher(self)
 
     @staticmethod
     async def open(rados_pool: str, conf: str | None = None, client: str = "admin",
@@ -230,6 +234,10 @@ class Connection:
         finally:
             self._hist[kind].add(time.perf_counter() - t0, ok)
 
+    def observe(self, kind: str, seconds: float, ok: bool) -> None:
+        """Count a call timed elsewhere (an asynchronous read's completion)."""
+        self._hist[kind].add(seconds, ok)
+
     def _translate(self, e: BaseException, what: str) -> StorageError:
         n = _errno(e)
         if n == errno.ESHUTDOWN:
@@ -278,6 +286,7 @@ class Connection:
     async def close(self) -> None:
         def shut() -> None:
             try:
+                self.prefetch.close()   # no completion outlives the ioctx (prefetch 5)
                 self.ioctx.close()
             finally:
                 self.cluster.shutdown()

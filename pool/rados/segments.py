@@ -14,7 +14,9 @@ columns as separate objects. Column ``c`` of segment ``s`` is the object
 - ``delete``: the segment's columns (a free: RADOS gives the space back at once, so
   discard costs nothing);
 - ``reader``: the column as a ``pool.device.Device`` (blocking; for the record reader,
-  which calls it from its worker threads).
+  which calls it from its worker threads), with the connection's read-ahead
+  (pool/rados/prefetch.py) as its "page cache": ``preadv_nowait`` answers from it on the
+  event loop, ``pread`` waits for a read of it already in flight.
 
 Invariants:
 
@@ -25,6 +27,8 @@ Invariants:
 3. Every call goes through the connection (conn invariants 1-4): in a worker thread,
    timed, refused once fenced. A column reader's errors are DeviceError (what the record
    reader expects of a device), except Fenced, which passes as it is.
+4. Every write and delete tells the read-ahead, once it completed, which range of which
+   object changed (prefetch invariant 3), whether it succeeded or not.
 """
 
 from __future__ import annotations
@@ -53,8 +57,11 @@ class RadosSegments:
 
     async def write_whole(self, seg: int, col: int, data: Buffer) -> None:
         oid = self.oid(seg, col)
-        await self.conn.run("write", f"write {oid}", self.conn.ioctx.write_full, oid,
-                            bytes(data))
+        try:
+            await self.conn.run("write", f"write {oid}", self.conn.ioctx.write_full, oid,
+                                bytes(data))
+        finally:
+            self.conn.prefetch.invalidate(oid)
 
     async def write_columns(self, seg: int, columns: Sequence[Buffer]) -> None:
         """Column i of ``columns`` as object i of segment ``seg``, all at once."""
@@ -69,13 +76,19 @@ class RadosSegments:
 
     async def write_at(self, seg: int, col: int, offset: int, data: Buffer) -> None:
         oid = self.oid(seg, col)
-        await self.conn.run("write", f"write {oid} at {offset}", self.conn.ioctx.write, oid,
-                            bytes(data), offset)
+        try:
+            await self.conn.run("write", f"write {oid} at {offset}", self.conn.ioctx.write,
+                                oid, bytes(data), offset)
+        finally:
+            self.conn.prefetch.invalidate(oid, offset, offset + len(data))
 
     async def append(self, seg: int, col: int, data: Buffer) -> None:
         oid = self.oid(seg, col)
-        await self.conn.run("write", f"append to {oid}", self.conn.ioctx.append, oid,
-                            bytes(data))
+        try:
+            await self.conn.run("write", f"append to {oid}", self.conn.ioctx.append, oid,
+                                bytes(data))
+        finally:
+            self.conn.prefetch.invalidate(oid)
 
     async def read(self, seg: int, col: int, offset: int, length: int) -> bytes:
         """Exactly ``length`` bytes at ``offset`` (invariant 2)."""
@@ -97,7 +110,10 @@ class RadosSegments:
                 self.conn.ioctx.remove_object(oid)
         for col in range(columns):
             oid = self.oid(seg, col)
-            await self.conn.run("write", f"delete {oid}", rm, oid)
+            try:
+                await self.conn.run("write", f"delete {oid}", rm, oid)
+            finally:
+                self.conn.prefetch.invalidate(oid)
 
     def reader(self, seg: int, col: int, size: int) -> ObjectColumn:
         return ObjectColumn(self.conn, self.oid(seg, col), size)
@@ -129,6 +145,9 @@ class ObjectColumn:
         return self._size
 
     def pread(self, offset: int, length: int) -> bytes:
+        got = self.conn.prefetch.read(self.oid, offset, length, self._size)
+        if got is not None and len(got) == length:
+            return got
         try:
             return self.conn.call_blocking("read", f"read {self.oid}", _read_exact,
                                            self.conn, self.oid, offset, length)
@@ -138,7 +157,9 @@ class ObjectColumn:
             raise DeviceError(e.message) from e
 
     def preadv_nowait(self, offset: int, buffers: Sequence[bytearray | memoryview]) -> int:
-        return 0        # nothing is cached locally: every read takes the thread path
+        """What the read-ahead holds (on the event loop; 0 starts a read of the range,
+        which ``pread`` then waits for): prefetch invariants 1-4."""
+        return self.conn.prefetch.take(self.oid, offset, buffers, self._size)
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         try:
@@ -148,6 +169,8 @@ class ObjectColumn:
             raise
         except StorageError as e:
             raise DeviceError(e.message) from e
+        finally:
+            self.conn.prefetch.invalidate(self.oid, offset, offset + len(data))
 
     def pwritev(self, offset: int, buffers: Sequence[Buffer]) -> None:
         self.pwrite(offset, b"".join(buffers))
