@@ -234,6 +234,7 @@ class _Client:
         self._writing = False       # the writer has a batch not yet fully sent (R1)
         # The socket's descriptor for vectored writes (R2); None under TLS.
         self._fd: int | None = None
+        self._rbuf = memoryview(bytearray(RECV))    # requests are received into it
         self._stopping = False      # the writer ends once the queue is empty
         self._broken = False
         self._failure: BaseException | None = None
@@ -338,6 +339,35 @@ class _Client:
 
     async def _receive(self) -> None:
         buf = self.conn.receive_buffer()
+        fd = self._fd
+        if fd is not None:
+            # Transmission on a plain socket: the same syscalls as trio's receive_some
+            # (try, wait until readable, retry) without its wrapper, into a buffer kept
+            # for the connection (or straight into a large write's payload).
+            assert isinstance(self.stream, trio.SocketStream)
+            into = buf if buf is not None else self._rbuf
+            try:
+                n = os.readv(fd, [into])
+            except BlockingIOError:
+                n = -1
+            except OSError as e:
+                raise trio.BrokenResourceError(f"receive failed: {e}") from e
+            if n < 0:
+                while n < 0:
+                    await trio.lowlevel.wait_readable(self.stream.socket)
+                    try:
+                        n = os.readv(fd, [into])
+                    except BlockingIOError:
+                        pass
+                    except OSError as e:
+                        raise trio.BrokenResourceError(f"receive failed: {e}") from e
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            if buf is not None:
+                self.conn.received_into(n)
+            else:
+                self.conn.receive_data(self._rbuf[:n])
+            return
         if buf is not None and isinstance(self.stream, trio.SocketStream):
             # A large write's payload goes straight into its own buffer (no copies).
             try:
