@@ -234,7 +234,7 @@ class _Client:
         self._writing = False       # the writer has a batch not yet fully sent (R1)
         # The socket's descriptor for vectored writes (R2); None under TLS.
         self._fd: int | None = None
-        self._rbuf = memoryview(bytearray(RECV))    # requests are received into it
+        self._rbuf = memoryview(b"")     # requests are received into it (transmission)
         self._stopping = False      # the writer ends once the queue is empty
         self._broken = False
         self._failure: BaseException | None = None
@@ -434,6 +434,7 @@ class _Client:
                 self._writer_running = True
                 if isinstance(self.stream, trio.SocketStream):
                     self._fd = self.stream.socket.fileno()
+                    self._rbuf = memoryview(bytearray(RECV))
                 outer.start_soon(self._writer)
                 try:
                     await self._transmission(reader)
@@ -448,6 +449,7 @@ class _Client:
                 outer.cancel_scope.deadline = trio.current_time() + WRITER_GRACE
             self._writer_running = False
             self._fd = None
+            self._rbuf = memoryview(b"")
             failure = self._failure
         finally:
             self.server._transmission_ended(reader)
