@@ -18,7 +18,7 @@ and their spread. storaged runs as a separate process
 (`--serve`). The issue's target is at least 1.0x on every throughput row.
 
     .venv/bin/python -m benchmarks.nbd [--rounds N] [--smoke] [--lz4] [--latency]
-        [--dir PATH] [--runtime SECONDS]
+        [--only TEXT]... [--dir PATH] [--runtime SECONDS]
 """
 
 from __future__ import annotations
@@ -127,6 +127,8 @@ def main() -> None:
     ap.add_argument("--runtime", type=int, default=None, help="seconds per fio run (5)")
     ap.add_argument("--lz4", action="store_true", help="also the lz4-compressed volume")
     ap.add_argument("--latency", action="store_true", help="only the QD1 latency rows")
+    ap.add_argument("--only", action="append", default=[], metavar="TEXT",
+                    help="only the rows whose name contains TEXT (repeatable)")
     ap.add_argument("--dir", default="/var/tmp", help="where the files go (not tmpfs)")
     ap.add_argument("--serve", nargs=2, metavar=("DIR", "PORT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -143,6 +145,9 @@ def main() -> None:
     latency_tests = LATENCY[:1] if args.smoke else LATENCY
     if args.latency:
         tests = []
+    if args.only:
+        tests = [t for t in tests if any(o in t[0] for o in args.only)]
+        latency_tests = [t for t in latency_tests if any(o in t[0] for o in args.only)]
     vols: list[tuple[str, str, list[str]]] = [("plain", "plain", []), ("ec", "ec:4+2", [])]
     if args.smoke:
         vols = vols[:1]

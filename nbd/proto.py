@@ -305,7 +305,7 @@ class ServerConnection:
                                  FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
 
     # ---- bytes in and out ---------------------------------------------------------------
-    def receive_data(self, data: bytes | bytearray) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
             self._eof = True
         elif self._pending is not None and self._payload is None:

@@ -19,6 +19,14 @@ S2. A connection not through the handshake within ``handshake_timeout`` seconds,
 S3. At most ``max_connections`` connections are served; one more is closed at once.
 S4. An unexpected error in one request answers that request with EIO; an unexpected error
     in a connection ends that connection only. Neither reaches the listener.
+
+Replies in transmission (issue 27):
+R1. Replies leave in the order they were queued, each whole: bytes of one reply are never
+    interleaved with another's. Only the writer task, or ``_enqueue`` when the writer is
+    idle (no batch in progress, nothing queued), writes to the socket.
+R2. On a plain TCP socket a reply's buffers (header, then the blocks' own buffers) go out
+    in vectored writes (``os.writev``), never joined into one copy; a write the socket
+    takes only in part leaves the rest, in order, to the writer.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import os
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +50,7 @@ log = logging.getLogger(__name__)
 RECV = 256 * 1024
 QUEUE_LIMIT = 8 * 1024 * 1024   # queued reply bytes before producers wait for the writer
 WRITER_GRACE = 30.0             # seconds to send the last replies to a peer that stopped reading
+IOV_MAX = 1024                  # buffers per writev (Linux's UIO_MAXIOV)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -175,6 +185,19 @@ class _TimedOut(proto.RemoteProtocolError):
     """A request begun was not finished within nbd.payload_timeout (S2)."""
 
 
+def _advance(parts: Sequence[proto.Data], n: int) -> list[proto.Data]:
+    """What is left of ``parts`` once their first ``n`` bytes are sent."""
+    for i, p in enumerate(parts):
+        size = p.nbytes if isinstance(p, memoryview) else len(p)
+        if n < size:
+            rest = list(parts[i:])
+            if n:
+                rest[0] = memoryview(p).cast("B")[n:]
+            return rest
+        n -= size
+    return []
+
+
 def _peer(stream: trio.SocketStream) -> str:
     try:
         host, port = stream.socket.getpeername()[:2]
@@ -208,6 +231,10 @@ class _Client:
         self._wakeup = trio.Event()
         self._drained = trio.Event()
         self._writer_running = False
+        self._writing = False       # the writer has a batch not yet fully sent (R1)
+        # The socket's descriptor for vectored writes (R2); None under TLS.
+        self._fd: int | None = None
+        self._rbuf = memoryview(b"")     # requests are received into it (transmission)
         self._stopping = False      # the writer ends once the queue is empty
         self._broken = False
         self._failure: BaseException | None = None
@@ -266,11 +293,12 @@ class _Client:
                 self._wakeup = trio.Event()
                 while self._queue:
                     queue = self._queue
-                    data = queue[0] if len(queue) == 1 else b"".join(queue)
                     self._queue = []
                     self._queued = 0
+                    self._writing = True
                     with trio.move_on_after(self.server.config.payload_timeout) as sending:
-                        await self.stream.send_all(data)
+                        await self._send_parts(queue)
+                    self._writing = False
                     if sending.cancelled_caught:
                         # A peer that stops reading its replies would hold their memory
                         # (S1) for good: it is dropped like one that stops sending (S2).
@@ -290,8 +318,56 @@ class _Client:
             self._queue.clear()
             self._drained.set()
 
+    async def _send_parts(self, parts: list[proto.Data]) -> None:
+        """Send ``parts`` in order: vectored writes on a plain socket (R2), else joined."""
+        fd = self._fd
+        if fd is None:
+            await self.stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
+            return
+        assert isinstance(self.stream, trio.SocketStream)
+        sock = self.stream.socket
+        while parts:
+            try:
+                n = os.writev(fd, parts[:IOV_MAX])
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+                continue
+            except OSError as e:
+                raise trio.BrokenResourceError(f"send failed: {e}") from e
+            parts = _advance(parts, n)
+        await trio.lowlevel.checkpoint()
+
     async def _receive(self) -> None:
         buf = self.conn.receive_buffer()
+        fd = self._fd
+        if fd is not None:
+            # Transmission on a plain socket: the same syscalls as trio's receive_some
+            # (try, wait until readable, retry) without its wrapper, into a buffer kept
+            # for the connection (or straight into a large write's payload).
+            assert isinstance(self.stream, trio.SocketStream)
+            into = buf if buf is not None else self._rbuf
+            try:
+                n = os.readv(fd, [into])
+            except BlockingIOError:
+                n = -1
+            except OSError as e:
+                raise trio.BrokenResourceError(f"receive failed: {e}") from e
+            if n < 0:
+                while n < 0:
+                    await trio.lowlevel.wait_readable(self.stream.socket)
+                    try:
+                        n = os.readv(fd, [into])
+                    except BlockingIOError:
+                        pass
+                    except OSError as e:
+                        raise trio.BrokenResourceError(f"receive failed: {e}") from e
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            if buf is not None:
+                self.conn.received_into(n)
+            else:
+                self.conn.receive_data(self._rbuf[:n])
+            return
         if buf is not None and isinstance(self.stream, trio.SocketStream):
             # A large write's payload goes straight into its own buffer (no copies).
             try:
@@ -356,6 +432,9 @@ class _Client:
         try:
             async with trio.open_nursery() as outer:
                 self._writer_running = True
+                if isinstance(self.stream, trio.SocketStream):
+                    self._fd = self.stream.socket.fileno()
+                    self._rbuf = memoryview(bytearray(RECV))
                 outer.start_soon(self._writer)
                 try:
                     await self._transmission(reader)
@@ -369,6 +448,8 @@ class _Client:
                 self._wakeup.set()
                 outer.cancel_scope.deadline = trio.current_time() + WRITER_GRACE
             self._writer_running = False
+            self._fd = None
+            self._rbuf = memoryview(b"")
             failure = self._failure
         finally:
             self.server._transmission_ended(reader)
@@ -497,11 +578,24 @@ class _Client:
         return True
 
     def _enqueue(self, parts: Sequence[proto.Data]) -> None:
-        """Queue what the protocol has pending and ``parts`` for the writer task."""
+        """Queue what the protocol has pending and ``parts`` for the writer task; when the
+        writer is idle, write them at once instead and queue only what the socket did not
+        take (R1, R2): at queue depth 1 that saves waking the writer for every reply."""
         pending = self.conn.data_to_send()
         if pending:
-            self._queue.append(pending)
-            self._queued += len(pending)
+            parts = [pending, *parts]
+        if not parts:
+            return
+        fd = self._fd
+        if fd is not None and not self._queue and not self._writing and not self._broken:
+            try:
+                n = os.writev(fd, parts if len(parts) <= IOV_MAX else parts[:IOV_MAX])
+            except OSError:
+                n = 0           # the writer meets the error (or waits until writable)
+            rest = _advance(parts, n)
+            if not rest:
+                return
+            parts = rest
         self._queue.extend(parts)
         self._queued += sum(len(p) for p in parts)
         self._wakeup.set()
