@@ -57,3 +57,14 @@ def corrupt(ds: DiskSet, member: int, offset: int, length: int, rng: random.Rand
         old = f.read(1)
         f.seek(pos)
         f.write(bytes([old[0] ^ 0xFF]))
+
+
+async def rotten_pool(ds: DiskSet, profile: str, size: int, block: int, column: int,
+                      seed: int) -> tuple[Pool, bytes, str]:
+    """``filled_pool`` closed, one fragment (``block``, ``column``) corrupted on its device,
+    and the pool opened again: (pool, the volume's data, that device's path)."""
+    pool, data = await filled_pool(ds, profile, size)
+    member, off, length = fragments(pool)[(block, column)]
+    await pool.close()
+    corrupt(ds, member, off, length, random.Random(seed))
+    return await Pool.open(ds.open()), data, str(ds.paths[member])

@@ -77,6 +77,13 @@ async def create(ceph: Cluster, name: str, who: str = "a") -> Pool:
                                    claim=claim(who))
 
 
+async def assert_holds(pool: Pool, data: bytes) -> None:
+    """Volume 'v' of ``pool`` begins with ``data``, and the deep check is clean."""
+    assert await VolumeManager(pool).get("v").read(0, len(data)) == data
+    report = await check(pool, deep=True)
+    assert report.ok, report.render()
+
+
 async def test_create_write_close_reopen_snapshot_clone(ceph: Cluster) -> None:
     """DESIGN 1, 2, 7 on RADOS: volumes written and flushed through the VolumeManager read
     back byte-exact, and again after close and a reopen by name (backend invariants 1-3:
@@ -190,10 +197,7 @@ async def test_takeover_fences_the_old_owner(ceph: Cluster) -> None:
             assert old.health() and "fenced" in old.health()[0]
             with trio.fail_after(30):            # the runner saw it and returned
                 await ended.wait()
-            got = await VolumeManager(new).get("v").read(0, len(flushed))
-            assert got == flushed
-            report = await check(new, deep=True)
-            assert report.ok, report.render()
+            await assert_holds(new, flushed)
         finally:
             await old.close()
             await new.close()
@@ -546,6 +550,11 @@ def _keys(conn: Connection) -> set[str]:
     return {str(o.key) for o in conn.ioctx.list_objects()}
 
 
+async def _keys_of(conn: Connection, uuid: str) -> set[str]:
+    """The objects of the storaged pool ``uuid``."""
+    return {k for k in await trio.to_thread.run_sync(_keys, conn) if k.startswith(uuid + ".")}
+
+
 def _ops_worker(ceph: Cluster, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "tests.rados.ops_worker", str(ceph.conf), TEST_POOL, *args],
@@ -572,8 +581,7 @@ async def test_destroy_takes_only_its_own_pool(ceph: Cluster) -> None:
     await keep.close()
     conn = await connect(ceph)
     before = await trio.to_thread.run_sync(snapshot, conn, keep.uuid)
-    mine = {k for k in await trio.to_thread.run_sync(_keys, conn)
-            if k.startswith(gone.uuid + ".")}
+    mine = await _keys_of(conn, gone.uuid)
     assert len([k for k in mine if ".seg." in k]) >= 3, mine
     seen: list[tuple[int, int]] = []
 
@@ -589,9 +597,7 @@ async def test_destroy_takes_only_its_own_pool(ceph: Cluster) -> None:
         await Pool.open_rados(target(ceph), "p-gone", claim=claim("a"))
     again = await Pool.open_rados(target(ceph), "p-keep", claim=claim("a"))
     try:
-        assert await VolumeManager(again).get("v").read(0, 10 * MiB) == data["p-keep"]
-        report = await check(again, deep=True)
-        assert report.ok, report.render()
+        await assert_holds(again, data["p-keep"])
     finally:
         await again.close()
         await conn.close()
@@ -633,13 +639,11 @@ async def test_destroy_killed_half_way_is_finished_by_a_second(ceph: Cluster) ->
     await pool.close()
     conn = await connect(ceph)
     nextdoor = await trio.to_thread.run_sync(snapshot, conn, other.uuid)
-    mine = {k for k in await trio.to_thread.run_sync(_keys, conn)
-            if k.startswith(pool.uuid + ".")}
+    mine = await _keys_of(conn, pool.uuid)
     proc = _ops_worker(ceph, "destroy", "p-half", "2")
     out, err = await trio.to_thread.run_sync(partial(proc.communicate, timeout=60))
     assert proc.returncode == -signal.SIGKILL, out + err
-    left = {k for k in await trio.to_thread.run_sync(_keys, conn)
-            if k.startswith(pool.uuid + ".")}
+    left = await _keys_of(conn, pool.uuid)
     assert f"{pool.uuid}.header" in left and 0 < len(left) < len(mine) - 1, (mine, left)
     assert (await directory(conn))["p-half"] == pool.uuid
     with pytest.raises(Destroying, match="p-half was being destroyed"):

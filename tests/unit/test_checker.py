@@ -4,13 +4,12 @@ clean, deep included (DESIGN invariant 4: what is stored verifies or is named)."
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 
 from pool import Pool
 from pool import checker as C
 from tests.conftest import DiskSet
-from tests.kit.poolkit import corrupt, filled_pool, fragments, read_all
+from tests.kit.poolkit import filled_pool, read_all, rotten_pool
 
 Disks = Callable[..., DiskSet]
 SIZE = 1 << 20
@@ -25,18 +24,13 @@ def _sound_parts(pool: Pool) -> list[str]:
 
 async def test_a_rotten_fragment_is_named_by_the_deep_read_only(disks: Disks) -> None:
     ds = disks(3)
-    pool, data = await filled_pool(ds, "ec:2+1", SIZE)
-    frags = fragments(pool)
-    await pool.close()
-    member, off, length = frags[(3, 1)]
-    corrupt(ds, member, off, length, random.Random(1))
-    pool = await Pool.open(ds.open())
+    pool, data, path = await rotten_pool(ds, "ec:2+1", SIZE, 3, 1, seed=1)
     try:
         assert (await C.check(pool)).ok
         assert _sound_parts(pool) == []
         report = await C.check(pool, deep=True)
         assert report.fragments_bad == 1 and report.fragments_checked == 3 * report.records
-        assert len(report.problems) == 1 and report.problems[0].startswith(str(ds.paths[member]))
+        assert len(report.problems) == 1 and report.problems[0].startswith(path)
         assert "fragment 1 of the record" in report.problems[0]
         assert report.problems[0].endswith("fails verification")
         assert await read_all(pool, SIZE) == data      # k = 2 of 3 still read it back

@@ -14,7 +14,7 @@ import pytest
 from pool import Device, MemoryDevice, Pool
 from pool.faults import FaultyDevice
 from tests.conftest import DiskSet
-from tests.kit.poolkit import corrupt, filled_pool, fragments
+from tests.kit.poolkit import rotten_pool
 from volumes import InvalidArgument, VolumeManager
 
 MiB = 1 << 20
@@ -89,12 +89,7 @@ async def test_readinto_nowait_never_answers_a_rotten_fragment(
     """A corrupt fragment fails its checksum: the fast paths decline, and the awaited read
     rebuilds the block from the others (k = 2 of 3) byte-exact."""
     ds = disks(3)
-    pool, data = await filled_pool(ds, "ec:2+1", 4 * BS)
-    frags = fragments(pool)
-    await pool.close()
-    member, off, length = frags[(1, 0)]
-    corrupt(ds, member, off, length, random.Random(3))
-    pool = await Pool.open(ds.open())
+    pool, data, _path = await rotten_pool(ds, "ec:2+1", 4 * BS, 1, 0, seed=3)
     try:
         vol = VolumeManager(pool).get("v")
         assert not vol.readinto_nowait(0, bytearray(4 * BS))
