@@ -54,6 +54,7 @@ from pool.metastore import MetaStore, Superblock
 from pool.pins import SegmentPins
 from pool.profile import Profile
 from pool.rados.conn import Fenced
+from pool.rados.reader import RadosRecordReader
 from pool.rados.store import refuse_profile
 from pool.reader import RecordReader
 from pool.space import SpaceAccount, SpaceHooks
@@ -170,11 +171,18 @@ class Pool:
         # are mostly verification, CPU), RADOS_READS at a time on RADOS, where a thread
         # mostly waits for an OSD (a round trip each): two would cap a pool at about two
         # reads per round trip whatever the queue depth.
-        self.reader = RecordReader(state, self.store, self.record_cache, meta.deadlines,
-                                   self.cpu if rados is None
-                                   else trio.CapacityLimiter(RADOS_READS),
-                                   self.counters, self.txn.dirty.update,
-                                   self._confirm_owner)
+        # On RADOS, reads are asynchronous librados reads verified as they complete
+        # (pool.rados.reader), the general path its fallback.
+        if rados is None:
+            self.reader = RecordReader(state, self.store, self.record_cache, meta.deadlines,
+                                       self.cpu, self.counters, self.txn.dirty.update,
+                                       self._confirm_owner)
+        else:
+            self.reader = RadosRecordReader(rados.conn, state, self.store,
+                                            self.record_cache, meta.deadlines,
+                                            trio.CapacityLimiter(RADOS_READS),
+                                            self.counters, self.txn.dirty.update,
+                                            self._confirm_owner)
 
     # ==== creation and import (pool.importer) ==============================================
     @classmethod

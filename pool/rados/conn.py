@@ -6,8 +6,11 @@ Invariants:
    which runs it in a worker thread (``trio.to_thread.run_sync``) under the connection's
    limiter, or through ``call_blocking`` from a thread the caller already runs in, or is
    an asynchronous read of the read-ahead (``prefetch``, pool/rados/prefetch.py), started
-   from its own thread. A librados call cannot be interrupted, so a cancelled caller
-   waits for it to finish (the op timeout, ``rados_osd_op_timeout``, bounds that).
+   from its own thread, or an asynchronous record read (``aio``, pool/rados/aioread.py),
+   started on the event loop: ``aio_read`` only queues the op (its bytes in flight are
+   bounded far below librados' throttle, aioread invariant 3) and returns. A librados
+   call cannot be interrupted, so a cancelled caller waits for it to finish (the op
+   timeout, ``rados_osd_op_timeout``, bounds that).
 2. Every call's latency lands in its kind's histogram (``statistics()``), failed calls
    too (asynchronous reads from their completion: ``observe``).
 3. Fenced is final: once any call reports that this client is blocklisted (ESHUTDOWN,
@@ -33,6 +36,7 @@ from typing import Any, TypeVar
 import trio
 
 from pool.errors import Busy, NotFound, StorageError
+from pool.rados.aioread import AioReads
 from pool.rados.binding import load
 from pool.rados.prefetch import Prefetcher
 
@@ -155,6 +159,7 @@ class Connection:
         self._hist = {k: _Histogram() for k in KINDS}
         self.rados = load()
         self.prefetch = Prefetcher(self)
+        self.aio = AioReads(self)
 
     @staticmethod
     async def open(rados_pool: str, conf: str | None = None, client: str = "admin",
@@ -286,7 +291,8 @@ class Connection:
     async def close(self) -> None:
         def shut() -> None:
             try:
-                self.prefetch.close()   # no completion outlives the ioctx (prefetch 5)
+                self.prefetch.close()   # no completion outlives the ioctx (prefetch 5,
+                self.aio.close()        # aioread 2)
                 self.ioctx.close()
             finally:
                 self.cluster.shutdown()

@@ -1,0 +1,160 @@
+"""Asynchronous record reads on RADOS for the pool's read path (pool/rados/reader.py):
+one ``Ioctx.aio_read`` per run of records, verified on the librados thread that completes
+it, the waiting task woken with ``TrioToken.run_sync_soon``.
+
+Invariants:
+
+1. A block is kept (``Batch.payloads``) only after its record's fragment verified: its
+   header names this record and its xxh3 matches; otherwise the batch is marked failed
+   and its caller takes the general read path for the whole request.
+2. The bytes a completion fills are the binding's own (python-rados allocates the buffer
+   and keeps it, with the completion, until the callback ran); a cancelled caller only
+   stops waiting, and a late completion touches only its own ``Batch``. ``close`` waits
+   for every read in flight before the ioctx goes (``Connection.close``).
+3. Bytes in flight never exceed LIMIT (far below librados' own throttle,
+   ``objecter_inflight_op_bytes``, 100 MiB), so ``aio_read`` only queues the op: it never
+   waits on the throttle or on an OSD on the event loop (conn invariant 1).
+4. Every asynchronous read lands in the connection's ``read`` histogram once, from its
+   completion, failed ones as failures (conn invariant 2); none starts once fenced or
+   closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from pool import codec, records
+from pool.layout import SECTOR
+
+if TYPE_CHECKING:
+    from pool.rados.conn import Connection
+    from pool.rados.segments import ObjectColumn
+
+log = logging.getLogger(__name__)
+LIMIT = 32 << 20         # bytes of asynchronous reads in flight at once (invariant 3)
+ALIGN = 4096             # reads are widened to these boundaries (bluestore's csum block)
+WAIT = 30.0              # seconds ``close`` waits for reads in flight
+
+
+class Batch:
+    """The asynchronous reads of one request: what each run verified, and how many are
+    still in flight. Touched by completions (librados threads) under ``lock``."""
+
+    __slots__ = ("block_size", "done", "failed", "left", "lock", "payloads", "token")
+
+    def __init__(self, runs: int, block_size: int, token: trio.lowlevel.TrioToken) -> None:
+        self.left = runs
+        self.block_size = block_size
+        self.token = token
+        self.failed = False
+        self.payloads: dict[int, bytes | memoryview] = {}
+        self.lock = threading.Lock()
+        self.done = trio.Event()
+
+
+class AioReads:
+    """The asynchronous record reads of one connection (``Connection.aio``)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+        self.bytes = 0                   # bytes of reads in flight (invariant 3)
+        self.pending = 0                 # reads in flight
+        self.started = 0                 # reads started, ever
+        self.idle = threading.Condition(self.lock)
+        self.closed = False
+
+    def room(self, n: int) -> bool:
+        """Whether reads of ``n`` more bytes may start now (invariant 3)."""
+        return not self.closed and self.conn.fenced is None and self.bytes + n <= LIMIT
+
+    def start(self, col: ObjectColumn, base: int, run: Sequence[records.RecordPlan],
+              batch: Batch) -> None:
+        """Start the read of ``run`` (records one after another in the column object
+        ``col``, whose bytes start at ``base``), to be verified into ``batch`` by its
+        completion. On the event loop."""
+        first = run[0]
+        lo = base + first.offset * SECTOR
+        hi = lo + sum(p.units for p in run) * SECTOR
+        start = lo - lo % ALIGN
+        end = min(-(-hi // ALIGN) * ALIGN, max(hi, base + col.size))
+        n = end - start
+        with self.lock:
+            self.bytes += n
+            self.pending += 1
+            self.started += 1
+        t0 = time.perf_counter()
+
+        def complete(comp: Any, data: Any) -> None:
+            try:
+                rv = int(comp.get_return_value())
+                self.conn.observe("read", time.perf_counter() - t0, rv >= 0)
+                ok = rv >= hi - start and data is not None and _verify(
+                    memoryview(data)[lo - start:hi - start], run, batch)
+            except BaseException:       # a librados thread: never let it die
+                log.exception("asynchronous read of %s", col.oid)
+                ok = False
+            finally:
+                with self.lock:
+                    self.bytes -= n
+                    self.pending -= 1
+                    if not self.pending:
+                        self.idle.notify_all()
+            _finish(batch, ok)
+        try:
+            self.conn.ioctx.aio_read(col.oid, n, start, complete)
+        except Exception as e:          # the general path reads (and reports) it
+            log.debug("asynchronous read of %s at %d not started: %s", col.oid, start, e)
+            with self.lock:
+                self.bytes -= n
+                self.pending -= 1
+                if not self.pending:
+                    self.idle.notify_all()
+            _finish(batch, False)
+
+    def close(self, timeout: float = WAIT) -> None:
+        """Start nothing more; wait (blocking: from a worker thread) for every read in
+        flight (invariant 2)."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            self.closed = True
+            while self.pending and time.monotonic() < deadline:
+                self.idle.wait(max(0.0, deadline - time.monotonic()))
+
+
+def _verify(view: memoryview, run: Sequence[records.RecordPlan], batch: Batch) -> bool:
+    """Check each record of ``run`` in ``view`` (its bytes, back to back) and keep its
+    logical block in ``batch``; False at the first one that does not verify
+    (invariant 1). On a librados thread."""
+    out: dict[int, bytes | memoryview] = {}
+    pos = 0
+    bs = batch.block_size
+    for p in run:
+        size = p.units * SECTOR
+        chunk = codec.check_fragment(view[pos:pos + size], 0, 1, 0, p.plen, p.rhash)
+        if chunk is None:
+            return False
+        out[p.slot] = codec.expand(chunk[:p.plen], p.flags, bs)
+        pos += size
+    with batch.lock:
+        batch.payloads.update(out)
+    return True
+
+
+def _finish(batch: Batch, ok: bool) -> None:
+    with batch.lock:
+        batch.failed |= not ok
+        batch.left -= 1
+        last = batch.left == 0
+    if last:
+        with contextlib.suppress(trio.RunFinishedError):   # nobody waits any more
+            batch.token.run_sync_soon(batch.done.set)
+
+
