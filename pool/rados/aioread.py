@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 LIMIT = 32 << 20         # bytes of asynchronous reads in flight at once (invariant 3)
-ALIGN = 4096             # reads are widened to these boundaries (bluestore's csum block)
 WAIT = 30.0              # seconds ``close`` waits for reads in flight
 
 
@@ -83,9 +82,7 @@ class AioReads:
         first = run[0]
         lo = base + first.offset * SECTOR
         hi = lo + sum(p.units for p in run) * SECTOR
-        start = lo - lo % ALIGN
-        end = min(-(-hi // ALIGN) * ALIGN, max(hi, base + col.size))
-        n = end - start
+        start, n = lo, hi - lo
         with self.lock:
             self.bytes += n
             self.pending += 1

@@ -13,9 +13,7 @@ trip around a synchronous ``Ioctx.read``. ``RadosRecordReader`` instead:
   must be read), without touching a buffer;
 - in ``read_blocks``, starts one ``Ioctx.aio_read`` per run of records lying one after
   another in one segment (``records._runs``; a 1 MiB read of 64 KiB blocks is one run),
-  from the event loop (``AioReads.start``: it queues the op and returns), with the range
-  widened to 4 KiB boundaries (the OSD then hands whole checksum blocks back without
-  copying them into a range of their own);
+  from the event loop (``AioReads.start``: it queues the op and returns);
 - verifies each record's fragment (xxh3, ``codec.check_fragment``) in the completion,
   on the librados thread, and wakes the waiting task with ``TrioToken.run_sync_soon``;
 - takes the general path for anything else: a read that failed or came back short, a
@@ -47,7 +45,7 @@ import trio
 from pool import records
 from pool.errors import NotFound
 from pool.layout import SECTOR
-from pool.rados.aioread import ALIGN, Batch
+from pool.rados.aioread import Batch
 from pool.reader import RecordReader
 
 if TYPE_CHECKING:
@@ -84,7 +82,7 @@ class RadosRecordReader(RecordReader):
             return result
         aio = self.conn.aio
         runs = list(records._runs(plans))
-        need = sum(p.units for p in plans) * SECTOR + 2 * ALIGN * len(runs)
+        need = sum(p.units for p in plans) * SECTOR
         if any(p.k != 1 or p.m != 0 or p.columns[0][0] is None for p in plans) \
                 or not aio.room(need):
             return await super().read_blocks(map_id, blocks, block_size)
