@@ -127,6 +127,10 @@ def main() -> None:
     ap.add_argument("--runtime", type=int, default=5)
     ap.add_argument("--dir", default="/var/tmp")
     ap.add_argument("--sides", default="rbd,rados,local")
+    ap.add_argument("--old-tree", default=None, metavar="PATH",
+                    help="also the side 'rados-old': the storaged of the source tree at "
+                         "PATH (e.g. `git archive BASE | tar -x -C PATH`), in the same "
+                         "rounds: old code against new, paired")
     ap.add_argument("--serve-local", nargs=2, metavar=("DIR", "PORT"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -154,21 +158,28 @@ def main() -> None:
                f"--rbdname={IMAGE}"]
         sides: dict[str, tuple[list[str], dict[str, str] | None, int | None]] = {
             "rbd": (rbd, env, None)}
-        for name, cmd in (("rados", ["benchmarks.rbd", "--serve", str(cluster.conf)]),
-                          ("local", ["benchmarks.radoscpu", "--serve-local"])):
-            if name not in args.sides:
+        servers = [("rados", ["benchmarks.rbd", "--pool-name", "bench-new", "--serve",
+                              str(cluster.conf)], None),
+                   ("local", ["benchmarks.radoscpu", "--serve-local"], None)]
+        if args.old_tree:
+            servers.append(("rados-old", ["benchmarks.rbd", "--serve", str(cluster.conf)],
+                            args.old_tree))
+            args.sides += ",rados-old"
+        for name, cmd, tree in servers:
+            if name not in args.sides.split(","):
                 continue
             d = work / name
             d.mkdir()
             port = free_port()
+            penv = None if tree is None else {**os.environ, "PYTHONPATH": tree}
             p = subprocess.Popen([sys.executable, "-m", *cmd, str(d), str(port)],
-                                 stdout=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, env=penv, cwd=tree,
                                  stderr=open(work / f"{name}.log", "ab"))  # noqa: SIM115
             procs.append(p)
             wait_port(port, p, name)
             sides[name] = (["--ioengine=nbd", f"--uri=nbd://127.0.0.1:{port}/bench/plain"],
                            None, p.pid)
-        sides = {k: v for k, v in sides.items() if k in args.sides}
+        sides = {k: v for k, v in sides.items() if k in args.sides.split(",")}
         for target, e, _pid in sides.values():
             _prefill(target, e)
         rows: dict[str, list[dict[str, float]]] = {k: [] for k in sides}

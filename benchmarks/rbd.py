@@ -75,10 +75,11 @@ def _prefill(target: list[str], env: dict[str, str] | None) -> None:
 
 
 def serve(conf: str, directory: str, port: int, record_cache: int | None,
-          readahead: int | None = None) -> None:
+          readahead: int | None = None, name: str = "bench") -> None:
     """The storaged side: a pool on RADOS pool TEST_POOL, one volume, NBD until SIGTERM.
     ``record_cache``: the pool's record cache in bytes (None: the daemon's default);
-    ``readahead``: pool/rados/prefetch.py's LIMIT (None: its default, off)."""
+    ``readahead``: pool/rados/prefetch.py's LIMIT (None: its default, off); ``name``:
+    the storaged pool's (two servers may share the RADOS pool: benchmarks.radoscpu)."""
     if readahead is not None:
         prefetch.LIMIT = readahead
 
@@ -86,7 +87,7 @@ def serve(conf: str, directory: str, port: int, record_cache: int | None,
         claim = owners.Claim(owners.me(directory))
         tuning = PoolTuning() if record_cache is None else PoolTuning(
             record_cache=record_cache)
-        pool = await Pool.create_rados("bench", RadosTarget.parse(TEST_POOL, conf),
+        pool = await Pool.create_rados(name, RadosTarget.parse(TEST_POOL, conf),
                                        claim=claim, extent_size=16 * MiB, tuning=tuning)
         try:
             vm = VolumeManager(pool)
@@ -117,12 +118,13 @@ def main() -> None:
     ap.add_argument("--readahead", type=int, default=None, metavar="BYTES",
                     help="storaged's RADOS read-ahead budget (pool/rados/prefetch.py "
                          "LIMIT; default off; e.g. 50331648 to measure it)")
+    ap.add_argument("--pool-name", default="bench", help=argparse.SUPPRESS)
     ap.add_argument("--serve", nargs=3, metavar=("CONF", "DIR", "PORT"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         serve(args.serve[0], args.serve[1], int(args.serve[2]), args.record_cache,
-              args.readahead)
+              args.readahead, args.pool_name)
         return
     check_rounds(ap, args.rounds)
     reason = why_not()

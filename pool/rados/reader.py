@@ -10,7 +10,7 @@ asks ``read_blocks_nowait``, then ``read_blocks`` asks again), and a trio thread
 trip around a synchronous ``Ioctx.read``. ``RadosRecordReader`` instead:
 
 - answers ``read_blocks_nowait`` from the record cache only (None as soon as a record
-  must be read), without touching a buffer;
+  must be read, and at once for more than two blocks), without touching a buffer;
 - in ``read_blocks``, starts one ``Ioctx.aio_read`` per run of records lying one after
   another in one segment (``records._runs``; a 1 MiB read of 64 KiB blocks is one run),
   from the event loop (``AioReads.start``: it queues the op and returns);
@@ -31,8 +31,8 @@ conn invariants 1-3 hold as they are):
 2. The store's read hold (``read_hold``) is held from before the first read starts until
    every read of the request completed or the request was cancelled; a freed segment's
    object is not deleted under a read the request still waits for (reader invariant 2).
-3. ``read_blocks_nowait`` never reads: record-cache hits and holes only (reader
-   invariant 3 for what enters the cache, through ``_keep``).
+3. ``read_blocks_nowait`` never reads: record-cache hits and holes of small reads (two
+   blocks at most, the reads the cache keeps: reader invariant 3) only, else None.
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ class RadosRecordReader(RecordReader):
                            block_size: int) -> list[bytes | memoryview | None] | None:
         if self.conn.prefetch.limit:        # the read-ahead may hold the bytes
             return super().read_blocks_nowait(map_id, blocks, block_size)
-        if map_id not in self.state.maps:
+        if map_id not in self.state.maps or len(blocks) > 2:
+            # Only small reads enter the record cache (reader invariant 3): a larger one
+            # would look every block up here and then again in ``read_blocks``.
             return None
         _entries, result, plans = self._read_plan(map_id, blocks)
         if plans:
