@@ -11,9 +11,11 @@ Invariants:
    and keeps it, with the completion, until the callback ran); a cancelled caller only
    stops waiting, and a late completion touches only its own ``Batch``. ``close`` waits
    for every read in flight before the ioctx goes (``Connection.close``).
-3. Bytes in flight never exceed LIMIT (far below librados' own throttle,
-   ``objecter_inflight_op_bytes``, 100 MiB), so ``aio_read`` only queues the op: it never
-   waits on the throttle or on an OSD on the event loop (conn invariant 1).
+3. Reads in flight never exceed LIMIT bytes and about OPS ops (a request that would
+   pass either takes the general path). With the client's objecter throttle set far above
+   all the client ever has in flight (``Connection.open``: THROTTLE_BYTES, THROTTLE_OPS),
+   ``aio_read`` only queues the op: it never waits on the throttle or on an OSD on the
+   event loop (conn invariant 1).
 4. Every asynchronous read lands in the connection's ``read`` histogram once, from its
    completion, failed ones as failures (conn invariant 2); none starts once fenced or
    closed.
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 LIMIT = 32 << 20         # bytes of asynchronous reads in flight at once (invariant 3)
+OPS = 1024               # asynchronous reads in flight at once (invariant 3)
 WAIT = 30.0              # seconds ``close`` waits for reads in flight
 
 
@@ -71,8 +74,10 @@ class AioReads:
         self.closed = False
 
     def room(self, n: int) -> bool:
-        """Whether reads of ``n`` more bytes may start now (invariant 3)."""
-        return not self.closed and self.conn.fenced is None and self.bytes + n <= LIMIT
+        """Whether reads of ``n`` more bytes (one request's runs, at most a few) may start
+        now (invariant 3)."""
+        return (not self.closed and self.conn.fenced is None and self.bytes + n <= LIMIT
+                and self.pending < OPS)
 
     def start(self, col: ObjectColumn, base: int, run: Sequence[records.RecordPlan],
               batch: Batch) -> None:

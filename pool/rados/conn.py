@@ -7,8 +7,9 @@ Invariants:
    limiter, or through ``call_blocking`` from a thread the caller already runs in, or is
    an asynchronous read of the read-ahead (``prefetch``, pool/rados/prefetch.py), started
    from its own thread, or an asynchronous record read (``aio``, pool/rados/aioread.py),
-   started on the event loop: ``aio_read`` only queues the op (its bytes in flight are
-   bounded far below librados' throttle, aioread invariant 3) and returns. A librados
+   started on the event loop: ``aio_read`` only queues the op and returns (aioread
+   invariant 3: the objecter's throttle, the one place it could wait, is set above all
+   this client ever has in flight). A librados
    call cannot be interrupted, so a cancelled caller waits for it to finish (the op
    timeout, ``rados_osd_op_timeout``, bounds that).
 2. Every call's latency lands in its kind's histogram (``statistics()``), failed calls
@@ -48,6 +49,13 @@ BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.
            float("inf"))
 KINDS = ("read", "write", "lock", "command")
 DEFAULT_THREADS = 16
+# The objecter's throttle (librados' default: 100 MiB and 1024 ops in flight), raised far
+# above all a connection has in flight: DEFAULT_THREADS synchronous calls (a segment run
+# each at most), the read-ahead's budget (prefetch.LIMIT) and the asynchronous reads
+# (aioread.LIMIT, aioread.OPS), so an ``aio_read`` started on the event loop never waits
+# on it (conn invariant 1). It is only accounting: the bytes are the callers' buffers.
+THROTTLE_BYTES = 8 << 30
+THROTTLE_OPS = 16384
 
 
 class RadosError(StorageError):
@@ -175,6 +183,8 @@ class Connection:
             try:
                 cluster.conf_set("rados_osd_op_timeout", str(max(1, round(op_timeout))))
                 cluster.conf_set("rados_mon_op_timeout", str(max(1, round(op_timeout))))
+                cluster.conf_set("objecter_inflight_op_bytes", str(THROTTLE_BYTES))
+                cluster.conf_set("objecter_inflight_ops", str(THROTTLE_OPS))
                 cluster.connect(timeout=int(connect_timeout))
                 return cluster, cluster.open_ioctx(rados_pool)
             except BaseException:

@@ -19,7 +19,7 @@ import trio.testing
 from pool import owner as owners
 from pool.errors import MediumError, StorageError
 from pool.pool import Pool
-from pool.rados.conn import Connection
+from pool.rados.conn import THROTTLE_BYTES, THROTTLE_OPS, Connection
 from pool.rados.reader import RadosRecordReader
 from pool.rados.target import RadosTarget
 from pool.tuning import PoolTuning
@@ -58,7 +58,8 @@ def _conn(pool: Pool) -> Connection:
 
 
 async def test_reads_are_asynchronous_and_byte_exact(ceph: Cluster) -> None:
-    """Reader invariant 1, aioread invariants 1, 4: reads of whole runs, unaligned ranges
+    """Reader invariant 1, aioread invariants 1, 3, 4: the objecter throttle is raised;
+    reads of whole runs, unaligned ranges
     and ranges across two segments (two runs, two reads), one at a time and 8 at once,
     are byte-exact; each run is one asynchronous read, each counted once in the ``read``
     histogram; ``read_blocks_nowait`` answers None without reading (reader invariant 3);
@@ -66,6 +67,9 @@ async def test_reads_are_asynchronous_and_byte_exact(ceph: Cluster) -> None:
     pool, vol, data = await _pool(ceph, "p-aio")
     try:
         conn = _conn(pool)
+        # aio_read on the loop never waits on the objecter's throttle (aioread 3)
+        assert int(conn.cluster.conf_get("objecter_inflight_op_bytes")) == THROTTLE_BYTES
+        assert int(conn.cluster.conf_get("objecter_inflight_ops")) == THROTTLE_OPS
         aio = conn.aio
         started, hist = aio.started, conn.statistics().latency["read"].count
         assert await vol.read(0, MiB) == data[:MiB]
