@@ -759,16 +759,24 @@ def _read_capacity_16(unit: UnitState, cdb: bytes) -> Op:
 
 
 # ---- READ / WRITE ----------------------------------------------------------------------
+# LBA and transfer length of the 10-, 12- and 16-byte CDBs (one unpack: every READ and
+# WRITE goes through here).
+_RW10: Final = struct.Struct(">2xIxH")
+_RW12: Final = struct.Struct(">2xII")
+_RW16: Final = struct.Struct(">2xQI")
+
+
 def _rw_fields(cdb: bytes) -> tuple[int, int]:
-    op = cdb[0]
-    if op in (READ_6, WRITE_6):
-        lba = int.from_bytes(cdb[1:4], "big") & 0x1FFFFF
-        return lba, cdb[4] or 256
-    if op >> 5 == 1:                  # 10-byte
-        return int.from_bytes(cdb[2:6], "big"), int.from_bytes(cdb[7:9], "big")
-    if op >> 5 == 5:                  # 12-byte
-        return int.from_bytes(cdb[2:6], "big"), int.from_bytes(cdb[6:10], "big")
-    return int.from_bytes(cdb[2:10], "big"), int.from_bytes(cdb[10:14], "big")
+    group = cdb[0] >> 5
+    if group == 1:                    # 10-byte
+        lba, count = _RW10.unpack_from(cdb)
+    elif group == 4:                  # 16-byte
+        lba, count = _RW16.unpack_from(cdb)
+    elif group == 5:                  # 12-byte
+        lba, count = _RW12.unpack_from(cdb)
+    else:                             # READ (6), WRITE (6)
+        lba, count = int.from_bytes(cdb[1:4], "big") & 0x1FFFFF, cdb[4] or 256
+    return lba, count
 
 
 def _read(unit: UnitState, cdb: bytes) -> Op:

@@ -99,52 +99,14 @@ class LogicalUnit:
         return Plan(op.name, 0, run)
 
     def _read(self, op: C.Read) -> Plan:
-        lba, count = op.lba, op.count
-
-        async def run(_data: bytes) -> Result:
-            if not count:
-                return OK
-            return await self._guard(False, lambda: self._read_data(lba, count))
-
-        def quick(_data: bytes) -> Result | None:
-            if not count:
-                return OK
-            try:
-                parts = self.volume.read_vectored_nowait(lba * LBA_SIZE, count * LBA_SIZE)
-            except StorageError:
-                return None                 # run() answers with the right sense
-            if parts is None:
-                return None
-            return Result(GOOD, b"", None, tuple(parts))
-        return Plan(op.name, 0, run, quick=quick)
+        return _ReadPlan(self, op.lba, op.count)
 
     async def _read_data(self, lba: int, count: int) -> Result:
         parts = await self.volume.read_vectored(lba * LBA_SIZE, count * LBA_SIZE)
         return Result(GOOD, parts=tuple(parts))
 
     def _write(self, op: C.Write) -> Plan:
-        offset, fua = op.lba * LBA_SIZE, op.fua
-
-        async def run(data: bytes) -> Result:
-            if not data:
-                return OK
-
-            async def go() -> Result:
-                async with self.gate.shared():
-                    await self.volume.write(offset, data, fua=fua)
-                return OK
-            return await self._guard(True, go)
-
-        def quick(data: bytes) -> Result | None:
-            if not data:
-                return OK
-            if fua or not self.gate.free():
-                return None
-            try:
-                return OK if self.volume.write_nowait(offset, data) else None
-            except StorageError:
-                return None                 # run() answers with the right sense
-        return Plan(op.name, op.count * LBA_SIZE, run, write=True, quick=quick)
+        return _WritePlan(self, op)
 
     def _verify(self, op: C.Verify) -> Plan:
         lba, count, bytchk = op.lba, op.count, op.bytchk
@@ -263,6 +225,72 @@ class LogicalUnit:
                                                      self.reservations.to_json())
             return C.PROUT_ANSWERS[answer]
         return Plan(op.name, op.length, run)
+
+
+class _ReadPlan(Plan):
+    """READ's plan: ``run`` and ``quick`` are methods, not closures made per command (the
+    plan of nearly every command; ``Plan``'s fields are read from the class)."""
+
+    __slots__ = ("count", "lba", "unit")
+    name = "READ"
+    data_out = 0
+    write = False
+
+    def __init__(self, unit: LogicalUnit, lba: int, count: int) -> None:
+        self.unit, self.lba, self.count = unit, lba, count
+
+    async def run(self, _data: bytes) -> Result:
+        if not self.count:
+            return OK
+        unit = self.unit
+        return await unit._guard(False, lambda: unit._read_data(self.lba, self.count))
+
+    def quick(self, _data: bytes) -> Result | None:
+        count = self.count
+        if not count:
+            return OK
+        try:
+            parts = self.unit.volume.read_vectored_nowait(self.lba * LBA_SIZE,
+                                                          count * LBA_SIZE)
+        except StorageError:
+            return None                 # run() answers with the right sense
+        if parts is None:
+            return None
+        return Result(GOOD, b"", None, tuple(parts))
+
+
+class _WritePlan(Plan):
+    """WRITE's plan (and WRITE AND VERIFY's), as ``_ReadPlan``."""
+
+    __slots__ = ("fua", "offset", "unit")
+    write = True
+
+    def __init__(self, unit: LogicalUnit, op: C.Write) -> None:
+        self.unit, self.offset, self.fua = unit, op.lba * LBA_SIZE, op.fua
+        self.name = op.name
+        self.data_out = op.count * LBA_SIZE
+
+    async def run(self, data: bytes) -> Result:
+        if not data:
+            return OK
+        unit = self.unit
+
+        async def go() -> Result:
+            async with unit.gate.shared():
+                await unit.volume.write(self.offset, data, fua=self.fua)
+            return OK
+        return await unit._guard(True, go)
+
+    def quick(self, data: bytes) -> Result | None:
+        if not data:
+            return OK
+        unit = self.unit
+        if self.fua or not unit.gate.free():
+            return None
+        try:
+            return OK if unit.volume.write_nowait(self.offset, data) else None
+        except StorageError:
+            return None                 # run() answers with the right sense
 
 
 _LU = LogicalUnit

@@ -143,8 +143,11 @@ class Task:
             return bytes(view[:self.want])
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Execute:
+    """(Not frozen, as ``cdb.Result``: one is made per command, and a frozen dataclass
+    pays an ``object.__setattr__`` per field. Never changed once made.)"""
+
     task: Task
 
 
@@ -546,8 +549,7 @@ class Connection:
     def _start(self, task: Task) -> None:
         task.running = True
         self.running += 1
-        self.tasks[task.itt] = task
-        self._events.append(Execute(task))
+        self._events.append(Execute(task))     # (``tasks`` holds it since ``_scsi``)
 
     def complete(self, task: Task, result: C.Result) -> None:
         """A task finished: send its Data-In and status (unless it was aborted)."""
