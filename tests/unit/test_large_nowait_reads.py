@@ -111,3 +111,40 @@ async def test_large_nowait_read_never_serves_a_rotten_fragment(
         assert b"".join(d for _o, _n, d in _flat(got) if d is not None) == data
     finally:
         await pool.close()
+
+
+async def test_a_large_read_buffer_is_reused_only_once_no_view_of_it_is_left(
+        disks: Callable[..., DiskSet]) -> None:
+    """Reader invariant 5: a read's buffer is written again only after every view handed
+    out of it is gone; answers held meanwhile keep their bytes."""
+    ds = disks(3)
+    pool = await Pool.create("p", ds.create(), profile="ec:2+1", extent_size=1 << 20)
+    try:
+        vol = await VolumeManager(pool).create("v", 16 * BS, block_size=BS,
+                                               compression=False)
+        data = random.Random(5).randbytes(16 * BS)
+        await vol.write(0, data)
+        await vol.flush()
+
+        def owner(pieces: object) -> object:
+            assert isinstance(pieces, list)
+            return memoryview(pieces[0][2][0]).obj
+
+        held = [vol.read_sparse_nowait(at, 4 * BS) for at in range(0, 16 * BS, 4 * BS)]
+        held += [vol.read_sparse_nowait(at, 4 * BS) for at in range(0, 16 * BS, 4 * BS)]
+        owners = {id(owner(h)) for h in held}
+        assert len(owners) == len(held)          # each read still held: its own buffer
+        for i, h in enumerate(held):
+            at = i % 4 * 4 * BS
+            assert b"".join(d for _o, _n, d in _flat(h) if d is not None) == \
+                data[at:at + 4 * BS]
+        del h
+        kept = held[3]
+        held.clear()
+        again = [vol.read_sparse_nowait(0, 4 * BS) for _ in range(4)]
+        assert id(owner(kept)) not in {id(owner(a)) for a in again}
+        assert {id(owner(a)) for a in again} <= owners     # spares reused
+        assert b"".join(d for _o, _n, d in _flat(kept) if d is not None) == \
+            data[12 * BS:16 * BS]
+    finally:
+        await pool.close()
