@@ -148,3 +148,31 @@ async def test_a_large_read_buffer_is_reused_only_once_no_view_of_it_is_left(
             data[12 * BS:16 * BS]
     finally:
         await pool.close()
+
+
+async def test_small_nowait_read_hands_out_a_read_only_view_and_copies_buffered_blocks(
+        disks: Callable[..., DiskSet]) -> None:
+    """``read_sparse_nowait`` inside one block: a block the pool read or cached comes as
+    a read-only view (no copy); a block in the write buffer as a copy (readshape
+    invariant 1), which a later write does not change."""
+    ds = disks(3)
+    pool = await Pool.create("p", ds.create(), profile="ec:2+1", extent_size=1 << 20)
+    try:
+        vol = await VolumeManager(pool).create("v", 4 * BS, block_size=BS, compression=False)
+        data = random.Random(6).randbytes(4 * BS)
+        await vol.write(0, data)
+        await vol.flush()
+        for _ in range(2):                       # read from the devices, then cached
+            got = vol.read_sparse_nowait(BS + 100, 4096)
+            assert got is not None
+            (piece,) = got[0][2] or []
+            assert memoryview(piece).readonly and bytes(piece) == data[BS + 100:BS + 4196]
+        await vol.write(2 * BS, b"a" * 8192)     # buffered, not flushed
+        got = vol.read_sparse_nowait(2 * BS + 10, 100)
+        assert got is not None
+        (piece,) = got[0][2] or []
+        assert bytes(piece) == b"a" * 100
+        await vol.write(2 * BS, b"b" * 8192)
+        assert bytes(piece) == b"a" * 100
+    finally:
+        await pool.close()
