@@ -155,6 +155,7 @@ DIRECT_PAYLOAD = 64 * 1024         # writes this large are received into their o
 _OPT_HDR = struct.Struct(">QII")
 _OPT_REPLY = struct.Struct(">QIII")
 _REQUEST = struct.Struct(">IHHQQI")
+REQUEST_SIZE = _REQUEST.size     # a request header's bytes
 _SIMPLE = struct.Struct(">IIQ")
 Data = bytes | memoryview        # what a reply is sent as (payloads are not joined)
 _CHUNK = struct.Struct(">IHHQI")

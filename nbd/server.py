@@ -27,6 +27,11 @@ R1. Replies leave in the order they were queued, each whole: bytes of one reply 
 R2. On a plain TCP socket a reply's buffers (header, then the blocks' own buffers) go out
     in vectored writes (``os.writev``), never joined into one copy; a write the socket
     takes only in part leaves the rest, in order, to the writer.
+R3. A small reply to a request answered inline (a cached read, a buffered write) may be
+    held back while the next request's header has already arrived, and goes out with the
+    replies after it in one vectored write: held replies are written before anything
+    else is queued or written, and before the connection waits for anything (more
+    bytes, memory, a slot, the end). At most HOLD_BYTES are held.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ RECV = 256 * 1024
 QUEUE_LIMIT = 8 * 1024 * 1024   # queued reply bytes before producers wait for the writer
 WRITER_GRACE = 30.0             # seconds to send the last replies to a peer that stopped reading
 IOV_MAX = 1024                  # buffers per writev (Linux's UIO_MAXIOV)
+HOLD_REPLY = 16 * 1024          # replies up to this size may be held back (R3)...
+HOLD_BYTES = 256 * 1024         # ...up to this much in all
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -232,6 +239,8 @@ class _Client:
         self._drained = trio.Event()
         self._writer_running = False
         self._writing = False       # the writer has a batch not yet fully sent (R1)
+        self._held: list[proto.Data] = []     # inline replies held back (R3)
+        self._held_bytes = 0
         # The socket's descriptor for vectored writes (R2); None under TLS.
         self._fd: int | None = None
         self._rbuf = memoryview(b"")     # requests are received into it (transmission)
@@ -441,6 +450,7 @@ class _Client:
                 except BaseException:
                     outer.cancel_scope.cancel()
                     raise
+                self._enqueue([])           # what is held (R3)
                 # Every request is answered: let the writer send what is queued (never
                 # cancel it mid-send, which would cut a reply), but not wait forever on a
                 # peer that stopped reading.
@@ -509,6 +519,8 @@ class _Client:
                             cost = len(ev.data)
                         else:
                             cost = 0
+                        if self._held:
+                            self._enqueue([])       # before any wait (R3)
                         try:
                             if cost > held:
                                 await self._take(cost - held)
@@ -555,7 +567,7 @@ class _Client:
             return False
         stats = self.server.stats
         stats.commands[cmd.name] = stats.commands.get(cmd.name, 0) + 1
-        self._enqueue(self.conn.reply_read(cmd, pieces))
+        self._enqueue(self.conn.reply_read(cmd, pieces), hold=True)
         return True
 
     def _write_at_once(self, cmd: proto.Command) -> bool:
@@ -574,20 +586,35 @@ class _Client:
             return False
         stats = self.server.stats
         stats.commands[cmd.name] = stats.commands.get(cmd.name, 0) + 1
-        self._enqueue([self.conn.reply_ok(cmd)])
+        self._enqueue([self.conn.reply_ok(cmd)], hold=True)
         return True
 
-    def _enqueue(self, parts: Sequence[proto.Data]) -> None:
+    def _enqueue(self, parts: Sequence[proto.Data], *, hold: bool = False) -> None:
         """Queue what the protocol has pending and ``parts`` for the writer task; when the
         writer is idle, write them at once instead and queue only what the socket did not
-        take (R1, R2): at queue depth 1 that saves waking the writer for every reply."""
+        take (R1, R2): at queue depth 1 that saves waking the writer for every reply.
+        ``hold``: a small reply to an inline request, which may wait for the replies to
+        the requests already received (R3); anything held goes first."""
         pending = self.conn.data_to_send()
         if pending:
             parts = [pending, *parts]
+        fd = self._fd
+        idle = fd is not None and not self._queue and not self._writing and not self._broken
+        if hold and idle and self.conn.buffered >= proto.REQUEST_SIZE and len(parts) <= 4 \
+                and len(self._held) < 256:
+            size = sum(len(p) for p in parts)
+            if size <= HOLD_REPLY and self._held_bytes + size <= HOLD_BYTES:
+                self._held += parts
+                self._held_bytes += size
+                return
+        if self._held:
+            parts = [*self._held, *parts]
+            self._held = []
+            self._held_bytes = 0
         if not parts:
             return
-        fd = self._fd
-        if fd is not None and not self._queue and not self._writing and not self._broken:
+        if idle:
+            assert fd is not None
             try:
                 n = os.writev(fd, parts if len(parts) <= IOV_MAX else parts[:IOV_MAX])
             except OSError:

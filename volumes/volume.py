@@ -29,7 +29,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import trio
 
@@ -536,15 +536,25 @@ class Volume:
                          started: float) -> list[tuple[int, int, list[Piece] | None]] | None:
         """``read_sparse_nowait`` of a range inside block ``b`` (small random reads): the
         same answer without the general path's spans."""
-        answered, data = self._one_nowait(b, offset, length, started)
+        answered, data = self._one_nowait(b, offset, length, started, view=True)
         if not answered:
             return None
         return [(offset, length, None if data is None else [data])]
 
-    def _one_nowait(self, b: int, offset: int, length: int,
-                    started: float) -> tuple[bool, bytes | None]:
+    @overload
+    def _one_nowait(self, b: int, offset: int, length: int, started: float, *,
+                    view: Literal[False] = False) -> tuple[bool, bytes | None]: ...
+
+    @overload
+    def _one_nowait(self, b: int, offset: int, length: int, started: float, *,
+                    view: bool) -> tuple[bool, Piece | None]: ...
+
+    def _one_nowait(self, b: int, offset: int, length: int, started: float, *,
+                    view: bool = False) -> tuple[bool, Piece | None]:
         """(whether it could be answered at once, the bytes or None for a hole) of a range
-        inside block ``b``: a copy (a small read keeps no whole block alive)."""
+        inside block ``b``: a copy (a small read keeps no whole block alive), or with
+        ``view`` a read-only view of a block the pool read or cached (a frontend that sends
+        it at once saves the copy; the write buffer's blocks are still copied)."""
         self._check(offset, length, write=False)
         if self._dirty or self._inflight:
             held, v = self._buf.held(b)
@@ -554,6 +564,10 @@ class Volume:
             answered, v = self._pool.read_block_nowait(self._map, b, self.block_size)
             if not answered:
                 return False, None
+            if view and isinstance(v, memoryview) and v.readonly:
+                lo = offset - b * self.block_size
+                self._count_read(length, started)
+                return True, v[lo:lo + length]
         lo = offset - b * self.block_size
         self._count_read(length, started)
         if v is None:
