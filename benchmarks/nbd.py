@@ -54,7 +54,7 @@ from benchmarks.common import (
 from nbd.exports import VolumeCatalog
 from nbd.server import NBDConfig, NBDServer
 from pool import FileDevice, Pool
-from storaged.tuning import tune_process
+from storaged.tuning import freeze_startup, tune_process
 from volumes import VolumeManager
 
 MiB = 1 << 20
@@ -113,6 +113,7 @@ def serve(directory: str, port: int) -> None:
         await vm.create("ec", SIZE, profile="ec:4+2", compression=False)
         await vm.create("lz4", SIZE, profile="plain", compression=True)
         server = NBDServer(VolumeCatalog({"bench": vm}), NBDConfig(port=port))
+        freeze_startup()   # as the daemon does once it serves
         try:
             await serve_until_signal(server.serve)
         finally:

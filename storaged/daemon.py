@@ -37,6 +37,7 @@ from storaged.metrics import MetricsServer
 from storaged.registry import PoolEntry, Registry
 from storaged.service import Reloader, reloading_message, sd_notify, watchdog, watchdog_interval
 from storaged.startup import StartupError, check_control_socket, check_listen, listen_error
+from storaged.tuning import freeze_startup
 from volumes import VolumeManager
 from volumes.volume import WriteBuffer
 
@@ -389,6 +390,10 @@ async def _serve(settings: Reloader, registry: Registry, ready: trio.Event | Non
                                   f"{iscsi.catalog.target_name('demo', 'disk0')}/0")
                     print(attach_hint(nbd_addr, cfg.socket, fuse.mountpoint if fuse else None,
                                       target), flush=True)
+                # Start-up's objects (the imported pools' state among them) stay for the
+                # process: later full collections need not traverse them (tuning).
+                frozen = freeze_startup()
+                log.debug("froze %d start-up objects for the collector", frozen)
                 sd_notify("READY=1\nSTATUS=serving")
                 serving.set()
                 if ready is not None:

@@ -29,6 +29,17 @@ cycles on those paths; freeing them does not need the collector. A first-generat
 threshold of 10,000 (the older generations' factors unchanged) makes it about 50
 collections and 0.02 s, and the ec:4+2 writeback 15-25% faster there. The price is up to
 10,000 young objects more before a cycle among them is found, a few MiB at most.
+
+After start-up (``freeze_startup``, once the pools are imported and the listeners are up):
+one full collection, then ``gc.freeze()``, so the objects that live as long as the process
+(modules, classes, functions, the imported pools' state) leave the collector's
+generations. A full collection traverses every tracked object with the GIL held: in the
+benchmark server's state (a pool with two 1 GiB volumes, 28,000 tracked objects) one took
+6.8 ms, with them frozen well under 0.1 ms, and a daemon with more pools and volumes has
+more. A full collection comes about once per million container allocations, so it is one
+request in a million that waited those milliseconds, not the p99 (issue 27: at queue depth
+1 no collection at all ran in 5-s fio runs). The price: a reference cycle among the frozen
+objects that becomes garbage later (a pool exported after start-up) is never collected.
 """
 
 from __future__ import annotations
@@ -64,6 +75,15 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
+def freeze_startup() -> int:
+    """Collect everything once, then move every object still tracked to the collector's
+    permanent generation (``gc.freeze``): the objects of start-up are not traversed by
+    later collections. Returns how many objects are frozen."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 def tune_malloc() -> bool:
     """Set the allocator thresholds above (glibc only); False where they cannot be set."""
     name = ctypes.util.find_library("c")
@@ -83,4 +103,4 @@ def tune_malloc() -> bool:
     return ok
 
 
-__all__ = ["tune_gc", "tune_malloc", "tune_process"]
+__all__ = ["freeze_startup", "tune_gc", "tune_malloc", "tune_process"]
