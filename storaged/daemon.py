@@ -103,6 +103,8 @@ async def watch_space(registry: Registry, threshold: Callable[[], float],
     while True:
         limit = threshold()
         for name, entry in list(registry.pools.items()):
+            if entry.pool.stopped:      # failed: said once by the pool (pool.txn), no more
+                continue
             try:
                 if await entry.pool.clean(max_segments=2, threshold=0.5):
                     await entry.pool.commit()
