@@ -112,6 +112,7 @@ bench-qos: venv
 bench-rados: venv
 	$(BIN)/python -m benchmarks.rados
 	$(BIN)/python -m benchmarks.rbd $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.radoscpu
 
 bench-restart: venv
 	$(BIN)/python -m benchmarks.restart $(BENCH_ARGS)

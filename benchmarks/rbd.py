@@ -11,6 +11,13 @@ loopback; the pool's lock renewal and store task run as in the daemon. The RBD i
 the layering feature only (no object map: nothing here needs it). Targets: at least 0.7x
 RBD on every row and above 1.0x on 4K random writes.
 
+The read rows have a ceiling measured in the same rounds: fio over the same NBD path
+against a storaged volume on a pool of one local, page-cached file
+(``benchmarks.radoscpu --serve-local``): what storaged over NBD reaches when the OSD and
+librados cost nothing. On this 2-core machine the OSD, librados, fio and storaged share
+the cores, so that leg's CPU bounds the RADOS side (benchmarks.radoscpu gives the CPU
+per GiB of each process).
+
     .venv/bin/python -m benchmarks.rbd [--rounds N] [--smoke] [--runtime SECONDS]
         [--dir PATH]
 """
@@ -143,6 +150,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="storaged-rbd-bench-", dir=args.dir))
     report = Report("rbd")
     proc: subprocess.Popen[bytes] | None = None
+    local: subprocess.Popen[bytes] | None = None
     cluster = Cluster.start(work / "ceph", block_size=16 << 30)
     try:
         env = {**os.environ, "CEPH_CONF": str(cluster.conf)}
@@ -169,8 +177,18 @@ def main() -> None:
                                     work / "storaged.log", "ab"))
         wait_port(port, proc, "storaged")
         nbd = ["--ioengine=nbd", f"--uri=nbd://127.0.0.1:{port}/bench/plain"]
+        ldir = work / "local"
+        ldir.mkdir()
+        lport = free_port()
+        local = subprocess.Popen([sys.executable, "-m", "benchmarks.radoscpu",
+                                  "--serve-local", str(ldir), str(lport)],
+                                 stdout=subprocess.DEVNULL, stderr=open(  # noqa: SIM115
+                                     work / "local.log", "ab"))
+        wait_port(lport, local, "storaged on a local pool")
+        leg = ["--ioengine=nbd", f"--uri=nbd://127.0.0.1:{lport}/bench/plain"]
         _prefill(rbd, env)
         _prefill(nbd, None)
+        _prefill(leg, None)
 
         def measure(target: list[str], e: dict[str, str] | None, rw: str, bs: str,
                     depth: int) -> Callable[[], float]:
@@ -178,18 +196,21 @@ def main() -> None:
             return lambda: _fio(target, e, rw, bs, depth, runtime, size)
 
         pairs = [Pair(f"plain {test}", anchor=measure(rbd, env, rw, bs, depth),
-                      storaged=measure(nbd, None, rw, bs, depth), anchor_name="fio rbd")
+                      storaged=measure(nbd, None, rw, bs, depth), anchor_name="fio rbd",
+                      ceiling=measure(leg, None, rw, bs, depth) if "read" in rw else None,
+                      ceiling_name="NBD leg alone (local pool)" if "read" in rw else "")
                  for test, rw, bs, depth in tests]
         if args.only:
             pairs = [p for p in pairs if any(w in p.row for w in args.only.split(","))]
         report.add(run_rounds("rbd", pairs, args.rounds, stderr_log))
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        for server in (proc, local):
+            if server is not None and server.poll() is None:
+                server.send_signal(signal.SIGTERM)
+                try:
+                    server.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    server.kill()
         cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
     cached = ("storaged's record cache at its default (1/16 of RAM: random reads of the "
@@ -202,7 +223,8 @@ def main() -> None:
                  "cluster "
                  "(one bluestore OSD on a sparse file): storaged over NBD on a RADOS pool "
                  "against fio's rbd engine on an RBD image of the same cluster. Targets: "
-                 "at least 0.7x on every row, above 1.0x on 4K random writes.")
+                 "at least 0.7x on every row, above 1.0x on 4K random writes. Ceiling of the "
+                 "read rows: the same NBD path on a page-cached local pool, same rounds.")
 
 
 if __name__ == "__main__":
