@@ -37,13 +37,13 @@ from pathlib import Path
 import trio
 
 from benchmarks.common import free_port, serve_until_signal, wait_port
-from benchmarks.rbd import IMAGE, QUOTA, RBD_POOL, SIZE, _ceph, _prefill
+from benchmarks.rbd import SIZE, _prefill, rbd_image
 from nbd.exports import VolumeCatalog
 from nbd.server import NBDConfig, NBDServer
 from pool import Pool
 from pool.device import FileDevice
 from storaged.tuning import tune_process
-from tests.kit.cephkit import TEST_POOL, Cluster, why_not
+from tests.kit.cephkit import Cluster, why_not
 from volumes import VolumeManager
 
 GiB = 1 << 30
@@ -145,17 +145,8 @@ def main() -> None:
     cluster = Cluster.start(work / "ceph", block_size=16 << 30)
     try:
         env = {**os.environ, "CEPH_CONF": str(cluster.conf)}
-        _ceph(cluster, "osd", "pool", "set-quota", TEST_POOL, "max_bytes", str(QUOTA))
-        with cluster.client() as r:
-            Cluster.create_pool(r, RBD_POOL)
-        _ceph(cluster, "osd", "pool", "application", "enable", RBD_POOL, "rbd",
-              "--yes-i-really-mean-it")
-        subprocess.run(["rbd", "-c", str(cluster.conf), "create", f"{RBD_POOL}/{IMAGE}",
-                        "--size", str(SIZE >> 20), "--image-feature", "layering"],
-                       check=True, capture_output=True, timeout=120)
+        rbd = rbd_image(cluster)
         osds = [int(p.read_text()) for p in (work / "ceph" / "run").glob("osd.*.pid")]
-        rbd = ["--ioengine=rbd", "--clientname=admin", f"--pool={RBD_POOL}",
-               f"--rbdname={IMAGE}"]
         sides: dict[str, tuple[list[str], dict[str, str] | None, int | None]] = {
             "rbd": (rbd, env, None)}
         servers = [("rados", ["benchmarks.rbd", "--pool-name", "bench-new", "--serve",

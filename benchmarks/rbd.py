@@ -107,6 +107,21 @@ def serve(conf: str, directory: str, port: int, record_cache: int | None,
     trio.run(main)
 
 
+def rbd_image(cluster: Cluster) -> list[str]:
+    """Make the RBD side in ``cluster`` (TEST_POOL's quota, pool RBD_POOL with image IMAGE
+    of SIZE) and return fio's arguments for it."""
+    _ceph(cluster, "osd", "pool", "set-quota", TEST_POOL, "max_bytes", str(QUOTA))
+    with cluster.client() as r:
+        Cluster.create_pool(r, RBD_POOL)
+    _ceph(cluster, "osd", "pool", "application", "enable", RBD_POOL, "rbd",
+          "--yes-i-really-mean-it")
+    subprocess.run(["rbd", "-c", str(cluster.conf), "create", f"{RBD_POOL}/{IMAGE}",
+                    "--size", str(SIZE // MiB), "--image-feature", "layering"],
+                   check=True, capture_output=True, timeout=120)
+    return ["--ioengine=rbd", "--clientname=admin", f"--pool={RBD_POOL}",
+            f"--rbdname={IMAGE}"]
+
+
 def _ceph(c: Cluster, *args: str) -> None:
     subprocess.run(["ceph", "-c", str(c.conf), *args], check=True, capture_output=True,
                    timeout=120)
@@ -154,16 +169,7 @@ def main() -> None:
     cluster = Cluster.start(work / "ceph", block_size=16 << 30)
     try:
         env = {**os.environ, "CEPH_CONF": str(cluster.conf)}
-        _ceph(cluster, "osd", "pool", "set-quota", TEST_POOL, "max_bytes", str(QUOTA))
-        with cluster.client() as r:
-            Cluster.create_pool(r, RBD_POOL)
-        _ceph(cluster, "osd", "pool", "application", "enable", RBD_POOL, "rbd",
-              "--yes-i-really-mean-it")
-        subprocess.run(["rbd", "-c", str(cluster.conf), "create", f"{RBD_POOL}/{IMAGE}",
-                        "--size", str(SIZE // MiB), "--image-feature", "layering"],
-                       check=True, capture_output=True, timeout=120)
-        rbd = ["--ioengine=rbd", "--clientname=admin", f"--pool={RBD_POOL}",
-               f"--rbdname={IMAGE}"]
+        rbd = rbd_image(cluster)
         sdir = work / "storaged"
         sdir.mkdir()
         port = free_port()
