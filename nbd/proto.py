@@ -362,7 +362,14 @@ class ServerConnection:
             self._eof = True
         self._payload_have += n
 
+    @property
+    def has_output(self) -> bool:
+        """Bytes are waiting for ``data_to_send``."""
+        return bool(self._out)
+
     def data_to_send(self) -> bytes:
+        if not self._out:
+            return b""
         out = bytes(self._out)
         self._out.clear()
         return out
