@@ -398,17 +398,19 @@ class Volume:
         self._count_read(length, started)
         return out
 
-    def read_vectored_nowait(self, offset: int,
-                             length: int) -> list[bytes | memoryview] | None:
+    def read_vectored_nowait(self, offset: int, length: int, *,
+                             view: bool = False) -> list[bytes | memoryview] | None:
         """``read_vectored`` when it can be answered at once (as ``read_sparse_nowait``),
-        else None."""
+        else None. With ``view``, a range inside one block may come as a read-only view
+        of the pool's block (``_one_nowait``) instead of a copy: for a frontend that sends
+        it and lets it go."""
         if self._throttles or self.dispatcher.queue:
             return None
         started = time.perf_counter()
         bs = self.block_size
         b = offset // bs
         if 0 < length <= bs and (offset + length - 1) // bs == b:
-            answered, data = self._one_nowait(b, offset, length, started)
+            answered, data = self._one_nowait(b, offset, length, started, view=view)
             if not answered:
                 return None
             return [data if data is not None else self._zero_view[:length]]
