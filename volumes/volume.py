@@ -556,7 +556,9 @@ class Volume:
         """(whether it could be answered at once, the bytes or None for a hole) of a range
         inside block ``b``: a copy (a small read keeps no whole block alive), or with
         ``view`` a read-only view of a block the pool read or cached (a frontend that sends
-        it at once saves the copy; the write buffer's blocks are still copied)."""
+        it at once saves the copy), or of a buffered block that is a view of immutable
+        ``bytes`` (a full-block write's payload, kept as it is); other buffered blocks
+        (bytearrays a partial write changes in place) are still copied."""
         self._check(offset, length, write=False)
         if self._dirty or self._inflight:
             held, v = self._buf.held(b)
@@ -574,6 +576,8 @@ class Volume:
         self._count_read(length, started)
         if v is None:
             return True, None
+        if view and isinstance(v, memoryview) and v.readonly and type(v.obj) is bytes:
+            return True, v[lo:lo + length]
         return True, v[lo:lo + length] if isinstance(v, bytes) else bytes(v[lo:lo + length])
 
     def _begin_read(self, offset: int, length: int
