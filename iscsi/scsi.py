@@ -250,8 +250,12 @@ class _ReadPlan(Plan):
         if not count:
             return OK
         try:
+            # A view of the pool's block, not a copy of the slice: the pool's blocks are
+            # never written while a view lives (pool/reader.py invariant 5; the record
+            # cache holds immutable bytes) and the volume copies buffered blocks, so the
+            # bytes queued here are the bytes sent, whatever is written after.
             parts = self.unit.volume.read_vectored_nowait(self.lba * LBA_SIZE,
-                                                          count * LBA_SIZE)
+                                                          count * LBA_SIZE, view=True)
         except StorageError:
             return None                 # run() answers with the right sense
         if parts is None:

@@ -213,21 +213,25 @@ class ISCSIServer:
                  result.target)
 
 
-def _views(pieces: list[Payload]) -> list[memoryview]:
+def _views(pieces: list[Payload]) -> list[Payload]:
     """PDUs' buffers to send back to back: small ones joined, data segments as they are
-    (scatter-gather, no copy)."""
-    views: list[memoryview] = []
+    (scatter-gather, no copy, no view made per buffer: ``sendmsg`` takes bytes and
+    byte-format memoryviews as they are; ``_Wire.send_now`` makes a view only of a
+    buffer it sent in part)."""
+    views: list[Payload] = []
     small: list[Payload] = []
-    for p in pieces:
+    for piece in pieces:
+        p = piece.cast("B") if type(piece) is memoryview and piece.itemsize != 1 \
+            else piece               # (len() in bytes below and in send_now)
         if len(p) < COPY_BELOW:
             small.append(p)
             continue
         if small:
-            views.append(memoryview(b"".join(small)))
+            views.append(b"".join(small) if len(small) > 1 else small[0])
             small = []
-        views.append(memoryview(p).cast("B"))
+        views.append(p)
     if small:
-        views.append(memoryview(b"".join(small)))
+        views.append(b"".join(small) if len(small) > 1 else small[0])
     return views
 
 
@@ -259,25 +263,27 @@ class _Wire:
             except OSError as e:
                 raise trio.BrokenResourceError(f"receive failed: {e}") from e
 
-    def send_now(self, views: list[memoryview]) -> list[memoryview]:
+    def send_now(self, views: list[Payload]) -> list[Payload]:
         """Send what the socket takes without waiting; what is left."""
         i = 0
-        while i < len(views):
+        n = len(views)
+        while i < n:
             try:
-                sent = self.sock.sendmsg(views[i:i + IOV_CHUNK])
+                sent = self.sock.sendmsg(views if n <= IOV_CHUNK and not i
+                                         else views[i:i + IOV_CHUNK])
             except BlockingIOError:
                 break
             except OSError as e:
                 raise trio.BrokenResourceError(f"send failed: {e}") from e
             while sent:                       # drop what went out, keep the rest
                 if sent < len(views[i]):
-                    views[i] = views[i][sent:]
+                    views[i] = memoryview(views[i])[sent:]
                     break
                 sent -= len(views[i])
                 i += 1
         return views[i:]
 
-    async def send_all(self, views: list[memoryview]) -> None:
+    async def send_all(self, views: list[Payload]) -> None:
         while views := self.send_now(views):
             await trio.lowlevel.wait_writable(self.sock)
 
@@ -340,7 +346,7 @@ class _Client:
         """Send everything queued so far, in order: whoever sends holds the lock, and
         takes the queue only once it does (or, when nobody holds it, sends at once
         without yielding, so nobody can come between)."""
-        rest: list[memoryview] = []
+        rest: list[Payload] = []
         if not self._send_lock.locked():
             pieces = self.conn.pieces_to_send()
             if not pieces:

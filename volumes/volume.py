@@ -398,17 +398,19 @@ class Volume:
         self._count_read(length, started)
         return out
 
-    def read_vectored_nowait(self, offset: int,
-                             length: int) -> list[bytes | memoryview] | None:
+    def read_vectored_nowait(self, offset: int, length: int, *,
+                             view: bool = False) -> list[bytes | memoryview] | None:
         """``read_vectored`` when it can be answered at once (as ``read_sparse_nowait``),
-        else None."""
+        else None. With ``view``, a range inside one block may come as a read-only view
+        of the pool's block (``_one_nowait``) instead of a copy: for a frontend that sends
+        it and lets it go."""
         if self._throttles or self.dispatcher.queue:
             return None
         started = time.perf_counter()
         bs = self.block_size
         b = offset // bs
         if 0 < length <= bs and (offset + length - 1) // bs == b:
-            answered, data = self._one_nowait(b, offset, length, started)
+            answered, data = self._one_nowait(b, offset, length, started, view=view)
             if not answered:
                 return None
             return [data if data is not None else self._zero_view[:length]]
@@ -554,7 +556,9 @@ class Volume:
         """(whether it could be answered at once, the bytes or None for a hole) of a range
         inside block ``b``: a copy (a small read keeps no whole block alive), or with
         ``view`` a read-only view of a block the pool read or cached (a frontend that sends
-        it at once saves the copy; the write buffer's blocks are still copied)."""
+        it at once saves the copy), or of a buffered block that is a view of immutable
+        ``bytes`` (a full-block write's payload, kept as it is); other buffered blocks
+        (bytearrays a partial write changes in place) are still copied."""
         self._check(offset, length, write=False)
         if self._dirty or self._inflight:
             held, v = self._buf.held(b)
@@ -572,6 +576,8 @@ class Volume:
         self._count_read(length, started)
         if v is None:
             return True, None
+        if view and isinstance(v, memoryview) and v.readonly and type(v.obj) is bytes:
+            return True, v[lo:lo + length]
         return True, v[lo:lo + length] if isinstance(v, bytes) else bytes(v[lo:lo + length])
 
     def _begin_read(self, offset: int, length: int
