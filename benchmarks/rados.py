@@ -39,8 +39,8 @@ from tests.kit.cephkit import TEST_POOL, Cluster, why_not
 
 OBJ = 4 << 20
 READ = 4096
-RING = 256          # segment objects the write rows cycle through (1 GiB): the OSD's 4 GiB
-                    # file would fill (and block every write) at ~1 GB/s for 2 x 10 s
+RING = 256          # segment objects the write rows cycle through (1 GiB): new ones at
+                    # ~1 GB/s for 2 x 10 s would fill the OSD (and block every write)
 
 
 def _pct(samples: list[float], q: float) -> float:
@@ -49,10 +49,14 @@ def _pct(samples: list[float], q: float) -> float:
 
 
 def rados_bench(c: Cluster, seconds: int, threads: int) -> tuple[float, float]:
-    out = subprocess.run(["rados", "-c", str(c.conf), "-p", TEST_POOL, "bench",
+    run = subprocess.run(["rados", "-c", str(c.conf), "-p", TEST_POOL, "bench",
                           str(seconds), "write", "-b", str(OBJ), "-t", str(threads),
                           "--run-name", f"bench{threads}"],
-                         check=True, capture_output=True, text=True).stdout
+                         check=False, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(f"benchmarks.rados: rados bench failed ({run.returncode}): "
+                         f"{(run.stderr or run.stdout).strip()[-500:]}")
+    out = run.stdout
     mbps = float(re.search(r"Bandwidth \(MB/sec\):\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     lat = float(re.search(r"Average Latency\(s\):\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     return mbps * 1.048576, lat * 1000      # rados bench's MB is MiB: report MB (10^6)
@@ -106,7 +110,7 @@ async def main(seconds: int, directory: Path) -> None:
     reason = why_not()
     if reason is not None:
         raise SystemExit(reason)
-    c = Cluster.start(directory / "ceph")
+    c = Cluster.start(directory / "ceph", block_size=16 << 30)   # rados bench writes ~8 GB
     try:
         conn = await Connection.open(TEST_POOL, conf=str(c.conf))
         segs = RadosSegments(conn, "bench")
