@@ -36,15 +36,12 @@ from pathlib import Path
 
 import trio
 
-from benchmarks.common import free_port, serve_until_signal, wait_port
-from benchmarks.rbd import SIZE, _prefill, rbd_image
-from nbd.exports import VolumeCatalog
-from nbd.server import NBDConfig, NBDServer
+from benchmarks.common import free_port, wait_port
+from benchmarks.rbd import _prefill, rbd_image, serve_plain
 from pool import Pool
 from pool.device import FileDevice
 from storaged.tuning import tune_process
 from tests.kit.cephkit import Cluster, why_not
-from volumes import VolumeManager
 
 GiB = 1 << 30
 TICK = os.sysconf("SC_CLK_TCK")
@@ -110,13 +107,7 @@ def serve_local(directory: str, port: int) -> None:
         dev = FileDevice(os.path.join(directory, "dev0"), create_size=3 * GiB)
         pool = await Pool.create("local", [dev], profile="plain", extent_size=16 << 20,
                                  force=True)
-        try:
-            vm = VolumeManager(pool)
-            await vm.create("plain", SIZE, profile="plain", compression=False)
-            server = NBDServer(VolumeCatalog({"bench": vm}), NBDConfig(port=port))
-            await serve_until_signal(pool.run, server.serve)
-        finally:
-            await pool.close()
+        await serve_plain(pool, port)
     tune_process()
     trio.run(main)
 

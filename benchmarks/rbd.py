@@ -81,6 +81,18 @@ def _prefill(target: list[str], env: dict[str, str] | None) -> None:
                    capture_output=True, check=True, env=env, timeout=900)
 
 
+async def serve_plain(pool: Pool, port: int) -> None:
+    """One plain volume of SIZE on ``pool``, over NBD on ``port`` until SIGTERM; then the
+    pool is closed."""
+    try:
+        vm = VolumeManager(pool)
+        await vm.create("plain", SIZE, profile="plain", compression=False)
+        server = NBDServer(VolumeCatalog({"bench": vm}), NBDConfig(port=port))
+        await serve_until_signal(pool.run, server.serve)
+    finally:
+        await pool.close()
+
+
 def serve(conf: str, directory: str, port: int, record_cache: int | None,
           readahead: int | None = None, name: str = "bench") -> None:
     """The storaged side: a pool on RADOS pool TEST_POOL, one volume, NBD until SIGTERM.
@@ -96,13 +108,7 @@ def serve(conf: str, directory: str, port: int, record_cache: int | None,
             record_cache=record_cache)
         pool = await Pool.create_rados(name, RadosTarget.parse(TEST_POOL, conf),
                                        claim=claim, extent_size=16 * MiB, tuning=tuning)
-        try:
-            vm = VolumeManager(pool)
-            await vm.create("plain", SIZE, profile="plain", compression=False)
-            server = NBDServer(VolumeCatalog({"bench": vm}), NBDConfig(port=port))
-            await serve_until_signal(pool.run, server.serve)
-        finally:
-            await pool.close()
+        await serve_plain(pool, port)
     tune_process()   # as the daemon runs
     trio.run(main)
 
