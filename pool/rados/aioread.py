@@ -104,22 +104,22 @@ class AioReads:
                 log.exception("asynchronous read of %s", col.oid)
                 ok = False
             finally:
-                with self.lock:
-                    self.bytes -= n
-                    self.pending -= 1
-                    if not self.pending:
-                        self.idle.notify_all()
+                self._ended(n)
             _finish(batch, ok)
         try:
             self.conn.ioctx.aio_read(col.oid, n, start, complete)
         except Exception as e:          # the general path reads (and reports) it
             log.debug("asynchronous read of %s at %d not started: %s", col.oid, start, e)
-            with self.lock:
-                self.bytes -= n
-                self.pending -= 1
-                if not self.pending:
-                    self.idle.notify_all()
+            self._ended(n)
             _finish(batch, False)
+
+    def _ended(self, n: int) -> None:
+        """A read of ``n`` bytes is no longer in flight (invariant 3)."""
+        with self.lock:
+            self.bytes -= n
+            self.pending -= 1
+            if not self.pending:
+                self.idle.notify_all()
 
     def close(self, timeout: float = WAIT) -> None:
         """Start nothing more; wait (blocking: from a worker thread) for every read in
