@@ -79,6 +79,15 @@ class RecordReader:
         self._zero_block = b""     # zeros for holes read into a caller's buffer
         self._spare: list[bytearray] = []     # large reads' buffers (_read_buffer)
 
+    def _plan_existing(self, map_id: int, blocks: Sequence[int]
+                       ) -> tuple[list[bytes | None], list[bytes | memoryview | None],
+                                  list[records.RecordPlan]]:
+        """``_read_plan`` of a map that must exist (NotFound if it was deleted)."""
+        if map_id not in self.state.maps:
+            raise NotFound(f"map {map_id} no longer exists (its volume or snapshot was "
+                           f"deleted)")
+        return self._read_plan(map_id, blocks)
+
     def _read_plan(self, map_id: int, blocks: Sequence[int]
                    ) -> tuple[list[bytes | None], list[bytes | memoryview | None],
                               list[records.RecordPlan]]:
@@ -189,10 +198,7 @@ class RecordReader:
     async def read_blocks(self, map_id: int, blocks: Sequence[int],
                           block_size: int) -> list[bytes | memoryview | None]:
         """The logical content of each block (``None`` for a hole), verified."""
-        if map_id not in self.state.maps:
-            raise NotFound(f"map {map_id} no longer exists (its volume or snapshot was "
-                           f"deleted)")
-        entries, result, plans = self._read_plan(map_id, blocks)
+        entries, result, plans = self._plan_existing(map_id, blocks)
         if not plans:
             return result
         try:

@@ -43,7 +43,6 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from pool import records
-from pool.errors import NotFound
 from pool.layout import SECTOR
 from pool.rados.aioread import Batch
 from pool.reader import RecordReader
@@ -76,10 +75,7 @@ class RadosRecordReader(RecordReader):
                           block_size: int) -> list[bytes | memoryview | None]:
         if self.conn.prefetch.limit:
             return await super().read_blocks(map_id, blocks, block_size)
-        if map_id not in self.state.maps:
-            raise NotFound(f"map {map_id} no longer exists (its volume or snapshot was "
-                           f"deleted)")
-        entries, result, plans = self._read_plan(map_id, blocks)
+        entries, result, plans = self._plan_existing(map_id, blocks)
         if not plans:
             return result
         aio = self.conn.aio
