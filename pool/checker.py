@@ -80,8 +80,19 @@ async def check(pool: Pool, *, deep: bool = False) -> CheckReport:
     problems += check_objects(pool)
     checked = bad = 0
     if deep:
-        checked, bad, msgs = await trio.to_thread.run_sync(read_fragments, pool,
-                                                           scan.entries)
+        # The reads run in a thread while the pool serves: the segments they read are
+        # pinned meanwhile, so the cleaner neither moves nor frees them under the check
+        # (pins invariant 1) and a record overwritten meanwhile still reads as it was.
+        pinned = {ENTRY.unpack_from(raw)[0] for _n, _s, raw in scan.entries}
+        for seg_id in pinned:
+            pool.pins.pin(seg_id)
+        try:
+            checked, bad, msgs = await trio.to_thread.run_sync(read_fragments, pool,
+                                                               scan.entries)
+        finally:
+            for seg_id in pinned:
+                pool.pins.unpin(seg_id, reap=False)
+            pool.reap()
         problems += msgs
     return CheckReport(st.name, tuple(problems), len(st.segments), scan.records, checked, bad)
 

@@ -4,12 +4,18 @@ clean, deep included (DESIGN invariant 4: what is stored verifies or is named)."
 
 from __future__ import annotations
 
+import random
+import threading
 from collections.abc import Callable
+
+import pytest
+import trio
 
 from pool import Pool
 from pool import checker as C
 from tests.conftest import DiskSet
 from tests.kit.poolkit import filled_pool, read_all, rotten_pool
+from volumes import VolumeManager
 
 Disks = Callable[..., DiskSet]
 SIZE = 1 << 20
@@ -72,4 +78,52 @@ async def test_each_metadata_check_names_its_fault(disks: Disks) -> None:
         assert report.ok, report.render()
         assert await read_all(pool, SIZE) == data
     finally:
+        await pool.close()
+
+
+async def test_a_deep_check_while_the_pool_overwrites_and_cleans_reads_what_it_scanned(
+        disks: Disks, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deep read runs in a thread while the pool goes on serving: the segments it
+    scanned are pinned meanwhile (pins invariant 1), so an overwrite of every block and
+    a cleaner that empties every old segment under it change nothing of what it reads:
+    no segment vanished (it was a KeyError) and no fragment "fails verification" because
+    its extent was reused."""
+    ds = disks(3)
+    pool, _data = await filled_pool(ds, "ec:2+1", SIZE)
+    entered, go = threading.Event(), threading.Event()
+    real = C.read_fragments
+
+    def held(p: Pool, entries: list[tuple[int, int, bytes]]) -> tuple[int, int, list[str]]:
+        entered.set()
+        assert go.wait(30)
+        return real(p, entries)
+
+    monkeypatch.setattr(C, "read_fragments", held)
+    try:
+        old = set(pool.state.segments)
+        report: list[C.CheckReport] = []
+
+        async def deep() -> None:
+            report.append(await C.check(pool, deep=True))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(deep)
+            try:
+                assert await trio.to_thread.run_sync(entered.wait, 30)
+                vol = VolumeManager(pool).get("v")
+                for seed in range(2, 6):           # the old segments fill up and close
+                    new = random.Random(seed).randbytes(SIZE)
+                    await vol.write(0, new)
+                    await vol.flush()
+                await pool.clean(max_segments=100, threshold=1.0)
+                await pool.commit()
+                kept = old <= set(pool.state.segments)
+            finally:
+                go.set()
+        assert kept, "pinned segments were freed under the deep read"
+        assert report[0].ok and report[0].fragments_checked > 0, report[0].render()
+        assert await read_all(pool, SIZE) == new
+        assert (await C.check(pool, deep=True)).ok      # unpinned: the old ones go now
+    finally:
+        go.set()
         await pool.close()
