@@ -70,8 +70,13 @@ async def check(pool: Pool, *, deep: bool = False) -> CheckReport:
     if pool.rados is not None:
         problems = await check_rados(pool)
     else:
-        problems = await trio.to_thread.run_sync(check_members, pool)
-        problems += await trio.to_thread.run_sync(check_blobs, pool)
+        problems = await _metadata_problems(pool)
+        if problems:
+            # The pool served meanwhile: a commit may have moved what the threads read
+            # (a superblock mid-write, a checkpoint blob rewritten in a freed place).
+            # What is wrong stays wrong with commits held off; a race does not.
+            async with pool.txn.lock:
+                problems = await _metadata_problems(pool)
     problems += check_segments(pool)
     problems += check_map_nodes(pool)
     scan = scan_records(pool, keep=deep)
@@ -95,6 +100,12 @@ async def check(pool: Pool, *, deep: bool = False) -> CheckReport:
             pool.reap()
         problems += msgs
     return CheckReport(st.name, tuple(problems), len(st.segments), scan.records, checked, bad)
+
+
+async def _metadata_problems(pool: Pool) -> list[str]:
+    """check_members and check_blobs, in a thread (they read the members)."""
+    problems = await trio.to_thread.run_sync(check_members, pool)
+    return problems + await trio.to_thread.run_sync(check_blobs, pool)
 
 
 def check_members(pool: Pool) -> list[str]:

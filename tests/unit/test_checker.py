@@ -4,6 +4,7 @@ clean, deep included (DESIGN invariant 4: what is stored verifies or is named)."
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import trio
 
 from pool import Pool
 from pool import checker as C
+from pool.layout import PAGE_UNIT
 from tests.conftest import DiskSet
 from tests.kit.poolkit import filled_pool, read_all, rotten_pool
 from volumes import VolumeManager
@@ -126,4 +128,31 @@ async def test_a_deep_check_while_the_pool_overwrites_and_cleans_reads_what_it_s
         assert (await C.check(pool, deep=True)).ok      # unpinned: the old ones go now
     finally:
         go.set()
+        await pool.close()
+
+
+async def test_a_bad_blob_copy_is_named_by_check_after_the_confirming_pass(
+        disks: Disks) -> None:
+    """check() reads the metadata in threads while the pool serves, and confirms what they
+    found with commits held off (a commit racing the read is not a problem): a copy of a
+    checkpoint blob that is really bad is named by both passes, with nothing else."""
+    ds = disks(3)
+    pool, data = await filled_pool(ds, "ec:2+1", SIZE)
+    try:
+        await pool.txn.checkpoint()
+        nid, loc = sorted(pool.txn.page_locs.items())[0]
+        dev = pool.meta.present()[1]
+        at = pool.layout.pages_offset + loc.unit * PAGE_UNIT
+        fd = os.open(dev.path, os.O_RDWR)
+        try:
+            old = os.pread(fd, 64, at + 16)
+            os.pwrite(fd, bytes(b ^ 0xFF for b in old), at + 16)
+        finally:
+            os.close(fd)
+        report = await C.check(pool)
+        assert list(report.problems) == [
+            f"{dev.path}: copy of map node {nid} (metadata units {loc.unit}-"
+            f"{loc.unit + loc.units - 1}) fails its checksum"], report.render()
+        assert await read_all(pool, SIZE) == data
+    finally:
         await pool.close()
