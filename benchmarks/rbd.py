@@ -31,8 +31,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -53,6 +56,7 @@ from nbd.server import NBDConfig, NBDServer
 from pool import Pool
 from pool import owner as owners
 from pool.rados import prefetch
+from pool.rados.binding import load
 from pool.rados.target import RadosTarget
 from pool.tuning import PoolTuning
 from storaged.tuning import tune_process
@@ -128,6 +132,72 @@ def rbd_image(cluster: Cluster) -> list[str]:
             f"--rbdname={IMAGE}"]
 
 
+BIND_POOL = "bindbench"
+BIND_OBJECT = 4 * MiB          # RBD's object size
+BIND_SPAN = 512 * MiB          # what fio reads of the image, in RBD's objects
+
+
+def binding_fill(cluster: Cluster) -> None:
+    """The python-rados side: pool BIND_POOL with BIND_SPAN of random bytes in objects of
+    BIND_OBJECT (as RBD lays out an image)."""
+    with cluster.client() as r:
+        Cluster.create_pool(r, BIND_POOL)
+        io = r.open_ioctx(BIND_POOL)
+        try:
+            for i in range(BIND_SPAN // BIND_OBJECT):
+                io.write_full(f"obj.{i}", os.urandom(BIND_OBJECT))
+        finally:
+            io.close()
+
+
+def binding_read(conf: str, seconds: float) -> None:
+    """python-rados alone (the binding storaged must use, DESIGN: python3-rados): 1 MiB
+    sequential reads at queue depth 4 over BIND_SPAN with ``Ioctx.aio_read``, nothing
+    verified or sent on; prints MB/s. The read rows' second ceiling: what the binding
+    itself reaches beside librbd (fio's rbd engine, C++), same cluster, same rounds."""
+    r = load().Rados(conffile=conf)
+    r.connect()
+    io = r.open_ioctx(BIND_POOL)
+    cond = threading.Condition()
+    state = {"inflight": 0, "done": 0, "bad": 0}
+
+    def complete(comp: Any, data: bytes) -> None:
+        with cond:
+            state["inflight"] -= 1
+            state["done"] += len(data)
+            state["bad"] += len(data) != MiB
+            cond.notify()
+    try:
+        at = 0
+        end = time.monotonic() + seconds
+        started = time.monotonic()
+        while time.monotonic() < end:
+            with cond:
+                while state["inflight"] >= 4:
+                    cond.wait()
+                state["inflight"] += 1
+            obj, off = divmod(at % BIND_SPAN, BIND_OBJECT)
+            io.aio_read(f"obj.{obj}", MiB, off, complete)
+            at += MiB
+        with cond:
+            while state["inflight"]:
+                cond.wait()
+        took = time.monotonic() - started
+        if state["bad"]:
+            raise SystemExit(f"binding_read: {state['bad']} short reads")
+        print(state["done"] / took / 1e6)
+    finally:
+        io.close()
+        r.shutdown()
+
+
+def _binding(conf: Path, runtime: int) -> float:
+    out = subprocess.run([sys.executable, "-m", "benchmarks.rbd", "--binding-read",
+                          str(conf), str(runtime)], capture_output=True, text=True,
+                         check=True, timeout=runtime + 120).stdout
+    return float(out.strip().splitlines()[-1])
+
+
 def _ceph(c: Cluster, *args: str) -> None:
     subprocess.run(["ceph", "-c", str(c.conf), *args], check=True, capture_output=True,
                    timeout=120)
@@ -149,7 +219,12 @@ def main() -> None:
     ap.add_argument("--pool-name", default="bench", help=argparse.SUPPRESS)
     ap.add_argument("--serve", nargs=3, metavar=("CONF", "DIR", "PORT"),
                     help=argparse.SUPPRESS)
+    ap.add_argument("--binding-read", nargs=2, metavar=("CONF", "SECONDS"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.binding_read:
+        binding_read(args.binding_read[0], float(args.binding_read[1]))
+        return
     if args.serve:
         serve(args.serve[0], args.serve[1], int(args.serve[2]), args.record_cache,
               args.readahead, args.pool_name)
@@ -212,6 +287,13 @@ def main() -> None:
                       ceiling=measure(leg, None, rw, bs, depth) if "read" in rw else None,
                       ceiling_name="NBD leg alone (local pool)" if "read" in rw else "")
                  for test, rw, bs, depth in tests]
+        if any(rw == "read" for _t, rw, _b, _d in tests):
+            # The binding's own ceiling for the sequential read row: python-rados alone
+            # (no NBD, no verification) against the same fio rbd reads.
+            binding_fill(cluster)
+            pairs.append(Pair("ceiling: python-rados alone, seq read 1M", anchor=measure(
+                rbd, env, "read", "1m", 4), storaged=lambda: _binding(cluster.conf, runtime),
+                anchor_name="fio rbd", ceiling=None, ceiling_name=""))
         if args.only:
             pairs = [p for p in pairs if any(w in p.row for w in args.only.split(","))]
         report.add(run_rounds("rbd", pairs, args.rounds, stderr_log))
