@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from pool import codec, records
+from pool import codec
 from pool.layout import SECTOR
 
 if TYPE_CHECKING:
@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 LIMIT = 32 << 20         # bytes of asynchronous reads in flight at once (invariant 3)
 OPS = 1024               # asynchronous reads in flight at once (invariant 3)
 WAIT = 30.0              # seconds ``close`` waits for reads in flight
+
+# One record of a run to read, as the read path plans it (pool/rados/reader.py): its slot
+# in the request, the sectors it takes, its payload's length, flags and xxh3. A plain
+# tuple: one is made per block read, on the event loop.
+Record = tuple[int, int, int, int, int]
 
 
 class Batch:
@@ -79,15 +84,13 @@ class AioReads:
         return (not self.closed and self.conn.fenced is None and self.bytes + n <= LIMIT
                 and self.pending < OPS)
 
-    def start(self, col: ObjectColumn, base: int, run: Sequence[records.RecordPlan],
-              batch: Batch) -> None:
-        """Start the read of ``run`` (records one after another in the column object
-        ``col``, whose bytes start at ``base``), to be verified into ``batch`` by its
-        completion. On the event loop."""
-        first = run[0]
-        lo = base + first.offset * SECTOR
-        hi = lo + sum(p.units for p in run) * SECTOR
-        start, n = lo, hi - lo
+    def start(self, col: ObjectColumn, base: int, offset: int, units: int,
+              recs: Sequence[Record], batch: Batch) -> None:
+        """Start the read of ``units`` sectors at sector ``offset`` of the column object
+        ``col`` (whose bytes start at ``base``): the records ``recs``, one after another,
+        to be verified into ``batch`` by its completion. On the event loop."""
+        start = base + offset * SECTOR
+        n = units * SECTOR
         with self.lock:
             self.bytes += n
             self.pending += 1
@@ -98,8 +101,8 @@ class AioReads:
             try:
                 rv = int(comp.get_return_value())
                 self.conn.observe("read", time.perf_counter() - t0, rv >= 0)
-                ok = rv >= hi - start and data is not None and _verify(
-                    memoryview(data)[lo - start:hi - start], run, batch)
+                ok = rv >= n and data is not None and _verify(
+                    memoryview(data)[:n], recs, batch)
             except BaseException:       # a librados thread: never let it die
                 log.exception("asynchronous read of %s", col.oid)
                 ok = False
@@ -131,20 +134,22 @@ class AioReads:
                 self.idle.wait(max(0.0, deadline - time.monotonic()))
 
 
-def _verify(view: memoryview, run: Sequence[records.RecordPlan], batch: Batch) -> bool:
-    """Check each record of ``run`` in ``view`` (its bytes, back to back) and keep its
+def _verify(view: memoryview, recs: Sequence[Record], batch: Batch) -> bool:
+    """Check each record of ``recs`` in ``view`` (their bytes, back to back) and keep its
     logical block in ``batch``; False at the first one that does not verify
     (invariant 1). On a librados thread."""
     out: dict[int, bytes | memoryview] = {}
     pos = 0
     bs = batch.block_size
-    for p in run:
-        size = p.units * SECTOR
-        chunk = codec.check_fragment(view[pos:pos + size], 0, 1, 0, p.plen, p.rhash)
+    check = codec.check_fragment
+    expand = codec.expand
+    for slot, units, plen, flags, rhash in recs:
+        end = pos + units * SECTOR
+        chunk = check(view[pos:end], 0, 1, 0, plen, rhash)
         if chunk is None:
             return False
-        out[p.slot] = codec.expand(chunk[:p.plen], p.flags, bs)
-        pos += size
+        out[slot] = expand(chunk[:plen], flags, bs)
+        pos = end
     with batch.lock:
         batch.payloads.update(out)
     return True

@@ -11,9 +11,10 @@ trip around a synchronous ``Ioctx.read``. ``RadosRecordReader`` instead:
 
 - answers ``read_blocks_nowait`` from the record cache only (None as soon as a record
   must be read, and at once for more than two blocks), without touching a buffer;
-- in ``read_blocks``, starts one ``Ioctx.aio_read`` per run of records lying one after
-  another in one segment (``records._runs``; a 1 MiB read of 64 KiB blocks is one run),
-  from the event loop (``AioReads.start``: it queues the op and returns);
+- in ``read_blocks``, plans the runs of records lying one after another in one segment
+  straight from the map entries (``_plan_runs``, invariant 4; a 1 MiB read of 64 KiB
+  blocks is one run) and starts one ``Ioctx.aio_read`` per run from the event loop
+  (``AioReads.start``: it queues the op and returns);
 - verifies each record's fragment (xxh3, ``codec.check_fragment``) in the completion,
   on the librados thread, and wakes the waiting task with ``TrioToken.run_sync_soon``;
 - takes the general path for anything else: a read that failed or came back short, a
@@ -33,6 +34,11 @@ conn invariants 1-3 hold as they are):
    object is not deleted under a read the request still waits for (reader invariant 2).
 3. ``read_blocks_nowait`` never reads: record-cache hits and holes of small reads (two
    blocks at most, the reads the cache keeps: reader invariant 3) only, else None.
+4. ``_plan_runs`` plans what ``_read_plan`` and ``records._runs`` would: the same map
+   entries, record-cache hits and holes, and the same runs (records one after another
+   in one segment, in request order) and bytes, as plain tuples (no ``RecordPlan`` per
+   block, no column lookup per record). A record in a segment that is not ``plain``
+   (k = 1, m = 0) on an object column sends the whole request down the general path.
 """
 
 from __future__ import annotations
@@ -43,12 +49,19 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from pool import records
+from pool.codec import HEADER_SIZE
 from pool.layout import SECTOR
-from pool.rados.aioread import Batch
+from pool.rados.aioread import Batch, Record
+from pool.rados.segments import ObjectColumn
 from pool.reader import RecordReader
+from pool.state import ENTRY
 
 if TYPE_CHECKING:
     from pool.rados.conn import Connection
+
+# One asynchronous read: the column object, its base, the first sector, the sectors, and
+# the records it holds.
+_Run = tuple[ObjectColumn, int, int, int, list[Record]]
 
 
 class RadosRecordReader(RecordReader):
@@ -75,21 +88,20 @@ class RadosRecordReader(RecordReader):
                           block_size: int) -> list[bytes | memoryview | None]:
         if self.conn.prefetch.limit:
             return await super().read_blocks(map_id, blocks, block_size)
-        entries, result, plans = self._plan_existing(map_id, blocks)
-        if not plans:
+        planned = self._plan_runs(map_id, blocks)
+        if planned is None:
+            return await super().read_blocks(map_id, blocks, block_size)
+        entries, result, runs, need = planned
+        if not runs:
             return result
         aio = self.conn.aio
-        runs = list(records._runs(plans))
-        need = sum(p.units for p in plans) * SECTOR
-        if any(p.k != 1 or p.m != 0 or p.columns[0][0] is None for p in plans) \
-                or not aio.room(need):
+        if not aio.room(need):
             return await super().read_blocks(map_id, blocks, block_size)
         batch = Batch(len(runs), block_size, trio.lowlevel.current_trio_token())
         hold = self._store.read_hold()
         try:
-            for run in runs:
-                col, base, _name = run[0].columns[0]
-                aio.start(col, base, run, batch)  # type: ignore[arg-type]
+            for col, base, offset, units, recs in runs:
+                aio.start(col, base, offset, units, recs, batch)
             await batch.done.wait()
         finally:
             hold.release()
@@ -97,3 +109,61 @@ class RadosRecordReader(RecordReader):
             return await super().read_blocks(map_id, blocks, block_size)
         self._keep(records.ReadOutcome(payloads=batch.payloads), entries, result)
         return result
+
+    def _plan_runs(self, map_id: int, blocks: Sequence[int]) -> tuple[
+            list[bytes | None], list[bytes | memoryview | None], list[_Run], int] | None:
+        """``_read_plan`` for this path (invariant 4): the map entries of ``blocks``, the
+        result with record-cache hits filled in, the runs to read (records one after
+        another in one segment, in request order, as ``records._runs`` makes them) and
+        their bytes; None if a record lies in a segment this path cannot read (not
+        ``plain``, or no object column). NotFound if the map was deleted."""
+        state = self.state
+        if map_id not in state.maps:
+            self._plan_existing(map_id, ())         # raises NotFound
+        forest = state.forest
+        n = len(blocks)
+        entries: list[bytes | None]
+        if n == 1:
+            entries = [forest.get(map_id, blocks[0])]
+        elif n and blocks[-1] - blocks[0] + 1 == n:
+            entries = forest.get_range(map_id, blocks[0], n)
+        else:
+            entries = [forest.get(map_id, b) for b in blocks]
+        result: list[bytes | memoryview | None] = [None] * n
+        cached = self.cache.get
+        unpack = ENTRY.unpack
+        segments = state.segments
+        columns = self._store.columns
+        runs: list[_Run] = []
+        recs: list[Record] = []     # the records of the run being built
+        col: ObjectColumn | None = None
+        cur = end = -1              # its segment and next sector
+        base = first = need = 0
+        for slot, raw in enumerate(entries):
+            if raw is None:
+                continue
+            hit = cached(raw)
+            if hit is not None:
+                result[slot] = hit
+                continue
+            seg_id, off, plen, flags, rhash = unpack(raw)
+            units = -(-(HEADER_SIZE + plen) // SECTOR)      # k = 1: the whole payload
+            if seg_id == cur and off == end:
+                recs.append((slot, units, plen, flags, rhash))
+                end += units
+                continue
+            if col is not None:
+                runs.append((col, base, first, end - first, recs))
+                need += (end - first) * SECTOR
+            seg = segments[seg_id]
+            if seg.k != 1 or seg.m != 0:
+                return None
+            dev, base, _name = columns(seg)[0]
+            if not isinstance(dev, ObjectColumn):
+                return None
+            col, recs = dev, [(slot, units, plen, flags, rhash)]
+            cur, first, end = seg_id, off, off + units
+        if col is not None:
+            runs.append((col, base, first, end - first, recs))
+            need += (end - first) * SECTOR
+        return entries, result, runs, need

@@ -17,11 +17,14 @@ import trio
 import trio.testing
 
 from pool import owner as owners
-from pool.errors import MediumError, StorageError
+from pool import records
+from pool.errors import MediumError, NotFound, StorageError
+from pool.layout import SECTOR
 from pool.pool import Pool
 from pool.rados.conn import THROTTLE_BYTES, THROTTLE_OPS, Connection
 from pool.rados.reader import RadosRecordReader
 from pool.rados.target import RadosTarget
+from pool.readcache import RecordCache
 from pool.tuning import PoolTuning
 from tests.kit.cephkit import TEST_POOL, Cluster
 from tests.rados.radoskit import connect, owner
@@ -197,3 +200,50 @@ async def test_cancelled_reads_and_close_in_flight(ceph: Cluster) -> None:
     finally:
         if not closed:
             await pool.close()
+
+
+async def test_plan_is_the_general_plan(ceph: Cluster) -> None:
+    """Reader invariant 4: for whole runs, a read across two segments, holes, scattered
+    blocks, one block and the whole volume, with a record-cache hit in the middle of a
+    run, ``_plan_runs`` gives the entries, cached blocks and holes of ``_read_plan`` and
+    exactly the runs ``records._runs`` makes of its plans (object, base, first sector,
+    sectors, each record's slot, sectors, length, flags and xxh3), and their bytes; the
+    read with the hit in it is byte-exact; a deleted map is NotFound, and nothing was
+    read by planning."""
+    pool, vol, data = await _pool(ceph, "p-aio-plan")
+    try:
+        reader = pool.reader
+        assert isinstance(reader, RadosRecordReader)
+        reader.cache = RecordCache(4 * MiB)
+        hit = reader._read_plan(vol._map, [3])[0][0]
+        assert hit is not None
+        reader.cache.put(hit, data[3 * BS:4 * BS])
+        started = _conn(pool).aio.started
+        per = EXTENT // BS
+        cases: list[list[int]] = [list(range(16)), list(range(per - 6, per + 6)),
+                                  list(range(90, 100)), [1, 5, 6, 7, per, per + 1, 200],
+                                  [3], [7], list(range(256))]
+        for blocks in cases:
+            entries, result, plans = reader._read_plan(vol._map, blocks)
+            got = reader._plan_runs(vol._map, blocks)
+            assert got is not None, blocks
+            entries2, result2, runs, need = got
+            assert entries2 == entries and result2 == result, blocks
+            want = list(records._runs(plans))
+            assert [(r[0], r[1], r[2], r[3]) for r in runs] == [
+                (run[0].columns[0][0], run[0].columns[0][1], run[0].offset,
+                 sum(p.units for p in run)) for run in want], blocks
+            assert [r[4] for r in runs] == [
+                [(p.slot, p.units, p.plen, p.flags, p.rhash) for p in run]
+                for run in want], blocks
+            assert need == sum(p.units for p in plans) * SECTOR, blocks
+        # a cached block splits its run, as in the general plan; without one, one run
+        assert len(reader._plan_runs(vol._map, list(range(16)))[2]) == 2  # type: ignore[index]
+        assert len(reader._plan_runs(vol._map, list(range(16, 32)))[2]) == 1  # type: ignore[index]
+        assert _conn(pool).aio.started == started
+        assert await vol.read(0, MiB) == data[:MiB]
+        assert reader.cache.hits >= 1
+        with pytest.raises(NotFound):
+            reader._plan_runs(vol._map + 1000, [0])
+    finally:
+        await pool.close()
