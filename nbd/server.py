@@ -45,7 +45,9 @@ import contextlib
 import ipaddress
 import logging
 import os
+import socket
 import ssl
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -141,8 +143,17 @@ class NBDServer:
         task_status.started(listeners)
         await trio.serve_listeners(self.handle, listeners)
 
+    async def serve_listeners(self, listeners: Sequence[trio.SocketListener], *,
+                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                              ) -> None:
+        """Serve on listeners made elsewhere (the daemon's Unix socket, ``nbd.socket``)."""
+        task_status.started()
+        await trio.serve_listeners(self.handle, list(listeners))
+
     def _allowed(self, stream: trio.SocketStream) -> bool:
-        if not self.config.allow:
+        if not self.config.allow or stream.socket.family == socket.AF_UNIX:
+            # The allow list is of IP networks; a Unix socket's file mode and directory
+            # decide who may connect to it.
             return True
         try:
             host = stream.socket.getpeername()[0]
@@ -212,6 +223,14 @@ def _advance(parts: Sequence[proto.Data], n: int) -> list[proto.Data]:
 
 
 def _peer(stream: trio.SocketStream) -> str:
+    if stream.socket.family == socket.AF_UNIX:
+        try:
+            cred = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                            struct.calcsize("3i"))
+            pid, uid, _gid = struct.unpack("3i", cred)
+            return f"unix:pid={pid},uid={uid}"
+        except OSError:
+            return "unix:?"
     try:
         host, port = stream.socket.getpeername()[:2]
         return f"{host}:{port}"

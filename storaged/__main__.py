@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
     ap.add_argument("--state-dir", help="where pools.json and demo devices live")
     ap.add_argument("--socket", help="control API Unix socket path")
     ap.add_argument("--nbd-listen", metavar="HOST:PORT", help="NBD address, or 'off'")
+    ap.add_argument("--nbd-socket", metavar="PATH",
+                    help="also serve NBD on this Unix socket (default off), or 'off'")
     ap.add_argument("--metrics-listen", metavar="HOST:PORT", help="metrics address, or 'off'")
     ap.add_argument("--iscsi-listen", metavar="HOST:PORT",
                     help="iSCSI target portal (default 127.0.0.1:3260), or 'off'")
@@ -52,7 +54,8 @@ def config_from(args: argparse.Namespace) -> Config:
                        ("log_level", "log_level")):
         if getattr(args, flag) is not None:
             over[attr] = getattr(args, flag)
-    for flag in ("nbd_listen", "metrics_listen", "fuse_mount", "iscsi_listen"):
+    for flag in ("nbd_listen", "nbd_socket", "metrics_listen", "fuse_mount",
+                 "iscsi_listen"):
         v = getattr(args, flag)
         if v is not None:
             over[flag] = None if v == "off" else v

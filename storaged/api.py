@@ -247,10 +247,11 @@ def _new_size(text: Any, current: int) -> int:
 
 class ControlAPI:
     def __init__(self, registry: Registry, nbd: NBDServer | None,
-                 nbd_address: tuple[str, int] | None, *,
+                 nbd_address: tuple[str, int] | None, *, nbd_socket: str | None = None,
                  iscsi: ISCSIServer | None = None, acl: AccessStore | None = None,
                  fuse_mount: str | None = None) -> None:
         self.registry = registry
+        self.nbd_socket = nbd_socket
         self.fuse_mount = fuse_mount
         self.iscsi = iscsi
         self.acl = acl
@@ -709,6 +710,9 @@ class ControlAPI:
                     if self.nbd_address is not None:
                         host, port = self.nbd_address
                         item["nbd"] = f"nbd://{host}:{port}/{name}"
+                    if self.nbd_socket is not None:
+                        # The NBD URI standard's form: the export name in the path.
+                        item["nbd_unix"] = f"nbd+unix:///{name}?socket={self.nbd_socket}"
                     if self.iscsi is not None:
                         snap = name.partition("@")[2] or None
                         iqn = self.iscsi.catalog.target_name(pname, vname, snap)
@@ -761,9 +765,11 @@ class ControlAPI:
     async def status(self, p: Params, progress: Progress) -> Any:
         pools = await self.pool_list({}, progress)
         nbd: dict[str, Any] | None = None
-        if self.nbd is not None and self.nbd_address is not None:
+        if self.nbd is not None:
             s = self.nbd.stats
-            nbd = {"listen": f"{self.nbd_address[0]}:{self.nbd_address[1]}",
+            nbd = {"listen": (None if self.nbd_address is None
+                              else f"{self.nbd_address[0]}:{self.nbd_address[1]}"),
+                   "socket": self.nbd_socket,
                    "connections": s.active, "connections_total": s.connections}
         return {"pools": pools, "volumes": await self.volume_list({}, progress), "nbd": nbd}
 

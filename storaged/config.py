@@ -6,6 +6,7 @@ by command-line flags. Validated at load: a bad file is refused with the key and
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -48,6 +49,7 @@ class Config:
     socket: str = DEFAULT_SOCKET
     log_level: str = "info"
     nbd_listen: str | None = DEFAULT_NBD          # None: NBD off
+    nbd_socket: str | None = None                 # a Unix socket path for NBD too
     nbd_tls: str = "off"                          # off | on | require
     nbd_tls_cert: str | None = None
     nbd_tls_key: str | None = None
@@ -114,6 +116,7 @@ def parse_address(text: str, what: str) -> tuple[str, int]:
 _KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "state_dir": ("state_dir", str), "socket": ("socket", str),
     "log_level": ("log_level", str), "nbd.listen": ("nbd_listen", str),
+    "nbd.socket": ("nbd_socket", str),
     "nbd.tls": ("nbd_tls", str), "nbd.tls_cert": ("nbd_tls_cert", str),
     "nbd.tls_key": ("nbd_tls_key", str), "nbd.allow": ("nbd_allow", list),
     "nbd.max_inflight": ("nbd_max_inflight", int), "metrics.listen": ("metrics_listen", str),
@@ -197,7 +200,7 @@ def load(path: str | None) -> Config:
             name = (typ.__name__ if isinstance(typ, type)
                     else " or ".join(t.__name__ for t in typ))
             raise InvalidArgument(f"config {path}: {key} must be of type {name}")
-        if attr in ("nbd_listen", "metrics_listen", "fuse_mount",
+        if attr in ("nbd_listen", "nbd_socket", "metrics_listen", "fuse_mount",
                     "iscsi_listen") and value == "off":
             value = None
         if attr == "nbd_allow":
@@ -267,6 +270,16 @@ def validate(cfg: Config) -> Config:
                               f"{cfg.log_level!r}")
     if cfg.nbd_listen is not None:
         parse_address(cfg.nbd_listen, "nbd.listen")
+    if cfg.nbd_socket is not None:
+        if not os.path.isabs(cfg.nbd_socket):
+            raise InvalidArgument(f"nbd.socket must be an absolute path, not "
+                                  f"{cfg.nbd_socket!r}")
+        if os.path.abspath(cfg.nbd_socket) == os.path.abspath(cfg.socket):
+            raise InvalidArgument(f"nbd.socket {cfg.nbd_socket} is the control socket's "
+                                  f"path; give it another")
+        if len(os.fsencode(cfg.nbd_socket)) > 107:
+            raise InvalidArgument(f"nbd.socket {cfg.nbd_socket}: too long for a Unix "
+                                  f"socket (at most 107 bytes)")
     if cfg.metrics_listen is not None:
         parse_address(cfg.metrics_listen, "metrics.listen")
     if cfg.iscsi_listen is not None:

@@ -56,7 +56,7 @@ import trio
 from pool.errors import InvalidArgument, NoSpace, StorageError
 from pool.iovec import advance
 from storaged.api import ControlAPI
-from storaged.startup import StartupError, socket_is_live
+from storaged.startup import bind_unix, unlink_unix
 from storaged.wire import FRAME_HEAD, MAX_FRAME, Buffer, widen
 from volumes import portable
 from volumes.stream import StreamError
@@ -198,21 +198,8 @@ class ControlServer:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:
-        path = trio.Path(self.path)
-        await path.parent.mkdir(parents=True, exist_ok=True)
-        if await path.exists():
-            if await trio.to_thread.run_sync(socket_is_live, self.path):
-                raise StartupError(f"socket {self.path} is served by another running "
-                                   f"storaged; stop it first, or give this one another "
-                                   f"--socket")                            # C4
-            await path.unlink()  # a stale socket of a dead daemon
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await sock.bind(self.path)
-        await path.chmod(0o660)
-        sock.listen(64)
-        st = await path.stat()
+        listener, st = await bind_unix("socket", self.path)               # C4
         gid = st.st_gid
-        listener = trio.SocketListener(sock)
         log.info("control API on %s", self.path)
         task_status.started()
 
@@ -221,10 +208,7 @@ class ControlServer:
         try:
             await trio.serve_listeners(handler, [listener])
         finally:
-            with trio.CancelScope(shield=True), contextlib.suppress(OSError):
-                now = await path.stat()
-                if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):     # C4
-                    await path.unlink()
+            await unlink_unix(self.path, st)                                  # C4
 
     async def _client(self, stream: trio.SocketStream, gid: int) -> None:
         if self.connections >= MAX_CONNECTIONS:                                 # C2

@@ -36,7 +36,15 @@ from storaged.libvirt import disk_xml
 from storaged.metrics import MetricsServer
 from storaged.registry import PoolEntry, Registry
 from storaged.service import Reloader, reloading_message, sd_notify, watchdog, watchdog_interval
-from storaged.startup import StartupError, check_control_socket, check_listen, listen_error
+from storaged.startup import (
+    StartupError,
+    bind_unix,
+    check_control_socket,
+    check_listen,
+    check_unix_socket,
+    listen_error,
+    unlink_unix,
+)
 from storaged.tuning import freeze_startup
 from volumes import VolumeManager
 from volumes.volume import WriteBuffer
@@ -237,6 +245,8 @@ def preflight(cfg: Config) -> None:
     a control socket another daemon serves, an address that cannot be listened on, a
     FUSE mount point that cannot be mounted on."""
     check_control_socket(cfg.socket)
+    if cfg.nbd_socket is not None:
+        check_unix_socket("nbd.socket", cfg.nbd_socket)
     if cfg.fuse_mount is not None:
         check_mountpoint(cfg.fuse_mount)
     for key, text in (("nbd.listen", cfg.nbd_listen), ("iscsi.listen", cfg.iscsi_listen),
@@ -253,6 +263,18 @@ async def _start_listener(nursery: trio.Nursery, key: str, address: str | None,
         return await nursery.start(serve, *args)
     except OSError as e:
         raise listen_error(key, address or "?", e) from None
+
+
+async def _serve_nbd_unix(nbd: NBDServer, path: str, *,
+                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                          ) -> None:
+    """NBD on the Unix socket ``path`` too (``nbd.socket``; startup D4), removed at exit."""
+    listener, st = await bind_unix("nbd.socket", path)
+    log.info("NBD server listening on unix:%s", path)
+    try:
+        await nbd.serve_listeners([listener], task_status=task_status)
+    finally:
+        await unlink_unix(path, st)
 
 
 def pool_tuning(cfg: Config) -> PoolTuning:
@@ -322,8 +344,9 @@ async def _serve(settings: Reloader, registry: Registry, ready: trio.Event | Non
         await ensure_demo(registry)
     nbd: NBDServer | None = None
     nbd_addr: tuple[str, int] | None = None
-    if cfg.nbd_listen is not None:
-        host, port = parse_address(cfg.nbd_listen, "nbd.listen")
+    if cfg.nbd_listen is not None or cfg.nbd_socket is not None:
+        host, port = (parse_address(cfg.nbd_listen, "nbd.listen")
+                      if cfg.nbd_listen is not None else ("127.0.0.1", 0))
         try:
             tls_ctx = (tls_server_context(cfg.nbd_tls_cert, cfg.nbd_tls_key)
                        if cfg.nbd_tls != "off" and cfg.nbd_tls_cert and cfg.nbd_tls_key
@@ -362,15 +385,18 @@ async def _serve(settings: Reloader, registry: Registry, ready: trio.Event | Non
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
-                if nbd is not None:
+                if nbd is not None and cfg.nbd_listen is not None:
                     listeners = await _start_listener(nursery, "nbd.listen", cfg.nbd_listen,
                                                       nbd.serve)
                     bound = listeners[0].socket.getsockname()
                     nbd_addr = (bound[0], bound[1])
+                if nbd is not None and cfg.nbd_socket is not None:
+                    await nursery.start(_serve_nbd_unix, nbd, cfg.nbd_socket)
                 if iscsi is not None:
                     await _start_listener(nursery, "iscsi.listen", cfg.iscsi_listen,
                                           iscsi.serve)
-                api = ControlAPI(registry, nbd, nbd_addr, iscsi=iscsi, acl=acl,
+                api = ControlAPI(registry, nbd, nbd_addr, nbd_socket=cfg.nbd_socket,
+                                 iscsi=iscsi, acl=acl,
                                  fuse_mount=None if fuse is None else cfg.fuse_mount)
                 await _start_listener(nursery, "socket", cfg.socket,
                                       ControlServer(api, cfg.socket).serve)

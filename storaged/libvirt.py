@@ -43,6 +43,19 @@ def disk_xml(host: str, port: int, name: str, *, read_only: bool = False,
     return "\n".join([*lines, "</disk>"])
 
 
+def unix_disk_xml(socket: str, name: str, *, read_only: bool = False,
+                  target: str = "vda") -> str:
+    """The ``<disk>`` element for NBD export ``name`` over the Unix socket ``socket``
+    (``nbd.socket``: a guest on the storage node itself)."""
+    lines = ["<disk type='network' device='disk'>",
+             _driver(read_only),
+             f"  <source protocol='nbd' name={_attr(name)}>",
+             f"    <host transport='unix' socket={_attr(socket)}/>",
+             "  </source>",
+             *_target(target, "virtio", read_only)]
+    return "\n".join([*lines, "</disk>"])
+
+
 def iscsi_disk_xml(host: str, port: int, iqn: str, *, lun: int = 0,
                    chap_user: str | None = None, secret_usage: str | None = None,
                    read_only: bool = False, target: str = "sda") -> str:

@@ -10,6 +10,10 @@ D1. One daemon per state directory: ``lock_state_dir`` takes an exclusive flock 
 D2. A control socket that answers belongs to a running daemon and is never unlinked
     (``check_control_socket``); only one that refuses connections (left by a daemon that
     died) is replaced.
+D4. The same holds for every Unix socket the daemon listens on (the control socket,
+    ``nbd.socket``): ``bind_unix`` refuses a path another process serves, replaces only a
+    dead one, and ``unlink_unix`` removes at exit only the socket this daemon made (same
+    inode), never one a later daemon put there.
 D3. Every start-up failure is a ``StartupError`` (or another StorageError) with one line
     that names the config key or the file at fault; the daemon exits 1 with that line.
 """
@@ -21,6 +25,9 @@ import errno
 import fcntl
 import os
 import socket
+import stat
+
+import trio
 
 from pool.errors import StorageError
 
@@ -79,6 +86,56 @@ def check_control_socket(path: str) -> None:
     if os.path.exists(path) and socket_is_live(path):
         raise StartupError(f"socket {path} is served by another running storaged; stop "
                            f"it first, or give this one another --socket")
+
+
+def check_unix_socket(key: str, path: str) -> None:
+    """Refuse a Unix socket path (``nbd.socket``) that another process serves, or that
+    is something other than a socket (D4)."""
+    if os.path.lexists(path) and not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise StartupError(f"{key} {path}: exists and is not a socket; remove it or give "
+                           f"another path")
+    if os.path.exists(path) and socket_is_live(path):
+        raise StartupError(f"{key} {path} is served by another running process (another "
+                           f"storaged?); stop it first, or give this one another path")
+
+
+async def bind_unix(key: str, path: str, mode: int = 0o660
+                    ) -> tuple[trio.SocketListener, os.stat_result]:
+    """A listening Unix socket at ``path`` (its directory made, a dead socket there
+    replaced, a live one refused: D4), with ``mode``; returns it and its file's stat, for
+    ``unlink_unix``."""
+    where = trio.Path(path)
+    try:
+        await where.parent.mkdir(parents=True, exist_ok=True)
+        if await where.exists() or await where.is_symlink():
+            if not await where.is_socket():
+                raise StartupError(f"{key} {path}: exists and is not a socket; remove it "
+                                   f"or give another path")
+            if await trio.to_thread.run_sync(socket_is_live, path):
+                raise StartupError(f"{key} {path} is served by another running process "
+                                   f"(another storaged?); stop it first, or give this one "
+                                   f"another path")
+            await where.unlink()        # a stale socket of a dead daemon
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.bind(path)
+            await where.chmod(mode)
+            sock.listen(128)
+            st = await where.stat()
+        except BaseException:
+            sock.close()
+            raise
+    except OSError as e:
+        raise listen_error(key, path, e) from None
+    return trio.SocketListener(sock), st
+
+
+async def unlink_unix(path: str, st: os.stat_result) -> None:
+    """Remove the socket ``bind_unix`` made, unless another one has replaced it (D4)."""
+    with trio.CancelScope(shield=True), contextlib.suppress(OSError):
+        now = await trio.Path(path).stat()
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            await trio.Path(path).unlink()
 
 
 def check_listen(key: str, host: str, port: int) -> None:

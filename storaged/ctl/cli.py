@@ -24,6 +24,7 @@ from storaged.libvirt import (
     iscsi_disk_xml,
     secret_usage,
     secret_xml,
+    unix_disk_xml,
 )
 from storaged.sizes import format_size
 from storaged.version import VersionAction
@@ -220,13 +221,17 @@ def show_exports(items: list[dict[str, Any]]) -> str:
     """The exports' table, then the libvirt ``<disk>`` element of each NBD export and of
     each FUSE file (iSCSI, whose ``<auth>`` depends on the volume's policy: ``storagectl
     export iscsi NAME``)."""
-    out = [_table([[e["name"], "ro" if e["read_only"] else "rw", e.get("nbd", "-"),
+    out = [_table([[e["name"], "ro" if e["read_only"] else "rw",
+                    e.get("nbd") or e.get("nbd_unix") or "-",
                     _clients(e.get("clients", []))]
                    for e in items], ["EXPORT", "MODE", "NBD", "CLIENTS"])]
     for e in items:
         if m := re.fullmatch(r"nbd://\[?([^\]]+?)\]?:([0-9]+)/(.+)", e.get("nbd", "")):
             disk = disk_xml(m.group(1), int(m.group(2)), m.group(3), read_only=e["read_only"])
             out.append(f"\n{e['name']} (libvirt):\n{disk}")
+        if m := re.fullmatch(r"nbd\+unix:///(.+)\?socket=(.+)", e.get("nbd_unix", "")):
+            disk = unix_disk_xml(m.group(2), m.group(1), read_only=e["read_only"])
+            out.append(f"\n{e['name']} (libvirt, NBD on the Unix socket):\n{disk}")
         if e.get("fuse"):
             disk = file_disk_xml(e["fuse"], read_only=e["read_only"])
             out.append(f"\n{e['name']} (libvirt, FUSE file):\n{disk}")
@@ -250,7 +255,9 @@ def show_status(s: dict[str, Any]) -> str:
     out += ["", "VOLUMES", show_volumes(s["volumes"])]
     if s.get("nbd"):
         n = s["nbd"]
-        out += ["", f"NBD on {n['listen']}: {n['connections']} connection(s) open, "
+        where = " and ".join(w for w in (n.get("listen"), n.get("socket") and
+                                         f"unix:{n['socket']}") if w)
+        out += ["", f"NBD on {where}: {n['connections']} connection(s) open, "
                     f"{n['connections_total']} since start"]
     return "\n".join(out)
 

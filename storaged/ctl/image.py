@@ -30,10 +30,11 @@ def _bar(show: bool, tty: bool) -> ProgressBar | None:
 def nbd_uri(path: str, name: str) -> str:
     for item in call(path, "export.list", {}):
         if item["name"] == name:
-            if "nbd" not in item:
+            uri = item.get("nbd") or item.get("nbd_unix")
+            if uri is None:
                 raise ControlError("the daemon serves no NBD listener (needed to import "
                                    "and export images)", "InvalidArgument")
-            return str(item["nbd"])
+            return str(uri)
     raise ControlError(f"no export {name!r} (see storagectl export list)", "NotFound")
 
 
