@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from storaged.libvirt import disk_xml
+from storaged.libvirt import disk_xml, unix_disk_xml
 from tests.kit.daemonkit import BIN
 from tests.kit.vmdaemon import VmDaemon
 
@@ -74,6 +74,14 @@ def test_the_validator_refuses_a_bad_disk(tmp_path: Path) -> None:
     bad = disk_xml("127.0.0.1", 10809, "tank/vm").replace("discard=", "dicsard=")
     assert validate(tmp_path, DOMAIN.format(disk=bad), "domain").returncode != 0
     valid_disk(tmp_path, disk_xml("127.0.0.1", 10809, "tank/vm"))
+
+
+def test_the_unix_socket_disk_is_valid_libvirt(tmp_path: Path) -> None:
+    """The element ``export list`` gives for ``nbd.socket`` (test_nbd_unix checks that
+    it is the one shown), read-write and read-only."""
+    for ro in (False, True):
+        valid_disk(tmp_path, unix_disk_xml("/run/storaged/nbd.sock", "tank/vm@s1" if ro
+                                           else "tank/vm", read_only=ro))
 
 
 def test_export_list_disks_are_valid_libvirt(vmd: VmDaemon, tmp_path: Path) -> None:
