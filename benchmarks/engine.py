@@ -70,7 +70,7 @@ writes and reads.
 ``--detail`` gives the one-pass table described above.
 
     .venv/bin/python -m benchmarks.engine [--rounds N] [--smoke] [--size MiB] [--ops N]
-                                          [--dir PATH]
+                                          [--dir PATH] [--rows SUBSTRING]
     .venv/bin/python -m benchmarks.engine --detail [--size MiB] [--ops N] [--repeat N]
                                           [--dir PATH] [--quick]
 """
@@ -651,7 +651,7 @@ def _lz4_decompress(size: int, text: bytes) -> float:
 
 
 async def paired_rows(d: str, size: int, offsets: Sequence[int], text: bytes, rounds: int,
-                      smoke: bool) -> list[RowResult]:
+                      smoke: bool, rows: str = "") -> list[RowResult]:
     """The issue's rows, each raw limit and the engine back to back in every round
     (benchmarks/common.py): the engine runs on this trio loop, the round runner in a worker
     thread that calls into the loop for the engine's side."""
@@ -728,13 +728,18 @@ async def paired_rows(d: str, size: int, offsets: Sequence[int], text: bytes, ro
                      storaged=engine(_timed_read, PLAIN, RND_R, vols[PLAIN][0], offsets,
                                      RND_DEPTH, RND), anchor_name=RAW),
             ]
-        rows = await trio.to_thread.run_sync(run_rounds, "engine", pairs, rounds, stderr_log)
+        pairs = [p for p in pairs if rows in p.row]
+        if not pairs:
+            raise SystemExit(f"benchmarks.engine: no row matches --rows {rows!r}")
+        results = await trio.to_thread.run_sync(run_rounds, "engine", pairs, rounds,
+                                                stderr_log)
         for name, (vol, content) in vols.items():      # a fast wrong answer cannot pass
             if await vol.read(size - SEQ, SEQ) != content and (smoke or name != PLAIN):
                 raise AssertionError(f"{name}: 1 MiB read back wrong after the rounds")
-        if not smoke and await vols[PLAIN][0].read(offsets[-1], RND) != small:
+        wrote_4k = any(RND_W in p.row for p in pairs)    # (--rows may leave it out)
+        if wrote_4k and await vols[PLAIN][0].read(offsets[-1], RND) != small:
             raise AssertionError(f"{PLAIN}: 4 KiB read back wrong after the rounds")
-        return rows
+        return results
     finally:
         os.close(fd)
         os.unlink(raw_path)
@@ -750,7 +755,7 @@ def rounds_main(args: argparse.Namespace) -> None:
     try:
         tune_process()   # as the daemon runs
         report.add(trio.run(paired_rows, d, size, random_offsets(size, ops),
-                            compressible(SEQ), args.rounds, args.smoke))
+                            compressible(SEQ), args.rounds, args.smoke, args.rows))
     finally:
         shutil.rmtree(d, ignore_errors=True)
     report.write(args.results, f"The engine on its Volume API in this process, {size // MiB} "
@@ -776,6 +781,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--detail", action="store_true",
                     help="the one-pass table with flush times, amplification and cold reads "
                          "(the default is interleaved rounds against the raw limits)")
+    ap.add_argument("--rows", default="",
+                    help="only the rows whose name holds this (e.g. 'seq read'; rounds mode)")
     add_round_args(ap)
     args = ap.parse_args(argv)
     if not args.detail:
