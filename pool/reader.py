@@ -319,12 +319,7 @@ class RecordReader:
             staged = records.read_records_staged(plans, block_size, dests, self._deadlines)
         except records.WouldBlock:
             return None
-        for slot, raw in enumerate(entries):
-            hit = result[slot]
-            if raw is None:
-                dests[slot][:] = self.zeros(block_size)
-            elif hit is not None:
-                dests[slot][:] = hit
+        self._holes_and_hits_into(entries, result, block_size, dests)
         return staged, len(plans)
 
     def _records_into_nowait(self, map_id: int, blocks: Sequence[int], block_size: int,
@@ -335,13 +330,20 @@ class RecordReader:
         straight into it); holes zeroed, record-cache hits copied. WouldBlock as there."""
         entries, result, plans = self._read_plan(map_id, blocks)
         done = records.read_records_into(plans, block_size, dests, self._deadlines)
+        self._holes_and_hits_into(entries, result, block_size, dests)
+        return done
+
+    def _holes_and_hits_into(self, entries: Sequence[bytes | None],
+                             result: Sequence[bytes | memoryview | None], block_size: int,
+                             dests: Sequence[memoryview]) -> None:
+        """Zeros into the ``dests`` of holes, record-cache hits into theirs (a plan's
+        ``entries`` and ``result``)."""
         for slot, raw in enumerate(entries):
             hit = result[slot]
             if raw is None:
                 dests[slot][:] = self.zeros(block_size)
             elif hit is not None:
                 dests[slot][:] = hit
-        return done
 
     def _read_buffer(self, size: int) -> bytearray:
         """A buffer of ``size`` bytes for a large read: a spare one that nothing refers to

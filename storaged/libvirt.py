@@ -31,29 +31,28 @@ def _target(target: str, bus: str, read_only: bool) -> list[str]:
     return lines
 
 
-def disk_xml(host: str, port: int, name: str, *, read_only: bool = False,
-             target: str = "vda") -> str:
-    """The ``<disk>`` element for NBD export ``name`` (POOL/VOL or POOL/VOL@SNAP)."""
+def _nbd_disk(host: str, name: str, read_only: bool, target: str) -> str:
     lines = ["<disk type='network' device='disk'>",
              _driver(read_only),
              f"  <source protocol='nbd' name={_attr(name)}>",
-             f"    <host name={_attr(host)} port='{port}'/>",
+             f"    {host}",
              "  </source>",
              *_target(target, "virtio", read_only)]
     return "\n".join([*lines, "</disk>"])
+
+
+def disk_xml(host: str, port: int, name: str, *, read_only: bool = False,
+             target: str = "vda") -> str:
+    """The ``<disk>`` element for NBD export ``name`` (POOL/VOL or POOL/VOL@SNAP)."""
+    return _nbd_disk(f"<host name={_attr(host)} port='{port}'/>", name, read_only, target)
 
 
 def unix_disk_xml(socket: str, name: str, *, read_only: bool = False,
                   target: str = "vda") -> str:
     """The ``<disk>`` element for NBD export ``name`` over the Unix socket ``socket``
     (``nbd.socket``: a guest on the storage node itself)."""
-    lines = ["<disk type='network' device='disk'>",
-             _driver(read_only),
-             f"  <source protocol='nbd' name={_attr(name)}>",
-             f"    <host transport='unix' socket={_attr(socket)}/>",
-             "  </source>",
-             *_target(target, "virtio", read_only)]
-    return "\n".join([*lines, "</disk>"])
+    return _nbd_disk(f"<host transport='unix' socket={_attr(socket)}/>", name, read_only,
+                     target)
 
 
 def iscsi_disk_xml(host: str, port: int, iqn: str, *, lun: int = 0,
