@@ -33,7 +33,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ from pool.rados import prefetch
 from pool.rados.binding import load
 from pool.rados.target import RadosTarget
 from pool.tuning import PoolTuning
+from storaged.startup import bind_unix
 from storaged.tuning import tune_process
 from tests.kit.cephkit import TEST_POOL, Cluster, why_not
 from volumes import VolumeManager
@@ -85,14 +87,18 @@ def _prefill(target: list[str], env: dict[str, str] | None) -> None:
                    capture_output=True, check=True, env=env, timeout=900)
 
 
-async def serve_plain(pool: Pool, port: int) -> None:
-    """One plain volume of SIZE on ``pool``, over NBD on ``port`` until SIGTERM; then the
-    pool is closed."""
+async def serve_plain(pool: Pool, port: int, unix: str | None = None) -> None:
+    """One plain volume of SIZE on ``pool``, over NBD on ``port`` (and on the Unix socket
+    ``unix``, as ``nbd.socket`` serves) until SIGTERM; then the pool is closed."""
     try:
         vm = VolumeManager(pool)
         await vm.create("plain", SIZE, profile="plain", compression=False)
         server = NBDServer(VolumeCatalog({"bench": vm}), NBDConfig(port=port))
-        await serve_until_signal(pool.run, server.serve)
+        tasks: list[Callable[..., Awaitable[object]]] = [pool.run, server.serve]
+        if unix is not None:
+            listener, _st = await bind_unix("nbd.socket", unix)
+            tasks.append(partial(server.serve_listeners, [listener]))
+        await serve_until_signal(*tasks)
     finally:
         await pool.close()
 
@@ -112,7 +118,7 @@ def serve(conf: str, directory: str, port: int, record_cache: int | None,
             record_cache=record_cache)
         pool = await Pool.create_rados(name, RadosTarget.parse(TEST_POOL, conf),
                                        claim=claim, extent_size=16 * MiB, tuning=tuning)
-        await serve_plain(pool, port)
+        await serve_plain(pool, port, os.path.join(directory, "nbd.sock"))
     tune_process()   # as the daemon runs
     trio.run(main)
 
@@ -273,6 +279,8 @@ def main() -> None:
                                      work / "local.log", "ab"))
         wait_port(lport, local, "storaged on a local pool")
         leg = ["--ioengine=nbd", f"--uri=nbd://127.0.0.1:{lport}/bench/plain"]
+        # The same server on its Unix socket (nbd.socket): a hypervisor on the node.
+        unix = ["--ioengine=nbd", f"--uri=nbd+unix:///bench/plain?socket={sdir}/nbd.sock"]
         _prefill(rbd, env)
         _prefill(nbd, None)
         _prefill(leg, None)
@@ -288,6 +296,9 @@ def main() -> None:
                       ceiling_name="NBD leg alone (local pool)" if "read" in rw else "")
                  for test, rw, bs, depth in tests]
         if any(rw == "read" for _t, rw, _b, _d in tests):
+            pairs.append(Pair("plain seq read 1M, NBD on a Unix socket", anchor=measure(
+                rbd, env, "read", "1m", 4), storaged=measure(unix, None, "read", "1m", 4),
+                anchor_name="fio rbd"))
             # The binding's own ceiling for the sequential read row: python-rados alone
             # (no NBD, no verification) against the same fio rbd reads.
             binding_fill(cluster)
