@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import trio
 
-from pool import codec, records
+from pool import codec
 from pool.device import Device
 from pool.errors import MediumError, StorageError
 from pool.layout import SECTOR
@@ -261,13 +261,13 @@ class RecordWriter:
         """Compress (where ``compress`` says), split and encode records, on both cores
         when there are enough (zfec and lz4 release the GIL)."""
         if len(datas) < 8:
-            return await trio.to_thread.run_sync(records.encode_all, datas, prof.k, prof.m,
+            return await trio.to_thread.run_sync(codec.encode_all, datas, prof.k, prof.m,
                                                  compress, limiter=self._cpu)
         half = len(datas) // 2
         parts: list[list[codec.EncodedRecord]] = [[], []]
 
         async def one(i: int, lo: int, hi: int) -> None:
-            parts[i] = await trio.to_thread.run_sync(records.encode_all, datas[lo:hi],
+            parts[i] = await trio.to_thread.run_sync(codec.encode_all, datas[lo:hi],
                                                      prof.k, prof.m, compress[lo:hi],
                                                      limiter=self._cpu)
         async with trio.open_nursery() as nursery:
