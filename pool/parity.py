@@ -179,7 +179,7 @@ def parity_of(payload: Buffer, k: int, m: int) -> Sequence[Buffer]:
 def parity_many(payloads: Sequence[Buffer], k: int, m: int) -> list[Sequence[Buffer]]:
     """``parity_of`` of each payload: with ISA-L, one new buffer holds the parity of all
     of them and the pointer arrays are made once, so each payload costs one ISA-L call
-    (the write path encodes a batch of records at a time: pool.records.encode_all)."""
+    (the write path encodes a batch of records at a time: pool.codec.encode_all)."""
     tables = _tables_for(k, m) if m else None
     if tables is None or _isal is None or len(payloads) < 2:
         return [parity_of(p, k, m) for p in payloads]
