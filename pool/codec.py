@@ -94,37 +94,79 @@ def encode(data: Buffer, k: int, m: int, compressible: bool) -> EncodedRecord:
     return stripe(payload, flags, k, m)
 
 
+def encode_all(datas: Sequence[Buffer], k: int, m: int,
+               compressible: Sequence[bool]) -> list[EncodedRecord]:
+    """``encode`` of each block (lz4 tried where ``compressible`` says), the parity of
+    the whole batch computed in one go (``parity.parity_many``): what the write path
+    runs in a worker thread for each batch it encodes (pool.writer)."""
+    packed = [compress(d) if c else (d, 0) for d, c in zip(datas, compressible, strict=True)]
+    if k == 1 or m == 0 or len(packed) < 2:
+        return [stripe(p, f, k, m) for p, f in packed]
+    views = [_stripe_view(p, k) for p, _f in packed]
+    parities = parity.parity_many(views, k, m)
+    return [_stripe(p, f, k, m, v, par)
+            for (p, f), v, par in zip(packed, views, parities, strict=True)]
+
+
 def stripe(payload: Buffer, flags: int, k: int, m: int) -> EncodedRecord:
     """Cut a stored payload into k data + m parity fragments, each with its header."""
+    if k == 1:
+        return _stripe(payload, flags, k, m, memoryview(payload), ())
+    view = _stripe_view(payload, k)
+    return _stripe(payload, flags, k, m, view, parity.parity_of(view, k, m))
+
+
+def _stripe_view(payload: Buffer, k: int) -> memoryview:
+    """The payload as k chunks of one length back to back: itself, or a zero-padded copy
+    (a payload shorter than (k - 1) chunks leaves more than one short, even empty,
+    chunk)."""
+    view = memoryview(payload)
+    whole = k * chunk_length(len(view), k)
+    return view if len(view) == whole else memoryview(_padded(view, whole))
+
+
+def _stripe(payload: Buffer, flags: int, k: int, m: int, view: memoryview,
+            par: Sequence[Buffer]) -> EncodedRecord:
+    """``stripe`` given the payload's chunks back to back (``view``) and their parity."""
     plen = len(payload)
     rhash = _xxh3(payload)
     clen = chunk_length(plen, k)
     units = -(-(HEADER_SIZE + clen) // SECTOR)
-    size = units * SECTOR
     if k == 1:
         chunks: list[Buffer] = [payload] * (1 + m)
     else:
-        view = memoryview(payload)
-        # Every chunk is clen long: the last ones are zero-padded (a payload shorter than
-        # (k - 1) * clen leaves more than one short, even empty, chunk).
-        if len(view) != k * clen:
-            view = memoryview(_padded(view, k * clen))
         chunks = [view[i * clen:(i + 1) * clen] for i in range(k)]
-        chunks += parity.parity_of(view, k, m)
-    # _pieces for each fragment, inline: only the index differs between their headers.
+        chunks += par
+    # _pieces for each fragment, inline: only the index and the record hash differ
+    # between the headers of records of one shape, so the rest is made once per shape.
     rh = _U64.pack(rhash)
-    pad = size - HEADER_SIZE - len(chunks[0])
+    pad = units * SECTOR - HEADER_SIZE - clen
     pad_view = _pad_view(pad)
-    prefix = _PREFIX.pack
     stream = _xxh3_stream
+    pack = _U64.pack
     pieces: list[list[Buffer]] = []
-    for i, chunk in enumerate(chunks):
-        tail = prefix(MAGIC, i, k, m, flags, plen, 0) + rh
+    for prefix, chunk in zip(_prefixes(k, m, flags, plen), chunks, strict=True):
+        tail = prefix + rh
         h = stream(tail)
         h.update(chunk)
-        head = _U64.pack(h.intdigest()) + tail
+        head = pack(h.intdigest()) + tail
         pieces.append([head, chunk, pad_view] if pad else [head, chunk])
     return EncodedRecord(plen, flags, rhash, units, pieces)
+
+
+_PREFIXES: dict[tuple[int, int, int, int], tuple[bytes, ...]] = {}
+
+
+def _prefixes(k: int, m: int, flags: int, plen: int) -> tuple[bytes, ...]:
+    """The header prefixes (after the checksum, up to the record hash) of the k + m
+    fragments of a record of this shape."""
+    key = (k, m, flags, plen)
+    got = _PREFIXES.get(key)
+    if got is None:
+        got = tuple(_PREFIX.pack(MAGIC, i, k, m, flags, plen, 0) for i in range(k + m))
+        if len(_PREFIXES) < 4096:          # compressed payloads come in many lengths
+            _PREFIXES[key] = got
+    return got
 
 
 def _pad_view(n: int) -> memoryview:

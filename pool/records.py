@@ -65,12 +65,6 @@ class ReadOutcome:
     device_errors: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
-def encode_all(datas: Sequence[codec.Buffer], k: int, m: int,
-               compress: Sequence[bool]) -> list[codec.EncodedRecord]:
-    """Encode each record, trying lz4 where ``compress`` says (one flag per record)."""
-    return [codec.encode(d, k, m, c) for d, c in zip(datas, compress, strict=True)]
-
-
 def write_columns(writes: Sequence[tuple[Device, int, list[codec.Buffer]]]) -> None:
     for dev, offset, fragments in writes:
         dev.pwritev(offset, fragments)

@@ -14,6 +14,12 @@ Invariants this module owns (DESIGN numbers in parentheses):
 4. Records stand after some column writes failed only if each still has k fragments;
    the members that missed them are marked for a rebuild from that offset (5);
    otherwise the write fails with MediumError.
+5. ``write_blocks`` is a two-stage pipeline over batches of its blocks: worker threads
+   encode batch N+1 while batch N is placed, written and mapped on the event loop. The
+   batches are stored and mapped one at a time, in order, each only after its column
+   writes returned (invariant 2 holds per batch); at most ``PIPELINE_AHEAD`` encoded
+   batches wait for the store. A failure stops the pipeline: batches already mapped stay
+   mapped (uncommitted, like any write before a failure), the rest are not written.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from dataclasses import dataclass
 
 import trio
 
-from pool import codec, records
+from pool import codec
 from pool.device import Device
 from pool.errors import MediumError, StorageError
 from pool.layout import SECTOR
@@ -32,6 +38,13 @@ from pool.profile import Profile
 from pool.space import SpaceAccount
 from pool.state import ENTRY, HOLE, Op, PoolState, Segment, op_json, op_map_set
 from pool.store import SegmentStore
+
+# Blocks per pipeline stage (``write_blocks``): about PIPELINE_BYTES of them, so that a
+# thread hop carries enough work to be worth it and a batch's device writes are long
+# enough to cover the encoding of the next one; never fewer than PIPELINE_MIN blocks.
+PIPELINE_BYTES = 8 << 20
+PIPELINE_MIN = 16
+PIPELINE_AHEAD = 1          # encoded batches waiting for the store (besides the one encoding)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,16 +98,65 @@ class RecordWriter:
             raise StorageError(f"map {map_id} does not exist")
         blocks = [b for b, d in items if d is not None]
         datas = [d for _b, d in items if d is not None]
-        encoded = await self.encode(datas, prof,
-                                     [compress and b not in raw for b in blocks])
-        self._hooks.check_ok()
-        entries = await self.store(prof, encoded)
-        for block, entry in zip(blocks, entries, strict=True):
-            self._hooks.do(op_map_set(map_id, block, entry))
+        tries = [compress and b not in raw for b in blocks]
+        size = max((len(d) for d in datas), default=1) or 1
+        step = max(PIPELINE_MIN, PIPELINE_BYTES // size)
+        cuts = [(lo, min(lo + step, len(datas))) for lo in range(0, len(datas), step)]
+        if len(cuts) == 1:
+            encoded = await self.encode(datas, prof, tries)
+            await self._store_and_map(map_id, prof, blocks, encoded)
+        elif cuts:
+            await self._pipeline(map_id, prof, blocks, datas, tries, cuts)
         for block, maybe in items:
             if maybe is None:
                 self._hooks.do(op_map_set(map_id, block, HOLE))
         self._hooks.reap()
+
+    async def _store_and_map(self, map_id: int, prof: Profile, blocks: Sequence[int],
+                             encoded: Sequence[codec.EncodedRecord]) -> None:
+        """Store one batch and point the map at its records (invariant 2), then reap:
+        no await between the entries coming back and the map moving."""
+        self._hooks.check_ok()
+        entries = await self.store(prof, encoded)
+        for block, entry in zip(blocks, entries, strict=True):
+            self._hooks.do(op_map_set(map_id, block, entry))
+        self._hooks.reap()
+
+    async def _pipeline(self, map_id: int, prof: Profile, blocks: Sequence[int],
+                        datas: Sequence[codec.Buffer], tries: Sequence[bool],
+                        cuts: Sequence[tuple[int, int]]) -> None:
+        """Invariant 5: an encoder task encodes the batches ``cuts`` in order (each in
+        one or two thread hops, ``encode``) into a bounded channel; this task stores and
+        maps them in the same order. The first error of either stage stops both and is
+        re-raised as itself."""
+        send, recv = trio.open_memory_channel[list[codec.EncodedRecord]](PIPELINE_AHEAD)
+        failure: list[BaseException] = []
+
+        async def encoder() -> None:
+            async with send:
+                try:
+                    for lo, hi in cuts:
+                        await send.send(await self.encode(list(datas[lo:hi]), prof,
+                                                          list(tries[lo:hi])))
+                except trio.BrokenResourceError:
+                    pass                    # the store stopped: its error is the one
+                except Exception as e:
+                    failure.append(e)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(encoder)
+            try:
+                async with recv:
+                    at = 0
+                    async for encoded in recv:
+                        lo, hi = cuts[at]
+                        at += 1
+                        await self._store_and_map(map_id, prof, blocks[lo:hi], encoded)
+            except Exception as e:
+                failure.append(e)
+                nursery.cancel_scope.cancel()
+        if failure:
+            raise failure[0]
 
     async def store(self, prof: Profile,
                      encoded: Sequence[codec.EncodedRecord]) -> list[bytes]:
@@ -199,13 +261,13 @@ class RecordWriter:
         """Compress (where ``compress`` says), split and encode records, on both cores
         when there are enough (zfec and lz4 release the GIL)."""
         if len(datas) < 8:
-            return await trio.to_thread.run_sync(records.encode_all, datas, prof.k, prof.m,
+            return await trio.to_thread.run_sync(codec.encode_all, datas, prof.k, prof.m,
                                                  compress, limiter=self._cpu)
         half = len(datas) // 2
         parts: list[list[codec.EncodedRecord]] = [[], []]
 
         async def one(i: int, lo: int, hi: int) -> None:
-            parts[i] = await trio.to_thread.run_sync(records.encode_all, datas[lo:hi],
+            parts[i] = await trio.to_thread.run_sync(codec.encode_all, datas[lo:hi],
                                                      prof.k, prof.m, compress[lo:hi],
                                                      limiter=self._cpu)
         async with trio.open_nursery() as nursery:

@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from pool.errors import StorageError
 from pool.pool import Pool
 from pool.profile import Profile
 
@@ -44,8 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WRITEBACK_BATCH = 128                # blocks per pool write call
-WRITEBACK_PARALLEL = 2               # pool write calls in flight per volume
 _MISSING = object()
 # A buffered block's content: bytes or a view of immutable bytes (a full block written from
 # them, kept without a copy), or a bytearray the volume owns (a read-modify-write result,
@@ -384,9 +381,10 @@ class VolumeBuffer:
         raw = self.no_lz4 & batch.keys()
         self.no_lz4 -= raw               # (in place: invariant 1)
         try:
-            items = sorted(batch.items())
-            await self._write_batches([items[i:i + WRITEBACK_BATCH]
-                                       for i in range(0, len(items), WRITEBACK_BATCH)], raw)
+            # One pool call for the whole batch: the pool pipelines it (encoding the
+            # next part in threads while the last one is written: pool/writer.py).
+            await self.pool.write_blocks(self.map_id, self.profile, self.compression,
+                                         sorted(batch.items()), raw=raw)
         except BaseException:
             if self.deleted:
                 # Deleted meanwhile (its buffer was discarded): nothing to put back.
@@ -407,36 +405,6 @@ class VolumeBuffer:
         finally:
             batch.clear()
         self.pool.unreserve(data_blocks * self.cost)
-
-    async def _write_batches(self, batches: list[list[tuple[int, Block | None]]],
-                             raw: set[int]) -> None:
-        """Hand batches to the pool, two at a time, so that encoding one overlaps the device
-        writes of the other (blocks in ``raw`` are not tried with lz4). The first storage
-        error is re-raised as itself."""
-        if len(batches) == 1:
-            await self.pool.write_blocks(self.map_id, self.profile, self.compression,
-                                         batches[0], raw=raw)
-            return
-        failures: list[StorageError] = []
-        slots = trio.Semaphore(WRITEBACK_PARALLEL)
-
-        async def one(batch: list[tuple[int, Block | None]]) -> None:
-            try:
-                await self.pool.write_blocks(self.map_id, self.profile, self.compression,
-                                             batch, raw=raw)
-            except StorageError as e:
-                failures.append(e)
-            finally:
-                slots.release()
-        async with trio.open_nursery() as nursery:
-            for batch in batches:
-                await slots.acquire()
-                if failures:
-                    slots.release()
-                    break
-                nursery.start_soon(one, batch)
-        if failures:
-            raise failures[0]
 
 
 __all__ = ["Block", "VolumeBuffer"]
