@@ -16,7 +16,10 @@ rows, at least 0.9 of the null file system on the 4K rows. Needs root (mounts) a
 qemu-storage-daemon (qemu-system-common, installed by `make bench-fuse`).
 
     .venv/bin/python -m benchmarks.fuse [--rounds N] [--smoke] [--dir PATH]
-        [--runtime SECONDS]
+        [--runtime SECONDS] [--rows 'rand write 4K,rand read 4K'] [--volumes plain]
+
+``--rows`` and ``--volumes`` run a part of the table (a row is kept when its name contains
+one of the comma-separated words given), for measuring one change without the rest.
 """
 
 from __future__ import annotations
@@ -137,14 +140,27 @@ def main(argv: list[str] | None = None) -> int:
     add_round_args(ap)
     ap.add_argument("--runtime", type=int, default=None, help="seconds per fio run (5)")
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
+    ap.add_argument("--rows", default="", help="only rows whose name contains one of these "
+                    "comma-separated words (e.g. '4K' or 'seq write')")
+    ap.add_argument("--volumes", default="plain,ec:4+2",
+                    help="the volumes measured: plain, ec:4+2 or both (default)")
     args = ap.parse_args(argv)
     check_rounds(ap, args.rounds)
+    words = [w.strip() for w in args.rows.split(",") if w.strip()]
+    labels = [v.strip() for v in args.volumes.split(",") if v.strip()]
+    if not labels or any(v not in ("plain", "ec:4+2") for v in labels):
+        ap.error("--volumes takes plain, ec:4+2 or both, comma-separated")
     runtime = args.runtime or (1 if args.smoke else 5)
     if shutil.which("qemu-storage-daemon") is None:
         print("qemu-storage-daemon is missing: install qemu-system-common (make bench-fuse)",
               file=sys.stderr)
         return 2
     tests = [TESTS[0], TESTS[3]] if args.smoke else TESTS
+    if words:
+        tests = [t for t in tests if any(w in t[0] for w in words)]
+        if not tests:
+            ap.error(f"--rows {args.rows!r} matches none of: "
+                     f"{', '.join(t[0] for t in TESTS)}")
     work = Path(tempfile.mkdtemp(prefix="bench-fuse-", dir=args.dir))
     procs: list[subprocess.Popen[bytes]] = []
     report = Report("fuse")
@@ -155,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(qsd)
         null, null_file = start_null(work)
         procs.append(null)
-        vols = [("plain", mnt / "bench" / "plain")]
-        if not args.smoke:
-            vols.append(("ec:4+2", mnt / "bench" / "ec"))
+        vols = [(label, mnt / "bench" / ("plain" if label == "plain" else "ec"))
+                for label in ("plain", "ec:4+2")
+                if label in labels and (label == "plain" or not args.smoke)]
         for path in (qsd_file, null_file, *(p for _, p in vols)):
             prefill(path)
 

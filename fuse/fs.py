@@ -211,6 +211,11 @@ class VolumeFS(pyfuse3.Operations):
        receive) or revokes the handle (a forced rename, rollback or export). So ``read``
        and ``write`` use it without resolving the inode, and resolve again (``_live``)
        only when it is None or deleted: every answer is the one the full lookup gives.
+    2. What ``read`` answers is not changed by any later request: a copy, a view of
+       bytes nothing changes (a checked record, a hole, a block the write buffer keeps
+       as the writer's immutable bytes), or the scratch buffer, which only a read that
+       does not wait fills. pyfuse3 copies the answer into its reply as soon as the
+       handler returns, so views cost no copy and never race a write.
     """
 
     supports_dot_lookup = False
@@ -706,9 +711,13 @@ class VolumeFS(pyfuse3.Operations):
         if vol is not None and not vol.deleted and off >= 0 and 0 < size <= vol.size - off:
             try:
                 if size <= vol.block_size:
-                    data = vol.read_nowait(off, size)   # cached, buffered or a hole
-                    if data is not None:
-                        return data
+                    # Cached, buffered or a hole. Within one block that is one part, and
+                    # a view of an immutable block rather than a copy (a block a write
+                    # patches in place comes copied): like the scratch buffer below, it
+                    # is copied into pyfuse3's reply as soon as this coroutine returns.
+                    parts = vol.read_vectored_nowait(off, size, view=True)
+                    if parts is not None:
+                        return cast(bytes, parts[0]) if len(parts) == 1 else b"".join(parts)
                 elif size <= MAX_REPLY:
                     # Whole blocks read straight into the scratch buffer, not joined.
                     # Sharing it is safe: pyfuse3 copies the answer into its reply as
@@ -752,7 +761,11 @@ class VolumeFS(pyfuse3.Operations):
             except Exception as e:
                 raise _answer("write", e) from None
             if done:
-                self._touch(h.ino)
+                t = self._times.get(h.ino)
+                if t is None:
+                    self._touch(h.ino)
+                else:   # _touch, one call less per write
+                    t.mtime_ns = t.ctime_ns = time.time_ns()
                 return len(buf)
         return await self._write(fh, off, buf)
 
