@@ -574,8 +574,11 @@ class Pool:
         """``read_blocks``, each block's content written into its ``dests`` entry (of
         ``block_size`` bytes; a hole as zeros) rather than returned: page-cached records
         are read straight into them, with no buffer of their own and no copy."""
-        self.txn.check_ok()
-        await self.reader.read_blocks_into(map_id, blocks, block_size, dests)
+        if self.read_blocks_into_nowait(map_id, blocks, block_size, dests):
+            return
+        got = await self.read_blocks(map_id, blocks, block_size)
+        for dest, v in zip(dests, got, strict=True):
+            dest[:] = v if v is not None else self.reader.zeros(block_size)
 
     def read_blocks_into_nowait(self, map_id: int, blocks: Sequence[int], block_size: int,
                                 dests: Sequence[memoryview]) -> bool:

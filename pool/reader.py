@@ -11,8 +11,7 @@ Invariants this module owns (DESIGN numbers in parentheses):
 2. A read that waits (a thread) is counted as in flight with the store (``read_begin``/
    ``read_end``) for its whole duration, so space freed meanwhile is not reused under it
    (3; space rule S5). Reads served at once on the event loop never await, so no free can
-   be released during them; a large lz4 read that then waits for its decompression thread
-   (``_expand``) has read every fragment before it waits, into buffers of its own.
+   be released during them.
 3. Only verified blocks enter the record cache, keyed by their map entry (a record never
    changes where it lies, DESIGN 3), and only for small reads (two blocks at most).
 4. Fragments a read rebuilt are rewritten only in segments that still exist, through the
@@ -24,7 +23,6 @@ Invariants this module owns (DESIGN numbers in parentheses):
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import struct
 import sys
@@ -47,13 +45,6 @@ log = logging.getLogger("pool.pool")   # its lines keep the name they always had
 _ENTRIES: dict[int, struct.Struct] = {}
 SPARES = 8                      # large reads' buffers kept for reuse (_read_buffer)...
 SPARE_SIZE = 4 << 20            # ...of at most this size each
-# A read whose lz4-compressed blocks expand to at least this many bytes decompresses them in
-# a worker thread (one hop for the whole read; lz4 releases the GIL): ~0.3 ms of CPU a MiB
-# here, against a hop's ~0.1 ms. Its own threads, not trio's: a plain executor and one
-# wake-up of the loop cost less CPU than trio.to_thread (measured, docs/INTERNALS.md).
-THREAD_EXPAND = 256 << 10
-_expanders = concurrent.futures.ThreadPoolExecutor(max_workers=2,
-                                                   thread_name_prefix="storaged-lz4")
 
 
 def _entries(n: int) -> struct.Struct:
@@ -242,85 +233,18 @@ class RecordReader:
         if map_id not in self.state.maps:
             return False
         planned = self._into_runs(map_id, blocks, block_size)
-        if planned is not None:
-            return self._runs_into_nowait(planned, block_size, dests)
         try:
-            done = self._records_into_nowait(map_id, blocks, block_size, dests)
-        except records.WouldBlock:
-            return False
-        self._counters["records_read"] += done
-        return True
-
-    def _runs_into_nowait(self, planned: tuple[list[records.IntoRun], list[int]],
-                          block_size: int, dests: Sequence[memoryview]) -> bool:
-        """``read_blocks_into_nowait`` of blocks planned by ``_into_runs``."""
-        runs, holes = planned
-        try:
-            for slot in holes:
-                dests[slot][:] = self.zeros(block_size)
-            done = records.read_runs_into(runs, block_size, dests)
-        except records.WouldBlock:
-            return False
-        self._counters["records_read"] += done
-        return True
-
-    async def read_blocks_into(self, map_id: int, blocks: Sequence[int], block_size: int,
-                               dests: Sequence[memoryview]) -> None:
-        """``read_blocks``, each block's content written into its ``dests`` entry (of
-        ``block_size`` bytes; a hole as zeros) rather than returned. Page-cached, healthy
-        records are read and verified on the event loop straight into ``dests``; when
-        many of them are lz4-compressed, their decompression (verified payloads only,
-        invariant 1) runs in one worker thread for the whole read, where lz4 releases the
-        GIL, so the event loop goes on meanwhile. Anything else takes ``read_blocks``."""
-        if map_id in self.state.maps:
-            planned = self._into_runs(map_id, blocks, block_size)
             if planned is not None:
-                if self._runs_into_nowait(planned, block_size, dests):
-                    return
+                runs, holes = planned
+                for slot in holes:
+                    dests[slot][:] = self.zeros(block_size)
+                done = records.read_runs_into(runs, block_size, dests)
             else:
-                staged = self._records_staged(map_id, blocks, block_size, dests)
-                if staged is not None and await self._expand(*staged):
-                    return
-        got = await self.read_blocks(map_id, blocks, block_size)
-        for dest, v in zip(dests, got, strict=True):
-            dest[:] = v if v is not None else self.zeros(block_size)
-
-    async def _expand(self, staged: list[tuple[memoryview | bytes, memoryview]],
-                      done: int) -> bool:
-        """``records.expand_all`` of a read's verified lz4 payloads; whether all expanded
-        (``done`` records are then counted as read). When they are many
-        (``THREAD_EXPAND``) they are expanded by one of the ``_expanders`` threads, one
-        hop for the whole read: lz4 releases the GIL, so the event loop goes on with
-        other requests on the other core. The wait is shielded (it takes a few hundred
-        microseconds at most), so nothing writes into the caller's buffers after this
-        returns, even when the read is cancelled."""
-        if sum(len(dest) for _p, dest in staged) < THREAD_EXPAND:
-            ok = records.expand_all(staged)
-        else:
-            token = trio.lowlevel.current_trio_token()
-            finished = trio.Event()
-            fut = _expanders.submit(records.expand_all, staged)
-            fut.add_done_callback(lambda _f: token.run_sync_soon(finished.set))
-            with trio.CancelScope(shield=True):
-                await finished.wait()
-            ok = fut.result()
-        if ok:
-            self._counters["records_read"] += done
-        return ok
-
-    def _records_staged(self, map_id: int, blocks: Sequence[int], block_size: int,
-                        dests: Sequence[memoryview]
-                        ) -> tuple[list[tuple[memoryview | bytes, memoryview]], int] | None:
-        """``_records_into_nowait`` with the lz4 expansion left to the caller
-        (``records.read_records_staged``), and how many records it read; None where that
-        one raises WouldBlock."""
-        entries, result, plans = self._read_plan(map_id, blocks)
-        try:
-            staged = records.read_records_staged(plans, block_size, dests, self._deadlines)
+                done = self._records_into_nowait(map_id, blocks, block_size, dests)
         except records.WouldBlock:
-            return None
-        self._holes_and_hits_into(entries, result, block_size, dests)
-        return staged, len(plans)
+            return False
+        self._counters["records_read"] += done
+        return True
 
     def _records_into_nowait(self, map_id: int, blocks: Sequence[int], block_size: int,
                              dests: Sequence[memoryview]) -> int:
@@ -330,20 +254,13 @@ class RecordReader:
         straight into it); holes zeroed, record-cache hits copied. WouldBlock as there."""
         entries, result, plans = self._read_plan(map_id, blocks)
         done = records.read_records_into(plans, block_size, dests, self._deadlines)
-        self._holes_and_hits_into(entries, result, block_size, dests)
-        return done
-
-    def _holes_and_hits_into(self, entries: Sequence[bytes | None],
-                             result: Sequence[bytes | memoryview | None], block_size: int,
-                             dests: Sequence[memoryview]) -> None:
-        """Zeros into the ``dests`` of holes, record-cache hits into theirs (a plan's
-        ``entries`` and ``result``)."""
         for slot, raw in enumerate(entries):
             hit = result[slot]
             if raw is None:
                 dests[slot][:] = self.zeros(block_size)
             elif hit is not None:
                 dests[slot][:] = hit
+        return done
 
     def _read_buffer(self, size: int) -> bytearray:
         """A buffer of ``size`` bytes for a large read: a spare one that nothing refers to

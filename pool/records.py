@@ -253,29 +253,6 @@ def read_records_into(plans: Sequence[RecordPlan], block_size: int,
     return len(plans)
 
 
-def read_records_staged(plans: Sequence[RecordPlan], block_size: int,
-                        dests: Sequence[memoryview], dl: Deadlines
-                        ) -> list[tuple[memoryview | bytes, memoryview]]:
-    """``read_records_into`` without the lz4 expansion: every record is read and verified
-    (on the event loop, WouldBlock as there), raw ones copied into their ``dests`` entry at
-    once; for each lz4-compressed one, its verified stored payload (this call's own
-    buffer) and its ``dests`` entry, for ``expand_all`` -- in a worker thread when there
-    are many (lz4 releases the GIL: the decompression then runs on another core)."""
-    out = ReadOutcome()
-    staged: list[tuple[memoryview | bytes, memoryview]] = []
-    for run in _runs(plans):
-        _read_run(run, block_size, out, True, dl, into=dests, staged=staged)
-    return staged
-
-
-def expand_all(staged: Sequence[tuple[memoryview | bytes, memoryview]]) -> bool:
-    """Decompress each verified lz4 payload of ``read_records_staged`` into its place;
-    False if one does not expand to exactly its block (the places then hold anything)."""
-    expand = codec.expand_into
-    lz4 = codec.FLAG_LZ4
-    return all([expand(payload, lz4, dest) for payload, dest in staged])
-
-
 def _runs(plans: Sequence[RecordPlan]) -> Iterator[Sequence[RecordPlan]]:
     """Runs of records lying one after another in one segment (read with one read per
     column)."""
@@ -291,8 +268,7 @@ def _runs(plans: Sequence[RecordPlan]) -> Iterator[Sequence[RecordPlan]]:
 
 def _read_run(run: Sequence[RecordPlan], block_size: int, out: ReadOutcome,
               nowait: bool, dl: Deadlines, *,
-              into: Sequence[memoryview] | None = None,
-              staged: list[tuple[memoryview | bytes, memoryview]] | None = None) -> None:
+              into: Sequence[memoryview] | None = None) -> None:
     first = run[0]
     k = first.k
     total = sum(p.units for p in run)
@@ -331,8 +307,6 @@ def _read_run(run: Sequence[RecordPlan], block_size: int, out: ReadOutcome,
             payload = codec.reassemble(chunks, k, p.m, p.plen)
             if into is None:
                 out.payloads[p.slot] = codec.expand(payload, p.flags, block_size)
-            elif staged is not None and p.flags & codec.FLAG_LZ4:
-                staged.append((payload, into[p.slot]))
             elif not codec.expand_into(payload, p.flags, into[p.slot]):
                 raise WouldBlock
             continue

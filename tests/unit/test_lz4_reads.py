@@ -1,21 +1,19 @@
 """Large reads of lz4-compressed blocks into the caller's buffer (``Volume.readinto``,
-``RecordReader.read_blocks_into``): every fragment is read and verified on the event loop,
-then one worker thread decompresses all of the read's blocks (issue 27). Byte-exact
+``Pool.read_blocks_into``): every fragment is read and verified, then decompressed
+straight into its place (issue 27). Byte-exact
 against what was written, holes and record-cache hits included; a fragment that fails its
 checksum is never decompressed into the answer (pool.reader invariant 1; DESIGN invariant
 4); nothing writes into the buffer once the read has returned, even a cancelled one."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import random
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import trio
 
-from pool import Pool, reader
+from pool import Pool
 from pool.errors import MediumError
 from pool.state import ENTRY
 from tests.conftest import DiskSet
@@ -34,17 +32,15 @@ def _text(n: int, seed: int) -> bytes:
     return bytes(out[:n])
 
 
-class _Counting(concurrent.futures.ThreadPoolExecutor):
-    """A real executor that counts what it is given (to tell the thread path ran)."""
-
-    def __init__(self) -> None:
-        super().__init__(max_workers=2, thread_name_prefix="test-lz4")
-        self.submitted = 0
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any,
-               **kwargs: Any) -> concurrent.futures.Future[Any]:
-        self.submitted += 1
-        return super().submit(fn, *args, **kwargs)
+async def _rotten(ds: DiskSet, profile: str, where: tuple[int, int],
+                  seed: int) -> tuple[Pool, bytearray]:
+    """``_lz4_volume`` with fragment ``where`` (block, column) corrupted on its member,
+    reopened; the pool and the model."""
+    pool, _vol, model = await _lz4_volume(ds, profile)
+    member, off, length = fragments(pool)[where]
+    await pool.close()
+    corrupt(ds, member, off, length, random.Random(seed))
+    return await Pool.open(ds.open()), model
 
 
 async def _lz4_volume(ds: DiskSet, profile: str) -> tuple[Pool, Volume, bytearray]:
@@ -65,37 +61,27 @@ async def _lz4_volume(ds: DiskSet, profile: str) -> tuple[Pool, Volume, bytearra
 
 
 @pytest.mark.parametrize("profile", ["plain", "ec:2+1"])
-async def test_large_lz4_readinto_is_exact_and_expands_in_one_thread_hop(
-        disks: Callable[..., DiskSet], profile: str,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_large_lz4_readinto_is_exact(disks: Callable[..., DiskSet],
+                                           profile: str) -> None:
     pool, vol, model = await _lz4_volume(disks(3), profile)
-    counting = _Counting()
-    monkeypatch.setattr(reader, "_expanders", counting)
     try:
         assert await vol.read(5 * BS, 100) == model[5 * BS:5 * BS + 100]  # block 5 cached
         read0 = pool.counters["records_read"]
         buf = bytearray(b"\xee" * (N * BS))
         await vol.readinto(0, buf)
         assert buf == model                                 # holes zeroed, hit copied
-        assert counting.submitted == 1                      # one hop for the whole read
         assert pool.counters["records_read"] == read0 + 18  # 19 records, one cached
-        # A read below THREAD_EXPAND expands on the event loop: no hop.
         small = bytearray(2 * BS)
         await vol.readinto(12 * BS, small)
-        assert small == model[12 * BS:14 * BS] and counting.submitted == 1
+        assert small == model[12 * BS:14 * BS]
     finally:
-        counting.shutdown()
         await pool.close()
 
 
 async def test_bad_compressed_fragment_is_never_expanded_into_the_answer(
         disks: Callable[..., DiskSet]) -> None:
     ds = disks(3)
-    pool, vol, model = await _lz4_volume(ds, "plain")
-    member, off, length = fragments(pool)[(3, 0)]
-    await pool.close()
-    corrupt(ds, member, off, length, random.Random(5))
-    pool = await Pool.open(ds.open())
+    pool, model = await _rotten(ds, "plain", (3, 0), 5)
     try:
         vol = VolumeManager(pool).get("v")
         buf = bytearray(N * BS)
@@ -112,11 +98,7 @@ async def test_bad_compressed_fragment_is_never_expanded_into_the_answer(
 async def test_degraded_compressed_read_is_rebuilt_exactly(
         disks: Callable[..., DiskSet]) -> None:
     ds = disks(3)
-    pool, vol, model = await _lz4_volume(ds, "ec:2+1")
-    member, off, length = fragments(pool)[(14, 1)]
-    await pool.close()
-    corrupt(ds, member, off, length, random.Random(6))
-    pool = await Pool.open(ds.open())
+    pool, model = await _rotten(ds, "ec:2+1", (14, 1), 6)
     try:
         vol = VolumeManager(pool).get("v")
         buf = bytearray(N * BS)
