@@ -66,6 +66,7 @@ IOV_MAX = 1024                  # buffers per writev (Linux's UIO_MAXIOV)
 HOLD_REPLY = 16 * 1024          # replies up to this size may be held back (R3)...
 HOLD_BYTES = 256 * 1024         # ...up to this much in all
 STREAK = 8                      # receives in a row without a scheduler pass (R4)
+UNIX_SNDBUF = 4 << 20           # send buffer of a connection on the Unix socket (nbd.socket)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -181,6 +182,12 @@ class NBDServer:
                         _peer(stream))
             await stream.aclose()
             return
+        if stream.socket.family == socket.AF_UNIX:
+            # A Unix socket's default send buffer (about 200 KiB) takes a 1 MiB reply in
+            # many small writes, each a wake-up of the loop; TCP's grows by itself. (The
+            # kernel caps it at net.core.wmem_max.)
+            with contextlib.suppress(OSError):
+                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
         self.stats.connections += 1
         self.stats.active += 1
         peer = _peer(stream)
