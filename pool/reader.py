@@ -83,10 +83,14 @@ class RecordReader:
                        ) -> tuple[list[bytes | None], list[bytes | memoryview | None],
                                   list[records.RecordPlan]]:
         """``_read_plan`` of a map that must exist (NotFound if it was deleted)."""
+        self._require_map(map_id)
+        return self._read_plan(map_id, blocks)
+
+    def _require_map(self, map_id: int) -> None:
+        """NotFound if map ``map_id`` was deleted (its volume or snapshot)."""
         if map_id not in self.state.maps:
             raise NotFound(f"map {map_id} no longer exists (its volume or snapshot was "
                            f"deleted)")
-        return self._read_plan(map_id, blocks)
 
     def _read_plan(self, map_id: int, blocks: Sequence[int]
                    ) -> tuple[list[bytes | None], list[bytes | memoryview | None],

@@ -118,8 +118,7 @@ class RadosRecordReader(RecordReader):
         their bytes; None if a record lies in a segment this path cannot read (not
         ``plain``, or no object column). NotFound if the map was deleted."""
         state = self.state
-        if map_id not in state.maps:
-            self._plan_existing(map_id, ())         # raises NotFound
+        self._require_map(map_id)
         forest = state.forest
         n = len(blocks)
         entries: list[bytes | None]
