@@ -7,6 +7,7 @@ three sides in interleaved rounds, on one throwaway Ceph cluster (one bluestore 
 
 - ``rbd``: fio's rbd engine on an RBD image (librbd runs inside fio);
 - ``rados``: fio over NBD against a storaged volume on a RADOS pool (as benchmarks.rbd);
+- ``rados-unix``: the same server and volume, over its NBD Unix socket (``nbd.socket``);
 - ``local``: fio over NBD against a storaged volume on a pool of one local file, page
   cached: what the NBD leg alone costs (the ceiling of the rados side).
 
@@ -117,7 +118,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runtime", type=int, default=5)
     ap.add_argument("--dir", default="/var/tmp")
-    ap.add_argument("--sides", default="rbd,rados,local")
+    ap.add_argument("--sides", default="rbd,rados,rados-unix,local")
     ap.add_argument("--old-tree", default=None, metavar="PATH",
                     help="also the side 'rados-old': the storaged of the source tree at "
                          "PATH (e.g. `git archive BASE | tar -x -C PATH`), in the same "
@@ -161,6 +162,10 @@ def main() -> None:
             wait_port(port, p, name)
             sides[name] = (["--ioengine=nbd", f"--uri=nbd://127.0.0.1:{port}/bench/plain"],
                            None, p.pid)
+            if name == "rados":     # the same server, on its Unix socket (nbd.socket)
+                sides["rados-unix"] = (
+                    ["--ioengine=nbd", f"--uri=nbd+unix:///bench/plain?socket={d}/nbd.sock"],
+                    None, p.pid)
         sides = {k: v for k, v in sides.items() if k in args.sides.split(",")}
         for target, e, _pid in sides.values():
             _prefill(target, e)

@@ -38,6 +38,7 @@ from pool.layout import SECTOR
 if TYPE_CHECKING:
     from pool.rados.conn import Connection
     from pool.rados.segments import ObjectColumn
+    from pool.store import ReadHold
 
 log = logging.getLogger(__name__)
 LIMIT = 32 << 20         # bytes of asynchronous reads in flight at once (invariant 3)
@@ -54,9 +55,10 @@ class Batch:
     """The asynchronous reads of one request: what each run verified, and how many are
     still in flight. Touched by completions (librados threads) under ``lock``."""
 
-    __slots__ = ("block_size", "done", "failed", "left", "lock", "payloads", "token")
+    __slots__ = ("block_size", "done", "failed", "hold", "left", "lock", "payloads", "token")
 
-    def __init__(self, runs: int, block_size: int, token: trio.lowlevel.TrioToken) -> None:
+    def __init__(self, runs: int, block_size: int, token: trio.lowlevel.TrioToken,
+                 hold: ReadHold | None = None) -> None:
         self.left = runs
         self.block_size = block_size
         self.token = token
@@ -64,6 +66,16 @@ class Batch:
         self.payloads: dict[int, bytes | memoryview] = {}
         self.lock = threading.Lock()
         self.done = trio.Event()
+        # A read ahead (pool/rados/reader.py invariant 5) holds the store's read hold
+        # until its last read completed, whether or not a request ever takes it.
+        self.hold = hold
+
+    def complete(self) -> None:
+        """The last read completed: on the event loop (``_finish``)."""
+        self.done.set()
+        if self.hold is not None:
+            self.hold.release()
+            self.hold = None
 
 
 class AioReads:
@@ -162,6 +174,6 @@ def _finish(batch: Batch, ok: bool) -> None:
         last = batch.left == 0
     if last:
         with contextlib.suppress(trio.RunFinishedError):   # nobody waits any more
-            batch.token.run_sync_soon(batch.done.set)
+            batch.token.run_sync_soon(batch.complete)
 
 

@@ -9,8 +9,9 @@ every read paid for an attempt that allocates its buffers and fails, twice (the 
 asks ``read_blocks_nowait``, then ``read_blocks`` asks again), and a trio thread round
 trip around a synchronous ``Ioctx.read``. ``RadosRecordReader`` instead:
 
-- answers ``read_blocks_nowait`` from the record cache only (None as soon as a record
-  must be read, and at once for more than two blocks), without touching a buffer;
+- answers ``read_blocks_nowait`` from what was read ahead (below) and the record cache
+  only (None as soon as a record must be read, and at once for more than two blocks
+  not read ahead), without touching a buffer;
 - in ``read_blocks``, plans the runs of records lying one after another in one segment
   straight from the map entries (``_plan_runs``, invariant 4; a 1 MiB read of 64 KiB
   blocks is one run) and starts one ``Ioctx.aio_read`` per run from the event loop
@@ -20,7 +21,12 @@ trip around a synchronous ``Ioctx.read``. ``RadosRecordReader`` instead:
 - takes the general path for anything else: a read that failed or came back short, a
   fragment that did not verify, a fenced connection, too many bytes in flight. That path
   reads again, counts and reports the error exactly as before (and raises ``Fenced``,
-  ``MediumError``), so this one never has to.
+  ``MediumError``), so this one never has to;
+- reads ahead of sequential streams (invariant 5): after RUN requests of a map in a row
+  that each start where the last one ended, the next AHEAD bytes are read (in batches of
+  the stream's own request size) before they are asked for, so the OSD works on the
+  next requests while this one is sent, and a request whose batch has arrived is
+  answered at once by ``read_blocks_nowait``, on the event loop, without a task.
 
 The reads themselves (buffers, completions, the bound on bytes in flight) are
 pool/rados/aioread.py's. Invariants (reader invariants 1-3, aioread invariants 1-4 and
@@ -32,17 +38,28 @@ conn invariants 1-3 hold as they are):
 2. The store's read hold (``read_hold``) is held from before the first read starts until
    every read of the request completed or the request was cancelled; a freed segment's
    object is not deleted under a read the request still waits for (reader invariant 2).
-3. ``read_blocks_nowait`` never reads: record-cache hits and holes of small reads (two
-   blocks at most, the reads the cache keeps: reader invariant 3) only, else None.
+3. ``read_blocks_nowait`` never waits and never reads for its own request: it answers
+   record-cache hits and holes of small reads (two blocks at most, the reads the cache
+   keeps: reader invariant 3) and batches read ahead that have completed (invariant 5),
+   else None. The only reads it starts are reads ahead, which it does not wait for.
 4. ``_plan_runs`` plans what ``_read_plan`` and ``records._runs`` would: the same map
    entries, record-cache hits and holes, and the same runs (records one after another
    in one segment, in request order) and bytes, as plain tuples (no ``RecordPlan`` per
    block, no column lookup per record). A record in a segment that is not ``plain``
    (k = 1, m = 0) on an object column sends the whole request down the general path.
+5. A block read ahead is returned only for a request of exactly the blocks its batch was
+   planned for, only if every one of their map entries is still the one it was planned
+   from (a record never changes where it lies, DESIGN 3: the same entry is the same
+   verified bytes; a block written, trimmed or moved since has another entry and the
+   whole request is read again), and only if its batch verified (invariant 1). A batch
+   holds the store's read hold (invariant 2) from before its first read starts until its
+   last one completed. Bytes read ahead and not yet taken never exceed AHEAD_TOTAL, and
+   at most STREAMS maps have a stream; a stream that jumps drops what it read ahead.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +80,42 @@ if TYPE_CHECKING:
 # the records it holds.
 _Run = tuple[ObjectColumn, int, int, int, list[Record]]
 
+AHEAD = 4 << 20          # bytes read ahead of a sequential stream's last request (0: off)
+AHEAD_TOTAL = 32 << 20   # bytes read ahead and not taken yet, all streams (invariant 5)
+RUN = 2                  # sequential requests in a row before reading ahead
+BATCHES = 8              # batches (of a stream's request size) read ahead at most
+STREAMS = 16             # maps whose stream is followed (least recently used dropped)
+WINDOW = 16 << 20        # requests this far behind a stream's end are part of it
+
+
+class _Ahead:
+    """The blocks ``first`` .. ``first + count`` read ahead: their map entries then, the
+    result with record-cache hits filled in, the batch of reads, and its bytes."""
+
+    __slots__ = ("batch", "count", "entries", "need", "result")
+
+    def __init__(self, count: int, entries: list[bytes | None],
+                 result: list[bytes | memoryview | None], batch: Batch, need: int) -> None:
+        self.count = count
+        self.entries = entries
+        self.result = result
+        self.batch = batch
+        self.need = need
+
+
+class _Stream:
+    """Where a map is being read: the end of the furthest request (a block number), how
+    many requests in a row started where the last one ended, how far reads ahead were
+    started, and the batches read ahead by first block."""
+
+    __slots__ = ("ahead", "ahead_end", "end", "streak")
+
+    def __init__(self, end: int) -> None:
+        self.end = end
+        self.streak = 0
+        self.ahead_end = end
+        self.ahead: dict[int, _Ahead] = {}
+
 
 class RadosRecordReader(RecordReader):
     """``RecordReader`` for a pool on RADOS (module docstring)."""
@@ -70,12 +123,26 @@ class RadosRecordReader(RecordReader):
     def __init__(self, conn: Connection, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.conn = conn
+        self._streams: OrderedDict[int, _Stream] = OrderedDict()
+        self.ahead_bytes = 0            # read ahead and not taken (invariant 5)
+        self.ahead_started = 0          # batches read ahead, ever
+        self.ahead_taken = 0            # ... that answered a request
 
     def read_blocks_nowait(self, map_id: int, blocks: Sequence[int],
                            block_size: int) -> list[bytes | memoryview | None] | None:
         if self.conn.prefetch.limit:        # the read-ahead may hold the bytes
             return super().read_blocks_nowait(map_id, blocks, block_size)
-        if map_id not in self.state.maps or len(blocks) > 2:
+        if map_id not in self.state.maps:
+            return None
+        stream = self._follow(map_id, blocks, block_size)
+        if stream is not None:
+            ahead = stream.ahead.get(blocks[0])
+            if ahead is not None and ahead.batch.done.is_set():
+                self._drop(stream, blocks[0])
+                result = self._take(map_id, blocks, ahead)
+                if result is not None:
+                    return result
+        if len(blocks) > 2:
             # Only small reads enter the record cache (reader invariant 3): a larger one
             # would look every block up here and then again in ``read_blocks``.
             return None
@@ -88,6 +155,16 @@ class RadosRecordReader(RecordReader):
                           block_size: int) -> list[bytes | memoryview | None]:
         if self.conn.prefetch.limit:
             return await super().read_blocks(map_id, blocks, block_size)
+        stream = self._follow(map_id, blocks, block_size)
+        if stream is not None:
+            ahead = stream.ahead.get(blocks[0])
+            if ahead is not None:
+                self._drop(stream, blocks[0])
+                await ahead.batch.done.wait()
+                self._require_map(map_id)
+                result = self._take(map_id, blocks, ahead)
+                if result is not None:
+                    return result
         planned = self._plan_runs(map_id, blocks)
         if planned is None:
             return await super().read_blocks(map_id, blocks, block_size)
@@ -166,3 +243,88 @@ class RadosRecordReader(RecordReader):
             runs.append((col, base, first, end - first, recs))
             need += (end - first) * SECTOR
         return entries, result, runs, need
+
+    # ---- read-ahead (invariant 5) ------------------------------------------------------
+    def _follow(self, map_id: int, blocks: Sequence[int], block_size: int) -> _Stream | None:
+        """Note a request of ``blocks`` of map ``map_id`` in its stream and start what
+        should be read ahead of it; the stream if it has any (else None)."""
+        n = len(blocks)
+        if not AHEAD or not n or blocks[-1] - blocks[0] + 1 != n:
+            return None
+        first, end = blocks[0], blocks[-1] + 1
+        streams = self._streams
+        stream = streams.get(map_id)
+        if stream is None:
+            stream = streams[map_id] = _Stream(end)
+            if len(streams) > STREAMS:
+                _old, gone = streams.popitem(last=False)
+                self._drop_all(gone)
+            return stream
+        streams.move_to_end(map_id)
+        if first == stream.end:
+            stream.streak += 1
+            stream.end = end
+            # Requests received but not yet read (several in flight) still take theirs;
+            # what lies a WINDOW behind was passed by, not asked for.
+            behind = end - WINDOW // block_size
+            for at in [a for a in stream.ahead if a < behind]:
+                self._drop(stream, at)
+        elif not (stream.end - WINDOW // block_size <= first and end <= stream.end):
+            # A jump: a new stream here (a request the stream already saw, e.g. asked
+            # again by read_blocks after read_blocks_nowait, or one of several in flight,
+            # lies behind its end and changes nothing).
+            self._drop_all(stream)
+            stream.streak = 0
+            stream.end = stream.ahead_end = end
+        if stream.streak >= RUN:
+            self._read_ahead(map_id, stream, n, block_size)
+        return stream
+
+    def _read_ahead(self, map_id: int, stream: _Stream, n: int, block_size: int) -> None:
+        """Start the reads of the next batches of ``n`` blocks up to AHEAD bytes past
+        the stream's end (invariant 5)."""
+        limit = stream.end + max(n, min(AHEAD // block_size, BATCHES * n))
+        at = max(stream.ahead_end, stream.end)
+        aio = self.conn.aio
+        token: trio.lowlevel.TrioToken | None = None
+        while at + n <= limit:
+            planned = self._plan_runs(map_id, range(at, at + n))
+            if planned is None:
+                return
+            entries, result, runs, need = planned
+            if runs:
+                if self.ahead_bytes + need > AHEAD_TOTAL or not aio.room(need):
+                    return
+                if token is None:
+                    token = trio.lowlevel.current_trio_token()
+                batch = Batch(len(runs), block_size, token, self._store.read_hold())
+                for col, base, offset, units, recs in runs:
+                    aio.start(col, base, offset, units, recs, batch)
+                stream.ahead[at] = _Ahead(n, entries, result, batch, need)
+                self.ahead_bytes += need
+                self.ahead_started += 1
+            at += n
+            stream.ahead_end = at
+
+    def _take(self, map_id: int, blocks: Sequence[int],
+              ahead: _Ahead) -> list[bytes | memoryview | None] | None:
+        """The result of ``blocks`` from what was read ahead of them, if every entry is
+        still the one it was read for and every read verified; else None (invariant 5)."""
+        if ahead.count != len(blocks) or ahead.batch.failed:
+            return None
+        entries = self.state.forest.get_range(map_id, blocks[0], len(blocks))
+        if entries != ahead.entries:
+            return None
+        result = ahead.result
+        self._keep(records.ReadOutcome(payloads=ahead.batch.payloads), entries, result)
+        self.ahead_taken += 1
+        return result
+
+    def _drop(self, stream: _Stream, at: int) -> None:
+        ahead = stream.ahead.pop(at)
+        self.ahead_bytes -= ahead.need
+
+    def _drop_all(self, stream: _Stream) -> None:
+        for at in list(stream.ahead):
+            self._drop(stream, at)
+

@@ -21,10 +21,13 @@ from pool import records
 from pool.errors import MediumError, NotFound, StorageError
 from pool.layout import SECTOR
 from pool.pool import Pool
+from pool.rados import reader as rados_reader
 from pool.rados.conn import THROTTLE_BYTES, THROTTLE_OPS, Connection
 from pool.rados.reader import RadosRecordReader
+from pool.rados.segments import ObjectColumn
 from pool.rados.target import RadosTarget
 from pool.readcache import RecordCache
+from pool.state import ENTRY
 from pool.tuning import PoolTuning
 from tests.kit.cephkit import TEST_POOL, Cluster
 from tests.rados.radoskit import connect, owner
@@ -58,6 +61,27 @@ async def _pool(ceph: Cluster, name: str) -> tuple[Pool, Volume, bytes]:
 def _conn(pool: Pool) -> Connection:
     assert pool.rados is not None
     return pool.rados.conn
+
+
+async def _settle(pool: Pool) -> None:
+    """Wait until no asynchronous read is in flight and their completions ran."""
+    aio = _conn(pool).aio
+    for _ in range(3000):
+        if not aio.pending:
+            break
+        await trio.sleep(0.01)
+    assert aio.pending == 0
+    await trio.sleep(0.05)
+
+
+async def _frontend_read(vol: Volume, offset: int, length: int) -> tuple[bytes, bool]:
+    """Read as the NBD server does: ``read_sparse_nowait`` first, then ``read`` if that
+    could not answer at once; (the bytes, whether they were answered at once)."""
+    pieces = vol.read_sparse_nowait(offset, length)
+    if pieces is None:
+        return await vol.read(offset, length), False
+    return b"".join(b for _o, n, d in pieces
+                    for b in (d if d is not None else [bytes(n)])), True
 
 
 async def test_reads_are_asynchronous_and_byte_exact(ceph: Cluster) -> None:
@@ -191,6 +215,7 @@ async def test_cancelled_reads_and_close_in_flight(ceph: Cluster) -> None:
             assert scope.cancelled_caught
         for _ in range(3):
             await cancel_four_reads()
+        await _settle(pool)        # reads ahead hold until they completed (invariant 5)
         assert sum(pool.store.readers.values()) == holds
         assert await vol.read(MiB, 2 * MiB) == data[MiB:3 * MiB]
         await cancel_four_reads()       # and close with those reads still in flight
@@ -245,5 +270,116 @@ async def test_plan_is_the_general_plan(ceph: Cluster) -> None:
         assert reader.cache.hits >= 1
         with pytest.raises(NotFound):
             reader._plan_runs(vol._map + 1000, [0])
+    finally:
+        await pool.close()
+
+
+async def test_read_ahead_of_a_sequential_stream(ceph: Cluster) -> None:
+    """Reader invariant 5: 1 MiB reads in a row, as the NBD server makes them, are
+    byte-exact; after RUN of them the next ones are read ahead and answered at once by
+    ``read_blocks_nowait`` (no task, no new read of their own); bytes read ahead never
+    exceed AHEAD_TOTAL; a jump drops what was read ahead; every hold is released once the
+    reads ahead completed; a random pattern starts nothing ahead."""
+    pool, vol, data = await _pool(ceph, "p-ahead")
+    try:
+        reader = pool.reader
+        assert isinstance(reader, RadosRecordReader)
+        holds = sum(pool.store.readers.values())
+        at_once = 0
+        for i in range(5):
+            got, now = await _frontend_read(vol, i * MiB, MiB)
+            assert got == data[i * MiB:(i + 1) * MiB], i
+            at_once += now
+            assert reader.ahead_bytes <= rados_reader.AHEAD_TOTAL
+            await _settle(pool)
+        assert reader.ahead_started >= 3
+        assert reader.ahead_taken >= 2 and at_once >= 2
+        # a jump past the stream's end: what was read ahead is dropped
+        assert reader.ahead_bytes > 0
+        off = 5 * MiB + 8 * BS
+        assert (await _frontend_read(vol, off, MiB))[0] == data[off:] + bytes(
+            off + MiB - len(data))
+        assert reader.ahead_bytes == 0
+        await _settle(pool)
+        assert sum(pool.store.readers.values()) == holds
+        # random 1 MiB reads: no stream, nothing read ahead
+        started = reader.ahead_started
+        for off in (3 * MiB, 17, 5 * MiB - 3, MiB + 5, 2 * MiB + 9):
+            assert (await _frontend_read(vol, off, MiB))[0] == data[off:off + MiB]
+        assert reader.ahead_started == started
+    finally:
+        await pool.close()
+
+
+async def test_read_ahead_never_serves_a_changed_block(ceph: Cluster) -> None:
+    """Reader invariant 5: blocks written (flushed, so their map entries moved), trimmed,
+    or only buffered after they were read ahead read back as they are now, never as they
+    were read ahead; the stream goes on byte-exact; a volume deleted while its blocks were
+    read ahead reads NotFound."""
+    pool, vol, data = await _pool(ceph, "p-ahead-write")
+    try:
+        reader = pool.reader
+        assert isinstance(reader, RadosRecordReader)
+        want = bytearray(data)
+        for i in range(3):
+            assert (await _frontend_read(vol, i * MiB, MiB))[0] == data[i * MiB:(i + 1) * MiB]
+        await _settle(pool)
+        assert {3 * MiB // BS, 4 * MiB // BS} <= set(
+            next(iter(reader._streams.values())).ahead)
+        new = os.urandom(BS)
+        await vol.write(3 * MiB + BS, new)          # a block of the next batch, flushed
+        await vol.flush()
+        want[3 * MiB + BS:3 * MiB + 2 * BS] = new
+        await vol.trim(4 * MiB, BS)                 # a block of the one after: a hole
+        await vol.flush()
+        want[4 * MiB:4 * MiB + BS] = bytes(BS)
+        taken = reader.ahead_taken
+        assert (await _frontend_read(vol, 3 * MiB, MiB))[0] == want[3 * MiB:4 * MiB]
+        assert (await _frontend_read(vol, 4 * MiB, MiB))[0] == want[4 * MiB:5 * MiB]
+        assert reader.ahead_taken == taken          # both read again, not from ahead
+        await _settle(pool)
+        more = os.urandom(BS)
+        await vol.write(5 * MiB, more)              # buffered only, not flushed
+        want[5 * MiB:5 * MiB + BS] = more
+        assert (await _frontend_read(vol, 5 * MiB, MiB))[0] == want[5 * MiB:6 * MiB]
+        assert await vol.read(0, 6 * MiB) == bytes(want[:6 * MiB])
+
+        doomed = await VolumeManager(pool).create("d", 8 * MiB, block_size=BS,
+                                                  compression=False)
+        await doomed.write(0, data[:6 * MiB])
+        await doomed.flush()
+        for i in range(3):
+            await _frontend_read(doomed, i * MiB, MiB)
+        await VolumeManager(pool).delete("d")
+        with pytest.raises(NotFound):
+            await pool.read_blocks(doomed._map, list(range(48, 64)), BS)
+        await _settle(pool)
+    finally:
+        await pool.close()
+
+
+async def test_read_ahead_of_a_rotten_fragment(ceph: Cluster) -> None:
+    """Reader invariants 1 and 5: a batch read ahead that meets a rotten fragment serves
+    nothing; its request takes the general path, which raises MediumError for it and
+    counts it once; the stream's other requests are byte-exact."""
+    pool, vol, data = await _pool(ceph, "p-ahead-rot")
+    try:
+        conn = _conn(pool)
+        # rot in block 52's record (inside the fourth MiB of the volume)
+        entry = pool.reader._read_plan(vol._map, [52])[0][0]
+        assert entry is not None
+        seg_id, off, *_ = ENTRY.unpack(entry)
+        dev, base, _name = pool.store.columns(pool.state.segments[seg_id])[0]
+        assert isinstance(dev, ObjectColumn)
+        await conn.run("write", "damage", conn.ioctx.write, dev.oid, b"\xff" * 512,
+                       base + off * SECTOR + 1024)
+        for i in range(3):
+            assert (await _frontend_read(vol, i * MiB, MiB))[0] == data[i * MiB:(i + 1) * MiB]
+        unreadable = pool.counters["unreadable_records"]
+        with pytest.raises(MediumError):
+            await _frontend_read(vol, 3 * MiB, MiB)
+        assert pool.counters["unreadable_records"] == unreadable + 1
+        assert (await _frontend_read(vol, 4 * MiB, MiB))[0] == data[4 * MiB:5 * MiB]
+        await _settle(pool)
     finally:
         await pool.close()
