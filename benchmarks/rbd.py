@@ -16,7 +16,10 @@ against a storaged volume on a pool of one local, page-cached file
 (``benchmarks.radoscpu --serve-local``): what storaged over NBD reaches when the OSD and
 librados cost nothing. On this 2-core machine the OSD, librados, fio and storaged share
 the cores, so that leg's CPU bounds the RADOS side (benchmarks.radoscpu gives the CPU
-per GiB of each process).
+per GiB of each process). Three more rows place the seq read row's gap: the same server
+on its Unix socket (a hypervisor on the node), python-rados alone (the binding), and
+storaged's read path alone (``--path-serve``: in-process reads as the NBD server makes
+them, on a pool of its own, nothing sent on).
 
     .venv/bin/python -m benchmarks.rbd [--rounds N] [--smoke] [--runtime SECONDS]
         [--dir PATH]
@@ -197,6 +200,89 @@ def binding_read(conf: str, seconds: float) -> None:
         r.shutdown()
 
 
+def path_serve(conf: str, directory: str) -> None:
+    """storaged's read path alone, without NBD: a pool of its own on the RADOS pool (the
+    server's pool is locked by the server), one plain volume of SIZE filled with random
+    bytes; then, for each line ``SECONDS`` on stdin, 1 MiB sequential reads at queue
+    depth 4 for that long as the NBD server makes them (``read_sparse_nowait``, else
+    ``read_sparse``: read-ahead and verification as for NBD, nothing sent on), and one
+    line of MB/s on stdout. The seq read row's third ceiling: where the RADOS side of
+    storaged stands before the NBD leg."""
+    async def main() -> None:
+        pool = await Pool.create_rados("bench-path", RadosTarget.parse(TEST_POOL, conf),
+                                       claim=owners.Claim(owners.me(directory)),
+                                       extent_size=16 * MiB)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(pool.run)
+                vol = await VolumeManager(pool).create("v", SIZE, profile="plain",
+                                                       compression=False)
+                for off in range(0, SIZE, 4 * MiB):
+                    await vol.write(off, os.urandom(4 * MiB))
+                await vol.flush()
+                print("ready", flush=True)
+                while line := await trio.to_thread.run_sync(sys.stdin.readline):
+                    print(await _path_run(vol, float(line)), flush=True)
+                nursery.cancel_scope.cancel()
+        finally:
+            await pool.close()
+    tune_process()
+    trio.run(main)
+
+
+async def _path_run(vol: Any, seconds: float) -> float:
+    """MB/s of 1 MiB sequential reads at queue depth 4 over the first 512 MiB of
+    ``vol`` for ``seconds``, each checked for its length."""
+    span = 512 * MiB
+    at = 0
+    done = 0
+    end = time.monotonic() + seconds
+
+    async def worker() -> None:
+        nonlocal at, done
+        while time.monotonic() < end:
+            off, at = at, (at + MiB) % span
+            pieces = vol.read_sparse_nowait(off, MiB)
+            if pieces is None:
+                pieces = await vol.read_sparse(off, MiB)
+            if sum(n for _o, n, _d in pieces) != MiB:
+                raise AssertionError(f"short read at {off}")
+            done += MiB
+    started = time.monotonic()
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(worker)
+    return done / (time.monotonic() - started) / 1e6
+
+
+class _PathSide:
+    """The ``path_serve`` process, asked for one run at a time."""
+
+    def __init__(self, conf: Path, directory: Path, log: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.rbd", "--path-serve", str(conf),
+             str(directory)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            stderr=open(log, "ab"))  # noqa: SIM115
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"benchmarks.rbd --path-serve failed: see {log}")
+
+    def run(self, seconds: int) -> float:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{seconds}\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
 def _binding(conf: Path, runtime: int) -> float:
     out = subprocess.run([sys.executable, "-m", "benchmarks.rbd", "--binding-read",
                           str(conf), str(runtime)], capture_output=True, text=True,
@@ -227,7 +313,12 @@ def main() -> None:
                     help=argparse.SUPPRESS)
     ap.add_argument("--binding-read", nargs=2, metavar=("CONF", "SECONDS"),
                     help=argparse.SUPPRESS)
+    ap.add_argument("--path-serve", nargs=2, metavar=("CONF", "DIR"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.path_serve:
+        path_serve(args.path_serve[0], args.path_serve[1])
+        return
     if args.binding_read:
         binding_read(args.binding_read[0], float(args.binding_read[1]))
         return
@@ -253,6 +344,7 @@ def main() -> None:
     report = Report("rbd")
     proc: subprocess.Popen[bytes] | None = None
     local: subprocess.Popen[bytes] | None = None
+    path: _PathSide | None = None
     cluster = Cluster.start(work / "ceph", block_size=16 << 30)
     try:
         env = {**os.environ, "CEPH_CONF": str(cluster.conf)}
@@ -305,10 +397,20 @@ def main() -> None:
             pairs.append(Pair("ceiling: python-rados alone, seq read 1M", anchor=measure(
                 rbd, env, "read", "1m", 4), storaged=lambda: _binding(cluster.conf, runtime),
                 anchor_name="fio rbd", ceiling=None, ceiling_name=""))
+            # storaged's own RADOS read path without the NBD leg, in its own process.
+            pdir = work / "path"
+            pdir.mkdir()
+            path = _PathSide(cluster.conf, pdir, work / "path.log")
+            pairs.append(Pair("ceiling: storaged's read path alone (no NBD), seq read 1M",
+                              anchor=measure(rbd, env, "read", "1m", 4),
+                              storaged=lambda: path.run(runtime), anchor_name="fio rbd",
+                              ceiling=None, ceiling_name=""))
         if args.only:
             pairs = [p for p in pairs if any(w in p.row for w in args.only.split(","))]
         report.add(run_rounds("rbd", pairs, args.rounds, stderr_log))
     finally:
+        if path is not None:
+            path.stop()
         for server in (proc, local):
             if server is not None and server.poll() is None:
                 server.send_signal(signal.SIGTERM)
