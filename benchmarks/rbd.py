@@ -209,7 +209,8 @@ def path_serve(conf: str, directory: str) -> None:
     line of MB/s on stdout. The seq read row's third ceiling: where the RADOS side of
     storaged stands before the NBD leg."""
     async def main() -> None:
-        pool = await Pool.create_rados("bench-path", RadosTarget.parse(TEST_POOL, conf),
+        pool = await Pool.create_rados(f"bench-path-{os.getpid()}",
+                                       RadosTarget.parse(TEST_POOL, conf),
                                        claim=owners.Claim(owners.me(directory)),
                                        extent_size=16 * MiB)
         try:
