@@ -345,6 +345,29 @@ def expand_into(payload: bytes | memoryview, flags: int, dest: memoryview) -> bo
     return bool(got == n)
 
 
+def pin(buf: bytearray | memoryview) -> ctypes.c_char:
+    """A ctypes view of the first byte of writable ``buf``: while it lives, ``buf`` can
+    neither move nor be resized (it holds an export), so ``address(pin)`` stays valid."""
+    return ctypes.c_char.from_buffer(buf)
+
+
+def address(pinned: ctypes.c_char) -> int:
+    return ctypes.addressof(pinned)
+
+
+def lz4_into(src: memoryview, src_addr: int, dest: memoryview) -> bool:
+    """Decompress the lz4 block ``src`` (verified; lying at address ``src_addr``, of
+    memory that cannot move meanwhile, as ``pin`` makes) straight into ``dest`` (writable):
+    whether it came out exactly ``len(dest)`` bytes (else ``dest`` holds anything).
+    liblz4 never reads or writes past the sizes it is given."""
+    n = len(dest)
+    fn = _decompress_safe
+    if fn is None or dest.readonly or not dest.c_contiguous or not n:
+        return expand_into(src, FLAG_LZ4, dest)
+    return bool(fn(src_addr, ctypes.addressof(ctypes.c_char.from_buffer(dest)), len(src),
+                   n) == n)
+
+
 def expand(payload: bytes | memoryview, flags: int, block_size: int) -> bytes | memoryview:
     """The logical block from its stored payload (``block_size`` -1: keep it stored)."""
     if block_size < 0:
