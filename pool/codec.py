@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -247,10 +248,13 @@ def check_fragment(frag: bytes | memoryview, index: int, k: int, m: int, plen: i
 
 
 def check_column(between: memoryview, gap: int, chunks: Sequence[memoryview], index: int,
-                 k: int, m: int, plen: int, rhashes: Sequence[int]) -> bool:
+                 k: int, m: int, plen: int, rhashes: Sequence[int],
+                 tails: Sequence[memoryview] | None = None) -> bool:
     """``check_fragment`` of fragment ``index`` of several records stored raw (payloads
     of ``plen`` bytes, record hashes ``rhashes``) that were read in pieces: the chunks (all
-    of one length) in ``chunks``, their headers ``gap`` bytes apart in ``between``."""
+    of one length) in ``chunks``, their headers ``gap`` bytes apart in ``between``.
+    ``tails``: each header after its checksum (``between[8 + i * gap:32 + i * gap]``),
+    if the caller keeps them made."""
     n = len(chunks)
     if (n != len(rhashes) or len(between) != gap * n or gap < HEADER_SIZE
             or (n and len(chunks[0]) != chunk_length(plen, k))):
@@ -267,14 +271,29 @@ def check_column(between: memoryview, gap: int, chunks: Sequence[memoryview], in
     if (fields[1::3] != (_PREFIX.pack(MAGIC, index, k, m, 0, plen, 0),) * n
             or fields[2::3] != tuple(rhashes)):
         return False
-    stream = _xxh3_stream
-    for at, chunk, fhash in zip(range(8, n * gap, gap), chunks, fields[0::3],
-                                strict=True):
-        h = stream(between[at:at + HEADER_SIZE - 8])
-        h.update(chunk)
-        if h.intdigest() != fhash:
+    if tails is None:
+        tails = [between[at:at + HEADER_SIZE - 8] for at in range(8, n * gap, gap)]
+    # One hash state of this thread's, reset for each fragment (no state made per chunk).
+    h = _hasher()
+    reset, update, digest = h.reset, h.update, h.intdigest
+    for tail, chunk, fhash in zip(tails, chunks, fields[0::3], strict=True):
+        reset()
+        update(tail)
+        update(chunk)
+        if digest() != fhash:
             return False
     return True
+
+
+_local = threading.local()
+
+
+def _hasher() -> xxhash.xxh3_64:
+    """An xxh3-64 state of this thread's own (callers reset it before use)."""
+    h: xxhash.xxh3_64 | None = getattr(_local, "h", None)
+    if h is None:
+        h = _local.h = _xxh3_stream()
+    return h
 
 
 def reassemble(chunks: dict[int, memoryview], k: int, m: int,

@@ -331,12 +331,15 @@ class IntoRun(NamedTuple):
 _scratch = threading.local()
 
 
-def _between(n: int, gap: int) -> tuple[memoryview, list[memoryview]]:
-    """Scratch for ``n`` fragment headers ``gap`` bytes apart (``read_runs_into``), and its
-    pieces as the iovec takes them: the first header, then each gap. This thread's own,
-    reused from call to call (the headers are checked before the call returns)."""
-    cache: dict[tuple[int, int], tuple[memoryview, list[memoryview]]] | None = getattr(
-        _scratch, "by", None)
+_Between = tuple[memoryview, list[memoryview], list[memoryview]]
+
+
+def _between(n: int, gap: int) -> _Between:
+    """Scratch for ``n`` fragment headers ``gap`` bytes apart (``read_runs_into``), its
+    pieces as the iovec takes them (the first header, then each gap) and each header after
+    its checksum (what ``codec.check_column`` hashes). This thread's own, reused from call
+    to call (the headers are checked before the call returns)."""
+    cache: dict[tuple[int, int], _Between] | None = getattr(_scratch, "by", None)
     if cache is None:
         cache = _scratch.by = {}
     got = cache.get((n, gap))
@@ -344,7 +347,8 @@ def _between(n: int, gap: int) -> tuple[memoryview, list[memoryview]]:
         hs = codec.HEADER_SIZE
         between = memoryview(bytearray(n * gap))
         got = (between, [between[:hs], *(between[at:at + gap]
-                                         for at in range(hs, n * gap, gap))])
+                                         for at in range(hs, n * gap, gap))],
+               [between[at:at + hs - 8] for at in range(8, n * gap, gap)])
         if len(cache) < 64:
             cache[(n, gap)] = got
     return got
@@ -377,13 +381,13 @@ def read_runs_into(runs: Sequence[IntoRun], block_size: int,
                       [dests[s][c * clen:(c + 1) * clen] for s in run.slots])
             # The first header, then each chunk followed by its padding and the next
             # header: headers land ``gap`` bytes apart in ``between``.
-            between, gaps = _between(n, gap)
+            between, gaps, tails = _between(n, gap)
             iov: list[memoryview] = [between] * (2 * n + 1)
             iov[0::2] = gaps
             iov[1::2] = chunks
             if dev.preadv_nowait(base + run.offset * SECTOR, iov) != n * size or \
                     not codec.check_column(between, gap, chunks, c, k, run.m, block_size,
-                                           run.hashes):
+                                           run.hashes, tails):
                 raise WouldBlock
         done += n
     return done
