@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -247,10 +248,13 @@ def check_fragment(frag: bytes | memoryview, index: int, k: int, m: int, plen: i
 
 
 def check_column(between: memoryview, gap: int, chunks: Sequence[memoryview], index: int,
-                 k: int, m: int, plen: int, rhashes: Sequence[int]) -> bool:
+                 k: int, m: int, plen: int, rhashes: Sequence[int],
+                 tails: Sequence[memoryview] | None = None) -> bool:
     """``check_fragment`` of fragment ``index`` of several records stored raw (payloads
     of ``plen`` bytes, record hashes ``rhashes``) that were read in pieces: the chunks (all
-    of one length) in ``chunks``, their headers ``gap`` bytes apart in ``between``."""
+    of one length) in ``chunks``, their headers ``gap`` bytes apart in ``between``.
+    ``tails``: each header after its checksum (``between[8 + i * gap:32 + i * gap]``),
+    if the caller keeps them made."""
     n = len(chunks)
     if (n != len(rhashes) or len(between) != gap * n or gap < HEADER_SIZE
             or (n and len(chunks[0]) != chunk_length(plen, k))):
@@ -267,14 +271,29 @@ def check_column(between: memoryview, gap: int, chunks: Sequence[memoryview], in
     if (fields[1::3] != (_PREFIX.pack(MAGIC, index, k, m, 0, plen, 0),) * n
             or fields[2::3] != tuple(rhashes)):
         return False
-    stream = _xxh3_stream
-    for at, chunk, fhash in zip(range(8, n * gap, gap), chunks, fields[0::3],
-                                strict=True):
-        h = stream(between[at:at + HEADER_SIZE - 8])
-        h.update(chunk)
-        if h.intdigest() != fhash:
+    if tails is None:
+        tails = [between[at:at + HEADER_SIZE - 8] for at in range(8, n * gap, gap)]
+    # One hash state of this thread's, reset for each fragment (no state made per chunk).
+    h = _hasher()
+    reset, update, digest = h.reset, h.update, h.intdigest
+    for tail, chunk, fhash in zip(tails, chunks, fields[0::3], strict=True):
+        reset()
+        update(tail)
+        update(chunk)
+        if digest() != fhash:
             return False
     return True
+
+
+_local = threading.local()
+
+
+def _hasher() -> xxhash.xxh3_64:
+    """An xxh3-64 state of this thread's own (callers reset it before use)."""
+    h: xxhash.xxh3_64 | None = getattr(_local, "h", None)
+    if h is None:
+        h = _local.h = _xxh3_stream()
+    return h
 
 
 def reassemble(chunks: dict[int, memoryview], k: int, m: int,
@@ -343,6 +362,29 @@ def expand_into(payload: bytes | memoryview, flags: int, dest: memoryview) -> bo
     got = fn(src if isinstance(src, bytes) else ctypes.addressof(src),
              ctypes.addressof(out_buf), len(payload), n)
     return bool(got == n)
+
+
+def pin(buf: bytearray | memoryview) -> ctypes.c_char:
+    """A ctypes view of the first byte of writable ``buf``: while it lives, ``buf`` can
+    neither move nor be resized (it holds an export), so ``address(pin)`` stays valid."""
+    return ctypes.c_char.from_buffer(buf)
+
+
+def address(pinned: ctypes.c_char) -> int:
+    return ctypes.addressof(pinned)
+
+
+def lz4_into(src: memoryview, src_addr: int, dest: memoryview) -> bool:
+    """Decompress the lz4 block ``src`` (verified; lying at address ``src_addr``, of
+    memory that cannot move meanwhile, as ``pin`` makes) straight into ``dest`` (writable):
+    whether it came out exactly ``len(dest)`` bytes (else ``dest`` holds anything).
+    liblz4 never reads or writes past the sizes it is given."""
+    n = len(dest)
+    fn = _decompress_safe
+    if fn is None or dest.readonly or not dest.c_contiguous or not n:
+        return expand_into(src, FLAG_LZ4, dest)
+    return bool(fn(src_addr, ctypes.addressof(ctypes.c_char.from_buffer(dest)), len(src),
+                   n) == n)
 
 
 def expand(payload: bytes | memoryview, flags: int, block_size: int) -> bytes | memoryview:

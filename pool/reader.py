@@ -47,6 +47,10 @@ SPARES = 8                      # large reads' buffers kept for reuse (_read_buf
 SPARE_SIZE = 4 << 20            # ...of at most this size each
 
 
+# read_packed_into's plan: the runs, the slots that are holes, the record-cache hits
+_Packed = tuple[list[records.PackedRun], list[int], list[tuple[int, bytes | memoryview]]]
+
+
 def _entries(n: int) -> struct.Struct:
     """A Struct of ``n`` map entries back to back (ENTRY's format ``n`` times)."""
     layout = _ENTRIES.get(n)
@@ -170,6 +174,9 @@ class RecordReader:
             planned = self._into_runs(map_id, blocks, block_size)
             if planned is not None:
                 return self._runs_nowait(planned, len(blocks), block_size)
+            packed = self._packed_runs(map_id, blocks)
+            if packed is not None:
+                return self._packed_nowait(packed, len(blocks), block_size)
         entries, result, plans = self._read_plan(map_id, blocks)
         if plans:
             try:
@@ -197,6 +204,29 @@ class RecordReader:
             out[at:at + block_size] for at in range(0, n * block_size, block_size)]
         for slot in holes:
             result[slot] = None
+        return result
+
+    def _packed_nowait(self, packed: _Packed, n: int, block_size: int
+                       ) -> list[bytes | memoryview | None] | None:
+        """``read_blocks_nowait`` of ``n`` blocks planned by ``_packed_runs``: each record
+        read, verified and expanded into its place in one new buffer (handed out as
+        read-only views, invariant 5); holes None, record-cache hits as they are. None if
+        something needs the general path."""
+        runs, holes, hits = packed
+        view = memoryview(self._read_buffer(n * block_size))
+        dests = [view[at:at + block_size] for at in range(0, n * block_size, block_size)]
+        try:
+            done = records.read_packed_into(runs, dests)
+        except records.WouldBlock:
+            return None
+        self._counters["records_read"] += done
+        out = view.toreadonly()
+        result: list[bytes | memoryview | None] = [
+            out[at:at + block_size] for at in range(0, n * block_size, block_size)]
+        for slot in holes:
+            result[slot] = None
+        for slot, hit in hits:
+            result[slot] = hit
         return result
 
     async def read_blocks(self, map_id: int, blocks: Sequence[int],
@@ -243,12 +273,84 @@ class RecordReader:
                 for slot in holes:
                     dests[slot][:] = self.zeros(block_size)
                 done = records.read_runs_into(runs, block_size, dests)
+            elif (packed := self._packed_runs(map_id, blocks)) is not None:
+                done = self._packed_into(packed, block_size, dests)
             else:
                 done = self._records_into_nowait(map_id, blocks, block_size, dests)
         except records.WouldBlock:
             return False
         self._counters["records_read"] += done
         return True
+
+    def _packed_into(self, packed: _Packed, block_size: int,
+                     dests: Sequence[memoryview]) -> int:
+        """Blocks planned by ``_packed_runs`` into ``dests``: records read and verified
+        (``records.read_packed_into``), holes zeroed, record-cache hits copied. Raises
+        WouldBlock as ``read_packed_into`` does."""
+        runs, holes, hits = packed
+        for slot in holes:
+            dests[slot][:] = self.zeros(block_size)
+        for slot, hit in hits:
+            dests[slot][:] = hit
+        return records.read_packed_into(runs, dests)
+
+    def _packed_runs(self, map_id: int, blocks: Sequence[int]) -> _Packed | None:
+        """The records of ``blocks`` as runs for ``records.read_packed_into`` (lz4 or raw,
+        whole or not), the slots that are holes and the record-cache hits; None if a
+        record lies in a segment with k > 1 (``_records_into_nowait`` reads those)."""
+        forest = self.state.forest
+        if blocks and blocks[-1] - blocks[0] + 1 == len(blocks):
+            spans = forest.leaf_spans(map_id, blocks[0], len(blocks))
+        else:
+            spans = [(1, forest.get(map_id, b) or HOLE) for b in blocks]
+        segments = self.state.segments
+        columns = self._store.columns
+        cached = self.cache.get if len(self.cache) else None
+        runs: list[records.PackedRun] = []
+        holes: list[int] = []
+        hits: list[tuple[int, bytes | memoryview]] = []
+        run: records.PackedRun | None = None
+        run_seg = after = -1
+        size = ENTRY.size
+        hs = codec.HEADER_SIZE
+        limit = records.PACKED_MAX
+        slot = 0
+        for n, raw in spans:
+            if raw is None:
+                holes.extend(range(slot, slot + n))
+                slot += n
+                run = None
+                continue
+            for i, (seg_id, off, plen, flags, rhash) in enumerate(ENTRY.iter_unpack(raw)):
+                if not plen:                   # a hole (HOLE unpacks to zeros)
+                    holes.append(slot)
+                    slot += 1
+                    run = None
+                    continue
+                if cached is not None and (hit := cached(raw[i * size:(i + 1) * size])
+                                           ) is not None:
+                    hits.append((slot, hit))
+                    slot += 1
+                    run = None
+                    continue
+                units = -(-(hs + plen) // SECTOR)
+                if (run is None or seg_id != run_seg or off != after
+                        or run.size + units * SECTOR > limit):
+                    seg = segments[seg_id]
+                    if seg.k != 1:
+                        return None
+                    run = records.PackedRun(columns(seg)[0], seg.m, off)
+                    runs.append(run)
+                    run_seg = seg_id
+                run.slots.append(slot)
+                run.ats.append(run.size)
+                run.plens.append(plen)
+                run.flags.append(flags)
+                run.hashes.append(rhash)
+                run.size += units * SECTOR
+                after = off + units
+                slot += 1
+        return runs, holes, hits
 
     def _records_into_nowait(self, map_id: int, blocks: Sequence[int], block_size: int,
                              dests: Sequence[memoryview]) -> int:

@@ -331,12 +331,15 @@ class IntoRun(NamedTuple):
 _scratch = threading.local()
 
 
-def _between(n: int, gap: int) -> tuple[memoryview, list[memoryview]]:
-    """Scratch for ``n`` fragment headers ``gap`` bytes apart (``read_runs_into``), and its
-    pieces as the iovec takes them: the first header, then each gap. This thread's own,
-    reused from call to call (the headers are checked before the call returns)."""
-    cache: dict[tuple[int, int], tuple[memoryview, list[memoryview]]] | None = getattr(
-        _scratch, "by", None)
+_Between = tuple[memoryview, list[memoryview], list[memoryview]]
+
+
+def _between(n: int, gap: int) -> _Between:
+    """Scratch for ``n`` fragment headers ``gap`` bytes apart (``read_runs_into``), its
+    pieces as the iovec takes them (the first header, then each gap) and each header after
+    its checksum (what ``codec.check_column`` hashes). This thread's own, reused from call
+    to call (the headers are checked before the call returns)."""
+    cache: dict[tuple[int, int], _Between] | None = getattr(_scratch, "by", None)
     if cache is None:
         cache = _scratch.by = {}
     got = cache.get((n, gap))
@@ -344,7 +347,8 @@ def _between(n: int, gap: int) -> tuple[memoryview, list[memoryview]]:
         hs = codec.HEADER_SIZE
         between = memoryview(bytearray(n * gap))
         got = (between, [between[:hs], *(between[at:at + gap]
-                                         for at in range(hs, n * gap, gap))])
+                                         for at in range(hs, n * gap, gap))],
+               [between[at:at + hs - 8] for at in range(8, n * gap, gap)])
         if len(cache) < 64:
             cache[(n, gap)] = got
     return got
@@ -377,15 +381,88 @@ def read_runs_into(runs: Sequence[IntoRun], block_size: int,
                       [dests[s][c * clen:(c + 1) * clen] for s in run.slots])
             # The first header, then each chunk followed by its padding and the next
             # header: headers land ``gap`` bytes apart in ``between``.
-            between, gaps = _between(n, gap)
+            between, gaps, tails = _between(n, gap)
             iov: list[memoryview] = [between] * (2 * n + 1)
             iov[0::2] = gaps
             iov[1::2] = chunks
             if dev.preadv_nowait(base + run.offset * SECTOR, iov) != n * size or \
                     not codec.check_column(between, gap, chunks, c, k, run.m, block_size,
-                                           run.hashes):
+                                           run.hashes, tails):
                 raise WouldBlock
         done += n
+    return done
+
+
+@dataclass(slots=True)
+class PackedRun:
+    """Records of one plain (k = 1) segment lying one after another, each stored raw or
+    lz4-compressed, to be read with one ``preadv`` into scratch and expanded into the
+    caller's buffers (``read_packed_into``)."""
+
+    column: tuple[Device | None, int, str]   # fragment 0's column (the first copy)
+    m: int
+    offset: int                   # sectors into the extent of the first record
+    size: int = 0                 # bytes of all of them
+    slots: list[int] = field(default_factory=list)     # each record's buffer, in ``dests``
+    ats: list[int] = field(default_factory=list)       # its fragment's byte in the run
+    plens: list[int] = field(default_factory=list)     # its stored payload's length
+    flags: list[int] = field(default_factory=list)
+    hashes: list[int] = field(default_factory=list)    # its record hash (from the map)
+
+
+PACKED_MAX = 4 << 20              # a PackedRun is at most this long (the scratch it needs)
+
+
+def _packed_scratch(size: int) -> tuple[memoryview, int]:
+    """Scratch of at least ``size`` bytes for ``read_packed_into`` and its address: this
+    thread's own, kept from call to call (grown up to PACKED_MAX), never zeroed (every
+    byte used is read into it first, and verified before use)."""
+    got: tuple[memoryview, int, object] | None = getattr(_scratch, "packed", None)
+    if got is None or len(got[0]) < size:
+        buf = bytearray(max(size, 1 << 20))
+        # The ctypes view holds an export of ``buf``: it can never move or resize.
+        pin = codec.pin(buf)
+        got = (memoryview(buf), codec.address(pin), pin)
+        if size <= PACKED_MAX:
+            _scratch.packed = got
+    return got[0], got[1]
+
+
+def read_packed_into(runs: Sequence[PackedRun], dests: Sequence[memoryview]) -> int:
+    """Read records of plain segments, stored raw or lz4, into ``dests[slot]`` (each a
+    writable block): per run one ``preadv`` into this thread's scratch; each fragment is
+    verified there (``codec.check_fragment``'s checks, its xxh3 over the bytes read) and
+    only then its payload decompressed straight into its block (``codec.lz4_into``) or, if
+    stored raw, copied. Called on the event loop, as ``read_runs_into``: anything that is
+    not page-cached and healthy raises WouldBlock (``dests`` may then hold anything).
+    Returns how many records it read."""
+    done = 0
+    unpack = _unpack_header
+    hs = codec.HEADER_SIZE
+    lz4 = codec.FLAG_LZ4
+    for run in runs:
+        dev, base, _name = run.column
+        view, addr = _packed_scratch(run.size)
+        if dev is None or dev.preadv_nowait(base + run.offset * SECTOR,
+                                            [view[:run.size]]) != run.size:
+            raise WouldBlock
+        m = run.m
+        for slot, at, plen, flags, rhash in zip(run.slots, run.ats, run.plens, run.flags,
+                                                run.hashes, strict=True):
+            fhash, magic, idx, fk, fm, _flags, fplen, _res, frhash = unpack(view, at)
+            end = at + hs + plen
+            if (magic != _MAGIC or idx or fk != 1 or fm != m or fplen != plen
+                    or frhash != rhash or _xxh3(view[at + 8:end]) != fhash):
+                raise WouldBlock
+            dest = dests[slot]
+            if flags & lz4:
+                if not codec.lz4_into(view[at + hs:end], addr + at + hs, dest):
+                    raise WouldBlock
+            elif plen == len(dest):
+                dest[:] = view[at + hs:end]
+            else:
+                raise WouldBlock
+        done += len(run.slots)
     return done
 
 
