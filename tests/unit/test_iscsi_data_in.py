@@ -132,7 +132,8 @@ def test_a_1m_read_is_sent_in_the_fewest_data_in_pdus(
 @pytest.mark.parametrize("data_digest", [False, True])
 def test_gathered_data_in_is_byte_for_byte_the_encoded_pdu(header_digest: bool,
                                                            data_digest: bool) -> None:
-    pieces = [os.urandom(5), memoryview(os.urandom(7000))[3:4003], os.urandom(64 * KiB)]
+    pieces: list[P.Payload] = [os.urandom(5), memoryview(os.urandom(7000))[3:4003],
+                               os.urandom(64 * KiB)]
     joined = b"".join(bytes(p) for p in pieces)
     for flags, status in ((0, 0), (P.DATA_IN_FINAL, 0),
                           (P.DATA_IN_FINAL | P.DATA_IN_STATUS | P.DATA_IN_UNDERFLOW, 2)):
