@@ -38,10 +38,11 @@ log = logging.getLogger(__name__)
 RECV = 256 * 1024        # room offered to one receive (iscsi.pdu.PDUReader.room)
 LOGIN_RECV = 16 * 1024   # ... before login (what an unauthenticated peer makes us hold)
 COPY_BELOW = 1024       # buffers smaller than this (headers) are joined before sending
-IOV_CHUNK = 64          # buffers per sendmsg (IOV_MAX is 1024): 256 KiB of 4 KiB blocks,
-                        # about what loopback's socket takes at once; sendmsg looks at
-                        # every buffer it is given, sent or not
+IOV_CHUNK = 64          # buffers per sendmsg (IOV_MAX is 1024): three 1 MiB reads of
+                        # 64 KiB blocks; sendmsg looks at every buffer it is given, sent
+                        # or not
 SEND_NOW = 64 * 1024    # answers this large are handed to the writer at once
+NOTSENT_LOWAT = 0       # TCP_NOTSENT_LOWAT of a connection: 0 is the kernel's default
 SEND_AHEAD = 16 << 20   # unsent answers beyond this stop the reading of commands
 FAIR_EVERY = 16         # the read loop yields at least once per this many receives
 GRACE = 30.0          # seconds to let running commands finish when a connection ends
@@ -248,6 +249,15 @@ class _Wire:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.sock = socket.socket(fileno=stream.socket.fileno())   # the same fd, no dup
         self.sock.setblocking(False)
+        # trio's SocketStream sets TCP_NOTSENT_LOWAT to 16 KiB (python-trio/trio#72:
+        # little unsent data queued, for latency); then a ``sendmsg`` takes only what
+        # the connection transmits at once -- on loopback two or three 64 KiB segments
+        # -- so a 1 MiB read went out in about five calls, each a TCP push and a wake-up
+        # of the initiator for little data. Our answers are queued whole anyway: the
+        # kernel's default (no limit but the send buffer) is restored.
+        with contextlib.suppress(OSError, AttributeError):
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT,
+                                 NOTSENT_LOWAT)
 
     def detach(self) -> None:
         """Forget the fd (the SocketStream closes it)."""
@@ -264,13 +274,15 @@ class _Wire:
                 raise trio.BrokenResourceError(f"receive failed: {e}") from e
 
     def send_now(self, views: list[Payload]) -> list[Payload]:
-        """Send what the socket takes without waiting; what is left."""
+        """Send what the socket takes without waiting; what is left. A socket that
+        takes part of a ``sendmsg`` is full: the rest waits until it is writable again
+        (half its buffer free) rather than going out a segment or two per call."""
         i = 0
         n = len(views)
         while i < n:
+            end = min(n, i + IOV_CHUNK)
             try:
-                sent = self.sock.sendmsg(views if n <= IOV_CHUNK and not i
-                                         else views[i:i + IOV_CHUNK])
+                sent = self.sock.sendmsg(views if end == n and not i else views[i:end])
             except BlockingIOError:
                 break
             except OSError as e:
@@ -281,6 +293,8 @@ class _Wire:
                     break
                 sent -= len(views[i])
                 i += 1
+            if i < end:
+                break                         # (full)
         return views[i:]
 
     async def send_all(self, views: list[Payload]) -> None:

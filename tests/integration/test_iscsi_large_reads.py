@@ -1,0 +1,62 @@
+"""Large READs over a real TCP connection (iscsi/server.py ``_Wire``): pipelined 1 MiB
+reads come back byte for byte, each as four 256 KiB Data-In PDUs (gathered from the
+volume's 64 KiB blocks, iscsi/session.py ``_segments``), the last with the status; and the
+connection's socket does not keep trio's 16 KiB TCP_NOTSENT_LOWAT, which made the kernel
+take a 1 MiB answer two or three 64 KiB segments per ``sendmsg``."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import trio
+
+from iscsi import pdu as P
+from tests.kit.iscsiharness import Served, served_pool
+from tests.kit.iscsiraw import DEFAULT_KEYS, RawInitiator, read10
+
+MiB = 1 << 20
+SECTOR = 512
+
+
+def pipelined_reads(srv: Served, starts: list[int]) -> dict[int, list[P.DataIn]]:
+    """All READ(10)s sent before any answer is read; the Data-In PDUs by ITT."""
+    with RawInitiator(srv.host, srv.port, timeout=10) as s:
+        resp = s.login(srv.iqn(), DEFAULT_KEYS)
+        assert (resp.status_class, resp.status_detail) == (0, 0)
+        itts = [s.command(read10(start // SECTOR, MiB // SECTOR), read=MiB).itt
+                for start in starts]
+        got: dict[int, list[P.DataIn]] = {itt: [] for itt in itts}
+        done = 0
+        while done < len(itts):
+            p = s.recv()
+            assert isinstance(p, P.DataIn), p
+            got[p.itt].append(p)
+            done += p.has_status
+        return got
+
+
+async def test_pipelined_1m_reads_are_exact_in_four_pdus_each(tmp_path: Path) -> None:
+    async with served_pool(tmp_path, {"vol": 16 * MiB}) as srv:
+        vol = srv.vm.get("vol")
+        data = os.urandom(16 * MiB)
+        await vol.write(0, data)
+        await vol.flush()
+        starts = [0, 5 * MiB + 4096, 3 * MiB, 15 * MiB]
+        got = await trio.to_thread.run_sync(pipelined_reads, srv, starts)
+        for start, pdus in zip(starts, got.values(), strict=True):
+            assert [len(p.data) for p in pdus] == [256 * 1024] * 4
+            assert [p.datasn for p in pdus] == [0, 1, 2, 3]
+            assert [p.offset for p in pdus] == [0, 1 << 18, 2 << 18, 3 << 18]
+            assert [p.has_status for p in pdus] == [False, False, False, True]
+            assert b"".join(bytes(p.data) for p in pdus) == data[start:start + MiB]
+        # The session's socket: no TCP_NOTSENT_LOWAT of its own (the kernel's default).
+        clients = list(srv.server._clients)
+        with RawInitiator(srv.host, srv.port) as s:
+            await trio.to_thread.run_sync(s.login, srv.iqn(), DEFAULT_KEYS)
+            (client,) = [c for c in srv.server._clients if c not in clients]
+            lowat = client.wire.sock.getsockopt(socket.IPPROTO_TCP,
+                                                socket.TCP_NOTSENT_LOWAT)
+            assert lowat == 0
+            assert await vol.read(0, 16 * MiB) == data          # nothing changed
