@@ -60,3 +60,46 @@ async def test_pipelined_1m_reads_are_exact_in_four_pdus_each(tmp_path: Path) ->
                                                 socket.TCP_NOTSENT_LOWAT)
             assert lowat == 0
             assert await vol.read(0, 16 * MiB) == data          # nothing changed
+
+
+def one_read(srv: Served, start: int) -> bytes:
+    with RawInitiator(srv.host, srv.port, initiator="iqn.2026-01.org.test:other",
+                      isid=b"\x80\0\0\0\0\2", timeout=10) as s:
+        s.login(srv.iqn(), DEFAULT_KEYS)
+        reply = s.scsi(read10(start // SECTOR, MiB // SECTOR), read=MiB)
+        assert reply.status == 0
+        return reply.data
+
+
+async def test_a_peer_that_stops_reading_holds_no_send_thread(tmp_path: Path) -> None:
+    """Large answers are copied into the socket by worker threads (server invariant of
+    ``send_patiently``: a thread waits PATIENCE at most, then trio waits): an initiator
+    that asks for 12 MiB and reads none of it holds no thread, another initiator is
+    served meanwhile, and closing the stalled one ends its connection."""
+    async with served_pool(tmp_path, {"vol": 16 * MiB}) as srv:
+        vol = srv.vm.get("vol")
+        data = os.urandom(16 * MiB)
+        await vol.write(0, data)
+        await vol.flush()
+        stalled = RawInitiator(srv.host, srv.port, timeout=10)
+        try:
+            stalled.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            await trio.to_thread.run_sync(stalled.login, srv.iqn(), DEFAULT_KEYS)
+            for i in range(12):
+                stalled.command(read10(i * MiB // SECTOR, MiB // SECTOR), read=MiB)
+            (client,) = srv.server._clients
+            with trio.fail_after(10):
+                while not client._send_lock.locked():  # noqa: ASYNC110  (polling state)
+                    await trio.sleep(0.01)
+            await trio.sleep(0.3)
+            # The writer still waits for room (the answers are not all taken), in trio.
+            assert client._send_lock.locked() and client.conn.queued_data
+            assert srv.server.send_threads.borrowed_tokens == 0
+            assert await trio.to_thread.run_sync(one_read, srv, 3 * MiB) == \
+                data[3 * MiB:4 * MiB]
+        finally:
+            stalled.close()
+        with trio.fail_after(10):
+            while client in srv.server._clients:  # noqa: ASYNC110  (a set, not an event)
+                await trio.sleep(0.01)
+        assert await trio.to_thread.run_sync(one_read, srv, 0) == data[:MiB]
