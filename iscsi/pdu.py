@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
@@ -568,6 +568,38 @@ def data_in_with_status(itt: int, statsn: int, exp_cmdsn: int, max_cmdsn: int,
     parts: list[Payload] = [head, data, pad] if pad else [head, data]
     if data_digest:
         parts.append(crc32c(pad, crc32c(data)).to_bytes(4, "little"))
+    return parts
+
+
+_DATA_IN: Final = struct.Struct(">BBxBIQIIIIIIII")
+DATA_IN_FINAL: Final = 0x80
+DATA_IN_OVERFLOW: Final = 0x04
+DATA_IN_UNDERFLOW: Final = 0x02
+DATA_IN_STATUS: Final = 0x01
+
+
+def data_in_gathered(flags: int, status: int, lun: int, itt: int, statsn: int,
+                     exp_cmdsn: int, max_cmdsn: int, datasn: int, offset: int,
+                     residual: int, data: Sequence[Payload], size: int, *,
+                     header_digest: bool = False,
+                     data_digest: bool = False) -> list[Payload]:
+    """``encode_pieces(DataIn(...))`` whose data segment is ``data`` sent back to back
+    (``size`` bytes in all, byte-format buffers): one PDU of several buffers, none
+    copied, so that a segment may gather several of a read's blocks. ``flags`` are the
+    DATA_IN_* bits."""
+    if not 0 < size < 1 << 24:
+        raise ValueError("a Data-In segment is 1 byte to 16 MiB")
+    head = _DATA_IN.pack(OP_DATA_IN, flags, status, size, lun, itt, RESERVED_TAG, statsn,
+                         exp_cmdsn, max_cmdsn, datasn, offset, residual)
+    if header_digest:
+        head += crc32c(head).to_bytes(4, "little")
+    pad = _PADS[-size % 4]
+    parts: list[Payload] = [head, *data, pad] if pad else [head, *data]
+    if data_digest:
+        crc = 0
+        for piece in data:
+            crc = crc32c(piece, crc)
+        parts.append(crc32c(pad, crc).to_bytes(4, "little"))
     return parts
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
+import select
 import socket
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -38,10 +39,15 @@ log = logging.getLogger(__name__)
 RECV = 256 * 1024        # room offered to one receive (iscsi.pdu.PDUReader.room)
 LOGIN_RECV = 16 * 1024   # ... before login (what an unauthenticated peer makes us hold)
 COPY_BELOW = 1024       # buffers smaller than this (headers) are joined before sending
-IOV_CHUNK = 64          # buffers per sendmsg (IOV_MAX is 1024): 256 KiB of 4 KiB blocks,
-                        # about what loopback's socket takes at once; sendmsg looks at
-                        # every buffer it is given, sent or not
+IOV_CHUNK = 64          # buffers per sendmsg (IOV_MAX is 1024): three 1 MiB reads of
+                        # 64 KiB blocks; sendmsg looks at every buffer it is given, sent
+                        # or not
 SEND_NOW = 64 * 1024    # answers this large are handed to the writer at once
+NOTSENT_LOWAT = 0       # TCP_NOTSENT_LOWAT of a connection: 0 is the kernel's default
+SEND_IN_THREAD = 256 * 1024   # queued answers this large are copied into the socket by
+                              # a worker thread, beside the event loop
+SEND_THREADS = 4        # worker threads copying into sockets at once (all connections)
+PATIENCE_MS = 20        # how long such a thread waits for room in a full socket
 SEND_AHEAD = 16 << 20   # unsent answers beyond this stop the reading of commands
 FAIR_EVERY = 16         # the read loop yields at least once per this many receives
 GRACE = 30.0          # seconds to let running commands finish when a connection ends
@@ -123,6 +129,9 @@ class ISCSIServer:
         self._sessions: dict[tuple[str, bytes], _Client] = {}
         self._tsih = 0
         self._draining = False
+        # Only for ``_Wire.send_patiently``: a thread is held for the time of a copy
+        # into a socket, and PATIENCE at most while a peer does not read.
+        self.send_threads = trio.CapacityLimiter(SEND_THREADS)
 
     def new_tsih(self) -> int:
         self._tsih = self._tsih % 0xFFFF + 1
@@ -248,6 +257,15 @@ class _Wire:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.sock = socket.socket(fileno=stream.socket.fileno())   # the same fd, no dup
         self.sock.setblocking(False)
+        # trio's SocketStream sets TCP_NOTSENT_LOWAT to 16 KiB (python-trio/trio#72:
+        # little unsent data queued, for latency); then a ``sendmsg`` takes only what
+        # the connection transmits at once -- on loopback two or three 64 KiB segments
+        # -- so a 1 MiB read went out in about five calls, each a TCP push and a wake-up
+        # of the initiator for little data. Our answers are queued whole anyway: the
+        # kernel's default (no limit but the send buffer) is restored.
+        with contextlib.suppress(OSError, AttributeError):
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT,
+                                 NOTSENT_LOWAT)
 
     def detach(self) -> None:
         """Forget the fd (the SocketStream closes it)."""
@@ -264,13 +282,15 @@ class _Wire:
                 raise trio.BrokenResourceError(f"receive failed: {e}") from e
 
     def send_now(self, views: list[Payload]) -> list[Payload]:
-        """Send what the socket takes without waiting; what is left."""
+        """Send what the socket takes without waiting; what is left. A socket that
+        takes part of a ``sendmsg`` is full: the rest waits until it is writable again
+        (half its buffer free) rather than going out a segment or two per call."""
         i = 0
         n = len(views)
         while i < n:
+            end = min(n, i + IOV_CHUNK)
             try:
-                sent = self.sock.sendmsg(views if n <= IOV_CHUNK and not i
-                                         else views[i:i + IOV_CHUNK])
+                sent = self.sock.sendmsg(views if end == n and not i else views[i:end])
             except BlockingIOError:
                 break
             except OSError as e:
@@ -281,10 +301,33 @@ class _Wire:
                     break
                 sent -= len(views[i])
                 i += 1
+            if i < end:
+                break                         # (full)
         return views[i:]
 
     async def send_all(self, views: list[Payload]) -> None:
         while views := self.send_now(views):
+            await trio.lowlevel.wait_writable(self.sock)
+
+    def send_patiently(self, views: list[Payload]) -> list[Payload]:
+        """``send_now`` for a worker thread, which waits for room (up to PATIENCE)
+        itself; what is left then goes back to trio, so that a peer that stops reading
+        holds no thread."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLOUT)
+        while views := self.send_now(views):
+            if not poller.poll(PATIENCE_MS):
+                break
+        return views
+
+    async def send_all_in_thread(self, views: list[Payload],
+                                 limiter: trio.CapacityLimiter) -> None:
+        """``send_all`` from a worker thread: the kernel's copy of a large answer into
+        the socket (and, on loopback, the initiator's receive path, run in the
+        sender's context) goes on beside the event loop, which meanwhile decodes and
+        runs the next commands (``sendmsg`` releases the GIL)."""
+        while views := await trio.to_thread.run_sync(self.send_patiently, views,
+                                                     limiter=limiter):
             await trio.lowlevel.wait_writable(self.sock)
 
 
@@ -346,9 +389,10 @@ class _Client:
         """Send everything queued so far, in order: whoever sends holds the lock, and
         takes the queue only once it does (or, when nobody holds it, sends at once
         without yielding, so nobody can come between)."""
+        conn = self.conn
         rest: list[Payload] = []
-        if not self._send_lock.locked():
-            pieces = self.conn.pieces_to_send()
+        if not self._send_lock.locked() and conn.queued_data < SEND_IN_THREAD:
+            pieces = conn.pieces_to_send()
             if not pieces:
                 return
             rest = self.wire.send_now(_views(pieces))
@@ -357,8 +401,16 @@ class _Client:
         async with self._send_lock:
             if rest:
                 await self.wire.send_all(rest)
-            while pieces := self.conn.pieces_to_send():
-                await self.wire.send_all(_views(pieces))
+            while True:
+                large = conn.queued_data >= SEND_IN_THREAD
+                pieces = conn.pieces_to_send()
+                if not pieces:
+                    return
+                if large:
+                    await self.wire.send_all_in_thread(_views(pieces),
+                                                       self.server.send_threads)
+                else:
+                    await self.wire.send_all(_views(pieces))
 
     async def _writer(self) -> None:
         """Sends what the read loop queues, so that the loop goes on with the next
@@ -401,8 +453,10 @@ class _Client:
         while True:
             ev = conn.next_event()
             if ev is None:
-                if self._send_lock.locked() and conn.queued_data <= SEND_AHEAD:
-                    self._wake.set()        # the writer is busy: it sends this next
+                if (self._send_lock.locked() or conn.queued_data >= SEND_IN_THREAD) \
+                        and conn.queued_data <= SEND_AHEAD:
+                    self._wake.set()        # the writer is busy (it sends this next),
+                                            # or this is for its thread
                 else:
                     await self.flush()      # (at once; or backpressure on a laggard)
                 # Straight into the reader's buffer (no bytes object per receive, no

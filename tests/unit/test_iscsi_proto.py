@@ -342,14 +342,21 @@ def test_logout() -> None:
 def test_data_in_segments_cover_the_parts_exactly(sizes: list[int], seg: int,
                                                   burst: int) -> None:
     """Data-In segments of a read's buffers: back to back, each at most seg bytes and
-    inside one burst, F (end of burst) exactly at burst boundaries."""
+    inside one burst, F (end of burst) exactly at burst boundaries, and as long as that
+    allows (a segment shorter than seg ends a burst or the data: fewest PDUs), gathering
+    the parts (whole, or views of them: nothing copied)."""
     parts = [bytes([i]) * n for i, n in enumerate(sizes)]
+    total = sum(sizes)
     pos = 0
     out = bytearray()
-    for off, piece, end_of_burst in _segments(parts, seg, burst):
-        assert off == pos and 0 < len(piece) <= seg
-        assert off // burst == (off + len(piece) - 1) // burst
-        assert end_of_burst == ((off + len(piece)) % burst == 0)
-        out += piece
-        pos += len(piece)
+    for off, bufs, n, end_of_burst in _segments(parts, seg, burst):
+        assert off == pos and 0 < n <= seg and n == sum(len(b) for b in bufs)
+        assert off // burst == (off + n - 1) // burst
+        assert end_of_burst == ((off + n) % burst == 0)
+        assert n == seg or end_of_burst or off + n == total
+        for b in bufs:
+            assert any(b is p or (isinstance(b, memoryview) and b.obj is p)
+                       for p in parts)
+            out += b
+        pos += n
     assert bytes(out) == b"".join(parts)
