@@ -87,7 +87,7 @@ from pool.state import PoolState, Segment
 log = logging.getLogger("pool.pool")   # its lines keep the name they always had
 DISCARD_BATCH = 256   # freed extents discarded per round of the discard task
 DEVICE_QUEUE = 4      # calls in flight per member device (its limiter)
-DISCARD_DELAY = 10.0  # seconds an extent stays free before it is discarded
+DISCARD_DELAY = 60.0  # seconds an extent stays free before it is discarded
 
 # Where a segment's columns are, in the store's own terms: the caller records it in the
 # segment's metadata and gives it back; for LocalStore, (member, extent) per column.

@@ -184,6 +184,37 @@ class VolumeBuffer:
         self.no_lz4.discard(b)
         return used
 
+    def put_whole(self, first: int, view: memoryview, keep: bool, reserved: int) -> None:
+        """``put`` of each whole block of ``view`` from block ``first`` on (no block lock
+        held, checked by the caller), in one pass: what ``put_on`` does per block for a
+        whole-block write, with the counts settled once. ``reserved`` is the number of
+        those blocks the buffer holds no data for (each reserved by the caller, rule S4);
+        what the blocks do not use goes back."""
+        bs = self.block_size
+        dirty = self.dirty
+        zero = self.zero
+        added = removed = 0
+        pos = 0
+        for b in range(first, first + len(view) // bs):
+            chunk: Block = view[pos:pos + bs] if keep else bytes(view[pos:pos + bs])
+            pos += bs
+            # An all-zero block becomes a hole (DESIGN invariant 6).
+            if zero.startswith(chunk):
+                if dirty.get(b) is not None:
+                    removed += 1
+                dirty[b] = None
+            else:
+                if dirty.get(b) is None:
+                    added += 1
+                dirty[b] = chunk
+        if self.no_lz4:
+            self.no_lz4.difference_update(range(first, first + len(view) // bs))
+        if added != removed:
+            self.dirty_data += added - removed
+        unused = reserved - added + removed
+        if unused:
+            self.pool.unreserve(unused * self.cost)
+
     def needs_space(self, b: int, base: bytearray | bool, lo: int, hi: int, chunk: Block,
                     holes: bool) -> bool:
         """Whether buffering ``chunk`` at ``lo:hi`` of block ``b`` on ``base`` (as
