@@ -24,9 +24,10 @@ trip around a synchronous ``Ioctx.read``. ``RadosRecordReader`` instead:
   ``MediumError``), so this one never has to;
 - reads ahead of sequential streams (invariant 5): after RUN requests of a map in a row
   that each start where the last one ended, the next AHEAD bytes are read (in batches of
-  the stream's own request size) before they are asked for, so the OSD works on the
-  next requests while this one is sent, and a request whose batch has arrived is
-  answered at once by ``read_blocks_nowait``, on the event loop, without a task.
+  about BATCH bytes, a whole number of the stream's requests: one OSD op for several
+  requests) before they are asked for, so the OSD works on the next requests while this
+  one is sent, and a request whose batch has arrived is answered at once by
+  ``read_blocks_nowait``, on the event loop, without a task.
 
 The reads themselves (buffers, completions, the bound on bytes in flight) are
 pool/rados/aioread.py's. Invariants (reader invariants 1-3, aioread invariants 1-4 and
@@ -47,14 +48,16 @@ conn invariants 1-3 hold as they are):
    in one segment, in request order) and bytes, as plain tuples (no ``RecordPlan`` per
    block, no column lookup per record). A record in a segment that is not ``plain``
    (k = 1, m = 0) on an object column sends the whole request down the general path.
-5. A block read ahead is returned only for a request of exactly the blocks its batch was
-   planned for, only if every one of their map entries is still the one it was planned
+5. A block read ahead is returned only for a request whose blocks all lie in one batch,
+   only if every one of the request's map entries is still the one the batch was planned
    from (a record never changes where it lies, DESIGN 3: the same entry is the same
-   verified bytes; a block written, trimmed or moved since has another entry and the
-   whole request is read again), and only if its batch verified (invariant 1). A batch
-   holds the store's read hold (invariant 2) from before its first read starts until its
-   last one completed. Bytes read ahead and not yet taken never exceed AHEAD_TOTAL, and
-   at most STREAMS maps have a stream; a stream that jumps drops what it read ahead.
+   verified bytes; a block written, trimmed or moved since has another entry, and the
+   whole request is read again), and only if every read of the batch verified
+   (invariant 1). A batch holds the store's read hold (invariant 2) from before its
+   first read starts until its last one completed. Bytes read ahead and not yet taken
+   never exceed AHEAD_TOTAL, and at most STREAMS maps have a stream; a stream that jumps
+   drops what it read ahead, and a batch goes once all its blocks were taken or the
+   stream is a WINDOW past it.
 """
 
 from __future__ import annotations
@@ -80,27 +83,30 @@ if TYPE_CHECKING:
 # the records it holds.
 _Run = tuple[ObjectColumn, int, int, int, list[Record]]
 
-AHEAD = 4 << 20          # bytes read ahead of a sequential stream's last request (0: off)
-AHEAD_TOTAL = 32 << 20   # bytes read ahead and not taken yet, all streams (invariant 5)
+AHEAD = 16 << 20         # bytes read ahead of a sequential stream's last request (0: off)
+BATCH = 4 << 20          # bytes of one batch read ahead (a whole number of requests)
+AHEAD_TOTAL = 64 << 20   # bytes read ahead and not taken yet, all streams (invariant 5)
 RUN = 2                  # sequential requests in a row before reading ahead
-BATCHES = 8              # batches (of a stream's request size) read ahead at most
 STREAMS = 16             # maps whose stream is followed (least recently used dropped)
 WINDOW = 16 << 20        # requests this far behind a stream's end are part of it
 
 
 class _Ahead:
-    """The blocks ``first`` .. ``first + count`` read ahead: their map entries then, the
-    result with record-cache hits filled in, the batch of reads, and its bytes."""
+    """The blocks ``at`` .. ``at + count`` read ahead: their map entries then, the result
+    with record-cache hits filled in, the batch of reads, its bytes, and how many of its
+    blocks requests have not taken yet."""
 
-    __slots__ = ("batch", "count", "entries", "need", "result")
+    __slots__ = ("at", "batch", "count", "entries", "left", "need", "result")
 
-    def __init__(self, count: int, entries: list[bytes | None],
+    def __init__(self, at: int, count: int, entries: list[bytes | None],
                  result: list[bytes | memoryview | None], batch: Batch, need: int) -> None:
+        self.at = at
         self.count = count
         self.entries = entries
         self.result = result
         self.batch = batch
         self.need = need
+        self.left = count
 
 
 class _Stream:
@@ -136,10 +142,9 @@ class RadosRecordReader(RecordReader):
             return None
         stream = self._follow(map_id, blocks, block_size)
         if stream is not None:
-            ahead = stream.ahead.get(blocks[0])
+            ahead = _holding(stream, blocks)
             if ahead is not None and ahead.batch.done.is_set():
-                self._drop(stream, blocks[0])
-                result = self._take(map_id, blocks, ahead)
+                result = self._take(map_id, blocks, stream, ahead)
                 if result is not None:
                     return result
         if len(blocks) > 2:
@@ -157,12 +162,11 @@ class RadosRecordReader(RecordReader):
             return await super().read_blocks(map_id, blocks, block_size)
         stream = self._follow(map_id, blocks, block_size)
         if stream is not None:
-            ahead = stream.ahead.get(blocks[0])
+            ahead = _holding(stream, blocks)
             if ahead is not None:
-                self._drop(stream, blocks[0])
                 await ahead.batch.done.wait()
                 self._require_map(map_id)
-                result = self._take(map_id, blocks, ahead)
+                result = self._take(map_id, blocks, stream, ahead)
                 if result is not None:
                     return result
         planned = self._plan_runs(map_id, blocks)
@@ -267,7 +271,7 @@ class RadosRecordReader(RecordReader):
             # Requests received but not yet read (several in flight) still take theirs;
             # what lies a WINDOW behind was passed by, not asked for.
             behind = end - WINDOW // block_size
-            for at in [a for a in stream.ahead if a < behind]:
+            for at in [a for a, ah in stream.ahead.items() if a + ah.count <= behind]:
                 self._drop(stream, at)
         elif not (stream.end - WINDOW // block_size <= first and end <= stream.end):
             # A jump: a new stream here (a request the stream already saw, e.g. asked
@@ -281,14 +285,16 @@ class RadosRecordReader(RecordReader):
         return stream
 
     def _read_ahead(self, map_id: int, stream: _Stream, n: int, block_size: int) -> None:
-        """Start the reads of the next batches of ``n`` blocks up to AHEAD bytes past
-        the stream's end (invariant 5)."""
-        limit = stream.end + max(n, min(AHEAD // block_size, BATCHES * n))
+        """Start the reads of the next batches (a whole number of requests of ``n``
+        blocks, about BATCH bytes) up to AHEAD bytes past the stream's end
+        (invariant 5)."""
+        m = max(1, BATCH // block_size // n) * n
+        limit = stream.end + max(m, AHEAD // block_size)
         at = max(stream.ahead_end, stream.end)
         aio = self.conn.aio
         token: trio.lowlevel.TrioToken | None = None
-        while at + n <= limit:
-            planned = self._plan_runs(map_id, range(at, at + n))
+        while at + m <= limit:
+            planned = self._plan_runs(map_id, range(at, at + m))
             if planned is None:
                 return
             entries, result, runs, need = planned
@@ -300,24 +306,36 @@ class RadosRecordReader(RecordReader):
                 batch = Batch(len(runs), block_size, token, self._store.read_hold())
                 for col, base, offset, units, recs in runs:
                     aio.start(col, base, offset, units, recs, batch)
-                stream.ahead[at] = _Ahead(n, entries, result, batch, need)
+                stream.ahead[at] = _Ahead(at, m, entries, result, batch, need)
                 self.ahead_bytes += need
                 self.ahead_started += 1
-            at += n
+            at += m
             stream.ahead_end = at
 
-    def _take(self, map_id: int, blocks: Sequence[int],
+    def _take(self, map_id: int, blocks: Sequence[int], stream: _Stream,
               ahead: _Ahead) -> list[bytes | memoryview | None] | None:
-        """The result of ``blocks`` from what was read ahead of them, if every entry is
-        still the one it was read for and every read verified; else None (invariant 5)."""
-        if ahead.count != len(blocks) or ahead.batch.failed:
+        """The result of ``blocks`` (all in ``ahead``'s) from what was read ahead of
+        them, if each entry is still the one it was read for and every read of the batch
+        verified; else None (invariant 5). A batch whose blocks were all taken goes."""
+        if ahead.batch.failed:
             return None
-        entries = self.state.forest.get_range(map_id, blocks[0], len(blocks))
-        if entries != ahead.entries:
+        n = len(blocks)
+        lo = blocks[0] - ahead.at
+        entries = self.state.forest.get_range(map_id, blocks[0], n)
+        if entries != ahead.entries[lo:lo + n]:
             return None
-        result = ahead.result
-        self._keep(records.ReadOutcome(payloads=ahead.batch.payloads), entries, result)
+        result = ahead.result[lo:lo + n]
+        got = ahead.batch.payloads.get
+        payloads: dict[int, bytes | memoryview] = {}
+        for i in range(n):
+            data = got(lo + i)
+            if data is not None:
+                payloads[i] = data
+        self._keep(records.ReadOutcome(payloads=payloads), entries, result)
         self.ahead_taken += 1
+        ahead.left -= n
+        if ahead.left <= 0 and stream.ahead.get(ahead.at) is ahead:
+            self._drop(stream, ahead.at)
         return result
 
     def _drop(self, stream: _Stream, at: int) -> None:
@@ -327,4 +345,13 @@ class RadosRecordReader(RecordReader):
     def _drop_all(self, stream: _Stream) -> None:
         for at in list(stream.ahead):
             self._drop(stream, at)
+
+
+def _holding(stream: _Stream, blocks: Sequence[int]) -> _Ahead | None:
+    """The batch of ``stream`` that holds all of ``blocks`` (contiguous), if any."""
+    first, end = blocks[0], blocks[-1] + 1
+    for ahead in stream.ahead.values():
+        if ahead.at <= first and end <= ahead.at + ahead.count:
+            return ahead
+    return None
 
