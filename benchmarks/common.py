@@ -291,6 +291,25 @@ def run_rounds(benchmark: str, pairs: Sequence[Pair | Figures], rounds: int = MI
     return out
 
 
+PRECONDITION_PASSES = 5  # preconditioning passes at most
+SETTLED = 64 << 20       # a pass that grows the pool by no more than this: steady state
+
+
+def settle(label: str, allocated: Callable[[], int],
+           precondition: Callable[[], None]) -> None:
+    """Precondition storaged's volumes (``precondition``: one pass over all of them),
+    pass after pass, until a pass no longer grows the pool's files (``allocated``: their
+    bytes) by more than SETTLED: the pool has reached its steady state."""
+    for n in range(1, PRECONDITION_PASSES + 1):
+        before = allocated()
+        precondition()
+        grown = allocated() - before
+        stderr_log(f"  {label} | precondition pass {n}: the pool grew {grown >> 20} MiB")
+        if grown <= SETTLED:
+            return
+    stderr_log(f"  {label} | the pool still grew after {PRECONDITION_PASSES} passes")
+
+
 def stderr_log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 

@@ -55,6 +55,7 @@ from benchmarks.common import (
     check_rounds,
     fio_side,
     run_rounds,
+    settle,
     stderr_log,
 )
 from fuse.mount import mount_entry, raise_max_background
@@ -62,8 +63,6 @@ from fuse.mount import mount_entry, raise_max_background
 MiB = 1 << 20
 SIZE = 1 << 30
 REGION = 512 * MiB       # what every fio run works on (--size)
-MAX_PASSES = 5           # preconditioning passes at most
-SETTLED = 64 * MiB       # a pass that grows the pool by no more than this: steady state
 TESTS = [("seq write 1M", "write", "1m", 4), ("seq read 1M", "read", "1m", 4),
          ("rand write 4K", "randwrite", "4k", 16), ("rand read 4K", "randread", "4k", 16)]
 BIN = Path(sys.executable).parent
@@ -96,20 +95,6 @@ def precondition(path: Path) -> None:
 def allocated(directory: Path) -> int:
     """Bytes of file system blocks the device files in ``directory`` hold."""
     return sum(p.stat().st_blocks * 512 for p in directory.glob("d*.img"))
-
-
-def settle(work: Path, paths: list[Path]) -> None:
-    """Precondition storaged's volumes, pass after pass, until a pass no longer grows the
-    pool's files (by more than ``SETTLED``): the pool has reached its steady state."""
-    for n in range(1, MAX_PASSES + 1):
-        before = allocated(work)
-        for path in paths:
-            precondition(path)
-        grown = allocated(work) - before
-        stderr_log(f"  fuse | precondition pass {n}: the pool grew {grown / MiB:.0f} MiB")
-        if grown <= SETTLED:
-            return
-    stderr_log(f"  fuse | the pool still grew after {MAX_PASSES} passes")
 
 
 def _wait(cond: object, proc: subprocess.Popen[bytes], what: str) -> None:
@@ -223,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         for path in (qsd_file, null_file, *(p for _, p in vols)):
             prefill(path)
         if not args.no_precondition and vols:
-            settle(work, [p for _, p in vols])
+            def one_pass() -> None:
+                for _label, path in vols:
+                    precondition(path)
+            settle("fuse", lambda: allocated(work), one_pass)
 
         def measure(path: Path, test: str, rw: str, bs: str, depth: int,
                     target: str) -> Callable[[], float]:

@@ -53,6 +53,7 @@ from benchmarks.common import (
     free_port,
     run_rounds,
     serve_until_signal,
+    settle,
     stderr_log,
     wait_port,
 )
@@ -66,8 +67,6 @@ MiB = 1 << 20
 SIZE = 512 * MiB
 BASE = "iqn.2026-11.org.storaged"
 TGT_IQN = "iqn.2026-11.org.storaged.bench:tgtd"
-MAX_PASSES = 5            # preconditioning passes at most
-SETTLED = 64 * MiB        # a pass that grows the pool by no more than this: steady state
 # (test name, block size, depth, write)
 QEMU_TESTS = [("qemu-img read 1M d4", MiB, 4, False), ("qemu-img write 1M d4", MiB, 4, True),
               ("qemu-img read 4K d16", 4096, 16, False),
@@ -95,20 +94,6 @@ def precondition(url: str) -> None:
 def allocated(directory: Path) -> int:
     """Bytes of file system blocks the files under ``directory`` hold."""
     return sum(p.stat().st_blocks * 512 for p in directory.rglob("*") if p.is_file())
-
-
-def settle(sdir: Path, urls: list[str]) -> None:
-    """Precondition storaged's LUs, pass after pass, until a pass no longer grows the
-    pool's files (by more than ``SETTLED``): the pool has reached its steady state."""
-    for n in range(1, MAX_PASSES + 1):
-        before = allocated(sdir)
-        for url in urls:
-            precondition(url)
-        grown = allocated(sdir) - before
-        stderr_log(f"  iscsi | precondition pass {n}: the pool grew {grown / MiB:.0f} MiB")
-        if grown <= SETTLED:
-            return
-    stderr_log(f"  iscsi | the pool still grew after {MAX_PASSES} passes")
 
 
 def iscsi_perf(url: str, runtime: int) -> float:
@@ -229,7 +214,10 @@ def main() -> None:
             prefill(url, image)
         if not args.no_precondition:
             precondition(tgt_url)
-            settle(sdir, list(urls.values()))
+            def one_pass() -> None:
+                for url in urls.values():
+                    precondition(url)
+            settle("iscsi", lambda: allocated(sdir), one_pass)
         os.sync()
 
         def perf(url: str) -> Callable[[], float]:

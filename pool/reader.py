@@ -61,6 +61,18 @@ def _entries(n: int) -> struct.Struct:
     return layout
 
 
+def _handed_out(view: memoryview, n: int, block_size: int,
+                holes: Iterable[int]) -> list[bytes | memoryview | None]:
+    """The ``n`` blocks a read filled ``view`` with, as read-only views of it (invariant
+    5), holes None."""
+    out = view.toreadonly()
+    result: list[bytes | memoryview | None] = [
+        out[at:at + block_size] for at in range(0, n * block_size, block_size)]
+    for slot in holes:
+        result[slot] = None
+    return result
+
+
 class RecordReader:
     """Reads blocks of a pool's maps (``Pool.reader``).
 
@@ -199,12 +211,7 @@ class RecordReader:
         except records.WouldBlock:
             return None
         self._counters["records_read"] += done
-        out = view.toreadonly()
-        result: list[bytes | memoryview | None] = [
-            out[at:at + block_size] for at in range(0, n * block_size, block_size)]
-        for slot in holes:
-            result[slot] = None
-        return result
+        return _handed_out(view, n, block_size, holes)
 
     def _packed_nowait(self, packed: _Packed, n: int, block_size: int
                        ) -> list[bytes | memoryview | None] | None:
@@ -220,11 +227,7 @@ class RecordReader:
         except records.WouldBlock:
             return None
         self._counters["records_read"] += done
-        out = view.toreadonly()
-        result: list[bytes | memoryview | None] = [
-            out[at:at + block_size] for at in range(0, n * block_size, block_size)]
-        for slot in holes:
-            result[slot] = None
+        result = _handed_out(view, n, block_size, holes)
         for slot, hit in hits:
             result[slot] = hit
         return result
@@ -298,11 +301,7 @@ class RecordReader:
         """The records of ``blocks`` as runs for ``records.read_packed_into`` (lz4 or raw,
         whole or not), the slots that are holes and the record-cache hits; None if a
         record lies in a segment with k > 1 (``_records_into_nowait`` reads those)."""
-        forest = self.state.forest
-        if blocks and blocks[-1] - blocks[0] + 1 == len(blocks):
-            spans = forest.leaf_spans(map_id, blocks[0], len(blocks))
-        else:
-            spans = [(1, forest.get(map_id, b) or HOLE) for b in blocks]
+        spans = self._spans(map_id, blocks)
         segments = self.state.segments
         columns = self._store.columns
         cached = self.cache.get if len(self.cache) else None
@@ -385,15 +384,19 @@ class RecordReader:
                 del spare[0]
         return buf
 
+    def _spans(self, map_id: int, blocks: Sequence[int]) -> list[tuple[int, bytes | None]]:
+        """The map entries of ``blocks`` as spans (how many, their entries back to back;
+        None or HOLE for holes), as ``MapForest.leaf_spans`` gives them for a range."""
+        forest = self.state.forest
+        if blocks and blocks[-1] - blocks[0] + 1 == len(blocks):
+            return forest.leaf_spans(map_id, blocks[0], len(blocks))
+        return [(1, forest.get(map_id, b) or HOLE) for b in blocks]
+
     def _into_runs(self, map_id: int, blocks: Sequence[int], block_size: int
                    ) -> tuple[list[records.IntoRun], list[int]] | None:
         """The records of ``blocks`` as runs for ``records.read_runs_into``, and the
         slots that are holes; None if some block is not a whole block stored raw."""
-        forest = self.state.forest
-        if blocks and blocks[-1] - blocks[0] + 1 == len(blocks):
-            spans = forest.leaf_spans(map_id, blocks[0], len(blocks))
-        else:
-            spans = [(1, forest.get(map_id, b) or HOLE) for b in blocks]
+        spans = self._spans(map_id, blocks)
         segments = self.state.segments
         columns = self._store.columns
         n, raw = spans[0] if len(spans) == 1 else (0, None)

@@ -718,15 +718,8 @@ class Volume:
                 return False             # a partial write of one of them reads it (inv. 6)
             dirty = self._dirty
             need = sum(1 for i in range(b, end) if dirty.get(i) is None)
-            buffered = (buf.dirty_blocks + need) * bs
-            if buffered >= buf.threshold(buffered):
+            if not self._room_nowait(need):
                 return False
-            if need:
-                try:
-                    self._pool.check_writable(self.profile)
-                    self._pool.reserve(need * buf.cost, self.profile)
-                except NoSpace:
-                    return False         # ``write`` makes room or reports it
             view = memoryview(data)
             buf.put_whole(b, view, view.contiguous and (
                 owned or (isinstance(view.obj, bytes) and view.readonly)), need)
@@ -741,15 +734,8 @@ class Volume:
         if any(base is False for base in bases):
             return False
         need = sum(1 for b, _lo, _hi in spans if self._dirty.get(b) is None)
-        buffered = (buf.dirty_blocks + need) * self.block_size
-        if buffered >= buf.threshold(buffered):
+        if not self._room_nowait(need):
             return False
-        if need:
-            try:
-                self._pool.check_writable(self.profile)
-                self._pool.reserve(need * buf.cost, self.profile)
-            except NoSpace:
-                return False             # ``write`` makes room or reports it
         view = memoryview(data)
         keep = view.contiguous and (owned or (isinstance(view.obj, bytes) and view.readonly))
         reserved = need
@@ -764,6 +750,22 @@ class Volume:
         self._stats["writes"] += 1
         self._stats["bytes_written"] += len(data)
         self._latency["write"].observe(time.perf_counter() - started)
+        return True
+
+    def _room_nowait(self, need: int) -> bool:
+        """Whether ``need`` more blocks may be buffered at once (``write_nowait``): the
+        buffer stays under its write-back threshold, and their space is reserved; else
+        False, and ``write`` makes room or reports it."""
+        buf = self._buf
+        buffered = (buf.dirty_blocks + need) * self.block_size
+        if buffered >= buf.threshold(buffered):
+            return False
+        if need:
+            try:
+                self._pool.check_writable(self.profile)
+                self._pool.reserve(need * buf.cost, self.profile)
+            except NoSpace:
+                return False
         return True
 
     async def flush(self) -> None:
