@@ -338,6 +338,15 @@ class Volume:
                                  ) -> tuple[list[tuple[int, int, int]], dict[int, Block | None]]:
         """``_contents`` once QoS admits the read and the pool's dispatcher gives it a
         slot (the awaited read paths share this gate)."""
+        d = await self._admit_read(length)
+        try:
+            return await self._contents(offset, length)
+        finally:
+            d.release()
+
+    async def _admit_read(self, length: int) -> WeightedDispatcher:
+        """The gate of every awaited read: QoS admits it, then the pool's dispatcher
+        gives it a slot, which the caller releases (``release()`` of what this returns)."""
         if self._throttles:
             await self._admit(READ, length)
         d = self.dispatcher
@@ -345,10 +354,7 @@ class Volume:
             await self._slot(length)
         else:
             d.in_service += 1           # a free slot (WeightedDispatcher.try_acquire)
-        try:
-            return await self._contents(offset, length)
-        finally:
-            d.release()
+        return d
 
     def read_sparse_nowait(self, offset: int,
                            length: int) -> list[tuple[int, int, list[Piece] | None]] | None:
@@ -425,10 +431,20 @@ class Volume:
         """``read`` of ``len(buffer)`` bytes at ``offset`` into the caller's writable
         ``buffer`` (holes as zeros): whole blocks that are page-cached are read straight
         into it, with no copy, so a frontend with buffers of its own reads at memory speed.
+        Admitted by QoS and the pool's dispatcher as every awaited read is (a send of a
+        limited volume keeps to its limits).
 
         If the read fails or is cancelled, the buffer's content is undefined."""
         started = time.perf_counter()
         view = memoryview(buffer).cast("B")
+        d = await self._admit_read(len(view))
+        try:
+            await self._readinto(offset, view)
+        finally:
+            d.release()
+        self._count_read(len(view), started)
+
+    async def _readinto(self, offset: int, view: memoryview) -> None:
         length = len(view)
         bs = self.block_size
         if not offset % bs and not length % bs and not self._dirty and not self._inflight:
@@ -437,7 +453,6 @@ class Volume:
             await self._pool.read_blocks_into(
                 self._map, range(offset // bs, (offset + length) // bs), bs,
                 [view[at:at + bs] for at in range(0, length, bs)])
-            self._count_read(length, started)
             return
         spans, buffered, _need = self._begin_read(offset, length)
         whole: list[int] = []
@@ -461,7 +476,6 @@ class Volume:
             got = await self._pool.read_blocks(self._map, [b for b, *_ in part], bs)
             for (_b, lo, hi, dest), v in zip(part, got, strict=True):
                 dest[:] = self._zero_view[lo:hi] if v is None else v[lo:hi]
-        self._count_read(length, started)
 
     def readinto_nowait(self, offset: int, buffer: bytearray | memoryview) -> bool:
         """``readinto`` of whole blocks when it needs no wait (buffered blocks copied,
