@@ -165,7 +165,8 @@ class Pool:
                                    self.txn.dirty, self.counters, self.cpu,
                                    WriterHooks(self.txn.check_ok, self._confirm_owner,
                                                self.txn.do, self.reap,
-                                               lambda: self.txn.sb_gen))
+                                               lambda: self.txn.sb_gen),
+                                   self.record_cache)
         # The read path (pool.reader): map entries to verified blocks.
         # Reads that miss the page cache run in threads: two at a time on devices (they
         # are mostly verification, CPU), RADOS_READS at a time on RADOS, where a thread
@@ -511,11 +512,12 @@ class Pool:
     # ==== the data path ===================================================================
     async def write_blocks(self, map_id: int, prof: Profile, compress: bool,
                            items: Sequence[tuple[int, codec.Buffer | None]], *,
-                           raw: Container[int] = ()) -> None:
+                           raw: Container[int] = (), keep: Container[int] = ()) -> None:
         """Store blocks as new records (``None`` unmaps) and point the map at them; with
-        ``compress``, lz4 is tried on each block but those in ``raw``
-        (``RecordWriter.write_blocks``). In memory until the next ``commit``."""
-        await self.writer.write_blocks(map_id, prof, compress, items, raw=raw)
+        ``compress``, lz4 is tried on each block but those in ``raw``; those in ``keep``
+        (bytes the caller never changes again) go into the record cache as they are
+        written (``RecordWriter.write_blocks``). In memory until the next ``commit``."""
+        await self.writer.write_blocks(map_id, prof, compress, items, raw=raw, keep=keep)
 
     # ==== member health ===================================================================
     def count_error(self, index: int, kind: str, why: str = "") -> None:

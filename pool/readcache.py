@@ -1,5 +1,5 @@
-"""The record cache: verified logical blocks of recent small reads, kept per pool like
-ZFS's ARC (an LRU here), so that a hit costs no device read and no checksum.
+"""The record cache: verified logical blocks of recent small reads and writes, kept per
+pool like ZFS's ARC (an LRU here), so that a hit costs no device read and no checksum.
 
 The key is a block's map entry (``pool.state.ENTRY``: segment, offset, length, flags and
 the record's hash). A record never changes where it lies (DESIGN invariant 3) and the
@@ -9,8 +9,9 @@ invalidated, entries only age out.
 Invariants this module owns:
 
 1. Only verified data goes in: callers ``put`` a record's payload after its checksum was
-   verified (DESIGN invariant 4), never bytes a caller may still change (``bytes`` or a
-   read-only ``memoryview``).
+   verified (DESIGN invariant 4), or the very bytes a record was just made from (the
+   writer's ``keep``, writer invariant 6), never bytes anyone may still change (``bytes``
+   or a read-only ``memoryview`` of bytes nobody writes again).
 2. After every ``put``, the bytes held are at most ``limit`` (a limit of 0 keeps nothing).
 3. A ``put`` of a key already held changes nothing (not its data, not its age).
 4. Eviction is least recently used first; a ``get`` that hits makes its entry the most

@@ -20,6 +20,10 @@ Invariants this module owns (DESIGN numbers in parentheses):
    writes returned (invariant 2 holds per batch); at most ``PIPELINE_AHEAD`` encoded
    batches wait for the store. A failure stops the pipeline: batches already mapped stay
    mapped (uncommitted, like any write before a failure), the rest are not written.
+6. A block the caller names in ``keep`` enters the record cache under its new map entry,
+   once its record is written, as a read-only view of the caller's bytes (which the
+   caller never changes again, buffer invariant 7): the record was made from exactly
+   those bytes, so a read of the entry returns them (record cache invariant 1).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pool.errors import MediumError, StorageError
 from pool.layout import SECTOR
 from pool.pins import SegmentPins
 from pool.profile import Profile
+from pool.readcache import RecordCache
 from pool.space import SpaceAccount
 from pool.state import ENTRY, HOLE, Op, PoolState, Segment, op_json, op_map_set
 from pool.store import SegmentStore
@@ -70,7 +75,7 @@ class RecordWriter:
                  devices: list[Device | None], extent_size: int,
                  open_segments: dict[tuple[int, int], Segment], pins: SegmentPins,
                  fill_moved: set[int], dirty: set[int], counters: dict[str, int],
-                 cpu: trio.CapacityLimiter, hooks: WriterHooks) -> None:
+                 cpu: trio.CapacityLimiter, hooks: WriterHooks, cache: RecordCache) -> None:
         self.state = state
         self._store = store
         self._space = space
@@ -83,12 +88,14 @@ class RecordWriter:
         self._counters = counters
         self._cpu = cpu
         self._hooks = hooks
+        self._cache = cache
 
     async def write_blocks(self, map_id: int, prof: Profile, compress: bool,
                            items: Sequence[tuple[int, codec.Buffer | None]], *,
-                           raw: Container[int] = ()) -> None:
+                           raw: Container[int] = (), keep: Container[int] = ()) -> None:
         """Store blocks as new records (``None`` unmaps) and point the map at them; with
-        ``compress``, lz4 is tried on each block but those in ``raw``.
+        ``compress``, lz4 is tried on each block but those in ``raw``. Blocks in ``keep``
+        go into the record cache as they are written (invariant 6).
 
         The change is in memory until the next ``commit``; the records are written (not
         synced) before the map moves, so a commit never references unwritten data.
@@ -102,29 +109,39 @@ class RecordWriter:
         size = max((len(d) for d in datas), default=1) or 1
         step = max(PIPELINE_MIN, PIPELINE_BYTES // size)
         cuts = [(lo, min(lo + step, len(datas))) for lo in range(0, len(datas), step)]
+        kept = [d if b in keep else None for b, d in zip(blocks, datas, strict=True)] \
+            if keep else None
         if len(cuts) == 1:
             encoded = await self.encode(datas, prof, tries)
-            await self._store_and_map(map_id, prof, blocks, encoded)
+            await self._store_and_map(map_id, prof, blocks, encoded, kept)
         elif cuts:
-            await self._pipeline(map_id, prof, blocks, datas, tries, cuts)
+            await self._pipeline(map_id, prof, blocks, datas, tries, cuts, kept)
         for block, maybe in items:
             if maybe is None:
                 self._hooks.do(op_map_set(map_id, block, HOLE))
         self._hooks.reap()
 
     async def _store_and_map(self, map_id: int, prof: Profile, blocks: Sequence[int],
-                             encoded: Sequence[codec.EncodedRecord]) -> None:
+                             encoded: Sequence[codec.EncodedRecord],
+                             kept: Sequence[codec.Buffer | None] | None) -> None:
         """Store one batch and point the map at its records (invariant 2), then reap:
-        no await between the entries coming back and the map moving."""
+        no await between the entries coming back and the map moving. ``kept``: the
+        blocks (None for the others) that go into the record cache (invariant 6)."""
         self._hooks.check_ok()
         entries = await self.store(prof, encoded)
         for block, entry in zip(blocks, entries, strict=True):
             self._hooks.do(op_map_set(map_id, block, entry))
+        if kept is not None:
+            put = self._cache.put
+            for entry, data in zip(entries, kept, strict=True):
+                if data is not None:
+                    put(entry, memoryview(data).toreadonly())
         self._hooks.reap()
 
     async def _pipeline(self, map_id: int, prof: Profile, blocks: Sequence[int],
                         datas: Sequence[codec.Buffer], tries: Sequence[bool],
-                        cuts: Sequence[tuple[int, int]]) -> None:
+                        cuts: Sequence[tuple[int, int]],
+                        kept: Sequence[codec.Buffer | None] | None) -> None:
         """Invariant 5: an encoder task encodes the batches ``cuts`` in order (each in
         one or two thread hops, ``encode``) into a bounded channel; this task stores and
         maps them in the same order. The first error of either stage stops both and is
@@ -151,7 +168,8 @@ class RecordWriter:
                     async for encoded in recv:
                         lo, hi = cuts[at]
                         at += 1
-                        await self._store_and_map(map_id, prof, blocks[lo:hi], encoded)
+                        await self._store_and_map(map_id, prof, blocks[lo:hi], encoded,
+                                                  None if kept is None else kept[lo:hi])
             except Exception as e:
                 failure.append(e)
                 nursery.cancel_scope.cancel()

@@ -24,6 +24,11 @@ Invariants (tests cite them as "buffer invariant N"):
    writer of both.
 6. A block's lock exists in ``locks`` only while a partial write of it reads the block
    (read-modify-write) or waits to; its last waiter removes it.
+7. A bytearray block that leaves ``dirty`` for a writeback is never changed again: partial
+   writes patch in place only what ``dirty`` holds (``base_now``), and a writeback that
+   fails puts copies back. So the pool may keep it, as written, in its record cache
+   (``write_blocks(keep=...)``: the read-modify-write results of small writes, which
+   are likely read again; whole blocks written from the caller's bytes are not kept).
 """
 
 from __future__ import annotations
@@ -415,7 +420,9 @@ class VolumeBuffer:
             # One pool call for the whole batch: the pool pipelines it (encoding the
             # next part in threads while the last one is written: pool/writer.py).
             await self.pool.write_blocks(self.map_id, self.profile, self.compression,
-                                         sorted(batch.items()), raw=raw)
+                                         sorted(batch.items()), raw=raw,
+                                         keep={b for b, v in batch.items()
+                                               if type(v) is bytearray})
         except BaseException:
             if self.deleted:
                 # Deleted meanwhile (its buffer was discarded): nothing to put back.
@@ -427,7 +434,8 @@ class VolumeBuffer:
                     if v is not None:
                         self.pool.unreserve(self.cost)
                 else:
-                    self.dirty[b] = v
+                    # A copy: the pool may keep the one it was given (invariant 7).
+                    self.dirty[b] = bytearray(v) if type(v) is bytearray else v
                     if v is not None:
                         self.dirty_data += 1
                     if b in raw:

@@ -1,0 +1,121 @@
+"""Blocks a small write rewrote enter the record cache as they are written back (writer
+invariant 6, buffer invariant 7, record cache invariant 1): a 4 KiB read after 4 KiB
+writes costs no record read and no checksum, and is byte-exact; whole blocks written from
+the caller's bytes are not kept; a writeback that fails puts copies back, so what the
+cache holds for a record never changes. Real file devices; faults from a device wrapper."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+
+import pytest
+
+from pool import Pool, codec, writer
+from pool.errors import MediumError
+from pool.faults import FaultyDevice
+from pool.profile import Profile
+from tests.conftest import DiskSet
+from volumes import VolumeManager
+
+BS = 64 << 10
+KiB = 1 << 10
+
+
+async def test_small_writes_are_read_back_from_the_cache(
+        disks: Callable[..., DiskSet]) -> None:
+    """4 KiB written into 16 blocks (read-modify-write) and 4 whole blocks, flushed: each
+    4 KiB reads back byte-exact from the record cache (no record read), the rest of each
+    rewritten block too; the whole blocks are read from the devices."""
+    pool = await Pool.create("p", disks(1).create(), profile="plain", extent_size=1 << 20)
+    try:
+        vol = await VolumeManager(pool).create("v", 32 * BS, block_size=BS)
+        base = random.Random(1).randbytes(32 * BS)
+        await vol.write(0, base)
+        await vol.flush()
+        pool.record_cache.clear()
+        rng = random.Random(2)
+        want = bytearray(base)
+        for b in range(16):
+            off = b * BS + rng.randrange(0, BS - 4 * KiB, 512)
+            piece = rng.randbytes(4 * KiB)
+            await vol.write(off, piece)
+            want[off:off + len(piece)] = piece
+        whole = rng.randbytes(4 * BS)
+        await vol.write(16 * BS, whole)
+        want[16 * BS:20 * BS] = whole
+        await vol.flush()
+        assert pool.record_cache.nbytes == 16 * BS      # the 16 rewritten blocks only
+        before = pool.statistics().records_read
+        hits = pool.record_cache.hits
+        for b in range(16):
+            assert await vol.read(b * BS, BS) == want[b * BS:(b + 1) * BS]
+        assert pool.statistics().records_read == before
+        assert pool.record_cache.hits == hits + 16
+        assert await vol.read(16 * BS, 4 * BS) == whole
+        assert pool.statistics().records_read == before + 4
+        assert await vol.read(0, 32 * BS) == want
+    finally:
+        await pool.close()
+    pool = await Pool.open(disks(1).open())     # what the devices hold, no cache
+    try:
+        assert await VolumeManager(pool).get("v").read(0, 32 * BS) == want
+    finally:
+        await pool.close()
+
+
+async def test_a_cached_block_never_changes(disks: Callable[..., DiskSet],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Buffer invariant 7: a writeback of 12 rewritten blocks in batches of 4 fails on the
+    third batch; the first two batches stay mapped and cached. The blocks go back to the
+    buffer as copies: writing into them again changes the buffer, never what the cache
+    holds for the records the map points at."""
+    monkeypatch.setattr(writer, "PIPELINE_BYTES", 4 * BS)
+    monkeypatch.setattr(writer, "PIPELINE_MIN", 1)
+    ds = disks(6)
+    faulty = [FaultyDevice(d, seed=i) for i, d in enumerate(ds.create())]
+    pool = await Pool.create("p", list(faulty), profile="ec:4+2", extent_size=1 << 20)
+    try:
+        pool.member_health.threshold = 10 ** 6     # count the failures, fault nobody
+        vol = await VolumeManager(pool).create("v", 12 * BS, block_size=BS)
+        await vol.write(0, bytes(range(256)) * (12 * BS // 256))
+        await vol.flush()
+        first = [b"a%02d" % b for b in range(12)]
+        for b in range(12):
+            await vol.write(b * BS + 100, first[b])
+        want = [await vol.read(b * BS, BS) for b in range(12)]
+        pool.record_cache.clear()                  # (the read-modify-writes' reads)
+        stored = 0
+        w = pool.writer
+        store = w.store
+
+        async def failing_store(prof: Profile, encoded: Sequence[codec.EncodedRecord]
+                                ) -> list[bytes]:
+            nonlocal stored
+            if stored == 2:
+                for d in faulty[:3]:
+                    d.write_error_rate = 1.0
+            stored += 1
+            return await store(prof, encoded)
+        w.store = failing_store                    # type: ignore[method-assign]
+        with pytest.raises(MediumError):
+            await vol.flush()
+        w.store = store                            # type: ignore[method-assign]
+        for d in faulty:
+            d.write_error_rate = 0.0
+        assert pool.record_cache.nbytes == 8 * BS  # the two batches that were stored
+        for b in range(12):                        # patched again, in the buffer
+            await vol.write(b * BS + 100, b"B%02d" % b)
+        map_id = vol._buf.map_id
+        hits = pool.record_cache.hits
+        got = await pool.read_blocks(map_id, list(range(8)), BS)
+        assert pool.record_cache.hits == hits + 8
+        assert [bytes(g) for g in got if g is not None] == want[:8]
+        again = [bytearray(x) for x in want]
+        for b in range(12):
+            again[b][100:103] = b"B%02d" % b
+        assert [await vol.read(b * BS, BS) for b in range(12)] == again
+        await vol.flush()
+        assert [await vol.read(b * BS, BS) for b in range(12)] == again
+    finally:
+        await pool.close()
