@@ -269,6 +269,14 @@ class RecordReader:
         what ``dests`` hold is undefined."""
         if map_id not in self.state.maps:
             return False
+        if len(blocks) == 1 and len(self.cache):
+            # One block (a read-modify-write's read): the record cache first, which holds
+            # the blocks small writes produced (writer invariant 6).
+            raw = self.state.forest.get(map_id, blocks[0])
+            hit = self.cache.get(raw) if raw is not None else None
+            if hit is not None:
+                dests[0][:] = hit
+                return True
         planned = self._into_runs(map_id, blocks, block_size)
         try:
             if planned is not None:

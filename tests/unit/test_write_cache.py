@@ -26,7 +26,8 @@ async def test_small_writes_are_read_back_from_the_cache(
         disks: Callable[..., DiskSet]) -> None:
     """4 KiB written into 16 blocks (read-modify-write) and 4 whole blocks, flushed: each
     4 KiB reads back byte-exact from the record cache (no record read), the rest of each
-    rewritten block too; the whole blocks are read from the devices."""
+    rewritten block too, and a further small write's read-modify-write reads it there;
+    the whole blocks are read from the devices."""
     pool = await Pool.create("p", disks(1).create(), profile="plain", extent_size=1 << 20)
     try:
         vol = await VolumeManager(pool).create("v", 32 * BS, block_size=BS)
@@ -54,6 +55,13 @@ async def test_small_writes_are_read_back_from_the_cache(
         assert pool.record_cache.hits == hits + 16
         assert await vol.read(16 * BS, 4 * BS) == whole
         assert pool.statistics().records_read == before + 4
+        # A second small write into a rewritten block reads it from the cache too.
+        hits = pool.record_cache.hits
+        await vol.write(3 * BS + 10, b"again")
+        want[3 * BS + 10:3 * BS + 15] = b"again"
+        assert pool.record_cache.hits == hits + 1
+        assert pool.statistics().records_read == before + 4
+        await vol.flush()
         assert await vol.read(0, 32 * BS) == want
     finally:
         await pool.close()
