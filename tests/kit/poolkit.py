@@ -4,9 +4,12 @@ where each record's fragments lie, and corrupting them on disk."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 
-from pool import Pool
+from pool import Pool, codec
+from pool.faults import FaultyDevice
 from pool.layout import SECTOR
+from pool.profile import Profile
 from pool.state import ENTRY
 from pool.tuning import PoolTuning
 from tests.conftest import DiskSet
@@ -68,3 +71,31 @@ async def rotten_pool(ds: DiskSet, profile: str, size: int, block: int, column: 
     await pool.close()
     corrupt(ds, member, off, length, random.Random(seed))
     return await Pool.open(ds.open()), data, str(ds.paths[member])
+
+
+def fail_stores_after(pool: Pool, faulty: Sequence[FaultyDevice], good: int,
+                      lost: int = 3) -> Callable[[], int]:
+    """Make ``pool.writer.store`` fail from its ``good + 1``-th call on: the first ``lost``
+    of ``faulty`` then fail every write (more than ec:4+2 can lose). Returns a function
+    that undoes it (the store as it was, the devices healthy) and tells how many stores
+    were called."""
+    w = pool.writer
+    store = w.store
+    stored = 0
+
+    async def failing_store(prof: Profile, encoded: Sequence[codec.EncodedRecord]
+                            ) -> list[bytes]:
+        nonlocal stored
+        if stored == good:
+            for d in faulty[:lost]:
+                d.write_error_rate = 1.0
+        stored += 1
+        return await store(prof, encoded)
+
+    def undo() -> int:
+        w.store = store                            # type: ignore[method-assign]
+        for d in faulty:
+            d.write_error_rate = 0.0
+        return stored
+    w.store = failing_store                        # type: ignore[method-assign]
+    return undo

@@ -7,15 +7,15 @@ cache holds for a record never changes. Real file devices; faults from a device 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import pytest
 
-from pool import Pool, codec, writer
+from pool import Pool, writer
 from pool.errors import MediumError
 from pool.faults import FaultyDevice
-from pool.profile import Profile
 from tests.conftest import DiskSet
+from tests.kit.poolkit import fail_stores_after
 from volumes import VolumeManager
 
 BS = 64 << 10
@@ -93,24 +93,10 @@ async def test_a_cached_block_never_changes(disks: Callable[..., DiskSet],
             await vol.write(b * BS + 100, first[b])
         want = [await vol.read(b * BS, BS) for b in range(12)]
         pool.record_cache.clear()                  # (the read-modify-writes' reads)
-        stored = 0
-        w = pool.writer
-        store = w.store
-
-        async def failing_store(prof: Profile, encoded: Sequence[codec.EncodedRecord]
-                                ) -> list[bytes]:
-            nonlocal stored
-            if stored == 2:
-                for d in faulty[:3]:
-                    d.write_error_rate = 1.0
-            stored += 1
-            return await store(prof, encoded)
-        w.store = failing_store                    # type: ignore[method-assign]
+        undo = fail_stores_after(pool, faulty, 2)
         with pytest.raises(MediumError):
             await vol.flush()
-        w.store = store                            # type: ignore[method-assign]
-        for d in faulty:
-            d.write_error_rate = 0.0
+        assert undo() == 3
         assert pool.record_cache.nbytes == 8 * BS  # the two batches that were stored
         for b in range(12):                        # patched again, in the buffer
             await vol.write(b * BS + 100, b"B%02d" % b)

@@ -20,6 +20,7 @@ from pool.errors import MediumError
 from pool.faults import FaultyDevice
 from pool.profile import Profile
 from tests.conftest import DiskSet
+from tests.kit.poolkit import fail_stores_after
 from volumes import VolumeManager
 
 BS = 64 << 10
@@ -129,26 +130,11 @@ async def test_store_failure_stops_the_pipeline(disks: Callable[..., DiskSet]) -
         await vol.write(0, b"".join(old))
         await vol.flush()
         new = blocks_of(3, N)
-        stored = 0
-        w = pool.writer
-        store = w.store
-
-        async def failing_store(prof: Profile, encoded: Sequence[codec.EncodedRecord]
-                                ) -> list[bytes]:
-            nonlocal stored
-            if stored == 2:
-                for d in faulty[:3]:
-                    d.write_error_rate = 1.0
-            stored += 1
-            return await store(prof, encoded)
-        w.store = failing_store                    # type: ignore[method-assign]
+        undo = fail_stores_after(pool, faulty, 2)
         map_id = vol._buf.map_id
         with pytest.raises(MediumError):
             await pool.write_blocks(map_id, Profile(4, 2), False, list(enumerate(new)))
-        w.store = store                            # type: ignore[method-assign]
-        for d in faulty:
-            d.write_error_rate = 0.0
-        assert stored == 3                         # the fourth batch was never stored
+        assert undo() == 3                         # the fourth batch was never stored
         assert not pool.pins._counts
         got = await vol.read(0, N * BS)
         want = b"".join(new[:2 * STEP] + old[2 * STEP:])
