@@ -36,7 +36,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 # ---- handshake constants (proto.md "Values") --------------------------------------------
 NBDMAGIC = 0x4E42444D41474943
@@ -159,6 +159,7 @@ REQUEST_SIZE = _REQUEST.size     # a request header's bytes
 _SIMPLE = struct.Struct(">IIQ")
 Data = bytes | memoryview        # what a reply is sent as (payloads are not joined)
 _CHUNK = struct.Struct(">IHHQI")
+_CHUNK_AT = struct.Struct(">IHHQIQ")   # a chunk header and the offset that follows it
 
 
 def nbd_error(code: int) -> int:
@@ -248,8 +249,9 @@ class Transmission:
     meta_context: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Command:
+class Command(NamedTuple):
+    """A validated request. A tuple, not a frozen dataclass: one is made per request, and
+    a tuple is built in C (0.2 against 0.8 us), immutable all the same."""
     cookie: int
     kind: int
     flags: int
@@ -412,6 +414,12 @@ class ServerConnection:
 
     # ---- the event pump -----------------------------------------------------------------
     def next_event(self) -> Event | _NeedData:
+        if self.phase is Phase.TRANSMISSION and not self._skip:
+            # The request loop's own case first (no refused payload being skipped): what
+            # the loop below does for it, without its checks of the other phases.
+            ev = self._request()
+            if ev is not None:
+                return ev
         while True:
             if self.phase is Phase.CLOSED:
                 raise RemoteProtocolError("connection already closed")
@@ -761,8 +769,8 @@ class ServerConnection:
                 out.append(_CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, REPLY_TYPE_OFFSET_HOLE,
                                        cmd.cookie, 12) + struct.pack(">QI", off, n))
             else:
-                out.append(_CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, REPLY_TYPE_OFFSET_DATA,
-                                       cmd.cookie, 8 + n) + struct.pack(">Q", off))
+                out.append(_CHUNK_AT.pack(STRUCTURED_REPLY_MAGIC, flags,
+                                          REPLY_TYPE_OFFSET_DATA, cmd.cookie, 8 + n, off))
                 out += d
         return out
 

@@ -605,8 +605,9 @@ class _Client:
             return False
         if pieces is None:
             return False
-        stats = self.server.stats
-        stats.commands[cmd.name] = stats.commands.get(cmd.name, 0) + 1
+        commands = self.server.stats.commands
+        name = cmd.name
+        commands[name] = commands.get(name, 0) + 1
         self._enqueue(self.conn.reply_read(cmd, pieces), hold=True)
         return True
 
@@ -624,8 +625,9 @@ class _Client:
                 return False
         except StorageError:
             return False
-        stats = self.server.stats
-        stats.commands[cmd.name] = stats.commands.get(cmd.name, 0) + 1
+        commands = self.server.stats.commands
+        name = cmd.name
+        commands[name] = commands.get(name, 0) + 1
         self._enqueue([self.conn.reply_ok(cmd)], hold=True)
         return True
 
