@@ -41,7 +41,7 @@ COPY_BELOW = 1024       # buffers smaller than this (headers) are joined before 
 IOV_CHUNK = 64          # buffers per sendmsg (IOV_MAX is 1024): three 1 MiB reads of
                         # 64 KiB blocks; sendmsg looks at every buffer it is given, sent
                         # or not
-SEND_NOW = 64 * 1024    # answers this large are handed to the writer at once
+SEND_NOW = 64 * 1024    # answers this large are sent at once, before the next command
 NOTSENT_LOWAT = 0       # TCP_NOTSENT_LOWAT of a connection: 0 is the kernel's default
 SEND_AHEAD = 16 << 20   # unsent answers beyond this stop the reading of commands
 FAIR_EVERY = 16         # the read loop yields at least once per this many receives
@@ -324,6 +324,9 @@ class _Client:
         self.unit: LogicalUnit | None = None
         self.logged_in = False
         self._send_lock = trio.Lock()
+        # What the socket did not take of a send the read loop made at once
+        # (``_send_at_once``): the writer sends it before anything queued later.
+        self._rest: list[Payload] = []
         self._wake = trio.Event()
         self.wire = _Wire(stream)
         self._reader = trio.CancelScope()
@@ -362,7 +365,7 @@ class _Client:
         without yielding, so nobody can come between)."""
         conn = self.conn
         rest: list[Payload] = []
-        if not self._send_lock.locked():
+        if not self._send_lock.locked() and not self._rest:
             pieces = conn.pieces_to_send()
             if not pieces:
                 return
@@ -370,10 +373,27 @@ class _Client:
             if not rest:
                 return
         async with self._send_lock:
+            if self._rest:                  # (then ``rest`` is empty: it went first)
+                rest, self._rest = self._rest, []
             if rest:
                 await self.wire.send_all(rest)
             while pieces := conn.pieces_to_send():
                 await self.wire.send_all(_views(pieces))
+
+    def _send_at_once(self) -> None:
+        """``flush`` for the read loop after a large answer, without waiting: what the
+        socket takes goes now, the rest (``_rest``) to the writer, which sends it before
+        anything queued after it; while the writer sends, it takes the answer from the
+        queue itself. (So the loop goes on with the next command at once, without a
+        pass through trio's scheduler to start the writer.)"""
+        if self._send_lock.locked() or self._rest:
+            self._wake.set()
+            return
+        pieces = self.conn.pieces_to_send()
+        if pieces:
+            self._rest = self.wire.send_now(_views(pieces))
+            if self._rest:
+                self._wake.set()
 
     async def _writer(self) -> None:
         """Sends what the read loop queues, so that the loop goes on with the next
@@ -416,7 +436,8 @@ class _Client:
         while True:
             ev = conn.next_event()
             if ev is None:
-                if self._send_lock.locked() and conn.queued_data <= SEND_AHEAD:
+                if (self._send_lock.locked() or self._rest) \
+                        and conn.queued_data <= SEND_AHEAD:
                     self._wake.set()        # the writer is busy (it sends this next)
                 else:
                     await self.flush()      # (at once; or backpressure on a laggard)
@@ -437,9 +458,7 @@ class _Client:
                 if not self._at_once(ev.task, data):
                     tasks.start_soon(self._execute, ev.task, data)
                 elif conn.queued_data >= SEND_NOW:
-                    # A large answer: let the writer start on it before the next command.
-                    self._wake.set()
-                    await trio.lowlevel.checkpoint()
+                    self._send_at_once()    # a large answer: out before the next command
             elif isinstance(ev, LoggedIn):
                 self.logged_in = True
                 self.server.logged_in(self)
