@@ -11,6 +11,9 @@ tgtd (the anchor), storaged and, for the qemu-img rows, the ceiling -- ``qemu-im
 a raw file of the same disk with no iSCSI between -- back to back in every round, the order
 alternating; the table gives the median paired ratio and its spread. storaged runs as a
 separate process (``--serve``). The issue's target is at least 1.0x on every row.
+With every run of a row the server's CPU per command is logged (tgtd's or storaged's
+process, all threads, from /proc/PID/stat around the measured run): the figure that the
+machine's fast and slow phases move least.
 
 Before the rounds every LU is overwritten as the largest write row does (1 MiB writes
 wrapping it four times, ``precondition``): tgtd's once, storaged's pass after pass until a
@@ -96,17 +99,40 @@ def allocated(directory: Path) -> int:
     return sum(p.stat().st_blocks * 512 for p in directory.rglob("*") if p.is_file())
 
 
-def iscsi_perf(url: str, runtime: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process ``pid`` (all its threads) so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def log_cpu(what: str, server: tuple[str, int] | None, before: float, commands: int
+            ) -> None:
+    """Log the server's CPU per command over one run (``server``: its name and pid): the
+    figure that does not move with the machine's phases as much as the rates do."""
+    if server is not None and commands:
+        used = cpu_seconds(server[1]) - before
+        stderr_log(f"  iscsi | {what} | {server[0]}: {used / commands * 1e6:.1f} us of "
+                   f"server CPU per command")
+
+
+def iscsi_perf(url: str, runtime: int, server: tuple[str, int] | None = None,
+               what: str = "") -> float:
     """4 KiB sequential reads at depth 32; IOPS."""
+    before = cpu_seconds(server[1]) if server is not None else 0.0
     out = _run(["iscsi-perf", "-t", str(runtime), "-b", "8", url], runtime * 3 + 60)
     found = re.findall(r"iops average (\d+) \((\d+) MB/s\)", out.replace("\r", "\n"))
     if not found:
         raise RuntimeError(f"no iscsi-perf figures in: {out[-300:]}")
-    return float(found[-1][0])
+    iops = float(found[-1][0])
+    log_cpu(what, server, before, int(iops * runtime))
+    return iops
 
 
-def qemu_bench(url: str, bs: int, depth: int, write: bool, runtime: int) -> float:
-    """``qemu-img bench`` for about ``runtime`` seconds (a calibrating run first); IOPS."""
+def qemu_bench(url: str, bs: int, depth: int, write: bool, runtime: int,
+               server: tuple[str, int] | None = None, what: str = "") -> float:
+    """``qemu-img bench`` for about ``runtime`` seconds (a calibrating run first); IOPS.
+    With ``server`` (name, pid), its CPU per command in the measured run is logged."""
     def once(count: int) -> float:
         args = ["qemu-img", "bench", "-f", "raw", "-c", str(count), "-d", str(depth),
                 "-s", str(bs), "-S", str(bs)]
@@ -121,7 +147,9 @@ def qemu_bench(url: str, bs: int, depth: int, write: bool, runtime: int) -> floa
     seconds = once(probe)
     count = max(probe, int(probe * runtime / max(seconds, 1e-3)))
     count = min(count, SIZE // bs * 4)                # wraps around the LU at most 4x
+    before = cpu_seconds(server[1]) if server is not None else 0.0
     seconds = once(count)
+    log_cpu(what, server, before, count)
     return count / seconds
 
 
@@ -220,19 +248,27 @@ def main() -> None:
             settle("iscsi", lambda: allocated(sdir), one_pass)
         os.sync()
 
-        def perf(url: str) -> Callable[[], float]:
-            return lambda: iscsi_perf(url, runtime)
+        # Each server's CPU per command is logged with every run of a row.
+        servers = {tgt_url: ("tgtd", tgtd.pid)} | {
+            url: ("storaged", proc.pid) for url in urls.values()}
 
-        def bench(url: str, bs: int, depth: int, write: bool) -> Callable[[], float]:
-            return lambda: qemu_bench(url, bs, depth, write, runtime)
+        def perf(url: str, what: str) -> Callable[[], float]:
+            return lambda: iscsi_perf(url, runtime, servers.get(url), what)
+
+        def bench(url: str, bs: int, depth: int, write: bool,
+                  what: str) -> Callable[[], float]:
+            return lambda: qemu_bench(url, bs, depth, write, runtime, servers.get(url),
+                                      what)
 
         pairs: list[Pair] = []
         for vol, label in vols:
-            pairs.append(Pair(f"{label} iscsi-perf read 4K d32", anchor=perf(tgt_url),
-                              storaged=perf(urls[vol]), unit="IOPS", anchor_name="tgtd"))
-            pairs += [Pair(f"{label} {test}", anchor=bench(tgt_url, bs, d, w),
-                           storaged=bench(urls[vol], bs, d, w),
-                           ceiling=bench(str(floor), bs, d, w), unit="IOPS",
+            row = f"{label} iscsi-perf read 4K d32"
+            pairs.append(Pair(row, anchor=perf(tgt_url, row), storaged=perf(urls[vol], row),
+                              unit="IOPS", anchor_name="tgtd"))
+            pairs += [Pair(f"{label} {test}", anchor=bench(tgt_url, bs, d, w,
+                                                           f"{label} {test}"),
+                           storaged=bench(urls[vol], bs, d, w, f"{label} {test}"),
+                           ceiling=bench(str(floor), bs, d, w, ""), unit="IOPS",
                            anchor_name="tgtd", ceiling_name="qemu-img on a raw file")
                       for test, bs, d, w in tests]
         pairs = [p for p in pairs if args.rows in p.row]

@@ -779,6 +779,30 @@ def _rw_fields(cdb: bytes) -> tuple[int, int]:
     return lba, count
 
 
+_FAST_RW: Final = {READ_10: (10, False), READ_16: (16, False), WRITE_10: (10, True),
+                   WRITE_16: (16, True)}
+
+
+def decode_rw(unit: UnitState, cdb: bytes) -> tuple[bool, int, int, bool] | None:
+    """(write, lba, count, fua) of a READ (10)/(16) or WRITE (10)/(16) that ``decode``
+    accepts as a ``Read`` or ``Write`` of the same fields; None for every other CDB and
+    for one ``decode`` would refuse or must look at more closely (reservations held, a
+    protection field set, out of range, NACA, write-protected): ``decode`` answers those.
+    Nearly every command of a session comes here, in one call without the op value."""
+    fast = _FAST_RW.get(cdb[0]) if cdb else None
+    if fast is None:
+        return None
+    need, write = fast
+    if len(cdb) < need or cdb[need - 1] & 0x04 or cdb[1] & 0xE0 \
+            or unit.reservations.reserved:
+        return None
+    lba, count = (_RW10 if need == 10 else _RW16).unpack_from(cdb)
+    if count > MAX_TRANSFER_BLOCKS or lba + count > unit.blocks \
+            or (write and unit.read_only):
+        return None
+    return write, lba, count, write and bool(cdb[1] & 0x08)
+
+
 def _read(unit: UnitState, cdb: bytes) -> Op:
     lba, count = _rw_fields(cdb)
     if cdb[0] != READ_6 and cdb[1] & 0xE0:            # RDPROTECT: no protection info

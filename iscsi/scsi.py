@@ -77,6 +77,12 @@ class LogicalUnit:
     # ---- entry point -----------------------------------------------------------------
     def plan(self, cdb: bytes, nexus: Nexus | None = None) -> Plan | Result:
         """``nexus``: the I_T nexus the command came from (None: an anonymous one)."""
+        rw = C.decode_rw(self, cdb)
+        if rw is not None:          # (a READ or WRITE decode() takes as it is)
+            write, lba, count, fua = rw
+            if write:
+                return _WritePlan(self, "WRITE", lba, count, fua)
+            return _ReadPlan(self, lba, count)
         op = C.decode(self, cdb, nexus)
         if isinstance(op, Result):
             return op
@@ -106,7 +112,7 @@ class LogicalUnit:
         return Result(GOOD, parts=tuple(parts))
 
     def _write(self, op: C.Write) -> Plan:
-        return _WritePlan(self, op)
+        return _WritePlan(self, op.name, op.lba, op.count, op.fua)
 
     def _verify(self, op: C.Verify) -> Plan:
         lba, count, bytchk = op.lba, op.count, op.bytchk
@@ -269,10 +275,11 @@ class _WritePlan(Plan):
     __slots__ = ("fua", "offset", "unit")
     write = True
 
-    def __init__(self, unit: LogicalUnit, op: C.Write) -> None:
-        self.unit, self.offset, self.fua = unit, op.lba * LBA_SIZE, op.fua
-        self.name = op.name
-        self.data_out = op.count * LBA_SIZE
+    def __init__(self, unit: LogicalUnit, name: str, lba: int, count: int,
+                 fua: bool) -> None:
+        self.unit, self.offset, self.fua = unit, lba * LBA_SIZE, fua
+        self.name = name
+        self.data_out = count * LBA_SIZE
 
     async def run(self, data: bytes) -> Result:
         if not data:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
-import select
 import socket
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -42,12 +41,8 @@ COPY_BELOW = 1024       # buffers smaller than this (headers) are joined before 
 IOV_CHUNK = 64          # buffers per sendmsg (IOV_MAX is 1024): three 1 MiB reads of
                         # 64 KiB blocks; sendmsg looks at every buffer it is given, sent
                         # or not
-SEND_NOW = 64 * 1024    # answers this large are handed to the writer at once
+SEND_NOW = 64 * 1024    # answers this large are sent at once, before the next command
 NOTSENT_LOWAT = 0       # TCP_NOTSENT_LOWAT of a connection: 0 is the kernel's default
-SEND_IN_THREAD = 256 * 1024   # queued answers this large are copied into the socket by
-                              # a worker thread, beside the event loop
-SEND_THREADS = 4        # worker threads copying into sockets at once (all connections)
-PATIENCE_MS = 20        # how long such a thread waits for room in a full socket
 SEND_AHEAD = 16 << 20   # unsent answers beyond this stop the reading of commands
 FAIR_EVERY = 16         # the read loop yields at least once per this many receives
 GRACE = 30.0          # seconds to let running commands finish when a connection ends
@@ -129,9 +124,6 @@ class ISCSIServer:
         self._sessions: dict[tuple[str, bytes], _Client] = {}
         self._tsih = 0
         self._draining = False
-        # Only for ``_Wire.send_patiently``: a thread is held for the time of a copy
-        # into a socket, and PATIENCE at most while a peer does not read.
-        self.send_threads = trio.CapacityLimiter(SEND_THREADS)
 
     def new_tsih(self) -> int:
         self._tsih = self._tsih % 0xFFFF + 1
@@ -309,27 +301,6 @@ class _Wire:
         while views := self.send_now(views):
             await trio.lowlevel.wait_writable(self.sock)
 
-    def send_patiently(self, views: list[Payload]) -> list[Payload]:
-        """``send_now`` for a worker thread, which waits for room (up to PATIENCE)
-        itself; what is left then goes back to trio, so that a peer that stops reading
-        holds no thread."""
-        poller = select.poll()
-        poller.register(self.sock, select.POLLOUT)
-        while views := self.send_now(views):
-            if not poller.poll(PATIENCE_MS):
-                break
-        return views
-
-    async def send_all_in_thread(self, views: list[Payload],
-                                 limiter: trio.CapacityLimiter) -> None:
-        """``send_all`` from a worker thread: the kernel's copy of a large answer into
-        the socket (and, on loopback, the initiator's receive path, run in the
-        sender's context) goes on beside the event loop, which meanwhile decodes and
-        runs the next commands (``sendmsg`` releases the GIL)."""
-        while views := await trio.to_thread.run_sync(self.send_patiently, views,
-                                                     limiter=limiter):
-            await trio.lowlevel.wait_writable(self.sock)
-
 
 def _peer(stream: trio.SocketStream) -> str:
     try:
@@ -353,6 +324,9 @@ class _Client:
         self.unit: LogicalUnit | None = None
         self.logged_in = False
         self._send_lock = trio.Lock()
+        # What the socket did not take of a send the read loop made at once
+        # (``_send_at_once``): the writer sends it before anything queued later.
+        self._rest: list[Payload] = []
         self._wake = trio.Event()
         self.wire = _Wire(stream)
         self._reader = trio.CancelScope()
@@ -391,7 +365,7 @@ class _Client:
         without yielding, so nobody can come between)."""
         conn = self.conn
         rest: list[Payload] = []
-        if not self._send_lock.locked() and conn.queued_data < SEND_IN_THREAD:
+        if not self._send_lock.locked() and not self._rest:
             pieces = conn.pieces_to_send()
             if not pieces:
                 return
@@ -399,18 +373,27 @@ class _Client:
             if not rest:
                 return
         async with self._send_lock:
+            if self._rest:                  # (then ``rest`` is empty: it went first)
+                rest, self._rest = self._rest, []
             if rest:
                 await self.wire.send_all(rest)
-            while True:
-                large = conn.queued_data >= SEND_IN_THREAD
-                pieces = conn.pieces_to_send()
-                if not pieces:
-                    return
-                if large:
-                    await self.wire.send_all_in_thread(_views(pieces),
-                                                       self.server.send_threads)
-                else:
-                    await self.wire.send_all(_views(pieces))
+            while pieces := conn.pieces_to_send():
+                await self.wire.send_all(_views(pieces))
+
+    def _send_at_once(self) -> None:
+        """``flush`` for the read loop after a large answer, without waiting: what the
+        socket takes goes now, the rest (``_rest``) to the writer, which sends it before
+        anything queued after it; while the writer sends, it takes the answer from the
+        queue itself. (So the loop goes on with the next command at once, without a
+        pass through trio's scheduler to start the writer.)"""
+        if self._send_lock.locked() or self._rest:
+            self._wake.set()
+            return
+        pieces = self.conn.pieces_to_send()
+        if pieces:
+            self._rest = self.wire.send_now(_views(pieces))
+            if self._rest:
+                self._wake.set()
 
     async def _writer(self) -> None:
         """Sends what the read loop queues, so that the loop goes on with the next
@@ -453,10 +436,9 @@ class _Client:
         while True:
             ev = conn.next_event()
             if ev is None:
-                if (self._send_lock.locked() or conn.queued_data >= SEND_IN_THREAD) \
+                if (self._send_lock.locked() or self._rest) \
                         and conn.queued_data <= SEND_AHEAD:
-                    self._wake.set()        # the writer is busy (it sends this next),
-                                            # or this is for its thread
+                    self._wake.set()        # the writer is busy (it sends this next)
                 else:
                     await self.flush()      # (at once; or backpressure on a laggard)
                 # Straight into the reader's buffer (no bytes object per receive, no
@@ -476,9 +458,7 @@ class _Client:
                 if not self._at_once(ev.task, data):
                     tasks.start_soon(self._execute, ev.task, data)
                 elif conn.queued_data >= SEND_NOW:
-                    # A large answer: let the writer start on it before the next command.
-                    self._wake.set()
-                    await trio.lowlevel.checkpoint()
+                    self._send_at_once()    # a large answer: out before the next command
             elif isinstance(ev, LoggedIn):
                 self.logged_in = True
                 self.server.logged_in(self)

@@ -243,7 +243,8 @@ class Connection:
         return sn_add(self.exp_cmdsn, WINDOW - 1 - min(self.running, WINDOW - 1))
 
     def next_event(self) -> Event | None:
-        while not self._events and not self.closed:
+        events = self._events                     # (never replaced)
+        while not events and not self.closed:
             try:
                 p = self.reader.next_pdu()
             except ProtocolError as e:
@@ -257,8 +258,8 @@ class Connection:
                 if not e.header:
                     e.header = p.bhs()
                 self._protocol_error(e)
-        if self._events:
-            return self._events.pop(0)
+        if events:
+            return events.pop(0)
         return None
 
     def _send(self, p: P.PDU) -> None:
@@ -293,7 +294,7 @@ class Connection:
         if type(p) is P.ScsiCommand and p.cmdsn == self.exp_cmdsn and not p.immediate \
                 and not self._held and self.result is not None:
             # The common case, first: the next command in order, nothing held.
-            self.exp_cmdsn = sn_add(p.cmdsn, 1)
+            self.exp_cmdsn = (p.cmdsn + 1) & 0xFFFFFFFF     # (sn_add)
             self._scsi(p)
             return
         if not self.full_feature:
@@ -473,6 +474,13 @@ class Connection:
         if not cmd.final:
             task.unsolicited_open = True
             task.unsolicited_end = min(self.params.first_burst_length, cmd.edtl)
+        elif task.received >= want:
+            # All its Data-Out is here (nearly every command): ``_progress`` would start
+            # it at once.
+            task.running = True
+            self.running += 1
+            self._events.append(Execute(task))
+            return
         self._progress(task)
 
     def _absorb_and_answer(self, cmd: P.ScsiCommand, task: Task, result: C.Result, *,
@@ -596,19 +604,25 @@ class Connection:
         if overflow is None and result.sense is None and not task.residual \
                 and result.status == C.GOOD:
             # The common cases, first: a read answered in full in one Data-In with its
-            # status, or a command without Data-In that went well.
+            # status, or a command without Data-In that went well. (StatSN and MaxCmdSN
+            # as ``_stat`` and ``max_cmdsn`` compute them, inline.)
+            sn = self.statsn
+            exp = self.exp_cmdsn
+            running = self.running
+            max_cmdsn = (exp + WINDOW - 1 - (running if running < WINDOW - 1
+                                             else WINDOW - 1)) & 0xFFFFFFFF
             if size and len(parts) == 1 and task.read and size == task.edtl \
                     and size <= self.params.max_send_data \
                     and size <= self.params.max_burst_length:
-                data = parts[0]
+                self.statsn = (sn + 1) & 0xFFFFFFFF
                 self.queued_data += size
                 self._out += P.data_in_with_status(
-                    task.itt, self._stat(), self.exp_cmdsn, self.max_cmdsn, data,
+                    task.itt, sn, exp, max_cmdsn, parts[0],
                     header_digest=self._header_digest, data_digest=self._data_digest)
                 return
             if not size and not (task.read and task.edtl):
-                self._out.append(P.good_response(task.itt, self._stat(), self.exp_cmdsn,
-                                                 self.max_cmdsn,
+                self.statsn = (sn + 1) & 0xFFFFFFFF
+                self._out.append(P.good_response(task.itt, sn, exp, max_cmdsn,
                                                  header_digest=self._header_digest))
                 return
         if overflow is None:
