@@ -47,7 +47,7 @@ from pool.store import SegmentStore
 # Blocks per pipeline stage (``write_blocks``): about PIPELINE_BYTES of them, so that a
 # thread hop carries enough work to be worth it and a batch's device writes are long
 # enough to cover the encoding of the next one; never fewer than PIPELINE_MIN blocks.
-PIPELINE_BYTES = 8 << 20
+PIPELINE_BYTES = 16 << 20
 PIPELINE_MIN = 16
 PIPELINE_AHEAD = 1          # encoded batches waiting for the store (besides the one encoding)
 
