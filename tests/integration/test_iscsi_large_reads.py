@@ -21,9 +21,14 @@ MiB = 1 << 20
 SECTOR = 512
 
 
-def pipelined_reads(srv: Served, starts: list[int]) -> dict[int, list[P.DataIn]]:
-    """All READ(10)s sent before any answer is read; the Data-In PDUs by ITT."""
-    with RawInitiator(srv.host, srv.port, timeout=10) as s:
+def pipelined_reads(srv: Served, starts: list[int], *, rcvbuf: int = 0,
+                    pause: float = 0.0) -> dict[int, list[P.DataIn]]:
+    """All READ(10)s sent before any answer is read; the Data-In PDUs by ITT. With
+    ``rcvbuf``, the initiator's receive buffer is that small, and with ``pause`` it waits
+    that long before each PDU it takes."""
+    with RawInitiator(srv.host, srv.port, timeout=20 if pause else 10) as s:
+        if rcvbuf:
+            s.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         resp = s.login(srv.iqn(), DEFAULT_KEYS)
         assert (resp.status_class, resp.status_detail) == (0, 0)
         itts = [s.command(read10(start // SECTOR, MiB // SECTOR), read=MiB).itt
@@ -31,6 +36,8 @@ def pipelined_reads(srv: Served, starts: list[int]) -> dict[int, list[P.DataIn]]
         got: dict[int, list[P.DataIn]] = {itt: [] for itt in itts}
         done = 0
         while done < len(itts):
+            if pause:
+                time.sleep(pause)
             p = s.recv()
             assert isinstance(p, P.DataIn), p
             got[p.itt].append(p)
@@ -110,21 +117,7 @@ async def test_a_peer_that_stops_reading_stalls_only_itself(tmp_path: Path) -> N
 def slow_pipelined_reads(srv: Served, starts: list[int]) -> dict[int, list[P.DataIn]]:
     """``pipelined_reads`` by an initiator with a small receive buffer that takes its
     answers slowly, so that the target's sockets fill and its sends end part way."""
-    with RawInitiator(srv.host, srv.port, timeout=20) as s:
-        s.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
-        resp = s.login(srv.iqn(), DEFAULT_KEYS)
-        assert (resp.status_class, resp.status_detail) == (0, 0)
-        itts = [s.command(read10(start // SECTOR, MiB // SECTOR), read=MiB).itt
-                for start in starts]
-        got: dict[int, list[P.DataIn]] = {itt: [] for itt in itts}
-        done = 0
-        while done < len(itts):
-            time.sleep(0.002)
-            p = s.recv()
-            assert isinstance(p, P.DataIn), p
-            got[p.itt].append(p)
-            done += p.has_status
-        return got
+    return pipelined_reads(srv, starts, rcvbuf=32 * 1024, pause=0.002)
 
 
 async def test_answers_sent_part_way_by_the_read_loop_keep_their_order(

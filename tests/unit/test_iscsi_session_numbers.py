@@ -17,7 +17,7 @@ from iscsi import pdu as P
 from iscsi.login import SessionParams
 from iscsi.reservations import Nexus
 from iscsi.session import WINDOW, Connection, Execute, LoggedIn, Task
-from tests.unit.test_iscsi_proto import INITIATOR, TARGET, Directory, login_req
+from tests.unit.test_iscsi_proto import INITIATOR, TARGET, Directory, login_req, responses
 
 BLOCK = 4096
 DISK = os.urandom(64 * BLOCK)
@@ -71,15 +71,6 @@ def write10(itt: int, cmdsn: int, block: int, immediate: bool) -> bytes:
                                   cdb16=cdb, data=os.urandom(BLOCK) if immediate else b""))
 
 
-def sent(conn: Connection) -> list[P.PDU]:
-    r = P.PDUReader(opcodes=P.TARGET_OPCODES, max_data=1 << 20)
-    r.receive_data(conn.data_to_send())
-    out = []
-    while (p := r.next_pdu()) is not None:
-        out.append(p)
-    return out
-
-
 def test_statsn_and_max_cmdsn_of_the_short_ways_whatever_order_commands_finish() -> None:
     rng = random.Random(26)
     for _trial in range(20):
@@ -111,7 +102,7 @@ def test_statsn_and_max_cmdsn_of_the_short_ways_whatever_order_commands_finish()
         # the ExpCmdSN of when it was sent).
         expect_statsn = statsn
         exp_cmdsn = (cmdsn + n) & 0xFFFFFFFF
-        for p in sent(conn):
+        for p in responses(conn):
             if isinstance(p, P.R2T):
                 assert p.statsn == expect_statsn
                 data = os.urandom(p.length)
@@ -134,7 +125,7 @@ def test_statsn_and_max_cmdsn_of_the_short_ways_whatever_order_commands_finish()
             result = task.plan.quick(task.payload())
             assert result is not None
             conn.complete(task, result)
-            (p,) = sent(conn)
+            (p,) = responses(conn)
             assert isinstance(p, P.DataIn | P.ScsiResponse)
             still = len(running)
             assert p.statsn == expect_statsn
@@ -167,7 +158,7 @@ def test_numbers_wrap_around_at_32_bits() -> None:
     result = ev.task.plan.quick(b"")
     assert result is not None
     conn.complete(ev.task, result)
-    (p,) = sent(conn)
+    (p,) = responses(conn)
     assert isinstance(p, P.DataIn) and p.statsn == 0xFFFFFFFF
     assert p.exp_cmdsn == 0xFFFFFFF1
     assert p.max_cmdsn == (0xFFFFFFF1 + WINDOW - 1) & 0xFFFFFFFF
