@@ -69,6 +69,12 @@ class RecordCache:
             _k, old = cache.popitem(last=False)
             self._bytes -= len(old)
 
+    def drop(self, key: bytes) -> None:
+        """Forget the block kept under ``key``, if any: one a write has just replaced."""
+        old = self._data.pop(key, None)
+        if old is not None:
+            self._bytes -= len(old)
+
     def clear(self) -> None:
         """Forget every block (``hits`` stays)."""
         self._data.clear()

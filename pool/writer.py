@@ -23,7 +23,8 @@ Invariants this module owns (DESIGN numbers in parentheses):
 6. A block the caller names in ``keep`` enters the record cache under its new map entry,
    once its record is written, as a read-only view of the caller's bytes (which the
    caller never changes again, buffer invariant 7): the record was made from exactly
-   those bytes, so a read of the entry returns them (record cache invariant 1).
+   those bytes, so a read of the entry returns them (record cache invariant 1). The
+   entry it replaces in the map leaves the cache.
 """
 
 from __future__ import annotations
@@ -129,6 +130,14 @@ class RecordWriter:
         blocks (None for the others) that go into the record cache (invariant 6)."""
         self._hooks.check_ok()
         entries = await self.store(prof, encoded)
+        if kept is not None:
+            # The versions these blocks replace leave the cache (a snapshot that still
+            # holds one reads it from the devices), so a small write's new block buffer
+            # reuses the memory of the one before instead of fresh pages.
+            get, drop = self.state.forest.get, self._cache.drop
+            for block, data in zip(blocks, kept, strict=True):
+                if data is not None and (old := get(map_id, block)) is not None:
+                    drop(old)
         for block, entry in zip(blocks, entries, strict=True):
             self._hooks.do(op_map_set(map_id, block, entry))
         if kept is not None:

@@ -26,8 +26,9 @@ async def test_small_writes_are_read_back_from_the_cache(
         disks: Callable[..., DiskSet]) -> None:
     """4 KiB written into 16 blocks (read-modify-write) and 4 whole blocks, flushed: each
     4 KiB reads back byte-exact from the record cache (no record read), the rest of each
-    rewritten block too, and a further small write's read-modify-write reads it there;
-    the whole blocks are read from the devices."""
+    rewritten block too, and a further small write's read-modify-write reads it there
+    (its new version then replaces the old one in the cache); the whole blocks are read
+    from the devices."""
     pool = await Pool.create("p", disks(1).create(), profile="plain", extent_size=1 << 20)
     try:
         vol = await VolumeManager(pool).create("v", 32 * BS, block_size=BS)
@@ -62,6 +63,8 @@ async def test_small_writes_are_read_back_from_the_cache(
         assert pool.record_cache.hits == hits + 1
         assert pool.statistics().records_read == before + 4
         await vol.flush()
+        # Writer invariant 6: the version it replaced left the cache (memory reused).
+        assert pool.record_cache.nbytes == 16 * BS
         assert await vol.read(0, 32 * BS) == want
     finally:
         await pool.close()
