@@ -163,14 +163,19 @@ class RecordReader:
         """``read_blocks_nowait`` of one block: (whether it could be read at once, its
         content or None for a hole). A record-cache hit costs a map lookup."""
         if map_id in self.state.maps:
-            raw = self.state.forest.get(map_id, block)
+            raw, hit = self._cached(map_id, block)
             if raw is None:
                 return True, None
-            hit = self.cache.get(raw)
             if hit is not None:
                 return True, hit
         got = self.read_blocks_nowait(map_id, (block,), block_size)
         return (False, None) if got is None else (True, got[0])
+
+    def _cached(self, map_id: int, block: int) -> tuple[bytes | None, bytes | memoryview | None]:
+        """The map entry of ``block`` of an existing map (None: a hole) and the record
+        cache's block for it (None: not cached)."""
+        raw = self.state.forest.get(map_id, block)
+        return raw, (self.cache.get(raw) if raw is not None else None)
 
     def read_blocks_nowait(self, map_id: int, blocks: Sequence[int],
                            block_size: int) -> list[bytes | memoryview | None] | None:
@@ -272,8 +277,7 @@ class RecordReader:
         if len(blocks) == 1 and len(self.cache):
             # One block (a read-modify-write's read): the record cache first, which holds
             # the blocks small writes produced (writer invariant 6).
-            raw = self.state.forest.get(map_id, blocks[0])
-            hit = self.cache.get(raw) if raw is not None else None
+            _raw, hit = self._cached(map_id, blocks[0])
             if hit is not None:
                 dests[0][:] = hit
                 return True
