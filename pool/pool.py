@@ -557,6 +557,13 @@ class Pool:
             return False, None
         return self.reader.read_block_nowait(map_id, block, block_size)
 
+    def cached_block(self, map_id: int, block: int) -> bytes | memoryview | None:
+        """The record cache's verified content of one block (``RecordReader.cached_block``),
+        or None, also while the pool is failed or closed: a small read's first try."""
+        if self.txn.failed is not None or self.txn.closed:
+            return None
+        return self.reader.cached_block(map_id, block)
+
     def read_blocks_nowait(self, map_id: int, blocks: Sequence[int],
                            block_size: int) -> list[bytes | memoryview | None] | None:
         """``read_blocks`` if it can be done at once on the event loop (record-cache hits,

@@ -171,6 +171,14 @@ class RecordReader:
         got = self.read_blocks_nowait(map_id, (block,), block_size)
         return (False, None) if got is None else (True, got[0])
 
+    def cached_block(self, map_id: int, block: int) -> bytes | memoryview | None:
+        """The record cache's verified content of ``block`` of map ``map_id``, or None (not
+        cached, a hole, or no such map): the one lookup of a small read's fastest path."""
+        if map_id not in self.state.maps:
+            return None
+        raw = self.state.forest.get(map_id, block)
+        return None if raw is None else self.cache.get(raw)
+
     def _cached(self, map_id: int, block: int) -> tuple[bytes | None, bytes | memoryview | None]:
         """The map entry of ``block`` of an existing map (None: a hole) and the record
         cache's block for it (None: not cached)."""

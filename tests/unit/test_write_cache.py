@@ -116,3 +116,50 @@ async def test_a_cached_block_never_changes(disks: Callable[..., DiskSet],
         assert [await vol.read(b * BS, BS) for b in range(12)] == again
     finally:
         await pool.close()
+
+
+async def test_one_call_cached_read(disks: Callable[..., DiskSet]) -> None:
+    """``Volume.read_cached_nowait`` (FUSE's 4 KiB read in one call) answers a record-cache
+    hit as a read-only view, byte-exact, and counts it; it answers None -- leaving the
+    general path to answer -- when the block's newest version is in the write buffer
+    (rule W2), when the record is not cached, for a hole, for a range that crosses a block
+    or leaves the volume, and once the volume is deleted. Nothing is changed by a None."""
+    pool = await Pool.create("p", disks(1).create(), profile="plain", extent_size=1 << 20)
+    try:
+        vm = VolumeManager(pool)
+        vol = await vm.create("v", 8 * BS, block_size=BS)
+        base = random.Random(3).randbytes(6 * BS)          # blocks 6-7 stay holes
+        await vol.write(0, base)
+        await vol.flush()
+        pool.record_cache.clear()
+        for b in range(4):                                  # rewritten: cached at writeback
+            await vol.write(b * BS + 512, b"x" * 512)
+        await vol.flush()
+        want = bytearray(base)
+        for b in range(4):
+            want[b * BS + 512:b * BS + 1024] = b"x" * 512
+        reads = vol.statistics().reads
+        hit = vol.read_cached_nowait(2 * BS + 4 * KiB, 4 * KiB)
+        assert isinstance(hit, memoryview) and hit.readonly
+        assert bytes(hit) == want[2 * BS + 4 * KiB:2 * BS + 8 * KiB]
+        got = vol.read_cached_nowait(BS + 256, 1024)
+        assert got is not None and bytes(got) == want[BS + 256:BS + 1280]
+        assert vol.statistics().reads == reads + 2
+        # The buffer holds a newer version of block 1: not answered from the cache.
+        await vol.write(BS + 600, b"new")
+        assert vol.read_cached_nowait(BS + 256, 1024) is None
+        want[BS + 600:BS + 603] = b"new"
+        assert await vol.read(BS + 256, 1024) == want[BS + 256:BS + 1280]
+        hits = pool.record_cache.hits
+        assert vol.read_cached_nowait(5 * BS, 4 * KiB) is None      # never cached
+        assert vol.read_cached_nowait(6 * BS, 4 * KiB) is None      # a hole
+        assert vol.read_cached_nowait(3 * BS - 10, 20) is None      # crosses a block
+        assert vol.read_cached_nowait(8 * BS - 10, 20) is None      # leaves the volume
+        assert vol.read_cached_nowait(-1, 20) is None
+        assert vol.statistics().reads == reads + 3                  # the awaited read
+        assert pool.record_cache.hits == hits
+        await vol.flush()
+        await vm.delete("v")
+        assert vol.read_cached_nowait(0, 4 * KiB) is None
+    finally:
+        await pool.close()
