@@ -289,8 +289,10 @@ def run_pair(benchmark: str, pair: Pair, rounds: int,
             res.order.append(tag)
             out.append(float(measure()))
         if log is not None:
+            shown = res.ceiling_rounds if res.beside_rounds else []   # beside it, the ceiling
             log(f"  {benchmark} | {pair.row} | round {i + 1}: storaged "
                 f"{res.storaged_rounds[-1]:.1f} anchor {res.anchor_rounds[-1]:.1f}"
+                + (f" ceiling {shown[-1]:.1f}" if shown else "")
                 + "".join(f" {name} {v[-1]:.1f}" for name, v in res.beside_rounds.items())
                 + f" {pair.unit}")
     return res

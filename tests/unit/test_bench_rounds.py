@@ -237,7 +237,10 @@ def test_beside_measurements_share_the_rounds_and_the_alternating_order() -> Non
                 ceiling=scripted([100, 50, 100], log, "C"), ceiling_name="pyfuse3 null",
                 beside=((M, scripted([90, 40, 100], log, "M")),
                         ("other", scripted([200, 200, 200], log, "O"))))
-    res = run_pair("fuse", pair, 3)
+    lines: list[str] = []
+    res = run_pair("fuse", pair, 3, lines.append)
+    assert lines[1] == ("  fuse | rand read 4K | round 2: storaged 40.0 anchor 50.0 ceiling "
+                        "50.0 pyfuse3 memory 40.0 other 200.0 MB/s")
     assert log == ["A", "S", "C", "M", "O", "O", "M", "C", "S", "A",
                    "A", "S", "C", "M", "O"]
     tags = {"A": "A", "S": "S", "C": "C", "M": f"B:{M}", "O": "B:other"}
@@ -266,7 +269,9 @@ def test_beside_ratios_follow_invariant_4_and_need_no_ceiling() -> None:
     pair = Pair("lat", anchor=scripted([200] * 3, log, "A"),
                 storaged=scripted([100] * 3, log, "S"), unit="us", higher_is_better=False,
                 beside=((M, scripted([50, 50, 50], log, "M")),))
-    res = run_pair("b", pair, 3)
+    lines: list[str] = []
+    res = run_pair("b", pair, 3, lines.append)
+    assert lines[0] == "  b | lat | round 1: storaged 100.0 anchor 200.0 pyfuse3 memory 50.0 us"
     assert log == ["A", "S", "M", "M", "S", "A", "A", "S", "M"]
     (b,) = res.summary()["beside"]
     assert b["ratio_median"] == 0.5 and b["ceiling_ratio_median"] is None
