@@ -8,10 +8,11 @@ beat: the disk floor, a codec's rate, the pyfuse3 null file system). :func:`run_
 runs each row in rounds, and its invariants are what the table's numbers rest on:
 
 1. Every row runs at least :data:`MIN_ROUNDS` rounds, and each round measures all of the
-   row's sides back to back, so the anchor, storaged and the ceiling of one round share
-   the machine's conditions.
-2. The order alternates: even rounds run anchor, storaged, ceiling; odd rounds the reverse
-   (ceiling, storaged, anchor). Neither side always goes first (warm caches, a slowing
+   row's sides back to back, so the anchor, storaged, the ceiling and the measurements
+   beside them (7) of one round share the machine's conditions.
+2. The order alternates: even rounds run anchor, storaged, ceiling, then the beside
+   measurements in their order; odd rounds the reverse (the beside ones last first,
+   ceiling, storaged, anchor). Neither side always goes first (warm caches, a slowing
    machine): AB, BA, AB, ...
 3. A ratio is only ever taken within one round (storaged over the anchor of the same
    round, "paired"); the row reports the median of those paired ratios and their spread
@@ -24,6 +25,13 @@ runs each row in rounds, and its invariants are what the table's numbers rest on
 6. One run may give several figures (:class:`Figures`: a latency run's p50 and p99). They
    become one row each, and every row keeps invariants 1-5: the figures of one round come
    from the same runs, so they share that round's conditions and order.
+7. A row may carry measurements *beside* its sides (``beside``: named callables, e.g. a
+   second ceiling that bounds what the first leaves out): more sides of the same rounds,
+   run with the others (1) in the alternating order (2). Each is summarised by its name,
+   its median, storaged's median paired ratio to it (3, 4) and its own median paired
+   ratio to the ceiling when the row has one (a share of the ceiling, the same round's);
+   they do not make a row noisy (5 is the anchor's). A row without them runs, pairs and
+   prints exactly as before.
 
 :class:`Report` collects the rows of one benchmark with the machine's facts (cores, load
 average at start and end, kernel) and writes them as one markdown table and one JSON file
@@ -57,7 +65,9 @@ FIELDS = ("benchmark", "row", "unit", "anchor", "ceiling", "storaged_median",
           "anchor_median", "ratio_median", "ratio_min", "ratio_max", "ratio_iqr",
           "ceiling_median", "ceiling_ratio_median", "anchor_spread", "noisy", "rounds",
           "higher_is_better", "machine",
-          "order", "storaged_rounds", "anchor_rounds", "ceiling_rounds")
+          "order", "storaged_rounds", "anchor_rounds", "ceiling_rounds", "beside")
+# One entry of a row's "beside" list (invariant 7); JSON written before it has no "beside".
+BESIDE_FIELDS = ("name", "median", "ratio_median", "ceiling_ratio_median", "rounds")
 
 
 @dataclass
@@ -142,6 +152,7 @@ class Pair:
     anchor_name: str = "anchor"
     ceiling_name: str = ""
     higher_is_better: bool = True
+    beside: tuple[tuple[str, Measure], ...] = ()    # invariant 7: (name, measure) each
 
 
 FigureMeasure = Callable[[], Sequence[float]]
@@ -160,6 +171,17 @@ class Figures:
     anchor_name: str = "anchor"
     ceiling_name: str = ""
     higher_is_better: bool = True
+    beside: tuple[tuple[str, FigureMeasure], ...] = ()   # invariant 7
+
+
+def beside_tag(name: str) -> str:
+    """How a beside measurement appears in a row's ``order``."""
+    return f"B:{name}"
+
+
+def _check_beside(row: str, names: Sequence[str]) -> None:
+    if len(set(names)) != len(names) or not all(names):
+        raise ValueError(f"{row}: beside measurements need distinct, non-empty names")
 
 
 @dataclass
@@ -174,6 +196,7 @@ class RowResult:
     storaged_rounds: list[float] = field(default_factory=list)
     anchor_rounds: list[float] = field(default_factory=list)
     ceiling_rounds: list[float] = field(default_factory=list)
+    beside_rounds: dict[str, list[float]] = field(default_factory=dict)   # invariant 7
 
     def _better(self, ours: float, theirs: float) -> float:
         """Invariant 4: above 1 means storaged is better."""
@@ -195,6 +218,17 @@ class RowResult:
     def ceiling_ratios(self) -> list[float]:
         return [self._better(s, c) for s, c in zip(self.storaged_rounds, self.ceiling_rounds,
                                                    strict=False)]
+
+    def beside_ratios(self, name: str) -> list[float]:
+        """Invariants 3, 4 and 7: storaged against the beside measurement of the same
+        round."""
+        return [self._better(s, b) for s, b in zip(self.storaged_rounds,
+                                                   self.beside_rounds[name], strict=True)]
+
+    def beside_ceiling_ratios(self, name: str) -> list[float]:
+        """Invariant 7: the beside measurement as a share of the same round's ceiling."""
+        return [self._better(b, c) for b, c in zip(self.beside_rounds[name],
+                                                   self.ceiling_rounds, strict=False)]
 
     @property
     def anchor_spread(self) -> float:
@@ -224,52 +258,73 @@ class RowResult:
             "higher_is_better": self.higher_is_better, "order": self.order,
             "storaged_rounds": self.storaged_rounds, "anchor_rounds": self.anchor_rounds,
             "ceiling_rounds": self.ceiling_rounds,
+            "beside": [self._beside_summary(name) for name in self.beside_rounds],
         }
+
+    def _beside_summary(self, name: str) -> dict[str, Any]:
+        rounds = self.beside_rounds[name]
+        cr = self.beside_ceiling_ratios(name)
+        return {"name": name, "median": statistics.median(rounds),
+                "ratio_median": statistics.median(self.beside_ratios(name)),
+                "ceiling_ratio_median": statistics.median(cr) if cr else None,
+                "rounds": rounds}
 
 
 def run_pair(benchmark: str, pair: Pair, rounds: int,
              log: Callable[[str], None] | None = None) -> RowResult:
-    """Run one row for ``rounds`` rounds, alternating the order (invariants 1 and 2)."""
+    """Run one row for ``rounds`` rounds, alternating the order (invariants 1, 2 and 7)."""
     if rounds < MIN_ROUNDS:
         raise ValueError(f"a row needs at least {MIN_ROUNDS} rounds, not {rounds}")
+    _check_beside(pair.row, [name for name, _m in pair.beside])
     res = RowResult(benchmark, pair.row, pair.unit, pair.anchor_name, pair.ceiling_name,
                     pair.higher_is_better)
     sides: list[tuple[str, Measure, list[float]]] = [
         ("A", pair.anchor, res.anchor_rounds), ("S", pair.storaged, res.storaged_rounds)]
     if pair.ceiling is not None:
         sides.append(("C", pair.ceiling, res.ceiling_rounds))
+    for name, measure in pair.beside:
+        sides.append((beside_tag(name), measure, res.beside_rounds.setdefault(name, [])))
     for i in range(rounds):
         for tag, measure, out in (sides if i % 2 == 0 else sides[::-1]):
             res.order.append(tag)
             out.append(float(measure()))
         if log is not None:
+            shown = res.ceiling_rounds if res.beside_rounds else []   # beside it, the ceiling
             log(f"  {benchmark} | {pair.row} | round {i + 1}: storaged "
-                f"{res.storaged_rounds[-1]:.1f} anchor {res.anchor_rounds[-1]:.1f} "
-                f"{pair.unit}")
+                f"{res.storaged_rounds[-1]:.1f} anchor {res.anchor_rounds[-1]:.1f}"
+                + (f" ceiling {shown[-1]:.1f}" if shown else "")
+                + "".join(f" {name} {v[-1]:.1f}" for name, v in res.beside_rounds.items())
+                + f" {pair.unit}")
     return res
 
 
 def run_figures(benchmark: str, group: Figures, rounds: int,
                 log: Callable[[str], None] | None = None) -> list[RowResult]:
     """One row per figure, all from the same runs (invariant 6), alternating the order
-    (invariants 1 and 2)."""
+    (invariants 1, 2 and 7)."""
     if rounds < MIN_ROUNDS:
         raise ValueError(f"a row needs at least {MIN_ROUNDS} rounds, not {rounds}")
+    _check_beside(group.row, [name for name, _m in group.beside])
     n = len(group.figures)
     res = [RowResult(benchmark, f"{group.row} {f}", group.unit, group.anchor_name,
                      group.ceiling_name, group.higher_is_better) for f in group.figures]
-    sides: list[tuple[str, FigureMeasure, str]] = [
-        ("A", group.anchor, "anchor_rounds"), ("S", group.storaged, "storaged_rounds")]
+    # Each side: its tag and measure, and the list of each row its figures go to.
+    sides: list[tuple[str, FigureMeasure, list[list[float]]]] = [
+        ("A", group.anchor, [r.anchor_rounds for r in res]),
+        ("S", group.storaged, [r.storaged_rounds for r in res])]
     if group.ceiling is not None:
-        sides.append(("C", group.ceiling, "ceiling_rounds"))
+        sides.append(("C", group.ceiling, [r.ceiling_rounds for r in res]))
+    for name, fmeasure in group.beside:
+        sides.append((beside_tag(name), fmeasure,
+                      [r.beside_rounds.setdefault(name, []) for r in res]))
     for i in range(rounds):
-        for tag, measure, attr in (sides if i % 2 == 0 else sides[::-1]):
+        for tag, measure, outs in (sides if i % 2 == 0 else sides[::-1]):
             values = [float(v) for v in measure()]
             if len(values) != n:
                 raise ValueError(f"{group.row}: {tag} gave {len(values)} figures, not {n}")
-            for r, v in zip(res, values, strict=True):
+            for r, out, v in zip(res, outs, values, strict=True):
                 r.order.append(tag)
-                getattr(r, attr).append(v)
+                out.append(v)
         if log is not None:
             log(f"  {benchmark} | {group.row} | round {i + 1}: "
                 + ", ".join(f"{f} storaged {r.storaged_rounds[-1]:.1f} anchor "
@@ -326,16 +381,30 @@ def _fmt(x: float | None) -> str:
     return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
+def _ceiling_cells(r: dict[str, Any]) -> tuple[str, str]:
+    """The ceiling and "of ceiling" cells: the ceiling's median and storaged's share of
+    it, then each beside measurement's (invariant 7) after a ``;``: its median with its
+    own share of the ceiling, and storaged's share of it. Rows from JSON written before
+    beside measurements existed have none."""
+    ceiling = (f"{_fmt(r['ceiling_median'])} ({r['ceiling']})"
+               if r["ceiling_median"] is not None else "-")
+    of_ceiling = (f"{r['ceiling_ratio_median']:.2f}x"
+                  if r["ceiling_ratio_median"] is not None else "-")
+    for b in r.get("beside") or []:
+        share = (f", {b['ceiling_ratio_median']:.2f} of the ceiling"
+                 if b["ceiling_ratio_median"] is not None else "")
+        ceiling += f"; {_fmt(b['median'])} ({b['name']}{share})"
+        of_ceiling += f"; {b['ratio_median']:.2f}x of {b['name']}"
+    return ceiling, of_ceiling
+
+
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
     """One table over any benchmarks' row summaries."""
     lines = ["| benchmark | row | unit | storaged | anchor | ratio (median) | spread min-max "
              "(IQR) | ceiling | of ceiling | rounds | noisy |",
              "|---|---|---|---:|---:|---:|---|---:|---:|---:|---|"]
     for r in rows:
-        ceiling = (f"{_fmt(r['ceiling_median'])} ({r['ceiling']})"
-                   if r["ceiling_median"] is not None else "-")
-        of_ceiling = (f"{r['ceiling_ratio_median']:.2f}x"
-                      if r["ceiling_ratio_median"] is not None else "-")
+        ceiling, of_ceiling = _ceiling_cells(r)
         noisy = f"noisy ({r['anchor_spread']:.2f})" if r["noisy"] else ""
         lines.append(
             f"| {r['benchmark']} | {r['row']} | {r['unit']} | {_fmt(r['storaged_median'])} "
@@ -398,6 +467,7 @@ def check_rounds(ap: argparse.ArgumentParser, rounds: int) -> None:
         ap.error(f"--rounds must be at least {MIN_ROUNDS}")
 
 
-__all__ = ["FIELDS", "MIN_ROUNDS", "NOISY_SPREAD", "Figures", "Pair", "Report", "Result",
-           "RowResult", "add_round_args", "check_rounds", "free_port", "machine_facts",
-           "markdown", "run_figures", "run_pair", "run_rounds", "stderr_log", "wait_port"]
+__all__ = ["BESIDE_FIELDS", "FIELDS", "MIN_ROUNDS", "NOISY_SPREAD", "Figures", "Pair",
+           "Report", "Result", "RowResult", "add_round_args", "beside_tag", "check_rounds",
+           "free_port", "machine_facts", "markdown", "run_figures", "run_pair", "run_rounds",
+           "stderr_log", "wait_port"]

@@ -1,22 +1,31 @@
-"""The benchmarks' round runner (benchmarks/common.py, its invariants 1-5): pairing,
-alternating order, the median paired ratio and its spread, the noisy flag, the JSON and
-table it writes. Pure and fast: synthetic callables stand in for the measured programs.
-A quick --smoke run of the real NBD benchmark (marked slow) checks every JSON field."""
+"""The benchmarks' round runner (benchmarks/common.py, its invariants 1-7): pairing,
+alternating order, the median paired ratio and its spread, the noisy flag, the
+measurements beside a row's sides, the JSON and table it writes. Pure and fast:
+synthetic callables stand in for the measured programs. A quick --smoke run of the real
+NBD benchmark (marked slow) checks every JSON field. The memory mode of the null FS
+(benchmarks/nullfuse.py --memory) is checked byte for byte through a real mount."""
 
 from __future__ import annotations
 
+import errno
 import json
+import mmap
 import os
+import random
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pyfuse3
 import pytest
+import trio
 
 from benchmarks.all import write_table
 from benchmarks.common import (
+    BESIDE_FIELDS,
     FIELDS,
     MIN_ROUNDS,
     Figures,
@@ -28,6 +37,7 @@ from benchmarks.common import (
     run_rounds,
 )
 from benchmarks.nbd import latency_note
+from benchmarks.nullfuse import FILE_INODE, FILL, MemoryFS, NullFS, random_buffer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -212,6 +222,226 @@ def test_make_bench_table_merges_benchmarks_and_names_failures(tmp_path: Path) -
     assert data["benchmarks"]["iscsi"]["status"] == 1 and data["rounds"] == 3
     for row in data["rows"]:
         assert set(FIELDS) <= set(row)
+
+
+M = "pyfuse3 memory"
+
+
+def test_beside_measurements_share_the_rounds_and_the_alternating_order() -> None:
+    """Invariants 1, 2 and 7: the beside measurements run in every round, after the
+    ceiling in even rounds and first in odd ones; each is paired with storaged (3) and
+    with the ceiling of its own round."""
+    log: list[str] = []
+    pair = Pair("rand read 4K", anchor=scripted([100, 50, 200], log, "A"),
+                storaged=scripted([80, 40, 90], log, "S"),
+                ceiling=scripted([100, 50, 100], log, "C"), ceiling_name="pyfuse3 null",
+                beside=((M, scripted([90, 40, 100], log, "M")),
+                        ("other", scripted([200, 200, 200], log, "O"))))
+    lines: list[str] = []
+    res = run_pair("fuse", pair, 3, lines.append)
+    assert lines[1] == ("  fuse | rand read 4K | round 2: storaged 40.0 anchor 50.0 ceiling "
+                        "50.0 pyfuse3 memory 40.0 other 200.0 MB/s")
+    assert log == ["A", "S", "C", "M", "O", "O", "M", "C", "S", "A",
+                   "A", "S", "C", "M", "O"]
+    tags = {"A": "A", "S": "S", "C": "C", "M": f"B:{M}", "O": "B:other"}
+    assert res.order == [tags[t] for t in log]
+    assert res.beside_rounds == {M: [90, 40, 100], "other": [200, 200, 200]}
+    # Paired within each round: 80/90, 40/40, 90/100 -- not a ratio of medians (80/90).
+    assert res.beside_ratios(M) == pytest.approx([80 / 90, 1.0, 0.9])
+    assert res.beside_ceiling_ratios(M) == pytest.approx([0.9, 0.8, 1.0])
+    s = res.summary()
+    assert s["ratio_median"] == 0.8 and s["ceiling_ratio_median"] == pytest.approx(0.8)
+    mem, other = s["beside"]
+    assert set(BESIDE_FIELDS) == set(mem) == set(other)
+    assert mem == {"name": M, "median": 90, "ratio_median": pytest.approx(0.9),
+                   "ceiling_ratio_median": pytest.approx(0.9), "rounds": [90, 40, 100]}
+    assert other["ratio_median"] == pytest.approx(0.4)
+    assert other["ceiling_ratio_median"] == pytest.approx(2.0)
+    line = markdown([s]).splitlines()[-1]
+    assert ("| 100 (pyfuse3 null); 90 (pyfuse3 memory, 0.90 of the ceiling); 200 (other, "
+            "2.00 of the ceiling) | 0.80x; 0.90x of pyfuse3 memory; 0.40x of other |") in line
+
+
+def test_beside_ratios_follow_invariant_4_and_need_no_ceiling() -> None:
+    """For latencies the beside ratio is inverted like the anchor's; a row without a
+    ceiling gives no share of it."""
+    log: list[str] = []
+    pair = Pair("lat", anchor=scripted([200] * 3, log, "A"),
+                storaged=scripted([100] * 3, log, "S"), unit="us", higher_is_better=False,
+                beside=((M, scripted([50, 50, 50], log, "M")),))
+    lines: list[str] = []
+    res = run_pair("b", pair, 3, lines.append)
+    assert lines[0] == "  b | lat | round 1: storaged 100.0 anchor 200.0 pyfuse3 memory 50.0 us"
+    assert log == ["A", "S", "M", "M", "S", "A", "A", "S", "M"]
+    (b,) = res.summary()["beside"]
+    assert b["ratio_median"] == 0.5 and b["ceiling_ratio_median"] is None
+    assert "| -; 50 (pyfuse3 memory) | -; 0.50x of pyfuse3 memory |" in markdown(
+        [res.summary()])
+
+
+def test_a_row_without_beside_measurements_is_unchanged() -> None:
+    """Invariant 7: no beside measurements, the same order, summary and table line as
+    before they existed (only an empty "beside" list in the JSON)."""
+    log: list[str] = []
+    pair = Pair("seq", anchor=scripted([100, 50, 200], log, "A"),
+                storaged=scripted([150, 100, 200], log, "S"),
+                ceiling=scripted([300, 300, 300], log, "C"), anchor_name="qemu-nbd",
+                ceiling_name="raw")
+    s = run_pair("nbd", pair, 3).summary()
+    assert log == ["A", "S", "C", "C", "S", "A", "A", "S", "C"] == s["order"]
+    assert s["beside"] == []
+    line = ("| nbd | seq | MB/s | 150 | 100 (qemu-nbd) | 1.50x | 1.00-2.00 (0.50) "
+            "| 300 (raw) | 0.50x | 3 | noisy (4.00) |")
+    assert markdown([s]).splitlines()[-1] == line
+    old = {k: v for k, v in s.items() if k != "beside"}     # JSON from before "beside"
+    assert markdown([old]).splitlines()[-1] == line
+
+
+def test_figures_carry_beside_measurements_from_the_same_runs() -> None:
+    """Invariants 6 and 7: one beside run gives one value per figure, each to its row."""
+    log: list[str] = []
+
+    def runs(values: list[tuple[float, float]], tag: str) -> Callable[[], list[float]]:
+        it = iter(values)
+
+        def measure() -> list[float]:
+            log.append(tag)
+            return list(next(it))
+        return measure
+    group = Figures("QD1", ("p50", "p99"), anchor=runs([(20, 100)] * 3, "A"),
+                    storaged=runs([(40, 100)] * 3, "S"), unit="us", higher_is_better=False,
+                    beside=((M, runs([(10, 50), (20, 50), (40, 400)], "M")),))
+    p50, p99 = run_rounds("nbd", [group], 3)
+    assert log == ["A", "S", "M", "M", "S", "A", "A", "S", "M"]
+    assert p50.order == p99.order == ["A", "S", f"B:{M}", f"B:{M}", "S", "A", "A", "S",
+                                      f"B:{M}"]
+    assert p50.beside_rounds == {M: [10, 20, 40]} and p99.beside_rounds == {M: [50, 50, 400]}
+    assert p50.beside_ratios(M) == [0.25, 0.5, 1.0] and p99.beside_ratios(M) == [0.5, 0.5, 4]
+
+
+def test_beside_names_must_be_distinct_and_are_checked_before_measuring() -> None:
+    log: list[str] = []
+    m = scripted([1.0] * 9, log, "x")
+    for beside in (((M, m), (M, m)), (("", m),)):
+        with pytest.raises(ValueError, match="distinct, non-empty names"):
+            run_pair("b", Pair("r", anchor=m, storaged=m, beside=beside), 3)
+    assert log == []
+
+
+def test_report_and_merged_table_carry_beside_measurements(tmp_path: Path) -> None:
+    """The JSON holds each beside measurement's fields, the markdown shows them, and
+    benchmarks/all merges rows with and without them, also rows from older JSON that has
+    no "beside" at all."""
+    rep = Report("fuse")
+    rep.add(run_rounds("fuse", [
+        Pair("plain rand read 4K", anchor=scripted([100] * 3, [], "A"),
+             storaged=scripted([60, 80, 70], [], "S"), ceiling=scripted([100] * 3, [], "C"),
+             ceiling_name="pyfuse3 null", beside=((M, scripted([80, 100, 70], [], "M")),)),
+        Pair("plain seq read 1M", anchor=scripted([100] * 3, [], "A"),
+             storaged=scripted([120] * 3, [], "S"), ceiling=scripted([300] * 3, [], "C"),
+             ceiling_name="pyfuse3 null")], 3))
+    rep.write(tmp_path)
+    rows = json.loads((tmp_path / "fuse.json").read_text())["rows"]
+    for row in rows:
+        assert set(FIELDS) <= set(row)
+    (b,) = rows[0]["beside"]
+    assert set(BESIDE_FIELDS) <= set(b) and b["rounds"] == [80, 100, 70]
+    assert b["ratio_median"] == pytest.approx(0.8) and b["ceiling_ratio_median"] == 0.8
+    assert rows[1]["beside"] == []
+    assert ("| 100 (pyfuse3 null); 80 (pyfuse3 memory, 0.80 of the ceiling) | 0.70x; 0.80x "
+            "of pyfuse3 memory |") in (tmp_path / "fuse.md").read_text()
+    old = {k: v for k, v in rows[1].items() if k != "beside"}
+    facts = machine_facts()
+    runs = {"fuse": {"status": 0, "seconds": 1.0}}
+    assert write_table(tmp_path, facts, facts, 1.0, runs, [*rows, old], 3, False) == []
+    table = (tmp_path / "latest.md").read_text()
+    assert "0.70x; 0.80x of pyfuse3 memory" in table
+    assert table.count("| 300 (pyfuse3 null) | 0.40x |") == 2
+
+
+# -- the null FS's memory mode (benchmarks/nullfuse.py --memory) ----------------------------
+
+def test_memory_fs_answers_its_buffers_bytes_and_keeps_writes() -> None:
+    """Reads are read-only views of the buffer at the offset (short at the end), writes
+    copy into it; the default null FS still answers zeros and drops writes."""
+    size = 3 * FILL + 4096
+    fs = MemoryFS(size)
+    data = bytes(fs.data)
+    assert len(data) == size and data.count(0) < size // 100   # random, every page written
+    assert data[:FILL] == data[FILL:2 * FILL]                   # the pattern, repeated
+
+    async def check() -> None:
+        got = await fs.read(1, 12345, 4096)
+        assert isinstance(got, memoryview) and got.readonly and bytes(got) == \
+            data[12345:12345 + 4096]
+        assert bytes(await fs.read(1, size - 100, 4096)) == data[-100:]
+        assert bytes(await fs.read(1, size, 4096)) == b""
+        payload = os.urandom(8192)
+        assert await fs.write(1, FILL - 4096, payload) == 8192
+        assert bytes(await fs.read(1, FILL - 4096, 8192)) == payload
+        assert bytes(await fs.read(1, 2 * FILL - 4096, 8192)) == data[2 * FILL - 4096:
+                                                                      2 * FILL + 4096]
+        assert await fs.write(1, size - 10, payload) == 10          # what fits
+        with pytest.raises(pyfuse3.FUSEError) as full:
+            await fs.write(1, size, payload)
+        assert full.value.errno == errno.ENOSPC
+        null = NullFS(size)
+        assert await null.read(1, 0, 4096) == bytes(4096)
+        assert await null.write(1, 0, payload) == 8192
+        assert (await null.getattr(FILE_INODE)).st_size == size
+    trio.run(check)
+    assert len(random_buffer(FILL + 1)) == FILL + 1
+
+
+def _mounted(path: Path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(path) for line in f)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
+                    reason="mounting the null FS needs /dev/fuse and root")
+def test_memory_fs_through_a_real_mount_reads_back_byte_exact(tmp_path: Path) -> None:
+    """The memory mode mounted as benchmarks/fuse mounts it: O_DIRECT 4 KiB writes at
+    random offsets read back byte for byte, and reads elsewhere are its random fill."""
+    mnt = tmp_path / "memory"
+    mnt.mkdir()
+    size = 8 * FILL
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.nullfuse", "--memory",
+                             "--size", str(size), str(mnt)], cwd=ROOT, env=env,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not _mounted(mnt):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
+            assert time.monotonic() < deadline, "the memory FS did not mount"
+            time.sleep(0.05)
+        path = mnt / "file"
+        assert path.stat().st_size == size
+        rng = random.Random(27)
+        buf = mmap.mmap(-1, 4096)                     # O_DIRECT wants an aligned buffer
+        fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+        try:
+            first = os.pread(fd, size, 0)
+            assert len(first) == size and first.count(0) < size // 100
+            written: dict[int, bytes] = {}
+            for _ in range(64):
+                off = rng.randrange(size // 4096) * 4096
+                payload = rng.randbytes(4096)
+                buf[:] = payload
+                assert os.pwritev(fd, [buf], off) == 4096
+                written[off] = payload
+            for off in range(0, size, 4096):
+                assert os.preadv(fd, [buf], off) == 4096
+                assert bytes(buf) == written.get(off, first[off:off + 4096]), off
+        finally:
+            os.close(fd)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        if _mounted(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+    assert not _mounted(mnt)
 
 
 @pytest.mark.slow
