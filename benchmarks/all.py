@@ -37,7 +37,10 @@ def write_table(results: Path, start: dict[str, Any], end: dict[str, Any], secon
              "alternating (AB, BA, AB, ...). ratio = median over the rounds of storaged / "
              "anchor of the same round (above 1: storaged is faster); spread = the lowest and "
              "highest of those per-round ratios (IQR in brackets); noisy = the anchor's own "
-             "max/min over the rounds above 1.3: the machine changed speed during the row."]
+             "max/min over the rounds above 1.3: the machine changed speed during the row, "
+             "which then ran two rounds more. A ceiling cell may add measurements beside it "
+             "after a ';' (the same rounds): their median, and storaged's paired ratio to "
+             "them after the ceiling's."]
     failed = [n for n, r in runs.items() if r["status"] != 0]
     if failed:
         notes.append(f"FAILED (no rows): {', '.join(failed)} -- see its output above.")

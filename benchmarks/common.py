@@ -32,6 +32,10 @@ runs each row in rounds, and its invariants are what the table's numbers rest on
    ratio to the ceiling when the row has one (a share of the ceiling, the same round's);
    they do not make a row noisy (5 is the anchor's). A row without them runs, pairs and
    prints exactly as before.
+8. A row that is noisy (5) after its rounds runs :data:`NOISY_EXTRA` more (the runners'
+   ``extra``), once, in the same alternating order (2), so that its median rests on more
+   pairs taken while the machine was changing speed; it stays marked noisy, and its
+   round count says how many it ran. A steady row runs exactly the rounds asked for.
 
 :class:`Report` collects the rows of one benchmark with the machine's facts (cores, load
 average at start and end, kernel) and writes them as one markdown table and one JSON file
@@ -51,7 +55,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +64,7 @@ import trio
 
 MIN_ROUNDS = 3
 NOISY_SPREAD = 1.3        # the anchor's max/min over the rounds above this: "noisy"
+NOISY_EXTRA = 2           # rounds more for a row that is noisy after its rounds (8)
 RESULTS = Path(__file__).parent / "results"
 FIELDS = ("benchmark", "row", "unit", "anchor", "ceiling", "storaged_median",
           "anchor_median", "ratio_median", "ratio_min", "ratio_max", "ratio_iqr",
@@ -270,9 +275,19 @@ class RowResult:
                 "rounds": rounds}
 
 
+def _round_numbers(rounds: int, extra: int, noisy: Callable[[], bool]) -> Iterator[int]:
+    """The round numbers of a row (invariant 8): ``rounds`` of them, then ``extra`` more,
+    once, if ``noisy()`` says so after the last (asked lazily, once that round has run)."""
+    yield from range(rounds)
+    if extra and noisy():
+        yield from range(rounds, rounds + extra)
+
+
 def run_pair(benchmark: str, pair: Pair, rounds: int,
-             log: Callable[[str], None] | None = None) -> RowResult:
-    """Run one row for ``rounds`` rounds, alternating the order (invariants 1, 2 and 7)."""
+             log: Callable[[str], None] | None = None, *,
+             extra: int = NOISY_EXTRA) -> RowResult:
+    """Run one row for ``rounds`` rounds, alternating the order (invariants 1, 2 and 7),
+    and ``extra`` more if it is noisy after them (invariant 8)."""
     if rounds < MIN_ROUNDS:
         raise ValueError(f"a row needs at least {MIN_ROUNDS} rounds, not {rounds}")
     _check_beside(pair.row, [name for name, _m in pair.beside])
@@ -284,7 +299,7 @@ def run_pair(benchmark: str, pair: Pair, rounds: int,
         sides.append(("C", pair.ceiling, res.ceiling_rounds))
     for name, measure in pair.beside:
         sides.append((beside_tag(name), measure, res.beside_rounds.setdefault(name, [])))
-    for i in range(rounds):
+    for i in _round_numbers(rounds, extra, lambda: res.noisy):
         for tag, measure, out in (sides if i % 2 == 0 else sides[::-1]):
             res.order.append(tag)
             out.append(float(measure()))
@@ -299,9 +314,11 @@ def run_pair(benchmark: str, pair: Pair, rounds: int,
 
 
 def run_figures(benchmark: str, group: Figures, rounds: int,
-                log: Callable[[str], None] | None = None) -> list[RowResult]:
+                log: Callable[[str], None] | None = None, *,
+                extra: int = NOISY_EXTRA) -> list[RowResult]:
     """One row per figure, all from the same runs (invariant 6), alternating the order
-    (invariants 1, 2 and 7)."""
+    (invariants 1, 2 and 7), and ``extra`` rounds more if any of them is noisy after
+    them (invariant 8)."""
     if rounds < MIN_ROUNDS:
         raise ValueError(f"a row needs at least {MIN_ROUNDS} rounds, not {rounds}")
     _check_beside(group.row, [name for name, _m in group.beside])
@@ -317,7 +334,7 @@ def run_figures(benchmark: str, group: Figures, rounds: int,
     for name, fmeasure in group.beside:
         sides.append((beside_tag(name), fmeasure,
                       [r.beside_rounds.setdefault(name, []) for r in res]))
-    for i in range(rounds):
+    for i in _round_numbers(rounds, extra, lambda: any(r.noisy for r in res)):
         for tag, measure, outs in (sides if i % 2 == 0 else sides[::-1]):
             values = [float(v) for v in measure()]
             if len(values) != n:
@@ -335,14 +352,15 @@ def run_figures(benchmark: str, group: Figures, rounds: int,
 
 
 def run_rounds(benchmark: str, pairs: Sequence[Pair | Figures], rounds: int = MIN_ROUNDS,
-               log: Callable[[str], None] | None = None) -> list[RowResult]:
-    """Every row in turn, each in its own interleaved rounds."""
+               log: Callable[[str], None] | None = None, *,
+               extra: int = NOISY_EXTRA) -> list[RowResult]:
+    """Every row in turn, each in its own interleaved rounds (``extra``: invariant 8)."""
     out: list[RowResult] = []
     for p in pairs:
         if isinstance(p, Figures):
-            out += run_figures(benchmark, p, rounds, log)
+            out += run_figures(benchmark, p, rounds, log, extra=extra)
         else:
-            out.append(run_pair(benchmark, p, rounds, log))
+            out.append(run_pair(benchmark, p, rounds, log, extra=extra))
     return out
 
 
@@ -467,7 +485,8 @@ def check_rounds(ap: argparse.ArgumentParser, rounds: int) -> None:
         ap.error(f"--rounds must be at least {MIN_ROUNDS}")
 
 
-__all__ = ["BESIDE_FIELDS", "FIELDS", "MIN_ROUNDS", "NOISY_SPREAD", "Figures", "Pair",
+__all__ = ["BESIDE_FIELDS", "FIELDS", "MIN_ROUNDS", "NOISY_EXTRA", "NOISY_SPREAD", "Figures",
+           "Pair",
            "Report", "Result", "RowResult", "add_round_args", "beside_tag", "check_rounds",
            "free_port", "machine_facts", "markdown", "run_figures", "run_pair", "run_rounds",
            "stderr_log", "wait_port"]

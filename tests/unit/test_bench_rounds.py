@@ -1,9 +1,10 @@
-"""The benchmarks' round runner (benchmarks/common.py, its invariants 1-7): pairing,
+"""The benchmarks' round runner (benchmarks/common.py, its invariants 1-8): pairing,
 alternating order, the median paired ratio and its spread, the noisy flag, the
 measurements beside a row's sides, the JSON and table it writes. Pure and fast:
 synthetic callables stand in for the measured programs. A quick --smoke run of the real
 NBD benchmark (marked slow) checks every JSON field. The memory mode of the null FS
-(benchmarks/nullfuse.py --memory) is checked byte for byte through a real mount."""
+(benchmarks/nullfuse.py --memory) is checked byte for byte through a real mount. Tests of
+other invariants that script a noisy anchor pass ``extra=0`` (invariant 8 has its own)."""
 
 from __future__ import annotations
 
@@ -28,11 +29,13 @@ from benchmarks.common import (
     BESIDE_FIELDS,
     FIELDS,
     MIN_ROUNDS,
+    NOISY_EXTRA,
     Figures,
     Pair,
     Report,
     machine_facts,
     markdown,
+    run_figures,
     run_pair,
     run_rounds,
 )
@@ -59,7 +62,7 @@ def test_rounds_alternate_and_pair_within_a_round() -> None:
                 storaged=scripted([150, 100, 200], log, "S"),
                 ceiling=scripted([300, 300, 300], log, "C"), anchor_name="qemu-nbd",
                 ceiling_name="raw")
-    res = run_pair("nbd", pair, 3)
+    res = run_pair("nbd", pair, 3, extra=0)
     assert log == ["A", "S", "C", "C", "S", "A", "A", "S", "C"]
     assert res.order == log
     assert res.ratios == [1.5, 2.0, 1.0]
@@ -79,7 +82,7 @@ def test_pairing_differs_from_a_ratio_of_medians() -> None:
     # Round 2 runs at a third of the speed for both; storaged is 1.2x in every round.
     pair = Pair("r", anchor=scripted([100, 30, 100, 30], log, "A"),
                 storaged=scripted([120, 36, 120, 36], log, "S"))
-    s = run_pair("b", pair, 4).summary()
+    s = run_pair("b", pair, 4, extra=0).summary()
     assert s["ratio_median"] == pytest.approx(1.2)
     assert s["ratio_max"] - s["ratio_min"] == pytest.approx(0)
     assert s["ratio_iqr"] == pytest.approx(0)
@@ -92,11 +95,36 @@ def test_noisy_flag_follows_the_anchor_spread() -> None:
     quiet = run_pair("b", Pair("q", anchor=scripted([100, 110, 105], [], "A"),
                                storaged=scripted([1, 1, 1], [], "S")), 3)
     assert not quiet.noisy and quiet.anchor_spread == pytest.approx(1.1)
-    loud = run_pair("b", Pair("n", anchor=scripted([100, 250, 105], [], "A"),
-                              storaged=scripted([1, 1, 1], [], "S")), 3)
+    loud = run_pair("b", Pair("n", anchor=scripted([100, 250, 105, 100, 100], [], "A"),
+                              storaged=scripted([1, 1, 1, 1, 1], [], "S")), 3)
     assert loud.noisy and loud.anchor_spread == pytest.approx(2.5)
     assert "noisy (2.50)" in markdown([loud.summary()])
     assert "noisy" not in markdown([quiet.summary()]).splitlines()[-1]
+
+
+def test_a_noisy_row_runs_more_rounds_once() -> None:
+    """Invariant 8: a row noisy after its rounds runs NOISY_EXTRA more, once, in the
+    alternating order, and its median rests on all of them; a steady row runs exactly the
+    rounds asked for; a row whose anchor changes speed only in the extra rounds still
+    stops there."""
+    log: list[str] = []
+    # Storaged is 1.2x in every round but the slow second one (0.6x): with three rounds
+    # the median would be 1.2 either way, the point is the count and the order.
+    row = run_pair("b", Pair("n", anchor=scripted([100, 250, 100, 100, 400, 9], log, "A"),
+                             storaged=scripted([120, 150, 120, 120, 480, 9], log, "S")), 3)
+    assert NOISY_EXTRA == 2 and row.rounds == 3 + NOISY_EXTRA
+    assert log == ["A", "S", "S", "A", "A", "S", "S", "A", "A", "S"]
+    assert row.ratios == pytest.approx([1.2, 0.6, 1.2, 1.2, 1.2])
+    assert row.summary()["rounds"] == 5 and row.noisy
+    steady = run_pair("b", Pair("q", anchor=scripted([100, 101, 102, 400], [], "A"),
+                                storaged=scripted([1, 1, 1, 1], [], "S")), 3)
+    assert steady.rounds == 3 and not steady.noisy
+    figs = run_figures("b", Figures("lat", ("p50", "p99"),
+                                    anchor=iter([(10, 10), (10, 30), (10, 10), (10, 10),
+                                                 (10, 10)]).__next__,
+                                    storaged=iter([(5, 5)] * 5).__next__), 3)
+    assert [r.rounds for r in figs] == [5, 5]       # one noisy figure extends them all
+    assert [r.noisy for r in figs] == [False, True]
 
 
 def test_lower_is_better_inverts_the_ratio() -> None:
@@ -124,7 +152,7 @@ def test_figures_of_one_run_become_rows_that_share_its_rounds() -> None:
                     anchor=runs([(20, 100), (40, 200), (20, 100)], "A"),
                     storaged=runs([(40, 100), (40, 100), (10, 100)], "S"),
                     ceiling=runs([(10, 50)] * 3, "C"), unit="us", higher_is_better=False)
-    p50, p99 = run_rounds("nbd", [group], 3)
+    p50, p99 = run_rounds("nbd", [group], 3, extra=0)
     assert log == ["A", "S", "C", "C", "S", "A", "A", "S", "C"]
     assert p50.row == "QD1 rand read 4K p50" and p99.row == "QD1 rand read 4K p99"
     assert p50.order == p99.order == log
@@ -238,7 +266,7 @@ def test_beside_measurements_share_the_rounds_and_the_alternating_order() -> Non
                 beside=((M, scripted([90, 40, 100], log, "M")),
                         ("other", scripted([200, 200, 200], log, "O"))))
     lines: list[str] = []
-    res = run_pair("fuse", pair, 3, lines.append)
+    res = run_pair("fuse", pair, 3, lines.append, extra=0)
     assert lines[1] == ("  fuse | rand read 4K | round 2: storaged 40.0 anchor 50.0 ceiling "
                         "50.0 pyfuse3 memory 40.0 other 200.0 MB/s")
     assert log == ["A", "S", "C", "M", "O", "O", "M", "C", "S", "A",
@@ -287,7 +315,7 @@ def test_a_row_without_beside_measurements_is_unchanged() -> None:
                 storaged=scripted([150, 100, 200], log, "S"),
                 ceiling=scripted([300, 300, 300], log, "C"), anchor_name="qemu-nbd",
                 ceiling_name="raw")
-    s = run_pair("nbd", pair, 3).summary()
+    s = run_pair("nbd", pair, 3, extra=0).summary()
     assert log == ["A", "S", "C", "C", "S", "A", "A", "S", "C"] == s["order"]
     assert s["beside"] == []
     line = ("| nbd | seq | MB/s | 150 | 100 (qemu-nbd) | 1.50x | 1.00-2.00 (0.50) "
