@@ -142,12 +142,7 @@ def test_figures_of_one_run_become_rows_that_share_its_rounds() -> None:
     log: list[str] = []
 
     def runs(values: list[tuple[float, float]], tag: str) -> Callable[[], list[float]]:
-        it = iter(values)
-
-        def measure() -> list[float]:
-            log.append(tag)
-            return list(next(it))
-        return measure
+        return scripted_list([list(v) for v in values], log, tag)
     group = Figures("QD1 rand read 4K", ("p50", "p99"),
                     anchor=runs([(20, 100), (40, 200), (20, 100)], "A"),
                     storaged=runs([(40, 100), (40, 100), (10, 100)], "S"),
@@ -175,11 +170,13 @@ def test_latency_rows_are_also_stated_as_the_issue_states_its_target() -> None:
     assert latency_note([]) == ""
 
 
-def scripted_list(values: list[list[float]], log: list[str]) -> Callable[[], list[float]]:
+def scripted_list(values: list[list[float]], log: list[str],
+                  tag: str = "S") -> Callable[[], list[float]]:
+    """``scripted`` for a run that gives several figures."""
     it = iter(values)
 
     def measure() -> list[float]:
-        log.append("S")
+        log.append(tag)
         return next(it)
     return measure
 
@@ -330,12 +327,7 @@ def test_figures_carry_beside_measurements_from_the_same_runs() -> None:
     log: list[str] = []
 
     def runs(values: list[tuple[float, float]], tag: str) -> Callable[[], list[float]]:
-        it = iter(values)
-
-        def measure() -> list[float]:
-            log.append(tag)
-            return list(next(it))
-        return measure
+        return scripted_list([list(v) for v in values], log, tag)
     group = Figures("QD1", ("p50", "p99"), anchor=runs([(20, 100)] * 3, "A"),
                     storaged=runs([(40, 100)] * 3, "S"), unit="us", higher_is_better=False,
                     beside=((M, runs([(10, 50), (20, 50), (40, 400)], "M")),))
