@@ -489,4 +489,4 @@ __all__ = ["BESIDE_FIELDS", "FIELDS", "MIN_ROUNDS", "NOISY_EXTRA", "NOISY_SPREAD
            "Pair",
            "Report", "Result", "RowResult", "add_round_args", "beside_tag", "check_rounds",
            "free_port", "machine_facts", "markdown", "run_figures", "run_pair", "run_rounds",
-           "stderr_log", "wait_port"]
+           "settle", "stderr_log", "wait_port"]
