@@ -475,9 +475,16 @@ def add_round_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rounds", type=int, default=MIN_ROUNDS,
                     help=f"rounds per row, at least {MIN_ROUNDS} (default {MIN_ROUNDS})")
     ap.add_argument("--smoke", action="store_true",
-                    help="a short run to check the benchmark works: fewer rows, 1 s each")
+                    help="a short run to check the benchmark works: fewer rows, 1 s each, "
+                    "no extra rounds for noisy rows")
     ap.add_argument("--results", type=Path, default=RESULTS,
                     help="where the table and JSON go (default benchmarks/results)")
+
+
+def extra_rounds(args: argparse.Namespace) -> int:
+    """The rounds a noisy row adds (invariant 8): none in a ``--smoke`` run, which only
+    checks that the benchmark works."""
+    return 0 if args.smoke else NOISY_EXTRA
 
 
 def check_rounds(ap: argparse.ArgumentParser, rounds: int) -> None:
@@ -488,5 +495,6 @@ def check_rounds(ap: argparse.ArgumentParser, rounds: int) -> None:
 __all__ = ["BESIDE_FIELDS", "FIELDS", "MIN_ROUNDS", "NOISY_EXTRA", "NOISY_SPREAD", "Figures",
            "Pair",
            "Report", "Result", "RowResult", "add_round_args", "beside_tag", "check_rounds",
+           "extra_rounds",
            "free_port", "machine_facts", "markdown", "run_figures", "run_pair", "run_rounds",
            "settle", "stderr_log", "wait_port"]

@@ -98,6 +98,7 @@ import xxhash
 import zfec
 
 from benchmarks.common import (
+    NOISY_EXTRA,
     Pair,
     Report,
     RowResult,
@@ -770,8 +771,9 @@ async def paired_rows(d: str, size: int, offsets: Sequence[int], text: bytes, ro
             pairs = [p for p in pairs if any(o in p.row for o in only)]
         if not pairs:
             raise SystemExit(f"benchmarks.engine: no row matches --rows {' '.join(only)}")
-        results = await trio.to_thread.run_sync(run_rounds, "engine", pairs, rounds,
-                                                stderr_log)
+        results = await trio.to_thread.run_sync(functools.partial(
+            run_rounds, "engine", pairs, rounds, stderr_log,
+            extra=0 if smoke else NOISY_EXTRA))   # (common.extra_rounds: a smoke run adds none)
         for name, (vol, content) in vols.items():      # a fast wrong answer cannot pass
             if await vol.read(size - SEQ, SEQ) != content and (smoke or name != PLAIN):
                 raise AssertionError(f"{name}: 1 MiB read back wrong after the rounds")

@@ -60,6 +60,7 @@ from benchmarks.common import (
     Report,
     add_round_args,
     check_rounds,
+    extra_rounds,
     fio_side,
     run_rounds,
     settle,
@@ -242,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                       beside=tuple((MEMORY, measure(f, test, rw, bs, depth, MEMORY))
                                    for f in mem_files if bs == "4k"))
                  for label, path in vols for test, rw, bs, depth in tests]
-        report.add(run_rounds("fuse", pairs, args.rounds, stderr_log))
+        report.add(run_rounds("fuse", pairs, args.rounds, stderr_log,
+                              extra=extra_rounds(args)))
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)

@@ -53,6 +53,7 @@ from benchmarks.common import (
     Report,
     add_round_args,
     check_rounds,
+    extra_rounds,
     free_port,
     run_rounds,
     serve_until_signal,
@@ -274,7 +275,8 @@ def main() -> None:
         pairs = [p for p in pairs if args.rows in p.row]
         if not pairs:
             raise SystemExit(f"benchmarks.iscsi: no row matches --rows {args.rows!r}")
-        report.add(run_rounds("iscsi", pairs, args.rounds, stderr_log))
+        report.add(run_rounds("iscsi", pairs, args.rounds, stderr_log,
+                              extra=extra_rounds(args)))
     finally:
         subprocess.run(["tgtadm", "-C", str(control), "--op", "delete", "--mode", "system"],
                        capture_output=True, check=False, timeout=30)

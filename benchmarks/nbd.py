@@ -44,6 +44,7 @@ from benchmarks.common import (
     RowResult,
     add_round_args,
     check_rounds,
+    extra_rounds,
     fio_side,
     free_port,
     run_rounds,
@@ -207,7 +208,8 @@ def main() -> None:
                           anchor_name="qemu-nbd qcow2", ceiling_name="qemu-nbd raw",
                           higher_is_better=False)
                   for vol, label, _extra in vols for test, rw in latency_tests]
-        report.add(run_rounds("nbd", pairs, args.rounds, stderr_log))
+        report.add(run_rounds("nbd", pairs, args.rounds, stderr_log,
+                              extra=extra_rounds(args)))
     finally:
         for p in procs:
             if p.poll() is None:

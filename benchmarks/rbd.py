@@ -48,6 +48,7 @@ from benchmarks.common import (
     Report,
     add_round_args,
     check_rounds,
+    extra_rounds,
     fio_side,
     free_port,
     run_rounds,
@@ -408,7 +409,8 @@ def main() -> None:
                               ceiling=None, ceiling_name=""))
         if args.only:
             pairs = [p for p in pairs if any(w in p.row for w in args.only.split(","))]
-        report.add(run_rounds("rbd", pairs, args.rounds, stderr_log))
+        report.add(run_rounds("rbd", pairs, args.rounds, stderr_log,
+                              extra=extra_rounds(args)))
     finally:
         if path is not None:
             path.stop()
