@@ -416,10 +416,7 @@ class Volume:
         hit = self._pool.cached_block(self._map, b)
         if hit is None:
             return None
-        stats = self._stats
-        stats["reads"] += 1
-        stats["bytes_read"] += length
-        self._latency["read"].observe(time.perf_counter() - started)
+        self._count_read(length, started)
         return (hit if type(hit) is memoryview else memoryview(hit))[lo:lo + length]
 
     async def read_vectored(self, offset: int, length: int) -> list[bytes | memoryview]:
