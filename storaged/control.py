@@ -287,8 +287,14 @@ class ControlServer:
                                            "errno": 22, "kind": "InvalidArgument"}})
             return
 
+        sending = trio.Lock()
+
         async def progress(p: dict[str, Any]) -> None:
-            await _send(stream, {"progress": p})
+            # Several tasks of one operation may report at once (a RADOS pool destroy's
+            # parallel deletes): one line at a time on the stream, which refuses a second
+            # sender while the first waits (trio.BusyResourceError: an internal error).
+            async with sending:
+                await _send(stream, {"progress": p})
         method, params = req["method"], req.get("params") or {}
         try:
             passed = isinstance(params, dict) and params.pop("fd", False) is True
