@@ -13,7 +13,8 @@ from typing import Any, cast
 
 import trio
 
-from storaged.control import ControlAPI, ControlServer
+from storaged.api import ControlAPI
+from storaged.control import ControlServer
 
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
 
