@@ -572,6 +572,14 @@ class Pool:
             return None
         return self.reader.read_blocks_nowait(map_id, blocks, block_size)
 
+    def read_span_nowait(self, map_id: int, first: int, n: int, block_size: int
+                         ) -> memoryview | list[bytes | memoryview | None] | None:
+        """``read_blocks_nowait`` of blocks ``first`` to ``first + n - 1``, as one
+        read-only view of them all when it can (``RecordReader.read_span_nowait``)."""
+        if self.txn.failed is not None or self.txn.closed:
+            return None
+        return self.reader.read_span_nowait(map_id, first, n, block_size)
+
     async def read_blocks(self, map_id: int, blocks: Sequence[int],
                           block_size: int) -> list[bytes | memoryview | None]:
         """The logical content of each block (``None`` for a hole), verified."""

@@ -189,6 +189,20 @@ class RecordReader:
                            block_size: int) -> list[bytes | memoryview | None] | None:
         """``read_blocks`` if it can be done at once on the event loop (record-cache hits,
         page-cached healthy fragments), else None: the caller awaits ``read_blocks``."""
+        got = self._nowait(map_id, blocks, block_size, whole=False)
+        assert not isinstance(got, memoryview)
+        return got
+
+    def read_span_nowait(self, map_id: int, first: int, n: int, block_size: int
+                         ) -> memoryview | list[bytes | memoryview | None] | None:
+        """``read_blocks_nowait`` of the ``n`` blocks from ``first`` on, which answers a
+        large read of records stored raw with no hole among them as one read-only view
+        of all ``n`` blocks back to back (invariant 5), instead of a view per block: a
+        frontend then sends it as one buffer, and nobody cuts and gathers it per block."""
+        return self._nowait(map_id, range(first, first + n), block_size, whole=True)
+
+    def _nowait(self, map_id: int, blocks: Sequence[int], block_size: int, *,
+                whole: bool) -> memoryview | list[bytes | memoryview | None] | None:
         if map_id not in self.state.maps:
             return None
         if len(blocks) > 2:
@@ -198,7 +212,8 @@ class RecordReader:
             # read-only views of it (invariant 5).
             planned = self._into_runs(map_id, blocks, block_size)
             if planned is not None:
-                return self._runs_nowait(planned, len(blocks), block_size)
+                return self._runs_nowait(planned, len(blocks), block_size,
+                                         whole=whole and not planned[1])
             packed = self._packed_runs(map_id, blocks)
             if packed is not None:
                 return self._packed_nowait(packed, len(blocks), block_size)
@@ -212,10 +227,12 @@ class RecordReader:
         return result
 
     def _runs_nowait(self, planned: tuple[list[records.IntoRun], list[int]], n: int,
-                     block_size: int) -> list[bytes | memoryview | None] | None:
+                     block_size: int, *, whole: bool = False
+                     ) -> memoryview | list[bytes | memoryview | None] | None:
         """``read_blocks_nowait`` of ``n`` blocks planned by ``_into_runs``: each record
-        read and verified into its place in one new buffer; holes None. None if
-        something needs the general path."""
+        read and verified into its place in one new buffer; holes None (``whole``: no
+        holes, and the buffer is handed out as one read-only view). None if something
+        needs the general path."""
         runs, holes = planned
         view = memoryview(self._read_buffer(n * block_size))
         dests = [view[at:at + block_size] for at in range(0, n * block_size, block_size)]
@@ -224,6 +241,8 @@ class RecordReader:
         except records.WouldBlock:
             return None
         self._counters["records_read"] += done
+        if whole:
+            return view.toreadonly()
         return _handed_out(view, n, block_size, holes)
 
     def _packed_nowait(self, packed: _Packed, n: int, block_size: int

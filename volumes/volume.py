@@ -371,9 +371,13 @@ class Volume:
         b = offset // bs
         if 0 < length <= bs and (offset + length - 1) // bs == b:
             return self._read_one_nowait(b, offset, length, started)
-        got = self._contents_nowait(offset, length)
+        got = self._span_nowait(offset, length)
         if got is None:
             return None
+        if type(got) is memoryview:
+            self._count_read(length, started)
+            return [(offset, length, [got])]
+        assert not isinstance(got, memoryview)
         out = runs(*got, offset, length, bs)
         self._count_read(length, started)
         return out
@@ -444,9 +448,13 @@ class Volume:
             if not answered:
                 return None
             return [data if data is not None else self._zero_view[:length]]
-        got = self._contents_nowait(offset, length)
+        got = self._span_nowait(offset, length)
         if got is None:
             return None
+        if type(got) is memoryview:
+            self._count_read(length, started)
+            return [got]
+        assert not isinstance(got, memoryview)
         vec = buffers(*got, self._zero_view)
         self._count_read(length, started)
         return vec
@@ -571,6 +579,29 @@ class Volume:
                 return None
             buffered.update(zip(need, got, strict=True))
         return spans, buffered
+
+    def _span_nowait(self, offset: int, length: int
+                     ) -> memoryview | tuple[list[tuple[int, int, int]],
+                                             dict[int, Block | None]] | None:
+        """``_contents_nowait``; or, when no block is buffered and the pool has every
+        block of the range as a record stored raw (``Pool.read_span_nowait``), the range
+        itself as one read-only view (readshape invariant 1: not a bytearray; pool/reader
+        invariant 5: nothing writes it while it lives), which a frontend sends as one
+        buffer instead of one per block."""
+        if self._dirty or self._inflight or length <= 0:
+            return self._contents_nowait(offset, length)
+        self._check(offset, length, write=False)
+        bs = self.block_size
+        first = offset // bs
+        n = (offset + length - 1) // bs - first + 1
+        got = self._pool.read_span_nowait(self._map, first, n, bs)
+        if got is None:
+            return None
+        if isinstance(got, memoryview):
+            lo = offset - first * bs
+            return got if lo == 0 and len(got) == length else got[lo:lo + length]
+        return list(self._blocks(offset, length)), dict(zip(range(first, first + n), got,
+                                                            strict=True))
 
     def _read_one_nowait(self, b: int, offset: int, length: int,
                          started: float) -> list[tuple[int, int, list[Piece] | None]] | None:

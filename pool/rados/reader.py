@@ -134,6 +134,11 @@ class RadosRecordReader(RecordReader):
         self.ahead_started = 0          # batches read ahead, ever
         self.ahead_taken = 0            # ... that answered a request
 
+    def read_span_nowait(self, map_id: int, first: int, n: int, block_size: int
+                         ) -> memoryview | list[bytes | memoryview | None] | None:
+        # (always block by block: the read-ahead answers in blocks)
+        return self.read_blocks_nowait(map_id, range(first, first + n), block_size)
+
     def read_blocks_nowait(self, map_id: int, blocks: Sequence[int],
                            block_size: int) -> list[bytes | memoryview | None] | None:
         if self.conn.prefetch.limit:        # the read-ahead may hold the bytes
