@@ -25,10 +25,19 @@ DEFAULT = 0.5
 # module path (or "vm") -> {test function name (parameters left out) or "*" (the whole
 # module, one unit): seconds}. Tests under 2.5 s are left to DEFAULT.
 SECONDS: dict[str, dict[str, float]] = {
-    "tests/rados/test_pool.py": {"*": 84},
+    # RADOS modules: seconds on a worker whose cluster is up (tests/rados serially).
+    "tests/rados/test_daemon_osd_restart.py": {"*": 24},
+    "tests/rados/test_pool.py": {"*": 18},
+    "tests/rados/test_daemon_rados.py": {"*": 17},
+    "tests/rados/test_store.py": {"*": 14},
+    "tests/rados/test_cephkit.py": {"*": 9},
+    "tests/rados/test_meta.py": {"*": 9},
+    "tests/rados/test_aioread.py": {"*": 5},
+    "tests/rados/test_owner.py": {"*": 3},
+    "tests/rados/test_prefetch.py": {"*": 2},
+    "tests/rados/test_segments.py": {"*": 2},
     "vm": {"*": 72},
     "tests/integration/test_iscsi_clients.py": {"test_libiscsi_conformance_suite": 71},
-    "tests/rados/test_store.py": {"*": 68},
     "tests/integration/test_space_concurrency.py": {
         "test_overwrites_at_80_percent_of_usable_space_never_fail": 25,
         "test_enospc_bursts_then_freed_space_every_write_is_answered": 23,
@@ -62,8 +71,6 @@ SECONDS: dict[str, dict[str, float]] = {
         "test_fuse_file_draws_from_the_volume_budget": 6,
     },
     "tests/unit/test_bench_rounds.py": {"test_nbd_smoke_run_writes_the_json": 45},
-    "tests/rados/test_daemon_osd_restart.py": {"*": 43},
-    "tests/rados/test_daemon_rados.py": {"*": 30},
     "tests/integration/test_wrong_commands.py": {
         "test_wrong_commands_are_one_line_and_change_nothing": 21,
         "test_a_config_with_a_bad_key_is_one_line_and_leaves_the_running_daemon": 7,
@@ -75,7 +82,6 @@ SECONDS: dict[str, dict[str, float]] = {
         "test_resize_shrink_needs_allow_shrink_and_sizes_can_be_relative": 3,
         "test_incremental_receive_into_a_volume_in_use": 3,
     },
-    "tests/rados/test_aioread.py": {"*": 25},
     "tests/integration/test_faults.py": {
         "test_lose_a_device_under_io_replace_it_then_lose_two_more": 5,
         "test_a_member_that_hangs_is_left_out_of_an_import": 4,
@@ -84,15 +90,12 @@ SECONDS: dict[str, dict[str, float]] = {
         "test_a_repair_write_that_hangs_does_not_hang_the_read": 3,
         "test_a_lone_device_whose_writes_hang_fails_the_flush": 3,
     },
-    "tests/rados/test_owner.py": {"*": 20},
     "tests/integration/test_owner.py": {
         "test_a_killed_owners_pool_needs_force_and_is_taken_over": 9,
         "test_two_daemons_racing_to_import_one_wins": 7,
         "test_a_stray_import_changes_nothing": 4,
     },
-    "tests/rados/test_meta.py": {"*": 19},
     "tests/property/test_snapshots.py": {"test_snapshot_clone_rollback_program": 17},
-    "tests/rados/test_cephkit.py": {"*": 14},
     "tests/integration/test_peers.py": {
         "test_hundred_hostile_connections_keep_rss_bounded_and_others_served": 5,
         "test_a_fuse_mount_point_that_cannot_be_used_is_one_line_and_exit_1": 5,
@@ -146,8 +149,6 @@ SECONDS: dict[str, dict[str, float]] = {
     },
     "tests/property/test_sm_snapshots.py": {"test_snapshot_machine::runTest": 6},
     "tests/integration/test_qos_fio.py": {"test_weights_100_300_share_a_saturated_pool": 6},
-    "tests/rados/test_segments.py": {"*": 5},
-    "tests/rados/test_prefetch.py": {"*": 5},
     "tests/unit/test_nbd_latency_proto.py": {
         "test_many_requests_cut_anywhere_give_the_same_commands": 5,
     },

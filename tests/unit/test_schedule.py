@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.kit import schedule
 
 ROOT = Path(__file__).parents[2]
@@ -17,7 +19,10 @@ def test_units_group_the_vm_tier_and_each_rados_module() -> None:
     assert schedule.scope("tests/unit/test_a.py::test_b[2]") == "tests/unit/test_a.py::test_b[2]"
 
 
-def test_longest_unit_first_ties_in_collection_order() -> None:
+def test_longest_unit_first_ties_in_collection_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(schedule, "SECONDS", {
+        "vm": {"*": 70}, "tests/rados/test_pool.py": {"*": 20},
+        "tests/crash/test_crash.py": {"test_crash_states_recover_last_flush": 10}})
     queue = {
         "tests/unit/test_a.py::test_one": {"tests/unit/test_a.py::test_one": False},
         "tests/rados/test_pool.py": {f"tests/rados/test_pool.py::test_{i}": False
@@ -28,7 +33,7 @@ def test_longest_unit_first_ties_in_collection_order() -> None:
         "vm": {"tests/integration/test_vm_a.py::test_x": False},
     }
     order = schedule.longest_first(queue)
-    assert order[:3] == ["tests/rados/test_pool.py", "vm",
+    assert order[:3] == ["vm", "tests/rados/test_pool.py",
                          "tests/crash/test_crash.py::test_crash_states_recover_last_flush[1-plain]"]
     assert order[3:] == ["tests/unit/test_a.py::test_one", "tests/unit/test_a.py::test_two"]
     assert schedule.cost("x", ["tests/unit/test_a.py::test_one"] * 4) == 4 * schedule.DEFAULT
