@@ -36,12 +36,7 @@ class Daemon:
 
     def start(self) -> None:
         log = open(self.dir / "daemon.log", "ab")  # noqa: SIM115 - owned by the process
-        self.proc = subprocess.Popen(
-            [str(BIN / "storaged"), "--state-dir", str(self.dir / "state"), "--socket",
-             self.sock, "--nbd-listen", f"127.0.0.1:{self.nbd_port}", "--metrics-listen",
-             f"127.0.0.1:{self.metrics_port}" if self.metrics_port else "off",
-             "--iscsi-listen", "127.0.0.1:0", *self.args],
-            stdout=log, stderr=log)
+        self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=log)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -50,6 +45,13 @@ class Daemon:
                 return
             time.sleep(0.01)
         raise AssertionError(f"daemon did not come up: {self.log()}")
+
+    def argv(self) -> list[str]:
+        """The daemon's command line."""
+        return [str(BIN / "storaged"), "--state-dir", str(self.dir / "state"), "--socket",
+                self.sock, "--nbd-listen", f"127.0.0.1:{self.nbd_port}", "--metrics-listen",
+                f"127.0.0.1:{self.metrics_port}" if self.metrics_port else "off",
+                "--iscsi-listen", "127.0.0.1:0", *self.args]
 
     def up(self) -> bool:
         """Serving: the control socket answers ``status`` (storagectl's request, asked
