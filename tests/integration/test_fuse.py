@@ -24,6 +24,7 @@ import pytest
 
 from tests.conftest import loop_devices
 from tests.kit.daemonkit import Daemon, _free_port
+from tests.kit.vmdaemon import live_mount
 
 MiB = 1 << 20
 
@@ -55,7 +56,7 @@ class FuseDaemon(Daemon):
         self.mnt = mnt
 
     def up(self) -> bool:
-        return mounted(self.mnt) and super().up()
+        return live_mount(self.mnt) and super().up()
 
     def volumes(self) -> dict[str, int]:
         listed = self.json("volume", "list")
