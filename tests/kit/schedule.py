@@ -10,7 +10,7 @@ A work unit is one test, except two kinds of groups that must run on one worker:
    up on both.
 
 Units are handed out longest first (LPT: longest processing time first), from SECONDS,
-seconds measured by a clean ``make pytest`` run (``--durations=0``, 2 cores). A long unit
+seconds measured in one ``make pytest`` run (``--durations=0``, 2 shared cores). A long unit
 that starts last leaves the other worker idle until it ends; handed out first, the short
 ones fill in around it. A unit not in SECONDS counts DEFAULT seconds per test: the table
 only needs to be roughly right, and a stale one costs time, never a result.
