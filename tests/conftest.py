@@ -19,7 +19,7 @@ import pytest
 
 from pool import FileDevice
 from storaged.tuning import tune_process
-from tests.kit import vmkit
+from tests.kit import schedule, vmkit
 from tests.kit.daemonkit import Daemon, start_daemon, stop_daemon
 from tests.kit.vmkit import GuestKit
 
@@ -158,11 +158,11 @@ def one_guest_at_a_time() -> Iterator[None]:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
-    """``--dist loadgroup`` with the VM tier's modules (tests/integration/test_vm_*) as one group,
-    whatever their marks: xdist 3.8 groups by an ``item._nodeid`` suffix that pytest 9.2
-    no longer reads, so its ``xdist_group`` marks are lost. One worker then runs the
-    guests one after another while the other goes on with the rest, instead of waiting
-    on ``one_guest_at_a_time``."""
+    """``--dist loadgroup`` with the work units and order of tests/kit/schedule.py: the VM
+    tier's modules as one group and each RADOS module as one, whatever their marks (xdist
+    3.8 groups by an ``item._nodeid`` suffix that pytest 9.2 no longer reads, so its
+    ``xdist_group`` marks are lost), handed out longest first so that neither worker is
+    left idle at the end while the other runs a long test."""
     if config.getvalue("dist") != "loadgroup":
         return None   # xdist's own choice
     from xdist.scheduler import LoadGroupScheduling  # type: ignore[import-untyped]  # noqa: PLC0415
@@ -171,7 +171,22 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     by_mark = sched._split_scope
 
     def split_scope(nodeid: str) -> str:
-        return "vm" if nodeid.startswith("tests/integration/test_vm_") else str(by_mark(nodeid))
+        unit = schedule.scope(nodeid)
+        return unit if unit != nodeid else str(by_mark(nodeid))
 
     sched._split_scope = split_scope
+    assign = sched._assign_work_unit
+    ordered = False
+
+    def assign_longest_first(node: object) -> None:
+        # The first call comes once the whole work queue is known (xdist's schedule()).
+        nonlocal ordered
+        if not ordered:
+            ordered = True
+            queue = sched.workqueue
+            for unit in schedule.longest_first(queue):
+                queue.move_to_end(unit)
+        assign(node)
+
+    sched._assign_work_unit = assign_longest_first
     return sched

@@ -124,12 +124,12 @@ def test_dashboard_and_rules_name_only_exported_metrics(daemon: Daemon,
 
 @pytest.fixture
 def prometheus(daemon: Daemon, tmp_path: Path) -> Iterator[str]:
-    """Debian's Prometheus on a loopback port, scraping the daemon every second with the
+    """Debian's Prometheus on a loopback port, scraping the daemon every 250 ms with the
     alert rules loaded; yields its base URL."""
     port = _free_port()
     cfg = tmp_path / "prometheus.yml"
     cfg.write_text(json.dumps({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "global": {"scrape_interval": "250ms", "evaluation_interval": "250ms"},
         "rule_files": [str(RULES)],
         "scrape_configs": [{"job_name": "storaged", "static_configs": [
             {"targets": [f"127.0.0.1:{daemon.metrics_port}"]}]}]}))

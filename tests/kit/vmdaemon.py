@@ -19,6 +19,19 @@ def mounted(path: Path) -> bool:
         return any(line.split()[4] == str(path) for line in f)
 
 
+def live_mount(path: Path) -> bool:
+    """A FUSE mount at ``path`` that answers: not the stale one a killed daemon left
+    (ENOTCONN), which the next daemon clears and replaces only after its control socket
+    already answers."""
+    if not mounted(path):
+        return False
+    try:
+        os.stat(path)
+    except OSError:
+        return False
+    return True
+
+
 class VmDaemon(Daemon):
     """storaged with NBD, iSCSI (fixed port) and, if ``fuse``, a FUSE mount."""
 
@@ -31,7 +44,7 @@ class VmDaemon(Daemon):
         super().__init__(dir, str(dir / "ctl.sock"), _free_port(), 0, args=tuple(args))
 
     def up(self) -> bool:
-        if self.mnt is not None and not mounted(self.mnt):
+        if self.mnt is not None and not live_mount(self.mnt):
             return False
         return super().up()
 
