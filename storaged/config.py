@@ -70,6 +70,7 @@ class Config:
     iscsi_login_timeout: float = 30.0             # seconds from connect to logged in
     demo: bool = False                            # create a demo pool if there is none
     full_warning: float = 0.8                     # used fraction that raises a warning
+    space_interval: float = 10.0                  # seconds between cleaner / full checks
     overcommit_warning: float = 1.0               # volumes' size / usable size that warns
     discard: bool = True                          # discard freed extents on the devices
     fault_threshold: int = 10                     # I/O errors that fault a pool member
@@ -130,6 +131,7 @@ _KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "iscsi.login_timeout": ("iscsi_login_timeout", float),
     "demo": ("demo", bool), "full_warning": ("full_warning", (float, int)),
     "overcommit_warning": ("overcommit_warning", (float, int)),
+    "space.check_interval": ("space_interval", (float, int)),
     "discard": ("discard", bool),
     "faults.threshold": ("fault_threshold", int), "faults.scrub_rate": ("scrub_rate", Size),
     "faults.rebuild_rate": ("rebuild_rate", Size),
@@ -310,6 +312,9 @@ def validate(cfg: Config) -> Config:
         raise InvalidArgument("faults.threshold must be >= 1 and the rates >= 0")
     if cfg.record_cache is not None and cfg.record_cache < 0:
         raise InvalidArgument("cache.records must be a number of bytes (0: no cache)")
+    if not 0 < cfg.space_interval <= 3600:
+        raise InvalidArgument(f"space.check_interval must be seconds in (0, 3600], not "
+                              f"{cfg.space_interval!r}")
     if not 0 < cfg.check_interval <= 3600:
         raise InvalidArgument(f"faults.check_interval must be seconds in (0, 3600], not "
                               f"{cfg.check_interval!r}")

@@ -102,9 +102,10 @@ storaged is serving the demo pool (Ctrl-C stops it, flushing everything first).
 
 
 async def watch_space(registry: Registry, threshold: Callable[[], float],
-                      period: float = 10.0) -> None:
-    """The background cleaner, and the full-threshold warning: every ``period`` seconds
-    each pool moves the live records out of up to two segments that are mostly dead (so
+                      period: Callable[[], float] = lambda: 10.0) -> None:
+    """The background cleaner, and the full-threshold warning: every ``period()`` seconds
+    (space.check_interval, read anew each pass: a reload applies at the next) each pool
+    moves the live records out of up to two segments that are mostly dead (so
     overwritten and trimmed space is reused), and a pool crossing the threshold is logged
     (and logged again when it drops back)."""
     warned: set[str] = set()
@@ -129,7 +130,7 @@ async def watch_space(registry: Registry, threshold: Callable[[], float],
             elif used < limit and name in warned:
                 warned.discard(name)
                 log.info("pool %s is back under %.0f%% full", name, 100 * limit)
-        await trio.sleep(period)
+        await trio.sleep(period())
 
 
 async def maintain(registry: Registry, settings: Reloader, period: float = 0.5) -> None:
@@ -407,7 +408,8 @@ async def _serve(settings: Reloader, registry: Registry, ready: trio.Event | Non
                                           mport)
                 if fuse is not None:
                     await nursery.start(fuse.serve)
-                nursery.start_soon(watch_space, registry, lambda: settings.cfg.full_warning)
+                nursery.start_soon(watch_space, registry, lambda: settings.cfg.full_warning,
+                                   lambda: settings.cfg.space_interval)
                 nursery.start_soon(maintain, registry, settings)
                 log.info("storaged ready: %d pool(s), control socket %s", len(registry.pools),
                          cfg.socket)

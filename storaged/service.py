@@ -45,7 +45,7 @@ LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 LIVE_KEYS = frozenset({
     "log_level", "full_warning", "fault_threshold", "scrub_rate", "rebuild_rate",
     "auto_replace", "read_timeout", "write_timeout", "write_buffer_age", "overcommit_warning",
-    "qos",
+    "space_interval", "qos",
 })
 
 

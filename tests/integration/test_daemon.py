@@ -254,7 +254,12 @@ def test_metrics_latency_histograms_and_device_errors(daemon: Daemon, tmp_path: 
 
 def test_add_device_and_full_warning(daemon: Daemon, tmp_path: Path) -> None:
     """pool add-device grows capacity; a nearly full pool shows full_warning (JSON and
-    metric) and the daemon logs it."""
+    metric) and the daemon logs it, at its next pass over the pools' space
+    (space.check_interval, 0.5 s here instead of 10)."""
+    (tmp_path / "storaged.toml").write_text("[space]\ncheck_interval = 0.5\n")
+    daemon.stop(signal.SIGTERM)
+    daemon.args = ("--config", str(tmp_path / "storaged.toml"))
+    daemon.start()
     daemon.ok("pool", "create", "small", str(tmp_path / "s0"), "--extent-size", "1M",
               "--file-size", "32M")
     before = daemon.json("pool", "status", "small")
@@ -269,18 +274,19 @@ def test_add_device_and_full_warning(daemon: Daemon, tmp_path: Path) -> None:
         text = resp.read().decode()
     assert 'storaged_pool_full_warning{pool="small"} 1.0' in text
     assert "storaged_nbd_requests_in_flight 0.0" in text
-    deadline = time.monotonic() + 25          # the daemon checks space every 10 s
+    # Within a few passes (10 s would pass without one at the default interval).
+    deadline = time.monotonic() + 8
     while "% full (warning at 80%)" not in daemon.log() and time.monotonic() < deadline:
-        time.sleep(0.5)
+        time.sleep(0.1)
     assert "% full (warning at 80%)" in daemon.log()
     grown = daemon.json("pool", "add-device", "small", str(tmp_path / "s1"),
                         "--file-size", "64M")
     assert isinstance(grown, dict)
     assert grown["size_bytes"] > full["size_bytes"] and len(grown["devices"]) == 2
     assert grown["full_warning"] is False
-    deadline = time.monotonic() + 25
+    deadline = time.monotonic() + 8
     while "is back under 80% full" not in daemon.log() and time.monotonic() < deadline:
-        time.sleep(0.5)
+        time.sleep(0.1)
     assert "is back under 80% full" in daemon.log()
     _qemu_io(daemon.url("small/v"), "read -P 0x55 0 22M")
 

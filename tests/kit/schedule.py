@@ -54,7 +54,7 @@ SECONDS: dict[str, dict[str, float]] = {
         "test_crash_during_add_device": 4,
     },
     "tests/integration/test_daemon.py": {
-        "test_add_device_and_full_warning": 21,
+        "test_add_device_and_full_warning": 4,
         "test_cli_pool_and_volume_lifecycle": 7,
         "test_unflushed_writes_reach_the_devices_within_the_age_limit": 7,
         "test_sigterm_and_kill9_keep_flushed_data": 4,
