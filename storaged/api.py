@@ -249,8 +249,11 @@ class ControlAPI:
     def __init__(self, registry: Registry, nbd: NBDServer | None,
                  nbd_address: tuple[str, int] | None, *, nbd_socket: str | None = None,
                  iscsi: ISCSIServer | None = None, acl: AccessStore | None = None,
-                 fuse_mount: str | None = None) -> None:
+                 fuse_mount: str | None = None, ready: trio.Event | None = None) -> None:
         self.registry = registry
+        # Set once everything is up (the FUSE mount, the metrics listener: the daemon's
+        # READY=1); the control socket answers before that, so ``status`` says which.
+        self.ready = ready
         self.nbd_socket = nbd_socket
         self.fuse_mount = fuse_mount
         self.iscsi = iscsi
@@ -771,5 +774,6 @@ class ControlAPI:
                               else f"{self.nbd_address[0]}:{self.nbd_address[1]}"),
                    "socket": self.nbd_socket,
                    "connections": s.active, "connections_total": s.connections}
-        return {"pools": pools, "volumes": await self.volume_list({}, progress), "nbd": nbd}
+        return {"pools": pools, "volumes": await self.volume_list({}, progress), "nbd": nbd,
+                "ready": self.ready is None or self.ready.is_set()}
 

@@ -398,7 +398,8 @@ async def _serve(settings: Reloader, registry: Registry, ready: trio.Event | Non
                                           iscsi.serve)
                 api = ControlAPI(registry, nbd, nbd_addr, nbd_socket=cfg.nbd_socket,
                                  iscsi=iscsi, acl=acl,
-                                 fuse_mount=None if fuse is None else cfg.fuse_mount)
+                                 fuse_mount=None if fuse is None else cfg.fuse_mount,
+                                 ready=serving)
                 await _start_listener(nursery, "socket", cfg.socket,
                                       ControlServer(api, cfg.socket).serve)
                 if cfg.metrics_listen is not None:

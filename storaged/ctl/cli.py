@@ -249,7 +249,9 @@ def show_check(r: dict[str, Any]) -> str:
 
 
 def show_status(s: dict[str, Any]) -> str:
-    out = ["POOLS", show_pools([p for p in s["pools"] if "size_bytes" in p])]
+    out = [] if s.get("ready", True) else [
+        "STARTING: the daemon is not serving everything yet (FUSE mount, metrics)", ""]
+    out += ["POOLS", show_pools([p for p in s["pools"] if "size_bytes" in p])]
     out += [f"  {p['name']}: unavailable: {p['error']}" for p in s["pools"]
             if "size_bytes" not in p]
     out += ["", "VOLUMES", show_volumes(s["volumes"])]

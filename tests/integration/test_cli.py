@@ -218,7 +218,10 @@ def test_cli_conventions_against_the_daemon(daemon: Daemon, tmp_path: Path) -> N
     ok_json("snapshot", "create", "tank/v@s")
     assert [s["name"] for s in ok_json("snapshot", "list", "tank/v")] == ["tank/v@s"]
     assert {e["name"] for e in ok_json("export", "list")} == {"tank/v", "tank/v@s"}
-    assert [p["name"] for p in ok_json("status")["pools"]] == ["lab", "tank"]
+    status = ok_json("status")
+    assert [p["name"] for p in status["pools"]] == ["lab", "tank"]
+    assert status["ready"] is True          # everything is up (READY=1)
+    assert "STARTING" not in ctl("status").stdout
 
     # Images: relative to the caller too (qemu-img runs here, the result names the file).
     _qemu_io(daemon.url("tank/v"), "write -P 0x5a 1M 64K")

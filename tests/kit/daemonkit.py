@@ -86,7 +86,8 @@ class Daemon:
 
 def answers(path: str, seconds: float = 60.0) -> bool:
     """Whether the control socket ``path`` answers the request ``storagectl status``
-    sends with a result (not an error) within ``seconds``."""
+    sends with a result (not an error) within ``seconds`` that says the daemon is ready
+    (everything up: its FUSE mount and metrics listener too, as at READY=1)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(seconds)
         buf = b""
@@ -100,7 +101,8 @@ def answers(path: str, seconds: float = 60.0) -> bool:
                 buf += data
         except OSError:         # not listening (yet), reset, or no answer in time
             return False
-    return "result" in json.loads(buf.split(b"\n", 1)[0])
+    answer = json.loads(buf.split(b"\n", 1)[0])
+    return "result" in answer and answer["result"].get("ready", True) is True
 
 
 def start_daemon(tmp_path: Path) -> Daemon:
