@@ -24,8 +24,9 @@ import pytest
 import trio
 
 from storaged import service
-from storaged.config import Config
+from storaged.config import Config, load
 from tests.kit.daemonkit import Daemon, _free_port, _qemu_io
+from volumes import InvalidArgument
 
 UNIT = Path(__file__).resolve().parents[2] / "contrib" / "storaged.service"
 FUSE_DROPIN = UNIT.parent / "storaged-fuse.conf"
@@ -120,11 +121,25 @@ def test_reload_merge_takes_live_keys_only() -> None:
     """S4: live keys change, others keep their running value and are named."""
     running = Config(full_warning=0.8, nbd_max_inflight=64, log_level="info")
     loaded = Config(full_warning=0.5, nbd_max_inflight=32, log_level="info",
-                    write_buffer_age=5.0)
+                    write_buffer_age=5.0, space_interval=2.0)
     new, changed, restart = service.merge(running, loaded)
-    assert (new.full_warning, new.write_buffer_age, new.nbd_max_inflight) == (0.5, 5.0, 64)
-    assert changed == ["full_warning", "cache.write_buffer_age"]
+    assert (new.full_warning, new.write_buffer_age, new.nbd_max_inflight,
+            new.space_interval) == (0.5, 5.0, 64, 2.0)
+    assert changed == ["full_warning", "space.check_interval", "cache.write_buffer_age"]
     assert restart == ["nbd.max_inflight"]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "3601", '"10"'])
+def test_space_check_interval_outside_its_range_is_refused(tmp_path: Path,
+                                                           value: str) -> None:
+    """space.check_interval: seconds in (0, 3600]; anything else is one clear error
+    naming the key (a reload of such a file changes nothing: S4)."""
+    path = tmp_path / "storaged.toml"
+    path.write_text(f"[space]\ncheck_interval = {value}\n")
+    with pytest.raises(InvalidArgument, match=r"space\.check_interval"):
+        load(str(path))
+    path.write_text("[space]\ncheck_interval = 0.25\n")
+    assert load(str(path)).space_interval == 0.25
 
 
 def test_watchdog_only_for_us(monkeypatch: pytest.MonkeyPatch) -> None:
