@@ -481,10 +481,10 @@ def add_round_args(ap: argparse.ArgumentParser) -> None:
                     help="where the table and JSON go (default benchmarks/results)")
 
 
-def extra_rounds(args: argparse.Namespace) -> int:
+def extra_rounds(smoke: bool) -> int:
     """The rounds a noisy row adds (invariant 8): none in a ``--smoke`` run, which only
     checks that the benchmark works."""
-    return 0 if args.smoke else NOISY_EXTRA
+    return 0 if smoke else NOISY_EXTRA
 
 
 def check_rounds(ap: argparse.ArgumentParser, rounds: int) -> None:

@@ -98,12 +98,12 @@ import xxhash
 import zfec
 
 from benchmarks.common import (
-    NOISY_EXTRA,
     Pair,
     Report,
     RowResult,
     add_round_args,
     check_rounds,
+    extra_rounds,
     run_rounds,
     settle,
     stderr_log,
@@ -773,7 +773,7 @@ async def paired_rows(d: str, size: int, offsets: Sequence[int], text: bytes, ro
             raise SystemExit(f"benchmarks.engine: no row matches --rows {' '.join(only)}")
         results = await trio.to_thread.run_sync(functools.partial(
             run_rounds, "engine", pairs, rounds, stderr_log,
-            extra=0 if smoke else NOISY_EXTRA))   # (common.extra_rounds: a smoke run adds none)
+            extra=extra_rounds(smoke)))
         for name, (vol, content) in vols.items():      # a fast wrong answer cannot pass
             if await vol.read(size - SEQ, SEQ) != content and (smoke or name != PLAIN):
                 raise AssertionError(f"{name}: 1 MiB read back wrong after the rounds")

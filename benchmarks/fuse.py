@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                                    for f in mem_files if bs == "4k"))
                  for label, path in vols for test, rw, bs, depth in tests]
         report.add(run_rounds("fuse", pairs, args.rounds, stderr_log,
-                              extra=extra_rounds(args)))
+                              extra=extra_rounds(args.smoke)))
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)

@@ -276,7 +276,7 @@ def main() -> None:
         if not pairs:
             raise SystemExit(f"benchmarks.iscsi: no row matches --rows {args.rows!r}")
         report.add(run_rounds("iscsi", pairs, args.rounds, stderr_log,
-                              extra=extra_rounds(args)))
+                              extra=extra_rounds(args.smoke)))
     finally:
         subprocess.run(["tgtadm", "-C", str(control), "--op", "delete", "--mode", "system"],
                        capture_output=True, check=False, timeout=30)

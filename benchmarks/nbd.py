@@ -209,7 +209,7 @@ def main() -> None:
                           higher_is_better=False)
                   for vol, label, _extra in vols for test, rw in latency_tests]
         report.add(run_rounds("nbd", pairs, args.rounds, stderr_log,
-                              extra=extra_rounds(args)))
+                              extra=extra_rounds(args.smoke)))
     finally:
         for p in procs:
             if p.poll() is None:

@@ -410,7 +410,7 @@ def main() -> None:
         if args.only:
             pairs = [p for p in pairs if any(w in p.row for w in args.only.split(","))]
         report.add(run_rounds("rbd", pairs, args.rounds, stderr_log,
-                              extra=extra_rounds(args)))
+                              extra=extra_rounds(args.smoke)))
     finally:
         if path is not None:
             path.stop()

@@ -374,10 +374,9 @@ class Volume:
         got = self._span_nowait(offset, length)
         if got is None:
             return None
-        if type(got) is memoryview:
+        if isinstance(got, memoryview):
             self._count_read(length, started)
             return [(offset, length, [got])]
-        assert not isinstance(got, memoryview)
         out = runs(*got, offset, length, bs)
         self._count_read(length, started)
         return out
@@ -451,10 +450,9 @@ class Volume:
         got = self._span_nowait(offset, length)
         if got is None:
             return None
-        if type(got) is memoryview:
+        if isinstance(got, memoryview):
             self._count_read(length, started)
             return [got]
-        assert not isinstance(got, memoryview)
         vec = buffers(*got, self._zero_view)
         self._count_read(length, started)
         return vec

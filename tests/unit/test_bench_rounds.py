@@ -8,7 +8,6 @@ other invariants that script a noisy anchor pass ``extra=0`` (invariant 8 has it
 
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import mmap
@@ -128,8 +127,8 @@ def test_a_noisy_row_runs_more_rounds_once() -> None:
     assert [r.rounds for r in figs] == [5, 5]       # one noisy figure extends them all
     assert [r.noisy for r in figs] == [False, True]
     # A --smoke run only checks that a benchmark works: no extra rounds.
-    assert extra_rounds(argparse.Namespace(smoke=True)) == 0
-    assert extra_rounds(argparse.Namespace(smoke=False)) == NOISY_EXTRA
+    assert extra_rounds(True) == 0
+    assert extra_rounds(False) == NOISY_EXTRA
 
 
 def test_lower_is_better_inverts_the_ratio() -> None:
