@@ -21,7 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import MIN_ROUNDS, RESULTS, facts_line, machine_facts, markdown
+from benchmarks.common import (
+    MIN_ROUNDS,
+    RESULTS,
+    cpu_note,
+    facts_line,
+    machine_facts,
+    markdown,
+)
 
 BENCHMARKS = ("engine", "nbd", "iscsi", "fuse")
 
@@ -40,7 +47,7 @@ def write_table(results: Path, start: dict[str, Any], end: dict[str, Any], secon
              "max/min over the rounds above 1.3: the machine changed speed during the row, "
              "which then ran two rounds more. A ceiling cell may add measurements beside it "
              "after a ';' (the same rounds): their median, and storaged's paired ratio to "
-             "them after the ceiling's."]
+             "them after the ceiling's." + (" " + cpu_note(rows) if cpu_note(rows) else "")]
     failed = [n for n, r in runs.items() if r["status"] != 0]
     if failed:
         notes.append(f"FAILED (no rows): {', '.join(failed)} -- see its output above.")

@@ -36,6 +36,14 @@ runs each row in rounds, and its invariants are what the table's numbers rest on
    ``extra``), once, in the same alternating order (2), so that its median rests on more
    pairs taken while the machine was changing speed; it stays marked noisy, and its
    round count says how many it ran. A steady row runs exactly the rounds asked for.
+9. A side may give its figure as a :class:`Sample`: the figure with the CPU time its
+   server spent per operation in that same run (all of the serving process's threads,
+   user and system). When the anchor and storaged both do in every round, the row also
+   reports each one's median CPU per operation and their median paired ratio (anchor
+   over storaged, within one round as in 3: above 1 storaged spent less): what each
+   operation costs, which moves with the machine's phases far less than a rate does and
+   tells a server that is slower per operation from one that uses fewer cores. It takes
+   no part in the row's ratio (3) or noisiness (5).
 
 :class:`Report` collects the rows of one benchmark with the machine's facts (cores, load
 average at start and end, kernel) and writes them as one markdown table and one JSON file
@@ -70,9 +78,12 @@ FIELDS = ("benchmark", "row", "unit", "anchor", "ceiling", "storaged_median",
           "anchor_median", "ratio_median", "ratio_min", "ratio_max", "ratio_iqr",
           "ceiling_median", "ceiling_ratio_median", "anchor_spread", "noisy", "rounds",
           "higher_is_better", "machine",
-          "order", "storaged_rounds", "anchor_rounds", "ceiling_rounds", "beside")
+          "order", "storaged_rounds", "anchor_rounds", "ceiling_rounds", "beside", "cpu")
 # One entry of a row's "beside" list (invariant 7); JSON written before it has no "beside".
 BESIDE_FIELDS = ("name", "median", "ratio_median", "ceiling_ratio_median", "rounds")
+# A row's "cpu" (invariant 9), when not null; JSON written before it has no "cpu".
+CPU_FIELDS = ("storaged_median", "anchor_median", "ratio_median", "ratio_min", "ratio_max",
+              "storaged_rounds", "anchor_rounds")
 
 
 @dataclass
@@ -118,6 +129,24 @@ async def serve_until_signal(*tasks: Callable[..., Awaitable[object]]) -> None:
                 break
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process ``pid`` (all its threads) so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def per_op(pid: int | None, run: Callable[[], tuple[float, int]]) -> float:
+    """``run()`` gives (a figure, how many operations it counted); with ``pid``, the figure
+    as a :class:`Sample` with that process's CPU per operation over the whole run
+    (invariant 9), else the figure."""
+    before = cpu_seconds(pid) if pid is not None else 0.0
+    figure, ops = run()
+    if pid is None or ops <= 0:
+        return figure
+    return Sample(figure, (cpu_seconds(pid) - before) / ops)
+
+
 # -- fio ------------------------------------------------------------------------------------
 
 def fio_side(target: list[str], rw: str, bs: str, depth: int, size: str, runtime: int,
@@ -142,6 +171,19 @@ def fio_side(target: list[str], rw: str, bs: str, depth: int, size: str, runtime
 
 
 # -- the round runner ---------------------------------------------------------------------
+
+class Sample(float):
+    """A side's figure with its server's CPU seconds per operation in the run that gave
+    it (invariant 9); a float everywhere else."""
+
+    __slots__ = ("cpu",)
+    cpu: float
+
+    def __new__(cls, value: float, cpu: float) -> Sample:
+        sample = super().__new__(cls, value)
+        sample.cpu = cpu
+        return sample
+
 
 Measure = Callable[[], float]
 
@@ -202,6 +244,29 @@ class RowResult:
     anchor_rounds: list[float] = field(default_factory=list)
     ceiling_rounds: list[float] = field(default_factory=list)
     beside_rounds: dict[str, list[float]] = field(default_factory=dict)   # invariant 7
+    # Invariant 9: per side tag ("A", "S", ...), each round's CPU seconds per operation
+    # (None where that round's figure was a plain float).
+    cpu_rounds: dict[str, list[float | None]] = field(default_factory=dict)
+
+    def record(self, tag: str, out: list[float], value: float) -> None:
+        """One side's figure of one round (and its CPU per operation: invariant 9)."""
+        self.order.append(tag)
+        out.append(float(value))
+        self.cpu_rounds.setdefault(tag, []).append(
+            value.cpu if isinstance(value, Sample) else None)
+
+    def cpu_summary(self) -> dict[str, Any] | None:
+        """Invariant 9: each side's median CPU per operation and their median paired
+        ratio (anchor over storaged), or None unless both reported it in every round."""
+        ours, theirs = self.cpu_rounds.get("S", []), self.cpu_rounds.get("A", [])
+        if not ours or not theirs or None in ours or None in theirs:
+            return None
+        s = [float(x) for x in ours if x is not None]
+        a = [float(x) for x in theirs if x is not None]
+        r = [x / y if y else float("inf") for x, y in zip(a, s, strict=True)]
+        return {"storaged_median": statistics.median(s), "anchor_median": statistics.median(a),
+                "ratio_median": statistics.median(r), "ratio_min": min(r),
+                "ratio_max": max(r), "storaged_rounds": s, "anchor_rounds": a}
 
     def _better(self, ours: float, theirs: float) -> float:
         """Invariant 4: above 1 means storaged is better."""
@@ -264,6 +329,7 @@ class RowResult:
             "storaged_rounds": self.storaged_rounds, "anchor_rounds": self.anchor_rounds,
             "ceiling_rounds": self.ceiling_rounds,
             "beside": [self._beside_summary(name) for name in self.beside_rounds],
+            "cpu": self.cpu_summary(),
         }
 
     def _beside_summary(self, name: str) -> dict[str, Any]:
@@ -301,8 +367,7 @@ def run_pair(benchmark: str, pair: Pair, rounds: int,
         sides.append((beside_tag(name), measure, res.beside_rounds.setdefault(name, [])))
     for i in _round_numbers(rounds, extra, lambda: res.noisy):
         for tag, measure, out in (sides if i % 2 == 0 else sides[::-1]):
-            res.order.append(tag)
-            out.append(float(measure()))
+            res.record(tag, out, measure())
         if log is not None:
             shown = res.ceiling_rounds if res.beside_rounds else []   # beside it, the ceiling
             log(f"  {benchmark} | {pair.row} | round {i + 1}: storaged "
@@ -336,12 +401,11 @@ def run_figures(benchmark: str, group: Figures, rounds: int,
                       [r.beside_rounds.setdefault(name, []) for r in res]))
     for i in _round_numbers(rounds, extra, lambda: any(r.noisy for r in res)):
         for tag, measure, outs in (sides if i % 2 == 0 else sides[::-1]):
-            values = [float(v) for v in measure()]
+            values = list(measure())
             if len(values) != n:
                 raise ValueError(f"{group.row}: {tag} gave {len(values)} figures, not {n}")
             for r, out, v in zip(res, outs, values, strict=True):
-                r.order.append(tag)
-                out.append(v)
+                r.record(tag, out, v)
         if log is not None:
             log(f"  {benchmark} | {group.row} | round {i + 1}: "
                 + ", ".join(f"{f} storaged {r.storaged_rounds[-1]:.1f} anchor "
@@ -416,11 +480,35 @@ def _ceiling_cells(r: dict[str, Any]) -> tuple[str, str]:
     return ceiling, of_ceiling
 
 
+def _cpu_cell(r: dict[str, Any]) -> str:
+    """Invariant 9's cell: storaged's and the anchor's median CPU per operation and their
+    median paired ratio with its spread; "-" for a row without them (and older JSON)."""
+    c = r.get("cpu")
+    if not c:
+        return "-"
+    return (f"{_fmt(c['storaged_median'] * 1e6)} / {_fmt(c['anchor_median'] * 1e6)} us, "
+            f"{c['ratio_median']:.2f}x ({c['ratio_min']:.2f}-{c['ratio_max']:.2f})")
+
+
+CPU_NOTE = ("server CPU per op = the median CPU time (user + system, all threads) that "
+            "storaged's server and the anchor's spent per operation in their runs, and the "
+            "median of their per-round ratios (anchor / storaged: above 1, storaged spends "
+            "less) with its spread; it follows the machine's phases less than a rate does.")
+
+
+def cpu_note(rows: Sequence[dict[str, Any]]) -> str:
+    """CPU_NOTE if some row has invariant 9's figures, else nothing."""
+    return CPU_NOTE if any(r.get("cpu") for r in rows) else ""
+
+
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """One table over any benchmarks' row summaries."""
+    """One table over any benchmarks' row summaries; with a column of CPU per operation
+    (invariant 9) when some row has it."""
+    cpu = any(r.get("cpu") for r in rows)
     lines = ["| benchmark | row | unit | storaged | anchor | ratio (median) | spread min-max "
-             "(IQR) | ceiling | of ceiling | rounds | noisy |",
-             "|---|---|---|---:|---:|---:|---|---:|---:|---:|---|"]
+             "(IQR) | ceiling | of ceiling | rounds | noisy |"
+             + (" server CPU per op, storaged / anchor (paired) |" if cpu else ""),
+             "|---|---|---|---:|---:|---:|---|---:|---:|---:|---|" + ("---|" if cpu else "")]
     for r in rows:
         ceiling, of_ceiling = _ceiling_cells(r)
         noisy = f"noisy ({r['anchor_spread']:.2f})" if r["noisy"] else ""
@@ -428,7 +516,8 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
             f"| {r['benchmark']} | {r['row']} | {r['unit']} | {_fmt(r['storaged_median'])} "
             f"| {_fmt(r['anchor_median'])} ({r['anchor']}) | {r['ratio_median']:.2f}x "
             f"| {r['ratio_min']:.2f}-{r['ratio_max']:.2f} ({r['ratio_iqr']:.2f}) "
-            f"| {ceiling} | {of_ceiling} | {r['rounds']} | {noisy} |")
+            f"| {ceiling} | {of_ceiling} | {r['rounds']} | {noisy} |"
+            + (f" {_cpu_cell(r)} |" if cpu else ""))
     return "\n".join(lines)
 
 
@@ -463,7 +552,8 @@ class Report:
         data = self.as_json()
         text = "\n\n".join(x for x in (markdown(data["rows"]),
                                        facts_line(data["machine"]["start"],
-                                                  data["machine"]["end"]), extra) if x)
+                                                  data["machine"]["end"]), extra,
+                                       cpu_note(data["rows"])) if x)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / f"{self.benchmark}.json").write_text(json.dumps(data, indent=1) + "\n")
         (directory / f"{self.benchmark}.md").write_text(text + "\n")
@@ -492,9 +582,8 @@ def check_rounds(ap: argparse.ArgumentParser, rounds: int) -> None:
         ap.error(f"--rounds must be at least {MIN_ROUNDS}")
 
 
-__all__ = ["BESIDE_FIELDS", "FIELDS", "MIN_ROUNDS", "NOISY_EXTRA", "NOISY_SPREAD", "Figures",
-           "Pair",
-           "Report", "Result", "RowResult", "add_round_args", "beside_tag", "check_rounds",
-           "extra_rounds",
-           "free_port", "machine_facts", "markdown", "run_figures", "run_pair", "run_rounds",
-           "settle", "stderr_log", "wait_port"]
+__all__ = ["BESIDE_FIELDS", "CPU_FIELDS", "CPU_NOTE", "FIELDS", "MIN_ROUNDS", "NOISY_EXTRA",
+           "NOISY_SPREAD", "Figures", "Pair", "Report", "Result", "RowResult", "Sample",
+           "add_round_args", "beside_tag", "check_rounds", "cpu_note", "cpu_seconds",
+           "extra_rounds", "free_port", "machine_facts", "markdown", "per_op", "run_figures",
+           "run_pair", "run_rounds", "settle", "stderr_log", "wait_port"]

@@ -62,6 +62,7 @@ from benchmarks.common import (
     check_rounds,
     extra_rounds,
     fio_side,
+    per_op,
     run_rounds,
     settle,
     stderr_log,
@@ -79,11 +80,14 @@ MEMORY = "pyfuse3 memory"  # beside it on the 4K rows: pyfuse3 serving a buffer'
 
 
 def fio(path: Path, test: str, rw: str, bs: str, depth: int, runtime: int,
-        target: str) -> float:
-    """One fio run; MB/s."""
-    side = fio_side([f"--filename={path}", "--ioengine=libaio", "--direct=1"], rw, bs,
-                    depth, f"{REGION // MiB}m", runtime, f"{test} on {target}")
-    return float(side["bw_bytes"]) / 1e6
+        target: str, pid: int | None = None) -> float:
+    """One fio run; MB/s (with ``pid``, the serving process's CPU per request beside it:
+    benchmarks/common.py invariant 9)."""
+    def run() -> tuple[float, int]:
+        side = fio_side([f"--filename={path}", "--ioengine=libaio", "--direct=1"], rw, bs,
+                        depth, f"{REGION // MiB}m", runtime, f"{test} on {target}")
+        return float(side["bw_bytes"]) / 1e6, int(side["total_ios"])
+    return per_op(pid, run)
 
 
 def prefill(path: Path) -> None:
@@ -232,12 +236,13 @@ def main(argv: list[str] | None = None) -> int:
             settle("fuse", lambda: allocated(work), one_pass)
 
         def measure(path: Path, test: str, rw: str, bs: str, depth: int,
-                    target: str) -> Callable[[], float]:
-            return lambda: fio(path, test, rw, bs, depth, runtime, target)
+                    target: str, pid: int | None = None) -> Callable[[], float]:
+            return lambda: fio(path, test, rw, bs, depth, runtime, target, pid)
 
         pairs = [Pair(f"{label} {test}",
-                      anchor=measure(qsd_file, test, rw, bs, depth, "qsd qcow2"),
-                      storaged=measure(path, test, rw, bs, depth, f"storaged {label}"),
+                      anchor=measure(qsd_file, test, rw, bs, depth, "qsd qcow2", qsd.pid),
+                      storaged=measure(path, test, rw, bs, depth, f"storaged {label}",
+                                       sd.pid),
                       ceiling=measure(null_file, test, rw, bs, depth, NULL),
                       anchor_name="qsd qcow2", ceiling_name=NULL,
                       beside=tuple((MEMORY, measure(f, test, rw, bs, depth, MEMORY))

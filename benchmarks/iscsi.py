@@ -51,8 +51,10 @@ import trio
 from benchmarks.common import (
     Pair,
     Report,
+    Sample,
     add_round_args,
     check_rounds,
+    cpu_seconds,
     extra_rounds,
     free_port,
     run_rounds,
@@ -100,21 +102,17 @@ def allocated(directory: Path) -> int:
     return sum(p.stat().st_blocks * 512 for p in directory.rglob("*") if p.is_file())
 
 
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of process ``pid`` (all its threads) so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def log_cpu(what: str, server: tuple[str, int] | None, before: float, commands: int
-            ) -> None:
-    """Log the server's CPU per command over one run (``server``: its name and pid): the
-    figure that does not move with the machine's phases as much as the rates do."""
-    if server is not None and commands:
-        used = cpu_seconds(server[1]) - before
-        stderr_log(f"  iscsi | {what} | {server[0]}: {used / commands * 1e6:.1f} us of "
-                   f"server CPU per command")
+def with_cpu(iops: float, what: str, server: tuple[str, int] | None, before: float,
+             commands: int) -> float:
+    """``iops`` with the server's CPU per command over the run (``server``: its name and
+    pid; benchmarks/common.py invariant 9), also logged: the figure that does not move
+    with the machine's phases as much as the rates do. Without a server, ``iops``."""
+    if server is None or not commands:
+        return iops
+    per = (cpu_seconds(server[1]) - before) / commands
+    stderr_log(f"  iscsi | {what} | {server[0]}: {per * 1e6:.1f} us of server CPU per "
+               "command")
+    return Sample(iops, per)
 
 
 def iscsi_perf(url: str, runtime: int, server: tuple[str, int] | None = None,
@@ -126,8 +124,7 @@ def iscsi_perf(url: str, runtime: int, server: tuple[str, int] | None = None,
     if not found:
         raise RuntimeError(f"no iscsi-perf figures in: {out[-300:]}")
     iops = float(found[-1][0])
-    log_cpu(what, server, before, int(iops * runtime))
-    return iops
+    return with_cpu(iops, what, server, before, int(iops * runtime))
 
 
 def qemu_bench(url: str, bs: int, depth: int, write: bool, runtime: int,
@@ -150,8 +147,7 @@ def qemu_bench(url: str, bs: int, depth: int, write: bool, runtime: int,
     count = min(count, SIZE // bs * 4)                # wraps around the LU at most 4x
     before = cpu_seconds(server[1]) if server is not None else 0.0
     seconds = once(count)
-    log_cpu(what, server, before, count)
-    return count / seconds
+    return with_cpu(count / seconds, what, server, before, count)
 
 
 def serve(directory: str, port: int) -> None:

@@ -47,6 +47,7 @@ from benchmarks.common import (
     extra_rounds,
     fio_side,
     free_port,
+    per_op,
     run_rounds,
     serve_until_signal,
     stderr_log,
@@ -80,9 +81,13 @@ def fio_job(uri: str, test: str, rw: str, bs: str, depth: int, runtime: int,
 
 
 def fio(uri: str, test: str, rw: str, bs: str, depth: int, runtime: int,
-        extra: list[str]) -> float:
-    """One fio run; MB/s."""
-    return float(fio_job(uri, test, rw, bs, depth, runtime, extra)["bw_bytes"]) / 1e6
+        extra: list[str], pid: int | None = None) -> float:
+    """One fio run; MB/s (with ``pid``, the server's CPU per request beside it:
+    benchmarks/common.py invariant 9)."""
+    def run() -> tuple[float, int]:
+        job = fio_job(uri, test, rw, bs, depth, runtime, extra)
+        return float(job["bw_bytes"]) / 1e6, int(job["total_ios"])
+    return per_op(pid, run)
 
 
 def fio_latency(uri: str, test: str, rw: str, runtime: int) -> list[float]:
@@ -159,10 +164,11 @@ def main() -> None:
     report = Report("nbd")
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(name: str, cmd: list[str], port: int) -> None:
+    def start(name: str, cmd: list[str], port: int) -> int:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(proc)
         wait_port(port, proc, name)
+        return proc.pid
 
     try:
         raw, qcow = work / "disk.raw", work / "disk.qcow2"
@@ -171,25 +177,28 @@ def main() -> None:
         subprocess.run(["qemu-img", "create", "-f", "qcow2", str(qcow), "1G"], check=True,
                        capture_output=True)
         uris = {}
+        pids: dict[str, int] = {}       # each URI's server (invariant 9's CPU per request)
         for name, fmt, path in (("qcow2", "qcow2", qcow), ("raw", "raw", raw)):
             port = free_port()
-            start(f"qemu-nbd {fmt}", ["qemu-nbd", "-f", fmt, "-x", "d", "-t",
-                                      "--cache=writeback", "-b", "127.0.0.1", "-p", str(port),
-                                      str(path)], port)
             uris[name] = f"nbd://127.0.0.1:{port}/d"
+            pids[uris[name]] = start(
+                f"qemu-nbd {fmt}", ["qemu-nbd", "-f", fmt, "-x", "d", "-t",
+                                    "--cache=writeback", "-b", "127.0.0.1", "-p", str(port),
+                                    str(path)], port)
         sdir = work / "storaged"
         sdir.mkdir()
         port = free_port()
-        start("storaged", [sys.executable, "-m", "benchmarks.nbd", "--serve", str(sdir),
-                           str(port)], port)
+        storaged = start("storaged", [sys.executable, "-m", "benchmarks.nbd", "--serve",
+                                      str(sdir), str(port)], port)
         for vol, _label, _extra in vols:
             uris[vol] = f"nbd://127.0.0.1:{port}/bench/{vol}"
+            pids[uris[vol]] = storaged
         for uri in uris.values():
             prefill(uri)
 
         def measure(uri: str, test: str, rw: str, bs: str, depth: int,
                     extra: list[str]) -> Callable[[], float]:
-            return lambda: fio(uri, test, rw, bs, depth, runtime, extra)
+            return lambda: fio(uri, test, rw, bs, depth, runtime, extra, pids.get(uri))
 
         def latency(uri: str, test: str, rw: str) -> Callable[[], list[float]]:
             return lambda: fio_latency(uri, test, rw, runtime)

@@ -1,6 +1,7 @@
-"""The benchmarks' round runner (benchmarks/common.py, its invariants 1-8): pairing,
+"""The benchmarks' round runner (benchmarks/common.py, its invariants 1-9): pairing,
 alternating order, the median paired ratio and its spread, the noisy flag, the
-measurements beside a row's sides, the JSON and table it writes. Pure and fast:
+measurements beside a row's sides, the CPU per operation a side reports, the JSON and
+table it writes. Pure and fast:
 synthetic callables stand in for the measured programs. A quick --smoke run of the real
 NBD benchmark (marked slow) checks every JSON field. The memory mode of the null FS
 (benchmarks/nullfuse.py --memory) is checked byte for byte through a real mount. Tests of
@@ -27,12 +28,14 @@ import trio
 from benchmarks.all import write_table
 from benchmarks.common import (
     BESIDE_FIELDS,
+    CPU_FIELDS,
     FIELDS,
     MIN_ROUNDS,
     NOISY_EXTRA,
     Figures,
     Pair,
     Report,
+    Sample,
     extra_rounds,
     machine_facts,
     markdown,
@@ -383,6 +386,76 @@ def test_report_and_merged_table_carry_beside_measurements(tmp_path: Path) -> No
     assert table.count("| 300 (pyfuse3 null) | 0.40x |") == 2
 
 
+def sampled(values: list[tuple[float, float]], log: list[str], tag: str
+            ) -> Callable[[], float]:
+    """``scripted`` whose figures carry their server's CPU seconds per operation."""
+    return scripted([Sample(v, cpu) for v, cpu in values], log, tag)
+
+
+def test_cpu_per_operation_is_paired_within_a_round(tmp_path: Path) -> None:
+    """Invariant 9: each side's median CPU per operation and the median of the per-round
+    ratios (anchor over storaged: above 1 storaged spends less), not a ratio of medians;
+    it leaves the row's own ratio and noisiness alone; the JSON and the table carry it,
+    and benchmarks/all merges it with rows that have none (also older JSON)."""
+    order: list[str] = []
+    rep = Report("iscsi")
+    rep.add(run_rounds("iscsi", [
+        Pair("ec read 1M", anchor=sampled([(100, 4e-4), (100, 2e-4), (100, 4e-4)], order, "A"),
+             storaged=sampled([(90, 2e-4), (80, 4e-4), (95, 5e-4)], order, "S"),
+             unit="IOPS"),
+        Pair("plain read 1M", anchor=scripted([100] * 3, order, "A"),
+             storaged=sampled([(100, 3e-4)] * 3, order, "S"), unit="IOPS")], 3))
+    assert order[:6] == ["A", "S", "S", "A", "A", "S"]          # (invariant 2 unchanged)
+    rep.write(tmp_path)
+    rows = json.loads((tmp_path / "iscsi.json").read_text())["rows"]
+    cpu = rows[0]["cpu"]
+    assert set(CPU_FIELDS) <= set(cpu)
+    assert cpu["storaged_rounds"] == [2e-4, 4e-4, 5e-4]
+    assert cpu["anchor_rounds"] == [4e-4, 2e-4, 4e-4]
+    assert cpu["storaged_median"] == 4e-4 and cpu["anchor_median"] == 4e-4
+    # Paired: 2.0, 0.5, 0.8 -> median 0.8, where the medians' ratio would say 1.0.
+    assert cpu["ratio_median"] == pytest.approx(0.8)
+    assert (cpu["ratio_min"], cpu["ratio_max"]) == (pytest.approx(0.5), pytest.approx(2.0))
+    assert rows[0]["ratio_median"] == pytest.approx(0.9) and not rows[0]["noisy"]
+    assert rows[0]["storaged_rounds"] == [90, 80, 95]           # plain floats in the JSON
+    assert rows[1]["cpu"] is None            # the anchor gave no CPU: nothing to pair
+    table = (tmp_path / "iscsi.md").read_text()
+    assert "| server CPU per op, storaged / anchor (paired) |" in table
+    assert "| 400 / 400 us, 0.80x (0.50-2.00) |" in table
+    assert table.splitlines()[3].endswith("| - |")
+    old = {k: v for k, v in rows[1].items() if k != "cpu"}
+    facts = machine_facts()
+    runs = {"iscsi": {"status": 0, "seconds": 1.0}}
+    assert write_table(tmp_path, facts, facts, 1.0, runs, [*rows, old], 3, False) == []
+    merged = (tmp_path / "latest.md").read_text()
+    lines = [line for line in merged.splitlines() if line.startswith("| iscsi |")]
+    assert lines[0].endswith("| 400 / 400 us, 0.80x (0.50-2.00) |")
+    assert lines[1].endswith("| - |") and lines[2].endswith("| - |")
+    assert "server CPU per op = the median CPU time" in merged
+
+
+def test_a_table_without_cpu_figures_keeps_its_columns() -> None:
+    """Invariant 9 adds its column only when some row has the figures."""
+    rows = [r.summary() for r in run_rounds("nbd", [
+        Pair("seq", anchor=scripted([10.0] * 3, [], "A"),
+             storaged=scripted([20.0] * 3, [], "S"))], 3)]
+    assert rows[0]["cpu"] is None
+    assert "CPU per op" not in markdown(rows)
+    assert markdown(rows).splitlines()[0].endswith("| rounds | noisy |")
+
+
+def test_figures_carry_cpu_per_operation_from_the_same_run() -> None:
+    """Invariants 6 and 9: every figure of a run carries that run's CPU per operation."""
+    rows = run_figures("nbd", Figures(
+        "QD1 read 4K", ("p50", "p99"),
+        anchor=lambda: [Sample(100, 2e-5), Sample(200, 2e-5)],
+        storaged=lambda: [Sample(90, 1e-5), Sample(150, 1e-5)],
+        unit="us", higher_is_better=False), 3)
+    for r in rows:
+        c = r.cpu_summary()
+        assert c is not None and c["ratio_median"] == pytest.approx(2.0)
+
+
 # -- the null FS's memory mode (benchmarks/nullfuse.py --memory) ----------------------------
 
 def test_memory_fs_answers_its_buffers_bytes_and_keeps_writes() -> None:
@@ -487,4 +560,12 @@ def test_nbd_smoke_run_writes_the_json(tmp_path: Path) -> None:
         assert row["storaged_median"] > 0 and row["anchor_median"] > 0
         assert row["ceiling_median"] > 0
         assert row["order"][:3] == ["A", "S", "C"] and row["order"][3:6] == ["C", "S", "A"]
+        if row["unit"] == "MB/s":
+            # Invariant 9 through real servers: qemu-nbd's and storaged's CPU per request,
+            # each round's from its own process.
+            cpu = row["cpu"]
+            assert cpu is not None and set(CPU_FIELDS) <= set(cpu)
+            assert len(cpu["storaged_rounds"]) == len(cpu["anchor_rounds"]) == MIN_ROUNDS
+            assert all(0 < x < 0.1 for x in cpu["storaged_rounds"] + cpu["anchor_rounds"])
     assert "| nbd |" in (tmp_path / "out" / "nbd.md").read_text()
+    assert "server CPU per op" in (tmp_path / "out" / "nbd.md").read_text()
