@@ -42,8 +42,10 @@ from benchmarks.common import (
     Pair,
     Report,
     RowResult,
+    Sample,
     add_round_args,
     check_rounds,
+    cpu_seconds,
     extra_rounds,
     fio_side,
     free_port,
@@ -90,14 +92,21 @@ def fio(uri: str, test: str, rw: str, bs: str, depth: int, runtime: int,
     return per_op(pid, run)
 
 
-def fio_latency(uri: str, test: str, rw: str, runtime: int) -> list[float]:
+def fio_latency(uri: str, test: str, rw: str, runtime: int,
+                pid: int | None = None) -> list[float]:
     """One fio run of 4 KiB at queue depth 1: its total and its completion latency, p50
-    and p99 of each, in us (PERCENTILES)."""
+    and p99 of each, in us (PERCENTILES); with ``pid``, each with the server's CPU per
+    request of that run (benchmarks/common.py invariant 9)."""
+    before = cpu_seconds(pid) if pid is not None else 0.0
     side = fio_job(uri, test, rw, "4k", 1, runtime,
                    ["--percentile_list=50:99", "--lat_percentiles=1",
                     "--clat_percentiles=1"])
-    return [float(side[kind]["percentile"][p]) / 1000 for kind in ("lat_ns", "clat_ns")
-            for p in ("50.000000", "99.000000")]
+    figures = [float(side[kind]["percentile"][p]) / 1000 for kind in ("lat_ns", "clat_ns")
+               for p in ("50.000000", "99.000000")]
+    if pid is None or not side["total_ios"]:
+        return figures
+    cpu = (cpu_seconds(pid) - before) / int(side["total_ios"])
+    return [Sample(f, cpu) for f in figures]
 
 
 def prefill(uri: str) -> None:
@@ -201,7 +210,7 @@ def main() -> None:
             return lambda: fio(uri, test, rw, bs, depth, runtime, extra, pids.get(uri))
 
         def latency(uri: str, test: str, rw: str) -> Callable[[], list[float]]:
-            return lambda: fio_latency(uri, test, rw, runtime)
+            return lambda: fio_latency(uri, test, rw, runtime, pids.get(uri))
 
         pairs: list[Pair | Figures] = [
             Pair(f"{label} {test}",
