@@ -47,7 +47,9 @@ def write_table(results: Path, start: dict[str, Any], end: dict[str, Any], secon
              "max/min over the rounds above 1.3: the machine changed speed during the row, "
              "which then ran two rounds more. A ceiling cell may add measurements beside it "
              "after a ';' (the same rounds): their median, and storaged's paired ratio to "
-             "them after the ceiling's." + (" " + cpu_note(rows) if cpu_note(rows) else "")]
+             "them after the ceiling's."]
+    if cpu_note(rows):
+        notes[-1] += " " + cpu_note(rows)
     failed = [n for n, r in runs.items() if r["status"] != 0]
     if failed:
         notes.append(f"FAILED (no rows): {', '.join(failed)} -- see its output above.")

@@ -136,15 +136,25 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_meter(pid: int | None) -> Callable[[float, int], float]:
+    """Start counting process ``pid``'s CPU time; the function returned gives a figure of
+    the run since then as a :class:`Sample` with that CPU per operation (``ops`` of them:
+    invariant 9), or the figure as it is without a ``pid`` or operations."""
+    before = cpu_seconds(pid) if pid is not None else 0.0
+
+    def sample(figure: float, ops: int) -> float:
+        if pid is None or ops <= 0:
+            return figure
+        return Sample(figure, (cpu_seconds(pid) - before) / ops)
+    return sample
+
+
 def per_op(pid: int | None, run: Callable[[], tuple[float, int]]) -> float:
     """``run()`` gives (a figure, how many operations it counted); with ``pid``, the figure
     as a :class:`Sample` with that process's CPU per operation over the whole run
     (invariant 9), else the figure."""
-    before = cpu_seconds(pid) if pid is not None else 0.0
-    figure, ops = run()
-    if pid is None or ops <= 0:
-        return figure
-    return Sample(figure, (cpu_seconds(pid) - before) / ops)
+    sample = cpu_meter(pid)
+    return sample(*run())
 
 
 # -- fio ------------------------------------------------------------------------------------
@@ -584,6 +594,6 @@ def check_rounds(ap: argparse.ArgumentParser, rounds: int) -> None:
 
 __all__ = ["BESIDE_FIELDS", "CPU_FIELDS", "CPU_NOTE", "FIELDS", "MIN_ROUNDS", "NOISY_EXTRA",
            "NOISY_SPREAD", "Figures", "Pair", "Report", "Result", "RowResult", "Sample",
-           "add_round_args", "beside_tag", "check_rounds", "cpu_note", "cpu_seconds",
+           "add_round_args", "beside_tag", "check_rounds", "cpu_meter", "cpu_note", "cpu_seconds",
            "extra_rounds", "free_port", "machine_facts", "markdown", "per_op", "run_figures",
            "run_pair", "run_rounds", "settle", "stderr_log", "wait_port"]

@@ -54,7 +54,7 @@ from benchmarks.common import (
     Sample,
     add_round_args,
     check_rounds,
-    cpu_seconds,
+    cpu_meter,
     extra_rounds,
     free_port,
     run_rounds,
@@ -102,29 +102,29 @@ def allocated(directory: Path) -> int:
     return sum(p.stat().st_blocks * 512 for p in directory.rglob("*") if p.is_file())
 
 
-def with_cpu(iops: float, what: str, server: tuple[str, int] | None, before: float,
-             commands: int) -> float:
-    """``iops`` with the server's CPU per command over the run (``server``: its name and
-    pid; benchmarks/common.py invariant 9), also logged: the figure that does not move
-    with the machine's phases as much as the rates do. Without a server, ``iops``."""
-    if server is None or not commands:
-        return iops
-    per = (cpu_seconds(server[1]) - before) / commands
-    stderr_log(f"  iscsi | {what} | {server[0]}: {per * 1e6:.1f} us of server CPU per "
-               "command")
-    return Sample(iops, per)
+def with_cpu(iops: float, what: str, server: tuple[str, int] | None,
+             sample: Callable[[float, int], float], commands: int) -> float:
+    """``iops`` with the server's CPU per command over the run (``sample``: the
+    ``cpu_meter`` of ``server``, its name and pid; benchmarks/common.py invariant 9), also
+    logged: the figure that does not move with the machine's phases as much as the rates
+    do. Without a server, ``iops``."""
+    got = sample(iops, commands)
+    if server is not None and isinstance(got, Sample):
+        stderr_log(f"  iscsi | {what} | {server[0]}: {got.cpu * 1e6:.1f} us of server CPU "
+                   "per command")
+    return got
 
 
 def iscsi_perf(url: str, runtime: int, server: tuple[str, int] | None = None,
                what: str = "") -> float:
     """4 KiB sequential reads at depth 32; IOPS."""
-    before = cpu_seconds(server[1]) if server is not None else 0.0
+    sample = cpu_meter(server[1] if server is not None else None)
     out = _run(["iscsi-perf", "-t", str(runtime), "-b", "8", url], runtime * 3 + 60)
     found = re.findall(r"iops average (\d+) \((\d+) MB/s\)", out.replace("\r", "\n"))
     if not found:
         raise RuntimeError(f"no iscsi-perf figures in: {out[-300:]}")
     iops = float(found[-1][0])
-    return with_cpu(iops, what, server, before, int(iops * runtime))
+    return with_cpu(iops, what, server, sample, int(iops * runtime))
 
 
 def qemu_bench(url: str, bs: int, depth: int, write: bool, runtime: int,
@@ -145,9 +145,9 @@ def qemu_bench(url: str, bs: int, depth: int, write: bool, runtime: int,
     seconds = once(probe)
     count = max(probe, int(probe * runtime / max(seconds, 1e-3)))
     count = min(count, SIZE // bs * 4)                # wraps around the LU at most 4x
-    before = cpu_seconds(server[1]) if server is not None else 0.0
+    sample = cpu_meter(server[1] if server is not None else None)
     seconds = once(count)
-    return with_cpu(count / seconds, what, server, before, count)
+    return with_cpu(count / seconds, what, server, sample, count)
 
 
 def serve(directory: str, port: int) -> None:

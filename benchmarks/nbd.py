@@ -42,10 +42,9 @@ from benchmarks.common import (
     Pair,
     Report,
     RowResult,
-    Sample,
     add_round_args,
     check_rounds,
-    cpu_seconds,
+    cpu_meter,
     extra_rounds,
     fio_side,
     free_port,
@@ -97,16 +96,12 @@ def fio_latency(uri: str, test: str, rw: str, runtime: int,
     """One fio run of 4 KiB at queue depth 1: its total and its completion latency, p50
     and p99 of each, in us (PERCENTILES); with ``pid``, each with the server's CPU per
     request of that run (benchmarks/common.py invariant 9)."""
-    before = cpu_seconds(pid) if pid is not None else 0.0
+    sample = cpu_meter(pid)
     side = fio_job(uri, test, rw, "4k", 1, runtime,
                    ["--percentile_list=50:99", "--lat_percentiles=1",
                     "--clat_percentiles=1"])
-    figures = [float(side[kind]["percentile"][p]) / 1000 for kind in ("lat_ns", "clat_ns")
-               for p in ("50.000000", "99.000000")]
-    if pid is None or not side["total_ios"]:
-        return figures
-    cpu = (cpu_seconds(pid) - before) / int(side["total_ios"])
-    return [Sample(f, cpu) for f in figures]
+    return [sample(float(side[kind]["percentile"][p]) / 1000, int(side["total_ios"]))
+            for kind in ("lat_ns", "clat_ns") for p in ("50.000000", "99.000000")]
 
 
 def prefill(uri: str) -> None:
