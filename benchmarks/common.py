@@ -177,6 +177,12 @@ def fio_side(target: list[str], rw: str, bs: str, depth: int, size: str, runtime
         raise RuntimeError(f"fio {rw} {bs} on {what} failed: {r.stderr.strip()[-500:]}")
     job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
     side: dict[str, Any] = job["write"] if "write" in rw else job["read"]
+    if "write" in rw:
+        # fio's runtime (which its rate divides by) includes the final fsync: say how
+        # much of the run it was, so that a slow flush is told apart from slow writes.
+        flush = side["runtime"] / 1e3 - runtime
+        stderr_log(f"    fio {rw} {bs} on {what}: the final fsync took about {flush:.2f} s "
+                   f"of {side['runtime'] / 1e3:.2f}")
     return side
 
 
