@@ -23,7 +23,7 @@ journal can replay them exactly.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 FANOUT = 1024
 ENTRY_SIZE = 24
@@ -64,18 +64,40 @@ class Node:
         raise ValueError(f"not a map node ({len(raw)} bytes, tag {raw[:1]!r})")
 
 
+def _entry(leaf: Node, o: int) -> bytearray:
+    """The entry at byte ``o`` of a leaf, as a copy."""
+    data = leaf.data
+    assert isinstance(data, bytearray)
+    return data[o:o + ENTRY_SIZE]
+
+
+# ``account`` of many entries at once: those a map no longer references (-1 each), then
+# those it now does (+1 each).
+AccountMany = Callable[[Sequence[bytes | bytearray], Sequence[bytes]], None]
+
+
 class MapForest:
     """All nodes of all maps of a pool. ``account(entry, delta)`` is called whenever a
     leaf gains (+1) or loses (-1) a reference to the record ``entry`` describes."""
 
     def __init__(self, next_id: Callable[[], int],
-                 account: Callable[[bytes, int], None]) -> None:
+                 account: Callable[[bytes, int], None],
+                 account_many: AccountMany | None = None) -> None:
         self.nodes: dict[int, Node] = {}
         self.roots: dict[int, int] = {}      # map id -> root node id (0: empty map)
         self.dirty: set[int] = set()         # nodes created/changed since the checkpoint
         self.freed: set[int] = set()         # nodes freed since the checkpoint
         self._next_id = next_id
         self._account = account
+        # ``account`` of every entry of ``gone`` (-1) and of ``came`` (+1), as one call
+        # (``set_many``); by default one ``account`` call each.
+        self._account_many = account_many or self._each
+
+    def _each(self, gone: Sequence[bytes | bytearray], came: Sequence[bytes]) -> None:
+        for e in gone:
+            self._account(bytes(e), -1)
+        for e in came:
+            self._account(e, 1)
 
     # ---- maps -----------------------------------------------------------------------------
     def create(self, map_id: int) -> None:
@@ -241,6 +263,77 @@ class MapForest:
             mid_data[(block >> 10) & (FANOUT - 1)] = 0
             self.dirty.add(mid)
             self._decref(leaf_id)
+
+    def set_many(self, map_id: int, blocks: Sequence[int], entries: Sequence[bytes]) -> None:
+        """``set(map_id, block, entry)`` for each pair in turn, with exactly its result:
+        the same entries, node ids (copies and new nodes are made at the same items, in the
+        same order, so a journal replayed op by op rebuilds the same tree), dirty and freed
+        nodes and record accounting. What a writeback of many blocks saves: the walk from
+        the root and the copy-on-write checks are done once per leaf the blocks fall in
+        (while that leaf stays the same node), and the records' accounting is handed over
+        in one call (``account_many``) instead of two per block."""
+        if len(blocks) != len(entries):
+            raise ValueError("set_many: as many entries as blocks")
+        for block in blocks:
+            if not 0 <= block < MAX_BLOCKS:
+                raise ValueError(f"block {block} is outside a map")
+        gone: list[bytes | bytearray] = []
+        came: list[bytes] = []
+        key = -1                      # the leaf (block >> 10) the cached nodes below are for
+        node: Node | None = None      # that leaf, once writable (this call copied or made it)
+        mid = 0
+        seen: Node | None = None      # that leaf as it was read, before any change to it
+        try:
+            for block, entry in zip(blocks, entries, strict=True):
+                o = (block & (FANOUT - 1)) * ENTRY_SIZE
+                if block >> 10 != key:
+                    key = block >> 10
+                    node = None
+                    seen = self._leaf(map_id, block)
+                # (A slice of a leaf's bytearray is a copy of its own.)
+                old: bytes | bytearray
+                if node is not None:
+                    old = _entry(node, o)
+                    if old == entry:
+                        continue
+                else:
+                    if seen is None:
+                        if entry == HOLE:
+                            continue
+                        old = HOLE
+                    else:
+                        old = _entry(seen, o)
+                        if old == entry:
+                            continue
+                    # The first change to this leaf: what ``set`` does, from the root.
+                    root = self._writable_root(map_id)
+                    mid = self._writable_child(root, (block >> 20) & (FANOUT - 1), False)
+                    leaf_id = self._writable_child(mid, (block >> 10) & (FANOUT - 1), True)
+                    node = self.nodes[leaf_id]
+                    self.dirty.add(leaf_id)
+                data = node.data
+                assert isinstance(data, bytearray)
+                data[o:o + ENTRY_SIZE] = entry
+                if old != HOLE:
+                    gone.append(old)
+                    node.count -= 1
+                if entry != HOLE:
+                    came.append(entry)
+                    node.count += 1
+                if node.count == 0:
+                    # As in ``set``: an empty private leaf goes away; a later block of the
+                    # same leaf finds none and makes a new one.
+                    mid_data = self.nodes[mid].data
+                    assert isinstance(mid_data, array)
+                    slot = (block >> 10) & (FANOUT - 1)
+                    leaf_id = mid_data[slot]
+                    mid_data[slot] = 0
+                    self.dirty.add(mid)
+                    self._decref(leaf_id)
+                    node = seen = None
+        finally:
+            if gone or came:
+                self._account_many(gone, came)
 
     def relocate(self, nid: int, slot: int, old: bytes, new: bytes) -> bool:
         """Repoint one entry of leaf ``nid`` from record ``old`` to its copy ``new``, in

@@ -164,8 +164,8 @@ class Pool:
                                    self.open_segments, self.pins, self._fill_moved,
                                    self.txn.dirty, self.counters, self.cpu,
                                    WriterHooks(self.txn.check_ok, self._confirm_owner,
-                                               self.txn.do, self.reap,
-                                               lambda: self.txn.sb_gen),
+                                               self.txn.do, self.txn.do_map_sets,
+                                               self.reap, lambda: self.txn.sb_gen),
                                    self.record_cache)
         # The read path (pool.reader): map entries to verified blocks.
         # Reads that miss the page cache run in threads: two at a time on devices (they

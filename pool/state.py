@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from pool.maps import MapForest
 
 ENTRY = struct.Struct("<IIIIQ")  # segment id, offset (sectors), payload length, flags, rhash
 ENTRY_SIZE = ENTRY.size  # 24
+_SEG_PLEN = struct.Struct("<I4xI")  # an entry's segment id and payload length
 HOLE = bytes(ENTRY_SIZE)
 
 OP_MAP_SET = 1
@@ -184,7 +185,7 @@ class PoolState:
     forest: MapForest = field(init=False)
 
     def __post_init__(self) -> None:
-        self.forest = MapForest(self._take_id, self._account)
+        self.forest = MapForest(self._take_id, self._account, self._account_many)
 
     def _take_id(self) -> int:
         nid = self.next_id
@@ -199,6 +200,31 @@ class PoolState:
             self.emptied.add(seg_id)
         else:
             self.emptied.discard(seg_id)
+
+    def _account_many(self, gone: Sequence[bytes | bytearray], came: Sequence[bytes]) -> None:
+        """``_account(e, -1)`` for each entry of ``gone`` and ``_account(e, 1)`` for each
+        of ``came``, with the same result: each segment's live count moves by the sum, and
+        whether it is emptied follows from where it ends (as it does after each call)."""
+        # How many entries of each (segment, payload length) came or went, then their
+        # fragments' sectors per segment.
+        counts: dict[tuple[int, int], int] = {}
+        get = counts.get
+        unpack = _SEG_PLEN.unpack_from
+        for sign, entries in ((-1, gone), (1, came)):
+            for e in entries:
+                key = unpack(e)
+                counts[key] = get(key, 0) + sign
+        segments = self.segments
+        delta: dict[int, int] = {}
+        for (seg_id, plen), n in counts.items():
+            delta[seg_id] = delta.get(seg_id, 0) + n * fragment_units(plen, segments[seg_id].k)
+        for seg_id, d in delta.items():
+            seg = segments[seg_id]
+            seg.live += d
+            if seg.live == 0:
+                self.emptied.add(seg_id)
+            else:
+                self.emptied.discard(seg_id)
 
     @property
     def maps(self) -> dict[int, int]:
@@ -228,6 +254,12 @@ class PoolState:
 
     def _map_set(self, map_id: int, block: int, entry: bytes) -> None:
         self.forest.set(map_id, block, entry)
+
+    def apply_map_sets(self, map_id: int, blocks: Sequence[int],
+                       entries: Sequence[bytes]) -> None:
+        """``apply(op_map_set(map_id, block, entry))`` for each pair in turn, with the same
+        result (``MapForest.set_many``): a writeback's map updates in one call."""
+        self.forest.set_many(map_id, blocks, entries)
 
     def _op_seg_new(self, id: int, k: int, m: int, extents: list[list[int]],
                     birth: int) -> None:

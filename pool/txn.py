@@ -68,7 +68,7 @@ import trio
 from pool.errors import DeviceError, NoSpace, PoolFailed, StorageError
 from pool.metaseam import CommitMeta
 from pool.metastore import Loc
-from pool.state import Op, PoolState
+from pool.state import Op, PoolState, op_map_set
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,15 @@ class Transaction:
         self.state.apply(op)
         self.pending.append(op)
         self.applied += 1
+
+    def do_map_sets(self, map_id: int, blocks: Sequence[int], entries: Sequence[bytes]) -> None:
+        """``do(op_map_set(map_id, block, entry))`` for each pair in turn (invariant 3: the
+        same ops are pending, in the same order, and the state is what applying them one
+        by one gives), applied in one call (``PoolState.apply_map_sets``)."""
+        ops = [op_map_set(map_id, b, e) for b, e in zip(blocks, entries, strict=True)]
+        self.state.apply_map_sets(map_id, blocks, entries)
+        self.pending.extend(ops)
+        self.applied += len(ops)
 
     async def commit(self) -> None:
         """Make everything applied so far durable (invariant 1; group commit: concurrent

@@ -60,6 +60,8 @@ class WriterHooks:
     check_ok: Callable[[], None]                 # raise if the pool may not be written
     confirm_owner: Callable[[], Awaitable[None]]  # DESIGN 10: still ours before writing
     do: Callable[[Op], None]                     # apply and queue a metadata op
+    # ``do(op_map_set(map, block, entry))`` for each (block, entry), in one call
+    do_map_sets: Callable[[int, Sequence[int], Sequence[bytes]], None]
     reap: Callable[[], None]                     # free segments nothing references
     sb_gen: Callable[[], int]                    # the current superblock generation
 
@@ -138,8 +140,7 @@ class RecordWriter:
             for block, data in zip(blocks, kept, strict=True):
                 if data is not None and (old := get(map_id, block)) is not None:
                     drop(old)
-        for block, entry in zip(blocks, entries, strict=True):
-            self._hooks.do(op_map_set(map_id, block, entry))
+        self._hooks.do_map_sets(map_id, blocks, entries)
         if kept is not None:
             put = self._cache.put
             for entry, data in zip(entries, kept, strict=True):
