@@ -33,7 +33,9 @@ flight (what a frontend with buffers of its own calls; like fio's per-I/O buffer
 blocks are read back and compared afterwards (outside the timed regions) so that a fast
 wrong answer cannot pass.
 
-Read buffers, raw and engine alike, are page-aligned (anonymous mmap), as fio's are. Where
+Read buffers, raw and engine alike, are page-aligned (anonymous mmap), as fio's are, and
+as many as the engine has reads in flight, used in turn (one buffer the raw loop reused
+would stay in the CPU's cache while the engine's four do not). Where
 a buffer starts matters more than anything else here: on this machine's CPU the kernel's
 copy out of the page cache runs at a quarter of its speed when the destination lies 4 to
 28 bytes (mod 64) past a source near the start of a page, so a ``bytearray`` (16-byte

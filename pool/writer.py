@@ -42,7 +42,7 @@ from pool.pins import SegmentPins
 from pool.profile import Profile
 from pool.readcache import RecordCache
 from pool.space import SpaceAccount
-from pool.state import ENTRY, HOLE, Op, PoolState, Segment, op_json, op_map_set
+from pool.state import ENTRY, HOLE, Op, PoolState, Segment, op_json
 from pool.store import SegmentStore
 
 # Blocks per pipeline stage (``write_blocks``): about PIPELINE_BYTES of them, so that a
@@ -119,9 +119,9 @@ class RecordWriter:
             await self._store_and_map(map_id, prof, blocks, encoded, kept)
         elif cuts:
             await self._pipeline(map_id, prof, blocks, datas, tries, cuts, kept)
-        for block, maybe in items:
-            if maybe is None:
-                self._hooks.do(op_map_set(map_id, block, HOLE))
+        holes = [block for block, maybe in items if maybe is None]
+        if holes:
+            self._hooks.do_map_sets(map_id, holes, [HOLE] * len(holes))
         self._hooks.reap()
 
     async def _store_and_map(self, map_id: int, prof: Profile, blocks: Sequence[int],
