@@ -243,9 +243,7 @@ class MapForest:
             old = bytes(leaf.data[o:o + ENTRY_SIZE])
             if old == entry:
                 return
-        root = self._writable_root(map_id)
-        mid = self._writable_child(root, (block >> 20) & (FANOUT - 1), False)
-        leaf_id = self._writable_child(mid, (block >> 10) & (FANOUT - 1), True)
+        mid, leaf_id = self._writable_path(map_id, block)
         node = self.nodes[leaf_id]
         assert isinstance(node.data, bytearray)
         node.data[o:o + ENTRY_SIZE] = entry
@@ -257,12 +255,24 @@ class MapForest:
             self._account(entry, 1)
             node.count += 1
         if node.count == 0:
-            # An empty private leaf goes away, so trimmed space takes no metadata either.
-            mid_data = self.nodes[mid].data
-            assert isinstance(mid_data, array)
-            mid_data[(block >> 10) & (FANOUT - 1)] = 0
-            self.dirty.add(mid)
-            self._decref(leaf_id)
+            self._drop_leaf(mid, block)
+
+    def _writable_path(self, map_id: int, block: int) -> tuple[int, int]:
+        """The ids of the mid node and leaf ``block`` lies in, made private to the map on
+        the way down (shared ones copied, missing ones made)."""
+        root = self._writable_root(map_id)
+        mid = self._writable_child(root, (block >> 20) & (FANOUT - 1), False)
+        return mid, self._writable_child(mid, (block >> 10) & (FANOUT - 1), True)
+
+    def _drop_leaf(self, mid: int, block: int) -> None:
+        """An emptied private leaf goes away, so trimmed space takes no metadata either."""
+        mid_data = self.nodes[mid].data
+        assert isinstance(mid_data, array)
+        slot = (block >> 10) & (FANOUT - 1)
+        leaf_id = mid_data[slot]
+        mid_data[slot] = 0
+        self.dirty.add(mid)
+        self._decref(leaf_id)
 
     def set_many(self, map_id: int, blocks: Sequence[int], entries: Sequence[bytes]) -> None:
         """``set(map_id, block, entry)`` for each pair in turn, with exactly its result:
@@ -306,9 +316,7 @@ class MapForest:
                         if old == entry:
                             continue
                     # The first change to this leaf: what ``set`` does, from the root.
-                    root = self._writable_root(map_id)
-                    mid = self._writable_child(root, (block >> 20) & (FANOUT - 1), False)
-                    leaf_id = self._writable_child(mid, (block >> 10) & (FANOUT - 1), True)
+                    mid, leaf_id = self._writable_path(map_id, block)
                     node = self.nodes[leaf_id]
                     self.dirty.add(leaf_id)
                 data = node.data
@@ -321,15 +329,9 @@ class MapForest:
                     came.append(entry)
                     node.count += 1
                 if node.count == 0:
-                    # As in ``set``: an empty private leaf goes away; a later block of the
-                    # same leaf finds none and makes a new one.
-                    mid_data = self.nodes[mid].data
-                    assert isinstance(mid_data, array)
-                    slot = (block >> 10) & (FANOUT - 1)
-                    leaf_id = mid_data[slot]
-                    mid_data[slot] = 0
-                    self.dirty.add(mid)
-                    self._decref(leaf_id)
+                    # As in ``set``; a later block of the same leaf finds none and makes a
+                    # new one.
+                    self._drop_leaf(mid, block)
                     node = seen = None
         finally:
             if gone or came:
