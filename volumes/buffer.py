@@ -250,6 +250,12 @@ class VolumeBuffer:
         base = self.buffered(b)
         if base is not None:
             return base
+        # A block the pool's record cache holds (the commonest base of a small write: the
+        # blocks small writes made are kept there as they are written back): the new buffer
+        # is one copy of it, with no zero-filling and no read to plan.
+        hit = self.pool.cached_block(self.map_id, b)
+        if hit is not None and len(hit) == self.block_size:
+            return bytearray(hit)
         # Page-cached raw records are read and checked straight into the new buffer.
         base = bytearray(self.block_size)
         if self.pool.read_blocks_into_nowait(self.map_id, [b], self.block_size,

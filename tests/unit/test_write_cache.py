@@ -58,10 +58,15 @@ async def test_small_writes_are_read_back_from_the_cache(
         assert pool.statistics().records_read == before + 4
         # A second small write into a rewritten block reads it from the cache too.
         hits = pool.record_cache.hits
+        old_block = bytes(want[3 * BS:4 * BS])
         await vol.write(3 * BS + 10, b"again")
         want[3 * BS + 10:3 * BS + 15] = b"again"
         assert pool.record_cache.hits == hits + 1
         assert pool.statistics().records_read == before + 4
+        # The buffer patched a copy: the cache still holds the record the map points at
+        # (what a snapshot taken now reads), unchanged.
+        cached = pool.cached_block(vol._buf.map_id, 3)
+        assert cached is not None and bytes(cached) == old_block
         await vol.flush()
         # Writer invariant 6: the version it replaced left the cache (memory reused).
         assert pool.record_cache.nbytes == 16 * BS
