@@ -15,8 +15,9 @@ Invariants this module owns (DESIGN invariant numbers in brackets):
    after the new superblock is durable; the journal restarts after every checkpoint.
 3. Ops are applied before they are pending: ``do`` applies an op to the PoolState and
    appends it to the pending list in one step (no await between), so replaying the journal
-   runs exactly the changes the pool made. Ops applied while a commit awaits belong to the
-   next commit.
+   runs exactly the changes the pool made. ``do_map_sets`` does the same for a run of
+   ``map_set`` ops in one call, with the state applying them one by one would leave. Ops
+   applied while a commit awaits belong to the next commit.
 4. One way into FAILED: ``fail(reason)``. After a metadata write that may or may not have
    landed, the pool refuses all I/O with PoolFailed (``check_ok``), like SQLite's ERROR
    state: the only safe way on is a re-import. FAILED is entered once; the first reason
