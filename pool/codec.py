@@ -285,6 +285,27 @@ def check_column(between: memoryview, gap: int, chunks: Sequence[memoryview], in
     return True
 
 
+_ONE_HEAD = struct.Struct("<Q16sQ")    # checksum, the fixed part, the record hash
+
+
+def check_one(head: memoryview, chunk: memoryview, index: int, k: int, m: int,
+              plen: int, rhash: int) -> bool:
+    """``check_column`` of a single fragment (a one-record run: a small read's block),
+    its header in ``head`` (HEADER_SIZE bytes) and its chunk read elsewhere, with none of
+    the per-column set-up that pays off over many records: the same checks, the fixed
+    part compared with the cached prefix of its shape."""
+    if len(head) != HEADER_SIZE or len(chunk) != chunk_length(plen, k) or index >= k + m:
+        return False
+    fhash, fixed, frh = _ONE_HEAD.unpack(head)
+    if frh != rhash or fixed != _prefixes(k, m, 0, plen)[index]:
+        return False
+    h = _hasher()
+    h.reset()
+    h.update(head[8:])
+    h.update(chunk)
+    return bool(h.intdigest() == fhash)
+
+
 _local = threading.local()
 
 

@@ -371,6 +371,10 @@ def read_runs_into(runs: Sequence[IntoRun], block_size: int,
         k = run.k
         clen = block_size // k
         n = len(run.slots)
+        if n == 1:
+            _read_one_into(run, block_size, dests[run.slots[0]])
+            done += 1
+            continue
         size = run.units * SECTOR
         gap = size - clen                 # from the end of one chunk to the next chunk
         for c in range(k):
@@ -391,6 +395,36 @@ def read_runs_into(runs: Sequence[IntoRun], block_size: int,
                 raise WouldBlock
         done += n
     return done
+
+
+def _head() -> memoryview:
+    """Scratch for one fragment header (``_read_one_into``): this thread's own, reused
+    from call to call (the header is checked before the call returns)."""
+    head: memoryview | None = getattr(_scratch, "head", None)
+    if head is None:
+        head = _scratch.head = memoryview(bytearray(codec.HEADER_SIZE))
+    return head
+
+
+def _read_one_into(run: IntoRun, block_size: int, dest: memoryview) -> None:
+    """``read_runs_into`` of a run of one record (a small read's block, a partial
+    write's base): per data column one ``preadv`` of the fragment's header into scratch
+    and its chunk into its place in ``dest``, then ``codec.check_one``; the padding after
+    the chunk is not read. The many-record path's set-up (the scratch between chunks, the
+    iovec, the headers unpacked as one) costs more than it saves for one record."""
+    head = _head()
+    k, m, rhash = run.k, run.m, run.hashes[0]
+    clen = block_size // k
+    want = codec.HEADER_SIZE + clen
+    at = run.offset * SECTOR
+    check = codec.check_one
+    for c, (dev, base, _name) in enumerate(run.columns[:k]):
+        if dev is None:
+            raise WouldBlock
+        chunk = dest[c * clen:(c + 1) * clen]
+        if dev.preadv_nowait(base + at, (head, chunk)) != want or \
+                not check(head, chunk, c, k, m, block_size, rhash):
+            raise WouldBlock
 
 
 @dataclass(slots=True)

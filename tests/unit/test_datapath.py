@@ -188,6 +188,46 @@ def test_a_column_read_in_pieces_verifies_only_untouched_fragments(k: int, m: in
         assert ok()     # every flip undone: the column verifies again
 
 
+@pytest.mark.parametrize(("k", "m"), [(1, 0), (4, 2), (2, 1)])
+def test_one_fragment_read_in_pieces_is_checked_as_a_column_of_one(k: int, m: int) -> None:
+    """Reader invariant 1 for a one-record run (``records._read_one_into``):
+    ``codec.check_one`` of a fragment's header and chunk answers what ``check_column``
+    answers for a column of one, accepting it as written and refusing a flip of any header
+    byte, of a chunk byte, a short header or chunk, and a record hash, index, k, m or
+    length that is not the one asked for."""
+    rec = codec.stripe(os.urandom(BS), 0, k, m)
+    clen = BS // k
+    gap = rec.units * SECTOR - clen
+    for index in range(k):
+        frag = bytearray(rec.fragments[index])
+        head = memoryview(frag)[:codec.HEADER_SIZE]
+        chunk = memoryview(frag)[codec.HEADER_SIZE:codec.HEADER_SIZE + clen]
+
+        def one(idx: int = index, kk: int = k, mm: int = m, plen: int = BS,
+                rh: int = rec.rhash, head: memoryview = head,
+                chunk: memoryview = chunk) -> bool:
+            got = codec.check_one(head, chunk, idx, kk, mm, plen, rh)
+            between = bytearray(gap)
+            between[:len(head)] = head
+            assert got == (len(head) == codec.HEADER_SIZE and codec.check_column(
+                memoryview(between), gap, [chunk], idx, kk, mm, plen, [rh]))
+            return got
+        assert one()
+        assert not one(idx=(index + 1) % (k + m)) or k + m == 1
+        assert not one(idx=k + m) and not one(kk=k + 1) and not one(mm=m + 1)
+        assert not one(plen=BS - SECTOR) and not one(rh=rec.rhash ^ 1)
+        assert not one(head=head[:-1]) and not one(chunk=chunk[:-1])
+        for at in range(codec.HEADER_SIZE):
+            frag[at] ^= 0x10
+            assert not one(), (index, at)
+            frag[at] ^= 0x10
+        for at in (0, clen // 2, clen - 1):
+            chunk[at] ^= 1
+            assert not one(), (index, at)
+            chunk[at] ^= 1
+        assert one()    # every flip undone
+
+
 def _text(seed: int) -> bytes:
     """A block lz4 packs to well under 7/8 (so it is stored compressed)."""
     words = [b"read ", b"write ", b"flush ", b"segment ", b"extent ", b"%d " % seed]
