@@ -417,8 +417,9 @@ def _read_one_into(run: IntoRun, block_size: int, dest: memoryview) -> None:
     clen = block_size // k
     want = codec.HEADER_SIZE + clen
     at = run.offset * SECTOR
-    check = codec.check_one
-    for c, (dev, base, _name) in enumerate(run.columns[:k]):
+    check, columns = codec.check_one, run.columns
+    for c in range(k):
+        dev, base, _name = columns[c]    # (every data column: never fewer than k)
         if dev is None:
             raise WouldBlock
         chunk = dest[c * clen:(c + 1) * clen]
