@@ -43,7 +43,11 @@ runs each row in rounds, and its invariants are what the table's numbers rest on
    over storaged, within one round as in 3: above 1 storaged spent less): what each
    operation costs, which moves with the machine's phases far less than a rate does and
    tells a server that is slower per operation from one that uses fewer cores. It takes
-   no part in the row's ratio (3) or noisiness (5).
+   no part in the row's ratio (3) or noisiness (5). A sample may also say how many cores
+   its server kept busy over the run (its CPU seconds over the run's wall seconds); the
+   row then reports each side's median of those too, in the same cell: a server pinned at
+   one core while the anchor uses more is bound by its one loop, not by its cost per
+   operation.
 
 :class:`Report` collects the rows of one benchmark with the machine's facts (cores, load
 average at start and end, kernel) and writes them as one markdown table and one JSON file
@@ -139,13 +143,17 @@ def cpu_seconds(pid: int) -> float:
 def cpu_meter(pid: int | None) -> Callable[[float, int], float]:
     """Start counting process ``pid``'s CPU time; the function returned gives a figure of
     the run since then as a :class:`Sample` with that CPU per operation (``ops`` of them:
-    invariant 9), or the figure as it is without a ``pid`` or operations."""
+    invariant 9) and the cores it kept busy meanwhile, or the figure as it is without a
+    ``pid`` or operations."""
     before = cpu_seconds(pid) if pid is not None else 0.0
+    started = time.perf_counter()
 
     def sample(figure: float, ops: int) -> float:
         if pid is None or ops <= 0:
             return figure
-        return Sample(figure, (cpu_seconds(pid) - before) / ops)
+        used = cpu_seconds(pid) - before
+        wall = time.perf_counter() - started
+        return Sample(figure, used / ops, used / wall if wall > 0 else None)
     return sample
 
 
@@ -192,12 +200,14 @@ class Sample(float):
     """A side's figure with its server's CPU seconds per operation in the run that gave
     it (invariant 9); a float everywhere else."""
 
-    __slots__ = ("cpu",)
+    __slots__ = ("cores", "cpu")
     cpu: float
+    cores: float | None          # the server's CPU seconds over the run's wall seconds
 
-    def __new__(cls, value: float, cpu: float) -> Sample:
+    def __new__(cls, value: float, cpu: float, cores: float | None = None) -> Sample:
         sample = super().__new__(cls, value)
         sample.cpu = cpu
+        sample.cores = cores
         return sample
 
 
@@ -263,13 +273,17 @@ class RowResult:
     # Invariant 9: per side tag ("A", "S", ...), each round's CPU seconds per operation
     # (None where that round's figure was a plain float).
     cpu_rounds: dict[str, list[float | None]] = field(default_factory=dict)
+    # ... and the cores its server kept busy in that round (None where not measured).
+    cores_rounds: dict[str, list[float | None]] = field(default_factory=dict)
 
     def record(self, tag: str, out: list[float], value: float) -> None:
-        """One side's figure of one round (and its CPU per operation: invariant 9)."""
+        """One side's figure of one round (and its CPU per operation and cores busy:
+        invariant 9)."""
         self.order.append(tag)
         out.append(float(value))
-        self.cpu_rounds.setdefault(tag, []).append(
-            value.cpu if isinstance(value, Sample) else None)
+        sample = value if isinstance(value, Sample) else None
+        self.cpu_rounds.setdefault(tag, []).append(sample.cpu if sample else None)
+        self.cores_rounds.setdefault(tag, []).append(sample.cores if sample else None)
 
     def cpu_summary(self) -> dict[str, Any] | None:
         """Invariant 9: each side's median CPU per operation and their median paired
@@ -280,9 +294,15 @@ class RowResult:
         s = [float(x) for x in ours if x is not None]
         a = [float(x) for x in theirs if x is not None]
         r = [x / y if y else float("inf") for x, y in zip(a, s, strict=True)]
-        return {"storaged_median": statistics.median(s), "anchor_median": statistics.median(a),
-                "ratio_median": statistics.median(r), "ratio_min": min(r),
-                "ratio_max": max(r), "storaged_rounds": s, "anchor_rounds": a}
+        out: dict[str, Any] = {
+            "storaged_median": statistics.median(s), "anchor_median": statistics.median(a),
+            "ratio_median": statistics.median(r), "ratio_min": min(r), "ratio_max": max(r),
+            "storaged_rounds": s, "anchor_rounds": a}
+        cores_s, cores_a = self.cores_rounds.get("S", []), self.cores_rounds.get("A", [])
+        if cores_s and cores_a and None not in cores_s and None not in cores_a:
+            out["storaged_cores"] = statistics.median(float(x) for x in cores_s if x is not None)
+            out["anchor_cores"] = statistics.median(float(x) for x in cores_a if x is not None)
+        return out
 
     def _better(self, ours: float, theirs: float) -> float:
         """Invariant 4: above 1 means storaged is better."""
@@ -502,14 +522,19 @@ def _cpu_cell(r: dict[str, Any]) -> str:
     c = r.get("cpu")
     if not c:
         return "-"
-    return (f"{_fmt(c['storaged_median'] * 1e6)} / {_fmt(c['anchor_median'] * 1e6)} us, "
+    cell = (f"{_fmt(c['storaged_median'] * 1e6)} / {_fmt(c['anchor_median'] * 1e6)} us, "
             f"{c['ratio_median']:.2f}x ({c['ratio_min']:.2f}-{c['ratio_max']:.2f})")
+    if c.get("storaged_cores") is not None and c.get("anchor_cores") is not None:
+        cell += f"; cores {c['storaged_cores']:.2f} / {c['anchor_cores']:.2f}"
+    return cell
 
 
 CPU_NOTE = ("server CPU per op = the median CPU time (user + system, all threads) that "
             "storaged's server and the anchor's spent per operation in their runs, and the "
             "median of their per-round ratios (anchor / storaged: above 1, storaged spends "
-            "less) with its spread; it follows the machine's phases less than a rate does.")
+            "less) with its spread; it follows the machine's phases less than a rate does. "
+            "cores = the median of each server's CPU seconds over its runs' wall seconds "
+            "(storaged / anchor): how many of the machine's cores it kept busy.")
 
 
 def cpu_note(rows: Sequence[dict[str, Any]]) -> str:

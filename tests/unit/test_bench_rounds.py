@@ -36,6 +36,7 @@ from benchmarks.common import (
     Pair,
     Report,
     Sample,
+    cpu_meter,
     extra_rounds,
     machine_facts,
     markdown,
@@ -432,6 +433,49 @@ def test_cpu_per_operation_is_paired_within_a_round(tmp_path: Path) -> None:
     assert lines[0].endswith("| 400 / 400 us, 0.80x (0.50-2.00) |")
     assert lines[1].endswith("| - |") and lines[2].endswith("| - |")
     assert "server CPU per op = the median CPU time" in merged
+
+
+def test_cores_busy_are_reported_beside_cpu_per_operation(tmp_path: Path) -> None:
+    """Invariant 9: samples that say how many cores their server kept busy give each
+    side's median of them in the CPU cell (a server pinned at one core beside an anchor
+    using more); a row where one round of one side lacks them shows CPU per op alone."""
+    rep = Report("iscsi")
+    rep.add(run_rounds("iscsi", [
+        Pair("read 1M", anchor=scripted([Sample(100, 4e-4, 1.3), Sample(100, 4e-4, 1.1),
+                                         Sample(100, 4e-4, 1.2)], [], "A"),
+             storaged=scripted([Sample(90, 4e-4, 1.0), Sample(90, 4e-4, 0.98),
+                                Sample(90, 4e-4, 0.99)], [], "S"), unit="IOPS"),
+        Pair("read 4K", anchor=scripted([Sample(100, 4e-5, 1.0), Sample(100, 4e-5, None),
+                                         Sample(100, 4e-5, 1.0)], [], "A"),
+             storaged=scripted([Sample(90, 2e-5, 0.5)] * 3, [], "S"), unit="IOPS")], 3))
+    rep.write(tmp_path)
+    rows = json.loads((tmp_path / "iscsi.json").read_text())["rows"]
+    assert rows[0]["cpu"]["storaged_cores"] == pytest.approx(0.99)
+    assert rows[0]["cpu"]["anchor_cores"] == pytest.approx(1.2)
+    assert "storaged_cores" not in rows[1]["cpu"]
+    table = (tmp_path / "iscsi.md").read_text()
+    assert "| 400 / 400 us, 1.00x (1.00-1.00); cores 0.99 / 1.20 |" in table
+    assert "| 20 / 40 us, 2.00x (2.00-2.00) |" in table
+    assert "how many of the machine's cores it kept busy" in table
+
+
+def test_cpu_meter_measures_cores_busy() -> None:
+    """Invariant 9: ``cpu_meter`` of this process across a busy loop reports about one
+    core busy and the CPU per operation it spent."""
+    t0 = time.perf_counter()
+    sample = cpu_meter(os.getpid())
+    end = time.perf_counter() + 0.3
+    while time.perf_counter() < end:
+        pass
+    got = sample(42.0, 3)
+    wall = time.perf_counter() - t0
+    assert isinstance(got, Sample) and got == 42.0
+    # Busy on one thread: at most about one core (the clock ticks at 1/100 s), at least
+    # some of it however loaded the machine; the CPU per operation is the same seconds.
+    assert got.cores is not None and 0.1 < got.cores < 1.2
+    assert got.cpu * 3 == pytest.approx(got.cores * wall, rel=0.1)
+    assert cpu_meter(None)(42.0, 3) == 42.0 and not isinstance(cpu_meter(None)(42.0, 3),
+                                                              Sample)
 
 
 def test_a_table_without_cpu_figures_keeps_its_columns() -> None:
