@@ -282,8 +282,11 @@ class RowResult:
         self.order.append(tag)
         out.append(float(value))
         sample = value if isinstance(value, Sample) else None
-        self.cpu_rounds.setdefault(tag, []).append(sample.cpu if sample else None)
-        self.cores_rounds.setdefault(tag, []).append(sample.cores if sample else None)
+        # (``is not None``: a Sample is a float, and a figure of 0 is false)
+        self.cpu_rounds.setdefault(tag, []).append(
+            sample.cpu if sample is not None else None)
+        self.cores_rounds.setdefault(tag, []).append(
+            sample.cores if sample is not None else None)
 
     def cpu_summary(self) -> dict[str, Any] | None:
         """Invariant 9: each side's median CPU per operation and their median paired

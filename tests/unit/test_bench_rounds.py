@@ -445,9 +445,11 @@ def test_cores_busy_are_reported_beside_cpu_per_operation(tmp_path: Path) -> Non
                                          Sample(100, 4e-4, 1.2)], [], "A"),
              storaged=scripted([Sample(90, 4e-4, 1.0), Sample(90, 4e-4, 0.98),
                                 Sample(90, 4e-4, 0.99)], [], "S"), unit="IOPS"),
+        # (a figure of 0 still carries its CPU: a Sample of 0.0 is a false float)
         Pair("read 4K", anchor=scripted([Sample(100, 4e-5, 1.0), Sample(100, 4e-5, None),
                                          Sample(100, 4e-5, 1.0)], [], "A"),
-             storaged=scripted([Sample(90, 2e-5, 0.5)] * 3, [], "S"), unit="IOPS")], 3))
+             storaged=scripted([Sample(0.0, 2e-5, 0.5), *[Sample(90, 2e-5, 0.5)] * 2], [],
+                               "S"), unit="IOPS")], 3))
     rep.write(tmp_path)
     rows = json.loads((tmp_path / "iscsi.json").read_text())["rows"]
     assert rows[0]["cpu"]["storaged_cores"] == pytest.approx(0.99)
